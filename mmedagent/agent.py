@@ -1,0 +1,139 @@
+"""The agent loop: plan → run every tool call of the turn → feed results back → answer.
+
+The planner is anything with ``generate(messages, image, **gen) -> str`` (and optionally
+``stream(...)`` yielding text pieces): the in-process model, a model worker over HTTP, or an
+OpenAI-compatible endpoint. Messages are OpenAI-style ``{"role", "content"}`` dicts; the image
+travels beside them and belongs to the first user message.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from pydantic import BaseModel, Field
+
+from mmedagent.dispatcher import Dispatcher
+from mmedagent.protocol import (
+    IMAGE_TOKEN,
+    AssistantTurn,
+    ToolOutcome,
+    TurnParseError,
+    parse_turn,
+    render_tool_results,
+    system_prompt,
+)
+from mmedagent.tools.base import Overlay
+
+ChatMessage = dict[str, str]
+EventCallback = Callable[[str, Any], None]
+
+
+@runtime_checkable
+class Planner(Protocol):
+    """What the agent loop needs from a model."""
+
+    def generate(self, messages: Sequence[ChatMessage], image: Any | None, **gen: Any) -> str: ...
+
+
+class AgentStep(BaseModel):
+    """One planner call and the tool calls it made."""
+
+    index: int
+    raw: str
+    turn: AssistantTurn | None = None
+    parse_error: str | None = None
+    outcomes: list[ToolOutcome] = Field(default_factory=list)
+    overlays: list[Overlay | None] = Field(default_factory=list)
+    model_s: float = 0.0
+    tools_s: float = 0.0
+
+
+class AgentResult(BaseModel):
+    answer: str
+    steps: list[AgentStep]
+    messages: list[ChatMessage]
+    stopped: Literal["answer", "max_steps", "parse_error"]
+    wall_s: float = 0.0
+
+    @property
+    def tool_calls(self) -> list[str]:
+        return [a.API_name for s in self.steps if s.turn for a in s.turn.actions]
+
+
+class Agent:
+    """Runs the plan/act/answer loop for one question at a time (history carried by the caller)."""
+
+    def __init__(
+        self,
+        planner: Planner,
+        dispatcher: Dispatcher,
+        max_steps: int = 3,
+        system: str | None = None,
+        **gen: Any,
+    ):
+        if max_steps < 1:
+            raise ValueError("max_steps must be at least 1")
+        self.planner, self.dispatcher, self.max_steps, self.gen = planner, dispatcher, max_steps, gen
+        self.system = system if system is not None else system_prompt(type(t) for t in dispatcher.tools.values())
+
+    def _generate(self, messages: list[ChatMessage], image: Any, on_event: EventCallback | None) -> str:
+        stream = getattr(self.planner, "stream", None)
+        if on_event is None or stream is None:
+            return self.planner.generate(messages, image, **self.gen)
+        pieces = []
+        for piece in stream(messages, image, **self.gen):  # type: Iterator[str]
+            pieces.append(piece)
+            on_event("token", piece)
+        return "".join(pieces)
+
+    def run(
+        self,
+        question: str,
+        image: Any | None = None,
+        history: Sequence[ChatMessage] | None = None,
+        on_event: EventCallback | None = None,
+    ) -> AgentResult:
+        """Answer ``question`` about ``image``; ``history`` is the ``messages`` of an earlier result."""
+        started = time.monotonic()
+        messages: list[ChatMessage] = list(history or [])
+        if not messages and self.system:
+            messages.append({"role": "system", "content": self.system})
+        first_user = not any(m["role"] == "user" for m in messages)
+        content = f"{IMAGE_TOKEN}\n{question}" if image is not None and first_user else question
+        messages.append({"role": "user", "content": content})
+
+        steps: list[AgentStep] = []
+        answer, stopped = "", "max_steps"
+        for index in range(self.max_steps):
+            t0 = time.monotonic()
+            raw = self._generate(messages, image, on_event)
+            step = AgentStep(index=index, raw=raw, model_s=time.monotonic() - t0)
+            steps.append(step)
+            messages.append({"role": "assistant", "content": raw})
+            try:
+                step.turn = parse_turn(raw, strict=False)
+            except TurnParseError as e:
+                step.parse_error = str(e)
+                answer, stopped = raw.strip(), "parse_error"
+                break
+            answer = step.turn.value
+            if not step.turn.actions:
+                stopped = "answer"
+                if on_event:
+                    on_event("step", step)
+                break
+            if index == self.max_steps - 1:
+                break  # no planner call left to read the tool results
+            t1 = time.monotonic()
+            step.outcomes, results = self.dispatcher.dispatch_all(step.turn.actions, image)
+            step.overlays = [r.overlay() if r is not None else None for r in results]
+            step.tools_s = time.monotonic() - t1
+            if on_event:
+                on_event("step", step)
+            messages.append({"role": "user", "content": render_tool_results(step.outcomes, question)})
+        result = AgentResult(answer=answer, steps=steps, messages=messages, stopped=stopped, wall_s=time.monotonic() - started)
+        if on_event:
+            on_event("answer", result)
+        return result

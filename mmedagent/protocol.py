@@ -1,0 +1,386 @@
+"""The one turn format: assistant turns, tool-result turns and training records.
+
+Everything that turns a planner turn into text or back — training, the data builders, serving and
+evaluation — goes through this module, so the model is served with exactly the wording it was
+trained on. The default text form is MMedAgent's::
+
+    "thoughts🤔" I should locate the lesion first.
+    "actions🚀" [{"API_name": "grounding dino", "API_params": {"image": "<imagepath>", "prompts": ["tumor"]}}]
+    "value👉" I will locate it. Please wait.
+
+Parsing is strict JSON (after normalising the single-quoted, Python-literal JSON that models
+often emit); nothing is ever evaluated. Every failure is a :class:`TurnParseError`.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+from collections.abc import Iterable, Sequence
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+IMAGE_PLACEHOLDER = "<imagepath>"
+"""What the model writes for the conversation's image in ``API_params``; never a real path."""
+
+IMAGE_TOKEN = "<image>"
+"""Marks where the image goes in the first human message (LLaVA convention)."""
+
+THOUGHTS_MARK = '"thoughts🤔"'
+ACTIONS_MARK = '"actions🚀"'
+VALUE_MARK = '"value👉"'
+_MARKS = (THOUGHTS_MARK, ACTIONS_MARK, VALUE_MARK)
+
+
+class TurnParseError(ValueError):
+    """Model text that is not a valid assistant turn."""
+
+
+class ToolCall(BaseModel):
+    """One tool call: the name the model used and its raw parameters."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    API_name: str = Field(min_length=1)
+    API_params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("API_name")
+    @classmethod
+    def _strip_name(cls, v: str) -> str:
+        v = v.strip()
+        if not v:
+            raise ValueError("API_name is empty")
+        return v
+
+
+class AssistantTurn(BaseModel):
+    """A planner turn: reasoning, zero or more tool calls, and text for the user."""
+
+    thoughts: str = ""
+    actions: list[ToolCall] = Field(default_factory=list)
+    value: str = ""
+
+
+class ToolOutcome(BaseModel):
+    """What one tool call produced, as fed back to the model (and shown in traces)."""
+
+    tool: str
+    ok: bool = True
+    output: dict[str, Any] | None = None
+    error: str | None = None
+    elapsed_s: float = 0.0
+
+
+class ToolResultTurn(BaseModel):
+    """The human-side turn that carries tool outputs back to the model."""
+
+    outcomes: list[ToolOutcome]
+    question: str
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def render_turn(turn: AssistantTurn) -> str:
+    """Render an assistant turn to the text the model emits."""
+    actions = [a.model_dump() for a in turn.actions]
+    return (
+        f"{THOUGHTS_MARK} {turn.thoughts}\n"
+        f"{ACTIONS_MARK} {json.dumps(actions, ensure_ascii=False)}\n"
+        f"{VALUE_MARK} {turn.value}"
+    )
+
+
+def _python_repr(value: Any) -> str:
+    # MMedAgent's records carry tool outputs as Python reprs; keep that wording exactly.
+    return repr(value)
+
+
+def render_tool_results(outcomes: Sequence[ToolOutcome], question: str) -> str:
+    """The one wording that feeds tool outputs back to the model.
+
+    ``{tool} output: {result}`` per call (MMedAgent's training wording), ``{tool} error: {message}``
+    for a failed call, then ``Answer my first question: {question}``.
+    """
+    lines = []
+    for o in outcomes:
+        if o.ok:
+            lines.append(f"{o.tool} output: {_python_repr(o.output or {})}")
+        else:
+            lines.append(f"{o.tool} error: {o.error}")
+    return "\n".join(lines) + f"\n\nAnswer my first question: {question}"
+
+
+_RESULT_LINE = re.compile(r"^(?P<tool>.+?) (?P<kind>output|error): (?P<body>.*)$")
+_QUESTION = "\n\nAnswer my first question: "
+
+
+def parse_tool_results(text: str) -> ToolResultTurn:
+    """Parse a tool-result turn (as written by :func:`render_tool_results` or found in data)."""
+    head, sep, question = text.rpartition(_QUESTION)
+    if not sep:
+        raise TurnParseError("tool-result turn lacks 'Answer my first question:'")
+    outcomes = []
+    for line in head.split("\n"):
+        if not line.strip():
+            continue
+        m = _RESULT_LINE.match(line)
+        if not m:
+            raise TurnParseError(f"not a tool-result line: {line[:80]!r}")
+        if m["kind"] == "error":
+            outcomes.append(ToolOutcome(tool=m["tool"], ok=False, error=m["body"]))
+            continue
+        try:
+            output = ast.literal_eval(m["body"])  # literals only; never code
+        except (ValueError, SyntaxError, MemoryError, RecursionError) as e:
+            raise TurnParseError(f"{m['tool']} output is not a literal: {e}") from None
+        if not isinstance(output, dict):
+            raise TurnParseError(f"{m['tool']} output is not a mapping")
+        outcomes.append(ToolOutcome(tool=m["tool"], output=output))
+    if not outcomes:
+        raise TurnParseError("tool-result turn has no tool output")
+    return ToolResultTurn(outcomes=outcomes, question=question)
+
+
+def is_tool_result_text(text: str) -> bool:
+    try:
+        parse_tool_results(text)
+    except TurnParseError:
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _normalise_json(text: str) -> str:
+    """Turn single-quoted / Python-literal JSON into strict JSON; strings are re-quoted only."""
+    out: list[str] = []
+    i, n = 0, len(text)
+    while i < n:
+        c = text[i]
+        if c in "\"'":
+            quote, j, buf = c, i + 1, []
+            while j < n and text[j] != quote:
+                ch = text[j]
+                if ch == "\\" and j + 1 < n:
+                    nxt = text[j + 1]
+                    if quote == "'" and nxt == "'":
+                        buf.append("'")
+                    else:
+                        buf.append(ch + nxt)
+                    j += 2
+                    continue
+                if quote == "'" and ch == '"':
+                    buf.append('\\"')
+                else:
+                    buf.append(ch)
+                j += 1
+            if j >= n:
+                raise TurnParseError("unterminated string in actions")
+            out.append('"' + "".join(buf) + '"')
+            i = j + 1
+            continue
+        if c.isalpha():
+            j = i
+            while j < n and (text[j].isalnum() or text[j] == "_"):
+                j += 1
+            word = text[i:j]
+            out.append({"True": "true", "False": "false", "None": "null"}.get(word, word))
+            i = j
+            continue
+        out.append(c)
+        i += 1
+    return "".join(out)
+
+
+def _parse_actions(raw: str) -> list[ToolCall]:
+    raw = raw.strip()
+    if not raw:
+        return []
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, RecursionError):
+        try:
+            data = json.loads(_normalise_json(raw))
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise TurnParseError(f"actions are not valid JSON: {e}") from None
+    if isinstance(data, dict):
+        data = [data]
+    if not isinstance(data, list):
+        raise TurnParseError("actions must be a JSON list")
+    calls = []
+    for k, item in enumerate(data):
+        if not isinstance(item, dict):
+            raise TurnParseError(f"action {k} is not an object")
+        try:
+            calls.append(ToolCall.model_validate(item))
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "action"
+            raise TurnParseError(f"action {k}: {where}: {first['msg']}") from None
+    return calls
+
+
+def parse_turn(text: str, strict: bool = True) -> AssistantTurn:
+    """Parse model text into an :class:`AssistantTurn`; raises only :class:`TurnParseError`.
+
+    With ``strict=False``, text that carries none of the turn markers is taken as a plain answer
+    (how a model answers without tools, and how plain LLaVA data is rendered).
+    """
+    if not isinstance(text, str):
+        raise TurnParseError("model output is not text")
+    positions = {m: text.find(m) for m in _MARKS}
+    if all(p < 0 for p in positions.values()):
+        if strict:
+            raise TurnParseError("no turn markers (thoughts🤔 / actions🚀 / value👉) in model output")
+        return AssistantTurn(value=text.strip())
+    for m in (ACTIONS_MARK, VALUE_MARK):
+        if positions[m] < 0:
+            raise TurnParseError(f"missing {m} in model output")
+    for m in _MARKS:
+        if positions[m] >= 0 and text.count(m) > 1:
+            raise TurnParseError(f"{m} appears more than once")
+    t, a, v = positions[THOUGHTS_MARK], positions[ACTIONS_MARK], positions[VALUE_MARK]
+    if not (a < v and (t < 0 or t < a)):
+        raise TurnParseError("turn markers out of order (thoughts, actions, value)")
+    thoughts = text[t + len(THOUGHTS_MARK) : a].strip() if t >= 0 else ""
+    actions = _parse_actions(text[a + len(ACTIONS_MARK) : v])
+    value = text[v + len(VALUE_MARK) :].strip()
+    return AssistantTurn(thoughts=thoughts, actions=actions, value=value)
+
+
+# --------------------------------------------------------------------------- records
+
+
+class Message(BaseModel):
+    """One turn of a training record, MMedAgent/LLaVA style (``from`` + ``value``)."""
+
+    model_config = ConfigDict(populate_by_name=True, extra="ignore")
+
+    role: Literal["human", "gpt", "system"] = Field(alias="from")
+    value: str = ""
+    thoughts: str | None = None
+    actions: list[ToolCall] | None = None
+
+    @field_validator("role", mode="before")
+    @classmethod
+    def _role(cls, v: Any) -> Any:
+        return {"user": "human", "assistant": "gpt", "model": "gpt"}.get(v, v)
+
+    @property
+    def is_tool_turn(self) -> bool:
+        """A gpt turn in the thoughts/actions/value form (as opposed to plain text)."""
+        return self.role == "gpt" and (self.thoughts is not None or self.actions is not None)
+
+    def assistant_turn(self) -> AssistantTurn:
+        return AssistantTurn(thoughts=self.thoughts or "", actions=self.actions or [], value=self.value)
+
+    def text(self) -> str:
+        """The exact text this turn has in the model's context."""
+        return render_turn(self.assistant_turn()) if self.is_tool_turn else self.value
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"from": self.role}
+        if self.thoughts is not None:
+            d["thoughts"] = self.thoughts
+        if self.actions is not None:
+            d["actions"] = [a.model_dump() for a in self.actions]
+        d["value"] = self.value
+        return d
+
+
+class Record(BaseModel):
+    """One training / evaluation record: an optional image and a conversation."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str | int | None = None
+    image: str | list[str] | None = None
+    conversations: list[Message]
+
+    @field_validator("conversations")
+    @classmethod
+    def _non_empty(cls, v: list[Message]) -> list[Message]:
+        if not v:
+            raise ValueError("conversations is empty")
+        return v
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Record":
+        if "image" not in d and "image_id" in d:
+            d = {**d, "image": d["image_id"]}
+        return cls.model_validate(d)
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {}
+        if self.id is not None:
+            d["id"] = self.id
+        if self.image is not None:
+            d["image"] = self.image
+        d["conversations"] = [m.to_dict() for m in self.conversations]
+        d.update(self.model_extra or {})
+        return d
+
+    @property
+    def images(self) -> list[str]:
+        if self.image is None:
+            return []
+        return [self.image] if isinstance(self.image, str) else list(self.image)
+
+    def first_question(self) -> str:
+        for m in self.conversations:
+            if m.role == "human":
+                return strip_image_token(m.value)
+        return ""
+
+    def tool_calls(self) -> list[ToolCall]:
+        return [a for m in self.conversations if m.role == "gpt" for a in (m.actions or [])]
+
+
+def strip_image_token(text: str) -> str:
+    return text.replace(IMAGE_TOKEN, "").strip()
+
+
+def tool_result_message(outcomes: Sequence[ToolOutcome], question: str) -> Message:
+    return Message(role="human", value=render_tool_results(outcomes, question))
+
+
+def assistant_message(turn: AssistantTurn) -> Message:
+    return Message(role="gpt", thoughts=turn.thoughts, actions=list(turn.actions), value=turn.value)
+
+
+# --------------------------------------------------------------------------- system prompt
+
+
+DEFAULT_SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
+
+
+def render_tool_catalog(tools: Iterable[Any]) -> str:
+    """Tool names, aliases, descriptions and parameter JSON schemas, for the system prompt."""
+    lines = []
+    for t in tools:
+        schema = t.Params.model_json_schema()
+        props = {k: {kk: vv for kk, vv in v.items() if kk != "title"} for k, v in schema.get("properties", {}).items()}
+        aliases = f" (also: {', '.join(t.aliases)})" if getattr(t, "aliases", ()) else ""
+        lines.append(f"- {t.name}{aliases}: {t.description} Params: {json.dumps(props, ensure_ascii=False)}")
+    return "\n".join(lines)
+
+
+def system_prompt(tools: Iterable[Any] | None = None, base: str = DEFAULT_SYSTEM) -> str:
+    """The planner's system prompt; lists the tools and the turn format when tools are given."""
+    tools = list(tools or [])
+    if not tools:
+        return base
+    return (
+        f"{base} The assistant can call tools. Each assistant turn is written as\n"
+        f"{THOUGHTS_MARK} reasoning\n{ACTIONS_MARK} a JSON list of "
+        '{"API_name": tool, "API_params": {...}} (empty list to answer directly)\n'
+        f"{VALUE_MARK} text for the human.\n"
+        f'Use "{IMAGE_PLACEHOLDER}" for the image. Tools:\n{render_tool_catalog(tools)}'
+    )

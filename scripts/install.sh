@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Make .venv/ and install mmedagent with everything that runs on a CPU machine.
+# torch is installed first and every later install runs under constraints.txt, so nothing can pull
+# a newer (CUDA) torch. Set PYTHON to choose the interpreter, EXTRAS to choose the extras.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+EXTRAS=${EXTRAS:-all}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+export PIP_CONSTRAINT="$PWD/constraints.txt" DS_BUILD_OPS=0 PIP_DISABLE_PIP_VERSION_CHECK=1
+.venv/bin/python -m pip install -q "torch==2.13.0"
+.venv/bin/python -m pip install -q -e ".[${EXTRAS}]"
+echo "installed: $(.venv/bin/python -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)')"

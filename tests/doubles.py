@@ -1,0 +1,92 @@
+"""Test doubles for unit tests of the loop and dispatcher (end-to-end tests use real models)."""
+
+import threading
+import time
+
+import numpy as np
+from pydantic import Field
+
+from mmedagent.tools import Overlay, Tool, ToolParams, ToolResult
+
+
+class ScriptedPlanner:
+    """Replies with the given texts in order and records what it was sent."""
+
+    def __init__(self, replies):
+        self.replies = list(replies)
+        self.calls = []
+
+    def generate(self, messages, image, **gen):
+        self.calls.append([dict(m) for m in messages])
+        return self.replies.pop(0)
+
+
+class BoxParams(ToolParams):
+    prompts: list[str] = Field(min_length=1)
+
+
+class BoxResult(ToolResult):
+    boxes: list[list[float]]
+    phrases: list[str]
+    image_size: list[int]
+
+    hidden_from_model = frozenset({"image_size"})
+
+    def overlay(self):
+        return Overlay(boxes=self.boxes, labels=self.phrases)
+
+
+class FakeGrounding(Tool):
+    """Returns a fixed box per prompt; remembers the image object it was given."""
+
+    name = "grounding"
+    aliases = ("grounding dino",)
+    description = "Locate objects."
+    Params = BoxParams
+    Result = BoxResult
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        self.seen_images = []
+        self.loads = 0
+
+    def load(self):
+        self.loads += 1
+
+    def __call__(self, image, params):
+        self.seen_images.append(image)
+        return BoxResult(boxes=[[0.1234, 0.2, 0.3, 0.4]] * len(params.prompts), phrases=params.prompts, image_size=list(image.size))
+
+
+class SleepParams(ToolParams):
+    seconds: float = 5.0
+
+
+class SlowTool(Tool):
+    name = "slow"
+    description = "Sleeps."
+    Params = SleepParams
+    needs_image = False
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        self.release = threading.Event()
+
+    def __call__(self, image, params):
+        self.release.wait(params.seconds)
+        return ToolResult()
+
+
+class CrashTool(Tool):
+    name = "crash"
+    description = "Always fails."
+    needs_image = False
+
+    def __call__(self, image, params):
+        raise RuntimeError("weights corrupted")
+
+
+def grey_image(size=(64, 48), value=100):
+    from PIL import Image
+
+    return Image.fromarray(np.full((size[1], size[0], 3), value, dtype=np.uint8))

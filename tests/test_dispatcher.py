@@ -1,0 +1,132 @@
+import time
+
+import pytest
+
+from doubles import CrashTool, FakeGrounding, ScriptedPlanner, SlowTool, grey_image
+from mmedagent.agent import Agent
+from mmedagent.dispatcher import Dispatcher
+from mmedagent.protocol import AssistantTurn, ToolCall, parse_tool_results, render_turn
+
+
+def call(name, **params):
+    return ToolCall(API_name=name, API_params=params)
+
+
+@pytest.fixture
+def tools():
+    return [FakeGrounding(), SlowTool(), CrashTool()]
+
+
+def test_alias_lookup_is_case_insensitive(tools):
+    d = Dispatcher(tools)
+    out = d.dispatch(call("GROUNDING DINO", prompts=["tumor"]), grey_image())
+    assert out.ok and out.output == {"boxes": [[0.12, 0.2, 0.3, 0.4]], "phrases": ["tumor"]}  # rounded, hidden field dropped
+    assert out.tool == "GROUNDING DINO"
+
+
+def test_unknown_tool_lists_known(tools):
+    out = Dispatcher(tools).dispatch(call("ChatCAD-X"), grey_image())
+    assert not out.ok
+    assert "unknown tool 'ChatCAD-X'" in out.error and "crash, grounding, slow" in out.error
+
+
+def test_bad_params_name_the_field(tools):
+    d = Dispatcher(tools)
+    out = d.dispatch(call("grounding", prompts="tumor"), grey_image())
+    assert not out.ok and "prompts" in out.error and "invalid params for grounding" in out.error
+    out = d.dispatch(call("grounding", prompts=["x"], box_treshold=0.3), grey_image())
+    assert not out.ok and "box_treshold" in out.error and "Extra inputs" in out.error
+    out = d.dispatch(call("grounding"), grey_image())
+    assert "prompts: Field required" in out.error
+
+
+def test_timeout_returns_error_quickly(tools):
+    d = Dispatcher(tools, timeout_s=0.3)
+    t0 = time.monotonic()
+    out = d.dispatch(call("slow", seconds=30), None)
+    assert time.monotonic() - t0 < 2
+    assert not out.ok and out.error == "timed out after 0.3 s"
+    tools[1].release.set()
+
+
+def test_crash_becomes_error_result(tools):
+    out = Dispatcher(tools).dispatch(call("crash"), None)
+    assert not out.ok and out.error == "RuntimeError: weights corrupted"
+
+
+def test_image_placeholder_and_model_paths_never_reach_tools(tools, tmp_path, monkeypatch):
+    import builtins
+
+    img = grey_image()
+    opened = []
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda f, *a, **k: opened.append(f) or real_open(f, *a, **k))
+    d = Dispatcher(tools)
+    for value in ("<imagepath>", "/etc/passwd", str(tmp_path / "secret.png")):
+        out = d.dispatch(call("grounding", image=value, prompts=["x"]), img)
+        assert out.ok
+    assert all(seen is img for seen in tools[0].seen_images) and len(tools[0].seen_images) == 3
+    assert not any("passwd" in str(f) or "secret" in str(f) for f in opened)
+
+
+def test_missing_image_is_an_error(tools):
+    out = Dispatcher(tools).dispatch(call("grounding", prompts=["x"]), None)
+    assert not out.ok and "needs an image" in out.error
+
+
+def test_tool_loads_once(tools):
+    d = Dispatcher(tools)
+    for _ in range(3):
+        d.dispatch(call("grounding", prompts=["x"]), grey_image())
+    assert tools[0].loads == 1
+
+
+def turn(actions, value="Please wait."):
+    return render_turn(AssistantTurn(thoughts="t", actions=[ToolCall(**a) for a in actions], value=value))
+
+
+def test_agent_multi_call_turn_then_answer(tools):
+    planner = ScriptedPlanner([
+        turn([{"API_name": "grounding dino", "API_params": {"image": "<imagepath>", "prompts": ["tumor"]}},
+              {"API_name": "crash"}, {"API_name": "nope"}]),
+        turn([], value="The tumor is at [0.12, 0.2, 0.3, 0.4]."),
+    ])
+    agent = Agent(planner, Dispatcher(tools))
+    result = agent.run("Where is the tumor?", image=grey_image())
+    assert result.answer == "The tumor is at [0.12, 0.2, 0.3, 0.4]." and result.stopped == "answer"
+    assert result.tool_calls == ["grounding dino", "crash", "nope"]
+    step = result.steps[0]
+    assert [o.ok for o in step.outcomes] == [True, False, False]
+    assert step.overlays[0].boxes == [[0.1234, 0.2, 0.3, 0.4]] and step.overlays[1] is None
+    # the second planner call sees the tool results in the one wording, image token in the first user turn
+    second = planner.calls[1]
+    assert second[1]["content"] == "<image>\nWhere is the tumor?"
+    fed = parse_tool_results(second[-1]["content"])
+    assert fed.question == "Where is the tumor?"
+    assert [o.tool for o in fed.outcomes] == ["grounding dino", "crash", "nope"]
+    assert "available tools" in fed.outcomes[2].error
+    # the system prompt was derived from the tools
+    assert second[0]["role"] == "system" and "grounding dino" in second[0]["content"]
+
+
+def test_agent_max_steps_bound(tools):
+    looping = turn([{"API_name": "grounding", "API_params": {"prompts": ["x"]}}])
+    planner = ScriptedPlanner([looping] * 10)
+    result = Agent(planner, Dispatcher(tools), max_steps=3).run("q", image=grey_image())
+    assert result.stopped == "max_steps" and len(planner.calls) == 3 and len(result.steps) == 3
+    assert len(tools[0].seen_images) == 2  # the last planner call's actions are not run: nobody would read them
+
+
+def test_agent_malformed_output_ends_turn_with_error(tools):
+    planner = ScriptedPlanner(['"thoughts🤔" x\n"actions🚀" [{"API_name": \n"value👉" oops'])
+    result = Agent(planner, Dispatcher(tools)).run("q", image=grey_image())
+    assert result.stopped == "parse_error" and result.steps[0].parse_error
+    # the conversation goes on: history is returned and usable
+    planner.replies.append(turn([], value="fine"))
+    again = Agent(planner, Dispatcher(tools)).run("next?", history=result.messages)
+    assert again.answer == "fine" and again.messages[-2] == {"role": "user", "content": "next?"}
+
+
+def test_agent_plain_text_answer(tools):
+    result = Agent(ScriptedPlanner(["Just a chest X-ray."]), Dispatcher(tools)).run("what?")
+    assert result.answer == "Just a chest X-ray." and result.stopped == "answer"

@@ -1,0 +1,189 @@
+import copy
+import json
+import random
+
+import pytest
+
+from mmedagent.protocol import (
+    AssistantTurn,
+    Record,
+    ToolCall,
+    ToolOutcome,
+    TurnParseError,
+    parse_tool_results,
+    parse_turn,
+    render_tool_results,
+    render_turn,
+    system_prompt,
+)
+
+MMEDAGENT_RECORD = {
+    "id": "mri-0001",
+    "image": "brain/mri_0001.jpg",
+    "conversations": [
+        {"from": "human", "value": "<image>\nCan you locate the tumor in this MRI image?"},
+        {
+            "from": "gpt",
+            "thoughts": "To locate the tumor, I will use grounding dino.",
+            "actions": [{"API_name": "grounding dino", "API_params": {"image": "<imagepath>", "prompts": ["tumor"]}}],
+            "value": "I will use grounding dino to locate the tumor. Please wait.",
+        },
+        {
+            "from": "human",
+            "value": "grounding dino output: {'boxes': [[0.41, 0.54, 0.76, 0.75]], 'logits': [0.95], 'phrases': ['tumor']}"
+            "\n\nAnswer my first question: Can you locate the tumor in this MRI image?",
+        },
+        {
+            "from": "gpt",
+            "thoughts": "Thanks to the output of grounding dino, I can answer.",
+            "actions": [],
+            "value": "The tumor is at [0.41, 0.54, 0.76, 0.75].",
+        },
+    ],
+}
+
+
+def test_mmedagent_record_round_trip():
+    rec = Record.from_dict(copy.deepcopy(MMEDAGENT_RECORD))
+    assert rec.to_dict() == MMEDAGENT_RECORD
+    assert rec.first_question() == "Can you locate the tumor in this MRI image?"
+    assert [c.API_name for c in rec.tool_calls()] == ["grounding dino"]
+    for msg in rec.conversations:
+        if msg.role == "gpt":
+            assert parse_turn(msg.text()) == msg.assistant_turn()
+    tool_turn = rec.conversations[2].value
+    parsed = parse_tool_results(tool_turn)
+    assert parsed.question == rec.first_question()
+    assert parsed.outcomes[0].tool == "grounding dino"
+    assert parsed.outcomes[0].output == {"boxes": [[0.41, 0.54, 0.76, 0.75]], "logits": [0.95], "phrases": ["tumor"]}
+    assert render_tool_results(parsed.outcomes, parsed.question) == tool_turn
+
+
+def test_record_accepts_image_id_and_roles():
+    rec = Record.from_dict({"image_id": "a.png", "conversations": [{"from": "user", "value": "hi"}]})
+    assert rec.image == "a.png" and rec.conversations[0].role == "human"
+    with pytest.raises(ValueError):
+        Record.from_dict({"conversations": []})
+
+
+def test_render_is_mmedagent_text_form():
+    turn = AssistantTurn(thoughts="t", actions=[ToolCall(API_name="MedSAM", API_params={"boxes": [[0, 0, 1, 1]]})], value="v")
+    assert render_turn(turn) == (
+        '"thoughts🤔" t\n"actions🚀" [{"API_name": "MedSAM", "API_params": {"boxes": [[0, 0, 1, 1]]}}]\n"value👉" v'
+    )
+
+
+def test_single_quoted_and_python_literals():
+    text = "\"thoughts🤔\" x\n\"actions🚀\" [{'API_name': 'grounding dino', 'API_params': {'prompts': ['it\\'s \"big\"'], 'nms': True, 'k': None}}]\n\"value👉\" ok"
+    turn = parse_turn(text)
+    assert turn.actions[0].API_name == "grounding dino"
+    assert turn.actions[0].API_params == {"prompts": ['it\'s "big"'], "nms": True, "k": None}
+
+
+def test_multi_call_and_missing_thoughts():
+    actions = [{"API_name": "a", "API_params": {}}, {"API_name": "b"}]
+    turn = parse_turn(f'"actions🚀" {json.dumps(actions)}\n"value👉" wait')
+    assert [a.API_name for a in turn.actions] == ["a", "b"] and turn.thoughts == ""
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "plain answer",
+        '"thoughts🤔" x "value👉" y',
+        '"thoughts🤔" x\n"actions🚀" [{"API_name": "a"\n"value👉" y',
+        '"thoughts🤔" x\n"actions🚀" [1]\n"value👉" y',
+        '"thoughts🤔" x\n"actions🚀" [{"API_params": {}}]\n"value👉" y',
+        '"thoughts🤔" x\n"actions🚀" [{"API_name": "a", "API_params": [1]}]\n"value👉" y',
+        '"thoughts🤔" x\n"actions🚀" "a"\n"value👉" y',
+        '"value👉" y "actions🚀" []',
+        '"thoughts🤔" x\n"actions🚀" __import__("os").system("true")\n"value👉" y',
+        "\"thoughts🤔\" x\n\"actions🚀\" [{'API_name': 'a\n\"value👉\" y",
+    ],
+)
+def test_bad_turns_raise_turn_parse_error(text):
+    with pytest.raises(TurnParseError):
+        parse_turn(text)
+
+
+def test_non_strict_plain_text_is_an_answer():
+    assert parse_turn("  The image shows a lung CT. ", strict=False) == AssistantTurn(value="The image shows a lung CT.")
+
+
+def test_tool_error_wording_round_trip():
+    outcomes = [ToolOutcome(tool="MedSAM", ok=False, error="timed out after 5 s"), ToolOutcome(tool="x", output={"a": 1})]
+    text = render_tool_results(outcomes, "q?")
+    back = parse_tool_results(text)
+    assert back.outcomes[0].error == "timed out after 5 s" and not back.outcomes[0].ok
+    assert back.outcomes[1].output == {"a": 1} and back.question == "q?"
+
+
+def test_system_prompt_lists_tools_with_schema():
+    from mmedagent.tools import Tool, ToolParams
+
+    class P(ToolParams):
+        prompts: list[str]
+
+    class T(Tool):
+        name = "grounding"
+        aliases = ("grounding dino",)
+        description = "Find things."
+        Params = P
+
+    text = system_prompt([T])
+    assert "grounding (also: grounding dino): Find things." in text and '"prompts"' in text
+
+
+VALID = [render_turn(AssistantTurn(thoughts="look", actions=[ToolCall(API_name="grounding dino", API_params={"image": "<imagepath>", "prompts": ["tumor", "edema"]})], value="Please wait.")),
+         render_turn(AssistantTurn(thoughts="done", actions=[], value="The box is [0.1, 0.2, 0.3, 0.4].")),
+         "\"thoughts🤔\" s\n\"actions🚀\" [{'API_name': 'BiomedClip', 'API_params': {'labels': ['chest X-ray']}}]\n\"value👉\" v"]
+ALPHABET = list("\"'[]{}(),:\\ \n\t0123456789abcdefTrueFalseNone-.e") + ["🤔", "🚀", "👉", '"actions🚀"', '"value👉"', '"thoughts🤔"', "\u0000", "\ud800", "é"]
+
+
+def _mutate(rng: random.Random, text: str) -> str:
+    chars = list(text)
+    for _ in range(rng.randint(1, 6)):
+        op = rng.random()
+        pos = rng.randint(0, len(chars))
+        if op < 0.3 and chars:
+            del chars[min(pos, len(chars) - 1)]
+        elif op < 0.6:
+            chars.insert(pos, rng.choice(ALPHABET))
+        elif op < 0.8 and chars:
+            chars[min(pos, len(chars) - 1)] = rng.choice(ALPHABET)
+        else:
+            chars = chars[:pos]
+    return "".join(chars)
+
+
+def test_fuzz_parse_turn_raises_only_turn_parse_error():
+    rng = random.Random(1234)
+    outcomes = {"ok": 0, "error": 0}
+    for i in range(12_000):
+        if i % 3 == 0:
+            text = "".join(rng.choice(ALPHABET) for _ in range(rng.randint(0, 80)))
+        else:
+            text = _mutate(rng, rng.choice(VALID))
+        for strict in (True, False):
+            try:
+                parse_turn(text, strict=strict)
+                outcomes["ok"] += 1
+            except TurnParseError:
+                outcomes["error"] += 1
+    assert outcomes["ok"] > 1000 and outcomes["error"] > 1000  # both paths really exercised
+
+
+def test_fuzz_with_hypothesis():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=1500, deadline=None, database=None)
+    @given(st.lists(st.sampled_from(ALPHABET), max_size=60).map("".join) | st.text(max_size=120))
+    def check(text):
+        try:
+            parse_turn(text)
+            parse_tool_results(text)
+        except TurnParseError:
+            pass
+
+    check()

@@ -1,0 +1,86 @@
+import re
+import sys
+import textwrap
+import types
+from pathlib import Path
+
+import pytest
+
+import mmedagent.tools as tools_pkg
+from doubles import grey_image
+from mmedagent.dispatcher import Dispatcher
+from mmedagent.protocol import ToolCall, system_prompt
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_readme_example():
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"<!-- example-tool:start -->\s*```python\n(.*?)```", text, re.S).group(1)
+    module = types.ModuleType("readme_example")
+    exec(compile(block, "README.md", "exec"), module.__dict__)
+    return module.RegionStats
+
+
+def test_readme_example_tool_runs_through_dispatcher():
+    RegionStats = load_readme_example()
+    assert len(RegionStats.__module__) and RegionStats.name == "region_stats"
+    d = Dispatcher([RegionStats()])
+    out = d.dispatch(ToolCall(API_name="Intensity Stats", API_params={"image": "<imagepath>", "box": [0, 0, 0.5, 0.5]}), grey_image(value=80))
+    assert out.ok and out.output == {"box": [0.0, 0.0, 0.5, 0.5], "mean": 80.0, "std": 0.0, "min": 80.0, "max": 80.0}
+    bad = d.dispatch(ToolCall(API_name="region_stats", API_params={"box": [0, 0, 1]}), grey_image())
+    assert not bad.ok and "box" in bad.error
+    assert "region_stats (also: intensity stats)" in system_prompt([RegionStats])
+
+
+def test_entry_point_plugin_discovery(tmp_path, monkeypatch):
+    pkg = tmp_path / "acme_tools"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(textwrap.dedent('''
+        from mmedagent.tools import Tool, ToolParams, ToolResult
+
+        class Echo(Tool):
+            name = "acme_echo"
+            aliases = ("Echo Tool",)
+            description = "Echoes its text."
+            needs_image = False
+
+            class Params(ToolParams):
+                text: str
+
+            class Result(ToolResult):
+                text: str
+
+            def __call__(self, image, params):
+                return self.Result(text=params.text)
+    '''))
+    dist = tmp_path / "acme_tools-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: acme-tools\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[mmedagent.tools]\necho = acme_tools:Echo\nbroken = acme_tools:Missing\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    tools_pkg.refresh()
+    try:
+        cls = tools_pkg.get_tool("echo tool")
+        assert cls.name == "acme_echo" and cls.__module__ == "acme_tools"
+        assert "acme_echo" in [t.name for t in tools_pkg.list_tools()]
+        out = Dispatcher([cls()]).dispatch(ToolCall(API_name="ACME_ECHO", API_params={"text": "hi"}), None)
+        assert out.ok and out.output == {"text": "hi"}
+    finally:
+        sys.modules.pop("acme_tools", None)
+        monkeypatch.undo()
+        tools_pkg.refresh()
+    with pytest.raises(tools_pkg.UnknownToolError, match="available tools"):
+        tools_pkg.get_tool("echo tool")
+
+
+def test_no_top_level_packages_installed():
+    import site
+    from importlib.metadata import distribution
+
+    for sp in site.getsitepackages():
+        for name in ("tools", "serve", "train", "data"):
+            assert not (Path(sp) / name).exists(), f"top-level {name!r} installed into {sp}"
+    installed = {str(f).split("/")[0] for f in distribution("mmedagent").files or []}
+    assert not installed & {"tools", "serve", "train", "data"}
+    assert tools_pkg.__name__ == "mmedagent.tools"

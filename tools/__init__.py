@@ -1,0 +1,17 @@
+"""Medical tools. Each module here defines one :class:`Tool`; plug-ins register through the
+``mmedagent.tools`` entry-point group."""
+
+from mmedagent.tools.base import Overlay, Tool, ToolParams, ToolResult
+from mmedagent.tools.registry import UnknownToolError, get_tool, list_tools, refresh, register
+
+__all__ = [
+    "Overlay",
+    "Tool",
+    "ToolParams",
+    "ToolResult",
+    "UnknownToolError",
+    "get_tool",
+    "list_tools",
+    "refresh",
+    "register",
+]
