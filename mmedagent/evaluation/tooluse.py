@@ -1,0 +1,128 @@
+"""Tool-use metrics: which tools the planner called, whether the calls would validate, and how
+close their arguments are to the gold calls.
+
+Tool names are compared after resolving aliases through the tool registry
+(``"grounding dino"`` and ``"grounding"`` are the same tool); a name no registered tool answers
+to is compared case-insensitively.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+from pydantic import ValidationError
+
+from mmedagent.evaluation.metrics import box_iou, tokenize
+from mmedagent.protocol import ToolCall
+from mmedagent.tools.base import Tool
+from mmedagent.tools.registry import UnknownToolError, get_tool
+
+
+def tool_class(name: str) -> type[Tool] | None:
+    try:
+        return get_tool(name)
+    except UnknownToolError:
+        return None
+
+
+def canonical_name(name: str) -> str:
+    """The registered tool's name for ``name`` (an alias or the name); else ``name`` case-folded."""
+    cls = tool_class(name)
+    return cls.name if cls is not None else name.strip().casefold()
+
+
+def call_names(calls: Sequence[ToolCall]) -> list[str]:
+    return [canonical_name(c.API_name) for c in calls]
+
+
+def selection_correct(pred: Sequence[ToolCall], gold: Sequence[ToolCall]) -> bool:
+    """Exact tool selection: the multiset of (canonical) tool names equals the gold one.
+
+    A sample whose gold answer calls no tool is correct only if the planner calls none.
+    """
+    return Counter(call_names(pred)) == Counter(call_names(gold))
+
+
+def call_counts(pred: Sequence[ToolCall], gold: Sequence[ToolCall]) -> tuple[int, int, int]:
+    """``(true positives, predicted, gold)`` over the multisets of canonical tool names."""
+    p, g = Counter(call_names(pred)), Counter(call_names(gold))
+    return sum((p & g).values()), sum(p.values()), sum(g.values())
+
+
+def argument_error(call: ToolCall) -> str | None:
+    """Why the call's params would be refused by the dispatcher, or ``None`` if they validate.
+
+    As the dispatcher does, the ``image`` key is dropped first (the conversation's image is
+    injected); a call to a tool that is not registered is an error.
+    """
+    cls = tool_class(call.API_name)
+    if cls is None:
+        return f"unknown tool {call.API_name!r}"
+    params = {k: v for k, v in call.API_params.items() if k != "image"}
+    try:
+        cls.Params.model_validate(params)
+    except ValidationError as e:
+        return "; ".join(f"{'.'.join(map(str, x['loc'])) or '(params)'}: {x['msg']}" for x in e.errors())
+    return None
+
+
+def _term_f1(pred: Any, gold: Any) -> float:
+    """F1 of the sets of lower-cased word tokens of two prompt lists (or strings)."""
+
+    def terms(v: Any) -> set[str]:
+        items = v if isinstance(v, (list, tuple)) else [v]
+        return {t for item in items for t in tokenize(str(item))}
+
+    p, g = terms(pred), terms(gold)
+    if not p or not g:
+        return float(p == g)
+    common = len(p & g)
+    if common == 0:
+        return 0.0
+    prec, rec = common / len(p), common / len(g)
+    return 2 * prec * rec / (prec + rec)
+
+
+def _is_box_list(v: Any) -> bool:
+    return (
+        isinstance(v, (list, tuple))
+        and bool(v)
+        and all(isinstance(b, (list, tuple)) and len(b) == 4 and all(isinstance(x, (int, float)) for x in b) for b in v)
+    )
+
+
+def _value_match(pred: Any, gold: Any) -> float:
+    if _is_box_list(gold) and _is_box_list(pred):
+        return sum(max(box_iou(p, g) for p in pred) for g in gold) / len(gold)
+    if isinstance(gold, str) or (isinstance(gold, (list, tuple)) and all(isinstance(x, str) for x in gold)):
+        return _term_f1(pred, gold)
+    return float(pred == gold)
+
+
+def argument_match(pred: ToolCall, gold: ToolCall) -> float:
+    """Similarity in [0, 1] of two calls' params, averaged over the union of their keys.
+
+    Text and prompt lists score the F1 of their word sets, box lists the mean best IoU per gold
+    box, anything else equality; a key on one side only scores 0. ``image`` is ignored.
+    """
+    p = {k: v for k, v in pred.API_params.items() if k != "image"}
+    g = {k: v for k, v in gold.API_params.items() if k != "image"}
+    keys = set(p) | set(g)
+    if not keys:
+        return 1.0
+    return sum(_value_match(p[k], g[k]) if k in p and k in g else 0.0 for k in keys) / len(keys)
+
+
+def paired_calls(pred: Sequence[ToolCall], gold: Sequence[ToolCall]) -> list[tuple[ToolCall, ToolCall]]:
+    """Pairs predicted and gold calls to the same tool, in order of appearance."""
+    remaining = list(gold)
+    pairs = []
+    for c in pred:
+        name = canonical_name(c.API_name)
+        for k, g in enumerate(remaining):
+            if canonical_name(g.API_name) == name:
+                pairs.append((c, remaining.pop(k)))
+                break
+    return pairs

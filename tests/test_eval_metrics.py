@@ -1,0 +1,218 @@
+"""Known-answer tests for the evaluation metrics (values worked out by hand in the comments)."""
+
+import math
+
+import numpy as np
+import pytest
+
+from doubles import FakeGrounding
+from mmedagent.evaluation import metrics as M
+from mmedagent.evaluation import tooluse as T
+from mmedagent.protocol import ToolCall
+from mmedagent.tools import registry
+
+
+@pytest.fixture
+def fake_grounding(monkeypatch):
+    monkeypatch.setitem(registry._extra, FakeGrounding.name, FakeGrounding)
+    return FakeGrounding
+
+
+# --------------------------------------------------------------------------- boxes
+
+
+def test_box_iou_and_grounding_iou():
+    assert M.box_iou([0, 0, 2, 2], [1, 1, 3, 3]) == pytest.approx(1 / 7)  # inter 1, union 4+4-1
+    assert M.box_iou([0, 0, 1, 1], [2, 2, 3, 3]) == 0.0
+    # gold box 1 best-matched at 1/7, gold box 2 missed -> mean (1/7 + 0) / 2
+    assert M.grounding_iou([[0, 0, 2, 2]], [[1, 1, 3, 3], [10, 10, 11, 11]]) == pytest.approx(1 / 14)
+    with pytest.raises(ValueError):
+        M.box_iou([2, 0, 1, 1], [0, 0, 1, 1])
+
+
+def test_average_precision_all_point_interpolation():
+    gold = {"img1": [[0, 0, 10, 10]], "img2": [[0, 0, 10, 10], [20, 20, 30, 30]]}
+    dets = [
+        ("img1", 0.9, [0, 0, 10, 10]),  # TP
+        ("img2", 0.8, [50, 50, 60, 60]),  # FP
+        ("img2", 0.7, [0, 0, 10, 10]),  # TP
+        ("img1", 0.6, [0, 0, 10, 10]),  # FP: duplicate of a matched box
+    ]
+    # recall 1/3,1/3,2/3,2/3; precision 1,1/2,2/3,1/2; envelope 1,2/3,2/3,1/2
+    # AP = 1/3*1 + 1/3*2/3 = 5/9  (11-point VOC 2007 would give 6/11)
+    assert M.average_precision(dets, gold) == pytest.approx(5 / 9)
+    # the order of the input does not matter, the scores do
+    assert M.average_precision(list(reversed(dets)), gold) == pytest.approx(5 / 9)
+    # IoU exactly 0.5 counts as a hit at the 0.5 threshold; below does not
+    assert M.average_precision([("a", 1.0, [0, 0, 10, 5])], {"a": [[0, 0, 10, 10]]}) == pytest.approx(1.0)
+    assert M.average_precision([("a", 1.0, [0, 0, 10, 4])], {"a": [[0, 0, 10, 10]]}) == 0.0
+
+
+def test_mean_average_precision_over_classes():
+    gold = [("img1", "a", [0, 0, 10, 10]), ("img2", "a", [0, 0, 10, 10]), ("img2", "a", [20, 20, 30, 30]),
+            ("img3", "b", [0, 0, 5, 5])]
+    dets = [("img1", "a", 0.9, [0, 0, 10, 10]), ("img2", "a", 0.8, [50, 50, 60, 60]),
+            ("img2", "a", 0.7, [0, 0, 10, 10]), ("img1", "a", 0.6, [0, 0, 10, 10]),
+            ("img3", "b", 0.5, [0, 0, 5, 5]), ("img3", "c", 0.5, [0, 0, 5, 5])]  # class c has no gold: skipped
+    assert M.mean_average_precision(dets, gold) == pytest.approx((5 / 9 + 1.0) / 2)
+
+
+# --------------------------------------------------------------------------- masks
+
+
+def test_dice_on_arrays_and_rle():
+    a = np.zeros((4, 4), bool)
+    a[0:2, 0:2] = True  # 4 px
+    b = np.zeros((4, 4), bool)
+    b[0:2, 1:2] = True  # 2 px, both inside a
+    assert M.dice(a, b) == pytest.approx(2 * 2 / 6)
+    assert M.dice(np.zeros((2, 2)), np.zeros((2, 2))) == 1.0
+    # uncompressed RLE, column-major, starts with background: [1, 2, 3] on 2x3 ->
+    # column 0 = [0, 1], column 1 = [1, 0], column 2 = [0, 0]
+    rle = {"size": [2, 3], "counts": [1, 2, 3]}
+    assert M.as_mask(rle).tolist() == [[False, True, False], [True, False, False]]
+    # compressed: "053" -> runs [0, 5, 3]; "O" is a delta of -1 against the run two back (5) -> 4
+    assert M.as_mask({"size": [2, 4], "counts": "053"}).sum() == 5
+    assert M.as_mask({"size": [3, 4], "counts": "053O"}).ravel(order="F").tolist() == [True] * 5 + [False] * 3 + [True] * 4
+    assert M.dice({"size": [2, 3], "counts": [1, 2, 3]}, np.array([[0, 1, 0], [0, 0, 0]])) == pytest.approx(2 / 3)
+    with pytest.raises(ValueError):
+        M.dice(np.zeros((2, 2)), np.zeros((3, 3)))
+
+
+# --------------------------------------------------------------------------- classification
+
+
+def test_accuracy_and_auroc():
+    assert M.accuracy(["a", "b", "c"], ["a", "b", "b"]) == pytest.approx(2 / 3)
+    # positive/negative pairs ranked right: (.9>.5, .9>.1, .4<.5, .4>.1) -> 3/4
+    assert M.auroc([1, 1, 0, 0], [0.9, 0.4, 0.5, 0.1]) == pytest.approx(0.75)
+    # ties count 1/2: pos .8,.3,.9 vs neg .8,.1 -> (.5+1 + 0+1 + 1+1)/6
+    assert M.auroc([1, 0, 1, 0, 1], [0.8, 0.8, 0.3, 0.1, 0.9]) == pytest.approx(4.5 / 6)
+    assert M.auroc([1, 0], [0.5, 0.5]) == 0.5
+    with pytest.raises(ValueError):
+        M.auroc([1, 1], [0.1, 0.2])
+
+
+def test_auroc_agrees_with_scikit_learn_when_installed():
+    sk = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 200)
+    s = np.round(rng.random(200), 1)  # many ties
+    assert M.auroc(y, s) == pytest.approx(sk.roc_auc_score(y, s))
+
+
+def test_macro_auroc_one_vs_rest():
+    gold = ["x", "y", "x", "z"]
+    scores = [{"x": 0.9, "y": 0.1}, {"x": 0.2, "y": 0.8}, {"x": 0.6}, {"x": 0.7, "z": 0.3}]
+    # x: pos .9,.6 vs neg .2,.7 -> (1+1+1+0)/4 = .75; y: pos .8 vs 0.1, 0, 0 -> 1; z: pos .3 vs 0,0,0 -> 1
+    assert M.macro_auroc(gold, scores) == pytest.approx((0.75 + 1 + 1) / 3)
+    assert M.macro_auroc(["x", "x"], [{"x": 1.0}, {"x": 0.5}]) is None
+
+
+# --------------------------------------------------------------------------- text
+
+
+def test_bleu4_closed_form():
+    assert M.bleu4(["the cat sat on the mat"], ["The cat sat on the mat."]) == pytest.approx(1.0)
+    # clipped precisions 5/6, 3/5, 2/4, 1/3, equal lengths (no brevity penalty)
+    expected = (5 / 6 * 3 / 5 * 2 / 4 * 1 / 3) ** 0.25
+    assert M.bleu4(["the cat sat on the mat"], ["the cat sat on a mat"]) == pytest.approx(expected)
+    # all n-grams match but hypothesis is 4 tokens vs 6: brevity penalty exp(1 - 6/4)
+    assert M.bleu4(["the cat sat on"], ["the cat sat on the mat"]) == pytest.approx(math.exp(-0.5))
+
+
+def test_rouge_l():
+    # LCS "the cat on the mat" = 5 of 6 tokens on both sides
+    assert M.rouge_l("the cat sat on the mat", "the cat is on the mat") == pytest.approx(5 / 6)
+    assert M.rouge_l("pneumonia", "no acute findings") == 0.0
+
+
+def test_meteor_exact_match_known_value():
+    # m = 4 matches, P = 1, R = 4/6, F = P*R / (0.9 P + 0.1 R); chunks "a b" + "c d" = 2
+    p, r = 1.0, 4 / 6
+    f = p * r / (0.9 * p + 0.1 * r)
+    assert M.meteor_exact("a b c d", "a b x c d e") == pytest.approx(f * (1 - 0.5 * (2 / 4) ** 3))
+    assert M.meteor_exact("x y", "a b") == 0.0
+
+
+def test_meteor_exact_matches_nltk_without_stems_or_synonyms():
+    from nltk.translate.meteor_score import single_meteor_score
+
+    class NoSynonyms:
+        def synsets(self, word):
+            return []
+
+    class Identity:
+        def stem(self, word):
+            return word
+
+    pairs = [
+        ("the cat sat on the mat", "on the mat the cat sat"),
+        ("there is a small nodule in the left lung", "a small nodule is seen in the left upper lung"),
+        ("normal chest x ray", "no acute cardiopulmonary abnormality"),
+    ]
+    for hyp, ref in pairs:
+        want = single_meteor_score(M.tokenize(ref), M.tokenize(hyp), stemmer=Identity(), wordnet=NoSynonyms())
+        assert M.meteor_exact(hyp, ref) == pytest.approx(want)
+
+
+# --------------------------------------------------------------------------- retrieval / VQA
+
+
+def test_recall_at_k():
+    assert M.recall_at_k(["a", "b", "c", "d"], {"c", "e"}, 2) == 0.0
+    assert M.recall_at_k(["a", "b", "c", "d"], {"c", "e"}, 3) == 0.5
+    with pytest.raises(ValueError):
+        M.recall_at_k(["a"], set(), 1)
+
+
+def test_vqa_closed_and_open():
+    assert M.closed_correct("Yes, there is a lesion.", "yes")
+    assert not M.closed_correct("No.", "Yes")
+    assert M.closed_correct("There is no fracture.", "no")
+    assert not M.closed_correct("maybe", "no")
+    assert M.closed_correct("The left lung.", "left lung")
+    assert not M.closed_correct("right", "left")
+    assert M.token_f1("left lung", "the left lung") == 1.0
+    assert M.token_f1("right lung", "left lung") == pytest.approx(0.5)
+    assert M.token_f1("heart", "left lung") == 0.0
+
+
+# --------------------------------------------------------------------------- tool use
+
+
+def test_tool_selection_resolves_aliases(fake_grounding):
+    g = ToolCall(API_name="grounding", API_params={"prompts": ["tumor"]})
+    alias = ToolCall(API_name="Grounding DINO", API_params={"prompts": ["tumor"]})
+    other = ToolCall(API_name="BiomedClip", API_params={})
+    assert T.canonical_name("grounding dino") == "grounding"
+    assert T.selection_correct([alias], [g])
+    assert not T.selection_correct([alias, alias], [g])  # multiset: one extra call is wrong
+    assert not T.selection_correct([other], [g])
+    assert T.selection_correct([], [])
+    assert not T.selection_correct([g], [])
+    # an unregistered name compares case-insensitively
+    assert T.selection_correct([ToolCall(API_name="biomedclip")], [other])
+    assert T.call_counts([alias, alias, other], [g]) == (1, 3, 1)
+
+
+def test_argument_validity_against_params(fake_grounding):
+    ok = ToolCall(API_name="grounding dino", API_params={"image": "<imagepath>", "prompts": ["tumor"]})
+    assert T.argument_error(ok) is None
+    assert "prompts" in T.argument_error(ToolCall(API_name="grounding", API_params={"prompts": []}))
+    assert "extra" in T.argument_error(ToolCall(API_name="grounding", API_params={"prompts": ["x"], "foo": 1})).lower()
+    assert "unknown tool" in T.argument_error(ToolCall(API_name="nope", API_params={}))
+
+
+def test_argument_match(fake_grounding):
+    def call(**params):
+        return ToolCall(API_name="grounding", API_params={"image": "<imagepath>", **params})
+
+    assert T.argument_match(call(prompts=["tumor"]), call(prompts=["Tumor"])) == 1.0
+    # {left, kidney} vs {kidney}: P 1/2, R 1 -> F1 2/3
+    assert T.argument_match(call(prompts=["left kidney"]), call(prompts=["kidney"])) == pytest.approx(2 / 3)
+    assert T.argument_match(call(boxes=[[0, 0, 2, 2]]), call(boxes=[[1, 1, 3, 3]])) == pytest.approx(1 / 7)
+    # union of keys {prompts, k}: prompts match (1), k only on one side (0)
+    assert T.argument_match(call(prompts=["a"], k=3), call(prompts=["a"])) == pytest.approx(0.5)
+    pairs = T.paired_calls([call(prompts=["a"]), ToolCall(API_name="x")], [ToolCall(API_name="grounding dino")])
+    assert len(pairs) == 1 and pairs[0][0].API_params["prompts"] == ["a"]
