@@ -1,0 +1,692 @@
+"""Medical images in: one loader for PNG/JPEG/BMP/TIFF, DICOM and NIfTI.
+
+:func:`load_image` detects the format from the content (PNG/JPEG/BMP/TIFF signatures, the DICOM
+``DICM`` preamble or a bare DICOM data set, the NIfTI-1/2 header, gzip), decodes the pixels,
+applies the modality LUT and a display window, and returns a :class:`MedicalImage`: the RGB
+picture models see, the raw values (``array``) and **de-identified** metadata.
+
+De-identification is by construction: metadata is built from an allow-list of non-identifying
+attributes (modality, body part, spacing, geometry, window), never from the header as a whole,
+and error messages never quote header values. :func:`deidentify_dataset` removes the PS3.15
+basic-profile attributes from a pydicom data set for callers that must keep or forward a DICOM
+file.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import logging
+import os
+import re
+import warnings
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, Literal
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+__all__ = [
+    "ImageLoadError",
+    "MedicalImage",
+    "Window",
+    "WINDOW_PRESETS",
+    "MAX_PIXELS",
+    "detect_format",
+    "load_image",
+    "deidentify_dataset",
+    "apply_window",
+]
+
+MAX_PIXELS = int(os.environ.get("MMEDAGENT_MAX_PIXELS", 1 << 28))
+"""Largest number of pixels (2-D) or voxels (volumes) a file may declare before it is refused
+(decompression-bomb guard). Override per call with ``max_pixels=`` or with the
+``MMEDAGENT_MAX_PIXELS`` environment variable."""
+
+Plane = Literal["axial", "coronal", "sagittal"]
+Format = Literal["png", "jpeg", "bmp", "tiff", "gif", "webp", "dicom", "nifti"]
+
+
+class ImageLoadError(ValueError):
+    """The input is not a usable image (wrong format, truncated, empty, too large, undecodable)."""
+
+
+@dataclass(frozen=True)
+class Window:
+    """A display window in the image's value units (Hounsfield units for CT)."""
+
+    center: float
+    width: float
+
+    def __post_init__(self) -> None:
+        if not (np.isfinite(self.center) and np.isfinite(self.width)) or self.width <= 0:
+            raise ValueError(f"window width must be a positive finite number, got center={self.center}, width={self.width}")
+
+
+WINDOW_PRESETS: dict[str, Window] = {
+    "brain": Window(40, 80),
+    "lung": Window(-600, 1500),
+    "abdomen": Window(40, 400),
+    "bone": Window(400, 1800),
+}
+"""Common CT windows (centre, width in HU)."""
+
+WindowSpec = None | str | Window | tuple[float, float]
+
+
+@dataclass
+class MedicalImage:
+    """A decoded image: ``image`` (PIL RGB, what models see), ``array`` (float32 values after the
+    modality LUT, before windowing; H×W or H×W×3) and ``metadata`` (de-identified)."""
+
+    image: Image.Image
+    metadata: dict[str, Any] = field(default_factory=dict)
+    array: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def warnings(self) -> list[str]:
+        return list(self.metadata.get("warnings", []))
+
+    def __repr__(self) -> str:
+        m = self.metadata
+        extra = "".join(f", {k}={m[k]!r}" for k in ("modality", "plane", "slice_index", "frame_index") if k in m)
+        return f"MedicalImage(format={m.get('format')!r}, size={self.image.size}{extra})"
+
+    __str__ = __repr__
+
+
+# --------------------------------------------------------------------------- detection
+
+_PIL_SIGNATURES: tuple[tuple[bytes, str], ...] = (
+    (b"\x89PNG\r\n\x1a\n", "png"),
+    (b"\xff\xd8\xff", "jpeg"),
+    (b"BM", "bmp"),
+    (b"II*\x00", "tiff"),
+    (b"MM\x00*", "tiff"),
+    (b"II+\x00", "tiff"),
+    (b"MM\x00+", "tiff"),
+    (b"GIF87a", "gif"),
+    (b"GIF89a", "gif"),
+)
+
+
+def _is_nifti_header(head: bytes) -> bool:
+    if len(head) >= 348 and head[344:348] in (b"n+1\x00", b"ni1\x00"):
+        return int.from_bytes(head[:4], "little") == 348 or int.from_bytes(head[:4], "big") == 348
+    if len(head) >= 12 and head[4:12] in (b"n+2\x00\r\n\x1a\n", b"ni2\x00\r\n\x1a\n"):
+        return int.from_bytes(head[:4], "little") == 540 or int.from_bytes(head[:4], "big") == 540
+    return False
+
+
+def _is_bare_dicom(head: bytes) -> bool:
+    """A DICOM data set without the 128-byte preamble: starts with a group 0002/0008 element."""
+    if len(head) < 8:
+        return False
+    group = int.from_bytes(head[:2], "little")
+    elem = int.from_bytes(head[2:4], "little")
+    if group not in (0x0002, 0x0008) or elem > 0x0100:
+        return False
+    vr = head[4:6]
+    # explicit VR: two upper-case letters; implicit VR: a 4-byte length that is small
+    return (vr.isalpha() and vr.isupper()) or int.from_bytes(head[4:8], "little") < 1 << 16
+
+
+def detect_format(head: bytes) -> Format | None:
+    """The format of a file from its first bytes (at least 600 are best; gzip is looked into)."""
+    if len(head) >= 132 and head[128:132] == b"DICM":
+        return "dicom"
+    if head[:2] == b"\x1f\x8b":
+        try:
+            inner = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(head, 600)
+        except zlib.error:
+            return None
+        return "nifti" if _is_nifti_header(inner) else None
+    if _is_nifti_header(head):
+        return "nifti"
+    for sig, fmt in _PIL_SIGNATURES:
+        if head.startswith(sig):
+            return fmt  # type: ignore[return-value]
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "webp"
+    if _is_bare_dicom(head):
+        return "dicom"
+    return None
+
+
+# --------------------------------------------------------------------------- windowing
+
+
+def _resolve_window(window: WindowSpec) -> Window | None:
+    if window is None or isinstance(window, Window):
+        return window
+    if isinstance(window, str):
+        try:
+            return WINDOW_PRESETS[window.strip().lower()]
+        except KeyError:
+            raise ValueError(f"unknown window preset {window!r}; presets: {', '.join(WINDOW_PRESETS)}") from None
+    try:
+        center, width = window
+        return Window(float(center), float(width))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"window must be a preset name, a Window or (center, width): {e}") from None
+
+
+def apply_window(values: np.ndarray, window: Window, sigmoid: bool = False) -> np.ndarray:
+    """Map values to 0..255 with a DICOM linear (PS3.3 C.11.2.1.2) or sigmoid VOI function."""
+    v = values.astype(np.float64, copy=False)
+    c, w = window.center, window.width
+    if sigmoid:
+        out = 255.0 / (1.0 + np.exp(-4.0 * (v - c) / w))
+    elif w <= 1:
+        out = np.where(v > c - 0.5, 255.0, 0.0)
+    else:
+        out = ((v - (c - 0.5)) / (w - 1) + 0.5) * 255.0
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def _auto_window(values: np.ndarray, lo_pct: float = 0.0, hi_pct: float = 100.0) -> Window | None:
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return None
+    lo, hi = (np.percentile(finite, [lo_pct, hi_pct]) if (lo_pct, hi_pct) != (0, 100) else (finite.min(), finite.max()))
+    if hi <= lo:
+        return None
+    # a linear window whose first and last grey levels land on lo and hi
+    return Window(center=float(lo + hi) / 2 + 0.5, width=float(hi - lo) + 1)
+
+
+def _to_display(values: np.ndarray, window: Window | None, sigmoid: bool = False) -> np.ndarray:
+    if window is None:  # constant image
+        return np.zeros(values.shape, dtype=np.uint8)
+    return apply_window(np.nan_to_num(values), window, sigmoid)
+
+
+def _grey_to_rgb(grey: np.ndarray) -> Image.Image:
+    return Image.fromarray(np.ascontiguousarray(grey), mode="L").convert("RGB")
+
+
+def _window_meta(window: Window | None, source: str) -> dict[str, Any]:
+    if window is None:
+        return {"window": None, "window_source": source}
+    return {"window": {"center": round(window.center, 3), "width": round(window.width, 3)}, "window_source": source}
+
+
+# --------------------------------------------------------------------------- input handling
+
+
+def _check_pixels(n: int, max_pixels: int, what: str) -> None:
+    if n <= 0:
+        raise ImageLoadError(f"{what} declares no pixels")
+    if n > max_pixels:
+        raise ImageLoadError(
+            f"{what} declares {n:,} pixels, more than the limit of {max_pixels:,} "
+            "(possible decompression bomb; raise max_pixels / MMEDAGENT_MAX_PIXELS if the file is trusted)"
+        )
+
+
+def _read_input(src: str | os.PathLike | bytes | bytearray | memoryview | BinaryIO) -> tuple[bytes | None, Path | None]:
+    """(bytes, None) for in-memory input, (None, path) for a file path."""
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        return bytes(src), None
+    if isinstance(src, (str, os.PathLike)):
+        path = Path(src)
+        if not path.is_file():
+            raise ImageLoadError("image file not found" if not path.exists() else "image path is not a regular file")
+        return None, path
+    if hasattr(src, "read"):
+        return src.read(), None
+    raise TypeError(f"load_image expects a path, bytes or a binary file object, not {type(src).__name__}")
+
+
+# --------------------------------------------------------------------------- Pillow formats
+
+
+def _load_pil(data: bytes, fmt: str, window: WindowSpec, frame: int | None, max_pixels: int) -> MedicalImage:
+    try:
+        im = Image.open(io.BytesIO(data))
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise ImageLoadError(f"cannot read {fmt.upper()} image: {e}") from None
+    except Image.DecompressionBombError as e:  # Pillow's own limit
+        raise ImageLoadError(f"image refused by Pillow's decompression-bomb limit: {e}") from None
+    pil_limit = Image.MAX_IMAGE_PIXELS or max_pixels
+    _check_pixels(im.size[0] * im.size[1], min(max_pixels, 2 * pil_limit), f"{fmt.upper()} image")
+    n_frames = getattr(im, "n_frames", 1)
+    index = 0 if frame is None else frame
+    if not 0 <= index < n_frames:
+        raise ImageLoadError(f"frame {index} out of range: the image has {n_frames} frame(s)")
+    try:
+        if index:
+            im.seek(index)
+        im.load()
+    except Image.DecompressionBombError as e:
+        raise ImageLoadError(f"image refused by Pillow's decompression-bomb limit: {e}") from None
+    except (OSError, SyntaxError, ValueError) as e:  # truncated / corrupt data
+        raise ImageLoadError(f"cannot decode {fmt.upper()} image (truncated or corrupt): {e}") from None
+
+    meta: dict[str, Any] = {"format": fmt, "mode": im.mode, "width": im.size[0], "height": im.size[1]}
+    if n_frames > 1:
+        meta.update(frame_index=index, n_frames=n_frames)
+    spec = _resolve_window(window)
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        values = np.asarray(im, dtype=np.float32)
+        meta["bit_depth"] = 16 if im.mode.startswith("I;16") else 32
+        win = spec if spec is not None else _auto_window(values)
+        meta.update(_window_meta(win, "explicit" if spec is not None else "min-max"))
+        return MedicalImage(_grey_to_rgb(_to_display(values, win)), meta, values)
+    if im.mode in ("L", "1") or (im.mode == "P" and _palette_is_grey(im)):
+        grey = im.convert("L")
+        values = np.asarray(grey, dtype=np.float32)
+        meta["bit_depth"] = 8
+        if spec is not None:
+            meta.update(_window_meta(spec, "explicit"))
+            return MedicalImage(_grey_to_rgb(apply_window(values, spec)), meta, values)
+        return MedicalImage(grey.convert("RGB"), meta, values)
+    rgb = im.convert("RGB")
+    meta["bit_depth"] = 8
+    return MedicalImage(rgb, meta, np.asarray(rgb, dtype=np.float32))
+
+
+def _palette_is_grey(im: Image.Image) -> bool:
+    pal = np.asarray(im.getpalette() or [], dtype=np.int32).reshape(-1, 3)
+    return bool(pal.size) and bool(np.all(pal[:, 0] == pal[:, 1]) and np.all(pal[:, 1] == pal[:, 2]))
+
+
+# --------------------------------------------------------------------------- DICOM
+
+# PS3.15 Annex E basic application level confidentiality profile: attributes removed (or blanked)
+# beyond those caught by VR (person names, dates, times, instance UIDs) and private tags.
+_PHI_KEYWORDS = frozenset(
+    """AccessionNumber AdmittingDiagnosesDescription AdditionalPatientHistory Allergies BranchOfService
+    CountryOfResidence CurrentPatientLocation DeviceSerialNumber DerivationDescription EthnicGroup
+    FillerOrderNumberImagingServiceRequest ImageComments InstitutionAddress InstitutionName
+    InstitutionalDepartmentName IssuerOfPatientID MedicalAlerts MedicalRecordLocator MilitaryRank
+    Occupation OtherPatientIDs OtherPatientIDsSequence OtherPatientNames PatientAddress PatientAge
+    PatientBirthName PatientComments PatientID PatientInsurancePlanCodeSequence PatientMotherBirthName
+    PatientReligiousPreference PatientSex PatientSize PatientState PatientTelephoneNumbers PatientWeight
+    PerformedProcedureStepDescription PerformedProcedureStepID PlacerOrderNumberImagingServiceRequest
+    PregnancyStatus ProtocolName RegionOfResidence RequestAttributesSequence RequestedProcedureDescription
+    RequestedProcedureID ResponsibleOrganization ScheduledProcedureStepDescription ScheduledProcedureStepID
+    SeriesDescription SmokingStatus SpecialNeeds StationName StudyComments StudyDescription StudyID
+    TextComments TextString VisitComments AdmissionID PatientTransportArrangements InterpretationText
+    ContentSequence OperatorIdentificationSequence PhysicianApprovingInterpretation
+    ReferencedPatientSequence ReferencedStudySequence ReferencedImageSequence SourceImageSequence
+    RequestingService ReasonForStudy OrderEnteredBy OrderEntererLocation PersonAddress
+    PersonTelephoneNumbers DetectorID GantryID PlateID CassetteID ModifiedAttributesSequence
+    OriginalAttributesSequence DigitalSignaturesSequence""".split()
+)
+_KEEP_UIDS = frozenset({"SOPClassUID", "TransferSyntaxUID", "MediaStorageSOPClassUID", "ReferencedSOPClassUID"})
+
+
+_TYPE2_BLANKED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                  "ReferringPhysicianName", "AccessionNumber", "StudyID")
+
+
+def deidentify_dataset(ds: Any, uid_map: dict[str, str] | None = None) -> Any:
+    """Apply the PS3.15 basic confidentiality profile to a pydicom ``Dataset``, in place.
+
+    Removes person names (PN), dates and times (DA/DT/TM), the identifying attributes the profile
+    lists (IDs, addresses, institution, descriptions, comments, ...) and every private tag,
+    recursing into sequences; replaces instance UIDs (UI other than SOP class / transfer syntax)
+    with new ones, consistently through ``uid_map`` (pass the same dict for every file of a study
+    to keep series together); leaves the mandatory patient/study attributes present but empty;
+    sets ``PatientIdentityRemoved`` = ``YES``. Pixels are not touched (see BurnedInAnnotation).
+    """
+    from pydicom.dataset import Dataset
+    from pydicom.uid import generate_uid
+
+    uids = {} if uid_map is None else uid_map
+
+    def new_uid(old: Any) -> str:
+        key = str(old)
+        if key not in uids:
+            uids[key] = generate_uid()
+        return uids[key]
+
+    def walk(d: Dataset) -> None:
+        d.remove_private_tags()
+        for elem in list(d):
+            kw = elem.keyword
+            if kw in _KEEP_UIDS or kw == "PixelData":
+                continue
+            if elem.VR == "UI" and elem.value:
+                elem.value = [new_uid(v) for v in elem.value] if elem.VM > 1 else new_uid(elem.value)
+            elif elem.VR in ("PN", "DA", "DT", "TM") or kw in _PHI_KEYWORDS:
+                del d[elem.tag]
+            elif elem.VR == "SQ":
+                for item in elem.value:
+                    walk(item)
+
+    walk(ds)
+    for kw in _TYPE2_BLANKED:
+        setattr(ds, kw, "")
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and "MediaStorageSOPInstanceUID" in meta:
+        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID if "SOPInstanceUID" in ds else new_uid(meta.MediaStorageSOPInstanceUID)
+    ds.PatientIdentityRemoved = "YES"
+    ds.DeidentificationMethod = "PS3.15 Basic Application Level Confidentiality Profile (mmedagent)"
+    return ds
+
+
+class _RedactQuotedValues(logging.Filter):
+    """pydicom logs warnings that quote header values (names, UIDs); keep those out of logs."""
+
+    _quoted = re.compile(r"'[^']*'")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = self._quoted.sub("'<redacted>'", record.getMessage())
+        record.args = ()
+        return True
+
+
+logging.getLogger("pydicom").addFilter(_RedactQuotedValues())
+
+
+_DICOM_DECODER_HINT = (
+    "install a decoder for it: `pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg` "
+    "(JPEG, JPEG-LS, JPEG 2000), `pip install pyjpegls` (JPEG-LS) or `pip install python-gdcm`"
+)
+
+
+def _num(v: Any) -> float | None:
+    """First value of a possibly multi-valued numeric DICOM element (MultiValue → first)."""
+    if v is None or v == "":
+        return None
+    if isinstance(v, (list, tuple)) or type(v).__name__ == "MultiValue":
+        if len(v) == 0:
+            return None
+        v = v[0]
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if np.isfinite(f) else None
+
+
+def _floats(v: Any) -> list[float] | None:
+    if v is None or v == "":
+        return None
+    seq = list(v) if isinstance(v, (list, tuple)) or type(v).__name__ == "MultiValue" else [v]
+    try:
+        out = [round(float(x), 6) for x in seq]
+    except (TypeError, ValueError):
+        return None
+    return out or None
+
+
+def _dicom_meta(ds: Any) -> dict[str, Any]:
+    """Allow-listed, non-identifying attributes only."""
+    from pydicom.uid import UID
+
+    meta: dict[str, Any] = {"format": "dicom"}
+    for key, kw in (
+        ("modality", "Modality"),
+        ("body_part", "BodyPartExamined"),
+        ("photometric_interpretation", "PhotometricInterpretation"),
+        ("patient_position", "PatientPosition"),
+        ("view_position", "ViewPosition"),
+        ("laterality", "ImageLaterality"),
+    ):
+        val = ds.get(kw)
+        if val not in (None, ""):
+            meta[key] = str(val)
+    for key, kw in (("rows", "Rows"), ("columns", "Columns"), ("bits_stored", "BitsStored"), ("samples_per_pixel", "SamplesPerPixel")):
+        val = ds.get(kw)
+        if val not in (None, ""):
+            meta[key] = int(val)
+    spacing = _floats(ds.get("PixelSpacing")) or _floats(ds.get("ImagerPixelSpacing"))
+    if spacing is None and "SharedFunctionalGroupsSequence" in ds:
+        try:
+            spacing = _floats(ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing)
+        except (AttributeError, IndexError, KeyError):
+            spacing = None
+    if spacing:
+        meta["pixel_spacing"] = spacing  # (row, column) mm
+    thickness = _num(ds.get("SliceThickness"))
+    if thickness is not None:
+        meta["slice_thickness"] = round(thickness, 6)
+    sop = ds.get("SOPClassUID")
+    if sop:
+        meta["sop_class"] = UID(str(sop)).name
+    ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if ts:
+        meta["transfer_syntax"] = UID(str(ts)).name
+    return meta
+
+
+def _load_dicom(data: bytes, window: WindowSpec, frame: int | None, max_pixels: int) -> MedicalImage:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, get_decoder
+
+    # pydicom's warnings can quote header values; they must not reach logs.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            ds = pydicom.dcmread(io.BytesIO(data), force=data[128:132] != b"DICM")
+        except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError, NotImplementedError) as e:
+            raise ImageLoadError(f"cannot parse DICOM file ({type(e).__name__})") from None
+
+        if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+            kind = ds.get("Modality") or "unknown"
+            raise ImageLoadError(f"DICOM file has no pixel data (modality {kind}); it is not an image")
+        meta = _dicom_meta(ds)
+        try:
+            rows, cols = int(ds.Rows), int(ds.Columns)
+            n_frames = int(_num(ds.get("NumberOfFrames")) or 1)
+            spp = int(ds.get("SamplesPerPixel", 1) or 1)
+        except (AttributeError, TypeError, ValueError):
+            raise ImageLoadError("DICOM image lacks valid Rows / Columns / NumberOfFrames") from None
+        _check_pixels(rows * cols * max(n_frames, 1), max_pixels, "DICOM image")
+
+        ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        if ts is not None and ts.is_compressed:
+            try:
+                decoder = get_decoder(ts)
+            except NotImplementedError:
+                raise ImageLoadError(f"DICOM transfer syntax {ts.name!r} is not supported by pydicom") from None
+            if not decoder.is_available:
+                raise ImageLoadError(f"DICOM pixel data is compressed with {ts.name!r} and no decoder is installed; {_DICOM_DECODER_HINT}")
+
+        index = (n_frames // 2 if frame is None else frame)
+        if not 0 <= index < n_frames:
+            raise ImageLoadError(f"frame {index} out of range: the DICOM image has {n_frames} frame(s)")
+        try:
+            arr = ds.pixel_array if n_frames == 1 else pydicom.pixels.pixel_array(ds, index=index)
+        except (ValueError, RuntimeError, NotImplementedError, AttributeError, KeyError, TypeError, OSError) as e:
+            msg = str(e).splitlines()[0][:200]
+            if isinstance(e, RuntimeError) and "missing dependencies" in str(e):
+                raise ImageLoadError(f"no decoder for this DICOM pixel data; {_DICOM_DECODER_HINT}") from None
+            raise ImageLoadError(f"cannot decode DICOM pixel data (truncated or corrupt): {msg}") from None
+        if n_frames > 1:
+            meta.update(frame_index=index, n_frames=n_frames)
+
+        photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+        spec = _resolve_window(window)
+        if spp == 3 or photometric == "PALETTE COLOR":
+            if photometric == "PALETTE COLOR":
+                arr = apply_color_lut(arr, ds)
+            bits = int(ds.get("BitsStored", 8) or 8) if photometric != "PALETTE COLOR" else 16
+            rgb = arr.astype(np.float64)
+            if arr.dtype != np.uint8:
+                rgb = rgb / max(float(2**bits - 1), 1.0) * 255.0
+            rgb8 = np.clip(rgb, 0, 255).astype(np.uint8)
+            return MedicalImage(Image.fromarray(rgb8, mode="RGB"), meta, arr.astype(np.float32))
+
+        values = apply_modality_lut(arr, ds).astype(np.float32)
+        sigmoid = str(ds.get("VOILUTFunction", "LINEAR")).upper() == "SIGMOID"
+        if spec is not None:
+            grey = apply_window(values, spec, sigmoid)
+            meta.update(_window_meta(spec, "explicit"))
+        elif "VOILUTSequence" in ds:
+            lut_out = apply_voi(np.rint(values).astype(np.int64), ds, index=0).astype(np.float64)
+            desc = ds.VOILUTSequence[0].LUTDescriptor
+            top = float(2 ** int(desc[2]) - 1)
+            grey = np.clip(lut_out / top * 255.0, 0, 255).astype(np.uint8)
+            meta.update(window=None, window_source="voi_lut")
+        elif _num(ds.get("WindowCenter")) is not None and (_num(ds.get("WindowWidth")) or 0) > 0:
+            win = Window(_num(ds.WindowCenter), _num(ds.WindowWidth))  # type: ignore[arg-type]
+            grey = apply_window(values, win, sigmoid)
+            meta.update(_window_meta(win, "dicom"))
+        else:
+            win = _auto_window(values)
+            grey = _to_display(values, win)
+            meta.update(_window_meta(win, "min-max"))
+        if photometric == "MONOCHROME1":
+            grey = 255 - grey
+            meta["inverted"] = True
+
+        burned = str(ds.get("BurnedInAnnotation", "")).upper()
+        if burned == "YES":
+            meta.setdefault("warnings", []).append(
+                "BurnedInAnnotation is YES: the pixels may show patient-identifying text; review before sharing"
+            )
+        return MedicalImage(_grey_to_rgb(grey), meta, values)
+
+
+# --------------------------------------------------------------------------- NIfTI
+
+
+def _gunzip(data: bytes, limit: int) -> bytes:
+    d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        out = d.decompress(data, limit + 1)
+    except zlib.error as e:
+        raise ImageLoadError(f"corrupt gzip stream: {e}") from None
+    if len(out) > limit:
+        raise ImageLoadError(f"gzip content is larger than {limit:,} bytes (possible decompression bomb)")
+    if not d.eof:
+        raise ImageLoadError("gzip stream is truncated")
+    return out
+
+
+def _slice_plane(vol: np.ndarray, plane: str, index: int | None) -> tuple[np.ndarray, int, int]:
+    """A 2-D slice of a RAS+ volume in radiological display (patient's right on the image's left,
+    anterior / superior at the top). Returns (slice, index, number of slices)."""
+    axis = {"sagittal": 0, "coronal": 1, "axial": 2}.get(plane)
+    if axis is None:
+        raise ValueError(f"plane must be axial, coronal or sagittal, not {plane!r}")
+    n = vol.shape[axis]
+    k = n // 2 if index is None else index
+    if not 0 <= k < n:
+        raise ImageLoadError(f"slice {k} out of range: the {plane} plane has {n} slice(s)")
+    sl = np.take(vol, k, axis=axis).T  # rows: 2nd remaining axis, columns: 1st
+    return sl[::-1, ::-1], k, n
+
+
+def _load_nifti(
+    data: bytes | None, path: Path | None, window: WindowSpec, index: int | None, plane: str, volume: int, max_pixels: int
+) -> MedicalImage:
+    import nibabel as nib
+    from nibabel.filebasedimages import ImageFileError
+
+    try:
+        if path is not None:
+            img = nib.load(str(path))
+        else:
+            assert data is not None
+            if data[:2] == b"\x1f\x8b":
+                data = _gunzip(data, max_pixels * 8 + (1 << 20))
+            klass = nib.Nifti2Image if int.from_bytes(data[:4], "little") == 540 or int.from_bytes(data[:4], "big") == 540 else nib.Nifti1Image
+            img = klass.from_bytes(data)
+    except (ImageFileError, OSError, ValueError, EOFError, gzip.BadGzipFile) as e:
+        raise ImageLoadError(f"cannot read NIfTI file: {e}") from None
+    shape = tuple(int(s) for s in img.shape)
+    if len(shape) < 2:
+        raise ImageLoadError(f"NIfTI image has {len(shape)} dimension(s); need at least 2")
+    _check_pixels(int(np.prod(shape[:3], dtype=np.int64)), max_pixels, "NIfTI volume")
+    if len(shape) > 4 or (len(shape) == 4 and not 0 <= volume < shape[3]):
+        if len(shape) > 4:
+            raise ImageLoadError(f"NIfTI images with {len(shape)} dimensions are not supported")
+        raise ImageLoadError(f"volume {volume} out of range: the image has {shape[3]} volume(s)")
+
+    original = "".join(nib.aff2axcodes(img.affine))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        canon = nib.as_closest_canonical(img)
+        try:
+            if len(shape) == 4:
+                vol = np.asarray(canon.dataobj[..., volume], dtype=np.float32)
+            else:
+                vol = np.asarray(canon.dataobj, dtype=np.float32)
+        except (OSError, ValueError, EOFError, zlib.error) as e:
+            raise ImageLoadError(f"cannot read NIfTI voxel data (truncated or corrupt): {e}") from None
+    if vol.ndim == 2:
+        vol = vol[:, :, None]
+    sl, k, n = _slice_plane(vol, plane, index)
+    zooms = [round(float(z), 6) for z in canon.header.get_zooms()[:3]]
+    zooms += [1.0] * (3 - len(zooms))
+    in_plane = {"axial": (zooms[1], zooms[0]), "coronal": (zooms[2], zooms[0]), "sagittal": (zooms[2], zooms[1])}[plane]
+    meta: dict[str, Any] = {
+        "format": "nifti",
+        "shape": list(shape),
+        "orientation": "RAS",
+        "original_orientation": original,
+        "voxel_spacing": zooms,
+        "pixel_spacing": list(in_plane),
+        "plane": plane,
+        "slice_index": k,
+        "n_slices": n,
+    }
+    if len(shape) == 4:
+        meta.update(volume=volume, n_volumes=shape[3])
+    units = canon.header.get_xyzt_units()[0]
+    if units and units != "unknown":
+        meta["spatial_units"] = units
+    spec = _resolve_window(window)
+    if spec is not None:
+        win, source = spec, "explicit"
+    else:
+        win, source = _auto_window(sl, 0.5, 99.5), "percentile 0.5-99.5"
+    meta.update(_window_meta(win, source))
+    return MedicalImage(_grey_to_rgb(_to_display(sl, win)), meta, np.ascontiguousarray(sl, dtype=np.float32))
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def load_image(
+    path_or_bytes: str | os.PathLike | bytes | bytearray | memoryview | BinaryIO,
+    window: WindowSpec = None,
+    slice_index: int | None = None,
+    plane: Plane = "axial",
+    *,
+    volume: int = 0,
+    max_pixels: int | None = None,
+) -> MedicalImage:
+    """Load a PNG/JPEG/BMP/TIFF/GIF/WebP, DICOM or NIfTI image, detecting the format from content.
+
+    ``window``: ``None`` (DICOM: the file's VOI LUT or first window centre/width, else min-max;
+    NIfTI: 0.5-99.5 percentile of the slice; 16-bit images: min-max; 8-bit images unchanged),
+    a preset name (:data:`WINDOW_PRESETS`) or ``(center, width)`` in the image's units.
+    ``slice_index``: the NIfTI slice in ``plane`` (volumes reoriented to RAS+; default middle), the
+    frame of a multi-frame DICOM (default middle) or of a multi-page TIFF/GIF (default first).
+    ``volume``: which volume of a 4-D NIfTI. ``max_pixels``: refuse larger images
+    (default :data:`MAX_PIXELS`). Raises :class:`ImageLoadError` for anything unusable.
+    """
+    limit = MAX_PIXELS if max_pixels is None else int(max_pixels)
+    data, path = _read_input(path_or_bytes)
+    if path is not None:
+        with open(path, "rb") as f:
+            head = f.read(1024)
+    else:
+        head = data[:1024]  # type: ignore[index]
+    if not head:
+        raise ImageLoadError("empty file: no bytes to decode")
+    fmt = detect_format(head)
+    if fmt is None:
+        raise ImageLoadError("not a recognised image: expected PNG, JPEG, BMP, TIFF, GIF, WebP, DICOM or NIfTI content")
+    if fmt == "nifti":
+        gz = head[:2] == b"\x1f\x8b"
+        name = path.name.lower() if path is not None else ""
+        direct = path is not None and name.endswith(".nii.gz" if gz else ".nii")
+        if path is not None and not direct:
+            data = path.read_bytes()
+        return _load_nifti(None if direct else data, path if direct else None, window, slice_index, plane, volume, limit)
+    if data is None:
+        data = path.read_bytes()  # type: ignore[union-attr]
+    if fmt == "dicom":
+        return _load_dicom(data, window, slice_index, limit)
+    return _load_pil(data, fmt, window, slice_index, limit)
+

@@ -1,0 +1,411 @@
+"""mmedagent.imaging on real sample scans shipped in pydicom and nibabel, plus made-up edge cases."""
+
+import gzip
+import io
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+from pydicom.data import get_testdata_file
+
+from mmedagent.imaging import (
+    WINDOW_PRESETS,
+    ImageLoadError,
+    Window,
+    apply_window,
+    deidentify_dataset,
+    detect_format,
+    load_image,
+)
+
+NIB_DATA = Path(nib.__file__).parent / "tests" / "data"
+
+
+def png_bytes(arr, mode=None):
+    buf = io.BytesIO()
+    Image.fromarray(arr, mode=mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def dicom_bytes(ds):
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------- Pillow formats
+
+
+def test_rgb_png_round_trip_and_array():
+    arr = np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8)
+    m = load_image(png_bytes(arr))
+    assert m.image.mode == "RGB" and m.image.size == (30, 20)
+    assert np.array_equal(np.asarray(m.image), arr)
+    assert m.array.shape == (20, 30, 3) and m.array.dtype == np.float32
+    assert m.metadata["format"] == "png"
+
+
+def test_16bit_grey_kept_until_windowing(tmp_path):
+    arr = np.linspace(1000, 3000, 64 * 32).reshape(32, 64).astype(np.uint16)
+    path = tmp_path / "x.png"
+    Image.fromarray(arr).save(path)
+    m = load_image(path)
+    assert m.metadata["bit_depth"] == 16
+    assert m.array.min() == 1000 and m.array.max() == 3000  # raw values, not 8-bit
+    grey = np.asarray(m.image)[..., 0]
+    assert grey.min() == 0 and grey.max() == 255  # min-max by default
+    w = load_image(path, window=(2000, 1000)).image
+    g = np.asarray(w)[..., 0]
+    assert g[0, 0] == 0 and g[-1, -1] == 255 and 100 < g[16, 32] < 155
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "BMP", "TIFF"])
+def test_other_pillow_formats(fmt):
+    arr = np.full((16, 24), 77, np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format=fmt)
+    m = load_image(buf.getvalue())
+    assert m.metadata["format"] == fmt.lower() and m.image.mode == "RGB"
+    assert abs(int(np.asarray(m.image).mean()) - 77) <= 1
+
+
+def test_format_detected_from_content_not_extension(tmp_path):
+    ct = Path(get_testdata_file("CT_small.dcm")).read_bytes()
+    fake_png = tmp_path / "scan.png"
+    fake_png.write_bytes(ct)
+    assert load_image(fake_png).metadata["format"] == "dicom"
+    fake_dcm = tmp_path / "photo.dcm"
+    fake_dcm.write_bytes(png_bytes(np.zeros((4, 4), np.uint8)))
+    assert load_image(fake_dcm).metadata["format"] == "png"
+    nii = tmp_path / "volume.bin"
+    nii.write_bytes((NIB_DATA / "example4d.nii.gz").read_bytes())
+    assert load_image(nii).metadata["format"] == "nifti"
+    assert detect_format(b"hello world") is None
+
+
+@pytest.mark.parametrize(
+    "data, match",
+    [
+        (b"", "empty"),
+        (b"just some text, not a picture at all", "not a recognised image"),
+        (b"\x89PNG\r\n\x1a\n" + b"\x00" * 10, "PNG"),
+    ],
+)
+def test_bad_bytes_are_clear_errors(data, match):
+    with pytest.raises(ImageLoadError, match=match):
+        load_image(data)
+
+
+def test_truncated_png_and_jpeg():
+    arr = np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    for fmt in ("PNG", "JPEG"):
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format=fmt)
+        data = buf.getvalue()
+        with pytest.raises(ImageLoadError, match="truncated|cannot"):
+            load_image(data[: len(data) // 2])
+
+
+def test_missing_file_and_wrong_type(tmp_path):
+    with pytest.raises(ImageLoadError, match="not found"):
+        load_image(tmp_path / "nope.png")
+    with pytest.raises(TypeError):
+        load_image(12345)
+    assert issubclass(ImageLoadError, ValueError)
+
+
+def test_decompression_bomb_guard(monkeypatch):
+    data = png_bytes(np.zeros((100, 100), np.uint8))
+    with pytest.raises(ImageLoadError, match="decompression bomb"):
+        load_image(data, max_pixels=5000)
+    assert load_image(data, max_pixels=10_000).image.size == (100, 100)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Pillow's own limit is honoured too
+    with pytest.raises(ImageLoadError):
+        load_image(data)
+
+
+def test_window_presets_and_bad_window():
+    assert set(WINDOW_PRESETS) >= {"brain", "lung", "abdomen", "bone"}
+    hu = np.array([-1000, 0, 40, 80, 1000], np.float32)
+    brain = apply_window(hu, WINDOW_PRESETS["brain"])
+    assert brain[0] == 0 and brain[-1] == 255 and 120 <= brain[2] <= 135
+    with pytest.raises(ValueError, match="unknown window preset"):
+        load_image(png_bytes(np.zeros((4, 4), np.uint8)), window="liverish")
+    with pytest.raises(ValueError):
+        Window(0, 0)
+
+
+# --------------------------------------------------------------------------- DICOM
+
+
+@pytest.fixture(scope="module")
+def ct_path():
+    return get_testdata_file("CT_small.dcm")
+
+
+def test_ct_modality_lut_and_presets(ct_path):
+    ds = pydicom.dcmread(ct_path)
+    hu = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    m = load_image(ct_path, window="abdomen")
+    assert np.allclose(m.array, hu)
+    expected = apply_window(hu, WINDOW_PRESETS["abdomen"])
+    assert np.array_equal(np.asarray(m.image)[..., 0], expected)
+    assert m.metadata["window"] == {"center": 40.0, "width": 400.0}
+    lung = np.asarray(load_image(ct_path, window="lung").image)[..., 0]
+    bone = np.asarray(load_image(ct_path, window="bone").image)[..., 0]
+    assert lung.mean() > bone.mean()  # soft tissue is bright in a lung window, mid-grey in bone
+    assert m.metadata["modality"] == "CT" and m.metadata["pixel_spacing"] == [0.661468, 0.661468]
+    assert m.metadata["slice_thickness"] == 5.0
+
+
+def test_dicom_window_tags_first_of_multivalue():
+    mr = load_image(get_testdata_file("MR_small.dcm"))
+    assert mr.metadata["window"] == {"center": 600.0, "width": 1600.0} and mr.metadata["window_source"] == "dicom"
+    ov_path = get_testdata_file("examples_overlay.dcm")
+    ds = pydicom.dcmread(ov_path)
+    assert len(ds.WindowCenter) == 2  # MultiValue in the file
+    ov = load_image(ov_path)
+    assert ov.metadata["window"]["center"] == float(ds.WindowCenter[0])
+    assert ov.metadata["window"]["width"] == float(ds.WindowWidth[0])
+
+
+def test_monochrome1_is_inverted(ct_path):
+    ds = pydicom.dcmread(ct_path)
+    mono2 = np.asarray(load_image(dicom_bytes(ds), window="abdomen").image)[..., 0].astype(int)
+    ds.PhotometricInterpretation = "MONOCHROME1"
+    m = load_image(dicom_bytes(ds), window="abdomen")
+    assert m.metadata["inverted"] is True
+    assert np.array_equal(np.asarray(m.image)[..., 0].astype(int), 255 - mono2)
+
+
+def test_voi_lut_sequence_is_applied(ct_path):
+    from pydicom.dataset import Dataset
+
+    ds = pydicom.dcmread(ct_path)
+    hu = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    item = Dataset()
+    n = int(hu.max()) + 1  # maps 0..max HU; values below 0 take the first entry
+    item.LUTDescriptor = [n, 0, 16]
+    item.add_new(0x00283006, "US", [65535 - (i * 65535) // (n - 1) for i in range(n)])  # an inverting LUTData
+    ds.VOILUTSequence = [item]
+    m = load_image(dicom_bytes(ds))
+    g = np.asarray(m.image)[..., 0].astype(int)
+    assert m.metadata["window_source"] == "voi_lut"
+    assert g[hu <= 0].min() == 255 and g[hu == hu.max()].max() == 0
+    mid = (hu > 500) & (hu < 600)
+    assert mid.any() and np.all(np.abs(g[mid] - (255 - hu[mid] * 255 / (n - 1))) <= 1.5)
+
+
+def test_multiframe_selects_frame():
+    path = get_testdata_file("rtdose.dcm")
+    ds = pydicom.dcmread(path)
+    frames = ds.pixel_array * float(ds.get("DoseGridScaling", 1) or 1)
+    m = load_image(path, slice_index=3)
+    assert m.metadata["frame_index"] == 3 and m.metadata["n_frames"] == 15
+    assert np.allclose(m.array, pydicom.pixels.apply_modality_lut(ds.pixel_array[3], ds))
+    assert load_image(path).metadata["frame_index"] == 7  # middle by default
+    assert frames.shape[0] == 15
+    with pytest.raises(ImageLoadError, match="out of range"):
+        load_image(path, slice_index=15)
+
+
+def test_rgb_and_ybr_colour():
+    rgb = np.asarray(load_image(get_testdata_file("SC_rgb_rle.dcm")).image).astype(int)
+    ybr = np.asarray(load_image(get_testdata_file("SC_ybr_full_422_uncompressed.dcm")).image).astype(int)
+    jpeg = np.asarray(load_image(get_testdata_file("SC_rgb_jpeg_dcmtk.dcm")).image).astype(int)
+    assert rgb.shape == ybr.shape == jpeg.shape == (100, 100, 3)
+    assert rgb[..., 0].max() == 255 and rgb[..., 0].min() == 0  # real colour bands, not grey
+    assert np.abs(rgb - ybr).mean() < 4 and np.abs(rgb - jpeg).mean() < 4
+    pal = load_image(get_testdata_file("examples_palette.dcm"))
+    assert pal.image.mode == "RGB" and pal.image.size == (800, 350)
+
+
+def test_compressed_transfer_syntaxes_decode_identically():
+    ref = load_image(get_testdata_file("MR_small.dcm"))
+    rle = load_image(get_testdata_file("MR_small_RLE.dcm"))
+    assert np.array_equal(ref.array, rle.array)
+    assert rle.metadata["transfer_syntax"] == "RLE Lossless"
+
+
+def test_missing_decoder_names_the_package():
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import JPEGLSLossless
+
+    if get_decoder(JPEGLSLossless).is_available:
+        pytest.skip("a JPEG-LS decoder is installed here")
+    with pytest.raises(ImageLoadError, match="pylibjpeg.*gdcm"):
+        load_image(get_testdata_file("MR_small_jpeg_ls_lossless.dcm"))
+
+
+def test_dicom_without_pixels_and_truncated():
+    with pytest.raises(ImageLoadError, match="no pixel data"):
+        load_image(get_testdata_file("rtplan.dcm"))
+    with pytest.raises(ImageLoadError, match="truncated|corrupt"):
+        load_image(get_testdata_file("MR_truncated.dcm"))
+    ct = Path(get_testdata_file("CT_small.dcm")).read_bytes()
+    with pytest.raises(ImageLoadError):
+        load_image(ct[:1000])
+
+
+def test_dicom_dimension_guard(ct_path):
+    with pytest.raises(ImageLoadError, match="decompression bomb"):
+        load_image(ct_path, max_pixels=128 * 127)
+
+
+# --------------------------------------------------------------------------- de-identification
+
+
+def _phi_values(ds):
+    vals = set()
+    for elem in ds.iterall():
+        if elem.VR in ("PN", "DA", "DT", "TM", "UI", "LO", "SH", "LT", "ST") and elem.value not in (None, ""):
+            s = str(elem.value).strip()
+            if len(s) >= 4 and (elem.VR != "UI" or elem.keyword not in {"SOPClassUID", "TransferSyntaxUID"}):
+                if elem.VR in ("PN", "DA", "DT", "TM", "UI") or "Patient" in elem.keyword or "Institution" in elem.keyword:
+                    vals.add(s)
+    return vals
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small.dcm", "examples_overlay.dcm", "rtdose.dcm"])
+def test_no_phi_leaves_the_loader(name):
+    path = get_testdata_file(name)
+    ds = pydicom.dcmread(path)
+    phi = _phi_values(ds)
+    phi |= {str(ds.PatientName), str(ds.PatientID)} - {""}
+    assert phi, "the sample should carry identifying values"
+    m = load_image(path)
+    blob = json.dumps(m.metadata) + repr(m) + str(m) + repr(m.metadata)
+    leaked = [v for v in phi if v in blob]
+    assert not leaked
+
+
+def test_burned_in_annotation_warning(ct_path):
+    ds = pydicom.dcmread(ct_path)
+    ds.BurnedInAnnotation = "YES"
+    m = load_image(dicom_bytes(ds))
+    assert any("BurnedInAnnotation" in w for w in m.warnings)
+    assert not load_image(ct_path).warnings
+
+
+def test_deidentify_dataset_removes_basic_profile(ct_path):
+    ds = pydicom.dcmread(ct_path)
+    phi = _phi_values(ds) | {str(ds.PatientName), str(ds.PatientID)}
+    ds.InstitutionName = "St Example Hospital"
+    ds.PatientAddress = "1 Example Road"
+    phi |= {"St Example Hospital", "1 Example Road"}
+    deidentify_dataset(ds)
+    remaining = " ".join(str(e.value) for e in ds.iterall() if e.keyword != "PixelData")
+    assert not [v for v in phi if v in remaining]
+    assert ds.Modality == "CT" and ds.PatientIdentityRemoved == "YES"
+    assert "PixelSpacing" in ds and "SOPClassUID" in ds
+    m = load_image(dicom_bytes(ds), window="abdomen")  # still a loadable image
+    assert m.metadata["modality"] == "CT"
+
+
+# --------------------------------------------------------------------------- NIfTI
+
+
+def test_anatomical_nifti_reoriented_to_ras():
+    path = NIB_DATA / "anatomical.nii"
+    raw = nib.load(str(path))
+    assert "".join(nib.aff2axcodes(raw.affine)) == "LAS"
+    m = load_image(path)
+    assert m.metadata["orientation"] == "RAS" and m.metadata["original_orientation"] == "LAS"
+    data = np.asarray(raw.dataobj, dtype=np.float32)
+    k = m.metadata["slice_index"]
+    assert k == data.shape[2] // 2
+    ras = data[::-1]  # LAS -> RAS flips the first axis
+    expected = ras[:, :, k].T[::-1, ::-1]
+    assert np.allclose(m.array, expected)
+    assert m.metadata["voxel_spacing"] == [2.0, 2.0, 2.0] and m.metadata["spatial_units"] == "mm"
+    g = np.asarray(m.image)[..., 0]
+    assert g.std() > 20  # a real picture, not flat
+
+
+def _marker_volume(affine_codes):
+    """A volume with one bright voxel at the patient's right-anterior-superior corner region."""
+    shape = (10, 12, 8)
+    ras = np.zeros(shape, np.float32)
+    ras[8, 10, 6] = 1000.0  # high x = right, high y = anterior, high z = superior
+    o = nib.orientations
+    ras_to_codes = o.ornt_transform(o.axcodes2ornt("RAS"), o.axcodes2ornt(affine_codes))
+    data = o.apply_orientation(ras, ras_to_codes)
+    # voxel index in `data` -> index in `ras` (= world position in RAS), then voxel size
+    affine = np.diag([2.0, 3.0, 4.0, 1.0]) @ o.inv_ornt_aff(ras_to_codes, ras.shape)
+    img = nib.Nifti1Image(data, np.eye(4))
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    return img
+
+
+@pytest.mark.parametrize("codes", [("R", "A", "S"), ("L", "P", "S"), ("L", "A", "S"), ("P", "R", "I")])
+def test_orientation_radiological_display(codes, tmp_path):
+    img = _marker_volume(codes)
+    assert tuple(nib.aff2axcodes(img.affine)) == codes
+    path = tmp_path / "v.nii.gz"
+    nib.save(img, str(path))
+    ax = load_image(path, window=(500, 1000), slice_index=None, plane="axial")
+    assert ax.metadata["orientation"] == "RAS"
+    # find the marker in each plane at the marker's slice: right -> image left, anterior/superior -> top
+    ax = load_image(path, window=(500, 1000), slice_index=6, plane="axial")
+    r, c = np.unravel_index(np.argmax(ax.array), ax.array.shape)
+    assert ax.array.shape == (12, 10) and (r, c) == (12 - 1 - 10, 10 - 1 - 8)
+    co = load_image(path, window=(500, 1000), slice_index=10, plane="coronal")
+    r, c = np.unravel_index(np.argmax(co.array), co.array.shape)
+    assert co.array.shape == (8, 10) and (r, c) == (8 - 1 - 6, 10 - 1 - 8)
+    sa = load_image(path, window=(500, 1000), slice_index=8, plane="sagittal")
+    r, c = np.unravel_index(np.argmax(sa.array), sa.array.shape)
+    assert sa.array.shape == (8, 12) and (r, c) == (8 - 1 - 6, 12 - 1 - 10)
+    assert np.asarray(ax.image)[..., 0].max() == 255
+    assert sorted(ax.metadata["voxel_spacing"]) == [2.0, 3.0, 4.0]
+
+
+def test_4d_nifti_volume_and_bytes():
+    path = NIB_DATA / "example4d.nii.gz"
+    m0 = load_image(path)
+    m1 = load_image(path, volume=1)
+    assert m0.metadata["n_volumes"] == 2 and m1.metadata["volume"] == 1
+    assert not np.array_equal(m0.array, m1.array)
+    from_bytes = load_image(path.read_bytes())
+    assert np.array_equal(from_bytes.array, m0.array)
+    raw = gzip.decompress(path.read_bytes())
+    assert np.array_equal(load_image(raw).array, m0.array)
+    with pytest.raises(ImageLoadError, match="volume 2 out of range"):
+        load_image(path, volume=2)
+    with pytest.raises(ImageLoadError, match="slice 99 out of range"):
+        load_image(path, slice_index=99)
+    with pytest.raises(ValueError, match="plane"):
+        load_image(path, plane="oblique")
+
+
+def test_nifti_hu_presets_and_guards(tmp_path):
+    hu = np.full((16, 16, 4), -1000.0, np.float32)
+    hu[4:12, 4:12] = 40.0  # "brain" tissue
+    hu[7:9, 7:9] = 1200.0  # "bone"
+    path = tmp_path / "ct.nii.gz"
+    nib.save(nib.Nifti1Image(hu, np.eye(4)), str(path))
+    brain = np.asarray(load_image(path, window="brain").image)[..., 0]
+    assert brain.min() == 0 and brain.max() == 255 and 120 <= np.median(brain[4:12, 4:12]) <= 135
+    assert load_image(path, window=(40, 80)).metadata["window"] == {"center": 40.0, "width": 80.0}
+    with pytest.raises(ImageLoadError, match="decompression bomb"):
+        load_image(path, max_pixels=100)
+    with pytest.raises(ImageLoadError, match="decompression bomb|larger"):
+        load_image(path.read_bytes(), max_pixels=100)
+    data = path.read_bytes()
+    with pytest.raises(ImageLoadError):
+        load_image(data[: len(data) // 2])
+
+
+def test_pydicom_log_messages_are_redacted(caplog):
+    path = get_testdata_file("rtdose.dcm")  # carries an invalid UID that pydicom warns about, quoting it
+    uid = "1.2.123.456.78.9.0123.4567.89012345678901"
+    with caplog.at_level("WARNING", logger="pydicom"):
+        load_image(path)
+        with pytest.warns(UserWarning):
+            [e.value for e in pydicom.dcmread(path).iterall()]  # converting raw values warns about the UID
+    assert caplog.records, "pydicom should have warned"
+    assert uid not in caplog.text and "<redacted>" in caplog.text
