@@ -1,0 +1,197 @@
+"""Load any supported checkpoint through transformers' native classes.
+
+Families: ``llava`` (LlavaForConditionalGeneration), ``qwen2_vl`` (Qwen2-VL / Qwen2.5-VL),
+``mllama`` (Llama-3.2-Vision) and ``causal_lm`` (a text-only LM). Also accepted: a peft adapter
+directory (stacked on its ``base_model_name_or_path`` or an explicit base) and an original
+LLaVA-layout checkpoint (``LlavaLlamaForCausalLM``, converted on load).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+FAMILIES = {
+    "llava": "llava",
+    "qwen2_vl": "qwen2_vl",
+    "qwen2_5_vl": "qwen2_vl",
+    "mllama": "mllama",
+}
+
+
+def _local_json(path_or_id: str | Path, name: str) -> dict[str, Any] | None:
+    f = Path(path_or_id) / name
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
+def is_adapter(path_or_id: str | Path) -> bool:
+    return (Path(path_or_id) / "adapter_config.json").is_file()
+
+
+def is_original_llava(config: dict[str, Any] | None) -> bool:
+    """An original LLaVA / LLaVA-Med / MMedAgent layout (vision tower referenced, projector in the LM)."""
+    if not config:
+        return False
+    archs = config.get("architectures") or []
+    return "mm_vision_tower" in config or any(a.startswith("LlavaLlama") for a in archs)
+
+
+def family_of(config: Any) -> str:
+    """Map a transformers config to one of the supported families."""
+    model_type = getattr(config, "model_type", None)
+    if model_type in FAMILIES:
+        return FAMILIES[model_type]
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not hasattr(config, "vision_config"):
+        return "causal_lm"
+    raise ValueError(
+        f"unsupported model type {model_type!r}: supported are {', '.join(sorted(FAMILIES))} and text-only causal LMs"
+    )
+
+
+def resolve_device(device: str | None) -> str:
+    import torch
+
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} requested but CUDA is not available")
+    return str(device)
+
+
+def resolve_dtype(dtype: Any, device: str) -> Any:
+    import torch
+
+    if dtype is None:
+        return torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
+    if isinstance(dtype, str):
+        if dtype == "auto":
+            return dtype
+        value = getattr(torch, dtype, None)
+        if not isinstance(value, torch.dtype):
+            raise ValueError(f"unknown dtype {dtype!r} (use e.g. float32, bfloat16, float16)")
+        return value
+    return dtype
+
+
+def resolve_attn(attn_implementation: str | None, device: str) -> str:
+    from transformers.utils import is_flash_attn_2_available
+
+    if attn_implementation is None:
+        return "flash_attention_2" if device.startswith("cuda") and is_flash_attn_2_available() else "sdpa"
+    if attn_implementation == "flash_attention_2" and not is_flash_attn_2_available():
+        raise RuntimeError("flash_attention_2 requested but flash-attn is not installed (needs CUDA); use 'sdpa'")
+    return attn_implementation
+
+
+def quantization_config(load_in_4bit: bool, load_in_8bit: bool, compute_dtype: Any) -> Any:
+    """A BitsAndBytesConfig, or None; a clear error where bitsandbytes or a GPU is missing."""
+    if not (load_in_4bit or load_in_8bit):
+        return None
+    if load_in_4bit and load_in_8bit:
+        raise ValueError("choose one of load_in_4bit / load_in_8bit")
+    import torch
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("4-bit/8-bit loading needs a CUDA GPU and bitsandbytes; on CPU load without quantization")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as e:
+        raise RuntimeError("4-bit/8-bit loading needs bitsandbytes: pip install bitsandbytes") from e
+    from transformers import BitsAndBytesConfig
+
+    if load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype if compute_dtype != "auto" else torch.bfloat16,
+    )
+
+
+def load_processor(path_or_id: str | Path, family: str) -> Any:
+    """AutoProcessor for vision families, AutoTokenizer for text-only models."""
+    from transformers import AutoProcessor, AutoTokenizer
+
+    if family == "causal_lm":
+        return AutoTokenizer.from_pretrained(str(path_or_id))
+    return AutoProcessor.from_pretrained(str(path_or_id))
+
+
+def _load_base(path: str, family: str, kwargs: dict[str, Any]) -> Any:
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    cls = AutoModelForCausalLM if family == "causal_lm" else AutoModelForImageTextToText
+    return cls.from_pretrained(path, **kwargs)
+
+
+def load_model_and_processor(
+    path_or_id: str | Path,
+    *,
+    dtype: Any = None,
+    device: str | None = None,
+    attn_implementation: str | None = None,
+    load_in_4bit: bool = False,
+    load_in_8bit: bool = False,
+    base: str | Path | None = None,
+    merge_adapter: bool = False,
+) -> tuple[Any, Any, str]:
+    """Load ``(model, processor, family)`` from a local directory or hub id, in eval mode.
+
+    ``path_or_id`` may be a plain checkpoint, an original LLaVA-layout checkpoint (converted on
+    the fly), or a peft adapter directory (stacked on ``base`` or on the adapter's
+    ``base_model_name_or_path``; ``merge_adapter=True`` merges it into the weights). For a bare
+    tokenizer-only model the "processor" is the tokenizer.
+    """
+    from transformers import AutoConfig
+
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "attn_implementation": resolve_attn(attn_implementation, device)}
+    quant = quantization_config(load_in_4bit, load_in_8bit, torch_dtype)
+    if quant is not None:
+        kwargs.update(quantization_config=quant, device_map={"": device})
+
+    adapter_dir = None
+    if is_adapter(path_or_id):
+        adapter_dir = Path(path_or_id)
+        adapter_cfg = _local_json(adapter_dir, "adapter_config.json") or {}
+        base = base or adapter_cfg.get("base_model_name_or_path")
+        if not base:
+            raise ValueError(f"{adapter_dir} is a LoRA adapter without base_model_name_or_path; pass the base model")
+        model_path: str | Path = base
+    elif base is not None:
+        raise ValueError(f"base {base!r} given but {path_or_id!r} is not an adapter directory (no adapter_config.json)")
+    else:
+        model_path = path_or_id
+
+    model_path = _ensure_hf_layout(model_path)
+    config = AutoConfig.from_pretrained(str(model_path))
+    family = family_of(config)
+    model = _load_base(str(model_path), family, kwargs)
+    processor = load_processor(model_path, family)
+    if adapter_dir is not None:
+        from mmedagent.model.adapters import apply_adapter
+
+        model = apply_adapter(model, adapter_dir, merge=merge_adapter)
+        # An adapter directory may carry its own tokenizer/processor (e.g. with added tokens).
+        if (adapter_dir / "tokenizer_config.json").is_file():
+            processor = load_processor(adapter_dir, family)
+    if quant is None:
+        model.to(device)
+    model.eval()
+    return model, processor, family
+
+
+def _ensure_hf_layout(path_or_id: str | Path) -> str | Path:
+    """Original LLaVA-layout checkpoints are converted to a transformers layout (cached next to nothing: a temp dir)."""
+    config = _local_json(path_or_id, "config.json")
+    if not is_original_llava(config):
+        return path_or_id
+    from mmedagent.model.llava_convert import converted_cache_dir
+
+    return converted_cache_dir(Path(path_or_id))

@@ -1,0 +1,104 @@
+"""Tiny checkpoints of every architecture: save, load through the user path, render prompts, generate."""
+
+import pytest
+import torch
+
+from _model_fixtures import test_image, tiny_models  # noqa: F401  (fixture)
+from mmedagent.model import load_model_and_processor, render_segments
+from mmedagent.protocol import DEFAULT_SYSTEM
+
+VISION = ["llava", "qwen2_vl", "mllama"]
+MESSAGES = [
+    {"role": "user", "content": "<image>\nCan you locate the tumor?"},
+    {"role": "assistant", "content": '"thoughts🤔" locate\n"actions🚀" []\n"value👉" ok'},
+    {"role": "user", "content": "grounding dino output: {'boxes': []}\n\nAnswer my first question: where?"},
+]
+
+
+@pytest.mark.parametrize("arch", VISION)
+def test_vision_checkpoint_loads_and_generates(tiny_models, arch):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    path = tiny_models(arch)
+    processor = AutoProcessor.from_pretrained(path)
+    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    prompt = "".join(t for t, _ in render_segments(MESSAGES[:1], None, processor, add_generation_prompt=True))
+    inputs = processor(images=test_image(), text=prompt, return_tensors="pt", add_special_tokens=False)
+    assert (inputs["input_ids"] == model.config.image_token_id).sum() > 0 or arch == "mllama"
+    out = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 5 or processor.tokenizer.eos_token_id in out[0].tolist()
+    again, _, family = load_model_and_processor(path)
+    assert family == arch
+    assert torch.equal(again.generate(**inputs, max_new_tokens=5, do_sample=False), out)
+
+
+def test_text_only_checkpoint(tiny_models):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = tiny_models("llama")
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    _, proc, family = load_model_and_processor(path)
+    assert family == "causal_lm"
+    prompt = "".join(t for t, _ in render_segments(MESSAGES[:1], None, proc, add_generation_prompt=True))
+    assert "<image>" not in prompt and "Can you locate the tumor?" in prompt
+    ids = tok(prompt, return_tensors="pt", add_special_tokens=False)
+    out = model.generate(**ids, max_new_tokens=4, do_sample=False)
+    assert out.shape[1] > ids["input_ids"].shape[1]
+
+
+@pytest.mark.parametrize("arch", ["llava", "llama"])
+def test_tokenizer_is_byte_level(tiny_models, arch):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_models(arch))
+    text = '"thoughts🤔" 肿瘤 ünïcödé {"API_name": "grounding dino"} 0.95'
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids) == text
+    assert 500 < len(tok) < 2500
+
+
+@pytest.mark.parametrize("arch", VISION + ["llama"])
+def test_chat_template_segments_are_incremental(tiny_models, arch):
+    from transformers import AutoProcessor, AutoTokenizer
+
+    path = tiny_models(arch)
+    proc = AutoTokenizer.from_pretrained(path) if arch == "llama" else AutoProcessor.from_pretrained(path)
+    segs = render_segments(MESSAGES, None, proc, add_generation_prompt=True)
+    text = "".join(t for t, _ in segs)
+    trained = [t for t, learn in segs if learn]
+    assert len(trained) == 1 and trained[0].lstrip(" ").startswith(MESSAGES[1]["content"])
+    eos = (proc.tokenizer if arch != "llama" else proc).eos_token
+    assert trained[0].rstrip("\n").endswith(eos)
+    assert MESSAGES[2]["content"] in text and "<image>" not in text.replace(getattr(proc, "image_token", "") or "\0", "")
+
+
+def test_vicuna_v1_is_llava_v1_format(tiny_models):
+    from transformers import AutoProcessor
+
+    proc = AutoProcessor.from_pretrained(tiny_models("llava"))
+    segs = render_segments(MESSAGES, "vicuna_v1", proc, add_generation_prompt=True)
+    assert "".join(t for t, _ in segs) == (
+        f"<s>{DEFAULT_SYSTEM} USER: <image>\nCan you locate the tumor? ASSISTANT: {MESSAGES[1]['content']}</s>"
+        f"USER: {MESSAGES[2]['content']} ASSISTANT:"
+    )
+    assert [t for t, learn in segs if learn] == [f" {MESSAGES[1]['content']}</s>"]
+
+
+def test_bad_template_and_messages_are_rejected(tiny_models):
+    from transformers import AutoProcessor
+
+    proc = AutoProcessor.from_pretrained(tiny_models("llava"))
+    with pytest.raises(ValueError, match="unknown conversation template"):
+        render_segments(MESSAGES, "vicuna_v9", proc)
+    with pytest.raises(ValueError, match="role"):
+        render_segments([{"role": "tool", "content": "x"}], "vicuna_v1", proc)
+
+
+def test_make_tiny_model_rejects_bad_sizes(tmp_path):
+    from mmedagent.model.tiny import make_tiny_model
+
+    with pytest.raises(ValueError, match="unknown arch"):
+        make_tiny_model("gpt5", tmp_path)
+    with pytest.raises(ValueError, match="multiple of heads"):
+        make_tiny_model("llama", tmp_path, hidden=66)
