@@ -1,0 +1,441 @@
+"""Read, write and convert instruction data: MMedAgent/LLaVA, LLaMA-Factory/sharegpt, HF datasets.
+
+:func:`read_records` returns :class:`mmedagent.protocol.Record` objects for
+
+* MMedAgent / LLaVA records (``conversations`` of ``from``/``value`` turns, tool turns with
+  ``thoughts``/``actions``/``value``), as a JSON array, a JSON object holding such an array, or JSONL
+  (MMedAgent's ``.jsonl`` files are JSON arrays; the content decides, not the name);
+* LLaMA-Factory / sharegpt records: ``messages`` of ``role``/``content`` (content a string with
+  ``<image>`` tags, or a list of ``{"type": "image"|"text"}`` parts) plus ``images``;
+  ``function_call`` / ``observation`` turns become tool calls / tool results;
+* plain-text dialogue records (no image) and Alpaca-style ``instruction``/``input``/``output``;
+* Hugging Face ``datasets`` folders (``save_to_disk``) and parquet files: rows with a
+  conversation column as above, or ``image`` + ``caption`` rows (Radiology_mini, MedTrinity-25M
+  layouts) turned into caption instruction pairs, their images exported to a folder.
+
+Assistant text that carries the turn markers is parsed with :func:`mmedagent.protocol.parse_turn`
+into thoughts/actions/value, so both directions of sharegpt ⇄ LLaVA are lossless. Every problem is a
+:class:`DataError` naming the file and the 1-based record number.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from mmedagent.protocol import (
+    IMAGE_TOKEN,
+    Message,
+    Record,
+    ToolCall,
+    ToolOutcome,
+    TurnParseError,
+    parse_turn,
+    render_tool_results,
+    strip_image_token,
+)
+
+__all__ = [
+    "DataError",
+    "read_records",
+    "iter_raw",
+    "record_from_any",
+    "write_records",
+    "to_sharegpt",
+    "from_sharegpt",
+    "convert",
+    "split_paths",
+    "CAPTION_QUESTIONS",
+]
+
+
+class DataError(ValueError):
+    """Bad instruction data; the message names the file and the record."""
+
+
+CAPTION_QUESTIONS = (
+    "Describe this image.",
+    "What does this image show?",
+    "Give a short description of this medical image.",
+    "Write a caption for this figure.",
+    "Summarise the findings visible in this image.",
+    "What can you see in this scan?",
+    "Provide a brief description of the image.",
+    "Explain what is shown in this picture.",
+)
+"""Questions paired with captions when an image + caption dataset is turned into instructions."""
+
+_ROLE = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt", "model": "gpt", "system": "system",
+         "function_call": "function_call", "observation": "observation", "tool": "observation", "function": "observation"}
+
+
+def split_paths(value: str | Path | Sequence[str | Path]) -> list[Path]:
+    """MMedAgent's comma-separated path lists (``a.json,b.json``) as paths."""
+    if isinstance(value, (str, Path)):
+        parts = [p.strip() for p in str(value).split(",")]
+    else:
+        parts = [str(p).strip() for p in value]
+    return [Path(p) for p in parts if p]
+
+
+# --------------------------------------------------------------------------- raw rows
+
+
+def _is_hf_dir(path: Path) -> bool:
+    return path.is_dir() and any((path / n).is_file() for n in ("dataset_info.json", "state.json", "dataset_dict.json"))
+
+
+def iter_raw(path: Path) -> Iterator[tuple[int, Any]]:
+    """(1-based record number, raw row) for a JSON / JSONL file; DataError on malformed text."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read: {e}") from None
+    stripped = text.lstrip()
+    if not stripped:
+        return
+    if stripped[0] == "[" or (stripped[0] == "{" and path.suffix.lower() == ".json"):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            if stripped[0] == "{":  # maybe JSON lines after all
+                yield from _iter_jsonl(path, text)
+                return
+            raise DataError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+        if isinstance(data, dict):
+            lists = [v for k, v in data.items() if isinstance(v, list) and k in ("data", "records", "train", "examples")]
+            data = lists[0] if lists else [data]
+        if not isinstance(data, list):
+            raise DataError(f"{path}: expected a JSON array of records, found {type(data).__name__}")
+        yield from enumerate(data, 1)
+        return
+    yield from _iter_jsonl(path, text)
+
+
+def _iter_jsonl(path: Path, text: str) -> Iterator[tuple[int, Any]]:
+    n = 0
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        n += 1
+        try:
+            yield n, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: record {n} (line {lineno}): invalid JSON: {e.msg}") from None
+
+
+def _iter_hf(path: Path, export_dir: Path) -> Iterator[tuple[int, Any]]:
+    """Rows of a saved HF dataset / parquet file; images exported to ``export_dir``."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{path}: reading Hugging Face datasets needs `pip install datasets`") from None
+    try:
+        if path.is_dir() and _is_hf_dir(path):
+            ds = datasets.load_from_disk(str(path))
+        else:
+            files = sorted(path.glob("**/*.parquet")) if path.is_dir() else [path]
+            if not files:
+                raise DataError(f"{path}: no parquet files and not a saved Hugging Face dataset")
+            ds = datasets.Dataset.from_parquet([str(f) for f in files])
+    except DataError:
+        raise
+    except Exception as e:  # datasets/pyarrow raise many kinds
+        raise DataError(f"{path}: cannot open as a Hugging Face dataset: {type(e).__name__}: {e}") from None
+    if isinstance(ds, datasets.DatasetDict):
+        splits = ["train"] if "train" in ds else list(ds)
+        ds = datasets.concatenate_datasets([ds[s] for s in splits])
+    for i, row in enumerate(ds, 1):
+        yield i, _export_images(row, i, export_dir)
+
+
+def _export_images(row: dict[str, Any], index: int, export_dir: Path) -> dict[str, Any]:
+    """Replace decoded / byte images in an HF row by file names inside ``export_dir``."""
+    out = dict(row)
+    for key in ("image", "images"):
+        if key not in row or row[key] is None:
+            continue
+        values = row[key] if isinstance(row[key], list) else [row[key]]
+        names = []
+        for k, v in enumerate(values):
+            if isinstance(v, str):
+                names.append(v)
+                continue
+            stem = _safe_name(str(row.get("id", "")) or f"{index:08d}") + (f"_{k}" if len(values) > 1 else "")
+            names.append(_save_image(v, export_dir, stem))
+        out[key] = names if isinstance(row[key], list) else names[0]
+    return out
+
+
+def _safe_name(s: str) -> str:
+    s = re.sub(r"[^A-Za-z0-9._-]+", "_", s).strip("._")
+    return s[:80] or hashlib.sha1(s.encode()).hexdigest()[:16]
+
+
+def _save_image(value: Any, folder: Path, stem: str) -> str:
+    from mmedagent.imaging import detect_format
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if isinstance(value, dict) and value.get("bytes"):
+        data = value["bytes"]
+        fmt = detect_format(data[:1024]) or "bin"
+        ext = {"jpeg": ".jpg", "nifti": ".nii.gz" if data[:2] == b"\x1f\x8b" else ".nii", "dicom": ".dcm"}.get(fmt, f".{fmt}")
+        name = stem + ext
+        (folder / name).write_bytes(data)
+        return name
+    if isinstance(value, dict) and value.get("path"):
+        return str(value["path"])
+    if hasattr(value, "save"):  # PIL image
+        name = stem + ".png"
+        value.convert("RGB").save(folder / name) if value.mode not in ("RGB", "L", "I;16") else value.save(folder / name)
+        return name
+    raise DataError(f"cannot export an image of type {type(value).__name__}")
+
+
+# --------------------------------------------------------------------------- normalising one row
+
+
+def _text_of(content: Any) -> tuple[str, int]:
+    """(text with <image> tags, number of image parts) of a message content."""
+    if isinstance(content, str):
+        return content, 0
+    if isinstance(content, list):
+        texts, n_img = [], 0
+        for part in content:
+            if isinstance(part, str):
+                texts.append(part)
+            elif isinstance(part, dict) and part.get("type") in ("image", "image_url"):
+                n_img += 1
+                texts.append(IMAGE_TOKEN)
+            elif isinstance(part, dict) and part.get("type") == "text":
+                texts.append(str(part.get("text", "")))
+            else:
+                raise ValueError(f"unsupported content part {part!r:.60}")
+        joined = ""
+        for t in texts:  # image parts on their own line, like LLaVA's "<image>\n"
+            joined += t + ("\n" if t == IMAGE_TOKEN else "")
+        return joined.strip(" "), n_img
+    if content is None:
+        return "", 0
+    raise ValueError(f"message content must be text or a list of parts, not {type(content).__name__}")
+
+
+def _gpt_message(text: str) -> Message:
+    """An assistant message; text in the turn format becomes thoughts/actions/value."""
+    try:
+        turn = parse_turn(text, strict=True)
+    except TurnParseError as e:
+        if any(m in text for m in ('"thoughts🤔"', '"actions🚀"', '"value👉"')):
+            raise ValueError(f"assistant turn has turn markers but does not parse: {e}") from None
+        return Message(role="gpt", value=text)
+    return Message(role="gpt", thoughts=turn.thoughts, actions=list(turn.actions), value=turn.value)
+
+
+def _messages_from_chat(turns: list[Any], role_key: str, text_key: str) -> list[Message]:
+    out: list[Message] = []
+    pending_calls: list[ToolCall] = []
+    first_question = ""
+    for k, t in enumerate(turns, 1):
+        if not isinstance(t, dict):
+            raise ValueError(f"turn {k} is not an object")
+        role = _ROLE.get(str(t.get(role_key, "")).strip().lower())
+        if role is None:
+            raise ValueError(f"turn {k} has unknown role {t.get(role_key)!r}")
+        if role == "gpt" and ("thoughts" in t or "actions" in t):
+            out.append(Message.model_validate({"from": "gpt", **{k2: t[k2] for k2 in ("thoughts", "actions") if k2 in t},
+                                                "value": t.get(text_key, t.get("value", "")) or ""}))
+            continue
+        text, _ = _text_of(t.get(text_key))
+        if role == "function_call":  # LLaMA-Factory: {"name": ..., "arguments": {...}}
+            call = json.loads(text) if text.strip() else {}
+            calls = call if isinstance(call, list) else [call]
+            pending_calls = [ToolCall(API_name=c["name"], API_params=c.get("arguments") or {}) for c in calls]
+            out.append(Message(role="gpt", thoughts="", actions=pending_calls, value=""))
+        elif role == "observation":
+            if not pending_calls:
+                raise ValueError(f"turn {k}: observation without a preceding function_call")
+            try:
+                result = json.loads(text)
+            except json.JSONDecodeError:
+                result = {"text": text}
+            outputs = result if isinstance(result, list) and len(result) == len(pending_calls) else [result]
+            outcomes = [ToolOutcome(tool=c.API_name, output=o if isinstance(o, dict) else {"result": o})
+                        for c, o in zip(pending_calls, outputs)]
+            out.append(Message(role="human", value=render_tool_results(outcomes, first_question)))
+            pending_calls = []
+        elif role == "gpt":
+            out.append(_gpt_message(text))
+        else:
+            if role == "human" and not first_question:
+                first_question = strip_image_token(text)
+            out.append(Message(role=role, value=text))
+    return out
+
+
+def record_from_any(row: Any, default_id: str, caption_question: str | None = None) -> Record:
+    """One raw row (any supported layout) as a :class:`Record`; ValueError on bad content."""
+    if not isinstance(row, dict):
+        raise ValueError(f"a record must be a JSON object, found {type(row).__name__}")
+    images = row.get("images", row.get("image", row.get("image_id")))
+    if isinstance(images, list) and len(images) <= 1:  # LLaVA writes a single image as a string
+        images = images[0] if images else None
+    if "conversations" in row and isinstance(row["conversations"], list) and row["conversations"] and isinstance(row["conversations"][0], dict) and "from" in row["conversations"][0]:
+        turns = row["conversations"]
+        role_key, text_key = "from", "value"
+    elif "messages" in row or "conversations" in row:
+        turns = row.get("messages", row.get("conversations"))
+        if not isinstance(turns, list):
+            raise ValueError("messages must be a list")
+        role_key, text_key = "role", "content"
+    elif "instruction" in row and "output" in row:
+        question = str(row["instruction"]) + (f"\n{row['input']}" if row.get("input") else "")
+        turns = [{"from": "human", "value": question}, {"from": "gpt", "value": str(row["output"])}]
+        role_key, text_key = "from", "value"
+    elif "caption" in row and images is not None:
+        caption = str(row["caption"] or "").strip()
+        if not caption:
+            raise ValueError("empty caption")
+        turns = [{"from": "human", "value": f"{IMAGE_TOKEN}\n{caption_question or CAPTION_QUESTIONS[0]}"},
+                 {"from": "gpt", "thoughts": "The user asks for a description of the image; I can answer directly.",
+                  "actions": [], "value": caption}]
+        role_key, text_key = "from", "value"
+    else:
+        raise ValueError("no conversations / messages / instruction+output / image+caption fields")
+    messages = _messages_from_chat(turns, role_key, text_key)
+    if not messages:
+        raise ValueError("conversation is empty")
+    rec_id = row.get("id")
+    if rec_id is None or rec_id == "":
+        rec_id = default_id
+    passthrough = {k: v for k, v in row.items()
+                   if k not in ("id", "image", "image_id", "images", "conversations", "messages", "instruction", "input",
+                                "output", "caption") and _jsonable(v)}
+    record = Record.model_validate({"id": rec_id, "image": images, "conversations": messages, **passthrough})
+    _check_image_tags(record)
+    return record
+
+
+def _jsonable(v: Any) -> bool:
+    return isinstance(v, (str, int, float, bool, type(None), list, dict))
+
+
+def _check_image_tags(record: Record) -> None:
+    """<image> tags: none (one is added to the first human turn) or exactly one per image."""
+    n_images = len(record.images)
+    n_tags = sum(m.value.count(IMAGE_TOKEN) for m in record.conversations if m.role == "human")
+    if n_images and n_tags == 0:
+        first = next((m for m in record.conversations if m.role == "human"), None)
+        if first is None:
+            raise ValueError("record has an image but no human turn")
+        first.value = IMAGE_TOKEN * n_images + "\n" + first.value
+    elif n_tags != n_images:
+        raise ValueError(f"{n_tags} {IMAGE_TOKEN} tag(s) for {n_images} image(s)")
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def read_records(path: str | Path | Sequence[str | Path], image_folder: str | Path | None = None, *,
+                 check_images: bool = False) -> list[Record]:
+    """Every record of one file, a comma-separated list of files, an HF dataset folder or parquet file.
+
+    Image paths are returned as written in the data (relative to ``image_folder``, as LLaVA
+    expects). Images of HF datasets are exported to ``image_folder`` (names relative to it) or,
+    without one, to ``<dataset>_images/`` next to the dataset (absolute paths). With
+    ``check_images`` every referenced image must exist. Raises :class:`DataError` naming file and record.
+    """
+    records: list[Record] = []
+    for p in split_paths(path):
+        if not p.exists():
+            raise DataError(f"{p}: data file not found")
+        hf = _is_hf_dir(p) or p.suffix.lower() == ".parquet" or (p.is_dir() and any(p.glob("**/*.parquet")))
+        if hf:
+            export = Path(image_folder) if image_folder is not None else p.parent / f"{p.name.split('.')[0]}_images"
+            rows: Iterable[tuple[int, Any]] = _iter_hf(p, export)
+        elif p.is_dir():
+            raise DataError(f"{p}: a folder that is neither a saved Hugging Face dataset nor holds parquet files")
+        else:
+            rows = iter_raw(p)
+        for i, row in rows:
+            question = CAPTION_QUESTIONS[int(hashlib.sha1(f"{p.name}:{i}".encode()).hexdigest(), 16) % len(CAPTION_QUESTIONS)]
+            try:
+                rec = record_from_any(row, default_id=f"{p.stem}-{i}", caption_question=question)
+            except (ValueError, ValidationError, KeyError, TypeError) as e:
+                raise DataError(f"{p}: record {i}: {_short(e)}") from None
+            if hf and image_folder is None:
+                rec.image = _absolute(rec.image, export)
+            if check_images:
+                base = Path(image_folder) if image_folder is not None else p.parent
+                for img in rec.images:
+                    if not (Path(img) if Path(img).is_absolute() else base / img).is_file():
+                        raise DataError(f"{p}: record {i}: image not found: {img}")
+            records.append(rec)
+    return records
+
+
+def _absolute(image: str | list[str] | None, folder: Path) -> str | list[str] | None:
+    if image is None:
+        return None
+    fix = (lambda s: s if Path(s).is_absolute() else str((folder / s).resolve()))
+    return fix(image) if isinstance(image, str) else [fix(s) for s in image]
+
+
+def _short(e: Exception) -> str:
+    if isinstance(e, ValidationError):
+        err = e.errors()[0]
+        loc = ".".join(str(x) for x in err["loc"])
+        return f"{loc}: {err['msg']}" if loc else err["msg"]
+    if isinstance(e, KeyError):
+        return f"missing field {e}"
+    return str(e)
+
+
+def to_sharegpt(record: Record) -> dict[str, Any]:
+    """A record as LLaMA-Factory sharegpt (OpenAI-style ``messages`` + ``images``).
+
+    Tool turns are written in their text form (the exact text the model is trained on) and tool
+    results as user turns, so :func:`from_sharegpt` restores the record exactly.
+    """
+    role = {"human": "user", "gpt": "assistant", "system": "system"}
+    out: dict[str, Any] = {}
+    if record.id is not None:
+        out["id"] = record.id
+    out["messages"] = [{"role": role[m.role], "content": m.text()} for m in record.conversations]
+    if record.images:
+        out["images"] = record.images
+    for k, v in (record.model_extra or {}).items():
+        out.setdefault(k, v)
+    return out
+
+
+def from_sharegpt(row: dict[str, Any], default_id: str = "0") -> Record:
+    """A sharegpt row (``messages`` or ``conversations``) as a :class:`Record` (LLaVA layout)."""
+    return record_from_any(row, default_id)
+
+
+def write_records(records: Iterable[Record], path: str | Path, fmt: str = "llava") -> Path:
+    """Write records as ``llava`` (MMedAgent) or ``sharegpt``; ``.jsonl`` → one per line, else a JSON array."""
+    if fmt not in ("llava", "sharegpt"):
+        raise ValueError(f"unknown format {fmt!r}; use 'llava' or 'sharegpt'")
+    rows = [r.to_dict() if fmt == "llava" else to_sharegpt(r) for r in records]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() == ".jsonl":
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    else:
+        path.write_text(json.dumps(rows, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    return path
+
+
+def convert(src: str | Path, dst: str | Path, fmt: str = "llava", image_folder: str | Path | None = None) -> int:
+    """Convert any readable data (JSON/JSONL/sharegpt/HF) to ``fmt``; returns the number of records."""
+    records = read_records(src, image_folder=image_folder)
+    write_records(records, dst, fmt)
+    return len(records)
+

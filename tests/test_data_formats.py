@@ -1,0 +1,192 @@
+"""mmedagent.data.formats: reading MMedAgent/LLaVA, sharegpt, Alpaca and HF data; writers; round trips."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mmedagent.data.formats import DataError, convert, from_sharegpt, read_records, to_sharegpt, write_records
+from mmedagent.protocol import IMAGE_TOKEN, Record, parse_tool_results, parse_turn
+
+MMEDAGENT_RECORD = {
+    "id": "m1",
+    "image": "scans/brain.jpg",
+    "conversations": [
+        {"from": "human", "value": "<image>\nCan you locate the tumor in this MRI image?"},
+        {"from": "gpt", "thoughts": "Grounding finds it.",
+         "actions": [{"API_name": "grounding dino", "API_params": {"image": "<imagepath>", "prompts": ["tumor"]}}],
+         "value": "I will locate it. Please wait."},
+        {"from": "human", "value": "grounding dino output: {'boxes': [[0.41, 0.54, 0.76, 0.75]], 'logits': [0.95], "
+                                   "'phrases': ['tumor']}\n\nAnswer my first question: Can you locate the tumor in this MRI image?"},
+        {"from": "gpt", "thoughts": "Done.", "actions": [], "value": "The tumor is at [0.41, 0.54, 0.76, 0.75]."},
+    ],
+}
+
+
+def write_json(path, obj):
+    path.write_text(json.dumps(obj), encoding="utf-8")
+    return path
+
+
+def test_mmedagent_json_array_and_named_jsonl(tmp_path):
+    a = write_json(tmp_path / "a.json", [MMEDAGENT_RECORD])
+    b = write_json(tmp_path / "b.jsonl", [MMEDAGENT_RECORD])  # MMedAgent's ".jsonl" is a JSON array
+    for p in (a, b):
+        (rec,) = read_records(p)
+        assert rec.id == "m1" and rec.image == "scans/brain.jpg"
+        gpt = rec.conversations[1]
+        assert gpt.actions[0].API_name == "grounding dino" and gpt.actions[0].API_params["prompts"] == ["tumor"]
+        assert parse_tool_results(rec.conversations[2].value).outcomes[0].output["logits"] == [0.95]
+
+
+def test_jsonl_and_comma_separated_lists(tmp_path):
+    lines = tmp_path / "c.jsonl"
+    rows = [{"conversations": [{"from": "human", "value": f"Question {i}?"}, {"from": "gpt", "value": f"Answer {i}."}]}
+            for i in range(3)]
+    lines.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n", encoding="utf-8")
+    a = write_json(tmp_path / "a.json", [MMEDAGENT_RECORD])
+    recs = read_records(f"{a},{lines}")
+    assert len(recs) == 4
+    assert [r.id for r in recs[1:]] == ["c-1", "c-2", "c-3"]  # ids given where missing
+    assert recs[1].image is None and recs[1].conversations[1].value == "Answer 0."
+
+
+def test_sharegpt_messages_with_parts_and_tags(tmp_path):
+    rows = [
+        {"messages": [{"role": "user", "content": "<image>What modality is this?"},
+                      {"role": "assistant", "content": "A chest X-ray."}], "images": ["x.png"]},
+        {"messages": [{"role": "system", "content": "Be brief."},
+                      {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it."}]},
+                      {"role": "assistant", "content": [{"type": "text", "text": "A CT slice."}]}],
+         "images": ["y.png"]},
+        {"messages": [{"role": "user", "content": "Compare."}, {"role": "assistant", "content": "Same."}],
+         "images": ["p.png", "q.png"]},
+    ]
+    recs = read_records(write_json(tmp_path / "s.json", rows))
+    assert recs[0].image == "x.png" and recs[0].conversations[0].value.startswith(IMAGE_TOKEN)
+    assert recs[1].conversations[0].role == "system"
+    assert recs[1].conversations[1].value == f"{IMAGE_TOKEN}\nDescribe it."
+    assert recs[2].image == ["p.png", "q.png"] and recs[2].conversations[0].value.count(IMAGE_TOKEN) == 2
+
+
+def test_llamafactory_function_call_and_observation(tmp_path):
+    row = {"conversations": [
+        {"from": "human", "value": "<image>Where is the nodule?"},
+        {"from": "function_call", "value": json.dumps({"name": "grounding", "arguments": {"prompts": ["nodule"]}})},
+        {"from": "observation", "value": json.dumps({"boxes": [[0.1, 0.2, 0.3, 0.4]]})},
+        {"from": "gpt", "value": "Upper left."}], "images": ["n.png"]}
+    (rec,) = read_records(write_json(tmp_path / "f.json", [row]))
+    assert rec.conversations[1].actions[0].API_name == "grounding"
+    res = parse_tool_results(rec.conversations[2].value)
+    assert res.question == "Where is the nodule?" and res.outcomes[0].output == {"boxes": [[0.1, 0.2, 0.3, 0.4]]}
+
+
+def test_alpaca_and_text_only(tmp_path):
+    rows = [{"instruction": "Define anemia.", "input": "", "output": "Low haemoglobin."},
+            {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}]
+    recs = read_records(write_json(tmp_path / "t.json", rows))
+    assert recs[0].conversations[0].value == "Define anemia." and recs[0].image is None
+    assert recs[1].conversations[1].value == "Hello"
+
+
+def test_turn_markers_in_plain_text_become_tool_turns(tmp_path):
+    text = '"thoughts🤔" look\n"actions🚀" [{\'API_name\': \'MedSAM\', \'API_params\': {\'boxes\': [[0.1, 0.1, 0.5, 0.5]]}}]\n"value👉" wait'
+    rows = [{"conversations": [{"from": "human", "value": "Segment it"}, {"from": "gpt", "value": text}]}]
+    (rec,) = read_records(write_json(tmp_path / "p.json", rows))
+    gpt = rec.conversations[1]
+    assert gpt.actions[0].API_name == "MedSAM" and gpt.thoughts == "look" and gpt.value == "wait"
+    bad = [{"conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "value": '"actions🚀" [oops\n"value👉" v'}]}]
+    with pytest.raises(DataError, match=r"bad\.json: record 1: .*turn markers"):
+        read_records(write_json(tmp_path / "bad.json", bad))
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        ('[{"conversations": []}, ', r"invalid JSON at line 1"),
+        ('[{"conversations": [{"from": "robot", "value": "x"}]}]', r"record 1: turn 1 has unknown role"),
+        ('[{"id": 1, "conversations": [{"from": "human", "value": "q"}]}, {"foo": 1}]', r"record 2: no conversations"),
+        ('[{"image": "a.png", "conversations": [{"from": "human", "value": "<image><image>q"}]}]', r"record 1: 2 <image> tag"),
+        ('[{"image": "a.png", "caption": "  "}]', r"record 1: empty caption"),
+        ('[3]', r"record 1: a record must be a JSON object"),
+    ],
+)
+def test_errors_name_file_and_record(tmp_path, content, match):
+    p = tmp_path / "bad.json"
+    p.write_text(content, encoding="utf-8")
+    with pytest.raises(DataError, match=match) as e:
+        read_records(p)
+    assert "bad.json" in str(e.value)
+    assert issubclass(DataError, ValueError)
+
+
+def test_jsonl_error_names_line(tmp_path):
+    p = tmp_path / "l.jsonl"
+    p.write_text('{"conversations": [{"from": "human", "value": "q"}]}\n{broken\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"l\.jsonl: record 2 \(line 2\)"):
+        read_records(p)
+    with pytest.raises(DataError, match="not found"):
+        read_records(tmp_path / "missing.json")
+
+
+def test_check_images(tmp_path):
+    p = write_json(tmp_path / "a.json", [MMEDAGENT_RECORD])
+    with pytest.raises(DataError, match="record 1: image not found: scans/brain.jpg"):
+        read_records(p, image_folder=tmp_path, check_images=True)
+    (tmp_path / "scans").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "scans" / "brain.jpg")
+    assert len(read_records(p, image_folder=tmp_path, check_images=True)) == 1
+
+
+def test_round_trip_llava_sharegpt_llava(tmp_path):
+    rec = Record.from_dict(MMEDAGENT_RECORD)
+    sg = to_sharegpt(rec)
+    assert sg["images"] == ["scans/brain.jpg"] and sg["messages"][1]["role"] == "assistant"
+    assert parse_turn(sg["messages"][1]["content"]).actions[0].API_name == "grounding dino"
+    assert from_sharegpt(sg).to_dict() == rec.to_dict()
+    # through files, both layouts and both suffixes
+    write_records([rec], tmp_path / "sg.jsonl", fmt="sharegpt")
+    assert convert(tmp_path / "sg.jsonl", tmp_path / "back.json", fmt="llava") == 1
+    back = json.loads((tmp_path / "back.json").read_text())
+    assert back == [rec.to_dict()]
+    write_records([rec], tmp_path / "ll.json")
+    convert(tmp_path / "ll.json", tmp_path / "sg2.json", fmt="sharegpt")
+    assert json.loads((tmp_path / "sg2.json").read_text()) == [sg]
+    with pytest.raises(ValueError, match="unknown format"):
+        write_records([rec], tmp_path / "x.json", fmt="alpaca")
+
+
+@pytest.fixture(scope="module")
+def caption_dataset(tmp_path_factory):
+    datasets = pytest.importorskip("datasets")
+    root = tmp_path_factory.mktemp("hf")
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)) for _ in range(3)]
+    ds = datasets.Dataset.from_dict(
+        {"image": images, "id": ["a/1", "b 2", "c3"], "caption": ["Chest X-ray, normal.", "Brain MRI.", "Abdomen CT."]},
+        features=datasets.Features({"image": datasets.Image(), "id": datasets.Value("string"), "caption": datasets.Value("string")}),
+    )
+    ds.save_to_disk(str(root / "medtrinity"))
+    ds.to_parquet(str(root / "radiology.parquet"))
+    return root, images
+
+
+def test_hf_saved_dataset_image_caption(caption_dataset, tmp_path):
+    root, images = caption_dataset
+    recs = read_records(root / "medtrinity", image_folder=tmp_path / "img")
+    assert [r.conversations[1].value for r in recs] == ["Chest X-ray, normal.", "Brain MRI.", "Abdomen CT."]
+    assert recs[0].image == "a_1.png" and recs[1].image == "b_2.png"
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "img" / "a_1.png")), np.asarray(images[0]))
+    assert all(r.conversations[0].value.startswith(IMAGE_TOKEN + "\n") for r in recs)
+    assert recs[0].conversations[1].actions == []  # a direct answer: no tool
+
+
+def test_hf_parquet_default_export_folder(caption_dataset):
+    root, _ = caption_dataset
+    recs = read_records(root / "radiology.parquet")
+    assert len(recs) == 3
+    from pathlib import Path
+
+    assert Path(recs[2].image).is_absolute() and Path(recs[2].image).is_file()
+    assert Path(recs[2].image).parent.name == "radiology_images"
