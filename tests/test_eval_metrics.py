@@ -192,7 +192,8 @@ def test_tool_selection_resolves_aliases(fake_grounding):
     assert T.selection_correct([], [])
     assert not T.selection_correct([g], [])
     # an unregistered name compares case-insensitively
-    assert T.selection_correct([ToolCall(API_name="biomedclip")], [other])
+    assert T.selection_correct([ToolCall(API_name="XRay Magic")], [ToolCall(API_name="xray magic ")])
+    assert T.canonical_name("XRay Magic") == "xray magic"
     assert T.call_counts([alias, alias, other], [g]) == (1, 3, 1)
 
 

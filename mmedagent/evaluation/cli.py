@@ -1,0 +1,140 @@
+"""``python scripts/evaluate.py``: evaluate a model on a file, or compare two reports."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from mmedagent.evaluation.readers import EvalFileError, load_samples
+
+
+def _is_url(s: str) -> bool:
+    return s.startswith(("http://", "https://"))
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="evaluate.py",
+        description="Evaluate a planner's tool use and answers on an evaluation file, or compare two reports.",
+    )
+    p.add_argument("--model", help="checkpoint directory or hub id, 'demo', or an http(s) endpoint URL")
+    p.add_argument("--data", help="evaluation file: project records, MMedAgent eval JSONL, or VQA-RAD/SLAKE QA")
+    p.add_argument("--image-folder", help="folder the records' image paths are relative to")
+    p.add_argument("--json-out", help="write the full report (metrics, per-sample answers) as JSON")
+    p.add_argument("--name", help="name of this run in reports and comparisons (default: the model)")
+    p.add_argument("--tool-mode", choices=("live", "gold"), default="live",
+                   help="live: run the real tools; gold: feed the gold tool outputs from the data (default live)")
+    p.add_argument("--tools", nargs="+", metavar="NAME", help="tools offered to the planner (default: all registered)")
+    p.add_argument("--tool-options", default="{}", help='JSON: {"tool name": {constructor options}} for live tools')
+    p.add_argument("--endpoint", choices=("agent", "planner"), default="agent",
+                   help="for a URL: 'agent' = an mmedagent controller (runs tools, returns mmedagent_trace); "
+                        "'planner' = any OpenAI-compatible model endpoint driven by the local agent loop")
+    p.add_argument("--served-model-name", help="'model' field sent to an endpoint")
+    p.add_argument("--max-steps", type=int, default=3)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--k", type=int, default=5, help="k of RAG recall@k")
+    p.add_argument("--limit", type=int, help="evaluate only the first N samples")
+    p.add_argument("--judge-url", help="optional LLM-as-judge: an OpenAI-compatible endpoint")
+    p.add_argument("--judge-model", help="'model' field for the judge endpoint")
+    p.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), help="compare two reports instead of evaluating")
+    p.add_argument("--out", default=".", help="folder for compare.md and compare.png (with --compare)")
+    p.add_argument("--quiet", action="store_true", help="no per-sample progress on stderr")
+    return p
+
+
+def _tool_classes(names: Sequence[str] | None) -> list[Any]:
+    from mmedagent.tools.registry import get_tool, list_tools
+
+    return [get_tool(n) for n in names] if names else list_tools()
+
+
+def make_runner(args: argparse.Namespace) -> Any:
+    """The runner for ``--model``: controller endpoint, planner endpoint, or local checkpoint."""
+    from mmedagent.evaluation.runner import AgentRunner, ControllerRunner, OpenAIPlanner
+
+    if _is_url(args.model) and args.endpoint == "agent":
+        if args.tool_mode == "gold":
+            raise SystemExit("--tool-mode gold needs a planner: a local model or --endpoint planner (the controller runs its own tools)")
+        return ControllerRunner(args.model, args.served_model_name, image_folder=args.image_folder,
+                                max_new_tokens=args.max_new_tokens)
+    if _is_url(args.model):
+        planner = OpenAIPlanner(args.model, args.served_model_name)
+    else:
+        from mmedagent.model import load_planner
+
+        path: Any = args.model
+        if args.model == "demo":
+            from mmedagent.demo import demo_model_path
+
+            path = demo_model_path(build_if_missing=True)
+        planner = load_planner(path)
+    classes = _tool_classes(args.tools)
+    tools: list[Any] = classes
+    if args.tool_mode == "live":
+        options = json.loads(args.tool_options)
+        tools = [cls(**options.get(cls.name, {})) for cls in classes]
+    return AgentRunner(planner, args.tool_mode, tools, image_folder=args.image_folder, max_steps=args.max_steps,
+                       max_new_tokens=args.max_new_tokens)
+
+
+def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
+    from mmedagent.evaluation.scoring import build_report
+
+    samples = load_samples(args.data, args.limit)
+    runner = make_runner(args)
+    results = []
+    started = time.monotonic()
+    try:
+        for i, smp in enumerate(samples, 1):
+            results.append(runner.run(smp))
+            if not args.quiet:
+                print(f"[{i}/{len(samples)}] {smp.task}: {results[-1].error or 'ok'}", file=sys.stderr)
+    finally:
+        runner.close()
+    judge_scores = None
+    if args.judge_url:
+        from mmedagent.evaluation.judge import judge
+
+        judge_scores = judge(samples, results, args.judge_url, args.judge_model)
+    meta = {
+        "name": args.name or Path(str(args.model)).name or str(args.model),
+        "model": str(args.model), "data": str(args.data), "tokens_counted_by": runner.tokens_counted_by,
+        "total_wall_s": time.monotonic() - started, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    return build_report(samples, results, tool_mode=args.tool_mode, k=args.k, meta=meta, judge=judge_scores)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.compare:
+        from mmedagent.evaluation.compare import compare
+
+        try:
+            md, png = compare(*args.compare, args.out)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(md)
+        print(f"wrote {Path(args.out) / 'compare.md'} and {png}", file=sys.stderr)
+        return 0
+    if not args.model or not args.data:
+        print("error: --model and --data are required (or --compare A.json B.json)", file=sys.stderr)
+        return 2
+    try:
+        report = run_evaluation(args)
+    except (EvalFileError, FileNotFoundError, json.JSONDecodeError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from mmedagent.evaluation.scoring import markdown_summary
+
+    print(markdown_summary(report))
+    if args.json_out:
+        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_out).write_text(json.dumps(report, indent=1, ensure_ascii=False), encoding="utf-8")
+        print(f"wrote {args.json_out}", file=sys.stderr)
+    return 0

@@ -1,0 +1,101 @@
+"""Before/after: two evaluation reports side by side — Markdown table, bar chart PNG, examples."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from mmedagent.evaluation.scoring import RATE_METRICS, SUMMARY_METRICS, _fmt
+
+
+def load_report(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read evaluation report {path}: {e}") from None
+    if not isinstance(report, dict) or "overall" not in report:
+        raise ValueError(f"{path} is not an evaluation report (no 'overall'); write one with --json-out")
+    return report
+
+
+def _name(report: dict[str, Any], fallback: str) -> str:
+    return str(report.get("name") or report.get("model") or fallback)
+
+
+def compare_table(a: dict[str, Any], b: dict[str, Any], names: tuple[str, str]) -> str:
+    """Overall metrics of both reports plus the per-task tool-selection accuracy, with B − A."""
+    rows: list[tuple[str, Any, Any]] = [
+        (m, a["overall"].get(m), b["overall"].get(m)) for m in SUMMARY_METRICS
+        if a["overall"].get(m) is not None or b["overall"].get(m) is not None
+    ]
+    for task in sorted(set(a.get("per_task", {})) | set(b.get("per_task", {}))):
+        va = a.get("per_task", {}).get(task, {}).get("tool_selection_accuracy")
+        vb = b.get("per_task", {}).get(task, {}).get("tool_selection_accuracy")
+        if va is not None or vb is not None:
+            rows.append((f"tool_selection_accuracy [{task}]", va, vb))
+    lines = [f"| metric | {names[0]} | {names[1]} | Δ |", "|---|---|---|---|"]
+    for m, va, vb in rows:
+        delta = f"{vb - va:+.3f}" if isinstance(va, (int, float)) and isinstance(vb, (int, float)) else "–"
+        lines.append(f"| {m} | {_fmt(va)} | {_fmt(vb)} | {delta} |")
+    return "\n".join(lines)
+
+
+def bar_chart(a: dict[str, Any], b: dict[str, Any], names: tuple[str, str], out: str | Path) -> Path:
+    """Grouped bars of the [0, 1] metrics both reports have; written as PNG (Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    metrics = [m for m in RATE_METRICS if a["overall"].get(m) is not None and b["overall"].get(m) is not None]
+    if not metrics:
+        raise ValueError("the two reports share no [0, 1] metric to chart")
+    x = np.arange(len(metrics))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(metrics) + 2), 4))
+    ax.bar(x - 0.2, [a["overall"][m] for m in metrics], 0.4, label=names[0])
+    ax.bar(x + 0.2, [b["overall"][m] for m in metrics], 0.4, label=names[1])
+    ax.set_xticks(x, metrics, rotation=35, ha="right")
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("score")
+    ax.legend()
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def examples(a: dict[str, Any], b: dict[str, Any], names: tuple[str, str], n: int = 3) -> str:
+    """A few questions both reports answered, differing answers first."""
+    by_id = {s["id"]: s for s in b.get("samples", [])}
+    common = [(s, by_id[s["id"]]) for s in a.get("samples", []) if s["id"] in by_id]
+    common.sort(key=lambda p: p[0]["answer"] == p[1]["answer"])
+    parts = []
+    for sa, sb in common[:n]:
+        parts.append(
+            f"**{sa['task']} / {sa['id']}** — {sa['question']}\n\n"
+            f"- gold: {sa.get('gold_answer') or '–'} (tools: {', '.join(sa.get('gold_calls') or []) or '–'})\n"
+            f"- {names[0]}: {sa['answer'] or '–'} (tools: {', '.join(sa['calls']) or '–'})\n"
+            f"- {names[1]}: {sb['answer'] or '–'} (tools: {', '.join(sb['calls']) or '–'})"
+        )
+    return "\n\n".join(parts)
+
+
+def compare(path_a: str | Path, path_b: str | Path, out_dir: str | Path, n_examples: int = 3) -> tuple[str, Path]:
+    """Write ``compare.md`` and ``compare.png`` to ``out_dir``; returns the Markdown and the PNG path."""
+    a, b = load_report(path_a), load_report(path_b)
+    names = (_name(a, "A"), _name(b, "B"))
+    if names[0] == names[1]:
+        names = (f"A: {names[0]}", f"B: {names[1]}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    png = bar_chart(a, b, names, out_dir / "compare.png")
+    md = (
+        f"## {names[0]} vs {names[1]}\n\n{compare_table(a, b, names)}\n\n![metrics]({png.name})\n\n"
+        f"### Examples\n\n{examples(a, b, names, n_examples)}\n"
+    )
+    (out_dir / "compare.md").write_text(md, encoding="utf-8")
+    return md, png

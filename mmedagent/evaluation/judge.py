@@ -1,0 +1,44 @@
+"""Optional LLM-as-judge through any OpenAI-compatible chat endpoint (never required).
+
+The judge sees the question, the reference (gold answer or MMedAgent's ``fig_caption``) and the
+answer, and replies with a score from 1 to 10; samples without a reference are not judged.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from mmedagent.evaluation.readers import EvalSample
+from mmedagent.evaluation.runner import OpenAIPlanner, SampleResult
+
+PROMPT = (
+    "You grade answers of a medical imaging assistant. Compare the answer with the reference and "
+    "reply with one integer from 1 (wrong or unhelpful) to 10 (correct and complete), nothing else.\n\n"
+    "Question: {question}\nReference: {reference}\nAnswer: {answer}\nScore:"
+)
+_SCORE = re.compile(r"\b(10|[1-9])\b")
+
+
+def parse_score(text: str) -> float | None:
+    m = _SCORE.search(text)
+    return float(m.group(1)) if m else None
+
+
+def judge(samples: Sequence[EvalSample], results: Sequence[SampleResult], url: str, model: str | None = None,
+          api_key: str | None = None) -> list[float | None]:
+    """One 1–10 score per sample (``None`` where there is no reference or no score in the reply)."""
+    client = OpenAIPlanner(url, model, api_key)
+    scores: list[float | None] = []
+    try:
+        for smp, r in zip(samples, results):
+            reference = smp.gold_answer or smp.reference.get("fig_caption")
+            if not reference or r.error:
+                scores.append(None)
+                continue
+            prompt = PROMPT.format(question=smp.question, reference=reference, answer=r.answer)
+            reply = client.generate([{"role": "user", "content": prompt}], None, temperature=0.0, max_new_tokens=8)
+            scores.append(parse_score(reply))
+    finally:
+        client.client.close()
+    return scores

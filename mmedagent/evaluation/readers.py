@@ -1,0 +1,205 @@
+"""Evaluation files in, :class:`EvalSample` out.
+
+Three layouts are read (detected per record):
+
+* the project's own records (``mmedagent.protocol.Record``: ``conversations`` with gold tool
+  calls in gpt turns and gold tool outputs in tool-result turns), optionally with ``task`` /
+  ``type``, ``answer_type`` and a ``gold`` mapping (``boxes``, ``masks``, ``label``, ``relevant``);
+* MMedAgent's ``eval_agent_tool_use_all.jsonl`` (``question_id``, ``type``, ``image``,
+  ``pre_text``, ``assist`` = gold planning turn text, ``text`` = gold tool output +
+  "Answer my first question: …", ``fig_caption``);
+* VQA-RAD / SLAKE-style QA (``question``, ``answer``, ``answer_type`` CLOSED/OPEN, ``image`` /
+  ``image_name`` / ``img_name``); SLAKE's non-English questions (``q_lang`` ≠ ``en``) are skipped.
+
+A file is a JSON array or JSON lines.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, ValidationError
+
+from mmedagent.protocol import (
+    AssistantTurn,
+    Record,
+    ToolCall,
+    ToolOutcome,
+    TurnParseError,
+    parse_tool_results,
+    parse_turn,
+    strip_image_token,
+)
+
+
+class EvalSample(BaseModel):
+    """One evaluation question with everything known about its gold answer."""
+
+    id: str
+    task: str
+    source: Literal["record", "mmedagent", "qa"]
+    image: str | None = None
+    question: str
+    gold_turns: list[AssistantTurn] | None = None
+    """Gold assistant turns in order; ``None`` when the file says nothing about tool use."""
+    gold_results: list[list[ToolOutcome]] = Field(default_factory=list)
+    """Gold tool outputs, one list per gold turn that called tools (what gold mode feeds back)."""
+    gold_answer: str | None = None
+    answer_type: Literal["closed", "open"] | None = None
+    reference: dict[str, Any] = Field(default_factory=dict)
+    """Extra gold: ``boxes``, ``masks`` (COCO RLE), ``label``, ``relevant``, ``fig_caption``."""
+
+    @property
+    def gold_calls(self) -> list[ToolCall] | None:
+        if self.gold_turns is None:
+            return None
+        return [a for t in self.gold_turns for a in t.actions]
+
+
+class EvalFileError(ValueError):
+    """An evaluation file or record that cannot be read; names the file and record."""
+
+
+def _answer_type(value: Any) -> Literal["closed", "open"] | None:
+    if value is None:
+        return None
+    v = str(value).strip().lower()
+    if v not in ("closed", "open"):
+        raise ValueError(f"answer_type must be CLOSED or OPEN, got {value!r}")
+    return v  # type: ignore[return-value]
+
+
+def _task_from_calls(calls: list[ToolCall]) -> str:
+    from mmedagent.evaluation.tooluse import canonical_name
+
+    return "+".join(sorted({canonical_name(c.API_name) for c in calls})) or "direct"
+
+
+def from_record(d: dict[str, Any], index: int) -> EvalSample:
+    """A project record: the first question, its gold turns, tool outputs and final answer."""
+    rec = Record.from_dict(d)
+    msgs = rec.conversations
+    start = next((i for i, m in enumerate(msgs) if m.role == "human"), None)
+    if start is None:
+        raise ValueError("record has no human turn")
+    question = strip_image_token(msgs[start].value)
+    turns: list[AssistantTurn] = []
+    results: list[list[ToolOutcome]] = []
+    for m in msgs[start + 1 :]:
+        if m.role == "gpt":
+            turns.append(m.assistant_turn() if m.is_tool_turn else parse_turn(m.value, strict=False))
+        elif m.role == "human":
+            try:
+                results.append(parse_tool_results(m.value).outcomes)
+            except TurnParseError:
+                break  # the next question of a multi-turn record: only the first exchange is scored
+    if not turns:
+        raise ValueError("record has no gpt turn after the first question")
+    extra = rec.model_extra or {}
+    calls = [a for t in turns for a in t.actions]
+    return EvalSample(
+        id=str(rec.id if rec.id is not None else index),
+        task=str(extra.get("task") or extra.get("type") or _task_from_calls(calls)),
+        source="record",
+        image=rec.images[0] if rec.images else None,
+        question=question,
+        gold_turns=turns,
+        gold_results=results,
+        gold_answer=turns[-1].value if not turns[-1].actions else None,
+        answer_type=_answer_type(extra.get("answer_type")),
+        reference=dict(extra.get("gold") or {}),
+    )
+
+
+def from_mmedagent(d: dict[str, Any], index: int) -> EvalSample:
+    """A line of MMedAgent's ``eval_agent_tool_use_all.jsonl``."""
+    turn = parse_turn(str(d.get("assist", "")), strict=False)
+    results: list[list[ToolOutcome]] = []
+    if turn.actions:
+        results.append(parse_tool_results(str(d.get("text", ""))).outcomes)
+    reference = {"fig_caption": d["fig_caption"]} if d.get("fig_caption") else {}
+    return EvalSample(
+        id=str(d.get("question_id", index)),
+        task=str(d.get("type") or _task_from_calls(turn.actions)),
+        source="mmedagent",
+        image=d.get("image"),
+        question=strip_image_token(str(d["pre_text"])),
+        gold_turns=[turn],
+        gold_results=results,
+        reference=reference,
+    )
+
+
+def from_qa(d: dict[str, Any], index: int) -> EvalSample:
+    """A VQA-RAD / SLAKE-style question with a reference answer; tool use is not scored."""
+    answer_type = _answer_type(d.get("answer_type"))
+    return EvalSample(
+        id=str(d.get("qid", d.get("question_id", d.get("id", index)))),
+        task=f"vqa_{answer_type}" if answer_type else "vqa",
+        source="qa",
+        image=d.get("image") or d.get("image_name") or d.get("img_name"),
+        question=strip_image_token(str(d["question"])),
+        gold_answer=str(d["answer"]),
+        answer_type=answer_type,
+    )
+
+
+def sample_from_dict(d: dict[str, Any], index: int) -> EvalSample | None:
+    """Detect the layout of one record and read it; ``None`` for a record that is skipped."""
+    if not isinstance(d, dict):
+        raise ValueError("record is not a JSON object")
+    if "conversations" in d:
+        return from_record(d, index)
+    if "pre_text" in d:
+        return from_mmedagent(d, index)
+    if "question" in d and "answer" in d:
+        if str(d.get("q_lang", "en")).lower() != "en":
+            return None
+        return from_qa(d, index)
+    raise ValueError(
+        "unknown record layout: expected 'conversations' (project records), 'pre_text'/'assist'/'text' "
+        "(MMedAgent eval) or 'question'/'answer' (VQA-RAD/SLAKE)"
+    )
+
+
+def _raw_records(path: Path) -> list[Any]:
+    text = path.read_text(encoding="utf-8")
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise EvalFileError(f"{path}: not valid JSON: {e}") from None
+        return data
+    records = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise EvalFileError(f"{path}, line {n}: not valid JSON: {e}") from None
+    return records
+
+
+def load_samples(path: str | Path, limit: int | None = None) -> list[EvalSample]:
+    """Read every record of an evaluation file (JSON array or JSON lines)."""
+    path = Path(path)
+    if not path.is_file():
+        raise EvalFileError(f"evaluation file not found: {path}")
+    samples: list[EvalSample] = []
+    for i, d in enumerate(_raw_records(path)):
+        try:
+            s = sample_from_dict(d, i)
+        except (ValueError, KeyError, TypeError, ValidationError, TurnParseError) as e:
+            what = f"missing field {e}" if isinstance(e, KeyError) else str(e).splitlines()[0]
+            raise EvalFileError(f"{path}, record {i}: {what}") from None
+        if s is not None:
+            samples.append(s)
+        if limit is not None and len(samples) >= limit:
+            break
+    if not samples:
+        raise EvalFileError(f"{path}: no evaluation records")
+    return samples

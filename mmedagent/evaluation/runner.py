@@ -1,0 +1,284 @@
+"""Run a model over evaluation samples and keep everything the metrics need.
+
+Three ways to get a model's behaviour on a sample:
+
+* :class:`AgentRunner` — a planner (local model from ``mmedagent.model.load_planner`` or any
+  OpenAI-compatible chat endpoint through :class:`OpenAIPlanner`) inside the real
+  :class:`mmedagent.agent.Agent`, with either the real tools (``live``: the real
+  :class:`~mmedagent.dispatcher.Dispatcher`) or the sample's gold tool outputs (``gold``:
+  :class:`GoldToolOutputs`). Either way the planner reads the tool outputs, worded by
+  ``mmedagent.protocol.render_tool_results`` — never the question in their place.
+* :class:`ControllerRunner` — the controller's ``/v1/chat/completions``, which runs the whole
+  agent server-side and returns its tool trace in the ``mmedagent_trace`` field.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, ValidationError
+
+from mmedagent.agent import Agent, AgentStep
+from mmedagent.evaluation.metrics import tokenize
+from mmedagent.evaluation.readers import EvalSample
+from mmedagent.evaluation.tooluse import canonical_name
+from mmedagent.protocol import IMAGE_TOKEN, ToolCall, ToolOutcome, system_prompt
+from mmedagent.tools.base import Tool
+
+ToolMode = Literal["live", "gold"]
+
+
+class SampleResult(BaseModel):
+    """What the model did on one sample."""
+
+    id: str
+    task: str
+    answer: str = ""
+    steps: list[AgentStep] = Field(default_factory=list)
+    stopped: str = ""
+    wall_s: float = 0.0
+    tokens: int = 0
+    error: str | None = None
+
+    @property
+    def calls(self) -> list[ToolCall]:
+        return [a for s in self.steps if s.turn for a in s.turn.actions]
+
+    @property
+    def outcomes(self) -> list[ToolOutcome]:
+        return [o for s in self.steps for o in s.outcomes]
+
+    @property
+    def tool_s(self) -> float:
+        return sum(s.tools_s for s in self.steps)
+
+    @property
+    def model_s(self) -> float:
+        return sum(s.model_s for s in self.steps)
+
+
+class GoldToolOutputs:
+    """Stands in for the dispatcher in gold mode: each call gets the sample's gold output.
+
+    The k-th planner turn with calls is answered from the k-th gold tool-result turn; a call is
+    paired with the gold output of the same tool (aliases resolved). A call with no gold output
+    gets an error outcome, as an unavailable tool would.
+    """
+
+    tools: dict[str, Tool] = {}
+
+    def __init__(self, gold_results: Sequence[Sequence[ToolOutcome]]):
+        self._turns = [list(t) for t in gold_results]
+
+    def dispatch_all(self, calls: Sequence[ToolCall], image: Any) -> tuple[list[ToolOutcome], list[None]]:
+        gold = self._turns.pop(0) if self._turns else []
+        outcomes = []
+        for call in calls:
+            name = canonical_name(call.API_name)
+            match = next((o for o in gold if canonical_name(o.tool) == name), None)
+            if match is None:
+                outcomes.append(ToolOutcome(tool=call.API_name, ok=False, error=f"no gold output for {call.API_name!r} in this sample"))
+            else:
+                gold.remove(match)
+                outcomes.append(match.model_copy(update={"tool": call.API_name}))
+        return outcomes, [None] * len(calls)
+
+
+def load_image(name: str | None, image_folder: str | Path | None) -> Any:
+    """The sample's image as PIL RGB (DICOM/NIfTI through ``mmedagent.imaging``), or ``None``."""
+    if not name:
+        return None
+    path = Path(image_folder) / name if image_folder else Path(name)
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    from mmedagent.imaging import load_image as _load
+
+    return _load(path).image
+
+
+def _count_tokens(tokenizer: Any, text: str) -> int:
+    if tokenizer is None:
+        return len(tokenize(text))
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def planner_tokenizer(planner: Any) -> Any:
+    """The planner's tokenizer if it exposes one (``tokenizer`` or ``processor.tokenizer``)."""
+    tok = getattr(planner, "tokenizer", None)
+    if tok is None:
+        tok = getattr(getattr(planner, "processor", None), "tokenizer", None)
+    return tok if callable(tok) else None
+
+
+class AgentRunner:
+    """A planner inside the real agent loop, with live tools or gold tool outputs."""
+
+    def __init__(
+        self,
+        planner: Any,
+        tool_mode: ToolMode,
+        tools: Sequence[Tool] | Sequence[type[Tool]],
+        *,
+        image_folder: str | Path | None = None,
+        max_steps: int = 3,
+        timeout_s: float = 120.0,
+        **gen: Any,
+    ):
+        if tool_mode not in ("live", "gold"):
+            raise ValueError(f"tool_mode must be 'live' or 'gold', not {tool_mode!r}")
+        self.planner, self.tool_mode, self.image_folder, self.max_steps = planner, tool_mode, image_folder, max_steps
+        self.gen = {"temperature": 0.0, "max_new_tokens": 256, **gen}
+        classes = [t if isinstance(t, type) else type(t) for t in tools]
+        self.system = system_prompt(classes)
+        self.dispatcher = None
+        if tool_mode == "live":
+            from mmedagent.dispatcher import Dispatcher
+
+            self.dispatcher = Dispatcher([t() if isinstance(t, type) else t for t in tools], timeout_s=timeout_s)
+        self.tokenizer = planner_tokenizer(planner)
+        self.tokens_counted_by = "usage" if hasattr(planner, "completion_tokens") else (
+            "tokenizer" if self.tokenizer is not None else "words"
+        )
+
+    def run(self, sample: EvalSample) -> SampleResult:
+        started = time.monotonic()
+        try:
+            image = load_image(sample.image, self.image_folder)
+        except (OSError, ValueError) as e:
+            return SampleResult(id=sample.id, task=sample.task, error=str(e))
+        dispatcher = self.dispatcher if self.tool_mode == "live" else GoldToolOutputs(sample.gold_results)
+        agent = Agent(self.planner, dispatcher, max_steps=self.max_steps, system=self.system, **self.gen)  # type: ignore[arg-type]
+        used_before = getattr(self.planner, "completion_tokens", 0)
+        res = agent.run(sample.question, image)
+        if self.tokens_counted_by == "usage":
+            tokens = self.planner.completion_tokens - used_before
+        else:
+            tokens = sum(_count_tokens(self.tokenizer, s.raw) for s in res.steps)
+        return SampleResult(
+            id=sample.id, task=sample.task, answer=res.answer, steps=res.steps, stopped=res.stopped,
+            wall_s=time.monotonic() - started, tokens=tokens,
+        )
+
+    def close(self) -> None:
+        if self.dispatcher is not None:
+            self.dispatcher.close()
+
+
+def _image_data_url(image: Any) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _openai_messages(messages: Sequence[dict[str, str]], image: Any) -> list[dict[str, Any]]:
+    """OpenAI chat messages; the image goes into the first user message as an image part."""
+    out: list[dict[str, Any]] = []
+    placed = image is None
+    for m in messages:
+        if m["role"] == "user" and not placed:
+            text = m["content"].replace(IMAGE_TOKEN, "").strip()
+            out.append({"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": _image_data_url(image)}},
+                {"type": "text", "text": text},
+            ]})
+            placed = True
+        else:
+            out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+def _headers(api_key: str | None) -> dict[str, str]:
+    key = api_key if api_key is not None else os.environ.get("MMEDAGENT_API_KEY") or os.environ.get("OPENAI_API_KEY")
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def _chat_url(url: str) -> str:
+    url = url.rstrip("/")
+    if url.endswith("/chat/completions"):
+        return url
+    return url + ("/chat/completions" if url.endswith("/v1") else "/v1/chat/completions")
+
+
+class OpenAIPlanner:
+    """A planner behind any OpenAI-compatible chat endpoint (returns the raw turn text)."""
+
+    def __init__(self, url: str, model: str | None = None, api_key: str | None = None, timeout_s: float = 300.0):
+        import httpx
+
+        self.url, self.model = _chat_url(url), model
+        self.client = httpx.Client(timeout=timeout_s, headers=_headers(api_key))
+        self.completion_tokens = 0
+
+    def generate(self, messages: Sequence[dict[str, str]], image: Any, **gen: Any) -> str:
+        body: dict[str, Any] = {
+            "messages": _openai_messages(messages, image),
+            "temperature": gen.get("temperature", 0.0),
+            "max_tokens": gen.get("max_new_tokens", 256),
+        }
+        if self.model:
+            body["model"] = self.model
+        r = self.client.post(self.url, json=body)
+        r.raise_for_status()
+        data = r.json()
+        self.completion_tokens += int((data.get("usage") or {}).get("completion_tokens", 0))
+        return data["choices"][0]["message"]["content"] or ""
+
+
+class ControllerRunner:
+    """The controller's OpenAI-compatible endpoint: the agent and the live tools run server-side.
+
+    The response's ``mmedagent_trace`` holds the steps (``mmedagent.agent.AgentStep`` fields:
+    ``raw``, ``turn``, ``outcomes``, ``overlays``, ``model_s``, ``tools_s``), either as a list or as
+    ``{"steps": [...], "stopped": ...}``.
+    """
+
+    tool_mode: ToolMode = "live"
+    tokens_counted_by = "usage"
+
+    def __init__(self, url: str, model: str | None = None, api_key: str | None = None, *,
+                 image_folder: str | Path | None = None, timeout_s: float = 600.0, max_new_tokens: int = 256):
+        self.planner = OpenAIPlanner(url, model, api_key, timeout_s)
+        self.image_folder, self.max_new_tokens = image_folder, max_new_tokens
+
+    def run(self, sample: EvalSample) -> SampleResult:
+        import httpx
+
+        started = time.monotonic()
+        try:
+            image = load_image(sample.image, self.image_folder)
+        except (OSError, ValueError) as e:
+            return SampleResult(id=sample.id, task=sample.task, error=str(e))
+        user = f"{IMAGE_TOKEN}\n{sample.question}" if image is not None else sample.question
+        body: dict[str, Any] = {"messages": _openai_messages([{"role": "user", "content": user}], image),
+                                "temperature": 0.0, "max_tokens": self.max_new_tokens}
+        if self.planner.model:
+            body["model"] = self.planner.model
+        try:
+            r = self.planner.client.post(self.planner.url, json=body)
+            r.raise_for_status()
+            data = r.json()
+        except (httpx.HTTPError, ValueError) as e:
+            return SampleResult(id=sample.id, task=sample.task, error=f"endpoint error: {e}", wall_s=time.monotonic() - started)
+        trace = data.get("mmedagent_trace")
+        if trace is None:
+            return SampleResult(id=sample.id, task=sample.task, wall_s=time.monotonic() - started,
+                                error="response has no 'mmedagent_trace' (not an mmedagent controller?)")
+        raw_steps = trace.get("steps", []) if isinstance(trace, dict) else trace
+        try:
+            steps = [AgentStep.model_validate(s) for s in raw_steps]
+        except ValidationError as e:
+            return SampleResult(id=sample.id, task=sample.task, error=f"unreadable mmedagent_trace: {e.errors()[0]['msg']}")
+        return SampleResult(
+            id=sample.id, task=sample.task, answer=data["choices"][0]["message"]["content"] or "", steps=steps,
+            stopped=str(trace.get("stopped", "")) if isinstance(trace, dict) else "",
+            wall_s=time.monotonic() - started, tokens=int((data.get("usage") or {}).get("completion_tokens", 0)),
+        )
+
+    def close(self) -> None:
+        self.planner.client.close()

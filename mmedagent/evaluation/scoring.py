@@ -1,0 +1,274 @@
+"""Score each sample's result against its gold answer, then aggregate per task and overall.
+
+Where the prediction comes from, per metric:
+
+* tool selection / call precision-recall / argument validity and match: the planner's calls
+  (all steps) against the gold calls;
+* grounding IoU and mAP@0.5: boxes quoted in the answer text (``[x1, y1, x2, y2]``), else the
+  boxes of the live tool outputs (with their logits as scores); gold boxes from the record's
+  ``gold.boxes``, else the gold tool output's ``boxes``;
+* Dice: the masks of the live tool results (the model never sees masks) against ``gold.masks``
+  — live mode only;
+* classification: the gold label (``gold.label`` or the gold tool output's top label) must be
+  the label named in the answer (longest known label found); AUROC from the live tool's
+  per-label scores;
+* report text (BLEU-4, ROUGE-L, METEOR) and open-answer token F1: the answer against the gold
+  final answer; closed VQA: yes/no-normalised match;
+* RAG recall@k: sources of the live retrieval output against ``gold.relevant`` (or the gold
+  output's sources) — live mode only.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from mmedagent.evaluation import metrics as M
+from mmedagent.evaluation import tooluse as T
+from mmedagent.evaluation.readers import EvalSample
+from mmedagent.evaluation.runner import SampleResult
+
+_NUM = r"\s*(-?\d+(?:\.\d+)?)\s*"
+_BOX_TEXT = re.compile(r"\[" + ",".join([_NUM] * 4) + r"\]")
+
+RATE_METRICS = (
+    "tool_selection_accuracy", "call_precision", "call_recall", "argument_validity", "argument_match",
+    "grounding_iou", "map50", "dice", "classification_accuracy", "auroc", "bleu4", "rouge_l", "meteor",
+    "rag_recall_at_k", "vqa_closed_accuracy", "vqa_open_f1", "answer_f1",
+)
+"""Metrics in [0, 1] (higher is better); the compare chart draws these."""
+
+
+def _outputs(outcomes: Iterable[Any]) -> list[dict[str, Any]]:
+    return [o.output for o in outcomes if o.ok and o.output]
+
+
+def _boxes_of(outputs: Sequence[dict[str, Any]]) -> tuple[list[list[float]], list[float]]:
+    for out in outputs:
+        boxes = out.get("boxes")
+        if boxes:
+            scores = out.get("logits") or out.get("scores") or [1.0] * len(boxes)
+            return [list(map(float, b)) for b in boxes], [float(s) for s in scores]
+    return [], []
+
+
+def boxes_in_text(text: str) -> list[list[float]]:
+    """``[x1, y1, x2, y2]`` lists quoted in free text (valid boxes only)."""
+    boxes = [[float(v) for v in m.groups()] for m in _BOX_TEXT.finditer(text)]
+    return [b for b in boxes if b[0] <= b[2] and b[1] <= b[3]]
+
+
+def _label_of(out: dict[str, Any]) -> str | None:
+    for key in ("label", "top_label", "prediction"):
+        if isinstance(out.get(key), str):
+            return out[key]
+    labels = out.get("labels")
+    if isinstance(labels, list) and labels:
+        first = labels[0]
+        return first if isinstance(first, str) else first.get("label") if isinstance(first, dict) else None
+    return None
+
+
+def _label_scores(out: dict[str, Any]) -> dict[str, float]:
+    labels = out.get("labels")
+    for key in ("probs", "probabilities", "scores"):
+        v = out.get(key)
+        if isinstance(v, dict):
+            return {str(k): float(p) for k, p in v.items()}
+        if isinstance(v, list) and isinstance(labels, list) and len(v) == len(labels):
+            return {str(lab): float(p) for lab, p in zip(labels, v)}
+    if isinstance(labels, list) and labels and all(isinstance(x, dict) for x in labels):
+        return {
+            str(x["label"]): float(x.get("prob", x.get("probability", x.get("score", 0.0))))
+            for x in labels if "label" in x
+        }
+    return {}
+
+
+def _sources_of(out: dict[str, Any]) -> list[str]:
+    for key in ("passages", "results", "documents", "hits"):
+        items = out.get(key)
+        if isinstance(items, list):
+            return [str(d.get("source", d.get("id", d.get("code")))) for d in items if isinstance(d, dict)]
+    return []
+
+
+def label_in_answer(answer: str, labels: Iterable[str]) -> str | None:
+    """The longest known label named in the answer (whole words, case-insensitive)."""
+    text = f" {M.normalize_answer(answer)} "
+    found = [lab for lab in labels if M.normalize_answer(lab) and f" {M.normalize_answer(lab)} " in text]
+    return max(found, key=lambda lab: len(M.normalize_answer(lab))) if found else None
+
+
+def score_sample(sample: EvalSample, result: SampleResult, labels: Sequence[str], tool_mode: str, k: int) -> dict[str, Any]:
+    """Per-sample scores (``None`` / absent where a metric does not apply)."""
+    s: dict[str, Any] = {
+        "steps": len(result.steps), "tool_s": result.tool_s, "model_s": result.model_s, "wall_s": result.wall_s,
+        "tokens": result.tokens, "parse_error": any(st.parse_error for st in result.steps), "error": result.error,
+    }
+    gold_calls = sample.gold_calls
+    pred_calls = result.calls
+    if gold_calls is not None:
+        s["selection_correct"] = T.selection_correct(pred_calls, gold_calls)
+        s["calls_tp"], s["calls_pred"], s["calls_gold"] = T.call_counts(pred_calls, gold_calls)
+        s["calls_valid"] = sum(T.argument_error(c) is None for c in pred_calls)
+        s["argument_match"] = [T.argument_match(p, g) for p, g in T.paired_calls(pred_calls, gold_calls)]
+    gold_out = _outputs(o for turn in sample.gold_results for o in turn)
+    live_out = _outputs(result.outcomes) if tool_mode == "live" else []
+
+    gold_boxes = sample.reference.get("boxes") or _boxes_of(gold_out)[0]
+    if gold_boxes:
+        pred, scores = boxes_in_text(result.answer), None
+        if not pred:
+            pred, scores = _boxes_of(live_out)
+        s["gold_boxes"], s["pred_boxes"] = gold_boxes, pred
+        s["pred_box_scores"] = scores or [1.0] * len(pred)
+        s["grounding_iou"] = M.grounding_iou(pred, gold_boxes)
+
+    if sample.reference.get("masks") and tool_mode == "live":
+        gold_mask = M.union_mask(sample.reference["masks"])
+        pred_masks = [m for st in result.steps for ov in st.overlays if ov is not None for m in ov.masks]
+        s["dice"] = M.dice(M.union_mask(pred_masks, gold_mask.shape), gold_mask)
+
+    gold_label = sample.reference.get("label") or next((lab for lab in map(_label_of, gold_out) if lab), None)
+    if gold_label:
+        scores_by_label: dict[str, float] = {}
+        for out in live_out:
+            scores_by_label.update(_label_scores(out))
+        s["gold_label"] = gold_label
+        s["pred_label"] = label_in_answer(result.answer, set(labels) | set(scores_by_label))
+        if scores_by_label:
+            s["label_scores"] = scores_by_label
+
+    relevant = sample.reference.get("relevant") or [x for out in gold_out for x in _sources_of(out)]
+    if relevant and tool_mode == "live":
+        retrieved = [x for out in live_out for x in _sources_of(out)]
+        s["rag_recall_at_k"] = M.recall_at_k(retrieved, relevant, k)
+
+    if sample.gold_answer:
+        if sample.answer_type == "closed":
+            s["vqa_closed"] = M.closed_correct(result.answer, sample.gold_answer)
+        else:
+            s["answer_f1"] = M.token_f1(result.answer, sample.gold_answer)
+            s["rouge_l"] = M.rouge_l(result.answer, sample.gold_answer)
+            s["meteor"] = M.meteor_exact(result.answer, sample.gold_answer)
+            if sample.answer_type == "open":
+                s["vqa_open_f1"] = s["answer_f1"]
+    return s
+
+
+def _ratio(num: float, den: float) -> float | None:
+    return num / den if den else None
+
+
+def aggregate(samples: Sequence[EvalSample], results: Sequence[SampleResult], scores: Sequence[dict[str, Any]], k: int) -> dict[str, Any]:
+    """Metrics over a group of samples; a metric with nothing to score is ``None``."""
+    n = len(scores)
+    sel = [s for s in scores if "selection_correct" in s]
+    out: dict[str, Any] = {"n": n}
+    out["tool_selection_accuracy"] = M.mean(float(s["selection_correct"]) for s in sel)
+    out["call_precision"] = _ratio(sum(s["calls_tp"] for s in sel), sum(s["calls_pred"] for s in sel))
+    out["call_recall"] = _ratio(sum(s["calls_tp"] for s in sel), sum(s["calls_gold"] for s in sel))
+    out["argument_validity"] = _ratio(sum(s["calls_valid"] for s in sel), sum(s["calls_pred"] for s in sel))
+    out["argument_match"] = M.mean(x for s in sel for x in s["argument_match"])
+
+    boxed = [(smp, s) for smp, s in zip(samples, scores) if "grounding_iou" in s]
+    out["grounding_iou"] = M.mean(s["grounding_iou"] for _, s in boxed)
+    out["map50"] = M.mean_average_precision(
+        [(smp.id, smp.task, sc, b) for smp, s in boxed for b, sc in zip(s["pred_boxes"], s["pred_box_scores"])],
+        [(smp.id, smp.task, b) for smp, s in boxed for b in s["gold_boxes"]],
+    ) if boxed else None
+    out["dice"] = M.mean(s["dice"] for s in scores if "dice" in s)
+
+    cls = [s for s in scores if "gold_label" in s]
+    out["classification_accuracy"] = M.mean(float(s["pred_label"] == s["gold_label"]) for s in cls)
+    scored = [s for s in cls if "label_scores" in s]
+    out["auroc"] = M.macro_auroc([s["gold_label"] for s in scored], [s["label_scores"] for s in scored]) if scored else None
+
+    texts = [(r.answer, smp.gold_answer) for smp, r, s in zip(samples, results, scores) if "rouge_l" in s]
+    out["bleu4"] = M.bleu4([h for h, _ in texts], [g for _, g in texts]) if texts else None
+    out["rouge_l"] = M.mean(s["rouge_l"] for s in scores if "rouge_l" in s)
+    out["meteor"] = M.mean(s["meteor"] for s in scores if "meteor" in s)
+    out["rag_recall_at_k"] = M.mean(s["rag_recall_at_k"] for s in scores if "rag_recall_at_k" in s)
+    out["k"] = k
+    out["vqa_closed_accuracy"] = M.mean(float(s["vqa_closed"]) for s in scores if "vqa_closed" in s)
+    out["vqa_open_f1"] = M.mean(s["vqa_open_f1"] for s in scores if "vqa_open_f1" in s)
+    out["answer_f1"] = M.mean(s["answer_f1"] for s in scores if "answer_f1" in s)
+    if any("judge" in s for s in scores):
+        out["judge_score"] = M.mean(s.get("judge") for s in scores)
+
+    out["parse_error_rate"] = M.mean(float(s["parse_error"]) for s in scores)
+    out["error_rate"] = M.mean(float(s["error"] is not None) for s in scores)
+    for key in ("steps", "tool_s", "model_s", "wall_s", "tokens"):
+        out[f"{key}_per_turn"] = M.mean(s[key] for s in scores if s["error"] is None)
+    return out
+
+
+def build_report(
+    samples: Sequence[EvalSample],
+    results: Sequence[SampleResult],
+    *,
+    tool_mode: str,
+    k: int = 5,
+    meta: dict[str, Any] | None = None,
+    judge: Sequence[float | None] | None = None,
+) -> dict[str, Any]:
+    """The evaluation report: overall and per-task metrics plus per-sample answers and scores."""
+    labels = sorted({lab for smp in samples for lab in [smp.reference.get("label")] + [
+        _label_of(o) for o in _outputs(x for t in smp.gold_results for x in t)] if lab})
+    scores = [score_sample(smp, r, labels, tool_mode, k) for smp, r in zip(samples, results)]
+    if judge is not None:
+        for s, j in zip(scores, judge):
+            s["judge"] = j
+    overall = aggregate(samples, results, scores, k)
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, smp in enumerate(samples):
+        groups[smp.task].append(i)
+    per_task = {
+        task: aggregate([samples[i] for i in idx], [results[i] for i in idx], [scores[i] for i in idx], k)
+        for task, idx in sorted(groups.items())
+    }
+    return {
+        **(meta or {}),
+        "tool_mode": tool_mode,
+        "n_samples": len(samples),
+        "tool_selection_accuracy": overall["tool_selection_accuracy"],
+        "argument_validity": overall["argument_validity"],
+        "overall": overall,
+        "per_task": per_task,
+        "samples": [
+            {
+                "id": smp.id, "task": smp.task, "question": smp.question, "gold_answer": smp.gold_answer,
+                "gold_calls": [c.API_name for c in smp.gold_calls] if smp.gold_calls is not None else None,
+                "answer": r.answer, "calls": [c.API_name for c in r.calls],
+                "raw": [st.raw for st in r.steps], "error": r.error,
+                "scores": {k_: v for k_, v in s.items() if k_ not in ("error",)},
+            }
+            for smp, r, s in zip(samples, results, scores)
+        ],
+    }
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return str(v)
+
+
+SUMMARY_METRICS = RATE_METRICS + ("parse_error_rate", "steps_per_turn", "tool_s_per_turn", "tokens_per_turn", "wall_s_per_turn")
+
+
+def markdown_summary(report: dict[str, Any]) -> str:
+    """Per-task and overall metrics as a Markdown table (metrics with no value anywhere omitted)."""
+    cols = ["overall", *report["per_task"]]
+    rows = [report["overall"], *report["per_task"].values()]
+    keys = [m for m in ("n", *SUMMARY_METRICS) if any(r.get(m) is not None for r in rows)]
+    lines = ["| metric | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for key in keys:
+        label = f"rag_recall@{report['overall']['k']}" if key == "rag_recall_at_k" else key
+        lines.append(f"| {label} | " + " | ".join(_fmt(r.get(key)) for r in rows) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,67 @@
+"""Small evaluation files and turns for the evaluation tests (written to tmp dirs by the tests)."""
+
+import json
+
+from mmedagent.protocol import AssistantTurn, ToolCall, ToolOutcome, render_tool_results, render_turn
+
+GOLD_BOX = [0.41, 0.54, 0.76, 0.75]
+QUESTION = "Can you locate the tumor in this MRI image?"
+
+
+def turn(value, *calls, thoughts="t"):
+    return render_turn(AssistantTurn(thoughts=thoughts, actions=[ToolCall(API_name=n, API_params=p) for n, p in calls], value=value))
+
+
+def grounding_record(rid="g1", question=QUESTION, box=GOLD_BOX, answer=None):
+    """A project record: plan with 'grounding dino', gold tool output, final answer quoting the box."""
+    out = ToolOutcome(tool="grounding dino", output={"boxes": [box], "logits": [0.95], "phrases": ["tumor"]})
+    return {
+        "id": rid,
+        "image": "img.png",
+        "task": "grounding",
+        "conversations": [
+            {"from": "human", "value": f"<image>\n{question}"},
+            {"from": "gpt", "thoughts": "Locate it.", "value": "Please wait.",
+             "actions": [{"API_name": "grounding dino", "API_params": {"image": "<imagepath>", "prompts": ["tumor"]}}]},
+            {"from": "human", "value": render_tool_results([out], question)},
+            {"from": "gpt", "thoughts": "Done.", "actions": [], "value": answer or f"The tumor is at {box}."},
+        ],
+    }
+
+
+def direct_record(rid="d1", question="Is this a chest X-ray?", answer="Yes", answer_type="CLOSED"):
+    return {
+        "id": rid, "image": "img.png", "task": "vqa", "answer_type": answer_type,
+        "conversations": [
+            {"from": "human", "value": f"<image>\n{question}"},
+            {"from": "gpt", "thoughts": "No tool needed.", "actions": [], "value": answer},
+        ],
+    }
+
+
+def mmedagent_line(qid=7, box=GOLD_BOX):
+    out = ToolOutcome(tool="grounding dino", output={"boxes": [box], "logits": [0.9], "phrases": ["cell"]})
+    return {
+        "question_id": qid, "type": "dino_cell", "image": "img.png", "pre_text": "Where are the cells?",
+        "assist": turn("I will locate them.", ("grounding dino", {"image": "<imagepath>", "prompts": ["cell"]})),
+        "text": render_tool_results([out], "Where are the cells?"),
+        "fig_caption": "Cells in a histology slide.",
+    }
+
+
+def write_json(path, records):
+    path.write_text(json.dumps(records), encoding="utf-8")
+    return path
+
+
+def write_jsonl(path, records):
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n", encoding="utf-8")
+    return path
+
+
+def write_image(folder, name="img.png", size=(48, 40), value=90):
+    from doubles import grey_image
+
+    path = folder / name
+    grey_image(size, value).save(path)
+    return path

@@ -1,0 +1,212 @@
+"""The evaluation harness end to end: readers, gold vs live tool outputs, scoring, compare, endpoint.
+
+The planner here is the scripted test double (harness logic only); the real-model run is in
+test_eval_model.py.
+"""
+
+import json
+
+import httpx
+import pytest
+
+from _eval_fixtures import (
+    GOLD_BOX, QUESTION, direct_record, grounding_record, mmedagent_line, turn, write_image, write_json, write_jsonl,
+)
+from doubles import FakeGrounding, ScriptedPlanner
+from mmedagent.agent import AgentStep
+from mmedagent.evaluation.cli import main
+from mmedagent.evaluation.readers import EvalFileError, load_samples
+from mmedagent.evaluation.runner import AgentRunner, ControllerRunner
+from mmedagent.evaluation.scoring import build_report, markdown_summary
+from mmedagent.protocol import AssistantTurn, ToolCall, ToolOutcome, render_tool_results
+from mmedagent.tools import registry
+
+CALL_G = ("grounding dino", {"image": "<imagepath>", "prompts": ["tumor"]})
+ANSWER_G = f"The tumor is at {GOLD_BOX}."
+
+
+@pytest.fixture
+def fake_grounding(monkeypatch):
+    monkeypatch.setitem(registry._extra, FakeGrounding.name, FakeGrounding)
+    return FakeGrounding
+
+
+@pytest.fixture
+def folder(tmp_path):
+    write_image(tmp_path)
+    return tmp_path
+
+
+# --------------------------------------------------------------------------- readers
+
+
+def test_readers_all_three_layouts(tmp_path):
+    rec = load_samples(write_json(tmp_path / "r.json", [grounding_record(), direct_record()]))
+    assert [s.source for s in rec] == ["record", "record"]
+    g = rec[0]
+    assert g.question == QUESTION and g.image == "img.png" and g.task == "grounding"
+    assert [c.API_name for c in g.gold_calls] == ["grounding dino"]
+    assert g.gold_results[0][0].output["boxes"] == [GOLD_BOX]
+    assert g.gold_answer == ANSWER_G
+    assert rec[1].gold_calls == [] and rec[1].answer_type == "closed"
+
+    mm = load_samples(write_jsonl(tmp_path / "eval_agent_tool_use_all.jsonl", [mmedagent_line()]))[0]
+    assert mm.source == "mmedagent" and mm.id == "7" and mm.task == "dino_cell"
+    assert mm.gold_calls[0].API_params["prompts"] == ["cell"]
+    assert mm.gold_results[0][0].output["phrases"] == ["cell"]
+    assert mm.reference["fig_caption"].startswith("Cells")
+
+    qa = load_samples(write_json(tmp_path / "slake.json", [
+        {"qid": 1, "img_name": "a.png", "question": "Is this normal?", "answer": "No", "answer_type": "CLOSED", "q_lang": "en"},
+        {"qid": 2, "img_name": "a.png", "question": "这是正常的吗？", "answer": "否", "answer_type": "CLOSED", "q_lang": "zh"},
+        {"qid": 3, "image_name": "b.jpg", "question": "Which organ?", "answer": "liver", "answer_type": "OPEN"},
+    ]))
+    assert [(s.id, s.task, s.image) for s in qa] == [("1", "vqa_closed", "a.png"), ("3", "vqa_open", "b.jpg")]
+    assert qa[0].gold_calls is None  # tool use is not scored on plain QA
+
+
+def test_reader_errors_name_file_and_record(tmp_path):
+    bad = write_jsonl(tmp_path / "bad.jsonl", [direct_record(), {"foo": 1}])
+    with pytest.raises(EvalFileError, match=r"bad.jsonl, record 1: unknown record layout"):
+        load_samples(bad)
+    with pytest.raises(EvalFileError, match="not found"):
+        load_samples(tmp_path / "missing.json")
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"question": "q", "answer": "a"}\n{oops\n')
+    with pytest.raises(EvalFileError, match="line 2"):
+        load_samples(broken)
+
+
+# --------------------------------------------------------------------------- gold vs live
+
+
+def test_gold_mode_feeds_the_gold_tool_output_not_the_question(tmp_path, folder, fake_grounding):
+    sample = load_samples(write_json(tmp_path / "r.json", [grounding_record()]))[0]
+    planner = ScriptedPlanner([turn("Locating.", ("grounding", {"image": "<imagepath>", "prompts": ["tumor"]})), turn(ANSWER_G)])
+    runner = AgentRunner(planner, "gold", [FakeGrounding], image_folder=folder)
+    result = runner.run(sample)
+    assert result.error is None and result.answer == ANSWER_G
+    seen = planner.calls[1][-1]
+    assert seen["role"] == "user"
+    gold = ToolOutcome(tool="grounding", output={"boxes": [GOLD_BOX], "logits": [0.95], "phrases": ["tumor"]})
+    assert seen["content"] == render_tool_results([gold], QUESTION)
+    head = seen["content"].split("\n\nAnswer my first question:")[0]
+    assert head.startswith("grounding output: {'boxes': [[0.41, 0.54, 0.76, 0.75]]") and QUESTION not in head
+    assert "grounding" in planner.calls[0][0]["content"]  # system prompt lists the tools
+
+
+def test_live_mode_runs_the_real_dispatcher(tmp_path, folder, fake_grounding):
+    sample = load_samples(write_json(tmp_path / "r.json", [grounding_record()]))[0]
+    tool = FakeGrounding()
+    planner = ScriptedPlanner([turn("Locating.", CALL_G), turn("Found it at [0.12, 0.2, 0.3, 0.4].")])
+    runner = AgentRunner(planner, "live", [tool], image_folder=folder)
+    result = runner.run(sample)
+    runner.close()
+    assert tool.seen_images[0].size == (48, 40)  # the conversation image went to the tool
+    assert "grounding dino output: {'boxes': [[0.12, 0.2, 0.3, 0.4]]" in planner.calls[1][-1]["content"]
+    assert result.outcomes[0].ok and result.tool_s >= 0 and result.tokens > 0
+    report = build_report([sample], [result], tool_mode="live")
+    # the answer's box [0.12, 0.2, 0.3, 0.4] does not overlap the gold box
+    assert report["overall"]["grounding_iou"] == 0.0 and report["tool_selection_accuracy"] == 1.0
+
+
+def test_missing_image_is_a_per_sample_error(tmp_path, fake_grounding):
+    sample = load_samples(write_json(tmp_path / "r.json", [grounding_record()]))[0]
+    result = AgentRunner(ScriptedPlanner([]), "gold", [FakeGrounding], image_folder=tmp_path / "nowhere").run(sample)
+    assert "image not found" in result.error
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def _four_sample_run(tmp_path, folder):
+    data = write_json(tmp_path / "mix.json", [
+        grounding_record("g1"), grounding_record("g2"), direct_record("d1"), direct_record("d2"),
+    ])
+    samples = load_samples(data)
+    planner = ScriptedPlanner([
+        turn("Locating.", CALL_G), turn(ANSWER_G),  # g1: right tool, exact box
+        turn("Guess.", ("xray magic", {})), turn("I could not find it."),  # g2: wrong (unknown) tool
+        "Yes, it is.",  # d1: plain answer, no tool, correct
+        turn("Look.", ("grounding", {"prompts": ["chest"]})), turn("No."),  # d2: needless tool, wrong answer
+    ])
+    runner = AgentRunner(planner, "gold", [FakeGrounding], image_folder=folder)
+    return samples, [runner.run(s) for s in samples]
+
+
+def test_report_known_values(tmp_path, folder, fake_grounding):
+    samples, results = _four_sample_run(tmp_path, folder)
+    report = build_report(samples, results, tool_mode="gold", meta={"name": "before"})
+    o = report["overall"]
+    assert report["tool_selection_accuracy"] == o["tool_selection_accuracy"] == 0.5
+    assert report["per_task"]["grounding"]["tool_selection_accuracy"] == 0.5
+    assert report["per_task"]["vqa"]["tool_selection_accuracy"] == 0.5
+    assert o["call_precision"] == pytest.approx(1 / 3) and o["call_recall"] == 0.5  # tp 1; pred 3; gold 2
+    assert o["argument_validity"] == pytest.approx(2 / 3)  # 'xray magic' is not a registered tool
+    assert o["argument_match"] == 1.0
+    assert o["grounding_iou"] == 0.5 and o["map50"] == 0.5  # 1 of 2 gold boxes found, at precision 1
+    assert o["vqa_closed_accuracy"] == 0.5
+    assert o["answer_f1"] == 0.5 and report["per_task"]["grounding"]["rouge_l"] == 0.5
+    assert o["steps_per_turn"] == pytest.approx(7 / 4)
+    assert o["dice"] is None and o["rag_recall_at_k"] is None  # nothing to score in gold mode
+    json.dumps(report)  # serialisable as is
+    table = markdown_summary(report)
+    assert "| tool_selection_accuracy | 0.500 | 0.500 | 0.500 |" in table
+
+
+def test_compare_writes_markdown_png_and_examples(tmp_path, folder, fake_grounding):
+    samples, results = _four_sample_run(tmp_path, folder)
+    before = build_report(samples, results, tool_mode="gold", meta={"name": "before"})
+    good = ScriptedPlanner([turn("Locating.", CALL_G), turn(ANSWER_G)] * 2 + ["Yes.", "Yes."])
+    runner = AgentRunner(good, "gold", [FakeGrounding], image_folder=folder)
+    after = build_report(samples, [runner.run(s) for s in samples], tool_mode="gold", meta={"name": "after"})
+    assert after["tool_selection_accuracy"] == 1.0
+    a, b = write_json(tmp_path / "a.json", before), write_json(tmp_path / "b.json", after)
+    out = tmp_path / "cmp"
+    assert main(["--compare", str(a), str(b), "--out", str(out)]) == 0
+    md = (out / "compare.md").read_text()
+    assert "| tool_selection_accuracy | 0.500 | 1.000 | +0.500 |" in md
+    assert "| tool_selection_accuracy [vqa] | 0.500 | 1.000 | +0.500 |" in md
+    assert "- before: I could not find it." in md and "- after: " + ANSWER_G in md
+    assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["--compare", str(a), str(tmp_path / "mix.json"), "--out", str(out)]) == 2  # not a report
+
+
+def test_cli_errors_are_clear(tmp_path, capsys):
+    assert main(["--model", "x", "--data", str(tmp_path / "none.json")]) == 2
+    assert "evaluation file not found" in capsys.readouterr().err
+    assert main(["--data", "x"]) == 2
+
+
+# --------------------------------------------------------------------------- controller endpoint
+
+
+def test_controller_endpoint_reads_mmedagent_trace(tmp_path, folder, fake_grounding):
+    sample = load_samples(write_json(tmp_path / "r.json", [grounding_record()]))[0]
+    step = AgentStep(
+        index=0, raw=turn("Locating.", CALL_G), turn=AssistantTurn(actions=[ToolCall(API_name="grounding dino", API_params={"prompts": ["tumor"]})]),
+        outcomes=[ToolOutcome(tool="grounding dino", output={"boxes": [[0.4, 0.54, 0.76, 0.75]], "logits": [0.9]})], tools_s=0.25,
+    )
+    seen = []
+
+    def handler(request):
+        body = json.loads(request.content)
+        seen.append(body)
+        return httpx.Response(200, json={
+            "choices": [{"message": {"role": "assistant", "content": "It is in the lower right."}}],
+            "usage": {"completion_tokens": 12},
+            "mmedagent_trace": {"steps": [step.model_dump(mode="json"), {"index": 1, "raw": "It is in the lower right."}], "stopped": "answer"},
+        })
+
+    runner = ControllerRunner("http://127.0.0.1:9/v1", image_folder=folder)
+    runner.planner.client = httpx.Client(transport=httpx.MockTransport(handler))
+    result = runner.run(sample)
+    parts = seen[0]["messages"][0]["content"]
+    assert parts[0]["image_url"]["url"].startswith("data:image/png;base64,") and parts[1]["text"] == QUESTION
+    assert [c.API_name for c in result.calls] == ["grounding dino"] and result.tokens == 12 and result.tool_s == 0.25
+    report = build_report([sample], [result], tool_mode="live")
+    # no box in the answer text: the live tool's box is scored, IoU of [.4,.54,.76,.75] vs [.41,.54,.76,.75]
+    assert report["overall"]["grounding_iou"] == pytest.approx((0.35 * 0.21) / (0.36 * 0.21))
+
+    runner.planner.client = httpx.Client(transport=httpx.MockTransport(lambda r: httpx.Response(200, json={"choices": [{"message": {"content": "hi"}}]})))
+    assert "mmedagent_trace" in runner.run(sample).error
