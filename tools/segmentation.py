@@ -1,0 +1,314 @@
+"""Promptable segmentation with SAM or MedSAM checkpoints (``segment-anything``), MMedAgent's ``MedSAM``.
+
+Two preprocessing paths, chosen by the checkpoint type (never by accident):
+
+* ``medsam`` — MedSAM's own inference: resize the RGB image to the encoder's square input
+  (1024x1024 for MedSAM), min-max scale to [0, 1], call the image encoder directly, scale prompts
+  to that grid, sigmoid the low-resolution logits, upsample bilinearly to the image, threshold 0.5.
+* ``sam`` — SAM's ``SamPredictor``: resize the longest side, normalise with SAM's pixel mean/std,
+  pad; masks are logits > 0 at the image size.
+
+The variant is the ``variant`` option if given, else ``"variant"`` in the checkpoint's JSON config,
+else ``medsam`` when the checkpoint's file name says MedSAM, else ``sam``.
+
+Architecture: the standard ``vit_b`` / ``vit_l`` / ``vit_h`` builders of ``sam_model_registry``
+(type from the ``model_type`` option or inferred from the weights). A checkpoint of another size
+gets a JSON config beside it (``name.pth`` -> ``name.json``, or the ``config`` option) with any of
+the keys of :data:`ARCH_DEFAULTS`; it is then built from segment-anything's modules.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from functools import partial
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlparse
+
+import numpy as np
+from pydantic import Field, model_validator
+
+from mmedagent.tools._boxes import (
+    as_pil_rgb,
+    check_boxes,
+    denormalize_boxes,
+    encode_rle,
+    mask_to_box,
+    pick_device,
+    weights_error,
+)
+from mmedagent.tools.base import Overlay, Tool, ToolParams, ToolResult
+
+DEFAULT_CHECKPOINT = "medsam_vit_b.pth"
+HOW_TO_GET = (
+    "Download MedSAM's medsam_vit_b.pth (https://github.com/bowang-lab/MedSAM, 'Model checkpoints') or a SAM "
+    "checkpoint (e.g. https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth) and pass "
+    "checkpoint=PATH (an http(s) URL is downloaded once into torch's hub cache)."
+)
+
+# segment-anything's vit_b architecture; a JSON config overrides any of these keys.
+ARCH_DEFAULTS: dict[str, Any] = {
+    "image_size": 1024,
+    "patch_size": 16,
+    "encoder_embed_dim": 768,
+    "encoder_depth": 12,
+    "encoder_num_heads": 12,
+    "encoder_global_attn_indexes": [2, 5, 8, 11],
+    "window_size": 14,
+    "prompt_embed_dim": 256,
+    "mask_in_chans": 16,
+    "decoder_depth": 2,
+    "decoder_mlp_dim": 2048,
+    "decoder_num_heads": 8,
+    "iou_head_depth": 3,
+    "iou_head_hidden_dim": 256,
+}
+ENCODER_WIDTH_TO_TYPE = {768: "vit_b", 1024: "vit_l", 1280: "vit_h"}
+CONFIG_ONLY_KEYS = {"variant", "model_type"}
+
+Unit = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+def build_sam(arch: dict[str, Any]):
+    """A ``segment_anything.modeling.Sam`` of any size from :data:`ARCH_DEFAULTS`-style keys."""
+    import torch
+    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+    unknown = set(arch) - set(ARCH_DEFAULTS) - CONFIG_ONLY_KEYS
+    if unknown:
+        raise ValueError(f"unknown SAM config keys {sorted(unknown)}; known: {sorted(ARCH_DEFAULTS)}")
+    a = {**ARCH_DEFAULTS, **arch}
+    grid = a["image_size"] // a["patch_size"]
+    return Sam(
+        image_encoder=ImageEncoderViT(
+            depth=a["encoder_depth"],
+            embed_dim=a["encoder_embed_dim"],
+            img_size=a["image_size"],
+            mlp_ratio=4,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+            num_heads=a["encoder_num_heads"],
+            patch_size=a["patch_size"],
+            qkv_bias=True,
+            use_rel_pos=True,
+            global_attn_indexes=tuple(a["encoder_global_attn_indexes"]),
+            window_size=a["window_size"],
+            out_chans=a["prompt_embed_dim"],
+        ),
+        prompt_encoder=PromptEncoder(
+            embed_dim=a["prompt_embed_dim"],
+            image_embedding_size=(grid, grid),
+            input_image_size=(a["image_size"], a["image_size"]),
+            mask_in_chans=a["mask_in_chans"],
+        ),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(
+                depth=a["decoder_depth"],
+                embedding_dim=a["prompt_embed_dim"],
+                mlp_dim=a["decoder_mlp_dim"],
+                num_heads=a["decoder_num_heads"],
+            ),
+            transformer_dim=a["prompt_embed_dim"],
+            iou_head_depth=a["iou_head_depth"],
+            iou_head_hidden_dim=a["iou_head_hidden_dim"],
+        ),
+    )
+
+
+def medsam_preprocess(image: Any, size: int):
+    """MedSAM's input: RGB resized to size x size (bicubic), min-max scaled to [0, 1], (1, 3, S, S)."""
+    import torch
+    from PIL import Image
+
+    arr = np.asarray(as_pil_rgb(image).resize((size, size), Image.BICUBIC), dtype=np.float32)
+    arr = (arr - arr.min()) / max(float(arr.max() - arr.min()), 1e-8)
+    return torch.from_numpy(arr).permute(2, 0, 1)[None].contiguous()
+
+
+class SegmentationParams(ToolParams):
+    boxes: list[Annotated[list[Unit], Field(min_length=4, max_length=4)]] | None = Field(
+        None, description="[[x1, y1, x2, y2], ...] normalised to [0, 1]; one mask per box."
+    )
+    points: list[Annotated[list[Unit], Field(min_length=2, max_length=2)]] | None = Field(
+        None, description="[[x, y], ...] normalised to [0, 1]; refine each box, or make one mask alone."
+    )
+    point_labels: list[Literal[0, 1]] | None = Field(
+        None, description="1 = inside the object, 0 = outside; one per point (default all 1)."
+    )
+
+    @model_validator(mode="after")
+    def _prompts_make_sense(self):
+        if not self.boxes and not self.points:
+            raise ValueError("give boxes and/or points to segment")
+        if self.boxes:
+            check_boxes(self.boxes)
+        if self.point_labels is not None and len(self.point_labels) != len(self.points or []):
+            raise ValueError(f"{len(self.point_labels)} point_labels for {len(self.points or [])} points")
+        return self
+
+
+class SegmentationResult(ToolResult):
+    boxes: list[list[float]] = Field(description="Normalised box around each mask ([] for an empty mask).")
+    areas: list[int] = Field(description="Pixels in each mask.")
+    masks: list[dict[str, Any]] = Field(description="COCO RLE of each mask (for the UI).")
+
+    hidden_from_model = frozenset({"masks"})
+
+    def overlay(self) -> Overlay:
+        return Overlay(boxes=[b for b in self.boxes if b], masks=self.masks)
+
+
+def masks_result(masks: np.ndarray) -> SegmentationResult:
+    """Result fields for a stack of bool HxW masks."""
+    return SegmentationResult(
+        boxes=[mask_to_box(m) or [] for m in masks],
+        areas=[int(m.sum()) for m in masks],
+        masks=[encode_rle(m) for m in masks],
+    )
+
+
+class SegmentationTool(Tool):
+    """SAM / MedSAM segmentation from box and point prompts.
+
+    Options: ``checkpoint`` (``.pth`` path or http(s) URL; default ``medsam_vit_b.pth``),
+    ``variant`` (``medsam`` | ``sam``; see the module docstring), ``model_type`` (``vit_b`` |
+    ``vit_l`` | ``vit_h``, inferred from the weights when omitted), ``config`` (JSON architecture
+    for other sizes; default: beside the checkpoint), ``device``.
+    """
+
+    name = "segmentation"
+    aliases = ("MedSAM", "SAM")
+    description = (
+        "Segment the object inside each box (or at the points) with MedSAM/SAM; "
+        "returns the box and pixel area of each mask (masks are drawn for the user)."
+    )
+    Params = SegmentationParams
+    Result = SegmentationResult
+
+    def load(self) -> None:
+        import torch
+
+        ref = str(self.options.get("checkpoint", DEFAULT_CHECKPOINT))
+        state, arch, source = self._read(ref)
+        variant = self.options.get("variant") or arch.get("variant") or ("medsam" if "medsam" in source.lower() else "sam")
+        if variant not in ("medsam", "sam"):
+            raise ValueError(f"segmentation: variant must be 'medsam' or 'sam', got {variant!r}")
+        model_type = self.options.get("model_type") or arch.get("model_type")
+        custom = {k: v for k, v in arch.items() if k not in CONFIG_ONLY_KEYS}
+        if custom:
+            model = build_sam(arch)
+        else:
+            from segment_anything import sam_model_registry
+
+            if model_type is None:
+                width = state["image_encoder.patch_embed.proj.weight"].shape[0] if "image_encoder.patch_embed.proj.weight" in state else None
+                model_type = ENCODER_WIDTH_TO_TYPE.get(width)
+                if model_type is None:
+                    raise ValueError(
+                        f"segmentation: cannot tell the SAM size of {ref!r} (encoder width {width}); pass model_type or "
+                        "put a JSON architecture config beside it (see the module docstring)"
+                    )
+            if model_type not in sam_model_registry:
+                raise ValueError(f"segmentation: model_type must be one of {sorted(sam_model_registry)}, got {model_type!r}")
+            model = sam_model_registry[model_type](checkpoint=None)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            raise RuntimeError(f"segmentation: {ref!r} does not match the {model_type or 'configured'} SAM architecture: {e}") from e
+        self.device = pick_device(self.options.get("device"))
+        self.model = model.to(self.device).eval()
+        self.variant = variant
+        self.input_size = int(model.image_encoder.img_size)
+        self._lock = threading.Lock()  # SamPredictor keeps per-image state
+        self._torch = torch
+        if variant == "sam":
+            from segment_anything import SamPredictor
+
+            self.predictor = SamPredictor(self.model)
+        self.weights_note = f"{'MedSAM' if variant == 'medsam' else 'SAM'}: {Path(source).name}"
+
+    def _read(self, ref: str) -> tuple[dict, dict, str]:
+        """(state dict, architecture config, source name) of a checkpoint path or URL."""
+        import torch
+
+        if urlparse(ref).scheme in ("http", "https", "file"):
+            try:
+                state = torch.hub.load_state_dict_from_url(ref, map_location="cpu", weights_only=True)
+            except OSError as e:
+                raise weights_error(self.name, ref, HOW_TO_GET, e) from e
+            config_path = self.options.get("config")
+            source = Path(urlparse(ref).path).name
+        else:
+            path = Path(ref).expanduser()
+            if not path.is_file():
+                raise weights_error(self.name, ref, HOW_TO_GET, FileNotFoundError("no such file"))
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            config_path = self.options.get("config") or (path.with_suffix(".json") if path.with_suffix(".json").is_file() else None)
+            source = path.name
+        for key in ("model", "state_dict"):  # training checkpoints wrap the weights
+            if isinstance(state.get(key), dict):
+                state = state[key]
+        arch = json.loads(Path(config_path).read_text(encoding="utf-8")) if config_path else {}
+        return state, arch, source
+
+    def segment(self, image: Any, boxes=None, points=None, point_labels=None) -> SegmentationResult:
+        """Masks for normalised boxes and/or points on an image."""
+        img = as_pil_rgb(image)
+        w, h = img.size
+        boxes_px = denormalize_boxes(boxes, w, h) if boxes else None
+        points_px = np.asarray(points, dtype=np.float64).reshape(-1, 2) * [w, h] if points else None
+        labels = np.asarray(point_labels if point_labels is not None else [1] * len(points or []), dtype=np.int64)
+        with self._lock, self._torch.inference_mode():
+            if self.variant == "medsam":
+                masks = self._medsam(img, boxes_px, points_px, labels)
+            else:
+                masks = self._sam(img, boxes_px, points_px, labels)
+        return masks_result(masks)
+
+    def _prompt_tensors(self, boxes, points, labels, scale):
+        """Batched prompt tensors: one prompt per box (points shared), or one from the points alone."""
+        torch = self._torch
+        n = len(boxes) if boxes is not None else 1
+        box_t = torch.as_tensor(boxes * np.tile(scale, 2), dtype=torch.float, device=self.device) if boxes is not None else None
+        pts = None
+        if points is not None:
+            coords = torch.as_tensor(points * scale, dtype=torch.float, device=self.device)[None].expand(n, -1, -1)
+            pts = (coords, torch.as_tensor(labels, device=self.device)[None].expand(n, -1))
+        return box_t, pts
+
+    def _medsam(self, img, boxes, points, labels) -> np.ndarray:
+        torch = self._torch
+        w, h = img.size
+        s = self.input_size
+        embedding = self.model.image_encoder(medsam_preprocess(img, s).to(self.device))
+        box_t, pts = self._prompt_tensors(boxes, points, labels, np.array([s / w, s / h]))
+        sparse, dense = self.model.prompt_encoder(points=pts, boxes=None if box_t is None else box_t[:, None, :], masks=None)
+        low_res, _ = self.model.mask_decoder(
+            image_embeddings=embedding,
+            image_pe=self.model.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=False,
+        )
+        prob = torch.nn.functional.interpolate(torch.sigmoid(low_res), size=(h, w), mode="bilinear", align_corners=False)
+        return (prob[:, 0] > 0.5).cpu().numpy()
+
+    def _sam(self, img, boxes, points, labels) -> np.ndarray:
+        torch = self._torch
+        w, h = img.size
+        self.predictor.set_image(np.asarray(img))
+        new_h, new_w = self.predictor.input_size
+        box_t, pts = self._prompt_tensors(boxes, points, labels, np.array([new_w / w, new_h / h]))
+        multimask = box_t is None and len(points) == 1  # a single click is ambiguous: keep SAM's best of 3
+        masks, scores, _ = self.predictor.predict_torch(
+            point_coords=None if pts is None else pts[0],
+            point_labels=None if pts is None else pts[1],
+            boxes=box_t,
+            multimask_output=multimask,
+        )
+        best = scores.argmax(dim=1)
+        return masks[torch.arange(len(masks)), best].cpu().numpy()
+
+    def __call__(self, image: Any, params: SegmentationParams) -> SegmentationResult:
+        return self.segment(image, params.boxes, params.points, params.point_labels)
