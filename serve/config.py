@@ -1,0 +1,111 @@
+"""Serving settings: one pydantic model filled from defaults, an optional YAML file and CLI flags.
+
+Every process of the stack (controller, model worker, tool worker, web UI, CLI) reads the same
+:class:`ServeConfig`, so a YAML file written once configures all of them::
+
+    host: 127.0.0.1
+    port: 21001
+    web_port: 7860
+    model_path: /models/my-llava-lora     # default: demo model, else a tiny random checkpoint
+    conv_template: vicuna_v1
+    tools:                                # one worker per entry; in_process runs it in the controller
+      grounding: {options: {device: cpu}}
+      classification: {in_process: true}
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+API_KEY_ENV = "MMEDAGENT_API_KEY"
+
+
+class ToolSpec(BaseModel):
+    """How one tool is served: options passed to its constructor, worker count or in-process."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    options: dict[str, Any] = Field(default_factory=dict)
+    in_process: bool = False
+    workers: int = Field(default=1, ge=0)
+
+
+class ServeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=21001, ge=0, le=65535)
+    web_port: int | None = Field(default=7860, ge=0, le=65535)
+    model_path: str | None = None
+    model_name: str | None = None
+    conv_template: str | None = None
+    model_backend_url: str | None = Field(default=None, description="OpenAI-compatible server the model worker forwards to")
+    model_backend_model: str | None = None
+    device: str | None = None
+    tools: dict[str, ToolSpec] | None = Field(default=None, description="None: every registered tool, one worker each")
+    plugins: list[str] = Field(default_factory=list, description="modules imported first (they may register tools)")
+    no_workers: bool = False
+    api_key: str | None = Field(default=None, repr=False)
+    heartbeat_interval_s: float = Field(default=5.0, gt=0)
+    heartbeat_expiry_s: float = Field(default=15.0, gt=0)
+    tool_timeout_s: float = Field(default=60.0, gt=0)
+    model_timeout_s: float = Field(default=300.0, gt=0)
+    max_upload_mb: float = Field(default=20.0, gt=0)
+    max_steps: int = Field(default=3, ge=1, le=10)
+    max_new_tokens: int = Field(default=256, ge=1)
+    temperature: float = Field(default=0.0, ge=0)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    max_concurrent_chats: int = Field(default=64, ge=1)
+    cache_dir: str | None = None
+    log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _check(self) -> "ServeConfig":
+        if self.heartbeat_expiry_s <= self.heartbeat_interval_s:
+            raise ValueError(
+                f"heartbeat_expiry_s ({self.heartbeat_expiry_s:g}) must exceed heartbeat_interval_s "
+                f"({self.heartbeat_interval_s:g}), otherwise live workers are dropped"
+            )
+        if self.api_key is None:
+            self.api_key = os.environ.get(API_KEY_ENV) or None
+        return self
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def controller_url(self) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+        return f"http://{host}:{self.port}"
+
+    def cache_path(self) -> Path:
+        if self.cache_dir:
+            return Path(self.cache_dir)
+        return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mmedagent"
+
+
+def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> ServeConfig:
+    """Defaults ← YAML file ← overrides (CLI flags that were given; ``None`` means not given)."""
+    data: dict[str, Any] = {}
+    if path:
+        import yaml
+
+        text = Path(path).read_text(encoding="utf-8")
+        loaded = yaml.safe_load(text) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: expected a mapping of settings, got {type(loaded).__name__}")
+        data.update(loaded)
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return ServeConfig.model_validate(data)
+
+
+def add_common_args(parser) -> None:
+    """Flags shared by every serve script (each may also set ``--config``)."""
+    parser.add_argument("--config", help="YAML file with ServeConfig settings (flags override it)")
+    parser.add_argument("--api-key", default=None, help=f"bearer token required on every endpoint (or env {API_KEY_ENV})")
+    parser.add_argument("--log-level", default=None)

@@ -1,0 +1,476 @@
+"""The controller: worker registry, the agent loop behind a streaming chat API and an
+OpenAI-compatible API — and the one command that starts the whole stack.
+
+``python serve/controller.py`` (no arguments) starts on 127.0.0.1 the controller, one model
+worker, one worker per tool and the web UI, prints the URLs and stops everything on Ctrl-C.
+``--no-workers`` starts the controller alone (a head node that workers elsewhere register with).
+"""
+
+if __name__ == "__main__":  # run as a script: serve/ must not shadow installed packages
+    import os as _os
+    import sys as _sys
+
+    _here = _os.path.dirname(_os.path.abspath(__file__))
+    _sys.path[:] = [p for p in _sys.path if _os.path.abspath(p or ".") != _here]
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import threading
+import uuid
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import mmedagent  # noqa: F401  - arms the torchvision shim first
+from fastapi import FastAPI, HTTPException
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, Field
+
+from mmedagent.agent import Agent, AgentResult, AgentStep
+from mmedagent.dispatcher import Dispatcher
+from mmedagent.protocol import IMAGE_TOKEN, ToolCall, ToolOutcome, strip_image_token, system_prompt
+from mmedagent.serve import openai_api as oa
+from mmedagent.serve.config import ServeConfig, ToolSpec, add_common_args, load_config
+from mmedagent.serve.httpclient import make_client
+from mmedagent.serve.registry import NoWorkerError, WorkerInfo, WorkerRegistry
+from mmedagent.serve.remote import RemoteResult, RemoteTool, ToolInputError, WorkerError, WorkerPlanner, remote_tool_class
+from mmedagent.serve.security import GuardMiddleware, setup_logging
+from mmedagent.serve.uploads import UploadError, image_from_data_url
+from mmedagent.tools import Tool, get_tool, list_tools
+
+log = logging.getLogger("mmedagent.serve.controller")
+
+
+class ChatRequest(BaseModel):
+    """Body of ``POST /chat``: one question, the conversation's image (a data URL) and the
+    ``history`` returned by the previous answer."""
+
+    question: str = Field(min_length=1, max_length=20_000)
+    image: str | None = None
+    history: list[dict[str, str]] = Field(default_factory=list)
+    model: str | None = None
+    conversation_id: str | None = Field(default=None, max_length=128)
+    max_steps: int | None = Field(default=None, ge=1, le=10)
+    max_new_tokens: int | None = Field(default=None, ge=1, le=8192)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+
+
+class ToolCallRequest(BaseModel):
+    params: dict[str, Any] = Field(default_factory=dict)
+    image: str | None = None
+
+
+class Heartbeat(BaseModel):
+    address: str
+    queue_length: int = 0
+
+
+class Address(BaseModel):
+    address: str
+
+
+class Lookup(BaseModel):
+    kind: str = "model"
+    name: str
+
+
+def step_view(step: AgentStep) -> dict[str, Any]:
+    """One agent step as the trace shows it: thought, tool calls, tool results, overlays."""
+    turn = step.turn
+    return {
+        "index": step.index,
+        "thoughts": turn.thoughts if turn else "",
+        "actions": [a.model_dump() for a in turn.actions] if turn else [],
+        "value": turn.value if turn else "",
+        "outcomes": [o.model_dump() for o in step.outcomes],
+        "overlays": [o.model_dump() if o is not None else None for o in step.overlays],
+        "parse_error": step.parse_error,
+        "raw": step.raw,
+        "model_s": round(step.model_s, 4),
+        "tools_s": round(step.tools_s, 4),
+    }
+
+
+def trace_view(result: AgentResult) -> dict[str, Any]:
+    return {
+        "steps": [step_view(s) for s in result.steps],
+        "stopped": result.stopped,
+        "tool_calls": result.tool_calls,
+        "wall_s": round(result.wall_s, 4),
+        "history": result.messages,
+    }
+
+
+class Controller:
+    """Registry + tools + agent runs; the FastAPI app (:func:`build_app`) is a thin layer over it."""
+
+    def __init__(self, cfg: ServeConfig):
+        self.cfg = cfg
+        self.registry = WorkerRegistry(cfg.heartbeat_expiry_s)
+        self.client = make_client(cfg.api_key, cfg.tool_timeout_s)
+        self.local_tools: dict[str, Tool] = {}
+        self._proxies: dict[str, RemoteTool] = {}
+        self._proxy_lock = threading.Lock()
+        self.dispatcher = Dispatcher({}, timeout_s=cfg.tool_timeout_s, max_workers=4 * cfg.max_concurrent_chats)
+        self.executor = ThreadPoolExecutor(cfg.max_concurrent_chats, thread_name_prefix="chat")
+        self.gen_defaults = {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p}
+
+    # ------------------------------------------------------------------ tools
+
+    def load_local_tools(self, specs: dict[str, ToolSpec]) -> None:
+        """Load the in-process tools (weights once); each becomes available once loaded."""
+        for name, spec in specs.items():
+            try:
+                tool = get_tool(name)(**spec.options)
+                tool.ensure_loaded()
+            except Exception as e:  # a tool that cannot load is reported; the others serve
+                log.error("in-process tool %s failed to load: %s: %s", name, type(e).__name__, e)
+                continue
+            self.local_tools[tool.name] = tool
+            log.info("in-process tool %s loaded", tool.name)
+
+    def _proxy(self, name: str) -> RemoteTool:
+        with self._proxy_lock:
+            proxy = self._proxies.get(name)
+            if proxy is None:
+                cls = remote_tool_class(name, self.registry.known.get(name, {}))
+                proxy = cls(self.registry, self.client, self.cfg.tool_timeout_s, self.available_tools)
+                self._proxies[name] = proxy
+            return proxy
+
+    def live_tools(self) -> dict[str, Tool]:
+        """Tools that can run now: in-process ones and those with a live worker."""
+        tools: dict[str, Tool] = {n: self._proxy(n) for n in self.registry.names("tool")}
+        tools.update(self.local_tools)
+        return tools
+
+    def all_tools(self) -> dict[str, Tool]:
+        """Live tools plus tools whose workers went away (a call then says so, listing the live ones)."""
+        known = {n: self._proxy(n) for n, i in list(self.registry.known.items()) if i.get("kind") == "tool"}
+        return {**known, **self.live_tools()}
+
+    def available_tools(self) -> list[str]:
+        return sorted(self.live_tools())
+
+    # ------------------------------------------------------------------ models / agent
+
+    def model_names(self) -> list[str]:
+        return self.registry.names("model")
+
+    def pick_model(self, requested: str | None) -> str:
+        names = self.model_names()
+        if requested in (None, "", "mmedagent") and names:
+            return names[0]
+        if requested in names:
+            return requested  # type: ignore[return-value]
+        if not names:
+            raise HTTPException(503, "no model worker is registered (yet); start one or wait for it to load")
+        raise HTTPException(404, f"no model worker is serving {requested!r}; available models: {', '.join(names)}")
+
+    def run_agent(
+        self,
+        model: str,
+        question: str,
+        image: Any,
+        history: list[dict[str, str]],
+        gen: dict[str, Any],
+        max_steps: int,
+        conversation_id: str,
+        on_event: Callable[[str, Any], None] | None = None,
+    ) -> AgentResult:
+        """One agent run (blocking; called in the chat thread pool)."""
+        live = self.live_tools()
+        self.dispatcher.tools = self.all_tools()
+        system = system_prompt(type(t) for t in live.values())
+        planner = WorkerPlanner(self.registry, self.client, model, conversation_id, self.cfg.model_timeout_s)
+        agent = Agent(planner, self.dispatcher, max_steps=max_steps, system=system, **gen)
+        history = list(history)
+        if history:
+            if history[0].get("role") != "system":
+                history.insert(0, {"role": "system", "content": system})
+            if image is not None and not any(IMAGE_TOKEN in m.get("content", "") for m in history if m.get("role") == "user"):
+                first = next((m for m in history if m.get("role") == "user"), None)
+                if first is not None:
+                    first["content"] = f"{IMAGE_TOKEN}\n{first['content']}"
+        return agent.run(question, image, history=history, on_event=on_event)
+
+    async def decode(self, data_url: str | None):
+        if data_url is None:
+            return None
+        try:
+            return (await run_in_threadpool(image_from_data_url, data_url, self.cfg.max_upload_bytes)).image
+        except UploadError as e:
+            raise HTTPException(e.status, e.reason) from None
+
+    async def stream_agent(self, kwargs: dict[str, Any]) -> AsyncIterator[tuple[str, Any]]:
+        """Run the agent in the chat pool; yield its events (token/step/answer/error) as they happen."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def emit(kind: str, payload: Any) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, (kind, payload))
+
+        def work() -> None:
+            try:
+                self.run_agent(**kwargs, on_event=emit)
+            except (WorkerError, NoWorkerError) as e:
+                emit("error", str(e))
+            except Exception as e:  # reported to the client; the server goes on
+                log.warning("chat failed: %s", type(e).__name__)
+                emit("error", f"internal error: {type(e).__name__}")
+            finally:
+                emit("end", None)
+
+        loop.run_in_executor(self.executor, work)
+        while True:
+            kind, payload = await queue.get()
+            if kind == "end":
+                return
+            yield kind, payload
+
+    def status(self) -> dict[str, Any]:
+        """What the banner shows: models and tools with their weights, and warnings."""
+        models = [{"name": w.names[0], **w.info} for w in self.registry.workers("model")]
+        tools = [
+            {"name": n, "where": "in-process" if n in self.local_tools else "worker",
+             "weights": getattr(t, "weights_note", "") or ""}
+            for n, t in sorted(self.live_tools().items())
+        ]
+        return {"models": models, "tools": tools}
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.dispatcher.close()
+        self.client.close()
+
+
+def build_app(ctl: Controller) -> FastAPI:
+    """The controller's HTTP API."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        async def expire() -> None:
+            period = min(1.0, ctl.cfg.heartbeat_expiry_s / 4)
+            while True:
+                await asyncio.sleep(period)
+                for address in ctl.registry.expire():
+                    log.warning("worker %s missed its heartbeats; dropped", address)
+
+        task = asyncio.create_task(expire())
+        yield
+        task.cancel()
+
+    app = FastAPI(title="mmedagent controller", lifespan=lifespan)
+
+    # ------------------------------------------------------------------ registry
+
+    @app.post("/register_worker")
+    async def register_worker(worker: WorkerInfo) -> dict[str, Any]:
+        ctl.registry.register(worker)
+        log.info("registered %s worker %s for %s", worker.kind, worker.address, ", ".join(worker.names))
+        return {"ok": True}
+
+    @app.post("/receive_heartbeat")
+    async def receive_heartbeat(beat: Heartbeat) -> dict[str, Any]:
+        return {"exist": ctl.registry.heartbeat(beat.address, beat.queue_length)}
+
+    @app.post("/unregister_worker")
+    async def unregister_worker(body: Address) -> dict[str, Any]:
+        ctl.registry.remove(body.address)
+        log.info("worker %s left", body.address)
+        return {"ok": True}
+
+    @app.get("/list_workers")
+    async def list_workers() -> dict[str, Any]:
+        return {"workers": [w.model_dump() for w in ctl.registry.workers()]}
+
+    @app.post("/get_worker_address")
+    async def get_worker_address(body: Lookup) -> dict[str, Any]:
+        if body.kind not in ("model", "tool"):
+            raise HTTPException(422, "kind must be 'model' or 'tool'")
+        try:
+            return {"address": ctl.registry.pick(body.kind, body.name)}  # type: ignore[arg-type]
+        except NoWorkerError as e:
+            raise HTTPException(404, str(e)) from None
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"ok": True, "models": len(ctl.registry.workers("model")), "tool_workers": len(ctl.registry.workers("tool"))}
+
+    @app.get("/v1/status")
+    async def status() -> dict[str, Any]:
+        return ctl.status()
+
+    # ------------------------------------------------------------------ tools
+
+    @app.get("/v1/tools")
+    async def tools() -> dict[str, Any]:
+        return {
+            "tools": [
+                {**type(t).schema(), "where": "in-process" if n in ctl.local_tools else "worker"}
+                for n, t in sorted(ctl.live_tools().items())
+            ]
+        }
+
+    @app.post("/v1/tools/{name}")
+    async def call_tool(name: str, body: ToolCallRequest) -> dict[str, Any]:
+        """Run one tool on an image directly (no planner): the UI's and the benchmark's tool path."""
+        ctl.dispatcher.tools = ctl.all_tools()
+        image = await ctl.decode(body.image)
+        call = ToolCall(API_name=name, API_params=body.params)
+        prepared = ctl.dispatcher.prepare(call, image)
+        if isinstance(prepared, ToolOutcome):
+            unknown = ctl.dispatcher.resolve(name) is None
+            raise HTTPException(404 if unknown else 422, prepared.error)
+        (outcome,), (result,) = await run_in_threadpool(ctl.dispatcher.dispatch_all, [call], image)
+        if not outcome.ok:
+            error = outcome.error or ""
+            status = 422 if error.startswith(ToolInputError.__name__) else 504 if error.startswith("timed out") else 502
+            raise HTTPException(status, error)
+        overlay = result.overlay() if result is not None else None
+        return {
+            "tool": outcome.tool,
+            "output": outcome.output,
+            "result": result.data if isinstance(result, RemoteResult) else result.model_dump(mode="json"),
+            "overlay": overlay.model_dump() if overlay is not None else None,
+            "elapsed_s": outcome.elapsed_s,
+            "worker_elapsed_s": result.worker_elapsed_s if isinstance(result, RemoteResult) else None,
+        }
+
+    # ------------------------------------------------------------------ chat
+
+    @app.post("/chat")
+    async def chat(req: ChatRequest) -> StreamingResponse:
+        """Streams NDJSON events: ``token`` (model text), ``step`` (thought, tool calls, results,
+        overlays), then ``answer`` (with the ``history`` for the next turn) or ``error``."""
+        model = ctl.pick_model(req.model)
+        image = await ctl.decode(req.image)
+        gen = {**ctl.gen_defaults, **req.model_dump(include={"max_new_tokens", "temperature", "top_p"}, exclude_none=True)}
+        kwargs = dict(
+            model=model, question=req.question, image=image, history=req.history, gen=gen,
+            max_steps=req.max_steps or ctl.cfg.max_steps, conversation_id=req.conversation_id or uuid.uuid4().hex,
+        )
+
+        async def events() -> AsyncIterator[str]:
+            async for kind, payload in ctl.stream_agent(kwargs):
+                if kind == "token":
+                    event = {"type": "token", "text": payload}
+                elif kind == "step":
+                    event = {"type": "step", "step": step_view(payload)}
+                elif kind == "answer":
+                    event = {"type": "answer", "answer": payload.answer, "model": model, **trace_view(payload)}
+                else:
+                    event = {"type": "error", "error": payload}
+                yield json.dumps(event, ensure_ascii=False) + "\n"
+
+        return StreamingResponse(events(), media_type="application/x-ndjson")
+
+    # ------------------------------------------------------------------ OpenAI API
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return oa.model_list(ctl.model_names())
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: oa.ChatCompletionRequest):
+        """OpenAI chat completions answered by the agent; the tool trace is in ``mmedagent_trace``."""
+        try:
+            messages, image_url = oa.split_messages(req.messages)
+        except UploadError as e:
+            raise HTTPException(e.status, e.reason) from None
+        if messages[-1]["role"] != "user":
+            raise HTTPException(400, "the last message must be the user's question")
+        model = ctl.pick_model(req.model)
+        image = await ctl.decode(image_url)
+        history = [m for m in messages[:-1] if m["role"] != "system"]  # the agent's own system prompt lists the tools
+        question = strip_image_token(messages[-1]["content"])
+        if not question:
+            raise HTTPException(400, "the user's question is empty")
+        kwargs = dict(
+            model=model, question=question, image=image, history=history, gen=req.gen(ctl.gen_defaults),
+            max_steps=ctl.cfg.max_steps, conversation_id=uuid.uuid4().hex,
+        )
+        cid = oa.completion_id()
+        if not req.stream:
+            result: AgentResult | None = None
+            async for kind, payload in ctl.stream_agent(kwargs):
+                if kind == "error":
+                    return JSONResponse({"detail": payload}, status_code=502)
+                if kind == "answer":
+                    result = payload
+            assert result is not None
+            return oa.completion(cid, model, result.answer, mmedagent_trace=trace_view(result))
+
+        async def sse() -> AsyncIterator[str]:
+            yield oa.chunk(cid, model, {"role": "assistant", "content": ""})
+            async for kind, payload in ctl.stream_agent(kwargs):
+                if kind == "step":
+                    yield oa.chunk(cid, model, {}, mmedagent_step=step_view(payload))
+                elif kind == "answer":
+                    yield oa.chunk(cid, model, {"content": payload.answer})
+                    yield oa.chunk(cid, model, {}, "stop", mmedagent_trace=trace_view(payload))
+                elif kind == "error":
+                    yield oa.chunk(cid, model, {}, "error", error={"message": payload})
+            yield oa.SSE_DONE
+
+        return StreamingResponse(sse(), media_type="text/event-stream")
+
+    return app
+
+
+# ---------------------------------------------------------------------------- one command
+
+
+def tool_specs(cfg: ServeConfig) -> dict[str, ToolSpec]:
+    """The configured tools, or every registered tool with one worker each."""
+    if cfg.tools is not None:
+        return cfg.tools
+    return {cls.name: ToolSpec() for cls in list_tools()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    from mmedagent.serve.launcher import Launcher
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=None, help="controller / API port (default 21001; 0: any free port)")
+    parser.add_argument("--web-port", type=int, default=None, help="web UI port (default 7860; 0: any free port)")
+    parser.add_argument("--no-web", action="store_true", help="do not start the web UI")
+    parser.add_argument("--model-path", default=None, help="planner checkpoint (default: demo model, else a tiny random one)")
+    parser.add_argument("--model-name", default=None)
+    parser.add_argument("--conv-template", default=None)
+    parser.add_argument("--backend-url", default=None, help="model worker forwards to this OpenAI-compatible API root")
+    parser.add_argument("--tools", default=None, help="comma-separated tools to start workers for (default: all)")
+    parser.add_argument("--in-process-tools", default=None, help="comma-separated tools to run inside the controller")
+    parser.add_argument("--no-workers", action="store_true", help="controller only (workers register from elsewhere)")
+    parser.add_argument("--heartbeat-interval", type=float, default=None)
+    parser.add_argument("--heartbeat-expiry", type=float, default=None)
+    parser.add_argument("--tool-timeout", type=float, default=None)
+    parser.add_argument("--max-upload-mb", type=float, default=None)
+    parser.add_argument("--plugin", action="append", default=None, help="module to import first (may register tools)")
+    add_common_args(parser)
+    args = parser.parse_args(argv)
+    tools = None
+    if args.tools is not None or args.in_process_tools is not None:
+        tools = {n.strip(): {} for n in (args.tools or "").split(",") if n.strip()}
+        tools.update({n.strip(): {"in_process": True} for n in (args.in_process_tools or "").split(",") if n.strip()})
+    cfg = load_config(
+        args.config, host=args.host, port=args.port, web_port=args.web_port, model_path=args.model_path,
+        model_name=args.model_name, conv_template=args.conv_template, model_backend_url=args.backend_url,
+        tools=tools, no_workers=args.no_workers or None, api_key=args.api_key, log_level=args.log_level,
+        heartbeat_interval_s=args.heartbeat_interval, heartbeat_expiry_s=args.heartbeat_expiry,
+        tool_timeout_s=args.tool_timeout, max_upload_mb=args.max_upload_mb, plugins=args.plugin,
+    )
+    if args.no_web:
+        cfg.web_port = None
+    setup_logging(cfg.log_level, [cfg.api_key or ""])
+    Launcher(cfg, args.config).run()
+
+
+if __name__ == "__main__":
+    main()

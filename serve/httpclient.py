@@ -1,0 +1,35 @@
+"""httpx clients with the stack's defaults: explicit timeouts, bearer token, loopback-friendly pools."""
+
+from __future__ import annotations
+
+import httpx
+
+
+def timeout(total_s: float, connect_s: float = 5.0) -> httpx.Timeout:
+    """``total_s`` bounds each read/write; connecting fails fast so a dead worker is seen at once."""
+    return httpx.Timeout(total_s, connect=min(connect_s, total_s))
+
+
+def auth_headers(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def make_client(api_key: str | None = None, timeout_s: float = 30.0, max_connections: int = 256) -> httpx.Client:
+    return httpx.Client(
+        headers=auth_headers(api_key),
+        timeout=timeout(timeout_s),
+        limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=64),
+        trust_env=False,  # loopback services: never route through a proxy from the environment
+    )
+
+
+def error_detail(response: httpx.Response) -> str:
+    """The ``detail`` of a FastAPI error response, else the start of the body."""
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:300] or response.reason_phrase
+    if isinstance(body, dict) and "detail" in body:
+        detail = body["detail"]
+        return detail if isinstance(detail, str) else str(detail)[:300]
+    return str(body)[:300]

@@ -1,0 +1,262 @@
+"""Model worker: hosts one planner and streams its tokens.
+
+``python serve/model_worker.py --model-path PATH`` loads a checkpoint through the model layer
+(``mmedagent.model.load_planner``, KV cache kept between a conversation's planning and answer
+passes); ``--backend-url http://gpu-box:8000/v1`` instead forwards every call to an
+OpenAI-compatible server (vLLM, another model worker), which is how serving scales past one
+machine. Besides the controller's ``/worker_generate_stream`` it speaks OpenAI itself
+(``/v1/chat/completions``, ``/v1/models``) with raw model turns.
+"""
+
+if __name__ == "__main__":  # run as a script: serve/ must not shadow installed packages
+    import os as _os
+    import sys as _sys
+
+    _here = _os.path.dirname(_os.path.abspath(__file__))
+    _sys.path[:] = [p for p in _sys.path if _os.path.abspath(p or ".") != _here]
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import mmedagent  # noqa: F401  - arms the torchvision shim first
+from fastapi import FastAPI, HTTPException
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, Field
+
+from mmedagent.serve import openai_api as oa
+from mmedagent.serve.config import ServeConfig, add_common_args, load_config
+from mmedagent.serve.security import setup_logging
+from mmedagent.serve.uploads import UploadError, image_from_data_url
+from mmedagent.serve.worker_base import Heartbeat, bind_socket, serve_worker, url_for
+
+log = logging.getLogger("mmedagent.serve.model_worker")
+
+TINY_NOTE = "tiny random checkpoint — not a medical device; answers are noise"
+
+
+def default_model(cache_dir: Path) -> tuple[str, str]:
+    """(path, banner note) of the planner to serve when none is configured: the embedded demo
+    model when ``mmedagent.demo`` provides one, else a tiny random LLaVA built once into the cache."""
+    try:
+        from mmedagent import demo  # the evaluation/demo issue's embedded model
+    except ImportError:
+        demo = None
+    if demo is not None and hasattr(demo, "model_path"):
+        return str(demo.model_path()), "demo model — not a medical device"
+    from mmedagent.model.tiny import make_tiny_model
+
+    target = cache_dir / "tiny-llava"
+    if not (target / "config.json").exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix="tiny-llava-", dir=target.parent))
+        make_tiny_model("llava", tmp)
+        try:
+            os.replace(tmp, target)  # atomic: concurrent starts never see half a checkpoint
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)  # another process won the race
+    return str(target), TINY_NOTE
+
+
+class GenerateRequest(BaseModel):
+    messages: list[dict[str, str]] = Field(min_length=1)
+    image: str | None = None
+    conversation_id: str | None = None
+    max_new_tokens: int = Field(default=256, ge=1, le=8192)
+    temperature: float = Field(default=0.0, ge=0, le=2)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    stop: list[str] | None = None
+
+
+class ModelHost:
+    """One planner, used by one request at a time (its KV cache belongs to the current conversation)."""
+
+    def __init__(self, planner: Any, name: str, info: dict[str, Any], max_upload_bytes: int):
+        self.planner, self.name, self.info, self.max_upload_bytes = planner, name, info, max_upload_bytes
+        self.lock = threading.Lock()
+        self.waiting = 0
+        self._count_lock = threading.Lock()
+
+    def queue_length(self) -> int:
+        return self.waiting
+
+    def image(self, data_url: str | None):
+        if data_url is None:
+            return None
+        try:
+            return image_from_data_url(data_url, self.max_upload_bytes).image
+        except UploadError as e:
+            raise HTTPException(e.status, e.reason) from None
+
+    def stream(self, messages: list[dict[str, str]], image: Any, gen: dict[str, Any]) -> Iterator[str]:
+        with self._count_lock:
+            self.waiting += 1
+        try:
+            with self.lock:
+                stream = getattr(self.planner, "stream", None)
+                if stream is None:
+                    yield self.planner.generate(messages, image, **gen)
+                else:
+                    yield from stream(messages, image, **gen)
+        finally:
+            with self._count_lock:
+                self.waiting -= 1
+
+
+async def _pump(pieces: Iterator[str]) -> AsyncIterator[str | BaseException]:
+    """Iterate a blocking generator in a thread; yields its items (or the exception it raised)."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    def run() -> None:
+        try:
+            for p in pieces:
+                loop.call_soon_threadsafe(queue.put_nowait, p)
+        except BaseException as e:  # handed to the response, which reports it
+            loop.call_soon_threadsafe(queue.put_nowait, e)
+        finally:
+            loop.call_soon_threadsafe(queue.put_nowait, done)
+
+    threading.Thread(target=run, name="generate", daemon=True).start()
+    while (item := await queue.get()) is not done:
+        yield item
+
+
+def build_app(host: ModelHost) -> FastAPI:
+    app = FastAPI(title=f"mmedagent model worker: {host.name}")
+
+    @app.post("/worker_generate_stream")
+    async def generate_stream(req: GenerateRequest) -> StreamingResponse:
+        image = await run_in_threadpool(host.image, req.image)
+        gen = req.model_dump(include={"max_new_tokens", "temperature", "top_p", "stop"}, exclude_none=True)
+
+        async def events() -> AsyncIterator[str]:
+            async for item in _pump(host.stream(req.messages, image, gen)):
+                if isinstance(item, BaseException):
+                    log.warning("generation failed: %s", type(item).__name__)
+                    yield json.dumps({"error": f"generation failed: {type(item).__name__}: {item}"}) + "\n"
+                    return
+                yield json.dumps({"text": item}, ensure_ascii=False) + "\n"
+
+        return StreamingResponse(events(), media_type="application/x-ndjson")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: oa.ChatCompletionRequest):
+        try:
+            messages, image_url = oa.split_messages(req.messages)
+        except UploadError as e:
+            raise HTTPException(e.status, e.reason) from None
+        image = await run_in_threadpool(host.image, image_url)
+        gen = req.gen({})
+        cid = oa.completion_id()
+        if not req.stream:
+            pieces = []
+            async for item in _pump(host.stream(messages, image, gen)):
+                if isinstance(item, BaseException):
+                    raise HTTPException(500, f"generation failed: {type(item).__name__}: {item}")
+                pieces.append(item)
+            return oa.completion(cid, host.name, "".join(pieces))
+
+        async def sse() -> AsyncIterator[str]:
+            yield oa.chunk(cid, host.name, {"role": "assistant", "content": ""})
+            async for item in _pump(host.stream(messages, image, gen)):
+                if isinstance(item, BaseException):
+                    yield oa.chunk(cid, host.name, {}, "error", error={"message": f"{type(item).__name__}: {item}"})
+                    break
+                yield oa.chunk(cid, host.name, {"content": item})
+            else:
+                yield oa.chunk(cid, host.name, {}, "stop")
+            yield oa.SSE_DONE
+
+        return StreamingResponse(sse(), media_type="text/event-stream")
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return oa.model_list([host.name])
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"ok": True, "model": host.name, "queue_length": host.queue_length()}
+
+    @app.get("/worker_get_status")
+    async def status() -> dict[str, Any]:
+        return {"names": [host.name], "queue_length": host.queue_length(), "info": host.info}
+
+    return app
+
+
+def load_host(cfg: ServeConfig) -> ModelHost:
+    """Load the configured planner (or the default one) and describe it for the banner."""
+    t0 = time.monotonic()
+    if cfg.model_backend_url:
+        from mmedagent.serve.remote import OpenAIPlanner
+
+        planner = OpenAIPlanner(cfg.model_backend_url, cfg.model_backend_model, cfg.api_key, cfg.model_timeout_s)
+        info, note = dict(planner.info()), f"forwarded to {cfg.model_backend_url}"
+    else:
+        from mmedagent.model import load_planner
+
+        path, note = (cfg.model_path, "") if cfg.model_path else default_model(cfg.cache_path())
+        options: dict[str, Any] = {"conv_template": cfg.conv_template, "kv_reuse": True}
+        if cfg.device:
+            options["device"] = cfg.device
+        planner = load_planner(path, **options)
+        info = dict(planner.info())
+    info["note"] = note
+    name = cfg.model_name or str(info.get("name") or "planner")
+    log.info("loaded planner %s in %.1f s", name, time.monotonic() - t0)
+    return ModelHost(planner, name, info, cfg.max_upload_bytes)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-path", default=None, help="checkpoint directory or hub id (default: demo or tiny model)")
+    parser.add_argument("--model-name", default=None, help="name clients use (default: from the checkpoint)")
+    parser.add_argument("--conv-template", default=None)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--backend-url", default=None, help="forward to this OpenAI-compatible API root instead")
+    parser.add_argument("--backend-model", default=None)
+    parser.add_argument("--controller", default=None)
+    parser.add_argument("--host", default=None)
+    parser.add_argument("--port", type=int, default=0, help="0: a free port")
+    parser.add_argument("--heartbeat-interval", type=float, default=None)
+    parser.add_argument("--no-register", action="store_true", help="serve alone (OpenAI API), no controller")
+    add_common_args(parser)
+    args = parser.parse_args(argv)
+    cfg = load_config(
+        args.config, api_key=args.api_key, log_level=args.log_level, host=args.host, model_path=args.model_path,
+        model_name=args.model_name, conv_template=args.conv_template, device=args.device,
+        model_backend_url=args.backend_url, model_backend_model=args.backend_model,
+        heartbeat_interval_s=args.heartbeat_interval,
+    )
+    setup_logging(cfg.log_level, [cfg.api_key or ""])
+    host = load_host(cfg)  # the model first: the worker registers only once it can serve
+    sock = bind_socket(cfg.host, args.port)
+    address = url_for(sock)
+    heartbeat = None
+    if not args.no_register:
+        heartbeat = Heartbeat(
+            args.controller or cfg.controller_url,
+            lambda: {"address": address, "kind": "model", "names": [host.name], "info": host.info},
+            host.queue_length,
+            cfg.heartbeat_interval_s,
+            cfg.api_key,
+            ready=lambda: False,
+        )
+    print(f"model worker {host.name}: {address}", flush=True)
+    serve_worker(build_app(host), sock, heartbeat, cfg.api_key, cfg.max_upload_bytes * 2, cfg.log_level)
+
+
+if __name__ == "__main__":
+    main()

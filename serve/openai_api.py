@@ -1,0 +1,121 @@
+"""The OpenAI chat-completions wire format, shared by the controller (agent answers) and the model
+worker (raw model turns): request parsing, images from ``image_url`` parts, responses, SSE chunks."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from mmedagent.protocol import IMAGE_TOKEN
+from mmedagent.serve.uploads import UploadError
+
+
+class OpenAIMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatCompletionRequest(BaseModel):
+    """The fields we act on; other OpenAI fields (n, user, logprobs...) are accepted and ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    messages: list[OpenAIMessage] = Field(min_length=1)
+    stream: bool = False
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    stop: str | list[str] | None = None
+
+    def gen(self, defaults: dict[str, Any]) -> dict[str, Any]:
+        out = dict(defaults)
+        limit = self.max_completion_tokens or self.max_tokens
+        if limit is not None:
+            out["max_new_tokens"] = limit
+        for k in ("temperature", "top_p"):
+            if getattr(self, k) is not None:
+                out[k] = getattr(self, k)
+        if self.stop is not None:
+            out["stop"] = [self.stop] if isinstance(self.stop, str) else list(self.stop)
+        return out
+
+
+def split_messages(messages: list[OpenAIMessage]) -> tuple[list[dict[str, str]], str | None]:
+    """OpenAI messages → agent-style ``{"role", "content"}`` texts plus the one image data URL.
+
+    The image's message gets ``<image>\\n`` in front, as the planner expects. ``developer`` is read
+    as ``system``. More than one image, or an image part without a URL, is a 400.
+    """
+    out: list[dict[str, str]] = []
+    image: str | None = None
+    for m in messages:
+        role = "system" if m.role == "developer" else m.role
+        if role == "tool":
+            raise UploadError(400, "tool-role messages are not supported: mmedagent runs the tools itself")
+        if m.content is None or isinstance(m.content, str):
+            out.append({"role": role, "content": m.content or ""})
+            continue
+        texts, has_image = [], False
+        for part in m.content:
+            kind = part.get("type")
+            if kind == "text":
+                texts.append(str(part.get("text", "")))
+            elif kind == "image_url":
+                ref = part.get("image_url")
+                url = ref.get("url") if isinstance(ref, dict) else ref
+                if not isinstance(url, str) or not url:
+                    raise UploadError(400, "image_url part without a url")
+                if image is not None and url != image:
+                    raise UploadError(400, "only one image per conversation is supported")
+                if role != "user":
+                    raise UploadError(400, "images are accepted in user messages only")
+                image, has_image = url, True
+            else:
+                raise UploadError(400, f"unsupported content part type {kind!r}; use text and image_url")
+        text = "\n".join(texts)
+        out.append({"role": role, "content": f"{IMAGE_TOKEN}\n{text}" if has_image else text})
+    return out, image
+
+
+def completion_id() -> str:
+    return "chatcmpl-" + uuid.uuid4().hex[:24]
+
+
+def completion(cid: str, model: str, content: str, finish: str = "stop", **extra: Any) -> dict[str, Any]:
+    return {
+        "id": cid,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish}],
+        **extra,
+    }
+
+
+def chunk(cid: str, model: str, delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
+    """One server-sent event of a streamed completion."""
+    body = {
+        "id": cid,
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        **extra,
+    }
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+def model_list(names: list[str], owner: str = "mmedagent") -> dict[str, Any]:
+    now = int(time.time())
+    return {"object": "list", "data": [{"id": n, "object": "model", "created": now, "owned_by": owner} for n in names]}

@@ -1,0 +1,258 @@
+"""Proxies the agent loop uses in the controller: remote tools (Tool subclasses that post to a tool
+worker), the model-worker planner, and a planner for any OpenAI-compatible server."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, ClassVar
+
+import httpx
+from pydantic import ConfigDict, Field
+
+from mmedagent.protocol import IMAGE_TOKEN
+from mmedagent.serve.httpclient import error_detail, make_client, timeout
+from mmedagent.serve.registry import NoWorkerError, WorkerRegistry
+from mmedagent.serve.uploads import png_data_url
+from mmedagent.tools import Overlay, Tool, ToolParams, ToolResult, UnknownToolError, get_tool
+
+log = logging.getLogger(__name__)
+
+
+class WorkerError(RuntimeError):
+    """A worker failed or went away during a call; the message says which and why."""
+
+
+class ToolInputError(ValueError):
+    """The tool worker refused the call's params or image (a 4xx answer)."""
+
+
+def _describe_http_error(what: str, address: str, err: httpx.HTTPError) -> str:
+    if isinstance(err, httpx.TimeoutException):
+        return f"{what} at {address} did not answer in time ({type(err).__name__})"
+    if isinstance(err, httpx.ConnectError):
+        return f"{what} at {address} is not reachable (connection refused)"
+    return f"{what} at {address} stopped responding ({type(err).__name__}: {err})"
+
+
+# --------------------------------------------------------------------------- tools
+
+
+class RemoteResult(ToolResult):
+    """A tool worker's answer: the full result, the model's view and the overlay, computed there."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    data: dict[str, Any] = Field(default_factory=dict)
+    model_view: dict[str, Any] = Field(default_factory=dict)
+    overlay_data: Overlay | None = None
+    worker_elapsed_s: float = 0.0
+
+    def for_model(self) -> dict[str, Any]:
+        return self.model_view
+
+    def overlay(self) -> Overlay | None:
+        return self.overlay_data
+
+
+class RemoteTool(Tool):
+    """Base of the per-tool proxy classes made by :func:`remote_tool_class`."""
+
+    Result = RemoteResult
+    worker_name: ClassVar[str]
+
+    def __init__(self, registry: WorkerRegistry, client: httpx.Client, timeout_s: float, available: Callable[[], list[str]]):
+        super().__init__()
+        self.registry, self.client, self.timeout_s, self.available = registry, client, timeout_s, available
+
+    def __call__(self, image: Any, params: ToolParams) -> RemoteResult:
+        try:
+            address = self.registry.pick("tool", self.worker_name)
+        except NoWorkerError:
+            raise WorkerError(
+                f"no worker is serving tool {self.name!r} right now; available tools: {', '.join(self.available()) or '(none)'}"
+            ) from None
+        body = {"params": params.model_dump(mode="json"), "image": png_data_url(image) if image is not None else None}
+        self.registry.begin(address)
+        try:
+            r = self.client.post(f"{address}/call", json=body, timeout=timeout(self.timeout_s))
+        except httpx.HTTPError as e:
+            raise WorkerError(_describe_http_error(f"tool worker for {self.name!r}", address, e)) from None
+        finally:
+            self.registry.end(address)
+        if 400 <= r.status_code < 500:
+            raise ToolInputError(error_detail(r))
+        if r.status_code != 200:
+            raise WorkerError(f"{self.name}: {error_detail(r)}")
+        payload = r.json()
+        return RemoteResult(
+            data=payload["result"],
+            model_view=payload["for_model"],
+            overlay_data=payload.get("overlay"),
+            worker_elapsed_s=payload.get("elapsed_s", 0.0),
+        )
+
+
+def _schema_params(schema: dict[str, Any]) -> type[ToolParams]:
+    """Params for a tool the controller cannot import: any fields pass here (the worker validates),
+    and the prompt shows the worker's JSON schema."""
+
+    class RemoteParams(ToolParams):
+        model_config = ConfigDict(extra="allow")
+
+        @classmethod
+        def model_json_schema(cls, *args: Any, **kwargs: Any) -> dict[str, Any]:
+            return schema
+
+    return RemoteParams
+
+
+def remote_tool_class(name: str, info: dict[str, Any]) -> type[RemoteTool]:
+    """A proxy class for the tool a worker registered; it validates with the real ``Params`` when
+    the tool is importable here, otherwise with the worker's schema."""
+    try:
+        params = get_tool(name).Params
+    except UnknownToolError:
+        params = _schema_params(info.get("params") or {"type": "object", "properties": {}})
+    return type(
+        f"Remote{''.join(p.capitalize() for p in name.replace('-', '_').split('_'))}",
+        (RemoteTool,),
+        {
+            "name": name,
+            "worker_name": name,
+            "aliases": tuple(info.get("aliases", ())),
+            "description": info.get("description", ""),
+            "needs_image": bool(info.get("needs_image", True)),
+            "weights_note": info.get("weights_note", ""),
+            "Params": params,
+            "__module__": __name__,
+        },
+    )
+
+
+# --------------------------------------------------------------------------- planners
+
+
+def _iter_ndjson(response: httpx.Response) -> Iterator[dict[str, Any]]:
+    for line in response.iter_lines():
+        if line.strip():
+            yield json.loads(line)
+
+
+class WorkerPlanner:
+    """The agent's planner in the controller: one model worker, chosen once per chat so that the
+    planning and answer passes of a conversation reach the same model (and its KV cache)."""
+
+    def __init__(self, registry: WorkerRegistry, client: httpx.Client, model: str, conversation_id: str, timeout_s: float):
+        self.registry, self.client, self.model = registry, client, model
+        self.conversation_id, self.timeout_s = conversation_id, timeout_s
+        self.address = registry.pick("model", model)
+
+    def _body(self, messages: Sequence[dict[str, str]], image: Any, gen: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "messages": list(messages),
+            "image": png_data_url(image) if image is not None else None,
+            "conversation_id": self.conversation_id,
+            **gen,
+        }
+
+    def generate(self, messages: Sequence[dict[str, str]], image: Any, **gen: Any) -> str:
+        return "".join(self.stream(messages, image, **gen))
+
+    def stream(self, messages: Sequence[dict[str, str]], image: Any, **gen: Any) -> Iterator[str]:
+        what = f"model worker for {self.model!r}"
+        self.registry.begin(self.address)
+        try:
+            with self.client.stream(
+                "POST", f"{self.address}/worker_generate_stream", json=self._body(messages, image, gen), timeout=timeout(self.timeout_s)
+            ) as r:
+                if r.status_code != 200:
+                    r.read()
+                    raise WorkerError(f"{what}: {error_detail(r)}")
+                for event in _iter_ndjson(r):
+                    if "error" in event:
+                        raise WorkerError(f"{what}: {event['error']}")
+                    if event.get("text"):
+                        yield event["text"]
+        except httpx.HTTPError as e:
+            raise WorkerError(_describe_http_error(what, self.address, e)) from None
+        finally:
+            self.registry.end(self.address)
+
+
+def to_openai_messages(messages: Sequence[dict[str, str]], image: Any) -> list[dict[str, Any]]:
+    """Agent messages → OpenAI chat messages; the image becomes an ``image_url`` part of the user
+    message that holds ``<image>``."""
+    out: list[dict[str, Any]] = []
+    for m in messages:
+        content = m["content"]
+        if image is not None and m["role"] == "user" and IMAGE_TOKEN in content:
+            text = content.replace(IMAGE_TOKEN, "", 1).lstrip("\n")
+            out.append(
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": png_data_url(image)}}, {"type": "text", "text": text}]}
+            )
+            image = None  # one image per conversation
+        else:
+            out.append({"role": m["role"], "content": content})
+    return out
+
+
+class OpenAIPlanner:
+    """A planner served by any OpenAI-compatible endpoint (vLLM, another mmedagent model worker...).
+
+    ``base_url`` is the API root, e.g. ``http://gpu-box:8000/v1``.
+    """
+
+    def __init__(self, base_url: str, model: str | None = None, api_key: str | None = None, timeout_s: float = 300.0):
+        self.base_url, self.timeout_s = base_url.rstrip("/"), timeout_s
+        self.client = make_client(api_key, timeout_s)
+        self.model = model or self._first_model()
+
+    def _first_model(self) -> str:
+        try:
+            r = self.client.get(f"{self.base_url}/models")
+            r.raise_for_status()
+            return r.json()["data"][0]["id"]
+        except (httpx.HTTPError, KeyError, IndexError, ValueError) as e:
+            raise WorkerError(f"cannot list models at {self.base_url}: {type(e).__name__}: {e}") from None
+
+    def info(self) -> dict[str, Any]:
+        return {"name": self.model, "family": "openai-compatible", "backend": self.base_url}
+
+    def _body(self, messages, image, gen: dict[str, Any], stream: bool) -> dict[str, Any]:
+        body: dict[str, Any] = {"model": self.model, "messages": to_openai_messages(messages, image), "stream": stream}
+        if "max_new_tokens" in gen:
+            body["max_tokens"] = gen["max_new_tokens"]
+        for k in ("temperature", "top_p", "stop"):
+            if gen.get(k) is not None:
+                body[k] = gen[k]
+        return body
+
+    def generate(self, messages: Sequence[dict[str, str]], image: Any, **gen: Any) -> str:
+        try:
+            r = self.client.post(f"{self.base_url}/chat/completions", json=self._body(messages, image, gen, False))
+        except httpx.HTTPError as e:
+            raise WorkerError(_describe_http_error("model backend", self.base_url, e)) from None
+        if r.status_code != 200:
+            raise WorkerError(f"model backend {self.base_url}: {error_detail(r)}")
+        return r.json()["choices"][0]["message"]["content"] or ""
+
+    def stream(self, messages: Sequence[dict[str, str]], image: Any, **gen: Any) -> Iterator[str]:
+        try:
+            with self.client.stream("POST", f"{self.base_url}/chat/completions", json=self._body(messages, image, gen, True)) as r:
+                if r.status_code != 200:
+                    r.read()
+                    raise WorkerError(f"model backend {self.base_url}: {error_detail(r)}")
+                for line in r.iter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        break
+                    choices = json.loads(data).get("choices") or [{}]
+                    piece = (choices[0].get("delta") or {}).get("content")
+                    if piece:
+                        yield piece
+        except httpx.HTTPError as e:
+            raise WorkerError(_describe_http_error("model backend", self.base_url, e)) from None

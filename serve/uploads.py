@@ -1,0 +1,107 @@
+"""Client images in, worker images out. Images arrive only as bytes (data URLs or request bodies);
+nothing a client sends is ever treated as a path or fetched as a URL."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import threading
+import weakref
+
+# Media types a client may declare for an upload. DICOM and NIfTI have no registered image/* type;
+# the decoder (``mmedagent.imaging``) sniffs the bytes, the declared type is only a first filter.
+ACCEPTED_MEDIA_TYPES = frozenset(
+    {
+        "image/png", "image/jpeg", "image/jpg", "image/bmp", "image/tiff", "image/webp", "image/gif",
+        "application/dicom", "application/x-nifti", "application/gzip", "application/x-gzip",
+        "application/octet-stream",
+    }
+)
+
+
+class UploadError(ValueError):
+    """A client image that cannot be used; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, reason: str):
+        super().__init__(reason)
+        self.status, self.reason = status, reason
+
+
+def split_data_url(url: str, max_bytes: int) -> tuple[str, bytes]:
+    """``data:<type>;base64,<payload>`` → (media type, bytes). Anything else is refused."""
+    if not isinstance(url, str) or not url.startswith("data:"):
+        scheme = url.split(":", 1)[0] if isinstance(url, str) and ":" in url[:16] else "a path"
+        raise UploadError(400, f"images must be sent inline as base64 data URLs; {scheme} is not accepted")
+    header, sep, payload = url[5:].partition(",")
+    if not sep or not header.endswith(";base64"):
+        raise UploadError(400, "image data URL must be base64 encoded (data:<type>;base64,...)")
+    media_type = header[: -len(";base64")].split(";")[0].strip().lower() or "application/octet-stream"
+    if media_type not in ACCEPTED_MEDIA_TYPES:
+        raise UploadError(415, f"unsupported image type {media_type!r}; send PNG, JPEG, DICOM or NIfTI")
+    if len(payload) * 3 // 4 > max_bytes:
+        raise UploadError(413, f"image is larger than the upload limit ({max_bytes} bytes)")
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise UploadError(400, "image data URL is not valid base64") from None
+    return media_type, data
+
+
+def decode_image(data: bytes, media_type: str = "application/octet-stream", max_bytes: int | None = None):
+    """Bytes → :class:`mmedagent.imaging.MedicalImage` (PIL RGB + de-identified metadata)."""
+    from mmedagent.imaging import ImageLoadError, load_image
+
+    if media_type not in ACCEPTED_MEDIA_TYPES:
+        raise UploadError(415, f"unsupported image type {media_type!r}; send PNG, JPEG, DICOM or NIfTI")
+    if not data:
+        raise UploadError(400, "image is empty (0 bytes)")
+    if max_bytes is not None and len(data) > max_bytes:
+        raise UploadError(413, f"image is larger than the upload limit ({max_bytes} bytes)")
+    try:
+        return load_image(bytes(data))
+    except ImageLoadError as e:
+        raise UploadError(400, f"could not read the image: {e}") from None
+
+
+def image_from_data_url(url: str, max_bytes: int):
+    media_type, data = split_data_url(url, max_bytes)
+    return decode_image(data, media_type, max_bytes)
+
+
+_png_cache: dict[int, str] = {}
+_png_lock = threading.Lock()
+
+
+def png_data_url(image) -> str:
+    """A PIL image as a PNG data URL, encoded once per image object (every tool call and model
+    pass of a conversation reuses it; the entry goes when the image is garbage-collected)."""
+    key = id(image)
+    with _png_lock:
+        cached = _png_cache.get(key)
+    if cached is not None:
+        return cached
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", compress_level=1)
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    with _png_lock:
+        if key not in _png_cache:
+            _png_cache[key] = url
+            weakref.finalize(image, _png_cache.pop, key, None)
+    return url
+
+
+def file_data_url(data: bytes, filename: str = "") -> str:
+    """Bytes read by a client (CLI, web UI) as a data URL; the type comes from the name."""
+    name = filename.lower()
+    if name.endswith((".png",)):
+        media = "image/png"
+    elif name.endswith((".jpg", ".jpeg")):
+        media = "image/jpeg"
+    elif name.endswith((".dcm", ".dicom")):
+        media = "application/dicom"
+    elif name.endswith((".nii", ".nii.gz")):
+        media = "application/x-nifti"
+    else:
+        media = "application/octet-stream"
+    return f"data:{media};base64," + base64.b64encode(data).decode("ascii")

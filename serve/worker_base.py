@@ -1,0 +1,133 @@
+"""What model and tool workers share: a bound socket, registration after load, heartbeats, shutdown."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import uvicorn
+
+from mmedagent.serve.httpclient import error_detail, make_client
+from mmedagent.serve.security import GuardMiddleware
+
+log = logging.getLogger(__name__)
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """Listen on ``host:port`` now (port 0: a free port), so the address is known before serving."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def url_for(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    host = f"[{host}]" if ":" in host else host
+    return f"http://{host}:{port}"
+
+
+class Heartbeat(threading.Thread):
+    """Registers the worker once its server listens, then beats every ``interval_s``.
+
+    Runs in its own thread with its own client, so a busy worker still beats. A controller that
+    does not know the worker (it restarted, or dropped the worker) gets a fresh registration.
+    """
+
+    def __init__(
+        self,
+        controller_url: str,
+        payload: Callable[[], dict[str, Any]],
+        queue_length: Callable[[], int],
+        interval_s: float,
+        api_key: str | None,
+        ready: Callable[[], bool],
+    ):
+        super().__init__(name="heartbeat", daemon=True)
+        self.controller_url, self.payload, self.queue_length = controller_url.rstrip("/"), payload, queue_length
+        self.interval_s, self.ready = interval_s, ready
+        self.client = make_client(api_key, timeout_s=max(2.0, interval_s))
+        self.stop = threading.Event()
+        self.registered = threading.Event()
+
+    def _register(self) -> bool:
+        try:
+            r = self.client.post(f"{self.controller_url}/register_worker", json=self.payload())
+        except httpx.HTTPError as e:
+            log.debug("controller not reachable yet: %s", type(e).__name__)
+            return False
+        if r.status_code != 200:
+            log.error("controller refused registration (%d): %s", r.status_code, error_detail(r))
+            return False
+        self.registered.set()
+        log.info("registered with controller %s", self.controller_url)
+        return True
+
+    def run(self) -> None:
+        while not self.stop.is_set() and not self.ready():
+            self.stop.wait(0.05)
+        warned = False
+        while not self.stop.is_set():
+            if not self.registered.is_set():
+                if not self._register():
+                    self.stop.wait(min(1.0, self.interval_s))
+                    continue
+            else:
+                address = self.payload()["address"]
+                try:
+                    r = self.client.post(
+                        f"{self.controller_url}/receive_heartbeat",
+                        json={"address": address, "queue_length": self.queue_length()},
+                    )
+                    known = r.status_code == 200 and r.json().get("exist", False)
+                    warned = False
+                except (httpx.HTTPError, ValueError) as e:
+                    if not warned:
+                        log.warning("heartbeat to controller failed: %s", type(e).__name__)
+                        warned = True
+                    known = True  # keep beating; re-register only when the controller says so
+                if not known:
+                    log.info("controller does not know this worker; registering again")
+                    self.registered.clear()
+                    continue
+            self.stop.wait(self.interval_s)
+
+    def unregister(self) -> None:
+        self.stop.set()
+        if self.registered.is_set():
+            try:
+                self.client.post(f"{self.controller_url}/unregister_worker", json={"address": self.payload()["address"]}, timeout=2.0)
+            except httpx.HTTPError:
+                pass
+
+
+def serve_worker(app, sock: socket.socket, heartbeat: Heartbeat | None, api_key: str | None, max_body: int, log_level: str) -> None:
+    """Run ``app`` on ``sock`` until SIGINT/SIGTERM; register after the server listens."""
+    guarded = GuardMiddleware(app, api_key, max_body)
+    server = uvicorn.Server(uvicorn.Config(guarded, log_config=None, log_level=log_level.lower(), timeout_graceful_shutdown=3))
+    if heartbeat is not None:
+        heartbeat.ready = lambda: server.started
+        heartbeat.start()
+    try:
+        server.run(sockets=[sock])
+    finally:
+        if heartbeat is not None:
+            heartbeat.unregister()
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float, interval_s: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval_s)
+    return predicate()
