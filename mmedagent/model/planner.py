@@ -1,0 +1,377 @@
+"""The in-process planner: a transformers model behind the agent's ``generate`` / ``stream`` interface.
+
+Aggregation without re-encoding: the planner keeps the KV cache (a ``DynamicCache``) of the
+previous call's prompt and generated tokens. When the next call's tokens extend that prefix (the
+usual case: plan → tool result → answer in one conversation), the cache is cut back to the longest
+common token prefix and only the new tokens are prefilled: the vision tower does not run again and
+the image tokens are not re-encoded. ``kv_reuse=False`` prefills everything on every call (the
+naive path, kept for comparison). Both paths run the same decode loop, so greedy outputs agree.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mmedagent.model.templates import has_vision, render_prompt, tokenizer_of
+from mmedagent.protocol import IMAGE_TOKEN
+
+log = logging.getLogger(__name__)
+
+_VISION_ATTRS = ("vision_tower", "visual", "vision_model")
+
+
+def vision_module(model: Any) -> Any | None:
+    """The vision encoder of a loaded model (through peft wrappers), or None for text-only models."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for owner in (getattr(inner, "model", None), inner):
+        for attr in _VISION_ATTRS:
+            module = getattr(owner, attr, None) if owner is not None else None
+            if module is not None:
+                return module
+    return None
+
+
+@dataclass
+class _KVState:
+    """What the cache holds: exactly ``tokens`` (prompt + generated, all forwarded) for ``pixels``."""
+
+    cache: Any
+    tokens: list[int]
+    pixels: Any  # the processed image tensor (or None): reuse needs the very same image
+
+
+class HFPlanner:
+    """A loaded model + processor + conversation template, usable as the agent's planner."""
+
+    def __init__(
+        self,
+        model: Any,
+        processor: Any,
+        family: str,
+        *,
+        template: str | None = None,
+        name: str = "model",
+        adapter: str | None = None,
+        kv_reuse: bool = True,
+        system: str | None = None,
+    ):
+        self.model, self.processor, self.family = model, processor, family
+        self.tokenizer = tokenizer_of(processor)
+        self.template, self.name, self.adapter = template, name, adapter
+        self.kv_reuse, self.system = kv_reuse, system
+        self._state: _KVState | None = None
+        self._lock = threading.Lock()
+        eos = model.generation_config.eos_token_id
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        if self.tokenizer.eos_token_id is not None:
+            eos.append(self.tokenizer.eos_token_id)
+        self.eos_ids = set(eos)
+        if not self.eos_ids:
+            raise ValueError("the model has no end-of-sequence token (generation_config or tokenizer)")
+        self.last_stats: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def load(
+        cls,
+        path_or_id: str | Path,
+        *,
+        conv_template: str | None = None,
+        adapter: str | Path | None = None,
+        device: str | None = None,
+        dtype: Any = None,
+        load_in_4bit: bool = False,
+        load_in_8bit: bool = False,
+        kv_reuse: bool = True,
+        system: str | None = None,
+        attn_implementation: str | None = None,
+    ) -> HFPlanner:
+        """Load a planner from a checkpoint, an original LLaVA-layout checkpoint or a LoRA adapter dir.
+
+        ``adapter``: a peft adapter directory stacked on ``path_or_id`` (or pass the adapter dir as
+        ``path_or_id`` to stack it on its recorded base). ``conv_template``: a name in
+        :data:`mmedagent.model.templates.TEMPLATES` (``vicuna_v1`` for MMedAgent / LLaVA-Med v1) or
+        None for the processor's chat template.
+        """
+        from mmedagent.model.loading import load_model_and_processor
+        from mmedagent.model.templates import TEMPLATES
+
+        if conv_template is not None and conv_template not in TEMPLATES:
+            raise ValueError(f"unknown conversation template {conv_template!r}; choose one of {', '.join(TEMPLATES)}")
+        if adapter is not None:
+            model, processor, family = load_model_and_processor(
+                adapter, base=path_or_id, dtype=dtype, device=device, load_in_4bit=load_in_4bit,
+                load_in_8bit=load_in_8bit, attn_implementation=attn_implementation,
+            )
+        else:
+            model, processor, family = load_model_and_processor(
+                path_or_id, dtype=dtype, device=device, load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit,
+                attn_implementation=attn_implementation,
+            )
+            if hasattr(model, "peft_config"):
+                adapter = path_or_id
+        return cls(
+            model, processor, family, template=conv_template, name=Path(str(path_or_id)).name or str(path_or_id),
+            adapter=str(adapter) if adapter is not None else None, kv_reuse=kv_reuse, system=system,
+        )
+
+    def info(self) -> dict[str, Any]:
+        """Name, family, size, template and adapter, for UI banners and logs."""
+        return {
+            "name": self.name,
+            "family": self.family,
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "template": self.template or "chat_template",
+            "adapter": self.adapter,
+            "kv_reuse": self.kv_reuse,
+            "device": str(self.model.device),
+            "dtype": str(self.model.dtype).replace("torch.", ""),
+        }
+
+    def reset(self) -> None:
+        """Forget the cached conversation state."""
+        self._state = None
+
+    # ------------------------------------------------------------------ public generation API
+
+    def generate(self, messages: Sequence[dict[str, str]], image: Any | None = None, **gen: Any) -> str:
+        return "".join(self.stream(messages, image, **gen)).rstrip()
+
+    def stream(
+        self,
+        messages: Sequence[dict[str, str]],
+        image: Any | None = None,
+        *,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        stop: Sequence[str] | str | None = None,
+    ) -> Iterator[str]:
+        """Yield the reply in text pieces as tokens are decoded; ends at EOS, a stop string or the budget."""
+        if max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be at least 1")
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
+        stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
+        with self._lock:
+            yield from self._stream(list(messages), image, max_new_tokens, temperature, top_p, stops)
+
+    # ------------------------------------------------------------------ internals
+
+    def _prepare(self, messages: list[dict[str, str]], image: Any | None) -> tuple[str, Any | None]:
+        if self.system is not None and not any(m["role"] == "system" for m in messages):
+            messages = [{"role": "system", "content": self.system}, *messages]
+        has_marker = any(IMAGE_TOKEN in m["content"] for m in messages if m["role"] == "user")
+        if not has_vision(self.processor):
+            image = None  # text-only model: the marker is dropped by the template
+        elif image is not None and not has_marker:
+            first = next((i for i, m in enumerate(messages) if m["role"] == "user"), None)
+            if first is None:
+                raise ValueError("an image needs a user message to attach to")
+            messages[first] = {"role": "user", "content": f"{IMAGE_TOKEN}\n{messages[first]['content']}"}
+        elif image is None and has_marker:
+            raise ValueError(f"a message holds {IMAGE_TOKEN} but no image was given")
+        return render_prompt(messages, self.template, self.processor, add_generation_prompt=True), image
+
+    def _encode(self, prompt: str, image: Any | None) -> dict[str, Any]:
+        if image is None:
+            return dict(self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False))
+        if hasattr(image, "convert"):
+            image = image.convert("RGB")
+        return dict(self.processor(images=image, text=prompt, return_tensors="pt", add_special_tokens=False))
+
+    def _reusable_prefix(self, ids: list[int], pixels: Any) -> int:
+        """How many leading tokens of ``ids`` the cached state already holds (0 = prefill everything)."""
+        import torch
+
+        state = self._state
+        if not self.kv_reuse or state is None:
+            return 0
+        if (pixels is None) != (state.pixels is None):
+            return 0
+        if pixels is not None and (pixels.shape != state.pixels.shape or not torch.equal(pixels, state.pixels)):
+            return 0
+        n = 0
+        for a, b in zip(ids, state.tokens):
+            if a != b:
+                break
+            n += 1
+        n = min(n, len(ids) - 1)  # at least one token must be run to get next-token logits
+        image_id = self._image_token_id()
+        if image_id is not None and image_id in ids[n:]:
+            return 0  # image tokens not (all) in the cache: their features must be computed
+        return n
+
+    def _image_token_id(self) -> int | None:
+        cfg = self.model.config
+        for key in ("image_token_id", "image_token_index"):
+            value = getattr(cfg, key, None)
+            if isinstance(value, int):
+                return value
+        return None
+
+    def _crop(self, cache: Any, keep: int) -> bool:
+        """Cut the self-attention layers of ``cache`` to ``keep`` tokens; False if the cache cannot be cut."""
+        from transformers.cache_utils import DynamicLayer
+
+        cross = set(getattr(self.model.config.get_text_config(), "cross_attention_layers", None) or [])
+        for idx, layer in enumerate(cache.layers):
+            if idx in cross:
+                continue  # Mllama: projected image states, independent of the text length
+            if type(layer) is not DynamicLayer:
+                return False
+            extra = layer.get_seq_length() - keep
+            if extra > 0:
+                layer.crop(-extra)
+        return True
+
+    def _forward(self, ids: Any, cache: Any, start: int, inputs: dict[str, Any] | None, extras: dict[str, Any]) -> Any:
+        """Run ``ids`` (positions ``start``…) through the model on top of ``cache``; return last logits."""
+        import torch
+
+        n = ids.shape[1]
+        kwargs: dict[str, Any] = {
+            "input_ids": ids,
+            "past_key_values": cache,
+            "use_cache": True,
+            "attention_mask": torch.ones(1, start + n, dtype=torch.long, device=ids.device),
+            "cache_position": torch.arange(start, start + n, device=ids.device),
+            "logits_to_keep": 1,
+        }
+        if inputs is not None:  # a full prefill: vision inputs go in
+            kwargs.update({k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")})
+        if "positions" in extras:  # Qwen2-VL multimodal RoPE
+            kwargs["position_ids"] = self._qwen_positions(start, n, extras)
+        if "cross_rows" in extras:  # Mllama: which text tokens see the image
+            kwargs["cross_attention_mask"] = extras["cross_rows"](start, n)
+        out = self.model(**kwargs)
+        return out.logits[:, -1, :]
+
+    def _qwen_positions(self, start: int, n: int, extras: dict[str, Any]) -> Any:
+        import torch
+
+        full = extras["positions"]  # (3, 1, prompt_len) for the whole prompt
+        if start + n <= full.shape[-1]:
+            return full[:, :, start : start + n]
+        steps = torch.arange(start, start + n, device=full.device).view(1, 1, -1).expand(3, 1, -1)
+        return steps + extras["rope_delta"]
+
+    def _family_extras(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """Per-prompt tensors needed to run a slice of the prompt on top of a cache."""
+        import torch
+
+        extras: dict[str, Any] = {}
+        if self.family == "qwen2_vl":
+            ids = inputs["input_ids"]
+            if "image_grid_thw" in inputs:
+                positions, delta = self.model.model.get_rope_index(
+                    ids, mm_token_type_ids=inputs["mm_token_type_ids"], image_grid_thw=inputs["image_grid_thw"],
+                    attention_mask=inputs.get("attention_mask"),
+                )
+            else:
+                positions = torch.arange(ids.shape[1], device=ids.device).view(1, 1, -1).expand(3, 1, -1)
+                delta = torch.zeros(1, 1, dtype=torch.long, device=ids.device)
+            extras.update(positions=positions, rope_delta=delta.view(1, -1, 1))
+        elif self.family == "mllama" and "cross_attention_mask" in inputs:
+            mask = inputs["cross_attention_mask"]
+
+            def rows(start: int, n: int, mask=mask) -> Any:
+                full = mask.shape[1]
+                if start + n <= full:
+                    return mask[:, start : start + n]
+                # generated tokens see the image like the last prompt token (as in transformers' generate)
+                last = mask[:, -1:]
+                head = mask[:, start:full]
+                return torch.cat([head, last.expand(-1, start + n - max(start, full), -1, -1)], dim=1)
+
+            extras["cross_rows"] = rows
+        return extras
+
+    def _pick(self, logits: Any, temperature: float, top_p: float) -> int:
+        import torch
+
+        if temperature == 0:
+            return int(logits.argmax(-1))
+        probs = torch.softmax(logits.float() / temperature, dim=-1).squeeze(0)
+        if top_p < 1:
+            sorted_p, order = probs.sort(descending=True)
+            keep = sorted_p.cumsum(0) - sorted_p < top_p
+            probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+        return int(torch.multinomial(probs / probs.sum(), 1))
+
+    def _stream(
+        self, messages: list[dict[str, str]], image: Any, max_new_tokens: int, temperature: float, top_p: float,
+        stops: list[str],
+    ) -> Iterator[str]:
+        import time
+
+        import torch
+        from transformers import DynamicCache
+
+        prompt, image = self._prepare(messages, image)
+        inputs = {k: v.to(self.model.device) if hasattr(v, "to") else v for k, v in self._encode(prompt, image).items()}
+        if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        ids = inputs["input_ids"]
+        id_list = ids[0].tolist()
+        pixels = inputs.get("pixel_values")
+        t0 = time.perf_counter()
+        generated: list[int] = []
+        reuse, prefill_s, cut = 0, 0.0, -1
+        try:
+            with torch.inference_mode():
+                extras = self._family_extras(inputs)
+                reuse = self._reusable_prefix(id_list, pixels)
+                if reuse and self._crop(self._state.cache, reuse):
+                    cache = self._state.cache
+                    logits = self._forward(ids[:, reuse:], cache, reuse, None, extras)
+                else:
+                    reuse = 0
+                    cache = DynamicCache(config=self.model.config)
+                    logits = self._forward(ids, cache, 0, inputs, extras)
+                self._state = _KVState(cache=cache, tokens=list(id_list), pixels=pixels)
+                prefill_s = time.perf_counter() - t0
+                hold = max((len(s) for s in stops), default=1) - 1
+                emitted, started, text = 0, False, ""
+                for step in range(max_new_tokens):
+                    token = self._pick(logits, temperature, top_p)
+                    if token in self.eos_ids:
+                        break
+                    generated.append(token)
+                    text = self.tokenizer.decode(generated, skip_special_tokens=True)
+                    cut = min((text.find(s) for s in stops if s in text), default=-1)
+                    final = cut >= 0 or step == max_new_tokens - 1
+                    if cut >= 0:
+                        text = text[:cut]
+                    safe = len(text) if final else len(text) - hold
+                    while safe > emitted and text[safe - 1] == "\ufffd":  # an incomplete UTF-8 sequence
+                        safe -= 1
+                    if safe > emitted:
+                        piece = text[emitted:safe] if started else text[emitted:safe].lstrip()
+                        started, emitted = started or bool(piece), safe
+                        if piece:
+                            yield piece
+                    if final:
+                        break
+                    position = len(id_list) + len(generated) - 1
+                    logits = self._forward(torch.tensor([[token]], device=ids.device), cache, position, None, extras)
+                    self._state.tokens.append(token)
+                if emitted < len(text) and cut < 0:  # EOS: flush what the stop-string hold kept back
+                    piece = text[emitted:].rstrip("\ufffd")
+                    piece = piece if started else piece.lstrip()
+                    if piece:
+                        yield piece
+        finally:
+            self.last_stats = {
+                "prompt_tokens": len(id_list),
+                "reused_tokens": reuse,
+                "new_tokens": len(generated),
+                "prefill_s": prefill_s,
+                "total_s": time.perf_counter() - t0,
+            }

@@ -1,0 +1,113 @@
+"""The in-process planner: generation matches transformers' generate, streaming, stop strings, KV reuse."""
+
+import pytest
+import torch
+
+from _model_fixtures import test_image, tiny_models  # noqa: F401  (fixture)
+from mmedagent.model import load_planner
+from mmedagent.model.planner import vision_module
+from mmedagent.model.templates import render_prompt
+
+QUESTION = "Can you locate the tumor?"
+TOOL_RESULT = "grounding dino output: {'boxes': [[0.41, 0.54, 0.76, 0.75]]}\n\nAnswer my first question: " + QUESTION
+
+
+def first_messages(arch):
+    return [{"role": "user", "content": ("" if arch == "llama" else "<image>\n") + QUESTION}]
+
+
+@pytest.fixture(scope="session")
+def planners(tiny_models):
+    made = {}
+
+    def get(arch, kv_reuse=True, template=None):
+        key = (arch, kv_reuse, template)
+        if key not in made:
+            made[key] = load_planner(tiny_models(arch), kv_reuse=kv_reuse, conv_template=template)
+        return made[key]
+
+    return get
+
+
+@pytest.mark.parametrize("arch", ["llava", "qwen2_vl", "mllama", "llama"])
+def test_greedy_matches_transformers_generate(planners, arch):
+    planner = planners(arch, kv_reuse=False)
+    image = None if arch == "llama" else test_image()
+    msgs = first_messages(arch)
+    prompt = render_prompt(msgs, None, planner.processor)
+    if image is None:
+        inputs = planner.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    else:
+        inputs = planner.processor(images=image, text=prompt, return_tensors="pt", add_special_tokens=False)
+    ref = planner.model.generate(**inputs, max_new_tokens=10, do_sample=False)
+    expected = planner.tokenizer.decode(ref[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    assert planner.generate(msgs, image, max_new_tokens=10) == expected.rstrip("\ufffd")
+
+
+@pytest.mark.parametrize("arch", ["llava", "qwen2_vl", "mllama"])
+def test_kv_reuse_gives_same_tokens_and_encodes_image_once(planners, arch):
+    image = test_image()
+    runs = {}
+    for kv_reuse in (False, True):
+        planner = planners(arch, kv_reuse=kv_reuse, template="vicuna_v1" if arch == "llava" else None)
+        planner.reset()
+        calls = []
+        hook = vision_module(planner.model).register_forward_hook(lambda *a: calls.append(1))
+        try:
+            msgs, replies, reused = first_messages(arch), [], []
+            for _ in range(3):  # plan → tool result → answer → (follow-up)
+                reply = planner.generate(msgs, image, max_new_tokens=12)
+                replies.append(reply)
+                reused.append(planner.last_stats["reused_tokens"])
+                msgs += [{"role": "assistant", "content": reply}, {"role": "user", "content": TOOL_RESULT}]
+        finally:
+            hook.remove()
+        runs[kv_reuse] = replies
+        if kv_reuse:
+            assert len(calls) == 1
+            assert reused[0] == 0 and all(r > 0 for r in reused[1:])
+        else:
+            assert len(calls) == 3 and reused == [0, 0, 0]
+    assert runs[True] == runs[False]
+
+
+def test_a_new_image_is_not_served_from_the_cache(planners):
+    planner = planners("llava")
+    planner.reset()
+    msgs = first_messages("llava")
+    planner.generate(msgs, test_image(), max_new_tokens=3)
+    other = test_image().rotate(90)
+    planner.generate(msgs, other, max_new_tokens=3)
+    assert planner.last_stats["reused_tokens"] == 0
+
+
+def test_stream_and_stop_strings(planners):
+    planner = planners("llava", kv_reuse=False)
+    msgs, image = first_messages("llava"), test_image()
+    full = planner.generate(msgs, image, max_new_tokens=16)
+    pieces = list(planner.stream(msgs, image, max_new_tokens=16))
+    assert len(pieces) > 1 and "".join(pieces).rstrip() == full
+    stop = full[4:7]
+    cut = planner.generate(msgs, image, max_new_tokens=16, stop=[stop])
+    assert cut == full[: full.index(stop)].rstrip() and stop not in cut
+
+
+def test_sampling_options_and_bad_input(planners):
+    planner = planners("llava")
+    msgs, image = first_messages("llava"), test_image()
+    torch.manual_seed(0)
+    a = planner.generate(msgs, image, max_new_tokens=6, temperature=1.5, top_p=0.9)
+    assert isinstance(a, str)
+    with pytest.raises(ValueError, match="top_p"):
+        planner.generate(msgs, image, top_p=0)
+    with pytest.raises(ValueError, match="no image"):
+        planner.generate(msgs, None)
+    info = planner.info()
+    assert info["family"] == "llava" and info["parameters"] > 1000 and info["template"] == "chat_template"
+
+
+def test_quantized_loading_needs_cuda(tiny_models):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    with pytest.raises(RuntimeError, match="CUDA GPU and bitsandbytes"):
+        load_planner(tiny_models("llava"), load_in_4bit=True)
