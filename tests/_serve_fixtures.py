@@ -84,7 +84,7 @@ register(BrightRegion)
 register(Nap)
 
 
-def test_image(size=(48, 40), fmt="PNG") -> bytes:
+def sample_png(size=(48, 40), fmt="PNG") -> bytes:
     """A grey image with a bright square in the lower right."""
     from PIL import Image
 

@@ -1,0 +1,142 @@
+"""Serving building blocks without servers: registry, config, uploads, OpenAI parsing, log redaction."""
+
+import base64
+import logging
+import time
+
+import pytest
+from pydantic import ValidationError
+
+from _serve_fixtures import data_url, sample_png
+from mmedagent.serve import openai_api as oa
+from mmedagent.serve.config import ServeConfig, load_config
+from mmedagent.serve.registry import NoWorkerError, WorkerInfo, WorkerRegistry
+from mmedagent.serve.remote import remote_tool_class, to_openai_messages
+from mmedagent.serve.security import RedactFilter, check_token
+from mmedagent.serve.uploads import UploadError, image_from_data_url, png_data_url, split_data_url
+
+
+def worker(address, kind="tool", names=("grounding",), queue=0):
+    return WorkerInfo(address=address, kind=kind, names=list(names), queue_length=queue)
+
+
+def test_registry_shortest_queue_and_inflight():
+    reg = WorkerRegistry(expiry_s=10)
+    reg.register(worker("http://127.0.0.1:1", queue=3))
+    reg.register(worker("http://127.0.0.1:2", queue=0))
+    reg.register(worker("http://127.0.0.1:3", names=("other",)))
+    assert reg.pick("tool", "grounding") == "http://127.0.0.1:2"
+    reg.begin("http://127.0.0.1:2")
+    reg.begin("http://127.0.0.1:2")
+    reg.begin("http://127.0.0.1:2")
+    reg.begin("http://127.0.0.1:2")
+    assert reg.pick("tool", "grounding") == "http://127.0.0.1:1"  # 4 in flight beats a queue of 3
+    reg.heartbeat("http://127.0.0.1:1", 9)
+    assert reg.pick("tool", "grounding") == "http://127.0.0.1:2"
+
+
+def test_registry_expiry_and_unknown_name():
+    reg = WorkerRegistry(expiry_s=0.2)
+    reg.register(worker("http://127.0.0.1:1"))
+    reg.register(worker("http://127.0.0.1:2", names=("classification",)))
+    time.sleep(0.12)
+    assert reg.heartbeat("http://127.0.0.1:2", 0)
+    time.sleep(0.12)
+    assert reg.expire() == ["http://127.0.0.1:1"]
+    assert not reg.heartbeat("http://127.0.0.1:1", 0)  # the worker will register again
+    with pytest.raises(NoWorkerError, match="available tools: classification"):
+        reg.pick("tool", "grounding")
+    assert reg.known["grounding"]["kind"] == "tool"  # remembered for a clear message later
+
+
+def test_worker_address_must_be_a_base_url():
+    with pytest.raises(ValidationError):
+        WorkerInfo(address="file:///etc/passwd", kind="tool", names=["x"])
+    with pytest.raises(ValidationError):
+        WorkerInfo(address="http://127.0.0.1:1/path", kind="tool", names=["x"])
+
+
+def test_config_expiry_must_exceed_interval(tmp_path, monkeypatch):
+    with pytest.raises(ValidationError, match="must exceed heartbeat_interval_s"):
+        ServeConfig(heartbeat_interval_s=5, heartbeat_expiry_s=5)
+    path = tmp_path / "serve.yaml"
+    path.write_text("port: 9000\ntools:\n  grounding: {options: {device: cpu}}\n  nap: {in_process: true}\n")
+    monkeypatch.setenv("MMEDAGENT_API_KEY", "from-env")
+    cfg = load_config(path, port=9100, web_port=None)
+    assert cfg.port == 9100 and cfg.host == "127.0.0.1"
+    assert cfg.tools["grounding"].options == {"device": "cpu"} and cfg.tools["nap"].in_process
+    assert cfg.api_key == "from-env" and "from-env" not in repr(cfg)
+    path.write_text("prot: 1\n")
+    with pytest.raises(ValidationError, match="prot"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    "url, status, reason",
+    [
+        ("/etc/passwd", 400, "base64 data URLs"),
+        ("file:///etc/passwd", 400, "file is not accepted"),
+        ("http://127.0.0.1:1/x.png", 400, "http is not accepted"),
+        ("data:image/png,abc", 400, "base64 encoded"),
+        ("data:text/plain;base64,aGVsbG8=", 415, "unsupported image type"),
+        ("data:image/png;base64,@@@@", 400, "not valid base64"),
+        ("data:image/png;base64,", 400, "empty"),
+        (data_url(b"hello world"), 400, "not a recognised image"),
+        (data_url(sample_png()[:60]), 400, "could not read the image"),
+    ],
+)
+def test_bad_uploads_are_refused_with_a_reason(url, status, reason):
+    with pytest.raises(UploadError) as err:
+        image_from_data_url(url, max_bytes=1 << 20)
+    assert err.value.status == status and reason in err.value.reason
+
+
+def test_upload_limit_and_good_image():
+    big = data_url(b"\0" * 5000)
+    with pytest.raises(UploadError) as err:
+        split_data_url(big, max_bytes=4000)
+    assert err.value.status == 413
+    img = image_from_data_url(data_url(sample_png()), max_bytes=1 << 20).image
+    assert img.mode == "RGB" and img.size == (48, 40)
+    assert png_data_url(img) is png_data_url(img)  # encoded once per image
+
+
+def test_openai_messages_round_trip():
+    url = data_url(sample_png())
+    req = oa.ChatCompletionRequest.model_validate(
+        {"model": "m", "max_tokens": 7, "stop": "X", "messages": [
+            {"role": "developer", "content": "be brief"},
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "Where?"}]},
+        ]}
+    )
+    messages, image = oa.split_messages(req.messages)
+    assert image == url
+    assert messages == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "<image>\nWhere?"}]
+    assert req.gen({"max_new_tokens": 256, "temperature": 0.0}) == {"max_new_tokens": 7, "temperature": 0.0, "stop": ["X"]}
+    pil = image_from_data_url(url, 1 << 20).image
+    back = to_openai_messages(messages, pil)
+    assert back[1]["content"][0]["type"] == "image_url" and back[1]["content"][1] == {"type": "text", "text": "Where?"}
+    two = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                        {"type": "image_url", "image_url": {"url": data_url(sample_png((8, 8)))}}]}]
+    with pytest.raises(UploadError, match="only one image"):
+        oa.split_messages(oa.ChatCompletionRequest.model_validate({"messages": two}).messages)
+
+
+def test_redaction_and_tokens():
+    key = "sk-very-secret-123"
+    f = RedactFilter([key])
+    payload = base64.b64encode(sample_png() * 3).decode()
+    rec = logging.LogRecord("x", logging.INFO, __file__, 1, "key=%s auth=%s img=%s tail", (key, "Bearer abc.def", "data:image/png;base64," + payload), None)
+    f.filter(rec)
+    text = rec.getMessage()
+    assert key not in text and "abc.def" not in text and payload[:40] not in text and text.endswith("tail")
+    assert check_token(None, None) and check_token("Bearer k", "k")
+    assert not check_token(None, "k") and not check_token("Bearer x", "k") and not check_token("k", "k")
+
+
+def test_remote_tool_class_uses_worker_schema_for_unknown_tools():
+    schema = {"type": "object", "properties": {"level": {"type": "integer"}}}
+    cls = remote_tool_class("somewhere_else", {"params": schema, "aliases": ["se"], "description": "d", "needs_image": False})
+    assert cls.names() == ("somewhere_else", "se") and not cls.needs_image
+    assert cls.Params.model_json_schema() == schema
+    assert cls.Params.model_validate({"level": 2}).model_dump() == {"level": 2}
