@@ -65,14 +65,27 @@ def save_tiny_grounding_dino(out: Path) -> Path:
     tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)})
     config = GroundingDinoConfig(
         backbone_config=SwinConfig(
-            embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], window_size=4, image_size=128,
+            embed_dim=16,
+            depths=[1, 1, 1, 1],
+            num_heads=[1, 1, 1, 1],
+            window_size=4,
+            image_size=128,
             out_features=["stage2", "stage3", "stage4"],
         ),
-        text_config=BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                               intermediate_size=64),
-        d_model=32, encoder_layers=1, decoder_layers=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
-        encoder_attention_heads=2, decoder_attention_heads=2, num_queries=20, encoder_n_points=2,
-        decoder_n_points=2, max_text_len=32,
+        text_config=BertConfig(
+            vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
+        ),
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        num_queries=20,
+        encoder_n_points=2,
+        decoder_n_points=2,
+        max_text_len=32,
     )
     torch.manual_seed(0)
     GroundingDinoForObjectDetection(config).save_pretrained(out)

@@ -126,7 +126,9 @@ def test_render_draws_box_and_mask_where_they_are():
     img = Image.new("RGB", (100, 80), (0, 0, 0))
     mask = np.zeros((80, 100), bool)
     mask[50:70, 10:30] = True
-    out = render(img, [Overlay(boxes=[[0.5, 0.25, 0.9, 0.75]], labels=["tumor"]), Overlay(masks=[encode_rle(mask)]), None])
+    out = render(
+        img, [Overlay(boxes=[[0.5, 0.25, 0.9, 0.75]], labels=["tumor"]), Overlay(masks=[encode_rle(mask)]), None]
+    )
     px = np.asarray(out).astype(int)
     assert out.size == img.size and np.asarray(img).max() == 0  # input untouched
     assert tuple(px[40, 50]) == PALETTE[0]  # left edge of the box, first colour
@@ -267,6 +269,20 @@ def test_variant_from_config_and_url(tmp_path, monkeypatch):
     assert (tmp_path / "hub" / "hub" / "checkpoints" / ckpt.name).is_file()  # cached like any torch hub download
 
 
+def test_sam_size_from_weights_and_config_errors(tmp_path):
+    from mmedagent.tools.segmentation import _infer_model_type, build_sam
+
+    assert _infer_model_type({"image_encoder.patch_embed.proj.weight": torch.zeros(1280, 3, 16, 16)}, "x") == "vit_h"
+    with pytest.raises(ValueError, match="encoder width 32.*JSON architecture config"):
+        _infer_model_type({"image_encoder.patch_embed.proj.weight": torch.zeros(32, 3, 8, 8)}, "x")
+    with pytest.raises(ValueError, match="unknown SAM config keys"):
+        build_sam({"encoder_width": 8})
+    ckpt = save_tiny_sam(tmp_path, "odd")
+    ckpt.with_suffix(".json").unlink()  # weights of a non-standard size without their config
+    with pytest.raises(ValueError, match="cannot tell the SAM size"):
+        SegmentationTool(checkpoint=str(ckpt)).ensure_loaded()
+
+
 def _capture_encoder_and_prompts(tool):
     seen = {}
     h1 = tool.model.image_encoder.register_forward_pre_hook(lambda m, args: seen.__setitem__("pixels", args[0].clone()))
@@ -335,7 +351,7 @@ def test_segmentation_boxes_points_and_compact_form(medsam, sam):
     for tool in (medsam, sam):
         out = tool(img, SegmentationTool.Params(boxes=[[0.1, 0.1, 0.5, 0.5], [0.4, 0.3, 0.9, 0.8]]))
         assert len(out.masks) == len(out.areas) == len(out.boxes) == 2
-        for rle, area, box in zip(out.masks, out.areas, out.boxes):
+        for rle, area, box in zip(out.masks, out.areas, out.boxes, strict=True):
             mask = decode_rle(rle)
             assert mask.shape == (40, 48) and area == mask.sum()
             assert box == (mask_to_box(mask) or [])
@@ -417,7 +433,12 @@ def test_composite_tool_end_to_end(dispatcher, grounding, medsam):
     assert composite.grounding is grounding and composite.segmentation is medsam  # shared, not reloaded
     img = scan_image(150, 130)
     [outcome], [result] = dispatcher.dispatch_all(
-        [call("grounding dino + MedSAM", image="<imagepath>", prompts=["tumor"], box_threshold=0.0, text_threshold=0.0)], img
+        [
+            call(
+                "grounding dino + MedSAM", image="<imagepath>", prompts=["tumor"], box_threshold=0.0, text_threshold=0.0
+            )
+        ],
+        img,
     )
     assert outcome.ok, outcome.error
     assert set(outcome.output) == {"boxes", "logits", "phrases", "areas"}
@@ -436,7 +457,10 @@ def test_multi_call_turn_end_to_end(dispatcher):
     turn = AssistantTurn(
         thoughts="Locate the tumor and classify the modality.",
         actions=[
-            ToolCall(API_name="grounding dino", API_params={"image": "<imagepath>", "prompts": ["tumor"], "box_threshold": 0.0}),
+            ToolCall(
+                API_name="grounding dino",
+                API_params={"image": "<imagepath>", "prompts": ["tumor"], "box_threshold": 0.0},
+            ),
             ToolCall(API_name="BiomedClip", API_params={"image": "<imagepath>"}),
         ],
         value="Please wait.",

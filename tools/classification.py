@@ -91,8 +91,9 @@ class ClassificationTool(Tool):
             raise weights_error(
                 self.name,
                 ref,
-                f"Download the open_clip repo (e.g. `hf download {DEFAULT_MODEL.removeprefix('hf-hub:')} --local-dir DIR`) "
-                "and pass model=DIR, give an open_clip model name with pretrained=TAG_OR_FILE, or allow hub access.",
+                f"Download the open_clip repo (e.g. `hf download {DEFAULT_MODEL.removeprefix('hf-hub:')} "
+                "--local-dir DIR`) and pass model=DIR, give an open_clip model name with pretrained=TAG_OR_FILE, "
+                "or allow hub access.",
                 e,
             ) from e
         self.model = model.eval()

@@ -64,6 +64,22 @@ ARCH_DEFAULTS: dict[str, Any] = {
     "iou_head_depth": 3,
     "iou_head_hidden_dim": 256,
 }
+# segment-anything's larger encoders; a config's "model_type" starts from one of these.
+PRESETS: dict[str, dict[str, Any]] = {
+    "vit_b": {},
+    "vit_l": {
+        "encoder_embed_dim": 1024,
+        "encoder_depth": 24,
+        "encoder_num_heads": 16,
+        "encoder_global_attn_indexes": [5, 11, 17, 23],
+    },
+    "vit_h": {
+        "encoder_embed_dim": 1280,
+        "encoder_depth": 32,
+        "encoder_num_heads": 16,
+        "encoder_global_attn_indexes": [7, 15, 23, 31],
+    },
+}
 ENCODER_WIDTH_TO_TYPE = {768: "vit_b", 1024: "vit_l", 1280: "vit_h"}
 CONFIG_ONLY_KEYS = {"variant", "model_type"}
 
@@ -71,14 +87,18 @@ Unit = Annotated[float, Field(ge=0.0, le=1.0)]
 
 
 def build_sam(arch: dict[str, Any]):
-    """A ``segment_anything.modeling.Sam`` of any size from :data:`ARCH_DEFAULTS`-style keys."""
+    """A ``segment_anything.modeling.Sam`` of any size: :data:`ARCH_DEFAULTS` keys over the preset of
+    ``model_type`` (default ``vit_b``)."""
     import torch
     from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
     unknown = set(arch) - set(ARCH_DEFAULTS) - CONFIG_ONLY_KEYS
     if unknown:
         raise ValueError(f"unknown SAM config keys {sorted(unknown)}; known: {sorted(ARCH_DEFAULTS)}")
-    a = {**ARCH_DEFAULTS, **arch}
+    preset = arch.get("model_type", "vit_b")
+    if preset not in PRESETS:
+        raise ValueError(f"SAM config model_type must be one of {sorted(PRESETS)}, got {preset!r}")
+    a = {**ARCH_DEFAULTS, **PRESETS[preset], **{k: v for k, v in arch.items() if k not in CONFIG_ONLY_KEYS}}
     grid = a["image_size"] // a["patch_size"]
     return Sam(
         image_encoder=ImageEncoderViT(
@@ -114,6 +134,17 @@ def build_sam(arch: dict[str, Any]):
             iou_head_hidden_dim=a["iou_head_hidden_dim"],
         ),
     )
+
+
+def _infer_model_type(state: dict, ref: str) -> str:
+    weight = state.get("image_encoder.patch_embed.proj.weight")
+    width = None if weight is None else int(weight.shape[0])
+    if width not in ENCODER_WIDTH_TO_TYPE:
+        raise ValueError(
+            f"segmentation: cannot tell the SAM size of {ref!r} (encoder width {width}); pass model_type "
+            "or put a JSON architecture config beside it (see the module docstring)"
+        )
+    return ENCODER_WIDTH_TO_TYPE[width]
 
 
 def medsam_preprocess(image: Any, size: int):
@@ -191,31 +222,29 @@ class SegmentationTool(Tool):
 
         ref = str(self.options.get("checkpoint", DEFAULT_CHECKPOINT))
         state, arch, source = self._read(ref)
-        variant = self.options.get("variant") or arch.get("variant") or ("medsam" if "medsam" in source.lower() else "sam")
+        variant = (
+            self.options.get("variant") or arch.get("variant") or ("medsam" if "medsam" in source.lower() else "sam")
+        )
         if variant not in ("medsam", "sam"):
             raise ValueError(f"segmentation: variant must be 'medsam' or 'sam', got {variant!r}")
         model_type = self.options.get("model_type") or arch.get("model_type")
-        custom = {k: v for k, v in arch.items() if k not in CONFIG_ONLY_KEYS}
-        if custom:
-            model = build_sam(arch)
+        if any(k not in CONFIG_ONLY_KEYS for k in arch):
+            model = build_sam({**arch, **({"model_type": model_type} if model_type else {})})
         else:
             from segment_anything import sam_model_registry
 
-            if model_type is None:
-                width = state["image_encoder.patch_embed.proj.weight"].shape[0] if "image_encoder.patch_embed.proj.weight" in state else None
-                model_type = ENCODER_WIDTH_TO_TYPE.get(width)
-                if model_type is None:
-                    raise ValueError(
-                        f"segmentation: cannot tell the SAM size of {ref!r} (encoder width {width}); pass model_type or "
-                        "put a JSON architecture config beside it (see the module docstring)"
-                    )
+            model_type = model_type or _infer_model_type(state, ref)
             if model_type not in sam_model_registry:
-                raise ValueError(f"segmentation: model_type must be one of {sorted(sam_model_registry)}, got {model_type!r}")
+                raise ValueError(
+                    f"segmentation: model_type must be one of {sorted(sam_model_registry)}, got {model_type!r}"
+                )
             model = sam_model_registry[model_type](checkpoint=None)
         try:
             model.load_state_dict(state)
         except RuntimeError as e:
-            raise RuntimeError(f"segmentation: {ref!r} does not match the {model_type or 'configured'} SAM architecture: {e}") from e
+            raise RuntimeError(
+                f"segmentation: {ref!r} does not match the {model_type or 'configured'} SAM architecture: {e}"
+            ) from e
         self.device = pick_device(self.options.get("device"))
         self.model = model.to(self.device).eval()
         self.variant = variant
@@ -244,7 +273,9 @@ class SegmentationTool(Tool):
             if not path.is_file():
                 raise weights_error(self.name, ref, HOW_TO_GET, FileNotFoundError("no such file"))
             state = torch.load(path, map_location="cpu", weights_only=True)
-            config_path = self.options.get("config") or (path.with_suffix(".json") if path.with_suffix(".json").is_file() else None)
+            config_path = self.options.get("config") or (
+                path.with_suffix(".json") if path.with_suffix(".json").is_file() else None
+            )
             source = path.name
         for key in ("model", "state_dict"):  # training checkpoints wrap the weights
             if isinstance(state.get(key), dict):
@@ -270,7 +301,11 @@ class SegmentationTool(Tool):
         """Batched prompt tensors: one prompt per box (points shared), or one from the points alone."""
         torch = self._torch
         n = len(boxes) if boxes is not None else 1
-        box_t = torch.as_tensor(boxes * np.tile(scale, 2), dtype=torch.float, device=self.device) if boxes is not None else None
+        box_t = (
+            torch.as_tensor(boxes * np.tile(scale, 2), dtype=torch.float, device=self.device)
+            if boxes is not None
+            else None
+        )
         pts = None
         if points is not None:
             coords = torch.as_tensor(points * scale, dtype=torch.float, device=self.device)[None].expand(n, -1, -1)
@@ -283,7 +318,9 @@ class SegmentationTool(Tool):
         s = self.input_size
         embedding = self.model.image_encoder(medsam_preprocess(img, s).to(self.device))
         box_t, pts = self._prompt_tensors(boxes, points, labels, np.array([s / w, s / h]))
-        sparse, dense = self.model.prompt_encoder(points=pts, boxes=None if box_t is None else box_t[:, None, :], masks=None)
+        sparse, dense = self.model.prompt_encoder(
+            points=pts, boxes=None if box_t is None else box_t[:, None, :], masks=None
+        )
         low_res, _ = self.model.mask_decoder(
             image_embeddings=embedding,
             image_pe=self.model.prompt_encoder.get_dense_pe(),
@@ -291,7 +328,9 @@ class SegmentationTool(Tool):
             dense_prompt_embeddings=dense,
             multimask_output=False,
         )
-        prob = torch.nn.functional.interpolate(torch.sigmoid(low_res), size=(h, w), mode="bilinear", align_corners=False)
+        prob = torch.nn.functional.interpolate(
+            torch.sigmoid(low_res), size=(h, w), mode="bilinear", align_corners=False
+        )
         return (prob[:, 0] > 0.5).cpu().numpy()
 
     def _sam(self, img, boxes, points, labels) -> np.ndarray:
