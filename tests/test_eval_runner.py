@@ -18,7 +18,7 @@ from mmedagent.evaluation.cli import main
 from mmedagent.evaluation.readers import EvalFileError, load_samples
 from mmedagent.evaluation.runner import AgentRunner, ControllerRunner
 from mmedagent.evaluation.scoring import build_report, markdown_summary
-from mmedagent.protocol import AssistantTurn, ToolCall, ToolOutcome, render_tool_results
+from mmedagent.protocol import AssistantTurn, ToolOutcome, render_tool_results
 from mmedagent.tools import registry
 
 CALL_G = ("grounding dino", {"image": "<imagepath>", "prompts": ["tumor"]})
@@ -183,10 +183,14 @@ def test_cli_errors_are_clear(tmp_path, capsys):
 
 def test_controller_endpoint_reads_mmedagent_trace(tmp_path, folder, fake_grounding):
     sample = load_samples(write_json(tmp_path / "r.json", [grounding_record()]))[0]
-    step = AgentStep(
-        index=0, raw=turn("Locating.", CALL_G), turn=AssistantTurn(actions=[ToolCall(API_name="grounding dino", API_params={"prompts": ["tumor"]})]),
-        outcomes=[ToolOutcome(tool="grounding dino", output={"boxes": [[0.4, 0.54, 0.76, 0.75]], "logits": [0.9]})], tools_s=0.25,
-    )
+    # the controller's step view (serve/controller.py step_view), and an AgentStep dump
+    step = {
+        "index": 0, "thoughts": "Locating.", "actions": [{"API_name": "grounding dino", "API_params": {"prompts": ["tumor"]}}],
+        "value": "Please wait.", "parse_error": None, "raw": turn("Locating.", CALL_G), "model_s": 0.5, "tools_s": 0.25,
+        "outcomes": [{"tool": "grounding dino", "ok": True, "output": {"boxes": [[0.4, 0.54, 0.76, 0.75]], "logits": [0.9]}}],
+        "overlays": [None],
+    }
+    final = AgentStep(index=1, raw="It is in the lower right.", turn=AssistantTurn(value="It is in the lower right."))
     seen = []
 
     def handler(request):
@@ -195,7 +199,7 @@ def test_controller_endpoint_reads_mmedagent_trace(tmp_path, folder, fake_ground
         return httpx.Response(200, json={
             "choices": [{"message": {"role": "assistant", "content": "It is in the lower right."}}],
             "usage": {"completion_tokens": 12},
-            "mmedagent_trace": {"steps": [step.model_dump(mode="json"), {"index": 1, "raw": "It is in the lower right."}], "stopped": "answer"},
+            "mmedagent_trace": {"steps": [step, final.model_dump(mode="json")], "stopped": "answer"},
         })
 
     runner = ControllerRunner("http://127.0.0.1:9/v1", image_folder=folder)
@@ -204,6 +208,7 @@ def test_controller_endpoint_reads_mmedagent_trace(tmp_path, folder, fake_ground
     parts = seen[0]["messages"][0]["content"]
     assert parts[0]["image_url"]["url"].startswith("data:image/png;base64,") and parts[1]["text"] == QUESTION
     assert [c.API_name for c in result.calls] == ["grounding dino"] and result.tokens == 12 and result.tool_s == 0.25
+    assert result.stopped == "answer" and len(result.steps) == 2
     report = build_report([sample], [result], tool_mode="live")
     # no box in the answer text: the live tool's box is scored, IoU of [.4,.54,.76,.75] vs [.41,.54,.76,.75]
     assert report["overall"]["grounding_iou"] == pytest.approx((0.35 * 0.21) / (0.36 * 0.21))

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from mmedagent.evaluation.readers import EvalFileError, load_samples
+from mmedagent.protocol import DEFAULT_SYSTEM
 
 
 def _is_url(s: str) -> bool:
@@ -35,6 +36,10 @@ def parser() -> argparse.ArgumentParser:
                    help="for a URL: 'agent' = an mmedagent controller (runs tools, returns mmedagent_trace); "
                         "'planner' = any OpenAI-compatible model endpoint driven by the local agent loop")
     p.add_argument("--served-model-name", help="'model' field sent to an endpoint")
+    p.add_argument("--system-prompt", choices=("catalog", "plain"), default=None,
+                   help="catalog: the tool catalog as the controller sends it; plain: the Vicuna system text "
+                        "(models trained without the catalog, as MMedAgent's). Default: catalog, or what the "
+                        "model directory's mmedagent.json says")
     p.add_argument("--max-steps", type=int, default=3)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--k", type=int, default=5, help="k of RAG recall@k")
@@ -73,13 +78,22 @@ def make_runner(args: argparse.Namespace) -> Any:
 
             path = demo_model_path(build_if_missing=True)
         planner = load_planner(path)
+        if args.system_prompt is None:
+            args.system_prompt = planner_settings(path).get("system_prompt")
     classes = _tool_classes(args.tools)
     tools: list[Any] = classes
     if args.tool_mode == "live":
         options = json.loads(args.tool_options)
         tools = [cls(**options.get(cls.name, {})) for cls in classes]
+    system = DEFAULT_SYSTEM if args.system_prompt == "plain" else None
     return AgentRunner(planner, args.tool_mode, tools, image_folder=args.image_folder, max_steps=args.max_steps,
-                       max_new_tokens=args.max_new_tokens)
+                       system=system, max_new_tokens=args.max_new_tokens)
+
+
+def planner_settings(path: Any) -> dict[str, Any]:
+    """``mmedagent.json`` of a local model directory (e.g. ``{"system_prompt": "plain"}``), or ``{}``."""
+    f = Path(str(path)) / "mmedagent.json"
+    return json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
 
 
 def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from mmedagent.agent import Agent, AgentStep
 from mmedagent.evaluation.metrics import tokenize
 from mmedagent.evaluation.readers import EvalSample
 from mmedagent.evaluation.tooluse import canonical_name
-from mmedagent.protocol import IMAGE_TOKEN, ToolCall, ToolOutcome, system_prompt
+from mmedagent.protocol import IMAGE_TOKEN, AssistantTurn, ToolCall, ToolOutcome, system_prompt
 from mmedagent.tools.base import Tool
 
 ToolMode = Literal["live", "gold"]
@@ -102,18 +102,40 @@ def load_image(name: str | None, image_folder: str | Path | None) -> Any:
     return _load(path).image
 
 
-def _count_tokens(tokenizer: Any, text: str) -> int:
-    if tokenizer is None:
-        return len(tokenize(text))
-    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
 def planner_tokenizer(planner: Any) -> Any:
     """The planner's tokenizer if it exposes one (``tokenizer`` or ``processor.tokenizer``)."""
     tok = getattr(planner, "tokenizer", None)
     if tok is None:
         tok = getattr(getattr(planner, "processor", None), "tokenizer", None)
     return tok if callable(tok) else None
+
+
+class TokenCounter:
+    """Wraps a planner and counts the tokens it generates.
+
+    The count comes from the planner itself where it says (``last_stats["new_tokens"]`` of the
+    local model, ``completion_tokens`` of an endpoint's usage), else from re-tokenising the text
+    with the planner's tokenizer, else from counting words; ``counted_by`` says which.
+    """
+
+    def __init__(self, planner: Any):
+        self.planner, self.tokens, self.counted_by = planner, 0, ""
+        self._tokenizer = planner_tokenizer(planner)
+
+    def generate(self, messages: Sequence[dict[str, str]], image: Any, **gen: Any) -> str:
+        before = getattr(self.planner, "completion_tokens", None)
+        text = self.planner.generate(messages, image, **gen)
+        stats = getattr(self.planner, "last_stats", None)
+        if isinstance(stats, dict) and "new_tokens" in stats:
+            n, self.counted_by = int(stats["new_tokens"]), "model"
+        elif before is not None:
+            n, self.counted_by = self.planner.completion_tokens - before, "usage"
+        elif self._tokenizer is not None:
+            n, self.counted_by = len(self._tokenizer(text, add_special_tokens=False)["input_ids"]), "tokenizer"
+        else:
+            n, self.counted_by = len(tokenize(text)), "words"
+        self.tokens += n
+        return text
 
 
 class AgentRunner:
@@ -128,23 +150,28 @@ class AgentRunner:
         image_folder: str | Path | None = None,
         max_steps: int = 3,
         timeout_s: float = 120.0,
+        system: str | None = None,
         **gen: Any,
     ):
+        """``system``: the planner's system prompt; ``None`` = the tool catalog of ``tools`` (what the
+        controller sends). A model trained without the catalog (MMedAgent's data, the demo model)
+        is evaluated with the prompt it was trained on, e.g. ``mmedagent.protocol.DEFAULT_SYSTEM``."""
         if tool_mode not in ("live", "gold"):
             raise ValueError(f"tool_mode must be 'live' or 'gold', not {tool_mode!r}")
         self.planner, self.tool_mode, self.image_folder, self.max_steps = planner, tool_mode, image_folder, max_steps
         self.gen = {"temperature": 0.0, "max_new_tokens": 256, **gen}
         classes = [t if isinstance(t, type) else type(t) for t in tools]
-        self.system = system_prompt(classes)
+        self.system = system if system is not None else system_prompt(classes)
         self.dispatcher = None
         if tool_mode == "live":
             from mmedagent.dispatcher import Dispatcher
 
             self.dispatcher = Dispatcher([t() if isinstance(t, type) else t for t in tools], timeout_s=timeout_s)
-        self.tokenizer = planner_tokenizer(planner)
-        self.tokens_counted_by = "usage" if hasattr(planner, "completion_tokens") else (
-            "tokenizer" if self.tokenizer is not None else "words"
-        )
+        self.counter = TokenCounter(planner)
+
+    @property
+    def tokens_counted_by(self) -> str:
+        return self.counter.counted_by
 
     def run(self, sample: EvalSample) -> SampleResult:
         started = time.monotonic()
@@ -153,13 +180,10 @@ class AgentRunner:
         except (OSError, ValueError) as e:
             return SampleResult(id=sample.id, task=sample.task, error=str(e))
         dispatcher = self.dispatcher if self.tool_mode == "live" else GoldToolOutputs(sample.gold_results)
-        agent = Agent(self.planner, dispatcher, max_steps=self.max_steps, system=self.system, **self.gen)  # type: ignore[arg-type]
-        used_before = getattr(self.planner, "completion_tokens", 0)
+        agent = Agent(self.counter, dispatcher, max_steps=self.max_steps, system=self.system, **self.gen)  # type: ignore[arg-type]
+        before = self.counter.tokens
         res = agent.run(sample.question, image)
-        if self.tokens_counted_by == "usage":
-            tokens = self.planner.completion_tokens - used_before
-        else:
-            tokens = sum(_count_tokens(self.tokenizer, s.raw) for s in res.steps)
+        tokens = self.counter.tokens - before
         return SampleResult(
             id=sample.id, task=sample.task, answer=res.answer, steps=res.steps, stopped=res.stopped,
             wall_s=time.monotonic() - started, tokens=tokens,
@@ -230,12 +254,21 @@ class OpenAIPlanner:
         return data["choices"][0]["message"]["content"] or ""
 
 
+def _step_from_trace(index: int, d: dict[str, Any]) -> AgentStep:
+    """An :class:`AgentStep` from a controller trace step (step view or ``AgentStep`` dump)."""
+    if "turn" not in d and "actions" in d and not d.get("parse_error"):
+        turn = AssistantTurn(thoughts=d.get("thoughts") or "", actions=d.get("actions") or [], value=d.get("value") or "")
+        d = {**d, "turn": turn.model_dump()}
+    return AgentStep.model_validate({"index": index, "raw": "", **d})
+
+
 class ControllerRunner:
     """The controller's OpenAI-compatible endpoint: the agent and the live tools run server-side.
 
-    The response's ``mmedagent_trace`` holds the steps (``mmedagent.agent.AgentStep`` fields:
-    ``raw``, ``turn``, ``outcomes``, ``overlays``, ``model_s``, ``tools_s``), either as a list or as
-    ``{"steps": [...], "stopped": ...}``.
+    The response's ``mmedagent_trace`` is ``{"steps": [...], "stopped": ...}``; each step has
+    ``raw``, ``thoughts``, ``actions``, ``value``, ``parse_error``, ``outcomes``, ``overlays``,
+    ``model_s`` and ``tools_s`` (the controller's step view; ``mmedagent.agent.AgentStep`` dumps,
+    with ``turn``, are read too).
     """
 
     tool_mode: ToolMode = "live"
@@ -271,7 +304,7 @@ class ControllerRunner:
                                 error="response has no 'mmedagent_trace' (not an mmedagent controller?)")
         raw_steps = trace.get("steps", []) if isinstance(trace, dict) else trace
         try:
-            steps = [AgentStep.model_validate(s) for s in raw_steps]
+            steps = [_step_from_trace(i, s) for i, s in enumerate(raw_steps)]
         except ValidationError as e:
             return SampleResult(id=sample.id, task=sample.task, error=f"unreadable mmedagent_trace: {e.errors()[0]['msg']}")
         return SampleResult(
