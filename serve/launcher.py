@@ -145,6 +145,8 @@ class Launcher:
         )
         try:
             server.run(sockets=[sock])
+        except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown
+            pass
         finally:
             self.stopping.set()
             for child in reversed(self.children):

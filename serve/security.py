@@ -93,8 +93,8 @@ async def _send_json(send: Send, status: int, body: bytes, extra: list[tuple[byt
 
 
 class GuardMiddleware:
-    """ASGI wrapper (outermost, around the whole app): bearer token on every HTTP request and a
-    hard cap on request bodies.
+    """ASGI wrapper (outermost, around the whole app): bearer token on every HTTP request, JSON
+    bodies only, and a hard cap on request bodies.
 
     The cap is enforced on ``Content-Length`` and again while the body streams in, so a client
     cannot make the server buffer more than ``max_body`` bytes.
@@ -111,6 +111,10 @@ class GuardMiddleware:
             return await _send_json(
                 send, 401, b'{"detail":"missing or wrong bearer token"}', [(b"www-authenticate", b"Bearer")]
             )
+        if scope.get("method") in ("POST", "PUT", "PATCH"):
+            media = headers.get("content-type", "").split(";")[0].strip().lower()
+            if media != "application/json":
+                return await _send_json(send, 415, b'{"detail":"request body must be application/json (images go inside as data URLs)"}')
         length = headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body):
             return await _send_json(send, 413, self._too_large())

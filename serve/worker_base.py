@@ -119,6 +119,8 @@ def serve_worker(app, sock: socket.socket, heartbeat: Heartbeat | None, api_key:
         heartbeat.start()
     try:
         server.run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown
+        pass
     finally:
         if heartbeat is not None:
             heartbeat.unregister()

@@ -1,0 +1,240 @@
+"""The stack over real HTTP on loopback: `python serve/controller.py` (controller + tiny model worker
++ a tool worker) and a separately started tool worker that the tests kill and restart.
+
+One stack per module; every request carries the bearer token except where its absence is tested.
+"""
+
+import base64
+import io
+import json
+import struct
+import threading
+import time
+import zlib
+
+import httpx
+import pytest
+
+from _serve_fixtures import ServeProcess, data_url, sample_png, serve_env, wait_until
+
+KEY = "sk-test-5b1f0c2e9d"
+EXPIRY = 1.5
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    logs = tmp_path_factory.mktemp("serve-logs")
+    env = serve_env(XDG_CACHE_HOME=str(tmp_path_factory.mktemp("cache")))
+    ctl = ServeProcess(
+        "controller.py",
+        ["--no-web", "--port", "0", "--tools", "bright_region", "--plugin", "_serve_fixtures", "--api-key", KEY,
+         "--heartbeat-interval", "0.5", "--heartbeat-expiry", str(EXPIRY), "--tool-timeout", "6", "--max-upload-mb", "1"],
+        logs / "controller.log", env,
+    )
+    url = ctl.wait_for(r"controller: (http://\S+)", 60).group(1)
+    ctl.wait_for(r"^ready: models: tiny-llava; tools: bright_region", 180)
+    client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60, trust_env=False)
+    state = {"url": url, "ctl": ctl, "client": client, "logs": logs, "env": env, "extra": []}
+    yield state
+    for proc in state["extra"]:
+        proc.kill()
+    client.close()
+    assert ctl.stop() is not None
+
+
+def start_nap_worker(stack, name="nap-worker.log"):
+    proc = ServeProcess(
+        "tool_worker.py",
+        ["--tool", "nap", "--plugin", "_serve_fixtures", "--controller", stack["url"], "--heartbeat-interval", "0.5"],
+        stack["logs"] / name, serve_env(MMEDAGENT_API_KEY=KEY),
+    )
+    stack["extra"].append(proc)
+    address = proc.wait_for(r"tool worker nap: (http://\S+)", 60).group(1)
+    wait_until(lambda: "nap" in tool_names(stack), 20)
+    return proc, address
+
+
+def tool_names(stack):
+    return [t["name"] for t in stack["client"].get("/v1/tools").json()["tools"]]
+
+
+def chat_body(image_url, question="Where is the bright region?", **extra):
+    return {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url}},
+                                                      {"type": "text", "text": question}]}], "max_tokens": 12, **extra}
+
+
+def png_header(width, height):
+    """A PNG that declares width×height pixels but carries almost no data (a decompression bomb)."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def test_binds_loopback_and_every_endpoint_wants_the_token(stack):
+    assert stack["url"].startswith("http://127.0.0.1:")
+    workers = stack["client"].get("/list_workers").json()["workers"]
+    assert {w["kind"] for w in workers} == {"model", "tool"}
+    assert all(w["address"].startswith("http://127.0.0.1:") for w in workers)
+    bare = httpx.Client(timeout=10, trust_env=False)
+    for base in [stack["url"]] + [w["address"] for w in workers]:
+        for method, path in [("GET", "/health"), ("GET", "/v1/models"), ("POST", "/v1/chat/completions"), ("POST", "/chat"),
+                             ("POST", "/register_worker"), ("GET", "/list_workers"), ("POST", "/call"), ("POST", "/worker_generate_stream")]:
+            r = bare.request(method, base + path, json={})
+            assert r.status_code == 401, (base, path, r.status_code)
+            r = bare.request(method, base + path, json={}, headers={"Authorization": "Bearer wrong"})
+            assert r.status_code == 401
+    assert stack["client"].get("/health").json()["ok"]
+
+
+def test_models_status_and_banner_say_tiny(stack):
+    c = stack["client"]
+    assert [m["id"] for m in c.get("/v1/models").json()["data"]] == ["tiny-llava"]
+    status = c.get("/v1/status").json()
+    assert "not a medical device" in status["models"][0]["note"]
+    assert status["tools"] == [{"name": "bright_region", "where": "worker", "weights": "no weights (threshold at the mean)"}]
+
+
+def test_openai_chat_non_stream_and_stream(stack):
+    c = stack["client"]
+    r = c.post("/v1/chat/completions", json=chat_body(data_url(sample_png())))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "chat.completion" and body["model"] == "tiny-llava"
+    trace = body["mmedagent_trace"]
+    assert trace["steps"] and trace["history"][1]["content"].startswith("<image>\n")
+    assert body["choices"][0]["message"]["content"] == trace["steps"][-1]["value"]
+    assert "bright_region" in trace["history"][0]["content"]  # the system prompt lists the live tools
+    events = []
+    with c.stream("POST", "/v1/chat/completions", json=chat_body(data_url(sample_png()), stream=True)) as s:
+        assert s.status_code == 200 and s.headers["content-type"].startswith("text/event-stream")
+        events = [line[6:] for line in s.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop" and "mmedagent_trace" in chunks[-1]
+    assert "".join(ch["choices"][0]["delta"].get("content") or "" for ch in chunks) == chunks[-1]["mmedagent_trace"]["steps"][-1]["value"]
+
+
+def test_chat_stream_endpoint_and_follow_up(stack):
+    c = stack["client"]
+    with c.stream("POST", "/chat", json={"question": "What is shown?", "image": data_url(sample_png()), "max_new_tokens": 8}) as s:
+        events = [json.loads(line) for line in s.iter_lines() if line]
+    assert any(e["type"] == "token" for e in events) and events[-1]["type"] == "answer"
+    history = events[-1]["history"]
+    r = c.post("/chat", json={"question": "And now?", "image": data_url(sample_png()), "history": history, "max_new_tokens": 8})
+    last = json.loads(r.text.strip().splitlines()[-1])
+    assert last["type"] == "answer" and last["history"][: len(history)] == history
+
+
+def test_tool_call_through_controller_uses_the_conversation_image(stack, tmp_path):
+    decoy = tmp_path / "decoy.png"
+    decoy.write_bytes(sample_png((10, 10)))
+    r = stack["client"].post("/v1/tools/bright finder", json={"params": {"prompts": ["spot"], "image": str(decoy)},
+                                                              "image": data_url(sample_png())})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["output"]["boxes"] == [[0.5, 0.5, 1.0, 1.0]]  # computed on the uploaded 48×40 image, not the path
+    assert out["overlay"]["labels"] == ["spot"] and out["worker_elapsed_s"] <= out["elapsed_s"]
+
+
+def test_unknown_tool_lists_the_available_ones(stack):
+    r = stack["client"].post("/v1/tools/MedSAM", json={"params": {}, "image": data_url(sample_png())})
+    assert r.status_code == 404 and "available tools: bright_region" in r.json()["detail"]
+    r = stack["client"].post("/v1/tools/bright_region", json={"params": {"prompts": []}, "image": data_url(sample_png())})
+    assert r.status_code == 422 and "prompts" in r.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    "image_url, status, reason",
+    [
+        (data_url(b"GIF? no, text"), 400, "not a recognised image"),
+        (data_url(sample_png()[:70]), 400, "could not read the image"),
+        (data_url(png_header(50_000, 50_000)), 400, "could not read the image"),
+        ("data:image/png;base64,", 400, "empty"),
+        ("data:application/pdf;base64," + base64.b64encode(b"%PDF-1.4").decode(), 415, "unsupported image type"),
+        (data_url(b"\0" * 1_200_000), 413, "too large"),
+        ("/etc/hostname", 400, "data URLs"),
+        ("file:///etc/hostname", 400, "data URLs"),
+        ("http://169.254.169.254/latest", 400, "data URLs"),
+    ],
+)
+def test_bad_uploads_get_4xx_and_the_server_stays_up(stack, image_url, status, reason):
+    c = stack["client"]
+    r = c.post("/v1/chat/completions", json=chat_body(image_url))
+    assert r.status_code == status, r.text
+    assert reason in r.json()["detail"]
+    assert c.get("/health").status_code == 200
+
+
+def test_wrong_request_content_type_and_empty_body(stack):
+    c = stack["client"]
+    r = c.post("/v1/chat/completions", content=sample_png(), headers={"Content-Type": "image/png"})
+    assert 400 <= r.status_code < 500
+    r = c.post("/v1/chat/completions", content=b"", headers={"Content-Type": "application/json"})
+    assert 400 <= r.status_code < 500
+    assert c.get("/health").status_code == 200
+
+
+def test_dicom_upload_and_logs_hold_no_secrets_images_or_patient_data(stack):
+    from pydicom.data import get_testdata_file
+
+    dicom = open(get_testdata_file("CT_small.dcm"), "rb").read()
+    r = stack["client"].post("/v1/chat/completions", json=chat_body(data_url(dicom, "application/dicom")))
+    assert r.status_code == 200, r.text
+    png = base64.b64encode(sample_png()).decode()
+    time.sleep(0.5)
+    for log in stack["logs"].glob("*.log"):
+        text = log.read_text(errors="replace")
+        assert "POST /v1/chat/completions" in text or log.name != "controller.log"
+        for needle in (KEY, png[:60], base64.b64encode(dicom[:3000]).decode()[200:260], "CompressedSamples", "1CT1", "JFK IMAGING"):
+            assert needle not in text, (log.name, needle[:20])
+
+
+def test_killed_tool_worker_errors_fast_is_dropped_and_comes_back(stack):
+    c = stack["client"]
+    proc, address = start_nap_worker(stack)
+    result = {}
+
+    def call():
+        t0 = time.monotonic()
+        result["r"] = c.post("/v1/tools/nap", json={"params": {"seconds": 30}})
+        result["s"] = time.monotonic() - t0
+
+    t = threading.Thread(target=call)
+    t.start()
+    time.sleep(1.0)
+    proc.kill()
+    t.join(15)
+    assert not t.is_alive() and result["s"] < 6  # well inside the 6 s call timeout
+    assert result["r"].status_code == 502
+    assert "tool worker for 'nap'" in result["r"].json()["detail"] and "stopped responding" in result["r"].json()["detail"]
+    wait_until(lambda: address not in str(c.get("/list_workers").json()), EXPIRY + 3)
+    r = c.post("/v1/tools/nap", json={"params": {"seconds": 0}})
+    assert r.status_code == 502
+    assert "no worker is serving tool 'nap'" in r.json()["detail"] and "available tools: bright_region" in r.json()["detail"]
+    start_nap_worker(stack, "nap-worker-2.log")
+    r = c.post("/v1/tools/nap", json={"params": {"seconds": 0.1}})
+    assert r.status_code == 200 and r.json()["output"] == {"slept": 0.1}
+
+
+def test_heartbeats_and_health_stay_responsive_under_load(stack):
+    c = stack["client"]
+    if "nap" not in tool_names(stack):
+        start_nap_worker(stack, "nap-worker-3.log")
+    address = next(w["address"] for w in c.get("/list_workers").json()["workers"] if w["names"] == ["nap"])
+    busy = [threading.Thread(target=c.post, args=("/v1/tools/nap",), kwargs={"json": {"params": {"seconds": 2}}}) for _ in range(3)]
+    busy += [threading.Thread(target=c.post, args=("/v1/chat/completions",), kwargs={"json": chat_body(data_url(sample_png()))}) for _ in range(3)]
+    for t in busy:
+        t.start()
+    time.sleep(0.3)
+    worst = 0.0
+    for _ in range(10):
+        for url in (f"{stack['url']}/health", f"{address}/health"):
+            t0 = time.monotonic()
+            assert c.get(url).status_code == 200
+            worst = max(worst, time.monotonic() - t0)
+        time.sleep(0.1)
+    queued = c.get("/list_workers").json()["workers"]
+    for t in busy:
+        t.join(60)
+    assert worst < 0.5, worst
+    assert any(w["queue_length"] > 0 for w in queued if w["names"] == ["nap"])  # the heartbeat carried the load
