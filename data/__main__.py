@@ -1,0 +1,204 @@
+"""``python -m mmedagent.data``: build, convert, split, check and synthesise instruction data.
+
+Examples::
+
+    python -m mmedagent.data build coco --annotations ann.json --image-root imgs --out grounding.json
+    python -m mmedagent.data build masks --images imgs --masks masks --labels 1=liver,2=tumor --out seg.json
+    python -m mmedagent.data build nifti --volume ct.nii.gz --label-volume seg.nii.gz --labels 1=liver \\
+        --image-out slices --window abdomen --out seg.json
+    python -m mmedagent.data build classification --folder by_class --out cls.json
+    python -m mmedagent.data build reports --table reports.csv --out reports.json
+    python -m mmedagent.data build rag --qa qa.json --corpus corpus.jsonl --out rag.json
+    python -m mmedagent.data build vqa --table vqa.json --out vqa.json   (or: build captions --table ...)
+    python -m mmedagent.data convert in.json out.jsonl --to sharegpt
+    python -m mmedagent.data split hf_dataset_dir --out splits --image-folder images
+    python -m mmedagent.data --check data.json        (same as: check data.json)
+    python -m mmedagent.data synth --out synth --n 40 --seed 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from mmedagent.data import builders
+from mmedagent.data.check import check_file
+from mmedagent.data.formats import DataError, convert, read_records, write_records
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="output .json (array) or .jsonl file")
+    p.add_argument("--format", choices=("llava", "sharegpt"), default="llava")
+    p.add_argument("--api-names", choices=tuple(builders.API_NAMES), default="canonical",
+                   help="tool names in API_name: canonical (grounding, ...) or mmedagent (grounding dino, MedSAM, ...)")
+    p.add_argument("--phrasings", choices=("train", "heldout", "all"), default="train",
+                   help="question templates: train, the held-out ones kept for evaluation, or all")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--run-tools", action="store_true", help="take tool outputs from the registered tools, not ground truth")
+    p.add_argument("--image-root", default=None, help="folder the image paths are relative to")
+    p.add_argument("--rewrite-url", default=None, help="OpenAI-compatible base URL to paraphrase questions (optional)")
+    p.add_argument("--rewrite-model", default=None)
+    p.add_argument("--rewrite-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m mmedagent.data", description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check", metavar="FILE", help="validate an existing data file and exit")
+    ap.add_argument("--image-folder", default=None, help="with --check: also check that images exist")
+    sub = ap.add_subparsers(dest="cmd")
+
+    build = sub.add_parser("build", help="annotations -> tool-use dialogues")
+    kinds = build.add_subparsers(dest="kind", required=True)
+    p = kinds.add_parser("coco", help="COCO detection json -> grounding")
+    p.add_argument("--annotations", required=True)
+    _common(p)
+    p = kinds.add_parser("masks", help="PNG label masks -> segmentation, grounding+segmentation")
+    p.add_argument("--images", required=True)
+    p.add_argument("--masks", required=True)
+    p.add_argument("--labels", required=True, help="1=liver,2=tumor or a JSON file")
+    p.add_argument("--tasks", default="segmentation,grounding_segmentation")
+    _common(p)
+    p = kinds.add_parser("nifti", help="NIfTI image + label volume -> slices and segmentation dialogues")
+    p.add_argument("--volume", required=True)
+    p.add_argument("--label-volume", required=True)
+    p.add_argument("--labels", required=True)
+    p.add_argument("--image-out", required=True, help="folder for the exported slice PNGs")
+    p.add_argument("--window", default=None, help="preset (brain, lung, abdomen, bone) or CENTER,WIDTH")
+    p.add_argument("--plane", choices=("axial", "coronal", "sagittal"), default="axial")
+    p.add_argument("--step", type=int, default=1, help="use every STEP-th slice")
+    p.add_argument("--tasks", default="segmentation,grounding_segmentation")
+    _common(p)
+    p = kinds.add_parser("classification", help="class folders or a CSV -> classification")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--folder")
+    g.add_argument("--table")
+    p.add_argument("--labels", default=None, help="comma-separated candidate labels (others are errors)")
+    _common(p)
+    p = kinds.add_parser("reports", help="image + report table -> report generation")
+    p.add_argument("--table", required=True)
+    _common(p)
+    p = kinds.add_parser("rag", help="QA + corpus -> retrieval")
+    p.add_argument("--qa", required=True)
+    p.add_argument("--corpus", required=True)
+    p.add_argument("--top-k", type=int, default=3)
+    _common(p)
+    for name in ("vqa", "captions"):
+        p = kinds.add_parser(name, help="plain VQA / captions -> direct answers (no tool)")
+        p.add_argument("--table", required=True)
+        _common(p)
+
+    p = sub.add_parser("convert", help="any readable data -> llava or sharegpt")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--to", choices=("llava", "sharegpt"), default="llava")
+    p.add_argument("--image-folder", default=None, help="where images of HF datasets are exported")
+
+    p = sub.add_parser("split", help="train/val/test split by image")
+    p.add_argument("src")
+    p.add_argument("--out", required=True, help="folder for train.json, val.json, test.json")
+    p.add_argument("--ratios", default="0.8,0.1,0.1")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-folder", default=None, help="where images of HF datasets are exported")
+    p.add_argument("--format", choices=("llava", "sharegpt"), default="llava")
+
+    p = sub.add_parser("check", help="validate an existing data file")
+    p.add_argument("file")
+    p.add_argument("--image-folder", default=None)
+
+    p = sub.add_parser("synth", help="synthetic images, annotations and dialogues for every tool")
+    p.add_argument("--out", required=True)
+    p.add_argument("--n", type=int, default=40)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--api-names", choices=tuple(builders.API_NAMES), default="canonical")
+    return ap
+
+
+def _window(spec: str | None):
+    if spec is None or "," not in spec:
+        return spec
+    c, w = spec.split(",", 1)
+    return float(c), float(w)
+
+
+def _examples(a: argparse.Namespace) -> list[builders.Example]:
+    tasks = [t.strip() for t in getattr(a, "tasks", "").split(",") if t.strip()]
+    if a.kind == "coco":
+        return builders.read_coco(a.annotations, a.image_root or Path(a.annotations).parent)
+    if a.kind == "masks":
+        return builders.read_mask_pngs(a.images, a.masks, builders.parse_label_names(a.labels), tasks)
+    if a.kind == "nifti":
+        return builders.read_nifti_labels(a.volume, a.label_volume, builders.parse_label_names(a.labels), a.image_out,
+                                          window=_window(a.window), plane=a.plane, step=a.step, tasks=tasks)
+    if a.kind == "classification":
+        labels = [s.strip() for s in a.labels.split(",")] if a.labels else None
+        return builders.read_classification(folder=a.folder, table=a.table, labels=labels)
+    if a.kind == "reports":
+        return builders.read_reports(a.table)
+    if a.kind == "rag":
+        return builders.read_rag(a.qa, a.corpus, a.top_k)
+    return builders.read_vqa(a.table, caption=a.kind == "captions")
+
+
+def _image_root(a: argparse.Namespace) -> Path:
+    if a.image_root:
+        return Path(a.image_root)
+    return Path({"masks": getattr(a, "images", "."), "nifti": getattr(a, "image_out", "."),
+                 "classification": getattr(a, "folder", None) or "."}.get(a.kind, "."))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = _parser()
+    a = ap.parse_args(argv)
+    try:
+        if a.check or a.cmd == "check":
+            path = a.check or a.file
+            report = check_file(path, image_folder=a.image_folder)
+            for p in report.problems[:50]:
+                print(p, file=sys.stderr)
+            calls = ", ".join(f"{k}: {v}" for k, v in sorted(report.tool_calls.items())) or "none"
+            print(f"{path}: {report.records} records, {len(report.problems)} problem(s); tool calls: {calls}")
+            if report.unregistered:
+                print(f"not validated (no such tool registered here): {', '.join(sorted(report.unregistered))}")
+            return 0 if report.ok else 1
+        if a.cmd == "build":
+            runner = builders.ToolRunner(_image_root(a)) if a.run_tools else None
+            rewriter = None
+            if a.rewrite_url:
+                if not a.rewrite_model:
+                    ap.error("--rewrite-url needs --rewrite-model")
+                rewriter = builders.OpenAIRewriter(a.rewrite_url, a.rewrite_model, a.rewrite_key_env)
+            b = builders.DialogueBuilder(a.api_names, a.phrasings, a.seed, runner=runner, rewriter=rewriter)
+            records = b.build_all(_examples(a))
+            write_records(records, a.out, a.format)
+            print(f"{a.out}: {len(records)} records")
+            return 0
+        if a.cmd == "convert":
+            n = convert(a.src, a.dst, a.to, image_folder=a.image_folder)
+            print(f"{a.dst}: {n} records")
+            return 0
+        if a.cmd == "split":
+            ratios = [float(x) for x in a.ratios.split(",")]
+            parts = builders.split_by_image(read_records(a.src, image_folder=a.image_folder), ratios, a.seed)
+            for name, recs in parts.items():
+                write_records(recs, Path(a.out) / f"{name}.json", a.format)
+            print(", ".join(f"{k}: {len(v)}" for k, v in parts.items()))
+            return 0
+        if a.cmd == "synth":
+            from mmedagent.data.synth import synth
+
+            manifest = synth(a.out, a.n, a.seed, a.size, a.api_names)
+            print(json.dumps(manifest["files"], indent=1))
+            return 0
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    ap.print_help()
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

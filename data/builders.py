@@ -1,0 +1,615 @@
+"""Turn standard annotations into MMedAgent-style tool-use dialogues.
+
+Readers (``read_coco``, ``read_mask_pngs``, ``read_nifti_labels``, ``read_classification``,
+``read_reports``, ``read_rag``, ``read_vqa``) validate their inputs and produce :class:`Example`
+objects; :class:`DialogueBuilder` renders each example as a :class:`mmedagent.protocol.Record`
+(question → planning turn with tool call → tool output → final answer, or a direct answer with
+``actions: []``) through the protocol module only. Tool outputs come from the ground truth, or
+from the real tools (``ToolRunner``: registry + :class:`mmedagent.dispatcher.Dispatcher`).
+Every input problem is a :class:`~mmedagent.data.formats.DataError` naming file and record.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import random
+import re
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mmedagent.data import templates
+from mmedagent.data.formats import CAPTION_QUESTIONS, DataError, iter_raw
+from mmedagent.protocol import (
+    IMAGE_PLACEHOLDER,
+    IMAGE_TOKEN,
+    AssistantTurn,
+    Message,
+    Record,
+    ToolCall,
+    ToolOutcome,
+    assistant_message,
+    tool_result_message,
+)
+
+log = logging.getLogger(__name__)
+
+TASKS = ("grounding", "segmentation", "grounding_segmentation", "classification", "report_generation", "retrieval")
+"""Tool tasks; ``direct`` (no tool) is the seventh kind of dialogue."""
+
+API_NAMES: dict[str, dict[str, str]] = {
+    "canonical": {t: t for t in TASKS},
+    "mmedagent": {
+        "grounding": "grounding dino",
+        "segmentation": "MedSAM",
+        "grounding_segmentation": "grounding dino + MedSAM",
+        "classification": "BiomedClip",
+        "report_generation": "ChatCAD-G",
+        "retrieval": "ChatCAD-R",
+    },
+}
+
+_FINAL_THOUGHTS = (
+    "Based on the {tool} output, I can answer the question.",
+    "The {tool} output answers the question.",
+    "I have the {tool} result; now I summarise it for the user.",
+)
+
+
+@dataclass
+class Target:
+    """One object: label and box (normalised x1, y1, x2, y2, 2 decimals); area in pixels if known."""
+
+    label: str
+    box: list[float]
+    area: int | None = None
+
+
+@dataclass
+class Example:
+    """What one dialogue is about, before phrasing."""
+
+    task: str
+    source: str
+    image: str | None = None
+    targets: list[Target] = field(default_factory=list)
+    label: str | None = None
+    labels: list[str] | None = None
+    report: str | None = None
+    question: str | None = None
+    answer: str | None = None
+    passages: list[str] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- geometry
+
+
+def norm_box(x1: float, y1: float, x2: float, y2: float, width: int, height: int) -> list[float]:
+    """Pixel corners → normalised xyxy rounded to 2 decimals (MMedAgent's box form)."""
+    return [round(min(max(float(v), 0.0), 1.0), 2) for v in (x1 / width, y1 / height, x2 / width, y2 / height)]
+
+
+def box_from_mask(mask: np.ndarray) -> tuple[list[float], int] | None:
+    """Normalised box around the non-zero pixels and their count; None for an empty mask."""
+    ys, xs = np.nonzero(mask)
+    if ys.size == 0:
+        return None
+    h, w = mask.shape[:2]
+    return norm_box(xs.min(), ys.min(), xs.max() + 1, ys.max() + 1, w, h), int(ys.size)
+
+
+def fmt_box(box: Sequence[float]) -> str:
+    return "[" + ", ".join(f"{v:.2f}" for v in box) + "]"
+
+
+# --------------------------------------------------------------------------- small input helpers
+
+
+def parse_label_names(spec: str | Path | dict | None) -> dict[int, str]:
+    """``"1=liver,2=tumor"``, a JSON file ``{"1": "liver"}`` / list ``["background", "liver"]``, or a dict."""
+    if spec is None:
+        return {}
+    if isinstance(spec, dict):
+        return {int(k): str(v) for k, v in spec.items()}
+    text = str(spec)
+    if Path(text).is_file():
+        data = json.loads(Path(text).read_text(encoding="utf-8"))
+        if isinstance(data, list):
+            return {i: str(n) for i, n in enumerate(data) if i > 0}
+        return {int(k): str(v) for k, v in data.items()}
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, name = part.partition("=")
+        if not sep or not key.strip().isdigit() or not name.strip():
+            raise DataError(f"label names: expected value=name pairs like 1=liver, got {part!r}")
+        out[int(key)] = name.strip()
+    return out
+
+
+def read_table(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
+    """(1-based record number, row) of a CSV, JSON or JSONL file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    if path.suffix.lower() in (".csv", ".tsv"):
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+            return [(i, {k.strip(): (v or "").strip() for k, v in row.items() if k}) for i, row in enumerate(reader, 1)]
+    rows = list(iter_raw(path))
+    for i, row in rows:
+        if not isinstance(row, dict):
+            raise DataError(f"{path}: record {i}: expected an object, found {type(row).__name__}")
+    return rows
+
+
+def _require(row: dict[str, Any], keys: Sequence[str], where: str) -> list[str]:
+    out = []
+    for k in keys:
+        v = row.get(k)
+        if v is None or (isinstance(v, str) and not v.strip()):
+            raise DataError(f"{where}: missing or empty {k!r}")
+        out.append(v.strip() if isinstance(v, str) else v)
+    return out
+
+
+def _image_size(root: Path, rel: str, where: str) -> tuple[int, int]:
+    from PIL import Image, UnidentifiedImageError
+
+    path = root / rel
+    if not path.is_file():
+        raise DataError(f"{where}: image not found: {rel}")
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except (UnidentifiedImageError, OSError):
+        from mmedagent.imaging import ImageLoadError, load_image
+
+        try:
+            return load_image(path).image.size
+        except ImageLoadError as e:
+            raise DataError(f"{where}: cannot read image {rel}: {e}") from None
+
+
+# --------------------------------------------------------------------------- readers
+
+
+def read_coco(annotations: str | Path, image_root: str | Path) -> list[Example]:
+    """COCO detection json → one grounding example per image and category."""
+    path, root = Path(annotations), Path(image_root)
+    try:
+        coco = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: cannot read COCO json: {e}") from None
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(coco.get(key), list):
+            raise DataError(f"{path}: not a COCO detection file (missing list {key!r})")
+    cats = {c["id"]: c["name"] for c in coco["categories"]}
+    images = {}
+    for i, im in enumerate(coco["images"], 1):
+        where = f"{path}: images[{i}]"
+        if not all(k in im for k in ("id", "file_name")):
+            raise DataError(f"{where}: needs id and file_name")
+        w, h = (im.get("width"), im.get("height"))
+        if not (w and h):
+            w, h = _image_size(root, im["file_name"], where)
+        elif not (root / im["file_name"]).is_file():
+            raise DataError(f"{where}: image not found: {im['file_name']}")
+        images[im["id"]] = (im["file_name"], int(w), int(h))
+    groups: dict[tuple[Any, str], list[Target]] = defaultdict(list)
+    for i, ann in enumerate(coco["annotations"], 1):
+        where = f"{path}: annotations[{i}]"
+        if ann.get("image_id") not in images:
+            raise DataError(f"{where}: unknown image_id {ann.get('image_id')!r}")
+        if ann.get("category_id") not in cats:
+            raise DataError(f"{where}: unknown category_id {ann.get('category_id')!r}")
+        name, w, h = images[ann["image_id"]]
+        try:
+            x, y, bw, bh = (float(v) for v in ann["bbox"])
+        except (KeyError, TypeError, ValueError):
+            raise DataError(f"{where}: bbox must be [x, y, width, height]") from None
+        if bw <= 0 or bh <= 0 or x < -1 or y < -1 or x + bw > w + 1 or y + bh > h + 1:
+            raise DataError(f"{where}: box {[x, y, bw, bh]} is empty or outside the {w}x{h} image {name}")
+        area = ann.get("area")
+        groups[(ann["image_id"], cats[ann["category_id"]])].append(
+            Target(cats[ann["category_id"]], norm_box(x, y, x + bw, y + bh, w, h), int(area) if area else None))
+    return [Example("grounding", f"{path}: image {images[iid][0]}", image=images[iid][0], targets=targets)
+            for (iid, _), targets in groups.items()]
+
+
+def _mask_examples(mask: np.ndarray, names: dict[int, str], image: str, where: str, tasks: Sequence[str]) -> list[Example]:
+    out = []
+    for value in sorted(int(v) for v in np.unique(mask) if v != 0):
+        if value not in names:
+            raise DataError(f"{where}: mask value {value} has no label name (known: {names or 'none'})")
+        found = box_from_mask(mask == value)
+        assert found is not None
+        box, area = found
+        for task in tasks:
+            out.append(Example(task, where, image=image, targets=[Target(names[value], box, area)]))
+    return out
+
+
+def read_mask_pngs(images: str | Path, masks: str | Path, label_names: dict[int, str],
+                   tasks: Sequence[str] = ("segmentation", "grounding_segmentation")) -> list[Example]:
+    """PNG label masks (pixel value = label, same stem as the image) → segmentation examples."""
+    from PIL import Image
+
+    img_dir, mask_dir = Path(images), Path(masks)
+    if not label_names:
+        raise DataError("label names are required for masks (e.g. --labels 1=liver,2=tumor)")
+    by_stem = {p.stem: p for p in sorted(img_dir.iterdir()) if p.is_file()} if img_dir.is_dir() else {}
+    if not by_stem:
+        raise DataError(f"{img_dir}: no images")
+    out = []
+    mask_files = sorted(p for p in mask_dir.glob("*.png")) if mask_dir.is_dir() else []
+    if not mask_files:
+        raise DataError(f"{mask_dir}: no PNG masks")
+    for i, mp in enumerate(mask_files, 1):
+        where = f"{mp}: record {i}"
+        stem = mp.stem.removesuffix("_mask")
+        if stem not in by_stem:
+            raise DataError(f"{where}: no image named {stem}.* in {img_dir}")
+        mask = np.asarray(Image.open(mp))
+        if mask.ndim == 3:
+            mask = mask[..., 0]
+        size = _image_size(img_dir, by_stem[stem].name, where)
+        if (mask.shape[1], mask.shape[0]) != size:
+            raise DataError(f"{where}: mask is {mask.shape[1]}x{mask.shape[0]} but the image is {size[0]}x{size[1]}")
+        out += _mask_examples(mask, label_names, by_stem[stem].name, where, tasks)
+    return out
+
+
+def read_nifti_labels(volume: str | Path, labels: str | Path, label_names: dict[int, str], image_out: str | Path,
+                      window: Any = None, plane: str = "axial", step: int = 1,
+                      tasks: Sequence[str] = ("segmentation", "grounding_segmentation")) -> list[Example]:
+    """A NIfTI image + label volume → slice PNGs in ``image_out`` and segmentation examples per slice."""
+    from mmedagent.imaging import ImageLoadError, load_image
+
+    if not label_names:
+        raise DataError("label names are required for a label volume (e.g. --labels 1=liver,2=tumor)")
+    out_dir = Path(image_out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        first = load_image(volume, window=window, plane=plane)
+        lab0 = load_image(labels, plane=plane)
+    except ImageLoadError as e:
+        raise DataError(f"{volume}: {e}") from None
+    if first.metadata.get("format") != "nifti" or lab0.metadata.get("format") != "nifti":
+        raise DataError(f"{volume}: image and labels must both be NIfTI volumes")
+    if first.metadata["shape"][:3] != lab0.metadata["shape"][:3]:
+        raise DataError(f"{labels}: label volume shape {lab0.metadata['shape']} differs from image {first.metadata['shape']}")
+    stem = Path(volume).name.split(".")[0]
+    out = []
+    for k in range(0, first.metadata["n_slices"], max(1, step)):
+        lab = load_image(labels, slice_index=k, plane=plane).array
+        mask = np.rint(lab).astype(np.int64)
+        if not mask.any():
+            continue
+        name = f"{stem}_{plane}{k:04d}.png"
+        load_image(volume, window=window, slice_index=k, plane=plane).image.save(out_dir / name)
+        out += _mask_examples(mask, label_names, name, f"{labels}: slice {k}", tasks)
+    return out
+
+
+def read_classification(folder: str | Path | None = None, table: str | Path | None = None,
+                        labels: Sequence[str] | None = None) -> list[Example]:
+    """Folder-per-class (``root/<class>/<image>``) or a CSV/JSON table with ``image`` and ``label``."""
+    known = list(labels) if labels else None
+    out = []
+    if folder is not None:
+        root = Path(folder)
+        classes = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+        if not classes:
+            raise DataError(f"{root}: no class folders")
+        for cdir in classes:
+            label = cdir.name.replace("_", " ")
+            if known and label not in known:
+                raise DataError(f"{cdir}: unknown label {label!r}; known labels: {', '.join(known)}")
+            for i, img in enumerate(sorted(p for p in cdir.iterdir() if p.is_file()), 1):
+                out.append(Example("classification", f"{cdir}: record {i}", image=f"{cdir.name}/{img.name}", label=label))
+        cands = known or sorted({e.label for e in out if e.label})
+    elif table is not None:
+        for i, row in read_table(table):
+            where = f"{table}: record {i}"
+            image, label = _require(row, ("image", "label"), where)
+            if known and label not in known:
+                raise DataError(f"{where}: unknown label {label!r}; known labels: {', '.join(known)}")
+            out.append(Example("classification", where, image=image, label=label))
+        cands = known or sorted({e.label for e in out if e.label})
+    else:
+        raise DataError("classification needs a class folder or a label table")
+    for e in out:
+        e.labels = cands
+    return out
+
+
+def read_reports(table: str | Path) -> list[Example]:
+    """CSV/JSON with ``image`` and ``report`` (or ``findings``/``text``) → report-generation examples."""
+    out = []
+    for i, row in read_table(table):
+        where = f"{table}: record {i}"
+        key = next((k for k in ("report", "findings", "text") if k in row), "report")
+        image, report = _require(row, ("image", key), where)
+        out.append(Example("report_generation", where, image=image, report=report))
+    return out
+
+
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+def _tokens(text: str) -> set[str]:
+    return {w for w in _WORD.findall(text.lower()) if len(w) > 2}
+
+
+def read_corpus(path: str | Path) -> list[tuple[str, str]]:
+    """(id, text) passages from JSON/JSONL (``id``, ``text``) or a text file (one passage a line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: corpus not found")
+    if path.suffix.lower() == ".txt":
+        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        passages = [(str(i), t) for i, t in enumerate(lines, 1)]
+    else:
+        passages = []
+        for i, row in read_table(path):
+            pid, text = _require(row, ("id", "text"), f"{path}: record {i}") if "id" in row else (str(i), _require(row, ("text",), f"{path}: record {i}")[0])
+            passages.append((str(pid), text))
+    if not passages:
+        raise DataError(f"{path}: corpus is empty")
+    return passages
+
+
+def read_rag(qa: str | Path, corpus: str | Path, top_k: int = 3) -> list[Example]:
+    """Question/answer pairs + a corpus → retrieval examples; passages named in the QA row
+    (``passages``/``sources`` ids) come first, the rest are ranked by word overlap."""
+    docs = read_corpus(corpus)
+    by_id = dict(docs)
+    toks = {pid: _tokens(t) for pid, t in docs}
+    out = []
+    for i, row in read_table(qa):
+        where = f"{qa}: record {i}"
+        question, answer = _require(row, ("question", "answer"), where)
+        wanted = row.get("passages") or row.get("sources") or []
+        if isinstance(wanted, str):
+            wanted = [w.strip() for w in wanted.split(";") if w.strip()]
+        wanted = [str(w) for w in wanted]
+        for pid in wanted:
+            if pid not in by_id:
+                raise DataError(f"{where}: passage {pid!r} is not in the corpus")
+        q = _tokens(question)
+        ranked = sorted(by_id, key=lambda pid: (-len(q & toks[pid]), pid))
+        chosen = wanted + [p for p in ranked if p not in wanted]
+        chosen = chosen[:top_k]
+        scores, last = [], 1.0
+        for pid in chosen:  # word-overlap similarity, kept non-increasing down the ranking
+            last = min(last, 1.0 if pid in wanted else round(len(q & toks[pid]) / max(len(q), 1), 2))
+            scores.append(last)
+        out.append(Example("retrieval", where, image=row.get("image") or None, question=question, answer=answer,
+                           passages=[by_id[p] for p in chosen], sources=chosen, scores=scores))
+    return out
+
+
+def read_vqa(table: str | Path, caption: bool = False) -> list[Example]:
+    """Plain VQA (``question``, ``answer``, optional ``image``) or captions (``image``, ``caption``) →
+    direct-answer examples."""
+    out = []
+    for i, row in read_table(table):
+        where = f"{table}: record {i}"
+        if caption:
+            image, cap = _require(row, ("image", "caption"), where)
+            out.append(Example("direct", where, image=image, question=None, answer=cap))
+        else:
+            question, answer = _require(row, ("question", "answer"), where)
+            out.append(Example("direct", where, image=row.get("image") or None, question=question, answer=answer))
+    return out
+
+
+# --------------------------------------------------------------------------- tools
+
+
+class ToolRunner:
+    """Runs the real tools for ``--run-tools``: registry classes, one Dispatcher, images via load_image."""
+
+    def __init__(self, image_root: str | Path, timeout_s: float = 300.0, **tool_options: Any):
+        from mmedagent.dispatcher import Dispatcher
+        from mmedagent.tools.registry import list_tools
+
+        self.image_root = Path(image_root)
+        self.dispatcher = Dispatcher([cls(**tool_options.get(cls.name, {})) for cls in list_tools()], timeout_s=timeout_s)
+
+    def __call__(self, call: ToolCall, image: str | None, where: str) -> ToolOutcome:
+        from mmedagent.imaging import ImageLoadError, load_image
+
+        pil = None
+        if image is not None:
+            try:
+                pil = load_image(self.image_root / image).image
+            except ImageLoadError as e:
+                raise DataError(f"{where}: cannot load image {image}: {e}") from None
+        outcome = self.dispatcher.dispatch(call, pil)
+        if not outcome.ok:
+            raise DataError(f"{where}: tool {call.API_name} failed: {outcome.error}")
+        return outcome
+
+
+class OpenAIRewriter:
+    """Paraphrases questions through any OpenAI-compatible ``/chat/completions`` endpoint.
+
+    Optional: on any failure the template phrasing is kept (and a warning without content logged).
+    The key comes from the ``api_key_env`` variable and is never logged.
+    """
+
+    PROMPT = ("Rewrite this question from a user of a medical imaging assistant with different wording and the same "
+              "meaning. Keep every medical term, number and bracketed box unchanged. Reply with the question only.")
+
+    def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", timeout_s: float = 30.0):
+        import os
+
+        import httpx
+
+        key = os.environ.get(api_key_env, "")
+        self.model = model
+        self.client = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout_s,
+                                   headers={"Authorization": f"Bearer {key}"} if key else {})
+
+    def __call__(self, question: str) -> str:
+        try:
+            r = self.client.post("/chat/completions", json={
+                "model": self.model, "temperature": 0.7,
+                "messages": [{"role": "system", "content": self.PROMPT}, {"role": "user", "content": question}]})
+            r.raise_for_status()
+            text = r.json()["choices"][0]["message"]["content"].strip()
+        except Exception as e:  # optional step: never fatal
+            log.warning("question rewriting failed (%s); keeping the template phrasing", type(e).__name__)
+            return question
+        return text if text and len(text) < 4 * len(question) + 200 else question
+
+
+# --------------------------------------------------------------------------- dialogues
+
+
+class DialogueBuilder:
+    """Renders examples as tool-use records.
+
+    ``api_names``: ``canonical`` or ``mmedagent`` tool names; ``phrasings``: ``train``, ``heldout``
+    or ``all`` question templates; ``runner``: a :class:`ToolRunner` (else ground-truth outputs);
+    ``rewriter``: a callable paraphrasing the first question.
+    """
+
+    def __init__(self, api_names: str = "canonical", phrasings: templates.Phrasings = "train", seed: int = 0,
+                 runner: Callable[[ToolCall, str | None, str], ToolOutcome] | None = None,
+                 rewriter: Callable[[str], str] | None = None):
+        if api_names not in API_NAMES:
+            raise ValueError(f"api_names must be one of {', '.join(API_NAMES)}, not {api_names!r}")
+        self.names = API_NAMES[api_names]
+        self.phrasings = phrasings
+        templates.bank("grounding", phrasings)  # validates the choice
+        self.rng = random.Random(seed)
+        self.runner = runner
+        self.rewriter = rewriter
+
+    def build_all(self, examples: Iterable[Example], id_prefix: str = "") -> list[Record]:
+        return [self.build(e, f"{id_prefix}{e.task}-{i}") for i, e in enumerate(examples, 1)]
+
+    def build(self, ex: Example, record_id: str) -> Record:
+        if ex.task == "direct":
+            return self._direct(ex, record_id)
+        if ex.task not in TASKS:
+            raise DataError(f"{ex.source}: unknown task {ex.task!r}")
+        rng = self.rng
+        tool = self.names[ex.task]
+        target = ", ".join(dict.fromkeys(t.label for t in ex.targets)) if ex.targets else ""
+        box = fmt_box(ex.targets[0].box) if ex.targets else ""
+        question = templates.pick(rng, templates.bank(ex.task, self.phrasings), target=target, box=box,
+                                  question=ex.question or "")
+        if self.rewriter is not None and ex.task not in ("retrieval",):
+            question = self.rewriter(question)
+        params, output = self._call(ex, target)
+        call = ToolCall(API_name=tool, API_params=params)
+        plan = AssistantTurn(thoughts=templates.pick(rng, templates.THOUGHTS[ex.task], target=target),
+                             actions=[call], value=templates.pick(rng, templates.WAIT, tool=tool))
+        if self.runner is not None:
+            outcome = self.runner(call, ex.image, ex.source)
+        else:
+            outcome = ToolOutcome(tool=tool, output=output)
+        answer = self._answer(ex, target, outcome.output or {})
+        final = AssistantTurn(thoughts=templates.pick(rng, _FINAL_THOUGHTS, tool=tool), actions=[], value=answer)
+        first = Message(role="human", value=(f"{IMAGE_TOKEN}\n" if ex.image else "") + question)
+        convo = [first, assistant_message(plan), tool_result_message([outcome], question), assistant_message(final)]
+        return Record(id=record_id, image=ex.image, conversations=convo)
+
+    def _direct(self, ex: Example, record_id: str) -> Record:
+        if ex.question is None:  # a caption
+            question = self.rng.choice(CAPTION_QUESTIONS)
+        else:
+            question = templates.pick(self.rng, templates.bank("direct", self.phrasings), question=ex.question)
+        if self.rewriter is not None:
+            question = self.rewriter(question)
+        turn = AssistantTurn(thoughts=self.rng.choice(templates.THOUGHTS["direct"]), actions=[], value=ex.answer or "")
+        first = Message(role="human", value=(f"{IMAGE_TOKEN}\n" if ex.image else "") + question)
+        return Record(id=record_id, image=ex.image, conversations=[first, assistant_message(turn)])
+
+    def _call(self, ex: Example, target: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Tool params and the ground-truth output the tool would return (as the model sees it)."""
+        rng = self.rng
+        img = {"image": IMAGE_PLACEHOLDER}
+        prompts = list(dict.fromkeys(t.label for t in ex.targets))
+        if ex.task == "grounding":
+            scores = [round(rng.uniform(0.8, 0.99), 2) for _ in ex.targets]
+            return {**img, "prompts": prompts}, {"boxes": [t.box for t in ex.targets], "logits": scores,
+                                                 "phrases": [t.label for t in ex.targets]}
+        if ex.task == "segmentation":
+            return {**img, "boxes": [t.box for t in ex.targets]}, {"boxes": [t.box for t in ex.targets],
+                                                                 "areas": [t.area or 0 for t in ex.targets]}
+        if ex.task == "grounding_segmentation":
+            scores = [round(rng.uniform(0.8, 0.99), 2) for _ in ex.targets]
+            return {**img, "prompts": prompts}, {"boxes": [t.box for t in ex.targets], "logits": scores,
+                                                 "phrases": [t.label for t in ex.targets],
+                                                 "areas": [t.area or 0 for t in ex.targets]}
+        if ex.task == "classification":
+            others = [c for c in (ex.labels or []) if c != ex.label]
+            rng.shuffle(others)
+            ranked = [ex.label, *others[:2]]
+            raw = sorted((rng.uniform(0.0, 1.0) for _ in ranked[1:]), reverse=True)
+            top = rng.uniform(0.6, 0.95)
+            rest = [round((1 - top) * r / (sum(raw) or 1), 2) for r in raw]
+            params = {**img, "labels": list(ex.labels)} if ex.labels and len(ex.labels) >= 2 else img
+            return params, {"labels": ranked, "probabilities": [round(top, 2), *rest]}
+        if ex.task == "report_generation":
+            return dict(img), {"report": ex.report}
+        if ex.task == "retrieval":
+            return {"query": ex.question}, {"passages": [{"source": src, "text": text, "score": score} for src, text, score
+                                                         in zip(ex.sources, ex.passages, ex.scores)]}
+        raise DataError(f"{ex.source}: unknown task {ex.task!r}")
+
+    def _answer(self, ex: Example, target: str, out: dict[str, Any]) -> str:
+        rng = self.rng
+        if ex.task in ("grounding", "grounding_segmentation", "segmentation"):
+            boxes = out.get("boxes") or []
+            if not boxes:
+                return templates.pick(rng, templates.ANSWERS["grounding_none"], target=target)
+            box = " and ".join(fmt_box(b) for b in boxes)
+            area = sum(int(a) for a in out.get("areas") or [0])
+            return templates.pick(rng, templates.ANSWERS[ex.task], target=target, box=box, area=area)
+        if ex.task == "classification":
+            label = (out.get("labels") or [ex.label])[0]
+            return templates.pick(rng, templates.ANSWERS["classification"], label=label)
+        if ex.task == "report_generation":
+            return templates.pick(rng, templates.ANSWERS["report_generation"], report=ex.report)
+        return templates.pick(rng, templates.ANSWERS["retrieval"], answer=ex.answer)
+
+
+# --------------------------------------------------------------------------- splitting
+
+
+def split_by_image(records: Sequence[Record], ratios: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0,
+                   names: Sequence[str] = ("train", "val", "test")) -> dict[str, list[Record]]:
+    """Split so that all records of one image land in the same split (text-only records by id)."""
+    if len(ratios) != len(names) or any(r < 0 for r in ratios) or not sum(ratios):
+        raise ValueError(f"need {len(names)} non-negative ratios, got {list(ratios)}")
+    groups: dict[str, list[Record]] = defaultdict(list)
+    for r in records:
+        key = "|".join(r.images) if r.images else f"id:{r.id}"
+        groups[key].append(r)
+    keys = sorted(groups)
+    random.Random(seed).shuffle(keys)
+    total = sum(ratios)
+    bounds, acc = [], 0.0
+    for r in ratios:
+        acc += r / total
+        bounds.append(round(acc * len(keys)))
+    out: dict[str, list[Record]] = {n: [] for n in names}
+    start = 0
+    for name, end in zip(names, bounds):
+        for k in keys[start:end]:
+            out[name] += groups[k]
+        start = end
+    return out

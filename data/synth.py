@@ -1,0 +1,249 @@
+"""A small synthetic medical set covering every tool, deterministic per seed.
+
+Images are drawn with numpy: organ-like backgrounds of four modalities (brain MRI, chest X-ray,
+abdomen CT, H&E histopathology) with one "lesion" each, whose mask, box, class and a short report
+are known. The raw annotations are written in the standard layouts (COCO json, PNG masks, label
+CSV, report JSON, corpus + QA, VQA/caption tables) and the dialogues are then produced by the
+ordinary builders from those files — so the synthetic set also exercises the builders. Training
+dialogues use the ``train`` phrasings; the evaluation split uses other images and the ``heldout``
+phrasings.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from mmedagent.data import builders
+from mmedagent.data.formats import write_records
+
+MODALITIES = ("brain MRI", "chest X-ray", "abdomen CT", "hematoxylin and eosin histopathology")
+LESIONS = {"brain MRI": "tumor", "chest X-ray": "nodule", "abdomen CT": "cyst",
+           "hematoxylin and eosin histopathology": "tumor cells"}
+LABEL_VALUES = {"tumor": 1, "nodule": 2, "cyst": 3, "tumor cells": 4}
+
+CORPUS = [
+    ("tumor-1", "A brain tumor on MRI appears as a mass that is often bright on T2-weighted images and may enhance "
+                "after contrast; surrounding oedema and mass effect are common."),
+    ("tumor-2", "Primary brain tumors include gliomas and meningiomas; metastases are the most common brain tumors "
+                "in adults."),
+    ("nodule-1", "A pulmonary nodule on a chest X-ray is a rounded opacity up to 3 cm in diameter surrounded by lung; "
+                 "larger opacities are called masses."),
+    ("nodule-2", "Solitary pulmonary nodules are followed with CT; growth, spiculation and size above 8 mm raise "
+                 "concern for malignancy."),
+    ("cyst-1", "A simple hepatic cyst on CT is a well-defined, round, water-density lesion (0-20 HU) that does not "
+               "enhance after contrast."),
+    ("cyst-2", "Liver cysts are usually benign and found incidentally; complex features such as septa or nodularity "
+               "need further imaging."),
+    ("tumor cells-1", "On hematoxylin and eosin staining, tumor cells show enlarged, hyperchromatic nuclei, a high "
+                      "nuclear-to-cytoplasmic ratio and crowding."),
+    ("tumor cells-2", "Hematoxylin stains nuclei blue-purple and eosin stains cytoplasm and stroma pink."),
+    ("general-1", "Windowing maps CT numbers to grey levels: a lung window is wide and low, a brain window narrow."),
+]
+
+QA = [
+    ("What does a brain tumor look like on MRI?", "A brain tumor usually appears as a mass that is bright on "
+     "T2-weighted images, may enhance after contrast, and often has surrounding oedema.", ["tumor-1"]),
+    ("What is a pulmonary nodule?", "A pulmonary nodule is a rounded opacity up to 3 cm in diameter surrounded by "
+     "lung; larger ones are called masses.", ["nodule-1"]),
+    ("When is a lung nodule concerning for malignancy?", "Growth, spiculation and a size above 8 mm raise concern "
+     "for malignancy.", ["nodule-2"]),
+    ("How does a simple liver cyst appear on CT?", "It is a well-defined, round, water-density lesion of 0-20 HU "
+     "that does not enhance.", ["cyst-1"]),
+    ("What do tumor cells look like on H&E staining?", "They have enlarged, hyperchromatic nuclei, a high "
+     "nuclear-to-cytoplasmic ratio and crowding.", ["tumor cells-1"]),
+    ("What colour does hematoxylin stain nuclei?", "Hematoxylin stains nuclei blue-purple.", ["tumor cells-2"]),
+]
+
+
+@dataclass
+class SynthImage:
+    name: str
+    modality: str
+    lesion: str
+    mask: np.ndarray
+    report: str
+
+
+def _ellipse(h: int, w: int, cy: float, cx: float, ry: float, rx: float) -> np.ndarray:
+    yy, xx = np.mgrid[0:h, 0:w]
+    return ((yy - cy) / max(ry, 0.5)) ** 2 + ((xx - cx) / max(rx, 0.5)) ** 2 <= 1.0
+
+
+def _lesion(rng: np.random.Generator, size: int, region: np.ndarray, scale: float) -> np.ndarray:
+    """A random ellipse or rectangle inside ``region`` (never empty)."""
+    ys, xs = np.nonzero(region)
+    for _ in range(50):
+        k = rng.integers(ys.size)
+        cy, cx = float(ys[k]), float(xs[k])
+        ry, rx = (rng.uniform(0.05, 0.12) * size * scale for _ in range(2))
+        if rng.random() < 0.7:
+            m = _ellipse(size, size, cy, cx, ry, rx)
+        else:
+            m = np.zeros((size, size), bool)
+            m[int(max(cy - ry, 0)):int(cy + ry) + 1, int(max(cx - rx, 0)):int(cx + rx) + 1] = True
+        m &= region
+        if m.sum() >= 4:
+            return m
+    raise RuntimeError("could not place a lesion")  # pragma: no cover - regions are large
+
+
+def draw(rng: np.random.Generator, modality: str, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(image uint8 H×W or H×W×3, lesion mask bool)."""
+    s = size
+    c = s / 2
+    noise = rng.normal(0, 6, (s, s))
+    if modality == "brain MRI":
+        img = np.full((s, s), 10.0)
+        head = _ellipse(s, s, c, c, 0.45 * s, 0.38 * s)
+        brain = _ellipse(s, s, c, c, 0.40 * s, 0.33 * s)
+        img[head] = 200
+        img[brain] = 120
+        img[_ellipse(s, s, c, c - 0.06 * s, 0.1 * s, 0.03 * s) | _ellipse(s, s, c, c + 0.06 * s, 0.1 * s, 0.03 * s)] = 40
+        mask = _lesion(rng, s, brain & (img == 120), 1.0)
+        img[mask] = 235
+    elif modality == "chest X-ray":
+        img = np.full((s, s), 150.0)
+        lungs = _ellipse(s, s, c, 0.3 * s, 0.33 * s, 0.15 * s) | _ellipse(s, s, c, 0.7 * s, 0.33 * s, 0.15 * s)
+        img[lungs] = 50
+        img[:, int(0.47 * s):int(0.53 * s) + 1] = 220
+        mask = _lesion(rng, s, lungs, 0.6)
+        img[mask] = 190
+    elif modality == "abdomen CT":
+        img = np.zeros((s, s))
+        body = _ellipse(s, s, c, c, 0.38 * s, 0.46 * s)
+        liver = _ellipse(s, s, 0.45 * s, 0.32 * s, 0.2 * s, 0.17 * s) & body
+        img[body] = 110
+        img[liver] = 150
+        img[_ellipse(s, s, 0.62 * s, c, 0.05 * s, 0.05 * s)] = 230  # vertebra
+        mask = _lesion(rng, s, liver, 0.8)
+        img[mask] = 60
+    else:  # H&E
+        rgb = np.empty((s, s, 3))
+        rgb[...] = (235, 170, 200)
+        for _ in range(s // 2):
+            y, x = rng.integers(0, s, 2)
+            rgb[_ellipse(s, s, y, x, 1.2, 1.2)] = (120, 60, 160)
+        mask = _lesion(rng, s, np.ones((s, s), bool), 1.6)
+        rgb[mask] = (80, 30, 130)
+        rgb += noise[..., None]
+        return np.clip(rgb, 0, 255).astype(np.uint8), mask
+    return np.clip(img + noise, 0, 255).astype(np.uint8), mask
+
+
+def _report(modality: str, lesion: str, mask: np.ndarray) -> str:
+    h, w = mask.shape
+    ys, xs = np.nonzero(mask)
+    vert = "upper" if ys.mean() < h / 2 else "lower"
+    side = "left" if xs.mean() < w / 2 else "right"
+    frac = mask.mean()
+    size = "small" if frac < 0.02 else "moderate" if frac < 0.06 else "large"
+    body = {"brain MRI": "Brain MRI", "chest X-ray": "Chest X-ray", "abdomen CT": "Abdominal CT",
+            "hematoxylin and eosin histopathology": "H&E stained section"}[modality]
+    return (f"{body}. A {size} {lesion} is seen in the {vert} {side} part of the image. "
+            f"No other abnormality is identified.")
+
+
+def make_images(out: Path, n: int, seed: int, size: int) -> list[SynthImage]:
+    rng = np.random.default_rng(seed)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "masks").mkdir(parents=True, exist_ok=True)
+    items = []
+    for i in range(n):
+        modality = MODALITIES[i % len(MODALITIES)]
+        lesion = LESIONS[modality]
+        img, mask = draw(rng, modality, size)
+        name = f"img_{i:04d}.png"
+        Image.fromarray(img).save(out / "images" / name)
+        Image.fromarray((mask * LABEL_VALUES[lesion]).astype(np.uint8)).save(out / "masks" / name)
+        items.append(SynthImage(name, modality, lesion, mask, _report(modality, lesion, mask)))
+    return items
+
+
+def _write_json(path: Path, obj: Any) -> Path:
+    path.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path
+
+
+def write_annotations(out: Path, items: list[SynthImage], tag: str) -> dict[str, Path]:
+    """The standard annotation files for ``items`` (tag: train/eval)."""
+    ann = out / "annotations" / tag
+    ann.mkdir(parents=True, exist_ok=True)
+    cats = [{"id": v, "name": k} for k, v in LABEL_VALUES.items()]
+    coco: dict[str, Any] = {"images": [], "annotations": [], "categories": cats}
+    for k, it in enumerate(items, 1):
+        h, w = it.mask.shape
+        ys, xs = np.nonzero(it.mask)
+        coco["images"].append({"id": k, "file_name": it.name, "width": w, "height": h})
+        coco["annotations"].append({"id": k, "image_id": k, "category_id": LABEL_VALUES[it.lesion],
+                                    "bbox": [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1),
+                                             int(ys.max() - ys.min() + 1)], "area": int(ys.size), "iscrowd": 0})
+    paths = {"coco": _write_json(ann / "coco.json", coco)}
+    mask_dir = ann / "masks"
+    mask_dir.mkdir(exist_ok=True)
+    for it in items:
+        (mask_dir / it.name).write_bytes((out / "masks" / it.name).read_bytes())
+    paths["masks"] = mask_dir
+    with open(ann / "labels.csv", "w", newline="", encoding="utf-8") as f:
+        wr = csv.writer(f)
+        wr.writerow(["image", "label"])
+        wr.writerows([it.name, it.modality] for it in items)
+    paths["labels"] = ann / "labels.csv"
+    paths["reports"] = _write_json(ann / "reports.json", [{"image": it.name, "report": it.report} for it in items])
+    vqa = []
+    for it in items:
+        vqa.append({"image": it.name, "question": "What kind of abnormality is visible?", "answer": f"A {it.lesion}."})
+        vqa.append({"image": it.name, "question": "Is this a colour image?",
+                    "answer": "Yes." if it.modality.startswith("hematoxylin") else "No, it is greyscale."})
+    paths["vqa"] = _write_json(ann / "vqa.json", vqa)
+    paths["captions"] = _write_json(ann / "captions.json", [{"image": it.name, "caption": it.report} for it in items])
+    return paths
+
+
+def synth(out: str | Path, n: int = 40, seed: int = 0, size: int = 64, api_names: str = "canonical") -> dict[str, Any]:
+    """Write the synthetic set to ``out``; returns the manifest (also saved as ``manifest.json``)."""
+    if n < 2:
+        raise ValueError("n must be at least 2 (one training and one evaluation image)")
+    if size < 32:
+        raise ValueError("size must be at least 32 pixels")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    items = make_images(out, n, seed, size)
+    n_eval = max(1, n // 5)
+    splits = {"train": items[:-n_eval], "eval": items[-n_eval:]}
+    corpus = out / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in CORPUS), encoding="utf-8")
+    qa = {"train": QA[:-2], "eval": QA[-2:]}
+    labels = {v: k for k, v in LABEL_VALUES.items()}
+    manifest: dict[str, Any] = {"seed": seed, "size": size, "images": n, "api_names": api_names,
+                                "modalities": list(MODALITIES), "label_values": LABEL_VALUES, "files": {}}
+    for k, (tag, its) in enumerate(splits.items()):
+        paths = write_annotations(out, its, tag)
+        qa_path = _write_json(out / "annotations" / tag / "qa.json",
+                              [{"question": q, "answer": a, "passages": p} for q, a, p in qa[tag]])
+        examples = (
+            builders.read_coco(paths["coco"], out / "images")
+            + builders.read_mask_pngs(out / "images", paths["masks"], labels)
+            + builders.read_classification(table=paths["labels"], labels=list(MODALITIES))
+            + builders.read_reports(paths["reports"])
+            + builders.read_rag(qa_path, corpus)
+            + builders.read_vqa(paths["vqa"])
+            + builders.read_vqa(paths["captions"], caption=True)
+        )
+        b = builders.DialogueBuilder(api_names=api_names, phrasings="train" if tag == "train" else "heldout",
+                                     seed=seed * 1000 + k)
+        records = b.build_all(examples, id_prefix=f"{tag}-")
+        write_records(records, out / f"{tag}.json")
+        manifest["files"][tag] = {"data": f"{tag}.json", "records": len(records),
+                                  "tasks": dict(sorted(Counter(e.task for e in examples).items()))}
+    manifest["image_folder"] = "images"
+    _write_json(out / "manifest.json", manifest)
+    return manifest
+

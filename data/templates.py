@@ -1,0 +1,190 @@
+"""Phrasing banks for the instruction-data builders.
+
+Each task has question phrasings split into ``train`` and ``heldout`` (never used for training
+data, so evaluation can measure generalisation to unseen wordings), plus thoughts, "please wait"
+values and final-answer templates. Placeholders: ``{target}`` (what to find), ``{box}``,
+``{label}``, ``{labels}``, ``{report}``, ``{answer}``, ``{question}``, ``{area}``.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Literal
+
+Phrasings = Literal["train", "heldout", "all"]
+
+QUESTIONS: dict[str, dict[str, tuple[str, ...]]] = {
+    "grounding": {
+        "train": (
+            "Can you locate the {target} in this image?",
+            "Where is the {target}?",
+            "Find the {target} in the image.",
+            "Please detect the {target} and give its position.",
+            "Could you point out where the {target} is?",
+            "Show me the location of the {target}.",
+            "Is there a {target}? Where is it located?",
+            "Identify the region containing the {target}.",
+            "Draw a box around the {target}.",
+            "Which part of the image shows the {target}?",
+        ),
+        "heldout": (
+            "Mark the {target} for me, please.",
+            "I need the bounding box of the {target}.",
+            "Whereabouts in this scan does the {target} appear?",
+        ),
+    },
+    "segmentation": {
+        "train": (
+            "Segment the {target} inside the box {box}.",
+            "Can you outline the {target} in the region {box}?",
+            "Please produce a mask of the {target} within {box}.",
+            "Delineate the {target} located at {box}.",
+            "Give me the segmentation of the region {box}, which contains the {target}.",
+            "Create a mask for the {target} in box {box}.",
+            "Trace the boundary of the {target} at {box}.",
+        ),
+        "heldout": (
+            "Cut out the {target} found in {box}.",
+            "What is the exact extent of the {target} in {box}? Segment it.",
+        ),
+    },
+    "grounding_segmentation": {
+        "train": (
+            "Segment the {target} in this image.",
+            "Can you find and segment the {target}?",
+            "Please outline the {target}.",
+            "Locate the {target} and give me its mask.",
+            "Produce a segmentation mask of the {target}.",
+            "Where is the {target}? Please segment it.",
+            "Delineate the {target} in this scan.",
+        ),
+        "heldout": (
+            "Highlight the exact outline of the {target}.",
+            "I want a pixel mask of the {target}.",
+        ),
+    },
+    "classification": {
+        "train": (
+            "What type of image is this?",
+            "Classify this image.",
+            "Which modality does this image belong to?",
+            "What kind of medical image is shown here?",
+            "Can you tell me the category of this image?",
+            "Identify the imaging modality.",
+            "What is this image an example of?",
+        ),
+        "heldout": (
+            "Which class best describes this picture?",
+            "Tell me what sort of scan this is.",
+        ),
+    },
+    "report_generation": {
+        "train": (
+            "Write a radiology report for this image.",
+            "Generate a medical report for this scan.",
+            "Can you describe the findings in a report?",
+            "Please write the findings and impression for this image.",
+            "Draft a report of this examination.",
+            "What would the report for this image say?",
+        ),
+        "heldout": (
+            "Summarise this study as a radiologist would.",
+            "Compose the diagnostic report for this picture.",
+        ),
+    },
+    "retrieval": {
+        "train": ("{question}",),
+        "heldout": ("{question}",),
+    },
+    "direct": {
+        "train": ("{question}",),
+        "heldout": ("{question}",),
+    },
+}
+
+THOUGHTS: dict[str, tuple[str, ...]] = {
+    "grounding": (
+        "To locate the {target}, I should run the grounding model.",
+        "The user wants the position of the {target}; a grounding tool can find it.",
+        "I need to detect the {target} in the image, so I will call the grounding model.",
+    ),
+    "segmentation": (
+        "The user gave a box; a segmentation model can outline the {target} inside it.",
+        "To segment the {target} in the given region, I will use the segmentation model.",
+    ),
+    "grounding_segmentation": (
+        "To segment the {target} without a box, I will first ground it and then segment it.",
+        "The {target} must be found and outlined; grounding plus segmentation does both.",
+    ),
+    "classification": (
+        "To know what kind of image this is, I will use the image classifier.",
+        "A classification model can tell the image category.",
+    ),
+    "report_generation": (
+        "The user wants a report; the report generation model can write one from the image.",
+        "I will generate a report with the report generation tool.",
+    ),
+    "retrieval": (
+        "This needs medical knowledge; I will retrieve relevant passages first.",
+        "To answer reliably, I should look up the knowledge base.",
+    ),
+    "direct": (
+        "I can answer this directly without any tool.",
+        "No tool is needed for this question.",
+    ),
+}
+
+WAIT = (
+    "I will use {tool} to help answer your question. Please wait.",
+    "Let me run {tool} first. Please wait.",
+    "I am calling {tool}. Please wait.",
+)
+
+ANSWERS: dict[str, tuple[str, ...]] = {
+    "grounding": (
+        "The {target} is located at {box}.",
+        "I found the {target} at {box} (normalised x1, y1, x2, y2).",
+        "The {target} appears in the region {box}.",
+    ),
+    "grounding_none": (
+        "I could not find any {target} in this image.",
+        "No {target} was detected.",
+    ),
+    "segmentation": (
+        "The {target} has been segmented; the mask lies within {box} and covers {area} pixels.",
+        "Here is the segmentation of the {target}: a mask of {area} pixels inside {box}.",
+    ),
+    "grounding_segmentation": (
+        "The {target} was found at {box} and segmented; the mask covers {area} pixels.",
+        "I located the {target} at {box} and outlined it ({area} pixels).",
+    ),
+    "classification": (
+        "This image is classified as {label}.",
+        "The image is most likely {label}.",
+        "It is {label}.",
+    ),
+    "report_generation": (
+        "{report}",
+        "Here is the report: {report}",
+    ),
+    "retrieval": (
+        "{answer}",
+    ),
+    "direct": (
+        "{answer}",
+    ),
+}
+
+
+def bank(task: str, phrasings: Phrasings) -> tuple[str, ...]:
+    """Question phrasings of ``task`` for the chosen subset."""
+    entry = QUESTIONS[task]
+    if phrasings == "all":
+        return entry["train"] + entry["heldout"]
+    if phrasings not in entry:
+        raise ValueError(f"phrasings must be train, heldout or all, not {phrasings!r}")
+    return entry[phrasings]
+
+
+def pick(rng: random.Random, options: tuple[str, ...], **values: object) -> str:
+    return rng.choice(options).format(**values)

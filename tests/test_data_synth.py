@@ -1,0 +1,75 @@
+"""The synthetic set: deterministic per seed, every task present, masks/boxes/labels consistent."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+from _data_fixtures import synth_dir  # noqa: F401  (fixture)
+from PIL import Image
+
+from mmedagent.data import templates
+from mmedagent.data.__main__ import main
+from mmedagent.data.builders import TASKS
+from mmedagent.data.check import check_file
+from mmedagent.data.formats import read_records
+from mmedagent.data.synth import LABEL_VALUES, synth
+from mmedagent.protocol import parse_tool_results
+
+
+def test_every_task_in_train_and_eval(synth_dir):
+    manifest = json.loads((synth_dir / "manifest.json").read_text())
+    for split in ("train", "eval"):
+        tasks = manifest["files"][split]["tasks"]
+        assert set(tasks) == {*TASKS, "direct"}
+        recs = read_records(synth_dir / f"{split}.json")
+        assert len(recs) == manifest["files"][split]["records"]
+        report = check_file(synth_dir / f"{split}.json", image_folder=synth_dir / "images")
+        assert report.ok and not report.unregistered, report.problems
+    train_imgs = {i for r in read_records(synth_dir / "train.json") for i in r.images}
+    eval_imgs = {i for r in read_records(synth_dir / "eval.json") for i in r.images}
+    assert train_imgs and eval_imgs and not train_imgs & eval_imgs
+
+
+def test_eval_uses_heldout_phrasings(synth_dir):
+    held = templates.bank("grounding", "heldout")
+    pats = [re.escape(t).replace(r"\{target\}", ".+") for t in held]
+    qs = [r.first_question() for r in read_records(synth_dir / "eval.json") if r.tool_calls()
+          and r.tool_calls()[0].API_name == "grounding"]
+    assert qs and all(any(re.fullmatch(p, q) for p in pats) for q in qs)
+
+
+def test_boxes_and_masks_match_the_pixels(synth_dir):
+    for rec in read_records(synth_dir / "train.json"):
+        if not rec.tool_calls() or rec.tool_calls()[0].API_name != "segmentation":
+            continue
+        out = parse_tool_results(rec.conversations[2].value).outcomes[0].output
+        mask = np.asarray(Image.open(synth_dir / "masks" / rec.image))
+        assert out["areas"] == [int((mask > 0).sum())]
+        assert set(np.unique(mask)) - {0} <= set(LABEL_VALUES.values())
+        h, w = mask.shape
+        ys, xs = np.nonzero(mask)
+        assert out["boxes"][0] == [round(xs.min() / w, 2), round(ys.min() / h, 2),
+                                   round((xs.max() + 1) / w, 2), round((ys.max() + 1) / h, 2)]
+        img = np.asarray(Image.open(synth_dir / "images" / rec.image).convert("L")).astype(float)
+        m = mask > 0
+        grown = m.copy()
+        for axis in (0, 1):
+            for shift in (-2, 2):
+                grown |= np.roll(m, shift, axis=axis)
+        ring = grown & ~m
+        assert abs(img[m].mean() - img[ring].mean()) > 20  # the lesion stands out from its surroundings
+        assert img.shape == (48, 48)
+
+
+def test_deterministic_per_seed(tmp_path, synth_dir):
+    synth(tmp_path / "a", n=10, seed=3, size=48)
+    assert (tmp_path / "a" / "train.json").read_bytes() == (synth_dir / "train.json").read_bytes()
+    assert (tmp_path / "a" / "images" / "img_0003.png").read_bytes() == (synth_dir / "images" / "img_0003.png").read_bytes()
+    assert main(["synth", "--out", str(tmp_path / "b"), "--n", "10", "--seed", "4", "--size", "48",
+                 "--api-names", "mmedagent"]) == 0
+    assert (tmp_path / "b" / "train.json").read_bytes() != (synth_dir / "train.json").read_bytes()
+    names = {c.API_name for r in read_records(tmp_path / "b" / "train.json") for c in r.tool_calls()}
+    assert names == {"grounding dino", "MedSAM", "grounding dino + MedSAM", "BiomedClip", "ChatCAD-G", "ChatCAD-R"}
+    with pytest.raises(ValueError):
+        synth(tmp_path / "c", n=1)
