@@ -1,17 +1,62 @@
-"""LoRA adapters (peft) on top of a loaded base model."""
+"""LoRA adapters (peft) on top of a loaded base model: ours and MMedAgent's."""
 
 from __future__ import annotations
 
+import logging
+import tempfile
 from pathlib import Path
 from typing import Any
 
+log = logging.getLogger(__name__)
+
 
 def apply_adapter(model: Any, adapter_dir: str | Path, *, merge: bool = False) -> Any:
-    """Stack the peft adapter in ``adapter_dir`` on ``model``; with ``merge`` fold it into the weights.
+    """Stack the LoRA adapter in ``adapter_dir`` on ``model``; with ``merge`` fold it into the weights.
 
-    Modules trained in full (``modules_to_save``, e.g. our projector) come back with the adapter.
+    Our adapters (peft, projector trained through ``modules_to_save``) load as they are.
+    MMedAgent/LLaVA LoRA output (original key layout + ``non_lora_trainables.bin``) is rewritten
+    for transformers' Llava first, and its projector is loaded into the model — whatever the
+    folder is called.
     """
     from peft import PeftModel
 
-    peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
-    return peft_model.merge_and_unload() if merge else peft_model
+    from mmedagent.model.llava_convert import convert_llava_lora, is_original_lora
+
+    adapter_dir = Path(adapter_dir)
+    with tempfile.TemporaryDirectory(prefix="mmedagent-lora-") as tmp:
+        if is_original_lora(adapter_dir):
+            projector_module = getattr(getattr(model, "model", None), "multi_modal_projector", None)
+            if projector_module is None:
+                raise ValueError(f"{adapter_dir} is a LLaVA-layout LoRA but the base model is not a Llava model")
+            hidden = model.config.get_text_config().hidden_size
+            converted, projector = convert_llava_lora(adapter_dir, tmp, hidden)
+            if projector:
+                param = next(projector_module.parameters())
+                projector_module.load_state_dict(
+                    {k: v.to(param.dtype) for k, v in projector.items()}, strict=True
+                )
+            else:
+                log.warning("%s has no non_lora_trainables.bin: keeping the base model's projector", adapter_dir.name)
+            adapter_dir = converted
+        peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+        peft_model.eval()
+        return peft_model.merge_and_unload() if merge else peft_model
+
+
+def merge_lora(model_path: str | Path, model_base: str | Path | None, save_path: str | Path, *, dtype: Any = None) -> Path:
+    """Merge a LoRA adapter (ours or MMedAgent's) into its base and save model + processor.
+
+    The output is a plain transformers checkpoint (an original-layout base comes out converted);
+    the projector — from ``modules_to_save`` or ``non_lora_trainables.bin`` — is part of it.
+    """
+    from mmedagent.model.loading import is_adapter, load_model_and_processor
+
+    if not is_adapter(model_path):
+        raise ValueError(f"{model_path} is not a LoRA adapter directory (no adapter_config.json)")
+    model, processor, _ = load_model_and_processor(model_path, base=model_base, dtype=dtype, device="cpu",
+                                                   merge_adapter=True)
+    out = Path(save_path)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out

@@ -178,8 +178,10 @@ def load_model_and_processor(
         from mmedagent.model.adapters import apply_adapter
 
         model = apply_adapter(model, adapter_dir, merge=merge_adapter)
-        # An adapter directory may carry its own tokenizer/processor (e.g. with added tokens).
-        if (adapter_dir / "tokenizer_config.json").is_file():
+        # An adapter directory may carry its own processor (e.g. with added tokens); MMedAgent's
+        # LoRA folders hold only a tokenizer copy, so a vision model needs a processor config there.
+        own = ("tokenizer_config.json",) if family == "causal_lm" else ("processor_config.json", "preprocessor_config.json")
+        if any((adapter_dir / f).is_file() for f in own):
             processor = load_processor(adapter_dir, family)
     if quant is None:
         model.to(device)
@@ -188,7 +190,7 @@ def load_model_and_processor(
 
 
 def _ensure_hf_layout(path_or_id: str | Path) -> str | Path:
-    """Original LLaVA-layout checkpoints are converted to a transformers layout (cached next to nothing: a temp dir)."""
+    """Original LLaVA-layout checkpoints are converted once to the transformers layout (in the cache)."""
     config = _local_json(path_or_id, "config.json")
     if not is_original_llava(config):
         return path_or_id

@@ -1,0 +1,317 @@
+"""Original LLaVA-layout checkpoints (LLaVA ≤1.5, LLaVA-Med v1.x, MMedAgent) → transformers' Llava.
+
+The original layout is a ``LlavaLlamaForCausalLM``: a Llama LM under ``model.*`` + ``lm_head``,
+the projector under ``model.mm_projector.*`` (``linear`` or ``mlp2x_gelu``) and the CLIP vision
+tower referenced by ``mm_vision_tower`` (a path or hub id, loaded separately). The converted
+directory loads with plain ``LlavaForConditionalGeneration.from_pretrained`` and
+``AutoProcessor.from_pretrained``:
+
+- weights renamed (``model.X`` → ``model.language_model.X``, projector → ``multi_modal_projector``;
+  a ``linear`` projector becomes ``linear_1`` + identity activation + identity ``linear_2``);
+- the tower's weights copied in, ``vision_feature_layer = mm_vision_select_layer`` (-2),
+  ``mm_vision_select_feature`` ``patch`` → select strategy ``default`` (drop CLS);
+- the processor: the tower's CLIP preprocessing, padded to a square with the mean colour when
+  ``image_aspect_ratio == "pad"`` (LLaVA's ``expand2square``), the tokenizer with an ``<image>``
+  token (embeddings grown by one row if it was missing) and a Vicuna v1 chat template.
+
+MMedAgent's LoRA output (``adapter_model.bin`` with original-layout keys + ``non_lora_trainables.bin``
+holding the projector) is converted by :func:`convert_llava_lora`; the projector is never dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from mmedagent.protocol import DEFAULT_SYSTEM
+
+log = logging.getLogger(__name__)
+
+IMAGE_TOKEN = "<image>"
+_NON_LLM_CONFIG_KEYS = (
+    "architectures", "model_type", "auto_map", "_name_or_path", "transformers_version", "torch_dtype", "dtype",
+)
+
+# Vicuna v1 (mmedagent.model.templates "vicuna_v1") as a chat template, so the converted
+# checkpoint also works with conv_template=None.
+VICUNA_V1_CHAT_TEMPLATE = (
+    "{%- macro render(content) -%}{%- if content is string -%}{{ content }}{%- else -%}"
+    "{%- for part in content -%}{%- if part.type == 'image' -%}{{ '<image>\\n' }}"
+    "{%- elif part.type == 'text' -%}{{ part.text }}{%- endif -%}{%- endfor -%}{%- endif -%}{%- endmacro -%}"
+    "{{ bos_token }}{%- if messages and messages[0].role == 'system' -%}{{ render(messages[0].content) + ' ' }}"
+    "{%- else -%}{{ " + json.dumps(DEFAULT_SYSTEM + " ") + " }}{%- endif -%}"
+    "{%- for m in messages -%}{%- if m.role == 'user' -%}{{ 'USER: ' + render(m.content) + ' ' }}"
+    "{%- elif m.role == 'assistant' -%}{{ 'ASSISTANT: ' + render(m.content) + eos_token }}{%- endif -%}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}"
+)
+
+
+def _read_config(src: Path) -> dict[str, Any]:
+    f = src / "config.json"
+    if not f.is_file():
+        raise FileNotFoundError(f"{src} has no config.json")
+    return json.loads(f.read_text())
+
+
+def load_state_dict(src: Path, patterns: tuple[str, ...] = ("*.safetensors", "pytorch_model*.bin")) -> dict[str, Any]:
+    """All tensors of a checkpoint directory (safetensors preferred, else ``.bin`` shards)."""
+    import torch
+
+    for pattern in patterns:
+        files = sorted(f for f in src.glob(pattern) if not f.name.startswith(("adapter_", "non_lora")))
+        if files:
+            break
+    else:
+        raise FileNotFoundError(f"no weights ({' or '.join(patterns)}) in {src}")
+    state: dict[str, Any] = {}
+    for f in files:
+        if f.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state.update(load_file(str(f)))
+        else:
+            state.update(torch.load(f, map_location="cpu", weights_only=True))
+    return state
+
+
+def _projector_state(state: dict[str, Any], prefix: str, kind: str, hidden: int) -> dict[str, Any]:
+    """Original projector tensors under ``prefix`` → ``multi_modal_projector.linear_{1,2}``."""
+    import torch
+
+    out = {}
+    if kind == "linear":
+        w = state[prefix + "weight"]
+        out["linear_1.weight"], out["linear_1.bias"] = w, state[prefix + "bias"]
+        out["linear_2.weight"] = torch.eye(hidden, dtype=w.dtype)
+        out["linear_2.bias"] = torch.zeros(hidden, dtype=w.dtype)
+    elif kind == "mlp2x_gelu":
+        for src_i, dst in (("0", "linear_1"), ("2", "linear_2")):
+            for p in ("weight", "bias"):
+                out[f"{dst}.{p}"] = state[f"{prefix}{src_i}.{p}"]
+    else:
+        raise ValueError(f"unsupported mm_projector_type {kind!r} (supported: linear, mlp2x_gelu)")
+    return out
+
+
+def projector_kind(config: dict[str, Any]) -> str:
+    return config.get("mm_projector_type", "linear")
+
+
+def convert_llava_checkpoint(
+    src: str | Path, dst: str | Path, *, vision_tower: str | Path | None = None, dtype: Any = None
+) -> Path:
+    """Convert the original-layout checkpoint ``src`` into a transformers Llava directory ``dst``."""
+    import torch
+    from transformers import (
+        AutoTokenizer, CLIPImageProcessor, CLIPVisionModel, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
+        LlavaImageProcessor, LlavaProcessor,
+    )
+
+    src, dst = Path(src), Path(dst)
+    cfg = _read_config(src)
+    if cfg.get("mm_use_im_start_end"):
+        raise ValueError("mm_use_im_start_end=True checkpoints are not supported (MMedAgent/LLaVA-Med v1.5 use False)")
+    tower_ref = str(vision_tower or cfg.get("mm_vision_tower") or cfg.get("vision_tower") or "")
+    if not tower_ref:
+        raise ValueError(f"{src}/config.json names no vision tower (mm_vision_tower); pass vision_tower=")
+    select = cfg.get("mm_vision_select_feature", "patch")
+    if select not in ("patch", "cls_patch"):
+        raise ValueError(f"unsupported mm_vision_select_feature {select!r}")
+    try:
+        tower = CLIPVisionModel.from_pretrained(tower_ref, dtype=torch.float32)
+        clip_proc = CLIPImageProcessor.from_pretrained(tower_ref)
+    except OSError as e:
+        raise FileNotFoundError(
+            f"vision tower {tower_ref!r} (from mm_vision_tower) could not be loaded; pass its local path "
+            "with --vision-tower / vision_tower="
+        ) from e
+
+    state = load_state_dict(src)
+    tokenizer = AutoTokenizer.from_pretrained(str(src))
+    added = tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+
+    text_kwargs = {k: v for k, v in cfg.items() if not k.startswith("mm_") and k not in _NON_LLM_CONFIG_KEYS}
+    for k in ("image_aspect_ratio", "image_grid_pinpoints", "tune_mm_mlp_adapter", "freeze_mm_mlp_adapter",
+              "use_mm_proj", "vision_tower", "tokenizer_padding_side", "tokenizer_model_max_length"):
+        text_kwargs.pop(k, None)
+    text_config = LlamaConfig(**text_kwargs)
+    hidden = text_config.hidden_size
+
+    # --- weights
+    new: dict[str, Any] = {}
+    proj_prefix = "model.mm_projector."
+    for k, v in state.items():
+        if k.startswith(proj_prefix):
+            continue
+        if k.startswith("model.vision_tower."):
+            continue  # the tower comes from mm_vision_tower (the same weights when both exist)
+        if k.startswith("model."):
+            new["model.language_model." + k[len("model."):]] = v
+        elif k == "lm_head.weight":
+            new[k] = v
+        else:
+            raise ValueError(f"unexpected tensor {k!r} in {src}")
+    if not any(k.startswith(proj_prefix) for k in state):
+        raise ValueError(f"{src} holds no projector (model.mm_projector.*); refusing to convert without it")
+    for k, v in _projector_state(state, proj_prefix, projector_kind(cfg), hidden).items():
+        new["model.multi_modal_projector." + k] = v
+    for k, v in tower.state_dict().items():
+        new["model.vision_tower." + k] = v
+    if added:
+        for key in ("model.language_model.embed_tokens.weight", "lm_head.weight"):
+            w = new[key]
+            new[key] = torch.cat([w, w.mean(0, keepdim=True)], 0)
+    vocab = new["model.language_model.embed_tokens.weight"].shape[0]
+    if vocab < len(tokenizer):
+        raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the embeddings only {vocab}")
+    text_config.vocab_size = vocab
+
+    vision_config = tower.config
+    config = LlavaConfig(
+        vision_config=vision_config, text_config=text_config, image_token_index=image_id,
+        projector_hidden_act="gelu" if projector_kind(cfg) == "mlp2x_gelu" else "linear",
+        vision_feature_layer=cfg.get("mm_vision_select_layer", -2),
+        vision_feature_select_strategy="default" if select == "patch" else "full",
+        image_seq_length=(vision_config.image_size // vision_config.patch_size) ** 2,
+        multimodal_projector_bias=True, tie_word_embeddings=False,
+    )
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(config)
+    target_dtype = dtype or getattr(torch, str(cfg.get("torch_dtype", "float32")).replace("torch.", ""), torch.float32)
+    model.load_state_dict({k: v.to(target_dtype) for k, v in new.items()}, strict=True, assign=True)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+    # --- processor
+    pad = cfg.get("image_aspect_ratio", "square") == "pad"
+    image_processor = LlavaImageProcessor(
+        do_pad=pad, size=clip_proc.size, crop_size=clip_proc.crop_size, image_mean=clip_proc.image_mean,
+        image_std=clip_proc.image_std, resample=clip_proc.resample, do_center_crop=clip_proc.do_center_crop,
+        rescale_factor=clip_proc.rescale_factor, do_convert_rgb=True,
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=vision_config.patch_size,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        num_additional_image_tokens=1, chat_template=VICUNA_V1_CHAT_TEMPLATE,
+    )
+    tokenizer.chat_template = VICUNA_V1_CHAT_TEMPLATE
+    dst.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(dst)
+    processor.save_pretrained(dst)  # saves the tokenizer too
+    return dst
+
+
+def _fingerprint(path: Path) -> str:
+    h = hashlib.sha1(str(path.resolve()).encode())
+    for f in sorted(path.iterdir()):
+        if f.is_file():
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("MMEDAGENT_CACHE", Path.home() / ".cache" / "mmedagent")) / "converted"
+
+
+def converted_cache_dir(src: Path, *, vision_tower: str | Path | None = None) -> Path:
+    """Convert ``src`` once into the cache (``$MMEDAGENT_CACHE``, default ~/.cache/mmedagent) and return it."""
+    out = cache_root() / f"llava-{_fingerprint(src)}"
+    if (out / "config.json").is_file():
+        return out
+    log.info("converting original LLaVA checkpoint %s to the transformers layout in %s", src.name, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
+    try:
+        convert_llava_checkpoint(src, tmp, vision_tower=vision_tower)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+# --------------------------------------------------------------------------- MMedAgent LoRA output
+
+_LORA_PREFIX = "base_model.model.model."
+_LLM_LINEAR = r".*\.language_model\..*\.({names})"
+
+
+def is_original_lora(adapter_dir: Path) -> bool:
+    """MMedAgent/LLaVA LoRA output: projector in non_lora_trainables.bin or original-layout keys."""
+    if (adapter_dir / "non_lora_trainables.bin").is_file():
+        return True
+    try:
+        keys = load_state_dict(adapter_dir, ("adapter_model.safetensors", "adapter_model.bin")).keys()
+    except FileNotFoundError:
+        return False
+    return any(k.startswith(_LORA_PREFIX + "layers.") for k in keys)
+
+
+def _load_adapter_weights(adapter_dir: Path) -> dict[str, Any]:
+    import torch
+
+    st, binf = adapter_dir / "adapter_model.safetensors", adapter_dir / "adapter_model.bin"
+    if st.is_file():
+        from safetensors.torch import load_file
+
+        return load_file(str(st))
+    if binf.is_file():
+        return torch.load(binf, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"no adapter_model.safetensors / adapter_model.bin in {adapter_dir}")
+
+
+def convert_llava_lora(adapter_dir: str | Path, dst: str | Path, hidden_size: int) -> tuple[Path, dict[str, Any]]:
+    """Rewrite an original-layout LoRA for transformers' Llava; return ``(adapter_dir, projector_state)``.
+
+    The projector state (from ``non_lora_trainables.bin``, keys ``…mm_projector.*``) is returned
+    in ``multi_modal_projector`` naming, for loading into the base model before the adapter.
+    """
+    import torch
+
+    adapter_dir, dst = Path(adapter_dir), Path(dst)
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    weights = _load_adapter_weights(adapter_dir)
+    renamed = {}
+    for k, v in weights.items():
+        if k.startswith(_LORA_PREFIX + "mm_projector."):
+            continue  # projector LoRA is not a thing in MMedAgent; full weights come from non_lora_trainables
+        if k.startswith(_LORA_PREFIX) and not k.startswith(_LORA_PREFIX + "language_model."):
+            k = _LORA_PREFIX + "language_model." + k[len(_LORA_PREFIX):]
+        renamed[k] = v
+    targets = cfg.get("target_modules")
+    if isinstance(targets, list):  # leaf names (find_all_linear_names): restrict to the LM, not the CLIP tower
+        names = sorted({t.split(".")[-1] for t in targets})
+        cfg["target_modules"] = _LLM_LINEAR.format(names="|".join(names))
+    cfg.pop("modules_to_save", None)
+    cfg["base_model_name_or_path"] = None
+    dst.mkdir(parents=True, exist_ok=True)
+    (dst / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in renamed.items()}, str(dst / "adapter_model.safetensors"))
+
+    projector: dict[str, Any] = {}
+    extra = adapter_dir / "non_lora_trainables.bin"
+    if extra.is_file():
+        raw = torch.load(extra, map_location="cpu", weights_only=True)
+        proj = {}
+        for k, v in raw.items():
+            idx = k.find("mm_projector.")
+            if idx >= 0:
+                proj[k[idx:]] = v
+        if proj:
+            kind = "mlp2x_gelu" if "mm_projector.0.weight" in proj else "linear"
+            projector = _projector_state(proj, "mm_projector.", kind, hidden_size)
+        unknown = [k for k in raw if "mm_projector." not in k]
+        if unknown:
+            raise ValueError(f"non_lora_trainables.bin holds tensors other than the projector: {unknown[:5]}")
+    return dst, projector

@@ -1,0 +1,29 @@
+#!/usr/bin/env python
+"""Merge a LoRA adapter into its base model and save a standalone checkpoint (model + processor).
+
+    python scripts/merge_lora_weights.py --model-path ADAPTER --model-base BASE --save-model-path OUT
+
+Works for mmedagent's adapters (peft, projector in modules_to_save) and MMedAgent/LLaVA LoRA
+output (adapter_model.bin + non_lora_trainables.bin): the projector is always kept, whatever
+the folder is called. An original LLaVA-layout base is converted to the transformers layout.
+"""
+
+import argparse
+
+import mmedagent  # noqa: F401  - arms the torchvision shim first
+from mmedagent.model.adapters import merge_lora
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model-path", required=True, help="LoRA adapter directory")
+    ap.add_argument("--model-base", default=None, help="base model (default: the adapter's base_model_name_or_path)")
+    ap.add_argument("--save-model-path", required=True, help="output directory")
+    ap.add_argument("--dtype", default=None, help="e.g. float16, bfloat16 (default: float32 on CPU)")
+    a = ap.parse_args()
+    out = merge_lora(a.model_path, a.model_base, a.save_model_path, dtype=a.dtype)
+    print(f"merged {a.model_path} into {a.model_base or 'its base'} -> {out}")
+
+
+if __name__ == "__main__":
+    main()

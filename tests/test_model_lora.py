@@ -1,0 +1,169 @@
+"""Original LLaVA-layout checkpoints, MMedAgent LoRA output, our peft adapters, and merging."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from _model_fixtures import test_image, tiny_models  # noqa: F401  (fixture)
+from mmedagent.model import load_model_and_processor, load_planner
+
+LM_TARGETS = r".*\.language_model\..*\.(q_proj|v_proj|gate_proj)"
+
+
+def logits(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+@pytest.fixture(scope="session")
+def llava_setup(tiny_models, tmp_path_factory):
+    """Tiny transformers Llava, the same model in the original LLaVA layout, and a reference LoRA."""
+    import os
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    root = tmp_path_factory.mktemp("llava_layouts")
+    os.environ["MMEDAGENT_CACHE"] = str(root / "cache")
+    hf_dir = tiny_models("llava")
+    model = LlavaForConditionalGeneration.from_pretrained(hf_dir).eval()
+    processor = AutoProcessor.from_pretrained(hf_dir)
+
+    # --- original layout: LM under model.*, projector under model.mm_projector.{0,2}, tower elsewhere
+    orig = root / "llava-med-orig"
+    tower = root / "clip-tower"
+    model.model.vision_tower.save_pretrained(tower)
+    processor.image_processor.save_pretrained(tower)
+    state = {}
+    for k, v in model.state_dict().items():
+        if k.startswith("model.language_model."):
+            state["model." + k[len("model.language_model."):]] = v.clone()
+        elif k.startswith("model.multi_modal_projector."):
+            state[k.replace("multi_modal_projector.linear_1", "mm_projector.0").replace(
+                "multi_modal_projector.linear_2", "mm_projector.2")] = v.clone()
+        elif k == "lm_head.weight":
+            state[k] = v.clone()
+    orig.mkdir()
+    torch.save(state, orig / "pytorch_model.bin")
+    cfg = model.config.text_config.to_dict()
+    cfg.update(
+        architectures=["LlavaLlamaForCausalLM"], model_type="llava", mm_vision_tower=str(tower),
+        mm_hidden_size=model.config.vision_config.hidden_size, mm_projector_type="mlp2x_gelu",
+        mm_vision_select_layer=-2, mm_vision_select_feature="patch", mm_use_im_start_end=False,
+        mm_use_im_patch_token=False, image_aspect_ratio="pad",
+    )
+    (orig / "config.json").write_text(json.dumps(cfg))
+    processor.tokenizer.save_pretrained(orig)
+
+    # --- a LoRA with a retrained projector, saved the MMedAgent way
+    lora_model = get_peft_model(
+        LlavaForConditionalGeneration.from_pretrained(hf_dir),
+        LoraConfig(r=4, lora_alpha=8, target_modules=LM_TARGETS, init_lora_weights=False),
+    ).eval()
+    torch.manual_seed(1)
+    for p in lora_model.base_model.model.model.multi_modal_projector.parameters():
+        p.data += 0.2 * torch.randn_like(p)
+    mmed = root / "mmedagent-lora-r4"  # no "llava" in the name: the projector must still be applied
+    lora_model.save_pretrained(mmed)
+    from safetensors.torch import load_file
+
+    weights = load_file(str(mmed / "adapter_model.safetensors"))
+    (mmed / "adapter_model.safetensors").unlink()
+    torch.save({k.replace("language_model.", ""): v for k, v in weights.items()}, mmed / "adapter_model.bin")
+    acfg = json.loads((mmed / "adapter_config.json").read_text())
+    acfg.update(target_modules=["q_proj", "v_proj", "gate_proj"], base_model_name_or_path="./checkpoints/llava-med")
+    (mmed / "adapter_config.json").write_text(json.dumps(acfg))
+    proj = lora_model.base_model.model.model.multi_modal_projector
+    torch.save({
+        f"base_model.model.model.mm_projector.{i}.{p}": getattr(getattr(proj, name), p).detach().clone()
+        for i, name in (("0", "linear_1"), ("2", "linear_2")) for p in ("weight", "bias")
+    }, mmed / "non_lora_trainables.bin")
+
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Where is the tumor?"}]}],
+        add_generation_prompt=True, tokenize=False,
+    )
+    inputs = processor(images=test_image(32), text=prompt, return_tensors="pt", add_special_tokens=False)
+    return {"hf": hf_dir, "model": model, "orig": orig, "mmed": mmed, "lora_model": lora_model,
+            "inputs": dict(inputs), "root": root, "processor": processor}
+
+
+def test_original_layout_converts_to_the_same_model(llava_setup):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from mmedagent.model.llava_convert import convert_llava_checkpoint
+
+    dst = convert_llava_checkpoint(llava_setup["orig"], llava_setup["root"] / "converted")
+    converted = LlavaForConditionalGeneration.from_pretrained(dst).eval()
+    proc = AutoProcessor.from_pretrained(dst)
+    inputs = llava_setup["inputs"]
+    torch.testing.assert_close(logits(converted, inputs), logits(llava_setup["model"], inputs))
+    # processor: same pixels for a square image, LLaVA's pad-to-square for others, Vicuna v1 chat template
+    from PIL import Image
+
+    image = test_image(32)  # 32 x 24: LLaVA pads it to 32 x 32 with the mean colour (expand2square)
+    clip = llava_setup["processor"].image_processor
+    square = Image.new("RGB", (32, 32), tuple(int(x * 255) for x in clip.image_mean))
+    square.paste(image, (0, (32 - image.height) // 2))
+    ours = proc(images=image, text="<image>", return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(ours, clip(square, return_tensors="pt")["pixel_values"], atol=0.02, rtol=0)
+    assert converted.config.vision_feature_layer == -2 and converted.config.vision_feature_select_strategy == "default"
+    text = proc.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+                                    add_generation_prompt=True, tokenize=False)
+    assert text.startswith("<s>A chat between") and text.endswith("USER: hi ASSISTANT:")
+
+
+def test_original_layout_loads_on_the_fly(llava_setup):
+    model, _, family = load_model_and_processor(llava_setup["orig"])
+    assert family == "llava"
+    torch.testing.assert_close(logits(model, llava_setup["inputs"]), logits(llava_setup["model"], llava_setup["inputs"]))
+
+
+def test_mmedagent_lora_with_projector_on_original_base(llava_setup):
+    expected = logits(llava_setup["lora_model"], llava_setup["inputs"])
+    assert not torch.allclose(expected, logits(llava_setup["model"], llava_setup["inputs"]))
+    planner = load_planner(llava_setup["orig"], adapter=llava_setup["mmed"], conv_template="vicuna_v1")
+    torch.testing.assert_close(logits(planner.model, llava_setup["inputs"]), expected)
+    assert planner.info()["adapter"] == str(llava_setup["mmed"])
+
+
+def test_our_peft_adapter_stacks_on_its_recorded_base(llava_setup, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlavaForConditionalGeneration
+
+    base = LlavaForConditionalGeneration.from_pretrained(llava_setup["hf"])
+    base.name_or_path = str(llava_setup["hf"])
+    peft_model = get_peft_model(base, LoraConfig(r=2, target_modules=LM_TARGETS, init_lora_weights=False,
+                                                 modules_to_save=["multi_modal_projector"])).eval()
+    for p in peft_model.base_model.model.model.multi_modal_projector.modules_to_save.parameters():
+        p.data += 0.3
+    peft_model.save_pretrained(tmp_path / "ours")
+    expected = logits(peft_model, llava_setup["inputs"])
+    planner = load_planner(tmp_path / "ours")
+    torch.testing.assert_close(logits(planner.model, llava_setup["inputs"]), expected)
+    assert planner.generate([{"role": "user", "content": "<image>\nWhere?"}], test_image(32), max_new_tokens=3) is not None
+
+
+def test_merge_script_equals_adapter_on_base(llava_setup, tmp_path):
+    from transformers import LlavaForConditionalGeneration
+
+    out = tmp_path / "merged"
+    run = subprocess.run(
+        [sys.executable, "scripts/merge_lora_weights.py", "--model-path", str(llava_setup["mmed"]),
+         "--model-base", str(llava_setup["orig"]), "--save-model-path", str(out)],
+        capture_output=True, text=True, env={**__import__("os").environ},
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    merged = LlavaForConditionalGeneration.from_pretrained(out).eval()
+    torch.testing.assert_close(logits(merged, llava_setup["inputs"]), logits(llava_setup["lora_model"], llava_setup["inputs"]),
+                               rtol=1e-4, atol=1e-4)
+    _, proc, _ = load_model_and_processor(out)
+    assert proc.image_processor.do_pad  # processor saved alongside
+
+
+def test_lora_without_base_is_a_clear_error(llava_setup):
+    with pytest.raises(OSError):
+        load_model_and_processor(llava_setup["mmed"])  # "./checkpoints/llava-med" does not exist
