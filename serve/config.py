@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -43,6 +43,11 @@ class ServeConfig(BaseModel):
     model_path: str | None = None
     model_name: str | None = None
     conv_template: str | None = None
+    system_prompt: Literal["catalog", "plain"] | None = Field(
+        default=None,
+        description="catalog: the live tools' catalog; plain: the Vicuna text (models trained without the catalog, "
+        "as MMedAgent's). Default: the model directory's mmedagent.json, else catalog",
+    )
     model_backend_url: str | None = Field(default=None, description="OpenAI-compatible server the model worker forwards to")
     model_backend_model: str | None = None
     device: str | None = None

@@ -32,7 +32,7 @@ from pydantic import BaseModel, Field
 
 from mmedagent.agent import Agent, AgentResult, AgentStep
 from mmedagent.dispatcher import Dispatcher
-from mmedagent.protocol import IMAGE_TOKEN, ToolCall, ToolOutcome, strip_image_token, system_prompt
+from mmedagent.protocol import DEFAULT_SYSTEM, IMAGE_TOKEN, ToolCall, ToolOutcome, strip_image_token, system_prompt
 from mmedagent.serve import openai_api as oa
 from mmedagent.serve.config import ServeConfig, ToolSpec, add_common_args, load_config
 from mmedagent.serve.httpclient import make_client
@@ -186,8 +186,9 @@ class Controller:
         """One agent run (blocking; called in the chat thread pool)."""
         live = self.live_tools()
         self.dispatcher.tools = self.all_tools()
-        system = system_prompt(type(t) for t in live.values())
         planner = WorkerPlanner(self.registry, self.client, model, conversation_id, self.cfg.model_timeout_s)
+        plain = self.registry.known.get(model, {}).get("system_prompt") == "plain"
+        system = DEFAULT_SYSTEM if plain else system_prompt(type(t) for t in live.values())
         agent = Agent(planner, self.dispatcher, max_steps=max_steps, system=system, **gen)
         history = list(history)
         if history:
@@ -444,6 +445,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model-path", default=None, help="planner checkpoint (default: demo model, else a tiny random one)")
     parser.add_argument("--model-name", default=None)
     parser.add_argument("--conv-template", default=None)
+    parser.add_argument("--system-prompt", choices=("catalog", "plain"), default=None,
+                        help="planner's system prompt: tool catalog or plain Vicuna text (default: from the model dir)")
     parser.add_argument("--backend-url", default=None, help="model worker forwards to this OpenAI-compatible API root")
     parser.add_argument("--tools", default=None, help="comma-separated tools to start workers for (default: all)")
     parser.add_argument("--in-process-tools", default=None, help="comma-separated tools to run inside the controller")
@@ -462,6 +465,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_config(
         args.config, host=args.host, port=args.port, web_port=args.web_port, model_path=args.model_path,
         model_name=args.model_name, conv_template=args.conv_template, model_backend_url=args.backend_url,
+        system_prompt=args.system_prompt,
         tools=tools, no_workers=args.no_workers or None, api_key=args.api_key, log_level=args.log_level,
         heartbeat_interval_s=args.heartbeat_interval, heartbeat_expiry_s=args.heartbeat_expiry,
         tool_timeout_s=args.tool_timeout, max_upload_mb=args.max_upload_mb, plugins=args.plugin,

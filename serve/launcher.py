@@ -72,6 +72,7 @@ class Launcher:
             model_args = []
             for flag, value in (("--model-path", cfg.model_path), ("--model-name", cfg.model_name),
                                 ("--conv-template", cfg.conv_template), ("--device", cfg.device),
+                                ("--system-prompt", cfg.system_prompt),
                                 ("--backend-url", cfg.model_backend_url), ("--backend-model", cfg.model_backend_model)):
                 if value:
                     model_args += [flag, value]

@@ -47,13 +47,15 @@ TINY_NOTE = "tiny random checkpoint — not a medical device; answers are noise"
 
 def default_model(cache_dir: Path) -> tuple[str, str]:
     """(path, banner note) of the planner to serve when none is configured: the embedded demo
-    model when ``mmedagent.demo`` provides one, else a tiny random LLaVA built once into the cache."""
+    model when it is built, else a tiny random LLaVA built once into the cache."""
     try:
         from mmedagent import demo  # the evaluation/demo issue's embedded model
     except ImportError:
         demo = None
-    if demo is not None and hasattr(demo, "model_path"):
-        return str(demo.model_path()), "demo model — not a medical device"
+    if demo is not None and demo.is_built():
+        return str(demo.demo_model_path(build_if_missing=False)), demo.NOTE
+    if demo is not None:
+        log.warning("the demo model is not built (python scripts/build_demo_model.py); serving a tiny random checkpoint")
     from mmedagent.model.tiny import make_tiny_model
 
     target = cache_dir / "tiny-llava"
@@ -66,6 +68,12 @@ def default_model(cache_dir: Path) -> tuple[str, str]:
         except OSError:
             shutil.rmtree(tmp, ignore_errors=True)  # another process won the race
     return str(target), TINY_NOTE
+
+
+def planner_settings(path: str) -> dict[str, Any]:
+    """A model directory's ``mmedagent.json`` (how to serve it, e.g. ``{"system_prompt": "plain"}``), or ``{}``."""
+    f = Path(path) / "mmedagent.json"
+    return json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
 
 
 class GenerateRequest(BaseModel):
@@ -204,6 +212,7 @@ def load_host(cfg: ServeConfig) -> ModelHost:
 
         planner = OpenAIPlanner(cfg.model_backend_url, cfg.model_backend_model, cfg.api_key, cfg.model_timeout_s)
         info, note = dict(planner.info()), f"forwarded to {cfg.model_backend_url}"
+        info["system_prompt"] = cfg.system_prompt or "catalog"
     else:
         from mmedagent.model import load_planner
 
@@ -213,6 +222,7 @@ def load_host(cfg: ServeConfig) -> ModelHost:
             options["device"] = cfg.device
         planner = load_planner(path, **options)
         info = dict(planner.info())
+        info["system_prompt"] = cfg.system_prompt or planner_settings(path).get("system_prompt") or "catalog"
     info["note"] = note
     name = cfg.model_name or str(info.get("name") or "planner")
     log.info("loaded planner %s in %.1f s", name, time.monotonic() - t0)
@@ -225,6 +235,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model-name", default=None, help="name clients use (default: from the checkpoint)")
     parser.add_argument("--conv-template", default=None)
     parser.add_argument("--device", default=None)
+    parser.add_argument("--system-prompt", choices=("catalog", "plain"), default=None,
+                        help="what the model was trained with (default: mmedagent.json in the model dir, else catalog)")
     parser.add_argument("--backend-url", default=None, help="forward to this OpenAI-compatible API root instead")
     parser.add_argument("--backend-model", default=None)
     parser.add_argument("--controller", default=None)
@@ -236,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     cfg = load_config(
         args.config, api_key=args.api_key, log_level=args.log_level, host=args.host, model_path=args.model_path,
-        model_name=args.model_name, conv_template=args.conv_template, device=args.device,
+        model_name=args.model_name, conv_template=args.conv_template, device=args.device, system_prompt=args.system_prompt,
         model_backend_url=args.backend_url, model_backend_model=args.backend_model,
         heartbeat_interval_s=args.heartbeat_interval,
     )

@@ -1,0 +1,119 @@
+"""Terminal chat with a running controller, for SSH users.
+
+    python serve/cli.py --image scan.dcm                 # interactive: one question per line
+    python serve/cli.py --image scan.png -q "Where is the lesion?"   # one question, then exit
+
+Each step is printed as it happens: thought, tool calls, tool results, answer.
+"""
+
+if __name__ == "__main__":  # run as a script: serve/ must not shadow installed packages
+    import os as _os
+    import sys as _sys
+
+    _here = _os.path.dirname(_os.path.abspath(__file__))
+    _sys.path[:] = [p for p in _sys.path if _os.path.abspath(p or ".") != _here]
+
+import argparse
+import json
+import sys
+import uuid
+from pathlib import Path
+from typing import Any, TextIO
+
+import mmedagent  # noqa: F401  - arms the torchvision shim first
+import httpx
+
+from mmedagent.serve.config import add_common_args, load_config
+from mmedagent.serve.httpclient import error_detail, make_client
+from mmedagent.serve.uploads import UploadError, decode_image, png_data_url
+
+
+def print_step(step: dict[str, Any], out: TextIO) -> None:
+    if step.get("thoughts"):
+        out.write(f"  thought: {step['thoughts']}\n")
+    if step.get("parse_error"):
+        out.write(f"  (unreadable model turn: {step['parse_error']})\n")
+    for action, outcome in zip(step["actions"], step["outcomes"] or [None] * len(step["actions"])):
+        params = {k: v for k, v in action["API_params"].items() if k != "image"}
+        out.write(f"  tool call: {action['API_name']} {json.dumps(params, ensure_ascii=False)}\n")
+        if outcome is not None:
+            if outcome["ok"]:
+                out.write(f"  tool result: {json.dumps(outcome['output'], ensure_ascii=False)} ({outcome['elapsed_s']:.2f} s)\n")
+            else:
+                out.write(f"  tool error: {outcome['error']}\n")
+    out.flush()
+
+
+def ask(client: httpx.Client, url: str, body: dict[str, Any], out: TextIO) -> list[dict[str, str]] | None:
+    """Send one question; print the steps and the answer; return the history for the next one."""
+    with client.stream("POST", f"{url}/chat", json=body) as r:
+        if r.status_code != 200:
+            r.read()
+            out.write(f"error: {error_detail(r)}\n")
+            return None
+        for line in r.iter_lines():
+            if not line:
+                continue
+            event = json.loads(line)
+            if event["type"] == "step":
+                print_step(event["step"], out)
+            elif event["type"] == "answer":
+                out.write(f"answer: {event['answer']}\n")
+                out.flush()
+                return event["history"]
+            elif event["type"] == "error":
+                out.write(f"error: {event['error']}\n")
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--image", help="PNG, JPEG, DICOM or NIfTI file (read here, sent as bytes)")
+    parser.add_argument("-q", "--question", help="ask this one question and exit")
+    parser.add_argument("--controller", default=None, help="controller URL (default from config)")
+    parser.add_argument("--model", default=None)
+    add_common_args(parser)
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, api_key=args.api_key)
+    url = (args.controller or cfg.controller_url).rstrip("/")
+    image = None
+    if args.image:
+        try:
+            image = decode_image(Path(args.image).read_bytes(), max_bytes=cfg.max_upload_bytes).image
+        except (OSError, UploadError) as e:
+            print(f"cannot use {args.image}: {getattr(e, 'reason', e)}", file=sys.stderr)
+            return 2
+    client = make_client(cfg.api_key, cfg.model_timeout_s)
+    body: dict[str, Any] = {"conversation_id": uuid.uuid4().hex, "history": [], "model": args.model,
+                            "image": png_data_url(image) if image is not None else None}
+    questions = [args.question] if args.question else None
+    try:
+        while True:
+            if questions is not None:
+                if not questions:
+                    return 0
+                question = questions.pop(0)
+            else:
+                try:
+                    question = input("you> ").strip()
+                except EOFError:
+                    return 0
+                if question in ("", "/quit", "/exit"):
+                    if question:
+                        return 0
+                    continue
+            try:
+                history = ask(client, url, {**body, "question": question}, sys.stdout)
+            except httpx.HTTPError as e:
+                print(f"controller {url} unreachable: {type(e).__name__}", file=sys.stderr)
+                return 1
+            if history is None and questions is not None:
+                return 1
+            if history is not None:
+                body["history"] = history
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""Browser chat (Gradio): upload an image (PNG, JPEG, DICOM, NIfTI), ask, and watch each step —
+thought, tool call, tool result, answer — with the tools' boxes and masks drawn on the image.
+
+``python serve/web.py --controller http://127.0.0.1:21001`` (the one command starts it for you).
+The page talks to the controller's ``/chat`` stream; the image is decoded here (DICOM tags never
+leave this process) and sent on as a PNG.
+"""
+
+if __name__ == "__main__":  # run as a script: serve/ must not shadow installed packages
+    import os as _os
+    import sys as _sys
+
+    _here = _os.path.dirname(_os.path.abspath(__file__))
+    _sys.path[:] = [p for p in _sys.path if _os.path.abspath(p or ".") != _here]
+
+import argparse
+import hmac
+import json
+import logging
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a clinical network
+
+import mmedagent  # noqa: F401  - arms the torchvision shim first
+import httpx
+
+from mmedagent.serve.config import add_common_args, load_config
+from mmedagent.serve.httpclient import error_detail, make_client
+from mmedagent.serve.security import setup_logging
+from mmedagent.serve.uploads import UploadError, decode_image, png_data_url
+from mmedagent.tools import Overlay
+
+log = logging.getLogger("mmedagent.serve.web")
+UPLOAD_TYPES = [".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".dcm", ".dicom", ".nii", ".gz"]
+
+
+def banner(status: dict[str, Any]) -> str:
+    """Markdown naming the loaded model and tool weights, with the model's warning note."""
+    lines = []
+    for m in status.get("models", []):
+        size = f", {m['parameters']:,} parameters" if m.get("parameters") else ""
+        lines.append(f"**Model:** `{m['name']}` ({m.get('family', '?')}{size}, template {m.get('template', '?')})")
+        if m.get("note"):
+            lines.append(f"> ⚠️ **{m['note']}**")
+    if not status.get("models"):
+        lines.append("**Model:** none registered yet — the model worker may still be loading.")
+    tools = status.get("tools", [])
+    lines.append("**Tools:** " + (", ".join(f"`{t['name']}` ({t['weights'] or 'no weights note'})" for t in tools) or "none"))
+    lines.append("_Research software, not a medical device: do not use it for diagnosis._")
+    return "\n\n".join(lines)
+
+
+def step_messages(step: dict[str, Any]) -> list[dict[str, Any]]:
+    """Chat bubbles for one agent step: thought, then a call and a result per tool."""
+    out = []
+    if step.get("thoughts"):
+        out.append({"role": "assistant", "content": step["thoughts"], "metadata": {"title": "💭 Thought"}})
+    if step.get("parse_error"):
+        out.append({"role": "assistant", "content": step["parse_error"], "metadata": {"title": "⚠️ Unreadable model turn"}})
+    for action, outcome in zip(step.get("actions", []), step.get("outcomes", []) or [None] * len(step.get("actions", []))):
+        params = {k: v for k, v in action.get("API_params", {}).items() if k != "image"}
+        out.append({"role": "assistant", "content": f"```json\n{json.dumps(params, ensure_ascii=False)}\n```",
+                    "metadata": {"title": f"🛠️ Tool call: {action['API_name']}"}})
+        if outcome is None:
+            continue
+        if outcome["ok"]:
+            body = f"```json\n{json.dumps(outcome['output'], ensure_ascii=False)}\n```"
+            title = f"📋 Tool result: {outcome['tool']} ({outcome['elapsed_s']:.2f} s)"
+        else:
+            body, title = outcome["error"], f"❌ Tool error: {outcome['tool']}"
+        out.append({"role": "assistant", "content": body, "metadata": {"title": title}})
+    return out
+
+
+class WebChat:
+    """The page's callbacks; one controller client shared by all sessions."""
+
+    def __init__(self, controller_url: str, api_key: str | None, max_upload_bytes: int, timeout_s: float = 600.0):
+        self.url, self.max_upload_bytes = controller_url.rstrip("/"), max_upload_bytes
+        self.client = make_client(api_key, timeout_s)
+
+    def status_markdown(self) -> str:
+        try:
+            r = self.client.get(f"{self.url}/v1/status", timeout=10)
+            r.raise_for_status()
+        except httpx.HTTPError as e:
+            return f"**Controller not reachable** ({type(e).__name__}); is `python serve/controller.py` running?"
+        return banner(r.json())
+
+    def load(self, file: str | None):
+        """Upload → (preview, image state, reset chat, reset history, note)."""
+        import gradio as gr
+
+        if not file:
+            return None, None, [], [], ""
+        data = Path(file).read_bytes()  # Gradio's own temporary copy of the upload
+        try:
+            med = decode_image(data, max_bytes=self.max_upload_bytes)
+        except UploadError as e:
+            gr.Warning(e.reason)
+            return None, None, [], [], f"⚠️ {e.reason}"
+        meta = med.metadata
+        note = ", ".join(str(meta[k]) for k in ("format", "modality", "plane") if meta.get(k))
+        return med.image, med.image, [], [], f"Loaded {note} image, {med.image.size[0]}×{med.image.size[1]} px"
+
+    def respond(self, question: str, chat: list, history: list, image, conversation: str | None) -> Iterator[tuple]:
+        """Stream one question: yields (chat, history, preview, question box, conversation id)."""
+        from mmedagent.render import render
+
+        question = (question or "").strip()
+        if not question:
+            yield chat, history, image, "", conversation
+            return
+        conversation = conversation or uuid.uuid4().hex
+        chat = [*chat, {"role": "user", "content": question}]
+        preview, overlays, pending = image, [], ""
+        body = {"question": question, "history": history, "conversation_id": conversation,
+                "image": png_data_url(image) if image is not None else None}
+        yield chat + [{"role": "assistant", "content": "…"}], history, preview, "", conversation
+        try:
+            with self.client.stream("POST", f"{self.url}/chat", json=body) as r:
+                if r.status_code != 200:
+                    r.read()
+                    chat.append({"role": "assistant", "content": f"⚠️ {error_detail(r)}"})
+                    yield chat, history, preview, "", conversation
+                    return
+                for line in r.iter_lines():
+                    if not line:
+                        continue
+                    event = json.loads(line)
+                    if event["type"] == "token":
+                        pending += event["text"]
+                        yield chat + [{"role": "assistant", "content": pending}], history, preview, "", conversation
+                    elif event["type"] == "step":
+                        pending = ""
+                        step = event["step"]
+                        chat.extend(step_messages(step))
+                        overlays += [Overlay.model_validate(o) for o in step["overlays"] if o]
+                        if image is not None and overlays:
+                            preview = render(image, overlays)
+                        yield chat, history, preview, "", conversation
+                    elif event["type"] == "answer":
+                        history = event["history"]
+                        chat.append({"role": "assistant", "content": event["answer"] or "(no answer)"})
+                        yield chat, history, preview, "", conversation
+                    elif event["type"] == "error":
+                        chat.append({"role": "assistant", "content": f"⚠️ {event['error']}"})
+                        yield chat, history, preview, "", conversation
+        except httpx.HTTPError as e:
+            chat.append({"role": "assistant", "content": f"⚠️ controller unreachable ({type(e).__name__})"})
+            yield chat, history, preview, "", conversation
+
+
+def build_ui(web: WebChat):
+    import gradio as gr
+
+    with gr.Blocks(title="mmedagent") as ui:
+        gr.Markdown("## mmedagent — medical image chat with tools")
+        status = gr.Markdown(elem_id="banner")
+        image_state, history_state, conversation_state = gr.State(None), gr.State([]), gr.State(None)
+        with gr.Row():
+            with gr.Column(scale=2):
+                upload = gr.File(label="Image (PNG, JPEG, DICOM, NIfTI)", file_types=UPLOAD_TYPES, elem_id="upload")
+                note = gr.Markdown(elem_id="image-note")
+                preview = gr.Image(label="Image with tool overlays", type="pil", interactive=False, elem_id="preview")
+            with gr.Column(scale=3):
+                chat = gr.Chatbot(label="Chat", height=520, elem_id="chat")
+                question = gr.Textbox(label="Question", placeholder="Ask about the image…", elem_id="question", lines=1)
+                with gr.Row():
+                    send = gr.Button("Send", variant="primary", elem_id="send")
+                    clear = gr.Button("New conversation", elem_id="clear")
+        ui.load(web.status_markdown, outputs=status)
+        upload.change(web.load, upload, [preview, image_state, chat, history_state, note]).then(
+            lambda: None, outputs=conversation_state)
+        ask = dict(fn=web.respond, inputs=[question, chat, history_state, image_state, conversation_state],
+                   outputs=[chat, history_state, preview, question, conversation_state])
+        send.click(**ask)
+        question.submit(**ask)
+        clear.click(lambda img: ([], [], img, None), image_state, [chat, history_state, preview, conversation_state])
+    return ui
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--controller", default=None, help="controller URL (default from config)")
+    parser.add_argument("--host", default=None)
+    parser.add_argument("--port", type=int, default=None)
+    add_common_args(parser)
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, api_key=args.api_key, log_level=args.log_level, host=args.host, web_port=args.port)
+    setup_logging(cfg.log_level, [cfg.api_key or ""])
+    web = WebChat(args.controller or cfg.controller_url, cfg.api_key, cfg.max_upload_bytes)
+    ui = build_ui(web)
+    key = cfg.api_key
+    auth = (lambda _user, password: hmac.compare_digest(password.encode(), key.encode())) if key else None
+    ui.queue(default_concurrency_limit=16).launch(
+        server_name=cfg.host, server_port=cfg.web_port or 7860, auth=auth,
+        auth_message="Password: the server's API key." if key else None,
+        max_file_size=cfg.max_upload_bytes, show_error=False, quiet=True,
+    )
+
+
+if __name__ == "__main__":
+    main()
