@@ -1,0 +1,300 @@
+"""The recipe run: data → (before answers) → training → merge/export → after answers + metrics → push.
+
+Every step is the project's own machinery: :func:`mmedagent.train.run.main` (``train/train_mem.py``)
+trains, :func:`mmedagent.model.load_model_and_processor` merges the LoRA adapter, and
+:func:`mmedagent.model.load_planner` — the loader of ``serve/model_worker.py`` — loads the exported
+model to answer the held-out questions, so what a recipe reports is what the served model says.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import shutil
+import sys
+import textwrap
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from mmedagent.recipes.config import RecipeConfig
+from mmedagent.recipes.data import Example
+
+log = logging.getLogger("mmedagent.recipes")
+
+
+@dataclass
+class Prepared:
+    """What a recipe's data step produced."""
+
+    train_file: Path
+    splits: dict[str, list[Example]]  # held-out examples by split name ("heldout", "val", "test")
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def say(msg: str) -> None:
+    print(f"[recipe] {msg}", flush=True)
+
+
+def text_metrics(predictions: list[str], references: list[str]) -> dict[str, float]:
+    """Corpus BLEU-4, mean ROUGE-L F and mean METEOR (exact match) — :mod:`mmedagent.evaluation.metrics`."""
+    from mmedagent.evaluation.metrics import bleu4, meteor_exact, rouge_l
+
+    n = len(references)
+    return {
+        "bleu4": bleu4(predictions, references),
+        "rouge_l": sum(rouge_l(p, r) for p, r in zip(predictions, references)) / n,
+        "meteor": sum(meteor_exact(p, r) for p, r in zip(predictions, references)) / n,
+    }
+
+
+def side_by_side(rows: list[dict[str, str]], columns: list[str], width: int = 38) -> str:
+    """A plain-text table, each cell wrapped to ``width`` characters."""
+    wrapped = [[textwrap.wrap(str(r.get(c, "")), width) or [""] for c in columns] for r in rows]
+    line = "+" + "+".join("-" * (width + 2) for _ in columns) + "+"
+    out = [line, "|" + "|".join(f" {c.upper():<{width}} " for c in columns) + "|", line]
+    for cells in wrapped:
+        for k in range(max(len(c) for c in cells)):
+            out.append("|" + "|".join(f" {(c[k] if k < len(c) else ''):<{width}} " for c in cells) + "|")
+        out.append(line)
+    return "\n".join(out)
+
+
+def free_memory() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def check_hub_token() -> None:
+    """Fail before training when ``--push-to-hub`` has no token to push with (the token is never shown)."""
+    from huggingface_hub import get_token
+
+    if not get_token():
+        raise RuntimeError("--push-to-hub needs a Hugging Face token: set HF_TOKEN or run `hf auth login`")
+
+
+def push_to_hub(folder: Path, repo: str, private: bool) -> str:
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    url = api.create_repo(repo, private=private, exist_ok=True)
+    api.upload_folder(repo_id=repo, folder_path=str(folder), commit_message="mmedagent recipe export")
+    return str(url)
+
+
+class Recipe:
+    """One workflow; subclasses define the data step, the defaults and what the report holds."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    Config: ClassVar[type[RecipeConfig]]
+    tiny_arch: ClassVar[str]
+    compare_before: ClassVar[bool] = False
+    """Generate the held-out answers with the base model too (before/after report)."""
+
+    def __init__(self, cfg: RecipeConfig, train_extra: list[str] | None = None):
+        self.cfg = cfg
+        self.train_extra = list(train_extra or [])
+        self.out = Path(cfg.out or Path("runs") / self.name)
+        self.settings: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ hooks
+
+    def prepare(self, data: Path) -> Prepared:
+        raise NotImplementedError
+
+    def tiny_data(self, folder: Path) -> Path:
+        raise NotImplementedError
+
+    def train_flags(self) -> list[str]:
+        """Recipe-specific ``train_mem.py`` flags (besides the common ones)."""
+        return []
+
+    def score(self, split: str, examples: list[Example], answers: list[str]) -> dict[str, float]:
+        return text_metrics(answers, [e.reference for e in examples])
+
+    def next_steps(self, export: Path) -> list[str]:
+        return [f"python serve/controller.py --model-path {export}"]
+
+    # ------------------------------------------------------------------ the run
+
+    def run(self) -> dict[str, Any]:
+        t0 = time.monotonic()
+        cfg = self.cfg
+        self.settings = cfg.resolved()
+        self.out.mkdir(parents=True, exist_ok=True)
+        say(f"{self.name}: effective configuration")
+        print(json.dumps(self.settings | {"out": str(self.out), "train_extra": self.train_extra}, indent=2), flush=True)
+        if cfg.push_to_hub:
+            check_hub_token()
+
+        base, data = self._inputs()
+        say(f"base model: {base}")
+        prepared = self.prepare(data)
+        say(f"data: {prepared.counts} -> {prepared.train_file}")
+
+        heldout = [e for ex in prepared.splits.values() for e in ex]
+        before = self.generate(str(base), heldout, quantised=True) if self.compare_before else None
+
+        trained = self.train(base, prepared.train_file)
+        export = self.export(trained)
+        after = self.generate(str(export), heldout)
+
+        report = self.report(prepared, before, after)
+        summary = {
+            "recipe": self.name,
+            "base_model": str(base),
+            "train_output": str(trained),
+            "lora": cfg.lora,
+            "export": str(export),
+            "loss_curve": str(trained / "loss.png") if (trained / "loss.png").is_file() else None,
+            "metrics": report["metrics"],
+            "wall_s": round(time.monotonic() - t0, 1),
+        }
+        if cfg.push_to_hub:
+            summary["hub"] = push_to_hub(export, cfg.push_to_hub, cfg.private)
+            say(f"pushed {export} to {summary['hub']}")
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        say(f"done in {summary['wall_s']} s; summary: {self.out / 'summary.json'}")
+        for cmd in self.next_steps(export):
+            say(f"next: {cmd}")
+        return summary
+
+    def _inputs(self) -> tuple[Path | str, Path]:
+        from mmedagent.recipes.data import materialise
+
+        cfg = self.cfg
+        if cfg.tiny:
+            from mmedagent.model.tiny import make_tiny_model
+
+            base = self.out / "tiny-base"
+            if not (base / "config.json").is_file():
+                make_tiny_model(self.tiny_arch, base, seed=cfg.seed)
+            say(f"--tiny: random {self.tiny_arch} checkpoint in {base}")
+            data = Path(cfg.data) if cfg.data else self.tiny_data(self.out / "tiny-data")
+            return base, data
+        if not cfg.model:
+            raise ValueError("--model is required (a hub id or a local checkpoint)")
+        if not cfg.data:
+            raise ValueError("--data is required (a file, a folder or a Hugging Face dataset name); "
+                             "or use --tiny to try the recipe on generated data")
+        return cfg.model, materialise(cfg.data, cfg.data_split, self.out / "source-data")
+
+    # ------------------------------------------------------------------ steps
+
+    def train(self, base: Path | str, train_file: Path) -> Path:
+        from mmedagent.train.run import main as train_main
+
+        s = self.settings
+        output = self.out / ("adapter" if s["lora"] else "model")
+        argv = [
+            "--model_name_or_path", str(base), "--data_path", str(train_file), "--output_dir", str(output),
+            "--lora_enable", str(s["lora"]), "--bits", str(s["bits"]),
+            "--per_device_train_batch_size", str(s["per_device_train_batch_size"]),
+            "--gradient_accumulation_steps", str(s["gradient_accumulation_steps"]),
+            "--learning_rate", str(s["learning_rate"]), "--lr_scheduler_type", s["lr_scheduler_type"],
+            "--warmup_steps", _num(s["warmup_steps"]), "--max_steps", str(s["max_steps"]),
+            "--num_train_epochs", str(s["num_train_epochs"]), "--weight_decay", str(s["weight_decay"]),
+            "--optim", s["optim"], "--bf16", str(s["bf16"]), "--gradient_checkpointing", str(s["gradient_checkpointing"]),
+            "--model_max_length", str(s["model_max_length"]), "--logging_steps", str(s["logging_steps"]),
+            "--save_strategy", "steps", "--save_steps", str(s["save_steps"]),
+            "--save_total_limit", str(s["save_total_limit"]), "--seed", str(s["seed"]), "--report_to", "none",
+        ]
+        if s["lora"]:
+            argv += ["--lora_r", str(s["lora_r"]), "--lora_alpha", str(s["lora_alpha"]),
+                     "--lora_dropout", str(s["lora_dropout"])]
+            if s["lora_target_modules"]:
+                argv += ["--lora_target_modules", s["lora_target_modules"]]
+        argv += self.train_flags() + self.train_extra
+        say("train: python train/train_mem.py " + " ".join(argv))
+        t0 = time.monotonic()
+        out = train_main(argv)
+        free_memory()
+        say(f"trained in {time.monotonic() - t0:.1f} s -> {out}")
+        return out
+
+    def export(self, trained: Path) -> Path:
+        """LoRA: merge the adapter into a fresh (unquantised) base and save it in ``export_dtype``.
+        Full fine-tuning: the training output is the model."""
+        if not self.settings["lora"]:
+            return trained
+        import torch
+
+        from mmedagent.model.loading import load_model_and_processor
+
+        target = self.out / "merged"
+        if target.exists():
+            shutil.rmtree(target)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model, processor, _ = load_model_and_processor(trained, dtype=self.settings["export_dtype"], device=device,
+                                                       merge_adapter=True)
+        model.save_pretrained(target)
+        processor.save_pretrained(target)
+        del model
+        free_memory()
+        say(f"merged LoRA into the base, saved {self.settings['export_dtype']} model -> {target}")
+        return target
+
+    def generate(self, model_path: str, examples: list[Example], quantised: bool = False) -> list[str]:
+        """Greedy answers of the model at ``model_path``, loaded as the model worker loads it."""
+        from mmedagent.imaging import load_image
+        from mmedagent.model import load_planner
+
+        bits = self.settings["bits"] if quantised else 16
+        planner = load_planner(model_path, load_in_4bit=bits == 4, load_in_8bit=bits == 8)
+        answers = []
+        for e in examples:
+            image = load_image(e.image).image if e.image else None
+            answers.append(planner.generate([{"role": "user", "content": e.prompt}], image,
+                                            max_new_tokens=self.settings["max_new_tokens"], temperature=0.0))
+        del planner
+        free_memory()
+        return answers
+
+    def report(self, prepared: Prepared, before: list[str] | None, after: list[str]) -> dict[str, Any]:
+        """Per-split metrics (after, and before when generated), the answers side by side; written to
+        ``out/report.json`` and ``out/report.txt`` and printed."""
+        rows, metrics, k = [], {}, 0
+        for split, examples in prepared.splits.items():
+            n = len(examples)
+            got_after = after[k:k + n]
+            metrics[split] = {"n": n, "after": self.score(split, examples, got_after)}
+            if before is not None:
+                metrics[split]["before"] = self.score(split, examples, before[k:k + n])
+            for j, e in enumerate(examples):
+                row = {"split": split, "id": e.id, "reference": e.reference, "after": got_after[j]}
+                if before is not None:
+                    row["before"] = before[k + j]
+                rows.append(row)
+            k += n
+        columns = ["reference", "before", "after"] if before is not None else ["reference", "after"]
+        table = side_by_side(rows, columns)
+        lines = [table, "", json.dumps(metrics, indent=2)]
+        (self.out / "report.txt").write_text("\n".join(lines) + "\n")
+        report = {"examples": rows, "metrics": metrics}
+        (self.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        say("held-out answers" + (" before / after fine-tuning" if before is not None else ""))
+        print(table, flush=True)
+        say("metrics: " + json.dumps(metrics))
+        return report
+
+
+def run_cli(recipe: Recipe) -> int:
+    """Run; bad data and bad settings end with their message (no traceback) and exit status 2."""
+    from mmedagent.data.formats import DataError
+
+    try:
+        recipe.run()
+    except (DataError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

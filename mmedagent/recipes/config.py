@@ -1,0 +1,176 @@
+"""Recipe settings: one dataclass per recipe, every field a command-line flag.
+
+``--lora-r 32`` (or ``--lora_r 32``) overrides ``lora_r``; booleans take ``--x`` / ``--no-x``.
+Fields left at ``None`` are resolved for the machine at run time (:meth:`RecipeConfig.resolved`):
+4-bit base and 8-bit AdamW only with a CUDA GPU, bf16 only where the GPU supports it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+
+@dataclass
+class RecipeConfig:
+    """Settings shared by every recipe; each recipe subclasses it with its own defaults."""
+
+    # where things come from and go to
+    model: str = ""
+    """Base checkpoint: hub id or local directory."""
+    data: str | None = None
+    """Training data: a JSON/JSONL file, a saved HF dataset folder, a parquet file or an HF dataset name."""
+    data_split: str = "train"
+    """Split to use when ``data`` is an HF dataset name."""
+    image_folder: str | None = None
+    """Folder that relative image paths in JSON data refer to (default: the data file's folder)."""
+    out: str = ""
+    """Output directory (data, adapter, merged model, reports)."""
+    tiny: bool = False
+    """Tiny random checkpoint of the same architecture + generated data of the same layout (CPU, minutes)."""
+    push_to_hub: str | None = None
+    """Upload the merged model to this hub repo (token from HF_TOKEN or `hf auth login`)."""
+    private: bool = True
+    """Create the hub repo private."""
+    seed: int = 3407
+
+    # fine-tuning method
+    lora: bool = True
+    """LoRA (True) or full fine-tuning (False)."""
+    lora_r: int = 16
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_target_modules: str | None = None
+    """Comma-separated Linear leaf names of the language model (default: all of them)."""
+    bits: int | None = None
+    """4 / 8: quantised frozen base (QLoRA); 16: off; None: 4 on a CUDA GPU when ``qlora``, else 16."""
+    qlora: bool = False
+    """Prefer a 4-bit base where a GPU allows it."""
+
+    # optimisation (HF TrainingArguments names)
+    per_device_train_batch_size: int = 2
+    gradient_accumulation_steps: int = 4
+    learning_rate: float = 2e-4
+    lr_scheduler_type: str = "linear"
+    warmup_steps: float = 5
+    """Warm-up: a step count, or a fraction of the run when below 1."""
+    max_steps: int = -1
+    """-1: train for ``num_train_epochs``."""
+    num_train_epochs: float = 1.0
+    weight_decay: float = 0.01
+    optim: str | None = None
+    """None: adamw_8bit on a CUDA GPU with bitsandbytes, else adamw_torch."""
+    bf16: bool | None = None
+    """None: where the GPU supports it."""
+    gradient_checkpointing: bool | None = None
+    """None: on with a GPU, off on CPU."""
+    model_max_length: int = 2048
+    logging_steps: int = 1
+    save_steps: int = 500
+    save_total_limit: int = 2
+
+    # evaluation / comparison
+    eval_samples: int = 4
+    """Held-out records generated for before/after and metrics."""
+    max_new_tokens: int = 128
+    export_dtype: str = "bfloat16"
+    """dtype of the merged model written to ``out/merged``."""
+
+    TINY: ClassVar[dict[str, Any]] = {}
+    """Overrides applied by ``--tiny`` to fields the user did not set."""
+
+    def resolved(self) -> dict[str, Any]:
+        """The effective settings on this machine (auto values filled in)."""
+        import torch
+
+        cuda = torch.cuda.is_available()
+        out = dataclasses.asdict(self)
+        if self.bits is None:
+            out["bits"] = 4 if (cuda and self.qlora and self.lora) else 16
+        if self.optim is None:
+            out["optim"] = "adamw_8bit" if cuda and _has_bitsandbytes() else "adamw_torch"
+        if self.bf16 is None:
+            out["bf16"] = bool(cuda and torch.cuda.is_bf16_supported())
+        if self.gradient_checkpointing is None:
+            out["gradient_checkpointing"] = cuda
+        if out["bits"] in (4, 8) and not cuda:
+            raise ValueError(f"--bits {out['bits']} needs a CUDA GPU; use --bits 16 on this machine")
+        if out["bits"] in (4, 8) and not self.lora:
+            raise ValueError("a quantised base (--bits 4/8) needs --lora")
+        if self.push_to_hub is not None:
+            check_repo_id(self.push_to_hub)
+        return out
+
+
+def _has_bitsandbytes() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
+def check_repo_id(repo: str) -> None:
+    """``owner/name`` with hub-legal characters; raises ValueError otherwise."""
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}", repo) or ".." in repo:
+        raise ValueError(f"--push-to-hub wants a hub repo id 'owner/name', got {repo!r}")
+
+
+def _field_type(f: dataclasses.Field, cls: type) -> tuple[type, bool]:
+    """(scalar type, optional) of a dataclass field."""
+    hint = typing.get_type_hints(cls)[f.name]
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        inner = [a for a in args if a is not type(None)]
+        return inner[0], True
+    return hint, False
+
+
+def _parse_optional(kind: type):
+    def parse(text: str):
+        return None if text.lower() in ("none", "auto", "") else (_parse_bool(text) if kind is bool else kind(text))
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _parse_bool(text: str) -> bool:
+    low = text.lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def add_config_args(parser: argparse.ArgumentParser, cls: type[RecipeConfig]) -> None:
+    """One flag per field (``--a-b`` and ``--a_b``); unset flags stay out of the namespace."""
+    defaults = cls()
+    group = parser.add_argument_group(f"{cls.__name__} settings (defaults shown)")
+    for f in dataclasses.fields(cls):
+        kind, optional = _field_type(f, cls)
+        flags = [f"--{f.name.replace('_', '-')}"] + ([f"--{f.name}"] if "_" in f.name else [])
+        default = getattr(defaults, f.name)
+        doc = f"(default: {default})"
+        if kind is bool and not optional:
+            group.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                               help=doc)
+        else:
+            group.add_argument(*flags, dest=f.name, type=_parse_optional(kind) if optional else kind,
+                               default=argparse.SUPPRESS, metavar=kind.__name__.upper(), help=doc)
+
+
+def config_from_args(cls: type[RecipeConfig], given: dict[str, Any]) -> RecipeConfig:
+    """Defaults, then the ``--tiny`` overrides, then what the user gave."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    given = {k: v for k, v in given.items() if k in names}
+    values = dict(cls.TINY) if given.get("tiny") else {}
+    values.update(given)
+    return cls(**values)
+
+
+__all__ = ["RecipeConfig", "add_config_args", "config_from_args", "check_repo_id"]

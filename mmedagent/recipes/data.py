@@ -1,0 +1,324 @@
+"""Recipe data: the layouts users arrive with, checked up front and written as sharegpt training files.
+
+* image + caption (Radiology_mini / ROCO: ``image``, ``caption``; MedTrinity-25M: ``image``, ``id``,
+  ``caption``) → one instruction pair per row, read through :func:`mmedagent.data.formats.read_records`
+  (JSON / JSONL / saved HF dataset / parquet; HF images exported to files);
+* medical QA and dialogue (MedQA-style multiple choice: ``question``, ``options``, ``answer_idx``;
+  ChatDoctor / Alpaca: ``instruction``, ``input``, ``output``; chat ``messages`` / ``conversations``).
+
+Every problem (missing columns, missing images, empty captions or answers) is a
+:class:`~mmedagent.data.formats.DataError` naming the file and the 1-based row, raised before any
+model is loaded. ``--tiny`` data is generated here in the same layouts.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mmedagent.data.formats import DataError, iter_raw, read_records, record_from_any, write_records
+from mmedagent.protocol import IMAGE_TOKEN, Record
+
+
+@dataclass(frozen=True)
+class Example:
+    """One held-out item: the prompt the model gets, its image (or None) and the reference answer."""
+
+    id: str
+    prompt: str
+    reference: str
+    image: str | None = None
+    options: tuple[str, ...] = ()  # multiple choice: the option letters; reference is the correct letter + text
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def _is_hf_dir(path: Path) -> bool:
+    return path.is_dir() and any((path / n).is_file() for n in ("dataset_info.json", "state.json", "dataset_dict.json"))
+
+
+def _is_tabular(path: Path) -> bool:
+    return _is_hf_dir(path) or path.suffix.lower() == ".parquet" or (path.is_dir() and any(path.glob("**/*.parquet")))
+
+
+def materialise(data: str, split: str, cache: Path) -> Path:
+    """A local path for ``data``: itself when it exists, else the HF dataset ``data`` saved under ``cache``."""
+    path = Path(data)
+    if path.exists():
+        return path
+    target = cache / re.sub(r"[^\w.-]+", "_", f"{data}-{split}")
+    if _is_hf_dir(target):
+        return target
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(data, split=split)
+    except Exception as e:  # noqa: BLE001 - offline, unknown name, gated: one clear message
+        raise DataError(f"{data}: not a local file or folder, and loading it as a Hugging Face dataset "
+                        f"(split {split!r}) failed: {type(e).__name__}: {e}") from None
+    ds.save_to_disk(str(target))
+    return target
+
+
+def _hf_dataset(path: Path) -> Any:
+    import datasets
+
+    try:
+        if _is_hf_dir(path):
+            ds = datasets.load_from_disk(str(path))
+        else:
+            files = [path] if path.is_file() else sorted(path.glob("**/*.parquet"))
+            ds = datasets.Dataset.from_parquet([str(f) for f in files])
+    except Exception as e:  # noqa: BLE001
+        raise DataError(f"{path}: cannot open as a Hugging Face dataset: {type(e).__name__}: {e}") from None
+    if isinstance(ds, datasets.DatasetDict):
+        ds = ds["train"] if "train" in ds else datasets.concatenate_datasets(list(ds.values()))
+    return ds
+
+
+def iter_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(1-based row, row) of a JSON / JSONL file or a text-only HF dataset / parquet file."""
+    rows = enumerate(_hf_dataset(path), 1) if _is_tabular(path) else iter_raw(path)
+    for i, row in rows:
+        if not isinstance(row, dict):
+            raise DataError(f"{path}: record {i}: expected an object, found {type(row).__name__}")
+        yield i, row
+
+
+def check_columns(path: Path, required: Sequence[str]) -> None:
+    """Every row has the ``required`` columns (tabular data: the schema has them)."""
+    if _is_tabular(path):
+        have = _hf_dataset(path).column_names
+        missing = [c for c in required if c not in have]
+        if missing:
+            raise DataError(f"{path}: missing column(s) {', '.join(missing)}; the data has {', '.join(have)}")
+        return
+    n = 0
+    for i, row in iter_rows(path):
+        n += 1
+        missing = [c for c in required if c not in row]
+        if missing:
+            raise DataError(f"{path}: record {i}: missing column(s) {', '.join(missing)}; it has {', '.join(row)}")
+    if n == 0:
+        raise DataError(f"{path}: no records")
+
+
+# --------------------------------------------------------------------------- image + caption
+
+
+@dataclass(frozen=True)
+class CaptionItem:
+    id: str
+    image: str  # absolute path
+    caption: str
+
+
+def read_captions(path: Path, image_folder: str | None, export_dir: Path,
+                  required: Sequence[str] = ("image", "caption")) -> list[CaptionItem]:
+    """Image + caption rows, validated: columns, non-empty captions, images that exist and decode."""
+    from mmedagent.imaging import ImageLoadError, load_image
+
+    check_columns(path, required)
+    tabular = _is_tabular(path)
+    folder = export_dir if tabular else Path(image_folder) if image_folder else path.parent
+    records = read_records(path, image_folder=folder, check_images=True)
+    items = []
+    for i, rec in enumerate(records, 1):
+        images = rec.images
+        if len(images) != 1:
+            raise DataError(f"{path}: record {i}: expected one image, found {len(images)}")
+        image = Path(images[0]) if Path(images[0]).is_absolute() else folder / images[0]
+        caption = rec.conversations[-1].value.strip()
+        if i == 1 or i == len(records):  # decode a first and last image now rather than mid-training
+            try:
+                load_image(image)
+            except (ImageLoadError, OSError) as e:
+                raise DataError(f"{path}: record {i}: cannot decode image {image.name}: {e}") from None
+        items.append(CaptionItem(str(rec.id), str(image.resolve()), caption))
+    if not items:
+        raise DataError(f"{path}: no records")
+    return items
+
+
+def caption_record(item: CaptionItem, instruction: str) -> Record:
+    """The instruction pair: user = image + instruction, assistant = the caption (plain text)."""
+    return record_from_any({"id": item.id, "images": [item.image],
+                            "messages": [{"role": "user", "content": f"{IMAGE_TOKEN}\n{instruction}"},
+                                         {"role": "assistant", "content": item.caption}]}, item.id)
+
+
+# --------------------------------------------------------------------------- QA and dialogue
+
+
+_MC_PROMPT = "{question}\n\nOptions:\n{options}\n\nAnswer with the letter of the correct option, then the option text."
+
+
+def _options(raw: Any, where: str) -> dict[str, str]:
+    if isinstance(raw, dict):
+        opts = {str(k).strip().upper(): str(v).strip() for k, v in raw.items()}
+    elif isinstance(raw, list):
+        opts = {chr(ord("A") + k): str(v).strip() for k, v in enumerate(raw)}
+    else:
+        raise DataError(f"{where}: options must be an object {{letter: text}} or a list")
+    if len(opts) < 2 or any(not re.fullmatch(r"[A-Z]", k) or not v for k, v in opts.items()):
+        raise DataError(f"{where}: options need at least two non-empty entries keyed by single letters")
+    return opts
+
+
+def dialogue_item(row: dict[str, Any], where: str, default_id: str) -> tuple[Record, Example]:
+    """A QA / dialogue row as a training record and as a held-out example (last assistant turn = reference)."""
+    rid = str(row.get("id") or default_id)
+    if "question" in row and "options" in row:
+        opts = _options(row["options"], where)
+        answer = str(row.get("answer_idx") or "").strip().upper()
+        if answer not in opts:
+            raise DataError(f"{where}: answer_idx {row.get('answer_idx')!r} is not one of the options {sorted(opts)}")
+        question = str(row["question"] or "").strip()
+        if not question:
+            raise DataError(f"{where}: empty question")
+        prompt = _MC_PROMPT.format(question=question, options="\n".join(f"{k}. {v}" for k, v in opts.items()))
+        reference = f"{answer}. {opts[answer]}"
+        record = record_from_any({"id": rid, "messages": [{"role": "user", "content": prompt},
+                                                          {"role": "assistant", "content": reference}]}, rid)
+        return record, Example(rid, prompt, reference, options=tuple(opts))
+    if not any(k in row for k in ("instruction", "messages", "conversations")):
+        raise DataError(f"{where}: missing columns: expected question+options+answer_idx (multiple choice), "
+                        f"instruction+output (ChatDoctor / Alpaca) or messages; it has {', '.join(row)}")
+    try:
+        record = record_from_any(row, rid)
+    except (ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{where}: {e}") from None
+    if record.images:
+        raise DataError(f"{where}: has an image; this recipe trains a text-only model")
+    turns = record.conversations
+    if turns[-1].role != "gpt" or not turns[-1].value.strip():
+        raise DataError(f"{where}: the last turn must be a non-empty answer")
+    prompt = "\n\n".join(m.text() for m in turns[:-1] if m.role == "human")
+    if len(turns) > 2 and sum(m.role == "human" for m in turns) > 1:
+        prompt = turns[-2].text()  # multi-turn: the example asks the last question (context in training only)
+    return record, Example(rid, prompt, turns[-1].value.strip())
+
+
+def read_dialogue(path: Path) -> list[tuple[Record, Example]]:
+    out = []
+    for i, row in iter_rows(path):
+        out.append(dialogue_item(row, f"{path}: record {i}", f"{path.stem}-{i}"))
+    if not out:
+        raise DataError(f"{path}: no records")
+    return out
+
+
+# --------------------------------------------------------------------------- splits and files
+
+
+def split(items: list[Any], fractions: Sequence[int | float], seed: int) -> list[list[Any]]:
+    """Shuffle deterministically; ``fractions`` (< 1: share, >= 1: count) of the held-out parts,
+    the rest is the first part (training). Each held-out part gets at least one item."""
+    order = list(items)
+    random.Random(seed).shuffle(order)
+    parts, start = [], 0
+    for f in fractions:
+        n = max(1, round(f * len(items))) if f < 1 else int(f)
+        parts.append(order[start:start + n])
+        start += n
+    if start >= len(order):
+        raise DataError(f"{len(items)} records leave none for training after holding out {start}; "
+                        "use more data or fewer held-out records")
+    return [order[start:], *parts]
+
+
+def write_sharegpt(records: Sequence[Record], path: Path) -> Path:
+    return write_records(records, path, fmt="sharegpt")
+
+
+def write_examples(examples: Sequence[Example], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(e.__dict__ | {"options": list(e.options)}) + "\n" for e in examples))
+    return path
+
+
+# --------------------------------------------------------------------------- tiny data
+
+
+_MODALITIES = ("Chest X-ray", "Brain MRI", "Abdomen CT", "Knee X-ray")
+_FINDINGS = ("a small opacity in the right lower lobe", "a mass in the left temporal lobe with edema",
+             "a lesion near the gallbladder", "no acute abnormality", "a fracture of the tibia",
+             "cardiomegaly with pleural effusion")
+
+
+def _scan(rng: random.Random, size: int) -> Any:
+    """A grey 'scan': a dark field with a bright ellipse (organ) and a small lesion."""
+    from PIL import Image, ImageDraw
+
+    im = Image.new("RGB", (size, size), (12, 12, 12))
+    draw = ImageDraw.Draw(im)
+    g = rng.randint(90, 180)
+    m = rng.randint(2, size // 6)
+    draw.ellipse([m, m, size - m, size - m], fill=(g, g, g))
+    x, y, r = rng.randint(size // 4, size * 3 // 4), rng.randint(size // 4, size * 3 // 4), rng.randint(2, size // 8)
+    draw.ellipse([x - r, y - r, x + r, y + r], fill=(250, 250, 250))
+    return im
+
+
+def tiny_caption_dataset(out: Path, n: int, seed: int, size: int, long: bool, fmt: str) -> Path:
+    """An HF image + caption dataset in the Radiology_mini layout (``image_id``, ``image``, ``caption``;
+    ``fmt="disk"``) or MedTrinity-25M's (``image``, ``id``, long ``caption``; ``fmt="parquet"``)."""
+    import datasets
+
+    rng = random.Random(seed)
+    rows: dict[str, list[Any]] = {"image": [], "caption": [], "id": []}
+    for k in range(n):
+        mod, finding = rng.choice(_MODALITIES), rng.choice(_FINDINGS)
+        caption = f"{mod} showing {finding}."
+        if long:
+            caption += (f" The {mod.split()[0].lower()} region of interest is in the "
+                        f"{rng.choice(('left', 'right', 'central'))} part of the image; "
+                        f"the finding suggests {rng.choice(('pneumonia', 'a tumor', 'a cyst', 'a normal study'))}.")
+        rows["image"].append(_scan(rng, size))
+        rows["caption"].append(caption)
+        rows["id"].append(f"tiny-{k:04d}")
+    features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string"),
+                                  "id": datasets.Value("string")})
+    ds = datasets.Dataset.from_dict(rows, features=features)
+    out.mkdir(parents=True, exist_ok=True)
+    if fmt == "parquet":
+        target = out / "medtrinity_tiny.parquet"
+        ds.to_parquet(str(target))
+        return target
+    ds = ds.rename_column("id", "image_id")
+    target = out / "radiology_tiny"
+    ds.save_to_disk(str(target))
+    return target
+
+
+def tiny_dialogue_file(out: Path, n: int, seed: int) -> Path:
+    """MedQA-style multiple-choice rows and ChatDoctor-style free-text rows, one JSON object per line."""
+    rng = random.Random(seed)
+    facts = [("fever and cough with a lobar opacity", "pneumonia", ["asthma", "pneumonia", "angina", "gout"]),
+             ("crushing chest pain on exertion", "angina", ["angina", "migraine", "otitis", "eczema"]),
+             ("a painful swollen big toe", "gout", ["sepsis", "gout", "asthma", "anemia"]),
+             ("wheezing triggered by cold air", "asthma", ["gout", "anemia", "asthma", "angina"])]
+    rows = []
+    for k in range(n):
+        symptom, diagnosis, options = facts[k % len(facts)]
+        if k % 2 == 0:
+            opts = dict(zip("ABCD", options))
+            rows.append({"id": f"mc-{k}", "question": f"A patient presents with {symptom}. What is the most likely "
+                                                       "diagnosis?",
+                         "options": opts, "answer_idx": "ABCD"[options.index(diagnosis)], "answer": diagnosis})
+        else:
+            rows.append({"id": f"cd-{k}", "instruction": "If you are a doctor, please answer the medical questions "
+                                                         "based on the patient's description.",
+                         "input": f"Hi doctor, I have {symptom}. What could it be?",
+                         "output": f"Hi, thanks for asking. These symptoms suggest {diagnosis}. "
+                                   f"Please see your doctor for an examination{rng.choice(('.', ' soon.'))}"})
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / "dialogue_tiny.jsonl"
+    target.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return target
