@@ -226,8 +226,11 @@ def synth(out: str | Path, n: int = 40, seed: int = 0, size: int = 64, api_names
                                 "modalities": list(MODALITIES), "label_values": LABEL_VALUES, "files": {}}
     for k, (tag, its) in enumerate(splits.items()):
         paths = write_annotations(out, its, tag)
+        passages = dict(CORPUS)
+        per_image = [{"image": it.name, "question": f"What is known about the {it.lesion} in this {it.modality}?",
+                      "answer": passages[f"{it.lesion}-1"], "passages": [f"{it.lesion}-1"]} for it in its]
         qa_path = _write_json(out / "annotations" / tag / "qa.json",
-                              [{"question": q, "answer": a, "passages": p} for q, a, p in qa[tag]])
+                              [{"question": q, "answer": a, "passages": p} for q, a, p in qa[tag]] + per_image)
         examples = (
             builders.read_coco(paths["coco"], out / "images")
             + builders.read_mask_pngs(out / "images", paths["masks"], labels)
