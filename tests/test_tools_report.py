@@ -1,0 +1,81 @@
+"""Report generation tool: real tiny checkpoints saved and loaded through the model layer, called
+through the dispatcher; section parsing and style selection on known texts."""
+
+import pytest
+
+from _model_fixtures import test_image, tiny_models  # noqa: F401  (fixture)
+from doubles import ScriptedPlanner
+from mmedagent.dispatcher import Dispatcher
+from mmedagent.model import load_planner
+from mmedagent.protocol import ToolCall
+from mmedagent.tools import get_tool
+from mmedagent.tools.report import DEFAULT_MODEL, ReportGeneration, parse_sections
+
+REPORT = """FINDINGS: The lungs are clear. No pleural effusion or pneumothorax.
+The cardiomediastinal silhouette is normal.
+
+IMPRESSION: No acute cardiopulmonary process."""
+
+
+def test_parse_sections_finds_findings_and_impression():
+    assert parse_sections(REPORT) == {
+        "findings": "The lungs are clear. No pleural effusion or pneumothorax.\nThe cardiomediastinal silhouette is normal.",
+        "impression": "No acute cardiopulmonary process.",
+    }
+    md = "**Findings:** Small left effusion.\n**Conclusion:** Effusion."
+    assert parse_sections(md) == {"findings": "Small left effusion.", "impression": "Effusion."}
+    assert parse_sections("Heart size is normal.") == {"findings": None, "impression": None}
+
+
+def test_registered_under_mmedagent_names():
+    assert get_tool("ChatCAD-G") is ReportGeneration and get_tool("report") is ReportGeneration
+    assert ReportGeneration.needs_image and ReportGeneration.Params.model_validate({}).style == "full"
+    assert ReportGeneration().options["model"] == DEFAULT_MODEL
+
+
+@pytest.mark.parametrize("arch", ["llava", "qwen2_vl"])
+def test_tiny_checkpoint_through_dispatcher(tiny_models, arch):
+    path = tiny_models(arch)
+    template = "vicuna_v1" if arch == "llava" else None
+    tool = ReportGeneration(model=str(path), conv_template=template, max_new_tokens=8)
+    d = Dispatcher([tool], timeout_s=300)
+    image = test_image()
+    outcome = d.dispatch(ToolCall(API_name="ChatCAD-G", API_params={"image": "<imagepath>"}), image)
+    assert outcome.ok, outcome.error
+    assert set(outcome.output) == {"report"}
+    # the same model, prompt and image through the model layer directly give the same text
+    planner = load_planner(str(path), conv_template=template)
+    prompt = tool.prompt(ReportGeneration.Params())
+    expected = planner.generate([{"role": "user", "content": f"<image>\n{prompt}"}], image, max_new_tokens=8)
+    assert outcome.output["report"] == expected.strip()
+    assert tool.weights_note.endswith(str(path))
+    # bad params and a missing image come back as errors, the tool stays usable
+    bad_style = d.dispatch(ToolCall(API_name="report", API_params={"style": "summary"}), image)
+    no_image = d.dispatch(ToolCall(API_name="report", API_params={}), None)
+    assert "style" in bad_style.error and "needs an image" in no_image.error
+    d.close()
+
+
+def test_style_selects_the_section_and_modality_reaches_the_prompt():
+    tool = ReportGeneration(model="unused")
+    tool._planner = ScriptedPlanner([REPORT, REPORT, "Normal brain MRI."])  # post-processing only
+    tool._loaded = True
+    image = test_image()
+    findings = tool.run(image, tool.Params(style="findings", modality="brain  MRI"))
+    assert findings.report.startswith("The lungs are clear.") and findings.impression == "No acute cardiopulmonary process."
+    sent = tool._planner.calls[0][0]["content"]
+    assert sent.startswith("<image>\n") and "brain MRI radiology report" in sent and "finding" in sent
+    impression = tool.run(image, tool.Params(style="impression"))
+    assert impression.report == "No acute cardiopulmonary process."
+    assert "chest X-ray" in tool._planner.calls[1][0]["content"]
+    plain = tool.run(image, tool.Params(style="impression"))
+    assert plain.report == "Normal brain MRI." and plain.impression is None
+    assert plain.for_model() == {"report": "Normal brain MRI."}
+
+
+def test_missing_local_weights_say_where(tmp_path):
+    tool = ReportGeneration(model=str(tmp_path / "no-such-model"))
+    d = Dispatcher([tool], timeout_s=30)
+    outcome = d.dispatch(ToolCall(API_name="ChatCAD-G", API_params={}), test_image())
+    assert not outcome.ok and "report model folder not found" in outcome.error and "no-such-model" in outcome.error
+    d.close()
