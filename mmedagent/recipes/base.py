@@ -276,7 +276,8 @@ class Recipe:
                     row["before"] = before[k + j]
                 rows.append(row)
             k += n
-        columns = ["reference", "before", "after"] if before is not None else ["reference", "after"]
+        columns = (["split"] if len(prepared.splits) > 1 else []) + ["reference"] + (
+            ["before", "after"] if before is not None else ["after"])
         table = side_by_side(rows, columns)
         lines = [table, "", json.dumps(metrics, indent=2)]
         (self.out / "report.txt").write_text("\n".join(lines) + "\n")
@@ -298,3 +299,30 @@ def run_cli(recipe: Recipe) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+class CaptionRecipe(Recipe):
+    """Image + caption data → instruction pairs (``prompt`` + image → caption), a held-out part kept aside."""
+
+    required_columns: ClassVar[tuple[str, ...]] = ("image", "caption")
+    tiny_layout: ClassVar[dict[str, Any]] = {}
+    """:func:`~mmedagent.recipes.data.tiny_caption_dataset` options (``long``, ``fmt``)."""
+
+    @property
+    def prompt(self) -> str:
+        raise NotImplementedError
+
+    def tiny_data(self, folder: Path) -> Path:
+        from mmedagent.recipes.data import tiny_caption_dataset
+
+        return tiny_caption_dataset(folder, self.cfg.tiny_rows, self.cfg.seed, size=48, **self.tiny_layout)
+
+    def prepare(self, data: Path) -> Prepared:
+        from mmedagent.recipes.data import caption_record, read_captions, split, write_examples, write_sharegpt
+
+        items = read_captions(data, self.cfg.image_folder, self.out / "data" / "images", self.required_columns)
+        train, heldout = split(items, [self.cfg.eval_samples], self.cfg.seed)
+        train_file = write_sharegpt([caption_record(i, self.prompt) for i in train], self.out / "data" / "train.json")
+        examples = [Example(i.id, self.prompt, i.caption, image=i.image) for i in heldout]
+        write_examples(examples, self.out / "data" / "heldout.jsonl")
+        return Prepared(train_file, {"heldout": examples}, {"train": len(train), "heldout": len(heldout)})

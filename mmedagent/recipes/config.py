@@ -32,6 +32,8 @@ class RecipeConfig:
     """Output directory (data, adapter, merged model, reports)."""
     tiny: bool = False
     """Tiny random checkpoint of the same architecture + generated data of the same layout (CPU, minutes)."""
+    tiny_rows: int = 12
+    """Rows of generated data with ``--tiny``."""
     push_to_hub: str | None = None
     """Upload the merged model to this hub repo (token from HF_TOKEN or `hf auth login`)."""
     private: bool = True

@@ -9,20 +9,10 @@ model; the answers are printed side by side with BLEU-4 / ROUGE-L / METEOR again
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import ClassVar
 
-from mmedagent.recipes.base import Prepared, Recipe
+from mmedagent.recipes.base import CaptionRecipe
 from mmedagent.recipes.config import RecipeConfig
-from mmedagent.recipes.data import (
-    Example,
-    caption_record,
-    read_captions,
-    split,
-    tiny_caption_dataset,
-    write_examples,
-    write_sharegpt,
-)
 
 INSTRUCTION = "You are an expert radiographer. Describe accurately what you see in this image."
 
@@ -47,28 +37,19 @@ class RadiologyConfig(RecipeConfig):
     weight_decay: float = 0.01
     eval_samples: int = 3
     max_new_tokens: int = 128
-    tiny_rows: int = 12
-    """Rows of generated data with ``--tiny``."""
 
     TINY: ClassVar[dict] = {"max_steps": 6, "warmup_steps": 1, "gradient_accumulation_steps": 1,
-                            "learning_rate": 2e-3, "eval_samples": 2, "max_new_tokens": 12, "model_max_length": 512}
+                            "learning_rate": 1e-2, "eval_samples": 2, "max_new_tokens": 12, "model_max_length": 512}
 
 
-class RadiologyLlama32V(Recipe):
+class RadiologyLlama32V(CaptionRecipe):
     name = "radiology-llama32v"
     summary = "Llama-3.2-11B-Vision + QLoRA on radiology image/caption pairs; before/after answers side by side"
     Config = RadiologyConfig
     tiny_arch = "mllama"
     compare_before = True
+    tiny_layout = {"long": False, "fmt": "disk"}
 
-    def tiny_data(self, folder: Path) -> Path:
-        return tiny_caption_dataset(folder, self.cfg.tiny_rows, self.cfg.seed, size=48, long=False, fmt="disk")
-
-    def prepare(self, data: Path) -> Prepared:
-        items = read_captions(data, self.cfg.image_folder, self.out / "data" / "images")
-        train, heldout = split(items, [self.cfg.eval_samples], self.cfg.seed)
-        train_file = write_sharegpt([caption_record(i, self.cfg.instruction) for i in train],
-                                    self.out / "data" / "train.json")
-        examples = [Example(i.id, self.cfg.instruction, i.caption, image=i.image) for i in heldout]
-        write_examples(examples, self.out / "data" / "heldout.jsonl")
-        return Prepared(train_file, {"heldout": examples}, {"train": len(train), "heldout": len(heldout)})
+    @property
+    def prompt(self) -> str:
+        return self.cfg.instruction
