@@ -50,6 +50,7 @@ class ServeConfig(BaseModel):
     )
     model_backend_url: str | None = Field(default=None, description="OpenAI-compatible server the model worker forwards to")
     model_backend_model: str | None = None
+    model_backend_api_key: str | None = Field(default=None, repr=False, description="default: api_key")
     device: str | None = None
     tools: dict[str, ToolSpec] | None = Field(default=None, description="None: every registered tool, one worker each")
     plugins: list[str] = Field(default_factory=list, description="modules imported first (they may register tools)")

@@ -16,6 +16,7 @@ if __name__ == "__main__":  # run as a script: serve/ must not shadow installed 
 import argparse
 import asyncio
 import contextlib
+import importlib
 import json
 import logging
 import threading
@@ -472,7 +473,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     if args.no_web:
         cfg.web_port = None
-    setup_logging(cfg.log_level, [cfg.api_key or ""])
+    setup_logging(cfg.log_level, [cfg.api_key or "", cfg.model_backend_api_key or ""])
+    for module in cfg.plugins:  # plug-ins may register tools that run in-process
+        importlib.import_module(module)
     Launcher(cfg, args.config).run()
 
 

@@ -45,6 +45,7 @@ class Launcher:
     def __init__(self, cfg: ServeConfig, config_path: str | None = None):
         self.cfg, self.config_path = cfg, config_path
         self.children: list[Child] = []
+        self.in_process: list[str] = []
         self.stopping = threading.Event()
 
     def _script(self, name: str, *args: str) -> list[str]:
@@ -89,7 +90,7 @@ class Launcher:
             self._spawn("web UI", self._script("web.py", "--controller", controller_url, "--host", cfg.host, "--port", str(web_port)))
         return expected
 
-    def _watch(self, ctl: Controller, expected: list[str], web_url: str | None) -> None:
+    def _watch(self, ctl: Controller, expected: list[str], web_url: str | None, loader: threading.Thread | None) -> None:
         """Say when the stack is ready, and report children that die."""
         reported: set[int] = set()
         ready = False
@@ -106,9 +107,9 @@ class Launcher:
             tools = ctl.available_tools()
             waiting = [n for n in expected if n not in tools and f"tool worker {n}" in alive]
             model_pending = not self.cfg.no_workers and not models and "model worker" in alive
-            if not waiting and not model_pending:
+            if not waiting and not model_pending and not (loader is not None and loader.is_alive()):
                 ready = True
-                failed = [n for n in expected if n not in tools]
+                failed = [n for n in [*expected, *self.in_process] if n not in tools]
                 line = f"ready: models: {', '.join(models) or '(none)'}; tools: {', '.join(tools) or '(none)'}"
                 if failed:
                     line += f"; failed to start: {', '.join(failed)}"
@@ -131,14 +132,17 @@ class Launcher:
                 probe.close()
         specs = tool_specs(cfg)
         in_process = {n: s for n, s in specs.items() if s.in_process}
+        self.in_process = list(in_process)
         expected = self.start_children(url, web_port)
         web_url = f"http://{url.split('//')[1].rsplit(':', 1)[0]}:{web_port}" if web_port is not None else None
         print(f"controller: {url}  (OpenAI API: {url}/v1)", flush=True)
         if web_url:
             print(f"web UI: {web_url}", flush=True)
+        loader = None
         if in_process:
-            threading.Thread(target=ctl.load_local_tools, args=(in_process,), daemon=True).start()
-        watcher = threading.Thread(target=self._watch, args=(ctl, expected, web_url), daemon=True)
+            loader = threading.Thread(target=ctl.load_local_tools, args=(in_process,), daemon=True)
+            loader.start()
+        watcher = threading.Thread(target=self._watch, args=(ctl, expected, web_url, loader), daemon=True)
         watcher.start()
         server = uvicorn.Server(
             uvicorn.Config(GuardMiddleware(app, cfg.api_key, cfg.max_upload_bytes * 4 // 3 + 65536), log_config=None,

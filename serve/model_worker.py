@@ -210,7 +210,8 @@ def load_host(cfg: ServeConfig) -> ModelHost:
     if cfg.model_backend_url:
         from mmedagent.serve.remote import OpenAIPlanner
 
-        planner = OpenAIPlanner(cfg.model_backend_url, cfg.model_backend_model, cfg.api_key, cfg.model_timeout_s)
+        key = cfg.model_backend_api_key or cfg.api_key
+        planner = OpenAIPlanner(cfg.model_backend_url, cfg.model_backend_model, key, cfg.model_timeout_s)
         info, note = dict(planner.info()), f"forwarded to {cfg.model_backend_url}"
         info["system_prompt"] = cfg.system_prompt or "catalog"
     else:

@@ -166,7 +166,7 @@ def build_ui(web: WebChat):
             with gr.Column(scale=2):
                 upload = gr.File(label="Image (PNG, JPEG, DICOM, NIfTI)", file_types=UPLOAD_TYPES, elem_id="upload")
                 note = gr.Markdown(elem_id="image-note")
-                preview = gr.Image(label="Image with tool overlays", type="pil", interactive=False, elem_id="preview")
+                preview = gr.Image(label="Image with tool overlays", type="pil", interactive=False, height=380, elem_id="preview")
             with gr.Column(scale=3):
                 chat = gr.Chatbot(label="Chat", height=520, elem_id="chat")
                 question = gr.Textbox(label="Question", placeholder="Ask about the image…", elem_id="question", lines=1)

@@ -80,8 +80,26 @@ class Nap(Tool):
         return NapResult(slept=params.seconds)
 
 
+class StatsResult(ToolResult):
+    mean: float
+    std: float
+
+
+class PixelStats(Tool):
+    """Grey-value mean and spread (served in-process by the test stack)."""
+
+    name = "pixel_stats"
+    description = "Mean and standard deviation of the grey values."
+    Result = StatsResult
+
+    def __call__(self, image, params):
+        grey = np.asarray(image.convert("L"), dtype=np.float32)
+        return StatsResult(mean=float(grey.mean()), std=float(grey.std()))
+
+
 register(BrightRegion)
 register(Nap)
+register(PixelStats)
 
 
 def sample_png(size=(48, 40), fmt="PNG") -> bytes:

@@ -27,12 +27,12 @@ def stack(tmp_path_factory):
     env = serve_env(XDG_CACHE_HOME=str(tmp_path_factory.mktemp("cache")))
     ctl = ServeProcess(
         "controller.py",
-        ["--no-web", "--port", "0", "--tools", "bright_region", "--plugin", "_serve_fixtures", "--api-key", KEY,
+        ["--no-web", "--port", "0", "--tools", "bright_region", "--in-process-tools", "pixel_stats", "--plugin", "_serve_fixtures", "--api-key", KEY,
          "--heartbeat-interval", "0.5", "--heartbeat-expiry", str(EXPIRY), "--tool-timeout", "6", "--max-upload-mb", "1"],
         logs / "controller.log", env,
     )
     url = ctl.wait_for(r"controller: (http://\S+)", 60).group(1)
-    ctl.wait_for(r"^ready: models: tiny-llava; tools: bright_region", 180)
+    ctl.wait_for(r"^ready: models: tiny-llava; tools: bright_region, pixel_stats$", 180)
     client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60, trust_env=False)
     state = {"url": url, "ctl": ctl, "client": client, "logs": logs, "env": env, "extra": []}
     yield state
@@ -91,7 +91,10 @@ def test_models_status_and_banner_say_tiny(stack):
     assert [m["id"] for m in c.get("/v1/models").json()["data"]] == ["tiny-llava"]
     status = c.get("/v1/status").json()
     assert "not a medical device" in status["models"][0]["note"]
-    assert status["tools"] == [{"name": "bright_region", "where": "worker", "weights": "no weights (threshold at the mean)"}]
+    assert status["tools"] == [
+        {"name": "bright_region", "where": "worker", "weights": "no weights (threshold at the mean)"},
+        {"name": "pixel_stats", "where": "in-process", "weights": ""},
+    ]
 
 
 def test_openai_chat_non_stream_and_stream(stack):
@@ -136,9 +139,15 @@ def test_tool_call_through_controller_uses_the_conversation_image(stack, tmp_pat
     assert out["overlay"]["labels"] == ["spot"] and out["worker_elapsed_s"] <= out["elapsed_s"]
 
 
+def test_in_process_tool_runs_in_the_controller(stack):
+    r = stack["client"].post("/v1/tools/pixel_stats", json={"params": {}, "image": data_url(sample_png())})
+    assert r.status_code == 200, r.text
+    assert r.json()["output"] == {"mean": 85.0, "std": 77.94}  # a quarter at 220, the rest at 40 and r.json()["worker_elapsed_s"] is None
+
+
 def test_unknown_tool_lists_the_available_ones(stack):
     r = stack["client"].post("/v1/tools/MedSAM", json={"params": {}, "image": data_url(sample_png())})
-    assert r.status_code == 404 and "available tools: bright_region" in r.json()["detail"]
+    assert r.status_code == 404 and "available tools: bright_region, pixel_stats" in r.json()["detail"]
     r = stack["client"].post("/v1/tools/bright_region", json={"params": {"prompts": []}, "image": data_url(sample_png())})
     assert r.status_code == 422 and "prompts" in r.json()["detail"]
 
@@ -210,10 +219,29 @@ def test_killed_tool_worker_errors_fast_is_dropped_and_comes_back(stack):
     wait_until(lambda: address not in str(c.get("/list_workers").json()), EXPIRY + 3)
     r = c.post("/v1/tools/nap", json={"params": {"seconds": 0}})
     assert r.status_code == 502
-    assert "no worker is serving tool 'nap'" in r.json()["detail"] and "available tools: bright_region" in r.json()["detail"]
+    assert "no worker is serving tool 'nap'" in r.json()["detail"] and "available tools: bright_region, pixel_stats" in r.json()["detail"]
     start_nap_worker(stack, "nap-worker-2.log")
     r = c.post("/v1/tools/nap", json={"params": {"seconds": 0.1}})
     assert r.status_code == 200 and r.json()["output"] == {"slept": 0.1}
+
+
+def test_backend_option_forwards_to_an_openai_compatible_server(stack):
+    c = stack["client"]
+    direct_url = next(w["address"] for w in c.get("/list_workers").json()["workers"] if w["kind"] == "model")
+    proc = ServeProcess("model_worker.py", ["--backend-url", f"{direct_url}/v1", "--no-register", "--port", "0"],
+                        stack["logs"] / "forwarder.log", serve_env(MMEDAGENT_API_KEY=KEY))
+    stack["extra"].append(proc)
+    forward_url = proc.wait_for(r"model worker tiny-llava: (http://\S+)", 60).group(1)
+    body = chat_body(data_url(sample_png()), "Describe it.")
+    direct = c.post(f"{direct_url}/v1/chat/completions", json=body)
+    forwarded = c.post(f"{forward_url}/v1/chat/completions", json=body)
+    assert direct.status_code == forwarded.status_code == 200, forwarded.text
+    text = direct.json()["choices"][0]["message"]["content"]
+    assert text and forwarded.json()["choices"][0]["message"]["content"] == text  # greedy: same turn either way
+    with c.stream("POST", f"{forward_url}/v1/chat/completions", json={**body, "stream": True}) as s:
+        pieces = [json.loads(line[6:])["choices"][0]["delta"].get("content") or "" for line in s.iter_lines()
+                  if line.startswith("data: {")]
+    assert "".join(pieces) == text
 
 
 def test_heartbeats_and_health_stay_responsive_under_load(stack):
