@@ -39,7 +39,7 @@ from mmedagent.serve.config import ServeConfig, ToolSpec, add_common_args, load_
 from mmedagent.serve.httpclient import make_client
 from mmedagent.serve.registry import NoWorkerError, WorkerInfo, WorkerRegistry
 from mmedagent.serve.remote import RemoteResult, RemoteTool, ToolInputError, WorkerError, WorkerPlanner, remote_tool_class
-from mmedagent.serve.security import GuardMiddleware, setup_logging
+from mmedagent.serve.security import setup_logging
 from mmedagent.serve.uploads import UploadError, image_from_data_url
 from mmedagent.tools import Tool, get_tool, list_tools
 

@@ -5,7 +5,6 @@ One stack per module; every request carries the bearer token except where its ab
 """
 
 import base64
-import io
 import json
 import struct
 import threading
