@@ -40,3 +40,16 @@ def test_evaluate_cli_on_tiny_llava(tmp_path, tiny_llava):
                 {"role": "user", "content": f"{IMAGE_TOKEN}\n{QUESTION}"}]
     again = planner.generate(messages, load_image("img.png", tmp_path), max_new_tokens=6, temperature=0.0)
     assert first["raw"] == [again]
+
+
+def test_model_dir_settings_choose_the_plain_system_prompt(tmp_path, tiny_llava):
+    import shutil
+
+    from mmedagent.evaluation.cli import make_runner, parser
+    from mmedagent.protocol import DEFAULT_SYSTEM
+
+    model = shutil.copytree(tiny_llava, tmp_path / "m")
+    args = parser().parse_args(["--model", str(model), "--data", "x", "--tool-mode", "gold"])
+    assert make_runner(args).system == system_prompt(list_tools())
+    (model / "mmedagent.json").write_text(json.dumps({"system_prompt": "plain"}))
+    assert make_runner(parser().parse_args(["--model", str(model), "--data", "x", "--tool-mode", "gold"])).system == DEFAULT_SYSTEM

@@ -88,6 +88,8 @@ def _label_scores(out: dict[str, Any]) -> dict[str, float]:
 
 
 def _sources_of(out: dict[str, Any]) -> list[str]:
+    if isinstance(out.get("sources"), list):
+        return [str(x) for x in out["sources"]]
     for key in ("passages", "results", "documents", "hits"):
         items = out.get(key)
         if isinstance(items, list):

@@ -1,0 +1,189 @@
+"""The embedded demo planner: a small LLaVA trained on the synthetic set until it routes.
+
+``demo`` names it everywhere (``--model demo``, ``--model-path demo``): :func:`resolve_model`
+turns the name into the cached directory, building it first when it is missing. The directory is
+``$MMEDAGENT_CACHE/demo`` (default ``~/.cache/mmedagent/demo``) and holds the checkpoint,
+``mmedagent.json`` (how to serve it: the plain system prompt it was trained with) and
+``eval_report.json`` / ``eval_report.md`` (its held-out evaluation). It is a demonstration model
+trained on synthetic images — not a medical device.
+
+Building (:func:`build`, ``python scripts/build_demo_model.py``): synthesise the set with
+``mmedagent.data.synth``, make a random LLaVA with ``mmedagent.model.tiny``, train it with the
+project's own ``train/train_mem.py`` (full fine-tuning, CPU), and evaluate it after every round on
+the evaluation split restricted to questions whose wording never occurs in training, until
+tool-selection accuracy and argument validity reach the targets or the time budget runs out.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+NOTE = "demonstration model trained on synthetic images — not a medical device"
+SETTINGS_FILE = "mmedagent.json"
+REPORT_FILE = "eval_report.json"
+
+# ~3.7M parameters (10M at hidden 384 / 6 layers trained 5x slower); 64 px images, 8 px patches -> 64 image tokens.
+SIZES = {"hidden": 256, "layers": 4, "heads": 4, "vision_hidden": 128, "vision_layers": 2, "patch": 8}
+IMAGE_SIZE = 64
+TARGETS = {"tool_selection_accuracy": 0.95, "argument_validity": 0.99}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("MMEDAGENT_CACHE") or Path.home() / ".cache" / "mmedagent")
+
+
+def demo_dir() -> Path:
+    return cache_root() / "demo"
+
+
+def is_built(path: Path | None = None) -> bool:
+    path = path or demo_dir()
+    return (path / "config.json").is_file() and (path / SETTINGS_FILE).is_file()
+
+
+def demo_model_path(build_if_missing: bool = True) -> Path:
+    """The demo model's directory; built first (about 15 minutes on 2 cores) when missing."""
+    path = demo_dir()
+    if not is_built(path):
+        if not build_if_missing:
+            raise FileNotFoundError(f"the demo model is not built yet ({path}); run: python scripts/build_demo_model.py")
+        build(path)
+    return path
+
+
+model_path = demo_model_path  # the name serve/model_worker.py looks up
+
+
+def resolve_model(name_or_path: str) -> str:
+    """``demo`` -> the demo model's directory (built if missing); anything else unchanged."""
+    return str(demo_model_path()) if name_or_path == "demo" else name_or_path
+
+
+def demo_report(path: Path | None = None) -> dict[str, Any] | None:
+    """The demo model's evaluation report (for the UI banner), or ``None`` if not built."""
+    f = (path or demo_dir()) / REPORT_FILE
+    return json.loads(f.read_text(encoding="utf-8")) if f.is_file() else None
+
+
+def _log(msg: str) -> None:
+    print(f"[demo] {msg}", file=sys.stderr, flush=True)
+
+
+def heldout_records(train_file: Path, eval_file: Path, out: Path) -> int:
+    """Write the evaluation records whose first question never occurs in training; returns the count."""
+    from mmedagent.protocol import Record
+
+    def first(d: dict[str, Any]) -> str:
+        return Record.from_dict(d).first_question()
+
+    seen = {first(d) for d in json.loads(train_file.read_text(encoding="utf-8"))}
+    kept = [d for d in json.loads(eval_file.read_text(encoding="utf-8")) if first(d) not in seen]
+    out.write_text(json.dumps(kept, indent=1), encoding="utf-8")
+    return len(kept)
+
+
+def train_round(base: Path, out: Path, data: Path, images: Path, epochs: float, lr: float, batch: int) -> None:
+    """One round of ``train/train_mem.py`` (full fine-tuning on CPU) from ``base`` into ``out``."""
+    cmd = [
+        sys.executable, "-m", "mmedagent.train.train_mem",
+        "--model_name_or_path", str(base), "--data_path", str(data), "--image_folder", str(images),
+        "--output_dir", str(out), "--lora_enable", "False", "--num_train_epochs", str(epochs),
+        "--per_device_train_batch_size", str(batch), "--learning_rate", str(lr),
+        "--lr_scheduler_type", "constant_with_warmup", "--warmup_ratio", "0.05", "--weight_decay", "0.0", "--save_strategy", "no", "--report_to", "none",
+        "--logging_steps", "20", "--model_max_length", "512", "--use_cpu", "True", "--dataloader_num_workers", "0",
+        "--seed", "0",
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    subprocess.run(cmd, check=True, env=env)
+
+
+def evaluate_dir(model: Path, data: Path, images: Path) -> dict[str, Any]:
+    """Held-out evaluation of a checkpoint: gold tool outputs, the plain system prompt it was trained with."""
+    from mmedagent.evaluation.readers import load_samples
+    from mmedagent.evaluation.runner import AgentRunner
+    from mmedagent.evaluation.scoring import build_report
+    from mmedagent.model import load_planner
+    from mmedagent.protocol import DEFAULT_SYSTEM
+    from mmedagent.tools.registry import list_tools
+
+    samples = load_samples(data)
+    runner = AgentRunner(load_planner(model), "gold", list_tools(), image_folder=images, max_steps=2,
+                         system=DEFAULT_SYSTEM, max_new_tokens=160)
+    results = [runner.run(s) for s in samples]
+    meta = {"name": "demo", "model": "demo", "data": "synthetic eval split, unseen phrasings only",
+            "tokens_counted_by": runner.tokens_counted_by}
+    return build_report(samples, results, tool_mode="gold", meta=meta)
+
+
+def routes(report: dict[str, Any]) -> bool:
+    return all((report.get(k) or 0.0) >= v for k, v in TARGETS.items())
+
+
+def build(out: Path | None = None, *, n_images: int = 80, budget_s: float = 900.0, round_epochs: float = 2.0,
+          lr: float = 1e-3, batch: int = 8, seed: int = 0) -> dict[str, Any]:
+    """Build the demo model into ``out`` (default :func:`demo_dir`); returns its evaluation report.
+
+    Trains in rounds of ``round_epochs`` (constant learning rate, halved each round) until the
+    targets in :data:`TARGETS` are met on held-out phrasings or another round would overrun
+    ``budget_s``; the last round's checkpoint is kept either way and the report says whether it
+    routes.
+    """
+    import mmedagent  # noqa: F401  - torchvision shim before transformers
+    from mmedagent.data.synth import synth
+    from mmedagent.evaluation.scoring import markdown_summary
+    from mmedagent.model.tiny import make_tiny_model
+
+    out = Path(out or demo_dir())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    work = Path(tempfile.mkdtemp(prefix="demo-build-", dir=out.parent))
+    try:
+        manifest = synth(work / "synth", n=n_images, seed=seed, size=IMAGE_SIZE)
+        data_dir = work / "synth"
+        train_file, images = data_dir / manifest["files"]["train"]["data"], data_dir / manifest["image_folder"]
+        heldout = work / "heldout.json"
+        n_held = heldout_records(train_file, data_dir / manifest["files"]["eval"]["data"], heldout)
+        _log(f"synthetic set: {manifest['files']['train']['records']} training records, {n_held} held-out records")
+        current = make_tiny_model("llava", work / "base", seed=seed, image_size=IMAGE_SIZE, **SIZES)
+        rounds, report = [], {}
+        while True:
+            k = len(rounds)
+            nxt = work / f"round{k}"
+            t0 = time.monotonic()
+            train_round(current, nxt, train_file, images, round_epochs, lr / 2**k, batch)
+            report = evaluate_dir(nxt, heldout, images)
+            current = nxt
+            rounds.append({"round": k, "epochs": round_epochs, "train_eval_s": round(time.monotonic() - t0, 1),
+                           "tool_selection_accuracy": report["tool_selection_accuracy"],
+                           "argument_validity": report["argument_validity"]})
+            _log(f"round {k}: tool selection {report['tool_selection_accuracy']:.3f}, "
+                 f"argument validity {report['argument_validity'] or 0:.3f}")
+            elapsed = time.monotonic() - started
+            per_round = elapsed / len(rounds)
+            if routes(report) or elapsed + per_round > budget_s:
+                break
+        report["routes"] = routes(report)
+        report["targets"] = TARGETS
+        report["build"] = {"rounds": rounds, "elapsed_s": round(time.monotonic() - started, 1), "n_images": n_images,
+                           "image_size": IMAGE_SIZE, "sizes": SIZES, "lr": lr, "batch": batch, "seed": seed,
+                           "command": "python scripts/build_demo_model.py"}
+        report["note"] = NOTE
+        (current / SETTINGS_FILE).write_text(json.dumps({"system_prompt": "plain", "demo": True, "note": NOTE}, indent=1))
+        (current / REPORT_FILE).write_text(json.dumps(report, indent=1, ensure_ascii=False), encoding="utf-8")
+        (current / "eval_report.md").write_text(markdown_summary(report) + "\n", encoding="utf-8")
+        for f in ("trainer_state.json", "training_args.bin"):
+            (current / f).unlink(missing_ok=True)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(current, out)
+        return report
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
