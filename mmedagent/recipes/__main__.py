@@ -15,10 +15,12 @@ def main(argv: list[str] | None = None) -> int:
     extra: list[str] = []
     if "--" in argv:
         cut = argv.index("--")
-        argv, extra = argv[:cut], argv[cut + 1:]
+        argv, extra = argv[:cut], argv[cut + 1 :]
     if not argv or argv[0] in ("-h", "--help", "--list"):
-        print("usage: python -m mmedagent.recipes NAME [--tiny] [--out DIR] [--model ID_OR_PATH] [--data SOURCE] "
-              "[settings] [-- train_mem.py flags]\n\nrecipes:")
+        print(
+            "usage: python -m mmedagent.recipes NAME [--tiny] [--out DIR] [--model ID_OR_PATH] [--data SOURCE] "
+            "[settings] [-- train_mem.py flags]\n\nrecipes:"
+        )
         for name in RECIPES:
             print(f"  {name:20s} {get_recipe(name).summary}")
         print("\n`python -m mmedagent.recipes NAME --help` lists a recipe's settings and defaults.")
@@ -28,8 +30,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    parser = argparse.ArgumentParser(prog=f"python -m mmedagent.recipes {argv[0]}", description=recipe_cls.summary,
-                                     epilog="Flags after `--` go to train/train_mem.py unchanged.")
+    parser = argparse.ArgumentParser(
+        prog=f"python -m mmedagent.recipes {argv[0]}",
+        description=recipe_cls.summary,
+        epilog="Flags after `--` go to train/train_mem.py unchanged.",
+    )
     add_config_args(parser, recipe_cls.Config)
     given = vars(parser.parse_args(argv[1:]))
     try:

@@ -34,6 +34,26 @@ class Prepared:
     counts: dict[str, int] = field(default_factory=dict)
 
 
+TRAIN_FLAGS = (
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "learning_rate",
+    "lr_scheduler_type",
+    "max_steps",
+    "num_train_epochs",
+    "weight_decay",
+    "optim",
+    "bf16",
+    "gradient_checkpointing",
+    "model_max_length",
+    "logging_steps",
+    "save_steps",
+    "save_total_limit",
+    "seed",
+)
+"""Settings passed to ``train_mem.py`` under their own (HF TrainingArguments) names."""
+
+
 def _num(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else str(x)
 
@@ -79,7 +99,7 @@ def check_hub_token() -> None:
     from huggingface_hub import get_token
 
     if not get_token():
-        raise RuntimeError("--push-to-hub needs a Hugging Face token: set HF_TOKEN or run `hf auth login`")
+        raise ValueError("--push-to-hub needs a Hugging Face token: set HF_TOKEN or run `hf auth login`")
 
 
 def push_to_hub(folder: Path, repo: str, private: bool) -> str:
@@ -114,10 +134,6 @@ class Recipe:
 
     def tiny_data(self, folder: Path) -> Path:
         raise NotImplementedError
-
-    def train_flags(self) -> list[str]:
-        """Recipe-specific ``train_mem.py`` flags (besides the common ones)."""
-        return []
 
     def score(self, split: str, examples: list[Example], answers: list[str]) -> dict[str, float]:
         return text_metrics(answers, [e.reference for e in examples])
@@ -180,13 +196,15 @@ class Recipe:
             if not (base / "config.json").is_file():
                 make_tiny_model(self.tiny_arch, base, seed=cfg.seed)
             say(f"--tiny: random {self.tiny_arch} checkpoint in {base}")
-            data = Path(cfg.data) if cfg.data else self.tiny_data(self.out / "tiny-data")
-            return base, data
+            data = materialise(cfg.data, cfg.data_split, self.out / "source-data") if cfg.data else None
+            return base, data or self.tiny_data(self.out / "tiny-data")
         if not cfg.model:
             raise ValueError("--model is required (a hub id or a local checkpoint)")
         if not cfg.data:
-            raise ValueError("--data is required (a file, a folder or a Hugging Face dataset name); "
-                             "or use --tiny to try the recipe on generated data")
+            raise ValueError(
+                "--data is required (a file, a folder or a Hugging Face dataset name); "
+                "or use --tiny to try the recipe on generated data"
+            )
         return cfg.model, materialise(cfg.data, cfg.data_split, self.out / "source-data")
 
     # ------------------------------------------------------------------ steps
@@ -196,25 +214,21 @@ class Recipe:
 
         s = self.settings
         output = self.out / ("adapter" if s["lora"] else "model")
-        argv = [
-            "--model_name_or_path", str(base), "--data_path", str(train_file), "--output_dir", str(output),
-            "--lora_enable", str(s["lora"]), "--bits", str(s["bits"]),
-            "--per_device_train_batch_size", str(s["per_device_train_batch_size"]),
-            "--gradient_accumulation_steps", str(s["gradient_accumulation_steps"]),
-            "--learning_rate", str(s["learning_rate"]), "--lr_scheduler_type", s["lr_scheduler_type"],
-            "--warmup_steps", _num(s["warmup_steps"]), "--max_steps", str(s["max_steps"]),
-            "--num_train_epochs", str(s["num_train_epochs"]), "--weight_decay", str(s["weight_decay"]),
-            "--optim", s["optim"], "--bf16", str(s["bf16"]), "--gradient_checkpointing", str(s["gradient_checkpointing"]),
-            "--model_max_length", str(s["model_max_length"]), "--logging_steps", str(s["logging_steps"]),
-            "--save_strategy", "steps", "--save_steps", str(s["save_steps"]),
-            "--save_total_limit", str(s["save_total_limit"]), "--seed", str(s["seed"]), "--report_to", "none",
-        ]
+        flags: dict[str, Any] = {
+            "model_name_or_path": base,
+            "data_path": train_file,
+            "output_dir": output,
+            "lora_enable": s["lora"],
+            "bits": s["bits"],
+            "save_strategy": "steps",
+            "report_to": "none",
+            "warmup_steps": _num(s["warmup_steps"]),
+        }
+        flags.update({k: s[k] for k in TRAIN_FLAGS})
         if s["lora"]:
-            argv += ["--lora_r", str(s["lora_r"]), "--lora_alpha", str(s["lora_alpha"]),
-                     "--lora_dropout", str(s["lora_dropout"])]
-            if s["lora_target_modules"]:
-                argv += ["--lora_target_modules", s["lora_target_modules"]]
-        argv += self.train_flags() + self.train_extra
+            flags.update({k: s[k] for k in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")})
+        argv = [x for k, v in flags.items() if v is not None for x in (f"--{k}", str(v))]
+        argv += self.train_extra
         say("train: python train/train_mem.py " + " ".join(argv))
         t0 = time.monotonic()
         out = train_main(argv)
@@ -235,8 +249,9 @@ class Recipe:
         if target.exists():
             shutil.rmtree(target)
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        model, processor, _ = load_model_and_processor(trained, dtype=self.settings["export_dtype"], device=device,
-                                                       merge_adapter=True)
+        model, processor, _ = load_model_and_processor(
+            trained, dtype=self.settings["export_dtype"], device=device, merge_adapter=True
+        )
         model.save_pretrained(target)
         processor.save_pretrained(target)
         del model
@@ -254,8 +269,14 @@ class Recipe:
         answers = []
         for e in examples:
             image = load_image(e.image).image if e.image else None
-            answers.append(planner.generate([{"role": "user", "content": e.prompt}], image,
-                                            max_new_tokens=self.settings["max_new_tokens"], temperature=0.0))
+            answers.append(
+                planner.generate(
+                    [{"role": "user", "content": e.prompt}],
+                    image,
+                    max_new_tokens=self.settings["max_new_tokens"],
+                    temperature=0.0,
+                )
+            )
         del planner
         free_memory()
         return answers
@@ -266,18 +287,21 @@ class Recipe:
         rows, metrics, k = [], {}, 0
         for split, examples in prepared.splits.items():
             n = len(examples)
-            got_after = after[k:k + n]
+            got_after = after[k : k + n]
             metrics[split] = {"n": n, "after": self.score(split, examples, got_after)}
             if before is not None:
-                metrics[split]["before"] = self.score(split, examples, before[k:k + n])
+                metrics[split]["before"] = self.score(split, examples, before[k : k + n])
             for j, e in enumerate(examples):
                 row = {"split": split, "id": e.id, "reference": e.reference, "after": got_after[j]}
                 if before is not None:
                     row["before"] = before[k + j]
                 rows.append(row)
             k += n
-        columns = (["split"] if len(prepared.splits) > 1 else []) + ["reference"] + (
-            ["before", "after"] if before is not None else ["after"])
+        columns = (
+            (["split"] if len(prepared.splits) > 1 else [])
+            + ["reference"]
+            + (["before", "after"] if before is not None else ["after"])
+        )
         table = side_by_side(rows, columns)
         lines = [table, "", json.dumps(metrics, indent=2)]
         (self.out / "report.txt").write_text("\n".join(lines) + "\n")

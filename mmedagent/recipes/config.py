@@ -159,11 +159,18 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type[RecipeConfig]) ->
         default = getattr(defaults, f.name)
         doc = f"(default: {default})"
         if kind is bool and not optional:
-            group.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                               help=doc)
+            group.add_argument(
+                *flags, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=doc
+            )
         else:
-            group.add_argument(*flags, dest=f.name, type=_parse_optional(kind) if optional else kind,
-                               default=argparse.SUPPRESS, metavar=kind.__name__.upper(), help=doc)
+            group.add_argument(
+                *flags,
+                dest=f.name,
+                type=_parse_optional(kind) if optional else kind,
+                default=argparse.SUPPRESS,
+                metavar=kind.__name__.upper(),
+                help=doc,
+            )
 
 
 def config_from_args(cls: type[RecipeConfig], given: dict[str, Any]) -> RecipeConfig:
@@ -175,4 +182,4 @@ def config_from_args(cls: type[RecipeConfig], given: dict[str, Any]) -> RecipeCo
     return cls(**values)
 
 
-__all__ = ["RecipeConfig", "add_config_args", "config_from_args", "check_repo_id"]
+__all__ = ["RecipeConfig", "add_config_args", "check_repo_id", "config_from_args"]

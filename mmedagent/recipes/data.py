@@ -60,8 +60,10 @@ def materialise(data: str, split: str, cache: Path) -> Path:
 
         ds = datasets.load_dataset(data, split=split)
     except Exception as e:  # noqa: BLE001 - offline, unknown name, gated: one clear message
-        raise DataError(f"{data}: not a local file or folder, and loading it as a Hugging Face dataset "
-                        f"(split {split!r}) failed: {type(e).__name__}: {e}") from None
+        raise DataError(
+            f"{data}: not a local file or folder, and loading it as a Hugging Face dataset "
+            f"(split {split!r}) failed: {type(e).__name__}: {e}"
+        ) from None
     ds.save_to_disk(str(target))
     return target
 
@@ -119,8 +121,9 @@ class CaptionItem:
     caption: str
 
 
-def read_captions(path: Path, image_folder: str | None, export_dir: Path,
-                  required: Sequence[str] = ("image", "caption")) -> list[CaptionItem]:
+def read_captions(
+    path: Path, image_folder: str | None, export_dir: Path, required: Sequence[str] = ("image", "caption")
+) -> list[CaptionItem]:
     """Image + caption rows, validated: columns, non-empty captions, images that exist and decode."""
     from mmedagent.imaging import ImageLoadError, load_image
 
@@ -148,9 +151,17 @@ def read_captions(path: Path, image_folder: str | None, export_dir: Path,
 
 def caption_record(item: CaptionItem, instruction: str) -> Record:
     """The instruction pair: user = image + instruction, assistant = the caption (plain text)."""
-    return record_from_any({"id": item.id, "images": [item.image],
-                            "messages": [{"role": "user", "content": f"{IMAGE_TOKEN}\n{instruction}"},
-                                         {"role": "assistant", "content": item.caption}]}, item.id)
+    return record_from_any(
+        {
+            "id": item.id,
+            "images": [item.image],
+            "messages": [
+                {"role": "user", "content": f"{IMAGE_TOKEN}\n{instruction}"},
+                {"role": "assistant", "content": item.caption},
+            ],
+        },
+        item.id,
+    )
 
 
 # --------------------------------------------------------------------------- QA and dialogue
@@ -184,12 +195,16 @@ def dialogue_item(row: dict[str, Any], where: str, default_id: str) -> tuple[Rec
             raise DataError(f"{where}: empty question")
         prompt = _MC_PROMPT.format(question=question, options="\n".join(f"{k}. {v}" for k, v in opts.items()))
         reference = f"{answer}. {opts[answer]}"
-        record = record_from_any({"id": rid, "messages": [{"role": "user", "content": prompt},
-                                                          {"role": "assistant", "content": reference}]}, rid)
+        record = record_from_any(
+            {"id": rid, "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": reference}]},
+            rid,
+        )
         return record, Example(rid, prompt, reference, options=tuple(opts))
     if not any(k in row for k in ("instruction", "messages", "conversations")):
-        raise DataError(f"{where}: missing columns: expected question+options+answer_idx (multiple choice), "
-                        f"instruction+output (ChatDoctor / Alpaca) or messages; it has {', '.join(row)}")
+        raise DataError(
+            f"{where}: missing columns: expected question+options+answer_idx (multiple choice), "
+            f"instruction+output (ChatDoctor / Alpaca) or messages; it has {', '.join(row)}"
+        )
     try:
         record = record_from_any(row, rid)
     except (ValueError, KeyError, TypeError) as e:
@@ -225,11 +240,13 @@ def split(items: list[Any], fractions: Sequence[int | float], seed: int) -> list
     parts, start = [], 0
     for f in fractions:
         n = max(1, round(f * len(items))) if f < 1 else int(f)
-        parts.append(order[start:start + n])
+        parts.append(order[start : start + n])
         start += n
     if start >= len(order):
-        raise DataError(f"{len(items)} records leave none for training after holding out {start}; "
-                        "use more data or fewer held-out records")
+        raise DataError(
+            f"{len(items)} records leave none for training after holding out {start}; "
+            "use more data or fewer held-out records"
+        )
     return [order[start:], *parts]
 
 
@@ -247,9 +264,14 @@ def write_examples(examples: Sequence[Example], path: Path) -> Path:
 
 
 _MODALITIES = ("Chest X-ray", "Brain MRI", "Abdomen CT", "Knee X-ray")
-_FINDINGS = ("a small opacity in the right lower lobe", "a mass in the left temporal lobe with edema",
-             "a lesion near the gallbladder", "no acute abnormality", "a fracture of the tibia",
-             "cardiomegaly with pleural effusion")
+_FINDINGS = (
+    "a small opacity in the right lower lobe",
+    "a mass in the left temporal lobe with edema",
+    "a lesion near the gallbladder",
+    "no acute abnormality",
+    "a fracture of the tibia",
+    "cardiomegaly with pleural effusion",
+)
 
 
 def _scan(rng: random.Random, size: int) -> Any:
@@ -277,14 +299,17 @@ def tiny_caption_dataset(out: Path, n: int, seed: int, size: int, long: bool, fm
         mod, finding = rng.choice(_MODALITIES), rng.choice(_FINDINGS)
         caption = f"{mod} showing {finding}."
         if long:
-            caption += (f" The {mod.split()[0].lower()} region of interest is in the "
-                        f"{rng.choice(('left', 'right', 'central'))} part of the image; "
-                        f"the finding suggests {rng.choice(('pneumonia', 'a tumor', 'a cyst', 'a normal study'))}.")
+            caption += (
+                f" The {mod.split()[0].lower()} region of interest is in the "
+                f"{rng.choice(('left', 'right', 'central'))} part of the image; "
+                f"the finding suggests {rng.choice(('pneumonia', 'a tumor', 'a cyst', 'a normal study'))}."
+            )
         rows["image"].append(_scan(rng, size))
         rows["caption"].append(caption)
         rows["id"].append(f"tiny-{k:04d}")
-    features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string"),
-                                  "id": datasets.Value("string")})
+    features = datasets.Features(
+        {"image": datasets.Image(), "caption": datasets.Value("string"), "id": datasets.Value("string")}
+    )
     ds = datasets.Dataset.from_dict(rows, features=features)
     out.mkdir(parents=True, exist_ok=True)
     if fmt == "parquet":
@@ -300,24 +325,37 @@ def tiny_caption_dataset(out: Path, n: int, seed: int, size: int, long: bool, fm
 def tiny_dialogue_file(out: Path, n: int, seed: int) -> Path:
     """MedQA-style multiple-choice rows and ChatDoctor-style free-text rows, one JSON object per line."""
     rng = random.Random(seed)
-    facts = [("fever and cough with a lobar opacity", "pneumonia", ["asthma", "pneumonia", "angina", "gout"]),
-             ("crushing chest pain on exertion", "angina", ["angina", "migraine", "otitis", "eczema"]),
-             ("a painful swollen big toe", "gout", ["sepsis", "gout", "asthma", "anemia"]),
-             ("wheezing triggered by cold air", "asthma", ["gout", "anemia", "asthma", "angina"])]
+    facts = [
+        ("fever and cough with a lobar opacity", "pneumonia", ["asthma", "pneumonia", "angina", "gout"]),
+        ("crushing chest pain on exertion", "angina", ["angina", "migraine", "otitis", "eczema"]),
+        ("a painful swollen big toe", "gout", ["sepsis", "gout", "asthma", "anemia"]),
+        ("wheezing triggered by cold air", "asthma", ["gout", "anemia", "asthma", "angina"]),
+    ]
     rows = []
     for k in range(n):
         symptom, diagnosis, options = facts[k % len(facts)]
         if k % 2 == 0:
             opts = dict(zip("ABCD", options))
-            rows.append({"id": f"mc-{k}", "question": f"A patient presents with {symptom}. What is the most likely "
-                                                       "diagnosis?",
-                         "options": opts, "answer_idx": "ABCD"[options.index(diagnosis)], "answer": diagnosis})
+            rows.append(
+                {
+                    "id": f"mc-{k}",
+                    "question": f"A patient presents with {symptom}. What is the most likely diagnosis?",
+                    "options": opts,
+                    "answer_idx": "ABCD"[options.index(diagnosis)],
+                    "answer": diagnosis,
+                }
+            )
         else:
-            rows.append({"id": f"cd-{k}", "instruction": "If you are a doctor, please answer the medical questions "
-                                                         "based on the patient's description.",
-                         "input": f"Hi doctor, I have {symptom}. What could it be?",
-                         "output": f"Hi, thanks for asking. These symptoms suggest {diagnosis}. "
-                                   f"Please see your doctor for an examination{rng.choice(('.', ' soon.'))}"})
+            rows.append(
+                {
+                    "id": f"cd-{k}",
+                    "instruction": "If you are a doctor, please answer the medical questions "
+                    "based on the patient's description.",
+                    "input": f"Hi doctor, I have {symptom}. What could it be?",
+                    "output": f"Hi, thanks for asking. These symptoms suggest {diagnosis}. "
+                    f"Please see your doctor for an examination{rng.choice(('.', ' soon.'))}",
+                }
+            )
     out.mkdir(parents=True, exist_ok=True)
     target = out / "dialogue_tiny.jsonl"
     target.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -39,8 +39,15 @@ class DiagnosisConfig(RecipeConfig):
     eval_samples: int = 8
     max_new_tokens: int = 256
 
-    TINY: ClassVar[dict] = {"num_train_epochs": 1.0, "max_steps": 6, "gradient_accumulation_steps": 1,
-                            "learning_rate": 1e-2, "eval_samples": 2, "max_new_tokens": 12, "model_max_length": 512}
+    TINY: ClassVar[dict] = {
+        "num_train_epochs": 1.0,
+        "max_steps": 6,
+        "gradient_accumulation_steps": 1,
+        "learning_rate": 1e-2,
+        "eval_samples": 2,
+        "max_new_tokens": 12,
+        "model_max_length": 512,
+    }
 
 
 class DiagnosisQwen2VL(CaptionRecipe):
@@ -49,7 +56,7 @@ class DiagnosisQwen2VL(CaptionRecipe):
     Config = DiagnosisConfig
     tiny_arch = "qwen2_vl"
     required_columns = ("image", "id", "caption")
-    tiny_layout = {"long": True, "fmt": "parquet"}
+    tiny_layout: ClassVar[dict] = {"long": True, "fmt": "parquet"}
 
     @property
     def prompt(self) -> str:

@@ -41,8 +41,15 @@ class DialogueConfig(RecipeConfig):
     max_new_tokens: int = 256
     tiny_rows: int = 24
 
-    TINY: ClassVar[dict] = {"max_steps": 6, "gradient_accumulation_steps": 1, "learning_rate": 1e-2,
-                            "val_fraction": 2, "test_fraction": 2, "max_new_tokens": 12, "model_max_length": 256}
+    TINY: ClassVar[dict] = {
+        "max_steps": 6,
+        "gradient_accumulation_steps": 1,
+        "learning_rate": 1e-2,
+        "val_fraction": 2,
+        "test_fraction": 2,
+        "max_new_tokens": 12,
+        "model_max_length": 256,
+    }
 
 
 _LETTER = re.compile(r"\b([A-Z])\b")
@@ -71,9 +78,17 @@ class DialogueLlama3(Recipe):
             write_sharegpt([r for r, _ in part], folder / f"{name}.json")
             write_examples([e for _, e in part], folder / f"{name}.jsonl")
         n_mc = sum(bool(e.options) for _, e in pairs)
-        return Prepared(train_file, {"val": [e for _, e in val], "test": [e for _, e in test]},
-                        {"train": len(train), "val": len(val), "test": len(test), "multiple_choice": n_mc,
-                         "free_text": len(pairs) - n_mc})
+        return Prepared(
+            train_file,
+            {"val": [e for _, e in val], "test": [e for _, e in test]},
+            {
+                "train": len(train),
+                "val": len(val),
+                "test": len(test),
+                "multiple_choice": n_mc,
+                "free_text": len(pairs) - n_mc,
+            },
+        )
 
     def score(self, split: str, examples: list[Example], answers: list[str]) -> dict[str, float]:
         out: dict[str, float] = text_metrics(answers, [e.reference for e in examples])
@@ -84,5 +99,7 @@ class DialogueLlama3(Recipe):
         return out
 
     def next_steps(self, export: Path) -> list[str]:
-        return [f"python serve/cli.py --model-path {export}   # chat in the terminal",
-                f"python serve/controller.py --model-path {export} --tools ''   # browser chat, no tools"]
+        return [
+            f"python serve/cli.py --model-path {export}   # chat in the terminal",
+            f"python serve/controller.py --model-path {export} --tools ''   # browser chat, no tools",
+        ]

@@ -38,8 +38,15 @@ class RadiologyConfig(RecipeConfig):
     eval_samples: int = 3
     max_new_tokens: int = 128
 
-    TINY: ClassVar[dict] = {"max_steps": 6, "warmup_steps": 1, "gradient_accumulation_steps": 1,
-                            "learning_rate": 1e-2, "eval_samples": 2, "max_new_tokens": 12, "model_max_length": 512}
+    TINY: ClassVar[dict] = {
+        "max_steps": 6,
+        "warmup_steps": 1,
+        "gradient_accumulation_steps": 1,
+        "learning_rate": 1e-2,
+        "eval_samples": 2,
+        "max_new_tokens": 12,
+        "model_max_length": 512,
+    }
 
 
 class RadiologyLlama32V(CaptionRecipe):
@@ -48,7 +55,7 @@ class RadiologyLlama32V(CaptionRecipe):
     Config = RadiologyConfig
     tiny_arch = "mllama"
     compare_before = True
-    tiny_layout = {"long": False, "fmt": "disk"}
+    tiny_layout: ClassVar[dict] = {"long": False, "fmt": "disk"}
 
     @property
     def prompt(self) -> str:

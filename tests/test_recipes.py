@@ -1,0 +1,364 @@
+"""The three fine-tuning recipes end to end with ``--tiny`` (train → save → merge/export → compare or
+evaluate → load in the serving stack), plus argument and data validation."""
+
+import json
+
+import pytest
+import torch
+from _recipes_fixtures import dicom_data_url, read_json, run_recipe, state_dict
+from mmedagent.data.formats import DataError
+
+from mmedagent.recipes import RECIPES, get_recipe
+from mmedagent.recipes.__main__ import main
+from mmedagent.recipes.config import config_from_args
+from mmedagent.recipes.data import read_captions, read_dialogue
+from mmedagent.recipes.dialogue import chosen_option
+from mmedagent.recipes.radiology import ATTENTION_AND_MLP, INSTRUCTION
+
+METRICS = {"bleu4", "rouge_l", "meteor"}
+
+
+@pytest.fixture(scope="session")
+def radiology(tmp_path_factory):
+    out = tmp_path_factory.mktemp("radiology")
+    return out, run_recipe("radiology-llama32v", out)
+
+
+@pytest.fixture(scope="session")
+def diagnosis(tmp_path_factory):
+    out = tmp_path_factory.mktemp("diagnosis")
+    return out, run_recipe("diagnosis-qwen2vl", out)
+
+
+@pytest.fixture(scope="session")
+def dialogue(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dialogue")
+    return out, run_recipe("dialogue-llama3", out)
+
+
+def _check_metrics(values):
+    assert METRICS <= set(values)
+    for k in METRICS:
+        assert 0.0 <= values[k] <= 1.0, (k, values[k])
+
+
+def _check_training_outputs(trained, steps):
+    state = read_json(trained / "trainer_state.json")
+    losses = [e["loss"] for e in state["log_history"] if "loss" in e]
+    assert len(losses) == steps and all(0 < loss < 20 for loss in losses)  # finite, one per step
+    assert (trained / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert read_json(trained / "mmedagent_train.json")["base_model"]
+
+
+def _lora_deltas(adapter):
+    """{module name: (alpha / r) * B @ A} from a saved adapter."""
+    cfg = read_json(adapter / "adapter_config.json")
+    weights = state_dict(adapter)
+    out = {}
+    for key, a in weights.items():
+        if key.endswith(".lora_A.weight"):
+            module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+            b = weights[key.replace("lora_A", "lora_B")]
+            out[module] = cfg["lora_alpha"] / cfg["r"] * b @ a
+    return out
+
+
+def _check_merged(out, base, merged):
+    """The merged model = base + the LoRA deltas (to bf16 precision), and loads like any checkpoint."""
+    from mmedagent.model import load_model_and_processor
+
+    assert read_json(merged / "config.json")["dtype"] == "bfloat16"
+    base_model, _, _ = load_model_and_processor(base)
+    merged_model, _, family = load_model_and_processor(merged)
+    base_p, merged_p = dict(base_model.named_parameters()), dict(merged_model.named_parameters())
+    deltas = _lora_deltas(out / "adapter")
+    assert deltas
+    moved = 0
+    for module, delta in deltas.items():
+        expected = base_p[module + ".weight"].detach() + delta
+        got = merged_p[module + ".weight"].detach()
+        assert torch.allclose(got, expected, atol=2e-3, rtol=1e-2), module
+        moved += float(delta.abs().max()) > 1e-4
+    assert moved, "training left every LoRA delta at zero"
+    return family
+
+
+# --------------------------------------------------------------------------- radiology-llama32v
+
+
+def test_radiology_end_to_end(radiology):
+    out, summary = radiology
+    adapter = out / "adapter"
+    cfg = read_json(adapter / "adapter_config.json")
+    assert (cfg["r"], cfg["lora_alpha"], cfg["lora_dropout"]) == (16, 16, 0.0)
+    for name in ATTENTION_AND_MLP.split(","):
+        assert name in cfg["target_modules"]  # attention and MLP
+    assert (adapter / "adapter_model.safetensors").is_file()
+    _check_training_outputs(adapter, steps=6)
+    assert _check_merged(out, out / "tiny-base", out / "merged") == "mllama"
+
+    rows = read_json(out / "data" / "train.json")
+    assert len(rows) == 10  # 12 generated rows, 2 held out
+    assert rows[0]["messages"][0]["content"] == f"<image>\n{INSTRUCTION}"
+    assert rows[0]["messages"][1]["content"].startswith(("Chest", "Brain", "Abdomen", "Knee"))
+    held = [json.loads(line) for line in (out / "data" / "heldout.jsonl").read_text().splitlines()]
+    assert {h["image"] for h in held}.isdisjoint(r["images"][0] for r in rows)
+
+    report = read_json(out / "report.json")
+    assert [r["reference"] for r in report["examples"]] == [h["reference"] for h in held]
+    assert all({"before", "after"} <= set(r) for r in report["examples"])
+    assert any(r["before"] != r["after"] for r in report["examples"])
+    for when in ("before", "after"):
+        _check_metrics(report["metrics"]["heldout"][when])
+    table = (out / "report.txt").read_text()
+    assert "| REFERENCE" in table and "| BEFORE" in table and "| AFTER" in table
+    assert summary["export"] == str(out / "merged") and summary["loss_curve"]
+
+
+# --------------------------------------------------------------------------- diagnosis-qwen2vl
+
+
+def test_diagnosis_end_to_end(diagnosis):
+    out, summary = diagnosis
+    cfg = read_json(out / "adapter" / "adapter_config.json")
+    assert (cfg["r"], cfg["lora_alpha"]) == (8, 16)
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+        assert name in cfg["target_modules"]  # every Linear layer by default
+    _check_training_outputs(out / "adapter", steps=6)
+    assert _check_merged(out, out / "tiny-base", out / "merged") == "qwen2_vl"
+
+    rows = read_json(out / "data" / "train.json")  # sharegpt messages + images
+    assert rows[0]["id"].startswith("tiny-") and len(rows[0]["images"]) == 1
+    assert [m["role"] for m in rows[0]["messages"]] == ["user", "assistant"]
+    assert "diagnosis" in rows[0]["messages"][0]["content"]
+    assert "region of interest" in rows[0]["messages"][1]["content"]  # the long MedTrinity-style caption
+    _check_metrics(read_json(out / "report.json")["metrics"]["heldout"]["after"])
+    assert summary["metrics"]["heldout"]["n"] == 2
+
+
+def test_diagnosis_export_served_with_dicom(diagnosis):
+    """The exported model in the model worker (as `serve/controller.py --model-path` starts it),
+    answering a chat request that carries a DICOM CT slice."""
+    from fastapi.testclient import TestClient
+    from mmedagent.serve.config import ServeConfig
+    from mmedagent.serve.model_worker import build_app, load_host
+
+    out, _ = diagnosis
+    host = load_host(ServeConfig(model_path=str(out / "merged"), model_name="diagnosis"))
+    assert host.info["family"] == "qwen2_vl"
+    with TestClient(build_app(host)) as client:
+        reply = client.post(
+            "/v1/chat/completions",
+            json={
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "image_url", "image_url": {"url": dicom_data_url()}},
+                            {"type": "text", "text": "What is the most likely diagnosis?"},
+                        ],
+                    }
+                ],
+                "max_tokens": 6,
+                "temperature": 0,
+            },
+        )
+    assert reply.status_code == 200, reply.text
+    text = reply.json()["choices"][0]["message"]["content"]
+    assert isinstance(text, str) and text.strip()
+
+
+# --------------------------------------------------------------------------- dialogue-llama3
+
+
+def test_dialogue_end_to_end(dialogue):
+    out, summary = dialogue
+    cfg = read_json(out / "adapter" / "adapter_config.json")
+    assert (cfg["r"], cfg["lora_alpha"], cfg["lora_dropout"]) == (8, 32, 0.1)
+    _check_training_outputs(out / "adapter", steps=6)
+    assert _check_merged(out, out / "tiny-base", out / "merged") == "causal_lm"
+
+    ids = {name: {r["id"] for r in read_json(out / "data" / f"{name}.json")} for name in ("train", "val", "test")}
+    assert [len(ids[n]) for n in ("train", "val", "test")] == [20, 2, 2]
+    assert not (ids["train"] & ids["val"]) and not (ids["train"] & ids["test"]) and not (ids["val"] & ids["test"])
+
+    metrics = read_json(out / "report.json")["metrics"]
+    assert set(metrics) == {"val", "test"}
+    for split in ("val", "test"):
+        _check_metrics(metrics[split]["after"])
+        if "accuracy" in metrics[split]["after"]:
+            assert metrics[split]["after"]["accuracy"] in (0.0, 0.5, 1.0)
+    assert any("accuracy" in metrics[s]["after"] for s in metrics)  # seed 3407 puts a MedQA row in val or test
+    assert summary["metrics"] == metrics
+
+
+def test_dialogue_chat_on_result(dialogue):
+    """The result answers a text-only chat through the serving stack's model worker."""
+    from fastapi.testclient import TestClient
+    from mmedagent.serve.config import ServeConfig
+    from mmedagent.serve.model_worker import build_app, load_host
+
+    out, _ = dialogue
+    host = load_host(ServeConfig(model_path=str(out / "merged")))
+    assert host.info["family"] == "causal_lm"
+    with TestClient(build_app(host)) as client:
+        turns = [{"role": "user", "content": "Hi doctor, I have a painful swollen big toe."}]
+        first = client.post("/v1/chat/completions", json={"messages": turns, "max_tokens": 5})
+        assert first.status_code == 200, first.text
+        turns += [first.json()["choices"][0]["message"], {"role": "user", "content": "What should I do?"}]
+        second = client.post("/v1/chat/completions", json={"messages": turns, "max_tokens": 5})
+    assert second.status_code == 200 and second.json()["choices"][0]["message"]["content"].strip()
+
+
+def test_dialogue_full_fine_tuning(tmp_path):
+    summary = run_recipe(
+        "dialogue-llama3",
+        tmp_path,
+        "--no-lora",
+        "--max-steps",
+        "2",
+        "--tiny-rows",
+        "8",
+        "--val-fraction",
+        "1",
+        "--test-fraction",
+        "1",
+        "--max-new-tokens",
+        "4",
+    )
+    model = tmp_path / "model"
+    assert summary["export"] == str(model) and not (tmp_path / "adapter").exists()
+    assert not (model / "adapter_config.json").exists() and (model / "model.safetensors").is_file()
+    base, tuned = state_dict(tmp_path / "tiny-base"), state_dict(model)
+    assert any(not torch.equal(base[k], tuned[k]) for k in base if k in tuned)
+    _check_metrics(summary["metrics"]["test"]["after"])
+
+
+# --------------------------------------------------------------------------- arguments and data
+
+
+def test_overrides_and_effective_config(capsys):
+    cls = get_recipe("radiology-llama32v").Config
+    cfg = config_from_args(cls, {"tiny": True, "lora_r": 4, "learning_rate": 0.5})
+    assert (cfg.lora_r, cfg.learning_rate, cfg.max_steps) == (4, 0.5, cls.TINY["max_steps"])
+    assert config_from_args(cls, {}).max_steps == 30
+    eff = cfg.resolved()
+    if not torch.cuda.is_available():
+        assert (eff["bits"], eff["optim"], eff["bf16"]) == (16, "adamw_torch", False)
+    assert main(["--list"]) == 0
+    listing = capsys.readouterr().out
+    assert all(name in listing for name in RECIPES)
+    with pytest.raises(SystemExit):
+        main(["radiology-llama32v", "--lora-r", "many"])
+    assert main(["no-such-recipe"]) == 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
+def test_quantised_base_refused_on_cpu(tmp_path, capsys):
+    assert main(["radiology-llama32v", "--tiny", "--out", str(tmp_path), "--bits", "4"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+    assert not (tmp_path / "tiny-base").exists()
+
+
+def test_push_to_hub_arguments(tmp_path, capsys, monkeypatch):
+    import huggingface_hub.constants as hub_constants
+
+    assert main(["radiology-llama32v", "--tiny", "--out", str(tmp_path), "--push-to-hub", "not a repo"]) == 2
+    assert "owner/name" in capsys.readouterr().err
+
+    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(hub_constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    monkeypatch.setattr(hub_constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "no-tokens"))
+    assert main(["radiology-llama32v", "--tiny", "--out", str(tmp_path), "--push-to-hub", "me/radiology"]) == 2
+    assert "needs a Hugging Face token" in capsys.readouterr().err
+    assert not (tmp_path / "tiny-base").exists()  # refused before any work
+
+    secret = "hf_recipeTestSecret0123456789"
+    monkeypatch.setenv("HF_TOKEN", secret)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"image": "x.png"}\n')
+    assert (
+        main(
+            [
+                "radiology-llama32v",
+                "--tiny",
+                "--out",
+                str(tmp_path),
+                "--data",
+                str(bad),
+                "--push-to-hub",
+                "me/radiology",
+            ]
+        )
+        == 2
+    )
+    captured = capsys.readouterr()
+    assert secret not in captured.out + captured.err
+    assert f"{bad}: record 1: missing column(s) caption" in captured.err
+
+
+def _png(path):
+    from PIL import Image
+
+    Image.new("RGB", (16, 16), (90, 90, 90)).save(path)
+    return path.name
+
+
+def test_bad_caption_data_named_by_file_and_row(tmp_path):
+    good = _png(tmp_path / "a.png")
+    cases = {
+        "missing image": (
+            [{"image": good, "caption": "Chest X-ray."}, {"image": "gone.png", "caption": "CT."}],
+            "record 2: image not found: gone.png",
+        ),
+        "empty caption": (
+            [{"image": good, "caption": "Chest X-ray."}, {"image": good, "caption": "  "}],
+            "record 2: empty caption",
+        ),
+        "missing column": (
+            [{"image": good, "caption": "x"}, {"image": good, "text": "x"}],
+            "record 2: missing column(s) caption",
+        ),
+    }
+    for name, (rows, message) in cases.items():
+        path = tmp_path / f"{name.replace(' ', '_')}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        with pytest.raises(DataError) as err:
+            read_captions(path, None, tmp_path / "export")
+        assert f"{path}: {message}" in str(err.value), name
+    rows = tmp_path / "no_id.jsonl"
+    rows.write_text(json.dumps({"image": good, "caption": "x"}) + "\n")
+    with pytest.raises(DataError, match=r"record 1: missing column\(s\) id"):
+        read_captions(rows, None, tmp_path / "export", required=("image", "id", "caption"))
+
+
+def test_bad_parquet_columns_named(tmp_path):
+    import datasets
+
+    path = tmp_path / "medtrinity.parquet"
+    datasets.Dataset.from_dict({"image": ["a.png"], "caption": ["x"]}).to_parquet(str(path))
+    with pytest.raises(DataError, match=rf"{path}: missing column\(s\) id; the data has image, caption"):
+        read_captions(path, None, tmp_path / "export", required=("image", "id", "caption"))
+
+
+def test_dialogue_rows_and_choices(tmp_path):
+    path = tmp_path / "qa.jsonl"
+    rows = [
+        {"question": "Q?", "options": ["flu", "gout"], "answer_idx": "B"},
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]},
+        {"question": "Q2?", "options": {"A": "x", "B": "y"}, "answer_idx": "C"},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match=r"record 3: answer_idx 'C' is not one of the options \['A', 'B'\]"):
+        read_dialogue(path)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows[:2]) + json.dumps({"prompt": "x"}) + "\n")
+    with pytest.raises(DataError, match=r"record 3: missing columns"):
+        read_dialogue(path)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
+    (rec, mc), (_, chat) = read_dialogue(path)
+    assert mc.reference == "B. gout" and mc.options == ("A", "B") and "A. flu\nB. gout" in mc.prompt
+    assert rec.conversations[-1].value == "B. gout" and (chat.prompt, chat.reference) == ("Hi", "Hello")
+    assert chosen_option("The answer is B. gout", ("A", "B")) == "B"
+    assert chosen_option("I think (A)", ("A", "B")) == "A"
+    assert chosen_option("no idea", ("A", "B")) is None
