@@ -111,3 +111,18 @@ def test_quantized_loading_needs_cuda(tiny_models):
         pytest.skip("CUDA present")
     with pytest.raises(RuntimeError, match="CUDA GPU and bitsandbytes"):
         load_planner(tiny_models("llava"), load_in_4bit=True)
+
+
+def test_planner_drives_the_agent_loop(planners):
+    from doubles import FakeGrounding
+    from mmedagent.agent import Agent, Planner
+    from mmedagent.dispatcher import Dispatcher
+
+    planner = planners("qwen2_vl")
+    assert isinstance(planner, Planner)
+    events = []
+    agent = Agent(planner, Dispatcher([FakeGrounding()]), max_steps=2, max_new_tokens=8)
+    result = agent.run(QUESTION, test_image(), on_event=lambda kind, data: events.append(kind))
+    assert result.steps and result.messages[-1]["role"] == "assistant"
+    assert "token" in events and events[-1] == "answer"
+    assert result.messages[1]["content"].startswith("<image>\n")

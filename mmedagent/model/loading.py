@@ -9,11 +9,9 @@ LLaVA-layout checkpoint (``LlavaLlamaForCausalLM``, converted on load).
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger(__name__)
 
 FAMILIES = {
     "llava": "llava",

@@ -10,7 +10,6 @@ naive path, kept for comparison). Both paths run the same decode loop, so greedy
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -20,7 +19,6 @@ from typing import Any
 from mmedagent.model.templates import has_vision, render_prompt, tokenizer_of
 from mmedagent.protocol import IMAGE_TOKEN
 
-log = logging.getLogger(__name__)
 
 _VISION_ATTRS = ("vision_tower", "visual", "vision_model")
 
