@@ -1,0 +1,222 @@
+"""Training data, arguments and model preparation, in-process on tiny models (no launcher)."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from _train_fixtures import ROOT, TEXT_RECORD, tiny_models, tool_record, train_data, write_images  # noqa: F401
+from mmedagent.data.formats import DataError
+from mmedagent.protocol import Record
+
+
+def _dataset(model_dir, data_path, folder, template="vicuna_v1", max_len=2048, aspect=None, family=None):
+    from mmedagent.model.loading import load_processor
+    from mmedagent.train.dataset import SupervisedDataset, load_samples
+
+    family = family or ("qwen2_vl" if "qwen" in model_dir.name else "llava")
+    samples = load_samples(str(data_path), str(folder) if folder else None, vision=True)
+    return SupervisedDataset(samples, load_processor(model_dir, family), family, template, max_len, aspect)
+
+
+def _trained_text(ds, item):
+    ids = [t for t, lab in zip(item["input_ids"].tolist(), item["labels"].tolist()) if lab != -100]
+    return ds.tokenizer.decode(ids)
+
+
+def test_labels_cover_exactly_the_assistant_turns(tiny_models, train_data):
+    ds = _dataset(tiny_models("llava"), train_data["mmedagent"], train_data["images"])
+    item = ds[0]
+    rec = Record.from_dict(tool_record(0, "img0.png"))
+    plan, answer = (m.text() for m in rec.conversations if m.role == "gpt")
+    assert _trained_text(ds, item) == f" {plan}</s> {answer}</s>"  # both gpt turns + their end-of-turn
+    ids, labels = item["input_ids"], item["labels"]
+    image = ids == ds.image_token_id
+    assert image.sum() == 16 and (labels[image] == -100).all()  # 4x4 patches, never trained
+    assert item["pixel_values"].shape == (1, 3, 32, 32)
+    learned = (labels != -100).nonzero().flatten()
+    assert (labels[learned] == ids[learned]).all()
+    prompt = ds.tokenizer.decode(ids[: learned[0]])
+    assert "USER:" in prompt and "Can you locate the tumor" in prompt
+
+
+def test_qwen2_vl_chat_template_labels(tiny_models, train_data):
+    ds = _dataset(tiny_models("qwen2_vl"), train_data["sharegpt"], None, template=None)
+    item = ds[1]
+    text = _trained_text(ds, item)
+    assert '"prompts": ["nodule"]' in text and "The nodule is in the lower right region." in text
+    assert "Where is the nodule" not in text and "grounding dino output" not in text
+    assert set(item) >= {"pixel_values", "image_grid_thw", "mm_token_type_ids"}
+    assert (item["labels"][item["input_ids"] == ds.image_token_id] == -100).all()
+
+
+def test_truncation_keeps_image_tokens_whole(tiny_models, train_data):
+    full = _dataset(tiny_models("llava"), train_data["mmedagent"], train_data["images"])[0]
+    ds = _dataset(tiny_models("llava"), train_data["mmedagent"], train_data["images"], max_len=100)
+    item = ds[0]
+    assert len(item["input_ids"]) == len(item["labels"]) == 100
+    assert (item["input_ids"] == ds.image_token_id).sum() == 16
+    assert (item["input_ids"] == full["input_ids"][:100]).all()
+    tight = _dataset(tiny_models("llava"), train_data["mmedagent"], train_data["images"], max_len=40)
+    with pytest.raises(DataError, match=r"mmedagent.json: record 1: the image tokens end at position \d+, beyond "
+                                        r"--model_max_length 40"):
+        tight[0]
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"image": "missing.png"}, r"record 2: image not found: .*missing.png"),
+    ({"conversations": [{"from": "gpt", "value": "hi"}, {"from": "human", "value": "x"}]},
+     r"record 2: turn 1 is 'assistant', expected 'user'"),
+    ({"conversations": [{"from": "human", "value": "<image>\nonly a question"}]}, r"record 2: no assistant turn"),
+    ({"conversations": [{"from": "human", "value": "<image>\n<image>\nq"}, {"from": "gpt", "value": "a"}]},
+     r"record 2: 2 <image> (marker|tag)\(s\) for 1 image\(s\)"),
+])
+def test_bad_records_name_file_and_record(tmp_path, bad, message):
+    from mmedagent.train.dataset import load_samples
+
+    names = write_images(tmp_path / "im", 1)
+    good = tool_record(0, names[0])
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps([good, {**good, **bad}]))
+    with pytest.raises(DataError, match="bad.json: " + message):
+        load_samples(str(path), str(tmp_path / "im"), vision=True)
+
+
+def test_comma_separated_files_and_folders(tmp_path):
+    from mmedagent.train.dataset import load_samples
+
+    for name in ("a", "b"):
+        write_images(tmp_path / f"im_{name}", 1)
+        (tmp_path / f"{name}.json").write_text(json.dumps([tool_record(0, "img0.png"), TEXT_RECORD]))
+    paths = f"{tmp_path / 'a.json'},{tmp_path / 'b.json'}"
+    samples = load_samples(paths, f"{tmp_path / 'im_a'},{tmp_path / 'im_b'}", vision=True)
+    assert [s.images for s in samples] == [(str(tmp_path / "im_a/img0.png"),), (), (str(tmp_path / "im_b/img0.png"),), ()]
+    assert samples[0].messages[0]["content"].startswith("<image>\n")
+    with pytest.raises(ValueError, match="lists 3 folders for 2 data files"):
+        load_samples(paths, "x,y,z", vision=True)
+    with pytest.raises(DataError, match=r"a.json: record 1: has an image but the backbone is a text-only model"):
+        load_samples(paths, f"{tmp_path / 'im_a'},{tmp_path / 'im_b'}", vision=False)
+
+
+def test_pad_aspect_uses_processor_mean():
+    from mmedagent.train.dataset import expand_to_square
+
+    out = expand_to_square(Image.new("RGB", (20, 10), (255, 0, 0)), (120, 130, 140))
+    assert out.size == (20, 20)
+    assert out.getpixel((0, 0)) == (120, 130, 140) and out.getpixel((10, 10)) == (255, 0, 0)
+
+
+def test_mixed_batch_collates_and_runs(tiny_models, train_data):
+    from mmedagent.model.loading import load_model_and_processor
+    from mmedagent.train.dataset import Collator
+
+    ds = _dataset(tiny_models("llava"), train_data["mixed"], train_data["images"], aspect="pad")
+    assert [n > 0 for n in ds.modality_lengths] == [True] * 4 + [False] * 2  # keyed on the images themselves
+    batch = Collator(ds.tokenizer.pad_token_id, "llava")([ds[0], ds[4], ds[1]])
+    assert batch["input_ids"].shape == batch["labels"].shape and batch["pixel_values"].shape[0] == 2
+    assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()
+    model, _, _ = load_model_and_processor(tiny_models("llava"), dtype="float32", device="cpu")
+    assert torch.isfinite(model(**batch).loss)
+
+
+def test_modality_groups_never_mix():
+    from mmedagent.train.trainer import modality_grouped_indices
+
+    lengths = [5, -3, 7, -2, 9, 4, -8, 6, 1, -1]
+    order = modality_grouped_indices(lengths, 2, torch.Generator().manual_seed(0))
+    assert sorted(order) == list(range(len(lengths)))
+    full = [order[k:k + 2] for k in range(0, 8, 2)]
+    assert all(len({lengths[i] > 0 for i in mb}) == 1 for mb in full)
+    assert all(abs(lengths[a]) >= abs(lengths[b]) for a, b in full)
+
+
+RECIPE = ("--lora_enable True --lora_r 128 --lora_alpha 256 --mm_projector_lr 2e-5 --deepspeed ./scripts/zero2.json "
+          "--version v1 --data_path d.json --image_folder imgs --vision_tower openai/clip-vit-large-patch14-336 "
+          "--mm_projector_type mlp2x_gelu --mm_vision_select_layer -2 --mm_use_im_start_end False "
+          "--mm_use_im_patch_token False --image_aspect_ratio pad --group_by_modality_length False --bf16 True "
+          "--num_train_epochs 30 --per_device_train_batch_size 12 --gradient_accumulation_steps 2 "
+          "--save_strategy steps --save_steps 3000 --save_total_limit 2 --learning_rate 2e-4 --weight_decay 0. "
+          "--warmup_ratio 0.03 --lr_scheduler_type cosine --logging_steps 1 --model_max_length 2048 "
+          "--gradient_checkpointing True --dataloader_num_workers 4 --lazy_preprocess True --report_to none").split()
+
+
+def test_mmedagent_recipe_flags_parse(tmp_path, monkeypatch):
+    from mmedagent.train.args import check_backbone_flags, parse_args, template_name
+
+    monkeypatch.chdir(ROOT)  # the recipe names ./scripts/zero2.json
+    m, d, t = parse_args(["--model_name_or_path", "base", "--output_dir", str(tmp_path), *RECIPE])
+    assert (t.lora_r, t.lora_alpha, t.mm_projector_lr, t.warmup_steps, t.bf16) == (128, 256, 2e-5, 0.03, True)
+    assert (m.mm_vision_select_layer, m.mm_use_im_start_end, d.image_aspect_ratio) == (-2, False, "pad")
+    assert template_name(m.version) == "vicuna_v1" and t.use_cpu == (not torch.cuda.is_available())
+    check_backbone_flags("llava", m, d, t)
+    with pytest.raises(ValueError, match=r"--vision_tower, --mm_vision_select_layer, --mm_projector_type, "
+                                         r"--mm_use_im_start_end, --mm_use_im_patch_token do\(es\) not apply to base "
+                                         r"\(a qwen2_vl backbone\)"):
+        check_backbone_flags("qwen2_vl", m, d, t)
+    text_only = parse_args(["--model_name_or_path", "b", "--output_dir", str(tmp_path), "--data_path", "d",
+                            "--image_folder", "i", "--image_aspect_ratio", "pad", "--mm_projector_lr", "1e-5"])
+    with pytest.raises(ValueError, match=r"--image_folder, --image_aspect_ratio, --mm_projector_lr .*causal_lm"):
+        check_backbone_flags("causal_lm", *text_only)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--mm_use_im_start_end", "True"], "--mm_use_im_start_end True is not supported"),
+    (["--bits", "4"], r"--bits 4 \(QLoRA\) needs a CUDA GPU"),
+    (["--warmup_ratio", "1.5"], "--warmup_ratio must be in"),
+    (["--image_aspect_ratio", "anyres"], "--image_aspect_ratio must be 'pad' or 'square'"),
+])
+def test_bad_flags_are_rejected(tmp_path, flags, message):
+    from mmedagent.train.args import check_backbone_flags, parse_args
+
+    if "--bits" in flags and torch.cuda.is_available():
+        pytest.skip("QLoRA is allowed on a GPU")
+    with pytest.raises(ValueError, match=message):
+        check_backbone_flags("llava", *parse_args(["--model_name_or_path", "b", "--output_dir", str(tmp_path),
+                                                   "--data_path", "d", *flags]))
+
+
+def test_lora_targets_language_model_only_and_projector_trains_at_its_lr(tiny_models, tmp_path):
+    from transformers import Trainer
+
+    from mmedagent.model.loading import load_model_and_processor
+    from mmedagent.train.args import parse_args
+    from mmedagent.train.modeling import apply_llava_flags, prepare_model
+    from mmedagent.train.trainer import MMedTrainer
+
+    m, _, t = parse_args(["--model_name_or_path", "b", "--output_dir", str(tmp_path), "--data_path", "d",
+                          "--mm_projector_lr", "1e-5", "--learning_rate", "1e-3", "--lora_r", "4",
+                          "--mm_projector_type", "linear"])
+    model, _, _ = load_model_and_processor(tiny_models("llava"), dtype="float32", device="cpu")
+    with pytest.raises(ValueError, match="--mm_projector_type linear does not match the checkpoint's projector"):
+        apply_llava_flags(model, m)
+    model = prepare_model(model, "llava", t)
+    lora = {n.rsplit(".lora_A", 1)[0] for n, _ in model.named_parameters() if ".lora_A." in n}
+    assert lora and all(".language_model." in n for n in lora)
+    assert {n.rsplit(".", 1)[-1] for n in lora} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                    "down_proj"}
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert not any("vision_tower" in n or "lm_head" in n or "embed_tokens" in n for n in trainable)
+    assert any("multi_modal_projector.modules_to_save" in n for n in trainable)
+    opt = MMedTrainer(model=model, args=t, projector="model.multi_modal_projector").create_optimizer()
+    proj = {id(p) for n, p in model.named_parameters() if "multi_modal_projector" in n and p.requires_grad}
+    by_lr: dict[float, set[int]] = {}
+    for g in opt.param_groups:
+        by_lr.setdefault(g["lr"], set()).update(id(p) for p in g["params"])
+    assert set(by_lr) == {1e-3, 1e-5} and by_lr[1e-5] == proj
+    assert opt.param_groups[0]["lr"] == 1e-3  # the Trainer logs group 0's rate
+    assert issubclass(MMedTrainer, Trainer)
+
+
+def test_full_finetune_freezes_vision_only(tiny_models, tmp_path):
+    from mmedagent.model.loading import load_model_and_processor
+    from mmedagent.train.args import parse_args
+    from mmedagent.train.modeling import prepare_model
+
+    _, _, t = parse_args(["--model_name_or_path", "b", "--output_dir", str(tmp_path), "--data_path", "d",
+                          "--lora_enable", "False"])
+    model, _, _ = load_model_and_processor(tiny_models("qwen2_vl"), dtype="float32", device="cpu")
+    model = prepare_model(model, "qwen2_vl", t)
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    assert all(v for n, v in grads.items() if n.startswith("model.language_model.") or ".merger." in n)
+    assert not any(v for n, v in grads.items() if n.startswith("model.visual.") and ".merger." not in n)

@@ -1,0 +1,142 @@
+"""Command-line arguments of ``train/train_mem.py``: MMedAgent's recipe flags, as written.
+
+Three ``HfArgumentParser`` dataclasses (model / data / training). Backbone-specific flags default to
+``None`` ("not given"), so :func:`check_backbone_flags` can reject those that do not apply to the
+loaded backbone instead of silently ignoring them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import transformers
+
+TEMPLATE_ALIASES = {"v1": "vicuna_v1", "vicuna": "vicuna_v1"}
+"""LLaVA ``--version`` names -> model-layer template names."""
+
+LLAVA_ONLY = ("vision_tower", "mm_vision_select_layer", "mm_vision_select_feature", "mm_projector_type",
+              "mm_use_im_start_end", "mm_use_im_patch_token")
+IMAGE_ONLY = ("image_folder", "image_aspect_ratio", "mm_projector_lr", "freeze_mm_mlp_adapter")
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(metadata={"help": "Base checkpoint (HF layout or original LLaVA layout)."})
+    version: str | None = field(default=None, metadata={
+        "help": "Chat template: 'v1' (= vicuna_v1, MMedAgent) or a model-layer template name; "
+                "default: the processor's own chat template."})
+    vision_tower: str | None = field(default=None, metadata={
+        "help": "LLaVA only. Must agree with the checkpoint's vision tower (transformers' LLaVA keeps it inside)."})
+    mm_vision_select_layer: int | None = field(default=None, metadata={"help": "LLaVA only: vision feature layer."})
+    mm_vision_select_feature: str | None = field(default=None, metadata={
+        "help": "LLaVA only: 'patch' (drop CLS) or 'cls_patch'."})
+    mm_projector_type: str | None = field(default=None, metadata={
+        "help": "LLaVA only: must match the checkpoint's projector (transformers' LLaVA: mlp2x_gelu)."})
+    mm_use_im_start_end: bool | None = field(default=None, metadata={"help": "LLaVA only; only False is supported."})
+    mm_use_im_patch_token: bool | None = field(default=None, metadata={"help": "LLaVA only; only False is supported."})
+    attn_implementation: str | None = field(default=None, metadata={
+        "help": "sdpa / eager / flash_attention_2; default: the model layer's choice."})
+
+
+@dataclass
+class DataArguments:
+    data_path: str = field(metadata={"help": "Training data; a comma-separated list is allowed."})
+    image_folder: str | None = field(default=None, metadata={
+        "help": "Folder(s) that relative image paths refer to; one for all data files or one per file."})
+    image_aspect_ratio: str | None = field(default=None, metadata={
+        "help": "'pad' (pad to a square with the processor's mean colour, MMedAgent) or 'square' (as is)."})
+    lazy_preprocess: bool = field(default=True, metadata={
+        "help": "Accepted for compatibility; preprocessing is always lazy (per item, in the data loader)."})
+
+
+@dataclass
+class TrainingArguments(transformers.TrainingArguments):
+    """``transformers.TrainingArguments`` plus LLaVA/MMedAgent's LoRA, projector and length options."""
+
+    model_max_length: int = field(default=2048, metadata={
+        "help": "Sequences are truncated to this many tokens (never inside the image tokens)."})
+    lora_enable: bool = field(default=True, metadata={"help": "LoRA (default) or full fine-tuning (False)."})
+    lora_r: int = 64
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_bias: str = field(default="none", metadata={"help": "none / all / lora_only"})
+    lora_target_modules: str | None = field(default=None, metadata={
+        "help": "Comma-separated module names; default: every Linear of the language model except lm_head."})
+    mm_projector_lr: float | None = field(default=None, metadata={
+        "help": "Learning rate of the vision-language projector (default: --learning_rate)."})
+    freeze_mm_mlp_adapter: bool | None = field(default=None, metadata={"help": "Keep the projector frozen."})
+    group_by_modality_length: bool = field(default=False, metadata={
+        "help": "Batch image and text-only records separately, each grouped by length."})
+    bits: int = field(default=16, metadata={"help": "4 or 8: QLoRA with bitsandbytes (CUDA only); 16: off."})
+    warmup_ratio: float | None = field(default=None, metadata={
+        "help": "Warm-up as a fraction of the training steps (MMedAgent's flag; sets --warmup_steps)."})
+    optim: str = field(default="adamw_torch")
+    remove_unused_columns: bool = field(default=False)
+
+    def __post_init__(self):
+        import torch
+
+        # Without use_cpu every CPU rank believes it is alone (unsharded data) and bf16 is refused.
+        if not torch.cuda.is_available():
+            self.use_cpu = True
+        if self.warmup_ratio is not None:
+            if not 0 <= self.warmup_ratio < 1:
+                raise ValueError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+            self.warmup_steps = self.warmup_ratio
+        if self.bits not in (4, 8, 16):
+            raise ValueError(f"--bits must be 4, 8 or 16, got {self.bits}")
+        if self.bits in (4, 8) and not torch.cuda.is_available():
+            raise ValueError(f"--bits {self.bits} (QLoRA) needs a CUDA GPU and bitsandbytes; this machine has no GPU. "
+                             "Use --bits 16 on CPU.")
+        if self.bits in (4, 8) and not self.lora_enable:
+            raise ValueError(f"--bits {self.bits} quantises the frozen base model; it needs --lora_enable True")
+        if self.lora_bias not in ("none", "all", "lora_only"):
+            raise ValueError(f"--lora_bias must be none, all or lora_only, got {self.lora_bias!r}")
+        if self.activation_checkpointing_kwargs is None and self.gradient_checkpointing_kwargs is None:
+            # non-reentrant checkpointing works with frozen embeddings (LoRA) without extra hooks
+            self.activation_checkpointing_kwargs = {"use_reentrant": False}
+        super().__post_init__()
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
+    parser = transformers.HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    if data_args.image_aspect_ratio not in (None, "pad", "square"):
+        raise ValueError(f"--image_aspect_ratio must be 'pad' or 'square', got {data_args.image_aspect_ratio!r}")
+    return model_args, data_args, training_args
+
+
+def template_name(version: str | None) -> str | None:
+    """The model-layer template for ``--version`` (None: the processor's chat template)."""
+    return TEMPLATE_ALIASES.get(version, version) if version else None
+
+
+def _given(args: object, names: tuple[str, ...]) -> list[str]:
+    fields = {f.name for f in dataclasses.fields(args)}
+    return [n for n in names if n in fields and getattr(args, n) is not None]
+
+
+def check_backbone_flags(family: str, model_args: ModelArguments, data_args: DataArguments,
+                         training_args: TrainingArguments) -> None:
+    """Reject flags that do not apply to ``family`` ("llava", "qwen2_vl", "mllama", "causal_lm")."""
+    bad = []
+    if family != "llava":
+        bad += _given(model_args, LLAVA_ONLY)
+    if family == "causal_lm":
+        bad += _given(data_args, IMAGE_ONLY) + _given(training_args, IMAGE_ONLY)
+    if bad:
+        flags = ", ".join(f"--{n}" for n in bad)
+        raise ValueError(f"{flags} do(es) not apply to {model_args.model_name_or_path} (a {family} backbone): "
+                         f"{'image options need a vision backbone' if family == 'causal_lm' else 'LLaVA-only options'}"
+                         "; remove them.")
+    if family == "llava":
+        if model_args.mm_use_im_start_end:
+            raise ValueError("--mm_use_im_start_end True is not supported: transformers' LLaVA places image "
+                             "features at the <image> tokens without start/end tokens. Use False.")
+        if model_args.mm_use_im_patch_token:
+            raise ValueError("--mm_use_im_patch_token True is not supported (no patch tokens in transformers' "
+                             "LLaVA). Use False.")
+        if model_args.mm_vision_select_feature not in (None, "patch", "cls_patch"):
+            raise ValueError(f"--mm_vision_select_feature must be patch or cls_patch, got "
+                             f"{model_args.mm_vision_select_feature!r}")

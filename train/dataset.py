@@ -1,0 +1,275 @@
+"""Supervised data for instruction tuning: every format the data layer reads, validated up front.
+
+Records come from :func:`mmedagent.data.formats.read_records` (MMedAgent / LLaVA JSON and JSONL,
+sharegpt ``messages`` + ``images``, HF image + caption data sets, text-only dialogue). Each turn's
+text is :meth:`mmedagent.protocol.Message.text` (the one turn format); the prompt and the trained
+spans come from the model layer's :func:`~mmedagent.model.templates.render_segments`; images are
+decoded lazily with :func:`mmedagent.imaging.load_image`. Labels cover assistant tokens only
+(planning and answer turns alike); everything else is ``-100``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from mmedagent.data.formats import DataError, read_records
+from mmedagent.imaging import load_image
+from mmedagent.model.templates import render_segments, tokenizer_of
+from mmedagent.protocol import IMAGE_TOKEN, Record
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
+SEQ_PAD = {"input_ids": None, "labels": IGNORE_INDEX, "attention_mask": 0, "mm_token_type_ids": 0,
+           "token_type_ids": 0}
+"""Per-token keys and their padding value (None: the tokenizer's pad id)."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """A validated record: where it came from, its chat messages and its resolved images."""
+
+    source: str
+    index: int  # 1-based record number in ``source``
+    messages: tuple[dict[str, str], ...]
+    images: tuple[Any, ...]  # paths, or bytes / PIL images from in-memory data sets
+
+    @property
+    def where(self) -> str:
+        return f"{self.source}: record {self.index}"
+
+
+def split_list(value: str | None) -> list[str]:
+    return [v.strip() for v in (value or "").split(",") if v.strip()]
+
+
+def pair_folders(data_paths: list[str], folders: list[str]) -> list[str | None]:
+    """MMedAgent's comma-separated ``--image_folder``: one for all data files, or one per file."""
+    if not folders:
+        return [None] * len(data_paths)
+    if len(folders) == 1:
+        return folders * len(data_paths)
+    if len(folders) != len(data_paths):
+        raise ValueError(f"--image_folder lists {len(folders)} folders for {len(data_paths)} data files; "
+                         "give one folder, or one per data file")
+    return list(folders)
+
+
+def _resolve_image(ref: Any, folder: str | None, where: str) -> Any:
+    if not isinstance(ref, (str, Path)):
+        return ref  # already-decoded or in-memory image
+    path = Path(ref)
+    if not path.is_absolute() and folder is not None:
+        path = Path(folder) / path
+    if not path.is_file():
+        raise DataError(f"{where}: image not found: {path}")
+    return str(path)
+
+
+def record_to_sample(record: Record, source: str, index: int, folder: str | None, vision: bool) -> Sample:
+    """Check one record and turn it into chat messages; every error names file and record."""
+    where = f"{source}: record {index}"
+    messages: list[dict[str, str]] = []
+    for k, m in enumerate(record.conversations):
+        role = ROLES.get(m.role)
+        if role is None:
+            raise DataError(f"{where}: turn {k + 1} has unknown role {m.role!r}")
+        if role == "system" and k != 0:
+            raise DataError(f"{where}: a system turn may only come first")
+        messages.append({"role": role, "content": m.text()})
+    dialogue = [m["role"] for m in messages if m["role"] != "system"]
+    if not dialogue:
+        raise DataError(f"{where}: empty conversation")
+    for k, role in enumerate(dialogue):
+        want = "user" if k % 2 == 0 else "assistant"
+        if role != want:
+            raise DataError(f"{where}: turn {k + 1} is {role!r}, expected {want!r} (turns must alternate, "
+                            "starting with the human)")
+    if "assistant" not in dialogue:
+        raise DataError(f"{where}: no assistant turn to learn from")
+    images = tuple(_resolve_image(ref, folder, where) for ref in record.images)
+    if images and not vision:
+        raise DataError(f"{where}: has an image but the backbone is a text-only model")
+    n_marks = sum(m["content"].count(IMAGE_TOKEN) for m in messages)
+    if images and n_marks == 0:
+        first_user = next(i for i, m in enumerate(messages) if m["role"] == "user")
+        messages[first_user] = {"role": "user",
+                                "content": IMAGE_TOKEN * len(images) + "\n" + messages[first_user]["content"]}
+    elif n_marks != len(images):
+        raise DataError(f"{where}: {n_marks} {IMAGE_TOKEN} marker(s) for {len(images)} image(s)")
+    return Sample(source, index, tuple(messages), images)
+
+
+def load_samples(data_path: str, image_folder: str | None, vision: bool) -> list[Sample]:
+    """Read and validate every record of every (comma-separated) data file, before training starts."""
+    paths = split_list(data_path)
+    if not paths:
+        raise ValueError("--data_path is empty")
+    samples: list[Sample] = []
+    for path, folder in zip(paths, pair_folders(paths, split_list(image_folder))):
+        records = read_records(path, image_folder=folder)
+        if not records:
+            raise DataError(f"{path}: no records")
+        samples += [record_to_sample(r, path, i, folder, vision) for i, r in enumerate(records, 1)]
+    return samples
+
+
+def expand_to_square(image: Image.Image, background: tuple[int, ...]) -> Image.Image:
+    """LLaVA's ``pad`` aspect: centre the image on a square of the processor's mean colour."""
+    w, h = image.size
+    if w == h:
+        return image
+    side = max(w, h)
+    out = Image.new(image.mode, (side, side), background)
+    out.paste(image, ((side - w) // 2, (side - h) // 2))
+    return out
+
+
+def token_labels(offsets: Sequence[tuple[int, int]], trained: np.ndarray) -> list[bool]:
+    """A token is trained when the last character it covers lies in a trained segment."""
+    return [bool(e > s and trained[e - 1]) for s, e in offsets]
+
+
+class SupervisedDataset(torch.utils.data.Dataset):
+    """Lazily tokenised chat samples with assistant-only labels."""
+
+    def __init__(self, samples: list[Sample], processor: Any, family: str, template: str | None,
+                 model_max_length: int, image_aspect_ratio: str | None = None):
+        self.samples = samples
+        self.processor = processor
+        self.tokenizer = tokenizer_of(processor)
+        self.family = family
+        self.template = template
+        self.model_max_length = model_max_length
+        self.pad = image_aspect_ratio == "pad"
+        self.image_token_id = None
+        if family != "causal_lm":
+            self.image_token_id = self.tokenizer.convert_tokens_to_ids(processor.image_token)
+        mean = getattr(getattr(processor, "image_processor", None), "image_mean", None) or [0.5, 0.5, 0.5]
+        self.background = tuple(int(round(255 * x)) for x in mean)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def modality_lengths(self) -> list[int]:
+        """Approximate lengths, negative for text-only samples (LLaVA's convention; keyed on the
+        samples' images, not on a misspelt ``'images'`` field)."""
+        out = []
+        for s in self.samples:
+            n = sum(len(m["content"]) for m in s.messages) // 4 + 1
+            out.append(n + 128 * len(s.images) if s.images else -n)
+        return out
+
+    def _images(self, sample: Sample) -> list[Image.Image]:
+        out = []
+        for ref in sample.images:
+            try:
+                image = ref.convert("RGB") if isinstance(ref, Image.Image) else load_image(ref).image
+            except Exception as e:  # noqa: BLE001 - any decoder failure becomes a data error naming the record
+                raise DataError(f"{sample.where}: cannot load image: {e}") from e
+            out.append(expand_to_square(image, self.background) if self.pad else image)
+        return out
+
+    def encode(self, sample: Sample) -> dict[str, torch.Tensor]:
+        """Tokenise one sample: model inputs plus ``labels``; truncation never cuts image tokens."""
+        segments = render_segments(list(sample.messages), self.template, self.processor)
+        text = "".join(t for t, _ in segments)
+        trained = np.zeros(len(text), dtype=bool)
+        pos = 0
+        for t, is_trained in segments:
+            trained[pos:pos + len(t)] = is_trained
+            pos += len(t)
+        tok = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        labels_t = token_labels(tok["offset_mapping"], trained)
+        images = self._images(sample)
+        if self.family == "causal_lm":
+            enc = self.tokenizer(text, add_special_tokens=False, return_tensors="pt")
+        else:
+            enc = self.processor(text=[text], images=images or None, add_special_tokens=False, return_tensors="pt")
+        ids = enc["input_ids"][0].tolist()
+        labels = self._align(tok["input_ids"], labels_t, ids, sample)
+        out = dict(enc)
+        limit = self.model_max_length
+        if len(ids) > limit:
+            image_pos = [i for i, t in enumerate(ids) if t == self.image_token_id] if images else []
+            if image_pos and image_pos[-1] >= limit:
+                raise DataError(f"{sample.where}: the image tokens end at position {image_pos[-1] + 1}, beyond "
+                                f"--model_max_length {limit}; raise --model_max_length or use smaller images")
+            for k, v in out.items():
+                if k in SEQ_PAD or k == "cross_attention_mask":
+                    out[k] = v[:, :limit]
+            labels = labels[:limit]
+        item = {k: (v[0] if k in SEQ_PAD else v) for k, v in out.items()}
+        item["labels"] = torch.tensor(labels, dtype=torch.long)
+        if not any(x != IGNORE_INDEX for x in labels):
+            log.warning("%s: no assistant token left after truncation to %d tokens", sample.where, limit)
+        return item
+
+    def _align(self, tok_ids: list[int], tok_labels: list[bool], ids: list[int], sample: Sample) -> list[int]:
+        """Labels for the processor's ids, which equal the tokenizer's except for expanded image tokens."""
+        labels: list[int] = []
+        j = 0
+        for tid, is_trained in zip(tok_ids, tok_labels):
+            if j >= len(ids) or ids[j] != tid:
+                raise DataError(f"{sample.where}: processor and tokenizer disagree at token {j}; "
+                                "cannot place the labels")
+            if tid == self.image_token_id:
+                while j < len(ids) and ids[j] == tid:
+                    labels.append(IGNORE_INDEX)
+                    j += 1
+                continue
+            labels.append(tid if is_trained else IGNORE_INDEX)
+            j += 1
+        if j != len(ids):
+            raise DataError(f"{sample.where}: processor produced {len(ids) - j} unexpected trailing tokens")
+        return labels
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return self.encode(self.samples[i])
+
+
+def _pad_to(t: torch.Tensor, shape: Sequence[int], value: float) -> torch.Tensor:
+    pad = []
+    for have, want in zip(reversed(t.shape), reversed(shape)):
+        pad += [0, want - have]
+    return torch.nn.functional.pad(t, pad, value=value) if any(pad) else t
+
+
+@dataclass
+class Collator:
+    """Right-pads per-token keys; concatenates image inputs (zero-padding mllama's batch-first ones)."""
+
+    pad_token_id: int
+    family: str
+
+    def __call__(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        length = max(len(x["input_ids"]) for x in items)
+        batch: dict[str, torch.Tensor] = {}
+        for key, value in SEQ_PAD.items():
+            if key in items[0]:
+                fill = self.pad_token_id if value is None else value
+                batch[key] = torch.stack([_pad_to(x[key], (length,), fill) for x in items])
+        extra = sorted({k for x in items for k in x} - set(SEQ_PAD))
+        for key in extra:
+            present = [x[key] for x in items if key in x]
+            if self.family == "mllama":
+                # batch-first tensors (pixel_values, aspect_ratio_*, cross_attention_mask): one row per sample
+                shape = [max(t.shape[d] for t in present) for d in range(present[0].dim())]
+                if key == "cross_attention_mask":
+                    shape[1] = length
+                rows = [_pad_to(x[key], shape, 0) if key in x else present[0].new_zeros(shape) for x in items]
+                batch[key] = torch.cat(rows)
+            else:  # llava / qwen2_vl: image rows of the samples that have images, in order
+                batch[key] = torch.cat(present)
+        return batch
+

@@ -1,0 +1,138 @@
+"""Model preparation for training: LLaVA flags, freezing, LoRA / QLoRA through peft.
+
+Where the parts of each backbone live (transformers 5 classes, after the model layer loaded them):
+
+=========  ===================  ============================  ========================
+family     vision encoder       projector                     language model
+=========  ===================  ============================  ========================
+llava      model.vision_tower   model.multi_modal_projector   model.language_model
+qwen2_vl   model.visual         model.visual.merger           model.language_model
+mllama     model.vision_model   model.multi_modal_projector   model.language_model
+causal_lm  -                    -                             model
+=========  ===================  ============================  ========================
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import torch
+from torch import nn
+
+from mmedagent.train.args import ModelArguments, TrainingArguments
+
+log = logging.getLogger(__name__)
+
+PARTS = {
+    "llava": ("model.vision_tower", "model.multi_modal_projector", "model.language_model"),
+    "qwen2_vl": ("model.visual", "model.visual.merger", "model.language_model"),
+    "mllama": ("model.vision_model", "model.multi_modal_projector", "model.language_model"),
+    "causal_lm": (None, None, "model"),
+}
+
+
+def parts(family: str) -> tuple[str | None, str | None, str]:
+    """(vision encoder, projector, language model) module names of ``family``."""
+    if family not in PARTS:
+        raise ValueError(f"unknown model family {family!r}; expected one of {sorted(PARTS)}")
+    return PARTS[family]
+
+
+def projector_name(family: str) -> str | None:
+    return parts(family)[1]
+
+
+def _is_linear(module: nn.Module) -> bool:
+    if isinstance(module, nn.Linear):
+        return True
+    # bitsandbytes' Linear4bit / Linear8bitLt subclass nn.Linear; keep a name check for other backends
+    return type(module).__name__ in ("Linear4bit", "Linear8bitLt")
+
+
+def lora_target_regex(model: nn.Module, family: str, names: str | None = None) -> str:
+    """A peft ``target_modules`` regex over the language model's Linear layers (never lm_head,
+    the vision encoder or the projector); ``names`` (comma-separated) restricts the leaf names."""
+    vision, projector, lm = parts(family)
+    excluded = tuple(p + "." for p in (vision, projector) if p)
+    leaves = set()
+    for name, module in model.named_modules():
+        if not name.startswith(lm + ".") or name.startswith(excluded) or not _is_linear(module):
+            continue
+        leaves.add(name.rsplit(".", 1)[-1])
+    leaves.discard("lm_head")
+    if names:
+        wanted = {n.strip() for n in names.split(",") if n.strip()}
+        unknown = wanted - leaves
+        if unknown:
+            raise ValueError(f"--lora_target_modules {sorted(unknown)} are not Linear layers of the language model; "
+                             f"available: {sorted(leaves)}")
+        leaves = wanted
+    if not leaves:
+        raise ValueError(f"no Linear layers found under {lm!r}")
+    return rf"^{re.escape(lm)}\..*\.({'|'.join(sorted(map(re.escape, leaves)))})$"
+
+
+def apply_llava_flags(model: nn.Module, model_args: ModelArguments) -> None:
+    """Check / apply MMedAgent's LLaVA flags against a transformers LLaVA checkpoint."""
+    cfg = model.config
+    if model_args.mm_projector_type is not None:
+        have = getattr(cfg, "mm_projector_type", None) or f"mlp2x_{cfg.projector_hidden_act}"
+        if model_args.mm_projector_type != have:
+            raise ValueError(f"--mm_projector_type {model_args.mm_projector_type} does not match the checkpoint's "
+                             f"projector ({have}); transformers' LLaVA projector is Linear-{cfg.projector_hidden_act}-"
+                             "Linear (mlp2x_gelu).")
+    if model_args.vision_tower is not None:
+        recorded = getattr(cfg, "mm_vision_tower", None) or getattr(cfg.vision_config, "_name_or_path", "") or ""
+        if recorded and recorded.rstrip("/").split("/")[-1] != model_args.vision_tower.rstrip("/").split("/")[-1]:
+            raise ValueError(f"--vision_tower {model_args.vision_tower} differs from the checkpoint's vision tower "
+                             f"({recorded}); transformers' LLaVA trains the tower stored in the checkpoint.")
+        log.warning("--vision_tower %s: using the vision tower stored in the checkpoint", model_args.vision_tower)
+    if model_args.mm_vision_select_layer is not None and model_args.mm_vision_select_layer != cfg.vision_feature_layer:
+        log.warning("--mm_vision_select_layer %s: vision features now come from layer %s (checkpoint: %s)",
+                    model_args.mm_vision_select_layer, model_args.mm_vision_select_layer, cfg.vision_feature_layer)
+        cfg.vision_feature_layer = model_args.mm_vision_select_layer
+    if model_args.mm_vision_select_feature is not None:
+        strategy = {"patch": "default", "cls_patch": "full"}[model_args.mm_vision_select_feature]
+        if strategy != cfg.vision_feature_select_strategy:
+            raise ValueError(f"--mm_vision_select_feature {model_args.mm_vision_select_feature} changes the number of "
+                             f"image tokens the processor inserts (checkpoint: {cfg.vision_feature_select_strategy}); "
+                             "convert the checkpoint with the other strategy instead.")
+
+
+def prepare_model(model: nn.Module, family: str, args: TrainingArguments) -> nn.Module:
+    """Freeze the vision encoder, set up LoRA (or full fine-tuning) and the projector's trainability."""
+    vision, projector, _ = parts(family)
+    train_projector = projector is not None and not args.freeze_mm_mlp_adapter
+    model.config.use_cache = False
+    if args.lora_enable:
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+        if args.bits in (4, 8):
+            model = prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=args.activation_checkpointing,
+                gradient_checkpointing_kwargs=args.activation_checkpointing_kwargs)
+        config = LoraConfig(
+            r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, bias=args.lora_bias,
+            target_modules=lora_target_regex(model, family, args.lora_target_modules),
+            modules_to_save=[projector.rsplit(".", 1)[-1]] if train_projector else None,
+            task_type="CAUSAL_LM")
+        model = get_peft_model(model, config)
+    else:
+        for name, p in model.named_parameters():
+            in_vision = vision is not None and name.startswith(vision + ".") and not (
+                projector and name.startswith(projector + "."))
+            p.requires_grad_(not in_vision)
+        if projector is not None and not train_projector:
+            for p in model.get_submodule(projector).parameters():
+                p.requires_grad_(False)
+    if args.activation_checkpointing:
+        model.enable_input_require_grads()
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in model.parameters())
+    log.info("trainable parameters: %d of %d (%.2f%%)", n_train, n_all, 100 * n_train / max(n_all, 1))
+    return model
+
+
+def torch_dtype(args: TrainingArguments) -> torch.dtype:
+    return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32

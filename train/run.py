@@ -1,0 +1,86 @@
+"""The training run behind ``train/train_mem.py``: arguments -> validated data -> model -> Trainer -> outputs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import mmedagent  # noqa: F401  - arms the torchvision shim before transformers is imported
+
+import torch
+import transformers
+
+from mmedagent.model.loading import family_of, is_original_llava, load_model_and_processor
+from mmedagent.model.templates import tokenizer_of
+from mmedagent.train.args import check_backbone_flags, parse_args, template_name
+from mmedagent.train.dataset import Collator, SupervisedDataset, load_samples
+from mmedagent.train.modeling import apply_llava_flags, prepare_model, projector_name, torch_dtype
+from mmedagent.train.trainer import MMedTrainer, latest_checkpoint, plot_loss, write_manifest
+
+log = logging.getLogger("mmedagent.train")
+
+
+def backbone_family(path: str) -> str:
+    """The model family, from the config alone (before any weights are loaded)."""
+    config_file = Path(path) / "config.json"
+    if config_file.is_file() and is_original_llava(json.loads(config_file.read_text())):
+        return "llava"
+    return family_of(transformers.AutoConfig.from_pretrained(path))
+
+
+def _setup_logging(level: int) -> None:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
+    logging.getLogger("mmedagent").setLevel(level)
+    transformers.utils.logging.set_verbosity(level)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """Train; returns the output directory (adapter or full model, processor, manifest, loss curve)."""
+    model_args, data_args, args = parse_args(argv)
+    _setup_logging(args.get_process_log_level())
+    family = backbone_family(model_args.model_name_or_path)
+    check_backbone_flags(family, model_args, data_args, args)
+    template = template_name(model_args.version)
+
+    samples = load_samples(data_args.data_path, data_args.image_folder, vision=family != "causal_lm")
+    log.info("%d training records from %s", len(samples), data_args.data_path)
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    model, processor, loaded_family = load_model_and_processor(
+        model_args.model_name_or_path, dtype=torch_dtype(args),
+        device=f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu",
+        attn_implementation=model_args.attn_implementation,
+        load_in_4bit=args.bits == 4, load_in_8bit=args.bits == 8)
+    assert loaded_family == family, (loaded_family, family)
+    if family == "llava":
+        apply_llava_flags(model, model_args)
+    model = prepare_model(model, family, args)
+
+    dataset = SupervisedDataset(samples, processor, family, template, args.model_max_length,
+                                data_args.image_aspect_ratio)
+    checked = set()
+    for i, s in enumerate(samples):  # fail fast: one record of every file through the whole pipeline
+        if s.source not in checked:
+            checked.add(s.source)
+            dataset[i]
+    tok = tokenizer_of(processor)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    trainer = MMedTrainer(model=model, args=args, train_dataset=dataset, data_collator=Collator(pad_id, family),
+                          processing_class=processor, projector=projector_name(family))
+
+    resume = args.resume_from_checkpoint or latest_checkpoint(args.output_dir)
+    if resume:
+        log.info("resuming from %s", resume)
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_state()
+    trainer.save_model(args.output_dir)
+    if trainer.is_world_process_zero():
+        write_manifest(args.output_dir, base_model=model_args.model_name_or_path, family=family, template=template,
+                       lora=args.lora_enable, model_max_length=args.model_max_length,
+                       image_aspect_ratio=data_args.image_aspect_ratio)
+        curve = plot_loss(trainer.state.log_history, Path(args.output_dir) / "loss.png")
+        log.info("saved to %s%s", args.output_dir, f" (loss curve {curve.name})" if curve else "")
+    return Path(args.output_dir)

@@ -1,0 +1,140 @@
+"""HF ``Trainer`` with LLaVA's two additions (projector learning rate, modality-grouped batches),
+plus the run's outputs: the trained-model manifest, the loss curve and checkpoint discovery."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "mmedagent_train.json"
+"""Written next to the adapter / model: what it was trained from, so nothing is guessed from folder names."""
+
+
+def modality_grouped_indices(lengths: list[int], megabatch: int, generator: torch.Generator) -> list[int]:
+    """LLaVA's modality-length grouping: image (length > 0) and text-only (< 0) samples never share a
+    megabatch; inside one, samples are sorted by length; megabatches are shuffled. The leftover
+    partial megabatches go last."""
+    megas: list[list[int]] = []
+    for group in ([i for i, n in enumerate(lengths) if n > 0], [i for i, n in enumerate(lengths) if n <= 0]):
+        perm = [group[k] for k in torch.randperm(len(group), generator=generator).tolist()]
+        megas += [sorted(perm[k:k + megabatch], key=lambda i: -abs(lengths[i])) for k in range(0, len(perm), megabatch)]
+    full = [m for m in megas if len(m) == megabatch]
+    rest = [i for m in megas if len(m) < megabatch for i in m]
+    return [i for k in torch.randperm(len(full), generator=generator).tolist() for i in full[k]] + rest
+
+
+class ModalityGroupedSampler(torch.utils.data.Sampler):
+    def __init__(self, lengths: list[int], megabatch: int, seed: int):
+        self.lengths, self.megabatch, self.seed, self.epoch = lengths, megabatch, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(modality_grouped_indices(self.lengths, self.megabatch, g))
+
+
+class MMedTrainer(Trainer):
+    """``Trainer`` with a separate projector learning rate and ``group_by_modality_length``."""
+
+    def __init__(self, *args: Any, projector: str | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.projector = projector
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.args.group_by_modality_length and hasattr(dataset, "modality_lengths"):
+            megabatch = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+            return ModalityGroupedSampler(dataset.modality_lengths, megabatch, self.args.seed)
+        return super()._get_train_sampler(train_dataset)
+
+    def create_optimizer(self, model=None):
+        lr = self.args.mm_projector_lr
+        if self.optimizer is not None or lr is None or self.projector is None:
+            return super().create_optimizer(model)
+        opt_model = self.model if model is None else model
+        decay = set(self.get_decay_parameter_names(opt_model))
+        key = "." + self.projector.rsplit(".", 1)[-1] + "."
+        groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+        for name, p in opt_model.named_parameters():
+            if p.requires_grad:
+                groups.setdefault((name in decay, key in f".{name}"), []).append(p)
+        # the language model's decayed group first: the Trainer logs param_groups[0]'s learning rate
+        param_groups = [
+            {"params": ps, "weight_decay": self.args.weight_decay if is_decay else 0.0, **({"lr": lr} if is_proj else {})}
+            for (is_decay, is_proj), ps in sorted(groups.items(), key=lambda kv: (kv[0][1], not kv[0][0]))
+        ]
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
+        return self.optimizer
+
+
+# --------------------------------------------------------------------------- checkpoints and outputs
+
+_CKPT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def latest_checkpoint(output_dir: str | Path) -> str | None:
+    """The newest *complete* ``checkpoint-N`` (one with ``trainer_state.json``, written last), or None.
+    A checkpoint cut short by a kill is skipped."""
+    out = Path(output_dir)
+    if not out.is_dir():
+        return None
+    found = [(int(m[1]), p) for p in out.iterdir() if (m := _CKPT.match(p.name)) and p.is_dir()]
+    for _, path in sorted(found, reverse=True):
+        if (path / "trainer_state.json").is_file():
+            return str(path)
+        log.warning("skipping incomplete checkpoint %s", path)
+    return None
+
+
+def write_manifest(output_dir: str | Path, *, base_model: str, family: str, template: str | None,
+                   lora: bool, model_max_length: int, image_aspect_ratio: str | None) -> Path:
+    """The small file that tells the model layer and the merge script how to load this output."""
+    base = Path(base_model)
+    manifest = {
+        "format": 1,
+        "base_model": str(base.resolve()) if base.exists() else base_model,
+        "family": family,
+        "template": template,
+        "lora": lora,
+        "model_max_length": model_max_length,
+        "image_aspect_ratio": image_aspect_ratio,
+    }
+    path = Path(output_dir) / MANIFEST
+    path.write_text(json.dumps(manifest, indent=2) + "\n")
+    return path
+
+
+def plot_loss(log_history: list[dict[str, Any]], path: str | Path) -> Path | None:
+    """Training loss against step, as a PNG (None when nothing was logged)."""
+    points = [(e["step"], e["loss"]) for e in log_history if "loss" in e and "step" in e]
+    if not points:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot([s for s, _ in points], [v for _, v in points], marker="." if len(points) < 50 else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
