@@ -1,0 +1,47 @@
+"""The tiny trained planner (mmedagent.train.fixture): trained through train_mem.py, it emits exactly the
+trained tool calls under greedy decoding, and answers from the tool outputs."""
+
+import json
+
+import pytest
+
+from mmedagent.protocol import parse_turn, render_tool_results
+
+
+@pytest.fixture(scope="module")
+def planner():
+    from mmedagent.model import load_planner
+    from mmedagent.train.fixture import trained_tiny_planner
+
+    out = trained_tiny_planner()
+    manifest = json.loads((out / "mmedagent_train.json").read_text())
+    return load_planner(out, conv_template=manifest["template"], dtype="float32", device="cpu")
+
+
+def test_emits_exactly_the_trained_tool_calls(planner):
+    from mmedagent.train.fixture import PLANNER_CASES
+
+    for case in PLANNER_CASES:
+        messages = [{"role": "user", "content": f"<image>\n{case.question}"}]
+        turn = parse_turn(planner.generate(messages, case.image(), max_new_tokens=96, temperature=0))
+        assert turn.actions == case.calls, case.question
+        assert turn == case.plan
+
+
+def test_answers_after_the_tool_results(planner):
+    from mmedagent.protocol import render_turn
+    from mmedagent.train.fixture import PLANNER_CASES
+
+    case = PLANNER_CASES[0]
+    messages = [{"role": "user", "content": f"<image>\n{case.question}"},
+                {"role": "assistant", "content": render_turn(case.plan)},
+                {"role": "user", "content": render_tool_results(list(case.outcomes), case.question)}]
+    turn = parse_turn(planner.generate(messages, case.image(), max_new_tokens=64, temperature=0))
+    assert turn == case.answer
+
+
+def test_cache_is_reused():
+    from mmedagent.train.fixture import trained_tiny_planner
+
+    first = trained_tiny_planner()
+    assert trained_tiny_planner() == first and (first.parent / "DONE").is_file()
