@@ -39,7 +39,31 @@ def dicom_data_url() -> str:
     """pydicom's sample CT slice as the data URL a browser upload would send."""
     import base64
 
+    return "data:application/dicom;base64," + base64.b64encode(Path(dicom_path()).read_bytes()).decode()
+
+
+def dicom_path() -> str:
     from pydicom.data import get_testdata_file
 
-    data = Path(get_testdata_file("CT_small.dcm")).read_bytes()
-    return "data:application/dicom;base64," + base64.b64encode(data).decode()
+    return str(get_testdata_file("CT_small.dcm"))
+
+
+def start_controller(model_path: Path, logs: Path) -> tuple[Any, str]:
+    """``python serve/controller.py --model-path MODEL`` (no tools, no web UI, short answers); (process, URL)."""
+    from _serve_fixtures import ServeProcess, serve_env
+
+    config = logs / "serve.yaml"
+    config.write_text("max_new_tokens: 8\nmax_steps: 1\n")
+    proc = ServeProcess(
+        "controller.py",
+        ["--model-path", str(model_path), "--no-web", "--port", "0", "--tools", "", "--config", str(config)],
+        logs / "controller.log",
+        serve_env(XDG_CACHE_HOME=str(logs / "cache")),
+    )
+    try:
+        url = proc.wait_for(r"controller: (http://\S+)", 120).group(1)
+        proc.wait_for(r"^ready: models: ", 180)
+    except AssertionError:
+        proc.kill()
+        raise
+    return proc, url

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from _recipes_fixtures import dicom_data_url, read_json, run_recipe, state_dict
+from _recipes_fixtures import dicom_data_url, dicom_path, read_json, run_recipe, start_controller, state_dict
 from mmedagent.data.formats import DataError
 
 from mmedagent.recipes import RECIPES, get_recipe
@@ -168,6 +168,19 @@ def test_diagnosis_export_served_with_dicom(diagnosis):
     assert isinstance(text, str) and text.strip()
 
 
+def test_diagnosis_export_controller_and_cli_with_dicom(diagnosis, tmp_path, capsys):
+    """`python serve/controller.py --model-path EXPORTED` and `serve/cli.py --image CT.dcm -q ...`."""
+    from mmedagent.serve.cli import main as cli_main
+
+    out, _ = diagnosis
+    proc, url = start_controller(out / "merged", tmp_path)
+    try:
+        assert cli_main(["--controller", url, "--image", dicom_path(), "-q", "What is the diagnosis?"]) == 0
+    finally:
+        proc.stop()
+    assert "answer: " in capsys.readouterr().out
+
+
 # --------------------------------------------------------------------------- dialogue-llama3
 
 
@@ -192,22 +205,25 @@ def test_dialogue_end_to_end(dialogue):
     assert summary["metrics"] == metrics
 
 
-def test_dialogue_chat_on_result(dialogue):
-    """The result answers a text-only chat through the serving stack's model worker."""
-    from fastapi.testclient import TestClient
-    from mmedagent.serve.config import ServeConfig
-    from mmedagent.serve.model_worker import build_app, load_host
+def test_dialogue_cli_chat_on_result(dialogue, tmp_path, monkeypatch, capsys):
+    """`python serve/controller.py --model-path EXPORTED`, then the terminal chat loop (serve/cli.py),
+    two questions in one conversation."""
+    import io
+
+    from mmedagent.serve.cli import main as cli_main
 
     out, _ = dialogue
-    host = load_host(ServeConfig(model_path=str(out / "merged")))
-    assert host.info["family"] == "causal_lm"
-    with TestClient(build_app(host)) as client:
-        turns = [{"role": "user", "content": "Hi doctor, I have a painful swollen big toe."}]
-        first = client.post("/v1/chat/completions", json={"messages": turns, "max_tokens": 5})
-        assert first.status_code == 200, first.text
-        turns += [first.json()["choices"][0]["message"], {"role": "user", "content": "What should I do?"}]
-        second = client.post("/v1/chat/completions", json={"messages": turns, "max_tokens": 5})
-    assert second.status_code == 200 and second.json()["choices"][0]["message"]["content"].strip()
+    proc, url = start_controller(out / "merged", tmp_path)
+    try:
+        monkeypatch.setattr(
+            "sys.stdin", io.StringIO("Hi doctor, I have a painful swollen big toe.\nWhat should I do?\n")
+        )
+        assert cli_main(["--controller", url]) == 0
+    finally:
+        proc.stop()
+    printed = capsys.readouterr().out
+    assert printed.count("answer: ") == 2, printed
+    assert "registered model worker" in proc.output() and "merged" in proc.output()
 
 
 def test_dialogue_full_fine_tuning(tmp_path):
