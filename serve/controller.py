@@ -237,7 +237,7 @@ class Controller:
 
     def status(self) -> dict[str, Any]:
         """What the banner shows: models and tools with their weights, and warnings."""
-        models = [{"name": w.names[0], **w.info} for w in self.registry.workers("model")]
+        models = [{**w.info, "name": w.names[0]} for w in self.registry.workers("model")]
         tools = [
             {"name": n, "where": "in-process" if n in self.local_tools else "worker",
              "weights": getattr(t, "weights_note", "") or ""}

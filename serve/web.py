@@ -35,6 +35,18 @@ from mmedagent.serve.uploads import UploadError, decode_image, png_data_url
 from mmedagent.tools import Overlay
 
 log = logging.getLogger("mmedagent.serve.web")
+PREVIEW_SIDE = 384
+
+
+def for_display(image):
+    """Small scans scaled up (nearest: pixels stay visible) so the preview and its overlays are readable."""
+    side = max(image.size)
+    if side >= PREVIEW_SIDE:
+        return image
+    k = PREVIEW_SIDE // side
+    return image.resize((image.size[0] * k, image.size[1] * k), resample=0) if k > 1 else image
+
+
 UPLOAD_TYPES = [".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".dcm", ".dicom", ".nii", ".gz"]
 
 
@@ -105,7 +117,7 @@ class WebChat:
             return None, None, [], [], f"⚠️ {e.reason}"
         meta = med.metadata
         note = ", ".join(str(meta[k]) for k in ("format", "modality", "plane") if meta.get(k))
-        return med.image, med.image, [], [], f"Loaded {note} image, {med.image.size[0]}×{med.image.size[1]} px"
+        return for_display(med.image), med.image, [], [], f"Loaded {note} image, {med.image.size[0]}×{med.image.size[1]} px"
 
     def respond(self, question: str, chat: list, history: list, image, conversation: str | None) -> Iterator[tuple]:
         """Stream one question: yields (chat, history, preview, question box, conversation id)."""
@@ -117,7 +129,7 @@ class WebChat:
             return
         conversation = conversation or uuid.uuid4().hex
         chat = [*chat, {"role": "user", "content": question}]
-        preview, overlays, pending = image, [], ""
+        preview, overlays, pending = (for_display(image) if image is not None else None), [], ""
         body = {"question": question, "history": history, "conversation_id": conversation,
                 "image": png_data_url(image) if image is not None else None}
         yield chat + [{"role": "assistant", "content": "…"}], history, preview, "", conversation
@@ -141,7 +153,7 @@ class WebChat:
                         chat.extend(step_messages(step))
                         overlays += [Overlay.model_validate(o) for o in step["overlays"] if o]
                         if image is not None and overlays:
-                            preview = render(image, overlays)
+                            preview = render(for_display(image), overlays)
                         yield chat, history, preview, "", conversation
                     elif event["type"] == "answer":
                         history = event["history"]
@@ -180,7 +192,8 @@ def build_ui(web: WebChat):
                    outputs=[chat, history_state, preview, question, conversation_state])
         send.click(**ask)
         question.submit(**ask)
-        clear.click(lambda img: ([], [], img, None), image_state, [chat, history_state, preview, conversation_state])
+        clear.click(lambda img: ([], [], for_display(img) if img is not None else None, None), image_state,
+                    [chat, history_state, preview, conversation_state])
     return ui
 
 

@@ -32,7 +32,7 @@ def e2e(tmp_path_factory):
     proc = ServeProcess(
         "controller.py",
         ["--config", str(root / "serve.yaml"), "--port", "0", "--web-port", "0", "--model-path", str(planner),
-         "--conv-template", "vicuna_v1", "--system-prompt", "plain"],
+         "--conv-template", "vicuna_v1", "--system-prompt", "plain", "--model-name", "tiny-trained-planner"],
         root / "stack.log", serve_env(XDG_CACHE_HOME=str(root / "cache")),
     )
     url = proc.wait_for(r"controller: (http://\S+)", 60).group(1)
@@ -60,7 +60,7 @@ def test_openai_api_runs_tool_call_tool_result_and_answer(e2e):
     assert [(a["API_name"], a["API_params"]) for a in plan["actions"]] == [(c.API_name, c.API_params) for c in case.calls]
     outcome = plan["outcomes"][0]
     assert outcome["ok"] and outcome["tool"] == "grounding dino" and set(outcome["output"]) == {"boxes", "logits", "phrases"}
-    assert trace["history"][2]["content"].startswith("grounding dino output: {'boxes': ")  # the tool result fed back
+    assert trace["history"][3]["content"].startswith("grounding dino output: {'boxes': ")  # the tool result fed back
     assert len(trace["steps"]) == 2 and trace["stopped"] == "answer" and not final["actions"]
     answer = r.json()["choices"][0]["message"]["content"]
     assert answer and answer == final["value"]
@@ -94,7 +94,7 @@ def test_browser_upload_ask_and_see_the_tool_step(e2e):
     try:
         driver.get(e2e["web"])
         wait = WebDriverWait(driver, 90)
-        wait.until(lambda d: "Model:" in d.find_element(By.ID, "banner").text)
+        wait.until(lambda d: "tiny-trained-planner" in d.find_element(By.ID, "banner").text)
         assert "Tools:" in driver.find_element(By.ID, "banner").text and "grounding" in driver.find_element(By.ID, "banner").text
         driver.find_element(By.CSS_SELECTOR, "#upload input[type=file]").send_keys(str(e2e["image"]))
         wait.until(lambda d: "Loaded" in d.find_element(By.ID, "image-note").text)
