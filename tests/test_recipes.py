@@ -250,6 +250,27 @@ def test_dialogue_full_fine_tuning(tmp_path):
     _check_metrics(summary["metrics"]["test"]["after"])
 
 
+def test_stop_after_data_then_skip_training(dialogue, tmp_path, capsys):
+    """The multi-GPU path: data + the printed train_mem.py line, training elsewhere, then export + evaluation."""
+    import shutil
+
+    out, _ = dialogue
+    assert main(["dialogue-llama3", "--tiny", "--out", str(tmp_path), "--stop-after-data"]) == 0
+    printed = capsys.readouterr().out
+    assert "train: python train/train_mem.py --model_name_or_path" in printed
+    assert (tmp_path / "data" / "train.json").is_file() and not (tmp_path / "adapter").exists()
+    assert main(["dialogue-llama3", "--tiny", "--out", str(tmp_path), "--skip-training"]) == 2
+    assert "holds no finished training run" in capsys.readouterr().err
+
+    shutil.copytree(out / "adapter", tmp_path / "adapter")  # as if trained under deepspeed
+    before = (tmp_path / "adapter" / "adapter_model.safetensors").read_bytes()
+    summary = run_recipe("dialogue-llama3", tmp_path, "--skip-training")
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").read_bytes() == before  # not retrained
+    assert "train: python train/train_mem.py" in capsys.readouterr().out
+    assert summary["export"] == str(tmp_path / "merged") and (tmp_path / "merged" / "config.json").is_file()
+    _check_metrics(summary["metrics"]["test"]["after"])
+
+
 # --------------------------------------------------------------------------- arguments and data
 
 

@@ -158,10 +158,20 @@ class Recipe:
         prepared = self.prepare(data)
         say(f"data: {prepared.counts} -> {prepared.train_file}")
 
+        argv = self.train_argv(base, prepared.train_file)
+        say("train: python train/train_mem.py " + " ".join(argv))
+        if cfg.stop_after_data:
+            say(
+                "--stop-after-data: run the line above (e.g. under `deepspeed`), then this command with --skip-training"
+            )
+            return {"recipe": self.name, "train_file": str(prepared.train_file), "train_argv": argv}
+        if cfg.skip_training and not (self.train_dir() / "mmedagent_train.json").is_file():
+            raise ValueError(f"--skip-training: {self.train_dir()} holds no finished training run")
+
         heldout = [e for ex in prepared.splits.values() for e in ex]
         before = self.generate(str(base), heldout, quantised=True) if self.compare_before else None
 
-        trained = self.train(base, prepared.train_file)
+        trained = self.train_dir() if cfg.skip_training else self.train(argv)
         export = self.export(trained)
         after = self.generate(str(export), heldout)
 
@@ -209,15 +219,17 @@ class Recipe:
 
     # ------------------------------------------------------------------ steps
 
-    def train(self, base: Path | str, train_file: Path) -> Path:
-        from mmedagent.train.run import main as train_main
+    def train_dir(self) -> Path:
+        """Where training writes: ``OUT/adapter`` (LoRA) or ``OUT/model`` (full fine-tuning)."""
+        return self.out / ("adapter" if self.settings["lora"] else "model")
 
+    def train_argv(self, base: Path | str, train_file: Path) -> list[str]:
+        """The ``train_mem.py`` command line for this recipe's settings (plus the flags after ``--``)."""
         s = self.settings
-        output = self.out / ("adapter" if s["lora"] else "model")
         flags: dict[str, Any] = {
             "model_name_or_path": base,
             "data_path": train_file,
-            "output_dir": output,
+            "output_dir": self.train_dir(),
             "lora_enable": s["lora"],
             "bits": s["bits"],
             "save_strategy": "steps",
@@ -228,8 +240,11 @@ class Recipe:
         if s["lora"]:
             flags.update({k: s[k] for k in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")})
         argv = [x for k, v in flags.items() if v is not None for x in (f"--{k}", str(v))]
-        argv += self.train_extra
-        say("train: python train/train_mem.py " + " ".join(argv))
+        return argv + self.train_extra
+
+    def train(self, argv: list[str]) -> Path:
+        from mmedagent.train.run import main as train_main
+
         t0 = time.monotonic()
         out = train_main(argv)
         free_memory()
@@ -237,24 +252,16 @@ class Recipe:
         return out
 
     def export(self, trained: Path) -> Path:
-        """LoRA: merge the adapter into a fresh (unquantised) base and save it in ``export_dtype``.
-        Full fine-tuning: the training output is the model."""
+        """LoRA: merge the adapter into a fresh (unquantised) base in ``export_dtype`` and save a plain
+        checkpoint (``scripts/merge_lora_weights.py``'s function). Full fine-tuning: the training output."""
         if not self.settings["lora"]:
             return trained
-        import torch
-
-        from mmedagent.model.loading import load_model_and_processor
+        from mmedagent.model.adapters import merge_lora
 
         target = self.out / "merged"
         if target.exists():
             shutil.rmtree(target)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        model, processor, _ = load_model_and_processor(
-            trained, dtype=self.settings["export_dtype"], device=device, merge_adapter=True
-        )
-        model.save_pretrained(target)
-        processor.save_pretrained(target)
-        del model
+        merge_lora(trained, None, target, dtype=self.settings["export_dtype"])
         free_memory()
         say(f"merged LoRA into the base, saved {self.settings['export_dtype']} model -> {target}")
         return target

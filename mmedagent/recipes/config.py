@@ -39,6 +39,10 @@ class RecipeConfig:
     private: bool = True
     """Create the hub repo private."""
     seed: int = 3407
+    stop_after_data: bool = False
+    """Write the training data, print the ``train_mem.py`` line and stop (to train under ``deepspeed``)."""
+    skip_training: bool = False
+    """Use the finished training output already in ``out`` (e.g. from ``deepspeed``); export and evaluate it."""
 
     # fine-tuning method
     lora: bool = True
