@@ -399,3 +399,15 @@ def test_dialogue_rows_and_choices(tmp_path):
     assert chosen_option("The answer is B. gout", ("A", "B")) == "B"
     assert chosen_option("I think (A)", ("A", "B")) == "A"
     assert chosen_option("no idea", ("A", "B")) is None
+
+
+def test_unknown_source_is_a_data_error(tmp_path):
+    from mmedagent.recipes.data import materialise
+
+    assert materialise(str(tmp_path), "train", tmp_path / "cache") == tmp_path  # local paths are used as they are
+    with pytest.raises(
+        DataError,
+        match=r"nobody/no-such-dataset: not a local file or folder, and loading it as a "
+        r"Hugging Face dataset \(config None, split 'train'\) failed",
+    ):
+        materialise("nobody/no-such-dataset", "train", tmp_path / "cache")

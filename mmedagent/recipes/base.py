@@ -1,16 +1,15 @@
 """The recipe run: data → (before answers) → training → merge/export → after answers + metrics → push.
 
 Every step is the project's own machinery: :func:`mmedagent.train.run.main` (``train/train_mem.py``)
-trains, :func:`mmedagent.model.load_model_and_processor` merges the LoRA adapter, and
-:func:`mmedagent.model.load_planner` — the loader of ``serve/model_worker.py`` — loads the exported
-model to answer the held-out questions, so what a recipe reports is what the served model says.
+trains, :func:`mmedagent.model.adapters.merge_lora` (``scripts/merge_lora_weights.py``) merges the LoRA
+adapter, and :func:`mmedagent.model.load_planner` — the loader of ``serve/model_worker.py`` — loads the
+exported model to answer the held-out questions, so what a recipe reports is what the served model says.
 """
 
 from __future__ import annotations
 
 import gc
 import json
-import logging
 import shutil
 import sys
 import textwrap
@@ -21,8 +20,6 @@ from typing import Any, ClassVar
 
 from mmedagent.recipes.config import RecipeConfig
 from mmedagent.recipes.data import Example
-
-log = logging.getLogger("mmedagent.recipes")
 
 
 @dataclass
@@ -139,7 +136,10 @@ class Recipe:
         return text_metrics(answers, [e.reference for e in examples])
 
     def next_steps(self, export: Path) -> list[str]:
-        return [f"python serve/controller.py --model-path {export}"]
+        return [
+            f"python serve/controller.py --model-path {export}   # browser chat with uploaded images",
+            "python serve/cli.py --image scan.dcm   # in a second terminal: chat with it",
+        ]
 
     # ------------------------------------------------------------------ the run
 
@@ -206,7 +206,9 @@ class Recipe:
             if not (base / "config.json").is_file():
                 make_tiny_model(self.tiny_arch, base, seed=cfg.seed)
             say(f"--tiny: random {self.tiny_arch} checkpoint in {base}")
-            data = materialise(cfg.data, cfg.data_split, self.out / "source-data") if cfg.data else None
+            data = (
+                materialise(cfg.data, cfg.data_split, self.out / "source-data", cfg.data_config) if cfg.data else None
+            )
             return base, data or self.tiny_data(self.out / "tiny-data")
         if not cfg.model:
             raise ValueError("--model is required (a hub id or a local checkpoint)")
@@ -215,7 +217,7 @@ class Recipe:
                 "--data is required (a file, a folder or a Hugging Face dataset name); "
                 "or use --tiny to try the recipe on generated data"
             )
-        return cfg.model, materialise(cfg.data, cfg.data_split, self.out / "source-data")
+        return cfg.model, materialise(cfg.data, cfg.data_split, self.out / "source-data", cfg.data_config)
 
     # ------------------------------------------------------------------ steps
 

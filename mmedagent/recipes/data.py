@@ -47,22 +47,22 @@ def _is_tabular(path: Path) -> bool:
     return _is_hf_dir(path) or path.suffix.lower() == ".parquet" or (path.is_dir() and any(path.glob("**/*.parquet")))
 
 
-def materialise(data: str, split: str, cache: Path) -> Path:
+def materialise(data: str, split: str, cache: Path, config: str | None = None) -> Path:
     """A local path for ``data``: itself when it exists, else the HF dataset ``data`` saved under ``cache``."""
     path = Path(data)
     if path.exists():
         return path
-    target = cache / re.sub(r"[^\w.-]+", "_", f"{data}-{split}")
+    target = cache / re.sub(r"[^\w.-]+", "_", "-".join(p for p in (data, config, split) if p))
     if _is_hf_dir(target):
         return target
     try:
         import datasets
 
-        ds = datasets.load_dataset(data, split=split)
+        ds = datasets.load_dataset(data, config, split=split)
     except Exception as e:  # noqa: BLE001 - offline, unknown name, gated: one clear message
         raise DataError(
             f"{data}: not a local file or folder, and loading it as a Hugging Face dataset "
-            f"(split {split!r}) failed: {type(e).__name__}: {e}"
+            f"(config {config!r}, split {split!r}) failed: {type(e).__name__}: {e}"
         ) from None
     ds.save_to_disk(str(target))
     return target

@@ -100,6 +100,6 @@ class DialogueLlama3(Recipe):
 
     def next_steps(self, export: Path) -> list[str]:
         return [
-            f"python serve/cli.py --model-path {export}   # chat in the terminal",
-            f"python serve/controller.py --model-path {export} --tools ''   # browser chat, no tools",
+            f"python serve/controller.py --model-path {export} --tools ''   # no tools: a text-only chat model",
+            "python serve/cli.py   # in a second terminal: chat with it",
         ]
