@@ -128,7 +128,11 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--options must be a JSON object")
     tool = get_tool(args.tool)(**options)
     t0 = time.monotonic()
-    tool.ensure_loaded()  # weights first: the worker registers only once it can serve
+    try:
+        tool.ensure_loaded()  # weights first: the worker registers only once it can serve
+    except Exception as e:  # missing weights etc.: one clear line, not a traceback
+        log.error("tool %s could not load: %s", tool.name, e)
+        raise SystemExit(1) from None
     log.info("loaded tool %s in %.1f s", tool.name, time.monotonic() - t0)
     sock = bind_socket(cfg.host, args.port)
     address = url_for(sock)
