@@ -396,6 +396,23 @@ def test_dialogue_rows_and_choices(tmp_path):
     (rec, mc), (_, chat) = read_dialogue(path)
     assert mc.reference == "B. gout" and mc.options == ("A", "B") and "A. flu\nB. gout" in mc.prompt
     assert rec.conversations[-1].value == "B. gout" and (chat.prompt, chat.reference) == ("Hi", "Hello")
+    path.write_text(
+        json.dumps(
+            {
+                "conversations": [
+                    {"from": "system", "value": "Be brief."},
+                    {"from": "human", "value": "I cough."},
+                    {"from": "gpt", "value": "Since when?"},
+                    {"from": "human", "value": "Two weeks."},
+                    {"from": "gpt", "value": "See a doctor."},
+                ]
+            }
+        )
+        + "\n"
+    )
+    ((_, multi),) = read_dialogue(path)
+    assert (multi.prompt, multi.reference) == ("Two weeks.", "See a doctor.")
+    assert [m["role"] for m in multi.messages] == ["system", "user", "assistant", "user"]
     assert chosen_option("The answer is B. gout", ("A", "B")) == "B"
     assert chosen_option("I think (A)", ("A", "B")) == "A"
     assert chosen_option("no idea", ("A", "B")) is None

@@ -280,7 +280,7 @@ class Recipe:
             image = load_image(e.image).image if e.image else None
             answers.append(
                 planner.generate(
-                    [{"role": "user", "content": e.prompt}],
+                    e.messages,
                     image,
                     max_new_tokens=self.settings["max_new_tokens"],
                     temperature=0.0,

@@ -13,6 +13,7 @@ model is loaded. ``--tiny`` data is generated here in the same layouts.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import re
@@ -27,13 +28,20 @@ from mmedagent.protocol import IMAGE_TOKEN, Record
 
 @dataclass(frozen=True)
 class Example:
-    """One held-out item: the prompt the model gets, its image (or None) and the reference answer."""
+    """One held-out item: the conversation up to the answer (``prompt`` is its last user turn), its
+    image (or None) and the reference answer."""
 
     id: str
     prompt: str
     reference: str
     image: str | None = None
     options: tuple[str, ...] = ()  # multiple choice: the option letters; reference is the correct letter + text
+    context: tuple[tuple[str, str], ...] = ()  # earlier (role, text) turns of a multi-turn dialogue
+
+    @property
+    def messages(self) -> list[dict[str, str]]:
+        """OpenAI-style messages for the planner."""
+        return [{"role": r, "content": t} for r, t in self.context] + [{"role": "user", "content": self.prompt}]
 
 
 # --------------------------------------------------------------------------- sources
@@ -214,10 +222,11 @@ def dialogue_item(row: dict[str, Any], where: str, default_id: str) -> tuple[Rec
     turns = record.conversations
     if turns[-1].role != "gpt" or not turns[-1].value.strip():
         raise DataError(f"{where}: the last turn must be a non-empty answer")
-    prompt = "\n\n".join(m.text() for m in turns[:-1] if m.role == "human")
-    if len(turns) > 2 and sum(m.role == "human" for m in turns) > 1:
-        prompt = turns[-2].text()  # multi-turn: the example asks the last question (context in training only)
-    return record, Example(rid, prompt, turns[-1].value.strip())
+    if turns[-2].role != "human":
+        raise DataError(f"{where}: the answer must follow a user turn")
+    roles = {"human": "user", "gpt": "assistant", "system": "system"}
+    context = tuple((roles[m.role], m.text()) for m in turns[:-2])
+    return record, Example(rid, turns[-2].text(), turns[-1].value.strip(), context=context)
 
 
 def read_dialogue(path: Path) -> list[tuple[Record, Example]]:
@@ -256,7 +265,7 @@ def write_sharegpt(records: Sequence[Record], path: Path) -> Path:
 
 def write_examples(examples: Sequence[Example], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(e.__dict__ | {"options": list(e.options)}) + "\n" for e in examples))
+    path.write_text("".join(json.dumps(dataclasses.asdict(e)) + "\n" for e in examples))
     return path
 
 
