@@ -43,10 +43,10 @@ class ServeConfig(BaseModel):
     model_path: str | None = None
     model_name: str | None = None
     conv_template: str | None = None
-    system_prompt: Literal["catalog", "plain"] | None = Field(
+    system_prompt: Literal["catalog", "plain", "none"] | None = Field(
         default=None,
         description="catalog: the live tools' catalog; plain: the Vicuna text (models trained without the catalog, "
-        "as MMedAgent's). Default: the model directory's mmedagent.json, else catalog",
+        "as MMedAgent's); none: no system message (models trained without one). Default: the model directory's mmedagent.json, else catalog",
     )
     model_backend_url: str | None = Field(default=None, description="OpenAI-compatible server the model worker forwards to")
     model_backend_model: str | None = None

@@ -43,6 +43,9 @@ from mmedagent.serve.security import setup_logging
 from mmedagent.serve.uploads import UploadError, image_from_data_url
 from mmedagent.tools import Tool, get_tool, list_tools
 
+# System prompts for models trained without the tool catalog ("catalog" derives it from the live tools).
+SYSTEM_TEXTS = {"plain": DEFAULT_SYSTEM, "none": ""}
+
 log = logging.getLogger("mmedagent.serve.controller")
 
 
@@ -188,12 +191,12 @@ class Controller:
         live = self.live_tools()
         self.dispatcher.tools = self.all_tools()
         planner = WorkerPlanner(self.registry, self.client, model, conversation_id, self.cfg.model_timeout_s)
-        plain = self.registry.known.get(model, {}).get("system_prompt") == "plain"
-        system = DEFAULT_SYSTEM if plain else system_prompt(type(t) for t in live.values())
+        mode = self.registry.known.get(model, {}).get("system_prompt")
+        system = SYSTEM_TEXTS[mode] if mode in SYSTEM_TEXTS else system_prompt(type(t) for t in live.values())
         agent = Agent(planner, self.dispatcher, max_steps=max_steps, system=system, **gen)
         history = list(history)
         if history:
-            if history[0].get("role") != "system":
+            if system and history[0].get("role") != "system":
                 history.insert(0, {"role": "system", "content": system})
             if image is not None and not any(IMAGE_TOKEN in m.get("content", "") for m in history if m.get("role") == "user"):
                 first = next((m for m in history if m.get("role") == "user"), None)
@@ -446,8 +449,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model-path", default=None, help="planner checkpoint (default: demo model, else a tiny random one)")
     parser.add_argument("--model-name", default=None)
     parser.add_argument("--conv-template", default=None)
-    parser.add_argument("--system-prompt", choices=("catalog", "plain"), default=None,
-                        help="planner's system prompt: tool catalog or plain Vicuna text (default: from the model dir)")
+    parser.add_argument("--system-prompt", choices=("catalog", "plain", "none"), default=None,
+                        help="planner's system prompt: tool catalog, plain Vicuna text, or none (default: from the model dir)")
     parser.add_argument("--backend-url", default=None, help="model worker forwards to this OpenAI-compatible API root")
     parser.add_argument("--tools", default=None, help="comma-separated tools to start workers for (default: all)")
     parser.add_argument("--in-process-tools", default=None, help="comma-separated tools to run inside the controller")

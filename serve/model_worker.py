@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model-name", default=None, help="name clients use (default: from the checkpoint)")
     parser.add_argument("--conv-template", default=None)
     parser.add_argument("--device", default=None)
-    parser.add_argument("--system-prompt", choices=("catalog", "plain"), default=None,
+    parser.add_argument("--system-prompt", choices=("catalog", "plain", "none"), default=None,
                         help="what the model was trained with (default: mmedagent.json in the model dir, else catalog)")
     parser.add_argument("--backend-url", default=None, help="forward to this OpenAI-compatible API root instead")
     parser.add_argument("--backend-model", default=None)

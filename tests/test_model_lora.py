@@ -18,16 +18,16 @@ def logits(model, inputs):
         return model(**inputs).logits
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def llava_setup(tiny_models, tmp_path_factory):
     """Tiny transformers Llava, the same model in the original LLaVA layout, and a reference LoRA."""
-    import os
 
     from peft import LoraConfig, get_peft_model
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     root = tmp_path_factory.mktemp("llava_layouts")
-    os.environ["MMEDAGENT_CACHE"] = str(root / "cache")
+    env = pytest.MonkeyPatch()  # conversions cache here, for this module only
+    env.setenv("MMEDAGENT_CACHE", str(root / "cache"))
     hf_dir = tiny_models("llava")
     model = LlavaForConditionalGeneration.from_pretrained(hf_dir).eval()
     processor = AutoProcessor.from_pretrained(hf_dir)
@@ -87,8 +87,9 @@ def llava_setup(tiny_models, tmp_path_factory):
         add_generation_prompt=True, tokenize=False,
     )
     inputs = processor(images=test_image(32), text=prompt, return_tensors="pt", add_special_tokens=False)
-    return {"hf": hf_dir, "model": model, "orig": orig, "mmed": mmed, "lora_model": lora_model,
+    yield {"hf": hf_dir, "model": model, "orig": orig, "mmed": mmed, "lora_model": lora_model,
             "inputs": dict(inputs), "root": root, "processor": processor}
+    env.undo()
 
 
 def test_original_layout_converts_to_the_same_model(llava_setup):
