@@ -117,7 +117,16 @@ def test_mixed_batch_collates_and_runs(tiny_models, train_data):
     assert batch["input_ids"].shape == batch["labels"].shape and batch["pixel_values"].shape[0] == 2
     assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()
     model, _, _ = load_model_and_processor(tiny_models("llava"), dtype="float32", device="cpu")
-    assert torch.isfinite(model(**batch).loss)
+    loss = model(**batch).loss
+    assert torch.isfinite(loss)
+    # ZeRO-3: a text-only batch carries a masked blank image, so every rank runs the vision tower
+    text_only = [ds[4], ds[5]]
+    blanked = Collator(ds.tokenizer.pad_token_id, "llava", ds.blank_image_item())(text_only)
+    plain = Collator(ds.tokenizer.pad_token_id, "llava")(text_only)
+    assert blanked["pixel_values"].shape[0] == 1 and "pixel_values" not in plain
+    assert (blanked["labels"] != -100).sum() == (plain["labels"] != -100).sum()
+    assert (blanked["input_ids"] == ds.image_token_id).sum() == 16
+    assert torch.allclose(model(**blanked).loss, model(**plain).loss, atol=1e-5)
 
 
 def test_modality_groups_never_mix():
@@ -220,3 +229,17 @@ def test_full_finetune_freezes_vision_only(tiny_models, tmp_path):
     grads = {n: p.requires_grad for n, p in model.named_parameters()}
     assert all(v for n, v in grads.items() if n.startswith("model.language_model.") or ".merger." in n)
     assert not any(v for n, v in grads.items() if n.startswith("model.visual.") and ".merger." not in n)
+
+
+def test_mllama_mixed_batch(tiny_models, train_data):
+    from mmedagent.model.loading import load_model_and_processor
+    from mmedagent.train.dataset import Collator
+
+    ds = _dataset(tiny_models("mllama"), train_data["mixed"], train_data["images"], template=None, family="mllama")
+    text = _trained_text(ds, ds[0])
+    assert '"prompts": ["tumor"]' in text and "Can you locate" not in text
+    batch = Collator(ds.tokenizer.pad_token_id, "mllama")([ds[0], ds[4]])  # image + text-only
+    assert batch["pixel_values"].shape[0] == 2 and batch["cross_attention_mask"].shape[:2] == batch["input_ids"].shape
+    assert not batch["cross_attention_mask"][1].any()  # the text-only row attends to no image
+    model, _, _ = load_model_and_processor(tiny_models("mllama"), dtype="float32", device="cpu")
+    assert torch.isfinite(model(**batch).loss)

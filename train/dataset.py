@@ -157,6 +157,16 @@ class SupervisedDataset(torch.utils.data.Dataset):
         mean = getattr(getattr(processor, "image_processor", None), "image_mean", None) or [0.5, 0.5, 0.5]
         self.background = tuple(int(round(255 * x)) for x in mean)
 
+    def blank_image_item(self) -> dict[str, torch.Tensor]:
+        """One blank image as a masked-out item (attention 0, no labels): see :class:`Collator`."""
+        image = Image.new("RGB", (32, 32), self.background)  # the processor resizes it as it needs
+        enc = self.processor(text=[self.processor.image_token], images=[image], add_special_tokens=False,
+                             return_tensors="pt")
+        item = {k: (v[0] if k in SEQ_PAD else v) for k, v in enc.items()}
+        item["attention_mask"] = torch.zeros_like(item["input_ids"])
+        item["labels"] = torch.full_like(item["input_ids"], IGNORE_INDEX)
+        return item
+
     def __len__(self) -> int:
         return len(self.samples)
 
@@ -247,12 +257,22 @@ def _pad_to(t: torch.Tensor, shape: Sequence[int], value: float) -> torch.Tensor
 
 @dataclass
 class Collator:
-    """Right-pads per-token keys; concatenates image inputs (zero-padding mllama's batch-first ones)."""
+    """Right-pads per-token keys; concatenates image inputs (zero-padding mllama's batch-first ones).
+
+    ``blank_image`` (ZeRO-3 only): appended, masked out, to a batch without any image. ZeRO-3 gathers
+    each module's weights collectively, so every rank must run the vision encoder and projector at
+    every step, in the same order, or the ranks deadlock.
+    """
 
     pad_token_id: int
     family: str
+    blank_image: dict[str, torch.Tensor] | None = None
 
     def __call__(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        if self.blank_image is not None and not any("pixel_values" in x for x in items):
+            first, blank = items[0], self.blank_image
+            joined = {k: torch.cat([first[k], blank[k]]) for k in SEQ_PAD if k in first}
+            items = [{**joined, **{k: v for k, v in blank.items() if k not in SEQ_PAD}}, *items[1:]]
         length = max(len(x["input_ids"]) for x in items)
         batch: dict[str, torch.Tensor] = {}
         for key, value in SEQ_PAD.items():

@@ -117,7 +117,9 @@ def prepare_model(model: nn.Module, family: str, args: TrainingArguments) -> nn.
             target_modules=lora_target_regex(model, family, args.lora_target_modules),
             modules_to_save=[projector.rsplit(".", 1)[-1]] if train_projector else None,
             task_type="CAUSAL_LM")
-        model = get_peft_model(model, config)
+        # Under DeepSpeed every trainable tensor keeps the model's dtype (ZeRO-3 needs one dtype; DeepSpeed
+        # holds fp32 master weights itself); otherwise peft's fp32 adapters.
+        model = get_peft_model(model, config, autocast_adapter_dtype=not args.deepspeed)
     else:
         for name, p in model.named_parameters():
             in_vision = vision is not None and name.startswith(vision + ".") and not (
@@ -128,8 +130,8 @@ def prepare_model(model: nn.Module, family: str, args: TrainingArguments) -> nn.
                 p.requires_grad_(False)
     if args.activation_checkpointing:
         model.enable_input_require_grads()
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_all = sum(p.numel() for p in model.parameters())
+    numel = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in model.parameters()]  # ZeRO-3: full size
+    n_train, n_all = sum(n for n, g in numel if g), sum(n for n, _ in numel)
     log.info("trainable parameters: %d of %d (%.2f%%)", n_train, n_all, 100 * n_train / max(n_all, 1))
     return model
 

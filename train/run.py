@@ -12,6 +12,7 @@ import mmedagent  # noqa: F401  - arms the torchvision shim before transformers 
 
 import torch
 import transformers
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 from mmedagent.model.loading import family_of, is_original_llava, load_model_and_processor
 from mmedagent.model.templates import tokenizer_of
@@ -31,16 +32,18 @@ def backbone_family(path: str) -> str:
     return family_of(transformers.AutoConfig.from_pretrained(path))
 
 
-def _setup_logging(level: int) -> None:
+def _setup_logging(args) -> None:
+    """Our messages at INFO on the main process of each node, WARNING elsewhere; transformers' own
+    level follows ``--log_level`` / ``--log_level_replica``."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
-    logging.getLogger("mmedagent").setLevel(level)
-    transformers.utils.logging.set_verbosity(level)
+    logging.getLogger("mmedagent").setLevel(logging.INFO if args.should_log else logging.WARNING)
+    transformers.utils.logging.set_verbosity(args.get_process_log_level())
 
 
-def main(argv: list[str] | None = None) -> Path:
-    """Train; returns the output directory (adapter or full model, processor, manifest, loss curve)."""
+def build_trainer(argv: list[str] | None = None) -> tuple[MMedTrainer, dict]:
+    """Parse flags, validate all data, load and prepare the model: the ready ``Trainer`` and run info."""
     model_args, data_args, args = parse_args(argv)
-    _setup_logging(args.get_process_log_level())
+    _setup_logging(args)
     family = backbone_family(model_args.model_name_or_path)
     check_backbone_flags(family, model_args, data_args, args)
     template = template_name(model_args.version)
@@ -48,6 +51,12 @@ def main(argv: list[str] | None = None) -> Path:
     samples = load_samples(data_args.data_path, data_args.image_folder, vision=family != "causal_lm")
     log.info("%d training records from %s", len(samples), data_args.data_path)
 
+    if args.deepspeed and args.world_size > 1:
+        # ZeRO-3 partitions weights while they load (zero.Init), which asks DeepSpeed's own
+        # communication layer for the world size; on CPU nothing has set that layer up yet.
+        import deepspeed
+
+        deepspeed.init_distributed()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     model, processor, loaded_family = load_model_and_processor(
         model_args.model_name_or_path, dtype=torch_dtype(args),
@@ -68,9 +77,19 @@ def main(argv: list[str] | None = None) -> Path:
             dataset[i]
     tok = tokenizer_of(processor)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    trainer = MMedTrainer(model=model, args=args, train_dataset=dataset, data_collator=Collator(pad_id, family),
+    blank = dataset.blank_image_item() if family in ("llava", "qwen2_vl") and is_deepspeed_zero3_enabled() else None
+    trainer = MMedTrainer(model=model, args=args, train_dataset=dataset, data_collator=Collator(pad_id, family, blank),
                           processing_class=processor, projector=projector_name(family))
+    info = {"base_model": model_args.model_name_or_path, "family": family, "template": template,
+            "lora": args.lora_enable, "model_max_length": args.model_max_length,
+            "image_aspect_ratio": data_args.image_aspect_ratio}
+    return trainer, info
 
+
+def main(argv: list[str] | None = None) -> Path:
+    """Train; returns the output directory (adapter or full model, processor, manifest, loss curve)."""
+    trainer, info = build_trainer(argv)
+    args = trainer.args
     resume = args.resume_from_checkpoint or latest_checkpoint(args.output_dir)
     if resume:
         log.info("resuming from %s", resume)
@@ -78,9 +97,7 @@ def main(argv: list[str] | None = None) -> Path:
     trainer.save_state()
     trainer.save_model(args.output_dir)
     if trainer.is_world_process_zero():
-        write_manifest(args.output_dir, base_model=model_args.model_name_or_path, family=family, template=template,
-                       lora=args.lora_enable, model_max_length=args.model_max_length,
-                       image_aspect_ratio=data_args.image_aspect_ratio)
+        write_manifest(args.output_dir, **info)
         curve = plot_loss(trainer.state.log_history, Path(args.output_dir) / "loss.png")
         log.info("saved to %s%s", args.output_dir, f" (loss curve {curve.name})" if curve else "")
     return Path(args.output_dir)

@@ -1,0 +1,94 @@
+"""`deepspeed train/train_mem.py` on CPU (gloo): ZeRO-2 and ZeRO-3 with LoRA, LLaVA and Qwen2-VL, every
+data format, kill-and-resume. Each launch is a real multi-process run of the entry point."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from _train_fixtures import ROOT, base_args, losses, run_training, run_until, tiny_models, train_data  # noqa: F401
+
+ZERO2, ZERO3 = str(ROOT / "scripts" / "zero2.json"), str(ROOT / "scripts" / "zero3.json")
+LLAVA_FLAGS = ["--version", "v1", "--mm_projector_lr", "1e-3", "--mm_projector_type", "mlp2x_gelu",
+               "--mm_vision_select_layer", "-2", "--mm_use_im_start_end", "False", "--mm_use_im_patch_token", "False",
+               "--image_aspect_ratio", "pad", "--bf16", "True", "--lazy_preprocess", "True"]
+
+
+@pytest.fixture(scope="module")
+def zero2_resumed(tiny_models, train_data, tmp_path_factory):
+    """Two CPU ranks, ZeRO-2 + LoRA on MMedAgent records; killed after checkpoint-3, then resumed."""
+    out = tmp_path_factory.mktemp("zero2") / "run"
+    args = base_args(tiny_models("llava"), train_data["mmedagent"], out, "--image_folder", str(train_data["images"]),
+                     "--deepspeed", ZERO2, "--max_steps", "24", "--save_steps", "3", "--save_total_limit", "2",
+                     *LLAVA_FLAGS)
+    run_until(args, 2, out / "checkpoint-3" / "trainer_state.json")
+    assert not (out / "trainer_state.json").exists()  # killed mid-run
+    log = run_training(args, 2)
+    return {"out": out, "log": log, "base": tiny_models("llava")}
+
+
+def _projector(state: dict) -> torch.Tensor:
+    return next(v for k, v in state.items() if "multi_modal_projector" in k and k.endswith("linear_1.weight"))
+
+
+def test_zero2_two_ranks_lora_llava_loads_and_loss_fell(zero2_resumed):
+    out = zero2_resumed["out"]
+    manifest = json.loads((out / "mmedagent_train.json").read_text())
+    assert manifest["family"] == "llava" and manifest["template"] == "vicuna_v1" and manifest["lora"]
+    assert manifest["base_model"] == str(zero2_resumed["base"].resolve())
+    assert (out / "loss.png").stat().st_size > 1000 and (out / "trainer_state.json").is_file()
+    saved = load_file(out / "adapter_model.safetensors")
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in saved.items())
+    base = load_file(zero2_resumed["base"] / "model.safetensors")
+    assert not torch.equal(_projector(saved).float(), _projector(base).float())  # the projector trained too
+    steps = losses(out)
+    first, last = [sum(steps[s] for s in r) / 3 for r in (range(1, 4), range(22, 25))]
+    assert last < first, steps
+
+    from mmedagent.model import load_planner
+
+    planner = load_planner(out, conv_template=manifest["template"], dtype="float32", device="cpu")
+    from PIL import Image
+
+    reply = planner.generate([{"role": "user", "content": "<image>\nCan you locate the tumor in this MRI image?"}],
+                             Image.new("RGB", (32, 32), (90, 90, 90)), max_new_tokens=8, temperature=0)
+    assert isinstance(reply, str) and reply
+
+
+def test_resume_continues_step_counter_and_loss(zero2_resumed):
+    out, log = zero2_resumed["out"], zero2_resumed["log"]
+    resumed_from = int(log.split("resuming from ")[1].split("checkpoint-")[1].split()[0])
+    assert resumed_from >= 3 and resumed_from % 3 == 0
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 24
+    steps = losses(out)
+    assert sorted(steps) == list(range(1, 25))  # each step logged once: history kept, counter continued
+    assert steps[resumed_from + 1] < steps[1]  # no restart from the initial weights
+    assert abs(steps[resumed_from + 1] - steps[resumed_from]) < 0.5 * (steps[1] - steps[resumed_from]) + 0.05
+
+
+def test_zero3_two_ranks_sharegpt_mmedagent_and_text_only(tiny_models, train_data, tmp_path):
+    """ZeRO-3 with a comma-separated mix of sharegpt and MMedAgent files (with text-only records)."""
+    out = tmp_path / "run"
+    data = f"{train_data['sharegpt']},{train_data['mixed']}"
+    run_training(base_args(tiny_models("llava"), data, out, "--image_folder", f"{train_data['images']}",
+                           "--deepspeed", ZERO3, "--max_steps", "8", "--save_strategy", "no",
+                           "--group_by_modality_length", "True", *LLAVA_FLAGS), 2)
+    saved = load_file(out / "adapter_model.safetensors")
+    assert saved and all(v.numel() > 0 for v in saved.values())  # gathered, not empty ZeRO-3 shards
+    steps = losses(out)
+    assert sum(steps[s] for s in (7, 8)) < sum(steps[s] for s in (1, 2)), steps
+
+
+def test_qwen2_vl_sharegpt_one_rank(tiny_models, train_data, tmp_path):
+    """Qwen2-VL (its processor's chat template) on a sharegpt file; one rank to save CI time."""
+    out = tmp_path / "run"
+    run_training(base_args(tiny_models("qwen2_vl"), train_data["sharegpt"], out, "--deepspeed", ZERO2,
+                           "--max_steps", "8", "--save_strategy", "no", "--mm_projector_lr", "1e-3"), 1)
+    manifest = json.loads((out / "mmedagent_train.json").read_text())
+    assert manifest["family"] == "qwen2_vl" and manifest["template"] is None
+    saved = load_file(out / "adapter_model.safetensors")
+    assert any(".merger." in k for k in saved) and not any(".visual.blocks" in k for k in saved)
+    steps = losses(out)
+    assert sum(steps[s] for s in (7, 8)) < sum(steps[s] for s in (1, 2)), steps
