@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -33,7 +34,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 CACHE_ENV = "MMEDAGENT_CACHE"
 RRF_K = 60
 TEXT_SUFFIXES = (".txt", ".md", ".markdown", ".jsonl", ".pdf")
@@ -43,7 +44,7 @@ ICD10CM_SOURCE = "ICD-10-CM April 2026 (tabular list)"
 # (laterality, encounter, anatomical detail) are matched lexically. Inclusion terms and notes of
 # every code are embedded. See docs/rag.md for the measurements behind this choice.
 ICD_DENSE_MAX_CHARS = 4
-PRESET_VERSION = f"icd10cm-v1-dense{ICD_DENSE_MAX_CHARS}"
+PRESET_VERSION = f"icd10cm-v2-dense{ICD_DENSE_MAX_CHARS}"
 
 
 def cache_dir() -> Path:
@@ -259,7 +260,10 @@ def icd10cm_corpus(chapters: Sequence[str] | None = None) -> Corpus:
         units += [(t, True) for t in (*includes, *inclusion)]
         if notes:
             units.append((notes, True))
-        corpus.add({"text": "\n".join(lines), "source": ICD10CM_SOURCE, "title": desc, "code": code}, units)
+        passage = {"text": "\n".join(lines), "source": ICD10CM_SOURCE, "title": desc, "code": code}
+        if not icd.is_chapter_or_block(code):
+            passage["group"] = code[:3]  # the category: one answer per category in search results
+        corpus.add(passage, units)
     return corpus
 
 
@@ -359,9 +363,10 @@ def embed_cached(embedder: Embedder, texts: Sequence[str], progress: bool = Fals
 
 # ------------------------------------------------------------------------------------------ BM25
 class _Tokenizer:
-    """Lower-case word tokens, English stop words removed, Snowball-stemmed (PyStemmer)."""
+    """Lower-case word tokens, English stop words removed, Snowball-stemmed (PyStemmer); code-like
+    tokens (``E11.9``, ``I21``, ``B12``) are kept whole and unstemmed so code lookups match exactly."""
 
-    _word = re.compile(r"(?u)\b\w\w+\b")
+    _word = re.compile(r"\b[a-z]\d[0-9a-z](?:\.[0-9a-z]{1,4})?\b|\b\w\w+\b")
 
     def __init__(self):
         import Stemmer
@@ -378,21 +383,28 @@ class _Tokenizer:
                 continue
             s = self._memo.get(w)
             if s is None:
-                s = self._memo[w] = self._stem(w)
+                s = self._memo[w] = w if any(c.isdigit() for c in w) else self._stem(w)
             out.append(s)
         return out
 
 
-def _first_passages(unit_ids: Iterable[int], unit_pid: np.ndarray, limit: int) -> list[int]:
-    """Passages in order of their best unit, without repeats."""
-    seen: dict[int, None] = {}
-    for u in unit_ids:
-        if u < 0:
-            continue
-        seen.setdefault(int(unit_pid[u]), None)
-        if len(seen) >= limit:
-            break
-    return list(seen)
+def _ranked_groups(unit_scores: np.ndarray, unit_ids: np.ndarray, unit_pid: np.ndarray, group_of: np.ndarray,
+                   depth: int, tau: float | None) -> tuple[list[int], dict[int, int]]:
+    """Groups ranked by their units' scores (``tau``: log-sum-exp with that temperature, None: max),
+    and the best passage of each group (the passage of its best unit)."""
+    pids = unit_pid[unit_ids]
+    groups = group_of[pids]
+    best: dict[int, int] = {}
+    agg: dict[int, float] = {}
+    top = float(unit_scores[0]) if len(unit_scores) else 0.0
+    for g, p, sc in zip(groups.tolist(), pids.tolist(), unit_scores.tolist()):
+        if g not in best:
+            best[g] = p
+            agg[g] = 0.0 if tau else sc
+        if tau:
+            agg[g] += math.exp((sc - top) / tau)
+    order = sorted(agg, key=lambda g: -agg[g])[:depth]
+    return order, {g: best[g] for g in order}
 
 
 # ----------------------------------------------------------------------------------------- index
@@ -407,7 +419,21 @@ class Hit:
 
 
 class HybridIndex:
-    """A built index on disk: passages, BM25 over all units, faiss over the dense units."""
+    """A built index on disk: passages, BM25 over all units, faiss over the dense units.
+
+    Search ranks *groups* of passages (an ICD-10-CM category with its subcodes; otherwise each
+    passage alone) so that the top k are k different answers, and returns each group's best
+    passage.
+    """
+
+    MIN_SHOULD_MATCH = 0.75
+    """Lexical matches must contain this fraction of the query's terms (rounded up): with short
+    lay questions an OR-match of one common word ("attack", "broken") is noise, not evidence."""
+    DENSE_TAU = 0.05
+    """Temperature of the log-sum-exp that pools a group's unit similarities: a category whose
+    description, inclusion terms and subcodes all point at the query outranks a single look-alike."""
+    DENSE_UNITS = 1024
+    """Nearest dense units pooled per query."""
 
     def __init__(self, path: Path, meta: dict, passages: list[dict], bm25, bm25_pid: np.ndarray,
                  faiss_index, dense_pid: np.ndarray, embedder: Embedder):
@@ -416,6 +442,11 @@ class HybridIndex:
         self.faiss, self.dense_pid = faiss_index, dense_pid
         self.embedder = embedder
         self.tokenize = _Tokenizer()
+        names: dict[str, int] = {}
+        self.group_of = np.array(
+            [names.setdefault(p["group"], len(names)) if "group" in p else -1 - i for i, p in enumerate(passages)],
+            dtype=np.int64,
+        )
 
     # ---- build / load
     @classmethod
@@ -488,6 +519,9 @@ class HybridIndex:
                 f"not {embedder.model_id} ({embedder.fingerprint}); rebuild the index or use that model"
             )
         bm25 = bm25s.BM25.load(str(path / "bm25"), mmap=True, show_progress=False)
+        # One query at a time: faiss' OpenMP threads cost more than they save (measured on 2 cores,
+        # 26k vectors: 13-15 ms with 2 threads, under 2 ms with 1; see docs/rag.md).
+        faiss.omp_set_num_threads(1)
         return cls(
             path, meta, json.loads((path / "passages.json").read_text("utf-8")), bm25,
             np.load(path / "bm25_pid.npy"), faiss.read_index(str(path / "dense.faiss")),
@@ -501,49 +535,62 @@ class HybridIndex:
         return self.faiss.reconstruct_n(0, self.faiss.ntotal)
 
     # ---- search
-    def bm25_ranking(self, query: str, depth: int) -> list[int]:
-        tokens = [t for t in self.tokenize(query) if t in self.bm25.vocab_dict]
-        if not tokens:
-            return []
-        scores = self.bm25.get_scores(tokens)
-        n = min(len(scores), depth * 8)
-        top = np.argpartition(-scores, n - 1)[:n]
-        top = top[np.argsort(-scores[top], kind="stable")]
-        return _first_passages(top[scores[top] > 0], self.bm25_pid, depth)
+    def bm25_groups(self, query: str, depth: int) -> tuple[list[int], dict[int, int]]:
+        """Groups by their best BM25 unit among units holding >= MIN_SHOULD_MATCH of the query terms."""
+        terms = list(dict.fromkeys(self.tokenize(query)))
+        known = [t for t in terms if t in self.bm25.vocab_dict]
+        if not known:
+            return [], {}
+        need = max(1, math.ceil(self.MIN_SHOULD_MATCH * len(terms) - 1e-9))
+        total = np.zeros(len(self.bm25_pid), dtype=np.float32)
+        matched = np.zeros(len(self.bm25_pid), dtype=np.int16)
+        for t in known:
+            sc = self.bm25.get_scores([t])
+            total += sc
+            matched += sc > 0
+        ids = np.flatnonzero(matched >= need)
+        if not len(ids):
+            return [], {}
+        ids = ids[np.argsort(-total[ids], kind="stable")][: depth * 50]
+        return _ranked_groups(total[ids], ids, self.bm25_pid, self.group_of, depth, None)
 
-    def dense_ranking(self, query: str, depth: int, qvec: np.ndarray | None = None) -> tuple[list[int], np.ndarray]:
-        qvec = self.embedder.encode([query]) if qvec is None else qvec
-        n = min(self.faiss.ntotal, depth * 8)
-        _, ids = self.faiss.search(qvec, n)
-        return _first_passages(ids[0], self.dense_pid, depth), qvec
+    def dense_groups(self, query: str, depth: int) -> tuple[list[int], dict[int, int]]:
+        """Groups by log-sum-exp of their nearest units' cosine similarities."""
+        qvec = self.embedder.encode([query])
+        sims, ids = self.faiss.search(qvec, min(self.faiss.ntotal, max(self.DENSE_UNITS, depth * 8)))
+        keep = ids[0] >= 0
+        return _ranked_groups(sims[0][keep], ids[0][keep], self.dense_pid, self.group_of, depth, self.DENSE_TAU)
 
     def search(self, query: str, k: int = 5, mode: str = "hybrid", depth: int = 100) -> list[Hit]:
-        """Top ``k`` passages. ``mode``: ``hybrid`` (RRF of BM25 and dense), ``dense`` or ``bm25``.
-
-        The hybrid score is the fused RRF score divided by its maximum (first in both lists = 1.0).
-        """
+        """Top ``k`` passages, one per group. ``mode``: ``hybrid`` (reciprocal rank fusion of BM25
+        and dense), ``dense`` or ``bm25``. The hybrid score is the fused score over its maximum
+        (first in both rankings = 1.0)."""
         query = " ".join(query.split())
         if not query:
             raise ValueError("empty query")
         if k < 1:
             raise ValueError(f"k must be >= 1 (got {k})")
-        depth = max(depth, k)
-        rankings: dict[str, list[int]] = {}
-        if mode in ("hybrid", "bm25"):
-            rankings["bm25"] = self.bm25_ranking(query, depth)
-        if mode in ("hybrid", "dense"):
-            rankings["dense"] = self.dense_ranking(query, depth)[0]
-        if not rankings:
+        if mode not in ("hybrid", "dense", "bm25"):
             raise ValueError(f"unknown search mode {mode!r}; use hybrid, dense or bm25")
+        depth = max(depth, k)
+        rankings: dict[str, tuple[list[int], dict[int, int]]] = {}
+        if mode in ("hybrid", "bm25"):
+            rankings["bm25"] = self.bm25_groups(query, depth)
+        if mode in ("hybrid", "dense"):
+            rankings["dense"] = self.dense_groups(query, depth)
         fused: dict[int, float] = {}
         ranks: dict[int, dict[str, int]] = {}
-        for name, ranking in rankings.items():
-            for r, pid in enumerate(ranking, 1):
-                fused[pid] = fused.get(pid, 0.0) + 1.0 / (RRF_K + r)
-                ranks.setdefault(pid, {})[name] = r
+        for name, (order, _) in rankings.items():
+            for r, g in enumerate(order, 1):
+                fused[g] = fused.get(g, 0.0) + 1.0 / (RRF_K + r)
+                ranks.setdefault(g, {})[name] = r
         best = len(rankings) / (RRF_K + 1)
-        order = sorted(fused, key=lambda p: (-fused[p], p))[:k]
-        return [Hit(self.passages[p], round(fused[p] / best, 4), ranks[p]) for p in order]
+        hits = []
+        for g in sorted(fused, key=lambda g: (-fused[g], g))[:k]:
+            # the group's passage from the retriever that ranks the group higher (dense on ties)
+            name = min(ranks[g], key=lambda n: (ranks[g][n], n != "dense"))
+            hits.append(Hit(self.passages[rankings[name][1][g]], round(fused[g] / best, 4), ranks[g]))
+        return hits
 
 
 # ------------------------------------------------------------------------------- build helpers
