@@ -22,10 +22,10 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-import mmedagent  # noqa: E402,F401  - torchvision shim before sentence-transformers
-from mmedagent.tools import _rag_index as ri  # noqa: E402
+import mmedagent  # noqa: F401  - torchvision shim before sentence-transformers
+from mmedagent.tools import _rag_index as ri
 
 # Plain-language questions -> acceptable ICD-10-CM 3-character categories. Written from everyday
 # wording (not copied from the code descriptions); a hit is a returned code (category or deeper,

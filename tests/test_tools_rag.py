@@ -7,6 +7,7 @@ The ICD-10-CM tests use the real index over five real chapters (4 endocrine, 7 e
 second; the full 22-chapter index is built by ``scripts/bench_rag.py`` (docs/rag.md explains why).
 """
 
+import itertools
 import json
 import zlib
 
@@ -89,7 +90,7 @@ def test_chunk_words_windows_overlap_and_cover_the_text():
     chunks = [c.split() for c in ri.chunk_words(" ".join(words), size=128, overlap=32)]
     assert [c[0] for c in chunks] == ["w0", "w96", "w192"]
     assert all(len(c) <= 128 for c in chunks)
-    for a, b in zip(chunks, chunks[1:]):
+    for a, b in itertools.pairwise(chunks):
         assert a[-32:] == b[:32]
     assert chunks[-1][-1] == "w299"
     assert ri.chunk_words("  \n ") == []

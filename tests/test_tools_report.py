@@ -2,9 +2,9 @@
 through the dispatcher; section parsing and style selection on known texts."""
 
 import pytest
-
 from _model_fixtures import test_image, tiny_models  # noqa: F401  (fixture)
 from doubles import ScriptedPlanner
+
 from mmedagent.dispatcher import Dispatcher
 from mmedagent.model import load_planner
 from mmedagent.protocol import ToolCall

@@ -306,7 +306,7 @@ class Embedder:
     @property
     def model(self):
         if self._model is None:
-            import mmedagent  # noqa: F401  - torchvision shim before sentence-transformers imports it
+            # (importing this module imported mmedagent first, which arms the torchvision shim)
             from sentence_transformers import SentenceTransformer
 
             path = Path(self.model_id)
