@@ -512,7 +512,11 @@ class HybridIndex:
         meta = json.loads(meta_file.read_text("utf-8"))
         if meta.get("format") != FORMAT_VERSION:
             raise ValueError(f"{path}: index format {meta.get('format')} is not {FORMAT_VERSION}; rebuild it")
-        embedder = embedder or Embedder(meta["model"])
+        if embedder is None:
+            # an index copied from another machine names a model path that may not exist here;
+            # the default model is then tried, and the fingerprint check below decides
+            model = Path(meta["model"])
+            embedder = Embedder(None if model.is_absolute() and not model.exists() else meta["model"])
         if embedder.fingerprint != meta["model_fingerprint"]:
             raise ValueError(
                 f"{path} was built with embedding model {meta['model']} ({meta['model_fingerprint']}), "
