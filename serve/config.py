@@ -8,6 +8,7 @@ Every process of the stack (controller, model worker, tool worker, web UI, CLI) 
     web_port: 7860
     model_path: /models/my-llava-lora     # default: demo model, else a tiny random checkpoint
     conv_template: vicuna_v1
+    tool_weights: default                 # demo: tiny random tool weights (default without model_path)
     tools:                                # one worker per entry; in_process runs it in the controller
       grounding: {options: {device: cpu}}
       classification: {in_process: true}
@@ -32,6 +33,14 @@ class ToolSpec(BaseModel):
     options: dict[str, Any] = Field(default_factory=dict)
     in_process: bool = False
     workers: int = Field(default=1, ge=0)
+    weights_label: str | None = Field(
+        default=None, description="shown beside the tool's weights in the banner and /v1/models (the demo weights say "
+        "'tiny random weights — demo only')",
+    )
+    background: bool | None = Field(
+        default=None, description="the ready line does not wait for this tool; it registers once loaded "
+        "(default: true for retrieval, whose first load builds its index)",
+    )
 
 
 class ServeConfig(BaseModel):
@@ -52,6 +61,13 @@ class ServeConfig(BaseModel):
     model_backend_model: str | None = None
     model_backend_api_key: str | None = Field(default=None, repr=False, description="default: api_key")
     device: str | None = None
+    tool_weights: Literal["demo", "default"] | None = Field(
+        default=None,
+        description="weights of tools whose options are not configured. demo: tiny random ones built once into the cache "
+        "(retrieval keeps its real MiniLM index); default: each tool's published default (hub ids, medsam_vit_b.pth). "
+        "Default: demo when the planner is the demo or tiny model (no model_path, or model_path 'demo') and no "
+        "backend URL is set, else default",
+    )
     tools: dict[str, ToolSpec] | None = Field(default=None, description="None: every registered tool, one worker each")
     plugins: list[str] = Field(default_factory=list, description="modules imported first (they may register tools)")
     no_workers: bool = False
@@ -79,6 +95,13 @@ class ServeConfig(BaseModel):
         if self.api_key is None:
             self.api_key = os.environ.get(API_KEY_ENV) or None
         return self
+
+    @property
+    def effective_tool_weights(self) -> Literal["demo", "default"]:
+        if self.tool_weights is not None:
+            return self.tool_weights
+        demo_planner = self.model_path in (None, "demo") and not self.model_backend_url
+        return "demo" if demo_planner else "default"
 
     @property
     def max_upload_bytes(self) -> int:

@@ -45,6 +45,9 @@ from mmedagent.tools import Tool, get_tool, list_tools
 
 # System prompts for models trained without the tool catalog ("catalog" derives it from the live tools).
 SYSTEM_TEXTS = {"plain": DEFAULT_SYSTEM, "none": ""}
+# Tools whose first load can take minutes (retrieval builds its ICD-10-CM index once): the ready
+# line does not wait for them unless their ToolSpec says background: false.
+BACKGROUND_TOOLS = frozenset({"retrieval"})
 
 log = logging.getLogger("mmedagent.serve.controller")
 
@@ -123,6 +126,8 @@ class Controller:
         self.dispatcher = Dispatcher({}, timeout_s=cfg.tool_timeout_s, max_workers=4 * cfg.max_concurrent_chats)
         self.executor = ThreadPoolExecutor(cfg.max_concurrent_chats, thread_name_prefix="chat")
         self.gen_defaults = {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p}
+        self.loading: list[str] = []  # tools whose workers are still loading (kept current by the launcher)
+        self._demo_report: tuple[float, dict[str, Any] | None] | None = None
 
     # ------------------------------------------------------------------ tools
 
@@ -238,15 +243,42 @@ class Controller:
                 return
             yield kind, payload
 
-    def status(self) -> dict[str, Any]:
-        """What the banner shows: models and tools with their weights, and warnings."""
-        models = [{**w.info, "name": w.names[0]} for w in self.registry.workers("model")]
-        tools = [
+    def tool_weights(self) -> list[dict[str, Any]]:
+        """Each live tool with its loaded weights (the tool's own note) and the configured label
+        (e.g. the demo's "tiny random weights — demo only")."""
+        specs = self.cfg.tools or {}
+        return [
             {"name": n, "where": "in-process" if n in self.local_tools else "worker",
-             "weights": getattr(t, "weights_note", "") or ""}
+             "weights": getattr(t, "weights_note", "") or "",
+             "label": getattr(specs.get(n), "weights_label", None) or ""}
             for n, t in sorted(self.live_tools().items())
         ]
-        return {"models": models, "tools": tools}
+
+    def demo_summary(self, models: list[dict[str, Any]]) -> dict[str, Any] | None:
+        """The demo planner's held-out evaluation, when it is the model being served."""
+        from mmedagent import demo
+
+        if not any(m.get("note") == demo.NOTE for m in models) or not demo.is_built():
+            return None
+        report_file = demo.demo_dir() / demo.REPORT_FILE
+        mtime = report_file.stat().st_mtime if report_file.is_file() else 0.0
+        if self._demo_report is None or self._demo_report[0] != mtime:  # read once per build, not per request
+            report = demo.demo_report()
+            summary = None if report is None else {
+                "tool_selection_accuracy": report.get("tool_selection_accuracy"),
+                "argument_validity": report.get("argument_validity"),
+                "samples": len(report.get("samples") or []),
+                "routes": report.get("routes"),
+                "targets": report.get("targets"),
+            }
+            self._demo_report = (mtime, summary)
+        return {"note": demo.NOTE, "evaluation": self._demo_report[1]}
+
+    def status(self) -> dict[str, Any]:
+        """What the banner shows: models and tools with their weights, loading tools, the demo's evaluation."""
+        models = [{**w.info, "name": w.names[0]} for w in self.registry.workers("model")]
+        return {"models": models, "tools": self.tool_weights(), "loading": list(self.loading),
+                "demo": self.demo_summary(models)}
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
@@ -379,7 +411,8 @@ def build_app(ctl: Controller) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return oa.model_list(ctl.model_names())
+        notes = {w.names[0]: w.info.get("note", "") for w in ctl.registry.workers("model")}
+        return oa.model_list(ctl.model_names(), notes=notes, tools=ctl.tool_weights())
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: oa.ChatCompletionRequest):
@@ -438,6 +471,11 @@ def tool_specs(cfg: ServeConfig) -> dict[str, ToolSpec]:
     return {cls.name: ToolSpec() for cls in list_tools()}
 
 
+def is_background(name: str, spec: ToolSpec) -> bool:
+    """Whether the ready line goes on without this tool (it registers once loaded)."""
+    return spec.background if spec.background is not None else name in BACKGROUND_TOOLS
+
+
 def main(argv: list[str] | None = None) -> None:
     from mmedagent.serve.launcher import Launcher
 
@@ -453,6 +491,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="planner's system prompt: tool catalog, plain Vicuna text, or none (default: from the model dir)")
     parser.add_argument("--backend-url", default=None, help="model worker forwards to this OpenAI-compatible API root")
     parser.add_argument("--tools", default=None, help="comma-separated tools to start workers for (default: all)")
+    parser.add_argument("--tool-weights", choices=("demo", "default"), default=None,
+                        help="weights of tools without configured options: demo = tiny random ones built once (retrieval: "
+                        "real MiniLM over ICD-10-CM); default = each tool's published weights. Default: demo without "
+                        "--model-path (demo or tiny planner), default with it")
     parser.add_argument("--in-process-tools", default=None, help="comma-separated tools to run inside the controller")
     parser.add_argument("--no-workers", action="store_true", help="controller only (workers register from elsewhere)")
     parser.add_argument("--heartbeat-interval", type=float, default=None)
@@ -469,7 +511,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_config(
         args.config, host=args.host, port=args.port, web_port=args.web_port, model_path=args.model_path,
         model_name=args.model_name, conv_template=args.conv_template, model_backend_url=args.backend_url,
-        system_prompt=args.system_prompt,
+        system_prompt=args.system_prompt, tool_weights=args.tool_weights,
         tools=tools, no_workers=args.no_workers or None, api_key=args.api_key, log_level=args.log_level,
         heartbeat_interval_s=args.heartbeat_interval, heartbeat_expiry_s=args.heartbeat_expiry,
         tool_timeout_s=args.tool_timeout, max_upload_mb=args.max_upload_mb, plugins=args.plugin,

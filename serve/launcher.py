@@ -2,6 +2,9 @@
 
 Children get the API key through the environment (never on a command line, which ``ps`` shows),
 register with the controller once loaded, and are stopped when the controller stops (Ctrl-C).
+Tools without configured options get the demo stack's weights when ``tool_weights`` is ``demo``
+(:func:`resolve_tool_specs`). The ready line waits for the model and every tool except
+background ones (retrieval, whose first start builds its index), which register when loaded.
 """
 
 from __future__ import annotations
@@ -17,13 +20,70 @@ from pathlib import Path
 
 import uvicorn
 
-from mmedagent.serve.config import API_KEY_ENV, ServeConfig
-from mmedagent.serve.controller import Controller, build_app, tool_specs
+from mmedagent.serve.config import API_KEY_ENV, ServeConfig, ToolSpec
+from mmedagent.serve.controller import Controller, build_app, is_background, tool_specs
 from mmedagent.serve.security import GuardMiddleware
 from mmedagent.serve.worker_base import bind_socket, url_for
 
 log = logging.getLogger("mmedagent.serve.launcher")
 SERVE_DIR = Path(__file__).resolve().parent
+
+
+COMPOSITE = "grounding_segmentation"
+COMPOSITE_PARTS = ("grounding", "segmentation")
+
+
+def _demo_options(names: set[str]) -> dict[str, dict]:
+    """Demo options for ``names``; the tiny weights are built (once) only if one of them needs them."""
+    from mmedagent import demo_tools
+
+    if not names & demo_tools.TINY_TOOLS:
+        return {n: {} for n in names & set(demo_tools.WEIGHTS_NOTES)}
+    try:
+        return demo_tools.demo_tool_options()
+    except Exception as e:  # e.g. a tools extra not installed: those tools then fail to start, visibly
+        log.error("could not build the demo tool weights: %s: %s", type(e).__name__, e)
+        return {}
+
+
+def resolve_tool_specs(cfg: ServeConfig) -> dict[str, ToolSpec]:
+    """The tool specs the launcher starts: names made canonical, and options filled in.
+
+    With ``tool_weights`` ``demo``, every built-in tool whose options are empty gets the demo
+    weights (:func:`mmedagent.demo_tools.demo_tool_options`, built once) and their label; on a
+    head node (``no_workers``) only in-process tools do, since workers elsewhere bring their own.
+    The composite ``grounding_segmentation`` without options uses the options of its two parts
+    (configured, else demo), so it loads the same weights as they do.
+    """
+    from mmedagent.demo_tools import weights_note
+    from mmedagent.tools import UnknownToolError, get_tool
+
+    specs: dict[str, ToolSpec] = {}
+    for name, spec in tool_specs(cfg).items():
+        try:
+            name = get_tool(name).name
+        except UnknownToolError:
+            pass  # its worker reports the unknown name and the ready line lists it as failed
+        specs[name] = spec.model_copy(deep=True)
+    unset = {n for n, s in specs.items() if not s.options and (s.in_process or not cfg.no_workers)}
+    demo = _demo_options(unset) if unset and cfg.effective_tool_weights == "demo" else {}
+    for name in unset - {COMPOSITE}:
+        if name in demo:
+            specs[name].options = dict(demo[name])
+            specs[name].weights_label = specs[name].weights_label or weights_note(name)
+    if COMPOSITE in unset:
+        composite, parts, from_demo = specs[COMPOSITE], {}, []
+        for part in COMPOSITE_PARTS:
+            configured = part in specs and part not in unset
+            parts[part] = dict(specs[part].options) if configured else dict(demo.get(part, {}))
+            if not configured and part in demo:
+                from_demo.append(part)
+        if any(parts.values()):
+            composite.options = parts
+        if from_demo and composite.weights_label is None:
+            whole = len(from_demo) == len(COMPOSITE_PARTS)
+            composite.weights_label = weights_note(COMPOSITE) if whole else f"{from_demo[0]}: {weights_note(from_demo[0])}"
+    return specs
 
 
 class Child:
@@ -90,32 +150,45 @@ class Launcher:
             self._spawn("web UI", self._script("web.py", "--controller", controller_url, "--host", cfg.host, "--port", str(web_port)))
         return expected
 
-    def _watch(self, ctl: Controller, expected: list[str], web_url: str | None, loader: threading.Thread | None) -> None:
-        """Say when the stack is ready, and report children that die."""
+    def _watch(self, ctl: Controller, expected: list[str], web_url: str | None, loaders: dict[str, threading.Thread]) -> None:
+        """Say when the stack is ready (background tools aside), then when each background tool
+        registers or fails; keep the controller's list of loading tools current; report children
+        that die."""
         reported: set[int] = set()
         ready = False
+        specs = tool_specs(self.cfg)
+        pending_bg = {n for n in [*expected, *self.in_process] if is_background(n, specs[n])}
         while not self.stopping.wait(0.5):
             for child in self.children:
                 code = child.proc.poll()
                 if code is not None and id(child) not in reported:
                     reported.add(id(child))
                     log.error("%s exited with code %s (see its log above)", child.label, code)
-            if ready:
-                continue
             alive = {c.label for c in self.children if c.proc.poll() is None}
-            models = ctl.model_names()
             tools = ctl.available_tools()
-            waiting = [n for n in expected if n not in tools and f"tool worker {n}" in alive]
-            model_pending = not self.cfg.no_workers and not models and "model worker" in alive
-            if not waiting and not model_pending and not (loader is not None and loader.is_alive()):
+            loading = {n for n in expected if n not in tools and f"tool worker {n}" in alive}
+            loading |= {n for n in self.in_process if n not in tools and loaders[n].is_alive()}
+            ctl.loading = sorted(loading)
+            if not ready:
+                models = ctl.model_names()
+                model_pending = not self.cfg.no_workers and not models and "model worker" in alive
+                if model_pending or loading - pending_bg:
+                    continue
                 ready = True
-                failed = [n for n in [*expected, *self.in_process] if n not in tools]
+                failed = [n for n in [*expected, *self.in_process] if n not in tools and n not in loading]
                 line = f"ready: models: {', '.join(models) or '(none)'}; tools: {', '.join(tools) or '(none)'}"
+                if loading:
+                    line += f"; loading: {', '.join(sorted(loading))} (registers when ready)"
                 if failed:
                     line += f"; failed to start: {', '.join(failed)}"
                 if web_url:
                     line += f"; chat at {web_url}"
                 print(line, flush=True)
+                pending_bg &= loading
+                continue
+            for name in sorted(pending_bg - loading):
+                print(f"tool {name} {'ready' if name in tools else 'failed to start'}", flush=True)
+                pending_bg.discard(name)
 
     def run(self) -> None:
         cfg = self.cfg
@@ -130,19 +203,22 @@ class Launcher:
                 probe = bind_socket(cfg.host, 0)
                 web_port = probe.getsockname()[1]
                 probe.close()
-        specs = tool_specs(cfg)
-        in_process = {n: s for n, s in specs.items() if s.in_process}
+        cfg.tools = resolve_tool_specs(cfg)  # may build the demo tool weights (once, ~10 s)
+        in_process = {n: s for n, s in cfg.tools.items() if s.in_process}
         self.in_process = list(in_process)
         expected = self.start_children(url, web_port)
         web_url = f"http://{url.split('//')[1].rsplit(':', 1)[0]}:{web_port}" if web_port is not None else None
         print(f"controller: {url}  (OpenAI API: {url}/v1)", flush=True)
         if web_url:
             print(f"web UI: {web_url}", flush=True)
-        loader = None
-        if in_process:
-            loader = threading.Thread(target=ctl.load_local_tools, args=(in_process,), daemon=True)
-            loader.start()
-        watcher = threading.Thread(target=self._watch, args=(ctl, expected, web_url, loader), daemon=True)
+        loaders: dict[str, threading.Thread] = {}
+        for background in (False, True):  # a slow background tool never delays the others
+            group = {n: s for n, s in in_process.items() if is_background(n, s) == background}
+            if group:
+                loader = threading.Thread(target=ctl.load_local_tools, args=(group,), daemon=True)
+                loader.start()
+                loaders.update(dict.fromkeys(group, loader))
+        watcher = threading.Thread(target=self._watch, args=(ctl, expected, web_url, loaders), daemon=True)
         watcher.start()
         server = uvicorn.Server(
             uvicorn.Config(GuardMiddleware(app, cfg.api_key, cfg.max_upload_bytes * 4 // 3 + 65536), log_config=None,

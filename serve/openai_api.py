@@ -116,6 +116,19 @@ def chunk(cid: str, model: str, delta: dict[str, Any], finish: str | None = None
 SSE_DONE = "data: [DONE]\n\n"
 
 
-def model_list(names: list[str], owner: str = "mmedagent") -> dict[str, Any]:
+def model_list(names: list[str], owner: str = "mmedagent", notes: dict[str, str] | None = None,
+               tools: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """``GET /v1/models``; extensions OpenAI clients ignore: each model's ``mmedagent_note`` (e.g.
+    "demonstration model ... not a medical device") and ``mmedagent_tools``, the live tools with
+    their weights and labels."""
     now = int(time.time())
-    return {"object": "list", "data": [{"id": n, "object": "model", "created": now, "owned_by": owner} for n in names]}
+    data = []
+    for n in names:
+        entry = {"id": n, "object": "model", "created": now, "owned_by": owner}
+        if notes is not None:
+            entry["mmedagent_note"] = notes.get(n, "")
+        data.append(entry)
+    out: dict[str, Any] = {"object": "list", "data": data}
+    if tools is not None:
+        out["mmedagent_tools"] = tools
+    return out

@@ -50,8 +50,21 @@ def for_display(image):
 UPLOAD_TYPES = [".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".dcm", ".dicom", ".nii", ".gz"]
 
 
+def _pct(value: Any) -> str:
+    return f"{value:.0%}" if isinstance(value, (int, float)) else "n/a"
+
+
+def tool_line(tool: dict[str, Any]) -> str:
+    """``name`` — **label** (the tool's own weights note): tiny demo weights said plainly, in bold."""
+    weights = tool.get("weights") or "no weights note"
+    if tool.get("label"):
+        return f"`{tool['name']}` — **{tool['label']}** ({weights})"
+    return f"`{tool['name']}` ({weights})"
+
+
 def banner(status: dict[str, Any]) -> str:
-    """Markdown naming the loaded model and tool weights, with the model's warning note."""
+    """Markdown naming the loaded model and tool weights, with the model's warning note and, for
+    the demo planner, its held-out evaluation."""
     lines = []
     for m in status.get("models", []):
         size = f", {m['parameters']:,} parameters" if m.get("parameters") else ""
@@ -60,8 +73,19 @@ def banner(status: dict[str, Any]) -> str:
             lines.append(f"> ⚠️ **{m['note']}**")
     if not status.get("models"):
         lines.append("**Model:** none registered yet — the model worker may still be loading.")
+    demo = status.get("demo")
+    if demo:
+        ev = demo.get("evaluation")
+        if ev:
+            lines.append(f"**Demo model, held-out evaluation** ({ev.get('samples') or '?'} questions in wordings not seen "
+                         f"in training): tool selection accuracy {_pct(ev.get('tool_selection_accuracy'))}, "
+                         f"argument validity {_pct(ev.get('argument_validity'))}.")
+        if not any(m.get("note") == demo["note"] for m in status.get("models", [])):
+            lines.append(f"> ⚠️ **{demo['note']}**")
     tools = status.get("tools", [])
-    lines.append("**Tools:** " + (", ".join(f"`{t['name']}` ({t['weights'] or 'no weights note'})" for t in tools) or "none"))
+    lines.append("**Tools:**" + ("".join(f"\n- {tool_line(t)}" for t in tools) if tools else " none"))
+    if status.get("loading"):
+        lines.append("**Still loading:** " + ", ".join(f"`{n}`" for n in status["loading"]) + " (available once loaded)")
     lines.append("_Research software, not a medical device: do not use it for diagnosis._")
     return "\n\n".join(lines)
 
