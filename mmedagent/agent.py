@@ -127,7 +127,7 @@ class Agent:
             if index == self.max_steps - 1:
                 break  # no planner call left to read the tool results
             t1 = time.monotonic()
-            step.outcomes, results = self.dispatcher.dispatch_all(step.turn.actions, image)
+            step.outcomes, results = self.dispatcher.dispatch_all(step.turn.actions, image, question)
             step.overlays = [r.overlay() if r is not None else None for r in results]
             step.tools_s = time.monotonic() - t1
             if on_event:

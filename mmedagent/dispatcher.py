@@ -47,7 +47,7 @@ class Dispatcher:
                 return tool
         return None
 
-    def prepare(self, call: ToolCall, image: Any) -> tuple[Tool, Any] | ToolOutcome:
+    def prepare(self, call: ToolCall, image: Any, question: str | None = None) -> tuple[Tool, Any] | ToolOutcome:
         """Resolve and validate one call; an outcome (error) if it cannot run."""
         tool = self.resolve(call.API_name)
         if tool is None:
@@ -64,6 +64,8 @@ class Dispatcher:
             parsed = tool.Params.model_validate(params)
         except ValidationError as e:
             return ToolOutcome(tool=call.API_name, ok=False, error=describe_validation_error(tool.name, e))
+        if tool.question_param and question and not getattr(parsed, tool.question_param, None):
+            parsed = parsed.model_copy(update={tool.question_param: question})
         return tool, parsed
 
     def _finish(self, call: ToolCall, fut: Future, started: float, deadline: float) -> ToolOutcome:
@@ -81,13 +83,18 @@ class Dispatcher:
             )
         return ToolOutcome(tool=call.API_name, output=result.for_model(), elapsed_s=time.monotonic() - started)
 
-    def dispatch_all(self, calls: Sequence[ToolCall], image: Any) -> tuple[list[ToolOutcome], list[ToolResult | None]]:
-        """Run every call of a turn concurrently; outcomes for the model and full results for the UI."""
+    def dispatch_all(
+        self, calls: Sequence[ToolCall], image: Any, question: str | None = None
+    ) -> tuple[list[ToolOutcome], list[ToolResult | None]]:
+        """Run every call of a turn concurrently; outcomes for the model and full results for the UI.
+
+        ``question`` (the user's question) fills a tool's ``question_param`` when the call omits it.
+        """
         started = time.monotonic()
         deadline = started + self.timeout_s
         pending: list[ToolOutcome | Future] = []
         for call in calls:
-            prepared = self.prepare(call, image)
+            prepared = self.prepare(call, image, question)
             if isinstance(prepared, ToolOutcome):
                 pending.append(prepared)
             else:
@@ -103,8 +110,8 @@ class Dispatcher:
             results.append(p.result() if outcomes[-1].ok else None)
         return outcomes, results
 
-    def dispatch(self, call: ToolCall, image: Any) -> ToolOutcome:
-        return self.dispatch_all([call], image)[0][0]
+    def dispatch(self, call: ToolCall, image: Any, question: str | None = None) -> ToolOutcome:
+        return self.dispatch_all([call], image, question)[0][0]
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -130,3 +130,30 @@ def test_agent_malformed_output_ends_turn_with_error(tools):
 def test_agent_plain_text_answer(tools):
     result = Agent(ScriptedPlanner(["Just a chest X-ray."]), Dispatcher(tools)).run("what?")
     assert result.answer == "Just a chest X-ray." and result.stopped == "answer"
+
+
+def test_question_fills_an_empty_question_param():
+    from mmedagent.tools import ToolParams
+
+    class LookupParams(ToolParams):
+        query: str | None = None
+
+    class Lookup(FakeGrounding):
+        name = "lookup"
+        aliases = ("ChatCAD-R",)
+        Params = LookupParams
+        question_param = "query"
+        needs_image = False
+
+        def __call__(self, image, params):
+            if not params.query:
+                raise ValueError("query is empty")
+            return self.Result(boxes=[], phrases=[params.query], image_size=[0, 0])
+
+    d = Dispatcher([Lookup()])
+    out = d.dispatch(call("ChatCAD-R", image="<imagepath>"), None, question="what is I10?")
+    assert out.ok and out.output["phrases"] == ["what is I10?"]
+    out = d.dispatch(call("ChatCAD-R", query="explicit"), None, question="ignored")
+    assert out.ok and out.output["phrases"] == ["explicit"]
+    out = d.dispatch(call("ChatCAD-R"), None)
+    assert not out.ok and "query is empty" in out.error

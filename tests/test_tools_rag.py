@@ -210,6 +210,8 @@ def test_tool_through_dispatcher(corpus_index):
         ToolCall(API_name="retrieval", API_params={"query": "x", "k": 0}),
     ]
     outcomes, results = d.dispatch_all(calls, None)
+    asked, _ = d.dispatch_all([ToolCall(API_name="ChatCAD-R", API_params={})], None, question="irregular pulse")
+    assert asked[0].ok and asked[0].output["passages"][0]["source"] == "guide.md"  # MMedAgent's {} call: the question
     first = outcomes[0]
     assert first.ok, first.error
     assert first.output["passages"][0]["source"] == "asthma.txt"

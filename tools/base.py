@@ -68,6 +68,8 @@ class Tool:
     Params: ClassVar[type[ToolParams]] = ToolParams
     Result: ClassVar[type[ToolResult]] = ToolResult
     needs_image: ClassVar[bool] = True
+    question_param: ClassVar[str | None] = None
+    """Optional param set to the user's question when a call leaves it empty (MMedAgent calls ChatCAD-R with ``{}``)."""
     weights_note: ClassVar[str] = ""
     """Short description of the loaded weights, for the UI banner (set by ``load``)."""
 
@@ -112,4 +114,5 @@ class Tool:
             "params": cls.Params.model_json_schema(),
             "result": cls.Result.model_json_schema(),
             "needs_image": cls.needs_image,
+            "question_param": cls.question_param,
         }

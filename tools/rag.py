@@ -43,6 +43,7 @@ class Retrieval(Tool):
         "for passages relevant to a question; returns passages with source, code and score."
     )
     needs_image = False
+    question_param = "query"
 
     class Params(ToolParams):
         query: str | None = Field(

@@ -9,6 +9,7 @@ MMedAgent turn format, so any text encodes (no unknown tokens).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -101,8 +102,9 @@ _CHAT_TEMPLATES = {
 _CHAT_TEMPLATES["llama"] = _CHAT_TEMPLATES["mllama"].replace("<|image|>", "")
 
 
-def build_tokenizer(arch: str, vocab_size: int = 1200):
-    """A byte-level BPE ``PreTrainedTokenizerFast`` with ``arch``'s special tokens and chat template."""
+def build_tokenizer(arch: str, vocab_size: int = 1200, corpus: Iterable[str] = ()):
+    """A byte-level BPE ``PreTrainedTokenizerFast`` with ``arch``'s special tokens and chat template,
+    trained on the built-in corpus plus ``corpus`` (e.g. the texts a small model will be trained on)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -117,7 +119,7 @@ def build_tokenizer(arch: str, vocab_size: int = 1200):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(CORPUS, trainer)
+    tok.train_from_iterator([*CORPUS, *corpus], trainer)
     named = {"image_token": spec["image"]} if spec["image"] else {}
     if arch == "qwen2_vl":
         named.update(video_token="<|video_pad|>", vision_bos_token="<|vision_start|>", vision_eos_token="<|vision_end|>")
@@ -240,12 +242,21 @@ _BUILDERS = {"llava": _llava, "qwen2_vl": _qwen2_vl, "mllama": _mllama, "llama":
 
 
 def make_tiny_model(
-    arch: str, out_dir: str | Path, *, seed: int = 0, image_size: int | None = None, preset: str = "tiny", **overrides: int
+    arch: str,
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    image_size: int | None = None,
+    preset: str = "tiny",
+    vocab_size: int = 1200,
+    corpus: Iterable[str] = (),
+    **overrides: int,
 ) -> Path:
     """Build a random ``arch`` checkpoint and save model, tokenizer and processor to ``out_dir``.
 
     ``overrides`` replace preset sizes: ``hidden``, ``layers``, ``heads``, ``vision_hidden``,
-    ``vision_layers``, ``patch``. ``image_size`` is the vision input side in pixels.
+    ``vision_layers``, ``patch``. ``image_size`` is the vision input side in pixels. ``vocab_size`` and
+    ``corpus`` shape the tokenizer (a domain corpus gives shorter sequences).
     """
     if arch not in _BUILDERS:
         raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
@@ -266,7 +277,7 @@ def make_tiny_model(
     import torch
 
     torch.manual_seed(seed)
-    tokenizer = build_tokenizer(arch)
+    tokenizer = build_tokenizer(arch, vocab_size, corpus)
     model, processor = _BUILDERS[arch](tokenizer, params)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
