@@ -3,7 +3,8 @@
     python scripts/bench_train.py                      # CPU: a "cpu"-preset tiny LLaVA (random weights)
     python scripts/bench_train.py --model PATH --bf16  # any LLaVA checkpoint, e.g. on a GPU
 
-Framework: ``mmedagent.train.run.build_trainer`` (the code path of ``train/train_mem.py``: HF Trainer,
+Framework and bare steps alternate (a callback runs one bare step after each framework step), so
+both see the same machine load. Framework: ``mmedagent.train.run.build_trainer`` (the code path of ``train/train_mem.py``: HF Trainer,
 data loader with lazy tokenisation + image decoding, peft LoRA, projector learning-rate group,
 gradient clipping, LR schedule). Bare: the same prepared model, one pre-collated batch, and
 ``forward / backward / AdamW step / zero_grad``. Every record is identical, so both see the same
@@ -15,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -44,6 +44,26 @@ class StepTimer(TrainerCallback):
     def _sync():
         if torch.cuda.is_available():
             torch.cuda.synchronize()
+
+
+class BareStep(TrainerCallback):
+    """After each framework step, one bare ``forward / backward / AdamW step / zero_grad`` on its own model."""
+
+    def __init__(self, model, batch, bf16: bool):
+        self.model, self.batch, self.bf16 = model, batch, bf16
+        self.opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        self.times: list[float] = []
+
+    def on_step_end(self, args, state, control, **kw):
+        StepTimer._sync()
+        t = time.perf_counter()
+        with torch.autocast(args.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            loss = self.model(**self.batch).loss
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        StepTimer._sync()
+        self.times.append(time.perf_counter() - t)
 
 
 def write_data(root: Path, n: int, image_size: int) -> Path:
@@ -98,45 +118,33 @@ def main() -> None:
             "--report_to", "none", "--logging_steps", str(10**6), "--disable_tqdm", "True",
             "--dataloader_num_workers", str(a.workers), "--bf16", str(a.bf16), "--seed", "0"]
 
+    # bare loop: a second, identically prepared model (same seed) and one pre-collated batch
+    bare_trainer, _ = build_trainer(argv)
+    model = bare_trainer.model.to(bare_trainer.args.device).train()
+    batch = bare_trainer.data_collator([bare_trainer.train_dataset[i] for i in range(a.batch)])
+    batch = {k: v.to(bare_trainer.args.device) for k, v in batch.items()}
+    bare = BareStep(model, batch, a.bf16)
+
     trainer, _ = build_trainer(argv)
     timer = StepTimer()
     trainer.add_callback(timer)
+    trainer.add_callback(bare)  # runs after the timer: framework and bare steps alternate, under the same load
     trainer.train()
-    framework = statistics.median(timer.times[a.warmup:])
-
-    # bare loop: a freshly prepared model (same seed), the same batch every step
-    trainer2, _ = build_trainer(argv)
-    model = trainer2.model.to(trainer2.args.device).train()
-    batch = trainer2.data_collator([trainer2.train_dataset[i] for i in range(a.batch)])
-    batch = {k: v.to(trainer2.args.device) for k, v in batch.items()}
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    autocast = torch.autocast(trainer2.args.device.type, dtype=torch.bfloat16, enabled=a.bf16)
-    times = []
-    for _ in range(total):
-        StepTimer._sync()
-        t = time.perf_counter()
-        with autocast:
-            loss = model(**batch).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        StepTimer._sync()
-        times.append(time.perf_counter() - t)
-    bare = statistics.median(times[a.warmup:])
+    framework_s = statistics.median(timer.times[a.warmup:])
+    bare_s = statistics.median(bare.times[a.warmup:])
 
     tokens = int(batch["attention_mask"].sum())
-    result = {"device": str(trainer2.args.device), "torch_threads": torch.get_num_threads(), "batch": a.batch,
-              "tokens_per_batch": tokens, "framework_step_s": round(framework, 4), "bare_step_s": round(bare, 4),
-              "ratio": round(framework / bare, 3)}
+    result = {"device": str(trainer.args.device), "torch_threads": torch.get_num_threads(), "batch": a.batch,
+              "tokens_per_batch": tokens, "framework_step_s": round(framework_s, 4), "bare_step_s": round(bare_s, 4),
+              "ratio": round(framework_s / bare_s, 3)}
     if torch.cuda.is_available():
         # LoRA on a frozen base: forward (2N) + activation gradients (2N) per token; weight gradients
         # only for the small adapters, ignored. Vision tokens counted like text tokens (approximate).
         n_params = sum(p.numel() for p in model.parameters())
         peak = matmul_peak_tflops()
         result.update(matmul_peak_tflops=round(peak, 1),
-                      mfu=round(4 * n_params * tokens / framework / 1e12 / peak, 4))
+                      mfu=round(4 * n_params * tokens / framework_s / 1e12 / peak, 4))
     print(json.dumps(result))
-    sys.exit(0)
 
 
 if __name__ == "__main__":

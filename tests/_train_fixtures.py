@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -131,21 +132,25 @@ def run_training(args: list[str], ranks: int | None = None, timeout: float = 300
 
 def run_until(args: list[str], ranks: int | None, done: Path, timeout: float = 300) -> str:
     """Start training and SIGKILL the whole process group as soon as ``done`` exists."""
-    proc = subprocess.Popen(command(args, ranks), cwd=ROOT, env=train_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    deadline = time.monotonic() + timeout
-    try:
-        while not done.exists():
-            if proc.poll() is not None:
-                raise AssertionError(f"training ended ({proc.returncode}) before {done.name}:\n"
-                                     f"{proc.stdout.read()[-6000:]}")
-            assert time.monotonic() < deadline, f"no {done} after {timeout}s"
-            time.sleep(0.05)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    return proc.stdout.read()
+    fd, name = tempfile.mkstemp(suffix=".log")  # a file, not a pipe: a full pipe would stall the run
+    os.close(fd)
+    log = Path(name)
+    with open(log, "w") as sink:
+        proc = subprocess.Popen(command(args, ranks), cwd=ROOT, env=train_env(), stdout=sink,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        try:
+            while not done.exists():
+                if proc.poll() is not None:
+                    raise AssertionError(f"training ended ({proc.returncode}) before {done.name}:\n"
+                                         f"{log.read_text()[-6000:]}")
+                assert time.monotonic() < deadline, f"no {done} after {timeout}s"
+                time.sleep(0.05)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return log.read_text()
 
 
 def base_args(model: Path, data: Path | str, out: Path, *extra: str) -> list[str]:

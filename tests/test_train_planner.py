@@ -45,3 +45,27 @@ def test_cache_is_reused():
 
     first = trained_tiny_planner()
     assert trained_tiny_planner() == first and (first.parent / "DONE").is_file()
+
+
+def test_merge_script_keeps_the_trained_projector(tmp_path):
+    """scripts/merge_lora_weights.py reads our output layout (no folder-name guessing); the merged model
+    plans exactly like the adapter."""
+    import subprocess
+    import sys
+
+    from mmedagent.model import load_planner
+    from mmedagent.protocol import render_turn
+    from mmedagent.train.fixture import PLANNER_CASES, trained_tiny_planner
+
+    from _train_fixtures import ROOT
+
+    merged = tmp_path / "merged-model"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "merge_lora_weights.py"), "--model-path",
+                           str(trained_tiny_planner()), "--save-model-path", str(merged)],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    planner = load_planner(merged, conv_template="vicuna_v1", dtype="float32", device="cpu")
+    for case in PLANNER_CASES:
+        reply = planner.generate([{"role": "user", "content": f"<image>\n{case.question}"}], case.image(),
+                                 max_new_tokens=96, temperature=0)
+        assert reply.strip() == render_turn(case.plan)
