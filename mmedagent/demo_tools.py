@@ -15,6 +15,7 @@ changing either builds afresh (and drops the stale copies).
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import shutil
 import sys
@@ -37,6 +38,8 @@ TINY_TOOLS = frozenset(n for n, note in WEIGHTS_NOTES.items() if note == TINY_NO
 # Libraries whose save formats the cached files depend on.
 _LIBRARIES = ("torch", "transformers", "open_clip_torch", "segment-anything", "safetensors")
 _BUILD_VERSION = "1"  # bump when the layout below changes
+# Modules whose source builds the files (read, not imported: the key is computed on every start).
+_BUILDERS = ("mmedagent.tools._tiny", "mmedagent.model.tiny", __name__)
 _DONE = "complete"
 
 
@@ -49,13 +52,18 @@ def cache_root() -> Path:
     return Path(os.environ.get("MMEDAGENT_CACHE") or Path.home() / ".cache" / "mmedagent") / "demo-tools"
 
 
-def build_key() -> str:
-    """Hash of the builders' source (this module and ``tools/_tiny.py``) and the library versions."""
-    from mmedagent.tools import _tiny  # light: its heavy imports are inside the builders
+def _source(module: str) -> bytes:
+    loaded = sys.modules.get(module)
+    origin = getattr(loaded, "__file__", None) or importlib.util.find_spec(module).origin
+    return Path(origin).read_bytes()
 
+
+def build_key() -> str:
+    """Hash of the builders' source (``tools/_tiny.py``, ``mmedagent/model/tiny.py``, this module)
+    and the versions of the libraries that write the files."""
     h = hashlib.sha256(_BUILD_VERSION.encode())
-    for module in (_tiny, sys.modules[__name__]):
-        h.update(Path(module.__file__).read_bytes())
+    for module in _BUILDERS:
+        h.update(_source(module))
     for lib in _LIBRARIES:
         try:
             h.update(f"{lib}={metadata.version(lib)}".encode())

@@ -244,15 +244,18 @@ class Controller:
             yield kind, payload
 
     def tool_weights(self) -> list[dict[str, Any]]:
-        """Each live tool with its loaded weights (the tool's own note) and the configured label
-        (e.g. the demo's "tiny random weights — demo only")."""
+        """Each live tool with its loaded weights (the tool's own note) and, where configured, a
+        ``label`` (e.g. the demo's "tiny random weights — demo only")."""
         specs = self.cfg.tools or {}
-        return [
-            {"name": n, "where": "in-process" if n in self.local_tools else "worker",
-             "weights": getattr(t, "weights_note", "") or "",
-             "label": getattr(specs.get(n), "weights_label", None) or ""}
-            for n, t in sorted(self.live_tools().items())
-        ]
+        out = []
+        for n, t in sorted(self.live_tools().items()):
+            entry = {"name": n, "where": "in-process" if n in self.local_tools else "worker",
+                     "weights": getattr(t, "weights_note", "") or ""}
+            label = getattr(specs.get(n), "weights_label", None)
+            if label:
+                entry["label"] = label
+            out.append(entry)
+        return out
 
     def demo_summary(self, models: list[dict[str, Any]]) -> dict[str, Any] | None:
         """The demo planner's held-out evaluation, when it is the model being served."""

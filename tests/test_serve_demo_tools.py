@@ -10,9 +10,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from _serve_fixtures import ServeProcess, serve_env
 from _tools_fixtures import scan_image
+
 from mmedagent import demo, demo_tools
 from mmedagent.dispatcher import Dispatcher
 from mmedagent.protocol import ToolCall
@@ -130,7 +130,7 @@ def test_banner_and_model_list_label_tiny_weights_and_show_the_demo_evaluation(t
         ctl.close()
     text = banner({"models": models, "demo": summary, "loading": ["retrieval"], "tools": [
         {"name": "grounding", "weights": "Grounding DINO: /c/grounding-dino", "label": TINY},
-        {"name": "bright_region", "weights": "no weights", "label": ""}]})
+        {"name": "bright_region", "weights": "no weights"}]})
     assert "tool selection accuracy 98%, argument validity 100%" in text and "4 questions" in text
     assert f"`grounding` — **{TINY}** (Grounding DINO: /c/grounding-dino)" in text and "`bright_region` (no weights)" in text
     assert text.count(demo.NOTE) == 1 and "**Still loading:** `retrieval`" in text
@@ -153,7 +153,7 @@ def test_one_command_without_arguments_starts_every_tool(demo_cache, tmp_path):
         with httpx.Client(base_url=url, timeout=30, trust_env=False) as client:
             listing = client.get("/v1/models").json()
             status = client.get("/v1/status").json()
-        labels = {t["name"]: t["label"] for t in listing["mmedagent_tools"]}
+        labels = {t["name"]: t.get("label") for t in listing["mmedagent_tools"]}
         assert all(labels[name] == TINY for name in VISION_CALLS), labels
         assert listing["data"][0]["mmedagent_note"]  # the planner's note (demo or tiny checkpoint)
         assert set(status["loading"]) <= {"retrieval"}
