@@ -20,11 +20,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import mmedagent  # noqa: F401  - before transformers (torchvision shim)
-
 import torch
-from PIL import Image
 from transformers import TrainerCallback
+
+import mmedagent  # noqa: F401  - before transformers (torchvision shim)
 
 
 class StepTimer(TrainerCallback):

@@ -4,11 +4,13 @@ import json
 
 import pytest
 import torch
+from _train_fixtures import ROOT, TEXT_RECORD, tool_record, write_images
 from PIL import Image
 
-from _train_fixtures import ROOT, TEXT_RECORD, tiny_models, tool_record, train_data, write_images  # noqa: F401
 from mmedagent.data.formats import DataError
 from mmedagent.protocol import Record
+
+pytest_plugins = ("_train_fixtures",)  # session fixtures: tiny_models, train_data
 
 
 def _dataset(model_dir, data_path, folder, template="vicuna_v1", max_len=2048, aspect=None, family=None):
@@ -140,14 +142,7 @@ def test_modality_groups_never_mix():
     assert all(abs(lengths[a]) >= abs(lengths[b]) for a, b in full)
 
 
-RECIPE = ("--lora_enable True --lora_r 128 --lora_alpha 256 --mm_projector_lr 2e-5 --deepspeed ./scripts/zero2.json "
-          "--version v1 --data_path d.json --image_folder imgs --vision_tower openai/clip-vit-large-patch14-336 "
-          "--mm_projector_type mlp2x_gelu --mm_vision_select_layer -2 --mm_use_im_start_end False "
-          "--mm_use_im_patch_token False --image_aspect_ratio pad --group_by_modality_length False --bf16 True "
-          "--num_train_epochs 30 --per_device_train_batch_size 12 --gradient_accumulation_steps 2 "
-          "--save_strategy steps --save_steps 3000 --save_total_limit 2 --learning_rate 2e-4 --weight_decay 0. "
-          "--warmup_ratio 0.03 --lr_scheduler_type cosine --logging_steps 1 --model_max_length 2048 "
-          "--gradient_checkpointing True --dataloader_num_workers 4 --lazy_preprocess True --report_to none").split()
+RECIPE = ["--lora_enable", "True", "--lora_r", "128", "--lora_alpha", "256", "--mm_projector_lr", "2e-5", "--deepspeed", "./scripts/zero2.json", "--version", "v1", "--data_path", "d.json", "--image_folder", "imgs", "--vision_tower", "openai/clip-vit-large-patch14-336", "--mm_projector_type", "mlp2x_gelu", "--mm_vision_select_layer", "-2", "--mm_use_im_start_end", "False", "--mm_use_im_patch_token", "False", "--image_aspect_ratio", "pad", "--group_by_modality_length", "False", "--bf16", "True", "--num_train_epochs", "30", "--per_device_train_batch_size", "12", "--gradient_accumulation_steps", "2", "--save_strategy", "steps", "--save_steps", "3000", "--save_total_limit", "2", "--learning_rate", "2e-4", "--weight_decay", "0.", "--warmup_ratio", "0.03", "--lr_scheduler_type", "cosine", "--logging_steps", "1", "--model_max_length", "2048", "--gradient_checkpointing", "True", "--dataloader_num_workers", "4", "--lazy_preprocess", "True", "--report_to", "none"]
 
 
 def test_mmedagent_recipe_flags_parse(tmp_path, monkeypatch):
@@ -243,3 +238,16 @@ def test_mllama_mixed_batch(tiny_models, train_data):
     assert not batch["cross_attention_mask"][1].any()  # the text-only row attends to no image
     model, _, _ = load_model_and_processor(tiny_models("mllama"), dtype="float32", device="cpu")
     assert torch.isfinite(model(**batch).loss)
+
+
+def test_hf_image_caption_dataset_becomes_instruction_pairs(tiny_models, tmp_path):
+    import datasets
+
+    images = [Image.new("RGB", (30, 20), c) for c in ((200, 0, 0), (0, 200, 0))]
+    captions = ["Chest X-ray with a right lower lobe opacity.", "Brain MRI with a left temporal lesion."]
+    hf = datasets.Dataset.from_dict({"image": images, "caption": captions}).cast_column("image", datasets.Image())
+    hf.save_to_disk(str(tmp_path / "radiology_mini"))
+    ds = _dataset(tiny_models("llava"), tmp_path / "radiology_mini", tmp_path / "exported")
+    assert len(ds) == 2 and all(len(s.images) == 1 for s in ds.samples)
+    item = ds[1]
+    assert captions[1] in _trained_text(ds, item) and item["pixel_values"].shape[0] == 1

@@ -53,16 +53,16 @@ def test_merge_script_keeps_the_trained_projector(tmp_path):
     import subprocess
     import sys
 
+    from _train_fixtures import ROOT
+
     from mmedagent.model import load_planner
     from mmedagent.protocol import render_turn
     from mmedagent.train.fixture import PLANNER_CASES, trained_tiny_planner
 
-    from _train_fixtures import ROOT
-
     merged = tmp_path / "merged-model"
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "merge_lora_weights.py"), "--model-path",
                            str(trained_tiny_planner()), "--save-model-path", str(merged)],
-                          capture_output=True, text=True, cwd=ROOT)
+                          capture_output=True, text=True, cwd=ROOT, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     planner = load_planner(merged, conv_template="vicuna_v1", dtype="float32", device="cpu")
     for case in PLANNER_CASES:

@@ -155,7 +155,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
         if family != "causal_lm":
             self.image_token_id = self.tokenizer.convert_tokens_to_ids(processor.image_token)
         mean = getattr(getattr(processor, "image_processor", None), "image_mean", None) or [0.5, 0.5, 0.5]
-        self.background = tuple(int(round(255 * x)) for x in mean)
+        self.background = tuple(round(255 * x) for x in mean)
 
     def blank_image_item(self) -> dict[str, torch.Tensor]:
         """One blank image as a masked-out item (attention 0, no labels): see :class:`Collator`."""
@@ -185,7 +185,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
         for ref in sample.images:
             try:
                 image = ref.convert("RGB") if isinstance(ref, Image.Image) else load_image(ref).image
-            except Exception as e:  # noqa: BLE001 - any decoder failure becomes a data error naming the record
+            except Exception as e:  # any decoder failure becomes a data error naming the record
                 raise DataError(f"{sample.where}: cannot load image: {e}") from e
             out.append(expand_to_square(image, self.background) if self.pad else image)
         return out

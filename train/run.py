@@ -8,8 +8,6 @@ import os
 import sys
 from pathlib import Path
 
-import mmedagent  # noqa: F401  - arms the torchvision shim before transformers is imported
-
 import torch
 import transformers
 from transformers.integrations import is_deepspeed_zero3_enabled
