@@ -15,7 +15,9 @@ def planner():
 
     out = trained_tiny_planner()
     manifest = json.loads((out / "mmedagent_train.json").read_text())
-    return load_planner(out, conv_template=manifest["template"], dtype="float32", device="cpu")
+    planner = load_planner(out, dtype="float32", device="cpu")  # template from the training manifest
+    assert planner.template == manifest["template"] == "vicuna_v1"
+    return planner
 
 
 def test_emits_exactly_the_trained_tool_calls(planner):
@@ -64,7 +66,8 @@ def test_merge_script_keeps_the_trained_projector(tmp_path):
                            str(trained_tiny_planner()), "--save-model-path", str(merged)],
                           capture_output=True, text=True, cwd=ROOT, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    planner = load_planner(merged, conv_template="vicuna_v1", dtype="float32", device="cpu")
+    planner = load_planner(merged, dtype="float32", device="cpu")  # the merge keeps the recorded template
+    assert planner.template == "vicuna_v1"
     for case in PLANNER_CASES:
         reply = planner.generate([{"role": "user", "content": f"<image>\n{case.question}"}], case.image(),
                                  max_new_tokens=96, temperature=0)

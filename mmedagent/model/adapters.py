@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import logging
 import tempfile
 from pathlib import Path
@@ -9,6 +11,9 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+
+TRAIN_MANIFEST = "mmedagent_train.json"
+"""Written by ``train/train_mem.py`` next to its output: base model, family, template."""
 
 def apply_adapter(model: Any, adapter_dir: str | Path, *, merge: bool = False) -> Any:
     """Stack the LoRA adapter in ``adapter_dir`` on ``model``; with ``merge`` fold it into the weights.
@@ -59,4 +64,16 @@ def merge_lora(model_path: str | Path, model_base: str | Path | None, save_path:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     processor.save_pretrained(out)
+    manifest = Path(model_path) / TRAIN_MANIFEST
+    if manifest.is_file():  # keeps the conversation template the adapter was trained with
+        info = json.loads(manifest.read_text(encoding="utf-8"))
+        (out / TRAIN_MANIFEST).write_text(json.dumps({**info, "lora": False, "merged_from": str(model_path)}, indent=1))
     return out
+
+
+def recorded_template(path: str | Path) -> str | None:
+    """The conversation template recorded by training (``mmedagent_train.json``), if any."""
+    manifest = Path(path) / TRAIN_MANIFEST
+    if not manifest.is_file():
+        return None
+    return json.loads(manifest.read_text(encoding="utf-8")).get("template")

@@ -95,11 +95,14 @@ class HFPlanner:
         ``adapter``: a peft adapter directory stacked on ``path_or_id`` (or pass the adapter dir as
         ``path_or_id`` to stack it on its recorded base). ``conv_template``: a name in
         :data:`mmedagent.model.templates.TEMPLATES` (``vicuna_v1`` for MMedAgent / LLaVA-Med v1) or
-        None for the processor's chat template.
+        None: the template recorded by training (``mmedagent_train.json``), else the processor's chat template.
         """
+        from mmedagent.model.adapters import recorded_template
         from mmedagent.model.loading import load_model_and_processor
         from mmedagent.model.templates import TEMPLATES
 
+        if conv_template is None:
+            conv_template = recorded_template(adapter if adapter is not None else path_or_id)
         if conv_template is not None and conv_template not in TEMPLATES:
             raise ValueError(f"unknown conversation template {conv_template!r}; choose one of {', '.join(TEMPLATES)}")
         if adapter is not None:
