@@ -33,14 +33,15 @@ COMPOSITE = "grounding_segmentation"
 COMPOSITE_PARTS = ("grounding", "segmentation")
 
 
-def _demo_options(names: set[str]) -> dict[str, dict]:
-    """Demo options for ``names``; the tiny weights are built (once) only if one of them needs them."""
+def _demo_options(names: set[str], cache_dir: str | None) -> dict[str, dict]:
+    """Demo options for ``names``; the tiny weights are built (once) only if one of them needs them,
+    under ``cache_dir/demo-tools`` when the config sets a cache folder (else ``$MMEDAGENT_CACHE``)."""
     from mmedagent import demo_tools
 
     if not names & demo_tools.TINY_TOOLS:
         return {n: {} for n in names & set(demo_tools.WEIGHTS_NOTES)}
     try:
-        return demo_tools.demo_tool_options()
+        return demo_tools.demo_tool_options(Path(cache_dir) / "demo-tools" if cache_dir else None)
     except Exception as e:  # e.g. a tools extra not installed: those tools then fail to start, visibly
         log.error("could not build the demo tool weights: %s: %s", type(e).__name__, e)
         return {}
@@ -66,7 +67,7 @@ def resolve_tool_specs(cfg: ServeConfig) -> dict[str, ToolSpec]:
             pass  # its worker reports the unknown name and the ready line lists it as failed
         specs[name] = spec.model_copy(deep=True)
     unset = {n for n, s in specs.items() if not s.options and (s.in_process or not cfg.no_workers)}
-    demo = _demo_options(unset) if unset and cfg.effective_tool_weights == "demo" else {}
+    demo = _demo_options(unset, cfg.cache_dir) if unset and cfg.effective_tool_weights == "demo" else {}
     for name in unset - {COMPOSITE}:
         if name in demo:
             specs[name].options = dict(demo[name])

@@ -81,7 +81,7 @@ def test_weights_are_cached_and_a_new_builder_rebuilds(demo_cache, monkeypatch, 
     assert demo_tools.build_key() != key
 
 
-def test_launcher_fills_in_demo_weights_only_when_nothing_is_configured(demo_cache, monkeypatch):
+def test_launcher_fills_in_demo_weights_only_when_nothing_is_configured(demo_cache, monkeypatch, tmp_path):
     root, options = demo_cache
     monkeypatch.setenv("MMEDAGENT_CACHE", str(root))
     specs = resolve_tool_specs(ServeConfig())
@@ -90,6 +90,9 @@ def test_launcher_fills_in_demo_weights_only_when_nothing_is_configured(demo_cac
     assert specs["grounding_segmentation"].options == {"grounding": options["grounding"], "segmentation": options["segmentation"]}
     assert specs["retrieval"].options == {} and "(real)" in specs["retrieval"].weights_label
     assert is_background("retrieval", specs["retrieval"]) and not is_background("grounding", specs["grounding"])
+    with monkeypatch.context() as m:  # a configured cache folder wins over $MMEDAGENT_CACHE
+        m.setenv("MMEDAGENT_CACHE", str(tmp_path))
+        assert resolve_tool_specs(ServeConfig(cache_dir=str(root)))["grounding"].options == options["grounding"]
 
     # a real planner: every tool keeps its published default weights
     real = resolve_tool_specs(ServeConfig(model_path="/models/mmedagent-lora"))
