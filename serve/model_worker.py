@@ -37,6 +37,7 @@ from pydantic import BaseModel, Field
 from mmedagent.serve import openai_api as oa
 from mmedagent.serve.config import ServeConfig, add_common_args, load_config
 from mmedagent.serve.security import setup_logging
+from mmedagent import demo
 from mmedagent.serve.uploads import UploadError, image_from_data_url
 from mmedagent.serve.worker_base import Heartbeat, bind_socket, serve_worker, url_for
 
@@ -48,14 +49,9 @@ TINY_NOTE = "tiny random checkpoint — not a medical device; answers are noise"
 def default_model(cache_dir: Path) -> tuple[str, str]:
     """(path, banner note) of the planner to serve when none is configured: the embedded demo
     model when it is built, else a tiny random LLaVA built once into the cache."""
-    try:
-        from mmedagent import demo  # the evaluation/demo issue's embedded model
-    except ImportError:
-        demo = None
-    if demo is not None and demo.is_built():
+    if demo.is_built():
         return str(demo.demo_model_path(build_if_missing=False)), demo.NOTE
-    if demo is not None:
-        log.warning("the demo model is not built (python scripts/build_demo_model.py); serving a tiny random checkpoint")
+    log.warning("the demo model is not built (python scripts/build_demo_model.py); serving a tiny random checkpoint")
     from mmedagent.model.tiny import make_tiny_model
 
     target = cache_dir / "tiny-llava"
@@ -217,7 +213,12 @@ def load_host(cfg: ServeConfig) -> ModelHost:
     else:
         from mmedagent.model import load_planner
 
-        path, note = (cfg.model_path, "") if cfg.model_path else default_model(cfg.cache_path())
+        if cfg.model_path == "demo":  # the embedded demo planner, built first if missing
+            path, note = str(demo.demo_model_path(build_if_missing=True)), demo.NOTE
+        elif cfg.model_path:
+            path, note = cfg.model_path, ""
+        else:
+            path, note = default_model(cfg.cache_path())
         options: dict[str, Any] = {"conv_template": cfg.conv_template, "kv_reuse": True}
         if cfg.device:
             options["device"] = cfg.device
@@ -225,6 +226,7 @@ def load_host(cfg: ServeConfig) -> ModelHost:
         info = dict(planner.info())
         info["system_prompt"] = cfg.system_prompt or planner_settings(path).get("system_prompt") or "catalog"
     info["note"] = note
+    info["demo"] = note == demo.NOTE
     name = cfg.model_name or str(info.get("name") or "planner")
     log.info("loaded planner %s in %.1f s", name, time.monotonic() - t0)
     return ModelHost(planner, name, info, cfg.max_upload_bytes)

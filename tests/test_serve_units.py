@@ -140,3 +140,23 @@ def test_remote_tool_class_uses_worker_schema_for_unknown_tools():
     assert cls.names() == ("somewhere_else", "se") and not cls.needs_image
     assert cls.Params.model_json_schema() == schema
     assert cls.Params.model_validate({"level": 2}).model_dump() == {"level": 2}
+
+
+def test_model_path_demo_serves_the_embedded_demo_model(tmp_path, monkeypatch):
+    import json
+    import shutil
+
+    from mmedagent import demo
+    from mmedagent.model.tiny import make_tiny_model
+    from mmedagent.serve.model_worker import load_host
+
+    monkeypatch.setenv("MMEDAGENT_CACHE", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="build_demo_model"):
+        demo.demo_model_path(build_if_missing=False)
+    built = make_tiny_model("llava", tmp_path / "built")
+    shutil.copytree(built, demo.demo_dir())
+    (demo.demo_dir() / demo.SETTINGS_FILE).write_text(json.dumps({"system_prompt": "none", "demo": True}))
+    host = load_host(ServeConfig(model_path="demo"))
+    assert host.info["demo"] is True and host.info["note"] == demo.NOTE
+    assert host.info["system_prompt"] == "none"
+    assert load_host(ServeConfig(model_path=str(built))).info["demo"] is False

@@ -55,6 +55,12 @@ class ToolResult(BaseModel):
         return None
 
 
+# One load at a time per process: transformers' loading is not thread-safe ("Cannot copy out of meta
+# tensor" when two checkpoints load in parallel threads). Re-entrant because a composite tool's
+# load() loads its parts.
+_LOAD_LOCK = threading.RLock()
+
+
 class Tool:
     """A medical tool. Subclasses set the class attributes and implement ``load`` / ``__call__``.
 
@@ -76,7 +82,6 @@ class Tool:
     def __init__(self, **options: Any) -> None:
         self.options = options
         self._loaded = False
-        self._load_lock = threading.Lock()
 
     def load(self) -> None:
         """Load weights; called once before the first call."""
@@ -84,7 +89,7 @@ class Tool:
     def ensure_loaded(self) -> None:
         if self._loaded:
             return
-        with self._load_lock:
+        with _LOAD_LOCK:
             if not self._loaded:
                 self.load()
                 self._loaded = True
