@@ -76,7 +76,9 @@ class GoldToolOutputs:
     def __init__(self, gold_results: Sequence[Sequence[ToolOutcome]]):
         self._turns = [list(t) for t in gold_results]
 
-    def dispatch_all(self, calls: Sequence[ToolCall], image: Any) -> tuple[list[ToolOutcome], list[None]]:
+    def dispatch_all(
+        self, calls: Sequence[ToolCall], image: Any, question: str | None = None
+    ) -> tuple[list[ToolOutcome], list[None]]:
         gold = self._turns.pop(0) if self._turns else []
         outcomes = []
         for call in calls:
