@@ -76,7 +76,7 @@ QUESTIONS: dict[str, dict[str, tuple[str, ...]]] = {
             "Produce a segmentation mask of the {target}.",
             "Where is the {target}? Please segment it.",
             "Delineate the {target} in this scan.",
-            "Mark the outline of the {target} for me.",
+            "Outline the {target} for me.",
             "I want the exact shape of the {target}.",
             "Highlight the {target} with a pixel mask.",
             "Find the {target} and cut it out with a mask.",
@@ -143,6 +143,54 @@ QUESTIONS: dict[str, dict[str, tuple[str, ...]]] = {
         "heldout": ("{question}",),
     },
 }
+
+# Composed training phrasings: request frames x task cores. A planner trained from scratch (the demo
+# model) learns the words that signal a task from these, not whole sentences; ``heldout`` sentences
+# are never produced (checked below).
+_FRAMES = ("{core}.", "Please {core}.", "Could you {core}?", "Can you {core}?", "I would like you to {core}.",
+           "{core}, please.", "Kindly {core} in this scan.", "{core} in this image.")
+_CORES = {
+    "grounding": ("locate the {target}", "find the {target}", "detect the {target}", "spot the {target}",
+                  "mark the position of the {target}", "give the bounding box of the {target}",
+                  "tell me where the {target} is", "point to the {target}", "box the {target}",
+                  "give the coordinates of the {target}", "mark the {target} with a box",
+                  "show me where the {target} lies"),
+    "grounding_segmentation": ("segment the {target}", "outline the {target}", "mask the {target}",
+                               "give a mask of the {target}", "trace the contour of the {target}",
+                               "delineate the {target}", "cut out the {target} with a mask",
+                               "draw the exact boundary of the {target}", "highlight the exact shape of the {target}",
+                               "produce a pixel mask of the {target}"),
+    "segmentation": ("segment the {target} in {box}", "outline the {target} inside the box {box}",
+                     "mask the {target} within {box}", "give a mask of the {target} at {box}",
+                     "trace the contour of the {target} in the region {box}", "delineate the {target} in box {box}",
+                     "cut out the {target} located in {box}", "draw the boundary of the {target} within {box}",
+                     "show the exact extent of the {target} in {box}"),
+    "classification": ("classify this image", "tell me the modality of this image", "say what kind of scan this is",
+                       "identify the type of this image", "name the category of this picture",
+                       "tell me what sort of image this is", "determine the imaging modality",
+                       "say which class this scan belongs to"),
+    "report_generation": ("write a report for this image", "summarise the findings of this study",
+                          "draft the radiology report", "describe the findings and impression in a report",
+                          "compose a diagnostic report", "report on this scan like a radiologist",
+                          "prepare the radiologist's report", "write up this examination"),
+}
+
+
+def _composed(task: str) -> tuple[str, ...]:
+    heldout = {h.casefold() for h in QUESTIONS[task]["heldout"]}
+    out = []
+    for core in _CORES[task]:
+        for frame in _FRAMES:
+            text = frame.format(core=core)
+            text = text[0].upper() + text[1:]
+            if text.casefold() not in heldout:
+                out.append(text)
+    return tuple(out)
+
+
+for _task in _CORES:
+    QUESTIONS[_task]["train"] = tuple(dict.fromkeys(QUESTIONS[_task]["train"] + _composed(_task)))
+
 
 THOUGHTS: dict[str, tuple[str, ...]] = {
     "grounding": (
