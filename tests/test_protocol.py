@@ -9,6 +9,7 @@ from mmedagent.protocol import (
     Record,
     ToolCall,
     ToolOutcome,
+    ToolResultTurn,
     TurnParseError,
     parse_tool_results,
     parse_turn,
@@ -180,10 +181,10 @@ def test_fuzz_with_hypothesis():
     @settings(max_examples=1500, deadline=None, database=None)
     @given(st.lists(st.sampled_from(ALPHABET), max_size=60).map("".join) | st.text(max_size=120))
     def check(text):
-        try:
-            parse_turn(text)
-            parse_tool_results(text)
-        except TurnParseError:
-            pass
+        for parse, kind in ((parse_turn, AssistantTurn), (parse_tool_results, ToolResultTurn)):
+            try:
+                assert isinstance(parse(text), kind)
+            except TurnParseError:
+                pass
 
     check()
