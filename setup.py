@@ -42,7 +42,7 @@ setup(
     python_requires=">=3.10",
     packages=PACKAGES,
     package_dir=PACKAGE_DIR,
-    include_package_data=True,
+    package_data={"mmedagent": ["assets/demo/*"]},  # the shipped demo planner
     install_requires=[
         "torch==2.13.0",
         "transformers==5.23.0",

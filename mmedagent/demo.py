@@ -41,23 +41,35 @@ def cache_root() -> Path:
     return Path(os.environ.get("MMEDAGENT_CACHE") or Path.home() / ".cache" / "mmedagent")
 
 
+PACKAGED = Path(__file__).parent / "assets" / "demo"
+"""The demo model shipped with the package (small enough to commit); a local build takes precedence."""
+
+
 def demo_dir() -> Path:
+    """Where ``build`` writes the demo model by default."""
     return cache_root() / "demo"
 
 
+def _locations() -> tuple[Path, Path]:
+    return demo_dir(), PACKAGED
+
+
 def is_built(path: Path | None = None) -> bool:
-    path = path or demo_dir()
+    """Whether ``path`` (default: the local build or the shipped copy) holds a demo model."""
+    if path is None:
+        return any(is_built(p) for p in _locations())
     return (path / "config.json").is_file() and (path / SETTINGS_FILE).is_file()
 
 
 def demo_model_path(build_if_missing: bool = True) -> Path:
-    """The demo model's directory; built first (about 15 minutes on 2 cores) when missing."""
-    path = demo_dir()
-    if not is_built(path):
-        if not build_if_missing:
-            raise FileNotFoundError(f"the demo model is not built yet ({path}); run: python scripts/build_demo_model.py")
-        build(path)
-    return path
+    """The demo model's directory: the local build, else the shipped copy, else built now (~15 min on 2 cores)."""
+    for path in _locations():
+        if is_built(path):
+            return path
+    if not build_if_missing:
+        raise FileNotFoundError(f"the demo model is not built yet ({demo_dir()}); run: python scripts/build_demo_model.py")
+    build(demo_dir())
+    return demo_dir()
 
 
 model_path = demo_model_path  # the name serve/model_worker.py looks up
@@ -70,7 +82,11 @@ def resolve_model(name_or_path: str) -> str:
 
 def demo_report(path: Path | None = None) -> dict[str, Any] | None:
     """The demo model's evaluation report (for the UI banner), or ``None`` if not built."""
-    f = (path or demo_dir()) / REPORT_FILE
+    if path is None:
+        if not is_built():
+            return None
+        path = demo_model_path(build_if_missing=False)
+    f = path / REPORT_FILE
     return json.loads(f.read_text(encoding="utf-8")) if f.is_file() else None
 
 

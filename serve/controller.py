@@ -263,7 +263,7 @@ class Controller:
 
         if not any(m.get("note") == demo.NOTE for m in models) or not demo.is_built():
             return None
-        report_file = demo.demo_dir() / demo.REPORT_FILE
+        report_file = demo.demo_model_path(build_if_missing=False) / demo.REPORT_FILE
         mtime = report_file.stat().st_mtime if report_file.is_file() else 0.0
         if self._demo_report is None or self._demo_report[0] != mtime:  # read once per build, not per request
             report = demo.demo_report()

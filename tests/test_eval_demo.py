@@ -10,6 +10,7 @@ from mmedagent import demo
 
 def test_demo_path_comes_from_the_cache_and_says_how_to_build(tmp_path, monkeypatch):
     monkeypatch.setenv("MMEDAGENT_CACHE", str(tmp_path))
+    monkeypatch.setattr(demo, "PACKAGED", tmp_path / "not-shipped")
     assert demo.demo_dir() == tmp_path / "demo"
     with pytest.raises(FileNotFoundError, match="scripts/build_demo_model.py"):
         demo.demo_model_path(build_if_missing=False)
@@ -39,3 +40,16 @@ def test_routes_needs_both_targets():
     assert demo.routes({"tool_selection_accuracy": 0.96, "argument_validity": 1.0})
     assert not demo.routes({"tool_selection_accuracy": 0.96, "argument_validity": 0.98})
     assert not demo.routes({"tool_selection_accuracy": None, "argument_validity": 1.0})
+
+
+def test_a_local_build_takes_precedence_over_the_shipped_copy(tmp_path, monkeypatch):
+    monkeypatch.setenv("MMEDAGENT_CACHE", str(tmp_path / "cache"))
+    shipped = tmp_path / "shipped"
+    monkeypatch.setattr(demo, "PACKAGED", shipped)
+    for where, score in ((shipped, 0.96), (demo.demo_dir(), 0.99)):
+        where.mkdir(parents=True)
+        (where / "config.json").write_text("{}")
+        (where / demo.SETTINGS_FILE).write_text("{}")
+        (where / demo.REPORT_FILE).write_text(json.dumps({"tool_selection_accuracy": score}))
+        assert demo.demo_model_path(build_if_missing=False) == where
+        assert demo.demo_report()["tool_selection_accuracy"] == score

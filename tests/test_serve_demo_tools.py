@@ -117,6 +117,7 @@ def test_launcher_fills_in_demo_weights_only_when_nothing_is_configured(demo_cac
 
 def test_banner_and_model_list_label_tiny_weights_and_show_the_demo_evaluation(tmp_path, monkeypatch):
     monkeypatch.setenv("MMEDAGENT_CACHE", str(tmp_path))
+    monkeypatch.setattr(demo, "PACKAGED", tmp_path / "not-shipped")
     built = demo.demo_dir()
     built.mkdir(parents=True)
     (built / "config.json").write_text("{}")

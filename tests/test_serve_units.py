@@ -151,6 +151,7 @@ def test_model_path_demo_serves_the_embedded_demo_model(tmp_path, monkeypatch):
     from mmedagent.serve.model_worker import load_host
 
     monkeypatch.setenv("MMEDAGENT_CACHE", str(tmp_path))
+    monkeypatch.setattr(demo, "PACKAGED", tmp_path / "not-shipped")
     with pytest.raises(FileNotFoundError, match="build_demo_model"):
         demo.demo_model_path(build_if_missing=False)
     built = make_tiny_model("llava", tmp_path / "built")
