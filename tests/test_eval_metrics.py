@@ -213,6 +213,9 @@ def test_argument_match(fake_grounding):
     # {left, kidney} vs {kidney}: P 1/2, R 1 -> F1 2/3
     assert T.argument_match(call(prompts=["left kidney"]), call(prompts=["kidney"])) == pytest.approx(2 / 3)
     assert T.argument_match(call(boxes=[[0, 0, 2, 2]]), call(boxes=[[1, 1, 3, 3]])) == pytest.approx(1 / 7)
+    # a flipped predicted box scores 0 instead of crashing the report; the good one still counts
+    assert T.argument_match(call(boxes=[[0.6, 0, 0, 0.4]]), call(boxes=[[0, 0, 0.6, 0.4]])) == 0.0
+    assert T.argument_match(call(boxes=[[0.6, 0, 0, 0.4], [0, 0, 0.6, 0.4]]), call(boxes=[[0, 0, 0.6, 0.4]])) == 1.0
     # union of keys {prompts, k}: prompts match (1), k only on one side (0)
     assert T.argument_match(call(prompts=["a"], k=3), call(prompts=["a"])) == pytest.approx(0.5)
     pairs = T.paired_calls([call(prompts=["a"]), ToolCall(API_name="x")], [ToolCall(API_name="grounding dino")])
