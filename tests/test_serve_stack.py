@@ -22,11 +22,14 @@ EXPIRY = 1.5
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
+    from mmedagent.model.tiny import make_tiny_model
+
     logs = tmp_path_factory.mktemp("serve-logs")
     env = serve_env(XDG_CACHE_HOME=str(tmp_path_factory.mktemp("cache")))
+    tiny = make_tiny_model("llava", tmp_path_factory.mktemp("models") / "tiny-llava")
     ctl = ServeProcess(
         "controller.py",
-        ["--no-web", "--port", "0", "--tools", "bright_region", "--in-process-tools", "pixel_stats", "--plugin", "_serve_fixtures", "--api-key", KEY,
+        ["--no-web", "--port", "0", "--model-path", str(tiny), "--tools", "bright_region", "--in-process-tools", "pixel_stats", "--plugin", "_serve_fixtures", "--api-key", KEY,
          "--heartbeat-interval", "0.5", "--heartbeat-expiry", str(EXPIRY), "--tool-timeout", "6", "--max-upload-mb", "1"],
         logs / "controller.log", env,
     )
@@ -89,7 +92,7 @@ def test_models_status_and_banner_say_tiny(stack):
     c = stack["client"]
     assert [m["id"] for m in c.get("/v1/models").json()["data"]] == ["tiny-llava"]
     status = c.get("/v1/status").json()
-    assert "not a medical device" in status["models"][0]["note"]
+    assert status["models"][0]["note"] == ""  # a configured model carries no demo or tiny-checkpoint note
     assert status["tools"] == [
         {"name": "bright_region", "where": "worker", "weights": "no weights (threshold at the mean)"},
         {"name": "pixel_stats", "where": "in-process", "weights": ""},
