@@ -6,25 +6,8 @@ returns the directory of a tiny random LLaVA checkpoint, built once per session.
 
 from __future__ import annotations
 
-from pathlib import Path
 
-import pytest
 from PIL import Image
-
-
-@pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory):
-    from mmedagent.model.tiny import make_tiny_model
-
-    root = tmp_path_factory.mktemp("tiny_models")
-    built: dict[str, Path] = {}
-
-    def get(arch: str) -> Path:
-        if arch not in built:
-            built[arch] = make_tiny_model(arch, root / arch, seed=0)
-        return built[arch]
-
-    return get
 
 
 def test_image(size: int = 40) -> Image.Image:

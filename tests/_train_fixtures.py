@@ -76,22 +76,6 @@ def write_sharegpt(path: Path, folder: Path, n: int) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory):
-    """Tiny checkpoints by architecture, built on first use (session-wide)."""
-    from mmedagent.model.tiny import make_tiny_model
-
-    root = tmp_path_factory.mktemp("train-models")
-    cache: dict[str, Path] = {}
-
-    def get(arch: str) -> Path:
-        if arch not in cache:
-            cache[arch] = make_tiny_model(arch, root / arch, seed=0)
-        return cache[arch]
-
-    return get
-
-
-@pytest.fixture(scope="session")
 def train_data(tmp_path_factory):
     """Images plus the same tool-use records as MMedAgent JSON and as sharegpt JSONL."""
     root = tmp_path_factory.mktemp("train-data")

@@ -6,4 +6,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import pytest  # noqa: E402
+
 import mmedagent  # noqa: E402,F401  - arms the torchvision shim before anything imports torchvision
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """Tiny random checkpoints by architecture (llava, qwen2_vl, mllama, llama), built once per session."""
+    from mmedagent.model.tiny import make_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny_models")
+    built = {}
+
+    def get(arch):
+        if arch not in built:
+            built[arch] = make_tiny_model(arch, root / arch, seed=0)
+        return built[arch]
+
+    return get

@@ -9,7 +9,6 @@ import pytest
 from _train_fixtures import base_args, losses, run_training
 from pydicom.data import get_testdata_file
 
-pytest_plugins = ("_train_fixtures",)  # session fixtures: tiny_models
 NIFTI = Path(nibabel.__file__).parent / "tests" / "data" / "example4d.nii.gz"
 
 

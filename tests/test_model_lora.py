@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from _model_fixtures import test_image, tiny_models  # noqa: F401  (fixture)
+from _model_fixtures import test_image
 from mmedagent.model import load_model_and_processor, load_planner
 
 LM_TARGETS = r".*\.language_model\..*\.(q_proj|v_proj|gate_proj)"

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from _model_fixtures import test_image, tiny_models  # noqa: F401  (fixture)
+from _model_fixtures import test_image
 from mmedagent.model import load_model_and_processor, render_segments
 from mmedagent.protocol import DEFAULT_SYSTEM
 

@@ -2,7 +2,7 @@
 through the dispatcher; section parsing and style selection on known texts."""
 
 import pytest
-from _model_fixtures import test_image, tiny_models  # noqa: F401  (fixture)
+from _model_fixtures import test_image
 from doubles import ScriptedPlanner
 
 from mmedagent.dispatcher import Dispatcher

@@ -10,7 +10,7 @@ from PIL import Image
 from mmedagent.data.formats import DataError
 from mmedagent.protocol import Record
 
-pytest_plugins = ("_train_fixtures",)  # session fixtures: tiny_models, train_data
+pytest_plugins = ("_train_fixtures",)  # session fixture: train_data
 
 
 def _dataset(model_dir, data_path, folder, template="vicuna_v1", max_len=2048, aspect=None, family=None):

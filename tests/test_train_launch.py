@@ -8,7 +8,7 @@ import torch
 from _train_fixtures import ROOT, base_args, losses, run_training, run_until
 from safetensors.torch import load_file
 
-pytest_plugins = ("_train_fixtures",)  # session fixtures: tiny_models, train_data
+pytest_plugins = ("_train_fixtures",)  # session fixture: train_data
 ZERO2, ZERO3 = str(ROOT / "scripts" / "zero2.json"), str(ROOT / "scripts" / "zero3.json")
 LLAVA_FLAGS = ["--version", "v1", "--mm_projector_lr", "1e-3", "--mm_projector_type", "mlp2x_gelu",
                "--mm_vision_select_layer", "-2", "--mm_use_im_start_end", "False", "--mm_use_im_patch_token", "False",
