@@ -20,10 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import mmedagent  # noqa: F401, I001  - before transformers (arms the torchvision shim)
 import torch
 from transformers import TrainerCallback
-
-import mmedagent  # noqa: F401  - before transformers (torchvision shim)
 
 
 class StepTimer(TrainerCallback):
