@@ -190,6 +190,9 @@ def test_dialogue_end_to_end(dialogue):
     assert (cfg["r"], cfg["lora_alpha"], cfg["lora_dropout"]) == (8, 32, 0.1)
     _check_training_outputs(out / "adapter", steps=6)
     assert _check_merged(out, out / "tiny-base", out / "merged") == "causal_lm"
+    evals = [e for e in read_json(out / "adapter" / "trainer_state.json")["log_history"] if "eval_loss" in e]
+    assert evals and 0 < evals[-1]["eval_loss"] < 20  # the val split's loss, from --eval_data_path
+    assert read_json(out / "adapter" / "eval_results.json")["eval_loss"] == evals[-1]["eval_loss"]
 
     ids = {name: {r["id"] for r in read_json(out / "data" / f"{name}.json")} for name in ("train", "val", "test")}
     assert [len(ids[n]) for n in ("train", "val", "test")] == [20, 2, 2]

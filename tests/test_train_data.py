@@ -1,6 +1,7 @@
 """Training data, arguments and model preparation, in-process on tiny models (no launcher)."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -83,6 +84,22 @@ def test_bad_records_name_file_and_record(tmp_path, bad, message):
     path.write_text(json.dumps([good, {**good, **bad}]))
     with pytest.raises(DataError, match="bad.json: " + message):
         load_samples(str(path), str(tmp_path / "im"), vision=True)
+
+
+def test_validation_data_is_checked_before_training(tiny_models, tmp_path):
+    from mmedagent.train.run import build_trainer
+
+    names = write_images(tmp_path / "im", 2)
+    train = tmp_path / "train.json"
+    train.write_text(json.dumps([tool_record(0, names[0])]))
+    val = tmp_path / "val.json"
+    val.write_text(json.dumps([tool_record(1, names[1]), tool_record(2, "missing.png")]))
+    base = ["--model_name_or_path", str(tiny_models("llava")), "--output_dir", str(tmp_path / "out"),
+            "--data_path", str(train), "--image_folder", str(tmp_path / "im"), "--report_to", "none"]
+    with pytest.raises(DataError, match=r"val.json: record 2: image not found: .*missing.png"):
+        build_trainer([*base, "--eval_data_path", str(val)])
+    with pytest.raises(ValueError, match="--eval_strategy steps needs validation data: --eval_data_path"):
+        build_trainer([*base, "--eval_strategy", "steps"])
 
 
 def test_comma_separated_files_and_folders(tmp_path):
@@ -210,6 +227,33 @@ def test_lora_targets_language_model_only_and_projector_trains_at_its_lr(tiny_mo
     assert set(by_lr) == {1e-3, 1e-5} and by_lr[1e-5] == proj
     assert opt.param_groups[0]["lr"] == 1e-3  # the Trainer logs group 0's rate
     assert issubclass(MMedTrainer, Trainer)
+
+
+def test_lora_vision_adapts_vision_attention_and_mlp_but_not_the_projector(tiny_models, tmp_path):
+    from mmedagent.model.loading import load_model_and_processor
+    from mmedagent.train.args import parse_args
+    from mmedagent.train.modeling import lora_target_regex, prepare_model
+
+    base = ["--model_name_or_path", "b", "--output_dir", str(tmp_path), "--data_path", "d", "--lora_r", "4"]
+    _, _, t = parse_args([*base, "--lora_vision", "True",
+                          "--lora_target_modules", "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"])
+    model, _, _ = load_model_and_processor(tiny_models("mllama"), dtype="float32", device="cpu")
+    model = prepare_model(model, "mllama", t)
+    lora = {n.rsplit(".lora_A", 1)[0] for n, _ in model.named_parameters() if ".lora_A." in n}
+    vision = {n.rsplit(".", 1)[-1] for n in lora if ".vision_model." in n}
+    assert {"q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"} <= vision
+    assert any(".language_model." in n for n in lora)
+    assert not any("multi_modal_projector" in n and "modules_to_save" not in n for n in lora)
+    with pytest.raises(ValueError, match="needs --lora_enable True"):
+        parse_args([*base, "--lora_vision", "True", "--lora_enable", "False"])
+    text_only, _, _ = load_model_and_processor(tiny_models("llama"), dtype="float32", device="cpu")
+    with pytest.raises(ValueError, match="no vision encoder"):
+        lora_target_regex(text_only, "causal_lm", vision_too=True)
+    qwen, _, _ = load_model_and_processor(tiny_models("qwen2_vl"), dtype="float32", device="cpu")
+    pattern = re.compile(lora_target_regex(qwen, "qwen2_vl", vision_too=True))
+    names = [n for n, _ in qwen.named_modules()]
+    assert any(pattern.match(n) for n in names if n.startswith("model.visual.blocks."))
+    assert not any(pattern.match(n) for n in names if n.startswith("model.visual.merger"))
 
 
 def test_full_finetune_freezes_vision_only(tiny_models, tmp_path):

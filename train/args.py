@@ -46,6 +46,11 @@ class DataArguments:
         "help": "Folder(s) that relative image paths refer to; one for all data files or one per file."})
     image_aspect_ratio: str | None = field(default=None, metadata={
         "help": "'pad' (pad to a square with the processor's mean colour, MMedAgent) or 'square' (as is)."})
+    eval_data_path: str | None = field(default=None, metadata={
+        "help": "Validation data (same formats; comma-separated list allowed): its loss is logged at "
+                "--eval_strategy and after training."})
+    eval_image_folder: str | None = field(default=None, metadata={
+        "help": "Image folder(s) of --eval_data_path (default: --image_folder)."})
     lazy_preprocess: bool = field(default=True, metadata={
         "help": "Accepted for compatibility; preprocessing is always lazy (per item, in the data loader)."})
 
@@ -63,6 +68,8 @@ class TrainingArguments(transformers.TrainingArguments):
     lora_bias: str = field(default="none", metadata={"help": "none / all / lora_only"})
     lora_target_modules: str | None = field(default=None, metadata={
         "help": "Comma-separated module names; default: every Linear of the language model except lm_head."})
+    lora_vision: bool = field(default=False, metadata={
+        "help": "LoRA on the vision encoder's Linear layers too (attention and MLP; never the projector)."})
     mm_projector_lr: float | None = field(default=None, metadata={
         "help": "Learning rate of the vision-language projector (default: --learning_rate)."})
     freeze_mm_mlp_adapter: bool | None = field(default=None, metadata={"help": "Keep the projector frozen."})
@@ -91,6 +98,8 @@ class TrainingArguments(transformers.TrainingArguments):
                              "Use --bits 16 on CPU.")
         if self.bits in (4, 8) and not self.lora_enable:
             raise ValueError(f"--bits {self.bits} quantises the frozen base model; it needs --lora_enable True")
+        if self.lora_vision and not self.lora_enable:
+            raise ValueError("--lora_vision adds LoRA to the vision encoder; it needs --lora_enable True")
         if self.lora_bias not in ("none", "all", "lora_only"):
             raise ValueError(f"--lora_bias must be none, all or lora_only, got {self.lora_bias!r}")
         if self.activation_checkpointing_kwargs is None and self.gradient_checkpointing_kwargs is None:

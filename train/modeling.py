@@ -50,17 +50,18 @@ def _is_linear(module: nn.Module) -> bool:
     return type(module).__name__ in ("Linear4bit", "Linear8bitLt")
 
 
-def lora_target_regex(model: nn.Module, family: str, names: str | None = None) -> str:
-    """A peft ``target_modules`` regex over the language model's Linear layers (never lm_head,
-    the vision encoder or the projector); ``names`` (comma-separated) restricts the leaf names."""
+def _linear_leaves(model: nn.Module, under: str, excluded: tuple[str, ...]) -> set[str]:
+    return {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+            if name.startswith(under + ".") and not name.startswith(excluded) and _is_linear(module)}
+
+
+def lora_target_regex(model: nn.Module, family: str, names: str | None = None, vision_too: bool = False) -> str:
+    """A peft ``target_modules`` regex over the language model's Linear layers (never lm_head or the
+    projector); ``names`` (comma-separated) restricts the language model's leaf names. ``vision_too``
+    adds every Linear layer of the vision encoder (attention and MLP), still without the projector."""
     vision, projector, lm = parts(family)
     excluded = tuple(p + "." for p in (vision, projector) if p)
-    leaves = set()
-    for name, module in model.named_modules():
-        if not name.startswith(lm + ".") or name.startswith(excluded) or not _is_linear(module):
-            continue
-        leaves.add(name.rsplit(".", 1)[-1])
-    leaves.discard("lm_head")
+    leaves = _linear_leaves(model, lm, excluded) - {"lm_head"}
     if names:
         wanted = {n.strip() for n in names.split(",") if n.strip()}
         unknown = wanted - leaves
@@ -70,7 +71,17 @@ def lora_target_regex(model: nn.Module, family: str, names: str | None = None) -
         leaves = wanted
     if not leaves:
         raise ValueError(f"no Linear layers found under {lm!r}")
-    return rf"^{re.escape(lm)}\..*\.({'|'.join(sorted(map(re.escape, leaves)))})$"
+    pattern = rf"{re.escape(lm)}\..*\.({'|'.join(sorted(map(re.escape, leaves)))})"
+    if vision_too:
+        if vision is None:
+            raise ValueError("--lora_vision: this model has no vision encoder")
+        skip = (projector + ".",) if projector else ()
+        vision_leaves = _linear_leaves(model, vision, skip)
+        if not vision_leaves:
+            raise ValueError(f"--lora_vision: no Linear layers found under {vision!r}")
+        not_projector = rf"(?!{re.escape(projector)}\.)" if projector else ""
+        pattern += rf"|{not_projector}{re.escape(vision)}\..*\.({'|'.join(sorted(map(re.escape, vision_leaves)))})"
+    return rf"^(?:{pattern})$"
 
 
 def apply_llava_flags(model: nn.Module, model_args: ModelArguments) -> None:
@@ -114,7 +125,7 @@ def prepare_model(model: nn.Module, family: str, args: TrainingArguments) -> nn.
                 gradient_checkpointing_kwargs=args.activation_checkpointing_kwargs)
         config = LoraConfig(
             r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, bias=args.lora_bias,
-            target_modules=lora_target_regex(model, family, args.lora_target_modules),
+            target_modules=lora_target_regex(model, family, args.lora_target_modules, args.lora_vision),
             modules_to_save=[projector.rsplit(".", 1)[-1]] if train_projector else None,
             task_type="CAUSAL_LM")
         # Under DeepSpeed every trainable tensor keeps the model's dtype (ZeRO-3 needs one dtype; DeepSpeed

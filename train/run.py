@@ -48,6 +48,14 @@ def build_trainer(argv: list[str] | None = None) -> tuple[MMedTrainer, dict]:
 
     samples = load_samples(data_args.data_path, data_args.image_folder, vision=family != "causal_lm")
     log.info("%d training records from %s", len(samples), data_args.data_path)
+    eval_samples = []
+    if data_args.eval_data_path:
+        eval_samples = load_samples(data_args.eval_data_path, data_args.eval_image_folder or data_args.image_folder,
+                                    vision=family != "causal_lm")
+        log.info("%d validation records from %s", len(eval_samples), data_args.eval_data_path)
+    elif args.eval_strategy != "no":
+        strategy = getattr(args.eval_strategy, "value", args.eval_strategy)
+        raise ValueError(f"--eval_strategy {strategy} needs validation data: --eval_data_path")
 
     if args.deepspeed and args.world_size > 1:
         # ZeRO-3 partitions weights while they load (zero.Init), which asks DeepSpeed's own
@@ -66,18 +74,24 @@ def build_trainer(argv: list[str] | None = None) -> tuple[MMedTrainer, dict]:
         apply_llava_flags(model, model_args)
     model = prepare_model(model, family, args)
 
-    dataset = SupervisedDataset(samples, processor, family, template, args.model_max_length,
-                                data_args.image_aspect_ratio)
-    checked = set()
-    for i, s in enumerate(samples):  # fail fast: one record of every file through the whole pipeline
-        if s.source not in checked:
-            checked.add(s.source)
-            dataset[i]
+    def dataset_of(records):
+        data = SupervisedDataset(records, processor, family, template, args.model_max_length,
+                                 data_args.image_aspect_ratio)
+        checked = set()
+        for i, s in enumerate(records):  # fail fast: one record of every file through the whole pipeline
+            if s.source not in checked:
+                checked.add(s.source)
+                data[i]
+        return data
+
+    dataset = dataset_of(samples)
+    eval_dataset = dataset_of(eval_samples) if eval_samples else None
     tok = tokenizer_of(processor)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     blank = dataset.blank_image_item() if family in ("llava", "qwen2_vl") and is_deepspeed_zero3_enabled() else None
-    trainer = MMedTrainer(model=model, args=args, train_dataset=dataset, data_collator=Collator(pad_id, family, blank),
-                          processing_class=processor, projector=projector_name(family))
+    trainer = MMedTrainer(model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset,
+                          data_collator=Collator(pad_id, family, blank), processing_class=processor,
+                          projector=projector_name(family))
     info = {"base_model": model_args.model_name_or_path, "family": family, "template": template,
             "lora": args.lora_enable, "model_max_length": args.model_max_length,
             "image_aspect_ratio": data_args.image_aspect_ratio}
@@ -92,6 +106,8 @@ def main(argv: list[str] | None = None) -> Path:
     if resume:
         log.info("resuming from %s", resume)
     trainer.train(resume_from_checkpoint=resume)
+    if trainer.eval_dataset is not None:
+        trainer.save_metrics("eval", trainer.evaluate())
     trainer.save_state()
     trainer.save_model(args.output_dir)
     if trainer.is_world_process_zero():

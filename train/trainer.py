@@ -120,8 +120,9 @@ def write_manifest(output_dir: str | Path, *, base_model: str, family: str, temp
 
 
 def plot_loss(log_history: list[dict[str, Any]], path: str | Path) -> Path | None:
-    """Training loss against step, as a PNG (None when nothing was logged)."""
+    """Training (and validation) loss against step, as a PNG (None when nothing was logged)."""
     points = [(e["step"], e["loss"]) for e in log_history if "loss" in e and "step" in e]
+    evals = [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e and "step" in e]
     if not points:
         return None
     import matplotlib
@@ -130,9 +131,13 @@ def plot_loss(log_history: list[dict[str, Any]], path: str | Path) -> Path | Non
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    ax.plot([s for s, _ in points], [v for _, v in points], marker="." if len(points) < 50 else None)
+    ax.plot([s for s, _ in points], [v for _, v in points], marker="." if len(points) < 50 else None,
+            label="training")
+    if evals:
+        ax.plot([s for s, _ in evals], [v for _, v in evals], marker="o", label="validation")
+        ax.legend()
     ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
+    ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)

@@ -29,6 +29,7 @@ class Prepared:
     train_file: Path
     splits: dict[str, list[Example]]  # held-out examples by split name ("heldout", "val", "test")
     counts: dict[str, int] = field(default_factory=dict)
+    eval_file: Path | None = None  # validation data whose loss training logs (``--eval_data_path``)
 
 
 TRAIN_FLAGS = (
@@ -158,7 +159,7 @@ class Recipe:
         prepared = self.prepare(data)
         say(f"data: {prepared.counts} -> {prepared.train_file}")
 
-        argv = self.train_argv(base, prepared.train_file)
+        argv = self.train_argv(base, prepared.train_file, prepared.eval_file)
         say("train: python train/train_mem.py " + " ".join(argv))
         if cfg.stop_after_data:
             say(
@@ -225,12 +226,13 @@ class Recipe:
         """Where training writes: ``OUT/adapter`` (LoRA) or ``OUT/model`` (full fine-tuning)."""
         return self.out / ("adapter" if self.settings["lora"] else "model")
 
-    def train_argv(self, base: Path | str, train_file: Path) -> list[str]:
+    def train_argv(self, base: Path | str, train_file: Path, eval_file: Path | None = None) -> list[str]:
         """The ``train_mem.py`` command line for this recipe's settings (plus the flags after ``--``)."""
         s = self.settings
         flags: dict[str, Any] = {
             "model_name_or_path": base,
             "data_path": train_file,
+            "eval_data_path": eval_file,
             "output_dir": self.train_dir(),
             "lora_enable": s["lora"],
             "bits": s["bits"],
@@ -240,7 +242,8 @@ class Recipe:
         }
         flags.update({k: s[k] for k in TRAIN_FLAGS})
         if s["lora"]:
-            flags.update({k: s[k] for k in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")})
+            lora_flags = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_vision")
+            flags.update({k: s[k] for k in lora_flags})
         argv = [x for k, v in flags.items() if v is not None for x in (f"--{k}", str(v))]
         return argv + self.train_extra
 

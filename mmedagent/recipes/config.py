@@ -54,6 +54,8 @@ class RecipeConfig:
     lora_dropout: float = 0.0
     lora_target_modules: str | None = None
     """Comma-separated Linear leaf names of the language model (default: all of them)."""
+    lora_vision: bool = False
+    """LoRA on the vision encoder's attention and MLP layers too (``--lora_vision``)."""
     bits: int | None = None
     """4 / 8: quantised frozen base (QLoRA); 16: off; None: 4 on a CUDA GPU when ``qlora``, else 16."""
     qlora: bool = False

@@ -88,6 +88,7 @@ class DialogueLlama3(Recipe):
                 "multiple_choice": n_mc,
                 "free_text": len(pairs) - n_mc,
             },
+            eval_file=folder / "val.json" if val else None,
         )
 
     def score(self, split: str, examples: list[Example], answers: list[str]) -> dict[str, float]:

@@ -28,6 +28,7 @@ class RadiologyConfig(RecipeConfig):
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     lora_target_modules: str | None = ATTENTION_AND_MLP
+    lora_vision: bool = True
     per_device_train_batch_size: int = 2
     gradient_accumulation_steps: int = 4
     learning_rate: float = 2e-4
