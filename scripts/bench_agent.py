@@ -9,7 +9,8 @@ the tool (simulated: --tool-ms), the tool-result turn appended, and the answer c
 path re-runs the vision tower and re-prefills the whole conversation for the answer (what
 MMedAgent does); KV reuse prefills only the new tokens. Lower bound = one image prefill + decoding
 every generated token + tool time. Decoding is fixed-length (EOS ignored) so both paths do the
-same work; greedy outputs are checked identical.
+same work; greedy outputs are checked identical. ``--prompt-lookup N`` adds prompt-lookup decoding
+(exact under greedy decoding) to the reuse path.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ def one_turn(planner, image, question, plan_tokens, answer_tokens, tool_s):
             "text": (plan, answer)}
 
 
-def bench(path: Path, label: str, repeats: int, plan_tokens: int, answer_tokens: int, tool_ms: float) -> dict:
+def bench(path: Path, label: str, repeats: int, plan_tokens: int, answer_tokens: int, tool_ms: float,
+          dtype: str | None = None, prompt_lookup: int = 0) -> dict:
     from PIL import Image
 
     from mmedagent.model import load_planner
@@ -60,7 +62,8 @@ def bench(path: Path, label: str, repeats: int, plan_tokens: int, answer_tokens:
     tool_s = tool_ms / 1000
     results = {}
     for kv_reuse in (False, True):
-        planner = load_planner(path, kv_reuse=kv_reuse, conv_template="vicuna_v1")
+        planner = load_planner(path, kv_reuse=kv_reuse, conv_template="vicuna_v1", dtype=dtype,
+                               prompt_lookup=prompt_lookup if kv_reuse else 0)
         planner.eos_ids = set()  # fixed-length decoding: both paths do the same amount of work
         one_turn(planner, image, question, 4, 4, 0)  # warm-up
         runs = [one_turn(planner, image, question, plan_tokens, answer_tokens, tool_s) for _ in range(repeats)]
@@ -95,6 +98,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--plan-tokens", type=int, default=48)
     ap.add_argument("--answer-tokens", type=int, default=48)
+    ap.add_argument("--dtype", default=None, help="model dtype (float32, bfloat16, ...); default: the loader's choice")
+    ap.add_argument("--prompt-lookup", type=int, default=0,
+                    help="draft tokens per step for prompt-lookup decoding on the reuse path (0: off)")
     ap.add_argument("--tool-ms", type=float, default=50.0, help="simulated tool latency")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     a = ap.parse_args()
@@ -110,9 +116,11 @@ def main() -> None:
         targets = [(make_tiny_model("llava", Path(tmp) / p, preset=p), f"llava-{p}") for p in a.presets]
         targets += [(Path(m), Path(m).name) for m in a.model]
         for path, label in targets:
-            rows.append(bench(path, label, a.repeats, a.plan_tokens, a.answer_tokens, a.tool_ms))
+            rows.append(bench(path, label, a.repeats, a.plan_tokens, a.answer_tokens, a.tool_ms, a.dtype,
+                              a.prompt_lookup))
     print(f"\nplan {a.plan_tokens} tokens, answer {a.answer_tokens} tokens, tool {a.tool_ms:.0f} ms, "
-          f"median of {a.repeats}, torch threads {torch.get_num_threads()}")
+          f"median of {a.repeats}, torch threads {torch.get_num_threads()}, reuse path: KV reuse"
+          + (f" + prompt lookup {a.prompt_lookup}" if a.prompt_lookup else ""))
     head = (f"{'model':<12} {'params':>7} {'prompt':>6} {'reused':>6} | {'naive turn':>10} {'reuse turn':>10} "
             f"{'bound':>7} {'reuse/bound':>11} | {'naive ans':>9} {'reuse ans':>9} {'ans speedup':>11} | "
             f"{'naive 1st':>9} {'reuse 1st':>9} | same")

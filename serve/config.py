@@ -61,6 +61,8 @@ class ServeConfig(BaseModel):
     model_backend_model: str | None = None
     model_backend_api_key: str | None = Field(default=None, repr=False, description="default: api_key")
     device: str | None = None
+    prompt_lookup: int = Field(default=0, ge=0, description="draft tokens per step for the planner's greedy "
+                               "prompt-lookup decoding (same output, faster answers that quote tool results); 0: off")
     tool_weights: Literal["demo", "default"] | None = Field(
         default=None,
         description="weights of tools whose options are not configured. demo: tiny random ones built once into the cache "

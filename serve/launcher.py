@@ -138,6 +138,8 @@ class Launcher:
                                 ("--backend-url", cfg.model_backend_url), ("--backend-model", cfg.model_backend_model)):
                 if value:
                     model_args += [flag, value]
+            if cfg.prompt_lookup:
+                model_args += ["--prompt-lookup", str(cfg.prompt_lookup)]
             self._spawn("model worker", self._script("model_worker.py", *common, *model_args))
             for name, spec in tool_specs(cfg).items():
                 if spec.in_process:

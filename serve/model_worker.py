@@ -219,7 +219,8 @@ def load_host(cfg: ServeConfig) -> ModelHost:
             path, note = cfg.model_path, ""
         else:
             path, note = default_model(cfg.cache_path())
-        options: dict[str, Any] = {"conv_template": cfg.conv_template, "kv_reuse": True}
+        options: dict[str, Any] = {"conv_template": cfg.conv_template, "kv_reuse": True,
+                                   "prompt_lookup": cfg.prompt_lookup}
         if cfg.device:
             options["device"] = cfg.device
         planner = load_planner(path, **options)
@@ -238,6 +239,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model-name", default=None, help="name clients use (default: from the checkpoint)")
     parser.add_argument("--conv-template", default=None)
     parser.add_argument("--device", default=None)
+    parser.add_argument("--prompt-lookup", type=int, default=None, help="draft tokens for prompt-lookup decoding (0: off)")
     parser.add_argument("--system-prompt", choices=("catalog", "plain", "none"), default=None,
                         help="what the model was trained with (default: mmedagent.json in the model dir, else catalog)")
     parser.add_argument("--backend-url", default=None, help="forward to this OpenAI-compatible API root instead")
@@ -253,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
         args.config, api_key=args.api_key, log_level=args.log_level, host=args.host, model_path=args.model_path,
         model_name=args.model_name, conv_template=args.conv_template, device=args.device, system_prompt=args.system_prompt,
         model_backend_url=args.backend_url, model_backend_model=args.backend_model,
-        heartbeat_interval_s=args.heartbeat_interval,
+        heartbeat_interval_s=args.heartbeat_interval, prompt_lookup=args.prompt_lookup,
     )
     setup_logging(cfg.log_level, [cfg.api_key or ""])
     host = load_host(cfg)  # the model first: the worker registers only once it can serve

@@ -71,6 +71,31 @@ def test_kv_reuse_gives_same_tokens_and_encodes_image_once(planners, arch):
     assert runs[True] == runs[False]
 
 
+@pytest.mark.parametrize("arch", ["llava", "qwen2_vl", "mllama", "llama"])
+def test_prompt_lookup_keeps_the_greedy_tokens(tiny_models, planners, arch):
+    image = None if arch == "llama" else test_image()
+    plain = planners(arch)
+    lookup = load_planner(tiny_models(arch), prompt_lookup=6)
+    replies = {}
+    for planner in (plain, lookup):
+        planner.reset()
+        msgs, out, drafted = first_messages(arch), [], 0
+        for _ in range(3):
+            reply = planner.generate(msgs, image, max_new_tokens=16)
+            out.append(reply)
+            drafted += planner.last_stats["drafted_tokens"]
+            msgs += [{"role": "assistant", "content": reply}, {"role": "user", "content": TOOL_RESULT}]
+        replies[planner is lookup] = (out, drafted, list(planner._state.tokens))
+    assert replies[True][0] == replies[False][0]
+    assert replies[True][1] > 0 and replies[False][1] == 0
+    # the cache holds the same prompt and generated tokens (a rejected draft leaves nothing behind)
+    assert replies[True][2][: len(replies[False][2])] == replies[False][2]
+    lookup.generate(first_messages(arch), image, max_new_tokens=4, temperature=0.7)
+    assert lookup.last_stats["drafted_tokens"] == 0  # sampling: no drafts
+    with pytest.raises(ValueError, match="prompt_lookup"):
+        load_planner(tiny_models(arch), prompt_lookup=-1)
+
+
 def test_a_new_image_is_not_served_from_the_cache(planners):
     planner = planners("llava")
     planner.reset()

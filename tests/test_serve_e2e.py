@@ -32,7 +32,8 @@ def e2e(tmp_path_factory):
     proc = ServeProcess(
         "controller.py",
         ["--config", str(root / "serve.yaml"), "--port", "0", "--web-port", "0", "--model-path", str(planner),
-         "--conv-template", "vicuna_v1", "--system-prompt", "plain", "--model-name", "tiny-trained-planner"],
+         "--conv-template", "vicuna_v1", "--system-prompt", "plain", "--model-name", "tiny-trained-planner",
+         "--prompt-lookup", "8"],
         root / "stack.log", serve_env(XDG_CACHE_HOME=str(root / "cache")),
     )
     url = proc.wait_for(r"controller: (http://\S+)", 60).group(1)
@@ -64,6 +65,8 @@ def test_openai_api_runs_tool_call_tool_result_and_answer(e2e):
     assert len(trace["steps"]) == 2 and trace["stopped"] == "answer" and not final["actions"]
     answer = r.json()["choices"][0]["message"]["content"]
     assert answer and answer == final["value"]
+    status = httpx.get(f"{e2e['url']}/v1/status", timeout=10, trust_env=False).json()
+    assert status["models"][0]["prompt_lookup"] == 8  # --prompt-lookup reached the model worker's planner
 
 
 def test_cli_prints_the_steps_and_answer(e2e):

@@ -42,6 +42,26 @@ def test_answers_after_the_tool_results(planner):
     assert turn == case.answer
 
 
+def test_prompt_lookup_answer_is_the_greedy_answer_with_quoted_tokens_accepted(planner):
+    from mmedagent.protocol import render_turn
+    from mmedagent.train.fixture import PLANNER_CASES
+
+    case = PLANNER_CASES[0]
+    messages = [{"role": "user", "content": f"<image>\n{case.question}"},
+                {"role": "assistant", "content": render_turn(case.plan)},
+                {"role": "user", "content": render_tool_results(list(case.outcomes), case.question)}]
+    planner.prompt_lookup = 8
+    try:
+        reply = planner.generate(messages, case.image(), max_new_tokens=64, temperature=0)
+    finally:
+        planner.prompt_lookup = 0
+    assert parse_turn(reply) == case.answer
+    stats = planner.last_stats
+    assert stats["accepted_drafts"] > 0  # the answer quotes the tool output
+    assert stats["drafted_tokens"] >= stats["accepted_drafts"]
+    assert planner.generate(messages, case.image(), max_new_tokens=64, temperature=0) == reply
+
+
 def test_cache_is_reused():
     from mmedagent.train.fixture import trained_tiny_planner
 

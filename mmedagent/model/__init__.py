@@ -15,7 +15,9 @@ __all__ = ["TEMPLATES", "load_model_and_processor", "load_planner", "render_prom
 
 
 def load_planner(path_or_id: Any, **options: Any) -> Any:
-    """Load a :class:`mmedagent.model.planner.HFPlanner`; see its ``load`` for the options."""
+    """Load a :class:`mmedagent.model.planner.HFPlanner` (``"demo"``: the demo planner); see its ``load``
+    for the options."""
+    from mmedagent.demo import resolve_model
     from mmedagent.model.planner import HFPlanner
 
-    return HFPlanner.load(path_or_id, **options)
+    return HFPlanner.load(resolve_model(path_or_id) if isinstance(path_or_id, str) else path_or_id, **options)

@@ -6,6 +6,11 @@ usual case: plan → tool result → answer in one conversation), the cache is c
 common token prefix and only the new tokens are prefilled: the vision tower does not run again and
 the image tokens are not re-encoded. ``kv_reuse=False`` prefills everything on every call (the
 naive path, kept for comparison). Both paths run the same decode loop, so greedy outputs agree.
+
+Prompt-lookup decoding (``prompt_lookup=N``, greedy only): an answer that quotes its context (boxes
+and labels from a tool result, terms from the question) is drafted from the latest earlier
+occurrence of its last few tokens, up to N tokens at a time, and the drafts are checked in one forward
+pass; only those the model would have chosen itself are kept, so the output is the greedy output.
 """
 
 from __future__ import annotations
@@ -57,8 +62,12 @@ class HFPlanner:
         adapter: str | None = None,
         kv_reuse: bool = True,
         system: str | None = None,
+        prompt_lookup: int = 0,
     ):
+        if prompt_lookup < 0:
+            raise ValueError("prompt_lookup must be >= 0 (0: off)")
         self.model, self.processor, self.family = model, processor, family
+        self.prompt_lookup = prompt_lookup
         self.tokenizer = tokenizer_of(processor)
         self.template, self.name, self.adapter = template, name, adapter
         self.kv_reuse, self.system = kv_reuse, system
@@ -89,6 +98,7 @@ class HFPlanner:
         kv_reuse: bool = True,
         system: str | None = None,
         attn_implementation: str | None = None,
+        prompt_lookup: int = 0,
     ) -> HFPlanner:
         """Load a planner from a checkpoint, an original LLaVA-layout checkpoint or a LoRA adapter dir.
 
@@ -96,6 +106,7 @@ class HFPlanner:
         ``path_or_id`` to stack it on its recorded base). ``conv_template``: a name in
         :data:`mmedagent.model.templates.TEMPLATES` (``vicuna_v1`` for MMedAgent / LLaVA-Med v1) or
         None: the template recorded by training (``mmedagent_train.json``), else the processor's chat template.
+        ``prompt_lookup``: draft tokens per step for greedy prompt-lookup decoding (0: off).
         """
         from mmedagent.model.adapters import recorded_template
         from mmedagent.model.loading import load_model_and_processor
@@ -120,6 +131,7 @@ class HFPlanner:
         return cls(
             model, processor, family, template=conv_template, name=Path(str(path_or_id)).name or str(path_or_id),
             adapter=str(adapter) if adapter is not None else None, kv_reuse=kv_reuse, system=system,
+            prompt_lookup=prompt_lookup,
         )
 
     def info(self) -> dict[str, Any]:
@@ -131,6 +143,7 @@ class HFPlanner:
             "template": self.template or "chat_template",
             "adapter": self.adapter,
             "kv_reuse": self.kv_reuse,
+            "prompt_lookup": self.prompt_lookup,
             "device": str(self.model.device),
             "dtype": str(self.model.dtype).replace("torch.", ""),
         }
@@ -217,23 +230,30 @@ class HFPlanner:
                 return value
         return None
 
-    def _crop(self, cache: Any, keep: int) -> bool:
-        """Cut the self-attention layers of ``cache`` to ``keep`` tokens; False if the cache cannot be cut."""
+    def _self_attention_layers(self, cache: Any) -> list[Any] | None:
+        """The cache layers that grow with the text (Mllama's cross-attention layers hold the image);
+        None if any of them cannot be cut back."""
         from transformers.cache_utils import DynamicLayer
 
         cross = set(getattr(self.model.config.get_text_config(), "cross_attention_layers", None) or [])
-        for idx, layer in enumerate(cache.layers):
-            if idx in cross:
-                continue  # Mllama: projected image states, independent of the text length
-            if type(layer) is not DynamicLayer:
-                return False
+        layers = [layer for idx, layer in enumerate(cache.layers) if idx not in cross]
+        return layers if all(type(layer) is DynamicLayer for layer in layers) else None
+
+    def _crop(self, cache: Any, keep: int) -> bool:
+        """Cut the self-attention layers of ``cache`` to ``keep`` tokens; False if the cache cannot be cut."""
+        layers = self._self_attention_layers(cache)
+        if layers is None:
+            return False
+        for layer in layers:
             extra = layer.get_seq_length() - keep
             if extra > 0:
                 layer.crop(-extra)
         return True
 
-    def _forward(self, ids: Any, cache: Any, start: int, inputs: dict[str, Any] | None, extras: dict[str, Any]) -> Any:
-        """Run ``ids`` (positions ``start``…) through the model on top of ``cache``; return last logits."""
+    def _forward(self, ids: Any, cache: Any, start: int, inputs: dict[str, Any] | None, extras: dict[str, Any],
+                 keep: int = 1) -> Any:
+        """Run ``ids`` (positions ``start``…) through the model on top of ``cache``; return the last
+        logits (``keep`` > 1: the last ``keep`` positions' logits, shape (keep, vocab))."""
         import torch
 
         n = ids.shape[1]
@@ -243,7 +263,7 @@ class HFPlanner:
             "use_cache": True,
             "attention_mask": torch.ones(1, start + n, dtype=torch.long, device=ids.device),
             "cache_position": torch.arange(start, start + n, device=ids.device),
-            "logits_to_keep": 1,
+            "logits_to_keep": keep,
         }
         if inputs is not None:  # a full prefill: vision inputs go in
             kwargs.update({k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")})
@@ -252,7 +272,7 @@ class HFPlanner:
         if "cross_rows" in extras:  # Mllama: which text tokens see the image
             kwargs["cross_attention_mask"] = extras["cross_rows"](start, n)
         out = self.model(**kwargs)
-        return out.logits[:, -1, :]
+        return out.logits[:, -1, :] if keep == 1 else out.logits[0, -keep:, :]
 
     def _qwen_positions(self, start: int, n: int, extras: dict[str, Any]) -> Any:
         import torch
@@ -294,6 +314,23 @@ class HFPlanner:
             extras["cross_rows"] = rows
         return extras
 
+    def _draft(self, tokens: list[int], limit: int) -> list[int]:
+        """Up to ``limit`` tokens that followed the latest earlier occurrence of the last 3, 2 or 1 tokens."""
+        image_id = self._image_token_id()
+        for n in (3, 2, 1):
+            if len(tokens) <= n:
+                continue
+            tail = tokens[-n:]
+            for start in range(len(tokens) - n - 1, -1, -1):
+                if tokens[start : start + n] == tail:
+                    draft = tokens[start + n : start + n + limit]
+                    if image_id in draft:
+                        draft = draft[: draft.index(image_id)]
+                    if draft:
+                        return draft
+                    break
+        return []
+
     def _pick(self, logits: Any, temperature: float, top_p: float) -> int:
         import torch
 
@@ -324,7 +361,7 @@ class HFPlanner:
         pixels = inputs.get("pixel_values")
         t0 = time.perf_counter()
         generated: list[int] = []
-        reuse, prefill_s, cut = 0, 0.0, -1
+        reuse, prefill_s, cut, drafted, accepted_total = 0, 0.0, -1, 0, 0
         try:
             with torch.inference_mode():
                 extras = self._family_extras(inputs)
@@ -340,8 +377,12 @@ class HFPlanner:
                 prefill_s = time.perf_counter() - t0
                 hold = max((len(s) for s in stops), default=1) - 1
                 emitted, started, text = 0, False, ""
+                cuttable = self._self_attention_layers(cache) is not None
+                lookup = self.prompt_lookup if temperature == 0 and cuttable else 0
+                verified: list[int] = []  # accepted drafts: already in the cache, known to be the greedy choice
                 for step in range(max_new_tokens):
-                    token = self._pick(logits, temperature, top_p)
+                    cached = bool(verified)  # an accepted draft: forwarded already, ``logits`` follow the last one
+                    token = verified.pop(0) if cached else self._pick(logits, temperature, top_p)
                     if token in self.eos_ids:
                         break
                     generated.append(token)
@@ -360,9 +401,22 @@ class HFPlanner:
                             yield piece
                     if final:
                         break
+                    if cached:
+                        continue
                     position = len(id_list) + len(generated) - 1
-                    logits = self._forward(torch.tensor([[token]], device=ids.device), cache, position, None, extras)
-                    self._state.tokens.append(token)
+                    draft = self._draft(self._state.tokens + [token], min(lookup, max_new_tokens - step - 1))
+                    run = torch.tensor([[token, *draft]], device=ids.device)
+                    logits = self._forward(run, cache, position, None, extras, keep=len(draft) + 1)
+                    if draft:
+                        chosen = logits.argmax(-1).tolist()
+                        accepted = next((i for i, (d, c) in enumerate(zip(draft, chosen)) if d != c), len(draft))
+                        verified = draft[:accepted]
+                        if accepted < len(draft):
+                            self._crop(cache, position + 1 + accepted)
+                        logits = logits[accepted : accepted + 1]
+                        drafted += len(draft)
+                        accepted_total += accepted
+                    self._state.tokens.extend([token, *verified])
                 if emitted < len(text) and cut < 0:  # EOS: flush what the stop-string hold kept back
                     piece = text[emitted:].rstrip("\ufffd")
                     piece = piece if started else piece.lstrip()
@@ -374,5 +428,7 @@ class HFPlanner:
                 "reused_tokens": reuse,
                 "new_tokens": len(generated),
                 "prefill_s": prefill_s,
+                "drafted_tokens": drafted,
+                "accepted_drafts": accepted_total,
                 "total_s": time.perf_counter() - t0,
             }

@@ -111,7 +111,8 @@ def build_tokenizer(arch: str, vocab_size: int = 1200, corpus: Iterable[str] = (
     spec = _SPECIALS[arch]
     specials = [t for t in (spec["bos"], spec["eos"], spec["pad"], spec["unk"], spec["image"]) if t] + spec["extra"]
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([  # digits one by one, as Llama and Qwen do: numbers copy well
+        pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
