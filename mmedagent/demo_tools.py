@@ -24,6 +24,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from mmedagent import cache
+
 TINY_NOTE = "tiny random weights — demo only"
 REAL_RAG_NOTE = "all-MiniLM-L6-v2 over ICD-10-CM (real)"
 WEIGHTS_NOTES = {
@@ -49,7 +51,7 @@ def weights_note(tool: str) -> str:
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("MMEDAGENT_CACHE") or Path.home() / ".cache" / "mmedagent") / "demo-tools"
+    return cache.cache_root("demo-tools")
 
 
 def _source(module: str) -> bytes:

@@ -22,6 +22,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from mmedagent.cache import cache_root
+
 API_KEY_ENV = "MMEDAGENT_API_KEY"
 
 
@@ -117,7 +119,7 @@ class ServeConfig(BaseModel):
     def cache_path(self) -> Path:
         if self.cache_dir:
             return Path(self.cache_dir)
-        return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mmedagent"
+        return cache_root()
 
 
 def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> ServeConfig:

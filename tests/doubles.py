@@ -1,7 +1,6 @@
 """Test doubles for unit tests of the loop and dispatcher (end-to-end tests use real models)."""
 
 import threading
-import time
 
 import numpy as np
 from pydantic import Field

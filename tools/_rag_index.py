@@ -32,10 +32,12 @@ from typing import Any
 
 import numpy as np
 
+from mmedagent.cache import ENV as CACHE_ENV  # noqa: F401  (tests and benchmarks point it elsewhere)
+from mmedagent.cache import cache_root
+
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2
-CACHE_ENV = "MMEDAGENT_CACHE"
 RRF_K = 60
 TEXT_SUFFIXES = (".txt", ".md", ".markdown", ".jsonl", ".pdf")
 ICD10CM_PRESET = "icd10cm"
@@ -49,8 +51,7 @@ PRESET_VERSION = f"icd10cm-v2-dense{ICD_DENSE_MAX_CHARS}"
 
 def cache_dir() -> Path:
     """Root of the RAG cache: ``$MMEDAGENT_CACHE/rag`` or ``~/.cache/mmedagent/rag``."""
-    root = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "mmedagent"
-    return Path(root) / "rag"
+    return cache_root("rag")
 
 
 def _sha256(*parts: str | bytes) -> str:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from mmedagent.cache import cache_root
 from mmedagent.protocol import (
     AssistantTurn,
     Record,
@@ -127,8 +128,7 @@ def _fingerprint() -> str:
 
 
 def default_cache_dir() -> Path:
-    root = os.environ.get("MMEDAGENT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "mmedagent")
-    return Path(root) / "tiny_planner"
+    return cache_root("tiny_planner")
 
 
 def trained_tiny_planner(cache_dir: str | Path | None = None) -> Path:

@@ -23,12 +23,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from mmedagent import cache
 from mmedagent.protocol import DEFAULT_SYSTEM
 
 log = logging.getLogger(__name__)
@@ -219,7 +219,7 @@ def _fingerprint(path: Path) -> str:
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("MMEDAGENT_CACHE", Path.home() / ".cache" / "mmedagent")) / "converted"
+    return cache.cache_root("converted")
 
 
 def converted_cache_dir(src: Path, *, vision_tower: str | Path | None = None) -> Path:
