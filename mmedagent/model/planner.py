@@ -316,19 +316,19 @@ class HFPlanner:
 
     def _draft(self, tokens: list[int], limit: int) -> list[int]:
         """Up to ``limit`` tokens that followed the latest earlier occurrence of the last 3, 2 or 1 tokens."""
+        if limit < 1:
+            return []
+        end = len(tokens) - 1
+        hits = [i for i in range(end - 1, -1, -1) if tokens[i] == tokens[end]]  # latest first
         image_id = self._image_token_id()
         for n in (3, 2, 1):
-            if len(tokens) <= n:
+            match = next((i for i in hits if i >= n - 1 and tokens[i - n + 1 : i + 1] == tokens[end - n + 1 :]), None)
+            if match is None:
                 continue
-            tail = tokens[-n:]
-            for start in range(len(tokens) - n - 1, -1, -1):
-                if tokens[start : start + n] == tail:
-                    draft = tokens[start + n : start + n + limit]
-                    if image_id in draft:
-                        draft = draft[: draft.index(image_id)]
-                    if draft:
-                        return draft
-                    break
+            draft = tokens[match + 1 : match + 1 + limit]
+            if image_id in draft:
+                draft = draft[: draft.index(image_id)]
+            return draft
         return []
 
     def _pick(self, logits: Any, temperature: float, top_p: float) -> int:
