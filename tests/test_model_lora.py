@@ -123,6 +123,27 @@ def test_original_layout_loads_on_the_fly(llava_setup):
     torch.testing.assert_close(logits(model, llava_setup["inputs"]), logits(llava_setup["model"], llava_setup["inputs"]))
 
 
+def test_original_layout_with_an_unreachable_tower_takes_vision_tower(llava_setup):
+    """MMedAgent's config names the tower as on the training machine; vision_tower= points elsewhere."""
+    import shutil
+
+    from mmedagent.model import load_planner
+
+    moved = llava_setup["root"] / "moved-orig"
+    shutil.copytree(llava_setup["orig"], moved)
+    cfg = json.loads((moved / "config.json").read_text())
+    tower = cfg["mm_vision_tower"]
+    cfg["mm_vision_tower"] = "/training-cluster/openai/clip-vit-large-patch14-336"
+    (moved / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(FileNotFoundError, match="could not be loaded; pass its local path"):
+        load_model_and_processor(moved)
+    planner = load_planner(moved, vision_tower=tower)
+    torch.testing.assert_close(logits(planner.model, llava_setup["inputs"]),
+                               logits(llava_setup["model"], llava_setup["inputs"]))
+    with pytest.raises(ValueError, match="applies to original LLaVA checkpoints"):
+        load_model_and_processor(llava_setup["hf"], vision_tower=tower)
+
+
 def test_mmedagent_lora_with_projector_on_original_base(llava_setup):
     expected = logits(llava_setup["lora_model"], llava_setup["inputs"])
     assert not torch.allclose(expected, logits(llava_setup["model"], llava_setup["inputs"]))

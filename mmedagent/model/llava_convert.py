@@ -209,8 +209,8 @@ def convert_llava_checkpoint(
     return dst
 
 
-def _fingerprint(path: Path) -> str:
-    h = hashlib.sha1(str(path.resolve()).encode())
+def _fingerprint(path: Path, *extra: str) -> str:
+    h = hashlib.sha1("\0".join([str(path.resolve()), *extra]).encode())
     for f in sorted(path.iterdir()):
         if f.is_file():
             st = f.stat()
@@ -223,8 +223,9 @@ def cache_root() -> Path:
 
 
 def converted_cache_dir(src: Path, *, vision_tower: str | Path | None = None) -> Path:
-    """Convert ``src`` once into the cache (``$MMEDAGENT_CACHE``, default ~/.cache/mmedagent) and return it."""
-    out = cache_root() / f"llava-{_fingerprint(src)}"
+    """Convert ``src`` once into the cache (``$MMEDAGENT_CACHE``, default ~/.cache/mmedagent) and return it;
+    ``vision_tower`` replaces the config's ``mm_vision_tower`` (e.g. a local copy of the CLIP tower)."""
+    out = cache_root() / f"llava-{_fingerprint(src, str(vision_tower or ''))}"
     if (out / "config.json").is_file():
         return out
     log.info("converting original LLaVA checkpoint %s to the transformers layout in %s", src.name, out)

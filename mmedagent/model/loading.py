@@ -137,13 +137,15 @@ def load_model_and_processor(
     load_in_8bit: bool = False,
     base: str | Path | None = None,
     merge_adapter: bool = False,
+    vision_tower: str | Path | None = None,
 ) -> tuple[Any, Any, str]:
     """Load ``(model, processor, family)`` from a local directory or hub id, in eval mode.
 
     ``path_or_id`` may be a plain checkpoint, an original LLaVA-layout checkpoint (converted on
     the fly), or a peft adapter directory (stacked on ``base`` or on the adapter's
-    ``base_model_name_or_path``; ``merge_adapter=True`` merges it into the weights). For a bare
-    tokenizer-only model the "processor" is the tokenizer.
+    ``base_model_name_or_path``; ``merge_adapter=True`` merges it into the weights). ``vision_tower``:
+    the CLIP tower for an original LLaVA checkpoint when its ``mm_vision_tower`` is not reachable here.
+    For a bare tokenizer-only model the "processor" is the tokenizer.
     """
     from transformers import AutoConfig
 
@@ -167,7 +169,7 @@ def load_model_and_processor(
     else:
         model_path = path_or_id
 
-    model_path = _ensure_hf_layout(model_path)
+    model_path = _ensure_hf_layout(model_path, vision_tower)
     config = AutoConfig.from_pretrained(str(model_path))
     family = family_of(config)
     model = _load_base(str(model_path), family, kwargs)
@@ -187,11 +189,13 @@ def load_model_and_processor(
     return model, processor, family
 
 
-def _ensure_hf_layout(path_or_id: str | Path) -> str | Path:
+def _ensure_hf_layout(path_or_id: str | Path, vision_tower: str | Path | None = None) -> str | Path:
     """Original LLaVA-layout checkpoints are converted once to the transformers layout (in the cache)."""
     config = _local_json(path_or_id, "config.json")
     if not is_original_llava(config):
+        if vision_tower is not None:
+            raise ValueError(f"vision_tower= applies to original LLaVA checkpoints; {path_or_id} is not one")
         return path_or_id
     from mmedagent.model.llava_convert import converted_cache_dir
 
-    return converted_cache_dir(Path(path_or_id))
+    return converted_cache_dir(Path(path_or_id), vision_tower=vision_tower)

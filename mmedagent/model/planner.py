@@ -99,6 +99,7 @@ class HFPlanner:
         system: str | None = None,
         attn_implementation: str | None = None,
         prompt_lookup: int = 0,
+        vision_tower: str | Path | None = None,
     ) -> HFPlanner:
         """Load a planner from a checkpoint, an original LLaVA-layout checkpoint or a LoRA adapter dir.
 
@@ -107,6 +108,7 @@ class HFPlanner:
         :data:`mmedagent.model.templates.TEMPLATES` (``vicuna_v1`` for MMedAgent / LLaVA-Med v1) or
         None: the template recorded by training (``mmedagent_train.json``), else the processor's chat template.
         ``prompt_lookup``: draft tokens per step for greedy prompt-lookup decoding (0: off).
+        ``vision_tower``: the CLIP tower of an original LLaVA checkpoint, instead of its ``mm_vision_tower``.
         """
         from mmedagent.model.adapters import recorded_template
         from mmedagent.model.loading import load_model_and_processor
@@ -119,12 +121,12 @@ class HFPlanner:
         if adapter is not None:
             model, processor, family = load_model_and_processor(
                 adapter, base=path_or_id, dtype=dtype, device=device, load_in_4bit=load_in_4bit,
-                load_in_8bit=load_in_8bit, attn_implementation=attn_implementation,
+                load_in_8bit=load_in_8bit, attn_implementation=attn_implementation, vision_tower=vision_tower,
             )
         else:
             model, processor, family = load_model_and_processor(
                 path_or_id, dtype=dtype, device=device, load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit,
-                attn_implementation=attn_implementation,
+                attn_implementation=attn_implementation, vision_tower=vision_tower,
             )
             if hasattr(model, "peft_config"):
                 adapter = path_or_id
