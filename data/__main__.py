@@ -114,6 +114,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--api-names", choices=tuple(builders.API_NAMES), default="canonical")
+    p.add_argument("--variants", type=int, default=1,
+                   help="training records per tool-use example, each phrased anew (segmentation: a loosely drawn box)")
+    p.add_argument("--box-variants", type=int, default=None,
+                   help="training records per box-prompted segmentation example (default: --variants)")
     return ap
 
 
@@ -190,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.cmd == "synth":
             from mmedagent.data.synth import synth
 
-            manifest = synth(a.out, a.n, a.seed, a.size, a.api_names)
+            manifest = synth(a.out, a.n, a.seed, a.size, a.api_names, a.variants, a.box_variants)
             print(json.dumps(manifest["files"], indent=1))
             return 0
     except DataError as e:

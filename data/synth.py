@@ -14,7 +14,7 @@ from __future__ import annotations
 import csv
 import json
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -207,8 +207,41 @@ def write_annotations(out: Path, items: list[SynthImage], tag: str) -> dict[str,
     return paths
 
 
-def synth(out: str | Path, n: int = 40, seed: int = 0, size: int = 64, api_names: str = "canonical") -> dict[str, Any]:
-    """Write the synthetic set to ``out``; returns the manifest (also saved as ``manifest.json``)."""
+def variants_of(examples: list[builders.Example], variants: int, seed: int,
+                box_variants: int | None = None) -> list[builders.Example]:
+    """Each tool-use example ``variants`` times (each copy gets its own phrasing when rendered) and each
+    box-prompted segmentation example ``box_variants`` times (default ``variants``), its copies with a
+    box drawn loosely around the lesion (each side widened by 0–0.05): more boxes to copy from the question."""
+    rng = np.random.default_rng(seed)
+    extra = []
+    for ex in examples:
+        if ex.task not in builders.TASKS:
+            continue
+        copies = (box_variants or variants) if ex.task == "segmentation" else variants
+        for _ in range(copies - 1):
+            if ex.task != "segmentation":
+                extra.append(ex)
+                continue
+            targets = []
+            for t in ex.targets:
+                x1, y1, x2, y2 = t.box
+                dx1, dy1, dx2, dy2 = rng.uniform(0.0, 0.05, 4)
+                box = [round(max(0.0, x1 - dx1), 2), round(max(0.0, y1 - dy1), 2),
+                       round(min(1.0, x2 + dx2), 2), round(min(1.0, y2 + dy2), 2)]
+                targets.append(builders.Target(t.label, box, t.area))
+            extra.append(replace(ex, targets=targets))
+    return examples + extra
+
+
+def synth(out: str | Path, n: int = 40, seed: int = 0, size: int = 64, api_names: str = "canonical",
+          variants: int = 1, box_variants: int | None = None) -> dict[str, Any]:
+    """Write the synthetic set to ``out``; returns the manifest (also saved as ``manifest.json``).
+
+    ``variants`` / ``box_variants``: training records per tool-use / box-prompted segmentation example
+    (see :func:`variants_of`).
+    """
+    if variants < 1 or (box_variants is not None and box_variants < 1):
+        raise ValueError("variants and box_variants must be at least 1")
     if n < 2:
         raise ValueError("n must be at least 2 (one training and one evaluation image)")
     if size < 32:
@@ -223,6 +256,7 @@ def synth(out: str | Path, n: int = 40, seed: int = 0, size: int = 64, api_names
     qa = {"train": QA[:-2], "eval": QA[-2:]}
     labels = {v: k for k, v in LABEL_VALUES.items()}
     manifest: dict[str, Any] = {"seed": seed, "size": size, "images": n, "api_names": api_names,
+                                "variants": variants, "box_variants": box_variants or variants,
                                 "modalities": list(MODALITIES), "label_values": LABEL_VALUES, "files": {}}
     for k, (tag, its) in enumerate(splits.items()):
         paths = write_annotations(out, its, tag)
@@ -240,6 +274,8 @@ def synth(out: str | Path, n: int = 40, seed: int = 0, size: int = 64, api_names
             + builders.read_vqa(paths["vqa"])
             + builders.read_vqa(paths["captions"], caption=True)
         )
+        if tag == "train" and max(variants, box_variants or 1) > 1:
+            examples = variants_of(examples, variants, seed, box_variants)
         b = builders.DialogueBuilder(api_names=api_names, phrasings="train" if tag == "train" else "heldout",
                                      seed=seed * 1000 + k)
         records = b.build_all(examples, id_prefix=f"{tag}-")

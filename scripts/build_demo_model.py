@@ -20,12 +20,14 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=None, help=f"output directory (default {demo.demo_dir()})")
     p.add_argument("--budget-s", type=float, default=900.0, help="stop training rounds after about this long")
     p.add_argument("--n-images", type=int, default=80, help="synthetic images (1/5 go to the evaluation split)")
-    p.add_argument("--round-epochs", type=float, default=2.0, help="epochs per training round")
+    p.add_argument("--round-epochs", type=float, default=4.0, help="epochs per training round")
+    p.add_argument("--variants", type=int, default=2, help="training records per tool-use example (new phrasings)")
+    p.add_argument("--box-variants", type=int, default=6, help="training records per box-prompted segmentation example")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
     report = demo.build(a.out, n_images=a.n_images, budget_s=a.budget_s, round_epochs=a.round_epochs, lr=a.lr,
-                        seed=a.seed)
+                        seed=a.seed, variants=a.variants, box_variants=a.box_variants)
     print(markdown_summary(report))
     print(f"routes: {report['routes']} (targets {report['targets']}); built in {report['build']['elapsed_s']} s",
           file=sys.stderr)

@@ -73,3 +73,33 @@ def test_deterministic_per_seed(tmp_path, synth_dir):
     assert names == {"grounding dino", "MedSAM", "grounding dino + MedSAM", "BiomedClip", "ChatCAD-G", "ChatCAD-R"}
     with pytest.raises(ValueError):
         synth(tmp_path / "c", n=1)
+
+
+def test_variants_rephrase_tool_examples_and_loosen_segmentation_boxes(tmp_path, synth_dir):
+    from collections import Counter
+
+    assert main(["synth", "--out", str(tmp_path / "v"), "--n", "10", "--seed", "3", "--size", "48",
+                 "--variants", "3"]) == 0
+    one, three = (json.loads((d / "manifest.json").read_text())["files"] for d in (synth_dir, tmp_path / "v"))
+    for task, n in one["train"]["tasks"].items():
+        assert three["train"]["tasks"][task] == (n * 3 if task in TASKS else n)
+    assert three["eval"] == one["eval"]  # the evaluation split is untouched
+    records = read_records(tmp_path / "v" / "train.json")
+    seg = [r for r in records if r.tool_calls() and r.tool_calls()[0].API_name == "segmentation"]
+    by_image = {}
+    for r in seg:
+        by_image.setdefault(r.images[0], []).append(r.tool_calls()[0].API_params["boxes"][0])
+    for boxes in by_image.values():
+        assert len(boxes) == 3 and len({tuple(b) for b in boxes}) > 1
+        tight = boxes[0]  # the first copy is the lesion's own box; the others enclose it
+        for b in boxes[1:]:
+            assert b[0] <= tight[0] and b[1] <= tight[1] and b[2] >= tight[2] and b[3] >= tight[3]
+            assert all(0 <= v <= 1 for v in b) and max(abs(x - y) for x, y in zip(b, tight)) <= 0.05 + 1e-9
+    questions = Counter(r.first_question() for r in records if r.tool_calls())
+    assert len(questions) > len(records) // 3  # copies are phrased anew, not repeated verbatim
+    seg_only = synth(tmp_path / "s", n=10, seed=3, size=48, box_variants=2)["files"]["train"]["tasks"]
+    assert seg_only == {**one["train"]["tasks"], "segmentation": 2 * one["train"]["tasks"]["segmentation"]}
+    with pytest.raises(ValueError, match="variants"):
+        synth(tmp_path / "w", n=4, variants=0)
+    with pytest.raises(ValueError, match="box_variants"):
+        synth(tmp_path / "w", n=4, box_variants=0)
