@@ -123,7 +123,7 @@ def bf16_is_faster() -> bool:
 
 def train_round(base: Path, out: Path, data: Path, images: Path, epochs: float, lr: float, batch: int,
                 bf16: bool = False) -> None:
-    """One round of ``train/train_mem.py`` (full fine-tuning on CPU, bf16 autocast if asked) from ``base``
+    """One round of ``train/train_mem.py`` (full fine-tuning on CPU, in bfloat16 if asked) from ``base``
     into ``out``."""
     cmd = [
         sys.executable, "-m", "mmedagent.train.train_mem",
@@ -161,7 +161,7 @@ def routes(report: dict[str, Any]) -> bool:
 
 
 def build(out: Path | None = None, *, n_images: int = 80, budget_s: float = 900.0, round_epochs: float = 4.0,
-          lr: float = 1e-3, batch: int = 8, seed: int = 0, variants: int = 2, box_variants: int = 6) -> dict[str, Any]:
+          lr: float = 1e-3, batch: int = 8, seed: int = 0, variants: int = 2, box_variants: int | None = None) -> dict[str, Any]:
     """Build the demo model into ``out`` (default :func:`demo_dir`); returns its evaluation report.
 
     Trains in rounds of ``round_epochs`` (constant learning rate, halved each round) until the
@@ -190,9 +190,9 @@ def build(out: Path | None = None, *, n_images: int = 80, budget_s: float = 900.
         texts = [m.text() for d in json.loads(train_file.read_text(encoding="utf-8"))
                  for m in Record.from_dict(d).conversations]
         current = make_tiny_model("llava", work / "base", seed=seed, image_size=IMAGE_SIZE, vocab_size=2000,
-                                  corpus=texts, **SIZES)
+                                  corpus=texts, split_digits=True, **SIZES)
         bf16 = bf16_is_faster()
-        _log(f"training in {'bfloat16 autocast' if bf16 else 'float32'}")
+        _log(f"training in {'bfloat16' if bf16 else 'float32'}")
         rounds, best = [], None  # best: (score, checkpoint, report)
         while True:
             k = len(rounds)
@@ -219,7 +219,7 @@ def build(out: Path | None = None, *, n_images: int = 80, budget_s: float = 900.
         report["build"] = {"rounds": rounds, "kept_round": int(current.name.removeprefix("round")),
                            "elapsed_s": round(time.monotonic() - started, 1), "n_images": n_images,
                            "image_size": IMAGE_SIZE, "sizes": SIZES, "lr": lr, "batch": batch, "seed": seed,
-                           "variants": variants, "box_variants": box_variants, "bf16": bf16,
+                           "variants": variants, "box_variants": box_variants or variants, "bf16": bf16,
                            "command": "python scripts/build_demo_model.py"}
         report["note"] = NOTE
         (current / SETTINGS_FILE).write_text(json.dumps({"system_prompt": "none", "demo": True, "note": NOTE}, indent=1))

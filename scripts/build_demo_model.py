@@ -22,7 +22,8 @@ def main() -> int:
     p.add_argument("--n-images", type=int, default=80, help="synthetic images (1/5 go to the evaluation split)")
     p.add_argument("--round-epochs", type=float, default=4.0, help="epochs per training round")
     p.add_argument("--variants", type=int, default=2, help="training records per tool-use example (new phrasings)")
-    p.add_argument("--box-variants", type=int, default=6, help="training records per box-prompted segmentation example")
+    p.add_argument("--box-variants", type=int, default=None,
+                   help="training records per box-prompted segmentation example (default: --variants)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()

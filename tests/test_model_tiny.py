@@ -102,3 +102,14 @@ def test_make_tiny_model_rejects_bad_sizes(tmp_path):
         make_tiny_model("gpt5", tmp_path)
     with pytest.raises(ValueError, match="multiple of heads"):
         make_tiny_model("llama", tmp_path, hidden=66)
+
+
+def test_split_digits_tokenizes_numbers_digit_by_digit():
+    from mmedagent.model.tiny import build_tokenizer
+
+    corpus = ["box [0.31, 0.12, 0.42, 0.27]"] * 50
+    split = build_tokenizer("llava", 400, corpus, split_digits=True)
+    assert [t for t in split.tokenize("[0.31, 0.12]") if t.strip("Ġ").isdigit()] == ["0", "3", "1", "0", "1", "2"]
+    merged = build_tokenizer("llava", 400, corpus)
+    assert any(len(t.strip("Ġ")) > 1 and t.strip("Ġ").isdigit() for t in merged.tokenize("[0.31, 0.12]"))
+    assert split.decode(split("[0.31, 0.12]", add_special_tokens=False)["input_ids"]) == "[0.31, 0.12]"

@@ -25,7 +25,7 @@ def e2e(tmp_path_factory):
     dino = save_tiny_grounding_dino(root / "grounding-dino")
     (root / "serve.yaml").write_text(
         "heartbeat_interval_s: 1\nheartbeat_expiry_s: 4\nmax_new_tokens: 96\n"
-        f"tools:\n  grounding:\n    options: {{model: '{dino}', device: cpu}}\n"
+        f"tools:\n  grounding:\n    options: {{model: '{dino}', device: cpu, max_boxes: 3}}\n"
     )
     image = root / "case.png"
     case.image().save(image)

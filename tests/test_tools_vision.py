@@ -217,6 +217,20 @@ def test_grounding_boxes_normalised_sorted_and_suppressed(grounding):
     assert strict.boxes == [] and strict.for_model() == {"boxes": [], "logits": [], "phrases": []}
 
 
+
+def test_grounding_max_boxes_keeps_the_best(weights):
+    img = scan_image(150, 130)
+    params = GroundingTool.Params(prompts=["tumor"], box_threshold=0.0, text_threshold=0.0)
+    every = GroundingTool(model=str(weights["grounding"]))
+    capped = GroundingTool(model=str(weights["grounding"]), max_boxes=2)
+    every.load()
+    capped.load()
+    full, top = every(img, params), capped(img, params)
+    assert len(full.boxes) > 2 and top.boxes == full.boxes[:2] and top.logits == full.logits[:2]
+    with pytest.raises(ValueError, match="max_boxes must be at least 1"):
+        GroundingTool(model=str(weights["grounding"]), max_boxes=0).load()
+
+
 def test_grounding_matches_direct_model_call(grounding, weights):
     """The tool's boxes are the model's own relative boxes (cxcywh -> xyxy), thresholded, NMS at 0.8."""
     from transformers import AutoProcessor, GroundingDinoForObjectDetection

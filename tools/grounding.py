@@ -43,7 +43,8 @@ class GroundingTool(Tool):
 
     Options: ``model`` (hub id or local directory saved with ``save_pretrained``; default
     ``IDEA-Research/grounding-dino-base``; any Grounding DINO fine-tune in transformers format
-    works), ``device`` (default cuda when available), ``nms_iou`` (0.8, as MMedAgent).
+    works), ``device`` (default cuda when available), ``nms_iou`` (0.8, as MMedAgent), ``max_boxes``
+    (keep at most this many boxes, best first; default all).
     """
 
     name = "grounding"
@@ -62,6 +63,10 @@ class GroundingTool(Tool):
         ref = str(self.options.get("model", DEFAULT_MODEL))
         self.device = pick_device(self.options.get("device"))
         self.nms_iou = float(self.options.get("nms_iou", 0.8))
+        max_boxes = self.options.get("max_boxes")
+        self.max_boxes = int(max_boxes) if max_boxes is not None else None
+        if self.max_boxes is not None and self.max_boxes < 1:
+            raise ValueError(f"max_boxes must be at least 1, got {max_boxes}")
         try:
             self.processor = AutoProcessor.from_pretrained(ref)
             self.model = GroundingDinoForObjectDetection.from_pretrained(ref).to(self.device).eval()
@@ -94,7 +99,7 @@ class GroundingTool(Tool):
         )[0]
         boxes = found["boxes"].float().clamp(0.0, 1.0).cpu().numpy()
         scores = found["scores"].float().cpu().numpy()
-        keep = nms(boxes, scores, self.nms_iou)
+        keep = nms(boxes, scores, self.nms_iou)[: self.max_boxes]
         return GroundingResult(
             boxes=[boxes[i].tolist() for i in keep],
             logits=[float(scores[i]) for i in keep],

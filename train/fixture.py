@@ -99,7 +99,7 @@ PLANNER_CASES: tuple[PlannerCase, ...] = (
 
 TRAIN_FLAGS = (
     "--version", "v1", "--lora_enable", "True", "--lora_r", "32", "--lora_alpha", "64", "--lora_dropout", "0",
-    "--learning_rate", "6e-3", "--mm_projector_lr", "1e-3", "--max_steps", "80", "--warmup_ratio", "0.05",
+    "--learning_rate", "6e-3", "--mm_projector_lr", "1e-3", "--max_steps", "120", "--warmup_ratio", "0.05",
     "--lr_scheduler_type", "cosine", "--per_device_train_batch_size", "5", "--weight_decay", "0",
     "--logging_steps", "10", "--save_strategy", "no", "--report_to", "none", "--seed", "0",
     "--dataloader_num_workers", "0", "--model_max_length", "512", "--disable_tqdm", "True",
@@ -125,6 +125,32 @@ def _fingerprint() -> str:
     for src in sources:
         h.update(src.name.encode() + src.read_bytes())
     return h.hexdigest()[:16]
+
+
+def _other_boxes(case: PlannerCase, seed: int, n: int = 2) -> list[PlannerCase]:
+    """``case`` with other detector boxes (1–3 of them) and the same answer: the answer turn must not
+    hinge on the exact numbers a live detector returns."""
+    import random
+
+    if not any("boxes" in (o.output or {}) for o in case.outcomes):
+        return []
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        outcomes = []
+        for o in case.outcomes:
+            output = dict(o.output or {})
+            if "boxes" in output:
+                k = rng.randint(1, 3)
+                boxes = []
+                for _ in range(k):
+                    x1, y1 = rng.randint(0, 60) / 100, rng.randint(0, 60) / 100
+                    boxes.append([x1, y1, round(x1 + rng.randint(5, 39) / 100, 2), round(y1 + rng.randint(5, 39) / 100, 2)])
+                output.update(boxes=boxes, logits=[round(rng.uniform(0.3, 1.0), 2) for _ in boxes],
+                              phrases=[output["phrases"][0]] * k)
+            outcomes.append(ToolOutcome(tool=o.tool, output=output))
+        out.append(PlannerCase(case.question, case.color, case.plan, tuple(outcomes), case.answer))
+    return out
 
 
 def default_cache_dir() -> Path:
@@ -157,6 +183,7 @@ def _build(entry: Path) -> None:
     for k, case in enumerate(PLANNER_CASES):
         case.image().save(images / f"case{k}.png")
         records.append(case.record(f"case{k}.png").to_dict())
+        records += [c.record(f"case{k}.png").to_dict() for c in _other_boxes(case, k)]
     data = entry / "train.json"
     data.write_text(json.dumps(records, indent=1, ensure_ascii=False))
     cmd = [sys.executable, "-m", "mmedagent.train.train_mem", "--model_name_or_path", str(base),

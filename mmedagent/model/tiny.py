@@ -102,17 +102,19 @@ _CHAT_TEMPLATES = {
 _CHAT_TEMPLATES["llama"] = _CHAT_TEMPLATES["mllama"].replace("<|image|>", "")
 
 
-def build_tokenizer(arch: str, vocab_size: int = 1200, corpus: Iterable[str] = ()):
+def build_tokenizer(arch: str, vocab_size: int = 1200, corpus: Iterable[str] = (), split_digits: bool = False):
     """A byte-level BPE ``PreTrainedTokenizerFast`` with ``arch``'s special tokens and chat template,
-    trained on the built-in corpus plus ``corpus`` (e.g. the texts a small model will be trained on)."""
+    trained on the built-in corpus plus ``corpus`` (e.g. the texts a small model will be trained on);
+    ``split_digits``: numbers become one token per digit, as in Llama and Qwen."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     spec = _SPECIALS[arch]
     specials = [t for t in (spec["bos"], spec["eos"], spec["pad"], spec["unk"], spec["image"]) if t] + spec["extra"]
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([  # digits one by one, as Llama and Qwen do: numbers copy well
-        pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if split_digits:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), tok.pre_tokenizer])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -251,13 +253,15 @@ def make_tiny_model(
     preset: str = "tiny",
     vocab_size: int = 1200,
     corpus: Iterable[str] = (),
+    split_digits: bool = False,
     **overrides: int,
 ) -> Path:
     """Build a random ``arch`` checkpoint and save model, tokenizer and processor to ``out_dir``.
 
     ``overrides`` replace preset sizes: ``hidden``, ``layers``, ``heads``, ``vision_hidden``,
     ``vision_layers``, ``patch``. ``image_size`` is the vision input side in pixels. ``vocab_size`` and
-    ``corpus`` shape the tokenizer (a domain corpus gives shorter sequences).
+    ``corpus`` shape the tokenizer (a domain corpus gives shorter sequences); ``split_digits`` tokenizes
+    numbers digit by digit.
     """
     if arch not in _BUILDERS:
         raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
@@ -278,7 +282,7 @@ def make_tiny_model(
     import torch
 
     torch.manual_seed(seed)
-    tokenizer = build_tokenizer(arch, vocab_size, corpus)
+    tokenizer = build_tokenizer(arch, vocab_size, corpus, split_digits)
     model, processor = _BUILDERS[arch](tokenizer, params)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
