@@ -94,6 +94,9 @@ def test_radiology_end_to_end(radiology):
     for name in ATTENTION_AND_MLP.split(","):
         assert name in cfg["target_modules"]  # attention and MLP
     assert (adapter / "adapter_model.safetensors").is_file()
+    lora_a = [k for k in state_dict(adapter) if ".lora_A" in k]
+    vision = {k.split(".lora_A")[0].rsplit(".", 1)[-1] for k in lora_a if ".vision_model." in k}
+    assert {"q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"} <= vision  # --lora_vision: vision layers too
     _check_training_outputs(adapter, steps=6)
     assert _check_merged(out, out / "tiny-base", out / "merged") == "mllama"
 
