@@ -75,7 +75,9 @@ def build_key() -> str:
 
 
 def _options(root: Path) -> dict[str, dict[str, Any]]:
-    grounding = {"model": str(root / "grounding-dino")}
+    # a random tiny detector finds boxes everywhere; keep its best one, as on the one-lesion synthetic
+    # images the demo planner was trained on
+    grounding = {"model": str(root / "grounding-dino"), "max_boxes": 1}
     segmentation = {"checkpoint": str(root / "medsam" / "tiny_medsam.pth"), "variant": "medsam"}
     return {
         "grounding": grounding,

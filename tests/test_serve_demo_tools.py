@@ -61,6 +61,7 @@ def test_every_tool_loads_the_demo_weights_and_runs_through_the_dispatcher(demo_
     assert by_name["segmentation"].areas[0] > 0
     assert len(by_name["classification"].labels) == 2 and by_name["report_generation"].model.startswith(str(built))
     assert all(0.0 <= v <= 1.0 for box in by_name["grounding"].boxes for v in box)
+    assert len(by_name["grounding"].boxes) == 1  # the demo keeps the random detector's best box only
     # the weights each tool loaded are the built ones, and MedSAM's preprocessing is used
     assert all(str(built) in t.weights_note or "tiny_medsam" in t.weights_note for t in tools)
     assert tools[1].variant == "medsam" and tools[2].segmentation.variant == "medsam"
