@@ -318,8 +318,6 @@ class HFPlanner:
 
     def _draft(self, tokens: list[int], limit: int) -> list[int]:
         """Up to ``limit`` tokens that followed the latest earlier occurrence of the last 3, 2 or 1 tokens."""
-        if limit < 1:
-            return []
         end = len(tokens) - 1
         hits = [i for i in range(end - 1, -1, -1) if tokens[i] == tokens[end]]  # latest first
         image_id = self._image_token_id()
@@ -406,7 +404,8 @@ class HFPlanner:
                     if cached:
                         continue
                     position = len(id_list) + len(generated) - 1
-                    draft = self._draft(self._state.tokens + [token], min(lookup, max_new_tokens - step - 1))
+                    limit = min(lookup, max_new_tokens - step - 1)
+                    draft = self._draft([*self._state.tokens, token], limit) if limit > 0 else []
                     run = torch.tensor([[token, *draft]], device=ids.device)
                     logits = self._forward(run, cache, position, None, extras, keep=len(draft) + 1)
                     if draft:
