@@ -118,6 +118,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="training records per tool-use example, each phrased anew (segmentation: a loosely drawn box)")
     p.add_argument("--box-variants", type=int, default=None,
                    help="training records per box-prompted segmentation example (default: --variants)")
+    p.add_argument("--box-drills", type=int, default=0,
+                   help="planning-only records per box-prompted segmentation example, each copying a random box")
     return ap
 
 
@@ -194,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         if a.cmd == "synth":
             from mmedagent.data.synth import synth
 
-            manifest = synth(a.out, a.n, a.seed, a.size, a.api_names, a.variants, a.box_variants)
+            manifest = synth(a.out, a.n, a.seed, a.size, a.api_names, a.variants, a.box_variants,
+                             a.box_drills)
             print(json.dumps(manifest["files"], indent=1))
             return 0
     except DataError as e:

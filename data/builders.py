@@ -107,7 +107,8 @@ def box_from_mask(mask: np.ndarray) -> tuple[list[float], int] | None:
 
 
 def fmt_box(box: Sequence[float]) -> str:
-    return "[" + ", ".join(f"{v:.2f}" for v in box) + "]"
+    """A box as the tool calls write it (JSON numbers, two decimals at most), so text and calls agree."""
+    return "[" + ", ".join(repr(round(float(v), 2)) for v in box) + "]"
 
 
 # --------------------------------------------------------------------------- small input helpers

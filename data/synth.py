@@ -23,6 +23,7 @@ from PIL import Image
 
 from mmedagent.data import builders
 from mmedagent.data.formats import write_records
+from mmedagent.protocol import Record
 
 MODALITIES = ("brain MRI", "chest X-ray", "abdomen CT", "hematoxylin and eosin histopathology")
 LESIONS = {"brain MRI": "tumor", "chest X-ray": "nodule", "abdomen CT": "cyst",
@@ -233,15 +234,35 @@ def variants_of(examples: list[builders.Example], variants: int, seed: int,
     return examples + extra
 
 
+def box_drills_of(examples: list[builders.Example], drills: int, seed: int,
+                  builder: builders.DialogueBuilder) -> list[Record]:
+    """``drills`` planning-only records per box-prompted segmentation example, each asking to segment a
+    random box: the question and the planning turn alone, so the copying of boxes from the question into
+    the call is practised at about half the cost of a whole dialogue."""
+    rng = np.random.default_rng(seed + 1)
+    records = []
+    for ex in (e for e in examples if e.task == "segmentation" and e.targets):
+        for _ in range(drills):
+            x1, y1 = (round(float(v), 2) for v in rng.uniform(0.0, 0.8, 2))
+            x2, y2 = (round(min(1.0, v + float(rng.uniform(0.05, 0.4))), 2) for v in (x1, y1))
+            drill = replace(ex, targets=[builders.Target(ex.targets[0].label, [x1, y1, x2, y2], None)])
+            full = builder.build(drill, f"train-drill-{len(records) + 1}")
+            records.append(full.model_copy(update={"conversations": full.conversations[:2]}))
+    return records
+
+
 def synth(out: str | Path, n: int = 40, seed: int = 0, size: int = 64, api_names: str = "canonical",
-          variants: int = 1, box_variants: int | None = None) -> dict[str, Any]:
+          variants: int = 1, box_variants: int | None = None, box_drills: int = 0) -> dict[str, Any]:
     """Write the synthetic set to ``out``; returns the manifest (also saved as ``manifest.json``).
 
     ``variants`` / ``box_variants``: training records per tool-use / box-prompted segmentation example
-    (see :func:`variants_of`).
+    (see :func:`variants_of`); ``box_drills``: planning-only box-copying records per box-prompted
+    segmentation example (see :func:`box_drills_of`).
     """
     if variants < 1 or (box_variants is not None and box_variants < 1):
         raise ValueError("variants and box_variants must be at least 1")
+    if box_drills < 0:
+        raise ValueError("box_drills must not be negative")
     if n < 2:
         raise ValueError("n must be at least 2 (one training and one evaluation image)")
     if size < 32:
@@ -256,7 +277,7 @@ def synth(out: str | Path, n: int = 40, seed: int = 0, size: int = 64, api_names
     qa = {"train": QA[:-2], "eval": QA[-2:]}
     labels = {v: k for k, v in LABEL_VALUES.items()}
     manifest: dict[str, Any] = {"seed": seed, "size": size, "images": n, "api_names": api_names,
-                                "variants": variants, "box_variants": box_variants or variants,
+                                "variants": variants, "box_variants": box_variants or variants, "box_drills": box_drills,
                                 "modalities": list(MODALITIES), "label_values": LABEL_VALUES, "files": {}}
     for k, (tag, its) in enumerate(splits.items()):
         paths = write_annotations(out, its, tag)
@@ -274,14 +295,19 @@ def synth(out: str | Path, n: int = 40, seed: int = 0, size: int = 64, api_names
             + builders.read_vqa(paths["vqa"])
             + builders.read_vqa(paths["captions"], caption=True)
         )
+        base = examples
         if tag == "train" and max(variants, box_variants or 1) > 1:
             examples = variants_of(examples, variants, seed, box_variants)
         b = builders.DialogueBuilder(api_names=api_names, phrasings="train" if tag == "train" else "heldout",
                                      seed=seed * 1000 + k)
         records = b.build_all(examples, id_prefix=f"{tag}-")
+        tasks = Counter(e.task for e in examples)
+        if tag == "train" and box_drills:
+            drills = box_drills_of(base, box_drills, seed, b)
+            records += drills
+            tasks["box_drill"] = len(drills)
         write_records(records, out / f"{tag}.json")
-        manifest["files"][tag] = {"data": f"{tag}.json", "records": len(records),
-                                  "tasks": dict(sorted(Counter(e.task for e in examples).items()))}
+        manifest["files"][tag] = {"data": f"{tag}.json", "records": len(records), "tasks": dict(sorted(tasks.items()))}
     manifest["image_folder"] = "images"
     _write_json(out / "manifest.json", manifest)
     return manifest

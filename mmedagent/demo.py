@@ -36,6 +36,7 @@ REPORT_FILE = "eval_report.json"
 # synthetic texts too, which shortens sequences by a third (CPU time is the budget here).
 SIZES = {"hidden": 256, "layers": 4, "heads": 4, "vision_hidden": 128, "vision_layers": 2, "patch": 16}
 IMAGE_SIZE = 64
+BOX_DRILLS = 8
 TARGETS = {"tool_selection_accuracy": 0.95, "argument_validity": 0.99}
 
 
@@ -161,7 +162,8 @@ def routes(report: dict[str, Any]) -> bool:
 
 
 def build(out: Path | None = None, *, n_images: int = 80, budget_s: float = 900.0, round_epochs: float = 4.0,
-          lr: float = 1e-3, batch: int = 8, seed: int = 0, variants: int = 2, box_variants: int | None = None) -> dict[str, Any]:
+          lr: float = 1e-3, batch: int = 8, seed: int = 0, variants: int = 2, box_variants: int | None = None,
+          box_drills: int = BOX_DRILLS) -> dict[str, Any]:
     """Build the demo model into ``out`` (default :func:`demo_dir`); returns its evaluation report.
 
     Trains in rounds of ``round_epochs`` (constant learning rate, halved each round) until the
@@ -181,7 +183,7 @@ def build(out: Path | None = None, *, n_images: int = 80, budget_s: float = 900.
     work = Path(tempfile.mkdtemp(prefix="demo-build-", dir=out.parent))
     try:
         manifest = synth(work / "synth", n=n_images, seed=seed, size=IMAGE_SIZE, variants=variants,
-                         box_variants=box_variants)
+                         box_variants=box_variants, box_drills=box_drills)
         data_dir = work / "synth"
         train_file, images = data_dir / manifest["files"]["train"]["data"], data_dir / manifest["image_folder"]
         heldout = work / "heldout.json"
@@ -190,7 +192,8 @@ def build(out: Path | None = None, *, n_images: int = 80, budget_s: float = 900.
         texts = [m.text() for d in json.loads(train_file.read_text(encoding="utf-8"))
                  for m in Record.from_dict(d).conversations]
         current = make_tiny_model("llava", work / "base", seed=seed, image_size=IMAGE_SIZE, vocab_size=2000,
-                                  corpus=texts, split_digits=True, **SIZES)
+                                  corpus=texts, split_digits=True,
+                                  coordinate_tokens=True, **SIZES)
         bf16 = bf16_is_faster()
         _log(f"training in {'bfloat16' if bf16 else 'float32'}")
         rounds, best = [], None  # best: (score, checkpoint, report)
@@ -219,7 +222,8 @@ def build(out: Path | None = None, *, n_images: int = 80, budget_s: float = 900.
         report["build"] = {"rounds": rounds, "kept_round": int(current.name.removeprefix("round")),
                            "elapsed_s": round(time.monotonic() - started, 1), "n_images": n_images,
                            "image_size": IMAGE_SIZE, "sizes": SIZES, "lr": lr, "batch": batch, "seed": seed,
-                           "variants": variants, "box_variants": box_variants or variants, "bf16": bf16,
+                           "variants": variants, "box_variants": box_variants or variants, "box_drills": box_drills,
+                           "bf16": bf16,
                            "command": "python scripts/build_demo_model.py"}
         report["note"] = NOTE
         (current / SETTINGS_FILE).write_text(json.dumps({"system_prompt": "none", "demo": True, "note": NOTE}, indent=1))

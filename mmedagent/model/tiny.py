@@ -102,11 +102,14 @@ _CHAT_TEMPLATES = {
 _CHAT_TEMPLATES["llama"] = _CHAT_TEMPLATES["mllama"].replace("<|image|>", "")
 
 
-def build_tokenizer(arch: str, vocab_size: int = 1200, corpus: Iterable[str] = (), split_digits: bool = False):
+def build_tokenizer(arch: str, vocab_size: int = 1200, corpus: Iterable[str] = (), split_digits: bool = False,
+                    coordinate_tokens: bool = False):
     """A byte-level BPE ``PreTrainedTokenizerFast`` with ``arch``'s special tokens and chat template,
     trained on the built-in corpus plus ``corpus`` (e.g. the texts a small model will be trained on);
-    ``split_digits``: numbers become one token per digit, as in Llama and Qwen."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    ``split_digits``: numbers become one token per digit, as in Llama and Qwen; ``coordinate_tokens``:
+    each two-decimal normalised coordinate as JSON writes it (``0.0``, ``0.05``, ``0.7``, ``1.0``), standing
+    alone, is one token, so a small model copies a box as four tokens rather than 16 digits."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     spec = _SPECIALS[arch]
@@ -134,6 +137,9 @@ def build_tokenizer(arch: str, vocab_size: int = 1200, corpus: Iterable[str] = (
         model_max_length=4096,
         **kwargs,
     )
+    if coordinate_tokens:
+        values = sorted({repr(i / 100) for i in range(101)})
+        tokenizer.add_tokens([AddedToken(v, single_word=True, normalized=False) for v in values])
     return tokenizer
 
 
@@ -254,14 +260,15 @@ def make_tiny_model(
     vocab_size: int = 1200,
     corpus: Iterable[str] = (),
     split_digits: bool = False,
+    coordinate_tokens: bool = False,
     **overrides: int,
 ) -> Path:
     """Build a random ``arch`` checkpoint and save model, tokenizer and processor to ``out_dir``.
 
     ``overrides`` replace preset sizes: ``hidden``, ``layers``, ``heads``, ``vision_hidden``,
     ``vision_layers``, ``patch``. ``image_size`` is the vision input side in pixels. ``vocab_size`` and
-    ``corpus`` shape the tokenizer (a domain corpus gives shorter sequences); ``split_digits`` tokenizes
-    numbers digit by digit.
+    ``corpus`` shape the tokenizer (a domain corpus gives shorter sequences); ``split_digits`` /
+    ``coordinate_tokens``: see :func:`build_tokenizer`.
     """
     if arch not in _BUILDERS:
         raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
@@ -282,7 +289,7 @@ def make_tiny_model(
     import torch
 
     torch.manual_seed(seed)
-    tokenizer = build_tokenizer(arch, vocab_size, corpus, split_digits)
+    tokenizer = build_tokenizer(arch, vocab_size, corpus, split_digits, coordinate_tokens)
     model, processor = _BUILDERS[arch](tokenizer, params)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
