@@ -64,7 +64,7 @@ def test_coco_to_grounding(coco):
     out = result.outcomes[0].output
     assert out["boxes"] == [[0.1, 0.1, 0.35, 0.5], [0.5, 0.5, 1.0, 1.0]] and out["phrases"] == ["nodule", "nodule"]
     assert result.question == first.first_question() and "nodule" in first.first_question()
-    assert "[0.10, 0.10, 0.35, 0.50]" in final.value and final.actions == []
+    assert "[0.1, 0.1, 0.35, 0.5]" in final.value and final.actions == []
     assert first.conversations[0].value.startswith("<image>\n")
     assert_valid(root / "g.json")
 
@@ -117,7 +117,7 @@ def test_masks_to_segmentation(tmp_path):
     assert len(seg) == len(gs) == 2
     liver = next(r for r in seg if "liver" in r.first_question())
     assert liver.tool_calls()[0].API_params == {"image": IMAGE_PLACEHOLDER, "boxes": [[0.12, 0.25, 0.38, 0.5]]}
-    assert "[0.12, 0.25, 0.38, 0.50]" in liver.first_question()
+    assert "[0.12, 0.25, 0.38, 0.5]" in liver.first_question()
     assert tool_turns(liver)[1].outcomes[0].output["areas"] == [64]
     tumor = next(r for r in gs if "tumor" in r.first_question())
     assert tumor.tool_calls()[0].API_params["prompts"] == ["tumor"]
@@ -288,7 +288,7 @@ def test_run_tools_takes_outputs_from_the_tool(coco, monkeypatch):
     recs = builders.DialogueBuilder(runner=runner).build_all(builders.read_coco(p, root / "imgs"))
     out = tool_turns(recs[0])[1].outcomes[0].output
     assert out == {"boxes": [[0.12, 0.2, 0.3, 0.4]], "phrases": ["nodule"]}  # FakeGrounding's answer, rounded
-    assert "[0.12, 0.20, 0.30, 0.40]" in tool_turns(recs[0])[2].value
+    assert "[0.12, 0.2, 0.3, 0.4]" in tool_turns(recs[0])[2].value
     tool = runner.dispatcher.resolve("grounding")
     assert tool.seen_images[0].size in ((40, 20), (32, 32))  # decoded images went to the tool
     ann["images"][0]["file_name"] = "gone.png"

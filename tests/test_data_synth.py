@@ -103,3 +103,26 @@ def test_variants_rephrase_tool_examples_and_loosen_segmentation_boxes(tmp_path,
         synth(tmp_path / "w", n=4, variants=0)
     with pytest.raises(ValueError, match="box_variants"):
         synth(tmp_path / "w", n=4, box_variants=0)
+
+
+def test_box_drills_practise_copying_a_random_box_into_the_call(tmp_path, synth_dir):
+    one = json.loads((synth_dir / "manifest.json").read_text())["files"]
+    assert main(["synth", "--out", str(tmp_path / "d"), "--n", "10", "--seed", "3", "--size", "48",
+                 "--variants", "2", "--box-drills", "3"]) == 0
+    files = json.loads((tmp_path / "d" / "manifest.json").read_text())["files"]
+    assert files["train"]["tasks"]["box_drill"] == 3 * one["train"]["tasks"]["segmentation"]  # per base example
+    assert files["eval"] == one["eval"]
+    drills = [r for r in read_records(tmp_path / "d" / "train.json") if r.id.startswith("train-drill-")]
+    assert len(drills) == files["train"]["tasks"]["box_drill"]
+    boxes = set()
+    for r in drills:
+        assert [m.role for m in r.conversations] == ["human", "gpt"]  # question and plan only
+        (call,) = r.tool_calls()
+        box = call.API_params["boxes"][0]
+        assert call.API_name == "segmentation" and box[0] <= box[2] <= 1 and box[1] <= box[3] <= 1
+        assert json.dumps(box)[1:-1] in r.first_question()  # written in the question as the call writes it
+        boxes.add(tuple(box))
+    assert len(boxes) == len(drills)
+    assert check_file(tmp_path / "d" / "train.json", image_folder=tmp_path / "d" / "images").ok
+    with pytest.raises(ValueError, match="box_drills"):
+        synth(tmp_path / "w", n=4, box_drills=-1)
