@@ -167,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(p, file=sys.stderr)
             calls = ", ".join(f"{k}: {v}" for k, v in sorted(report.tool_calls.items())) or "none"
             print(f"{path}: {report.records} records, {len(report.problems)} problem(s); tool calls: {calls}")
+            if report.planning_only:
+                print(f"{report.planning_only} planning-only record(s): they end with a tool call")
             if report.unregistered:
                 print(f"not validated (no such tool registered here): {', '.join(sorted(report.unregistered))}")
             return 0 if report.ok else 1

@@ -226,7 +226,7 @@ def variants_of(examples: list[builders.Example], variants: int, seed: int,
             targets = []
             for t in ex.targets:
                 x1, y1, x2, y2 = t.box
-                dx1, dy1, dx2, dy2 = rng.uniform(0.0, 0.05, 4)
+                dx1, dy1, dx2, dy2 = (float(d) for d in rng.uniform(0.0, 0.05, 4))
                 box = [round(max(0.0, x1 - dx1), 2), round(max(0.0, y1 - dy1), 2),
                        round(min(1.0, x2 + dx2), 2), round(min(1.0, y2 + dy2), 2)]
                 targets.append(builders.Target(t.label, box, t.area))

@@ -97,6 +97,7 @@ def test_variants_rephrase_tool_examples_and_loosen_segmentation_boxes(tmp_path,
             assert all(0 <= v <= 1 for v in b) and max(abs(x - y) for x, y in zip(b, tight)) <= 0.05 + 1e-9
     questions = Counter(r.first_question() for r in records if r.tool_calls())
     assert len(questions) > len(records) // 3  # copies are phrased anew, not repeated verbatim
+    assert check_file(tmp_path / "v" / "train.json", image_folder=tmp_path / "v" / "images").ok
     seg_only = synth(tmp_path / "s", n=10, seed=3, size=48, box_variants=2)["files"]["train"]["tasks"]
     assert seg_only == {**one["train"]["tasks"], "segmentation": 2 * one["train"]["tasks"]["segmentation"]}
     with pytest.raises(ValueError, match="variants"):
@@ -123,6 +124,7 @@ def test_box_drills_practise_copying_a_random_box_into_the_call(tmp_path, synth_
         assert json.dumps(box)[1:-1] in r.first_question()  # written in the question as the call writes it
         boxes.add(tuple(box))
     assert len(boxes) == len(drills)
-    assert check_file(tmp_path / "d" / "train.json", image_folder=tmp_path / "d" / "images").ok
+    report = check_file(tmp_path / "d" / "train.json", image_folder=tmp_path / "d" / "images")
+    assert report.ok and report.planning_only == len(drills)
     with pytest.raises(ValueError, match="box_drills"):
         synth(tmp_path / "w", n=4, box_drills=-1)
