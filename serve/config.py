@@ -41,7 +41,7 @@ class ToolSpec(BaseModel):
     )
     background: bool | None = Field(
         default=None, description="the ready line does not wait for this tool; it registers once loaded "
-        "(default: true for retrieval, whose first load builds its index)",
+        "(default: the tool's slow_load, true for retrieval, whose first load builds its index)",
     )
 
 

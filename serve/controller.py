@@ -41,14 +41,10 @@ from mmedagent.serve.registry import NoWorkerError, WorkerInfo, WorkerRegistry
 from mmedagent.serve.remote import RemoteResult, RemoteTool, ToolInputError, WorkerError, WorkerPlanner, remote_tool_class
 from mmedagent.serve.security import setup_logging
 from mmedagent.serve.uploads import UploadError, image_from_data_url
-from mmedagent.tools import Tool, get_tool, list_tools
+from mmedagent.tools import Tool, UnknownToolError, get_tool, list_tools
 
 # System prompts for models trained without the tool catalog ("catalog" derives it from the live tools).
 SYSTEM_TEXTS = {"plain": DEFAULT_SYSTEM, "none": ""}
-# Tools whose first load can take minutes (retrieval builds its ICD-10-CM index once): the ready
-# line does not wait for them unless their ToolSpec says background: false.
-BACKGROUND_TOOLS = frozenset({"retrieval"})
-
 log = logging.getLogger("mmedagent.serve.controller")
 
 
@@ -475,8 +471,14 @@ def tool_specs(cfg: ServeConfig) -> dict[str, ToolSpec]:
 
 
 def is_background(name: str, spec: ToolSpec) -> bool:
-    """Whether the ready line goes on without this tool (it registers once loaded)."""
-    return spec.background if spec.background is not None else name in BACKGROUND_TOOLS
+    """Whether the ready line goes on without this tool (it registers once loaded): the spec's
+    ``background``, else the tool class's ``slow_load``."""
+    if spec.background is not None:
+        return spec.background
+    try:
+        return get_tool(name).slow_load
+    except UnknownToolError:
+        return False
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -91,6 +91,9 @@ def test_launcher_fills_in_demo_weights_only_when_nothing_is_configured(demo_cac
     assert specs["grounding_segmentation"].options == {"grounding": options["grounding"], "segmentation": options["segmentation"]}
     assert specs["retrieval"].options == {} and "(real)" in specs["retrieval"].weights_label
     assert is_background("retrieval", specs["retrieval"]) and not is_background("grounding", specs["grounding"])
+    assert is_background("grounding", specs["grounding"].model_copy(update={"background": True}))
+    assert not is_background("retrieval", specs["retrieval"].model_copy(update={"background": False}))
+    assert not is_background("no such tool", specs["grounding"])  # a remote-only tool: waited for
     with monkeypatch.context() as m:  # a configured cache folder wins over $MMEDAGENT_CACHE
         m.setenv("MMEDAGENT_CACHE", str(tmp_path))
         assert resolve_tool_specs(ServeConfig(cache_dir=str(root)))["grounding"].options == options["grounding"]

@@ -76,6 +76,8 @@ class Tool:
     needs_image: ClassVar[bool] = True
     question_param: ClassVar[str | None] = None
     """Optional param set to the user's question when a call leaves it empty (MMedAgent calls ChatCAD-R with ``{}``)."""
+    slow_load: ClassVar[bool] = False
+    """True when the first ``load`` can take minutes (e.g. building an index): servers do not wait for it."""
     weights_note: ClassVar[str] = ""
     """Short description of the loaded weights, for the UI banner (set by ``load``)."""
 

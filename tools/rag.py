@@ -43,6 +43,7 @@ class Retrieval(Tool):
         "for passages relevant to a question; returns passages with source, code and score."
     )
     needs_image = False
+    slow_load = True  # the first load builds the ICD-10-CM index
     question_param = "query"
 
     class Params(ToolParams):
