@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from mmedagent.data import builders, templates
+from mmedagent.data import builders
 from mmedagent.data.formats import write_records
-from mmedagent.protocol import IMAGE_TOKEN, Record
+from mmedagent.protocol import Record
 
 MODALITIES = ("brain MRI", "chest X-ray", "abdomen CT", "hematoxylin and eosin histopathology")
 LESIONS = {"brain MRI": "tumor", "chest X-ray": "nodule", "abdomen CT": "cyst",
@@ -238,8 +238,7 @@ def box_drills_of(examples: list[builders.Example], drills: int, seed: int,
                   builder: builders.DialogueBuilder) -> list[Record]:
     """``drills`` planning-only records per box-prompted segmentation example, each asking to segment a
     random box: the question and the planning turn alone, so the copying of boxes from the question into
-    the call is practised at about half the cost of a whole dialogue. Two drills in three carry a context
-    sentence before or after the question, so the box sits at varying distances from the call."""
+    the call is practised at about half the cost of a whole dialogue."""
     rng = np.random.default_rng(seed + 1)
     records = []
     for ex in (e for e in examples if e.task == "segmentation" and e.targets):
@@ -248,13 +247,7 @@ def box_drills_of(examples: list[builders.Example], drills: int, seed: int,
             x2, y2 = (round(min(1.0, v + float(rng.uniform(0.05, 0.4))), 2) for v in (x1, y1))
             drill = replace(ex, targets=[builders.Target(ex.targets[0].label, [x1, y1, x2, y2], None)])
             full = builder.build(drill, f"train-drill-{len(records) + 1}")
-            first, plan = full.conversations[:2]
-            image, sep, question = first.value.rpartition(IMAGE_TOKEN + "\n")
-            context = templates.CONTEXT[int(rng.integers(len(templates.CONTEXT)))]
-            where = int(rng.integers(3))
-            question = (f"{context} {question}", f"{question} {context}", question)[where]
-            first = first.model_copy(update={"value": f"{image}{sep}{question}"})
-            records.append(full.model_copy(update={"conversations": [first, plan]}))
+            records.append(full.model_copy(update={"conversations": full.conversations[:2]}))
     return records
 
 

@@ -224,23 +224,6 @@ THOUGHTS: dict[str, tuple[str, ...]] = {
     ),
 }
 
-# Sentences a user may add around a request; the synthetic box drills put one before or after the
-# question so that the box to copy sits at varying distances from the answer.
-CONTEXT = (
-    "This is a follow-up study.",
-    "The scan was acquired this morning.",
-    "I am reviewing this case for a colleague.",
-    "The image has been anonymised.",
-    "Thank you in advance.",
-    "It is for the tumour board.",
-    "Please be precise.",
-    "A resident drew the box.",
-    "I will compare it with the previous study.",
-    "No contrast was given.",
-    "We discussed this case yesterday.",
-    "The quality of the image is fair.",
-)
-
 WAIT = (
     "I will use {tool} to help answer your question. Please wait.",
     "Let me run {tool} first. Please wait.",
