@@ -161,7 +161,7 @@ def routes(report: dict[str, Any]) -> bool:
     return all((report.get(k) or 0.0) >= v for k, v in TARGETS.items())
 
 
-def build(out: Path | None = None, *, n_images: int = 80, budget_s: float = 900.0, round_epochs: float = 4.0,
+def build(out: Path | None = None, *, n_images: int = 80, budget_s: float = 900.0, round_epochs: float = 3.0,
           lr: float = 1e-3, batch: int = 8, seed: int = 0, variants: int = 2, box_variants: int | None = None,
           box_drills: int = BOX_DRILLS) -> dict[str, Any]:
     """Build the demo model into ``out`` (default :func:`demo_dir`); returns its evaluation report.

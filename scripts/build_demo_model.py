@@ -20,7 +20,7 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=None, help=f"output directory (default {demo.demo_dir()})")
     p.add_argument("--budget-s", type=float, default=900.0, help="stop training rounds after about this long")
     p.add_argument("--n-images", type=int, default=80, help="synthetic images (1/5 go to the evaluation split)")
-    p.add_argument("--round-epochs", type=float, default=4.0, help="epochs per training round")
+    p.add_argument("--round-epochs", type=float, default=3.0, help="epochs per training round")
     p.add_argument("--variants", type=int, default=2, help="training records per tool-use example (new phrasings)")
     p.add_argument("--box-variants", type=int, default=None,
                    help="training records per box-prompted segmentation example (default: --variants)")

@@ -108,9 +108,8 @@ def build_tokenizer(arch: str, vocab_size: int = 1200, corpus: Iterable[str] = (
     trained on the built-in corpus plus ``corpus`` (e.g. the texts a small model will be trained on);
     ``split_digits``: numbers become one token per digit, as in Llama and Qwen; ``coordinate_tokens``:
     location tokens: each two-decimal normalised coordinate as JSON writes it (``0.0``, ``0.05``, ``0.7``,
-    ``1.0``), standing alone or after ``", "``, is one token, so ``[0.28, 0.7, 0.45, 0.88]`` is
-    ``[``, ``0.28``, ``, 0.7``, ``, 0.45``, ``, 0.88``, ``]`` and a small model copies a box token by token
-    rather than 16 digits and separators."""
+    ``1.0``), standing alone, is one token, so a small model copies a box as four number tokens rather than
+    16 digits."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -141,8 +140,7 @@ def build_tokenizer(arch: str, vocab_size: int = 1200, corpus: Iterable[str] = (
     )
     if coordinate_tokens:
         values = sorted({repr(i / 100) for i in range(101)})
-        tokenizer.add_tokens([AddedToken(v, single_word=True, normalized=False) for v in values]
-                             + [AddedToken(f", {v}", normalized=False) for v in values])
+        tokenizer.add_tokens([AddedToken(v, single_word=True, normalized=False) for v in values])
     return tokenizer
 
 
