@@ -277,8 +277,8 @@ def synth(out: str | Path, n: int = 40, seed: int = 0, size: int = 64, api_names
     qa = {"train": QA[:-2], "eval": QA[-2:]}
     labels = {v: k for k, v in LABEL_VALUES.items()}
     manifest: dict[str, Any] = {"seed": seed, "size": size, "images": n, "api_names": api_names,
-                                "variants": variants, "box_variants": box_variants or variants, "box_drills": box_drills,
-                                "modalities": list(MODALITIES), "label_values": LABEL_VALUES, "files": {}}
+                                "variants": variants, "box_variants": box_variants or variants,
+                                "box_drills": box_drills, "modalities": list(MODALITIES), "label_values": LABEL_VALUES, "files": {}}
     for k, (tag, its) in enumerate(splits.items()):
         paths = write_annotations(out, its, tag)
         passages = dict(CORPUS)
