@@ -47,21 +47,53 @@ CORPUS = [
                       "nuclear-to-cytoplasmic ratio and crowding."),
     ("tumor cells-2", "Hematoxylin stains nuclei blue-purple and eosin stains cytoplasm and stroma pink."),
     ("general-1", "Windowing maps CT numbers to grey levels: a lung window is wide and low, a brain window narrow."),
+    ("general-2", "On T1-weighted MRI fluid is dark and fat is bright; on T2-weighted MRI fluid is bright."),
+    ("general-3", "On radiographs dense structures such as bone absorb more X-rays and look white; air looks black "
+                  "and fat dark grey."),
+    ("general-4", "Hounsfield units put water at 0 and air at -1000; fat measures about -100 and cortical bone "
+                  "several hundred or more."),
 ]
 
 QA = [
     ("What does a brain tumor look like on MRI?", "A brain tumor usually appears as a mass that is bright on "
      "T2-weighted images, may enhance after contrast, and often has surrounding oedema.", ["tumor-1"]),
+    ("Do brain tumors enhance after contrast?", "Many do; a brain tumor may enhance after contrast, often with "
+     "oedema and mass effect around it.", ["tumor-1"]),
+    ("What are the main kinds of primary brain tumor?", "Gliomas and meningiomas.", ["tumor-2"]),
+    ("Which brain tumors are most common in adults?", "Metastases are the most common brain tumors in adults.",
+     ["tumor-2"]),
     ("What is a pulmonary nodule?", "A pulmonary nodule is a rounded opacity up to 3 cm in diameter surrounded by "
      "lung; larger ones are called masses.", ["nodule-1"]),
+    ("How big can a lung nodule be before it is called a mass?", "Up to 3 cm; larger opacities are called masses.",
+     ["nodule-1"]),
     ("When is a lung nodule concerning for malignancy?", "Growth, spiculation and a size above 8 mm raise concern "
      "for malignancy.", ["nodule-2"]),
+    ("How are solitary pulmonary nodules followed up?", "They are followed with CT.", ["nodule-2"]),
+    ("Which features of a nodule suggest cancer?", "Growth, spiculation and a size above 8 mm.", ["nodule-2"]),
     ("How does a simple liver cyst appear on CT?", "It is a well-defined, round, water-density lesion of 0-20 HU "
      "that does not enhance.", ["cyst-1"]),
+    ("What density does a simple hepatic cyst have?", "Water density, 0-20 HU, with no enhancement.", ["cyst-1"]),
+    ("Are liver cysts usually benign?", "Yes; they are usually benign and found incidentally.", ["cyst-2"]),
+    ("Which features of a liver cyst call for more imaging?", "Complex features such as septa or nodularity.",
+     ["cyst-2"]),
     ("What do tumor cells look like on H&E staining?", "They have enlarged, hyperchromatic nuclei, a high "
      "nuclear-to-cytoplasmic ratio and crowding.", ["tumor cells-1"]),
+    ("How do malignant nuclei appear in histology?", "Enlarged and hyperchromatic, with a high "
+     "nuclear-to-cytoplasmic ratio.", ["tumor cells-1"]),
     ("What colour does hematoxylin stain nuclei?", "Hematoxylin stains nuclei blue-purple.", ["tumor cells-2"]),
+    ("What does eosin stain?", "Eosin stains cytoplasm and stroma pink.", ["tumor cells-2"]),
+    ("What is CT windowing?", "Windowing maps CT numbers to grey levels.", ["general-1"]),
+    ("How does a lung window differ from a brain window?", "A lung window is wide and low; a brain window is "
+     "narrow.", ["general-1"]),
+    ("How does fluid appear on T1-weighted MRI?", "Fluid is dark on T1-weighted images.", ["general-2"]),
+    ("What is bright on T2-weighted MRI?", "Fluid is bright on T2-weighted images.", ["general-2"]),
+    ("Why does bone look white on an X-ray?", "Bone is dense and absorbs more X-rays, so it looks white.",
+     ["general-3"]),
+    ("What colour is air on a radiograph?", "Air looks black.", ["general-3"]),
+    ("What is the Hounsfield unit value of water?", "Water measures 0 HU.", ["general-4"]),
+    ("How many Hounsfield units does fat measure?", "About -100 HU.", ["general-4"]),
 ]
+"""Knowledge questions for retrieval; every fourth one is held out for evaluation."""
 
 
 @dataclass
@@ -199,10 +231,14 @@ def write_annotations(out: Path, items: list[SynthImage], tag: str) -> dict[str,
     paths["labels"] = ann / "labels.csv"
     paths["reports"] = _write_json(ann / "reports.json", [{"image": it.name, "report": it.report} for it in items])
     vqa = []
-    for it in items:
-        vqa.append({"image": it.name, "question": "What kind of abnormality is visible?", "answer": f"A {it.lesion}."})
-        vqa.append({"image": it.name, "question": "Is this a colour image?",
-                    "answer": "Yes." if it.modality.startswith("hematoxylin") else "No, it is greyscale."})
+    for k, it in enumerate(items):
+        side = "left" if np.nonzero(it.mask)[1].mean() < it.mask.shape[1] / 2 else "right"
+        colour = "Yes." if it.modality.startswith("hematoxylin") else "No, it is greyscale."
+        asked = [("What kind of abnormality is visible?", f"A {it.lesion}."),
+                 ("Is this a colour image?", colour),
+                 ("Is there an abnormality in this image?", f"Yes, a {it.lesion}."),
+                 ("On which side of the image is the lesion?", f"On the {side} side.")]
+        vqa += [{"image": it.name, "question": q, "answer": a} for q, a in (asked[k % 2], asked[2 + k % 2])]
     paths["vqa"] = _write_json(ann / "vqa.json", vqa)
     paths["captions"] = _write_json(ann / "captions.json", [{"image": it.name, "caption": it.report} for it in items])
     return paths
@@ -274,7 +310,7 @@ def synth(out: str | Path, n: int = 40, seed: int = 0, size: int = 64, api_names
     splits = {"train": items[:-n_eval], "eval": items[-n_eval:]}
     corpus = out / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in CORPUS), encoding="utf-8")
-    qa = {"train": QA[:-2], "eval": QA[-2:]}
+    qa = {"train": [q for i, q in enumerate(QA) if i % 4 != 3], "eval": QA[3::4]}
     labels = {v: k for k, v in LABEL_VALUES.items()}
     manifest: dict[str, Any] = {"seed": seed, "size": size, "images": n, "api_names": api_names,
                                 "variants": variants, "box_variants": box_variants or variants,

@@ -60,6 +60,12 @@ QUESTIONS: dict[str, dict[str, tuple[str, ...]]] = {
             "How far does the {target} in {box} extend? Outline it.",
             "Mask the {target} found at {box}, please.",
             "I want the contour of the {target} in the area {box}.",
+            "In {box} there is a {target}; segment it.",
+            "The box {box} contains a {target}. Please outline it.",
+            "Within {box}, delineate the {target}.",
+            "For the region {box}, give me the mask of the {target}.",
+            "Box {box}: segment the {target} there.",
+            "Given the box {box}, produce a mask of the {target}.",
         ),
         "heldout": (
             "Cut out the {target} found in {box}.",
