@@ -53,6 +53,7 @@ setup(
         "numpy>=1.26",
         "pyyaml>=6",
         "safetensors>=0.4",
+        "lm-format-enforcer==0.11.3",
         *IMAGING,
     ],
     extras_require={

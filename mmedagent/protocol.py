@@ -372,6 +372,24 @@ def render_tool_catalog(tools: Iterable[Any]) -> str:
     return "\n".join(lines)
 
 
+def actions_json_schema(tools: Iterable[Any]) -> dict[str, Any]:
+    """JSON schema of a turn's action list: each call names a tool (or an alias) and carries
+    parameters valid for that tool's ``Params`` schema, plus the image placeholder."""
+    calls, defs = [], {}
+    for t in tools:
+        params = t.Params.model_json_schema()
+        defs.update(params.pop("$defs", {}))  # references point at the root: "#/$defs/..."
+        params["properties"] = {"image": {"const": IMAGE_PLACEHOLDER}, **params.get("properties", {})}
+        calls.append({
+            "type": "object",
+            "properties": {"API_name": {"enum": [t.name, *getattr(t, "aliases", ())]}, "API_params": params},
+            "required": ["API_name", "API_params"],
+            "additionalProperties": False,
+        })
+    schema: dict[str, Any] = {"type": "array", "items": {"anyOf": calls}}
+    return {**schema, "$defs": defs} if defs else schema
+
+
 def system_prompt(tools: Iterable[Any] | None = None, base: str = DEFAULT_SYSTEM) -> str:
     """The planner's system prompt; lists the tools and the turn format when tools are given."""
     tools = list(tools or [])

@@ -65,6 +65,9 @@ class ServeConfig(BaseModel):
     device: str | None = None
     prompt_lookup: int = Field(default=0, ge=0, description="draft tokens per step for the planner's greedy "
                                "prompt-lookup decoding (same output, faster answers that quote tool results); 0: off")
+    constrain: bool | None = Field(default=None, description="decode each planner turn under the turn format and "
+                                   "the tools' parameter schemas (every call parses). Default: the model directory's "
+                                   "mmedagent.json, else off")
     tool_weights: Literal["demo", "default"] | None = Field(
         default=None,
         description="weights of tools whose options are not configured. demo: tiny random ones built once into the cache "

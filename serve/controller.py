@@ -494,6 +494,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--conv-template", default=None)
     parser.add_argument("--prompt-lookup", type=int, default=None,
                         help="planner drafts this many tokens per step from its context (greedy; same output); 0: off")
+    parser.add_argument("--constrain", action=argparse.BooleanOptionalAction, default=None,
+                        help="planner decodes each turn under the turn format and the tools' schemas, so every call "
+                        "parses (default: the model dir's mmedagent.json, else off)")
     parser.add_argument("--system-prompt", choices=("catalog", "plain", "none"), default=None,
                         help="planner's system prompt: tool catalog, plain Vicuna text, or none (default: from the model dir)")
     parser.add_argument("--backend-url", default=None, help="model worker forwards to this OpenAI-compatible API root")
@@ -519,7 +522,7 @@ def main(argv: list[str] | None = None) -> None:
         args.config, host=args.host, port=args.port, web_port=args.web_port, model_path=args.model_path,
         model_name=args.model_name, conv_template=args.conv_template, model_backend_url=args.backend_url,
         system_prompt=args.system_prompt, tool_weights=args.tool_weights, prompt_lookup=args.prompt_lookup,
-        tools=tools, no_workers=args.no_workers or None, api_key=args.api_key, log_level=args.log_level,
+        constrain=args.constrain, tools=tools, no_workers=args.no_workers or None, api_key=args.api_key, log_level=args.log_level,
         heartbeat_interval_s=args.heartbeat_interval, heartbeat_expiry_s=args.heartbeat_expiry,
         tool_timeout_s=args.tool_timeout, max_upload_mb=args.max_upload_mb, plugins=args.plugin,
     )

@@ -140,6 +140,8 @@ class Launcher:
                     model_args += [flag, value]
             if cfg.prompt_lookup:
                 model_args += ["--prompt-lookup", str(cfg.prompt_lookup)]
+            if cfg.constrain is not None:
+                model_args.append("--constrain" if cfg.constrain else "--no-constrain")
             self._spawn("model worker", self._script("model_worker.py", *common, *model_args))
             for name, spec in tool_specs(cfg).items():
                 if spec.in_process:

@@ -219,8 +219,9 @@ def load_host(cfg: ServeConfig) -> ModelHost:
             path, note = cfg.model_path, ""
         else:
             path, note = default_model(cfg.cache_path())
+        constrain = cfg.constrain if cfg.constrain is not None else bool(planner_settings(path).get("constrain"))
         options: dict[str, Any] = {"conv_template": cfg.conv_template, "kv_reuse": True,
-                                   "prompt_lookup": cfg.prompt_lookup}
+                                   "prompt_lookup": cfg.prompt_lookup, "constrain": constrain}
         if cfg.device:
             options["device"] = cfg.device
         planner = load_planner(path, **options)
@@ -240,6 +241,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--conv-template", default=None)
     parser.add_argument("--device", default=None)
     parser.add_argument("--prompt-lookup", type=int, default=None, help="draft tokens for prompt-lookup decoding (0: off)")
+    parser.add_argument("--constrain", action=argparse.BooleanOptionalAction, default=None,
+                        help="decode turns under the turn format and tool schemas (default: mmedagent.json, else off)")
     parser.add_argument("--system-prompt", choices=("catalog", "plain", "none"), default=None,
                         help="what the model was trained with (default: mmedagent.json in the model dir, else catalog)")
     parser.add_argument("--backend-url", default=None, help="forward to this OpenAI-compatible API root instead")
@@ -255,7 +258,7 @@ def main(argv: list[str] | None = None) -> None:
         args.config, api_key=args.api_key, log_level=args.log_level, host=args.host, model_path=args.model_path,
         model_name=args.model_name, conv_template=args.conv_template, device=args.device, system_prompt=args.system_prompt,
         model_backend_url=args.backend_url, model_backend_model=args.backend_model,
-        heartbeat_interval_s=args.heartbeat_interval, prompt_lookup=args.prompt_lookup,
+        heartbeat_interval_s=args.heartbeat_interval, prompt_lookup=args.prompt_lookup, constrain=args.constrain,
     )
     setup_logging(cfg.log_level, [cfg.api_key or ""])
     host = load_host(cfg)  # the model first: the worker registers only once it can serve

@@ -33,7 +33,7 @@ def e2e(tmp_path_factory):
         "controller.py",
         ["--config", str(root / "serve.yaml"), "--port", "0", "--web-port", "0", "--model-path", str(planner),
          "--conv-template", "vicuna_v1", "--system-prompt", "plain", "--model-name", "tiny-trained-planner",
-         "--prompt-lookup", "8"],
+         "--prompt-lookup", "8", "--constrain"],
         root / "stack.log", serve_env(XDG_CACHE_HOME=str(root / "cache")),
     )
     url = proc.wait_for(r"controller: (http://\S+)", 60).group(1)
@@ -67,6 +67,7 @@ def test_openai_api_runs_tool_call_tool_result_and_answer(e2e):
     assert answer and answer == final["value"]
     status = httpx.get(f"{e2e['url']}/v1/status", timeout=10, trust_env=False).json()
     assert status["models"][0]["prompt_lookup"] == 8  # --prompt-lookup reached the model worker's planner
+    assert status["models"][0]["constrain"] is True  # so did --constrain; the trained plan fits the grammar
 
 
 def test_cli_prints_the_steps_and_answer(e2e):

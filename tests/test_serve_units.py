@@ -156,8 +156,12 @@ def test_model_path_demo_serves_the_embedded_demo_model(tmp_path, monkeypatch):
         demo.demo_model_path(build_if_missing=False)
     built = make_tiny_model("llava", tmp_path / "built")
     shutil.copytree(built, demo.demo_dir())
-    (demo.demo_dir() / demo.SETTINGS_FILE).write_text(json.dumps({"system_prompt": "none", "demo": True}))
+    (demo.demo_dir() / demo.SETTINGS_FILE).write_text(json.dumps({"system_prompt": "none", "demo": True,
+                                                                 "constrain": True}))
     host = load_host(ServeConfig(model_path="demo"))
     assert host.info["demo"] is True and host.info["note"] == demo.NOTE
     assert host.info["system_prompt"] == "none"
-    assert load_host(ServeConfig(model_path=str(built))).info["demo"] is False
+    assert host.info["constrain"] is True  # the model directory's default ...
+    assert load_host(ServeConfig(model_path="demo", constrain=False)).info["constrain"] is False  # ... a flag overrides
+    plain = load_host(ServeConfig(model_path=str(built)))
+    assert plain.info["demo"] is False and plain.info["constrain"] is False

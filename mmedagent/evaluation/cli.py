@@ -40,6 +40,9 @@ def parser() -> argparse.ArgumentParser:
                    help="catalog: the tool catalog as the controller sends it; plain: the Vicuna system text "
                         "(models trained without the catalog, as MMedAgent's). Default: catalog, or what the "
                         "model directory's mmedagent.json says")
+    p.add_argument("--constrain", action=argparse.BooleanOptionalAction, default=None,
+                   help="local model: decode turns under the turn format and tool schemas (default: the model "
+                   "dir's mmedagent.json, else off)")
     p.add_argument("--max-steps", type=int, default=3)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--k", type=int, default=5, help="k of RAG recall@k")
@@ -62,6 +65,8 @@ def make_runner(args: argparse.Namespace) -> Any:
     """The runner for ``--model``: controller endpoint, planner endpoint, or local checkpoint."""
     from mmedagent.evaluation.runner import AgentRunner, ControllerRunner, OpenAIPlanner
 
+    if _is_url(args.model) and args.constrain:
+        raise SystemExit("--constrain applies to a local model; a served one decodes as its server was started")
     if _is_url(args.model) and args.endpoint == "agent":
         if args.tool_mode == "gold":
             raise SystemExit("--tool-mode gold needs a planner: a local model or --endpoint planner (the controller runs its own tools)")
@@ -77,7 +82,9 @@ def make_runner(args: argparse.Namespace) -> Any:
             from mmedagent.demo import demo_model_path
 
             path = demo_model_path(build_if_missing=True)
-        planner = load_planner(path)
+        if args.constrain is None:
+            args.constrain = bool(planner_settings(path).get("constrain"))
+        planner = load_planner(path, constrain=args.constrain)
         if args.system_prompt is None:
             args.system_prompt = planner_settings(path).get("system_prompt")
     classes = _tool_classes(args.tools)
@@ -118,6 +125,7 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
     meta = {
         "name": args.name or Path(str(args.model)).name or str(args.model),
         "model": str(args.model), "data": str(args.data), "tokens_counted_by": runner.tokens_counted_by,
+        "constrained_decoding": bool(args.constrain),
         "total_wall_s": time.monotonic() - started, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     return build_report(samples, results, tool_mode=args.tool_mode, k=args.k, meta=meta, judge=judge_scores)

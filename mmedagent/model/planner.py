@@ -63,11 +63,14 @@ class HFPlanner:
         kv_reuse: bool = True,
         system: str | None = None,
         prompt_lookup: int = 0,
+        constrain: bool = False,
     ):
         if prompt_lookup < 0:
             raise ValueError("prompt_lookup must be >= 0 (0: off)")
         self.model, self.processor, self.family = model, processor, family
         self.prompt_lookup = prompt_lookup
+        self.constrain = constrain
+        self._constraint: Any = None
         self.tokenizer = tokenizer_of(processor)
         self.template, self.name, self.adapter = template, name, adapter
         self.kv_reuse, self.system = kv_reuse, system
@@ -100,6 +103,7 @@ class HFPlanner:
         attn_implementation: str | None = None,
         prompt_lookup: int = 0,
         vision_tower: str | Path | None = None,
+        constrain: bool = False,
     ) -> HFPlanner:
         """Load a planner from a checkpoint, an original LLaVA-layout checkpoint or a LoRA adapter dir.
 
@@ -109,6 +113,8 @@ class HFPlanner:
         None: the template recorded by training (``mmedagent_train.json``), else the processor's chat template.
         ``prompt_lookup``: draft tokens per step for greedy prompt-lookup decoding (0: off).
         ``vision_tower``: the CLIP tower of an original LLaVA checkpoint, instead of its ``mm_vision_tower``.
+        ``constrain``: decode every turn under the turn format and the registered tools' schemas
+        (:mod:`mmedagent.model.constrain`), so each call parses and names a known tool.
         """
         from mmedagent.model.adapters import recorded_template
         from mmedagent.model.loading import load_model_and_processor
@@ -133,7 +139,7 @@ class HFPlanner:
         return cls(
             model, processor, family, template=conv_template, name=Path(str(path_or_id)).name or str(path_or_id),
             adapter=str(adapter) if adapter is not None else None, kv_reuse=kv_reuse, system=system,
-            prompt_lookup=prompt_lookup,
+            prompt_lookup=prompt_lookup, constrain=constrain,
         )
 
     def info(self) -> dict[str, Any]:
@@ -146,6 +152,7 @@ class HFPlanner:
             "adapter": self.adapter,
             "kv_reuse": self.kv_reuse,
             "prompt_lookup": self.prompt_lookup,
+            "constrain": self.constrain,
             "device": str(self.model.device),
             "dtype": str(self.model.dtype).replace("torch.", ""),
         }
@@ -331,9 +338,29 @@ class HFPlanner:
             return draft
         return []
 
-    def _pick(self, logits: Any, temperature: float, top_p: float) -> int:
+    def _turn_rule(self) -> Any:
+        """The grammar state for a new turn (None when decoding is unconstrained)."""
+        if not self.constrain:
+            return None
+        if self._constraint is None:
+            from mmedagent.model.constrain import TurnConstraint
+            from mmedagent.tools.registry import list_tools
+
+            self._constraint = TurnConstraint(self.tokenizer, list_tools(), self.eos_ids)
+        return self._constraint.start()
+
+    def _pick(self, logits: Any, temperature: float, top_p: float, rule: Any = None) -> int:
         import torch
 
+        if rule is not None:
+            if temperature == 0 and rule.allows(int(logits.argmax(-1))):
+                return int(logits.argmax(-1))
+            allowed = rule.allowed()
+            if not allowed:
+                raise RuntimeError("constrained decoding reached a state with no allowed token")
+            mask = torch.full_like(logits, float("-inf"))
+            mask[..., allowed] = 0.0
+            logits = logits + mask
         if temperature == 0:
             return int(logits.argmax(-1))
         probs = torch.softmax(logits.float() / temperature, dim=-1).squeeze(0)
@@ -378,13 +405,16 @@ class HFPlanner:
                 hold = max((len(s) for s in stops), default=1) - 1
                 emitted, started, text = 0, False, ""
                 cuttable = self._self_attention_layers(cache) is not None
-                lookup = self.prompt_lookup if temperature == 0 and cuttable else 0
+                rule = self._turn_rule()
+                lookup = self.prompt_lookup if temperature == 0 and cuttable and rule is None else 0
                 verified: list[int] = []  # accepted drafts: already in the cache, known to be the greedy choice
                 for step in range(max_new_tokens):
                     cached = bool(verified)  # an accepted draft: forwarded already, ``logits`` follow the last one
-                    token = verified.pop(0) if cached else self._pick(logits, temperature, top_p)
+                    token = verified.pop(0) if cached else self._pick(logits, temperature, top_p, rule)
                     if token in self.eos_ids:
                         break
+                    if rule is not None:
+                        rule.push(token)
                     generated.append(token)
                     text = self.tokenizer.decode(generated, skip_special_tokens=True)
                     cut = min((text.find(s) for s in stops if s in text), default=-1)

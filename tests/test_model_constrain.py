@@ -1,0 +1,152 @@
+"""Decoding constrained to the turn format and the tools' schemas."""
+
+import json
+
+import pytest
+
+import mmedagent  # noqa: F401  - torchvision shim before transformers
+from mmedagent import demo
+from mmedagent.model.constrain import TurnConstraint
+from mmedagent.protocol import VALUE_MARK, AssistantTurn, ToolCall, actions_json_schema, parse_turn, render_turn
+from mmedagent.tools.registry import get_tool, list_tools
+
+# A held-out wording on which the shipped demo planner, decoding freely, wrote a plan that does not parse.
+UNPARSED = "Using the box [0.67, 0.0, 0.84, 0.33], draw the precise boundary of the tumor cells."
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(demo.PACKAGED)
+
+
+@pytest.fixture(scope="module")
+def constraint(tokenizer):
+    return TurnConstraint(tokenizer, list_tools(), [tokenizer.eos_token_id])
+
+
+def test_actions_schema_names_tools_aliases_and_image_placeholder():
+    schema = actions_json_schema([get_tool("segmentation")])
+    call = schema["items"]["anyOf"][0]
+    assert call["properties"]["API_name"]["enum"][:2] == ["segmentation", "MedSAM"]
+    params = call["properties"]["API_params"]
+    assert params["properties"]["image"] == {"const": "<imagepath>"}
+    assert "boxes" in params["properties"] and params["additionalProperties"] is False
+
+
+@pytest.mark.parametrize("calls", [
+    [],
+    [ToolCall(API_name="segmentation", API_params={"image": "<imagepath>", "boxes": [[0.1, 0.2, 0.5, 0.65]]})],
+    [ToolCall(API_name="grounding dino", API_params={"image": "<imagepath>", "prompts": ["tumor"]}),
+     ToolCall(API_name="retrieval", API_params={"query": "What is a nodule?"})],
+])
+def test_rendered_turns_are_allowed_token_by_token_and_may_end(constraint, tokenizer, calls):
+    text = " " + render_turn(AssistantTurn(thoughts="I will look.", actions=calls, value="Please wait.\nThanks."))
+    rule = constraint.start()
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    for i, tok in enumerate(ids):
+        assert rule.allows(tok) and tok in rule.allowed(), tokenizer.decode(ids[:i])
+        if VALUE_MARK not in tokenizer.decode(ids[:i]):
+            assert tokenizer.eos_token_id not in rule.allowed() and not rule.allows(tokenizer.eos_token_id)
+        rule.push(tok)
+    assert rule.allows(tokenizer.eos_token_id) and tokenizer.eos_token_id in rule.allowed()
+
+
+@pytest.mark.parametrize("bad, valid_prefix", [
+    ('"thoughts🤔" x\n"actions🚀" [{"API_name": "surgery"', '"thoughts🤔" x\n"actions🚀" [{"API_name": "'),
+    ('"thoughts🤔" x\n"actions🚀" [{"API_name": "segmentation", "API_params": {"boxes": "0.1"',
+     '"thoughts🤔" x\n"actions🚀" [{"API_name": "segmentation", "API_params": {"boxes":'),
+    ('"thoughts🤔" x\n"actions🚀" [{"API_name": "grounding", "API_params": {"image": "/etc/passwd"',
+     '"thoughts🤔" x\n"actions🚀" [{"API_name": "grounding", "API_params": {"image":'),
+    ('"thoughts🤔" x\n"value👉" hi', '"thoughts🤔" x\n"'),
+    ('"thoughts🤔" The tumor cells"]}}]\n"value👉" H', '"thoughts🤔" The tumor cells"]}}]\n"'),
+])
+def test_malformed_turns_are_refused_where_they_go_wrong(constraint, tokenizer, bad, valid_prefix):
+    rule = constraint.start()
+    ids = tokenizer(bad, add_special_tokens=False).input_ids
+    for refused, tok in enumerate(ids):
+        if not rule.allows(tok):
+            assert tok not in rule.allowed()
+            break
+        rule.push(tok)
+    else:
+        pytest.fail("the malformed turn was allowed to the end")
+    assert tokenizer.decode(ids[:refused]).startswith(valid_prefix)
+
+
+@pytest.fixture(scope="module")
+def demo_planners():
+    from mmedagent.model import load_planner
+
+    free = load_planner(demo.PACKAGED, system="")
+    return free, load_planner(demo.PACKAGED, system="", constrain=True)
+
+
+@pytest.fixture(scope="module")
+def image():
+    from PIL import Image
+
+    return Image.new("RGB", (64, 64), (200, 120, 160))
+
+
+@pytest.mark.parametrize("question", ["I need the bounding box of the tumor.", "What type of image is this?"])
+def test_constraint_leaves_a_valid_greedy_plan_unchanged(demo_planners, tmp_path, question):
+    from PIL import Image
+
+    from mmedagent.data.synth import make_images
+
+    free, constrained = demo_planners
+    messages = [{"role": "user", "content": f"<image>\n{question}"}]
+    for item in make_images(tmp_path, 4, seed=1, size=64):
+        image = Image.open(tmp_path / "images" / item.name)
+        plan = free.generate(messages, image, max_new_tokens=90)
+        parse_turn(plan)
+        assert constrained.generate(messages, image, max_new_tokens=90) == plan
+
+
+def test_constrained_demo_planner_writes_a_call_that_parses_and_fits_the_schema(demo_planners, image):
+    free, constrained = demo_planners
+    messages = [{"role": "user", "content": f"<image>\n{UNPARSED}"}]
+    with pytest.raises(ValueError):
+        parse_turn(free.generate(messages, image, max_new_tokens=90))
+    turn = parse_turn(constrained.generate(messages, image, max_new_tokens=90))
+    assert constrained.info()["constrain"] is True
+    for call in turn.actions:
+        tool = get_tool(call.API_name)
+        params = {k: v for k, v in call.API_params.items() if k != "image"}
+        json.dumps(params)
+        assert set(params) <= set(tool.Params.model_json_schema()["properties"])
+
+
+@pytest.fixture(scope="module")
+def byte_split_tokenizer(tmp_path_factory):
+    """A tokenizer that never saw the marks' emoji: each one is three or four byte tokens."""
+    from transformers import AutoTokenizer
+
+    from mmedagent.model.tiny import make_tiny_model
+
+    path = make_tiny_model("llama", tmp_path_factory.mktemp("bytes") / "m", vocab_size=300,
+                           corpus=["the tumor is on the left side of the image"])
+    return AutoTokenizer.from_pretrained(path)
+
+
+def test_marks_split_into_byte_tokens_are_followed_and_wrong_characters_refused(byte_split_tokenizer):
+    tok = byte_split_tokenizer
+    constraint = TurnConstraint(tok, list_tools(), [tok.eos_token_id])
+    text = render_turn(AssistantTurn(thoughts="x", actions=[], value="ok"))
+    ids = tok(text, add_special_tokens=False).input_ids
+    assert len(ids) > len(tok.tokenize(text.replace("🤔", "").replace("🚀", "").replace("👉", "")))  # bytes
+    rule = constraint.start()
+    for i, t in enumerate(ids):
+        assert rule.allows(t) and t in rule.allowed(), tok.decode(ids[:i])
+        rule.push(t)
+    assert rule.allows(tok.eos_token_id)
+    wrong = tok('"thoughts😀" x', add_special_tokens=False).input_ids
+    rule = constraint.start()
+    for t in wrong:
+        if not rule.allows(t):
+            break
+        rule.push(t)
+    else:
+        pytest.fail("a wrong emoji in the thoughts mark was allowed")
