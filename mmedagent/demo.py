@@ -141,7 +141,8 @@ def train_round(base: Path, out: Path, data: Path, images: Path, epochs: float, 
 
 
 def evaluate_dir(model: Path, data: Path, images: Path) -> dict[str, Any]:
-    """Held-out evaluation of a checkpoint: gold tool outputs, no system message (as it was trained)."""
+    """Held-out evaluation of a checkpoint as it is served: gold tool outputs, no system message (as it
+    was trained), decoding constrained to the turn format and the tools' schemas."""
     from mmedagent.evaluation.readers import load_samples
     from mmedagent.evaluation.runner import AgentRunner
     from mmedagent.evaluation.scoring import build_report
@@ -149,11 +150,11 @@ def evaluate_dir(model: Path, data: Path, images: Path) -> dict[str, Any]:
     from mmedagent.tools.registry import list_tools
 
     samples = load_samples(data)
-    runner = AgentRunner(load_planner(model, prompt_lookup=8), "gold", list_tools(), image_folder=images, max_steps=2,
+    runner = AgentRunner(load_planner(model, constrain=True), "gold", list_tools(), image_folder=images, max_steps=2,
                          system="", max_new_tokens=160)
     results = [runner.run(s) for s in samples]
     meta = {"name": "demo", "model": "demo", "data": "synthetic eval split, unseen phrasings only",
-            "tokens_counted_by": runner.tokens_counted_by}
+            "tokens_counted_by": runner.tokens_counted_by, "constrained_decoding": True}
     return build_report(samples, results, tool_mode="gold", meta=meta)
 
 
@@ -226,7 +227,8 @@ def build(out: Path | None = None, *, n_images: int = 80, budget_s: float = 900.
                            "bf16": bf16,
                            "command": "python scripts/build_demo_model.py"}
         report["note"] = NOTE
-        (current / SETTINGS_FILE).write_text(json.dumps({"system_prompt": "none", "demo": True, "note": NOTE}, indent=1))
+        settings = {"system_prompt": "none", "constrain": True, "demo": True, "note": NOTE}
+        (current / SETTINGS_FILE).write_text(json.dumps(settings, indent=1))
         (current / REPORT_FILE).write_text(json.dumps(report, indent=1, ensure_ascii=False), encoding="utf-8")
         (current / "eval_report.md").write_text(markdown_summary(report) + "\n", encoding="utf-8")
         for f in ("trainer_state.json", "training_args.bin"):
