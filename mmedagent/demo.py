@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from mmedagent.cache import cache_root
+from mmedagent.model import SETTINGS_FILE
 
 NOTE = "demonstration model trained on synthetic images — not a medical device"
-SETTINGS_FILE = "mmedagent.json"
 REPORT_FILE = "eval_report.json"
 
 # ~4M parameters; 64 px images in 16 px patches -> 16 image tokens. The tokenizer is trained on the

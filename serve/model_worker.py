@@ -66,12 +66,6 @@ def default_model(cache_dir: Path) -> tuple[str, str]:
     return str(target), TINY_NOTE
 
 
-def planner_settings(path: str) -> dict[str, Any]:
-    """A model directory's ``mmedagent.json`` (how to serve it, e.g. ``{"system_prompt": "plain"}``), or ``{}``."""
-    f = Path(path) / "mmedagent.json"
-    return json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
-
-
 class GenerateRequest(BaseModel):
     messages: list[dict[str, str]] = Field(min_length=1)
     image: str | None = None
@@ -211,7 +205,7 @@ def load_host(cfg: ServeConfig) -> ModelHost:
         info, note = dict(planner.info()), f"forwarded to {cfg.model_backend_url}"
         info["system_prompt"] = cfg.system_prompt or "catalog"
     else:
-        from mmedagent.model import load_planner
+        from mmedagent.model import load_planner, planner_settings
 
         if cfg.model_path == "demo":  # the embedded demo planner, built first if missing
             path, note = str(demo.demo_model_path(build_if_missing=True)), demo.NOTE
@@ -219,14 +213,15 @@ def load_host(cfg: ServeConfig) -> ModelHost:
             path, note = cfg.model_path, ""
         else:
             path, note = default_model(cfg.cache_path())
-        constrain = cfg.constrain if cfg.constrain is not None else bool(planner_settings(path).get("constrain"))
+        settings = planner_settings(path)
+        constrain = cfg.constrain if cfg.constrain is not None else bool(settings.get("constrain"))
         options: dict[str, Any] = {"conv_template": cfg.conv_template, "kv_reuse": True,
                                    "prompt_lookup": cfg.prompt_lookup, "constrain": constrain}
         if cfg.device:
             options["device"] = cfg.device
         planner = load_planner(path, **options)
         info = dict(planner.info())
-        info["system_prompt"] = cfg.system_prompt or planner_settings(path).get("system_prompt") or "catalog"
+        info["system_prompt"] = cfg.system_prompt or settings.get("system_prompt") or "catalog"
     info["note"] = note
     info["demo"] = note == demo.NOTE
     name = cfg.model_name or str(info.get("name") or "planner")

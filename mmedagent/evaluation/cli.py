@@ -75,18 +75,19 @@ def make_runner(args: argparse.Namespace) -> Any:
     if _is_url(args.model):
         planner = OpenAIPlanner(args.model, args.served_model_name)
     else:
-        from mmedagent.model import load_planner
+        from mmedagent.model import load_planner, planner_settings
 
         path: Any = args.model
         if args.model == "demo":
             from mmedagent.demo import demo_model_path
 
             path = demo_model_path(build_if_missing=True)
+        settings = planner_settings(path)
         if args.constrain is None:
-            args.constrain = bool(planner_settings(path).get("constrain"))
+            args.constrain = bool(settings.get("constrain"))
         planner = load_planner(path, constrain=args.constrain)
         if args.system_prompt is None:
-            args.system_prompt = planner_settings(path).get("system_prompt")
+            args.system_prompt = settings.get("system_prompt")
     classes = _tool_classes(args.tools)
     tools: list[Any] = classes
     if args.tool_mode == "live":
@@ -95,12 +96,6 @@ def make_runner(args: argparse.Namespace) -> Any:
     system = DEFAULT_SYSTEM if args.system_prompt == "plain" else None
     return AgentRunner(planner, args.tool_mode, tools, image_folder=args.image_folder, max_steps=args.max_steps,
                        system=system, max_new_tokens=args.max_new_tokens)
-
-
-def planner_settings(path: Any) -> dict[str, Any]:
-    """``mmedagent.json`` of a local model directory (e.g. ``{"system_prompt": "plain"}``), or ``{}``."""
-    f = Path(str(path)) / "mmedagent.json"
-    return json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
 
 
 def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:

@@ -6,12 +6,24 @@ package is cheap.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from mmedagent.model.loading import load_model_and_processor
 from mmedagent.model.templates import TEMPLATES, render_prompt, render_segments
 
-__all__ = ["TEMPLATES", "load_model_and_processor", "load_planner", "render_prompt", "render_segments"]
+__all__ = ["SETTINGS_FILE", "TEMPLATES", "load_model_and_processor", "load_planner", "planner_settings", "render_prompt",
+           "render_segments"]
+
+SETTINGS_FILE = "mmedagent.json"
+"""How to serve a model directory, e.g. ``{"system_prompt": "plain", "constrain": true}``."""
+
+
+def planner_settings(path: Any) -> dict[str, Any]:
+    """A local model directory's :data:`SETTINGS_FILE`, or ``{}``."""
+    f = Path(str(path)) / SETTINGS_FILE
+    return json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
 
 
 def load_planner(path_or_id: Any, **options: Any) -> Any:
