@@ -60,6 +60,10 @@ def test_rendered_turns_are_allowed_token_by_token_and_may_end(constraint, token
     ('"thoughts🤔" x\n"actions🚀" [{"API_name": "grounding", "API_params": {"image": "/etc/passwd"',
      '"thoughts🤔" x\n"actions🚀" [{"API_name": "grounding", "API_params": {"image":'),
     ('"thoughts🤔" x\n"value👉" hi', '"thoughts🤔" x\n"'),
+    ('"thoughts🤔" x\n"actions🚀" [{"API_name": "retrieval", "API_params": {"query": "a\nb"}}]',
+     '"thoughts🤔" x\n"actions🚀" [{"API_name": "retrieval", "API_params": {"query": "a'),
+    ('"thoughts🤔" x\n"actions🚀" [{"API_name": "retrieval", "API_params": {"query"   : "a"}}]',
+     '"thoughts🤔" x\n"actions🚀" [{"API_name": "retrieval", "API_params": {"query" '),
     ('"thoughts🤔" The tumor cells"]}}]\n"value👉" H', '"thoughts🤔" The tumor cells"]}}]\n"'),
 ])
 def test_malformed_turns_are_refused_where_they_go_wrong(constraint, tokenizer, bad, valid_prefix):

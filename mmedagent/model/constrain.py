@@ -100,11 +100,14 @@ class TurnConstraint:
         schema = actions_json_schema(tools)
         # Every part gets the tokenizer's alphabet (newlines, accents); only the root would by default.
         config = CharacterLevelParserConfig(alphabet=self._data.tokenizer_alphabet)
+        # JSON strings hold no raw control characters; calls are written with single spaces (json.dumps).
+        json_config = CharacterLevelParserConfig(
+            alphabet="".join(c for c in config.alphabet if c.isprintable()), max_consecutive_whitespaces=1)
         # Templates often leave the reply's first space to the model ("ASSISTANT:" + ' "thoughts...').
         self._grammar = lambda: SequenceParser([
             RegexParser(r"[ \n]?", config), StringParser(f"{THOUGHTS_MARK} "),
             RegexParser(r"[^\n]*\n", config),
-            StringParser(f"{ACTIONS_MARK} "), JsonSchemaParser(schema, config),
+            StringParser(f"{ACTIONS_MARK} "), JsonSchemaParser(schema, json_config),
             StringParser(f"\n{VALUE_MARK} "), RegexParser(r"[\s\S]*", config),
         ])
 
