@@ -53,3 +53,9 @@ def test_model_dir_settings_choose_the_plain_system_prompt(tmp_path, tiny_llava)
     assert make_runner(args).system == system_prompt(list_tools())
     (model / "mmedagent.json").write_text(json.dumps({"system_prompt": "plain"}))
     assert make_runner(parser().parse_args(["--model", str(model), "--data", "x", "--tool-mode", "gold"])).system == DEFAULT_SYSTEM
+    (model / "mmedagent.json").write_text(json.dumps({"system_prompt": "none", "constrain": True}))  # as the demo's
+    runner = make_runner(parser().parse_args(["--model", str(model), "--data", "x", "--tool-mode", "gold"]))
+    assert runner.system == "" and runner.counter.planner.constrain is True
+    runner = make_runner(parser().parse_args(["--model", str(model), "--data", "x", "--tool-mode", "gold",
+                                              "--system-prompt", "catalog", "--no-constrain"]))
+    assert runner.system == system_prompt(list_tools()) and runner.counter.planner.constrain is False

@@ -36,10 +36,10 @@ def parser() -> argparse.ArgumentParser:
                    help="for a URL: 'agent' = an mmedagent controller (runs tools, returns mmedagent_trace); "
                         "'planner' = any OpenAI-compatible model endpoint driven by the local agent loop")
     p.add_argument("--served-model-name", help="'model' field sent to an endpoint")
-    p.add_argument("--system-prompt", choices=("catalog", "plain"), default=None,
+    p.add_argument("--system-prompt", choices=("catalog", "plain", "none"), default=None,
                    help="catalog: the tool catalog as the controller sends it; plain: the Vicuna system text "
-                        "(models trained without the catalog, as MMedAgent's). Default: catalog, or what the "
-                        "model directory's mmedagent.json says")
+                        "(models trained without the catalog, as MMedAgent's); none: no system message (the demo "
+                        "model). Default: catalog, or what the model directory's mmedagent.json says")
     p.add_argument("--constrain", action=argparse.BooleanOptionalAction, default=None,
                    help="local model: decode turns under the turn format and tool schemas (default: the model "
                    "dir's mmedagent.json, else off)")
@@ -93,7 +93,7 @@ def make_runner(args: argparse.Namespace) -> Any:
     if args.tool_mode == "live":
         options = json.loads(args.tool_options)
         tools = [cls(**options.get(cls.name, {})) for cls in classes]
-    system = DEFAULT_SYSTEM if args.system_prompt == "plain" else None
+    system = {"plain": DEFAULT_SYSTEM, "none": ""}.get(args.system_prompt)  # None: the tools' catalog
     return AgentRunner(planner, args.tool_mode, tools, image_folder=args.image_folder, max_steps=args.max_steps,
                        system=system, max_new_tokens=args.max_new_tokens)
 
