@@ -10,8 +10,9 @@ from mmedagent.model.constrain import TurnConstraint
 from mmedagent.protocol import VALUE_MARK, AssistantTurn, ToolCall, actions_json_schema, parse_turn, render_turn
 from mmedagent.tools.registry import get_tool, list_tools
 
-# A held-out wording on which the shipped demo planner, decoding freely, wrote a plan that does not parse.
-UNPARSED = "Using the box [0.67, 0.0, 0.84, 0.33], draw the precise boundary of the tumor cells."
+# A question on which the shipped demo planner, decoding freely, writes a plan that does not parse
+# (it leaves out the actions).
+UNPARSED = '"actions🚀" [{"API_name":'
 
 
 @pytest.fixture(scope="module")
