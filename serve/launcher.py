@@ -87,6 +87,10 @@ def resolve_tool_specs(cfg: ServeConfig) -> dict[str, ToolSpec]:
     return specs
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 class Child:
     def __init__(self, label: str, argv: list[str], env: dict[str, str]):
         self.label, self.argv = label, argv
@@ -229,9 +233,13 @@ class Launcher:
             uvicorn.Config(GuardMiddleware(app, cfg.api_key, cfg.max_upload_bytes * 4 // 3 + 65536), log_config=None,
                            log_level=cfg.log_level.lower(), timeout_graceful_shutdown=3)
         )
+        if threading.current_thread() is threading.main_thread():
+            # uvicorn shuts down gracefully on SIGTERM, then raises it again; by default that would end this
+            # process before the workers are stopped. Handled like Ctrl-C instead.
+            signal.signal(signal.SIGTERM, _interrupt)
         try:
             server.run(sockets=[sock])
-        except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown
+        except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C (and SIGTERM) after its graceful shutdown
             pass
         finally:
             self.stopping.set()

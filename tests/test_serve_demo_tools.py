@@ -5,12 +5,15 @@ One session build of the tiny weights (``MMEDAGENT_CACHE`` pointed at a temporar
 while it runs); one real ``python serve/controller.py --no-web`` start over loopback.
 """
 
+import contextlib
+import os
 import re
+import signal
 from pathlib import Path
 
 import httpx
 import pytest
-from _serve_fixtures import ServeProcess, serve_env
+from _serve_fixtures import ServeProcess, serve_env, wait_until
 from _tools_fixtures import scan_image
 
 from mmedagent import demo, demo_tools
@@ -165,5 +168,22 @@ def test_one_command_without_arguments_starts_every_tool(demo_cache, tmp_path):
         assert all(labels[name] == TINY for name in VISION_CALLS), labels
         assert listing["data"][0]["mmedagent_note"]  # the planner's note (demo or tiny checkpoint)
         assert set(status["loading"]) <= {"retrieval"}
+        workers = processes_naming(url)
+        assert len(workers) >= len(started) + 1  # a model worker and the tool workers
+        ctl.proc.send_signal(signal.SIGTERM)  # as a service manager stops it: the controller alone
+        assert ctl.proc.wait(30) is not None
+        wait_until(lambda: not processes_naming(url), timeout=20)  # it stopped its workers on the way out
     finally:
         ctl.stop()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(ctl.proc.pid, signal.SIGKILL)
+
+
+def processes_naming(text: str) -> list[int]:
+    """PIDs of live processes whose command line contains ``text``."""
+    pids = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError):
+            if text in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode("utf-8", "replace"):
+                pids.append(int(proc.name))
+    return pids
