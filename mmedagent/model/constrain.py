@@ -46,6 +46,7 @@ class TurnRule:
         self._tokenizer, self._data, self._partial, self._eos = tokenizer, data, partial, eos_ids
         self._parser, self._ids, self._text = parser, [], ""
         self._pending = False  # the last tokens end inside a multi-byte character
+        self._checked: tuple[int, Any] | None = None  # the last candidate judged, so push() need not judge it again
 
     def _step(self, token: int) -> Any:
         """(parser, text) after ``token``; ``_PARTIAL`` if it ends inside a character the grammar may
@@ -66,7 +67,8 @@ class TurnRule:
     def allows(self, token: int) -> bool:
         if token in self._eos:
             return not self._pending and self._parser.can_end()
-        return self._step(token) is not None
+        self._checked = (token, self._step(token))
+        return self._checked[1] is not None
 
     def allowed(self) -> list[int]:
         if self._pending:  # mid-character: lm-format-enforcer's walk cannot see it; try each token
@@ -80,7 +82,8 @@ class TurnRule:
         return tokens
 
     def push(self, token: int) -> None:
-        step = self._step(token)
+        step = self._checked[1] if self._checked and self._checked[0] == token else self._step(token)
+        self._checked = None
         self._ids.append(token)
         self._pending = step is self._PARTIAL
         if step is not None and not self._pending:
