@@ -114,10 +114,13 @@ def bf16_is_faster() -> bool:
         a = torch.randn(256, 1024, dtype=dtype)
         b = torch.randn(1024, 1024, dtype=dtype)
         a @ b  # warm-up
-        t0 = time.perf_counter()
-        for _ in range(10):
-            a @ b
-        return time.perf_counter() - t0
+        times = []
+        for _ in range(5):  # the best of five: a busy moment on a shared machine must not decide it
+            t0 = time.perf_counter()
+            for _ in range(5):
+                a @ b
+            times.append(time.perf_counter() - t0)
+        return min(times)
 
     return seconds(torch.bfloat16) < 0.7 * seconds(torch.float32)
 
