@@ -108,10 +108,8 @@ def build_tokenizer(arch: str, vocab_size: int = 1200, corpus: Iterable[str] = (
     trained on the built-in corpus plus ``corpus`` (e.g. the texts a small model will be trained on);
     ``split_digits``: numbers become one token per digit, as in Llama and Qwen; ``coordinate_tokens``:
     location tokens: each two-decimal normalised coordinate as JSON writes it (``0.0``, ``0.05``, ``0.7``,
-    ``1.0``), standing alone, is one token, and so is each with its list separators (``0.31,``, `` 0.12,``,
-    `` 0.27``). A box ``[0.31, 0.12, 0.42, 0.27]`` is then four distinct tokens, each naming its
-    predecessor's successor, so a small model copies it by plain induction (find the token after the one
-    just written) rather than by counting separators."""
+    ``1.0``), standing alone, is one token, so a small model copies a box as four number tokens rather than
+    16 digits."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -142,8 +140,7 @@ def build_tokenizer(arch: str, vocab_size: int = 1200, corpus: Iterable[str] = (
     )
     if coordinate_tokens:
         values = sorted({repr(i / 100) for i in range(101)})
-        forms = [form.format(v) for v in values for form in ("{}", "{},", " {}", " {},")]
-        tokenizer.add_tokens([AddedToken(v, single_word=True, normalized=False) for v in forms])
+        tokenizer.add_tokens([AddedToken(v, single_word=True, normalized=False) for v in values])
     return tokenizer
 
 
