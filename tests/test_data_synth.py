@@ -128,3 +128,15 @@ def test_box_drills_practise_copying_a_random_box_into_the_call(tmp_path, synth_
     assert report.ok and report.planning_only == len(drills)
     with pytest.raises(ValueError, match="box_drills"):
         synth(tmp_path / "w", n=4, box_drills=-1)
+
+
+def test_knowledge_questions_come_with_and_without_an_image(synth_dir):
+    from mmedagent.data.synth import QA
+
+    general = {q for q, _, _ in QA}
+    for split in ("train", "eval"):
+        asked = [r for r in read_records(synth_dir / f"{split}.json") if r.first_question() in general]
+        assert asked and all(r.tool_calls()[0].API_name == "retrieval" for r in asked)
+        with_image = [r for r in asked if r.images]
+        assert 0 < len(with_image) < len(asked), split  # the image alone must not decide the tool
+        assert all(r.conversations[0].value.startswith("<image>") for r in with_image)
