@@ -271,7 +271,7 @@ def variants_of(examples: list[builders.Example], variants: int, seed: int,
 
 
 def box_drills_of(examples: list[builders.Example], drills: int, seed: int,
-                  builder: builders.DialogueBuilder) -> list[Record]:
+                  builder: builders.DialogueBuilder, id_prefix: str = "train-drill-") -> list[Record]:
     """``drills`` planning-only records per box-prompted segmentation example, each asking to segment a
     random box: the question and the planning turn alone, so the copying of boxes from the question into
     the call is practised at about half the cost of a whole dialogue."""
@@ -282,9 +282,21 @@ def box_drills_of(examples: list[builders.Example], drills: int, seed: int,
             x1, y1 = (round(float(v), 2) for v in rng.uniform(0.0, 0.8, 2))
             x2, y2 = (round(min(1.0, v + float(rng.uniform(0.05, 0.4))), 2) for v in (x1, y1))
             drill = replace(ex, targets=[builders.Target(ex.targets[0].label, [x1, y1, x2, y2], None)])
-            full = builder.build(drill, f"train-drill-{len(records) + 1}")
+            full = builder.build(drill, f"{id_prefix}{len(records) + 1}")
             records.append(full.model_copy(update={"conversations": full.conversations[:2]}))
     return records
+
+
+def drill_records(out: str | Path, drills: int, seed: int, id_prefix: str = "train-drill-") -> list[Record]:
+    """Fresh box drills (see :func:`box_drills_of`) for the training split of the set written to ``out``:
+    a new ``seed`` draws new boxes and phrasings, so a trainer that takes a new set every epoch sees every
+    box once and can only lower its loss by copying, not by remembering."""
+    out = Path(out)
+    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    labels = {v: k for k, v in manifest["label_values"].items()}
+    examples = builders.read_mask_pngs(out / manifest["image_folder"], out / "annotations" / "train" / "masks", labels)
+    builder = builders.DialogueBuilder(api_names=manifest["api_names"], phrasings="train", seed=seed)
+    return box_drills_of(examples, drills, seed, builder, id_prefix)
 
 
 def synth(out: str | Path, n: int = 40, seed: int = 0, size: int = 64, api_names: str = "canonical",

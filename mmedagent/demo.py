@@ -165,18 +165,21 @@ def routes(report: dict[str, Any]) -> bool:
     return all((report.get(k) or 0.0) >= v for k, v in TARGETS.items())
 
 
-def build(out: Path | None = None, *, n_images: int = 80, budget_s: float = 900.0, round_epochs: float = 3.0,
+def build(out: Path | None = None, *, n_images: int = 80, budget_s: float = 900.0, round_epochs: int = 3,
           lr: float = 1e-3, batch: int = 8, seed: int = 0, variants: int = 2, box_variants: int | None = None,
           box_drills: int = BOX_DRILLS) -> dict[str, Any]:
     """Build the demo model into ``out`` (default :func:`demo_dir`); returns its evaluation report.
 
-    Trains in rounds of ``round_epochs`` (constant learning rate, halved each round) until the
+    Trains in rounds of ``round_epochs`` (constant learning rate, halved each round; every epoch with
+    ``box_drills`` fresh box-copying drills per segmentation example, see
+    :func:`mmedagent.data.synth.drill_records`, so boxes cannot be remembered, only copied) until the
     targets in :data:`TARGETS` are met on held-out phrasings or another round would overrun
     ``budget_s``; the best round's checkpoint is kept (the latest among equals) and the report says
     whether it routes.
     """
     import mmedagent  # noqa: F401  - torchvision shim before transformers
-    from mmedagent.data.synth import synth
+    from mmedagent.data.formats import write_records
+    from mmedagent.data.synth import drill_records, synth
     from mmedagent.evaluation.scoring import markdown_summary
     from mmedagent.model.tiny import make_tiny_model
     from mmedagent.protocol import Record
@@ -187,14 +190,16 @@ def build(out: Path | None = None, *, n_images: int = 80, budget_s: float = 900.
     work = Path(tempfile.mkdtemp(prefix="demo-build-", dir=out.parent))
     try:
         manifest = synth(work / "synth", n=n_images, seed=seed, size=IMAGE_SIZE, variants=variants,
-                         box_variants=box_variants, box_drills=box_drills)
+                         box_variants=box_variants)
         data_dir = work / "synth"
         train_file, images = data_dir / manifest["files"]["train"]["data"], data_dir / manifest["image_folder"]
         heldout = work / "heldout.json"
         n_held = heldout_records(train_file, data_dir / manifest["files"]["eval"]["data"], heldout)
-        _log(f"synthetic set: {manifest['files']['train']['records']} training records, {n_held} held-out records")
-        texts = [m.text() for d in json.loads(train_file.read_text(encoding="utf-8"))
-                 for m in Record.from_dict(d).conversations]
+        base_records = [Record.from_dict(d) for d in json.loads(train_file.read_text(encoding="utf-8"))]
+        epochs = max(1, round_epochs)
+        _log(f"synthetic set: {len(base_records)} training records (+ fresh box drills every epoch), "
+             f"{n_held} held-out records")
+        texts = [m.text() for r in base_records for m in r.conversations]
         current = make_tiny_model("llava", work / "base", seed=seed, image_size=IMAGE_SIZE, vocab_size=2000,
                                   corpus=texts, split_digits=True,
                                   coordinate_tokens=True, **SIZES)
@@ -205,10 +210,14 @@ def build(out: Path | None = None, *, n_images: int = 80, budget_s: float = 900.
             k = len(rounds)
             nxt = work / f"round{k}"
             t0 = time.monotonic()
-            train_round(current, nxt, train_file, images, round_epochs, lr / 2**k, batch, bf16)
+            round_file = work / f"train{k}.json"  # each epoch: the set once, with box drills never seen before
+            write_records([r for e in range(epochs) for r in
+                           [*base_records, *drill_records(data_dir, box_drills, seed + 1000 * (k * epochs + e + 1),
+                                                          f"train-drill-{k}.{e}-")]], round_file)
+            train_round(current, nxt, round_file, images, 1, lr / 2**k, batch, bf16)
             report = evaluate_dir(nxt, heldout, images)
             current = nxt
-            rounds.append({"round": k, "epochs": round_epochs, "train_eval_s": round(time.monotonic() - t0, 1),
+            rounds.append({"round": k, "epochs": epochs, "train_eval_s": round(time.monotonic() - t0, 1),
                            "tool_selection_accuracy": report["tool_selection_accuracy"],
                            "argument_validity": report["argument_validity"]})
             _log(f"round {k}: tool selection {report['tool_selection_accuracy']:.3f}, "

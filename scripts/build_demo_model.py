@@ -20,12 +20,13 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=None, help=f"output directory (default {demo.demo_dir()})")
     p.add_argument("--budget-s", type=float, default=900.0, help="stop training rounds after about this long")
     p.add_argument("--n-images", type=int, default=80, help="synthetic images (1/5 go to the evaluation split)")
-    p.add_argument("--round-epochs", type=float, default=3.0, help="epochs per training round")
+    p.add_argument("--round-epochs", type=int, default=3, help="epochs per training round")
     p.add_argument("--variants", type=int, default=2, help="training records per tool-use example (new phrasings)")
     p.add_argument("--box-variants", type=int, default=None,
                    help="training records per box-prompted segmentation example (default: --variants)")
     p.add_argument("--box-drills", type=int, default=demo.BOX_DRILLS,
-                   help="planning-only records per box-prompted segmentation example, each copying a random box")
+                   help="planning-only records per box-prompted segmentation example, each copying a random box "
+                        "(drawn anew every epoch)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
