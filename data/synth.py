@@ -332,11 +332,8 @@ def synth(out: str | Path, n: int = 40, seed: int = 0, size: int = 64, api_names
         passages = dict(CORPUS)
         per_image = [{"image": it.name, "question": f"What is known about the {it.lesion} in this {it.modality}?",
                       "answer": passages[f"{it.lesion}-1"], "passages": [f"{it.lesion}-1"]} for it in its]
-        # every other knowledge question comes with an image, so that the question, not the image's
-        # presence, decides between retrieval and the image tools
-        general = [{"question": q, "answer": a, "passages": p, **({"image": its[i % len(its)].name} if i % 2 else {})}
-                   for i, (q, a, p) in enumerate(qa[tag])]
-        qa_path = _write_json(out / "annotations" / tag / "qa.json", general + per_image)
+        qa_path = _write_json(out / "annotations" / tag / "qa.json",
+                              [{"question": q, "answer": a, "passages": p} for q, a, p in qa[tag]] + per_image)
         examples = (
             builders.read_coco(paths["coco"], out / "images")
             + builders.read_mask_pngs(out / "images", paths["masks"], labels)
