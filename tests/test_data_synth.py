@@ -128,3 +128,21 @@ def test_box_drills_practise_copying_a_random_box_into_the_call(tmp_path, synth_
     assert report.ok and report.planning_only == len(drills)
     with pytest.raises(ValueError, match="box_drills"):
         synth(tmp_path / "w", n=4, box_drills=-1)
+
+
+def test_drill_records_draw_fresh_boxes_per_seed(synth_dir):
+    from mmedagent.data.synth import drill_records
+
+    n_seg = json.loads((synth_dir / "manifest.json").read_text())["files"]["train"]["tasks"]["segmentation"]
+    first, again, other = (drill_records(synth_dir, 2, s, "e0-") for s in (11, 11, 12))
+    assert len(first) == 2 * n_seg and first[0].id == "e0-1"
+    assert [r.to_dict() for r in first] == [r.to_dict() for r in again]  # deterministic per seed
+
+    def boxes(records):
+        return [tuple(r.tool_calls()[0].API_params["boxes"][0]) for r in records]
+
+    assert not set(boxes(first)) & set(boxes(other))  # a new seed: new boxes to copy
+    train_images = {i for r in read_records(synth_dir / "train.json") for i in r.images}
+    for r in other:
+        assert r.images[0] in train_images  # drills never touch the evaluation images
+        assert json.dumps(r.tool_calls()[0].API_params["boxes"][0])[1:-1] in r.first_question()
