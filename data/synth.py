@@ -287,15 +287,17 @@ def box_drills_of(examples: list[builders.Example], drills: int, seed: int,
     return records
 
 
-def drill_records(out: str | Path, drills: int, seed: int, id_prefix: str = "train-drill-") -> list[Record]:
+def drill_records(out: str | Path, drills: int, seed: int, id_prefix: str = "train-drill-",
+                  phrasings: str = "train") -> list[Record]:
     """Fresh box drills (see :func:`box_drills_of`) for the training split of the set written to ``out``:
     a new ``seed`` draws new boxes and phrasings, so a trainer that takes a new set every epoch sees every
-    box once and can only lower its loss by copying, not by remembering."""
+    box once and can only lower its loss by copying, not by remembering. ``phrasings="heldout"`` asks
+    with the wordings kept out of training (for measuring the copying)."""
     out = Path(out)
     manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
     labels = {v: k for k, v in manifest["label_values"].items()}
     examples = builders.read_mask_pngs(out / manifest["image_folder"], out / "annotations" / "train" / "masks", labels)
-    builder = builders.DialogueBuilder(api_names=manifest["api_names"], phrasings="train", seed=seed)
+    builder = builders.DialogueBuilder(api_names=manifest["api_names"], phrasings=phrasings, seed=seed)
     return box_drills_of(examples, drills, seed, builder, id_prefix)
 
 
