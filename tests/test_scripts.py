@@ -39,3 +39,11 @@ def test_bench_train_runs_on_a_given_checkpoint(tiny_models):
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["framework_step_s"] > 0 and result["bare_step_s"] > 0 and result["ratio"] > 0
+
+
+def test_bench_box_copy_scores_the_demo_planner():
+    proc = run("scripts/bench_box_copy.py", "--model", "demo", "--n", "6", "--phrasings", "train")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    bank, asked, exact, valid, iou = next(line for line in proc.stdout.splitlines() if line.startswith("train")).split()
+    assert int(asked) == 6 and 0 < int(exact) <= int(valid) <= 6  # the shipped planner copies some boxes exactly
+    assert int(exact) / 6 <= float(iou) <= int(valid) / 6
