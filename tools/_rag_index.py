@@ -46,7 +46,7 @@ ICD10CM_SOURCE = "ICD-10-CM April 2026 (tabular list)"
 # (laterality, encounter, anatomical detail) are matched lexically. Inclusion terms and notes of
 # every code are embedded. See docs/rag.md for the measurements behind this choice.
 ICD_DENSE_MAX_CHARS = 4
-PRESET_VERSION = f"icd10cm-v2-dense{ICD_DENSE_MAX_CHARS}"
+PRESET_VERSION = f"icd10cm-v3-dense{ICD_DENSE_MAX_CHARS}"
 
 
 def cache_dir() -> Path:
@@ -232,7 +232,8 @@ def icd10cm_corpus(chapters: Sequence[str] | None = None) -> Corpus:
                 raise ValueError(f"{ch!r} is not an ICD-10-CM chapter number (1-22)")
             keep |= {str(ch), *icd.get_descendants(str(ch))}
     corpus = Corpus()
-    for code in icd.get_all_codes(with_dots=True):
+    # dict.fromkeys: a block made of one category shares its code (R97, Z68) and is listed twice
+    for code in dict.fromkeys(icd.get_all_codes(with_dots=True)):
         if icd.is_extended_subcategory(code) or (keep is not None and code not in keep):
             continue
         desc = icd.get_description(code)
