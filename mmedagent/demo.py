@@ -178,11 +178,10 @@ def build(out: Path | None = None, *, n_images: int = 80, budget_s: float = 900.
     whether it routes.
     """
     import mmedagent  # noqa: F401  - torchvision shim before transformers
-    from mmedagent.data.formats import write_records
+    from mmedagent.data.formats import read_records, write_records
     from mmedagent.data.synth import drill_records, synth
     from mmedagent.evaluation.scoring import markdown_summary
     from mmedagent.model.tiny import make_tiny_model
-    from mmedagent.protocol import Record
 
     out = Path(out or demo_dir())
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -195,7 +194,7 @@ def build(out: Path | None = None, *, n_images: int = 80, budget_s: float = 900.
         train_file, images = data_dir / manifest["files"]["train"]["data"], data_dir / manifest["image_folder"]
         heldout = work / "heldout.json"
         n_held = heldout_records(train_file, data_dir / manifest["files"]["eval"]["data"], heldout)
-        base_records = [Record.from_dict(d) for d in json.loads(train_file.read_text(encoding="utf-8"))]
+        base_records = read_records(train_file)
         epochs = max(1, round_epochs)
         _log(f"synthetic set: {len(base_records)} training records (+ fresh box drills every epoch), "
              f"{n_held} held-out records")
