@@ -279,49 +279,26 @@ def box_drills_of(examples: list[builders.Example], drills: int, seed: int,
     records = []
     for ex in (e for e in examples if e.task == "segmentation" and e.targets):
         for _ in range(drills):
-            drill = replace(ex, targets=[builders.Target(ex.targets[0].label, _random_box(rng), None)])
+            x1, y1 = (round(float(v), 2) for v in rng.uniform(0.0, 0.8, 2))
+            x2, y2 = (round(min(1.0, v + float(rng.uniform(0.05, 0.4))), 2) for v in (x1, y1))
+            drill = replace(ex, targets=[builders.Target(ex.targets[0].label, [x1, y1, x2, y2], None)])
             full = builder.build(drill, f"{id_prefix}{len(records) + 1}")
             records.append(full.model_copy(update={"conversations": full.conversations[:2]}))
     return records
 
 
-def answer_drills_of(examples: list[builders.Example], drills: int, seed: int,
-                     builder: builders.DialogueBuilder, id_prefix: str = "train-answer-drill-") -> list[Record]:
-    """``drills`` whole dialogues per grounding example in which the tool returns a random box: the
-    answer has to quote the box in the tool's output, which the image alone does not give away."""
-    rng = np.random.default_rng(seed + 2)
-    records = []
-    for ex in (e for e in examples if e.task == "grounding" and e.targets):
-        for _ in range(drills):
-            drill = replace(ex, targets=[builders.Target(ex.targets[0].label, _random_box(rng), None)])
-            records.append(builder.build(drill, f"{id_prefix}{len(records) + 1}"))
-    return records
-
-
-def _random_box(rng: np.random.Generator) -> list[float]:
-    x1, y1 = (round(float(v), 2) for v in rng.uniform(0.0, 0.8, 2))
-    x2, y2 = (round(min(1.0, v + float(rng.uniform(0.05, 0.4))), 2) for v in (x1, y1))
-    return [x1, y1, x2, y2]
-
-
 def drill_records(out: str | Path, drills: int, seed: int, id_prefix: str = "train-drill-",
-                  phrasings: str = "train", answers: int = 0) -> list[Record]:
-    """Fresh box drills (see :func:`box_drills_of`) for the training split of the set written to ``out``,
-    and ``answers`` answer drills per grounding example (see :func:`answer_drills_of`): a new ``seed``
-    draws new boxes and phrasings, so a trainer that takes a new set every epoch sees every box once and
-    can only lower its loss by copying, not by remembering. ``phrasings="heldout"`` asks with the
-    wordings kept out of training (for measuring the copying)."""
+                  phrasings: str = "train") -> list[Record]:
+    """Fresh box drills (see :func:`box_drills_of`) for the training split of the set written to ``out``:
+    a new ``seed`` draws new boxes and phrasings, so a trainer that takes a new set every epoch sees every
+    box once and can only lower its loss by copying, not by remembering. ``phrasings="heldout"`` asks
+    with the wordings kept out of training (for measuring the copying)."""
     out = Path(out)
     manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
     labels = {v: k for k, v in manifest["label_values"].items()}
-    ann = out / "annotations" / "train"
-    examples = builders.read_mask_pngs(out / manifest["image_folder"], ann / "masks", labels)
+    examples = builders.read_mask_pngs(out / manifest["image_folder"], out / "annotations" / "train" / "masks", labels)
     builder = builders.DialogueBuilder(api_names=manifest["api_names"], phrasings=phrasings, seed=seed)
-    records = box_drills_of(examples, drills, seed, builder, id_prefix)
-    if answers:
-        grounding = builders.read_coco(ann / "coco.json", out / manifest["image_folder"])
-        records += answer_drills_of(grounding, answers, seed, builder, f"{id_prefix}answer-")
-    return records
+    return box_drills_of(examples, drills, seed, builder, id_prefix)
 
 
 def synth(out: str | Path, n: int = 40, seed: int = 0, size: int = 64, api_names: str = "canonical",

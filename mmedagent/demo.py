@@ -37,7 +37,6 @@ REPORT_FILE = "eval_report.json"
 SIZES = {"hidden": 256, "layers": 4, "heads": 4, "vision_hidden": 128, "vision_layers": 2, "patch": 16}
 IMAGE_SIZE = 64
 BOX_DRILLS = 8
-ANSWER_DRILLS = 1
 TARGETS = {"tool_selection_accuracy": 0.95, "argument_validity": 0.99}
 
 
@@ -168,13 +167,12 @@ def routes(report: dict[str, Any]) -> bool:
 
 def build(out: Path | None = None, *, n_images: int = 80, budget_s: float = 900.0, round_epochs: int = 3,
           lr: float = 1e-3, batch: int = 8, seed: int = 0, variants: int = 2, box_variants: int | None = None,
-          box_drills: int = BOX_DRILLS, answer_drills: int = ANSWER_DRILLS) -> dict[str, Any]:
+          box_drills: int = BOX_DRILLS) -> dict[str, Any]:
     """Build the demo model into ``out`` (default :func:`demo_dir`); returns its evaluation report.
 
     Trains in rounds of ``round_epochs`` (constant learning rate, halved each round; every epoch with
-    ``box_drills`` fresh box-copying drills per segmentation example and ``answer_drills`` dialogues per
-    grounding example whose tool returns a random box, see :func:`mmedagent.data.synth.drill_records`,
-    so boxes cannot be remembered, only copied) until the
+    ``box_drills`` fresh box-copying drills per segmentation example, see
+    :func:`mmedagent.data.synth.drill_records`, so boxes cannot be remembered, only copied) until the
     targets in :data:`TARGETS` are met on held-out phrasings or another round would overrun
     ``budget_s``; the best round's checkpoint is kept (the latest among equals) and the report says
     whether it routes.
@@ -214,8 +212,7 @@ def build(out: Path | None = None, *, n_images: int = 80, budget_s: float = 900.
             round_file = work / f"train{k}.json"  # each epoch: the set once, with box drills never seen before
             write_records([r for e in range(epochs) for r in
                            [*base_records, *drill_records(data_dir, box_drills, seed + 1000 * (k * epochs + e + 1),
-                                                          f"train-drill-{k}.{e}-", answers=answer_drills)]],
-                          round_file)
+                                                          f"train-drill-{k}.{e}-")]], round_file)
             train_round(current, nxt, round_file, images, 1, lr / 2**k, batch, bf16)
             report = evaluate_dir(nxt, heldout, images)
             current = nxt
@@ -238,7 +235,6 @@ def build(out: Path | None = None, *, n_images: int = 80, budget_s: float = 900.
                            "elapsed_s": round(time.monotonic() - started, 1), "n_images": n_images,
                            "image_size": IMAGE_SIZE, "sizes": SIZES, "lr": lr, "batch": batch, "seed": seed,
                            "variants": variants, "box_variants": box_variants or variants, "box_drills": box_drills,
-                           "answer_drills": answer_drills,
                            "bf16": bf16,
                            "command": "python scripts/build_demo_model.py"}
         report["note"] = NOTE

@@ -27,14 +27,12 @@ def main() -> int:
     p.add_argument("--box-drills", type=int, default=demo.BOX_DRILLS,
                    help="planning-only records per box-prompted segmentation example, each copying a random box "
                         "(drawn anew every epoch)")
-    p.add_argument("--answer-drills", type=int, default=demo.ANSWER_DRILLS,
-                   help="dialogues per grounding example whose tool returns a random box (drawn anew every epoch)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
     report = demo.build(a.out, n_images=a.n_images, budget_s=a.budget_s, round_epochs=a.round_epochs, lr=a.lr,
                         seed=a.seed, variants=a.variants, box_variants=a.box_variants,
-                        box_drills=a.box_drills, answer_drills=a.answer_drills)
+                        box_drills=a.box_drills)
     print(markdown_summary(report))
     print(f"routes: {report['routes']} (targets {report['targets']}); built in {report['build']['elapsed_s']} s",
           file=sys.stderr)
