@@ -390,6 +390,18 @@ def actions_json_schema(tools: Iterable[Any]) -> dict[str, Any]:
     return {**schema, "$defs": defs} if defs else schema
 
 
+def system_message(choice: str | None, tools: Iterable[Any]) -> str:
+    """The system message a planner is served with: ``"plain"`` (:data:`DEFAULT_SYSTEM`), ``"none"``
+    (empty: no system message) or, for ``"catalog"`` / ``None``, the catalog of ``tools``."""
+    if choice == "plain":
+        return DEFAULT_SYSTEM
+    if choice == "none":
+        return ""
+    if choice not in (None, "catalog"):
+        raise ValueError(f"unknown system prompt {choice!r}; use catalog, plain or none")
+    return system_prompt(tools)
+
+
 def system_prompt(tools: Iterable[Any] | None = None, base: str = DEFAULT_SYSTEM) -> str:
     """The planner's system prompt; lists the tools and the turn format when tools are given."""
     tools = list(tools or [])

@@ -39,15 +39,14 @@ def main() -> None:
     from mmedagent.demo import resolve_model
     from mmedagent.evaluation.metrics import box_iou
     from mmedagent.model import load_planner, planner_settings
-    from mmedagent.protocol import DEFAULT_SYSTEM, parse_turn, system_prompt
+    from mmedagent.protocol import parse_turn, system_message
     from mmedagent.tools.registry import get_tool, list_tools
 
     path = resolve_model(a.model)
     settings = planner_settings(path)
     constrain = a.constrain if a.constrain is not None else bool(settings.get("constrain"))
     planner = load_planner(path, constrain=constrain)
-    system = {"plain": DEFAULT_SYSTEM, "none": None}.get(a.system_prompt or settings.get("system_prompt"),
-                                                           system_prompt(list_tools()))
+    system = system_message(a.system_prompt or settings.get("system_prompt"), list_tools())
     params = get_tool("segmentation").Params
     with tempfile.TemporaryDirectory() as tmp:
         manifest = synth(tmp, n=a.n + a.n // 4 + 1, seed=a.seed, size=64)  # a.n training images or more

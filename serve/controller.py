@@ -33,7 +33,7 @@ from pydantic import BaseModel, Field
 
 from mmedagent.agent import Agent, AgentResult, AgentStep
 from mmedagent.dispatcher import Dispatcher
-from mmedagent.protocol import DEFAULT_SYSTEM, IMAGE_TOKEN, ToolCall, ToolOutcome, strip_image_token, system_prompt
+from mmedagent.protocol import IMAGE_TOKEN, ToolCall, ToolOutcome, strip_image_token, system_message
 from mmedagent.serve import openai_api as oa
 from mmedagent.serve.config import ServeConfig, ToolSpec, add_common_args, load_config
 from mmedagent.serve.httpclient import make_client
@@ -44,7 +44,6 @@ from mmedagent.serve.uploads import UploadError, image_from_data_url
 from mmedagent.tools import Tool, UnknownToolError, get_tool, list_tools
 
 # System prompts for models trained without the tool catalog ("catalog" derives it from the live tools).
-SYSTEM_TEXTS = {"plain": DEFAULT_SYSTEM, "none": ""}
 log = logging.getLogger("mmedagent.serve.controller")
 
 
@@ -193,7 +192,7 @@ class Controller:
         self.dispatcher.tools = self.all_tools()
         planner = WorkerPlanner(self.registry, self.client, model, conversation_id, self.cfg.model_timeout_s)
         mode = self.registry.known.get(model, {}).get("system_prompt")
-        system = SYSTEM_TEXTS[mode] if mode in SYSTEM_TEXTS else system_prompt(type(t) for t in live.values())
+        system = system_message(mode, (type(t) for t in live.values()))
         agent = Agent(planner, self.dispatcher, max_steps=max_steps, system=system, **gen)
         history = list(history)
         if history:

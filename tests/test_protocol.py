@@ -133,6 +133,12 @@ def test_system_prompt_lists_tools_with_schema():
 
     text = system_prompt([T])
     assert "grounding (also: grounding dino): Find things." in text and '"prompts"' in text
+    from mmedagent.protocol import DEFAULT_SYSTEM, system_message
+
+    assert system_message(None, [T]) == system_message("catalog", [T]) == text
+    assert system_message("plain", [T]) == DEFAULT_SYSTEM and system_message("none", [T]) == ""
+    with pytest.raises(ValueError, match="unknown system prompt"):
+        system_message("verbose", [T])
 
 
 VALID = [render_turn(AssistantTurn(thoughts="look", actions=[ToolCall(API_name="grounding dino", API_params={"image": "<imagepath>", "prompts": ["tumor", "edema"]})], value="Please wait.")),

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from mmedagent.evaluation.readers import EvalFileError, load_samples
-from mmedagent.protocol import DEFAULT_SYSTEM
+from mmedagent.protocol import system_message
 
 
 def _is_url(s: str) -> bool:
@@ -93,7 +93,7 @@ def make_runner(args: argparse.Namespace) -> Any:
     if args.tool_mode == "live":
         options = json.loads(args.tool_options)
         tools = [cls(**options.get(cls.name, {})) for cls in classes]
-    system = {"plain": DEFAULT_SYSTEM, "none": ""}.get(args.system_prompt)  # None: the tools' catalog
+    system = system_message(args.system_prompt, classes)
     return AgentRunner(planner, args.tool_mode, tools, image_folder=args.image_folder, max_steps=args.max_steps,
                        system=system, max_new_tokens=args.max_new_tokens)
 
