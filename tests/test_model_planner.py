@@ -96,6 +96,54 @@ def test_prompt_lookup_keeps_the_greedy_tokens(tiny_models, planners, arch):
         load_planner(tiny_models(arch), prompt_lookup=-1)
 
 
+@pytest.mark.parametrize("arch", ["llava", "qwen2_vl", "mllama", "llama"])
+def test_the_next_call_reads_the_reply_as_generated(planners, arch):
+    """The answer call continues from the generated tokens themselves, even where the reply's text
+    would re-encode differently; an edited reply is encoded afresh."""
+    image = None if arch == "llama" else test_image()
+    planner = planners(arch)
+    planner.reset()
+    msgs = first_messages(arch)
+    reply = planner.generate(msgs, image, max_new_tokens=12)
+    history = list(planner._state.history)
+    assert len(history) == planner.last_stats["prompt_tokens"] + planner.last_stats["new_tokens"]
+    follow = [*msgs, {"role": "assistant", "content": reply}, {"role": "user", "content": TOOL_RESULT}]
+    prompt, _ = planner._prepare(list(follow), image)
+    encoded = planner._encode(prompt, image)
+    continued = planner._continue(prompt, encoded)["input_ids"][0].tolist()
+    assert continued[: len(history)] == history
+    planner.generate(follow, image, max_new_tokens=4)
+    assert planner.last_stats["prompt_tokens"] == len(continued)
+    assert planner.last_stats["reused_tokens"] >= len(history) - 1  # the whole reply came from the cache
+
+    edited = [*msgs, {"role": "assistant", "content": reply + " edited"}, {"role": "user", "content": TOOL_RESULT}]
+    planner.reset()
+    planner.generate(msgs, image, max_new_tokens=12)
+    prompt, _ = planner._prepare(list(edited), image)
+    encoded = planner._encode(prompt, image)
+    assert planner._continue(prompt, encoded) is encoded
+
+
+def test_a_reply_that_does_not_round_trip_is_not_re_encoded(planners):
+    """A reply whose text re-encodes to other tokens (the random tiny model writes such replies) still
+    continues from its generated tokens, on both paths, with the same greedy answer."""
+    image, answers = test_image(), []
+    for kv_reuse in (False, True):
+        planner = planners("llava", kv_reuse=kv_reuse)
+        planner.reset()
+        msgs = first_messages("llava")
+        reply = planner.generate(msgs, image, max_new_tokens=24)
+        history = list(planner._state.history)
+        generated = history[planner.last_stats["prompt_tokens"]:]
+        assert planner.tokenizer(" " + reply, add_special_tokens=False)["input_ids"] != generated
+        msgs += [{"role": "assistant", "content": reply}, {"role": "user", "content": TOOL_RESULT}]
+        answers.append(planner.generate(msgs, image, max_new_tokens=8))
+        assert planner._state.tokens[: len(history)] == history
+        # the cache held everything but the last generated token (never forwarded: the budget ended)
+        assert planner.last_stats["reused_tokens"] == (len(history) - 1 if kv_reuse else 0)
+    assert answers[0] == answers[1]
+
+
 def test_a_new_image_is_not_served_from_the_cache(planners):
     planner = planners("llava")
     planner.reset()

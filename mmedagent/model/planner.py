@@ -7,6 +7,11 @@ common token prefix and only the new tokens are prefilled: the vision tower does
 the image tokens are not re-encoded. ``kv_reuse=False`` prefills everything on every call (the
 naive path, kept for comparison). Both paths run the same decode loop, so greedy outputs agree.
 
+Token-faithful continuation (both paths): when the next prompt is the previous prompt plus the reply
+as generated plus new turns, its ids are the previous ids and the generated tokens themselves, then
+the new text; the model reads exactly what it wrote (a reply need not survive a decode/re-encode round
+trip) and the cache covers the whole reply.
+
 Prompt-lookup decoding (``prompt_lookup=N``, greedy only): an answer that quotes its context (boxes
 and labels from a tool result, terms from the question) is drafted from the latest earlier
 occurrence of its last few tokens, up to N tokens at a time, and the drafts are checked in one forward
@@ -41,11 +46,18 @@ def vision_module(model: Any) -> Any | None:
 
 @dataclass
 class _KVState:
-    """What the cache holds: exactly ``tokens`` (prompt + generated, all forwarded) for ``pixels``."""
+    """What the cache holds: exactly ``tokens`` (prompt + generated, all forwarded) for ``pixels``;
+    ``text`` is the call's prompt and, after the call, ``reply`` its decoded reply, ``history`` the ids of both."""
 
     cache: Any
     tokens: list[int]
     pixels: Any  # the processed image tensor (or None): reuse needs the very same image
+    text: str = ""
+    reply: str = ""
+    history: list[int] | None = None
+
+
+_TRIMMED = " \t\r\n\ufffd"  # what may differ at the end of a reply as the stream returns it
 
 
 class HFPlanner:
@@ -208,6 +220,40 @@ class HFPlanner:
         if hasattr(image, "convert"):
             image = image.convert("RGB")
         return dict(self.processor(images=image, text=prompt, return_tensors="pt", add_special_tokens=False))
+
+    def _continue(self, prompt: str, inputs: dict[str, Any]) -> dict[str, Any]:
+        """``inputs`` with the previous call's prompt ids and generated tokens in place of their re-encoding,
+        when ``prompt`` is that prompt, the reply as returned (whitespace and unfinished UTF-8 at its ends
+        trimmed, as the stream does), then new turns from a special token on (where tokenizing apart is exact)."""
+        import torch
+
+        state = self._state
+        if state is None or state.history is None or not prompt.startswith(state.text):
+            return inputs
+        rest = prompt[len(state.text):].lstrip()
+        reply = state.reply.lstrip().rstrip(_TRIMMED)
+        if not rest.startswith(reply):
+            return inputs
+        rest = rest[len(reply):]
+        if not any(rest.startswith(t) for t in self.tokenizer.all_special_tokens):
+            return inputs
+        ids = inputs["input_ids"][0].tolist()
+        new = state.history + self.tokenizer(rest, add_special_tokens=False)["input_ids"]
+        k = next((i for i, (a, b) in enumerate(zip(ids, new)) if a != b), min(len(ids), len(new)))
+        image_id = self._image_token_id()
+        if new == ids or (image_id is not None and (image_id in ids[k:] or image_id in new[k:])):
+            return inputs  # nothing to replace, or the image tokens differ: keep the processor's encoding
+        tail, device = len(new) - k, inputs["input_ids"].device
+        out = dict(inputs, input_ids=torch.tensor([new], device=device))
+        if "attention_mask" in out:
+            out["attention_mask"] = torch.ones(1, len(new), dtype=inputs["attention_mask"].dtype, device=device)
+        if "mm_token_type_ids" in out:  # Qwen2-VL: text after the image
+            mm = out["mm_token_type_ids"]
+            out["mm_token_type_ids"] = torch.cat([mm[:, :k], mm.new_zeros(1, tail)], dim=1)
+        if "cross_attention_mask" in out:  # Mllama: text after the image sees it like the last prompt token
+            mask = out["cross_attention_mask"]
+            out["cross_attention_mask"] = torch.cat([mask[:, :k], mask[:, -1:].expand(-1, tail, -1, -1)], dim=1)
+        return out
 
     def _reusable_prefix(self, ids: list[int], pixels: Any) -> int:
         """How many leading tokens of ``ids`` the cached state already holds (0 = prefill everything)."""
@@ -381,6 +427,7 @@ class HFPlanner:
 
         prompt, image = self._prepare(messages, image)
         inputs = {k: v.to(self.model.device) if hasattr(v, "to") else v for k, v in self._encode(prompt, image).items()}
+        inputs = self._continue(prompt, inputs)
         if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         ids = inputs["input_ids"]
@@ -400,7 +447,7 @@ class HFPlanner:
                     reuse = 0
                     cache = DynamicCache(config=self.model.config)
                     logits = self._forward(ids, cache, 0, inputs, extras)
-                self._state = _KVState(cache=cache, tokens=list(id_list), pixels=pixels)
+                self._state = _KVState(cache=cache, tokens=list(id_list), pixels=pixels, text=prompt)
                 prefill_s = time.perf_counter() - t0
                 hold = max((len(s) for s in stops), default=1) - 1
                 emitted, started, text = 0, False, ""
@@ -453,7 +500,13 @@ class HFPlanner:
                     piece = piece if started else piece.lstrip()
                     if piece:
                         yield piece
+        except Exception:
+            self._state = None  # a failed call leaves no state to continue from
+            raise
         finally:
+            if self._state is not None:
+                self._state.reply = self.tokenizer.decode(generated, skip_special_tokens=True)
+                self._state.history = [*id_list, *generated]
             self.last_stats = {
                 "prompt_tokens": len(id_list),
                 "reused_tokens": reuse,
