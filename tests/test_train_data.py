@@ -295,3 +295,24 @@ def test_hf_image_caption_dataset_becomes_instruction_pairs(tiny_models, tmp_pat
     assert len(ds) == 2 and all(len(s.images) == 1 for s in ds.samples)
     item = ds[1]
     assert captions[1] in _trained_text(ds, item) and item["pixel_values"].shape[0] == 1
+
+
+def test_the_seed_fixes_the_adapters_initial_weights(tiny_models, tmp_path):
+    """``--seed`` seeds before the LoRA adapters are made (Trainer seeds only after), so a run repeats."""
+    from mmedagent.train.run import build_trainer
+
+    names = write_images(tmp_path / "im", 1)
+    train = tmp_path / "train.json"
+    train.write_text(json.dumps([tool_record(0, names[0])]))
+
+    def adapters(seed: str) -> dict[str, torch.Tensor]:
+        trainer, _ = build_trainer(["--model_name_or_path", str(tiny_models("llava")), "--output_dir",
+                                    str(tmp_path / "out"), "--data_path", str(train), "--image_folder",
+                                    str(tmp_path / "im"), "--report_to", "none", "--lora_enable", "True",
+                                    "--lora_r", "4", "--seed", seed])
+        return {k: v.detach().clone() for k, v in trainer.model.named_parameters() if "lora_A" in k}
+
+    first, again, other = adapters("0"), adapters("0"), adapters("1")
+    assert first and first.keys() == again.keys() == other.keys()
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not all(torch.equal(first[k], other[k]) for k in first)

@@ -57,6 +57,7 @@ def build_trainer(argv: list[str] | None = None) -> tuple[MMedTrainer, dict]:
         strategy = getattr(args.eval_strategy, "value", args.eval_strategy)
         raise ValueError(f"--eval_strategy {strategy} needs validation data: --eval_data_path")
 
+    transformers.set_seed(args.seed)  # before the adapters and any new weights are initialised, as Trainer seeds too late
     if args.deepspeed and args.world_size > 1:
         # ZeRO-3 partitions weights while they load (zero.Init), which asks DeepSpeed's own
         # communication layer for the world size; on CPU nothing has set that layer up yet.
