@@ -161,6 +161,48 @@ def evaluate_dir(model: Path, data: Path, images: Path) -> dict[str, Any]:
     return build_report(samples, results, tool_mode="gold", meta=meta)
 
 
+def _synthetic_set(work: Path, n_images: int, seed: int, variants: int, box_variants: int | None):
+    """Synthesise the set into ``work``: (data dir, training file, image folder, held-out file, its size)."""
+    from mmedagent.data.synth import synth
+
+    data_dir = work / "synth"
+    manifest = synth(data_dir, n=n_images, seed=seed, size=IMAGE_SIZE, variants=variants, box_variants=box_variants)
+    train_file, images = data_dir / manifest["files"]["train"]["data"], data_dir / manifest["image_folder"]
+    heldout = work / "heldout.json"
+    n_held = heldout_records(train_file, data_dir / manifest["files"]["eval"]["data"], heldout)
+    return data_dir, train_file, images, heldout, n_held
+
+
+def _save_report(model: Path, report: dict[str, Any]) -> None:
+    from mmedagent.evaluation.scoring import markdown_summary
+
+    report["routes"] = routes(report)
+    report["targets"] = TARGETS
+    report["note"] = NOTE
+    (model / REPORT_FILE).write_text(json.dumps(report, indent=1, ensure_ascii=False), encoding="utf-8")
+    (model / "eval_report.md").write_text(markdown_summary(report) + "\n", encoding="utf-8")
+
+
+def reevaluate(model: Path | None = None) -> dict[str, Any]:
+    """Evaluate a built demo model again (after a change to decoding or scoring) on the held-out split
+    its build used, re-synthesised from the build record; the report is replaced, the record kept."""
+    import mmedagent  # noqa: F401  - torchvision shim before transformers
+
+    model = Path(model or demo_model_path(build_if_missing=False))
+    old = demo_report(model)
+    if not old or "build" not in old:
+        raise FileNotFoundError(f"{model} has no build record ({REPORT_FILE}); build it instead")
+    b = old["build"]
+    if b["image_size"] != IMAGE_SIZE:
+        raise ValueError(f"{model} was built on {b['image_size']} px images; this version synthesises {IMAGE_SIZE} px")
+    with tempfile.TemporaryDirectory(prefix="demo-eval-") as work:
+        _, _, images, heldout, _ = _synthetic_set(Path(work), b["n_images"], b["seed"], b["variants"], b["box_variants"])
+        report = evaluate_dir(model, heldout, images)
+    report["build"] = b
+    _save_report(model, report)
+    return report
+
+
 def routes(report: dict[str, Any]) -> bool:
     return all((report.get(k) or 0.0) >= v for k, v in TARGETS.items())
 
@@ -179,8 +221,7 @@ def build(out: Path | None = None, *, n_images: int = 80, budget_s: float = 900.
     """
     import mmedagent  # noqa: F401  - torchvision shim before transformers
     from mmedagent.data.formats import read_records, write_records
-    from mmedagent.data.synth import drill_records, synth
-    from mmedagent.evaluation.scoring import markdown_summary
+    from mmedagent.data.synth import drill_records
     from mmedagent.model.tiny import make_tiny_model
 
     out = Path(out or demo_dir())
@@ -188,12 +229,7 @@ def build(out: Path | None = None, *, n_images: int = 80, budget_s: float = 900.
     started = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="demo-build-", dir=out.parent))
     try:
-        manifest = synth(work / "synth", n=n_images, seed=seed, size=IMAGE_SIZE, variants=variants,
-                         box_variants=box_variants)
-        data_dir = work / "synth"
-        train_file, images = data_dir / manifest["files"]["train"]["data"], data_dir / manifest["image_folder"]
-        heldout = work / "heldout.json"
-        n_held = heldout_records(train_file, data_dir / manifest["files"]["eval"]["data"], heldout)
+        data_dir, train_file, images, heldout, n_held = _synthetic_set(work, n_images, seed, variants, box_variants)
         base_records = read_records(train_file)
         epochs = max(1, round_epochs)
         _log(f"synthetic set: {len(base_records)} training records (+ fresh box drills every epoch), "
@@ -229,19 +265,15 @@ def build(out: Path | None = None, *, n_images: int = 80, budget_s: float = 900.
             if routes(report) or elapsed + per_round > budget_s:
                 break
         _, current, report = best
-        report["routes"] = routes(report)
-        report["targets"] = TARGETS
         report["build"] = {"rounds": rounds, "kept_round": int(current.name.removeprefix("round")),
                            "elapsed_s": round(time.monotonic() - started, 1), "n_images": n_images,
                            "image_size": IMAGE_SIZE, "sizes": SIZES, "lr": lr, "batch": batch, "seed": seed,
                            "variants": variants, "box_variants": box_variants or variants, "box_drills": box_drills,
                            "bf16": bf16,
                            "command": "python scripts/build_demo_model.py"}
-        report["note"] = NOTE
         settings = {"system_prompt": "none", "constrain": True, "demo": True, "note": NOTE}
         (current / SETTINGS_FILE).write_text(json.dumps(settings, indent=1))
-        (current / REPORT_FILE).write_text(json.dumps(report, indent=1, ensure_ascii=False), encoding="utf-8")
-        (current / "eval_report.md").write_text(markdown_summary(report) + "\n", encoding="utf-8")
+        _save_report(current, report)
         for f in ("trainer_state.json", "training_args.bin"):
             (current / f).unlink(missing_ok=True)
         if out.exists():

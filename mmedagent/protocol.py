@@ -361,11 +361,20 @@ DEFAULT_SYSTEM = (
 )
 
 
+def _without_extensions(node: Any) -> Any:
+    """A JSON schema without its ``x-...`` extension keys (decoding hints, not for the prompt)."""
+    if isinstance(node, dict):
+        return {k: _without_extensions(v) for k, v in node.items() if not k.startswith("x-")}
+    if isinstance(node, list):
+        return [_without_extensions(v) for v in node]
+    return node
+
+
 def render_tool_catalog(tools: Iterable[Any]) -> str:
     """Tool names, aliases, descriptions and parameter JSON schemas, for the system prompt."""
     lines = []
     for t in tools:
-        schema = t.Params.model_json_schema()
+        schema = _without_extensions(t.Params.model_json_schema())
         props = {k: {kk: vv for kk, vv in v.items() if kk != "title"} for k, v in schema.get("properties", {}).items()}
         aliases = f" (also: {', '.join(t.aliases)})" if getattr(t, "aliases", ()) else ""
         lines.append(f"- {t.name}{aliases}: {t.description} Params: {json.dumps(props, ensure_ascii=False)}")

@@ -2,6 +2,7 @@
 """Build the embedded demo planner (see mmedagent/demo.py and docs/eval.md).
 
     python scripts/build_demo_model.py [--out DIR] [--budget-s 900] [--n-images 80]
+    python scripts/build_demo_model.py --reevaluate [--out DIR]   # after a change to decoding or scoring
 
 Default output: $MMEDAGENT_CACHE/demo (~/.cache/mmedagent/demo). Prints the held-out report.
 """
@@ -29,7 +30,14 @@ def main() -> int:
                         "(drawn anew every epoch)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reevaluate", action="store_true",
+                   help="do not train: evaluate the built model (--out, default the demo model) again on the "
+                        "held-out split of its build and replace its report")
     a = p.parse_args()
+    if a.reevaluate:
+        report = demo.reevaluate(a.out)
+        print(markdown_summary(report))
+        return 0 if report["routes"] else 1
     report = demo.build(a.out, n_images=a.n_images, budget_s=a.budget_s, round_epochs=a.round_epochs, lr=a.lr,
                         seed=a.seed, variants=a.variants, box_variants=a.box_variants,
                         box_drills=a.box_drills)

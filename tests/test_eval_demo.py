@@ -1,6 +1,7 @@
 """The demo model's name resolution and held-out split (the build itself is a benchmark, not a test)."""
 
 import json
+import shutil
 
 import pytest
 
@@ -53,3 +54,23 @@ def test_a_local_build_takes_precedence_over_the_shipped_copy(tmp_path, monkeypa
         (where / demo.REPORT_FILE).write_text(json.dumps({"tool_selection_accuracy": score}))
         assert demo.demo_model_path(build_if_missing=False) == where
         assert demo.demo_report()["tool_selection_accuracy"] == score
+
+
+def test_reevaluating_the_shipped_model_reproduces_its_report(tmp_path):
+    """``build_demo_model.py --reevaluate`` rebuilds the held-out split from the build record and gets
+    the shipped report's calls back (the routing figures in BENCHMARKS.md)."""
+    shipped = demo.demo_report(demo.PACKAGED)
+    model = shutil.copytree(demo.PACKAGED, tmp_path / "demo")
+    report = demo.reevaluate(model)
+    assert report["build"] == shipped["build"] and report == demo.demo_report(model)
+    assert [(s["id"], s["question"], s["calls"]) for s in report["samples"]] == \
+        [(s["id"], s["question"], s["calls"]) for s in shipped["samples"]]
+    for key in ("tool_selection_accuracy", "argument_validity", "routes"):
+        assert report[key] == shipped[key]
+    assert report["routes"] and report["argument_validity"] == 1.0
+
+
+def test_reevaluate_needs_a_build_record(tmp_path):
+    (tmp_path / demo.REPORT_FILE).write_text(json.dumps({"tool_selection_accuracy": 0.97}))
+    with pytest.raises(FileNotFoundError, match="build record"):
+        demo.reevaluate(tmp_path)

@@ -7,7 +7,8 @@ import pytest
 import mmedagent  # noqa: F401  - torchvision shim before transformers
 from mmedagent import demo
 from mmedagent.model.constrain import TurnConstraint
-from mmedagent.protocol import VALUE_MARK, AssistantTurn, ToolCall, actions_json_schema, parse_turn, render_turn
+from mmedagent.protocol import (VALUE_MARK, AssistantTurn, ToolCall, actions_json_schema, parse_turn, render_turn,
+                               system_prompt)
 from mmedagent.tools.registry import get_tool, list_tools
 
 
@@ -159,3 +160,61 @@ def test_marks_split_into_byte_tokens_are_followed_and_wrong_characters_refused(
         rule.push(t)
     else:
         pytest.fail("a wrong emoji in the thoughts mark was allowed")
+
+
+SEG_PREFIX = '"thoughts🤔" x\n"actions🚀" [{"API_name": "segmentation", "API_params": {"image": "<imagepath>", '
+
+
+def test_coordinate_fields_come_from_the_tools_schemas():
+    from mmedagent.model.constrain import coordinate_fields
+
+    assert coordinate_fields(actions_json_schema(list_tools())) == {"boxes": "xyxy", "points": "xy"}
+    assert "x-" not in system_prompt(list_tools())  # a decoding hint, not prompt text
+
+
+@pytest.mark.parametrize("params, valid_prefix", [
+    ('"boxes": [[0.31, 0.42, 0.27', '"boxes": [[0.31, 0.42, '),  # x2 < x1
+    ('"boxes": [[0.3, 0.4, 0.5, 0.39]]', '"boxes": [[0.3, 0.4, 0.5, '),  # y2 < y1
+    ('"boxes": [[0.1, 0.2, 0.5, 0.6], [0.5, 0.5, 0.4', '"boxes": [[0.1, 0.2, 0.5, 0.6], [0.5, 0.5, '),
+    ('"boxes": [[1.5', '"boxes": [['),  # outside [0, 1]
+    ('"boxes": [[0.1, 0.2, 0.5, 0.6, 0.7]]', '"boxes": [[0.1, 0.2, 0.5, 0.6'),  # a fifth number
+    ('"boxes": [[1e-1', '"boxes": [['),  # coordinates are plain decimals
+    ('"points": [[0.5, 2]]', '"points": [[0.5, '),
+])
+def test_boxes_and_points_are_held_to_the_validators(constraint, tokenizer, params, valid_prefix):
+    from mmedagent.tools.segmentation import SegmentationParams
+
+    rule = constraint.start()
+    ids = tokenizer(SEG_PREFIX + params, add_special_tokens=False).input_ids
+    for i, tok in enumerate(ids):
+        if not rule.allows(tok):
+            assert tok not in rule.allowed()
+            break
+        rule.push(tok)
+    else:
+        pytest.fail("an invalid coordinate was allowed")
+    written = tokenizer.decode(ids[:i])
+    assert written.startswith(SEG_PREFIX + valid_prefix), written
+    whole = '"thoughts🤔" x\n"actions🚀" ' + json.dumps([{"API_name": "segmentation", "API_params": {"boxes": [[0.3, 0.4, 0.2, 0.5]]}}])
+    with pytest.raises(ValueError):
+        SegmentationParams.model_validate(parse_turn(whole + '\n"value👉" ok').actions[0].API_params)
+
+
+def test_allowed_tokens_inside_a_box_are_exactly_those_that_can_still_fit(constraint, tokenizer):
+    rule = constraint.start()
+    for tok in tokenizer(SEG_PREFIX + '"boxes": [[0.31, 0.42, ', add_special_tokens=False).input_ids:
+        rule.push(tok)
+    allowed = {tokenizer.decode([t]) for t in rule.allowed()}
+    assert allowed and all(t[0] in "01" for t in allowed)
+    assert all(float(t) >= 0.31 or t in {"0", "0.", "0.3"} for t in allowed if t.replace(".", "").isdigit()), allowed
+    assert "0.2" not in allowed and "0.3" in allowed and "1" in allowed
+
+
+@pytest.mark.parametrize("boxes", [[[0.31, 0.12, 0.31, 0.12]], [[0, 0, 1, 1.0]], [[0.1, 0.2, 0.3, 0.4], [0.5, 0.5, 0.9, 1]]])
+def test_valid_boxes_pass_the_coordinate_check(constraint, tokenizer, boxes):
+    text = " " + render_turn(AssistantTurn(thoughts="x", value="ok", actions=[
+        ToolCall(API_name="segmentation", API_params={"image": "<imagepath>", "boxes": boxes, "points": [[0, 1]]})]))
+    rule = constraint.start()
+    for tok in tokenizer(text, add_special_tokens=False).input_ids:
+        assert rule.allows(tok) and tok in rule.allowed()
+        rule.push(tok)

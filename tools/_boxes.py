@@ -10,10 +10,20 @@ with the COCO string codec — byte-compatible with ``pycocotools.mask.encode``,
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 from PIL import Image
+from pydantic import Field
+
+COORDS_MARK = "x-mmedagent-coords"
+"""JSON-schema key on a normalised coordinate list: ``"xyxy"`` (a box: every number in [0, 1], x1 <= x2,
+y1 <= y2) or ``"xy"`` (a point). Constrained decoding (:mod:`mmedagent.model.constrain`) keeps the
+numbers a planner writes there valid, which a JSON schema alone cannot say."""
+
+Unit = Annotated[float, Field(ge=0.0, le=1.0)]
+Box = Annotated[list[Unit], Field(min_length=4, max_length=4, json_schema_extra={COORDS_MARK: "xyxy"})]
+Point = Annotated[list[Unit], Field(min_length=2, max_length=2, json_schema_extra={COORDS_MARK: "xy"})]
 
 
 def as_pil_rgb(image: Any) -> Image.Image:

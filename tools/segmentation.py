@@ -23,13 +23,15 @@ import json
 import threading
 from functools import partial
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 from urllib.parse import urlparse
 
 import numpy as np
 from pydantic import Field, model_validator
 
 from mmedagent.tools._boxes import (
+    Box,
+    Point,
     as_pil_rgb,
     check_boxes,
     denormalize_boxes,
@@ -82,9 +84,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 ENCODER_WIDTH_TO_TYPE = {768: "vit_b", 1024: "vit_l", 1280: "vit_h"}
 CONFIG_ONLY_KEYS = {"variant", "model_type"}
-
-Unit = Annotated[float, Field(ge=0.0, le=1.0)]
-
 
 def build_sam(arch: dict[str, Any]):
     """A ``segment_anything.modeling.Sam`` of any size: :data:`ARCH_DEFAULTS` keys over the preset of
@@ -158,10 +157,10 @@ def medsam_preprocess(image: Any, size: int):
 
 
 class SegmentationParams(ToolParams):
-    boxes: list[Annotated[list[Unit], Field(min_length=4, max_length=4)]] | None = Field(
+    boxes: list[Box] | None = Field(
         None, description="[[x1, y1, x2, y2], ...] normalised to [0, 1]; one mask per box."
     )
-    points: list[Annotated[list[Unit], Field(min_length=2, max_length=2)]] | None = Field(
+    points: list[Point] | None = Field(
         None, description="[[x, y], ...] normalised to [0, 1]; refine each box, or make one mask alone."
     )
     point_labels: list[Literal[0, 1]] | None = Field(

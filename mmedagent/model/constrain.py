@@ -2,16 +2,21 @@
 known tool (or alias) and carries parameters that fit that tool's ``Params`` JSON schema.
 
 The character-level grammar is lm-format-enforcer's; this module builds it from :mod:`mmedagent.protocol`
-(marks and the action-list schema) and maps it onto a tokenizer's vocabulary. Checks a JSON schema
-cannot express (a pydantic validator, e.g. a box's x1 < x2) are still the dispatcher's.
+(marks and the action-list schema) and maps it onto a tokenizer's vocabulary. On top of it, coordinate
+lists marked in the schema (:data:`~mmedagent.tools._boxes.COORDS_MARK`: boxes, points) are held to
+plain decimals in [0, 1] and, for boxes, x1 <= x2 and y1 <= y2, which a JSON schema cannot express
+(lm-format-enforcer does not check number bounds either). Other pydantic validators stay the dispatcher's.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
+from decimal import Decimal
 from typing import Any
 
 from mmedagent.protocol import ACTIONS_MARK, THOUGHTS_MARK, VALUE_MARK, actions_json_schema
+from mmedagent.tools._boxes import COORDS_MARK
 
 
 def _tokenizer_data(tokenizer: Any, eos_ids: list[int]) -> tuple[Any, list[int]]:
@@ -35,6 +40,131 @@ def _tokenizer_data(tokenizer: Any, eos_ids: list[int]) -> tuple[Any, list[int]]
     return data, partial
 
 
+def coordinate_fields(schema: Any) -> dict[str, str]:
+    """Property names whose values are lists of marked coordinate lists, with their kind (``xyxy``/``xy``)."""
+    found: dict[str, str] = {}
+
+    def kind(node: Any) -> str | None:  # the mark on the value's list items, through unions
+        if not isinstance(node, dict):
+            return None
+        if COORDS_MARK in node:
+            return node[COORDS_MARK]
+        inner = [node.get("items"), *node.get("anyOf", ()), *node.get("oneOf", ())]
+        return next((k for v in inner if (k := kind(v))), None)
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            for name, sub in (node.get("properties") or {}).items():
+                if k := kind(sub):
+                    found[name] = k
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(schema)
+    return found
+
+
+_DECIMAL = re.compile(r"\d+(\.\d*)?|[-+.eE\d]+")  # a plain decimal, else any number-ish run (refused)
+_ONE = Decimal(1)
+
+
+def _number_can_fit(number: str, low: Decimal, complete: bool) -> bool:
+    """Whether the number written so far (``complete``: it has ended) is, or can still become, a plain
+    decimal in [low, 1]."""
+    m = re.fullmatch(r"(\d+)(\.(\d*))?", number)
+    if m is None or (len(m[1]) > 1 and m[1][0] == "0"):
+        return False
+    whole, dot, frac = m[1], m[2], m[3] or ""
+    value = Decimal(f"{whole}.{frac or 0}")
+    if complete:
+        return (dot is None or frac != "") and low <= value <= _ONE
+    # completions reach [value, value + 10^-len(frac)) after a point; without one, more digits too
+    # (except after a leading 0)
+    if dot is None and whole != "0":
+        return value <= _ONE
+    return value <= _ONE and value + Decimal(1).scaleb(-len(frac) if dot else 0) > low
+
+
+def _actions(turn: str) -> str:
+    """The action list written so far in a turn's text ("" before it begins)."""
+    start = turn.find(ACTIONS_MARK)
+    if start < 0:
+        return ""
+    end = turn.find(f"\n{VALUE_MARK}", start)
+    return turn[start + len(ACTIONS_MARK):end if end >= 0 else None]
+
+
+class CoordinateCheck:
+    """Whether the actions written so far keep every marked coordinate list valid (or able to become so)."""
+
+    def __init__(self, fields: dict[str, str]):
+        self.fields = fields
+        self._key = re.compile(r'"(%s)"\s*:\s*' % "|".join(map(re.escape, fields))) if fields else None
+
+    def open_at(self, actions: str) -> bool:
+        """Whether the text ends inside a marked field's value (where every token needs checking)."""
+        if self._key is None:
+            return False
+        last = None
+        for last in self._key.finditer(actions):
+            pass
+        return last is not None and self._value_end(actions, last.end(), self.fields[last[1]]) is None
+
+    def ok(self, actions: str) -> bool:
+        if self._key is None:
+            return True
+        return all(self._value_end(actions, m.end(), self.fields[m[1]]) is not False
+                   for m in self._key.finditer(actions))
+
+    @staticmethod
+    def _value_end(text: str, i: int, kind: str) -> int | None | bool:
+        """Scan a ``[[n, ...], ...]`` value from ``i``: its end, ``None`` if the text ends inside it (so
+        far fine), ``False`` if a coordinate cannot be valid. Other syntax is the grammar's business."""
+        size = 4 if kind == "xyxy" else 2
+        n = len(text)
+
+        def skip(j: int) -> int:
+            while j < n and text[j] in " \n\t\r":
+                j += 1
+            return j
+
+        if text.startswith("null", i) or (i < n and text[i] != "["):
+            return i
+        j = skip(i + 1)
+        while j < n:
+            if text[j] == "]":
+                return j + 1
+            if text[j] == ",":
+                j = skip(j + 1)
+                continue
+            if text[j] != "[":
+                return j
+            j, coords = skip(j + 1), []
+            while j < n and text[j] != "]":
+                if text[j] == ",":
+                    j = skip(j + 1)
+                    continue
+                m = _DECIMAL.match(text, j)
+                if m is None:
+                    return j
+                complete = m.end() < n
+                k = len(coords)
+                low = coords[k - 2] if kind == "xyxy" and k >= 2 else Decimal(0)
+                if k >= size or not _number_can_fit(m[0], low, complete):
+                    return False
+                if not complete:
+                    return None
+                coords.append(Decimal(m[0]))
+                j = skip(m.end())
+            if j >= n:
+                return None
+            j = skip(j + 1)
+        return None
+
+
 class TurnRule:
     """The grammar state of one turn being decoded. ``allows(token)`` checks one candidate by feeding
     its characters to the parser (cheap: a greedy step whose choice fits needs nothing more);
@@ -42,8 +172,10 @@ class TurnRule:
 
     _PARTIAL = object()
 
-    def __init__(self, tokenizer: Any, data: Any, partial: list[int], parser: Any, eos_ids: set[int]):
+    def __init__(self, tokenizer: Any, data: Any, partial: list[int], parser: Any, eos_ids: set[int],
+                 coords: CoordinateCheck):
         self._tokenizer, self._data, self._partial, self._eos = tokenizer, data, partial, eos_ids
+        self._coords = coords
         self._parser, self._ids, self._text = parser, [], ""
         self._pending = False  # the last tokens end inside a multi-byte character
         self._checked: tuple[int, Any] | None = None  # the last candidate judged, so push() need not judge it again
@@ -60,6 +192,8 @@ class TurnRule:
             if ch not in parser.get_allowed_characters():
                 return None
             parser = parser.add_character(ch)
+        if not self._coords.ok(_actions(stable)):
+            return None
         if len(stable) < len(text):
             return self._PARTIAL if any(ord(c) > 127 for c in parser.get_allowed_characters()) else None
         return parser, text
@@ -79,6 +213,8 @@ class TurnRule:
         if any(ord(c) > 127 for c in self._parser.get_allowed_characters()):  # a character made of byte tokens
             known = set(tokens)
             tokens += [t for t in self._partial if t not in known and self.allows(t)]
+        if self._coords.open_at(_actions(self._text)):  # inside a box: the grammar alone says too much
+            tokens = [t for t in tokens if self.allows(t)]
         return tokens
 
     def push(self, token: int) -> None:
@@ -101,6 +237,7 @@ class TurnConstraint:
         self._tokenizer, self._eos = tokenizer, set(eos_ids)
         self._data, self._partial = _tokenizer_data(tokenizer, sorted(self._eos))
         schema = actions_json_schema(tools)
+        self._coords = CoordinateCheck(coordinate_fields(schema))
         # Every part gets the tokenizer's alphabet (newlines, accents); only the root would by default.
         config = CharacterLevelParserConfig(alphabet=self._data.tokenizer_alphabet)
         # JSON strings hold no raw control characters; calls are written with single spaces (json.dumps).
@@ -116,4 +253,4 @@ class TurnConstraint:
 
     def start(self) -> TurnRule:
         """The rule of one new turn."""
-        return TurnRule(self._tokenizer, self._data, self._partial, self._grammar(), self._eos)
+        return TurnRule(self._tokenizer, self._data, self._partial, self._grammar(), self._eos, self._coords)
