@@ -111,18 +111,18 @@ class CoordinateCheck:
         last = None
         for last in self._key.finditer(actions):
             pass
-        return last is not None and self._value_end(actions, last.end(), self.fields[last[1]]) is None
+        return last is not None and self._scan(actions, last.end(), self.fields[last[1]]) == "open"
 
     def ok(self, actions: str) -> bool:
         if self._key is None:
             return True
-        return all(self._value_end(actions, m.end(), self.fields[m[1]]) is not False
-                   for m in self._key.finditer(actions))
+        return all(self._scan(actions, m.end(), self.fields[m[1]]) != "invalid" for m in self._key.finditer(actions))
 
     @staticmethod
-    def _value_end(text: str, i: int, kind: str) -> int | None | bool:
-        """Scan a ``[[n, ...], ...]`` value from ``i``: its end, ``None`` if the text ends inside it (so
-        far fine), ``False`` if a coordinate cannot be valid. Other syntax is the grammar's business."""
+    def _scan(text: str, i: int, kind: str) -> str:
+        """Read a ``[[n, ...], ...]`` value from ``i``: ``"closed"`` (ended, or not such a list: other
+        syntax is the grammar's business), ``"open"`` (the text ends inside it, fine so far) or
+        ``"invalid"`` (a coordinate cannot be valid)."""
         size = 4 if kind == "xyxy" else 2
         n = len(text)
 
@@ -131,17 +131,17 @@ class CoordinateCheck:
                 j += 1
             return j
 
-        if text.startswith("null", i) or (i < n and text[i] != "["):
-            return i
+        if i < n and text[i] != "[":
+            return "closed"
         j = skip(i + 1)
         while j < n:
             if text[j] == "]":
-                return j + 1
+                return "closed"
             if text[j] == ",":
                 j = skip(j + 1)
                 continue
             if text[j] != "[":
-                return j
+                return "closed"
             j, coords = skip(j + 1), []
             while j < n and text[j] != "]":
                 if text[j] == ",":
@@ -149,20 +149,18 @@ class CoordinateCheck:
                     continue
                 m = _DECIMAL.match(text, j)
                 if m is None:
-                    return j
+                    return "closed"
                 complete = m.end() < n
                 k = len(coords)
                 low = coords[k - 2] if kind == "xyxy" and k >= 2 else Decimal(0)
                 if k >= size or not _number_can_fit(m[0], low, complete):
-                    return False
+                    return "invalid"
                 if not complete:
-                    return None
+                    return "open"
                 coords.append(Decimal(m[0]))
                 j = skip(m.end())
-            if j >= n:
-                return None
             j = skip(j + 1)
-        return None
+        return "open"
 
 
 class TurnRule:
