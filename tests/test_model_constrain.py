@@ -66,16 +66,19 @@ def test_rendered_turns_are_allowed_token_by_token_and_may_end(constraint, token
     ('"thoughts🤔" The tumor cells"]}}]\n"value👉" H', '"thoughts🤔" The tumor cells"]}}]\n"'),
 ])
 def test_malformed_turns_are_refused_where_they_go_wrong(constraint, tokenizer, bad, valid_prefix):
+    assert written_until_refused(constraint, tokenizer, bad).startswith(valid_prefix)
+
+
+def written_until_refused(constraint, tokenizer, text: str) -> str:
+    """The part of ``text`` decoded before the constraint refuses a token (which ``allowed()`` leaves out too)."""
     rule = constraint.start()
-    ids = tokenizer(bad, add_special_tokens=False).input_ids
+    ids = tokenizer(text, add_special_tokens=False).input_ids
     for refused, tok in enumerate(ids):
         if not rule.allows(tok):
             assert tok not in rule.allowed()
-            break
+            return tokenizer.decode(ids[:refused])
         rule.push(tok)
-    else:
-        pytest.fail("the malformed turn was allowed to the end")
-    assert tokenizer.decode(ids[:refused]).startswith(valid_prefix)
+    pytest.fail(f"allowed to the end: {text!r}")
 
 
 @pytest.fixture(scope="module")
@@ -152,14 +155,7 @@ def test_marks_split_into_byte_tokens_are_followed_and_wrong_characters_refused(
         assert rule.allows(t) and t in rule.allowed(), tok.decode(ids[:i])
         rule.push(t)
     assert rule.allows(tok.eos_token_id)
-    wrong = tok('"thoughts😀" x', add_special_tokens=False).input_ids
-    rule = constraint.start()
-    for t in wrong:
-        if not rule.allows(t):
-            break
-        rule.push(t)
-    else:
-        pytest.fail("a wrong emoji in the thoughts mark was allowed")
+    assert written_until_refused(constraint, tok, '"thoughts😀" x').startswith('"thoughts')
 
 
 SEG_PREFIX = '"thoughts🤔" x\n"actions🚀" [{"API_name": "segmentation", "API_params": {"image": "<imagepath>", '
@@ -184,16 +180,7 @@ def test_coordinate_fields_come_from_the_tools_schemas():
 def test_boxes_and_points_are_held_to_the_validators(constraint, tokenizer, params, valid_prefix):
     from mmedagent.tools.segmentation import SegmentationParams
 
-    rule = constraint.start()
-    ids = tokenizer(SEG_PREFIX + params, add_special_tokens=False).input_ids
-    for i, tok in enumerate(ids):
-        if not rule.allows(tok):
-            assert tok not in rule.allowed()
-            break
-        rule.push(tok)
-    else:
-        pytest.fail("an invalid coordinate was allowed")
-    written = tokenizer.decode(ids[:i])
+    written = written_until_refused(constraint, tokenizer, SEG_PREFIX + params)
     assert written.startswith(SEG_PREFIX + valid_prefix), written
     whole = '"thoughts🤔" x\n"actions🚀" ' + json.dumps([{"API_name": "segmentation", "API_params": {"boxes": [[0.3, 0.4, 0.2, 0.5]]}}])
     with pytest.raises(ValueError):
