@@ -205,3 +205,11 @@ def test_valid_boxes_pass_the_coordinate_check(constraint, tokenizer, boxes):
     for tok in tokenizer(text, add_special_tokens=False).input_ids:
         assert rule.allows(tok) and tok in rule.allowed()
         rule.push(tok)
+
+
+def test_thoughts_that_quote_a_box_are_not_held_to_it(constraint, tokenizer):
+    text = ' "thoughts🤔" They wrote "actions🚀" [{"boxes": [[0.5, 0.2, 0.1, 0.1]]}] by mistake.\n"actions🚀" []\n"value👉" ok'
+    rule = constraint.start()
+    for tok in tokenizer(text, add_special_tokens=False).input_ids:
+        assert rule.allows(tok)
+        rule.push(tok)

@@ -90,11 +90,12 @@ def _number_can_fit(number: str, low: Decimal, complete: bool) -> bool:
 
 def _actions(turn: str) -> str:
     """The action list written so far in a turn's text ("" before it begins)."""
-    start = turn.find(ACTIONS_MARK)
+    mark = f"\n{ACTIONS_MARK}"  # the thoughts are one line, which may quote the mark itself
+    start = turn.find(mark)
     if start < 0:
         return ""
-    end = turn.find(f"\n{VALUE_MARK}", start)
-    return turn[start + len(ACTIONS_MARK):end if end >= 0 else None]
+    end = turn.find(f"\n{VALUE_MARK}", start)  # JSON strings hold no raw newline
+    return turn[start + len(mark):end if end >= 0 else None]
 
 
 class CoordinateCheck:
