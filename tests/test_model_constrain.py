@@ -164,7 +164,7 @@ SEG_PREFIX = '"thoughts🤔" x\n"actions🚀" [{"API_name": "segmentation", "API
 def test_coordinate_fields_come_from_the_tools_schemas():
     from mmedagent.model.constrain import coordinate_fields
 
-    assert coordinate_fields(actions_json_schema(list_tools())) == {"boxes": "xyxy", "points": "xy"}
+    assert coordinate_fields(actions_json_schema(list_tools())) == {"boxes": ("xyxy", True), "points": ("xy", True)}
     assert "x-" not in system_prompt(list_tools())  # a decoding hint, not prompt text
 
 
@@ -211,5 +211,33 @@ def test_thoughts_that_quote_a_box_are_not_held_to_it(constraint, tokenizer):
     text = ' "thoughts🤔" They wrote "actions🚀" [{"boxes": [[0.5, 0.2, 0.1, 0.1]]}] by mistake.\n"actions🚀" []\n"value👉" ok'
     rule = constraint.start()
     for tok in tokenizer(text, add_special_tokens=False).input_ids:
+        assert rule.allows(tok)
+        rule.push(tok)
+
+
+def test_a_tool_with_one_box_gets_it_checked_too(tokenizer):
+    """A plug-in's ``box: Box`` (one box, as in the README's example tool) is held like ``boxes``."""
+    from pydantic import ValidationError
+
+    from mmedagent.model.constrain import coordinate_fields
+    from mmedagent.tools import Box, Tool, ToolParams, ToolResult
+
+    class Crop(Tool):
+        name, description = "crop", "Crop a box."
+
+        class Params(ToolParams):
+            box: Box
+
+        class Result(ToolResult):
+            pass
+
+    assert coordinate_fields(actions_json_schema([Crop])) == {"box": ("xyxy", False)}
+    with pytest.raises(ValidationError, match="x1 <= x2"):
+        Crop.Params(box=[0.5, 0.1, 0.2, 0.3])
+    constraint = TurnConstraint(tokenizer, [Crop], [tokenizer.eos_token_id])
+    prefix = '"thoughts🤔" x\n"actions🚀" [{"API_name": "crop", "API_params": {"box": '
+    assert written_until_refused(constraint, tokenizer, prefix + '[0.5, 0.1, 0.2').startswith(prefix + "[0.5, 0.1, ")
+    rule = constraint.start()
+    for tok in tokenizer(prefix + '[0.2, 0.1, 0.5, 0.3]}}]\n"value👉" ok', add_special_tokens=False).input_ids:
         assert rule.allows(tok)
         rule.push(tok)

@@ -1,11 +1,14 @@
 """Medical tools. Each module here defines one :class:`Tool`; plug-ins register through the
 ``mmedagent.tools`` entry-point group."""
 
+from mmedagent.tools._boxes import Box, Point
 from mmedagent.tools.base import Overlay, Tool, ToolParams, ToolResult
 from mmedagent.tools.registry import UnknownToolError, get_tool, list_tools, refresh, register
 
 __all__ = [
+    "Box",
     "Overlay",
+    "Point",
     "Tool",
     "ToolParams",
     "ToolResult",

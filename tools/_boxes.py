@@ -14,16 +14,26 @@ from typing import Annotated, Any
 
 import numpy as np
 from PIL import Image
-from pydantic import Field
+from pydantic import AfterValidator, Field
 
 COORDS_MARK = "x-mmedagent-coords"
 """JSON-schema key on a normalised coordinate list: ``"xyxy"`` (a box: every number in [0, 1], x1 <= x2,
 y1 <= y2) or ``"xy"`` (a point). Constrained decoding (:mod:`mmedagent.model.constrain`) keeps the
 numbers a planner writes there valid, which a JSON schema alone cannot say."""
 
+
+def _ordered(box: list[float]) -> list[float]:
+    if box[2] < box[0] or box[3] < box[1]:
+        raise ValueError("each box must satisfy x1 <= x2 and y1 <= y2")
+    return box
+
+
 Unit = Annotated[float, Field(ge=0.0, le=1.0)]
-Box = Annotated[list[Unit], Field(min_length=4, max_length=4, json_schema_extra={COORDS_MARK: "xyxy"})]
+Box = Annotated[list[Unit], Field(min_length=4, max_length=4, json_schema_extra={COORDS_MARK: "xyxy"}),
+                AfterValidator(_ordered)]
+"""A tool parameter holding one normalised ``[x1, y1, x2, y2]`` box (``list[Box]`` for several)."""
 Point = Annotated[list[Unit], Field(min_length=2, max_length=2, json_schema_extra={COORDS_MARK: "xy"})]
+"""A tool parameter holding one normalised ``[x, y]`` point."""
 
 
 def as_pil_rgb(image: Any) -> Image.Image:

@@ -33,7 +33,6 @@ from mmedagent.tools._boxes import (
     Box,
     Point,
     as_pil_rgb,
-    check_boxes,
     denormalize_boxes,
     encode_rle,
     mask_to_box,
@@ -171,8 +170,6 @@ class SegmentationParams(ToolParams):
     def _prompts_make_sense(self):
         if not self.boxes and not self.points:
             raise ValueError("give boxes and/or points to segment")
-        if self.boxes:
-            check_boxes(self.boxes)
         if self.point_labels is not None and len(self.point_labels) != len(self.points or []):
             raise ValueError(f"{len(self.point_labels)} point_labels for {len(self.points or [])} points")
         return self

@@ -2,10 +2,11 @@
 known tool (or alias) and carries parameters that fit that tool's ``Params`` JSON schema.
 
 The character-level grammar is lm-format-enforcer's; this module builds it from :mod:`mmedagent.protocol`
-(marks and the action-list schema) and maps it onto a tokenizer's vocabulary. On top of it, coordinate
-lists marked in the schema (:data:`~mmedagent.tools._boxes.COORDS_MARK`: boxes, points) are held to
-plain decimals in [0, 1] and, for boxes, x1 <= x2 and y1 <= y2, which a JSON schema cannot express
-(lm-format-enforcer does not check number bounds either). Other pydantic validators stay the dispatcher's.
+(marks and the action-list schema) and maps it onto a tokenizer's vocabulary. On top of it, parameters
+typed ``Box`` / ``Point`` (marked with :data:`~mmedagent.tools._boxes.COORDS_MARK` in the schema) are
+held to plain decimals in [0, 1] and, for boxes, x1 <= x2 and y1 <= y2, which a JSON schema cannot
+express (lm-format-enforcer does not check number bounds either). Other pydantic validators stay the
+dispatcher's.
 """
 
 from __future__ import annotations
@@ -40,23 +41,26 @@ def _tokenizer_data(tokenizer: Any, eos_ids: list[int]) -> tuple[Any, list[int]]
     return data, partial
 
 
-def coordinate_fields(schema: Any) -> dict[str, str]:
-    """Property names whose values are lists of marked coordinate lists, with their kind (``xyxy``/``xy``)."""
-    found: dict[str, str] = {}
+def coordinate_fields(schema: Any) -> dict[str, tuple[str, bool]]:
+    """Property names whose values are marked coordinate lists: their kind (``xyxy``/``xy``) and
+    whether the value is a list of them (``boxes: list[Box]``) rather than one (``box: Box``)."""
+    found: dict[str, tuple[str, bool]] = {}
 
-    def kind(node: Any) -> str | None:  # the mark on the value's list items, through unions
-        if not isinstance(node, dict):
+    def mark(node: Any, depth: int = 0) -> tuple[str, bool] | None:  # through unions and one list level
+        if not isinstance(node, dict) or depth > 1:
             return None
         if COORDS_MARK in node:
-            return node[COORDS_MARK]
-        inner = [node.get("items"), *node.get("anyOf", ()), *node.get("oneOf", ())]
-        return next((k for v in inner if (k := kind(v))), None)
+            return node[COORDS_MARK], depth == 1
+        inner = [(v, depth) for v in (*node.get("anyOf", ()), *node.get("oneOf", ()))]
+        if "items" in node:
+            inner.append((node["items"], depth + 1))
+        return next((m for v, d in inner if (m := mark(v, d))), None)
 
     def walk(node: Any) -> None:
         if isinstance(node, dict):
             for name, sub in (node.get("properties") or {}).items():
-                if k := kind(sub):
-                    found[name] = k
+                if m := mark(sub):
+                    found[name] = m
             for v in node.values():
                 walk(v)
         elif isinstance(node, list):
@@ -101,7 +105,7 @@ def _actions(turn: str) -> str:
 class CoordinateCheck:
     """Whether the actions written so far keep every marked coordinate list valid (or able to become so)."""
 
-    def __init__(self, fields: dict[str, str]):
+    def __init__(self, fields: dict[str, tuple[str, bool]]):
         self.fields = fields
         self._key = re.compile(r'"(%s)"\s*:\s*' % "|".join(map(re.escape, fields))) if fields else None
 
@@ -112,18 +116,18 @@ class CoordinateCheck:
         last = None
         for last in self._key.finditer(actions):
             pass
-        return last is not None and self._scan(actions, last.end(), self.fields[last[1]]) == "open"
+        return last is not None and self._scan(actions, last.end(), *self.fields[last[1]]) == "open"
 
     def ok(self, actions: str) -> bool:
         if self._key is None:
             return True
-        return all(self._scan(actions, m.end(), self.fields[m[1]]) != "invalid" for m in self._key.finditer(actions))
+        return all(self._scan(actions, m.end(), *self.fields[m[1]]) != "invalid" for m in self._key.finditer(actions))
 
     @staticmethod
-    def _scan(text: str, i: int, kind: str) -> str:
-        """Read a ``[[n, ...], ...]`` value from ``i``: ``"closed"`` (ended, or not such a list: other
-        syntax is the grammar's business), ``"open"`` (the text ends inside it, fine so far) or
-        ``"invalid"`` (a coordinate cannot be valid)."""
+    def _scan(text: str, i: int, kind: str, nested: bool) -> str:
+        """Read a value from ``i`` (``[n, ...]``, or ``[[n, ...], ...]`` when ``nested``): ``"closed"``
+        (ended, or not such a list: other syntax is the grammar's business), ``"open"`` (the text ends
+        inside it, fine so far) or ``"invalid"`` (a coordinate cannot be valid)."""
         size = 4 if kind == "xyxy" else 2
         n = len(text)
 
@@ -132,8 +136,32 @@ class CoordinateCheck:
                 j += 1
             return j
 
+        def coords(j: int) -> tuple[str, int]:
+            """One coordinate list whose "[" is just before ``j``: (state, index after its "]")."""
+            got: list[Decimal] = []
+            j = skip(j)
+            while j < n and text[j] != "]":
+                if text[j] == ",":
+                    j = skip(j + 1)
+                    continue
+                m = _DECIMAL.match(text, j)
+                if m is None:
+                    return "closed", j
+                complete = m.end() < n
+                k = len(got)
+                low = got[k - 2] if kind == "xyxy" and k >= 2 else Decimal(0)
+                if k >= size or not _number_can_fit(m[0], low, complete):
+                    return "invalid", j
+                if not complete:
+                    return "open", j
+                got.append(Decimal(m[0]))
+                j = skip(m.end())
+            return ("open", j) if j >= n else ("closed", j + 1)
+
         if i < n and text[i] != "[":
             return "closed"
+        if not nested:
+            return coords(i + 1)[0]
         j = skip(i + 1)
         while j < n:
             if text[j] == "]":
@@ -143,24 +171,10 @@ class CoordinateCheck:
                 continue
             if text[j] != "[":
                 return "closed"
-            j, coords = skip(j + 1), []
-            while j < n and text[j] != "]":
-                if text[j] == ",":
-                    j = skip(j + 1)
-                    continue
-                m = _DECIMAL.match(text, j)
-                if m is None:
-                    return "closed"
-                complete = m.end() < n
-                k = len(coords)
-                low = coords[k - 2] if kind == "xyxy" and k >= 2 else Decimal(0)
-                if k >= size or not _number_can_fit(m[0], low, complete):
-                    return "invalid"
-                if not complete:
-                    return "open"
-                coords.append(Decimal(m[0]))
-                j = skip(m.end())
-            j = skip(j + 1)
+            state, j = coords(j + 1)
+            if state != "closed":
+                return state
+            j = skip(j)
         return "open"
 
 
