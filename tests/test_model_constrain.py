@@ -232,6 +232,14 @@ def test_a_tool_with_one_box_gets_it_checked_too(tokenizer):
             pass
 
     assert coordinate_fields(actions_json_schema([Crop])) == {"box": ("xyxy", False)}
+
+    class PixelCrop(Crop):
+        name = "pixel_crop"
+
+        class Params(ToolParams):
+            box: list[int]
+
+    assert coordinate_fields(actions_json_schema([Crop, PixelCrop])) == {}  # "box" means two things
     with pytest.raises(ValidationError, match="x1 <= x2"):
         Crop.Params(box=[0.5, 0.1, 0.2, 0.3])
     constraint = TurnConstraint(tokenizer, [Crop], [tokenizer.eos_token_id])

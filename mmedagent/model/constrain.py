@@ -43,8 +43,11 @@ def _tokenizer_data(tokenizer: Any, eos_ids: list[int]) -> tuple[Any, list[int]]
 
 def coordinate_fields(schema: Any) -> dict[str, tuple[str, bool]]:
     """Property names whose values are marked coordinate lists: their kind (``xyxy``/``xy``) and
-    whether the value is a list of them (``boxes: list[Box]``) rather than one (``box: Box``)."""
+    whether the value is a list of them (``boxes: list[Box]``) rather than one (``box: Box``). Calls
+    are matched by property name, so a name that some tool uses otherwise is left out (never held to
+    a check it does not have)."""
     found: dict[str, tuple[str, bool]] = {}
+    other: set[str] = set()
 
     def mark(node: Any, depth: int = 0) -> tuple[str, bool] | None:  # through unions and one list level
         if not isinstance(node, dict) or depth > 1:
@@ -59,8 +62,10 @@ def coordinate_fields(schema: Any) -> dict[str, tuple[str, bool]]:
     def walk(node: Any) -> None:
         if isinstance(node, dict):
             for name, sub in (node.get("properties") or {}).items():
-                if m := mark(sub):
+                if (m := mark(sub)) and found.get(name, m) == m:
                     found[name] = m
+                else:
+                    other.add(name)
             for v in node.values():
                 walk(v)
         elif isinstance(node, list):
@@ -68,7 +73,7 @@ def coordinate_fields(schema: Any) -> dict[str, tuple[str, bool]]:
                 walk(v)
 
     walk(schema)
-    return found
+    return {name: m for name, m in found.items() if name not in other}
 
 
 _DECIMAL = re.compile(r"\d+(\.\d*)?|[-+.eE\d]+")  # a plain decimal, else any number-ish run (refused)
