@@ -23,8 +23,7 @@ numbers a planner writes there valid, which a JSON schema alone cannot say."""
 
 
 def _ordered(box: list[float]) -> list[float]:
-    if box[2] < box[0] or box[3] < box[1]:
-        raise ValueError("each box must satisfy x1 <= x2 and y1 <= y2")
+    check_boxes([box])
     return box
 
 

@@ -84,6 +84,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 ENCODER_WIDTH_TO_TYPE = {768: "vit_b", 1024: "vit_l", 1280: "vit_h"}
 CONFIG_ONLY_KEYS = {"variant", "model_type"}
 
+
 def build_sam(arch: dict[str, Any]):
     """A ``segment_anything.modeling.Sam`` of any size: :data:`ARCH_DEFAULTS` keys over the preset of
     ``model_type`` (default ``vit_b``)."""
