@@ -23,6 +23,7 @@ from mmedagent.protocol import (
     parse_turn,
     render_tool_results,
     system_prompt,
+    without_image_token,
 )
 from mmedagent.tools.base import Overlay
 
@@ -62,6 +63,21 @@ class AgentResult(BaseModel):
         return [a.API_name for s in self.steps if s.turn for a in s.turn.actions]
 
 
+def with_one_image_marker(messages: Sequence[ChatMessage], has_image: bool) -> list[ChatMessage]:
+    """Copies of ``messages`` holding the image marker once, where the image is: on the first user
+    message that already holds it (else the first user message); nowhere without an image. A marker a
+    user typed, or one in any other message, is removed."""
+    target = next((i for i, m in enumerate(messages) if m["role"] == "user" and IMAGE_TOKEN in m["content"]),
+                  next((i for i, m in enumerate(messages) if m["role"] == "user"), None))
+    out = []
+    for i, m in enumerate(messages):
+        content = without_image_token(m["content"])
+        if has_image and i == target:
+            content = f"{IMAGE_TOKEN}\n{content}"
+        out.append({**m, "content": content})
+    return out
+
+
 class Agent:
     """Runs the plan/act/answer loop for one question at a time (history carried by the caller)."""
 
@@ -97,12 +113,10 @@ class Agent:
     ) -> AgentResult:
         """Answer ``question`` about ``image``; ``history`` is the ``messages`` of an earlier result."""
         started = time.monotonic()
-        messages: list[ChatMessage] = list(history or [])
-        if not messages and self.system:
-            messages.append({"role": "system", "content": self.system})
-        first_user = not any(m["role"] == "user" for m in messages)
-        content = f"{IMAGE_TOKEN}\n{question}" if image is not None and first_user else question
-        messages.append({"role": "user", "content": content})
+        question_message = {"role": "user", "content": without_image_token(question)}
+        messages = with_one_image_marker([*(history or []), question_message], image is not None)
+        if self.system and messages[0]["role"] != "system":
+            messages.insert(0, {"role": "system", "content": self.system})
 
         steps: list[AgentStep] = []
         answer, stopped = "", "max_steps"

@@ -250,8 +250,8 @@ def _load_pil(data: bytes, fmt: str, window: WindowSpec, frame: int | None, max_
         raise ImageLoadError(f"cannot read {fmt.upper()} image: {e}") from None
     except Image.DecompressionBombError as e:  # Pillow's own limit
         raise ImageLoadError(f"image refused by Pillow's decompression-bomb limit: {e}") from None
-    pil_limit = Image.MAX_IMAGE_PIXELS or max_pixels
-    _check_pixels(im.size[0] * im.size[1], min(max_pixels, 2 * pil_limit), f"{fmt.upper()} image")
+    pil_limit = Image.MAX_IMAGE_PIXELS or max_pixels  # where Pillow starts warning of a bomb
+    _check_pixels(im.size[0] * im.size[1], min(max_pixels, pil_limit), f"{fmt.upper()} image")
     n_frames = getattr(im, "n_frames", 1)
     index = 0 if frame is None else frame
     if not 0 <= index < n_frames:
@@ -548,25 +548,41 @@ def _load_dicom(data: bytes, window: WindowSpec, frame: int | None, max_pixels: 
 # --------------------------------------------------------------------------- NIfTI
 
 
-def _gunzip(data: bytes, limit: int) -> bytes:
+def _nifti_class(head: bytes) -> Any:
+    import nibabel as nib
+
+    nifti2 = 540 in (int.from_bytes(head[:4], "little"), int.from_bytes(head[:4], "big"))  # sizeof_hdr
+    return nib.Nifti2Image if nifti2 else nib.Nifti1Image
+
+
+def _gunzip_nifti(data: bytes, max_pixels: int) -> bytes:
+    """Inflate a gzipped NIfTI only as far as its header declares: trailing data (a decompression
+    bomb's payload) is never inflated, and an oversized declaration is refused before any of it is."""
     d = zlib.decompressobj(16 + zlib.MAX_WBITS)
     try:
-        out = d.decompress(data, limit + 1)
+        out = d.decompress(data, 540)  # the longest header (NIfTI-2)
+        header = _nifti_class(out).header_class.from_fileobj(io.BytesIO(out))
+        shape = header.get_data_shape()
+        _check_pixels(int(np.prod(shape[:3], dtype=np.int64)), max_pixels, "NIfTI volume")
+        size = int(header.get_data_offset()) + int(np.prod(shape, dtype=np.int64)) * header.get_data_dtype().itemsize
+        limit = max_pixels * 8 + (1 << 20)
+        if size > limit:
+            raise ImageLoadError(f"NIfTI data declares {size:,} bytes, larger than {limit:,} (possible decompression bomb)")
+        out += d.decompress(d.unconsumed_tail, max(size - len(out), 1))
     except zlib.error as e:
         raise ImageLoadError(f"corrupt gzip stream: {e}") from None
-    if len(out) > limit:
-        raise ImageLoadError(f"gzip content is larger than {limit:,} bytes (possible decompression bomb)")
-    if not d.eof:
+    if len(out) < size:
         raise ImageLoadError("gzip stream is truncated")
     return out
+
+
+_PLANE_AXES = {"sagittal": 0, "coronal": 1, "axial": 2}  # of a RAS+ volume
 
 
 def _slice_plane(vol: np.ndarray, plane: str, index: int | None) -> tuple[np.ndarray, int, int]:
     """A 2-D slice of a RAS+ volume in radiological display (patient's right on the image's left,
     anterior / superior at the top). Returns (slice, index, number of slices)."""
-    axis = {"sagittal": 0, "coronal": 1, "axial": 2}.get(plane)
-    if axis is None:
-        raise ValueError(f"plane must be axial, coronal or sagittal, not {plane!r}")
+    axis = _PLANE_AXES[plane]
     n = vol.shape[axis]
     k = n // 2 if index is None else index
     if not 0 <= k < n:
@@ -587,9 +603,8 @@ def _load_nifti(
         else:
             assert data is not None
             if data[:2] == b"\x1f\x8b":
-                data = _gunzip(data, max_pixels * 8 + (1 << 20))
-            klass = nib.Nifti2Image if int.from_bytes(data[:4], "little") == 540 or int.from_bytes(data[:4], "big") == 540 else nib.Nifti1Image
-            img = klass.from_bytes(data)
+                data = _gunzip_nifti(data, max_pixels)
+            img = _nifti_class(data).from_bytes(data)
     except (ImageFileError, OSError, ValueError, EOFError, gzip.BadGzipFile) as e:
         raise ImageLoadError(f"cannot read NIfTI file: {e}") from None
     shape = tuple(int(s) for s in img.shape)
@@ -677,16 +692,24 @@ def load_image(
     fmt = detect_format(head)
     if fmt is None:
         raise ImageLoadError("not a recognised image: expected PNG, JPEG, BMP, TIFF, GIF, WebP, DICOM or NIfTI content")
-    if fmt == "nifti":
-        gz = head[:2] == b"\x1f\x8b"
-        name = path.name.lower() if path is not None else ""
-        direct = path is not None and name.endswith(".nii.gz" if gz else ".nii")
-        if path is not None and not direct:
-            data = path.read_bytes()
-        return _load_nifti(None if direct else data, path if direct else None, window, slice_index, plane, volume, limit)
-    if data is None:
-        data = path.read_bytes()  # type: ignore[union-attr]
-    if fmt == "dicom":
-        return _load_dicom(data, window, slice_index, limit)
-    return _load_pil(data, fmt, window, slice_index, limit)
+    if plane not in _PLANE_AXES:
+        raise ValueError(f"plane must be axial, coronal or sagittal, not {plane!r}")
+    _resolve_window(window)  # a bad window is the caller's error, not the file's
+    try:
+        if fmt == "nifti":
+            gz = head[:2] == b"\x1f\x8b"
+            name = path.name.lower() if path is not None else ""
+            direct = path is not None and name.endswith(".nii.gz" if gz else ".nii")
+            if path is not None and not direct:
+                data = path.read_bytes()
+            return _load_nifti(None if direct else data, path if direct else None, window, slice_index, plane, volume, limit)
+        if data is None:
+            data = path.read_bytes()  # type: ignore[union-attr]
+        if fmt == "dicom":
+            return _load_dicom(data, window, slice_index, limit)
+        return _load_pil(data, fmt, window, slice_index, limit)
+    except ImageLoadError:
+        raise
+    except Exception as e:  # a decoder's own error on corrupt data: its text may quote the file's bytes
+        raise ImageLoadError(f"cannot decode the {fmt.upper()} data: corrupt or unsupported ({type(e).__name__})") from None
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 import re
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal
@@ -196,16 +197,32 @@ def _normalise_json(text: str) -> str:
     return "".join(out)
 
 
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is out of range")
+    return value
+
+
+def _strict_json(text: str) -> Any:
+    """``json.loads`` that refuses NaN / Infinity and numbers too large for a float."""
+    return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+
+
 def _parse_actions(raw: str) -> list[ToolCall]:
     raw = raw.strip()
     if not raw:
         return []
     try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, RecursionError):
+        data = _strict_json(raw)
+    except (ValueError, RecursionError):
         try:
-            data = json.loads(_normalise_json(raw))
-        except (json.JSONDecodeError, RecursionError) as e:
+            data = _strict_json(_normalise_json(raw))
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, a non-finite or over-long number
             raise TurnParseError(f"actions are not valid JSON: {e}") from None
     if isinstance(data, dict):
         data = [data]
@@ -340,8 +357,13 @@ class Record(BaseModel):
         return [a for m in self.conversations if m.role == "gpt" for a in (m.actions or [])]
 
 
+def without_image_token(text: str) -> str:
+    """``text`` without image markers (each with the line break after it): only the framework places the image."""
+    return text.replace(IMAGE_TOKEN + "\n", "").replace(IMAGE_TOKEN, "")
+
+
 def strip_image_token(text: str) -> str:
-    return text.replace(IMAGE_TOKEN, "").strip()
+    return without_image_token(text).strip()
 
 
 def tool_result_message(outcomes: Sequence[ToolOutcome], question: str) -> Message:

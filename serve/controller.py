@@ -33,13 +33,14 @@ from pydantic import BaseModel, Field
 
 from mmedagent.agent import Agent, AgentResult, AgentStep
 from mmedagent.dispatcher import Dispatcher
-from mmedagent.protocol import IMAGE_TOKEN, ToolCall, ToolOutcome, strip_image_token, system_message
+from mmedagent.protocol import ToolCall, ToolOutcome, strip_image_token, system_message
 from mmedagent.serve import openai_api as oa
 from mmedagent.serve.config import ServeConfig, ToolSpec, add_common_args, load_config
 from mmedagent.serve.httpclient import make_client
+from mmedagent.serve.messages import MAX_MESSAGES, MAX_NEW_TOKENS, MAX_QUESTION_CHARS, TextMessage, as_dicts
 from mmedagent.serve.registry import NoWorkerError, WorkerInfo, WorkerRegistry
 from mmedagent.serve.remote import RemoteResult, RemoteTool, ToolInputError, WorkerError, WorkerPlanner, remote_tool_class
-from mmedagent.serve.security import setup_logging
+from mmedagent.serve.security import setup_logging, without_echoed_input
 from mmedagent.serve.uploads import UploadError, image_from_data_url
 from mmedagent.tools import Tool, UnknownToolError, get_tool, list_tools
 
@@ -51,13 +52,13 @@ class ChatRequest(BaseModel):
     """Body of ``POST /chat``: one question, the conversation's image (a data URL) and the
     ``history`` returned by the previous answer."""
 
-    question: str = Field(min_length=1, max_length=20_000)
+    question: str = Field(min_length=1, max_length=MAX_QUESTION_CHARS)
     image: str | None = None
-    history: list[dict[str, str]] = Field(default_factory=list)
+    history: list[TextMessage] = Field(default_factory=list, max_length=MAX_MESSAGES)
     model: str | None = None
     conversation_id: str | None = Field(default=None, max_length=128)
     max_steps: int | None = Field(default=None, ge=1, le=10)
-    max_new_tokens: int | None = Field(default=None, ge=1, le=8192)
+    max_new_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
 
@@ -194,14 +195,6 @@ class Controller:
         mode = self.registry.known.get(model, {}).get("system_prompt")
         system = system_message(mode, (type(t) for t in live.values()))
         agent = Agent(planner, self.dispatcher, max_steps=max_steps, system=system, **gen)
-        history = list(history)
-        if history:
-            if system and history[0].get("role") != "system":
-                history.insert(0, {"role": "system", "content": system})
-            if image is not None and not any(IMAGE_TOKEN in m.get("content", "") for m in history if m.get("role") == "user"):
-                first = next((m for m in history if m.get("role") == "user"), None)
-                if first is not None:
-                    first["content"] = f"{IMAGE_TOKEN}\n{first['content']}"
         return agent.run(question, image, history=history, on_event=on_event)
 
     async def decode(self, data_url: str | None):
@@ -300,7 +293,7 @@ def build_app(ctl: Controller) -> FastAPI:
         yield
         task.cancel()
 
-    app = FastAPI(title="mmedagent controller", lifespan=lifespan)
+    app = without_echoed_input(FastAPI(title="mmedagent controller", lifespan=lifespan))
 
     # ------------------------------------------------------------------ registry
 
@@ -387,7 +380,7 @@ def build_app(ctl: Controller) -> FastAPI:
         image = await ctl.decode(req.image)
         gen = {**ctl.gen_defaults, **req.model_dump(include={"max_new_tokens", "temperature", "top_p"}, exclude_none=True)}
         kwargs = dict(
-            model=model, question=req.question, image=image, history=req.history, gen=gen,
+            model=model, question=req.question, image=image, history=as_dicts(req.history), gen=gen,
             max_steps=req.max_steps or ctl.cfg.max_steps, conversation_id=req.conversation_id or uuid.uuid4().hex,
         )
 

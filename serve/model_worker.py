@@ -36,7 +36,8 @@ from pydantic import BaseModel, Field
 
 from mmedagent.serve import openai_api as oa
 from mmedagent.serve.config import ServeConfig, add_common_args, load_config
-from mmedagent.serve.security import setup_logging
+from mmedagent.serve.messages import MAX_MESSAGES, MAX_NEW_TOKENS, TextMessage, as_dicts
+from mmedagent.serve.security import setup_logging, without_echoed_input
 from mmedagent import demo
 from mmedagent.serve.uploads import UploadError, image_from_data_url
 from mmedagent.serve.worker_base import Heartbeat, bind_socket, serve_worker, url_for
@@ -67,10 +68,10 @@ def default_model(cache_dir: Path) -> tuple[str, str]:
 
 
 class GenerateRequest(BaseModel):
-    messages: list[dict[str, str]] = Field(min_length=1)
+    messages: list[TextMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     image: str | None = None
     conversation_id: str | None = None
-    max_new_tokens: int = Field(default=256, ge=1, le=8192)
+    max_new_tokens: int = Field(default=256, ge=1, le=MAX_NEW_TOKENS)
     temperature: float = Field(default=0.0, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
     stop: list[str] | None = None
@@ -132,7 +133,7 @@ async def _pump(pieces: Iterator[str]) -> AsyncIterator[str | BaseException]:
 
 
 def build_app(host: ModelHost) -> FastAPI:
-    app = FastAPI(title=f"mmedagent model worker: {host.name}")
+    app = without_echoed_input(FastAPI(title=f"mmedagent model worker: {host.name}"))
 
     @app.post("/worker_generate_stream")
     async def generate_stream(req: GenerateRequest) -> StreamingResponse:
@@ -140,7 +141,7 @@ def build_app(host: ModelHost) -> FastAPI:
         gen = req.model_dump(include={"max_new_tokens", "temperature", "top_p", "stop"}, exclude_none=True)
 
         async def events() -> AsyncIterator[str]:
-            async for item in _pump(host.stream(req.messages, image, gen)):
+            async for item in _pump(host.stream(as_dicts(req.messages), image, gen)):
                 if isinstance(item, BaseException):
                     log.warning("generation failed: %s", type(item).__name__)
                     yield json.dumps({"error": f"generation failed: {type(item).__name__}: {item}"}) + "\n"

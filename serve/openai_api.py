@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from mmedagent.protocol import IMAGE_TOKEN
+from mmedagent.protocol import IMAGE_TOKEN, without_image_token
+from mmedagent.serve.messages import MAX_MESSAGE_CHARS, MAX_MESSAGES, MAX_NEW_TOKENS
 from mmedagent.serve.uploads import UploadError
 
 
@@ -18,7 +19,7 @@ class OpenAIMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[dict[str, Any]] | None = None
+    content: Annotated[str, Field(max_length=MAX_MESSAGE_CHARS)] | list[dict[str, Any]] | None = None
 
 
 class ChatCompletionRequest(BaseModel):
@@ -27,10 +28,10 @@ class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
-    messages: list[OpenAIMessage] = Field(min_length=1)
+    messages: list[OpenAIMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     stream: bool = False
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     stop: str | list[str] | None = None
@@ -51,8 +52,9 @@ class ChatCompletionRequest(BaseModel):
 def split_messages(messages: list[OpenAIMessage]) -> tuple[list[dict[str, str]], str | None]:
     """OpenAI messages → agent-style ``{"role", "content"}`` texts plus the one image data URL.
 
-    The image's message gets ``<image>\\n`` in front, as the planner expects. ``developer`` is read
-    as ``system``. More than one image, or an image part without a URL, is a 400.
+    The image's message gets ``<image>\\n`` in front, as the planner expects; markers typed in the
+    text are removed. ``developer`` is read as ``system``. More than one image, or an image part
+    without a URL, is a 400.
     """
     out: list[dict[str, str]] = []
     image: str | None = None
@@ -61,13 +63,13 @@ def split_messages(messages: list[OpenAIMessage]) -> tuple[list[dict[str, str]],
         if role == "tool":
             raise UploadError(400, "tool-role messages are not supported: mmedagent runs the tools itself")
         if m.content is None or isinstance(m.content, str):
-            out.append({"role": role, "content": m.content or ""})
+            out.append({"role": role, "content": without_image_token(m.content or "")})
             continue
         texts, has_image = [], False
         for part in m.content:
             kind = part.get("type")
             if kind == "text":
-                texts.append(str(part.get("text", "")))
+                texts.append(without_image_token(str(part.get("text", ""))))
             elif kind == "image_url":
                 ref = part.get("image_url")
                 url = ref.get("url") if isinstance(ref, dict) else ref
@@ -81,6 +83,8 @@ def split_messages(messages: list[OpenAIMessage]) -> tuple[list[dict[str, str]],
             else:
                 raise UploadError(400, f"unsupported content part type {kind!r}; use text and image_url")
         text = "\n".join(texts)
+        if len(text) > MAX_MESSAGE_CHARS:
+            raise UploadError(400, f"a message's text is longer than {MAX_MESSAGE_CHARS} characters")
         out.append({"role": role, "content": f"{IMAGE_TOKEN}\n{text}" if has_image else text})
     return out, image
 

@@ -1,4 +1,4 @@
-"""Bearer-token auth, request-size limit and log hygiene shared by every serve process."""
+"""Bearer-token auth, request-size limit, log hygiene and input-free error bodies shared by every serve process."""
 
 from __future__ import annotations
 
@@ -6,8 +6,13 @@ import hmac
 import logging
 import re
 import sys
+import traceback
 from collections.abc import Iterable
+from pathlib import Path
 
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 # Never let these reach a log line: credentials, inline image bytes.
@@ -20,7 +25,8 @@ _SECRET_PATTERNS = [
 
 
 class RedactFilter(logging.Filter):
-    """Rewrites every record's message with secrets (the API key, bearer tokens, base64) removed."""
+    """Rewrites every record's message with secrets (the API key, bearer tokens, base64) removed and
+    an exception reduced to its type and place."""
 
     def __init__(self, secrets: Iterable[str] = ()):
         super().__init__()
@@ -39,13 +45,15 @@ class RedactFilter(logging.Filter):
         except Exception:  # a bad format string must not kill logging
             message = str(record.msg)
         clean = self.scrub(message)
+        if record.exc_info and record.exc_info[1] is not None:
+            # An exception's text and traceback may quote request data (a DICOM header, a question):
+            # keep its type and where it was raised.
+            exc, frames = record.exc_info[1], traceback.extract_tb(record.exc_info[2])
+            where = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
+            clean = f"{clean} [{type(exc).__name__}{where}]"
+            record.exc_info, record.exc_text = None, None
         if clean != message:
             record.msg, record.args = clean, ()
-        if record.exc_info and record.exc_info[1] is not None:
-            # Tracebacks may quote request data; keep the type and a scrubbed message only.
-            exc = record.exc_info[1]
-            record.msg = f"{record.msg} [{type(exc).__name__}: {self.scrub(str(exc))[:300]}]"
-            record.exc_info, record.exc_text = None, None
         return True
 
 
@@ -118,34 +126,39 @@ class GuardMiddleware:
         length = headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body):
             return await _send_json(send, 413, self._too_large())
-        received = 0
+        if scope.get("method") in ("POST", "PUT", "PATCH"):
+            # Read the body here, within the cap (a chunked body declares no length), and replay it.
+            body = bytearray()
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return  # the client went away
+                body += message.get("body", b"")
+                if len(body) > self.max_body:
+                    return await _send_json(send, 413, self._too_large())
+                if not message.get("more_body", False):
+                    break
+            buffered = [{"type": "http.request", "body": bytes(body), "more_body": False}]
 
-        async def limited_receive():
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_body:
-                    raise BodyTooLarge()
-            return message
+            async def replay():
+                return buffered.pop() if buffered else await receive()
 
-        started = False
-
-        async def tracking_send(message):
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except BodyTooLarge:
-            if not started:
-                await _send_json(send, 413, self._too_large())
+            return await self.app(scope, replay, send)
+        await self.app(scope, receive, send)
 
     def _too_large(self) -> bytes:
         return b'{"detail":"request body too large (limit %d bytes)"}' % self.max_body
 
 
-class BodyTooLarge(Exception):
-    """Raised inside the app when the streamed body passes the limit."""
+
+
+def without_echoed_input(app: FastAPI) -> FastAPI:
+    """Make ``app``'s 422 answers name each bad field and the problem, without echoing the value
+    sent: it may be patient text, or a NaN that JSON cannot carry back."""
+
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in exc.errors()]
+        return JSONResponse({"detail": errors}, status_code=422)
+
+    app.add_exception_handler(RequestValidationError, invalid)
+    return app

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ValidationError
 
 from mmedagent.dispatcher import describe_validation_error
 from mmedagent.serve.config import add_common_args, load_config
-from mmedagent.serve.security import setup_logging
+from mmedagent.serve.security import setup_logging, without_echoed_input
 from mmedagent.serve.uploads import UploadError, image_from_data_url
 from mmedagent.serve.worker_base import Heartbeat, bind_socket, serve_worker, url_for
 from mmedagent.tools import Tool, get_tool
@@ -42,7 +42,7 @@ class CallRequest(BaseModel):
 
 def build_app(tool: Tool, max_upload_bytes: int, max_concurrency: int = 4) -> FastAPI:
     """The worker's HTTP API around one loaded tool instance."""
-    app = FastAPI(title=f"mmedagent tool worker: {tool.name}")
+    app = without_echoed_input(FastAPI(title=f"mmedagent tool worker: {tool.name}"))
     slots = threading.BoundedSemaphore(max_concurrency)
     state = {"queue": 0}
     lock = threading.Lock()

@@ -20,6 +20,11 @@ ACCEPTED_MEDIA_TYPES = frozenset(
 )
 
 
+_DECODE_SLOTS = threading.BoundedSemaphore(2)
+"""Uploads decoded at once in one process: a large image can take gigabytes while it decodes, so
+concurrent ones wait their turn instead of exhausting the server's memory together."""
+
+
 class UploadError(ValueError):
     """A client image that cannot be used; ``status`` is the HTTP status to answer with."""
 
@@ -59,7 +64,8 @@ def decode_image(data: bytes, media_type: str = "application/octet-stream", max_
     if max_bytes is not None and len(data) > max_bytes:
         raise UploadError(413, f"image is larger than the upload limit ({max_bytes} bytes)")
     try:
-        return load_image(bytes(data))
+        with _DECODE_SLOTS:
+            return load_image(bytes(data))
     except ImageLoadError as e:
         raise UploadError(400, f"could not read the image: {e}") from None
 

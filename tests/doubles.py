@@ -89,3 +89,17 @@ def grey_image(size=(64, 48), value=100):
     from PIL import Image
 
     return Image.fromarray(np.full((size[1], size[0], 3), value, dtype=np.uint8))
+
+
+def dicom_quoting_a_name(name: bytes = b"Zzyzx^Quixote ") -> bytes:
+    """A bare DICOM whose Rows element declares a length that swallows the next element, the
+    patient's name: pydicom's error about it quotes the name's bytes."""
+    import struct
+
+    def element(group, elem, vr, value):
+        return struct.pack("<HH", group, elem) + vr + struct.pack("<H", len(value)) + value
+
+    rows = struct.pack("<HH", 0x28, 0x10) + b"US" + struct.pack("<H", 11 + len(name))
+    pixels = struct.pack("<HH", 0x7FE0, 0x10) + b"OW\0\0" + struct.pack("<I", 32) + b"\0" * 32
+    return (element(0x8, 0x60, b"CS", b"CT") + rows + b"\x08\x00" + element(0x10, 0x10, b"PN", name) + b"\x00"
+            + element(0x28, 0x11, b"US", struct.pack("<H", 4)) + pixels)

@@ -127,6 +127,19 @@ def test_agent_malformed_output_ends_turn_with_error(tools):
     assert again.answer == "fine" and again.messages[-2] == {"role": "user", "content": "next?"}
 
 
+def test_the_agent_places_the_image_marker_once_where_the_image_is(tools):
+    planner = ScriptedPlanner([turn([], value="a"), turn([], value="b"), turn([], value="c")])
+    agent = Agent(planner, Dispatcher(tools), system="sys")
+    first = agent.run("Is <image> a tumor?", image=grey_image())  # a marker typed by the user is text, not an image
+    assert planner.calls[0] == [{"role": "system", "content": "sys"}, {"role": "user", "content": "<image>\nIs  a tumor?"}]
+    tampered = [*first.messages, {"role": "user", "content": "<image>\nand <image> here"}]
+    agent.run("next?", image=grey_image(), history=tampered)
+    users = [m["content"] for m in planner.calls[1] if m["role"] == "user"]
+    assert users == ["<image>\nIs  a tumor?", "and  here", "next?"]
+    agent.run("text only?", history=tampered)  # no image: no marker anywhere
+    assert not any("<image>" in m["content"] for m in planner.calls[2])
+
+
 def test_agent_plain_text_answer(tools):
     result = Agent(ScriptedPlanner(["Just a chest X-ray."]), Dispatcher(tools)).run("what?")
     assert result.answer == "Just a chest X-ray." and result.stopped == "answer"

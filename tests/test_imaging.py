@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
 
+from doubles import dicom_quoting_a_name
 from mmedagent.imaging import (
     WINDOW_PRESETS,
     ImageLoadError,
@@ -126,6 +127,24 @@ def test_decompression_bomb_guard(monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Pillow's own limit is honoured too
     with pytest.raises(ImageLoadError):
         load_image(data)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5000)  # where Pillow only warns, the image is refused
+    with pytest.raises(ImageLoadError, match="decompression bomb"):
+        load_image(data)
+
+
+def test_a_corrupt_dicom_header_is_an_image_load_error_that_quotes_nothing():
+    with pytest.raises(ImageLoadError, match="DICOM") as e:
+        load_image(dicom_quoting_a_name(b"Zzyzx^Quixote "))
+    assert "Zzyzx" not in str(e.value) and e.value.__cause__ is None and e.value.__suppress_context__
+
+
+def test_gzipped_nifti_is_inflated_only_as_far_as_its_header_declares():
+    vol = np.arange(16 * 16 * 16, dtype=np.float32).reshape(16, 16, 16)
+    raw = nib.Nifti1Image(vol, np.eye(4)).to_bytes()
+    bomb = gzip.compress(raw + b"\0" * (8 << 20))  # 8 MB of trailing zeros, past what the header declares
+    img = load_image(bomb, max_pixels=16**3)  # the inflated size may not exceed 8 bytes per voxel + 1 MB
+    assert img.metadata["shape"] == [16, 16, 16]
+    assert np.array_equal(img.array, load_image(raw).array)
 
 
 def test_window_presets_and_bad_window():

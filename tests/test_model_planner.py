@@ -179,6 +179,16 @@ def test_sampling_options_and_bad_input(planners):
     assert info["family"] == "llava" and info["parameters"] > 1000 and info["template"] == "chat_template"
 
 
+def test_a_prompt_longer_than_the_context_is_refused_and_the_conversation_goes_on(planners):
+    planner = planners("llava")
+    msgs, image = first_messages("llava"), test_image()
+    before = planner.generate(msgs, image, max_new_tokens=4)
+    long = [{"role": "user", "content": "<image>\n" + "tumor " * planner.context_length}]
+    with pytest.raises(ValueError, match=f"the model's context is {planner.context_length}"):
+        planner.generate(long, image, max_new_tokens=4)
+    assert planner.generate(msgs, image, max_new_tokens=4) == before
+
+
 def test_quantized_loading_needs_cuda(tiny_models):
     if torch.cuda.is_available():
         pytest.skip("CUDA present")

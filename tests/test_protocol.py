@@ -100,6 +100,11 @@ def test_multi_call_and_missing_thoughts():
         '"value👉" y "actions🚀" []',
         '"thoughts🤔" x\n"actions🚀" __import__("os").system("true")\n"value👉" y',
         "\"thoughts🤔\" x\n\"actions🚀\" [{'API_name': 'a\n\"value👉\" y",
+        # numbers JSON cannot carry, or too long for Python to convert (a ValueError of its own)
+        '"thoughts🤔" x\n"actions🚀" [{"API_name": "a", "API_params": {"t": NaN}}]\n"value👉" y',
+        "\"thoughts🤔\" x\n\"actions🚀\" [{'API_name': 'a', 'API_params': {'t': -Infinity}}]\n\"value👉\" y",
+        '"thoughts🤔" x\n"actions🚀" [{"API_name": "a", "API_params": {"t": 1e999}}]\n"value👉" y',
+        '"thoughts🤔" x\n"actions🚀" [{"API_name": "a", "API_params": {"n": ' + "9" * 5000 + '}}]\n"value👉" y',
     ],
 )
 def test_bad_turns_raise_turn_parse_error(text):

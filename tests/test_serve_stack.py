@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from _serve_fixtures import ServeProcess, data_url, sample_png, serve_env, wait_until
+from doubles import dicom_quoting_a_name
 
 KEY = "sk-test-5b1f0c2e9d"
 EXPIRY = 1.5
@@ -198,6 +199,46 @@ def test_dicom_upload_and_logs_hold_no_secrets_images_or_patient_data(stack):
         assert "POST /v1/chat/completions" in text or log.name != "controller.log"
         for needle in (KEY, png[:60], base64.b64encode(dicom[:3000]).decode()[200:260], "CompressedSamples", "1CT1", "JFK IMAGING"):
             assert needle not in text, (log.name, needle[:20])
+
+
+def test_a_corrupt_dicom_is_a_400_and_its_header_stays_out_of_the_logs(stack):
+    r = stack["client"].post("/v1/chat/completions", json=chat_body(data_url(dicom_quoting_a_name(b"Zzyzx^Quixote "),
+                                                                             "application/dicom")))
+    assert r.status_code == 400 and "could not read the image" in r.json()["detail"] and "Zzyzx" not in r.text
+    time.sleep(0.5)
+    assert not any("Zzyzx" in log.read_text(errors="replace") for log in stack["logs"].glob("*.log"))
+
+
+def test_bad_requests_get_a_4xx_that_echoes_nothing_and_the_server_stays_up(stack):
+    c = stack["client"]
+    json_body = {"Content-Type": "application/json"}
+    nan = json.dumps(chat_body(data_url(sample_png()))).replace('"max_tokens": 12', '"max_tokens": 12, "temperature": NaN')
+    r = c.post("/v1/chat/completions", content=nan, headers=json_body)  # a NaN cannot be sent back in JSON
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"][-1] == "temperature"
+    r = c.post("/chat", json={"question": "Mr Zzyzx's scan", "history": [{"content": "Mr Zzyzx"}]})
+    assert r.status_code == 422 and "role" in r.text and "Zzyzx" not in r.text
+    r = c.post("/v1/chat/completions", json={**chat_body(data_url(sample_png())), "max_tokens": 10**9})
+    assert r.status_code == 422 and "max_tokens" in r.text
+    chunked = (b" " * 500_000 for _ in range(4))  # no Content-Length: the cap (--max-upload-mb 1) holds as it streams
+    r = c.post("/chat", content=chunked, headers=json_body)
+    assert r.status_code == 413 and "too large" in r.json()["detail"]
+    assert c.get("/health").status_code == 200
+
+
+def test_typed_image_markers_and_over_long_prompts_do_not_break_the_chat(stack):
+    c = stack["client"]
+    body = chat_body(data_url(sample_png()), "Is <image> a tumor? <image>")
+    body["messages"][:0] = [{"role": "user", "content": "What does <image> mean?"}, {"role": "assistant", "content": "A marker."}]
+    r = c.post("/v1/chat/completions", json=body)  # typed markers, in the question and in the history
+    assert r.status_code == 200, r.text
+    history = r.json()["mmedagent_trace"]["history"]
+    assert sum(m["content"].count("<image>") for m in history) == 1
+    r = c.post("/chat", json={"question": "Where is <image>?", "image": data_url(sample_png()), "max_new_tokens": 8})
+    assert json.loads(r.text.strip().splitlines()[-1])["type"] == "answer"
+    r = c.post("/v1/chat/completions", json=chat_body(data_url(sample_png()), "tumor " * 5000))
+    assert r.status_code == 502 and "the model's context is 4096" in r.json()["detail"]
+    r = c.post("/v1/chat/completions", json=chat_body(data_url(sample_png())))
+    assert r.status_code == 200, r.text
 
 
 def test_killed_tool_worker_errors_fast_is_dropped_and_comes_back(stack):

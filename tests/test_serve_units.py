@@ -2,6 +2,7 @@
 
 import base64
 import logging
+import sys
 import time
 
 import pytest
@@ -130,6 +131,13 @@ def test_redaction_and_tokens():
     f.filter(rec)
     text = rec.getMessage()
     assert key not in text and "abc.def" not in text and payload[:40] not in text and text.endswith("tail")
+    try:
+        raise ValueError("Zzyzx^Quixote in a DICOM header")
+    except ValueError:
+        rec = logging.LogRecord("x", logging.ERROR, __file__, 1, "upload failed for %s", ("req-7",), sys.exc_info())
+    f.filter(rec)
+    text = logging.Formatter().format(rec)
+    assert "Zzyzx" not in text and text.startswith("upload failed for req-7 [ValueError at test_serve_units.py:")
     assert check_token(None, None) and check_token("Bearer k", "k")
     assert not check_token(None, "k") and not check_token("Bearer x", "k") and not check_token("k", "k")
 

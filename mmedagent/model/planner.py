@@ -95,6 +95,7 @@ class HFPlanner:
         self.eos_ids = set(eos)
         if not self.eos_ids:
             raise ValueError("the model has no end-of-sequence token (generation_config or tokenizer)")
+        self.context_length: int | None = getattr(model.config.get_text_config(), "max_position_embeddings", None)
         self.last_stats: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ construction
@@ -432,6 +433,8 @@ class HFPlanner:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         ids = inputs["input_ids"]
         id_list = ids[0].tolist()
+        if self.context_length and len(id_list) >= self.context_length:
+            raise ValueError(f"the prompt is {len(id_list)} tokens; the model's context is {self.context_length}")
         pixels = inputs.get("pixel_values")
         t0 = time.perf_counter()
         generated: list[int] = []

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from mmedagent.protocol import DEFAULT_SYSTEM, IMAGE_TOKEN
+from mmedagent.protocol import DEFAULT_SYSTEM, IMAGE_TOKEN, without_image_token
 
 Segments = list[tuple[str, bool]]
 Message = dict[str, Any]
@@ -45,7 +45,7 @@ def image_placeholder(processor_or_tokenizer: Any) -> str:
 
 def _map_image(content: str, placeholder: str) -> str:
     if not placeholder:  # text-only model: drop the marker and its line break
-        return content.replace(IMAGE_TOKEN + "\n", "").replace(IMAGE_TOKEN, "")
+        return without_image_token(content)
     return content.replace(IMAGE_TOKEN, placeholder)
 
 
