@@ -1,7 +1,8 @@
 """The one command: controller in this process, model worker, tool workers and web UI as children.
 
 Children get the API key through the environment (never on a command line, which ``ps`` shows),
-register with the controller once loaded, and are stopped when the controller stops (Ctrl-C).
+register with the controller once loaded, are restarted if they die after starting, and are
+stopped when the controller stops (Ctrl-C).
 Tools without configured options get the demo stack's weights when ``tool_weights`` is ``demo``
 (:func:`resolve_tool_specs`). The ready line waits for the model and every tool except
 background ones (retrieval, whose first start builds its index), which register when loaded.
@@ -16,6 +17,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import uvicorn
@@ -91,10 +93,19 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+RESTART_MIN_UPTIME_S = 10.0
+"""A child that dies after running this long is restarted (a model worker killed for memory, say);
+one that dies sooner is failing to start, and is reported instead."""
+
+
 class Child:
     def __init__(self, label: str, argv: list[str], env: dict[str, str]):
-        self.label, self.argv = label, argv
-        self.proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL)
+        self.label, self.argv, self.env = label, argv, env
+        self.start()
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.argv, env=self.env, stdin=subprocess.DEVNULL)
+        self.started, self.reported = time.monotonic(), False
 
     def stop(self, grace_s: float = 5.0) -> None:
         if self.proc.poll() is None:
@@ -112,6 +123,7 @@ class Launcher:
         self.children: list[Child] = []
         self.in_process: list[str] = []
         self.stopping = threading.Event()
+        self._children_lock = threading.Lock()  # no restart once stopping has begun
 
     def _script(self, name: str, *args: str) -> list[str]:
         argv = [sys.executable, str(SERVE_DIR / name)]
@@ -161,18 +173,13 @@ class Launcher:
 
     def _watch(self, ctl: Controller, expected: list[str], web_url: str | None, loaders: dict[str, threading.Thread]) -> None:
         """Say when the stack is ready (background tools aside), then when each background tool
-        registers or fails; keep the controller's list of loading tools current; report children
-        that die."""
-        reported: set[int] = set()
+        registers or fails; keep the controller's list of loading tools current; restart children
+        that die after starting, report those that fail to start."""
         ready = False
         specs = tool_specs(self.cfg)
         pending_bg = {n for n in [*expected, *self.in_process] if is_background(n, specs[n])}
         while not self.stopping.wait(0.5):
-            for child in self.children:
-                code = child.proc.poll()
-                if code is not None and id(child) not in reported:
-                    reported.add(id(child))
-                    log.error("%s exited with code %s (see its log above)", child.label, code)
+            self._tend_children()
             alive = {c.label for c in self.children if c.proc.poll() is None}
             tools = ctl.available_tools()
             loading = {n for n in expected if n not in tools and f"tool worker {n}" in alive}
@@ -198,6 +205,19 @@ class Launcher:
             for name in sorted(pending_bg - loading):
                 print(f"tool {name} {'ready' if name in tools else 'failed to start'}", flush=True)
                 pending_bg.discard(name)
+
+    def _tend_children(self) -> None:
+        with self._children_lock:
+            for child in self.children:
+                code = child.proc.poll()
+                if code is None or child.reported or self.stopping.is_set():
+                    continue
+                if time.monotonic() - child.started >= RESTART_MIN_UPTIME_S:
+                    log.error("%s exited with code %s (see its log above); restarting it", child.label, code)
+                    child.start()
+                else:
+                    child.reported = True
+                    log.error("%s exited with code %s while starting (see its log above)", child.label, code)
 
     def run(self) -> None:
         cfg = self.cfg
@@ -243,7 +263,8 @@ class Launcher:
             pass
         finally:
             self.stopping.set()
-            for child in reversed(self.children):
-                child.stop()
+            with self._children_lock:
+                for child in reversed(self.children):
+                    child.stop()
             ctl.close()
             print("stopped", flush=True)

@@ -6,10 +6,13 @@ One stack per module; every request carries the bearer token except where its ab
 
 import base64
 import json
+import os
+import signal
 import struct
 import threading
 import time
 import zlib
+from pathlib import Path
 
 import httpx
 import pytest
@@ -309,3 +312,25 @@ def test_heartbeats_and_health_stay_responsive_under_load(stack):
         t.join(60)
     assert worst < 0.5, worst
     assert any(w["queue_length"] > 0 for w in queued if w["names"] == ["nap"])  # the heartbeat carried the load
+
+
+def test_a_killed_model_worker_is_restarted_and_the_chat_goes_on(stack):
+    c = stack["client"]
+    ctl = stack["ctl"].proc.pid
+    children = Path(f"/proc/{ctl}/task/{ctl}/children").read_text().split()
+    worker = next(int(p) for p in children if b"model_worker.py" in Path(f"/proc/{p}/cmdline").read_bytes())
+
+    def model_addresses():
+        return {w["address"] for w in c.get("/list_workers").json()["workers"] if w["kind"] == "model"}
+
+    old = model_addresses()
+
+    def replaced():
+        now = model_addresses()
+        return now and not now & old
+
+    os.kill(worker, signal.SIGKILL)  # as the kernel's OOM killer would
+    stack["ctl"].wait_for(r"model worker exited with code -9 .*; restarting it", 10)
+    wait_until(replaced, 120)
+    r = c.post("/v1/chat/completions", json=chat_body(data_url(sample_png())))
+    assert r.status_code == 200, r.text
