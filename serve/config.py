@@ -76,7 +76,7 @@ class ServeConfig(BaseModel):
         "backend URL is set, else default",
     )
     tools: dict[str, ToolSpec] | None = Field(default=None, description="None: every registered tool, one worker each")
-    plugins: list[str] = Field(default_factory=list, description="modules imported first (they may register tools)")
+    plugins: list[str] = Field(default_factory=list, description="modules whose tool classes are registered")
     no_workers: bool = False
     api_key: str | None = Field(default=None, repr=False)
     heartbeat_interval_s: float = Field(default=5.0, gt=0)
@@ -136,7 +136,11 @@ def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> Serv
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: expected a mapping of settings, got {type(loaded).__name__}")
         data.update(loaded)
-    data.update({k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if isinstance(given.get("tools"), dict) and isinstance(data.get("tools"), dict):
+        # the flags choose the tools; each keeps its file settings unless a flag changes them
+        given["tools"] = {n: {**(data["tools"].get(n) or {}), **spec} for n, spec in given["tools"].items()}
+    data.update(given)
     return ServeConfig.model_validate(data)
 
 

@@ -16,7 +16,6 @@ if __name__ == "__main__":  # run as a script: serve/ must not shadow installed 
 import argparse
 import asyncio
 import contextlib
-import importlib
 import json
 import logging
 import threading
@@ -42,7 +41,7 @@ from mmedagent.serve.registry import NoWorkerError, WorkerInfo, WorkerRegistry
 from mmedagent.serve.remote import RemoteResult, RemoteTool, ToolInputError, WorkerError, WorkerPlanner, remote_tool_class
 from mmedagent.serve.security import setup_logging, without_echoed_input
 from mmedagent.serve.uploads import UploadError, image_from_data_url
-from mmedagent.tools import Tool, UnknownToolError, get_tool, list_tools
+from mmedagent.tools import Tool, UnknownToolError, get_tool, list_tools, load_plugin
 
 # System prompts for models trained without the tool catalog ("catalog" derives it from the live tools).
 log = logging.getLogger("mmedagent.serve.controller")
@@ -231,6 +230,14 @@ class Controller:
                 return
             yield kind, payload
 
+    def loading_tool(self, name: str) -> str | None:
+        """The canonical name of ``name`` if that tool is still loading."""
+        try:
+            canonical = get_tool(name).name
+        except UnknownToolError:
+            return None
+        return canonical if canonical in self.loading else None
+
     def tool_weights(self) -> list[dict[str, Any]]:
         """Each live tool with its loaded weights (the tool's own note) and, where configured, a
         ``label`` (e.g. the demo's "tiny random weights — demo only")."""
@@ -353,8 +360,12 @@ def build_app(ctl: Controller) -> FastAPI:
         call = ToolCall(API_name=name, API_params=body.params)
         prepared = ctl.dispatcher.prepare(call, image)
         if isinstance(prepared, ToolOutcome):
-            unknown = ctl.dispatcher.resolve(name) is None
-            raise HTTPException(404 if unknown else 422, prepared.error)
+            if ctl.dispatcher.resolve(name) is not None:
+                raise HTTPException(422, prepared.error)
+            loading = ctl.loading_tool(name)
+            if loading:
+                raise HTTPException(503, f"tool {loading!r} is still loading; it registers when ready")
+            raise HTTPException(404, prepared.error)
         (outcome,), (result,) = await run_in_threadpool(ctl.dispatcher.dispatch_all, [call], image)
         if not outcome.ok:
             error = outcome.error or ""
@@ -503,7 +514,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--heartbeat-expiry", type=float, default=None)
     parser.add_argument("--tool-timeout", type=float, default=None)
     parser.add_argument("--max-upload-mb", type=float, default=None)
-    parser.add_argument("--plugin", action="append", default=None, help="module to import first (may register tools)")
+    parser.add_argument("--plugin", action="append", default=None, help="module whose tool classes to register (repeatable)")
     add_common_args(parser)
     args = parser.parse_args(argv)
     tools = None
@@ -521,8 +532,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.no_web:
         cfg.web_port = None
     setup_logging(cfg.log_level, [cfg.api_key or "", cfg.model_backend_api_key or ""])
-    for module in cfg.plugins:  # plug-ins may register tools that run in-process
-        importlib.import_module(module)
+    for module in cfg.plugins:  # tools that may run in-process
+        load_plugin(module)
     Launcher(cfg, args.config).run()
 
 

@@ -77,7 +77,7 @@ def setup_logging(level: str = "INFO", secrets: Iterable[str] = ()) -> None:
         lg.handlers[:] = []
         lg.propagate = True
     logging.getLogger("uvicorn.access").filters[:] = [_QuietPolls()]
-    for noisy in ("httpx", "httpcore", "urllib3", "PIL", "matplotlib", "multipart"):
+    for noisy in ("httpx", "httpcore", "urllib3", "PIL", "matplotlib", "multipart", "faiss", "bm25s"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

@@ -13,7 +13,6 @@ if __name__ == "__main__":  # run as a script: serve/ must not shadow installed 
     _sys.path[:] = [p for p in _sys.path if _os.path.abspath(p or ".") != _here]
 
 import argparse
-import importlib
 import json
 import logging
 import threading
@@ -30,7 +29,7 @@ from mmedagent.serve.config import add_common_args, load_config
 from mmedagent.serve.security import setup_logging, without_echoed_input
 from mmedagent.serve.uploads import UploadError, image_from_data_url
 from mmedagent.serve.worker_base import Heartbeat, bind_socket, serve_worker, url_for
-from mmedagent.tools import Tool, get_tool
+from mmedagent.tools import Tool, get_tool, load_plugin
 
 log = logging.getLogger("mmedagent.serve.tool_worker")
 
@@ -110,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tool", required=True, help="tool name or alias (see mmedagent.tools.list_tools())")
     parser.add_argument("--options", default="{}", help="JSON object passed to the tool's constructor (weights, device)")
-    parser.add_argument("--plugin", action="append", default=[], help="module to import first (it may register tools)")
+    parser.add_argument("--plugin", action="append", default=[], help="module whose tool classes to register (repeatable)")
     parser.add_argument("--controller", default=None, help="controller URL (default from config)")
     parser.add_argument("--host", default=None)
     parser.add_argument("--port", type=int, default=0, help="0: a free port")
@@ -122,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
                       heartbeat_interval_s=args.heartbeat_interval)
     setup_logging(cfg.log_level, [cfg.api_key or ""])
     for module in [*cfg.plugins, *args.plugin]:
-        importlib.import_module(module)
+        load_plugin(module)
     options = json.loads(args.options)
     if not isinstance(options, dict):
         parser.error("--options must be a JSON object")

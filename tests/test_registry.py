@@ -33,6 +33,20 @@ def test_readme_example_tool_runs_through_dispatcher():
     assert "region_stats (also: intensity stats)" in system_prompt([RegionStats])
 
 
+def test_the_readme_example_file_loads_as_a_plugin(tmp_path, monkeypatch):
+    """``--plugin my_pkg.region_stats`` (controller and tool worker) registers the README's class as written."""
+    from mmedagent.tools import get_tool, load_plugin, registry
+
+    block = re.search(r"<!-- example-tool:start -->\s*```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+    (tmp_path / "my_pkg").mkdir()
+    (tmp_path / "my_pkg" / "__init__.py").write_text("")
+    (tmp_path / "my_pkg" / "region_stats.py").write_text(block)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(registry, "_extra", {})
+    assert [c.name for c in load_plugin("my_pkg.region_stats")] == ["region_stats"]
+    assert get_tool("Intensity Stats").__module__ == "my_pkg.region_stats"
+
+
 def test_entry_point_plugin_discovery(tmp_path, monkeypatch):
     pkg = tmp_path / "acme_tools"
     pkg.mkdir()

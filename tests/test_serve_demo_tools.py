@@ -85,6 +85,20 @@ def test_weights_are_cached_and_a_new_builder_rebuilds(demo_cache, monkeypatch, 
     assert demo_tools.build_key() != key
 
 
+def test_evaluating_the_demo_live_uses_the_demo_tool_weights(demo_cache, monkeypatch):
+    """As the server does: ``--model demo`` gets the demo stack's tools unless told otherwise."""
+    from mmedagent.evaluation.cli import make_runner, parser
+
+    root, options = demo_cache
+    monkeypatch.setenv("MMEDAGENT_CACHE", str(root))
+    tools = make_runner(parser().parse_args(["--model", "demo", "--tools", "grounding", "classification"])).dispatcher.tools
+    assert tools["grounding"].options == options["grounding"] and tools["classification"].options == options["classification"]
+    own = '{"grounding": {"model": "my/dino"}}'
+    args = ["--model", "demo", "--tools", "grounding", "classification", "--tool-weights", "default", "--tool-options", own]
+    tools = make_runner(parser().parse_args(args)).dispatcher.tools
+    assert tools["grounding"].options == {"model": "my/dino"} and tools["classification"].options == {}
+
+
 def test_launcher_fills_in_demo_weights_only_when_nothing_is_configured(demo_cache, monkeypatch, tmp_path):
     root, options = demo_cache
     monkeypatch.setenv("MMEDAGENT_CACHE", str(root))

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from _serve_fixtures import data_url, sample_png
 from mmedagent.serve import openai_api as oa
-from mmedagent.serve.config import ServeConfig, load_config
+from mmedagent.serve.config import ServeConfig, ToolSpec, load_config
 from mmedagent.serve.registry import NoWorkerError, WorkerInfo, WorkerRegistry
 from mmedagent.serve.remote import remote_tool_class, to_openai_messages
 from mmedagent.serve.security import RedactFilter, check_token
@@ -67,6 +67,10 @@ def test_config_expiry_must_exceed_interval(tmp_path, monkeypatch):
     assert cfg.port == 9100 and cfg.host == "127.0.0.1"
     assert cfg.tools["grounding"].options == {"device": "cpu"} and cfg.tools["nap"].in_process
     assert cfg.api_key == "from-env" and "from-env" not in repr(cfg)
+    # --tools / --in-process-tools choose the tools; each keeps its file settings unless a flag changes them
+    cfg = load_config(path, tools={"nap": {}, "grounding": {"in_process": True}, "classification": {}})
+    assert list(cfg.tools) == ["nap", "grounding", "classification"] and cfg.tools["nap"].in_process
+    assert cfg.tools["grounding"].in_process and cfg.tools["grounding"].options == {"device": "cpu"}
     path.write_text("prot: 1\n")
     with pytest.raises(ValidationError, match="prot"):
         load_config(path)
@@ -173,3 +177,20 @@ def test_model_path_demo_serves_the_embedded_demo_model(tmp_path, monkeypatch):
     assert load_host(ServeConfig(model_path="demo", constrain=False)).info["constrain"] is False  # ... a flag overrides
     plain = load_host(ServeConfig(model_path=str(built)))
     assert plain.info["demo"] is False and plain.info["constrain"] is False
+
+
+def test_a_tool_still_loading_is_a_503_not_unknown():
+    from fastapi.testclient import TestClient
+
+    from mmedagent.serve.controller import Controller, build_app
+
+    ctl = Controller(ServeConfig(tools={"retrieval": ToolSpec()}))
+    ctl.loading = ["retrieval"]
+    try:
+        with TestClient(build_app(ctl)) as client:
+            r = client.post("/v1/tools/ChatCAD-R", json={"params": {"question": "asthma"}})
+            assert r.status_code == 503 and "'retrieval' is still loading" in r.json()["detail"]
+            r = client.post("/v1/tools/no_such_tool", json={"params": {}})
+            assert r.status_code == 404 and "unknown tool" in r.json()["detail"]
+    finally:
+        ctl.close()

@@ -3,7 +3,7 @@
 
 from mmedagent.tools._boxes import Box, Point
 from mmedagent.tools.base import Overlay, Tool, ToolParams, ToolResult
-from mmedagent.tools.registry import UnknownToolError, get_tool, list_tools, refresh, register
+from mmedagent.tools.registry import UnknownToolError, get_tool, list_tools, load_plugin, refresh, register
 
 __all__ = [
     "Box",
@@ -15,6 +15,7 @@ __all__ = [
     "UnknownToolError",
     "get_tool",
     "list_tools",
+    "load_plugin",
     "refresh",
     "register",
 ]

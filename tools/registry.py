@@ -80,6 +80,14 @@ def register(cls: type[Tool]) -> type[Tool]:
     return cls
 
 
+def load_plugin(module_name: str) -> list[type[Tool]]:
+    """Import a module (``--plugin my_pkg.tools``) and register every tool class it defines."""
+    classes = _tools_in_module(importlib.import_module(module_name))
+    for cls in classes:
+        register(cls)
+    return classes
+
+
 def list_tools() -> list[type[Tool]]:
     """All known tool classes, sorted by name."""
     return sorted(_all().values(), key=lambda c: c.name)

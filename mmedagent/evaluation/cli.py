@@ -32,6 +32,10 @@ def parser() -> argparse.ArgumentParser:
                    help="live: run the real tools; gold: feed the gold tool outputs from the data (default live)")
     p.add_argument("--tools", nargs="+", metavar="NAME", help="tools offered to the planner (default: all registered)")
     p.add_argument("--tool-options", default="{}", help='JSON: {"tool name": {constructor options}} for live tools')
+    p.add_argument("--tool-weights", choices=("demo", "default"), default=None,
+                   help="live tools without --tool-options: demo = the demo stack's tiny weights (built once, as "
+                        "the server uses them); default = each tool's published weights. Default: demo with "
+                        "--model demo, else default")
     p.add_argument("--endpoint", choices=("agent", "planner"), default="agent",
                    help="for a URL: 'agent' = an mmedagent controller (runs tools, returns mmedagent_trace); "
                         "'planner' = any OpenAI-compatible model endpoint driven by the local agent loop")
@@ -92,6 +96,10 @@ def make_runner(args: argparse.Namespace) -> Any:
     tools: list[Any] = classes
     if args.tool_mode == "live":
         options = json.loads(args.tool_options)
+        if (args.tool_weights or ("demo" if args.model == "demo" else "default")) == "demo":
+            from mmedagent.demo_tools import demo_tool_options
+
+            options = {**demo_tool_options(), **options}
         tools = [cls(**options.get(cls.name, {})) for cls in classes]
     system = system_message(args.system_prompt, classes)
     return AgentRunner(planner, args.tool_mode, tools, image_folder=args.image_folder, max_steps=args.max_steps,
