@@ -49,6 +49,8 @@ class AgentStep(BaseModel):
     overlays: list[Overlay | None] = Field(default_factory=list)
     model_s: float = 0.0
     tools_s: float = 0.0
+    prompt_tokens: int | None = None  # as the planner reports them (``last_stats``)
+    new_tokens: int | None = None
 
 
 class AgentResult(BaseModel):
@@ -61,6 +63,14 @@ class AgentResult(BaseModel):
     @property
     def tool_calls(self) -> list[str]:
         return [a.API_name for s in self.steps if s.turn for a in s.turn.actions]
+
+    @property
+    def usage(self) -> dict[str, int] | None:
+        """OpenAI-style token usage of the planner calls; None where the planner does not report it."""
+        if not self.steps or any(s.prompt_tokens is None or s.new_tokens is None for s in self.steps):
+            return None
+        prompt, completion = sum(s.prompt_tokens or 0 for s in self.steps), sum(s.new_tokens or 0 for s in self.steps)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def with_one_image_marker(messages: Sequence[ChatMessage], has_image: bool) -> list[ChatMessage]:
@@ -124,6 +134,9 @@ class Agent:
             t0 = time.monotonic()
             raw = self._generate(messages, image, on_event)
             step = AgentStep(index=index, raw=raw, model_s=time.monotonic() - t0)
+            stats = getattr(self.planner, "last_stats", None)
+            if isinstance(stats, dict) and {"prompt_tokens", "new_tokens"} <= stats.keys():
+                step.prompt_tokens, step.new_tokens = int(stats["prompt_tokens"]), int(stats["new_tokens"])
             steps.append(step)
             messages.append({"role": "assistant", "content": raw})
             try:

@@ -95,7 +95,14 @@ def step_view(step: AgentStep) -> dict[str, Any]:
         "raw": step.raw,
         "model_s": round(step.model_s, 4),
         "tools_s": round(step.tools_s, 4),
+        "prompt_tokens": step.prompt_tokens,
+        "new_tokens": step.new_tokens,
     }
+
+
+def _usage(result: AgentResult) -> dict[str, Any]:
+    """The OpenAI ``usage`` field of a response, where the model worker reported token counts."""
+    return {"usage": result.usage} if result.usage else {}
 
 
 def trace_view(result: AgentResult) -> dict[str, Any]:
@@ -444,7 +451,7 @@ def build_app(ctl: Controller) -> FastAPI:
                 if kind == "answer":
                     result = payload
             assert result is not None
-            return oa.completion(cid, model, result.answer, mmedagent_trace=trace_view(result))
+            return oa.completion(cid, model, result.answer, **_usage(result), mmedagent_trace=trace_view(result))
 
         async def sse() -> AsyncIterator[str]:
             yield oa.chunk(cid, model, {"role": "assistant", "content": ""})
@@ -453,7 +460,7 @@ def build_app(ctl: Controller) -> FastAPI:
                     yield oa.chunk(cid, model, {}, mmedagent_step=step_view(payload))
                 elif kind == "answer":
                     yield oa.chunk(cid, model, {"content": payload.answer})
-                    yield oa.chunk(cid, model, {}, "stop", mmedagent_trace=trace_view(payload))
+                    yield oa.chunk(cid, model, {}, "stop", **_usage(payload), mmedagent_trace=trace_view(payload))
                 elif kind == "error":
                     yield oa.chunk(cid, model, {}, "error", error={"message": payload})
             yield oa.SSE_DONE

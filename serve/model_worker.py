@@ -97,7 +97,9 @@ class ModelHost:
         except UploadError as e:
             raise HTTPException(e.status, e.reason) from None
 
-    def stream(self, messages: list[dict[str, str]], image: Any, gen: dict[str, Any]) -> Iterator[str]:
+    def stream(self, messages: list[dict[str, str]], image: Any, gen: dict[str, Any],
+               usage: dict[str, int] | None = None) -> Iterator[str]:
+        """The reply in pieces; ``usage``, when given, receives the call's OpenAI token usage."""
         with self._count_lock:
             self.waiting += 1
         try:
@@ -107,6 +109,8 @@ class ModelHost:
                     yield self.planner.generate(messages, image, **gen)
                 else:
                     yield from stream(messages, image, **gen)
+                if usage is not None:
+                    usage.update(oa.usage_of(getattr(self.planner, "last_stats", None)) or {})
         finally:
             with self._count_lock:
                 self.waiting -= 1
@@ -141,12 +145,15 @@ def build_app(host: ModelHost) -> FastAPI:
         gen = req.model_dump(include={"max_new_tokens", "temperature", "top_p", "stop"}, exclude_none=True)
 
         async def events() -> AsyncIterator[str]:
-            async for item in _pump(host.stream(as_dicts(req.messages), image, gen)):
+            usage: dict[str, int] = {}
+            async for item in _pump(host.stream(as_dicts(req.messages), image, gen, usage)):
                 if isinstance(item, BaseException):
                     log.warning("generation failed: %s", type(item).__name__)
                     yield json.dumps({"error": f"generation failed: {type(item).__name__}: {item}"}) + "\n"
                     return
                 yield json.dumps({"text": item}, ensure_ascii=False) + "\n"
+            if usage:
+                yield json.dumps({"usage": usage}) + "\n"
 
         return StreamingResponse(events(), media_type="application/x-ndjson")
 
@@ -159,23 +166,24 @@ def build_app(host: ModelHost) -> FastAPI:
         image = await run_in_threadpool(host.image, image_url)
         gen = req.gen({})
         cid = oa.completion_id()
+        usage: dict[str, int] = {}
         if not req.stream:
             pieces = []
-            async for item in _pump(host.stream(messages, image, gen)):
+            async for item in _pump(host.stream(messages, image, gen, usage)):
                 if isinstance(item, BaseException):
                     raise HTTPException(500, f"generation failed: {type(item).__name__}: {item}")
                 pieces.append(item)
-            return oa.completion(cid, host.name, "".join(pieces))
+            return oa.completion(cid, host.name, "".join(pieces), **({"usage": usage} if usage else {}))
 
         async def sse() -> AsyncIterator[str]:
             yield oa.chunk(cid, host.name, {"role": "assistant", "content": ""})
-            async for item in _pump(host.stream(messages, image, gen)):
+            async for item in _pump(host.stream(messages, image, gen, usage)):
                 if isinstance(item, BaseException):
                     yield oa.chunk(cid, host.name, {}, "error", error={"message": f"{type(item).__name__}: {item}"})
                     break
                 yield oa.chunk(cid, host.name, {"content": item})
             else:
-                yield oa.chunk(cid, host.name, {}, "stop")
+                yield oa.chunk(cid, host.name, {}, "stop", **({"usage": usage} if usage else {}))
             yield oa.SSE_DONE
 
         return StreamingResponse(sse(), media_type="text/event-stream")

@@ -148,6 +148,7 @@ class WorkerPlanner:
         self.registry, self.client, self.model = registry, client, model
         self.conversation_id, self.timeout_s = conversation_id, timeout_s
         self.address = registry.pick("model", model)
+        self.last_stats: dict[str, int] = {}  # the last call's token counts, as the worker reports them
 
     def _body(self, messages: Sequence[dict[str, str]], image: Any, gen: dict[str, Any]) -> dict[str, Any]:
         return {
@@ -163,6 +164,7 @@ class WorkerPlanner:
     def stream(self, messages: Sequence[dict[str, str]], image: Any, **gen: Any) -> Iterator[str]:
         what = f"model worker for {self.model!r}"
         self.registry.begin(self.address)
+        self.last_stats = {}
         try:
             with self.client.stream(
                 "POST", f"{self.address}/worker_generate_stream", json=self._body(messages, image, gen), timeout=timeout(self.timeout_s)
@@ -175,6 +177,9 @@ class WorkerPlanner:
                         raise WorkerError(f"{what}: {event['error']}")
                     if event.get("text"):
                         yield event["text"]
+                    if "usage" in event:
+                        usage = event["usage"]
+                        self.last_stats = {"prompt_tokens": usage["prompt_tokens"], "new_tokens": usage["completion_tokens"]}
         except httpx.HTTPError as e:
             raise WorkerError(_describe_http_error(what, self.address, e)) from None
         finally:

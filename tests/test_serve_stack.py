@@ -113,6 +113,10 @@ def test_openai_chat_non_stream_and_stream(stack):
     assert trace["steps"] and trace["history"][1]["content"].startswith("<image>\n")
     assert body["choices"][0]["message"]["content"] == trace["steps"][-1]["value"]
     assert "bright_region" in trace["history"][0]["content"]  # the system prompt lists the live tools
+    usage = body["usage"]  # summed over the planner calls, as the model worker counted them
+    assert usage["completion_tokens"] == sum(s["new_tokens"] for s in trace["steps"]) > 0
+    assert usage["prompt_tokens"] == sum(s["prompt_tokens"] for s in trace["steps"]) > 0
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
     events = []
     with c.stream("POST", "/v1/chat/completions", json=chat_body(data_url(sample_png()), stream=True)) as s:
         assert s.status_code == 200 and s.headers["content-type"].startswith("text/event-stream")
@@ -120,6 +124,7 @@ def test_openai_chat_non_stream_and_stream(stack):
     assert events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
     assert chunks[-1]["choices"][0]["finish_reason"] == "stop" and "mmedagent_trace" in chunks[-1]
+    assert chunks[-1]["usage"]["completion_tokens"] > 0
     assert "".join(ch["choices"][0]["delta"].get("content") or "" for ch in chunks) == chunks[-1]["mmedagent_trace"]["steps"][-1]["value"]
 
 
@@ -282,6 +287,7 @@ def test_backend_option_forwards_to_an_openai_compatible_server(stack):
     direct = c.post(f"{direct_url}/v1/chat/completions", json=body)
     forwarded = c.post(f"{forward_url}/v1/chat/completions", json=body)
     assert direct.status_code == forwarded.status_code == 200, forwarded.text
+    assert direct.json()["usage"]["completion_tokens"] > 0  # the model worker's own count
     text = direct.json()["choices"][0]["message"]["content"]
     assert text and forwarded.json()["choices"][0]["message"]["content"] == text  # greedy: same turn either way
     with c.stream("POST", f"{forward_url}/v1/chat/completions", json={**body, "stream": True}) as s:
