@@ -12,7 +12,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ $# -lt 3 ]; then
-  sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"  # the header comment, whatever its length
   exit 2
 fi
 MODEL=$1 DATA=$2 IMAGES=$3 OUTPUT=${4:-./checkpoints/mmedagent-lora}

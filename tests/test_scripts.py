@@ -47,3 +47,32 @@ def test_bench_box_copy_scores_the_demo_planner():
     bank, asked, exact, valid, iou = next(line for line in proc.stdout.splitlines() if line.startswith("train")).split()
     assert int(asked) == 6 and 0 < int(exact) <= int(valid) <= 6  # the shipped planner copies some boxes exactly
     assert int(exact) / 6 <= float(iou) <= int(valid) / 6
+
+
+def test_finetune_lora_without_arguments_prints_its_usage_only():
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "finetune_lora.sh")], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 2
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0].startswith("MMedAgent's LoRA instruction-tuning recipe")
+    assert lines[-1].endswith("see docs/train.md for CPU runs.") and "set -euo" not in proc.stdout
+
+
+def _convert_error(*args: str) -> str:
+    proc = run("scripts/convert_llava_checkpoint.py", *args, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return proc.stderr.strip().splitlines()[-1]
+
+
+def test_convert_llava_checkpoint_reports_bad_sources_in_one_line(tiny_models, tmp_path):
+    hf = tiny_models("llava")
+    err = _convert_error("--src", str(hf), "--dst", str(tmp_path / "out"))
+    assert err.startswith(f"error: {hf} is already in transformers layout") and "nothing to convert" in err, err
+    assert not (tmp_path / "out").exists()
+    err = _convert_error("--src", str(tmp_path / "missing"), "--dst", str(tmp_path / "out"))
+    assert err == f"error: {tmp_path / 'missing'}: no such directory"
+    orig = tmp_path / "orig"  # original LLaVA layout whose config names no tower: the CLI flag is named
+    orig.mkdir()
+    (orig / "config.json").write_text(json.dumps({"architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava"}))
+    err = _convert_error("--src", str(orig), "--dst", str(tmp_path / "out"))
+    assert "names no vision tower" in err and "pass --vision-tower" in err and "vision_tower=" not in err, err

@@ -316,3 +316,14 @@ def test_the_seed_fixes_the_adapters_initial_weights(tiny_models, tmp_path):
     assert first and first.keys() == again.keys() == other.keys()
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert not all(torch.equal(first[k], other[k]) for k in first)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a (tf32) GPU")
+def test_tf32_without_a_gpu_is_refused_by_our_flag_check(tmp_path):
+    """Before transformers' own ValueError (one traceback per rank), as for --bits 4."""
+    from mmedagent.train.args import FlagError, parse_args
+
+    base = ["--model_name_or_path", "b", "--output_dir", str(tmp_path), "--data_path", "d"]
+    with pytest.raises(FlagError, match=r"^--tf32 True needs a CUDA GPU .*this machine has no GPU. Leave --tf32 out"):
+        parse_args([*base, "--tf32", "True"])
+    assert parse_args([*base, "--tf32", "False"])[2].tf32 is False

@@ -2,10 +2,11 @@
 data format, kill-and-resume. Each launch is a real multi-process run of the entry point."""
 
 import json
+import subprocess
 
 import pytest
 import torch
-from _train_fixtures import ROOT, base_args, losses, run_training, run_until
+from _train_fixtures import ROOT, base_args, command, losses, run_training, run_until, train_env
 from safetensors.torch import load_file
 
 pytest_plugins = ("_train_fixtures",)  # session fixture: train_data
@@ -92,3 +93,49 @@ def test_qwen2_vl_sharegpt_one_rank(tiny_models, train_data, tmp_path):
     assert any(".merger." in k for k in saved) and not any(".visual.blocks" in k for k in saved)
     steps = losses(out)
     assert sum(steps[s] for s in (7, 8)) < sum(steps[s] for s in (1, 2)), steps
+
+
+def _fails(args: list[str]) -> subprocess.CompletedProcess:
+    proc = subprocess.run(command(args, None), cwd=ROOT, env=train_env(), capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-4000:]
+    return proc
+
+
+def test_resume_with_changed_projector_lr_says_why_not_a_traceback(tiny_models, train_data, tmp_path):
+    """checkpoint-2 saved with --mm_projector_lr (3 optimizer groups); resumed without it (2 groups)."""
+    out = tmp_path / "run"
+    args = base_args(tiny_models("llava"), train_data["mmedagent"], out, "--image_folder", str(train_data["images"]),
+                     "--version", "v1", "--save_steps", "2")
+    run_training([*args, "--max_steps", "2", "--mm_projector_lr", "2e-5"])
+    err = _fails([*args, "--max_steps", "4"]).stderr.strip().splitlines()[-1]
+    assert err.startswith(f"error: resuming from {out / 'checkpoint-2'} failed: its optimizer state does not match "
+                          "the current settings"), err
+    assert "--mm_projector_lr" in err and "use a new --output_dir" in err
+    assert "different number of parameter groups" in err  # the underlying cause, in the same line
+    err = _fails([*args, "--max_steps", "4", "--resume_from_checkpoint", str(out / "checkpoint-2")]).stderr
+    assert "drop --resume_from_checkpoint" in err
+
+
+def test_resume_error_explains_checkpoint_loads_only():
+    from mmedagent.train.trainer import ResumeError, resume_error
+
+    def _load_optimizer_and_scheduler():  # named like transformers' loader
+        raise ValueError("loaded state dict has a different number of parameter groups")
+
+    def training_step():
+        raise ValueError("some other failure")
+
+    for fn, explained in ((_load_optimizer_and_scheduler, True), (training_step, False)):
+        try:
+            fn()
+        except ValueError as e:
+            got = resume_error(e, "out/checkpoint-4", explicit=False)
+        assert isinstance(got, ResumeError) if explained else got is None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a (tf32) GPU")
+def test_bad_flag_is_one_error_line_not_a_traceback(tmp_path):
+    proc = _fails(["--model_name_or_path", "b", "--data_path", "d", "--output_dir", str(tmp_path), "--tf32", "True"])
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: --tf32 True needs a CUDA GPU"), proc.stderr

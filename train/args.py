@@ -15,6 +15,11 @@ import transformers
 TEMPLATE_ALIASES = {"v1": "vicuna_v1", "vicuna": "vicuna_v1"}
 """LLaVA ``--version`` names -> model-layer template names."""
 
+class FlagError(ValueError):
+    """A flag that is wrong, does not apply, or needs hardware this machine lacks: ``train/train_mem.py``
+    reports it as one ``error: ...`` line (exit status 2) instead of a traceback."""
+
+
 LLAVA_ONLY = ("vision_tower", "mm_vision_select_layer", "mm_vision_select_feature", "mm_projector_type",
               "mm_use_im_start_end", "mm_use_im_patch_token")
 IMAGE_ONLY = ("image_folder", "image_aspect_ratio", "mm_projector_lr", "freeze_mm_mlp_adapter")
@@ -83,25 +88,30 @@ class TrainingArguments(transformers.TrainingArguments):
 
     def __post_init__(self):
         import torch
+        from transformers.utils import is_torch_tf32_available
 
         # Without use_cpu every CPU rank believes it is alone (unsharded data) and bf16 is refused.
         if not torch.cuda.is_available():
             self.use_cpu = True
         if self.warmup_ratio is not None:
             if not 0 <= self.warmup_ratio < 1:
-                raise ValueError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+                raise FlagError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
             self.warmup_steps = self.warmup_ratio
         if self.bits not in (4, 8, 16):
-            raise ValueError(f"--bits must be 4, 8 or 16, got {self.bits}")
+            raise FlagError(f"--bits must be 4, 8 or 16, got {self.bits}")
         if self.bits in (4, 8) and not torch.cuda.is_available():
-            raise ValueError(f"--bits {self.bits} (QLoRA) needs a CUDA GPU and bitsandbytes; this machine has no GPU. "
+            raise FlagError(f"--bits {self.bits} (QLoRA) needs a CUDA GPU and bitsandbytes; this machine has no GPU. "
                              "Use --bits 16 on CPU.")
+        if self.tf32 and not is_torch_tf32_available():
+            raise FlagError("--tf32 True needs a CUDA GPU of the Ampere generation or newer; "
+                            f"{'this GPU is older' if torch.cuda.is_available() else 'this machine has no GPU'}. "
+                            "Leave --tf32 out (or pass --tf32 False).")
         if self.bits in (4, 8) and not self.lora_enable:
-            raise ValueError(f"--bits {self.bits} quantises the frozen base model; it needs --lora_enable True")
+            raise FlagError(f"--bits {self.bits} quantises the frozen base model; it needs --lora_enable True")
         if self.lora_vision and not self.lora_enable:
-            raise ValueError("--lora_vision adds LoRA to the vision encoder; it needs --lora_enable True")
+            raise FlagError("--lora_vision adds LoRA to the vision encoder; it needs --lora_enable True")
         if self.lora_bias not in ("none", "all", "lora_only"):
-            raise ValueError(f"--lora_bias must be none, all or lora_only, got {self.lora_bias!r}")
+            raise FlagError(f"--lora_bias must be none, all or lora_only, got {self.lora_bias!r}")
         if self.activation_checkpointing_kwargs is None and self.gradient_checkpointing_kwargs is None:
             # non-reentrant checkpointing works with frozen embeddings (LoRA) without extra hooks
             self.activation_checkpointing_kwargs = {"use_reentrant": False}
@@ -112,7 +122,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
     parser = transformers.HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     if data_args.image_aspect_ratio not in (None, "pad", "square"):
-        raise ValueError(f"--image_aspect_ratio must be 'pad' or 'square', got {data_args.image_aspect_ratio!r}")
+        raise FlagError(f"--image_aspect_ratio must be 'pad' or 'square', got {data_args.image_aspect_ratio!r}")
     return model_args, data_args, training_args
 
 
@@ -136,16 +146,16 @@ def check_backbone_flags(family: str, model_args: ModelArguments, data_args: Dat
         bad += _given(data_args, IMAGE_ONLY) + _given(training_args, IMAGE_ONLY)
     if bad:
         flags = ", ".join(f"--{n}" for n in bad)
-        raise ValueError(f"{flags} do(es) not apply to {model_args.model_name_or_path} (a {family} backbone): "
+        raise FlagError(f"{flags} do(es) not apply to {model_args.model_name_or_path} (a {family} backbone): "
                          f"{'image options need a vision backbone' if family == 'causal_lm' else 'LLaVA-only options'}"
                          "; remove them.")
     if family == "llava":
         if model_args.mm_use_im_start_end:
-            raise ValueError("--mm_use_im_start_end True is not supported: transformers' LLaVA places image "
+            raise FlagError("--mm_use_im_start_end True is not supported: transformers' LLaVA places image "
                              "features at the <image> tokens without start/end tokens. Use False.")
         if model_args.mm_use_im_patch_token:
-            raise ValueError("--mm_use_im_patch_token True is not supported (no patch tokens in transformers' "
+            raise FlagError("--mm_use_im_patch_token True is not supported (no patch tokens in transformers' "
                              "LLaVA). Use False.")
         if model_args.mm_vision_select_feature not in (None, "patch", "cls_patch"):
-            raise ValueError(f"--mm_vision_select_feature must be patch or cls_patch, got "
+            raise FlagError(f"--mm_vision_select_feature must be patch or cls_patch, got "
                              f"{model_args.mm_vision_select_feature!r}")

@@ -24,6 +24,7 @@ from mmedagent.data.formats import DataError, read_records
 from mmedagent.imaging import load_image
 from mmedagent.model.templates import render_segments, tokenizer_of
 from mmedagent.protocol import IMAGE_TOKEN, Record
+from mmedagent.train.args import FlagError
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ def pair_folders(data_paths: list[str], folders: list[str]) -> list[str | None]:
     if len(folders) == 1:
         return folders * len(data_paths)
     if len(folders) != len(data_paths):
-        raise ValueError(f"--image_folder lists {len(folders)} folders for {len(data_paths)} data files; "
+        raise FlagError(f"--image_folder lists {len(folders)} folders for {len(data_paths)} data files; "
                          "give one folder, or one per data file")
     return list(folders)
 
@@ -113,7 +114,7 @@ def load_samples(data_path: str, image_folder: str | None, vision: bool) -> list
     """Read and validate every record of every (comma-separated) data file, before training starts."""
     paths = split_list(data_path)
     if not paths:
-        raise ValueError("--data_path is empty")
+        raise FlagError("--data_path is empty")
     samples: list[Sample] = []
     for path, folder in zip(paths, pair_folders(paths, split_list(image_folder))):
         records = read_records(path, image_folder=folder)

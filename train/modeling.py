@@ -20,7 +20,7 @@ import re
 import torch
 from torch import nn
 
-from mmedagent.train.args import ModelArguments, TrainingArguments
+from mmedagent.train.args import FlagError, ModelArguments, TrainingArguments
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def lora_target_regex(model: nn.Module, family: str, names: str | None = None, v
         wanted = {n.strip() for n in names.split(",") if n.strip()}
         unknown = wanted - leaves
         if unknown:
-            raise ValueError(f"--lora_target_modules {sorted(unknown)} are not Linear layers of the language model; "
+            raise FlagError(f"--lora_target_modules {sorted(unknown)} are not Linear layers of the language model; "
                              f"available: {sorted(leaves)}")
         leaves = wanted
     if not leaves:
@@ -74,7 +74,7 @@ def lora_target_regex(model: nn.Module, family: str, names: str | None = None, v
     pattern = rf"{re.escape(lm)}\..*\.({'|'.join(sorted(map(re.escape, leaves)))})"
     if vision_too:
         if vision is None:
-            raise ValueError("--lora_vision: this model has no vision encoder")
+            raise FlagError("--lora_vision: this model has no vision encoder")
         skip = (projector + ".",) if projector else ()
         vision_leaves = _linear_leaves(model, vision, skip)
         if not vision_leaves:
@@ -90,13 +90,13 @@ def apply_llava_flags(model: nn.Module, model_args: ModelArguments) -> None:
     if model_args.mm_projector_type is not None:
         have = getattr(cfg, "mm_projector_type", None) or f"mlp2x_{cfg.projector_hidden_act}"
         if model_args.mm_projector_type != have:
-            raise ValueError(f"--mm_projector_type {model_args.mm_projector_type} does not match the checkpoint's "
+            raise FlagError(f"--mm_projector_type {model_args.mm_projector_type} does not match the checkpoint's "
                              f"projector ({have}); transformers' LLaVA projector is Linear-{cfg.projector_hidden_act}-"
                              "Linear (mlp2x_gelu).")
     if model_args.vision_tower is not None:
         recorded = getattr(cfg, "mm_vision_tower", None) or getattr(cfg.vision_config, "_name_or_path", "") or ""
         if recorded and recorded.rstrip("/").split("/")[-1] != model_args.vision_tower.rstrip("/").split("/")[-1]:
-            raise ValueError(f"--vision_tower {model_args.vision_tower} differs from the checkpoint's vision tower "
+            raise FlagError(f"--vision_tower {model_args.vision_tower} differs from the checkpoint's vision tower "
                              f"({recorded}); transformers' LLaVA trains the tower stored in the checkpoint.")
         log.warning("--vision_tower %s: using the vision tower stored in the checkpoint", model_args.vision_tower)
     if model_args.mm_vision_select_layer is not None and model_args.mm_vision_select_layer != cfg.vision_feature_layer:
@@ -106,7 +106,7 @@ def apply_llava_flags(model: nn.Module, model_args: ModelArguments) -> None:
     if model_args.mm_vision_select_feature is not None:
         strategy = {"patch": "default", "cls_patch": "full"}[model_args.mm_vision_select_feature]
         if strategy != cfg.vision_feature_select_strategy:
-            raise ValueError(f"--mm_vision_select_feature {model_args.mm_vision_select_feature} changes the number of "
+            raise FlagError(f"--mm_vision_select_feature {model_args.mm_vision_select_feature} changes the number of "
                              f"image tokens the processor inserts (checkpoint: {cfg.vision_feature_select_strategy}); "
                              "convert the checkpoint with the other strategy instead.")
 

@@ -14,10 +14,10 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 
 from mmedagent.model.loading import family_of, is_original_llava, load_model_and_processor
 from mmedagent.model.templates import tokenizer_of
-from mmedagent.train.args import check_backbone_flags, parse_args, template_name
+from mmedagent.train.args import FlagError, check_backbone_flags, parse_args, template_name
 from mmedagent.train.dataset import Collator, SupervisedDataset, load_samples
 from mmedagent.train.modeling import apply_llava_flags, prepare_model, projector_name, torch_dtype
-from mmedagent.train.trainer import MMedTrainer, latest_checkpoint, plot_loss, write_manifest
+from mmedagent.train.trainer import MMedTrainer, latest_checkpoint, plot_loss, resume_error, write_manifest
 
 log = logging.getLogger("mmedagent.train")
 
@@ -55,7 +55,7 @@ def build_trainer(argv: list[str] | None = None) -> tuple[MMedTrainer, dict]:
         log.info("%d validation records from %s", len(eval_samples), data_args.eval_data_path)
     elif args.eval_strategy != "no":
         strategy = getattr(args.eval_strategy, "value", args.eval_strategy)
-        raise ValueError(f"--eval_strategy {strategy} needs validation data: --eval_data_path")
+        raise FlagError(f"--eval_strategy {strategy} needs validation data: --eval_data_path")
 
     transformers.set_seed(args.seed)  # before the adapters and any new weights are initialised, as Trainer seeds too late
     if args.deepspeed and args.world_size > 1:
@@ -106,7 +106,13 @@ def main(argv: list[str] | None = None) -> Path:
     resume = args.resume_from_checkpoint or latest_checkpoint(args.output_dir)
     if resume:
         log.info("resuming from %s", resume)
-    trainer.train(resume_from_checkpoint=resume)
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    except Exception as e:
+        explained = resume_error(e, resume, explicit=bool(args.resume_from_checkpoint)) if resume else None
+        if explained is None:
+            raise
+        raise explained from e
     if trainer.eval_dataset is not None:
         trainer.save_metrics("eval", trainer.evaluate())
     trainer.save_state()

@@ -4,11 +4,21 @@
     torchrun --nproc_per_node 2 train/train_mem.py ...
     python train/train_mem.py ...
 
-See docs/train.md. The logic lives in :mod:`mmedagent.train.run`.
+See docs/train.md. The logic lives in :mod:`mmedagent.train.run`. Bad flags, bad data and a checkpoint
+that cannot be resumed end with one ``error: ...`` line and exit status 2; anything else is a traceback.
 """
 
+import sys
+
 import mmedagent  # noqa: F401  - must come before transformers (arms the torchvision shim)
+from mmedagent.data.formats import DataError
+from mmedagent.train.args import FlagError
 from mmedagent.train.run import main
+from mmedagent.train.trainer import ResumeError
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (FlagError, DataError, ResumeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,37 @@ def latest_checkpoint(output_dir: str | Path) -> str | None:
             return str(path)
         log.warning("skipping incomplete checkpoint %s", path)
     return None
+
+
+class ResumeError(RuntimeError):
+    """Resuming failed because the checkpoint's saved state does not fit the current run's settings."""
+
+
+_OPTIMIZER_LOADS = ("_load_optimizer_and_scheduler", "_load_zero_checkpoint")
+_WEIGHT_LOADS = ("_load_from_checkpoint", "deepspeed_load_checkpoint")
+"""Where transformers (and DeepSpeed, under ``deepspeed_load_checkpoint``) load a checkpoint's saved state."""
+
+
+def resume_error(exc: BaseException, checkpoint: str, explicit: bool) -> ResumeError | None:
+    """A ``ResumeError`` that explains ``exc`` when it was raised while loading ``checkpoint``'s saved state
+    (e.g. ``loaded state dict has a different number of parameter groups`` after --mm_projector_lr changed);
+    None for any other error, which must propagate as it is."""
+    if not isinstance(exc, (ValueError, RuntimeError, KeyError, IndexError)):
+        return None
+    names = {f.name for f in traceback.extract_tb(exc.__traceback__)}
+    if names.intersection(_OPTIMIZER_LOADS):
+        what = "optimizer state does"
+    elif names.intersection(_WEIGHT_LOADS):
+        what = "saved weights do"
+    else:
+        return None
+    how = ("drop --resume_from_checkpoint (or point it at a checkpoint saved with the current flags)" if explicit
+           else "use a new --output_dir (the newest checkpoint-N in --output_dir is resumed automatically)")
+    cause = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
+    return ResumeError(
+        f"resuming from {checkpoint} failed: its {what} not match the current settings (was it saved with "
+        f"other --mm_projector_lr / --lora_* / --freeze_mm_mlp_adapter flags, another --deepspeed config or "
+        f"number of ranks?). Rerun with the flags it was saved with, or to start afresh {how}. ({cause})")
 
 
 def write_manifest(output_dir: str | Path, *, base_model: str, family: str, template: str | None,

@@ -53,10 +53,22 @@ VICUNA_V1_CHAT_TEMPLATE = (
 
 
 def _read_config(src: Path) -> dict[str, Any]:
+    if not src.is_dir():
+        raise FileNotFoundError(f"{src}: no such directory")
     f = src / "config.json"
     if not f.is_file():
         raise FileNotFoundError(f"{src} has no config.json")
     return json.loads(f.read_text())
+
+
+def _transformers_layout(cfg: dict[str, Any]) -> str | None:
+    """The architecture of a checkpoint already in transformers' own layout (nothing to convert), else None."""
+    archs = cfg.get("architectures") or []
+    if "mm_vision_tower" in cfg or any(a.startswith("LlavaLlama") for a in archs):
+        return None  # original LLaVA layout
+    if "text_config" in cfg or any(a.endswith(("ForConditionalGeneration", "ForCausalLM")) for a in archs):
+        return archs[0] if archs else cfg.get("model_type", "transformers")
+    return None
 
 
 def load_state_dict(src: Path, patterns: tuple[str, ...] = ("*.safetensors", "pytorch_model*.bin")) -> dict[str, Any]:
@@ -104,9 +116,13 @@ def projector_kind(config: dict[str, Any]) -> str:
 
 
 def convert_llava_checkpoint(
-    src: str | Path, dst: str | Path, *, vision_tower: str | Path | None = None, dtype: Any = None
+    src: str | Path, dst: str | Path, *, vision_tower: str | Path | None = None, dtype: Any = None,
+    tower_option: str | None = None,
 ) -> Path:
-    """Convert the original-layout checkpoint ``src`` into a transformers Llava directory ``dst``."""
+    """Convert the original-layout checkpoint ``src`` into a transformers Llava directory ``dst``.
+
+    ``tower_option``: how the caller's users pass ``vision_tower`` (e.g. ``--vision-tower`` for a
+    command line), named in the errors that ask for it; default ``vision_tower=``."""
     import torch
     from transformers import (
         AutoTokenizer, CLIPImageProcessor, CLIPVisionModel, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
@@ -115,11 +131,16 @@ def convert_llava_checkpoint(
 
     src, dst = Path(src), Path(dst)
     cfg = _read_config(src)
+    arch = _transformers_layout(cfg)
+    if arch:
+        raise ValueError(f"{src} is already in transformers layout ({arch}): nothing to convert; load it directly "
+                         "(from_pretrained, --model_name_or_path)")
     if cfg.get("mm_use_im_start_end"):
         raise ValueError("mm_use_im_start_end=True checkpoints are not supported (MMedAgent/LLaVA-Med v1.5 use False)")
     tower_ref = str(vision_tower or cfg.get("mm_vision_tower") or cfg.get("vision_tower") or "")
     if not tower_ref:
-        raise ValueError(f"{src}/config.json names no vision tower (mm_vision_tower); pass vision_tower=")
+        raise ValueError(f"{src}/config.json names no vision tower (mm_vision_tower); pass "
+                         f"{tower_option or 'vision_tower='} with the CLIP tower's path or hub id")
     select = cfg.get("mm_vision_select_feature", "patch")
     if select not in ("patch", "cls_patch"):
         raise ValueError(f"unsupported mm_vision_select_feature {select!r}")
@@ -129,7 +150,7 @@ def convert_llava_checkpoint(
     except OSError as e:
         raise FileNotFoundError(
             f"vision tower {tower_ref!r} (from mm_vision_tower) could not be loaded; pass its local path "
-            "with --vision-tower / vision_tower="
+            f"with {tower_option or '--vision-tower / vision_tower='}"
         ) from e
 
     state = load_state_dict(src)
