@@ -161,10 +161,18 @@ def test_marks_split_into_byte_tokens_are_followed_and_wrong_characters_refused(
 SEG_PREFIX = '"thoughts🤔" x\n"actions🚀" [{"API_name": "segmentation", "API_params": {"image": "<imagepath>", '
 
 
-def test_coordinate_fields_come_from_the_tools_schemas():
-    from mmedagent.model.constrain import coordinate_fields
+def test_number_fields_come_from_the_tools_schemas():
+    from decimal import Decimal
 
-    assert coordinate_fields(actions_json_schema(list_tools())) == {"boxes": ("xyxy", True), "points": ("xy", True)}
+    from mmedagent.model.constrain import Numbers, number_fields
+
+    unit = Numbers(Decimal(0), Decimal(1))
+    assert number_fields(actions_json_schema(list_tools())) == {
+        "boxes": Numbers(Decimal(0), Decimal(1), depth=2, coords="xyxy"),
+        "points": Numbers(Decimal(0), Decimal(1), depth=2, coords="xy"),
+        "box_threshold": unit, "text_threshold": unit,
+        "k": Numbers(Decimal(1), Decimal(50), integer=True), "top_k": Numbers(Decimal(1), integer=True),
+    }
     assert "x-" not in system_prompt(list_tools())  # a decoding hint, not prompt text
 
 
@@ -219,7 +227,9 @@ def test_a_tool_with_one_box_gets_it_checked_too(tokenizer):
     """A plug-in's ``box: Box`` (one box, as in the README's example tool) is held like ``boxes``."""
     from pydantic import ValidationError
 
-    from mmedagent.model.constrain import coordinate_fields
+    from decimal import Decimal
+
+    from mmedagent.model.constrain import Numbers, number_fields
     from mmedagent.tools import Box, Tool, ToolParams, ToolResult
 
     class Crop(Tool):
@@ -231,7 +241,7 @@ def test_a_tool_with_one_box_gets_it_checked_too(tokenizer):
         class Result(ToolResult):
             pass
 
-    assert coordinate_fields(actions_json_schema([Crop])) == {"box": ("xyxy", False)}
+    assert number_fields(actions_json_schema([Crop])) == {"box": Numbers(Decimal(0), Decimal(1), depth=1, coords="xyxy")}
 
     class PixelCrop(Crop):
         name = "pixel_crop"
@@ -239,7 +249,7 @@ def test_a_tool_with_one_box_gets_it_checked_too(tokenizer):
         class Params(ToolParams):
             box: list[int]
 
-    assert coordinate_fields(actions_json_schema([Crop, PixelCrop])) == {}  # "box" means two things
+    assert number_fields(actions_json_schema([Crop, PixelCrop])) == {}  # "box" means two things
     with pytest.raises(ValidationError, match="x1 <= x2"):
         Crop.Params(box=[0.5, 0.1, 0.2, 0.3])
     constraint = TurnConstraint(tokenizer, [Crop], [tokenizer.eos_token_id])
@@ -249,3 +259,137 @@ def test_a_tool_with_one_box_gets_it_checked_too(tokenizer):
     for tok in tokenizer(prefix + '[0.2, 0.1, 0.5, 0.3]}}]\n"value👉" ok', add_special_tokens=False).input_ids:
         assert rule.allows(tok)
         rule.push(tok)
+
+
+RETRIEVAL_PREFIX = '"thoughts🤔" x\n"actions🚀" [{"API_name": "retrieval", "API_params": {"query": "q", "k": '
+
+
+@pytest.mark.parametrize("k, valid", [
+    ("295952959995959595959999599", "29"),  # the demo planner's runaway k (eval-retrieval-81)
+    ("51", "5"), ("500", "50"), ("0", ""), ("5.0", "5"), ("-1", ""), ("05", ""),
+])
+def test_integer_bounds_are_held_digit_by_digit(constraint, tokenizer, k, valid):
+    written = written_until_refused(constraint, tokenizer, RETRIEVAL_PREFIX + k)
+    assert written.rstrip() == (RETRIEVAL_PREFIX + valid).rstrip()  # " -" may be one token
+
+
+@pytest.mark.parametrize("k", ["1", "5", "29", "50"])
+def test_integers_within_bounds_are_allowed(constraint, tokenizer, k):
+    rule = constraint.start()
+    for tok in tokenizer(" " + RETRIEVAL_PREFIX + k + '}}]\n"value👉" ok', add_special_tokens=False).input_ids:
+        assert rule.allows(tok)
+        rule.push(tok)
+    assert rule.allows(tokenizer.eos_token_id)
+
+
+def test_allowed_tokens_in_a_bounded_integer_are_exactly_those_that_can_still_fit(constraint, tokenizer):
+    def after(text):  # the allowed tokens that go on with the number, and whether it may end
+        rule = constraint.start()
+        for tok in tokenizer(RETRIEVAL_PREFIX + text, add_special_tokens=False).input_ids:
+            rule.push(tok)
+        allowed = {tokenizer.decode([t]).strip() for t in rule.allowed()}
+        return {t for t in allowed if t[:1] in set("-.0123456789")}, "," in allowed
+
+    assert after("") == (set("123456789"), False)
+    assert after("5") == ({"0"}, True)
+    assert after("3") == (set("0123456789"), True)
+    assert after("6") == (set(), True)  # 60 .. 69 > 50
+
+
+@pytest.mark.parametrize("params, valid_prefix", [
+    ('"box_threshold": 1.5', '"box_threshold": 1.'),
+    ('"box_threshold": 0.35, "text_threshold": 2', '"box_threshold": 0.35, "text_threshold": '),
+])
+def test_number_bounds_are_held(constraint, tokenizer, params, valid_prefix):
+    prefix = '"thoughts🤔" x\n"actions🚀" [{"API_name": "grounding", "API_params": {"prompts": ["a"], '
+    assert written_until_refused(constraint, tokenizer, prefix + params) == prefix + valid_prefix
+
+
+def test_exclusive_and_negative_bounds_are_held(tokenizer):
+    from pydantic import Field
+
+    from mmedagent.tools import Tool, ToolParams, ToolResult
+
+    class Shift(Tool):
+        name, description = "shift", "Shift the window."
+
+        class Params(ToolParams):
+            offset: int = Field(ge=-20, le=-12)
+            rate: float = Field(gt=0, lt=0.5)
+
+        class Result(ToolResult):
+            pass
+
+    constraint = TurnConstraint(tokenizer, [Shift], [tokenizer.eos_token_id])
+    prefix = '"thoughts🤔" x\n"actions🚀" [{"API_name": "shift", "API_params": {'
+    for params, valid in [('"offset": -21', '"offset": -2'), ('"offset": -11', '"offset": -1'),
+                          ('"offset": -3', '"offset": -'), ('"rate": 0.5', '"rate": '),
+                          ('"rate": 0.0}', '"rate": 0.0')]:
+        assert written_until_refused(constraint, tokenizer, prefix + params).rstrip() == (prefix + valid).rstrip()
+    rule = constraint.start()
+    for tok in tokenizer(prefix + '"offset": -12, "rate": 0.49}}]\n"value👉" ok', add_special_tokens=False).input_ids:
+        assert rule.allows(tok)
+        rule.push(tok)
+
+
+def test_byte_tokens_must_spell_the_character_the_grammar_wants(byte_split_tokenizer):
+    """After '"thoughts' only the bytes of 🤔, in order: a byte that leads elsewhere, or is no UTF-8,
+    is refused (a random model could otherwise write stray bytes forever)."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    tok = byte_split_tokenizer
+    char = bytes_to_unicode()
+    byte = {b: tok.convert_tokens_to_ids(c) for b, c in char.items()}
+    spelled = {c: b for b, c in char.items()}
+    rule = TurnConstraint(tok, list_tools(), [tok.eos_token_id]).start()
+    for t in tok('"thoughts', add_special_tokens=False).input_ids:
+        rule.push(t)
+    want = "🤔".encode()
+    for i, wrong in enumerate((0xE2, 0xC1, 0x98, 0x41)):
+        allowed = rule.allowed()
+        assert byte[want[i]] in allowed
+        assert all(want[i:].startswith(bytes(spelled[c] for c in tok.convert_ids_to_tokens(t))) for t in allowed)
+        assert not rule.allows(byte[wrong]) and not rule.allows(tok.eos_token_id)
+        rule.push(byte[want[i]])
+    assert rule.allows(tok.convert_tokens_to_ids('"'))
+
+
+def test_tokens_that_add_no_text_are_never_allowed(tokenizer):
+    """A token that decodes to nothing would leave the grammar where it was, so a model could write it forever."""
+    silent = tokenizer.convert_tokens_to_ids("tumor")
+
+    class Muted:
+        def __getattr__(self, name):
+            return getattr(tokenizer, name)
+
+        def __len__(self):
+            return len(tokenizer)
+
+        def decode(self, ids, **kwargs):
+            return tokenizer.decode([i for i in ids if i != silent], **kwargs)
+
+    rule = TurnConstraint(Muted(), list_tools(), [tokenizer.eos_token_id]).start()
+    for tok in tokenizer(' "thoughts🤔" the', add_special_tokens=False).input_ids:
+        assert silent not in rule.allowed() and not rule.allows(silent)
+        rule.push(tok)
+    assert silent not in rule.allowed() and not rule.allows(silent)
+
+
+def test_a_tiny_random_model_makes_progress_under_the_constraint(tmp_path, image, monkeypatch):
+    """A random checkpoint pushed towards byte tokens (which once stalled it, a stray byte after another,
+    at '"thoughts'): its bytes spell the characters the grammar wants, so the turn goes on."""
+    from mmedagent.model import load_planner
+    from mmedagent.model.tiny import make_tiny_model
+
+    planner = load_planner(make_tiny_model("llava", tmp_path / "m"), conv_template="vicuna_v1", constrain=True)
+    tok = planner.tokenizer
+    byte_tokens = [i for i in range(len(tok)) if "\ufffd" in tok.decode([i])]
+
+    def fond_of_bytes(*args, _forward=planner._forward, **kwargs):
+        logits = _forward(*args, **kwargs)
+        logits[..., byte_tokens] += 1e4
+        return logits
+
+    monkeypatch.setattr(planner, "_forward", fond_of_bytes)
+    out = planner.generate([{"role": "user", "content": "<image>\nWhere is the tumor?"}], image, max_new_tokens=60)
+    assert out.startswith('"thoughts🤔"') and len(out) > 20 and "\ufffd" not in out, out

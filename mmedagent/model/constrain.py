@@ -2,67 +2,121 @@
 known tool (or alias) and carries parameters that fit that tool's ``Params`` JSON schema.
 
 The character-level grammar is lm-format-enforcer's; this module builds it from :mod:`mmedagent.protocol`
-(marks and the action-list schema) and maps it onto a tokenizer's vocabulary. On top of it, parameters
-typed ``Box`` / ``Point`` (marked with :data:`~mmedagent.tools._boxes.COORDS_MARK` in the schema) are
-held to plain decimals in [0, 1] and, for boxes, x1 <= x2 and y1 <= y2, which a JSON schema cannot
-express (lm-format-enforcer does not check number bounds either). Other pydantic validators stay the
-dispatcher's.
+(marks and the action-list schema) and maps it onto a tokenizer's vocabulary. On top of it, numbers
+whose schema gives bounds (``minimum``, ``maximum``, ``exclusiveMinimum``, ``exclusiveMaximum``), which
+lm-format-enforcer does not check, are held to plain decimals within them (integers without a point),
+and parameters typed ``Box`` / ``Point`` (marked with :data:`~mmedagent.tools._boxes.COORDS_MARK`) to
+[0, 1] and, for boxes, x1 <= x2 and y1 <= y2, which a JSON schema cannot express. Other pydantic
+validators stay the dispatcher's.
 """
 
 from __future__ import annotations
 
+import codecs
+import dataclasses
 import re
 from collections.abc import Iterable
-from decimal import Decimal
+from decimal import ROUND_CEILING, Decimal
 from typing import Any
 
 from mmedagent.protocol import ACTIONS_MARK, THOUGHTS_MARK, VALUE_MARK, actions_json_schema
 from mmedagent.tools._boxes import COORDS_MARK
 
 
-def _tokenizer_data(tokenizer: Any, eos_ids: list[int]) -> tuple[Any, list[int]]:
-    """lm-format-enforcer's view of the vocabulary, and the tokens that hold part of a character
-    (byte tokens), which its walk over decoded strings cannot place."""
+def _token_bytes(tokenizer: Any, ids: list[int]) -> dict[int, bytes]:
+    """The bytes of the given tokens where the vocabulary spells them: ``<0xNN>`` byte tokens, or
+    byte-level BPE's one character per byte."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    byte_of = {c: b for b, c in bytes_to_unicode().items()}
+    found = {}
+    for i, piece in zip(ids, tokenizer.convert_ids_to_tokens(ids)):
+        if m := re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece):
+            found[i] = bytes([int(m[1], 16)])
+        elif all(c in byte_of for c in piece):
+            found[i] = bytes(byte_of[c] for c in piece)
+    return found
+
+
+def _tokenizer_data(tokenizer: Any, eos_ids: list[int]) -> tuple[Any, dict[int, bytes], set[int]]:
+    """lm-format-enforcer's view of the vocabulary; the bytes of the tokens that hold part of a character
+    (byte tokens), which its walk over decoded strings cannot place, so they are left out of it; and the
+    tokens that add no text, which are never allowed (a model could write them forever)."""
     from lmformatenforcer import TokenEnforcerTokenizerData
 
     # A token's text as it reads mid-sequence (with its leading space, if any): decode it after "0".
     zero = tokenizer.encode("0", add_special_tokens=False)[-1]
     special = set(tokenizer.all_special_ids)
-    regular, partial = [], []
+    regular, partial, silent = [], [], set()
     for i in range(len(tokenizer)):
         if i in special:
             continue
         text = tokenizer.decode([zero, i])[1:]
-        regular.append((i, text, len(text) > len(tokenizer.decode([i]))))
         if "\ufffd" in text:
             partial.append(i)
+        elif text:
+            regular.append((i, text, len(text) > len(tokenizer.decode([i]))))
+        else:
+            silent.add(i)
     data = TokenEnforcerTokenizerData(regular, lambda ids: tokenizer.decode(ids).rstrip("\ufffd"), eos_ids, False,
                                       len(tokenizer))
-    return data, partial
+    return data, _token_bytes(tokenizer, partial), silent
 
 
-def coordinate_fields(schema: Any) -> dict[str, tuple[str, bool]]:
-    """Property names whose values are marked coordinate lists: their kind (``xyxy``/``xy``) and
-    whether the value is a list of them (``boxes: list[Box]``) rather than one (``box: Box``). Calls
-    are matched by property name, so a name that some tool uses otherwise is left out (never held to
-    a check it does not have)."""
-    found: dict[str, tuple[str, bool]] = {}
+@dataclasses.dataclass(frozen=True)
+class Numbers:
+    """How the numbers of one property are held: bounds (``None``: none), ``integer``, and where they
+    sit: the value itself (``depth`` 0), a list of them (1) or a list of such lists (2). ``coords``: the
+    innermost lists are boxes (``"xyxy"``: four numbers, x1 <= x2, y1 <= y2) or points (``"xy"``)."""
+
+    low: Decimal | None = None
+    high: Decimal | None = None
+    low_open: bool = False
+    high_open: bool = False
+    integer: bool = False
+    depth: int = 0
+    coords: str | None = None
+
+
+def _bounds(node: dict[str, Any]) -> Numbers | None:
+    """The bounds a number schema gives, if any."""
+    if node.get("type") not in ("integer", "number"):
+        return None
+    low, high = node.get("minimum"), node.get("maximum")
+    low_x, high_x = node.get("exclusiveMinimum"), node.get("exclusiveMaximum")
+    if low_x is not None and (low is None or low_x >= low):
+        low = low_x
+    if high_x is not None and (high is None or high_x <= high):
+        high = high_x
+    if low is None and high is None:
+        return None
+    return Numbers(None if low is None else Decimal(str(low)), None if high is None else Decimal(str(high)),
+                   low is not None and low == low_x, high is not None and high == high_x, node["type"] == "integer")
+
+
+def number_fields(schema: Any) -> dict[str, Numbers]:
+    """Property names whose values hold bounded numbers or marked coordinate lists, and how. Calls are
+    matched by property name, so a name that some tool uses otherwise (other bounds, or none) is left
+    out (never held to a check it does not have)."""
+    found: dict[str, Numbers] = {}
     other: set[str] = set()
 
-    def mark(node: Any, depth: int = 0) -> tuple[str, bool] | None:  # through unions and one list level
-        if not isinstance(node, dict) or depth > 1:
+    def numbers(node: Any, depth: int = 0) -> Numbers | None:  # through unions and two list levels
+        if not isinstance(node, dict) or depth > 2:
             return None
-        if COORDS_MARK in node:
-            return node[COORDS_MARK], depth == 1
+        if COORDS_MARK in node and depth < 2:
+            return Numbers(Decimal(0), Decimal(1), depth=depth + 1, coords=node[COORDS_MARK])
+        if (bounds := _bounds(node)) is not None:
+            return dataclasses.replace(bounds, depth=depth)
         inner = [(v, depth) for v in (*node.get("anyOf", ()), *node.get("oneOf", ()))]
         if "items" in node:
             inner.append((node["items"], depth + 1))
-        return next((m for v, d in inner if (m := mark(v, d))), None)
+        return next((m for v, d in inner if (m := numbers(v, d))), None)
 
     def walk(node: Any) -> None:
         if isinstance(node, dict):
             for name, sub in (node.get("properties") or {}).items():
-                if (m := mark(sub)) and found.get(name, m) == m:
+                if (m := numbers(sub)) and found.get(name, m) == m:
                     found[name] = m
                 else:
                     other.add(name)
@@ -76,25 +130,47 @@ def coordinate_fields(schema: Any) -> dict[str, tuple[str, bool]]:
     return {name: m for name, m in found.items() if name not in other}
 
 
-_DECIMAL = re.compile(r"\d+(\.\d*)?|[-+.eE\d]+")  # a plain decimal, else any number-ish run (refused)
-_ONE = Decimal(1)
+_NUMBER = re.compile(r"[-+.eE\d]+")  # a number-ish run; only plain decimals pass _fits
 
 
-def _number_can_fit(number: str, low: Decimal, complete: bool) -> bool:
+def _fits(number: str, f: Numbers, complete: bool) -> bool:
     """Whether the number written so far (``complete``: it has ended) is, or can still become, a plain
-    decimal in [low, 1]."""
-    m = re.fullmatch(r"(\d+)(\.(\d*))?", number)
-    if m is None or (len(m[1]) > 1 and m[1][0] == "0"):
+    decimal within ``f``'s bounds."""
+    m = re.fullmatch(r"(-?)(\d*)(\.\d*)?", number)
+    if m is None or (len(m[2]) > 1 and m[2][0] == "0") or (m[3] and (f.integer or not m[2])):
         return False
-    whole, dot, frac = m[1], m[2], m[3] or ""
-    value = Decimal(f"{whole}.{frac or 0}")
+    sign, whole, point = m[1], m[2], m[3]
     if complete:
-        return (dot is None or frac != "") and low <= value <= _ONE
-    # completions reach [value, value + 10^-len(frac)) after a point; without one, more digits too
-    # (except after a leading 0)
-    if dot is None and whole != "0":
-        return value <= _ONE
-    return value <= _ONE and value + Decimal(1).scaleb(-len(frac) if dot else 0) > low
+        return bool(whole) and point != "." and _meets(Decimal(number), True, Decimal(number), True, f)
+    bound = f.low if sign else f.high  # the side that more digits lead to
+    if point:  # more digits reach [v, v + 10^-digits) in magnitude
+        v = Decimal(whole + point + "0")
+        spans = [(v, v + Decimal(1).scaleb(1 - len(point)))]
+    elif whole == "0":
+        spans = [(Decimal(0), Decimal(1))]
+    elif bound is None:
+        return True
+    elif not whole:
+        spans = [(Decimal(0), abs(bound) + 1)]
+    else:  # n more digits reach [w * 10^n, (w + 1) * 10^n), points included
+        w, spans = Decimal(whole), []
+        while w <= abs(bound):
+            spans.append((w, w + Decimal(1).scaleb(len(spans))))
+            w *= 10
+    if sign:
+        return any(_meets(-b, False, -a, True, f) for a, b in spans)
+    return any(_meets(a, True, b, False, f) for a, b in spans)
+
+
+def _meets(lo: Decimal, lo_in: bool, hi: Decimal, hi_in: bool, f: Numbers) -> bool:
+    """Whether the interval from ``lo`` to ``hi`` (``_in``: closed at that end) holds a number within ``f``."""
+    if f.low is not None and (f.low > lo or (f.low == lo and f.low_open)):
+        lo, lo_in = f.low, not f.low_open
+    if f.high is not None and (f.high < hi or (f.high == hi and f.high_open)):
+        hi, hi_in = f.high, not f.high_open
+    if f.integer:
+        lo, lo_in = (lo.to_integral_value(ROUND_CEILING) + (0 if lo_in or lo % 1 else 1)), True
+    return lo < hi or (lo == hi and lo_in and hi_in)
 
 
 def _actions(turn: str) -> str:
@@ -107,80 +183,75 @@ def _actions(turn: str) -> str:
     return turn[start + len(mark):end if end >= 0 else None]
 
 
-class CoordinateCheck:
-    """Whether the actions written so far keep every marked coordinate list valid (or able to become so)."""
+class NumberCheck:
+    """Whether the actions written so far keep every checked number valid (or able to become so)."""
 
-    def __init__(self, fields: dict[str, tuple[str, bool]]):
+    def __init__(self, fields: dict[str, Numbers]):
         self.fields = fields
         self._key = re.compile(r'"(%s)"\s*:\s*' % "|".join(map(re.escape, fields))) if fields else None
 
     def open_at(self, actions: str) -> bool:
-        """Whether the text ends inside a marked field's value (where every token needs checking)."""
+        """Whether the text ends inside a checked field's value (where every token needs checking)."""
         if self._key is None:
             return False
         last = None
         for last in self._key.finditer(actions):
             pass
-        return last is not None and self._scan(actions, last.end(), *self.fields[last[1]]) == "open"
+        return last is not None and self._scan(actions, last.end(), self.fields[last[1]]) == "open"
 
     def ok(self, actions: str) -> bool:
         if self._key is None:
             return True
-        return all(self._scan(actions, m.end(), *self.fields[m[1]]) != "invalid" for m in self._key.finditer(actions))
+        return all(self._scan(actions, m.end(), self.fields[m[1]]) != "invalid" for m in self._key.finditer(actions))
 
     @staticmethod
-    def _scan(text: str, i: int, kind: str, nested: bool) -> str:
-        """Read a value from ``i`` (``[n, ...]``, or ``[[n, ...], ...]`` when ``nested``): ``"closed"``
-        (ended, or not such a list: other syntax is the grammar's business), ``"open"`` (the text ends
-        inside it, fine so far) or ``"invalid"`` (a coordinate cannot be valid)."""
-        size = 4 if kind == "xyxy" else 2
+    def _scan(text: str, i: int, f: Numbers) -> str:
+        """Read a value from ``i`` (a number, or lists of them ``f.depth`` deep): ``"closed"`` (ended, or
+        not of that shape: other syntax is the grammar's business), ``"open"`` (the text ends inside it,
+        fine so far) or ``"invalid"`` (a number cannot be valid)."""
         n = len(text)
+        size = {"xyxy": 4, "xy": 2}.get(f.coords or "")
 
         def skip(j: int) -> int:
             while j < n and text[j] in " \n\t\r":
                 j += 1
             return j
 
-        def coords(j: int) -> tuple[str, int]:
-            """One coordinate list whose "[" is just before ``j``: (state, index after its "]")."""
+        def value(j: int, depth: int, f: Numbers) -> tuple[str, int]:
+            """The state of the value that starts at ``j``, and the index after it."""
+            if j >= n:
+                return "open", j
+            if depth == 0:
+                m = _NUMBER.match(text, j)
+                if m is None:
+                    return "closed", j
+                complete = m.end() < n
+                if not _fits(m[0], f, complete):
+                    return "invalid", j
+                return ("closed" if complete else "open"), m.end()
+            if text[j] != "[":
+                return "closed", j
             got: list[Decimal] = []
-            j = skip(j)
+            j = skip(j + 1)
             while j < n and text[j] != "]":
                 if text[j] == ",":
                     j = skip(j + 1)
                     continue
-                m = _DECIMAL.match(text, j)
-                if m is None:
-                    return "closed", j
-                complete = m.end() < n
-                k = len(got)
-                low = got[k - 2] if kind == "xyxy" and k >= 2 else Decimal(0)
-                if k >= size or not _number_can_fit(m[0], low, complete):
-                    return "invalid", j
-                if not complete:
-                    return "open", j
-                got.append(Decimal(m[0]))
-                j = skip(m.end())
+                g = f
+                if depth == 1 and size:  # one box or point: its size, and x2 >= x1, y2 >= y1
+                    if len(got) >= size:
+                        return "invalid", j
+                    if f.coords == "xyxy" and len(got) >= 2:
+                        g = dataclasses.replace(f, low=max(f.low, got[-2]))
+                state, end = value(j, depth - 1, g)
+                if state != "closed" or end == j:
+                    return state, end
+                if depth == 1 and size:
+                    got.append(Decimal(text[j:end]))
+                j = skip(end)
             return ("open", j) if j >= n else ("closed", j + 1)
 
-        if i < n and text[i] != "[":
-            return "closed"
-        if not nested:
-            return coords(i + 1)[0]
-        j = skip(i + 1)
-        while j < n:
-            if text[j] == "]":
-                return "closed"
-            if text[j] == ",":
-                j = skip(j + 1)
-                continue
-            if text[j] != "[":
-                return "closed"
-            state, j = coords(j + 1)
-            if state != "closed":
-                return state
-            j = skip(j)
-        return "open"
+        return value(i, f.depth, f)[0]
 
 
 class TurnRule:
@@ -188,50 +259,59 @@ class TurnRule:
     its characters to the parser (cheap: a greedy step whose choice fits needs nothing more);
     ``allowed()`` lists every token that fits (a walk over the vocabulary); ``push(token)`` advances."""
 
-    _PARTIAL = object()
-
-    def __init__(self, tokenizer: Any, data: Any, partial: list[int], parser: Any, eos_ids: set[int],
-                 coords: CoordinateCheck):
-        self._tokenizer, self._data, self._partial, self._eos = tokenizer, data, partial, eos_ids
-        self._coords = coords
+    def __init__(self, tokenizer: Any, data: Any, partial: dict[int, bytes], silent: set[int], parser: Any,
+                 eos_ids: set[int], numbers: NumberCheck):
+        self._tokenizer, self._data, self._partial, self._silent, self._eos = tokenizer, data, partial, silent, eos_ids
+        self._numbers = numbers
         self._parser, self._ids, self._text = parser, [], ""
-        self._pending = False  # the last tokens end inside a multi-byte character
+        self._tail = b""  # the last tokens' bytes of a character not yet complete
         self._checked: tuple[int, Any] | None = None  # the last candidate judged, so push() need not judge it again
 
-    def _step(self, token: int) -> Any:
-        """(parser, text) after ``token``; ``_PARTIAL`` if it ends inside a character the grammar may
-        still allow; None if it leaves the grammar."""
+    def _step(self, token: int) -> tuple[Any, str, bytes] | None:
+        """(parser, text, bytes of an unfinished character) after ``token``; None if it adds no text,
+        leaves the grammar, or leaves bytes that cannot begin a character the grammar allows next."""
+        if token in self._silent:
+            return None
         text = self._tokenizer.decode([*self._ids, token])
         if not text.startswith(self._text):
             return None
         stable = text.rstrip("\ufffd")
+        tail = b""
+        if self._tail or len(stable) < len(text):  # byte tokens: they must spell UTF-8
+            if token not in self._partial:
+                return None
+            decoder = codecs.getincrementaldecoder("utf-8")()
+            try:
+                decoder.decode(self._tail + self._partial[token])
+            except UnicodeDecodeError:
+                return None
+            tail = decoder.getstate()[0]
         parser = self._parser
         for ch in stable[len(self._text):]:
             if ch not in parser.get_allowed_characters():
                 return None
             parser = parser.add_character(ch)
-        if not self._coords.ok(_actions(stable)):
+        if not self._numbers.ok(_actions(stable)):
             return None
-        if len(stable) < len(text):
-            return self._PARTIAL if any(ord(c) > 127 for c in parser.get_allowed_characters()) else None
-        return parser, text
+        if tail and not any(c.encode().startswith(tail) for c in parser.get_allowed_characters()):
+            return None
+        return parser, stable, tail
 
     def allows(self, token: int) -> bool:
         if token in self._eos:
-            return not self._pending and self._parser.can_end()
+            return not self._tail and self._parser.can_end()
         self._checked = (token, self._step(token))
         return self._checked[1] is not None
 
     def allowed(self) -> list[int]:
-        if self._pending:  # mid-character: lm-format-enforcer's walk cannot see it; try each token
-            return [t for t in range(len(self._tokenizer)) if self.allows(t)]
+        if self._tail:  # mid-character: only byte tokens can go on
+            return [t for t in self._partial if self.allows(t)]
         from lmformatenforcer import TokenEnforcer
 
         tokens = list(TokenEnforcer(self._data, self._parser).get_allowed_tokens([]).allowed_tokens)
         if any(ord(c) > 127 for c in self._parser.get_allowed_characters()):  # a character made of byte tokens
-            known = set(tokens)
-            tokens += [t for t in self._partial if t not in known and self.allows(t)]
-        if self._coords.open_at(_actions(self._text)):  # inside a box: the grammar alone says too much
+            tokens += [t for t in self._partial if self.allows(t)]
+        if self._numbers.open_at(_actions(self._text)):  # inside a checked number: the grammar alone says too much
             tokens = [t for t in tokens if self.allows(t)]
         return tokens
 
@@ -239,9 +319,8 @@ class TurnRule:
         step = self._checked[1] if self._checked and self._checked[0] == token else self._step(token)
         self._checked = None
         self._ids.append(token)
-        self._pending = step is self._PARTIAL
-        if step is not None and not self._pending:
-            self._parser, self._text = step
+        if step is not None:
+            self._parser, self._text, self._tail = step
 
 
 class TurnConstraint:
@@ -253,9 +332,9 @@ class TurnConstraint:
                                       StringParser)
 
         self._tokenizer, self._eos = tokenizer, set(eos_ids)
-        self._data, self._partial = _tokenizer_data(tokenizer, sorted(self._eos))
+        self._data, self._partial, self._silent = _tokenizer_data(tokenizer, sorted(self._eos))
         schema = actions_json_schema(tools)
-        self._coords = CoordinateCheck(coordinate_fields(schema))
+        self._numbers = NumberCheck(number_fields(schema))
         # Every part gets the tokenizer's alphabet (newlines, accents); only the root would by default.
         config = CharacterLevelParserConfig(alphabet=self._data.tokenizer_alphabet)
         # JSON strings hold no raw control characters; calls are written with single spaces (json.dumps).
@@ -271,4 +350,5 @@ class TurnConstraint:
 
     def start(self) -> TurnRule:
         """The rule of one new turn."""
-        return TurnRule(self._tokenizer, self._data, self._partial, self._grammar(), self._eos, self._coords)
+        return TurnRule(self._tokenizer, self._data, self._partial, self._silent, self._grammar(), self._eos,
+                        self._numbers)
