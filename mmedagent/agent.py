@@ -38,6 +38,18 @@ class Planner(Protocol):
     def generate(self, messages: Sequence[ChatMessage], image: Any | None, **gen: Any) -> str: ...
 
 
+def token_counts(planner: Any) -> tuple[int, int] | None:
+    """(prompt tokens, new tokens) of a planner's last call, where it reports them (``last_stats``)."""
+    stats = getattr(planner, "last_stats", None)
+    if isinstance(stats, dict) and {"prompt_tokens", "new_tokens"} <= stats.keys():
+        return int(stats["prompt_tokens"]), int(stats["new_tokens"])
+    return None
+
+
+def openai_usage(prompt: int, completion: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
 class AgentStep(BaseModel):
     """One planner call and the tool calls it made."""
 
@@ -69,12 +81,11 @@ class AgentResult(BaseModel):
         """OpenAI-style token usage of the planner calls; None where the planner does not report it."""
         if not self.steps or any(s.prompt_tokens is None or s.new_tokens is None for s in self.steps):
             return None
-        prompt, completion = sum(s.prompt_tokens or 0 for s in self.steps), sum(s.new_tokens or 0 for s in self.steps)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        return openai_usage(sum(s.prompt_tokens or 0 for s in self.steps), sum(s.new_tokens or 0 for s in self.steps))
 
 
 def with_one_image_marker(messages: Sequence[ChatMessage], has_image: bool) -> list[ChatMessage]:
-    """Copies of ``messages`` holding the image marker once, where the image is: on the first user
+    """Copies of ``messages`` holding the image marker once: on the first user
     message that already holds it (else the first user message); nowhere without an image. A marker a
     user typed, or one in any other message, is removed."""
     target = next((i for i, m in enumerate(messages) if m["role"] == "user" and IMAGE_TOKEN in m["content"]),
@@ -134,9 +145,8 @@ class Agent:
             t0 = time.monotonic()
             raw = self._generate(messages, image, on_event)
             step = AgentStep(index=index, raw=raw, model_s=time.monotonic() - t0)
-            stats = getattr(self.planner, "last_stats", None)
-            if isinstance(stats, dict) and {"prompt_tokens", "new_tokens"} <= stats.keys():
-                step.prompt_tokens, step.new_tokens = int(stats["prompt_tokens"]), int(stats["new_tokens"])
+            if counts := token_counts(self.planner):
+                step.prompt_tokens, step.new_tokens = counts
             steps.append(step)
             messages.append({"role": "assistant", "content": raw})
             try:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import gzip
 import io
 import logging
+import math
 import os
 import re
 import warnings
@@ -39,6 +40,8 @@ __all__ = [
     "deidentify_dataset",
     "apply_window",
 ]
+
+log = logging.getLogger(__name__)
 
 MAX_PIXELS = int(os.environ.get("MMEDAGENT_MAX_PIXELS", 1 << 28))
 """Largest number of pixels (2-D) or voxels (volumes) a file may declare before it is refused
@@ -563,8 +566,8 @@ def _gunzip_nifti(data: bytes, max_pixels: int) -> bytes:
         out = d.decompress(data, 540)  # the longest header (NIfTI-2)
         header = _nifti_class(out).header_class.from_fileobj(io.BytesIO(out))
         shape = header.get_data_shape()
-        _check_pixels(int(np.prod(shape[:3], dtype=np.int64)), max_pixels, "NIfTI volume")
-        size = int(header.get_data_offset()) + int(np.prod(shape, dtype=np.int64)) * header.get_data_dtype().itemsize
+        _check_pixels(math.prod(map(int, shape[:3])), max_pixels, "NIfTI volume")  # Python ints: no overflow
+        size = int(header.get_data_offset()) + math.prod(map(int, shape)) * header.get_data_dtype().itemsize
         limit = max_pixels * 8 + (1 << 20)
         if size > limit:
             raise ImageLoadError(f"NIfTI data declares {size:,} bytes, larger than {limit:,} (possible decompression bomb)")
@@ -605,12 +608,14 @@ def _load_nifti(
             if data[:2] == b"\x1f\x8b":
                 data = _gunzip_nifti(data, max_pixels)
             img = _nifti_class(data).from_bytes(data)
+    except ImageLoadError:
+        raise
     except (ImageFileError, OSError, ValueError, EOFError, gzip.BadGzipFile) as e:
         raise ImageLoadError(f"cannot read NIfTI file: {e}") from None
     shape = tuple(int(s) for s in img.shape)
     if len(shape) < 2:
         raise ImageLoadError(f"NIfTI image has {len(shape)} dimension(s); need at least 2")
-    _check_pixels(int(np.prod(shape[:3], dtype=np.int64)), max_pixels, "NIfTI volume")
+    _check_pixels(math.prod(shape[:3]), max_pixels, "NIfTI volume")
     if len(shape) > 4 or (len(shape) == 4 and not 0 <= volume < shape[3]):
         if len(shape) > 4:
             raise ImageLoadError(f"NIfTI images with {len(shape)} dimensions are not supported")
@@ -694,6 +699,8 @@ def load_image(
         raise ImageLoadError("not a recognised image: expected PNG, JPEG, BMP, TIFF, GIF, WebP, DICOM or NIfTI content")
     if plane not in _PLANE_AXES:
         raise ValueError(f"plane must be axial, coronal or sagittal, not {plane!r}")
+    if not (slice_index is None or isinstance(slice_index, int)) or not isinstance(volume, int):
+        raise TypeError("slice_index must be an int or None, and volume an int")
     _resolve_window(window)  # a bad window is the caller's error, not the file's
     try:
         if fmt == "nifti":
@@ -711,5 +718,6 @@ def load_image(
     except ImageLoadError:
         raise
     except Exception as e:  # a decoder's own error on corrupt data: its text may quote the file's bytes
+        log.debug("decoding failed", exc_info=True)  # for debugging, off by default
         raise ImageLoadError(f"cannot decode the {fmt.upper()} data: corrupt or unsupported ({type(e).__name__})") from None
 

@@ -23,6 +23,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mmedagent.cache import cache_root
+from mmedagent.serve.messages import MAX_STEPS
 
 API_KEY_ENV = "MMEDAGENT_API_KEY"
 
@@ -84,7 +85,7 @@ class ServeConfig(BaseModel):
     tool_timeout_s: float = Field(default=60.0, gt=0)
     model_timeout_s: float = Field(default=300.0, gt=0)
     max_upload_mb: float = Field(default=20.0, gt=0)
-    max_steps: int = Field(default=3, ge=1, le=10)
+    max_steps: int = Field(default=3, ge=1, le=MAX_STEPS)
     max_new_tokens: int = Field(default=256, ge=1)
     temperature: float = Field(default=0.0, ge=0)
     top_p: float = Field(default=1.0, gt=0, le=1)

@@ -36,7 +36,14 @@ from mmedagent.protocol import ToolCall, ToolOutcome, strip_image_token, system_
 from mmedagent.serve import openai_api as oa
 from mmedagent.serve.config import ServeConfig, ToolSpec, add_common_args, load_config
 from mmedagent.serve.httpclient import make_client
-from mmedagent.serve.messages import MAX_MESSAGES, MAX_NEW_TOKENS, MAX_QUESTION_CHARS, TextMessage, as_dicts
+from mmedagent.serve.messages import (
+    MAX_MESSAGES,
+    MAX_NEW_TOKENS,
+    MAX_QUESTION_CHARS,
+    MAX_STEPS,
+    ClientMessage,
+    as_dicts,
+)
 from mmedagent.serve.registry import NoWorkerError, WorkerInfo, WorkerRegistry
 from mmedagent.serve.remote import RemoteResult, RemoteTool, ToolInputError, WorkerError, WorkerPlanner, remote_tool_class
 from mmedagent.serve.security import setup_logging, without_echoed_input
@@ -53,10 +60,10 @@ class ChatRequest(BaseModel):
 
     question: str = Field(min_length=1, max_length=MAX_QUESTION_CHARS)
     image: str | None = None
-    history: list[TextMessage] = Field(default_factory=list, max_length=MAX_MESSAGES)
+    history: list[ClientMessage] = Field(default_factory=list, max_length=MAX_MESSAGES)
     model: str | None = None
     conversation_id: str | None = Field(default=None, max_length=128)
-    max_steps: int | None = Field(default=None, ge=1, le=10)
+    max_steps: int | None = Field(default=None, ge=1, le=MAX_STEPS)
     max_new_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
@@ -540,7 +547,10 @@ def main(argv: list[str] | None = None) -> None:
         cfg.web_port = None
     setup_logging(cfg.log_level, [cfg.api_key or "", cfg.model_backend_api_key or ""])
     for module in cfg.plugins:  # tools that may run in-process
-        load_plugin(module)
+        try:
+            load_plugin(module)
+        except (ImportError, ValueError) as e:
+            parser.error(f"--plugin {module}: {e}")
     Launcher(cfg, args.config).run()
 
 

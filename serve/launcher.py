@@ -96,16 +96,33 @@ def _interrupt(signum: int, frame: object) -> None:
 RESTART_MIN_UPTIME_S = 10.0
 """A child that dies after running this long is restarted (a model worker killed for memory, say);
 one that dies sooner is failing to start, and is reported instead."""
+RESTART_LIMIT = (3, 600.0)
+"""At most this many restarts of one child within this many seconds; then it is reported instead."""
+_STOPPED = (0, -signal.SIGINT, -signal.SIGTERM)  # exit statuses of a child stopped on purpose (Ctrl-C reaches it too)
 
 
 class Child:
     def __init__(self, label: str, argv: list[str], env: dict[str, str]):
         self.label, self.argv, self.env = label, argv, env
+        self.restarts: list[float] = []  # when it was restarted (monotonic)
         self.start()
 
     def start(self) -> None:
         self.proc = subprocess.Popen(self.argv, env=self.env, stdin=subprocess.DEVNULL)
         self.started, self.reported = time.monotonic(), False
+
+    def restart_refusal(self) -> str | None:
+        """Why this exited child is not to be restarted (None: restart it)."""
+        code, now = self.proc.returncode, time.monotonic()
+        if code in _STOPPED:
+            return "was stopped"
+        if now - self.started < RESTART_MIN_UPTIME_S:
+            return "failed while starting"
+        count, window = RESTART_LIMIT
+        self.restarts = [t for t in self.restarts if now - t < window] + [now]
+        if len(self.restarts) > count:
+            return f"was restarted {count} times in {window / 60:.0f} minutes"
+        return None
 
     def stop(self, grace_s: float = 5.0) -> None:
         if self.proc.poll() is None:
@@ -124,6 +141,7 @@ class Launcher:
         self.in_process: list[str] = []
         self.stopping = threading.Event()
         self._children_lock = threading.Lock()  # no restart once stopping has begun
+        self.server: uvicorn.Server | None = None
 
     def _script(self, name: str, *args: str) -> list[str]:
         argv = [sys.executable, str(SERVE_DIR / name)]
@@ -210,14 +228,17 @@ class Launcher:
         with self._children_lock:
             for child in self.children:
                 code = child.proc.poll()
-                if code is None or child.reported or self.stopping.is_set():
+                shutting_down = self.stopping.is_set() or (self.server is not None and self.server.should_exit)
+                if code is None or child.reported or shutting_down:
                     continue
-                if time.monotonic() - child.started >= RESTART_MIN_UPTIME_S:
+                refusal = child.restart_refusal()
+                if refusal is None:
                     log.error("%s exited with code %s (see its log above); restarting it", child.label, code)
                     child.start()
                 else:
                     child.reported = True
-                    log.error("%s exited with code %s while starting (see its log above)", child.label, code)
+                    log.error("%s exited with code %s: it %s, so it is not restarted (see its log above)",
+                              child.label, code, refusal)
 
     def run(self) -> None:
         cfg = self.cfg
@@ -249,7 +270,7 @@ class Launcher:
                 loaders.update(dict.fromkeys(group, loader))
         watcher = threading.Thread(target=self._watch, args=(ctl, expected, web_url, loaders), daemon=True)
         watcher.start()
-        server = uvicorn.Server(
+        server = self.server = uvicorn.Server(
             uvicorn.Config(GuardMiddleware(app, cfg.api_key, cfg.max_upload_bytes * 4 // 3 + 65536), log_config=None,
                            log_level=cfg.log_level.lower(), timeout_graceful_shutdown=3)
         )

@@ -15,17 +15,29 @@ MAX_QUESTION_CHARS = 20_000
 MAX_MESSAGE_CHARS = 100_000
 """Any one message of a conversation (a tool catalog, a tool result, a pasted report)."""
 MAX_MESSAGES = 200
-"""Messages in one conversation."""
+"""Messages in one conversation a client sends."""
+MAX_STEPS = 10
+"""Planner calls in one agent run."""
+MAX_PROMPT_MESSAGES = MAX_MESSAGES + 2 * MAX_STEPS + 2
+"""Messages in one model call: a client's conversation, the question, the system message and each
+step's reply and tool results."""
 MAX_NEW_TOKENS = 8192
 """Tokens one model call may generate."""
 
 
 class TextMessage(BaseModel):
-    """One ``{"role", "content"}`` message of a conversation, as the agent keeps it."""
+    """One ``{"role", "content"}`` message of a conversation, as the agent keeps it (a model worker
+    takes these as composed; the planner refuses a prompt longer than the model's context)."""
 
     model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ClientMessage(TextMessage):
+    """A message a client sends back in its history."""
+
     content: str = Field(max_length=MAX_MESSAGE_CHARS)
 
 

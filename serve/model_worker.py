@@ -34,9 +34,10 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
+from mmedagent.agent import openai_usage, token_counts
 from mmedagent.serve import openai_api as oa
 from mmedagent.serve.config import ServeConfig, add_common_args, load_config
-from mmedagent.serve.messages import MAX_MESSAGES, MAX_NEW_TOKENS, TextMessage, as_dicts
+from mmedagent.serve.messages import MAX_NEW_TOKENS, MAX_PROMPT_MESSAGES, TextMessage, as_dicts
 from mmedagent.serve.security import setup_logging, without_echoed_input
 from mmedagent import demo
 from mmedagent.serve.uploads import UploadError, image_from_data_url
@@ -68,7 +69,7 @@ def default_model(cache_dir: Path) -> tuple[str, str]:
 
 
 class GenerateRequest(BaseModel):
-    messages: list[TextMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    messages: list[TextMessage] = Field(min_length=1, max_length=MAX_PROMPT_MESSAGES)
     image: str | None = None
     conversation_id: str | None = None
     max_new_tokens: int = Field(default=256, ge=1, le=MAX_NEW_TOKENS)
@@ -98,8 +99,9 @@ class ModelHost:
             raise HTTPException(e.status, e.reason) from None
 
     def stream(self, messages: list[dict[str, str]], image: Any, gen: dict[str, Any],
-               usage: dict[str, int] | None = None) -> Iterator[str]:
-        """The reply in pieces; ``usage``, when given, receives the call's OpenAI token usage."""
+               stats: dict[str, int] | None = None) -> Iterator[str]:
+        """The reply in pieces; ``stats``, when given, receives the call's token counts
+        (``prompt_tokens``, ``new_tokens``) where the planner reports them."""
         with self._count_lock:
             self.waiting += 1
         try:
@@ -109,8 +111,8 @@ class ModelHost:
                     yield self.planner.generate(messages, image, **gen)
                 else:
                     yield from stream(messages, image, **gen)
-                if usage is not None:
-                    usage.update(oa.usage_of(getattr(self.planner, "last_stats", None)) or {})
+                if stats is not None and (counts := token_counts(self.planner)):
+                    stats.update(prompt_tokens=counts[0], new_tokens=counts[1])
         finally:
             with self._count_lock:
                 self.waiting -= 1
@@ -145,15 +147,15 @@ def build_app(host: ModelHost) -> FastAPI:
         gen = req.model_dump(include={"max_new_tokens", "temperature", "top_p", "stop"}, exclude_none=True)
 
         async def events() -> AsyncIterator[str]:
-            usage: dict[str, int] = {}
-            async for item in _pump(host.stream(as_dicts(req.messages), image, gen, usage)):
+            stats: dict[str, int] = {}
+            async for item in _pump(host.stream(as_dicts(req.messages), image, gen, stats)):
                 if isinstance(item, BaseException):
                     log.warning("generation failed: %s", type(item).__name__)
                     yield json.dumps({"error": f"generation failed: {type(item).__name__}: {item}"}) + "\n"
                     return
                 yield json.dumps({"text": item}, ensure_ascii=False) + "\n"
-            if usage:
-                yield json.dumps({"usage": usage}) + "\n"
+            if stats:
+                yield json.dumps({"stats": stats}) + "\n"
 
         return StreamingResponse(events(), media_type="application/x-ndjson")
 
@@ -166,24 +168,28 @@ def build_app(host: ModelHost) -> FastAPI:
         image = await run_in_threadpool(host.image, image_url)
         gen = req.gen({})
         cid = oa.completion_id()
-        usage: dict[str, int] = {}
+        stats: dict[str, int] = {}
+
+        def usage() -> dict[str, Any]:
+            return {"usage": openai_usage(stats["prompt_tokens"], stats["new_tokens"])} if stats else {}
+
         if not req.stream:
             pieces = []
-            async for item in _pump(host.stream(messages, image, gen, usage)):
+            async for item in _pump(host.stream(messages, image, gen, stats)):
                 if isinstance(item, BaseException):
                     raise HTTPException(500, f"generation failed: {type(item).__name__}: {item}")
                 pieces.append(item)
-            return oa.completion(cid, host.name, "".join(pieces), **({"usage": usage} if usage else {}))
+            return oa.completion(cid, host.name, "".join(pieces), **usage())
 
         async def sse() -> AsyncIterator[str]:
             yield oa.chunk(cid, host.name, {"role": "assistant", "content": ""})
-            async for item in _pump(host.stream(messages, image, gen, usage)):
+            async for item in _pump(host.stream(messages, image, gen, stats)):
                 if isinstance(item, BaseException):
                     yield oa.chunk(cid, host.name, {}, "error", error={"message": f"{type(item).__name__}: {item}"})
                     break
                 yield oa.chunk(cid, host.name, {"content": item})
             else:
-                yield oa.chunk(cid, host.name, {}, "stop", **({"usage": usage} if usage else {}))
+                yield oa.chunk(cid, host.name, {}, "stop", **usage())
             yield oa.SSE_DONE
 
         return StreamingResponse(sse(), media_type="text/event-stream")

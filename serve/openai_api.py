@@ -89,14 +89,6 @@ def split_messages(messages: list[OpenAIMessage]) -> tuple[list[dict[str, str]],
     return out, image
 
 
-def usage_of(stats: Any) -> dict[str, int] | None:
-    """OpenAI ``usage`` from a planner's ``last_stats`` (None if it reports no token counts)."""
-    if not isinstance(stats, dict) or not {"prompt_tokens", "new_tokens"} <= stats.keys():
-        return None
-    prompt, completion = int(stats["prompt_tokens"]), int(stats["new_tokens"])
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
 def completion_id() -> str:
     return "chatcmpl-" + uuid.uuid4().hex[:24]
 

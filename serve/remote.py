@@ -177,9 +177,8 @@ class WorkerPlanner:
                         raise WorkerError(f"{what}: {event['error']}")
                     if event.get("text"):
                         yield event["text"]
-                    if "usage" in event:
-                        usage = event["usage"]
-                        self.last_stats = {"prompt_tokens": usage["prompt_tokens"], "new_tokens": usage["completion_tokens"]}
+                    if "stats" in event:
+                        self.last_stats = event["stats"]
         except httpx.HTTPError as e:
             raise WorkerError(_describe_http_error(what, self.address, e)) from None
         finally:
@@ -213,6 +212,7 @@ class OpenAIPlanner:
         self.base_url, self.timeout_s = base_url.rstrip("/"), timeout_s
         self.client = make_client(api_key, timeout_s)
         self.model = model or self._first_model()
+        self.last_stats: dict[str, int] = {}
 
     def _first_model(self) -> str:
         try:
@@ -225,6 +225,12 @@ class OpenAIPlanner:
     def info(self) -> dict[str, Any]:
         return {"name": self.model, "family": "openai-compatible", "backend": self.base_url}
 
+    def _count(self, response: dict[str, Any]) -> None:
+        """The backend's token usage, where a response (or a stream's last chunk) carries it, as ``last_stats``."""
+        usage = response.get("usage")
+        if isinstance(usage, dict) and {"prompt_tokens", "completion_tokens"} <= usage.keys():
+            self.last_stats = {"prompt_tokens": usage["prompt_tokens"], "new_tokens": usage["completion_tokens"]}
+
     def _body(self, messages, image, gen: dict[str, Any], stream: bool) -> dict[str, Any]:
         body: dict[str, Any] = {"model": self.model, "messages": to_openai_messages(messages, image), "stream": stream}
         if "max_new_tokens" in gen:
@@ -235,15 +241,19 @@ class OpenAIPlanner:
         return body
 
     def generate(self, messages: Sequence[dict[str, str]], image: Any, **gen: Any) -> str:
+        self.last_stats = {}
         try:
             r = self.client.post(f"{self.base_url}/chat/completions", json=self._body(messages, image, gen, False))
         except httpx.HTTPError as e:
             raise WorkerError(_describe_http_error("model backend", self.base_url, e)) from None
         if r.status_code != 200:
             raise WorkerError(f"model backend {self.base_url}: {error_detail(r)}")
-        return r.json()["choices"][0]["message"]["content"] or ""
+        data = r.json()
+        self._count(data)
+        return data["choices"][0]["message"]["content"] or ""
 
     def stream(self, messages: Sequence[dict[str, str]], image: Any, **gen: Any) -> Iterator[str]:
+        self.last_stats = {}
         try:
             with self.client.stream("POST", f"{self.base_url}/chat/completions", json=self._body(messages, image, gen, True)) as r:
                 if r.status_code != 200:
@@ -255,7 +265,9 @@ class OpenAIPlanner:
                     data = line[5:].strip()
                     if data == "[DONE]":
                         break
-                    choices = json.loads(data).get("choices") or [{}]
+                    chunk = json.loads(data)
+                    self._count(chunk)
+                    choices = chunk.get("choices") or [{}]
                     piece = (choices[0].get("delta") or {}).get("content")
                     if piece:
                         yield piece

@@ -24,9 +24,13 @@ _SECRET_PATTERNS = [
 ]
 
 
+def _is_ours(module: str | None) -> bool:
+    return bool(module) and (module == "mmedagent" or module.startswith("mmedagent."))
+
+
 class RedactFilter(logging.Filter):
     """Rewrites every record's message with secrets (the API key, bearer tokens, base64) removed and
-    an exception reduced to its type and place."""
+    an exception reduced to its type and place (and, for mmedagent's own exceptions, their text)."""
 
     def __init__(self, secrets: Iterable[str] = ()):
         super().__init__()
@@ -46,11 +50,13 @@ class RedactFilter(logging.Filter):
             message = str(record.msg)
         clean = self.scrub(message)
         if record.exc_info and record.exc_info[1] is not None:
-            # An exception's text and traceback may quote request data (a DICOM header, a question):
-            # keep its type and where it was raised.
-            exc, frames = record.exc_info[1], traceback.extract_tb(record.exc_info[2])
-            where = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
-            clean = f"{clean} [{type(exc).__name__}{where}]"
+            # A library's exception text and a traceback may quote request data (a DICOM header, a
+            # question): keep the type, the last place in our code, and the text of our own exceptions.
+            exc = record.exc_info[1]
+            ours = [(f, n) for f, n in traceback.walk_tb(record.exc_info[2]) if _is_ours(f.f_globals.get("__name__"))]
+            where = f" at {Path(ours[-1][0].f_code.co_filename).name}:{ours[-1][1]}" if ours else ""
+            text = f": {self.scrub(str(exc))[:300]}" if _is_ours(type(exc).__module__) else ""
+            clean = f"{clean} [{type(exc).__name__}{text}{where}]"
             record.exc_info, record.exc_text = None, None
         if clean != message:
             record.msg, record.args = clean, ()
@@ -126,25 +132,24 @@ class GuardMiddleware:
         length = headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body):
             return await _send_json(send, 413, self._too_large())
-        if scope.get("method") in ("POST", "PUT", "PATCH"):
-            # Read the body here, within the cap (a chunked body declares no length), and replay it.
-            body = bytearray()
-            while True:
-                message = await receive()
-                if message["type"] != "http.request":
-                    return  # the client went away
-                body += message.get("body", b"")
-                if len(body) > self.max_body:
-                    return await _send_json(send, 413, self._too_large())
-                if not message.get("more_body", False):
-                    break
-            buffered = [{"type": "http.request", "body": bytes(body), "more_body": False}]
+        # Read the body here, within the cap (a chunked body declares no length), and replay it.
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_body:
+                return await _send_json(send, 413, self._too_large())
+            if not message.get("more_body", False):
+                break
+        buffered = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
 
-            async def replay():
-                return buffered.pop() if buffered else await receive()
+        async def replay():
+            return buffered.pop() if buffered else await receive()
 
-            return await self.app(scope, replay, send)
-        await self.app(scope, receive, send)
+        await self.app(scope, replay, send)
 
     def _too_large(self) -> bytes:
         return b'{"detail":"request body too large (limit %d bytes)"}' % self.max_body

@@ -121,7 +121,10 @@ def main(argv: list[str] | None = None) -> None:
                       heartbeat_interval_s=args.heartbeat_interval)
     setup_logging(cfg.log_level, [cfg.api_key or ""])
     for module in [*cfg.plugins, *args.plugin]:
-        load_plugin(module)
+        try:
+            load_plugin(module)
+        except (ImportError, ValueError) as e:
+            parser.error(f"--plugin {module}: {e}")
     options = json.loads(args.options)
     if not isinstance(options, dict):
         parser.error("--options must be a JSON object")

@@ -3,6 +3,7 @@
 import gzip
 import io
 import json
+import struct
 from pathlib import Path
 
 import nibabel as nib
@@ -145,6 +146,11 @@ def test_gzipped_nifti_is_inflated_only_as_far_as_its_header_declares():
     img = load_image(bomb, max_pixels=16**3)  # the inflated size may not exceed 8 bytes per voxel + 1 MB
     assert img.metadata["shape"] == [16, 16, 16]
     assert np.array_equal(img.array, load_image(raw).array)
+    nifti2 = bytearray(nib.Nifti2Image(np.zeros((2, 4, 1), np.float32), np.eye(4)).to_bytes())
+    struct.pack_into("<8q", nifti2, 16, 3, 2**62 + 1, 4, 1, 1, 1, 1, 1)  # dims whose int64 product wraps to 4
+    for data in (bytes(nifti2), gzip.compress(bytes(nifti2))):
+        with pytest.raises(ImageLoadError, match="^NIfTI volume declares .* decompression bomb"):
+            load_image(data)
 
 
 def test_window_presets_and_bad_window():

@@ -12,6 +12,10 @@ from mmedagent.protocol import (VALUE_MARK, AssistantTurn, ToolCall, actions_jso
 from mmedagent.tools.registry import get_tool, list_tools
 
 
+def built_in_tools():
+    """The project's own tools (other test modules register theirs, which may bound a name otherwise)."""
+    return [t for t in list_tools() if t.__module__.startswith("mmedagent.tools.")]
+
 
 @pytest.fixture(scope="module")
 def tokenizer():
@@ -22,7 +26,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def constraint(tokenizer):
-    return TurnConstraint(tokenizer, list_tools(), [tokenizer.eos_token_id])
+    return TurnConstraint(tokenizer, built_in_tools(), [tokenizer.eos_token_id])
 
 
 def test_actions_schema_names_tools_aliases_and_image_placeholder():
@@ -146,7 +150,7 @@ def byte_split_tokenizer(tmp_path_factory):
 
 def test_marks_split_into_byte_tokens_are_followed_and_wrong_characters_refused(byte_split_tokenizer):
     tok = byte_split_tokenizer
-    constraint = TurnConstraint(tok, list_tools(), [tok.eos_token_id])
+    constraint = TurnConstraint(tok, built_in_tools(), [tok.eos_token_id])
     text = render_turn(AssistantTurn(thoughts="x", actions=[], value="ok"))
     ids = tok(text, add_special_tokens=False).input_ids
     assert len(ids) > len(tok.tokenize(text.replace("🤔", "").replace("🚀", "").replace("👉", "")))  # bytes
@@ -167,8 +171,7 @@ def test_number_fields_come_from_the_tools_schemas():
     from mmedagent.model.constrain import Numbers, number_fields
 
     unit = Numbers(Decimal(0), Decimal(1))
-    built_in = [t for t in list_tools() if t.__module__.startswith("mmedagent.tools.")]  # not other tests' tools
-    assert number_fields(actions_json_schema(built_in)) == {
+    assert number_fields(actions_json_schema(built_in_tools())) == {
         "boxes": Numbers(Decimal(0), Decimal(1), depth=2, coords="xyxy"),
         "points": Numbers(Decimal(0), Decimal(1), depth=2, coords="xy"),
         "box_threshold": unit, "text_threshold": unit,
@@ -342,7 +345,7 @@ def test_byte_tokens_must_spell_the_character_the_grammar_wants(byte_split_token
     char = bytes_to_unicode()
     byte = {b: tok.convert_tokens_to_ids(c) for b, c in char.items()}
     spelled = {c: b for b, c in char.items()}
-    rule = TurnConstraint(tok, list_tools(), [tok.eos_token_id]).start()
+    rule = TurnConstraint(tok, built_in_tools(), [tok.eos_token_id]).start()
     for t in tok('"thoughts', add_special_tokens=False).input_ids:
         rule.push(t)
     want = "🤔".encode()
@@ -369,7 +372,7 @@ def test_tokens_that_add_no_text_are_never_allowed(tokenizer):
         def decode(self, ids, **kwargs):
             return tokenizer.decode([i for i in ids if i != silent], **kwargs)
 
-    rule = TurnConstraint(Muted(), list_tools(), [tokenizer.eos_token_id]).start()
+    rule = TurnConstraint(Muted(), built_in_tools(), [tokenizer.eos_token_id]).start()
     for tok in tokenizer(' "thoughts🤔" the', add_special_tokens=False).input_ids:
         assert silent not in rule.allowed() and not rule.allows(silent)
         rule.push(tok)

@@ -187,6 +187,14 @@ def test_a_prompt_longer_than_the_context_is_refused_and_the_conversation_goes_o
     with pytest.raises(ValueError, match=f"the model's context is {planner.context_length}"):
         planner.generate(long, image, max_new_tokens=4)
     assert planner.generate(msgs, image, max_new_tokens=4) == before
+    prompt, context = planner.last_stats["prompt_tokens"], planner.context_length
+    planner.eos_ids, eos = set(), planner.eos_ids  # generate to the budget
+    try:
+        planner.context_length = prompt + 2  # generation stops at the context's end, whatever the budget
+        planner.generate(msgs, image, max_new_tokens=10)
+        assert planner.last_stats["new_tokens"] == 2
+    finally:
+        planner.context_length, planner.eos_ids = context, eos
 
 
 def test_quantized_loading_needs_cuda(tiny_models):

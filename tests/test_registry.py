@@ -39,12 +39,16 @@ def test_the_readme_example_file_loads_as_a_plugin(tmp_path, monkeypatch):
 
     block = re.search(r"<!-- example-tool:start -->\s*```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
     (tmp_path / "my_pkg").mkdir()
-    (tmp_path / "my_pkg" / "__init__.py").write_text("")
+    (tmp_path / "my_pkg" / "__init__.py").write_text("from my_pkg.region_stats import RegionStats\n")
     (tmp_path / "my_pkg" / "region_stats.py").write_text(block)
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(registry, "_extra", {})
     assert [c.name for c in load_plugin("my_pkg.region_stats")] == ["region_stats"]
     assert get_tool("Intensity Stats").__module__ == "my_pkg.region_stats"
+    assert [c.name for c in load_plugin("my_pkg")] == ["region_stats"]  # a package re-exporting its tools
+    (tmp_path / "no_tools.py").write_text("X = 1\n")
+    with pytest.raises(ValueError, match="no_tools defines no tool class"):
+        load_plugin("no_tools")
 
 
 def test_entry_point_plugin_discovery(tmp_path, monkeypatch):

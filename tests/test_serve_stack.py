@@ -287,7 +287,8 @@ def test_backend_option_forwards_to_an_openai_compatible_server(stack):
     direct = c.post(f"{direct_url}/v1/chat/completions", json=body)
     forwarded = c.post(f"{forward_url}/v1/chat/completions", json=body)
     assert direct.status_code == forwarded.status_code == 200, forwarded.text
-    assert direct.json()["usage"]["completion_tokens"] > 0  # the model worker's own count
+    assert direct.json()["usage"]["completion_tokens"] > 0  # the model worker's own count, passed on by a forwarder
+    assert forwarded.json()["usage"] == direct.json()["usage"]
     text = direct.json()["choices"][0]["message"]["content"]
     assert text and forwarded.json()["choices"][0]["message"]["content"] == text  # greedy: same turn either way
     with c.stream("POST", f"{forward_url}/v1/chat/completions", json={**body, "stream": True}) as s:

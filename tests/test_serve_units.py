@@ -2,6 +2,7 @@
 
 import base64
 import logging
+import re
 import sys
 import time
 
@@ -135,13 +136,21 @@ def test_redaction_and_tokens():
     f.filter(rec)
     text = rec.getMessage()
     assert key not in text and "abc.def" not in text and payload[:40] not in text and text.endswith("tail")
-    try:
-        raise ValueError("Zzyzx^Quixote in a DICOM header")
-    except ValueError:
-        rec = logging.LogRecord("x", logging.ERROR, __file__, 1, "upload failed for %s", ("req-7",), sys.exc_info())
-    f.filter(rec)
-    text = logging.Formatter().format(rec)
-    assert "Zzyzx" not in text and text.startswith("upload failed for req-7 [ValueError at test_serve_units.py:")
+    from mmedagent.imaging import _resolve_window
+
+    def logged(fail):
+        try:
+            fail()
+        except Exception:
+            rec = logging.LogRecord("x", logging.ERROR, __file__, 1, "upload failed for %s", ("req-7",), sys.exc_info())
+        f.filter(rec)
+        return logging.Formatter().format(rec)
+
+    # a library's text may quote the data: only its type and the last place in our code remain
+    text = logged(lambda: _resolve_window(("Zzyzx^Quixote", 1)))
+    assert "Zzyzx" not in text and re.fullmatch(r"upload failed for req-7 \[ValueError at imaging\.py:\d+\]", text), text
+    text = logged(lambda: split_data_url("data:image/png;base64,@@", 100))  # our own exception keeps its text
+    assert re.fullmatch(r"upload failed for req-7 \[UploadError: image data URL is not valid base64 at uploads\.py:\d+\]", text), text
     assert check_token(None, None) and check_token("Bearer k", "k")
     assert not check_token(None, "k") and not check_token("Bearer x", "k") and not check_token("k", "k")
 
@@ -194,3 +203,34 @@ def test_a_tool_still_loading_is_a_503_not_unknown():
             assert r.status_code == 404 and "unknown tool" in r.json()["detail"]
     finally:
         ctl.close()
+
+
+def test_the_launcher_restarts_a_crashed_child_but_not_a_stopped_or_failing_one(monkeypatch):
+    import signal as sig
+
+    from mmedagent.serve import launcher as la
+
+    def child(code, ran_s):
+        c = la.Child("worker", [sys.executable, "-c", f"import os, signal; os.kill(os.getpid(), {-code}) if {code} < 0 else exit({code})"], {})
+        c.proc.wait(30)
+        c.started -= ran_s
+        return c
+
+    tended = la.Launcher(ServeConfig())
+    crashed, killed, stopped, clean, early = child(1, 60), child(-sig.SIGKILL, 60), child(-sig.SIGTERM, 60), child(0, 60), child(1, 1)
+    tended.children = [crashed, killed, stopped, clean, early]
+    first = {c: c.proc for c in tended.children}
+    tended._tend_children()
+    assert crashed.proc is not first[crashed] and killed.proc is not first[killed]  # started again
+    assert all(c.proc is first[c] and c.reported for c in (stopped, clean, early))
+    killed.proc.wait(30)
+    tended.children = [crashed]
+    monkeypatch.setattr(la, "RESTART_MIN_UPTIME_S", 0.0)
+    for _ in range(la.RESTART_LIMIT[0]):  # up to the restart budget, then reported
+        crashed.proc.wait(30)
+        tended._tend_children()
+    assert crashed.reported and len(crashed.restarts) == la.RESTART_LIMIT[0] + 1
+    tended.children = [killed]
+    tended.stopping.set()  # shutting down: nothing is restarted
+    tended._tend_children()
+    assert not killed.reported and killed.proc.returncode == -sig.SIGKILL

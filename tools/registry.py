@@ -29,10 +29,13 @@ class UnknownToolError(KeyError):
 
 
 def _tools_in_module(module) -> list[type[Tool]]:
+    """The tool classes a module defines, or imports from its own submodules (a package's ``__init__``)."""
+    own = module.__name__
     return [
         obj
         for _, obj in inspect.getmembers(module, inspect.isclass)
-        if issubclass(obj, Tool) and obj is not Tool and obj.__module__ == module.__name__ and "name" in vars(obj)
+        if issubclass(obj, Tool) and obj is not Tool and "name" in vars(obj)
+        and (obj.__module__ == own or obj.__module__.startswith(own + ".") and hasattr(module, "__path__"))
     ]
 
 
@@ -81,8 +84,11 @@ def register(cls: type[Tool]) -> type[Tool]:
 
 
 def load_plugin(module_name: str) -> list[type[Tool]]:
-    """Import a module (``--plugin my_pkg.tools``) and register every tool class it defines."""
+    """Import a module (``--plugin my_pkg.tools``) and register every tool class it defines; a
+    ``ValueError`` if it defines none."""
     classes = _tools_in_module(importlib.import_module(module_name))
+    if not classes:
+        raise ValueError(f"{module_name} defines no tool class (a Tool subclass with a name)")
     for cls in classes:
         register(cls)
     return classes

@@ -22,3 +22,8 @@ if __name__ == "__main__":
     except (FlagError, DataError, ResumeError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()  # no communication thread left to abort the exiting process

@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError
 
-from mmedagent.agent import Agent, AgentStep
+from mmedagent.agent import Agent, AgentStep, token_counts
 from mmedagent.evaluation.metrics import tokenize
 from mmedagent.evaluation.readers import EvalSample
 from mmedagent.evaluation.tooluse import canonical_name
@@ -127,9 +127,9 @@ class TokenCounter:
     def generate(self, messages: Sequence[dict[str, str]], image: Any, **gen: Any) -> str:
         before = getattr(self.planner, "completion_tokens", None)
         text = self.planner.generate(messages, image, **gen)
-        stats = getattr(self.planner, "last_stats", None)
-        if isinstance(stats, dict) and "new_tokens" in stats:
-            n, self.counted_by = int(stats["new_tokens"]), "model"
+        counts = token_counts(self.planner)
+        if counts:
+            n, self.counted_by = counts[1], "model"
         elif before is not None:
             n, self.counted_by = self.planner.completion_tokens - before, "usage"
         elif self._tokenizer is not None:

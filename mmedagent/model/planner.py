@@ -433,8 +433,10 @@ class HFPlanner:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         ids = inputs["input_ids"]
         id_list = ids[0].tolist()
-        if self.context_length and len(id_list) >= self.context_length:
-            raise ValueError(f"the prompt is {len(id_list)} tokens; the model's context is {self.context_length}")
+        if self.context_length:
+            if len(id_list) >= self.context_length:
+                raise ValueError(f"the prompt is {len(id_list)} tokens; the model's context is {self.context_length}")
+            max_new_tokens = min(max_new_tokens, self.context_length - len(id_list))  # no position past the context
         pixels = inputs.get("pixel_values")
         t0 = time.perf_counter()
         generated: list[int] = []
