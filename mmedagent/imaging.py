@@ -418,8 +418,47 @@ def _floats(v: Any) -> list[float] | None:
     return out or None
 
 
-def _dicom_meta(ds: Any) -> dict[str, Any]:
-    """Allow-listed, non-identifying attributes only."""
+def _frame_group(ds: Any, frame: int, sequence: str) -> Any:
+    """The item of functional-group macro ``sequence`` (``PixelMeasuresSequence``,
+    ``PixelValueTransformationSequence``, ``FrameVOILUTSequence``…) that applies to ``frame`` of an
+    enhanced (multi-frame) image: from the frame's PerFrameFunctionalGroupsSequence item, else from
+    SharedFunctionalGroupsSequence. ``None`` when neither has it, as in classic single-frame files,
+    which keep these attributes at the top level (pydicom's LUT functions read only those)."""
+    from pydicom.dataset import Dataset
+
+    for groups, i in (("PerFrameFunctionalGroupsSequence", frame), ("SharedFunctionalGroupsSequence", 0)):
+        try:
+            item = ds.get(groups)[i].get(sequence)[0]
+        except (TypeError, IndexError, KeyError, AttributeError):
+            continue  # absent, empty or malformed here: try the shared groups
+        if isinstance(item, Dataset):
+            return item
+    return None
+
+
+def _dicom_window(item: Any) -> Window | None:
+    """The first WindowCenter/WindowWidth pair of a data set or a FrameVOILUTSequence item, if usable."""
+    center, width = _num(item.get("WindowCenter")), _num(item.get("WindowWidth"))
+    return Window(center, width) if center is not None and width is not None and width > 0 else None
+
+
+def _modality_values(arr: np.ndarray, ds: Any, frame: int) -> np.ndarray:
+    """Stored values → modality values (HU for CT) for ``frame``. Enhanced CT/MR/PET keep Rescale
+    Slope/Intercept in the frame's PixelValueTransformationSequence (per-frame, else shared), which
+    pydicom's ``apply_modality_lut`` (top-level attributes only) does not read; those win, else the
+    top-level Modality LUT Sequence or rescale through pydicom."""
+    from pydicom.pixels import apply_modality_lut
+
+    item = _frame_group(ds, frame, "PixelValueTransformationSequence")
+    if item is not None:
+        slope, intercept = _num(item.get("RescaleSlope")), _num(item.get("RescaleIntercept"))
+        if slope is not None and intercept is not None:
+            return arr.astype(np.float64) * slope + intercept
+    return apply_modality_lut(arr, ds)
+
+
+def _dicom_meta(ds: Any, frame: int = 0) -> dict[str, Any]:
+    """Allow-listed, non-identifying attributes only (spacing and thickness of ``frame`` for enhanced images)."""
     from pydicom.uid import UID
 
     meta: dict[str, Any] = {"format": "dicom"}
@@ -438,15 +477,15 @@ def _dicom_meta(ds: Any) -> dict[str, Any]:
         val = ds.get(kw)
         if val not in (None, ""):
             meta[key] = int(val)
+    measures = _frame_group(ds, frame, "PixelMeasuresSequence")
     spacing = _floats(ds.get("PixelSpacing")) or _floats(ds.get("ImagerPixelSpacing"))
-    if spacing is None and "SharedFunctionalGroupsSequence" in ds:
-        try:
-            spacing = _floats(ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing)
-        except (AttributeError, IndexError, KeyError):
-            spacing = None
+    if spacing is None and measures is not None:
+        spacing = _floats(measures.get("PixelSpacing"))
     if spacing:
         meta["pixel_spacing"] = spacing  # (row, column) mm
     thickness = _num(ds.get("SliceThickness"))
+    if thickness is None and measures is not None:
+        thickness = _num(measures.get("SliceThickness"))
     if thickness is not None:
         meta["slice_thickness"] = round(thickness, 6)
     sop = ds.get("SOPClassUID")
@@ -461,7 +500,7 @@ def _dicom_meta(ds: Any) -> dict[str, Any]:
 def _load_dicom(data: bytes, window: WindowSpec, frame: int | None, max_pixels: int) -> MedicalImage:
     import pydicom
     from pydicom.errors import InvalidDicomError
-    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, get_decoder
+    from pydicom.pixels import apply_color_lut, apply_voi, get_decoder
 
     # pydicom's warnings can quote header values; they must not reach logs.
     with warnings.catch_warnings():
@@ -474,7 +513,6 @@ def _load_dicom(data: bytes, window: WindowSpec, frame: int | None, max_pixels: 
         if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
             kind = ds.get("Modality") or "unknown"
             raise ImageLoadError(f"DICOM file has no pixel data (modality {kind}); it is not an image")
-        meta = _dicom_meta(ds)
         try:
             rows, cols = int(ds.Rows), int(ds.Columns)
             n_frames = int(_num(ds.get("NumberOfFrames")) or 1)
@@ -495,6 +533,7 @@ def _load_dicom(data: bytes, window: WindowSpec, frame: int | None, max_pixels: 
         index = (n_frames // 2 if frame is None else frame)
         if not 0 <= index < n_frames:
             raise ImageLoadError(f"frame {index} out of range: the DICOM image has {n_frames} frame(s)")
+        meta = _dicom_meta(ds, index)
         try:
             arr = ds.pixel_array if n_frames == 1 else pydicom.pixels.pixel_array(ds, index=index)
         except (ValueError, RuntimeError, NotImplementedError, AttributeError, KeyError, TypeError, OSError) as e:
@@ -517,8 +556,11 @@ def _load_dicom(data: bytes, window: WindowSpec, frame: int | None, max_pixels: 
             rgb8 = np.clip(rgb, 0, 255).astype(np.uint8)
             return MedicalImage(Image.fromarray(rgb8, mode="RGB"), meta, arr.astype(np.float32))
 
-        values = apply_modality_lut(arr, ds).astype(np.float32)
-        sigmoid = str(ds.get("VOILUTFunction", "LINEAR")).upper() == "SIGMOID"
+        values = _modality_values(arr, ds, index).astype(np.float32)
+        # enhanced images keep the frame's window in FrameVOILUTSequence (per-frame, else shared)
+        frame_voi = _frame_group(ds, index, "FrameVOILUTSequence")
+        function = (frame_voi.get("VOILUTFunction") if frame_voi is not None else None) or ds.get("VOILUTFunction")
+        sigmoid = str(function or "LINEAR").upper() == "SIGMOID"
         if spec is not None:
             grey = apply_window(values, spec, sigmoid)
             meta.update(_window_meta(spec, "explicit"))
@@ -528,8 +570,7 @@ def _load_dicom(data: bytes, window: WindowSpec, frame: int | None, max_pixels: 
             top = float(2 ** int(desc[2]) - 1)
             grey = np.clip(lut_out / top * 255.0, 0, 255).astype(np.uint8)
             meta.update(window=None, window_source="voi_lut")
-        elif _num(ds.get("WindowCenter")) is not None and (_num(ds.get("WindowWidth")) or 0) > 0:
-            win = Window(_num(ds.WindowCenter), _num(ds.WindowWidth))  # type: ignore[arg-type]
+        elif (win := (_dicom_window(frame_voi) if frame_voi is not None else None) or _dicom_window(ds)) is not None:
             grey = apply_window(values, win, sigmoid)
             meta.update(_window_meta(win, "dicom"))
         else:
@@ -677,7 +718,8 @@ def load_image(
 ) -> MedicalImage:
     """Load a PNG/JPEG/BMP/TIFF/GIF/WebP, DICOM or NIfTI image, detecting the format from content.
 
-    ``window``: ``None`` (DICOM: the file's VOI LUT or first window centre/width, else min-max;
+    ``window``: ``None`` (DICOM: the file's VOI LUT or first window centre/width (enhanced images: the
+    frame's FrameVOILUTSequence), else min-max;
     NIfTI: 0.5-99.5 percentile of the slice; 16-bit images: min-max; 8-bit images unchanged),
     a preset name (:data:`WINDOW_PRESETS`) or ``(center, width)`` in the image's units.
     ``slice_index``: the NIfTI slice in ``plane`` (volumes reoriented to RAS+; default middle), the

@@ -238,6 +238,119 @@ def test_multiframe_selects_frame():
         load_image(path, slice_index=15)
 
 
+
+def _group(**macros):
+    """One functional-group item: keyword → a dict of attributes for that macro's single item."""
+    from pydicom.dataset import Dataset
+
+    group = Dataset()
+    for sequence, attrs in macros.items():
+        item = Dataset()
+        for kw, value in attrs.items():
+            setattr(item, kw, value)
+        setattr(group, sequence, [item])
+    return group
+
+
+def _enhanced_ct(ct_path, frames=1, shared=None, per_frame=None):
+    """CT_small recast as an Enhanced CT image: rescale (and no window) only in functional groups."""
+    ds = pydicom.dcmread(ct_path)
+    raw = ds.pixel_array
+    stack = np.stack([raw + 10 * i for i in range(frames)]).astype(raw.dtype)  # frames told apart by value
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2.1"  # Enhanced CT Image Storage
+    for kw in ("RescaleSlope", "RescaleIntercept", "RescaleType", "PixelSpacing", "SliceThickness"):
+        if kw in ds:
+            delattr(ds, kw)
+    if frames > 1:
+        ds.NumberOfFrames = frames
+    ds.PixelData = stack.tobytes()
+    ds.SharedFunctionalGroupsSequence = [_group(**(shared or {}))]
+    if per_frame is not None:
+        ds.PerFrameFunctionalGroupsSequence = [_group(**item) for item in per_frame]
+    return ds, stack
+
+
+def test_enhanced_ct_shared_rescale_gives_hu(ct_path):
+    classic = load_image(ct_path, window="abdomen")
+    ds, _ = _enhanced_ct(
+        ct_path,
+        shared={
+            "PixelValueTransformationSequence": {"RescaleSlope": 1, "RescaleIntercept": -1024, "RescaleType": "HU"},
+            "PixelMeasuresSequence": {"PixelSpacing": [0.661468, 0.661468], "SliceThickness": 5.0},
+        },
+    )
+    m = load_image(dicom_bytes(ds), window="abdomen")
+    assert m.array.min() == classic.array.min() == -896 and m.array.max() == classic.array.max() == 1167
+    assert np.array_equal(m.array, classic.array)
+    assert np.array_equal(np.asarray(m.image), np.asarray(classic.image))  # the preset lands on HU
+    assert m.metadata["sop_class"] == "Enhanced CT Image Storage"
+    assert m.metadata["pixel_spacing"] == [0.661468, 0.661468] and m.metadata["slice_thickness"] == 5.0
+
+
+def test_enhanced_ct_per_frame_rescale_follows_the_chosen_frame(ct_path):
+    rescales = [(1.0, -1024.0), (2.0, -2048.0), (0.5, 0.0)]
+    ds, stack = _enhanced_ct(
+        ct_path,
+        frames=3,
+        shared={  # overridden by every frame's own item
+            "PixelValueTransformationSequence": {"RescaleSlope": 1, "RescaleIntercept": 0, "RescaleType": "US"},
+            "PixelMeasuresSequence": {"PixelSpacing": [0.5, 0.5], "SliceThickness": 1.0},
+        },
+        per_frame=[
+            {"PixelValueTransformationSequence": {"RescaleSlope": s, "RescaleIntercept": b, "RescaleType": "HU"}}
+            for s, b in rescales
+        ],
+    )
+    ds.PerFrameFunctionalGroupsSequence[2].PixelMeasuresSequence = _group(
+        PixelMeasuresSequence={"PixelSpacing": [0.25, 0.25], "SliceThickness": 2.0}
+    ).PixelMeasuresSequence
+    data = dicom_bytes(ds)
+    for i, (slope, intercept) in enumerate(rescales):
+        m = load_image(data, window="abdomen", slice_index=i)
+        hu = stack[i].astype(np.float64) * slope + intercept
+        assert m.metadata["frame_index"] == i and m.metadata["n_frames"] == 3
+        assert np.allclose(m.array, hu)
+        assert np.array_equal(np.asarray(m.image)[..., 0], apply_window(hu, WINDOW_PRESETS["abdomen"]))
+    assert load_image(data).metadata["frame_index"] == 1  # middle frame, its own rescale
+    assert np.allclose(load_image(data).array, stack[1] * 2.0 - 2048.0)
+    assert load_image(data, slice_index=0).metadata["pixel_spacing"] == [0.5, 0.5]  # shared
+    frame2 = load_image(data, slice_index=2).metadata
+    assert frame2["pixel_spacing"] == [0.25, 0.25] and frame2["slice_thickness"] == 2.0  # the frame's own
+
+
+def test_enhanced_ct_frame_voi_window_when_no_preset(ct_path):
+    pvt = {"RescaleSlope": 1, "RescaleIntercept": -1024}
+    windows = [(40.0, 400.0), (-600.0, 1500.0)]
+    ds, stack = _enhanced_ct(
+        ct_path,
+        frames=2,
+        shared={
+            "PixelValueTransformationSequence": pvt,
+            "FrameVOILUTSequence": {"WindowCenter": 400, "WindowWidth": 1800},
+        },
+        per_frame=[{"FrameVOILUTSequence": {"WindowCenter": c, "WindowWidth": w}} for c, w in windows],
+    )
+    assert "WindowCenter" not in ds and "VOILUTSequence" not in ds
+    data = dicom_bytes(ds)
+    for i, (c, w) in enumerate(windows):
+        m = load_image(data, slice_index=i)
+        hu = stack[i].astype(np.float64) - 1024
+        assert m.metadata["window"] == {"center": c, "width": w} and m.metadata["window_source"] == "dicom"
+        assert np.array_equal(np.asarray(m.image)[..., 0], apply_window(hu, Window(c, w)))
+    explicit = load_image(data, window="brain", slice_index=0)  # a preset still wins over the file's window
+    assert explicit.metadata["window"] == {"center": 40.0, "width": 80.0}
+
+    del ds.PerFrameFunctionalGroupsSequence  # only the shared window left
+    ds.PhotometricInterpretation = "MONOCHROME1"
+    m = load_image(dicom_bytes(ds), slice_index=1)
+    assert m.metadata["window"] == {"center": 400.0, "width": 1800.0} and m.metadata["inverted"] is True
+    hu = stack[1].astype(np.float64) - 1024
+    assert np.array_equal(np.asarray(m.image)[..., 0], 255 - apply_window(hu, Window(400, 1800)))  # VOI, then invert
+
+    ds.SharedFunctionalGroupsSequence[0].FrameVOILUTSequence[0].VOILUTFunction = "SIGMOID"
+    m = load_image(dicom_bytes(ds), slice_index=1)
+    assert np.array_equal(np.asarray(m.image)[..., 0], 255 - apply_window(hu, Window(400, 1800), sigmoid=True))
+
 def test_rgb_and_ybr_colour():
     rgb = np.asarray(load_image(get_testdata_file("SC_rgb_rle.dcm")).image).astype(int)
     ybr = np.asarray(load_image(get_testdata_file("SC_ybr_full_422_uncompressed.dcm")).image).astype(int)
