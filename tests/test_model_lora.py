@@ -187,5 +187,22 @@ def test_merge_script_equals_adapter_on_base(llava_setup, tmp_path):
 
 
 def test_lora_without_base_is_a_clear_error(llava_setup):
-    with pytest.raises(OSError):
+    with pytest.raises(ValueError, match=r"base model is not found here \('\./checkpoints/llava-med'\).*--model-base"):
         load_model_and_processor(llava_setup["mmed"])  # "./checkpoints/llava-med" does not exist
+
+
+def test_an_adapter_finds_its_base_through_the_training_manifest(llava_setup, tmp_path):
+    """peft records ``--model_name_or_path`` as typed (``./base_model``: relative to where training
+    ran); the training manifest records it absolute, and that is where the base is looked up."""
+    import json
+    import shutil
+
+    from mmedagent.model.adapters import TRAIN_MANIFEST, adapter_base
+
+    adapter = tmp_path / "run"
+    shutil.copytree(llava_setup["mmed"], adapter)
+    (adapter / TRAIN_MANIFEST).write_text(json.dumps({"base_model": str(llava_setup["orig"])}))
+    assert adapter_base(adapter) == str(llava_setup["orig"])
+    model, _, _ = load_model_and_processor(adapter)
+    torch.testing.assert_close(logits(model, llava_setup["inputs"]), logits(llava_setup["lora_model"], llava_setup["inputs"]),
+                               rtol=1e-4, atol=1e-4)

@@ -131,3 +131,46 @@ def test_coordinate_tokens_make_each_box_number_one_token(tmp_path):
     assert not any(len(t.strip("Ġ")) > 1 and "." in t for t in tok.tokenize(other))
     for text in (box, other):
         assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
+
+
+def test_hub_ids_load_from_the_cache_at_once_when_the_hub_is_unreachable(tiny_models, tmp_path):
+    """An air-gapped server with a filled Hugging Face cache: a hub id loads from the cache without
+    the Hub client's minutes of retries, and an uncached one fails at once with the loader's message."""
+    import os
+    import shutil
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from mmedagent.hub import is_hub_id
+
+    assert is_hub_id("llava-hf/llava-1.5-7b-hf") and is_hub_id("gpt2") and is_hub_id("hf-hub:microsoft/BiomedCLIP")
+    assert not any(map(is_hub_id, ("./model", "/srv/models/llava", "~/m", "local-dir:x", "a/b/c", str(tmp_path))))
+    commit = "0" * 40
+    repo = tmp_path / "hf" / "hub" / "models--acme--tiny-llama"
+    shutil.copytree(tiny_models("llama"), repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    with socket.socket() as s:  # a port nothing listens on: connections are refused, as offline
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env.update(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT=f"http://127.0.0.1:{port}")
+    script = (
+        "import mmedagent, time\n"
+        "from mmedagent.model import load_model_and_processor\n"
+        "started = time.monotonic()\n"
+        "model, _, family = load_model_and_processor('acme/tiny-llama')\n"
+        "print('loaded', family)\n"
+        "try:\n    load_model_and_processor('acme/not-cached')\n"
+        "except OSError as e:\n    print('refused', type(e).__name__)\n"
+        "print('seconds', time.monotonic() - started)\n"
+    )
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "loaded causal_lm" in proc.stdout and "refused OSError" in proc.stdout
+    assert "Retrying" not in proc.stderr and "cannot be reached" in proc.stderr
+    assert float(proc.stdout.split("seconds")[1]) < 20, proc.stdout  # the Hub client's retries alone take ~25 s per file
+    assert time.monotonic() - started < 120

@@ -34,6 +34,7 @@ import numpy as np
 
 from mmedagent.cache import ENV as CACHE_ENV  # noqa: F401  (tests and benchmarks point it elsewhere)
 from mmedagent.cache import cache_root
+from mmedagent.hub import prefer_cache_when_unreachable
 
 log = logging.getLogger(__name__)
 
@@ -314,6 +315,7 @@ class Embedder:
             path = Path(self.model_id)
             if not path.is_dir() and (path.is_absolute() or self.model_id.startswith(".")):
                 raise FileNotFoundError(f"embedding model not found at {self.model_id}")
+            prefer_cache_when_unreachable(self.model_id)
             try:
                 self._model = SentenceTransformer(self.model_id, device=self.device, local_files_only=path.is_dir())
             except OSError as e:
@@ -646,6 +648,7 @@ def build_preset(name: str, out: str | Path | None = None, embedder: Embedder | 
     cached = preset_path(name, embedder, chapters)
     if (cached / "meta.json").exists():
         index = HybridIndex.load(cached, embedder)
+        print(f"{name}: reusing the cached index {cached} (built in {index.meta.get('build_s')} s)", file=sys.stderr)
     else:
         started = time.perf_counter()
         corpus = icd10cm_corpus(chapters)

@@ -8,6 +8,7 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
+from mmedagent.hub import prefer_cache_when_unreachable
 from mmedagent.tools._boxes import as_pil_rgb, pick_device, weights_error
 from mmedagent.tools.base import Tool, ToolParams, ToolResult
 
@@ -82,6 +83,7 @@ class ClassificationTool(Tool):
         ref = str(self.options.get("model", DEFAULT_MODEL))
         name = f"local-dir:{ref}" if ":" not in ref and Path(ref).expanduser().is_dir() else ref
         self.device = pick_device(self.options.get("device"))
+        prefer_cache_when_unreachable(name)
         try:
             model, preprocess = open_clip.create_model_from_pretrained(
                 name, pretrained=self.options.get("pretrained"), device=self.device

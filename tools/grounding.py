@@ -6,6 +6,7 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
+from mmedagent.hub import prefer_cache_when_unreachable
 from mmedagent.tools._boxes import as_pil_rgb, nms, pick_device, weights_error
 from mmedagent.tools.base import Overlay, Tool, ToolParams, ToolResult
 
@@ -67,6 +68,7 @@ class GroundingTool(Tool):
         self.max_boxes = int(max_boxes) if max_boxes is not None else None
         if self.max_boxes is not None and self.max_boxes < 1:
             raise ValueError(f"max_boxes must be at least 1, got {max_boxes}")
+        prefer_cache_when_unreachable(ref)
         try:
             self.processor = AutoProcessor.from_pretrained(ref)
             self.model = GroundingDinoForObjectDetection.from_pretrained(ref).to(self.device).eval()

@@ -14,10 +14,9 @@ from typing import Any
 import torch
 from transformers import Trainer
 
-log = logging.getLogger(__name__)
+from mmedagent.model.adapters import TRAIN_MANIFEST
 
-MANIFEST = "mmedagent_train.json"
-"""Written next to the adapter / model: what it was trained from, so nothing is guessed from folder names."""
+log = logging.getLogger(__name__)
 
 
 def modality_grouped_indices(lengths: list[int], megabatch: int, generator: torch.Generator) -> list[int]:
@@ -146,7 +145,7 @@ def write_manifest(output_dir: str | Path, *, base_model: str, family: str, temp
         "model_max_length": model_max_length,
         "image_aspect_ratio": image_aspect_ratio,
     }
-    path = Path(output_dir) / MANIFEST
+    path = Path(output_dir) / TRAIN_MANIFEST
     path.write_text(json.dumps(manifest, indent=2) + "\n")
     return path
 

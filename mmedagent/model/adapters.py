@@ -3,17 +3,44 @@
 from __future__ import annotations
 
 import json
-
 import logging
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from mmedagent.hub import is_hub_id
+
 log = logging.getLogger(__name__)
 
 
 TRAIN_MANIFEST = "mmedagent_train.json"
-"""Written by ``train/train_mem.py`` next to its output: base model, family, template."""
+"""Written by ``train/train_mem.py`` next to its output (``write_manifest``): what it was trained from
+(base model, family, template), so nothing is guessed from folder names."""
+
+
+def adapter_base(adapter_dir: str | Path) -> str:
+    """The base model of a LoRA adapter directory.
+
+    Candidates, in order: the training manifest's ``base_model`` (absolute when it was a local path,
+    and the original checkpoint when that was in LLaVA layout), then peft's ``base_model_name_or_path``
+    (the flag as typed: often relative, or a conversion cache folder). The first that is a local
+    path here wins, else the first hub id; a ``ValueError`` naming them when none is usable.
+    """
+    adapter_dir = Path(adapter_dir)
+    candidates = []
+    for name, key in ((TRAIN_MANIFEST, "base_model"), ("adapter_config.json", "base_model_name_or_path")):
+        f = adapter_dir / name
+        value = json.loads(f.read_text(encoding="utf-8")).get(key) if f.is_file() else None
+        if value and value not in candidates:
+            candidates.append(str(value))
+    local = [c for c in candidates if Path(c).expanduser().exists()]
+    hub = [c for c in candidates if is_hub_id(c)]
+    if local or hub:
+        return (local or hub)[0]
+    tried = ", ".join(repr(c) for c in candidates) or "nothing recorded"
+    raise ValueError(f"{adapter_dir}: the adapter's base model is not found here ({tried}); pass the base model "
+                     "(--model-base / base=)")
+
 
 def apply_adapter(model: Any, adapter_dir: str | Path, *, merge: bool = False) -> Any:
     """Stack the LoRA adapter in ``adapter_dir`` on ``model``; with ``merge`` fold it into the weights.

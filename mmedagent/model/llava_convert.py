@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from mmedagent import cache
+from mmedagent.hub import prefer_cache_when_unreachable
 from mmedagent.protocol import DEFAULT_SYSTEM
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,20 @@ def _projector_state(state: dict[str, Any], prefix: str, kind: str, hidden: int)
     return out
 
 
+def llava_image_processor(source: Any, do_pad: bool) -> Any:
+    """A ``LlavaImageProcessor`` with ``source``'s CLIP preprocessing (resize, crop, rescale, mean / std) that,
+    with ``do_pad``, first pads each image to a square with the mean colour (LLaVA's ``expand2square`` for
+    ``image_aspect_ratio == "pad"``). Used for converted checkpoints and by training with
+    ``--image_aspect_ratio pad``, so the saved processor pads at inference exactly as in training."""
+    from transformers import LlavaImageProcessor
+
+    return LlavaImageProcessor(
+        do_pad=do_pad, size=source.size, crop_size=source.crop_size, image_mean=source.image_mean,
+        image_std=source.image_std, resample=source.resample, do_center_crop=source.do_center_crop,
+        rescale_factor=source.rescale_factor, do_convert_rgb=True,
+    )
+
+
 def projector_kind(config: dict[str, Any]) -> str:
     return config.get("mm_projector_type", "linear")
 
@@ -126,7 +141,7 @@ def convert_llava_checkpoint(
     import torch
     from transformers import (
         AutoTokenizer, CLIPImageProcessor, CLIPVisionModel, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
-        LlavaImageProcessor, LlavaProcessor,
+        LlavaProcessor,
     )
 
     src, dst = Path(src), Path(dst)
@@ -144,6 +159,7 @@ def convert_llava_checkpoint(
     select = cfg.get("mm_vision_select_feature", "patch")
     if select not in ("patch", "cls_patch"):
         raise ValueError(f"unsupported mm_vision_select_feature {select!r}")
+    prefer_cache_when_unreachable(tower_ref)
     try:
         tower = CLIPVisionModel.from_pretrained(tower_ref, dtype=torch.float32)
         clip_proc = CLIPImageProcessor.from_pretrained(tower_ref)
@@ -212,12 +228,7 @@ def convert_llava_checkpoint(
     model.generation_config.pad_token_id = tokenizer.pad_token_id
 
     # --- processor
-    pad = cfg.get("image_aspect_ratio", "square") == "pad"
-    image_processor = LlavaImageProcessor(
-        do_pad=pad, size=clip_proc.size, crop_size=clip_proc.crop_size, image_mean=clip_proc.image_mean,
-        image_std=clip_proc.image_std, resample=clip_proc.resample, do_center_crop=clip_proc.do_center_crop,
-        rescale_factor=clip_proc.rescale_factor, do_convert_rgb=True,
-    )
+    image_processor = llava_image_processor(clip_proc, do_pad=cfg.get("image_aspect_ratio", "square") == "pad")
     processor = LlavaProcessor(
         image_processor=image_processor, tokenizer=tokenizer, patch_size=vision_config.patch_size,
         vision_feature_select_strategy=config.vision_feature_select_strategy,

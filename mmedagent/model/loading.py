@@ -2,7 +2,7 @@
 
 Families: ``llava`` (LlavaForConditionalGeneration), ``qwen2_vl`` (Qwen2-VL / Qwen2.5-VL),
 ``mllama`` (Llama-3.2-Vision) and ``causal_lm`` (a text-only LM). Also accepted: a peft adapter
-directory (stacked on its ``base_model_name_or_path`` or an explicit base) and an original
+directory (stacked on its recorded base model, see ``adapters.adapter_base``, or an explicit base) and an original
 LLaVA-layout checkpoint (``LlavaLlamaForCausalLM``, converted on load).
 """
 
@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from mmedagent.hub import prefer_cache_when_unreachable
 
 FAMILIES = {
     "llava": "llava",
@@ -142,8 +143,8 @@ def load_model_and_processor(
     """Load ``(model, processor, family)`` from a local directory or hub id, in eval mode.
 
     ``path_or_id`` may be a plain checkpoint, an original LLaVA-layout checkpoint (converted on
-    the fly), or a peft adapter directory (stacked on ``base`` or on the adapter's
-    ``base_model_name_or_path``; ``merge_adapter=True`` merges it into the weights). ``vision_tower``:
+    the fly), or a peft adapter directory (stacked on ``base`` or on the base it records,
+    :func:`mmedagent.model.adapters.adapter_base`; ``merge_adapter=True`` merges it into the weights). ``vision_tower``:
     the CLIP tower for an original LLaVA checkpoint when its ``mm_vision_tower`` is not reachable here.
     For a bare tokenizer-only model the "processor" is the tokenizer.
     """
@@ -158,17 +159,16 @@ def load_model_and_processor(
 
     adapter_dir = None
     if is_adapter(path_or_id):
+        from mmedagent.model.adapters import adapter_base
+
         adapter_dir = Path(path_or_id)
-        adapter_cfg = _local_json(adapter_dir, "adapter_config.json") or {}
-        base = base or adapter_cfg.get("base_model_name_or_path")
-        if not base:
-            raise ValueError(f"{adapter_dir} is a LoRA adapter without base_model_name_or_path; pass the base model")
-        model_path: str | Path = base
+        model_path: str | Path = base or adapter_base(adapter_dir)
     elif base is not None:
         raise ValueError(f"base {base!r} given but {path_or_id!r} is not an adapter directory (no adapter_config.json)")
     else:
         model_path = path_or_id
 
+    prefer_cache_when_unreachable(model_path, vision_tower)
     model_path = _ensure_hf_layout(model_path, vision_tower)
     config = AutoConfig.from_pretrained(str(model_path))
     family = family_of(config)

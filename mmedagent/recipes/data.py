@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mmedagent.hub import prefer_cache_when_unreachable
 from mmedagent.data.formats import DataError, iter_raw, read_records, record_from_any, write_records
 from mmedagent.protocol import IMAGE_TOKEN, Record
 
@@ -63,6 +64,7 @@ def materialise(data: str, split: str, cache: Path, config: str | None = None) -
     target = cache / re.sub(r"[^\w.-]+", "_", "-".join(p for p in (data, config, split) if p))
     if _is_hf_dir(target):
         return target
+    prefer_cache_when_unreachable(data)
     try:
         import datasets
 
