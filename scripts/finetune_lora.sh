@@ -5,12 +5,13 @@
 #
 # MODEL: a LLaVA checkpoint (transformers layout, or original LLaVA/LLaVA-Med layout: converted on load).
 # DATA / IMAGES: training records and their image folder (comma-separated lists allowed).
+# Relative paths are read from the directory you run it in, wherever the script lives.
 # Environment: NUM_GPUS (default: all visible), DEEPSPEED_CONFIG (default: scripts/zero2.json),
 # VISION_TOWER (default: openai/clip-vit-large-patch14-336; must agree with the checkpoint's tower),
 # REPORT_TO (default: none; MMedAgent used wandb).
 # Needs a CUDA machine with bf16 and tf32 (Ampere or newer); see docs/train.md for CPU runs.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+REPO=$(cd "$(dirname "$0")/.." && pwd)
 if [ $# -lt 3 ]; then
   sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"  # the header comment, whatever its length
   exit 2
@@ -20,9 +21,9 @@ shift $(( $# < 4 ? $# : 4 ))
 GPUS=()
 [ -n "${NUM_GPUS:-}" ] && GPUS=(--num_gpus "$NUM_GPUS")
 
-deepspeed "${GPUS[@]}" train/train_mem.py \
+deepspeed "${GPUS[@]}" "$REPO/train/train_mem.py" \
     --lora_enable True --lora_r 128 --lora_alpha 256 --mm_projector_lr 2e-5 \
-    --deepspeed "${DEEPSPEED_CONFIG:-./scripts/zero2.json}" \
+    --deepspeed "${DEEPSPEED_CONFIG:-$REPO/scripts/zero2.json}" \
     --model_name_or_path "$MODEL" \
     --version v1 \
     --data_path "$DATA" \

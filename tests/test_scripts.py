@@ -58,6 +58,24 @@ def test_finetune_lora_without_arguments_prints_its_usage_only():
     assert lines[-1].endswith("see docs/train.md for CPU runs.") and "set -euo" not in proc.stdout
 
 
+def test_finetune_lora_reads_relative_paths_from_where_it_is_run(tmp_path):
+    """The recipe's paths are the user's (``./base_model`` as in MMedAgent's README), not the repo's."""
+    stub = tmp_path / "bin" / "deepspeed"  # records what the launcher would be given
+    stub.parent.mkdir()
+    stub.write_text('#!/bin/sh\npwd\nfor a in "$@"; do echo "$a"; done\n')
+    stub.chmod(0o755)
+    env = {**ENV, "PATH": f"{stub.parent}:{ENV.get('PATH', '')}"}
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "finetune_lora.sh"), "./base_model", "d.json", "imgs"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert Path(lines[0]) == tmp_path  # run where the user is: ./base_model, d.json, imgs are theirs
+    assert Path(lines[1]) == ROOT / "train" / "train_mem.py"
+    flag = {lines[i]: lines[i + 1] for i in range(2, len(lines) - 1) if lines[i].startswith("--")}
+    assert flag["--model_name_or_path"] == "./base_model" and flag["--output_dir"] == "./checkpoints/mmedagent-lora"
+    assert Path(flag["--deepspeed"]) == ROOT / "scripts" / "zero2.json"
+
+
 def _convert_error(*args: str) -> str:
     proc = run("scripts/convert_llava_checkpoint.py", *args, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]

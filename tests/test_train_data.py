@@ -14,13 +14,13 @@ from mmedagent.protocol import Record
 pytest_plugins = ("_train_fixtures",)  # session fixture: train_data
 
 
-def _dataset(model_dir, data_path, folder, template="vicuna_v1", max_len=2048, aspect=None, family=None):
+def _dataset(model_dir, data_path, folder, template="vicuna_v1", max_len=2048, family=None):
     from mmedagent.model.loading import load_processor
     from mmedagent.train.dataset import SupervisedDataset, load_samples
 
     family = family or ("qwen2_vl" if "qwen" in model_dir.name else "llava")
     samples = load_samples(str(data_path), str(folder) if folder else None, vision=True)
-    return SupervisedDataset(samples, load_processor(model_dir, family), family, template, max_len, aspect)
+    return SupervisedDataset(samples, load_processor(model_dir, family), family, template, max_len)
 
 
 def _trained_text(ds, item):
@@ -118,19 +118,55 @@ def test_comma_separated_files_and_folders(tmp_path):
         load_samples(paths, f"{tmp_path / 'im_a'},{tmp_path / 'im_b'}", vision=False)
 
 
-def test_pad_aspect_uses_processor_mean():
-    from mmedagent.train.dataset import expand_to_square
+def test_pad_is_done_by_the_saved_processor_so_inference_pads_too(tiny_models, tmp_path):
+    """--image_aspect_ratio pad on a transformers-layout LLaVA (plain CLIP processor: resize + centre crop):
+    the processor saved with the adapter pads to a square with the mean colour, and training used it."""
+    from mmedagent.model.loading import load_model_and_processor, load_processor
+    from mmedagent.train.run import build_trainer
 
-    out = expand_to_square(Image.new("RGB", (20, 10), (255, 0, 0)), (120, 130, 140))
-    assert out.size == (20, 20)
-    assert out.getpixel((0, 0)) == (120, 130, 140) and out.getpixel((10, 10)) == (255, 0, 0)
+    names = write_images(tmp_path / "im", 2)  # 40 high, 28 / 32 wide
+    train = tmp_path / "train.json"
+    train.write_text(json.dumps([tool_record(1, names[1])]))
+    out = tmp_path / "out"
+    trainer, _ = build_trainer(["--model_name_or_path", str(tiny_models("llava")), "--output_dir", str(out),
+                                "--data_path", str(train), "--image_folder", str(tmp_path / "im"), "--report_to",
+                                "none", "--lora_r", "4", "--version", "v1", "--image_aspect_ratio", "pad"])
+    trainer.save_model(str(out))  # adapter + processing_class, as at the end of training
+    _, served, _ = load_model_and_processor(out, dtype="float32", device="cpu")  # what serving loads
+    assert type(served.image_processor).__name__ == "LlavaImageProcessor" and served.image_processor.do_pad
+
+    image = Image.open(tmp_path / "im" / names[1]).convert("RGB")
+    w, h = image.size
+    assert w != h
+    base = load_processor(tiny_models("llava"), "llava").image_processor
+    square = Image.new("RGB", (max(w, h),) * 2, tuple(int(255 * m) for m in base.image_mean))  # LLaVA's expand2square
+    square.paste(image, ((max(w, h) - w) // 2, (max(w, h) - h) // 2))
+    by_hand = base(images=square, return_tensors="pt")["pixel_values"]
+    pixels = served(text="<image>", images=image, return_tensors="pt")["pixel_values"]
+    assert torch.allclose(pixels, by_hand, atol=1e-6)
+    assert not torch.allclose(base(images=image, return_tensors="pt")["pixel_values"], by_hand, atol=1e-2)  # cropped
+    assert torch.equal(trainer.train_dataset[0]["pixel_values"], pixels)  # trained on what is served
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "mllama"])
+def test_pad_is_refused_for_backbones_that_keep_the_aspect_ratio(tmp_path, family):
+    from mmedagent.train.args import FlagError, check_backbone_flags, parse_args
+
+    flags = parse_args(["--model_name_or_path", "b", "--output_dir", str(tmp_path), "--data_path", "d",
+                        "--image_aspect_ratio", "pad"])
+    with pytest.raises(FlagError, match=rf"^--image_aspect_ratio pad applies to LLaVA only: b \(a {family} backbone\) "
+                                        r"keeps each image's aspect ratio itself"):
+        check_backbone_flags(family, *flags)
+    check_backbone_flags("llava", *flags)
+    check_backbone_flags(family, *parse_args(["--model_name_or_path", "b", "--output_dir", str(tmp_path),
+                                              "--data_path", "d", "--image_aspect_ratio", "square"]))
 
 
 def test_mixed_batch_collates_and_runs(tiny_models, train_data):
     from mmedagent.model.loading import load_model_and_processor
     from mmedagent.train.dataset import Collator
 
-    ds = _dataset(tiny_models("llava"), train_data["mixed"], train_data["images"], aspect="pad")
+    ds = _dataset(tiny_models("llava"), train_data["mixed"], train_data["images"])
     assert [n > 0 for n in ds.modality_lengths] == [True] * 4 + [False] * 2  # keyed on the images themselves
     batch = Collator(ds.tokenizer.pad_token_id, "llava")([ds[0], ds[4], ds[1]])
     assert batch["input_ids"].shape == batch["labels"].shape and batch["pixel_values"].shape[0] == 2
@@ -186,6 +222,9 @@ def test_mmedagent_recipe_flags_parse(tmp_path, monkeypatch):
     (["--bits", "4"], r"--bits 4 \(QLoRA\) needs a CUDA GPU"),
     (["--warmup_ratio", "1.5"], "--warmup_ratio must be in"),
     (["--image_aspect_ratio", "anyres"], "--image_aspect_ratio must be 'pad' or 'square'"),
+    (["--version", "llava_v0"], r"^--version 'llava_v0' is not a conversation template; choose one of "
+                                r"v1 \(= vicuna_v1\), vicuna \(= vicuna_v1\), llava_v1 \(= vicuna_v1\), vicuna_v1, "
+                                r"llama3, qwen2, or leave --version out for the processor's own chat template$"),
 ])
 def test_bad_flags_are_rejected(tmp_path, flags, message):
     from mmedagent.train.args import check_backbone_flags, parse_args
@@ -195,6 +234,32 @@ def test_bad_flags_are_rejected(tmp_path, flags, message):
     with pytest.raises(ValueError, match=message):
         check_backbone_flags("llava", *parse_args(["--model_name_or_path", "b", "--output_dir", str(tmp_path),
                                                    "--data_path", "d", *flags]))
+
+
+def test_version_names_map_to_model_layer_templates(tmp_path):
+    from mmedagent.train.args import parse_args, template_name
+
+    for version, template in (("v1", "vicuna_v1"), ("llava_v1", "vicuna_v1"), ("llama3", "llama3"), (None, None)):
+        m, _, _ = parse_args(["--model_name_or_path", "b", "--output_dir", str(tmp_path), "--data_path", "d",
+                              *(["--version", version] if version else [])])
+        assert template_name(m.version) == template
+
+
+def test_vision_select_layer_must_be_the_checkpoints(tiny_models, tmp_path):
+    """The adapter stores no config: a layer other than the checkpoint's would be dropped at merge / load."""
+    from mmedagent.model.loading import load_model_and_processor
+    from mmedagent.train.args import FlagError, parse_args
+    from mmedagent.train.modeling import apply_llava_flags
+
+    model, _, _ = load_model_and_processor(tiny_models("llava"), dtype="float32", device="cpu")
+    assert model.config.vision_feature_layer == -2  # llava-hf's default, and MMedAgent's recipe value
+    base = ["--model_name_or_path", "b", "--output_dir", str(tmp_path), "--data_path", "d"]
+    apply_llava_flags(model, parse_args([*base, "--mm_vision_select_layer", "-2"])[0])
+    with pytest.raises(FlagError, match=r"^--mm_vision_select_layer -1 differs from the checkpoint's "
+                                        r"vision_feature_layer \(-2\), and a LoRA adapter cannot carry another "
+                                        r"layer.*checkpoint whose config.json has vision_feature_layer -1"):
+        apply_llava_flags(model, parse_args([*base, "--mm_vision_select_layer", "-1"])[0])
+    assert model.config.vision_feature_layer == -2
 
 
 def test_lora_targets_language_model_only_and_projector_trains_at_its_lr(tiny_models, tmp_path):
@@ -282,6 +347,45 @@ def test_mllama_mixed_batch(tiny_models, train_data):
     assert not batch["cross_attention_mask"][1].any()  # the text-only row attends to no image
     model, _, _ = load_model_and_processor(tiny_models("mllama"), dtype="float32", device="cpu")
     assert torch.isfinite(model(**batch).loss)
+
+
+def test_mllama_blank_image_leaves_the_loss_unchanged(tiny_models, train_data, tmp_path):
+    """ZeRO-3 adds a masked-out blank image to an image-free batch (every rank must run the vision encoder,
+    projector and cross-attention layers); no real token may see it, so the loss is that without it."""
+    from mmedagent.model.loading import load_model_and_processor
+    from mmedagent.train.args import parse_args
+    from mmedagent.train.dataset import Collator
+    from mmedagent.train.modeling import prepare_model
+
+    ds = _dataset(tiny_models("mllama"), train_data["mixed"], train_data["images"], template=None, family="mllama")
+    model, _, _ = load_model_and_processor(tiny_models("mllama"), dtype="float32", device="cpu")
+    gated = [m for m in model.modules() if type(m).__name__ == "MllamaCrossAttentionDecoderLayer"]
+    assert gated
+    with torch.no_grad():  # trained Llama-3.2-Vision gates are open; the tiny model's start at 0 and would hide a leak
+        for layer in gated:
+            layer.cross_attn_attn_gate.fill_(0.8)
+            layer.cross_attn_mlp_gate.fill_(-0.6)
+    _, _, t = parse_args(["--model_name_or_path", "b", "--output_dir", str(tmp_path), "--data_path", "d",
+                          "--lora_r", "4"])
+    model = prepare_model(model, "mllama", t).eval()  # LoRA B starts at 0: the base model's outputs
+
+    pad_id = ds.tokenizer.pad_token_id
+    text_only = [ds[4], ds[5]]
+    blank = ds.blank_image_item()
+    blanked = Collator(pad_id, "mllama", blank)(text_only)
+    plain = Collator(pad_id, "mllama")(text_only)
+    assert "pixel_values" not in plain and blanked["pixel_values"].shape[0] == 2
+    assert blanked["aspect_ratio_ids"].flatten().tolist()[1] == 0 < blanked["aspect_ratio_ids"].flatten().tolist()[0]
+    assert not blanked["pixel_values"][1].any()  # the blank fills the first row; the other row is padding
+    assert not blanked["cross_attention_mask"].any()  # no token attends to the blank
+    assert (blanked["labels"] != -100).sum() == (plain["labels"] != -100).sum()
+    with torch.no_grad():
+        assert torch.allclose(model(**blanked).loss, model(**plain).loss, atol=1e-5)
+        # a text-only sample next to an image sample is trained as it is served (no image: layers skipped)
+        mixed = Collator(pad_id, "mllama")([ds[0], ds[4]])
+        n = len(ds[4]["input_ids"])
+        alone = model(**Collator(pad_id, "mllama")([ds[4]])).logits[0]
+        assert torch.allclose(model(**mixed).logits[1, :n], alone, atol=1e-5)
 
 
 def test_hf_image_caption_dataset_becomes_instruction_pairs(tiny_models, tmp_path):

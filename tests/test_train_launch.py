@@ -6,7 +6,8 @@ import subprocess
 
 import pytest
 import torch
-from _train_fixtures import ROOT, base_args, command, losses, run_training, run_until, train_env
+from _train_fixtures import (ROOT, TEXT_RECORD, base_args, command, losses, run_training, run_until, tool_record,
+                             train_env)
 from safetensors.torch import load_file
 
 pytest_plugins = ("_train_fixtures",)  # session fixture: train_data
@@ -80,6 +81,22 @@ def test_zero3_two_ranks_sharegpt_mmedagent_and_text_only(tiny_models, train_dat
     assert saved and all(v.numel() > 0 for v in saved.values())  # gathered, not empty ZeRO-3 shards
     steps = losses(out)
     assert sum(steps[s] for s in (7, 8)) < sum(steps[s] for s in (1, 2)), steps
+
+
+def test_zero3_two_ranks_mllama_image_and_text_only_records(tiny_models, train_data, tmp_path):
+    """Mllama under ZeRO-3: with one record per rank, every step pairs an image record with a text-only one;
+    the text-only rank must run the vision encoder, projector and cross-attention layers too (masked blank)."""
+    out = tmp_path / "run"
+    data = tmp_path / "mixed.json"
+    data.write_text(json.dumps([tool_record(0, "img0.png"), TEXT_RECORD]))
+    run_training(base_args(tiny_models("mllama"), data, out, "--image_folder", str(train_data["images"]),
+                           "--deepspeed", ZERO3, "--max_steps", "2", "--save_strategy", "no",
+                           "--per_device_train_batch_size", "1"), 2, timeout=240)
+    saved = load_file(out / "adapter_model.safetensors")
+    assert saved and all(v.numel() > 0 for v in saved.values())
+    assert any("cross_attn" in k for k in saved)  # the cross-attention layers' LoRA, gathered
+    steps = losses(out)
+    assert sorted(steps) == [1, 2] and all(v == v and v > 0 for v in steps.values()), steps
 
 
 def test_qwen2_vl_sharegpt_one_rank(tiny_models, train_data, tmp_path):

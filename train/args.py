@@ -12,8 +12,14 @@ from dataclasses import dataclass, field
 
 import transformers
 
-TEMPLATE_ALIASES = {"v1": "vicuna_v1", "vicuna": "vicuna_v1"}
-"""LLaVA ``--version`` names -> model-layer template names."""
+TEMPLATE_ALIASES = {"v1": "vicuna_v1", "vicuna": "vicuna_v1", "llava_v1": "vicuna_v1"}
+"""LLaVA ``--version`` names -> model-layer template names (the model layer's ``vicuna_v1`` renders LLaVA's
+``llava_v1`` conversation exactly: its system prompt, ``USER:`` / ``ASSISTANT:`` and ``</s>``)."""
+
+NATIVE_ASPECT = {"qwen2_vl": "Qwen2-VL resizes each image to its own grid of patches",
+                 "mllama": "Mllama tiles each image by its aspect ratio"}
+"""Families that keep an image's aspect ratio themselves, so ``--image_aspect_ratio pad`` does not apply."""
+
 
 class FlagError(ValueError):
     """A flag that is wrong, does not apply, or needs hardware this machine lacks: ``train/train_mem.py``
@@ -29,11 +35,13 @@ IMAGE_ONLY = ("image_folder", "image_aspect_ratio", "mm_projector_lr", "freeze_m
 class ModelArguments:
     model_name_or_path: str = field(metadata={"help": "Base checkpoint (HF layout or original LLaVA layout)."})
     version: str | None = field(default=None, metadata={
-        "help": "Chat template: 'v1' (= vicuna_v1, MMedAgent) or a model-layer template name; "
-                "default: the processor's own chat template."})
+        "help": "Chat template: 'v1' / 'vicuna' / 'llava_v1' (= vicuna_v1, MMedAgent) or a model-layer template name "
+                "(vicuna_v1, llama3, qwen2); default: the processor's own chat template."})
     vision_tower: str | None = field(default=None, metadata={
         "help": "LLaVA only. Must agree with the checkpoint's vision tower (transformers' LLaVA keeps it inside)."})
-    mm_vision_select_layer: int | None = field(default=None, metadata={"help": "LLaVA only: vision feature layer."})
+    mm_vision_select_layer: int | None = field(default=None, metadata={
+        "help": "LLaVA only: vision feature layer; must equal the checkpoint's vision_feature_layer (an adapter "
+                "cannot carry another)."})
     mm_vision_select_feature: str | None = field(default=None, metadata={
         "help": "LLaVA only: 'patch' (drop CLS) or 'cls_patch'."})
     mm_projector_type: str | None = field(default=None, metadata={
@@ -50,7 +58,8 @@ class DataArguments:
     image_folder: str | None = field(default=None, metadata={
         "help": "Folder(s) that relative image paths refer to; one for all data files or one per file."})
     image_aspect_ratio: str | None = field(default=None, metadata={
-        "help": "'pad' (pad to a square with the processor's mean colour, MMedAgent) or 'square' (as is)."})
+        "help": "LLaVA only for 'pad': the saved processor pads images to a square with its mean colour (MMedAgent), "
+                "in training and at inference; 'square': the processor as it is."})
     eval_data_path: str | None = field(default=None, metadata={
         "help": "Validation data (same formats; comma-separated list allowed): its loss is logged at "
                 "--eval_strategy and after training."})
@@ -123,12 +132,22 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     if data_args.image_aspect_ratio not in (None, "pad", "square"):
         raise FlagError(f"--image_aspect_ratio must be 'pad' or 'square', got {data_args.image_aspect_ratio!r}")
+    template_name(model_args.version)  # an unknown --version fails here, before any model loads
     return model_args, data_args, training_args
 
 
 def template_name(version: str | None) -> str | None:
-    """The model-layer template for ``--version`` (None: the processor's chat template)."""
-    return TEMPLATE_ALIASES.get(version, version) if version else None
+    """The model-layer template for ``--version`` (None: the processor's chat template); FlagError if unknown."""
+    from mmedagent.model.templates import TEMPLATES
+
+    if not version:
+        return None
+    name = TEMPLATE_ALIASES.get(version, version)
+    if name not in TEMPLATES:
+        aliases = ", ".join(f"{a} (= {t})" for a, t in TEMPLATE_ALIASES.items())
+        raise FlagError(f"--version {version!r} is not a conversation template; choose one of {aliases}, "
+                        f"{', '.join(TEMPLATES)}, or leave --version out for the processor's own chat template")
+    return name
 
 
 def _given(args: object, names: tuple[str, ...]) -> list[str]:
@@ -149,6 +168,9 @@ def check_backbone_flags(family: str, model_args: ModelArguments, data_args: Dat
         raise FlagError(f"{flags} do(es) not apply to {model_args.model_name_or_path} (a {family} backbone): "
                          f"{'image options need a vision backbone' if family == 'causal_lm' else 'LLaVA-only options'}"
                          "; remove them.")
+    if family in NATIVE_ASPECT and data_args.image_aspect_ratio == "pad":
+        raise FlagError(f"--image_aspect_ratio pad applies to LLaVA only: {model_args.model_name_or_path} (a {family} "
+                         f"backbone) keeps each image's aspect ratio itself ({NATIVE_ASPECT[family]}); remove it.")
     if family == "llava":
         if model_args.mm_use_im_start_end:
             raise FlagError("--mm_use_im_start_end True is not supported: transformers' LLaVA places image "

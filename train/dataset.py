@@ -124,17 +124,6 @@ def load_samples(data_path: str, image_folder: str | None, vision: bool) -> list
     return samples
 
 
-def expand_to_square(image: Image.Image, background: tuple[int, ...]) -> Image.Image:
-    """LLaVA's ``pad`` aspect: centre the image on a square of the processor's mean colour."""
-    w, h = image.size
-    if w == h:
-        return image
-    side = max(w, h)
-    out = Image.new(image.mode, (side, side), background)
-    out.paste(image, ((side - w) // 2, (side - h) // 2))
-    return out
-
-
 def token_labels(offsets: Sequence[tuple[int, int]], trained: np.ndarray) -> list[bool]:
     """A token is trained when the last character it covers lies in a trained segment."""
     return [bool(e > s and trained[e - 1]) for s, e in offsets]
@@ -144,14 +133,15 @@ class SupervisedDataset(torch.utils.data.Dataset):
     """Lazily tokenised chat samples with assistant-only labels."""
 
     def __init__(self, samples: list[Sample], processor: Any, family: str, template: str | None,
-                 model_max_length: int, image_aspect_ratio: str | None = None):
+                 model_max_length: int):
+        # Images go to the processor as they are: LLaVA's ``pad`` is the processor's own (train/run.py gives
+        # it a padding image processor, which the Trainer saves), so inference pads exactly as training did.
         self.samples = samples
         self.processor = processor
         self.tokenizer = tokenizer_of(processor)
         self.family = family
         self.template = template
         self.model_max_length = model_max_length
-        self.pad = image_aspect_ratio == "pad"
         self.image_token_id = None
         if family != "causal_lm":
             self.image_token_id = self.tokenizer.convert_tokens_to_ids(processor.image_token)
@@ -159,13 +149,19 @@ class SupervisedDataset(torch.utils.data.Dataset):
         self.background = tuple(round(255 * x) for x in mean)
 
     def blank_image_item(self) -> dict[str, torch.Tensor]:
-        """One blank image as a masked-out item (attention 0, no labels): see :class:`Collator`."""
+        """One blank image as a masked-out item (attention 0, no labels): see :class:`Collator`.
+
+        Mllama: its ``cross_attention_mask`` is all zero, so no token attends to the blank (the Collator puts
+        it in the first sample's row); :func:`mmedagent.train.modeling.keep_imageless_rows` then makes the
+        cross-attention layers leave such rows unchanged, as for a text-only batch."""
         image = Image.new("RGB", (32, 32), self.background)  # the processor resizes it as it needs
         enc = self.processor(text=[self.processor.image_token], images=[image], add_special_tokens=False,
                              return_tensors="pt")
         item = {k: (v[0] if k in SEQ_PAD else v) for k, v in enc.items()}
         item["attention_mask"] = torch.zeros_like(item["input_ids"])
         item["labels"] = torch.full_like(item["input_ids"], IGNORE_INDEX)
+        if "cross_attention_mask" in item:
+            item["cross_attention_mask"] = torch.zeros_like(item["cross_attention_mask"])
         return item
 
     def __len__(self) -> int:
@@ -188,7 +184,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
                 image = ref.convert("RGB") if isinstance(ref, Image.Image) else load_image(ref).image
             except Exception as e:  # any decoder failure becomes a data error naming the record
                 raise DataError(f"{sample.where}: cannot load image: {e}") from e
-            out.append(expand_to_square(image, self.background) if self.pad else image)
+            out.append(image)
         return out
 
     def encode(self, sample: Sample) -> dict[str, torch.Tensor]:
@@ -260,9 +256,12 @@ def _pad_to(t: torch.Tensor, shape: Sequence[int], value: float) -> torch.Tensor
 class Collator:
     """Right-pads per-token keys; concatenates image inputs (zero-padding mllama's batch-first ones).
 
-    ``blank_image`` (ZeRO-3 only): appended, masked out, to a batch without any image. ZeRO-3 gathers
-    each module's weights collectively, so every rank must run the vision encoder and projector at
-    every step, in the same order, or the ranks deadlock.
+    ``blank_image`` (ZeRO-3 only, every vision family): appended, masked out, to a batch without any
+    image: its tokens join the first sample's sequence (attention 0, labels -100), its image inputs
+    become that sample's (Mllama: the first row of the batch-first tensors, with an all-zero
+    ``cross_attention_mask``). ZeRO-3 gathers each module's weights collectively, so every rank must
+    run the vision encoder, the projector (and Mllama's cross-attention layers) at every step, in the
+    same order, or the ranks deadlock. The loss is that of the batch without it.
     """
 
     pad_token_id: int

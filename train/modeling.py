@@ -1,4 +1,4 @@
-"""Model preparation for training: LLaVA flags, freezing, LoRA / QLoRA through peft.
+"""Model preparation for training: LLaVA flags, freezing, LoRA / QLoRA through peft, Mllama's image-free rows.
 
 Where the parts of each backbone live (transformers 5 classes, after the model layer loaded them):
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import re
+from typing import Any
 
 import torch
 from torch import nn
@@ -100,9 +101,13 @@ def apply_llava_flags(model: nn.Module, model_args: ModelArguments) -> None:
                              f"({recorded}); transformers' LLaVA trains the tower stored in the checkpoint.")
         log.warning("--vision_tower %s: using the vision tower stored in the checkpoint", model_args.vision_tower)
     if model_args.mm_vision_select_layer is not None and model_args.mm_vision_select_layer != cfg.vision_feature_layer:
-        log.warning("--mm_vision_select_layer %s: vision features now come from layer %s (checkpoint: %s)",
-                    model_args.mm_vision_select_layer, model_args.mm_vision_select_layer, cfg.vision_feature_layer)
-        cfg.vision_feature_layer = model_args.mm_vision_select_layer
+        # Changing it here would change only this process's model: the adapter stores LoRA weights, not the
+        # config, so merging and loading would feed the trained model another layer's features.
+        raise FlagError(f"--mm_vision_select_layer {model_args.mm_vision_select_layer} differs from the checkpoint's "
+                         f"vision_feature_layer ({cfg.vision_feature_layer}), and a LoRA adapter cannot carry another "
+                         "layer: the merged or served model would use the checkpoint's. Leave the flag out (or pass "
+                         f"{cfg.vision_feature_layer}), or train from a checkpoint whose config.json has "
+                         f"vision_feature_layer {model_args.mm_vision_select_layer}.")
     if model_args.mm_vision_select_feature is not None:
         strategy = {"patch": "default", "cls_patch": "full"}[model_args.mm_vision_select_feature]
         if strategy != cfg.vision_feature_select_strategy:
@@ -111,9 +116,43 @@ def apply_llava_flags(model: nn.Module, model_args: ModelArguments) -> None:
                              "convert the checkpoint with the other strategy instead.")
 
 
+def _keep_imageless_rows(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+    """Forward hook of an Mllama cross-attention layer: rows (samples) in which no token attends to an image
+    leave the layer unchanged, as a text-only prompt does at inference (where transformers skips the layer).
+
+    transformers' Mllama zeroes only the MLP half of such a layer for rows fully masked out; the attention
+    half still adds ``tanh(gate) * attention`` over every image token of the batch. The layer still runs
+    (and stays in the autograd graph) for every row, which ZeRO-3 needs; only its result is not used."""
+    rows = kwargs.get("full_text_row_masked_out_mask")
+    hidden = args[0] if args else kwargs.get("hidden_states")
+    if rows is None or hidden is None:
+        return output
+    out = output[0] if isinstance(output, tuple) else output
+    has_image = rows.flatten(1).any(dim=1).view(-1, *([1] * (hidden.dim() - 1)))
+    kept = torch.where(has_image, out, hidden)
+    return (kept, *output[1:]) if isinstance(output, tuple) else kept
+
+
+def keep_imageless_rows(model: nn.Module) -> int:
+    """Mllama: make samples without an image pass the cross-attention layers unchanged in training, as they do
+    at inference (see :func:`_keep_imageless_rows`): text-only records in a batch with images, and the
+    masked-out blank image that ZeRO-3 adds to image-free batches (:class:`~mmedagent.train.dataset.Collator`).
+    Returns how many layers it hooked (each at most once)."""
+    hooked = 0
+    for module in model.modules():
+        if type(module).__name__ == "MllamaCrossAttentionDecoderLayer":
+            if not getattr(module, "_mmedagent_keeps_imageless_rows", False):
+                module.register_forward_hook(_keep_imageless_rows, with_kwargs=True)
+                module._mmedagent_keeps_imageless_rows = True
+            hooked += 1
+    return hooked
+
+
 def prepare_model(model: nn.Module, family: str, args: TrainingArguments) -> nn.Module:
     """Freeze the vision encoder, set up LoRA (or full fine-tuning) and the projector's trainability."""
     vision, projector, _ = parts(family)
+    if family == "mllama" and not keep_imageless_rows(model):
+        raise ValueError("no MllamaCrossAttentionDecoderLayer found in the Mllama model")
     train_projector = projector is not None and not args.freeze_mm_mlp_adapter
     model.config.use_cache = False
     if args.lora_enable:

@@ -12,6 +12,8 @@ import torch
 import transformers
 from transformers.integrations import is_deepspeed_zero3_enabled
 
+from mmedagent.hub import prefer_cache_when_unreachable
+from mmedagent.model.llava_convert import llava_image_processor
 from mmedagent.model.loading import family_of, is_original_llava, load_model_and_processor
 from mmedagent.model.templates import tokenizer_of
 from mmedagent.train.args import FlagError, check_backbone_flags, parse_args, template_name
@@ -27,7 +29,20 @@ def backbone_family(path: str) -> str:
     config_file = Path(path) / "config.json"
     if config_file.is_file() and is_original_llava(json.loads(config_file.read_text())):
         return "llava"
+    prefer_cache_when_unreachable(path)
     return family_of(transformers.AutoConfig.from_pretrained(path))
+
+
+def padding_processor(processor) -> None:
+    """``--image_aspect_ratio pad`` for LLaVA: the processor itself pads (a ``LlavaImageProcessor`` with
+    ``do_pad``, built like a converted checkpoint's), so the processor the Trainer saves with the adapter
+    pads at inference exactly as in training."""
+    current = processor.image_processor
+    if type(current).__name__ == "LlavaImageProcessor" and current.do_pad:
+        return
+    processor.image_processor = llava_image_processor(current, do_pad=True)
+    log.info("--image_aspect_ratio pad: %s -> LlavaImageProcessor(do_pad=True), saved with the output",
+             type(current).__name__)
 
 
 def _setup_logging(args) -> None:
@@ -73,11 +88,12 @@ def build_trainer(argv: list[str] | None = None) -> tuple[MMedTrainer, dict]:
     assert loaded_family == family, (loaded_family, family)
     if family == "llava":
         apply_llava_flags(model, model_args)
+        if data_args.image_aspect_ratio == "pad":
+            padding_processor(processor)
     model = prepare_model(model, family, args)
 
     def dataset_of(records):
-        data = SupervisedDataset(records, processor, family, template, args.model_max_length,
-                                 data_args.image_aspect_ratio)
+        data = SupervisedDataset(records, processor, family, template, args.model_max_length)
         checked = set()
         for i, s in enumerate(records):  # fail fast: one record of every file through the whole pipeline
             if s.source not in checked:
@@ -89,7 +105,7 @@ def build_trainer(argv: list[str] | None = None) -> tuple[MMedTrainer, dict]:
     eval_dataset = dataset_of(eval_samples) if eval_samples else None
     tok = tokenizer_of(processor)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    blank = dataset.blank_image_item() if family in ("llava", "qwen2_vl") and is_deepspeed_zero3_enabled() else None
+    blank = dataset.blank_image_item() if family != "causal_lm" and is_deepspeed_zero3_enabled() else None
     trainer = MMedTrainer(model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset,
                           data_collator=Collator(pad_id, family, blank), processing_class=processor,
                           projector=projector_name(family))
