@@ -8,8 +8,9 @@ the user; the caller always gets one outcome per call.
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
@@ -32,13 +33,56 @@ def describe_validation_error(tool: str, err: ValidationError) -> str:
 
 
 class Dispatcher:
-    """Runs tool calls against a set of tool instances (in-process or remote proxies)."""
+    """Runs tool calls against a set of tool instances (in-process or remote proxies).
+
+    Threads: each tool has its own pool of ``max_workers`` threads, so a slow or hung tool can use
+    up only its own threads, never another tool's. A call that times out gets an error outcome,
+    but Python cannot stop a running thread: the call goes on in the background, holding its thread,
+    until the tool returns. While ``max_workers`` calls of one tool are running past their timeout,
+    new calls to that tool fail at once with an error saying so, instead of queueing behind them;
+    the other tools are not affected.
+
+    Loading: the timeout covers the call, not the tool's first load. :meth:`preload` loads every
+    tool up front (the evaluation does; the controller loads its tools before offering them); a
+    tool that fails there is unavailable, its calls get an error naming the load failure. A tool
+    still unloaded at its first call is loaded then, before the call's clock starts, however long
+    the load takes.
+    """
 
     def __init__(self, tools: Mapping[str, Tool] | Sequence[Tool], timeout_s: float = 60.0, max_workers: int = 8):
+        """``max_workers``: threads per tool (calls of one tool running at once)."""
         items = tools.values() if isinstance(tools, Mapping) else tools
         self.tools: dict[str, Tool] = {t.name: t for t in items}
         self.timeout_s = timeout_s
-        self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="tool")
+        self.max_workers = max_workers
+        self.load_errors: dict[str, str] = {}
+        """Tools that failed in :meth:`preload`: name -> error (their calls are refused with it)."""
+        self._lock = threading.Lock()
+        self._pools: dict[str, ThreadPoolExecutor] = {}
+        self._overdue: dict[str, int] = {}  # per tool: calls still running past their timeout
+
+    def preload(self, progress: Callable[[str], None] | None = None) -> dict[str, str]:
+        """Load every tool now, one after another; returns ``{name: error}`` for those that failed.
+
+        A tool that fails stays unavailable (not retried): its calls get an error naming the
+        failure, and the others run as usual. ``progress`` gets a line per tool."""
+        for tool in self.tools.values():
+            if tool.loaded or tool.name in self.load_errors:
+                continue
+            if progress:
+                progress(f"loading tool {tool.name}" + (" (the first load can take minutes)" if tool.slow_load else ""))
+            started = time.monotonic()
+            try:
+                tool.ensure_loaded()
+            except Exception as e:  # reported; the other tools still load and serve
+                self.load_errors[tool.name] = f"{type(e).__name__}: {e}"
+                log.error("tool %s failed to load: %s", tool.name, self.load_errors[tool.name])
+                if progress:
+                    progress(f"tool {tool.name} failed to load: {self.load_errors[tool.name]}")
+                continue
+            if progress:
+                progress(f"tool {tool.name} loaded in {time.monotonic() - started:.1f} s")
+        return dict(self.load_errors)
 
     def resolve(self, name: str) -> Tool | None:
         key = name.strip().casefold()
@@ -53,6 +97,10 @@ class Dispatcher:
         if tool is None:
             known = ", ".join(sorted(self.tools)) or "(none)"
             return ToolOutcome(tool=call.API_name, ok=False, error=f"unknown tool {call.API_name!r}; available tools: {known}")
+        if tool.name in self.load_errors:
+            return ToolOutcome(
+                tool=call.API_name, ok=False, error=f"{tool.name} is unavailable: it failed to load ({self.load_errors[tool.name]})"
+            )
         params = dict(call.API_params)
         supplied = params.pop("image", None)
         if supplied not in (None, IMAGE_PLACEHOLDER):
@@ -68,11 +116,51 @@ class Dispatcher:
             parsed = parsed.model_copy(update={tool.question_param: question})
         return tool, parsed
 
-    def _finish(self, call: ToolCall, fut: Future, started: float, deadline: float) -> ToolOutcome:
+    def _load(self, call: ToolCall, tool: Tool) -> ToolOutcome | None:
+        """Load ``tool`` if needed (untimed); an error outcome if that fails."""
+        if tool.loaded:
+            return None
+        try:
+            tool.ensure_loaded()
+        except Exception as e:  # a load failure goes back to the model like a call failure
+            log.warning("tool %s failed to load: %s", tool.name, type(e).__name__)
+            return ToolOutcome(tool=call.API_name, ok=False, error=f"{tool.name} failed to load: {type(e).__name__}: {e}")
+        return None
+
+    def _submit(self, call: ToolCall, tool: Tool, image: Any, params: Any) -> Future | ToolOutcome:
+        """Start the call on the tool's own pool, or refuse it if the tool's threads are all held by
+        earlier calls still running past their timeout."""
+        with self._lock:
+            overdue = self._overdue.get(tool.name, 0)
+            if overdue >= self.max_workers:
+                return ToolOutcome(
+                    tool=call.API_name, ok=False,
+                    error=f"{tool.name} is not responding: {overdue} earlier calls are still running past the "
+                    f"{self.timeout_s:g} s timeout; not starting another until they finish",
+                )
+            pool = self._pools.get(tool.name)
+            if pool is None:
+                pool = self._pools[tool.name] = ThreadPoolExecutor(self.max_workers, thread_name_prefix=f"tool-{tool.name}")
+        return pool.submit(tool.run, image, params)
+
+    def _abandon(self, name: str, fut: Future) -> None:
+        """A timed-out call: dropped if it never started, else counted as overdue until it ends."""
+        if fut.cancel():
+            return
+        with self._lock:
+            self._overdue[name] = self._overdue.get(name, 0) + 1
+
+        def done(_: Future) -> None:
+            with self._lock:
+                self._overdue[name] -= 1
+
+        fut.add_done_callback(done)  # runs at once if it has finished meanwhile
+
+    def _finish(self, call: ToolCall, tool: Tool, fut: Future, started: float, deadline: float) -> ToolOutcome:
         try:
             result: ToolResult = fut.result(timeout=max(0.0, deadline - time.monotonic()))
         except FutureTimeout:
-            fut.cancel()
+            self._abandon(tool.name, fut)
             return ToolOutcome(
                 tool=call.API_name, ok=False, error=f"timed out after {self.timeout_s:g} s", elapsed_s=time.monotonic() - started
             )
@@ -89,29 +177,38 @@ class Dispatcher:
         """Run every call of a turn concurrently; outcomes for the model and full results for the UI.
 
         ``question`` (the user's question) fills a tool's ``question_param`` when the call omits it.
+        Tools not loaded yet are loaded first; the timeout starts after that.
         """
+        prepared = [self.prepare(call, image, question) for call in calls]
+        for i, (call, p) in enumerate(zip(calls, prepared)):
+            if not isinstance(p, ToolOutcome) and (failed := self._load(call, p[0])) is not None:
+                prepared[i] = failed
         started = time.monotonic()
         deadline = started + self.timeout_s
-        pending: list[ToolOutcome | Future] = []
-        for call in calls:
-            prepared = self.prepare(call, image, question)
-            if isinstance(prepared, ToolOutcome):
-                pending.append(prepared)
-            else:
-                tool, params = prepared
-                pending.append(self._pool.submit(tool.run, image, params))
+        pending: list[ToolOutcome | tuple[Tool, Future]] = []
+        for call, p in zip(calls, prepared):
+            if isinstance(p, ToolOutcome):
+                pending.append(p)
+                continue
+            tool, params = p
+            fut = self._submit(call, tool, image, params)
+            pending.append(fut if isinstance(fut, ToolOutcome) else (tool, fut))
         outcomes, results = [], []
         for call, p in zip(calls, pending):
             if isinstance(p, ToolOutcome):
                 outcomes.append(p)
                 results.append(None)
                 continue
-            outcomes.append(self._finish(call, p, started, deadline))
-            results.append(p.result() if outcomes[-1].ok else None)
+            tool, fut = p
+            outcomes.append(self._finish(call, tool, fut, started, deadline))
+            results.append(fut.result() if outcomes[-1].ok else None)
         return outcomes, results
 
     def dispatch(self, call: ToolCall, image: Any, question: str | None = None) -> ToolOutcome:
         return self.dispatch_all([call], image, question)[0][0]
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            pools, self._pools = list(self._pools.values()), {}
+        for pool in pools:
+            pool.shutdown(wait=False, cancel_futures=True)

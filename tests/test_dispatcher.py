@@ -1,3 +1,4 @@
+import threading
 import time
 
 import pytest
@@ -6,6 +7,7 @@ from doubles import CrashTool, FakeGrounding, ScriptedPlanner, SlowTool, grey_im
 from mmedagent.agent import Agent
 from mmedagent.dispatcher import Dispatcher
 from mmedagent.protocol import AssistantTurn, ToolCall, parse_tool_results, render_turn
+from mmedagent.tools import ToolParams
 
 
 def call(name, **params):
@@ -170,3 +172,161 @@ def test_question_fills_an_empty_question_param():
     assert out.ok and out.output["phrases"] == ["explicit"]
     out = d.dispatch(call("ChatCAD-R"), None)
     assert not out.ok and "query is empty" in out.error
+
+
+# --------------------------------------------------------------------------- hung tools, loading
+
+
+class LoadParams(ToolParams):
+    pass
+
+
+class Loading(FakeGrounding):
+    """A tool whose load waits on ``gate`` (or fails); records when loads run."""
+
+    name = "loading"
+    aliases = ()
+    Params = LoadParams
+    needs_image = False
+    load_s = 0.0
+
+    def __init__(self, fail=False, **options):
+        super().__init__(**options)
+        self.fail, self.started, self.gate = fail, threading.Event(), threading.Event()
+        self.spans = []
+
+    def load(self):
+        self.started.set()
+        t0 = time.monotonic()
+        self.gate.wait(self.load_s)
+        self.loads += 1
+        self.spans.append((t0, time.monotonic()))
+        if self.fail:
+            raise RuntimeError("no weights here")
+
+    def __call__(self, image, params):
+        return self.Result(boxes=[], phrases=[], image_size=[0, 0])
+
+
+def test_a_hung_tool_cannot_starve_the_others(tools):
+    slow, fast = tools[1], tools[0]
+    d = Dispatcher(tools, timeout_s=0.1, max_workers=2)
+    try:
+        for _ in range(2):  # both of slow's threads now hang past their timeout
+            assert d.dispatch(call("slow", seconds=30), None).error == "timed out after 0.1 s"
+        out = d.dispatch(call("grounding", prompts=["x"]), grey_image())
+        assert out.ok, out.error  # a healthy tool still gets a thread
+        t0 = time.monotonic()
+        out = d.dispatch(call("slow", seconds=0), None)
+        assert time.monotonic() - t0 < 0.05  # refused at once, not queued behind the hung calls
+        assert not out.ok and "2 earlier calls are still running past the 0.1 s timeout" in out.error
+        assert out.error.startswith("slow is not responding")
+        # in one turn: the hung tool's call is refused, the others run
+        outcomes, _ = d.dispatch_all([call("slow"), call("grounding", prompts=["y"]), call("crash")], grey_image())
+        assert [o.ok for o in outcomes] == [False, True, False] and "still running" in outcomes[0].error
+        slow.release.set()  # the hung calls end; the tool is usable again
+        deadline = time.monotonic() + 2
+        while d._overdue.get("slow") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert d.dispatch(call("slow", seconds=0), None).ok
+        assert fast.seen_images and len(fast.seen_images) == 2
+    finally:
+        slow.release.set()
+        d.close()
+
+
+def test_the_timeout_covers_the_call_not_the_first_load():
+    class SlowLoad(Loading):
+        load_s = 0.4
+
+    tool = SlowLoad()
+    d = Dispatcher([tool], timeout_s=0.2)
+    out = d.dispatch(call("loading"), None)
+    assert out.ok, out.error
+    assert tool.loads == 1 and out.elapsed_s < 0.2  # the load's time is not the call's
+
+
+def test_a_load_failure_is_an_error_outcome_and_the_chat_goes_on():
+    bad = Loading(fail=True)
+    planner = ScriptedPlanner([turn([{"API_name": "loading"}, {"API_name": "grounding", "API_params": {"prompts": ["x"]}}]),
+                               turn([], value="done")])
+    result = Agent(planner, Dispatcher([bad, FakeGrounding()])).run("q", image=grey_image())
+    assert result.answer == "done"
+    first, second = result.steps[0].outcomes
+    assert not first.ok and first.error == "loading failed to load: RuntimeError: no weights here" and second.ok
+
+
+def test_preload_reports_failures_and_their_calls_say_so(tools):
+    bad, good = Loading(fail=True), tools[0]
+    d = Dispatcher([bad, *tools])
+    lines = []
+    assert d.preload(lines.append) == {"loading": "RuntimeError: no weights here"}
+    assert good.loads == 1 and "tool loading failed to load: RuntimeError: no weights here" in lines
+    assert any(line.startswith("tool grounding loaded in") for line in lines)
+    out = d.dispatch(call("loading"), None)
+    assert not out.ok and out.error == "loading is unavailable: it failed to load (RuntimeError: no weights here)"
+    assert bad.loads == 1  # not retried on every call
+    assert d.dispatch(call("grounding", prompts=["x"]), grey_image()).ok
+
+
+def test_a_slow_load_does_not_hold_up_other_tools_loads():
+    """Only building models is one at a time per process; a tool that says so (``exclusive_load =
+    False``) loads beside the others, and each tool still loads once."""
+
+    class IndexBuild(Loading):
+        exclusive_load = False
+        load_s = 5.0
+
+    slow, other = IndexBuild(), FakeGrounding()
+    threads = [threading.Thread(target=slow.ensure_loaded) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        assert slow.started.wait(2)
+        t = threading.Thread(target=other.ensure_loaded)
+        t.start()
+        t.join(1)
+        assert not t.is_alive() and other.loads == 1 and other.loaded  # did not wait for the slow load
+        assert not slow.loaded
+    finally:
+        slow.gate.set()
+        for t in threads:
+            t.join(2)
+    assert slow.loaded and slow.loads == 1  # three callers, one load
+
+
+def test_exclusive_loads_still_run_one_at_a_time():
+    class A(Loading):
+        name, load_s = "a", 0.1
+
+    class B(Loading):
+        name, load_s = "b", 0.1
+
+    a, b = A(), B()
+    threads = [threading.Thread(target=t.ensure_loaded) for t in (a, b, a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(2)
+    assert a.loads == b.loads == 1
+    (a0, a1), (b0, b1) = a.spans[0], b.spans[0]
+    assert a1 <= b0 or b1 <= a0  # never overlapping
+
+
+def test_a_tool_with_nothing_to_load_never_waits_for_anothers_load():
+    class Blocker(Loading):
+        load_s = 5.0
+
+    blocker = Blocker()
+    holder = threading.Thread(target=blocker.ensure_loaded)
+    holder.start()
+    try:
+        assert blocker.started.wait(2)
+        proxy = SlowTool()  # no load() of its own, like a remote proxy
+        t = threading.Thread(target=proxy.ensure_loaded)
+        t.start()
+        t.join(1)
+        assert not t.is_alive() and proxy.loaded
+    finally:
+        blocker.gate.set()
+        holder.join(2)

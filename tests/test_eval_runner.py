@@ -5,6 +5,7 @@ test_eval_model.py.
 """
 
 import json
+import time
 
 import httpx
 import pytest
@@ -108,6 +109,57 @@ def test_live_mode_runs_the_real_dispatcher(tmp_path, folder, fake_grounding):
     report = build_report([sample], [result], tool_mode="live")
     # the answer's box [0.12, 0.2, 0.3, 0.4] does not overlap the gold box
     assert report["overall"]["grounding_iou"] == 0.0 and report["tool_selection_accuracy"] == 1.0
+
+
+class SlowLoadingGrounding(FakeGrounding):
+    """Loads for longer than the tool timeout used below (as retrieval's first index build can)."""
+
+    fail = False
+
+    def load(self):
+        time.sleep(0.3)
+        super().load()
+        if self.fail:
+            raise RuntimeError("weights not found at /nowhere")
+
+
+def test_live_tools_load_before_the_first_sample_not_inside_its_timeout(tmp_path, folder, fake_grounding):
+    sample = load_samples(write_json(tmp_path / "r.json", [grounding_record()]))[0]
+    tool = SlowLoadingGrounding()
+    planner = ScriptedPlanner([turn("Locating.", CALL_G), turn("Found it.")])
+    runner = AgentRunner(planner, "live", [tool], image_folder=folder, timeout_s=0.1)
+    assert not tool.loaded  # building the runner loads nothing
+    result = runner.run(sample)  # loads first (run() preloads if the caller did not)
+    runner.close()
+    assert tool.loads == 1 and result.outcomes[0].ok, result.outcomes[0].error
+    assert result.wall_s < 0.3  # the load is not part of the sample
+
+
+def test_a_live_tool_that_fails_to_load_is_reported_and_the_run_goes_on(tmp_path, folder, fake_grounding, monkeypatch, capsys):
+    from mmedagent.evaluation import cli
+
+    class Broken(SlowLoadingGrounding):
+        fail = True
+
+    data = write_json(tmp_path / "r.json", [grounding_record("g1"), grounding_record("g2")])
+    planner = ScriptedPlanner([turn("Locating.", CALL_G), turn("No tool."), turn("Locating.", CALL_G), turn("Still none.")])
+    runner = AgentRunner(planner, "live", [Broken()], image_folder=folder, timeout_s=0.1)
+    monkeypatch.setattr(cli, "make_runner", lambda args: runner)
+    out = tmp_path / "report.json"
+    assert main(["--model", "x", "--data", str(data), "--json-out", str(out), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: tool grounding failed to load (RuntimeError: weights not found at /nowhere)" in err
+    assert "loading tool" not in err  # --quiet: no progress lines, but the warning
+    report = json.loads(out.read_text())
+    assert report["n_samples"] == 2 and report["tool_load_errors"] == {"grounding": "RuntimeError: weights not found at /nowhere"}
+    assert planner.replies == []  # both samples ran to the end
+    fed = [c[-1]["content"] for c in planner.calls[1::2]]
+    assert all("grounding is unavailable: it failed to load (RuntimeError: weights not found at /nowhere)" in f for f in fed)
+
+    lines = []  # a direct caller gets the same, with progress lines
+    again = AgentRunner(ScriptedPlanner([]), "live", [Broken()], timeout_s=0.1)
+    assert again.preload(lines.append) == {"grounding": "RuntimeError: weights not found at /nowhere"}
+    assert lines[0] == "loading tool grounding" and lines[1].startswith("tool grounding failed to load")
 
 
 def test_missing_image_is_a_per_sample_error(tmp_path, fake_grounding):

@@ -97,6 +97,10 @@ def test_evaluating_the_demo_live_uses_the_demo_tool_weights(demo_cache, monkeyp
     args = ["--model", "demo", "--tools", "grounding", "classification", "--tool-weights", "default", "--tool-options", own]
     tools = make_runner(parser().parse_args(args)).dispatcher.tools
     assert tools["grounding"].options == {"model": "my/dino"} and tools["classification"].options == {}
+    # the composite tool takes a configured part's weights and the demo weights for the other, as served
+    args = ["--model", "demo", "--tools", "grounding_segmentation", "--tool-options", own]
+    composite = make_runner(parser().parse_args(args)).dispatcher.tools["grounding_segmentation"]
+    assert composite.options == {"grounding": {"model": "my/dino"}, "segmentation": options["segmentation"]}
 
 
 def test_launcher_fills_in_demo_weights_only_when_nothing_is_configured(demo_cache, monkeypatch, tmp_path):

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -21,7 +23,8 @@ class ToolParams(BaseModel):
 
 
 class Overlay(BaseModel):
-    """What the UI draws on the image for one result: boxes (normalised xyxy) and RLE masks."""
+    """What the UI draws on the image for one result: boxes (normalised xyxy; ``[]`` draws none) and
+    RLE masks; the i-th box, mask and label belong together."""
 
     boxes: list[list[float]] = Field(default_factory=list)
     labels: list[str] = Field(default_factory=list)
@@ -55,10 +58,22 @@ class ToolResult(BaseModel):
         return None
 
 
-# One load at a time per process: transformers' loading is not thread-safe ("Cannot copy out of meta
-# tensor" when two checkpoints load in parallel threads). Re-entrant because a composite tool's
-# load() loads its parts.
+# Building models from checkpoints is not thread-safe: transformers/accelerate patch process-wide torch
+# state while they do it ("Cannot copy out of meta tensor" when two checkpoints load in parallel
+# threads). So that part of loading holds this one process-wide lock; the rest (a tool's load-once
+# guard, an index build) is per tool. Re-entrant because a composite tool's load() loads its parts.
 _LOAD_LOCK = threading.RLock()
+
+
+@contextmanager
+def loading_weights() -> Iterator[None]:
+    """Hold while building models from checkpoints (one such build at a time per process).
+
+    ``Tool.load`` runs inside it already unless the tool sets ``exclusive_load = False``; such a
+    tool wraps only its model construction in it, so the rest of its load runs beside others'.
+    """
+    with _LOAD_LOCK:
+        yield
 
 
 class Tool:
@@ -78,20 +93,37 @@ class Tool:
     """Optional param set to the user's question when a call leaves it empty (MMedAgent calls ChatCAD-R with ``{}``)."""
     slow_load: ClassVar[bool] = False
     """True when the first ``load`` can take minutes (e.g. building an index): servers do not wait for it."""
+    exclusive_load: ClassVar[bool] = True
+    """True: ``load`` runs under :func:`loading_weights`, one such load at a time per process (safe for
+    any load that builds models). False: ``load`` takes :func:`loading_weights` itself around building
+    models, so its other work (an index build) does not hold up other tools' loads. A tool with
+    ``exclusive_load = True`` must not load a tool with ``exclusive_load = False`` inside its ``load``
+    (lock order: the weights lock, then a tool's own)."""
     weights_note: ClassVar[str] = ""
     """Short description of the loaded weights, for the UI banner (set by ``load``)."""
 
     def __init__(self, **options: Any) -> None:
         self.options = options
         self._loaded = False
+        self._load_lock = threading.RLock()  # this tool's load-once guard; other tools never wait on it
 
     def load(self) -> None:
         """Load weights; called once before the first call."""
 
+    @property
+    def loaded(self) -> bool:
+        return self._loaded
+
     def ensure_loaded(self) -> None:
+        """Load once; a second caller waits for the same load. Loads of different tools wait on each
+        other only under :func:`loading_weights` (the whole ``load`` unless ``exclusive_load`` is
+        False); a tool with nothing to load (no ``load`` of its own, e.g. a remote proxy) never waits."""
         if self._loaded:
             return
-        with _LOAD_LOCK:
+        if type(self).load is Tool.load:
+            self._loaded = True
+            return
+        with loading_weights() if self.exclusive_load else nullcontext(), self._load_lock:
             if not self._loaded:
                 self.load()
                 self._loaded = True

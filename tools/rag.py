@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 from pydantic import AliasChoices, BaseModel, Field
 
-from mmedagent.tools.base import Tool, ToolParams, ToolResult
+from mmedagent.tools.base import Tool, ToolParams, ToolResult, loading_weights
 
 MODEL_TEXT_CHARS = 300
 
@@ -44,6 +44,7 @@ class Retrieval(Tool):
     )
     needs_image = False
     slow_load = True  # the first load builds the ICD-10-CM index
+    exclusive_load = False  # only the embedding model's construction holds the process-wide weights lock
     question_param = "query"
 
     class Params(ToolParams):
@@ -87,7 +88,12 @@ class Retrieval(Tool):
         embedder = Embedder(self.options["model"]) if self.options["model"] else None
         if self.options["index"]:
             self._index = HybridIndex.load(self.options["index"], embedder)
+            with loading_weights():
+                _ = self._index.embedder.model  # the embedding model is built here, under the lock
         else:
+            embedder = embedder or Embedder()
+            with loading_weights():
+                _ = embedder.model  # built here, under the lock; the index build (minutes) runs outside it
             self._index = build_preset(self.options["preset"], embedder=embedder, progress=True,
                                        chapters=self.options["chapters"])
         meta = self._index.meta

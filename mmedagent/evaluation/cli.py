@@ -95,12 +95,16 @@ def make_runner(args: argparse.Namespace) -> Any:
     classes = _tool_classes(args.tools)
     tools: list[Any] = classes
     if args.tool_mode == "live":
-        options = json.loads(args.tool_options)
-        if (args.tool_weights or ("demo" if args.model == "demo" else "default")) == "demo":
-            from mmedagent.demo_tools import demo_tool_options
+        from mmedagent.serve.config import ServeConfig, ToolSpec
+        from mmedagent.serve.launcher import resolve_tool_specs
 
-            options = {**demo_tool_options(), **options}
-        tools = [cls(**options.get(cls.name, {})) for cls in classes]
+        # the server's rule for options: given ones, else the demo weights; the composite uses its parts'
+        named = {**{cls.name: {} for cls in classes}, **json.loads(args.tool_options)}
+        weights = args.tool_weights or ("demo" if args.model == "demo" else "default")
+        specs = resolve_tool_specs(ServeConfig(
+            tool_weights=weights, tools={name: ToolSpec(options=opts, in_process=True) for name, opts in named.items()},
+        ))
+        tools = [cls(**specs[cls.name].options) for cls in classes]
     system = system_message(args.system_prompt, classes)
     return AgentRunner(planner, args.tool_mode, tools, image_folder=args.image_folder, max_steps=args.max_steps,
                        system=system, max_new_tokens=args.max_new_tokens)
@@ -114,6 +118,10 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
     results = []
     started = time.monotonic()
     try:
+        # live tools load before the first sample, so no sample is charged a first load
+        load_errors = runner.preload(None if args.quiet else lambda line: print(line, file=sys.stderr, flush=True))
+        for name, error in load_errors.items():
+            print(f"warning: tool {name} failed to load ({error}); its calls are tool errors", file=sys.stderr)
         for i, smp in enumerate(samples, 1):
             results.append(runner.run(smp))
             if not args.quiet:
@@ -129,6 +137,7 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
         "name": args.name or Path(str(args.model)).name or str(args.model),
         "model": str(args.model), "data": str(args.data), "tokens_counted_by": runner.tokens_counted_by,
         "constrained_decoding": bool(args.constrain),
+        **({"tool_load_errors": load_errors} if load_errors else {}),
         "total_wall_s": time.monotonic() - started, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     return build_report(samples, results, tool_mode=args.tool_mode, k=args.k, meta=meta, judge=judge_scores)

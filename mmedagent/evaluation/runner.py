@@ -18,7 +18,7 @@ import base64
 import io
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -157,7 +157,9 @@ class AgentRunner:
     ):
         """``system``: the planner's system prompt; ``None`` = the tool catalog of ``tools`` (what the
         controller sends). A model trained without the catalog (MMedAgent's data, the demo model)
-        is evaluated with the prompt it was trained on, e.g. ``mmedagent.protocol.DEFAULT_SYSTEM``."""
+        is evaluated with the prompt it was trained on, e.g. ``mmedagent.protocol.DEFAULT_SYSTEM``.
+
+        Live tools are loaded by :meth:`preload`, before the first sample (see there)."""
         if tool_mode not in ("live", "gold"):
             raise ValueError(f"tool_mode must be 'live' or 'gold', not {tool_mode!r}")
         self.planner, self.tool_mode, self.image_folder, self.max_steps = planner, tool_mode, image_folder, max_steps
@@ -165,17 +167,31 @@ class AgentRunner:
         classes = [t if isinstance(t, type) else type(t) for t in tools]
         self.system = system if system is not None else system_prompt(classes)
         self.dispatcher = None
+        self.tool_load_errors: dict[str, str] = {}
         if tool_mode == "live":
             from mmedagent.dispatcher import Dispatcher
 
             self.dispatcher = Dispatcher([t() if isinstance(t, type) else t for t in tools], timeout_s=timeout_s)
+        self._preloaded = False
         self.counter = TokenCounter(planner)
+
+    def preload(self, progress: Callable[[str], None] | None = None) -> dict[str, str]:
+        """Load every live tool now, one after another (as the controller loads its tools before
+        serving); ``run`` does it before the first sample if it was not done. A first load (weights,
+        retrieval's index build) is thus never charged to a sample. A tool that fails to load is
+        returned and kept in ``tool_load_errors`` (``{name: error}``); its calls get an error naming
+        the failure, and the run goes on. ``progress`` gets a line per tool."""
+        if self.dispatcher is not None and not self._preloaded:
+            self.tool_load_errors = self.dispatcher.preload(progress)
+        self._preloaded = True
+        return dict(self.tool_load_errors)
 
     @property
     def tokens_counted_by(self) -> str:
         return self.counter.counted_by
 
     def run(self, sample: EvalSample) -> SampleResult:
+        self.preload()
         started = time.monotonic()
         try:
             image = load_image(sample.image, self.image_folder)
@@ -280,6 +296,11 @@ class ControllerRunner:
                  image_folder: str | Path | None = None, timeout_s: float = 600.0, max_new_tokens: int = 256):
         self.planner = OpenAIPlanner(url, model, api_key, timeout_s)
         self.image_folder, self.max_new_tokens = image_folder, max_new_tokens
+        self.tool_load_errors: dict[str, str] = {}
+
+    def preload(self, progress: Callable[[str], None] | None = None) -> dict[str, str]:
+        """Nothing to load here: the controller loads its tools before offering them."""
+        return {}
 
     def run(self, sample: EvalSample) -> SampleResult:
         import httpx
