@@ -65,7 +65,7 @@ def render(
                 if mask.shape != (h, w):
                     mask = np.asarray(Image.fromarray(mask).resize((w, h), Image.NEAREST))
                 pixels[mask] = pixels[mask] * (1 - mask_alpha) + np.array(colour, dtype=np.float32) * mask_alpha
-            if i < len(overlay.boxes):
+            if i < len(overlay.boxes) and len(overlay.boxes[i]) == 4:
                 x1, y1, x2, y2 = denormalize_boxes(overlay.boxes[i], w, h)[0].tolist()
                 boxes_to_draw.append(([x1, y1, x2, y2], colour))
                 if label:

@@ -124,6 +124,7 @@ def remote_tool_class(name: str, info: dict[str, Any]) -> type[RemoteTool]:
             "aliases": tuple(info.get("aliases", ())),
             "description": info.get("description", ""),
             "needs_image": bool(info.get("needs_image", True)),
+            "question_param": info.get("question_param"),
             "weights_note": info.get("weights_note", ""),
             "Params": params,
             "__module__": __name__,

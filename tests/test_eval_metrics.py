@@ -220,3 +220,32 @@ def test_argument_match(fake_grounding):
     assert T.argument_match(call(prompts=["a"], k=3), call(prompts=["a"])) == pytest.approx(0.5)
     pairs = T.paired_calls([call(prompts=["a"]), ToolCall(API_name="x")], [ToolCall(API_name="grounding dino")])
     assert len(pairs) == 1 and pairs[0][0].API_params["prompts"] == ["a"]
+
+
+def test_scoring_takes_label_case_and_empty_masks_in_its_stride():
+    """A tool label that differs from the gold only in case counts as correct (whatever the hash seed),
+    and a segmentation output with an empty mask's ``[]`` box is scored, not a crash of the report."""
+    from mmedagent.agent import AgentStep
+    from mmedagent.evaluation.readers import EvalSample
+    from mmedagent.evaluation.runner import SampleResult
+    from mmedagent.evaluation.scoring import build_report
+    from mmedagent.protocol import AssistantTurn, ToolOutcome
+
+    gold_box = [0.1, 0.1, 0.5, 0.5]
+    cls_sample = EvalSample(id="c", task="classification", source="record", question="What is it?",
+                            reference={"label": "Chest X-ray"})
+    seg_sample = EvalSample(id="s", task="segmentation", source="record", question="Segment it.",
+                            reference={"boxes": [gold_box]})
+    call = ToolCall(API_name="MedSAM", API_params={})
+    seg_out = {"boxes": [[], gold_box], "areas": [0, 40]}
+    results = [
+        SampleResult(id="c", task="classification", answer="This is a chest x-ray.", steps=[AgentStep(
+            index=0, raw="", outcomes=[ToolOutcome(tool="BiomedClip", output={
+                "labels": ["chest X-ray", "brain MRI"], "probs": [0.9, 0.1]})])]),
+        SampleResult(id="s", task="segmentation", answer="Segmented.", steps=[AgentStep(
+            index=0, raw="", turn=AssistantTurn(thoughts="", actions=[call], value=""),
+            outcomes=[ToolOutcome(tool="MedSAM", output=seg_out)])]),
+    ]
+    report = build_report([cls_sample, seg_sample], results, tool_mode="live")
+    assert report["overall"]["classification_accuracy"] == 1.0
+    assert report["overall"]["grounding_iou"] == 1.0

@@ -1,3 +1,4 @@
+import logging
 import re
 import sys
 import textwrap
@@ -28,6 +29,8 @@ def test_readme_example_tool_runs_through_dispatcher():
     d = Dispatcher([RegionStats()])
     out = d.dispatch(ToolCall(API_name="Intensity Stats", API_params={"image": "<imagepath>", "box": [0, 0, 0.5, 0.5]}), grey_image(value=80))
     assert out.ok and out.output == {"box": [0.0, 0.0, 0.5, 0.5], "mean": 80.0, "std": 0.0, "min": 80.0, "max": 80.0}
+    edge = d.dispatch(ToolCall(API_name="region_stats", API_params={"box": [1, 1, 1, 1]}), grey_image(value=80))
+    assert edge.ok and edge.output["mean"] == 80.0, edge.error  # a valid box on the edge holds one pixel
     bad = d.dispatch(ToolCall(API_name="region_stats", API_params={"box": [0, 0, 1]}), grey_image())
     assert not bad.ok and "box" in bad.error
     assert "region_stats (also: intensity stats)" in system_prompt([RegionStats])
@@ -51,7 +54,7 @@ def test_the_readme_example_file_loads_as_a_plugin(tmp_path, monkeypatch):
         load_plugin("no_tools")
 
 
-def test_entry_point_plugin_discovery(tmp_path, monkeypatch):
+def test_entry_point_plugin_discovery(tmp_path, monkeypatch, caplog):
     pkg = tmp_path / "acme_tools"
     pkg.mkdir()
     (pkg / "__init__.py").write_text(textwrap.dedent('''
@@ -71,21 +74,42 @@ def test_entry_point_plugin_discovery(tmp_path, monkeypatch):
 
             def __call__(self, image, params):
                 return self.Result(text=params.text)
+
+        class Half(Tool):  # no name: not a tool, and it must not take the others down
+            description = "A base class."
     '''))
+    (pkg / "impl.py").write_text(textwrap.dedent('''
+        from acme_tools import Echo
+
+        class Upper(Echo):
+            name = "acme_upper"
+            aliases = ()
+    '''))
+    (pkg / "plugin.py").write_text("from acme_tools.impl import Upper\n")  # a module re-exporting its tool
+    (pkg / "empty.py").write_text("X = 1\n")
     dist = tmp_path / "acme_tools-1.0.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: acme-tools\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text("[mmedagent.tools]\necho = acme_tools:Echo\nbroken = acme_tools:Missing\n")
+    (dist / "entry_points.txt").write_text(
+        "[mmedagent.tools]\necho = acme_tools:Echo\nbroken = acme_tools:Missing\nhalf = acme_tools:Half\n"
+        "upper = acme_tools.plugin\nempty = acme_tools.empty\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     tools_pkg.refresh()
     try:
-        cls = tools_pkg.get_tool("echo tool")
+        with caplog.at_level(logging.WARNING, logger="mmedagent.tools.registry"):
+            cls = tools_pkg.get_tool("echo tool")
+        warned = "\n".join(r.getMessage() for r in caplog.records)
+        assert "half is not a Tool subclass with a name" in warned and "empty defines no tool class" in warned
+        assert "broken could not be loaded" in warned
+        assert tools_pkg.get_tool("acme_upper").__module__ == "acme_tools.impl"
         assert cls.name == "acme_echo" and cls.__module__ == "acme_tools"
         assert "acme_echo" in [t.name for t in tools_pkg.list_tools()]
         out = Dispatcher([cls()]).dispatch(ToolCall(API_name="ACME_ECHO", API_params={"text": "hi"}), None)
         assert out.ok and out.output == {"text": "hi"}
     finally:
-        sys.modules.pop("acme_tools", None)
+        for mod in ("acme_tools", "acme_tools.impl", "acme_tools.plugin", "acme_tools.empty"):
+            sys.modules.pop(mod, None)
         monkeypatch.undo()
         tools_pkg.refresh()
     with pytest.raises(tools_pkg.UnknownToolError, match="available tools"):

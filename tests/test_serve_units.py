@@ -163,6 +163,22 @@ def test_remote_tool_class_uses_worker_schema_for_unknown_tools():
     assert cls.Params.model_validate({"level": 2}).model_dump() == {"level": 2}
 
 
+def test_remote_proxies_keep_what_the_dispatcher_reads_from_a_tool_class():
+    """A proxy built from a worker's schema behaves like the tool class in the dispatcher: ChatCAD-R
+    called with ``{}`` through a tool worker gets the user's question, as it does in-process."""
+    from mmedagent.dispatcher import Dispatcher
+    from mmedagent.protocol import ToolCall
+    from mmedagent.tools import get_tool
+
+    for name in ("grounding", "segmentation", "grounding_segmentation", "classification", "report_generation", "retrieval"):
+        tool = get_tool(name)
+        proxy = remote_tool_class(name, tool.schema())
+        assert {**proxy.schema(), "result": None} == {**tool.schema(), "result": None}, name
+    proxy = remote_tool_class("retrieval", get_tool("retrieval").schema())(None, None, 1.0, list)
+    _, params = Dispatcher([proxy]).prepare(ToolCall(API_name="ChatCAD-R", API_params={}), None, "What is the code for hypertension?")
+    assert params.query == "What is the code for hypertension?"
+
+
 def test_model_path_demo_serves_the_embedded_demo_model(tmp_path, monkeypatch):
     import json
     import shutil

@@ -84,6 +84,13 @@ def icd_index(embedder):
     return ri.build_preset(ri.ICD10CM_PRESET, embedder=embedder, chapters=ICD_TEST_CHAPTERS)
 
 
+
+def test_a_cached_preset_says_it_is_reused(icd_index, embedder, capsys):
+    again = ri.build_preset(ri.ICD10CM_PRESET, embedder=embedder, chapters=ICD_TEST_CHAPTERS)
+    assert again.path == icd_index.path
+    assert f"reusing the cached index {icd_index.path}" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------- corpus
 def test_chunk_words_windows_overlap_and_cover_the_text():
     words = [f"w{i}" for i in range(300)]

@@ -139,6 +139,17 @@ def test_render_draws_box_and_mask_where_they_are():
     assert px[:, :45][:45].sum() == 0  # nothing elsewhere
 
 
+def test_an_empty_mask_keeps_the_next_box_in_its_mask_colour():
+    """Segmentation reports an empty mask's box as ``[]``; the boxes after it keep their masks' colour."""
+    from mmedagent.tools.segmentation import masks_result
+
+    masks = np.zeros((2, 80, 100), bool)
+    masks[1, 20:60, 30:70] = True
+    out = np.asarray(render(Image.new("RGB", (100, 80)), masks_result(masks).overlay())).astype(int)
+    assert tuple(out[40, 30]) == PALETTE[1]  # the second mask's box outline, in the second colour
+    assert np.allclose(out[40, 50], np.array(PALETTE[1]) * 0.45, atol=1)  # and its fill
+
+
 # --- tiny models -----------------------------------------------------------------------------
 
 

@@ -28,14 +28,17 @@ class UnknownToolError(KeyError):
         return f"unknown tool {self.name!r}; available tools: {', '.join(self.known) or '(none)'}"
 
 
+def _is_tool(obj: object) -> bool:
+    return inspect.isclass(obj) and issubclass(obj, Tool) and "name" in vars(obj)
+
+
 def _tools_in_module(module) -> list[type[Tool]]:
-    """The tool classes a module defines, or imports from its own submodules (a package's ``__init__``)."""
-    own = module.__name__
+    """The tool classes a module defines or imports from its own package (``from my_pkg.impl import MyTool``)."""
+    package = module.__name__.partition(".")[0]
     return [
         obj
-        for _, obj in inspect.getmembers(module, inspect.isclass)
-        if issubclass(obj, Tool) and obj is not Tool and "name" in vars(obj)
-        and (obj.__module__ == own or obj.__module__.startswith(own + ".") and hasattr(module, "__path__"))
+        for _, obj in inspect.getmembers(module, _is_tool)
+        if obj.__module__ == package or obj.__module__.startswith(package + ".")
     ]
 
 
@@ -55,11 +58,16 @@ def _discover() -> dict[str, type[Tool]]:
         except Exception as e:  # a broken plug-in must not take the others down
             log.warning("tool plug-in %s could not be loaded: %s", ep.name, e)
             continue
-        classes = [obj] if inspect.isclass(obj) else _tools_in_module(obj)
+        if inspect.ismodule(obj):
+            classes = _tools_in_module(obj)
+            if not classes:
+                log.warning("tool plug-in %s: module %s defines no tool class", ep.name, obj.__name__)
+        elif _is_tool(obj):
+            classes = [obj]
+        else:
+            log.warning("tool plug-in %s is not a Tool subclass with a name", ep.name)
+            continue
         for cls in classes:
-            if not (inspect.isclass(cls) and issubclass(cls, Tool)):
-                log.warning("tool plug-in %s is not a Tool subclass", ep.name)
-                continue
             found[cls.name] = cls
     return found
 

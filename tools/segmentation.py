@@ -184,7 +184,7 @@ class SegmentationResult(ToolResult):
     hidden_from_model = frozenset({"masks"})
 
     def overlay(self) -> Overlay:
-        return Overlay(boxes=[b for b in self.boxes if b], masks=self.masks)
+        return Overlay(boxes=self.boxes, masks=self.masks)
 
 
 def masks_result(masks: np.ndarray) -> SegmentationResult:

@@ -46,11 +46,14 @@ def _outputs(outcomes: Iterable[Any]) -> list[dict[str, Any]]:
 
 
 def _boxes_of(outputs: Sequence[dict[str, Any]]) -> tuple[list[list[float]], list[float]]:
+    """The first output's boxes and their scores; empty entries (an empty mask's ``[]``) are skipped."""
     for out in outputs:
         boxes = out.get("boxes")
         if boxes:
             scores = out.get("logits") or out.get("scores") or [1.0] * len(boxes)
-            return [list(map(float, b)) for b in boxes], [float(s) for s in scores]
+            kept = [(list(map(float, b)), float(sc)) for b, sc in zip(boxes, scores) if len(b) == 4]
+            if kept:
+                return [b for b, _ in kept], [sc for _, sc in kept]
     return [], []
 
 
@@ -101,7 +104,12 @@ def label_in_answer(answer: str, labels: Iterable[str]) -> str | None:
     """The longest known label named in the answer (whole words, case-insensitive)."""
     text = f" {M.normalize_answer(answer)} "
     found = [lab for lab in labels if M.normalize_answer(lab) and f" {M.normalize_answer(lab)} " in text]
-    return max(found, key=lambda lab: len(M.normalize_answer(lab))) if found else None
+    return max(found, key=lambda lab: (len(M.normalize_answer(lab)), lab)) if found else None
+
+
+def same_label(a: str | None, b: str | None) -> bool:
+    """Labels compared as :func:`label_in_answer` finds them: case, articles and punctuation aside."""
+    return a is not None and b is not None and M.normalize_answer(a) == M.normalize_answer(b)
 
 
 def score_sample(sample: EvalSample, result: SampleResult, labels: Sequence[str], tool_mode: str, k: int) -> dict[str, Any]:
@@ -185,9 +193,12 @@ def aggregate(samples: Sequence[EvalSample], results: Sequence[SampleResult], sc
     out["dice"] = M.mean(s["dice"] for s in scores if "dice" in s)
 
     cls = [s for s in scores if "gold_label" in s]
-    out["classification_accuracy"] = M.mean(float(s["pred_label"] == s["gold_label"]) for s in cls)
+    out["classification_accuracy"] = M.mean(float(same_label(s["pred_label"], s["gold_label"])) for s in cls)
     scored = [s for s in cls if "label_scores" in s]
-    out["auroc"] = M.macro_auroc([s["gold_label"] for s in scored], [s["label_scores"] for s in scored]) if scored else None
+    out["auroc"] = M.macro_auroc(
+        [M.normalize_answer(s["gold_label"]) for s in scored],
+        [{M.normalize_answer(lab): p for lab, p in s["label_scores"].items()} for s in scored],
+    ) if scored else None
 
     texts = [(r.answer, smp.gold_answer) for smp, r, s in zip(samples, results, scores) if "rouge_l" in s]
     out["bleu4"] = M.bleu4([h for h, _ in texts], [g for _, g in texts]) if texts else None
