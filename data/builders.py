@@ -421,10 +421,11 @@ class ToolRunner:
 
     def __init__(self, image_root: str | Path, timeout_s: float = 300.0, **tool_options: Any):
         from mmedagent.dispatcher import Dispatcher
+        from mmedagent.serve.launcher import in_process_tools
         from mmedagent.tools.registry import list_tools
 
         self.image_root = Path(image_root)
-        self.dispatcher = Dispatcher([cls(**tool_options.get(cls.name, {})) for cls in list_tools()], timeout_s=timeout_s)
+        self.dispatcher = Dispatcher(in_process_tools(list_tools(), tool_options, "default"), timeout_s=timeout_s)
 
     def __call__(self, call: ToolCall, image: str | None, where: str) -> ToolOutcome:
         from mmedagent.imaging import ImageLoadError, load_image

@@ -43,10 +43,10 @@ class Dispatcher:
     the other tools are not affected.
 
     Loading: the timeout covers the call, not the tool's first load. :meth:`preload` loads every
-    tool up front (the evaluation does; the controller loads its tools before offering them); a
-    tool that fails there is unavailable, its calls get an error naming the load failure. A tool
-    still unloaded at its first call is loaded then, before the call's clock starts, however long
-    the load takes.
+    tool up front (the evaluation does; the controller loads its tools before offering them). A
+    tool still unloaded at its first call is loaded then, before the call's clock starts, however
+    long the load takes. A tool that fails to load, either way, stays unavailable: its calls get an
+    error naming the load failure.
     """
 
     def __init__(self, tools: Mapping[str, Tool] | Sequence[Tool], timeout_s: float = 60.0, max_workers: int = 8):
@@ -56,7 +56,7 @@ class Dispatcher:
         self.timeout_s = timeout_s
         self.max_workers = max_workers
         self.load_errors: dict[str, str] = {}
-        """Tools that failed in :meth:`preload`: name -> error (their calls are refused with it)."""
+        """Tools that failed to load: name -> error (their calls are refused with it)."""
         self._lock = threading.Lock()
         self._pools: dict[str, ThreadPoolExecutor] = {}
         self._overdue: dict[str, int] = {}  # per tool: calls still running past their timeout
@@ -72,16 +72,10 @@ class Dispatcher:
             if progress:
                 progress(f"loading tool {tool.name}" + (" (the first load can take minutes)" if tool.slow_load else ""))
             started = time.monotonic()
-            try:
-                tool.ensure_loaded()
-            except Exception as e:  # reported; the other tools still load and serve
-                self.load_errors[tool.name] = f"{type(e).__name__}: {e}"
-                log.error("tool %s failed to load: %s", tool.name, self.load_errors[tool.name])
-                if progress:
-                    progress(f"tool {tool.name} failed to load: {self.load_errors[tool.name]}")
-                continue
+            error = self._load(tool)
             if progress:
-                progress(f"tool {tool.name} loaded in {time.monotonic() - started:.1f} s")
+                progress(f"tool {tool.name} failed to load: {error}" if error
+                         else f"tool {tool.name} loaded in {time.monotonic() - started:.1f} s")
         return dict(self.load_errors)
 
     def resolve(self, name: str) -> Tool | None:
@@ -116,15 +110,19 @@ class Dispatcher:
             parsed = parsed.model_copy(update={tool.question_param: question})
         return tool, parsed
 
-    def _load(self, call: ToolCall, tool: Tool) -> ToolOutcome | None:
-        """Load ``tool`` if needed (untimed); an error outcome if that fails."""
+    def _load(self, tool: Tool) -> str | None:
+        """Load ``tool`` if needed (untimed); the error if it fails, kept in ``load_errors`` (the tool
+        stays unavailable: a failing load is not retried on every call)."""
+        if tool.name in self.load_errors:
+            return self.load_errors[tool.name]
         if tool.loaded:
             return None
         try:
             tool.ensure_loaded()
-        except Exception as e:  # a load failure goes back to the model like a call failure
-            log.warning("tool %s failed to load: %s", tool.name, type(e).__name__)
-            return ToolOutcome(tool=call.API_name, ok=False, error=f"{tool.name} failed to load: {type(e).__name__}: {e}")
+        except Exception as e:  # reported to the caller and the model; the other tools still serve
+            self.load_errors[tool.name] = f"{type(e).__name__}: {e}"
+            log.error("tool %s failed to load: %s", tool.name, type(e).__name__)
+            return self.load_errors[tool.name]
         return None
 
     def _submit(self, call: ToolCall, tool: Tool, image: Any, params: Any) -> Future | ToolOutcome:
@@ -181,8 +179,8 @@ class Dispatcher:
         """
         prepared = [self.prepare(call, image, question) for call in calls]
         for i, (call, p) in enumerate(zip(calls, prepared)):
-            if not isinstance(p, ToolOutcome) and (failed := self._load(call, p[0])) is not None:
-                prepared[i] = failed
+            if not isinstance(p, ToolOutcome) and (error := self._load(p[0])) is not None:
+                prepared[i] = ToolOutcome(tool=call.API_name, ok=False, error=f"{p[0].name} failed to load: {error}")
         started = time.monotonic()
         deadline = started + self.timeout_s
         pending: list[ToolOutcome | tuple[Tool, Future]] = []

@@ -17,7 +17,8 @@ from mmedagent.model.adapters import merge_lora
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-path", required=True, help="LoRA adapter directory")
-    ap.add_argument("--model-base", default=None, help="base model (default: the adapter's base_model_name_or_path)")
+    ap.add_argument("--model-base", default=None, help="base model (default: the one the adapter records: its training manifest's base_model, "
+                    "else peft's base_model_name_or_path)")
     ap.add_argument("--save-model-path", required=True, help="output directory")
     ap.add_argument("--dtype", default=None, help="e.g. float16, bfloat16 (default: float32 on CPU)")
     a = ap.parse_args()

@@ -132,7 +132,8 @@ class Controller:
         self.local_tools: dict[str, Tool] = {}
         self._proxies: dict[str, RemoteTool] = {}
         self._proxy_lock = threading.Lock()
-        self.dispatcher = Dispatcher({}, timeout_s=cfg.tool_timeout_s, max_workers=4 * cfg.max_concurrent_chats)
+        # threads per tool: as many calls of one tool at once as there are chats (more queue)
+        self.dispatcher = Dispatcher({}, timeout_s=cfg.tool_timeout_s, max_workers=cfg.max_concurrent_chats)
         self.executor = ThreadPoolExecutor(cfg.max_concurrent_chats, thread_name_prefix="chat")
         self.gen_defaults = {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p}
         self.loading: list[str] = []  # tools whose workers are still loading (kept current by the launcher)
@@ -383,7 +384,8 @@ def build_app(ctl: Controller) -> FastAPI:
         (outcome,), (result,) = await run_in_threadpool(ctl.dispatcher.dispatch_all, [call], image)
         if not outcome.ok:
             error = outcome.error or ""
-            status = 422 if error.startswith(ToolInputError.__name__) else 504 if error.startswith("timed out") else 502
+            status = (422 if error.startswith(ToolInputError.__name__) else 504 if error.startswith("timed out")
+                      else 503 if " is not responding: " in error else 502)
             raise HTTPException(status, error)
         overlay = result.overlay() if result is not None else None
         return {

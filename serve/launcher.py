@@ -18,14 +18,17 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any, Literal
 
 import uvicorn
 
 from mmedagent.serve.config import API_KEY_ENV, ServeConfig, ToolSpec
 from mmedagent.serve.controller import Controller, build_app, is_background, tool_specs
 from mmedagent.serve.security import GuardMiddleware
-from mmedagent.serve.worker_base import bind_socket, url_for
+from mmedagent.serve.worker_base import EXIT_CANNOT_LOAD, bind_socket, url_for
+from mmedagent.tools import Tool
 
 log = logging.getLogger("mmedagent.serve.launcher")
 SERVE_DIR = Path(__file__).resolve().parent
@@ -89,6 +92,23 @@ def resolve_tool_specs(cfg: ServeConfig) -> dict[str, ToolSpec]:
     return specs
 
 
+def in_process_tools(classes: Sequence[type[Tool]], options: Mapping[str, dict[str, Any]],
+                     weights: Literal["demo", "default"]) -> list[Tool]:
+    """Instances of ``classes`` for an in-process run (evaluation, data building) with the server's
+    option rule (:func:`resolve_tool_specs`): the given ``options`` (keyed by name or alias), else
+    ``weights``; the composite takes its parts' options. Unlike the server, a failed demo-weights
+    build raises: such a run must not go on with other weights."""
+    if weights == "demo":
+        from mmedagent.demo_tools import demo_tool_options
+
+        demo_tool_options()  # built once (then reused below), or the error
+    named = {**{cls.name: {} for cls in classes}, **options}
+    specs = resolve_tool_specs(ServeConfig(
+        tool_weights=weights, tools={name: ToolSpec(options=opts, in_process=True) for name, opts in named.items()},
+    ))
+    return [cls(**specs[cls.name].options) for cls in classes]
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -116,6 +136,8 @@ class Child:
         code, now = self.proc.returncode, time.monotonic()
         if code in _STOPPED:
             return "was stopped"
+        if code == EXIT_CANNOT_LOAD:
+            return "could not load its model or tool"
         if now - self.started < RESTART_MIN_UPTIME_S:
             return "failed while starting"
         count, window = RESTART_LIMIT

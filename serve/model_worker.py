@@ -41,7 +41,7 @@ from mmedagent.serve.messages import MAX_NEW_TOKENS, MAX_PROMPT_MESSAGES, TextMe
 from mmedagent.serve.security import setup_logging, without_echoed_input
 from mmedagent import demo
 from mmedagent.serve.uploads import UploadError, image_from_data_url
-from mmedagent.serve.worker_base import Heartbeat, bind_socket, serve_worker, url_for
+from mmedagent.serve.worker_base import EXIT_CANNOT_LOAD, Heartbeat, bind_socket, serve_worker, url_for
 
 log = logging.getLogger("mmedagent.serve.model_worker")
 
@@ -271,7 +271,12 @@ def main(argv: list[str] | None = None) -> None:
         heartbeat_interval_s=args.heartbeat_interval, prompt_lookup=args.prompt_lookup, constrain=args.constrain,
     )
     setup_logging(cfg.log_level, [cfg.api_key or ""])
-    host = load_host(cfg)  # the model first: the worker registers only once it can serve
+    try:
+        host = load_host(cfg)  # the model first: the worker registers only once it can serve
+    except Exception as e:  # missing weights, no Hub access...: one clear line, not a restart loop
+        log.error("model %s could not load: %s: %s", cfg.model_path or "(default)", type(e).__name__, e)
+        log.debug("model load failure", exc_info=True)
+        raise SystemExit(EXIT_CANNOT_LOAD) from None
     sock = bind_socket(cfg.host, args.port)
     address = url_for(sock)
     heartbeat = None

@@ -28,7 +28,7 @@ from mmedagent.dispatcher import describe_validation_error
 from mmedagent.serve.config import add_common_args, load_config
 from mmedagent.serve.security import setup_logging, without_echoed_input
 from mmedagent.serve.uploads import UploadError, image_from_data_url
-from mmedagent.serve.worker_base import Heartbeat, bind_socket, serve_worker, url_for
+from mmedagent.serve.worker_base import EXIT_CANNOT_LOAD, Heartbeat, bind_socket, serve_worker, url_for
 from mmedagent.tools import Tool, get_tool, load_plugin
 
 log = logging.getLogger("mmedagent.serve.tool_worker")
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
         tool.ensure_loaded()  # weights first: the worker registers only once it can serve
     except Exception as e:  # missing weights etc.: one clear line, not a traceback
         log.error("tool %s could not load: %s", tool.name, e)
-        raise SystemExit(1) from None
+        raise SystemExit(EXIT_CANNOT_LOAD) from None
     log.info("loaded tool %s in %.1f s", tool.name, time.monotonic() - t0)
     sock = bind_socket(cfg.host, args.port)
     address = url_for(sock)

@@ -16,6 +16,10 @@ from mmedagent.serve.security import GuardMiddleware
 
 log = logging.getLogger(__name__)
 
+EXIT_CANNOT_LOAD = 3
+"""Exit status of a worker whose model or tool cannot load (missing weights, no Hub access): the
+launcher reports it and does not restart it, since a restart would fail the same way."""
+
 
 def bind_socket(host: str, port: int) -> socket.socket:
     """Listen on ``host:port`` now (port 0: a free port), so the address is known before serving."""

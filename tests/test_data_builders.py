@@ -284,7 +284,9 @@ def test_run_tools_takes_outputs_from_the_tool(coco, monkeypatch):
     monkeypatch.setitem(registry._extra, "grounding", FakeGrounding)  # replaces the weight-loading tool here
     root, ann = coco
     p = write_json(root / "ann.json", ann)
-    runner = builders.ToolRunner(root / "imgs")
+    runner = builders.ToolRunner(root / "imgs", grounding={"model": "my/dino"}, segmentation={"checkpoint": "my.pth"})
+    composite = runner.dispatcher.resolve("grounding dino + MedSAM")  # built, not loaded: its parts' options, as served
+    assert composite.options == {"grounding": {"model": "my/dino"}, "segmentation": {"checkpoint": "my.pth"}}
     recs = builders.DialogueBuilder(runner=runner).build_all(builders.read_coco(p, root / "imgs"))
     out = tool_turns(recs[0])[1].outcomes[0].output
     assert out == {"boxes": [[0.12, 0.2, 0.3, 0.4]], "phrases": ["nodule"]}  # FakeGrounding's answer, rounded

@@ -250,10 +250,13 @@ def test_a_load_failure_is_an_error_outcome_and_the_chat_goes_on():
     bad = Loading(fail=True)
     planner = ScriptedPlanner([turn([{"API_name": "loading"}, {"API_name": "grounding", "API_params": {"prompts": ["x"]}}]),
                                turn([], value="done")])
-    result = Agent(planner, Dispatcher([bad, FakeGrounding()])).run("q", image=grey_image())
+    dispatcher = Dispatcher([bad, FakeGrounding()])
+    result = Agent(planner, dispatcher).run("q", image=grey_image())
     assert result.answer == "done"
     first, second = result.steps[0].outcomes
     assert not first.ok and first.error == "loading failed to load: RuntimeError: no weights here" and second.ok
+    again = dispatcher.dispatch(call("loading"), None)  # unavailable from now on, not loaded again on every call
+    assert again.error == "loading is unavailable: it failed to load (RuntimeError: no weights here)" and bad.loads == 1
 
 
 def test_preload_reports_failures_and_their_calls_say_so(tools):
@@ -311,6 +314,31 @@ def test_exclusive_loads_still_run_one_at_a_time():
     assert a.loads == b.loads == 1
     (a0, a1), (b0, b1) = a.spans[0], b.spans[0]
     assert a1 <= b0 or b1 <= a0  # never overlapping
+
+
+def test_a_non_exclusive_tool_is_refused_inside_an_exclusive_load_but_may_be_passed_in_loaded():
+    """Loading it there would take the weights lock and its own lock in the other order (a deadlock
+    against a concurrent direct load); a composite gets the loaded instance instead."""
+    class Indexer(Loading):
+        name, exclusive_load = "indexer", False
+
+    class Composite(Loading):
+        name = "composite"
+
+        def __init__(self, part):
+            super().__init__()
+            self.part = part
+
+        def load(self):
+            self.part.ensure_loaded()
+
+    with pytest.raises(RuntimeError, match="indexer .* cannot be loaded inside another tool's load"):
+        Composite(Indexer()).ensure_loaded()
+    part = Indexer()
+    part.ensure_loaded()
+    composite = Composite(part)
+    composite.ensure_loaded()
+    assert composite.loaded and part.loads == 1
 
 
 def test_a_tool_with_nothing_to_load_never_waits_for_anothers_load():

@@ -234,11 +234,12 @@ def test_the_launcher_restarts_a_crashed_child_but_not_a_stopped_or_failing_one(
 
     tended = la.Launcher(ServeConfig())
     crashed, killed, stopped, clean, early = child(1, 60), child(-sig.SIGKILL, 60), child(-sig.SIGTERM, 60), child(0, 60), child(1, 1)
-    tended.children = [crashed, killed, stopped, clean, early]
+    unloadable = child(la.EXIT_CANNOT_LOAD, 60)  # its weights are missing: a restart would fail the same way
+    tended.children = [crashed, killed, stopped, clean, early, unloadable]
     first = {c: c.proc for c in tended.children}
     tended._tend_children()
     assert crashed.proc is not first[crashed] and killed.proc is not first[killed]  # started again
-    assert all(c.proc is first[c] and c.reported for c in (stopped, clean, early))
+    assert all(c.proc is first[c] and c.reported for c in (stopped, clean, early, unloadable))
     killed.proc.wait(30)
     tended.children = [crashed]
     monkeypatch.setattr(la, "RESTART_MIN_UPTIME_S", 0.0)
@@ -250,3 +251,22 @@ def test_the_launcher_restarts_a_crashed_child_but_not_a_stopped_or_failing_one(
     tended.stopping.set()  # shutting down: nothing is restarted
     tended._tend_children()
     assert not killed.reported and killed.proc.returncode == -sig.SIGKILL
+
+
+def test_workers_that_cannot_load_exit_with_the_status_the_launcher_does_not_restart(tmp_path):
+    """A missing checkpoint is one clear line and EXIT_CANNOT_LOAD, not a traceback and a restart loop."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    from mmedagent.serve.worker_base import EXIT_CANNOT_LOAD
+
+    serve_dir = Path(__file__).resolve().parents[1] / "serve"
+    missing = tmp_path / "no-such-checkpoint"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    for argv in (["model_worker.py", "--model-path", str(missing), "--no-register"],
+                 ["tool_worker.py", "--tool", "grounding", "--options", f'{{"model": "{missing}"}}']):
+        proc = subprocess.run([sys.executable, str(serve_dir / argv[0]), *argv[1:]], env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == EXIT_CANNOT_LOAD, proc.stderr[-2000:]
+        assert "could not load" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]

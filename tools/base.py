@@ -63,6 +63,7 @@ class ToolResult(BaseModel):
 # threads). So that part of loading holds this one process-wide lock; the rest (a tool's load-once
 # guard, an index build) is per tool. Re-entrant because a composite tool's load() loads its parts.
 _LOAD_LOCK = threading.RLock()
+_held = threading.local()  # how deeply this thread holds _LOAD_LOCK
 
 
 @contextmanager
@@ -73,7 +74,11 @@ def loading_weights() -> Iterator[None]:
     tool wraps only its model construction in it, so the rest of its load runs beside others'.
     """
     with _LOAD_LOCK:
-        yield
+        _held.depth = getattr(_held, "depth", 0) + 1
+        try:
+            yield
+        finally:
+            _held.depth -= 1
 
 
 class Tool:
@@ -96,9 +101,9 @@ class Tool:
     exclusive_load: ClassVar[bool] = True
     """True: ``load`` runs under :func:`loading_weights`, one such load at a time per process (safe for
     any load that builds models). False: ``load`` takes :func:`loading_weights` itself around building
-    models, so its other work (an index build) does not hold up other tools' loads. A tool with
-    ``exclusive_load = True`` must not load a tool with ``exclusive_load = False`` inside its ``load``
-    (lock order: the weights lock, then a tool's own)."""
+    models, so its other work (an index build) does not hold up other tools' loads. Such a tool cannot
+    be loaded inside another tool's exclusive ``load`` (the locks would be taken in both orders): a
+    composite loads it first and is given the loaded instance; otherwise ``ensure_loaded`` raises."""
     weights_note: ClassVar[str] = ""
     """Short description of the loaded weights, for the UI banner (set by ``load``)."""
 
@@ -123,6 +128,9 @@ class Tool:
         if type(self).load is Tool.load:
             self._loaded = True
             return
+        if not self.exclusive_load and getattr(_held, "depth", 0):
+            raise RuntimeError(f"{self.name} (exclusive_load = False) cannot be loaded inside another tool's load; "
+                               "load it first (ensure_loaded()) and pass the loaded instance")
         with loading_weights() if self.exclusive_load else nullcontext(), self._load_lock:
             if not self._loaded:
                 self.load()

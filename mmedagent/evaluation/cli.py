@@ -95,16 +95,10 @@ def make_runner(args: argparse.Namespace) -> Any:
     classes = _tool_classes(args.tools)
     tools: list[Any] = classes
     if args.tool_mode == "live":
-        from mmedagent.serve.config import ServeConfig, ToolSpec
-        from mmedagent.serve.launcher import resolve_tool_specs
+        from mmedagent.serve.launcher import in_process_tools
 
-        # the server's rule for options: given ones, else the demo weights; the composite uses its parts'
-        named = {**{cls.name: {} for cls in classes}, **json.loads(args.tool_options)}
         weights = args.tool_weights or ("demo" if args.model == "demo" else "default")
-        specs = resolve_tool_specs(ServeConfig(
-            tool_weights=weights, tools={name: ToolSpec(options=opts, in_process=True) for name, opts in named.items()},
-        ))
-        tools = [cls(**specs[cls.name].options) for cls in classes]
+        tools = in_process_tools(classes, json.loads(args.tool_options), weights)
     system = system_message(args.system_prompt, classes)
     return AgentRunner(planner, args.tool_mode, tools, image_folder=args.image_folder, max_steps=args.max_steps,
                        system=system, max_new_tokens=args.max_new_tokens)

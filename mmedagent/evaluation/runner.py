@@ -167,24 +167,19 @@ class AgentRunner:
         classes = [t if isinstance(t, type) else type(t) for t in tools]
         self.system = system if system is not None else system_prompt(classes)
         self.dispatcher = None
-        self.tool_load_errors: dict[str, str] = {}
         if tool_mode == "live":
             from mmedagent.dispatcher import Dispatcher
 
             self.dispatcher = Dispatcher([t() if isinstance(t, type) else t for t in tools], timeout_s=timeout_s)
-        self._preloaded = False
         self.counter = TokenCounter(planner)
 
     def preload(self, progress: Callable[[str], None] | None = None) -> dict[str, str]:
         """Load every live tool now, one after another (as the controller loads its tools before
         serving); ``run`` does it before the first sample if it was not done. A first load (weights,
-        retrieval's index build) is thus never charged to a sample. A tool that fails to load is
-        returned and kept in ``tool_load_errors`` (``{name: error}``); its calls get an error naming
-        the failure, and the run goes on. ``progress`` gets a line per tool."""
-        if self.dispatcher is not None and not self._preloaded:
-            self.tool_load_errors = self.dispatcher.preload(progress)
-        self._preloaded = True
-        return dict(self.tool_load_errors)
+        retrieval's index build) is thus never charged to a sample. Returns ``{name: error}`` for the
+        tools that failed to load; their calls get an error naming the failure, and the run goes on.
+        ``progress`` gets a line per tool loaded now."""
+        return self.dispatcher.preload(progress) if self.dispatcher is not None else {}
 
     @property
     def tokens_counted_by(self) -> str:
@@ -296,7 +291,6 @@ class ControllerRunner:
                  image_folder: str | Path | None = None, timeout_s: float = 600.0, max_new_tokens: int = 256):
         self.planner = OpenAIPlanner(url, model, api_key, timeout_s)
         self.image_folder, self.max_new_tokens = image_folder, max_new_tokens
-        self.tool_load_errors: dict[str, str] = {}
 
     def preload(self, progress: Callable[[str], None] | None = None) -> dict[str, str]:
         """Nothing to load here: the controller loads its tools before offering them."""
