@@ -119,23 +119,43 @@ class ModelHost:
 
 
 async def _pump(pieces: Iterator[str]) -> AsyncIterator[str | BaseException]:
-    """Iterate a blocking generator in a thread; yields its items (or the exception it raised)."""
+    """Iterate a blocking generator in a thread; yields its items (or the exception it raised).
+
+    When the consumer goes away (the client disconnected, the response was cancelled), the
+    generator is closed at its next item: generation stops and releases the model at once instead
+    of running on to ``max_new_tokens`` while every other request waits.
+    """
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
+    abandoned = threading.Event()
+
+    def hand_over(item: object) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
+            abandoned.set()
 
     def run() -> None:
         try:
             for p in pieces:
-                loop.call_soon_threadsafe(queue.put_nowait, p)
+                if abandoned.is_set():
+                    break
+                hand_over(p)
         except BaseException as e:  # handed to the response, which reports it
-            loop.call_soon_threadsafe(queue.put_nowait, e)
+            hand_over(e)
         finally:
-            loop.call_soon_threadsafe(queue.put_nowait, done)
+            close = getattr(pieces, "close", None)
+            if close is not None:
+                close()  # the generator's own cleanup: the planner's and the host's locks are released
+            hand_over(done)
 
     threading.Thread(target=run, name="generate", daemon=True).start()
-    while (item := await queue.get()) is not done:
-        yield item
+    try:
+        while (item := await queue.get()) is not done:
+            yield item
+    finally:
+        abandoned.set()
 
 
 def build_app(host: ModelHost) -> FastAPI:

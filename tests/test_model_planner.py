@@ -105,7 +105,7 @@ def test_the_next_call_reads_the_reply_as_generated(planners, arch):
     planner.reset()
     msgs = first_messages(arch)
     reply = planner.generate(msgs, image, max_new_tokens=12)
-    history = list(planner._state.history)
+    history = list(planner._transcripts[-1].history)
     assert len(history) == planner.last_stats["prompt_tokens"] + planner.last_stats["new_tokens"]
     follow = [*msgs, {"role": "assistant", "content": reply}, {"role": "user", "content": TOOL_RESULT}]
     prompt, _ = planner._prepare(list(follow), image)
@@ -124,6 +124,23 @@ def test_the_next_call_reads_the_reply_as_generated(planners, arch):
     assert planner._continue(prompt, encoded) is encoded
 
 
+def test_another_conversations_call_in_between_does_not_change_an_answer(planners):
+    """A model worker serves many chats: conversation A's answer call still reads A's plan as generated
+    (the random model's replies do not survive re-encoding) when B's call came between A's two calls."""
+    image, planner = test_image(), planners("llava")
+    for question in ("Where is the lesion?", "segment the liver", "Is there a tumor?"):
+        answers = []
+        for interleave in (False, True):
+            planner.reset()
+            msgs = [{"role": "user", "content": f"<image>\n{question}"}]
+            reply = planner.generate(msgs, image, max_new_tokens=16)
+            if interleave:
+                planner.generate([{"role": "user", "content": "<image>\nsomething else"}], image, max_new_tokens=6)
+            follow = [*msgs, {"role": "assistant", "content": reply}, {"role": "user", "content": TOOL_RESULT}]
+            answers.append((planner.generate(follow, image, max_new_tokens=8), planner.last_stats["prompt_tokens"]))
+        assert answers[0] == answers[1], question
+
+
 def test_a_reply_that_does_not_round_trip_is_not_re_encoded(planners):
     """A reply whose text re-encodes to other tokens (the random tiny model writes such replies) still
     continues from its generated tokens, on both paths, with the same greedy answer."""
@@ -133,7 +150,7 @@ def test_a_reply_that_does_not_round_trip_is_not_re_encoded(planners):
         planner.reset()
         msgs = first_messages("llava")
         reply = planner.generate(msgs, image, max_new_tokens=24)
-        history = list(planner._state.history)
+        history = list(planner._transcripts[-1].history)
         generated = history[planner.last_stats["prompt_tokens"]:]
         assert planner.tokenizer(" " + reply, add_special_tokens=False)["input_ids"] != generated
         msgs += [{"role": "assistant", "content": reply}, {"role": "user", "content": TOOL_RESULT}]

@@ -270,3 +270,39 @@ def test_workers_that_cannot_load_exit_with_the_status_the_launcher_does_not_res
                               text=True, timeout=300)
         assert proc.returncode == EXIT_CANNOT_LOAD, proc.stderr[-2000:]
         assert "could not load" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_generation_stops_when_its_consumer_goes_away():
+    """A client that disconnects mid-stream frees the model at once; generation does not run on to
+    max_new_tokens while every other request waits."""
+    import asyncio
+    import itertools
+    import threading
+
+    from mmedagent.serve.model_worker import ModelHost, _pump
+
+    produced, finished = [], threading.Event()
+
+    class Endless:
+        def stream(self, messages, image, **gen):
+            try:
+                for i in itertools.count():
+                    time.sleep(0.01)
+                    produced.append(i)
+                    yield str(i)
+            finally:
+                finished.set()
+
+    host = ModelHost(Endless(), "endless", {}, 1 << 20)
+
+    async def read_one_then_leave():
+        pieces = _pump(host.stream([{"role": "user", "content": "hi"}], None, {}))
+        async for _ in pieces:
+            break
+        await pieces.aclose()
+
+    asyncio.run(read_one_then_leave())
+    assert finished.wait(2), "generation ran on after its consumer left"
+    assert host.lock.acquire(timeout=2)  # the model is free for the next request
+    host.lock.release()
+    assert host.queue_length() == 0 and len(produced) < 50

@@ -7,10 +7,12 @@ common token prefix and only the new tokens are prefilled: the vision tower does
 the image tokens are not re-encoded. ``kv_reuse=False`` prefills everything on every call (the
 naive path, kept for comparison). Both paths run the same decode loop, so greedy outputs agree.
 
-Token-faithful continuation (both paths): when the next prompt is the previous prompt plus the reply
-as generated plus new turns, its ids are the previous ids and the generated tokens themselves, then
-the new text; the model reads exactly what it wrote (a reply need not survive a decode/re-encode round
-trip) and the cache covers the whole reply.
+Token-faithful continuation (both paths): when a prompt is an earlier call's prompt plus its reply as
+generated plus new turns, its ids are that call's ids and the generated tokens themselves, then the
+new text; the model reads exactly what it wrote (a reply need not survive a decode/re-encode round
+trip) and, when that call was the previous one, the cache covers the whole reply. The last
+:data:`TRANSCRIPTS` calls are remembered, so other conversations' calls in between (a model worker
+serving many chats) change no answer; they only cost the cache.
 
 Prompt-lookup decoding (``prompt_lookup=N``, greedy only): an answer that quotes its context (boxes
 and labels from a tool result, terms from the question) is drafted from the latest earlier
@@ -21,6 +23,7 @@ pass; only those the model would have chosen itself are kept, so the output is t
 from __future__ import annotations
 
 import threading
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,16 +49,25 @@ def vision_module(model: Any) -> Any | None:
 
 @dataclass
 class _KVState:
-    """What the cache holds: exactly ``tokens`` (prompt + generated, all forwarded) for ``pixels``;
-    ``text`` is the call's prompt and, after the call, ``reply`` its decoded reply, ``history`` the ids of both."""
+    """What the cache holds: exactly ``tokens`` (prompt + generated, all forwarded) for ``pixels``."""
 
     cache: Any
     tokens: list[int]
     pixels: Any  # the processed image tensor (or None): reuse needs the very same image
-    text: str = ""
-    reply: str = ""
-    history: list[int] | None = None
 
+
+@dataclass
+class _Transcript:
+    """One finished call: its prompt, its reply as decoded, and the ids of both as the model saw them."""
+
+    text: str
+    reply: str
+    history: list[int]
+
+
+TRANSCRIPTS = 64
+"""Finished calls remembered for :meth:`HFPlanner._continue`, across conversations: a conversation's
+answer call reads its plan as generated even when other conversations' calls came in between."""
 
 _TRIMMED = " \t\r\n\ufffd"  # what may differ at the end of a reply as the stream returns it
 
@@ -87,6 +99,7 @@ class HFPlanner:
         self.template, self.name, self.adapter = template, name, adapter
         self.kv_reuse, self.system = kv_reuse, system
         self._state: _KVState | None = None
+        self._transcripts: deque[_Transcript] = deque(maxlen=TRANSCRIPTS)
         self._lock = threading.Lock()
         eos = model.generation_config.eos_token_id
         eos = [eos] if isinstance(eos, int) else list(eos or [])
@@ -173,6 +186,7 @@ class HFPlanner:
     def reset(self) -> None:
         """Forget the cached conversation state."""
         self._state = None
+        self._transcripts.clear()
 
     # ------------------------------------------------------------------ public generation API
 
@@ -222,24 +236,33 @@ class HFPlanner:
             image = image.convert("RGB")
         return dict(self.processor(images=image, text=prompt, return_tensors="pt", add_special_tokens=False))
 
-    def _continue(self, prompt: str, inputs: dict[str, Any]) -> dict[str, Any]:
-        """``inputs`` with the previous call's prompt ids and generated tokens in place of their re-encoding,
-        when ``prompt`` is that prompt, the reply as returned (whitespace and unfinished UTF-8 at its ends
-        trimmed, as the stream does), then new turns from a special token on (where tokenizing apart is exact)."""
-        import torch
-
-        state = self._state
-        if state is None or state.history is None or not prompt.startswith(state.text):
-            return inputs
-        rest = prompt[len(state.text):].lstrip()
-        reply = state.reply.lstrip().rstrip(_TRIMMED)
+    def _continued_ids(self, turn: _Transcript, prompt: str) -> list[int] | None:
+        """``turn``'s prompt and reply ids followed by the rest of ``prompt``, when ``prompt`` is that
+        prompt, the reply as returned (whitespace and unfinished UTF-8 at its ends trimmed, as the stream
+        does), then new turns from a special token on (where tokenizing apart is exact); else None."""
+        if not prompt.startswith(turn.text):
+            return None
+        rest = prompt[len(turn.text):].lstrip()
+        reply = turn.reply.lstrip().rstrip(_TRIMMED)
         if not rest.startswith(reply):
-            return inputs
+            return None
         rest = rest[len(reply):]
         if not any(rest.startswith(t) for t in self.tokenizer.all_special_tokens):
+            return None
+        return turn.history + self.tokenizer(rest, add_special_tokens=False)["input_ids"]
+
+    def _continue(self, prompt: str, inputs: dict[str, Any]) -> dict[str, Any]:
+        """``inputs`` with an earlier call's prompt ids and generated tokens in place of their re-encoding,
+        when ``prompt`` continues that call (the latest such call of any conversation remembered; see
+        :meth:`_continued_ids`), so a reply is read back exactly as the model wrote it."""
+        import torch
+
+        turns = [t for t in self._transcripts if prompt.startswith(t.text)]
+        new = next((ids for t in sorted(turns, key=lambda t: len(t.text), reverse=True)
+                    if (ids := self._continued_ids(t, prompt)) is not None), None)
+        if new is None:
             return inputs
         ids = inputs["input_ids"][0].tolist()
-        new = state.history + self.tokenizer(rest, add_special_tokens=False)["input_ids"]
         k = next((i for i, (a, b) in enumerate(zip(ids, new)) if a != b), min(len(ids), len(new)))
         image_id = self._image_token_id()
         if new == ids or (image_id is not None and (image_id in ids[k:] or image_id in new[k:])):
@@ -452,7 +475,7 @@ class HFPlanner:
                     reuse = 0
                     cache = DynamicCache(config=self.model.config)
                     logits = self._forward(ids, cache, 0, inputs, extras)
-                self._state = _KVState(cache=cache, tokens=list(id_list), pixels=pixels, text=prompt)
+                self._state = _KVState(cache=cache, tokens=list(id_list), pixels=pixels)
                 prefill_s = time.perf_counter() - t0
                 hold = max((len(s) for s in stops), default=1) - 1
                 emitted, started, text = 0, False, ""
@@ -509,9 +532,9 @@ class HFPlanner:
             self._state = None  # a failed call leaves no state to continue from
             raise
         finally:
-            if self._state is not None:
-                self._state.reply = self.tokenizer.decode(generated, skip_special_tokens=True)
-                self._state.history = [*id_list, *generated]
+            if self._state is not None:  # the call went through: later calls may continue it
+                reply = self.tokenizer.decode(generated, skip_special_tokens=True)
+                self._transcripts.append(_Transcript(prompt, reply, [*id_list, *generated]))
             self.last_stats = {
                 "prompt_tokens": len(id_list),
                 "reused_tokens": reuse,
