@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from mmedagent.data import builders
@@ -149,6 +150,13 @@ def _examples(a: argparse.Namespace) -> list[builders.Example]:
     return builders.read_vqa(a.table, caption=a.kind == "captions")
 
 
+def _require_images(examples: Sequence[builders.Example], root: Path) -> None:
+    missing = [e for e in examples if e.image and not (root / e.image).is_file()]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise DataError(f"{missing[0].source}: image not found: {root / missing[0].image}{more}")
+
+
 def _image_root(a: argparse.Namespace) -> Path:
     if a.image_root:
         return Path(a.image_root)
@@ -180,7 +188,10 @@ def main(argv: list[str] | None = None) -> int:
                     ap.error("--rewrite-url needs --rewrite-model")
                 rewriter = builders.OpenAIRewriter(a.rewrite_url, a.rewrite_model, a.rewrite_key_env)
             b = builders.DialogueBuilder(a.api_names, a.phrasings, a.seed, runner=runner, rewriter=rewriter)
-            records = b.build_all(_examples(a))
+            examples = _examples(a)
+            if a.image_root and getattr(a, "table", None):  # tables only name images: they must be there
+                _require_images(examples, Path(a.image_root))
+            records = b.build_all(examples)
             write_records(records, a.out, a.format)
             print(f"{a.out}: {len(records)} records")
             return 0

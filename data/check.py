@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mmedagent.data.formats import DataError, read_records
+from mmedagent.data.formats import DataError, chat_messages, read_records
 from mmedagent.protocol import Record, TurnParseError, parse_tool_results, parse_turn, render_turn
 
 
@@ -38,6 +38,10 @@ def check_records(records: Sequence[Record], source: str, validate_tools: bool =
     dispatcher = _dispatcher() if validate_tools else None
     for i, rec in enumerate(records, 1):
         where = f"{source}: record {i}"
+        try:
+            chat_messages(rec, where)  # what training checks first
+        except DataError as e:
+            report.problems.append(str(e))
         pending = 0
         for k, m in enumerate(rec.conversations, 1):
             if m.role == "gpt" and m.is_tool_turn:

@@ -59,6 +59,44 @@ class DataError(ValueError):
     """Bad instruction data; the message names the file and the record."""
 
 
+CHAT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
+"""Record turn roles -> chat roles."""
+
+
+def chat_messages(record: Record, where: str) -> list[dict[str, str]]:
+    """A record's turns as chat messages, checked as training needs them (a :class:`DataError` naming
+    ``where`` otherwise): known roles, a system turn only first, human and gpt turns alternating from
+    the human, a gpt turn to learn from, and one ``<image>`` marker per image (none: added to the
+    first human turn)."""
+    messages: list[dict[str, str]] = []
+    for k, m in enumerate(record.conversations):
+        role = CHAT_ROLES.get(m.role)
+        if role is None:
+            raise DataError(f"{where}: turn {k + 1} has unknown role {m.role!r}")
+        if role == "system" and k != 0:
+            raise DataError(f"{where}: a system turn may only come first")
+        messages.append({"role": role, "content": m.text()})
+    dialogue = [m["role"] for m in messages if m["role"] != "system"]
+    if not dialogue:
+        raise DataError(f"{where}: empty conversation")
+    for k, role in enumerate(dialogue):
+        want = "user" if k % 2 == 0 else "assistant"
+        if role != want:
+            raise DataError(f"{where}: turn {k + 1} is {role!r}, expected {want!r} (turns must alternate, "
+                            "starting with the human)")
+    if "assistant" not in dialogue:
+        raise DataError(f"{where}: no assistant turn to learn from")
+    n_images = len(record.images)
+    n_marks = sum(m["content"].count(IMAGE_TOKEN) for m in messages)
+    if n_images and n_marks == 0:
+        first_user = next(i for i, m in enumerate(messages) if m["role"] == "user")
+        messages[first_user] = {"role": "user",
+                                "content": IMAGE_TOKEN * n_images + "\n" + messages[first_user]["content"]}
+    elif n_marks != n_images:
+        raise DataError(f"{where}: {n_marks} {IMAGE_TOKEN} marker(s) for {n_images} image(s)")
+    return messages
+
+
 CAPTION_QUESTIONS = (
     "Describe this image.",
     "What does this image show?",

@@ -17,12 +17,15 @@ from mmedagent.model.adapters import merge_lora
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-path", required=True, help="LoRA adapter directory")
-    ap.add_argument("--model-base", default=None, help="base model (default: the one the adapter records: its training manifest's base_model, "
-                    "else peft's base_model_name_or_path)")
+    ap.add_argument("--model-base", default=None, help="base model (default: the one the adapter records: its "
+                    "training manifest's base_model, else peft's base_model_name_or_path)")
     ap.add_argument("--save-model-path", required=True, help="output directory")
     ap.add_argument("--dtype", default=None, help="e.g. float16, bfloat16 (default: float32 on CPU)")
     a = ap.parse_args()
-    out = merge_lora(a.model_path, a.model_base, a.save_model_path, dtype=a.dtype)
+    try:
+        out = merge_lora(a.model_path, a.model_base, a.save_model_path, dtype=a.dtype)
+    except (OSError, ValueError) as e:  # not an adapter, base not found: one line, not a traceback
+        raise SystemExit(f"error: {e}") from None
     print(f"merged {a.model_path} into {a.model_base or 'its base'} -> {out}")
 
 

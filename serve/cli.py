@@ -23,7 +23,7 @@ from typing import Any, TextIO
 import mmedagent  # noqa: F401  - arms the torchvision shim first
 import httpx
 
-from mmedagent.serve.config import add_common_args, load_config
+from mmedagent.serve.config import add_common_args, config_or_exit
 from mmedagent.serve.httpclient import error_detail, make_client
 from mmedagent.serve.uploads import UploadError, decode_image, png_data_url
 
@@ -42,6 +42,17 @@ def print_step(step: dict[str, Any], out: TextIO) -> None:
             else:
                 out.write(f"  tool error: {outcome['error']}\n")
     out.flush()
+
+
+def plain_banner(status: dict[str, Any]) -> str:
+    """The web UI's banner (model, its warning note, tool weights, "not a medical device") as plain text."""
+    from mmedagent.serve.web import banner
+
+    lines = []
+    for line in banner(status).replace("**", "").replace("`", "").splitlines():
+        line = line.removeprefix("> ")
+        lines.append(line[1:-1] if len(line) > 1 and line[0] == line[-1] == "_" else line)
+    return "\n".join(lines)
 
 
 def ask(client: httpx.Client, url: str, body: dict[str, Any], out: TextIO) -> list[dict[str, str]] | None:
@@ -74,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=None)
     add_common_args(parser)
     args = parser.parse_args(argv)
-    cfg = load_config(args.config, api_key=args.api_key)
+    cfg = config_or_exit(parser, args.config, api_key=args.api_key)
     url = (args.controller or cfg.controller_url).rstrip("/")
     image = None
     if args.image:
@@ -84,6 +95,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"cannot use {args.image}: {getattr(e, 'reason', e)}", file=sys.stderr)
             return 2
     client = make_client(cfg.api_key, cfg.model_timeout_s)
+    try:  # what is answering, and its warnings (the demo planner's made-up answers), as the web UI shows
+        status = client.get(f"{url}/v1/status", timeout=10)
+        if status.status_code == 200:
+            print(plain_banner(status.json()) + "\n", file=sys.stderr, flush=True)
+    except httpx.HTTPError:
+        pass  # an unreachable controller is reported with the first question
     body: dict[str, Any] = {"conversation_id": uuid.uuid4().hex, "history": [], "model": args.model,
                             "image": png_data_url(image) if image is not None else None}
     questions = [args.question] if args.question else None

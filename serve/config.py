@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from mmedagent.cache import cache_root
 from mmedagent.serve.messages import MAX_STEPS
@@ -126,23 +126,49 @@ class ServeConfig(BaseModel):
         return cache_root()
 
 
+class ConfigError(ValueError):
+    """Settings that cannot be used: names the file and each bad setting, never a value (an API key
+    among the settings must not reach a terminal or a log)."""
+
+
 def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> ServeConfig:
-    """Defaults ← YAML file ← overrides (CLI flags that were given; ``None`` means not given)."""
+    """Defaults ← YAML file ← overrides (CLI flags that were given; ``None`` means not given).
+
+    A :class:`ConfigError` for an unreadable file, invalid YAML or invalid settings."""
     data: dict[str, Any] = {}
     if path:
         import yaml
 
-        text = Path(path).read_text(encoding="utf-8")
-        loaded = yaml.safe_load(text) or {}
+        try:
+            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read the config file ({e.strerror or type(e).__name__})") from None
+        except yaml.YAMLError as e:  # its message would quote the offending line
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            raise ConfigError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', None) or type(e).__name__}") from None
         if not isinstance(loaded, dict):
-            raise ValueError(f"{path}: expected a mapping of settings, got {type(loaded).__name__}")
+            raise ConfigError(f"{path}: expected a mapping of settings, got {type(loaded).__name__}")
         data.update(loaded)
     given = {k: v for k, v in overrides.items() if v is not None}
     if isinstance(given.get("tools"), dict) and isinstance(data.get("tools"), dict):
         # the flags choose the tools; each keeps its file settings unless a flag changes them
         given["tools"] = {n: {**(data["tools"].get(n) or {}), **spec} for n, spec in given["tools"].items()}
     data.update(given)
-    return ServeConfig.model_validate(data)
+    try:
+        return ServeConfig.model_validate(data)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'settings'}: {err['msg']}"
+                             for err in e.errors(include_url=False, include_input=False))
+        raise ConfigError(f"invalid settings{f' in {path}' if path else ''}: {problems}") from None
+
+
+def config_or_exit(parser: Any, path: str | os.PathLike | None = None, **overrides: Any) -> ServeConfig:
+    """:func:`load_config` for a command line: a :class:`ConfigError` is one ``error:`` line (exit 2)."""
+    try:
+        return load_config(path, **overrides)
+    except ConfigError as e:
+        parser.error(str(e))
 
 
 def add_common_args(parser) -> None:

@@ -34,7 +34,7 @@ from mmedagent.agent import Agent, AgentResult, AgentStep
 from mmedagent.dispatcher import Dispatcher
 from mmedagent.protocol import ToolCall, ToolOutcome, strip_image_token, system_message
 from mmedagent.serve import openai_api as oa
-from mmedagent.serve.config import ServeConfig, ToolSpec, add_common_args, load_config
+from mmedagent.serve.config import ServeConfig, ToolSpec, add_common_args, config_or_exit
 from mmedagent.serve.httpclient import make_client
 from mmedagent.serve.messages import (
     MAX_MESSAGES,
@@ -537,8 +537,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.tools is not None or args.in_process_tools is not None:
         tools = {n.strip(): {} for n in (args.tools or "").split(",") if n.strip()}
         tools.update({n.strip(): {"in_process": True} for n in (args.in_process_tools or "").split(",") if n.strip()})
-    cfg = load_config(
-        args.config, host=args.host, port=args.port, web_port=args.web_port, model_path=args.model_path,
+    cfg = config_or_exit(
+        parser, args.config, host=args.host, port=args.port, web_port=args.web_port, model_path=args.model_path,
         model_name=args.model_name, conv_template=args.conv_template, model_backend_url=args.backend_url,
         system_prompt=args.system_prompt, tool_weights=args.tool_weights, prompt_lookup=args.prompt_lookup,
         constrain=args.constrain, tools=tools, no_workers=args.no_workers or None, api_key=args.api_key, log_level=args.log_level,

@@ -23,6 +23,8 @@ MAX_PROMPT_MESSAGES = MAX_MESSAGES + 2 * MAX_STEPS + 2
 step's reply and tool results."""
 MAX_NEW_TOKENS = 8192
 """Tokens one model call may generate."""
+DEFAULT_NEW_TOKENS = 256
+"""A model call's budget when the request names none."""
 
 
 class TextMessage(BaseModel):

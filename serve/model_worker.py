@@ -36,8 +36,8 @@ from pydantic import BaseModel, Field
 
 from mmedagent.agent import openai_usage, token_counts
 from mmedagent.serve import openai_api as oa
-from mmedagent.serve.config import ServeConfig, add_common_args, load_config
-from mmedagent.serve.messages import MAX_NEW_TOKENS, MAX_PROMPT_MESSAGES, TextMessage, as_dicts
+from mmedagent.serve.config import ServeConfig, add_common_args, config_or_exit
+from mmedagent.serve.messages import DEFAULT_NEW_TOKENS, MAX_NEW_TOKENS, MAX_PROMPT_MESSAGES, TextMessage, as_dicts
 from mmedagent.serve.security import setup_logging, without_echoed_input
 from mmedagent import demo
 from mmedagent.serve.uploads import UploadError, image_from_data_url
@@ -72,7 +72,7 @@ class GenerateRequest(BaseModel):
     messages: list[TextMessage] = Field(min_length=1, max_length=MAX_PROMPT_MESSAGES)
     image: str | None = None
     conversation_id: str | None = None
-    max_new_tokens: int = Field(default=256, ge=1, le=MAX_NEW_TOKENS)
+    max_new_tokens: int = Field(default=DEFAULT_NEW_TOKENS, ge=1, le=MAX_NEW_TOKENS)
     temperature: float = Field(default=0.0, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
     stop: list[str] | None = None
@@ -186,12 +186,15 @@ def build_app(host: ModelHost) -> FastAPI:
         except UploadError as e:
             raise HTTPException(e.status, e.reason) from None
         image = await run_in_threadpool(host.image, image_url)
-        gen = req.gen({})
+        gen = req.gen({"max_new_tokens": DEFAULT_NEW_TOKENS})
         cid = oa.completion_id()
         stats: dict[str, int] = {}
 
         def usage() -> dict[str, Any]:
             return {"usage": openai_usage(stats["prompt_tokens"], stats["new_tokens"])} if stats else {}
+
+        def finish() -> str:  # "length": the reply used the whole token budget (it may be cut off)
+            return "length" if stats and stats["new_tokens"] >= gen["max_new_tokens"] else "stop"
 
         if not req.stream:
             pieces = []
@@ -199,7 +202,7 @@ def build_app(host: ModelHost) -> FastAPI:
                 if isinstance(item, BaseException):
                     raise HTTPException(500, f"generation failed: {type(item).__name__}: {item}")
                 pieces.append(item)
-            return oa.completion(cid, host.name, "".join(pieces), **usage())
+            return oa.completion(cid, host.name, "".join(pieces), finish(), **usage())
 
         async def sse() -> AsyncIterator[str]:
             yield oa.chunk(cid, host.name, {"role": "assistant", "content": ""})
@@ -209,7 +212,7 @@ def build_app(host: ModelHost) -> FastAPI:
                     break
                 yield oa.chunk(cid, host.name, {"content": item})
             else:
-                yield oa.chunk(cid, host.name, {}, "stop", **usage())
+                yield oa.chunk(cid, host.name, {}, finish(), **usage())
             yield oa.SSE_DONE
 
         return StreamingResponse(sse(), media_type="text/event-stream")
@@ -284,8 +287,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-register", action="store_true", help="serve alone (OpenAI API), no controller")
     add_common_args(parser)
     args = parser.parse_args(argv)
-    cfg = load_config(
-        args.config, api_key=args.api_key, log_level=args.log_level, host=args.host, model_path=args.model_path,
+    cfg = config_or_exit(
+        parser, args.config, api_key=args.api_key, log_level=args.log_level, host=args.host, model_path=args.model_path,
         model_name=args.model_name, conv_template=args.conv_template, device=args.device, system_prompt=args.system_prompt,
         model_backend_url=args.backend_url, model_backend_model=args.backend_model,
         heartbeat_interval_s=args.heartbeat_interval, prompt_lookup=args.prompt_lookup, constrain=args.constrain,

@@ -25,7 +25,7 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ValidationError
 
 from mmedagent.dispatcher import describe_validation_error
-from mmedagent.serve.config import add_common_args, load_config
+from mmedagent.serve.config import add_common_args, config_or_exit
 from mmedagent.serve.security import setup_logging, without_echoed_input
 from mmedagent.serve.uploads import UploadError, image_from_data_url
 from mmedagent.serve.worker_base import EXIT_CANNOT_LOAD, Heartbeat, bind_socket, serve_worker, url_for
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-concurrency", type=int, default=4)
     add_common_args(parser)
     args = parser.parse_args(argv)
-    cfg = load_config(args.config, api_key=args.api_key, log_level=args.log_level, host=args.host,
+    cfg = config_or_exit(parser, args.config, api_key=args.api_key, log_level=args.log_level, host=args.host,
                       heartbeat_interval_s=args.heartbeat_interval)
     setup_logging(cfg.log_level, [cfg.api_key or ""])
     for module in [*cfg.plugins, *args.plugin]:

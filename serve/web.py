@@ -28,7 +28,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from
 import mmedagent  # noqa: F401  - arms the torchvision shim first
 import httpx
 
-from mmedagent.serve.config import add_common_args, load_config
+from mmedagent.serve.config import add_common_args, config_or_exit
 from mmedagent.serve.httpclient import error_detail, make_client
 from mmedagent.serve.security import setup_logging
 from mmedagent.serve.uploads import UploadError, decode_image, png_data_url
@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=None)
     add_common_args(parser)
     args = parser.parse_args(argv)
-    cfg = load_config(args.config, api_key=args.api_key, log_level=args.log_level, host=args.host, web_port=args.port)
+    cfg = config_or_exit(parser, args.config, api_key=args.api_key, log_level=args.log_level, host=args.host, web_port=args.port)
     setup_logging(cfg.log_level, [cfg.api_key or ""])
     web = WebChat(args.controller or cfg.controller_url, cfg.api_key, cfg.max_upload_bytes)
     ui = build_ui(web)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 import threading
@@ -22,11 +23,17 @@ launcher reports it and does not restart it, since a restart would fail the same
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
-    """Listen on ``host:port`` now (port 0: a free port), so the address is known before serving."""
+    """Listen on ``host:port`` now (port 0: a free port), so the address is known before serving;
+    one ``error:`` line (exit 1) when that address cannot be had."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        hint = ": another server is using it; stop it or pass --port" if e.errno == errno.EADDRINUSE else ""
+        raise SystemExit(f"error: cannot listen on {host}:{port} ({e.strerror or type(e).__name__}){hint}") from None
     sock.listen(2048)
     sock.set_inheritable(True)
     return sock

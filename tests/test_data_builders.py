@@ -204,6 +204,12 @@ def test_reports(tmp_path):
     write_json(tmp_path / "bad.json", [{"image": "x.png", "report": "ok"}, {"image": "y.png", "report": " "}])
     with pytest.raises(DataError, match=r"bad.json: record 2: missing or empty 'report'"):
         builders.read_reports(tmp_path / "bad.json")
+    # with --image-root, the images a table names must be there
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "x.png").write_bytes(b"")
+    assert run_cli("build", "reports", "--table", table, "--image-root", tmp_path / "imgs", "--out", out) == 2
+    assert run_cli("build", "vqa", "--table", write_json(tmp_path / "v.json", [{"image": "x.png", "question": "Q?", "answer": "A."}]),
+                   "--image-root", tmp_path / "imgs", "--out", tmp_path / "v_out.json") == 0
 
 
 def test_rag(tmp_path):
@@ -352,6 +358,13 @@ def test_check_reports_bad_records(tmp_path, synth_dir, capsys):
     assert "3 problem(s)" in capsys.readouterr().out
     assert run_cli("check", synth_dir / "train.json", "--image-folder", synth_dir / "images") == 0
     assert not check_records(recs, "x").problems
+    # what training refuses, check refuses too, with training's words
+    lone = {"image": "a.png", "conversations": [{"from": "human", "value": "<image>\nWhat is it?"}]}
+    late_system = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "system", "value": "Be brief."},
+                                     {"from": "gpt", "value": "Hello."}]}
+    report = check_file(write_json(tmp_path / "untrainable.json", [lone, late_system]))
+    assert report.problems == [f"{tmp_path / 'untrainable.json'}: record 1: no assistant turn to learn from",
+                               f"{tmp_path / 'untrainable.json'}: record 2: a system turn may only come first"]
 
 
 def test_sharegpt_round_trip_of_every_task(synth_dir, tmp_path):

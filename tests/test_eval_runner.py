@@ -221,7 +221,14 @@ def test_compare_writes_markdown_png_and_examples(tmp_path, folder, fake_groundi
     assert "| tool_selection_accuracy [vqa] | 0.500 | 1.000 | +0.500 |" in md
     assert "- before: I could not find it." in md and "- after: " + ANSWER_G in md
     assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Not like for like" not in md
     assert main(["--compare", str(a), str(tmp_path / "mix.json"), "--out", str(out)]) == 2  # not a report
+    # runs over other data or tool modes are compared, with the difference said first
+    other = build_report(samples[:2], results[:2], tool_mode="live", meta={"name": "other"})
+    assert main(["--compare", str(a), str(write_json(tmp_path / "o.json", other)), "--out", str(out)]) == 0
+    md = (out / "compare.md").read_text()
+    assert "Not like for like" in md and "n_samples: 4 vs 2" in md and "tool_mode: gold vs live" in md
+    assert "samples: 2 in common, 2 only in A, 0 only in B" in md
 
 
 def test_cli_errors_are_clear(tmp_path, capsys):

@@ -2,6 +2,8 @@
 evaluate → load in the serving stack), plus argument and data validation."""
 
 import json
+import shlex
+from pathlib import Path
 
 import pytest
 import torch
@@ -263,7 +265,13 @@ def test_stop_after_data_then_skip_training(dialogue, tmp_path, capsys):
     out, _ = dialogue
     assert main(["dialogue-llama3", "--tiny", "--out", str(tmp_path), "--stop-after-data"]) == 0
     printed = capsys.readouterr().out
-    assert "train: python train/train_mem.py --model_name_or_path" in printed
+    line = next(x for x in printed.splitlines() if "train: python " in x).split("train: ", 1)[1]
+    argv = shlex.split(line)  # pasteable from any directory: the script and every path are absolute
+    flags = dict(zip(argv[2::2], argv[3::2]))
+    assert argv[0] == "python" and Path(argv[1]).is_absolute() and Path(argv[1]).name == "train_mem.py"
+    assert Path(argv[1]).is_file() and Path(flags["--model_name_or_path"]).is_dir()
+    assert Path(flags["--data_path"]).is_absolute() and Path(flags["--data_path"]).is_file()
+    assert Path(flags["--output_dir"]) == (tmp_path / "adapter").resolve()
     assert (tmp_path / "data" / "train.json").is_file() and not (tmp_path / "adapter").exists()
     assert main(["dialogue-llama3", "--tiny", "--out", str(tmp_path), "--skip-training"]) == 2
     assert "holds no finished training run" in capsys.readouterr().err
@@ -272,7 +280,7 @@ def test_stop_after_data_then_skip_training(dialogue, tmp_path, capsys):
     before = (tmp_path / "adapter" / "adapter_model.safetensors").read_bytes()
     summary = run_recipe("dialogue-llama3", tmp_path, "--skip-training")
     assert (tmp_path / "adapter" / "adapter_model.safetensors").read_bytes() == before  # not retrained
-    assert "train: python train/train_mem.py" in capsys.readouterr().out
+    assert "train_mem.py --model_name_or_path" in capsys.readouterr().out
     assert summary["export"] == str(tmp_path / "merged") and (tmp_path / "merged" / "config.json").is_file()
     _check_metrics(summary["metrics"]["test"]["after"])
 

@@ -76,6 +76,20 @@ def test_finetune_lora_reads_relative_paths_from_where_it_is_run(tmp_path):
     assert Path(flag["--deepspeed"]) == ROOT / "scripts" / "zero2.json"
 
 
+def test_missing_models_are_one_line_errors(tiny_models, tmp_path):
+    """A model path that does not exist here (relative, as typed) or a folder that is not an adapter:
+    one ``error:`` line naming it, not a Hub-client traceback."""
+    proc = run("scripts/merge_lora_weights.py", "--model-path", str(tiny_models("llama")), "--save-model-path",
+               str(tmp_path / "m"), timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "is not a LoRA adapter" in proc.stderr
+    data = tmp_path / "d.json"
+    data.write_text('[{"question": "Is there a fracture?", "answer": "no", "answer_type": "CLOSED"}]')
+    proc = run("scripts/evaluate.py", "--model", "runs/llava-lora", "--data", str(data), timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "error: runs/llava-lora: no such local directory (relative paths are read from" in proc.stderr, proc.stderr
+
+
 def _convert_error(*args: str) -> str:
     proc = run("scripts/convert_llava_checkpoint.py", *args, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]

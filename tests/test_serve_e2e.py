@@ -78,6 +78,9 @@ def test_cli_prints_the_steps_and_answer(e2e):
     assert out.returncode == 0, out.stderr[-2000:]
     assert 'tool call: grounding dino {"prompts": ["tumor"]}' in out.stdout
     assert "tool result: {\"boxes\"" in out.stdout and "\nanswer: " in out.stdout
+    # what answers, as the web UI's banner says it, on stderr (the answers stay on stdout)
+    assert "Model: " in out.stderr and "Research software, not a medical device" in out.stderr, out.stderr[-2000:]
+    assert "**" not in out.stderr and "Model: " not in out.stdout
 
 
 @pytest.mark.skipif(not shutil.which("chromedriver") or not shutil.which("chromium"), reason="needs Debian chromium + chromium-driver")

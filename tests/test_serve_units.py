@@ -1,6 +1,7 @@
 """Serving building blocks without servers: registry, config, uploads, OpenAI parsing, log redaction."""
 
 import base64
+import json
 import logging
 import re
 import sys
@@ -11,7 +12,7 @@ from pydantic import ValidationError
 
 from _serve_fixtures import data_url, sample_png
 from mmedagent.serve import openai_api as oa
-from mmedagent.serve.config import ServeConfig, ToolSpec, load_config
+from mmedagent.serve.config import ConfigError, ServeConfig, ToolSpec, load_config
 from mmedagent.serve.registry import NoWorkerError, WorkerInfo, WorkerRegistry
 from mmedagent.serve.remote import remote_tool_class, to_openai_messages
 from mmedagent.serve.security import RedactFilter, check_token
@@ -73,8 +74,32 @@ def test_config_expiry_must_exceed_interval(tmp_path, monkeypatch):
     assert list(cfg.tools) == ["nap", "grounding", "classification"] and cfg.tools["nap"].in_process
     assert cfg.tools["grounding"].in_process and cfg.tools["grounding"].options == {"device": "cpu"}
     path.write_text("prot: 1\n")
-    with pytest.raises(ValidationError, match="prot"):
+    with pytest.raises(ConfigError, match=r"invalid settings in .*serve\.yaml: prot: Extra inputs are not permitted"):
         load_config(path)
+
+
+def test_config_errors_are_one_line_and_never_show_the_api_key(tmp_path):
+    """Bad settings beside an API key (flag or file), a missing or malformed file: one ``error:`` line
+    naming the setting, exit 2; the key is never printed."""
+    import subprocess
+    from pathlib import Path
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("api_key: s3cr3t-file\nheartbeat_interval_s: 10\nheartbeat_expiry_s: 5\n")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text('api_key: "s3cr3t-yaml\nport: 1\n')
+    controller = str(Path(__file__).resolve().parents[1] / "serve" / "controller.py")
+    cases = [
+        (["--api-key", "s3cr3t-flag", "--heartbeat-interval", "10", "--heartbeat-expiry", "5"], "must exceed heartbeat_interval_s"),
+        (["--config", str(bad)], "must exceed heartbeat_interval_s"),
+        (["--config", str(tmp_path / "nope.yaml")], "cannot read the config file"),
+        (["--config", str(broken)], "not valid YAML at line"),
+    ]
+    for argv, expected in cases:
+        proc = subprocess.run([sys.executable, controller, *argv], capture_output=True, text=True, timeout=120)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 2 and expected in out and "Traceback" not in out, out[-2000:]
+        assert "s3cr3t" not in out, out[-2000:]
 
 
 @pytest.mark.parametrize(
@@ -306,3 +331,39 @@ def test_generation_stops_when_its_consumer_goes_away():
     assert host.lock.acquire(timeout=2)  # the model is free for the next request
     host.lock.release()
     assert host.queue_length() == 0 and len(produced) < 50
+
+
+def test_a_port_in_use_is_one_clear_line():
+    import socket
+
+    from mmedagent.serve.worker_base import bind_socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        with pytest.raises(SystemExit, match=rf"error: cannot listen on 127\.0\.0\.1:{port} .*in use.*pass --port"):
+            bind_socket("127.0.0.1", port)
+
+
+def test_a_reply_cut_off_by_the_token_budget_finishes_with_length():
+    """OpenAI clients detect truncation by ``finish_reason``: "length" when the budget ran out."""
+    from fastapi.testclient import TestClient
+
+    from mmedagent.serve.model_worker import ModelHost, build_app
+
+    class Counting:
+        def stream(self, messages, image, max_new_tokens=256, **gen):
+            n = min(max_new_tokens, 5)  # a reply of 5 tokens, unless the budget is smaller
+            self.last_stats = {"prompt_tokens": 3, "new_tokens": n}
+            yield "x" * n
+
+    client = TestClient(build_app(ModelHost(Counting(), "counting", {}, 1 << 20)))
+    for budget, finish in ((3, "length"), (10, "stop"), (None, "stop")):
+        body = {"model": "counting", "messages": [{"role": "user", "content": "hi"}],
+                **({"max_tokens": budget} if budget else {})}
+        r = client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == finish, (budget, r.json())
+        with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as s:
+            events = [line for line in s.iter_lines() if line.startswith("data: {")]
+        assert json.loads(events[-1][6:])["choices"][0]["finish_reason"] == finish, budget

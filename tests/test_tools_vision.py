@@ -502,3 +502,12 @@ def test_multi_call_turn_end_to_end(dispatcher):
     assert back.question == question
     overlays = [r.overlay() for r in results]
     assert overlays[1] is None and render(img, overlays).size == img.size
+
+
+def test_weights_errors_name_a_checkpoint_file_as_a_path_not_a_hub_id():
+    from mmedagent.tools._boxes import weights_error
+
+    missing = FileNotFoundError("no such file")
+    assert "from local path 'medsam_vit_b.pth'" in str(weights_error("segmentation", "medsam_vit_b.pth", "", missing))
+    assert "from hub id 'IDEA-Research/grounding-dino-base'" in str(
+        weights_error("grounding", "IDEA-Research/grounding-dino-base", "", OSError("offline")))

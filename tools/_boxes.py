@@ -52,9 +52,14 @@ def as_pil_rgb(image: Any) -> Image.Image:
     return Image.fromarray(arr).convert("RGB")
 
 
+WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
+"""File names ending so are checkpoints on disk, never hub ids."""
+
+
 def weights_error(tool: str, ref: str, how: str, err: Exception) -> RuntimeError:
     """A missing-weights error that names the path or hub id and how to get the weights."""
-    where = "local path" if Path(ref).expanduser().exists() or ref.startswith((".", "/", "~")) else "hub id"
+    local = Path(ref).expanduser().exists() or ref.startswith((".", "/", "~")) or Path(ref).suffix in WEIGHT_SUFFIXES
+    where = "local path" if local else "hub id"
     return RuntimeError(f"{tool}: could not load weights from {where} {ref!r} ({type(err).__name__}: {err}). {how}")
 
 

@@ -97,7 +97,8 @@ class Retrieval(Tool):
             self._index = build_preset(self.options["preset"], embedder=embedder, progress=True,
                                        chapters=self.options["chapters"])
         meta = self._index.meta
-        self.weights_note = f"{meta.get('preset') or self._index.path.name}: {meta['passages']} passages, {meta['model']}"
+        self.weights_note = (f"{meta.get('preset') or self._index.path.name}: {meta['passages']} passages, "
+                             f"{self._index.embedder.model_id}")  # the model loaded here, not the builder's path
 
     def __call__(self, image: Any, params: Params) -> Result:
         query = " ".join((params.query or "").split())

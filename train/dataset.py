@@ -20,16 +20,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mmedagent.data.formats import DataError, read_records
+from mmedagent.data.formats import DataError, chat_messages, read_records
 from mmedagent.imaging import load_image
 from mmedagent.model.templates import render_segments, tokenizer_of
-from mmedagent.protocol import IMAGE_TOKEN, Record
+from mmedagent.protocol import Record
 from mmedagent.train.args import FlagError
 
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 SEQ_PAD = {"input_ids": None, "labels": IGNORE_INDEX, "attention_mask": 0, "mm_token_type_ids": 0,
            "token_type_ids": 0}
 """Per-token keys and their padding value (None: the tokenizer's pad id)."""
@@ -79,34 +78,10 @@ def _resolve_image(ref: Any, folder: str | None, where: str) -> Any:
 def record_to_sample(record: Record, source: str, index: int, folder: str | None, vision: bool) -> Sample:
     """Check one record and turn it into chat messages; every error names file and record."""
     where = f"{source}: record {index}"
-    messages: list[dict[str, str]] = []
-    for k, m in enumerate(record.conversations):
-        role = ROLES.get(m.role)
-        if role is None:
-            raise DataError(f"{where}: turn {k + 1} has unknown role {m.role!r}")
-        if role == "system" and k != 0:
-            raise DataError(f"{where}: a system turn may only come first")
-        messages.append({"role": role, "content": m.text()})
-    dialogue = [m["role"] for m in messages if m["role"] != "system"]
-    if not dialogue:
-        raise DataError(f"{where}: empty conversation")
-    for k, role in enumerate(dialogue):
-        want = "user" if k % 2 == 0 else "assistant"
-        if role != want:
-            raise DataError(f"{where}: turn {k + 1} is {role!r}, expected {want!r} (turns must alternate, "
-                            "starting with the human)")
-    if "assistant" not in dialogue:
-        raise DataError(f"{where}: no assistant turn to learn from")
+    messages = chat_messages(record, where)
     images = tuple(_resolve_image(ref, folder, where) for ref in record.images)
     if images and not vision:
         raise DataError(f"{where}: has an image but the backbone is a text-only model")
-    n_marks = sum(m["content"].count(IMAGE_TOKEN) for m in messages)
-    if images and n_marks == 0:
-        first_user = next(i for i, m in enumerate(messages) if m["role"] == "user")
-        messages[first_user] = {"role": "user",
-                                "content": IMAGE_TOKEN * len(images) + "\n" + messages[first_user]["content"]}
-    elif n_marks != len(images):
-        raise DataError(f"{where}: {n_marks} {IMAGE_TOKEN} marker(s) for {len(images)} image(s)")
     return Sample(source, index, tuple(messages), images)
 
 

@@ -155,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         report = run_evaluation(args)
-    except (EvalFileError, FileNotFoundError, json.JSONDecodeError, KeyError) as e:
+    except (EvalFileError, OSError, json.JSONDecodeError, KeyError, ValueError) as e:  # bad data, model not found
         print(f"error: {e}", file=sys.stderr)
         return 2
     from mmedagent.evaluation.scoring import markdown_summary
@@ -165,4 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_out).write_text(json.dumps(report, indent=1, ensure_ascii=False), encoding="utf-8")
         print(f"wrote {args.json_out}", file=sys.stderr)
-    return 0
+    error_rate, n = report["overall"].get("error_rate") or 0.0, report["overall"]["n"]
+    if error_rate:
+        print(f"warning: {round(error_rate * n)} of {n} samples ended in an error and score as wrong; their errors "
+              f"are listed above{' and in ' + args.json_out if args.json_out else ''}", file=sys.stderr)
+    return 1 if error_rate == 1 else 0  # nothing was evaluated

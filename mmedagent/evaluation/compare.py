@@ -84,6 +84,17 @@ def examples(a: dict[str, Any], b: dict[str, Any], names: tuple[str, str], n: in
     return "\n\n".join(parts)
 
 
+def unlike(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """How two reports differ in what they measured (data file, samples, tool mode): their deltas are then
+    not a before/after of the same evaluation."""
+    out = [f"{key}: {a.get(key)} vs {b.get(key)}" for key in ("data", "n_samples", "tool_mode")
+           if a.get(key) is not None and b.get(key) is not None and a.get(key) != b.get(key)]
+    ids_a, ids_b = ({s["id"] for s in r.get("samples", [])} for r in (a, b))
+    if ids_a and ids_b and ids_a != ids_b:
+        out.append(f"samples: {len(ids_a & ids_b)} in common, {len(ids_a - ids_b)} only in A, {len(ids_b - ids_a)} only in B")
+    return out
+
+
 def compare(path_a: str | Path, path_b: str | Path, out_dir: str | Path, n_examples: int = 3) -> tuple[str, Path]:
     """Write ``compare.md`` and ``compare.png`` to ``out_dir``; returns the Markdown and the PNG path."""
     a, b = load_report(path_a), load_report(path_b)
@@ -93,8 +104,11 @@ def compare(path_a: str | Path, path_b: str | Path, out_dir: str | Path, n_examp
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     png = bar_chart(a, b, names, out_dir / "compare.png")
+    caveats = unlike(a, b)
+    warning = (f"> ⚠️ **Not like for like** — the runs measured different things ({'; '.join(caveats)}); "
+               "the deltas below mix model changes with data changes.\n\n") if caveats else ""
     md = (
-        f"## {names[0]} vs {names[1]}\n\n{compare_table(a, b, names)}\n\n![metrics]({png.name})\n\n"
+        f"## {names[0]} vs {names[1]}\n\n{warning}{compare_table(a, b, names)}\n\n![metrics]({png.name})\n\n"
         f"### Examples\n\n{examples(a, b, names, n_examples)}\n"
     )
     (out_dir / "compare.md").write_text(md, encoding="utf-8")

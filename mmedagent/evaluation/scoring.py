@@ -272,7 +272,7 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-SUMMARY_METRICS = RATE_METRICS + ("parse_error_rate", "steps_per_turn", "tool_s_per_turn", "tokens_per_turn", "wall_s_per_turn")
+SUMMARY_METRICS = RATE_METRICS + ("error_rate", "parse_error_rate", "steps_per_turn", "tool_s_per_turn", "tokens_per_turn", "wall_s_per_turn")
 
 
 def markdown_summary(report: dict[str, Any]) -> str:

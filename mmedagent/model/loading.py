@@ -170,7 +170,14 @@ def load_model_and_processor(
 
     prefer_cache_when_unreachable(model_path, vision_tower)
     model_path = _ensure_hf_layout(model_path, vision_tower)
-    config = AutoConfig.from_pretrained(str(model_path))
+    try:
+        config = AutoConfig.from_pretrained(str(model_path))
+    except OSError as e:
+        if Path(str(model_path)).expanduser().exists():
+            raise
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise OSError(f"{model_path}: no such local directory (relative paths are read from {Path.cwd()}) "
+                      f"and not loadable as a hub id: {first}") from None
     family = family_of(config)
     model = _load_base(str(model_path), family, kwargs)
     processor = load_processor(model_path, family)

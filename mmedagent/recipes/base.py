@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import json
+import shlex
 import shutil
 import sys
 import textwrap
@@ -160,7 +161,10 @@ class Recipe:
         say(f"data: {prepared.counts} -> {prepared.train_file}")
 
         argv = self.train_argv(base, prepared.train_file, prepared.eval_file)
-        say("train: python train/train_mem.py " + " ".join(argv))
+        import mmedagent.train
+
+        script = Path(mmedagent.train.__file__).with_name("train_mem.py")
+        say("train: " + shlex.join(["python", str(script), *argv]))  # paths absolute: it runs from anywhere
         if cfg.stop_after_data:
             say(
                 "--stop-after-data: run the line above (e.g. under `deepspeed`), then this command with --skip-training"
@@ -244,7 +248,8 @@ class Recipe:
         if s["lora"]:
             lora_flags = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_vision")
             flags.update({k: s[k] for k in lora_flags})
-        argv = [x for k, v in flags.items() if v is not None for x in (f"--{k}", str(v))]
+        argv = [x for k, v in flags.items() if v is not None
+                for x in (f"--{k}", str(v.resolve()) if isinstance(v, Path) else str(v))]
         return argv + self.train_extra
 
     def train(self, argv: list[str]) -> Path:
