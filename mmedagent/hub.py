@@ -18,15 +18,19 @@ log = logging.getLogger(__name__)
 
 PROBE_TIMEOUT_S = 5.0
 
+WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
+"""File names ending so are checkpoints on disk, never hub ids."""
+
 
 def is_hub_id(ref: str | os.PathLike) -> bool:
-    """Whether a model reference names a Hub repo (``org/name``, ``hf-hub:org/name``) rather than a local path."""
+    """Whether a model reference names a Hub repo (``org/name``, ``hf-hub:org/name``) rather than a local
+    path (existing, explicitly relative or absolute, or a checkpoint file name)."""
     text = str(ref)
     if text.startswith("hf-hub:"):
         return True
     if ":" in text or text.startswith((".", "/", "~")) or Path(text).expanduser().exists():
         return False  # a local path, a URL, or another library's scheme (``local-dir:``)
-    return text.count("/") <= 1 and bool(text.strip("/"))
+    return text.count("/") <= 1 and bool(text.strip("/")) and Path(text).suffix not in WEIGHT_SUFFIXES
 
 
 @functools.cache

@@ -146,7 +146,8 @@ def test_hub_ids_load_from_the_cache_at_once_when_the_hub_is_unreachable(tiny_mo
     from mmedagent.hub import is_hub_id
 
     assert is_hub_id("llava-hf/llava-1.5-7b-hf") and is_hub_id("gpt2") and is_hub_id("hf-hub:microsoft/BiomedCLIP")
-    assert not any(map(is_hub_id, ("./model", "/srv/models/llava", "~/m", "local-dir:x", "a/b/c", str(tmp_path))))
+    assert not any(map(is_hub_id, ("./model", "/srv/models/llava", "~/m", "local-dir:x", "a/b/c", "medsam_vit_b.pth",
+                                  str(tmp_path))))
     commit = "0" * 40
     repo = tmp_path / "hf" / "hub" / "models--acme--tiny-llama"
     shutil.copytree(tiny_models("llama"), repo / "snapshots" / commit)

@@ -9,12 +9,13 @@ with the COCO string codec — byte-compatible with ``pycocotools.mask.encode``,
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
 from PIL import Image
 from pydantic import AfterValidator, Field
+
+from mmedagent.hub import is_hub_id
 
 COORDS_MARK = "x-mmedagent-coords"
 """JSON-schema key on a normalised coordinate list: ``"xyxy"`` (a box: every number in [0, 1], x1 <= x2,
@@ -52,14 +53,9 @@ def as_pil_rgb(image: Any) -> Image.Image:
     return Image.fromarray(arr).convert("RGB")
 
 
-WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
-"""File names ending so are checkpoints on disk, never hub ids."""
-
-
 def weights_error(tool: str, ref: str, how: str, err: Exception) -> RuntimeError:
     """A missing-weights error that names the path or hub id and how to get the weights."""
-    local = Path(ref).expanduser().exists() or ref.startswith((".", "/", "~")) or Path(ref).suffix in WEIGHT_SUFFIXES
-    where = "local path" if local else "hub id"
+    where = "hub id" if is_hub_id(ref) else "local path"
     return RuntimeError(f"{tool}: could not load weights from {where} {ref!r} ({type(err).__name__}: {err}). {how}")
 
 

@@ -18,6 +18,12 @@ TRAIN_MANIFEST = "mmedagent_train.json"
 (base model, family, template), so nothing is guessed from folder names."""
 
 
+def _json_in(folder: str | Path, name: str) -> dict[str, Any]:
+    """``folder/name`` read as JSON, ``{}`` when there is no such file."""
+    f = Path(folder) / name
+    return json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
+
+
 def adapter_base(adapter_dir: str | Path) -> str:
     """The base model of a LoRA adapter directory.
 
@@ -29,8 +35,7 @@ def adapter_base(adapter_dir: str | Path) -> str:
     adapter_dir = Path(adapter_dir)
     candidates = []
     for name, key in ((TRAIN_MANIFEST, "base_model"), ("adapter_config.json", "base_model_name_or_path")):
-        f = adapter_dir / name
-        value = json.loads(f.read_text(encoding="utf-8")).get(key) if f.is_file() else None
+        value = _json_in(adapter_dir, name).get(key)
         if value and value not in candidates:
             candidates.append(str(value))
     local = [c for c in candidates if Path(c).expanduser().exists()]
@@ -91,16 +96,12 @@ def merge_lora(model_path: str | Path, model_base: str | Path | None, save_path:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     processor.save_pretrained(out)
-    manifest = Path(model_path) / TRAIN_MANIFEST
-    if manifest.is_file():  # keeps the conversation template the adapter was trained with
-        info = json.loads(manifest.read_text(encoding="utf-8"))
+    info = _json_in(model_path, TRAIN_MANIFEST)
+    if info:  # keeps the conversation template the adapter was trained with
         (out / TRAIN_MANIFEST).write_text(json.dumps({**info, "lora": False, "merged_from": str(model_path)}, indent=1))
     return out
 
 
 def recorded_template(path: str | Path) -> str | None:
     """The conversation template recorded by training (``mmedagent_train.json``), if any."""
-    manifest = Path(path) / TRAIN_MANIFEST
-    if not manifest.is_file():
-        return None
-    return json.loads(manifest.read_text(encoding="utf-8")).get("template")
+    return _json_in(path, TRAIN_MANIFEST).get("template")
