@@ -154,15 +154,14 @@ class Agent:
             except TurnParseError as e:
                 step.parse_error = str(e)
                 answer, stopped = raw.strip(), "parse_error"
-                break
-            answer = step.turn.value
-            if not step.turn.actions:
-                stopped = "answer"
-                if on_event:
+            else:
+                answer = step.turn.value
+                if not step.turn.actions:
+                    stopped = "answer"
+            if stopped != "max_steps" or index == self.max_steps - 1:
+                if on_event:  # the last step: its calls (if any) are not run, no planner call is left to read them
                     on_event("step", step)
                 break
-            if index == self.max_steps - 1:
-                break  # no planner call left to read the tool results
             t1 = time.monotonic()
             step.outcomes, results = self.dispatcher.dispatch_all(step.turn.actions, image, question)
             step.overlays = [r.overlay() if r is not None else None for r in results]

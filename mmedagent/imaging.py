@@ -519,7 +519,7 @@ def _load_dicom(data: bytes, window: WindowSpec, frame: int | None, max_pixels: 
             spp = int(ds.get("SamplesPerPixel", 1) or 1)
         except (AttributeError, TypeError, ValueError):
             raise ImageLoadError("DICOM image lacks valid Rows / Columns / NumberOfFrames") from None
-        _check_pixels(rows * cols * max(n_frames, 1), max_pixels, "DICOM image")
+        _check_pixels(rows * cols * max(n_frames, 1) * max(spp, 1), max_pixels, "DICOM image (all frames and samples)")
 
         ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         if ts is not None and ts.is_compressed:
@@ -599,16 +599,18 @@ def _nifti_class(head: bytes) -> Any:
     return nib.Nifti2Image if nifti2 else nib.Nifti1Image
 
 
-def _gunzip_nifti(data: bytes, max_pixels: int) -> bytes:
-    """Inflate a gzipped NIfTI only as far as its header declares: trailing data (a decompression
-    bomb's payload) is never inflated, and an oversized declaration is refused before any of it is."""
+def _gunzip_nifti(data: bytes, max_pixels: int, volume: int = 0) -> bytes:
+    """Inflate a gzipped NIfTI only as far as its header declares, and of a 4-D image only up to the
+    volume read: trailing data (a decompression bomb's payload) is never inflated, and an oversized
+    declaration is refused before any of it is."""
     d = zlib.decompressobj(16 + zlib.MAX_WBITS)
     try:
         out = d.decompress(data, 540)  # the longest header (NIfTI-2)
         header = _nifti_class(out).header_class.from_fileobj(io.BytesIO(out))
-        shape = header.get_data_shape()
-        _check_pixels(math.prod(map(int, shape[:3])), max_pixels, "NIfTI volume")  # Python ints: no overflow
-        size = int(header.get_data_offset()) + math.prod(map(int, shape)) * header.get_data_dtype().itemsize
+        shape = tuple(map(int, header.get_data_shape()))  # Python ints: no overflow
+        _check_pixels(math.prod(shape[:3]), max_pixels, "NIfTI volume")
+        volumes = min(volume + 1, shape[3]) if len(shape) == 4 else math.prod(shape[3:])
+        size = int(header.get_data_offset()) + math.prod(shape[:3]) * volumes * header.get_data_dtype().itemsize
         limit = max_pixels * 8 + (1 << 20)
         if size > limit:
             raise ImageLoadError(f"NIfTI data declares {size:,} bytes, larger than {limit:,} (possible decompression bomb)")
@@ -647,7 +649,7 @@ def _load_nifti(
         else:
             assert data is not None
             if data[:2] == b"\x1f\x8b":
-                data = _gunzip_nifti(data, max_pixels)
+                data = _gunzip_nifti(data, max_pixels, volume)
             img = _nifti_class(data).from_bytes(data)
     except ImageLoadError:
         raise
@@ -665,14 +667,14 @@ def _load_nifti(
     original = "".join(nib.aff2axcodes(img.affine))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        canon = nib.as_closest_canonical(img)
-        try:
-            if len(shape) == 4:
-                vol = np.asarray(canon.dataobj[..., volume], dtype=np.float32)
-            else:
-                vol = np.asarray(canon.dataobj, dtype=np.float32)
+        try:  # the one volume read, then turned to RAS+ (never the whole series)
+            vol = np.asarray(img.dataobj[..., volume] if len(shape) == 4 else img.dataobj, dtype=np.float32)
         except (OSError, ValueError, EOFError, zlib.error) as e:
             raise ImageLoadError(f"cannot read NIfTI voxel data (truncated or corrupt): {e}") from None
+        header = img.header.copy()
+        header.set_data_shape(vol.shape)
+        canon = nib.as_closest_canonical(type(img)(vol, img.affine, header))
+        vol = np.asarray(canon.dataobj, dtype=np.float32)
     if vol.ndim == 2:
         vol = vol[:, :, None]
     sl, k, n = _slice_plane(vol, plane, index)

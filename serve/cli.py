@@ -25,7 +25,8 @@ import httpx
 
 from mmedagent.serve.config import add_common_args, config_or_exit
 from mmedagent.serve.httpclient import error_detail, make_client
-from mmedagent.serve.uploads import UploadError, decode_image, png_data_url
+from mmedagent.serve.messages import stop_note
+from mmedagent.serve.uploads import UploadError, decode_image, png_data_url, sendable_png
 
 
 def print_step(step: dict[str, Any], out: TextIO) -> None:
@@ -69,6 +70,8 @@ def ask(client: httpx.Client, url: str, body: dict[str, Any], out: TextIO) -> li
             if event["type"] == "step":
                 print_step(event["step"], out)
             elif event["type"] == "answer":
+                if note := stop_note(event["stopped"]):
+                    out.write(f"  ({note})\n")
                 out.write(f"answer: {event['answer']}\n")
                 out.flush()
                 return event["history"]
@@ -91,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.image:
         try:
             image = decode_image(Path(args.image).read_bytes(), max_bytes=cfg.max_upload_bytes).image
+            sendable_png(image, cfg.max_upload_bytes)
         except (OSError, UploadError) as e:
             print(f"cannot use {args.image}: {getattr(e, 'reason', e)}", file=sys.stderr)
             return 2

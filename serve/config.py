@@ -16,6 +16,7 @@ Every process of the stack (controller, model worker, tool worker, web UI, CLI) 
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -102,6 +103,11 @@ class ServeConfig(BaseModel):
             )
         if self.api_key is None:
             self.api_key = os.environ.get(API_KEY_ENV) or None
+        if self.api_key is None and not is_loopback(self.host):
+            raise ValueError(
+                f"host {self.host} is reachable from other machines: set an API key (--api-key or env {API_KEY_ENV}), "
+                "else anyone on the network could use the server and the images sent to it"
+            )
         return self
 
     @property
@@ -124,6 +130,17 @@ class ServeConfig(BaseModel):
         if self.cache_dir:
             return Path(self.cache_dir)
         return cache_root()
+
+
+def is_loopback(host: str) -> bool:
+    """True for a name or address only this machine reaches (``localhost``, 127.0.0.0/8, ``::1``)."""
+    host = host.strip("[]").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class ConfigError(ValueError):

@@ -23,6 +23,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+from urllib.parse import urlsplit
 
 import mmedagent  # noqa: F401  - arms the torchvision shim first
 from fastapi import FastAPI, HTTPException
@@ -34,7 +35,7 @@ from mmedagent.agent import Agent, AgentResult, AgentStep
 from mmedagent.dispatcher import Dispatcher
 from mmedagent.protocol import ToolCall, ToolOutcome, strip_image_token, system_message
 from mmedagent.serve import openai_api as oa
-from mmedagent.serve.config import ServeConfig, ToolSpec, add_common_args, config_or_exit
+from mmedagent.serve.config import API_KEY_ENV, ServeConfig, ToolSpec, add_common_args, config_or_exit, is_loopback
 from mmedagent.serve.httpclient import make_client
 from mmedagent.serve.messages import (
     MAX_MESSAGES,
@@ -47,7 +48,7 @@ from mmedagent.serve.messages import (
 from mmedagent.serve.registry import NoWorkerError, WorkerInfo, WorkerRegistry
 from mmedagent.serve.remote import RemoteResult, RemoteTool, ToolInputError, WorkerError, WorkerPlanner, remote_tool_class
 from mmedagent.serve.security import setup_logging, without_echoed_input
-from mmedagent.serve.uploads import UploadError, image_from_data_url
+from mmedagent.serve.uploads import UploadError, image_from_data_url, sendable_png
 from mmedagent.tools import Tool, UnknownToolError, get_tool, list_tools, load_plugin
 
 # System prompts for models trained without the tool catalog ("catalog" derives it from the live tools).
@@ -214,8 +215,13 @@ class Controller:
     async def decode(self, data_url: str | None):
         if data_url is None:
             return None
+        def usable(url: str):
+            image = image_from_data_url(url, self.cfg.max_upload_bytes).image
+            sendable_png(image, self.cfg.max_upload_bytes)  # what the workers get (encoded once, reused)
+            return image
+
         try:
-            return (await run_in_threadpool(image_from_data_url, data_url, self.cfg.max_upload_bytes)).image
+            return await run_in_threadpool(usable, data_url)
         except UploadError as e:
             raise HTTPException(e.status, e.reason) from None
 
@@ -321,6 +327,9 @@ def build_app(ctl: Controller) -> FastAPI:
 
     @app.post("/register_worker")
     async def register_worker(worker: WorkerInfo) -> dict[str, Any]:
+        if not ctl.cfg.api_key and not is_loopback(urlsplit(worker.address).hostname or ""):
+            raise HTTPException(403, "without an API key only workers on this machine (a loopback address) may register; "
+                                     f"set one (--api-key or env {API_KEY_ENV}) on the controller and its workers")
         ctl.registry.register(worker)
         log.info("registered %s worker %s for %s", worker.kind, worker.address, ", ".join(worker.names))
         return {"ok": True}

@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 import uvicorn
 
-from mmedagent.serve.config import API_KEY_ENV, ServeConfig, ToolSpec
+from mmedagent.serve.config import API_KEY_ENV, ServeConfig, ToolSpec, is_loopback
 from mmedagent.serve.controller import Controller, build_app, is_background, tool_specs
 from mmedagent.serve.security import GuardMiddleware
 from mmedagent.serve.worker_base import EXIT_CANNOT_LOAD, bind_socket, url_for
@@ -280,7 +280,8 @@ class Launcher:
         self.in_process = list(in_process)
         expected = self.start_children(url, web_port)
         web_url = f"http://{url.split('//')[1].rsplit(':', 1)[0]}:{web_port}" if web_port is not None else None
-        print(f"controller: {url}  (OpenAI API: {url}/v1)", flush=True)
+        exposed = "" if is_loopback(cfg.host) else f"; listening on {cfg.host}, every request needs the API key"
+        print(f"controller: {url}  (OpenAI API: {url}/v1{exposed})", flush=True)
         if web_url:
             print(f"web UI: {web_url}", flush=True)
         loaders: dict[str, threading.Thread] = {}

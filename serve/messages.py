@@ -27,6 +27,16 @@ DEFAULT_NEW_TOKENS = 256
 """A model call's budget when the request names none."""
 
 
+def stop_note(stopped: str) -> str | None:
+    """What a client shows beside an answer whose agent run did not end on a plain answer."""
+    if stopped == "max_steps":
+        return ("stopped at the step limit (max_steps in the server config, or the request's max_steps): the model's "
+                "last tool call was not run, so its answer may be incomplete")
+    if stopped == "parse_error":
+        return "the model's reply was not in the turn format; it is shown as it came"
+    return None
+
+
 class TextMessage(BaseModel):
     """One ``{"role", "content"}`` message of a conversation, as the agent keeps it (a model worker
     takes these as composed; the planner refuses a prompt longer than the model's context)."""

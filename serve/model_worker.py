@@ -79,11 +79,12 @@ class GenerateRequest(BaseModel):
 
 
 class ModelHost:
-    """One planner, used by one request at a time (its KV cache belongs to the current conversation)."""
+    """One planner, used by one request at a time (its KV cache belongs to the current conversation),
+    or by up to ``planner.max_concurrency`` at once where the planner says it batches (a backend)."""
 
     def __init__(self, planner: Any, name: str, info: dict[str, Any], max_upload_bytes: int):
         self.planner, self.name, self.info, self.max_upload_bytes = planner, name, info, max_upload_bytes
-        self.lock = threading.Lock()
+        self.slots = threading.BoundedSemaphore(getattr(planner, "max_concurrency", 1))
         self.waiting = 0
         self._count_lock = threading.Lock()
 
@@ -105,7 +106,7 @@ class ModelHost:
         with self._count_lock:
             self.waiting += 1
         try:
-            with self.lock:
+            with self.slots:
                 stream = getattr(self.planner, "stream", None)
                 if stream is None:
                     yield self.planner.generate(messages, image, **gen)

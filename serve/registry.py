@@ -15,7 +15,7 @@ WorkerKind = Literal["model", "tool"]
 class WorkerInfo(BaseModel):
     """What a worker tells the controller when it registers (after its model/tool has loaded)."""
 
-    address: str = Field(pattern=r"^https?://[^/\s]+$")
+    address: str = Field(pattern=r"^https?://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}$")  # scheme://host:port, no more
     kind: WorkerKind
     names: list[str] = Field(min_length=1)
     info: dict[str, Any] = Field(default_factory=dict)

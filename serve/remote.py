@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar
 
@@ -206,14 +207,26 @@ def to_openai_messages(messages: Sequence[dict[str, str]], image: Any) -> list[d
 class OpenAIPlanner:
     """A planner served by any OpenAI-compatible endpoint (vLLM, another mmedagent model worker...).
 
-    ``base_url`` is the API root, e.g. ``http://gpu-box:8000/v1``.
+    ``base_url`` is the API root, e.g. ``http://gpu-box:8000/v1``. The backend batches requests, so
+    calls may run side by side (up to ``max_concurrency``); ``last_stats`` is per calling thread.
     """
+
+    max_concurrency = 32
 
     def __init__(self, base_url: str, model: str | None = None, api_key: str | None = None, timeout_s: float = 300.0):
         self.base_url, self.timeout_s = base_url.rstrip("/"), timeout_s
         self.client = make_client(api_key, timeout_s)
         self.model = model or self._first_model()
-        self.last_stats: dict[str, int] = {}
+        self._calls = threading.local()
+
+    @property
+    def last_stats(self) -> dict[str, int]:
+        """The token counts of this thread's last call."""
+        return getattr(self._calls, "stats", {})
+
+    @last_stats.setter
+    def last_stats(self, stats: dict[str, int]) -> None:
+        self._calls.stats = stats
 
     def _first_model(self) -> str:
         try:

@@ -15,6 +15,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from mmedagent.serve.config import is_loopback
+
 # Never let these reach a log line: credentials, inline image bytes.
 _SECRET_PATTERNS = [
     re.compile(r"(?i)(authorization[\"']?\s*[:=]\s*[\"']?)(bearer\s+)?[^\s\"',}]+"),
@@ -87,6 +89,21 @@ def setup_logging(level: str = "INFO", secrets: Iterable[str] = ()) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def host_name(header: str) -> str:
+    """The name in a ``Host`` header, without its port (``[::1]:80`` → ``::1``)."""
+    header = header.strip()
+    if header.startswith("["):
+        return header[1:].split("]", 1)[0]
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+def check_host(header: str | None, api_key: str | None) -> bool:
+    """Without an API key the server is this machine's alone: a request must name it by a loopback
+    name. A web page the user opens cannot then reach it through a DNS name of its own that resolves to
+    127.0.0.1 (DNS rebinding); with a key, the key guards it."""
+    return bool(api_key) or header is None or is_loopback(host_name(header))
+
+
 def check_token(header: str | None, api_key: str | None) -> bool:
     if not api_key:
         return True
@@ -107,8 +124,8 @@ async def _send_json(send: Send, status: int, body: bytes, extra: list[tuple[byt
 
 
 class GuardMiddleware:
-    """ASGI wrapper (outermost, around the whole app): bearer token on every HTTP request, JSON
-    bodies only, and a hard cap on request bodies.
+    """ASGI wrapper (outermost, around the whole app): bearer token on every HTTP request (without a
+    key, a loopback ``Host``: :func:`check_host`), JSON bodies only, and a hard cap on request bodies.
 
     The cap is enforced on ``Content-Length`` and again while the body streams in, so a client
     cannot make the server buffer more than ``max_body`` bytes.
@@ -121,6 +138,9 @@ class GuardMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        if not check_host(headers.get("host"), self.api_key):
+            return await _send_json(send, 421, b'{"detail":"this server answers only to a loopback host name '
+                                    b'(127.0.0.1, localhost) unless it has an API key"}')
         if not check_token(headers.get("authorization"), self.api_key):
             return await _send_json(
                 send, 401, b'{"detail":"missing or wrong bearer token"}', [(b"www-authenticate", b"Bearer")]
@@ -155,6 +175,23 @@ class GuardMiddleware:
         return b'{"detail":"request body too large (limit %d bytes)"}' % self.max_body
 
 
+
+
+class LoopbackHostOnly:
+    """ASGI wrapper for a server without an API key that takes no bearer token (the web UI): a request
+    naming a non-loopback ``Host`` is refused (:func:`check_host`)."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket"):
+            host = dict(scope.get("headers", [])).get(b"host")
+            if not check_host(host.decode("latin-1") if host is not None else None, None):
+                if scope["type"] == "websocket":
+                    return await send({"type": "websocket.close", "code": 1008})
+                return await _send_json(send, 421, b'{"detail":"this server answers only to a loopback host name"}')
+        await self.app(scope, receive, send)
 
 
 def without_echoed_input(app: FastAPI) -> FastAPI:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import os
 import threading
 import weakref
 
@@ -23,6 +24,17 @@ ACCEPTED_MEDIA_TYPES = frozenset(
 _DECODE_SLOTS = threading.BoundedSemaphore(2)
 """Uploads decoded at once in one process: a large image can take gigabytes while it decodes, so
 concurrent ones wait their turn instead of exhausting the server's memory together."""
+
+
+def pixel_limit(size: int) -> int:
+    """The most pixels an upload of ``size`` bytes may decode to: 32 a byte (a decompression bomb
+    packs thousands; scans and photos far fewer), at least 32 M (a mammogram in a small JPEG), at most
+    :data:`mmedagent.imaging.MAX_PIXELS`; exactly that where the operator set ``MMEDAGENT_MAX_PIXELS``."""
+    from mmedagent.imaging import MAX_PIXELS
+
+    if os.environ.get("MMEDAGENT_MAX_PIXELS"):
+        return MAX_PIXELS
+    return min(MAX_PIXELS, max(32 << 20, 32 * size))
 
 
 class UploadError(ValueError):
@@ -65,7 +77,7 @@ def decode_image(data: bytes, media_type: str = "application/octet-stream", max_
         raise UploadError(413, f"image is larger than the upload limit ({max_bytes} bytes)")
     try:
         with _DECODE_SLOTS:
-            return load_image(bytes(data))
+            return load_image(bytes(data), max_pixels=pixel_limit(len(data)))
     except ImageLoadError as e:
         raise UploadError(400, f"could not read the image: {e}") from None
 
@@ -80,15 +92,16 @@ _png_lock = threading.Lock()
 
 
 def png_data_url(image) -> str:
-    """A PIL image as a PNG data URL, encoded once per image object (every tool call and model
-    pass of a conversation reuses it; the entry goes when the image is garbage-collected)."""
+    """A PIL image as a PNG data URL (a grey image as one channel, a third of the size; decoding
+    gives the same RGB image back), encoded once per image object (every tool call and model pass of
+    a conversation reuses it; the entry goes when the image is garbage-collected)."""
     key = id(image)
     with _png_lock:
         cached = _png_cache.get(key)
     if cached is not None:
         return cached
     buf = io.BytesIO()
-    image.save(buf, format="PNG", compress_level=1)
+    _grey_as_one_channel(image).save(buf, format="PNG", compress_level=1)
     url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
     with _png_lock:
         if key not in _png_cache:
@@ -97,17 +110,23 @@ def png_data_url(image) -> str:
     return url
 
 
-def file_data_url(data: bytes, filename: str = "") -> str:
-    """Bytes read by a client (CLI, web UI) as a data URL; the type comes from the name."""
-    name = filename.lower()
-    if name.endswith((".png",)):
-        media = "image/png"
-    elif name.endswith((".jpg", ".jpeg")):
-        media = "image/jpeg"
-    elif name.endswith((".dcm", ".dicom")):
-        media = "application/dicom"
-    elif name.endswith((".nii", ".nii.gz")):
-        media = "application/x-nifti"
-    else:
-        media = "application/octet-stream"
-    return f"data:{media};base64," + base64.b64encode(data).decode("ascii")
+def _grey_as_one_channel(image):
+    if image.mode != "RGB":
+        return image
+    import numpy as np
+
+    px = np.asarray(image)
+    grey = np.array_equal(px[..., 0], px[..., 1]) and np.array_equal(px[..., 1], px[..., 2])
+    return image.convert("L") if grey else image
+
+
+def sendable_png(image, max_bytes: int) -> str:
+    """:func:`png_data_url`, or an :class:`UploadError` when the PNG is over ``max_bytes`` (every
+    server refuses larger images): a client learns it when the image is loaded, not from each tool."""
+    url = png_data_url(image)
+    size = (len(url) - url.index(",") - 1) * 3 // 4
+    if size > max_bytes:
+        raise UploadError(413, f"the image is {size / 2**20:.1f} MB as the lossless PNG the server passes to its models and "
+                               f"tools, more than its upload limit ({max_bytes / 2**20:.1f} MB, max_upload_mb): "
+                               "downscale it, or raise max_upload_mb")
+    return url

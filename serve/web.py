@@ -14,10 +14,14 @@ if __name__ == "__main__":  # run as a script: serve/ must not shadow installed 
     _sys.path[:] = [p for p in _sys.path if _os.path.abspath(p or ".") != _here]
 
 import argparse
+import atexit
+import contextlib
 import hmac
 import json
 import logging
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,11 +31,13 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from
 
 import mmedagent  # noqa: F401  - arms the torchvision shim first
 import httpx
+from starlette.middleware import Middleware
 
 from mmedagent.serve.config import add_common_args, config_or_exit
 from mmedagent.serve.httpclient import error_detail, make_client
-from mmedagent.serve.security import setup_logging
-from mmedagent.serve.uploads import UploadError, decode_image, png_data_url
+from mmedagent.serve.messages import stop_note
+from mmedagent.serve.security import LoopbackHostOnly, setup_logging
+from mmedagent.serve.uploads import UploadError, decode_image, png_data_url, sendable_png
 from mmedagent.tools import Overlay
 
 log = logging.getLogger("mmedagent.serve.web")
@@ -112,6 +118,25 @@ def step_messages(step: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def read_and_delete(upload: Path) -> bytes:
+    """The bytes of Gradio's copy of an upload, which is then deleted (with its folder, when empty): an
+    original DICOM carries the patient's name and IDs and must not stay on disk or be served again."""
+    try:
+        return upload.read_bytes()
+    finally:
+        upload.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            upload.parent.rmdir()
+
+
+def private_upload_dir() -> Path:
+    """A folder only this user can read, for Gradio's uploads and images, removed at exit (set as
+    ``GRADIO_TEMP_DIR``, inside the one already set, if any)."""
+    folder = Path(tempfile.mkdtemp(prefix="mmedagent-web-", dir=os.environ.get("GRADIO_TEMP_DIR")))  # mode 0700
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
 class WebChat:
     """The page's callbacks; one controller client shared by all sessions."""
 
@@ -133,9 +158,13 @@ class WebChat:
 
         if not file:
             return None, None, [], [], ""
-        data = Path(file).read_bytes()  # Gradio's own temporary copy of the upload
+        try:
+            data = read_and_delete(Path(file))
+        except OSError:
+            return None, None, [], [], "⚠️ The upload is gone; please upload the file again."
         try:
             med = decode_image(data, max_bytes=self.max_upload_bytes)
+            sendable_png(med.image, self.max_upload_bytes)  # encoded once, sent with each question
         except UploadError as e:
             gr.Warning(e.reason)
             return None, None, [], [], f"⚠️ {e.reason}"
@@ -181,6 +210,8 @@ class WebChat:
                         yield chat, history, preview, "", conversation
                     elif event["type"] == "answer":
                         history = event["history"]
+                        if note := stop_note(event["stopped"]):
+                            chat.append({"role": "assistant", "content": note, "metadata": {"title": "⚠️ Note"}})
                         chat.append({"role": "assistant", "content": event["answer"] or "(no answer)"})
                         yield chat, history, preview, "", conversation
                     elif event["type"] == "error":
@@ -194,7 +225,7 @@ class WebChat:
 def build_ui(web: WebChat):
     import gradio as gr
 
-    with gr.Blocks(title="mmedagent") as ui:
+    with gr.Blocks(title="mmedagent", delete_cache=(600, 3600)) as ui:  # rendered scans: gone after an hour
         gr.Markdown("## mmedagent — medical image chat with tools")
         status = gr.Markdown(elem_id="banner")
         image_state, history_state, conversation_state = gr.State(None), gr.State([]), gr.State(None)
@@ -202,7 +233,8 @@ def build_ui(web: WebChat):
             with gr.Column(scale=2):
                 upload = gr.File(label="Image (PNG, JPEG, DICOM, NIfTI)", file_types=UPLOAD_TYPES, elem_id="upload")
                 note = gr.Markdown(elem_id="image-note")
-                preview = gr.Image(label="Image with tool overlays", type="pil", interactive=False, height=380, elem_id="preview")
+                preview = gr.Image(label="Image with tool overlays", type="pil", format="png", interactive=False, height=380,
+                                   elem_id="preview")  # lossless: a clinician sees the scan's own grey levels
             with gr.Column(scale=3):
                 chat = gr.Chatbot(label="Chat", height=520, elem_id="chat")
                 question = gr.Textbox(label="Question", placeholder="Ask about the image…", elem_id="question", lines=1)
@@ -210,14 +242,15 @@ def build_ui(web: WebChat):
                     send = gr.Button("Send", variant="primary", elem_id="send")
                     clear = gr.Button("New conversation", elem_id="clear")
         ui.load(web.status_markdown, outputs=status)
-        upload.change(web.load, upload, [preview, image_state, chat, history_state, note]).then(
-            lambda: None, outputs=conversation_state)
         ask = dict(fn=web.respond, inputs=[question, chat, history_state, image_state, conversation_state],
                    outputs=[chat, history_state, preview, question, conversation_state])
-        send.click(**ask)
-        question.submit(**ask)
+        asking = [send.click(**ask), question.submit(**ask)]
+        # a new image or conversation stops the answer being streamed: it must not write one patient's
+        # conversation over the next one's
+        upload.change(web.load, upload, [preview, image_state, chat, history_state, note], cancels=asking).then(
+            lambda: None, outputs=conversation_state)
         clear.click(lambda img: ([], [], for_display(img) if img is not None else None, None), image_state,
-                    [chat, history_state, preview, conversation_state])
+                    [chat, history_state, preview, conversation_state], cancels=asking)
     return ui
 
 
@@ -230,12 +263,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     cfg = config_or_exit(parser, args.config, api_key=args.api_key, log_level=args.log_level, host=args.host, web_port=args.port)
     setup_logging(cfg.log_level, [cfg.api_key or ""])
+    os.environ["GRADIO_TEMP_DIR"] = str(private_upload_dir())
     web = WebChat(args.controller or cfg.controller_url, cfg.api_key, cfg.max_upload_bytes)
     ui = build_ui(web)
     key = cfg.api_key
     auth = (lambda _user, password: hmac.compare_digest(password.encode(), key.encode())) if key else None
+    # without a key (loopback only), a page the user opens cannot reach the UI under a name of its own
+    guard = {} if key else {"middleware": [Middleware(LoopbackHostOnly)]}
     ui.queue(default_concurrency_limit=16).launch(
-        server_name=cfg.host, server_port=cfg.web_port or 7860, auth=auth,
+        server_name=cfg.host, server_port=cfg.web_port or 7860, auth=auth, app_kwargs=guard,
         auth_message="Password: the server's API key." if key else None,
         max_file_size=cfg.max_upload_bytes, show_error=False, quiet=True,
     )

@@ -114,15 +114,20 @@ def test_agent_multi_call_turn_then_answer(tools):
 def test_agent_max_steps_bound(tools):
     looping = turn([{"API_name": "grounding", "API_params": {"prompts": ["x"]}}])
     planner = ScriptedPlanner([looping] * 10)
-    result = Agent(planner, Dispatcher(tools), max_steps=3).run("q", image=grey_image())
+    events = []
+    result = Agent(planner, Dispatcher(tools), max_steps=3).run("q", image=grey_image(), on_event=lambda *e: events.append(e))
     assert result.stopped == "max_steps" and len(planner.calls) == 3 and len(result.steps) == 3
     assert len(tools[0].seen_images) == 2  # the last planner call's actions are not run: nobody would read them
+    shown = [payload for kind, payload in events if kind == "step"]  # clients show every step, the unrun call too
+    assert shown == result.steps and shown[-1].turn.actions and not shown[-1].outcomes
 
 
 def test_agent_malformed_output_ends_turn_with_error(tools):
     planner = ScriptedPlanner(['"thoughts🤔" x\n"actions🚀" [{"API_name": \n"value👉" oops'])
-    result = Agent(planner, Dispatcher(tools)).run("q", image=grey_image())
+    events = []
+    result = Agent(planner, Dispatcher(tools)).run("q", image=grey_image(), on_event=lambda *e: events.append(e))
     assert result.stopped == "parse_error" and result.steps[0].parse_error
+    assert [kind for kind, _ in events] == ["step", "answer"]  # clients show the unreadable turn as such
     # the conversation goes on: history is returned and usable
     planner.replies.append(turn([], value="fine"))
     again = Agent(planner, Dispatcher(tools)).run("next?", history=result.messages)

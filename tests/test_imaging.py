@@ -153,6 +153,19 @@ def test_gzipped_nifti_is_inflated_only_as_far_as_its_header_declares():
             load_image(data)
 
 
+def test_a_4d_nifti_is_inflated_and_read_only_up_to_the_volume_shown():
+    """A 4-D series of many volumes (2 MB gzipped can declare gigabytes) costs one volume's memory."""
+    series = np.stack([np.full((8, 8, 4), v, np.float32) for v in range(3)], axis=-1)
+    series[..., 0] = np.arange(8 * 8 * 4).reshape(8, 8, 4)
+    raw = nib.Nifti1Image(series, np.diag([-1.0, 1, 1, 1])).to_bytes()  # LAS: turned to RAS after reading
+    first = len(raw) - series[..., 1:].nbytes
+    cut = gzip.compress(raw[:first])  # the stream ends after volume 0: later volumes are never inflated
+    for volume, data in ((0, cut), (1, gzip.compress(raw))):
+        assert np.array_equal(load_image(data, volume=volume).array, load_image(raw, volume=volume).array)
+    with pytest.raises(ImageLoadError, match="truncated"):
+        load_image(cut, volume=1)
+
+
 def test_window_presets_and_bad_window():
     assert set(WINDOW_PRESETS) >= {"brain", "lung", "abdomen", "bone"}
     hu = np.array([-1000, 0, 40, 80, 1000], np.float32)

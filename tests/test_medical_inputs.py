@@ -38,11 +38,16 @@ def test_train_mem_trains_on_dicom_and_nifti(tiny_models, scans, tmp_path):
 
 
 @pytest.mark.parametrize("name, fmt", [("ct.dcm", "dicom"), ("brain.nii.gz", "nifti")])
-def test_web_upload_accepts_dicom_and_nifti(scans, name, fmt):
+def test_web_upload_accepts_dicom_and_nifti(scans, name, fmt, tmp_path):
+    """...and Gradio's copy of the upload (a DICOM names the patient) is deleted once read."""
     from mmedagent.serve.web import WebChat
 
     web = WebChat("http://127.0.0.1:9", api_key=None, max_upload_bytes=50 * 2**20)
-    preview, image, chat, history, note = web.load(str(scans / name))
+    upload = tmp_path / "a1b2c3" / name  # Gradio keeps each upload in a folder of its own
+    upload.parent.mkdir()
+    shutil.copy(scans / name, upload)
+    preview, image, chat, history, note = web.load(str(upload))
+    assert not upload.parent.exists()
     assert image is not None and image.mode == "RGB" and min(image.size) > 8
     assert preview is not None and chat == [] and history == []
     assert note.lower().startswith(f"loaded {fmt}") and "px" in note

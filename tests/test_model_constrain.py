@@ -397,3 +397,14 @@ def test_a_tiny_random_model_makes_progress_under_the_constraint(tmp_path, image
     monkeypatch.setattr(planner, "_forward", fond_of_bytes)
     out = planner.generate([{"role": "user", "content": "<image>\nWhere is the tumor?"}], image, max_new_tokens=60)
     assert out.startswith('"thoughts🤔"') and len(out) > 20 and "\ufffd" not in out, out
+
+
+def test_prompt_lookup_is_reported_off_under_the_constraint(tmp_path, caplog):
+    """Constrained decoding picks every token itself, so drafts are never used: the planner says so
+    (a warning) and its info does not claim prompt lookup."""
+    from mmedagent.model import load_planner
+    from mmedagent.model.tiny import make_tiny_model
+
+    planner = load_planner(make_tiny_model("llava", tmp_path / "m"), constrain=True, prompt_lookup=8)
+    assert planner.info()["prompt_lookup"] == 0 and planner.info()["constrain"]
+    assert "prompt lookup is off" in caplog.text

@@ -206,3 +206,18 @@ def test_an_adapter_finds_its_base_through_the_training_manifest(llava_setup, tm
     model, _, _ = load_model_and_processor(adapter)
     torch.testing.assert_close(logits(model, llava_setup["inputs"]), logits(llava_setup["lora_model"], llava_setup["inputs"]),
                                rtol=1e-4, atol=1e-4)
+
+
+def test_an_unmerged_qwen2_vl_adapter_answers_about_an_image(tiny_models, tmp_path):
+    """Qwen2-VL's rotary positions come from the model inside the peft wrapper (the recipe's output
+    is an adapter; serving it must not need a merge first)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    base_dir = tiny_models("qwen2_vl")
+    base = AutoModelForImageTextToText.from_pretrained(base_dir)
+    base.name_or_path = str(base_dir)
+    get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj", "v_proj"])).save_pretrained(tmp_path / "adapter")
+    question = [{"role": "user", "content": "<image>\nWhat is it?"}]
+    with_adapter = load_planner(tmp_path / "adapter").generate(question, test_image(32), max_new_tokens=4)
+    assert with_adapter == load_planner(base_dir).generate(question, test_image(32), max_new_tokens=4)  # B = 0: same

@@ -66,8 +66,9 @@ def test_openai_api_runs_tool_call_tool_result_and_answer(e2e):
     answer = r.json()["choices"][0]["message"]["content"]
     assert answer and answer == final["value"]
     status = httpx.get(f"{e2e['url']}/v1/status", timeout=10, trust_env=False).json()
-    assert status["models"][0]["prompt_lookup"] == 8  # --prompt-lookup reached the model worker's planner
-    assert status["models"][0]["constrain"] is True  # so did --constrain; the trained plan fits the grammar
+    assert status["models"][0]["constrain"] is True  # --constrain reached the model worker; the trained plan fits the grammar
+    assert status["models"][0]["prompt_lookup"] == 0  # --prompt-lookup 8 reached it too, and is off under --constrain:
+    assert "prompt lookup is off: constrained decoding" in e2e["proc"].output()  # the planner said so
 
 
 def test_cli_prints_the_steps_and_answer(e2e):

@@ -55,8 +55,11 @@ def test_registry_expiry_and_unknown_name():
 def test_worker_address_must_be_a_base_url():
     with pytest.raises(ValidationError):
         WorkerInfo(address="file:///etc/passwd", kind="tool", names=["x"])
-    with pytest.raises(ValidationError):
-        WorkerInfo(address="http://127.0.0.1:1/path", kind="tool", names=["x"])
+    for address in ("http://127.0.0.1:1/path", "http://evil.example/?:1", "http://a:1#x", "http://127.0.0.1"):
+        with pytest.raises(ValidationError):
+            WorkerInfo(address=address, kind="tool", names=["x"])
+    for address in ("http://127.0.0.1:21002", "https://gpu-box.lan:8000", "http://[::1]:9"):
+        WorkerInfo(address=address, kind="tool", names=["x"])
 
 
 def test_config_expiry_must_exceed_interval(tmp_path, monkeypatch):
@@ -130,6 +133,43 @@ def test_upload_limit_and_good_image():
     img = image_from_data_url(data_url(sample_png()), max_bytes=1 << 20).image
     assert img.mode == "RGB" and img.size == (48, 40)
     assert png_data_url(img) is png_data_url(img)  # encoded once per image
+
+
+def test_an_upload_decodes_to_at_most_32_pixels_a_byte(monkeypatch):
+    """A decompression bomb (a 36-megapixel PNG of 50 kB) is refused before it is decoded; the same
+    file is the operator's to allow with MMEDAGENT_MAX_PIXELS."""
+    import io
+
+    from PIL import Image
+
+    from mmedagent.serve.uploads import decode_image, pixel_limit
+
+    buf = io.BytesIO()
+    Image.new("L", (6000, 6000)).save(buf, format="PNG")
+    bomb = buf.getvalue()
+    with pytest.raises(UploadError, match="declares 36,000,000 pixels.*decompression bomb"):
+        decode_image(bomb)
+    assert pixel_limit(len(bomb)) == 32 << 20 and pixel_limit(5 << 20) == 160 << 20
+    monkeypatch.setenv("MMEDAGENT_MAX_PIXELS", str(10**8))
+    assert pixel_limit(len(bomb)) > 36_000_000
+
+
+def test_images_travel_as_png_grey_in_one_channel_and_only_within_the_upload_limit():
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from mmedagent.serve.uploads import sendable_png
+
+    rng = np.random.default_rng(0)
+    grey = Image.fromarray(np.repeat(rng.integers(0, 255, (64, 64, 1), dtype=np.uint8), 3, axis=2))
+    sent = Image.open(io.BytesIO(base64.b64decode(sendable_png(grey, 1 << 20).split(",", 1)[1])))
+    assert sent.mode == "L" and image_from_data_url(png_data_url(grey), 1 << 20).image.tobytes() == grey.tobytes()
+    noise = Image.fromarray(rng.integers(0, 255, (256, 256, 3), dtype=np.uint8))  # ~190 kB as PNG
+    with pytest.raises(UploadError, match=r"as the lossless PNG .* more than its upload limit \(0\.1 MB.*downscale") as err:
+        sendable_png(noise, 100_000)
+    assert err.value.status == 413
 
 
 def test_openai_messages_round_trip():
@@ -328,8 +368,8 @@ def test_generation_stops_when_its_consumer_goes_away():
 
     asyncio.run(read_one_then_leave())
     assert finished.wait(2), "generation ran on after its consumer left"
-    assert host.lock.acquire(timeout=2)  # the model is free for the next request
-    host.lock.release()
+    assert host.slots.acquire(timeout=2)  # the model is free for the next request
+    host.slots.release()
     assert host.queue_length() == 0 and len(produced) < 50
 
 
@@ -367,3 +407,48 @@ def test_a_reply_cut_off_by_the_token_budget_finishes_with_length():
         with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as s:
             events = [line for line in s.iter_lines() if line.startswith("data: {")]
         assert json.loads(events[-1][6:])["choices"][0]["finish_reason"] == finish, budget
+
+
+def test_a_forwarding_worker_runs_calls_side_by_side_with_their_own_token_counts():
+    """With ``--backend-url`` the backend batches: calls are not serialised, and each response
+    carries its own call's usage (not another thread's)."""
+    import threading
+
+    import httpx
+    from fastapi.testclient import TestClient
+
+    from mmedagent.serve.model_worker import ModelHost, build_app
+    from mmedagent.serve.remote import OpenAIPlanner
+
+    running, peak, guard = [0], [0], threading.Lock()
+
+    def backend(request: httpx.Request) -> httpx.Response:
+        n = len(json.loads(request.content)["messages"][-1]["content"])
+        with guard:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.3)
+        with guard:
+            running[0] -= 1
+        usage = {"prompt_tokens": n, "completion_tokens": n}
+        if not json.loads(request.content)["stream"]:
+            return httpx.Response(200, json={"choices": [{"message": {"content": "x" * n}}], "usage": usage})
+        chunks = [{"choices": [{"delta": {"content": "x" * n}}]}, {"choices": [], "usage": usage}]
+        return httpx.Response(200, text="".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n")
+
+    planner = OpenAIPlanner("http://backend/v1", model="m")
+    planner.client = httpx.Client(transport=httpx.MockTransport(backend))
+    client = TestClient(build_app(ModelHost(planner, "m", {}, 1 << 20)))
+    usages: dict[int, dict] = {}
+
+    def ask(n: int) -> None:
+        body = {"model": "m", "messages": [{"role": "user", "content": "q" * n}]}
+        usages[n] = client.post("/v1/chat/completions", json=body).json()["usage"]
+
+    threads = [threading.Thread(target=ask, args=(n,)) for n in range(1, 5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert peak[0] > 1
+    assert all(usages[n]["prompt_tokens"] == usages[n]["completion_tokens"] == n for n in range(1, 5)), usages

@@ -22,6 +22,7 @@ pass; only those the model would have chosen itself are kept, so the output is t
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -32,13 +33,20 @@ from typing import Any
 from mmedagent.model.templates import has_vision, render_prompt, tokenizer_of
 from mmedagent.protocol import IMAGE_TOKEN
 
+log = logging.getLogger(__name__)
+
 
 _VISION_ATTRS = ("vision_tower", "visual", "vision_model")
 
 
+def without_adapter_wrapper(model: Any) -> Any:
+    """The transformers model inside a peft wrapper (an adapter loaded unmerged), else ``model``."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def vision_module(model: Any) -> Any | None:
     """The vision encoder of a loaded model (through peft wrappers), or None for text-only models."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = without_adapter_wrapper(model)
     for owner in (getattr(inner, "model", None), inner):
         for attr in _VISION_ATTRS:
             module = getattr(owner, attr, None) if owner is not None else None
@@ -92,6 +100,9 @@ class HFPlanner:
         if prompt_lookup < 0:
             raise ValueError("prompt_lookup must be >= 0 (0: off)")
         self.model, self.processor, self.family = model, processor, family
+        if prompt_lookup and constrain:
+            log.warning("prompt lookup is off: constrained decoding picks every token under the turn format")
+            prompt_lookup = 0
         self.prompt_lookup = prompt_lookup
         self.constrain = constrain
         self._constraint: Any = None
@@ -370,7 +381,7 @@ class HFPlanner:
         if self.family == "qwen2_vl":
             ids = inputs["input_ids"]
             if "image_grid_thw" in inputs:
-                positions, delta = self.model.model.get_rope_index(
+                positions, delta = without_adapter_wrapper(self.model).model.get_rope_index(
                     ids, mm_token_type_ids=inputs["mm_token_type_ids"], image_grid_thw=inputs["image_grid_thw"],
                     attention_mask=inputs.get("attention_mask"),
                 )

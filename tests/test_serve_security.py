@@ -1,0 +1,126 @@
+"""Who may reach a server and what it keeps: loopback-only without an API key (bind address, Host
+header, worker addresses), and the web UI's uploads and answers."""
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from mmedagent.serve.config import ConfigError, ServeConfig, is_loopback, load_config
+from mmedagent.serve.security import GuardMiddleware, LoopbackHostOnly
+
+
+@pytest.fixture
+def no_env_key(monkeypatch):
+    monkeypatch.delenv("MMEDAGENT_API_KEY", raising=False)
+
+
+def test_loopback_names():
+    assert all(map(is_loopback, ["127.0.0.1", "127.0.0.2", "localhost", "::1", "[::1]", "LOCALHOST"]))
+    assert not any(map(is_loopback, ["0.0.0.0", "::", "10.0.0.5", "gpu-box", "attacker.example", ""]))
+
+
+def test_listening_beyond_this_machine_needs_an_api_key(no_env_key, monkeypatch):
+    with pytest.raises(ConfigError, match=r"host 0\.0\.0\.0 is reachable from other machines: set an API key"):
+        load_config(host="0.0.0.0")
+    with pytest.raises(ConfigError, match="set an API key"):
+        load_config(host="10.1.2.3")
+    assert load_config(host="0.0.0.0", api_key="s3cret").host == "0.0.0.0"
+    assert load_config(host="localhost").api_key is None
+    monkeypatch.setenv("MMEDAGENT_API_KEY", "from-env")
+    assert load_config(host="0.0.0.0").api_key == "from-env"
+
+
+def _hello() -> FastAPI:
+    app = FastAPI()
+
+    @app.get("/hello")
+    def hello() -> dict:
+        return {"ok": True}
+
+    return app
+
+
+@pytest.mark.parametrize("wrap", ["guard", "web"])
+def test_without_a_key_only_loopback_host_names_are_answered(wrap):
+    """DNS rebinding: a page at attacker.example whose name resolves to 127.0.0.1 sends its own Host."""
+    app = GuardMiddleware(_hello(), None, 1 << 20) if wrap == "guard" else LoopbackHostOnly(_hello())
+    for base, status in (("http://127.0.0.1:21001", 200), ("http://localhost:7860", 200), ("http://[::1]:80", 200),
+                         ("http://attacker.example:21001", 421), ("http://10.0.0.7", 421)):
+        r = TestClient(app, base_url=base).get("/hello")
+        assert r.status_code == status, (base, r.text)
+
+
+def test_with_a_key_any_host_name_is_answered_with_the_token():
+    client = TestClient(GuardMiddleware(_hello(), "s3cret", 1 << 20), base_url="http://gpu-box.lan:21001")
+    assert client.get("/hello").status_code == 401
+    assert client.get("/hello", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+
+
+def test_without_a_key_only_workers_on_this_machine_may_register(no_env_key):
+    """Otherwise anyone reaching the controller could name any address, and the controller would post
+    conversation images there and pass its answers back."""
+    from mmedagent.serve.controller import Controller, build_app
+
+    body = {"kind": "tool", "names": ["grounding"]}
+    for key, address, status in ((None, "http://10.0.0.9:8000", 403), (None, "http://127.0.0.1:8000", 200),
+                                 ("s3cret", "http://10.0.0.9:8000", 200)):
+        ctl = Controller(ServeConfig(api_key=key, tools={}))
+        try:
+            with TestClient(build_app(ctl)) as client:
+                r = client.post("/register_worker", json={**body, "address": address})
+                assert r.status_code == status, (key, address, r.text)
+                assert (address in str(client.get("/list_workers").json())) == (status == 200)
+        finally:
+            ctl.close()
+
+
+def test_a_new_image_or_conversation_stops_the_answer_being_streamed():
+    """Else the running answer writes one patient's conversation over the next one's."""
+    from mmedagent.serve.web import WebChat, build_ui
+
+    deps = build_ui(WebChat("http://127.0.0.1:9", None, 1 << 20)).config["dependencies"]
+    asking = {d["id"] for d in deps if d["api_name"].startswith("respond")}
+    assert len(asking) == 2
+    blocks = {t[0] for d in deps if d["api_name"] == "load" for t in d["targets"]}  # the upload
+    blocks |= {t[0] for d in deps for t in d["targets"] if t[1] == "click" and d["api_name"].startswith("lambda")}  # clear
+    for block in blocks:
+        cancelling = [set(d["cancels"]) for d in deps if any(t[0] == block for t in d["targets"]) and d["cancels"]]
+        assert cancelling == [asking], block
+
+
+def test_the_web_ui_keeps_its_files_private(tmp_path, monkeypatch):
+    import stat
+
+    from mmedagent.serve.web import private_upload_dir, read_and_delete
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))
+    folder = private_upload_dir()
+    assert folder.parent == tmp_path and stat.S_IMODE(folder.stat().st_mode) == 0o700
+    upload = folder / "0f3a" / "Doe_John_MRN12345.dcm"
+    upload.parent.mkdir()
+    upload.write_bytes(b"DICM")
+    assert read_and_delete(upload) == b"DICM" and not upload.parent.exists()
+
+
+@pytest.mark.parametrize("stopped, title", [("parse_error", "⚠️ Unreadable model turn"), ("max_steps", "🛠️ Tool call: grounding")])
+def test_an_answer_that_did_not_end_normally_says_so_in_the_chat(stopped, title):
+    import json
+
+    import httpx
+
+    from mmedagent.serve.messages import stop_note
+    from mmedagent.serve.web import WebChat
+
+    unreadable = stopped == "parse_error"
+    step = {"index": 0, "thoughts": "" if unreadable else "Locate it.", "value": "",
+            "actions": [] if unreadable else [{"API_name": "grounding", "API_params": {"prompts": ["tumor"]}}],
+            "outcomes": [], "overlays": [], "parse_error": "no actions" if unreadable else None}
+    events = [{"type": "step", "step": step},
+              {"type": "answer", "answer": "I will locate it. Please wait.", "history": [], "stopped": stopped}]
+    web = WebChat("http://controller", None, 1 << 20)
+    web.client = httpx.Client(transport=httpx.MockTransport(
+        lambda request: httpx.Response(200, text="".join(json.dumps(e) + "\n" for e in events))))
+    chat = list(web.respond("Where is the tumor?", [], [], None, None))[-1][0]
+    titles = [m.get("metadata", {}).get("title") for m in chat]
+    assert title in titles and "⚠️ Note" in titles
+    assert chat[titles.index("⚠️ Note")]["content"] == stop_note(stopped) and chat[-1]["content"].startswith("I will")
