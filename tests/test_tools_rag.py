@@ -9,7 +9,12 @@ second; the full 22-chapter index is built by ``scripts/bench_rag.py`` (docs/rag
 
 import itertools
 import json
+import logging
+import os
+import shutil
+import threading
 import zlib
+from pathlib import Path
 
 import pytest
 
@@ -187,16 +192,328 @@ def test_incremental_add_embeds_only_new_texts(tmp_path, corpus_dir, monkeypatch
     assert idx.meta["passages"] == 1
     encoded.clear()
     (docs / "b.txt").write_text("Psoriasis gives scaly red plaques on elbows and knees.", "utf-8")
-    idx, n = ri.add_to_index(idx.path, docs, embedder=emb)
-    assert n == 1 and idx.meta["passages"] == 2
+    idx, n, removed = ri.add_to_index(idx.path, docs, embedder=emb)
+    assert (n, removed) == (1, 0) and idx.meta["passages"] == 2
     assert encoded == ["Psoriasis gives scaly red plaques on elbows and knees."]
-    assert ri.add_to_index(idx.path, docs, embedder=emb)[1] == 0  # nothing changed
+    assert ri.add_to_index(idx.path, docs, embedder=emb)[1:] == (0, 0)  # nothing changed
     (docs / "a.txt").write_text("Kidney stones cause colicky flank pain.", "utf-8")
-    idx, n = ri.add_to_index(idx.path, docs, embedder=emb)
+    idx, n, _ = ri.add_to_index(idx.path, docs, embedder=emb)
     assert n == 1 and idx.meta["passages"] == 2
     texts = [p["text"] for p in idx.passages]
     assert "Kidney stones cause colicky flank pain." in texts and not any("Gout" in t for t in texts)
     assert idx.search("renal colic", k=1)[0].passage["source"] == "a.txt"
+
+
+# ------------------------------------------------------------------ robustness of build / add
+@pytest.fixture
+def counted(embedder, monkeypatch):
+    """The texts the session embedder encodes during a test."""
+    encoded = []
+    real = embedder.encode
+
+    def encode(texts, progress=False):
+        encoded.extend(texts)
+        return real(texts, progress)
+
+    monkeypatch.setattr(embedder, "encode", encode)
+    return encoded
+
+
+def _docs(root, **files):
+    for name, text in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, "utf-8")
+    return root
+
+
+def test_build_never_replaces_what_is_not_an_index(tmp_path, embedder, monkeypatch, capsys):
+    monkeypatch.setenv(ri.CACHE_ENV, str(tmp_path / "cache"))
+    docs = _docs(tmp_path / "docs", **{"a.txt": "Gout causes sudden pain of the big toe."})
+    corpus = ri.load_corpus(docs)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "precious.docx").write_text("irreplaceable")
+    afile = tmp_path / "file.idx"
+    afile.write_text("a file")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for out, message in ((mine, "not an index"), (docs, "is the corpus or inside it"),
+                         (docs / "sub.idx", "is the corpus or inside it"), (afile, "is a file")):
+        with pytest.raises(ValueError, match=message):
+            ri.HybridIndex.build(corpus, out, embedder)
+        assert main(["build", "--corpus", str(docs), "--out", str(out)]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+    assert (mine / "precious.docx").read_text() == "irreplaceable" and afile.read_text() == "a file"
+    assert sorted(p.name for p in docs.iterdir()) == ["a.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing stray left next to them
+    # a single-file corpus: its folder cannot be --out either
+    with pytest.raises(ValueError, match="holds the corpus"):
+        ri.HybridIndex.build(ri.load_corpus(docs / "a.txt"), docs, embedder)
+    # missing, empty and index folders are fine, and an index is replaced
+    (tmp_path / "empty").mkdir()
+    assert ri.HybridIndex.build(corpus, tmp_path / "empty", embedder).meta["passages"] == 1
+    idx = ri.HybridIndex.build(corpus, tmp_path / "new" / "i.idx", embedder)
+    _docs(docs, **{"b.txt": "Psoriasis gives scaly plaques."})
+    assert ri.HybridIndex.build(ri.load_corpus(docs), idx.path, embedder).meta["passages"] == 2
+
+
+def test_preset_never_replaces_what_is_not_an_index(tmp_path, embedder, monkeypatch):
+    monkeypatch.setenv(ri.CACHE_ENV, str(tmp_path / "cache"))
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "precious.docx").write_text("irreplaceable")
+    with pytest.raises(ValueError, match="not an index"):
+        ri.build_preset(ri.ICD10CM_PRESET, mine, embedder, chapters=["22"])
+    assert (mine / "precious.docx").read_text() == "irreplaceable"
+
+
+def test_model_fingerprint_covers_weight_contents(tmp_path, embedder, corpus_index, monkeypatch):
+    monkeypatch.setenv(ri.CACHE_ENV, str(tmp_path / "cache"))
+    tuned = tmp_path / "tuned"
+    shutil.copytree(embedder.model_id, tuned)
+    assert ri.Embedder(tuned).fingerprint == embedder.fingerprint  # same files: same fingerprint
+    weights = tuned / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-4096:] = bytes(b ^ 0x5A for b in data[-4096:])  # "fine-tuned": same size, other numbers
+    weights.write_bytes(bytes(data))
+    fingerprint = ri.Embedder(tuned).fingerprint
+    assert fingerprint != embedder.fingerprint
+    with pytest.raises(ValueError, match="built with embedding model"):
+        ri.HybridIndex.load(corpus_index.path, ri.Embedder(tuned))
+    # digests are remembered by path + size + mtime, in memory and in the cache
+    reads = []
+    real = ri._file_sha256
+    monkeypatch.setattr(ri, "_file_sha256", lambda p: reads.append(p) or real(p))
+    assert ri.Embedder(tuned).fingerprint == fingerprint
+    monkeypatch.setattr(ri, "_DIGESTS", {})
+    assert ri.Embedder(tuned).fingerprint == fingerprint
+    assert reads == []
+
+
+def test_a_relative_model_folder_is_stored_absolute(tmp_path, embedder, monkeypatch):
+    monkeypatch.setenv(ri.CACHE_ENV, str(tmp_path / "cache"))
+    model = Path(embedder.model_id)
+    monkeypatch.chdir(model.parent)
+    relative = ri.Embedder(model.name)
+    assert relative.model_id == str(model.resolve()) and relative.fingerprint == embedder.fingerprint
+    relative._model = embedder.model  # the same weights: no second load
+    idx = ri.HybridIndex.build(ri.load_corpus(_docs(tmp_path / "d", **{"a.txt": "Gout of the toe."})),
+                               tmp_path / "i.idx", relative)
+    assert idx.meta["model"] == str(model.resolve())
+    monkeypatch.chdir(tmp_path)
+    assert ri.HybridIndex.load(idx.path).embedder.model_id == str(model.resolve())
+
+
+def test_index_swap_survives_leftovers_a_failed_rename_and_concurrent_builds(tmp_path, embedder, monkeypatch):
+    monkeypatch.setenv(ri.CACHE_ENV, str(tmp_path / "cache"))
+    docs = _docs(tmp_path / "docs", **{"a.txt": "Gout causes sudden pain of the big toe."})
+    out = tmp_path / "i.idx"
+    ri.HybridIndex.build(ri.load_corpus(docs), out, embedder)
+    stale = tmp_path / f".i.idx.old.{os.getpid()}"  # left by an interrupted build of an older version
+    stale.mkdir()
+    (stale / "meta.json").write_text("{}")
+    _docs(docs, **{"b.txt": "Psoriasis gives scaly plaques."})
+    assert ri.HybridIndex.build(ri.load_corpus(docs), out, embedder).meta["passages"] == 2
+    assert not stale.exists()
+
+    real = os.replace
+
+    def failing(src, dst):
+        if Path(src).name.startswith(".i.idx.tmp-"):
+            raise KeyboardInterrupt  # between the two renames
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing)
+    _docs(docs, **{"c.txt": "Shingles is a painful rash."})
+    with pytest.raises(KeyboardInterrupt):
+        ri.HybridIndex.build(ri.load_corpus(docs), out, embedder)
+    monkeypatch.setattr(os, "replace", real)
+    assert ri.HybridIndex.load(out, embedder).meta["passages"] == 2  # the old index is back
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".i.idx.lock", "cache", "docs", "i.idx"]
+
+    corpora = [ri.load_corpus(docs), ri.load_corpus(docs / "a.txt")]
+    errors = []
+
+    def build(i):
+        try:
+            for j in range(4):
+                ri.HybridIndex.build(corpora[(i + j) % 2], out, embedder)
+        except Exception as e:  # noqa: BLE001 (collected for the assert)
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=build, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert ri.HybridIndex.load(out, embedder).meta["passages"] in (1, 3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".i.idx.lock", "cache", "docs", "i.idx"]
+
+
+def test_add_drops_the_passages_of_deleted_files(tmp_path, embedder, monkeypatch, capsys):
+    monkeypatch.setenv(ri.CACHE_ENV, str(tmp_path / "cache"))
+    docs = _docs(tmp_path / "docs", **{"a.txt": "Asthma narrows the airways.", "b.txt": "Gout is caused by uric acid.",
+                                       "sub/n.txt": "Migraine headache with aura."})
+    out = tmp_path / "i.idx"
+    ri.HybridIndex.build(ri.load_corpus(docs), out, embedder)
+    (docs / "b.txt").unlink()
+    idx, n, removed = ri.add_to_index(out, docs, embedder=embedder)
+    assert (n, removed) == (0, 1) and set(idx.meta["files"]) == {"a.txt", "sub/n.txt"}
+    assert not idx.search("uric acid gout", k=3, mode="bm25")
+    (docs / "sub" / "n.txt").unlink()
+    _docs(docs, **{"sub/m.txt": "Meningitis causes a stiff neck."})
+    idx, n, removed = ri.add_to_index(out, docs / "sub", embedder=embedder)  # a.txt is out of its scope
+    assert (n, removed) == (1, 1) and sorted(idx.meta["files"]) == ["a.txt", "sub/m.txt"]
+    assert main(["build", "--corpus", str(docs), "--out", str(out), "--add"]) == 0
+    assert "0 file(s) added or replaced, 0 removed" in capsys.readouterr().err
+
+
+def test_add_keeps_sources_relative_to_the_corpus_it_was_built_from(tmp_path, embedder, monkeypatch):
+    monkeypatch.setenv(ri.CACHE_ENV, str(tmp_path / "cache"))
+    docs = _docs(tmp_path / "docs", **{"a.txt": "Asthma narrows the airways.",
+                                       "sub/n.txt": "Migraine headache with aura."})
+    out = tmp_path / "i.idx"
+    idx = ri.HybridIndex.build(ri.load_corpus(docs), out, embedder)
+    assert idx.meta["corpus_root"] == str(docs.resolve())
+    (docs / "sub" / "n.txt").write_text("Migraine headache with aura and nausea.", "utf-8")
+    idx, n, removed = ri.add_to_index(out, docs / "sub" / "n.txt", embedder=embedder)
+    assert (n, removed) == (1, 0) and idx.meta["passages"] == 2
+    assert [p["source"] for p in idx.passages if "Migraine" in p["text"]] == ["sub/n.txt"]
+    other = _docs(tmp_path / "other", **{"a.txt": "Asthma narrows the airways."})
+    with pytest.raises(ValueError, match="indexes the corpus"):
+        ri.add_to_index(out, other, embedder=embedder)
+    assert ri.HybridIndex.load(out, embedder).meta["passages"] == 2
+
+
+def test_rebuilds_embed_only_changed_texts(tmp_path, embedder, counted, monkeypatch):
+    monkeypatch.setenv(ri.CACHE_ENV, str(tmp_path / "cache"))
+    docs = _docs(tmp_path / "docs", **{f"d{i}.txt": f"Note {i} about condition number {i}." for i in range(3)})
+    ri.HybridIndex.build(ri.load_corpus(docs), tmp_path / "one.idx", embedder)
+    assert len(counted) == 3
+    counted.clear()
+    _docs(docs, **{"d1.txt": "Note 1 was changed."})
+    ri.HybridIndex.build(ri.load_corpus(docs), tmp_path / "two.idx", embedder)  # the cache, text by text
+    assert counted == ["Note 1 was changed."]
+
+
+def test_an_unusable_cache_warns_and_the_index_at_out_gives_its_vectors(tmp_path, embedder, counted, monkeypatch,
+                                                                         caplog):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    monkeypatch.setenv(ri.CACHE_ENV, str(afile / "cache"))  # cannot be created
+    docs = _docs(tmp_path / "docs", **{f"d{i}.txt": f"Note {i} about condition number {i}." for i in range(3)})
+    with caplog.at_level(logging.WARNING, logger=ri.__name__):
+        ri.HybridIndex.build(ri.load_corpus(docs), tmp_path / "two.idx", embedder)
+    assert "going on without caching" in caplog.text
+    counted.clear()
+    _docs(docs, **{"d2.txt": "Note 2 was changed."})
+    with caplog.at_level(logging.WARNING, logger=ri.__name__):
+        idx = ri.HybridIndex.build(ri.load_corpus(docs), tmp_path / "two.idx", embedder)
+    assert counted == ["Note 2 was changed."] and idx.meta["passages"] == 3
+    assert "going on without caching" in caplog.text
+    assert idx.search("changed note two", k=1)[0].passage["source"] == "d2.txt"
+
+
+def test_a_preset_is_built_into_out_when_the_cache_cannot_be_written(tmp_path, embedder, monkeypatch, caplog):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    monkeypatch.setenv(ri.CACHE_ENV, str(afile / "cache"))
+    with pytest.raises(OSError, match="cannot be written; pass --out"):
+        ri.build_preset(ri.ICD10CM_PRESET, embedder=embedder, chapters=["22"])
+    with caplog.at_level(logging.WARNING, logger=ri.__name__):
+        idx = ri.build_preset(ri.ICD10CM_PRESET, tmp_path / "icd.idx", embedder, chapters=["22"])
+    assert idx.path == tmp_path / "icd.idx" and idx.meta["chapters"] == ["22"] and "straight into" in caplog.text
+
+
+def test_jsonl_that_is_not_utf8_is_named_with_its_line(tmp_path):
+    d = tmp_path / "jsonl"
+    d.mkdir()
+    (d / "a.jsonl").write_bytes('\ufeff{"text": "bom line"}\n'.encode() + b'{"text": "caf\xe9 au lait"}\n')
+    with pytest.raises(ValueError, match=r"a.jsonl:2: not valid UTF-8"):
+        ri.load_corpus(d)
+    (d / "a.jsonl").write_text('\ufeff{"text": "bom line"}\n', "utf-8")  # a byte-order mark is fine
+    assert ri.load_corpus(d).passages[0]["text"] == "bom line"
+
+
+def test_jsonl_number_titles_become_strings_and_other_types_are_refused(tmp_path, embedder, monkeypatch):
+    monkeypatch.setenv(ri.CACHE_ENV, str(tmp_path / "cache"))
+    d = tmp_path / "jsonl"
+    d.mkdir()
+    (d / "a.jsonl").write_text('\ufeff{"text": "bom line", "title": 2024}\n{"text": "x", "title": ["a"]}\n', "utf-8")
+    with pytest.raises(ValueError, match=r"a.jsonl:2: 'title' must be a string"):
+        ri.load_corpus(d)
+    (d / "a.jsonl").write_text('\ufeff{"text": "diabetes mellitus type two", "title": 2024}\n', "utf-8")
+    idx = ri.HybridIndex.build(ri.load_corpus(d), tmp_path / "j.idx", embedder)
+    assert idx.passages[0]["title"] == "2024"
+    tool = Retrieval(index=str(idx.path))
+    tool._index = idx  # loaded with the session's model (tool.load() would load it again)
+    assert tool(None, tool.Params(query="diabetes")).passages[0].title == "2024"  # the tool's Result validates
+
+
+def test_a_corrupt_pdf_is_named_in_one_error_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(ri.CACHE_ENV, str(tmp_path / "cache"))
+    pdf = tmp_path / "pdf"
+    pdf.mkdir()
+    (pdf / "ok.txt").write_text("asthma", "utf-8")
+    (pdf / "bad.pdf").write_text("<html>not a pdf</html>")
+    with pytest.raises(ValueError, match="bad.pdf: cannot read this PDF"):
+        ri.load_corpus(pdf)
+    capsys.readouterr()
+    assert main(["build", "--corpus", str(pdf), "--out", str(tmp_path / "p.idx")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "bad.pdf" in err[0]
+
+
+def test_a_file_name_that_is_not_utf8_is_escaped(tmp_path, embedder, monkeypatch):
+    monkeypatch.setenv(ri.CACHE_ENV, str(tmp_path / "cache"))
+    names = tmp_path / "names"
+    names.mkdir()
+    with open(os.path.join(os.fsencode(names), b"caf\xe9.txt"), "wb") as f:
+        f.write(b"coronary artery disease")
+    idx = ri.HybridIndex.build(ri.load_corpus(names), tmp_path / "n.idx", embedder)
+    assert idx.passages[0]["source"] == "caf\\xe9.txt" and idx.meta["files"] == {"caf\\xe9.txt": ri._file_sha256(
+        Path(os.fsdecode(os.path.join(os.fsencode(names), b"caf\xe9.txt"))))}
+
+
+def test_chinese_text_is_chunked_and_found_by_bm25(tmp_path, embedder, monkeypatch):
+    monkeypatch.setenv(ri.CACHE_ENV, str(tmp_path / "cache"))
+    mi = "心肌梗死是冠状动脉急性、持续性缺血缺氧所引起的心肌坏死。" * 12 + "临床上多有剧烈而持久的胸骨后疼痛。"
+    chunks = ri.chunk_words(mi, size=64, overlap=16)
+    assert len(chunks) > 5 and all(len(c) <= 64 for c in chunks) and chunks[-1].endswith("胸骨后疼痛。")
+    assert ri.chunk_words("x" * 100, size=2, overlap=0) == ["x" * 64, "x" * 36]  # no spaces at all
+    docs = _docs(tmp_path / "docs", **{"mi.txt": mi, "dm.txt": "糖尿病是一组以高血糖为特征的代谢性疾病。" * 5})
+    idx = ri.HybridIndex.build(ri.load_corpus(docs, chunk_size=64, overlap=16), tmp_path / "i.idx", embedder)
+    hit = idx.search("胸骨后疼痛", k=1, mode="bm25")[0].passage
+    assert hit["source"] == "mi.txt" and "胸骨后疼痛" in hit["text"]
+    assert idx.search("糖尿病", k=1, mode="bm25")[0].passage["source"] == "dm.txt"
+
+
+def test_hidden_files_and_folders_are_skipped(tmp_path):
+    docs = _docs(tmp_path / "docs", **{"a.txt": "Gout.", ".notes.txt": "hidden", ".git/x.txt": "hidden",
+                                       ".ipynb_checkpoints/a-checkpoint.txt": "Gout.", "sub/.cache/y.md": "hidden"})
+    assert set(ri.load_corpus(docs).files) == {"a.txt"}
+    assert set(ri.load_corpus(docs / ".git").files) == {"x.txt"}  # unless asked for by name
+
+
+def test_identical_passages_are_returned_once(tmp_path, embedder, monkeypatch):
+    monkeypatch.setenv(ri.CACHE_ENV, str(tmp_path / "cache"))
+    same = "Pneumonia is an infection of the lungs."
+    docs = _docs(tmp_path / "docs", **{"a.txt": same, "b.txt": same, "c.txt": same, "d.txt": "Fracture of the femur."})
+    idx = ri.HybridIndex.build(ri.load_corpus(docs), tmp_path / "i.idx", embedder)
+    texts = [h.passage["text"] for h in idx.search("lung infection", k=3)]
+    assert texts[0] == same and len(texts) == len(set(texts)) == 2
+
+
+def test_long_queries_are_cut(corpus_index, monkeypatch):
+    seen = []
+    real = corpus_index.embedder.encode
+    monkeypatch.setattr(corpus_index.embedder, "encode",
+                        lambda texts, progress=False: seen.extend(texts) or real(texts))
+    long = "wheeze in asthma " + " ".join(f"word{i}" for i in range(5000))
+    assert corpus_index.search(long, k=1)[0].passage["source"] == "asthma.txt"
+    assert len(seen[0].split()) == 128  # ri.MAX_QUERY_WORDS
 
 
 # ------------------------------------------------------------------------------------ tool

@@ -7,13 +7,15 @@ so lay words in an inclusion term ("high blood pressure") find their code (I10).
 
 Every unit is indexed by BM25; units flagged ``dense`` are also embedded (normalised vectors in a
 faiss ``IndexFlatIP``). Each retriever ranks passages by their best unit; the two rankings are
-fused with reciprocal rank fusion. Embeddings are cached on disk keyed by model + texts, and the
-preset index is cached keyed by its source data + model, under ``$MMEDAGENT_CACHE/rag``
-(default ``~/.cache/mmedagent/rag``). Heavy imports (torch, faiss, bm25s) happen inside functions.
+fused with reciprocal rank fusion. Embeddings are cached on disk one text at a time, keyed by
+model fingerprint + text (a sqlite file), and the preset index is cached keyed by its source data
++ model, under ``$MMEDAGENT_CACHE/rag`` (default ``~/.cache/mmedagent/rag``); an unusable cache is
+skipped with a warning. Heavy imports (torch, faiss, bm25s) happen inside functions.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -21,10 +23,12 @@ import math
 import os
 import re
 import shutil
+import sqlite3
 import sys
 import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -38,7 +42,7 @@ from mmedagent.hub import prefer_cache_when_unreachable
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 RRF_K = 60
 TEXT_SUFFIXES = (".txt", ".md", ".markdown", ".jsonl", ".pdf")
 ICD10CM_PRESET = "icd10cm"
@@ -48,6 +52,19 @@ ICD10CM_SOURCE = "ICD-10-CM April 2026 (tabular list)"
 # every code are embedded. See docs/rag.md for the measurements behind this choice.
 ICD_DENSE_MAX_CHARS = 4
 PRESET_VERSION = f"icd10cm-v3-dense{ICD_DENSE_MAX_CHARS}"
+MAX_WORD_CHARS = 32
+"""A run of non-space characters longer than this counts as one chunking word per this many
+characters (text without spaces: Thai, a pasted blob)."""
+MAX_QUERY_WORDS = 128
+"""Queries are cut to this many words (CJK characters count as words): search time grows with
+the number of query terms, and the embedding model reads 256 word pieces at most."""
+
+# Chinese and Japanese are written without spaces: each of these characters is one chunking word
+# and BM25 indexes them as character bigrams. Kana, CJK ideographs (and extension A, compatibility),
+# CJK punctuation, fullwidth and halfwidth forms. Hangul is written with spaces and left as words.
+_CJK = "\u3001-\u303f\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef"
+_CJK_WORD = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff66-\uff9f"  # letters, no punctuation
+_SEGMENT = re.compile(rf"(\s*)([{_CJK}]|[^\s{_CJK}]{{1,{MAX_WORD_CHARS}}})")
 
 
 def cache_dir() -> Path:
@@ -58,7 +75,7 @@ def cache_dir() -> Path:
 def _sha256(*parts: str | bytes) -> str:
     h = hashlib.sha256()
     for p in parts:
-        h.update(p.encode("utf-8") if isinstance(p, str) else p)
+        h.update(p.encode("utf-8", "surrogatepass") if isinstance(p, str) else p)
         h.update(b"\0")
     return h.hexdigest()
 
@@ -71,6 +88,80 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _printable(name: str) -> str:
+    """A file name as text: bytes that are not UTF-8 (kept by Python as surrogates) become ``\\xNN``."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+# ----------------------------------------------------------------------------------- disk cache
+_warned: set[str] = set()
+
+
+def _cache_warning(path: Path, err: BaseException) -> None:
+    if str(path) not in _warned:
+        _warned.add(str(path))
+        log.warning("the RAG cache %s cannot be used (%s); going on without caching", path, err)
+
+
+@contextmanager
+def _cache_db() -> Iterator[sqlite3.Connection | None]:
+    """The cache's sqlite file (per-text embeddings, file digests), or None when it cannot be
+    opened (read-only or missing location): callers then go on without caching."""
+    path = cache_dir() / "cache.sqlite"
+    db = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(path, timeout=60)
+        db.execute("CREATE TABLE IF NOT EXISTS embeddings (key TEXT PRIMARY KEY, vec BLOB NOT NULL)")
+        db.execute("CREATE TABLE IF NOT EXISTS digests "
+                   "(path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, sha TEXT)")
+        db.commit()
+    except (OSError, sqlite3.Error) as e:
+        _cache_warning(path, e)
+        if db is not None:
+            db.close()
+        db = None
+    if db is None:
+        yield None
+        return
+    with closing(db):
+        yield db
+
+
+def _cache_write(db: sqlite3.Connection | None, sql: str, rows: list[tuple]) -> None:
+    if db is None or not rows:
+        return
+    try:
+        with db:
+            db.executemany(sql, rows)
+    except sqlite3.Error as e:
+        _cache_warning(cache_dir() / "cache.sqlite", e)
+
+
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def _weights_digest(path: Path, db: sqlite3.Connection | None) -> str:
+    """sha256 of a file's contents, remembered by path + size + mtime (in memory and in the cache),
+    so a model's fingerprint costs one read of its weights per change, not one per process."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key in _DIGESTS:
+        return _DIGESTS[key]
+    sha = None
+    if db is not None:
+        try:
+            row = db.execute("SELECT sha FROM digests WHERE path = ? AND size = ? AND mtime_ns = ?", key).fetchone()
+            sha = row[0] if row else None
+        except sqlite3.Error:
+            sha = None
+    if sha is None:
+        sha = _file_sha256(path)
+        _cache_write(db, "INSERT OR REPLACE INTO digests VALUES (?, ?, ?, ?)", [(*key, sha)])
+    _DIGESTS[key] = sha
+    return sha
+
+
 # --------------------------------------------------------------------------------------- corpus
 @dataclass
 class Corpus:
@@ -80,6 +171,10 @@ class Corpus:
     units: list[tuple[int, str, bool]] = field(default_factory=list)
     files: dict[str, str] = field(default_factory=dict)
     """source file -> sha256, for incremental adds."""
+    root: str | None = None
+    """The corpus file or folder (absolute) that sources are relative to; None for presets."""
+    scanned: set[str] = field(default_factory=set)
+    """Every source file found, including those skipped as unchanged."""
 
     def add(self, passage: dict[str, Any], unit_texts: Iterable[tuple[str, bool]] | None = None) -> None:
         pid = len(self.passages)
@@ -94,19 +189,30 @@ class Corpus:
 
 
 def chunk_words(text: str, size: int = 128, overlap: int = 32) -> list[str]:
-    """Split into windows of ``size`` words, consecutive windows sharing ``overlap`` words."""
+    """Split into windows of ``size`` words, consecutive windows sharing ``overlap`` words.
+
+    A Chinese or Japanese character counts as a word (those scripts have no spaces), and a run of
+    non-space characters longer than ``MAX_WORD_CHARS`` counts as one word per that many characters,
+    so text without spaces is chunked too instead of becoming one giant chunk."""
     if size < 1 or not 0 <= overlap < size:
         raise ValueError(f"chunk size must be >= 1 and 0 <= overlap < size (got size={size}, overlap={overlap})")
-    words = text.split()
+    words = [(" " if space else "") + w for space, w in _SEGMENT.findall(text)]
     if not words:
         return []
     step = size - overlap
     chunks = []
     for start in range(0, len(words), step):
-        chunks.append(" ".join(words[start : start + size]))
+        chunks.append("".join(words[start : start + size]).strip())
         if start + size >= len(words):
             break
     return chunks
+
+
+def _cut_query(query: str) -> str:
+    words = _SEGMENT.findall(query)
+    if len(words) <= MAX_QUERY_WORDS:
+        return query
+    return "".join((" " if space else "") + w for space, w in words[:MAX_QUERY_WORDS]).strip()
 
 
 _HEADING = re.compile(r"^(#{1,6})\s+(.+?)\s*#*\s*$")
@@ -127,57 +233,88 @@ def _markdown_sections(text: str, default_title: str) -> Iterator[tuple[str, str
         yield title, "\n".join(body)
 
 
-def _pdf_pages(path: Path) -> Iterator[tuple[int, str, str | None]]:
+def _pdf_pages(path: Path) -> list[tuple[int, str, str | None]]:
     try:
         from pypdf import PdfReader
     except ImportError as e:
         raise RuntimeError(f"{path}: reading PDF needs pypdf (pip install pypdf)") from e
-    reader = PdfReader(str(path))
-    title = reader.metadata.title if reader.metadata and reader.metadata.title else None
-    for i, page in enumerate(reader.pages, 1):
-        yield i, page.extract_text() or "", title
+    pypdf_log = logging.getLogger("pypdf")
+    level = pypdf_log.level
+    pypdf_log.setLevel(logging.ERROR)  # its warnings about a broken file repeat the error below
+    try:
+        reader = PdfReader(str(path))
+        title = reader.metadata.title if reader.metadata and reader.metadata.title else None
+        return [(i, page.extract_text() or "", title) for i, page in enumerate(reader.pages, 1)]
+    except Exception as e:  # pypdf raises many types on damaged or encrypted files
+        raise ValueError(f"{_printable(str(path))}: cannot read this PDF ({type(e).__name__}: {e})") from e
+    finally:
+        pypdf_log.setLevel(level)
 
 
-def corpus_files(path: Path) -> list[Path]:
-    """The indexable files at ``path`` (a file, or a folder searched recursively)."""
+def _hidden(rel: Path) -> bool:
+    return any(part.startswith(".") for part in rel.parts)
+
+
+def corpus_files(path: Path, allow_empty: bool = False) -> list[Path]:
+    """The indexable files at ``path`` (a file, or a folder searched recursively, leaving out
+    hidden files and folders such as ``.git`` and ``.ipynb_checkpoints``)."""
     path = Path(path)
     if path.is_file():
         if path.suffix.lower() not in TEXT_SUFFIXES:
-            raise ValueError(f"{path}: unsupported file type; supported: {', '.join(TEXT_SUFFIXES)}")
+            raise ValueError(f"{_printable(str(path))}: unsupported file type; supported: {', '.join(TEXT_SUFFIXES)}")
         return [path]
     if not path.is_dir():
-        raise FileNotFoundError(f"corpus not found: {path}")
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
-    if not files:
-        raise ValueError(f"no {', '.join(TEXT_SUFFIXES)} files under {path}")
+        raise FileNotFoundError(f"corpus not found: {_printable(str(path))}")
+    files = sorted(p for p in path.rglob("*")
+                   if p.suffix.lower() in TEXT_SUFFIXES and not _hidden(p.relative_to(path)) and p.is_file())
+    if not files and not allow_empty:
+        raise ValueError(f"no {', '.join(TEXT_SUFFIXES)} files under {_printable(str(path))}")
     return files
 
 
-def load_corpus(path: str | Path, chunk_size: int = 128, overlap: int = 32, skip: dict[str, str] | None = None) -> Corpus:
+def load_corpus(path: str | Path, chunk_size: int = 128, overlap: int = 32, skip: dict[str, str] | None = None,
+                base: str | Path | None = None, allow_empty: bool = False) -> Corpus:
     """Read txt / md / jsonl / pdf files into chunked passages with source, title, code and page.
 
-    ``skip`` maps source -> sha256 of files already indexed; unchanged files are left out.
-    JSONL lines need ``text`` and may carry ``title``, ``source``, ``code``.
+    Sources are paths relative to ``base`` (default: ``path``; a file's source is its name);
+    ``path`` must be ``base`` or inside it. ``skip`` maps source -> sha256 of files already
+    indexed; unchanged files are left out. JSONL lines need ``text`` and may carry ``title``,
+    ``source``, ``code``.
     """
-    root = Path(path)
-    corpus = Corpus()
-    for file in corpus_files(root):
-        source = file.name if root.is_file() else file.relative_to(root).as_posix()
+    given = Path(path)
+    files = corpus_files(given, allow_empty)
+    base = Path(base).resolve() if base is not None else given.resolve()
+    if base.is_file():
+        prefix = None
+    else:
+        here = given.resolve() if given.is_dir() else given.parent.resolve() / given.name
+        if here != base and base not in here.parents:
+            raise ValueError(f"{_printable(str(given))} is not inside the corpus {_printable(str(base))}")
+        prefix = here.relative_to(base)
+    corpus = Corpus(root=str(base))
+    for file in files:
+        if prefix is None:
+            source = _printable(file.name)
+        else:
+            rel = prefix / file.relative_to(given) if given.is_dir() else prefix
+            source = _printable(rel.as_posix())
+        corpus.scanned.add(source)
         sha = _file_sha256(file)
         if skip and skip.get(source) == sha:
             continue
         corpus.files[source] = sha
         suffix = file.suffix.lower()
+        stem = _printable(file.stem)
         if suffix == ".pdf":
-            sections = [(title or file.stem, text, {"page": page}) for page, text, title in _pdf_pages(file)]
+            sections = [(title or stem, text, {"page": page}) for page, text, title in _pdf_pages(file)]
         elif suffix == ".jsonl":
             sections = list(_jsonl_sections(file, source))
         else:
             text = file.read_text(encoding="utf-8", errors="replace")
             if suffix in (".md", ".markdown"):
-                sections = [(title, body, {}) for title, body in _markdown_sections(text, file.stem)]
+                sections = [(title, body, {}) for title, body in _markdown_sections(text, stem)]
             else:
-                sections = [(file.stem, text, {})]
+                sections = [(stem, text, {})]
         for title, text, extra in sections:
             src = extra.pop("source", source)
             for i, chunk in enumerate(chunk_words(text, chunk_size, overlap)):
@@ -186,20 +323,32 @@ def load_corpus(path: str | Path, chunk_size: int = 128, overlap: int = 32, skip
 
 
 def _jsonl_sections(file: Path, source: str) -> Iterator[tuple[str | None, str, dict[str, Any]]]:
-    with open(file, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    where = _printable(str(file))
+    with open(file, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{where}:{lineno}: not valid UTF-8 (byte {e.start + 1} of the line); "
+                                 "save the file as UTF-8") from e
             if not line.strip():
                 continue
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{file}:{lineno}: not valid JSON ({e.msg})") from e
+                raise ValueError(f"{where}:{lineno}: not valid JSON ({e.msg})") from e
             if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-                raise ValueError(f"{file}:{lineno}: each JSONL line must be an object with a string 'text' field")
+                raise ValueError(f"{where}:{lineno}: each JSONL line must be an object with a string 'text' field")
+            title = rec.get("title")
+            if title is not None:
+                # a number is a usable title ("2024"); a list, object or true/false is a mistake
+                if isinstance(title, bool) or not isinstance(title, (str, int, float)):
+                    raise ValueError(f"{where}:{lineno}: 'title' must be a string (got {type(title).__name__})")
+                title = str(title)
             extra: dict[str, Any] = {"source": str(rec.get("source") or f"{source}:{lineno}"), "file": source}
             if rec.get("code") is not None:
                 extra["code"] = str(rec["code"])
-            yield rec.get("title"), rec["text"], extra
+            yield title, rec["text"], extra
 
 
 # ------------------------------------------------------------------------------------ ICD-10-CM
@@ -287,23 +436,28 @@ class Embedder:
     """A sentence-transformers model (local path or hub id), loaded once, normalised embeddings."""
 
     def __init__(self, model: str | os.PathLike | None = None, batch_size: int = 256, device: str = "cpu"):
-        self.model_id = str(model) if model is not None else default_model()
+        if model is None:
+            model = default_model()
+        local = Path(model).expanduser()
+        # a local folder is kept as an absolute path, so the index works from any directory
+        self.model_id = str(local.resolve()) if local.is_dir() else str(model)
         self.batch_size = batch_size
         self.device = device
         self._model = None
 
     @cached_property
     def fingerprint(self) -> str:
-        """Identifies the weights: file names, sizes and JSON configs of a local model, else the id."""
+        """Identifies the weights: the names and contents (sha256) of a local model's files, else
+        the id. The digests are cached by path, size and mtime, so only changed files are read."""
         path = Path(self.model_id)
         if not path.is_dir():
             return _sha256("hub", self.model_id)[:16]
         parts = []
-        for p in sorted(path.rglob("*")):
-            if p.is_file() and not p.name.startswith("."):
-                rel = p.relative_to(path).as_posix()
-                parts.append(p.read_text("utf-8") if p.suffix == ".json" else f"{rel}:{p.stat().st_size}")
-                parts.append(rel)
+        with _cache_db() as db:
+            for p in sorted(path.rglob("*")):
+                rel = p.relative_to(path)
+                if p.is_file() and not _hidden(rel):
+                    parts += [rel.as_posix(), _weights_digest(p, db)]
         return _sha256(*parts)[:16]
 
     @property
@@ -343,23 +497,33 @@ class Embedder:
 def embed_cached(embedder: Embedder, texts: Sequence[str], progress: bool = False,
                  known: dict[str, np.ndarray] | None = None) -> np.ndarray:
     """Embeddings of ``texts`` (one row each): identical texts embedded once, rows in ``known``
-    reused, the rest read from / written to the on-disk cache keyed by model + texts."""
-    unique = sorted(set(texts))
-    missing = [t for t in unique if not known or t not in known]
+    reused, the rest read from / written to the on-disk cache, one entry per text keyed by model
+    fingerprint + text (so a changed file re-embeds only its own texts)."""
+    unique = list(dict.fromkeys(texts))
     vecs: dict[str, np.ndarray] = {t: known[t] for t in unique if known and t in known}
+    missing = [t for t in unique if t not in vecs]
     if missing:
-        key = _sha256(embedder.fingerprint, *missing)[:24]
-        path = cache_dir() / "embeddings" / f"{key}.npy"
-        if path.exists():
-            arr = np.load(path)
-        else:
-            log.info("embedding %d texts with %s", len(missing), embedder.model_id)
-            arr = embedder.encode(missing, progress=progress)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
-            np.save(tmp, arr)
-            os.replace(tmp, path)
-        vecs.update(zip(missing, arr))
+        with _cache_db() as db:
+            keys = {t: _sha256(embedder.fingerprint, t)[:40] for t in missing}
+            if db is not None:
+                by_key = {k: t for t, k in keys.items()}
+                ks = list(by_key)
+                try:
+                    for i in range(0, len(ks), 500):
+                        batch = ks[i : i + 500]
+                        marks = ",".join("?" * len(batch))
+                        rows = db.execute(f"SELECT key, vec FROM embeddings WHERE key IN ({marks})", batch)
+                        for k, blob in rows:
+                            vecs[by_key[k]] = np.frombuffer(blob, dtype=np.float32)
+                except sqlite3.Error as e:
+                    _cache_warning(cache_dir() / "cache.sqlite", e)
+            todo = [t for t in missing if t not in vecs]
+            if todo:
+                log.info("embedding %d texts with %s", len(todo), embedder.model_id)
+                arr = embedder.encode(todo, progress=progress)
+                vecs.update(zip(todo, arr))
+                _cache_write(db, "INSERT OR REPLACE INTO embeddings VALUES (?, ?)",
+                             [(keys[t], np.asarray(v, dtype=np.float32).tobytes()) for t, v in zip(todo, arr)])
     if not texts:
         return np.zeros((0, embedder.dim), dtype=np.float32)
     return np.stack([vecs[t] for t in texts]).astype(np.float32, copy=False)
@@ -368,7 +532,8 @@ def embed_cached(embedder: Embedder, texts: Sequence[str], progress: bool = Fals
 # ------------------------------------------------------------------------------------------ BM25
 class _Tokenizer:
     """Lower-case word tokens, English stop words removed, Snowball-stemmed (PyStemmer); code-like
-    tokens (``E11.9``, ``I21``, ``B12``) are kept whole and unstemmed so code lookups match exactly."""
+    tokens (``E11.9``, ``I21``, ``B12``) are kept whole and unstemmed so code lookups match exactly;
+    Chinese and Japanese text becomes character bigrams."""
 
     _word = re.compile(r"\b[a-z]\d[0-9a-z](?:\.[0-9a-z]{1,4})?\b|\b\w\w+\b")
 
@@ -380,9 +545,17 @@ class _Tokenizer:
         self._stem = Stemmer.Stemmer("english").stemWord
         self._memo: dict[str, str] = {}
 
+    _cjk = re.compile(f"[{_CJK_WORD}]+")
+
     def __call__(self, text: str) -> list[str]:
+        text = text.lower()
         out = []
-        for w in self._word.findall(text.lower()):
+        if self._cjk.search(text):
+            # Chinese / Japanese have no spaces: overlapping character bigrams (a lone character as is)
+            for run in self._cjk.findall(text):
+                out += [run] if len(run) == 1 else [run[i : i + 2] for i in range(len(run) - 1)]
+            text = self._cjk.sub(" ", text)
+        for w in self._word.findall(text):
             if w in self.stopwords:
                 continue
             s = self._memo.get(w)
@@ -409,6 +582,127 @@ def _ranked_groups(unit_scores: np.ndarray, unit_ids: np.ndarray, unit_pid: np.n
             agg[g] += math.exp((sc - top) / tau)
     order = sorted(agg, key=lambda g: -agg[g])[:depth]
     return order, {g: best[g] for g in order}
+
+
+# --------------------------------------------------------------------------- index folder on disk
+def _is_index(path: Path) -> bool:
+    """Whether ``path`` is an index folder written here (its meta.json has a ``format`` key)."""
+    try:
+        meta = json.loads((path / "meta.json").read_text("utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and "format" in meta
+
+
+def check_out(out: str | Path, corpus_root: str | Path | None = None) -> Path:
+    """Refuse an index destination that would destroy something: ``out`` may be missing, an empty
+    folder or an index folder (which is replaced); never a file, a folder of other files, the
+    corpus, a folder inside the corpus, or a folder that holds the corpus."""
+    out = Path(out)
+    shown = _printable(str(out))
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {shown} is a file, not an index folder; choose another --out")
+    if corpus_root is not None:
+        root, where = Path(corpus_root).resolve(), out.resolve()
+        if where == root or root in where.parents:
+            raise ValueError(f"--out {shown} is the corpus or inside it ({_printable(str(corpus_root))}); "
+                             "put the index outside the corpus folder")
+        if where in root.parents:
+            raise ValueError(f"--out {shown} holds the corpus {_printable(str(corpus_root))}; "
+                             "put the index in a folder of its own")
+    if out.is_dir() and not _is_index(out) and any(out.iterdir()):
+        raise ValueError(f"--out {shown} is a folder that is not an index (no meta.json with a 'format' key); "
+                         "refusing to replace it: choose a new or empty folder")
+    return out
+
+
+def _lock_file(out: Path) -> Path:
+    return out.parent / f".{out.name}.lock"
+
+
+@contextmanager
+def _out_lock(out: Path) -> Iterator[None]:
+    """An exclusive lock (``fcntl.flock`` on ``.NAME.lock`` next to ``out``) held while ``out`` is
+    written, swapped in and reopened, so concurrent builds of one index take turns instead of
+    losing it, and loads (shared lock) never see it half swapped."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(_lock_file(out), "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another build of {_printable(str(out))} to finish", file=sys.stderr)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextmanager
+def _read_lock(path: Path) -> Iterator[None]:
+    """A shared lock on the index's lock file, if there is one (a copied index has none)."""
+    try:
+        f = open(_lock_file(path), "rb")
+    except OSError:
+        yield
+        return
+    with f:
+        fcntl.flock(f, fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _leftovers(out: Path) -> list[Path]:
+    """Temporary folders of builds of ``out`` that died before cleaning up (call under the lock)."""
+    name = re.escape(out.name)
+    pat = re.compile(rf"\.{name}\.(?:tmp-|old-)[a-z0-9_]{{8}}|\.{name}\.old\.\d+")
+    return [p for p in out.parent.iterdir() if pat.fullmatch(p.name) and p.is_dir()]
+
+
+@contextmanager
+def _staging(out: Path) -> Iterator[Path]:
+    """A temporary folder next to ``out`` that replaces it when the block ends without error (hold
+    ``_out_lock(out)``). If the second rename fails, the old index is put back; on an error the
+    temporary folder is removed."""
+    check_out(out)  # again: the folder may have changed while the index was built
+    for p in _leftovers(out):
+        shutil.rmtree(p, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old)  # onto an empty folder: allowed
+            try:
+                os.replace(tmp, out)
+            except BaseException:
+                os.replace(old, out)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _index_vectors(path: Path, fingerprint: str) -> dict[str, np.ndarray]:
+    """The dense vectors of the index at ``path`` by text, if it was built with this model."""
+    try:
+        meta = json.loads((path / "meta.json").read_text("utf-8"))
+        if meta.get("format") != FORMAT_VERSION or meta.get("model_fingerprint") != fingerprint:
+            return {}
+        import faiss
+
+        index = faiss.read_index(str(path / "dense.faiss"))
+        texts = [t for _, t, dense in json.loads((path / "units.json").read_text("utf-8")) if dense]
+        if len(texts) != index.ntotal:
+            return {}
+        return dict(zip(texts, index.reconstruct_n(0, index.ntotal)))
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError):
+        return {}
 
 
 # ----------------------------------------------------------------------------------------- index
@@ -456,20 +750,24 @@ class HybridIndex:
     @classmethod
     def build(cls, corpus: Corpus, out: str | Path, embedder: Embedder | None = None, progress: bool = False,
               extra_meta: dict | None = None, known: dict[str, np.ndarray] | None = None) -> HybridIndex:
-        """Index ``corpus`` into the folder ``out`` (written atomically: a half-built index never
-        replaces a good one)."""
+        """Index ``corpus`` into the folder ``out``, which must be missing, empty or an index
+        (see ``check_out``). Written atomically: a half-built index never replaces a good one, and
+        concurrent builds of one ``out`` take turns. Vectors of the index already at ``out`` (same
+        model) are reused."""
         import bm25s
         import faiss
 
+        out = check_out(out, corpus.root)
         if not corpus.passages:
             raise ValueError("nothing to index: the corpus has no text")
         embedder = embedder or Embedder()
-        out = Path(out)
         started = time.perf_counter()
         tokenize = _Tokenizer()
         bm25 = bm25s.BM25()
         bm25.index([tokenize(t) for _, t, _ in corpus.units], show_progress=False)
         dense_units = [(pid, t) for pid, t, dense in corpus.units if dense]
+        if known is None and out.is_dir():
+            known = _index_vectors(out, embedder.fingerprint)
         vecs = embed_cached(embedder, [t for _, t in dense_units], progress=progress, known=known)
         index = faiss.IndexFlatIP(vecs.shape[1])
         index.add(vecs)
@@ -478,36 +776,32 @@ class HybridIndex:
             "corpus_sha": corpus.sha(), "passages": len(corpus.passages), "units": len(corpus.units),
             "dense_units": len(dense_units), "files": corpus.files, "build_s": None, **(extra_meta or {}),
         }
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-        try:
-            bm25.save(str(tmp / "bm25"), show_progress=False)
-            np.save(tmp / "bm25_pid.npy", np.array([pid for pid, _, _ in corpus.units], dtype=np.int32))
-            np.save(tmp / "dense_pid.npy", np.array([pid for pid, _ in dense_units], dtype=np.int32))
-            faiss.write_index(index, str(tmp / "dense.faiss"))
-            (tmp / "passages.json").write_text(json.dumps(corpus.passages, ensure_ascii=False), "utf-8")
-            (tmp / "units.json").write_text(json.dumps(corpus.units, ensure_ascii=False), "utf-8")
-            meta["build_s"] = round(time.perf_counter() - started, 2)
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False), "utf-8")
-            if out.exists():
-                old = out.with_name(f".{out.name}.old.{os.getpid()}")
-                os.replace(out, old)
-                os.replace(tmp, out)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return cls.load(out, embedder)
+        if corpus.root is not None:
+            meta["corpus_root"] = corpus.root
+        with _out_lock(out):
+            with _staging(out) as tmp:
+                bm25.save(str(tmp / "bm25"), show_progress=False)
+                np.save(tmp / "bm25_pid.npy", np.array([pid for pid, _, _ in corpus.units], dtype=np.int32))
+                np.save(tmp / "dense_pid.npy", np.array([pid for pid, _ in dense_units], dtype=np.int32))
+                faiss.write_index(index, str(tmp / "dense.faiss"))
+                (tmp / "passages.json").write_text(json.dumps(corpus.passages, ensure_ascii=False), "utf-8")
+                (tmp / "units.json").write_text(json.dumps(corpus.units, ensure_ascii=False), "utf-8")
+                meta["build_s"] = round(time.perf_counter() - started, 2)
+                (tmp / "meta.json").write_text(json.dumps(meta, indent=1), "utf-8")  # ASCII: paths of any bytes
+            return cls._load(out, embedder)
 
     @classmethod
     def load(cls, path: str | Path, embedder: Embedder | None = None) -> HybridIndex:
         """Open a built index; the embedder must be the model it was built with."""
+        path = Path(path)
+        with _read_lock(path):
+            return cls._load(path, embedder)
+
+    @classmethod
+    def _load(cls, path: Path, embedder: Embedder | None) -> HybridIndex:
         import bm25s
         import faiss
 
-        path = Path(path)
         meta_file = path / "meta.json"
         if not meta_file.exists():
             raise FileNotFoundError(
@@ -572,8 +866,9 @@ class HybridIndex:
     def search(self, query: str, k: int = 5, mode: str = "hybrid", depth: int = 100) -> list[Hit]:
         """Top ``k`` passages, one per group. ``mode``: ``hybrid`` (reciprocal rank fusion of BM25
         and dense), ``dense`` or ``bm25``. The hybrid score is the fused score over its maximum
-        (first in both rankings = 1.0)."""
-        query = " ".join(query.split())
+        (first in both rankings = 1.0). Passages with the same text are returned once; the query
+        is cut to ``MAX_QUERY_WORDS`` words."""
+        query = _cut_query(" ".join(query.split()))
         if not query:
             raise ValueError("empty query")
         if k < 1:
@@ -593,41 +888,68 @@ class HybridIndex:
                 fused[g] = fused.get(g, 0.0) + 1.0 / (RRF_K + r)
                 ranks.setdefault(g, {})[name] = r
         best = len(rankings) / (RRF_K + 1)
-        hits = []
-        for g in sorted(fused, key=lambda g: (-fused[g], g))[:k]:
+        hits, seen = [], set()
+        for g in sorted(fused, key=lambda g: (-fused[g], g)):
             # the group's passage from the retriever that ranks the group higher (dense on ties)
             name = min(ranks[g], key=lambda n: (ranks[g][n], n != "dense"))
-            hits.append(Hit(self.passages[rankings[name][1][g]], round(fused[g] / best, 4), ranks[g]))
+            passage = self.passages[rankings[name][1][g]]
+            text = " ".join(passage["text"].split())
+            if text in seen:  # the same text in several files or chunks: one copy
+                continue
+            seen.add(text)
+            hits.append(Hit(passage, round(fused[g] / best, 4), ranks[g]))
+            if len(hits) == k:
+                break
         return hits
 
 
 # ------------------------------------------------------------------------------- build helpers
 def add_to_index(path: str | Path, corpus_path: str | Path, chunk_size: int = 128, overlap: int = 32,
-                 embedder: Embedder | None = None, progress: bool = False) -> tuple[HybridIndex, int]:
-    """Add the new or changed files under ``corpus_path`` to the index at ``path``.
+                 embedder: Embedder | None = None, progress: bool = False) -> tuple[HybridIndex, int, int]:
+    """Bring the index at ``path`` up to date with the files under ``corpus_path``.
 
-    Unchanged files are skipped; a changed file replaces its old passages. Only new texts are
-    embedded. Returns the index and the number of files added or replaced.
+    ``corpus_path`` must be the corpus the index was built from (``corpus_root`` in its meta.json)
+    or a file or folder inside it, so that sources stay relative to that root; an index without a
+    root (a preset) takes ``corpus_path`` as its root. New and changed files are (re)indexed,
+    unchanged ones skipped, and files of the index under ``corpus_path`` that no longer exist lose
+    their passages. Only new texts are embedded. Returns the index, the number of files added or
+    replaced, and the number of files removed.
     """
     old = HybridIndex.load(path, embedder)
-    new = load_corpus(corpus_path, chunk_size, overlap, skip=old.meta.get("files", {}))
-    if not new.files:
-        return old, 0
-    replaced = set(new.files)
+    given = Path(corpus_path)
+    if not given.exists():
+        raise FileNotFoundError(f"corpus not found: {_printable(str(given))}")
+    here = given.resolve() if given.is_dir() else given.parent.resolve() / given.name
+    root = Path(old.meta["corpus_root"]) if old.meta.get("corpus_root") else here
+    if here != root and root not in here.parents:
+        raise ValueError(
+            f"{_printable(str(path))} indexes the corpus {_printable(str(root))}; --add takes that corpus "
+            f"or a path inside it (got {_printable(str(given))}). To index another corpus, build without --add"
+        )
+    files = old.meta.get("files", {})
+    new = load_corpus(given, chunk_size, overlap, skip=files, base=root, allow_empty=True)
+    scope = "" if here == root else _printable(here.relative_to(root).as_posix())
+    removed = {f for f in files if f not in new.scanned and (not scope or f == scope or f.startswith(scope + "/"))}
+    if not new.files and not removed:
+        return old, 0, 0
+    drop = set(new.files) | removed
     old_units = old.units()
     dense_texts = [t for _, t, d in old_units if d]
     known = dict(zip(dense_texts, old.dense_vectors()))
-    merged = Corpus(files={**old.meta.get("files", {}), **new.files})
+    merged = Corpus(files={k: v for k, v in {**files, **new.files}.items() if k not in removed}, root=str(root))
     by_pid: dict[int, list[tuple[str, bool]]] = {}
     for pid, text, dense in old_units:
         by_pid.setdefault(pid, []).append((text, dense))
     for pid, passage in enumerate(old.passages):
-        if passage.get("file", passage["source"]) not in replaced:
+        if passage.get("file", passage["source"]) not in drop:
             merged.add(passage, by_pid.get(pid, []))
     for pid, passage in enumerate(new.passages):
         merged.add(passage, [(t, d) for p, t, d in new.units if p == pid])
-    extra = {k: v for k, v in old.meta.items() if k in ("preset",)}
-    return HybridIndex.build(merged, path, old.embedder, progress=progress, extra_meta=extra, known=known), len(new.files)
+    if not merged.passages:
+        raise ValueError(f"nothing left to index: every file of {_printable(str(path))} was removed from the corpus")
+    extra = {k: v for k, v in old.meta.items() if k in ("preset", "preset_version", "chapters")}
+    index = HybridIndex.build(merged, path, old.embedder, progress=progress, extra_meta=extra, known=known)
+    return index, len(new.files), len(removed)
 
 
 def preset_path(name: str, embedder: Embedder, chapters: Sequence[str] | None = None) -> Path:
@@ -641,15 +963,35 @@ def preset_path(name: str, embedder: Embedder, chapters: Sequence[str] | None = 
     return cache_dir() / f"{name}{part}-{key}"
 
 
+def _writable_dir(path: Path) -> bool:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+        return True
+    except OSError:
+        return False
+
+
 def build_preset(name: str, out: str | Path | None = None, embedder: Embedder | None = None,
                  progress: bool = False, chapters: Sequence[str] | None = None) -> HybridIndex:
-    """Build (or reuse from cache) the index of a packaged corpus; copy it to ``out`` if given."""
+    """Build (or reuse from cache) the index of a packaged corpus; copy it to ``out`` if given
+    (``out`` must be missing, empty or an index). With a cache that cannot be written, the index
+    is built straight into ``out``."""
     embedder = embedder or Embedder()
+    if out is not None:
+        out = check_out(out)
     cached = preset_path(name, embedder, chapters)
     if (cached / "meta.json").exists():
         index = HybridIndex.load(cached, embedder)
         print(f"{name}: reusing the cached index {cached} (built in {index.meta.get('build_s')} s)", file=sys.stderr)
     else:
+        if not _writable_dir(cached.parent):
+            if out is None:
+                raise OSError(f"the RAG cache {cached.parent} cannot be written; pass --out to build the "
+                              f"index elsewhere, or point ${CACHE_ENV} at a writable folder")
+            log.warning("the RAG cache %s cannot be written; building the index straight into %s", cached.parent, out)
+            cached = out
         started = time.perf_counter()
         corpus = icd10cm_corpus(chapters)
         print(f"{name}: {len(corpus.passages)} passages, {len(corpus.units)} units "
@@ -658,10 +1000,9 @@ def build_preset(name: str, out: str | Path | None = None, embedder: Embedder | 
                                   extra_meta={"preset": name, "preset_version": PRESET_VERSION,
                                               "chapters": list(map(str, chapters or []))})
         print(f"{name}: built in {time.perf_counter() - started:.1f} s -> {cached}", file=sys.stderr)
-    if out is not None and Path(out).resolve() != cached.resolve():
-        out = Path(out)
-        if out.exists():
-            shutil.rmtree(out)
-        shutil.copytree(cached, out)
-        index = HybridIndex.load(out, embedder)
+    if out is not None and out.resolve() != cached.resolve():
+        with _out_lock(out):
+            with _staging(out) as tmp:
+                shutil.copytree(cached, tmp, dirs_exist_ok=True)
+            index = HybridIndex._load(out, embedder)
     return index

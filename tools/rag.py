@@ -120,9 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     src = b.add_mutually_exclusive_group(required=True)
     src.add_argument("--corpus", help="file or folder of .txt/.md/.jsonl/.pdf files")
     src.add_argument("--preset", choices=[ri.ICD10CM_PRESET], help="packaged corpus")
-    b.add_argument("--out", help="index folder (default for --preset: the cache)")
+    b.add_argument("--out", help="index folder: new, empty or an index to replace (default for --preset: the cache)")
     b.add_argument("--chapters", help="with --preset icd10cm: comma-separated chapter numbers (default: all)")
-    b.add_argument("--add", action="store_true", help="add new or changed files to the existing index at --out")
+    b.add_argument("--add", action="store_true",
+                   help="update the index at --out: add new or changed files, drop deleted ones (--corpus: "
+                        "the corpus it was built from, or a path inside it)")
     b.add_argument("--chunk-words", type=int, default=128, help="words per chunk (default 128)")
     b.add_argument("--overlap", type=int, default=32, help="words shared by consecutive chunks (default 32)")
     b.add_argument("--model", help="sentence-transformers model path or hub id (default: all-MiniLM-L6-v2)")
@@ -143,8 +145,9 @@ def main(argv: list[str] | None = None) -> int:
             elif not args.out:
                 parser.error("build --corpus needs --out")
             elif args.add:
-                index, n = ri.add_to_index(args.out, args.corpus, args.chunk_words, args.overlap, embedder, progress=True)
-                print(f"{n} file(s) added or replaced", file=sys.stderr)
+                index, n, removed = ri.add_to_index(args.out, args.corpus, args.chunk_words, args.overlap, embedder,
+                                                    progress=True)
+                print(f"{n} file(s) added or replaced, {removed} removed", file=sys.stderr)
             else:
                 corpus = ri.load_corpus(args.corpus, args.chunk_words, args.overlap)
                 index = ri.HybridIndex.build(corpus, args.out, embedder, progress=True)
