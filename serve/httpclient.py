@@ -31,5 +31,7 @@ def error_detail(response: httpx.Response) -> str:
         return response.text[:300] or response.reason_phrase
     if isinstance(body, dict) and "detail" in body:
         detail = body["detail"]
+        if isinstance(detail, list) and all(isinstance(e, dict) and "msg" in e for e in detail):  # a 422
+            return "; ".join(f"{'.'.join(map(str, e.get('loc') or ())) or 'request'}: {e['msg']}" for e in detail)[:300]
         return detail if isinstance(detail, str) else str(detail)[:300]
     return str(body)[:300]

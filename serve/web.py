@@ -21,6 +21,8 @@ import json
 import logging
 import os
 import shutil
+import signal
+import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -242,6 +244,7 @@ def build_ui(web: WebChat):
                     send = gr.Button("Send", variant="primary", elem_id="send")
                     clear = gr.Button("New conversation", elem_id="clear")
         ui.load(web.status_markdown, outputs=status)
+        gr.Timer(15).tick(web.status_markdown, outputs=status, show_progress="hidden")  # tools that finish loading
         ask = dict(fn=web.respond, inputs=[question, chat, history_state, image_state, conversation_state],
                    outputs=[chat, history_state, preview, question, conversation_state])
         asking = [send.click(**ask), question.submit(**ask)]
@@ -264,6 +267,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = config_or_exit(parser, args.config, api_key=args.api_key, log_level=args.log_level, host=args.host, web_port=args.port)
     setup_logging(cfg.log_level, [cfg.api_key or ""])
     os.environ["GRADIO_TEMP_DIR"] = str(private_upload_dir())
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stopped (launcher, docker, systemd): clean up at exit too
     web = WebChat(args.controller or cfg.controller_url, cfg.api_key, cfg.max_upload_bytes)
     ui = build_ui(web)
     key = cfg.api_key

@@ -88,6 +88,13 @@ def test_a_new_image_or_conversation_stops_the_answer_being_streamed():
         assert cancelling == [asking], block
 
 
+def test_the_banner_follows_tools_that_finish_loading():
+    from mmedagent.serve.web import WebChat, build_ui
+
+    deps = build_ui(WebChat("http://127.0.0.1:9", None, 1 << 20)).config["dependencies"]
+    assert any(t[1] == "tick" for d in deps if d["api_name"].startswith("status_markdown") for t in d["targets"])
+
+
 def test_the_web_ui_keeps_its_files_private(tmp_path, monkeypatch):
     import stat
 
@@ -124,3 +131,36 @@ def test_an_answer_that_did_not_end_normally_says_so_in_the_chat(stopped, title)
     titles = [m.get("metadata", {}).get("title") for m in chat]
     assert title in titles and "⚠️ Note" in titles
     assert chat[titles.index("⚠️ Note")]["content"] == stop_note(stopped) and chat[-1]["content"].startswith("I will")
+
+
+def test_the_web_ui_removes_its_files_when_stopped(tmp_path):
+    """The launcher, docker and systemd stop it with SIGTERM: its folder of uploads and previews goes too."""
+    import os
+    import signal
+    import socket
+
+    import httpx
+    from _serve_fixtures import ServeProcess, serve_env, wait_until
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    temp = tmp_path / "gradio"
+    temp.mkdir()
+    proc = ServeProcess("web.py", ["--controller", "http://127.0.0.1:9", "--port", str(port)], tmp_path / "web.log",
+                        serve_env(GRADIO_TEMP_DIR=str(temp)))
+    def serving() -> bool:
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            assert proc.proc.poll() is None, proc.output()
+            return False
+
+    try:
+        wait_until(serving, 90)
+        (folder,) = temp.iterdir()
+        assert folder.name.startswith("mmedagent-web-")
+        os.kill(proc.proc.pid, signal.SIGTERM)
+        assert proc.proc.wait(30) == 0 and not folder.exists()
+    finally:
+        proc.kill()

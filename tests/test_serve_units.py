@@ -452,3 +452,15 @@ def test_a_forwarding_worker_runs_calls_side_by_side_with_their_own_token_counts
         t.join(10)
     assert peak[0] > 1
     assert all(usages[n]["prompt_tokens"] == usages[n]["completion_tokens"] == n for n in range(1, 5)), usages
+
+
+def test_a_refused_request_reads_as_a_sentence_in_the_chat():
+    """A 422's field list reaches the web UI and CLI as "field: why", not a Python list."""
+    import httpx
+
+    from mmedagent.serve.httpclient import error_detail
+
+    r = httpx.Response(422, json={"detail": [{"loc": ["body", "question"], "msg": "String should have at most 20000 characters",
+                                              "type": "string_too_long"}]})
+    assert error_detail(r) == "body.question: String should have at most 20000 characters"
+    assert error_detail(httpx.Response(503, json={"detail": "'retrieval' is still loading"})) == "'retrieval' is still loading"

@@ -237,8 +237,7 @@ def test_build_never_replaces_what_is_not_an_index(tmp_path, embedder, monkeypat
     afile = tmp_path / "file.idx"
     afile.write_text("a file")
     before = sorted(p.name for p in tmp_path.iterdir())
-    for out, message in ((mine, "not an index"), (docs, "is the corpus or inside it"),
-                         (docs / "sub.idx", "is the corpus or inside it"), (afile, "is a file")):
+    for out, message in ((mine, "not an index"), (docs, "is the corpus itself"), (afile, "is a file")):
         with pytest.raises(ValueError, match=message):
             ri.HybridIndex.build(corpus, out, embedder)
         assert main(["build", "--corpus", str(docs), "--out", str(out)]) == 1
@@ -256,6 +255,11 @@ def test_build_never_replaces_what_is_not_an_index(tmp_path, embedder, monkeypat
     idx = ri.HybridIndex.build(corpus, tmp_path / "new" / "i.idx", embedder)
     _docs(docs, **{"b.txt": "Psoriasis gives scaly plaques."})
     assert ri.HybridIndex.build(ri.load_corpus(docs), idx.path, embedder).meta["passages"] == 2
+    # an index kept inside its corpus folder: built, rebuilt and updated, never read as a document
+    for _ in range(2):
+        assert main(["build", "--corpus", str(docs), "--out", str(docs / "kb.idx")]) == 0
+    assert main(["build", "--corpus", str(docs), "--out", str(docs / "kb.idx"), "--add"]) == 0
+    assert ri.HybridIndex.load(docs / "kb.idx").meta["passages"] == 2
 
 
 def test_preset_never_replaces_what_is_not_an_index(tmp_path, embedder, monkeypatch):

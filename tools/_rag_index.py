@@ -108,6 +108,10 @@ def _cache_db() -> Iterator[sqlite3.Connection | None]:
     """The cache's sqlite file (per-text embeddings, file digests), or None when it cannot be
     opened (read-only or missing location): callers then go on without caching."""
     path = cache_dir() / "cache.sqlite"
+    legacy = cache_dir() / "embeddings"  # whole-build .npy files of index format 2, never read since
+    if legacy.is_dir():
+        log.info("removing %s (embeddings cached by an older version)", legacy)
+        shutil.rmtree(legacy, ignore_errors=True)
     db = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -596,17 +600,16 @@ def _is_index(path: Path) -> bool:
 
 def check_out(out: str | Path, corpus_root: str | Path | None = None) -> Path:
     """Refuse an index destination that would destroy something: ``out`` may be missing, an empty
-    folder or an index folder (which is replaced); never a file, a folder of other files, the
-    corpus, a folder inside the corpus, or a folder that holds the corpus."""
+    folder or an index folder (which is replaced), inside the corpus too (an index has no files a
+    corpus scan reads); never a file, a folder of other files, the corpus, or a folder that holds it."""
     out = Path(out)
     shown = _printable(str(out))
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {shown} is a file, not an index folder; choose another --out")
     if corpus_root is not None:
         root, where = Path(corpus_root).resolve(), out.resolve()
-        if where == root or root in where.parents:
-            raise ValueError(f"--out {shown} is the corpus or inside it ({_printable(str(corpus_root))}); "
-                             "put the index outside the corpus folder")
+        if where == root:
+            raise ValueError(f"--out {shown} is the corpus itself; choose a folder of its own for the index")
         if where in root.parents:
             raise ValueError(f"--out {shown} holds the corpus {_printable(str(corpus_root))}; "
                              "put the index in a folder of its own")
@@ -809,7 +812,8 @@ class HybridIndex:
             )
         meta = json.loads(meta_file.read_text("utf-8"))
         if meta.get("format") != FORMAT_VERSION:
-            raise ValueError(f"{path}: index format {meta.get('format')} is not {FORMAT_VERSION}; rebuild it")
+            raise ValueError(f"{path}: index format {meta.get('format')} is not {FORMAT_VERSION} (made by an older "
+                             f"version); rebuild it: python -m mmedagent.tools.rag build --corpus CORPUS --out {path}")
         if embedder is None:
             # an index copied from another machine names a model path that may not exist here;
             # the default model is then tried, and the fingerprint check below decides

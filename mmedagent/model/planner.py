@@ -469,7 +469,8 @@ class HFPlanner:
         id_list = ids[0].tolist()
         if self.context_length:
             if len(id_list) >= self.context_length:
-                raise ValueError(f"the prompt is {len(id_list)} tokens; the model's context is {self.context_length}")
+                raise ValueError(f"the prompt is {len(id_list)} tokens; the model's context is {self.context_length}: "
+                                 "start a new conversation, or send less history")
             max_new_tokens = min(max_new_tokens, self.context_length - len(id_list))  # no position past the context
         pixels = inputs.get("pixel_values")
         t0 = time.perf_counter()
