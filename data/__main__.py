@@ -21,12 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 from mmedagent.data import builders
 from mmedagent.data.check import check_file
-from mmedagent.data.formats import DataError, convert, read_records, write_records
+from mmedagent.data.formats import DataError, convert, lies_outside, read_records, write_records
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -38,7 +39,8 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="question templates: train, the held-out ones kept for evaluation, or all")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--run-tools", action="store_true", help="take tool outputs from the registered tools, not ground truth")
-    p.add_argument("--image-root", default=None, help="folder the image paths are relative to")
+    p.add_argument("--image-root", default=None,
+                   help="folder the image paths are relative to (tables: default the table's folder)")
     p.add_argument("--rewrite-url", default=None, help="OpenAI-compatible base URL to paraphrase questions (optional)")
     p.add_argument("--rewrite-model", default=None)
     p.add_argument("--rewrite-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
@@ -84,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     p = kinds.add_parser("rag", help="QA + corpus -> retrieval")
     p.add_argument("--qa", required=True)
     p.add_argument("--corpus", required=True)
-    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--top-k", type=int, default=3, help=f"passages per question, 1..{builders.RAG_MAX_K}")
     _common(p)
     for name in ("vqa", "captions"):
         p = kinds.add_parser(name, help="plain VQA / captions -> direct answers (no tool)")
@@ -128,7 +130,10 @@ def _window(spec: str | None):
     if spec is None or "," not in spec:
         return spec
     c, w = spec.split(",", 1)
-    return float(c), float(w)
+    try:
+        return float(c), float(w)
+    except ValueError:
+        raise DataError(f"--window {spec!r}: expected a preset or CENTER,WIDTH numbers") from None
 
 
 def _examples(a: argparse.Namespace) -> list[builders.Example]:
@@ -150,18 +155,69 @@ def _examples(a: argparse.Namespace) -> list[builders.Example]:
     return builders.read_vqa(a.table, caption=a.kind == "captions")
 
 
-def _require_images(examples: Sequence[builders.Example], root: Path) -> None:
+TABLE_KINDS = ("classification", "reports", "rag", "vqa", "captions")
+
+
+def _table(a: argparse.Namespace) -> str | None:
+    """The table a table builder reads (the QA table for rag), else None."""
+    if a.kind not in TABLE_KINDS:
+        return None
+    return a.qa if a.kind == "rag" else getattr(a, "table", None)
+
+
+def _require_images(examples: Sequence[builders.Example], root: Path, root_given: bool) -> None:
+    """Every image a table names is there, under ``root`` (a DataError naming the row otherwise); one
+    that lies outside it (absolute, or ``..``) is a warning: training takes it as is."""
+    for e in examples:
+        if e.image and lies_outside(root, e.image):
+            print(f"warning: {e.source}: image {e.image} lies outside the image root {root}", file=sys.stderr)
     missing = [e for e in examples if e.image and not (root / e.image).is_file()]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise DataError(f"{missing[0].source}: image not found: {root / missing[0].image}{more}")
+        hint = "" if root_given else " (table image paths start beside the table; pass --image-root to say where else)"
+        raise DataError(f"{missing[0].source}: image not found: {root / missing[0].image}{more}{hint}")
 
 
 def _image_root(a: argparse.Namespace) -> Path:
     if a.image_root:
         return Path(a.image_root)
+    table = _table(a)
+    if table is not None:
+        return Path(table).parent
     return Path({"masks": getattr(a, "images", "."), "nifti": getattr(a, "image_out", "."),
+                 "coco": Path(getattr(a, "annotations", "") or ".").parent,
                  "classification": getattr(a, "folder", None) or "."}.get(a.kind, "."))
+
+
+def _ratios(spec: str) -> list[float]:
+    try:
+        ratios = [float(x) for x in spec.split(",")]
+    except ValueError:
+        ratios = []
+    if len(ratios) != 3 or any(not r >= 0 for r in ratios) or not sum(ratios) > 0:
+        raise DataError(f"--ratios {spec!r}: need three non-negative numbers for train,val,test (e.g. 0.8,0.1,0.1)")
+    return ratios
+
+
+def _build(a: argparse.Namespace, ap: argparse.ArgumentParser, index_dir: Path) -> int:
+    examples = _examples(a)
+    root = _image_root(a)
+    if _table(a) is not None:  # tables only name images: they must be there, under the root
+        _require_images(examples, root, bool(a.image_root))
+    options = {}
+    if a.run_tools and a.kind == "rag":  # the tool searches the given corpus, not its default index
+        options["retrieval"] = {"index": str(builders.build_retrieval_index(builders.read_corpus(a.corpus), index_dir))}
+    runner = builders.ToolRunner(root, **options) if a.run_tools else None
+    rewriter = None
+    if a.rewrite_url:
+        if not a.rewrite_model:
+            ap.error("--rewrite-url needs --rewrite-model")
+        rewriter = builders.OpenAIRewriter(a.rewrite_url, a.rewrite_model, a.rewrite_key_env)
+    b = builders.DialogueBuilder(a.api_names, a.phrasings, a.seed, runner=runner, rewriter=rewriter)
+    records = b.build_all(examples)
+    write_records(records, a.out, a.format)
+    print(f"{a.out}: {len(records)} records")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,34 +229,29 @@ def main(argv: list[str] | None = None) -> int:
             report = check_file(path, image_folder=a.image_folder)
             for p in report.problems[:50]:
                 print(p, file=sys.stderr)
+            if len(report.problems) > 50:
+                print(f"... and {len(report.problems) - 50} more problem(s)", file=sys.stderr)
+            for w in report.warnings[:20]:
+                print(f"warning: {w}", file=sys.stderr)
+            if len(report.warnings) > 20:
+                print(f"... and {len(report.warnings) - 20} more warning(s)", file=sys.stderr)
             calls = ", ".join(f"{k}: {v}" for k, v in sorted(report.tool_calls.items())) or "none"
-            print(f"{path}: {report.records} records, {len(report.problems)} problem(s); tool calls: {calls}")
+            warned = f", {len(report.warnings)} warning(s)" if report.warnings else ""
+            print(f"{path}: {report.records} records, {len(report.problems)} problem(s){warned}; tool calls: {calls}")
             if report.planning_only:
                 print(f"{report.planning_only} planning-only record(s): they end with a tool call")
             if report.unregistered:
                 print(f"not validated (no such tool registered here): {', '.join(sorted(report.unregistered))}")
             return 0 if report.ok else 1
         if a.cmd == "build":
-            runner = builders.ToolRunner(_image_root(a)) if a.run_tools else None
-            rewriter = None
-            if a.rewrite_url:
-                if not a.rewrite_model:
-                    ap.error("--rewrite-url needs --rewrite-model")
-                rewriter = builders.OpenAIRewriter(a.rewrite_url, a.rewrite_model, a.rewrite_key_env)
-            b = builders.DialogueBuilder(a.api_names, a.phrasings, a.seed, runner=runner, rewriter=rewriter)
-            examples = _examples(a)
-            if a.image_root and getattr(a, "table", None):  # tables only name images: they must be there
-                _require_images(examples, Path(a.image_root))
-            records = b.build_all(examples)
-            write_records(records, a.out, a.format)
-            print(f"{a.out}: {len(records)} records")
-            return 0
+            with tempfile.TemporaryDirectory(prefix="mmedagent-rag-") as tmp:
+                return _build(a, ap, Path(tmp) / "index")
         if a.cmd == "convert":
             n = convert(a.src, a.dst, a.to, image_folder=a.image_folder)
             print(f"{a.dst}: {n} records")
             return 0
         if a.cmd == "split":
-            ratios = [float(x) for x in a.ratios.split(",")]
+            ratios = _ratios(a.ratios)
             parts = builders.split_by_image(read_records(a.src, image_folder=a.image_folder), ratios, a.seed)
             for name, recs in parts.items():
                 write_records(recs, Path(a.out) / f"{name}.json", a.format)

@@ -12,8 +12,10 @@ Every input problem is a :class:`~mmedagent.data.formats.DataError` naming file 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
+import os
 import random
 import re
 from collections import defaultdict
@@ -25,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from mmedagent.data import templates
-from mmedagent.data.formats import CAPTION_QUESTIONS, DataError, iter_raw
+from mmedagent.data.formats import CAPTION_QUESTIONS, DataError, iter_raw, lies_outside
 from mmedagent.protocol import (
     IMAGE_PLACEHOLDER,
     IMAGE_TOKEN,
@@ -87,6 +89,7 @@ class Example:
     passages: list[str] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
     scores: list[float] = field(default_factory=list)
+    top_k: int | None = None  # retrieval: passages asked of the tool when it runs (--run-tools)
 
 
 # --------------------------------------------------------------------------- geometry
@@ -122,10 +125,23 @@ def parse_label_names(spec: str | Path | dict | None) -> dict[int, str]:
         return {int(k): str(v) for k, v in spec.items()}
     text = str(spec)
     if Path(text).is_file():
-        data = json.loads(Path(text).read_text(encoding="utf-8"))
+        try:
+            data = json.loads(Path(text).read_text(encoding="utf-8-sig"))
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(f"{text}: cannot read label names: {e}") from None
+        except json.JSONDecodeError as e:
+            raise DataError(f"{text}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
         if isinstance(data, list):
             return {i: str(n) for i, n in enumerate(data) if i > 0}
-        return {int(k): str(v) for k, v in data.items()}
+        if not isinstance(data, dict):
+            raise DataError(f"{text}: label names must be a JSON object {{\"1\": \"liver\"}} or a list of names")
+        out = {}
+        for k, v in data.items():
+            try:
+                out[int(k)] = str(v)
+            except ValueError:
+                raise DataError(f"{text}: label key {k!r} is not an integer mask value") from None
+        return out
     out = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         key, sep, name = part.partition("=")
@@ -141,14 +157,40 @@ def read_table(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     if path.suffix.lower() in (".csv", ".tsv"):
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
-            return [(i, {k.strip(): (v or "").strip() for k, v in row.items() if k}) for i, row in enumerate(reader, 1)]
+        text = _decode_table(path)
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+        rows = []
+        try:
+            for i, row in enumerate(reader, 1):
+                rows.append((i, {k.strip(): (v or "").strip() if isinstance(v, str) else "" for k, v in row.items()
+                                 if isinstance(k, str) and k.strip()}))
+        except csv.Error as e:
+            raise DataError(f"{path}: record {len(rows) + 1}: {e}") from None
+        return rows
     rows = list(iter_raw(path))
     for i, row in rows:
         if not isinstance(row, dict):
             raise DataError(f"{path}: record {i}: expected an object, found {type(row).__name__}")
     return rows
+
+
+def _decode_table(path: Path) -> str:
+    """A CSV's text: UTF-8, a leading byte-order mark (Excel's "CSV UTF-8") dropped; other encodings are a
+    DataError naming the record."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e}") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        prefix = data[:e.start].decode("utf-8-sig")
+        rows = list(csv.reader(io.StringIO(prefix, newline="")))
+        record = len(rows) if not prefix or prefix.endswith(("\n", "\r")) else len(rows) - 1
+        line = prefix.count("\n") + 1
+        at = "the header" if record <= 0 else f"record {record}"
+        raise DataError(f"{path}: {at} (line {line}): not UTF-8 text (byte 0x{data[e.start]:02x}); "
+                        "save the table as UTF-8 (\"CSV UTF-8\" in Excel)") from None
 
 
 def _require(row: dict[str, Any], keys: Sequence[str], where: str) -> list[str]:
@@ -179,6 +221,20 @@ def _image_size(root: Path, rel: str, where: str) -> tuple[int, int]:
             raise DataError(f"{where}: cannot read image {rel}: {e}") from None
 
 
+def _is_image_file(path: Path) -> bool:
+    """A visible file whose content is an image format :func:`mmedagent.imaging.load_image` reads."""
+    from mmedagent.imaging import detect_format
+
+    if path.name.startswith(".") or not path.is_file():
+        return False
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1024)
+    except OSError:
+        return False
+    return detect_format(head) is not None
+
+
 # --------------------------------------------------------------------------- readers
 
 
@@ -189,27 +245,40 @@ def read_coco(annotations: str | Path, image_root: str | Path) -> list[Example]:
         coco = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
         raise DataError(f"{path}: cannot read COCO json: {e}") from None
+    if not isinstance(coco, dict):
+        raise DataError(f"{path}: not a COCO detection file (a JSON object with images, annotations and "
+                        f"categories), found a JSON {type(coco).__name__}")
     for key in ("images", "annotations", "categories"):
         if not isinstance(coco.get(key), list):
             raise DataError(f"{path}: not a COCO detection file (missing list {key!r})")
-    cats = {c["id"]: c["name"] for c in coco["categories"]}
+    cats = {}
+    for i, c in enumerate(coco["categories"], 1):
+        if not isinstance(c, dict) or not isinstance(c.get("id"), (int, str)) or not isinstance(c.get("name"), str) or not c["name"].strip():
+            raise DataError(f"{path}: categories[{i}]: needs id and name")
+        cats[c["id"]] = c["name"]
     images = {}
     for i, im in enumerate(coco["images"], 1):
         where = f"{path}: images[{i}]"
-        if not all(k in im for k in ("id", "file_name")):
+        if not isinstance(im, dict) or not isinstance(im.get("id"), (int, str)) or not isinstance(im.get("file_name"), str):
             raise DataError(f"{where}: needs id and file_name")
+        if lies_outside(root, im["file_name"]):
+            log.warning("%s: image %s lies outside the image root %s", where, im["file_name"], root)
         w, h = (im.get("width"), im.get("height"))
         if not (w and h):
             w, h = _image_size(root, im["file_name"], where)
+        elif not all(isinstance(v, (int, float)) and v > 0 for v in (w, h)):
+            raise DataError(f"{where}: width and height must be positive numbers")
         elif not (root / im["file_name"]).is_file():
             raise DataError(f"{where}: image not found: {im['file_name']}")
         images[im["id"]] = (im["file_name"], int(w), int(h))
     groups: dict[tuple[Any, str], list[Target]] = defaultdict(list)
     for i, ann in enumerate(coco["annotations"], 1):
         where = f"{path}: annotations[{i}]"
-        if ann.get("image_id") not in images:
+        if not isinstance(ann, dict):
+            raise DataError(f"{where}: expected an object, found {type(ann).__name__}")
+        if not isinstance(ann.get("image_id"), (int, str)) or ann["image_id"] not in images:
             raise DataError(f"{where}: unknown image_id {ann.get('image_id')!r}")
-        if ann.get("category_id") not in cats:
+        if not isinstance(ann.get("category_id"), (int, str)) or ann["category_id"] not in cats:
             raise DataError(f"{where}: unknown category_id {ann.get('category_id')!r}")
         name, w, h = images[ann["image_id"]]
         try:
@@ -219,6 +288,8 @@ def read_coco(annotations: str | Path, image_root: str | Path) -> list[Example]:
         if bw <= 0 or bh <= 0 or x < -1 or y < -1 or x + bw > w + 1 or y + bh > h + 1:
             raise DataError(f"{where}: box {[x, y, bw, bh]} is empty or outside the {w}x{h} image {name}")
         area = ann.get("area")
+        if area is not None and not isinstance(area, (int, float)):
+            raise DataError(f"{where}: area must be a number")
         groups[(ann["image_id"], cats[ann["category_id"]])].append(
             Target(cats[ann["category_id"]], norm_box(x, y, x + bw, y + bh, w, h), int(area) if area else None))
     return [Example("grounding", f"{path}: image {images[iid][0]}", image=images[iid][0], targets=targets)
@@ -246,11 +317,11 @@ def read_mask_pngs(images: str | Path, masks: str | Path, label_names: dict[int,
     img_dir, mask_dir = Path(images), Path(masks)
     if not label_names:
         raise DataError("label names are required for masks (e.g. --labels 1=liver,2=tumor)")
-    by_stem = {p.stem: p for p in sorted(img_dir.iterdir()) if p.is_file()} if img_dir.is_dir() else {}
+    by_stem = {p.stem: p for p in sorted(img_dir.iterdir()) if p.is_file() and not p.name.startswith(".")} if img_dir.is_dir() else {}
     if not by_stem:
         raise DataError(f"{img_dir}: no images")
     out = []
-    mask_files = sorted(p for p in mask_dir.glob("*.png")) if mask_dir.is_dir() else []
+    mask_files = sorted(p for p in mask_dir.glob("*.png") if not p.name.startswith(".")) if mask_dir.is_dir() else []
     if not mask_files:
         raise DataError(f"{mask_dir}: no PNG masks")
     for i, mp in enumerate(mask_files, 1):
@@ -307,14 +378,14 @@ def read_classification(folder: str | Path | None = None, table: str | Path | No
     out = []
     if folder is not None:
         root = Path(folder)
-        classes = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+        classes = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.is_dir() else []
         if not classes:
             raise DataError(f"{root}: no class folders")
         for cdir in classes:
             label = cdir.name.replace("_", " ")
             if known and label not in known:
                 raise DataError(f"{cdir}: unknown label {label!r}; known labels: {', '.join(known)}")
-            for i, img in enumerate(sorted(p for p in cdir.iterdir() if p.is_file()), 1):
+            for i, img in enumerate(sorted(p for p in cdir.iterdir() if _is_image_file(p)), 1):  # not .DS_Store, README
                 out.append(Example("classification", f"{cdir}: record {i}", image=f"{cdir.name}/{img.name}", label=label))
         cands = known or sorted({e.label for e in out if e.label})
     elif table is not None:
@@ -350,13 +421,29 @@ def _tokens(text: str) -> set[str]:
     return {w for w in _WORD.findall(text.lower()) if len(w) > 2}
 
 
+RAG_MAX_K = 50
+"""The retrieval tool's limit on ``k`` (``Retrieval.Params.k``): ``--top-k`` must lie in 1..RAG_MAX_K."""
+
+INDEXED_SUFFIXES = (".md", ".markdown", ".pdf")
+"""Corpus files read as the retrieval index reads them (chunked), as folders are."""
+
+
 def read_corpus(path: str | Path) -> list[tuple[str, str]]:
-    """(id, text) passages from JSON/JSONL (``id``, ``text``) or a text file (one passage a line)."""
+    """(id, text) passages: JSON/JSONL/CSV rows (``id``, ``text``), a text file (one passage a line), or —
+    a folder, Markdown or PDF — the passages the retrieval index makes of it
+    (:func:`mmedagent.tools._rag_index.load_corpus`: chunked, the id its ``source``, ``#N`` added for the
+    N-th chunk of a source with several)."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise DataError(f"{path}: corpus not found")
-    if path.suffix.lower() == ".txt":
-        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    if path.is_dir() or path.suffix.lower() in INDEXED_SUFFIXES:
+        passages = _indexed_corpus(path)
+    elif path.suffix.lower() == ".txt":
+        try:
+            text = path.read_text(encoding="utf-8-sig")
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(f"{path}: cannot read: {e}") from None
+        lines = [ln.strip() for ln in text.split("\n") if ln.strip()]
         passages = [(str(i), t) for i, t in enumerate(lines, 1)]
     else:
         passages = []
@@ -365,12 +452,54 @@ def read_corpus(path: str | Path) -> list[tuple[str, str]]:
             passages.append((str(pid), text))
     if not passages:
         raise DataError(f"{path}: corpus is empty")
+    seen: set[str] = set()
+    for pid, _ in passages:
+        if pid in seen:
+            raise DataError(f"{path}: passage id {pid!r} appears twice")
+        seen.add(pid)
     return passages
+
+
+def _indexed_corpus(path: Path) -> list[tuple[str, str]]:
+    from mmedagent.tools._rag_index import load_corpus
+
+    try:
+        corpus = load_corpus(path)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise DataError(f"{path}: cannot read the corpus: {e}") from None
+    sources = [str(p.get("source", "")) for p in corpus.passages]
+    counts: dict[str, int] = defaultdict(int)
+    for src in sources:
+        counts[src] += 1
+    out = []
+    for p, src in zip(corpus.passages, sources):
+        pid = src if counts[src] == 1 else f"{src}#{int(p.get('chunk', 0)) + 1}"
+        out.append((pid, " ".join(str(p["text"]).split())))
+    return out
+
+
+def build_retrieval_index(passages: Sequence[tuple[str, str]], out: str | Path) -> Path:
+    """A retrieval index (:class:`mmedagent.tools._rag_index.HybridIndex`) of exactly these ``(id, text)``
+    passages, each id its ``source``: ``--run-tools`` searches the given corpus with the real tool and the
+    sources it returns are the ids the ground truth uses."""
+    from mmedagent.tools._rag_index import Corpus, HybridIndex
+
+    corpus = Corpus()
+    for pid, text in passages:
+        corpus.add({"text": text, "source": pid, "title": pid, "chunk": 0})
+    try:
+        return Path(HybridIndex.build(corpus, out).path)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise DataError(f"cannot index the corpus for the retrieval tool: {e}") from None
 
 
 def read_rag(qa: str | Path, corpus: str | Path, top_k: int = 3) -> list[Example]:
     """Question/answer pairs + a corpus → retrieval examples; passages named in the QA row
-    (``passages``/``sources`` ids) come first, the rest are ranked by word overlap."""
+    (``passages``/``sources`` ids) come first, then the others sharing words with the question,
+    ranked by word overlap, up to ``top_k`` (1..RAG_MAX_K, the tool's own limit); a passage with no
+    word in common is never returned (nor padded in at score 0)."""
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= RAG_MAX_K:
+        raise DataError(f"--top-k must be an integer from 1 to {RAG_MAX_K} (the retrieval tool's limit), got {top_k!r}")
     docs = read_corpus(corpus)
     by_id = dict(docs)
     toks = {pid: _tokens(t) for pid, t in docs}
@@ -381,12 +510,14 @@ def read_rag(qa: str | Path, corpus: str | Path, top_k: int = 3) -> list[Example
         wanted = row.get("passages") or row.get("sources") or []
         if isinstance(wanted, str):
             wanted = [w.strip() for w in wanted.split(";") if w.strip()]
-        wanted = [str(w) for w in wanted]
+        if not isinstance(wanted, list):
+            raise DataError(f"{where}: passages must be a list of passage ids")
+        wanted = list(dict.fromkeys(str(w) for w in wanted))
         for pid in wanted:
             if pid not in by_id:
                 raise DataError(f"{where}: passage {pid!r} is not in the corpus")
         q = _tokens(question)
-        ranked = sorted(by_id, key=lambda pid: (-len(q & toks[pid]), pid))
+        ranked = sorted((pid for pid in by_id if q & toks[pid]), key=lambda pid: (-len(q & toks[pid]), pid))
         chosen = wanted + [p for p in ranked if p not in wanted]
         chosen = chosen[:top_k]
         scores, last = [], 1.0
@@ -394,7 +525,7 @@ def read_rag(qa: str | Path, corpus: str | Path, top_k: int = 3) -> list[Example
             last = min(last, 1.0 if pid in wanted else round(len(q & toks[pid]) / max(len(q), 1), 2))
             scores.append(last)
         out.append(Example("retrieval", where, image=row.get("image") or None, question=question, answer=answer,
-                           passages=[by_id[p] for p in chosen], sources=chosen, scores=scores))
+                           passages=[by_id[p] for p in chosen], sources=chosen, scores=scores, top_k=top_k))
     return out
 
 
@@ -519,7 +650,10 @@ class DialogueBuilder:
         plan = AssistantTurn(thoughts=templates.pick(rng, templates.THOUGHTS[ex.task], target=target),
                              actions=[call], value=templates.pick(rng, templates.WAIT, tool=tool))
         if self.runner is not None:
-            outcome = self.runner(call, ex.image, ex.source)
+            run = call
+            if ex.task == "retrieval" and ex.top_k:  # as many passages as --top-k gives without the tool
+                run = ToolCall(API_name=tool, API_params={**params, "k": ex.top_k})
+            outcome = self.runner(run, ex.image, ex.source)
         else:
             outcome = ToolOutcome(tool=tool, output=output)
         answer = self._answer(ex, target, outcome.output or {})

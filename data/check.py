@@ -1,5 +1,8 @@
 """Validate instruction data: every record parses, every turn round-trips through the turn format,
-tool results follow tool calls, and tool calls validate against the registered tools' ``Params``."""
+tool results follow tool calls, and tool calls validate against the registered tools' ``Params``.
+
+Files are read record by record (JSON lines are never held whole) and every problem is reported, each
+naming the file and the 1-based record (and, for JSON lines, the line)."""
 
 from __future__ import annotations
 
@@ -7,18 +10,20 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from mmedagent.data.formats import DataError, chat_messages, read_records
+from mmedagent.data.formats import DataError, chat_messages, iter_records, lies_outside
 from mmedagent.protocol import Record, TurnParseError, parse_tool_results, parse_turn, render_turn
 
 
 @dataclass
 class CheckReport:
-    records: int = 0
+    records: int = 0  # records read, those with problems included
     problems: list[str] = field(default_factory=list)
     tool_calls: Counter = field(default_factory=Counter)
     unregistered: Counter = field(default_factory=Counter)
     planning_only: int = 0  # records that end with a tool call (no tool output, no answer)
+    warnings: list[str] = field(default_factory=list)  # accepted by training, but probably not meant
 
     @property
     def ok(self) -> bool:
@@ -32,61 +37,96 @@ def _dispatcher():
     return Dispatcher([cls() for cls in list_tools()])
 
 
+def _check_one(rec: Record, where: str, report: CheckReport, dispatcher: Any) -> None:
+    try:
+        chat_messages(rec, where)  # what training checks first
+    except DataError as e:
+        report.problems.append(str(e))
+    pending = 0
+    for k, m in enumerate(rec.conversations, 1):
+        if m.role == "gpt" and m.is_tool_turn:
+            turn = m.assistant_turn()
+            try:
+                again = parse_turn(render_turn(turn))
+            except TurnParseError as e:
+                report.problems.append(f"{where}: turn {k} does not re-parse: {e}")
+                continue
+            if again != turn:
+                report.problems.append(f"{where}: turn {k} changes when rendered and parsed again")
+            for call in turn.actions:
+                report.tool_calls[call.API_name] += 1
+                if dispatcher is None:
+                    continue
+                if dispatcher.resolve(call.API_name) is None:
+                    report.unregistered[call.API_name] += 1
+                    continue
+                prepared = dispatcher.prepare(call, image=object())
+                if not isinstance(prepared, tuple):
+                    report.problems.append(f"{where}: turn {k}: {prepared.error}")
+            pending = len(turn.actions)
+        elif m.role == "human" and pending:
+            try:
+                results = parse_tool_results(m.value)
+            except TurnParseError as e:
+                report.problems.append(f"{where}: turn {k} should carry the tool output: {e}")
+            else:
+                if len(results.outcomes) != pending:
+                    report.problems.append(f"{where}: turn {k} has {len(results.outcomes)} tool output(s) "
+                                           f"for {pending} call(s)")
+                if results.question != rec.first_question():
+                    report.problems.append(f"{where}: turn {k} does not repeat the first question")
+            pending = 0
+    if pending:  # trains the planning turn alone (e.g. the synthetic box drills)
+        report.planning_only += 1
+
+
+def _check_images(rec: Record, where: str, folder: Path, report: CheckReport) -> None:
+    """Images as training finds them (``--image_folder`` / relative path, or the absolute path as is): a
+    missing one is a problem (training refuses it); an absolute path, or one that leads out of the
+    folder, is a warning (training takes it, but the data set is then not self-contained)."""
+    for img in rec.images:
+        path = Path(img)
+        full = path if path.is_absolute() else folder / path
+        if not full.is_file():
+            report.problems.append(f"{where}: image not found: {img}")
+        if lies_outside(folder, path):
+            report.warnings.append(f"{where}: image {img} lies outside --image-folder {folder}")
+        elif path.is_absolute():
+            report.warnings.append(f"{where}: absolute image path {img} (data sets usually name images "
+                                   "relative to --image-folder)")
+
+
 def check_records(records: Sequence[Record], source: str, validate_tools: bool = True) -> CheckReport:
     """Problems of already-read records (each names source and 1-based record number)."""
     report = CheckReport(records=len(records))
     dispatcher = _dispatcher() if validate_tools else None
-    for i, rec in enumerate(records, 1):
-        where = f"{source}: record {i}"
-        try:
-            chat_messages(rec, where)  # what training checks first
-        except DataError as e:
-            report.problems.append(str(e))
-        pending = 0
-        for k, m in enumerate(rec.conversations, 1):
-            if m.role == "gpt" and m.is_tool_turn:
-                turn = m.assistant_turn()
-                try:
-                    again = parse_turn(render_turn(turn))
-                except TurnParseError as e:
-                    report.problems.append(f"{where}: turn {k} does not re-parse: {e}")
-                    continue
-                if again != turn:
-                    report.problems.append(f"{where}: turn {k} changes when rendered and parsed again")
-                for call in turn.actions:
-                    report.tool_calls[call.API_name] += 1
-                    if dispatcher is None:
-                        continue
-                    if dispatcher.resolve(call.API_name) is None:
-                        report.unregistered[call.API_name] += 1
-                        continue
-                    prepared = dispatcher.prepare(call, image=object())
-                    if not isinstance(prepared, tuple):
-                        report.problems.append(f"{where}: turn {k}: {prepared.error}")
-                pending = len(turn.actions)
-            elif m.role == "human" and pending:
-                try:
-                    results = parse_tool_results(m.value)
-                except TurnParseError as e:
-                    report.problems.append(f"{where}: turn {k} should carry the tool output: {e}")
-                else:
-                    if len(results.outcomes) != pending:
-                        report.problems.append(f"{where}: turn {k} has {len(results.outcomes)} tool output(s) "
-                                               f"for {pending} call(s)")
-                    if results.question != rec.first_question():
-                        report.problems.append(f"{where}: turn {k} does not repeat the first question")
-                pending = 0
-        if pending:  # trains the planning turn alone (e.g. the synthetic box drills)
-            report.planning_only += 1
-    if dispatcher is not None:
-        dispatcher.close()
+    try:
+        for i, rec in enumerate(records, 1):
+            _check_one(rec, f"{source}: record {i}", report, dispatcher)
+    finally:
+        if dispatcher is not None:
+            dispatcher.close()
     return report
 
 
 def check_file(path: str | Path, image_folder: str | Path | None = None, validate_tools: bool = True) -> CheckReport:
-    """Read and check one data file (or comma-separated files); unreadable data is a single problem."""
+    """Read and check one data file (or comma-separated files) record by record, reporting every problem:
+    a record that does not parse is one problem and the next is read; a file that cannot be read (further)
+    is one problem. With ``image_folder`` every image must exist there (as training resolves it)."""
+    report = CheckReport()
+
+    def on_error(e: DataError, is_record: bool) -> None:
+        report.problems.append(str(e))
+        report.records += is_record
+
+    dispatcher = _dispatcher() if validate_tools else None
     try:
-        records = read_records(path, image_folder=image_folder, check_images=image_folder is not None)
-    except DataError as e:
-        return CheckReport(problems=[str(e)])
-    return check_records(records, str(path), validate_tools)
+        for where, rec in iter_records(path, image_folder=image_folder, on_error=on_error):
+            report.records += 1
+            _check_one(rec, where, report, dispatcher)
+            if image_folder is not None:
+                _check_images(rec, where, Path(image_folder), report)
+    finally:
+        if dispatcher is not None:
+            dispatcher.close()
+    return report

@@ -21,9 +21,12 @@ into thoughts/actions/value, so both directions of sharegpt ⇄ LLaVA are lossle
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import os
+import uuid
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +47,7 @@ from mmedagent.protocol import (
 __all__ = [
     "DataError",
     "read_records",
+    "iter_records",
     "iter_raw",
     "record_from_any",
     "write_records",
@@ -53,6 +57,15 @@ __all__ = [
     "split_paths",
     "CAPTION_QUESTIONS",
 ]
+
+
+def lies_outside(root: str | Path, image: str | Path) -> bool:
+    """True when ``image`` (relative to ``root``, or absolute) is not under ``root``. Training takes such
+    a path (an absolute one as is, a ``..`` one joined to ``--image_folder``), but the data set then does
+    not hold its own images: a warning, not an error."""
+    root_n = os.path.normpath(os.path.abspath(root))
+    full = os.path.normpath(os.path.join(root_n, image))
+    return os.path.commonpath([root_n, full]) != root_n
 
 
 class DataError(ValueError):
@@ -129,43 +142,130 @@ def _is_hf_dir(path: Path) -> bool:
     return path.is_dir() and any((path / n).is_file() for n in ("dataset_info.json", "state.json", "dataset_dict.json"))
 
 
-def iter_raw(path: Path) -> Iterator[tuple[int, Any]]:
-    """(1-based record number, raw row) for a JSON / JSONL file; DataError on malformed text."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: cannot read: {e}") from None
-    stripped = text.lstrip()
-    if not stripped:
-        return
-    if stripped[0] == "[" or (stripped[0] == "{" and path.suffix.lower() == ".json"):
+_WRAPPER_KEYS = ("data", "records", "train", "examples")
+
+
+_UNPARSED = object()
+
+
+def _json_doc(path: Path, text: str = "", data: Any = _UNPARSED) -> Iterator[tuple[int, Any, int | None]]:
+    """The records of one JSON document (an array, an object holding one, or one record), from its
+    ``text`` or, already parsed, its ``data``."""
+    if data is _UNPARSED:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            if stripped[0] == "{":  # maybe JSON lines after all
-                yield from _iter_jsonl(path, text)
-                return
             raise DataError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-        if isinstance(data, dict):
-            lists = [v for k, v in data.items() if isinstance(v, list) and k in ("data", "records", "train", "examples")]
-            data = lists[0] if lists else [data]
-        if not isinstance(data, list):
-            raise DataError(f"{path}: expected a JSON array of records, found {type(data).__name__}")
-        yield from enumerate(data, 1)
-        return
-    yield from _iter_jsonl(path, text)
+    if isinstance(data, dict):
+        lists = [v for k, v in data.items() if isinstance(v, list) and k in _WRAPPER_KEYS]
+        data = lists[0] if lists else [data]
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON array of records, found {type(data).__name__}")
+    for i, row in enumerate(data, 1):
+        yield i, row, None
 
 
-def _iter_jsonl(path: Path, text: str) -> Iterator[tuple[int, Any]]:
-    n = 0
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        n += 1
+def _lines(path: Path, f: Any) -> Iterator[tuple[int, str]]:
+    """(1-based line number, line) split on ``\\n`` only: U+2028, U+0085 and other Unicode line breaks
+    are ordinary characters inside JSON strings (``str.splitlines`` would split on them)."""
+    lineno = 0
+    while True:
         try:
-            yield n, json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: record {n} (line {lineno}): invalid JSON: {e.msg}") from None
+            line = f.readline()
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: line {lineno + 1}: not UTF-8 text ({e.reason})") from None
+        if not line:
+            return
+        lineno += 1
+        yield lineno, line.rstrip("\n").rstrip("\r")
+
+
+def _parsed(line: str) -> Any:
+    """The JSON value of ``line``, or ``_UNPARSED``."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return _UNPARSED
+
+
+def _first_char(f: Any) -> str:
+    """The first non-blank character of a text file (read a character at a time: a one-line document
+    is not read twice), the file then back at its start; "" for a blank file."""
+    while (c := f.read(1)) and c.isspace():
+        pass
+    f.seek(0)
+    return c
+
+
+def _rows(path: Path, tolerant: bool = False) -> Iterator[tuple[int, Any, int | None]]:
+    """(record number, raw row, JSONL line number or None) of a JSON / JSONL file, JSONL streamed line by
+    line. A JSONL line that is not JSON raises a :class:`DataError` — or, with ``tolerant``, is yielded as
+    that error in place of the row so that reading goes on."""
+    try:
+        f = open(path, encoding="utf-8-sig", newline="\n")
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e}") from None
+    with f:
+        try:
+            head = _first_char(f)
+            if head == "[":  # a JSON array: one document, read once
+                yield from _json_doc(path, f.read())
+                return
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: cannot read: {e}") from None
+        lines = _lines(path, f)
+        first = next(((n, ln) for n, ln in lines if ln.strip()), None)
+        if first is None:
+            return
+        first_value = _parsed(first[1]) if head == "{" else _UNPARSED
+        document = False
+        if head == "{" and first_value is _UNPARSED:
+            # a pretty-printed object — unless the next line is a record on its own (JSON lines whose first is bad)
+            second = next(((n, ln) for n, ln in lines if ln.strip()), None)
+            document = second is None or _parsed(second[1]) is _UNPARSED
+            pending = [first] + ([second] if second is not None else [])
+        else:
+            pending = [first]
+        if document:
+            f.seek(0)
+            try:
+                text = f.read()
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}: cannot read: {e}") from None
+            yield from _json_doc(path, text)
+            return
+        if head == "{" and len(pending) == 1 and path.suffix.lower() == ".json":
+            # a one-line JSON object file: a document (maybe {"data": [...]}), unless more lines follow
+            second = next(((n, ln) for n, ln in lines if ln.strip()), None)
+            if second is None:
+                yield from _json_doc(path, data=first_value)
+                return
+            pending.append(second)
+        n = 0
+        for lineno, line in itertools.chain(pending, lines):
+            if not line.strip():
+                continue
+            n += 1
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                err = DataError(f"{path}: record {n} (line {lineno}): invalid JSON at column {e.colno}: {e.msg}")
+                if not tolerant:
+                    raise err from None
+                yield n, err, lineno
+                continue
+            yield n, row, lineno
+
+
+def iter_raw(path: Path) -> Iterator[tuple[int, Any]]:
+    """(1-based record number, raw row) for a JSON / JSONL file; DataError on malformed text.
+
+    JSON lines are read one at a time (a large file is never held whole); a top-level JSON array or
+    object is parsed as one document. A file starting with ``{`` is JSON lines when its first line is
+    a JSON value on its own, else one JSON document (its syntax errors report their real line and column).
+    """
+    for i, row, _ in _rows(Path(path)):
+        yield i, row
 
 
 def _iter_hf(path: Path, export_dir: Path) -> Iterator[tuple[int, Any]]:
@@ -205,15 +305,17 @@ def _export_images(row: dict[str, Any], index: int, export_dir: Path) -> dict[st
             if isinstance(v, str):
                 names.append(v)
                 continue
-            stem = _safe_name(str(row.get("id", "")) or f"{index:08d}") + (f"_{k}" if len(values) > 1 else "")
+            # the row number keeps the name unique: ids repeat, or sanitise to one name (case/0, case_0)
+            rid = str(row.get("id") or "")
+            stem = f"{index:08d}" + (f"_{_safe_name(rid)}" if rid else "") + (f"_{k}" if len(values) > 1 else "")
             names.append(_save_image(v, export_dir, stem))
         out[key] = names if isinstance(row[key], list) else names[0]
     return out
 
 
 def _safe_name(s: str) -> str:
-    s = re.sub(r"[^A-Za-z0-9._-]+", "_", s).strip("._")
-    return s[:80] or hashlib.sha1(s.encode()).hexdigest()[:16]
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", s).strip("._")
+    return safe[:80] or hashlib.sha1(s.encode()).hexdigest()[:16]  # ids wholly in other scripts: hash the original
 
 
 def _save_image(value: Any, folder: Path, stem: str) -> str:
@@ -343,6 +445,8 @@ def record_from_any(row: Any, default_id: str, caption_question: str | None = No
                  {"from": "gpt", "thoughts": "The user asks for a description of the image; I can answer directly.",
                   "actions": [], "value": caption}]
         role_key, text_key = "from", "value"
+    elif "caption" in row:
+        raise ValueError("no image: the row has a caption but its image is null or missing")
     else:
         raise ValueError("no conversations / messages / instruction+output / image+caption fields")
     messages = _messages_from_chat(turns, role_key, text_key)
@@ -388,33 +492,68 @@ def read_records(path: str | Path | Sequence[str | Path], image_folder: str | Pa
     without one, to ``<dataset>_images/`` next to the dataset (absolute paths). With
     ``check_images`` every referenced image must exist. Raises :class:`DataError` naming file and record.
     """
-    records: list[Record] = []
+    return [rec for _, rec in iter_records(path, image_folder, check_images=check_images)]
+
+
+def iter_records(path: str | Path | Sequence[str | Path], image_folder: str | Path | None = None, *,
+                 check_images: bool = False,
+                 on_error: Callable[[DataError, bool], None] | None = None) -> Iterator[tuple[str, Record]]:
+    """``(where, record)`` for every record, read lazily (JSON lines one at a time); ``where`` is
+    ``"<file>: record N"``, as error messages name it (a JSON line that does not parse: ``"... (line L)"``).
+
+    Without ``on_error`` the first problem raises a :class:`DataError`. With it, each problem is passed
+    to ``on_error(error, is_record)`` and reading goes on: with the next record when one record is bad
+    (``is_record`` true), with the next file when the file cannot be read further (``is_record`` false).
+    """
     for p in split_paths(path):
-        if not p.exists():
-            raise DataError(f"{p}: data file not found")
-        hf = _is_hf_dir(p) or p.suffix.lower() == ".parquet" or (p.is_dir() and any(p.glob("**/*.parquet")))
-        if hf:
-            export = Path(image_folder) if image_folder is not None else p.parent / f"{p.name.split('.')[0]}_images"
-            rows: Iterable[tuple[int, Any]] = _iter_hf(p, export)
-        elif p.is_dir():
-            raise DataError(f"{p}: a folder that is neither a saved Hugging Face dataset nor holds parquet files")
-        else:
-            rows = iter_raw(p)
-        for i, row in rows:
-            question = CAPTION_QUESTIONS[int(hashlib.sha1(f"{p.name}:{i}".encode()).hexdigest(), 16) % len(CAPTION_QUESTIONS)]
-            try:
-                rec = record_from_any(row, default_id=f"{p.stem}-{i}", caption_question=question)
-            except (ValueError, ValidationError, KeyError, TypeError) as e:
-                raise DataError(f"{p}: record {i}: {_short(e)}") from None
+        try:
+            yield from _file_records(p, image_folder, check_images, on_error)
+        except DataError as e:
+            if on_error is None:
+                raise
+            on_error(e, False)
+
+
+def _file_records(p: Path, image_folder: str | Path | None, check_images: bool,
+                  on_error: Callable[[DataError, bool], None] | None) -> Iterator[tuple[str, Record]]:
+    if not p.exists():
+        raise DataError(f"{p}: data file not found")
+    hf = _is_hf_dir(p) or p.suffix.lower() == ".parquet" or (p.is_dir() and any(p.glob("**/*.parquet")))
+    if hf:
+        export = Path(image_folder) if image_folder is not None else p.parent / f"{p.name.split('.')[0]}_images"
+        rows: Iterable[tuple[int, Any, int | None]] = ((i, row, None) for i, row in _iter_hf(p, export))
+    elif p.is_dir():
+        raise DataError(f"{p}: a folder that is neither a saved Hugging Face dataset nor holds parquet files")
+    else:
+        rows = _rows(p, tolerant=on_error is not None)
+    for i, row, lineno in rows:
+        where = f"{p}: record {i}"  # (a JSON line that does not parse names its line too)
+        if isinstance(row, DataError):  # a JSON line that does not parse (tolerant reading)
+            assert on_error is not None
+            on_error(row, True)
+            continue
+        question = CAPTION_QUESTIONS[int(hashlib.sha1(f"{p.name}:{i}".encode()).hexdigest(), 16) % len(CAPTION_QUESTIONS)]
+        try:
+            rec = record_from_any(row, default_id=f"{p.stem}-{i}", caption_question=question)
             if hf and image_folder is None:
                 rec.image = _absolute(rec.image, export)
             if check_images:
                 base = Path(image_folder) if image_folder is not None else p.parent
                 for img in rec.images:
                     if not (Path(img) if Path(img).is_absolute() else base / img).is_file():
-                        raise DataError(f"{p}: record {i}: image not found: {img}")
-            records.append(rec)
-    return records
+                        raise DataError(f"{where}: image not found: {img}")
+        except DataError as e:
+            if on_error is None:
+                raise
+            on_error(e, True)
+            continue
+        except (ValueError, ValidationError, KeyError, TypeError) as e:
+            err = DataError(f"{where}: {_short(e)}")
+            if on_error is None:
+                raise err from None
+            on_error(err, True)
+            continue
+        yield where, rec
 
 
 def _absolute(image: str | list[str] | None, folder: Path) -> str | list[str] | None:
@@ -457,23 +596,51 @@ def from_sharegpt(row: dict[str, Any], default_id: str = "0") -> Record:
     return record_from_any(row, default_id)
 
 
+def _rows_out(records: Iterable[Record], fmt: str) -> Iterator[dict[str, Any]]:
+    for r in records:
+        yield r.to_dict() if fmt == "llava" else to_sharegpt(r)
+
+
 def write_records(records: Iterable[Record], path: str | Path, fmt: str = "llava") -> Path:
-    """Write records as ``llava`` (MMedAgent) or ``sharegpt``; ``.jsonl`` → one per line, else a JSON array."""
+    """Write records as ``llava`` (MMedAgent) or ``sharegpt``; ``.jsonl`` → one per line, else a JSON array.
+
+    Records are written one at a time as they come (a generator is never held whole), into a temporary
+    file beside ``path`` that replaces it at the end: a failure leaves no half-written file, and the
+    output may be the input of a lazy read (``convert a.jsonl a.jsonl``).
+    """
     if fmt not in ("llava", "sharegpt"):
         raise ValueError(f"unknown format {fmt!r}; use 'llava' or 'sharegpt'")
-    rows = [r.to_dict() if fmt == "llava" else to_sharegpt(r) for r in records]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix.lower() == ".jsonl":
-        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    else:
-        path.write_text(json.dumps(rows, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"  # created with the umask's mode
+    try:
+        with open(tmp, "x", encoding="utf-8", newline="\n") as f:
+            if path.suffix.lower() == ".jsonl":
+                for row in _rows_out(records, fmt):
+                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            else:  # the same bytes as json.dumps(rows, indent=1), one record at a time
+                n = 0
+                for row in _rows_out(records, fmt):
+                    f.write(("[\n " if n == 0 else ",\n ") + json.dumps(row, ensure_ascii=False, indent=1).replace("\n", "\n "))
+                    n += 1
+                f.write("[]\n" if n == 0 else "\n]\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path
 
 
 def convert(src: str | Path, dst: str | Path, fmt: str = "llava", image_folder: str | Path | None = None) -> int:
-    """Convert any readable data (JSON/JSONL/sharegpt/HF) to ``fmt``; returns the number of records."""
-    records = read_records(src, image_folder=image_folder)
-    write_records(records, dst, fmt)
-    return len(records)
+    """Convert any readable data (JSON/JSONL/sharegpt/HF) to ``fmt``, record by record; returns the number
+    of records."""
+    count = 0
 
+    def counted() -> Iterator[Record]:
+        nonlocal count
+        for _, rec in iter_records(src, image_folder=image_folder):
+            count += 1
+            yield rec
+
+    write_records(counted(), dst, fmt)
+    return count

@@ -98,19 +98,26 @@ def train_env() -> dict[str, str]:
             "TOKENIZERS_PARALLELISM": "false"}
 
 
-def command(args: list[str], ranks: int | None) -> list[str]:
+def command(args: list[str], ranks: int | None, port: int | None = None) -> list[str]:
     """``deepspeed --num_gpus N train/train_mem.py ...`` (or plain ``python train/train_mem.py`` for None)."""
     if ranks is None:
         return [sys.executable, str(TRAIN_MEM), *args]
     launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
-    return [launcher, "--num_gpus", str(ranks), "--master_port", str(free_port()), str(TRAIN_MEM), *args]
+    return [launcher, "--num_gpus", str(ranks), "--master_port", str(port or free_port()), str(TRAIN_MEM), *args]
+
+
+def shm_buffers(port: int) -> list[Path]:
+    """DeepSpeed's CPU all-reduce buffers of the run on ``port`` (one per rank, 66 MB each)."""
+    return sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"))
 
 
 def run_training(args: list[str], ranks: int | None = None, timeout: float = 300) -> str:
-    proc = subprocess.run(command(args, ranks), cwd=ROOT, env=train_env(), capture_output=True, text=True, check=False,
-                          timeout=timeout)
+    port = free_port()
+    proc = subprocess.run(command(args, ranks, port), cwd=ROOT, env=train_env(), capture_output=True, text=True,
+                          check=False, timeout=timeout)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"training failed ({proc.returncode}):\n{out[-6000:]}"
+    assert not shm_buffers(port), "a finished run left its shared-memory buffers in /dev/shm"
     return out
 
 
@@ -120,7 +127,8 @@ def run_until(args: list[str], ranks: int | None, done: Path, timeout: float = 3
     os.close(fd)
     log = Path(name)
     with open(log, "w") as sink:
-        proc = subprocess.Popen(command(args, ranks), cwd=ROOT, env=train_env(), stdout=sink,
+        port = free_port()
+        proc = subprocess.Popen(command(args, ranks, port), cwd=ROOT, env=train_env(), stdout=sink,
                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
         deadline = time.monotonic() + timeout
         try:
@@ -134,6 +142,8 @@ def run_until(args: list[str], ranks: int | None, done: Path, timeout: float = 3
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+            for buffer in shm_buffers(port):  # a killed rank cannot remove its own
+                buffer.unlink(missing_ok=True)
     return log.read_text()
 
 

@@ -194,6 +194,8 @@ def test_reports(tmp_path):
     table = tmp_path / "r.csv"
     with open(table, "w", newline="") as f:
         csv.writer(f).writerows([["image", "report"], ["x.png", "No acute findings."], ["y.png", "Small effusion."]])
+    for name in ("x.png", "y.png"):  # without --image-root, the images are looked for beside the table
+        save_grey(tmp_path / name)
     out = tmp_path / "r.json"
     assert run_cli("build", "reports", "--table", table, "--out", out) == 0
     recs = records_of(out)
@@ -240,8 +242,9 @@ def test_vqa_and_captions_are_direct_answers(tmp_path):
     vqa = write_json(tmp_path / "v.json", [{"image": "a.png", "question": "Is there a fracture?", "answer": "No."},
                                          {"question": "What is HU?", "answer": "Hounsfield units."}])
     caps = write_json(tmp_path / "c.json", [{"image": "a.png", "caption": "Axial CT of the abdomen."}])
-    run_cli("build", "vqa", "--table", vqa, "--out", tmp_path / "vo.json")
-    run_cli("build", "captions", "--table", caps, "--out", tmp_path / "co.json")
+    save_grey(tmp_path / "a.png")
+    assert run_cli("build", "vqa", "--table", vqa, "--out", tmp_path / "vo.json") == 0
+    assert run_cli("build", "captions", "--table", caps, "--out", tmp_path / "co.json") == 0
     v, c = records_of(tmp_path / "vo.json"), records_of(tmp_path / "co.json")
     assert [len(r.conversations) for r in v + c] == [2, 2, 2]
     assert all(r.conversations[1].actions == [] and r.conversations[1].is_tool_turn for r in v + c)
@@ -407,3 +410,132 @@ def test_hf_caption_dataset_to_split_instruction_json(tmp_path):
     rec = records_of(tmp_path / "out" / "test.json")[0]
     assert (tmp_path / "images" / rec.image).is_file() and rec.conversations[1].value.startswith("Finding number")
     assert_valid(tmp_path / "out" / "train.json")
+
+
+# --------------------------------------------------------------------------- fixes: tables, errors, folders, rag
+
+
+def test_table_images_are_checked_beside_the_table_and_outside_ones_are_a_warning(tmp_path, capsys):
+    """Training takes an absolute or ``..`` image path, so the builder does too, with a warning; a
+    missing image is an error naming the row (and --image-root, when the paths start elsewhere)."""
+    save_grey(tmp_path / "t" / "a.png")
+    save_grey(tmp_path / "outside.png")
+    table = tmp_path / "t" / "r.csv"
+    table.write_text("image,report\na.png,Normal.\nmissing.png,Effusion.\n", encoding="utf-8")
+    assert run_cli("build", "reports", "--table", table, "--out", tmp_path / "o.json") == 2  # no --image-root needed
+    err = capsys.readouterr().err
+    assert "r.csv: record 2: image not found" in err and "pass --image-root" in err
+    for bad in (str(tmp_path / "outside.png"), "../outside.png"):
+        table.write_text(f"image,report\na.png,Normal.\n{bad},Effusion.\n", encoding="utf-8")
+        for root in ((), ("--image-root", tmp_path / "t")):
+            assert run_cli("build", "reports", "--table", table, *root, "--out", tmp_path / "o.json") == 0
+            err = capsys.readouterr().err.strip()
+            assert err.startswith("warning: ") and "r.csv: record 2: image " in err and "outside the image root" in err
+    table.write_text("image,report\nt/a.png,Normal.\n", encoding="utf-8")  # relative to elsewhere: say where
+    assert run_cli("build", "reports", "--table", table, "--image-root", tmp_path, "--out", tmp_path / "o.json") == 0
+
+
+def test_csv_with_excel_byte_order_mark_keeps_its_first_column(tmp_path):
+    table = tmp_path / "bom.csv"
+    table.write_bytes("\ufeffimage,report\na.png,Normal chest.\n".encode())
+    (ex,) = builders.read_reports(table)
+    assert ex.image == "a.png" and ex.report == "Normal chest."
+
+
+@pytest.mark.parametrize("case, match", [
+    ("latin_csv", r"latin\.csv: record 2 \(line 3\): not UTF-8 text \(byte 0xe9\)"),
+    ("ratios_two", r"--ratios '0\.8,0\.2': need three"),
+    ("ratios_text", r"--ratios '0\.8,x,0\.1': need three"),
+    ("coco_category_without_id", r"coco\.json: categories\[2\]: needs id and name"),
+    ("coco_list", r"coco\.json: not a COCO detection file .* found a JSON list"),
+    ("labels_bad_json", r"labels\.json: invalid JSON at line 1"),
+    ("labels_text_keys", r"labels\.json: label key 'one' is not an integer"),
+])
+def test_bad_inputs_are_one_error_line_not_a_traceback(tmp_path, capsys, case, match):
+    save_grey(tmp_path / "a.png")
+    save_grey(tmp_path / "imgs" / "a.png")
+    save_grey(tmp_path / "masks" / "a.png", value=0, box=(2, 2, 9, 9), box_value=1)
+    data = write_json(tmp_path / "d.json", [{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}])
+    coco = {"images": [{"id": 1, "file_name": "a.png"}], "annotations": [],
+            "categories": [{"id": 1, "name": "nodule"}, {"name": "rib"}]}
+    argv = {
+        "latin_csv": ("build", "reports", "--table", tmp_path / "latin.csv"),
+        "ratios_two": ("split", data, "--ratios", "0.8,0.2", "--out", tmp_path / "sp"),
+        "ratios_text": ("split", data, "--ratios", "0.8,x,0.1", "--out", tmp_path / "sp"),
+        "coco_category_without_id": ("build", "coco", "--annotations", tmp_path / "coco.json"),
+        "coco_list": ("build", "coco", "--annotations", tmp_path / "coco.json"),
+        "labels_bad_json": ("build", "masks", "--images", tmp_path / "imgs", "--masks", tmp_path / "masks",
+                            "--labels", tmp_path / "labels.json"),
+        "labels_text_keys": ("build", "masks", "--images", tmp_path / "imgs", "--masks", tmp_path / "masks",
+                             "--labels", tmp_path / "labels.json"),
+    }[case]
+    if case == "latin_csv":
+        (tmp_path / "latin.csv").write_bytes(b"image,report\na.png,Normal.\na.png,Caf\xe9 normal.\n")
+    elif case.startswith("coco"):
+        write_json(tmp_path / "coco.json", [coco] if case == "coco_list" else coco)
+    elif case == "labels_bad_json":
+        (tmp_path / "labels.json").write_text('{"1": "liver", "x": 2', encoding="utf-8")
+    elif case == "labels_text_keys":
+        write_json(tmp_path / "labels.json", {"one": "liver"})
+    out = () if case.startswith("ratios") else ("--out", tmp_path / "o.json")
+    assert run_cli(*argv, *out) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and err.count("\n") == 0 and re.search(match, err), err
+
+
+def test_classification_folder_skips_hidden_and_non_image_files(tmp_path):
+    save_grey(tmp_path / "cls" / "normal" / "a.png")
+    save_grey(tmp_path / "cls" / "pneumonia" / "b.png")
+    (tmp_path / "cls" / "normal" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (tmp_path / "cls" / "normal" / "._a.png").write_bytes(b"\x00\x05\x16\x07")  # macOS resource fork
+    (tmp_path / "cls" / "pneumonia" / "README.txt").write_text("notes", encoding="utf-8")
+    save_grey(tmp_path / "cls" / ".thumbnails" / "c.png")  # a hidden folder is not a class
+    exs = builders.read_classification(folder=tmp_path / "cls")
+    assert sorted(e.image for e in exs) == ["normal/a.png", "pneumonia/b.png"]
+    assert exs[0].labels == ["normal", "pneumonia"]
+
+
+def test_rag_top_k_limit_and_no_zero_overlap_padding(tmp_path):
+    from mmedagent.tools.rag import Retrieval
+
+    Retrieval.Params(k=builders.RAG_MAX_K)  # the builder's limit is the tool's
+    with pytest.raises(ValueError):
+        Retrieval.Params(k=builders.RAG_MAX_K + 1)
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("Asthma is a chronic disease of the airways.\nGout is caused by uric acid crystals.\n"
+                      "Anaemia is a low haemoglobin.\n", encoding="utf-8")
+    qa = write_json(tmp_path / "qa.json", [{"question": "What causes gout?", "answer": "Uric acid crystals."}])
+    for k in ("0", "51"):
+        assert run_cli("build", "rag", "--qa", qa, "--corpus", corpus, "--top-k", k, "--out", tmp_path / "r.json") == 2
+    (ex,) = builders.read_rag(qa, corpus, top_k=3)
+    assert ex.sources == ["2"] and ex.scores[0] > 0  # the passages sharing no word are left out
+
+
+def test_rag_corpus_folder_is_read_as_the_index_reads_it(tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "gout.md").write_text("# Gout\nGout is caused by uric acid crystals in the joints.\n", encoding="utf-8")
+    (docs / "asthma.txt").write_text("Asthma is a chronic disease\nof the airways.\n", encoding="utf-8")
+    from mmedagent.tools._rag_index import load_corpus
+
+    index_sources = sorted(p["source"] for p in load_corpus(docs).passages)
+    assert sorted(pid for pid, _ in builders.read_corpus(docs)) == index_sources == ["asthma.txt", "gout.md"]
+    qa = write_json(tmp_path / "qa.json", [{"question": "What causes gout?", "answer": "Uric acid.", "passages": ["gout.md"]}])
+    (ex,) = builders.read_rag(qa, docs)
+    assert ex.sources == ["gout.md"] and ex.passages == ["Gout is caused by uric acid crystals in the joints."]
+
+
+def test_rag_run_tools_searches_the_given_corpus(tmp_path):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps(d) + "\n" for d in [
+        {"id": "p1", "text": "Pneumothorax is air in the pleural space."},
+        {"id": "p2", "text": "A pleural effusion is fluid in the pleural space."},
+        {"id": "p3", "text": "Cardiomegaly means an enlarged heart."}]), encoding="utf-8")
+    qa = write_json(tmp_path / "qa.json", [{"question": "What is a pleural effusion?", "answer": "Fluid."}])
+    out = tmp_path / "rag.json"
+    assert run_cli("build", "rag", "--qa", qa, "--corpus", corpus, "--top-k", "2", "--run-tools", "--out", out) == 0
+    (rec,) = records_of(out)
+    passages = tool_turns(rec)[1].outcomes[0].output["passages"]
+    assert len(passages) == 2 and {p["source"] for p in passages} <= {"p1", "p2", "p3"}  # not the ICD-10-CM preset
+    assert passages[0]["source"] == "p2"
+    assert rec.tool_calls()[0].API_params == {"query": "What is a pleural effusion?"}

@@ -176,8 +176,8 @@ def test_hf_saved_dataset_image_caption(caption_dataset, tmp_path):
     root, images = caption_dataset
     recs = read_records(root / "medtrinity", image_folder=tmp_path / "img")
     assert [r.conversations[1].value for r in recs] == ["Chest X-ray, normal.", "Brain MRI.", "Abdomen CT."]
-    assert recs[0].image == "a_1.png" and recs[1].image == "b_2.png"
-    assert np.array_equal(np.asarray(Image.open(tmp_path / "img" / "a_1.png")), np.asarray(images[0]))
+    assert recs[0].image == "00000001_a_1.png" and recs[1].image == "00000002_b_2.png"  # row number: unique names
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "img" / "00000001_a_1.png")), np.asarray(images[0]))
     assert all(r.conversations[0].value.startswith(IMAGE_TOKEN + "\n") for r in recs)
     assert recs[0].conversations[1].actions == []  # a direct answer: no tool
 
@@ -190,3 +190,103 @@ def test_hf_parquet_default_export_folder(caption_dataset):
 
     assert Path(recs[2].image).is_absolute() and Path(recs[2].image).is_file()
     assert Path(recs[2].image).parent.name == "radiology_images"
+
+
+# --------------------------------------------------------------------------- fixes: reading back, errors, streaming
+
+TEXT_RECORD = {"id": "t1", "conversations": [{"from": "human", "value": "What is\u2028 this?\u0085 And\u000b that?"},
+                                             {"from": "gpt", "value": "A line\u2029 separator."}]}
+
+
+def test_jsonl_with_unicode_line_breaks_in_strings_reads_back(tmp_path):
+    src = write_json(tmp_path / "ls.json", [TEXT_RECORD, MMEDAGENT_RECORD])
+    assert convert(src, tmp_path / "ls.jsonl", fmt="sharegpt") == 2
+    assert "\u2028" in (tmp_path / "ls.jsonl").read_text(encoding="utf-8")  # written raw (ensure_ascii=False)
+    back = read_records(tmp_path / "ls.jsonl")
+    assert [r.to_dict() for r in back] == [r.to_dict() for r in read_records(src)]
+    crlf = tmp_path / "crlf.jsonl"
+    crlf.write_bytes(("\ufeff" + json.dumps(TEXT_RECORD, ensure_ascii=False) + "\r\n\r\n").encode())
+    assert read_records(crlf)[0].conversations[0].value == TEXT_RECORD["conversations"][0]["value"]
+
+
+def test_syntax_error_in_pretty_printed_object_names_its_line(tmp_path):
+    text = json.dumps({"data": [MMEDAGENT_RECORD, MMEDAGENT_RECORD]}, indent=2).splitlines()
+    text[30] += " ,,"
+    for name in ("wrapped.json", "wrapped.jsonl"):
+        p = tmp_path / name
+        p.write_text("\n".join(text), encoding="utf-8")
+        with pytest.raises(DataError, match=r"invalid JSON at line 31 column") as e:
+            read_records(p)
+        assert "record 1" not in str(e.value)
+    ok = tmp_path / "ok.jsonl"  # a pretty-printed object is read whatever the name
+    ok.write_text(json.dumps({"data": [MMEDAGENT_RECORD]}, indent=2), encoding="utf-8")
+    assert len(read_records(ok)) == 1
+    one_line = write_json(tmp_path / "one.json", {"records": [MMEDAGENT_RECORD, MMEDAGENT_RECORD]})
+    assert len(read_records(one_line)) == 2
+    bad_first = tmp_path / "bf.jsonl"  # JSON lines whose first line is broken: still JSON lines
+    bad_first.write_text('{"broken": \n' + json.dumps(MMEDAGENT_RECORD) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"record 1 \(line 1\): invalid JSON"):
+        read_records(bad_first)
+
+
+def test_convert_streams_jsonl_record_by_record(tmp_path, monkeypatch):
+    """convert never holds a JSON-lines file whole: each record is written before the next is parsed."""
+    import mmedagent.data.formats as formats
+
+    src = tmp_path / "big.jsonl"
+    src.write_text("".join(json.dumps({**MMEDAGENT_RECORD, "id": f"r{i}"}) + "\n" for i in range(5)), encoding="utf-8")
+    events = []
+    real_from_any, real_dict = formats.record_from_any, Record.to_dict
+    monkeypatch.setattr(formats, "record_from_any", lambda row, *a, **k: events.append("read") or real_from_any(row, *a, **k))
+    monkeypatch.setattr(Record, "to_dict", lambda self, *a, **k: events.append("write") or real_dict(self, *a, **k))
+    monkeypatch.setattr(type(src), "read_text", lambda *a, **k: pytest.fail("JSON lines read whole"))
+    assert convert(src, src, fmt="llava") == 5  # in place: the output replaces the input at the end
+    assert events == ["read", "write"] * 5
+    monkeypatch.undo()
+    assert [r.id for r in read_records(src)] == [f"r{i}" for i in range(5)]
+    assert convert(src, tmp_path / "big.json") == 5  # a JSON array, written record by record as json.dumps would
+    assert (tmp_path / "big.json").read_text(encoding="utf-8") == json.dumps(
+        [r.to_dict() for r in read_records(src)], ensure_ascii=False, indent=1) + "\n"
+
+
+def test_check_reports_every_problem_and_counts_records(tmp_path, capsys):
+    from mmedagent.data.__main__ import main
+
+    (tmp_path / "imgs" / "scans").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "imgs" / "scans" / "brain.jpg")
+    Image.new("RGB", (8, 8)).save(tmp_path / "outside.png")
+    lone = {"conversations": [{"from": "human", "value": "Hi"}]}
+    rows = [MMEDAGENT_RECORD, {**MMEDAGENT_RECORD, "image": "missing.png"}, lone,
+            {**MMEDAGENT_RECORD, "image": str(tmp_path / "outside.png")}, {**MMEDAGENT_RECORD, "image": "../outside.png"}]
+    p = tmp_path / "d.jsonl"
+    p.write_text("\n".join([json.dumps(rows[0]), json.dumps(rows[1]), "{broken", json.dumps(rows[2]),
+                            json.dumps(rows[3]), json.dumps(rows[4])]) + "\n", encoding="utf-8")
+    from mmedagent.data.check import check_file
+
+    report = check_file(p, image_folder=tmp_path / "imgs")
+    assert report.records == 6
+    assert report.problems == [f"{p}: record 2: image not found: missing.png",
+                               f"{p}: record 3 (line 3): invalid JSON at column 2: Expecting property name enclosed in double quotes",
+                               f"{p}: record 4: no assistant turn to learn from"]
+    assert len(report.warnings) == 2  # training takes these, but they leave the image folder
+    assert "record 5: image " in report.warnings[0] and "outside --image-folder" in report.warnings[0]
+    assert "record 6: image ../outside.png lies outside" in report.warnings[1]
+    assert main(["check", str(p), "--image-folder", str(tmp_path / "imgs")]) == 1
+    captured = capsys.readouterr()
+    assert "6 records, 3 problem(s), 2 warning(s)" in captured.out
+    assert "warning:" in captured.err and "record 2: image not found" in captured.err
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps(rows[0]) + "\n" + json.dumps(rows[3]) + "\n", encoding="utf-8")
+    assert main(["check", str(good), "--image-folder", str(tmp_path / "imgs")]) == 0  # warnings only
+
+
+def test_check_with_the_current_folder_as_image_folder_warns_of_nothing(tmp_path, monkeypatch):
+    from mmedagent.data.check import check_file
+
+    (tmp_path / "imgs" / "scans").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "imgs" / "scans" / "brain.jpg")
+    p = tmp_path / "d.jsonl"
+    p.write_text(json.dumps(MMEDAGENT_RECORD) + "\n", encoding="utf-8")
+    monkeypatch.chdir(tmp_path / "imgs")
+    report = check_file(p, image_folder=".")
+    assert report.problems == [] and report.warnings == []

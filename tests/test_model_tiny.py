@@ -171,7 +171,7 @@ def test_hub_ids_load_from_the_cache_at_once_when_the_hub_is_unreachable(tiny_mo
     started = time.monotonic()
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "loaded causal_lm" in proc.stdout and "refused OSError" in proc.stdout
+    assert "loaded causal_lm" in proc.stdout and "refused ModelNotFoundError" in proc.stdout  # an OSError
     assert "Retrying" not in proc.stderr and "cannot be reached" in proc.stderr
     assert float(proc.stdout.split("seconds")[1]) < 20, proc.stdout  # the Hub client's retries alone take ~25 s per file
     assert time.monotonic() - started < 120

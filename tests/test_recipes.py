@@ -442,3 +442,231 @@ def test_unknown_source_is_a_data_error(tmp_path):
         r"Hugging Face dataset \(config None, split 'train'\) failed",
     ):
         materialise("nobody/no-such-dataset", "train", tmp_path / "cache")
+
+
+# --------------------------------------------------------------------------- data checks up front
+
+
+def _rows(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_every_image_header_is_checked_up_front(tmp_path):
+    """A broken image in the middle of the data is named by the user's file and row, before any model loads."""
+    rows = [{"image": _png(tmp_path / f"{k}.png"), "caption": f"Scan {k}."} for k in range(5)]
+    (tmp_path / "bad.png").write_bytes(b"this is not an image at all")
+    rows[2]["image"] = "bad.png"
+    path = _rows(tmp_path / "scans.jsonl", rows)
+    with pytest.raises(DataError, match=rf"{path}: record 3: bad.png is not an image"):
+        read_captions(path, None, tmp_path / "export")
+    (tmp_path / "bad.png").write_bytes((tmp_path / "0.png").read_bytes()[:20])  # a PNG cut inside its header
+    with pytest.raises(DataError, match=rf"{path}: record 3: bad.png is a damaged PNG image"):
+        read_captions(path, None, tmp_path / "export")
+
+
+def _image_bytes(shade):
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (shade, shade, shade)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_rows_with_colliding_ids_keep_their_own_images(tmp_path):
+    """Duplicate ids, and ids that sanitise to one file name, never share an exported image."""
+    import datasets
+
+    from mmedagent.data.formats import read_records
+
+    ids = ["case/0", "case_0", "case/0", "case 0"]
+    path = tmp_path / "dup.parquet"
+    features = datasets.Features({"image": datasets.Image(), "id": datasets.Value("string"),
+                                  "caption": datasets.Value("string")})
+    datasets.Dataset.from_dict(
+        {"image": [{"bytes": _image_bytes(40 * k), "path": None} for k in range(4)], "id": ids,
+         "caption": [f"c{k}" for k in range(4)]}, features=features).to_parquet(str(path))
+    items = read_captions(path, None, tmp_path / "export", ("image", "id", "caption"))
+    assert len({i.image for i in items}) == 4
+    assert [Path(i.image).read_bytes() for i in items] == [_image_bytes(40 * k) for k in range(4)]
+    records = read_records(path, image_folder=tmp_path / "export2")  # the data layer's own export
+    assert len({r.image for r in records}) == 4
+
+
+def test_parquet_image_paths_are_read_from_image_folder(tmp_path):
+    import datasets
+
+    pics = tmp_path / "pics"
+    pics.mkdir()
+    names = [_png(pics / f"p{k}.png") for k in range(3)]
+    path = tmp_path / "data" / "rows.parquet"
+    path.parent.mkdir()
+    datasets.Dataset.from_dict({"image": names, "caption": ["a", "b", "c"]}).to_parquet(str(path))
+    items = read_captions(path, str(pics), tmp_path / "export")
+    assert [Path(i.image) for i in items] == [(pics / n).resolve() for n in names]
+    with pytest.raises(DataError, match=rf"{path}: record 1: image not found: {path.parent / names[0]}"):
+        read_captions(path, None, tmp_path / "export")  # default: the data's folder
+    for n in names:
+        _png(path.parent / n)
+    assert [Path(i.image) for i in read_captions(path, None, tmp_path / "export")] == [
+        (path.parent / n).resolve() for n in names]
+
+
+def test_local_dataset_dict_honours_data_split(tmp_path):
+    import datasets
+
+    from mmedagent.recipes.data import iter_rows
+
+    img = {"bytes": _image_bytes(90), "path": None}
+    features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")})
+    dd = datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict({"image": [img] * 3, "caption": ["tr0", "tr1", "tr2"]}, features=features),
+        "test": datasets.Dataset.from_dict({"image": [img] * 2, "caption": ["te0", "te1"]}, features=features),
+    })
+    dd.save_to_disk(str(tmp_path / "dd"))
+    def caps(split):
+        return [i.caption for i in read_captions(tmp_path / "dd", None, tmp_path / "x", split=split)]
+
+    assert caps("train") == ["tr0", "tr1", "tr2"] and caps("test") == ["te0", "te1"]
+    assert caps("train[1:]") == ["tr1", "tr2"]
+    with pytest.raises(DataError, match=r"dd: no split 'validation'; it has train, test \(use --data-split\)"):
+        caps("validation")
+    text = datasets.DatasetDict({s: datasets.Dataset.from_dict({"instruction": [s], "output": ["x"]})
+                                 for s in ("train", "test")})
+    text.save_to_disk(str(tmp_path / "text"))
+    assert [r["instruction"] for _, r in iter_rows(tmp_path / "text", "test")] == ["test"]
+
+
+def test_null_image_and_empty_data_messages(tmp_path):
+    import datasets
+
+    features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")})
+    path = tmp_path / "null.parquet"
+    datasets.Dataset.from_dict({"image": [{"bytes": _image_bytes(5), "path": None}, None], "caption": ["a", "b"]},
+                               features=features).to_parquet(str(path))
+    with pytest.raises(DataError, match=rf"{path}: record 2: no image"):
+        read_captions(path, None, tmp_path / "export")
+    empty = tmp_path / "empty.parquet"
+    datasets.Dataset.from_dict({"image": [], "caption": []}, features=features).to_parquet(str(empty))
+    with pytest.raises(DataError, match=rf"{empty}: no records"):
+        read_captions(empty, None, tmp_path / "export")
+    datasets.Dataset.from_dict({"image": [], "caption": []}, features=features).save_to_disk(str(tmp_path / "hf"))
+    with pytest.raises(DataError, match=r"hf: no records"):
+        read_captions(tmp_path / "hf", None, tmp_path / "export")
+
+
+# --------------------------------------------------------------------------- settings checked up front
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max-steps", "0"], "--max-steps must be a positive number of steps, or -1"),
+    (["--max-steps", "-5"], "--max-steps must be a positive number of steps, or -1"),
+    (["--eval-samples", "-1"], "--eval-samples must be 0"),
+    (["--export-dtype", "foo"], "--export-dtype 'foo' is not a dtype"),
+    (["--per-device-train-batch-size", "0"], "--per-device-train-batch-size must be at least 1"),
+])
+def test_nonsense_settings_refused_before_any_work(tmp_path, capsys, flags, message):
+    assert main(["radiology-llama32v", "--tiny", "--out", str(tmp_path), *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "tiny-base").exists()
+
+
+@pytest.mark.parametrize("flag, value", [("--val-fraction", "-0.1"), ("--test-fraction", "1.5")])
+def test_nonsense_held_out_sizes_refused(tmp_path, capsys, flag, value):
+    assert main(["dialogue-llama3", "--tiny", "--out", str(tmp_path), flag, value]) == 2
+    assert f"{flag} must be 0 (none held out)" in capsys.readouterr().err
+
+
+def test_zero_held_out_means_none():
+    from mmedagent.recipes.data import split
+
+    train, val, test = split(list(range(10)), [0, 2], seed=1)
+    assert (len(train), len(val), len(test)) == (8, 0, 2)
+    cfg = config_from_args(get_recipe("dialogue-llama3").Config, {"val_fraction": 0.0, "eval_samples": 0})
+    assert cfg.resolved()["export_dtype"] == "bfloat16"
+    assert config_from_args(get_recipe("dialogue-llama3").Config, {"export_dtype": "bf16"}).resolved()[
+        "export_dtype"] == "bfloat16"
+
+
+def test_train_flags_checked_under_stop_after_data_and_tiny_model_named(tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(["dialogue-llama3", "--tiny", "--out", str(out), "--stop-after-data", "--", "--bogus_flag", "1"]) == 2
+    assert "bogus_flag" in capsys.readouterr().err
+    assert main(["diagnosis-qwen2vl", "--tiny", "--out", str(out), "--stop-after-data"]) == 0
+    printed = capsys.readouterr().out
+    config = json.loads(printed[printed.index("{"):printed.index("\n}") + 2])
+    assert config["model"] == str(out / "tiny-base")  # not the default hub model
+    line = next(x for x in printed.splitlines() if "train: python " in x)
+    assert "--image_max_tokens 256" in line  # half of the tiny cutoff (512): Qwen2-VL images scaled to fit
+
+
+def test_missing_model_is_one_error_before_data_work(tmp_path, capsys):
+    data = _rows(tmp_path / "qa.jsonl", [{"instruction": "Hi", "output": "Hello"}] * 4)
+    out = tmp_path / "o"
+    rc = main(["dialogue-llama3", "--model", str(tmp_path / "nope"), "--data", str(data), "--out", str(out)])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert f"error: {tmp_path / 'nope'}: no such local directory" in err and "Traceback" not in err
+    assert not (out / "data" / "train.json").exists()
+
+
+def test_failed_merge_keeps_the_previous_export(tmp_path, monkeypatch):
+    import mmedagent.model.adapters as adapters
+    from mmedagent.recipes.base import Recipe
+
+    recipe = Recipe(config_from_args(get_recipe("dialogue-llama3").Config, {"out": str(tmp_path)}))
+    recipe.settings = {"lora": True, "export_dtype": "bfloat16"}
+    (tmp_path / "merged").mkdir()
+    (tmp_path / "merged" / "model.safetensors").write_text("previous export")
+
+    def failing(model, base, save, dtype=None):
+        save.mkdir(parents=True)
+        (save / "model.safetensors").write_text("half written")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(adapters, "merge_lora", failing)
+    with pytest.raises(RuntimeError, match="disk full"):
+        recipe.export(tmp_path / "adapter")
+    assert (tmp_path / "merged" / "model.safetensors").read_text() == "previous export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+
+    def works(model, base, save, dtype=None):
+        save.mkdir(parents=True)
+        (save / "model.safetensors").write_text(f"new export in {dtype}")
+
+    monkeypatch.setattr(adapters, "merge_lora", works)
+    assert recipe.export(tmp_path / "adapter") == tmp_path / "merged"
+    assert (tmp_path / "merged" / "model.safetensors").read_text() == "new export in bfloat16"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+
+
+def test_push_leaves_out_checkpoints_and_optimizer_state(tmp_path, monkeypatch):
+    from huggingface_hub import HfApi
+    from huggingface_hub.utils import filter_repo_objects
+
+    from mmedagent.recipes.base import push_to_hub
+
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "training_args.bin", "optimizer.pt",
+                 "checkpoint-6/model.safetensors", "checkpoint-6/optimizer.pt", "checkpoint-6/rng_state.pth",
+                 "checkpoint-6/trainer_state.json"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x")
+    calls = {}
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo, **k: f"https://huggingface.co/{repo}")
+    monkeypatch.setattr(HfApi, "upload_folder", lambda self, **k: calls.update(k))
+    push_to_hub(tmp_path, "me/model", True)
+    files = [str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()]
+    sent = sorted(filter_repo_objects(files, allow_patterns=calls.get("allow_patterns"),
+                                      ignore_patterns=calls.get("ignore_patterns")))
+    assert sent == ["config.json", "model.safetensors", "tokenizer.json"]
+
+
+def test_multiple_choice_letter_not_the_article():
+    opts = ("A", "B", "C", "D")
+    assert chosen_option("A likely diagnosis is B. gout", opts) == "B"
+    assert chosen_option("A patient like this most likely has (C) asthma", opts) == "C"
+    assert chosen_option("B. gout", opts) == "B"
+    assert chosen_option("Answer: D", opts) == "D"
+    assert chosen_option("A diagnosis of gout.", opts) is None

@@ -126,6 +126,11 @@ def test_resume_with_changed_projector_lr_says_why_not_a_traceback(tiny_models, 
     args = base_args(tiny_models("llava"), train_data["mmedagent"], out, "--image_folder", str(train_data["images"]),
                      "--version", "v1", "--save_steps", "2")
     run_training([*args, "--max_steps", "2", "--mm_projector_lr", "2e-5"])
+    err = _fails([*args, "--max_steps", "4"]).stderr.strip().splitlines()[-1]  # refused up front: the run's settings
+    assert err.startswith(f"error: {out / 'checkpoint-2'} was trained with other settings than this run: "
+                          "--mm_projector_lr (2e-05 -> None) changed"), err
+    assert "use a new --output_dir" in err
+    (out / "mmedagent_run.json").unlink()  # a run saved without a fingerprint: the optimizer state says why
     err = _fails([*args, "--max_steps", "4"]).stderr.strip().splitlines()[-1]
     assert err.startswith(f"error: resuming from {out / 'checkpoint-2'} failed: its optimizer state does not match "
                           "the current settings"), err

@@ -28,7 +28,7 @@ class FlagError(ValueError):
 
 LLAVA_ONLY = ("vision_tower", "mm_vision_select_layer", "mm_vision_select_feature", "mm_projector_type",
               "mm_use_im_start_end", "mm_use_im_patch_token")
-IMAGE_ONLY = ("image_folder", "image_aspect_ratio", "mm_projector_lr", "freeze_mm_mlp_adapter")
+IMAGE_ONLY = ("image_folder", "image_aspect_ratio", "mm_projector_lr", "freeze_mm_mlp_adapter", "image_max_tokens")
 
 
 @dataclass
@@ -65,6 +65,10 @@ class DataArguments:
                 "--eval_strategy and after training."})
     eval_image_folder: str | None = field(default=None, metadata={
         "help": "Image folder(s) of --eval_data_path (default: --image_folder)."})
+    image_max_tokens: int | None = field(default=None, metadata={
+        "help": "Qwen2-VL only: at most this many image tokens per image (one per 28 x 28 pixels): larger images "
+                "are scaled down, keeping their aspect ratio. It lowers the processor's own limit (max_pixels), "
+                "never raises it, and is saved with the processor, so inference scales the same way."})
     lazy_preprocess: bool = field(default=True, metadata={
         "help": "Accepted for compatibility; preprocessing is always lazy (per item, in the data loader)."})
 
@@ -106,6 +110,16 @@ class TrainingArguments(transformers.TrainingArguments):
             if not 0 <= self.warmup_ratio < 1:
                 raise FlagError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
             self.warmup_steps = self.warmup_ratio
+        for name in ("per_device_train_batch_size", "gradient_accumulation_steps"):
+            if getattr(self, name) < 1:
+                raise FlagError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise FlagError(f"--max_steps must be a positive number of steps, or -1 to train for --num_train_epochs; "
+                            f"got {self.max_steps}")
+        if self.max_steps == -1 and not self.num_train_epochs > 0:
+            raise FlagError(f"--num_train_epochs must be above 0 (or give --max_steps), got {self.num_train_epochs}")
+        if self.model_max_length < 1:
+            raise FlagError(f"--model_max_length must be at least 1, got {self.model_max_length}")
         if self.bits not in (4, 8, 16):
             raise FlagError(f"--bits must be 4, 8 or 16, got {self.bits}")
         if self.bits in (4, 8) and not torch.cuda.is_available():
@@ -130,6 +144,8 @@ class TrainingArguments(transformers.TrainingArguments):
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
     parser = transformers.HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    if data_args.image_max_tokens is not None and data_args.image_max_tokens < 4:
+        raise FlagError(f"--image_max_tokens must be at least 4, got {data_args.image_max_tokens}")
     if data_args.image_aspect_ratio not in (None, "pad", "square"):
         raise FlagError(f"--image_aspect_ratio must be 'pad' or 'square', got {data_args.image_aspect_ratio!r}")
     template_name(model_args.version)  # an unknown --version fails here, before any model loads
@@ -168,6 +184,9 @@ def check_backbone_flags(family: str, model_args: ModelArguments, data_args: Dat
         raise FlagError(f"{flags} do(es) not apply to {model_args.model_name_or_path} (a {family} backbone): "
                          f"{'image options need a vision backbone' if family == 'causal_lm' else 'LLaVA-only options'}"
                          "; remove them.")
+    if family not in ("qwen2_vl", "causal_lm") and data_args.image_max_tokens is not None:
+        raise FlagError(f"--image_max_tokens applies to Qwen2-VL only: {model_args.model_name_or_path} is a {family} "
+                        "backbone; remove it.")
     if family in NATIVE_ASPECT and data_args.image_aspect_ratio == "pad":
         raise FlagError(f"--image_aspect_ratio pad applies to LLaVA only: {model_args.model_name_or_path} (a {family} "
                          f"backbone) keeps each image's aspect ratio itself ({NATIVE_ASPECT[family]}); remove it.")

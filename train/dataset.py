@@ -112,6 +112,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
         # Images go to the processor as they are: LLaVA's ``pad`` is the processor's own (train/run.py gives
         # it a padding image processor, which the Trainer saves), so inference pads exactly as training did.
         self.samples = samples
+        self._untrained: set[int] = set()  # records seen with no label left (all of them: an error)
         self.processor = processor
         self.tokenizer = tokenizer_of(processor)
         self.family = family
@@ -217,7 +218,14 @@ class SupervisedDataset(torch.utils.data.Dataset):
         return labels
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return self.encode(self.samples[i])
+        item = self.encode(self.samples[i])
+        if not (item["labels"] != IGNORE_INDEX).any():
+            self._untrained.add(i)
+            if len(self._untrained) == len(self.samples):  # a run that would train on nothing, loss 0
+                raise DataError(f"no record of {', '.join(sorted({s.source for s in self.samples}))} has an answer "
+                                f"token left after truncation to --model_max_length {self.model_max_length}; "
+                                "raise --model_max_length")
+        return item
 
 
 def _pad_to(t: torch.Tensor, shape: Sequence[int], value: float) -> torch.Tensor:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -14,12 +16,14 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 
 from mmedagent.hub import prefer_cache_when_unreachable
 from mmedagent.model.llava_convert import llava_image_processor
-from mmedagent.model.loading import family_of, is_original_llava, load_model_and_processor
+from mmedagent.model.loading import family_of, is_original_llava, load_config, load_model_and_processor
 from mmedagent.model.templates import tokenizer_of
+from mmedagent.data.formats import DataError
 from mmedagent.train.args import FlagError, check_backbone_flags, parse_args, template_name
-from mmedagent.train.dataset import Collator, SupervisedDataset, load_samples
+from mmedagent.train.dataset import IGNORE_INDEX, Collator, SupervisedDataset, load_samples, split_list
 from mmedagent.train.modeling import apply_llava_flags, prepare_model, projector_name, torch_dtype
-from mmedagent.train.trainer import MMedTrainer, latest_checkpoint, plot_loss, resume_error, write_manifest
+from mmedagent.train.trainer import (MMedTrainer, ResumeError, latest_checkpoint, plot_loss, resume_error,
+                                     write_manifest)
 
 log = logging.getLogger("mmedagent.train")
 
@@ -30,7 +34,34 @@ def backbone_family(path: str) -> str:
     if config_file.is_file() and is_original_llava(json.loads(config_file.read_text())):
         return "llava"
     prefer_cache_when_unreachable(path)
-    return family_of(transformers.AutoConfig.from_pretrained(path))
+    config = load_config(path)  # ModelNotFoundError: a missing path or an unreachable / unknown hub id
+    try:
+        return family_of(config)
+    except ValueError as e:
+        raise FlagError(f"--model_name_or_path {path}: {e}") from None
+
+
+def cap_image_tokens(processor, max_tokens: int) -> None:
+    """``--image_max_tokens`` for Qwen2-VL: lower the image processor's largest image area (its
+    ``size["longest_edge"]``, formerly ``max_pixels``) to ``max_tokens`` image tokens, each
+    ``(patch_size * merge_size)²`` pixels (28 x 28 for Qwen2-VL); never raises it. Saved with the output,
+    so inference scales images as training did."""
+    ip = processor.image_processor
+    side = int(getattr(ip, "patch_size", 14)) * int(getattr(ip, "merge_size", 2))
+    max_pixels = max_tokens * side * side
+    size = ip.size
+    current = size.get("longest_edge") if hasattr(size, "get") else getattr(size, "longest_edge", None)
+    shortest = size.get("shortest_edge") if hasattr(size, "get") else getattr(size, "shortest_edge", None)
+    if current is not None and current <= max_pixels:
+        return
+    if shortest and max_pixels < shortest:
+        raise FlagError(f"--image_max_tokens {max_tokens} ({max_pixels} px) is below the processor's smallest image "
+                        f"area ({shortest} px)")
+    ip.size = {"shortest_edge": shortest, "longest_edge": max_pixels}
+    if hasattr(ip, "max_pixels"):
+        ip.max_pixels = max_pixels
+    log.info("--image_max_tokens %d: images larger than %d px are scaled down (the processor allowed %s px)",
+             max_tokens, max_pixels, current)
 
 
 def padding_processor(processor) -> None:
@@ -53,9 +84,9 @@ def _setup_logging(args) -> None:
     transformers.utils.logging.set_verbosity(args.get_process_log_level())
 
 
-def build_trainer(argv: list[str] | None = None) -> tuple[MMedTrainer, dict]:
+def build_trainer(argv: list[str] | None = None, parsed=None) -> tuple[MMedTrainer, dict]:
     """Parse flags, validate all data, load and prepare the model: the ready ``Trainer`` and run info."""
-    model_args, data_args, args = parse_args(argv)
+    model_args, data_args, args = parsed or parse_args(argv)
     _setup_logging(args)
     family = backbone_family(model_args.model_name_or_path)
     check_backbone_flags(family, model_args, data_args, args)
@@ -90,15 +121,20 @@ def build_trainer(argv: list[str] | None = None) -> tuple[MMedTrainer, dict]:
         apply_llava_flags(model, model_args)
         if data_args.image_aspect_ratio == "pad":
             padding_processor(processor)
+    if data_args.image_max_tokens is not None:
+        cap_image_tokens(processor, data_args.image_max_tokens)
     model = prepare_model(model, family, args)
 
     def dataset_of(records):
         data = SupervisedDataset(records, processor, family, template, args.model_max_length)
-        checked = set()
+        checked, trained = {}, False
         for i, s in enumerate(records):  # fail fast: one record of every file through the whole pipeline
             if s.source not in checked:
-                checked.add(s.source)
-                data[i]
+                checked[s.source] = s.where
+                trained |= bool((data[i]["labels"] != IGNORE_INDEX).any())
+        if not trained:
+            raise DataError(f"{', '.join(checked.values())}: no answer token is left to train on after truncation to "
+                            f"--model_max_length {args.model_max_length}; raise --model_max_length")
         return data
 
     dataset = dataset_of(samples)
@@ -115,20 +151,156 @@ def build_trainer(argv: list[str] | None = None) -> tuple[MMedTrainer, dict]:
     return trainer, info
 
 
-def main(argv: list[str] | None = None) -> Path:
-    """Train; returns the output directory (adapter or full model, processor, manifest, loss curve)."""
-    trainer, info = build_trainer(argv)
-    args = trainer.args
-    resume = args.resume_from_checkpoint or latest_checkpoint(args.output_dir)
-    if resume:
-        log.info("resuming from %s", resume)
+RUN_FILE = "mmedagent_run.json"
+"""Written into ``--output_dir`` when training starts: a fingerprint of the data and the settings, so that
+resuming a checkpoint with other data or settings is refused."""
+
+FINGERPRINT_FLAGS = (
+    "model_name_or_path", "version", "lora_enable", "lora_r", "lora_alpha", "lora_dropout", "lora_bias",
+    "lora_target_modules", "lora_vision", "bits", "learning_rate", "mm_projector_lr", "lr_scheduler_type",
+    "warmup_steps", "weight_decay", "optim", "per_device_train_batch_size", "gradient_accumulation_steps",
+    "model_max_length", "seed", "freeze_mm_mlp_adapter", "image_aspect_ratio", "image_max_tokens",
+    "group_by_modality_length",
+)
+"""The settings that shape what a resumed run computes. Not the run's length (``--max_steps``,
+``--num_train_epochs``: a longer run continues a finished one), nor logging, saving or evaluation cadence."""
+
+
+def _file_digest(path: Path, h) -> None:
+    if path.is_dir():
+        for f in sorted(q for q in path.rglob("*") if q.is_file()):
+            h.update(str(f.relative_to(path)).encode() + b"\0")
+            _file_digest(f, h)
+        return
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+
+
+def run_fingerprint(model_args, data_args, args) -> dict:
+    """The data (the bytes of every ``--data_path`` / ``--eval_data_path`` file; not of the images they name)
+    and the settings in :data:`FINGERPRINT_FLAGS`."""
+    h = hashlib.sha256()
+    for flag in ("data_path", "eval_data_path"):
+        for p in split_list(getattr(data_args, flag)):
+            h.update(f"{flag}:{Path(p).name}\0".encode())
+            if Path(p).exists():
+                _file_digest(Path(p), h)
+    settings = {}
+    for name in FINGERPRINT_FLAGS:
+        for obj in (model_args, data_args, args):
+            if hasattr(obj, name):
+                value = getattr(obj, name)
+                settings[name] = value if isinstance(value, (int, float, str, bool, type(None))) else str(value)
+                break
+    return {"data_sha256": h.hexdigest(), "settings": settings}
+
+
+def check_fingerprint(output_dir: str, checkpoint: str, fingerprint: dict, explicit: bool) -> None:
+    """ResumeError when ``checkpoint``'s run was started with other data or settings (a run without a
+    fingerprint, from an older version, is resumed as before)."""
+    for folder in (Path(checkpoint).parent, Path(output_dir)):
+        saved_file = folder / RUN_FILE
+        if saved_file.is_file():
+            break
+    else:
+        return
     try:
-        trainer.train(resume_from_checkpoint=resume)
-    except Exception as e:
-        explained = resume_error(e, resume, explicit=bool(args.resume_from_checkpoint)) if resume else None
-        if explained is None:
-            raise
-        raise explained from e
+        saved = json.loads(saved_file.read_text())
+    except (OSError, ValueError):
+        return
+    changed = [k for k in fingerprint["settings"] if k in saved.get("settings", {})
+               and saved["settings"][k] != fingerprint["settings"][k]]
+    what = (["the training data"] if saved.get("data_sha256") != fingerprint["data_sha256"] else []) + [
+        f"--{k} ({saved['settings'][k]!r} -> {fingerprint['settings'][k]!r})" for k in changed]
+    if what:
+        how = ("drop --resume_from_checkpoint" if explicit else
+               f"remove the checkpoint-* folders from {output_dir}")
+        raise ResumeError(
+            f"{checkpoint} was trained with other settings than this run: {', '.join(what)} changed. Resume with the "
+            f"data and flags it was started with, or start afresh: use a new --output_dir (recipes: a new --out) or "
+            f"{how}.")
+
+
+def _finished(checkpoint: str, args) -> int | None:
+    """The checkpoint's step when it already reached the end of the run (``--max_steps``, or the number
+    of steps its epochs came to), else None."""
+    try:
+        state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return None
+    step = int(state.get("global_step") or 0)
+    end = args.max_steps if args.max_steps > 0 else int(state.get("max_steps") or 0)
+    return step if end and step >= end else None
+
+
+def release_deepspeed_shm() -> None:
+    """Unlink this rank's shared-memory all-reduce buffer. DeepSpeed's CPU backend creates one per rank
+    (``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``, 66 MB) when all ranks are on
+    one machine and never removes it: without this, every CPU run leaves them behind until the
+    machine's memory is gone. Peers that mapped it keep their mapping."""
+    if "LOCAL_SIZE" not in os.environ or "RANK" not in os.environ:
+        return
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{os.environ['RANK']}")
+    with contextlib.suppress(OSError):
+        (Path("/dev/shm") / name).unlink()
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """Train; returns the output directory (adapter or full model, processor, manifest, loss curve).
+
+    A run whose newest checkpoint already reached the last step is not trained again: with its final
+    outputs present nothing is done; otherwise they are written from that checkpoint."""
+    parsed = parse_args(argv)
+    model_args, data_args, args = parsed
+    _setup_logging(args)
+    explicit = bool(args.resume_from_checkpoint)
+    if explicit and not (Path(args.resume_from_checkpoint) / "trainer_state.json").is_file():
+        missing = not Path(args.resume_from_checkpoint).is_dir()
+        raise FlagError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: "
+                        + ("no such folder" if missing else "not a complete checkpoint (no trainer_state.json)"))
+    resume = args.resume_from_checkpoint or latest_checkpoint(args.output_dir)
+    fingerprint = run_fingerprint(model_args, data_args, args)
+    if resume:
+        check_fingerprint(args.output_dir, resume, fingerprint, explicit)
+    done_at = _finished(resume, args) if resume else None
+    out = Path(args.output_dir)
+    if done_at is not None and (out / "mmedagent_train.json").is_file() and not explicit:
+        log.info("already trained: %s reached the last step (%d); nothing to do (start afresh with a new "
+                 "--output_dir)", resume, done_at)
+        return out
+
+    trainer, info = build_trainer(parsed=parsed)
+
+    def save_fingerprint():
+        if trainer.is_world_process_zero():
+            out.mkdir(parents=True, exist_ok=True)
+            tmp = out / f".{RUN_FILE}.tmp"
+            tmp.write_text(json.dumps(fingerprint, indent=1) + "\n")
+            os.replace(tmp, out / RUN_FILE)
+
+    if not resume:
+        save_fingerprint()  # before the first checkpoint; a resumed run keeps the one it was started with
+    if done_at is not None:
+        log.info("%s already reached the last step (%d): not training again; writing the outputs from it",
+                 resume, done_at)
+        from transformers.trainer_callback import TrainerState
+
+        trainer._load_from_checkpoint(resume)
+        trainer.state = TrainerState.load_from_json(str(Path(resume) / "trainer_state.json"))
+    else:
+        if resume:
+            log.info("resuming from %s", resume)
+        try:
+            trainer.train(resume_from_checkpoint=resume)
+        except Exception as e:
+            explained = resume_error(e, resume, explicit=explicit) if resume else None
+            if explained is None:
+                raise
+            raise explained from e
+    if resume:
+        save_fingerprint()  # (equal to the saved one, or the first for a run saved without one)
     if trainer.eval_dataset is not None:
         trainer.save_metrics("eval", trainer.evaluate())
     trainer.save_state()

@@ -27,6 +27,26 @@ def _local_json(path_or_id: str | Path, name: str) -> dict[str, Any] | None:
     return json.loads(f.read_text()) if f.is_file() else None
 
 
+class ModelNotFoundError(OSError):
+    """A checkpoint that cannot be found or read: a local path that does not exist or holds no model
+    config, or a hub id that is unknown, gated or unreachable. Entry points report it as one ``error:`` line."""
+
+
+def load_config(path_or_id: str | Path) -> Any:
+    """``AutoConfig.from_pretrained(path_or_id)``; :class:`ModelNotFoundError` with a one-line reason when
+    the checkpoint cannot be found or read (call :func:`mmedagent.hub.prefer_cache_when_unreachable` first)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(path_or_id))
+    except OSError as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if Path(str(path_or_id)).expanduser().exists():
+            raise ModelNotFoundError(f"{path_or_id}: not a loadable checkpoint: {first}") from None
+        raise ModelNotFoundError(f"{path_or_id}: no such local directory (relative paths are read from {Path.cwd()}) "
+                                 f"and not loadable as a hub id: {first}") from None
+
+
 def is_adapter(path_or_id: str | Path) -> bool:
     return (Path(path_or_id) / "adapter_config.json").is_file()
 
@@ -148,8 +168,6 @@ def load_model_and_processor(
     the CLIP tower for an original LLaVA checkpoint when its ``mm_vision_tower`` is not reachable here.
     For a bare tokenizer-only model the "processor" is the tokenizer.
     """
-    from transformers import AutoConfig
-
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "attn_implementation": resolve_attn(attn_implementation, device)}
@@ -170,15 +188,7 @@ def load_model_and_processor(
 
     prefer_cache_when_unreachable(model_path, vision_tower)
     model_path = _ensure_hf_layout(model_path, vision_tower)
-    try:
-        config = AutoConfig.from_pretrained(str(model_path))
-    except OSError as e:
-        if Path(str(model_path)).expanduser().exists():
-            raise
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise OSError(f"{model_path}: no such local directory (relative paths are read from {Path.cwd()}) "
-                      f"and not loadable as a hub id: {first}") from None
-    family = family_of(config)
+    family = family_of(load_config(model_path))
     model = _load_base(str(model_path), family, kwargs)
     processor = load_processor(model_path, family)
     if adapter_dir is not None:

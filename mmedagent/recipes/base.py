@@ -101,13 +101,35 @@ def check_hub_token() -> None:
         raise ValueError("--push-to-hub needs a Hugging Face token: set HF_TOKEN or run `hf auth login`")
 
 
+PUSH_IGNORE = ["checkpoint-*", "checkpoint-*/**", "*.pt", "*.pth", "training_args.bin", "rng_state*",
+               ".*"]
+"""Never uploaded: resumable checkpoints, optimizer / scheduler / RNG state, the training arguments, and
+hidden files (a full fine-tuning export is the training folder itself)."""
+
+
 def push_to_hub(folder: Path, repo: str, private: bool) -> str:
     from huggingface_hub import HfApi
 
     api = HfApi()
     url = api.create_repo(repo, private=private, exist_ok=True)
-    api.upload_folder(repo_id=repo, folder_path=str(folder), commit_message="mmedagent recipe export")
+    api.upload_folder(repo_id=repo, folder_path=str(folder), commit_message="mmedagent recipe export",
+                      ignore_patterns=PUSH_IGNORE)
     return str(url)
+
+
+def check_train_argv(argv: list[str]) -> None:
+    """Parse the ``train_mem.py`` command line as ``train_mem.py`` will (unknown flags, bad values, flags
+    that need hardware this machine lacks): a ValueError now instead of a failure after models load."""
+    from mmedagent.train.args import parse_args
+
+    try:
+        parsed = parse_args(argv)
+    except SystemExit as e:  # argparse printed its message (bad value for a flag)
+        raise ValueError(f"the train_mem.py flags are not valid (argparse exited with {e.code}; see above)") from None
+    except ValueError as e:
+        raise ValueError(f"train_mem.py flags: {e}") from None
+    del parsed  # (a --deepspeed config registers itself globally while its arguments live)
+    gc.collect()
 
 
 class Recipe:
@@ -125,6 +147,8 @@ class Recipe:
         self.train_extra = list(train_extra or [])
         self.out = Path(cfg.out or Path("runs") / self.name)
         self.settings: dict[str, Any] = {}
+        self.data_split: str | None = cfg.data_split
+        """The split / slice to take from local tabular data (None: data downloaded already as that split)."""
 
     # ------------------------------------------------------------------ hooks
 
@@ -149,6 +173,8 @@ class Recipe:
         t0 = time.monotonic()
         cfg = self.cfg
         self.settings = cfg.resolved()
+        if cfg.tiny:
+            self.settings["model"] = str(self.out / "tiny-base")  # what --tiny trains, not the default hub model
         self.out.mkdir(parents=True, exist_ok=True)
         say(f"{self.name}: effective configuration")
         print(json.dumps(self.settings | {"out": str(self.out), "train_extra": self.train_extra}, indent=2), flush=True)
@@ -157,6 +183,10 @@ class Recipe:
 
         base, data = self._inputs()
         say(f"base model: {base}")
+        if not cfg.tiny:
+            from mmedagent.train.run import backbone_family
+
+            backbone_family(str(base))  # a missing path or unreachable hub id fails now, in one line
         prepared = self.prepare(data)
         say(f"data: {prepared.counts} -> {prepared.train_file}")
 
@@ -165,6 +195,7 @@ class Recipe:
 
         script = Path(mmedagent.train.__file__).with_name("train_mem.py")
         say("train: " + shlex.join(["python", str(script), *argv]))  # paths absolute: it runs from anywhere
+        check_train_argv(argv)
         if cfg.stop_after_data:
             say(
                 "--stop-after-data: run the line above (e.g. under `deepspeed`), then this command with --skip-training"
@@ -174,11 +205,13 @@ class Recipe:
             raise ValueError(f"--skip-training: {self.train_dir()} holds no finished training run")
 
         heldout = [e for ex in prepared.splits.values() for e in ex]
-        before = self.generate(str(base), heldout, quantised=True) if self.compare_before else None
+        if not heldout:
+            say("nothing held out: no answers to generate or score")
+        before = self.generate(str(base), heldout, quantised=True) if self.compare_before and heldout else None
 
         trained = self.train_dir() if cfg.skip_training else self.train(argv)
         export = self.export(trained)
-        after = self.generate(str(export), heldout)
+        after = self.generate(str(export), heldout) if heldout else []
 
         report = self.report(prepared, before, after)
         summary = {
@@ -201,8 +234,6 @@ class Recipe:
         return summary
 
     def _inputs(self) -> tuple[Path | str, Path]:
-        from mmedagent.recipes.data import materialise
-
         cfg = self.cfg
         if cfg.tiny:
             from mmedagent.model.tiny import make_tiny_model
@@ -211,10 +242,7 @@ class Recipe:
             if not (base / "config.json").is_file():
                 make_tiny_model(self.tiny_arch, base, seed=cfg.seed)
             say(f"--tiny: random {self.tiny_arch} checkpoint in {base}")
-            data = (
-                materialise(cfg.data, cfg.data_split, self.out / "source-data", cfg.data_config) if cfg.data else None
-            )
-            return base, data or self.tiny_data(self.out / "tiny-data")
+            return base, self._materialise() if cfg.data else self.tiny_data(self.out / "tiny-data")
         if not cfg.model:
             raise ValueError("--model is required (a hub id or a local checkpoint)")
         if not cfg.data:
@@ -222,7 +250,16 @@ class Recipe:
                 "--data is required (a file, a folder or a Hugging Face dataset name); "
                 "or use --tiny to try the recipe on generated data"
             )
-        return cfg.model, materialise(cfg.data, cfg.data_split, self.out / "source-data", cfg.data_config)
+        return cfg.model, self._materialise()
+
+    def _materialise(self) -> Path:
+        """The local data; a hub dataset is downloaded as ``--data-split`` already (so it is not split again)."""
+        from mmedagent.recipes.data import materialise
+
+        cfg = self.cfg
+        if not Path(cfg.data).exists():
+            self.data_split = None
+        return materialise(cfg.data, cfg.data_split, self.out / "source-data", cfg.data_config)
 
     # ------------------------------------------------------------------ steps
 
@@ -245,6 +282,8 @@ class Recipe:
             "warmup_steps": _num(s["warmup_steps"]),
         }
         flags.update({k: s[k] for k in TRAIN_FLAGS})
+        if s.get("image_max_tokens"):  # Qwen2-VL: images scaled down to fit the cutoff (diagnosis-qwen2vl)
+            flags["image_max_tokens"] = s["image_max_tokens"]
         if s["lora"]:
             lora_flags = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_vision")
             flags.update({k: s[k] for k in lora_flags})
@@ -269,10 +308,22 @@ class Recipe:
         from mmedagent.model.adapters import merge_lora
 
         target = self.out / "merged"
+        # merged into a fresh folder, moved into place only when complete: a failed merge keeps the last export
+        tmp, old = self.out / ".merged.tmp", self.out / ".merged.old"
+        for leftover in (tmp, old):
+            if leftover.exists():
+                shutil.rmtree(leftover)
+        try:
+            merge_lora(trained, None, tmp, dtype=self.settings["export_dtype"])
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        finally:
+            free_memory()
         if target.exists():
-            shutil.rmtree(target)
-        merge_lora(trained, None, target, dtype=self.settings["export_dtype"])
-        free_memory()
+            target.rename(old)
+        tmp.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
         say(f"merged LoRA into the base, saved {self.settings['export_dtype']} model -> {target}")
         return target
 
@@ -304,6 +355,8 @@ class Recipe:
         rows, metrics, k = [], {}, 0
         for split, examples in prepared.splits.items():
             n = len(examples)
+            if not n:
+                continue  # nothing held out for this split
             got_after = after[k : k + n]
             metrics[split] = {"n": n, "after": self.score(split, examples, got_after)}
             if before is not None:
@@ -324,19 +377,22 @@ class Recipe:
         (self.out / "report.txt").write_text("\n".join(lines) + "\n")
         report = {"examples": rows, "metrics": metrics}
         (self.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-        say("held-out answers" + (" before / after fine-tuning" if before is not None else ""))
-        print(table, flush=True)
-        say("metrics: " + json.dumps(metrics))
+        if rows:
+            say("held-out answers" + (" before / after fine-tuning" if before is not None else ""))
+            print(table, flush=True)
+            say("metrics: " + json.dumps(metrics))
         return report
 
 
 def run_cli(recipe: Recipe) -> int:
     """Run; bad data and bad settings end with their message (no traceback) and exit status 2."""
     from mmedagent.data.formats import DataError
+    from mmedagent.model.loading import ModelNotFoundError
+    from mmedagent.train.trainer import ResumeError
 
     try:
         recipe.run()
-    except (DataError, ValueError) as e:
+    except (DataError, ValueError, ModelNotFoundError, ResumeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
@@ -361,7 +417,9 @@ class CaptionRecipe(Recipe):
     def prepare(self, data: Path) -> Prepared:
         from mmedagent.recipes.data import caption_record, read_captions, split, write_examples, write_sharegpt
 
-        items = read_captions(data, self.cfg.image_folder, self.out / "data" / "images", self.required_columns)
+        items = read_captions(
+            data, self.cfg.image_folder, self.out / "data" / "images", self.required_columns, self.data_split
+        )
         train, heldout = split(items, [self.cfg.eval_samples], self.cfg.seed)
         train_file = write_sharegpt([caption_record(i, self.prompt) for i in train], self.out / "data" / "train.json")
         examples = [Example(i.id, self.prompt, i.caption, image=i.image) for i in heldout]

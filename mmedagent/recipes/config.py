@@ -93,12 +93,42 @@ class RecipeConfig:
     TINY: ClassVar[dict[str, Any]] = {}
     """Overrides applied by ``--tiny`` to fields the user did not set."""
 
+    def validate(self) -> None:
+        """Reject settings that make no sense (one clear ValueError), before any work is done."""
+        positive = ("per_device_train_batch_size", "gradient_accumulation_steps", "model_max_length", "logging_steps",
+                    "save_steps", "max_new_tokens", "lora_r")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{_flag(name)} must be at least 1, got {getattr(self, name)}")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(f"--max-steps must be a positive number of steps, or -1 to train for --num-train-epochs; "
+                             f"got {self.max_steps}")
+        if self.max_steps == -1 and not self.num_train_epochs > 0:
+            raise ValueError(f"--num-train-epochs must be above 0 (or give --max-steps), got {self.num_train_epochs}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"--learning-rate must be above 0, got {self.learning_rate}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"--warmup-steps must be 0 or more (below 1: a fraction of the run), "
+                             f"got {self.warmup_steps}")
+        if not self.lora_alpha > 0 or not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"--lora-alpha must be above 0 and --lora-dropout in [0, 1); got {self.lora_alpha}, "
+                             f"{self.lora_dropout}")
+        if self.eval_samples < 0:
+            raise ValueError(f"--eval-samples must be 0 (hold nothing out) or more, got {self.eval_samples}")
+        if self.tiny_rows < 2:
+            raise ValueError(f"--tiny-rows must be at least 2, got {self.tiny_rows}")
+        if self.save_total_limit is not None and self.save_total_limit < 1:
+            raise ValueError(f"--save-total-limit must be at least 1, got {self.save_total_limit}")
+        export_dtype(self.export_dtype)
+
     def resolved(self) -> dict[str, Any]:
-        """The effective settings on this machine (auto values filled in)."""
+        """The effective settings on this machine (auto values filled in); ValueError for nonsense settings."""
         import torch
 
+        self.validate()
         cuda = torch.cuda.is_available()
         out = dataclasses.asdict(self)
+        out["export_dtype"] = export_dtype(self.export_dtype)
         if self.bits is None:
             out["bits"] = 4 if (cuda and self.qlora and self.lora) else 16
         if self.optim is None:
@@ -114,6 +144,30 @@ class RecipeConfig:
         if self.push_to_hub is not None:
             check_repo_id(self.push_to_hub)
         return out
+
+
+EXPORT_DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
+                 "half": "float16", "float32": "float32", "fp32": "float32", "float": "float32"}
+
+
+def export_dtype(name: str) -> str:
+    """The torch dtype name for ``--export-dtype`` (``bf16`` = ``bfloat16``, ...); ValueError if unknown."""
+    key = str(name).strip().lower().removeprefix("torch.")
+    if key not in EXPORT_DTYPES:
+        raise ValueError(f"--export-dtype {name!r} is not a dtype for the merged model; "
+                         "use bfloat16, float16 or float32")
+    return EXPORT_DTYPES[key]
+
+
+def held_out_share(value: float, flag: str) -> None:
+    """A held-out size: 0 (none), a share in (0, 1), or a whole number of records."""
+    if value < 0 or (value >= 1 and not float(value).is_integer()):
+        raise ValueError(f"--{flag} must be 0 (none held out), a share below 1 or a whole number of records; "
+                         f"got {value}")
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
 
 
 def _has_bitsandbytes() -> bool:
@@ -190,4 +244,4 @@ def config_from_args(cls: type[RecipeConfig], given: dict[str, Any]) -> RecipeCo
     return cls(**values)
 
 
-__all__ = ["RecipeConfig", "add_config_args", "check_repo_id", "config_from_args"]
+__all__ = ["RecipeConfig", "add_config_args", "check_repo_id", "config_from_args", "export_dtype", "held_out_share"]

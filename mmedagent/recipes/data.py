@@ -78,35 +78,114 @@ def materialise(data: str, split: str, cache: Path, config: str | None = None) -
     return target
 
 
-def _hf_dataset(path: Path) -> Any:
+_SPLIT = re.compile(r"^\s*([\w.-]+)?\s*(?:\[\s*(-?\d+%?)?\s*:\s*(-?\d+%?)?\s*\])?\s*$")
+
+
+def _slice(ds: Any, start: str | None, stop: str | None) -> Any:
+    """``ds[start:stop]`` with ``datasets``' split-slice syntax (whole rows or percents)."""
+    n = len(ds)
+
+    def pos(x: str | None, default: int) -> int:
+        if x is None:
+            return default
+        return round(n * int(x[:-1]) / 100) if x.endswith("%") else int(x)
+
+    return ds.select(range(*slice(pos(start, 0), pos(stop, n)).indices(n)))
+
+
+def _parquet_files(path: Path, split: str | None) -> list[Path]:
+    """The parquet files of ``path``; in a folder laid out by split (``train-0000.parquet``,
+    ``data/test/…``), those of ``split``."""
+    if path.is_file():
+        return [path]
+    files = sorted(path.glob("**/*.parquet"))
+    if not split:
+        return files
+
+    def split_of(f: Path) -> str | None:
+        parts = [f.stem.split("-")[0].split(".")[0], *(q.name for q in f.relative_to(path).parents if q.name)]
+        return next((q for q in parts if q in _KNOWN_SPLITS), None)
+
+    named = {f: split_of(f) for f in files}
+    if not any(named.values()):
+        return files  # not laid out by split
+    chosen = [f for f, s in named.items() if s == split]
+    if not chosen:
+        have = sorted({s for s in named.values() if s})
+        raise DataError(f"{path}: no split {split!r}; its parquet files hold {', '.join(have)} (use --data-split)")
+    return chosen
+
+
+_KNOWN_SPLITS = ("train", "validation", "valid", "val", "test", "dev", "eval")
+
+
+def _hf_dataset(path: Path, split: str | None = None) -> Any:
+    """The saved HF dataset / parquet data at ``path``; ``split`` (``train``, ``test[:100]``, ``train[10%:]``)
+    picks a split of a saved ``DatasetDict`` or a split-named parquet folder and slices it. None: the
+    ``train`` split, or the only one."""
     import datasets
 
+    m = _SPLIT.match(split or "")
+    if split and not m:
+        raise DataError(f"--data-split {split!r}: expected a split name, optionally sliced: "
+                        "train, test[:100], train[10%:]")
+    name, start, stop = (m.groups() if m else (None, None, None))
     try:
         if _is_hf_dir(path):
+            if _saved_empty(path):
+                raise DataError(f"{path}: no records (the saved dataset is empty)")
             ds = datasets.load_from_disk(str(path))
         else:
-            files = [path] if path.is_file() else sorted(path.glob("**/*.parquet"))
+            files = _parquet_files(path, name)
+            if all(_parquet_rows(f) == 0 for f in files):
+                raise DataError(f"{path}: no records (the parquet data is empty)")
             ds = datasets.Dataset.from_parquet([str(f) for f in files])
+    except DataError:
+        raise
     except Exception as e:  # noqa: BLE001
         raise DataError(f"{path}: cannot open as a Hugging Face dataset: {type(e).__name__}: {e}") from None
     if isinstance(ds, datasets.DatasetDict):
-        ds = ds["train"] if "train" in ds else datasets.concatenate_datasets(list(ds.values()))
+        pick = name or ("train" if "train" in ds or len(ds) != 1 else next(iter(ds)))
+        if pick not in ds:
+            raise DataError(f"{path}: no split {pick!r}; it has {', '.join(ds)} (use --data-split)")
+        ds = ds[pick]
+    if start is not None or stop is not None:
+        ds = _slice(ds, start, stop)
+    if len(ds) == 0:
+        raise DataError(f"{path}: no records" + (f" in split {split!r}" if split else ""))
     return ds
 
 
-def iter_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+def _saved_empty(path: Path) -> bool:
+    """A ``save_to_disk`` folder of a dataset with no rows (``datasets`` cannot load it back)."""
+    try:
+        return json.loads((path / "state.json").read_text()).get("_data_files") == []
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _parquet_rows(path: Path) -> int:
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(str(path)).metadata.num_rows
+    except Exception as e:  # noqa: BLE001
+        raise DataError(f"{path}: cannot read as parquet: {type(e).__name__}: {e}") from None
+
+
+def iter_rows(path: Path, split: str | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
     """(1-based row, row) of a JSON / JSONL file or a text-only HF dataset / parquet file."""
-    rows = enumerate(_hf_dataset(path), 1) if _is_tabular(path) else iter_raw(path)
+    rows = enumerate(_hf_dataset(path, split), 1) if _is_tabular(path) else iter_raw(path)
     for i, row in rows:
         if not isinstance(row, dict):
             raise DataError(f"{path}: record {i}: expected an object, found {type(row).__name__}")
         yield i, row
 
 
-def check_columns(path: Path, required: Sequence[str]) -> None:
+def check_columns(path: Path, required: Sequence[str], split: str | None = None) -> None:
     """Every row has the ``required`` columns (tabular data: the schema has them)."""
     if _is_tabular(path):
-        have = _hf_dataset(path).column_names
+        have = _hf_dataset(path, split).column_names
         missing = [c for c in required if c not in have]
         if missing:
             raise DataError(f"{path}: missing column(s) {', '.join(missing)}; the data has {', '.join(have)}")
@@ -132,30 +211,110 @@ class CaptionItem:
 
 
 def read_captions(
-    path: Path, image_folder: str | None, export_dir: Path, required: Sequence[str] = ("image", "caption")
+    path: Path,
+    image_folder: str | None,
+    export_dir: Path,
+    required: Sequence[str] = ("image", "caption"),
+    split: str | None = None,
 ) -> list[CaptionItem]:
-    """Image + caption rows, validated: columns, non-empty captions, images that exist and decode."""
+    """Image + caption rows, validated: columns, non-empty captions, images that exist and are images
+    (every image's header is checked; the first and last are decoded). Images stored in tabular data
+    (bytes / decoded) are exported to ``export_dir``; image paths are read relative to ``image_folder``
+    (default: the data's folder). Every error names ``path`` and the 1-based row."""
     from mmedagent.imaging import ImageLoadError, load_image
 
-    check_columns(path, required)
-    tabular = _is_tabular(path)
-    folder = export_dir if tabular else Path(image_folder) if image_folder else path.parent
-    records = read_records(path, image_folder=folder, check_images=True)
-    items = []
-    for i, rec in enumerate(records, 1):
-        images = rec.images
-        if len(images) != 1:
-            raise DataError(f"{path}: record {i}: expected one image, found {len(images)}")
-        image = Path(images[0]) if Path(images[0]).is_absolute() else folder / images[0]
-        caption = rec.conversations[-1].value.strip()
-        if i == 1 or i == len(records):  # decode a first and last image now rather than mid-training
-            try:
-                load_image(image)
-            except (ImageLoadError, OSError) as e:
-                raise DataError(f"{path}: record {i}: cannot decode image {image.name}: {e}") from None
-        items.append(CaptionItem(str(rec.id), str(image.resolve()), caption))
+    check_columns(path, required, split)
+    if _is_tabular(path):
+        items = _tabular_captions(path, image_folder, export_dir, split)
+    else:
+        folder = Path(image_folder) if image_folder else path.parent
+        items = []
+        for i, rec in enumerate(read_records(path, image_folder=folder, check_images=True), 1):
+            images = rec.images
+            if len(images) != 1:
+                raise DataError(f"{path}: record {i}: expected one image, found {len(images)}")
+            image = Path(images[0]) if Path(images[0]).is_absolute() else folder / images[0]
+            items.append(CaptionItem(str(rec.id), str(image.resolve()), rec.conversations[-1].value.strip()))
     if not items:
         raise DataError(f"{path}: no records")
+    for i, item in enumerate(items, 1):
+        check_image_header(Path(item.image), f"{path}: record {i}")
+    for i in sorted({1, len(items)}):  # decode a first and last image now rather than mid-training
+        try:
+            load_image(items[i - 1].image)
+        except (ImageLoadError, OSError) as e:
+            raise DataError(f"{path}: record {i}: cannot decode image {Path(items[i - 1].image).name}: {e}") from None
+    return items
+
+
+def check_image_header(image: Path, where: str) -> None:
+    """A cheap check that ``image`` is an image: its first bytes name a format :func:`mmedagent.imaging.load_image`
+    reads, and a PIL format's header parses. DataError naming ``where`` otherwise."""
+    from mmedagent.imaging import detect_format
+
+    try:
+        with open(image, "rb") as f:
+            head = f.read(1024)
+    except OSError as e:
+        raise DataError(f"{where}: cannot read image {image}: {e.strerror or e}") from None
+    fmt = detect_format(head)
+    if fmt is None:
+        raise DataError(f"{where}: {image.name} is not an image (expected PNG, JPEG, BMP, TIFF, GIF, WebP, "
+                        f"DICOM or NIfTI content){' - the file is empty' if not head else ''}")
+    if fmt not in ("dicom", "nifti"):
+        from PIL import Image
+
+        try:
+            with Image.open(image) as im:  # parses the header only
+                im.size  # noqa: B018
+        except Exception as e:  # noqa: BLE001 - any decoder complaint is a bad image
+            raise DataError(f"{where}: {image.name} is a damaged {fmt.upper()} image: {e}") from None
+
+
+def _tabular_captions(path: Path, image_folder: str | None, export_dir: Path, split: str | None) -> list[CaptionItem]:
+    """Caption rows of a saved HF dataset / parquet data: stored images (bytes, decoded) are exported to
+    ``export_dir`` under names unique per row; path strings are resolved against ``image_folder``, else the
+    data's folder."""
+    import datasets
+
+    from mmedagent.data.formats import _export_images
+
+    ds = _hf_dataset(path, split)
+    if isinstance(ds.features.get("image"), datasets.Image):
+        ds = ds.cast_column("image", datasets.Image(decode=False))  # bytes as stored: no decoding, exported as is
+    bases = [Path(image_folder)] if image_folder else [path if path.is_dir() else path.parent]
+    if not image_folder and path.is_dir():
+        bases.append(path.parent)
+    items = []
+    for i, row in enumerate(ds, 1):
+        where = f"{path}: record {i}"
+        value = row.get("image")
+        if isinstance(value, dict) and not value.get("bytes"):
+            value = value.get("path")  # an Image feature that stores only a path
+        if value is None or value == "" or value == []:
+            raise DataError(f"{where}: no image (the image column is empty)")
+        if isinstance(value, list):
+            if len(value) != 1:
+                raise DataError(f"{where}: expected one image, found {len(value)}")
+            value = value[0]
+        if isinstance(value, (str, Path)):
+            found = [b / value for b in bases if (b / value).is_file()] if not Path(value).is_absolute() else (
+                [Path(value)] if Path(value).is_file() else [])
+            if not found:
+                shown = Path(value) if Path(value).is_absolute() else bases[0] / value
+                raise DataError(f"{where}: image not found: {shown}"
+                                + ("" if image_folder else " (relative paths are read from the data's folder; "
+                                   "give --image-folder)"))
+            image = found[0]
+        else:
+            name = _export_images({"image": value, "id": row.get("id") or row.get("image_id")}, i, export_dir)["image"]
+            image = export_dir / name
+        caption = str(row.get("caption") or "").strip()
+        if not caption:
+            raise DataError(f"{where}: empty caption")
+        rid = row.get("id") if row.get("id") not in (None, "") else row.get("image_id")
+        rid = rid if rid not in (None, "") else f"{path.stem}-{i}"
+        items.append(CaptionItem(str(rid), str(image.resolve()), caption))
     return items
 
 
@@ -231,9 +390,9 @@ def dialogue_item(row: dict[str, Any], where: str, default_id: str) -> tuple[Rec
     return record, Example(rid, turns[-2].text(), turns[-1].value.strip(), context=context)
 
 
-def read_dialogue(path: Path) -> list[tuple[Record, Example]]:
+def read_dialogue(path: Path, split: str | None = None) -> list[tuple[Record, Example]]:
     out = []
-    for i, row in iter_rows(path):
+    for i, row in iter_rows(path, split):
         out.append(dialogue_item(row, f"{path}: record {i}", f"{path.stem}-{i}"))
     if not out:
         raise DataError(f"{path}: no records")
@@ -244,13 +403,15 @@ def read_dialogue(path: Path) -> list[tuple[Record, Example]]:
 
 
 def split(items: list[Any], fractions: Sequence[int | float], seed: int) -> list[list[Any]]:
-    """Shuffle deterministically; ``fractions`` (< 1: share, >= 1: count) of the held-out parts,
-    the rest is the first part (training). Each held-out part gets at least one item."""
+    """Shuffle deterministically; ``fractions`` (0: none, < 1: share, >= 1: count) of the held-out parts,
+    the rest is the first part (training). A held-out part with a share above 0 gets at least one item."""
     order = list(items)
     random.Random(seed).shuffle(order)
     parts, start = [], 0
     for f in fractions:
-        n = max(1, round(f * len(items))) if f < 1 else int(f)
+        if f < 0:
+            raise DataError(f"cannot hold out {f} records")
+        n = 0 if f == 0 else max(1, round(f * len(items))) if f < 1 else int(f)
         parts.append(order[start : start + n])
         start += n
     if start >= len(order):

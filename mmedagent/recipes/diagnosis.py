@@ -38,6 +38,22 @@ class DiagnosisConfig(RecipeConfig):
     save_steps: int = 5000
     eval_samples: int = 8
     max_new_tokens: int = 256
+    image_max_tokens: int | None = None
+    """At most this many image tokens per image (Qwen2-VL: one per 28 x 28 pixels); larger images are scaled
+    down, keeping their aspect ratio (``--image_max_tokens`` of train_mem.py; LLaMA-Factory's
+    ``image_max_pixels`` in tokens). None: half of ``model_max_length``, so an image always leaves room for text."""
+
+    def validate(self) -> None:
+        super().validate()
+        if self.image_max_tokens is not None and not 4 <= self.image_max_tokens < self.model_max_length:
+            raise ValueError(f"--image-max-tokens must be at least 4 and below --model-max-length "
+                             f"({self.model_max_length}), got {self.image_max_tokens}")
+
+    def resolved(self) -> dict:
+        out = super().resolved()
+        if self.image_max_tokens is None:
+            out["image_max_tokens"] = max(4, self.model_max_length // 2)
+        return out
 
     TINY: ClassVar[dict] = {
         "num_train_epochs": 1.0,

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from mmedagent.recipes.base import Prepared, Recipe, text_metrics
-from mmedagent.recipes.config import RecipeConfig
+from mmedagent.recipes.config import RecipeConfig, held_out_share
 from mmedagent.recipes.data import Example, read_dialogue, split, tiny_dialogue_file, write_examples, write_sharegpt
 
 
@@ -41,6 +41,11 @@ class DialogueConfig(RecipeConfig):
     max_new_tokens: int = 256
     tiny_rows: int = 24
 
+    def validate(self) -> None:
+        super().validate()
+        held_out_share(self.val_fraction, "val-fraction")
+        held_out_share(self.test_fraction, "test-fraction")
+
     TINY: ClassVar[dict] = {
         "max_steps": 6,
         "gradient_accumulation_steps": 1,
@@ -52,12 +57,24 @@ class DialogueConfig(RecipeConfig):
     }
 
 
-_LETTER = re.compile(r"\b([A-Z])\b")
+_CHOICE_PATTERNS = (
+    re.compile(r"^\W*\(?([A-Z])(?:[.):,]|\s*$|\s+[-–—])"),  # starts with "B." / "(B)" / "B)" / "B" alone
+    re.compile(r"\b(?:answer|option|choice)(?:\s+(?:is|would\s+be))?\s*[:\-]?\s*\(?([A-Z])\b(?!\s+[a-z])"),
+    re.compile(r"\(([A-Z])\)"),  # "(B)" anywhere
+    re.compile(r"(?<![\w.])([A-Z])[.)](?=\s|$)"),  # "B." / "B)" anywhere
+    re.compile(r"(?<![\w'])([A-Z])\b(?![.'’]?\w)(?!\s+[a-z])"),  # a lone capital, not the article "A likely ..."
+)
 
 
 def chosen_option(answer: str, options: tuple[str, ...]) -> str | None:
-    """The option letter an answer picks: its first standalone capital letter that is an option."""
-    return next((m for m in _LETTER.findall(answer) if m in options), None)
+    """The option letter an answer picks: a leading "B." / "(B)", then "answer is B", "(B)" or "B." anywhere,
+    then a standalone capital that is not an article or pronoun followed by a word ("A likely diagnosis
+    is B. gout" picks B)."""
+    for pattern in _CHOICE_PATTERNS:
+        found = next((m for m in pattern.findall(answer) if m in options), None)
+        if found:
+            return found
+    return None
 
 
 class DialogueLlama3(Recipe):
@@ -70,7 +87,7 @@ class DialogueLlama3(Recipe):
         return tiny_dialogue_file(folder, self.cfg.tiny_rows, self.cfg.seed)
 
     def prepare(self, data: Path) -> Prepared:
-        pairs = read_dialogue(data)
+        pairs = read_dialogue(data, self.data_split)
         train, val, test = split(pairs, [self.cfg.val_fraction, self.cfg.test_fraction], self.cfg.seed)
         folder = self.out / "data"
         train_file = write_sharegpt([r for r, _ in train], folder / "train.json")
