@@ -28,6 +28,7 @@ from pathlib import Path
 from mmedagent.data import builders
 from mmedagent.data.check import check_file
 from mmedagent.data.formats import DataError, convert, lies_outside, read_records, write_records
+from mmedagent.imaging import parse_window
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -76,21 +77,23 @@ def _parser() -> argparse.ArgumentParser:
     _common(p)
     p = kinds.add_parser("classification", help="class folders or a CSV -> classification")
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--folder")
-    g.add_argument("--table")
+    g.add_argument("--folder", help="one folder of images per class (root/<class>/<image>)")
+    g.add_argument("--table", help="CSV/JSON with columns image, label")
     p.add_argument("--labels", default=None, help="comma-separated candidate labels (others are errors)")
     _common(p)
     p = kinds.add_parser("reports", help="image + report table -> report generation")
-    p.add_argument("--table", required=True)
+    p.add_argument("--table", required=True, help="CSV/JSON with columns image, report (or findings, text)")
     _common(p)
     p = kinds.add_parser("rag", help="QA + corpus -> retrieval")
-    p.add_argument("--qa", required=True)
-    p.add_argument("--corpus", required=True)
+    p.add_argument("--qa", required=True, help="CSV/JSON with columns question, answer [, passages or sources]")
+    p.add_argument("--corpus", required=True, help="JSON/JSONL/CSV rows id, text; a .txt (a passage a line); "
+                   "or a folder / Markdown / PDF, read as the retrieval index reads it")
     p.add_argument("--top-k", type=int, default=3, help=f"passages per question, 1..{builders.RAG_MAX_K}")
     _common(p)
     for name in ("vqa", "captions"):
         p = kinds.add_parser(name, help="plain VQA / captions -> direct answers (no tool)")
-        p.add_argument("--table", required=True)
+        p.add_argument("--table", required=True, help="CSV/JSON with columns " + (
+            "image, caption" if name == "captions" else "question, answer [, image]"))
         _common(p)
 
     p = sub.add_parser("convert", help="any readable data -> llava or sharegpt")
@@ -127,13 +130,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _window(spec: str | None):
-    if spec is None or "," not in spec:
-        return spec
-    c, w = spec.split(",", 1)
+    if spec is None:
+        return None
     try:
-        return float(c), float(w)
-    except ValueError:
-        raise DataError(f"--window {spec!r}: expected a preset or CENTER,WIDTH numbers") from None
+        return parse_window(spec)
+    except ValueError as e:
+        raise DataError(f"--window: {e}") from None
 
 
 def _examples(a: argparse.Namespace) -> list[builders.Example]:

@@ -37,6 +37,7 @@ __all__ = [
     "MAX_PIXELS",
     "detect_format",
     "load_image",
+    "parse_window",
     "deidentify_dataset",
     "apply_window",
 ]
@@ -161,14 +162,25 @@ def detect_format(head: bytes) -> Format | None:
 # --------------------------------------------------------------------------- windowing
 
 
+def parse_window(spec: str) -> Window:
+    """A window from text, as a command line gives it: a preset name or ``CENTER,WIDTH``."""
+    if "," in spec:
+        try:
+            center, width = (float(v) for v in spec.split(","))
+        except ValueError:
+            raise ValueError(f"window {spec!r}: expected a preset or CENTER,WIDTH numbers") from None
+        return Window(center, width)
+    try:
+        return WINDOW_PRESETS[spec.strip().lower()]
+    except KeyError:
+        raise ValueError(f"unknown window preset {spec!r}; presets: {', '.join(WINDOW_PRESETS)}") from None
+
+
 def _resolve_window(window: WindowSpec) -> Window | None:
     if window is None or isinstance(window, Window):
         return window
     if isinstance(window, str):
-        try:
-            return WINDOW_PRESETS[window.strip().lower()]
-        except KeyError:
-            raise ValueError(f"unknown window preset {window!r}; presets: {', '.join(WINDOW_PRESETS)}") from None
+        return parse_window(window)
     try:
         center, width = window
         return Window(float(center), float(width))

@@ -26,6 +26,7 @@ import httpx
 from mmedagent.serve.config import add_common_args, config_or_exit
 from mmedagent.serve.httpclient import error_detail, make_client
 from mmedagent.serve.messages import stop_note
+from mmedagent.imaging import parse_window
 from mmedagent.serve.uploads import UploadError, decode_image, png_data_url, sendable_png
 
 
@@ -43,6 +44,21 @@ def print_step(step: dict[str, Any], out: TextIO) -> None:
             else:
                 out.write(f"  tool error: {outcome['error']}\n")
     out.flush()
+
+
+def view_note(meta: dict[str, Any]) -> str:
+    """What of a scan is shown: format, modality, plane, slice, frame, volume, window."""
+    parts = [str(meta[k]) for k in ("format", "modality") if meta.get(k)]
+    if "slice_index" in meta:
+        parts.append(f"{meta.get('plane', '')} slice {meta['slice_index'] + 1} of {meta.get('n_slices', '?')}".strip())
+    if "frame_index" in meta:
+        parts.append(f"frame {meta['frame_index'] + 1} of {meta.get('n_frames', '?')}")
+    if "n_volumes" in meta:
+        parts.append(f"volume {meta.get('volume', 0) + 1} of {meta['n_volumes']}")
+    window = meta.get("window")
+    if isinstance(window, dict) and "center" in window:
+        parts.append(f"window {window['center']:g}/{window['width']:g} ({meta.get('window_source', '?')})")
+    return ", ".join(parts) + " (--slice, --plane, --volume, --window choose another view)"
 
 
 def plain_banner(status: dict[str, Any]) -> str:
@@ -86,6 +102,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-q", "--question", help="ask this one question and exit")
     parser.add_argument("--controller", default=None, help="controller URL (default from config)")
     parser.add_argument("--model", default=None)
+    view = parser.add_argument_group("scan view (DICOM, NIfTI)")
+    view.add_argument("--window", default=None, help="display window: a preset (brain, lung, abdomen, bone, ...) "
+                      "or CENTER,WIDTH in the scan's units (default: the file's own, else from the values)")
+    view.add_argument("--slice", type=int, default=None, help="NIfTI slice or multi-frame image frame (default: the middle "
+                      "slice, the first frame)")
+    view.add_argument("--plane", choices=("axial", "coronal", "sagittal"), default="axial", help="NIfTI slice plane")
+    view.add_argument("--volume", type=int, default=0, help="volume of a 4-D NIfTI (default 0)")
     add_common_args(parser)
     args = parser.parse_args(argv)
     cfg = config_or_exit(parser, args.config, api_key=args.api_key)
@@ -93,11 +116,15 @@ def main(argv: list[str] | None = None) -> int:
     image = None
     if args.image:
         try:
-            image = decode_image(Path(args.image).read_bytes(), max_bytes=cfg.max_upload_bytes).image
+            window = parse_window(args.window) if args.window else None
+            med = decode_image(Path(args.image).read_bytes(), max_bytes=cfg.max_upload_bytes, window=window,
+                               slice_index=args.slice, plane=args.plane, volume=args.volume)
+            image = med.image
             sendable_png(image, cfg.max_upload_bytes)
-        except (OSError, UploadError) as e:
+        except (OSError, ValueError) as e:  # UploadError is a ValueError
             print(f"cannot use {args.image}: {getattr(e, 'reason', e)}", file=sys.stderr)
             return 2
+        print(f"image: {view_note(med.metadata)}", file=sys.stderr)
     client = make_client(cfg.api_key, cfg.model_timeout_s)
     try:  # what is answering, and its warnings (the demo planner's made-up answers), as the web UI shows
         status = client.get(f"{url}/v1/status", timeout=10)

@@ -1,5 +1,7 @@
-"""The controller: worker registry, the agent loop behind a streaming chat API and an
-OpenAI-compatible API — and the one command that starts the whole stack.
+"""Controller: worker registry, agent loop, streaming chat and OpenAI-compatible APIs; starts the stack.
+
+It runs the agent loop behind a streaming chat API and an OpenAI-compatible API, and is the one
+command that starts the whole stack.
 
 ``python serve/controller.py`` (no arguments) starts on 127.0.0.1 the controller, one model
 worker, one worker per tool and the web UI, prints the URLs and stops everything on Ctrl-C.

@@ -9,6 +9,7 @@ import io
 import os
 import threading
 import weakref
+from typing import Any
 
 # Media types a client may declare for an upload. DICOM and NIfTI have no registered image/* type;
 # the decoder (``mmedagent.imaging``) sniffs the bytes, the declared type is only a first filter.
@@ -65,8 +66,10 @@ def split_data_url(url: str, max_bytes: int) -> tuple[str, bytes]:
     return media_type, data
 
 
-def decode_image(data: bytes, media_type: str = "application/octet-stream", max_bytes: int | None = None):
-    """Bytes → :class:`mmedagent.imaging.MedicalImage` (PIL RGB + de-identified metadata)."""
+def decode_image(data: bytes, media_type: str = "application/octet-stream", max_bytes: int | None = None,
+                 **view: Any):
+    """Bytes → :class:`mmedagent.imaging.MedicalImage` (PIL RGB + de-identified metadata); ``view``:
+    :func:`~mmedagent.imaging.load_image`'s ``window``, ``slice_index``, ``plane``, ``volume``."""
     from mmedagent.imaging import ImageLoadError, load_image
 
     if media_type not in ACCEPTED_MEDIA_TYPES:
@@ -77,7 +80,7 @@ def decode_image(data: bytes, media_type: str = "application/octet-stream", max_
         raise UploadError(413, f"image is larger than the upload limit ({max_bytes} bytes)")
     try:
         with _DECODE_SLOTS:
-            return load_image(bytes(data), max_pixels=pixel_limit(len(data)))
+            return load_image(bytes(data), max_pixels=pixel_limit(len(data)), **view)
     except ImageLoadError as e:
         raise UploadError(400, f"could not read the image: {e}") from None
 

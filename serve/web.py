@@ -1,5 +1,7 @@
-"""Browser chat (Gradio): upload an image (PNG, JPEG, DICOM, NIfTI), ask, and watch each step —
-thought, tool call, tool result, answer — with the tools' boxes and masks drawn on the image.
+"""Browser chat (Gradio): upload a PNG, JPEG, DICOM or NIfTI image, ask, and watch each step.
+
+Each step — thought, tool call, tool result, answer — is shown with the tools' boxes and masks drawn
+on the image.
 
 ``python serve/web.py --controller http://127.0.0.1:21001`` (the one command starts it for you).
 The page talks to the controller's ``/chat`` stream; the image is decoded here (DICOM tags never

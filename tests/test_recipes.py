@@ -670,3 +670,16 @@ def test_multiple_choice_letter_not_the_article():
     assert chosen_option("B. gout", opts) == "B"
     assert chosen_option("Answer: D", opts) == "D"
     assert chosen_option("A diagnosis of gout.", opts) is None
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_the_printed_next_steps_run_from_any_folder(name, tmp_path, monkeypatch):
+    """The serve commands a run ends with name the scripts and the export by absolute paths."""
+    cls = get_recipe(name)
+    recipe = cls(config_from_args(cls.Config, {"out": str(tmp_path / "out")}))
+    monkeypatch.chdir(tmp_path)
+    steps = recipe.next_steps(Path("out/merged"))
+    serve = shlex.split(steps[0].split("#")[0])
+    assert Path(serve[1]).is_absolute() and Path(serve[1]).name == "controller.py" and Path(serve[1]).is_file()
+    assert serve[serve.index("--model-path") + 1] == str(tmp_path / "out" / "merged")
+    assert Path(shlex.split(steps[1].split("#")[0])[1]).is_file()  # serve/cli.py

@@ -464,3 +464,23 @@ def test_a_refused_request_reads_as_a_sentence_in_the_chat():
                                               "type": "string_too_long"}]})
     assert error_detail(r) == "body.question: String should have at most 20000 characters"
     assert error_detail(httpx.Response(503, json={"detail": "'retrieval' is still loading"})) == "'retrieval' is still loading"
+
+
+def test_the_terminal_chat_says_which_view_of_a_scan_it_sends_and_takes_another(tmp_path, capsys):
+    """A 4-D NIfTI: which slice and volume were sent, and flags to choose others (an unreachable
+    controller is fine: the image is read and described before the first question)."""
+    from pathlib import Path
+
+    import nibabel
+
+    from mmedagent.serve.cli import main
+
+    scan = str(Path(nibabel.__file__).parent / "tests" / "data" / "example4d.nii.gz")
+    main(["--image", scan, "--controller", "http://127.0.0.1:9", "-q", "hi"])
+    err = capsys.readouterr().err
+    assert "image: nifti, axial slice 13 of 24, volume 1 of 2, window " in err and "--slice" in err
+    main(["--image", scan, "--controller", "http://127.0.0.1:9", "-q", "hi", "--slice", "0", "--volume", "1",
+          "--plane", "coronal", "--window", "40,400"])
+    assert "image: nifti, coronal slice 1 of 96, volume 2 of 2, window 40/400 (explicit)" in capsys.readouterr().err
+    assert main(["--image", scan, "--controller", "http://127.0.0.1:9", "-q", "hi", "--window", "lungish"]) == 2
+    assert "unknown window preset 'lungish'" in capsys.readouterr().err

@@ -23,6 +23,13 @@ from mmedagent.recipes.config import RecipeConfig
 from mmedagent.recipes.data import Example
 
 
+def serve_script(name: str) -> Path:
+    """``serve/<name>`` of this installation (``mmedagent.serve`` is the ``serve/`` folder)."""
+    import mmedagent.serve
+
+    return Path(mmedagent.serve.__file__).with_name(name)
+
+
 @dataclass
 class Prepared:
     """What a recipe's data step produced."""
@@ -162,9 +169,12 @@ class Recipe:
         return text_metrics(answers, [e.reference for e in examples])
 
     def next_steps(self, export: Path) -> list[str]:
+        """Serve the export: the command lines (absolute paths: they run from anywhere)."""
         return [
-            f"python serve/controller.py --model-path {export}   # browser chat with uploaded images",
-            "python serve/cli.py --image scan.dcm   # in a second terminal: chat with it",
+            shlex.join(["python", str(serve_script("controller.py")), "--model-path", str(Path(export).resolve())])
+            + "   # browser chat with uploaded images (tools on their published weights; offline: add --tool-weights demo)",
+            shlex.join(["python", str(serve_script("cli.py")), "--image", "scan.dcm"])
+            + "   # in a second terminal: chat with it",
         ]
 
     # ------------------------------------------------------------------ the run

@@ -10,11 +10,12 @@ ROUGE-L and METEOR, plus accuracy on the multiple-choice questions.
 from __future__ import annotations
 
 import re
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from mmedagent.recipes.base import Prepared, Recipe, text_metrics
+from mmedagent.recipes.base import Prepared, Recipe, serve_script, text_metrics
 from mmedagent.recipes.config import RecipeConfig, held_out_share
 from mmedagent.recipes.data import Example, read_dialogue, split, tiny_dialogue_file, write_examples, write_sharegpt
 
@@ -118,6 +119,7 @@ class DialogueLlama3(Recipe):
 
     def next_steps(self, export: Path) -> list[str]:
         return [
-            f"python serve/controller.py --model-path {export} --tools ''   # no tools: a text-only chat model",
-            "python serve/cli.py   # in a second terminal: chat with it",
+            shlex.join(["python", str(serve_script("controller.py")), "--model-path", str(Path(export).resolve()),
+                        "--tools", ""]) + "   # no tools: a text-only chat model",
+            shlex.join(["python", str(serve_script("cli.py"))]) + "   # in a second terminal: chat with it",
         ]
