@@ -638,3 +638,29 @@ def test_tool_on_the_icd_preset(icd_index):
     assert out.output["passages"][0]["code"] == "I10" and "high blood pressure" in out.output["passages"][0]["text"]
     assert out.output["passages"][0]["source"] == ri.ICD10CM_SOURCE
     d.close()
+
+
+def test_concurrent_adds_to_one_index_keep_every_file(tmp_path, embedder, monkeypatch):
+    """Each --add reads, merges and swaps under the index's lock: none loses another's files."""
+    monkeypatch.setenv(ri.CACHE_ENV, str(tmp_path / "cache"))
+    docs = _docs(tmp_path / "docs", **{"a.txt": "Gout causes sudden pain of the big toe."})
+    out = tmp_path / "i.idx"
+    ri.HybridIndex.build(ri.load_corpus(docs), out, embedder)
+    topics = ["Psoriasis gives scaly plaques.", "Shingles is a painful rash.", "Asthma narrows the airways.",
+              "Anemia lowers hemoglobin."]
+    _docs(docs, **{f"n{i}.txt": text for i, text in enumerate(topics)})
+    errors = []
+
+    def add(i):
+        try:
+            ri.add_to_index(out, docs / f"n{i}.txt", embedder=embedder)
+        except Exception as e:  # noqa: BLE001 (collected for the assert)
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=add, args=(i,)) for i in range(len(topics))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert sorted(ri.HybridIndex.load(out, embedder).meta["files"]) == ["a.txt"] + [f"n{i}.txt" for i in range(4)]

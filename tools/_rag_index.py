@@ -26,6 +26,7 @@ import shutil
 import sqlite3
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import closing, contextmanager
@@ -623,27 +624,56 @@ def _lock_file(out: Path) -> Path:
     return out.parent / f".{out.name}.lock"
 
 
+_HELD = threading.local()  # .depth: lock file -> depth, of the exclusive locks this thread holds
+_LOCAL_GUARD = threading.Lock()
+_LOCAL: dict[str, threading.RLock] = {}  # one build of an index at a time among this process's threads
+
+
+def _held() -> dict[str, int]:
+    if not hasattr(_HELD, "depth"):
+        _HELD.depth = {}
+    return _HELD.depth
+
+
 @contextmanager
 def _out_lock(out: Path) -> Iterator[None]:
     """An exclusive lock (``fcntl.flock`` on ``.NAME.lock`` next to ``out``) held while ``out`` is
-    written, swapped in and reopened, so concurrent builds of one index take turns instead of
-    losing it, and loads (shared lock) never see it half swapped."""
+    written, swapped in and reopened — by ``--add`` from reading the old index to swapping in the
+    new one — so concurrent builds of one index take turns instead of losing it or each other's
+    files, and loads (shared lock) never see it half swapped. Re-entrant within a process."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(_lock_file(out), "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"waiting for another build of {_printable(str(out))} to finish", file=sys.stderr)
-            fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    key, held = str(_lock_file(out).resolve()), _held()
+    with _LOCAL_GUARD:
+        local = _LOCAL.setdefault(key, threading.RLock())
+    with local:
+        if held.get(key):
+            held[key] += 1
+            try:
+                yield
+            finally:
+                held[key] -= 1
+            return
+        with open(key, "a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                print(f"waiting for another build of {_printable(str(out))} to finish", file=sys.stderr)
+                fcntl.flock(f, fcntl.LOCK_EX)
+            held[key] = 1
+            try:
+                yield
+            finally:
+                held[key] = 0
+                fcntl.flock(f, fcntl.LOCK_UN)
 
 
 @contextmanager
 def _read_lock(path: Path) -> Iterator[None]:
-    """A shared lock on the index's lock file, if there is one (a copied index has none)."""
+    """A shared lock on the index's lock file, if there is one (a copied index has none); nothing
+    to take where this thread builds the index (it holds the exclusive lock)."""
+    if _held().get(str(_lock_file(path).resolve())):
+        yield
+        return
     try:
         f = open(_lock_file(path), "rb")
     except OSError:
@@ -919,6 +949,12 @@ def add_to_index(path: str | Path, corpus_path: str | Path, chunk_size: int = 12
     their passages. Only new texts are embedded. Returns the index, the number of files added or
     replaced, and the number of files removed.
     """
+    with _out_lock(Path(path)):  # read, merged and swapped as one: a concurrent --add waits its turn
+        return _add_locked(path, corpus_path, chunk_size, overlap, embedder, progress)
+
+
+def _add_locked(path: str | Path, corpus_path: str | Path, chunk_size: int, overlap: int,
+                embedder: Embedder | None, progress: bool) -> tuple[HybridIndex, int, int]:
     old = HybridIndex.load(path, embedder)
     given = Path(corpus_path)
     if not given.exists():
