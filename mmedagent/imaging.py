@@ -38,6 +38,7 @@ __all__ = [
     "detect_format",
     "load_image",
     "parse_window",
+    "describe_view",
     "deidentify_dataset",
     "apply_window",
 ]
@@ -174,6 +175,22 @@ def parse_window(spec: str) -> Window:
         return WINDOW_PRESETS[spec.strip().lower()]
     except KeyError:
         raise ValueError(f"unknown window preset {spec!r}; presets: {', '.join(WINDOW_PRESETS)}") from None
+
+
+def describe_view(meta: dict[str, Any]) -> str:
+    """What of an image a :class:`MedicalImage` shows, from its metadata: format, modality, plane and
+    slice, frame, volume, window."""
+    parts = [str(meta[k]) for k in ("format", "modality") if meta.get(k)]
+    if "slice_index" in meta:
+        parts.append(f"{meta.get('plane', '')} slice {meta['slice_index'] + 1} of {meta.get('n_slices', '?')}".strip())
+    if "frame_index" in meta:
+        parts.append(f"frame {meta['frame_index'] + 1} of {meta.get('n_frames', '?')}")
+    if "n_volumes" in meta:
+        parts.append(f"volume {meta.get('volume', 0) + 1} of {meta['n_volumes']}")
+    window = meta.get("window")
+    if isinstance(window, dict) and "center" in window:
+        parts.append(f"window {window['center']:g}/{window['width']:g} ({meta.get('window_source', '?')})")
+    return ", ".join(parts)
 
 
 def _resolve_window(window: WindowSpec) -> Window | None:

@@ -26,7 +26,7 @@ import httpx
 from mmedagent.serve.config import add_common_args, config_or_exit
 from mmedagent.serve.httpclient import error_detail, make_client
 from mmedagent.serve.messages import stop_note
-from mmedagent.imaging import parse_window
+from mmedagent.imaging import describe_view, parse_window
 from mmedagent.serve.uploads import UploadError, decode_image, png_data_url, sendable_png
 
 
@@ -44,21 +44,6 @@ def print_step(step: dict[str, Any], out: TextIO) -> None:
             else:
                 out.write(f"  tool error: {outcome['error']}\n")
     out.flush()
-
-
-def view_note(meta: dict[str, Any]) -> str:
-    """What of a scan is shown: format, modality, plane, slice, frame, volume, window."""
-    parts = [str(meta[k]) for k in ("format", "modality") if meta.get(k)]
-    if "slice_index" in meta:
-        parts.append(f"{meta.get('plane', '')} slice {meta['slice_index'] + 1} of {meta.get('n_slices', '?')}".strip())
-    if "frame_index" in meta:
-        parts.append(f"frame {meta['frame_index'] + 1} of {meta.get('n_frames', '?')}")
-    if "n_volumes" in meta:
-        parts.append(f"volume {meta.get('volume', 0) + 1} of {meta['n_volumes']}")
-    window = meta.get("window")
-    if isinstance(window, dict) and "center" in window:
-        parts.append(f"window {window['center']:g}/{window['width']:g} ({meta.get('window_source', '?')})")
-    return ", ".join(parts) + " (--slice, --plane, --volume, --window choose another view)"
 
 
 def plain_banner(status: dict[str, Any]) -> str:
@@ -124,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError) as e:  # UploadError is a ValueError
             print(f"cannot use {args.image}: {getattr(e, 'reason', e)}", file=sys.stderr)
             return 2
-        print(f"image: {view_note(med.metadata)}", file=sys.stderr)
+        print(f"image: {describe_view(med.metadata)} (--slice, --plane, --volume, --window choose another view)",
+              file=sys.stderr)
     client = make_client(cfg.api_key, cfg.model_timeout_s)
     try:  # what is answering, and its warnings (the demo planner's made-up answers), as the web UI shows
         status = client.get(f"{url}/v1/status", timeout=10)

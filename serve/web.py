@@ -39,6 +39,7 @@ from starlette.middleware import Middleware
 
 from mmedagent.serve.config import add_common_args, config_or_exit
 from mmedagent.serve.httpclient import error_detail, make_client
+from mmedagent.imaging import WINDOW_PRESETS, describe_view
 from mmedagent.serve.messages import stop_note
 from mmedagent.serve.security import LoopbackHostOnly, setup_logging
 from mmedagent.serve.uploads import UploadError, decode_image, png_data_url, sendable_png
@@ -46,6 +47,8 @@ from mmedagent.tools import Overlay
 
 log = logging.getLogger("mmedagent.serve.web")
 PREVIEW_SIDE = 384
+AUTO = "auto"
+"""The window choice that leaves it to the file (DICOM's own window) or the values."""
 
 
 def for_display(image):
@@ -156,25 +159,36 @@ class WebChat:
             return f"**Controller not reachable** ({type(e).__name__}); is `python serve/controller.py` running?"
         return banner(r.json())
 
-    def load(self, file: str | None):
-        """Upload → (preview, image state, reset chat, reset history, note)."""
-        import gradio as gr
-
+    def load(self, file: str | None, window: str = AUTO, slice_index: float | None = -1, plane: str = "axial",
+             volume: float | None = 0):
+        """Upload → (preview, image state, reset chat, reset history, note, the file's bytes for another view)."""
         if not file:
-            return None, None, [], [], ""
+            return None, None, [], [], "", None
         try:
             data = read_and_delete(Path(file))
         except OSError:
-            return None, None, [], [], "⚠️ The upload is gone; please upload the file again."
+            return None, None, [], [], "⚠️ The upload is gone; please upload the file again.", None
+        return (*self.view(data, window, slice_index, plane, volume), data)
+
+    def view(self, data: bytes | None, window: str = AUTO, slice_index: float | None = -1, plane: str = "axial",
+             volume: float | None = 0):
+        """A view of the uploaded scan (window, slice, plane, volume) → (preview, image state, reset chat,
+        reset history, note): another view is another image, so the conversation starts again."""
+        import gradio as gr
+
+        if data is None:
+            return None, None, [], [], ""
         try:
-            med = decode_image(data, max_bytes=self.max_upload_bytes)
+            index = None if slice_index is None or slice_index < 0 else int(slice_index)  # -1: the middle / first
+            med = decode_image(data, max_bytes=self.max_upload_bytes, window=None if window == AUTO else window,
+                               slice_index=index, plane=plane, volume=int(volume or 0))
             sendable_png(med.image, self.max_upload_bytes)  # encoded once, sent with each question
-        except UploadError as e:
-            gr.Warning(e.reason)
-            return None, None, [], [], f"⚠️ {e.reason}"
-        meta = med.metadata
-        note = ", ".join(str(meta[k]) for k in ("format", "modality", "plane") if meta.get(k))
-        return for_display(med.image), med.image, [], [], f"Loaded {note} image, {med.image.size[0]}×{med.image.size[1]} px"
+        except (UploadError, ValueError) as e:  # a slice or volume out of range is the reader's ValueError
+            reason = getattr(e, "reason", str(e))
+            gr.Warning(reason)
+            return None, None, [], [], f"⚠️ {reason}"
+        size = f"{med.image.size[0]}×{med.image.size[1]} px"
+        return for_display(med.image), med.image, [], [], f"Loaded {describe_view(med.metadata)}; {size}"
 
     def respond(self, question: str, chat: list, history: list, image, conversation: str | None) -> Iterator[tuple]:
         """Stream one question: yields (chat, history, preview, question box, conversation id)."""
@@ -233,9 +247,16 @@ def build_ui(web: WebChat):
         gr.Markdown("## mmedagent — medical image chat with tools")
         status = gr.Markdown(elem_id="banner")
         image_state, history_state, conversation_state = gr.State(None), gr.State([]), gr.State(None)
+        scan_state = gr.State(None)  # the upload's bytes (this session's memory only), for another view
         with gr.Row():
             with gr.Column(scale=2):
                 upload = gr.File(label="Image (PNG, JPEG, DICOM, NIfTI)", file_types=UPLOAD_TYPES, elem_id="upload")
+                with gr.Row():  # the view of a scan: CT window, NIfTI slice / plane / volume, DICOM frame
+                    window = gr.Dropdown([AUTO, *WINDOW_PRESETS], value=AUTO, label="Window", elem_id="window")
+                    plane = gr.Dropdown(["axial", "coronal", "sagittal"], value="axial", label="Plane", elem_id="plane")
+                    slice_index = gr.Number(-1, precision=0, minimum=-1, label="Slice / frame (-1: middle / first)",
+                                            elem_id="slice")
+                    volume = gr.Number(0, precision=0, minimum=0, label="Volume", elem_id="volume")
                 note = gr.Markdown(elem_id="image-note")
                 preview = gr.Image(label="Image with tool overlays", type="pil", format="png", interactive=False, height=380,
                                    elem_id="preview")  # lossless: a clinician sees the scan's own grey levels
@@ -252,8 +273,12 @@ def build_ui(web: WebChat):
         asking = [send.click(**ask), question.submit(**ask)]
         # a new image or conversation stops the answer being streamed: it must not write one patient's
         # conversation over the next one's
-        upload.change(web.load, upload, [preview, image_state, chat, history_state, note], cancels=asking).then(
+        shown = [preview, image_state, chat, history_state, note]
+        view = [window, slice_index, plane, volume]
+        upload.change(web.load, [upload, *view], [*shown, scan_state], cancels=asking).then(
             lambda: None, outputs=conversation_state)
+        gr.on([window.change, plane.change, slice_index.submit, volume.submit], web.view, [scan_state, *view], shown,
+              cancels=asking).then(lambda: None, outputs=conversation_state)
         clear.click(lambda img: ([], [], for_display(img) if img is not None else None, None), image_state,
                     [chat, history_state, preview, conversation_state], cancels=asking)
     return ui

@@ -46,10 +46,15 @@ def test_web_upload_accepts_dicom_and_nifti(scans, name, fmt, tmp_path):
     upload = tmp_path / "a1b2c3" / name  # Gradio keeps each upload in a folder of its own
     upload.parent.mkdir()
     shutil.copy(scans / name, upload)
-    preview, image, chat, history, note = web.load(str(upload))
-    assert not upload.parent.exists()
+    preview, image, chat, history, note, scan = web.load(str(upload))
+    assert not upload.parent.exists() and scan == (scans / name).read_bytes()  # kept in memory, for another view
     assert image is not None and image.mode == "RGB" and min(image.size) > 8
     assert preview is not None and chat == [] and history == []
     assert note.lower().startswith(f"loaded {fmt}") and "px" in note
     if fmt == "dicom":
         assert "CT" in note  # modality from the de-identified metadata
+    else:  # the middle slice by default (the page sends -1), then another view: slice, plane, volume, window
+        assert "axial slice 13 of 24, volume 1 of 2" in note
+        preview, image, chat, history, note = web.view(scan, "brain", 0, "coronal", 1)
+        assert image is not None and chat == [] and "coronal slice 1 of 96, volume 2 of 2, window 40/80 (explicit)" in note
+        assert "slice 99 out of range: the axial plane has 24 slice(s)" in web.view(scan, "auto", 99, "axial", 0)[4]

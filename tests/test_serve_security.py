@@ -81,7 +81,7 @@ def test_a_new_image_or_conversation_stops_the_answer_being_streamed():
     deps = build_ui(WebChat("http://127.0.0.1:9", None, 1 << 20)).config["dependencies"]
     asking = {d["id"] for d in deps if d["api_name"].startswith("respond")}
     assert len(asking) == 2
-    blocks = {t[0] for d in deps if d["api_name"] == "load" for t in d["targets"]}  # the upload
+    blocks = {t[0] for d in deps if d["api_name"] in ("load", "view") for t in d["targets"]}  # the upload, its view
     blocks |= {t[0] for d in deps for t in d["targets"] if t[1] == "click" and d["api_name"].startswith("lambda")}  # clear
     for block in blocks:
         cancelling = [set(d["cancels"]) for d in deps if any(t[0] == block for t in d["targets"]) and d["cancels"]]
