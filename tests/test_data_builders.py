@@ -214,12 +214,17 @@ def test_reports(tmp_path):
                    "--image-root", tmp_path / "imgs", "--out", tmp_path / "v_out.json") == 0
 
 
-def test_rag(tmp_path):
+def pleural_corpus(tmp_path):
     corpus = tmp_path / "c.jsonl"
     corpus.write_text("".join(json.dumps(d) + "\n" for d in [
         {"id": "p1", "text": "Pneumothorax is air in the pleural space."},
         {"id": "p2", "text": "A pleural effusion is fluid in the pleural space."},
         {"id": "p3", "text": "Cardiomegaly means an enlarged heart."}]), encoding="utf-8")
+    return corpus
+
+
+def test_rag(tmp_path):
+    corpus = pleural_corpus(tmp_path)
     qa = write_json(tmp_path / "qa.json", [
         {"question": "What is a pleural effusion?", "answer": "Fluid in the pleural space."},
         {"question": "What is cardiomegaly?", "answer": "An enlarged heart.", "passages": ["p3"]}])
@@ -526,11 +531,7 @@ def test_rag_corpus_folder_is_read_as_the_index_reads_it(tmp_path):
 
 
 def test_rag_run_tools_searches_the_given_corpus(tmp_path):
-    corpus = tmp_path / "c.jsonl"
-    corpus.write_text("".join(json.dumps(d) + "\n" for d in [
-        {"id": "p1", "text": "Pneumothorax is air in the pleural space."},
-        {"id": "p2", "text": "A pleural effusion is fluid in the pleural space."},
-        {"id": "p3", "text": "Cardiomegaly means an enlarged heart."}]), encoding="utf-8")
+    corpus = pleural_corpus(tmp_path)
     qa = write_json(tmp_path / "qa.json", [{"question": "What is a pleural effusion?", "answer": "Fluid."}])
     out = tmp_path / "rag.json"
     assert run_cli("build", "rag", "--qa", qa, "--corpus", corpus, "--top-k", "2", "--run-tools", "--out", out) == 0
