@@ -7,7 +7,6 @@ naming the file and the 1-based record (and, for JSON lines, the line)."""
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,19 +93,6 @@ def _check_images(rec: Record, where: str, folder: Path, report: CheckReport) ->
         elif path.is_absolute():
             report.warnings.append(f"{where}: absolute image path {img} (data sets usually name images "
                                    "relative to --image-folder)")
-
-
-def check_records(records: Sequence[Record], source: str, validate_tools: bool = True) -> CheckReport:
-    """Problems of already-read records (each names source and 1-based record number)."""
-    report = CheckReport(records=len(records))
-    dispatcher = _dispatcher() if validate_tools else None
-    try:
-        for i, rec in enumerate(records, 1):
-            _check_one(rec, f"{source}: record {i}", report, dispatcher)
-    finally:
-        if dispatcher is not None:
-            dispatcher.close()
-    return report
 
 
 def check_file(path: str | Path, image_folder: str | Path | None = None, validate_tools: bool = True) -> CheckReport:
