@@ -47,11 +47,15 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rewrite-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
 
 
+_SPLIT_HELP = "HF dataset / parquet data: the split to read (train, test, test[:100]; default train or the only one)"
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m mmedagent.data", description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check", metavar="FILE", help="validate an existing data file and exit")
     ap.add_argument("--image-folder", default=None, help="with --check: also check that images exist")
+    ap.add_argument("--data-split", default=None, help=_SPLIT_HELP)
     sub = ap.add_subparsers(dest="cmd")
 
     build = sub.add_parser("build", help="annotations -> tool-use dialogues")
@@ -101,6 +105,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("dst")
     p.add_argument("--to", choices=("llava", "sharegpt"), default="llava")
     p.add_argument("--image-folder", default=None, help="where images of HF datasets are exported")
+    p.add_argument("--data-split", default=None, help=_SPLIT_HELP)
 
     p = sub.add_parser("split", help="train/val/test split by image")
     p.add_argument("src")
@@ -108,11 +113,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ratios", default="0.8,0.1,0.1")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-folder", default=None, help="where images of HF datasets are exported")
+    p.add_argument("--data-split", default=None, help=_SPLIT_HELP)
     p.add_argument("--format", choices=("llava", "sharegpt"), default="llava")
 
     p = sub.add_parser("check", help="validate an existing data file")
     p.add_argument("file")
     p.add_argument("--image-folder", default=None)
+    p.add_argument("--data-split", default=None, help=_SPLIT_HELP)
 
     p = sub.add_parser("synth", help="synthetic images, annotations and dialogues for every tool")
     p.add_argument("--out", required=True)
@@ -228,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if a.check or a.cmd == "check":
             path = a.check or a.file
-            report = check_file(path, image_folder=a.image_folder)
+            report = check_file(path, image_folder=a.image_folder, split=a.data_split)
             for p in report.problems[:50]:
                 print(p, file=sys.stderr)
             if len(report.problems) > 50:
@@ -249,12 +256,13 @@ def main(argv: list[str] | None = None) -> int:
             with tempfile.TemporaryDirectory(prefix="mmedagent-rag-") as tmp:
                 return _build(a, ap, Path(tmp) / "index")
         if a.cmd == "convert":
-            n = convert(a.src, a.dst, a.to, image_folder=a.image_folder)
+            n = convert(a.src, a.dst, a.to, image_folder=a.image_folder, split=a.data_split)
             print(f"{a.dst}: {n} records")
             return 0
         if a.cmd == "split":
             ratios = _ratios(a.ratios)
-            parts = builders.split_by_image(read_records(a.src, image_folder=a.image_folder), ratios, a.seed)
+            records = read_records(a.src, image_folder=a.image_folder, split=a.data_split)
+            parts = builders.split_by_image(records, ratios, a.seed)
             for name, recs in parts.items():
                 write_records(recs, Path(a.out) / f"{name}.json", a.format)
             print(", ".join(f"{k}: {len(v)}" for k, v in parts.items()))

@@ -95,10 +95,12 @@ def _check_images(rec: Record, where: str, folder: Path, report: CheckReport) ->
                                    "relative to --image-folder)")
 
 
-def check_file(path: str | Path, image_folder: str | Path | None = None, validate_tools: bool = True) -> CheckReport:
+def check_file(path: str | Path, image_folder: str | Path | None = None, validate_tools: bool = True,
+               split: str | None = None) -> CheckReport:
     """Read and check one data file (or comma-separated files) record by record, reporting every problem:
     a record that does not parse is one problem and the next is read; a file that cannot be read (further)
-    is one problem. With ``image_folder`` every image must exist there (as training resolves it)."""
+    is one problem. With ``image_folder`` every image must exist there (as training resolves it); ``split``
+    picks the split of HF data."""
     report = CheckReport()
 
     def on_error(e: DataError, is_record: bool) -> None:
@@ -107,7 +109,7 @@ def check_file(path: str | Path, image_folder: str | Path | None = None, validat
 
     dispatcher = _dispatcher() if validate_tools else None
     try:
-        for where, rec in iter_records(path, image_folder=image_folder, on_error=on_error):
+        for where, rec in iter_records(path, image_folder=image_folder, on_error=on_error, split=split):
             report.records += 1
             _check_one(rec, where, report, dispatcher)
             if image_folder is not None:

@@ -55,6 +55,8 @@ __all__ = [
     "from_sharegpt",
     "convert",
     "split_paths",
+    "is_tabular",
+    "open_hf_dataset",
     "CAPTION_QUESTIONS",
 ]
 
@@ -268,28 +270,112 @@ def iter_raw(path: Path) -> Iterator[tuple[int, Any]]:
         yield i, row
 
 
-def _iter_hf(path: Path, export_dir: Path) -> Iterator[tuple[int, Any]]:
-    """Rows of a saved HF dataset / parquet file; images exported to ``export_dir``."""
+def is_tabular(path: Path) -> bool:
+    """A saved HF dataset folder, a parquet file or a folder of parquet files."""
+    return _is_hf_dir(path) or path.suffix.lower() == ".parquet" or (path.is_dir() and any(path.glob("**/*.parquet")))
+
+
+_SPLIT = re.compile(r"^\s*([\w.-]+)?\s*(?:\[\s*(-?\d+%?)?\s*:\s*(-?\d+%?)?\s*\])?\s*$")
+
+
+def _slice(ds: Any, start: str | None, stop: str | None) -> Any:
+    """``ds[start:stop]`` with ``datasets``' split-slice syntax (whole rows or percents)."""
+    n = len(ds)
+
+    def pos(x: str | None, default: int) -> int:
+        if x is None:
+            return default
+        return round(n * int(x[:-1]) / 100) if x.endswith("%") else int(x)
+
+    return ds.select(range(*slice(pos(start, 0), pos(stop, n)).indices(n)))
+
+
+def _parquet_files(path: Path, split: str | None) -> list[Path]:
+    """The parquet files of ``path``; in a folder laid out by split (``train-0000.parquet``,
+    ``data/test/…``), those of ``split``."""
+    if path.is_file():
+        return [path]
+    files = sorted(path.glob("**/*.parquet"))
+    if not split:
+        return files
+
+    def split_of(f: Path) -> str | None:
+        parts = [f.stem.split("-")[0].split(".")[0], *(q.name for q in f.relative_to(path).parents if q.name)]
+        return next((q for q in parts if q in _KNOWN_SPLITS), None)
+
+    named = {f: split_of(f) for f in files}
+    if not any(named.values()):
+        return files  # not laid out by split
+    chosen = [f for f, s in named.items() if s == split]
+    if not chosen:
+        have = sorted({s for s in named.values() if s})
+        raise DataError(f"{path}: no split {split!r}; its parquet files hold {', '.join(have)} (use --data-split)")
+    return chosen
+
+
+_KNOWN_SPLITS = ("train", "validation", "valid", "val", "test", "dev", "eval")
+
+
+def open_hf_dataset(path: Path, split: str | None = None) -> Any:
+    """The saved HF dataset / parquet data at ``path``; ``split`` (``train``, ``test[:100]``, ``train[10%:]``)
+    picks a split of a saved ``DatasetDict`` or a split-named parquet folder and slices it. None: the
+    ``train`` split, or the only one."""
     try:
         import datasets
     except ImportError:
         raise DataError(f"{path}: reading Hugging Face datasets needs `pip install datasets`") from None
+
+    m = _SPLIT.match(split or "")
+    if split and not m:
+        raise DataError(f"--data-split {split!r}: expected a split name, optionally sliced: "
+                        "train, test[:100], train[10%:]")
+    name, start, stop = (m.groups() if m else (None, None, None))
     try:
-        if path.is_dir() and _is_hf_dir(path):
+        if _is_hf_dir(path):
+            if _saved_empty(path):
+                raise DataError(f"{path}: no records (the saved dataset is empty)")
             ds = datasets.load_from_disk(str(path))
         else:
-            files = sorted(path.glob("**/*.parquet")) if path.is_dir() else [path]
-            if not files:
-                raise DataError(f"{path}: no parquet files and not a saved Hugging Face dataset")
+            files = _parquet_files(path, name)
+            if all(_parquet_rows(f) == 0 for f in files):
+                raise DataError(f"{path}: no records (the parquet data is empty)")
             ds = datasets.Dataset.from_parquet([str(f) for f in files])
     except DataError:
         raise
-    except Exception as e:  # datasets/pyarrow raise many kinds
+    except Exception as e:  # noqa: BLE001
         raise DataError(f"{path}: cannot open as a Hugging Face dataset: {type(e).__name__}: {e}") from None
     if isinstance(ds, datasets.DatasetDict):
-        splits = ["train"] if "train" in ds else list(ds)
-        ds = datasets.concatenate_datasets([ds[s] for s in splits])
-    for i, row in enumerate(ds, 1):
+        pick = name or ("train" if "train" in ds or len(ds) != 1 else next(iter(ds)))
+        if pick not in ds:
+            raise DataError(f"{path}: no split {pick!r}; it has {', '.join(ds)} (use --data-split)")
+        ds = ds[pick]
+    if start is not None or stop is not None:
+        ds = _slice(ds, start, stop)
+    if len(ds) == 0:
+        raise DataError(f"{path}: no records" + (f" in split {split!r}" if split else ""))
+    return ds
+
+
+def _saved_empty(path: Path) -> bool:
+    """A ``save_to_disk`` folder of a dataset with no rows (``datasets`` cannot load it back)."""
+    try:
+        return json.loads((path / "state.json").read_text()).get("_data_files") == []
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _parquet_rows(path: Path) -> int:
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(str(path)).metadata.num_rows
+    except Exception as e:  # noqa: BLE001
+        raise DataError(f"{path}: cannot read as parquet: {type(e).__name__}: {e}") from None
+
+
+def _iter_hf(path: Path, export_dir: Path, split: str | None) -> Iterator[tuple[int, Any]]:
+    """Rows of a saved HF dataset / parquet data (its ``split``); images exported to ``export_dir``."""
+    for i, row in enumerate(open_hf_dataset(path, split), 1):
         yield i, _export_images(row, i, export_dir)
 
 
@@ -484,20 +570,21 @@ def _check_image_tags(record: Record) -> None:
 
 
 def read_records(path: str | Path | Sequence[str | Path], image_folder: str | Path | None = None, *,
-                 check_images: bool = False) -> list[Record]:
+                 check_images: bool = False, split: str | None = None) -> list[Record]:
     """Every record of one file, a comma-separated list of files, an HF dataset folder or parquet file.
 
     Image paths are returned as written in the data (relative to ``image_folder``, as LLaVA
     expects). Images of HF datasets are exported to ``image_folder`` (names relative to it) or,
     without one, to ``<dataset>_images/`` next to the dataset (absolute paths). With
-    ``check_images`` every referenced image must exist. Raises :class:`DataError` naming file and record.
+    ``check_images`` every referenced image must exist. ``split`` picks the split of HF data (see
+    :func:`open_hf_dataset`). Raises :class:`DataError` naming file and record.
     """
-    return [rec for _, rec in iter_records(path, image_folder, check_images=check_images)]
+    return [rec for _, rec in iter_records(path, image_folder, check_images=check_images, split=split)]
 
 
 def iter_records(path: str | Path | Sequence[str | Path], image_folder: str | Path | None = None, *,
-                 check_images: bool = False,
-                 on_error: Callable[[DataError, bool], None] | None = None) -> Iterator[tuple[str, Record]]:
+                 check_images: bool = False, on_error: Callable[[DataError, bool], None] | None = None,
+                 split: str | None = None) -> Iterator[tuple[str, Record]]:
     """``(where, record)`` for every record, read lazily (JSON lines one at a time); ``where`` is
     ``"<file>: record N"``, as error messages name it (a JSON line that does not parse: ``"... (line L)"``).
 
@@ -507,7 +594,7 @@ def iter_records(path: str | Path | Sequence[str | Path], image_folder: str | Pa
     """
     for p in split_paths(path):
         try:
-            yield from _file_records(p, image_folder, check_images, on_error)
+            yield from _file_records(p, image_folder, check_images, on_error, split)
         except DataError as e:
             if on_error is None:
                 raise
@@ -515,13 +602,16 @@ def iter_records(path: str | Path | Sequence[str | Path], image_folder: str | Pa
 
 
 def _file_records(p: Path, image_folder: str | Path | None, check_images: bool,
-                  on_error: Callable[[DataError, bool], None] | None) -> Iterator[tuple[str, Record]]:
+                  on_error: Callable[[DataError, bool], None] | None,
+                  split: str | None) -> Iterator[tuple[str, Record]]:
     if not p.exists():
         raise DataError(f"{p}: data file not found")
-    hf = _is_hf_dir(p) or p.suffix.lower() == ".parquet" or (p.is_dir() and any(p.glob("**/*.parquet")))
+    hf = is_tabular(p)
+    if split and not hf:
+        raise DataError(f"{p}: --data-split {split!r} applies to Hugging Face datasets and parquet data only")
     if hf:
         export = Path(image_folder) if image_folder is not None else p.parent / f"{p.name.split('.')[0]}_images"
-        rows: Iterable[tuple[int, Any, int | None]] = ((i, row, None) for i, row in _iter_hf(p, export))
+        rows: Iterable[tuple[int, Any, int | None]] = ((i, row, None) for i, row in _iter_hf(p, export, split))
     elif p.is_dir():
         raise DataError(f"{p}: a folder that is neither a saved Hugging Face dataset nor holds parquet files")
     else:
@@ -631,14 +721,15 @@ def write_records(records: Iterable[Record], path: str | Path, fmt: str = "llava
     return path
 
 
-def convert(src: str | Path, dst: str | Path, fmt: str = "llava", image_folder: str | Path | None = None) -> int:
+def convert(src: str | Path, dst: str | Path, fmt: str = "llava", image_folder: str | Path | None = None,
+            split: str | None = None) -> int:
     """Convert any readable data (JSON/JSONL/sharegpt/HF) to ``fmt``, record by record; returns the number
     of records."""
     count = 0
 
     def counted() -> Iterator[Record]:
         nonlocal count
-        for _, rec in iter_records(src, image_folder=image_folder):
+        for _, rec in iter_records(src, image_folder=image_folder, split=split):
             count += 1
             yield rec
 

@@ -290,3 +290,25 @@ def test_check_with_the_current_folder_as_image_folder_warns_of_nothing(tmp_path
     monkeypatch.chdir(tmp_path / "imgs")
     report = check_file(p, image_folder=".")
     assert report.problems == [] and report.warnings == []
+
+
+def test_data_cli_reads_the_chosen_split_of_a_saved_dataset_dict(tmp_path, capsys):
+    datasets = pytest.importorskip("datasets")
+    from mmedagent.data.__main__ import main
+
+    rows = {s: {"instruction": [f"{s} question {i}" for i in range(n)], "output": ["answer"] * n}
+            for s, n in (("validation", 2), ("test", 3))}
+    datasets.DatasetDict({s: datasets.Dataset.from_dict(r) for s, r in rows.items()}).save_to_disk(str(tmp_path / "dd"))
+
+    assert main(["convert", str(tmp_path / "dd"), str(tmp_path / "test.json"), "--data-split", "test[1:]"]) == 0
+    assert [r.first_question() for r in read_records(tmp_path / "test.json")] == ["test question 1", "test question 2"]
+    assert [r.first_question() for r in read_records(tmp_path / "dd", split="validation")] == [
+        "validation question 0", "validation question 1"]
+    # no train split and several others: one is chosen by name, never all of them mixed into one file
+    assert main(["check", str(tmp_path / "dd")]) == 1
+    assert "no split 'train'; it has validation, test (use --data-split)" in capsys.readouterr().err
+    assert main(["check", str(tmp_path / "dd"), "--data-split", "validation"]) == 0
+    assert "2 records, 0 problem(s)" in capsys.readouterr().out
+    write_json(tmp_path / "plain.json", [{"instruction": "q", "output": "a"}])
+    assert main(["convert", str(tmp_path / "plain.json"), str(tmp_path / "o.json"), "--data-split", "test"]) == 2
+    assert "--data-split 'test' applies to Hugging Face datasets and parquet data only" in capsys.readouterr().err

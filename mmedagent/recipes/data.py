@@ -23,7 +23,16 @@ from pathlib import Path
 from typing import Any
 
 from mmedagent.hub import prefer_cache_when_unreachable
-from mmedagent.data.formats import DataError, iter_raw, read_records, record_from_any, write_records
+from mmedagent.data.formats import (
+    DataError,
+    _is_hf_dir,
+    is_tabular,
+    iter_raw,
+    open_hf_dataset,
+    read_records,
+    record_from_any,
+    write_records,
+)
 from mmedagent.protocol import IMAGE_TOKEN, Record
 
 
@@ -48,14 +57,6 @@ class Example:
 # --------------------------------------------------------------------------- sources
 
 
-def _is_hf_dir(path: Path) -> bool:
-    return path.is_dir() and any((path / n).is_file() for n in ("dataset_info.json", "state.json", "dataset_dict.json"))
-
-
-def _is_tabular(path: Path) -> bool:
-    return _is_hf_dir(path) or path.suffix.lower() == ".parquet" or (path.is_dir() and any(path.glob("**/*.parquet")))
-
-
 def materialise(data: str, split: str, cache: Path, config: str | None = None) -> Path:
     """A local path for ``data``: itself when it exists, else the HF dataset ``data`` saved under ``cache``."""
     path = Path(data)
@@ -78,104 +79,9 @@ def materialise(data: str, split: str, cache: Path, config: str | None = None) -
     return target
 
 
-_SPLIT = re.compile(r"^\s*([\w.-]+)?\s*(?:\[\s*(-?\d+%?)?\s*:\s*(-?\d+%?)?\s*\])?\s*$")
-
-
-def _slice(ds: Any, start: str | None, stop: str | None) -> Any:
-    """``ds[start:stop]`` with ``datasets``' split-slice syntax (whole rows or percents)."""
-    n = len(ds)
-
-    def pos(x: str | None, default: int) -> int:
-        if x is None:
-            return default
-        return round(n * int(x[:-1]) / 100) if x.endswith("%") else int(x)
-
-    return ds.select(range(*slice(pos(start, 0), pos(stop, n)).indices(n)))
-
-
-def _parquet_files(path: Path, split: str | None) -> list[Path]:
-    """The parquet files of ``path``; in a folder laid out by split (``train-0000.parquet``,
-    ``data/test/…``), those of ``split``."""
-    if path.is_file():
-        return [path]
-    files = sorted(path.glob("**/*.parquet"))
-    if not split:
-        return files
-
-    def split_of(f: Path) -> str | None:
-        parts = [f.stem.split("-")[0].split(".")[0], *(q.name for q in f.relative_to(path).parents if q.name)]
-        return next((q for q in parts if q in _KNOWN_SPLITS), None)
-
-    named = {f: split_of(f) for f in files}
-    if not any(named.values()):
-        return files  # not laid out by split
-    chosen = [f for f, s in named.items() if s == split]
-    if not chosen:
-        have = sorted({s for s in named.values() if s})
-        raise DataError(f"{path}: no split {split!r}; its parquet files hold {', '.join(have)} (use --data-split)")
-    return chosen
-
-
-_KNOWN_SPLITS = ("train", "validation", "valid", "val", "test", "dev", "eval")
-
-
-def _hf_dataset(path: Path, split: str | None = None) -> Any:
-    """The saved HF dataset / parquet data at ``path``; ``split`` (``train``, ``test[:100]``, ``train[10%:]``)
-    picks a split of a saved ``DatasetDict`` or a split-named parquet folder and slices it. None: the
-    ``train`` split, or the only one."""
-    import datasets
-
-    m = _SPLIT.match(split or "")
-    if split and not m:
-        raise DataError(f"--data-split {split!r}: expected a split name, optionally sliced: "
-                        "train, test[:100], train[10%:]")
-    name, start, stop = (m.groups() if m else (None, None, None))
-    try:
-        if _is_hf_dir(path):
-            if _saved_empty(path):
-                raise DataError(f"{path}: no records (the saved dataset is empty)")
-            ds = datasets.load_from_disk(str(path))
-        else:
-            files = _parquet_files(path, name)
-            if all(_parquet_rows(f) == 0 for f in files):
-                raise DataError(f"{path}: no records (the parquet data is empty)")
-            ds = datasets.Dataset.from_parquet([str(f) for f in files])
-    except DataError:
-        raise
-    except Exception as e:  # noqa: BLE001
-        raise DataError(f"{path}: cannot open as a Hugging Face dataset: {type(e).__name__}: {e}") from None
-    if isinstance(ds, datasets.DatasetDict):
-        pick = name or ("train" if "train" in ds or len(ds) != 1 else next(iter(ds)))
-        if pick not in ds:
-            raise DataError(f"{path}: no split {pick!r}; it has {', '.join(ds)} (use --data-split)")
-        ds = ds[pick]
-    if start is not None or stop is not None:
-        ds = _slice(ds, start, stop)
-    if len(ds) == 0:
-        raise DataError(f"{path}: no records" + (f" in split {split!r}" if split else ""))
-    return ds
-
-
-def _saved_empty(path: Path) -> bool:
-    """A ``save_to_disk`` folder of a dataset with no rows (``datasets`` cannot load it back)."""
-    try:
-        return json.loads((path / "state.json").read_text()).get("_data_files") == []
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def _parquet_rows(path: Path) -> int:
-    import pyarrow.parquet as pq
-
-    try:
-        return pq.ParquetFile(str(path)).metadata.num_rows
-    except Exception as e:  # noqa: BLE001
-        raise DataError(f"{path}: cannot read as parquet: {type(e).__name__}: {e}") from None
-
-
 def iter_rows(path: Path, split: str | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
     """(1-based row, row) of a JSON / JSONL file or a text-only HF dataset / parquet file."""
-    rows = enumerate(_hf_dataset(path, split), 1) if _is_tabular(path) else iter_raw(path)
+    rows = enumerate(open_hf_dataset(path, split), 1) if is_tabular(path) else iter_raw(path)
     for i, row in rows:
         if not isinstance(row, dict):
             raise DataError(f"{path}: record {i}: expected an object, found {type(row).__name__}")
@@ -184,8 +90,8 @@ def iter_rows(path: Path, split: str | None = None) -> Iterator[tuple[int, dict[
 
 def check_columns(path: Path, required: Sequence[str], split: str | None = None) -> None:
     """Every row has the ``required`` columns (tabular data: the schema has them)."""
-    if _is_tabular(path):
-        have = _hf_dataset(path, split).column_names
+    if is_tabular(path):
+        have = open_hf_dataset(path, split).column_names
         missing = [c for c in required if c not in have]
         if missing:
             raise DataError(f"{path}: missing column(s) {', '.join(missing)}; the data has {', '.join(have)}")
@@ -224,7 +130,7 @@ def read_captions(
     from mmedagent.imaging import ImageLoadError, load_image
 
     check_columns(path, required, split)
-    if _is_tabular(path):
+    if is_tabular(path):
         items = _tabular_captions(path, image_folder, export_dir, split)
     else:
         folder = Path(image_folder) if image_folder else path.parent
@@ -279,7 +185,7 @@ def _tabular_captions(path: Path, image_folder: str | None, export_dir: Path, sp
 
     from mmedagent.data.formats import _export_images
 
-    ds = _hf_dataset(path, split)
+    ds = open_hf_dataset(path, split)
     if isinstance(ds.features.get("image"), datasets.Image):
         ds = ds.cast_column("image", datasets.Image(decode=False))  # bytes as stored: no decoding, exported as is
     bases = [Path(image_folder)] if image_folder else [path if path.is_dir() else path.parent]
