@@ -47,6 +47,10 @@ class ToolSpec(BaseModel):
     )
 
 
+MIN_API_KEY_LENGTH = 16
+"""Shorter keys (the web UI's password too) are refused: the servers do not limit wrong attempts."""
+
+
 class ServeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -103,6 +107,11 @@ class ServeConfig(BaseModel):
             )
         if self.api_key is None:
             self.api_key = os.environ.get(API_KEY_ENV) or None
+        if self.api_key is not None and len(self.api_key) < MIN_API_KEY_LENGTH:
+            raise ValueError(
+                f"the API key has {len(self.api_key)} characters; use at least {MIN_API_KEY_LENGTH} (a short key can be "
+                "guessed by trying keys), e.g. python -c 'import secrets; print(secrets.token_urlsafe(24))'"
+            )
         if self.api_key is None and not is_loopback(self.host):
             raise ValueError(
                 f"host {self.host} is reachable from other machines: set an API key (--api-key or env {API_KEY_ENV}), "

@@ -24,10 +24,10 @@ def test_listening_beyond_this_machine_needs_an_api_key(no_env_key, monkeypatch)
         load_config(host="0.0.0.0")
     with pytest.raises(ConfigError, match="set an API key"):
         load_config(host="10.1.2.3")
-    assert load_config(host="0.0.0.0", api_key="s3cret").host == "0.0.0.0"
+    assert load_config(host="0.0.0.0", api_key="s3cret-7c1e0b9a4d").host == "0.0.0.0"
     assert load_config(host="localhost").api_key is None
-    monkeypatch.setenv("MMEDAGENT_API_KEY", "from-env")
-    assert load_config(host="0.0.0.0").api_key == "from-env"
+    monkeypatch.setenv("MMEDAGENT_API_KEY", "from-env-0a9b8c7d6e")
+    assert load_config(host="0.0.0.0").api_key == "from-env-0a9b8c7d6e"
 
 
 def _hello() -> FastAPI:
@@ -63,7 +63,7 @@ def test_without_a_key_only_workers_on_this_machine_may_register(no_env_key):
 
     body = {"kind": "tool", "names": ["grounding"]}
     for key, address, status in ((None, "http://10.0.0.9:8000", 403), (None, "http://127.0.0.1:8000", 200),
-                                 ("s3cret", "http://10.0.0.9:8000", 200)):
+                                 ("s3cret-7c1e0b9a4d", "http://10.0.0.9:8000", 200)):
         ctl = Controller(ServeConfig(api_key=key, tools={}))
         try:
             with TestClient(build_app(ctl)) as client:

@@ -67,11 +67,11 @@ def test_config_expiry_must_exceed_interval(tmp_path, monkeypatch):
         ServeConfig(heartbeat_interval_s=5, heartbeat_expiry_s=5)
     path = tmp_path / "serve.yaml"
     path.write_text("port: 9000\ntools:\n  grounding: {options: {device: cpu}}\n  nap: {in_process: true}\n")
-    monkeypatch.setenv("MMEDAGENT_API_KEY", "from-env")
+    monkeypatch.setenv("MMEDAGENT_API_KEY", "from-env-0a9b8c7d6e")
     cfg = load_config(path, port=9100, web_port=None)
     assert cfg.port == 9100 and cfg.host == "127.0.0.1"
     assert cfg.tools["grounding"].options == {"device": "cpu"} and cfg.tools["nap"].in_process
-    assert cfg.api_key == "from-env" and "from-env" not in repr(cfg)
+    assert cfg.api_key == "from-env-0a9b8c7d6e" and "from-env" not in repr(cfg)
     # --tools / --in-process-tools choose the tools; each keeps its file settings unless a flag changes them
     cfg = load_config(path, tools={"nap": {}, "grounding": {"in_process": True}, "classification": {}})
     assert list(cfg.tools) == ["nap", "grounding", "classification"] and cfg.tools["nap"].in_process
@@ -96,6 +96,7 @@ def test_config_errors_are_one_line_and_never_show_the_api_key(tmp_path):
         (["--api-key", "s3cr3t-flag", "--heartbeat-interval", "10", "--heartbeat-expiry", "5"], "must exceed heartbeat_interval_s"),
         (["--config", str(bad)], "must exceed heartbeat_interval_s"),
         (["--config", str(tmp_path / "nope.yaml")], "cannot read the config file"),
+        (["--api-key", "s3cr3t-short"], "the API key has 12 characters; use at least 16"),
         (["--config", str(broken)], "not valid YAML at line"),
     ]
     for argv, expected in cases:
