@@ -18,7 +18,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from mmedagent.protocol import IMAGE_PLACEHOLDER, ToolCall, ToolOutcome
-from mmedagent.tools.base import Tool, ToolResult
+from mmedagent.tools.base import Overlay, Tool, ToolResult
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,17 @@ def describe_validation_error(tool: str, err: ValidationError) -> str:
         field = ".".join(str(p) for p in e["loc"]) or "(params)"
         parts.append(f"{field}: {e['msg']}")
     return f"invalid params for {tool}: " + "; ".join(parts)
+
+
+def parse_params(tool: Tool, params: Mapping[str, Any]) -> Any:
+    """``tool.Params`` from a call's params; a ``ValueError`` saying what is wrong if they do not
+    validate, also when a tool's own validator fails with another error (``int`` has no ``lower``)."""
+    try:
+        return tool.Params.model_validate(params)
+    except ValidationError as e:
+        raise ValueError(describe_validation_error(tool.name, e)) from None
+    except Exception as e:  # a validator that assumed the type the model would send
+        raise ValueError(f"invalid params for {tool.name}: {type(e).__name__}: {e}") from None
 
 
 class Dispatcher:
@@ -103,9 +114,9 @@ class Dispatcher:
         if tool.needs_image and image is None:
             return ToolOutcome(tool=call.API_name, ok=False, error=f"{tool.name} needs an image, and none was given")
         try:
-            parsed = tool.Params.model_validate(params)
-        except ValidationError as e:
-            return ToolOutcome(tool=call.API_name, ok=False, error=describe_validation_error(tool.name, e))
+            parsed = parse_params(tool, params)
+        except ValueError as e:
+            return ToolOutcome(tool=call.API_name, ok=False, error=str(e))
         if tool.question_param and question and not getattr(parsed, tool.question_param, None):
             parsed = parsed.model_copy(update={tool.question_param: question})
         return tool, parsed
@@ -157,6 +168,14 @@ class Dispatcher:
     def _finish(self, call: ToolCall, tool: Tool, fut: Future, started: float, deadline: float) -> ToolOutcome:
         try:
             result: ToolResult = fut.result(timeout=max(0.0, deadline - time.monotonic()))
+            output = result.for_model()
+            if not isinstance(output, dict):
+                raise TypeError(f"{type(result).__name__}.for_model() returned {type(output).__name__}, "
+                                "expected a dict")
+            overlay = result.overlay()  # the UI draws it later: a broken one fails here, as this call's error
+            if overlay is not None and not isinstance(overlay, Overlay):
+                raise TypeError(f"{type(result).__name__}.overlay() returned {type(overlay).__name__}, "
+                                "expected Overlay or None")
         except FutureTimeout:
             self._abandon(tool.name, fut)
             return ToolOutcome(
@@ -167,7 +186,7 @@ class Dispatcher:
             return ToolOutcome(
                 tool=call.API_name, ok=False, error=f"{type(e).__name__}: {e}", elapsed_s=time.monotonic() - started
             )
-        return ToolOutcome(tool=call.API_name, output=result.for_model(), elapsed_s=time.monotonic() - started)
+        return ToolOutcome(tool=call.API_name, output=output, elapsed_s=time.monotonic() - started)
 
     def dispatch_all(
         self, calls: Sequence[ToolCall], image: Any, question: str | None = None

@@ -22,14 +22,14 @@ from typing import Any
 import mmedagent  # noqa: F401  - arms the torchvision shim first
 from fastapi import FastAPI, HTTPException
 from fastapi.concurrency import run_in_threadpool
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
-from mmedagent.dispatcher import describe_validation_error
+from mmedagent.dispatcher import parse_params
 from mmedagent.serve.config import add_common_args, config_or_exit
 from mmedagent.serve.security import setup_logging, without_echoed_input
 from mmedagent.serve.uploads import UploadError, image_from_data_url
 from mmedagent.serve.worker_base import EXIT_CANNOT_LOAD, Heartbeat, bind_socket, serve_worker, url_for
-from mmedagent.tools import Tool, get_tool, load_plugin
+from mmedagent.tools import Tool, UnknownToolError, get_tool, load_plugin
 
 log = logging.getLogger("mmedagent.serve.tool_worker")
 
@@ -71,9 +71,9 @@ def build_app(tool: Tool, max_upload_bytes: int, max_concurrency: int = 4) -> Fa
         params = dict(req.params)
         params.pop("image", None)  # a path or placeholder from the model: never opened
         try:
-            parsed = tool.Params.model_validate(params)
-        except ValidationError as e:
-            raise HTTPException(422, describe_validation_error(tool.name, e)) from None
+            parsed = parse_params(tool, params)
+        except ValueError as e:
+            raise HTTPException(422, str(e)) from None
         image = None
         if req.image is not None:
             try:
@@ -125,15 +125,22 @@ def main(argv: list[str] | None = None) -> None:
             load_plugin(module)
         except (ImportError, ValueError) as e:
             parser.error(f"--plugin {module}: {e}")
-    options = json.loads(args.options)
+    try:
+        options = json.loads(args.options)
+    except json.JSONDecodeError as e:
+        parser.error(f"--options is not valid JSON: {e}")
     if not isinstance(options, dict):
         parser.error("--options must be a JSON object")
-    tool = get_tool(args.tool)(**options)
+    try:
+        cls = get_tool(args.tool)
+    except UnknownToolError as e:
+        parser.error(str(e))
     t0 = time.monotonic()
     try:
+        tool = cls(**options)
         tool.ensure_loaded()  # weights first: the worker registers only once it can serve
-    except Exception as e:  # missing weights etc.: one clear line, not a traceback
-        log.error("tool %s could not load: %s", tool.name, e)
+    except Exception as e:  # bad options, missing weights etc.: one clear line, not a traceback
+        log.error("tool %s could not load: %s: %s", cls.name, type(e).__name__, e)
         raise SystemExit(EXIT_CANNOT_LOAD) from None
     log.info("loaded tool %s in %.1f s", tool.name, time.monotonic() - t0)
     sock = bind_socket(cfg.host, args.port)

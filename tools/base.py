@@ -107,6 +107,16 @@ class Tool:
     weights_note: ClassVar[str] = ""
     """Short description of the loaded weights, for the UI banner (set by ``load``)."""
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Refuse declarations that would misbehave at call time: ``aliases = ("volume")`` (a string,
+        so every letter would be an alias) and a ``Result`` that is not a :class:`ToolResult`."""
+        super().__init_subclass__(**kwargs)
+        if isinstance(cls.aliases, str) or not all(isinstance(a, str) and a.strip() for a in cls.aliases):
+            raise TypeError(f"{cls.__qualname__}.aliases must be a tuple of non-empty strings, e.g. ('volume',), "
+                            f"not {cls.aliases!r}")
+        if not (isinstance(cls.Result, type) and issubclass(cls.Result, ToolResult)):
+            raise TypeError(f"{cls.__qualname__}.Result must subclass mmedagent.tools.ToolResult")
+
     def __init__(self, **options: Any) -> None:
         self.options = options
         self._loaded = False

@@ -6,6 +6,7 @@ import importlib
 import inspect
 import logging
 import pkgutil
+from collections.abc import Iterable
 from importlib.metadata import entry_points
 
 from mmedagent.tools.base import Tool
@@ -42,6 +43,33 @@ def _tools_in_module(module) -> list[type[Tool]]:
     ]
 
 
+def _clash(cls: type[Tool], known: Iterable[type[Tool]]) -> str | None:
+    """Why ``cls`` cannot join ``known``: a different tool already answers to one of its names
+    (case-insensitive); None if it can (or is already there)."""
+    mine = {n.casefold() for n in cls.names()}
+    for other in known:
+        if other is cls or (other.__module__, other.__qualname__) == (cls.__module__, cls.__qualname__):
+            continue  # the same class (re-exported, or its module reloaded)
+        taken = sorted(n for n in other.names() if n.casefold() in mine)
+        if taken:
+            return f"{_where(cls)} answers to {', '.join(map(repr, taken))}, already taken by {_where(other)}"
+    return None
+
+
+def _where(cls: type[Tool]) -> str:
+    return f"tool {cls.name!r} ({cls.__module__}.{cls.__qualname__})"
+
+
+def _add(found: dict[str, type[Tool]], cls: type[Tool], source: str) -> None:
+    """Add a discovered tool unless its name or an alias is taken: the first comes first (built-ins,
+    then plug-ins in entry-point order); the later one is skipped with a warning."""
+    why = _clash(cls, [*found.values(), *_extra.values()])
+    if why:
+        log.warning("%s skipped: %s; rename it or drop the clashing alias", source, why)
+    elif not any(c is cls for c in found.values()):
+        found[cls.name] = cls
+
+
 def _discover() -> dict[str, type[Tool]]:
     import mmedagent.tools as pkg
 
@@ -49,14 +77,18 @@ def _discover() -> dict[str, type[Tool]]:
     for info in pkgutil.iter_modules(pkg.__path__):
         if info.name.startswith("_") or info.name in {"base", "registry"}:
             continue
-        module = importlib.import_module(f"{pkg.__name__}.{info.name}")
+        try:
+            module = importlib.import_module(f"{pkg.__name__}.{info.name}")
+        except Exception as e:  # one broken tool file must not take the other tools down
+            log.warning("tool module %s could not be imported: %s: %s", info.name, type(e).__name__, e)
+            continue
         for cls in _tools_in_module(module):
-            found[cls.name] = cls
+            _add(found, cls, f"tools/{info.name}.py: {_where(cls)}")
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         try:
             obj = ep.load()
         except Exception as e:  # a broken plug-in must not take the others down
-            log.warning("tool plug-in %s could not be loaded: %s", ep.name, e)
+            log.warning("tool plug-in %s could not be loaded: %s: %s", ep.name, type(e).__name__, e)
             continue
         if inspect.ismodule(obj):
             classes = _tools_in_module(obj)
@@ -68,7 +100,7 @@ def _discover() -> dict[str, type[Tool]]:
             log.warning("tool plug-in %s is not a Tool subclass with a name", ep.name)
             continue
         for cls in classes:
-            found[cls.name] = cls
+            _add(found, cls, f"tool plug-in {ep.name}")
     return found
 
 
@@ -86,14 +118,18 @@ def refresh() -> None:
 
 
 def register(cls: type[Tool]) -> type[Tool]:
-    """Register a tool class defined outside ``tools/`` and outside any entry point."""
+    """Register a tool class defined outside ``tools/`` and outside any entry point; a ``ValueError``
+    if another tool already answers to its name or one of its aliases."""
+    why = _clash(cls, _all().values())
+    if why:
+        raise ValueError(f"{why}; rename it or drop the clashing alias")
     _extra[cls.name] = cls
     return cls
 
 
 def load_plugin(module_name: str) -> list[type[Tool]]:
     """Import a module (``--plugin my_pkg.tools``) and register every tool class it defines; a
-    ``ValueError`` if it defines none."""
+    ``ValueError`` if it defines none or one clashes with a known tool's name or alias."""
     classes = _tools_in_module(importlib.import_module(module_name))
     if not classes:
         raise ValueError(f"{module_name} defines no tool class (a Tool subclass with a name)")

@@ -1,0 +1,226 @@
+"""Tool authors' mistakes and plug-in clashes: each gets a clear error, and the other tools keep working."""
+
+import logging
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from pydantic import field_validator
+
+import mmedagent.tools as tools_pkg
+from doubles import grey_image
+from mmedagent.dispatcher import Dispatcher
+from mmedagent.protocol import ToolCall
+from mmedagent.serve.tool_worker import build_app
+from mmedagent.tools import Overlay, Tool, ToolParams, ToolResult, registry
+
+ROOT = Path(__file__).resolve().parents[1]
+
+ORGAN_VOLUME = '''
+import numpy as np
+from pydantic import Field
+
+from mmedagent.tools import Box, Overlay, Tool, ToolParams, ToolResult
+
+
+class OrganVolume(Tool):
+    name = "organ_volume"
+    aliases = ("volume",)
+    description = "Volume (ml) of bright voxels inside a box."
+
+    class Params(ToolParams):
+        box: Box = Field(default=[0, 0, 1, 1])
+        spacing_mm: float = Field(default=1.0, gt=0)
+
+    class Result(ToolResult):
+        box: list[float]
+        volume_ml: float
+
+        def overlay(self):
+            return Overlay(boxes=[self.box], labels=[f"{self.volume_ml:.1f} ml"])
+
+    def __call__(self, image, params):
+        grey = np.asarray(image.convert("L"), dtype=np.float32)
+        return self.Result(box=params.box, volume_ml=float((grey > 128).sum() * params.spacing_mm ** 3 / 1000))
+'''
+
+
+def test_aliases_as_a_string_or_a_plain_result_are_refused_where_the_tool_is_defined():
+    with pytest.raises(TypeError, match=r"Volume.aliases must be a tuple of non-empty strings.*not 'volume'"):
+        class Volume(Tool):  # ("volume") is a string: every letter would have been an alias
+            name = "organ_volume"
+            aliases = ("volume")
+
+    from pydantic import BaseModel
+
+    with pytest.raises(TypeError, match="Volume.Result must subclass mmedagent.tools.ToolResult"):
+        class Volume(Tool):  # noqa: F811
+            name = "organ_volume"
+
+            class Result(BaseModel):
+                ml: float
+
+
+@pytest.fixture
+def plugin_dir(tmp_path, monkeypatch):
+    """A folder on sys.path for plug-in packages and their dist-info (what ``pip install`` writes)."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(registry, "_extra", {})
+    tools_pkg.refresh()
+    before = set(sys.modules)
+    yield tmp_path
+    for mod in set(sys.modules) - before:
+        if mod.startswith("hosp_") or mod in ("mmedagent.tools.organ_volume", "mmedagent.tools.dicom_meta"):
+            sys.modules.pop(mod)
+    monkeypatch.undo()
+    tools_pkg.refresh()
+
+
+def install(root: Path, package: str, files: dict[str, str], entry_points: str) -> None:
+    (root / package).mkdir()
+    for name, text in files.items():
+        (root / package / name).write_text(textwrap.dedent(text))
+    dist = root / f"{package}-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {package}\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[mmedagent.tools]\n" + entry_points)
+
+
+CLASHES = '''
+from mmedagent.tools import Tool, ToolResult
+
+class MyGrounding(Tool):  # takes a built-in's name
+    name = "grounding"
+    needs_image = False
+    def __call__(self, image, params):
+        return ToolResult()
+
+class MySam(Tool):  # takes a built-in's alias, in another case
+    name = "my_sam"
+    aliases = ("medsam",)
+    needs_image = False
+    def __call__(self, image, params):
+        return ToolResult()
+'''
+
+
+def test_plugins_cannot_take_a_built_in_tools_name_or_alias(plugin_dir, caplog):
+    install(plugin_dir, "hosp_tools", {"__init__.py": "", "clash.py": CLASHES, "organ.py": ORGAN_VOLUME},
+            "grounding = hosp_tools.clash:MyGrounding\nsam = hosp_tools.clash:MySam\n"
+            "volume = hosp_tools.organ:OrganVolume\n")
+    with caplog.at_level(logging.WARNING, logger="mmedagent.tools.registry"):
+        assert tools_pkg.get_tool("grounding").__module__ == "mmedagent.tools.grounding"
+    warned = "\n".join(r.getMessage() for r in caplog.records)
+    assert "tool plug-in grounding skipped: tool 'grounding' (hosp_tools.clash.MyGrounding) answers to 'grounding', " \
+           "already taken by tool 'grounding' (mmedagent.tools.grounding.GroundingTool)" in warned
+    assert "tool plug-in sam skipped" in warned and "'MedSAM'" in warned
+    assert tools_pkg.get_tool("MedSAM").__module__ == "mmedagent.tools.segmentation"
+    names = [c.name for c in tools_pkg.list_tools()]
+    assert "my_sam" not in names and names.count("grounding") == 1
+    volume = tools_pkg.get_tool("Volume")  # the plug-in that clashes with nothing is served
+    call = ToolCall(API_name="volume", API_params={"spacing_mm": 2})
+    out = Dispatcher([volume()]).dispatch(call, grey_image(value=200))
+    assert out.ok and out.output == {"box": [0.0, 0.0, 1.0, 1.0], "volume_ml": 24.58}  # 64 x 48 px x 8 mm3
+
+    from hosp_tools.clash import MySam  # --plugin / register(): refused outright, naming both tools
+
+    with pytest.raises(ValueError, match=r"'my_sam' .* answers to 'MedSAM', already taken by tool 'segmentation'"):
+        tools_pkg.register(MySam)
+    with pytest.raises(ValueError, match="already taken by tool 'grounding'"):
+        tools_pkg.load_plugin("hosp_tools.clash")
+    assert tools_pkg.register(volume) is volume  # the same class again is no clash
+
+
+def test_a_broken_tool_file_does_not_take_the_other_tools_down(plugin_dir, monkeypatch, caplog):
+    """Files dropped into tools/: one that fails to import is reported, the others load."""
+    extra = plugin_dir / "extra_tools"
+    extra.mkdir()
+    (extra / "organ_volume.py").write_text(ORGAN_VOLUME)
+    (extra / "dicom_meta.py").write_text("import SimpleITK_not_installed\n")
+    monkeypatch.setattr(tools_pkg, "__path__", [*tools_pkg.__path__, str(extra)])
+    with caplog.at_level(logging.WARNING, logger="mmedagent.tools.registry"):
+        names = [c.name for c in tools_pkg.list_tools()]
+    assert "organ_volume" in names and "segmentation" in names
+    assert "tool module dicom_meta could not be imported: ModuleNotFoundError: No module named " \
+           "'SimpleITK_not_installed'" in caplog.text
+
+
+class Lower(Tool):
+    """Its validator assumes a string: the model may send anything."""
+
+    name = "lower"
+    needs_image = False
+
+    class Params(ToolParams):
+        organ: str
+
+        @field_validator("organ", mode="before")
+        @classmethod
+        def lower(cls, v):
+            return v.lower()
+
+    class Result(ToolResult):
+        organ: str
+
+    def __call__(self, image, params):
+        return self.Result(organ=params.organ)
+
+
+class Views(Tool):
+    """Its ``for_model`` / ``overlay`` go wrong on request."""
+
+    name = "views"
+    needs_image = False
+
+    class Params(ToolParams):
+        fault: str = ""
+
+    class Result(ToolResult):
+        fault: str
+
+        def for_model(self):
+            return {"key": lambda: {}["missing"], "list": lambda: ["x"]}.get(self.fault, super().for_model)()
+
+        def overlay(self):
+            return {"zero": lambda: 1 / 0, "dict": lambda: {"boxes": []}}.get(self.fault, lambda: Overlay())()
+
+    def __call__(self, image, params):
+        return self.Result(fault=params.fault)
+
+
+def test_a_tools_own_bugs_become_error_outcomes_and_the_turn_goes_on():
+    d = Dispatcher([Lower(), Views()])
+    calls = [ToolCall(API_name="lower", API_params={"organ": o}) for o in (3, "Liver")]
+    calls += [ToolCall(API_name="views", API_params={"fault": f}) for f in ("key", "list", "dict", "zero", "")]
+    outcomes, results = d.dispatch_all(calls, None)
+    assert [o.error for o in outcomes] == [
+        "invalid params for lower: AttributeError: 'int' object has no attribute 'lower'",
+        None,
+        "KeyError: 'missing'",
+        "TypeError: Result.for_model() returned list, expected a dict",
+        "TypeError: Result.overlay() returned dict, expected Overlay or None",
+        "ZeroDivisionError: division by zero",
+        None,
+    ]
+    assert outcomes[1].output == {"organ": "liver"} and results[-1].overlay() == Overlay()
+
+
+def test_the_tool_worker_answers_a_failing_validator_with_the_reason():
+    client = TestClient(build_app(Lower(), 1 << 20), raise_server_exceptions=False)
+    r = client.post("/call", json={"params": {"organ": 3}})
+    assert r.status_code == 422
+    assert r.json()["detail"] == "invalid params for lower: AttributeError: 'int' object has no attribute 'lower'"
+    assert client.post("/call", json={"params": {"organ": "Liver"}}).json()["for_model"] == {"organ": "liver"}
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--tool", "organ_volume"], "error: unknown tool 'organ_volume'; available tools: classification, grounding"),
+    (["--tool", "grounding", "--options", "{model: 1}"], "error: --options is not valid JSON: Expecting property name"),
+])
+def test_the_tool_worker_refuses_a_bad_command_line_in_one_line(argv, message):
+    script = ROOT / "serve" / "tool_worker.py"
+    out = subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
