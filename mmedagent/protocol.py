@@ -392,11 +392,34 @@ def _without_extensions(node: Any) -> Any:
     return node
 
 
+def params_schema(tool: Any) -> dict[str, Any]:
+    """The JSON schema of ``tool.Params`` with nested models written out in place: the prompt shows
+    their fields, and two tools' nested models of the same name never share one definition."""
+    schema = tool.Params.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node: Any, seen: tuple[str, ...]) -> Any:
+        if isinstance(node, list):
+            return [inline(v, seen) for v in node]
+        if not isinstance(node, dict):
+            return node
+        ref = node.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#/$defs/"):
+            name = ref.removeprefix("#/$defs/")
+            if name in seen:
+                raise TypeError(f"{tool.name}: Params model {name} refers to itself; tool parameters cannot be recursive")
+            rest = {k: v for k, v in node.items() if k != "$ref"}
+            return {**inline(defs[name], (*seen, name)), **inline(rest, seen)}
+        return {k: inline(v, seen) for k, v in node.items()}
+
+    return inline(schema, ())
+
+
 def render_tool_catalog(tools: Iterable[Any]) -> str:
     """Tool names, aliases, descriptions and parameter JSON schemas, for the system prompt."""
     lines = []
     for t in tools:
-        schema = _without_extensions(t.Params.model_json_schema())
+        schema = _without_extensions(params_schema(t))
         props = {k: {kk: vv for kk, vv in v.items() if kk != "title"} for k, v in schema.get("properties", {}).items()}
         aliases = f" (also: {', '.join(t.aliases)})" if getattr(t, "aliases", ()) else ""
         lines.append(f"- {t.name}{aliases}: {t.description} Params: {json.dumps(props, ensure_ascii=False)}")
@@ -406,10 +429,9 @@ def render_tool_catalog(tools: Iterable[Any]) -> str:
 def actions_json_schema(tools: Iterable[Any]) -> dict[str, Any]:
     """JSON schema of a turn's action list: each call names a tool (or an alias) and carries
     parameters valid for that tool's ``Params`` schema, plus the image placeholder."""
-    calls, defs = [], {}
+    calls = []
     for t in tools:
-        params = t.Params.model_json_schema()
-        defs.update(params.pop("$defs", {}))  # references point at the root: "#/$defs/..."
+        params = params_schema(t)
         params["properties"] = {"image": {"const": IMAGE_PLACEHOLDER}, **params.get("properties", {})}
         calls.append({
             "type": "object",
@@ -417,8 +439,7 @@ def actions_json_schema(tools: Iterable[Any]) -> dict[str, Any]:
             "required": ["API_name", "API_params"],
             "additionalProperties": False,
         })
-    schema: dict[str, Any] = {"type": "array", "items": {"anyOf": calls}}
-    return {**schema, "$defs": defs} if defs else schema
+    return {"type": "array", "items": {"anyOf": calls}}
 
 
 def system_message(choice: str | None, tools: Iterable[Any]) -> str:

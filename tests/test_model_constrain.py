@@ -408,3 +408,50 @@ def test_prompt_lookup_is_reported_off_under_the_constraint(tmp_path, caplog):
     planner = load_planner(make_tiny_model("llava", tmp_path / "m"), constrain=True, prompt_lookup=8)
     assert planner.info()["prompt_lookup"] == 0 and planner.info()["constrain"]
     assert "prompt lookup is off" in caplog.text
+
+
+def test_nested_params_models_are_written_out_per_tool(tokenizer):
+    """Two tools with a nested model of the same name: each keeps its own fields in the decoding schema
+    and the prompt (they shared one ``$defs`` entry, the last tool's, and the prompt showed a bare ``$ref``)."""
+    from pydantic import BaseModel, create_model
+
+    from mmedagent.protocol import render_tool_catalog
+    from mmedagent.tools import Tool, ToolParams, ToolResult
+
+    def tool(tool_name, region):
+        class Nested(Tool):
+            name, description = tool_name, "Measure a region."
+            Params = create_model("Params", __base__=ToolParams, region=(region, ...))
+
+            class Result(ToolResult):
+                pass
+
+        return Nested
+
+    class Region(BaseModel):
+        organ: str
+
+    organ_tool = tool("organ_size", Region)
+
+    class Region(BaseModel):  # noqa: F811 - the same model name, another shape
+        slice_index: int
+
+    slice_tool = tool("slice_size", Region)
+    schema = actions_json_schema([organ_tool, slice_tool])
+    assert "$defs" not in json.dumps(schema)
+    organ, slice_ = (c["properties"]["API_params"]["properties"]["region"] for c in schema["items"]["anyOf"])
+    assert list(organ["properties"]) == ["organ"] and list(slice_["properties"]) == ["slice_index"]
+    catalog = render_tool_catalog([organ_tool, slice_tool])
+    assert "$ref" not in catalog and '"organ"' in catalog and '"slice_index"' in catalog
+
+    constraint = TurnConstraint(tokenizer, [organ_tool, slice_tool], [tokenizer.eos_token_id])
+    call = ToolCall(API_name="organ_size", API_params={"region": {"organ": "liver"}})
+    text = " " + render_turn(AssistantTurn(thoughts="x", actions=[call], value="Wait."))
+    rule = constraint.start()
+    for tok in tokenizer(text, add_special_tokens=False).input_ids:
+        assert rule.allows(tok)
+        rule.push(tok)
+    wrong = ' "thoughts🤔" x\n"actions🚀" [{"API_name": "organ_size", "API_params": {"region": {"slice_index'
+    rule = constraint.start()
+    ids = tokenizer(wrong, add_special_tokens=False).input_ids
+    assert not all(rule.allows(t) and rule.push(t) is None for t in ids)
