@@ -112,6 +112,21 @@ def _projector_state(state: dict[str, Any], prefix: str, kind: str, hidden: int)
     return out
 
 
+_TEXT_CONFIGS = {"LlavaLlamaForCausalLM": "LlamaConfig", "LlavaMistralForCausalLM": "MistralConfig"}
+
+
+def _text_config_class(cfg: dict[str, Any]) -> Any:
+    """The transformers config class of the LM inside an original LLaVA checkpoint (Llama unless named)."""
+    import transformers
+
+    arch = (cfg.get("architectures") or ["LlavaLlamaForCausalLM"])[0]
+    if arch in _TEXT_CONFIGS:
+        return getattr(transformers, _TEXT_CONFIGS[arch])
+    if arch.startswith("Llava"):
+        raise ValueError(f"unsupported original LLaVA architecture {arch!r} (supported: {', '.join(_TEXT_CONFIGS)})")
+    return transformers.LlamaConfig
+
+
 def llava_image_processor(source: Any, do_pad: bool) -> Any:
     """A ``LlavaImageProcessor`` with ``source``'s CLIP preprocessing (resize, crop, rescale, mean / std) that,
     with ``do_pad``, first pads each image to a square with the mean colour (LLaVA's ``expand2square`` for
@@ -140,12 +155,14 @@ def convert_llava_checkpoint(
     command line), named in the errors that ask for it; default ``vision_tower=``."""
     import torch
     from transformers import (
-        AutoTokenizer, CLIPImageProcessor, CLIPVisionModel, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
-        LlavaProcessor,
+        AutoTokenizer, CLIPImageProcessor, CLIPVisionModel, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor,
     )
 
     src, dst = Path(src), Path(dst)
     cfg = _read_config(src)
+    if (src / "adapter_config.json").is_file():  # MMedAgent's release: a LoRA folder with the base's config.json
+        raise ValueError(f"{src} is a LoRA adapter, not a full checkpoint: merge it into its base with "
+                         "scripts/merge_lora_weights.py, or load it with load_planner(BASE, adapter=...)")
     arch = _transformers_layout(cfg)
     if arch:
         raise ValueError(f"{src} is already in transformers layout ({arch}): nothing to convert; load it directly "
@@ -156,6 +173,7 @@ def convert_llava_checkpoint(
     if not tower_ref:
         raise ValueError(f"{src}/config.json names no vision tower (mm_vision_tower); pass "
                          f"{tower_option or 'vision_tower='} with the CLIP tower's path or hub id")
+    text_config_class = _text_config_class(cfg)
     select = cfg.get("mm_vision_select_feature", "patch")
     if select not in ("patch", "cls_patch"):
         raise ValueError(f"unsupported mm_vision_select_feature {select!r}")
@@ -180,8 +198,12 @@ def convert_llava_checkpoint(
     for k in ("image_aspect_ratio", "image_grid_pinpoints", "tune_mm_mlp_adapter", "freeze_mm_mlp_adapter",
               "use_mm_proj", "vision_tower", "tokenizer_padding_side", "tokenizer_model_max_length"):
         text_kwargs.pop(k, None)
-    text_config = LlamaConfig(**text_kwargs)
+    text_config = text_config_class(**text_kwargs)
     hidden = text_config.hidden_size
+    tied = bool(cfg.get("tie_word_embeddings", False))
+    if "lm_head.weight" not in state and not tied:
+        raise ValueError(f"{src} has no lm_head.weight and its config.json has tie_word_embeddings false: "
+                         "the checkpoint is incomplete")
 
     # --- weights
     new: dict[str, Any] = {}
@@ -194,7 +216,8 @@ def convert_llava_checkpoint(
         if k.startswith("model."):
             new["model.language_model." + k[len("model."):]] = v
         elif k == "lm_head.weight":
-            new[k] = v
+            if not tied:  # tied: the output layer is the input embeddings
+                new[k] = v
         else:
             raise ValueError(f"unexpected tensor {k!r} in {src}")
     if not any(k.startswith(proj_prefix) for k in state):
@@ -203,10 +226,16 @@ def convert_llava_checkpoint(
         new["model.multi_modal_projector." + k] = v
     for k, v in tower.state_dict().items():
         new["model.vision_tower." + k] = v
+    in_features = new["model.multi_modal_projector.linear_1.weight"].shape[1]
+    if in_features != tower.config.hidden_size:
+        raise ValueError(f"the projector of {src} takes {in_features}-dim vision features but the vision tower "
+                         f"{tower_ref!r} gives {tower.config.hidden_size}: use the tower it was trained with "
+                         f"(mm_vision_tower {cfg.get('mm_vision_tower')!r})")
     if added:
         for key in ("model.language_model.embed_tokens.weight", "lm_head.weight"):
-            w = new[key]
-            new[key] = torch.cat([w, w.mean(0, keepdim=True)], 0)
+            if key in new:
+                w = new[key]
+                new[key] = torch.cat([w, w.mean(0, keepdim=True)], 0)
     vocab = new["model.language_model.embed_tokens.weight"].shape[0]
     if vocab < len(tokenizer):
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the embeddings only {vocab}")
@@ -219,12 +248,22 @@ def convert_llava_checkpoint(
         vision_feature_layer=cfg.get("mm_vision_select_layer", -2),
         vision_feature_select_strategy="default" if select == "patch" else "full",
         image_seq_length=(vision_config.image_size // vision_config.patch_size) ** 2,
-        multimodal_projector_bias=True, tie_word_embeddings=False,
+        multimodal_projector_bias=True, tie_word_embeddings=tied,
     )
     with torch.device("meta"):
         model = LlavaForConditionalGeneration(config)
     target_dtype = dtype or getattr(torch, str(cfg.get("torch_dtype", "float32")).replace("torch.", ""), torch.float32)
-    model.load_state_dict({k: v.to(target_dtype) for k, v in new.items()}, strict=True, assign=True)
+    try:
+        loaded = model.load_state_dict({k: v.to(target_dtype) for k, v in new.items()}, strict=False, assign=True)
+    except RuntimeError as e:  # "size mismatch for …"
+        detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))
+        raise ValueError(f"{src}: the weights do not fit its config.json: {detail}") from None
+    missing = [k for k in loaded.missing_keys if not (tied and k == "lm_head.weight")]
+    if missing or loaded.unexpected_keys:
+        raise ValueError(f"{src}: the weights do not fit its config.json: missing {missing[:3]}, "
+                         f"unexpected {loaded.unexpected_keys[:3]}")
+    if tied:
+        model.tie_weights()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
 
     # --- processor

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mmedagent.hub import prefer_cache_when_unreachable
+from mmedagent.hub import is_hub_id, prefer_cache_when_unreachable
 
 FAMILIES = {
     "llava": "llava",
@@ -39,6 +39,8 @@ def load_config(path_or_id: str | Path) -> Any:
 
     try:
         return AutoConfig.from_pretrained(str(path_or_id))
+    except ValueError as e:  # e.g. a model type this transformers does not know: its message runs to a paragraph
+        raise ValueError(f"{path_or_id}: {str(e).splitlines()[0]}") from None
     except OSError as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         if Path(str(path_or_id)).expanduser().exists():
@@ -145,7 +147,12 @@ def _load_base(path: str, family: str, kwargs: dict[str, Any]) -> Any:
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     cls = AutoModelForCausalLM if family == "causal_lm" else AutoModelForImageTextToText
-    return cls.from_pretrained(path, **kwargs)
+    model, info = cls.from_pretrained(path, output_loading_info=True, **kwargs)
+    missing = sorted(info["missing_keys"])
+    if missing:  # transformers would only warn and leave them random: a planner that cannot work
+        raise ValueError(f"{path}: {len(missing)} weights missing from the checkpoint ({', '.join(missing[:3])}"
+                         f"{', …' if len(missing) > 3 else ''}); it is incomplete or not of this architecture")
+    return model
 
 
 def load_model_and_processor(
@@ -209,6 +216,9 @@ def load_model_and_processor(
 def _ensure_hf_layout(path_or_id: str | Path, vision_tower: str | Path | None = None) -> str | Path:
     """Original LLaVA-layout checkpoints are converted once to the transformers layout (in the cache)."""
     config = _local_json(path_or_id, "config.json")
+    if config is None and is_hub_id(path_or_id) and not str(path_or_id).startswith("hf-hub:"):
+        path_or_id = _original_llava_snapshot(str(path_or_id)) or path_or_id
+        config = _local_json(path_or_id, "config.json")
     if not is_original_llava(config):
         if vision_tower is not None:
             raise ValueError(f"vision_tower= applies to original LLaVA checkpoints; {path_or_id} is not one")
@@ -216,3 +226,15 @@ def _ensure_hf_layout(path_or_id: str | Path, vision_tower: str | Path | None = 
     from mmedagent.model.llava_convert import converted_cache_dir
 
     return converted_cache_dir(Path(path_or_id), vision_tower=vision_tower)
+
+
+def _original_llava_snapshot(repo_id: str) -> Path | None:
+    """The local snapshot of hub repo ``repo_id`` (fetched, or from the cache) when it is an original LLaVA
+    checkpoint (e.g. ``microsoft/llava-med-v1.5-mistral-7b``), which transformers cannot read; else None."""
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    try:
+        config = json.loads(Path(hf_hub_download(repo_id, "config.json")).read_text())
+    except Exception:  # not found, gated, offline and not cached: load_config reports it
+        return None
+    return Path(snapshot_download(repo_id)) if is_original_llava(config) else None

@@ -1,0 +1,161 @@
+"""Checkpoints as users have them: original LLaVA / LLaVA-Med layouts (sharded, tied, Mistral LM, other
+tokenizers, by hub id), incomplete or unknown checkpoints: same logits as the transformers model, or one clear line."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from _model_fixtures import test_image, write_original_llava
+from mmedagent.model import load_model_and_processor
+
+
+def logits(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+@pytest.fixture(scope="module")
+def llava(tiny_models, tmp_path_factory):
+    """The tiny transformers Llava, its CLIP tower saved on its own, and a prompt with an image."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    root = tmp_path_factory.mktemp("checkpoints")
+    env = pytest.MonkeyPatch()
+    env.setenv("MMEDAGENT_CACHE", str(root / "cache"))
+    hf_dir = tiny_models("llava")
+    model = LlavaForConditionalGeneration.from_pretrained(hf_dir).eval()
+    processor = AutoProcessor.from_pretrained(hf_dir)
+    tower = root / "clip-tower"
+    model.model.vision_tower.save_pretrained(tower)
+    processor.image_processor.save_pretrained(tower)
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Where is the tumor?"}]}],
+        add_generation_prompt=True, tokenize=False,
+    )
+    inputs = dict(processor(images=test_image(32), text=prompt, return_tensors="pt", add_special_tokens=False))
+    yield {"hf": hf_dir, "model": model, "tower": tower, "root": root, "inputs": inputs}
+    env.undo()
+
+
+def test_sharded_llava_med_v15_and_llava_llama_checkpoints_give_the_same_logits(llava):
+    """LLaVA-Med v1.5 (LlavaMistralForCausalLM, sharded safetensors) keeps a Mistral LM; LLaVA-1.5 with
+    ``llava_llama`` and sharded ``pytorch_model-*.bin`` a Llama one; both equal the transformers model."""
+    expected = logits(llava["model"], llava["inputs"])
+    med = write_original_llava(llava["model"], llava["hf"], llava["root"] / "llava-med-v1.5", llava["tower"],
+                               arch="LlavaMistralForCausalLM", model_type="llava_mistral", shards=3, safetensors=True)
+    model, _, family = load_model_and_processor(med)
+    assert family == "llava" and model.config.text_config.model_type == "mistral"
+    torch.testing.assert_close(logits(model, llava["inputs"]), expected)
+    v15 = write_original_llava(llava["model"], llava["hf"], llava["root"] / "v15", llava["tower"],
+                               model_type="llava_llama", shards=2)
+    model, _, _ = load_model_and_processor(v15)
+    assert model.config.text_config.model_type == "llama"
+    torch.testing.assert_close(logits(model, llava["inputs"]), expected)
+
+
+def test_tied_word_embeddings_checkpoint_converts(llava):
+    """``tie_word_embeddings: true`` and no ``lm_head.weight``: the output layer is the embeddings."""
+    from transformers import LlavaForConditionalGeneration
+
+    reference = LlavaForConditionalGeneration.from_pretrained(llava["hf"]).eval()
+    reference.lm_head.weight.data.copy_(reference.model.language_model.embed_tokens.weight.data)
+    src = write_original_llava(reference, llava["hf"], llava["root"] / "tied", llava["tower"], tied=True)
+    model, _, _ = load_model_and_processor(src)
+    torch.testing.assert_close(logits(model, llava["inputs"]), logits(reference, llava["inputs"]))
+    untied = llava["root"] / "tied-but-not-said"
+    shutil.copytree(src, untied)
+    cfg = json.loads((untied / "config.json").read_text())
+    (untied / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": False}))
+    with pytest.raises(ValueError, match="no lm_head.weight and its config.json has tie_word_embeddings false"):
+        load_model_and_processor(untied)
+
+
+def test_tokenizer_without_image_or_pad_token(llava):
+    """LLaVA-1.5's tokenizer has no ``<image>`` and no pad token: both are added, the embeddings grow by one
+    row and every other token's logits are unchanged."""
+    src = write_original_llava(llava["model"], llava["hf"], llava["root"] / "plain-tokenizer", llava["tower"])
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        text = (src / name).read_text().replace("<image>", "<im_unused>")
+        data = json.loads(text)
+        data.pop("pad_token", None)
+        (src / name).write_text(json.dumps(data))
+    model, processor, _ = load_model_and_processor(src)
+    vocab = llava["model"].config.text_config.vocab_size
+    tok = processor.tokenizer
+    assert model.config.image_token_id == tok.convert_tokens_to_ids("<image>") == vocab
+    assert tok.pad_token == "<unk>" and model.get_input_embeddings().weight.shape[0] == vocab + 1
+    inputs = dict(llava["inputs"])
+    ids = inputs["input_ids"].clone()
+    ids[ids == llava["model"].config.image_token_id] = vocab
+    inputs["input_ids"] = ids
+    torch.testing.assert_close(logits(model, inputs)[..., :vocab], logits(llava["model"], llava["inputs"]))
+
+
+def test_a_tower_of_the_wrong_width_is_one_error_line(llava, tmp_path):
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    src = write_original_llava(llava["model"], llava["hf"], tmp_path / "orig", llava["tower"])
+    other = tmp_path / "clip-base"
+    CLIPVisionModel(CLIPVisionConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=1, num_attention_heads=3,
+                                     image_size=32, patch_size=8)).save_pretrained(other)
+    CLIPImageProcessor.from_pretrained(llava["tower"]).save_pretrained(other)
+    run = subprocess.run([sys.executable, "scripts/convert_llava_checkpoint.py", "--src", str(src), "--dst",
+                          str(tmp_path / "out"), "--vision-tower", str(other)], capture_output=True, text=True)
+    assert run.returncode == 2, run.stderr[-2000:]
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: the projector of") and "takes 32-dim vision features" in last and "gives 48" in last
+
+
+def test_original_llava_by_hub_id_loads_from_the_cache(llava, tmp_path, monkeypatch):
+    """``microsoft/llava-med-v1.5-mistral-7b`` in the Hugging Face cache of an offline server is converted like
+    a local folder (transformers itself does not know ``llava_mistral``)."""
+    from huggingface_hub import constants
+
+    repo = tmp_path / "hub" / "models--microsoft--llava-med-v1.5-mistral-7b"
+    commit = "0" * 40
+    write_original_llava(llava["model"], llava["hf"], repo / "snapshots" / commit, llava["tower"],
+                         arch="LlavaMistralForCausalLM", model_type="llava_mistral", safetensors=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model, _, family = load_model_and_processor("microsoft/llava-med-v1.5-mistral-7b")
+    assert family == "llava"
+    torch.testing.assert_close(logits(model, llava["inputs"]), logits(llava["model"], llava["inputs"]))
+
+
+def test_missing_weights_are_an_error_not_a_random_init(tiny_models, tmp_path):
+    """A transformers checkpoint without its projector: transformers would only warn and initialise it at random."""
+    from safetensors.torch import load_file, save_file
+
+    partial = tmp_path / "no-projector"
+    shutil.copytree(tiny_models("llava"), partial)
+    state = load_file(str(partial / "model.safetensors"))
+    save_file({k: v for k, v in state.items() if "multi_modal_projector" not in k}, str(partial / "model.safetensors"),
+              metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"4 weights missing from the checkpoint \(model\.multi_modal_projector"):
+        load_model_and_processor(partial)
+
+
+def test_an_unknown_model_type_is_one_line(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava_mpt", "architectures": ["LlavaMptForCausalLM"]}))
+    with pytest.raises(ValueError) as e:
+        load_model_and_processor(tmp_path)
+    assert "llava_mpt" in str(e.value) and len(str(e.value).splitlines()) == 1
+
+
+def test_converting_a_lora_folder_says_to_merge_it(llava, tmp_path):
+    """MMedAgent's release is a LoRA folder whose config.json is the base's (mm_vision_tower and all)."""
+    from mmedagent.model.llava_convert import convert_llava_checkpoint
+
+    src = write_original_llava(llava["model"], llava["hf"], tmp_path / "mmedagent-release", llava["tower"])
+    for f in src.glob("pytorch_model*"):
+        f.unlink()
+    (src / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 128}))
+    with pytest.raises(ValueError, match="is a LoRA adapter, not a full checkpoint: merge it .*merge_lora_weights"):
+        convert_llava_checkpoint(src, tmp_path / "out")
