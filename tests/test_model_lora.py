@@ -186,6 +186,29 @@ def test_merge_script_equals_adapter_on_base(llava_setup, tmp_path):
     assert proc.image_processor.do_pad  # processor saved alongside
 
 
+def test_a_merge_keeps_the_bases_dtype(tiny_models, tmp_path):
+    """A float16 base merges into a float16 checkpoint (was float32 on CPU: twice the memory and disk)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mmedagent.model.adapters import merge_lora
+
+    base = tmp_path / "base-fp16"
+    AutoModelForCausalLM.from_pretrained(tiny_models("llama"), dtype=torch.float16).save_pretrained(base)
+    AutoTokenizer.from_pretrained(tiny_models("llama")).save_pretrained(base)
+    lora = get_peft_model(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float16),
+                          LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    lora.save_pretrained(tmp_path / "adapter")
+    merged = merge_lora(tmp_path / "adapter", base, tmp_path / "merged")
+    model = AutoModelForCausalLM.from_pretrained(merged)
+    assert model.dtype == torch.float16
+    state = model.state_dict()
+    assert all(v.dtype == torch.float16 for v in state.values() if v.is_floating_point())
+    delta = state["model.layers.0.self_attn.q_proj.weight"].float() - lora.base_model.model.model.layers[
+        0].self_attn.q_proj.base_layer.weight.float()
+    assert delta.abs().max() > 0  # the adapter is in the weights
+
+
 def test_lora_without_base_is_a_clear_error(llava_setup):
     with pytest.raises(ValueError, match=r"base model is not found here \('\./checkpoints/llava-med'\).*--model-base"):
         load_model_and_processor(llava_setup["mmed"])  # "./checkpoints/llava-med" does not exist

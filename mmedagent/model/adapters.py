@@ -44,7 +44,7 @@ def adapter_base(adapter_dir: str | Path) -> str:
         return (local or hub)[0]
     tried = ", ".join(repr(c) for c in candidates) or "nothing recorded"
     raise ValueError(f"{adapter_dir}: the adapter's base model is not found here ({tried}); pass the base model "
-                     "(--model-base / base=)")
+                     f"(--model-base BASE, or load_planner(BASE, adapter={str(adapter_dir)!r}))")
 
 
 def apply_adapter(model: Any, adapter_dir: str | Path, *, merge: bool = False) -> Any:
@@ -80,8 +80,10 @@ def apply_adapter(model: Any, adapter_dir: str | Path, *, merge: bool = False) -
         return peft_model.merge_and_unload() if merge else peft_model
 
 
-def merge_lora(model_path: str | Path, model_base: str | Path | None, save_path: str | Path, *, dtype: Any = None) -> Path:
-    """Merge a LoRA adapter (ours or MMedAgent's) into its base and save model + processor.
+def merge_lora(model_path: str | Path, model_base: str | Path | None, save_path: str | Path, *,
+               dtype: Any = "auto") -> Path:
+    """Merge a LoRA adapter (ours or MMedAgent's) into its base and save model + processor, by default in
+    the base checkpoint's dtype.
 
     The output is a plain transformers checkpoint (an original-layout base comes out converted);
     the projector — from ``modules_to_save`` or ``non_lora_trainables.bin`` — is part of it.
