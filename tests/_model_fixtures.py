@@ -22,10 +22,17 @@ def test_image(size: int = 40) -> Image.Image:
 test_image.__test__ = False  # not a pytest test
 
 
+def logits(model, inputs):
+    import torch
+
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
 def write_original_llava(model, tokenizer_dir, out, tower, *, arch: str = "LlavaLlamaForCausalLM",
                          model_type: str = "llava", shards: int = 1, safetensors: bool = False, tied: bool = False):
     """Save the transformers Llava ``model`` as the original LLaVA code saves it (``LlavaLlamaForCausalLM``
-    layout, ``mlp2x_gelu`` projector, tower referenced by path, ``shards`` weight files + index json) with
+    layout, ``mlp2x_gelu`` projector, tower referenced by path, one weight file or ``shards`` + index json) with
     the tokenizer files of ``tokenizer_dir``; ``tied``: no ``lm_head.weight``, ``tie_word_embeddings`` true."""
     import json
     import shutil
@@ -47,14 +54,17 @@ def write_original_llava(model, tokenizer_dir, out, tower, *, arch: str = "Llava
             state[k] = v.clone()
     keys = list(state)
     name = "model-{:05d}-of-{:05d}.safetensors" if safetensors else "pytorch_model-{:05d}-of-{:05d}.bin"
+    if shards == 1:
+        name = "model.safetensors" if safetensors else "pytorch_model.bin"
     weight_map = {}
     for i in range(shards):
         part = {k: state[k].contiguous() for k in keys[i::shards]}
         f = name.format(i + 1, shards)
         save_file(part, str(out / f), metadata={"format": "pt"}) if safetensors else torch.save(part, out / f)
         weight_map.update(dict.fromkeys(part, f))
-    index = "model.safetensors.index.json" if safetensors else "pytorch_model.bin.index.json"
-    (out / index).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    if shards > 1:
+        index = "model.safetensors.index.json" if safetensors else "pytorch_model.bin.index.json"
+        (out / index).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     cfg = model.config.text_config.to_dict()
     for k in ("dtype", "torch_dtype", "transformers_version", "_name_or_path"):
         cfg.pop(k, None)

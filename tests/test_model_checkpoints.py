@@ -9,13 +9,8 @@ import sys
 import pytest
 import torch
 
-from _model_fixtures import test_image, write_original_llava
+from _model_fixtures import logits, test_image, write_original_llava
 from mmedagent.model import load_model_and_processor
-
-
-def logits(model, inputs):
-    with torch.no_grad():
-        return model(**inputs).logits
 
 
 @pytest.fixture(scope="module")

@@ -7,15 +7,10 @@ import sys
 import pytest
 import torch
 
-from _model_fixtures import test_image
+from _model_fixtures import logits, test_image, write_original_llava
 from mmedagent.model import load_model_and_processor, load_planner
 
 LM_TARGETS = r".*\.language_model\..*\.(q_proj|v_proj|gate_proj)"
-
-
-def logits(model, inputs):
-    with torch.no_grad():
-        return model(**inputs).logits
 
 
 @pytest.fixture(scope="module")
@@ -37,26 +32,7 @@ def llava_setup(tiny_models, tmp_path_factory):
     tower = root / "clip-tower"
     model.model.vision_tower.save_pretrained(tower)
     processor.image_processor.save_pretrained(tower)
-    state = {}
-    for k, v in model.state_dict().items():
-        if k.startswith("model.language_model."):
-            state["model." + k[len("model.language_model."):]] = v.clone()
-        elif k.startswith("model.multi_modal_projector."):
-            state[k.replace("multi_modal_projector.linear_1", "mm_projector.0").replace(
-                "multi_modal_projector.linear_2", "mm_projector.2")] = v.clone()
-        elif k == "lm_head.weight":
-            state[k] = v.clone()
-    orig.mkdir()
-    torch.save(state, orig / "pytorch_model.bin")
-    cfg = model.config.text_config.to_dict()
-    cfg.update(
-        architectures=["LlavaLlamaForCausalLM"], model_type="llava", mm_vision_tower=str(tower),
-        mm_hidden_size=model.config.vision_config.hidden_size, mm_projector_type="mlp2x_gelu",
-        mm_vision_select_layer=-2, mm_vision_select_feature="patch", mm_use_im_start_end=False,
-        mm_use_im_patch_token=False, image_aspect_ratio="pad",
-    )
-    (orig / "config.json").write_text(json.dumps(cfg))
-    processor.tokenizer.save_pretrained(orig)
+    write_original_llava(model, hf_dir, orig, tower)
 
     # --- a LoRA with a retrained projector, saved the MMedAgent way
     lora_model = get_peft_model(
