@@ -8,7 +8,12 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.exceptions import HTTPException
 
 from mmedagent.protocol import IMAGE_TOKEN, without_image_token
 from mmedagent.serve.messages import MAX_MESSAGE_CHARS, MAX_MESSAGES, MAX_NEW_TOKENS
@@ -23,7 +28,8 @@ class OpenAIMessage(BaseModel):
 
 
 class ChatCompletionRequest(BaseModel):
-    """The fields we act on; other OpenAI fields (n, user, logprobs...) are accepted and ignored."""
+    """The fields we act on; other OpenAI fields (user, seed, logprobs...) are accepted and ignored.
+    ``n`` > 1 is refused: one choice per request."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -35,6 +41,14 @@ class ChatCompletionRequest(BaseModel):
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     stop: str | list[str] | None = None
+    n: int | None = None
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, n: int | None) -> int | None:
+        if n is not None and n != 1:
+            raise ValueError("only n=1 is supported (one choice per request); send n requests instead")
+        return n
 
     def gen(self, defaults: dict[str, Any]) -> dict[str, Any]:
         out = dict(defaults)
@@ -136,3 +150,37 @@ def model_list(names: list[str], owner: str = "mmedagent", notes: dict[str, str]
     if tools is not None:
         out["mmedagent_tools"] = tools
     return out
+
+
+OPENAI_PATHS = frozenset({"/v1/chat/completions", "/v1/models"})
+
+
+def error_body(message: str, status: int, param: str | None = None) -> dict[str, Any]:
+    """OpenAI's error object, ``{"error": {"message", "type", "param", "code"}}``."""
+    kind = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error"}.get(
+        status, "invalid_request_error" if status < 500 else "server_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+
+
+def openai_errors(app: FastAPI) -> FastAPI:
+    """Answer the errors of ``app``'s OpenAI routes in OpenAI's shape (the ``openai`` client shows
+    only ``error.message``), a refused request field as a 400 naming it in ``param``, without
+    echoing the value sent; the other routes keep their ``{"detail"}`` answers. Call after
+    ``security.without_echoed_input``."""
+    not_openai = app.exception_handlers[RequestValidationError]
+
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        if request.url.path not in OPENAI_PATHS:
+            return await http_exception_handler(request, exc)
+        return JSONResponse(error_body(str(exc.detail), exc.status_code), exc.status_code, headers=exc.headers)
+
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        if request.url.path not in OPENAI_PATHS:
+            return await not_openai(request, exc)
+        fields = [".".join(str(x) for x in e.get("loc", ()) if x != "body") for e in exc.errors()]
+        message = "; ".join(f"{f or 'request'}: {e.get('msg', '')}" for f, e in zip(fields, exc.errors()))
+        return JSONResponse(error_body(message, 400, fields[0] if fields and fields[0] else None), 400)
+
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, invalid)
+    return app

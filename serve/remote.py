@@ -247,6 +247,8 @@ class OpenAIPlanner:
 
     def _body(self, messages, image, gen: dict[str, Any], stream: bool) -> dict[str, Any]:
         body: dict[str, Any] = {"model": self.model, "messages": to_openai_messages(messages, image), "stream": stream}
+        if stream:  # without it OpenAI and vLLM send no usage in a stream
+            body["stream_options"] = {"include_usage": True}
         if "max_new_tokens" in gen:
             body["max_tokens"] = gen["max_new_tokens"]
         for k in ("temperature", "top_p", "stop"):
@@ -280,6 +282,9 @@ class OpenAIPlanner:
                     if data == "[DONE]":
                         break
                     chunk = json.loads(data)
+                    if chunk.get("error"):  # a failure mid-stream (vLLM, our model worker): not a short answer
+                        error = chunk["error"]
+                        raise WorkerError(f"model backend {self.base_url}: {error.get('message', error) if isinstance(error, dict) else error}")
                     self._count(chunk)
                     choices = chunk.get("choices") or [{}]
                     piece = (choices[0].get("delta") or {}).get("content")

@@ -17,7 +17,7 @@ from doubles import FakeGrounding, ScriptedPlanner
 from mmedagent.agent import AgentStep
 from mmedagent.evaluation.cli import main
 from mmedagent.evaluation.readers import EvalFileError, load_samples
-from mmedagent.evaluation.runner import AgentRunner, ControllerRunner
+from mmedagent.evaluation.runner import AgentRunner, ControllerRunner, SampleResult
 from mmedagent.evaluation.scoring import build_report, markdown_summary
 from mmedagent.protocol import AssistantTurn, ToolOutcome, render_tool_results
 from mmedagent.tools import registry
@@ -76,6 +76,14 @@ def test_reader_errors_name_file_and_record(tmp_path):
     broken.write_text('{"question": "q", "answer": "a"}\n{oops\n')
     with pytest.raises(EvalFileError, match="line 2"):
         load_samples(broken)
+
+
+def test_reader_takes_a_byte_order_mark_and_one_indented_record(tmp_path):
+    qa = {"question": "Is there a fracture?", "answer": "no", "answer_type": "CLOSED", "image": "a.png"}
+    for name, text in [("bom.json", "\ufeff" + json.dumps([qa])), ("bom.jsonl", "\ufeff" + json.dumps(qa) + "\n"),
+                       ("one.json", json.dumps(qa, indent=2))]:
+        (tmp_path / name).write_text(text, encoding="utf-8")
+        assert [s.gold_answer for s in load_samples(tmp_path / name)] == ["no"], name
 
 
 # --------------------------------------------------------------------------- gold vs live
@@ -274,3 +282,77 @@ def test_controller_endpoint_reads_mmedagent_trace(tmp_path, folder, fake_ground
 
     runner.planner.client = httpx.Client(transport=httpx.MockTransport(lambda r: httpx.Response(200, json={"choices": [{"message": {"content": "hi"}}]})))
     assert "mmedagent_trace" in runner.run(sample).error
+
+
+# --------------------------------------------------------------------------- failures and interruptions
+
+
+def _endpoint(*answers):
+    """An OpenAI-compatible endpoint answering (status, body) pairs in turn."""
+    queue = list(answers)
+    return httpx.Client(transport=httpx.MockTransport(lambda request: httpx.Response(queue[0][0], json=queue.pop(0)[1])))
+
+
+def test_a_planner_failure_is_that_samples_error_and_the_run_goes_on(tmp_path, folder, fake_grounding):
+    from mmedagent.evaluation.runner import OpenAIPlanner
+
+    samples = load_samples(write_json(tmp_path / "r.json", [direct_record("d1"), direct_record("d2")]))
+    planner = OpenAIPlanner("http://127.0.0.1:9/v1", "m")
+    planner.client = _endpoint(
+        (500, {"error": {"message": "CUDA out of memory", "type": "server_error", "param": None, "code": None}}),
+        (200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": "Yes."}, "finish_reason": "stop"}]}),
+    )
+    runner = AgentRunner(planner, "gold", [FakeGrounding], image_folder=folder)
+    first, second = [runner.run(s) for s in samples]
+    assert first.error.startswith("planner failed") and "answered 500: CUDA out of memory" in first.error
+    assert second.error is None and second.answer == "Yes."
+
+
+def test_a_failed_sample_never_counts_as_a_right_tool_choice(tmp_path):
+    """A no-tool gold answer is matched by making no call, but not by failing before any."""
+    samples = load_samples(write_json(tmp_path / "r.json", [direct_record()]))
+    report = build_report(samples, [SampleResult(id="d1", task="vqa", error="image not found: x.png")], tool_mode="gold")
+    assert report["tool_selection_accuracy"] == 0.0
+
+
+def test_controller_endpoint_failures_are_per_sample_with_the_servers_reason(tmp_path, folder):
+    sample = load_samples(write_json(tmp_path / "r.json", [grounding_record()]))[0]
+    runner = ControllerRunner("http://127.0.0.1:9/v1", image_folder=folder)
+    runner.planner.client = _endpoint((404, {"detail": "no model worker is serving 'x'"}), (200, {"choices": []}))
+    assert runner.run(sample).error == "endpoint error: http://127.0.0.1:9/v1/chat/completions answered 404: no model worker is serving 'x'"
+    assert runner.run(sample).error == "endpoint error: unreadable response (IndexError: list index out of range)"
+
+
+class InterruptedPlanner(ScriptedPlanner):
+    def generate(self, messages, image, **gen):
+        if not self.replies:
+            raise KeyboardInterrupt
+        return super().generate(messages, image, **gen)
+
+
+def test_ctrl_c_writes_the_report_of_the_samples_done(tmp_path, folder, fake_grounding, monkeypatch):
+    import mmedagent.evaluation.cli as cli
+
+    data = write_json(tmp_path / "r.json", [direct_record("d1"), direct_record("d2"), direct_record("d3")])
+    monkeypatch.setattr(cli, "make_runner", lambda args: AgentRunner(InterruptedPlanner(["Yes."]), "gold", [FakeGrounding], image_folder=folder))
+    out = tmp_path / "partial.json"
+    assert main(["--model", "m", "--data", str(data), "--json-out", str(out), "--quiet"]) == 130
+    report = json.loads(out.read_text())
+    assert report["interrupted"] == "after 1 of 3 samples" and report["n_samples"] == 1
+    assert report["samples"][0]["answer"] == "Yes." and report["overall"]["vqa_closed_accuracy"] == 1.0
+
+
+def test_a_judge_failure_does_not_lose_the_evaluation(tmp_path, monkeypatch, capsys):
+    from mmedagent.evaluation import judge as J
+
+    class Judge(J.OpenAIPlanner):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.client = _endpoint((429, {"error": {"message": "Rate limit reached", "type": "requests"}}),
+                                    (200, {"choices": [{"message": {"role": "assistant", "content": "8"}}]}))
+
+    monkeypatch.setattr(J, "OpenAIPlanner", Judge)
+    samples = load_samples(write_json(tmp_path / "r.json", [direct_record("d1"), direct_record("d2")]))
+    results = [SampleResult(id=s.id, task=s.task, answer="Yes.") for s in samples]
+    assert J.judge(samples, results, "http://judge/v1", "j") == [None, 8.0]
+    assert "judge failed on 1 samples" in capsys.readouterr().err

@@ -110,6 +110,7 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
     samples = load_samples(args.data, args.limit)
     runner = make_runner(args)
     results = []
+    interrupted = None
     started = time.monotonic()
     try:
         # live tools load before the first sample, so no sample is charged a first load
@@ -117,13 +118,21 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
         for name, error in load_errors.items():
             print(f"warning: tool {name} failed to load ({error}); its calls are tool errors", file=sys.stderr)
         for i, smp in enumerate(samples, 1):
-            results.append(runner.run(smp))
+            try:
+                results.append(runner.run(smp))
+            except KeyboardInterrupt:  # Ctrl-C: report the samples done so far rather than lose them
+                if not results:
+                    raise
+                interrupted = f"after {len(results)} of {len(samples)} samples"
+                print(f"interrupted {interrupted}: scoring those{' (not judged)' if args.judge_url else ''}", file=sys.stderr)
+                samples = samples[: len(results)]
+                break
             if not args.quiet:
                 print(f"[{i}/{len(samples)}] {smp.task}: {results[-1].error or 'ok'}", file=sys.stderr)
     finally:
         runner.close()
     judge_scores = None
-    if args.judge_url:
+    if args.judge_url and not interrupted:
         from mmedagent.evaluation.judge import judge
 
         judge_scores = judge(samples, results, args.judge_url, args.judge_model)
@@ -132,6 +141,7 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
         "model": str(args.model), "data": str(args.data), "tokens_counted_by": runner.tokens_counted_by,
         "constrained_decoding": bool(args.constrain),
         **({"tool_load_errors": load_errors} if load_errors else {}),
+        **({"interrupted": interrupted} if interrupted else {}),
         "total_wall_s": time.monotonic() - started, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     return build_report(samples, results, tool_mode=args.tool_mode, k=args.k, meta=meta, judge=judge_scores)
@@ -169,4 +179,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if error_rate:
         print(f"warning: {round(error_rate * n)} of {n} samples ended in an error and score as wrong; their errors "
               f"are listed above{' and in ' + args.json_out if args.json_out else ''}", file=sys.stderr)
+    if report.get("interrupted"):
+        return 130  # a partial report (as for Ctrl-C)
     return 1 if error_rate == 1 else 0  # nothing was evaluated

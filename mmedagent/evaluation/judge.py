@@ -7,10 +7,13 @@ answer, and replies with a score from 1 to 10; samples without a reference are n
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Sequence
 
+import httpx
+
 from mmedagent.evaluation.readers import EvalSample
-from mmedagent.evaluation.runner import OpenAIPlanner, SampleResult
+from mmedagent.evaluation.runner import EndpointError, OpenAIPlanner, SampleResult
 
 PROMPT = (
     "You grade answers of a medical imaging assistant. Compare the answer with the reference and "
@@ -27,9 +30,11 @@ def parse_score(text: str) -> float | None:
 
 def judge(samples: Sequence[EvalSample], results: Sequence[SampleResult], url: str, model: str | None = None,
           api_key: str | None = None) -> list[float | None]:
-    """One 1–10 score per sample (``None`` where there is no reference or no score in the reply)."""
+    """One 1–10 score per sample (``None`` where there is no reference, no score in the reply, or the
+    judge endpoint failed: a failure is reported on stderr and never loses the evaluation)."""
     client = OpenAIPlanner(url, model, api_key)
     scores: list[float | None] = []
+    failures: list[str] = []
     try:
         for smp, r in zip(samples, results):
             reference = smp.gold_answer or smp.reference.get("fig_caption")
@@ -37,8 +42,15 @@ def judge(samples: Sequence[EvalSample], results: Sequence[SampleResult], url: s
                 scores.append(None)
                 continue
             prompt = PROMPT.format(question=smp.question, reference=reference, answer=r.answer)
-            reply = client.generate([{"role": "user", "content": prompt}], None, temperature=0.0, max_new_tokens=8)
+            try:
+                reply = client.generate([{"role": "user", "content": prompt}], None, temperature=0.0, max_new_tokens=8)
+            except (httpx.HTTPError, EndpointError, ValueError, LookupError) as e:
+                failures.append(f"{type(e).__name__}: {e}")
+                scores.append(None)
+                continue
             scores.append(parse_score(reply))
     finally:
         client.client.close()
+    if failures:
+        print(f"warning: the judge failed on {len(failures)} samples (not judged); first: {failures[0]}", file=sys.stderr)
     return scores

@@ -165,8 +165,13 @@ def sample_from_dict(d: dict[str, Any], index: int) -> EvalSample | None:
 
 
 def _raw_records(path: Path) -> list[Any]:
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors, PowerShell) is not JSON
     stripped = text.lstrip()
+    if stripped.startswith("{") and "\n" in stripped.rstrip():  # one record spread over lines, or JSON lines
+        try:
+            return [json.loads(text)]
+        except json.JSONDecodeError:
+            pass
     if stripped.startswith("["):
         try:
             data = json.loads(text)

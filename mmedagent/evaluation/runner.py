@@ -195,7 +195,11 @@ class AgentRunner:
         dispatcher = self.dispatcher if self.tool_mode == "live" else GoldToolOutputs(sample.gold_results)
         agent = Agent(self.counter, dispatcher, max_steps=self.max_steps, system=self.system, **self.gen)  # type: ignore[arg-type]
         before = self.counter.tokens
-        res = agent.run(sample.question, image)
+        try:
+            res = agent.run(sample.question, image)
+        except Exception as e:  # a planner or endpoint failure is this sample's error, not the run's
+            return SampleResult(id=sample.id, task=sample.task, error=f"planner failed: {type(e).__name__}: {e}",
+                                wall_s=time.monotonic() - started)
         tokens = self.counter.tokens - before
         return SampleResult(
             id=sample.id, task=sample.task, answer=res.answer, steps=res.steps, stopped=res.stopped,
@@ -235,6 +239,24 @@ def _headers(api_key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"} if key else {}
 
 
+class EndpointError(RuntimeError):
+    """An OpenAI-compatible endpoint refused or failed a request; the message is the server's."""
+
+
+def _raise_for_error(r: Any) -> None:
+    """Raise :class:`EndpointError` for a non-2xx answer, with the server's own message (OpenAI's
+    ``{"error": {"message"}}``, FastAPI's ``{"detail"}``, else the start of the body)."""
+    if r.is_success:
+        return
+    try:
+        body = r.json()
+    except ValueError:
+        body = None
+    err = body.get("error", body.get("detail")) if isinstance(body, dict) else None
+    message = err.get("message", err) if isinstance(err, dict) else err
+    raise EndpointError(f"{r.url} answered {r.status_code}: {str(message or r.text or r.reason_phrase)[:300]}")
+
+
 def _chat_url(url: str) -> str:
     url = url.rstrip("/")
     if url.endswith("/chat/completions"):
@@ -261,7 +283,7 @@ class OpenAIPlanner:
         if self.model:
             body["model"] = self.model
         r = self.client.post(self.url, json=body)
-        r.raise_for_status()
+        _raise_for_error(r)
         data = r.json()
         self.completion_tokens += int((data.get("usage") or {}).get("completion_tokens", 0))
         return data["choices"][0]["message"]["content"] or ""
@@ -311,10 +333,12 @@ class ControllerRunner:
             body["model"] = self.planner.model
         try:
             r = self.planner.client.post(self.planner.url, json=body)
-            r.raise_for_status()
+            _raise_for_error(r)
             data = r.json()
-        except (httpx.HTTPError, ValueError) as e:
-            return SampleResult(id=sample.id, task=sample.task, error=f"endpoint error: {e}", wall_s=time.monotonic() - started)
+            answer = data["choices"][0]["message"]["content"] or ""
+        except (httpx.HTTPError, EndpointError, ValueError, LookupError, TypeError, AttributeError) as e:
+            what = str(e) if isinstance(e, (httpx.HTTPError, EndpointError)) else f"unreadable response ({type(e).__name__}: {e})"
+            return SampleResult(id=sample.id, task=sample.task, error=f"endpoint error: {what}", wall_s=time.monotonic() - started)
         trace = data.get("mmedagent_trace")
         if trace is None:
             return SampleResult(id=sample.id, task=sample.task, wall_s=time.monotonic() - started,
@@ -325,7 +349,7 @@ class ControllerRunner:
         except ValidationError as e:
             return SampleResult(id=sample.id, task=sample.task, error=f"unreadable mmedagent_trace: {e.errors()[0]['msg']}")
         return SampleResult(
-            id=sample.id, task=sample.task, answer=data["choices"][0]["message"]["content"] or "", steps=steps,
+            id=sample.id, task=sample.task, answer=answer, steps=steps,
             stopped=str(trace.get("stopped", "")) if isinstance(trace, dict) else "",
             wall_s=time.monotonic() - started, tokens=int((data.get("usage") or {}).get("completion_tokens", 0)),
         )

@@ -121,7 +121,8 @@ def score_sample(sample: EvalSample, result: SampleResult, labels: Sequence[str]
     gold_calls = sample.gold_calls
     pred_calls = result.calls
     if gold_calls is not None:
-        s["selection_correct"] = T.selection_correct(pred_calls, gold_calls)
+        # a sample that ended in an error scores as wrong, even where the gold answer calls no tool
+        s["selection_correct"] = result.error is None and T.selection_correct(pred_calls, gold_calls)
         s["calls_tp"], s["calls_pred"], s["calls_gold"] = T.call_counts(pred_calls, gold_calls)
         s["calls_valid"] = sum(T.argument_error(c) is None for c in pred_calls)
         s["argument_match"] = [T.argument_match(p, g) for p, g in T.paired_calls(pred_calls, gold_calls)]

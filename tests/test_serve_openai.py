@@ -1,0 +1,87 @@
+"""OpenAI chat-completions compliance: the model worker's endpoint (in process, a scripted planner)
+and the client side that drives any OpenAI-compatible backend (serve/remote.py)."""
+
+import json
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from doubles import ScriptedPlanner
+from mmedagent.serve.model_worker import ModelHost, build_app
+from mmedagent.serve.remote import OpenAIPlanner, WorkerError
+
+USER = [{"role": "user", "content": "hi"}]
+
+
+def worker(planner):
+    return TestClient(build_app(ModelHost(planner, "tiny", {}, 1 << 20)))
+
+
+def test_n_above_one_is_refused_by_name():
+    client = worker(ScriptedPlanner(["one"]))
+    r = client.post("/v1/chat/completions", json={"messages": USER, "n": 2})
+    assert r.status_code == 422
+    [error] = r.json()["detail"]
+    assert error["loc"] == ["body", "n"] and "only n=1 is supported" in error["msg"]
+    r = client.post("/v1/chat/completions", json={"messages": USER, "n": 1})
+    assert r.status_code == 200 and [c["message"]["content"] for c in r.json()["choices"]] == ["one"]
+
+
+def sse(*chunks):
+    return "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
+
+
+def test_a_streamed_backend_is_asked_for_its_usage():
+    """OpenAI and vLLM send a stream's usage only when asked (``stream_options.include_usage``),
+    in a last chunk with no choices."""
+
+    def backend(request):
+        body = json.loads(request.content)
+        chunks = [{"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]},
+                  {"choices": [{"index": 0, "delta": {"content": "Yes."}, "finish_reason": None}]},
+                  {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}]
+        if (body.get("stream_options") or {}).get("include_usage"):
+            chunks.append({"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9}})
+        return httpx.Response(200, text=sse(*chunks), headers={"content-type": "text/event-stream"})
+
+    planner = OpenAIPlanner("http://backend/v1", model="m")
+    planner.client = httpx.Client(transport=httpx.MockTransport(backend))
+    assert "".join(planner.stream(USER, None)) == "Yes."
+    assert planner.last_stats == {"prompt_tokens": 7, "new_tokens": 2}
+
+
+class FailsMidStream:
+    def stream(self, messages, image, **gen):
+        yield "Thought: "
+        raise RuntimeError("CUDA out of memory")
+
+
+def test_a_failure_mid_stream_is_an_error_not_a_short_answer():
+    """The model worker reports a failure mid-stream as an ``error`` chunk (as vLLM does); the
+    client that forwards to such a backend raises it instead of returning the text so far."""
+    planner = OpenAIPlanner("http://testserver/v1", model="tiny")
+    planner.client = worker(FailsMidStream())
+    with pytest.raises(WorkerError, match="CUDA out of memory"):
+        "".join(planner.stream(USER, None))
+
+
+def test_errors_of_the_openai_routes_have_openais_shape():
+    """``openai_errors`` on the model worker's app: the ``openai`` client reads only
+    ``error.message``; a FastAPI ``{"detail"}`` body reaches its user as "Error code: 400" alone."""
+    from mmedagent.serve import openai_api as oa
+
+    client = TestClient(oa.openai_errors(build_app(ModelHost(ScriptedPlanner([]), "tiny", {}, 1 << 20))))
+    r = client.post("/v1/chat/completions", json={"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]})
+    assert r.status_code == 400 and r.json() == {"error": {
+        "message": "tool-role messages are not supported: mmedagent runs the tools itself",
+        "type": "invalid_request_error", "param": None, "code": None}}
+    r = client.post("/v1/chat/completions", json={"messages": USER, "n": 2, "temperature": 7})
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["param"] == "temperature" and error["type"] == "invalid_request_error"
+    assert error["message"] == ("temperature: Input should be less than or equal to 2; "
+                                "n: Value error, only n=1 is supported (one choice per request); send n requests instead")
+    assert "7" not in error["message"]  # the value sent is not echoed
+    # the worker's own routes keep their answers
+    r = client.post("/worker_generate_stream", json={"messages": "x"})
+    assert r.status_code == 422 and "detail" in r.json()
