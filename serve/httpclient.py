@@ -24,7 +24,8 @@ def make_client(api_key: str | None = None, timeout_s: float = 30.0, max_connect
 
 
 def error_detail(response: httpx.Response) -> str:
-    """The ``detail`` of a FastAPI error response, else the start of the body."""
+    """The ``detail`` of a FastAPI error response or the ``error.message`` of an OpenAI-style one, else
+    the start of the body."""
     try:
         body = response.json()
     except ValueError:
@@ -34,4 +35,7 @@ def error_detail(response: httpx.Response) -> str:
         if isinstance(detail, list) and all(isinstance(e, dict) and "msg" in e for e in detail):  # a 422
             return "; ".join(f"{'.'.join(map(str, e.get('loc') or ())) or 'request'}: {e['msg']}" for e in detail)[:300]
         return detail if isinstance(detail, str) else str(detail)[:300]
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        return error["message"][:300]
     return str(body)[:300]

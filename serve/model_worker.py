@@ -160,7 +160,7 @@ async def _pump(pieces: Iterator[str]) -> AsyncIterator[str | BaseException]:
 
 
 def build_app(host: ModelHost) -> FastAPI:
-    app = without_echoed_input(FastAPI(title=f"mmedagent model worker: {host.name}"))
+    app = oa.openai_errors(without_echoed_input(FastAPI(title=f"mmedagent model worker: {host.name}")))
 
     @app.post("/worker_generate_stream")
     async def generate_stream(req: GenerateRequest) -> StreamingResponse:
@@ -182,6 +182,8 @@ def build_app(host: ModelHost) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: oa.ChatCompletionRequest):
+        if req.model and req.model != host.name:
+            raise HTTPException(404, f"model {req.model!r} is not served here; this worker serves {host.name!r}")
         try:
             messages, image_url = oa.split_messages(req.messages)
         except UploadError as e:
@@ -209,7 +211,7 @@ def build_app(host: ModelHost) -> FastAPI:
             yield oa.chunk(cid, host.name, {"role": "assistant", "content": ""})
             async for item in _pump(host.stream(messages, image, gen, stats)):
                 if isinstance(item, BaseException):
-                    yield oa.chunk(cid, host.name, {}, "error", error={"message": f"{type(item).__name__}: {item}"})
+                    yield oa.error_event(f"generation failed: {type(item).__name__}: {item}")
                     break
                 yield oa.chunk(cid, host.name, {"content": item})
             else:

@@ -134,6 +134,12 @@ def chunk(cid: str, model: str, delta: dict[str, Any], finish: str | None = None
 SSE_DONE = "data: [DONE]\n\n"
 
 
+def error_event(message: str) -> str:
+    """A failure in the middle of a stream, as OpenAI-compatible servers send it (an event holding only
+    the error object); ``[DONE]`` follows."""
+    return f"data: {json.dumps(error_body(message, 500), ensure_ascii=False)}\n\n"
+
+
 def model_list(names: list[str], owner: str = "mmedagent", notes: dict[str, str] | None = None,
                tools: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """``GET /v1/models``; extensions OpenAI clients ignore: each model's ``mmedagent_note`` (e.g.

@@ -21,9 +21,8 @@ def worker(planner):
 def test_n_above_one_is_refused_by_name():
     client = worker(ScriptedPlanner(["one"]))
     r = client.post("/v1/chat/completions", json={"messages": USER, "n": 2})
-    assert r.status_code == 422
-    [error] = r.json()["detail"]
-    assert error["loc"] == ["body", "n"] and "only n=1 is supported" in error["msg"]
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["param"] == "n" and "only n=1 is supported" in error["message"]
     r = client.post("/v1/chat/completions", json={"messages": USER, "n": 1})
     assert r.status_code == 200 and [c["message"]["content"] for c in r.json()["choices"]] == ["one"]
 
@@ -64,14 +63,19 @@ def test_a_failure_mid_stream_is_an_error_not_a_short_answer():
     planner.client = worker(FailsMidStream())
     with pytest.raises(WorkerError, match="CUDA out of memory"):
         "".join(planner.stream(USER, None))
+    # the event holds only OpenAI's error object ("error" is no finish_reason), then [DONE]
+    events = [e for e in worker(FailsMidStream()).post(
+        "/v1/chat/completions", json={"messages": USER, "stream": True}).text.split("\n\n") if e]
+    assert json.loads(events[-2].removeprefix("data: ")) == {"error": {
+        "message": "generation failed: RuntimeError: CUDA out of memory", "type": "server_error", "param": None,
+        "code": None}}
+    assert events[-1] == "data: [DONE]"
 
 
 def test_errors_of_the_openai_routes_have_openais_shape():
-    """``openai_errors`` on the model worker's app: the ``openai`` client reads only
+    """The model worker's OpenAI routes answer errors in OpenAI's shape: the ``openai`` client reads only
     ``error.message``; a FastAPI ``{"detail"}`` body reaches its user as "Error code: 400" alone."""
-    from mmedagent.serve import openai_api as oa
-
-    client = TestClient(oa.openai_errors(build_app(ModelHost(ScriptedPlanner([]), "tiny", {}, 1 << 20))))
+    client = TestClient(build_app(ModelHost(ScriptedPlanner([]), "tiny", {}, 1 << 20)))
     r = client.post("/v1/chat/completions", json={"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]})
     assert r.status_code == 400 and r.json() == {"error": {
         "message": "tool-role messages are not supported: mmedagent runs the tools itself",
@@ -82,6 +86,9 @@ def test_errors_of_the_openai_routes_have_openais_shape():
     assert error["message"] == ("temperature: Input should be less than or equal to 2; "
                                 "n: Value error, only n=1 is supported (one choice per request); send n requests instead")
     assert "7" not in error["message"]  # the value sent is not echoed
+    r = client.post("/v1/chat/completions", json={"messages": USER, "model": "gpt-4o"})
+    assert r.status_code == 404 and r.json()["error"]["message"] == (
+        "model 'gpt-4o' is not served here; this worker serves 'tiny'")
     # the worker's own routes keep their answers
     r = client.post("/worker_generate_stream", json={"messages": "x"})
     assert r.status_code == 422 and "detail" in r.json()

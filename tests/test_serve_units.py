@@ -465,6 +465,8 @@ def test_a_refused_request_reads_as_a_sentence_in_the_chat():
                                               "type": "string_too_long"}]})
     assert error_detail(r) == "body.question: String should have at most 20000 characters"
     assert error_detail(httpx.Response(503, json={"detail": "'retrieval' is still loading"})) == "'retrieval' is still loading"
+    assert error_detail(httpx.Response(400, json={"error": {"message": "n: only n=1 is supported", "type": "x"}})) == (
+        "n: only n=1 is supported")  # OpenAI-shaped (a backend, our /v1 routes)
 
 
 def test_the_terminal_chat_says_which_view_of_a_scan_it_sends_and_takes_another(tmp_path, capsys):
