@@ -1,14 +1,18 @@
 """Report generation tool: real tiny checkpoints saved and loaded through the model layer, called
 through the dispatcher; section parsing and style selection on known texts."""
 
+import numpy as np
 import pytest
+import torch
 from _model_fixtures import test_image
+from _tools_fixtures import scan_16bit, scan_image
 from doubles import ScriptedPlanner
 
 from mmedagent.dispatcher import Dispatcher
 from mmedagent.model import load_planner
 from mmedagent.protocol import ToolCall
 from mmedagent.tools import get_tool
+from mmedagent.tools._boxes import as_pil_rgb
 from mmedagent.tools.report import DEFAULT_MODEL, ReportGeneration, parse_sections
 
 REPORT = """FINDINGS: The lungs are clear. No pleural effusion or pneumothorax.
@@ -79,3 +83,28 @@ def test_missing_local_weights_say_where(tmp_path):
     outcome = d.dispatch(ToolCall(API_name="ChatCAD-G", API_params={}), test_image())
     assert not outcome.ok and "report model folder not found" in outcome.error and "no-such-model" in outcome.error
     d.close()
+
+
+def test_a_16_bit_scan_reaches_the_model_scaled_not_white(tiny_models):
+    """A 16-bit PIL scan is min-max scaled to 8 bits before the model sees it (PIL's convert clips it to white);
+    a greyscale array is read as an image (the processor refused it, quoting its pixels)."""
+    tool = ReportGeneration(model=str(tiny_models("llava")), max_new_tokens=8)
+    tool.ensure_loaded()
+    scan = scan_16bit(40, 32)
+    scaled, white = as_pil_rgb(np.asarray(scan)), scan.convert("RGB")
+    prompt = [{"role": "user", "content": f"<image>\n{tool.prompt(ReportGeneration.Params())}"}]
+    expected = tool._planner.generate(prompt, scaled, max_new_tokens=8)
+    assert expected != tool._planner.generate(prompt, white, max_new_tokens=8)  # the two inputs are told apart
+    assert tool.run(scan, ReportGeneration.Params()).report == expected.strip()
+    grey = np.asarray(scan_image(40, 32).convert("L"))
+    assert tool.run(grey, ReportGeneration.Params()).report == tool._planner.generate(
+        prompt, as_pil_rgb(grey), max_new_tokens=8).strip()
+
+
+def test_model_loading_options_reach_the_model_layer(tiny_models):
+    """``dtype`` (and the other load_planner options: 4-bit, vision tower, ...) were silently dropped."""
+    tool = ReportGeneration(model=str(tiny_models("llava")), dtype="bfloat16", max_new_tokens=4)
+    tool.ensure_loaded()
+    assert next(tool._planner.model.parameters()).dtype == torch.bfloat16
+    with pytest.raises(TypeError, match=r"unknown options \['load_in_4bits'\]"):
+        ReportGeneration(model="unused", load_in_4bits=True)

@@ -8,6 +8,7 @@ from PIL import Image
 
 from _tools_fixtures import (
     TINY_SAM,
+    scan_16bit,
     scan_image,
     save_tiny_grounding_dino,
     save_tiny_open_clip,
@@ -117,6 +118,28 @@ def test_as_pil_rgb_accepts_arrays():
     assert np.asarray(img)[0, 0, 0] == 0 and np.asarray(img)[2, 3, 0] == 255
     with pytest.raises(ValueError, match="shape"):
         as_pil_rgb(np.zeros((2, 3, 5)))
+
+
+def test_as_pil_rgb_scales_wide_pil_images_like_arrays():
+    """16-bit, 32-bit and float PIL images are min-max scaled like arrays, not clipped to white."""
+    scan = scan_16bit()
+    values = np.asarray(scan)
+    expected = np.asarray(as_pil_rgb(values))
+    assert expected.min() == 0 and expected.max() == 255
+    for img in (scan, Image.fromarray(values.astype(np.int32)), Image.fromarray(values.astype(np.float32))):
+        assert np.array_equal(np.asarray(as_pil_rgb(img)), expected), img.mode
+
+
+def test_as_pil_rgb_scales_over_finite_values():
+    """One NaN (a masked MRI map's background) used to turn the whole image black."""
+    values = np.arange(12, dtype=np.float32).reshape(3, 4)
+    holes = values.copy()
+    holes[0, 0], holes[0, 1], holes[2, 3] = np.nan, -np.inf, np.inf
+    filled = values.copy()
+    filled[0, :2], filled[2, 3] = 2, 10  # the finite minimum and maximum of ``holes``
+    assert np.array_equal(np.asarray(as_pil_rgb(holes)), np.asarray(as_pil_rgb(filled)))
+    assert np.asarray(as_pil_rgb(filled)).max() == 255
+    assert np.asarray(as_pil_rgb(np.full((2, 2), np.nan))).max() == 0
 
 
 # --- rendering -------------------------------------------------------------------------------
@@ -268,6 +291,14 @@ def test_grounding_param_errors(dispatcher):
     assert "prompt 1 is empty" in dispatcher.dispatch(call("grounding dino", prompts=["tumor", " "]), img).error
     assert "prompts" in dispatcher.dispatch(call("grounding dino", prompts=[]), img).error
     assert "box_threshold" in dispatcher.dispatch(call("grounding dino", prompts=["x"], box_threshold=2), img).error
+
+
+def test_grounding_prompts_longer_than_the_text_encoder_are_a_clear_error(dispatcher):
+    """The tiny model reads 32 text tokens; 12 four-word prompts make 62 (was a tensor-size crash)."""
+    img = scan_image(130, 130)
+    err = dispatcher.dispatch(call("grounding dino", prompts=["tumor lesion cell nucleus"] * 12), img).error
+    assert "62 text tokens" in err and "at most 32" in err and "fewer or shorter prompts" in err
+    assert dispatcher.dispatch(call("grounding dino", prompts=["tumor lesion cell nucleus"] * 6), img).ok
 
 
 # segmentation
@@ -435,6 +466,44 @@ def test_classification_param_errors(dispatcher):
     assert "distinct" in dispatcher.dispatch(call("BiomedClip", labels=["a", "a"]), img).error
     assert "empty" in dispatcher.dispatch(call("BiomedClip", labels=["a", ""]), img).error
     assert "top_k" in dispatcher.dispatch(call("BiomedClip", top_k=0), img).error
+
+
+def test_classification_template_with_or_without_trailing_space_or_slot(classifier):
+    """``"a scan of"`` is not glued to the label ("a scan ofchest X-ray"); ``{}`` marks where the label goes."""
+    img = scan_image()
+    labels = ["chest X-ray", "brain MRI", "abdomen CT"]
+
+    def run(template):
+        return classifier(img, ClassificationTool.Params(labels=labels, template=template, top_k=3))
+
+    assert run("a scan of") == run("a scan of ") == run("a scan of {}")
+    assert run("{} scan") != run("a scan of ")
+    from mmedagent.tools.classification import label_prompt
+
+    assert label_prompt("a scan of", "chest X-ray") == "a scan of chest X-ray"
+    assert label_prompt("a scan of ", "chest X-ray") == "a scan of chest X-ray"
+    assert label_prompt("a {} image.", "chest X-ray") == "a chest X-ray image."
+
+
+def test_classification_labels_differing_only_in_case_are_duplicates(dispatcher):
+    """The text encoders lowercase, so such labels would split one class's probability between them."""
+    labels = ["Chest X-ray", "chest  x-ray", "brain MRI"]
+    err = dispatcher.dispatch(call("BiomedClip", labels=labels), scan_image()).error
+    assert "distinct" in err
+
+
+# wide (16-bit) scans
+
+
+def test_tools_read_a_16_bit_scan_as_its_scaled_rendering(grounding, medsam, sam, classifier):
+    """A 16-bit PIL scan gives the same results as its uint16 array (min-max scaled), not a white image."""
+    scan = scan_16bit(150, 130)
+    values = np.asarray(scan)
+    find = GroundingTool.Params(prompts=["tumor"], box_threshold=0.0, text_threshold=0.0)
+    assert grounding(scan, find) == grounding(values, find)
+    seg = SegmentationTool.Params(boxes=[[0.3, 0.1, 0.9, 0.7]])
+    assert medsam(scan, seg) == medsam(values, seg) and sam(scan, seg) == sam(values, seg)
+    assert classifier(scan, ClassificationTool.Params()) == classifier(values, ClassificationTool.Params())
 
 
 # missing weights

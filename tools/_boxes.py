@@ -37,9 +37,16 @@ Point = Annotated[list[Unit], Field(min_length=2, max_length=2, json_schema_extr
 
 
 def as_pil_rgb(image: Any) -> Image.Image:
-    """The dispatcher's decoded image (PIL image or HxW / HxWxC array) as a PIL RGB image."""
+    """The dispatcher's decoded image (PIL image or HxW / HxWxC array) as a PIL RGB image.
+
+    8-bit images keep their values; wider ones (16-bit, 32-bit or float arrays and PIL ``I;16`` /
+    ``I`` / ``F`` images) are min-max scaled to 0..255 (PIL's own conversion would clip them to white),
+    over their finite values: NaN and -inf show as the minimum, +inf as the maximum.
+    """
     if isinstance(image, Image.Image):
-        return image if image.mode == "RGB" else image.convert("RGB")
+        if image.mode not in ("I", "F") and not image.mode.startswith("I;16"):
+            return image if image.mode == "RGB" else image.convert("RGB")
+        image = np.asarray(image)
     arr = np.asarray(image)
     if arr.ndim == 3 and arr.shape[2] == 1:
         arr = arr[:, :, 0]
@@ -47,7 +54,9 @@ def as_pil_rgb(image: Any) -> Image.Image:
         raise ValueError(f"expected an HxW or HxWx3 image, got an array of shape {arr.shape}")
     if arr.dtype != np.uint8:
         arr = arr.astype(np.float64)
-        lo, hi = float(arr.min()), float(arr.max())
+        finite = arr[np.isfinite(arr)]
+        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+        arr = np.nan_to_num(arr, nan=lo, posinf=hi, neginf=lo)
         arr = np.zeros_like(arr) if hi <= lo else (arr - lo) / (hi - lo) * 255.0
         arr = arr.round().astype(np.uint8)
     return Image.fromarray(arr).convert("RGB")

@@ -37,7 +37,9 @@ class ClassificationParams(ToolParams):
     labels: list[str] | None = Field(
         None, min_length=2, description="Candidate labels; default: MMedAgent's 14 image-modality labels."
     )
-    template: str = Field(DEFAULT_TEMPLATE, description="Prompt prefix put before each label.")
+    template: str = Field(
+        DEFAULT_TEMPLATE, description="Prompt put before each label, or with '{}' where the label goes."
+    )
     top_k: int = Field(3, ge=1, description="How many ranked labels to return.")
 
     @field_validator("labels")
@@ -48,9 +50,18 @@ class ClassificationParams(ToolParams):
         cleaned = [label.strip() for label in labels]
         if any(not label for label in cleaned):
             raise ValueError("labels must not be empty strings")
-        if len(set(cleaned)) != len(cleaned):
-            raise ValueError("labels must be distinct")
+        keys = [" ".join(label.casefold().split()) for label in cleaned]  # BiomedCLIP and CLIP lowercase text
+        if len(set(keys)) != len(keys):
+            raise ValueError("labels must be distinct (ignoring case and spacing)")
         return cleaned
+
+
+def label_prompt(template: str, label: str) -> str:
+    """The text encoded for one label: ``template`` with ``{}`` replaced by the label, else the template
+    and the label joined by a space (once: MMedAgent's template already ends in one)."""
+    if "{}" in template:
+        return template.replace("{}", label)
+    return f"{template} {label}" if template and not template[-1].isspace() else template + label
 
 
 class ClassificationResult(ToolResult):
@@ -110,7 +121,7 @@ class ClassificationTool(Tool):
         with self._cache_lock:
             cached = self._text_cache.get(key)
         if cached is None:
-            tokens = self.tokenizer([template + label for label in labels]).to(self.device)
+            tokens = self.tokenizer([label_prompt(template, label) for label in labels]).to(self.device)
             cached = self.model.encode_text(tokens, normalize=True)
             with self._cache_lock:
                 if len(self._text_cache) >= 64:  # label sets come from the planner: keep the cache bounded

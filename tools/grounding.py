@@ -93,6 +93,10 @@ class GroundingTool(Tool):
         img = as_pil_rgb(image)
         text = " . ".join(p.lower() for p in prompts) + " ."
         inputs = self.processor(images=img, text=text, return_tensors="pt").to(self.device)
+        n_tokens, limit = inputs["input_ids"].shape[1], self.model.config.max_text_len
+        if n_tokens > limit:
+            raise ValueError(f"the {len(prompts)} prompts make {n_tokens} text tokens; this Grounding DINO reads at "
+                             f"most {limit}: give fewer or shorter prompts (or call the tool again for the rest)")
         with self._torch.inference_mode():
             outputs = self.model(**inputs)
         # Without target sizes the boxes stay relative to the image: MMedAgent's [0, 1] convention.

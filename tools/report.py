@@ -13,6 +13,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field
 
 from mmedagent.protocol import IMAGE_TOKEN
+from mmedagent.tools._boxes import as_pil_rgb
 from mmedagent.tools.base import Tool, ToolParams, ToolResult
 
 # LLaVA-Med 1.0 fine-tuned on MIMIC-CXR findings (BioNLP 2024 RRG shared task); original LLaVA
@@ -22,6 +23,10 @@ DEFAULT_TEMPLATE = "vicuna_v1"
 FINDINGS_PROMPT = "Write the finding section of a {modality} radiology report."
 IMPRESSION_PROMPT = "Write the impression section of a {modality} radiology report."
 FULL_PROMPT = "Write a {modality} radiology report with a FINDINGS section and an IMPRESSION section."
+
+# load_planner options a report model may need (a 4-bit model on a small GPU, an original LLaVA checkpoint's
+# local CLIP tower); passed through to the model layer.
+LOAD_OPTIONS = ("adapter", "dtype", "load_in_4bit", "load_in_8bit", "attn_implementation", "vision_tower")
 
 _SECTION = re.compile(
     r"^[ \t>*#_]*(findings?|impressions?|conclusions?)[ \t*_]*:[ \t*_]*", re.IGNORECASE | re.MULTILINE
@@ -69,7 +74,12 @@ class ReportGeneration(Tool):
                  **options: Any):
         """``model``: hub id or local folder of any checkpoint ``load_planner`` accepts;
         ``conv_template``: its conversation template (None: the processor's chat template);
-        ``prompts``: per-style instructions with a ``{modality}`` slot, replacing the defaults."""
+        ``prompts``: per-style instructions with a ``{modality}`` slot, replacing the defaults; other options
+        (:data:`LOAD_OPTIONS`) go to ``load_planner``."""
+        unknown = sorted(set(options) - set(LOAD_OPTIONS))
+        if unknown:
+            raise TypeError(f"report_generation: unknown options {unknown}; known: model, conv_template, "
+                            f"max_new_tokens, device, prompts, {', '.join(LOAD_OPTIONS)}")
         super().__init__(model=model, conv_template=conv_template, max_new_tokens=max_new_tokens, device=device,
                          **options)
         self.prompts = {"findings": FINDINGS_PROMPT, "impression": IMPRESSION_PROMPT, "full": FULL_PROMPT,
@@ -86,7 +96,10 @@ class ReportGeneration(Tool):
         if (local.is_absolute() or model.startswith(".")) and not local.is_dir():
             raise FileNotFoundError(f"report model folder not found: {model}")
         try:
-            self._planner = load_planner(model, conv_template=self.options["conv_template"], device=self.options["device"])
+            self._planner = load_planner(
+                model, conv_template=self.options["conv_template"], device=self.options["device"],
+                **{k: v for k, v in self.options.items() if k in LOAD_OPTIONS},
+            )
         except OSError as e:
             raise RuntimeError(
                 f"cannot load report model {model!r}: {e}. Download it first (huggingface-cli download {model}) "
@@ -103,7 +116,8 @@ class ReportGeneration(Tool):
             raise ValueError("report_generation needs an image")
         messages = [{"role": "user", "content": f"{IMAGE_TOKEN}\n{self.prompt(params)}"}]
         # the planner serialises generations on the shared model itself
-        text = self._planner.generate(messages, image, max_new_tokens=self.options["max_new_tokens"], temperature=0.0)
+        text = self._planner.generate(messages, as_pil_rgb(image), max_new_tokens=self.options["max_new_tokens"],
+                                      temperature=0.0)
         text = text.strip()
         sections = parse_sections(text)
         if params.style == "findings":
