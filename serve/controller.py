@@ -47,7 +47,7 @@ from mmedagent.serve.messages import (
     ClientMessage,
     as_dicts,
 )
-from mmedagent.serve.registry import NoWorkerError, WorkerInfo, WorkerRegistry
+from mmedagent.serve.registry import NoWorkerError, RegistrationConflict, WorkerInfo, WorkerRegistry
 from mmedagent.serve.remote import RemoteResult, RemoteTool, ToolInputError, WorkerError, WorkerPlanner, remote_tool_class
 from mmedagent.serve.security import setup_logging, without_echoed_input
 from mmedagent.serve.uploads import UploadError, image_from_data_url, sendable_png
@@ -80,6 +80,7 @@ class ToolCallRequest(BaseModel):
 class Heartbeat(BaseModel):
     address: str
     queue_length: int = 0
+    stalled: bool = False  # a tool worker whose every call slot is held by a call past the timeout
 
 
 class Address(BaseModel):
@@ -133,7 +134,7 @@ class Controller:
         self.registry = WorkerRegistry(cfg.heartbeat_expiry_s)
         self.client = make_client(cfg.api_key, cfg.tool_timeout_s)
         self.local_tools: dict[str, Tool] = {}
-        self._proxies: dict[str, RemoteTool] = {}
+        self._proxies: dict[str, tuple[dict[str, Any], RemoteTool]] = {}  # name → (info it was made from, proxy)
         self._proxy_lock = threading.Lock()
         # threads per tool: as many calls of one tool at once as there are chats (more queue)
         self.dispatcher = Dispatcher({}, timeout_s=cfg.tool_timeout_s, max_workers=cfg.max_concurrent_chats)
@@ -156,14 +157,29 @@ class Controller:
             self.local_tools[tool.name] = tool
             log.info("in-process tool %s loaded", tool.name)
 
+    def in_process_names(self) -> dict[str, tuple[str, ...]]:
+        """Name → names and aliases of the in-process tools, loaded or still loading: no worker may take them."""
+        names = {n: t.names() for n, t in self.local_tools.items()}
+        for name, spec in (self.cfg.tools or {}).items():
+            if spec.in_process:
+                try:
+                    cls = get_tool(name)
+                except UnknownToolError:
+                    continue
+                names.setdefault(cls.name, cls.names())
+        return names
+
     def _proxy(self, name: str) -> RemoteTool:
+        """The proxy of a worker's tool, made again when a worker registers it with other info
+        (a restarted worker with new aliases, description or parameters)."""
+        info = self.registry.known.get(name, {})
         with self._proxy_lock:
-            proxy = self._proxies.get(name)
-            if proxy is None:
-                cls = remote_tool_class(name, self.registry.known.get(name, {}))
+            made = self._proxies.get(name)
+            if made is None or made[0] != info:
+                cls = remote_tool_class(name, info)
                 proxy = cls(self.registry, self.client, self.cfg.tool_timeout_s, self.available_tools)
-                self._proxies[name] = proxy
-            return proxy
+                made = self._proxies[name] = (info, proxy)
+            return made[1]
 
     def live_tools(self) -> dict[str, Tool]:
         """Tools that can run now: in-process ones and those with a live worker."""
@@ -332,13 +348,17 @@ def build_app(ctl: Controller) -> FastAPI:
         if not ctl.cfg.api_key and not is_loopback(urlsplit(worker.address).hostname or ""):
             raise HTTPException(403, "without an API key only workers on this machine (a loopback address) may register; "
                                      f"set one (--api-key or env {API_KEY_ENV}) on the controller and its workers")
-        ctl.registry.register(worker)
+        try:
+            ctl.registry.register(worker, reserved=ctl.in_process_names())
+        except RegistrationConflict as e:
+            log.error("%s", e)
+            raise HTTPException(409, str(e)) from None
         log.info("registered %s worker %s for %s", worker.kind, worker.address, ", ".join(worker.names))
         return {"ok": True}
 
     @app.post("/receive_heartbeat")
     async def receive_heartbeat(beat: Heartbeat) -> dict[str, Any]:
-        return {"exist": ctl.registry.heartbeat(beat.address, beat.queue_length)}
+        return {"exist": ctl.registry.heartbeat(beat.address, beat.queue_length, beat.stalled)}
 
     @app.post("/unregister_worker")
     async def unregister_worker(body: Address) -> dict[str, Any]:
@@ -396,7 +416,7 @@ def build_app(ctl: Controller) -> FastAPI:
         if not outcome.ok:
             error = outcome.error or ""
             status = (422 if error.startswith(ToolInputError.__name__) else 504 if error.startswith("timed out")
-                      else 503 if " is not responding: " in error else 502)
+                      else 503 if " is not responding: " in error or " is busy: " in error else 502)
             raise HTTPException(status, error)
         overlay = result.overlay() if result is not None else None
         return {

@@ -27,7 +27,7 @@ import uvicorn
 from mmedagent.serve.config import API_KEY_ENV, ServeConfig, ToolSpec, is_loopback
 from mmedagent.serve.controller import Controller, build_app, is_background, tool_specs
 from mmedagent.serve.security import GuardMiddleware
-from mmedagent.serve.worker_base import EXIT_CANNOT_LOAD, bind_socket, url_for
+from mmedagent.serve.worker_base import EXIT_CANNOT_LOAD, EXIT_REFUSED, bind_socket, url_for
 from mmedagent.tools import Tool
 
 log = logging.getLogger("mmedagent.serve.launcher")
@@ -138,6 +138,8 @@ class Child:
             return "was stopped"
         if code == EXIT_CANNOT_LOAD:
             return "could not load its model or tool"
+        if code == EXIT_REFUSED:
+            return "was refused by the controller (its tool's name or an alias is another tool's)"
         if now - self.started < RESTART_MIN_UPTIME_S:
             return "failed while starting"
         count, window = RESTART_LIMIT
@@ -199,12 +201,15 @@ class Launcher:
             if cfg.constrain is not None:
                 model_args.append("--constrain" if cfg.constrain else "--no-constrain")
             self._spawn("model worker", self._script("model_worker.py", *common, *model_args))
+            # flags win over the config file the workers read: the controller's effective values go with them
+            tool_settings = ["--tool-timeout", str(cfg.tool_timeout_s), "--max-upload-mb", str(cfg.max_upload_mb)]
             for name, spec in tool_specs(cfg).items():
                 if spec.in_process:
                     continue
                 for _ in range(spec.workers):
                     plugins = [a for p in cfg.plugins for a in ("--plugin", p)]
-                    argv = self._script("tool_worker.py", "--tool", name, "--options", json.dumps(spec.options), *plugins, *common)
+                    argv = self._script("tool_worker.py", "--tool", name, "--options", json.dumps(spec.options), *plugins, *common,
+                                        *tool_settings)
                     self._spawn(f"tool worker {name}", argv)
                 expected.append(name)
         if web_port is not None:

@@ -5,11 +5,25 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 WorkerKind = Literal["model", "tool"]
+
+
+class ToolInfo(BaseModel):
+    """What the controller reads from a tool worker's ``info`` (its tool's schema) to build the proxy."""
+
+    model_config = ConfigDict(extra="allow")
+
+    aliases: list[str] = Field(default_factory=list)
+    description: str = ""
+    params: dict[str, Any] = Field(default_factory=dict)
+    needs_image: bool = True
+    question_param: str | None = None
+    weights_note: str = ""
 
 
 class WorkerInfo(BaseModel):
@@ -20,13 +34,29 @@ class WorkerInfo(BaseModel):
     names: list[str] = Field(min_length=1)
     info: dict[str, Any] = Field(default_factory=dict)
     queue_length: int = 0
+    stalled: bool = False  # every call slot held by a call past the timeout (a hung tool): chosen last
+
+    @model_validator(mode="after")
+    def _tool_info(self) -> "WorkerInfo":
+        if self.kind == "tool":  # a malformed schema is refused here, not met by every chat later
+            try:
+                ToolInfo.model_validate(self.info)
+            except ValidationError as e:
+                problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}"
+                                     for err in e.errors(include_url=False, include_input=False))
+                raise ValueError(f"the tool's schema (info) is malformed: {problems}") from None
+        return self
+
+    def tool_names(self) -> tuple[str, ...]:
+        """The names a call may use for this worker's tool: its name(s) and aliases."""
+        return (*self.names, *self.info.get("aliases", ()))
 
 
 class _Entry:
-    __slots__ = ("worker", "last_seen", "inflight", "order")
+    __slots__ = ("worker", "last_seen", "order")
 
     def __init__(self, worker: WorkerInfo, order: int):
-        self.worker, self.last_seen, self.inflight, self.order = worker, time.monotonic(), 0, order
+        self.worker, self.last_seen, self.order = worker, time.monotonic(), order
 
 
 class NoWorkerError(LookupError):
@@ -35,6 +65,16 @@ class NoWorkerError(LookupError):
     def __init__(self, kind: str, name: str, available: list[str]):
         self.kind, self.name, self.available = kind, name, available
         super().__init__(f"no {kind} worker is serving {name!r}; available {kind}s: {', '.join(available) or '(none)'}")
+
+
+class RegistrationConflict(ValueError):
+    """A tool worker whose tool name or an alias (case-insensitive) is another tool's name or alias:
+    calls by that name could reach either tool."""
+
+
+def _clash(names: Sequence[str], others: Sequence[str]) -> list[str]:
+    taken = {n.casefold() for n in others}
+    return [n for n in names if n.casefold() in taken]
 
 
 class WorkerRegistry:
@@ -46,14 +86,35 @@ class WorkerRegistry:
         self._lock = threading.Lock()
         self._order = itertools.count()
         self.known: dict[str, dict[str, Any]] = {}  # name → last info, kept after a worker leaves
+        self._inflight: dict[str, int] = {}  # address → calls under way (kept across a re-registration)
 
-    def register(self, worker: WorkerInfo) -> None:
+    def register(self, worker: WorkerInfo, reserved: Mapping[str, Sequence[str]] = {}) -> None:
+        """Add (or replace, same address) a worker. A tool worker whose name or an alias is already
+        used by a *different* tool (a live worker's, or ``reserved``: in-process tools, name → names)
+        is refused with :class:`RegistrationConflict`; workers of the same tool share its load.
+        Tools whose workers left and whose names the new tool takes are forgotten."""
         with self._lock:
+            if worker.kind == "tool":
+                mine = worker.tool_names()
+                others = {e.worker.names[0]: e.worker.tool_names() for e in self._workers.values()
+                          if e.worker.kind == "tool" and e.worker.address != worker.address}
+                for tool, names in {**others, **reserved}.items():
+                    clash = _clash(mine, names) if tool != worker.names[0] else []
+                    if clash:
+                        raise RegistrationConflict(
+                            f"tool {worker.names[0]!r} at {worker.address} was refused: its name or alias "
+                            f"{', '.join(map(repr, clash))} is already used by tool {tool!r}; rename one of the two "
+                            "tools or remove the alias (a call by that name could reach either)"
+                        )
+                for name, info in list(self.known.items()):
+                    if (info.get("kind") == "tool" and name != worker.names[0] and name not in others
+                            and _clash(mine, (name, *info.get("aliases", ())))):
+                        del self.known[name]  # gone, and its name now means the new tool
             self._workers[worker.address] = _Entry(worker, next(self._order))
             for name in worker.names:
                 self.known[name] = {"kind": worker.kind, **worker.info}
 
-    def heartbeat(self, address: str, queue_length: int) -> bool:
+    def heartbeat(self, address: str, queue_length: int, stalled: bool = False) -> bool:
         """False when the address is unknown (the worker then registers again)."""
         with self._lock:
             entry = self._workers.get(address)
@@ -61,6 +122,7 @@ class WorkerRegistry:
                 return False
             entry.last_seen = time.monotonic()
             entry.worker.queue_length = queue_length
+            entry.worker.stalled = stalled
             return True
 
     def remove(self, address: str) -> None:
@@ -84,21 +146,28 @@ class WorkerRegistry:
         return sorted({n for w in self.workers(kind) for n in w.names})
 
     def pick(self, kind: WorkerKind, name: str) -> str:
-        """Address of the least-loaded live worker serving ``name`` (shortest queue; ties: oldest)."""
+        """Address of the least-loaded live worker serving ``name`` (stalled ones last, then shortest
+        queue; ties: oldest)."""
         with self._lock:
             candidates = [e for e in self._workers.values() if e.worker.kind == kind and name in e.worker.names]
             if not candidates:
                 available = sorted({n for e in self._workers.values() if e.worker.kind == kind for n in e.worker.names})
                 raise NoWorkerError(kind, name, available)
-            best = min(candidates, key=lambda e: (max(e.inflight, e.worker.queue_length), e.inflight, e.order))
-            return best.worker.address
+
+            def load(e: _Entry) -> tuple:
+                inflight = self._inflight.get(e.worker.address, 0)
+                return e.worker.stalled, max(inflight, e.worker.queue_length), inflight, e.order
+
+            return min(candidates, key=load).worker.address
 
     def begin(self, address: str) -> None:
         with self._lock:
-            if address in self._workers:
-                self._workers[address].inflight += 1
+            self._inflight[address] = self._inflight.get(address, 0) + 1
 
     def end(self, address: str) -> None:
         with self._lock:
-            if address in self._workers and self._workers[address].inflight > 0:
-                self._workers[address].inflight -= 1
+            left = self._inflight.get(address, 0) - 1
+            if left > 0:
+                self._inflight[address] = left
+            else:
+                self._inflight.pop(address, None)

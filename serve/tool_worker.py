@@ -3,6 +3,8 @@
 It loads the tool's weights, starts listening, registers with the controller (only then), beats,
 and answers ``POST /call`` with the tool's full result, the model's view and the UI overlay.
 The image arrives as bytes in the request; the worker never opens a path it is given.
+A hung tool cannot pile calls up: while every call slot is held by a call past the tool timeout,
+calls are refused at once (503), and the heartbeat tells the controller to choose other workers.
 """
 
 if __name__ == "__main__":  # run as a script: serve/ must not shadow installed packages
@@ -13,6 +15,7 @@ if __name__ == "__main__":  # run as a script: serve/ must not shadow installed 
     _sys.path[:] = [p for p in _sys.path if _os.path.abspath(p or ".") != _here]
 
 import argparse
+import itertools
 import json
 import logging
 import threading
@@ -25,7 +28,7 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel
 
 from mmedagent.dispatcher import parse_params
-from mmedagent.serve.config import add_common_args, config_or_exit
+from mmedagent.serve.config import ServeConfig, add_common_args, config_or_exit
 from mmedagent.serve.security import setup_logging, without_echoed_input
 from mmedagent.serve.uploads import UploadError, image_from_data_url
 from mmedagent.serve.worker_base import EXIT_CANNOT_LOAD, Heartbeat, bind_socket, serve_worker, url_for
@@ -39,25 +42,91 @@ class CallRequest(BaseModel):
     image: str | None = None
 
 
-def build_app(tool: Tool, max_upload_bytes: int, max_concurrency: int = 4) -> FastAPI:
-    """The worker's HTTP API around one loaded tool instance."""
+class Busy(Exception):
+    """No call slot for this call (a 503): all are held by calls past the timeout, or none came free in time."""
+
+
+class CallSlots:
+    """At most ``size`` calls of the tool at once, the rest wait, at most ``timeout_s`` (the controller
+    gives up on a call then). Python cannot stop a hung call, so while every slot is held by a call
+    running past ``timeout_s`` new and waiting calls are refused at once instead of queueing behind it."""
+
+    def __init__(self, tool: str, size: int, timeout_s: float):
+        self.tool, self.size, self.timeout_s = tool, size, timeout_s
+        self._cond = threading.Condition()
+        self._started: dict[int, float] = {}  # running call → when it started
+        self._ids = itertools.count()
+        self.waiting = 0
+
+    def _refusal(self, now: float) -> str | None:
+        overdue = sum(now - t > self.timeout_s for t in self._started.values())
+        if overdue < self.size:
+            return None
+        held = ("its call slot is held by a call that has" if self.size == 1
+                else f"all {self.size} of its call slots are held by calls that have")
+        return (f"tool {self.tool!r} is busy: {held} run past the {self.timeout_s:g} s timeout (the tool may be hung); "
+                "try again later")
+
+    def status(self) -> dict[str, Any]:
+        now = time.monotonic()
+        with self._cond:
+            running = len(self._started)
+            return {"running": running, "waiting": self.waiting, "queue_length": running + self.waiting,
+                    "overdue": sum(now - t > self.timeout_s for t in self._started.values()),
+                    "stalled": self._refusal(now) is not None}
+
+    def check(self) -> None:
+        """:class:`Busy` now if a call could only wait behind overdue ones."""
+        with self._cond:
+            reason = self._refusal(time.monotonic())
+        if reason:
+            raise Busy(reason)
+
+    def acquire(self) -> int:
+        deadline = time.monotonic() + self.timeout_s
+        with self._cond:
+            self.waiting += 1
+            try:
+                while len(self._started) >= self.size:
+                    now = time.monotonic()
+                    reason = self._refusal(now)
+                    if reason:
+                        raise Busy(reason)
+                    if now >= deadline:
+                        raise Busy(f"tool {self.tool!r} is busy: no call slot came free within the "
+                                   f"{self.timeout_s:g} s timeout; try again later")
+                    # wake when a slot frees, the next running call goes overdue, or this call's wait is up
+                    due = min(t for t in self._started.values() if now - t <= self.timeout_s) + self.timeout_s
+                    self._cond.wait(max(0.001, min(due, deadline) - now))
+                token = next(self._ids)
+                self._started[token] = time.monotonic()
+                return token
+            finally:
+                self.waiting -= 1
+
+    def release(self, token: int) -> None:
+        with self._cond:
+            del self._started[token]
+            self._cond.notify()
+
+
+def build_app(tool: Tool, max_upload_bytes: int, max_concurrency: int = 4, timeout_s: float = 60.0,
+              schema: dict[str, Any] | None = None) -> FastAPI:
+    """The worker's HTTP API around one loaded tool instance; ``timeout_s`` is the controller's tool
+    timeout, ``schema`` the tool's schema (computed once, else here)."""
     app = without_echoed_input(FastAPI(title=f"mmedagent tool worker: {tool.name}"))
-    slots = threading.BoundedSemaphore(max_concurrency)
-    state = {"queue": 0}
-    lock = threading.Lock()
-    app.state.queue_length = lambda: state["queue"]
+    schema = tool.schema() if schema is None else schema
+    slots = CallSlots(tool.name, max_concurrency, timeout_s)
+    app.state.slots = slots
 
     def run_call(image, params) -> dict[str, Any]:
-        with lock:
-            state["queue"] += 1
+        token = slots.acquire()
         try:
-            with slots:
-                t0 = time.monotonic()
-                result = tool.run(image, params)
-                elapsed = time.monotonic() - t0
+            t0 = time.monotonic()
+            result = tool.run(image, params)
+            elapsed = time.monotonic() - t0
         finally:
-            with lock:
-                state["queue"] -= 1
+            slots.release(token)
         overlay = result.overlay()
         return {
             "result": result.model_dump(mode="json"),
@@ -74,6 +143,10 @@ def build_app(tool: Tool, max_upload_bytes: int, max_concurrency: int = 4) -> Fa
             parsed = parse_params(tool, params)
         except ValueError as e:
             raise HTTPException(422, str(e)) from None
+        try:
+            slots.check()  # before decoding the image: refused at once, never queued behind a hung call
+        except Busy as e:
+            raise HTTPException(503, str(e)) from None
         image = None
         if req.image is not None:
             try:
@@ -84,28 +157,43 @@ def build_app(tool: Tool, max_upload_bytes: int, max_concurrency: int = 4) -> Fa
             raise HTTPException(400, f"{tool.name} needs an image, and none was given")
         try:
             return await run_in_threadpool(run_call, image, parsed)
+        except Busy as e:
+            log.warning("%s", e)
+            raise HTTPException(503, str(e)) from None
         except Exception as e:  # the tool's failure is the caller's answer, the worker stays up
             log.warning("%s failed: %s", tool.name, type(e).__name__)
             raise HTTPException(500, f"{tool.name} failed: {type(e).__name__}: {e}") from None
 
     @app.get("/schema")
-    async def schema() -> dict[str, Any]:
-        return tool.schema()
+    async def get_schema() -> dict[str, Any]:
+        return schema
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"ok": True, "tool": tool.name, "queue_length": state["queue"]}
+        """``ok`` is false while every call slot is held by a call past the timeout."""
+        status = slots.status()
+        return {"ok": not status["stalled"], "tool": tool.name, **status}
 
     return app
 
 
-def registration(tool: Tool, address: str) -> dict[str, Any]:
-    info = tool.schema()
-    info["weights_note"] = tool.weights_note or type(tool).weights_note
+def described(tool: Tool) -> dict[str, Any]:
+    """The tool's schema and weights note, as JSON; a :class:`ValueError` naming the tool if it has none
+    (a ``Params`` field without a JSON schema, say): the worker then exits instead of never registering."""
+    try:
+        info = tool.schema()
+        info["weights_note"] = tool.weights_note or type(tool).weights_note
+        return json.loads(json.dumps(info))
+    except Exception as e:
+        raise ValueError(f"tool {tool.name} cannot describe itself (its schema): {type(e).__name__}: {e}") from None
+
+
+def registration(tool: Tool, address: str, info: dict[str, Any]) -> dict[str, Any]:
     return {"address": address, "kind": "tool", "names": [tool.name], "info": info}
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, argparse.Namespace, ServeConfig]:
+    """The command line and the settings it makes: flags over the ``--config`` file over defaults."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tool", required=True, help="tool name or alias (see mmedagent.tools.list_tools())")
     parser.add_argument("--options", default="{}", help="JSON object passed to the tool's constructor (weights, device)")
@@ -114,11 +202,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default=None)
     parser.add_argument("--port", type=int, default=0, help="0: a free port")
     parser.add_argument("--heartbeat-interval", type=float, default=None)
-    parser.add_argument("--max-concurrency", type=int, default=4)
+    parser.add_argument("--max-concurrency", type=int, default=4, help="calls of the tool at once (more wait)")
+    parser.add_argument("--tool-timeout", type=float, default=None,
+                        help="the controller's tool timeout in seconds (default from config): calls are refused while "
+                        "every slot is held by a call past it")
+    parser.add_argument("--max-upload-mb", type=float, default=None, help="largest image (default from config)")
     add_common_args(parser)
     args = parser.parse_args(argv)
     cfg = config_or_exit(parser, args.config, api_key=args.api_key, log_level=args.log_level, host=args.host,
-                      heartbeat_interval_s=args.heartbeat_interval)
+                         heartbeat_interval_s=args.heartbeat_interval, tool_timeout_s=args.tool_timeout,
+                         max_upload_mb=args.max_upload_mb)
+    if args.max_concurrency < 1:
+        parser.error("--max-concurrency must be at least 1")
+    return parser, args, cfg
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser, args, cfg = parse_args(argv)
     setup_logging(cfg.log_level, [cfg.api_key or ""])
     for module in [*cfg.plugins, *args.plugin]:
         try:
@@ -139,20 +239,23 @@ def main(argv: list[str] | None = None) -> None:
     try:
         tool = cls(**options)
         tool.ensure_loaded()  # weights first: the worker registers only once it can serve
+        info = described(tool)
     except Exception as e:  # bad options, missing weights etc.: one clear line, not a traceback
         log.error("tool %s could not load: %s: %s", cls.name, type(e).__name__, e)
         raise SystemExit(EXIT_CANNOT_LOAD) from None
     log.info("loaded tool %s in %.1f s", tool.name, time.monotonic() - t0)
     sock = bind_socket(cfg.host, args.port)
     address = url_for(sock)
-    app = build_app(tool, cfg.max_upload_bytes, args.max_concurrency)
+    app = build_app(tool, cfg.max_upload_bytes, args.max_concurrency, cfg.tool_timeout_s, info)
+    slots: CallSlots = app.state.slots
     heartbeat = Heartbeat(
         args.controller or cfg.controller_url,
-        lambda: registration(tool, address),
-        app.state.queue_length,
+        lambda: registration(tool, address, info),
+        lambda: slots.status()["queue_length"],
         cfg.heartbeat_interval_s,
         cfg.api_key,
         ready=lambda: False,
+        beat=lambda: {"stalled": slots.status()["stalled"]},
     )
     print(f"tool worker {tool.name}: {address}", flush=True)
     serve_worker(app, sock, heartbeat, cfg.api_key, cfg.max_upload_bytes * 2, cfg.log_level)

@@ -21,6 +21,10 @@ EXIT_CANNOT_LOAD = 3
 """Exit status of a worker whose model or tool cannot load (missing weights, no Hub access): the
 launcher reports it and does not restart it, since a restart would fail the same way."""
 
+EXIT_REFUSED = 4
+"""Exit status of a worker the controller will not register (409: its tool's name or an alias is
+another tool's): reported, not restarted, since a restart would be refused the same way."""
+
 
 def bind_socket(host: str, port: int) -> socket.socket:
     """Listen on ``host:port`` now (port 0: a free port), so the address is known before serving;
@@ -51,6 +55,9 @@ class Heartbeat(threading.Thread):
 
     Runs in its own thread with its own client, so a busy worker still beats. A controller that
     does not know the worker (it restarted, or dropped the worker) gets a fresh registration.
+    Refused registrations are retried (each new reason logged once), except a conflict (409): then
+    ``refused`` holds the reason and ``on_refused`` stops the worker, which exits with EXIT_REFUSED.
+    ``beat`` adds fields to each heartbeat (a tool worker's ``stalled``).
     """
 
     def __init__(
@@ -61,13 +68,17 @@ class Heartbeat(threading.Thread):
         interval_s: float,
         api_key: str | None,
         ready: Callable[[], bool],
+        beat: Callable[[], dict[str, Any]] | None = None,
     ):
         super().__init__(name="heartbeat", daemon=True)
         self.controller_url, self.payload, self.queue_length = controller_url.rstrip("/"), payload, queue_length
-        self.interval_s, self.ready = interval_s, ready
+        self.interval_s, self.ready, self.beat = interval_s, ready, beat
         self.client = make_client(api_key, timeout_s=max(2.0, interval_s))
         self.stop = threading.Event()
         self.registered = threading.Event()
+        self.refused: str | None = None
+        self.on_refused: Callable[[], None] = lambda: None
+        self._last_refusal: str | None = None
 
     def _register(self) -> bool:
         try:
@@ -75,9 +86,20 @@ class Heartbeat(threading.Thread):
         except httpx.HTTPError as e:
             log.debug("controller not reachable yet: %s", type(e).__name__)
             return False
-        if r.status_code != 200:
-            log.error("controller refused registration (%d): %s", r.status_code, error_detail(r))
+        if r.status_code == 409:
+            self.refused = error_detail(r)
+            log.error("controller refused registration (409): %s; this worker stops (exit status %d)",
+                      self.refused, EXIT_REFUSED)
+            self.stop.set()
+            self.on_refused()
             return False
+        if r.status_code != 200:
+            refusal = f"controller refused registration ({r.status_code}): {error_detail(r)}"
+            if refusal != self._last_refusal:  # retried every second: said once, not every time
+                log.error("%s; retrying", refusal)
+                self._last_refusal = refusal
+            return False
+        self._last_refusal = None
         self.registered.set()
         log.info("registered with controller %s", self.controller_url)
         return True
@@ -94,10 +116,9 @@ class Heartbeat(threading.Thread):
             else:
                 address = self.payload()["address"]
                 try:
-                    r = self.client.post(
-                        f"{self.controller_url}/receive_heartbeat",
-                        json={"address": address, "queue_length": self.queue_length()},
-                    )
+                    beat = {"address": address, "queue_length": self.queue_length(),
+                            **(self.beat() if self.beat else {})}
+                    r = self.client.post(f"{self.controller_url}/receive_heartbeat", json=beat)
                     known = r.status_code == 200 and r.json().get("exist", False)
                     warned = False
                 except (httpx.HTTPError, ValueError) as e:
@@ -121,11 +142,13 @@ class Heartbeat(threading.Thread):
 
 
 def serve_worker(app, sock: socket.socket, heartbeat: Heartbeat | None, api_key: str | None, max_body: int, log_level: str) -> None:
-    """Run ``app`` on ``sock`` until SIGINT/SIGTERM; register after the server listens."""
+    """Run ``app`` on ``sock`` until SIGINT/SIGTERM; register after the server listens. A worker the
+    controller refuses (409) stops and exits with :data:`EXIT_REFUSED`."""
     guarded = GuardMiddleware(app, api_key, max_body)
     server = uvicorn.Server(uvicorn.Config(guarded, log_config=None, log_level=log_level.lower(), timeout_graceful_shutdown=3))
     if heartbeat is not None:
         heartbeat.ready = lambda: server.started
+        heartbeat.on_refused = lambda: setattr(server, "should_exit", True)
         heartbeat.start()
     try:
         server.run(sockets=[sock])
@@ -134,4 +157,6 @@ def serve_worker(app, sock: socket.socket, heartbeat: Heartbeat | None, api_key:
     finally:
         if heartbeat is not None:
             heartbeat.unregister()
+    if heartbeat is not None and heartbeat.refused is not None:
+        raise SystemExit(EXIT_REFUSED)
 

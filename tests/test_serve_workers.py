@@ -1,0 +1,301 @@
+"""Tool workers and the worker registry under failure: hung tools, name clashes, re-registration,
+broken schemas, settings the launcher hands to its workers."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+import uvicorn
+from fastapi.testclient import TestClient
+
+import mmedagent  # noqa: F401
+from _serve_fixtures import ROOT, serve_env, wait_until
+from mmedagent.protocol import ToolCall
+from mmedagent.serve import controller as ctl_mod
+from mmedagent.serve import launcher as la
+from mmedagent.serve import tool_worker as tw
+from mmedagent.serve.config import ServeConfig, ToolSpec, load_config
+from mmedagent.serve.registry import RegistrationConflict, WorkerInfo, WorkerRegistry
+from mmedagent.serve.worker_base import EXIT_CANNOT_LOAD, EXIT_REFUSED, Heartbeat, bind_socket, url_for
+from mmedagent.tools import Tool, ToolResult
+
+
+class HangResult(ToolResult):
+    released: bool
+
+
+class Hang(Tool):
+    """Blocks until the test opens its gate: a hung model."""
+
+    name = "hang"
+    description = "Waits until it is let go."
+    Result = HangResult
+    needs_image = False
+
+    def __init__(self):
+        super().__init__()
+        self.gate = threading.Event()
+
+    def __call__(self, image, params):
+        self.gate.wait(30)
+        return HangResult(released=self.gate.is_set())
+
+
+def tool_worker(address, name, aliases=()):
+    return WorkerInfo(address=address, kind="tool", names=[name], info={"aliases": list(aliases)})
+
+
+@contextlib.contextmanager
+def serving(app):
+    """``app`` on a free loopback port in a thread; yields its URL."""
+    sock = bind_socket("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    wait_until(lambda: server.started, 10, 0.01)
+    try:
+        yield url_for(sock)
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+def test_a_hung_tool_is_refused_at_once_instead_of_queueing():
+    tool = Hang()
+    client = TestClient(tw.build_app(tool, 1 << 20, max_concurrency=2, timeout_s=0.4))
+    answers = {}
+    threads = [threading.Thread(target=lambda i=i: answers.__setitem__(i, client.post("/call", json={"params": {}})))
+               for i in range(3)]
+    try:
+        for t in threads:
+            t.start()
+        wait_until(lambda: client.get("/health").json()["waiting"] == 1, 5, 0.01)  # both slots hung, one call waits
+        wait_until(lambda: answers, 5, 0.01)  # the waiting call is refused once both are past the timeout
+        (refused,) = answers.values()
+        assert refused.status_code == 503, refused.text
+        reason = refused.json()["detail"]
+        assert reason == ("tool 'hang' is busy: all 2 of its call slots are held by calls that have run past the "
+                          "0.4 s timeout (the tool may be hung); try again later")
+        t0 = time.monotonic()
+        r = client.post("/call", json={"params": {}})
+        assert r.status_code == 503 and r.json()["detail"] == reason and time.monotonic() - t0 < 1
+        health = client.get("/health").json()
+        assert health["ok"] is False and health["stalled"] and health["overdue"] == 2 and health["queue_length"] == 2
+    finally:
+        tool.gate.set()
+        for t in threads:
+            t.join(10)
+    assert sorted(r.status_code for r in answers.values()) == [200, 200, 503]
+    assert client.post("/call", json={"params": {}}).status_code == 200
+    assert client.get("/health").json()["ok"] is True
+
+
+def test_the_controller_turns_a_busy_worker_into_a_tool_error_at_once():
+    """The heartbeat says the worker is stalled; calls then get a clear error without waiting."""
+    tool = Hang()
+    worker_app = tw.build_app(tool, 1 << 20, max_concurrency=1, timeout_s=0.3)
+    slots = worker_app.state.slots
+    ctl = ctl_mod.Controller(ServeConfig(tool_timeout_s=0.3, heartbeat_interval_s=0.05, heartbeat_expiry_s=5))
+    with serving(ctl_mod.build_app(ctl)) as ctl_url, serving(worker_app) as address:
+        beat = Heartbeat(ctl_url, lambda: tw.registration(tool, address, tw.described(tool)),
+                         lambda: slots.status()["queue_length"], 0.05, None, ready=lambda: True,
+                         beat=lambda: {"stalled": slots.status()["stalled"]})
+        beat.start()
+        client = httpx.Client(base_url=ctl_url, timeout=10, trust_env=False)
+        try:
+            wait_until(lambda: ctl.registry.names("tool") == ["hang"], 5, 0.02)
+            assert client.post("/v1/tools/hang", json={"params": {}}).status_code in (502, 504)  # it hangs: timed out
+            wait_until(lambda: ctl.registry.workers("tool")[0].stalled, 5, 0.02)
+            r = client.post("/v1/tools/hang", json={"params": {}})
+            assert r.status_code == 503, r.text  # refused by the worker, not timed out
+            assert r.json()["detail"] == ("WorkerError: hang: tool 'hang' is busy: its call slot is held by a call that "
+                                          "has run past the 0.3 s timeout (the tool may be hung); try again later")
+            ctl.dispatcher.tools = ctl.all_tools()
+            outcome = ctl.dispatcher.dispatch(ToolCall(API_name="hang", API_params={}), None)  # what a chat gets
+            assert not outcome.ok and outcome.error == r.json()["detail"]
+        finally:
+            tool.gate.set()
+            beat.unregister()
+            beat.join(5)
+            client.close()
+            ctl.close()
+
+
+def test_a_stalled_worker_is_chosen_last():
+    reg = WorkerRegistry(expiry_s=10)
+    reg.register(tool_worker("http://127.0.0.1:1", "hang"))
+    reg.register(tool_worker("http://127.0.0.1:2", "hang"))
+    reg.heartbeat("http://127.0.0.1:1", 4, stalled=True)
+    reg.heartbeat("http://127.0.0.1:2", 9)
+    assert reg.pick("tool", "hang") == "http://127.0.0.1:2"
+    reg.heartbeat("http://127.0.0.1:2", 9, stalled=True)
+    assert reg.pick("tool", "hang") == "http://127.0.0.1:1"  # all stalled: it answers the clear 503
+
+
+def test_in_flight_calls_are_counted_across_a_re_registration():
+    reg = WorkerRegistry(expiry_s=10)
+    for port in (1, 2):
+        reg.register(tool_worker(f"http://127.0.0.1:{port}", "hang"))
+    for address in ("http://127.0.0.1:1", "http://127.0.0.1:1", "http://127.0.0.1:2"):
+        reg.begin(address)
+    reg.register(tool_worker("http://127.0.0.1:1", "hang"))  # the controller dropped it; it registered again
+    assert reg.pick("tool", "hang") == "http://127.0.0.1:2"  # 1 in flight beats 2
+    reg.end("http://127.0.0.1:1")
+    reg.end("http://127.0.0.1:1")
+    assert reg.pick("tool", "hang") == "http://127.0.0.1:1"
+
+
+def test_the_launcher_gives_tool_workers_the_controllers_timeout_and_upload_limit(tmp_path):
+    config = tmp_path / "serve.yaml"
+    config.write_text("tool_timeout_s: 60\nmax_upload_mb: 20\n")
+    cfg = load_config(config, tool_timeout_s=7.5, max_upload_mb=3, tools={"nap": {}})  # as the controller's flags do
+    launcher = la.Launcher(cfg, str(config))
+    spawned = []
+    launcher._spawn = lambda label, argv: spawned.append(argv)
+    launcher.start_children("http://127.0.0.1:9", None)
+    argv = next(a for a in spawned if a[1].endswith("tool_worker.py"))
+    _, _, worker_cfg = tw.parse_args(argv[2:])
+    assert (worker_cfg.tool_timeout_s, worker_cfg.max_upload_mb) == (7.5, 3)
+
+
+def test_a_tool_whose_name_or_alias_is_another_tools_is_refused():
+    reg = WorkerRegistry(expiry_s=10)
+    reg.register(tool_worker("http://127.0.0.1:1", "grounding", ["Grounding DINO"]))
+    reg.register(tool_worker("http://127.0.0.1:2", "grounding", ["Grounding DINO"]))  # a second worker shares the load
+    with pytest.raises(RegistrationConflict, match=r"tool 'detector' at http://127.0.0.1:3 was refused: its name or "
+                       r"alias 'grounding dino' is already used by tool 'grounding'"):
+        reg.register(tool_worker("http://127.0.0.1:3", "detector", ["grounding dino"]))
+    with pytest.raises(RegistrationConflict, match="'GROUNDING' is already used by tool 'grounding'"):
+        reg.register(tool_worker("http://127.0.0.1:3", "GROUNDING"))
+    with pytest.raises(RegistrationConflict, match="already used by tool 'pixel_stats'"):
+        reg.register(tool_worker("http://127.0.0.1:3", "stats", ["Pixel_Stats"]),
+                     reserved={"pixel_stats": ("pixel_stats",)})
+    assert [w.address for w in reg.workers()] == ["http://127.0.0.1:1", "http://127.0.0.1:2"]
+    reg.register(tool_worker("http://127.0.0.1:1", "segmentation"))  # the address now serves another tool
+    reg.remove("http://127.0.0.1:2")
+    reg.register(tool_worker("http://127.0.0.1:3", "detector", ["grounding"]))  # grounding's workers are gone
+    assert "grounding" not in reg.known and reg.names("tool") == ["detector", "segmentation"]
+
+
+def test_the_controller_answers_a_clash_with_409_and_a_malformed_schema_with_422():
+    ctl = ctl_mod.Controller(ServeConfig(tools={"pixel_stats": ToolSpec(in_process=True)}))  # not loaded yet
+    try:
+        with TestClient(ctl_mod.build_app(ctl)) as client:
+            body = tool_worker("http://127.0.0.1:1", "grounding", ["Grounding DINO"]).model_dump()
+            assert client.post("/register_worker", json=body).status_code == 200
+            body = tool_worker("http://127.0.0.1:2", "detector", ["GROUNDING"]).model_dump()
+            r = client.post("/register_worker", json=body)
+            assert r.status_code == 409 and "'GROUNDING' is already used by tool 'grounding'" in r.json()["detail"]
+            body = tool_worker("http://127.0.0.1:2", "stats", ["Pixel_Stats"]).model_dump()
+            r = client.post("/register_worker", json=body)
+            assert r.status_code == 409 and "'Pixel_Stats' is already used by tool 'pixel_stats'" in r.json()["detail"]
+            body = {"address": "http://127.0.0.1:3", "kind": "tool", "names": ["odd"], "info": {"aliases": 5}}
+            r = client.post("/register_worker", json=body)
+            assert r.status_code == 422 and "schema (info) is malformed: aliases" in r.text
+            assert [t["name"] for t in client.get("/v1/tools").json()["tools"]] == ["grounding"]
+    finally:
+        ctl.close()
+
+
+def test_a_worker_that_restarts_with_other_aliases_is_called_by_them():
+    ctl = ctl_mod.Controller(ServeConfig())
+    try:
+        ctl.registry.register(tool_worker("http://127.0.0.1:1", "hang", ["waiter"]))
+        ctl.dispatcher.tools = ctl.all_tools()
+        assert ctl.dispatcher.resolve("waiter").name == "hang"
+        ctl.registry.remove("http://127.0.0.1:1")
+        ctl.registry.register(tool_worker("http://127.0.0.1:2", "hang", ["sleeper"]))
+        ctl.dispatcher.tools = ctl.all_tools()
+        assert ctl.dispatcher.resolve("sleeper").name == "hang" and ctl.dispatcher.resolve("waiter") is None
+    finally:
+        ctl.close()
+
+
+def test_a_worker_refused_for_a_clash_says_why_once_and_exits_not_to_be_restarted():
+    ctl = ctl_mod.Controller(ServeConfig())
+    ctl.registry.register(tool_worker("http://127.0.0.1:9", "sleeper", ["NAP"]))
+    try:
+        with serving(ctl_mod.build_app(ctl)) as url:
+            proc = subprocess.run(
+                [sys.executable, str(ROOT / "serve" / "tool_worker.py"), "--tool", "nap", "--plugin", "_serve_fixtures",
+                 "--controller", url, "--heartbeat-interval", "0.2"],
+                env=serve_env(), capture_output=True, text=True, timeout=60,
+            )
+    finally:
+        ctl.close()
+    assert proc.returncode == EXIT_REFUSED, proc.stderr[-2000:]
+    assert proc.stderr.count("controller refused registration (409): tool 'nap'") == 1, proc.stderr[-2000:]
+    assert "'nap' is already used by tool 'sleeper'" in proc.stderr and "Traceback" not in proc.stderr
+    child = la.Child("tool worker nap", [sys.executable, "-c", f"exit({EXIT_REFUSED})"], {})
+    child.proc.wait(30)
+    child.started -= 60
+    assert "refused by the controller" in child.restart_refusal()
+
+
+def test_a_tool_without_a_json_schema_exits_at_start_instead_of_never_registering(tmp_path):
+    (tmp_path / "opaque_tool.py").write_text(
+        "from pydantic import ConfigDict\n"
+        "from mmedagent.tools import Tool, ToolParams\n"
+        "class Blob:\n    pass\n"
+        "class OpaqueParams(ToolParams):\n"
+        "    model_config = ConfigDict(arbitrary_types_allowed=True)\n"
+        "    blob: Blob | None = None\n"
+        "class Opaque(Tool):\n    name = 'opaque'\n    Params = OpaqueParams\n    needs_image = False\n"
+    )
+    env = serve_env()
+    env["PYTHONPATH"] = f"{tmp_path}:{env['PYTHONPATH']}"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "serve" / "tool_worker.py"), "--tool", "opaque", "--plugin", "opaque_tool",
+         "--controller", "http://127.0.0.1:9", "--heartbeat-interval", "0.2"],
+        env=env, capture_output=True, text=True, timeout=30,
+    )
+    assert proc.returncode == EXIT_CANNOT_LOAD, proc.stderr[-2000:]
+    assert "tool opaque cannot describe itself (its schema)" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_refused_registration_is_retried_and_logged_once_per_reason(caplog):
+    """A worker the controller keeps refusing (here: a non-loopback address without a key) says why once."""
+    ctl = ctl_mod.Controller(ServeConfig())
+    try:
+        with serving(ctl_mod.build_app(ctl)) as url:
+            payload = tool_worker("http://10.0.0.7:8000", "nap").model_dump()
+            beat = Heartbeat(url, lambda: payload, lambda: 0, 0.02, None, ready=lambda: True)
+            with caplog.at_level("ERROR", logger="mmedagent.serve.worker_base"):
+                beat.start()
+                time.sleep(0.3)  # about 15 tries
+                beat.unregister()
+                beat.join(5)
+    finally:
+        ctl.close()
+    refusals = [r.getMessage() for r in caplog.records if "refused registration (403)" in r.getMessage()]
+    assert len(refusals) == 1 and refusals[0].endswith("; retrying") and not beat.registered.is_set()
+
+
+def test_a_call_waits_for_a_slot_at_most_the_timeout():
+    slots = tw.CallSlots("hang", 1, 0.4)
+    first = slots.acquire()
+    refused = []
+
+    def wait_for_a_slot():
+        try:
+            slots.acquire()
+        except tw.Busy as e:
+            refused.append(str(e))
+
+    waiter = threading.Thread(target=wait_for_a_slot)
+    waiter.start()
+    wait_until(lambda: slots.status()["waiting"] == 1, 5, 0.01)
+    time.sleep(0.2)
+    with slots._cond:  # a newcomer takes the freed slot before the waiter wakes: never overdue at its deadline
+        slots.release(first)
+        second = slots.acquire()
+    waiter.join(5)
+    slots.release(second)
+    assert refused == ["tool 'hang' is busy: no call slot came free within the 0.4 s timeout; try again later"]
