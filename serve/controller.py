@@ -339,7 +339,7 @@ def build_app(ctl: Controller) -> FastAPI:
         yield
         task.cancel()
 
-    app = without_echoed_input(FastAPI(title="mmedagent controller", lifespan=lifespan))
+    app = oa.openai_errors(without_echoed_input(FastAPI(title="mmedagent controller", lifespan=lifespan)))
 
     # ------------------------------------------------------------------ registry
 
@@ -487,7 +487,7 @@ def build_app(ctl: Controller) -> FastAPI:
             result: AgentResult | None = None
             async for kind, payload in ctl.stream_agent(kwargs):
                 if kind == "error":
-                    return JSONResponse({"detail": payload}, status_code=502)
+                    return JSONResponse(oa.error_body(payload, 502), status_code=502)
                 if kind == "answer":
                     result = payload
             assert result is not None
@@ -502,7 +502,7 @@ def build_app(ctl: Controller) -> FastAPI:
                     yield oa.chunk(cid, model, {"content": payload.answer})
                     yield oa.chunk(cid, model, {}, "stop", **_usage(payload), mmedagent_trace=trace_view(payload))
                 elif kind == "error":
-                    yield oa.chunk(cid, model, {}, "error", error={"message": payload})
+                    yield oa.error_event(payload)
             yield oa.SSE_DONE
 
         return StreamingResponse(sse(), media_type="text/event-stream")

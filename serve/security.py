@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 import re
 import sys
@@ -16,6 +17,7 @@ from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mmedagent.serve.config import is_loopback
+from mmedagent.serve.openai_api import OPENAI_PATHS, error_body
 
 # Never let these reach a log line: credentials, inline image bytes.
 _SECRET_PATTERNS = [
@@ -138,20 +140,25 @@ class GuardMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+
+        async def refuse(status: int, detail: str, extra: list[tuple[bytes, bytes]] = ()) -> None:
+            """FastAPI's ``{"detail"}``; on the OpenAI routes OpenAI's error object, which its clients show."""
+            body = error_body(detail, status) if scope.get("path") in OPENAI_PATHS else {"detail": detail}
+            await _send_json(send, status, json.dumps(body).encode(), extra)
+
         if not check_host(headers.get("host"), self.api_key):
-            return await _send_json(send, 421, b'{"detail":"this server answers only to a loopback host name '
-                                    b'(127.0.0.1, localhost) unless it has an API key"}')
+            return await refuse(421, "this server answers only to a loopback host name (127.0.0.1, localhost) "
+                                     "unless it has an API key")
         if not check_token(headers.get("authorization"), self.api_key):
-            return await _send_json(
-                send, 401, b'{"detail":"missing or wrong bearer token"}', [(b"www-authenticate", b"Bearer")]
-            )
+            return await refuse(401, "missing or wrong bearer token", [(b"www-authenticate", b"Bearer")])
         if scope.get("method") in ("POST", "PUT", "PATCH"):
             media = headers.get("content-type", "").split(";")[0].strip().lower()
             if media != "application/json":
-                return await _send_json(send, 415, b'{"detail":"request body must be application/json (images go inside as data URLs)"}')
+                return await refuse(415, "request body must be application/json (images go inside as data URLs)")
+        too_large = f"request body too large (limit {self.max_body} bytes)"
         length = headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body):
-            return await _send_json(send, 413, self._too_large())
+            return await refuse(413, too_large)
         # Read the body here, within the cap (a chunked body declares no length), and replay it.
         chunks, size = [], 0
         while True:
@@ -161,7 +168,7 @@ class GuardMiddleware:
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > self.max_body:
-                return await _send_json(send, 413, self._too_large())
+                return await refuse(413, too_large)
             if not message.get("more_body", False):
                 break
         buffered = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
@@ -171,8 +178,6 @@ class GuardMiddleware:
 
         await self.app(scope, replay, send)
 
-    def _too_large(self) -> bytes:
-        return b'{"detail":"request body too large (limit %d bytes)"}' % self.max_body
 
 
 

@@ -181,7 +181,7 @@ def test_bad_uploads_get_4xx_and_the_server_stays_up(stack, image_url, status, r
     c = stack["client"]
     r = c.post("/v1/chat/completions", json=chat_body(image_url))
     assert r.status_code == status, r.text
-    assert reason in r.json()["detail"]
+    assert reason in r.json()["error"]["message"]
     assert c.get("/health").status_code == 200
 
 
@@ -212,7 +212,7 @@ def test_dicom_upload_and_logs_hold_no_secrets_images_or_patient_data(stack):
 def test_a_corrupt_dicom_is_a_400_and_its_header_stays_out_of_the_logs(stack):
     r = stack["client"].post("/v1/chat/completions", json=chat_body(data_url(dicom_quoting_a_name(b"Zzyzx^Quixote "),
                                                                              "application/dicom")))
-    assert r.status_code == 400 and "could not read the image" in r.json()["detail"] and "Zzyzx" not in r.text
+    assert r.status_code == 400 and "could not read the image" in r.json()["error"]["message"] and "Zzyzx" not in r.text
     time.sleep(0.5)
     assert not any("Zzyzx" in log.read_text(errors="replace") for log in stack["logs"].glob("*.log"))
 
@@ -222,11 +222,11 @@ def test_bad_requests_get_a_4xx_that_echoes_nothing_and_the_server_stays_up(stac
     json_body = {"Content-Type": "application/json"}
     nan = json.dumps(chat_body(data_url(sample_png()))).replace('"max_tokens": 12', '"max_tokens": 12, "temperature": NaN')
     r = c.post("/v1/chat/completions", content=nan, headers=json_body)  # a NaN cannot be sent back in JSON
-    assert r.status_code == 422 and r.json()["detail"][0]["loc"][-1] == "temperature"
+    assert r.status_code == 400 and r.json()["error"]["param"] == "temperature"
     r = c.post("/chat", json={"question": "Mr Zzyzx's scan", "history": [{"content": "Mr Zzyzx"}]})
     assert r.status_code == 422 and "role" in r.text and "Zzyzx" not in r.text
     r = c.post("/v1/chat/completions", json={**chat_body(data_url(sample_png())), "max_tokens": 10**9})
-    assert r.status_code == 422 and "max_tokens" in r.text
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
     chunked = (b" " * 500_000 for _ in range(4))  # no Content-Length: the cap (--max-upload-mb 1) holds as it streams
     r = c.post("/chat", content=chunked, headers=json_body)
     assert r.status_code == 413 and "too large" in r.json()["detail"]
@@ -244,7 +244,11 @@ def test_typed_image_markers_and_over_long_prompts_do_not_break_the_chat(stack):
     r = c.post("/chat", json={"question": "Where is <image>?", "image": data_url(sample_png()), "max_new_tokens": 8})
     assert json.loads(r.text.strip().splitlines()[-1])["type"] == "answer"
     r = c.post("/v1/chat/completions", json=chat_body(data_url(sample_png()), "tumor " * 5000))
-    assert r.status_code == 502 and "the model's context is 4096" in r.json()["detail"]
+    assert r.status_code == 502 and "the model's context is 4096" in r.json()["error"]["message"]
+    r = c.post("/v1/chat/completions", json=chat_body(data_url(sample_png()), "tumor " * 5000, stream=True))
+    events = [json.loads(e[6:]) for e in r.text.split("\n\n") if e.startswith("data: {")]
+    assert "the model's context is 4096" in events[-1]["error"]["message"] and "choices" not in events[-1]
+    assert r.text.endswith("data: [DONE]\n\n")  # an error event (OpenAI's shape), not finish_reason "error"
     r = c.post("/v1/chat/completions", json=chat_body(data_url(sample_png())))
     assert r.status_code == 200, r.text
 
