@@ -58,6 +58,8 @@ class ServeConfig(BaseModel):
     port: int = Field(default=21001, ge=0, le=65535)
     web_port: int | None = Field(default=7860, ge=0, le=65535)
     model_path: str | None = None
+    model_base: str | None = Field(default=None, description="base model a LoRA adapter at model_path is stacked on "
+                                   "(default: the base the adapter records)")
     model_name: str | None = None
     conv_template: str | None = None
     system_prompt: Literal["catalog", "plain", "none"] | None = Field(

@@ -540,6 +540,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--web-port", type=int, default=None, help="web UI port (default 7860; 0: any free port)")
     parser.add_argument("--no-web", action="store_true", help="do not start the web UI")
     parser.add_argument("--model-path", default=None, help="planner checkpoint (default: demo model, else a tiny random one)")
+    parser.add_argument("--model-base", default=None, help="with a LoRA adapter as --model-path: its base model "
+                        "(default: the base the adapter records)")
     parser.add_argument("--model-name", default=None)
     parser.add_argument("--conv-template", default=None)
     parser.add_argument("--prompt-lookup", type=int, default=None,
@@ -570,7 +572,7 @@ def main(argv: list[str] | None = None) -> None:
         tools.update({n.strip(): {"in_process": True} for n in (args.in_process_tools or "").split(",") if n.strip()})
     cfg = config_or_exit(
         parser, args.config, host=args.host, port=args.port, web_port=args.web_port, model_path=args.model_path,
-        model_name=args.model_name, conv_template=args.conv_template, model_backend_url=args.backend_url,
+        model_base=args.model_base, model_name=args.model_name, conv_template=args.conv_template, model_backend_url=args.backend_url,
         system_prompt=args.system_prompt, tool_weights=args.tool_weights, prompt_lookup=args.prompt_lookup,
         constrain=args.constrain, tools=tools, no_workers=args.no_workers or None, api_key=args.api_key, log_level=args.log_level,
         heartbeat_interval_s=args.heartbeat_interval, heartbeat_expiry_s=args.heartbeat_expiry,

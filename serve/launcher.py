@@ -187,10 +187,12 @@ class Launcher:
         """Start the workers and the UI; returns the tool names expected to register."""
         cfg = self.cfg
         common = ["--controller", controller_url, "--heartbeat-interval", str(cfg.heartbeat_interval_s)]
+        # flags win over the config file the children read: the controller's effective values go with them
+        upload = ["--max-upload-mb", str(cfg.max_upload_mb)]
         expected: list[str] = []
         if not cfg.no_workers:
             model_args = []
-            for flag, value in (("--model-path", cfg.model_path), ("--model-name", cfg.model_name),
+            for flag, value in (("--model-path", cfg.model_path), ("--model-base", cfg.model_base), ("--model-name", cfg.model_name),
                                 ("--conv-template", cfg.conv_template), ("--device", cfg.device),
                                 ("--system-prompt", cfg.system_prompt),
                                 ("--backend-url", cfg.model_backend_url), ("--backend-model", cfg.model_backend_model)):
@@ -200,9 +202,8 @@ class Launcher:
                 model_args += ["--prompt-lookup", str(cfg.prompt_lookup)]
             if cfg.constrain is not None:
                 model_args.append("--constrain" if cfg.constrain else "--no-constrain")
-            self._spawn("model worker", self._script("model_worker.py", *common, *model_args))
-            # flags win over the config file the workers read: the controller's effective values go with them
-            tool_settings = ["--tool-timeout", str(cfg.tool_timeout_s), "--max-upload-mb", str(cfg.max_upload_mb)]
+            self._spawn("model worker", self._script("model_worker.py", *common, *model_args, *upload))
+            tool_settings = ["--tool-timeout", str(cfg.tool_timeout_s), *upload]
             for name, spec in tool_specs(cfg).items():
                 if spec.in_process:
                     continue
@@ -213,7 +214,8 @@ class Launcher:
                     self._spawn(f"tool worker {name}", argv)
                 expected.append(name)
         if web_port is not None:
-            self._spawn("web UI", self._script("web.py", "--controller", controller_url, "--host", cfg.host, "--port", str(web_port)))
+            self._spawn("web UI", self._script("web.py", "--controller", controller_url, "--host", cfg.host, "--port", str(web_port),
+                                               *upload))
         return expected
 
     def _watch(self, ctl: Controller, expected: list[str], web_url: str | None, loaders: dict[str, threading.Thread]) -> None:

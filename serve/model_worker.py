@@ -260,6 +260,8 @@ def load_host(cfg: ServeConfig) -> ModelHost:
                                    "prompt_lookup": cfg.prompt_lookup, "constrain": constrain}
         if cfg.device:
             options["device"] = cfg.device
+        if cfg.model_base:  # the adapter at model_path on this base (its recorded base may be elsewhere)
+            path, options["adapter"] = cfg.model_base, path
         planner = load_planner(path, **options)
         info = dict(planner.info())
         info["system_prompt"] = cfg.system_prompt or settings.get("system_prompt") or "catalog"
@@ -273,6 +275,8 @@ def load_host(cfg: ServeConfig) -> ModelHost:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-path", default=None, help="checkpoint directory or hub id (default: demo or tiny model)")
+    parser.add_argument("--model-base", default=None, help="with a LoRA adapter as --model-path: its base model "
+                        "(default: the base the adapter records)")
     parser.add_argument("--model-name", default=None, help="name clients use (default: from the checkpoint)")
     parser.add_argument("--conv-template", default=None)
     parser.add_argument("--device", default=None)
@@ -287,12 +291,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default=None)
     parser.add_argument("--port", type=int, default=0, help="0: a free port")
     parser.add_argument("--heartbeat-interval", type=float, default=None)
+    parser.add_argument("--max-upload-mb", type=float, default=None, help="largest image (default from config)")
     parser.add_argument("--no-register", action="store_true", help="serve alone (OpenAI API), no controller")
     add_common_args(parser)
     args = parser.parse_args(argv)
     cfg = config_or_exit(
         parser, args.config, api_key=args.api_key, log_level=args.log_level, host=args.host, model_path=args.model_path,
-        model_name=args.model_name, conv_template=args.conv_template, device=args.device, system_prompt=args.system_prompt,
+        model_base=args.model_base, max_upload_mb=args.max_upload_mb, model_name=args.model_name, conv_template=args.conv_template, device=args.device, system_prompt=args.system_prompt,
         model_backend_url=args.backend_url, model_backend_model=args.backend_model,
         heartbeat_interval_s=args.heartbeat_interval, prompt_lookup=args.prompt_lookup, constrain=args.constrain,
     )

@@ -289,9 +289,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--controller", default=None, help="controller URL (default from config)")
     parser.add_argument("--host", default=None)
     parser.add_argument("--port", type=int, default=None)
+    parser.add_argument("--max-upload-mb", type=float, default=None, help="largest image (default from config)")
     add_common_args(parser)
     args = parser.parse_args(argv)
-    cfg = config_or_exit(parser, args.config, api_key=args.api_key, log_level=args.log_level, host=args.host, web_port=args.port)
+    cfg = config_or_exit(parser, args.config, api_key=args.api_key, log_level=args.log_level, host=args.host, web_port=args.port,
+                         max_upload_mb=args.max_upload_mb)
     setup_logging(cfg.log_level, [cfg.api_key or ""])
     os.environ["GRADIO_TEMP_DIR"] = str(private_upload_dir())
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stopped (launcher, docker, systemd): clean up at exit too

@@ -185,6 +185,16 @@ def test_a_merge_keeps_the_bases_dtype(tiny_models, tmp_path):
     assert delta.abs().max() > 0  # the adapter is in the weights
 
 
+def test_the_model_worker_stacks_an_adapter_on_model_base(llava_setup):
+    """``--model-base``: an adapter whose recorded base (``./checkpoints/llava-med``) is not on this machine."""
+    from mmedagent.serve.config import ServeConfig
+    from mmedagent.serve.model_worker import load_host
+
+    host = load_host(ServeConfig(model_path=str(llava_setup["mmed"]), model_base=str(llava_setup["orig"]), tools={}))
+    torch.testing.assert_close(logits(host.planner.model, llava_setup["inputs"]),
+                               logits(llava_setup["lora_model"], llava_setup["inputs"]), rtol=1e-4, atol=1e-4)
+
+
 def test_lora_without_base_is_a_clear_error(llava_setup):
     with pytest.raises(ValueError, match=r"base model is not found here \('\./checkpoints/llava-med'\).*--model-base"):
         load_model_and_processor(llava_setup["mmed"])  # "./checkpoints/llava-med" does not exist

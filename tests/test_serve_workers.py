@@ -299,3 +299,17 @@ def test_a_call_waits_for_a_slot_at_most_the_timeout():
     waiter.join(5)
     slots.release(second)
     assert refused == ["tool 'hang' is busy: no call slot came free within the 0.4 s timeout; try again later"]
+
+
+def test_the_launcher_gives_the_model_worker_and_web_ui_the_upload_limit_and_model_base(tmp_path):
+    config = tmp_path / "serve.yaml"
+    config.write_text("max_upload_mb: 20\n")
+    cfg = load_config(config, max_upload_mb=50, model_path="runs/lora", model_base="/models/llava-med", tools={})
+    launcher = la.Launcher(cfg, str(config))
+    spawned = []
+    launcher._spawn = lambda label, argv: spawned.append(argv)
+    launcher.start_children("http://127.0.0.1:9", 7861)
+    model = next(a for a in spawned if a[1].endswith("model_worker.py"))
+    web = next(a for a in spawned if a[1].endswith("web.py"))
+    assert model[model.index("--model-base") + 1] == "/models/llava-med"
+    assert model[model.index("--max-upload-mb") + 1] == web[web.index("--max-upload-mb") + 1] == "50.0"
