@@ -195,6 +195,17 @@ def test_the_model_worker_stacks_an_adapter_on_model_base(llava_setup):
                                logits(llava_setup["lora_model"], llava_setup["inputs"]), rtol=1e-4, atol=1e-4)
 
 
+def test_evaluation_stacks_an_adapter_on_model_base(llava_setup):
+    from mmedagent.evaluation.cli import make_runner, parser
+
+    args = parser().parse_args(["--model", str(llava_setup["mmed"]), "--model-base", str(llava_setup["orig"]),
+                                "--conv-template", "vicuna_v1", "--data", "unused.json", "--tool-mode", "gold"])
+    planner = make_runner(args).planner
+    assert planner.template == "vicuna_v1"
+    torch.testing.assert_close(logits(planner.model, llava_setup["inputs"]),
+                               logits(llava_setup["lora_model"], llava_setup["inputs"]), rtol=1e-4, atol=1e-4)
+
+
 def test_lora_without_base_is_a_clear_error(llava_setup):
     with pytest.raises(ValueError, match=r"base model is not found here \('\./checkpoints/llava-med'\).*--model-base"):
         load_model_and_processor(llava_setup["mmed"])  # "./checkpoints/llava-med" does not exist

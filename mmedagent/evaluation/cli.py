@@ -24,6 +24,10 @@ def parser() -> argparse.ArgumentParser:
         description="Evaluate a planner's tool use and answers on an evaluation file, or compare two reports.",
     )
     p.add_argument("--model", help="checkpoint directory or hub id, 'demo', or an http(s) endpoint URL")
+    p.add_argument("--model-base", help="with a LoRA adapter as --model: its base model (default: the base the "
+                   "adapter records)")
+    p.add_argument("--conv-template", help="local model: conversation template, e.g. vicuna_v1 (default: the "
+                   "processor's chat template, or what training recorded)")
     p.add_argument("--data", help="evaluation file: project records, MMedAgent eval JSONL, or VQA-RAD/SLAKE QA")
     p.add_argument("--image-folder", help="folder the records' image paths are relative to")
     p.add_argument("--json-out", help="write the full report (metrics, per-sample answers) as JSON")
@@ -89,7 +93,10 @@ def make_runner(args: argparse.Namespace) -> Any:
         settings = planner_settings(path)
         if args.constrain is None:
             args.constrain = bool(settings.get("constrain"))
-        planner = load_planner(path, constrain=args.constrain)
+        options: dict[str, Any] = {"constrain": args.constrain, "conv_template": args.conv_template}
+        if args.model_base:
+            path, options["adapter"] = args.model_base, path
+        planner = load_planner(path, **options)
         if args.system_prompt is None:
             args.system_prompt = settings.get("system_prompt")
     classes = _tool_classes(args.tools)
