@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -145,11 +145,12 @@ class WorkerRegistry:
     def names(self, kind: WorkerKind) -> list[str]:
         return sorted({n for w in self.workers(kind) for n in w.names})
 
-    def pick(self, kind: WorkerKind, name: str) -> str:
+    def pick(self, kind: WorkerKind, name: str, exclude: Iterable[str] = ()) -> str:
         """Address of the least-loaded live worker serving ``name`` (stalled ones last, then shortest
-        queue; ties: oldest)."""
+        queue; ties: oldest), other than those in ``exclude``."""
         with self._lock:
-            candidates = [e for e in self._workers.values() if e.worker.kind == kind and name in e.worker.names]
+            candidates = [e for e in self._workers.values() if e.worker.kind == kind and name in e.worker.names
+                          and e.worker.address not in exclude]
             if not candidates:
                 available = sorted({n for e in self._workers.values() if e.worker.kind == kind for n in e.worker.names})
                 raise NoWorkerError(kind, name, available)

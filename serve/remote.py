@@ -68,20 +68,26 @@ class RemoteTool(Tool):
         self.registry, self.client, self.timeout_s, self.available = registry, client, timeout_s, available
 
     def __call__(self, image: Any, params: ToolParams) -> RemoteResult:
-        try:
-            address = self.registry.pick("tool", self.worker_name)
-        except NoWorkerError:
-            raise WorkerError(
-                f"no worker is serving tool {self.name!r} right now; available tools: {', '.join(self.available()) or '(none)'}"
-            ) from None
         body = {"params": params.model_dump(mode="json"), "image": png_data_url(image) if image is not None else None}
-        self.registry.begin(address)
-        try:
-            r = self.client.post(f"{address}/call", json=body, timeout=timeout(self.timeout_s))
-        except httpx.HTTPError as e:
-            raise WorkerError(_describe_http_error(f"tool worker for {self.name!r}", address, e)) from None
-        finally:
-            self.registry.end(address)
+        tried: list[str] = []
+        while True:
+            address = self._pick(tried)
+            tried.append(address)
+            self.registry.begin(address)
+            try:
+                r = self.client.post(f"{address}/call", json=body, timeout=timeout(self.timeout_s))
+            except httpx.ConnectError as e:  # the worker is gone and the call never started
+                self.registry.remove(address)  # (a worker that comes back registers again at its next heartbeat)
+                if self._another_worker(tried):
+                    continue
+                raise WorkerError(_describe_http_error(f"tool worker for {self.name!r}", address, e)) from None
+            except httpx.HTTPError as e:
+                raise WorkerError(_describe_http_error(f"tool worker for {self.name!r}", address, e)) from None
+            finally:
+                self.registry.end(address)
+            if r.status_code == 503 and self._another_worker(tried):
+                continue  # this worker is hung or still loading; another one serves the tool
+            break
         if 400 <= r.status_code < 500:
             raise ToolInputError(error_detail(r))
         if r.status_code != 200:
@@ -93,6 +99,22 @@ class RemoteTool(Tool):
             overlay_data=payload.get("overlay"),
             worker_elapsed_s=payload.get("elapsed_s", 0.0),
         )
+
+    def _pick(self, tried: list[str]) -> str:
+        try:
+            return self.registry.pick("tool", self.worker_name, exclude=tried)
+        except NoWorkerError:
+            raise WorkerError(
+                f"no worker is serving tool {self.name!r} right now; available tools: {', '.join(self.available()) or '(none)'}"
+            ) from None
+
+    def _another_worker(self, tried: list[str]) -> bool:
+        """Whether a worker not yet tried serves this tool (each call tries every worker at most once)."""
+        try:
+            self.registry.pick("tool", self.worker_name, exclude=tried)
+            return True
+        except NoWorkerError:
+            return False
 
 
 def _schema_params(schema: dict[str, Any]) -> type[ToolParams]:

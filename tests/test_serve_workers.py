@@ -313,3 +313,31 @@ def test_the_launcher_gives_the_model_worker_and_web_ui_the_upload_limit_and_mod
     web = next(a for a in spawned if a[1].endswith("web.py"))
     assert model[model.index("--model-base") + 1] == "/models/llava-med"
     assert model[model.index("--max-upload-mb") + 1] == web[web.index("--max-upload-mb") + 1] == "50.0"
+
+
+def test_a_call_goes_to_another_worker_when_one_is_gone_or_hung():
+    """A worker that died (connection refused: the call never started) is dropped at once rather than
+    at heartbeat expiry, and a hung one (503) is passed over, when another worker serves the tool."""
+    from mmedagent.serve.remote import WorkerError, remote_tool_class
+
+    answered = []
+
+    def workers(request):
+        host = request.url.host
+        if host == "10.0.0.1":
+            raise httpx.ConnectError("connection refused", request=request)
+        if host == "10.0.0.2":
+            return httpx.Response(503, json={"detail": "tool 'grounding' is busy: all 4 of its call slots are held"})
+        answered.append(host)
+        return httpx.Response(200, json={"result": {"boxes": []}, "for_model": {"boxes": []}})
+
+    reg = WorkerRegistry(expiry_s=60)
+    for i in (1, 2, 3):
+        reg.register(tool_worker(f"http://10.0.0.{i}:8000", "grounding"))
+    cls = remote_tool_class("grounding", {})
+    tool = cls(reg, httpx.Client(transport=httpx.MockTransport(workers)), 5.0, lambda: ["grounding"])
+    assert tool(None, cls.Params(prompts=["tumor"])).model_view == {"boxes": []} and answered == ["10.0.0.3"]
+    assert [w.address for w in reg.workers()] == ["http://10.0.0.2:8000", "http://10.0.0.3:8000"]
+    reg.remove("http://10.0.0.3:8000")
+    with pytest.raises(WorkerError, match="busy"):  # the only worker left is hung: its reason, at once
+        tool(None, cls.Params(prompts=["tumor"]))
