@@ -134,8 +134,8 @@ class Agent:
     ) -> AgentResult:
         """Answer ``question`` about ``image``; ``history`` is the ``messages`` of an earlier result."""
         started = time.monotonic()
-        question_message = {"role": "user", "content": without_image_token(question)}
-        messages = with_one_image_marker([*(history or []), question_message], image is not None)
+        question = without_image_token(question)  # it is quoted again in every tool-result message
+        messages = with_one_image_marker([*(history or []), {"role": "user", "content": question}], image is not None)
         if self.system and messages[0]["role"] != "system":
             messages.insert(0, {"role": "system", "content": self.system})
 
@@ -148,7 +148,8 @@ class Agent:
             if counts := token_counts(self.planner):
                 step.prompt_tokens, step.new_tokens = counts
             steps.append(step)
-            messages.append({"role": "assistant", "content": raw})
+            # only the framework places the image: a marker the model or a tool wrote would be another image
+            messages.append({"role": "assistant", "content": without_image_token(raw)})
             try:
                 step.turn = parse_turn(raw, strict=False)
             except TurnParseError as e:
@@ -168,7 +169,8 @@ class Agent:
             step.tools_s = time.monotonic() - t1
             if on_event:
                 on_event("step", step)
-            messages.append({"role": "user", "content": render_tool_results(step.outcomes, question)})
+            results_text = without_image_token(render_tool_results(step.outcomes, question))
+            messages.append({"role": "user", "content": results_text})
         result = AgentResult(answer=answer, steps=steps, messages=messages, stopped=stopped, wall_s=time.monotonic() - started)
         if on_event:
             on_event("answer", result)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mmedagent.model.templates import has_vision, render_prompt, tokenizer_of
+from mmedagent.model.templates import has_vision, render_prompt, render_segments, tokenizer_of
 from mmedagent.protocol import IMAGE_TOKEN
 
 log = logging.getLogger(__name__)
@@ -77,8 +77,6 @@ TRANSCRIPTS = 64
 """Finished calls remembered for :meth:`HFPlanner._continue`, across conversations: a conversation's
 answer call reads its plan as generated even when other conversations' calls came in between."""
 
-_TRIMMED = " \t\r\n\ufffd"  # what may differ at the end of a reply as the stream returns it
-
 
 class HFPlanner:
     """A loaded model + processor + conversation template, usable as the agent's planner."""
@@ -112,15 +110,30 @@ class HFPlanner:
         self._state: _KVState | None = None
         self._transcripts: deque[_Transcript] = deque(maxlen=TRANSCRIPTS)
         self._lock = threading.Lock()
+        self._holder: int | None = None  # the thread that started the stream holding the lock
         eos = model.generation_config.eos_token_id
         eos = [eos] if isinstance(eos, int) else list(eos or [])
         if self.tokenizer.eos_token_id is not None:
             eos.append(self.tokenizer.eos_token_id)
-        self.eos_ids = set(eos)
+        self.eos_ids = set(eos) | self._end_of_turn()
         if not self.eos_ids:
             raise ValueError("the model has no end-of-sequence token (generation_config or tokenizer)")
         self.context_length: int | None = getattr(model.config.get_text_config(), "max_position_embeddings", None)
         self.last_stats: dict[str, Any] = {}
+
+    def _end_of_turn(self) -> set[int]:
+        """The special token that ends an assistant turn in the conversation template, which a base
+        checkpoint's EOS need not be (Qwen2-VL: ``<|endoftext|>``, its template's turns end with ``<|im_end|>``)."""
+        probe = "mmedagent"
+        try:
+            segments = render_segments([{"role": "user", "content": "x"}, {"role": "assistant", "content": probe}],
+                                       self.template, self.processor)
+        except Exception:  # a template that does not render this probe: a call will report it
+            return set()
+        text = next((t for t, trained in segments if trained and probe in t), "")
+        ids = self.tokenizer(text[text.rfind(probe) + len(probe):].lstrip(), add_special_tokens=False)["input_ids"]
+        special = {i for i, t in self.tokenizer.added_tokens_decoder.items() if t.special}
+        return {ids[0]} if ids and ids[0] in special else set()
 
     # ------------------------------------------------------------------ construction
 
@@ -219,9 +232,16 @@ class HFPlanner:
             raise ValueError("max_new_tokens must be at least 1")
         if temperature < 0 or not 0 < top_p <= 1:
             raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
-        stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
+        stops = [s for s in ([stop] if isinstance(stop, str) else stop or []) if s]  # "" stops nothing
+        if self._holder == threading.get_ident():  # waiting for the lock would wait for ever
+            raise RuntimeError("this thread holds an unfinished stream of the planner: read it to the end or "
+                               "close() it before the next call")
         with self._lock:
-            yield from self._stream(list(messages), image, max_new_tokens, temperature, top_p, stops)
+            self._holder = threading.get_ident()
+            try:
+                yield from self._stream(list(messages), image, max_new_tokens, temperature, top_p, stops)
+            finally:
+                self._holder = None
 
     # ------------------------------------------------------------------ internals
 
@@ -249,18 +269,18 @@ class HFPlanner:
 
     def _continued_ids(self, turn: _Transcript, prompt: str) -> list[int] | None:
         """``turn``'s prompt and reply ids followed by the rest of ``prompt``, when ``prompt`` is that
-        prompt, the reply as returned (whitespace and unfinished UTF-8 at its ends trimmed, as the stream
-        does), then new turns from a special token on (where tokenizing apart is exact); else None."""
+        prompt, the reply as returned (as the stream returns it: leading whitespace and an unfinished UTF-8
+        sequence at its end trimmed; or as ``generate`` does, trailing whitespace trimmed too), then new
+        turns from a special token on (where tokenizing apart is exact); else None."""
         if not prompt.startswith(turn.text):
             return None
         rest = prompt[len(turn.text):].lstrip()
-        reply = turn.reply.lstrip().rstrip(_TRIMMED)
-        if not rest.startswith(reply):
-            return None
-        rest = rest[len(reply):]
-        if not any(rest.startswith(t) for t in self.tokenizer.all_special_tokens):
-            return None
-        return turn.history + self.tokenizer(rest, add_special_tokens=False)["input_ids"]
+        streamed = turn.reply.lstrip().rstrip("\ufffd")
+        for reply in (streamed, streamed.rstrip()):
+            after = rest[len(reply):]
+            if rest.startswith(reply) and any(after.startswith(t) for t in self.tokenizer.all_special_tokens):
+                return turn.history + self.tokenizer(after, add_special_tokens=False)["input_ids"]
+        return None
 
     def _continue(self, prompt: str, inputs: dict[str, Any]) -> dict[str, Any]:
         """``inputs`` with an earlier call's prompt ids and generated tokens in place of their re-encoding,
@@ -540,8 +560,9 @@ class HFPlanner:
                     piece = piece if started else piece.lstrip()
                     if piece:
                         yield piece
-        except Exception:
-            self._state = None  # a failed call leaves no state to continue from
+        except BaseException as e:  # an error or an interrupt (Ctrl-C) may leave the cache cut or half-filled
+            if not isinstance(e, GeneratorExit):  # closed at a yield: the cache holds exactly ``_state.tokens``
+                self._state = None  # a failed call leaves no state to continue from
             raise
         finally:
             if self._state is not None:  # the call went through: later calls may continue it

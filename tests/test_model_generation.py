@@ -1,0 +1,203 @@
+"""The planner's generation path: end of turn, stop strings, interrupted and unfinished streams, the
+messages the agent loop composes, and KV reuse against the naive path in awkward conversations."""
+
+import threading
+
+import pytest
+
+from _model_fixtures import test_image
+from doubles import FakeGrounding, ScriptedPlanner
+from mmedagent.model import load_planner
+
+QUESTION = "Can you locate the tumor?"
+PLAN = ('"thoughts🤔" locate it.\n"actions🚀" [{"API_name": "grounding dino", "API_params": '
+        '{"image": "<image>", "prompts": ["tumor"]}}]\n"value👉" Please wait.')
+ANSWER = '"thoughts🤔" done.\n"actions🚀" []\n"value👉" It is at the top left.'
+
+
+@pytest.fixture(scope="session")
+def planner_of(tiny_models):
+    made = {}
+
+    def get(arch, kv_reuse=True):
+        if (arch, kv_reuse) not in made:
+            made[arch, kv_reuse] = load_planner(tiny_models(arch), kv_reuse=kv_reuse)
+        return made[arch, kv_reuse]
+
+    return get
+
+
+@pytest.mark.parametrize(("arch", "template", "base_eos", "end_of_turn"), [
+    ("qwen2_vl", None, "<|endoftext|>", "<|im_end|>"),  # Qwen2-VL base: its chat template ends turns otherwise
+    ("llama", "llama3", "<|finetune_right_pad_id|>", "<|eot_id|>"),
+])
+def test_a_turn_ends_at_the_templates_end_of_turn_token(tiny_models, arch, template, base_eos, end_of_turn):
+    """A base checkpoint's EOS is not the end-of-turn token its (fine-tuning) template writes; the
+    reply still ends there instead of running on into a turn of its own."""
+    from mmedagent.model.loading import load_model_and_processor
+    from mmedagent.model.planner import HFPlanner
+
+    model, processor, family = load_model_and_processor(tiny_models(arch))
+    tokenizer = getattr(processor, "tokenizer", processor)
+    tokenizer.eos_token = base_eos
+    model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids(base_eos)
+    planner = HFPlanner(model, processor, family, template=template)
+    end = tokenizer.convert_tokens_to_ids(end_of_turn)
+    assert end in planner.eos_ids
+
+    def writes_end_of_turn(module, args, out):
+        out.logits[..., end] += 1e4
+        return out
+
+    hook = model.register_forward_hook(writes_end_of_turn)
+    try:
+        image = None if arch == "llama" else test_image()
+        msgs = [{"role": "user", "content": ("<image>\n" if image else "") + QUESTION}]
+        assert planner.generate(msgs, image, max_new_tokens=5) == ""
+        assert planner.last_stats["new_tokens"] == 0
+    finally:
+        hook.remove()
+
+
+def test_an_empty_stop_string_stops_nothing(planner_of):
+    planner, image = planner_of("llava"), test_image()
+    msgs = [{"role": "user", "content": "<image>\n" + QUESTION}]
+    full = planner.generate(msgs, image, max_new_tokens=8)
+    assert full and planner.generate(msgs, image, max_new_tokens=8, stop="") == full
+
+
+def test_a_call_from_the_thread_holding_an_unfinished_stream_is_refused_not_hung(tiny_models):
+    """``it = planner.stream(...)``, read part of it, then call again in the same thread: waiting for
+    the planner's lock would wait for ever; the call is refused and the planner works once ``it`` is closed."""
+    planner, image = load_planner(tiny_models("llava")), test_image()
+    msgs = [{"role": "user", "content": "<image>\n" + QUESTION}]
+    outcome = {}
+
+    def run():
+        full = planner.generate(msgs, image, max_new_tokens=6)
+        it = planner.stream(msgs, image, max_new_tokens=6)
+        next(it)
+        try:
+            planner.generate(msgs, image, max_new_tokens=6)
+        except RuntimeError as e:
+            outcome["error"] = str(e)
+        it.close()
+        outcome["after"] = planner.generate(msgs, image, max_new_tokens=6) == full
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(60)
+    assert not worker.is_alive(), "the second call waited for ever"
+    assert "unfinished stream" in outcome["error"] and outcome["after"]
+
+
+def test_an_interrupt_during_the_prefill_leaves_no_stale_cache(planner_of):
+    """Ctrl-C while another question's prompt is prefilled on top of the cut-back cache: the next call
+    of the first conversation does not continue from a cache that no longer holds its tokens."""
+    image, answers = test_image(), []
+    first = [{"role": "user", "content": "<image>\n" + QUESTION}]
+    for kv_reuse in (False, True):
+        planner = planner_of("llava", kv_reuse)
+        planner.reset()
+        reply = planner.generate(first, image, max_new_tokens=8)
+        if kv_reuse:
+            def interrupt(module, args):
+                raise KeyboardInterrupt
+
+            hook = planner.model.model.language_model.layers[1].register_forward_pre_hook(interrupt)
+            try:
+                with pytest.raises(KeyboardInterrupt):
+                    planner.generate([{"role": "user", "content": "<image>\nsegment the liver"}], image,
+                                     max_new_tokens=8)
+            finally:
+                hook.remove()
+            assert not planner._lock.locked()
+        follow = [*first, {"role": "assistant", "content": reply}, {"role": "user", "content": "grounding error: x"}]
+        answers.append(planner.generate(follow, image, max_new_tokens=8))
+    assert answers[0] == answers[1]
+
+
+def test_the_answer_call_reads_a_plan_ending_in_whitespace_as_generated_in_either_form(planner_of):
+    """A reply that ends in whitespace ``str.rstrip`` removes (here a vertical tab) continues from its
+    generated tokens whether the next prompt holds it as ``generate`` returned it or as streamed."""
+    planner, image = planner_of("qwen2_vl"), test_image()
+    msgs = [{"role": "user", "content": "<image>\nsegment the liver"}]
+    answers = []
+    for streamed in (False, True):
+        planner.reset()
+        reply = "".join(planner.stream(msgs, image, max_new_tokens=10))
+        assert reply != reply.rstrip()  # the case in point
+        history = planner._transcripts[-1].history
+        follow = [*msgs, {"role": "assistant", "content": reply if streamed else reply.rstrip()},
+                  {"role": "user", "content": "grounding output: {}\n\nAnswer my first question: segment the liver"}]
+        answers.append(planner.generate(follow, image, max_new_tokens=12))
+        assert planner.last_stats["reused_tokens"] == len(history) - 1  # all but the unforwarded last token
+    assert answers[0] == answers[1]
+
+
+def test_image_markers_in_the_question_the_plan_or_a_tool_result_do_not_break_the_run(planner_of):
+    """The image belongs to the first user message only: a question typed as "<image>\\n…" (quoted
+    again after every tool result) or a plan writing "<image>" gives the planner no second image."""
+    from mmedagent.agent import Agent
+    from mmedagent.dispatcher import Dispatcher
+
+    planner, image = planner_of("llava"), test_image()
+    scripted = ScriptedPlanner([PLAN, ANSWER])
+    result = Agent(scripted, Dispatcher([FakeGrounding()])).run("<image>\n" + QUESTION, image)
+    assert result.stopped == "answer" and result.tool_calls == ["grounding dino"]
+    sent = scripted.calls[1]
+    assert [m["content"].count("<image>") for m in sent] == [0, 1, 0, 0]
+    assert isinstance(planner.generate(sent, image, max_new_tokens=4), str)  # the model reads them
+
+
+@pytest.mark.parametrize("arch", ["llava", "qwen2_vl", "mllama", "llama"])
+def test_kv_reuse_matches_the_naive_path_with_stops_and_markers_in_tool_results(planner_of, arch):
+    """Three rounds, a stop string that ends inside a token, tool results holding that stop string and
+    the template's special tokens: the reused cache gives the naive path's tokens, and no reply holds the stop."""
+    image = None if arch == "llama" else test_image()
+    naive = planner_of(arch, False)
+    naive.reset()
+    first = [{"role": "user", "content": ("<image>\n" if image else "") + QUESTION}]
+    stop = naive.generate(first, image, max_new_tokens=14)[3:5]
+    specials = " ".join(t for t in naive.tokenizer.all_special_tokens
+                        if not any(w in t for w in ("image", "video", "vision", "pad")))
+    tool = (f"grounding dino output: {{'boxes': []}} {stop} {specials} USER: ASSISTANT:\n\n"
+            f"Answer my first question: {QUESTION}")
+    replies = {}
+    for kv_reuse in (False, True):
+        planner, msgs, out = planner_of(arch, kv_reuse), list(first), []
+        planner.reset()
+        for _ in range(3):
+            reply = planner.generate(msgs, image, max_new_tokens=14, stop=[stop])
+            assert stop not in reply
+            out.append((reply, planner.last_stats["prompt_tokens"], planner.last_stats["new_tokens"]))
+            msgs += [{"role": "assistant", "content": reply}, {"role": "user", "content": tool}]
+        replies[kv_reuse] = out
+        assert (planner.last_stats["reused_tokens"] > 0) == kv_reuse
+    assert replies[True] == replies[False]
+
+
+def test_the_demo_planner_answers_a_question_typed_with_its_image_marker_on_both_paths():
+    """The shipped demo planner, constrained, through the agent loop: "<image>\\n" typed before the
+    question (LLaVA's convention) is quoted in the tool-result turn; the answer call still gets one
+    image, and KV reuse gives the naive path's turns with the vision tower run once per run."""
+    from mmedagent import demo
+    from mmedagent.agent import Agent
+    from mmedagent.dispatcher import Dispatcher
+    from mmedagent.model.planner import vision_module
+
+    planner = load_planner(str(demo.PACKAGED), constrain=True)
+    agent = Agent(planner, Dispatcher([FakeGrounding()]), max_steps=3, system="", max_new_tokens=96)  # as trained
+    runs, encoded = {}, []
+    hook = vision_module(planner.model).register_forward_hook(lambda *a: encoded.append(1))
+    try:
+        for kv_reuse in (False, True):
+            planner.kv_reuse, encoded[:] = kv_reuse, []
+            planner.reset()
+            result = agent.run("<image>\nWhere is the tumor?", test_image())
+            runs[kv_reuse] = [s.raw for s in result.steps]
+            assert result.stopped == "answer" and result.tool_calls == ["grounding"]
+            assert len(encoded) == (1 if kv_reuse else len(result.steps))
+    finally:
+        hook.remove()
+    assert runs[True] == runs[False]
