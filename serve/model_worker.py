@@ -100,9 +100,9 @@ class ModelHost:
             raise HTTPException(e.status, e.reason) from None
 
     def stream(self, messages: list[dict[str, str]], image: Any, gen: dict[str, Any],
-               stats: dict[str, int] | None = None) -> Iterator[str]:
+               stats: dict[str, Any] | None = None) -> Iterator[str]:
         """The reply in pieces; ``stats``, when given, receives the call's token counts
-        (``prompt_tokens``, ``new_tokens``) where the planner reports them."""
+        (``prompt_tokens``, ``new_tokens``) and why it ended (``finish``) where the planner reports them."""
         with self._count_lock:
             self.waiting += 1
         try:
@@ -114,6 +114,8 @@ class ModelHost:
                     yield from stream(messages, image, **gen)
                 if stats is not None and (counts := token_counts(self.planner)):
                     stats.update(prompt_tokens=counts[0], new_tokens=counts[1])
+                    if (finish := getattr(self.planner, "last_stats", {}).get("finish")) is not None:
+                        stats["finish"] = finish
         finally:
             with self._count_lock:
                 self.waiting -= 1
@@ -168,7 +170,7 @@ def build_app(host: ModelHost) -> FastAPI:
         gen = req.model_dump(include={"max_new_tokens", "temperature", "top_p", "stop"}, exclude_none=True)
 
         async def events() -> AsyncIterator[str]:
-            stats: dict[str, int] = {}
+            stats: dict[str, Any] = {}
             async for item in _pump(host.stream(as_dicts(req.messages), image, gen, stats)):
                 if isinstance(item, BaseException):
                     log.warning("generation failed: %s", type(item).__name__)
@@ -191,12 +193,14 @@ def build_app(host: ModelHost) -> FastAPI:
         image = await run_in_threadpool(host.image, image_url)
         gen = req.gen({"max_new_tokens": DEFAULT_NEW_TOKENS})
         cid = oa.completion_id()
-        stats: dict[str, int] = {}
+        stats: dict[str, Any] = {}
 
         def usage() -> dict[str, Any]:
             return {"usage": openai_usage(stats["prompt_tokens"], stats["new_tokens"])} if stats else {}
 
-        def finish() -> str:  # "length": the reply used the whole token budget (it may be cut off)
+        def finish() -> str:  # "length": the reply was cut off by the token budget or the model's context
+            if "finish" in stats:
+                return "length" if stats["finish"] == "length" else "stop"
             return "length" if stats and stats["new_tokens"] >= gen["max_new_tokens"] else "stop"
 
         if not req.stream:

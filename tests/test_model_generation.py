@@ -66,6 +66,26 @@ def test_an_empty_stop_string_stops_nothing(planner_of):
     assert full and planner.generate(msgs, image, max_new_tokens=8, stop="") == full
 
 
+def test_the_planner_reports_why_a_reply_ended(planner_of):
+    """``last_stats["finish"]``: "length" when the budget ran out, "stop" at a stop string (even on the
+    budget's last token), which the model worker turns into OpenAI's finish_reason."""
+    planner, image = planner_of("llava"), test_image()
+    msgs = [{"role": "user", "content": "<image>\n" + QUESTION}]
+    full = planner.generate(msgs, image, max_new_tokens=8)
+    assert planner.last_stats["finish"] == "length" and planner.last_stats["new_tokens"] == 8
+    ids = planner.tokenizer(full, add_special_tokens=False)["input_ids"]
+    stop = full.strip()[-2:]
+    planner.generate(msgs, image, max_new_tokens=8, stop=stop)
+    assert planner.last_stats["finish"] == "stop", (full, stop, ids)
+
+
+def test_a_tiny_temperature_samples_the_greedy_reply(planner_of):
+    planner, image = planner_of("llava"), test_image()
+    msgs = [{"role": "user", "content": "<image>\n" + QUESTION}]
+    greedy = planner.generate(msgs, image, max_new_tokens=6)
+    assert planner.generate(msgs, image, max_new_tokens=6, temperature=1e-45) == greedy  # was a NaN error
+
+
 def test_a_call_from_the_thread_holding_an_unfinished_stream_is_refused_not_hung(tiny_models):
     """``it = planner.stream(...)``, read part of it, then call again in the same thread: waiting for
     the planner's lock would wait for ever; the call is refused and the planner works once ``it`` is closed."""

@@ -389,8 +389,6 @@ def test_a_port_in_use_is_one_clear_line():
 
 def test_a_reply_cut_off_by_the_token_budget_finishes_with_length():
     """OpenAI clients detect truncation by ``finish_reason``: "length" when the budget ran out."""
-    from fastapi.testclient import TestClient
-
     from mmedagent.serve.model_worker import ModelHost, build_app
 
     class Counting:
@@ -399,8 +397,25 @@ def test_a_reply_cut_off_by_the_token_budget_finishes_with_length():
             self.last_stats = {"prompt_tokens": 3, "new_tokens": n}
             yield "x" * n
 
-    client = TestClient(build_app(ModelHost(Counting(), "counting", {}, 1 << 20)))
-    for budget, finish in ((3, "length"), (10, "stop"), (None, "stop")):
+    class Reporting:  # a planner that says why it stopped (HFPlanner does)
+        def stream(self, messages, image, max_new_tokens=256, **gen):
+            if max_new_tokens in (3, 10):  # 10: a stop string on the budget's last token
+                self.last_stats = {"prompt_tokens": 3, "new_tokens": max_new_tokens,
+                                   "finish": "length" if max_new_tokens == 3 else "stop"}
+            else:  # the model's context ran out after 40 tokens, well inside the default budget
+                self.last_stats = {"prompt_tokens": 3, "new_tokens": 40, "finish": "length"}
+            yield "x"
+
+    cases = ((3, "length"), (10, "stop"), (None, "stop"))
+    for planner, expected in ((Counting(), cases), (Reporting(), ((3, "length"), (10, "stop"), (None, "length")))):
+        check_finish(build_app(ModelHost(planner, "counting", {}, 1 << 20)), expected)
+
+
+def check_finish(app, cases):
+    from fastapi.testclient import TestClient
+
+    client = TestClient(app)
+    for budget, finish in cases:
         body = {"model": "counting", "messages": [{"role": "user", "content": "hi"}],
                 **({"max_tokens": budget} if budget else {})}
         r = client.post("/v1/chat/completions", json=body)

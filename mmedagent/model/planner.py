@@ -464,7 +464,8 @@ class HFPlanner:
             logits = logits + mask
         if temperature == 0:
             return int(logits.argmax(-1))
-        probs = torch.softmax(logits.float() / temperature, dim=-1).squeeze(0)
+        logits = logits.float()
+        probs = torch.softmax((logits - logits.max()) / temperature, dim=-1).squeeze(0)  # no inf/inf at tiny temperatures
         if top_p < 1:
             sorted_p, order = probs.sort(descending=True)
             keep = sorted_p.cumsum(0) - sorted_p < top_p
@@ -496,6 +497,7 @@ class HFPlanner:
         t0 = time.perf_counter()
         generated: list[int] = []
         reuse, prefill_s, cut, drafted, accepted_total = 0, 0.0, -1, 0, 0
+        finish = "length"  # "eos": the model ended its turn; "stop": a stop string; "length": the budget or context ran out
         try:
             with torch.inference_mode():
                 extras = self._family_extras(inputs)
@@ -519,6 +521,7 @@ class HFPlanner:
                     cached = bool(verified)  # an accepted draft: forwarded already, ``logits`` follow the last one
                     token = verified.pop(0) if cached else self._pick(logits, temperature, top_p, rule)
                     if token in self.eos_ids:
+                        finish = "eos"
                         break
                     if rule is not None:
                         rule.push(token)
@@ -527,7 +530,7 @@ class HFPlanner:
                     cut = min((text.find(s) for s in stops if s in text), default=-1)
                     final = cut >= 0 or step == max_new_tokens - 1
                     if cut >= 0:
-                        text = text[:cut]
+                        text, finish = text[:cut], "stop"
                     safe = len(text) if final else len(text) - hold
                     while safe > emitted and text[safe - 1] == "\ufffd":  # an incomplete UTF-8 sequence
                         safe -= 1
@@ -572,6 +575,7 @@ class HFPlanner:
                 "prompt_tokens": len(id_list),
                 "reused_tokens": reuse,
                 "new_tokens": len(generated),
+                "finish": finish,
                 "prefill_s": prefill_s,
                 "drafted_tokens": drafted,
                 "accepted_drafts": accepted_total,
