@@ -52,6 +52,7 @@ from mmedagent.serve.remote import RemoteResult, RemoteTool, ToolInputError, Wor
 from mmedagent.serve.security import setup_logging, without_echoed_input
 from mmedagent.serve.uploads import UploadError, image_from_data_url, sendable_png
 from mmedagent.tools import Tool, UnknownToolError, get_tool, list_tools, load_plugin
+from mmedagent.tools.grounding_segmentation import share_composite_parts
 
 # System prompts for models trained without the tool catalog ("catalog" derives it from the live tools).
 log = logging.getLogger("mmedagent.serve.controller")
@@ -147,9 +148,15 @@ class Controller:
 
     def load_local_tools(self, specs: dict[str, ToolSpec]) -> None:
         """Load the in-process tools (weights once); each becomes available once loaded."""
+        made: dict[str, Tool] = {}
         for name, spec in specs.items():
             try:
-                tool = get_tool(name)(**spec.options)
+                made[name] = get_tool(name)(**spec.options)
+            except Exception as e:  # bad options: reported; the others serve
+                log.error("in-process tool %s failed to load: %s: %s", name, type(e).__name__, e)
+        share_composite_parts([*made.values(), *self.local_tools.values()])
+        for name, tool in made.items():
+            try:
                 tool.ensure_loaded()
             except Exception as e:  # a tool that cannot load is reported; the others serve
                 log.error("in-process tool %s failed to load: %s: %s", name, type(e).__name__, e)

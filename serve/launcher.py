@@ -29,6 +29,7 @@ from mmedagent.serve.controller import Controller, build_app, is_background, too
 from mmedagent.serve.security import GuardMiddleware
 from mmedagent.serve.worker_base import EXIT_CANNOT_LOAD, EXIT_REFUSED, bind_socket, url_for
 from mmedagent.tools import Tool
+from mmedagent.tools.grounding_segmentation import share_composite_parts
 
 log = logging.getLogger("mmedagent.serve.launcher")
 SERVE_DIR = Path(__file__).resolve().parent
@@ -106,7 +107,9 @@ def in_process_tools(classes: Sequence[type[Tool]], options: Mapping[str, dict[s
     specs = resolve_tool_specs(ServeConfig(
         tool_weights=weights, tools={name: ToolSpec(options=opts, in_process=True) for name, opts in named.items()},
     ))
-    return [cls(**specs[cls.name].options) for cls in classes]
+    tools = [cls(**specs[cls.name].options) for cls in classes]
+    share_composite_parts(tools)
+    return tools
 
 
 def _interrupt(signum: int, frame: object) -> None:

@@ -341,3 +341,31 @@ def test_a_call_goes_to_another_worker_when_one_is_gone_or_hung():
     reg.remove("http://10.0.0.3:8000")
     with pytest.raises(WorkerError, match="busy"):  # the only worker left is hung: its reason, at once
         tool(None, cls.Params(prompts=["tumor"]))
+
+
+def test_the_composite_shares_its_parts_weights_with_the_parts_running_beside_it(monkeypatch):
+    """In one process (evaluation, data building, the controller's in-process tools) grounding,
+    segmentation and grounding+segmentation with the same weights load them once."""
+    from mmedagent.tools.grounding import GroundingTool
+    from mmedagent.tools.grounding_segmentation import GroundingSegmentationTool
+    from mmedagent.tools.segmentation import SegmentationTool
+
+    options = {"grounding": {"model": "/weights/gdino"}, "segmentation": {"checkpoint": "/weights/medsam.pth"}}
+    g, s, gs = la.in_process_tools([GroundingTool, SegmentationTool, GroundingSegmentationTool], options, "default")
+    assert gs.grounding is g and gs.segmentation is s
+    other = la.in_process_tools([GroundingTool, GroundingSegmentationTool],
+                                {**options, "grounding_segmentation": {"grounding": {"model": "/weights/other"}}},
+                                "default")
+    assert other[1].grounding is not other[0]  # other weights: its own part
+
+    loads = []
+    for cls in (GroundingTool, SegmentationTool):
+        monkeypatch.setattr(cls, "load", lambda self, cls=cls: loads.append(cls.name))
+    ctl = ctl_mod.Controller(ServeConfig(tools={}))
+    try:
+        ctl.load_local_tools({"grounding_segmentation": ToolSpec(options=options, in_process=True),
+                              "grounding": ToolSpec(options=options["grounding"], in_process=True),
+                              "segmentation": ToolSpec(options=options["segmentation"], in_process=True)})
+        assert sorted(loads) == ["grounding", "segmentation"] and len(ctl.local_tools) == 3
+    finally:
+        ctl.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from pydantic import Field
@@ -53,6 +54,15 @@ class GroundingSegmentationTool(Tool):
         self.grounding = _tool(options.get("grounding"), GroundingTool)
         self.segmentation = _tool(options.get("segmentation"), SegmentationTool)
 
+    def share_parts(self, tools: Iterable[Tool]) -> None:
+        """Use, for a part not loaded yet, a tool of ``tools`` of the same class and options: a process
+        running the parts beside the composite then loads their weights once."""
+        for attr in ("grounding", "segmentation"):
+            mine = getattr(self, attr)
+            same = next((t for t in tools if type(t) is type(mine) and t.options == mine.options), None)
+            if same is not None and not mine.loaded:
+                setattr(self, attr, same)
+
     def load(self) -> None:
         self.grounding.ensure_loaded()
         self.segmentation.ensure_loaded()
@@ -68,3 +78,11 @@ class GroundingSegmentationTool(Tool):
             areas=masks.areas if masks else [],
             masks=masks.masks if masks else [],
         )
+
+
+def share_composite_parts(tools: list[Tool]) -> None:
+    """Give each composite among ``tools`` the tools of the list with its parts' class and options, so a
+    process running the parts beside the composite loads their weights once."""
+    for tool in tools:
+        if isinstance(tool, GroundingSegmentationTool):
+            tool.share_parts(tools)
