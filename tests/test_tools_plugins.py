@@ -114,9 +114,9 @@ def test_plugins_cannot_take_a_built_in_tools_name_or_alias(plugin_dir, caplog):
     with caplog.at_level(logging.WARNING, logger="mmedagent.tools.registry"):
         assert tools_pkg.get_tool("grounding").__module__ == "mmedagent.tools.grounding"
     warned = "\n".join(r.getMessage() for r in caplog.records)
-    assert "tool plug-in grounding skipped: tool 'grounding' (hosp_tools.clash.MyGrounding) answers to 'grounding', " \
-           "already taken by tool 'grounding' (mmedagent.tools.grounding.GroundingTool)" in warned
-    assert "tool plug-in sam skipped" in warned and "'MedSAM'" in warned
+    assert "tool plug-in grounding: tool 'grounding' (hosp_tools.clash.MyGrounding) answers to 'grounding', " \
+           "already taken by tool 'grounding' (mmedagent.tools.grounding.GroundingTool); it is skipped" in warned
+    assert "tool plug-in sam: tool 'my_sam'" in warned and "'MedSAM'" in warned
     assert tools_pkg.get_tool("MedSAM").__module__ == "mmedagent.tools.segmentation"
     names = [c.name for c in tools_pkg.list_tools()]
     assert "my_sam" not in names and names.count("grounding") == 1
@@ -132,6 +132,19 @@ def test_plugins_cannot_take_a_built_in_tools_name_or_alias(plugin_dir, caplog):
     with pytest.raises(ValueError, match="already taken by tool 'grounding'"):
         tools_pkg.load_plugin("hosp_tools.clash")
     assert tools_pkg.register(volume) is volume  # the same class again is no clash
+
+
+def test_a_tool_file_sorting_before_the_built_ins_cannot_take_their_names(plugin_dir, monkeypatch, caplog):
+    """Built-in tool files are read first, whatever the other files in tools/ are called."""
+    extra = plugin_dir / "extra_tools"
+    extra.mkdir()
+    (extra / "aaa_clash.py").write_text(CLASHES)
+    monkeypatch.setattr(tools_pkg, "__path__", [*tools_pkg.__path__, str(extra)])
+    with caplog.at_level(logging.WARNING, logger="mmedagent.tools.registry"):
+        assert tools_pkg.get_tool("MedSAM").__module__ == "mmedagent.tools.segmentation"
+        assert tools_pkg.get_tool("grounding").__module__ == "mmedagent.tools.grounding"
+    assert "tools/aaa_clash.py: tool 'my_sam' (mmedagent.tools.aaa_clash.MySam) answers to 'MedSAM', already taken by " \
+           "tool 'segmentation'" in caplog.text
 
 
 def test_a_broken_tool_file_does_not_take_the_other_tools_down(plugin_dir, monkeypatch, caplog):

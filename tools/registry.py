@@ -65,25 +65,29 @@ def _add(found: dict[str, type[Tool]], cls: type[Tool], source: str) -> None:
     then plug-ins in entry-point order); the later one is skipped with a warning."""
     why = _clash(cls, [*found.values(), *_extra.values()])
     if why:
-        log.warning("%s skipped: %s; rename it or drop the clashing alias", source, why)
+        log.warning("%s: %s; it is skipped: rename it or drop the clashing alias", source, why)
     elif not any(c is cls for c in found.values()):
         found[cls.name] = cls
+
+
+BUILT_IN_MODULES = ("grounding", "segmentation", "grounding_segmentation", "classification", "report", "rag")
+"""The project's own tool files, discovered before any other file in ``tools/`` and any plug-in."""
 
 
 def _discover() -> dict[str, type[Tool]]:
     import mmedagent.tools as pkg
 
     found: dict[str, type[Tool]] = {}
-    for info in pkgutil.iter_modules(pkg.__path__):
-        if info.name.startswith("_") or info.name in {"base", "registry"}:
-            continue
+    files = {info.name for info in pkgutil.iter_modules(pkg.__path__)} - {"base", "registry"}
+    others = sorted(f for f in files - set(BUILT_IN_MODULES) if not f.startswith("_"))
+    for name in [*(m for m in BUILT_IN_MODULES if m in files), *others]:  # built-ins first: they keep their names
         try:
-            module = importlib.import_module(f"{pkg.__name__}.{info.name}")
+            module = importlib.import_module(f"{pkg.__name__}.{name}")
         except Exception as e:  # one broken tool file must not take the other tools down
-            log.warning("tool module %s could not be imported: %s: %s", info.name, type(e).__name__, e)
+            log.warning("tool module %s could not be imported: %s: %s", name, type(e).__name__, e)
             continue
         for cls in _tools_in_module(module):
-            _add(found, cls, f"tools/{info.name}.py: {_where(cls)}")
+            _add(found, cls, f"tools/{name}.py")
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         try:
             obj = ep.load()
