@@ -92,15 +92,16 @@ def main() -> int:
     p.add_argument("--url", help="a running controller on loopback (default: start one)")
     p.add_argument("--api-key", default=None)
     p.add_argument("--chats", type=int, default=32)
-    p.add_argument("--concurrency", type=int, default=None)
+    p.add_argument("--concurrency", type=int, default=None, help="chats at once (default: --chats, at most 256)")
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--tool-calls", type=int, default=200)
     p.add_argument("--tool", default="bright_region")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--max-seconds", type=float, default=600, help="time budget for the whole run")
     args = p.parse_args()
-    if not 1 <= args.chats <= 1024 or (args.concurrency or args.chats) > 256:
-        p.error("--chats must be 1..1024 and --concurrency at most 256")
+    if not 1 <= args.chats <= 1024 or not 1 <= (args.concurrency or 1) <= 256:
+        p.error("--chats must be 1..1024 and --concurrency 1..256")
+    args.concurrency = args.concurrency or min(args.chats, 256)
     deadline = time.monotonic() + args.max_seconds
     proc = None
     url = args.url
@@ -118,7 +119,7 @@ def main() -> int:
     try:
         client.post(f"/v1/tools/{args.tool}", json={"params": {}, "image": image}).raise_for_status()  # warm-up
         tools = run_tool_calls(client, args.tool_calls, args.tool, image, deadline)
-        chats = run_chats(client, args.chats, args.concurrency or args.chats, image, args.max_tokens, deadline)
+        chats = run_chats(client, args.chats, args.concurrency, image, args.max_tokens, deadline)
     finally:
         client.close()
         if proc is not None:

@@ -109,6 +109,9 @@ class ServeConfig(BaseModel):
             )
         if self.api_key is None:
             self.api_key = os.environ.get(API_KEY_ENV) or None
+        if self.model_base and (self.model_path in (None, "demo") or self.model_backend_url):
+            raise ValueError("model_base is the base of a LoRA adapter given as model_path (a local planner, "
+                             "not the demo model or a backend URL)")
         if self.api_key is not None and len(self.api_key) < MIN_API_KEY_LENGTH:
             raise ValueError(
                 f"the API key has {len(self.api_key)} characters; use at least {MIN_API_KEY_LENGTH} (a short key can be "

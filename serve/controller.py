@@ -413,8 +413,9 @@ def build_app(ctl: Controller) -> FastAPI:
         call = ToolCall(API_name=name, API_params=body.params)
         prepared = ctl.dispatcher.prepare(call, image)
         if isinstance(prepared, ToolOutcome):
-            if ctl.dispatcher.resolve(name) is not None:
-                raise HTTPException(422, prepared.error)
+            tool = ctl.dispatcher.resolve(name)
+            if tool is not None:  # a tool that failed to load is the server's problem, not the request's
+                raise HTTPException(503 if tool.name in ctl.dispatcher.load_errors else 422, prepared.error)
             loading = ctl.loading_tool(name)
             if loading:
                 raise HTTPException(503, f"tool {loading!r} is still loading; it registers when ready")

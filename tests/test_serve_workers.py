@@ -15,7 +15,7 @@ import uvicorn
 from fastapi.testclient import TestClient
 
 import mmedagent  # noqa: F401
-from _serve_fixtures import ROOT, serve_env, wait_until
+from _serve_fixtures import ROOT, data_url, sample_png, serve_env, wait_until
 from mmedagent.protocol import ToolCall
 from mmedagent.serve import controller as ctl_mod
 from mmedagent.serve import launcher as la
@@ -369,3 +369,28 @@ def test_the_composite_shares_its_parts_weights_with_the_parts_running_beside_it
         assert sorted(loads) == ["grounding", "segmentation"] and len(ctl.local_tools) == 3
     finally:
         ctl.close()
+
+
+def test_a_tool_that_failed_to_load_is_a_503_and_model_base_needs_an_adapter(monkeypatch):
+    """A tool that could not load is the server's problem (503), not the request's (422); ``model_base``
+    without a local adapter to stack on it is refused up front."""
+    from mmedagent.tools.grounding import GroundingTool
+
+    def broken(self):
+        raise OSError("weights not found: /weights/gdino")
+
+    monkeypatch.setattr(GroundingTool, "load", broken)
+    ctl = ctl_mod.Controller(ServeConfig(tools={}))
+    try:
+        ctl.local_tools["grounding"] = GroundingTool(model="/weights/gdino")  # loaded at its first call
+        client = TestClient(ctl_mod.build_app(ctl))
+        body = {"params": {"prompts": ["tumor"]}, "image": data_url(sample_png())}
+        r = client.post("/v1/tools/grounding", json=body)
+        assert r.status_code >= 500 and "weights not found" in r.json()["detail"], r.text
+        r = client.post("/v1/tools/grounding", json=body)  # the load is not retried
+        assert r.status_code == 503 and "grounding is unavailable: it failed to load" in r.json()["detail"], r.text
+    finally:
+        ctl.close()
+    for bad in ({}, {"model_path": "demo"}, {"model_path": "runs/lora", "model_backend_url": "http://x/v1"}):
+        with pytest.raises(ValueError, match="model_base is the base of a LoRA adapter"):
+            ServeConfig(model_base="/models/llava-med", tools={}, **bad)

@@ -73,8 +73,9 @@ def make_runner(args: argparse.Namespace) -> Any:
     """The runner for ``--model``: controller endpoint, planner endpoint, or local checkpoint."""
     from mmedagent.evaluation.runner import AgentRunner, ControllerRunner, OpenAIPlanner
 
-    if _is_url(args.model) and args.constrain:
-        raise SystemExit("--constrain applies to a local model; a served one decodes as its server was started")
+    if _is_url(args.model) and (args.constrain or args.model_base or args.conv_template):
+        raise SystemExit("--constrain, --model-base and --conv-template apply to a local model; a served one runs "
+                         "as its server was started")
     if _is_url(args.model) and args.endpoint == "agent":
         if args.tool_mode == "gold":
             raise SystemExit("--tool-mode gold needs a planner: a local model or --endpoint planner (the controller runs its own tools)")
