@@ -584,7 +584,8 @@ def test_zero_held_out_means_none():
 
     train, val, test = split(list(range(10)), [0, 2], seed=1)
     assert (len(train), len(val), len(test)) == (8, 0, 2)
-    cfg = config_from_args(get_recipe("dialogue-llama3").Config, {"val_fraction": 0.0, "eval_samples": 0})
+    cfg = config_from_args(get_recipe("dialogue-llama3").Config, {"val_fraction": 0.0})
+    assert not hasattr(cfg, "eval_samples")  # held out by --val-fraction / --test-fraction: no flag that does nothing
     assert cfg.resolved()["export_dtype"] == "bfloat16"
     assert config_from_args(get_recipe("dialogue-llama3").Config, {"export_dtype": "bf16"}).resolved()[
         "export_dtype"] == "bfloat16"

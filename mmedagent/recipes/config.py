@@ -84,8 +84,6 @@ class RecipeConfig:
     save_total_limit: int = 2
 
     # evaluation / comparison
-    eval_samples: int = 4
-    """Held-out records generated for before/after and metrics."""
     max_new_tokens: int = 128
     export_dtype: str = "bfloat16"
     """dtype of the merged model written to ``out/merged``."""
@@ -113,8 +111,6 @@ class RecipeConfig:
         if not self.lora_alpha > 0 or not 0 <= self.lora_dropout < 1:
             raise ValueError(f"--lora-alpha must be above 0 and --lora-dropout in [0, 1); got {self.lora_alpha}, "
                              f"{self.lora_dropout}")
-        if self.eval_samples < 0:
-            raise ValueError(f"--eval-samples must be 0 (hold nothing out) or more, got {self.eval_samples}")
         if self.tiny_rows < 2:
             raise ValueError(f"--tiny-rows must be at least 2, got {self.tiny_rows}")
         if self.save_total_limit is not None and self.save_total_limit < 1:
@@ -244,4 +240,19 @@ def config_from_args(cls: type[RecipeConfig], given: dict[str, Any]) -> RecipeCo
     return cls(**values)
 
 
-__all__ = ["RecipeConfig", "add_config_args", "check_repo_id", "config_from_args", "export_dtype", "held_out_share"]
+@dataclass
+class CaptionConfig(RecipeConfig):
+    """Settings of the image + caption recipes."""
+
+    eval_samples: int = 4
+    """Held-out records for before/after and metrics."""
+
+    def validate(self) -> None:
+        super().validate()
+        if self.eval_samples < 0:
+            raise ValueError(f"--eval-samples must be 0 (hold nothing out) or more, got {self.eval_samples}")
+
+
+__all__ = ["CaptionConfig", "RecipeConfig", "add_config_args", "check_repo_id", "config_from_args", "export_dtype",
+           "held_out_share"]
+

@@ -14,13 +14,13 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from mmedagent.recipes.base import CaptionRecipe
-from mmedagent.recipes.config import RecipeConfig
+from mmedagent.recipes.config import CaptionConfig
 
 QUESTION = "What is the most likely diagnosis? Describe the findings in this image that support it."
 
 
 @dataclass
-class DiagnosisConfig(RecipeConfig):
+class DiagnosisConfig(CaptionConfig):
     model: str = "Qwen/Qwen2-VL-2B-Instruct"
     question: str = QUESTION
     lora_r: int = 8

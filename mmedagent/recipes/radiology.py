@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from mmedagent.recipes.base import CaptionRecipe
-from mmedagent.recipes.config import RecipeConfig
+from mmedagent.recipes.config import CaptionConfig
 
 INSTRUCTION = "You are an expert radiographer. Describe accurately what you see in this image."
 
@@ -20,7 +20,7 @@ ATTENTION_AND_MLP = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 
 @dataclass
-class RadiologyConfig(RecipeConfig):
+class RadiologyConfig(CaptionConfig):
     model: str = "meta-llama/Llama-3.2-11B-Vision-Instruct"
     instruction: str = INSTRUCTION
     qlora: bool = True
