@@ -86,6 +86,21 @@ def train_data(tmp_path_factory):
             "sharegpt": write_sharegpt(root / "sharegpt.jsonl", root / "images", 8)}
 
 
+def write_original_llava_of(llava_dir: Path, out: Path, tower_ref: str | None = None, **layout) -> Path:
+    """The tiny transformers LLaVA ``llava_dir`` saved in the original LLaVA layout at ``out``, and its CLIP tower
+    at ``out.parent / "clip-tower"``, which ``mm_vision_tower`` names unless ``tower_ref`` is given.
+    Returns the tower."""
+    from _model_fixtures import write_original_llava
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(llava_dir)
+    tower = out.parent / "clip-tower"
+    model.model.vision_tower.save_pretrained(tower)
+    AutoProcessor.from_pretrained(llava_dir).image_processor.save_pretrained(tower)
+    write_original_llava(model, llava_dir, out, tower_ref or tower, **layout)
+    return tower
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

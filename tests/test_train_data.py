@@ -221,6 +221,8 @@ def test_mmedagent_recipe_flags_parse(tmp_path, monkeypatch):
     (["--mm_use_im_start_end", "True"], "--mm_use_im_start_end True is not supported"),
     (["--bits", "4"], r"--bits 4 \(QLoRA\) needs a CUDA GPU"),
     (["--warmup_ratio", "1.5"], "--warmup_ratio must be in"),
+    (["--fp16", "True", "--deepspeed", str(ROOT / "scripts" / "zero2.json")],
+     r"^--fp16 True with --deepspeed needs a CUDA GPU"),
     (["--image_aspect_ratio", "anyres"], "--image_aspect_ratio must be 'pad' or 'square'"),
     (["--version", "llava_v0"], r"^--version 'llava_v0' is not a conversation template; choose one of "
                                 r"v1 \(= vicuna_v1\), vicuna \(= vicuna_v1\), llava_v1 \(= vicuna_v1\), vicuna_v1, "
@@ -229,11 +231,27 @@ def test_mmedagent_recipe_flags_parse(tmp_path, monkeypatch):
 def test_bad_flags_are_rejected(tmp_path, flags, message):
     from mmedagent.train.args import check_backbone_flags, parse_args
 
-    if "--bits" in flags and torch.cuda.is_available():
-        pytest.skip("QLoRA is allowed on a GPU")
+    if ("--bits" in flags or "--fp16" in flags) and torch.cuda.is_available():
+        pytest.skip("QLoRA and fp16 DeepSpeed are allowed on a GPU")
     with pytest.raises(ValueError, match=message):
         check_backbone_flags("llava", *parse_args(["--model_name_or_path", "b", "--output_dir", str(tmp_path),
                                                    "--data_path", "d", *flags]))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--evaluation_strategy", "no"], r"^unknown flag\(s\): --evaluation_strategy \(did you mean --eval_strategy "),
+    (["--overwrite_output_dir", "True"],
+     r"--overwrite_output_dir \(gone from transformers 5; .* use a new --output_dir"),
+    (["stray"], r"^unexpected argument\(s\) stray"),
+    (["--lora_r", "abc"], r"^argument --lora_r/--lora-r: invalid int value: 'abc'$"),
+    (["--bf16", "True", "--fp16", "True"], r"^At most one of fp16 and bf16 can be True"),
+])
+def test_unknown_flags_and_transformers_refusals_are_flag_errors(tmp_path, flags, message):
+    """Typos, flags transformers 5 renamed or dropped, and its own flag checks: one ``error:`` line, not a traceback."""
+    from mmedagent.train.args import FlagError, parse_args
+
+    with pytest.raises(FlagError, match=message):
+        parse_args(["--model_name_or_path", "b", "--output_dir", str(tmp_path), "--data_path", "d", *flags])
 
 
 def test_version_names_map_to_model_layer_templates(tmp_path):

@@ -7,7 +7,7 @@ import subprocess
 import pytest
 import torch
 from _train_fixtures import (ROOT, TEXT_RECORD, base_args, command, losses, run_training, run_until, tool_record,
-                             train_env)
+                             train_env, write_original_llava_of)
 from safetensors.torch import load_file
 
 pytest_plugins = ("_train_fixtures",)  # session fixture: train_data
@@ -70,11 +70,14 @@ def test_resume_continues_step_counter_and_loss(zero2_resumed):
     assert abs(steps[resumed_from + 1] - steps[resumed_from]) < 0.5 * (steps[1] - steps[resumed_from]) + 0.05
 
 
-def test_zero3_two_ranks_sharegpt_mmedagent_and_text_only(tiny_models, train_data, tmp_path):
-    """ZeRO-3 with a comma-separated mix of sharegpt and MMedAgent files (with text-only records)."""
+def test_zero3_two_ranks_sharegpt_mmedagent_and_text_only(tiny_models, train_data, tmp_path, monkeypatch):
+    """ZeRO-3 with a comma-separated mix of sharegpt and MMedAgent files (with text-only records), from an
+    original-layout LLaVA (as MMedAgent's LLaVA-Med base), converted once for both ranks."""
     out = tmp_path / "run"
     data = f"{train_data['sharegpt']},{train_data['mixed']}"
-    run_training(base_args(tiny_models("llava"), data, out, "--image_folder", f"{train_data['images']}",
+    write_original_llava_of(tiny_models("llava"), tmp_path / "llava-med")
+    monkeypatch.setenv("MMEDAGENT_CACHE", str(tmp_path / "cache"))
+    run_training(base_args(tmp_path / "llava-med", data, out, "--image_folder", f"{train_data['images']}",
                            "--deepspeed", ZERO3, "--max_steps", "8", "--save_strategy", "no",
                            "--group_by_modality_length", "True", *LLAVA_FLAGS), 2)
     saved = load_file(out / "adapter_model.safetensors")
@@ -155,6 +158,15 @@ def test_resume_error_explains_checkpoint_loads_only():
         except ValueError as e:
             got = resume_error(e, "out/checkpoint-4", explicit=False)
         assert isinstance(got, ResumeError) if explained else got is None
+
+
+def test_deepspeed_without_a_launcher_runs_as_one_rank(tiny_models, tmp_path):
+    """``python train/train_mem.py --deepspeed ...``: one rank, not DeepSpeed's MPI discovery (``mpi4py``) failing."""
+    data = tmp_path / "text.json"
+    data.write_text(json.dumps([TEXT_RECORD] * 2))
+    out = tmp_path / "run"
+    run_training(base_args(tiny_models("llama"), data, out, "--deepspeed", ZERO2, "--max_steps", "1"))
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 1
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a (tf32) GPU")

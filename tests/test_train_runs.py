@@ -135,3 +135,60 @@ def test_qwen2_vl_images_capped_to_image_max_tokens(tiny_models, tmp_path):
     processor.save_pretrained(tmp_path / "saved")
     again = load_processor(tmp_path / "saved", "qwen2_vl").image_processor
     assert again.size["longest_edge"] == 100 * side * side
+
+
+def test_original_llava_hub_id_trains_from_the_cache_with_the_vision_tower_flag(tiny_models, tmp_path, monkeypatch):
+    """An original LLaVA checkpoint by hub id (``microsoft/llava-med-v1.5-mistral-7b`` in the HF cache) is
+    converted and trained as a local original folder is; offline, its tower (``openai/clip-...``) comes from
+    MMedAgent's ``--vision_tower`` (a local copy), and without it the error names that flag."""
+    from _train_fixtures import write_images, write_mmedagent, write_original_llava_of
+    from huggingface_hub import constants
+
+    from mmedagent.train.args import FlagError
+    from mmedagent.train.run import backbone_family, main
+
+    repo, commit = tmp_path / "hub" / "models--microsoft--llava-med-v1.5-mistral-7b", "0" * 40
+    tower = write_original_llava_of(tiny_models("llava"), repo / "snapshots" / commit,
+                                    "openai/clip-vit-large-patch14-336", arch="LlavaMistralForCausalLM",
+                                    model_type="llava_mistral", safetensors=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("MMEDAGENT_CACHE", str(tmp_path / "cache"))
+    hub_id = "microsoft/llava-med-v1.5-mistral-7b"
+    assert backbone_family(hub_id) == "llava"
+    data = write_mmedagent(tmp_path / "train.json", write_images(tmp_path / "images", 2), 2)
+    argv = _argv(hub_id, data, tmp_path / "out", "--image_folder", str(tmp_path / "images"), "--max_steps", "1",
+                 "--version", "v1", "--mm_projector_type", "mlp2x_gelu")
+    with pytest.raises(FlagError, match=r"^the vision tower of .* could not be loaded .*; pass .* --vision_tower$"):
+        main(argv)
+    out = main([*argv, "--vision_tower", str(tower)])
+    manifest = json.loads((out / "mmedagent_train.json").read_text())
+    assert manifest["family"] == "llava" and manifest["base_model"] == hub_id and _step(out) == 1
+
+
+def test_unknown_model_type_is_a_flag_error(tmp_path):
+    """A config transformers cannot read is the one ``error:`` line train_mem.py prints, not a traceback."""
+    from mmedagent.train.args import FlagError
+    from mmedagent.train.run import backbone_family
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava_mpt", "architectures": ["MptForCausalLM"]}))
+    with pytest.raises(FlagError, match=rf"^--model_name_or_path {tmp_path}: .*llava_mpt"):
+        backbone_family(str(tmp_path))
+
+
+def test_a_released_mmedagent_lora_folder_as_base_is_a_flag_error(tmp_path, monkeypatch):
+    """MMedAgent's LoRA release carries its base's original-LLaVA config.json: the error says to merge it first."""
+    from mmedagent.train.args import FlagError
+    from mmedagent.train.run import main
+
+    monkeypatch.setenv("MMEDAGENT_CACHE", str(tmp_path / "cache"))
+    lora = tmp_path / "mmedagent-lora"
+    lora.mkdir()
+    (lora / "config.json").write_text(json.dumps({"architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava",
+                                                  "mm_vision_tower": "openai/clip-vit-large-patch14-336"}))
+    (lora / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 128}))
+    with pytest.raises(FlagError, match=r"^--model_name_or_path .*mmedagent-lora: .* is a LoRA adapter, not a full "
+                                        r"checkpoint: merge it"):
+        main(_argv(lora, _data(tmp_path / "train.json"), tmp_path / "out"))

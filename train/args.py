@@ -8,6 +8,7 @@ loaded backbone instead of silently ignoring them.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass, field
 
 import transformers
@@ -129,6 +130,9 @@ class TrainingArguments(transformers.TrainingArguments):
             raise FlagError("--tf32 True needs a CUDA GPU of the Ampere generation or newer; "
                             f"{'this GPU is older' if torch.cuda.is_available() else 'this machine has no GPU'}. "
                             "Leave --tf32 out (or pass --tf32 False).")
+        if self.fp16 and self.deepspeed and not torch.cuda.is_available():
+            raise FlagError("--fp16 True with --deepspeed needs a CUDA GPU: DeepSpeed's CPU backend has no fp16. "
+                            "Use --bf16 True (or neither) on CPU.")
         if self.bits in (4, 8) and not self.lora_enable:
             raise FlagError(f"--bits {self.bits} quantises the frozen base model; it needs --lora_enable True")
         if self.lora_vision and not self.lora_enable:
@@ -141,15 +145,47 @@ class TrainingArguments(transformers.TrainingArguments):
         super().__post_init__()
 
 
+class _Parser(transformers.HfArgumentParser):
+    def error(self, message: str):
+        """A bad value or an ambiguous flag: one line, not argparse's usage of every TrainingArguments flag."""
+        raise FlagError(message)
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
-    parser = transformers.HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    parser = _Parser((ModelArguments, DataArguments, TrainingArguments))
+    try:
+        model_args, data_args, training_args, unknown = parser.parse_args_into_dataclasses(
+            args=argv, return_remaining_strings=True)
+    except FlagError:
+        raise
+    except ValueError as e:  # transformers' own flag checks, e.g. --bf16 with --fp16, a missing --deepspeed file
+        raise FlagError(str(e).strip().splitlines()[0]) from None
+    if unknown:
+        raise FlagError(unknown_flags(parser, unknown))
     if data_args.image_max_tokens is not None and data_args.image_max_tokens < 4:
         raise FlagError(f"--image_max_tokens must be at least 4, got {data_args.image_max_tokens}")
     if data_args.image_aspect_ratio not in (None, "pad", "square"):
         raise FlagError(f"--image_aspect_ratio must be 'pad' or 'square', got {data_args.image_aspect_ratio!r}")
     template_name(model_args.version)  # an unknown --version fails here, before any model loads
     return model_args, data_args, training_args
+
+
+def unknown_flags(parser: transformers.HfArgumentParser, unknown: list[str]) -> str:
+    """The error for arguments no flag takes, with the nearest known flag for each (typos, flags that
+    transformers renamed or removed, e.g. --evaluation_strategy -> --eval_strategy)."""
+    known = [o for o in parser._option_string_actions if o.startswith("--") and "-" not in o[2:]]  # not --a-b aliases
+    parts = []
+    for arg in unknown:
+        flag = arg.split("=", 1)[0]
+        if flag == "--overwrite_output_dir":
+            parts.append(f"{flag} (gone from transformers 5; an --output_dir with checkpoints resumes the newest: "
+                         "use a new --output_dir to start afresh)")
+        elif flag.startswith("--"):
+            near = difflib.get_close_matches(flag, known, n=3)
+            parts.append(f"{flag} (did you mean {' / '.join(near)}?)" if near else flag)
+    if not parts:
+        return f"unexpected argument(s) {' '.join(unknown)}: every value must follow its --flag"
+    return f"unknown flag(s): {', '.join(parts)}; see python train/train_mem.py --help"
 
 
 def template_name(version: str | None) -> str | None:

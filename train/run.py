@@ -14,9 +14,10 @@ import torch
 import transformers
 from transformers.integrations import is_deepspeed_zero3_enabled
 
-from mmedagent.hub import prefer_cache_when_unreachable
-from mmedagent.model.llava_convert import llava_image_processor
-from mmedagent.model.loading import family_of, is_original_llava, load_config, load_model_and_processor
+from mmedagent.hub import is_hub_id, prefer_cache_when_unreachable
+from mmedagent.model.llava_convert import converted_cache_dir, llava_image_processor
+from mmedagent.model.loading import (_original_llava_snapshot, family_of, is_original_llava, load_config,
+                                     load_model_and_processor)
 from mmedagent.model.templates import tokenizer_of
 from mmedagent.data.formats import DataError
 from mmedagent.train.args import FlagError, check_backbone_flags, parse_args, template_name
@@ -28,13 +29,24 @@ from mmedagent.train.trainer import (MMedTrainer, ResumeError, latest_checkpoint
 log = logging.getLogger("mmedagent.train")
 
 
+def original_llava(path: str) -> Path | None:
+    """The folder of ``path`` when it is an original LLaVA checkpoint (converted on load): the folder itself,
+    or a hub id's snapshot; else None."""
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file() and is_hub_id(path) and not path.startswith("hf-hub:"):
+        return _original_llava_snapshot(path)
+    return Path(path) if config_file.is_file() and is_original_llava(json.loads(config_file.read_text())) else None
+
+
 def backbone_family(path: str) -> str:
     """The model family, from the config alone (before any weights are loaded)."""
-    config_file = Path(path) / "config.json"
-    if config_file.is_file() and is_original_llava(json.loads(config_file.read_text())):
-        return "llava"
     prefer_cache_when_unreachable(path)
-    config = load_config(path)  # ModelNotFoundError: a missing path or an unreachable / unknown hub id
+    if original_llava(path) is not None:
+        return "llava"
+    try:
+        config = load_config(path)  # ModelNotFoundError: a missing path or an unreachable / unknown hub id
+    except ValueError as e:  # a model type this transformers does not know; the message starts with the path
+        raise FlagError(f"--model_name_or_path {e}") from None
     try:
         return family_of(config)
     except ValueError as e:
@@ -76,6 +88,21 @@ def padding_processor(processor) -> None:
              type(current).__name__)
 
 
+@contextlib.contextmanager
+def _without_zero3(args):
+    """Models built here are whole: transformers builds every model ZeRO-3-partitioned while a ZeRO-3 config is set."""
+    from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    if not is_deepspeed_zero3_enabled():
+        yield
+        return
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        set_hf_deepspeed_config(args.hf_deepspeed_config)
+
+
 def _setup_logging(args) -> None:
     """Our messages at INFO on the main process of each node, WARNING elsewhere; transformers' own
     level follows ``--log_level`` / ``--log_level_replica``."""
@@ -111,11 +138,34 @@ def build_trainer(argv: list[str] | None = None, parsed=None) -> tuple[MMedTrain
 
         deepspeed.init_distributed()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    model, processor, loaded_family = load_model_and_processor(
-        model_args.model_name_or_path, dtype=torch_dtype(args),
-        device=f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu",
-        attn_implementation=model_args.attn_implementation,
-        load_in_4bit=args.bits == 4, load_in_8bit=args.bits == 8)
+    # --vision_tower (e.g. a local copy of the CLIP tower on an offline server) is the tower an original LLaVA
+    # checkpoint is converted with; a transformers LLaVA keeps its own (checked by apply_llava_flags).
+    original = original_llava(model_args.model_name_or_path) if family == "llava" else None
+    try:
+        if original is not None:
+            # Converted into the cache before loading (which then finds it there): by the first rank of each
+            # machine only (all ranks at once: minutes for a 7B model, and all but one fail to move theirs into
+            # the cache), and outside ZeRO-3 (its partitioned weights cannot be copied into the converted model).
+            with args.main_process_first(local=True, desc="converting the original LLaVA checkpoint"), \
+                    _without_zero3(args):
+                try:
+                    converted_cache_dir(original, vision_tower=model_args.vision_tower)
+                except ValueError as e:  # e.g. MMedAgent's released LoRA folder, which holds its base's config.json
+                    raise FlagError(f"--model_name_or_path {model_args.model_name_or_path}: {e}") from None
+        model, processor, loaded_family = load_model_and_processor(
+            model_args.model_name_or_path, dtype=torch_dtype(args),
+            device=f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu",
+            attn_implementation=model_args.attn_implementation,
+            load_in_4bit=args.bits == 4, load_in_8bit=args.bits == 8,
+            vision_tower=model_args.vision_tower if original is not None else None)
+    except FileNotFoundError as e:
+        if original is None or not str(e).startswith("vision tower "):
+            raise
+        what = (f"--vision_tower {model_args.vision_tower}" if model_args.vision_tower else
+                f"the vision tower of {model_args.model_name_or_path} (its mm_vision_tower)")
+        reason = str(e.__cause__ or e).strip().splitlines()[0]
+        raise FlagError(f"{what} could not be loaded ({reason}); pass the CLIP tower's local path with "
+                        "--vision_tower") from None
     assert loaded_family == family, (loaded_family, family)
     if family == "llava":
         apply_llava_flags(model, model_args)

@@ -9,6 +9,8 @@ cannot be found and a checkpoint that cannot be resumed end with one ``error: ..
 anything else is a traceback.
 """
 
+import os
+import socket
 import sys
 
 import mmedagent  # noqa: F401  - must come before transformers (arms the torchvision shim)
@@ -18,7 +20,21 @@ from mmedagent.train.args import FlagError
 from mmedagent.train.run import main, release_deepspeed_shm
 from mmedagent.train.trainer import ResumeError
 
+
+def single_rank_without_launcher(argv: list[str]) -> None:
+    """``python train/train_mem.py --deepspeed ...`` (no launcher): run as the one rank of a one-rank job.
+    Without a launcher's RANK / MASTER_* variables DeepSpeed looks for its peers through MPI and fails
+    (``No module named 'mpi4py'``) after the model has loaded."""
+    if "RANK" in os.environ or not any(a == "--deepspeed" or a.startswith("--deepspeed=") for a in argv):
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
 if __name__ == "__main__":
+    single_rank_without_launcher(sys.argv[1:])
     try:
         main()
     except (FlagError, DataError, ResumeError, ModelNotFoundError) as e:
