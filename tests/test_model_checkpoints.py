@@ -154,3 +154,25 @@ def test_converting_a_lora_folder_says_to_merge_it(llava, tmp_path):
     (src / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 128}))
     with pytest.raises(ValueError, match="is a LoRA adapter, not a full checkpoint: merge it .*merge_lora_weights"):
         convert_llava_checkpoint(src, tmp_path / "out")
+
+
+
+def test_a_conversion_another_process_finished_first_is_used(llava, tmp_path, monkeypatch):
+    """Two ranks (or the server and an evaluation) converting the same checkpoint at once: the one that
+    finishes second uses the first one's output instead of failing on the rename."""
+    import shutil
+
+    from mmedagent.model import llava_convert
+
+    monkeypatch.setenv("MMEDAGENT_CACHE", str(tmp_path / "cache"))
+    src = write_original_llava(llava["model"], llava["hf"], tmp_path / "orig", llava["tower"])
+    real = llava_convert.convert_llava_checkpoint
+
+    def raced(source, dst, vision_tower=None):
+        real(source, dst, vision_tower=vision_tower)
+        out = dst.parent / f"llava-{llava_convert._fingerprint(source, str(vision_tower or ''))}"
+        shutil.copytree(dst, out)  # the other process renamed its copy into place first
+
+    monkeypatch.setattr(llava_convert, "convert_llava_checkpoint", raced)
+    out = llava_convert.converted_cache_dir(src)
+    assert (out / "config.json").is_file() and [p.name for p in out.parent.iterdir()] == [out.name]

@@ -162,6 +162,29 @@ def test_merge_script_equals_adapter_on_base(llava_setup, tmp_path):
     assert proc.image_processor.do_pad  # processor saved alongside
 
 
+def test_merge_script_takes_the_vision_tower_of_an_original_base(llava_setup, tmp_path):
+    """An original base naming a tower that is not on this machine (``mm_vision_tower`` a hub id or a
+    training cluster's path): ``--vision-tower`` points the merge at a local copy."""
+    import shutil
+
+    from transformers import LlavaForConditionalGeneration
+
+    base = tmp_path / "llava-med"
+    shutil.copytree(llava_setup["orig"], base)
+    cfg = json.loads((base / "config.json").read_text())
+    tower, cfg["mm_vision_tower"] = cfg["mm_vision_tower"], "/training-cluster/openai/clip-vit-large-patch14-336"
+    (base / "config.json").write_text(json.dumps(cfg))
+    run = subprocess.run(
+        [sys.executable, "scripts/merge_lora_weights.py", "--model-path", str(llava_setup["mmed"]), "--model-base",
+         str(base), "--vision-tower", tower, "--save-model-path", str(tmp_path / "merged")],
+        capture_output=True, text=True, env={**__import__("os").environ},
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    merged = LlavaForConditionalGeneration.from_pretrained(tmp_path / "merged").eval()
+    torch.testing.assert_close(logits(merged, llava_setup["inputs"]), logits(llava_setup["lora_model"], llava_setup["inputs"]),
+                               rtol=1e-4, atol=1e-4)
+
+
 def test_a_merge_keeps_the_bases_dtype(tiny_models, tmp_path):
     """A float16 base merges into a float16 checkpoint (was float32 on CPU: twice the memory and disk)."""
     from peft import LoraConfig, get_peft_model

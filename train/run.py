@@ -16,8 +16,8 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 
 from mmedagent.hub import is_hub_id, prefer_cache_when_unreachable
 from mmedagent.model.llava_convert import converted_cache_dir, llava_image_processor
-from mmedagent.model.loading import (_original_llava_snapshot, family_of, is_original_llava, load_config,
-                                     load_model_and_processor)
+from mmedagent.model.loading import (family_of, is_original_llava, load_config, load_model_and_processor,
+                                     original_llava_snapshot)
 from mmedagent.model.templates import tokenizer_of
 from mmedagent.data.formats import DataError
 from mmedagent.train.args import FlagError, check_backbone_flags, parse_args, template_name
@@ -34,7 +34,7 @@ def original_llava(path: str) -> Path | None:
     or a hub id's snapshot; else None."""
     config_file = Path(path) / "config.json"
     if not config_file.is_file() and is_hub_id(path) and not path.startswith("hf-hub:"):
-        return _original_llava_snapshot(path)
+        return original_llava_snapshot(path)
     return Path(path) if config_file.is_file() and is_original_llava(json.loads(config_file.read_text())) else None
 
 
@@ -210,7 +210,7 @@ FINGERPRINT_FLAGS = (
     "lora_target_modules", "lora_vision", "bits", "learning_rate", "mm_projector_lr", "lr_scheduler_type",
     "warmup_steps", "weight_decay", "optim", "per_device_train_batch_size", "gradient_accumulation_steps",
     "model_max_length", "seed", "freeze_mm_mlp_adapter", "image_aspect_ratio", "image_max_tokens",
-    "group_by_modality_length",
+    "group_by_modality_length", "vision_tower",
 )
 """The settings that shape what a resumed run computes. Not the run's length (``--max_steps``,
 ``--num_train_epochs``: a longer run continues a finished one), nor logging, saving or evaluation cadence."""

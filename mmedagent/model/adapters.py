@@ -81,9 +81,9 @@ def apply_adapter(model: Any, adapter_dir: str | Path, *, merge: bool = False) -
 
 
 def merge_lora(model_path: str | Path, model_base: str | Path | None, save_path: str | Path, *,
-               dtype: Any = "auto") -> Path:
+               dtype: Any = "auto", vision_tower: str | Path | None = None) -> Path:
     """Merge a LoRA adapter (ours or MMedAgent's) into its base and save model + processor, by default in
-    the base checkpoint's dtype.
+    the base checkpoint's dtype. ``vision_tower``: a local copy of an original-layout base's CLIP tower.
 
     The output is a plain transformers checkpoint (an original-layout base comes out converted);
     the projector — from ``modules_to_save`` or ``non_lora_trainables.bin`` — is part of it.
@@ -93,7 +93,7 @@ def merge_lora(model_path: str | Path, model_base: str | Path | None, save_path:
     if not is_adapter(model_path):
         raise ValueError(f"{model_path} is not a LoRA adapter directory (no adapter_config.json)")
     model, processor, _ = load_model_and_processor(model_path, base=model_base, dtype=dtype, device="cpu",
-                                                   merge_adapter=True)
+                                                   merge_adapter=True, vision_tower=vision_tower)
     out = Path(save_path)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)

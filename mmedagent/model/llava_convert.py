@@ -304,7 +304,12 @@ def converted_cache_dir(src: Path, *, vision_tower: str | Path | None = None) ->
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
     try:
         convert_llava_checkpoint(src, tmp, vision_tower=vision_tower)
-        tmp.rename(out)
+        try:
+            tmp.rename(out)
+        except OSError:  # another process (a second rank, the server) converted it at the same time
+            if not (out / "config.json").is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

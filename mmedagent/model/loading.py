@@ -217,7 +217,7 @@ def _ensure_hf_layout(path_or_id: str | Path, vision_tower: str | Path | None = 
     """Original LLaVA-layout checkpoints are converted once to the transformers layout (in the cache)."""
     config = _local_json(path_or_id, "config.json")
     if config is None and is_hub_id(path_or_id) and not str(path_or_id).startswith("hf-hub:"):
-        path_or_id = _original_llava_snapshot(str(path_or_id)) or path_or_id
+        path_or_id = original_llava_snapshot(str(path_or_id)) or path_or_id
         config = _local_json(path_or_id, "config.json")
     if not is_original_llava(config):
         if vision_tower is not None:
@@ -228,7 +228,7 @@ def _ensure_hf_layout(path_or_id: str | Path, vision_tower: str | Path | None = 
     return converted_cache_dir(Path(path_or_id), vision_tower=vision_tower)
 
 
-def _original_llava_snapshot(repo_id: str) -> Path | None:
+def original_llava_snapshot(repo_id: str) -> Path | None:
     """The local snapshot of hub repo ``repo_id`` (fetched, or from the cache) when it is an original LLaVA
     checkpoint (e.g. ``microsoft/llava-med-v1.5-mistral-7b``), which transformers cannot read; else None."""
     from huggingface_hub import hf_hub_download, snapshot_download

@@ -131,8 +131,6 @@ def check_train_argv(argv: list[str]) -> None:
 
     try:
         parsed = parse_args(argv)
-    except SystemExit as e:  # argparse printed its message (bad value for a flag)
-        raise ValueError(f"the train_mem.py flags are not valid (argparse exited with {e.code}; see above)") from None
     except ValueError as e:
         raise ValueError(f"train_mem.py flags: {e}") from None
     del parsed  # (a --deepspeed config registers itself globally while its arguments live)
