@@ -338,6 +338,18 @@ def test_a_relative_model_folder_is_stored_absolute(tmp_path, embedder, monkeypa
     assert ri.HybridIndex.load(idx.path).embedder.model_id == str(model.resolve())
 
 
+def test_an_index_swapped_out_while_it_is_checked_counts_as_missing(tmp_path, monkeypatch):
+    """Another build renames the old index away (then its new one in) at any moment: ``check_out``
+    outside the lock must not call that a file or a folder of other files."""
+    import shutil
+
+    out = tmp_path / "i.idx"
+    out.mkdir()
+    (out / "meta.json").write_text("{}")  # being replaced: no 'format' any more
+    monkeypatch.setattr(ri, "_is_index", lambda path: shutil.rmtree(path) or False)  # ...and gone
+    assert ri.check_out(out) == out
+
+
 def test_index_swap_survives_leftovers_a_failed_rename_and_concurrent_builds(tmp_path, embedder, monkeypatch):
     monkeypatch.setenv(ri.CACHE_ENV, str(tmp_path / "cache"))
     docs = _docs(tmp_path / "docs", **{"a.txt": "Gout causes sudden pain of the big toe."})

@@ -24,6 +24,7 @@ import os
 import re
 import shutil
 import sqlite3
+import stat
 import sys
 import tempfile
 import threading
@@ -438,14 +439,16 @@ def default_model() -> str:
 
 
 def _hub_snapshot(model_id: str) -> Path | None:
-    """The cached snapshot folder (named by its commit) of a hub model id, as sentence-transformers
-    resolves it (a bare name is also tried under ``sentence-transformers/``); None when not cached."""
+    """The snapshot folder (named by its commit) of a hub model id, as sentence-transformers resolves it
+    (a bare name is also tried under ``sentence-transformers/``): the hub's newest revision when it is
+    reachable (only its config.json is fetched), else the cached one; None when neither is found."""
     from huggingface_hub import snapshot_download
 
+    prefer_cache_when_unreachable(model_id)
     for repo in (model_id, f"sentence-transformers/{model_id}") if "/" not in model_id else (model_id,):
         try:
-            return Path(snapshot_download(repo, local_files_only=True))
-        except Exception:  # noqa: BLE001 - not cached under this name (or not a valid repo id)
+            return Path(snapshot_download(repo, allow_patterns=["config.json"]))
+        except Exception:  # noqa: BLE001 - not found under this name (or not a valid repo id)
             continue
     return None
 
@@ -466,12 +469,10 @@ class Embedder:
     @cached_property
     def fingerprint(self) -> str:
         """Identifies the weights: the names and contents (sha256) of a local model's files; for a hub
-        id, the id and the revision (commit) its cached snapshot holds, after loading the model (which
-        fetches the newest revision when the hub is reachable). The digests are cached by path, size
-        and mtime, so only changed files are read."""
+        id, the id and its revision (commit: the newest when the hub is reachable, else the cached one).
+        The digests are cached by path, size and mtime, so only changed files are read."""
         path = Path(self.model_id)
         if not path.is_dir():
-            self.model  # noqa: B018 - the snapshot in the cache is the one loaded
             snapshot = _hub_snapshot(self.model_id)
             return _sha256("hub", self.model_id, snapshot.name if snapshot else "")[:16]
         parts = []
@@ -622,7 +623,11 @@ def check_out(out: str | Path, corpus_root: str | Path | None = None) -> Path:
     corpus scan reads); never a file, a folder of other files, the corpus, or a folder that holds it."""
     out = Path(out)
     shown = _printable(str(out))
-    if out.exists() and not out.is_dir():
+    try:  # one look: another build may swap the folder out and in meanwhile (gone for a moment = missing)
+        is_dir = stat.S_ISDIR(out.stat().st_mode)
+    except FileNotFoundError:
+        is_dir = None
+    if is_dir is False:
         raise ValueError(f"--out {shown} is a file, not an index folder; choose another --out")
     if corpus_root is not None:
         root, where = Path(corpus_root).resolve(), out.resolve()
@@ -631,10 +636,17 @@ def check_out(out: str | Path, corpus_root: str | Path | None = None) -> Path:
         if where in root.parents:
             raise ValueError(f"--out {shown} holds the corpus {_printable(str(corpus_root))}; "
                              "put the index in a folder of its own")
-    if out.is_dir() and not _is_index(out) and any(out.iterdir()):
+    if is_dir and not _is_index(out) and _has_files(out):
         raise ValueError(f"--out {shown} is a folder that is not an index (no meta.json with a 'format' key); "
                          "refusing to replace it: choose a new or empty folder")
     return out
+
+
+def _has_files(folder: Path) -> bool:
+    try:
+        return any(folder.iterdir())
+    except FileNotFoundError:  # swapped out by another build this moment
+        return False
 
 
 def _lock_file(out: Path) -> Path:
