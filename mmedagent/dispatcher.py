@@ -11,8 +11,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
 from pydantic import ValidationError
@@ -166,8 +165,14 @@ class Dispatcher:
         fut.add_done_callback(done)  # runs at once if it has finished meanwhile
 
     def _finish(self, call: ToolCall, tool: Tool, fut: Future, started: float, deadline: float) -> ToolOutcome:
+        # wait apart from reading the result: a TimeoutError the tool raises itself is that tool's error
+        if not wait([fut], timeout=max(0.0, deadline - time.monotonic())).done:
+            self._abandon(tool.name, fut)
+            return ToolOutcome(
+                tool=call.API_name, ok=False, error=f"timed out after {self.timeout_s:g} s", elapsed_s=time.monotonic() - started
+            )
         try:
-            result: ToolResult = fut.result(timeout=max(0.0, deadline - time.monotonic()))
+            result: ToolResult = fut.result()
             output = result.for_model()
             if not isinstance(output, dict):
                 raise TypeError(f"{type(result).__name__}.for_model() returned {type(output).__name__}, "
@@ -176,11 +181,6 @@ class Dispatcher:
             if overlay is not None and not isinstance(overlay, Overlay):
                 raise TypeError(f"{type(result).__name__}.overlay() returned {type(overlay).__name__}, "
                                 "expected Overlay or None")
-        except FutureTimeout:
-            self._abandon(tool.name, fut)
-            return ToolOutcome(
-                tool=call.API_name, ok=False, error=f"timed out after {self.timeout_s:g} s", elapsed_s=time.monotonic() - started
-            )
         except Exception as e:  # any tool failure goes back to the model, not up the stack
             log.warning("tool %s failed: %s", call.API_name, type(e).__name__)
             return ToolOutcome(

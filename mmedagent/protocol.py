@@ -9,7 +9,9 @@ trained on. The default text form is MMedAgent's::
     "value👉" I will locate it. Please wait.
 
 Parsing is strict JSON (after normalising the single-quoted, Python-literal JSON that models
-often emit); nothing is ever evaluated. Every failure is a :class:`TurnParseError`.
+often emit, and closing a bracket left open before an outer closer); nothing is ever evaluated.
+Every failure is a :class:`TurnParseError`. Tool outputs are Python-literal mappings or, as in
+MMedAgent's report, RAG and classification outputs, plain text.
 """
 
 from __future__ import annotations
@@ -70,6 +72,8 @@ class ToolOutcome(BaseModel):
     tool: str
     ok: bool = True
     output: dict[str, Any] | None = None
+    text: str | None = None
+    """An output that is plain text, not a mapping (MMedAgent's reports, RAG passages and labels); fed back verbatim."""
     error: str | None = None
     elapsed_s: float = 0.0
 
@@ -102,46 +106,67 @@ def _python_repr(value: Any) -> str:
 def render_tool_results(outcomes: Sequence[ToolOutcome], question: str) -> str:
     """The one wording that feeds tool outputs back to the model.
 
-    ``{tool} output: {result}`` per call (MMedAgent's training wording), ``{tool} error: {message}``
-    for a failed call, then ``Answer my first question: {question}``.
+    ``{tool} output: {result}`` per call (MMedAgent's training wording; a text output as is),
+    ``{tool} error: {message}`` for a failed call, then ``Answer my first question: {question}``.
     """
     lines = []
     for o in outcomes:
-        if o.ok:
-            lines.append(f"{o.tool} output: {_python_repr(o.output or {})}")
-        else:
+        if not o.ok:
             lines.append(f"{o.tool} error: {o.error}")
+        elif o.text is not None:
+            lines.append(f"{o.tool} output: {o.text}")
+        else:
+            lines.append(f"{o.tool} output: {_python_repr(o.output or {})}")
     return "\n".join(lines) + f"\n\nAnswer my first question: {question}"
 
 
-_RESULT_LINE = re.compile(r"^(?P<tool>.+?) (?P<kind>output|error): (?P<body>.*)$")
+_RESULT_LINE = re.compile(r"^(?P<tool>\S.*?) (?P<kind>output|error): (?P<body>.*)$")
 _QUESTION = "\n\nAnswer my first question: "
 
 
+def _is_json_like(value: Any) -> bool:
+    """Only what JSON can carry: numbers, strings, booleans, None, lists and string-keyed mappings."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_is_json_like(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_json_like(v) for k, v in value.items())
+    return False
+
+
+def _output_outcome(tool: str, body: str) -> ToolOutcome:
+    """A mapping when ``body`` is a Python dict literal of JSON-like values, else the text as is."""
+    try:
+        output = ast.literal_eval(body)  # literals only; never code
+    except Exception:  # SyntaxError, ValueError, TypeError ({[1]: 2}), MemoryError, RecursionError: text
+        output = None
+    if isinstance(output, dict) and _is_json_like(output):
+        return ToolOutcome(tool=tool, output=output)
+    return ToolOutcome(tool=tool, text=body)
+
+
 def parse_tool_results(text: str) -> ToolResultTurn:
-    """Parse a tool-result turn (as written by :func:`render_tool_results` or found in data)."""
+    """Parse a tool-result turn (as written by :func:`render_tool_results` or found in data).
+
+    Each ``{tool} output: …`` / ``{tool} error: …`` line starts an outcome; lines that do not start
+    one continue it (a multi-line report or passage)."""
     head, sep, question = text.rpartition(_QUESTION)
     if not sep:
         raise TurnParseError("tool-result turn lacks 'Answer my first question:'")
-    outcomes = []
+    entries: list[tuple[str, str, list[str]]] = []  # tool, kind, body lines
     for line in head.split("\n"):
-        if not line.strip():
-            continue
         m = _RESULT_LINE.match(line)
-        if not m:
+        if m:
+            entries.append((m["tool"], m["kind"], [m["body"]]))
+        elif entries:
+            entries[-1][2].append(line)
+        elif line.strip():
             raise TurnParseError(f"not a tool-result line: {line[:80]!r}")
-        if m["kind"] == "error":
-            outcomes.append(ToolOutcome(tool=m["tool"], ok=False, error=m["body"]))
-            continue
-        try:
-            output = ast.literal_eval(m["body"])  # literals only; never code
-        except (ValueError, SyntaxError, MemoryError, RecursionError) as e:
-            raise TurnParseError(f"{m['tool']} output is not a literal: {e}") from None
-        if not isinstance(output, dict):
-            raise TurnParseError(f"{m['tool']} output is not a mapping")
-        outcomes.append(ToolOutcome(tool=m["tool"], output=output))
-    if not outcomes:
+    if not entries:
         raise TurnParseError("tool-result turn has no tool output")
+    outcomes = [ToolOutcome(tool=tool, ok=False, error="\n".join(body)) if kind == "error"
+                else _output_outcome(tool, "\n".join(body)) for tool, kind, body in entries]
     return ToolResultTurn(outcomes=outcomes, question=question)
 
 
@@ -197,6 +222,40 @@ def _normalise_json(text: str) -> str:
     return "".join(out)
 
 
+_CLOSER = {"[": "]", "{": "}"}
+_OPENER = {"]": "[", "}": "{"}
+
+
+def _close_open_brackets(text: str) -> str:
+    """Strict JSON text with the brackets a mismatched closer implies: ``[{"a": {}]`` (an object left
+    open inside a list, as in MMedAgent's released evaluation turns) becomes ``[{"a": {}}]``.
+    Brackets still open at the end (a truncated turn) are left so: that stays an error."""
+    out: list[str] = []
+    stack: list[str] = []
+    open_count = {"[": 0, "{": 0}
+    i, n = 0, len(text)
+    while i < n:
+        c = text[i]
+        if c == '"':
+            j = i + 1
+            while j < n and text[j] != '"':
+                j += 2 if text[j] == "\\" else 1
+            out.append(text[i : j + 1])
+            i = j + 1
+            continue
+        if c in _CLOSER:
+            stack.append(c)
+            open_count[c] += 1
+        elif c in _OPENER and open_count[_OPENER[c]]:
+            while stack[-1] != _OPENER[c]:
+                out.append(_CLOSER[stack[-1]])
+                open_count[stack.pop()] -= 1
+            open_count[stack.pop()] -= 1
+        out.append(c)
+        i += 1
+    return "".join(out)
+
+
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
@@ -221,7 +280,7 @@ def _parse_actions(raw: str) -> list[ToolCall]:
         data = _strict_json(raw)
     except (ValueError, RecursionError):
         try:
-            data = _strict_json(_normalise_json(raw))
+            data = _strict_json(_close_open_brackets(_normalise_json(raw)))
         except (ValueError, RecursionError) as e:  # JSONDecodeError, a non-finite or over-long number
             raise TurnParseError(f"actions are not valid JSON: {e}") from None
     if isinstance(data, dict):

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -46,6 +47,7 @@ def render(
 
     Masks are alpha-blended in their colour; the i-th box and the i-th mask of an overlay share a
     colour and the i-th label; masks whose RLE size differs from the image are resized (nearest).
+    Boxes with a non-finite coordinate are skipped.
     """
     base = as_pil_rgb(image).copy()
     w, h = base.size
@@ -65,8 +67,10 @@ def render(
                 if mask.shape != (h, w):
                     mask = np.asarray(Image.fromarray(mask).resize((w, h), Image.NEAREST))
                 pixels[mask] = pixels[mask] * (1 - mask_alpha) + np.array(colour, dtype=np.float32) * mask_alpha
-            if i < len(overlay.boxes) and len(overlay.boxes[i]) == 4:
-                x1, y1, x2, y2 = denormalize_boxes(overlay.boxes[i], w, h)[0].tolist()
+            box = overlay.boxes[i] if i < len(overlay.boxes) else []
+            if len(box) == 4 and all(math.isfinite(v) for v in box):  # a NaN box (a detector in fp16) is not drawn
+                # off the image nothing shows anyway; clipping keeps PIL's integer coordinates in range
+                x1, y1, x2, y2 = denormalize_boxes(np.clip(box, -1.0, 2.0), w, h)[0].tolist()
                 boxes_to_draw.append(([x1, y1, x2, y2], colour))
                 if label:
                     texts.append(((x1, y1), label, colour))

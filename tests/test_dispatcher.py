@@ -56,6 +56,41 @@ def test_crash_becomes_error_result(tools):
     assert not out.ok and out.error == "RuntimeError: weights corrupted"
 
 
+def test_a_timeout_the_tool_raises_is_its_own_error_not_the_dispatch_timeout():
+    class Pacs(CrashTool):
+        name = "pacs"
+
+        def __call__(self, image, params):
+            raise TimeoutError("the PACS did not answer within 2 s")
+
+    d = Dispatcher([Pacs()], timeout_s=60)
+    out = d.dispatch(call("pacs"), None)
+    assert not out.ok and out.error == "TimeoutError: the PACS did not answer within 2 s" and out.elapsed_s < 5
+    assert not d._overdue.get("pacs")  # nothing is left counted as running past the timeout
+
+
+def test_a_turn_of_several_calls_keeps_their_order_and_fails_only_the_bad_ones(tools):
+    class Invalid(CrashTool):
+        name = "invalid"
+
+        def __call__(self, image, params):
+            return {"boxes": [[0, 0, 1, 1]]}  # not its Result
+
+    d = Dispatcher([*tools, Invalid()], timeout_s=1.0)
+    calls = [call("slow", seconds=30), call("grounding", prompts=["tumor"]), call("crash"), call("nope"),
+             call("invalid"), call("grounding", prompts="tumor"), call("slow", seconds=30), call("grounding dino", prompts=["cyst"])]
+    t0 = time.monotonic()
+    outcomes, results = d.dispatch_all(calls, grey_image())
+    assert time.monotonic() - t0 < 1.8  # side by side under one deadline: two timeouts in a row would take 2 s
+    tools[1].release.set()
+    assert [o.tool for o in outcomes] == [c.API_name for c in calls]
+    assert [o.ok for o in outcomes] == [False, True, False, False, False, False, False, True]
+    assert outcomes[0].error == outcomes[6].error == "timed out after 1 s"
+    assert "weights corrupted" in outcomes[2].error and "unknown tool" in outcomes[3].error
+    assert "returned dict, expected" in outcomes[4].error and "invalid params for grounding" in outcomes[5].error
+    assert outcomes[7].output["phrases"] == ["cyst"] and [r is not None for r in results] == [o.ok for o in outcomes]
+
+
 def test_image_placeholder_and_model_paths_never_reach_tools(tools, tmp_path, monkeypatch):
     import builtins
 

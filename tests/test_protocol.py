@@ -60,6 +60,77 @@ def test_mmedagent_record_round_trip():
     assert render_tool_results(parsed.outcomes, parsed.question) == tool_turn
 
 
+# Lines of MMedAgent's released eval_agent_tool_use_all.jsonl, as published (texts shortened): gold turns
+# with no space after the markers or an object left open ("API_params": {}]), tool outputs as plain text.
+MMEDAGENT_EVAL_LINES = [
+    {"question_id": 0, "type": "mrg", "image": "4cd60e22.jpg", "pre_text": "Are you able to derive a medical report from this image?",
+     "assist": '"thoughts🤔"I will apply the ChatCAD-G tool.\n"actions🚀"[{"API_name": "ChatCAD-G","API_params": {}}]\n'
+               '"value👉"Certainly! I will utilize a medical report generation tool.',
+     "text": "ChatCAD-G output: The chest X-ray shows clear lung fields. No acute abnormalities are noted in the patient's bony "
+             "structures.\n\nAnswer my first question: Are you able to derive a medical analysis from this image?"},
+    {"question_id": 32, "type": "dino_disease", "image": "c394ead.jpg", "pre_text": " Can you identify the region affected by cardiomegaly? ",
+     "assist": '"thoughts🤔"Using the grounding dino detection model.\n"actions🚀" [{"API_name": "grounding dino", '
+               '"API_params": {"prompts": ["cardiomegaly"]}]\n"value👉"Initiating grounding dino. Hold tight.',
+     "text": "grounding dino output: {'boxes': [[0.41, 0.53, 0.8, 0.65]], 'logits': [0.82], 'phrases': ['cardiomegaly']}"
+             "\n\nAnswer my first question: Can you identify the region affected by cardiomegaly?"},
+    {"question_id": 41, "type": "class", "image": "29998054_fig4.jpg", "pre_text": "Can you tell me the specific area this CT scan focuses on? ",
+     "assist": '"thoughts🤔"I should employ a classification model.\n"actions🚀" [{"API_name": "BiomedClip", "API_params": {}]\n'
+               '"value👉"I will use a classification model.',
+     "text": "BiomedClip output: lung CT\n\nAnswer my first question: Can you tell me the specific area this CT scan focuses on?"},
+    {"question_id": 51, "type": "rag", "pre_text": "What is Takayasu arteritis?",
+     "assist": '"thoughts🤔"I will use the ChatCAD-R tool.\n"actions🚀" [{"API_name": "ChatCAD-R", "API_params":{}}]\n"value👉"Here it is:',
+     "text": "ChatCAD-R output: '''\n开胸修补术后有时血管内支架植入术\n'''\n    \n\nAnswer my first question: What is Takayasu arteritis?"},
+    {"question_id": 39, "type": "rag", "pre_text": "What are the implications of having Scleritis?",
+     "assist": '"thoughts🤔"Retrieve.\n"actions🚀" [{"API_name": "ChatCAD-R", "API_params":{}}]\n"value👉"Here is the information:',
+     "text": "ChatCAD-R output: ```\nKey steps include:\n1. **Medical Intervention:** Seek immediate medical attention.\n```"
+             "\n\nAnswer my first question: What are the implications of having Scleritis?"},
+]
+
+
+def test_mmedagent_released_eval_lines_parse_and_their_tool_outputs_round_trip():
+    calls, outputs = [], []
+    for line in MMEDAGENT_EVAL_LINES:
+        turn = parse_turn(line["assist"], strict=False)
+        assert turn.thoughts and turn.value and len(turn.actions) == 1
+        calls.append((turn.actions[0].API_name, turn.actions[0].API_params))
+        back = parse_tool_results(line["text"])
+        assert render_tool_results(back.outcomes, back.question) == line["text"]  # fed back verbatim in gold mode
+        (outcome,) = back.outcomes
+        outputs.append(outcome.output if outcome.output is not None else outcome.text)
+    assert calls[1] == ("grounding dino", {"prompts": ["cardiomegaly"]}) and calls[2] == ("BiomedClip", {})
+    assert outputs[1] == {"boxes": [[0.41, 0.53, 0.8, 0.65]], "logits": [0.82], "phrases": ["cardiomegaly"]}
+    assert outputs[2] == "lung CT" and outputs[3] == "'''\n开胸修补术后有时血管内支架植入术\n'''\n    "
+    assert outputs[4].splitlines()[2] == "1. **Medical Intervention:** Seek immediate medical attention."
+
+
+@pytest.mark.parametrize("actions, expected", [
+    ('[{"API_name": "a", "API_params": {}]', [{"API_name": "a", "API_params": {}}]),
+    ("[{'API_name': 'a', 'API_params': {'prompts': ['x', ']']}]", [{"API_name": "a", "API_params": {"prompts": ["x", "]"]}}]),
+    ('{"API_name": "a", "API_params": {"prompts": ["x"}}', [{"API_name": "a", "API_params": {"prompts": ["x"]}}]),
+])
+def test_a_bracket_left_open_before_a_closer_is_closed(actions, expected):
+    turn = parse_turn(f'"thoughts🤔" t\n"actions🚀" {actions}\n"value👉" v')
+    assert [a.model_dump() for a in turn.actions] == expected
+
+
+@pytest.mark.parametrize("body", ["{1: 2}", "{[1]: 2}", "{'a': {1, 2}}", "{'a': b'x'}", "{'a': 1j}", "{'a': ...}",
+                                  "{'boxes': [[0.32 0.24 0.76 0.55]]}", "['not', 'a', 'mapping']", "42"])
+def test_tool_outputs_json_cannot_carry_stay_text(body):
+    text = f"x output: {body}\n\nAnswer my first question: q"
+    (outcome,) = parse_tool_results(text).outcomes
+    assert outcome.ok and outcome.output is None and outcome.text == body
+    json.dumps(outcome.model_dump())  # evaluation reports and traces hold it
+    assert render_tool_results([outcome], "q") == text
+
+
+def test_multi_line_tool_errors_round_trip():
+    outcomes = [ToolOutcome(tool="segmentation", ok=False, error="RuntimeError: CUDA out of memory.\n\tTried to allocate 2 GiB"),
+                ToolOutcome(tool="grounding", output={"boxes": [[0.1, 0.2, 0.3, 0.4]]})]
+    text = render_tool_results(outcomes, "Where?")
+    back = parse_tool_results(text)
+    assert back.outcomes == outcomes and render_tool_results(back.outcomes, back.question) == text
+
+
 def test_record_accepts_image_id_and_roles():
     rec = Record.from_dict({"image_id": "a.png", "conversations": [{"from": "user", "value": "hi"}]})
     assert rec.image == "a.png" and rec.conversations[0].role == "human"
@@ -99,6 +170,8 @@ def test_multi_call_and_missing_thoughts():
         '"thoughts🤔" x\n"actions🚀" "a"\n"value👉" y',
         '"value👉" y "actions🚀" []',
         '"thoughts🤔" x\n"actions🚀" __import__("os").system("true")\n"value👉" y',
+        '"thoughts🤔" x\n"actions🚀" [{"API_name": "a", "API_params": {}]]\n"value👉" y',  # a closer nothing opened
+        '"thoughts🤔" x\n"actions🚀" [{"API_name": "a", "API_params": {"prompts": ["x"\n"value👉" y',  # truncated
         "\"thoughts🤔\" x\n\"actions🚀\" [{'API_name': 'a\n\"value👉\" y",
         # numbers JSON cannot carry, or too long for Python to convert (a ValueError of its own)
         '"thoughts🤔" x\n"actions🚀" [{"API_name": "a", "API_params": {"t": NaN}}]\n"value👉" y',
