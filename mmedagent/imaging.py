@@ -18,6 +18,7 @@ import gzip
 import io
 import logging
 import math
+import operator
 import os
 import re
 import warnings
@@ -138,16 +139,23 @@ def _is_bare_dicom(head: bytes) -> bool:
     return (vr.isalpha() and vr.isupper()) or int.from_bytes(head[4:8], "little") < 1 << 16
 
 
+def _inflated_head(head: bytes) -> bytes | None:
+    """The first bytes of a file, inflated when gzipped (``None`` for a corrupt gzip stream)."""
+    if head[:2] != b"\x1f\x8b":
+        return head
+    try:
+        return zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(head, 600)
+    except zlib.error:
+        return None
+
+
 def detect_format(head: bytes) -> Format | None:
     """The format of a file from its first bytes (at least 600 are best; gzip is looked into)."""
     if len(head) >= 132 and head[128:132] == b"DICM":
         return "dicom"
     if head[:2] == b"\x1f\x8b":
-        try:
-            inner = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(head, 600)
-        except zlib.error:
-            return None
-        return "nifti" if _is_nifti_header(inner) else None
+        inner = _inflated_head(head)
+        return "nifti" if inner is not None and _is_nifti_header(inner) else None
     if _is_nifti_header(head):
         return "nifti"
     for sig, fmt in _PIL_SIGNATURES:
@@ -268,7 +276,13 @@ def _read_input(src: str | os.PathLike | bytes | bytearray | memoryview | Binary
             raise ImageLoadError("image file not found" if not path.exists() else "image path is not a regular file")
         return None, path
     if hasattr(src, "read"):
-        return src.read(), None
+        try:
+            data = src.read()
+        except UnicodeDecodeError:  # a text-mode file of binary content
+            data = None
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError("load_image reads binary file objects: open the file with mode 'rb'")
+        return bytes(data), None
     raise TypeError(f"load_image expects a path, bytes or a binary file object, not {type(src).__name__}")
 
 
@@ -390,14 +404,16 @@ def deidentify_dataset(ds: Any, uid_map: dict[str, str] | None = None) -> Any:
                 for item in elem.value:
                     walk(item)
 
-    walk(ds)
+    with warnings.catch_warnings():  # pydicom's validation warnings quote the values being removed
+        warnings.simplefilter("ignore")
+        walk(ds)
     for kw in _TYPE2_BLANKED:
         setattr(ds, kw, "")
     meta = getattr(ds, "file_meta", None)
     if meta is not None and "MediaStorageSOPInstanceUID" in meta:
         meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID if "SOPInstanceUID" in ds else new_uid(meta.MediaStorageSOPInstanceUID)
     ds.PatientIdentityRemoved = "YES"
-    ds.DeidentificationMethod = "PS3.15 Basic Application Level Confidentiality Profile (mmedagent)"
+    ds.DeidentificationMethod = "PS3.15 Basic Application Confidentiality Profile (mmedagent)"  # LO: <= 64 chars
     return ds
 
 
@@ -566,10 +582,18 @@ def _load_dicom(data: bytes, window: WindowSpec, frame: int | None, max_pixels: 
         try:
             arr = ds.pixel_array if n_frames == 1 else pydicom.pixels.pixel_array(ds, index=index)
         except (ValueError, RuntimeError, NotImplementedError, AttributeError, KeyError, TypeError, OSError) as e:
-            msg = str(e).splitlines()[0][:200]
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
             if isinstance(e, RuntimeError) and "missing dependencies" in str(e):
                 raise ImageLoadError(f"no decoder for this DICOM pixel data; {_DICOM_DECODER_HINT}") from None
-            raise ImageLoadError(f"cannot decode DICOM pixel data (truncated or corrupt): {msg}") from None
+            if isinstance(e, RuntimeError) and lines[0].startswith("Unable to decode") and len(lines) > 1:
+                # every installed plugin failed (e.g. Pillow and 12-bit JPEG): their reasons, not the header line
+                reasons = "; ".join(lines[1:])[:300]
+                ts_name = ts.name if ts is not None else "uncompressed"
+                raise ImageLoadError(
+                    f"the installed decoders cannot decode this {ts_name} pixel data ({reasons}); "
+                    f"unless the file is corrupt, {_DICOM_DECODER_HINT}"
+                ) from None
+            raise ImageLoadError(f"cannot decode DICOM pixel data (truncated or corrupt): {lines[0][:200]}") from None
         if n_frames > 1:
             meta.update(frame_index=index, n_frames=n_frames)
 
@@ -622,10 +646,13 @@ def _load_dicom(data: bytes, window: WindowSpec, frame: int | None, max_pixels: 
 
 
 def _nifti_class(head: bytes) -> Any:
+    """The nibabel class for an (inflated) NIfTI header: NIfTI-1 or -2, single file or .hdr/.img pair."""
     import nibabel as nib
 
     nifti2 = 540 in (int.from_bytes(head[:4], "little"), int.from_bytes(head[:4], "big"))  # sizeof_hdr
-    return nib.Nifti2Image if nifti2 else nib.Nifti1Image
+    pair = (head[4:8] if nifti2 else head[344:348]) == (b"ni2\x00" if nifti2 else b"ni1\x00")
+    return {(False, False): nib.Nifti1Image, (True, False): nib.Nifti2Image,
+            (False, True): nib.Nifti1Pair, (True, True): nib.Nifti2Pair}[nifti2, pair]
 
 
 def _gunzip_nifti(data: bytes, max_pixels: int, volume: int = 0) -> bytes:
@@ -654,36 +681,96 @@ def _gunzip_nifti(data: bytes, max_pixels: int, volume: int = 0) -> bytes:
 _PLANE_AXES = {"sagittal": 0, "coronal": 1, "axial": 2}  # of a RAS+ volume
 
 
-def _slice_plane(vol: np.ndarray, plane: str, index: int | None) -> tuple[np.ndarray, int, int]:
-    """A 2-D slice of a RAS+ volume in radiological display (patient's right on the image's left,
-    anterior / superior at the top). Returns (slice, index, number of slices)."""
-    axis = _PLANE_AXES[plane]
-    n = vol.shape[axis]
+def _ras_slice(
+    img: Any, shape: tuple[int, ...], plane: str, index: int | None, volume: int
+) -> tuple[np.ndarray, int, int, list[float]]:
+    """Slice ``index`` (default middle) of ``plane`` of the volume turned to RAS+ (as
+    ``nibabel.as_closest_canonical`` turns it), reading only that slice of ``volume`` from the file, in
+    radiological display (patient's right on the image's left, anterior / superior at the top).
+    Returns (slice, index, number of slices, RAS voxel spacing)."""
+    import nibabel as nib
+
+    ornt = nib.io_orientation(img.affine)  # per voxel axis: (RAS axis, +1 / -1)
+    if np.isnan(ornt).any():  # a degenerate affine: the voxel axes as they are
+        ornt = np.array([[0, 1], [1, 1], [2, 1]], dtype=float)
+    ras_axes = [int(a) for a in ornt[:, 0]]
+    shape3 = (shape + (1,))[:3]
+    normal = ras_axes.index(_PLANE_AXES[plane])  # the voxel axis across the plane
+    n = shape3[normal]
     k = n // 2 if index is None else index
     if not 0 <= k < n:
         raise ImageLoadError(f"slice {k} out of range: the {plane} plane has {n} slice(s)")
-    sl = np.take(vol, k, axis=axis).T  # rows: 2nd remaining axis, columns: 1st
-    return sl[::-1, ::-1], k, n
+    where: list[Any] = [slice(None)] * 3
+    where[normal] = k if ornt[normal, 1] > 0 else n - 1 - k
+    if len(shape) == 4:
+        where.append(volume)
+    source = img.dataobj if len(shape) > 2 else np.asarray(img.dataobj)[:, :, None]
+    sl = np.asarray(source[tuple(where)], dtype=np.float32)  # the two other voxel axes, in file order
+    rest = [a for a in range(3) if a != normal]
+    for j, a in enumerate(rest):
+        if ornt[a, 1] < 0:
+            sl = np.flip(sl, j)
+    if ras_axes[rest[0]] > ras_axes[rest[1]]:
+        sl = sl.T  # now (lower RAS axis, higher RAS axis): rows of the display are the higher one
+    zooms = [float(z) for z in img.header.get_zooms()[:3]] + [1.0] * (3 - min(len(shape), 3))
+    ras_zooms = [0.0] * 3
+    for a in range(3):
+        ras_zooms[ras_axes[a]] = round(zooms[a], 6)
+    return np.ascontiguousarray(sl.T[::-1, ::-1]), k, n, ras_zooms
+
+
+def _available_bytes(img: Any, data: bytes | None, wanted: int) -> int:
+    """How many bytes (up to ``wanted``) the voxel file of ``img`` holds: ``data`` when read from
+    memory, else the file's size, or for a compressed file what inflates (streamed, never held)."""
+    from nibabel.openers import ImageOpener
+
+    if data is not None:
+        return len(data)
+    filename = img.file_map["image"].filename
+    if os.path.splitext(filename)[1].lower() not in ImageOpener.compress_ext_map:  # as nibabel opens it
+        return os.path.getsize(filename)
+    got = 0
+    try:
+        with ImageOpener(filename) as f:
+            while got < wanted and (chunk := f.read(min(wanted - got, 1 << 22))):
+                got += len(chunk)
+    except (OSError, EOFError, zlib.error):
+        pass  # a truncated or corrupt stream: what inflated before it
+    return got
 
 
 def _load_nifti(
     data: bytes | None, path: Path | None, window: WindowSpec, index: int | None, plane: str, volume: int, max_pixels: int
 ) -> MedicalImage:
+    """``path`` (read by nibabel, which maps uncompressed files) or else ``data``; a .hdr/.img pair
+    only by path."""
     import nibabel as nib
     from nibabel.filebasedimages import ImageFileError
 
     try:
         if path is not None:
-            img = nib.load(str(path))
+            with open(path, "rb") as f:
+                cls = _nifti_class(_inflated_head(f.read(600)) or b"")
+            img = cls.from_filename(str(path))  # the header's class, not nib.load's guess (CIFTI-2, ...)
+            if not Path(img.file_map["image"].filename).is_file():
+                raise ImageLoadError("NIfTI header without its voxel data: the .img file of this .hdr/.img pair is missing")
         else:
             assert data is not None
             if data[:2] == b"\x1f\x8b":
                 data = _gunzip_nifti(data, max_pixels, volume)
-            img = _nifti_class(data).from_bytes(data)
+            cls = _nifti_class(data)
+            if "header" in dict(cls.files_types):
+                raise ImageLoadError(
+                    "this is the .hdr of a NIfTI .hdr/.img pair: its voxels are in the .img file; "
+                    "load the .hdr by its path, with the .img beside it"
+                )
+            img = cls.from_bytes(data)
     except ImageLoadError:
         raise
     except (ImageFileError, OSError, ValueError, EOFError, gzip.BadGzipFile) as e:
         raise ImageLoadError(f"cannot read NIfTI file: {e}") from None
+    if img.get_data_dtype().names:
+        raise ImageLoadError("colour (RGB24/RGBA32) NIfTI images are not supported: only single-valued voxels")
     shape = tuple(int(s) for s in img.shape)
     if len(shape) < 2:
         raise ImageLoadError(f"NIfTI image has {len(shape)} dimension(s); need at least 2")
@@ -692,23 +779,20 @@ def _load_nifti(
         if len(shape) > 4:
             raise ImageLoadError(f"NIfTI images with {len(shape)} dimensions are not supported")
         raise ImageLoadError(f"volume {volume} out of range: the image has {shape[3]} volume(s)")
+    # only one slice is read: make sure the file holds the whole volume shown, as a full read would
+    end = int(img.dataobj.offset) + math.prod(shape[:3]) * (volume + 1) * img.get_data_dtype().itemsize
+    if _available_bytes(img, data, end) < end:
+        raise ImageLoadError("cannot read NIfTI voxel data (truncated or corrupt): the file ends inside the volume")
 
-    original = "".join(nib.aff2axcodes(img.affine))
+    original = "".join(code or "?" for code in nib.aff2axcodes(img.affine))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        try:  # the one volume read, then turned to RAS+ (never the whole series)
-            vol = np.asarray(img.dataobj[..., volume] if len(shape) == 4 else img.dataobj, dtype=np.float32)
+        try:
+            sl, k, n, zooms = _ras_slice(img, shape, plane, index, volume)
+        except ImageLoadError:
+            raise
         except (OSError, ValueError, EOFError, zlib.error) as e:
             raise ImageLoadError(f"cannot read NIfTI voxel data (truncated or corrupt): {e}") from None
-        header = img.header.copy()
-        header.set_data_shape(vol.shape)
-        canon = nib.as_closest_canonical(type(img)(vol, img.affine, header))
-        vol = np.asarray(canon.dataobj, dtype=np.float32)
-    if vol.ndim == 2:
-        vol = vol[:, :, None]
-    sl, k, n = _slice_plane(vol, plane, index)
-    zooms = [round(float(z), 6) for z in canon.header.get_zooms()[:3]]
-    zooms += [1.0] * (3 - len(zooms))
     in_plane = {"axial": (zooms[1], zooms[0]), "coronal": (zooms[2], zooms[0]), "sagittal": (zooms[2], zooms[1])}[plane]
     meta: dict[str, Any] = {
         "format": "nifti",
@@ -723,7 +807,7 @@ def _load_nifti(
     }
     if len(shape) == 4:
         meta.update(volume=volume, n_volumes=shape[3])
-    units = canon.header.get_xyzt_units()[0]
+    units = img.header.get_xyzt_units()[0]
     if units and units != "unknown":
         meta["spatial_units"] = units
     spec = _resolve_window(window)
@@ -747,7 +831,8 @@ def load_image(
     volume: int = 0,
     max_pixels: int | None = None,
 ) -> MedicalImage:
-    """Load a PNG/JPEG/BMP/TIFF/GIF/WebP, DICOM or NIfTI image, detecting the format from content.
+    """Load a PNG/JPEG/BMP/TIFF/GIF/WebP, DICOM or NIfTI image, detecting the format from content
+    (a NIfTI .hdr/.img pair by the path of either file; of a volume, only the slice shown is read).
 
     ``window``: ``None`` (DICOM: the file's VOI LUT or first window centre/width (enhanced images: the
     frame's FrameVOILUTSequence), else min-max;
@@ -768,18 +853,27 @@ def load_image(
     if not head:
         raise ImageLoadError("empty file: no bytes to decode")
     fmt = detect_format(head)
+    if fmt is None and path is not None and path.suffix.lower() == ".img" and path.with_suffix(".hdr").is_file():
+        with open(path.with_suffix(".hdr"), "rb") as f:  # the voxel half of a NIfTI pair: read through its header
+            hdr_head = f.read(1024)
+        if detect_format(hdr_head) == "nifti":
+            path, head, fmt = path.with_suffix(".hdr"), hdr_head, "nifti"
     if fmt is None:
         raise ImageLoadError("not a recognised image: expected PNG, JPEG, BMP, TIFF, GIF, WebP, DICOM or NIfTI content")
     if plane not in _PLANE_AXES:
         raise ValueError(f"plane must be axial, coronal or sagittal, not {plane!r}")
-    if not (slice_index is None or isinstance(slice_index, int)) or not isinstance(volume, int):
-        raise TypeError("slice_index must be an int or None, and volume an int")
+    try:  # NumPy integers too, as plain ints (they end up in JSON-able metadata)
+        slice_index = None if slice_index is None else operator.index(slice_index)
+        volume = operator.index(volume)
+    except TypeError:
+        raise TypeError("slice_index must be an int or None, and volume an int") from None
     _resolve_window(window)  # a bad window is the caller's error, not the file's
     try:
         if fmt == "nifti":
             gz = head[:2] == b"\x1f\x8b"
             name = path.name.lower() if path is not None else ""
-            direct = path is not None and name.endswith(".nii.gz" if gz else ".nii")
+            pair = "header" in dict(_nifti_class(_inflated_head(head) or b"").files_types)
+            direct = path is not None and name.endswith((".hdr" if pair else ".nii") + (".gz" if gz else ""))
             if path is not None and not direct:
                 data = path.read_bytes()
             return _load_nifti(None if direct else data, path if direct else None, window, slice_index, plane, volume, limit)
