@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -187,15 +188,31 @@ def _require_images(examples: Sequence[builders.Example], root: Path, root_given
         raise DataError(f"{missing[0].source}: image not found: {root / missing[0].image}{more}{hint}")
 
 
+def _image_folder(a: argparse.Namespace) -> Path | None:
+    """The folder a folder builder names its images from (``--images``, ``--image-out``, ``--folder``), else None."""
+    folder = {"masks": "images", "nifti": "image_out", "classification": "folder"}.get(a.kind)
+    return Path(getattr(a, folder)) if folder and getattr(a, folder, None) else None
+
+
 def _image_root(a: argparse.Namespace) -> Path:
     if a.image_root:
         return Path(a.image_root)
     table = _table(a)
     if table is not None:
         return Path(table).parent
-    return Path({"masks": getattr(a, "images", "."), "nifti": getattr(a, "image_out", "."),
-                 "coco": Path(getattr(a, "annotations", "") or ".").parent,
-                 "classification": getattr(a, "folder", None) or "."}.get(a.kind, "."))
+    if a.kind == "coco":
+        return Path(a.annotations).parent
+    return _image_folder(a) or Path(".")
+
+
+def _rebase(examples: Sequence[builders.Example], folder: Path, root: Path) -> None:
+    """Name the images of ``folder`` relative to the image root, where training and ``--run-tools`` look them
+    up; one that lies outside the root is a warning."""
+    for e in examples:
+        if e.image:
+            e.image = Path(os.path.relpath(folder / e.image, root)).as_posix()
+            if lies_outside(root, e.image):
+                print(f"warning: {e.source}: image {e.image} lies outside the image root {root}", file=sys.stderr)
 
 
 def _ratios(spec: str) -> list[float]:
@@ -210,7 +227,14 @@ def _ratios(spec: str) -> list[float]:
 
 def _build(a: argparse.Namespace, ap: argparse.ArgumentParser, index_dir: Path) -> int:
     examples = _examples(a)
+    if not examples:  # training refuses an empty file: say so now, naming what was read
+        source = {"coco": "annotations", "masks": "masks", "nifti": "label_volume", "rag": "qa"}.get(a.kind)
+        source = getattr(a, source) if source else (getattr(a, "folder", None) or a.table)
+        raise DataError(f"{source}: nothing to build (no annotated object, labelled pixel or row)")
     root = _image_root(a)
+    folder = _image_folder(a)
+    if folder is not None and a.image_root:
+        _rebase(examples, folder, root)
     if _table(a) is not None:  # tables only name images: they must be there, under the root
         _require_images(examples, root, bool(a.image_root))
     options = {}
@@ -274,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
                              a.box_drills)
             print(json.dumps(manifest["files"], indent=1))
             return 0
-    except DataError as e:
+    except (DataError, OSError) as e:  # bad input, or an output that cannot be written: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     ap.print_help()

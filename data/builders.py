@@ -15,12 +15,13 @@ import csv
 import io
 import json
 import logging
+import math
 import os
 import random
 import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from mmedagent.protocol import (
     ToolCall,
     ToolOutcome,
     assistant_message,
+    strip_image_token,
     tool_result_message,
 )
 
@@ -162,6 +164,10 @@ def read_table(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
         rows = []
         try:
             for i, row in enumerate(reader, 1):
+                if any(str(v).strip() for v in row.get(None) or ()):  # cells beyond the header's: text cut at a comma
+                    raise DataError(f"{path}: record {i} (line {reader.line_num}) has "
+                                    f"{len(reader.fieldnames or ()) + len(row[None])} cells for the header's "
+                                    f"{len(reader.fieldnames or ())}; quote text that holds the delimiter")
                 rows.append((i, {k.strip(): (v or "").strip() if isinstance(v, str) else "" for k, v in row.items()
                                  if isinstance(k, str) and k.strip()}))
         except csv.Error as e:
@@ -194,13 +200,32 @@ def _decode_table(path: Path) -> str:
 
 
 def _require(row: dict[str, Any], keys: Sequence[str], where: str) -> list[str]:
+    """The cells ``keys`` of ``row`` as text: a number or boolean (a JSON table's ``"answer": 2``,
+    ``"label": 0``) is written out; a missing or empty cell, a list or an object is a DataError."""
     out = []
     for k in keys:
         v = row.get(k)
-        if v is None or (isinstance(v, str) and not v.strip()):
+        if isinstance(v, (list, dict)):
+            kind = "array" if isinstance(v, list) else "object"
+            raise DataError(f"{where}: {k!r} must be text or a number, found a JSON {kind}")
+        text = "" if v is None else str(v).strip()
+        if not text:
             raise DataError(f"{where}: missing or empty {k!r}")
-        out.append(v.strip() if isinstance(v, str) else v)
+        out.append(text)
     return out
+
+
+IMAGE_COLUMNS = ("image", "image_name", "img_name")
+"""Table columns naming the image, the first filled one taken: ``image``, VQA-RAD's ``image_name``,
+SLAKE's ``img_name`` (as the evaluation readers take them)."""
+
+
+def _image_of(row: dict[str, Any], where: str, required: bool = True) -> str | None:
+    """The image a table row names (see :data:`IMAGE_COLUMNS`); None when it names none and none is required."""
+    key = next((k for k in IMAGE_COLUMNS if row.get(k) not in (None, "")), None)
+    if key is None and not required:
+        return None
+    return _require(row, (key or "image",), where)[0]
 
 
 def _image_size(root: Path, rel: str, where: str) -> tuple[int, int]:
@@ -272,6 +297,7 @@ def read_coco(annotations: str | Path, image_root: str | Path) -> list[Example]:
             raise DataError(f"{where}: image not found: {im['file_name']}")
         images[im["id"]] = (im["file_name"], int(w), int(h))
     groups: dict[tuple[Any, str], list[Target]] = defaultdict(list)
+    within_unit = True  # every box inside [0, 1]: written normalised, not in pixels as COCO has them
     for i, ann in enumerate(coco["annotations"], 1):
         where = f"{path}: annotations[{i}]"
         if not isinstance(ann, dict):
@@ -285,13 +311,18 @@ def read_coco(annotations: str | Path, image_root: str | Path) -> list[Example]:
             x, y, bw, bh = (float(v) for v in ann["bbox"])
         except (KeyError, TypeError, ValueError):
             raise DataError(f"{where}: bbox must be [x, y, width, height]") from None
-        if bw <= 0 or bh <= 0 or x < -1 or y < -1 or x + bw > w + 1 or y + bh > h + 1:
+        if not all(map(math.isfinite, (x, y, bw, bh))) or bw <= 0 or bh <= 0 or x < -1 or y < -1 \
+                or x + bw > w + 1 or y + bh > h + 1:
             raise DataError(f"{where}: box {[x, y, bw, bh]} is empty or outside the {w}x{h} image {name}")
+        within_unit &= x + bw <= 1 and y + bh <= 1 and max(w, h) > 2
         area = ann.get("area")
         if area is not None and not isinstance(area, (int, float)):
             raise DataError(f"{where}: area must be a number")
         groups[(ann["image_id"], cats[ann["category_id"]])].append(
             Target(cats[ann["category_id"]], norm_box(x, y, x + bw, y + bh, w, h), int(area) if area else None))
+    if groups and within_unit:
+        raise DataError(f"{path}: every bbox lies within [0, 1]: they look normalised, but COCO bboxes are "
+                        "[x, y, width, height] in pixels; write them in pixels")
     return [Example("grounding", f"{path}: image {images[iid][0]}", image=images[iid][0], targets=targets)
             for (iid, _), targets in groups.items()]
 
@@ -317,11 +348,13 @@ def read_mask_pngs(images: str | Path, masks: str | Path, label_names: dict[int,
     img_dir, mask_dir = Path(images), Path(masks)
     if not label_names:
         raise DataError("label names are required for masks (e.g. --labels 1=liver,2=tumor)")
-    by_stem = {p.stem: p for p in sorted(img_dir.iterdir()) if p.is_file() and not p.name.startswith(".")} if img_dir.is_dir() else {}
+    # image files only: a sidecar c1.json must not stand for the image c1.png
+    by_stem = {p.stem: p for p in sorted(img_dir.iterdir()) if _is_image_file(p)} if img_dir.is_dir() else {}
     if not by_stem:
         raise DataError(f"{img_dir}: no images")
     out = []
-    mask_files = sorted(p for p in mask_dir.glob("*.png") if not p.name.startswith(".")) if mask_dir.is_dir() else []
+    mask_files = sorted(p for p in mask_dir.iterdir() if p.suffix.lower() == ".png" and p.is_file()  # C1.PNG too
+                        and not p.name.startswith(".")) if mask_dir.is_dir() else []
     if not mask_files:
         raise DataError(f"{mask_dir}: no PNG masks")
     for i, mp in enumerate(mask_files, 1):
@@ -329,14 +362,33 @@ def read_mask_pngs(images: str | Path, masks: str | Path, label_names: dict[int,
         stem = mp.stem.removesuffix("_mask")
         if stem not in by_stem:
             raise DataError(f"{where}: no image named {stem}.* in {img_dir}")
-        mask = np.asarray(Image.open(mp))
+        try:
+            with Image.open(mp) as im:
+                mask = np.asarray(im)
+        except OSError as e:
+            raise DataError(f"{where}: cannot read the mask: {e}") from None
         if mask.ndim == 3:
+            colours = mask[..., :3] if mask.shape[-1] >= 3 else mask[..., :1]  # RGB(A); LA: the grey
+            if (colours != colours[..., :1]).any():  # one label value a pixel, or labels would be lost
+                raise DataError(f"{where}: a colour mask (its channels differ); save the label values in a "
+                                "single-channel (greyscale or palette) PNG")
             mask = mask[..., 0]
         size = _image_size(img_dir, by_stem[stem].name, where)
         if (mask.shape[1], mask.shape[0]) != size:
             raise DataError(f"{where}: mask is {mask.shape[1]}x{mask.shape[0]} but the image is {size[0]}x{size[1]}")
         out += _mask_examples(mask, label_names, by_stem[stem].name, where, tasks)
     return out
+
+
+def _save_slice(image: Any, path: Path) -> None:
+    """Write a slice PNG; an existing file with other pixels (a slice of another volume of the same file name,
+    ``case_00001/imaging.nii.gz`` after ``case_00000/imaging.nii.gz``) is an error, not overwritten."""
+    data = io.BytesIO()
+    image.save(data, format="PNG")
+    if path.is_file() and path.read_bytes() != data.getvalue():
+        raise DataError(f"{path}: already exists with other content (a slice of another volume with the same "
+                        "file name?); give each volume its own --image-out, or remove the old slices")
+    path.write_bytes(data.getvalue())
 
 
 def read_nifti_labels(volume: str | Path, labels: str | Path, label_names: dict[int, str], image_out: str | Path,
@@ -366,9 +418,19 @@ def read_nifti_labels(volume: str | Path, labels: str | Path, label_names: dict[
         if not mask.any():
             continue
         name = f"{stem}_{plane}{k:04d}.png"
-        load_image(volume, window=window, slice_index=k, plane=plane).image.save(out_dir / name)
+        _save_slice(load_image(volume, window=window, slice_index=k, plane=plane).image, out_dir / name)
         out += _mask_examples(mask, label_names, name, f"{labels}: slice {k}", tasks)
     return out
+
+
+def _class_images(folder: Path) -> list[Path]:
+    """The images of one class folder, its subfolders included (``tumor/case01/slice3.png``, as
+    torchvision's ``ImageFolder`` takes them); hidden files and folders and non-images are skipped."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found += [Path(dirpath) / f for f in sorted(filenames) if _is_image_file(Path(dirpath) / f)]
+    return found
 
 
 def read_classification(folder: str | Path | None = None, table: str | Path | None = None,
@@ -385,13 +447,17 @@ def read_classification(folder: str | Path | None = None, table: str | Path | No
             label = cdir.name.replace("_", " ")
             if known and label not in known:
                 raise DataError(f"{cdir}: unknown label {label!r}; known labels: {', '.join(known)}")
-            for i, img in enumerate(sorted(p for p in cdir.iterdir() if _is_image_file(p)), 1):  # not .DS_Store, README
-                out.append(Example("classification", f"{cdir}: record {i}", image=f"{cdir.name}/{img.name}", label=label))
+            images = _class_images(cdir)
+            if not images:
+                raise DataError(f"{cdir}: class folder {label!r} holds no images")
+            for i, img in enumerate(images, 1):
+                out.append(Example("classification", f"{cdir}: record {i}", image=img.relative_to(root).as_posix(),
+                                   label=label))
         cands = known or sorted({e.label for e in out if e.label})
     elif table is not None:
         for i, row in read_table(table):
             where = f"{table}: record {i}"
-            image, label = _require(row, ("image", "label"), where)
+            image, (label,) = _image_of(row, where), _require(row, ("label",), where)
             if known and label not in known:
                 raise DataError(f"{where}: unknown label {label!r}; known labels: {', '.join(known)}")
             out.append(Example("classification", where, image=image, label=label))
@@ -409,7 +475,7 @@ def read_reports(table: str | Path) -> list[Example]:
     for i, row in read_table(table):
         where = f"{table}: record {i}"
         key = next((k for k in ("report", "findings", "text") if k in row), "report")
-        image, report = _require(row, ("image", key), where)
+        image, (report,) = _image_of(row, where), _require(row, (key,), where)
         out.append(Example("report_generation", where, image=image, report=report))
     return out
 
@@ -524,8 +590,9 @@ def read_rag(qa: str | Path, corpus: str | Path, top_k: int = 3) -> list[Example
         for pid in chosen:  # word-overlap similarity, kept non-increasing down the ranking
             last = min(last, 1.0 if pid in wanted else round(len(q & toks[pid]) / max(len(q), 1), 2))
             scores.append(last)
-        out.append(Example("retrieval", where, image=row.get("image") or None, question=question, answer=answer,
-                           passages=[by_id[p] for p in chosen], sources=chosen, scores=scores, top_k=top_k))
+        out.append(Example("retrieval", where, image=_image_of(row, where, required=False), question=question,
+                           answer=answer, passages=[by_id[p] for p in chosen], sources=chosen, scores=scores,
+                           top_k=top_k))
     return out
 
 
@@ -536,11 +603,12 @@ def read_vqa(table: str | Path, caption: bool = False) -> list[Example]:
     for i, row in read_table(table):
         where = f"{table}: record {i}"
         if caption:
-            image, cap = _require(row, ("image", "caption"), where)
+            image, (cap,) = _image_of(row, where), _require(row, ("caption",), where)
             out.append(Example("direct", where, image=image, question=None, answer=cap))
         else:
             question, answer = _require(row, ("question", "answer"), where)
-            out.append(Example("direct", where, image=row.get("image") or None, question=question, answer=answer))
+            out.append(Example("direct", where, image=_image_of(row, where, required=False), question=question,
+                               answer=answer))
     return out
 
 
@@ -633,6 +701,10 @@ class DialogueBuilder:
         return [self.build(e, f"{id_prefix}{e.task}-{i}") for i, e in enumerate(examples, 1)]
 
     def build(self, ex: Example, record_id: str) -> Record:
+        if ex.question:  # only the builder places the image: a table's "<image>\nIs there ...?" would mark it twice
+            ex = replace(ex, question=strip_image_token(ex.question))
+            if not ex.question:
+                raise DataError(f"{ex.source}: the question is empty without its {IMAGE_TOKEN} marker")
         if ex.task == "direct":
             return self._direct(ex, record_id)
         if ex.task not in TASKS:
@@ -728,13 +800,27 @@ class DialogueBuilder:
 
 def split_by_image(records: Sequence[Record], ratios: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0,
                    names: Sequence[str] = ("train", "val", "test")) -> dict[str, list[Record]]:
-    """Split so that all records of one image land in the same split (text-only records by id)."""
+    """Split so that all records of one image land in the same split (text-only records by id): records
+    sharing any image (``./a.png`` is ``a.png``), a multi-image record's included, form one group."""
     if len(ratios) != len(names) or any(r < 0 for r in ratios) or not sum(ratios):
         raise ValueError(f"need {len(names)} non-negative ratios, got {list(ratios)}")
-    groups: dict[str, list[Record]] = defaultdict(list)
+    parent: dict[str, str] = {}
+
+    def find(key: str) -> str:  # a group is named by its smallest key
+        while parent.setdefault(key, key) != key:
+            parent[key] = key = parent[parent[key]]
+        return key
+
+    firsts = []
     for r in records:
-        key = "|".join(r.images) if r.images else f"id:{r.id}"
-        groups[key].append(r)
+        keys = [os.path.normpath(i) for i in r.images] or [f"id:{r.id}"]
+        for k in keys[1:]:
+            a, b = find(keys[0]), find(k)
+            parent[max(a, b)] = min(a, b)
+        firsts.append(keys[0])
+    groups: dict[str, list[Record]] = defaultdict(list)
+    for r, k in zip(records, firsts):
+        groups[find(k)].append(r)
     keys = sorted(groups)
     random.Random(seed).shuffle(keys)
     total = sum(ratios)

@@ -79,15 +79,31 @@ def _check_one(rec: Record, where: str, report: CheckReport, dispatcher: Any) ->
         report.planning_only += 1
 
 
-def _check_images(rec: Record, where: str, folder: Path, report: CheckReport) -> None:
+def _image_problem(full: Path) -> str | None:
+    """Why training could not take the file at ``full`` as an image (missing, or content that is no image
+    format: a Git LFS pointer, an HTML error page), else None."""
+    from mmedagent.imaging import detect_format
+
+    try:
+        with open(full, "rb") as f:
+            head = f.read(1024)
+    except OSError as e:
+        return f"cannot read the image ({e.strerror or type(e).__name__})"
+    return None if detect_format(head) else "not an image file (no PNG/JPEG/BMP/TIFF/GIF/WebP/DICOM/NIfTI content)"
+
+
+def _check_images(rec: Record, where: str, folder: Path, report: CheckReport, seen: dict[Path, str | None]) -> None:
     """Images as training finds them (``--image_folder`` / relative path, or the absolute path as is): a
-    missing one is a problem (training refuses it); an absolute path, or one that leads out of the
-    folder, is a warning (training takes it, but the data set is then not self-contained)."""
+    missing one, or a file that is no image, is a problem (training refuses it); an absolute path, or one
+    that leads out of the folder, is a warning (training takes it, but the data set is then not
+    self-contained). ``seen`` caches each file's verdict (records share images)."""
     for img in rec.images:
         path = Path(img)
         full = path if path.is_absolute() else folder / path
-        if not full.is_file():
-            report.problems.append(f"{where}: image not found: {img}")
+        if full not in seen:
+            seen[full] = _image_problem(full) if full.is_file() else "image not found"
+        if seen[full] is not None:
+            report.problems.append(f"{where}: {seen[full]}: {img}")
         if lies_outside(folder, path):
             report.warnings.append(f"{where}: image {img} lies outside --image-folder {folder}")
         elif path.is_absolute():
@@ -108,12 +124,13 @@ def check_file(path: str | Path, image_folder: str | Path | None = None, validat
         report.records += is_record
 
     dispatcher = _dispatcher() if validate_tools else None
+    seen: dict[Path, str | None] = {}
     try:
         for where, rec in iter_records(path, image_folder=image_folder, on_error=on_error, split=split):
             report.records += 1
             _check_one(rec, where, report, dispatcher)
             if image_folder is not None:
-                _check_images(rec, where, Path(image_folder), report)
+                _check_images(rec, where, Path(image_folder), report, seen)
     finally:
         if dispatcher is not None:
             dispatcher.close()

@@ -508,9 +508,13 @@ def record_from_any(row: Any, default_id: str, caption_question: str | None = No
     """One raw row (any supported layout) as a :class:`Record`; ValueError on bad content."""
     if not isinstance(row, dict):
         raise ValueError(f"a record must be a JSON object, found {type(row).__name__}")
-    images = row.get("images", row.get("image", row.get("image_id")))
+    # the first image field that is filled: ``"images": null`` beside ``"image": "a.png"`` keeps the image,
+    # and ``"image": ""`` (tables exported with an empty cell) is a record without one
+    images = next((row[k] for k in ("images", "image", "image_id") if row.get(k) not in (None, "", [])), None)
     if isinstance(images, list) and len(images) <= 1:  # LLaVA writes a single image as a string
         images = images[0] if images else None
+    consumed = {"id", "image", "image_id", "images", "conversations", "messages", "instruction", "input", "output",
+                "caption"}  # fields made into the record; the others pass through
     if "conversations" in row and isinstance(row["conversations"], list) and row["conversations"] and isinstance(row["conversations"][0], dict) and "from" in row["conversations"][0]:
         turns = row["conversations"]
         role_key, text_key = "from", "value"
@@ -521,8 +525,10 @@ def record_from_any(row: Any, default_id: str, caption_question: str | None = No
         role_key, text_key = "role", "content"
     elif "instruction" in row and "output" in row:
         question = str(row["instruction"]) + (f"\n{row['input']}" if row.get("input") else "")
-        turns = [{"from": "human", "value": question}, {"from": "gpt", "value": str(row["output"])}]
+        turns = [*_history_turns(row.get("history")),
+                 {"from": "human", "value": question}, {"from": "gpt", "value": str(row["output"])}]
         role_key, text_key = "from", "value"
+        consumed.add("history")
     elif "caption" in row and images is not None:
         caption = str(row["caption"] or "").strip()
         if not caption:
@@ -538,15 +544,26 @@ def record_from_any(row: Any, default_id: str, caption_question: str | None = No
     messages = _messages_from_chat(turns, role_key, text_key)
     if not messages:
         raise ValueError("conversation is empty")
+    system = row.get("system")  # LLaMA-Factory's system prompt column: the first turn, as training reads it
+    if isinstance(system, str) and system.strip() and messages[0].role != "system":
+        messages.insert(0, Message(role="system", value=system))
+        consumed.add("system")
     rec_id = row.get("id")
     if rec_id is None or rec_id == "":
         rec_id = default_id
-    passthrough = {k: v for k, v in row.items()
-                   if k not in ("id", "image", "image_id", "images", "conversations", "messages", "instruction", "input",
-                                "output", "caption") and _jsonable(v)}
+    passthrough = {k: v for k, v in row.items() if k not in consumed and _jsonable(v)}
     record = Record.model_validate({"id": rec_id, "image": images, "conversations": messages, **passthrough})
     _check_image_tags(record)
     return record
+
+
+def _history_turns(history: Any) -> list[dict[str, str]]:
+    """Alpaca's ``history`` (``[[question, answer], ...]``, the turns before the instruction) as turns."""
+    if history is None:
+        return []
+    if not isinstance(history, list) or not all(isinstance(h, list) and len(h) == 2 for h in history):
+        raise ValueError("history must be a list of [question, answer] pairs")
+    return [{"from": role, "value": str(text)} for pair in history for role, text in zip(("human", "gpt"), pair)]
 
 
 def _jsonable(v: Any) -> bool:
@@ -701,6 +718,8 @@ def write_records(records: Iterable[Record], path: str | Path, fmt: str = "llava
     if fmt not in ("llava", "sharegpt"):
         raise ValueError(f"unknown format {fmt!r}; use 'llava' or 'sharegpt'")
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder; give the output file's name (.json or .jsonl)")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"  # created with the umask's mode
     try:

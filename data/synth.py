@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from mmedagent.data import builders
-from mmedagent.data.formats import write_records
+from mmedagent.data.formats import DataError, write_records
 from mmedagent.protocol import Record
 
 MODALITIES = ("brain MRI", "chest X-ray", "abdomen CT", "hematoxylin and eosin histopathology")
@@ -310,13 +310,13 @@ def synth(out: str | Path, n: int = 40, seed: int = 0, size: int = 64, api_names
     segmentation example (see :func:`box_drills_of`).
     """
     if variants < 1 or (box_variants is not None and box_variants < 1):
-        raise ValueError("variants and box_variants must be at least 1")
+        raise DataError("variants and box_variants must be at least 1")
     if box_drills < 0:
-        raise ValueError("box_drills must not be negative")
+        raise DataError("box_drills must not be negative")
     if n < 2:
-        raise ValueError("n must be at least 2 (one training and one evaluation image)")
+        raise DataError("n must be at least 2 (one training and one evaluation image)")
     if size < 32:
-        raise ValueError("size must be at least 32 pixels")
+        raise DataError("size must be at least 32 pixels")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     items = make_images(out, n, seed, size)

@@ -539,3 +539,196 @@ def test_rag_run_tools_searches_the_given_corpus(tmp_path):
     assert len(passages) == 2 and {p["source"] for p in passages} <= {"p1", "p2", "p3"}  # not the ICD-10-CM preset
     assert passages[0]["source"] == "p2"
     assert rec.tool_calls()[0].API_params == {"query": "What is a pleural effusion?"}
+
+
+# --------------------------------------------------------------------------- fixes: researchers' own sets
+
+
+def test_json_tables_with_numbers_and_vqa_rad_slake_image_columns(tmp_path):
+    """A JSON table's ``"answer": 2`` / ``"label": 0`` are text, and VQA-RAD's ``image_name`` / SLAKE's
+    ``img_name`` name the image (as the evaluation readers take them): no traceback, no image lost."""
+    save_grey(tmp_path / "synpic1.jpg")
+    save_grey(tmp_path / "xmlab1" / "source.jpg")
+    vqa = write_json(tmp_path / "vqa.json", [
+        {"image_name": "synpic1.jpg", "question": "How many lesions are there?", "answer": 2},
+        {"img_name": "xmlab1/source.jpg", "question": "Is this a CT?", "answer": "Yes", "q_lang": "en"}])
+    out = tmp_path / "vqa_out.json"
+    assert run_cli("build", "vqa", "--table", vqa, "--out", out) == 0
+    recs = records_of(out)
+    assert [r.image for r in recs] == ["synpic1.jpg", "xmlab1/source.jpg"]
+    assert recs[0].conversations[-1].value == "2" and recs[0].conversations[0].value.startswith("<image>\n")
+    assert check_file(out, image_folder=tmp_path).ok
+    cls = write_json(tmp_path / "cls.json", [{"image": "synpic1.jpg", "label": 0}, {"image": "synpic1.jpg", "label": 1}])
+    exs = builders.read_classification(table=cls)
+    assert [e.label for e in exs] == ["0", "1"] and exs[0].labels == ["0", "1"]  # label 0 is a candidate too
+    out = tmp_path / "cls_out.json"
+    assert run_cli("build", "classification", "--table", cls, "--out", out) == 0
+    assert records_of(out)[0].tool_calls()[0].API_params["labels"] == ["0", "1"]
+    assert_valid(out)
+    write_json(vqa, [{"question": "Which organs?", "answer": ["liver", "spleen"]}])
+    with pytest.raises(DataError, match=r"vqa\.json: record 1: 'answer' must be text or a number, found a JSON array"):
+        builders.read_vqa(vqa)
+
+
+def test_table_questions_that_carry_image_markers_get_one(tmp_path):
+    """A question written LLaVA-style (``<image>\\nIs there ...?``) is not marked twice: training takes the record."""
+    from mmedagent.data.formats import chat_messages
+
+    save_grey(tmp_path / "a.png")
+    vqa = write_json(tmp_path / "vqa.json", [{"image": "a.png", "question": "<image>\nIs there a fracture?", "answer": "No."},
+                                             {"question": "<image> What is a Hounsfield unit?", "answer": "A CT unit."}])
+    out = tmp_path / "o.json"
+    assert run_cli("build", "vqa", "--table", vqa, "--out", out) == 0
+    for i, rec in enumerate(records_of(out), 1):
+        chat_messages(rec, f"record {i}")
+    assert [r.conversations[0].value for r in records_of(out)] == ["<image>\nIs there a fracture?",
+                                                                   "What is a Hounsfield unit?"]
+    assert_valid(out)
+    write_json(vqa, [{"image": "a.png", "question": "<image>", "answer": "No."}])
+    assert run_cli("build", "vqa", "--table", vqa, "--out", out) == 2
+
+
+def test_classification_folder_takes_images_in_subfolders_and_refuses_an_empty_class(tmp_path, capsys):
+    """``tumor/case01/slice.png`` is a tumor image (torchvision's ImageFolder reads it so); a class folder
+    with no image would silently leave the candidate labels."""
+    save_grey(tmp_path / "cls" / "tumor" / "case01" / "s1.png")
+    save_grey(tmp_path / "cls" / "tumor" / "case01" / ".hidden" / "x.png")
+    save_grey(tmp_path / "cls" / "normal" / "n1.png")
+    exs = builders.read_classification(folder=tmp_path / "cls")
+    assert [(e.image, e.label) for e in exs] == [("normal/n1.png", "normal"), ("tumor/case01/s1.png", "tumor")]
+    assert exs[0].labels == ["normal", "tumor"]
+    (tmp_path / "cls" / "normal" / "n1.png").unlink()
+    assert run_cli("build", "classification", "--folder", tmp_path / "cls", "--out", tmp_path / "o.json") == 2
+    assert "class folder 'normal' holds no images" in capsys.readouterr().err
+
+
+def test_colour_masks_are_refused_and_sidecar_files_are_not_images(tmp_path, capsys):
+    save_grey(tmp_path / "imgs" / "c1.png", (16, 16))
+    (tmp_path / "imgs" / "c1.json").write_text("{}", encoding="utf-8")  # sorts after c1.png: same stem
+    mask = np.zeros((16, 16, 3), np.uint8)
+    mask[2:6, 2:6] = (1, 1, 1)
+    (tmp_path / "masks").mkdir()
+    Image.fromarray(mask).save(tmp_path / "masks" / "c1.png")
+    (ex,) = builders.read_mask_pngs(tmp_path / "imgs", tmp_path / "masks", {1: "liver"}, ["segmentation"])
+    assert ex.image == "c1.png" and ex.targets[0].box == [0.12, 0.12, 0.38, 0.38]  # a grey RGB mask is fine
+    mask[8:12, 8:12] = (0, 2, 0)  # a colour-coded label: channel 0 alone would lose it
+    Image.fromarray(mask).save(tmp_path / "masks" / "c1.png")
+    assert run_cli("build", "masks", "--images", tmp_path / "imgs", "--masks", tmp_path / "masks", "--labels",
+                   "1=liver,2=tumor", "--out", tmp_path / "o.json") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "c1.png: record 1: a colour mask" in err and "\n" not in err
+    (tmp_path / "masks" / "c1.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    assert run_cli("build", "masks", "--images", tmp_path / "imgs", "--masks", tmp_path / "masks", "--labels",
+                   "1=liver", "--out", tmp_path / "o.json") == 2
+    assert "record 1: cannot read the mask" in capsys.readouterr().err
+
+
+def test_masks_with_an_upper_case_suffix_are_read(tmp_path):
+    save_grey(tmp_path / "imgs" / "C1.PNG", (16, 16))
+    save_grey(tmp_path / "imgs" / "C2.png", (16, 16))
+    save_grey(tmp_path / "masks" / "C1.PNG", (16, 16), value=0, box=(2, 2, 6, 6), box_value=1)
+    save_grey(tmp_path / "masks" / "C2.png", (16, 16), value=0, box=(8, 8, 12, 12), box_value=1)
+    exs = builders.read_mask_pngs(tmp_path / "imgs", tmp_path / "masks", {1: "liver"}, ["segmentation"])
+    assert [e.image for e in exs] == ["C1.PNG", "C2.png"]
+
+
+def test_folder_builders_name_images_from_the_image_root(tmp_path):
+    """With --image-root the images of --images / --folder / --image-out are named from it, where training
+    (--image_folder) and --run-tools look them up."""
+    save_grey(tmp_path / "ds" / "imgs" / "c1.png", (16, 16))
+    save_grey(tmp_path / "ds" / "masks" / "c1.png", (16, 16), value=0, box=(2, 2, 6, 6), box_value=1)
+    save_grey(tmp_path / "ds" / "by_class" / "normal" / "n.png")
+    save_grey(tmp_path / "ds" / "by_class" / "tumor" / "t.png")
+    out = tmp_path / "m.json"
+    assert run_cli("build", "masks", "--images", tmp_path / "ds" / "imgs", "--masks", tmp_path / "ds" / "masks",
+                   "--labels", "1=liver", "--image-root", tmp_path / "ds", "--out", out) == 0
+    assert {r.image for r in records_of(out)} == {"imgs/c1.png"}
+    assert check_file(out, image_folder=tmp_path / "ds").ok
+    assert run_cli("build", "classification", "--folder", tmp_path / "ds" / "by_class", "--image-root",
+                   tmp_path / "ds", "--out", out) == 0
+    assert sorted(r.image for r in records_of(out)) == ["by_class/normal/n.png", "by_class/tumor/t.png"]
+    assert check_file(out, image_folder=tmp_path / "ds").ok
+    assert run_cli("build", "masks", "--images", tmp_path / "ds" / "imgs", "--masks", tmp_path / "ds" / "masks",
+                   "--labels", "1=liver", "--out", out) == 0  # without it: named from --images, as before
+    assert {r.image for r in records_of(out)} == {"c1.png"}
+
+
+def test_nifti_slices_of_another_volume_with_the_same_name_are_not_overwritten(tmp_path, capsys):
+    """KiTS-like layouts (``case_00000/imaging.nii.gz``, ``case_00001/imaging.nii.gz``) give the same slice
+    names: the second volume must not silently replace the first's slices under its records."""
+    for case, value in (("case0", 60.0), ("case1", 300.0)):
+        vol = np.full((12, 12, 3), -1000.0, np.float32)
+        lab = np.zeros(vol.shape, np.int16)
+        vol[2:6, 2:6, 1] = value
+        lab[2:6, 2:6, 1] = 1
+        (tmp_path / case).mkdir()
+        nib.save(nib.Nifti1Image(vol, np.eye(4)), str(tmp_path / case / "imaging.nii.gz"))
+        nib.save(nib.Nifti1Image(lab, np.eye(4)), str(tmp_path / case / "seg.nii.gz"))
+
+    def build(case):
+        return run_cli("build", "nifti", "--volume", tmp_path / case / "imaging.nii.gz", "--label-volume",
+                       tmp_path / case / "seg.nii.gz", "--labels", "1=cyst", "--window", "abdomen",
+                       "--image-out", tmp_path / "slices", "--out", tmp_path / f"{case}.json")
+
+    assert build("case0") == 0
+    before = (tmp_path / "slices" / "imaging_axial0001.png").read_bytes()
+    assert build("case0") == 0  # the same slices again: fine
+    assert build("case1") == 2
+    assert "imaging_axial0001.png: already exists with other content" in capsys.readouterr().err
+    assert (tmp_path / "slices" / "imaging_axial0001.png").read_bytes() == before
+
+
+@pytest.mark.parametrize("case, match", [
+    ("coco_normalised", r"coco\.json: every bbox lies within \[0, 1\]: they look normalised"),
+    ("coco_nan", r"coco\.json: annotations\[1\]: box \[nan, .* is empty or outside"),
+    ("synth_n", r"n must be at least 2"),
+    ("out_is_folder", r"o\.json: is a folder; give the output file's name"),
+    ("split_out_is_file", r"File exists: .*sp'"),
+    ("coco_without_annotations", r"coco\.json: nothing to build \(no annotated object"),
+    ("empty_masks", r"masks: nothing to build"),
+    ("csv_unquoted_comma", r"r\.csv: record 2 \(line 3\) has 3 cells for the header's 2; quote text"),
+])
+def test_more_bad_inputs_are_one_error_line(tmp_path, capsys, case, match):
+    save_grey(tmp_path / "a.png", (32, 32))
+    coco = {"images": [{"id": 1, "file_name": "a.png", "width": 32, "height": 32}], "categories": [{"id": 1, "name": "nodule"}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1,
+                             "bbox": [0.1, 0.2, 0.3, 0.25] if case == "coco_normalised" else [float("nan"), 2, 4, 4]}]}
+    if case == "coco_without_annotations":
+        coco["annotations"] = []
+    (tmp_path / "coco.json").write_text(json.dumps(coco), encoding="utf-8")
+    save_grey(tmp_path / "masks" / "a.png", (32, 32), value=0)  # no labelled pixel
+    vqa = write_json(tmp_path / "vqa.json", [{"question": "q?", "answer": "a"}])
+    (tmp_path / "r.csv").write_text('image,report\na.png,"Normal, fine."\na.png,Normal heart, clear lungs.\n'
+                                    'a.png,Trailing empty cell.,\n', encoding="utf-8")
+    data = write_json(tmp_path / "d.json", [{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}])
+    (tmp_path / "o.json").mkdir()
+    (tmp_path / "sp").write_text("a file", encoding="utf-8")
+    argv = {
+        "coco_normalised": ("build", "coco", "--annotations", tmp_path / "coco.json", "--out", tmp_path / "g.json"),
+        "coco_nan": ("build", "coco", "--annotations", tmp_path / "coco.json", "--out", tmp_path / "g.json"),
+        "synth_n": ("synth", "--out", tmp_path / "s", "--n", "1"),
+        "out_is_folder": ("build", "vqa", "--table", vqa, "--out", tmp_path / "o.json"),
+        "split_out_is_file": ("split", data, "--out", tmp_path / "sp"),
+        "coco_without_annotations": ("build", "coco", "--annotations", tmp_path / "coco.json", "--out", tmp_path / "g.json"),
+        "csv_unquoted_comma": ("build", "reports", "--table", tmp_path / "r.csv", "--out", tmp_path / "g.json"),
+        "empty_masks": ("build", "masks", "--images", tmp_path, "--masks", tmp_path / "masks", "--labels", "1=x",
+                        "--out", tmp_path / "g.json"),
+    }[case]
+    assert run_cli(*argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and err.count("\n") == 0 and re.search(match, err), err
+
+
+def test_split_keeps_an_image_in_one_split_across_spellings_and_multi_image_records(tmp_path):
+    from mmedagent.protocol import Record
+
+    def rec(rid, image):
+        return Record(id=rid, image=image, conversations=[{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}])
+
+    records = [rec(f"r{k}", f"img/{k}.png") for k in range(30)]
+    records += [rec("dup", "./img/3.png"), rec("pair", ["img/7.png", "img/8.png"])]
+    for seed in range(5):
+        parts = builders.split_by_image(records, (0.4, 0.3, 0.3), seed=seed)
+        where = {r.id: name for name, recs in parts.items() for r in recs}
+        assert len(where) == len(records)
+        assert where["dup"] == where["r3"] and where["pair"] == where["r7"] == where["r8"]

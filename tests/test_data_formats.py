@@ -312,3 +312,57 @@ def test_data_cli_reads_the_chosen_split_of_a_saved_dataset_dict(tmp_path, capsy
     write_json(tmp_path / "plain.json", [{"instruction": "q", "output": "a"}])
     assert main(["convert", str(tmp_path / "plain.json"), str(tmp_path / "o.json"), "--data-split", "test"]) == 2
     assert "--data-split 'test' applies to Hugging Face datasets and parquet data only" in capsys.readouterr().err
+
+
+def test_the_filled_image_field_is_taken_and_an_empty_one_is_no_image(tmp_path):
+    """``"images": null`` beside ``"image": "a.png"`` (pandas / LLaMA-Factory exports) keeps the image, even
+    without an ``<image>`` tag; ``"image": ""`` is a text-only record, not an image named ""."""
+    turns = [{"from": "human", "value": "Is there a nodule?"}, {"from": "gpt", "value": "No."}]
+    p = write_json(tmp_path / "d.json", [{"id": "a", "images": None, "image": "a.png", "conversations": turns},
+                                         {"id": "b", "image": "", "conversations": turns},
+                                         {"id": "c", "images": [], "image": "c.png", "conversations": turns}])
+    a, b, c = read_records(p)
+    assert a.images == ["a.png"] and a.conversations[0].value == f"{IMAGE_TOKEN}\nIs there a nodule?"
+    assert b.images == [] and b.conversations[0].value == "Is there a nodule?"
+    assert c.images == ["c.png"]
+
+
+def test_check_reports_image_files_that_are_not_images(tmp_path, capsys):
+    """A Git LFS pointer (a data set cloned without ``git lfs``) exists but training cannot decode it: a
+    problem for ``check --image-folder``, found before training starts."""
+    from mmedagent.data.__main__ import main
+
+    Image.new("L", (8, 8)).save(tmp_path / "ok.png")
+    (tmp_path / "lfs.png").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 1\n")
+    turns = [{"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "A scan."}]
+    p = write_json(tmp_path / "d.json", [{"image": name, "conversations": turns} for name in ("ok.png", "lfs.png", "lfs.png")])
+    assert main(["check", str(p), "--image-folder", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"{p}: record {k}: not an image file (no PNG/JPEG/BMP/TIFF/GIF/WebP/DICOM/NIfTI content): lfs.png"
+                   for k in (2, 3)]
+
+
+def test_llamafactory_system_column_and_alpaca_history_become_turns(tmp_path):
+    """LLaMA-Factory's ``system`` column and Alpaca's ``history`` pairs are part of the dialogue: they become
+    turns (training reads a first system turn), not fields that training never sees."""
+    from mmedagent.data.formats import chat_messages
+
+    rows = [{"instruction": "And its treatment?", "input": "", "output": "Allopurinol.", "system": "You are a rheumatologist.",
+             "history": [["What causes gout?", "Uric acid crystals."]]},
+            {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}], "system": "Be brief.",
+             "tools": "[]"},
+            {"instruction": "q", "output": "a", "history": "q0"}]
+    p = write_json(tmp_path / "lf.json", rows)
+    with pytest.raises(DataError, match=r"lf\.json: record 3: history must be a list of \[question, answer\] pairs"):
+        read_records(p)
+    write_json(p, rows[:2])
+    alpaca, sharegpt = read_records(p)
+    assert chat_messages(alpaca, "alpaca") == [
+        {"role": "system", "content": "You are a rheumatologist."}, {"role": "user", "content": "What causes gout?"},
+        {"role": "assistant", "content": "Uric acid crystals."}, {"role": "user", "content": "And its treatment?"},
+        {"role": "assistant", "content": "Allopurinol."}]
+    assert [m["role"] for m in chat_messages(sharegpt, "sharegpt")] == ["system", "user", "assistant"]
+    assert "system" not in sharegpt.to_dict() and sharegpt.to_dict()["tools"] == "[]"
+    write_records([sharegpt], tmp_path / "sg.json", fmt="sharegpt")  # and back: still one system turn
+    (again,) = read_records(tmp_path / "sg.json")
+    assert again.to_dict() == sharegpt.to_dict()
