@@ -258,6 +258,23 @@ def test_dialogue_full_fine_tuning(tmp_path):
     _check_metrics(summary["metrics"]["test"]["after"])
 
 
+def test_held_out_prompt_beyond_the_context_is_not_answered(tmp_path, capsys):
+    """A held-out question longer than the model's context is refused by the served model: it is reported as
+    not answered and left out of the scores, and the run (already trained and exported) completes."""
+    rows = [{"id": "twin", "instruction": "Answer as a doctor.", "input": "I cough.", "output": "Rest."}] * 2 + [
+        {"id": "long", "instruction": "Answer as a doctor.", "input": "I feel unwell. " * 3000, "output": "Rest."},
+        {"id": "short", "instruction": "Answer as a doctor.", "input": "I sneeze.", "output": "Rest."},
+    ]
+    data = _rows(tmp_path / "dialogue.jsonl", rows)
+    run_recipe("dialogue-llama3", tmp_path / "out", "--data", str(data), "--val-fraction", "0", "--test-fraction",
+               "2", "--max-steps", "1", "--max-new-tokens", "2")
+    assert "held-out long: not answered: the prompt is" in capsys.readouterr().out
+    report = read_json(tmp_path / "out" / "report.json")
+    assert report["metrics"]["test"]["n"] == 1 and report["metrics"]["test"]["not_answered"] == 1
+    assert {r["id"]: r["after"] == "(not answered)" for r in report["examples"]} == {"long": True, "short": False}
+    assert [r["id"] for r in read_json(tmp_path / "out" / "data" / "train.json")] == ["twin", "twin"]
+
+
 def test_stop_after_data_then_skip_training(dialogue, tmp_path, capsys):
     """The multi-GPU path: data + the printed train_mem.py line, training elsewhere, then export + evaluation."""
     import shutil
@@ -432,6 +449,88 @@ def test_dialogue_rows_and_choices(tmp_path):
     assert chosen_option("no idea", ("A", "B")) is None
 
 
+def test_dialogue_table_mixing_layouts(tmp_path):
+    """A parquet file mixing MedQA and ChatDoctor rows pads each row's unused columns with null: those are
+    absent, not the text "None" (no "E. None" option, no "None" answer); odd rows are one-line errors."""
+    import datasets
+
+    text = datasets.Value("string")
+    features = datasets.Features({
+        "question": text, "options": {k: text for k in "ABCDE"}, "answer_idx": text,
+        "instruction": text, "input": text, "output": text,
+        "messages": datasets.List({"role": text, "content": text}),
+    })
+    rows = [
+        {"question": "Q1?", "options": dict(zip("ABCDE", ("flu", "gout", "asthma", "angina", "sepsis"))),
+         "answer_idx": "E"},
+        {"question": "Q2?", "options": {"A": "flu", "B": "gout", "C": "asthma", "D": "angina"}, "answer_idx": "B"},
+        {"instruction": "Answer as a doctor.", "input": "I cough.", "output": "See a doctor."},
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]},
+    ]
+    path = tmp_path / "mixed.parquet"
+    padded = [{k: row.get(k) for k in features} for row in rows]
+    datasets.Dataset.from_list(padded, features=features).to_parquet(str(path))
+    (_, five), (_, four), (_, chat), (_, hello) = read_dialogue(path)
+    assert five.options == tuple("ABCDE") and four.options == tuple("ABCD") and "None" not in four.prompt
+    assert (chat.prompt, chat.reference) == ("Answer as a doctor.\nI cough.", "See a doctor.")
+    assert (hello.prompt, hello.reference) == ("Hi", "Hello")
+
+    bad = tmp_path / "bad.parquet"
+    datasets.Dataset.from_list([padded[2], dict(padded[2], output=None)], features=features).to_parquet(str(bad))
+    with pytest.raises(DataError, match=rf"{bad}: record 2: missing columns: .*; it has instruction, input$"):
+        read_dialogue(bad)
+    lone = _rows(tmp_path / "lone.jsonl", [{"messages": [{"role": "assistant", "content": "Hello"}]}])
+    with pytest.raises(DataError, match=r"lone.jsonl: record 1: the answer must follow a user turn"):
+        read_dialogue(lone)
+    options = [{"key": "A", "value": "flu"}, {"key": "B", "value": "gout"}]
+    bigbio = _rows(tmp_path / "bigbio.jsonl", [{"question": "Q?", "options": options, "answer_idx": "B"}])
+    ((_, mc),) = read_dialogue(bigbio)
+    assert mc.reference == "B. gout" and "A. flu\nB. gout" in mc.prompt
+
+
+def test_csv_and_tsv_data(tmp_path):
+    """ROCO-style CSV (quoted captions holding commas, image paths relative to the CSV) and ChatDoctor-style TSV;
+    a row whose fields do not match the header is an error naming its record and line, never a cut caption."""
+    (tmp_path / "images").mkdir()
+    names = [_png(tmp_path / "images" / f"roco_{k}.png") for k in range(3)]
+    path = tmp_path / "captions.csv"
+    path.write_text("id,image,caption\n" + "".join(f'ROCO_{k},images/{n},"Chest CT, axial view {k}."\n'
+                                                   for k, n in enumerate(names)))
+    items = read_captions(path, None, tmp_path / "export")
+    assert [(i.id, i.image, i.caption) for i in items] == [
+        (f"ROCO_{k}", str((tmp_path / "images" / n).resolve()), f"Chest CT, axial view {k}.")
+        for k, n in enumerate(names)]
+    path.write_text(f"image,caption\nimages/{names[0]},Chest CT\nimages/{names[1]},Chest CT, axial view\n")
+    with pytest.raises(DataError, match=rf"{path}: record 2 \(line 3\): 3 field\(s\), the header has 2"):
+        read_captions(path, None, tmp_path / "export")
+    medqa = tmp_path / "medqa.csv"
+    medqa.write_text('question,options,answer_idx\nWhich?,"{""A"": ""flu"", ""B"": ""gout""}",B\n')
+    ((_, mc),) = read_dialogue(medqa)
+    assert mc.reference == "B. gout" and mc.options == ("A", "B")
+    tsv = tmp_path / "chatdoctor.tsv"
+    tsv.write_text("instruction\tinput\toutput\nAnswer as a doctor.\tI cough, a lot.\tSee a doctor.\n")
+    ((_, e),) = read_dialogue(tsv)
+    assert (e.prompt, e.reference) == ("Answer as a doctor.\nI cough, a lot.", "See a doctor.")
+
+
+def test_duplicates_are_never_held_out(tmp_path):
+    """An exact duplicate row would be trained on under another row number: only unique rows are held out.
+    The same caption under another image is no duplicate."""
+    from mmedagent.recipes.data import CaptionItem, caption_key, duplicate_count, split
+
+    train, held = split(list(range(10)), [4], seed=1, key=lambda x: min(x, 6))  # 6..9 are one row, four times
+    assert len(held) == 4 and not {6, 7, 8, 9} & set(held) and sorted(train + held) == list(range(10))
+    assert split(list(range(10)), [4], seed=1) == split(list(range(10)), [4], seed=1, key=lambda x: x)
+    same, other = _png(tmp_path / "a.png"), "b.png"
+    (tmp_path / other).write_bytes(_image_bytes(200))
+    (tmp_path / "copy.png").write_bytes((tmp_path / same).read_bytes())
+    items = [CaptionItem(str(k), str(tmp_path / n), "No acute findings.")
+             for k, n in enumerate((same, "copy.png", other))]
+    assert duplicate_count(items, caption_key(items)) == {"duplicates_never_held_out": 2}
+    _, held = split(items, [1], seed=1, key=caption_key(items))
+    assert held == [items[2]]
+
+
 def test_unknown_source_is_a_data_error(tmp_path):
     from mmedagent.recipes.data import materialise
 
@@ -512,6 +611,23 @@ def test_parquet_image_paths_are_read_from_image_folder(tmp_path):
         _png(path.parent / n)
     assert [Path(i.image) for i in read_captions(path, None, tmp_path / "export")] == [
         (path.parent / n).resolve() for n in names]
+
+
+def test_parquet_with_a_plain_binary_image_column(tmp_path):
+    """Images stored as raw bytes by pandas / pyarrow (no HF Image feature) are exported like any stored image;
+    an image column of another type is an error naming the record."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "pandas.parquet"
+    pq.write_table(pa.table({"image": pa.array([_image_bytes(10), _image_bytes(200)], pa.binary()),
+                             "caption": ["dark", "bright"]}), str(path))
+    items = read_captions(path, None, tmp_path / "export")
+    assert [Path(i.image).read_bytes() for i in items] == [_image_bytes(10), _image_bytes(200)]
+    bad = tmp_path / "ints.parquet"
+    pq.write_table(pa.table({"image": [7], "caption": ["x"]}), str(bad))
+    with pytest.raises(DataError, match=rf"{bad}: record 1: cannot export an image of type int"):
+        read_captions(bad, None, tmp_path / "export")
 
 
 def test_local_dataset_dict_honours_data_split(tmp_path):

@@ -335,44 +335,47 @@ class Recipe:
         say(f"merged LoRA into the base, saved {self.settings['export_dtype']} model -> {target}")
         return target
 
-    def generate(self, model_path: str, examples: list[Example], quantised: bool = False) -> list[str]:
-        """Greedy answers of the model at ``model_path``, loaded as the model worker loads it."""
+    def generate(self, model_path: str, examples: list[Example], quantised: bool = False) -> list[str | None]:
+        """Greedy answers of the model at ``model_path``, loaded as the model worker loads it; None for an
+        example the model refuses (e.g. a prompt longer than its context), said as it happens."""
         from mmedagent.imaging import load_image
         from mmedagent.model import load_planner
 
         bits = self.settings["bits"] if quantised else 16
         planner = load_planner(model_path, load_in_4bit=bits == 4, load_in_8bit=bits == 8)
-        answers = []
+        answers: list[str | None] = []
         for e in examples:
             image = load_image(e.image).image if e.image else None
-            answers.append(
-                planner.generate(
-                    e.messages,
-                    image,
-                    max_new_tokens=self.settings["max_new_tokens"],
-                    temperature=0.0,
-                )
-            )
+            try:
+                answers.append(planner.generate(e.messages, image, max_new_tokens=self.settings["max_new_tokens"],
+                                                temperature=0.0))
+            except ValueError as err:  # the served model refuses it too: not scored, the run goes on
+                say(f"held-out {e.id}: not answered: {err}")
+                answers.append(None)
         del planner
         free_memory()
         return answers
 
-    def report(self, prepared: Prepared, before: list[str] | None, after: list[str]) -> dict[str, Any]:
-        """Per-split metrics (after, and before when generated), the answers side by side; written to
-        ``out/report.json`` and ``out/report.txt`` and printed."""
+    def report(self, prepared: Prepared, before: list[str | None] | None, after: list[str | None]) -> dict[str, Any]:
+        """Per-split metrics (after, and before when generated) over the examples every model answered, the
+        answers side by side; written to ``out/report.json`` and ``out/report.txt`` and printed."""
         rows, metrics, k = [], {}, 0
         for split, examples in prepared.splits.items():
             n = len(examples)
             if not n:
                 continue  # nothing held out for this split
-            got_after = after[k : k + n]
-            metrics[split] = {"n": n, "after": self.score(split, examples, got_after)}
-            if before is not None:
-                metrics[split]["before"] = self.score(split, examples, before[k : k + n])
+            runs = {"after": after[k : k + n]} | ({"before": before[k : k + n]} if before is not None else {})
+            answered = [j for j in range(n) if all(got[j] is not None for got in runs.values())]
+            metrics[split] = {"n": len(answered)}
+            if len(answered) < n:
+                metrics[split]["not_answered"] = n - len(answered)
+            if answered:
+                scored = [examples[j] for j in answered]
+                for name, got in runs.items():
+                    metrics[split][name] = self.score(split, scored, [got[j] for j in answered])
             for j, e in enumerate(examples):
-                row = {"split": split, "id": e.id, "reference": e.reference, "after": got_after[j]}
-                if before is not None:
-                    row["before"] = before[k + j]
+                row = {"split": split, "id": e.id, "reference": e.reference}
+                row |= {name: got[j] if got[j] is not None else "(not answered)" for name, got in runs.items()}
                 rows.append(row)
             k += n
         columns = (
@@ -423,13 +426,23 @@ class CaptionRecipe(Recipe):
         return tiny_caption_dataset(folder, self.cfg.tiny_rows, self.cfg.seed, size=48, **self.tiny_layout)
 
     def prepare(self, data: Path) -> Prepared:
-        from mmedagent.recipes.data import caption_record, read_captions, split, write_examples, write_sharegpt
+        from mmedagent.recipes.data import (
+            caption_key,
+            caption_record,
+            duplicate_count,
+            read_captions,
+            split,
+            write_examples,
+            write_sharegpt,
+        )
 
         items = read_captions(
             data, self.cfg.image_folder, self.out / "data" / "images", self.required_columns, self.data_split
         )
-        train, heldout = split(items, [self.cfg.eval_samples], self.cfg.seed)
+        key = caption_key(items)
+        train, heldout = split(items, [self.cfg.eval_samples], self.cfg.seed, key=key)
         train_file = write_sharegpt([caption_record(i, self.prompt) for i in train], self.out / "data" / "train.json")
         examples = [Example(i.id, self.prompt, i.caption, image=i.image) for i in heldout]
         write_examples(examples, self.out / "data" / "heldout.jsonl")
-        return Prepared(train_file, {"heldout": examples}, {"train": len(train), "heldout": len(heldout)})
+        counts = {"train": len(train), "heldout": len(heldout)} | duplicate_count(items, key)
+        return Prepared(train_file, {"heldout": examples}, counts)

@@ -23,13 +23,13 @@ class RecipeConfig:
     model: str = ""
     """Base checkpoint: hub id or local directory."""
     data: str | None = None
-    """Training data: a JSON/JSONL file, a saved HF dataset folder, a parquet file or an HF dataset name."""
+    """Training data: a JSON/JSONL/CSV/TSV file, a saved HF dataset folder, a parquet file or an HF dataset name."""
     data_config: str | None = None
     """Configuration (subset) name when ``data`` is an HF dataset name, e.g. ``25M_demo``."""
     data_split: str = "train"
     """Split to use when ``data`` is an HF dataset name; slices work (``train[:2000]``)."""
     image_folder: str | None = None
-    """Folder that relative image paths in JSON data refer to (default: the data file's folder)."""
+    """Folder that relative image paths in the data refer to (default: the data file's folder)."""
     out: str = ""
     """Output directory (data, adapter, merged model, reports)."""
     tiny: bool = False

@@ -2,7 +2,7 @@
 
 * image + caption (Radiology_mini / ROCO: ``image``, ``caption``; MedTrinity-25M: ``image``, ``id``,
   ``caption``) → one instruction pair per row, read through :func:`mmedagent.data.formats.read_records`
-  (JSON / JSONL / saved HF dataset / parquet; HF images exported to files);
+  (JSON / JSONL / saved HF dataset / parquet; HF images exported to files) or from CSV / TSV;
 * medical QA and dialogue (MedQA-style multiple choice: ``question``, ``options``, ``answer_idx``;
   ChatDoctor / Alpaca: ``instruction``, ``input``, ``output``; chat ``messages`` / ``conversations``).
 
@@ -13,11 +13,16 @@ model is loaded. ``--tiny`` data is generated here in the same layouts.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import functools
+import hashlib
+import itertools
 import json
 import random
 import re
-from collections.abc import Iterator, Sequence
+from collections import Counter
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,9 +84,33 @@ def materialise(data: str, split: str, cache: Path, config: str | None = None) -
     return target
 
 
+def is_csv(path: Path) -> bool:
+    """A comma- or tab-separated file with a header row (``.csv`` / ``.tsv``)."""
+    return path.is_file() and path.suffix.lower() in (".csv", ".tsv")
+
+
+def _csv_rows(path: Path) -> Iterator[tuple[int, dict[str, str]]]:
+    """(1-based record, row) of a CSV / TSV file; a row with more or fewer fields than the header is an error
+    (an unquoted comma in a text would otherwise shift or cut it)."""
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            reader = csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+            for i, row in enumerate(reader, 1):
+                if None in row or None in row.values():
+                    fields = sum(v is not None for k, v in row.items() if k is not None) + len(row.get(None) or ())
+                    raise DataError(f"{path}: record {i} (line {reader.line_num}): {fields} field(s), the header "
+                                    f"has {len(reader.fieldnames)} (quote texts that hold the separator)")
+                yield i, row
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason}); save it as UTF-8") from None
+    except csv.Error as e:
+        raise DataError(f"{path}: line {reader.line_num}: {e}") from None
+
+
 def iter_rows(path: Path, split: str | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(1-based row, row) of a JSON / JSONL file or a text-only HF dataset / parquet file."""
-    rows = enumerate(open_hf_dataset(path, split), 1) if is_tabular(path) else iter_raw(path)
+    """(1-based row, row) of a JSON / JSONL / CSV / TSV file or a text-only HF dataset / parquet file."""
+    rows = (enumerate(open_hf_dataset(path, split), 1) if is_tabular(path)
+            else _csv_rows(path) if is_csv(path) else iter_raw(path))
     for i, row in rows:
         if not isinstance(row, dict):
             raise DataError(f"{path}: record {i}: expected an object, found {type(row).__name__}")
@@ -132,6 +161,8 @@ def read_captions(
     check_columns(path, required, split)
     if is_tabular(path):
         items = _tabular_captions(path, image_folder, export_dir, split)
+    elif is_csv(path):
+        items = _row_captions(path, iter_rows(path), image_folder, export_dir)
     else:
         folder = Path(image_folder) if image_folder else path.parent
         items = []
@@ -183,18 +214,27 @@ def _tabular_captions(path: Path, image_folder: str | None, export_dir: Path, sp
     data's folder."""
     import datasets
 
-    from mmedagent.data.formats import _export_images
-
     ds = open_hf_dataset(path, split)
     if isinstance(ds.features.get("image"), datasets.Image):
         ds = ds.cast_column("image", datasets.Image(decode=False))  # bytes as stored: no decoding, exported as is
+    return _row_captions(path, enumerate(ds, 1), image_folder, export_dir)
+
+
+def _row_captions(path: Path, rows: Iterable[tuple[int, dict[str, Any]]], image_folder: str | None,
+                  export_dir: Path) -> list[CaptionItem]:
+    """Caption items of the (1-based record, row) pairs of tabular or CSV data at ``path`` (see
+    :func:`_tabular_captions`)."""
+    from mmedagent.data.formats import _export_images
+
     bases = [Path(image_folder)] if image_folder else [path if path.is_dir() else path.parent]
     if not image_folder and path.is_dir():
         bases.append(path.parent)
     items = []
-    for i, row in enumerate(ds, 1):
+    for i, row in rows:
         where = f"{path}: record {i}"
         value = row.get("image")
+        if isinstance(value, (bytes, bytearray)):  # a plain binary column (pandas / pyarrow), not an Image feature
+            value = {"bytes": bytes(value), "path": None}
         if isinstance(value, dict) and not value.get("bytes"):
             value = value.get("path")  # an Image feature that stores only a path
         if value is None or value == "" or value == []:
@@ -213,8 +253,11 @@ def _tabular_captions(path: Path, image_folder: str | None, export_dir: Path, sp
                                    "give --image-folder)"))
             image = found[0]
         else:
-            name = _export_images({"image": value, "id": row.get("id") or row.get("image_id")}, i, export_dir)["image"]
-            image = export_dir / name
+            try:
+                name = _export_images({"image": value, "id": row.get("id") or row.get("image_id")}, i, export_dir)
+            except DataError as e:
+                raise DataError(f"{where}: {e}") from None
+            image = export_dir / name["image"]
         caption = str(row.get("caption") or "").strip()
         if not caption:
             raise DataError(f"{where}: empty caption")
@@ -246,19 +289,31 @@ _MC_PROMPT = "{question}\n\nOptions:\n{options}\n\nAnswer with the letter of the
 
 
 def _options(raw: Any, where: str) -> dict[str, str]:
+    """{letter: text} of ``{"A": ...}`` (letters a table pads with null are left out), a list of texts, or
+    a list of ``{"key": "A", "value": ...}`` (BigBio MedQA); in CSV, any of these as JSON text."""
+    if isinstance(raw, str) and raw.lstrip()[:1] in ("{", "["):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: options are not valid JSON: {e}") from None
+    if isinstance(raw, list) and raw and all(isinstance(o, dict) and {"key", "value"} <= set(o) for o in raw):
+        raw = {o["key"]: o["value"] for o in raw}
     if isinstance(raw, dict):
-        opts = {str(k).strip().upper(): str(v).strip() for k, v in raw.items()}
-    elif isinstance(raw, list):
+        opts = {str(k).strip().upper(): str(v).strip() for k, v in raw.items() if v is not None}
+    elif isinstance(raw, list) and all(isinstance(o, (str, int, float)) for o in raw):
         opts = {chr(ord("A") + k): str(v).strip() for k, v in enumerate(raw)}
     else:
-        raise DataError(f"{where}: options must be an object {{letter: text}} or a list")
+        raise DataError(f"{where}: options must be an object {{letter: text}}, a list of texts "
+                        "or a list of {key, value} objects")
     if len(opts) < 2 or any(not re.fullmatch(r"[A-Z]", k) or not v for k, v in opts.items()):
         raise DataError(f"{where}: options need at least two non-empty entries keyed by single letters")
     return opts
 
 
 def dialogue_item(row: dict[str, Any], where: str, default_id: str) -> tuple[Record, Example]:
-    """A QA / dialogue row as a training record and as a held-out example (last assistant turn = reference)."""
+    """A QA / dialogue row as a training record and as a held-out example (last assistant turn = reference).
+    Null fields count as absent: a table mixing layouts pads each row's unused columns with null."""
+    row = {k: v for k, v in row.items() if v is not None}
     rid = str(row.get("id") or default_id)
     if "question" in row and "options" in row:
         opts = _options(row["options"], where)
@@ -275,7 +330,7 @@ def dialogue_item(row: dict[str, Any], where: str, default_id: str) -> tuple[Rec
             rid,
         )
         return record, Example(rid, prompt, reference, options=tuple(opts))
-    if not any(k in row for k in ("instruction", "messages", "conversations")):
+    if not ({"instruction", "output"} <= set(row) or "messages" in row or "conversations" in row):
         raise DataError(
             f"{where}: missing columns: expected question+options+answer_idx (multiple choice), "
             f"instruction+output (ChatDoctor / Alpaca) or messages; it has {', '.join(row)}"
@@ -289,7 +344,7 @@ def dialogue_item(row: dict[str, Any], where: str, default_id: str) -> tuple[Rec
     turns = record.conversations
     if turns[-1].role != "gpt" or not turns[-1].value.strip():
         raise DataError(f"{where}: the last turn must be a non-empty answer")
-    if turns[-2].role != "human":
+    if len(turns) < 2 or turns[-2].role != "human":
         raise DataError(f"{where}: the answer must follow a user turn")
     roles = {"human": "user", "gpt": "assistant", "system": "system"}
     context = tuple((roles[m.role], m.text()) for m in turns[:-2])
@@ -308,24 +363,47 @@ def read_dialogue(path: Path, split: str | None = None) -> list[tuple[Record, Ex
 # --------------------------------------------------------------------------- splits and files
 
 
-def split(items: list[Any], fractions: Sequence[int | float], seed: int) -> list[list[Any]]:
+def split(items: list[Any], fractions: Sequence[int | float], seed: int,
+          key: Callable[[Any], Hashable] | None = None) -> list[list[Any]]:
     """Shuffle deterministically; ``fractions`` (0: none, < 1: share, >= 1: count) of the held-out parts,
-    the rest is the first part (training). A held-out part with a share above 0 gets at least one item."""
-    order = list(items)
+    the rest is the first part (training). A held-out part with a share above 0 gets at least one item.
+    Items that share their ``key`` with another (exact duplicates) are never held out: a copy would be
+    trained on, so the held-out part would score memorisation."""
+    order = list(range(len(items)))
     random.Random(seed).shuffle(order)
-    parts, start = [], 0
+    keys = [key(x) for x in items] if key else list(order)
+    copies = Counter(keys)
+    candidates = iter([i for i in order if copies[keys[i]] == 1])
+    parts, held, wanted = [], set(), 0
     for f in fractions:
         if f < 0:
             raise DataError(f"cannot hold out {f} records")
         n = 0 if f == 0 else max(1, round(f * len(items))) if f < 1 else int(f)
-        parts.append(order[start : start + n])
-        start += n
-    if start >= len(order):
+        part = list(itertools.islice(candidates, n))
+        parts.append([items[i] for i in part])
+        held.update(part)
+        wanted += n
+    if wanted >= len(order):
         raise DataError(
-            f"{len(items)} records leave none for training after holding out {start}; "
+            f"{len(items)} records leave none for training after holding out {wanted}; "
             "use more data or fewer held-out records"
         )
-    return [order[start:], *parts]
+    return [[items[i] for i in order if i not in held], *parts]
+
+
+def duplicate_count(items: Sequence[Any], key: Callable[[Any], Hashable]) -> dict[str, int]:
+    """The data counts' entry for the ``items`` that share their ``key`` with another (trained on, never held
+    out by :func:`split`); empty when there are none."""
+    n = sum(n for n in Counter(map(key, items)).values() if n > 1)
+    return {"duplicates_never_held_out": n} if n else {}
+
+
+def caption_key(items: Sequence[CaptionItem]) -> Callable[[CaptionItem], Hashable]:
+    """The :func:`split` key of a caption item: its caption and, where the caption repeats, its image's content
+    (the same caption under another image is no duplicate; only repeated captions cost a read of the image)."""
+    repeated = {c for c, n in Counter(i.caption for i in items).items() if n > 1}
+    digest = functools.cache(lambda image: hashlib.sha256(Path(image).read_bytes()).hexdigest())
+    return lambda item: (item.caption, digest(item.image) if item.caption in repeated else None)
 
 
 def write_sharegpt(records: Sequence[Record], path: Path) -> Path:
@@ -401,7 +479,8 @@ def tiny_caption_dataset(out: Path, n: int, seed: int, size: int, long: bool, fm
 
 
 def tiny_dialogue_file(out: Path, n: int, seed: int) -> Path:
-    """MedQA-style multiple-choice rows and ChatDoctor-style free-text rows, one JSON object per line."""
+    """MedQA-style multiple-choice rows and ChatDoctor-style free-text rows, one JSON object per line; the
+    patient's age makes every row its own (exact duplicates are never held out)."""
     rng = random.Random(seed)
     facts = [
         ("fever and cough with a lobar opacity", "pneumonia", ["asthma", "pneumonia", "angina", "gout"]),
@@ -417,7 +496,8 @@ def tiny_dialogue_file(out: Path, n: int, seed: int) -> Path:
             rows.append(
                 {
                     "id": f"mc-{k}",
-                    "question": f"A patient presents with {symptom}. What is the most likely diagnosis?",
+                    "question": f"A {18 + k}-year-old patient presents with {symptom}. "
+                    "What is the most likely diagnosis?",
                     "options": opts,
                     "answer_idx": "ABCD"[options.index(diagnosis)],
                     "answer": diagnosis,
@@ -429,7 +509,7 @@ def tiny_dialogue_file(out: Path, n: int, seed: int) -> Path:
                     "id": f"cd-{k}",
                     "instruction": "If you are a doctor, please answer the medical questions "
                     "based on the patient's description.",
-                    "input": f"Hi doctor, I have {symptom}. What could it be?",
+                    "input": f"Hi doctor, I am {18 + k} and I have {symptom}. What could it be?",
                     "output": f"Hi, thanks for asking. These symptoms suggest {diagnosis}. "
                     f"Please see your doctor for an examination{rng.choice(('.', ' soon.'))}",
                 }

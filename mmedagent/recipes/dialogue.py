@@ -15,9 +15,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+from mmedagent.protocol import Record
 from mmedagent.recipes.base import Prepared, Recipe, serve_script, text_metrics
 from mmedagent.recipes.config import RecipeConfig, held_out_share
-from mmedagent.recipes.data import Example, read_dialogue, split, tiny_dialogue_file, write_examples, write_sharegpt
+from mmedagent.recipes.data import (
+    Example,
+    duplicate_count,
+    read_dialogue,
+    split,
+    tiny_dialogue_file,
+    write_examples,
+    write_sharegpt,
+)
 
 
 @dataclass
@@ -89,7 +98,10 @@ class DialogueLlama3(Recipe):
 
     def prepare(self, data: Path) -> Prepared:
         pairs = read_dialogue(data, self.data_split)
-        train, val, test = split(pairs, [self.cfg.val_fraction, self.cfg.test_fraction], self.cfg.seed)
+        def key(pair: tuple[Record, Example]) -> tuple:
+            return pair[1].context, pair[1].prompt, pair[1].reference
+
+        train, val, test = split(pairs, [self.cfg.val_fraction, self.cfg.test_fraction], self.cfg.seed, key=key)
         folder = self.out / "data"
         train_file = write_sharegpt([r for r, _ in train], folder / "train.json")
         for name, part in (("val", val), ("test", test)):
@@ -105,7 +117,7 @@ class DialogueLlama3(Recipe):
                 "test": len(test),
                 "multiple_choice": n_mc,
                 "free_text": len(pairs) - n_mc,
-            },
+            } | duplicate_count(pairs, key),
             eval_file=folder / "val.json" if val else None,
         )
 
