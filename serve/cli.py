@@ -3,7 +3,8 @@
     python serve/cli.py --image scan.dcm                 # interactive: one question per line
     python serve/cli.py --image scan.png -q "Where is the lesion?"   # one question, then exit
 
-Each step is printed as it happens: thought, tool calls, tool results, answer.
+Each step is printed as it happens: thought, tool calls, tool results, answer. In the interactive chat,
+Ctrl-C stops the answer being printed and keeps the conversation; at the prompt it (or /quit) exits.
 """
 
 if __name__ == "__main__":  # run as a script: serve/ must not shadow installed packages
@@ -23,7 +24,7 @@ from typing import Any, TextIO
 import mmedagent  # noqa: F401  - arms the torchvision shim first
 import httpx
 
-from mmedagent.serve.config import add_common_args, config_or_exit
+from mmedagent.serve.config import ServeConfig, add_common_args, config_or_exit
 from mmedagent.serve.httpclient import error_detail, make_client
 from mmedagent.serve.messages import stop_note
 from mmedagent.imaging import describe_view, parse_window
@@ -97,13 +98,24 @@ def main(argv: list[str] | None = None) -> int:
     add_common_args(parser)
     args = parser.parse_args(argv)
     cfg = config_or_exit(parser, args.config, api_key=args.api_key)
+    try:
+        return chat(args, cfg)
+    except KeyboardInterrupt:  # at the prompt, in one-shot mode, or while the image loads
+        print(file=sys.stderr)  # the shell's prompt on a line of its own
+        return 130
+
+
+def chat(args: argparse.Namespace, cfg: ServeConfig) -> int:
+    """Load the image, show the banner, then ask (``-q``) or read questions; the exit status."""
     url = (args.controller or cfg.controller_url).rstrip("/")
     image = None
     if args.image:
         try:
             window = parse_window(args.window) if args.window else None
-            med = decode_image(Path(args.image).read_bytes(), max_bytes=cfg.max_upload_bytes, window=window,
-                               slice_index=args.slice, plane=args.plane, volume=args.volume)
+            # the file stays here (a whole CT series may be far over the servers' upload limit); only the
+            # view's PNG is sent, and sendable_png holds that to the limit
+            med = decode_image(Path(args.image).read_bytes(), window=window, slice_index=args.slice, plane=args.plane,
+                               volume=args.volume)
             image = med.image
             sendable_png(image, cfg.max_upload_bytes)
         except (OSError, ValueError) as e:  # UploadError is a ValueError
@@ -121,32 +133,34 @@ def main(argv: list[str] | None = None) -> int:
     body: dict[str, Any] = {"conversation_id": uuid.uuid4().hex, "history": [], "model": args.model,
                             "image": png_data_url(image) if image is not None else None}
     questions = [args.question] if args.question else None
-    try:
-        while True:
-            if questions is not None:
-                if not questions:
-                    return 0
-                question = questions.pop(0)
-            else:
-                try:
-                    question = input("you> ").strip()
-                except EOFError:
-                    return 0
-                if question in ("", "/quit", "/exit"):
-                    if question:
-                        return 0
-                    continue
+    while True:
+        if questions is not None:
+            if not questions:
+                return 0
+            question = questions.pop(0)
+        else:
             try:
-                history = ask(client, url, {**body, "question": question}, sys.stdout)
-            except httpx.HTTPError as e:
-                print(f"controller {url} unreachable: {type(e).__name__}", file=sys.stderr)
-                return 1
-            if history is None and questions is not None:
-                return 1
-            if history is not None:
-                body["history"] = history
-    except KeyboardInterrupt:
-        return 130
+                question = input("you> ").strip()
+            except EOFError:
+                return 0
+            if question in ("", "/quit", "/exit"):
+                if question:
+                    return 0
+                continue
+        try:
+            history = ask(client, url, {**body, "question": question}, sys.stdout)
+        except httpx.HTTPError as e:
+            print(f"controller {url} unreachable: {type(e).__name__}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:  # interactive: Ctrl-C stops this answer, not the conversation
+            if questions is not None:
+                raise
+            print("\n(answer stopped; the conversation goes on without it: ask again, or /quit)", file=sys.stderr)
+            continue
+        if history is None and questions is not None:
+            return 1
+        if history is not None:
+            body["history"] = history
 
 
 if __name__ == "__main__":

@@ -60,9 +60,6 @@ def for_display(image):
     return image.resize((image.size[0] * k, image.size[1] * k), resample=0) if k > 1 else image
 
 
-UPLOAD_TYPES = [".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".dcm", ".dicom", ".nii", ".gz"]
-
-
 def _pct(value: Any) -> str:
     return f"{value:.0%}" if isinstance(value, (int, float)) else "n/a"
 
@@ -170,6 +167,11 @@ class WebChat:
             return None, None, [], [], "⚠️ The upload is gone; please upload the file again.", None
         return (*self.view(data, window, slice_index, plane, volume), data)
 
+    def upload(self, file: str | None, window: str = AUTO, plane: str = "axial"):
+        """A new file → :meth:`load` at the default slice and volume, and those defaults for their boxes:
+        the last scan's slice or volume may not exist in this one (the window and plane stay)."""
+        return (*self.load(file, window, -1, plane, 0), -1, 0)
+
     def view(self, data: bytes | None, window: str = AUTO, slice_index: float | None = -1, plane: str = "axial",
              volume: float | None = 0):
         """A view of the uploaded scan (window, slice, plane, volume) → (preview, image state, reset chat,
@@ -190,13 +192,35 @@ class WebChat:
         size = f"{med.image.size[0]}×{med.image.size[1]} px"
         return for_display(med.image), med.image, [], [], f"Loaded {describe_view(med.metadata)}; {size}"
 
+    @staticmethod
+    def shown_view(slice_index: float | None, volume: float | None) -> tuple[int, int]:
+        """The slice and volume boxes as the view they name (-1: the middle slice / first frame)."""
+        return (-1 if slice_index is None or slice_index < 0 else int(slice_index)), int(volume or 0)
+
+    def check_view(self, slice_index: float | None, volume: float | None, applied: tuple[int, int] | None,
+                   scan: bytes | None, image) -> None:
+        """Refuse a question about an upload that is not shown: its view failed (the note says why), or
+        the slice or volume box holds a number not applied yet (it applies on Enter). The answer would be
+        about no image, or another one than the boxes name."""
+        import gradio as gr
+
+        if scan is not None and image is None:
+            raise gr.Error("The uploaded file is not shown (the note above the image says why): choose another view "
+                           "or upload another file; your question is kept.", print_exception=False)
+        if applied is not None and self.shown_view(slice_index, volume) != tuple(applied):
+            raise gr.Error("The slice or volume box is not applied yet: press Enter in it to show that view "
+                           "(a new conversation), or set it back; your question is kept.", print_exception=False)
+
     def respond(self, question: str, chat: list, history: list, image, conversation: str | None) -> Iterator[tuple]:
-        """Stream one question: yields (chat, history, preview, question box, conversation id)."""
+        """Stream one question: yields (chat, history, preview, question box, conversation id). The box is
+        emptied once, as the question moves into the chat: what the user types meanwhile stays."""
+        import gradio as gr
+
         from mmedagent.render import render
 
-        question = (question or "").strip()
+        question, keep = (question or "").strip(), gr.skip()
         if not question:
-            yield chat, history, image, "", conversation
+            yield keep, keep, keep, keep, keep
             return
         conversation = conversation or uuid.uuid4().hex
         chat = [*chat, {"role": "user", "content": question}]
@@ -209,7 +233,7 @@ class WebChat:
                 if r.status_code != 200:
                     r.read()
                     chat.append({"role": "assistant", "content": f"⚠️ {error_detail(r)}"})
-                    yield chat, history, preview, "", conversation
+                    yield chat, history, preview, keep, conversation
                     return
                 for line in r.iter_lines():
                     if not line:
@@ -217,7 +241,7 @@ class WebChat:
                     event = json.loads(line)
                     if event["type"] == "token":
                         pending += event["text"]
-                        yield chat + [{"role": "assistant", "content": pending}], history, preview, "", conversation
+                        yield chat + [{"role": "assistant", "content": pending}], history, preview, keep, conversation
                     elif event["type"] == "step":
                         pending = ""
                         step = event["step"]
@@ -225,19 +249,19 @@ class WebChat:
                         overlays += [Overlay.model_validate(o) for o in step["overlays"] if o]
                         if image is not None and overlays:
                             preview = render(for_display(image), overlays)
-                        yield chat, history, preview, "", conversation
+                        yield chat, history, preview, keep, conversation
                     elif event["type"] == "answer":
                         history = event["history"]
                         if note := stop_note(event["stopped"]):
                             chat.append({"role": "assistant", "content": note, "metadata": {"title": "⚠️ Note"}})
                         chat.append({"role": "assistant", "content": event["answer"] or "(no answer)"})
-                        yield chat, history, preview, "", conversation
+                        yield chat, history, preview, keep, conversation
                     elif event["type"] == "error":
                         chat.append({"role": "assistant", "content": f"⚠️ {event['error']}"})
-                        yield chat, history, preview, "", conversation
+                        yield chat, history, preview, keep, conversation
         except httpx.HTTPError as e:
             chat.append({"role": "assistant", "content": f"⚠️ controller unreachable ({type(e).__name__})"})
-            yield chat, history, preview, "", conversation
+            yield chat, history, preview, keep, conversation
 
 
 def build_ui(web: WebChat):
@@ -248,9 +272,11 @@ def build_ui(web: WebChat):
         status = gr.Markdown(elem_id="banner")
         image_state, history_state, conversation_state = gr.State(None), gr.State([]), gr.State(None)
         scan_state = gr.State(None)  # the upload's bytes (this session's memory only), for another view
+        view_state = gr.State(None)  # the slice and volume applied: the image shows them
         with gr.Row():
             with gr.Column(scale=2):
-                upload = gr.File(label="Image (PNG, JPEG, DICOM, NIfTI)", file_types=UPLOAD_TYPES, elem_id="upload")
+                # any file name: DICOM files from a PACS or a CD often have no extension; the content decides
+                upload = gr.File(label="Image (PNG, JPEG, DICOM, NIfTI)", elem_id="upload")
                 with gr.Row():  # the view of a scan: CT window, NIfTI slice / plane / volume, DICOM frame
                     window = gr.Dropdown([AUTO, *WINDOW_PRESETS], value=AUTO, label="Window", elem_id="window")
                     plane = gr.Dropdown(["axial", "coronal", "sagittal"], value="axial", label="Plane", elem_id="plane")
@@ -270,15 +296,19 @@ def build_ui(web: WebChat):
         gr.Timer(15).tick(web.status_markdown, outputs=status, show_progress="hidden")  # tools that finish loading
         ask = dict(fn=web.respond, inputs=[question, chat, history_state, image_state, conversation_state],
                    outputs=[chat, history_state, preview, question, conversation_state])
-        asking = [send.click(**ask), question.submit(**ask)]
+        check = dict(fn=web.check_view, inputs=[slice_index, volume, view_state, scan_state, image_state],
+                     show_progress="hidden")
+        asking = [send.click(**check).success(**ask), question.submit(**check).success(**ask)]
         # a new image or conversation stops the answer being streamed: it must not write one patient's
         # conversation over the next one's
         shown = [preview, image_state, chat, history_state, note]
         view = [window, slice_index, plane, volume]
-        upload.change(web.load, [upload, *view], [*shown, scan_state], cancels=asking).then(
-            lambda: None, outputs=conversation_state)
+        new_view = dict(fn=lambda s, v: (None, web.shown_view(s, v)), inputs=[slice_index, volume],
+                        outputs=[conversation_state, view_state])
+        upload.change(web.upload, [upload, window, plane], [*shown, scan_state, slice_index, volume], cancels=asking,
+                      api_name="load").then(**new_view)
         gr.on([window.change, plane.change, slice_index.submit, volume.submit], web.view, [scan_state, *view], shown,
-              cancels=asking).then(lambda: None, outputs=conversation_state)
+              cancels=asking).then(**new_view)
         clear.click(lambda img: ([], [], for_display(img) if img is not None else None, None), image_state,
                     [chat, history_state, preview, conversation_state], cancels=asking)
     return ui
