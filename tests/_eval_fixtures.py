@@ -49,6 +49,24 @@ def mmedagent_line(qid=7, box=GOLD_BOX):
     }
 
 
+MMEDAGENT_TEXT_OUTPUT_LINES = [
+    # MMedAgent's released eval lines (shortened) whose tool outputs are plain text, not mappings
+    {"question_id": 41, "type": "class", "image": "img.png", "pre_text": "Can you tell me the specific area this CT scan focuses on? ",
+     "assist": '"thoughts🤔"I should employ a classification model.\n"actions🚀" [{"API_name": "BiomedClip", "API_params": {}]\n'
+               '"value👉"I will use a classification model.',
+     "text": "BiomedClip output: lung CT\n\nAnswer my first question: Can you tell me the specific area this CT scan focuses on?"},
+    {"question_id": 0, "type": "mrg", "image": "img.png", "pre_text": "Are you able to derive a medical report from this image?",
+     "assist": '"thoughts🤔"I will apply the ChatCAD-G tool.\n"actions🚀"[{"API_name": "ChatCAD-G","API_params": {}}]\n'
+               '"value👉"Certainly! I will utilize a medical report generation tool.',
+     "text": "ChatCAD-G output: The chest X-ray shows clear lung fields. No acute abnormalities are noted in the patient's bony "
+             "structures.\n\nAnswer my first question: Are you able to derive a medical analysis from this image?"},
+    {"question_id": 39, "type": "rag", "image": "img.png", "pre_text": "What are the implications of having Scleritis?",
+     "assist": '"thoughts🤔"Retrieve.\n"actions🚀" [{"API_name": "ChatCAD-R", "API_params":{}}]\n"value👉"Here is the information:',
+     "text": "ChatCAD-R output: ```\nKey steps include:\n1. **Medical Intervention:** Seek immediate medical attention.\n```"
+             "\n\nAnswer my first question: What are the implications of having Scleritis?"},
+]
+
+
 def write_json(path, records):
     path.write_text(json.dumps(records), encoding="utf-8")
     return path

@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from _eval_fixtures import (
+    MMEDAGENT_TEXT_OUTPUT_LINES,
     GOLD_BOX, QUESTION, direct_record, grounding_record, mmedagent_line, turn, write_image, write_json, write_jsonl,
 )
 from doubles import FakeGrounding, ScriptedPlanner
@@ -239,6 +240,30 @@ def test_compare_writes_markdown_png_and_examples(tmp_path, folder, fake_groundi
     assert "samples: 2 in common, 2 only in A, 0 only in B" in md
 
 
+def test_mmedagent_text_tool_outputs_are_scored_as_labels_and_reports(tmp_path, folder):
+    """MMedAgent's eval lines give BiomedClip, ChatCAD-G and ChatCAD-R outputs as plain text: in gold mode
+    the planner reads them verbatim, the BiomedClip text is the gold label and the ChatCAD-G text the gold report."""
+    lines = [*MMEDAGENT_TEXT_OUTPUT_LINES, {**MMEDAGENT_TEXT_OUTPUT_LINES[0], "question_id": 42,
+                                            "text": "BiomedClip output: chest X-ray\n\nAnswer my first question: Which scan?"}]
+    samples = load_samples(write_jsonl(tmp_path / "eval_agent_tool_use_all.jsonl", lines))
+    report_text = samples[1].gold_results[0][0].text
+    plan = [turn("Classifying.", ("BiomedClip", {})), turn("It is a lung CT."),
+            turn("Reporting.", ("ChatCAD-G", {})), turn(report_text),
+            turn("Retrieving.", ("ChatCAD-R", {})), turn("Seek immediate medical attention."),
+            turn("Classifying.", ("BiomedClip", {})), turn("It is a lung CT.")]
+    planner = ScriptedPlanner(plan)
+    runner = AgentRunner(planner, "gold", [], image_folder=folder)
+    results = [runner.run(s) for s in samples]
+    assert planner.calls[1][-1]["content"] == lines[0]["text"]  # the text output fed back as it was given
+    report = build_report(samples, results, tool_mode="gold")
+    assert [r.error for r in results] == [None] * 4 and report["tool_selection_accuracy"] == 1.0
+    assert [s["scores"].get("gold_label") for s in report["samples"]] == ["lung CT", None, None, "chest X-ray"]
+    assert report["per_task"]["class"]["classification_accuracy"] == 0.5  # the second answer names lung CT too
+    assert report["samples"][1]["gold_answer"] == report_text
+    assert report["per_task"]["mrg"]["rouge_l"] == 1.0 and report["per_task"]["mrg"]["bleu4"] == pytest.approx(1.0)
+    assert report["per_task"]["rag"]["rouge_l"] is None  # a retrieved passage is not a reference answer
+
+
 def test_cli_errors_are_clear(tmp_path, capsys):
     assert main(["--model", "x", "--data", str(tmp_path / "none.json")]) == 2
     assert "evaluation file not found" in capsys.readouterr().err
@@ -356,3 +381,18 @@ def test_a_judge_failure_does_not_lose_the_evaluation(tmp_path, monkeypatch, cap
     results = [SampleResult(id=s.id, task=s.task, answer="Yes.") for s in samples]
     assert J.judge(samples, results, "http://judge/v1", "j") == [None, 8.0]
     assert "judge failed on 1 samples" in capsys.readouterr().err
+
+
+def test_the_judge_grades_a_report_against_the_gold_report_text(tmp_path, monkeypatch):
+    from mmedagent.evaluation import judge as J
+
+    class Judge(J.OpenAIPlanner):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.client = _endpoint((200, {"choices": [{"message": {"role": "assistant", "content": "7"}}]}))
+
+    monkeypatch.setattr(J, "OpenAIPlanner", Judge)
+    mrg = MMEDAGENT_TEXT_OUTPUT_LINES[1]  # no fig_caption: the ChatCAD-G text is the only reference
+    samples = load_samples(write_jsonl(tmp_path / "e.jsonl", [mrg]))
+    results = [SampleResult(id=s.id, task=s.task, answer="Clear lungs.") for s in samples]
+    assert J.judge(samples, results, "http://judge/v1", "j") == [7.0]

@@ -1,7 +1,8 @@
 """Optional LLM-as-judge through any OpenAI-compatible chat endpoint (never required).
 
-The judge sees the question, the reference (gold answer or MMedAgent's ``fig_caption``) and the
-answer, and replies with a score from 1 to 10; samples without a reference are not judged.
+The judge sees the question, the reference (gold answer, else MMedAgent's ``fig_caption``, else
+the gold report of a report-generation sample) and the answer, and replies with a score from 1 to
+10; samples without a reference are not judged.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import httpx
 
 from mmedagent.evaluation.readers import EvalSample
 from mmedagent.evaluation.runner import EndpointError, OpenAIPlanner, SampleResult
+from mmedagent.evaluation.scoring import reference_answer
 
 PROMPT = (
     "You grade answers of a medical imaging assistant. Compare the answer with the reference and "
@@ -37,7 +39,7 @@ def judge(samples: Sequence[EvalSample], results: Sequence[SampleResult], url: s
     failures: list[str] = []
     try:
         for smp, r in zip(samples, results):
-            reference = smp.gold_answer or smp.reference.get("fig_caption")
+            reference = smp.gold_answer or smp.reference.get("fig_caption") or reference_answer(smp)
             if not reference or r.error:
                 scores.append(None)
                 continue

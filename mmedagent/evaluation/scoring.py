@@ -9,11 +9,12 @@ Where the prediction comes from, per metric:
   ``gold.boxes``, else the gold tool output's ``boxes``;
 * Dice: the masks of the live tool results (the model never sees masks) against ``gold.masks``
   — live mode only;
-* classification: the gold label (``gold.label`` or the gold tool output's top label) must be
-  the label named in the answer (longest known label found); AUROC from the live tool's
-  per-label scores;
+* classification: the gold label (``gold.label``, else the gold tool output's top label, or the
+  classification tool's text output: MMedAgent's ``BiomedClip output: lung CT``) must be the label
+  named in the answer (longest known label found); AUROC from the live tool's per-label scores;
 * report text (BLEU-4, ROUGE-L, METEOR) and open-answer token F1: the answer against the gold
-  final answer; closed VQA: yes/no-normalised match;
+  final answer, else (MMedAgent's eval lines have none) the gold report — the report tool's gold
+  output, text or its ``report``; closed VQA: yes/no-normalised match;
 * RAG recall@k: sources of the live retrieval output against ``gold.relevant`` (or the gold
   output's sources) — live mode only.
 """
@@ -29,6 +30,10 @@ from mmedagent.evaluation import metrics as M
 from mmedagent.evaluation import tooluse as T
 from mmedagent.evaluation.readers import EvalSample
 from mmedagent.evaluation.runner import SampleResult
+from mmedagent.protocol import ToolOutcome
+from mmedagent.tools.base import Tool
+from mmedagent.tools.classification import ClassificationTool
+from mmedagent.tools.report import ReportGeneration
 
 _NUM = r"\s*(-?\d+(?:\.\d+)?)\s*"
 _BOX_TEXT = re.compile(r"\[" + ",".join([_NUM] * 4) + r"\]")
@@ -41,8 +46,39 @@ RATE_METRICS = (
 """Metrics in [0, 1] (higher is better); the compare chart draws these."""
 
 
-def _outputs(outcomes: Iterable[Any]) -> list[dict[str, Any]]:
+def _outputs(outcomes: Iterable[ToolOutcome]) -> list[dict[str, Any]]:
+    """The mapping outputs of the successful calls (text outputs carry no boxes, scores or sources)."""
     return [o.output for o in outcomes if o.ok and o.output]
+
+
+def _gold_outcomes(sample: EvalSample) -> list[ToolOutcome]:
+    return [o for turn in sample.gold_results for o in turn if o.ok]
+
+
+def _is_tool(outcome: ToolOutcome, tool: type[Tool]) -> bool:
+    return T.canonical_name(outcome.tool) == tool.name
+
+
+def _outcome_label(outcome: ToolOutcome) -> str | None:
+    """A call's top label: from a mapping output, or the classification tool's text output as is."""
+    if outcome.output:
+        return _label_of(outcome.output)
+    if outcome.text and _is_tool(outcome, ClassificationTool):
+        return outcome.text.strip() or None
+    return None
+
+
+def reference_answer(sample: EvalSample) -> str | None:
+    """What the answer is scored against: the gold final answer, else the report tool's gold report
+    (a text output or the mapping's ``report``)."""
+    if sample.gold_answer:
+        return sample.gold_answer
+    for o in _gold_outcomes(sample):
+        if _is_tool(o, ReportGeneration):
+            report = o.text if o.text is not None else (o.output or {}).get("report")
+            if isinstance(report, str) and report.strip():
+                return report.strip()
+    return None
 
 
 def _boxes_of(outputs: Sequence[dict[str, Any]]) -> tuple[list[list[float]], list[float]]:
@@ -126,7 +162,7 @@ def score_sample(sample: EvalSample, result: SampleResult, labels: Sequence[str]
         s["calls_tp"], s["calls_pred"], s["calls_gold"] = T.call_counts(pred_calls, gold_calls)
         s["calls_valid"] = sum(T.argument_error(c) is None for c in pred_calls)
         s["argument_match"] = [T.argument_match(p, g) for p, g in T.paired_calls(pred_calls, gold_calls)]
-    gold_out = _outputs(o for turn in sample.gold_results for o in turn)
+    gold_out = _outputs(_gold_outcomes(sample))
     live_out = _outputs(result.outcomes) if tool_mode == "live" else []
 
     gold_boxes = sample.reference.get("boxes") or _boxes_of(gold_out)[0]
@@ -143,7 +179,8 @@ def score_sample(sample: EvalSample, result: SampleResult, labels: Sequence[str]
         pred_masks = [m for st in result.steps for ov in st.overlays if ov is not None for m in ov.masks]
         s["dice"] = M.dice(M.union_mask(pred_masks, gold_mask.shape), gold_mask)
 
-    gold_label = sample.reference.get("label") or next((lab for lab in map(_label_of, gold_out) if lab), None)
+    gold_labels = (_outcome_label(o) for o in _gold_outcomes(sample))
+    gold_label = sample.reference.get("label") or next((lab for lab in gold_labels if lab), None)
     if gold_label:
         scores_by_label: dict[str, float] = {}
         for out in live_out:
@@ -158,13 +195,14 @@ def score_sample(sample: EvalSample, result: SampleResult, labels: Sequence[str]
         retrieved = [x for out in live_out for x in _sources_of(out)]
         s["rag_recall_at_k"] = M.recall_at_k(retrieved, relevant, k)
 
-    if sample.gold_answer:
+    reference = reference_answer(sample)
+    if reference:
         if sample.answer_type == "closed":
-            s["vqa_closed"] = M.closed_correct(result.answer, sample.gold_answer)
+            s["vqa_closed"] = M.closed_correct(result.answer, reference)
         else:
-            s["answer_f1"] = M.token_f1(result.answer, sample.gold_answer)
-            s["rouge_l"] = M.rouge_l(result.answer, sample.gold_answer)
-            s["meteor"] = M.meteor_exact(result.answer, sample.gold_answer)
+            s["answer_f1"] = M.token_f1(result.answer, reference)
+            s["rouge_l"] = M.rouge_l(result.answer, reference)
+            s["meteor"] = M.meteor_exact(result.answer, reference)
             if sample.answer_type == "open":
                 s["vqa_open_f1"] = s["answer_f1"]
     return s
@@ -201,7 +239,7 @@ def aggregate(samples: Sequence[EvalSample], results: Sequence[SampleResult], sc
         [{M.normalize_answer(lab): p for lab, p in s["label_scores"].items()} for s in scored],
     ) if scored else None
 
-    texts = [(r.answer, smp.gold_answer) for smp, r, s in zip(samples, results, scores) if "rouge_l" in s]
+    texts = [(r.answer, reference_answer(smp)) for smp, r, s in zip(samples, results, scores) if "rouge_l" in s]
     out["bleu4"] = M.bleu4([h for h, _ in texts], [g for _, g in texts]) if texts else None
     out["rouge_l"] = M.mean(s["rouge_l"] for s in scores if "rouge_l" in s)
     out["meteor"] = M.mean(s["meteor"] for s in scores if "meteor" in s)
@@ -231,7 +269,7 @@ def build_report(
 ) -> dict[str, Any]:
     """The evaluation report: overall and per-task metrics plus per-sample answers and scores."""
     labels = sorted({lab for smp in samples for lab in [smp.reference.get("label")] + [
-        _label_of(o) for o in _outputs(x for t in smp.gold_results for x in t)] if lab})
+        _outcome_label(o) for o in _gold_outcomes(smp)] if lab})
     scores = [score_sample(smp, r, labels, tool_mode, k) for smp, r in zip(samples, results)]
     if judge is not None:
         for s, j in zip(scores, judge):
@@ -254,7 +292,7 @@ def build_report(
         "per_task": per_task,
         "samples": [
             {
-                "id": smp.id, "task": smp.task, "question": smp.question, "gold_answer": smp.gold_answer,
+                "id": smp.id, "task": smp.task, "question": smp.question, "gold_answer": reference_answer(smp),
                 "gold_calls": [c.API_name for c in smp.gold_calls] if smp.gold_calls is not None else None,
                 "answer": r.answer, "calls": [c.API_name for c in r.calls],
                 "raw": [st.raw for st in r.steps], "error": r.error,
