@@ -86,6 +86,61 @@ def test_bad_records_name_file_and_record(tmp_path, bad, message):
         load_samples(str(path), str(tmp_path / "im"), vision=True)
 
 
+def test_unusable_images_are_all_reported_before_training(tmp_path):
+    """Files that exist but are no image (a Git LFS pointer, an HTML error page, an empty file) and missing ones
+    are all found by their first bytes before training, and reported in one line: file count, first references."""
+    import nibabel as nib
+    import numpy as np
+
+    from mmedagent.imaging import load_image
+    from mmedagent.train.dataset import load_samples
+
+    im = tmp_path / "im"
+    names = write_images(im, 1)
+    (im / "lfs.png").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0123\nsize 52311\n")
+    (im / "page.png").write_text("<!DOCTYPE html>\n<html><body>403 Forbidden</body></html>\n")
+    (im / "empty.png").write_bytes(b"")
+    nib.save(nib.Nifti1Pair(np.zeros((8, 8, 3), dtype=np.int16), np.eye(4)), im / "ct.img")  # .img + .hdr
+    load_image(im / "ct.img")  # the voxel half of a pair is an image the data loader reads
+    refs = [names[0], "lfs.png", "page.png", "empty.png", "missing.png", "lfs.png", "ct.img", "lfs.png", "page.png"]
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps([tool_record(k, ref) for k, ref in enumerate(refs)]))
+    with pytest.raises(DataError) as err:
+        load_samples(str(path), str(im), vision=True)
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith("4 image file(s) cannot be used for training (7 reference(s) in the data): ")
+    assert [re.sub(r".*bad\.json: ", "", part) for part in message.split("; ")] == [
+        "record 2: a Git LFS pointer, not the image (fetch it: git lfs pull): lfs.png",
+        "record 3: an HTML page, not an image: page.png",
+        "record 4: empty file, not an image: empty.png",
+        "record 5: image not found: missing.png",
+        "record 6: a Git LFS pointer, not the image (fetch it: git lfs pull): lfs.png",
+        "and 2 more"]
+    assert str(im) not in message  # references as the data writes them
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps([tool_record(0, names[0]), tool_record(1, "ct.img")]))
+    assert [s.images for s in load_samples(str(good), str(im), vision=True)] == [(str(im / names[0]),),
+                                                                                  (str(im / "ct.img"),)]
+
+
+def test_images_without_image_folder_lie_beside_the_data_file(tmp_path, monkeypatch):
+    """Without --image_folder, relative image paths are resolved against the data file's folder, as
+    read_records(check_images=True) checks them; not against the current directory."""
+    from mmedagent.data.formats import read_records
+    from mmedagent.train.dataset import load_samples
+
+    names = write_images(tmp_path / "set" / "im", 1)
+    data = tmp_path / "set" / "train.json"
+    data.write_text(json.dumps([tool_record(0, f"im/{names[0]}")]))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert read_records(data, check_images=True)
+    assert load_samples(str(data), None, vision=True)[0].images == (str(tmp_path / "set" / "im" / names[0]),)
+    monkeypatch.chdir(tmp_path)
+    assert load_samples("set/train.json", None, vision=True)[0].images == (f"set/im/{names[0]}",)
+
+
 def test_validation_data_is_checked_before_training(tiny_models, tmp_path):
     from mmedagent.train.run import build_trainer
 

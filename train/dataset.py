@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from mmedagent.data.formats import DataError, chat_messages, read_records
-from mmedagent.imaging import load_image
+from mmedagent.imaging import detect_format, load_image
 from mmedagent.model.templates import render_segments, tokenizer_of
 from mmedagent.protocol import Record
 from mmedagent.train.args import FlagError
@@ -64,38 +64,90 @@ def pair_folders(data_paths: list[str], folders: list[str]) -> list[str | None]:
     return list(folders)
 
 
-def _resolve_image(ref: Any, folder: str | None, where: str) -> Any:
-    if not isinstance(ref, (str, Path)):
-        return ref  # already-decoded or in-memory image
-    path = Path(ref)
-    if not path.is_absolute() and folder is not None:
-        path = Path(folder) / path
-    if not path.is_file():
-        raise DataError(f"{where}: image not found: {path}")
-    return str(path)
+def _resolve_image(ref: Any, base: str | Path) -> Any:
+    """A path from the data, relative to ``base`` unless absolute; in-memory images as they are."""
+    return str(Path(base) / ref) if isinstance(ref, (str, Path)) else ref
 
 
-def record_to_sample(record: Record, source: str, index: int, folder: str | None, vision: bool) -> Sample:
-    """Check one record and turn it into chat messages; every error names file and record."""
+def _is_nifti_voxels(path: Path) -> bool:
+    """The ``.img`` half of a NIfTI pair, which :func:`~mmedagent.imaging.load_image` reads through its ``.hdr``."""
+    header = path.with_suffix(".hdr")
+    if path.suffix.lower() != ".img" or not header.is_file():
+        return False
+    try:
+        with open(header, "rb") as f:
+            return detect_format(f.read(1024)) == "nifti"
+    except OSError:
+        return False
+
+
+def _image_problem(path: Path) -> str | None:
+    """Why training could not load ``path`` as an image, from its first bytes only (nothing is decoded):
+    missing, unreadable, or content of no image format (a Git LFS pointer, an HTML error page). None if fine."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1024)
+    except FileNotFoundError:
+        return "image not found"
+    except OSError as e:
+        return f"cannot read the image ({e.strerror or type(e).__name__})"
+    if detect_format(head) or _is_nifti_voxels(path):
+        return None
+    if not head:
+        return "empty file, not an image"
+    if head.startswith(b"version https://git-lfs"):
+        return "a Git LFS pointer, not the image (fetch it: git lfs pull)"
+    if head.lstrip().lower().startswith((b"<!doctype html", b"<html")):
+        return "an HTML page, not an image"
+    return "not an image file (no PNG/JPEG/BMP/TIFF/GIF/WebP/DICOM/NIfTI content)"
+
+
+BAD_IMAGES_SHOWN = 5
+"""How many unusable images the error before training names (all are counted)."""
+
+
+def record_to_sample(record: Record, source: str, index: int, base: str | Path, vision: bool) -> Sample:
+    """Check one record and turn it into chat messages (image paths resolved against ``base``); every error
+    names file and record."""
     where = f"{source}: record {index}"
     messages = chat_messages(record, where)
-    images = tuple(_resolve_image(ref, folder, where) for ref in record.images)
+    images = tuple(_resolve_image(ref, base) for ref in record.images)
     if images and not vision:
         raise DataError(f"{where}: has an image but the backbone is a text-only model")
     return Sample(source, index, tuple(messages), images)
 
 
 def load_samples(data_path: str, image_folder: str | None, vision: bool) -> list[Sample]:
-    """Read and validate every record of every (comma-separated) data file, before training starts."""
+    """Read and validate every record of every (comma-separated) data file, before training starts.
+
+    Images are relative to the file's ``--image_folder`` (MMedAgent's), else to the data file's folder (as
+    :func:`~mmedagent.data.formats.read_records` checks them). Each image file's first bytes are read once
+    (nothing is decoded) and all unusable images are reported together in one :class:`DataError`."""
     paths = split_list(data_path)
     if not paths:
         raise FlagError("--data_path is empty")
     samples: list[Sample] = []
+    verdicts: dict[str, str | None] = {}  # resolved image path -> problem (records share images)
+    bad: list[str] = []
     for path, folder in zip(paths, pair_folders(paths, split_list(image_folder))):
         records = read_records(path, image_folder=folder)
         if not records:
             raise DataError(f"{path}: no records")
-        samples += [record_to_sample(r, path, i, folder, vision) for i, r in enumerate(records, 1)]
+        base = folder if folder is not None else Path(path).parent
+        for i, record in enumerate(records, 1):
+            sample = record_to_sample(record, path, i, base, vision)
+            for ref, image in zip(record.images, sample.images):
+                if isinstance(image, str):
+                    if image not in verdicts:
+                        verdicts[image] = _image_problem(Path(image))
+                    if verdicts[image] is not None:
+                        bad.append(f"{sample.where}: {verdicts[image]}: {ref}")
+            samples.append(sample)
+    if bad:
+        files = sum(problem is not None for problem in verdicts.values())
+        more = f"; and {len(bad) - BAD_IMAGES_SHOWN} more" if len(bad) > BAD_IMAGES_SHOWN else ""
+        raise DataError(f"{files} image file(s) cannot be used for training ({len(bad)} reference(s) in the data): "
+                        f"{'; '.join(bad[:BAD_IMAGES_SHOWN])}{more}")
     return samples
 
 
