@@ -182,7 +182,8 @@ def parse_window(spec: str) -> Window:
     try:
         return WINDOW_PRESETS[spec.strip().lower()]
     except KeyError:
-        raise ValueError(f"unknown window preset {spec!r}; presets: {', '.join(WINDOW_PRESETS)}") from None
+        raise ValueError(f"unknown window preset {spec!r}: give a preset ({', '.join(WINDOW_PRESETS)}) or "
+                         "CENTER,WIDTH in the scan's units, e.g. 40,400") from None
 
 
 def describe_view(meta: dict[str, Any]) -> str:

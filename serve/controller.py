@@ -28,7 +28,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import mmedagent  # noqa: F401  - arms the torchvision shim first
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
@@ -64,13 +64,25 @@ class ChatRequest(BaseModel):
 
     question: str = Field(min_length=1, max_length=MAX_QUESTION_CHARS)
     image: str | None = None
-    history: list[ClientMessage] = Field(default_factory=list, max_length=MAX_MESSAGES)
+    history: list[ClientMessage] = Field(default_factory=list)  # its length: checked by the route, with advice
     model: str | None = None
     conversation_id: str | None = Field(default=None, max_length=128)
     max_steps: int | None = Field(default=None, ge=1, le=MAX_STEPS)
     max_new_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
+
+
+def check_history_length(history: list[Any]) -> None:
+    """Refuse a conversation grown past :data:`MAX_MESSAGES` with what to do about it (each question
+    adds its answer and every tool round to the history)."""
+    if len(history) > MAX_MESSAGES:
+        raise HTTPException(422, f"this conversation is too long to go on ({len(history)} messages, at most "
+                                 f"{MAX_MESSAGES}): start a new conversation to ask more")
+
+
+class ChatCancelled(Exception):
+    """The client of a chat went away: its agent run stops at its next event."""
 
 
 class ToolCallRequest(BaseModel):
@@ -250,31 +262,57 @@ class Controller:
         except UploadError as e:
             raise HTTPException(e.status, e.reason) from None
 
-    async def stream_agent(self, kwargs: dict[str, Any]) -> AsyncIterator[tuple[str, Any]]:
-        """Run the agent in the chat pool; yield its events (token/step/answer/error) as they happen."""
+    async def stream_agent(self, kwargs: dict[str, Any], request: Request | None = None) -> AsyncIterator[tuple[str, Any]]:
+        """Run the agent in the chat pool; yield its events (token/step/answer/error) as they happen.
+
+        When the client of ``request`` disconnects, or this generator is closed, the run stops at its
+        next event: between two pieces of model text, which closes the model worker's stream (it stops
+        generating), or before the next planner call after a tool round. The model worker is then free
+        for the next question.
+        """
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
+        cancelled = threading.Event()
+
+        async def watch() -> None:  # the response sends nothing while a tool runs: only receive() sees the client go
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            cancelled.set()
+
+        def hand_over(kind: str, payload: Any) -> None:
+            with contextlib.suppress(RuntimeError):  # the event loop is gone (shutdown): nobody is listening
+                loop.call_soon_threadsafe(queue.put_nowait, (kind, payload))
 
         def emit(kind: str, payload: Any) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, (kind, payload))
+            if cancelled.is_set():
+                raise ChatCancelled
+            hand_over(kind, payload)
 
         def work() -> None:
             try:
                 self.run_agent(**kwargs, on_event=emit)
+            except ChatCancelled:
+                log.info("chat stopped: its client went away")
             except (WorkerError, NoWorkerError) as e:
-                emit("error", str(e))
+                hand_over("error", str(e))
             except Exception as e:  # reported to the client; the server goes on
                 log.warning("chat failed: %s", type(e).__name__)
-                emit("error", f"internal error: {type(e).__name__}")
+                hand_over("error", f"internal error: {type(e).__name__}")
             finally:
-                emit("end", None)
+                hand_over("end", None)
 
         loop.run_in_executor(self.executor, work)
-        while True:
-            kind, payload = await queue.get()
-            if kind == "end":
-                return
-            yield kind, payload
+        watcher = asyncio.create_task(watch()) if request is not None else None
+        try:
+            while True:
+                kind, payload = await queue.get()
+                if kind == "end":
+                    return
+                yield kind, payload
+        finally:
+            cancelled.set()
+            if watcher is not None:
+                watcher.cancel()
 
     def loading_tool(self, name: str) -> str | None:
         """The canonical name of ``name`` if that tool is still loading."""
@@ -439,9 +477,10 @@ def build_app(ctl: Controller) -> FastAPI:
     # ------------------------------------------------------------------ chat
 
     @app.post("/chat")
-    async def chat(req: ChatRequest) -> StreamingResponse:
+    async def chat(req: ChatRequest, request: Request) -> StreamingResponse:
         """Streams NDJSON events: ``token`` (model text), ``step`` (thought, tool calls, results,
         overlays), then ``answer`` (with the ``history`` for the next turn) or ``error``."""
+        check_history_length(req.history)
         model = ctl.pick_model(req.model)
         image = await ctl.decode(req.image)
         gen = {**ctl.gen_defaults, **req.model_dump(include={"max_new_tokens", "temperature", "top_p"}, exclude_none=True)}
@@ -451,16 +490,17 @@ def build_app(ctl: Controller) -> FastAPI:
         )
 
         async def events() -> AsyncIterator[str]:
-            async for kind, payload in ctl.stream_agent(kwargs):
-                if kind == "token":
-                    event = {"type": "token", "text": payload}
-                elif kind == "step":
-                    event = {"type": "step", "step": step_view(payload)}
-                elif kind == "answer":
-                    event = {"type": "answer", "answer": payload.answer, "model": model, **trace_view(payload)}
-                else:
-                    event = {"type": "error", "error": payload}
-                yield json.dumps(event, ensure_ascii=False) + "\n"
+            async with contextlib.aclosing(ctl.stream_agent(kwargs, request)) as run:  # a disconnect stops the run
+                async for kind, payload in run:
+                    if kind == "token":
+                        event = {"type": "token", "text": payload}
+                    elif kind == "step":
+                        event = {"type": "step", "step": step_view(payload)}
+                    elif kind == "answer":
+                        event = {"type": "answer", "answer": payload.answer, "model": model, **trace_view(payload)}
+                    else:
+                        event = {"type": "error", "error": payload}
+                    yield json.dumps(event, ensure_ascii=False) + "\n"
 
         return StreamingResponse(events(), media_type="application/x-ndjson")
 
@@ -472,7 +512,7 @@ def build_app(ctl: Controller) -> FastAPI:
         return oa.model_list(ctl.model_names(), notes=notes, tools=ctl.tool_weights())
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(req: oa.ChatCompletionRequest):
+    async def chat_completions(req: oa.ChatCompletionRequest, request: Request):
         """OpenAI chat completions answered by the agent; the tool trace is in ``mmedagent_trace``."""
         try:
             messages, image_url = oa.split_messages(req.messages)
@@ -503,14 +543,15 @@ def build_app(ctl: Controller) -> FastAPI:
 
         async def sse() -> AsyncIterator[str]:
             yield oa.chunk(cid, model, {"role": "assistant", "content": ""})
-            async for kind, payload in ctl.stream_agent(kwargs):
-                if kind == "step":
-                    yield oa.chunk(cid, model, {}, mmedagent_step=step_view(payload))
-                elif kind == "answer":
-                    yield oa.chunk(cid, model, {"content": payload.answer})
-                    yield oa.chunk(cid, model, {}, "stop", **_usage(payload), mmedagent_trace=trace_view(payload))
-                elif kind == "error":
-                    yield oa.error_event(payload)
+            async with contextlib.aclosing(ctl.stream_agent(kwargs, request)) as run:  # a disconnect stops the run
+                async for kind, payload in run:
+                    if kind == "step":
+                        yield oa.chunk(cid, model, {}, mmedagent_step=step_view(payload))
+                    elif kind == "answer":
+                        yield oa.chunk(cid, model, {"content": payload.answer})
+                        yield oa.chunk(cid, model, {}, "stop", **_usage(payload), mmedagent_trace=trace_view(payload))
+                    elif kind == "error":
+                        yield oa.error_event(payload)
             yield oa.SSE_DONE
 
         return StreamingResponse(sse(), media_type="text/event-stream")

@@ -122,6 +122,16 @@ def step_messages(step: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def overlay_note(error: Exception) -> dict[str, Any]:
+    """A one-line chat note for a step's boxes or masks that could not be drawn (the answer goes on)."""
+    from pydantic import ValidationError
+
+    reason = error.errors()[0]["msg"] if isinstance(error, ValidationError) else str(error)
+    reason = reason.splitlines()[0] if reason.strip() else type(error).__name__
+    return {"role": "assistant", "content": f"This step's boxes or masks could not be drawn on the image: {reason}",
+            "metadata": {"title": "⚠️ Note"}}
+
+
 def read_and_delete(upload: Path) -> bytes:
     """The bytes of Gradio's copy of an upload, which is then deleted (with its folder, when empty): an
     original DICOM carries the patient's name and IDs and must not stay on disk or be served again."""
@@ -246,9 +256,12 @@ class WebChat:
                         pending = ""
                         step = event["step"]
                         chat.extend(step_messages(step))
-                        overlays += [Overlay.model_validate(o) for o in step["overlays"] if o]
-                        if image is not None and overlays:
-                            preview = render(for_display(image), overlays)
+                        if image is not None and any(step["overlays"]):
+                            try:  # a tool's malformed box or mask must not end the answer
+                                drawn = [*overlays, *(Overlay.model_validate(o) for o in step["overlays"] if o)]
+                                preview, overlays = render(for_display(image), drawn), drawn
+                            except Exception as e:  # a tool's data, whatever is wrong with it: noted, not fatal
+                                chat.append(overlay_note(e))
                         yield chat, history, preview, keep, conversation
                     elif event["type"] == "answer":
                         history = event["history"]

@@ -268,3 +268,34 @@ def test_cli_refuses_a_view_whose_png_is_over_the_upload_limit(monkeypatch, scan
     assert rc == 2 and not controller.bodies
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "more than its upload limit" in err[0] and "max_upload_mb" in err[0]
+
+
+class MalformedMaskController(FakeController):
+    """A segmentation step whose mask is malformed (its RLE covers no pixel), then the answer."""
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/status":
+            return super().__call__(request)
+        body = json.loads(request.content)
+        self.bodies.append(body)
+        step = {"index": 0, "thoughts": "Segment it.", "actions": [{"API_name": "segmentation", "API_params": {}}],
+                "outcomes": [{"ok": True, "tool": "segmentation", "output": {"masks": 1}, "elapsed_s": 0.1, "error": None}],
+                "overlays": [{"masks": [{"size": [10, 10], "counts": ""}]}], "value": "", "parse_error": None}
+        good = {**step, "index": 1, "overlays": [{"boxes": [[0.1, 0.1, 0.5, 0.5]], "labels": ["lesion"]}]}
+        events = [{"type": "step", "step": step}, {"type": "step", "step": good},
+                  {"type": "answer", "answer": "It is in the upper left.", "history": [], "stopped": "answer"}]
+        return httpx.Response(200, text="".join(json.dumps(e) + "\n" for e in events))
+
+
+def test_an_overlay_that_cannot_be_drawn_is_a_note_and_the_answer_still_shows(scans, tmp_path):
+    page = Page(MalformedMaskController(), tmp_path)
+    page.upload(scans / "ct.dcm")
+    before = page["preview"]
+    page["question"] = "Where is the lesion?"
+    assert page.event("send", "click") is None
+    contents = [m["content"] for m in page["chat"]]
+    assert contents[-1] == "It is in the upper left."
+    notes = [c for c in contents if "could not be drawn" in c]
+    assert notes == ["This step's boxes or masks could not be drawn on the image: "
+                     "RLE counts cover 0 pixels, expected 10x10=100"]
+    assert not np.array_equal(np.asarray(page["preview"]), np.asarray(before))  # the next step's box is drawn

@@ -502,3 +502,39 @@ def test_the_terminal_chat_says_which_view_of_a_scan_it_sends_and_takes_another(
     assert "image: nifti, coronal slice 1 of 96, volume 2 of 2, window 40/400 (explicit)" in capsys.readouterr().err
     assert main(["--image", scan, "--controller", "http://127.0.0.1:9", "-q", "hi", "--window", "lungish"]) == 2
     assert "unknown window preset 'lungish'" in capsys.readouterr().err
+
+
+def test_a_conversation_past_the_message_limit_is_told_to_start_a_new_one():
+    """50 questions with one tool round each make 201 history messages (with the system message): the
+    next question gets one sentence the web UI and CLI show, not a validation dump."""
+    from fastapi.testclient import TestClient
+
+    from mmedagent.serve.controller import Controller, build_app
+    from mmedagent.serve.httpclient import error_detail
+    from mmedagent.serve.messages import MAX_MESSAGES
+
+    rounds = [{"role": "user", "content": "Where is it?"}, {"role": "assistant", "content": "a tool call"},
+              {"role": "user", "content": "the tool's result"}, {"role": "assistant", "content": "There."}]
+    history = [{"role": "system", "content": "tools"}, *rounds * 50]
+    ctl = Controller(ServeConfig())
+    try:
+        with TestClient(build_app(ctl)) as client:
+            r = client.post("/chat", json={"question": "And now?", "history": history})
+            assert r.status_code == 422
+            assert error_detail(r) == (f"this conversation is too long to go on (201 messages, at most {MAX_MESSAGES}): "
+                                       "start a new conversation to ask more")
+            r = client.post("/chat", json={"question": "And now?", "history": history[:MAX_MESSAGES]})
+            assert r.status_code == 503 and "no model worker" in r.json()["detail"]  # within the limit: goes on
+    finally:
+        ctl.close()
+
+
+@pytest.mark.parametrize("spec", ["40", "lungish"])
+def test_a_window_that_is_neither_preset_nor_center_width_names_both_forms(spec):
+    from mmedagent.imaging import parse_window
+
+    with pytest.raises(ValueError) as e:
+        parse_window(spec)
+    message = str(e.value)
+    assert f"unknown window preset {spec!r}" in message and "CENTER,WIDTH" in message and "40,400" in message
+    assert "brain" in message and "\n" not in message

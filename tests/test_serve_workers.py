@@ -4,6 +4,7 @@ broken schemas, settings the launcher hands to its workers."""
 from __future__ import annotations
 
 import contextlib
+import json
 import subprocess
 import sys
 import threading
@@ -394,3 +395,82 @@ def test_a_tool_that_failed_to_load_is_a_503_and_model_base_needs_an_adapter(mon
     for bad in ({}, {"model_path": "demo"}, {"model_path": "runs/lora", "model_backend_url": "http://x/v1"}):
         with pytest.raises(ValueError, match="model_base is the base of a LoRA adapter"):
             ServeConfig(model_base="/models/llava-med", tools={}, **bad)
+
+
+class SlowPlanner:
+    """A planner that writes ``turn`` a character at a time (an endless text without one), slowly enough
+    to be interrupted; counts its calls and notes when each stream ends."""
+
+    def __init__(self, turn: str | None = None):
+        self.turn, self.calls, self.pieces, self.ended = turn, 0, 0, threading.Event()
+
+    def stream(self, messages, image, **gen):
+        self.calls += 1
+        self.ended.clear()
+        try:
+            for piece in self.turn if self.turn is not None else iter(lambda: "x", None):
+                time.sleep(0.01)
+                self.pieces += 1
+                yield piece
+        finally:
+            self.ended.set()
+
+
+@contextlib.contextmanager
+def chat_stack(planner, tools=None):
+    """The controller with one model worker serving ``planner`` and ``tools`` in-process; yields its URL."""
+    from mmedagent.serve import model_worker as mw
+    from mmedagent.serve.registry import WorkerInfo as Info
+
+    ctl = ctl_mod.Controller(ServeConfig(heartbeat_interval_s=5, heartbeat_expiry_s=60))
+    ctl.local_tools.update(tools or {})
+    worker_app = mw.build_app(mw.ModelHost(planner, "slow", {}, 1 << 20))
+    try:
+        with serving(ctl_mod.build_app(ctl)) as ctl_url, serving(worker_app) as address:
+            ctl.registry.register(Info(address=address, kind="model", names=["slow"], info={}))
+            yield ctl_url
+    finally:
+        ctl.close()
+
+
+def first_event_then_leave(url, body):
+    """Send a question, read its first event and disconnect (Ctrl-C in the CLI, a new upload in the web UI)."""
+    with httpx.Client(base_url=url, timeout=10, trust_env=False) as client, client.stream("POST", "/chat", json=body) as r:
+        assert r.status_code == 200
+        return json.loads(next(r.iter_lines()))
+
+
+def test_a_client_that_leaves_mid_answer_stops_the_run_and_frees_the_model():
+    """Generation stops between two pieces of text: the model is free for the next question at once,
+    not after the abandoned answer runs to its token budget."""
+    planner = SlowPlanner()
+    with chat_stack(planner) as url:
+        assert first_event_then_leave(url, {"question": "Where?", "max_new_tokens": 8192})["type"] == "token"
+        assert planner.ended.wait(3), "the abandoned answer went on generating"
+        left = planner.pieces
+        time.sleep(0.2)
+        assert planner.pieces == left
+        planner.turn = "It is in the left lobe."
+        started = time.monotonic()
+        r = httpx.post(f"{url}/chat", json={"question": "Where?"}, timeout=10, trust_env=False)
+        events = [json.loads(line) for line in r.text.splitlines()]
+        assert events[-1]["type"] == "answer" and events[-1]["answer"] == "It is in the left lobe."
+        assert time.monotonic() - started < 3
+
+
+def test_a_client_that_leaves_during_a_tool_call_gets_no_further_planner_call():
+    """The run stops before the next tool round: the planner is not called again for an answer nobody reads."""
+    from mmedagent.protocol import AssistantTurn, ToolCall, render_turn
+
+    hang = Hang()
+    planner = SlowPlanner(render_turn(AssistantTurn(thoughts="Wait.", actions=[ToolCall(API_name="hang", API_params={})],
+                                                    value="")))
+    with chat_stack(planner, {"hang": hang}) as url:
+        with httpx.Client(base_url=url, timeout=10, trust_env=False) as client:
+            with client.stream("POST", "/chat", json={"question": "Wait, then answer."}) as r:
+                lines = r.iter_lines()
+                while planner.calls < 1 or not planner.ended.is_set():
+                    next(lines)  # the first turn's text, read to its end: the tool call now runs
+        hang.gate.set()  # the tool returns after the client left
+        time.sleep(0.5)
+        assert planner.calls == 1
