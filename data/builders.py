@@ -12,6 +12,7 @@ Every input problem is a :class:`~mmedagent.data.formats.DataError` naming file 
 from __future__ import annotations
 
 import csv
+import gzip
 import io
 import json
 import logging
@@ -19,6 +20,7 @@ import math
 import os
 import random
 import re
+import zlib
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -391,6 +393,28 @@ def _save_slice(image: Any, path: Path) -> None:
     path.write_bytes(data.getvalue())
 
 
+def _nifti_in_memory(path: Path) -> bytes | Path:
+    """A NIfTI file as :func:`mmedagent.imaging.load_image` reads it slice after slice without going back to
+    the file: a single file (``.nii``, ``.nii.gz``) as its bytes, read and inflated once (each slice read of a
+    ``.nii.gz`` by path would inflate it again); a ``.hdr``/``.img`` pair (read only by path) as the path."""
+    from mmedagent.imaging import MAX_PIXELS
+
+    if not path.is_file() or path.name.lower().endswith((".hdr", ".img", ".hdr.gz", ".img.gz")):
+        return path  # load_image names the problem, or reads the pair
+    limit = MAX_PIXELS * 8 + (1 << 20)  # as load_image bounds an inflated NIfTI
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        if data[:2] == b"\x1f\x8b":
+            with gzip.GzipFile(fileobj=io.BytesIO(data)) as z:
+                data = z.read(limit + 1)
+    except (OSError, EOFError, zlib.error) as e:
+        raise DataError(f"{path}: cannot read NIfTI file: {e}") from None
+    if len(data) > limit:
+        raise DataError(f"{path}: inflates to more than {limit:,} bytes (possible decompression bomb)")
+    return data
+
+
 def read_nifti_labels(volume: str | Path, labels: str | Path, label_names: dict[int, str], image_out: str | Path,
                       window: Any = None, plane: str = "axial", step: int = 1,
                       tasks: Sequence[str] = ("segmentation", "grounding_segmentation")) -> list[Example]:
@@ -401,9 +425,10 @@ def read_nifti_labels(volume: str | Path, labels: str | Path, label_names: dict[
         raise DataError("label names are required for a label volume (e.g. --labels 1=liver,2=tumor)")
     out_dir = Path(image_out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    image_src, label_src = _nifti_in_memory(Path(volume)), _nifti_in_memory(Path(labels))
     try:
-        first = load_image(volume, window=window, plane=plane)
-        lab0 = load_image(labels, plane=plane)
+        first = load_image(image_src, window=window, plane=plane)
+        lab0 = load_image(label_src, plane=plane)
     except ImageLoadError as e:
         raise DataError(f"{volume}: {e}") from None
     if first.metadata.get("format") != "nifti" or lab0.metadata.get("format") != "nifti":
@@ -413,12 +438,12 @@ def read_nifti_labels(volume: str | Path, labels: str | Path, label_names: dict[
     stem = Path(volume).name.split(".")[0]
     out = []
     for k in range(0, first.metadata["n_slices"], max(1, step)):
-        lab = load_image(labels, slice_index=k, plane=plane).array
+        lab = load_image(label_src, slice_index=k, plane=plane).array
         mask = np.rint(lab).astype(np.int64)
         if not mask.any():
             continue
         name = f"{stem}_{plane}{k:04d}.png"
-        _save_slice(load_image(volume, window=window, slice_index=k, plane=plane).image, out_dir / name)
+        _save_slice(load_image(image_src, window=window, slice_index=k, plane=plane).image, out_dir / name)
         out += _mask_examples(mask, label_names, name, f"{labels}: slice {k}", tasks)
     return out
 

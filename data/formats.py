@@ -298,12 +298,7 @@ def _parquet_files(path: Path, split: str | None) -> list[Path]:
     files = sorted(path.glob("**/*.parquet"))
     if not split:
         return files
-
-    def split_of(f: Path) -> str | None:
-        parts = [f.stem.split("-")[0].split(".")[0], *(q.name for q in f.relative_to(path).parents if q.name)]
-        return next((q for q in parts if q in _KNOWN_SPLITS), None)
-
-    named = {f: split_of(f) for f in files}
+    named = {f: _split_of(f, path) for f in files}
     if not any(named.values()):
         return files  # not laid out by split
     chosen = [f for f, s in named.items() if s == split]
@@ -316,10 +311,27 @@ def _parquet_files(path: Path, split: str | None) -> list[Path]:
 _KNOWN_SPLITS = ("train", "validation", "valid", "val", "test", "dev", "eval")
 
 
+def _split_of(file: Path, root: Path) -> str | None:
+    """The split a parquet file's name (``test-00000-of-00001.parquet``) or its folders under ``root`` name."""
+    parts = [file.stem.split("-")[0].split(".")[0], *(q.name for q in file.relative_to(root).parents if q.name)]
+    return next((q for q in parts if q in _KNOWN_SPLITS), None)
+
+
+def _single_split_name(path: Path, ds: Any) -> str:
+    """The split a single-split source holds: the one a saved ``Dataset`` recorded, or its parquet files
+    are named by; else ``train`` (as ``datasets`` names such data)."""
+    if _is_hf_dir(path):
+        recorded = _SPLIT.match(str(ds.split or ""))
+        return (recorded.group(1) if recorded else None) or "train"
+    names = {_split_of(f, path if path.is_dir() else path.parent) for f in _parquet_files(path, None)}
+    return names.pop() if len(names) == 1 and None not in names else "train"
+
+
 def open_hf_dataset(path: Path, split: str | None = None) -> Any:
     """The saved HF dataset / parquet data at ``path``; ``split`` (``train``, ``test[:100]``, ``train[10%:]``)
     picks a split of a saved ``DatasetDict`` or a split-named parquet folder and slices it. None: the
-    ``train`` split, or the only one."""
+    ``train`` split, or the only one. A single-split source (a parquet file, a saved ``Dataset``) holds
+    ``train`` (the default) and the split it is named by; another name is an error."""
     try:
         import datasets
     except ImportError:
@@ -349,6 +361,8 @@ def open_hf_dataset(path: Path, split: str | None = None) -> Any:
         if pick not in ds:
             raise DataError(f"{path}: no split {pick!r}; it has {', '.join(ds)} (use --data-split)")
         ds = ds[pick]
+    elif name and name not in ("train", own := _single_split_name(path, ds)):
+        raise DataError(f"{path}: no split {name!r}; it holds one split, {own!r} (leave out --data-split)")
     if start is not None or stop is not None:
         ds = _slice(ds, start, stop)
     if len(ds) == 0:
@@ -373,14 +387,9 @@ def _parquet_rows(path: Path) -> int:
         raise DataError(f"{path}: cannot read as parquet: {type(e).__name__}: {e}") from None
 
 
-def _iter_hf(path: Path, export_dir: Path, split: str | None) -> Iterator[tuple[int, Any]]:
-    """Rows of a saved HF dataset / parquet data (its ``split``); images exported to ``export_dir``."""
-    for i, row in enumerate(open_hf_dataset(path, split), 1):
-        yield i, _export_images(row, i, export_dir)
-
-
 def _export_images(row: dict[str, Any], index: int, export_dir: Path) -> dict[str, Any]:
-    """Replace decoded / byte images in an HF row by file names inside ``export_dir``."""
+    """Replace decoded / byte images in an HF row by file names inside ``export_dir``; DataError for a
+    value that is not an image."""
     out = dict(row)
     for key in ("image", "images"):
         if key not in row or row[key] is None:
@@ -407,10 +416,15 @@ def _safe_name(s: str) -> str:
 def _save_image(value: Any, folder: Path, stem: str) -> str:
     from mmedagent.imaging import detect_format
 
-    folder.mkdir(parents=True, exist_ok=True)
+    if isinstance(value, (bytes, bytearray, memoryview)):  # a plain binary column (pandas / pyarrow)
+        value = {"bytes": bytes(value), "path": None}
     if isinstance(value, dict) and value.get("bytes"):
         data = value["bytes"]
-        fmt = detect_format(data[:1024]) or "bin"
+        fmt = detect_format(data[:1024])
+        if fmt is None:
+            raise DataError(f"the stored image ({len(data):,} bytes) is not an image: expected PNG, JPEG, BMP, "
+                            "TIFF, GIF, WebP, DICOM or NIfTI content")
+        folder.mkdir(parents=True, exist_ok=True)
         ext = {"jpeg": ".jpg", "nifti": ".nii.gz" if data[:2] == b"\x1f\x8b" else ".nii", "dicom": ".dcm"}.get(fmt, f".{fmt}")
         name = stem + ext
         (folder / name).write_bytes(data)
@@ -418,6 +432,7 @@ def _save_image(value: Any, folder: Path, stem: str) -> str:
     if isinstance(value, dict) and value.get("path"):
         return str(value["path"])
     if hasattr(value, "save"):  # PIL image
+        folder.mkdir(parents=True, exist_ok=True)
         name = stem + ".png"
         value.convert("RGB").save(folder / name) if value.mode not in ("RGB", "L", "I;16") else value.save(folder / name)
         return name
@@ -508,6 +523,10 @@ def record_from_any(row: Any, default_id: str, caption_question: str | None = No
     """One raw row (any supported layout) as a :class:`Record`; ValueError on bad content."""
     if not isinstance(row, dict):
         raise ValueError(f"a record must be a JSON object, found {type(row).__name__}")
+
+    def filled(key: str) -> bool:  # a null field (a table's empty cell) is an absent one
+        return row.get(key) is not None
+
     # the first image field that is filled: ``"images": null`` beside ``"image": "a.png"`` keeps the image,
     # and ``"image": ""`` (tables exported with an empty cell) is a record without one
     images = next((row[k] for k in ("images", "image", "image_id") if row.get(k) not in (None, "", [])), None)
@@ -518,13 +537,17 @@ def record_from_any(row: Any, default_id: str, caption_question: str | None = No
     if "conversations" in row and isinstance(row["conversations"], list) and row["conversations"] and isinstance(row["conversations"][0], dict) and "from" in row["conversations"][0]:
         turns = row["conversations"]
         role_key, text_key = "from", "value"
-    elif "messages" in row or "conversations" in row:
-        turns = row.get("messages", row.get("conversations"))
+    elif filled("messages") or filled("conversations"):
+        turns = row["messages"] if filled("messages") else row["conversations"]
         if not isinstance(turns, list):
             raise ValueError("messages must be a list")
         role_key, text_key = "role", "content"
-    elif "instruction" in row and "output" in row:
-        question = str(row["instruction"]) + (f"\n{row['input']}" if row.get("input") else "")
+    elif filled("instruction") or filled("output"):
+        if not filled("output"):
+            raise ValueError("no answer: the output field is null or missing")
+        question = "\n".join(str(row[k]) for k in ("instruction", "input") if row.get(k) not in (None, ""))
+        if not question:
+            raise ValueError("no question: the instruction and input fields are null or empty")
         turns = [*_history_turns(row.get("history")),
                  {"from": "human", "value": question}, {"from": "gpt", "value": str(row["output"])}]
         role_key, text_key = "from", "value"
@@ -628,7 +651,8 @@ def _file_records(p: Path, image_folder: str | Path | None, check_images: bool,
         raise DataError(f"{p}: --data-split {split!r} applies to Hugging Face datasets and parquet data only")
     if hf:
         export = Path(image_folder) if image_folder is not None else p.parent / f"{p.name.split('.')[0]}_images"
-        rows: Iterable[tuple[int, Any, int | None]] = ((i, row, None) for i, row in _iter_hf(p, export, split))
+        rows: Iterable[tuple[int, Any, int | None]] = (
+            (i, row, None) for i, row in enumerate(open_hf_dataset(p, split), 1))
     elif p.is_dir():
         raise DataError(f"{p}: a folder that is neither a saved Hugging Face dataset nor holds parquet files")
     else:
@@ -641,6 +665,11 @@ def _file_records(p: Path, image_folder: str | Path | None, check_images: bool,
             continue
         question = CAPTION_QUESTIONS[int(hashlib.sha1(f"{p.name}:{i}".encode()).hexdigest(), 16) % len(CAPTION_QUESTIONS)]
         try:
+            if hf:
+                try:
+                    row = _export_images(row, i, export)
+                except DataError as e:
+                    raise DataError(f"{where}: {e}") from None
             rec = record_from_any(row, default_id=f"{p.stem}-{i}", caption_question=question)
             if hf and image_folder is None:
                 rec.image = _absolute(rec.image, export)

@@ -732,3 +732,56 @@ def test_split_keeps_an_image_in_one_split_across_spellings_and_multi_image_reco
         where = {r.id: name for name, recs in parts.items() for r in recs}
         assert len(where) == len(records)
         assert where["dup"] == where["r3"] and where["pair"] == where["r7"] == where["r8"]
+
+
+@pytest.mark.parametrize("suffix, plane", [(".nii.gz", "axial"), (".nii", "coronal"), (".nii.gz", "sagittal")])
+def test_nifti_label_volume_reads_each_file_once_and_slices_as_load_image_does(tmp_path, suffix, plane):
+    """Every slice of a .nii.gz read by path inflates the file again (minutes for a CT): each volume is read
+    once, and the slices and masks are those ``load_image`` gives of the files, in any orientation."""
+    import sys
+
+    from mmedagent.imaging import load_image
+
+    rng = np.random.default_rng(0)
+    vol = rng.integers(-1000, 1000, (10, 9, 8)).astype(np.int16)
+    lab = np.zeros(vol.shape, np.int16)
+    lab[2:6, 3:7, 1:7] = 1
+    lab[6:8, 1:3, 4:6] = 2
+    affine = np.array([[0, 0, -2.0, 40], [-1.5, 0, 0, 20], [0, 1.2, 0, -10], [0, 0, 0, 1]])  # not RAS: reoriented
+    image = nib.Nifti1Image(vol, affine)
+    image.header.set_slope_inter(0.5, -20)  # stored scaled: the values are the scaled ones
+    vol_path, lab_path = tmp_path / f"ct{suffix}", tmp_path / f"seg{suffix}"
+    nib.save(image, str(vol_path))
+    nib.save(nib.Nifti1Image(lab, affine), str(lab_path))
+
+    opened = []
+    watched = {str(vol_path), str(lab_path)}
+    sys.addaudithook(lambda event, args: opened.append(str(args[0])) if event == "open" and str(args[0]) in watched
+                     else None)
+    examples = builders.read_nifti_labels(vol_path, lab_path, {1: "liver", 2: "tumor"}, tmp_path / "slices",
+                                          window="abdomen", plane=plane, tasks=("segmentation",))
+    assert sorted(opened) == sorted(watched)  # each file once
+    watched.clear()
+
+    n = load_image(lab_path, plane=plane).metadata["n_slices"]
+    labelled = [k for k in range(n) if load_image(lab_path, slice_index=k, plane=plane).array.any()]
+    names = [f"ct_{plane}{k:04d}.png" for k in labelled]
+    assert sorted(p.name for p in (tmp_path / "slices").iterdir()) == names
+    for k, name in zip(labelled, names):
+        want = load_image(vol_path, window="abdomen", slice_index=k, plane=plane).image
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "slices" / name)), np.asarray(want))
+    expected = []
+    for k, name in zip(labelled, names):
+        mask = np.rint(load_image(lab_path, slice_index=k, plane=plane).array).astype(np.int64)
+        expected += builders._mask_examples(mask, {1: "liver", 2: "tumor"}, name, f"{lab_path}: slice {k}",
+                                            ("segmentation",))
+    assert examples == expected and len({e.image for e in examples}) == len(labelled) > 1
+
+
+def test_nifti_label_volume_bad_gzip_is_named(tmp_path):
+    lab = tmp_path / "seg.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((4, 4, 2), np.int16), np.eye(4)), str(lab))
+    bad = tmp_path / "ct.nii.gz"
+    bad.write_bytes(lab.read_bytes()[:40])  # a truncated download
+    with pytest.raises(DataError, match=rf"{bad}: cannot read NIfTI file: "):
+        builders.read_nifti_labels(bad, lab, {1: "liver"}, tmp_path / "slices")

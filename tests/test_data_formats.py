@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmedagent.data.formats import DataError, convert, from_sharegpt, read_records, to_sharegpt, write_records
+from mmedagent.data.formats import (DataError, convert, from_sharegpt, iter_records, read_records, to_sharegpt,
+                                    write_records)
 from mmedagent.protocol import IMAGE_TOKEN, Record, parse_tool_results, parse_turn
 
 MMEDAGENT_RECORD = {
@@ -366,3 +367,79 @@ def test_llamafactory_system_column_and_alpaca_history_become_turns(tmp_path):
     write_records([sharegpt], tmp_path / "sg.json", fmt="sharegpt")  # and back: still one system turn
     (again,) = read_records(tmp_path / "sg.json")
     assert again.to_dict() == sharegpt.to_dict()
+
+
+def test_null_instruction_fields_are_absent_and_a_missing_answer_names_the_record(tmp_path):
+    from mmedagent.data.formats import record_from_any
+
+    with pytest.raises(ValueError, match="no answer: the output field is null or missing"):
+        record_from_any({"instruction": "Q", "input": None, "output": None}, "1")
+    with pytest.raises(ValueError, match="no question: the instruction and input fields are null or empty"):
+        record_from_any({"instruction": None, "output": "A"}, "1")
+    rec = record_from_any({"instruction": None, "input": "What is shown?", "output": "A"}, "1")
+    assert [m.value for m in rec.conversations] == ["What is shown?", "A"]
+    # a table mixing layouts: the caption row's null instruction / output / messages cells are no fields
+    rec = record_from_any({"image": "a.png", "caption": "Chest X-ray.", "instruction": None, "output": None,
+                           "messages": None}, "1")
+    assert rec.conversations[-1].value == "Chest X-ray."
+    write_json(tmp_path / "d.json", [{"instruction": "Q", "output": "A"}, {"instruction": "Q", "output": None}])
+    with pytest.raises(DataError, match=r"d\.json: record 2: no answer"):
+        read_records(tmp_path / "d.json")
+
+
+def test_a_split_that_single_split_data_lacks_is_an_error(caption_dataset, tmp_path, capsys):
+    datasets = pytest.importorskip("datasets")
+    from mmedagent.data.__main__ import main
+
+    root, _ = caption_dataset
+    parquet, saved = root / "radiology.parquet", root / "medtrinity"
+    for path in (parquet, saved):
+        assert len(read_records(path, tmp_path / "img")) == 3  # the default split: the data
+        assert len(read_records(path, tmp_path / "img", split="train[1:]")) == 2  # what datasets names it
+        with pytest.raises(DataError, match=rf"{path}: no split 'test'; it holds one split, 'train' \(leave out"):
+            read_records(path, tmp_path / "img", split="test")
+    assert main(["check", str(parquet), "--data-split", "validation"]) == 1
+    assert f"{parquet}: no split 'validation'; it holds one split, 'train'" in capsys.readouterr().err
+    # data saved as its split, or named by it, is read by that name (and by the default)
+    test_only = datasets.Dataset.from_dict({"instruction": ["q0", "q1"], "output": ["a", "b"]}, split="test")
+    test_only.save_to_disk(str(tmp_path / "saved_test"))
+    test_only.to_parquet(str(tmp_path / "test-00000-of-00001.parquet"))
+    for path in (tmp_path / "saved_test", tmp_path / "test-00000-of-00001.parquet"):
+        assert [r.first_question() for r in read_records(path, split="test[1:]")] == ["q1"]
+        assert len(read_records(path)) == len(read_records(path, split="train")) == 2
+        with pytest.raises(DataError, match=r"no split 'validation'; it holds one split, 'test'"):
+            read_records(path, split="validation")
+
+
+def test_parquet_with_a_plain_binary_image_column_is_exported(tmp_path):
+    """pandas / pyarrow write images as raw bytes (no HF Image feature): exported like any stored image;
+    bytes that are not an image, or a value of another type, are errors naming the file and the record."""
+    import io
+
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    def png(value):
+        buf = io.BytesIO()
+        Image.fromarray(np.full((8, 8), value, np.uint8)).save(buf, format="PNG")
+        return buf.getvalue()
+
+    path = tmp_path / "pandas.parquet"
+    pq.write_table(pa.table({"image": pa.array([png(10), png(200)], pa.binary()), "caption": ["dark", "bright"]}),
+                   str(path))
+    recs = read_records(path, tmp_path / "img")
+    assert [r.image for r in recs] == ["00000001.png", "00000002.png"]
+    assert [(tmp_path / "img" / r.image).read_bytes() for r in recs] == [png(10), png(200)]
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"image": pa.array([png(10), b"not an image"], pa.binary()), "caption": ["a", "b"]}),
+                   str(bad))
+    with pytest.raises(DataError, match=rf"{bad}: record 2: the stored image \(12 bytes\) is not an image"):
+        read_records(bad, tmp_path / "img")
+    problems = []
+    assert len(list(iter_records(bad, tmp_path / "img", on_error=lambda e, _: problems.append(str(e))))) == 1
+    assert problems == [f"{bad}: record 2: the stored image (12 bytes) is not an image: expected PNG, JPEG, BMP, "
+                        "TIFF, GIF, WebP, DICOM or NIfTI content"]
+    ints = tmp_path / "ints.parquet"
+    pq.write_table(pa.table({"image": [7], "caption": ["x"]}), str(ints))
+    with pytest.raises(DataError, match=rf"{ints}: record 1: cannot export an image of type int"):
+        read_records(ints, tmp_path / "img")
