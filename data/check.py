@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from mmedagent.data.formats import DataError, chat_messages, iter_records, lies_outside
+from mmedagent.imaging import image_file_problem
 from mmedagent.protocol import Record, TurnParseError, parse_tool_results, parse_turn, render_turn
 
 
@@ -79,19 +80,6 @@ def _check_one(rec: Record, where: str, report: CheckReport, dispatcher: Any) ->
         report.planning_only += 1
 
 
-def _image_problem(full: Path) -> str | None:
-    """Why training could not take the file at ``full`` as an image (missing, or content that is no image
-    format: a Git LFS pointer, an HTML error page), else None."""
-    from mmedagent.imaging import detect_format
-
-    try:
-        with open(full, "rb") as f:
-            head = f.read(1024)
-    except OSError as e:
-        return f"cannot read the image ({e.strerror or type(e).__name__})"
-    return None if detect_format(head) else "not an image file (no PNG/JPEG/BMP/TIFF/GIF/WebP/DICOM/NIfTI content)"
-
-
 def _check_images(rec: Record, where: str, folder: Path, report: CheckReport, seen: dict[Path, str | None]) -> None:
     """Images as training finds them (``--image_folder`` / relative path, or the absolute path as is): a
     missing one, or a file that is no image, is a problem (training refuses it); an absolute path, or one
@@ -101,7 +89,7 @@ def _check_images(rec: Record, where: str, folder: Path, report: CheckReport, se
         path = Path(img)
         full = path if path.is_absolute() else folder / path
         if full not in seen:
-            seen[full] = _image_problem(full) if full.is_file() else "image not found"
+            seen[full] = image_file_problem(full)
         if seen[full] is not None:
             report.problems.append(f"{where}: {seen[full]}: {img}")
         if lies_outside(folder, path):

@@ -168,6 +168,42 @@ def detect_format(head: bytes) -> Format | None:
     return None
 
 
+def _nifti_pair_header(path: Path) -> bytes | None:
+    """The first bytes of the NIfTI header of ``path`` when it is the ``.img`` (voxel) half of a .hdr/.img pair."""
+    header = path.with_suffix(".hdr")
+    if path.suffix.lower() != ".img" or not header.is_file():
+        return None
+    try:
+        with open(header, "rb") as f:
+            head = f.read(1024)
+    except OSError:
+        return None
+    return head if detect_format(head) == "nifti" else None
+
+
+def image_file_problem(path: str | Path) -> str | None:
+    """Why ``path`` cannot be loaded as an image, judged from its first bytes only (nothing is decoded):
+    missing, unreadable, empty, a Git LFS pointer, an HTML page or no image format. ``None`` if it looks
+    loadable (the ``.img`` half of a NIfTI pair included)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1024)
+    except FileNotFoundError:
+        return "image not found"
+    except OSError as e:
+        return f"cannot read the image ({e.strerror or type(e).__name__})"
+    if detect_format(head) or _nifti_pair_header(path) is not None:
+        return None
+    if not head:
+        return "empty file, not an image"
+    if head.startswith(b"version https://git-lfs"):
+        return "a Git LFS pointer, not the image (fetch it: git lfs pull)"
+    if head.lstrip().lower().startswith((b"<!doctype html", b"<html")):
+        return "an HTML page, not an image"
+    return "not an image file (no PNG/JPEG/BMP/TIFF/GIF/WebP/DICOM/NIfTI content)"
+
+
 # --------------------------------------------------------------------------- windowing
 
 
@@ -854,11 +890,8 @@ def load_image(
     if not head:
         raise ImageLoadError("empty file: no bytes to decode")
     fmt = detect_format(head)
-    if fmt is None and path is not None and path.suffix.lower() == ".img" and path.with_suffix(".hdr").is_file():
-        with open(path.with_suffix(".hdr"), "rb") as f:  # the voxel half of a NIfTI pair: read through its header
-            hdr_head = f.read(1024)
-        if detect_format(hdr_head) == "nifti":
-            path, head, fmt = path.with_suffix(".hdr"), hdr_head, "nifti"
+    if fmt is None and path is not None and (pair := _nifti_pair_header(path)) is not None:
+        path, head, fmt = path.with_suffix(".hdr"), pair, "nifti"  # the voxel half: read through its header
     if fmt is None:
         raise ImageLoadError("not a recognised image: expected PNG, JPEG, BMP, TIFF, GIF, WebP, DICOM or NIfTI content")
     if plane not in _PLANE_AXES:

@@ -330,17 +330,21 @@ def test_the_filled_image_field_is_taken_and_an_empty_one_is_no_image(tmp_path):
 
 def test_check_reports_image_files_that_are_not_images(tmp_path, capsys):
     """A Git LFS pointer (a data set cloned without ``git lfs``) exists but training cannot decode it: a
-    problem for ``check --image-folder``, found before training starts."""
+    problem for ``check --image-folder``, found before training starts. The voxel half of a NIfTI .hdr/.img
+    pair is an image (training loads it through its header)."""
+    import nibabel as nib
+
     from mmedagent.data.__main__ import main
 
     Image.new("L", (8, 8)).save(tmp_path / "ok.png")
+    nib.save(nib.Nifti1Pair(np.zeros((8, 8, 3), np.int16), np.eye(4)), tmp_path / "ct.img")
     (tmp_path / "lfs.png").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 1\n")
     turns = [{"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "A scan."}]
-    p = write_json(tmp_path / "d.json", [{"image": name, "conversations": turns} for name in ("ok.png", "lfs.png", "lfs.png")])
+    names = ("ok.png", "lfs.png", "lfs.png", "ct.img")
+    p = write_json(tmp_path / "d.json", [{"image": name, "conversations": turns} for name in names])
     assert main(["check", str(p), "--image-folder", str(tmp_path)]) == 1
     err = capsys.readouterr().err.splitlines()
-    assert err == [f"{p}: record {k}: not an image file (no PNG/JPEG/BMP/TIFF/GIF/WebP/DICOM/NIfTI content): lfs.png"
-                   for k in (2, 3)]
+    assert err == [f"{p}: record {k}: a Git LFS pointer, not the image (fetch it: git lfs pull): lfs.png" for k in (2, 3)]
 
 
 def test_llamafactory_system_column_and_alpaca_history_become_turns(tmp_path):

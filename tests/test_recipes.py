@@ -557,7 +557,7 @@ def test_every_image_header_is_checked_up_front(tmp_path):
     (tmp_path / "bad.png").write_bytes(b"this is not an image at all")
     rows[2]["image"] = "bad.png"
     path = _rows(tmp_path / "scans.jsonl", rows)
-    with pytest.raises(DataError, match=rf"{path}: record 3: bad.png is not an image"):
+    with pytest.raises(DataError, match=rf"{path}: record 3: bad.png: not an image file"):
         read_captions(path, None, tmp_path / "export")
     (tmp_path / "bad.png").write_bytes((tmp_path / "0.png").read_bytes()[:20])  # a PNG cut inside its header
     with pytest.raises(DataError, match=rf"{path}: record 3: bad.png is a damaged PNG image"):

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from mmedagent.data.formats import DataError, chat_messages, read_records
-from mmedagent.imaging import detect_format, load_image
+from mmedagent.imaging import image_file_problem, load_image
 from mmedagent.model.templates import render_segments, tokenizer_of
 from mmedagent.protocol import Record
 from mmedagent.train.args import FlagError
@@ -69,39 +69,6 @@ def _resolve_image(ref: Any, base: str | Path) -> Any:
     return str(Path(base) / ref) if isinstance(ref, (str, Path)) else ref
 
 
-def _is_nifti_voxels(path: Path) -> bool:
-    """The ``.img`` half of a NIfTI pair, which :func:`~mmedagent.imaging.load_image` reads through its ``.hdr``."""
-    header = path.with_suffix(".hdr")
-    if path.suffix.lower() != ".img" or not header.is_file():
-        return False
-    try:
-        with open(header, "rb") as f:
-            return detect_format(f.read(1024)) == "nifti"
-    except OSError:
-        return False
-
-
-def _image_problem(path: Path) -> str | None:
-    """Why training could not load ``path`` as an image, from its first bytes only (nothing is decoded):
-    missing, unreadable, or content of no image format (a Git LFS pointer, an HTML error page). None if fine."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(1024)
-    except FileNotFoundError:
-        return "image not found"
-    except OSError as e:
-        return f"cannot read the image ({e.strerror or type(e).__name__})"
-    if detect_format(head) or _is_nifti_voxels(path):
-        return None
-    if not head:
-        return "empty file, not an image"
-    if head.startswith(b"version https://git-lfs"):
-        return "a Git LFS pointer, not the image (fetch it: git lfs pull)"
-    if head.lstrip().lower().startswith((b"<!doctype html", b"<html")):
-        return "an HTML page, not an image"
-    return "not an image file (no PNG/JPEG/BMP/TIFF/GIF/WebP/DICOM/NIfTI content)"
-
-
 BAD_IMAGES_SHOWN = 5
 """How many unusable images the error before training names (all are counted)."""
 
@@ -139,7 +106,7 @@ def load_samples(data_path: str, image_folder: str | None, vision: bool) -> list
             for ref, image in zip(record.images, sample.images):
                 if isinstance(image, str):
                     if image not in verdicts:
-                        verdicts[image] = _image_problem(Path(image))
+                        verdicts[image] = image_file_problem(image)
                     if verdicts[image] is not None:
                         bad.append(f"{sample.where}: {verdicts[image]}: {ref}")
             samples.append(sample)

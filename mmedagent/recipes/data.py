@@ -187,18 +187,14 @@ def read_captions(
 def check_image_header(image: Path, where: str) -> None:
     """A cheap check that ``image`` is an image: its first bytes name a format :func:`mmedagent.imaging.load_image`
     reads, and a PIL format's header parses. DataError naming ``where`` otherwise."""
-    from mmedagent.imaging import detect_format
+    from mmedagent.imaging import detect_format, image_file_problem
 
-    try:
-        with open(image, "rb") as f:
-            head = f.read(1024)
-    except OSError as e:
-        raise DataError(f"{where}: cannot read image {image}: {e.strerror or e}") from None
-    fmt = detect_format(head)
-    if fmt is None:
-        raise DataError(f"{where}: {image.name} is not an image (expected PNG, JPEG, BMP, TIFF, GIF, WebP, "
-                        f"DICOM or NIfTI content){' - the file is empty' if not head else ''}")
-    if fmt not in ("dicom", "nifti"):
+    problem = image_file_problem(image)
+    if problem is not None:
+        raise DataError(f"{where}: {image.name}: {problem}")
+    with open(image, "rb") as f:
+        fmt = detect_format(f.read(1024))
+    if fmt is not None and fmt not in ("dicom", "nifti"):  # None: the voxel half of a NIfTI pair
         from PIL import Image
 
         try:
@@ -233,8 +229,6 @@ def _row_captions(path: Path, rows: Iterable[tuple[int, dict[str, Any]]], image_
     for i, row in rows:
         where = f"{path}: record {i}"
         value = row.get("image")
-        if isinstance(value, (bytes, bytearray)):  # a plain binary column (pandas / pyarrow), not an Image feature
-            value = {"bytes": bytes(value), "path": None}
         if isinstance(value, dict) and not value.get("bytes"):
             value = value.get("path")  # an Image feature that stores only a path
         if value is None or value == "" or value == []:
