@@ -46,6 +46,7 @@ from mmedagent.serve.messages import (
     MAX_STEPS,
     ClientMessage,
     as_dicts,
+    too_long_conversation,
 )
 from mmedagent.serve.registry import NoWorkerError, RegistrationConflict, WorkerInfo, WorkerRegistry
 from mmedagent.serve.remote import RemoteResult, RemoteTool, ToolInputError, WorkerError, WorkerPlanner, remote_tool_class
@@ -76,9 +77,8 @@ class ChatRequest(BaseModel):
 def check_history_length(history: list[Any]) -> None:
     """Refuse a conversation grown past :data:`MAX_MESSAGES` with what to do about it (each question
     adds its answer and every tool round to the history)."""
-    if len(history) > MAX_MESSAGES:
-        raise HTTPException(422, f"this conversation is too long to go on ({len(history)} messages, at most "
-                                 f"{MAX_MESSAGES}): start a new conversation to ask more")
+    if (message := too_long_conversation(len(history))) is not None:
+        raise HTTPException(422, message)
 
 
 class ChatCancelled(Exception):

@@ -16,6 +16,17 @@ MAX_MESSAGE_CHARS = 100_000
 """Any one message of a conversation (a tool catalog, a tool result, a pasted report)."""
 MAX_MESSAGES = 200
 """Messages in one conversation a client sends."""
+
+
+def too_long_conversation(n_messages: int) -> str | None:
+    """What to tell a client whose conversation has grown past :data:`MAX_MESSAGES` (each question adds
+    its answer and every tool round), else None."""
+    if n_messages <= MAX_MESSAGES:
+        return None
+    return (f"this conversation is too long to go on ({n_messages} messages, at most {MAX_MESSAGES}): "
+            "start a new conversation to ask more")
+
+
 MAX_STEPS = 10
 """Planner calls in one agent run."""
 MAX_PROMPT_MESSAGES = MAX_MESSAGES + 2 * MAX_STEPS + 2

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException
 
 from mmedagent.protocol import IMAGE_TOKEN, without_image_token
-from mmedagent.serve.messages import MAX_MESSAGE_CHARS, MAX_MESSAGES, MAX_NEW_TOKENS
+from mmedagent.serve.messages import MAX_MESSAGE_CHARS, MAX_NEW_TOKENS, too_long_conversation
 from mmedagent.serve.uploads import UploadError
 
 
@@ -34,7 +34,7 @@ class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
-    messages: list[OpenAIMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    messages: list[OpenAIMessage] = Field(min_length=1)
     stream: bool = False
     max_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS)
@@ -42,6 +42,13 @@ class ChatCompletionRequest(BaseModel):
     top_p: float | None = Field(default=None, gt=0, le=1)
     stop: str | list[str] | None = None
     n: int | None = None
+
+    @field_validator("messages")
+    @classmethod
+    def _not_too_long(cls, messages: list[OpenAIMessage]) -> list[OpenAIMessage]:
+        if (message := too_long_conversation(len(messages))) is not None:
+            raise ValueError(message)
+        return messages
 
     @field_validator("n")
     @classmethod
@@ -184,7 +191,10 @@ def openai_errors(app: FastAPI) -> FastAPI:
         if request.url.path not in OPENAI_PATHS:
             return await not_openai(request, exc)
         fields = [".".join(str(x) for x in e.get("loc", ()) if x != "body") for e in exc.errors()]
-        message = "; ".join(f"{f or 'request'}: {e.get('msg', '')}" for f, e in zip(fields, exc.errors()))
+        # a validator's own sentence, without pydantic's "Value error, " in front
+        texts = [str(e["ctx"]["error"]) if e.get("type") == "value_error" and "error" in e.get("ctx", {}) else e.get("msg", "")
+                 for e in exc.errors()]
+        message = "; ".join(f"{f or 'request'}: {t}" for f, t in zip(fields, texts))
         return JSONResponse(error_body(message, 400, fields[0] if fields and fields[0] else None), 400)
 
     app.add_exception_handler(HTTPException, http_error)

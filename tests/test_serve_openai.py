@@ -84,8 +84,11 @@ def test_errors_of_the_openai_routes_have_openais_shape():
     error = r.json()["error"]
     assert r.status_code == 400 and error["param"] == "temperature" and error["type"] == "invalid_request_error"
     assert error["message"] == ("temperature: Input should be less than or equal to 2; "
-                                "n: Value error, only n=1 is supported (one choice per request); send n requests instead")
+                                "n: only n=1 is supported (one choice per request); send n requests instead")
     assert "7" not in error["message"]  # the value sent is not echoed
+    r = client.post("/v1/chat/completions", json={"messages": USER * 201})  # a long chat: what to do, not a limit dump
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages" and r.json()["error"]["message"] == (
+        "messages: this conversation is too long to go on (201 messages, at most 200): start a new conversation to ask more")
     r = client.post("/v1/chat/completions", json={"messages": USER, "model": "gpt-4o"})
     assert r.status_code == 404 and r.json()["error"]["message"] == (
         "model 'gpt-4o' is not served here; this worker serves 'tiny'")
