@@ -108,3 +108,19 @@ def test_model_loading_options_reach_the_model_layer(tiny_models):
     assert next(tool._planner.model.parameters()).dtype == torch.bfloat16
     with pytest.raises(TypeError, match=r"unknown options \['load_in_4bits'\]"):
         ReportGeneration(model="unused", load_in_4bits=True)
+
+
+def test_custom_prompts_are_checked_when_the_tool_is_built():
+    """A misspelt slot or style used to fail every call (KeyError: 'Modality') or be silently ignored."""
+    with pytest.raises(ValueError, match=r"prompts\['full'\].*KeyError: 'Modality'"):
+        ReportGeneration(model="unused", prompts={"full": "Describe the {Modality} image."})
+    with pytest.raises(ValueError, match="unknown style 'finding'; styles: findings, impression, full"):
+        ReportGeneration(model="unused", prompts={"finding": "List the {modality} findings."})
+    tool = ReportGeneration(model="unused", prompts={"findings": "List the {modality} findings as {{json}}."})
+    assert tool.prompt(tool.Params(style="findings", modality="brain MRI")) == "List the brain MRI findings as {json}."
+
+
+def test_a_blank_modality_falls_back_to_chest_x_ray():
+    tool = ReportGeneration(model="unused")
+    assert tool.prompt(tool.Params(modality="  ")) == tool.prompt(tool.Params())
+    assert "chest X-ray radiology report" in tool.prompt(tool.Params(modality=" \n"))

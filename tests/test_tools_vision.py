@@ -130,6 +130,18 @@ def test_as_pil_rgb_scales_wide_pil_images_like_arrays():
         assert np.array_equal(np.asarray(as_pil_rgb(img)), expected), img.mode
 
 
+def test_as_pil_rgb_ignores_the_alpha_of_wide_rgba_arrays():
+    """A 12-bit colour array with an opaque 16-bit alpha was scaled by the alpha's 65535: nearly black."""
+    rgb = (np.arange(2 * 3 * 3, dtype=np.uint16).reshape(2, 3, 3) * 240) % 4096
+    rgba = np.concatenate([rgb, np.full((2, 3, 1), 65535, dtype=np.uint16)], axis=-1)
+    expected = np.asarray(as_pil_rgb(rgb))
+    assert expected.max() == 255
+    assert np.array_equal(np.asarray(as_pil_rgb(rgba)), expected)
+    assert np.array_equal(np.asarray(as_pil_rgb(rgba.astype(np.float32) / 65535)), expected)
+    rgba8 = (rgba // 257).astype(np.uint8)
+    assert np.array_equal(np.asarray(as_pil_rgb(rgba8)), np.asarray(Image.fromarray(rgba8).convert("RGB")))
+
+
 def test_as_pil_rgb_scales_over_finite_values():
     """One NaN (a masked MRI map's background) used to turn the whole image black."""
     values = np.arange(12, dtype=np.float32).reshape(3, 4)
@@ -419,6 +431,21 @@ def test_segmentation_boxes_points_and_compact_form(medsam, sam):
         assert len(one.masks) == 1
         click = tool(img, SegmentationTool.Params(points=[[0.6, 0.4]]))
         assert len(click.masks) == 1
+
+
+def test_segment_takes_arrays_and_refuses_pixel_boxes(medsam):
+    """``segment()`` (the call without a params object) failed on numpy prompts ("truth value of an array is
+    ambiguous") and segmented pixel boxes as if they were normalised."""
+    img = scan_image(48, 40)
+    boxes = [[0.1, 0.1, 0.5, 0.5], [0.4, 0.3, 0.9, 0.8]]
+    assert medsam.segment(img, boxes=np.array(boxes)) == medsam.segment(img, boxes=boxes)
+    points = [[0.5, 0.5], [0.1, 0.1]]
+    assert medsam.segment(img, points=np.array(points), point_labels=np.array([1, 0])) == medsam.segment(
+        img, points=points, point_labels=[1, 0])
+    with pytest.raises(ValueError, match=r"normalised to \[0, 1\]"):
+        medsam.segment(img, boxes=[[10, 10, 30, 30]])
+    with pytest.raises(ValueError, match="give boxes and/or points"):
+        medsam.segment(img, boxes=np.zeros((0, 4)))
 
 
 def test_segmentation_param_errors(dispatcher):

@@ -41,7 +41,8 @@ def as_pil_rgb(image: Any) -> Image.Image:
 
     8-bit images keep their values; wider ones (16-bit, 32-bit or float arrays and PIL ``I;16`` /
     ``I`` / ``F`` images) are min-max scaled to 0..255 (PIL's own conversion would clip them to white),
-    over their finite values: NaN and -inf show as the minimum, +inf as the maximum.
+    over their finite values: NaN and -inf show as the minimum, +inf as the maximum. An alpha channel
+    is dropped (as PIL's RGBA -> RGB does), so it never enters the scaling.
     """
     if isinstance(image, Image.Image):
         if image.mode not in ("I", "F") and not image.mode.startswith("I;16"):
@@ -52,6 +53,8 @@ def as_pil_rgb(image: Any) -> Image.Image:
         arr = arr[:, :, 0]
     if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)) or arr.size == 0:
         raise ValueError(f"expected an HxW or HxWx3 image, got an array of shape {arr.shape}")
+    if arr.ndim == 3:
+        arr = arr[:, :, :3]
     if arr.dtype != np.uint8:
         arr = arr.astype(np.float64)
         finite = arr[np.isfinite(arr)]

@@ -82,8 +82,17 @@ class ReportGeneration(Tool):
                             f"max_new_tokens, device, prompts, {', '.join(LOAD_OPTIONS)}")
         super().__init__(model=model, conv_template=conv_template, max_new_tokens=max_new_tokens, device=device,
                          **options)
-        self.prompts = {"findings": FINDINGS_PROMPT, "impression": IMPRESSION_PROMPT, "full": FULL_PROMPT,
-                        **(prompts or {})}
+        self.prompts = {"findings": FINDINGS_PROMPT, "impression": IMPRESSION_PROMPT, "full": FULL_PROMPT}
+        for style, text in (prompts or {}).items():
+            if style not in self.prompts:
+                raise ValueError(f"report_generation: prompts has unknown style {style!r}; styles: "
+                                 f"{', '.join(self.prompts)}")
+            try:
+                text.format(modality="chest X-ray")
+            except (AttributeError, IndexError, KeyError, ValueError) as e:
+                raise ValueError(f"report_generation: prompts[{style!r}] must be text whose only slot is {{modality}} "
+                                 f"(write other braces doubled, {{{{ }}}}): {type(e).__name__}: {e}") from e
+            self.prompts[style] = text
         self._planner = None
 
     def load(self) -> None:
@@ -108,7 +117,7 @@ class ReportGeneration(Tool):
         self.weights_note = f"report model: {model}"
 
     def prompt(self, params: Params) -> str:
-        modality = " ".join((params.modality or "chest X-ray").split())
+        modality = " ".join((params.modality or "").split()) or "chest X-ray"
         return self.prompts[params.style].format(modality=modality)
 
     def __call__(self, image: Any, params: Params) -> Result:

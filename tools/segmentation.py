@@ -33,6 +33,7 @@ from mmedagent.tools._boxes import (
     Box,
     Point,
     as_pil_rgb,
+    check_boxes,
     denormalize_boxes,
     encode_rle,
     mask_to_box,
@@ -281,12 +282,17 @@ class SegmentationTool(Tool):
         return state, arch, source
 
     def segment(self, image: Any, boxes=None, points=None, point_labels=None) -> SegmentationResult:
-        """Masks for normalised boxes and/or points on an image."""
+        """Masks for normalised boxes and/or points (lists or arrays) on an image."""
+        boxes = None if boxes is None or len(boxes) == 0 else check_boxes(boxes)
+        points = None if points is None or len(points) == 0 else np.asarray(points, dtype=np.float64).reshape(-1, 2)
+        if boxes is None and points is None:
+            raise ValueError("give boxes and/or points to segment")
         img = as_pil_rgb(image)
         w, h = img.size
-        boxes_px = denormalize_boxes(boxes, w, h) if boxes else None
-        points_px = np.asarray(points, dtype=np.float64).reshape(-1, 2) * [w, h] if points else None
-        labels = np.asarray(point_labels if point_labels is not None else [1] * len(points or []), dtype=np.int64)
+        boxes_px = None if boxes is None else denormalize_boxes(boxes, w, h)
+        points_px = None if points is None else points * [w, h]
+        n_points = 0 if points is None else len(points)
+        labels = np.asarray([1] * n_points if point_labels is None else point_labels, dtype=np.int64)
         with self._lock, self._torch.inference_mode():
             if self.variant == "medsam":
                 masks = self._medsam(img, boxes_px, points_px, labels)
