@@ -39,6 +39,7 @@ def test_zero2_two_ranks_lora_llava_loads_and_loss_fell(zero2_resumed):
     manifest = json.loads((out / "mmedagent_train.json").read_text())
     assert manifest["family"] == "llava" and manifest["template"] == "vicuna_v1" and manifest["lora"]
     assert manifest["base_model"] == str(zero2_resumed["base"].resolve())
+    assert json.loads((out / "checkpoint-24" / "mmedagent_train.json").read_text()) == manifest  # served alike
     assert (out / "loss.png").stat().st_size > 1000 and (out / "trainer_state.json").is_file()
     saved = load_file(out / "adapter_model.safetensors")
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in saved.items())

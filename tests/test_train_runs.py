@@ -99,6 +99,20 @@ def test_nonsense_train_flags_are_refused(tmp_path, flags, message):
         parse_args(_argv(tmp_path / "m", tmp_path / "d.json", tmp_path / "o", *flags))
 
 
+@pytest.mark.parametrize("flag, message", [
+    ("--tune_mm_mlp_adapter", r"LLaVA.s projector-only pretraining stage is not supported; the projector trains by default"),
+    ("--freeze_backbone", r"LoRA, the default, keeps the language model's weights frozen"),
+    ("--pretrain_mm_mlp_adapter", r"the projector comes from --model_name_or_path"),
+])
+def test_llava_flags_not_taken_are_explained_not_guessed(tmp_path, flag, message):
+    """LLaVA's own flags get the reason, not the nearest name (--tune_mm_mlp_adapter is not --freeze_mm_mlp_adapter)."""
+    from mmedagent.train.args import FlagError, parse_args
+
+    with pytest.raises(FlagError, match=rf"^unknown flag\(s\): {flag} \({message}") as e:
+        parse_args(_argv(tmp_path / "m", tmp_path / "d.json", tmp_path / "o", flag, "True"))
+    assert "did you mean" not in str(e.value)
+
+
 def test_missing_model_is_one_error_line(tmp_path):
     data = _data(tmp_path / "train.json")
     proc = subprocess.run([sys.executable, str(TRAIN_MEM), *_argv(tmp_path / "no_such_model", data, tmp_path / "o")],
@@ -192,3 +206,35 @@ def test_a_released_mmedagent_lora_folder_as_base_is_a_flag_error(tmp_path, monk
     with pytest.raises(FlagError, match=r"^--model_name_or_path .*mmedagent-lora: .* is a LoRA adapter, not a full "
                                         r"checkpoint: merge it"):
         main(_argv(lora, _data(tmp_path / "train.json"), tmp_path / "out"))
+
+
+def test_more_epochs_continue_a_finished_epoch_run(tiny_models, tmp_path, caplog):
+    """A run trained for --num_train_epochs 1, rerun with the same flags, is done; with --num_train_epochs 2
+    it continues from its last checkpoint (not "already trained")."""
+    from mmedagent.train.run import main
+
+    model, data, out = tiny_models("llama"), _data(tmp_path / "train.json"), tmp_path / "run"
+    argv = _argv(model, data, out, "--max_steps", "-1")  # the last --max_steps wins
+    main([*argv, "--num_train_epochs", "1"])
+    assert _step(out) == 2
+    caplog.clear()
+    main([*argv, "--num_train_epochs", "1"])
+    assert "nothing to do" in caplog.text and _step(out) == 2
+    caplog.clear()
+    main([*argv, "--num_train_epochs", "2"])
+    assert "nothing to do" not in caplog.text and _step(out) == 4 and (out / "checkpoint-4").is_dir()
+
+
+def test_mid_run_checkpoint_loads_for_serving_with_its_template(tiny_models, tmp_path):
+    """Every checkpoint-N holds the training manifest, so load_planner(checkpoint-N) uses the trained
+    template (not the processor's chat template), as it does for the final output."""
+    from mmedagent.model import load_planner
+
+    from mmedagent.train.run import main
+
+    out = tmp_path / "run"
+    main(_argv(tiny_models("llama"), _data(tmp_path / "train.json"), out, "--save_steps", "1", "--version", "v1"))
+    final = json.loads((out / "mmedagent_train.json").read_text())
+    assert json.loads((out / "checkpoint-1" / "mmedagent_train.json").read_text()) == final
+    assert final["template"] == "vicuna_v1"
+    assert load_planner(out / "checkpoint-1", dtype="float32", device="cpu").template == "vicuna_v1"

@@ -170,16 +170,27 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
     return model_args, data_args, training_args
 
 
+NOT_TAKEN = {
+    "--overwrite_output_dir": "gone from transformers 5; an --output_dir with checkpoints resumes the newest: use a "
+                              "new --output_dir to start afresh",
+    "--tune_mm_mlp_adapter": "LLaVA's projector-only pretraining stage is not supported; the projector trains by "
+                             "default, --freeze_mm_mlp_adapter True keeps it frozen",
+    "--freeze_backbone": "LoRA, the default, keeps the language model's weights frozen; --lora_enable False trains them",
+    "--pretrain_mm_mlp_adapter": "the projector comes from --model_name_or_path; use a checkpoint that contains it",
+}
+"""LLaVA / transformers 4 flags this script does not take, and why (instead of a nearest-name guess, which for
+``--tune_mm_mlp_adapter`` would be the opposite ``--freeze_mm_mlp_adapter``)."""
+
+
 def unknown_flags(parser: transformers.HfArgumentParser, unknown: list[str]) -> str:
-    """The error for arguments no flag takes, with the nearest known flag for each (typos, flags that
-    transformers renamed or removed, e.g. --evaluation_strategy -> --eval_strategy)."""
+    """The error for arguments no flag takes: why for :data:`NOT_TAKEN`, else the nearest known flag for each
+    (typos, flags that transformers renamed, e.g. --evaluation_strategy -> --eval_strategy)."""
     known = [o for o in parser._option_string_actions if o.startswith("--") and "-" not in o[2:]]  # not --a-b aliases
     parts = []
     for arg in unknown:
         flag = arg.split("=", 1)[0]
-        if flag == "--overwrite_output_dir":
-            parts.append(f"{flag} (gone from transformers 5; an --output_dir with checkpoints resumes the newest: "
-                         "use a new --output_dir to start afresh)")
+        if flag in NOT_TAKEN:
+            parts.append(f"{flag} ({NOT_TAKEN[flag]})")
         elif flag.startswith("--"):
             near = difflib.get_close_matches(flag, known, n=3)
             parts.append(f"{flag} (did you mean {' / '.join(near)}?)" if near else flag)

@@ -23,8 +23,7 @@ from mmedagent.data.formats import DataError
 from mmedagent.train.args import FlagError, check_backbone_flags, parse_args, template_name
 from mmedagent.train.dataset import IGNORE_INDEX, Collator, SupervisedDataset, load_samples, split_list
 from mmedagent.train.modeling import apply_llava_flags, prepare_model, projector_name, torch_dtype
-from mmedagent.train.trainer import (MMedTrainer, ResumeError, latest_checkpoint, plot_loss, resume_error,
-                                     write_manifest)
+from mmedagent.train.trainer import MMedTrainer, ResumeError, latest_checkpoint, plot_loss, resume_error
 
 log = logging.getLogger("mmedagent.train")
 
@@ -192,12 +191,12 @@ def build_trainer(argv: list[str] | None = None, parsed=None) -> tuple[MMedTrain
     tok = tokenizer_of(processor)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     blank = dataset.blank_image_item() if family != "causal_lm" and is_deepspeed_zero3_enabled() else None
-    trainer = MMedTrainer(model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset,
-                          data_collator=Collator(pad_id, family, blank), processing_class=processor,
-                          projector=projector_name(family))
     info = {"base_model": model_args.model_name_or_path, "family": family, "template": template,
             "lora": args.lora_enable, "model_max_length": args.model_max_length,
             "image_aspect_ratio": data_args.image_aspect_ratio}
+    trainer = MMedTrainer(model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset,
+                          data_collator=Collator(pad_id, family, blank), processing_class=processor,
+                          projector=projector_name(family), manifest=info)
     return trainer, info
 
 
@@ -274,13 +273,18 @@ def check_fingerprint(output_dir: str, checkpoint: str, fingerprint: dict, expli
 
 def _finished(checkpoint: str, args) -> int | None:
     """The checkpoint's step when it already reached the end of the run (``--max_steps``, or the number
-    of steps its epochs came to), else None."""
+    of steps its epochs came to when it had trained for ``--num_train_epochs``), else None."""
     try:
         state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
     except (OSError, ValueError):
         return None
     step = int(state.get("global_step") or 0)
-    end = args.max_steps if args.max_steps > 0 else int(state.get("max_steps") or 0)
+    if args.max_steps > 0:
+        end = args.max_steps
+    elif args.num_train_epochs <= float(state.get("epoch") or 0) + 1e-6:
+        end = int(state.get("max_steps") or 0)
+    else:  # more epochs than the checkpoint's run: it continues
+        return None
     return step if end and step >= end else None
 
 
@@ -321,7 +325,7 @@ def main(argv: list[str] | None = None) -> Path:
                  "--output_dir)", resume, done_at)
         return out
 
-    trainer, info = build_trainer(parsed=parsed)
+    trainer, _ = build_trainer(parsed=parsed)
 
     def save_fingerprint():
         if trainer.is_world_process_zero():
@@ -354,9 +358,8 @@ def main(argv: list[str] | None = None) -> Path:
     if trainer.eval_dataset is not None:
         trainer.save_metrics("eval", trainer.evaluate())
     trainer.save_state()
-    trainer.save_model(args.output_dir)
+    trainer.save_model(args.output_dir)  # with the manifest (mmedagent_train.json), written last
     if trainer.is_world_process_zero():
-        write_manifest(args.output_dir, **info)
         curve = plot_loss(trainer.state.log_history, Path(args.output_dir) / "loss.png")
         log.info("saved to %s%s", args.output_dir, f" (loss curve {curve.name})" if curve else "")
     return Path(args.output_dir)

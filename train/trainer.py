@@ -48,11 +48,20 @@ class ModalityGroupedSampler(torch.utils.data.Sampler):
 
 
 class MMedTrainer(Trainer):
-    """``Trainer`` with a separate projector learning rate and ``group_by_modality_length``."""
+    """``Trainer`` with a separate projector learning rate and ``group_by_modality_length``; ``manifest``
+    (:func:`write_manifest`'s fields) is written with every saved model, each ``checkpoint-N`` included, so
+    a mid-run checkpoint loads for serving as the final output does."""
 
-    def __init__(self, *args: Any, projector: str | None = None, **kwargs: Any):
+    def __init__(self, *args: Any, projector: str | None = None, manifest: dict[str, Any] | None = None,
+                 **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.projector = projector
+        self.manifest = manifest
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        super()._save(output_dir, state_dict=state_dict)
+        if self.manifest is not None and self.args.should_save:
+            write_manifest(output_dir if output_dir is not None else self.args.output_dir, **self.manifest)
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
