@@ -13,6 +13,8 @@ import os
 import socket
 import sys
 
+import torch.distributed as dist
+
 import mmedagent  # noqa: F401  - must come before transformers (arms the torchvision shim)
 from mmedagent.data.formats import DataError
 from mmedagent.model.loading import ModelNotFoundError
@@ -37,12 +39,12 @@ if __name__ == "__main__":
     single_rank_without_launcher(sys.argv[1:])
     try:
         main()
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # no rank tears its group down while a peer is still in a collective or saving
     except (FlagError, DataError, ResumeError, ModelNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     finally:
-        import torch.distributed as dist
-
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()  # no communication thread left to abort the exiting process
         release_deepspeed_shm()
