@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 import mmedagent  # noqa: F401  - arms the torchvision shim first
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 
 from mmedagent.agent import Agent, AgentResult, AgentStep
@@ -533,12 +533,14 @@ def build_app(ctl: Controller) -> FastAPI:
         cid = oa.completion_id()
         if not req.stream:
             result: AgentResult | None = None
-            async for kind, payload in ctl.stream_agent(kwargs):
-                if kind == "error":
-                    return JSONResponse(oa.error_body(payload, 502), status_code=502)
-                if kind == "answer":
-                    result = payload
-            assert result is not None
+            async with contextlib.aclosing(ctl.stream_agent(kwargs, request)) as run:  # a disconnect stops the run
+                async for kind, payload in run:
+                    if kind == "error":
+                        return JSONResponse(oa.error_body(payload, 502), status_code=502)
+                    if kind == "answer":
+                        result = payload
+            if result is None:  # stopped: the client went away, nobody reads this
+                return Response(status_code=499)
             return oa.completion(cid, model, result.answer, **_usage(result), mmedagent_trace=trace_view(result))
 
         async def sse() -> AsyncIterator[str]:

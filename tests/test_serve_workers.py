@@ -471,6 +471,34 @@ def test_a_client_that_leaves_during_a_tool_call_gets_no_further_planner_call():
                 lines = r.iter_lines()
                 while planner.calls < 1 or not planner.ended.is_set():
                     next(lines)  # the first turn's text, read to its end: the tool call now runs
+        time.sleep(1.0)  # the server sees the connection close (on loopback, within milliseconds)
+        hang.gate.set()  # the tool returns after the client left
+        time.sleep(0.5)
+        assert planner.calls == 1
+
+
+def test_a_client_that_leaves_a_plain_openai_request_stops_the_run():
+    """A non-streamed ``/v1/chat/completions`` whose client leaves while a tool runs stops too: the planner is
+    not called again for an answer nobody reads."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from mmedagent.protocol import AssistantTurn, ToolCall, render_turn
+
+    hang = Hang()
+    planner = SlowPlanner(render_turn(AssistantTurn(thoughts="Wait.", actions=[ToolCall(API_name="hang", API_params={})],
+                                                    value="")))
+    with chat_stack(planner, {"hang": hang}) as url:
+        where = urlsplit(url)
+        body = json.dumps({"messages": [{"role": "user", "content": "Wait, then answer."}]}).encode()
+        with socket.create_connection((where.hostname, where.port), timeout=10) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            deadline = time.monotonic() + 10
+            while (planner.calls < 1 or not planner.ended.is_set()) and time.monotonic() < deadline:
+                time.sleep(0.02)  # the first turn is written: the tool call now runs
+            assert planner.calls == 1 and planner.ended.is_set()
+        time.sleep(1.0)  # the server sees the connection close (on loopback, within milliseconds)
         hang.gate.set()  # the tool returns after the client left
         time.sleep(0.5)
         assert planner.calls == 1
