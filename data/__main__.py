@@ -32,7 +32,10 @@ from mmedagent.data.formats import DataError, convert, lies_outside, read_record
 from mmedagent.imaging import parse_window
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+_TABLE = "CSV/TSV/JSON/JSONL table, parquet file or saved HF dataset"
+
+
+def _common(p: argparse.ArgumentParser, table: bool = False) -> None:
     p.add_argument("--out", required=True, help="output .json (array) or .jsonl file")
     p.add_argument("--format", choices=("llava", "sharegpt"), default="llava")
     p.add_argument("--api-names", choices=tuple(builders.API_NAMES), default="canonical",
@@ -46,6 +49,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rewrite-url", default=None, help="OpenAI-compatible base URL to paraphrase questions (optional)")
     p.add_argument("--rewrite-model", default=None)
     p.add_argument("--rewrite-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+    if table:
+        p.add_argument("--data-split", default=None, help=_SPLIT_HELP + "; stored images are exported to "
+                       "<image root>/<name>_images/")
 
 
 _SPLIT_HELP = "HF dataset / parquet data: the split to read (train, test, test[:100]; default train or the only one)"
@@ -83,23 +89,23 @@ def _parser() -> argparse.ArgumentParser:
     p = kinds.add_parser("classification", help="class folders or a CSV -> classification")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--folder", help="one folder of images per class (root/<class>/<image>)")
-    g.add_argument("--table", help="CSV/JSON with columns image, label")
+    g.add_argument("--table", help=f"{_TABLE} with columns image, label")
     p.add_argument("--labels", default=None, help="comma-separated candidate labels (others are errors)")
-    _common(p)
+    _common(p, table=True)
     p = kinds.add_parser("reports", help="image + report table -> report generation")
-    p.add_argument("--table", required=True, help="CSV/JSON with columns image, report (or findings, text)")
-    _common(p)
+    p.add_argument("--table", required=True, help=f"{_TABLE} with columns image, report (or findings, text)")
+    _common(p, table=True)
     p = kinds.add_parser("rag", help="QA + corpus -> retrieval")
-    p.add_argument("--qa", required=True, help="CSV/JSON with columns question, answer [, passages or sources]")
+    p.add_argument("--qa", required=True, help=f"{_TABLE} with columns question, answer [, passages or sources]")
     p.add_argument("--corpus", required=True, help="JSON/JSONL/CSV rows id, text; a .txt (a passage a line); "
                    "or a folder / Markdown / PDF, read as the retrieval index reads it")
     p.add_argument("--top-k", type=int, default=3, help=f"passages per question, 1..{builders.RAG_MAX_K}")
-    _common(p)
+    _common(p, table=True)
     for name in ("vqa", "captions"):
         p = kinds.add_parser(name, help="plain VQA / captions -> direct answers (no tool)")
-        p.add_argument("--table", required=True, help="CSV/JSON with columns " + (
+        p.add_argument("--table", required=True, help=f"{_TABLE} with columns " + (
             "image, caption" if name == "captions" else "question, answer [, image]"))
-        _common(p)
+        _common(p, table=True)
 
     p = sub.add_parser("convert", help="any readable data -> llava or sharegpt")
     p.add_argument("src")
@@ -148,6 +154,7 @@ def _window(spec: str | None):
 
 def _examples(a: argparse.Namespace) -> list[builders.Example]:
     tasks = [t.strip() for t in getattr(a, "tasks", "").split(",") if t.strip()]
+    table = {"image_root": _image_root(a), "split": a.data_split} if a.kind in TABLE_KINDS else {}
     if a.kind == "coco":
         return builders.read_coco(a.annotations, a.image_root or Path(a.annotations).parent)
     if a.kind == "masks":
@@ -157,12 +164,12 @@ def _examples(a: argparse.Namespace) -> list[builders.Example]:
                                           window=_window(a.window), plane=a.plane, step=a.step, tasks=tasks)
     if a.kind == "classification":
         labels = [s.strip() for s in a.labels.split(",")] if a.labels else None
-        return builders.read_classification(folder=a.folder, table=a.table, labels=labels)
+        return builders.read_classification(folder=a.folder, table=a.table, labels=labels, **table)
     if a.kind == "reports":
-        return builders.read_reports(a.table)
+        return builders.read_reports(a.table, **table)
     if a.kind == "rag":
-        return builders.read_rag(a.qa, a.corpus, a.top_k)
-    return builders.read_vqa(a.table, caption=a.kind == "captions")
+        return builders.read_rag(a.qa, a.corpus, a.top_k, **table)
+    return builders.read_vqa(a.table, caption=a.kind == "captions", **table)
 
 
 TABLE_KINDS = ("classification", "reports", "rag", "vqa", "captions")

@@ -30,7 +30,15 @@ from typing import Any
 import numpy as np
 
 from mmedagent.data import templates
-from mmedagent.data.formats import CAPTION_QUESTIONS, DataError, iter_raw, lies_outside
+from mmedagent.data.formats import (
+    CAPTION_QUESTIONS,
+    DataError,
+    _export_images,
+    is_tabular,
+    iter_raw,
+    lies_outside,
+    open_hf_dataset,
+)
 from mmedagent.protocol import (
     IMAGE_PLACEHOLDER,
     IMAGE_TOKEN,
@@ -155,9 +163,25 @@ def parse_label_names(spec: str | Path | dict | None) -> dict[int, str]:
     return out
 
 
-def read_table(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
-    """(1-based record number, row) of a CSV, JSON or JSONL file."""
+def read_table(path: str | Path, image_root: str | Path | None = None,
+               split: str | None = None) -> list[tuple[int, dict[str, Any]]]:
+    """(1-based record number, row) of a CSV, JSON or JSONL file, or of Hugging Face / parquet data (the
+    ``split`` picked, see :func:`~mmedagent.data.formats.open_hf_dataset`), whose stored images are exported
+    to ``<image_root>/<name>_images/`` (``image_root``: default the data's folder) and named relative to
+    ``image_root``, as table rows name theirs."""
     path = Path(path)
+    if is_tabular(path):
+        root = Path(image_root) if image_root is not None else path.parent
+        export = root / f"{path.name.split('.')[0]}_images"
+        rows = []
+        for i, row in enumerate(open_hf_dataset(path, split), 1):
+            try:
+                rows.append((i, _export_images(row, i, export, relative_to=root)))
+            except DataError as e:
+                raise DataError(f"{path}: record {i}: {e}") from None
+        return rows
+    if split:
+        raise DataError(f"{path}: --data-split {split!r} applies to Hugging Face datasets and parquet data only")
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     if path.suffix.lower() in (".csv", ".tsv"):
@@ -459,8 +483,9 @@ def _class_images(folder: Path) -> list[Path]:
 
 
 def read_classification(folder: str | Path | None = None, table: str | Path | None = None,
-                        labels: Sequence[str] | None = None) -> list[Example]:
-    """Folder-per-class (``root/<class>/<image>``) or a CSV/JSON table with ``image`` and ``label``."""
+                        labels: Sequence[str] | None = None, **table_options: Any) -> list[Example]:
+    """Folder-per-class (``root/<class>/<image>``) or a table with ``image`` and ``label`` (``table_options``:
+    see :func:`read_table`)."""
     known = list(labels) if labels else None
     out = []
     if folder is not None:
@@ -480,7 +505,7 @@ def read_classification(folder: str | Path | None = None, table: str | Path | No
                                    label=label))
         cands = known or sorted({e.label for e in out if e.label})
     elif table is not None:
-        for i, row in read_table(table):
+        for i, row in read_table(table, **table_options):
             where = f"{table}: record {i}"
             image, (label,) = _image_of(row, where), _require(row, ("label",), where)
             if known and label not in known:
@@ -494,10 +519,10 @@ def read_classification(folder: str | Path | None = None, table: str | Path | No
     return out
 
 
-def read_reports(table: str | Path) -> list[Example]:
-    """CSV/JSON with ``image`` and ``report`` (or ``findings``/``text``) → report-generation examples."""
+def read_reports(table: str | Path, **table_options: Any) -> list[Example]:
+    """A table with ``image`` and ``report`` (or ``findings``/``text``) → report-generation examples."""
     out = []
-    for i, row in read_table(table):
+    for i, row in read_table(table, **table_options):
         where = f"{table}: record {i}"
         key = next((k for k in ("report", "findings", "text") if k in row), "report")
         image, (report,) = _image_of(row, where), _require(row, (key,), where)
@@ -584,7 +609,7 @@ def build_retrieval_index(passages: Sequence[tuple[str, str]], out: str | Path) 
         raise DataError(f"cannot index the corpus for the retrieval tool: {e}") from None
 
 
-def read_rag(qa: str | Path, corpus: str | Path, top_k: int = 3) -> list[Example]:
+def read_rag(qa: str | Path, corpus: str | Path, top_k: int = 3, **table_options: Any) -> list[Example]:
     """Question/answer pairs + a corpus → retrieval examples; passages named in the QA row
     (``passages``/``sources`` ids) come first, then the others sharing words with the question,
     ranked by word overlap, up to ``top_k`` (1..RAG_MAX_K, the tool's own limit); a passage with no
@@ -595,7 +620,7 @@ def read_rag(qa: str | Path, corpus: str | Path, top_k: int = 3) -> list[Example
     by_id = dict(docs)
     toks = {pid: _tokens(t) for pid, t in docs}
     out = []
-    for i, row in read_table(qa):
+    for i, row in read_table(qa, **table_options):
         where = f"{qa}: record {i}"
         question, answer = _require(row, ("question", "answer"), where)
         wanted = row.get("passages") or row.get("sources") or []
@@ -621,11 +646,11 @@ def read_rag(qa: str | Path, corpus: str | Path, top_k: int = 3) -> list[Example
     return out
 
 
-def read_vqa(table: str | Path, caption: bool = False) -> list[Example]:
+def read_vqa(table: str | Path, caption: bool = False, **table_options: Any) -> list[Example]:
     """Plain VQA (``question``, ``answer``, optional ``image``) or captions (``image``, ``caption``) →
     direct-answer examples."""
     out = []
-    for i, row in read_table(table):
+    for i, row in read_table(table, **table_options):
         where = f"{table}: record {i}"
         if caption:
             image, (cap,) = _image_of(row, where), _require(row, ("caption",), where)

@@ -8,10 +8,14 @@
 * LLaMA-Factory / sharegpt records: ``messages`` of ``role``/``content`` (content a string with
   ``<image>`` tags, or a list of ``{"type": "image"|"text"}`` parts) plus ``images``;
   ``function_call`` / ``observation`` turns become tool calls / tool results;
+* OpenAI chat logs: ``messages`` whose assistant turns carry ``tool_calls`` (or the legacy
+  ``function_call``) and ``tool`` turns the results, matched by ``tool_call_id``;
 * plain-text dialogue records (no image) and Alpaca-style ``instruction``/``input``/``output``;
+* VQA rows (``question`` + ``answer`` [+ ``image`` / ``image_name`` / ``img_name``]: VQA-RAD, SLAKE,
+  PathVQA) as direct answers without a tool;
 * Hugging Face ``datasets`` folders (``save_to_disk``) and parquet files: rows with a
-  conversation column as above, or ``image`` + ``caption`` rows (Radiology_mini, MedTrinity-25M
-  layouts) turned into caption instruction pairs, their images exported to a folder.
+  conversation column as above, ``image`` + ``caption`` rows (Radiology_mini, MedTrinity-25M
+  layouts) turned into caption instruction pairs, or VQA rows; their images exported to a folder.
 
 Assistant text that carries the turn markers is parsed with :func:`mmedagent.protocol.parse_turn`
 into thoughts/actions/value, so both directions of sharegpt ⇄ LLaVA are lossless. Every problem is a
@@ -32,6 +36,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from mmedagent.data.templates import THOUGHTS
 from mmedagent.protocol import (
     IMAGE_TOKEN,
     Message,
@@ -124,8 +129,16 @@ CAPTION_QUESTIONS = (
 )
 """Questions paired with captions when an image + caption dataset is turned into instructions."""
 
+IMAGE_FIELDS = ("images", "image", "image_id", "image_name", "img_name")
+"""Row fields naming a record's image(s), the first filled one taken (VQA-RAD's ``image_name``, SLAKE's
+``img_name``)."""
+
+DIRECT_THOUGHT = THOUGHTS["direct"][0]
+"""The thought of a question-answer row turned into a record (the builders' first direct thought)."""
+
 _ROLE = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt", "model": "gpt", "system": "system",
-         "function_call": "function_call", "observation": "observation", "tool": "observation", "function": "observation"}
+         "developer": "system", "function_call": "function_call", "observation": "observation", "tool": "observation",
+         "function": "observation"}
 
 
 def split_paths(value: str | Path | Sequence[str | Path]) -> list[Path]:
@@ -387,9 +400,10 @@ def _parquet_rows(path: Path) -> int:
         raise DataError(f"{path}: cannot read as parquet: {type(e).__name__}: {e}") from None
 
 
-def _export_images(row: dict[str, Any], index: int, export_dir: Path) -> dict[str, Any]:
-    """Replace decoded / byte images in an HF row by file names inside ``export_dir``; DataError for a
-    value that is not an image."""
+def _export_images(row: dict[str, Any], index: int, export_dir: Path,
+                   relative_to: Path | None = None) -> dict[str, Any]:
+    """Replace decoded / byte images in an HF row by the names of files written to ``export_dir``, relative
+    to it (or to ``relative_to``); DataError for a value that is not an image."""
     out = dict(row)
     for key in ("image", "images"):
         if key not in row or row[key] is None:
@@ -403,7 +417,9 @@ def _export_images(row: dict[str, Any], index: int, export_dir: Path) -> dict[st
             # the row number keeps the name unique: ids repeat, or sanitise to one name (case/0, case_0)
             rid = str(row.get("id") or "")
             stem = f"{index:08d}" + (f"_{_safe_name(rid)}" if rid else "") + (f"_{k}" if len(values) > 1 else "")
-            names.append(_save_image(v, export_dir, stem))
+            saved = _save_image(v, export_dir, stem)
+            names.append(saved if isinstance(saved, str) else
+                         Path(os.path.relpath(saved, relative_to or export_dir)).as_posix())
         out[key] = names if isinstance(row[key], list) else names[0]
     return out
 
@@ -413,7 +429,9 @@ def _safe_name(s: str) -> str:
     return safe[:80] or hashlib.sha1(s.encode()).hexdigest()[:16]  # ids wholly in other scripts: hash the original
 
 
-def _save_image(value: Any, folder: Path, stem: str) -> str:
+def _save_image(value: Any, folder: Path, stem: str) -> Path | str:
+    """The file ``value`` (bytes, an HF image cell, a PIL image) is written to in ``folder``; an HF cell
+    holding only a path: that path, as written."""
     from mmedagent.imaging import detect_format
 
     if isinstance(value, (bytes, bytearray, memoryview)):  # a plain binary column (pandas / pyarrow)
@@ -426,16 +444,15 @@ def _save_image(value: Any, folder: Path, stem: str) -> str:
                             "TIFF, GIF, WebP, DICOM or NIfTI content")
         folder.mkdir(parents=True, exist_ok=True)
         ext = {"jpeg": ".jpg", "nifti": ".nii.gz" if data[:2] == b"\x1f\x8b" else ".nii", "dicom": ".dcm"}.get(fmt, f".{fmt}")
-        name = stem + ext
-        (folder / name).write_bytes(data)
-        return name
+        (folder / (stem + ext)).write_bytes(data)
+        return folder / (stem + ext)
     if isinstance(value, dict) and value.get("path"):
         return str(value["path"])
     if hasattr(value, "save"):  # PIL image
         folder.mkdir(parents=True, exist_ok=True)
-        name = stem + ".png"
-        value.convert("RGB").save(folder / name) if value.mode not in ("RGB", "L", "I;16") else value.save(folder / name)
-        return name
+        out = folder / (stem + ".png")
+        value.convert("RGB").save(out) if value.mode not in ("RGB", "L", "I;16") else value.save(out)
+        return out
     raise DataError(f"cannot export an image of type {type(value).__name__}")
 
 
@@ -478,44 +495,114 @@ def _gpt_message(text: str) -> Message:
     return Message(role="gpt", thoughts=turn.thoughts, actions=list(turn.actions), value=turn.value)
 
 
+def _openai_calls(t: dict[str, Any], k: int) -> list[tuple[str | None, ToolCall]]:
+    """OpenAI function calling on an assistant message: ``tool_calls`` (``id`` + ``function`` name and JSON
+    ``arguments``) or the legacy ``function_call``, as (call id, call) pairs; [] when it has neither."""
+    raw = t.get("tool_calls") or ([{"function": t["function_call"]}] if t.get("function_call") else [])
+    if not isinstance(raw, list):
+        raise ValueError(f"turn {k}: tool_calls must be a list")
+    calls = []
+    for c in raw:
+        fn = c.get("function") if isinstance(c, dict) else None
+        name = str(fn.get("name") or "").strip() if isinstance(fn, dict) else ""
+        if not name:
+            raise ValueError(f"turn {k}: a tool call without a function name")
+        args = fn.get("arguments")
+        if isinstance(args, str):
+            try:
+                args = json.loads(args) if args.strip() else {}
+            except json.JSONDecodeError as e:
+                raise ValueError(f"turn {k}: the arguments of tool call {name!r} are not JSON: {e.msg}") from None
+        if not isinstance(args, (dict, type(None))):
+            raise ValueError(f"turn {k}: the arguments of tool call {name!r} must be a JSON object")
+        calls.append((c.get("id"), ToolCall(API_name=name, API_params=args or {})))
+    return calls
+
+
+def _json_or_none(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return None
+
+
+def _tool_outcome(call: ToolCall, text: str) -> ToolOutcome:
+    """A tool result message's text as the outcome of ``call``: a JSON object is its output, other JSON
+    ``{"result": ...}``, plain text (a report, a label) the text fed back verbatim."""
+    result = _json_or_none(text)
+    if result is None or isinstance(result, str):
+        return ToolOutcome(tool=call.API_name, text=text if result is None else result)
+    return ToolOutcome(tool=call.API_name, output=result if isinstance(result, dict) else {"result": result})
+
+
 def _messages_from_chat(turns: list[Any], role_key: str, text_key: str) -> list[Message]:
+    """Chat turns as record messages. A tool-calling turn (LLaMA-Factory ``function_call``, OpenAI
+    ``tool_calls``) becomes an assistant turn with actions; the tool results after it (``observation`` /
+    ``tool`` turns, matched to their call by ``tool_call_id`` or in order) one human tool-result turn."""
     out: list[Message] = []
-    pending_calls: list[ToolCall] = []
+    pending: list[tuple[str | None, ToolCall]] = []
+    results: dict[int, ToolOutcome] = {}
     first_question = ""
+
+    def close_calls(k: int) -> None:  # the results of the last tool-calling turn, once all have come
+        if results:
+            missing = [c.API_name for i, (_, c) in enumerate(pending) if i not in results]
+            if missing:
+                raise ValueError(f"turn {k}: no tool result for the call(s) to {', '.join(missing)}")
+            out.append(Message(role="human", value=render_tool_results([results[i] for i in range(len(pending))],
+                                                                          first_question)))
+        pending.clear()
+        results.clear()
+
     for k, t in enumerate(turns, 1):
         if not isinstance(t, dict):
             raise ValueError(f"turn {k} is not an object")
         role = _ROLE.get(str(t.get(role_key, "")).strip().lower())
         if role is None:
             raise ValueError(f"turn {k} has unknown role {t.get(role_key)!r}")
+        if role != "observation":
+            close_calls(k)
         if role == "gpt" and ("thoughts" in t or "actions" in t):
             out.append(Message.model_validate({"from": "gpt", **{k2: t[k2] for k2 in ("thoughts", "actions") if k2 in t},
                                                 "value": t.get(text_key, t.get("value", "")) or ""}))
             continue
         text, _ = _text_of(t.get(text_key))
-        if role == "function_call":  # LLaMA-Factory: {"name": ..., "arguments": {...}}
-            call = json.loads(text) if text.strip() else {}
-            calls = call if isinstance(call, list) else [call]
-            pending_calls = [ToolCall(API_name=c["name"], API_params=c.get("arguments") or {}) for c in calls]
-            out.append(Message(role="gpt", thoughts="", actions=pending_calls, value=""))
+        if role == "gpt" and (calls := _openai_calls(t, k)):
+            pending[:] = calls
+            out.append(Message(role="gpt", thoughts=text.strip(), actions=[c for _, c in calls], value=""))
+        elif role == "function_call":  # LLaMA-Factory: {"name": ..., "arguments": {...}}, or a list of them
+            call = _json_or_none(text)
+            if not isinstance(call, (dict, list)):
+                raise ValueError(f"turn {k}: a function_call turn must hold a JSON object "
+                                 '{"name": ..., "arguments": {...}} or a list of them')
+            pending[:] = [(None, ToolCall(API_name=c["name"], API_params=c.get("arguments") or {}))
+                          for c in (call if isinstance(call, list) else [call])]
+            out.append(Message(role="gpt", thoughts="", actions=[c for _, c in pending], value=""))
         elif role == "observation":
-            if not pending_calls:
-                raise ValueError(f"turn {k}: observation without a preceding function_call")
-            try:
-                result = json.loads(text)
-            except json.JSONDecodeError:
-                result = {"text": text}
-            outputs = result if isinstance(result, list) and len(result) == len(pending_calls) else [result]
-            outcomes = [ToolOutcome(tool=c.API_name, output=o if isinstance(o, dict) else {"result": o})
-                        for c, o in zip(pending_calls, outputs)]
-            out.append(Message(role="human", value=render_tool_results(outcomes, first_question)))
-            pending_calls = []
+            if not pending:
+                raise ValueError(f"turn {k}: a tool result without a preceding tool call")
+            call_id = t.get("tool_call_id")
+            if call_id is None and not results and len(pending) > 1:  # LLaMA-Factory: one result list for all
+                many = _json_or_none(text)
+                if isinstance(many, list) and len(many) == len(pending):
+                    results.update({i: _tool_outcome(c, json.dumps(o)) for i, ((_, c), o) in enumerate(zip(pending, many))})
+                    continue
+            if call_id is not None:
+                at = next((i for i, (cid, _) in enumerate(pending) if cid == call_id), None)
+                if at is None:
+                    raise ValueError(f"turn {k}: tool_call_id {call_id!r} names no call of the turn before")
+            else:
+                at = next((i for i in range(len(pending)) if i not in results), None)
+                if at is None:
+                    raise ValueError(f"turn {k}: more tool results than calls")
+            results[at] = _tool_outcome(pending[at][1], text)
         elif role == "gpt":
             out.append(_gpt_message(text))
         else:
             if role == "human" and not first_question:
                 first_question = strip_image_token(text)
             out.append(Message(role=role, value=text))
+    close_calls(len(turns) + 1)
     return out
 
 
@@ -529,10 +616,10 @@ def record_from_any(row: Any, default_id: str, caption_question: str | None = No
 
     # the first image field that is filled: ``"images": null`` beside ``"image": "a.png"`` keeps the image,
     # and ``"image": ""`` (tables exported with an empty cell) is a record without one
-    images = next((row[k] for k in ("images", "image", "image_id") if row.get(k) not in (None, "", [])), None)
+    images = next((row[k] for k in IMAGE_FIELDS if row.get(k) not in (None, "", [])), None)
     if isinstance(images, list) and len(images) <= 1:  # LLaVA writes a single image as a string
         images = images[0] if images else None
-    consumed = {"id", "image", "image_id", "images", "conversations", "messages", "instruction", "input", "output",
+    consumed = {"id", *IMAGE_FIELDS, "conversations", "messages", "instruction", "input", "output",
                 "caption"}  # fields made into the record; the others pass through
     if "conversations" in row and isinstance(row["conversations"], list) and row["conversations"] and isinstance(row["conversations"][0], dict) and "from" in row["conversations"][0]:
         turns = row["conversations"]
@@ -562,8 +649,16 @@ def record_from_any(row: Any, default_id: str, caption_question: str | None = No
         role_key, text_key = "from", "value"
     elif "caption" in row:
         raise ValueError("no image: the row has a caption but its image is null or missing")
+    elif "question" in row and "answer" in row:  # VQA-RAD, SLAKE, PathVQA: a question answered without a tool
+        question, answer = (str(row[k] if row[k] is not None else "").strip() for k in ("question", "answer"))
+        if not question or not answer:
+            raise ValueError(f"empty {'question' if not question else 'answer'}")
+        turns = [{"from": "human", "value": question},
+                 {"from": "gpt", "thoughts": DIRECT_THOUGHT, "actions": [], "value": answer}]
+        role_key, text_key = "from", "value"
+        consumed |= {"question", "answer"}
     else:
-        raise ValueError("no conversations / messages / instruction+output / image+caption fields")
+        raise ValueError("no conversations / messages / instruction+output / image+caption / question+answer fields")
     messages = _messages_from_chat(turns, role_key, text_key)
     if not messages:
         raise ValueError("conversation is empty")

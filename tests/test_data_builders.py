@@ -416,6 +416,33 @@ def test_hf_caption_dataset_to_split_instruction_json(tmp_path):
     assert_valid(tmp_path / "out" / "train.json")
 
 
+def test_table_builders_read_parquet_and_saved_hf_datasets(tmp_path):
+    """VQA-RAD's Hugging Face layout (stored images, question, answer) and a saved report dataset build
+    like tables: the images exported under the image root and named relative to it, --data-split picking
+    rows; --data-split on a JSON table is an error."""
+    datasets = pytest.importorskip("datasets")
+    img = [Image.new("L", (16, 16), v) for v in (20, 120, 220)]
+    datasets.Dataset.from_dict({"image": img, "question": ["Is there a mass?", "Which organ?", "Any fluid?"],
+                                "answer": ["no", "liver", "yes"]}).to_parquet(str(tmp_path / "test.parquet"))
+    root = tmp_path / "root"
+    assert run_cli("build", "vqa", "--table", tmp_path / "test.parquet", "--image-root", root,
+                   "--data-split", "test[1:]", "--out", tmp_path / "vqa.json") == 0
+    recs = records_of(tmp_path / "vqa.json")
+    assert [r.conversations[1].value for r in recs] == ["liver", "yes"]
+    assert [r.image for r in recs] == ["test_images/00000001.png", "test_images/00000002.png"]
+    assert Image.open(root / recs[1].image).getpixel((0, 0)) == 220
+    assert_valid(tmp_path / "vqa.json")
+    datasets.Dataset.from_dict({"image": img[:2], "findings": ["Clear lungs.", "Small effusion."]}).save_to_disk(
+        str(tmp_path / "reports_ds"))
+    assert run_cli("build", "reports", "--table", tmp_path / "reports_ds", "--out", tmp_path / "rep.json") == 0
+    rec = records_of(tmp_path / "rep.json")[1]
+    assert rec.image == "reports_ds_images/00000002.png" and (tmp_path / rec.image).is_file()
+    assert "Small effusion." in rec.conversations[-1].value
+    table = write_json(tmp_path / "v.json", [{"question": "Q?", "answer": "A."}])
+    with pytest.raises(DataError, match=r"--data-split 'test' applies to Hugging Face datasets and parquet data only"):
+        builders.read_vqa(table, split="test")
+
+
 # --------------------------------------------------------------------------- fixes: tables, errors, folders, rag
 
 

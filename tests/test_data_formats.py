@@ -447,3 +447,84 @@ def test_parquet_with_a_plain_binary_image_column_is_exported(tmp_path):
     pq.write_table(pa.table({"image": [7], "caption": ["x"]}), str(ints))
     with pytest.raises(DataError, match=rf"{ints}: record 1: cannot export an image of type int"):
         read_records(ints, tmp_path / "img")
+
+
+def _openai_log():
+    """An OpenAI chat-completions function-calling log: two calls in one turn, results out of order."""
+    return {"messages": [
+        {"role": "developer", "content": "You are a radiology assistant."},
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "ct.png"}},
+                                     {"type": "text", "text": "Where is the nodule, and what is it?"}]},
+        {"role": "assistant", "content": "Ground it, then classify the image.", "tool_calls": [
+            {"id": "call_a", "type": "function",
+             "function": {"name": "grounding", "arguments": json.dumps({"image": "<imagepath>", "prompts": ["nodule"]})}},
+            {"id": "call_b", "type": "function", "function": {"name": "BiomedClip", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "call_b", "content": "lung CT"},
+        {"role": "tool", "tool_call_id": "call_a", "content": json.dumps({"boxes": [[0.1, 0.2, 0.3, 0.4]]})},
+        {"role": "assistant", "content": "A nodule at [0.1, 0.2, 0.3, 0.4] on a lung CT."}],
+        "images": ["ct.png"]}
+
+
+def test_openai_tool_calls_log_becomes_a_tool_use_record(tmp_path):
+    """OpenAI ``tool_calls`` + ``tool`` messages: one planning turn with both calls (its content the thought),
+    one tool-result turn with the results in call order (JSON as output, plain text verbatim), the answer."""
+    (rec,) = read_records(write_json(tmp_path / "log.json", [_openai_log()]))
+    roles = [m.role for m in rec.conversations]
+    assert roles == ["system", "human", "gpt", "human", "gpt"]
+    plan = rec.conversations[2]
+    assert plan.thoughts == "Ground it, then classify the image."
+    assert [(a.API_name, a.API_params) for a in plan.actions] == [
+        ("grounding", {"image": "<imagepath>", "prompts": ["nodule"]}), ("BiomedClip", {})]
+    res = parse_tool_results(rec.conversations[3].value)
+    assert res.question == "Where is the nodule, and what is it?"
+    assert [(o.tool, o.output, o.text) for o in res.outcomes] == [
+        ("grounding", {"boxes": [[0.1, 0.2, 0.3, 0.4]]}, None), ("BiomedClip", None, "lung CT")]
+    assert rec.conversations[3].value.splitlines()[1] == "BiomedClip output: lung CT"
+    assert rec.conversations[4].value == "A nodule at [0.1, 0.2, 0.3, 0.4] on a lung CT."
+    # the legacy single function_call + "function" role reads the same way
+    legacy = {"messages": [{"role": "user", "content": "Define I21.0."},
+                           {"role": "assistant", "content": None,
+                            "function_call": {"name": "retrieval", "arguments": '{"query": "I21.0"}'}},
+                           {"role": "function", "name": "retrieval", "content": '{"passages": []}'},
+                           {"role": "assistant", "content": "Not found."}]}
+    (rec,) = read_records(write_json(tmp_path / "legacy.json", [legacy]))
+    assert rec.conversations[1].actions[0].API_params == {"query": "I21.0"}
+    assert parse_tool_results(rec.conversations[2].value).outcomes[0].output == {"passages": []}
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda m: m[3].update(tool_call_id="call_z"), r"record 1: turn 4: tool_call_id 'call_z' names no call"),
+    (lambda m: m[2]["tool_calls"][0]["function"].update(arguments="{prompts: nodule"),
+     r"turn 3: the arguments of tool call 'grounding' are not JSON"),
+    (lambda m: m[2]["tool_calls"][0]["function"].update(arguments="[1]"), r"must be a JSON object"),
+    (lambda m: m.pop(4), r"turn 5: no tool result for the call\(s\) to grounding"),
+    (lambda m: m.pop(2), r"turn 3: a tool result without a preceding tool call"),
+])
+def test_openai_tool_calls_log_errors_name_the_turn(tmp_path, change, match):
+    log = _openai_log()
+    change(log["messages"])
+    with pytest.raises(DataError, match=match):
+        read_records(write_json(tmp_path / "bad.json", [log]))
+
+
+def test_vqa_rows_are_direct_answers_from_json_and_parquet(tmp_path):
+    """VQA-RAD / SLAKE / PathVQA rows (question, answer, image or img_name) become direct-answer records;
+    the HF layout's stored images are exported; an empty answer is an error naming the record."""
+    datasets = pytest.importorskip("datasets")
+    rows = [{"img_name": "xmlab1/source.jpg", "question": "Is this a CT?", "answer": "Yes", "q_lang": "en"},
+            {"question": "How many lesions?", "answer": 2}]
+    recs = read_records(write_json(tmp_path / "slake.json", rows))
+    assert recs[0].image == "xmlab1/source.jpg" and recs[0].model_extra["q_lang"] == "en"
+    assert recs[0].conversations[0].value == f"{IMAGE_TOKEN}\nIs this a CT?"
+    gpt = recs[0].conversations[1]
+    assert gpt.actions == [] and gpt.value == "Yes" and gpt.thoughts
+    assert recs[1].image is None and recs[1].conversations[1].value == "2"
+    ds = datasets.Dataset.from_dict({"image": [Image.new("L", (8, 8), 30), Image.new("L", (8, 8), 90)],
+                                     "question": ["Is there a mass?", "Which organ?"], "answer": ["no", "liver"]})
+    ds.to_parquet(str(tmp_path / "vqa-rad.parquet"))
+    recs = read_records(tmp_path / "vqa-rad.parquet", tmp_path / "img")
+    assert [r.image for r in recs] == ["00000001.png", "00000002.png"]
+    assert Image.open(tmp_path / "img" / recs[1].image).getpixel((0, 0)) == 90
+    assert recs[1].conversations[1].value == "liver"
+    with pytest.raises(DataError, match=r"record 1: empty answer"):
+        read_records(write_json(tmp_path / "empty.json", [{"question": "Q?", "answer": " "}]))
