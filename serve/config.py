@@ -189,9 +189,15 @@ def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> Serv
     try:
         return ServeConfig.model_validate(data)
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'settings'}: {err['msg']}"
-                             for err in e.errors(include_url=False, include_input=False))
-        raise ConfigError(f"invalid settings{f' in {path}' if path else ''}: {problems}") from None
+        where = f" in {path}" if path else ""
+        raise ConfigError(f"invalid settings{where}: {validation_problems(e, 'settings')}") from None
+
+
+def validation_problems(error: ValidationError, whole: str) -> str:
+    """Each bad field of ``error`` and what is wrong with it (``whole`` names a problem with the whole
+    input), never the value given: it may be a secret or patient data."""
+    return "; ".join(f"{'.'.join(map(str, err['loc'])) or whole}: {err['msg']}"
+                     for err in error.errors(include_url=False, include_input=False))
 
 
 def config_or_exit(parser: Any, path: str | os.PathLike | None = None, **overrides: Any) -> ServeConfig:

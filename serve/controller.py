@@ -129,6 +129,15 @@ def _usage(result: AgentResult) -> dict[str, Any]:
     return {"usage": result.usage} if result.usage else {}
 
 
+def openai_answer(result: AgentResult, stops: list[str], max_new_tokens: int) -> tuple[str, str]:
+    """The agent's answer as an OpenAI client reads it, and its ``finish_reason``: the request's stop
+    sequences cut the answer (never the planner's turns, whose format they would break), and
+    "length" says the planner's last turn ran out of its token budget."""
+    answer, cut = oa.cut_at_stop(result.answer, stops)
+    last = result.steps[-1].new_tokens if result.steps else None
+    return answer, "stop" if cut else oa.finish_reason(last, max_new_tokens)
+
+
 def trace_view(result: AgentResult) -> dict[str, Any]:
     return {
         "steps": [step_view(s) for s in result.steps],
@@ -526,11 +535,12 @@ def build_app(ctl: Controller) -> FastAPI:
         question = strip_image_token(messages[-1]["content"])
         if not question:
             raise HTTPException(400, "the user's question is empty")
+        gen = req.gen(ctl.gen_defaults)
         kwargs = dict(
-            model=model, question=question, image=image, history=history, gen=req.gen(ctl.gen_defaults),
+            model=model, question=question, image=image, history=history, gen=gen,
             max_steps=ctl.cfg.max_steps, conversation_id=uuid.uuid4().hex,
         )
-        cid = oa.completion_id()
+        stops, cid = req.stops(), oa.completion_id()
         if not req.stream:
             result: AgentResult | None = None
             async with contextlib.aclosing(ctl.stream_agent(kwargs, request)) as run:  # a disconnect stops the run
@@ -541,7 +551,8 @@ def build_app(ctl: Controller) -> FastAPI:
                         result = payload
             if result is None:  # stopped: the client went away, nobody reads this
                 return Response(status_code=499)
-            return oa.completion(cid, model, result.answer, **_usage(result), mmedagent_trace=trace_view(result))
+            answer, finish = openai_answer(result, stops, gen["max_new_tokens"])
+            return oa.completion(cid, model, answer, finish, **_usage(result), mmedagent_trace=trace_view(result))
 
         async def sse() -> AsyncIterator[str]:
             yield oa.chunk(cid, model, {"role": "assistant", "content": ""})
@@ -550,8 +561,9 @@ def build_app(ctl: Controller) -> FastAPI:
                     if kind == "step":
                         yield oa.chunk(cid, model, {}, mmedagent_step=step_view(payload))
                     elif kind == "answer":
-                        yield oa.chunk(cid, model, {"content": payload.answer})
-                        yield oa.chunk(cid, model, {}, "stop", **_usage(payload), mmedagent_trace=trace_view(payload))
+                        answer, finish = openai_answer(payload, stops, gen["max_new_tokens"])
+                        yield oa.chunk(cid, model, {"content": answer})
+                        yield oa.chunk(cid, model, {}, finish, **_usage(payload), mmedagent_trace=trace_view(payload))
                     elif kind == "error":
                         yield oa.error_event(payload)
             yield oa.SSE_DONE

@@ -192,6 +192,8 @@ def build_app(host: ModelHost) -> FastAPI:
             raise HTTPException(e.status, e.reason) from None
         image = await run_in_threadpool(host.image, image_url)
         gen = req.gen({"max_new_tokens": DEFAULT_NEW_TOKENS})
+        if stops := req.stops():  # raw model text: the planner itself stops at them
+            gen["stop"] = stops
         cid = oa.completion_id()
         stats: dict[str, Any] = {}
 
@@ -199,9 +201,7 @@ def build_app(host: ModelHost) -> FastAPI:
             return {"usage": openai_usage(stats["prompt_tokens"], stats["new_tokens"])} if stats else {}
 
         def finish() -> str:  # "length": the reply was cut off by the token budget or the model's context
-            if "finish" in stats:
-                return "length" if stats["finish"] == "length" else "stop"
-            return "length" if stats and stats["new_tokens"] >= gen["max_new_tokens"] else "stop"
+            return oa.finish_reason(stats.get("new_tokens"), gen["max_new_tokens"], stats.get("finish"))
 
         if not req.stream:
             pieces = []

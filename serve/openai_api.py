@@ -27,9 +27,14 @@ class OpenAIMessage(BaseModel):
     content: Annotated[str, Field(max_length=MAX_MESSAGE_CHARS)] | list[dict[str, Any]] | None = None
 
 
+CLIENT_TOOLS_REFUSED = ("client-defined tools are not supported: mmedagent calls its own medical tools (the "
+                        "controller lists them at GET /v1/tools) and answers in message.content; leave this field out")
+
+
 class ChatCompletionRequest(BaseModel):
     """The fields we act on; other OpenAI fields (user, seed, logprobs...) are accepted and ignored.
-    ``n`` > 1 is refused: one choice per request."""
+    ``n`` > 1 is refused: one choice per request; so are client-defined tools (``tools``,
+    ``functions``, a ``tool_choice`` other than "auto" or "none"), which would never be called."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -42,6 +47,24 @@ class ChatCompletionRequest(BaseModel):
     top_p: float | None = Field(default=None, gt=0, le=1)
     stop: str | list[str] | None = None
     n: int | None = None
+    tools: list[Any] | None = None
+    functions: list[Any] | None = None
+    tool_choice: Any = None
+    function_call: Any = None
+
+    @field_validator("tools", "functions")
+    @classmethod
+    def _no_client_tools(cls, tools: list[Any] | None) -> list[Any] | None:
+        if tools:
+            raise ValueError(CLIENT_TOOLS_REFUSED)
+        return tools
+
+    @field_validator("tool_choice", "function_call")
+    @classmethod
+    def _no_forced_tool(cls, choice: Any) -> Any:
+        if choice not in (None, "auto", "none"):
+            raise ValueError(CLIENT_TOOLS_REFUSED)
+        return choice
 
     @field_validator("messages")
     @classmethod
@@ -58,6 +81,8 @@ class ChatCompletionRequest(BaseModel):
         return n
 
     def gen(self, defaults: dict[str, Any]) -> dict[str, Any]:
+        """Generation settings: ``defaults`` with the request's budget, temperature and top_p (the stop
+        sequences apart: :meth:`stops`)."""
         out = dict(defaults)
         limit = self.max_completion_tokens or self.max_tokens
         if limit is not None:
@@ -65,9 +90,25 @@ class ChatCompletionRequest(BaseModel):
         for k in ("temperature", "top_p"):
             if getattr(self, k) is not None:
                 out[k] = getattr(self, k)
-        if self.stop is not None:
-            out["stop"] = [self.stop] if isinstance(self.stop, str) else list(self.stop)
         return out
+
+    def stops(self) -> list[str]:
+        """The stop sequences, without empty ones (which would stop nothing)."""
+        return [s for s in ([self.stop] if isinstance(self.stop, str) else self.stop or []) if s]
+
+
+def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    """``text`` up to the first of ``stops`` (which OpenAI clients never see), and whether one was there."""
+    cut = min((text.find(s) for s in stops if s in text), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def finish_reason(new_tokens: int | None, max_new_tokens: int, reported: str | None = None) -> str:
+    """OpenAI's ``finish_reason``: "length" when the reply was cut off (the planner's own report where
+    it gives one, which covers the model's context too; else the token budget used up), else "stop"."""
+    if reported is not None:
+        return "length" if reported == "length" else "stop"
+    return "length" if new_tokens is not None and new_tokens >= max_new_tokens else "stop"
 
 
 def split_messages(messages: list[OpenAIMessage]) -> tuple[list[dict[str, str]], str | None]:
@@ -175,6 +216,18 @@ def error_body(message: str, status: int, param: str | None = None) -> dict[str,
     return {"error": {"message": message, "type": kind, "param": param, "code": None}}
 
 
+def _problem(error: dict[str, Any]) -> tuple[str, str]:
+    """(field, what is wrong) of one validation error, with no part of the value sent."""
+    loc, kind, ctx = tuple(error.get("loc", ())), error.get("type"), error.get("ctx") or {}
+    if kind == "json_invalid":  # loc: ("body", offset); ctx: the parser's reason, without the text
+        return "", f"the body is not valid JSON ({ctx.get('error', 'decode error')} at character {loc[-1]})"
+    if kind == "missing" and loc == ("body",):
+        return "", 'the body is empty; send a JSON object with "messages"'
+    field = ".".join(str(x) for x in loc if x != "body")
+    # a validator's own sentence, without pydantic's "Value error, " in front
+    return field, str(ctx["error"]) if kind == "value_error" and "error" in ctx else error.get("msg", "")
+
+
 def openai_errors(app: FastAPI) -> FastAPI:
     """Answer the errors of ``app``'s OpenAI routes in OpenAI's shape (the ``openai`` client shows
     only ``error.message``), a refused request field as a 400 naming it in ``param``, without
@@ -190,12 +243,10 @@ def openai_errors(app: FastAPI) -> FastAPI:
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         if request.url.path not in OPENAI_PATHS:
             return await not_openai(request, exc)
-        fields = [".".join(str(x) for x in e.get("loc", ()) if x != "body") for e in exc.errors()]
-        # a validator's own sentence, without pydantic's "Value error, " in front
-        texts = [str(e["ctx"]["error"]) if e.get("type") == "value_error" and "error" in e.get("ctx", {}) else e.get("msg", "")
-                 for e in exc.errors()]
-        message = "; ".join(f"{f or 'request'}: {t}" for f, t in zip(fields, texts))
-        return JSONResponse(error_body(message, 400, fields[0] if fields and fields[0] else None), 400)
+        problems = [_problem(e) for e in exc.errors()]
+        message = "; ".join(f"{f or 'request'}: {t}" for f, t in problems)
+        param = problems[0][0] if problems and problems[0][0] else None
+        return JSONResponse(error_body(message, 400, param), 400)
 
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(RequestValidationError, invalid)

@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from mmedagent.serve.config import validation_problems
+
 WorkerKind = Literal["model", "tool"]
 
 
@@ -42,9 +44,7 @@ class WorkerInfo(BaseModel):
             try:
                 ToolInfo.model_validate(self.info)
             except ValidationError as e:
-                problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}"
-                                     for err in e.errors(include_url=False, include_input=False))
-                raise ValueError(f"the tool's schema (info) is malformed: {problems}") from None
+                raise ValueError(f"the tool's schema (info) is malformed: {validation_problems(e, 'info')}") from None
         return self
 
     def tool_names(self) -> tuple[str, ...]:

@@ -10,9 +10,10 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar
 
 import httpx
-from pydantic import ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mmedagent.protocol import IMAGE_TOKEN
+from mmedagent.serve.config import validation_problems
 from mmedagent.serve.httpclient import error_detail, make_client, timeout
 from mmedagent.serve.registry import NoWorkerError, WorkerRegistry
 from mmedagent.serve.uploads import png_data_url
@@ -57,6 +58,15 @@ class RemoteResult(ToolResult):
         return self.overlay_data
 
 
+class CallAnswer(BaseModel):
+    """What a tool worker answers to ``POST /call`` (``serve/tool_worker.py``)."""
+
+    result: dict[str, Any]
+    for_model: dict[str, Any]
+    overlay: Overlay | None = None
+    elapsed_s: float = 0.0
+
+
 class RemoteTool(Tool):
     """Base of the per-tool proxy classes made by :func:`remote_tool_class`."""
 
@@ -92,13 +102,13 @@ class RemoteTool(Tool):
             raise ToolInputError(error_detail(r))
         if r.status_code != 200:
             raise WorkerError(f"{self.name}: {error_detail(r)}")
-        payload = r.json()
-        return RemoteResult(
-            data=payload["result"],
-            model_view=payload["for_model"],
-            overlay_data=payload.get("overlay"),
-            worker_elapsed_s=payload.get("elapsed_s", 0.0),
-        )
+        try:
+            answer = CallAnswer.model_validate_json(r.content)
+        except ValidationError as e:  # its values stay out: they may describe the patient's image
+            raise WorkerError(f"tool worker for {self.name!r} at {address} answered with a malformed result "
+                              f"({validation_problems(e, 'body')}); is it an mmedagent tool worker?") from None
+        return RemoteResult(data=answer.result, model_view=answer.for_model, overlay_data=answer.overlay,
+                            worker_elapsed_s=answer.elapsed_s)
 
     def _pick(self, tried: list[str]) -> str:
         try:
@@ -159,9 +169,13 @@ def remote_tool_class(name: str, info: dict[str, Any]) -> type[RemoteTool]:
 
 
 def _iter_ndjson(response: httpx.Response) -> Iterator[dict[str, Any]]:
+    """The JSON objects of an NDJSON body; a :class:`ValueError` at a line that is not one."""
     for line in response.iter_lines():
         if line.strip():
-            yield json.loads(line)
+            event = json.loads(line)
+            if not isinstance(event, dict):
+                raise ValueError(f"an NDJSON line holds a {type(event).__name__}, not an object")
+            yield event
 
 
 class WorkerPlanner:
@@ -186,27 +200,43 @@ class WorkerPlanner:
         return "".join(self.stream(messages, image, **gen))
 
     def stream(self, messages: Sequence[dict[str, str]], image: Any, **gen: Any) -> Iterator[str]:
+        """The reply in pieces. A worker that is gone (connection refused: the call never started) is
+        dropped at once, and the chat goes on with another worker of the model if there is one."""
         what = f"model worker for {self.model!r}"
-        self.registry.begin(self.address)
+        body = self._body(messages, image, gen)
         self.last_stats = {}
-        try:
-            with self.client.stream(
-                "POST", f"{self.address}/worker_generate_stream", json=self._body(messages, image, gen), timeout=timeout(self.timeout_s)
-            ) as r:
-                if r.status_code != 200:
-                    r.read()
-                    raise WorkerError(f"{what}: {error_detail(r)}")
-                for event in _iter_ndjson(r):
-                    if "error" in event:
-                        raise WorkerError(f"{what}: {event['error']}")
-                    if event.get("text"):
-                        yield event["text"]
-                    if "stats" in event:
-                        self.last_stats = event["stats"]
-        except httpx.HTTPError as e:
-            raise WorkerError(_describe_http_error(what, self.address, e)) from None
-        finally:
-            self.registry.end(self.address)
+        tried: list[str] = []
+        while True:
+            address = self.address
+            tried.append(address)
+            self.registry.begin(address)
+            try:
+                with self.client.stream("POST", f"{address}/worker_generate_stream", json=body,
+                                        timeout=timeout(self.timeout_s)) as r:
+                    if r.status_code != 200:
+                        r.read()
+                        raise WorkerError(f"{what}: {error_detail(r)}")
+                    for event in _iter_ndjson(r):
+                        if "error" in event:
+                            raise WorkerError(f"{what}: {event['error']}")
+                        if event.get("text"):
+                            yield event["text"]
+                        if "stats" in event:
+                            self.last_stats = event["stats"]
+                return
+            except httpx.ConnectError as e:
+                self.registry.remove(address)  # (a worker that comes back registers again at its next heartbeat)
+                try:
+                    self.address = self.registry.pick("model", self.model, exclude=tried)
+                except NoWorkerError:
+                    raise WorkerError(_describe_http_error(what, address, e)) from None
+            except httpx.HTTPError as e:
+                raise WorkerError(_describe_http_error(what, address, e)) from None
+            except ValueError:  # not NDJSON objects
+                raise WorkerError(f"{what} at {address} answered with malformed output; is it an mmedagent "
+                                  "model worker?") from None
+            finally:
+                self.registry.end(address)
 
 
 def to_openai_messages(messages: Sequence[dict[str, str]], image: Any) -> list[dict[str, Any]]:

@@ -8,6 +8,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from doubles import ScriptedPlanner
+from mmedagent.serve import openai_api as oa
 from mmedagent.serve.model_worker import ModelHost, build_app
 from mmedagent.serve.remote import OpenAIPlanner, WorkerError
 
@@ -95,3 +96,47 @@ def test_errors_of_the_openai_routes_have_openais_shape():
     # the worker's own routes keep their answers
     r = client.post("/worker_generate_stream", json={"messages": "x"})
     assert r.status_code == 422 and "detail" in r.json()
+
+
+def test_a_body_that_is_not_json_or_is_empty_is_named_so():
+    """Not "14: JSON decode error" with ``param`` "14": the body is named, and the parser's reason given."""
+    client = worker(ScriptedPlanner([]))
+    for body, message in ((b'{"messages": [', "the body is not valid JSON (Expecting value at character 14)"),
+                          (b"", 'the body is empty; send a JSON object with "messages"')):
+        r = client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["param"] is None, r.text
+        assert r.json()["error"]["message"] == f"request: {message}"
+
+
+def test_client_defined_tools_are_refused_by_name_rather_than_never_called():
+    """A client's ``tools`` would silently never be called (mmedagent runs its own): refused, naming the field."""
+    client = worker(ScriptedPlanner(["one", "two"]))
+    function = {"name": "lookup_patient", "parameters": {"type": "object"}}
+    for extra, field in (({"tools": [{"type": "function", "function": function}]}, "tools"),
+                         ({"tool_choice": "required"}, "tool_choice"), ({"functions": [function]}, "functions"),
+                         ({"tool_choice": {"type": "function", "function": {"name": "lookup_patient"}}}, "tool_choice")):
+        r = client.post("/v1/chat/completions", json={"messages": USER, **extra})
+        error = r.json()["error"]
+        assert r.status_code == 400 and error["param"] == field, r.text
+        assert error["message"] == f"{field}: {oa.CLIENT_TOOLS_REFUSED}" and "lookup_patient" not in error["message"]
+    for extra in ({"tools": [], "tool_choice": "auto"}, {"tool_choice": "none"}):  # what generic clients send: fine
+        assert client.post("/v1/chat/completions", json={"messages": USER, **extra}).status_code == 200
+
+
+
+def test_the_model_workers_raw_turns_stop_at_the_requests_stop_sequences():
+    """Raw model text: the planner itself stops there (the agent's endpoint cuts its answer instead)."""
+
+    class Recording:
+        def __init__(self):
+            self.gens = []
+
+        def stream(self, messages, image, **gen):
+            self.gens.append(gen)
+            yield "one"
+
+    planner = Recording()
+    client = worker(planner)
+    for stop, given in (("\n", ["\n"]), (["Observation:", ""], ["Observation:"]), ([""], None), (None, None)):
+        assert client.post("/v1/chat/completions", json={"messages": USER, "stop": stop}).status_code == 200
+        assert planner.gens[-1].get("stop") == given, stop

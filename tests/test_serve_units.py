@@ -184,7 +184,8 @@ def test_openai_messages_round_trip():
     messages, image = oa.split_messages(req.messages)
     assert image == url
     assert messages == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "<image>\nWhere?"}]
-    assert req.gen({"max_new_tokens": 256, "temperature": 0.0}) == {"max_new_tokens": 7, "temperature": 0.0, "stop": ["X"]}
+    assert req.gen({"max_new_tokens": 256, "temperature": 0.0}) == {"max_new_tokens": 7, "temperature": 0.0}
+    assert req.stops() == ["X"]  # apart: the model worker's planner stops at them, the agent cuts its answer
     pil = image_from_data_url(url, 1 << 20).image
     back = to_openai_messages(messages, pil)
     assert back[1]["content"][0]["type"] == "image_url" and back[1]["content"][1] == {"type": "text", "text": "Where?"}

@@ -1,5 +1,6 @@
 """Tool workers and the worker registry under failure: hung tools, name clashes, re-registration,
-broken schemas, settings the launcher hands to its workers."""
+broken schemas, workers that are gone or answer garbage, settings the launcher hands to its workers;
+the agent's OpenAI answers (clients that leave, stop sequences, finish reasons)."""
 
 from __future__ import annotations
 
@@ -502,3 +503,111 @@ def test_a_client_that_leaves_a_plain_openai_request_stops_the_run():
         hang.gate.set()  # the tool returns after the client left
         time.sleep(0.5)
         assert planner.calls == 1
+
+
+class TurnWriter:
+    """A model worker's planner that writes one final turn a character (a token) at a time, as a
+    planner does: it ends at a stop string or its token budget, and reports its counts."""
+
+    def __init__(self, turn: str):
+        self.turn, self.gens = turn, []
+
+    def stream(self, messages, image, max_new_tokens=256, stop=None, **gen):
+        self.gens.append({"max_new_tokens": max_new_tokens, "stop": stop, **gen})
+        text = self.turn[:max_new_tokens]
+        cut = min((text.find(s) for s in stop or [] if s in text), default=-1)
+        text = text[:cut] if cut >= 0 else text
+        self.last_stats = {"prompt_tokens": 10, "new_tokens": len(text)}
+        yield text
+
+
+@pytest.fixture
+def agent_api():
+    """An httpx client of the controller's OpenAI API over a model worker serving a :class:`TurnWriter`."""
+    from mmedagent.protocol import AssistantTurn, render_turn
+
+    planner = TurnWriter(render_turn(AssistantTurn(thoughts="The question is about the lobe; no tool is needed.",
+                                                   actions=[], value="It is in the left lobe. Anything else?")))
+    with chat_stack(planner) as url, httpx.Client(base_url=url, timeout=10, trust_env=False) as client:
+        yield client, planner
+
+
+def agent_answer(client, **extra):
+    """(content, finish_reason) of a plain and of a streamed completion, which must agree."""
+    body = {"messages": [{"role": "user", "content": "Where is it?"}], **extra}
+    r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    plain = r.json()["choices"][0]
+    events = client.post("/v1/chat/completions", json={**body, "stream": True}).text.split("\n\n")
+    chunks = [json.loads(e[6:]) for e in events if e.startswith("data: {")]
+    content = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+    streamed = (content, chunks[-1]["choices"][0]["finish_reason"])
+    assert streamed == (plain["message"]["content"], plain["finish_reason"])
+    return streamed
+
+
+def test_stop_sequences_cut_the_agents_answer_not_the_planners_turns(agent_api):
+    """``stop`` is for the answer the client reads: given to the planner it cut the turn ("lobe" is in
+    its thoughts) and the half-written turn came back as the answer."""
+    client, planner = agent_api
+    assert agent_answer(client) == ("It is in the left lobe. Anything else?", "stop")
+    assert agent_answer(client, stop=["lobe", ""]) == ("It is in the left ", "stop")
+    assert agent_answer(client, stop="Anything") == ("It is in the left lobe. ", "stop")
+    assert all(gen["stop"] is None for gen in planner.gens)
+
+
+def test_an_answer_cut_off_by_max_tokens_finishes_with_length(agent_api):
+    """OpenAI clients detect a truncated answer by ``finish_reason``; the agent said "stop" whatever happened."""
+    client, planner = agent_api
+    content, finish = agent_answer(client, max_tokens=30)
+    assert finish == "length" and content == planner.turn[:30]  # the cut-off turn, as the trace's parse error says
+    assert agent_answer(client, max_tokens=1000)[1] == "stop"
+
+
+@pytest.mark.parametrize("answer, problem", [
+    (httpx.Response(200, text="<html>proxy error</html>"), "body: Invalid JSON"),
+    (httpx.Response(200, json={"result": {"slept": 1.0}}), "for_model: Field required"),
+    (httpx.Response(200, json={"result": {}, "for_model": {}, "overlay": {"boxes": "Doe^John"}}), "overlay.boxes: "),
+])
+def test_a_tool_worker_answering_garbage_is_a_clear_error_naming_it(answer, problem):
+    """Not a bare "KeyError: 'for_model'" or a pydantic dump quoting what the worker sent (it may
+    describe the patient's image): the worker, the bad field, and what to check."""
+    from mmedagent.dispatcher import Dispatcher
+    from mmedagent.serve.remote import remote_tool_class
+
+    reg = WorkerRegistry(expiry_s=60)
+    reg.register(tool_worker("http://10.0.0.1:8000", "nap"))
+    tool = remote_tool_class("nap", {"needs_image": False})(
+        reg, httpx.Client(transport=httpx.MockTransport(lambda request: answer)), 5.0, lambda: ["nap"])
+    outcome = Dispatcher({"nap": tool}, timeout_s=5).dispatch(ToolCall(API_name="nap", API_params={}), None)
+    assert not outcome.ok and outcome.error.startswith(
+        "WorkerError: tool worker for 'nap' at http://10.0.0.1:8000 answered with a malformed result ("), outcome.error
+    assert problem in outcome.error and outcome.error.endswith("is it an mmedagent tool worker?")
+    assert "Doe" not in outcome.error and "proxy" not in outcome.error
+
+
+def test_a_chat_goes_to_another_model_worker_when_its_own_is_gone():
+    """Two model workers, one killed: the dead one (the oldest, so chosen first) is dropped at the
+    refused connection, not at heartbeat expiry, and its chats go to the other one meanwhile."""
+    from mmedagent.serve.remote import WorkerError, WorkerPlanner
+
+    def workers(request):
+        if request.url.host == "10.0.0.1":
+            raise httpx.ConnectError("connection refused", request=request)
+        if request.url.host == "10.0.0.3":
+            return httpx.Response(200, text="<html>not a model worker</html>")
+        return httpx.Response(200, text='{"text": "It is "}\n{"text": "benign."}\n')
+
+    reg = WorkerRegistry(expiry_s=60)
+    for i in (1, 2):
+        reg.register(WorkerInfo(address=f"http://10.0.0.{i}:8000", kind="model", names=["demo"]))
+    client = httpx.Client(transport=httpx.MockTransport(workers))
+    planner = WorkerPlanner(reg, client, "demo", "c1", 5.0)
+    assert planner.address == "http://10.0.0.1:8000"
+    assert planner.generate([{"role": "user", "content": "Is it benign?"}], None) == "It is benign."
+    assert planner.address == "http://10.0.0.2:8000" and [w.address for w in reg.workers()] == [planner.address]
+    reg.remove(planner.address)
+    reg.register(WorkerInfo(address="http://10.0.0.3:8000", kind="model", names=["demo"]))
+    with pytest.raises(WorkerError, match=r"^model worker for 'demo' at http://10\.0\.0\.3:8000 answered with "
+                                          r"malformed output; is it an mmedagent model worker\?$"):
+        WorkerPlanner(reg, client, "demo", "c2", 5.0).generate([{"role": "user", "content": "Is it benign?"}], None)
