@@ -63,6 +63,7 @@ class AgentStep(BaseModel):
     tools_s: float = 0.0
     prompt_tokens: int | None = None  # as the planner reports them (``last_stats``)
     new_tokens: int | None = None
+    finish: str | None = None  # why the planner's reply ended ("eos", "stop", "length"), where it says
 
 
 class AgentResult(BaseModel):
@@ -147,6 +148,8 @@ class Agent:
             step = AgentStep(index=index, raw=raw, model_s=time.monotonic() - t0)
             if counts := token_counts(self.planner):
                 step.prompt_tokens, step.new_tokens = counts
+            if isinstance(finish := (getattr(self.planner, "last_stats", None) or {}).get("finish"), str):
+                step.finish = finish
             steps.append(step)
             # only the framework places the image: a marker the model or a tool wrote would be another image
             messages.append({"role": "assistant", "content": without_image_token(raw)})

@@ -134,8 +134,8 @@ def openai_answer(result: AgentResult, stops: list[str], max_new_tokens: int) ->
     sequences cut the answer (never the planner's turns, whose format they would break), and
     "length" says the planner's last turn ran out of its token budget."""
     answer, cut = oa.cut_at_stop(result.answer, stops)
-    last = result.steps[-1].new_tokens if result.steps else None
-    return answer, "stop" if cut else oa.finish_reason(last, max_new_tokens)
+    last = result.steps[-1] if result.steps else None
+    return answer, "stop" if cut else oa.finish_reason(last and last.new_tokens, max_new_tokens, last and last.finish)
 
 
 def trace_view(result: AgentResult) -> dict[str, Any]:

@@ -511,13 +511,15 @@ class TurnWriter:
 
     def __init__(self, turn: str):
         self.turn, self.gens = turn, []
+        self.context = 10_000  # tokens left in the model's context after the prompt
 
     def stream(self, messages, image, max_new_tokens=256, stop=None, **gen):
         self.gens.append({"max_new_tokens": max_new_tokens, "stop": stop, **gen})
-        text = self.turn[:max_new_tokens]
+        text = self.turn[:min(max_new_tokens, self.context)]
         cut = min((text.find(s) for s in stop or [] if s in text), default=-1)
+        finish = "stop" if cut >= 0 else "eos" if text == self.turn else "length"
         text = text[:cut] if cut >= 0 else text
-        self.last_stats = {"prompt_tokens": 10, "new_tokens": len(text)}
+        self.last_stats = {"prompt_tokens": 10, "new_tokens": len(text), "finish": finish}
         yield text
 
 
@@ -562,6 +564,8 @@ def test_an_answer_cut_off_by_max_tokens_finishes_with_length(agent_api):
     content, finish = agent_answer(client, max_tokens=30)
     assert finish == "length" and content == planner.turn[:30]  # the cut-off turn, as the trace's parse error says
     assert agent_answer(client, max_tokens=1000)[1] == "stop"
+    planner.context = 40  # the model's context runs out before the token budget: the planner says so
+    assert agent_answer(client, max_tokens=1000) == (planner.turn[:40], "length")
 
 
 @pytest.mark.parametrize("answer, problem", [
