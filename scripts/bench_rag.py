@@ -3,7 +3,8 @@
 Measures: cold build time (with ``--cold``: a fresh cache folder, so nothing is reused), warm
 load time (index files, then the embedding model), query latency p50/p99 (embedding included) for
 hybrid / dense / BM25 search, faiss ``IndexFlatIP`` against brute-force numpy over the same
-vectors (time and agreement), and the top-5 ICD family hit rate of plain-language questions.
+vectors (time and agreement), the top-5 ICD family hit rate of plain-language questions, and how
+often a code lookup (as people write codes) returns that code first.
 
     python scripts/bench_rag.py            # uses (or builds once) the cached index
     python scripts/bench_rag.py --cold     # also times a cold build in a temporary cache
@@ -159,6 +160,13 @@ CLINICAL_QUERIES: dict[str, set[str]] = {
 # Code lookups: only lexical matching can answer these.
 CODE_QUERIES: dict[str, set[str]] = {c: {c[:3]} for c in (
     "I21.4", "E11.9", "O24.410", "S52.501", "H10.33", "I10", "J45.909", "M20.11", "F32.A", "Z79.4")}
+# Codes as people write them -> the code that must come first: without the dot (billing exports),
+# with a 7th character (folded into its code), exact codes of CODE_QUERIES, several codes, code + words.
+CODE_FIRST: dict[str, str] = {
+    **{c: c for c in CODE_QUERIES}, "E119": "E11.9", "J45909": "J45.909", "S72.001A": "S72.001",
+    "S52501A": "S52.501", "Z00.00": "Z00.00", "I21.4 E11.9": "I21.4", "E11.9 type 2 diabetes": "E11.9",
+    "J18.9 pneumonia": "J18.9",
+}
 # Whole questions, as MMedAgent's ChatCAD-R passes them.
 QUESTIONS: dict[str, set[str]] = {
     "I was told I had a heart attack last year, what does that mean?": {"I21", "I22", "I25"},
@@ -237,6 +245,10 @@ def main() -> None:
             rate, misses = hit_rate(index, qs, mode)
             out[mode][f"top5_{name}"] = f"{round(rate * len(qs))}/{len(qs)} = {rate:.3f}"
             out[mode][f"misses_{name}"] = misses
+        wrong = [q for q, code in CODE_FIRST.items()
+                 if [h.passage.get("code") for h in index.search(q, 1, mode)] != [code]]
+        out[mode]["top1_code"] = f"{len(CODE_FIRST) - len(wrong)}/{len(CODE_FIRST)}"
+        out[mode]["misses_top1_code"] = wrong
     out["queries"] = {name: len(qs) for name, qs in QUERY_SETS.items()}
 
     # faiss IndexFlatIP vs brute force over the same normalised vectors

@@ -705,3 +705,163 @@ def test_concurrent_adds_to_one_index_keep_every_file(tmp_path, embedder, monkey
         t.join()
     assert errors == []
     assert sorted(ri.HybridIndex.load(out, embedder).meta["files"]) == ["a.txt"] + [f"n{i}.txt" for i in range(4)]
+
+
+# ------------------------------------------------------------------- a user's own corpus, damaged indexes
+def test_text_files_that_are_not_utf8_are_decoded_and_named(tmp_path, caplog):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "latin1.txt").write_bytes("Prééclampsie: sulfate de magnésium.".encode("cp1252"))
+    (docs / "notepad.md").write_bytes("# Gicht\nHarnsäure in den Gelenken.".encode("utf-16"))  # with its BOM
+    (docs / "utf8.txt").write_text("Ménière disease.", "utf-8")
+    with caplog.at_level(logging.WARNING, logger=ri.__name__):
+        texts = {p["source"]: p["text"] for p in ri.load_corpus(docs).passages}
+    assert texts == {"latin1.txt": "Prééclampsie: sulfate de magnésium.", "notepad.md": "Harnsäure in den Gelenken.",
+                     "utf8.txt": "Ménière disease."}
+    assert "latin1.txt is not UTF-8 (byte 3); read as Windows-1252" in caplog.text
+    assert "notepad.md" not in caplog.text and "utf8.txt" not in caplog.text
+
+
+def test_files_without_text_are_named_in_one_warning(tmp_path, caplog):
+    docs = _docs(tmp_path / "docs", **{"gout.txt": "Gout affects the big toe.", "empty.txt": "", "blank.md": "  \n\n",
+                                       "headings.md": "# Title\n## Only headings\n"})
+    make_pdf(docs / "scan.pdf", [])  # a page without a text layer, as a scanner makes
+    with caplog.at_level(logging.WARNING, logger=ri.__name__):
+        corpus = ri.load_corpus(docs)
+    assert {p["source"] for p in corpus.passages} == {"gout.txt"}
+    assert ("no text in 4 file(s), nothing indexed from them: blank.md, empty.txt, headings.md, scan.pdf "
+            "(a PDF of scanned pages has no text layer: run OCR on it first)") in caplog.text
+
+
+def test_chunking_a_huge_file_never_holds_all_its_words(monkeypatch):
+    import tracemalloc
+
+    text = "Sepsis needs antibiotics within one hour and fluids for hypotension. " * 40_000  # 2.8 MB, 400k words
+    tracemalloc.start()
+    chunks = ri.chunk_words(text, 128, 32)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert len(chunks) == -(-(400_000 - 32) // 96) and chunks[0].startswith("Sepsis needs")
+    # the chunks themselves are 4/3 of the text (overlap); a list of 400k words took over 20 times the text
+    assert peak < 3 * len(text), peak
+
+
+def _damage(idx, how, other):
+    if how == "missing dense.faiss":
+        (idx / "dense.faiss").unlink()
+    elif how == "truncated dense.faiss":
+        os.truncate(idx / "dense.faiss", 100)
+    elif how in ("dense.faiss", "passages.json", "dense_pid.npy", "bm25_pid.npy"):  # from another index
+        shutil.copy(other / how, idx / how)
+    elif how == "bm25":
+        shutil.rmtree(idx / "bm25")
+        shutil.copytree(other / "bm25", idx / "bm25")
+    else:
+        meta = json.loads((idx / "meta.json").read_text())
+        if how == "meta.json without keys":
+            meta = {"format": meta["format"], "corpus_root": meta["corpus_root"]}
+        elif how == "meta.json of a newer format":
+            meta["format"] += 1
+        (idx / "meta.json").write_text("{not json" if how == "meta.json not JSON" else json.dumps(meta))
+
+
+DAMAGE = {
+    "missing dense.faiss": "not a complete index (RuntimeError",
+    "truncated dense.faiss": "not a complete index (RuntimeError",
+    "dense.faiss": "not a complete index (dense.faiss has 1 entries, meta.json says",
+    "passages.json": "not a complete index (passages.json has 1 entries, meta.json says",
+    "dense_pid.npy": "not a complete index (dense_pid.npy has 1 entries",
+    "bm25_pid.npy": "not a complete index (bm25_pid.npy has 1 entries",
+    "bm25": "not a complete index (bm25 has 1 entries",
+    "meta.json not JSON": "not a complete index (meta.json: ",
+    "meta.json without keys": "not a complete index (meta.json lacks model, model_fingerprint, passages",
+    "meta.json of a newer format": "made by a newer version of mmedagent; upgrade mmedagent, or rebuild it",
+}
+
+
+@pytest.mark.parametrize("how", DAMAGE)
+def test_a_damaged_or_mixed_index_is_one_clear_error(tmp_path, corpus_index, corpus_dir, embedder, monkeypatch,
+                                                    capsys, how):
+    """Files of another build (a partial copy, a sync between machines) or a damaged file are refused
+    with what is wrong and the command that rebuilds the index, never a traceback or wrong passages."""
+    monkeypatch.setenv(ri.CACHE_ENV, str(tmp_path / "cache"))
+    other = ri.HybridIndex.build(ri.load_corpus(_docs(tmp_path / "other", **{"a.txt": "Gout."})),
+                                 tmp_path / "other.idx", embedder).path
+    idx = tmp_path / "notes.idx"
+    shutil.copytree(corpus_index.path, idx)
+    _damage(idx, how, other)
+    with pytest.raises(ValueError) as e:
+        ri.HybridIndex.load(idx, embedder)
+    assert DAMAGE[how] in str(e.value)
+    corpus = "CORPUS" if how == "meta.json not JSON" else corpus_dir.resolve()  # the root is in meta.json
+    rebuild = f"python -m mmedagent.tools.rag build --corpus {corpus} --out {idx}"
+    assert str(e.value).endswith(rebuild)
+    assert main(["query", "--index", str(idx), "asthma"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and DAMAGE[how] in err[-1]
+
+
+def test_a_damaged_cached_preset_is_built_again(tmp_path, embedder, monkeypatch, caplog):
+    monkeypatch.setenv(ri.CACHE_ENV, str(tmp_path / "cache"))
+    first = ri.build_preset(ri.ICD10CM_PRESET, embedder=embedder, chapters=["22"])
+    os.truncate(first.path / "dense.faiss", 100)  # a full disk, a copy cut short
+    with caplog.at_level(logging.WARNING, logger=ri.__name__):
+        again = ri.build_preset(ri.ICD10CM_PRESET, embedder=embedder, chapters=["22"])
+    assert again.path == first.path and "cannot be used; building it again" in caplog.text
+    assert again.search("COVID-19", 1)[0].passage["code"].startswith("U07")
+
+
+def test_icd_codes_are_found_as_people_write_them(icd_index):
+    """Codes without their dot (billing exports), with their 7th character (S52.501A: extended codes
+    are folded into their code, S52.501), several in one query, or with words."""
+    first = {q: icd_index.search(q, 5)[0].passage["code"] for q in
+             ("E119", "o24410", "S52.501A", "S52501A", "I21.4 E11.9", "O24.410 gestational diabetes in pregnancy")}
+    assert first == {"E119": "E11.9", "o24410": "O24.410", "S52.501A": "S52.501", "S52501A": "S52.501",
+                     "I21.4 E11.9": "I21.4", "O24.410 gestational diabetes in pregnancy": "O24.410"}
+    assert "E11.9" in [h.passage["code"] for h in icd_index.search("I21.4 E11.9", 5)]
+    assert icd_index.search("h1n1", 5)  # code-like but no code: searched as a word
+
+
+def test_an_exact_code_comes_first_on_a_tie_with_a_dense_look_alike(icd_index):
+    # "H10.33" is first for BM25 and absent from the dense ranking, whose first is some other code: equal RRF scores
+    for code in ("H10.33", "I21.4", "O24.410", "S52.501", "E11.9", "T45.515"):
+        hits = icd_index.search(code, 5)
+        assert hits[0].passage["code"] == code, [(h.passage["code"], h.ranks) for h in hits]
+
+
+def test_the_model_sees_a_bounded_text_cut_at_a_word():
+    from mmedagent.tools.rag import MODEL_TEXT_CHARS, MODEL_TOTAL_CHARS, Passage
+
+    long = " ".join(["anticoagulation"] * 200)
+    result = Retrieval.Result(query="q", index="i", passages=[
+        Passage(source=f"s{i}", text=long, score=1 - i / 100) for i in range(50)])
+    seen = result.for_model()
+    texts = [p["text"] for p in seen["passages"]]
+    assert sum(map(len, texts)) <= MODEL_TOTAL_CHARS and len(texts) + seen["omitted"] == 50
+    assert all(len(t) <= MODEL_TEXT_CHARS and t.endswith("anticoagulation...") for t in texts)
+    one = Retrieval.Result(query="q", index="i", passages=[Passage(source="s", text="short", score=0.5)]).for_model()
+    assert one == {"passages": [{"source": "s", "text": "short", "score": 0.5}]}  # nothing omitted, no key
+
+
+def test_a_loaded_tool_opens_no_file_per_call(corpus_index):
+    """The embedding model and the index are read once, by load(); calls (concurrent ones too)
+    open no file at all, inside the index or outside it."""
+    import sys
+
+    opened, watching = [], threading.Event()
+    sys.addaudithook(lambda event, args: watching.is_set() and event in ("open", "os.listdir", "os.scandir")
+                     and opened.append((event, args[0])))
+    tool = Retrieval(index=str(corpus_index.path))
+    d = Dispatcher([tool], timeout_s=120)
+    assert d.dispatch(ToolCall(API_name="rag", API_params={"query": "asthma"}), None).ok  # loads
+    index, model = tool._index, tool._index.embedder.model
+    watching.set()
+    try:
+        queries = ["asthma inhaler", "irregular pulse", "metformin", "", "I21.4", "x" * 5000, "胸痛", "scaphoid"]
+        outcomes, _ = d.dispatch_all([ToolCall(API_name="rag", API_params={"query": q}) for q in queries], None)
+    finally:
+        watching.clear()
+        d.close()
+    assert opened == []
+    assert [o.ok for o in outcomes] == [True, True, True, False, True, True, True, True]
+    assert tool._index is index and tool._index.embedder.model is model

@@ -15,8 +15,10 @@ skipped with a warning. Heavy imports (torch, faiss, bm25s) happen inside functi
 
 from __future__ import annotations
 
+import codecs
 import fcntl
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -202,23 +204,23 @@ def chunk_words(text: str, size: int = 128, overlap: int = 32) -> list[str]:
     so text without spaces is chunked too instead of becoming one giant chunk."""
     if size < 1 or not 0 <= overlap < size:
         raise ValueError(f"chunk size must be >= 1 and 0 <= overlap < size (got size={size}, overlap={overlap})")
-    words = [(" " if space else "") + w for space, w in _SEGMENT.findall(text)]
-    if not words:
-        return []
-    step = size - overlap
-    chunks = []
-    for start in range(0, len(words), step):
-        chunks.append("".join(words[start : start + size]).strip())
-        if start + size >= len(words):
-            break
+    # one window of words at a time: a file of millions of words never becomes a list of them
+    step, chunks, window = size - overlap, [], []
+    for m in _SEGMENT.finditer(text):
+        window.append((" " if m.group(1) else "") + m.group(2))
+        if len(window) == size:
+            chunks.append("".join(window).strip())
+            del window[:step]
+    if len(window) > (overlap if chunks else 0):  # words past the last full window
+        chunks.append("".join(window).strip())
     return chunks
 
 
 def _cut_query(query: str) -> str:
-    words = _SEGMENT.findall(query)
+    words = list(itertools.islice(_SEGMENT.finditer(query), MAX_QUERY_WORDS + 1))
     if len(words) <= MAX_QUERY_WORDS:
         return query
-    return "".join((" " if space else "") + w for space, w in words[:MAX_QUERY_WORDS]).strip()
+    return "".join((" " if m.group(1) else "") + m.group(2) for m in words[:MAX_QUERY_WORDS]).strip()
 
 
 _HEADING = re.compile(r"^(#{1,6})\s+(.+?)\s*#*\s*$")
@@ -298,6 +300,7 @@ def load_corpus(path: str | Path, chunk_size: int = 128, overlap: int = 32, skip
             raise ValueError(f"{_printable(str(given))} is not inside the corpus {_printable(str(base))}")
         prefix = here.relative_to(base)
     corpus = Corpus(root=str(base))
+    textless: list[str] = []
     for file in files:
         if prefix is None:
             source = _printable(file.name)
@@ -316,16 +319,38 @@ def load_corpus(path: str | Path, chunk_size: int = 128, overlap: int = 32, skip
         elif suffix == ".jsonl":
             sections = list(_jsonl_sections(file, source))
         else:
-            text = file.read_text(encoding="utf-8", errors="replace")
+            text = _read_text(file)
             if suffix in (".md", ".markdown"):
                 sections = [(title, body, {}) for title, body in _markdown_sections(text, stem)]
             else:
                 sections = [(stem, text, {})]
+        before = len(corpus.passages)
         for title, text, extra in sections:
             src = extra.pop("source", source)
             for i, chunk in enumerate(chunk_words(text, chunk_size, overlap)):
                 corpus.add({"text": chunk, "source": src, "title": title, "chunk": i, **extra})
+        if len(corpus.passages) == before:
+            textless.append(source)
+    if textless:
+        shown = ", ".join(textless[:10]) + (f" and {len(textless) - 10} more" if len(textless) > 10 else "")
+        hint = " (a PDF of scanned pages has no text layer: run OCR on it first)" if any(
+            f.lower().endswith(".pdf") for f in textless) else ""
+        log.warning("no text in %d file(s), nothing indexed from them: %s%s", len(textless), shown, hint)
     return corpus
+
+
+def _read_text(file: Path) -> str:
+    """A .txt / .md file's text: UTF-8 (with or without BOM) or UTF-16 with BOM; other bytes are
+    read as Windows-1252 (Western European, a superset of Latin-1) with a warning naming the file."""
+    raw = file.read_bytes()
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return raw.decode("utf-16", errors="replace")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        log.warning("%s is not UTF-8 (byte %d); read as Windows-1252: if its text looks wrong, save it as UTF-8",
+                    _printable(str(file)), e.start + 1)
+        return raw.decode("cp1252", errors="replace")
 
 
 def _jsonl_sections(file: Path, source: str) -> Iterator[tuple[str | None, str, dict[str, Any]]]:
@@ -553,6 +578,10 @@ def embed_cached(embedder: Embedder, texts: Sequence[str], progress: bool = Fals
 
 
 # ------------------------------------------------------------------------------------------ BM25
+_CODE = re.compile(r"[a-z]\d[0-9a-z](?:\.?[0-9a-z]{1,4})?")
+"""A code-like token (lower case): an ICD-10 code with or without its dot (``e11.9``, ``e119``, ``s72.001a``)."""
+
+
 class _Tokenizer:
     """Lower-case word tokens, English stop words removed, Snowball-stemmed (PyStemmer); code-like
     tokens (``E11.9``, ``I21``, ``B12``) are kept whole and unstemmed so code lookups match exactly;
@@ -767,6 +796,53 @@ def _index_vectors(path: Path, fingerprint: str) -> dict[str, np.ndarray]:
         return {}
 
 
+_META_KEYS = ("model", "model_fingerprint", "passages", "units", "dense_units")
+
+
+def _rebuild_command(path: Path, meta: dict) -> str:
+    if meta.get("preset"):
+        chapters = meta.get("chapters") or []
+        return (f"python -m mmedagent.tools.rag build --preset {meta['preset']}"
+                + (f" --chapters {','.join(map(str, chapters))}" if chapters else "") + f" --out {path}")
+    return f"python -m mmedagent.tools.rag build --corpus {meta.get('corpus_root') or 'CORPUS'} --out {path}"
+
+
+def _damaged(path: Path, meta: dict | None, why: str) -> ValueError:
+    """``meta`` None: meta.json itself is unusable, so a build will not replace the folder until it is deleted."""
+    todo = "rebuild it" if meta is not None else "delete the folder and rebuild it"
+    return ValueError(f"{_printable(str(path))} is not a complete index ({why}); it was damaged or its files come "
+                      f"from different builds: {todo}: {_rebuild_command(path, meta or {})}")
+
+
+def _read_meta(path: Path) -> dict:
+    """The index's meta.json, checked: an index folder of this format with every key a load needs."""
+    shown = _printable(str(path))
+    if path.is_file():
+        raise ValueError(f"{shown} is a file, not an index: give the folder that `build --out` made")
+    meta_file = path / "meta.json"
+    if not meta_file.exists():
+        raise FileNotFoundError(
+            f"no index at {shown}; build one with `python -m mmedagent.tools.rag build --corpus DIR --out {shown}`"
+        )
+    try:
+        meta = json.loads(meta_file.read_text("utf-8"))
+    except (OSError, ValueError) as e:
+        raise _damaged(path, None, f"meta.json: {e}") from e
+    if not isinstance(meta, dict) or "format" not in meta:
+        raise _damaged(path, None, "meta.json is not an index's: no 'format' key")
+    fmt = meta["format"]
+    if fmt != FORMAT_VERSION:
+        newer = isinstance(fmt, int) and not isinstance(fmt, bool) and fmt > FORMAT_VERSION
+        raise ValueError(
+            f"{shown}: index format {fmt!r} is not {FORMAT_VERSION}: it was made by a "
+            + ("newer version of mmedagent; upgrade mmedagent, or " if newer else "an older version; ")
+            + f"rebuild it: {_rebuild_command(path, meta)}")
+    missing = [k for k in _META_KEYS if k not in meta]
+    if missing:
+        raise _damaged(path, meta, f"meta.json lacks {', '.join(missing)}")
+    return meta
+
+
 # ----------------------------------------------------------------------------------------- index
 @dataclass
 class Hit:
@@ -864,15 +940,7 @@ class HybridIndex:
         import bm25s
         import faiss
 
-        meta_file = path / "meta.json"
-        if not meta_file.exists():
-            raise FileNotFoundError(
-                f"no index at {path}; build one with `python -m mmedagent.tools.rag build --corpus DIR --out {path}`"
-            )
-        meta = json.loads(meta_file.read_text("utf-8"))
-        if meta.get("format") != FORMAT_VERSION:
-            raise ValueError(f"{path}: index format {meta.get('format')} is not {FORMAT_VERSION} (made by an older "
-                             f"version); rebuild it: python -m mmedagent.tools.rag build --corpus CORPUS --out {path}")
+        meta = _read_meta(path)
         if embedder is None:
             # an index copied from another machine names a model path that may not exist here;
             # the default model is then tried, and the fingerprint check below decides
@@ -883,15 +951,28 @@ class HybridIndex:
                 f"{path} was built with embedding model {meta['model']} ({meta['model_fingerprint']}), "
                 f"not {embedder.model_id} ({embedder.fingerprint}); rebuild the index or use that model"
             )
-        bm25 = bm25s.BM25.load(str(path / "bm25"), mmap=True, show_progress=False)
+        try:
+            bm25 = bm25s.BM25.load(str(path / "bm25"), mmap=True, show_progress=False)
+            passages = json.loads((path / "passages.json").read_text("utf-8"))
+            bm25_pid, dense_pid = np.load(path / "bm25_pid.npy"), np.load(path / "dense_pid.npy")
+            dense = faiss.read_index(str(path / "dense.faiss"))
+        except (OSError, ValueError, RuntimeError, KeyError) as e:  # faiss raises RuntimeError
+            raise _damaged(path, meta, f"{type(e).__name__}: {e}") from e
+        # files of different builds mixed together would return wrong passages or fail mid-search
+        counts = {"passages.json": (len(passages) if isinstance(passages, list) else -1, meta["passages"]),
+                  "bm25_pid.npy": (len(bm25_pid), meta["units"]), "bm25": (bm25.scores["num_docs"], meta["units"]),
+                  "dense_pid.npy": (len(dense_pid), meta["dense_units"]),
+                  "dense.faiss": (dense.ntotal, meta["dense_units"])}
+        wrong = [f"{name} has {n} entries, meta.json says {want}" for name, (n, want) in counts.items() if n != want]
+        pids = np.concatenate([bm25_pid, dense_pid])
+        if not wrong and len(pids) and not 0 <= int(pids.min()) <= int(pids.max()) < len(passages):
+            wrong.append("unit ids point past passages.json")
+        if wrong:
+            raise _damaged(path, meta, "; ".join(wrong))
         # One query at a time: faiss' OpenMP threads cost more than they save (measured on 2 cores,
         # 26k vectors: 13-15 ms with 2 threads, under 2 ms with 1; see docs/rag.md).
         faiss.omp_set_num_threads(1)
-        return cls(
-            path, meta, json.loads((path / "passages.json").read_text("utf-8")), bm25,
-            np.load(path / "bm25_pid.npy"), faiss.read_index(str(path / "dense.faiss")),
-            np.load(path / "dense_pid.npy"), embedder,
-        )
+        return cls(path, meta, passages, bm25, bm25_pid, dense, dense_pid, embedder)
 
     def units(self) -> list[tuple[int, str, bool]]:
         return [tuple(u) for u in json.loads((self.path / "units.json").read_text("utf-8"))]
@@ -900,20 +981,41 @@ class HybridIndex:
         return self.faiss.reconstruct_n(0, self.faiss.ntotal)
 
     # ---- search
+    def _indexed_code(self, term: str) -> str:
+        """A code-like query term as the index holds it: without its dot (``e119``) it gets one
+        (``e11.9``); deeper than any indexed code (``s72.001a``: 7th characters are folded into their
+        code) it becomes its longest indexed prefix (``s72.001``). Other terms are left as they are."""
+        vocab = self.bm25.vocab_dict
+        if term in vocab or not _CODE.fullmatch(term):
+            return term
+        code = term if "." in term or len(term) == 3 else f"{term[:3]}.{term[3:]}"
+        while len(code) > 3 and code not in vocab:
+            code = code[:-1].rstrip(".")
+        return code if code in vocab else term
+
     def bm25_groups(self, query: str, depth: int) -> tuple[list[int], dict[int, int]]:
-        """Groups by their best BM25 unit among units holding >= MIN_SHOULD_MATCH of the query terms."""
-        terms = list(dict.fromkeys(self.tokenize(query)))
+        """Groups by their best BM25 unit among units holding >= MIN_SHOULD_MATCH of the query's
+        words, or any code it names (a code is a unit of its own, so "E11.9 type 2 diabetes" finds
+        the code E11.9 and the units holding "type" and "diabetes")."""
+        terms = list(dict.fromkeys(self._indexed_code(t) for t in self.tokenize(query)))
+        codes = {t for t in terms if _CODE.fullmatch(t)}
         known = [t for t in terms if t in self.bm25.vocab_dict]
         if not known:
             return [], {}
-        need = max(1, math.ceil(self.MIN_SHOULD_MATCH * len(terms) - 1e-9))
+        words = len(terms) - len(codes)
         total = np.zeros(len(self.bm25_pid), dtype=np.float32)
         matched = np.zeros(len(self.bm25_pid), dtype=np.int16)
+        hit = np.zeros(len(self.bm25_pid), dtype=bool)  # units holding a code of the query
         for t in known:
             sc = self.bm25.get_scores([t])
             total += sc
-            matched += sc > 0
-        ids = np.flatnonzero(matched >= need)
+            if t in codes:
+                hit |= sc > 0
+            else:
+                matched += sc > 0
+        if words:
+            hit |= matched >= max(1, math.ceil(self.MIN_SHOULD_MATCH * words - 1e-9))
+        ids = np.flatnonzero(hit)
         if not len(ids):
             return [], {}
         ids = ids[np.argsort(-total[ids], kind="stable")][: depth * 50]
@@ -951,10 +1053,13 @@ class HybridIndex:
                 fused[g] = fused.get(g, 0.0) + 1.0 / (RRF_K + r)
                 ranks.setdefault(g, {})[name] = r
         best = len(rankings) / (RRF_K + 1)
+        # Ties go to the lexical ranking when the query names a code (its exact match, not the
+        # dense look-alike of a string of digits), else to the dense one.
+        lead = "bm25" if any(_CODE.fullmatch(t) for t in self.tokenize(query)) else "dense"
         hits, seen = [], set()
-        for g in sorted(fused, key=lambda g: (-fused[g], g)):
-            # the group's passage from the retriever that ranks the group higher (dense on ties)
-            name = min(ranks[g], key=lambda n: (ranks[g][n], n != "dense"))
+        for g in sorted(fused, key=lambda g: (-fused[g], ranks[g].get(lead, math.inf), g)):
+            # the group's passage from the retriever that ranks the group higher (the lead on ties)
+            name = min(ranks[g], key=lambda n: (ranks[g][n], n != lead))
             passage = self.passages[rankings[name][1][g]]
             text = " ".join(passage["text"].split())
             if text in seen:  # the same text in several files or chunks: one copy
@@ -1051,10 +1156,17 @@ def build_preset(name: str, out: str | Path | None = None, embedder: Embedder | 
     if out is not None:
         out = check_out(out)
     cached = preset_path(name, embedder, chapters)
+    index = None
     if (cached / "meta.json").exists():
-        index = HybridIndex.load(cached, embedder)
-        print(f"{name}: reusing the cached index {cached} (built in {index.meta.get('build_s')} s)", file=sys.stderr)
-    else:
+        try:
+            index = HybridIndex.load(cached, embedder)
+            print(f"{name}: reusing the cached index {cached} (built in {index.meta.get('build_s')} s)",
+                  file=sys.stderr)
+        except ValueError as e:  # damaged (a full disk, a copy cut short) or of another format: built anew
+            log.warning("the cached index %s cannot be used; building it again (%s)", cached, e)
+            with _out_lock(cached):
+                shutil.rmtree(cached, ignore_errors=True)
+    if index is None:
         if not _writable_dir(cached.parent):
             if out is None:
                 raise OSError(f"the RAG cache {cached.parent} cannot be written; pass --out to build the "

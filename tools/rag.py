@@ -22,6 +22,20 @@ from pydantic import AliasChoices, BaseModel, Field
 from mmedagent.tools.base import Tool, ToolParams, ToolResult, loading_weights
 
 MODEL_TEXT_CHARS = 300
+"""Characters of one passage's text that the model sees."""
+MODEL_TOTAL_CHARS = 2400
+"""Characters of passage text the model sees in all (8 full passages, about 700 tokens): a planner
+asking for k=50 gets the best passages that fit, not a prompt past its context (MMedAgent trains
+with 2048 tokens)."""
+
+
+def _shorten(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` characters at a word boundary, ending in '...'."""
+    if len(text) <= limit:
+        return text
+    cut = text[: limit - 3]
+    space = max(cut.rfind(" "), cut.rfind("\n"))
+    return (cut[:space] if space > limit // 2 else cut).rstrip() + "..."
 
 
 class Passage(BaseModel):
@@ -63,15 +77,22 @@ class Retrieval(Tool):
         hidden_from_model: ClassVar[frozenset[str]] = frozenset({"index"})
 
         def for_model(self) -> dict[str, Any]:
-            """Passages with short texts (first lines, at most 300 characters) and rounded scores."""
-            out = []
+            """The best passages, each text cut at a word to ``MODEL_TEXT_CHARS``, as many as fit in
+            ``MODEL_TOTAL_CHARS`` (at least one; ``omitted`` counts the rest), scores rounded."""
+            out, used = [], 0
             for p in self.passages:
-                text = p.text if len(p.text) <= MODEL_TEXT_CHARS else p.text[: MODEL_TEXT_CHARS - 3].rstrip() + "..."
+                text = _shorten(p.text, MODEL_TEXT_CHARS)
+                if out and used + len(text) > MODEL_TOTAL_CHARS:
+                    break
+                used += len(text)
                 item = {"source": p.source, "text": text, "score": round(p.score, 2)}
                 if p.code:
                     item["code"] = p.code
                 out.append(item)
-            return {"passages": out}
+            result: dict[str, Any] = {"passages": out}
+            if len(out) < len(self.passages):
+                result["omitted"] = len(self.passages) - len(out)
+            return result
 
     def __init__(self, index: str | None = None, preset: str = "icd10cm", model: str | None = None,
                  chapters: list[str] | None = None, **options: Any):
