@@ -823,9 +823,13 @@ class DialogueBuilder:
             return params, {"labels": ranked, "probabilities": [round(top, 2), *rest]}
         if ex.task == "report_generation":
             return dict(img), {"report": ex.report}
-        if ex.task == "retrieval":
-            return {"query": ex.question}, {"passages": [{"source": src, "text": text, "score": score} for src, text, score
-                                                         in zip(ex.sources, ex.passages, ex.scores)]}
+        if ex.task == "retrieval":  # the passages as the tool feeds them to the model (cut to its limits)
+            from mmedagent.tools.rag import Passage, Retrieval
+
+            passages = [Passage(source=src, text=text, score=score)
+                        for src, text, score in zip(ex.sources, ex.passages, ex.scores)]
+            return {"query": ex.question}, Retrieval.Result(query=ex.question or "", passages=passages,
+                                                            index="").for_model()
         raise DataError(f"{ex.source}: unknown task {ex.task!r}")
 
     def _answer(self, ex: Example, target: str, out: dict[str, Any]) -> str:

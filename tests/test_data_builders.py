@@ -243,6 +243,22 @@ def test_rag(tmp_path):
         builders.read_rag(tmp_path / "qa2.json", corpus)
 
 
+def test_rag_records_feed_passages_back_as_the_tool_does(tmp_path):
+    """Training records carry the passages cut as the retrieval tool feeds them to the model when
+    serving (each to a word boundary, as many as fit its total), not whole passages."""
+    from mmedagent.tools.rag import MODEL_TEXT_CHARS, MODEL_TOTAL_CHARS
+
+    long = " ".join(["pleural fluid collects between the lung and the chest wall"] * 14)  # ~840 characters
+    corpus = write_json(tmp_path / "c.json", [{"id": f"p{i}", "text": f"{i} {long}"} for i in range(12)])
+    qa = write_json(tmp_path / "qa.json", [{"question": "What is pleural fluid?", "answer": "Fluid."}])
+    assert run_cli("build", "rag", "--qa", qa, "--corpus", corpus, "--top-k", "12", "--out", tmp_path / "r.json") == 0
+    out = tool_turns(records_of(tmp_path / "r.json")[0])[1].outcomes[0].output
+    texts = [p["text"] for p in out["passages"]]
+    assert all(len(t) <= MODEL_TEXT_CHARS and t.endswith("...") for t in texts)
+    assert sum(map(len, texts)) <= MODEL_TOTAL_CHARS and out["omitted"] == 12 - len(texts) > 0
+    assert ("0 " + long).startswith(texts[0][:-3])
+
+
 def test_vqa_and_captions_are_direct_answers(tmp_path):
     vqa = write_json(tmp_path / "v.json", [{"image": "a.png", "question": "Is there a fracture?", "answer": "No."},
                                          {"question": "What is HU?", "answer": "Hounsfield units."}])
