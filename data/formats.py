@@ -649,6 +649,9 @@ def record_from_any(row: Any, default_id: str, caption_question: str | None = No
         role_key, text_key = "from", "value"
     elif "caption" in row:
         raise ValueError("no image: the row has a caption but its image is null or missing")
+    elif "question" in row and any(row.get(k) is not None for k in ("options", "choices")):
+        raise ValueError("a multiple-choice row (question + options, MedQA-style): its options would be lost here; "
+                         "the dialogue recipe formats them (python -m mmedagent.recipes dialogue-llama3 --data FILE)")
     elif "question" in row and "answer" in row:  # VQA-RAD, SLAKE, PathVQA: a question answered without a tool
         question, answer = (str(row[k] if row[k] is not None else "").strip() for k in ("question", "answer"))
         if not question or not answer:

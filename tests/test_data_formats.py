@@ -528,3 +528,6 @@ def test_vqa_rows_are_direct_answers_from_json_and_parquet(tmp_path):
     assert recs[1].conversations[1].value == "liver"
     with pytest.raises(DataError, match=r"record 1: empty answer"):
         read_records(write_json(tmp_path / "empty.json", [{"question": "Q?", "answer": " "}]))
+    medqa = {"question": "Which drug?", "answer": "Aspirin", "options": {"A": "Aspirin", "B": "Heparin"}, "answer_idx": "A"}
+    with pytest.raises(DataError, match=r"record 1: a multiple-choice row .* its options would be lost.*dialogue-llama3"):
+        read_records(write_json(tmp_path / "medqa.json", [medqa]))
