@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     view.add_argument("--window", default=None, help="display window: a preset (brain, lung, abdomen, bone, ...) "
                       "or CENTER,WIDTH in the scan's units (default: the file's own, else from the values)")
     view.add_argument("--slice", type=int, default=None, help="NIfTI slice or multi-frame image frame (default: the middle "
-                      "slice, the first frame)")
+                      "one)")
     view.add_argument("--plane", choices=("axial", "coronal", "sagittal"), default="axial", help="NIfTI slice plane")
     view.add_argument("--volume", type=int, default=0, help="volume of a 4-D NIfTI (default 0)")
     add_common_args(parser)

@@ -275,7 +275,7 @@ def test_held_out_prompt_beyond_the_context_is_not_answered(tmp_path, capsys):
     assert [r["id"] for r in read_json(tmp_path / "out" / "data" / "train.json")] == ["twin", "twin"]
 
 
-def test_stop_after_data_then_skip_training(dialogue, tmp_path, capsys):
+def test_stop_after_data_then_skip_training(dialogue, tmp_path, capsys, monkeypatch):
     """The multi-GPU path: data + the printed train_mem.py line, training elsewhere, then export + evaluation."""
     import shutil
 
@@ -290,6 +290,13 @@ def test_stop_after_data_then_skip_training(dialogue, tmp_path, capsys):
     assert Path(flags["--data_path"]).is_absolute() and Path(flags["--data_path"]).is_file()
     assert Path(flags["--output_dir"]) == (tmp_path / "adapter").resolve()
     assert (tmp_path / "data" / "train.json").is_file() and not (tmp_path / "adapter").exists()
+    monkeypatch.chdir(out.parent)  # a base model named by a relative path is printed by its absolute one
+    assert main(["dialogue-llama3", "--model", str((out / "tiny-base").relative_to(out.parent)), "--no-lora",
+                 "--out", str(tmp_path / "rel"), "--data", str(tmp_path / "data" / "train.json"),
+                 "--stop-after-data"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if "train: python " in x)
+    argv = shlex.split(line.split("train: ", 1)[1])
+    assert dict(zip(argv[2::2], argv[3::2]))["--model_name_or_path"] == str((out / "tiny-base").resolve())
     assert main(["dialogue-llama3", "--tiny", "--out", str(tmp_path), "--skip-training"]) == 2
     assert "holds no finished training run" in capsys.readouterr().err
 

@@ -279,7 +279,7 @@ class Recipe:
         """The ``train_mem.py`` command line for this recipe's settings (plus the flags after ``--``)."""
         s = self.settings
         flags: dict[str, Any] = {
-            "model_name_or_path": base,
+            "model_name_or_path": Path(base) if Path(base).exists() else base,  # a local folder by absolute path
             "data_path": train_file,
             "eval_data_path": eval_file,
             "output_dir": self.train_dir(),
