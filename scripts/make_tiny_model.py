@@ -26,7 +26,10 @@ def main() -> None:
     a = ap.parse_args()
     sizes = {k: v for k, v in dict(hidden=a.hidden, layers=a.layers, heads=a.heads, vision_hidden=a.vision_hidden,
                                    vision_layers=a.vision_layers).items() if v is not None}
-    out = make_tiny_model(a.arch, a.out, seed=a.seed, image_size=a.image_size, preset=a.preset, **sizes)
+    try:
+        out = make_tiny_model(a.arch, a.out, seed=a.seed, image_size=a.image_size, preset=a.preset, **sizes)
+    except ValueError as e:  # sizes that do not fit together: one line, not a traceback
+        raise SystemExit(f"error: {e}") from None
     print(f"wrote {a.arch} ({a.preset}) checkpoint to {out}")
 
 

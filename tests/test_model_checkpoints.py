@@ -176,3 +176,63 @@ def test_a_conversion_another_process_finished_first_is_used(llava, tmp_path, mo
     monkeypatch.setattr(llava_convert, "convert_llava_checkpoint", raced)
     out = llava_convert.converted_cache_dir(src)
     assert (out / "config.json").is_file() and [p.name for p in out.parent.iterdir()] == [out.name]
+
+
+def _as_linear_projector(model):
+    """A copy of the tiny Llava whose projector is one Linear (LLaVA's ``linear``): identity activation and
+    ``linear_2``, as a converted ``linear`` checkpoint has them."""
+    import copy
+
+    from transformers.activations import ACT2FN
+
+    linear = copy.deepcopy(model)
+    projector = linear.model.multi_modal_projector
+    projector.act, linear.config.projector_hidden_act = ACT2FN["linear"], "linear"
+    projector.linear_2.weight.data.copy_(torch.eye(projector.linear_2.weight.shape[0]))
+    projector.linear_2.bias.data.zero_()
+    return linear
+
+
+@pytest.mark.parametrize(("weights", "declared"), [("mlp2x_gelu", None), ("mlp2x_gelu", "linear"),
+                                                   ("linear", "mlp2x_gelu")])
+def test_the_projector_weights_decide_its_type_when_the_config_says_otherwise(llava, tmp_path, weights, declared):
+    """LLaVA keeps a pretrained projector whatever ``mm_projector_type`` says (and LLaVA-Med v1.0 names none,
+    which means linear): the conversion was a KeyError traceback. Its type is now read from the weights."""
+    reference = llava["model"] if weights == "mlp2x_gelu" else _as_linear_projector(llava["model"])
+    src = write_original_llava(reference, llava["hf"], tmp_path / "orig", llava["tower"])
+    if weights == "linear":
+        state = torch.load(src / "pytorch_model.bin", weights_only=True)
+        state["model.mm_projector.weight"] = state.pop("model.mm_projector.0.weight")
+        state["model.mm_projector.bias"] = state.pop("model.mm_projector.0.bias")
+        del state["model.mm_projector.2.weight"], state["model.mm_projector.2.bias"]
+        torch.save(state, src / "pytorch_model.bin")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.pop("mm_projector_type")
+    (src / "config.json").write_text(json.dumps({**cfg, **({"mm_projector_type": declared} if declared else {})}))
+    run = subprocess.run([sys.executable, "scripts/convert_llava_checkpoint.py", "--src", str(src), "--dst",
+                          str(tmp_path / "out")], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    from transformers import LlavaForConditionalGeneration
+
+    converted = LlavaForConditionalGeneration.from_pretrained(tmp_path / "out").eval()
+    assert converted.config.projector_hidden_act == ("gelu" if weights == "mlp2x_gelu" else "linear")
+    torch.testing.assert_close(logits(converted, llava["inputs"]), logits(reference, llava["inputs"]))
+    if weights == "mlp2x_gelu":  # the converted mlp2x model is not the linear reading of the same weights
+        assert not torch.allclose(logits(converted, llava["inputs"]), logits(_as_linear_projector(converted),
+                                                                              llava["inputs"]))
+
+
+def test_a_projector_of_another_shape_is_one_error_line(llava, tmp_path):
+    src = write_original_llava(llava["model"], llava["hf"], tmp_path / "orig", llava["tower"])
+    state = torch.load(src / "pytorch_model.bin", weights_only=True)
+    state["model.mm_projector.4.weight"], state["model.mm_projector.4.bias"] = torch.zeros(64, 64), torch.zeros(64)
+    torch.save(state, src / "pytorch_model.bin")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.pop("mm_projector_type")  # no type named: the weights (an mlp3x_gelu) are read
+    (src / "config.json").write_text(json.dumps(cfg))
+    run = subprocess.run([sys.executable, "scripts/convert_llava_checkpoint.py", "--src", str(src), "--dst",
+                          str(tmp_path / "out")], capture_output=True, text=True)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-2000:]
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: the projector tensors (0.bias, 0.weight, 2.bias, 2.weight, 4.bias, 4.weight) are "
+                           "neither a linear nor an mlp2x_gelu projector"), last

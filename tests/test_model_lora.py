@@ -1,6 +1,7 @@
 """Original LLaVA-layout checkpoints, MMedAgent LoRA output, our peft adapters, and merging."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -264,3 +265,106 @@ def test_an_unmerged_qwen2_vl_adapter_answers_about_an_image(tiny_models, tmp_pa
     question = [{"role": "user", "content": "<image>\nWhat is it?"}]
     with_adapter = load_planner(tmp_path / "adapter").generate(question, test_image(32), max_new_tokens=4)
     assert with_adapter == load_planner(base_dir).generate(question, test_image(32), max_new_tokens=4)  # B = 0: same
+
+
+def _linear_projector_base(llava_setup, out):
+    """The original base with a single-Linear projector, as LLaVA-Med v1.0 has (no ``mm_projector_type``)."""
+    import shutil
+
+    shutil.copytree(llava_setup["orig"], out)
+    state = torch.load(out / "pytorch_model.bin", weights_only=True)
+    for k in [k for k in state if ".mm_projector." in k]:
+        del state[k]
+    torch.manual_seed(5)
+    state["model.mm_projector.weight"], state["model.mm_projector.bias"] = torch.randn(64, 32) * 0.1, torch.zeros(64)
+    torch.save(state, out / "pytorch_model.bin")
+    cfg = json.loads((out / "config.json").read_text())
+    del cfg["mm_projector_type"]
+    (out / "config.json").write_text(json.dumps(cfg))
+    return out
+
+
+def test_an_mlp2x_gelu_lora_projector_keeps_its_gelu_on_a_linear_projector_base(llava_setup, tmp_path):
+    """MMedAgent trains an mlp2x_gelu projector; a base with a linear one (LLaVA-Med v1.0) was given the LoRA's
+    two Linear layers without the GELU between them (its identity activation kept), silently."""
+    from transformers import LlavaForConditionalGeneration
+
+    base = _linear_projector_base(llava_setup, tmp_path / "llava-med-v1.0")
+    expected = logits(llava_setup["lora_model"], llava_setup["inputs"])
+    planner = load_planner(base, adapter=llava_setup["mmed"], conv_template="vicuna_v1")
+    torch.testing.assert_close(logits(planner.model, llava_setup["inputs"]), expected)
+    out = tmp_path / "merged"
+    run = subprocess.run([sys.executable, "scripts/merge_lora_weights.py", "--model-path", str(llava_setup["mmed"]),
+                          "--model-base", str(base), "--save-model-path", str(out)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    merged = LlavaForConditionalGeneration.from_pretrained(out).eval()
+    assert merged.config.projector_hidden_act == "gelu"
+    torch.testing.assert_close(logits(merged, llava_setup["inputs"]), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_an_mmedagent_lora_without_non_lora_trainables_is_applied(llava_setup, tmp_path):
+    """Original-layout LoRA keys (no ``language_model.``) and no non_lora_trainables.bin: the LoRA was not
+    recognised as MMedAgent's, and peft skipped every weight: the base model, silently."""
+    import shutil
+
+    adapter = tmp_path / "lora-frozen-projector"
+    shutil.copytree(llava_setup["mmed"], adapter)
+    (adapter / "non_lora_trainables.bin").unlink()
+    model, processor, _ = load_model_and_processor(adapter, base=llava_setup["orig"])
+    text = {"input_ids": processor.tokenizer("USER: Where is the tumor? ASSISTANT:", return_tensors="pt")["input_ids"]}
+    expected = logits(llava_setup["lora_model"], text)  # the projector plays no part without an image
+    assert not torch.allclose(expected, logits(llava_setup["model"], text))
+    torch.testing.assert_close(logits(model, text), expected)
+
+
+def test_an_adapter_on_a_base_it_does_not_fit_is_one_error_line(llava_setup, tiny_models, tmp_path):
+    """Another size was a RuntimeError traceback (size mismatch); another family of the same size loaded:
+    peft skips what has no place in it (the projector) and applies the rest — a silently wrong model."""
+    from mmedagent.model.adapters import TRAIN_MANIFEST
+    from mmedagent.model.tiny import make_tiny_model
+
+    def merge(adapter, base):
+        out = tmp_path / f"merged-{adapter.name}-{base.name}"
+        return subprocess.run([sys.executable, "scripts/merge_lora_weights.py", "--model-path", str(adapter),
+                               "--model-base", str(base), "--save-model-path", str(out)],
+                              capture_output=True, text=True)
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlavaForConditionalGeneration
+
+    ours = tmp_path / "ours"
+    llava_setup["lora_model"].save_pretrained(ours)  # LoRA on the LM (no manifest: trained elsewhere)
+    with_projector = tmp_path / "with-projector"  # as our training saves it: no base class recorded by peft
+    get_peft_model(LlavaForConditionalGeneration.from_pretrained(llava_setup["hf"]), LoraConfig(
+        r=2, target_modules=LM_TARGETS, modules_to_save=["multi_modal_projector"], task_type="CAUSAL_LM",
+    )).save_pretrained(with_projector)
+    narrow = make_tiny_model("llava", tmp_path / "llava-hidden-32", hidden=32)
+    for adapter, base, message in [
+        (llava_setup["mmed"], narrow, r"mmedagent-lora-r4 does not fit the base model .*llava-hidden-32: projector: "
+                                      "size mismatch"),
+        (ours, narrow, "ours does not fit the base model .*llava-hidden-32: size mismatch"),
+        (ours, tiny_models("qwen2_vl"), "ours does not fit the base model .*qwen2_vl: it was trained on a "
+                                        "LlavaForConditionalGeneration, the base is a Qwen2VLForConditionalGeneration"),
+        (with_projector, tiny_models("qwen2_vl"), "with-projector does not fit the base model .*qwen2_vl: 4 adapter "
+                                                  "weights have no place in it .*multi_modal_projector"),
+    ]:
+        run = merge(adapter, base)
+        assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-2000:]
+        assert re.search(message, run.stderr.strip().splitlines()[-1]), run.stderr[-1000:]
+    (ours / "adapter_config.json").write_text(json.dumps({**json.loads((ours / "adapter_config.json").read_text()),
+                                                          "auto_mapping": None, "task_type": "CAUSAL_LM"}))
+    (ours / TRAIN_MANIFEST).write_text(json.dumps({"base_model": str(llava_setup["hf"]), "family": "llava"}))
+    with pytest.raises(ValueError, match="was trained on a llava model but the base .*qwen2_vl is qwen2_vl"):
+        load_model_and_processor(ours, base=tiny_models("qwen2_vl"))
+
+
+def test_a_merge_into_a_directory_holding_files_is_refused(llava_setup, tmp_path):
+    """Merging into the adapter's (or the base's, or an earlier merge's) folder mixed the merged model with
+    their files (adapter_config.json made it load as the adapter again; a stale manifest named another template)."""
+    from mmedagent.model.adapters import merge_lora
+
+    for out in (llava_setup["mmed"], llava_setup["orig"]):
+        with pytest.raises(ValueError, match="already exists and is not an empty directory"):
+            merge_lora(llava_setup["mmed"], llava_setup["orig"], out)
+    (tmp_path / "empty").mkdir()
+    assert (merge_lora(llava_setup["mmed"], llava_setup["orig"], tmp_path / "empty") / "config.json").is_file()

@@ -171,6 +171,34 @@ def test_a_new_image_is_not_served_from_the_cache(planners):
     assert planner.last_stats["reused_tokens"] == 0
 
 
+@pytest.mark.parametrize("arch", ["qwen2_vl", "mllama"])
+def test_the_same_pixels_in_another_layout_are_not_served_from_the_cache(planners, arch):
+    """Qwen2-VL: four 16x16 blocks side by side or stacked; Mllama: one colour, wide or tall. The pixel
+    tensors are equal, but the grid (``image_grid_thw``: the image tokens' positions) or the tiling
+    (``aspect_ratio_ids``) differ, so the cached image tokens belong to another image."""
+    import numpy as np
+    from PIL import Image
+
+    if arch == "qwen2_vl":
+        rng = np.random.default_rng(0)
+        blocks = [rng.integers(0, 255, (16, 16, 3), dtype=np.uint8) for _ in range(4)]
+        wide, tall = Image.fromarray(np.concatenate(blocks, 1)), Image.fromarray(np.concatenate(blocks, 0))
+    else:
+        wide, tall = Image.new("RGB", (64, 32), (120, 60, 200)), Image.new("RGB", (32, 64), (120, 60, 200))
+    planner, naive = planners(arch), planners(arch, kv_reuse=False)
+    msgs = first_messages(arch)
+    prompt = render_prompt(msgs, None, planner.processor)
+    a, b = (planner.processor(images=im, text=prompt, return_tensors="pt") for im in (wide, tall))
+    assert torch.equal(a["pixel_values"], b["pixel_values"])  # only the layout tells them apart
+    planner.reset()
+    planner.generate(msgs, wide, max_new_tokens=2)
+    reply = planner.generate(msgs, tall, max_new_tokens=6)
+    assert planner.last_stats["reused_tokens"] == 0
+    assert reply == naive.generate(msgs, tall, max_new_tokens=6)
+    planner.generate(msgs, tall, max_new_tokens=2)  # the very same image is still served from the cache
+    assert planner.last_stats["reused_tokens"] > 0
+
+
 def test_stream_and_stop_strings(planners):
     planner = planners("llava", kv_reuse=False)
     msgs, image = first_messages("llava"), test_image()

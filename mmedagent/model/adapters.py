@@ -52,30 +52,45 @@ def apply_adapter(model: Any, adapter_dir: str | Path, *, merge: bool = False) -
 
     Our adapters (peft, projector trained through ``modules_to_save``) load as they are.
     MMedAgent/LLaVA LoRA output (original key layout + ``non_lora_trainables.bin``) is rewritten
-    for transformers' Llava first, and its projector is loaded into the model — whatever the
-    folder is called.
+    for transformers' Llava first, and its projector (with its own activation) is loaded into the
+    model — whatever the folder is called. An adapter that does not fit ``model`` (another
+    architecture or size) is a ``ValueError``, not a half-applied adapter.
     """
     from peft import PeftModel
+    from peft.utils import get_peft_model_state_dict
 
-    from mmedagent.model.llava_convert import convert_llava_lora, is_original_lora
+    from mmedagent.model.llava_convert import adapter_keys, convert_llava_lora, is_original_lora, load_projector
 
     adapter_dir = Path(adapter_dir)
+    base = getattr(model, "name_or_path", "") or type(model).__name__
+    misfit = f"{adapter_dir} does not fit the base model {base}"
     with tempfile.TemporaryDirectory(prefix="mmedagent-lora-") as tmp:
-        if is_original_lora(adapter_dir):
-            projector_module = getattr(getattr(model, "model", None), "multi_modal_projector", None)
-            if projector_module is None:
+        llava = getattr(getattr(model, "model", None), "multi_modal_projector", None) is not None
+        if is_original_lora(adapter_dir, llava):
+            if not llava:
                 raise ValueError(f"{adapter_dir} is a LLaVA-layout LoRA but the base model is not a Llava model")
             hidden = model.config.get_text_config().hidden_size
-            converted, projector = convert_llava_lora(adapter_dir, tmp, hidden)
+            converted, projector, kind = convert_llava_lora(adapter_dir, tmp, hidden)
             if projector:
-                param = next(projector_module.parameters())
-                projector_module.load_state_dict(
-                    {k: v.to(param.dtype) for k, v in projector.items()}, strict=True
-                )
+                try:
+                    load_projector(model, projector, kind)
+                except ValueError as e:
+                    raise ValueError(f"{misfit}: {e}") from None
             else:
                 log.warning("%s has no non_lora_trainables.bin: keeping the base model's projector", adapter_dir.name)
             adapter_dir = converted
-        peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+        trained_on = (_json_in(adapter_dir, "adapter_config.json").get("auto_mapping") or {}).get("base_model_class")
+        if trained_on and trained_on != type(model).__name__:
+            raise ValueError(f"{misfit}: it was trained on a {trained_on}, the base is a {type(model).__name__}")
+        try:
+            peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+        except (RuntimeError, KeyError) as e:  # "size mismatch for …", or a module the base lacks
+            detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))
+            raise ValueError(f"{misfit}: {detail[:300]}") from None
+        left = sorted(adapter_keys(adapter_dir) - set(get_peft_model_state_dict(peft_model)))
+        if left:  # peft skips weights the base has no module for
+            raise ValueError(f"{misfit}: {len(left)} adapter weights have no place in it ({', '.join(left[:2])}"
+                             f"{', …' if len(left) > 2 else ''})")
         peft_model.eval()
         return peft_model.merge_and_unload() if merge else peft_model
 
@@ -92,9 +107,12 @@ def merge_lora(model_path: str | Path, model_base: str | Path | None, save_path:
 
     if not is_adapter(model_path):
         raise ValueError(f"{model_path} is not a LoRA adapter directory (no adapter_config.json)")
+    out = Path(save_path)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        # its files (an adapter's, a base's, an earlier merge's manifest) would mix with the merged model's
+        raise ValueError(f"{out} already exists and is not an empty directory: choose a new output directory")
     model, processor, _ = load_model_and_processor(model_path, base=model_base, dtype=dtype, device="cpu",
                                                    merge_adapter=True, vision_tower=vision_tower)
-    out = Path(save_path)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     processor.save_pretrained(out)
@@ -107,3 +125,12 @@ def merge_lora(model_path: str | Path, model_base: str | Path | None, save_path:
 def recorded_template(path: str | Path) -> str | None:
     """The conversation template recorded by training (``mmedagent_train.json``), if any."""
     return _json_in(path, TRAIN_MANIFEST).get("template")
+
+
+def check_base_family(adapter_dir: str | Path, base: Any, family: str) -> None:
+    """A ``ValueError`` when training recorded (``mmedagent_train.json``) another model family for the adapter
+    in ``adapter_dir`` than ``base``'s ``family``: its LoRA weights can fit a same-sized base of another family."""
+    trained = _json_in(adapter_dir, TRAIN_MANIFEST).get("family")
+    if trained and trained != family:
+        raise ValueError(f"{adapter_dir} was trained on a {trained} model but the base {base} is {family}: "
+                         "pass the base it was trained on (--model-base)")

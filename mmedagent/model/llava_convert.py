@@ -93,6 +93,28 @@ def load_state_dict(src: Path, patterns: tuple[str, ...] = ("*.safetensors", "py
     return state
 
 
+PROJECTOR_ACT = {"linear": "linear", "mlp2x_gelu": "gelu"}
+"""Original ``mm_projector_type`` → transformers' ``projector_hidden_act`` (``linear``: identity ``linear_2``)."""
+
+
+def projector_kind(state: dict[str, Any], prefix: str, declared: str | None = None) -> str:
+    """The projector type the tensors under ``prefix`` hold (``linear`` or ``mlp2x_gelu``): the weights decide,
+    as LLaVA keeps a pretrained projector whatever ``mm_projector_type`` (``declared``) the config names."""
+    if declared is not None and declared not in PROJECTOR_ACT:
+        raise ValueError(f"unsupported mm_projector_type {declared!r} (supported: {', '.join(PROJECTOR_ACT)})")
+    names = sorted(k[len(prefix):] for k in state if k.startswith(prefix))
+    if {"weight", "bias"} <= set(names) and len(names) == 2:
+        kind = "linear"
+    elif set(names) == {"0.weight", "0.bias", "2.weight", "2.bias"}:
+        kind = "mlp2x_gelu"
+    else:
+        raise ValueError(f"the projector tensors ({', '.join(names)}) are neither a linear nor an mlp2x_gelu "
+                         "projector (supported: Linear; Linear, GELU, Linear)")
+    if declared is not None and declared != kind:
+        log.warning("mm_projector_type is %r but the projector weights are %s: using %s", declared, kind, kind)
+    return kind
+
+
 def _projector_state(state: dict[str, Any], prefix: str, kind: str, hidden: int) -> dict[str, Any]:
     """Original projector tensors under ``prefix`` → ``multi_modal_projector.linear_{1,2}``."""
     import torch
@@ -103,13 +125,27 @@ def _projector_state(state: dict[str, Any], prefix: str, kind: str, hidden: int)
         out["linear_1.weight"], out["linear_1.bias"] = w, state[prefix + "bias"]
         out["linear_2.weight"] = torch.eye(hidden, dtype=w.dtype)
         out["linear_2.bias"] = torch.zeros(hidden, dtype=w.dtype)
-    elif kind == "mlp2x_gelu":
+    else:
         for src_i, dst in (("0", "linear_1"), ("2", "linear_2")):
             for p in ("weight", "bias"):
                 out[f"{dst}.{p}"] = state[f"{prefix}{src_i}.{p}"]
-    else:
-        raise ValueError(f"unsupported mm_projector_type {kind!r} (supported: linear, mlp2x_gelu)")
     return out
+
+
+def load_projector(model: Any, state: dict[str, Any], kind: str) -> None:
+    """Load ``state`` (from :func:`_projector_state`) into ``model``'s Llava projector and set its activation
+    to ``kind``'s, so a projector of another type than the base's keeps its own function."""
+    from transformers.activations import ACT2FN
+
+    module = model.model.multi_modal_projector
+    param = next(module.parameters())
+    try:
+        module.load_state_dict({k: v.to(param.dtype) for k, v in state.items()}, strict=True)
+    except RuntimeError as e:  # "size mismatch for …"
+        detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))
+        raise ValueError(f"projector: {detail}") from None
+    module.act = ACT2FN[PROJECTOR_ACT[kind]]
+    model.config.projector_hidden_act = PROJECTOR_ACT[kind]
 
 
 _TEXT_CONFIGS = {"LlavaLlamaForCausalLM": "LlamaConfig", "LlavaMistralForCausalLM": "MistralConfig"}
@@ -139,10 +175,6 @@ def llava_image_processor(source: Any, do_pad: bool) -> Any:
         image_std=source.image_std, resample=source.resample, do_center_crop=source.do_center_crop,
         rescale_factor=source.rescale_factor, do_convert_rgb=True,
     )
-
-
-def projector_kind(config: dict[str, Any]) -> str:
-    return config.get("mm_projector_type", "linear")
 
 
 def convert_llava_checkpoint(
@@ -222,7 +254,8 @@ def convert_llava_checkpoint(
             raise ValueError(f"unexpected tensor {k!r} in {src}")
     if not any(k.startswith(proj_prefix) for k in state):
         raise ValueError(f"{src} holds no projector (model.mm_projector.*); refusing to convert without it")
-    for k, v in _projector_state(state, proj_prefix, projector_kind(cfg), hidden).items():
+    kind = projector_kind(state, proj_prefix, cfg.get("mm_projector_type"))
+    for k, v in _projector_state(state, proj_prefix, kind, hidden).items():
         new["model.multi_modal_projector." + k] = v
     for k, v in tower.state_dict().items():
         new["model.vision_tower." + k] = v
@@ -244,7 +277,7 @@ def convert_llava_checkpoint(
     vision_config = tower.config
     config = LlavaConfig(
         vision_config=vision_config, text_config=text_config, image_token_index=image_id,
-        projector_hidden_act="gelu" if projector_kind(cfg) == "mlp2x_gelu" else "linear",
+        projector_hidden_act=PROJECTOR_ACT[kind],
         vision_feature_layer=cfg.get("mm_vision_select_layer", -2),
         vision_feature_select_strategy="default" if select == "patch" else "full",
         image_seq_length=(vision_config.image_size // vision_config.patch_size) ** 2,
@@ -322,15 +355,27 @@ _LORA_PREFIX = "base_model.model.model."
 _LLM_LINEAR = r".*\.language_model\..*\.({names})"
 
 
-def is_original_lora(adapter_dir: Path) -> bool:
-    """MMedAgent/LLaVA LoRA output: projector in non_lora_trainables.bin or original-layout keys."""
+def adapter_keys(adapter_dir: Path) -> set[str]:
+    """The tensor names in a peft adapter directory's weight file (none when it has no weight file)."""
+    import torch
+
+    st, binf = adapter_dir / "adapter_model.safetensors", adapter_dir / "adapter_model.bin"
+    if st.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(st), "pt") as f:
+            return set(f.keys())
+    if binf.is_file():
+        return set(torch.load(binf, map_location="cpu", weights_only=True))
+    return set()
+
+
+def is_original_lora(adapter_dir: Path, llava_base: bool = True) -> bool:
+    """MMedAgent/LLaVA LoRA output: projector in non_lora_trainables.bin, or, for a Llava base (whose own
+    adapters' keys hold ``language_model.``), original-layout keys — a text-only Llama's LoRA has those too."""
     if (adapter_dir / "non_lora_trainables.bin").is_file():
         return True
-    try:
-        keys = load_state_dict(adapter_dir, ("adapter_model.safetensors", "adapter_model.bin")).keys()
-    except FileNotFoundError:
-        return False
-    return any(k.startswith(_LORA_PREFIX + "layers.") for k in keys)
+    return llava_base and any(k.startswith(_LORA_PREFIX + "layers.") for k in adapter_keys(adapter_dir))
 
 
 def _load_adapter_weights(adapter_dir: Path) -> dict[str, Any]:
@@ -346,11 +391,13 @@ def _load_adapter_weights(adapter_dir: Path) -> dict[str, Any]:
     raise FileNotFoundError(f"no adapter_model.safetensors / adapter_model.bin in {adapter_dir}")
 
 
-def convert_llava_lora(adapter_dir: str | Path, dst: str | Path, hidden_size: int) -> tuple[Path, dict[str, Any]]:
-    """Rewrite an original-layout LoRA for transformers' Llava; return ``(adapter_dir, projector_state)``.
+def convert_llava_lora(adapter_dir: str | Path, dst: str | Path,
+                       hidden_size: int) -> tuple[Path, dict[str, Any], str | None]:
+    """Rewrite an original-layout LoRA for transformers' Llava; return ``(adapter_dir, projector_state, kind)``.
 
     The projector state (from ``non_lora_trainables.bin``, keys ``…mm_projector.*``) is returned
-    in ``multi_modal_projector`` naming, for loading into the base model before the adapter.
+    in ``multi_modal_projector`` naming, with its :func:`projector_kind` (None: no projector), for
+    :func:`load_projector` into the base model before the adapter.
     """
     import torch
 
@@ -377,6 +424,7 @@ def convert_llava_lora(adapter_dir: str | Path, dst: str | Path, hidden_size: in
     save_file({k: v.contiguous() for k, v in renamed.items()}, str(dst / "adapter_model.safetensors"))
 
     projector: dict[str, Any] = {}
+    kind = None
     extra = adapter_dir / "non_lora_trainables.bin"
     if extra.is_file():
         raw = torch.load(extra, map_location="cpu", weights_only=True)
@@ -386,9 +434,9 @@ def convert_llava_lora(adapter_dir: str | Path, dst: str | Path, hidden_size: in
             if idx >= 0:
                 proj[k[idx:]] = v
         if proj:
-            kind = "mlp2x_gelu" if "mm_projector.0.weight" in proj else "linear"
+            kind = projector_kind(proj, "mm_projector.")
             projector = _projector_state(proj, "mm_projector.", kind, hidden_size)
         unknown = [k for k in raw if "mm_projector." not in k]
         if unknown:
             raise ValueError(f"non_lora_trainables.bin holds tensors other than the projector: {unknown[:5]}")
-    return dst, projector
+    return dst, projector, kind

@@ -76,13 +76,23 @@ def family_of(config: Any) -> str:
 
 
 def resolve_device(device: str | None) -> str:
+    """``device`` checked (None or ``auto``: CUDA when there is one, else CPU)."""
     import torch
 
-    if device is None:
+    if device is None or device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r} (use cpu, cuda, cuda:N or auto)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device {device!r} requested but CUDA is not available")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise RuntimeError(f"device {device!r} requested but MPS (Apple GPU) is not available")
     return str(device)
+
+
+_DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 def resolve_dtype(dtype: Any, device: str) -> Any:
@@ -93,9 +103,10 @@ def resolve_dtype(dtype: Any, device: str) -> Any:
     if isinstance(dtype, str):
         if dtype == "auto":
             return dtype
-        value = getattr(torch, dtype, None)
+        name = dtype.removeprefix("torch.")
+        value = getattr(torch, _DTYPE_ALIASES.get(name, name), None)
         if not isinstance(value, torch.dtype):
-            raise ValueError(f"unknown dtype {dtype!r} (use e.g. float32, bfloat16, float16)")
+            raise ValueError(f"unknown dtype {dtype!r} (use e.g. float32, bfloat16, float16, or auto)")
         return value
     return dtype
 
@@ -196,6 +207,10 @@ def load_model_and_processor(
     prefer_cache_when_unreachable(model_path, vision_tower)
     model_path = _ensure_hf_layout(model_path, vision_tower)
     family = family_of(load_config(model_path))
+    if adapter_dir is not None:
+        from mmedagent.model.adapters import check_base_family
+
+        check_base_family(adapter_dir, model_path, family)
     model = _load_base(str(model_path), family, kwargs)
     processor = load_processor(model_path, family)
     if adapter_dir is not None:

@@ -23,6 +23,8 @@ pass; only those the model would have chosen itself are kept, so the output is t
 from __future__ import annotations
 
 import logging
+import math
+import operator
 import threading
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -30,7 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mmedagent.model.templates import has_vision, render_prompt, render_segments, tokenizer_of
+from mmedagent.model.templates import (
+    check_messages, check_template, has_vision, render_prompt, render_segments, tokenizer_of,
+)
 from mmedagent.protocol import IMAGE_TOKEN
 
 log = logging.getLogger(__name__)
@@ -55,13 +59,48 @@ def vision_module(model: Any) -> Any | None:
     return None
 
 
+_TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids", "cross_attention_mask")
+
+
+def _image_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
+    """The processor outputs that describe the image (pixels and, per family, its grid, tiles or size)."""
+    return {k: v for k, v in inputs.items() if k not in _TEXT_INPUTS}
+
+
+def _same_image(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    import torch
+
+    return a.keys() == b.keys() and all(a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in a)
+
+
+def _rgb(image: Any) -> Any:
+    """A PIL image as RGB (an array goes to the processor as it is); a clear error for what the model cannot
+    see as meant: no pixels, undecodable data, or 16-bit / float pixels that an RGB conversion would clip."""
+    from PIL import Image
+
+    if not isinstance(image, Image.Image):
+        if hasattr(image, "shape"):
+            return image
+        raise TypeError(f"image must be a PIL image, not {type(image).__name__}: read files with "
+                        "mmedagent.imaging.load_image(path).image")
+    if image.mode.startswith(("I", "F")):
+        raise ValueError(f"the image has {image.mode} (16-bit or float) pixels, which RGB would clip to white or "
+                         "black: load it with mmedagent.imaging.load_image(path).image, which windows it")
+    if 0 in image.size:
+        raise ValueError(f"the image has no pixels ({image.width}x{image.height})")
+    try:
+        return image.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as e:  # a lazily decoded file that is truncated or corrupt
+        raise ValueError(f"the image cannot be decoded (truncated or corrupt): {e}") from None
+
+
 @dataclass
 class _KVState:
-    """What the cache holds: exactly ``tokens`` (prompt + generated, all forwarded) for ``pixels``."""
+    """What the cache holds: exactly ``tokens`` (prompt + generated, all forwarded) for ``image``."""
 
     cache: Any
     tokens: list[int]
-    pixels: Any  # the processed image tensor (or None): reuse needs the very same image
+    image: dict[str, Any]  # :func:`_image_inputs` ({} without one): reuse needs the very same image and layout
 
 
 @dataclass
@@ -105,6 +144,7 @@ class HFPlanner:
         self.constrain = constrain
         self._constraint: Any = None
         self.tokenizer = tokenizer_of(processor)
+        check_template(template, processor)
         self.template, self.name, self.adapter = template, name, adapter
         self.kv_reuse, self.system = kv_reuse, system
         self._state: _KVState | None = None
@@ -228,11 +268,21 @@ class HFPlanner:
         stop: Sequence[str] | str | None = None,
     ) -> Iterator[str]:
         """Yield the reply in text pieces as tokens are decoded; ends at EOS, a stop string or the budget."""
+        check_messages(messages)
+        if not messages:
+            raise ValueError("no messages: give at least one user message")
+        try:
+            max_new_tokens, temperature, top_p = operator.index(max_new_tokens), float(temperature), float(top_p)
+        except (TypeError, ValueError):
+            raise ValueError("max_new_tokens must be an integer, temperature and top_p numbers") from None
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be at least 1")
-        if temperature < 0 or not 0 < top_p <= 1:
-            raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
-        stops = [s for s in ([stop] if isinstance(stop, str) else stop or []) if s]  # "" stops nothing
+        if not (0 <= temperature < math.inf and 0 < top_p <= 1):  # NaN fails both
+            raise ValueError("temperature must be a finite number >= 0 and top_p in (0, 1]")
+        stops = [stop] if isinstance(stop, str) else stop or []
+        if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) for s in stops):
+            raise ValueError("stop must be a string or a list of strings")
+        stops = [s for s in stops if s]  # "" stops nothing
         if self._holder == threading.get_ident():  # waiting for the lock would wait for ever
             raise RuntimeError("this thread holds an unfinished stream of the planner: read it to the end or "
                                "close() it before the next call")
@@ -263,9 +313,7 @@ class HFPlanner:
     def _encode(self, prompt: str, image: Any | None) -> dict[str, Any]:
         if image is None:
             return dict(self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False))
-        if hasattr(image, "convert"):
-            image = image.convert("RGB")
-        return dict(self.processor(images=image, text=prompt, return_tensors="pt", add_special_tokens=False))
+        return dict(self.processor(images=_rgb(image), text=prompt, return_tensors="pt", add_special_tokens=False))
 
     def _continued_ids(self, turn: _Transcript, prompt: str) -> list[int] | None:
         """``turn``'s prompt and reply ids followed by the rest of ``prompt``, when ``prompt`` is that
@@ -310,16 +358,11 @@ class HFPlanner:
             out["cross_attention_mask"] = torch.cat([mask[:, :k], mask[:, -1:].expand(-1, tail, -1, -1)], dim=1)
         return out
 
-    def _reusable_prefix(self, ids: list[int], pixels: Any) -> int:
-        """How many leading tokens of ``ids`` the cached state already holds (0 = prefill everything)."""
-        import torch
-
+    def _reusable_prefix(self, ids: list[int], image: dict[str, Any]) -> int:
+        """How many leading tokens of ``ids`` the cached state already holds (0 = prefill everything);
+        ``image``: the call's :func:`_image_inputs` (the same pixels in another grid or tiling are another image)."""
         state = self._state
-        if not self.kv_reuse or state is None:
-            return 0
-        if (pixels is None) != (state.pixels is None):
-            return 0
-        if pixels is not None and (pixels.shape != state.pixels.shape or not torch.equal(pixels, state.pixels)):
+        if not self.kv_reuse or state is None or not _same_image(image, state.image):
             return 0
         n = 0
         for a, b in zip(ids, state.tokens):
@@ -493,7 +536,7 @@ class HFPlanner:
                 raise ValueError(f"the prompt is {len(id_list)} tokens; the model's context is {self.context_length}: "
                                  "start a new conversation, or send less history")
             max_new_tokens = min(max_new_tokens, self.context_length - len(id_list))  # no position past the context
-        pixels = inputs.get("pixel_values")
+        image_inputs = _image_inputs(inputs)
         t0 = time.perf_counter()
         generated: list[int] = []
         reuse, prefill_s, cut, drafted, accepted_total = 0, 0.0, -1, 0, 0
@@ -501,7 +544,7 @@ class HFPlanner:
         try:
             with torch.inference_mode():
                 extras = self._family_extras(inputs)
-                reuse = self._reusable_prefix(id_list, pixels)
+                reuse = self._reusable_prefix(id_list, image_inputs)
                 if reuse and self._crop(self._state.cache, reuse):
                     cache = self._state.cache
                     logits = self._forward(ids[:, reuse:], cache, reuse, None, extras)
@@ -509,7 +552,7 @@ class HFPlanner:
                     reuse = 0
                     cache = DynamicCache(config=self.model.config)
                     logits = self._forward(ids, cache, 0, inputs, extras)
-                self._state = _KVState(cache=cache, tokens=list(id_list), pixels=pixels)
+                self._state = _KVState(cache=cache, tokens=list(id_list), image=image_inputs)
                 prefill_s = time.perf_counter() - t0
                 hold = max((len(s) for s in stops), default=1) - 1
                 emitted, started, text = 0, False, ""

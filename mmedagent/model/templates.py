@@ -12,6 +12,7 @@ model learns — assistant content plus its end-of-turn text.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -49,7 +50,10 @@ def _map_image(content: str, placeholder: str) -> str:
     return content.replace(IMAGE_TOKEN, placeholder)
 
 
-def _check(messages: Sequence[Message]) -> None:
+def check_messages(messages: Sequence[Message]) -> None:
+    """A ``ValueError`` naming the first thing wrong with ``messages`` (a list of ``{role, content}`` dicts)."""
+    if isinstance(messages, (str, bytes, dict)) or not isinstance(messages, Sequence):
+        raise ValueError(f"messages must be a list of {{'role', 'content'}} dicts, not {type(messages).__name__}")
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
             raise ValueError(f"message {i}: expected a dict with role system/user/assistant, got {m!r:.80}")
@@ -180,7 +184,7 @@ def render_segments(
     Returns ``[(text, trained)]``; ``"".join(text)`` is the exact prompt. ``"<image>"`` in a user
     message becomes the architecture's image placeholder (and is dropped for text-only models).
     """
-    _check(messages)
+    check_messages(messages)
     if template is None:
         segs = _chat_template_segments(messages, processor_or_tokenizer, add_generation_prompt)
     else:
@@ -189,6 +193,21 @@ def render_segments(
         placeholder = image_placeholder(processor_or_tokenizer)
         segs = TEMPLATES[template](messages, tokenizer_of(processor_or_tokenizer), placeholder, add_generation_prompt)
     return [(text, trained) for text, trained in segs if text]
+
+
+def check_template(template: str | None, processor_or_tokenizer: Any) -> None:
+    """A ``ValueError`` when the explicit ``template`` writes ``<|…|>`` markers that are not tokens of this
+    tokenizer: another model family's template, whose turns the model would read as plain text and never end."""
+    if template is None:
+        return
+    probe = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    text = render_prompt(probe, template, processor_or_tokenizer, add_generation_prompt=True)
+    vocab = tokenizer_of(processor_or_tokenizer).get_vocab()
+    foreign = sorted({m for m in re.findall(r"<\|[^|<>\s]+\|>", text) if m not in vocab})
+    if foreign:
+        raise ValueError(f"conversation template {template!r} writes {', '.join(foreign)}, which this model's "
+                         f"tokenizer does not have: it is another model family's template; choose one that fits "
+                         f"({', '.join(TEMPLATES)}), or None for the checkpoint's own chat template")
 
 
 def render_prompt(messages: Sequence[Message], template: str | None, processor_or_tokenizer: Any, add_generation_prompt: bool = True) -> str:

@@ -1,0 +1,105 @@
+"""What a user hands the planner and the loader by mistake: malformed messages and options, images the model
+cannot see as meant, another family's conversation template, unknown devices and dtype spellings — each a
+clear error (the planner keeps working), not a traceback from deep inside torch or a silently wrong reply."""
+
+import io
+import math
+
+import pytest
+from PIL import Image
+
+from _model_fixtures import test_image
+from mmedagent.model import load_planner
+
+QUESTION = [{"role": "user", "content": "Can you locate the tumor?"}]
+
+
+@pytest.fixture(scope="module")
+def llava(tiny_models):
+    return load_planner(tiny_models("llava"))
+
+
+@pytest.mark.parametrize(("messages", "message"), [
+    ([], "no messages"),
+    ("Where is the tumor?", "messages must be a list"),
+    ([{"role": "user"}], "message 0: content must be a string"),
+    (["Where is the tumor?"], "message 0: expected a dict"),
+])
+def test_malformed_messages_are_named(llava, messages, message):
+    with pytest.raises(ValueError, match=message):
+        llava.generate(messages, max_new_tokens=2)
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"temperature": math.nan}, "temperature must be a finite number"),
+    ({"temperature": math.inf}, "temperature must be a finite number"),
+    ({"max_new_tokens": 2.5}, "max_new_tokens must be an integer"),
+    ({"max_new_tokens": "8"}, "max_new_tokens must be an integer"),
+    ({"max_new_tokens": 0}, "at least 1"),
+    ({"stop": 5}, "stop must be a string or a list of strings"),
+    ({"stop": ["ok", None]}, "stop must be a string or a list of strings"),
+])
+def test_bad_generation_options_are_named(llava, options, message):
+    with pytest.raises(ValueError, match=message):
+        llava.generate(QUESTION, test_image(), **{"max_new_tokens": 2, **options})
+
+
+def _truncated_png() -> Image.Image:
+    buf = io.BytesIO()
+    test_image().save(buf, "PNG")
+    return Image.open(io.BytesIO(buf.getvalue()[:60]))
+
+
+@pytest.mark.parametrize(("image", "error", "message"), [
+    (Image.new("I;16", (30, 30), 3000), ValueError, "I;16 .*would clip.*load_image"),  # a 16-bit PNG, opened by PIL
+    (Image.new("F", (30, 30), 0.5), ValueError, "F .*would clip.*load_image"),
+    (Image.new("RGB", (0, 0)), ValueError, "no pixels"),
+    (_truncated_png(), ValueError, "cannot be decoded"),
+    (b"\x89PNG...", TypeError, "must be a PIL image, not bytes.*load_image"),
+    ("scan.png", TypeError, "must be a PIL image, not str.*load_image"),
+])
+def test_images_the_model_cannot_see_as_meant_are_refused_and_the_planner_goes_on(llava, image, error, message):
+    """A 16-bit image was clipped to white (a float one to black) by the RGB conversion, a 0x0 image was a
+    ZeroDivisionError, a truncated file an OSError, a path or bytes a processor's own error."""
+    before = llava.generate(QUESTION, test_image(), max_new_tokens=4)
+    with pytest.raises(error, match=message):
+        llava.generate(QUESTION, image, max_new_tokens=2)
+    assert llava.generate(QUESTION, test_image(), max_new_tokens=4) == before
+
+
+@pytest.mark.parametrize("size", [(1, 1), (5000, 10), (10, 5000)])
+def test_images_of_odd_sizes_are_answered(llava, size):
+    assert isinstance(llava.generate(QUESTION, Image.new("RGB", size, (200, 30, 30)), max_new_tokens=2), str)
+
+
+@pytest.mark.parametrize(("arch", "template", "missing"), [
+    ("llava", "llama3", "<|eot_id|>"),
+    ("llava", "qwen2", "<|im_end|>"),
+    ("qwen2_vl", "llama3", "<|start_header_id|>"),
+    ("llama", "qwen2", "<|im_start|>"),
+])
+def test_another_familys_template_is_refused_at_load(tiny_models, arch, template, missing):
+    """The turns of a template whose markers the tokenizer lacks are plain text to the model: it never ends
+    a turn (runs to max_new_tokens) and answers a prompt it was not trained on."""
+    with pytest.raises(ValueError, match=f"template '{template}' writes .*{missing[2:-2]}.*another model family"):
+        load_planner(tiny_models(arch), conv_template=template)
+
+
+@pytest.mark.parametrize(("arch", "template"), [("llava", "vicuna_v1"), ("qwen2_vl", "qwen2"), ("mllama", "llama3"),
+                                                ("llama", "vicuna_v1")])
+def test_templates_that_fit_load(tiny_models, arch, template):
+    assert load_planner(tiny_models(arch), conv_template=template).template == template
+
+
+def test_device_and_dtype_spellings(tiny_models):
+    from mmedagent.model.loading import resolve_device, resolve_dtype
+
+    with pytest.raises(ValueError, match="unknown device 'gpu'"):
+        load_planner(tiny_models("llama"), device="gpu")
+    assert resolve_device("auto") in ("cpu", "cuda") and resolve_device("cpu:0") == "cpu:0"
+    import torch
+
+    assert resolve_dtype("bf16", "cpu") is resolve_dtype("torch.bfloat16", "cpu") is torch.bfloat16
+    assert resolve_dtype("fp16", "cpu") is torch.float16
+    with pytest.raises(ValueError, match="unknown dtype 'float17'"):
+        resolve_dtype("float17", "cpu")
