@@ -318,6 +318,21 @@ def test_version_names_map_to_model_layer_templates(tmp_path):
         assert template_name(m.version) == template
 
 
+def test_another_familys_template_is_refused_before_training(tiny_models, tmp_path):
+    """--version llama3 on a Vicuna-tokenizer LLaVA would train on markers the tokenizer lacks."""
+    from mmedagent.train.args import FlagError
+    from mmedagent.train.run import build_trainer
+
+    names = write_images(tmp_path / "im", 1)
+    train = tmp_path / "train.json"
+    train.write_text(json.dumps([tool_record(0, names[0])]))
+    with pytest.raises(FlagError, match=r"^--version llama3: conversation template 'llama3' writes <\|.*which this "
+                                        r"model's tokenizer does not have"):
+        build_trainer(["--model_name_or_path", str(tiny_models("llava")), "--output_dir", str(tmp_path / "out"),
+                       "--data_path", str(train), "--image_folder", str(tmp_path / "im"), "--report_to", "none",
+                       "--lora_r", "4", "--version", "llama3"])
+
+
 def test_vision_select_layer_must_be_the_checkpoints(tiny_models, tmp_path):
     """The adapter stores no config: a layer other than the checkpoint's would be dropped at merge / load."""
     from mmedagent.model.loading import load_model_and_processor

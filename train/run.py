@@ -18,7 +18,7 @@ from mmedagent.hub import is_hub_id, prefer_cache_when_unreachable
 from mmedagent.model.llava_convert import converted_cache_dir, llava_image_processor
 from mmedagent.model.loading import (family_of, is_original_llava, load_config, load_model_and_processor,
                                      original_llava_snapshot)
-from mmedagent.model.templates import tokenizer_of
+from mmedagent.model.templates import check_template, tokenizer_of
 from mmedagent.data.formats import DataError
 from mmedagent.train.args import FlagError, check_backbone_flags, parse_args, template_name
 from mmedagent.train.dataset import IGNORE_INDEX, Collator, SupervisedDataset, load_samples, split_list
@@ -166,6 +166,10 @@ def build_trainer(argv: list[str] | None = None, parsed=None) -> tuple[MMedTrain
         raise FlagError(f"{what} could not be loaded ({reason}); pass the CLIP tower's local path with "
                         "--vision_tower") from None
     assert loaded_family == family, (loaded_family, family)
+    try:
+        check_template(template, processor)
+    except ValueError as e:  # another family's markers: turns the model would read as text and never end
+        raise FlagError(f"--version {model_args.version}: {e}") from None
     if family == "llava":
         apply_llava_flags(model, model_args)
         if data_args.image_aspect_ratio == "pad":
