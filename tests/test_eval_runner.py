@@ -29,6 +29,9 @@ ANSWER_G = f"The tumor is at {GOLD_BOX}."
 
 @pytest.fixture
 def fake_grounding(monkeypatch):
+    # discover the built-in tools first: a first discovery while the double holds the name 'grounding'
+    # would skip the real grounding tool for the rest of the session (the demo model's tests need it)
+    registry.list_tools()
     monkeypatch.setitem(registry._extra, FakeGrounding.name, FakeGrounding)
     return FakeGrounding
 
@@ -396,3 +399,115 @@ def test_the_judge_grades_a_report_against_the_gold_report_text(tmp_path, monkey
     samples = load_samples(write_jsonl(tmp_path / "e.jsonl", [mrg]))
     results = [SampleResult(id=s.id, task=s.task, answer="Clear lungs.") for s in samples]
     assert J.judge(samples, results, "http://judge/v1", "j") == [7.0]
+
+
+# --------------------------------------------------------------------------- VQA tables, bad gold, duplicates
+
+
+def test_vqa_table_scores_by_hand(tmp_path, folder, monkeypatch):
+    """A VQA-RAD-style table (closed and open) and a PathVQA-style one (no answer_type: yes/no is closed),
+    scored through the CLI; every value below is worked out by hand."""
+    import mmedagent.evaluation.cli as cli
+
+    data = write_json(tmp_path / "vqa.json", [
+        {"qid": 1, "image_name": "img.png", "question": "Is there a fracture?", "answer": "No", "answer_type": "CLOSED"},
+        {"qid": 2, "image_name": "img.png", "question": "Is the heart enlarged?", "answer": "yes", "answer_type": "CLOSED "},
+        {"qid": 3, "image_name": "img.png", "question": "Which organ?", "answer": "the left lung", "answer_type": "OPEN"},
+        {"qid": 4, "image_name": "img.png", "question": "What lesion?", "answer": "left lower lobe mass", "answer_type": "OPEN"},
+        {"id": "p5", "image": "img.png", "question": "Is it benign?", "answer": "yes"},  # PathVQA: no answer_type
+    ])
+    replies = ["No, there is no fracture.", "It is not enlarged.", "Left lung.", "A mass in the lung.", "Yes."]
+    monkeypatch.setattr(cli, "make_runner", lambda args: AgentRunner(ScriptedPlanner(replies), "gold", [], image_folder=folder))
+    out = tmp_path / "r.json"
+    assert main(["--model", "m", "--data", str(data), "--json-out", str(out), "--quiet"]) == 0
+    report = json.loads(out.read_text())
+    o, per = report["overall"], report["per_task"]
+    assert set(per) == {"vqa_closed", "vqa_open"} and per["vqa_closed"]["n"] + per["vqa_open"]["n"] == o["n"] == 5
+    assert o["vqa_closed_accuracy"] == pytest.approx(2 / 3)  # no ✓, "not enlarged" vs yes ✗, PathVQA yes ✓
+    # open 3: {left, lung} vs {left, lung} -> F1 1, recall 1; open 4: {mass, in, lung} vs {left, lower, lobe, mass}
+    # -> common 1, P 1/3, R 1/4, F1 2/7
+    assert o["vqa_open_f1"] == pytest.approx((1 + 2 / 7) / 2)
+    assert o["vqa_open_recall"] == pytest.approx((1 + 1 / 4) / 2)
+    assert o["tool_selection_accuracy"] is None  # QA tables say nothing about tool use
+    assert "| vqa_open_recall |" in markdown_summary(report)
+
+
+def test_reader_refuses_gold_it_cannot_score(tmp_path):
+    """Bad gold stops the evaluation before any model runs, naming the record and field — instead of a
+    crash after the whole run (flipped box, undecodable mask, label not text) or a silent wrong score
+    (a missing answer read as the word 'None', i.e. 'no'; a string of sources read letter by letter;
+    an MMedAgent line without its gold turn scored as 'call no tool')."""
+    def gold(**g):
+        return {**grounding_record(), "gold": g}
+
+    cases = [
+        (gold(boxes=[[0.5, 0.5, 0.1, 0.1]]), "gold.boxes: box [0.5, 0.5, 0.1, 0.1] has x1 > x2 or y1 > y2"),
+        (gold(boxes=[[0.1, 0.2, 0.3]]), "is not an [x1, y1, x2, y2] box"),
+        (gold(label=3), "gold.label must be a non-empty string"),
+        (gold(relevant="I10"), "gold.relevant must be a list"),
+        (gold(masks=[{"size": [2, 2], "counts": [9]}]), "gold.masks: not a mask"),
+        (grounding_record(box=[0.76, 0.54, 0.41, 0.75]), "gold grounding dino output boxes: box"),
+        ({"qid": 1, "question": "Is it?", "answer": None, "answer_type": "CLOSED"}, "field 'answer' is empty"),
+        ({"qid": 1, "question": "Is it?", "answer": " ", "answer_type": "CLOSED"}, "field 'answer' is empty"),
+        ({k: v for k, v in mmedagent_line().items() if k != "assist"}, "missing field 'assist'"),
+        ({k: v for k, v in mmedagent_line().items() if k != "text"}, "field 'text' (the gold tool output)"),
+    ]
+    for i, (record, message) in enumerate(cases):
+        path = write_jsonl(tmp_path / f"bad{i}.jsonl", [direct_record(), record])
+        with pytest.raises(EvalFileError) as e:
+            load_samples(path)
+        assert f"bad{i}.jsonl, record 1: " in str(e.value) and message in str(e.value), (i, str(e.value))
+    # what is fine stays fine: an empty mask's [] box in a segmentation output, integer sources
+    ok = {**grounding_record(), "gold": {"relevant": ["I10", 401]}}
+    ok["conversations"][2]["value"] = render_tool_results(
+        [ToolOutcome(tool="MedSAM", output={"boxes": [[], GOLD_BOX]})], QUESTION)
+    assert load_samples(write_json(tmp_path / "ok.json", [ok]))[0].reference["relevant"] == ["I10", 401]
+
+
+def test_samples_sharing_an_id_keep_their_own_gold_boxes(tmp_path):
+    """mAP pairs detections with the gold boxes of the same sample, even where two samples share an id
+    (both answers below miss: each quotes the other sample's box)."""
+    other = [0.1, 0.1, 0.3, 0.3]
+    samples = load_samples(write_json(tmp_path / "r.json", [grounding_record("g"), grounding_record("g", box=other)]))
+    results = [SampleResult(id="g", task="grounding", answer=f"At {other}."),
+               SampleResult(id="g", task="grounding", answer=f"At {GOLD_BOX}.")]
+    o = build_report(samples, results, tool_mode="gold")["overall"]
+    assert o["grounding_iou"] == 0.0 and o["map50"] == 0.0
+
+
+def test_a_live_box_with_x1_after_x2_is_a_miss_not_a_crash(tmp_path):
+    sample = load_samples(write_json(tmp_path / "r.json", [grounding_record()]))[0]
+    flipped = [GOLD_BOX[2], GOLD_BOX[1], GOLD_BOX[0], GOLD_BOX[3]]
+    step = AgentStep(index=0, raw="", outcomes=[ToolOutcome(tool="grounding", output={"boxes": [flipped, GOLD_BOX], "logits": [0.9, 0.5]})])
+    report = build_report([sample], [SampleResult(id="g1", task="grounding", answer="Found.", steps=[step])], tool_mode="live")
+    assert report["samples"][0]["scores"]["pred_boxes"] == [GOLD_BOX] and report["overall"]["grounding_iou"] == 1.0
+
+
+def test_the_judge_grades_a_failed_sample_lowest_and_the_table_shows_it(tmp_path, monkeypatch):
+    from mmedagent.evaluation import judge as J
+
+    class Judge(J.OpenAIPlanner):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.client = _endpoint((200, {"choices": [{"message": {"role": "assistant", "content": "Score: 9/10"}}]}))
+
+    monkeypatch.setattr(J, "OpenAIPlanner", Judge)
+    samples = load_samples(write_json(tmp_path / "r.json", [direct_record("d1"), direct_record("d2")]))
+    results = [SampleResult(id="d1", task="vqa", answer="Yes."), SampleResult(id="d2", task="vqa", error="image not found: x.png")]
+    scores = J.judge(samples, results, "http://judge/v1", "j")
+    assert scores == [9.0, 1.0]  # the failed sample is not left out of the mean (it would read 9.0)
+    report = build_report(samples, results, tool_mode="gold", judge=scores)
+    assert report["overall"]["judge_score"] == 5.0
+    assert "| judge_score | 5.000 | 5.000 |" in markdown_summary(report)
+
+
+def test_cli_refuses_bad_numbers_and_options_up_front(tmp_path, capsys):
+    data = write_json(tmp_path / "r.json", [direct_record()])
+    for flag, value, message in [("--limit", "0", "must be at least 1, got 0"), ("--k", "-1", "must be at least 1"),
+                                 ("--max-new-tokens", "x", "expected a whole number"),
+                                 ("--tool-options", "{bad", "not valid JSON"), ("--tool-options", "[1]", "must be a JSON object")]:
+        with pytest.raises(SystemExit) as e:
+            main(["--model", "m", "--data", str(data), flag, value])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert flag in err and message in err, err

@@ -14,6 +14,29 @@ from mmedagent.evaluation.readers import EvalFileError, load_samples
 from mmedagent.protocol import system_message
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1 (``--limit 0`` would otherwise mean one sample)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    """An argparse type for ``--tool-options``: a JSON object."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        example = '{"grounding": {"device": "cpu"}}'
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e}); e.g. '{example}'") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError('must be a JSON object: {"tool name": {constructor options}}')
+    return value
+
+
 def _is_url(s: str) -> bool:
     return s.startswith(("http://", "https://"))
 
@@ -35,7 +58,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tool-mode", choices=("live", "gold"), default="live",
                    help="live: run the real tools; gold: feed the gold tool outputs from the data (default live)")
     p.add_argument("--tools", nargs="+", metavar="NAME", help="tools offered to the planner (default: all registered)")
-    p.add_argument("--tool-options", default="{}", help='JSON: {"tool name": {constructor options}} for live tools')
+    p.add_argument("--tool-options", type=_json_object, default={},
+                   help='JSON: {"tool name": {constructor options}} for live tools')
     p.add_argument("--tool-weights", choices=("demo", "default"), default=None,
                    help="live tools without --tool-options: demo = the demo stack's tiny weights (built once, as "
                         "the server uses them); default = each tool's published weights. Default: demo with "
@@ -51,10 +75,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--constrain", action=argparse.BooleanOptionalAction, default=None,
                    help="local model: decode turns under the turn format and tool schemas (default: the model "
                    "dir's mmedagent.json, else off)")
-    p.add_argument("--max-steps", type=int, default=3)
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--k", type=int, default=5, help="k of RAG recall@k")
-    p.add_argument("--limit", type=int, help="evaluate only the first N samples")
+    p.add_argument("--max-steps", type=_positive_int, default=3)
+    p.add_argument("--max-new-tokens", type=_positive_int, default=256)
+    p.add_argument("--k", type=_positive_int, default=5, help="k of RAG recall@k")
+    p.add_argument("--limit", type=_positive_int, help="evaluate only the first N samples")
     p.add_argument("--judge-url", help="optional LLM-as-judge: an OpenAI-compatible endpoint")
     p.add_argument("--judge-model", help="'model' field for the judge endpoint")
     p.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), help="compare two reports instead of evaluating")
@@ -106,7 +130,7 @@ def make_runner(args: argparse.Namespace) -> Any:
         from mmedagent.serve.launcher import in_process_tools
 
         weights = args.tool_weights or ("demo" if args.model == "demo" else "default")
-        tools = in_process_tools(classes, json.loads(args.tool_options), weights)
+        tools = in_process_tools(classes, args.tool_options, weights)
     system = system_message(args.system_prompt, classes)
     return AgentRunner(planner, args.tool_mode, tools, image_folder=args.image_folder, max_steps=args.max_steps,
                        system=system, max_new_tokens=args.max_new_tokens)

@@ -2,7 +2,8 @@
 
 The judge sees the question, the reference (gold answer, else MMedAgent's ``fig_caption``, else
 the gold report of a report-generation sample) and the answer, and replies with a score from 1 to
-10; samples without a reference are not judged.
+10; samples without a reference are not judged. A sample that ended in an error scores the lowest
+grade, 1, without a call (it scores as wrong in every metric).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ PROMPT = (
     "reply with one integer from 1 (wrong or unhelpful) to 10 (correct and complete), nothing else.\n\n"
     "Question: {question}\nReference: {reference}\nAnswer: {answer}\nScore:"
 )
+LOWEST = 1.0
 _SCORE = re.compile(r"\b(10|[1-9])\b")
 
 
@@ -32,16 +34,20 @@ def parse_score(text: str) -> float | None:
 
 def judge(samples: Sequence[EvalSample], results: Sequence[SampleResult], url: str, model: str | None = None,
           api_key: str | None = None) -> list[float | None]:
-    """One 1–10 score per sample (``None`` where there is no reference, no score in the reply, or the
-    judge endpoint failed: a failure is reported on stderr and never loses the evaluation)."""
+    """One 1–10 score per sample (1 for a sample that ended in an error; ``None`` where there is no
+    reference, no score in the reply, or the judge endpoint failed: a failure is reported on stderr
+    and never loses the evaluation)."""
     client = OpenAIPlanner(url, model, api_key)
     scores: list[float | None] = []
     failures: list[str] = []
     try:
         for smp, r in zip(samples, results):
             reference = smp.gold_answer or smp.reference.get("fig_caption") or reference_answer(smp)
-            if not reference or r.error:
+            if not reference:
                 scores.append(None)
+                continue
+            if r.error:
+                scores.append(LOWEST)
                 continue
             prompt = PROMPT.format(question=smp.question, reference=reference, answer=r.answer)
             try:

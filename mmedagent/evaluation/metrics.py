@@ -1,8 +1,8 @@
 """Answer-level metrics: boxes (IoU, mAP@0.5), masks (Dice), classification (accuracy, AUROC),
-report text (BLEU-4, ROUGE-L, METEOR), retrieval (recall@k), VQA (closed accuracy, open token F1).
+report text (BLEU-4, ROUGE-L, METEOR), retrieval (recall@k), VQA (closed accuracy, open token F1 and recall).
 
 Pure functions on plain Python / numpy values; nothing here downloads data. Tokenisation is a
-regular expression (lower-cased words and numbers), used by every text metric.
+regular expression (case-folded words and numbers in any script), used by every text metric.
 """
 
 from __future__ import annotations
@@ -17,12 +17,13 @@ import numpy as np
 
 Box = Sequence[float]
 
-_TOKEN = re.compile(r"[a-z0-9]+(?:[.'][a-z0-9]+)*")
+_TOKEN = re.compile(r"[^\W_]+(?:[.'][^\W_]+)*")
 
 
 def tokenize(text: str) -> list[str]:
-    """Lower-cased word / number tokens (no downloaded tokenizer data)."""
-    return _TOKEN.findall(text.lower())
+    """Case-folded word / number tokens in any script (``Ménière`` is one word, ``胸部`` is not
+    empty); no downloaded tokenizer data. A typographic apostrophe counts as ``'``."""
+    return _TOKEN.findall(text.casefold().replace("\u2019", "'"))
 
 
 # --------------------------------------------------------------------------- boxes
@@ -204,11 +205,18 @@ def bleu4(hypotheses: Sequence[str], references: Sequence[str]) -> float:
     )
 
 
+class _Tokenizer:
+    """:func:`tokenize` in the shape ``rouge_score`` takes a tokenizer."""
+
+    tokenize = staticmethod(tokenize)
+
+
 def rouge_l(hypothesis: str, reference: str) -> float:
-    """ROUGE-L F-measure (``rouge_score``, its own tokenizer, no stemming)."""
+    """ROUGE-L F-measure (``rouge_score`` on :func:`tokenize`'s tokens, no stemming)."""
     from rouge_score import rouge_scorer
 
-    return float(rouge_scorer.RougeScorer(["rougeL"]).score(reference, hypothesis)["rougeL"].fmeasure)
+    scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=_Tokenizer())
+    return float(scorer.score(reference, hypothesis)["rougeL"].fmeasure)
 
 
 def meteor_exact(hypothesis: str, reference: str, alpha: float = 0.9, beta: float = 3.0, gamma: float = 0.5) -> float:
@@ -259,7 +267,7 @@ _ARTICLES = {"a", "an", "the"}
 
 
 def normalize_answer(text: str) -> str:
-    """Lower-cased tokens without articles or punctuation."""
+    """Case-folded tokens without articles or punctuation."""
     return " ".join(t for t in tokenize(text) if t not in _ARTICLES)
 
 
@@ -284,16 +292,28 @@ def closed_correct(pred: str, gold: str) -> bool:
     return bool(g) and (p == g or f" {g} " in f" {p} ")
 
 
+def _overlap(pred: str, gold: str) -> tuple[int, int, int]:
+    """``(common, predicted, gold)`` token counts of two normalised answers (multisets)."""
+    p, g = normalize_answer(pred).split(), normalize_answer(gold).split()
+    return sum((Counter(p) & Counter(g)).values()), len(p), len(g)
+
+
 def token_f1(pred: str, gold: str) -> float:
     """SQuAD-style token F1 between normalised answers."""
-    p, g = normalize_answer(pred).split(), normalize_answer(gold).split()
-    if not p or not g:
-        return float(p == g)
-    common = sum((Counter(p) & Counter(g)).values())
+    common, n_p, n_g = _overlap(pred, gold)
+    if not n_p or not n_g:
+        return float(n_p == n_g)
     if common == 0:
         return 0.0
-    prec, rec = common / len(p), common / len(g)
+    prec, rec = common / n_p, common / n_g
     return 2 * prec * rec / (prec + rec)
+
+
+def token_recall(pred: str, gold: str) -> float:
+    """Share of the gold answer's tokens found in the prediction (the open-question recall of
+    LLaVA-Med-style VQA tables), between normalised answers."""
+    common, n_p, n_g = _overlap(pred, gold)
+    return common / n_g if n_g else float(n_p == n_g)
 
 
 def mean(values: Iterable[float]) -> float | None:

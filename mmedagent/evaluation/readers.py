@@ -8,10 +8,12 @@ Three layouts are read (detected per record):
 * MMedAgent's ``eval_agent_tool_use_all.jsonl`` (``question_id``, ``type``, ``image``,
   ``pre_text``, ``assist`` = gold planning turn text, ``text`` = gold tool output +
   "Answer my first question: …", ``fig_caption``);
-* VQA-RAD / SLAKE-style QA (``question``, ``answer``, ``answer_type`` CLOSED/OPEN, ``image`` /
-  ``image_name`` / ``img_name``); SLAKE's non-English questions (``q_lang`` ≠ ``en``) are skipped.
+* VQA-RAD / SLAKE / PathVQA-style QA (``question``, ``answer``, ``answer_type`` CLOSED/OPEN, ``image`` /
+  ``image_name`` / ``img_name``); SLAKE's non-English questions (``q_lang`` ≠ ``en``) are skipped. Without
+  ``answer_type`` (PathVQA) a yes/no answer is a closed question, any other an open one.
 
-A file is a JSON array or JSON lines.
+A file is a JSON array or JSON lines. The gold a record gives (boxes, masks, label, relevant sources,
+answer) is checked as it is read, so a bad record stops the evaluation before any model runs.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError
 
+from mmedagent.evaluation.metrics import as_mask, normalize_answer
 from mmedagent.protocol import (
     AssistantTurn,
     Record,
@@ -71,6 +74,51 @@ def _answer_type(value: Any) -> Literal["closed", "open"] | None:
     return v  # type: ignore[return-value]
 
 
+def _check_boxes(boxes: Any, where: str, allow_empty_entries: bool = False) -> None:
+    """Gold boxes are a list of ``[x1, y1, x2, y2]`` numbers with x1 ≤ x2, y1 ≤ y2 (a segmentation
+    output may hold ``[]`` for an empty mask)."""
+    from mmedagent.evaluation.tooluse import ordered_box
+
+    if not isinstance(boxes, list):
+        raise ValueError(f"{where} must be a list of [x1, y1, x2, y2] boxes, got {type(boxes).__name__}")
+    for b in boxes:
+        if allow_empty_entries and b == []:
+            continue
+        if not (isinstance(b, list) and len(b) == 4
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in b)):
+            raise ValueError(f"{where}: {b!r} is not an [x1, y1, x2, y2] box of four numbers")
+        if not ordered_box(b):
+            raise ValueError(f"{where}: box {b} has x1 > x2 or y1 > y2")
+
+
+def _check_gold(sample: EvalSample) -> EvalSample:
+    """Refuse gold the scorer cannot use, naming the field (instead of a crash or a silent 0 after the run)."""
+    ref = sample.reference
+    if "boxes" in ref:
+        _check_boxes(ref["boxes"], "gold.boxes")
+    if "label" in ref and not (isinstance(ref["label"], str) and ref["label"].strip()):
+        raise ValueError(f"gold.label must be a non-empty string, got {ref['label']!r}")
+    if "relevant" in ref and not (isinstance(ref["relevant"], list)
+                                  and all(isinstance(x, (str, int)) for x in ref["relevant"])):
+        raise ValueError(f"gold.relevant must be a list of source ids, got {ref['relevant']!r}")
+    if "masks" in ref:
+        if not isinstance(ref["masks"], list):
+            raise ValueError("gold.masks must be a list of masks (COCO RLE)")
+        shapes = set()
+        for m in ref["masks"]:
+            try:
+                shapes.add(as_mask(m).shape)
+            except (ValueError, TypeError, KeyError) as e:
+                raise ValueError(f"gold.masks: not a mask ({e})") from None
+        if len(shapes) > 1:
+            raise ValueError(f"gold.masks differ in size: {sorted(shapes)}")
+    for turn in sample.gold_results:
+        for o in turn:
+            if o.output and "boxes" in o.output:
+                _check_boxes(o.output["boxes"], f"gold {o.tool} output boxes", allow_empty_entries=True)
+    return sample
+
+
 def _task_from_calls(calls: list[ToolCall]) -> str:
     from mmedagent.evaluation.tooluse import canonical_name
 
@@ -99,7 +147,7 @@ def from_record(d: dict[str, Any], index: int) -> EvalSample:
         raise ValueError("record has no gpt turn after the first question")
     extra = rec.model_extra or {}
     calls = [a for t in turns for a in t.actions]
-    return EvalSample(
+    return _check_gold(EvalSample(
         id=str(rec.id if rec.id is not None else index),
         task=str(extra.get("task") or extra.get("type") or _task_from_calls(calls)),
         source="record",
@@ -110,17 +158,22 @@ def from_record(d: dict[str, Any], index: int) -> EvalSample:
         gold_answer=turns[-1].value if not turns[-1].actions else None,
         answer_type=_answer_type(extra.get("answer_type")),
         reference=dict(extra.get("gold") or {}),
-    )
+    ))
 
 
 def from_mmedagent(d: dict[str, Any], index: int) -> EvalSample:
     """A line of MMedAgent's ``eval_agent_tool_use_all.jsonl``."""
-    turn = parse_turn(str(d.get("assist", "")), strict=False)
+    if not str(d.get("assist") or "").strip():
+        raise ValueError("missing field 'assist' (the gold planning turn): tool use cannot be scored without it")
+    turn = parse_turn(str(d["assist"]), strict=False)
     results: list[list[ToolOutcome]] = []
     if turn.actions:
-        results.append(parse_tool_results(str(d.get("text", ""))).outcomes)
+        try:
+            results.append(parse_tool_results(str(d.get("text") or "")).outcomes)
+        except TurnParseError as e:
+            raise ValueError(f"field 'text' (the gold tool output): {e}") from None
     reference = {"fig_caption": d["fig_caption"]} if d.get("fig_caption") else {}
-    return EvalSample(
+    return _check_gold(EvalSample(
         id=str(d.get("question_id", index)),
         task=str(d.get("type") or _task_from_calls(turn.actions)),
         source="mmedagent",
@@ -129,19 +182,24 @@ def from_mmedagent(d: dict[str, Any], index: int) -> EvalSample:
         gold_turns=[turn],
         gold_results=results,
         reference=reference,
-    )
+    ))
 
 
 def from_qa(d: dict[str, Any], index: int) -> EvalSample:
-    """A VQA-RAD / SLAKE-style question with a reference answer; tool use is not scored."""
+    """A VQA-RAD / SLAKE / PathVQA-style question with a reference answer; tool use is not scored."""
+    answer = d["answer"]
+    if answer is None or not str(answer).strip():
+        raise ValueError("field 'answer' is empty: give the reference answer, or drop the record")
     answer_type = _answer_type(d.get("answer_type"))
+    if answer_type is None:  # PathVQA: yes/no questions are the closed ones
+        answer_type = "closed" if normalize_answer(str(answer)) in ("yes", "no") else "open"
     return EvalSample(
-        id=str(d.get("qid", d.get("question_id", d.get("id", index)))),
-        task=f"vqa_{answer_type}" if answer_type else "vqa",
+        id=str(next((d[k] for k in ("qid", "question_id", "id") if d.get(k) is not None), index)),
+        task=f"vqa_{answer_type}",
         source="qa",
         image=d.get("image") or d.get("image_name") or d.get("img_name"),
         question=strip_image_token(str(d["question"])),
-        gold_answer=str(d["answer"]),
+        gold_answer=str(answer),
         answer_type=answer_type,
     )
 

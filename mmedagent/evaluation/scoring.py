@@ -41,7 +41,7 @@ _BOX_TEXT = re.compile(r"\[" + ",".join([_NUM] * 4) + r"\]")
 RATE_METRICS = (
     "tool_selection_accuracy", "call_precision", "call_recall", "argument_validity", "argument_match",
     "grounding_iou", "map50", "dice", "classification_accuracy", "auroc", "bleu4", "rouge_l", "meteor",
-    "rag_recall_at_k", "vqa_closed_accuracy", "vqa_open_f1", "answer_f1",
+    "rag_recall_at_k", "vqa_closed_accuracy", "vqa_open_f1", "vqa_open_recall", "answer_f1",
 )
 """Metrics in [0, 1] (higher is better); the compare chart draws these."""
 
@@ -82,12 +82,14 @@ def reference_answer(sample: EvalSample) -> str | None:
 
 
 def _boxes_of(outputs: Sequence[dict[str, Any]]) -> tuple[list[list[float]], list[float]]:
-    """The first output's boxes and their scores; empty entries (an empty mask's ``[]``) are skipped."""
+    """The first output's boxes and their scores; empty entries (an empty mask's ``[]``) and boxes
+    with x1 > x2 or y1 > y2 are skipped."""
     for out in outputs:
         boxes = out.get("boxes")
         if boxes:
             scores = out.get("logits") or out.get("scores") or [1.0] * len(boxes)
-            kept = [(list(map(float, b)), float(sc)) for b, sc in zip(boxes, scores) if len(b) == 4]
+            kept = [(list(map(float, b)), float(sc)) for b, sc in zip(boxes, scores)
+                    if len(b) == 4 and T.ordered_box(b)]
             if kept:
                 return [b for b, _ in kept], [sc for _, sc in kept]
     return [], []
@@ -96,7 +98,7 @@ def _boxes_of(outputs: Sequence[dict[str, Any]]) -> tuple[list[list[float]], lis
 def boxes_in_text(text: str) -> list[list[float]]:
     """``[x1, y1, x2, y2]`` lists quoted in free text (valid boxes only)."""
     boxes = [[float(v) for v in m.groups()] for m in _BOX_TEXT.finditer(text)]
-    return [b for b in boxes if b[0] <= b[2] and b[1] <= b[3]]
+    return [b for b in boxes if T.ordered_box(b)]
 
 
 def _label_of(out: dict[str, Any]) -> str | None:
@@ -205,6 +207,7 @@ def score_sample(sample: EvalSample, result: SampleResult, labels: Sequence[str]
             s["meteor"] = M.meteor_exact(result.answer, reference)
             if sample.answer_type == "open":
                 s["vqa_open_f1"] = s["answer_f1"]
+                s["vqa_open_recall"] = M.token_recall(result.answer, reference)
     return s
 
 
@@ -223,11 +226,12 @@ def aggregate(samples: Sequence[EvalSample], results: Sequence[SampleResult], sc
     out["argument_validity"] = _ratio(sum(s["calls_valid"] for s in sel), sum(s["calls_pred"] for s in sel))
     out["argument_match"] = M.mean(x for s in sel for x in s["argument_match"])
 
-    boxed = [(smp, s) for smp, s in zip(samples, scores) if "grounding_iou" in s]
-    out["grounding_iou"] = M.mean(s["grounding_iou"] for _, s in boxed)
+    # images are keyed by position, not id: two samples sharing an id keep their own gold boxes
+    boxed = [(i, smp, s) for i, (smp, s) in enumerate(zip(samples, scores)) if "grounding_iou" in s]
+    out["grounding_iou"] = M.mean(s["grounding_iou"] for _, _, s in boxed)
     out["map50"] = M.mean_average_precision(
-        [(smp.id, smp.task, sc, b) for smp, s in boxed for b, sc in zip(s["pred_boxes"], s["pred_box_scores"])],
-        [(smp.id, smp.task, b) for smp, s in boxed for b in s["gold_boxes"]],
+        [(i, smp.task, sc, b) for i, smp, s in boxed for b, sc in zip(s["pred_boxes"], s["pred_box_scores"])],
+        [(i, smp.task, b) for i, smp, s in boxed for b in s["gold_boxes"]],
     ) if boxed else None
     out["dice"] = M.mean(s["dice"] for s in scores if "dice" in s)
 
@@ -247,6 +251,7 @@ def aggregate(samples: Sequence[EvalSample], results: Sequence[SampleResult], sc
     out["k"] = k
     out["vqa_closed_accuracy"] = M.mean(float(s["vqa_closed"]) for s in scores if "vqa_closed" in s)
     out["vqa_open_f1"] = M.mean(s["vqa_open_f1"] for s in scores if "vqa_open_f1" in s)
+    out["vqa_open_recall"] = M.mean(s["vqa_open_recall"] for s in scores if "vqa_open_recall" in s)
     out["answer_f1"] = M.mean(s["answer_f1"] for s in scores if "answer_f1" in s)
     if any("judge" in s for s in scores):
         out["judge_score"] = M.mean(s.get("judge") for s in scores)
@@ -311,7 +316,7 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-SUMMARY_METRICS = RATE_METRICS + ("error_rate", "parse_error_rate", "steps_per_turn", "tool_s_per_turn", "tokens_per_turn", "wall_s_per_turn")
+SUMMARY_METRICS = RATE_METRICS + ("judge_score", "error_rate", "parse_error_rate", "steps_per_turn", "tool_s_per_turn", "tokens_per_turn", "wall_s_per_turn")
 
 
 def markdown_summary(report: dict[str, Any]) -> str:

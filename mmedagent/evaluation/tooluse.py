@@ -93,14 +93,15 @@ def _is_box_list(v: Any) -> bool:
     )
 
 
-def _ordered(box: Sequence[float]) -> bool:
+def ordered_box(box: Sequence[float]) -> bool:
+    """``x1 <= x2`` and ``y1 <= y2``: a box IoU is defined for."""
     return box[0] <= box[2] and box[1] <= box[3]
 
 
 def _value_match(pred: Any, gold: Any) -> float:
     if _is_box_list(gold) and _is_box_list(pred):
         # a predicted box with x1 > x2 or y1 > y2 matches nothing (the model's error, not the scorer's)
-        return sum(max(box_iou(p, g) if _ordered(p) else 0.0 for p in pred) for g in gold) / len(gold)
+        return sum(max(box_iou(p, g) if ordered_box(p) else 0.0 for p in pred) for g in gold) / len(gold)
     if isinstance(gold, str) or (isinstance(gold, (list, tuple)) and all(isinstance(x, str) for x in gold)):
         return _term_f1(pred, gold)
     return float(pred == gold)
