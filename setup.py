@@ -31,7 +31,9 @@ TOOLS = ["segment-anything==1.0", "open_clip_torch==3.3.0", "faiss-cpu==1.15.1",
 IMAGING = ["pydicom==3.0.2", "nibabel==5.4.2"]
 EVAL = ["rouge-score==0.1.2", "nltk==3.10.4", "matplotlib>=3.8", "httpx==0.28.1"]
 TEST = ["pytest==9.2.0", "hypothesis==6.170.15", "selenium==4.51.0"]
-GPU = ["flash-attn", "bitsandbytes"]
+# flash-attn is not listed: its build imports torch, so pip's isolated build of it fails and would take the whole
+# install down. On a CUDA machine: pip install flash-attn --no-build-isolation (the model layer uses it when present).
+GPU = ["bitsandbytes"]
 
 setup(
     name="mmedagent",
@@ -39,7 +41,7 @@ setup(
     description="Tool-using medical multimodal agents: planner LLMs, medical tools, LoRA instruction tuning, serving.",
     long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # transformers, numpy, fastapi and hypothesis at the pinned versions need 3.11
     packages=PACKAGES,
     package_dir=PACKAGE_DIR,
     package_data={"mmedagent": ["assets/demo/*"]},  # the shipped demo planner
@@ -66,5 +68,8 @@ setup(
         # everything that runs on a CPU machine; add [gpu] on a CUDA machine
         "all": TRAIN + SERVE + TOOLS + EVAL + TEST,
     },
-    entry_points={"console_scripts": ["mmedagent-serve=mmedagent.serve.controller:main"]},
+    entry_points={"console_scripts": [
+        "mmedagent-serve=mmedagent.serve.controller:main",
+        "mmedagent-eval=mmedagent.evaluation.cli:main",  # scripts/evaluate.py, for an installed package
+    ]},
 )

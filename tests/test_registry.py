@@ -100,8 +100,13 @@ def test_entry_point_plugin_discovery(tmp_path, monkeypatch, caplog):
         with caplog.at_level(logging.WARNING, logger="mmedagent.tools.registry"):
             cls = tools_pkg.get_tool("echo tool")
         warned = "\n".join(r.getMessage() for r in caplog.records)
-        assert "half is not a Tool subclass with a name" in warned and "empty defines no tool class" in warned
-        assert "broken could not be loaded" in warned
+        assert "tool plug-in half (acme_tools:Half, from acme-tools 1.0) is a Tool subclass that sets no name; " \
+               "it is skipped: point the entry point at a tool class or at the module that defines it" in warned
+        assert "tool plug-in empty (acme_tools.empty, from acme-tools 1.0): module acme_tools.empty defines no " \
+               "tool class" in warned
+        assert "tool plug-in broken (acme_tools:Missing, from acme-tools 1.0) could not be loaded: AttributeError: " \
+               "module 'acme_tools' has no attribute 'Missing'; it is skipped: fix it or uninstall its package" \
+               in warned
         assert tools_pkg.get_tool("acme_upper").__module__ == "acme_tools.impl"
         assert cls.name == "acme_echo" and cls.__module__ == "acme_tools"
         assert "acme_echo" in [t.name for t in tools_pkg.list_tools()]

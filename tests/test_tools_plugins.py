@@ -114,9 +114,11 @@ def test_plugins_cannot_take_a_built_in_tools_name_or_alias(plugin_dir, caplog):
     with caplog.at_level(logging.WARNING, logger="mmedagent.tools.registry"):
         assert tools_pkg.get_tool("grounding").__module__ == "mmedagent.tools.grounding"
     warned = "\n".join(r.getMessage() for r in caplog.records)
-    assert "tool plug-in grounding: tool 'grounding' (hosp_tools.clash.MyGrounding) answers to 'grounding', " \
-           "already taken by tool 'grounding' (mmedagent.tools.grounding.GroundingTool); it is skipped" in warned
-    assert "tool plug-in sam: tool 'my_sam'" in warned and "'MedSAM'" in warned
+    assert "tool plug-in grounding (hosp_tools.clash:MyGrounding, from hosp_tools 1.0): tool 'grounding' " \
+           "(hosp_tools.clash.MyGrounding) answers to 'grounding', already taken by tool 'grounding' " \
+           "(mmedagent.tools.grounding.GroundingTool); it is skipped" in warned
+    assert "tool plug-in sam (hosp_tools.clash:MySam, from hosp_tools 1.0): tool 'my_sam'" in warned
+    assert "'MedSAM'" in warned
     assert tools_pkg.get_tool("MedSAM").__module__ == "mmedagent.tools.segmentation"
     names = [c.name for c in tools_pkg.list_tools()]
     assert "my_sam" not in names and names.count("grounding") == 1
@@ -133,6 +135,48 @@ def test_plugins_cannot_take_a_built_in_tools_name_or_alias(plugin_dir, caplog):
         tools_pkg.load_plugin("hosp_tools.clash")
     assert tools_pkg.register(volume) is volume  # the same class again is no clash
 
+
+BASES = '''
+from mmedagent.tools import Tool, ToolResult
+from hosp_tools.organ import OrganVolume
+
+
+class HospBase(Tool):  # a base for the hospital's tools: name None until a subclass sets it
+    name = None
+    needs_image = False
+
+    def __call__(self, image, params):
+        return ToolResult()
+
+
+def helper():
+    return 1
+'''
+
+
+def test_plugins_that_exit_on_import_or_point_at_no_tool_are_skipped_and_the_others_load(plugin_dir, caplog):
+    """A module that parses the command line when imported (SystemExit), a class named None, a function:
+    each is skipped with a warning naming the entry point and its package; built-ins and good plug-ins load."""
+    install(plugin_dir, "hosp_tools", {"__init__.py": "", "organ.py": ORGAN_VOLUME, "bases.py": BASES,
+                                       "cli.py": "import argparse\nargparse.ArgumentParser().parse_args(['--x'])\n"},
+            "cli = hosp_tools.cli\nbase = hosp_tools.bases:HospBase\nhelper = hosp_tools.bases:helper\n"
+            "bases = hosp_tools.bases\n")
+    with caplog.at_level(logging.WARNING, logger="mmedagent.tools.registry"):
+        names = [c.name for c in tools_pkg.list_tools()]
+    assert "organ_volume" in names and "segmentation" in names and None not in names
+    warned = "\n".join(r.getMessage() for r in caplog.records)
+    assert "tool plug-in cli (hosp_tools.cli, from hosp_tools 1.0) could not be loaded: SystemExit: 2; it is " \
+           "skipped: fix it or uninstall its package" in warned
+    assert "tool plug-in base (hosp_tools.bases:HospBase, from hosp_tools 1.0) is a Tool subclass whose name is " \
+           "None, not a non-empty string; it is skipped" in warned
+    assert "tool plug-in helper (hosp_tools.bases:helper, from hosp_tools 1.0) is a function, not a Tool subclass" \
+           in warned
+
+    from hosp_tools.bases import HospBase
+
+    with pytest.raises(ValueError, match="HospBase'> is a Tool subclass whose name is None, not a non-empty string"):
+        tools_pkg.register(HospBase)
+    assert [c.name for c in tools_pkg.load_plugin("hosp_tools.bases")] == ["organ_volume"]
 
 def test_a_tool_file_sorting_before_the_built_ins_cannot_take_their_names(plugin_dir, monkeypatch, caplog):
     """Built-in tool files are read first, whatever the other files in tools/ are called."""

@@ -7,7 +7,7 @@ import inspect
 import logging
 import pkgutil
 from collections.abc import Iterable
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 
 from mmedagent.tools.base import Tool
 
@@ -30,7 +30,11 @@ class UnknownToolError(KeyError):
 
 
 def _is_tool(obj: object) -> bool:
-    return inspect.isclass(obj) and issubclass(obj, Tool) and "name" in vars(obj)
+    """A Tool subclass that sets its own non-empty string ``name`` (one that leaves it unset or ``None`` is a base)."""
+    if not (inspect.isclass(obj) and issubclass(obj, Tool)):
+        return False
+    name = vars(obj).get("name")
+    return isinstance(name, str) and bool(name.strip())
 
 
 def _tools_in_module(module) -> list[type[Tool]]:
@@ -74,6 +78,26 @@ BUILT_IN_MODULES = ("grounding", "segmentation", "grounding_segmentation", "clas
 """The project's own tool files, discovered before any other file in ``tools/`` and any plug-in."""
 
 
+BROKEN = (Exception, SystemExit)
+"""What importing a tool file or plug-in may raise without stopping discovery (``SystemExit``: a module that
+parses the command line or calls ``sys.exit`` when imported)."""
+
+
+def _plugin(ep: EntryPoint) -> str:
+    """How a warning names an entry point: its name, its target and the distribution that declares it."""
+    dist = f", from {ep.dist.name} {ep.dist.version}" if ep.dist is not None else ""
+    return f"tool plug-in {ep.name} ({ep.value}{dist})"
+
+
+def _kind(obj: object) -> str:
+    """What an entry point that is not a tool points at, for its warning."""
+    if not (inspect.isclass(obj) and issubclass(obj, Tool)):
+        return f"a {'class' if inspect.isclass(obj) else type(obj).__name__}, not a Tool subclass"
+    if "name" not in vars(obj):
+        return "a Tool subclass that sets no name"
+    return f"a Tool subclass whose name is {vars(obj)['name']!r}, not a non-empty string"
+
+
 def _discover() -> dict[str, type[Tool]]:
     import mmedagent.tools as pkg
 
@@ -83,28 +107,32 @@ def _discover() -> dict[str, type[Tool]]:
     for name in [*(m for m in BUILT_IN_MODULES if m in files), *others]:  # built-ins first: they keep their names
         try:
             module = importlib.import_module(f"{pkg.__name__}.{name}")
-        except Exception as e:  # one broken tool file must not take the other tools down
+        except BROKEN as e:  # one broken tool file must not take the other tools down
             log.warning("tool module %s could not be imported: %s: %s", name, type(e).__name__, e)
             continue
         for cls in _tools_in_module(module):
             _add(found, cls, f"tools/{name}.py")
     for ep in entry_points(group=ENTRY_POINT_GROUP):
+        source = _plugin(ep)
         try:
             obj = ep.load()
-        except Exception as e:  # a broken plug-in must not take the others down
-            log.warning("tool plug-in %s could not be loaded: %s: %s", ep.name, type(e).__name__, e)
+        except BROKEN as e:  # a broken plug-in must not take the others down
+            log.warning("%s could not be loaded: %s: %s; it is skipped: fix it or uninstall its package",
+                        source, type(e).__name__, e)
             continue
         if inspect.ismodule(obj):
             classes = _tools_in_module(obj)
             if not classes:
-                log.warning("tool plug-in %s: module %s defines no tool class", ep.name, obj.__name__)
+                log.warning("%s: module %s defines no tool class (a Tool subclass with a name); it is skipped",
+                            source, obj.__name__)
         elif _is_tool(obj):
             classes = [obj]
         else:
-            log.warning("tool plug-in %s is not a Tool subclass with a name", ep.name)
+            log.warning("%s is %s; it is skipped: point the entry point at a tool class or at the module that "
+                        "defines it", source, _kind(obj))
             continue
         for cls in classes:
-            _add(found, cls, f"tool plug-in {ep.name}")
+            _add(found, cls, source)
     return found
 
 
@@ -123,7 +151,9 @@ def refresh() -> None:
 
 def register(cls: type[Tool]) -> type[Tool]:
     """Register a tool class defined outside ``tools/`` and outside any entry point; a ``ValueError``
-    if another tool already answers to its name or one of its aliases."""
+    if it is not a Tool subclass with a name, or another tool already answers to its name or one of its aliases."""
+    if not _is_tool(cls):
+        raise ValueError(f"{cls!r} is {_kind(cls)}; register a Tool subclass that sets a name")
     why = _clash(cls, _all().values())
     if why:
         raise ValueError(f"{why}; rename it or drop the clashing alias")
