@@ -129,3 +129,20 @@ def test_no_top_level_packages_installed(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
     assert tools_pkg.__name__ == "mmedagent.tools"
+
+
+def test_a_tool_overriding_a_built_in_in_this_process_does_not_push_it_out(monkeypatch):
+    """A stand-in under a built-in's name (as tests register one) seen at discovery must not drop the
+    built-in for the rest of the process once the stand-in is gone."""
+    from mmedagent.tools import get_tool, list_tools, registry
+    from mmedagent.tools.base import Tool
+
+    class StandIn(Tool):
+        name = "grounding"
+
+    monkeypatch.setattr(registry, "_extra", {"grounding": StandIn})
+    monkeypatch.setattr(registry, "_registry", None)
+    assert get_tool("grounding") is StandIn
+    registry._extra.clear()
+    assert get_tool("grounding").__module__ == "mmedagent.tools.grounding"
+    assert "grounding" in [t.name for t in list_tools()]

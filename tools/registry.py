@@ -66,8 +66,9 @@ def _where(cls: type[Tool]) -> str:
 
 def _add(found: dict[str, type[Tool]], cls: type[Tool], source: str) -> None:
     """Add a discovered tool unless its name or an alias is taken: the first comes first (built-ins,
-    then plug-ins in entry-point order); the later one is skipped with a warning."""
-    why = _clash(cls, [*found.values(), *_extra.values()])
+    then plug-ins in entry-point order); the later one is skipped with a warning. Tools registered in this
+    process (``register``) are not discovered tools: they never push one out."""
+    why = _clash(cls, found.values())
     if why:
         log.warning("%s: %s; it is skipped: rename it or drop the clashing alias", source, why)
     elif not any(c is cls for c in found.values()):
