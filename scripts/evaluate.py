@@ -2,7 +2,8 @@
 """Evaluate a planner's tool use and answers, or compare two reports.
 
     python scripts/evaluate.py --model PATH_OR_URL|demo --data FILE [--image-folder DIR]
-        [--tool-mode live|gold] [--tools NAME ...] [--json-out FILE]
+        [--tool-mode live|gold] [--tools NAME ...] [--json-out FILE] [--out RUN_DIR [--resume]]
+    python scripts/evaluate.py --predictions PREDICTIONS.jsonl --data FILE [--tool-mode live|gold] [--json-out FILE]
     python scripts/evaluate.py --compare A.json B.json --out DIR
 
 See docs/eval.md; the logic lives in mmedagent.evaluation.

@@ -59,3 +59,32 @@ def test_model_dir_settings_choose_the_plain_system_prompt(tmp_path, tiny_llava)
     runner = make_runner(parser().parse_args(["--model", str(model), "--data", "x", "--tool-mode", "gold",
                                               "--system-prompt", "catalog", "--no-constrain"]))
     assert runner.system == system_prompt(list_tools()) and runner.counter.planner.constrain is False
+
+
+def test_a_resumed_run_of_the_real_model_reports_as_an_uninterrupted_one(tmp_path, tiny_llava):
+    """Run, lose the last sample and a half-written line (a kill), resume: the report is the uninterrupted
+    run's, timings aside; the run's samples file then scores back as --predictions without the model."""
+    def untimed(report):
+        if isinstance(report, dict):
+            return {k: untimed(v) for k, v in report.items() if not (k.endswith("_s") or "_s_" in k or k == "created")}
+        return [untimed(v) for v in report] if isinstance(report, list) else report
+
+    write_image(tmp_path)
+    data = write_json(tmp_path / "eval.json", [grounding_record("g1"), direct_record("d1"), grounding_record("g2")])
+    out = tmp_path / "run"
+    flags = ["--model", str(tiny_llava), "--data", str(data), "--image-folder", str(tmp_path), "--tool-mode", "gold",
+             "--max-new-tokens", "6", "--max-steps", "2", "--quiet", "--out", str(out)]
+    assert main(flags) == 0
+    full = json.loads((out / "report.json").read_text())
+    written = (out / "samples.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+    assert [json.loads(x)["id"] for x in written] == ["g1", "d1", "g2"]
+    (out / "samples.jsonl").write_text(written[0] + written[1][: len(written[1]) // 2], encoding="utf-8")
+    assert main([*flags, "--resume"]) == 0
+    assert untimed(json.loads((out / "report.json").read_text())) == untimed(full)
+
+    scored = tmp_path / "scored.json"
+    assert main(["--predictions", str(out / "samples.jsonl"), "--data", str(data), "--tool-mode", "gold",
+                 "--json-out", str(scored)]) == 0
+    report = json.loads(scored.read_text())
+    assert report.pop("predictions") == str(out / "samples.jsonl")
+    assert untimed(report) == untimed(full) and report["tokens_counted_by"] == "model"

@@ -511,3 +511,22 @@ def test_cli_refuses_bad_numbers_and_options_up_front(tmp_path, capsys):
         assert e.value.code == 2
         err = capsys.readouterr().err
         assert flag in err and message in err, err
+
+
+def test_compare_pairs_samples_sharing_an_id_in_order(tmp_path):
+    """Two samples with one id stay two in compare: each is paired with its counterpart, not both with the last."""
+    samples = load_samples(write_json(tmp_path / "r.json", [grounding_record("g", question="First?"),
+                                                             grounding_record("g", question="Second?")]))
+
+    def report(name, answers):
+        results = [SampleResult(id="g", task="grounding", answer=a) for a in answers]
+        return write_json(tmp_path / f"{name}.json", build_report(samples[: len(answers)], results, tool_mode="gold",
+                                                                  meta={"name": name}))
+
+    a, b = report("before", ["a first", "a second"]), report("after", ["b first", "b second"])
+    assert main(["--compare", str(a), str(b), "--out", str(tmp_path / "cmp")]) == 0
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "First?\n\n- gold: " in md and "- before: a first (tools: –)\n- after: b first (tools: –)" in md
+    assert "- before: a second (tools: –)\n- after: b second (tools: –)" in md and "Not like for like" not in md
+    assert main(["--compare", str(a), str(report("half", ["b first"])), "--out", str(tmp_path / "cmp")]) == 0
+    assert "samples: 1 in common, 1 only in A, 0 only in B" in (tmp_path / "cmp" / "compare.md").read_text()

@@ -42,8 +42,7 @@ def _is_url(s: str) -> bool:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="evaluate.py",
+    p = argparse.ArgumentParser(  # prog: the command run (scripts/evaluate.py or mmedagent-eval)
         description="Evaluate a planner's tool use and answers on an evaluation file, or compare two reports.",
     )
     p.add_argument("--model", help="checkpoint directory or hub id, 'demo', or an http(s) endpoint URL")
@@ -51,7 +50,7 @@ def parser() -> argparse.ArgumentParser:
                    "adapter records)")
     p.add_argument("--conv-template", help="local model: conversation template, e.g. vicuna_v1 (default: the "
                    "processor's chat template, or what training recorded)")
-    p.add_argument("--data", help="evaluation file: project records, MMedAgent eval JSONL, or VQA-RAD/SLAKE QA")
+    p.add_argument("--data", help="evaluation file: project records, MMedAgent eval JSONL, or VQA-RAD/SLAKE/PathVQA QA")
     p.add_argument("--image-folder", help="folder the records' image paths are relative to")
     p.add_argument("--json-out", help="write the full report (metrics, per-sample answers) as JSON")
     p.add_argument("--name", help="name of this run in reports and comparisons (default: the model)")
@@ -81,8 +80,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=_positive_int, help="evaluate only the first N samples")
     p.add_argument("--judge-url", help="optional LLM-as-judge: an OpenAI-compatible endpoint")
     p.add_argument("--judge-model", help="'model' field for the judge endpoint")
+    p.add_argument("--predictions", metavar="FILE",
+                   help="score these predictions (JSON lines: {\"id\" or \"index\", \"answer\", optional \"raw\" turns, "
+                        "\"calls\" or \"steps\"}; a run's OUT/samples.jsonl) against --data, without loading a model")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out, skipping the samples it has written (refused if its settings differ)")
     p.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), help="compare two reports instead of evaluating")
-    p.add_argument("--out", default=".", help="folder for compare.md and compare.png (with --compare)")
+    p.add_argument("--out", help="evaluation: run folder (run.json, samples.jsonl written as each sample finishes, "
+                   "report.json); with --compare: folder for compare.md and compare.png (default .)")
     p.add_argument("--quiet", action="store_true", help="no per-sample progress on stderr")
     return p
 
@@ -136,47 +141,142 @@ def make_runner(args: argparse.Namespace) -> Any:
                        system=system, max_new_tokens=args.max_new_tokens)
 
 
-def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
+RUN_SETTINGS = ("model", "model_base", "conv_template", "tool_mode", "tools", "tool_options", "tool_weights",
+                "endpoint", "served_model_name", "system_prompt", "constrain", "max_steps", "max_new_tokens", "k")
+"""Flags a resumed run must share with the run it continues (with the data file's content). Decoding is
+greedy (temperature 0), so no seed is involved."""
+
+
+def run_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings ``run.json`` records and ``--resume`` compares (as given, before defaults are resolved)."""
+    from mmedagent.evaluation.results import file_sha256
+
+    return {**{key: getattr(args, key) for key in RUN_SETTINGS}, "data_sha256": file_sha256(args.data)}
+
+
+def _finish(args: argparse.Namespace, samples: list[Any], results: list[Any], meta: dict[str, Any]) -> dict[str, Any]:
+    """Judge (``--judge-url``, not for an interrupted run) and build the report."""
     from mmedagent.evaluation.scoring import build_report
 
+    judge_scores = None
+    if args.judge_url and not meta.get("interrupted"):
+        from mmedagent.evaluation.judge import judge
+
+        judge_scores = judge(samples, results, args.judge_url, args.judge_model)
+    return build_report(samples, results, tool_mode=args.tool_mode, k=args.k, meta=meta, judge=judge_scores)
+
+
+def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the model over the data (or score ``--predictions``) and return the report. With ``--out``
+    each finished sample is written at once, and ``--resume`` runs only the samples not written yet."""
+    if args.predictions:
+        return score_predictions(args)
+    from mmedagent.evaluation.results import SAMPLES_FILE, RunFolder
+
     samples = load_samples(args.data, args.limit)
-    runner = make_runner(args)
-    results = []
+    folder = RunFolder(args.out) if args.out else None
+    results = folder.check(run_settings(args), args.resume, samples, args.data) if folder else {}
+    if folder and args.resume:
+        print(f"resuming {folder.path}: {len(results)} of {len(samples)} samples done" if folder.resumed
+              else f"nothing to resume in {folder.path}: starting the run there", file=sys.stderr)
+        if folder.cut_off:
+            print(f"the last line of {folder.path / SAMPLES_FILE} was cut off (the sample in flight when the run "
+                  "stopped): that sample runs again", file=sys.stderr)
+    # a resumed run with every sample written only needs its report: no model is loaded
+    runner = make_runner(args) if len(results) < len(samples) else None
+    run_name = args.name or Path(str(args.model)).name or str(args.model)
+    load_errors: dict[str, str] = {}
     interrupted = None
     started = time.monotonic()
     try:
-        # live tools load before the first sample, so no sample is charged a first load
-        load_errors = runner.preload(None if args.quiet else lambda line: print(line, file=sys.stderr, flush=True))
-        for name, error in load_errors.items():
-            print(f"warning: tool {name} failed to load ({error}); its calls are tool errors", file=sys.stderr)
-        for i, smp in enumerate(samples, 1):
+        if runner is not None:
+            # live tools load before the first sample, so no sample is charged a first load
+            load_errors = runner.preload(None if args.quiet else lambda line: print(line, file=sys.stderr, flush=True))
+        for tool, error in load_errors.items():
+            print(f"warning: tool {tool} failed to load ({error}); its calls are tool errors", file=sys.stderr)
+        if folder:
+            folder.open()
+            folder.record(name=run_name, model=str(args.model),
+                          **({"constrained_decoding": bool(args.constrain)} if runner is not None else {}))
+        for i, smp in enumerate(samples):
+            if i in results:
+                continue
             try:
-                results.append(runner.run(smp))
+                result = runner.run(smp)
             except KeyboardInterrupt:  # Ctrl-C: report the samples done so far rather than lose them
                 if not results:
                     raise
                 interrupted = f"after {len(results)} of {len(samples)} samples"
-                print(f"interrupted {interrupted}: scoring those{' (not judged)' if args.judge_url else ''}", file=sys.stderr)
-                samples = samples[: len(results)]
+                print(f"interrupted {interrupted}: scoring those{' (not judged)' if args.judge_url else ''}"
+                      f"{'; --resume continues the run' if folder else ''}", file=sys.stderr)
                 break
+            results[i] = result
+            if folder:
+                folder.append(smp, result)
+                if runner.tokens_counted_by:
+                    folder.record(tokens_counted_by=runner.tokens_counted_by)
             if not args.quiet:
-                print(f"[{i}/{len(samples)}] {smp.task}: {results[-1].error or 'ok'}", file=sys.stderr)
+                print(f"[{len(results)}/{len(samples)}] {smp.task}: {result.error or 'ok'}", file=sys.stderr)
     finally:
-        runner.close()
-    judge_scores = None
-    if args.judge_url and not interrupted:
-        from mmedagent.evaluation.judge import judge
-
-        judge_scores = judge(samples, results, args.judge_url, args.judge_model)
+        if runner is not None:
+            runner.close()
+        if folder:
+            folder.close()
+    done = sorted(results)
+    recorded = folder.meta if folder else {}
     meta = {
-        "name": args.name or Path(str(args.model)).name or str(args.model),
-        "model": str(args.model), "data": str(args.data), "tokens_counted_by": runner.tokens_counted_by,
-        "constrained_decoding": bool(args.constrain),
+        "name": run_name, "model": str(args.model), "data": str(args.data),
+        "tokens_counted_by": (runner.tokens_counted_by if runner else "") or recorded.get("tokens_counted_by", ""),
+        "constrained_decoding": bool(args.constrain) if runner else recorded.get("constrained_decoding"),
         **({"tool_load_errors": load_errors} if load_errors else {}),
         **({"interrupted": interrupted} if interrupted else {}),
         "total_wall_s": time.monotonic() - started, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    return build_report(samples, results, tool_mode=args.tool_mode, k=args.k, meta=meta, judge=judge_scores)
+    return _finish(args, [samples[i] for i in done], [results[i] for i in done], meta)
+
+
+def score_predictions(args: argparse.Namespace) -> dict[str, Any]:
+    """Score ``--predictions`` against ``--data`` with the metrics of a run; no model is loaded."""
+    from mmedagent.evaluation.results import file_sha256, read_predictions, recorded_run
+
+    samples = load_samples(args.data)
+    run = recorded_run(args.predictions)  # the run.json beside a run's samples.jsonl
+    mode = (run or {}).get("settings", {}).get("tool_mode", args.tool_mode)
+    if mode != args.tool_mode:
+        raise EvalFileError(f"{args.predictions} was written by a --tool-mode {mode} run: pass --tool-mode {mode} to "
+                            "score it (live-only metrics read its tool outputs)")
+    if run and run["settings"].get("data_sha256") not in (None, file_sha256(args.data)):
+        print(f"warning: {args.predictions} was written by a run on another version of {args.data}; scoring it "
+              "against this one", file=sys.stderr)
+    results, missing = read_predictions(args.predictions, samples, args.data)
+    if args.limit is not None and args.limit < len(samples):
+        beyond = len(samples) - args.limit - sum(i >= args.limit for i in missing)
+        samples, results, missing = samples[: args.limit], results[: args.limit], [i for i in missing if i < args.limit]
+        if beyond:
+            print(f"note: {beyond} predictions answer samples after the first {args.limit} (--limit): not scored",
+                  file=sys.stderr)
+    if missing:
+        first = ", ".join(repr(samples[i].id) for i in missing[:5])
+        print(f"warning: {len(missing)} of {len(samples)} samples have no prediction in {args.predictions} (ids {first}"
+              f"{', …' if len(missing) > 5 else ''}): they score as wrong", file=sys.stderr)
+    without = set(missing)
+    given = [(s, r) for i, (s, r) in enumerate(zip(samples, results)) if i not in without]
+    answer_only = sum(s.gold_calls is not None and not r.steps for s, r in given)
+    if answer_only:
+        print(f"warning: {answer_only} predictions for samples whose tool use is scored give no 'raw', 'calls' or "
+              "'steps': scored as calling no tool", file=sys.stderr)
+    recorded = (run or {}).get("meta") or {}
+    model = args.model or recorded.get("model")
+    counted_by = recorded.get("tokens_counted_by") or ("predictions" if any(r.tokens for _, r in given) else None)
+    meta = {
+        "name": args.name or recorded.get("name") or (Path(str(model)).name if model else Path(args.predictions).stem),
+        "model": model, "data": str(args.data), "predictions": str(args.predictions),
+        "tokens_counted_by": counted_by,
+        "constrained_decoding": recorded.get("constrained_decoding"),
+        **({"missing_predictions": len(missing)} if missing else {}),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    return _finish(args, samples, results, meta)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -184,16 +284,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.compare:
         from mmedagent.evaluation.compare import compare
 
+        out = args.out or "."
         try:
-            md, png = compare(*args.compare, args.out)
+            md, png = compare(*args.compare, out)
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
         print(md)
-        print(f"wrote {Path(args.out) / 'compare.md'} and {png}", file=sys.stderr)
+        print(f"wrote {Path(out) / 'compare.md'} and {png}", file=sys.stderr)
         return 0
-    if not args.model or not args.data:
-        print("error: --model and --data are required (or --compare A.json B.json)", file=sys.stderr)
+    if args.predictions and (args.out or args.resume):
+        print("error: --out and --resume are for a model run; keep the report of scored predictions with --json-out",
+              file=sys.stderr)
+        return 2
+    if args.resume and not args.out:
+        print("error: --resume needs --out DIR, the folder of the run to continue", file=sys.stderr)
+        return 2
+    if not args.data or not (args.model or args.predictions):
+        print("error: --model and --data are required (or --predictions FILE and --data, or --compare A.json B.json)",
+              file=sys.stderr)
         return 2
     try:
         report = run_evaluation(args)
@@ -203,10 +312,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from mmedagent.evaluation.scoring import markdown_summary
 
     print(markdown_summary(report))
-    if args.json_out:
-        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_out).write_text(json.dumps(report, indent=1, ensure_ascii=False), encoding="utf-8")
-        print(f"wrote {args.json_out}", file=sys.stderr)
+    from mmedagent.evaluation.results import REPORT_FILE
+
+    paths = ([Path(args.out) / REPORT_FILE] if args.out else []) + ([Path(args.json_out)] if args.json_out else [])
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=1, ensure_ascii=False), encoding="utf-8")
+        print(f"wrote {path}", file=sys.stderr)
     error_rate, n = report["overall"].get("error_rate") or 0.0, report["overall"]["n"]
     if error_rate:
         print(f"warning: {round(error_rate * n)} of {n} samples ended in an error and score as wrong; their errors "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -68,10 +69,21 @@ def bar_chart(a: dict[str, Any], b: dict[str, Any], names: tuple[str, str], out:
     return out
 
 
+def _keyed(report: dict[str, Any]) -> dict[tuple[str, int], dict[str, Any]]:
+    """A report's samples keyed by (id, how many earlier samples share it): samples sharing an id
+    pair in order of appearance instead of collapsing into one."""
+    seen: Counter[str] = Counter()
+    out = {}
+    for s in report.get("samples", []):
+        out[(s["id"], seen[s["id"]])] = s
+        seen[s["id"]] += 1
+    return out
+
+
 def examples(a: dict[str, Any], b: dict[str, Any], names: tuple[str, str], n: int = 3) -> str:
     """A few questions both reports answered, differing answers first."""
-    by_id = {s["id"]: s for s in b.get("samples", [])}
-    common = [(s, by_id[s["id"]]) for s in a.get("samples", []) if s["id"] in by_id]
+    keyed_b = _keyed(b)
+    common = [(s, keyed_b[key]) for key, s in _keyed(a).items() if key in keyed_b]
     common.sort(key=lambda p: p[0]["answer"] == p[1]["answer"])
     parts = []
     for sa, sb in common[:n]:
@@ -89,7 +101,7 @@ def unlike(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     not a before/after of the same evaluation."""
     out = [f"{key}: {a.get(key)} vs {b.get(key)}" for key in ("data", "n_samples", "tool_mode")
            if a.get(key) is not None and b.get(key) is not None and a.get(key) != b.get(key)]
-    ids_a, ids_b = ({s["id"] for s in r.get("samples", [])} for r in (a, b))
+    ids_a, ids_b = (set(_keyed(r)) for r in (a, b))
     if ids_a and ids_b and ids_a != ids_b:
         out.append(f"samples: {len(ids_a & ids_b)} in common, {len(ids_a - ids_b)} only in A, {len(ids_b - ids_a)} only in B")
     return out

@@ -41,6 +41,8 @@ class EvalSample(BaseModel):
     """One evaluation question with everything known about its gold answer."""
 
     id: str
+    index: int = 0
+    """The record's 0-based position in the file (as errors number records): unique where ids repeat."""
     task: str
     source: Literal["record", "mmedagent", "qa"]
     image: str | None = None
@@ -149,6 +151,7 @@ def from_record(d: dict[str, Any], index: int) -> EvalSample:
     calls = [a for t in turns for a in t.actions]
     return _check_gold(EvalSample(
         id=str(rec.id if rec.id is not None else index),
+        index=index,
         task=str(extra.get("task") or extra.get("type") or _task_from_calls(calls)),
         source="record",
         image=rec.images[0] if rec.images else None,
@@ -175,6 +178,7 @@ def from_mmedagent(d: dict[str, Any], index: int) -> EvalSample:
     reference = {"fig_caption": d["fig_caption"]} if d.get("fig_caption") else {}
     return _check_gold(EvalSample(
         id=str(d.get("question_id", index)),
+        index=index,
         task=str(d.get("type") or _task_from_calls(turn.actions)),
         source="mmedagent",
         image=d.get("image"),
@@ -195,6 +199,7 @@ def from_qa(d: dict[str, Any], index: int) -> EvalSample:
         answer_type = "closed" if normalize_answer(str(answer)) in ("yes", "no") else "open"
     return EvalSample(
         id=str(next((d[k] for k in ("qid", "question_id", "id") if d.get(k) is not None), index)),
+        index=index,
         task=f"vqa_{answer_type}",
         source="qa",
         image=d.get("image") or d.get("image_name") or d.get("img_name"),

@@ -35,15 +35,18 @@ ToolMode = Literal["live", "gold"]
 
 
 class SampleResult(BaseModel):
-    """What the model did on one sample."""
+    """What the model did on one sample.
+
+    ``wall_s`` and ``tokens`` are ``None`` for a result read from a predictions file that does not
+    give them (its cost was not measured here; ``tool_s`` and ``model_s`` are then ``None`` too)."""
 
     id: str
     task: str
     answer: str = ""
     steps: list[AgentStep] = Field(default_factory=list)
     stopped: str = ""
-    wall_s: float = 0.0
-    tokens: int = 0
+    wall_s: float | None = 0.0
+    tokens: int | None = 0
     error: str | None = None
 
     @property
@@ -55,12 +58,12 @@ class SampleResult(BaseModel):
         return [o for s in self.steps for o in s.outcomes]
 
     @property
-    def tool_s(self) -> float:
-        return sum(s.tools_s for s in self.steps)
+    def tool_s(self) -> float | None:
+        return None if self.wall_s is None else sum(s.tools_s for s in self.steps)
 
     @property
-    def model_s(self) -> float:
-        return sum(s.model_s for s in self.steps)
+    def model_s(self) -> float | None:
+        return None if self.wall_s is None else sum(s.model_s for s in self.steps)
 
 
 class GoldToolOutputs:

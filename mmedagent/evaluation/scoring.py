@@ -297,7 +297,7 @@ def build_report(
         "per_task": per_task,
         "samples": [
             {
-                "id": smp.id, "task": smp.task, "question": smp.question, "gold_answer": reference_answer(smp),
+                "id": smp.id, "index": smp.index, "task": smp.task, "question": smp.question, "gold_answer": reference_answer(smp),
                 "gold_calls": [c.API_name for c in smp.gold_calls] if smp.gold_calls is not None else None,
                 "answer": r.answer, "calls": [c.API_name for c in r.calls],
                 "raw": [st.raw for st in r.steps], "error": r.error,
