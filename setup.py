@@ -71,5 +71,8 @@ setup(
     entry_points={"console_scripts": [
         "mmedagent-serve=mmedagent.serve.controller:main",
         "mmedagent-eval=mmedagent.evaluation.cli:main",  # scripts/evaluate.py, for an installed package
+        "mmedagent-make-tiny-model=mmedagent.model.cli:make_tiny_model_main",  # scripts/make_tiny_model.py
+        "mmedagent-convert-llava=mmedagent.model.cli:convert_llava_main",  # scripts/convert_llava_checkpoint.py
+        "mmedagent-merge-lora=mmedagent.model.cli:merge_lora_main",  # scripts/merge_lora_weights.py
     ]},
 )

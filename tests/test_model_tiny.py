@@ -110,7 +110,7 @@ def test_the_script_reports_sizes_that_do_not_fit_in_one_line(tmp_path):
 
     run = subprocess.run([sys.executable, "scripts/make_tiny_model.py", "--arch", "qwen2_vl", "--out",
                           str(tmp_path / "q"), "--image-size", "30"], capture_output=True, text=True)
-    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-2000:]
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-2000:]
     assert run.stderr.strip().splitlines()[-1] == "error: qwen2_vl needs image_size to be a multiple of 2 * patch"
     assert not (tmp_path / "q").exists()
 

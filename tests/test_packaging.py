@@ -161,7 +161,12 @@ def test_the_installed_package_runs_from_outside_the_source_tree(installed, tmp_
 
 def test_every_console_script_starts_from_the_installed_package(installed, tmp_path):
     scripts = sorted(p.name for p in (installed / "bin").iterdir())
-    assert {"mmedagent-serve", "mmedagent-eval"} <= set(scripts)  # controller; scripts/evaluate.py once installed
+    # the controller, then scripts/evaluate.py, make_tiny_model.py, convert_llava_checkpoint.py, merge_lora_weights.py
+    assert {"mmedagent-serve", "mmedagent-eval", "mmedagent-make-tiny-model", "mmedagent-convert-llava",
+            "mmedagent-merge-lora"} <= set(scripts)
     for name in scripts:
         proc = run_installed(installed, tmp_path, str(installed / "bin" / name), "--help")
-        assert proc.returncode == 0 and "usage:" in proc.stdout, f"{name}: {proc.stderr[-3000:]}"
+        assert proc.returncode == 0 and f"usage: {name}" in proc.stdout, f"{name}: {proc.stderr[-3000:]}"
+    proc = run_installed(installed, tmp_path, str(installed / "bin" / "mmedagent-make-tiny-model"), "--arch", "llama",
+                         "--out", "tiny")
+    assert proc.returncode == 0 and (tmp_path / "tiny" / "config.json").is_file(), proc.stderr[-3000:]

@@ -81,7 +81,7 @@ def test_missing_models_are_one_line_errors(tiny_models, tmp_path):
     one ``error:`` line naming it, not a Hub-client traceback."""
     proc = run("scripts/merge_lora_weights.py", "--model-path", str(tiny_models("llama")), "--save-model-path",
                str(tmp_path / "m"), timeout=300)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "is not a LoRA adapter" in proc.stderr
     data = tmp_path / "d.json"
     data.write_text('[{"question": "Is there a fracture?", "answer": "no", "answer_type": "CLOSED"}]')
