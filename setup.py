@@ -44,7 +44,8 @@ setup(
     python_requires=">=3.11",  # transformers, numpy, fastapi and hypothesis at the pinned versions need 3.11
     packages=PACKAGES,
     package_dir=PACKAGE_DIR,
-    package_data={"mmedagent": ["assets/demo/*"]},  # the shipped demo planner
+    # the shipped demo planner; the DeepSpeed configs (scripts/zero*.json in a checkout link to them)
+    package_data={"mmedagent": ["assets/demo/*"], "mmedagent.train": ["deepspeed/*.json"]},
     install_requires=[
         "torch==2.13.0",
         "transformers==5.23.0",

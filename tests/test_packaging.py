@@ -72,7 +72,8 @@ def test_the_wheel_holds_the_mmedagent_package_only_with_its_run_time_data(dists
     assert {t for t in top if not t.endswith(".dist-info")} == {"mmedagent"}  # no top-level tools/, train/, tests/ ...
     files = {n.filename for n in names}
     for module in ("tools/registry.py", "train/train_mem.py", "serve/controller.py", "data/__main__.py",
-                   "recipes/__main__.py", "model/tiny.py", "evaluation/cli.py"):
+                   "recipes/__main__.py", "model/tiny.py", "evaluation/cli.py", "train/deepspeed/zero2.json",
+                   "train/deepspeed/zero3.json", "train/deepspeed/zero3_offload.json"):
         assert f"mmedagent/{module}" in files
     demo = {f"mmedagent/assets/demo/{p.name}" for p in (ROOT / "mmedagent" / "assets" / "demo").iterdir()}
     assert demo <= files  # the shipped demo planner, complete

@@ -519,3 +519,20 @@ def test_tf32_without_a_gpu_is_refused_by_our_flag_check(tmp_path):
     with pytest.raises(FlagError, match=r"^--tf32 True needs a CUDA GPU .*this machine has no GPU. Leave --tf32 out"):
         parse_args([*base, "--tf32", "True"])
     assert parse_args([*base, "--tf32", "False"])[2].tf32 is False
+
+
+def test_mmedagents_deepspeed_flag_finds_the_shipped_config_outside_a_checkout(tmp_path, monkeypatch):
+    """``--deepspeed ./scripts/zero2.json`` as MMedAgent's recipe writes it, run where there is no scripts/ (an
+    installed package): the shipped config is used; a file that is there, or another name, is left alone."""
+    from mmedagent.train.args import DEEPSPEED_CONFIGS, parse_args, shipped_deepspeed_config
+
+    assert (ROOT / "scripts" / "zero2.json").resolve() == (DEEPSPEED_CONFIGS / "zero2.json").resolve()
+    monkeypatch.chdir(tmp_path)
+    base = ["--model_name_or_path", "b", "--output_dir", str(tmp_path), "--data_path", "d"]
+    _, _, args = parse_args([*base, "--deepspeed", "./scripts/zero3.json"])
+    assert args.deepspeed == str(DEEPSPEED_CONFIGS / "zero3.json")
+    assert shipped_deepspeed_config(["--deepspeed=scripts/zero2.json"]) == [f"--deepspeed={DEEPSPEED_CONFIGS / 'zero2.json'}"]
+    (tmp_path / "scripts").mkdir()
+    (tmp_path / "scripts" / "zero2.json").write_text("{}")
+    assert shipped_deepspeed_config(["--deepspeed", "scripts/zero2.json"]) == ["--deepspeed", "scripts/zero2.json"]
+    assert shipped_deepspeed_config(["--deepspeed", "mine.json"]) == ["--deepspeed", "mine.json"]

@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import transformers
+
+log = logging.getLogger(__name__)
 
 TEMPLATE_ALIASES = {"v1": "vicuna_v1", "vicuna": "vicuna_v1", "llava_v1": "vicuna_v1"}
 """LLaVA ``--version`` names -> model-layer template names (the model layer's ``vicuna_v1`` renders LLaVA's
@@ -151,8 +156,30 @@ class _Parser(transformers.HfArgumentParser):
         raise FlagError(message)
 
 
+DEEPSPEED_CONFIGS = Path(__file__).parent / "deepspeed"
+"""The shipped ZeRO configs (``scripts/zero2.json`` etc. in a checkout link to them)."""
+
+
+def shipped_deepspeed_config(argv: list[str]) -> list[str]:
+    """``argv`` with a ``--deepspeed`` file that is not there but is named like a shipped config
+    (MMedAgent's ``--deepspeed ./scripts/zero2.json`` run outside a checkout) replaced by the shipped one."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        flag, eq, value = arg.partition("=")
+        if flag != "--deepspeed" or not (eq or i + 1 < len(out)):
+            continue
+        value = value if eq else out[i + 1]
+        shipped = DEEPSPEED_CONFIGS / Path(value).name
+        if not Path(value).exists() and shipped.is_file():
+            log.info("--deepspeed %s: not found here; using the shipped %s", value, shipped)
+            out[i:i + (1 if eq else 2)] = [f"--deepspeed={shipped}"]
+        break
+    return out
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
     parser = _Parser((ModelArguments, DataArguments, TrainingArguments))
+    argv = shipped_deepspeed_config(sys.argv[1:] if argv is None else argv)
     try:
         model_args, data_args, training_args, unknown = parser.parse_args_into_dataclasses(
             args=argv, return_remaining_strings=True)
