@@ -33,11 +33,12 @@ from mmedagent.data import templates
 from mmedagent.data.formats import (
     CAPTION_QUESTIONS,
     DataError,
-    _export_images,
+    export_images,
     is_tabular,
     iter_raw,
     lies_outside,
     open_hf_dataset,
+    write_new,
 )
 from mmedagent.protocol import (
     IMAGE_PLACEHOLDER,
@@ -176,7 +177,7 @@ def read_table(path: str | Path, image_root: str | Path | None = None,
         rows = []
         for i, row in enumerate(open_hf_dataset(path, split), 1):
             try:
-                rows.append((i, _export_images(row, i, export, relative_to=root)))
+                rows.append((i, export_images(row, i, export, relative_to=root, split=split)))
             except DataError as e:
                 raise DataError(f"{path}: record {i}: {e}") from None
         return rows
@@ -411,10 +412,8 @@ def _save_slice(image: Any, path: Path) -> None:
     ``case_00001/imaging.nii.gz`` after ``case_00000/imaging.nii.gz``) is an error, not overwritten."""
     data = io.BytesIO()
     image.save(data, format="PNG")
-    if path.is_file() and path.read_bytes() != data.getvalue():
-        raise DataError(f"{path}: already exists with other content (a slice of another volume with the same "
-                        "file name?); give each volume its own --image-out, or remove the old slices")
-    path.write_bytes(data.getvalue())
+    write_new(path, data.getvalue(), "a slice of another volume with the same file name? Give each volume its "
+              "own --image-out, or remove the old slices")
 
 
 def _nifti_in_memory(path: Path) -> bytes | Path:

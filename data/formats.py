@@ -25,6 +25,7 @@ into thoughts/actions/value, so both directions of sharegpt ⇄ LLaVA are lossle
 from __future__ import annotations
 
 import hashlib
+import io
 import itertools
 import json
 import os
@@ -400,11 +401,14 @@ def _parquet_rows(path: Path) -> int:
         raise DataError(f"{path}: cannot read as parquet: {type(e).__name__}: {e}") from None
 
 
-def _export_images(row: dict[str, Any], index: int, export_dir: Path,
-                   relative_to: Path | None = None) -> dict[str, Any]:
+def export_images(row: dict[str, Any], index: int, export_dir: Path, relative_to: Path | None = None,
+                  split: str | None = None) -> dict[str, Any]:
     """Replace decoded / byte images in an HF row by the names of files written to ``export_dir``, relative
-    to it (or to ``relative_to``); DataError for a value that is not an image."""
+    to it (or to ``relative_to``); DataError for a value that is not an image. The file names hold the row
+    number and the ``split`` read (two splits of one dataset never share a file); a file already there
+    with other content is an error, never overwritten."""
     out = dict(row)
+    tag = f"{_split_tag(split)}_" if split else ""
     for key in ("image", "images"):
         if key not in row or row[key] is None:
             continue
@@ -416,12 +420,30 @@ def _export_images(row: dict[str, Any], index: int, export_dir: Path,
                 continue
             # the row number keeps the name unique: ids repeat, or sanitise to one name (case/0, case_0)
             rid = str(row.get("id") or "")
-            stem = f"{index:08d}" + (f"_{_safe_name(rid)}" if rid else "") + (f"_{k}" if len(values) > 1 else "")
+            stem = f"{tag}{index:08d}" + (f"_{_safe_name(rid)}" if rid else "") + (f"_{k}" if len(values) > 1 else "")
             saved = _save_image(v, export_dir, stem)
             names.append(saved if isinstance(saved, str) else
                          Path(os.path.relpath(saved, relative_to or export_dir)).as_posix())
         out[key] = names if isinstance(row[key], list) else names[0]
     return out
+
+
+def _split_tag(split: str) -> str:
+    """A split spec as a file-name part, distinct for distinct specs: ``test``, ``test[:100]`` → ``test_-100``."""
+    m = _SPLIT.match(split)
+    name, start, stop = m.groups() if m else (split, None, None)
+    tag = _safe_name(name or "train")
+    if start is not None or stop is not None:
+        tag += f"_{start or ''}-{stop or ''}".replace("%", "pct")
+    return tag
+
+
+def write_new(path: Path, data: bytes, hint: str) -> None:
+    """Write ``data`` to ``path``; a file already there with other content is a DataError (``hint``: what to do)."""
+    if path.is_file() and path.read_bytes() != data:
+        raise DataError(f"{path}: already exists with other content; {hint}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
 
 
 def _safe_name(s: str) -> str:
@@ -442,18 +464,17 @@ def _save_image(value: Any, folder: Path, stem: str) -> Path | str:
         if fmt is None:
             raise DataError(f"the stored image ({len(data):,} bytes) is not an image: expected PNG, JPEG, BMP, "
                             "TIFF, GIF, WebP, DICOM or NIfTI content")
-        folder.mkdir(parents=True, exist_ok=True)
         ext = {"jpeg": ".jpg", "nifti": ".nii.gz" if data[:2] == b"\x1f\x8b" else ".nii", "dicom": ".dcm"}.get(fmt, f".{fmt}")
-        (folder / (stem + ext)).write_bytes(data)
-        return folder / (stem + ext)
-    if isinstance(value, dict) and value.get("path"):
+    elif isinstance(value, dict) and value.get("path"):
         return str(value["path"])
-    if hasattr(value, "save"):  # PIL image
-        folder.mkdir(parents=True, exist_ok=True)
-        out = folder / (stem + ".png")
-        value.convert("RGB").save(out) if value.mode not in ("RGB", "L", "I;16") else value.save(out)
-        return out
-    raise DataError(f"cannot export an image of type {type(value).__name__}")
+    elif hasattr(value, "save"):  # PIL image
+        buf = io.BytesIO()
+        (value.convert("RGB") if value.mode not in ("RGB", "L", "I;16") else value).save(buf, format="PNG")
+        data, ext = buf.getvalue(), ".png"
+    else:
+        raise DataError(f"cannot export an image of type {type(value).__name__}")
+    write_new(folder / (stem + ext), data, "another data set's images were exported there: export into another folder")
+    return folder / (stem + ext)
 
 
 # --------------------------------------------------------------------------- normalising one row
@@ -765,7 +786,7 @@ def _file_records(p: Path, image_folder: str | Path | None, check_images: bool,
         try:
             if hf:
                 try:
-                    row = _export_images(row, i, export)
+                    row = export_images(row, i, export, split=split)
                 except DataError as e:
                     raise DataError(f"{where}: {e}") from None
             rec = record_from_any(row, default_id=f"{p.stem}-{i}", caption_question=question)

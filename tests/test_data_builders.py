@@ -445,9 +445,19 @@ def test_table_builders_read_parquet_and_saved_hf_datasets(tmp_path):
                    "--data-split", "test[1:]", "--out", tmp_path / "vqa.json") == 0
     recs = records_of(tmp_path / "vqa.json")
     assert [r.conversations[1].value for r in recs] == ["liver", "yes"]
-    assert [r.image for r in recs] == ["test_images/00000001.png", "test_images/00000002.png"]
+    assert [r.image for r in recs] == ["test_images/test_1-_00000001.png", "test_images/test_1-_00000002.png"]
     assert Image.open(root / recs[1].image).getpixel((0, 0)) == 220
     assert_valid(tmp_path / "vqa.json")
+    # two splits of one dataset into one image root: each record keeps its own image
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"image": img[:1], "question": ["A?"], "answer": ["a"]}),
+                          "test": datasets.Dataset.from_dict({"image": img[2:], "question": ["B?"], "answer": ["b"]})}
+                         ).save_to_disk(str(tmp_path / "vqarad"))
+    for split in ("train", "test"):
+        assert run_cli("build", "vqa", "--table", tmp_path / "vqarad", "--data-split", split, "--out",
+                       tmp_path / f"{split}.json") == 0
+    pixels = {s: Image.open(tmp_path / records_of(tmp_path / f"{s}.json")[0].image).getpixel((0, 0))
+              for s in ("train", "test")}
+    assert pixels == {"train": 20, "test": 220}
     datasets.Dataset.from_dict({"image": img[:2], "findings": ["Clear lungs.", "Small effusion."]}).save_to_disk(
         str(tmp_path / "reports_ds"))
     assert run_cli("build", "reports", "--table", tmp_path / "reports_ds", "--out", tmp_path / "rep.json") == 0

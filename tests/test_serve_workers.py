@@ -468,10 +468,10 @@ def test_a_client_that_leaves_during_a_tool_call_gets_no_further_planner_call():
                                                     value="")))
     with chat_stack(planner, {"hang": hang}) as url:
         with httpx.Client(base_url=url, timeout=10, trust_env=False) as client:
-            with client.stream("POST", "/chat", json={"question": "Wait, then answer."}) as r:
-                lines = r.iter_lines()
-                while planner.calls < 1 or not planner.ended.is_set():
-                    next(lines)  # the first turn's text, read to its end: the tool call now runs
+            with client.stream("POST", "/chat", json={"question": "Wait, then answer."}):
+                # the first turn is written: the tool call now runs (reading the stream for it raced the last
+                # piece: with every line read before the turn's end was noted, the next read waited on the tool)
+                assert planner.ended.wait(10) and planner.calls == 1
         time.sleep(1.0)  # the server sees the connection close (on loopback, within milliseconds)
         hang.gate.set()  # the tool returns after the client left
         time.sleep(0.5)

@@ -213,14 +213,14 @@ def _tabular_captions(path: Path, image_folder: str | None, export_dir: Path, sp
     ds = open_hf_dataset(path, split)
     if isinstance(ds.features.get("image"), datasets.Image):
         ds = ds.cast_column("image", datasets.Image(decode=False))  # bytes as stored: no decoding, exported as is
-    return _row_captions(path, enumerate(ds, 1), image_folder, export_dir)
+    return _row_captions(path, enumerate(ds, 1), image_folder, export_dir, split)
 
 
 def _row_captions(path: Path, rows: Iterable[tuple[int, dict[str, Any]]], image_folder: str | None,
-                  export_dir: Path) -> list[CaptionItem]:
+                  export_dir: Path, split: str | None = None) -> list[CaptionItem]:
     """Caption items of the (1-based record, row) pairs of tabular or CSV data at ``path`` (see
     :func:`_tabular_captions`)."""
-    from mmedagent.data.formats import _export_images
+    from mmedagent.data.formats import export_images
 
     bases = [Path(image_folder)] if image_folder else [path if path.is_dir() else path.parent]
     if not image_folder and path.is_dir():
@@ -248,7 +248,8 @@ def _row_captions(path: Path, rows: Iterable[tuple[int, dict[str, Any]]], image_
             image = found[0]
         else:
             try:
-                name = _export_images({"image": value, "id": row.get("id") or row.get("image_id")}, i, export_dir)
+                name = export_images({"image": value, "id": row.get("id") or row.get("image_id")}, i, export_dir,
+                                     split=split)
             except DataError as e:
                 raise DataError(f"{where}: {e}") from None
             image = export_dir / name["image"]
