@@ -5,6 +5,7 @@ clear error (the planner keeps working), not a traceback from deep inside torch 
 import io
 import math
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -51,20 +52,29 @@ def _truncated_png() -> Image.Image:
 
 
 @pytest.mark.parametrize(("image", "error", "message"), [
-    (Image.new("I;16", (30, 30), 3000), ValueError, "I;16 .*would clip.*load_image"),  # a 16-bit PNG, opened by PIL
-    (Image.new("F", (30, 30), 0.5), ValueError, "F .*would clip.*load_image"),
     (Image.new("RGB", (0, 0)), ValueError, "no pixels"),
     (_truncated_png(), ValueError, "cannot be decoded"),
     (b"\x89PNG...", TypeError, "must be a PIL image, not bytes.*load_image"),
     ("scan.png", TypeError, "must be a PIL image, not str.*load_image"),
 ])
 def test_images_the_model_cannot_see_as_meant_are_refused_and_the_planner_goes_on(llava, image, error, message):
-    """A 16-bit image was clipped to white (a float one to black) by the RGB conversion, a 0x0 image was a
-    ZeroDivisionError, a truncated file an OSError, a path or bytes a processor's own error."""
+    """A 0x0 image was a ZeroDivisionError, a truncated file an OSError, a path or bytes a processor's own error."""
     before = llava.generate(QUESTION, test_image(), max_new_tokens=4)
     with pytest.raises(error, match=message):
         llava.generate(QUESTION, image, max_new_tokens=2)
     assert llava.generate(QUESTION, test_image(), max_new_tokens=4) == before
+
+
+def test_a_16_bit_or_float_image_is_seen_as_the_tools_see_it(llava):
+    """PIL's RGB conversion clips 16-bit pixels to white and float ones to black; the planner scales them
+    as the tools do (``as_pil_rgb``), so planner and tools see one picture."""
+    from mmedagent.tools._boxes import as_pil_rgb
+
+    ramp = np.tile(np.linspace(0, 4000, 30, dtype=np.uint16), (30, 1))
+    for image in (Image.fromarray(ramp), Image.fromarray(ramp.astype(np.float32) / 4000)):
+        seen = as_pil_rgb(image)
+        assert len(set(seen.getdata())) > 2  # a ramp, not one clipped colour
+        assert llava.generate(QUESTION, image, max_new_tokens=4) == llava.generate(QUESTION, seen, max_new_tokens=4)
 
 
 @pytest.mark.parametrize("size", [(1, 1), (5000, 10), (10, 5000)])

@@ -74,22 +74,23 @@ def _same_image(a: dict[str, Any], b: dict[str, Any]) -> bool:
 
 
 def _rgb(image: Any) -> Any:
-    """A PIL image as RGB (an array goes to the processor as it is); a clear error for what the model cannot
-    see as meant: no pixels, undecodable data, or 16-bit / float pixels that an RGB conversion would clip."""
+    """A PIL image as RGB, as the tools see it (16-bit / float pixels min-max scaled, not clipped to white or
+    black: ``as_pil_rgb``); an array goes to the processor as it is. A clear error for an image with no pixels
+    or undecodable data."""
     from PIL import Image
+
+    from mmedagent.tools._boxes import as_pil_rgb
 
     if not isinstance(image, Image.Image):
         if hasattr(image, "shape"):
             return image
         raise TypeError(f"image must be a PIL image, not {type(image).__name__}: read files with "
                         "mmedagent.imaging.load_image(path).image")
-    if image.mode.startswith(("I", "F")):
-        raise ValueError(f"the image has {image.mode} (16-bit or float) pixels, which RGB would clip to white or "
-                         "black: load it with mmedagent.imaging.load_image(path).image, which windows it")
     if 0 in image.size:
         raise ValueError(f"the image has no pixels ({image.width}x{image.height})")
     try:
-        return image.convert("RGB")
+        image.load()  # a lazily opened file is decoded here
+        return as_pil_rgb(image)
     except (OSError, SyntaxError, ValueError) as e:  # a lazily decoded file that is truncated or corrupt
         raise ValueError(f"the image cannot be decoded (truncated or corrupt): {e}") from None
 
