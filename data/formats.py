@@ -566,7 +566,7 @@ def _messages_from_chat(turns: list[Any], role_key: str, text_key: str) -> list[
     first_question = ""
 
     def close_calls(k: int) -> None:  # the results of the last tool-calling turn, once all have come
-        if results:
+        if pending and (results or k <= len(turns)):  # (a conversation may end at a call: planning-only)
             missing = [c.API_name for i, (_, c) in enumerate(pending) if i not in results]
             if missing:
                 raise ValueError(f"turn {k}: no tool result for the call(s) to {', '.join(missing)}")

@@ -498,6 +498,7 @@ def test_openai_tool_calls_log_becomes_a_tool_use_record(tmp_path):
      r"turn 3: the arguments of tool call 'grounding' are not JSON"),
     (lambda m: m[2]["tool_calls"][0]["function"].update(arguments="[1]"), r"must be a JSON object"),
     (lambda m: m.pop(4), r"turn 5: no tool result for the call\(s\) to grounding"),
+    (lambda m: m.__delitem__(slice(3, 5)), r"turn 4: no tool result for the call\(s\) to grounding, BiomedClip"),
     (lambda m: m.pop(2), r"turn 3: a tool result without a preceding tool call"),
 ])
 def test_openai_tool_calls_log_errors_name_the_turn(tmp_path, change, match):

@@ -303,3 +303,25 @@ def test_a_larger_limit_extends_a_run_and_a_smaller_one_reports_its_first_sample
     monkeypatch.setattr(cli, "make_runner", None)
     assert evaluate(data, "--out", str(out), "--resume", "--limit", "1") == 0
     assert [s["id"] for s in json.loads((out / "report.json").read_text())["samples"]] == ["g1"]
+
+
+def test_a_report_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A kill while the report is written (simulated: the write stops half way) leaves the previous report,
+    not a truncated one that scripts reading the run folder cannot parse."""
+    from pathlib import Path
+
+    from mmedagent.evaluation.results import write_json
+
+    report = tmp_path / "run" / "report.json"
+    write_json(report, {"overall": {"n": 1}})
+    real = Path.write_text
+
+    def killed(self, text, *a, **k):
+        real(self, text[: len(text) // 2], *a, **k)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_text", killed)
+    with pytest.raises(KeyboardInterrupt):
+        write_json(report, {"overall": {"n": 2, "scores": list(range(100))}})
+    monkeypatch.undo()
+    assert json.loads(report.read_text()) == {"overall": {"n": 1}}

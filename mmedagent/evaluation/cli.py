@@ -312,12 +312,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from mmedagent.evaluation.scoring import markdown_summary
 
     print(markdown_summary(report))
-    from mmedagent.evaluation.results import REPORT_FILE
+    from mmedagent.evaluation.results import REPORT_FILE, write_json
 
     paths = ([Path(args.out) / REPORT_FILE] if args.out else []) + ([Path(args.json_out)] if args.json_out else [])
     for path in paths:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=1, ensure_ascii=False), encoding="utf-8")
+        write_json(path, report)
         print(f"wrote {path}", file=sys.stderr)
     error_rate, n = report["overall"].get("error_rate") or 0.0, report["overall"]["n"]
     if error_rate:

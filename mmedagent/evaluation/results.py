@@ -46,11 +46,17 @@ _STEP_FORMS = ("steps", "raw", "calls")
 
 
 def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def write_json(path: Path, value: Any) -> None:
+    """``value`` as indented JSON, through a temporary file beside ``path`` that replaces it: a kill while
+    writing leaves the old file or none, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp"
+    tmp.write_text(json.dumps(value, indent=1, ensure_ascii=False), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def result_line(sample: EvalSample, result: SampleResult) -> str:
@@ -302,7 +308,4 @@ class RunFolder:
             self._file = None
 
     def _write_run(self) -> None:
-        tmp = self.path / (RUN_FILE + ".tmp")
-        tmp.write_text(json.dumps({"settings": self._settings, "meta": self.meta}, indent=1, ensure_ascii=False),
-                       encoding="utf-8")
-        os.replace(tmp, self.path / RUN_FILE)
+        write_json(self.path / RUN_FILE, {"settings": self._settings, "meta": self.meta})
