@@ -178,12 +178,13 @@ def test_a_finished_runs_samples_file_scores_back_as_predictions(tmp_path, data,
     monkeypatch.setattr(cli, "make_runner", None)  # no model is loaded
     samples = out / "samples.jsonl"
     again = tmp_path / "again.json"
-    assert main(["--predictions", str(samples), "--data", str(data), "--tool-mode", "gold", "--json-out", str(again)]) == 0
-    scored = json.loads(again.read_text())
-    assert scored.pop("predictions") == str(samples)
-    assert untimed(scored) == untimed(run)
+    for mode in (["--tool-mode", "gold"], []):  # the run's own mode, said or taken from its run.json
+        assert main(["--predictions", str(samples), "--data", str(data), *mode, "--json-out", str(again)]) == 0
+        scored = json.loads(again.read_text())
+        assert scored.pop("predictions") == str(samples)
+        assert untimed(scored) == untimed(run)
     # scored as a live run, the gold outputs the run was fed would count as tool outputs
-    assert main(["--predictions", str(samples), "--data", str(data)]) == 2
+    assert main(["--predictions", str(samples), "--data", str(data), "--tool-mode", "live"]) == 2
     assert "written by a --tool-mode gold run: pass --tool-mode gold" in capsys.readouterr().err
 
 
@@ -325,3 +326,25 @@ def test_a_report_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
         write_json(report, {"overall": {"n": 2, "scores": list(range(100))}})
     monkeypatch.undo()
     assert json.loads(report.read_text()) == {"overall": {"n": 1}}
+
+
+def test_the_report_file_is_written_before_the_table_is_printed(tmp_path, data, monkeypatch):
+    """``evaluate.py ... --json-out r.json | head``: the reader of stdout leaving must not cost the report."""
+    import sys
+
+    use_planner(monkeypatch, ScriptedPlanner(REPLIES))
+    assert evaluate(data, "--out", str(tmp_path / "run")) == 0
+
+    class Gone:
+        def write(self, text):
+            raise BrokenPipeError
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr(sys, "stdout", Gone())
+    with pytest.raises(BrokenPipeError):
+        main(["--predictions", str(tmp_path / "run" / "samples.jsonl"), "--data", str(data), "--json-out",
+              str(tmp_path / "r.json")])
+    monkeypatch.undo()
+    assert json.loads((tmp_path / "r.json").read_text())["overall"]["n"] > 0

@@ -312,6 +312,27 @@ def test_controller_endpoint_reads_mmedagent_trace(tmp_path, folder, fake_ground
     assert "mmedagent_trace" in runner.run(sample).error
 
 
+def test_a_controller_still_loading_tools_is_waited_for_before_the_first_sample():
+    """Samples asked while a tool still loads would be planned with a shorter catalog than the rest."""
+    polls, said = [], []
+
+    def handler(request):
+        assert request.url.path == "/v1/status"
+        polls.append(1)
+        return httpx.Response(200, json={"models": [], "loading": ["retrieval"] if len(polls) < 3 else []})
+
+    runner = ControllerRunner("http://127.0.0.1:9", image_folder=".")
+    runner.planner.client = httpx.Client(transport=httpx.MockTransport(handler))
+    assert runner.preload(said.append, poll_s=0.01) == {}
+    assert len(polls) == 3 and said == ["waiting for the controller's tools still loading: retrieval"]
+    polls.clear()
+    said.clear()
+    runner.planner.client = httpx.Client(transport=httpx.MockTransport(
+        lambda r: httpx.Response(200, json={"loading": ["retrieval"]})))
+    runner.preload(said.append, wait_s=0.05, poll_s=0.01)
+    assert said[-1].startswith("warning: tools still loading after 0 s: retrieval")
+
+
 # --------------------------------------------------------------------------- failures and interruptions
 
 

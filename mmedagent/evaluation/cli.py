@@ -54,8 +54,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--image-folder", help="folder the records' image paths are relative to")
     p.add_argument("--json-out", help="write the full report (metrics, per-sample answers) as JSON")
     p.add_argument("--name", help="name of this run in reports and comparisons (default: the model)")
-    p.add_argument("--tool-mode", choices=("live", "gold"), default="live",
-                   help="live: run the real tools; gold: feed the gold tool outputs from the data (default live)")
+    p.add_argument("--tool-mode", choices=("live", "gold"), default=None,
+                   help="live: run the real tools; gold: feed the gold tool outputs from the data (default live; "
+                        "scoring a run's samples.jsonl with --predictions: the run's)")
     p.add_argument("--tools", nargs="+", metavar="NAME", help="tools offered to the planner (default: all registered)")
     p.add_argument("--tool-options", type=_json_object, default={},
                    help='JSON: {"tool name": {constructor options}} for live tools')
@@ -241,7 +242,8 @@ def score_predictions(args: argparse.Namespace) -> dict[str, Any]:
 
     samples = load_samples(args.data)
     run = recorded_run(args.predictions)  # the run.json beside a run's samples.jsonl
-    mode = (run or {}).get("settings", {}).get("tool_mode", args.tool_mode)
+    mode = (run or {}).get("settings", {}).get("tool_mode") or args.tool_mode or "live"
+    args.tool_mode = args.tool_mode or mode
     if mode != args.tool_mode:
         raise EvalFileError(f"{args.predictions} was written by a --tool-mode {mode} run: pass --tool-mode {mode} to "
                             "score it (live-only metrics read its tool outputs)")
@@ -304,20 +306,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: --model and --data are required (or --predictions FILE and --data, or --compare A.json B.json)",
               file=sys.stderr)
         return 2
+    if args.tool_mode is None and not args.predictions:
+        args.tool_mode = "live"
     try:
         report = run_evaluation(args)
     except (EvalFileError, OSError, json.JSONDecodeError, KeyError, ValueError) as e:  # bad data, model not found
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from mmedagent.evaluation.results import REPORT_FILE, write_json
     from mmedagent.evaluation.scoring import markdown_summary
 
-    print(markdown_summary(report))
-    from mmedagent.evaluation.results import REPORT_FILE, write_json
-
     paths = ([Path(args.out) / REPORT_FILE] if args.out else []) + ([Path(args.json_out)] if args.json_out else [])
-    for path in paths:
+    for path in paths:  # before the table: a reader of stdout that goes away (| head) does not cost the report
         write_json(path, report)
         print(f"wrote {path}", file=sys.stderr)
+    print(markdown_summary(report))
     error_rate, n = report["overall"].get("error_rate") or 0.0, report["overall"]["n"]
     if error_rate:
         print(f"warning: {round(error_rate * n)} of {n} samples ended in an error and score as wrong; their errors "

@@ -317,9 +317,32 @@ class ControllerRunner:
         self.planner = OpenAIPlanner(url, model, api_key, timeout_s)
         self.image_folder, self.max_new_tokens = image_folder, max_new_tokens
 
-    def preload(self, progress: Callable[[str], None] | None = None) -> dict[str, str]:
-        """Nothing to load here: the controller loads its tools before offering them."""
-        return {}
+    def preload(self, progress: Callable[[str], None] | None = None, wait_s: float = 900.0,
+                poll_s: float = 2.0) -> dict[str, str]:
+        """Wait until the controller has no tool still loading (``GET /v1/status``): samples asked before
+        would be planned with a shorter tool catalog than the rest. Gives up (with a warning) after
+        ``wait_s``; a controller without the status route is taken as it is."""
+        import httpx
+
+        status_url = self.planner.url.rsplit("/chat/completions", 1)[0] + "/status"
+        deadline, said = time.monotonic() + wait_s, None
+        while True:
+            try:
+                r = self.planner.client.get(status_url)
+                loading = r.json().get("loading") or [] if r.status_code == 200 else []
+            except (httpx.HTTPError, ValueError, AttributeError):
+                return {}
+            if not loading:
+                return {}
+            if time.monotonic() > deadline:
+                if progress:
+                    progress(f"warning: tools still loading after {wait_s:.0f} s: {', '.join(loading)}; "
+                             "evaluating without them")
+                return {}
+            if progress and loading != said:
+                progress(f"waiting for the controller's tools still loading: {', '.join(loading)}")
+                said = loading
+            time.sleep(poll_s)
 
     def run(self, sample: EvalSample) -> SampleResult:
         import httpx
