@@ -784,6 +784,14 @@ def _file_records(p: Path, image_folder: str | Path | None, check_images: bool,
             continue
         question = CAPTION_QUESTIONS[int(hashlib.sha1(f"{p.name}:{i}".encode()).hexdigest(), 16) % len(CAPTION_QUESTIONS)]
         try:
+            if not hf and isinstance(row, dict) and (inline := _inline_images(row)) is not None:
+                # an OpenAI log's image_url parts: data URLs exported beside the data (or to image_folder)
+                row = {**row, "images": inline}
+                export_to = Path(image_folder) if image_folder is not None else p.parent / f"{p.stem}_images"
+                try:
+                    row = export_images(row, i, export_to, relative_to=Path(image_folder or p.parent))
+                except DataError as e:
+                    raise DataError(f"{where}: {e}") from None
             if hf:
                 try:
                     row = export_images(row, i, export, split=split)
@@ -809,6 +817,38 @@ def _file_records(p: Path, image_folder: str | Path | None, check_images: bool,
             on_error(err, True)
             continue
         yield where, rec
+
+
+def _inline_images(row: dict[str, Any]) -> list[Any] | None:
+    """The images of a ``messages`` row's ``image_url`` parts (OpenAI chat logs), in order: a ``data:`` URL's
+    bytes, a path as written; None when the row lists its images (``images`` / ``image``) or has no such part.
+    A remote (http) URL is a ValueError: such images are downloaded first."""
+    messages = row.get("messages")
+    if not isinstance(messages, list) or any(row.get(k) not in (None, "", []) for k in IMAGE_FIELDS):
+        return None
+    found = []
+    for m in messages:
+        for part in (m.get("content") if isinstance(m, dict) and isinstance(m.get("content"), list) else []):
+            if not (isinstance(part, dict) and part.get("type") == "image_url"):
+                continue
+            url = part.get("image_url")
+            url = url.get("url") if isinstance(url, dict) else url
+            if not isinstance(url, str) or not url:
+                raise ValueError("an image_url part without a url")
+            if url.startswith(("http://", "https://")):
+                raise ValueError(f"an image_url part names a remote image ({url.split('/')[2]}); download it and "
+                                 "give its path, or list the files in the record's images")
+            if url.startswith("data:"):
+                from mmedagent.serve.uploads import UploadError, split_data_url
+
+                try:
+                    url = {"bytes": split_data_url(url, max_bytes=1 << 31)[1]}
+                except UploadError as e:
+                    raise ValueError(f"an image_url part: {e.reason}") from None
+            elif url.startswith("file://"):
+                url = url[len("file://"):]
+            found.append(url)
+    return found or None
 
 
 def _absolute(image: str | list[str] | None, folder: Path) -> str | list[str] | None:

@@ -532,3 +532,29 @@ def test_vqa_rows_are_direct_answers_from_json_and_parquet(tmp_path):
     medqa = {"question": "Which drug?", "answer": "Aspirin", "options": {"A": "Aspirin", "B": "Heparin"}, "answer_idx": "A"}
     with pytest.raises(DataError, match=r"record 1: a multiple-choice row .* its options would be lost.*dialogue-llama3"):
         read_records(write_json(tmp_path / "medqa.json", [medqa]))
+
+
+def test_openai_log_images_in_image_url_parts(tmp_path):
+    """A chat log carries its image in the message (a data URL, or a path), not in an ``images`` list: the data
+    URL's image is exported beside the data (or to image_folder) and named as the record's image; a remote URL
+    is an error naming what to do."""
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    Image.new("L", (8, 8), 77).save(buf, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+    def log(image_url):
+        return {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url}},
+                                                          {"type": "text", "text": "What is it?"}]},
+                             {"role": "assistant", "content": "A CT."}]}
+
+    (inline, by_path) = read_records(write_json(tmp_path / "chat.json", [log(url), log("scans/a.png")]))
+    assert inline.image == "chat_images/00000001.png" and by_path.image == "scans/a.png"
+    assert Image.open(tmp_path / inline.image).getpixel((0, 0)) == 77
+    assert inline.conversations[0].value == f"{IMAGE_TOKEN}\nWhat is it?"
+    (rec,) = read_records(write_json(tmp_path / "chat2.json", [log(url)]), tmp_path / "imgs")
+    assert rec.image == "00000001.png" and (tmp_path / "imgs" / rec.image).is_file()
+    with pytest.raises(DataError, match=r"record 1: an image_url part names a remote image \(example.org\); download"):
+        read_records(write_json(tmp_path / "remote.json", [log("https://example.org/ct.png")]))
