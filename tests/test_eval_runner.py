@@ -68,6 +68,17 @@ def test_readers_all_three_layouts(tmp_path):
     ]))
     assert [(s.id, s.task, s.image) for s in qa] == [("1", "vqa_closed", "a.png"), ("3", "vqa_open", "b.jpg")]
     assert qa[0].gold_calls is None  # tool use is not scored on plain QA
+    # a recipe's held-out split (OUT/data/heldout.jsonl) evaluates as it is; a multi-turn one is refused
+    held = load_samples(write_jsonl(tmp_path / "heldout.jsonl", [
+        {"id": "tiny-1", "prompt": "What is the diagnosis?", "reference": "Pneumonia.", "image": "/x/a.png",
+         "options": [], "context": []},
+        {"id": "tiny-2", "prompt": "Is it normal?", "reference": "yes", "image": None, "options": [], "context": []}]))
+    assert [(s.id, s.task, s.image, s.question, s.gold_answer) for s in held] == [
+        ("tiny-1", "vqa_open", "/x/a.png", "What is the diagnosis?", "Pneumonia."),
+        ("tiny-2", "vqa_closed", None, "Is it normal?", "yes")]
+    with pytest.raises(EvalFileError, match=r"dialogue.jsonl, record 0: a multi-turn held-out example"):
+        load_samples(write_jsonl(tmp_path / "dialogue.jsonl", [
+            {"id": "d", "prompt": "And now?", "reference": "Rest.", "context": [["user", "I cough."], ["assistant", "How long?"]]}]))
 
 
 def test_reader_errors_name_file_and_record(tmp_path):

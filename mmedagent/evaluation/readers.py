@@ -221,9 +221,14 @@ def sample_from_dict(d: dict[str, Any], index: int) -> EvalSample | None:
         if str(d.get("q_lang", "en")).lower() != "en":
             return None
         return from_qa(d, index)
+    if "prompt" in d and "reference" in d:  # a recipe's held-out split (OUT/data/heldout.jsonl)
+        if d.get("context"):
+            raise ValueError("a multi-turn held-out example ('context'): the recipe's own report scores it")
+        return from_qa({"id": d.get("id"), "question": d["prompt"], "answer": d["reference"], "image": d.get("image")},
+                       index)
     raise ValueError(
         "unknown record layout: expected 'conversations' (project records), 'pre_text'/'assist'/'text' "
-        "(MMedAgent eval) or 'question'/'answer' (VQA-RAD/SLAKE)"
+        "(MMedAgent eval), 'question'/'answer' (VQA-RAD/SLAKE) or 'prompt'/'reference' (a recipe's held-out split)"
     )
 
 
