@@ -103,6 +103,8 @@ class Example:
     sources: list[str] = field(default_factory=list)
     scores: list[float] = field(default_factory=list)
     top_k: int | None = None  # retrieval: passages asked of the tool when it runs (--run-tools)
+    extra: dict[str, Any] = field(default_factory=dict)  # fields the record keeps (a VQA row's answer_type)
+    record_id: str | None = None  # the source's own id (a VQA row's qid)
 
 
 # --------------------------------------------------------------------------- geometry
@@ -656,8 +658,10 @@ def read_vqa(table: str | Path, caption: bool = False, **table_options: Any) -> 
             out.append(Example("direct", where, image=image, question=None, answer=cap))
         else:
             question, answer = _require(row, ("question", "answer"), where)
+            qid = next((row[k] for k in ("qid", "question_id", "id") if row.get(k) not in (None, "")), None)
+            kept = {k: row[k] for k in ("answer_type",) if row.get(k) not in (None, "")}  # evaluation splits by it
             out.append(Example("direct", where, image=_image_of(row, where, required=False), question=question,
-                               answer=answer))
+                               answer=answer, extra=kept, record_id=None if qid is None else str(qid)))
     return out
 
 
@@ -747,7 +751,7 @@ class DialogueBuilder:
         self.rewriter = rewriter
 
     def build_all(self, examples: Iterable[Example], id_prefix: str = "") -> list[Record]:
-        return [self.build(e, f"{id_prefix}{e.task}-{i}") for i, e in enumerate(examples, 1)]
+        return [self.build(e, f"{id_prefix}{e.record_id or f'{e.task}-{i}'}") for i, e in enumerate(examples, 1)]
 
     def build(self, ex: Example, record_id: str) -> Record:
         if ex.question:  # only the builder places the image: a table's "<image>\nIs there ...?" would mark it twice
@@ -792,7 +796,7 @@ class DialogueBuilder:
             question = self.rewriter(question)
         turn = AssistantTurn(thoughts=self.rng.choice(templates.THOUGHTS["direct"]), actions=[], value=ex.answer or "")
         first = Message(role="human", value=(f"{IMAGE_TOKEN}\n" if ex.image else "") + question)
-        return Record(id=record_id, image=ex.image, conversations=[first, assistant_message(turn)])
+        return Record(id=record_id, image=ex.image, conversations=[first, assistant_message(turn)], **ex.extra)
 
     def _call(self, ex: Example, target: str) -> tuple[dict[str, Any], dict[str, Any]]:
         """Tool params and the ground-truth output the tool would return (as the model sees it)."""

@@ -259,6 +259,20 @@ def test_rag_records_feed_passages_back_as_the_tool_does(tmp_path):
     assert ("0 " + long).startswith(texts[0][:-3])
 
 
+def test_vqa_rows_keep_their_qid_and_answer_type(tmp_path):
+    """The evaluation scores closed / open questions by answer_type and names samples by qid: a built VQA
+    file keeps both, so it evaluates as the raw table does."""
+    from mmedagent.evaluation.readers import load_samples
+
+    vqa = write_json(tmp_path / "v.json", [
+        {"qid": 7, "question": "Is there a fracture?", "answer": "No", "answer_type": "CLOSED"},
+        {"qid": 8, "question": "Which organ?", "answer": "liver", "answer_type": "OPEN"}])
+    assert run_cli("build", "vqa", "--table", vqa, "--out", tmp_path / "vo.json") == 0
+    recs = records_of(tmp_path / "vo.json")
+    assert [r.id for r in recs] == ["7", "8"] and recs[0].model_extra["answer_type"] == "CLOSED"
+    assert [(s.id, s.task) for s in load_samples(tmp_path / "vo.json")] == [("7", "vqa_closed"), ("8", "vqa_open")]
+
+
 def test_vqa_and_captions_are_direct_answers(tmp_path):
     vqa = write_json(tmp_path / "v.json", [{"image": "a.png", "question": "Is there a fracture?", "answer": "No."},
                                          {"question": "What is HU?", "answer": "Hounsfield units."}])

@@ -149,17 +149,19 @@ def from_record(d: dict[str, Any], index: int) -> EvalSample:
         raise ValueError("record has no gpt turn after the first question")
     extra = rec.model_extra or {}
     calls = [a for t in turns for a in t.actions]
+    answer_type = _answer_type(extra.get("answer_type"))
+    vqa = f"vqa_{answer_type}" if answer_type and not calls else None  # a VQA table built into records
     return _check_gold(EvalSample(
         id=str(rec.id if rec.id is not None else index),
         index=index,
-        task=str(extra.get("task") or extra.get("type") or _task_from_calls(calls)),
+        task=str(extra.get("task") or extra.get("type") or vqa or _task_from_calls(calls)),
         source="record",
         image=rec.images[0] if rec.images else None,
         question=question,
         gold_turns=turns,
         gold_results=results,
         gold_answer=turns[-1].value if not turns[-1].actions else None,
-        answer_type=_answer_type(extra.get("answer_type")),
+        answer_type=answer_type,
         reference=dict(extra.get("gold") or {}),
     ))
 
