@@ -9,6 +9,7 @@ cannot be found and a checkpoint that cannot be resumed end with one ``error: ..
 anything else is a traceback.
 """
 
+import logging
 import os
 import socket
 import sys
@@ -35,12 +36,25 @@ def single_rank_without_launcher(argv: list[str]) -> None:
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
+def leave_when_done() -> None:
+    """End a rank of a finished multi-process run at once: every rank has passed the final barrier (all
+    saved), so nothing is left to do, and exiting normally runs the C++ destructors of the communication
+    extensions, where a rank can abort ("terminate called without an active exception", exit -6) after
+    the job succeeded and fail the launcher. Logs and output streams are flushed first."""
+    release_deepspeed_shm()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 if __name__ == "__main__":
     single_rank_without_launcher(sys.argv[1:])
     try:
         main()
         if dist.is_available() and dist.is_initialized():
-            dist.barrier()  # no rank tears its group down while a peer is still in a collective or saving
+            dist.barrier()  # no rank leaves while a peer is still in a collective or saving
+            leave_when_done()
     except (FlagError, DataError, ResumeError, ModelNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
