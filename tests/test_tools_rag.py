@@ -820,6 +820,9 @@ def test_icd_codes_are_found_as_people_write_them(icd_index):
                      "I21.4 E11.9": "I21.4", "O24.410 gestational diabetes in pregnancy": "O24.410"}
     assert "E11.9" in [h.passage["code"] for h in icd_index.search("I21.4 E11.9", 5)]
     assert icd_index.search("h1n1", 5)  # code-like but no code: searched as a word
+    # biomarker names shaped like codes are not cut down to one (S100B is not S10.0, contusion of throat)
+    assert icd_index._indexed_code("s100b") == "s100b" and not icd_index.query_terms("S100B protein")[1]
+    assert "S10.0" not in [h.passage["code"] for h in icd_index.search("elevated S100B protein after head injury", 3)]
 
 
 def test_an_exact_code_comes_first_on_a_tie_with_a_dense_look_alike(icd_index):

@@ -979,24 +979,31 @@ class HybridIndex:
 
     # ---- search
     def _indexed_code(self, term: str) -> str:
-        """A code-like query term as the index holds it: without its dot (``e119``) it gets one
-        (``e11.9``); deeper than any indexed code (``s72.001a``: 7th characters are folded into their
-        code) it becomes its longest indexed prefix (``s72.001``). Other terms are left as they are."""
+        """A code-like query term as the index holds it, folded only as ICD-10-CM writes codes: without its
+        dot (``e119``) it gets one (``e11.9``); a 7th character (``s72.001a``, ``s72001a``) is dropped, as
+        the index holds 7th characters on their code (``s72.001``). Anything else (``s100b``, ``h1n1``) is
+        left as it is."""
         vocab = self.bm25.vocab_dict
         if term in vocab or not _CODE.fullmatch(term):
             return term
-        code = term if "." in term or len(term) == 3 else f"{term[:3]}.{term[3:]}"
-        while len(code) > 3 and code not in vocab:
-            code = code[:-1].rstrip(".")
-        return code if code in vocab else term
+        dotless = term.replace(".", "")
+        folded = [f"{dotless[:3]}.{dotless[3:]}"] + ([f"{dotless[:3]}.{dotless[3:6]}"] if len(dotless) == 7 else [])
+        return next((code for code in folded if code in vocab), term)
+
+    def query_terms(self, query: str) -> tuple[list[str], set[str]]:
+        """The query's BM25 terms (codes folded, see :meth:`_indexed_code`) and those that are indexed
+        ICD codes (a category ``i21`` or a dotted code ``e11.9``; not ``h1n1`` or ``s100b``)."""
+        vocab = self.bm25.vocab_dict
+        terms = list(dict.fromkeys(self._indexed_code(t) for t in self.tokenize(query)))
+        codes = {t for t in terms if t in vocab and _CODE.fullmatch(t) and ("." in t or len(t) == 3)}
+        return terms, codes
 
     def bm25_groups(self, query: str, depth: int) -> tuple[list[int], dict[int, int]]:
         """Groups by their best BM25 unit among units holding >= MIN_SHOULD_MATCH of the query's
         words, or any code it names (a code is a unit of its own, so "E11.9 type 2 diabetes" finds
         the code E11.9 and the units holding "type" and "diabetes")."""
-        terms = list(dict.fromkeys(self._indexed_code(t) for t in self.tokenize(query)))
-        codes = {t for t in terms if _CODE.fullmatch(t)}
-        known = [t for t in terms if t in self.bm25.vocab_dict]
+        terms, codes = self.query_terms(query)
+        known = [t for t in terms if t and t in self.bm25.vocab_dict]  # (bm25s keeps "" in its vocabulary)
         if not known:
             return [], {}
         words = len(terms) - len(codes)
@@ -1052,7 +1059,7 @@ class HybridIndex:
         best = len(rankings) / (RRF_K + 1)
         # Ties go to the lexical ranking when the query names a code (its exact match, not the
         # dense look-alike of a string of digits), else to the dense one.
-        lead = "bm25" if any(_CODE.fullmatch(t) for t in self.tokenize(query)) else "dense"
+        lead = "bm25" if "bm25" in rankings and self.query_terms(query)[1] else "dense"
         hits, seen = [], set()
         for g in sorted(fused, key=lambda g: (-fused[g], ranks[g].get(lead, math.inf), g)):
             # the group's passage from the retriever that ranks the group higher (the lead on ties)
