@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,9 @@ def apply_adapter(model: Any, adapter_dir: str | Path, *, merge: bool = False) -
     MMedAgent/LLaVA LoRA output (original key layout + ``non_lora_trainables.bin``) is rewritten
     for transformers' Llava first, and its projector (with its own activation) is loaded into the
     model — whatever the folder is called. An adapter that does not fit ``model`` (another
-    architecture or size) is a ``ValueError``, not a half-applied adapter.
+    architecture or size) is a ``ValueError``, not a half-applied adapter: the recorded architecture is
+    checked before anything is loaded; a misfit found while loading leaves ``model`` partly changed (load it
+    again before other use).
     """
     from peft import PeftModel
     from peft.utils import get_peft_model_state_dict
@@ -64,9 +67,13 @@ def apply_adapter(model: Any, adapter_dir: str | Path, *, merge: bool = False) -
     adapter_dir = Path(adapter_dir)
     base = getattr(model, "name_or_path", "") or type(model).__name__
     misfit = f"{adapter_dir} does not fit the base model {base}"
+    llava = getattr(getattr(model, "model", None), "multi_modal_projector", None) is not None
+    original = is_original_lora(adapter_dir, llava)  # (its recorded class, if any, is the LLaVA codebase's)
+    trained_on = (_json_in(adapter_dir, "adapter_config.json").get("auto_mapping") or {}).get("base_model_class")
+    if not original and trained_on and trained_on != type(model).__name__:
+        raise ValueError(f"{misfit}: it was trained on a {trained_on}, the base is a {type(model).__name__}")
     with tempfile.TemporaryDirectory(prefix="mmedagent-lora-") as tmp:
-        llava = getattr(getattr(model, "model", None), "multi_modal_projector", None) is not None
-        if is_original_lora(adapter_dir, llava):
+        if original:
             if not llava:
                 raise ValueError(f"{adapter_dir} is a LLaVA-layout LoRA but the base model is not a Llava model")
             hidden = model.config.get_text_config().hidden_size
@@ -79,9 +86,6 @@ def apply_adapter(model: Any, adapter_dir: str | Path, *, merge: bool = False) -
             else:
                 log.warning("%s has no non_lora_trainables.bin: keeping the base model's projector", adapter_dir.name)
             adapter_dir = converted
-        trained_on = (_json_in(adapter_dir, "adapter_config.json").get("auto_mapping") or {}).get("base_model_class")
-        if trained_on and trained_on != type(model).__name__:
-            raise ValueError(f"{misfit}: it was trained on a {trained_on}, the base is a {type(model).__name__}")
         try:
             peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
         except (RuntimeError, KeyError) as e:  # "size mismatch for …", or a module the base lacks
@@ -118,7 +122,12 @@ def merge_lora(model_path: str | Path, model_base: str | Path | None, save_path:
     processor.save_pretrained(out)
     info = _json_in(model_path, TRAIN_MANIFEST)
     if info:  # keeps the conversation template the adapter was trained with
-        (out / TRAIN_MANIFEST).write_text(json.dumps({**info, "lora": False, "merged_from": str(model_path)}, indent=1))
+        (out / TRAIN_MANIFEST).write_text(json.dumps({**info, "lora": False,
+                                                      "merged_from": str(Path(model_path).resolve())}, indent=1))
+    from mmedagent.model import SETTINGS_FILE
+
+    if (Path(model_path) / SETTINGS_FILE).is_file():  # how to serve it (system prompt, constrain): as the adapter
+        shutil.copyfile(Path(model_path) / SETTINGS_FILE, out / SETTINGS_FILE)
     return out
 
 
