@@ -155,6 +155,8 @@ def _window(spec: str | None):
 def _examples(a: argparse.Namespace) -> list[builders.Example]:
     tasks = [t.strip() for t in getattr(a, "tasks", "").split(",") if t.strip()]
     table = {"image_root": _image_root(a), "split": a.data_split} if a.kind in TABLE_KINDS else {}
+    if getattr(a, "folder", None) and a.data_split:
+        raise DataError("--data-split applies to a --table that is Hugging Face or parquet data, not to --folder")
     if a.kind == "coco":
         return builders.read_coco(a.annotations, a.image_root or Path(a.annotations).parent)
     if a.kind == "masks":

@@ -32,6 +32,7 @@ import numpy as np
 from mmedagent.data import templates
 from mmedagent.data.formats import (
     CAPTION_QUESTIONS,
+    IMAGE_COLUMNS,
     DataError,
     export_images,
     is_tabular,
@@ -244,9 +245,6 @@ def _require(row: dict[str, Any], keys: Sequence[str], where: str) -> list[str]:
     return out
 
 
-IMAGE_COLUMNS = ("image", "image_name", "img_name")
-"""Table columns naming the image, the first filled one taken: ``image``, VQA-RAD's ``image_name``,
-SLAKE's ``img_name`` (as the evaluation readers take them)."""
 
 
 def _image_of(row: dict[str, Any], where: str, required: bool = True) -> str | None:

@@ -130,9 +130,12 @@ CAPTION_QUESTIONS = (
 )
 """Questions paired with captions when an image + caption dataset is turned into instructions."""
 
-IMAGE_FIELDS = ("images", "image", "image_id", "image_name", "img_name")
-"""Row fields naming a record's image(s), the first filled one taken (VQA-RAD's ``image_name``, SLAKE's
-``img_name``)."""
+IMAGE_COLUMNS = ("image", "image_name", "img_name")
+"""Table columns naming a row's one image, the first filled one taken: ``image``, VQA-RAD's ``image_name``,
+SLAKE's ``img_name`` (builders, records and evaluation readers alike)."""
+
+IMAGE_FIELDS = ("images", *IMAGE_COLUMNS, "image_id")
+"""Row fields naming a record's image(s), the first filled one taken."""
 
 DIRECT_THOUGHT = THOUGHTS["direct"][0]
 """The thought of a question-answer row turned into a record (the builders' first direct thought)."""

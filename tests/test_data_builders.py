@@ -481,6 +481,10 @@ def test_table_builders_read_parquet_and_saved_hf_datasets(tmp_path):
     table = write_json(tmp_path / "v.json", [{"question": "Q?", "answer": "A."}])
     with pytest.raises(DataError, match=r"--data-split 'test' applies to Hugging Face datasets and parquet data only"):
         builders.read_vqa(table, split="test")
+    (tmp_path / "cls" / "normal").mkdir(parents=True)
+    save_grey(tmp_path / "cls" / "normal" / "a.png")
+    assert run_cli("build", "classification", "--folder", tmp_path / "cls", "--data-split", "test",
+                   "--out", tmp_path / "c.json") == 2
 
 
 # --------------------------------------------------------------------------- fixes: tables, errors, folders, rag

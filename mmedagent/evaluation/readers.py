@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError
 
+from mmedagent.data.formats import IMAGE_COLUMNS
 from mmedagent.evaluation.metrics import as_mask, normalize_answer
 from mmedagent.protocol import (
     AssistantTurn,
@@ -204,7 +205,7 @@ def from_qa(d: dict[str, Any], index: int) -> EvalSample:
         index=index,
         task=f"vqa_{answer_type}",
         source="qa",
-        image=d.get("image") or d.get("image_name") or d.get("img_name"),
+        image=next((d[k] for k in IMAGE_COLUMNS if d.get(k)), None),
         question=strip_image_token(str(d["question"])),
         gold_answer=str(answer),
         answer_type=answer_type,
