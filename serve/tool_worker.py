@@ -29,6 +29,7 @@ from pydantic import BaseModel
 
 from mmedagent.dispatcher import parse_params
 from mmedagent.serve.config import ServeConfig, add_common_args, config_or_exit
+from mmedagent.serve.remote import CallAnswer
 from mmedagent.serve.security import setup_logging, without_echoed_input
 from mmedagent.serve.uploads import UploadError, image_from_data_url
 from mmedagent.serve.worker_base import EXIT_CANNOT_LOAD, Heartbeat, bind_socket, serve_worker, url_for
@@ -119,7 +120,7 @@ def build_app(tool: Tool, max_upload_bytes: int, max_concurrency: int = 4, timeo
     slots = CallSlots(tool.name, max_concurrency, timeout_s)
     app.state.slots = slots
 
-    def run_call(image, params) -> dict[str, Any]:
+    def run_call(image, params) -> CallAnswer:
         token = slots.acquire()
         try:
             t0 = time.monotonic()
@@ -127,16 +128,11 @@ def build_app(tool: Tool, max_upload_bytes: int, max_concurrency: int = 4, timeo
             elapsed = time.monotonic() - t0
         finally:
             slots.release(token)
-        overlay = result.overlay()
-        return {
-            "result": result.model_dump(mode="json"),
-            "for_model": result.for_model(),
-            "overlay": overlay.model_dump(mode="json") if overlay is not None else None,
-            "elapsed_s": elapsed,
-        }
+        return CallAnswer(result=result.model_dump(mode="json"), for_model=result.for_model(),
+                          overlay=result.overlay(), elapsed_s=elapsed)
 
     @app.post("/call")
-    async def call(req: CallRequest) -> dict[str, Any]:
+    async def call(req: CallRequest) -> CallAnswer:
         params = dict(req.params)
         params.pop("image", None)  # a path or placeholder from the model: never opened
         try:
