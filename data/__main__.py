@@ -284,6 +284,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{report.planning_only} planning-only record(s): they end with a tool call")
             if report.unregistered:
                 print(f"not validated (no such tool registered here): {', '.join(sorted(report.unregistered))}")
+            if not a.image_folder and report.records:
+                print("images not checked: give --image-folder DIR (training's --image_folder, or the data file's "
+                      "folder) to check them as training finds them")
             return 0 if report.ok else 1
         if a.cmd == "build":
             with tempfile.TemporaryDirectory(prefix="mmedagent-rag-") as tmp:

@@ -393,8 +393,10 @@ def test_check_reports_bad_records(tmp_path, synth_dir, capsys):
     assert f"record {bad.index(gr) + 1}: turn 3 should carry the tool output" in text
     assert f"record {bad.index(gr2) + 1}: turn 2: invalid params for grounding: colour" in text
     assert run_cli("--check", path) == 1
-    assert "3 problem(s)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "3 problem(s)" in out and "images not checked: give --image-folder" in out
     assert run_cli("check", synth_dir / "train.json", "--image-folder", synth_dir / "images") == 0
+    assert "images not checked" not in capsys.readouterr().out
     # what training refuses, check refuses too, with training's words
     lone = {"image": "a.png", "conversations": [{"from": "human", "value": "<image>\nWhat is it?"}]}
     late_system = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "system", "value": "Be brief."},
