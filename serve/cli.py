@@ -121,8 +121,6 @@ def chat(args: argparse.Namespace, cfg: ServeConfig) -> int:
         except (OSError, ValueError) as e:  # UploadError is a ValueError
             print(f"cannot use {args.image}: {getattr(e, 'reason', e)}", file=sys.stderr)
             return 2
-        print(f"image: {describe_view(med.metadata)} (--slice, --plane, --volume, --window choose another view)",
-              file=sys.stderr)
     client = make_client(cfg.api_key, cfg.model_timeout_s)
     try:  # what is answering, and its warnings (the demo planner's made-up answers), as the web UI shows
         status = client.get(f"{url}/v1/status", timeout=10)
@@ -130,6 +128,9 @@ def chat(args: argparse.Namespace, cfg: ServeConfig) -> int:
             print(plain_banner(status.json()) + "\n", file=sys.stderr, flush=True)
     except httpx.HTTPError:
         pass  # an unreachable controller is reported with the first question
+    if image is not None:  # after the banner, as docs/serve.md shows
+        print(f"image: {describe_view(med.metadata)} (--slice, --plane, --volume, --window choose another view)",
+              file=sys.stderr)
     body: dict[str, Any] = {"conversation_id": uuid.uuid4().hex, "history": [], "model": args.model,
                             "image": png_data_url(image) if image is not None else None}
     questions = [args.question] if args.question else None

@@ -82,6 +82,7 @@ def test_cli_prints_the_steps_and_answer(e2e):
     # what answers, as the web UI's banner says it, on stderr (the answers stay on stdout)
     assert "Model: " in out.stderr and "Research software, not a medical device" in out.stderr, out.stderr[-2000:]
     assert "**" not in out.stderr and "Model: " not in out.stdout
+    assert out.stderr.index("Model: ") < out.stderr.index("image: png")  # the banner first, then the view sent
 
 
 @pytest.mark.skipif(not shutil.which("chromedriver") or not shutil.which("chromium"), reason="needs Debian chromium + chromium-driver")
