@@ -238,3 +238,24 @@ def test_mid_run_checkpoint_loads_for_serving_with_its_template(tiny_models, tmp
     assert json.loads((out / "checkpoint-1" / "mmedagent_train.json").read_text()) == final
     assert final["template"] == "vicuna_v1"
     assert load_planner(out / "checkpoint-1", dtype="float32", device="cpu").template == "vicuna_v1"
+
+
+def test_a_model_trained_without_a_system_turn_is_served_and_merged_without_one(tiny_models, tmp_path):
+    """Records without a system turn are rendered without one; the output says so (mmedagent.json), the
+    merged model keeps it, so serving and evaluation do not put the tool catalog in front of a model that
+    never saw it. A run whose records carry a system turn leaves the serving default alone."""
+    from mmedagent.model import planner_settings
+    from mmedagent.model.adapters import merge_lora
+    from mmedagent.train.run import main
+
+    out = tmp_path / "run"
+    main(_argv(tiny_models("llama"), _data(tmp_path / "train.json"), out))
+    assert planner_settings(out) == {"system_prompt": "none"}
+    merged = merge_lora(out, None, tmp_path / "merged", dtype="float32")
+    assert planner_settings(merged) == {"system_prompt": "none"}
+    rows = json.loads(_data(tmp_path / "sys.json").read_text())
+    for r in rows:
+        r["conversations"].insert(0, {"from": "system", "value": "You are a radiologist."})
+    (tmp_path / "sys.json").write_text(json.dumps(rows))
+    main(_argv(tiny_models("llama"), tmp_path / "sys.json", tmp_path / "run_sys"))
+    assert planner_settings(tmp_path / "run_sys") == {}

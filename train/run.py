@@ -198,9 +198,13 @@ def build_trainer(argv: list[str] | None = None, parsed=None) -> tuple[MMedTrain
     info = {"base_model": model_args.model_name_or_path, "family": family, "template": template,
             "lora": args.lora_enable, "model_max_length": args.model_max_length,
             "image_aspect_ratio": data_args.image_aspect_ratio}
+    # served as trained: records without a system turn were rendered without one, so the model is served
+    # without one too (not with the tool catalog, the serving default for models that say nothing)
+    system_turns = any(m["role"] == "system" for s in samples for m in s.messages)
     trainer = MMedTrainer(model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset,
                           data_collator=Collator(pad_id, family, blank), processing_class=processor,
-                          projector=projector_name(family), manifest=info)
+                          projector=projector_name(family), manifest=info,
+                          serving=None if system_turns else {"system_prompt": "none"})
     return trainer, info
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from transformers import Trainer
 
+from mmedagent.model import SETTINGS_FILE
 from mmedagent.model.adapters import TRAIN_MANIFEST
 
 log = logging.getLogger(__name__)
@@ -53,15 +54,19 @@ class MMedTrainer(Trainer):
     a mid-run checkpoint loads for serving as the final output does."""
 
     def __init__(self, *args: Any, projector: str | None = None, manifest: dict[str, Any] | None = None,
-                 **kwargs: Any):
+                 serving: dict[str, Any] | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.projector = projector
         self.manifest = manifest
+        self.serving = serving
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         super()._save(output_dir, state_dict=state_dict)
+        out = Path(output_dir if output_dir is not None else self.args.output_dir)
         if self.manifest is not None and self.args.should_save:
-            write_manifest(output_dir if output_dir is not None else self.args.output_dir, **self.manifest)
+            write_manifest(out, **self.manifest)
+        if self.serving and self.args.should_save and not (out / SETTINGS_FILE).is_file():
+            (out / SETTINGS_FILE).write_text(json.dumps(self.serving, indent=1) + "\n")  # never over the user's own
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
