@@ -24,7 +24,6 @@ import logging
 import os
 import shutil
 import signal
-import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -338,8 +337,15 @@ def main(argv: list[str] | None = None) -> None:
     cfg = config_or_exit(parser, args.config, api_key=args.api_key, log_level=args.log_level, host=args.host, web_port=args.port,
                          max_upload_mb=args.max_upload_mb)
     setup_logging(cfg.log_level, [cfg.api_key or ""])
-    os.environ["GRADIO_TEMP_DIR"] = str(private_upload_dir())
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stopped (launcher, docker, systemd): clean up at exit too
+    uploads = private_upload_dir()
+    os.environ["GRADIO_TEMP_DIR"] = str(uploads)
+
+    def stop(*_: Any) -> None:  # stopped (launcher, docker, systemd): the uploads go, then the process at once
+        shutil.rmtree(uploads, ignore_errors=True)  # (an orderly exit could wait on Gradio's threads for long)
+        logging.shutdown()
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, stop)
     web = WebChat(args.controller or cfg.controller_url, cfg.api_key, cfg.max_upload_bytes)
     ui = build_ui(web)
     key = cfg.api_key

@@ -41,6 +41,15 @@ def _is_url(s: str) -> bool:
     return s.startswith(("http://", "https://"))
 
 
+class _Given(argparse.Action):
+    """Stores the value and notes that the flag was given (``<dest>_given``), so a recorded setting can
+    stand in for a default."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        setattr(namespace, f"{self.dest}_given", True)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(  # prog: the command run (scripts/evaluate.py or mmedagent-eval)
         description="Evaluate a planner's tool use and answers on an evaluation file, or compare two reports.",
@@ -54,7 +63,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--image-folder", help="folder the records' image paths are relative to")
     p.add_argument("--json-out", help="write the full report (metrics, per-sample answers) as JSON")
     p.add_argument("--name", help="name of this run in reports and comparisons (default: the model)")
-    p.add_argument("--tool-mode", choices=("live", "gold"), default=None,
+    p.add_argument("--tool-mode", choices=("live", "gold"), default="live", action=_Given,
                    help="live: run the real tools; gold: feed the gold tool outputs from the data (default live; "
                         "scoring a run's samples.jsonl with --predictions: the run's)")
     p.add_argument("--tools", nargs="+", metavar="NAME", help="tools offered to the planner (default: all registered)")
@@ -242,8 +251,9 @@ def score_predictions(args: argparse.Namespace) -> dict[str, Any]:
 
     samples = load_samples(args.data)
     run = recorded_run(args.predictions)  # the run.json beside a run's samples.jsonl
-    mode = (run or {}).get("settings", {}).get("tool_mode") or args.tool_mode or "live"
-    args.tool_mode = args.tool_mode or mode
+    mode = (run or {}).get("settings", {}).get("tool_mode") or args.tool_mode
+    if not getattr(args, "tool_mode_given", False):
+        args.tool_mode = mode
     if mode != args.tool_mode:
         raise EvalFileError(f"{args.predictions} was written by a --tool-mode {mode} run: pass --tool-mode {mode} to "
                             "score it (live-only metrics read its tool outputs)")
@@ -306,8 +316,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: --model and --data are required (or --predictions FILE and --data, or --compare A.json B.json)",
               file=sys.stderr)
         return 2
-    if args.tool_mode is None and not args.predictions:
-        args.tool_mode = "live"
     try:
         report = run_evaluation(args)
     except (EvalFileError, OSError, json.JSONDecodeError, KeyError, ValueError) as e:  # bad data, model not found
