@@ -348,3 +348,21 @@ def test_the_report_file_is_written_before_the_table_is_printed(tmp_path, data, 
               str(tmp_path / "r.json")])
     monkeypatch.undo()
     assert json.loads((tmp_path / "r.json").read_text())["overall"]["n"] > 0
+
+
+def test_a_run_folder_in_use_by_another_evaluation_is_refused(tmp_path, data):
+    """A requeued job resuming the folder of a run that still goes on would append beside it."""
+    from mmedagent.evaluation.readers import EvalFileError, load_samples
+    from mmedagent.evaluation.results import RunFolder
+
+    samples = load_samples(data)
+    first = RunFolder(tmp_path / "run")
+    assert first.check({"model": "m"}, False, samples, data) == {}
+    first.open()
+    second = RunFolder(tmp_path / "run")
+    with pytest.raises(EvalFileError, match=r"run is in use by another evaluation \(process \d+\): wait for it"):
+        second.check({"model": "m"}, True, samples, data)
+    first.close()
+    assert second.check({"model": "m"}, True, samples, data) == {}  # free again once the first has ended
+    second.open()
+    second.close()

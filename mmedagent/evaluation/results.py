@@ -42,6 +42,7 @@ from mmedagent.protocol import AssistantTurn, ToolCall, TurnParseError, parse_tu
 SAMPLES_FILE = "samples.jsonl"
 RUN_FILE = "run.json"
 REPORT_FILE = "report.json"
+LOCK_FILE = ".lock"
 _STEP_FORMS = ("steps", "raw", "calls")
 
 
@@ -238,13 +239,18 @@ class RunFolder:
         self._settings: dict[str, Any] = {}
         self._cut = -1
         self._file: IO[str] | None = None
+        self._lock: IO[str] | None = None
 
     def check(self, settings: dict[str, Any], resume: bool, samples: Sequence[EvalSample],
               data: str | Path) -> dict[int, SampleResult]:
         """The results already written here, by position in ``samples`` (empty for a new run). Refuses
-        a folder that holds a run unless ``resume``, and a run made with other ``settings``. Writes nothing."""
+        a folder that holds a run unless ``resume``, a run made with other ``settings``, and a folder another
+        evaluation is using. Writes nothing but the folder's lock file."""
         if self.path.exists() and not self.path.is_dir():
             raise EvalFileError(f"--out {self.path} is a file, not a folder")
+        if self.path.is_dir():  # refused now, before the model loads, if another evaluation holds it
+            self._take_lock()
+            self._release_lock()
         run, written = self.path / RUN_FILE, self.path / SAMPLES_FILE
         self._settings = settings
         if not (run.is_file() or written.is_file()):
@@ -282,6 +288,7 @@ class RunFolder:
     def open(self) -> None:
         """Write ``run.json`` and open ``samples.jsonl`` for appending (a cut-off last line dropped)."""
         self.path.mkdir(parents=True, exist_ok=True)
+        self._take_lock()
         self._write_run()
         written = self.path / SAMPLES_FILE
         if self._cut >= 0:
@@ -306,6 +313,34 @@ class RunFolder:
         if self._file is not None:
             self._file.close()
             self._file = None
+        self._release_lock()
+
+    def _release_lock(self) -> None:
+        if self._lock is not None:
+            self._lock.close()  # closing the file releases the lock
+            self._lock = None
+
+    def _take_lock(self) -> None:
+        """Hold ``.lock`` in the folder while this run uses it: a second evaluation on the same ``--out`` (a
+        requeued job while the first still runs) is refused instead of appending beside it."""
+        if self._lock is not None:
+            return
+        import fcntl
+
+        lock = (self.path / LOCK_FILE).open("a+", encoding="utf-8")
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip()
+            lock.close()
+            raise EvalFileError(f"{self.path} is in use by another evaluation ({holder or 'a running process'}): "
+                                "wait for it to end, or use another --out") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"process {os.getpid()}")
+        lock.flush()
+        self._lock = lock
 
     def _write_run(self) -> None:
         write_json(self.path / RUN_FILE, {"settings": self._settings, "meta": self.meta})
