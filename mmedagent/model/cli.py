@@ -43,7 +43,6 @@ def _error(e: Exception) -> int:
 
 
 def make_tiny_model_main(argv: Sequence[str] | None = None) -> int:
-    import mmedagent  # noqa: F401  - arms the torchvision shim first
     from mmedagent.model.tiny import ARCHS, PRESETS, make_tiny_model
 
     ap = _parser(MAKE_TINY)
@@ -69,7 +68,6 @@ def make_tiny_model_main(argv: Sequence[str] | None = None) -> int:
 
 
 def convert_llava_main(argv: Sequence[str] | None = None) -> int:
-    import mmedagent  # noqa: F401
     from mmedagent.model.llava_convert import convert_llava_checkpoint
 
     ap = _parser(CONVERT)
@@ -86,7 +84,6 @@ def convert_llava_main(argv: Sequence[str] | None = None) -> int:
 
 
 def merge_lora_main(argv: Sequence[str] | None = None) -> int:
-    import mmedagent  # noqa: F401
     from mmedagent.model.adapters import merge_lora
 
     ap = _parser(MERGE)
