@@ -366,3 +366,25 @@ def test_a_run_folder_in_use_by_another_evaluation_is_refused(tmp_path, data):
     assert second.check({"model": "m"}, True, samples, data) == {}  # free again once the first has ended
     second.open()
     second.close()
+
+
+def test_a_resumed_runs_total_time_counts_the_sessions_before_it(tmp_path, data, monkeypatch):
+    import time
+    from types import SimpleNamespace
+
+    clock = [0.0]  # evaluation time: each planner call takes 100 s of it
+    monkeypatch.setattr(cli, "time", SimpleNamespace(monotonic=lambda: clock[0], strftime=time.strftime))
+
+    class Slow(KilledAfter):
+        def generate(self, messages, image, **gen):
+            clock[0] += 100
+            return super().generate(messages, image, **gen)
+
+    out = tmp_path / "run"
+    use_planner(monkeypatch, Slow(REPLIES, 4))  # g1 (2 calls) and d1 (1) written, killed in g2 (2 more calls)
+    with pytest.raises(Killed):
+        evaluate(data, "--out", str(out))
+    use_planner(monkeypatch, Slow(REPLIES[3:], 5))
+    assert evaluate(data, "--out", str(out), "--resume") == 0
+    # 300 s until the last sample the killed session wrote, then 500 s resumed (the 200 s in flight are lost)
+    assert json.loads((out / "report.json").read_text())["total_wall_s"] == 800

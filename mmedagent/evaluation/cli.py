@@ -198,6 +198,7 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
     load_errors: dict[str, str] = {}
     interrupted = None
     started = time.monotonic()
+    earlier_s = float((folder.meta.get("total_wall_s") if folder else None) or 0.0)  # sessions before a --resume
     try:
         if runner is not None:
             # live tools load before the first sample, so no sample is charged a first load
@@ -223,8 +224,8 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
             results[i] = result
             if folder:
                 folder.append(smp, result)
-                if runner.tokens_counted_by:
-                    folder.record(tokens_counted_by=runner.tokens_counted_by)
+                folder.record(total_wall_s=earlier_s + time.monotonic() - started,
+                              **({"tokens_counted_by": runner.tokens_counted_by} if runner.tokens_counted_by else {}))
             if not args.quiet:
                 print(f"[{len(results)}/{len(samples)}] {smp.task}: {result.error or 'ok'}", file=sys.stderr)
     finally:
@@ -240,7 +241,7 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
         "constrained_decoding": bool(args.constrain) if runner else recorded.get("constrained_decoding"),
         **({"tool_load_errors": load_errors} if load_errors else {}),
         **({"interrupted": interrupted} if interrupted else {}),
-        "total_wall_s": time.monotonic() - started, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "total_wall_s": earlier_s + time.monotonic() - started, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     return _finish(args, [samples[i] for i in done], [results[i] for i in done], meta)
 
