@@ -22,6 +22,7 @@ from mmedagent.protocol import (
     TurnParseError,
     parse_turn,
     render_tool_results,
+    strip_image_token,
     system_prompt,
     without_image_token,
 )
@@ -135,7 +136,8 @@ class Agent:
     ) -> AgentResult:
         """Answer ``question`` about ``image``; ``history`` is the ``messages`` of an earlier result."""
         started = time.monotonic()
-        question = without_image_token(question)  # it is quoted again in every tool-result message
+        # quoted again in every tool-result message, as the data builders and the evaluation quote it
+        question = strip_image_token(question)
         messages = with_one_image_marker([*(history or []), {"role": "user", "content": question}], image is not None)
         if self.system and messages[0]["role"] != "system":
             messages.insert(0, {"role": "system", "content": self.system})

@@ -34,7 +34,8 @@ IMAGE_TOKEN = "<image>"
 THOUGHTS_MARK = '"thoughts🤔"'
 ACTIONS_MARK = '"actions🚀"'
 VALUE_MARK = '"value👉"'
-_MARKS = (THOUGHTS_MARK, ACTIONS_MARK, VALUE_MARK)
+MARKS = (THOUGHTS_MARK, ACTIONS_MARK, VALUE_MARK)
+"""The turn markers; a turn holds each at most once."""
 
 
 class TurnParseError(ValueError):
@@ -283,6 +284,8 @@ def _parse_actions(raw: str) -> list[ToolCall]:
             data = _strict_json(_close_open_brackets(_normalise_json(raw)))
         except (ValueError, RecursionError) as e:  # JSONDecodeError, a non-finite or over-long number
             raise TurnParseError(f"actions are not valid JSON: {e}") from None
+    if data is None:  # "actions🚀" None / null: no call, as an empty list
+        return []
     if isinstance(data, dict):
         data = [data]
     if not isinstance(data, list):
@@ -308,7 +311,7 @@ def parse_turn(text: str, strict: bool = True) -> AssistantTurn:
     """
     if not isinstance(text, str):
         raise TurnParseError("model output is not text")
-    positions = {m: text.find(m) for m in _MARKS}
+    positions = {m: text.find(m) for m in MARKS}
     if all(p < 0 for p in positions.values()):
         if strict:
             raise TurnParseError("no turn markers (thoughts🤔 / actions🚀 / value👉) in model output")
@@ -316,7 +319,7 @@ def parse_turn(text: str, strict: bool = True) -> AssistantTurn:
     for m in (ACTIONS_MARK, VALUE_MARK):
         if positions[m] < 0:
             raise TurnParseError(f"missing {m} in model output")
-    for m in _MARKS:
+    for m in MARKS:
         if positions[m] >= 0 and text.count(m) > 1:
             raise TurnParseError(f"{m} appears more than once")
     t, a, v = positions[THOUGHTS_MARK], positions[ACTIONS_MARK], positions[VALUE_MARK]

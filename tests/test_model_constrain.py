@@ -68,6 +68,14 @@ def test_rendered_turns_are_allowed_token_by_token_and_may_end(constraint, token
     ('"thoughts🤔" x\n"actions🚀" [{"API_name": "retrieval", "API_params": {"query"   : "a"}}]',
      '"thoughts🤔" x\n"actions🚀" [{"API_name": "retrieval", "API_params": {"query" '),
     ('"thoughts🤔" The tumor cells"]}}]\n"value👉" H', '"thoughts🤔" The tumor cells"]}}]\n"'),
+    # a marker written again (a model running on into another turn, or quoting one) fails parse_turn
+    ('"thoughts🤔" x\n"actions🚀" []\n"value👉" Done. "thoughts🤔" y',
+     '"thoughts🤔" x\n"actions🚀" []\n"value👉" Done. "thoughts'),
+    ('"thoughts🤔" x\n"actions🚀" []\n"value👉" Done.\n"value👉" y',
+     '"thoughts🤔" x\n"actions🚀" []\n"value👉" Done.\n"value'),
+    ('"thoughts🤔" I fill "actions🚀" next\n"actions🚀" []', '"thoughts🤔" I fill "actions'),
+    ('"thoughts🤔" I write "value👉" last\n"actions🚀" []\n"value👉" y',
+     '"thoughts🤔" I write "value👉" last\n"actions🚀" []\n"value'),
 ])
 def test_malformed_turns_are_refused_where_they_go_wrong(constraint, tokenizer, bad, valid_prefix):
     assert written_until_refused(constraint, tokenizer, bad).startswith(valid_prefix)
@@ -220,11 +228,12 @@ def test_valid_boxes_pass_the_coordinate_check(constraint, tokenizer, boxes):
 
 
 def test_thoughts_that_quote_a_box_are_not_held_to_it(constraint, tokenizer):
-    text = ' "thoughts🤔" They wrote "actions🚀" [{"boxes": [[0.5, 0.2, 0.1, 0.1]]}] by mistake.\n"actions🚀" []\n"value👉" ok'
+    text = ' "thoughts🤔" They wrote [{"boxes": [[0.5, 0.2, 0.1, 0.1]]}] by mistake.\n"actions🚀" []\n"value👉" ok'
     rule = constraint.start()
     for tok in tokenizer(text, add_special_tokens=False).input_ids:
         assert rule.allows(tok)
         rule.push(tok)
+    assert parse_turn(text).thoughts.startswith("They wrote")
 
 
 def test_a_tool_with_one_box_gets_it_checked_too(tokenizer):

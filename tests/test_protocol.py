@@ -159,6 +159,13 @@ def test_bad_turns_raise_turn_parse_error(text):
         parse_turn(text)
 
 
+@pytest.mark.parametrize("actions", ["None", "null", " null "])
+def test_actions_written_as_none_are_no_call(actions):
+    """A model answering directly may write its empty action list as Python's None or JSON's null."""
+    turn = parse_turn(f'"thoughts🤔" I can answer.\n"actions🚀" {actions}\n"value👉" It is a chest X-ray.')
+    assert turn == AssistantTurn(thoughts="I can answer.", value="It is a chest X-ray.")
+
+
 def test_non_strict_plain_text_is_an_answer():
     assert parse_turn("  The image shows a lung CT. ", strict=False) == AssistantTurn(value="The image shows a lung CT.")
 

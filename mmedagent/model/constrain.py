@@ -6,8 +6,9 @@ The character-level grammar is lm-format-enforcer's; this module builds it from 
 whose schema gives bounds (``minimum``, ``maximum``, ``exclusiveMinimum``, ``exclusiveMaximum``), which
 lm-format-enforcer does not check, are held to plain decimals within them (integers without a point),
 and parameters typed ``Box`` / ``Point`` (marked with :data:`~mmedagent.tools._boxes.COORDS_MARK`) to
-[0, 1] and, for boxes, x1 <= x2 and y1 <= y2, which a JSON schema cannot express. Other pydantic
-validators stay the dispatcher's.
+[0, 1] and, for boxes, x1 <= x2 and y1 <= y2, which a JSON schema cannot express. Free text (the
+thoughts and the value) may not write a turn marker again, which :func:`~mmedagent.protocol.parse_turn`
+refuses. Other pydantic validators stay the dispatcher's.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from collections.abc import Iterable
 from decimal import ROUND_CEILING, Decimal
 from typing import Any
 
-from mmedagent.protocol import ACTIONS_MARK, THOUGHTS_MARK, VALUE_MARK, actions_json_schema
+from mmedagent.protocol import ACTIONS_MARK, MARKS, THOUGHTS_MARK, VALUE_MARK, actions_json_schema
 from mmedagent.tools._boxes import COORDS_MARK
 
 
@@ -175,7 +176,7 @@ def _meets(lo: Decimal, lo_in: bool, hi: Decimal, hi_in: bool, f: Numbers) -> bo
 
 def _actions(turn: str) -> str:
     """The action list written so far in a turn's text ("" before it begins)."""
-    mark = f"\n{ACTIONS_MARK}"  # the thoughts are one line, which may quote the mark itself
+    mark = f"\n{ACTIONS_MARK}"  # after the thoughts' one line
     start = turn.find(mark)
     if start < 0:
         return ""
@@ -254,15 +255,23 @@ class NumberCheck:
         return value(i, f.depth, f)[0]
 
 
+def _repeats_a_mark(text: str) -> bool:
+    return any(text.count(m) > 1 for m in MARKS)
+
+
+_MARK_TAIL = max(map(len, MARKS)) - 1  # the end of a text that a token may complete a marker with
+
+
 class TurnRule:
     """The grammar state of one turn being decoded. ``allows(token)`` checks one candidate by feeding
     its characters to the parser (cheap: a greedy step whose choice fits needs nothing more);
     ``allowed()`` lists every token that fits (a walk over the vocabulary); ``push(token)`` advances."""
 
     def __init__(self, tokenizer: Any, data: Any, partial: dict[int, bytes], silent: set[int], parser: Any,
-                 eos_ids: set[int], numbers: NumberCheck):
+                 eos_ids: set[int], numbers: NumberCheck, quoting: dict[int, str]):
+        """``quoting``: the text of each token holding a ``"`` (the last character of every marker)."""
         self._tokenizer, self._data, self._partial, self._silent, self._eos = tokenizer, data, partial, silent, eos_ids
-        self._numbers = numbers
+        self._numbers, self._quoting = numbers, quoting
         self._parser, self._ids, self._text = parser, [], ""
         self._tail = b""  # the last tokens' bytes of a character not yet complete
         self._checked: tuple[int, Any] | None = None  # the last candidate judged, so push() need not judge it again
@@ -291,11 +300,20 @@ class TurnRule:
             if ch not in parser.get_allowed_characters():
                 return None
             parser = parser.add_character(ch)
-        if not self._numbers.ok(_actions(stable)):
+        if _repeats_a_mark(stable) or not self._numbers.ok(_actions(stable)):
             return None
         if tail and not any(c.encode().startswith(tail) for c in parser.get_allowed_characters()):
             return None
         return parser, stable, tail
+
+    def _may_repeat_a_mark(self, token: int) -> bool:
+        """Whether ``token`` may complete a marker (then :meth:`allows` judges it); the grammar alone lets
+        the thoughts and the value write one again."""
+        text = self._quoting.get(token)
+        if text is None:
+            return False
+        tail = self._text[-_MARK_TAIL:]
+        return any((tail + text).count(m) > tail.count(m) for m in MARKS)
 
     def allows(self, token: int) -> bool:
         if token in self._eos:
@@ -312,8 +330,8 @@ class TurnRule:
         if any(ord(c) > 127 for c in self._parser.get_allowed_characters()):  # a character made of byte tokens
             tokens += [t for t in self._partial if self.allows(t)]
         if self._numbers.open_at(_actions(self._text)):  # inside a checked number: the grammar alone says too much
-            tokens = [t for t in tokens if self.allows(t)]
-        return tokens
+            return [t for t in tokens if self.allows(t)]
+        return [t for t in tokens if not self._may_repeat_a_mark(t) or self.allows(t)]
 
     def push(self, token: int) -> None:
         step = self._checked[1] if self._checked and self._checked[0] == token else self._step(token)
@@ -333,6 +351,7 @@ class TurnConstraint:
 
         self._tokenizer, self._eos = tokenizer, set(eos_ids)
         self._data, self._partial, self._silent = _tokenizer_data(tokenizer, sorted(self._eos))
+        self._quoting = {i: text for i, text, _ in self._data.regular_tokens if '"' in text}
         schema = actions_json_schema(tools)
         self._numbers = NumberCheck(number_fields(schema))
         # Every part gets the tokenizer's alphabet (newlines, accents); only the root would by default.
@@ -351,4 +370,4 @@ class TurnConstraint:
     def start(self) -> TurnRule:
         """The rule of one new turn."""
         return TurnRule(self._tokenizer, self._data, self._partial, self._silent, self._grammar(), self._eos,
-                        self._numbers)
+                        self._numbers, self._quoting)
