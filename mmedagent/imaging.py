@@ -293,13 +293,14 @@ def _window_meta(window: Window | None, source: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------- input handling
 
 
-def _check_pixels(n: int, max_pixels: int, what: str) -> None:
+def _check_pixels(n: int, max_pixels: int, what: str, knob: str = "max_pixels / MMEDAGENT_MAX_PIXELS") -> None:
+    """Refuse an image that declares more than ``max_pixels``; ``knob`` is the setting that raises that limit."""
     if n <= 0:
         raise ImageLoadError(f"{what} declares no pixels")
     if n > max_pixels:
         raise ImageLoadError(
             f"{what} declares {n:,} pixels, more than the limit of {max_pixels:,} "
-            "(possible decompression bomb; raise max_pixels / MMEDAGENT_MAX_PIXELS if the file is trusted)"
+            f"(possible decompression bomb; raise {knob} if the file is trusted)"
         )
 
 
@@ -334,7 +335,9 @@ def _load_pil(data: bytes, fmt: str, window: WindowSpec, frame: int | None, max_
     except Image.DecompressionBombError as e:  # Pillow's own limit
         raise ImageLoadError(f"image refused by Pillow's decompression-bomb limit: {e}") from None
     pil_limit = Image.MAX_IMAGE_PIXELS or max_pixels  # where Pillow starts warning of a bomb
-    _check_pixels(im.size[0] * im.size[1], min(max_pixels, pil_limit), f"{fmt.upper()} image")
+    if pil_limit < max_pixels:  # Pillow's limit is the one in force: raising ours would not help
+        _check_pixels(im.size[0] * im.size[1], pil_limit, f"{fmt.upper()} image", "Pillow's PIL.Image.MAX_IMAGE_PIXELS")
+    _check_pixels(im.size[0] * im.size[1], max_pixels, f"{fmt.upper()} image")
     n_frames = getattr(im, "n_frames", 1)
     index = 0 if frame is None else frame
     if not 0 <= index < n_frames:

@@ -133,6 +133,19 @@ def test_decompression_bomb_guard(monkeypatch):
         load_image(data)
 
 
+def test_a_refused_image_names_the_limit_in_force_and_the_setting_that_raises_it(monkeypatch):
+    """Raising max_pixels / MMEDAGENT_MAX_PIXELS cannot admit an image over Pillow's own limit: the
+    error must not advise it then."""
+    data = png_bytes(np.zeros((100, 100), np.uint8))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5000)
+    for max_pixels in (8000, 10**9):
+        with pytest.raises(ImageLoadError, match=r"limit of 5,000 .*raise Pillow's PIL\.Image\.MAX_IMAGE_PIXELS") as e:
+            load_image(data, max_pixels=max_pixels)
+        assert "MMEDAGENT_MAX_PIXELS" not in str(e.value)
+    with pytest.raises(ImageLoadError, match=r"limit of 2,000 .*raise max_pixels / MMEDAGENT_MAX_PIXELS"):
+        load_image(data, max_pixels=2000)
+
+
 def test_a_corrupt_dicom_header_is_an_image_load_error_that_quotes_nothing():
     with pytest.raises(ImageLoadError, match="DICOM") as e:
         load_image(dicom_quoting_a_name(b"Zzyzx^Quixote "))

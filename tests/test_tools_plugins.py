@@ -1,11 +1,13 @@
 """Tool authors' mistakes and plug-in clashes: each gets a clear error, and the other tools keep working."""
 
 import logging
+import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from pydantic import field_validator
@@ -13,7 +15,8 @@ from pydantic import field_validator
 import mmedagent.tools as tools_pkg
 from doubles import grey_image
 from mmedagent.dispatcher import Dispatcher
-from mmedagent.protocol import ToolCall
+from mmedagent.protocol import ToolCall, parse_tool_results, render_tool_results
+from mmedagent.serve.uploads import png_data_url
 from mmedagent.serve.tool_worker import build_app
 from mmedagent.tools import Overlay, Tool, ToolParams, ToolResult, registry
 
@@ -281,3 +284,121 @@ def test_the_tool_worker_refuses_a_bad_command_line_in_one_line(argv, message):
     script = ROOT / "serve" / "tool_worker.py"
     out = subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
+
+
+UNSCHEMABLE = '''
+import numpy as np
+from pydantic import ConfigDict
+
+from mmedagent.tools import Tool, ToolParams, ToolResult
+
+
+class Kernel(Tool):  # a numpy field: pydantic validates it, but has no JSON schema for it
+    name = "kernel_filter"
+    needs_image = False
+
+    class Params(ToolParams):
+        model_config = ConfigDict(arbitrary_types_allowed=True)
+        kernel: np.ndarray | None = None
+
+    def __call__(self, image, params):
+        return ToolResult()
+'''
+
+
+def test_a_plugin_without_a_json_schema_is_skipped_and_cannot_break_the_prompt_of_the_others(plugin_dir, caplog):
+    """The system prompt and the constrained decoder describe every listed tool: one unschemable plug-in made
+    both raise for all tools."""
+    from mmedagent.protocol import actions_json_schema, system_prompt
+
+    install(plugin_dir, "hosp_tools", {"__init__.py": "", "kernel.py": UNSCHEMABLE, "organ.py": ORGAN_VOLUME},
+            "kernel = hosp_tools.kernel:Kernel\nvolume = hosp_tools.organ:OrganVolume\n")
+    with caplog.at_level(logging.WARNING, logger="mmedagent.tools.registry"):
+        tools = tools_pkg.list_tools()
+    names = [c.name for c in tools]
+    assert "kernel_filter" not in names and "organ_volume" in names and "segmentation" in names
+    assert "tool plug-in kernel (hosp_tools.kernel:Kernel, from hosp_tools 1.0): tool 'kernel_filter' " \
+           "(hosp_tools.kernel.Kernel) has no JSON schema (PydanticInvalidForJsonSchema: Cannot generate a JsonSchema " \
+           "for core_schema.IsInstanceSchema (<class 'numpy.ndarray'>)); it is skipped" in caplog.text
+    assert "- organ_volume (also: volume): Volume (ml) of bright voxels inside a box." in system_prompt(tools)
+    assert len(actions_json_schema(tools)["items"]["anyOf"]) == len(tools)
+
+
+def test_params_that_would_ignore_a_misspelt_param_or_want_the_image_are_refused_where_defined():
+    from pydantic import BaseModel
+
+    class Loose(BaseModel):
+        threshold: float = 0.5
+
+    with pytest.raises(TypeError, match=r"Thresh.Params must subclass mmedagent.tools.ToolParams .*misspelt"):
+        class Thresh(Tool):  # {"treshold": 0.9} would have run on 0.5
+            name = "thresh"
+            Params = Loose
+
+    with pytest.raises(TypeError, match="Crop.Params must not have an 'image' field: the dispatcher drops"):
+        class Crop(Tool):  # every call would have failed with "image: Field required"
+            name = "crop"
+
+            class Params(ToolParams):
+                image: str
+
+
+REFUSED_AT_DEFINITION = '''
+from mmedagent.tools import Tool
+
+
+class Volume(Tool):
+    name = "organ_volume"
+    aliases = ("volume")
+'''
+
+
+def test_a_plugin_module_whose_tool_is_refused_where_defined_is_a_one_line_error(plugin_dir):
+    """``--plugin``: load_plugin's ImportError (what the controller and the worker report) names the refusal."""
+    (plugin_dir / "hosp_refused.py").write_text(REFUSED_AT_DEFINITION)
+    with pytest.raises(ImportError, match=r"^hosp_refused could not be imported: TypeError: Volume.aliases must be "
+                                          r"a tuple of non-empty strings, e\.g\. \('volume',\), not 'volume'$"):
+        tools_pkg.load_plugin("hosp_refused")
+    with pytest.raises(ModuleNotFoundError, match="hosp_not_there"):
+        tools_pkg.load_plugin("hosp_not_there")
+    script = ROOT / "serve" / "tool_worker.py"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(plugin_dir), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, str(script), "--tool", "volume", "--plugin", "hosp_refused"],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "error: --plugin hosp_refused: hosp_refused could not be imported: TypeError: Volume.aliases" in out.stderr
+
+
+class Contrast(Tool):
+    """A tool whose statistic is undefined on a flat region: NaN, or infinite."""
+
+    name = "contrast"
+
+    class Params(ToolParams):
+        noise: float = 0.0
+
+    class Result(ToolResult):
+        cnr: float
+        ratio: float
+        values: list[float]
+
+    def __call__(self, image, params):
+        grey = np.asarray(image.convert("L"), dtype=np.float64)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return self.Result(cnr=float((grey.mean() - grey.mean()) / params.noise),
+                               ratio=float(grey.mean() / params.noise), values=[1 / 3, float("-inf")])
+
+
+def test_non_finite_numbers_reach_the_model_as_none_in_process_and_from_a_worker():
+    """In-process the model read {'cnr': nan}, from a worker {'cnr': None}; and 'nan' in a saved
+    tool-result turn did not parse back as a result."""
+    image = grey_image(value=90)
+    outcome = Dispatcher([Contrast()]).dispatch(ToolCall(API_name="contrast", API_params={}), image)
+    expected = {"cnr": None, "ratio": None, "values": [0.33, None]}
+    assert outcome.ok and outcome.output == expected
+    client = TestClient(build_app(Contrast(), 1 << 20))
+    answer = client.post("/call", json={"params": {}, "image": png_data_url(image)}).json()
+    assert answer["for_model"] == expected
+    text = render_tool_results([outcome], "Is the lesion enhancing?")
+    assert "contrast output: {'cnr': None, 'ratio': None, 'values': [0.33, None]}" in text
+    assert parse_tool_results(text).outcomes[0].output == expected

@@ -313,6 +313,19 @@ def test_grounding_prompts_longer_than_the_text_encoder_are_a_clear_error(dispat
     assert dispatcher.dispatch(call("grounding dino", prompts=["tumor lesion cell nucleus"] * 6), img).ok
 
 
+def test_an_image_too_elongated_for_the_detector_is_a_clear_error_and_the_turn_goes_on(dispatcher):
+    """The tiny detector scales the long side to 160 px: a 2000x1 strip would keep no row (was transformers'
+    "Size must contain 'height' and 'width' keys" error)."""
+    strip = scan_image(2000, 1)
+    calls = [call("grounding dino", prompts=["tumor"]), call("grounding dino + MedSAM", prompts=["tumor"]),
+             call("MedSAM", boxes=[[0, 0, 1, 1]])]
+    outcomes, _ = dispatcher.dispatch_all(calls, strip)
+    for o in outcomes[:2]:
+        assert "the image is 2000x1 pixels" in o.error and "under 160:1" in o.error
+    assert outcomes[2].ok
+    assert dispatcher.dispatch(call("grounding dino", prompts=["tumor"]), scan_image(300, 2)).ok  # 160:1 reads
+
+
 # segmentation
 
 

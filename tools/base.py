@@ -32,8 +32,9 @@ class Overlay(BaseModel):
 
 
 def _round(value: Any, ndigits: int) -> Any:
+    """Floats rounded; NaN and infinities as None, as JSON (and so a tool worker) carries them."""
     if isinstance(value, float):
-        return round(value, ndigits) if math.isfinite(value) else value
+        return round(value, ndigits) if math.isfinite(value) else None
     if isinstance(value, dict):
         return {k: _round(v, ndigits) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -44,8 +45,9 @@ def _round(value: Any, ndigits: int) -> Any:
 class ToolResult(BaseModel):
     """Base for a tool's ``Result``.
 
-    ``for_model()`` is the compact form fed back to the planner (rounded numbers, without the
-    fields named in ``hidden_from_model`` such as masks); ``overlay()`` is what the UI draws.
+    ``for_model()`` is the compact form fed back to the planner (rounded numbers, NaN and infinities
+    as None, without the fields named in ``hidden_from_model`` such as masks); ``overlay()`` is what
+    the UI draws.
     """
 
     hidden_from_model: ClassVar[frozenset[str]] = frozenset()
@@ -109,11 +111,19 @@ class Tool:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Refuse declarations that would misbehave at call time: ``aliases = ("volume")`` (a string,
-        so every letter would be an alias) and a ``Result`` that is not a :class:`ToolResult`."""
+        so every letter would be an alias), a ``Params`` that is not a :class:`ToolParams` (a plain
+        pydantic model ignores a misspelt param, so the call runs on the default), a ``Params`` field
+        named ``image`` (the dispatcher drops it) and a ``Result`` that is not a :class:`ToolResult`."""
         super().__init_subclass__(**kwargs)
         if isinstance(cls.aliases, str) or not all(isinstance(a, str) and a.strip() for a in cls.aliases):
             raise TypeError(f"{cls.__qualname__}.aliases must be a tuple of non-empty strings, e.g. ('volume',), "
                             f"not {cls.aliases!r}")
+        if not (isinstance(cls.Params, type) and issubclass(cls.Params, ToolParams)):
+            raise TypeError(f"{cls.__qualname__}.Params must subclass mmedagent.tools.ToolParams (it refuses unknown "
+                            "params by name; a plain pydantic model would ignore a misspelt one)")
+        if "image" in cls.Params.model_fields:
+            raise TypeError(f"{cls.__qualname__}.Params must not have an 'image' field: the dispatcher drops the "
+                            "model's image value and passes the conversation's image as __call__'s first argument")
         if not (isinstance(cls.Result, type) and issubclass(cls.Result, ToolResult)):
             raise TypeError(f"{cls.__qualname__}.Result must subclass mmedagent.tools.ToolResult")
 

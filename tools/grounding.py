@@ -88,9 +88,19 @@ class GroundingTool(Tool):
         words = [w for w in label.replace(".", " ").split() if w not in self._special]
         return " ".join(words)
 
+    def _check_shape(self, width: int, height: int) -> None:
+        """Refuse an image so elongated that the processor would scale its short side to no pixels
+        (transformers' own error then speaks of size keys, not of the image)."""
+        longest = getattr(self.processor.image_processor.size, "longest_edge", None)
+        if longest and round(longest * min(width, height) / max(width, height)) < 1:
+            raise ValueError(f"the image is {width}x{height} pixels: this Grounding DINO scales its long side to "
+                             f"{longest} px, which leaves the short side no pixel; crop it or pad it to a ratio "
+                             f"under {longest}:1")
+
     def detect(self, image: Any, prompts: list[str], box_threshold: float, text_threshold: float) -> GroundingResult:
         """Boxes for the prompts on an image (what ``__call__`` does, without a params object)."""
         img = as_pil_rgb(image)
+        self._check_shape(*img.size)
         text = " . ".join(p.lower() for p in prompts) + " ."
         inputs = self.processor(images=img, text=text, return_tensors="pt").to(self.device)
         n_tokens, limit = inputs["input_ids"].shape[1], self.model.config.max_text_len

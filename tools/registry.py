@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import json
 import logging
 import pkgutil
 from collections.abc import Iterable
@@ -64,10 +65,26 @@ def _where(cls: type[Tool]) -> str:
     return f"tool {cls.name!r} ({cls.__module__}.{cls.__qualname__})"
 
 
+def _unschemable(cls: type[Tool]) -> str | None:
+    """Why ``cls`` cannot describe itself as JSON (the system prompt, the constrained decoder and the
+    worker's ``/schema`` all need it), e.g. a ``Params`` field of a type pydantic has no schema for; None if it can."""
+    try:
+        json.dumps(cls.schema())
+    except Exception as e:
+        first_line = next(iter(str(e).splitlines()), "")  # pydantic appends a multi-line help link
+        return f"{_where(cls)} has no JSON schema ({type(e).__name__}: {first_line})"
+    return None
+
+
 def _add(found: dict[str, type[Tool]], cls: type[Tool], source: str) -> None:
-    """Add a discovered tool unless its name or an alias is taken: the first comes first (built-ins,
-    then plug-ins in entry-point order); the later one is skipped with a warning. Tools registered in this
-    process (``register``) are not discovered tools: they never push one out."""
+    """Add a discovered tool unless its name or an alias is taken (the first comes first: built-ins,
+    then plug-ins in entry-point order) or it has no JSON schema; such a tool is skipped with a warning,
+    so that it cannot break the system prompt of the others. Tools registered in this process
+    (``register``) are not discovered tools: they never push one out."""
+    broken = _unschemable(cls)
+    if broken:
+        log.warning("%s: %s; it is skipped: give every Params and Result field a JSON type", source, broken)
+        return
     why = _clash(cls, found.values())
     if why:
         log.warning("%s: %s; it is skipped: rename it or drop the clashing alias", source, why)
@@ -163,9 +180,16 @@ def register(cls: type[Tool]) -> type[Tool]:
 
 
 def load_plugin(module_name: str) -> list[type[Tool]]:
-    """Import a module (``--plugin my_pkg.tools``) and register every tool class it defines; a
-    ``ValueError`` if it defines none or one clashes with a known tool's name or alias."""
-    classes = _tools_in_module(importlib.import_module(module_name))
+    """Import a module (``--plugin my_pkg.tools``) and register every tool class it defines; an
+    ``ImportError`` if it cannot be imported (whatever it raised, named), a ``ValueError`` if it defines
+    none or one clashes with a known tool's name or alias."""
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        raise
+    except BROKEN as e:  # a tool class refused where it is defined, a module that exits: one line, not a traceback
+        raise ImportError(f"{module_name} could not be imported: {type(e).__name__}: {e}") from e
+    classes = _tools_in_module(module)
     if not classes:
         raise ValueError(f"{module_name} defines no tool class (a Tool subclass with a name)")
     for cls in classes:
