@@ -38,6 +38,42 @@ def _describe_http_error(what: str, address: str, err: httpx.HTTPError) -> str:
     return f"{what} at {address} stopped responding ({type(err).__name__}: {err})"
 
 
+class _Unavailable(Exception):
+    """A worker answered that it cannot take the call now (hung or still loading): try another one."""
+
+
+def _with_failover(registry: WorkerRegistry, kind: str, name: str, what: str, address: str,
+                   call: Callable[[str], Iterator[Any]]) -> Iterator[Any]:
+    """What ``call(address)`` yields, from the first worker of ``kind`` ``name`` that takes the call,
+    starting at ``address`` and trying each worker at most once.
+
+    A worker whose connection is refused (it is gone; the call never started) is dropped at once (it
+    registers again when it comes back), and one whose ``call`` raises :class:`_Unavailable` is passed
+    over, when another worker serves ``name``; else either is a :class:`WorkerError`, as is any other
+    transport failure, naming ``what`` and the worker.
+    """
+    tried: list[str] = []
+    while True:
+        tried.append(address)
+        registry.begin(address)
+        try:
+            yield from call(address)
+            return
+        except httpx.ConnectError as e:
+            registry.remove(address)
+            failure = WorkerError(_describe_http_error(what, address, e))
+        except _Unavailable as e:
+            failure = WorkerError(str(e))
+        except httpx.HTTPError as e:
+            raise WorkerError(_describe_http_error(what, address, e)) from None
+        finally:
+            registry.end(address)
+        try:
+            address = registry.pick(kind, name, exclude=tried)
+        except NoWorkerError:
+            raise failure from None
+
+
 # --------------------------------------------------------------------------- tools
 
 
@@ -79,25 +115,8 @@ class RemoteTool(Tool):
 
     def __call__(self, image: Any, params: ToolParams) -> RemoteResult:
         body = {"params": params.model_dump(mode="json"), "image": png_data_url(image) if image is not None else None}
-        tried: list[str] = []
-        while True:
-            address = self._pick(tried)
-            tried.append(address)
-            self.registry.begin(address)
-            try:
-                r = self.client.post(f"{address}/call", json=body, timeout=timeout(self.timeout_s))
-            except httpx.ConnectError as e:  # the worker is gone and the call never started
-                self.registry.remove(address)  # (a worker that comes back registers again at its next heartbeat)
-                if self._another_worker(tried):
-                    continue
-                raise WorkerError(_describe_http_error(f"tool worker for {self.name!r}", address, e)) from None
-            except httpx.HTTPError as e:
-                raise WorkerError(_describe_http_error(f"tool worker for {self.name!r}", address, e)) from None
-            finally:
-                self.registry.end(address)
-            if r.status_code == 503 and self._another_worker(tried):
-                continue  # this worker is hung or still loading; another one serves the tool
-            break
+        [(address, r)] = _with_failover(self.registry, "tool", self.worker_name, f"tool worker for {self.name!r}",
+                                        self._pick(), lambda address: self._post(address, body))
         if 400 <= r.status_code < 500:
             raise ToolInputError(error_detail(r))
         if r.status_code != 200:
@@ -110,21 +129,19 @@ class RemoteTool(Tool):
         return RemoteResult(data=answer.result, model_view=answer.for_model, overlay_data=answer.overlay,
                             worker_elapsed_s=answer.elapsed_s)
 
-    def _pick(self, tried: list[str]) -> str:
+    def _post(self, address: str, body: dict[str, Any]) -> Iterator[tuple[str, httpx.Response]]:
+        r = self.client.post(f"{address}/call", json=body, timeout=timeout(self.timeout_s))
+        if r.status_code == 503:  # this worker is hung or still loading; another one may serve the tool
+            raise _Unavailable(f"{self.name}: {error_detail(r)}")
+        yield address, r
+
+    def _pick(self) -> str:
         try:
-            return self.registry.pick("tool", self.worker_name, exclude=tried)
+            return self.registry.pick("tool", self.worker_name)
         except NoWorkerError:
             raise WorkerError(
                 f"no worker is serving tool {self.name!r} right now; available tools: {', '.join(self.available()) or '(none)'}"
             ) from None
-
-    def _another_worker(self, tried: list[str]) -> bool:
-        """Whether a worker not yet tried serves this tool (each call tries every worker at most once)."""
-        try:
-            self.registry.pick("tool", self.worker_name, exclude=tried)
-            return True
-        except NoWorkerError:
-            return False
 
 
 def _schema_params(schema: dict[str, Any]) -> type[ToolParams]:
@@ -185,6 +202,7 @@ class WorkerPlanner:
     def __init__(self, registry: WorkerRegistry, client: httpx.Client, model: str, conversation_id: str, timeout_s: float):
         self.registry, self.client, self.model = registry, client, model
         self.conversation_id, self.timeout_s = conversation_id, timeout_s
+        self.what = f"model worker for {model!r}"
         self.address = registry.pick("model", model)
         self.last_stats: dict[str, int] = {}  # the last call's token counts, as the worker reports them
 
@@ -202,41 +220,29 @@ class WorkerPlanner:
     def stream(self, messages: Sequence[dict[str, str]], image: Any, **gen: Any) -> Iterator[str]:
         """The reply in pieces. A worker that is gone (connection refused: the call never started) is
         dropped at once, and the chat goes on with another worker of the model if there is one."""
-        what = f"model worker for {self.model!r}"
         body = self._body(messages, image, gen)
         self.last_stats = {}
-        tried: list[str] = []
-        while True:
-            address = self.address
-            tried.append(address)
-            self.registry.begin(address)
-            try:
-                with self.client.stream("POST", f"{address}/worker_generate_stream", json=body,
-                                        timeout=timeout(self.timeout_s)) as r:
-                    if r.status_code != 200:
-                        r.read()
-                        raise WorkerError(f"{what}: {error_detail(r)}")
-                    for event in _iter_ndjson(r):
-                        if "error" in event:
-                            raise WorkerError(f"{what}: {event['error']}")
-                        if event.get("text"):
-                            yield event["text"]
-                        if "stats" in event:
-                            self.last_stats = event["stats"]
-                return
-            except httpx.ConnectError as e:
-                self.registry.remove(address)  # (a worker that comes back registers again at its next heartbeat)
-                try:
-                    self.address = self.registry.pick("model", self.model, exclude=tried)
-                except NoWorkerError:
-                    raise WorkerError(_describe_http_error(what, address, e)) from None
-            except httpx.HTTPError as e:
-                raise WorkerError(_describe_http_error(what, address, e)) from None
-            except ValueError:  # not NDJSON objects
-                raise WorkerError(f"{what} at {address} answered with malformed output; is it an mmedagent "
-                                  "model worker?") from None
-            finally:
-                self.registry.end(address)
+        yield from _with_failover(self.registry, "model", self.model, self.what, self.address,
+                                  lambda address: self._stream(address, body))
+
+    def _stream(self, address: str, body: dict[str, Any]) -> Iterator[str]:
+        what, self.address = self.what, address  # the chat's later passes go to this worker too
+        try:
+            with self.client.stream("POST", f"{address}/worker_generate_stream", json=body,
+                                    timeout=timeout(self.timeout_s)) as r:
+                if r.status_code != 200:
+                    r.read()
+                    raise WorkerError(f"{what}: {error_detail(r)}")
+                for event in _iter_ndjson(r):
+                    if "error" in event:
+                        raise WorkerError(f"{what}: {event['error']}")
+                    if event.get("text"):
+                        yield event["text"]
+                    if "stats" in event:
+                        self.last_stats = event["stats"]
+        except ValueError:  # not NDJSON objects
+            raise WorkerError(f"{what} at {address} answered with malformed output; is it an mmedagent "
+                              "model worker?") from None
 
 
 def to_openai_messages(messages: Sequence[dict[str, str]], image: Any) -> list[dict[str, Any]]:

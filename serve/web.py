@@ -142,6 +142,24 @@ def read_and_delete(upload: Path) -> bytes:
             upload.parent.rmdir()
 
 
+def upload_box(**kwargs: Any):
+    """A ``gr.File`` whose value is the path of Gradio's copy of the upload, for :func:`read_and_delete`.
+    ``gr.File`` itself also makes an empty temp file per upload, kept until exit; this one makes none. (Its
+    ``preprocess`` is replaced on the instance: a subclass would make Gradio write a ``.pyi`` beside this file.)"""
+    import gradio as gr
+    from gradio.data_classes import ListFiles
+
+    box = gr.File(**kwargs)
+
+    def upload_path(payload: Any) -> str | None:
+        if payload is None:
+            return None
+        return (payload[0] if isinstance(payload, ListFiles) else payload).path
+
+    box.preprocess = upload_path
+    return box
+
+
 def private_upload_dir() -> Path:
     """A folder only this user can read, for Gradio's uploads and images, removed at exit (set as
     ``GRADIO_TEMP_DIR``, inside the one already set, if any)."""
@@ -222,7 +240,8 @@ class WebChat:
 
     def respond(self, question: str, chat: list, history: list, image, conversation: str | None) -> Iterator[tuple]:
         """Stream one question: yields (chat, history, preview, question box, conversation id). The box is
-        emptied once, as the question moves into the chat: what the user types meanwhile stays."""
+        emptied once, as the question moves into the chat: what the user types meanwhile stays. The preview
+        is sent only when it changes (Gradio rewrites its file each time, under a browser reading it)."""
         import gradio as gr
 
         from mmedagent.render import render
@@ -233,16 +252,17 @@ class WebChat:
             return
         conversation = conversation or uuid.uuid4().hex
         chat = [*chat, {"role": "user", "content": question}]
-        preview, overlays, pending = (for_display(image) if image is not None else None), [], ""
+        overlays, pending = [], ""
         body = {"question": question, "history": history, "conversation_id": conversation,
                 "image": png_data_url(image) if image is not None else None}
-        yield chat + [{"role": "assistant", "content": "…"}], history, preview, "", conversation
+        shown = for_display(image) if image is not None else None  # without the last question's overlays
+        yield chat + [{"role": "assistant", "content": "…"}], history, shown, "", conversation
         try:
             with self.client.stream("POST", f"{self.url}/chat", json=body) as r:
                 if r.status_code != 200:
                     r.read()
                     chat.append({"role": "assistant", "content": f"⚠️ {error_detail(r)}"})
-                    yield chat, history, preview, keep, conversation
+                    yield chat, history, keep, keep, conversation
                     return
                 for line in r.iter_lines():
                     if not line:
@@ -250,11 +270,12 @@ class WebChat:
                     event = json.loads(line)
                     if event["type"] == "token":
                         pending += event["text"]
-                        yield chat + [{"role": "assistant", "content": pending}], history, preview, keep, conversation
+                        yield chat + [{"role": "assistant", "content": pending}], history, keep, keep, conversation
                     elif event["type"] == "step":
                         pending = ""
                         step = event["step"]
                         chat.extend(step_messages(step))
+                        preview = keep
                         if image is not None and any(step["overlays"]):
                             try:  # a tool's malformed box or mask must not end the answer
                                 drawn = [*overlays, *(Overlay.model_validate(o) for o in step["overlays"] if o)]
@@ -267,13 +288,13 @@ class WebChat:
                         if note := stop_note(event["stopped"]):
                             chat.append({"role": "assistant", "content": note, "metadata": {"title": "⚠️ Note"}})
                         chat.append({"role": "assistant", "content": event["answer"] or "(no answer)"})
-                        yield chat, history, preview, keep, conversation
+                        yield chat, history, keep, keep, conversation
                     elif event["type"] == "error":
                         chat.append({"role": "assistant", "content": f"⚠️ {event['error']}"})
-                        yield chat, history, preview, keep, conversation
+                        yield chat, history, keep, keep, conversation
         except httpx.HTTPError as e:
             chat.append({"role": "assistant", "content": f"⚠️ controller unreachable ({type(e).__name__})"})
-            yield chat, history, preview, keep, conversation
+            yield chat, history, keep, keep, conversation
 
 
 def build_ui(web: WebChat):
@@ -288,7 +309,7 @@ def build_ui(web: WebChat):
         with gr.Row():
             with gr.Column(scale=2):
                 # any file name: DICOM files from a PACS or a CD often have no extension; the content decides
-                upload = gr.File(label="Image (PNG, JPEG, DICOM, NIfTI)", elem_id="upload")
+                upload = upload_box(label="Image (PNG, JPEG, DICOM, NIfTI)", elem_id="upload")
                 with gr.Row():  # the view of a scan: CT window, NIfTI slice / plane / volume, DICOM frame
                     window = gr.Dropdown([AUTO, *WINDOW_PRESETS], value=AUTO, label="Window", elem_id="window")
                     plane = gr.Dropdown(["axial", "coronal", "sagittal"], value="axial", label="Plane", elem_id="plane")

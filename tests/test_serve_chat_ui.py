@@ -69,6 +69,7 @@ class Page:
         self.deps = self.ui.config["dependencies"]
         self.ids = {c["props"]["elem_id"]: c["id"] for c in self.ui.config["components"] if c["props"].get("elem_id")}
         self.values = {c["id"]: getattr(self.ui.blocks[c["id"]], "value", None) for c in self.ui.config["components"]}
+        self.sent = {i: 0 for i in self.values}  # values sent to each component (Gradio saves each image sent)
 
     def __getitem__(self, elem_id):
         return self.values[self.ids[elem_id]]
@@ -113,6 +114,7 @@ class Page:
         for i, value in zip(outputs, update if len(outputs) > 1 else [update]):
             if not (isinstance(value, dict) and value.get("__type__") == "update"):  # gr.skip(): left as shown
                 self.values[i] = value
+                self.sent[i] += 1
 
 
 def test_a_new_upload_opens_at_its_own_default_slice_and_volume(scans, tmp_path):
@@ -207,6 +209,17 @@ def test_what_the_user_types_while_an_answer_streams_is_kept(scans, tmp_path):
     assert controller.bodies[1]["conversation_id"] == controller.bodies[0]["conversation_id"]
 
 
+def test_the_preview_is_sent_once_per_question_not_with_each_piece_of_the_answer(scans, tmp_path):
+    """Gradio rewrites the preview's file each time it is sent, under a browser reading it (a torn image,
+    a traceback in the log): an answer streamed in pieces sends it once, as the question goes."""
+    page = Page(FakeController(), tmp_path)
+    page.upload(scans / "ct.dcm")
+    before = page.sent[page.ids["preview"]]
+    page["question"] = "Where is the lesion?"
+    assert page.event("send", "click") is None and page["chat"][-1]["content"] == "answer 1"
+    assert page.sent[page.ids["preview"]] - before == 1
+
+
 def run_cli(monkeypatch, controller, argv, typed=()):
     """``python serve/cli.py --controller ... ARGV`` with ``typed`` at its prompt ("^C": Ctrl-C there)."""
     monkeypatch.setattr(cli, "make_client", lambda *a, **k: httpx.Client(transport=httpx.MockTransport(controller)))
@@ -299,3 +312,15 @@ def test_an_overlay_that_cannot_be_drawn_is_a_note_and_the_answer_still_shows(sc
     assert notes == ["This step's boxes or masks could not be drawn on the image: "
                      "RLE counts cover 0 pixels, expected 10x10=100"]
     assert not np.array_equal(np.asarray(page["preview"]), np.asarray(before))  # the next step's box is drawn
+
+
+def test_the_upload_box_is_a_plain_file_box_and_writes_nothing_beside_the_package():
+    from pathlib import Path
+
+    import gradio as gr
+
+    from mmedagent.serve import web
+
+    box = web.upload_box(label="Image")
+    assert type(box) is gr.File  # a subclass would make Gradio write a .pyi stub beside serve/web.py
+    assert not Path(web.__file__).with_suffix(".pyi").exists()

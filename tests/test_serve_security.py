@@ -133,14 +133,18 @@ def test_an_answer_that_did_not_end_normally_says_so_in_the_chat(stopped, title)
     assert chat[titles.index("⚠️ Note")]["content"] == stop_note(stopped) and chat[-1]["content"].startswith("I will")
 
 
-def test_the_web_ui_removes_its_files_when_stopped(tmp_path):
-    """The launcher, docker and systemd stop it with SIGTERM: its folder of uploads and previews goes too."""
+def test_the_web_ui_keeps_no_upload_on_disk_and_removes_its_files_when_stopped(tmp_path):
+    """An upload leaves only its preview behind (no copy, no empty temp file); the launcher, docker and
+    systemd stop the UI with SIGTERM: its folder of previews goes too."""
     import os
+    import shutil
     import signal
     import socket
 
     import httpx
     from _serve_fixtures import ServeProcess, serve_env, wait_until
+    from gradio_client import Client, handle_file
+    from pydicom.data import get_testdata_file
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -160,6 +164,11 @@ def test_the_web_ui_removes_its_files_when_stopped(tmp_path):
         wait_until(serving, 90)
         (folder,) = temp.iterdir()
         assert folder.name.startswith("mmedagent-web-")
+        scan = tmp_path / "Doe_John_MRN12345.dcm"
+        shutil.copy(get_testdata_file("CT_small.dcm"), scan)
+        shown = Client(f"http://127.0.0.1:{port}", verbose=False).predict(handle_file(str(scan)), api_name="/load")
+        assert shown[2].startswith("Loaded dicom"), shown
+        assert [p.name for p in folder.rglob("*") if p.is_file()] == ["image.png"]  # the preview only
         os.kill(proc.proc.pid, signal.SIGTERM)
         assert proc.proc.wait(30) == 0 and not folder.exists()
     finally:
