@@ -31,7 +31,7 @@ import mmedagent  # noqa: F401  - arms the torchvision shim first
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from mmedagent.agent import Agent, AgentResult, AgentStep
 from mmedagent.dispatcher import Dispatcher
@@ -72,6 +72,13 @@ class ChatRequest(BaseModel):
     max_new_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
+
+    @field_validator("question")
+    @classmethod
+    def _has_words(cls, question: str) -> str:
+        if not strip_image_token(question):
+            raise ValueError("the question is empty (only spaces or the <image> marker); ask something")
+        return question
 
 
 def check_history_length(history: list[Any]) -> None:

@@ -539,3 +539,21 @@ def test_a_window_that_is_neither_preset_nor_center_width_names_both_forms(spec)
     message = str(e.value)
     assert f"unknown window preset {spec!r}" in message and "CENTER,WIDTH" in message and "40,400" in message
     assert "brain" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("question", ["   ", "<image>", "<image>\n  \n"])
+def test_a_question_without_words_is_refused_before_the_agent_runs(question):
+    from fastapi.testclient import TestClient
+
+    from mmedagent.serve.controller import Controller, build_app
+    from mmedagent.serve.httpclient import error_detail
+
+    ctl = Controller(ServeConfig())
+    try:
+        with TestClient(build_app(ctl)) as client:
+            r = client.post("/chat", json={"question": question})
+            assert r.status_code == 422 and "the question is empty" in error_detail(r)
+            r = client.post("/chat", json={"question": "<image>\nWhere?"})
+            assert r.status_code == 503 and "no model worker" in r.json()["detail"]  # a real question goes on
+    finally:
+        ctl.close()
