@@ -108,7 +108,8 @@ def render_tool_results(outcomes: Sequence[ToolOutcome], question: str) -> str:
     """The one wording that feeds tool outputs back to the model.
 
     ``{tool} output: {result}`` per call (MMedAgent's training wording; a text output as is),
-    ``{tool} error: {message}`` for a failed call, then ``Answer my first question: {question}``.
+    ``{tool} error: {message}`` for a failed call, then ``Answer my first question: {question}``. An
+    ``<image>`` marker written in an output is dropped: the conversation's one image is the user's.
     """
     lines = []
     for o in outcomes:
@@ -118,7 +119,7 @@ def render_tool_results(outcomes: Sequence[ToolOutcome], question: str) -> str:
             lines.append(f"{o.tool} output: {o.text}")
         else:
             lines.append(f"{o.tool} output: {_python_repr(o.output or {})}")
-    return "\n".join(lines) + f"\n\nAnswer my first question: {question}"
+    return without_image_token("\n".join(lines)) + f"\n\nAnswer my first question: {question}"
 
 
 _RESULT_LINE = re.compile(r"^(?P<tool>\S.*?) (?P<kind>output|error): (?P<body>.*)$")

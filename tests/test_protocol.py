@@ -97,6 +97,17 @@ def test_tool_outputs_json_cannot_carry_stay_text(body):
     assert render_tool_results([outcome], "q") == text
 
 
+def test_an_image_marker_in_a_tool_output_is_dropped():
+    """A passage or report quoting ``<image>`` would give the model a second image marker (the processor
+    then refuses the prompt, or the model reads an image that is not there)."""
+    outcomes = [ToolOutcome(tool="retrieval", text="See the figure <image>\nbelow."),
+                ToolOutcome(tool="grounding", output={"label": "<image> tumor"})]
+    text = render_tool_results(outcomes, "Where?")
+    assert "<image>" not in text
+    assert text == "retrieval output: See the figure below.\ngrounding output: {'label': ' tumor'}\n\n" \
+                   "Answer my first question: Where?"
+
+
 def test_multi_line_tool_errors_round_trip():
     outcomes = [ToolOutcome(tool="segmentation", ok=False, error="RuntimeError: CUDA out of memory.\n\tTried to allocate 2 GiB"),
                 ToolOutcome(tool="grounding", output={"boxes": [[0.1, 0.2, 0.3, 0.4]]})]

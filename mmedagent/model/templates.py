@@ -7,7 +7,9 @@ guessed from the model path.
 :func:`render_segments` is the one contract shared by training and inference: the concatenation of
 the segment strings is the exact prompt text (tokenize it with ``add_special_tokens=False``: the
 text already holds the BOS token where the template wants one), and ``True`` marks the text the
-model learns — assistant content plus its end-of-turn text.
+model learns — assistant content plus its end-of-turn text. Message contents are text: a special token
+written in one (``</s>`` or ``<|im_end|>`` in a retrieved passage, a report, a question) is broken with a
+word joiner, so it reads as characters and cannot end a turn or forge one.
 """
 
 from __future__ import annotations
@@ -48,6 +50,24 @@ def _map_image(content: str, placeholder: str) -> str:
     if not placeholder:  # text-only model: drop the marker and its line break
         return without_image_token(content)
     return content.replace(IMAGE_TOKEN, placeholder)
+
+
+JOINER = "\u2060"  # a zero-width word joiner: what breaks a special token written in a message
+
+
+def _defused(messages: Sequence[Message], tok: Any) -> list[Message]:
+    """``messages`` with every text the tokenizer would read as one added token (``</s>``, ``<|im_end|>``,
+    ``<|image|>``…) broken after its first character; the protocol's ``<image>`` marker is kept."""
+    added = sorted((t for t in tok.get_added_vocab() if len(t) > 1), key=len, reverse=True)
+
+    def defuse(text: str) -> str:
+        for t in added:
+            if t in text:
+                text = text.replace(t, t[0] + JOINER + t[1:])
+        return text
+
+    return [dict(m, content=IMAGE_TOKEN.join(defuse(piece) for piece in m["content"].split(IMAGE_TOKEN)))
+            for m in messages]
 
 
 def check_messages(messages: Sequence[Message]) -> None:
@@ -185,6 +205,7 @@ def render_segments(
     message becomes the architecture's image placeholder (and is dropped for text-only models).
     """
     check_messages(messages)
+    messages = _defused(messages, tokenizer_of(processor_or_tokenizer))
     if template is None:
         segs = _chat_template_segments(messages, processor_or_tokenizer, add_generation_prompt)
     else:
