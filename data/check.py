@@ -42,7 +42,7 @@ def _check_one(rec: Record, where: str, report: CheckReport, dispatcher: Any) ->
         chat_messages(rec, where)  # what training checks first
     except DataError as e:
         report.problems.append(str(e))
-    pending = 0
+    pending: list[str] = []  # the names the last planning turn called
     for k, m in enumerate(rec.conversations, 1):
         if m.role == "gpt" and m.is_tool_turn:
             turn = m.assistant_turn()
@@ -63,19 +63,19 @@ def _check_one(rec: Record, where: str, report: CheckReport, dispatcher: Any) ->
                 prepared = dispatcher.prepare(call, image=object())
                 if not isinstance(prepared, tuple):
                     report.problems.append(f"{where}: turn {k}: {prepared.error}")
-            pending = len(turn.actions)
+            pending = [call.API_name for call in turn.actions]
         elif m.role == "human" and pending:
             try:
-                results = parse_tool_results(m.value)
+                results = parse_tool_results(m.value, pending)
             except TurnParseError as e:
                 report.problems.append(f"{where}: turn {k} should carry the tool output: {e}")
             else:
-                if len(results.outcomes) != pending:
+                if len(results.outcomes) != len(pending):
                     report.problems.append(f"{where}: turn {k} has {len(results.outcomes)} tool output(s) "
-                                           f"for {pending} call(s)")
+                                           f"for {len(pending)} call(s)")
                 if results.question != rec.first_question():
                     report.problems.append(f"{where}: turn {k} does not repeat the first question")
-            pending = 0
+            pending = []
     if pending:  # trains the planning turn alone (e.g. the synthetic box drills)
         report.planning_only += 1
 

@@ -20,7 +20,7 @@ import ast
 import json
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -148,23 +148,37 @@ def _output_outcome(tool: str, body: str) -> ToolOutcome:
     return ToolOutcome(tool=tool, text=body)
 
 
-def parse_tool_results(text: str) -> ToolResultTurn:
-    """Parse a tool-result turn (as written by :func:`render_tool_results` or found in data).
-
-    Each ``{tool} output: …`` / ``{tool} error: …`` line starts an outcome; lines that do not start
-    one continue it (a multi-line report or passage)."""
-    head, sep, question = text.rpartition(_QUESTION)
-    if not sep:
-        raise TurnParseError("tool-result turn lacks 'Answer my first question:'")
-    entries: list[tuple[str, str, list[str]]] = []  # tool, kind, body lines
+def _result_entries(head: str, starts: Callable[[str], bool]) -> list[tuple[str, str, list[str]]]:
+    """``(tool, kind, body lines)`` per outcome: a ``{tool} output/error:`` line whose tool ``starts``
+    accepts (any, for the first) begins one; other lines continue it."""
+    entries: list[tuple[str, str, list[str]]] = []
     for line in head.split("\n"):
         m = _RESULT_LINE.match(line)
-        if m:
+        if m and (not entries or starts(m["tool"])):
             entries.append((m["tool"], m["kind"], [m["body"]]))
         elif entries:
             entries[-1][2].append(line)
         elif line.strip():
             raise TurnParseError(f"not a tool-result line: {line[:80]!r}")
+    return entries
+
+
+def parse_tool_results(text: str, calls: Sequence[str] | None = None) -> ToolResultTurn:
+    """Parse a tool-result turn (as written by :func:`render_tool_results` or found in data).
+
+    Each ``{tool} output: …`` / ``{tool} error: …`` line starts an outcome; lines that do not start
+    one continue it (a multi-line report or passage). ``calls``, the names the turn before called: a
+    line naming another tool ("Cardiac output: 5.2 L/min" in a report) then continues the outcome too,
+    when that reads one outcome per call."""
+    head, sep, question = text.rpartition(_QUESTION)
+    if not sep:
+        raise TurnParseError("tool-result turn lacks 'Answer my first question:'")
+    entries = _result_entries(head, lambda tool: True)
+    if calls and len(entries) != len(calls):
+        named = {c.casefold() for c in calls}
+        by_name = _result_entries(head, lambda tool: tool.casefold() in named)
+        if len(by_name) == len(calls):
+            entries = by_name
     if not entries:
         raise TurnParseError("tool-result turn has no tool output")
     outcomes = [ToolOutcome(tool=tool, ok=False, error="\n".join(body)) if kind == "error"

@@ -558,3 +558,24 @@ def test_openai_log_images_in_image_url_parts(tmp_path):
     assert rec.image == "00000001.png" and (tmp_path / "imgs" / rec.image).is_file()
     with pytest.raises(DataError, match=r"record 1: an image_url part names a remote image \(example.org\); download"):
         read_records(write_json(tmp_path / "remote.json", [log("https://example.org/ct.png")]))
+
+
+def test_a_report_holding_a_result_shaped_line_checks_and_reads_as_one_output(tmp_path):
+    """"Cardiac output: 5.2 L/min" in a report is a line of that report, not a second tool's output."""
+    from mmedagent.data.check import check_file
+    from mmedagent.evaluation.readers import from_record
+
+    report = "Findings: dilated left ventricle.\nCardiac output: 5.2 L/min"
+    question = "Write a report for this chest X-ray."
+    record = {"id": "r1", "conversations": [
+        {"from": "human", "value": question},
+        {"from": "gpt", "thoughts": "The report tool writes it.",
+         "actions": [{"API_name": "ChatCAD-R", "API_params": {}}], "value": "Writing it."},
+        {"from": "human", "value": f"ChatCAD-R output: {report}\n\nAnswer my first question: {question}"},
+        {"from": "gpt", "thoughts": "Done.", "actions": [], "value": report},
+    ]}
+    p = tmp_path / "d.jsonl"
+    p.write_text(json.dumps(record) + "\n", encoding="utf-8")
+    assert check_file(p, validate_tools=False).problems == []
+    (outcomes,) = from_record(record, 0).gold_results
+    assert [(o.tool, o.text) for o in outcomes] == [("ChatCAD-R", report)]

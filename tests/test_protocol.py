@@ -264,3 +264,19 @@ def test_fuzz_with_hypothesis():
                 pass
 
     check()
+
+
+def test_a_report_line_shaped_like_a_result_stays_in_its_report_when_the_calls_are_known():
+    report = "Findings: dilated left ventricle.\nCardiac output: 5.2 L/min\nUrine output: normal"
+    text = render_tool_results([ToolOutcome(tool="ChatCAD-R", text=report)], "Report?")
+    (outcome,) = parse_tool_results(text, ["ChatCAD-R"]).outcomes
+    assert outcome.text == report and render_tool_results([outcome], "Report?") == text
+    assert len(parse_tool_results(text).outcomes) == 3  # without the calls, every such line starts a result
+    # two calls, each output line naming its call: split as before, whatever the reports hold
+    two = render_tool_results([ToolOutcome(tool="ChatCAD-R", text=report),
+                               ToolOutcome(tool="grounding dino", output={"boxes": []})], "Report?")
+    back = parse_tool_results(two, ["ChatCAD-R", "grounding dino"]).outcomes
+    assert [o.tool for o in back] == ["ChatCAD-R", "grounding dino"] and back[0].text == report
+    # outputs named otherwise than the calls (data written with another alias) parse as without the calls
+    other = parse_tool_results(two, ["MedSAM", "BiomedClip"]).outcomes
+    assert other == parse_tool_results(two).outcomes

@@ -143,7 +143,7 @@ def from_record(d: dict[str, Any], index: int) -> EvalSample:
             turns.append(m.assistant_turn() if m.is_tool_turn else parse_turn(m.value, strict=False))
         elif m.role == "human":
             try:
-                results.append(parse_tool_results(m.value).outcomes)
+                results.append(parse_tool_results(m.value, [a.API_name for a in turns[-1].actions] if turns else None).outcomes)
             except TurnParseError:
                 break  # the next question of a multi-turn record: only the first exchange is scored
     if not turns:
@@ -175,7 +175,7 @@ def from_mmedagent(d: dict[str, Any], index: int) -> EvalSample:
     results: list[list[ToolOutcome]] = []
     if turn.actions:
         try:
-            results.append(parse_tool_results(str(d.get("text") or "")).outcomes)
+            results.append(parse_tool_results(str(d.get("text") or ""), [a.API_name for a in turn.actions]).outcomes)
         except TurnParseError as e:
             raise ValueError(f"field 'text' (the gold tool output): {e}") from None
     reference = {"fig_caption": d["fig_caption"]} if d.get("fig_caption") else {}
