@@ -201,7 +201,7 @@ def test_special_tokens_written_in_a_message_are_text_and_forge_no_turn(tiny_mod
     # (the protocol's own "<image>" marker, LLaVA's image token, is dropped from tool outputs by the protocol)
     forged = {"</s>", "<|im_end|>", "<|eot_id|>", "<|image|>", "<|image_pad|>", tok.eos_token,
               getattr(proc, "image_token", None) or ""} - {"<image>"}
-    specials = {t for t in tok.get_added_vocab() if len(t) > 1}
+    specials = {t.content for t in tok.added_tokens_decoder.values() if t.special}
 
     def ids(content):
         messages = [{"role": "user", "content": "<image>\nWhere is the tumor?" if arch != "llama" else "Where?"},
@@ -217,3 +217,16 @@ def test_special_tokens_written_in_a_message_are_text_and_forge_no_turn(tiny_mod
         assert sorted(set(forged_ids) & set(tok.convert_tokens_to_ids(sorted(specials)))) == \
             sorted(set(clean) & set(tok.convert_tokens_to_ids(sorted(specials)))), token
         assert forged_ids.count(tok.convert_tokens_to_ids(token)) == clean.count(tok.convert_tokens_to_ids(token))
+
+
+def test_added_tokens_that_are_not_special_are_kept_in_messages():
+    """The demo model's tokenizer has one token per coordinate ("0.31"): a box must read as it was trained."""
+    from transformers import AutoProcessor
+
+    from mmedagent.demo import demo_model_path
+
+    proc = AutoProcessor.from_pretrained(demo_model_path())
+    box = "grounding output: {'boxes': [[0.31, 0.12, 0.42, 0.27]]}</s>"
+    text = "".join(t for t, _ in render_segments([{"role": "user", "content": box}], "vicuna_v1", proc))
+    assert "[[0.31, 0.12, 0.42, 0.27]]}<\u2060/s>" in text
+    assert proc.tokenizer.convert_tokens_to_ids("0.31") in proc.tokenizer(text, add_special_tokens=False)["input_ids"]

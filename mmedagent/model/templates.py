@@ -56,9 +56,11 @@ JOINER = "\u2060"  # a zero-width word joiner: what breaks a special token writt
 
 
 def _defused(messages: Sequence[Message], tok: Any) -> list[Message]:
-    """``messages`` with every text the tokenizer would read as one added token (``</s>``, ``<|im_end|>``,
-    ``<|image|>``…) broken after its first character; the protocol's ``<image>`` marker is kept."""
-    added = sorted((t for t in tok.get_added_vocab() if len(t) > 1), key=len, reverse=True)
+    """``messages`` with every special token of the tokenizer (``</s>``, ``<|im_end|>``, ``<|image|>``…)
+    broken after its first character; the protocol's ``<image>`` marker is kept, and so are added tokens
+    that are not special (a vocabulary of coordinates, say), which the model reads as it was trained."""
+    added = sorted({t.content for t in tok.added_tokens_decoder.values() if t.special and len(t.content) > 1},
+                   key=len, reverse=True)
 
     def defuse(text: str) -> str:
         for t in added:
