@@ -385,7 +385,7 @@ def test_bad_caption_data_named_by_file_and_row(tmp_path):
     cases = {
         "missing image": (
             [{"image": good, "caption": "Chest X-ray."}, {"image": "gone.png", "caption": "CT."}],
-            "record 2: image not found: gone.png",
+            "record 2: image not found: {folder}/gone.png (relative paths are read from the data's folder",
         ),
         "empty caption": (
             [{"image": good, "caption": "Chest X-ray."}, {"image": good, "caption": "  "}],
@@ -401,20 +401,19 @@ def test_bad_caption_data_named_by_file_and_row(tmp_path):
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         with pytest.raises(DataError) as err:
             read_captions(path, None, tmp_path / "export")
-        assert f"{path}: {message}" in str(err.value), name
-    rows = tmp_path / "no_id.jsonl"
-    rows.write_text(json.dumps({"image": good, "caption": "x"}) + "\n")
-    with pytest.raises(DataError, match=r"record 1: missing column\(s\) id"):
-        read_captions(rows, None, tmp_path / "export", required=("image", "id", "caption"))
+        assert f"{path}: {message.format(folder=tmp_path)}" in str(err.value), name
 
 
 def test_bad_parquet_columns_named(tmp_path):
     import datasets
 
     path = tmp_path / "medtrinity.parquet"
-    datasets.Dataset.from_dict({"image": ["a.png"], "caption": ["x"]}).to_parquet(str(path))
-    with pytest.raises(DataError, match=rf"{path}: missing column\(s\) id; the data has image, caption"):
-        read_captions(path, None, tmp_path / "export", required=("image", "id", "caption"))
+    datasets.Dataset.from_dict({"image": ["a.png"], "text": ["x"]}).to_parquet(str(path))
+    with pytest.raises(DataError, match=rf"{path}: missing column\(s\) caption; the data has image, text "
+                                        r"\(name the columns to use with --image-column / --caption-column\)"):
+        read_captions(path, None, tmp_path / "export")
+    with pytest.raises(DataError, match=rf"{path}: missing column\(s\) report; the data has image, text$"):
+        read_captions(path, None, tmp_path / "export", caption_column="report")
 
 
 def test_dialogue_rows_and_choices(tmp_path):
@@ -594,7 +593,7 @@ def test_rows_with_colliding_ids_keep_their_own_images(tmp_path):
     datasets.Dataset.from_dict(
         {"image": [{"bytes": _image_bytes(40 * k), "path": None} for k in range(4)], "id": ids,
          "caption": [f"c{k}" for k in range(4)]}, features=features).to_parquet(str(path))
-    items = read_captions(path, None, tmp_path / "export", ("image", "id", "caption"))
+    items = read_captions(path, None, tmp_path / "export")
     assert len({i.image for i in items}) == 4
     assert [Path(i.image).read_bytes() for i in items] == [_image_bytes(40 * k) for k in range(4)]
     records = read_records(path, image_folder=tmp_path / "export2")  # the data layer's own export
@@ -807,3 +806,105 @@ def test_the_printed_next_steps_run_from_any_folder(name, tmp_path, monkeypatch)
     assert Path(serve[1]).is_absolute() and Path(serve[1]).name == "controller.py" and Path(serve[1]).is_file()
     assert serve[serve.index("--model-path") + 1] == str(tmp_path / "out" / "merged")
     assert Path(shlex.split(steps[1].split("#")[0])[1]).is_file()  # serve/cli.py
+
+
+# --------------------------------------------------------------------------- data and flags as notebooks have them
+
+
+def test_caption_columns_named_by_flag(tmp_path, capsys):
+    """ROCO's CSV names its image column ``name``, MIMIC-style tables ``findings``: --image-column /
+    --caption-column read them; ``id`` is optional (a row without one gets the file's name and row number)."""
+    (tmp_path / "images" / "sub").mkdir(parents=True)
+    names = [f"sub/PMC{k}.png" if k % 2 else f"PMC{k}.png" for k in range(6)]
+    for n in names:
+        _png(tmp_path / "images" / n)
+    roco = tmp_path / "traindata.csv"
+    roco.write_text("id,name,findings\n" + "".join(f'ROCO_{k},{n},"Axial CT, lésion {k}."\n'
+                                                   for k, n in enumerate(names)))
+    items = read_captions(roco, str(tmp_path / "images"), tmp_path / "x", image_column="name",
+                          caption_column="findings")
+    assert [(i.id, Path(i.image).name, i.caption) for i in items][1] == ("ROCO_1", "PMC1.png", "Axial CT, lésion 1.")
+    no_id = _rows(tmp_path / "noid.jsonl", [{"path": f"images/{n}", "report": f"MRI {k}."} for k, n in enumerate(names)])
+    items = read_captions(no_id, None, tmp_path / "x", image_column="path", caption_column="report")
+    assert [i.id for i in items][:2] == ["noid-1", "noid-2"]
+    out = tmp_path / "run"
+    assert main(["diagnosis-qwen2vl", "--tiny", "--out", str(out), "--data", str(no_id), "--image-column", "path",
+                 "--caption-column", "report", "--stop-after-data"]) == 0
+    train = read_json(out / "data" / "train.json")
+    assert len(train) == 4 and {r["messages"][1]["content"] for r in train} <= {f"MRI {k}." for k in range(6)}
+
+
+def test_every_unusable_row_is_listed_at_once(tmp_path):
+    """Missing images, empty captions and bad answers of many rows are one error listing each row, so a user
+    fixes them all in one go rather than one per run."""
+    good = _png(tmp_path / "a.png")
+    rows = [{"image": good, "caption": "CT."}, {"image": "gone.png", "caption": "CT."},
+            {"image": good, "caption": " "}, {"image": good, "caption": "MRI."}, {"image": "sub/gone2.png",
+                                                                                "caption": "X-ray."}]
+    path = _rows(tmp_path / "caps.jsonl", rows)
+    with pytest.raises(DataError) as err:
+        read_captions(path, None, tmp_path / "export")
+    lines = str(err.value).splitlines()
+    assert lines[0] == f"{path}: 3 of 5 records cannot be used; fix or remove them:"
+    assert [x.split(": ")[1] for x in lines[1:]] == ["record 2", "record 3", "record 5"]
+    assert "empty caption (the caption column)" in lines[2]
+    qa = _rows(tmp_path / "qa.jsonl", [{"instruction": "Hi", "output": ""}, {"question": " ", "answer": "x"},
+                                       {"question": "Q?", "answer": "Flu."}])
+    with pytest.raises(DataError, match=r"2 of 3 records cannot be used(.|\n)*record 1: the last turn must be a "
+                                        r"non-empty answer\n.*record 2: empty question"):
+        read_dialogue(qa)
+
+
+def test_medqa_answer_text_and_free_text_qa(tmp_path):
+    """MedQA copies that keep only the answer's text, and MedQuAD-style question + answer rows, are trained on."""
+    path = _rows(tmp_path / "qa.jsonl", [
+        {"question": "Which?", "options": {"A": "Flu", "B": "Gout"}, "answer": "gout"},
+        {"question": "What is gout?", "answer": "A form of arthritis."},
+        {"question": "Which?", "options": {"A": "Flu", "B": "Gout"}, "answer": "asthma"},
+    ])
+    with pytest.raises(DataError, match=r"record 3: no answer_idx, and answer 'asthma' is not one of the options "
+                                        r"\['A', 'B'\]; give the correct option's letter in answer_idx"):
+        read_dialogue(path)
+    path.write_text("".join(path.read_text().splitlines(keepends=True)[:2]))
+    (_, mc), (rec, free) = read_dialogue(path)
+    assert mc.reference == "B. Gout" and mc.options == ("A", "B")
+    assert (free.prompt, free.reference, free.options) == ("What is gout?", "A form of arthritis.", ())
+    assert rec.conversations[-1].value == "A form of arthritis."
+
+
+def test_notebook_flag_names(tmp_path, capsys, monkeypatch):
+    """The names notebooks use (--lr, --epochs, --max-seq-length, --cutoff_len, --load-in-4bit) work; a
+    train_mem.py flag given as a setting is shown after `--`; QLoRA on a CPU says it trains a 16-bit base;
+    the paths printed are absolute even for a relative --out."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["dialogue-llama3", "--tiny", "--out", "rel", "--lr", "3e-4", "--epochs", "2", "--max_steps", "-1",
+                 "--max-seq-length", "300", "--batch-size", "1", "--stop-after-data"]) == 0
+    printed = capsys.readouterr().out
+    line = next(x for x in printed.splitlines() if "train: python " in x)
+    for flag in ("--learning_rate 0.0003", "--num_train_epochs 2.0", "--model_max_length 300",
+                 "--per_device_train_batch_size 1", f"--output_dir {tmp_path / 'rel' / 'adapter'}"):
+        assert flag in line
+    assert f"-> {tmp_path / 'rel' / 'data' / 'train.json'}" in printed
+    with pytest.raises(SystemExit):
+        main(["dialogue-llama3", "--tiny", "--out", "rel", "--eval-steps", "5", "--stop-after-data"])
+    err = capsys.readouterr().err
+    assert "--eval-steps (a train_mem.py flag: give it after `--`, e.g. `-- --eval_steps VALUE`)" in err
+    if not torch.cuda.is_available():
+        assert main(["dialogue-llama3", "--tiny", "--out", "rel", "--load_in_4bit"]) == 2
+        assert "--bits 4 (a quantised base, QLoRA) needs a CUDA GPU" in capsys.readouterr().err
+        assert main(["radiology-llama32v", "--tiny", "--out", "rad", "--stop-after-data"]) == 0
+        assert "no CUDA GPU: QLoRA's 4-bit base needs one, so LoRA trains on a 16-bit base" in capsys.readouterr().out
+
+
+def test_a_second_run_on_the_same_out_is_refused(tmp_path, capsys):
+    """While a run holds OUT (the command started again in another terminal), a second one stops before it
+    writes anything; once the first ends, the same command goes on."""
+    from mmedagent.recipes.base import run_lock
+
+    out = tmp_path / "o"
+    out.mkdir()
+    with run_lock(out):
+        assert main(["dialogue-llama3", "--tiny", "--out", str(out), "--stop-after-data"]) == 2
+        assert f"{out} is in use by another recipe run (process " in capsys.readouterr().err
+        assert not (out / "tiny-base").exists()
+    assert main(["dialogue-llama3", "--tiny", "--out", str(out), "--stop-after-data"]) == 0

@@ -37,6 +37,7 @@ from pydantic import ValidationError
 from mmedagent.agent import AgentStep
 from mmedagent.evaluation.readers import EvalFileError, EvalSample
 from mmedagent.evaluation.runner import SampleResult
+from mmedagent.locks import FolderInUse, take_lock
 from mmedagent.protocol import AssistantTurn, ToolCall, TurnParseError, parse_turn
 
 SAMPLES_FILE = "samples.jsonl"
@@ -323,24 +324,12 @@ class RunFolder:
     def _take_lock(self) -> None:
         """Hold ``.lock`` in the folder while this run uses it: a second evaluation on the same ``--out`` (a
         requeued job while the first still runs) is refused instead of appending beside it."""
-        if self._lock is not None:
-            return
-        import fcntl
-
-        lock = (self.path / LOCK_FILE).open("a+", encoding="utf-8")
-        try:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            holder = lock.read().strip()
-            lock.close()
-            raise EvalFileError(f"{self.path} is in use by another evaluation ({holder or 'a running process'}): "
-                                "wait for it to end, or use another --out") from None
-        lock.seek(0)
-        lock.truncate()
-        lock.write(f"process {os.getpid()}")
-        lock.flush()
-        self._lock = lock
+        if self._lock is None:
+            try:
+                self._lock = take_lock(self.path / LOCK_FILE)
+            except FolderInUse as e:
+                raise EvalFileError(f"{self.path} is in use by another evaluation ({e.holder}): wait for it to end, "
+                                    "or use another --out") from None
 
     def _write_run(self) -> None:
         write_json(self.path / RUN_FILE, {"settings": self._settings, "meta": self.meta})

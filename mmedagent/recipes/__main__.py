@@ -7,7 +7,7 @@ import sys
 
 import mmedagent  # noqa: F401  - arms the torchvision shim before transformers is imported
 from mmedagent.recipes import RECIPES, get_recipe
-from mmedagent.recipes.config import add_config_args, config_from_args
+from mmedagent.recipes.config import add_config_args, config_from_args, unknown_flag_error
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,7 +36,10 @@ def main(argv: list[str] | None = None) -> int:
         epilog="Flags after `--` go to train/train_mem.py unchanged.",
     )
     add_config_args(parser, recipe_cls.Config)
-    given = vars(parser.parse_args(argv[1:]))
+    given, unknown = parser.parse_known_args(argv[1:])
+    if unknown:
+        parser.error(unknown_flag_error(unknown))
+    given = vars(given)
     try:
         cfg = config_from_args(recipe_cls.Config, given)
     except (TypeError, ValueError) as e:

@@ -15,10 +15,13 @@ import shutil
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from mmedagent.locks import FolderInUse, take_lock
 from mmedagent.recipes.config import RecipeConfig
 from mmedagent.recipes.data import Example
 
@@ -137,6 +140,24 @@ def check_train_argv(argv: list[str]) -> None:
     gc.collect()
 
 
+LOCK_FILE = ".recipe.lock"
+
+
+@contextmanager
+def run_lock(out: Path) -> Iterator[None]:
+    """Hold ``OUT/.recipe.lock`` while a recipe runs there: the same command started again while the first run
+    still works (a second terminal, a requeued job) is refused instead of writing the same checkpoints."""
+    try:
+        lock = take_lock(out / LOCK_FILE)
+    except FolderInUse as e:
+        raise ValueError(f"{out} is in use by another recipe run ({e.holder}): wait for it to end or stop it, "
+                         "then rerun this command to resume; or use another --out") from None
+    try:
+        yield
+    finally:
+        lock.close()  # closing the file releases the lock
+
+
 class Recipe:
     """One workflow; subclasses define the data step, the defaults and what the report holds."""
 
@@ -150,7 +171,7 @@ class Recipe:
     def __init__(self, cfg: RecipeConfig, train_extra: list[str] | None = None):
         self.cfg = cfg
         self.train_extra = list(train_extra or [])
-        self.out = Path(cfg.out or Path("runs") / self.name)
+        self.out = Path(cfg.out or Path("runs") / self.name).resolve()  # absolute in summary.json and messages
         self.settings: dict[str, Any] = {}
         self.data_split: str | None = cfg.data_split
         """The split / slice to take from local tabular data (None: data downloaded already as that split)."""
@@ -178,14 +199,22 @@ class Recipe:
     # ------------------------------------------------------------------ the run
 
     def run(self) -> dict[str, Any]:
+        """The whole run (see docs/recipes.md), holding ``OUT``'s lock throughout."""
         t0 = time.monotonic()
         cfg = self.cfg
         self.settings = cfg.resolved()
         if cfg.tiny:
             self.settings["model"] = str(self.out / "tiny-base")  # what --tiny trains, not the default hub model
         self.out.mkdir(parents=True, exist_ok=True)
+        with run_lock(self.out):
+            return self._run(t0)
+
+    def _run(self, t0: float) -> dict[str, Any]:
+        cfg = self.cfg
         say(f"{self.name}: effective configuration")
         print(json.dumps(self.settings | {"out": str(self.out), "train_extra": self.train_extra}, indent=2), flush=True)
+        if cfg.qlora and cfg.lora and cfg.bits is None and self.settings["bits"] == 16:
+            say("no CUDA GPU: QLoRA's 4-bit base needs one, so LoRA trains on a 16-bit base here (bits 16)")
         if cfg.push_to_hub:
             check_hub_token()
 
@@ -412,7 +441,6 @@ def run_cli(recipe: Recipe) -> int:
 class CaptionRecipe(Recipe):
     """Image + caption data → instruction pairs (``prompt`` + image → caption), a held-out part kept aside."""
 
-    required_columns: ClassVar[tuple[str, ...]] = ("image", "caption")
     tiny_layout: ClassVar[dict[str, Any]] = {}
     """:func:`~mmedagent.recipes.data.tiny_caption_dataset` options (``long``, ``fmt``)."""
 
@@ -436,9 +464,9 @@ class CaptionRecipe(Recipe):
             write_sharegpt,
         )
 
-        items = read_captions(
-            data, self.cfg.image_folder, self.out / "data" / "images", self.required_columns, self.data_split
-        )
+        cfg = self.cfg
+        items = read_captions(data, cfg.image_folder, self.out / "data" / "images", self.data_split,
+                              cfg.image_column, cfg.caption_column)
         key = caption_key(items)
         train, heldout = split(items, [self.cfg.eval_samples], self.cfg.seed, key=key)
         train_file = write_sharegpt([caption_record(i, self.prompt) for i in train], self.out / "data" / "train.json")

@@ -134,7 +134,8 @@ class RecipeConfig:
         if self.gradient_checkpointing is None:
             out["gradient_checkpointing"] = cuda
         if out["bits"] in (4, 8) and not cuda:
-            raise ValueError(f"--bits {out['bits']} needs a CUDA GPU; use --bits 16 on this machine")
+            raise ValueError(f"--bits {out['bits']} (a quantised base, QLoRA) needs a CUDA GPU with bitsandbytes; "
+                             "use --bits 16 on this machine (LoRA on a 16-bit base)")
         if out["bits"] in (4, 8) and not self.lora:
             raise ValueError("a quantised base (--bits 4/8) needs --lora")
         if self.push_to_hub is not None:
@@ -207,13 +208,25 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
+NOTEBOOK_NAMES = {
+    "learning_rate": ("lr",),
+    "num_train_epochs": ("epochs", "num_epochs"),
+    "per_device_train_batch_size": ("batch_size",),
+    "model_max_length": ("max_seq_length", "max_length", "cutoff_len"),
+}
+"""Other names of settings, as fine-tuning notebooks (unsloth / TRL ``max_seq_length``, LLaMA-Factory
+``cutoff_len``) write them; ``--load-in-4bit`` is ``--bits 4``."""
+
+
 def add_config_args(parser: argparse.ArgumentParser, cls: type[RecipeConfig]) -> None:
-    """One flag per field (``--a-b`` and ``--a_b``); unset flags stay out of the namespace."""
+    """One flag per field (``--a-b`` and ``--a_b``, plus its :data:`NOTEBOOK_NAMES`); unset flags stay out of
+    the namespace."""
     defaults = cls()
     group = parser.add_argument_group(f"{cls.__name__} settings (defaults shown)")
     for f in dataclasses.fields(cls):
         kind, optional = _field_type(f, cls)
-        flags = [f"--{f.name.replace('_', '-')}"] + ([f"--{f.name}"] if "_" in f.name else [])
+        names = (f.name, *NOTEBOOK_NAMES.get(f.name, ()))
+        flags = [flag for n in names for flag in dict.fromkeys((f"--{_flag(n)}", f"--{n}"))]
         default = getattr(defaults, f.name)
         doc = f"(default: {default})"
         if kind is bool and not optional:
@@ -229,6 +242,28 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type[RecipeConfig]) ->
                 metavar=kind.__name__.upper(),
                 help=doc,
             )
+    group.add_argument("--load-in-4bit", "--load_in_4bit", dest="bits", action="store_const", const=4,
+                       default=argparse.SUPPRESS, help="the same as --bits 4 (QLoRA; needs a CUDA GPU)")
+
+
+def unknown_flag_error(unknown: list[str]) -> str:
+    """The error for arguments no recipe setting takes: a ``train_mem.py`` flag is shown after ``--``."""
+    from transformers import HfArgumentParser
+
+    from mmedagent.train.args import DataArguments, ModelArguments, TrainingArguments
+
+    train_flags = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))._option_string_actions
+    parts = []
+    for arg in unknown:
+        flag = arg.split("=", 1)[0]
+        if not flag.startswith("--"):
+            continue
+        as_train = "--" + flag[2:].replace("-", "_")
+        parts.append(f"{flag} (a train_mem.py flag: give it after `--`, e.g. `-- {as_train} VALUE`)"
+                     if as_train in train_flags else flag)
+    if not parts:
+        return f"unexpected argument(s) {' '.join(unknown)}: every value must follow its --flag"
+    return f"unknown setting(s): {', '.join(parts)}; see --help"
 
 
 def config_from_args(cls: type[RecipeConfig], given: dict[str, Any]) -> RecipeConfig:
@@ -246,6 +281,10 @@ class CaptionConfig(RecipeConfig):
 
     eval_samples: int = 4
     """Held-out records for before/after and metrics."""
+    image_column: str = "image"
+    """The data's image column: a path (relative to ``--image-folder``) or the image itself (ROCO's CSV: ``name``)."""
+    caption_column: str = "caption"
+    """The data's caption column: the answer trained on (e.g. ``findings`` or ``report`` of a MIMIC-CXR table)."""
 
     def validate(self) -> None:
         super().validate()
@@ -254,5 +293,5 @@ class CaptionConfig(RecipeConfig):
 
 
 __all__ = ["CaptionConfig", "RecipeConfig", "add_config_args", "check_repo_id", "config_from_args", "export_dtype",
-           "held_out_share"]
+           "held_out_share", "unknown_flag_error"]
 

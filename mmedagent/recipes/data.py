@@ -1,10 +1,11 @@
 """Recipe data: the layouts users arrive with, checked up front and written as sharegpt training files.
 
-* image + caption (Radiology_mini / ROCO: ``image``, ``caption``; MedTrinity-25M: ``image``, ``id``,
-  ``caption``) → one instruction pair per row, read through :func:`mmedagent.data.formats.read_records`
-  (JSON / JSONL / saved HF dataset / parquet; HF images exported to files) or from CSV / TSV;
-* medical QA and dialogue (MedQA-style multiple choice: ``question``, ``options``, ``answer_idx``;
-  ChatDoctor / Alpaca: ``instruction``, ``input``, ``output``; chat ``messages`` / ``conversations``).
+* image + caption (Radiology_mini: ``image``, ``caption``; MedTrinity-25M: ``image``, ``id``, ``caption``;
+  other column names by flag, e.g. ROCO's ``name``) → one instruction pair per row, from JSON / JSONL /
+  CSV / TSV files, saved HF datasets or parquet data (stored images exported to files);
+* medical QA and dialogue (MedQA-style multiple choice: ``question``, ``options``, ``answer_idx`` or the
+  answer's text in ``answer``; ChatDoctor / Alpaca: ``instruction``, ``input``, ``output``; free-text
+  ``question`` + ``answer``; chat ``messages`` / ``conversations``).
 
 Every problem (missing columns, missing images, empty captions or answers) is a
 :class:`~mmedagent.data.formats.DataError` naming the file and the 1-based row, raised before any
@@ -34,7 +35,6 @@ from mmedagent.data.formats import (
     is_tabular,
     iter_raw,
     open_hf_dataset,
-    read_records,
     record_from_any,
     write_records,
 )
@@ -117,20 +117,22 @@ def iter_rows(path: Path, split: str | None = None) -> Iterator[tuple[int, dict[
         yield i, row
 
 
-def check_columns(path: Path, required: Sequence[str], split: str | None = None) -> None:
-    """Every row has the ``required`` columns (tabular data: the schema has them)."""
+def check_columns(path: Path, required: Sequence[str], split: str | None = None, hint: str = "") -> None:
+    """Every row has the ``required`` columns (tabular data: the schema has them); ``hint`` ends the error
+    (what to do, e.g. which flag names the columns)."""
     if is_tabular(path):
         have = open_hf_dataset(path, split).column_names
         missing = [c for c in required if c not in have]
         if missing:
-            raise DataError(f"{path}: missing column(s) {', '.join(missing)}; the data has {', '.join(have)}")
+            raise DataError(f"{path}: missing column(s) {', '.join(missing)}; the data has {', '.join(have)}{hint}")
         return
     n = 0
     for i, row in iter_rows(path):
         n += 1
         missing = [c for c in required if c not in row]
         if missing:
-            raise DataError(f"{path}: record {i}: missing column(s) {', '.join(missing)}; it has {', '.join(row)}")
+            raise DataError(f"{path}: record {i}: missing column(s) {', '.join(missing)}; it has {', '.join(row)}"
+                            f"{hint}")
     if n == 0:
         raise DataError(f"{path}: no records")
 
@@ -149,29 +151,24 @@ def read_captions(
     path: Path,
     image_folder: str | None,
     export_dir: Path,
-    required: Sequence[str] = ("image", "caption"),
     split: str | None = None,
+    image_column: str = "image",
+    caption_column: str = "caption",
 ) -> list[CaptionItem]:
     """Image + caption rows, validated: columns, non-empty captions, images that exist and are images
-    (every image's header is checked; the first and last are decoded). Images stored in tabular data
-    (bytes / decoded) are exported to ``export_dir``; image paths are read relative to ``image_folder``
-    (default: the data's folder). Every error names ``path`` and the 1-based row."""
+    (every image's header is checked; the first and last are decoded). ``image_column`` / ``caption_column``
+    name the columns (ROCO's CSV: ``name``; MIMIC-CXR tables: ``path``, ``findings``). Images stored in tabular
+    data (bytes / decoded) are exported to ``export_dir``; image paths are read relative to ``image_folder``
+    (default: the data's folder). Every error names ``path`` and the 1-based row; the rows that cannot be used
+    are all listed in one error."""
     from mmedagent.imaging import ImageLoadError, load_image
 
-    check_columns(path, required, split)
-    if is_tabular(path):
-        items = _tabular_captions(path, image_folder, export_dir, split)
-    elif is_csv(path):
-        items = _row_captions(path, iter_rows(path), image_folder, export_dir)
-    else:
-        folder = Path(image_folder) if image_folder else path.parent
-        items = []
-        for i, rec in enumerate(read_records(path, image_folder=folder, check_images=True), 1):
-            images = rec.images
-            if len(images) != 1:
-                raise DataError(f"{path}: record {i}: expected one image, found {len(images)}")
-            image = Path(images[0]) if Path(images[0]).is_absolute() else folder / images[0]
-            items.append(CaptionItem(str(rec.id), str(image.resolve()), rec.conversations[-1].value.strip()))
+    columns = (image_column, caption_column)
+    hint = (" (name the columns to use with --image-column / --caption-column)"
+            if columns == ("image", "caption") else "")
+    check_columns(path, columns, split, hint)
+    rows = _tabular_rows(path, image_column, split) if is_tabular(path) else iter_rows(path)
+    items = _row_captions(path, rows, image_folder, export_dir, columns, split)
     if not items:
         raise DataError(f"{path}: no records")
     for i, item in enumerate(items, 1):
@@ -204,62 +201,91 @@ def check_image_header(image: Path, where: str) -> None:
             raise DataError(f"{where}: {image.name} is a damaged {fmt.upper()} image: {e}") from None
 
 
-def _tabular_captions(path: Path, image_folder: str | None, export_dir: Path, split: str | None) -> list[CaptionItem]:
-    """Caption rows of a saved HF dataset / parquet data: stored images (bytes, decoded) are exported to
-    ``export_dir`` under names unique per row; path strings are resolved against ``image_folder``, else the
-    data's folder."""
+def _tabular_rows(path: Path, image_column: str, split: str | None) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(1-based record, row) of a saved HF dataset / parquet data, stored images as their bytes (no decoding:
+    they are exported as they are)."""
     import datasets
 
     ds = open_hf_dataset(path, split)
-    if isinstance(ds.features.get("image"), datasets.Image):
-        ds = ds.cast_column("image", datasets.Image(decode=False))  # bytes as stored: no decoding, exported as is
-    return _row_captions(path, enumerate(ds, 1), image_folder, export_dir, split)
+    if isinstance(ds.features.get(image_column), datasets.Image):
+        ds = ds.cast_column(image_column, datasets.Image(decode=False))
+    return enumerate(ds, 1)
+
+
+MAX_LISTED = 10
+"""Problem rows listed in one data error."""
+
+
+def every_row(path: Path, rows: Iterable[tuple[int, Any]], convert: Callable[[int, Any], Any]) -> list[Any]:
+    """``convert(i, row)`` of every (1-based record, row); one DataError lists every row that cannot be used (the
+    first :data:`MAX_LISTED`), so they can all be fixed at once."""
+    out, problems = [], []
+    for i, row in rows:
+        try:
+            out.append(convert(i, row))
+        except DataError as e:
+            problems.append(str(e))
+    if len(problems) == 1:
+        raise DataError(problems[0])
+    if problems:
+        listed = "\n  ".join(problems[:MAX_LISTED])
+        more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
+        raise DataError(f"{path}: {len(problems)} of {len(problems) + len(out)} records cannot be used; "
+                        f"fix or remove them:\n  {listed}{more}")
+    return out
 
 
 def _row_captions(path: Path, rows: Iterable[tuple[int, dict[str, Any]]], image_folder: str | None,
-                  export_dir: Path, split: str | None = None) -> list[CaptionItem]:
-    """Caption items of the (1-based record, row) pairs of tabular or CSV data at ``path`` (see
-    :func:`_tabular_captions`)."""
+                  export_dir: Path, columns: tuple[str, str] = ("image", "caption"),
+                  split: str | None = None) -> list[CaptionItem]:
+    """Caption items of the (1-based record, row) pairs of the data at ``path``, ``columns`` being its (image,
+    caption) columns: stored images (bytes, decoded) are exported to ``export_dir`` under names unique per row;
+    path strings are resolved against ``image_folder``, else the data's folder. Every unusable row is listed
+    (:func:`every_row`)."""
+    return every_row(path, rows, lambda i, row: _caption_item(path, i, row, image_folder, export_dir, columns, split))
+
+
+def _caption_item(path: Path, i: int, row: dict[str, Any], image_folder: str | None, export_dir: Path,
+                  columns: tuple[str, str], split: str | None) -> CaptionItem:
+    """Record ``i`` of :func:`_row_captions`; DataError naming it when it cannot be used."""
     from mmedagent.data.formats import export_images
 
+    image_column, caption_column = columns
+    where = f"{path}: record {i}"
     bases = [Path(image_folder)] if image_folder else [path if path.is_dir() else path.parent]
     if not image_folder and path.is_dir():
         bases.append(path.parent)
-    items = []
-    for i, row in rows:
-        where = f"{path}: record {i}"
-        value = row.get("image")
-        if isinstance(value, dict) and not value.get("bytes"):
-            value = value.get("path")  # an Image feature that stores only a path
-        if value is None or value == "" or value == []:
-            raise DataError(f"{where}: no image (the image column is empty)")
-        if isinstance(value, list):
-            if len(value) != 1:
-                raise DataError(f"{where}: expected one image, found {len(value)}")
-            value = value[0]
-        if isinstance(value, (str, Path)):
-            found = [b / value for b in bases if (b / value).is_file()] if not Path(value).is_absolute() else (
-                [Path(value)] if Path(value).is_file() else [])
-            if not found:
-                shown = Path(value) if Path(value).is_absolute() else bases[0] / value
-                raise DataError(f"{where}: image not found: {shown}"
-                                + ("" if image_folder else " (relative paths are read from the data's folder; "
-                                   "give --image-folder)"))
-            image = found[0]
-        else:
-            try:
-                name = export_images({"image": value, "id": row.get("id") or row.get("image_id")}, i, export_dir,
-                                     split=split)
-            except DataError as e:
-                raise DataError(f"{where}: {e}") from None
-            image = export_dir / name["image"]
-        caption = str(row.get("caption") or "").strip()
-        if not caption:
-            raise DataError(f"{where}: empty caption")
-        rid = row.get("id") if row.get("id") not in (None, "") else row.get("image_id")
-        rid = rid if rid not in (None, "") else f"{path.stem}-{i}"
-        items.append(CaptionItem(str(rid), str(image.resolve()), caption))
-    return items
+    value = row.get(image_column)
+    if isinstance(value, dict) and not value.get("bytes"):
+        value = value.get("path")  # an Image feature that stores only a path
+    if value is None or value == "" or value == []:
+        raise DataError(f"{where}: no image (the {image_column} column is empty)")
+    if isinstance(value, list):
+        if len(value) != 1:
+            raise DataError(f"{where}: expected one image, found {len(value)}")
+        value = value[0]
+    if isinstance(value, (str, Path)):
+        found = [b / value for b in bases if (b / value).is_file()] if not Path(value).is_absolute() else (
+            [Path(value)] if Path(value).is_file() else [])
+        if not found:
+            shown = Path(value) if Path(value).is_absolute() else bases[0] / value
+            raise DataError(f"{where}: image not found: {shown}"
+                            + ("" if image_folder else " (relative paths are read from the data's folder; "
+                               "give --image-folder)"))
+        image = found[0]
+    else:
+        try:
+            name = export_images({"image": value, "id": row.get("id") or row.get("image_id")}, i, export_dir,
+                                 split=split)
+        except DataError as e:
+            raise DataError(f"{where}: {e}") from None
+        image = export_dir / name["image"]
+    caption = str(row.get(caption_column) or "").strip()
+    if not caption:
+        raise DataError(f"{where}: empty caption (the {caption_column} column)")
+    rid = row.get("id") if row.get("id") not in (None, "") else row.get("image_id")
+    rid = rid if rid not in (None, "") else f"{path.stem}-{i}"
+    return CaptionItem(str(rid), str(image.resolve()), caption)
 
 
 def caption_record(item: CaptionItem, instruction: str) -> Record:
@@ -313,8 +339,13 @@ def dialogue_item(row: dict[str, Any], where: str, default_id: str) -> tuple[Rec
     if "question" in row and "options" in row:
         opts = _options(row["options"], where)
         answer = str(row.get("answer_idx") or "").strip().upper()
+        if not answer and "answer" in row:  # MedQA copies that keep only the answer's text
+            answer = next((k for k, v in opts.items() if v.casefold() == str(row["answer"]).strip().casefold()), "")
         if answer not in opts:
-            raise DataError(f"{where}: answer_idx {row.get('answer_idx')!r} is not one of the options {sorted(opts)}")
+            given = (f"answer_idx {row.get('answer_idx')!r}" if "answer_idx" in row
+                     else f"no answer_idx, and answer {row.get('answer')!r}")
+            raise DataError(f"{where}: {given} is not one of the options {sorted(opts)}; give the correct option's "
+                            "letter in answer_idx")
         question = str(row["question"] or "").strip()
         if not question:
             raise DataError(f"{where}: empty question")
@@ -325,10 +356,14 @@ def dialogue_item(row: dict[str, Any], where: str, default_id: str) -> tuple[Rec
             rid,
         )
         return record, Example(rid, prompt, reference, options=tuple(opts))
-    if not ({"instruction", "output"} <= set(row) or "messages" in row or "conversations" in row):
+    chat = {"instruction", "output"} <= set(row) or "messages" in row or "conversations" in row
+    if not chat and {"question", "answer"} <= set(row):  # free-text QA (MedQuAD, HealthSearchQA, PubMedQA's long answer)
+        row = {"id": rid, "messages": [{"role": "user", "content": str(row["question"])},
+                                       {"role": "assistant", "content": str(row["answer"])}]}
+    elif not chat:
         raise DataError(
             f"{where}: missing columns: expected question+options+answer_idx (multiple choice), "
-            f"instruction+output (ChatDoctor / Alpaca) or messages; it has {', '.join(row)}"
+            f"instruction+output (ChatDoctor / Alpaca), question+answer or messages; it has {', '.join(row)}"
         )
     try:
         record = record_from_any(row, rid)
@@ -341,15 +376,17 @@ def dialogue_item(row: dict[str, Any], where: str, default_id: str) -> tuple[Rec
         raise DataError(f"{where}: the last turn must be a non-empty answer")
     if len(turns) < 2 or turns[-2].role != "human":
         raise DataError(f"{where}: the answer must follow a user turn")
+    if not turns[-2].text().strip():
+        raise DataError(f"{where}: empty question (the user turn before the answer)")
     roles = {"human": "user", "gpt": "assistant", "system": "system"}
     context = tuple((roles[m.role], m.text()) for m in turns[:-2])
     return record, Example(rid, turns[-2].text(), turns[-1].value.strip(), context=context)
 
 
 def read_dialogue(path: Path, split: str | None = None) -> list[tuple[Record, Example]]:
-    out = []
-    for i, row in iter_rows(path, split):
-        out.append(dialogue_item(row, f"{path}: record {i}", f"{path.stem}-{i}"))
+    """The (training record, held-out example) of every row; every unusable row is listed (:func:`every_row`)."""
+    out = every_row(path, iter_rows(path, split),
+                    lambda i, row: dialogue_item(row, f"{path}: record {i}", f"{path.stem}-{i}"))
     if not out:
         raise DataError(f"{path}: no records")
     return out

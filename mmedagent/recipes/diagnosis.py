@@ -71,7 +71,6 @@ class DiagnosisQwen2VL(CaptionRecipe):
     summary = "Qwen2-VL-2B + LoRA on MedTrinity-style image/caption data; merged model served by serve/controller.py"
     Config = DiagnosisConfig
     tiny_arch = "qwen2_vl"
-    required_columns = ("image", "id", "caption")
     tiny_layout: ClassVar[dict] = {"long": True, "fmt": "parquet"}
 
     @property
