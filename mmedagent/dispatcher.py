@@ -89,11 +89,7 @@ class Dispatcher:
         return dict(self.load_errors)
 
     def resolve(self, name: str) -> Tool | None:
-        key = name.strip().casefold()
-        for tool in self.tools.values():
-            if key in (n.casefold() for n in tool.names()):
-                return tool
-        return None
+        return next((tool for tool in self.tools.values() if tool.answers_to(name)), None)
 
     def prepare(self, call: ToolCall, image: Any, question: str | None = None) -> tuple[Tool, Any] | ToolOutcome:
         """Resolve and validate one call; an outcome (error) if it cannot run."""

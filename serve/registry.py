@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from mmedagent.serve.config import validation_problems
+from mmedagent.tools.base import name_key
 
 WorkerKind = Literal["model", "tool"]
 
@@ -68,13 +69,14 @@ class NoWorkerError(LookupError):
 
 
 class RegistrationConflict(ValueError):
-    """A tool worker whose tool name or an alias (case-insensitive) is another tool's name or alias:
+    """A tool worker whose tool name or an alias (as :func:`~mmedagent.tools.base.name_key` compares them) is
+    another tool's name or alias:
     calls by that name could reach either tool."""
 
 
 def _clash(names: Sequence[str], others: Sequence[str]) -> list[str]:
-    taken = {n.casefold() for n in others}
-    return [n for n in names if n.casefold() in taken]
+    taken = {name_key(n) for n in others}
+    return [n for n in names if name_key(n) in taken]
 
 
 class WorkerRegistry:

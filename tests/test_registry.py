@@ -146,3 +146,31 @@ def test_a_tool_overriding_a_built_in_in_this_process_does_not_push_it_out(monke
     registry._extra.clear()
     assert get_tool("grounding").__module__ == "mmedagent.tools.grounding"
     assert "grounding" in [t.name for t in list_tools()]
+
+
+@pytest.mark.parametrize(("written", "tool"), [("grounding_dino", "grounding"), ("Grounding-DINO", "grounding"),
+                                               ("grounding_dino+sam", "grounding_segmentation"),
+                                               ("grounding dino+MedSAM", "grounding_segmentation"),
+                                               ("  GROUNDING  DINO  +  SAM ", "grounding_segmentation"),
+                                               ("grounding segmentation", "grounding_segmentation"),
+                                               ("chatcad_r", "retrieval"), ("sam", "segmentation")])
+def test_tool_names_match_whatever_the_case_separators_and_spaces_around_plus(written, tool):
+    """LLaVA-Plus writes grounding_dino and grounding_dino+sam; MMedAgent "grounding dino + MedSAM"."""
+    from mmedagent.tools.registry import get_tool
+
+    assert get_tool(written).name == tool
+    assert Dispatcher([get_tool(tool)()]).resolve(written).name == tool
+    assert get_tool(tool).answers_to(written) and not get_tool(tool).answers_to(written + "x")
+
+
+def test_a_plugin_alias_differing_only_in_separators_clashes_with_a_built_in():
+    from mmedagent.tools import Tool, ToolParams, ToolResult
+    from mmedagent.tools.registry import _clash, get_tool
+
+    class Detector(Tool):
+        name = "my_detector"
+        aliases = ("Grounding-DINO",)
+        Params = ToolParams
+        Result = ToolResult
+
+    assert "already taken by tool 'grounding'" in _clash(Detector, [get_tool("grounding")])

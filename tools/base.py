@@ -8,6 +8,7 @@ the UI serve and draw its ``Result``.
 from __future__ import annotations
 
 import math
+import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -81,6 +82,12 @@ def loading_weights() -> Iterator[None]:
             yield
         finally:
             _held.depth -= 1
+
+
+def name_key(name: str) -> str:
+    """A tool name as calls are matched to it: case, ``_`` / ``-`` / spaces and the spaces around ``+``
+    do not count ("grounding_dino+sam" is "Grounding DINO + SAM", as LLaVA-Plus and MMedAgent write them)."""
+    return re.sub(r"\s*\+\s*", "+", " ".join(re.sub(r"[_\-\s]+", " ", name).split())).casefold()
 
 
 class Tool:
@@ -170,6 +177,11 @@ class Tool:
     @classmethod
     def names(cls) -> tuple[str, ...]:
         return (cls.name, *cls.aliases)
+
+    @classmethod
+    def answers_to(cls, name: str) -> bool:
+        """Whether ``name`` is this tool's name or an alias, as :func:`name_key` compares them."""
+        return name_key(name) in {name_key(n) for n in cls.names()}
 
     @classmethod
     def schema(cls) -> dict[str, Any]:

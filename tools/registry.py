@@ -50,12 +50,11 @@ def _tools_in_module(module) -> list[type[Tool]]:
 
 def _clash(cls: type[Tool], known: Iterable[type[Tool]]) -> str | None:
     """Why ``cls`` cannot join ``known``: a different tool already answers to one of its names
-    (case-insensitive); None if it can (or is already there)."""
-    mine = {n.casefold() for n in cls.names()}
+    (as :func:`~mmedagent.tools.base.name_key` compares names); None if it can (or is already there)."""
     for other in known:
         if other is cls or (other.__module__, other.__qualname__) == (cls.__module__, cls.__qualname__):
             continue  # the same class (re-exported, or its module reloaded)
-        taken = sorted(n for n in other.names() if n.casefold() in mine)
+        taken = sorted(n for n in other.names() if cls.answers_to(n))
         if taken:
             return f"{_where(cls)} answers to {', '.join(map(repr, taken))}, already taken by {_where(other)}"
     return None
@@ -203,10 +202,9 @@ def list_tools() -> list[type[Tool]]:
 
 
 def get_tool(name_or_alias: str) -> type[Tool]:
-    """The tool class with this name or alias (case-insensitive)."""
-    key = name_or_alias.strip().casefold()
+    """The tool class with this name or alias (case, separators and spaces around "+" do not count: :func:`~mmedagent.tools.base.name_key`)."""
     tools = _all()
     for cls in tools.values():
-        if key in (n.casefold() for n in cls.names()):
+        if cls.answers_to(name_or_alias):
             return cls
     raise UnknownToolError(name_or_alias, sorted(tools))

@@ -28,9 +28,10 @@ def tool_class(name: str) -> type[Tool] | None:
 
 
 def canonical_name(name: str) -> str:
-    """The registered tool's name for ``name`` (an alias or the name); else ``name`` case-folded."""
+    """The registered tool's name for ``name`` (an alias or the name); else ``name`` as
+    :func:`~mmedagent.tools.base.name_key` writes it."""
     cls = tool_class(name)
-    return cls.name if cls is not None else name.strip().casefold()
+    return cls.name if cls is not None else name_key(name)
 
 
 def call_names(calls: Sequence[ToolCall]) -> list[str]:
