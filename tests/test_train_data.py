@@ -67,6 +67,25 @@ def test_truncation_keeps_image_tokens_whole(tiny_models, train_data):
         tight[0]
 
 
+@pytest.mark.parametrize("question", ["<image><image>\nCompare the two scans.", "Compare the two scans."])
+def test_adjacent_images_get_their_labels(tiny_models, tmp_path, question):
+    """Two images whose markers touch (written so, or added for a record without markers): the processor's
+    expanded image tokens form one run, and the labels still line up."""
+    names = write_images(tmp_path / "im", 2)
+    record = tool_record(0, names[0])
+    record["image"] = names
+    record["conversations"][0]["value"] = question
+    path = tmp_path / "two.json"
+    path.write_text(json.dumps([record]))
+    ds = _dataset(tiny_models("llava"), path, tmp_path / "im")
+    item = ds[0]
+    plan, answer = (m.text() for m in Record.from_dict(record).conversations if m.role == "gpt")
+    assert _trained_text(ds, item) == f" {plan}</s> {answer}</s>"
+    image = item["input_ids"] == ds.image_token_id
+    assert image.sum() == 32 and (item["labels"][image] == -100).all()
+    assert item["pixel_values"].shape[0] == 2
+
+
 @pytest.mark.parametrize("bad, message", [
     ({"image": "missing.png"}, r"record 2: image not found: .*missing.png"),
     ({"conversations": [{"from": "gpt", "value": "hi"}, {"from": "human", "value": "x"}]},
@@ -276,8 +295,8 @@ def test_mmedagent_recipe_flags_parse(tmp_path, monkeypatch):
     (["--mm_use_im_start_end", "True"], "--mm_use_im_start_end True is not supported"),
     (["--bits", "4"], r"--bits 4 \(QLoRA\) needs a CUDA GPU"),
     (["--warmup_ratio", "1.5"], "--warmup_ratio must be in"),
-    (["--fp16", "True", "--deepspeed", str(ROOT / "scripts" / "zero2.json")],
-     r"^--fp16 True with --deepspeed needs a CUDA GPU"),
+    (["--fp16", "True", "--deepspeed", str(ROOT / "scripts" / "zero2.json")], r"^--fp16 True needs a CUDA GPU"),
+    (["--fp16", "True"], r"^--fp16 True needs a CUDA GPU: on CPU there is no fp16 mixed precision .* Use --bf16 True"),
     (["--image_aspect_ratio", "anyres"], "--image_aspect_ratio must be 'pad' or 'square'"),
     (["--version", "llava_v0"], r"^--version 'llava_v0' is not a conversation template; choose one of "
                                 r"v1 \(= vicuna_v1\), vicuna \(= vicuna_v1\), llava_v1 \(= vicuna_v1\), vicuna_v1, "
@@ -287,7 +306,7 @@ def test_bad_flags_are_rejected(tmp_path, flags, message):
     from mmedagent.train.args import check_backbone_flags, parse_args
 
     if ("--bits" in flags or "--fp16" in flags) and torch.cuda.is_available():
-        pytest.skip("QLoRA and fp16 DeepSpeed are allowed on a GPU")
+        pytest.skip("QLoRA and fp16 are allowed on a GPU")
     with pytest.raises(ValueError, match=message):
         check_backbone_flags("llava", *parse_args(["--model_name_or_path", "b", "--output_dir", str(tmp_path),
                                                    "--data_path", "d", *flags]))
@@ -421,6 +440,30 @@ def test_full_finetune_freezes_vision_only(tiny_models, tmp_path):
     grads = {n: p.requires_grad for n, p in model.named_parameters()}
     assert all(v for n, v in grads.items() if n.startswith("model.language_model.") or ".merger." in n)
     assert not any(v for n, v in grads.items() if n.startswith("model.visual.") and ".merger." not in n)
+
+
+@pytest.mark.parametrize("lora", ["True", "False"])
+def test_bf16_without_deepspeed_updates_fp32_weights(tiny_models, tmp_path, lora):
+    """--bf16 loads the model in bf16; what trains (LoRA, the projector, or the whole language model) must be fp32
+    for the Trainer's mixed precision, or bf16's rounding swallows small updates (fp16's NaNs them)."""
+    from mmedagent.model.loading import load_model_and_processor
+    from mmedagent.train.args import parse_args
+    from mmedagent.train.modeling import prepare_model
+
+    _, _, t = parse_args(["--model_name_or_path", "b", "--output_dir", str(tmp_path), "--data_path", "d",
+                          "--bf16", "True", "--lora_enable", lora, "--lora_r", "4"])
+    model, _, _ = load_model_and_processor(tiny_models("llava"), dtype="bfloat16", device="cpu")
+    model = prepare_model(model, "llava", t)
+    dtypes = {(p.requires_grad, p.dtype) for p in model.parameters()}
+    assert dtypes == {(True, torch.float32), (False, torch.bfloat16)}
+    projector = [p for n, p in model.named_parameters() if "multi_modal_projector" in n and p.requires_grad]
+    assert projector
+    before = [p.detach().clone() for p in projector]
+    opt = torch.optim.AdamW(projector, lr=2e-5, weight_decay=0)  # MMedAgent's --mm_projector_lr
+    for p in projector:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert all((b != p).all() for b, p in zip(before, projector))  # every weight moved
 
 
 def test_mllama_mixed_batch(tiny_models, train_data):

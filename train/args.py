@@ -135,9 +135,11 @@ class TrainingArguments(transformers.TrainingArguments):
             raise FlagError("--tf32 True needs a CUDA GPU of the Ampere generation or newer; "
                             f"{'this GPU is older' if torch.cuda.is_available() else 'this machine has no GPU'}. "
                             "Leave --tf32 out (or pass --tf32 False).")
-        if self.fp16 and self.deepspeed and not torch.cuda.is_available():
-            raise FlagError("--fp16 True with --deepspeed needs a CUDA GPU: DeepSpeed's CPU backend has no fp16. "
-                            "Use --bf16 True (or neither) on CPU.")
+        if self.fp16 and not self.bf16 and not torch.cuda.is_available():  # (both: transformers' own error)
+            # without this, the model would load and train in plain fp16 (no autocast, no loss scaling on CPU):
+            # its weights turn NaN at the first update, and the run "succeeds" with loss 0
+            raise FlagError("--fp16 True needs a CUDA GPU: on CPU there is no fp16 mixed precision (DeepSpeed's CPU "
+                            "backend has no fp16 either). Use --bf16 True (or neither) on CPU.")
         if self.bits in (4, 8) and not self.lora_enable:
             raise FlagError(f"--bits {self.bits} quantises the frozen base model; it needs --lora_enable True")
         if self.lora_vision and not self.lora_enable:

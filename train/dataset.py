@@ -218,19 +218,26 @@ class SupervisedDataset(torch.utils.data.Dataset):
         return item
 
     def _align(self, tok_ids: list[int], tok_labels: list[bool], ids: list[int], sample: Sample) -> list[int]:
-        """Labels for the processor's ids, which equal the tokenizer's except for expanded image tokens."""
+        """Labels for the processor's ids, which equal the tokenizer's except for expanded image tokens.
+
+        A run of image tokens in the tokenizer's ids (adjacent ``<image>`` markers, e.g. the ones added for a
+        record with several images and no marker) is one run of expanded image tokens in the processor's."""
         labels: list[int] = []
-        j = 0
-        for tid, is_trained in zip(tok_ids, tok_labels):
+        i = j = 0
+        while i < len(tok_ids):
+            tid = tok_ids[i]
             if j >= len(ids) or ids[j] != tid:
                 raise DataError(f"{sample.where}: processor and tokenizer disagree at token {j}; "
                                 "cannot place the labels")
             if tid == self.image_token_id:
+                while i < len(tok_ids) and tok_ids[i] == tid:
+                    i += 1
                 while j < len(ids) and ids[j] == tid:
                     labels.append(IGNORE_INDEX)
                     j += 1
                 continue
-            labels.append(tid if is_trained else IGNORE_INDEX)
+            labels.append(tid if tok_labels[i] else IGNORE_INDEX)
+            i += 1
             j += 1
         if j != len(ids):
             raise DataError(f"{sample.where}: processor produced {len(ids) - j} unexpected trailing tokens")

@@ -167,9 +167,7 @@ def prepare_model(model: nn.Module, family: str, args: TrainingArguments) -> nn.
             target_modules=lora_target_regex(model, family, args.lora_target_modules, args.lora_vision),
             modules_to_save=[projector.rsplit(".", 1)[-1]] if train_projector else None,
             task_type="CAUSAL_LM")
-        # Under DeepSpeed every trainable tensor keeps the model's dtype (ZeRO-3 needs one dtype; DeepSpeed
-        # holds fp32 master weights itself); otherwise peft's fp32 adapters.
-        model = get_peft_model(model, config, autocast_adapter_dtype=not args.deepspeed)
+        model = get_peft_model(model, config, autocast_adapter_dtype=False)  # dtypes: master_weights_fp32
     else:
         for name, p in model.named_parameters():
             in_vision = vision is not None and name.startswith(vision + ".") and not (
@@ -178,12 +176,27 @@ def prepare_model(model: nn.Module, family: str, args: TrainingArguments) -> nn.
         if projector is not None and not train_projector:
             for p in model.get_submodule(projector).parameters():
                 p.requires_grad_(False)
+    if not args.deepspeed:
+        master_weights_fp32(model)
     if args.activation_checkpointing:
         model.enable_input_require_grads()
     numel = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in model.parameters()]  # ZeRO-3: full size
     n_train, n_all = sum(n for n, g in numel if g), sum(n for n, _ in numel)
     log.info("trainable parameters: %d of %d (%.2f%%)", n_train, n_all, 100 * n_train / max(n_all, 1))
     return model
+
+
+def master_weights_fp32(model: nn.Module) -> None:
+    """Make every trainable tensor float32 (the frozen rest keeps the loading dtype).
+
+    ``--bf16`` / ``--fp16`` load the model in that dtype, and the Trainer's mixed precision expects fp32
+    weights to update: in fp16, Adam's epsilon (1e-8) is 0, so the first update is NaN (loss 0, grad_norm nan
+    from the second step; on a GPU the gradient scaler refuses fp16 gradients), and in bf16 (8 bits of
+    mantissa) updates below ~0.4% of a weight are rounded away. Not under DeepSpeed, which keeps fp32 master
+    weights itself (and ZeRO-3 needs one dtype)."""
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
 
 
 def torch_dtype(args: TrainingArguments) -> torch.dtype:
