@@ -330,7 +330,9 @@ def _read_input(src: str | os.PathLike | bytes | bytearray | memoryview | Binary
 def _load_pil(data: bytes, fmt: str, window: WindowSpec, frame: int | None, max_pixels: int) -> MedicalImage:
     try:
         im = Image.open(io.BytesIO(data))
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+    except UnidentifiedImageError:  # Pillow's message names only the in-memory buffer's address
+        raise ImageLoadError(f"cannot read {fmt.upper()} image: the file is cut off or damaged") from None
+    except (OSError, SyntaxError) as e:
         raise ImageLoadError(f"cannot read {fmt.upper()} image: {e}") from None
     except Image.DecompressionBombError as e:  # Pillow's own limit
         raise ImageLoadError(f"image refused by Pillow's decompression-bomb limit: {e}") from None

@@ -110,6 +110,10 @@ def test_truncated_png_and_jpeg():
         data = buf.getvalue()
         with pytest.raises(ImageLoadError, match="truncated|cannot"):
             load_image(data[: len(data) // 2])
+        with pytest.raises(ImageLoadError) as cut:  # only the header left: Pillow cannot even identify it
+            load_image(data[:40])
+        assert ("cut off or damaged" if fmt == "PNG" else "Truncated") in str(cut.value)
+        assert "0x" not in str(cut.value)  # not Pillow's "cannot identify image file <_io.BytesIO object at 0x…>"
 
 
 def test_missing_file_and_wrong_type(tmp_path):
