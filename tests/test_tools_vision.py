@@ -620,3 +620,13 @@ def test_weights_errors_name_a_checkpoint_file_as_a_path_not_a_hub_id():
     assert "from local path 'medsam_vit_b.pth'" in str(weights_error("segmentation", "medsam_vit_b.pth", "", missing))
     assert "from hub id 'IDEA-Research/grounding-dino-base'" in str(
         weights_error("grounding", "IDEA-Research/grounding-dino-base", "", OSError("offline")))
+
+
+def test_medsam_masks_of_several_boxes_are_each_boxs_own_mask_at_full_size(medsam):
+    """The masks are brought to the image's size one at a time (memory); each must stay its own box's."""
+    img = Image.fromarray(np.random.default_rng(3).integers(0, 255, (90, 130, 3), dtype=np.uint8))
+    boxes = [[0.1, 0.1, 0.5, 0.6], [0.4, 0.3, 0.9, 0.9], [0.0, 0.0, 1.0, 1.0]]
+    both = medsam.segment(img, boxes)
+    alone = [medsam.segment(img, [b]) for b in boxes]
+    assert both.masks == [a.masks[0] for a in alone] and both.areas == [a.areas[0] for a in alone]
+    assert both.masks[0]["size"] == [90, 130]

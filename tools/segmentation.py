@@ -331,10 +331,12 @@ class SegmentationTool(Tool):
             dense_prompt_embeddings=dense,
             multimask_output=False,
         )
-        prob = torch.nn.functional.interpolate(
-            torch.sigmoid(low_res), size=(h, w), mode="bilinear", align_corners=False
-        )
-        return (prob[:, 0] > 0.5).cpu().numpy()
+        # one mask at a time: a float map at full size is 4 bytes a pixel (≈ 200 MB for a 8000x6000 scan)
+        return np.stack([
+            (torch.nn.functional.interpolate(torch.sigmoid(m[None]), size=(h, w), mode="bilinear",
+                                             align_corners=False)[0, 0] > 0.5).cpu().numpy()
+            for m in low_res
+        ])
 
     def _sam(self, img, boxes, points, labels) -> np.ndarray:
         torch = self._torch
