@@ -67,6 +67,27 @@ def test_truncation_keeps_image_tokens_whole(tiny_models, train_data):
         tight[0]
 
 
+def test_records_cut_to_the_length_limit_are_named_then_counted(tiny_models, train_data, caplog, monkeypatch):
+    from mmedagent.train import dataset
+
+    monkeypatch.setattr(dataset, "CUT_COUNT_EVERY", 2)
+    ds = _dataset(tiny_models("llava"), train_data["mmedagent"], train_data["images"], max_len=100)
+    full = _dataset(tiny_models("llava"), train_data["mmedagent"], train_data["images"])
+    with caplog.at_level("WARNING", logger=dataset.log.name):
+        for epoch in range(2):  # a record seen again is not reported again
+            for i in range(len(ds)):
+                ds[i]
+    cut = [i for i in range(len(full)) if len(full[i]["input_ids"]) > 100]
+    assert len(cut) > dataset.CUT_NAMED + 1
+    named = [r.getMessage() for r in caplog.records if "cut to --model_max_length 100 (" in r.getMessage()]
+    assert len(named) == dataset.CUT_NAMED and named[0].startswith(f"{full.samples[cut[0]].where}: "
+                                                                    f"{len(full[cut[0]]['input_ids'])} tokens")
+    lost = int((full[cut[0]]["labels"][100:] != -100).sum())
+    assert f"({lost} answer tokens not trained)" in named[0]
+    counts = [r.getMessage() for r in caplog.records if "records cut to --model_max_length 100 so far" in r.getMessage()]
+    assert counts and counts[-1].startswith(f"{len(cut) - len(cut) % 2} records")
+
+
 @pytest.mark.parametrize("question", ["<image><image>\nCompare the two scans.", "Compare the two scans."])
 def test_adjacent_images_get_their_labels(tiny_models, tmp_path, question):
     """Two images whose markers touch (written so, or added for a record without markers): the processor's

@@ -123,6 +123,9 @@ def token_labels(offsets: Sequence[tuple[int, int]], trained: np.ndarray) -> lis
     return [bool(e > s and trained[e - 1]) for s, e in offsets]
 
 
+CUT_NAMED, CUT_COUNT_EVERY = 3, 100  # records cut to model_max_length: named, then counted every so many
+
+
 class SupervisedDataset(torch.utils.data.Dataset):
     """Lazily tokenised chat samples with assistant-only labels."""
 
@@ -132,6 +135,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
         # it a padding image processor, which the Trainer saves), so inference pads exactly as training did.
         self.samples = samples
         self._untrained: set[int] = set()  # records seen with no label left (all of them: an error)
+        self._cut: set[str] = set()  # records found longer than model_max_length (the first few are named)
         self.processor = processor
         self.tokenizer = tokenizer_of(processor)
         self.family = family
@@ -210,12 +214,26 @@ class SupervisedDataset(torch.utils.data.Dataset):
             for k, v in out.items():
                 if k in SEQ_PAD or k == "cross_attention_mask":
                     out[k] = v[:, :limit]
+            lost = sum(x != IGNORE_INDEX for x in labels[limit:])
             labels = labels[:limit]
+            self._note_cut(sample, len(ids), lost)
         item = {k: (v[0] if k in SEQ_PAD else v) for k, v in out.items()}
         item["labels"] = torch.tensor(labels, dtype=torch.long)
         if not any(x != IGNORE_INDEX for x in labels):
             log.warning("%s: no assistant token left after truncation to %d tokens", sample.where, limit)
         return item
+
+    def _note_cut(self, sample: Sample, n_tokens: int, lost: int) -> None:
+        """Warn of a record cut to ``--model_max_length`` (the first ones by name, then their count)."""
+        if sample.where in self._cut:
+            return
+        self._cut.add(sample.where)
+        if len(self._cut) <= CUT_NAMED:
+            log.warning("%s: %d tokens, cut to --model_max_length %d (%d answer tokens not trained)%s", sample.where,
+                        n_tokens, self.model_max_length, lost,
+                        "; further cut records are counted, not named" if len(self._cut) == CUT_NAMED else "")
+        elif len(self._cut) % CUT_COUNT_EVERY == 0:
+            log.warning("%d records cut to --model_max_length %d so far", len(self._cut), self.model_max_length)
 
     def _align(self, tok_ids: list[int], tok_labels: list[bool], ids: list[int], sample: Sample) -> list[int]:
         """Labels for the processor's ids, which equal the tokenizer's except for expanded image tokens.
