@@ -28,7 +28,7 @@ from mmedagent.serve.config import ServeConfig, add_common_args, config_or_exit
 from mmedagent.serve.httpclient import error_detail, make_client
 from mmedagent.serve.messages import stop_note
 from mmedagent.imaging import describe_view, parse_window
-from mmedagent.serve.uploads import UploadError, decode_image, png_data_url, sendable_png
+from mmedagent.serve.uploads import decode_image, png_data_url, sendable_png
 
 
 def print_step(step: dict[str, Any], out: TextIO) -> None:

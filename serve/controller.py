@@ -40,7 +40,6 @@ from mmedagent.serve import openai_api as oa
 from mmedagent.serve.config import API_KEY_ENV, ServeConfig, ToolSpec, add_common_args, config_or_exit, is_loopback
 from mmedagent.serve.httpclient import make_client
 from mmedagent.serve.messages import (
-    MAX_MESSAGES,
     MAX_NEW_TOKENS,
     MAX_QUESTION_CHARS,
     MAX_STEPS,

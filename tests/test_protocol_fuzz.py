@@ -34,7 +34,7 @@ from mmedagent.protocol import (
     render_tool_results,
     render_turn,
 )
-from mmedagent.tools import Tool, ToolResult
+from mmedagent.tools import Tool
 
 SETTINGS = settings(max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 

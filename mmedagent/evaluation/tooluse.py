@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from mmedagent.evaluation.metrics import box_iou, tokenize
 from mmedagent.protocol import ToolCall
-from mmedagent.tools.base import Tool
+from mmedagent.tools.base import Tool, name_key
 from mmedagent.tools.registry import UnknownToolError, get_tool
 
 
