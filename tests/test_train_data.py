@@ -319,6 +319,8 @@ def test_mmedagent_recipe_flags_parse(tmp_path, monkeypatch):
     (["--fp16", "True", "--deepspeed", str(ROOT / "scripts" / "zero2.json")], r"^--fp16 True needs a CUDA GPU"),
     (["--fp16", "True"], r"^--fp16 True needs a CUDA GPU: on CPU there is no fp16 mixed precision .* Use --bf16 True"),
     (["--image_aspect_ratio", "anyres"], "--image_aspect_ratio must be 'pad' or 'square'"),
+    (["--mm_projector_lr", "2e-5", "--freeze_mm_mlp_adapter", "True"],
+     r"^--mm_projector_lr sets the projector's learning rate, but --freeze_mm_mlp_adapter True keeps"),
     (["--version", "llava_v0"], r"^--version 'llava_v0' is not a conversation template; choose one of "
                                 r"v1 \(= vicuna_v1\), vicuna \(= vicuna_v1\), llava_v1 \(= vicuna_v1\), vicuna_v1, "
                                 r"llama3, qwen2, or leave --version out for the processor's own chat template$"),

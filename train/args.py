@@ -142,6 +142,9 @@ class TrainingArguments(transformers.TrainingArguments):
                             "backend has no fp16 either). Use --bf16 True (or neither) on CPU.")
         if self.bits in (4, 8) and not self.lora_enable:
             raise FlagError(f"--bits {self.bits} quantises the frozen base model; it needs --lora_enable True")
+        if self.mm_projector_lr is not None and self.freeze_mm_mlp_adapter:
+            raise FlagError("--mm_projector_lr sets the projector's learning rate, but --freeze_mm_mlp_adapter True "
+                            "keeps the projector frozen: drop one of them")
         if self.lora_vision and not self.lora_enable:
             raise FlagError("--lora_vision adds LoRA to the vision encoder; it needs --lora_enable True")
         if self.lora_bias not in ("none", "all", "lora_only"):
