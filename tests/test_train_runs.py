@@ -57,6 +57,22 @@ def test_finished_run_is_not_trained_again_and_changed_settings_are_refused(tiny
         main(_argv(model, other, out))
 
 
+def test_a_second_run_into_the_same_output_dir_is_refused_while_the_first_trains(tiny_models, tmp_path):
+    from mmedagent.locks import take_lock
+    from mmedagent.train.args import FlagError
+    from mmedagent.train.run import LOCK_FILE, main
+
+    model, data, out = tiny_models("llama"), _data(tmp_path / "train.json"), tmp_path / "run"
+    out.mkdir()
+    first = take_lock(out / LOCK_FILE)  # what the first run holds while it trains
+    with pytest.raises(FlagError, match=r"run is in use by another training run \(process \d+\): wait for it"):
+        main(_argv(model, data, out))
+    assert not (out / "checkpoint-2").exists()
+    first.close()
+    assert main(_argv(model, data, out)) == out and _step(out) == 2
+    assert not (out / LOCK_FILE).exists()  # the trained folder holds no lock file
+
+
 def test_missing_resume_folder_is_refused_up_front(tmp_path):
     from mmedagent.train.args import FlagError
     from mmedagent.train.run import main
@@ -65,6 +81,7 @@ def test_missing_resume_folder_is_refused_up_front(tmp_path):
     with pytest.raises(FlagError, match=r"--resume_from_checkpoint .*gone: no such folder"):
         main(_argv(tmp_path / "no-model-needed", data, tmp_path / "run", "--resume_from_checkpoint",
                    str(tmp_path / "gone")))
+    assert not (tmp_path / "run").exists()  # a refused run leaves no empty output folder
 
 
 def test_a_run_with_no_answer_token_left_is_an_error(tiny_models, tmp_path):

@@ -15,6 +15,7 @@ import transformers
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 from mmedagent.hub import is_hub_id, prefer_cache_when_unreachable
+from mmedagent.locks import FolderInUse, take_lock
 from mmedagent.model.llava_convert import converted_cache_dir, llava_image_processor
 from mmedagent.model.loading import (family_of, is_original_llava, load_config, load_model_and_processor,
                                      original_llava_snapshot)
@@ -309,14 +310,48 @@ def release_deepspeed_shm() -> None:
         (Path("/dev/shm") / name).unlink()
 
 
+LOCK_FILE = ".train.lock"
+
+
+@contextlib.contextmanager
+def output_dir_lock(output_dir: str):
+    """Hold ``--output_dir``'s lock while this job trains into it (the first rank takes it for the job): the
+    same command started again meanwhile (a requeued job, a second terminal) is refused instead of writing
+    the same checkpoints. The lock file is removed when the run ends."""
+    if os.environ.get("RANK", "0") != "0":
+        yield
+        return
+    path = Path(output_dir) / LOCK_FILE
+    made = not path.parent.exists()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        lock = take_lock(path)
+    except FolderInUse as e:
+        raise FlagError(f"{output_dir} is in use by another training run ({e.holder}): wait for it to end, "
+                        "or use another --output_dir") from None
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        lock.close()
+        if made:  # a run refused before writing anything leaves no empty folder
+            with contextlib.suppress(OSError):
+                path.parent.rmdir()
+
+
 def main(argv: list[str] | None = None) -> Path:
     """Train; returns the output directory (adapter or full model, processor, manifest, loss curve).
 
     A run whose newest checkpoint already reached the last step is not trained again: with its final
     outputs present nothing is done; otherwise they are written from that checkpoint."""
     parsed = parse_args(argv)
+    _setup_logging(parsed[2])
+    with output_dir_lock(parsed[2].output_dir):
+        return _train(parsed)
+
+
+def _train(parsed) -> Path:
     model_args, data_args, args = parsed
-    _setup_logging(args)
     explicit = bool(args.resume_from_checkpoint)
     if explicit and not (Path(args.resume_from_checkpoint) / "trainer_state.json").is_file():
         missing = not Path(args.resume_from_checkpoint).is_dir()
