@@ -113,6 +113,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--to", choices=("llava", "sharegpt"), default="llava")
     p.add_argument("--image-folder", default=None, help="where images of HF datasets are exported")
     p.add_argument("--data-split", default=None, help=_SPLIT_HELP)
+    p.add_argument("--canonical-tool-results", action="store_true",
+                   help="rewrite tool-result turns in the wording the agent feeds tool outputs back in")
 
     p = sub.add_parser("split", help="train/val/test split by image")
     p.add_argument("src")
@@ -292,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
             with tempfile.TemporaryDirectory(prefix="mmedagent-rag-") as tmp:
                 return _build(a, ap, Path(tmp) / "index")
         if a.cmd == "convert":
-            n = convert(a.src, a.dst, a.to, image_folder=a.image_folder, split=a.data_split)
+            n = convert(a.src, a.dst, a.to, image_folder=a.image_folder, split=a.data_split,
+                        canonical_tool_results=a.canonical_tool_results)
             print(f"{a.dst}: {n} records")
             return 0
         if a.cmd == "split":

@@ -177,11 +177,15 @@ def read_table(path: str | Path, image_root: str | Path | None = None,
     if is_tabular(path):
         root = Path(image_root) if image_root is not None else path.parent
         export = root / f"{path.name.split('.')[0]}_images"
+        ds = open_hf_dataset(path, split)
+        classes = _class_label_columns(ds)
         rows = []
-        for i, row in enumerate(open_hf_dataset(path, split), 1):
+        for i, row in enumerate(ds, 1):
             try:
+                row = {**row, **{k: f.int2str(row[k]) if row[k] not in (None, -1) else None  # -1: no label
+                                 for k, f in classes.items()}}
                 rows.append((i, export_images(row, i, export, relative_to=root, split=split)))
-            except DataError as e:
+            except (DataError, ValueError) as e:
                 raise DataError(f"{path}: record {i}: {e}") from None
         return rows
     if split:
@@ -208,6 +212,14 @@ def read_table(path: str | Path, image_root: str | Path | None = None,
         if not isinstance(row, dict):
             raise DataError(f"{path}: record {i}: expected an object, found {type(row).__name__}")
     return rows
+
+
+def _class_label_columns(ds: Any) -> dict[str, Any]:
+    """The ``ClassLabel`` columns of a Hugging Face dataset: they store class indices, and a table row
+    takes their names (``int2str``), as the data set's card shows them."""
+    import datasets
+
+    return {k: f for k, f in ds.features.items() if isinstance(f, datasets.ClassLabel)}
 
 
 def _decode_table(path: Path) -> str:
@@ -325,10 +337,14 @@ def read_coco(annotations: str | Path, image_root: str | Path) -> list[Example]:
         images[im["id"]] = (im["file_name"], int(w), int(h))
     groups: dict[tuple[Any, str], list[Target]] = defaultdict(list)
     within_unit = True  # every box inside [0, 1]: written normalised, not in pixels as COCO has them
+    crowds = 0
     for i, ann in enumerate(coco["annotations"], 1):
         where = f"{path}: annotations[{i}]"
         if not isinstance(ann, dict):
             raise DataError(f"{where}: expected an object, found {type(ann).__name__}")
+        if ann.get("iscrowd"):  # a region of many objects (RLE mask): not one object's box, as detectors treat it
+            crowds += 1
+            continue
         if not isinstance(ann.get("image_id"), (int, str)) or ann["image_id"] not in images:
             raise DataError(f"{where}: unknown image_id {ann.get('image_id')!r}")
         if not isinstance(ann.get("category_id"), (int, str)) or ann["category_id"] not in cats:
@@ -347,6 +363,9 @@ def read_coco(annotations: str | Path, image_root: str | Path) -> list[Example]:
             raise DataError(f"{where}: area must be a number")
         groups[(ann["image_id"], cats[ann["category_id"]])].append(
             Target(cats[ann["category_id"]], norm_box(x, y, x + bw, y + bh, w, h), int(area) if area else None))
+    if crowds:
+        log.warning("%s: %d crowd annotation(s) (iscrowd 1: a region of many objects) skipped; a grounding box "
+                    "stands for one object", path, crowds)
     if groups and within_unit:
         raise DataError(f"{path}: every bbox lies within [0, 1]: they look normalised, but COCO bboxes are "
                         "[x, y, width, height] in pixels; write them in pixels")
@@ -402,7 +421,8 @@ def read_mask_pngs(images: str | Path, masks: str | Path, label_names: dict[int,
             mask = mask[..., 0]
         size = _image_size(img_dir, by_stem[stem].name, where)
         if (mask.shape[1], mask.shape[0]) != size:
-            raise DataError(f"{where}: mask is {mask.shape[1]}x{mask.shape[0]} but the image is {size[0]}x{size[1]}")
+            raise DataError(f"{where}: mask is {mask.shape[1]}x{mask.shape[0]} but the image is {size[0]}x{size[1]}; "
+                            "save the mask at the image's size (nearest-neighbour resampling keeps its label values)")
         out += _mask_examples(mask, label_names, by_stem[stem].name, where, tasks)
     return out
 
@@ -481,6 +501,20 @@ def _class_images(folder: Path) -> list[Path]:
     return found
 
 
+def _class_name(label: str, known: Sequence[str] | None, where: str) -> str:
+    """``label`` as one of the ``known`` labels (``--labels``): itself, or — when no known label is a number —
+    a class index counted from 0 in their order (as torchvision's ``ImageFolder`` and ``ClassLabel`` number
+    classes); any other label is a DataError."""
+    if not known or label in known:
+        return label
+    if label.isdigit() and not any(k.isdigit() for k in known):
+        if int(label) < len(known):
+            return known[int(label)]
+        raise DataError(f"{where}: class index {label} is out of range for the {len(known)} labels given "
+                        f"({', '.join(known)}); indices count from 0")
+    raise DataError(f"{where}: unknown label {label!r}; known labels: {', '.join(known)}")
+
+
 def read_classification(folder: str | Path | None = None, table: str | Path | None = None,
                         labels: Sequence[str] | None = None, **table_options: Any) -> list[Example]:
     """Folder-per-class (``root/<class>/<image>``) or a table with ``image`` and ``label`` (``table_options``:
@@ -493,9 +527,7 @@ def read_classification(folder: str | Path | None = None, table: str | Path | No
         if not classes:
             raise DataError(f"{root}: no class folders")
         for cdir in classes:
-            label = cdir.name.replace("_", " ")
-            if known and label not in known:
-                raise DataError(f"{cdir}: unknown label {label!r}; known labels: {', '.join(known)}")
+            label = _class_name(cdir.name.replace("_", " "), known, str(cdir))
             images = _class_images(cdir)
             if not images:
                 raise DataError(f"{cdir}: class folder {label!r} holds no images")
@@ -507,24 +539,47 @@ def read_classification(folder: str | Path | None = None, table: str | Path | No
         for i, row in read_table(table, **table_options):
             where = f"{table}: record {i}"
             image, (label,) = _image_of(row, where), _require(row, ("label",), where)
-            if known and label not in known:
-                raise DataError(f"{where}: unknown label {label!r}; known labels: {', '.join(known)}")
-            out.append(Example("classification", where, image=image, label=label))
+            out.append(Example("classification", where, image=image, label=_class_name(label, known, where)))
         cands = known or sorted({e.label for e in out if e.label})
     else:
         raise DataError("classification needs a class folder or a label table")
+    if not known and cands and all(c.isdigit() for c in cands):
+        log.warning("%s: every label is a number (%s): class indices? The classification tool matches label text "
+                    "to the image and the model would answer with the number; give the class names in index order "
+                    "with --labels NAME0,NAME1,...", folder or table, ", ".join(cands[:5]) + (", ..." if len(cands) > 5 else ""))
     for e in out:
         e.labels = cands
     return out
 
 
+REPORT_SECTIONS = ("findings", "impression")
+"""Report sections a table may give in columns of their own (MIMIC-CXR's ``findings`` and ``impression``)."""
+
+
+def _report_of(row: dict[str, Any], where: str) -> str:
+    """A row's report: its ``report`` (or ``text``) cell; else its sections — one section column: its text,
+    both: the filled ones under ``FINDINGS:`` / ``IMPRESSION:`` headings (the headings the report tool's
+    ``parse_sections`` splits a full report at), so a row without findings keeps its impression."""
+    key = next((k for k in ("report", "text") if k in row), None)
+    sections = [k for k in REPORT_SECTIONS if k in row]
+    if key is not None or not sections:
+        return _require(row, (key or "report",), where)[0]
+    if len(sections) == 1:
+        return _require(row, sections, where)[0]
+    filled = [k for k in sections if row[k] is not None and str(row[k]).strip()]
+    if not filled:
+        raise DataError(f"{where}: empty 'findings' and 'impression': no report for this image; fill one or "
+                        "drop the row")
+    return "\n".join(f"{k.upper()}: {_require(row, (k,), where)[0]}" for k in filled)
+
+
 def read_reports(table: str | Path, **table_options: Any) -> list[Example]:
-    """A table with ``image`` and ``report`` (or ``findings``/``text``) → report-generation examples."""
+    """A table with ``image`` and ``report`` (or ``text``, or ``findings`` and/or ``impression``: see
+    :func:`_report_of`) → report-generation examples."""
     out = []
     for i, row in read_table(table, **table_options):
         where = f"{table}: record {i}"
-        key = next((k for k in ("report", "findings", "text") if k in row), "report")
-        image, (report,) = _image_of(row, where), _require(row, (key,), where)
+        image, report = _image_of(row, where), _report_of(row, where)
         out.append(Example("report_generation", where, image=image, report=report))
     return out
 

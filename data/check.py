@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mmedagent.data.formats import DataError, chat_messages, iter_records, lies_outside
+from mmedagent.data.formats import (DataError, canonicalise_tool_results, chat_messages, image_not_found, iter_records,
+                                    lies_outside)
 from mmedagent.imaging import image_file_problem
 from mmedagent.protocol import Record, TurnParseError, parse_tool_results, parse_turn, render_turn
 
@@ -78,6 +79,14 @@ def _check_one(rec: Record, where: str, report: CheckReport, dispatcher: Any) ->
             pending = []
     if pending:  # trains the planning turn alone (e.g. the synthetic box drills)
         report.planning_only += 1
+    copy = rec.model_copy(deep=True)
+    if changed := canonicalise_tool_results(copy):
+        turns = ("turn " if len(changed) == 1 else "turns ") + ", ".join(map(str, changed))
+        agent = copy.conversations[changed[0] - 1].value.split("\n")[0]
+        report.warnings.append(
+            f"{where}: {turns}: the tool output is not worded as the agent feeds tool outputs back ({agent[:100]!r}); "
+            "training takes the turn as written, so the model would learn a wording it is never served; "
+            "python -m mmedagent.data convert FILE OUT --canonical-tool-results rewrites it")
 
 
 def _check_images(rec: Record, where: str, folder: Path, report: CheckReport, seen: dict[Path, str | None]) -> None:
@@ -91,7 +100,8 @@ def _check_images(rec: Record, where: str, folder: Path, report: CheckReport, se
         if full not in seen:
             seen[full] = image_file_problem(full)
         if seen[full] is not None:
-            report.problems.append(f"{where}: {seen[full]}: {img}")
+            problem = image_not_found(img, folder, True) if not full.exists() else f"{seen[full]}: {img}"
+            report.problems.append(f"{where}: {problem}")
         if lies_outside(folder, path):
             report.warnings.append(f"{where}: image {img} lies outside --image-folder {folder}")
         elif path.is_absolute():

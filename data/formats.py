@@ -45,6 +45,7 @@ from mmedagent.protocol import (
     ToolCall,
     ToolOutcome,
     TurnParseError,
+    parse_tool_results,
     parse_turn,
     render_tool_results,
     strip_image_token,
@@ -60,6 +61,7 @@ __all__ = [
     "to_sharegpt",
     "from_sharegpt",
     "convert",
+    "canonicalise_tool_results",
     "split_paths",
     "is_tabular",
     "open_hf_dataset",
@@ -78,6 +80,20 @@ def lies_outside(root: str | Path, image: str | Path) -> bool:
 
 class DataError(ValueError):
     """Bad instruction data; the message names the file and the record."""
+
+
+def image_not_found(image: str, base: str | Path, folder_given: bool) -> str:
+    """The problem of an image that is not where training looks for it: the path as written, the file
+    looked for, and the folder relative paths start from (``--image-folder``, or the data file's folder
+    when ``folder_given`` is false) with what to do."""
+    if Path(image).is_absolute():
+        return f"image not found: {image} (an absolute path, taken as is)"
+    full = Path(base) / image
+    if folder_given:
+        return (f"image not found: {image} (looked for {full}; is --image-folder {base} the folder the data's "
+                "image paths are relative to?)")
+    return (f"image not found: {image} (looked for {full}, beside the data file; give --image-folder DIR, "
+            "the folder the data's image paths are relative to)")
 
 
 CHAT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
@@ -807,7 +823,7 @@ def _file_records(p: Path, image_folder: str | Path | None, check_images: bool,
                 base = Path(image_folder) if image_folder is not None else p.parent
                 for img in rec.images:
                     if not (Path(img) if Path(img).is_absolute() else base / img).is_file():
-                        raise DataError(f"{where}: image not found: {img}")
+                        raise DataError(f"{where}: {image_not_found(img, base, image_folder is not None)}")
         except DataError as e:
             if on_error is None:
                 raise
@@ -871,6 +887,29 @@ def _short(e: Exception) -> str:
     return str(e)
 
 
+def canonicalise_tool_results(record: Record) -> list[int]:
+    """Rewrite ``record``'s tool-result turns (a human turn after a tool call) in the agent's wording:
+    :func:`~mmedagent.protocol.render_tool_results` of what they parse into, the text the agent feeds
+    back when serving (training feeds a turn as written, so JSON's ``{"boxes": …}`` would teach another
+    wording than Python's ``{'boxes': …}`` it is served). Returns the 1-based numbers of the turns
+    changed; a turn that does not parse is left as is (``check`` reports it)."""
+    changed: list[int] = []
+    pending: list[str] = []  # the names the last planning turn called
+    for k, m in enumerate(record.conversations, 1):
+        if m.role == "gpt" and m.is_tool_turn:
+            pending = [call.API_name for call in m.actions or []]
+        elif m.role == "human" and pending:
+            try:
+                results = parse_tool_results(m.value, pending)
+            except TurnParseError:
+                results = None
+            if results is not None and (text := render_tool_results(results.outcomes, results.question)) != m.value:
+                m.value = text
+                changed.append(k)
+            pending = []
+    return changed
+
+
 def to_sharegpt(record: Record) -> dict[str, Any]:
     """A record as LLaMA-Factory sharegpt (OpenAI-style ``messages`` + ``images``).
 
@@ -932,15 +971,18 @@ def write_records(records: Iterable[Record], path: str | Path, fmt: str = "llava
 
 
 def convert(src: str | Path, dst: str | Path, fmt: str = "llava", image_folder: str | Path | None = None,
-            split: str | None = None) -> int:
+            split: str | None = None, canonical_tool_results: bool = False) -> int:
     """Convert any readable data (JSON/JSONL/sharegpt/HF) to ``fmt``, record by record; returns the number
-    of records."""
+    of records. ``canonical_tool_results``: tool-result turns rewritten in the agent's wording
+    (:func:`canonicalise_tool_results`)."""
     count = 0
 
     def counted() -> Iterator[Record]:
         nonlocal count
         for _, rec in iter_records(src, image_folder=image_folder, split=split):
             count += 1
+            if canonical_tool_results:
+                canonicalise_tool_results(rec)
             yield rec
 
     write_records(counted(), dst, fmt)

@@ -69,6 +69,16 @@ def test_coco_to_grounding(coco):
     assert_valid(root / "g.json")
 
 
+
+def test_coco_crowd_annotations_are_not_grounding_boxes(coco, caplog):
+    """An iscrowd region (many objects, an RLE mask) is not one object's box: skipped, with a warning."""
+    root, ann = coco
+    ann["annotations"].append({"id": 4, "image_id": 1, "category_id": 7, "bbox": [0, 0, 40, 20], "iscrowd": 1,
+                               "segmentation": {"counts": [0, 800], "size": [20, 40]}})
+    exs = builders.read_coco(write_json(root / "ann.json", ann), root / "imgs")
+    assert [t.box for t in next(e for e in exs if e.image == "a.png").targets] == [[0.1, 0.1, 0.35, 0.5], [0.5, 0.5, 1.0, 1.0]]
+    assert "1 crowd annotation(s) (iscrowd 1: a region of many objects) skipped" in caplog.text
+
 @pytest.mark.parametrize(
     "patch, match",
     [
@@ -134,7 +144,7 @@ def test_mask_errors(tmp_path):
     with pytest.raises(DataError, match=r"s1.png: record 1: mask value 3 has no label name"):
         builders.read_mask_pngs(tmp_path / "imgs", tmp_path / "masks", {1: "liver"})
     Image.fromarray(np.zeros((16, 32), np.uint8)).save(tmp_path / "masks" / "s1.png")
-    with pytest.raises(DataError, match="mask is 32x16 but the image is 32x32"):
+    with pytest.raises(DataError, match="mask is 32x16 but the image is 32x32; save the mask at the image's size"):
         builders.read_mask_pngs(tmp_path / "imgs", tmp_path / "masks", {1: "liver"})
     Image.fromarray(mask).save(tmp_path / "masks" / "other.png")
     with pytest.raises(DataError, match="no image named other"):
@@ -213,6 +223,26 @@ def test_reports(tmp_path):
     assert run_cli("build", "vqa", "--table", write_json(tmp_path / "v.json", [{"image": "x.png", "question": "Q?", "answer": "A."}]),
                    "--image-root", tmp_path / "imgs", "--out", tmp_path / "v_out.json") == 0
 
+
+
+def test_reports_with_mimic_cxr_findings_and_impression_keep_both_sections(tmp_path):
+    """MIMIC-CXR-style rows give ``findings`` and ``impression``: the report holds both under the headings
+    the report tool splits at; a row without findings keeps its impression, one with neither is an error."""
+    from mmedagent.tools.report import parse_sections
+
+    for name in ("x.png", "y.png"):
+        save_grey(tmp_path / name)
+    rows = [{"image": "x.png", "findings": "Lungs are clear.", "impression": "No acute process."},
+            {"image": "y.png", "findings": None, "impression": "Right lower lobe pneumonia."}]
+    out = tmp_path / "r.json"
+    assert run_cli("build", "reports", "--table", write_json(tmp_path / "mimic.json", rows), "--out", out) == 0
+    reports = [tool_turns(r)[1].outcomes[0].output["report"] for r in records_of(out)]
+    assert reports == ["FINDINGS: Lungs are clear.\nIMPRESSION: No acute process.", "IMPRESSION: Right lower lobe pneumonia."]
+    assert parse_sections(reports[0]) == {"findings": "Lungs are clear.", "impression": "No acute process."}
+    assert_valid(out)
+    write_json(tmp_path / "empty.json", [*rows, {"image": "x.png", "findings": "", "impression": " "}])
+    with pytest.raises(DataError, match=r"empty.json: record 3: empty 'findings' and 'impression'"):
+        builders.read_reports(tmp_path / "empty.json")
 
 def pleural_corpus(tmp_path):
     corpus = tmp_path / "c.jsonl"
@@ -642,6 +672,34 @@ def test_json_tables_with_numbers_and_vqa_rad_slake_image_columns(tmp_path):
     with pytest.raises(DataError, match=r"vqa\.json: record 1: 'answer' must be text or a number, found a JSON array"):
         builders.read_vqa(vqa)
 
+
+
+def test_classification_class_indices_take_their_names(tmp_path, caplog):
+    """Class indices (a CSV's 0/1, class folders named 0/1, a Hugging Face ClassLabel column) become the class
+    names: from --labels in index order, or from the ClassLabel feature; indices alone are a warning."""
+    datasets = pytest.importorskip("datasets")
+    save_grey(tmp_path / "a.png")
+    save_grey(tmp_path / "b.png", value=120)
+    table = tmp_path / "idx.csv"
+    table.write_text("image,label\na.png,0\nb.png,1\n", encoding="utf-8")
+    exs = builders.read_classification(table=table, labels=["normal", "pneumonia"])
+    assert [e.label for e in exs] == ["normal", "pneumonia"] and exs[0].labels == ["normal", "pneumonia"]
+    with pytest.raises(DataError, match=r"idx.csv: record 2: class index 1 is out of range for the 1 labels given"):
+        builders.read_classification(table=table, labels=["normal"])
+    with pytest.raises(DataError, match=r"idx.csv: record 1: unknown label '0'"):  # numeric names are not indices
+        builders.read_classification(table=table, labels=["1", "2"])
+    caplog.clear()
+    assert [e.label for e in builders.read_classification(table=table)] == ["0", "1"]
+    assert "every label is a number (0, 1): class indices?" in caplog.text and "--labels" in caplog.text
+    save_grey(tmp_path / "by_class" / "1" / "c.png")
+    assert [e.label for e in builders.read_classification(folder=tmp_path / "by_class", labels=["normal", "tumor"])] == ["tumor"]
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["normal", "pneumonia"])})
+    datasets.Dataset.from_dict({"image": [str(tmp_path / "a.png"), str(tmp_path / "b.png")], "label": [1, 0]},
+                               features=features).to_parquet(str(tmp_path / "train.parquet"))
+    out = tmp_path / "cls.json"
+    assert run_cli("build", "classification", "--table", tmp_path / "train.parquet", "--out", out) == 0
+    assert [tool_turns(r)[1].outcomes[0].output["labels"][0] for r in records_of(out)] == ["pneumonia", "normal"]
+    assert_valid(out)
 
 def test_table_questions_that_carry_image_markers_get_one(tmp_path):
     """A question written LLaVA-style (``<image>\\nIs there ...?``) is not marked twice: training takes the record."""

@@ -132,9 +132,15 @@ def test_jsonl_error_names_line(tmp_path):
 
 
 def test_check_images(tmp_path):
+    """A missing image names the file looked for and the folder paths start from: the data file's folder
+    (and the flag that says otherwise) or the --image-folder given."""
     p = write_json(tmp_path / "a.json", [MMEDAGENT_RECORD])
-    with pytest.raises(DataError, match="record 1: image not found: scans/brain.jpg"):
-        read_records(p, image_folder=tmp_path, check_images=True)
+    with pytest.raises(DataError, match="record 1: image not found: scans/brain.jpg") as e:
+        read_records(p, check_images=True)
+    assert f"looked for {tmp_path / 'scans' / 'brain.jpg'}, beside the data file; give --image-folder DIR" in str(e.value)
+    with pytest.raises(DataError, match="record 1: image not found: scans/brain.jpg") as e:
+        read_records(p, image_folder=tmp_path / "imgs", check_images=True)
+    assert f"looked for {tmp_path / 'imgs' / 'scans' / 'brain.jpg'}; is --image-folder {tmp_path / 'imgs'}" in str(e.value)
     (tmp_path / "scans").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "scans" / "brain.jpg")
     assert len(read_records(p, image_folder=tmp_path, check_images=True)) == 1
@@ -266,7 +272,8 @@ def test_check_reports_every_problem_and_counts_records(tmp_path, capsys):
 
     report = check_file(p, image_folder=tmp_path / "imgs")
     assert report.records == 6
-    assert report.problems == [f"{p}: record 2: image not found: missing.png",
+    assert report.problems == [f"{p}: record 2: image not found: missing.png (looked for {tmp_path / 'imgs' / 'missing.png'}; "
+                               f"is --image-folder {tmp_path / 'imgs'} the folder the data's image paths are relative to?)",
                                f"{p}: record 3 (line 3): invalid JSON at column 2: Expecting property name enclosed in double quotes",
                                f"{p}: record 4: no assistant turn to learn from"]
     assert len(report.warnings) == 2  # training takes these, but they leave the image folder
@@ -579,3 +586,30 @@ def test_a_report_holding_a_result_shaped_line_checks_and_reads_as_one_output(tm
     assert check_file(p, validate_tools=False).problems == []
     (outcomes,) = from_record(record, 0).gold_results
     assert [(o.tool, o.text) for o in outcomes] == [("ChatCAD-R", report)]
+
+
+def test_check_warns_of_tool_outputs_not_in_the_agents_wording_and_convert_rewrites_them(tmp_path, capsys):
+    """Training takes a tool-result turn as written (Message.text()), but the agent feeds outputs back as
+    render_tool_results writes them (Python's {'boxes': …}): a JSON-worded output in the data is a warning of
+    check, and convert --canonical-tool-results rewrites it in the agent's wording."""
+    from mmedagent.data.__main__ import main
+    from mmedagent.data.check import check_file
+    from mmedagent.protocol import render_tool_results
+
+    turns = [dict(t) for t in MMEDAGENT_RECORD["conversations"]]
+    question = turns[0]["value"].split("\n", 1)[1]
+    turns[2]["value"] = ('grounding dino output: {"boxes": [[0.41, 0.54, 0.76, 0.75]], "logits": [0.95], '
+                         f'"phrases": ["tumor"]}}\n\nAnswer my first question: {question}')
+    p = write_json(tmp_path / "d.json", [MMEDAGENT_RECORD, {**MMEDAGENT_RECORD, "conversations": turns}])
+    report = check_file(p, validate_tools=False)
+    assert report.problems == []
+    (warning,) = report.warnings
+    assert warning.startswith(f"{p}: record 2: turn 3: the tool output is not worded as the agent feeds")
+    assert "grounding dino output: {'boxes': [[0.41, 0.54, 0.76, 0.75]]" in warning and "--canonical-tool-results" in warning
+    assert main(["convert", str(p), str(tmp_path / "as_given.json")]) == 0  # without the flag: as written
+    assert read_records(tmp_path / "as_given.json")[1].conversations[2].value == turns[2]["value"]
+    assert main(["convert", str(p), str(tmp_path / "fixed.json"), "--canonical-tool-results"]) == 0
+    fixed = read_records(tmp_path / "fixed.json")
+    assert fixed[1].conversations[2].value == fixed[0].conversations[2].value == render_tool_results(
+        parse_tool_results(turns[2]["value"]).outcomes, question)
+    assert check_file(tmp_path / "fixed.json", validate_tools=False).warnings == []
