@@ -138,11 +138,15 @@ def _is_json_like(value: Any) -> bool:
 
 
 def _output_outcome(tool: str, body: str) -> ToolOutcome:
-    """A mapping when ``body`` is a Python dict literal of JSON-like values, else the text as is."""
+    """A mapping when ``body`` is a Python dict literal of JSON-like values (or a JSON object: data
+    written with ``true`` / ``false`` / ``null``), else the text as is."""
     try:
         output = ast.literal_eval(body)  # literals only; never code
     except Exception:  # SyntaxError, ValueError, TypeError ({[1]: 2}), MemoryError, RecursionError: text
-        output = None
+        try:
+            output = _strict_json(body)
+        except (ValueError, RecursionError):
+            output = None
     if isinstance(output, dict) and _is_json_like(output):
         return ToolOutcome(tool=tool, output=output)
     return ToolOutcome(tool=tool, text=body)

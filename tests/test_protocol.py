@@ -280,3 +280,11 @@ def test_a_report_line_shaped_like_a_result_stays_in_its_report_when_the_calls_a
     # outputs named otherwise than the calls (data written with another alias) parse as without the calls
     other = parse_tool_results(two, ["MedSAM", "BiomedClip"]).outcomes
     assert other == parse_tool_results(two).outcomes
+
+
+def test_a_json_worded_tool_output_with_true_false_null_reads_as_an_output():
+    text = 'grounding output: {"boxes": [], "found": false, "note": null, "ok": true}\n\nAnswer my first question: Q'
+    (outcome,) = parse_tool_results(text, ["grounding"]).outcomes
+    assert outcome.output == {"boxes": [], "found": False, "note": None, "ok": True} and outcome.text is None
+    assert render_tool_results([outcome], "Q") == ("grounding output: {'boxes': [], 'found': False, 'note': None, "
+                                                   "'ok': True}\n\nAnswer my first question: Q")
