@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import hmac
+import inspect
 import json
 import logging
 import re
 import sys
+import threading
 import traceback
 from collections.abc import Iterable
 from pathlib import Path
@@ -60,7 +62,7 @@ class RedactFilter(logging.Filter):
             ours = [(f, n) for f, n in traceback.walk_tb(record.exc_info[2]) if _is_ours(f.f_globals.get("__name__"))]
             where = f" at {Path(ours[-1][0].f_code.co_filename).name}:{ours[-1][1]}" if ours else ""
             text = f": {self.scrub(str(exc))[:300]}" if _is_ours(type(exc).__module__) else ""
-            clean = f"{clean} [{type(exc).__name__}{text}{where}]"
+            clean = f"{clean.rstrip()} [{type(exc).__name__}{text}{where}]"
             record.exc_info, record.exc_text = None, None
         if clean != message:
             record.msg, record.args = clean, ()
@@ -74,19 +76,71 @@ class _QuietPolls(logging.Filter):
         return not any(isinstance(a, str) and a.startswith(("/receive_heartbeat", "/health")) for a in record.args or ())
 
 
+_errors = logging.getLogger("mmedagent.serve.errors")
+_printing = threading.local()
+_print_exception = traceback.print_exception
+
+
+def _logged_print_exception(*args, **kwargs) -> None:
+    """``traceback.print_exception`` (and so ``print_exc``) to stderr as a log record, which
+    :class:`RedactFilter` reduces; to any other file as before."""
+    bound = inspect.signature(_print_exception).bind(*args, **kwargs)
+    file, exc = bound.arguments.get("file"), bound.arguments.get("value", bound.arguments["exc"])
+    tb = bound.arguments.get("tb", getattr(exc, "__traceback__", None))
+    if (file is not None and file is not sys.stderr) or not isinstance(exc, BaseException):
+        return _print_exception(*args, **kwargs)
+    if getattr(_printing, "active", False):  # the log handler itself failed: no record, no loop
+        sys.stderr.write(f"{type(exc).__name__} (details withheld)\n")
+        return None
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_globals.get("__name__") == "traceback":  # print_exc's caller
+        frame = frame.f_back
+    _printing.active = True
+    try:
+        _errors.error("error reported by %s", frame.f_globals.get("__name__", "?") if frame else "?",
+                      exc_info=(type(exc), exc, tb))
+    finally:
+        _printing.active = False
+    return None
+
+
+def _log_thread_exception(args: threading.ExceptHookArgs) -> None:
+    if args.exc_type is not SystemExit:  # as the default hook: a thread's SystemExit ends it quietly
+        _errors.error("uncaught error in thread %s", args.thread.name if args.thread else "?",
+                      exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+
+
+def route_tracebacks_to_log() -> None:
+    """Tracebacks never reach stderr raw: those libraries print (Gradio's queue and routes call
+    ``traceback.print_exc()``) and those of uncaught exceptions, in any thread, become log records,
+    which :class:`RedactFilter` reduces to type and place. Their text may quote an uploaded file's
+    name, a question or a DICOM tag."""
+    traceback.print_exception = _logged_print_exception
+    sys.excepthook = lambda kind, exc, tb: _errors.error("uncaught error", exc_info=(kind, exc, tb))
+    threading.excepthook = _log_thread_exception
+
+
 def setup_logging(level: str = "INFO", secrets: Iterable[str] = ()) -> None:
-    """One stderr handler for the process, uvicorn's loggers included, with redaction."""
+    """One stderr handler for the process, uvicorn's loggers included, with redaction; tracebacks
+    routed through it (:func:`route_tracebacks_to_log`).
+
+    uvicorn's loggers also get the filter themselves: a later ``logging.config.dictConfig`` (Gradio's
+    ``uvicorn.Config`` applies uvicorn's default one when the web UI starts) gives them handlers of
+    their own but keeps their filters, so "Exception in ASGI application" stays redacted."""
+    redact = RedactFilter(secrets)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler.addFilter(RedactFilter(secrets))
+    handler.addFilter(redact)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "uvicorn.asgi"):
         lg = logging.getLogger(name)
         lg.handlers[:] = []
         lg.propagate = True
-    logging.getLogger("uvicorn.access").filters[:] = [_QuietPolls()]
+        lg.filters[:] = [redact]
+    logging.getLogger("uvicorn.access").addFilter(_QuietPolls())
+    route_tracebacks_to_log()
     for noisy in ("httpx", "httpcore", "urllib3", "PIL", "matplotlib", "multipart", "faiss", "bm25s"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

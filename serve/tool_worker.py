@@ -174,13 +174,14 @@ def build_app(tool: Tool, max_upload_bytes: int, max_concurrency: int = 4, timeo
 
 
 def described(tool: Tool) -> dict[str, Any]:
-    """The tool's schema and weights note, as JSON; a :class:`ValueError` naming the tool if it has none
-    (a ``Params`` field without a JSON schema, say): the worker then exits instead of never registering."""
+    """The tool's schema and weights note, as JSON; a :class:`ValueError` naming the tool if they are not
+    (a weights note that is no string, say): the worker then exits instead of never registering. (A tool
+    whose fields have no JSON schema is refused before: :func:`~mmedagent.tools.registry.schema_problem`.)"""
     try:
         info = tool.schema()
         info["weights_note"] = tool.weights_note or type(tool).weights_note
         return json.loads(json.dumps(info))
-    except Exception as e:
+    except Exception as e:  # a weights note that is no string, say
         raise ValueError(f"tool {tool.name} cannot describe itself (its schema): {type(e).__name__}: {e}") from None
 
 

@@ -17,6 +17,7 @@ if __name__ == "__main__":  # run as a script: serve/ must not shadow installed 
 
 import argparse
 import atexit
+import collections
 import contextlib
 import hmac
 import json
@@ -25,6 +26,7 @@ import os
 import shutil
 import signal
 import tempfile
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -131,19 +133,52 @@ def overlay_note(error: Exception) -> dict[str, Any]:
             "metadata": {"title": "⚠️ Note"}}
 
 
-def read_and_delete(upload: Path) -> bytes:
-    """The bytes of Gradio's copy of an upload, which is then deleted (with its folder, when empty): an
-    original DICOM carries the patient's name and IDs and must not stay on disk or be served again."""
-    try:
-        return upload.read_bytes()
-    finally:
-        upload.unlink(missing_ok=True)
-        with contextlib.suppress(OSError):
-            upload.parent.rmdir()
+class Uploads(set):
+    """Gradio's set of uploaded files (``Blocks.upload_file_set``: its upload route adds each path it
+    hands out), counting the hand-outs of each path. Gradio names an upload by its content's hash and
+    its file name, so sessions uploading the same file at the same moment get one path: each reads it,
+    and the last one deletes it. A path no upload handed out is not read: a request cannot make the UI
+    read or delete another session's preview or any other file of its folder."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pending: collections.Counter[str] = collections.Counter()
+        self.lock = threading.Lock()
+
+    def update(self, *groups: Any) -> None:
+        paths = [os.fspath(p) for group in groups for p in group]
+        with self.lock:
+            self.pending.update(paths)
+            super().update(paths)
+
+    def take(self, upload: str) -> bytes:
+        """The bytes of a handed-out upload, whose file (and folder, when empty) its last reader deletes:
+        an original DICOM carries the patient's name and IDs and must not stay on disk or be served
+        again. An ``OSError`` if the upload is gone or was never handed out."""
+        with self.lock:
+            if self.pending[upload] <= 0:
+                raise FileNotFoundError("not a pending upload")
+        path = Path(upload)
+        try:
+            return path.read_bytes()
+        finally:
+            with self.lock:
+                self.pending[upload] -= 1
+                if self.pending[upload] <= 0:
+                    del self.pending[upload]
+                    self.discard(upload)
+                    path.unlink(missing_ok=True)
+                    with contextlib.suppress(OSError):
+                        path.parent.rmdir()
+
+    def install(self, ui: Any) -> None:
+        """Be ``ui``'s set of uploaded files (and one of its temporary file sets, removed at exit)."""
+        ui.temp_file_sets = [self if s is ui.upload_file_set else s for s in ui.temp_file_sets]
+        ui.upload_file_set = self
 
 
 def upload_box(**kwargs: Any):
-    """A ``gr.File`` whose value is the path of Gradio's copy of the upload, for :func:`read_and_delete`.
+    """A ``gr.File`` whose value is the path of Gradio's copy of the upload, for :meth:`Uploads.take`.
     ``gr.File`` itself also makes an empty temp file per upload, kept until exit; this one makes none. (Its
     ``preprocess`` is replaced on the instance: a subclass would make Gradio write a ``.pyi`` beside this file.)"""
     import gradio as gr
@@ -174,6 +209,7 @@ class WebChat:
     def __init__(self, controller_url: str, api_key: str | None, max_upload_bytes: int, timeout_s: float = 600.0):
         self.url, self.max_upload_bytes = controller_url.rstrip("/"), max_upload_bytes
         self.client = make_client(api_key, timeout_s)
+        self.uploads = Uploads()
 
     def status_markdown(self) -> str:
         try:
@@ -189,7 +225,7 @@ class WebChat:
         if not file:
             return None, None, [], [], "", None
         try:
-            data = read_and_delete(Path(file))
+            data = self.uploads.take(file)
         except OSError:
             return None, None, [], [], "⚠️ The upload is gone; please upload the file again.", None
         return (*self.view(data, window, slice_index, plane, volume), data)
@@ -344,6 +380,7 @@ def build_ui(web: WebChat):
               cancels=asking).then(**new_view)
         clear.click(lambda img: ([], [], for_display(img) if img is not None else None, None), image_state,
                     [chat, history_state, preview, conversation_state], cancels=asking)
+    web.uploads.install(ui)
     return ui
 
 

@@ -85,6 +85,7 @@ class Page:
         copy = self.uploads / f"upload-{len(list(self.uploads.iterdir()))}" / (name or scan.name)
         copy.parent.mkdir()
         shutil.copy(scan, copy)
+        self.ui.upload_file_set.update([str(copy)])  # as Gradio's upload route hands the path out
         self["upload"] = self.ui.blocks[self.ids["upload"]].preprocess(FileData(path=str(copy), orig_name=copy.name))
         return self.event("upload", "change")
 

@@ -98,7 +98,7 @@ def test_the_banner_follows_tools_that_finish_loading():
 def test_the_web_ui_keeps_its_files_private(tmp_path, monkeypatch):
     import stat
 
-    from mmedagent.serve.web import private_upload_dir, read_and_delete
+    from mmedagent.serve.web import Uploads, private_upload_dir
 
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))
     folder = private_upload_dir()
@@ -106,7 +106,21 @@ def test_the_web_ui_keeps_its_files_private(tmp_path, monkeypatch):
     upload = folder / "0f3a" / "Doe_John_MRN12345.dcm"
     upload.parent.mkdir()
     upload.write_bytes(b"DICM")
-    assert read_and_delete(upload) == b"DICM" and not upload.parent.exists()
+    uploads = Uploads()
+    uploads.update([str(upload)])  # as Gradio's upload route hands the path out
+    assert uploads.take(str(upload)) == b"DICM" and not upload.parent.exists()
+
+
+def test_a_request_cannot_make_the_web_ui_read_or_delete_a_file_no_upload_handed_out(tmp_path):
+    """Gradio lets a request name any file of the UI's folder (another session's preview, say)."""
+    from mmedagent.serve.web import Uploads
+
+    preview = tmp_path / "9c1d" / "image.png"
+    preview.parent.mkdir()
+    preview.write_bytes(b"PNG")
+    with pytest.raises(OSError):
+        Uploads().take(str(preview))
+    assert preview.read_bytes() == b"PNG"
 
 
 @pytest.mark.parametrize("stopped, title", [("parse_error", "⚠️ Unreadable model turn"), ("max_steps", "🛠️ Tool call: grounding")])
@@ -173,3 +187,122 @@ def test_the_web_ui_keeps_no_upload_on_disk_and_removes_its_files_when_stopped(t
         assert proc.proc.wait(30) == 0 and not folder.exists()
     finally:
         proc.kill()
+
+
+def _web_ui(tmp_path):
+    """``python serve/web.py`` on a free loopback port (no controller), its Gradio folder under
+    ``tmp_path``, serving; returns (process, URL, its private folder)."""
+    import socket
+
+    import httpx
+    from _serve_fixtures import ServeProcess, serve_env, wait_until
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    temp = tmp_path / "gradio"
+    temp.mkdir()
+    proc = ServeProcess("web.py", ["--controller", "http://127.0.0.1:9", "--port", str(port)], tmp_path / "web.log",
+                        serve_env(GRADIO_TEMP_DIR=str(temp)))
+
+    def serving() -> bool:
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            assert proc.proc.poll() is None, proc.output()
+            return False
+
+    try:
+        wait_until(serving, 90)
+    except BaseException:
+        proc.kill()
+        raise
+    (folder,) = temp.iterdir()
+    return proc, f"http://127.0.0.1:{port}", folder
+
+
+def _gradio_call(url: str, api_name: str, data: list) -> str:
+    """One call of a web UI event through Gradio's queue, as a client makes it: its result stream."""
+    import httpx
+
+    r = httpx.post(f"{url}/gradio_api/call/{api_name}", json={"data": data}, timeout=30)
+    assert r.status_code == 200, r.text
+    return httpx.get(f"{url}/gradio_api/call/{api_name}/{r.json()['event_id']}", timeout=60).text
+
+
+def test_the_web_ui_logs_no_traceback_with_a_patient_file_name_or_question(tmp_path):
+    """Gradio prints the traceback of an event's error (``traceback.print_exc()``) and uvicorn that of a
+    failed request (with its own log config): in the web UI both go through the redacting log."""
+    import os
+    import signal
+
+    import httpx
+
+    proc, url, _ = _web_ui(tmp_path)
+    try:
+        # a path Gradio refuses to read: its error names it
+        result = _gradio_call(url, "load", [{"path": "/home/dr/Doe_Jane_MRN998877.dcm", "meta": {"_type": "gradio.FileData"}},
+                                            "auto", "axial"])
+        assert "event: error" in result
+        # a chat Gradio cannot read: its validation error quotes the messages
+        result = _gradio_call(url, "respond", ["Does Jane Doe have a mass?",
+                                               [{"role": "user", "content": "Jane Doe, MRN 998877, 54 y", "metadata": 5}],
+                                               [], None, None])
+        assert "event: error" in result
+        # a request that fails inside Gradio's upload route: uvicorn's "Exception in ASGI application"
+        r = httpx.post(f"{url}/gradio_api/upload", files={"files": (None, "Doe_Jane_MRN998877")}, timeout=30)
+        assert r.status_code == 500
+        os.kill(proc.proc.pid, signal.SIGTERM)  # its log flushed, then it exits
+        assert proc.proc.wait(30) == 0
+    finally:
+        proc.kill()
+    output = proc.output()
+    assert "Exception in ASGI application [TypeError" in output, output
+    assert output.count("reported by gradio.queueing") == 2, output
+    for secret in ("Traceback", "Doe_Jane", "998877", "Jane Doe", "54 y"):
+        assert secret not in output, (secret, output)
+
+
+def test_two_sessions_uploading_the_same_file_at_once_both_see_it(tmp_path):
+    """Gradio keeps one copy of a file uploaded twice (named by its content's hash); the first session
+    to read it must not delete it from under the second."""
+    import httpx
+    from pydicom.data import get_testdata_file
+
+    proc, url, folder = _web_ui(tmp_path)
+    try:
+        scan = open(get_testdata_file("CT_small.dcm"), "rb").read()
+        paths = [httpx.post(f"{url}/gradio_api/upload", files={"files": ("Doe_John_MRN12345.dcm", scan)}, timeout=30).json()[0]
+                 for _session in range(2)]  # both uploads done before either session reads its file
+        assert paths[0] == paths[1]
+        for path in paths:
+            result = _gradio_call(url, "load", [{"path": path, "meta": {"_type": "gradio.FileData"}}, "auto", "axial"])
+            assert "Loaded dicom" in result and "upload is gone" not in result, result
+        assert not any(p.name.endswith(".dcm") for p in folder.rglob("*"))  # the last reader deleted it
+    finally:
+        proc.kill()
+
+
+def test_a_serve_process_logs_no_traceback_from_a_stray_thread_a_library_or_its_main_thread(tmp_path):
+    """Each serve process (controller, workers, web UI) sets up its logging with setup_logging: after it, an
+    uncaught exception in a thread or the main thread, and a traceback a library prints, are log records
+    reduced to their type, never the raw traceback with the file name or question in it."""
+    import subprocess
+    import sys
+
+    script = (
+        "import threading, traceback\n"
+        "from mmedagent.serve.security import setup_logging\n"
+        "setup_logging()\n"
+        "def read(): open('/nowhere/Doe_Jane_MRN998877.dcm')\n"
+        "worker = threading.Thread(target=read, name='loader'); worker.start(); worker.join()\n"
+        "try:\n    {}['Does Jane Doe have a mass?']\n"
+        "except KeyError:\n    traceback.print_exc()\n"
+        "raise ValueError('question: Does Jane Doe have a mass?')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 1
+    assert "uncaught error in thread loader [FileNotFoundError" in proc.stderr, proc.stderr
+    assert "reported by __main__ [KeyError" in proc.stderr and "uncaught error [ValueError" in proc.stderr, proc.stderr
+    for secret in ("Traceback", "Doe_Jane", "998877", "Jane Doe"):
+        assert secret not in proc.stderr, (secret, proc.stderr)

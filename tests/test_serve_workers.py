@@ -24,7 +24,7 @@ from mmedagent.serve import launcher as la
 from mmedagent.serve import tool_worker as tw
 from mmedagent.serve.config import ServeConfig, ToolSpec, load_config
 from mmedagent.serve.registry import RegistrationConflict, WorkerInfo, WorkerRegistry
-from mmedagent.serve.worker_base import EXIT_CANNOT_LOAD, EXIT_REFUSED, Heartbeat, bind_socket, url_for
+from mmedagent.serve.worker_base import EXIT_REFUSED, Heartbeat, bind_socket, url_for
 from mmedagent.tools import Tool, ToolResult
 
 
@@ -241,7 +241,7 @@ def test_a_worker_refused_for_a_clash_says_why_once_and_exits_not_to_be_restarte
     assert "refused by the controller" in child.restart_refusal()
 
 
-def test_a_tool_without_a_json_schema_exits_at_start_instead_of_never_registering(tmp_path):
+def test_a_plugin_tool_without_a_json_schema_is_refused_at_start_instead_of_never_registering(tmp_path):
     (tmp_path / "opaque_tool.py").write_text(
         "from pydantic import ConfigDict\n"
         "from mmedagent.tools import Tool, ToolParams\n"
@@ -258,8 +258,36 @@ def test_a_tool_without_a_json_schema_exits_at_start_instead_of_never_registerin
          "--controller", "http://127.0.0.1:9", "--heartbeat-interval", "0.2"],
         env=env, capture_output=True, text=True, timeout=30,
     )
-    assert proc.returncode == EXIT_CANNOT_LOAD, proc.stderr[-2000:]
-    assert "tool opaque cannot describe itself (its schema)" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "error: --plugin opaque_tool: tool 'opaque' cannot describe itself (its schema): its Params field 'blob' " \
+           "(opaque_tool.Blob | None) has no JSON schema" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_controller_refuses_a_plugin_tool_without_a_json_schema_at_start_naming_the_field(tmp_path):
+    """Else the tool is listed like any other, and the planner's prompt, its constrained decoding and
+    GET /v1/tools fail on it."""
+    (tmp_path / "array_tool.py").write_text(
+        "import numpy as np\n"
+        "from pydantic import ConfigDict\n"
+        "from mmedagent.tools import Tool, ToolParams\n"
+        "class KernelParams(ToolParams):\n"
+        "    model_config = ConfigDict(arbitrary_types_allowed=True)\n"
+        "    kernel: np.ndarray | None = None\n"
+        "class Convolve(Tool):\n    name = 'convolve'\n    Params = KernelParams\n"
+    )
+    env = serve_env()
+    env["PYTHONPATH"] = f"{tmp_path}:{env['PYTHONPATH']}"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "serve" / "controller.py"), "--plugin", "array_tool", "--no-workers", "--no-web",
+         "--port", "0"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    error = proc.stderr.strip().splitlines()[-1]
+    assert error.endswith("error: --plugin array_tool: tool 'convolve' cannot describe itself (its schema): its Params "
+                          "field 'kernel' (numpy.ndarray | None) has no JSON schema; give it a JSON type (a number, "
+                          "string, list or model of these)"), proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_a_refused_registration_is_retried_and_logged_once_per_reason(caplog):

@@ -10,6 +10,8 @@ import pkgutil
 from collections.abc import Iterable
 from importlib.metadata import EntryPoint, entry_points
 
+from pydantic import create_model
+
 from mmedagent.tools.base import Tool
 
 ENTRY_POINT_GROUP = "mmedagent.tools"
@@ -64,15 +66,26 @@ def _where(cls: type[Tool]) -> str:
     return f"tool {cls.name!r} ({cls.__module__}.{cls.__qualname__})"
 
 
-def _unschemable(cls: type[Tool]) -> str | None:
-    """Why ``cls`` cannot describe itself as JSON (the system prompt, the constrained decoder and the
-    worker's ``/schema`` all need it), e.g. a ``Params`` field of a type pydantic has no schema for; None if it can."""
+def schema_problem(cls: type[Tool]) -> str | None:
+    """Why ``cls`` cannot describe itself as JSON (the planner's prompt, its constrained decoding and a
+    worker's registration need it), naming the first ``Params`` or ``Result`` field pydantic has no JSON
+    schema for (a ``numpy.ndarray``, say); None if it can."""
     try:
         json.dumps(cls.schema())
+        return None
     except Exception as e:
-        first_line = next(iter(str(e).splitlines()), "")  # pydantic appends a multi-line help link
-        return f"{_where(cls)} has no JSON schema ({type(e).__name__}: {first_line})"
-    return None
+        whole = f"{type(e).__name__}: {next(iter(str(e).splitlines()), '')}"  # pydantic adds a help link line
+    for part in ("Params", "Result"):
+        model = getattr(cls, part)
+        for name, field in model.model_fields.items():
+            try:
+                create_model(model.__name__, __config__=model.model_config,
+                             **{name: (field.annotation, None)}).model_json_schema()
+            except Exception:
+                kind = getattr(field.annotation, "__qualname__", None) or str(field.annotation)
+                return (f"its {part} field {name!r} ({kind}) has no JSON schema; give it a JSON type "
+                        "(a number, string, list or model of these)")
+    return whole
 
 
 def _add(found: dict[str, type[Tool]], cls: type[Tool], source: str) -> None:
@@ -80,9 +93,9 @@ def _add(found: dict[str, type[Tool]], cls: type[Tool], source: str) -> None:
     then plug-ins in entry-point order) or it has no JSON schema; such a tool is skipped with a warning,
     so that it cannot break the system prompt of the others. Tools registered in this process
     (``register``) are not discovered tools: they never push one out."""
-    broken = _unschemable(cls)
+    broken = schema_problem(cls)
     if broken:
-        log.warning("%s: %s; it is skipped: give every Params and Result field a JSON type", source, broken)
+        log.warning("%s: %s cannot describe itself (its schema): %s; it is skipped", source, _where(cls), broken)
         return
     why = _clash(cls, found.values())
     if why:
@@ -168,9 +181,12 @@ def refresh() -> None:
 
 def register(cls: type[Tool]) -> type[Tool]:
     """Register a tool class defined outside ``tools/`` and outside any entry point; a ``ValueError``
-    if it is not a Tool subclass with a name, or another tool already answers to its name or one of its aliases."""
+    if it is not a Tool subclass with a name, has no JSON schema (:func:`schema_problem`), or another tool
+    already answers to its name or one of its aliases."""
     if not _is_tool(cls):
         raise ValueError(f"{cls!r} is {_kind(cls)}; register a Tool subclass that sets a name")
+    if problem := schema_problem(cls):
+        raise ValueError(f"tool {cls.name!r} cannot describe itself (its schema): {problem}")
     why = _clash(cls, _all().values())
     if why:
         raise ValueError(f"{why}; rename it or drop the clashing alias")
@@ -181,7 +197,7 @@ def register(cls: type[Tool]) -> type[Tool]:
 def load_plugin(module_name: str) -> list[type[Tool]]:
     """Import a module (``--plugin my_pkg.tools``) and register every tool class it defines; an
     ``ImportError`` if it cannot be imported (whatever it raised, named), a ``ValueError`` if it defines
-    none or one clashes with a known tool's name or alias."""
+    none, or one cannot be registered (:func:`register`)."""
     try:
         module = importlib.import_module(module_name)
     except ImportError:
@@ -202,7 +218,8 @@ def list_tools() -> list[type[Tool]]:
 
 
 def get_tool(name_or_alias: str) -> type[Tool]:
-    """The tool class with this name or alias (case, separators and spaces around "+" do not count: :func:`~mmedagent.tools.base.name_key`)."""
+    """The tool class with this name or alias (case, separators and spaces around "+" do not count:
+    :func:`~mmedagent.tools.base.name_key`)."""
     tools = _all()
     for cls in tools.values():
         if cls.answers_to(name_or_alias):
