@@ -2,6 +2,7 @@
 tokenizers, by hub id), incomplete or unknown checkpoints: same logits as the transformers model, or one clear line."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -236,3 +237,51 @@ def test_a_projector_of_another_shape_is_one_error_line(llava, tmp_path):
     last = run.stderr.strip().splitlines()[-1]
     assert last.startswith("error: the projector tensors (0.bias, 0.weight, 2.bias, 2.weight, 4.bias, 4.weight) are "
                            "neither a linear nor an mlp2x_gelu projector"), last
+
+
+@pytest.mark.parametrize("arch", ["qwen2_vl", "llava", "llama"])
+def test_a_folder_without_its_tokenizer_says_to_copy_it(tiny_models, tmp_path, arch):
+    """A model saved without its tokenizer files: Qwen2-VL's loaded with an empty tokenizer (one token) and failed
+    at the first question with an image-token count mismatch; Llama's asked to install sentencepiece."""
+    from mmedagent.model import load_planner
+
+    src = tmp_path / arch
+    shutil.copytree(tiny_models(arch), src)
+    for f in src.glob("tokenizer*"):
+        f.unlink()
+    with pytest.raises(ValueError, match=rf"{arch} holds no tokenizer .*needs those files of the model it was "
+                                         "trained from copied into it"):
+        load_planner(src)
+
+
+def test_a_folder_without_its_image_processor_says_to_copy_it(tiny_models, tmp_path):
+    src = tmp_path / "llava-checkpoint-1234"
+    shutil.copytree(tiny_models("llava"), src)
+    (src / "processor_config.json").unlink()
+    with pytest.raises(ValueError, match=r"llava-checkpoint-1234: its processor cannot be loaded: .*"
+                                         r"preprocessor_config.json.*copied into it"):
+        load_model_and_processor(src)
+
+
+def test_converting_a_checkpoint_without_its_tokenizer_is_one_error_line(llava, tmp_path):
+    src = write_original_llava(llava["model"], llava["hf"], tmp_path / "orig", llava["tower"])
+    for f in src.glob("tokenizer*"):
+        f.unlink()
+    run = subprocess.run([sys.executable, "scripts/convert_llava_checkpoint.py", "--src", str(src), "--dst",
+                          str(tmp_path / "out")], capture_output=True, text=True)
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert re.match(r"error: .*orig holds no tokenizer .*copied into it", run.stderr.strip().splitlines()[-1])
+
+
+def test_converting_into_a_folder_holding_files_is_refused(llava, tmp_path):
+    """``--dst`` = ``--src`` wrote the converted model over the original (its config.json lost, its weights left
+    beside the new ones); another model's folder kept its files (a stale shard index loads the old shards)."""
+    src = write_original_llava(llava["model"], llava["hf"], tmp_path / "orig", llava["tower"])
+    config = (src / "config.json").read_text()
+    for dst in (src, llava["hf"]):
+        run = subprocess.run([sys.executable, "scripts/convert_llava_checkpoint.py", "--src", str(src), "--dst",
+                              str(dst)], capture_output=True, text=True)
+        assert run.returncode == 2, run.stderr[-2000:]
+        assert run.stderr.strip().splitlines()[-1] == (f"error: {dst} already exists and is not an empty directory: "
+                                                       "choose a new output directory")
+    assert (src / "config.json").read_text() == config and not (src / "model.safetensors").exists()

@@ -368,3 +368,53 @@ def test_a_merge_into_a_directory_holding_files_is_refused(llava_setup, tmp_path
             merge_lora(llava_setup["mmed"], llava_setup["orig"], out)
     (tmp_path / "empty").mkdir()
     assert (merge_lora(llava_setup["mmed"], llava_setup["orig"], tmp_path / "empty") / "config.json").is_file()
+
+
+def _old_layout(arch: str, key: str) -> str:
+    """An adapter weight's name as transformers 4.x named the module (before ``model.language_model``)."""
+    if arch == "qwen2_vl":
+        return key.replace("base_model.model.model.language_model.", "base_model.model.model.")
+    return key.replace("base_model.model.model.language_model.", "base_model.model.language_model.model.")
+
+
+@pytest.mark.parametrize("arch", ["llava", "mllama", "qwen2_vl"])
+def test_an_adapter_saved_under_transformers_4_loads_as_saved_today(tiny_models, tmp_path, arch):
+    """LoRA saved by a TRL / unsloth notebook before transformers 5 names the LM's modules the old way: Llava's
+    and Mllama's (which peft renames) were refused as 'no place in it', Qwen2-VL's (which it does not) too."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForImageTextToText
+
+    torch.manual_seed(0)
+    lora = get_peft_model(AutoModelForImageTextToText.from_pretrained(tiny_models(arch)), LoraConfig(
+        r=4, target_modules=r".*language_model.*\.(q_proj|v_proj)", init_lora_weights=False,
+        task_type="CAUSAL_LM"))
+    lora.save_pretrained(tmp_path / "today")
+    lora.save_pretrained(tmp_path / "old")
+    weights = load_file(str(tmp_path / "old" / "adapter_model.safetensors"))
+    old = str(tmp_path / "old" / "adapter_model.safetensors")
+    save_file({_old_layout(arch, k): v for k, v in weights.items()}, old)
+    assert set(load_file(old)) != set(weights)
+
+    text = {"input_ids": torch.tensor([[5, 17, 42, 99, 7]])}
+    with lora.disable_adapter():
+        base = logits(lora, text)
+    expected = logits(lora, text)  # the adapter as trained
+    assert not torch.allclose(expected, base)
+    for name in ("today", "old"):
+        model, _, _ = load_model_and_processor(tmp_path / name)
+        torch.testing.assert_close(logits(model, text), expected)
+
+
+def test_an_adapter_missing_weights_its_config_places_is_one_error_line(llava_setup, tmp_path):
+    """An adapter file without some of the LoRA weights its target_modules place (a trimmed or half-written
+    file) loaded with those left at their initial values: a silently different model."""
+    from safetensors.torch import load_file, save_file
+
+    adapter = tmp_path / "trimmed"
+    llava_setup["lora_model"].save_pretrained(adapter)
+    weights = load_file(str(adapter / "adapter_model.safetensors"))
+    save_file({k: v for k, v in weights.items() if "v_proj" not in k}, str(adapter / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match=r"trimmed does not fit the base model .*: \d+ LoRA weights its config "
+                                         r"places in the base are not in it \(.*v_proj"):
+        load_model_and_processor(adapter, base=llava_setup["hf"])

@@ -54,15 +54,16 @@ def apply_adapter(model: Any, adapter_dir: str | Path, *, merge: bool = False) -
     Our adapters (peft, projector trained through ``modules_to_save``) load as they are.
     MMedAgent/LLaVA LoRA output (original key layout + ``non_lora_trainables.bin``) is rewritten
     for transformers' Llava first, and its projector (with its own activation) is loaded into the
-    model — whatever the folder is called. An adapter that does not fit ``model`` (another
-    architecture or size) is a ``ValueError``, not a half-applied adapter: the recorded architecture is
-    checked before anything is loaded; a misfit found while loading leaves ``model`` partly changed (load it
-    again before other use).
+    model — whatever the folder is called. Adapters saved under transformers 4.x (its module names) load
+    too (:func:`legacy_key_mapping`). An adapter that does not fit ``model`` (another architecture or size,
+    weights with no place in it or missing) is a ``ValueError``, not a half-applied adapter: the recorded
+    architecture is checked before anything is loaded; a misfit found while loading leaves ``model`` partly
+    changed (load it again before other use).
     """
-    from peft import PeftModel
-    from peft.utils import get_peft_model_state_dict
+    from peft import PeftConfig, PeftModel
+    from peft.auto import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
 
-    from mmedagent.model.llava_convert import adapter_keys, convert_llava_lora, is_original_lora, load_projector
+    from mmedagent.model.llava_convert import convert_llava_lora, is_original_lora, load_projector
 
     adapter_dir = Path(adapter_dir)
     base = getattr(model, "name_or_path", "") or type(model).__name__
@@ -86,17 +87,39 @@ def apply_adapter(model: Any, adapter_dir: str | Path, *, merge: bool = False) -
             else:
                 log.warning("%s has no non_lora_trainables.bin: keeping the base model's projector", adapter_dir.name)
             adapter_dir = converted
+        config = PeftConfig.from_pretrained(str(adapter_dir))
+        config.inference_mode = True
+        # as PeftModel.from_pretrained does, but keeping the load result (what did not load), which it drops
+        peft_model = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type, PeftModel)(model, config)
         try:
-            peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+            loaded = peft_model.load_adapter(str(adapter_dir), "default", key_mapping=legacy_key_mapping(model))
         except (RuntimeError, KeyError) as e:  # "size mismatch for …", or a module the base lacks
             detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))
             raise ValueError(f"{misfit}: {detail[:300]}") from None
-        left = sorted(adapter_keys(adapter_dir) - set(get_peft_model_state_dict(peft_model)))
-        if left:  # peft skips weights the base has no module for
-            raise ValueError(f"{misfit}: {len(left)} adapter weights have no place in it ({', '.join(left[:2])}"
-                             f"{', …' if len(left) > 2 else ''})")
+        for keys, what in ((loaded.unexpected_keys, "adapter weights have no place in it"),
+                           (loaded.missing_keys, "LoRA weights its config places in the base are not in it")):
+            if keys:  # peft would skip the first and leave the second at their initial values
+                keys = sorted(keys)
+                raise ValueError(f"{misfit}: {len(keys)} {what} ({', '.join(keys[:2])}"
+                                 f"{', …' if len(keys) > 2 else ''})")
         peft_model.eval()
         return peft_model.merge_and_unload() if merge else peft_model
+
+
+def legacy_key_mapping(model: Any) -> dict[str, str] | None:
+    """Renames of an adapter's weights from transformers 4.x module names to ``model``'s (Qwen2-VL:
+    ``model.layers.*`` → ``model.language_model.layers.*``, ``visual.*`` → ``model.visual.*``), taken from
+    transformers' own checkpoint conversion, for the models whose adapters peft does not rename itself
+    (it renames Llava's and Mllama's); None when there is nothing to rename."""
+    from transformers.conversion_mapping import (
+        WeightRenaming, get_checkpoint_conversion_mapping, get_model_conversion_mapping,
+    )
+
+    if get_checkpoint_conversion_mapping(model.config.model_type) is not None:
+        return None  # peft applies this model type's conversion itself
+    renames = {r.source_patterns[0]: r.target_patterns[0] for r in get_model_conversion_mapping(model)
+               if type(r) is WeightRenaming and len(r.source_patterns) == 1 and r.source_patterns[0].startswith("^")}
+    return renames or None
 
 
 def merge_lora(model_path: str | Path, model_base: str | Path | None, save_path: str | Path, *,
@@ -107,14 +130,12 @@ def merge_lora(model_path: str | Path, model_base: str | Path | None, save_path:
     The output is a plain transformers checkpoint (an original-layout base comes out converted);
     the projector — from ``modules_to_save`` or ``non_lora_trainables.bin`` — is part of it.
     """
-    from mmedagent.model.loading import is_adapter, load_model_and_processor
+    from mmedagent.model.loading import check_new_output_dir, is_adapter, load_model_and_processor
 
     if not is_adapter(model_path):
         raise ValueError(f"{model_path} is not a LoRA adapter directory (no adapter_config.json)")
     out = Path(save_path)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        # its files (an adapter's, a base's, an earlier merge's manifest) would mix with the merged model's
-        raise ValueError(f"{out} already exists and is not an empty directory: choose a new output directory")
+    check_new_output_dir(out)  # an adapter's, a base's or an earlier merge's files would mix with the merged model's
     model, processor, _ = load_model_and_processor(model_path, base=model_base, dtype=dtype, device="cpu",
                                                    merge_adapter=True, vision_tower=vision_tower)
     out.mkdir(parents=True, exist_ok=True)

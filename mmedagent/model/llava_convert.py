@@ -187,7 +187,7 @@ def convert_llava_checkpoint(
     command line), named in the errors that ask for it; default ``vision_tower=``."""
     import torch
     from transformers import (
-        AutoTokenizer, CLIPImageProcessor, CLIPVisionModel, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor,
+        CLIPImageProcessor, CLIPVisionModel, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor,
     )
 
     src, dst = Path(src), Path(dst)
@@ -199,6 +199,9 @@ def convert_llava_checkpoint(
     if arch:
         raise ValueError(f"{src} is already in transformers layout ({arch}): nothing to convert; load it directly "
                          "(from_pretrained, --model_name_or_path)")
+    from mmedagent.model.loading import check_new_output_dir, load_processor
+
+    check_new_output_dir(dst)  # --dst = --src overwrote the original's config.json
     if cfg.get("mm_use_im_start_end"):
         raise ValueError("mm_use_im_start_end=True checkpoints are not supported (MMedAgent/LLaVA-Med v1.5 use False)")
     tower_ref = str(vision_tower or cfg.get("mm_vision_tower") or cfg.get("vision_tower") or "")
@@ -219,8 +222,8 @@ def convert_llava_checkpoint(
             f"with {tower_option or '--vision-tower / vision_tower='}"
         ) from e
 
+    tokenizer = load_processor(src, "causal_lm")  # before the weights: a folder without one fails at once
     state = load_state_dict(src)
-    tokenizer = AutoTokenizer.from_pretrained(str(src))
     added = tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token

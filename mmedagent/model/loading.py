@@ -32,6 +32,14 @@ class ModelNotFoundError(OSError):
     config, or a hub id that is unknown, gated or unreachable. Entry points report it as one ``error:`` line."""
 
 
+def check_new_output_dir(out: str | Path) -> None:
+    """A ``ValueError`` unless ``out`` does not exist or is an empty directory: a model saved among other files
+    mixes with them (a stale shard index, an adapter_config.json or another model's config is what loads next)."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{out} already exists and is not an empty directory: choose a new output directory")
+
+
 def load_config(path_or_id: str | Path) -> Any:
     """``AutoConfig.from_pretrained(path_or_id)``; :class:`ModelNotFoundError` with a one-line reason when
     the checkpoint cannot be found or read (call :func:`mmedagent.hub.prefer_cache_when_unreachable` first)."""
@@ -145,13 +153,39 @@ def quantization_config(load_in_4bit: bool, load_in_8bit: bool, compute_dtype: A
     )
 
 
+_SAVED_WITHOUT = ("a checkpoint saved without its tokenizer and processor (a Trainer checkpoint-N, a model saved on "
+                  "its own) needs those files of the model it was trained from copied into it (tokenizer*, "
+                  "special_tokens_map.json, preprocessor_config.json, processor_config.json, chat_template.jinja)")
+
+
+def _has_vocabulary_file(folder: Path) -> bool:
+    return any(any(folder.glob(p)) for p in ("tokenizer.*", "*.model", "vocab.*", "*.tiktoken"))
+
+
 def load_processor(path_or_id: str | Path, family: str) -> Any:
-    """AutoProcessor for vision families, AutoTokenizer for text-only models."""
+    """AutoProcessor for vision families, AutoTokenizer for text-only models. A local folder without a
+    tokenizer or processor is a ``ValueError`` that says so (transformers builds an empty tokenizer for some
+    models, and asks to install sentencepiece for others)."""
     from transformers import AutoProcessor, AutoTokenizer
 
-    if family == "causal_lm":
-        return AutoTokenizer.from_pretrained(str(path_or_id))
-    return AutoProcessor.from_pretrained(str(path_or_id))
+    from mmedagent.model.templates import tokenizer_of
+
+    folder = Path(str(path_or_id)).expanduser()
+    no_tokenizer = f"{path_or_id} holds no tokenizer (tokenizer.json, tokenizer.model, vocab.json): {_SAVED_WITHOUT}"
+    try:
+        processor = (AutoTokenizer if family == "causal_lm" else AutoProcessor).from_pretrained(str(path_or_id))
+    except (OSError, ValueError) as e:
+        if not folder.is_dir():
+            raise  # a hub id: the loader's own message
+        if not _has_vocabulary_file(folder):
+            raise ValueError(no_tokenizer) from None
+        reason = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        raise ValueError(f"{path_or_id}: its {'tokenizer' if family == 'causal_lm' else 'processor'} cannot be "
+                         f"loaded: {reason} ({_SAVED_WITHOUT})") from None
+    tokenizer = tokenizer_of(processor)
+    if len(tokenizer.get_vocab()) <= len(tokenizer.added_tokens_decoder):  # nothing but its special tokens
+        raise ValueError(no_tokenizer)
+    return processor
 
 
 def _load_base(path: str, family: str, kwargs: dict[str, Any]) -> Any:
@@ -211,17 +245,16 @@ def load_model_and_processor(
         from mmedagent.model.adapters import check_base_family
 
         check_base_family(adapter_dir, model_path, family)
+    # An adapter directory may carry its own processor (e.g. with added tokens); MMedAgent's LoRA
+    # folders hold only a tokenizer copy, so a vision model needs a processor config there.
+    own = ("tokenizer_config.json",) if family == "causal_lm" else ("processor_config.json", "preprocessor_config.json")
+    processor_dir = adapter_dir if adapter_dir and any((adapter_dir / f).is_file() for f in own) else model_path
+    processor = load_processor(processor_dir, family)  # before the weights: a folder without one fails at once
     model = _load_base(str(model_path), family, kwargs)
-    processor = load_processor(model_path, family)
     if adapter_dir is not None:
         from mmedagent.model.adapters import apply_adapter
 
         model = apply_adapter(model, adapter_dir, merge=merge_adapter)
-        # An adapter directory may carry its own processor (e.g. with added tokens); MMedAgent's
-        # LoRA folders hold only a tokenizer copy, so a vision model needs a processor config there.
-        own = ("tokenizer_config.json",) if family == "causal_lm" else ("processor_config.json", "preprocessor_config.json")
-        if any((adapter_dir / f).is_file() for f in own):
-            processor = load_processor(adapter_dir, family)
     if quant is None:
         model.to(device)
     model.eval()
