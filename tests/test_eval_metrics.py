@@ -51,6 +51,17 @@ def test_average_precision_all_point_interpolation():
     assert M.average_precision([("a", 1.0, [0, 0, 10, 4])], {"a": [[0, 0, 10, 10]]}) == 0.0
 
 
+def test_average_precision_does_not_depend_on_the_order_of_tied_scores():
+    """Boxes quoted in answers all score 1: a hit and a miss are one point (recall 1/2, precision 1/2),
+    whichever sample comes first in the data file (it read 0.5 one way round and 0.25 the other)."""
+    gold = {"hit": [[0, 0, 10, 10]], "miss": [[0, 0, 10, 10]]}
+    dets = [("hit", 1.0, [0, 0, 10, 10]), ("miss", 1.0, [50, 50, 60, 60])]
+    assert M.average_precision(dets, gold) == M.average_precision(dets[::-1], gold) == pytest.approx(0.25)
+    # distinct scores rank as before: a miss ranked first costs precision, a hit ranked first does not
+    assert M.average_precision([("miss", 1.0, [50, 50, 60, 60]), ("hit", 0.9, [0, 0, 10, 10])], gold) == 0.25
+    assert M.average_precision([("hit", 1.0, [0, 0, 10, 10]), ("miss", 0.9, [50, 50, 60, 60])], gold) == 0.5
+
+
 def test_mean_average_precision_over_classes():
     gold = [("img1", "a", [0, 0, 10, 10]), ("img2", "a", [0, 0, 10, 10]), ("img2", "a", [20, 20, 30, 30]),
             ("img3", "b", [0, 0, 5, 5])]
@@ -272,3 +283,38 @@ def test_token_recall_as_in_vqa_tables():
     assert M.token_recall("left", "left lower lobe") == pytest.approx(1 / 3)
     assert M.token_recall("lung lung", "lung lung lung") == pytest.approx(2 / 3)
     assert M.token_recall("", "liver") == 0.0
+
+
+def test_argument_match_pairs_calls_made_in_another_order(fake_grounding):
+    """Two calls to one tool made in the other order than the gold's are each paired with their own gold
+    call (they used to be paired by position, and both scored 0)."""
+    tumor = ToolCall(API_name="grounding", API_params={"prompts": ["tumor"]})
+    kidney = ToolCall(API_name="grounding dino", API_params={"prompts": ["left kidney"]})
+    pairs = T.paired_calls([kidney, tumor], [tumor, kidney])
+    assert [(p, T.argument_match(p, g)) for p, g in pairs] == [(kidney, 1.0), (tumor, 1.0)]
+    # the closest gold call is taken first, whatever the order; the extra prediction is unpaired
+    near = ToolCall(API_name="grounding", API_params={"prompts": ["tumor", "mass"]})
+    assert T.paired_calls([near, tumor], [tumor]) == [(tumor, tumor)]
+
+
+def test_a_label_is_the_one_the_answer_names_first():
+    """An answer that ranks the tool's labels is scored by its first label, not by its longest (it was
+    read as 'hematoxylin and eosin histopathology'); a label inside a longer one does not count."""
+    from mmedagent.evaluation.scoring import label_in_answer
+
+    labels = ["brain MRI", "abdomen CT", "hematoxylin and eosin histopathology", "CT", "lung CT"]
+    answer = "Most likely brain MRI (0.86); abdomen CT or hematoxylin and eosin histopathology are less likely."
+    assert label_in_answer(answer, labels) == "brain MRI"
+    assert label_in_answer("This is a lung CT.", labels) == "lung CT"
+    assert label_in_answer("A CT of the lung.", labels) == "CT"
+    assert label_in_answer("I cannot tell.", labels) is None
+
+
+def test_judge_grades_are_read_only_where_the_reply_gives_one():
+    from mmedagent.evaluation.judge import parse_score
+
+    replies = ("8", "**8**", "Score: 7/10", "I would rate it 6 out of 10.", "10", "8.5", "Rating - 9")
+    assert [parse_score(r) for r in replies] == [8.0, 8.0, 7.0, 6.0, 10.0, 8.5, 9.0]
+    # the first digit anywhere is no grade: the 1 of the scale, a coordinate of a quoted box, 2 of 12/10
+    for reply in ("On a scale of 1 to 10 this", "The tumor is at [0.41, 0.5", "12/10", "0", "Good answer."):
+        assert parse_score(reply) is None, reply

@@ -232,14 +232,21 @@ def test_predictions_made_elsewhere_score_as_the_same_run_would(tmp_path, data, 
     assert [s["calls"] for s in scored["samples"]] == [s["calls"] for s in run["samples"]]
     assert scored["tokens_counted_by"] == "predictions" and scored["overall"]["wall_s_per_turn"] is None
     assert scored["name"] == "preds" and "missing_predictions" not in scored
+    assert scored["samples"][2]["scores"]["steps"] is None  # calls alone: the steps that made them are unknown
+    assert scored["data_sha256"] == run["data_sha256"] and len(run["data_sha256"]) == 64
 
     # answers alone: answer metrics as before; tool use as calling no tool, and said so
     answers = write_jsonl(tmp_path / "answers.jsonl", [{"index": s["index"], "answer": s["answer"]} for s in run["samples"]])
+    capsys.readouterr()
     assert main(["--predictions", str(answers), "--data", str(data), "--tool-mode", "gold", "--json-out", str(out)]) == 0
-    assert "5 predictions for samples whose tool use is scored give no 'raw', 'calls' or 'steps'" in capsys.readouterr().err
+    printed = capsys.readouterr()
+    assert "5 predictions for samples whose tool use is scored give no 'raw', 'calls' or 'steps'" in printed.err
     scored = json.loads(out.read_text())
     assert scored["overall"]["answer_f1"] == run["overall"]["answer_f1"]
     assert scored["overall"]["tool_selection_accuracy"] == 0.4  # d1, d2 need no tool: right; the three grounding ones: wrong
+    # the planner's turns were not given: its step count and parse errors were not measured (not 0 steps)
+    assert scored["overall"]["steps_per_turn"] is None and scored["overall"]["parse_error_rate"] is None
+    assert "| steps_per_turn |" not in printed.out and "| answer_f1 |" in printed.out
 
 
 def test_predictions_that_do_not_fit_the_data_are_refused_or_counted_wrong(tmp_path, data, capsys):
@@ -271,11 +278,17 @@ def test_predictions_that_do_not_fit_the_data_are_refused_or_counted_wrong(tmp_p
     rc, err = score(text='{"id": "d1", "answer": "Yes"}\n\n{"id": "d2", "answer": \n')
     assert rc == 2 and "p.jsonl, line 3: not valid JSON" in err
 
-    rc, err = score({"id": "d1", "answer": "Yes"}, {"index": 0, "answer": ANSWER_G, "raw": REPLIES[0:2]})
-    assert rc == 0 and "3 of 5 samples have no prediction in" in err and "they score as wrong" in err
+    rc, err = score({"id": "d1", "answer": "Yes"}, {"index": 0, "answer": ANSWER_G, "raw": REPLIES[0:2]},
+                    {"id": "d2", "error": "planner crashed"})
+    assert rc == 0 and "2 of 5 samples have no prediction in" in err and "they score as wrong" in err
+    # a failed sample is wrong for its error, not for lacking turns; its error is in the report, not "above"
+    assert "1 predictions for samples whose tool use is scored give no 'raw'" in err  # d1
+    assert "3 of 5 samples ended in an error and score as wrong; their errors are listed in" in err
+    assert "listed above" not in err
     report = json.loads((tmp_path / "r.json").read_text())
-    assert report["missing_predictions"] == 3 and report["overall"]["error_rate"] == 0.6
-    assert [s["error"] for s in report["samples"]] == [None, None] + ["no prediction in p.jsonl"] * 3
+    assert report["missing_predictions"] == 2 and report["overall"]["error_rate"] == 0.6
+    assert [s["error"] for s in report["samples"]] == [None, None, "no prediction in p.jsonl", "planner crashed",
+                                                      "no prediction in p.jsonl"]
     assert report["overall"]["tool_selection_accuracy"] == 0.4  # the missing ones are wrong
 
     write_jsonl(tmp_path / "p.jsonl", [{"id": "d1", "answer": "Yes"}, {"id": "d2", "answer": "No"}])

@@ -254,6 +254,41 @@ def test_compare_writes_markdown_png_and_examples(tmp_path, folder, fake_groundi
     assert "samples: 2 in common, 2 only in A, 0 only in B" in md
 
 
+def test_compare_tells_data_files_apart_by_content_not_path(tmp_path, folder, fake_grounding):
+    """One data file under two paths is the same data; a file changed between the runs (a corrected gold
+    answer, same path) is not, and the comparison says so."""
+    samples, results = _four_sample_run(tmp_path, folder)
+
+    def report(name, data, sha):
+        meta = {"name": name, "data": data, "data_sha256": sha}
+        return write_json(tmp_path / f"{name}.json", build_report(samples, results, tool_mode="gold", meta=meta))
+
+    out = tmp_path / "cmp"
+    a = report("a", "eval.json", "1" * 64)
+    assert main(["--compare", str(a), str(report("b", "/data/eval.json", "1" * 64)), "--out", str(out)]) == 0
+    assert "Not like for like" not in (out / "compare.md").read_text()
+    assert main(["--compare", str(a), str(report("c", "eval.json", "2" * 64)), "--out", str(out)]) == 0
+    assert "Not like for like" in (out / "compare.md").read_text()
+    assert "data: eval.json vs eval.json (other content)" in (out / "compare.md").read_text()
+
+
+def test_compare_names_the_k_of_rag_recall_and_warns_when_it_differs(tmp_path, folder, fake_grounding):
+    samples, results = _four_sample_run(tmp_path, folder)
+
+    def report(name, k, recall):
+        r = build_report(samples, results, tool_mode="live", k=k, meta={"name": name})
+        r["overall"]["rag_recall_at_k"] = recall  # as a live run with retrieval samples records it
+        return write_json(tmp_path / f"{name}.json", r)
+
+    out = tmp_path / "cmp"
+    assert main(["--compare", str(report("a", 5, 0.5)), str(report("b", 5, 0.75)), "--out", str(out)]) == 0
+    md = (out / "compare.md").read_text()
+    assert "| rag_recall@5 | 0.500 | 0.750 | +0.250 |" in md and "Not like for like" not in md
+    assert main(["--compare", str(report("a", 5, 0.5)), str(report("c", 10, 0.75)), "--out", str(out)]) == 0
+    md = (out / "compare.md").read_text()
+    assert "Not like for like" in md and "RAG recall at k 5 vs 10" in md and "| rag_recall@k | 0.500 | 0.750 |" in md
+
+
 def test_mmedagent_text_tool_outputs_are_scored_as_labels_and_reports(tmp_path, folder):
     """MMedAgent's eval lines give BiomedClip, ChatCAD-G and ChatCAD-R outputs as plain text: in gold mode
     the planner reads them verbatim, the BiomedClip text is the gold label and the ChatCAD-G text the gold report."""
@@ -416,6 +451,22 @@ def test_a_judge_failure_does_not_lose_the_evaluation(tmp_path, monkeypatch, cap
     results = [SampleResult(id=s.id, task=s.task, answer="Yes.") for s in samples]
     assert J.judge(samples, results, "http://judge/v1", "j") == [None, 8.0]
     assert "judge failed on 1 samples" in capsys.readouterr().err
+
+
+def test_judge_replies_without_a_grade_are_counted_not_read_as_one(tmp_path, monkeypatch, capsys):
+    from mmedagent.evaluation import judge as J
+
+    class Judge(J.OpenAIPlanner):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.client = _endpoint(*[(200, {"choices": [{"message": {"role": "assistant", "content": text}}]})
+                                      for text in ("On a scale of 1 to 10", "7")])
+
+    monkeypatch.setattr(J, "OpenAIPlanner", Judge)
+    samples = load_samples(write_json(tmp_path / "r.json", [direct_record("d1"), direct_record("d2")]))
+    results = [SampleResult(id=s.id, task=s.task, answer="Yes.") for s in samples]
+    assert J.judge(samples, results, "http://judge/v1", "j") == [None, 7.0]
+    assert "1 judge replies held no grade from 1 to 10 (not judged)" in capsys.readouterr().err
 
 
 def test_the_judge_grades_a_report_against_the_gold_report_text(tmp_path, monkeypatch):

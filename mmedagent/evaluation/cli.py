@@ -181,9 +181,10 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
     each finished sample is written at once, and ``--resume`` runs only the samples not written yet."""
     if args.predictions:
         return score_predictions(args)
-    from mmedagent.evaluation.results import SAMPLES_FILE, RunFolder
+    from mmedagent.evaluation.results import SAMPLES_FILE, RunFolder, file_sha256
 
     samples = load_samples(args.data, args.limit)
+    data_sha256 = file_sha256(args.data)
     folder = RunFolder(args.out) if args.out else None
     results = folder.check(run_settings(args), args.resume, samples, args.data) if folder else {}
     if folder and args.resume:
@@ -236,7 +237,7 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
     done = sorted(results)
     recorded = folder.meta if folder else {}
     meta = {
-        "name": run_name, "model": str(args.model), "data": str(args.data),
+        "name": run_name, "model": str(args.model), "data": str(args.data), "data_sha256": data_sha256,
         "tokens_counted_by": (runner.tokens_counted_by if runner else "") or recorded.get("tokens_counted_by", ""),
         "constrained_decoding": bool(args.constrain) if runner else recorded.get("constrained_decoding"),
         **({"tool_load_errors": load_errors} if load_errors else {}),
@@ -258,7 +259,8 @@ def score_predictions(args: argparse.Namespace) -> dict[str, Any]:
     if mode != args.tool_mode:
         raise EvalFileError(f"{args.predictions} was written by a --tool-mode {mode} run: pass --tool-mode {mode} to "
                             "score it (live-only metrics read its tool outputs)")
-    if run and run["settings"].get("data_sha256") not in (None, file_sha256(args.data)):
+    data_sha256 = file_sha256(args.data)
+    if run and run["settings"].get("data_sha256") not in (None, data_sha256):
         print(f"warning: {args.predictions} was written by a run on another version of {args.data}; scoring it "
               "against this one", file=sys.stderr)
     results, missing = read_predictions(args.predictions, samples, args.data)
@@ -274,7 +276,7 @@ def score_predictions(args: argparse.Namespace) -> dict[str, Any]:
               f"{', …' if len(missing) > 5 else ''}): they score as wrong", file=sys.stderr)
     without = set(missing)
     given = [(s, r) for i, (s, r) in enumerate(zip(samples, results)) if i not in without]
-    answer_only = sum(s.gold_calls is not None and not r.steps for s, r in given)
+    answer_only = sum(s.gold_calls is not None and not r.steps and r.error is None for s, r in given)
     if answer_only:
         print(f"warning: {answer_only} predictions for samples whose tool use is scored give no 'raw', 'calls' or "
               "'steps': scored as calling no tool", file=sys.stderr)
@@ -283,7 +285,7 @@ def score_predictions(args: argparse.Namespace) -> dict[str, Any]:
     counted_by = recorded.get("tokens_counted_by") or ("predictions" if any(r.tokens for _, r in given) else None)
     meta = {
         "name": args.name or recorded.get("name") or (Path(str(model)).name if model else Path(args.predictions).stem),
-        "model": model, "data": str(args.data), "predictions": str(args.predictions),
+        "model": model, "data": str(args.data), "data_sha256": data_sha256, "predictions": str(args.predictions),
         "tokens_counted_by": counted_by,
         "constrained_decoding": recorded.get("constrained_decoding"),
         **({"missing_predictions": len(missing)} if missing else {}),
@@ -332,8 +334,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(markdown_summary(report))
     error_rate, n = report["overall"].get("error_rate") or 0.0, report["overall"]["n"]
     if error_rate:
-        print(f"warning: {round(error_rate * n)} of {n} samples ended in an error and score as wrong; their errors "
-              f"are listed above{' and in ' + args.json_out if args.json_out else ''}", file=sys.stderr)
+        where = (["above"] if not (args.quiet or args.predictions) else []) + [f"in {path}" for path in paths]
+        print(f"warning: {round(error_rate * n)} of {n} samples ended in an error and score as wrong"
+              f"{'; their errors are listed ' + ' and '.join(where) if where else ''}", file=sys.stderr)
     if report.get("interrupted"):
         return 130  # a partial report (as for Ctrl-C)
     return 1 if error_rate == 1 else 0  # nothing was evaluated

@@ -7,7 +7,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from mmedagent.evaluation.scoring import RATE_METRICS, SUMMARY_METRICS, _fmt
+from mmedagent.evaluation.scoring import RATE_METRICS, SUMMARY_METRICS, _fmt, metric_label
 
 
 def load_report(path: str | Path) -> dict[str, Any]:
@@ -37,9 +37,11 @@ def compare_table(a: dict[str, Any], b: dict[str, Any], names: tuple[str, str]) 
         if va is not None or vb is not None:
             rows.append((f"tool_selection_accuracy [{task}]", va, vb))
     lines = [f"| metric | {names[0]} | {names[1]} | Δ |", "|---|---|---|---|"]
+    ks = {r["overall"].get("k") for r in (a, b) if r["overall"].get("rag_recall_at_k") is not None}
+    k = next(iter(ks)) if len(ks) == 1 else "k"  # runs with two k are not like for like (see unlike)
     for m, va, vb in rows:
         delta = f"{vb - va:+.3f}" if isinstance(va, (int, float)) and isinstance(vb, (int, float)) else "–"
-        lines.append(f"| {m} | {_fmt(va)} | {_fmt(vb)} | {delta} |")
+        lines.append(f"| {metric_label(m, k)} | {_fmt(va)} | {_fmt(vb)} | {delta} |")
     return "\n".join(lines)
 
 
@@ -99,8 +101,17 @@ def examples(a: dict[str, Any], b: dict[str, Any], names: tuple[str, str], n: in
 def unlike(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     """How two reports differ in what they measured (data file, samples, tool mode): their deltas are then
     not a before/after of the same evaluation."""
-    out = [f"{key}: {a.get(key)} vs {b.get(key)}" for key in ("data", "n_samples", "tool_mode")
+    # the data file's content decides where both reports record it: one file under two paths is the same
+    # data, and a file changed between the runs (a corrected gold answer) is not
+    by_content = bool(a.get("data_sha256") and b.get("data_sha256"))
+    out = [f"data: {a.get('data')} vs {b.get('data')}{' (other content)' if by_content else ''}"
+           for key in ("data_sha256" if by_content else "data",)
            if a.get(key) is not None and b.get(key) is not None and a.get(key) != b.get(key)]
+    out += [f"{key}: {a.get(key)} vs {b.get(key)}" for key in ("n_samples", "tool_mode")
+            if a.get(key) is not None and b.get(key) is not None and a.get(key) != b.get(key)]
+    ka, kb = (r["overall"].get("k") if r["overall"].get("rag_recall_at_k") is not None else None for r in (a, b))
+    if ka is not None and kb is not None and ka != kb:
+        out.append(f"RAG recall at k {ka} vs {kb}")
     ids_a, ids_b = (set(_keyed(r)) for r in (a, b))
     if ids_a and ids_b and ids_a != ids_b:
         out.append(f"samples: {len(ids_a & ids_b)} in common, {len(ids_a - ids_b)} only in A, {len(ids_b - ids_a)} only in B")

@@ -24,11 +24,16 @@ PROMPT = (
     "Question: {question}\nReference: {reference}\nAnswer: {answer}\nScore:"
 )
 LOWEST = 1.0
-_SCORE = re.compile(r"\b(10|[1-9])\b")
+_NUMBER = r"(?<![\d.])(10(?:\.0+)?|[1-9](?:\.\d+)?)(?![\d.]*\d)"
+_OUT_OF_TEN = re.compile(_NUMBER + r"\s*(?:/|out of)\s*10\b", re.IGNORECASE)
+_LEADING = re.compile(r"^\W*(?:(?:score|rating|grade)\W*)?" + _NUMBER + r"(?!\s*(?:/|out of|to|-)\s*\d)", re.IGNORECASE)
 
 
 def parse_score(text: str) -> float | None:
-    m = _SCORE.search(text)
+    """The grade of a judge's reply: ``N/10`` or ``N out of 10`` anywhere, else a number from 1 to 10
+    the reply opens with (``8``, ``**8**``, ``Score: 8``); ``None`` for any other reply (a number
+    elsewhere in it, such as the ``1`` of "on a scale of 1 to 10" or a quoted box, is no grade)."""
+    m = _OUT_OF_TEN.search(text) or _LEADING.search(text)
     return float(m.group(1)) if m else None
 
 
@@ -40,6 +45,7 @@ def judge(samples: Sequence[EvalSample], results: Sequence[SampleResult], url: s
     client = OpenAIPlanner(url, model, api_key)
     scores: list[float | None] = []
     failures: list[str] = []
+    unparsed = 0
     try:
         for smp, r in zip(samples, results):
             reference = smp.gold_answer or smp.reference.get("fig_caption") or reference_answer(smp)
@@ -57,8 +63,12 @@ def judge(samples: Sequence[EvalSample], results: Sequence[SampleResult], url: s
                 scores.append(None)
                 continue
             scores.append(parse_score(reply))
+            unparsed += scores[-1] is None
     finally:
         client.client.close()
     if failures:
         print(f"warning: the judge failed on {len(failures)} samples (not judged); first: {failures[0]}", file=sys.stderr)
+    if unparsed:
+        print(f"warning: {unparsed} judge replies held no grade from 1 to 10 (not judged): is --judge-url a model "
+              "that follows instructions?", file=sys.stderr)
     return scores

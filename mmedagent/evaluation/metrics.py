@@ -59,7 +59,10 @@ def average_precision(
     ``detections`` are ``(image_id, score, box)``; ``gold`` maps image id to its gold boxes.
     Detections are taken by descending score and matched greedily to the unmatched gold box of
     highest IoU ≥ ``iou_threshold`` in the same image; a second hit on a matched box is a false
-    positive. AP = Σ (r_i − r_{i−1}) · max_{r ≥ r_i} precision.
+    positive. Detections of equal score make one point of the precision–recall curve (a score
+    threshold takes all of them or none, as scikit-learn's curve has it): boxes quoted in answers,
+    which all score 1, give the same AP whatever the order of the data. AP = Σ (r_i − r_{i−1}) ·
+    max_{r ≥ r_i} precision.
     """
     n_gold = sum(len(v) for v in gold.values())
     if n_gold == 0:
@@ -76,9 +79,11 @@ def average_precision(
         if best_j >= 0:
             used[img][best_j] = True
             tp[i] = 1
-    ctp = np.cumsum(tp)
+    scores = np.array([float(d[1]) for d in dets])
+    ends = np.flatnonzero(np.append(scores[1:] != scores[:-1], True)) if dets else np.zeros(0, dtype=int)
+    ctp = np.cumsum(tp)[ends]  # true positives at the last detection of each score
     recall = np.concatenate([[0.0], ctp / n_gold])
-    precision = np.concatenate([[1.0], ctp / np.arange(1, len(dets) + 1)]) if dets else np.array([1.0])
+    precision = np.concatenate([[1.0], ctp / (ends + 1)])
     for i in range(len(precision) - 2, -1, -1):  # precision envelope
         precision[i] = max(precision[i], precision[i + 1])
     return float(np.sum((recall[1:] - recall[:-1]) * precision[1:]))

@@ -112,6 +112,7 @@ def result_from_line(d: dict[str, Any], sample: EvalSample) -> SampleResult:
     return SampleResult.model_validate({
         "id": sample.id, "task": sample.task, "answer": answer or "", "steps": _steps(d), "error": error,
         "tokens": d.get("tokens"), "wall_s": d.get("wall_s"), "stopped": d.get("stopped") or "",
+        "planner_turns": d.get("steps") is not None or d.get("raw") is not None,
     })
 
 
@@ -200,7 +201,7 @@ def read_predictions(path: str | Path, samples: Sequence[EvalSample],
     found = _results(path, samples, data)
     missing = [i for i in range(len(samples)) if i not in found]
     results = [found.get(i) or SampleResult(id=s.id, task=s.task, error=f"no prediction in {path.name}",
-                                            wall_s=None, tokens=None)
+                                            wall_s=None, tokens=None, planner_turns=False)
                for i, s in enumerate(samples)]
     return results, missing
 

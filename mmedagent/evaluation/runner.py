@@ -48,6 +48,9 @@ class SampleResult(BaseModel):
     wall_s: float | None = 0.0
     tokens: int | None = 0
     error: str | None = None
+    planner_turns: bool = Field(True, exclude=True)
+    """Whether ``steps`` are the planner's turns as it made them; ``False`` for a prediction that gives
+    only its calls or no tool use (its step count and parse errors were not measured)."""
 
     @property
     def calls(self) -> list[ToolCall]:

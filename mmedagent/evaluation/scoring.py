@@ -11,7 +11,7 @@ Where the prediction comes from, per metric:
   — live mode only;
 * classification: the gold label (``gold.label``, else the gold tool output's top label, or the
   classification tool's text output: MMedAgent's ``BiomedClip output: lung CT``) must be the label
-  named in the answer (longest known label found); AUROC from the live tool's per-label scores;
+  the answer names first (a label inside a longer one aside); AUROC from the live tool's per-label scores;
 * report text (BLEU-4, ROUGE-L, METEOR) and open-answer token F1: the answer against the gold
   final answer, else (MMedAgent's eval lines have none) the gold report — the report tool's gold
   output, text or its ``report``; closed VQA: yes/no-normalised match;
@@ -139,10 +139,20 @@ def _sources_of(out: dict[str, Any]) -> list[str]:
 
 
 def label_in_answer(answer: str, labels: Iterable[str]) -> str | None:
-    """The longest known label named in the answer (whole words, case-insensitive)."""
-    text = f" {M.normalize_answer(answer)} "
-    found = [lab for lab in labels if M.normalize_answer(lab) and f" {M.normalize_answer(lab)} " in text]
-    return max(found, key=lambda lab: (len(M.normalize_answer(lab)), lab)) if found else None
+    """The known label the answer names first (whole words, case-insensitive); a label named only
+    inside a longer one (``CT`` in ``lung CT``) does not count. An answer that ranks the tool's
+    labels ("brain MRI (0.86); abdomen CT, hematoxylin and eosin histopathology less likely") is
+    scored by its first, not by the longest label it mentions."""
+    words = M.normalize_answer(answer).split()
+    spans = []  # (start, -length, label) of every whole-word occurrence
+    for lab in labels:
+        key = M.normalize_answer(lab).split()
+        spans += [(i, -len(key), lab) for i in range(len(words) - len(key) + 1)
+                  if key and words[i : i + len(key)] == key]
+    spans.sort()
+    outer = [(i, n, lab) for i, n, lab in spans
+             if not any(j <= i and i - n <= j - m and (j, m) != (i, n) for j, m, _ in spans)]
+    return outer[0][2] if outer else None
 
 
 def same_label(a: str | None, b: str | None) -> bool:
@@ -152,9 +162,11 @@ def same_label(a: str | None, b: str | None) -> bool:
 
 def score_sample(sample: EvalSample, result: SampleResult, labels: Sequence[str], tool_mode: str, k: int) -> dict[str, Any]:
     """Per-sample scores (``None`` / absent where a metric does not apply)."""
+    turns = result.planner_turns  # else the step count and parse errors were not measured
     s: dict[str, Any] = {
-        "steps": len(result.steps), "tool_s": result.tool_s, "model_s": result.model_s, "wall_s": result.wall_s,
-        "tokens": result.tokens, "parse_error": any(st.parse_error for st in result.steps), "error": result.error,
+        "steps": len(result.steps) if turns else None, "tool_s": result.tool_s, "model_s": result.model_s,
+        "wall_s": result.wall_s, "tokens": result.tokens,
+        "parse_error": any(st.parse_error for st in result.steps) if turns else None, "error": result.error,
     }
     gold_calls = sample.gold_calls
     pred_calls = result.calls
@@ -256,7 +268,7 @@ def aggregate(samples: Sequence[EvalSample], results: Sequence[SampleResult], sc
     if any("judge" in s for s in scores):
         out["judge_score"] = M.mean(s.get("judge") for s in scores)
 
-    out["parse_error_rate"] = M.mean(float(s["parse_error"]) for s in scores)
+    out["parse_error_rate"] = M.mean(float(s["parse_error"]) for s in scores if s["parse_error"] is not None)
     out["error_rate"] = M.mean(float(s["error"] is not None) for s in scores)
     for key in ("steps", "tool_s", "model_s", "wall_s", "tokens"):
         out[f"{key}_per_turn"] = M.mean(s[key] for s in scores if s["error"] is None)
@@ -319,13 +331,18 @@ def _fmt(v: Any) -> str:
 SUMMARY_METRICS = RATE_METRICS + ("judge_score", "error_rate", "parse_error_rate", "steps_per_turn", "tool_s_per_turn", "tokens_per_turn", "wall_s_per_turn")
 
 
+def metric_label(key: str, k: Any) -> str:
+    """A metric's name in a table: RAG recall says its k."""
+    return f"rag_recall@{k}" if key == "rag_recall_at_k" else key
+
+
 def markdown_summary(report: dict[str, Any]) -> str:
     """Per-task and overall metrics as a Markdown table (metrics with no value anywhere omitted)."""
     cols = ["overall", *report["per_task"]]
     rows = [report["overall"], *report["per_task"].values()]
     keys = [m for m in ("n", *SUMMARY_METRICS) if any(r.get(m) is not None for r in rows)]
     lines = ["| metric | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    k = report["overall"]["k"]
     for key in keys:
-        label = f"rag_recall@{report['overall']['k']}" if key == "rag_recall_at_k" else key
-        lines.append(f"| {label} | " + " | ".join(_fmt(r.get(key)) for r in rows) + " |")
+        lines.append(f"| {metric_label(key, k)} | " + " | ".join(_fmt(r.get(key)) for r in rows) + " |")
     return "\n".join(lines)

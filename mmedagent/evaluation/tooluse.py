@@ -123,13 +123,19 @@ def argument_match(pred: ToolCall, gold: ToolCall) -> float:
 
 
 def paired_calls(pred: Sequence[ToolCall], gold: Sequence[ToolCall]) -> list[tuple[ToolCall, ToolCall]]:
-    """Pairs predicted and gold calls to the same tool, in order of appearance."""
-    remaining = list(gold)
+    """Pairs predicted and gold calls to the same tool, closest arguments first (greedy by
+    :func:`argument_match`, ties in order of appearance): two calls made in the other order than
+    the gold's are each paired with their own gold call. Pairs are in the predicted calls' order."""
+    candidates = sorted(
+        ((-argument_match(p, g), i, j) for i, p in enumerate(pred) for j, g in enumerate(gold)
+         if canonical_name(p.API_name) == canonical_name(g.API_name)),
+    )
+    used_p: set[int] = set()
+    used_g: set[int] = set()
     pairs = []
-    for c in pred:
-        name = canonical_name(c.API_name)
-        for k, g in enumerate(remaining):
-            if canonical_name(g.API_name) == name:
-                pairs.append((c, remaining.pop(k)))
-                break
-    return pairs
+    for _, i, j in candidates:
+        if i not in used_p and j not in used_g:
+            used_p.add(i)
+            used_g.add(j)
+            pairs.append((i, j))
+    return [(pred[i], gold[j]) for i, j in sorted(pairs)]
