@@ -57,6 +57,8 @@ setup(
         "pyyaml>=6",
         "safetensors>=0.4",
         "lm-format-enforcer==0.11.3",
+        "sentencepiece>=0.2",  # LLaMA's tokenizer.model (LLaVA-Med / MMedAgent folders without tokenizer.json)
+        "protobuf>=4",  # transformers reads a sentencepiece model through it
         *IMAGING,
     ],
     extras_require={

@@ -285,3 +285,30 @@ def test_converting_into_a_folder_holding_files_is_refused(llava, tmp_path):
         assert run.stderr.strip().splitlines()[-1] == (f"error: {dst} already exists and is not an empty directory: "
                                                        "choose a new output directory")
     assert (src / "config.json").read_text() == config and not (src / "model.safetensors").exists()
+
+
+def test_an_original_checkpoint_with_only_a_sentencepiece_tokenizer_converts(llava, tmp_path):
+    """LLaVA-Med and MMedAgent folders ship LLaMA's ``tokenizer.model`` (sentencepiece), often without a
+    ``tokenizer.json``: reading it needs sentencepiece and protobuf, which the project installs."""
+    import sentencepiece as spm
+
+    from mmedagent.model.tiny import _MEDICAL
+
+    (tmp_path / "corpus.txt").write_text(_MEDICAL * 20, encoding="utf-8")
+    spm.SentencePieceTrainer.train(input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "m"),
+                                   vocab_size=600, model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1, eos_id=2,
+                                   pad_id=-1, minloglevel=2)
+    src = write_original_llava(llava["model"], llava["hf"], tmp_path / "llava-med", llava["tower"])
+    for f in src.glob("tokenizer*"):
+        f.unlink()
+    shutil.copy(tmp_path / "m.model", src / "tokenizer.model")
+    (src / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+         "add_bos_token": True, "add_eos_token": False}))
+    model, processor, family = load_model_and_processor(src)
+    tok = processor.tokenizer
+    assert family == "llava" and tok.convert_ids_to_tokens(tok("The tumor")["input_ids"]) == ["<s>", "▁The", "▁tumor"]
+    assert model.config.image_token_id == tok.convert_tokens_to_ids("<image>")
+    prompt = "<s>USER: <image>\nWhere is the tumor? ASSISTANT:"
+    inputs = processor(images=test_image(32), text=prompt, return_tensors="pt", add_special_tokens=False)
+    assert model.generate(**inputs, max_new_tokens=3, do_sample=False).shape[1] == inputs["input_ids"].shape[1] + 3

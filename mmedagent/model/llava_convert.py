@@ -222,7 +222,7 @@ def convert_llava_checkpoint(
             f"with {tower_option or '--vision-tower / vision_tower='}"
         ) from e
 
-    tokenizer = load_processor(src, "causal_lm")  # before the weights: a folder without one fails at once
+    tokenizer = load_processor(src, "causal_lm", declared_tokenizer=True)  # before the weights: a folder without one fails at once
     state = load_state_dict(src)
     added = tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
     if tokenizer.pad_token is None:

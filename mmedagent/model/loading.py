@@ -162,18 +162,25 @@ def _has_vocabulary_file(folder: Path) -> bool:
     return any(any(folder.glob(p)) for p in ("tokenizer.*", "*.model", "vocab.*", "*.tiktoken"))
 
 
-def load_processor(path_or_id: str | Path, family: str) -> Any:
+def load_processor(path_or_id: str | Path, family: str, declared_tokenizer: bool = False) -> Any:
     """AutoProcessor for vision families, AutoTokenizer for text-only models. A local folder without a
     tokenizer or processor is a ``ValueError`` that says so (transformers builds an empty tokenizer for some
-    models, and asks to install sentencepiece for others)."""
+    models, and asks to install sentencepiece for others). ``declared_tokenizer``: the tokenizer class its
+    ``tokenizer_config.json`` names (an original LLaVA folder's ``model_type: llava`` would otherwise make
+    transformers read LLaMA's ``tokenizer.model`` without its leading-space rule: other token ids)."""
     from transformers import AutoProcessor, AutoTokenizer
+    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
 
     from mmedagent.model.templates import tokenizer_of
 
     folder = Path(str(path_or_id)).expanduser()
     no_tokenizer = f"{path_or_id} holds no tokenizer (tokenizer.json, tokenizer.model, vocab.json): {_SAVED_WITHOUT}"
+    loader = AutoTokenizer if family == "causal_lm" else AutoProcessor
+    if declared_tokenizer and family == "causal_lm":
+        declared = (_local_json(folder, "tokenizer_config.json") or {}).get("tokenizer_class")
+        loader = (tokenizer_class_from_name(declared) if isinstance(declared, str) else None) or AutoTokenizer
     try:
-        processor = (AutoTokenizer if family == "causal_lm" else AutoProcessor).from_pretrained(str(path_or_id))
+        processor = loader.from_pretrained(str(path_or_id))
     except (OSError, ValueError) as e:
         if not folder.is_dir():
             raise  # a hub id: the loader's own message
