@@ -868,3 +868,86 @@ def test_a_loaded_tool_opens_no_file_per_call(corpus_index):
     assert opened == []
     assert [o.ok for o in outcomes] == [True, True, True, False, True, True, True, True]
     assert tool._index is index and tool._index.embedder.model is model
+
+
+def test_html_and_json_are_read_and_other_types_are_named(tmp_path, caplog):
+    """A hospital folder of guidelines holds web pages and JSON exports: they are indexed, and any file
+    of a type the index cannot read is named in a warning instead of disappearing silently."""
+    docs = _docs(tmp_path / "docs", **{
+        "hf.html": "<html><head><title>Heart failure</title><style>p{color:red}</style><script>var secret=1;</script>"
+                   "</head><body><h1>HFrEF</h1><p>Start an ARNI &amp; a beta blocker.</p></body></html>",
+        "hypo.json": json.dumps({"title": "Hypoglycaemia", "text": "Give glucagon 1 mg if unconscious.", "code": "E16.2"}),
+        "list.json": json.dumps([{"text": "Gout: colchicine."}, {"text": "Psoriasis: topical steroids.", "title": 7}]),
+        "scan.docx": "binary", "notes/old.rtf": "rtf"})
+    with caplog.at_level(logging.WARNING, logger=ri.__name__):
+        corpus = ri.load_corpus(docs)
+    got = {p["source"]: (p["title"], p["text"]) for p in corpus.passages}
+    assert got == {"hf.html": ("Heart failure", "HFrEF Start an ARNI & a beta blocker."),
+                   "hypo.json": ("Hypoglycaemia", "Give glucagon 1 mg if unconscious."),
+                   "list.json:1": (None, "Gout: colchicine."), "list.json:2": ("7", "Psoriasis: topical steroids.")}
+    assert {p["source"]: p.get("code") for p in corpus.passages}["hypo.json"] == "E16.2"
+    assert set(corpus.files) == {"hf.html", "hypo.json", "list.json"}
+    assert "2 file(s) of an unsupported type left out" in caplog.text and "notes/old.rtf, scan.docx" in caplog.text
+    (docs / "bad.json").write_text('[{"text": "ok"}, {"title": "no text"}]', "utf-8")
+    with pytest.raises(ValueError, match=r"bad.json: item 2: .*'text'"):
+        ri.load_corpus(docs)
+    (docs / "bad.json").write_text('{"text": "ok",}', "utf-8")
+    with pytest.raises(ValueError, match=r"bad.json: not valid JSON"):
+        ri.load_corpus(docs)
+
+
+def test_add_groups_new_units_in_one_pass(tmp_path, embedder, monkeypatch):
+    """--add of N new passages reads the new units once, not once per passage (quadratic: 100k short
+    passages took hours)."""
+    monkeypatch.setenv(ri.CACHE_ENV, str(tmp_path / "cache"))
+    docs = _docs(tmp_path / "docs", **{"a.txt": "Asthma narrows the airways."})
+    out = tmp_path / "i.idx"
+    ri.HybridIndex.build(ri.load_corpus(docs), out, embedder)
+    lines = [json.dumps({"text": f"Guideline {i}: drug {i} for condition {i}."}) for i in range(30)]
+    _docs(docs, **{"many.jsonl": "\n".join(lines)})
+    passes = []
+
+    class CountedUnits(list):
+        def __iter__(self):
+            passes.append(1)
+            return super().__iter__()
+
+    load = ri.load_corpus
+
+    def counted(*args, **kwargs):
+        corpus = load(*args, **kwargs)
+        corpus.units = CountedUnits(corpus.units)
+        return corpus
+
+    monkeypatch.setattr(ri, "load_corpus", counted)
+    idx, n, _ = ri.add_to_index(out, docs, embedder=embedder)
+    assert n == 1 and idx.meta["passages"] == 31 and len(passes) <= 2
+    assert idx.search("drug 17 for condition 17", k=1, mode="bm25")[0].passage["source"] == "many.jsonl:18"
+
+
+def test_a_corpus_changed_after_the_build_is_flagged(tmp_path, embedder, monkeypatch, caplog, capsys):
+    """Files edited, added or deleted after the build: the tool and `query` warn with counts and the
+    --add command, never a file's name or text."""
+    monkeypatch.setenv(ri.CACHE_ENV, str(tmp_path / "cache"))
+    docs = _docs(tmp_path / "docs", **{"a.txt": "Asthma narrows the airways.", "b.txt": "Gout: uric acid.",
+                                       "c.txt": "Migraine with aura."})
+    out = tmp_path / "i.idx"
+    idx = ri.HybridIndex.build(ri.load_corpus(docs), out, embedder)
+    assert idx.stale() == {"new": 0, "deleted": 0, "changed": 0}
+    with caplog.at_level(logging.WARNING, logger=ri.__name__):
+        Retrieval(index=str(out)).load()
+    assert "changed since" not in caplog.text
+    (docs / "a.txt").write_text("Asthma: patient Jane Roe, inhaler.", "utf-8")
+    (docs / "b.txt").unlink()
+    _docs(docs, **{"d.txt": "Psoriasis plaques."})
+    assert idx.stale() == {"new": 1, "deleted": 1, "changed": 1}
+    with caplog.at_level(logging.WARNING, logger=ri.__name__):
+        Retrieval(index=str(out)).load()
+        assert main(["query", "--index", str(out), "asthma"]) == 0
+    warnings = [r.getMessage() for r in caplog.records if "changed since" in r.getMessage()]
+    assert len(warnings) == 2
+    assert "(1 changed, 1 new, 1 deleted file(s))" in warnings[0] and f"--corpus {docs} --out {out} --add" in warnings[0]
+    assert not any(word in warnings[0] for word in ("Jane", "a.txt", "d.txt", "Psoriasis"))
+    ri.add_to_index(out, docs, embedder=embedder)
+    assert ri.HybridIndex.load(out, embedder).stale() == {"new": 0, "deleted": 0, "changed": 0}
+    capsys.readouterr()

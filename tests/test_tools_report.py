@@ -124,3 +124,15 @@ def test_a_blank_modality_falls_back_to_chest_x_ray():
     tool = ReportGeneration(model="unused")
     assert tool.prompt(tool.Params(modality="  ")) == tool.prompt(tool.Params())
     assert "chest X-ray radiology report" in tool.prompt(tool.Params(modality=" \n"))
+
+
+def test_a_modality_longer_than_a_few_words_is_a_param_error(tiny_models):
+    """A planner that pastes the question (or loops) into `modality` gets a params error naming it,
+    not a report model's context overflow that blames the conversation's history."""
+    tool = ReportGeneration(model=str(tiny_models("llava")))
+    d = Dispatcher([tool], timeout_s=120)
+    outcome = d.dispatch(ToolCall(API_name="ChatCAD-G", API_params={"modality": "chest CT " * 600}), test_image())
+    assert not outcome.ok and "modality" in outcome.error and "at most 100 characters" in outcome.error
+    assert d.dispatch(ToolCall(API_name="ChatCAD-G", API_params={"modality": "contrast-enhanced CT of the abdomen"}),
+                      test_image()).ok
+    d.close()

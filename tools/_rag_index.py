@@ -35,6 +35,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,7 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 3
 RRF_K = 60
-TEXT_SUFFIXES = (".txt", ".md", ".markdown", ".jsonl", ".pdf")
+TEXT_SUFFIXES = (".txt", ".md", ".markdown", ".html", ".htm", ".json", ".jsonl", ".pdf")
 ICD10CM_PRESET = "icd10cm"
 ICD10CM_SOURCE = "ICD-10-CM April 2026 (tabular list)"
 # Descriptions of codes up to this many characters (without the dot) are embedded; deeper codes
@@ -256,13 +257,19 @@ def _pdf_pages(path: Path) -> list[tuple[int, str, str | None]]:
         pypdf_log.setLevel(level)
 
 
+def _some(names: list[str], n: int = 10) -> str:
+    """The first ``n`` names, comma-separated, and how many more there are."""
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
 def _hidden(rel: Path) -> bool:
     return any(part.startswith(".") for part in rel.parts)
 
 
-def corpus_files(path: Path, allow_empty: bool = False) -> list[Path]:
+def corpus_files(path: Path, allow_empty: bool = False, warn: bool = True) -> list[Path]:
     """The indexable files at ``path`` (a file, or a folder searched recursively, leaving out
-    hidden files and folders such as ``.git`` and ``.ipynb_checkpoints``)."""
+    hidden files and folders such as ``.git`` and ``.ipynb_checkpoints``, and index folders); ``warn``: name the files
+    of other types left out."""
     path = Path(path)
     if path.is_file():
         if path.suffix.lower() not in TEXT_SUFFIXES:
@@ -270,8 +277,15 @@ def corpus_files(path: Path, allow_empty: bool = False) -> list[Path]:
         return [path]
     if not path.is_dir():
         raise FileNotFoundError(f"corpus not found: {_printable(str(path))}")
-    files = sorted(p for p in path.rglob("*")
-                   if p.suffix.lower() in TEXT_SUFFIXES and not _hidden(p.relative_to(path)) and p.is_file())
+    found = [p for p in path.rglob("*") if not _hidden(p.relative_to(path)) and p.is_file()]
+    # an index kept inside its corpus: its .json files are the index's, not documents
+    indexes = {p.parent for p in found if p.name == "meta.json" and _is_index(p.parent)}
+    found = [p for p in found if indexes.isdisjoint(p.parents)]
+    files = sorted(p for p in found if p.suffix.lower() in TEXT_SUFFIXES)
+    others = sorted(_printable(p.relative_to(path).as_posix()) for p in found if p.suffix.lower() not in TEXT_SUFFIXES)
+    if others and warn:
+        log.warning("%d file(s) of an unsupported type left out (supported: %s): %s", len(others),
+                    ", ".join(TEXT_SUFFIXES), _some(others))
     if not files and not allow_empty:
         raise ValueError(f"no {', '.join(TEXT_SUFFIXES)} files under {_printable(str(path))}")
     return files
@@ -315,6 +329,11 @@ def load_corpus(path: str | Path, chunk_size: int = 128, overlap: int = 32, skip
             sections = [(title or stem, text, {"page": page}) for page, text, title in _pdf_pages(file)]
         elif suffix == ".jsonl":
             sections = list(_jsonl_sections(file, source))
+        elif suffix == ".json":
+            sections = list(_json_sections(file, source))
+        elif suffix in (".html", ".htm"):
+            title, text = _html_text(_read_text(file))
+            sections = [(title or stem, text, {})]
         else:
             text = _read_text(file)
             if suffix in (".md", ".markdown"):
@@ -329,7 +348,7 @@ def load_corpus(path: str | Path, chunk_size: int = 128, overlap: int = 32, skip
         if len(corpus.passages) == before:
             textless.append(source)
     if textless:
-        shown = ", ".join(textless[:10]) + (f" and {len(textless) - 10} more" if len(textless) > 10 else "")
+        shown = _some(textless)
         hint = " (a PDF of scanned pages has no text layer: run OCR on it first)" if any(
             f.lower().endswith(".pdf") for f in textless) else ""
         log.warning("no text in %d file(s), nothing indexed from them: %s%s", len(textless), shown, hint)
@@ -350,6 +369,24 @@ def _read_text(file: Path) -> str:
         return raw.decode("cp1252", errors="replace")
 
 
+def _record_section(rec: Any, where: str, file: str, source: str) -> tuple[str | None, str, dict[str, Any]]:
+    """(title, text, extra) of one JSON / JSONL record: an object with a string ``text`` and optional
+    ``title``, ``source``, ``code``; ``where`` names it in errors, ``file`` is the source of its file
+    and ``source`` its own default source."""
+    if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+        raise ValueError(f"{where}: each record must be an object with a string 'text' field")
+    title = rec.get("title")
+    if title is not None:
+        # a number is a usable title ("2024"); a list, object or true/false is a mistake
+        if isinstance(title, bool) or not isinstance(title, (str, int, float)):
+            raise ValueError(f"{where}: 'title' must be a string (got {type(title).__name__})")
+        title = str(title)
+    extra: dict[str, Any] = {"source": str(rec.get("source") or source), "file": file}
+    if rec.get("code") is not None:
+        extra["code"] = str(rec["code"])
+    return title, rec["text"], extra
+
+
 def _jsonl_sections(file: Path, source: str) -> Iterator[tuple[str | None, str, dict[str, Any]]]:
     where = _printable(str(file))
     with open(file, "rb") as f:
@@ -365,18 +402,69 @@ def _jsonl_sections(file: Path, source: str) -> Iterator[tuple[str | None, str, 
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{where}:{lineno}: not valid JSON ({e.msg})") from e
-            if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-                raise ValueError(f"{where}:{lineno}: each JSONL line must be an object with a string 'text' field")
-            title = rec.get("title")
-            if title is not None:
-                # a number is a usable title ("2024"); a list, object or true/false is a mistake
-                if isinstance(title, bool) or not isinstance(title, (str, int, float)):
-                    raise ValueError(f"{where}:{lineno}: 'title' must be a string (got {type(title).__name__})")
-                title = str(title)
-            extra: dict[str, Any] = {"source": str(rec.get("source") or f"{source}:{lineno}"), "file": source}
-            if rec.get("code") is not None:
-                extra["code"] = str(rec["code"])
-            yield title, rec["text"], extra
+            yield _record_section(rec, f"{where}:{lineno}", source, f"{source}:{lineno}")
+
+
+def _json_sections(file: Path, source: str) -> Iterator[tuple[str | None, str, dict[str, Any]]]:
+    """A .json file: one record (see :func:`_record_section`) or a list of them, the n-th with source ``FILE:n``."""
+    where = _printable(str(file))
+    try:
+        data = json.loads(file.read_bytes().decode("utf-8-sig"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{where}: not valid UTF-8 (byte {e.start + 1}); save the file as UTF-8") from e
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not valid JSON ({e.msg}, line {e.lineno})") from e
+    if isinstance(data, list):
+        for i, rec in enumerate(data, 1):
+            yield _record_section(rec, f"{where}: item {i}", source, f"{source}:{i}")
+    else:
+        yield _record_section(data, where, source, source)
+
+
+class _HtmlText(HTMLParser):
+    """Visible text of an HTML page (script, style, template and head left out) and its <title>."""
+
+    _SKIP = frozenset({"script", "style", "template", "noscript", "head"})
+    _BREAK = frozenset({"p", "div", "br", "li", "tr", "td", "th", "h1", "h2", "h3", "h4", "h5", "h6", "section",
+                        "article", "table", "ul", "ol", "dd", "dt", "blockquote", "pre"})
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.parts: list[str] = []
+        self.title: list[str] = []
+        self._skip = 0
+        self._in_title = False
+
+    def handle_starttag(self, tag, attrs):
+        if tag in self._SKIP:
+            self._skip += 1
+        elif tag == "title":
+            self._in_title = True
+        if tag in self._BREAK:
+            self.parts.append("\n")
+
+    def handle_endtag(self, tag):
+        if tag in self._SKIP:
+            self._skip = max(0, self._skip - 1)
+        elif tag == "title":
+            self._in_title = False
+        if tag in self._BREAK:
+            self.parts.append("\n")
+
+    def handle_data(self, data):
+        if self._in_title:
+            self.title.append(data)
+        elif not self._skip:
+            self.parts.append(data)
+
+
+def _html_text(html: str) -> tuple[str | None, str]:
+    """(title, visible text) of an HTML page; the title is its <title>, None when it has none."""
+    parser = _HtmlText()
+    parser.feed(html)
+    parser.close()
+    title = " ".join("".join(parser.title).split())
+    return title or None, "".join(parser.parts)
 
 
 # ------------------------------------------------------------------------------------ ICD-10-CM
@@ -971,6 +1059,28 @@ class HybridIndex:
         faiss.omp_set_num_threads(1)
         return cls(path, meta, passages, bm25, bm25_pid, dense, dense_pid, embedder)
 
+    def stale(self) -> dict[str, int] | None:
+        """How many files of the corpus are new, changed (by sha256) or deleted since the index was
+        built; None when the index has no corpus root (a preset) or the root is not on this machine."""
+        root = Path(self.meta["corpus_root"]) if self.meta.get("corpus_root") else None
+        if root is None or not root.exists():
+            return None
+        indexed = self.meta.get("files", {})
+        found = {_printable(f.relative_to(root).as_posix() if root.is_dir() else f.name): f
+                 for f in corpus_files(root, allow_empty=True, warn=False)}
+        return {"new": len(found.keys() - indexed.keys()), "deleted": len(indexed.keys() - found.keys()),
+                "changed": sum(_file_sha256(f) != indexed[src] for src, f in found.items() if src in indexed)}
+
+    def warn_if_stale(self) -> None:
+        """Log a warning (counts and the command that updates the index, no file names) when the
+        corpus changed since the index was built."""
+        counts = self.stale()
+        if counts and any(counts.values()):
+            log.warning("the corpus changed since the index %s was built (%d changed, %d new, %d deleted file(s)); "
+                        "searches do not see those changes: update it with `python -m mmedagent.tools.rag build "
+                        "--corpus %s --out %s --add`", _printable(str(self.path)), counts["changed"], counts["new"],
+                        counts["deleted"], _printable(self.meta["corpus_root"]), _printable(str(self.path)))
+
     def units(self) -> list[tuple[int, str, bool]]:
         return [tuple(u) for u in json.loads((self.path / "units.json").read_text("utf-8"))]
 
@@ -1115,14 +1225,13 @@ def _add_locked(path: str | Path, corpus_path: str | Path, chunk_size: int, over
     dense_texts = [t for _, t, d in old_units if d]
     known = dict(zip(dense_texts, old.dense_vectors()))
     merged = Corpus(files={k: v for k, v in {**files, **new.files}.items() if k not in removed}, root=str(root))
-    by_pid: dict[int, list[tuple[str, bool]]] = {}
-    for pid, text, dense in old_units:
-        by_pid.setdefault(pid, []).append((text, dense))
-    for pid, passage in enumerate(old.passages):
-        if passage.get("file", passage["source"]) not in drop:
-            merged.add(passage, by_pid.get(pid, []))
-    for pid, passage in enumerate(new.passages):
-        merged.add(passage, [(t, d) for p, t, d in new.units if p == pid])
+    for part, units in ((old.passages, old_units), (new.passages, new.units)):
+        by_pid: dict[int, list[tuple[str, bool]]] = {}  # one pass over the units, not one per passage
+        for pid, text, dense in units:
+            by_pid.setdefault(pid, []).append((text, dense))
+        for pid, passage in enumerate(part):
+            if part is new.passages or passage.get("file", passage["source"]) not in drop:
+                merged.add(passage, by_pid.get(pid, []))
     if not merged.passages:
         raise ValueError(f"nothing left to index: every file of {_printable(str(path))} was removed from the corpus")
     extra = {k: v for k, v in old.meta.items() if k in ("preset", "preset_version", "chapters")}

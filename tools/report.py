@@ -24,6 +24,10 @@ FINDINGS_PROMPT = "Write the finding section of a {modality} radiology report."
 IMPRESSION_PROMPT = "Write the impression section of a {modality} radiology report."
 FULL_PROMPT = "Write a {modality} radiology report with a FINDINGS section and an IMPRESSION section."
 
+MAX_MODALITY_CHARS = 100
+"""A modality is a few words; a longer one (a planner pasting the question or looping) is refused as a
+param instead of filling the report model's context."""
+
 # load_planner options a report model may need (a 4-bit model on a small GPU, an original LLaVA checkpoint's
 # local CLIP tower); passed through to the model layer.
 LOAD_OPTIONS = ("adapter", "dtype", "load_in_4bit", "load_in_8bit", "attn_implementation", "vision_tower")
@@ -57,7 +61,8 @@ class ReportGeneration(Tool):
     )
 
     class Params(ToolParams):
-        modality: str | None = Field(default=None, description="e.g. 'chest X-ray', 'brain MRI' (default: chest X-ray)")
+        modality: str | None = Field(default=None, max_length=MAX_MODALITY_CHARS,
+                                     description="e.g. 'chest X-ray', 'brain MRI' (default: chest X-ray)")
         style: Literal["findings", "impression", "full"] = Field(default="full", description="which part to write")
 
     class Result(ToolResult):
