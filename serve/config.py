@@ -71,6 +71,8 @@ class ServeConfig(BaseModel):
     model_backend_model: str | None = None
     model_backend_api_key: str | None = Field(default=None, repr=False, description="default: api_key")
     device: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = Field(
+        default=None, description="the planner's weights (default: bfloat16 on a CUDA GPU that has it, else float32)")
     prompt_lookup: int = Field(default=0, ge=0, description="draft tokens per step for the planner's greedy "
                                "prompt-lookup decoding (same output, faster answers that quote tool results); 0: off")
     constrain: bool | None = Field(default=None, description="decode each planner turn under the turn format and "

@@ -613,6 +613,8 @@ def main(argv: list[str] | None = None) -> None:
                         "(default: the base the adapter records)")
     parser.add_argument("--model-name", default=None)
     parser.add_argument("--conv-template", default=None)
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default=None,
+                        help="the planner's weights (default: bfloat16 on a CUDA GPU that has it, else float32)")
     parser.add_argument("--prompt-lookup", type=int, default=None,
                         help="planner drafts this many tokens per step from its context (greedy; same output); 0: off")
     parser.add_argument("--constrain", action=argparse.BooleanOptionalAction, default=None,
@@ -641,7 +643,7 @@ def main(argv: list[str] | None = None) -> None:
         tools.update({n.strip(): {"in_process": True} for n in (args.in_process_tools or "").split(",") if n.strip()})
     cfg = config_or_exit(
         parser, args.config, host=args.host, port=args.port, web_port=args.web_port, model_path=args.model_path,
-        model_base=args.model_base, model_name=args.model_name, conv_template=args.conv_template, model_backend_url=args.backend_url,
+        model_base=args.model_base, model_name=args.model_name, conv_template=args.conv_template, dtype=args.dtype, model_backend_url=args.backend_url,
         system_prompt=args.system_prompt, tool_weights=args.tool_weights, prompt_lookup=args.prompt_lookup,
         constrain=args.constrain, tools=tools, no_workers=args.no_workers or None, api_key=args.api_key, log_level=args.log_level,
         heartbeat_interval_s=args.heartbeat_interval, heartbeat_expiry_s=args.heartbeat_expiry,

@@ -196,7 +196,7 @@ class Launcher:
         if not cfg.no_workers:
             model_args = []
             for flag, value in (("--model-path", cfg.model_path), ("--model-base", cfg.model_base), ("--model-name", cfg.model_name),
-                                ("--conv-template", cfg.conv_template), ("--device", cfg.device),
+                                ("--conv-template", cfg.conv_template), ("--device", cfg.device), ("--dtype", cfg.dtype),
                                 ("--system-prompt", cfg.system_prompt),
                                 ("--backend-url", cfg.model_backend_url), ("--backend-model", cfg.model_backend_model)):
                 if value:

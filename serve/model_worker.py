@@ -264,6 +264,8 @@ def load_host(cfg: ServeConfig) -> ModelHost:
                                    "prompt_lookup": cfg.prompt_lookup, "constrain": constrain}
         if cfg.device:
             options["device"] = cfg.device
+        if cfg.dtype:
+            options["dtype"] = cfg.dtype
         if cfg.model_base:  # the adapter at model_path on this base (its recorded base may be elsewhere)
             path, options["adapter"] = cfg.model_base, path
         planner = load_planner(path, **options)
@@ -284,6 +286,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model-name", default=None, help="name clients use (default: from the checkpoint)")
     parser.add_argument("--conv-template", default=None)
     parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default=None,
+                        help="the planner's weights (default: bfloat16 on a CUDA GPU that has it, else float32)")
     parser.add_argument("--prompt-lookup", type=int, default=None, help="draft tokens for prompt-lookup decoding (0: off)")
     parser.add_argument("--constrain", action=argparse.BooleanOptionalAction, default=None,
                         help="decode turns under the turn format and tool schemas (default: mmedagent.json, else off)")
@@ -301,7 +305,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     cfg = config_or_exit(
         parser, args.config, api_key=args.api_key, log_level=args.log_level, host=args.host, model_path=args.model_path,
-        model_base=args.model_base, max_upload_mb=args.max_upload_mb, model_name=args.model_name, conv_template=args.conv_template, device=args.device, system_prompt=args.system_prompt,
+        model_base=args.model_base, max_upload_mb=args.max_upload_mb, model_name=args.model_name, conv_template=args.conv_template, device=args.device, dtype=args.dtype, system_prompt=args.system_prompt,
         model_backend_url=args.backend_url, model_backend_model=args.backend_model,
         heartbeat_interval_s=args.heartbeat_interval, prompt_lookup=args.prompt_lookup, constrain=args.constrain,
     )

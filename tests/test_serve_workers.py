@@ -643,3 +643,21 @@ def test_a_chat_goes_to_another_model_worker_when_its_own_is_gone():
     with pytest.raises(WorkerError, match=r"^model worker for 'demo' at http://10\.0\.0\.3:8000 answered with "
                                           r"malformed output; is it an mmedagent model worker\?$"):
         WorkerPlanner(reg, client, "demo", "c2", 5.0).generate([{"role": "user", "content": "Is it benign?"}], None)
+
+
+def test_the_planner_dtype_goes_from_the_controller_to_the_model_worker(tmp_path, tiny_models):
+    """``--dtype bfloat16`` (docs/model.md's dtype option) reaches the worker's planner through the launcher."""
+    from mmedagent.serve import model_worker
+
+    cfg = load_config(None, model_path=str(tiny_models("llava")), dtype="bfloat16", tools={})
+    launcher = la.Launcher(cfg, None)
+    spawned = []
+    launcher._spawn = lambda label, argv: spawned.append(argv)
+    launcher.start_children("http://127.0.0.1:9", None)
+    argv = next(a for a in spawned if a[1].endswith("model_worker.py"))
+    assert argv[argv.index("--dtype") + 1] == "bfloat16"
+    assert model_worker.load_host(cfg).info["dtype"] == "bfloat16"
+    from mmedagent.serve.config import ConfigError
+
+    with pytest.raises(ConfigError, match="dtype"):
+        load_config(None, dtype="float8")
