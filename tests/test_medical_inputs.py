@@ -46,6 +46,7 @@ def test_web_upload_accepts_dicom_and_nifti(scans, name, fmt, tmp_path):
     upload = tmp_path / "a1b2c3" / name  # Gradio keeps each upload in a folder of its own
     upload.parent.mkdir()
     shutil.copy(scans / name, upload)
+    web.uploads.update([str(upload)])  # as Gradio's upload route hands the path out
     preview, image, chat, history, note, scan = web.load(str(upload))
     assert not upload.parent.exists() and scan == (scans / name).read_bytes()  # kept in memory, for another view
     assert image is not None and image.mode == "RGB" and min(image.size) > 8
