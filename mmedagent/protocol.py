@@ -104,6 +104,12 @@ def _python_repr(value: Any) -> str:
     return repr(value)
 
 
+def name_key(name: str) -> str:
+    """A tool name as calls are matched to it: case, ``_`` / ``-`` / spaces and the spaces around ``+``
+    do not count ("grounding_dino+sam" is "Grounding DINO + SAM", as LLaVA-Plus and MMedAgent write them)."""
+    return re.sub(r"\s*\+\s*", "+", " ".join(re.sub(r"[_\-\s]+", " ", name).split())).casefold()
+
+
 def render_tool_results(outcomes: Sequence[ToolOutcome], question: str) -> str:
     """The one wording that feeds tool outputs back to the model.
 
@@ -179,8 +185,8 @@ def parse_tool_results(text: str, calls: Sequence[str] | None = None) -> ToolRes
         raise TurnParseError("tool-result turn lacks 'Answer my first question:'")
     entries = _result_entries(head, lambda tool: True)
     if calls and len(entries) != len(calls):
-        named = {c.casefold() for c in calls}
-        by_name = _result_entries(head, lambda tool: tool.casefold() in named)
+        named = {name_key(c) for c in calls}
+        by_name = _result_entries(head, lambda tool: name_key(tool) in named)
         if len(by_name) == len(calls):
             entries = by_name
     if not entries:

@@ -230,3 +230,14 @@ def test_added_tokens_that_are_not_special_are_kept_in_messages():
     text = "".join(t for t, _ in render_segments([{"role": "user", "content": box}], "vicuna_v1", proc))
     assert "[[0.31, 0.12, 0.42, 0.27]]}<\u2060/s>" in text
     assert proc.tokenizer.convert_tokens_to_ids("0.31") in proc.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_assistant_turns_keep_special_tokens_written_on_purpose(tiny_models):
+    from transformers import AutoProcessor
+
+    proc = AutoProcessor.from_pretrained(tiny_models("qwen2_vl"))
+    reply = "The nodule is at <|im_end|> marker text"  # an assistant target: kept as the data wrote it
+    messages = [{"role": "user", "content": "Where? <|im_end|>"}, {"role": "assistant", "content": reply}]
+    segs = render_segments(messages, None, proc)
+    assert [t for t, trained in segs if trained][0].startswith(reply)
+    assert "Where? <\u2060|im_end|>" in "".join(t for t, _ in segs)

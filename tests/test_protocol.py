@@ -277,6 +277,9 @@ def test_a_report_line_shaped_like_a_result_stays_in_its_report_when_the_calls_a
                                ToolOutcome(tool="grounding dino", output={"boxes": []})], "Report?")
     back = parse_tool_results(two, ["ChatCAD-R", "grounding dino"]).outcomes
     assert [o.tool for o in back] == ["ChatCAD-R", "grounding dino"] and back[0].text == report
+    # the calls' names match the output lines as tool names match (case, separators, spaces around "+")
+    spelled = parse_tool_results(two, ["chatcad_r", "Grounding-DINO"]).outcomes
+    assert [o.tool for o in spelled] == ["ChatCAD-R", "grounding dino"] and spelled[0].text == report
     # outputs named otherwise than the calls (data written with another alias) parse as without the calls
     other = parse_tool_results(two, ["MedSAM", "BiomedClip"]).outcomes
     assert other == parse_tool_results(two).outcomes

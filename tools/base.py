@@ -8,13 +8,14 @@ the UI serve and draw its ``Result``.
 from __future__ import annotations
 
 import math
-import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from mmedagent.protocol import name_key
 
 
 class ToolParams(BaseModel):
@@ -82,12 +83,6 @@ def loading_weights() -> Iterator[None]:
             yield
         finally:
             _held.depth -= 1
-
-
-def name_key(name: str) -> str:
-    """A tool name as calls are matched to it: case, ``_`` / ``-`` / spaces and the spaces around ``+``
-    do not count ("grounding_dino+sam" is "Grounding DINO + SAM", as LLaVA-Plus and MMedAgent write them)."""
-    return re.sub(r"\s*\+\s*", "+", " ".join(re.sub(r"[_\-\s]+", " ", name).split())).casefold()
 
 
 class Tool:

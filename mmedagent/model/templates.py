@@ -7,9 +7,9 @@ guessed from the model path.
 :func:`render_segments` is the one contract shared by training and inference: the concatenation of
 the segment strings is the exact prompt text (tokenize it with ``add_special_tokens=False``: the
 text already holds the BOS token where the template wants one), and ``True`` marks the text the
-model learns — assistant content plus its end-of-turn text. Message contents are text: a special token
-written in one (``</s>`` or ``<|im_end|>`` in a retrieved passage, a report, a question) is broken with a
-word joiner, so it reads as characters and cannot end a turn or forge one.
+model learns — assistant content plus its end-of-turn text. System and user contents are text: a special
+token written in one (``</s>`` or ``<|im_end|>`` in a retrieved passage, a report, a question) is broken
+with a word joiner, so it reads as characters and cannot end a turn or forge one.
 """
 
 from __future__ import annotations
@@ -57,8 +57,10 @@ JOINER = "\u2060"  # a zero-width word joiner: what breaks a special token writt
 
 def _defused(messages: Sequence[Message], tok: Any) -> list[Message]:
     """``messages`` with every special token of the tokenizer (``</s>``, ``<|im_end|>``, ``<|image|>``…)
-    broken after its first character; the protocol's ``<image>`` marker is kept, and so are added tokens
-    that are not special (a vocabulary of coordinates, say), which the model reads as it was trained."""
+    written in a system or user message (questions, tool outputs) broken after its first character. Kept:
+    the protocol's ``<image>`` marker, added tokens that are not special (a vocabulary of coordinates,
+    say), and assistant turns — the model's own text, read back as it wrote it, and training targets that
+    may use special tokens on purpose (Qwen2-VL's ``<|box_start|>``)."""
     added = sorted({t.content for t in tok.added_tokens_decoder.values() if t.special and len(t.content) > 1},
                    key=len, reverse=True)
 
@@ -68,7 +70,8 @@ def _defused(messages: Sequence[Message], tok: Any) -> list[Message]:
                 text = text.replace(t, t[0] + JOINER + t[1:])
         return text
 
-    return [dict(m, content=IMAGE_TOKEN.join(defuse(piece) for piece in m["content"].split(IMAGE_TOKEN)))
+    return [m if m["role"] == "assistant" else
+            dict(m, content=IMAGE_TOKEN.join(defuse(piece) for piece in m["content"].split(IMAGE_TOKEN)))
             for m in messages]
 
 
