@@ -52,9 +52,10 @@ class RedactFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         try:
             message = record.getMessage()
-        except Exception:  # a bad format string must not kill logging
-            message = str(record.msg)
-        clean = self.scrub(message)
+        except Exception:  # a call whose arguments do not fit its format: they may be request data, never shown
+            message = ""
+            record.msg, record.args = f"unformattable log call at {Path(record.pathname).name}:{record.lineno}", ()
+        clean = self.scrub(message or record.msg)
         if record.exc_info and record.exc_info[1] is not None:
             # A library's exception text and a traceback may quote request data (a DICOM header, a
             # question): keep the type, the last place in our code, and the text of our own exceptions.
@@ -131,6 +132,7 @@ def setup_logging(level: str = "INFO", secrets: Iterable[str] = ()) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.addFilter(redact)
+    logging.raiseExceptions = False  # a failing handler reports nothing (logging's report quotes the call's arguments)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -298,11 +298,14 @@ def test_a_serve_process_logs_no_traceback_from_a_stray_thread_a_library_or_its_
         "worker = threading.Thread(target=read, name='loader'); worker.start(); worker.join()\n"
         "try:\n    {}['Does Jane Doe have a mass?']\n"
         "except KeyError:\n    traceback.print_exc()\n"
+        "import logging\n"
+        "logging.getLogger('mmedagent.serve.x').info('question %d', 'Does Jane Doe have a mass?')  # a wrong format\n"
         "raise ValueError('question: Does Jane Doe have a mass?')\n"
     )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert proc.returncode == 1
     assert "uncaught error in thread loader [FileNotFoundError" in proc.stderr, proc.stderr
     assert "reported by __main__ [KeyError" in proc.stderr and "uncaught error [ValueError" in proc.stderr, proc.stderr
+    assert "unformattable log call at <string>:" in proc.stderr, proc.stderr
     for secret in ("Traceback", "Doe_Jane", "998877", "Jane Doe"):
         assert secret not in proc.stderr, (secret, proc.stderr)
