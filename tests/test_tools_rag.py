@@ -888,12 +888,18 @@ def test_html_and_json_are_read_and_other_types_are_named(tmp_path, caplog):
     assert {p["source"]: p.get("code") for p in corpus.passages}["hypo.json"] == "E16.2"
     assert set(corpus.files) == {"hf.html", "hypo.json", "list.json"}
     assert "2 file(s) of an unsupported type left out" in caplog.text and "notes/old.rtf, scan.docx" in caplog.text
-    (docs / "bad.json").write_text('[{"text": "ok"}, {"title": "no text"}]', "utf-8")
-    with pytest.raises(ValueError, match=r"bad.json: item 2: .*'text'"):
-        ri.load_corpus(docs)
-    (docs / "bad.json").write_text('{"text": "ok",}', "utf-8")
-    with pytest.raises(ValueError, match=r"bad.json: not valid JSON"):
-        ri.load_corpus(docs)
+    # a JSON file that holds no records (labels, a config) or is broken is left out and named, not fatal
+    _docs(docs, **{"labels.json": '{"classes": ["a", "b"]}', "bad.json": '{"text": "ok",}',
+                   "nohead.html": "<html><head><title>Asthma</title><meta charset=utf-8><body><p>Asthma is "
+                                  "reversible airway narrowing.</p>"})  # HTML5 may leave out </head>
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=ri.__name__):
+        corpus = ri.load_corpus(docs)
+    got = {p["source"]: (p["title"], p["text"]) for p in corpus.passages}
+    assert got["nohead.html"] == ("Asthma", "Asthma is reversible airway narrowing.")
+    assert not any(src.startswith(("labels.json", "bad.json")) for src in got)
+    assert "2 .json file(s) left out: not corpus records" in caplog.text
+    assert "bad.json (not valid JSON" in caplog.text and "labels.json (each record must be" in caplog.text
 
 
 def test_add_groups_new_units_in_one_pass(tmp_path, embedder, monkeypatch):
@@ -949,5 +955,12 @@ def test_a_corpus_changed_after_the_build_is_flagged(tmp_path, embedder, monkeyp
     assert "(1 changed, 1 new, 1 deleted file(s))" in warnings[0] and f"--corpus {docs} --out {out} --add" in warnings[0]
     assert not any(word in warnings[0] for word in ("Jane", "a.txt", "d.txt", "Psoriasis"))
     ri.add_to_index(out, docs, embedder=embedder)
+    assert ri.HybridIndex.load(out, embedder).stale() == {"new": 0, "deleted": 0, "changed": 0}
+    # an index built before .html / .json were read: such files beside its corpus are not new to it
+    _docs(docs, **{"page.html": "<p>Gout flares.</p>", "labels.json": '{"classes": []}'})
+    assert ri.HybridIndex.load(out, embedder).stale() == {"new": 2, "deleted": 0, "changed": 0}
+    meta = json.loads((out / "meta.json").read_text())
+    del meta["suffixes"]
+    (out / "meta.json").write_text(json.dumps(meta))
     assert ri.HybridIndex.load(out, embedder).stale() == {"new": 0, "deleted": 0, "changed": 0}
     capsys.readouterr()

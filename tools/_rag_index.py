@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 3
 RRF_K = 60
 TEXT_SUFFIXES = (".txt", ".md", ".markdown", ".html", ".htm", ".json", ".jsonl", ".pdf")
+OLD_TEXT_SUFFIXES = (".txt", ".md", ".markdown", ".jsonl", ".pdf")  # what indexes built before 2026-12-07 read
 ICD10CM_PRESET = "icd10cm"
 ICD10CM_SOURCE = "ICD-10-CM April 2026 (tabular list)"
 # Descriptions of codes up to this many characters (without the dot) are embedded; deeper codes
@@ -293,7 +294,7 @@ def corpus_files(path: Path, allow_empty: bool = False, warn: bool = True) -> li
 
 def load_corpus(path: str | Path, chunk_size: int = 128, overlap: int = 32, skip: dict[str, str] | None = None,
                 base: str | Path | None = None, allow_empty: bool = False) -> Corpus:
-    """Read txt / md / jsonl / pdf files into chunked passages with source, title, code and page.
+    """Read txt / md / html / json / jsonl / pdf files into chunked passages with source, title, code and page.
 
     Sources are paths relative to ``base`` (default: ``path``; a file's source is its name);
     ``path`` must be ``base`` or inside it. ``skip`` maps source -> sha256 of files already
@@ -312,6 +313,7 @@ def load_corpus(path: str | Path, chunk_size: int = 128, overlap: int = 32, skip
         prefix = here.relative_to(base)
     corpus = Corpus(root=str(base))
     textless: list[str] = []
+    not_records: list[str] = []
     for file in files:
         if prefix is None:
             source = _printable(file.name)
@@ -330,7 +332,11 @@ def load_corpus(path: str | Path, chunk_size: int = 128, overlap: int = 32, skip
         elif suffix == ".jsonl":
             sections = list(_jsonl_sections(file, source))
         elif suffix == ".json":
-            sections = list(_json_sections(file, source))
+            try:
+                sections = list(_json_sections(file, source))
+            except ValueError as e:  # a JSON file beside the documents (labels, a config) is not a record file
+                not_records.append(f"{source} ({str(e).rsplit(': ', 1)[-1]})")
+                continue
         elif suffix in (".html", ".htm"):
             title, text = _html_text(_read_text(file))
             sections = [(title or stem, text, {})]
@@ -347,6 +353,9 @@ def load_corpus(path: str | Path, chunk_size: int = 128, overlap: int = 32, skip
                 corpus.add({"text": chunk, "source": src, "title": title, "chunk": i, **extra})
         if len(corpus.passages) == before:
             textless.append(source)
+    if not_records:
+        log.warning("%d .json file(s) left out: not corpus records (an object with a string 'text', or a list of "
+                    "them): %s", len(not_records), _some(not_records))
     if textless:
         shown = _some(textless)
         hint = " (a PDF of scanned pages has no text layer: run OCR on it first)" if any(
@@ -422,9 +431,9 @@ def _json_sections(file: Path, source: str) -> Iterator[tuple[str | None, str, d
 
 
 class _HtmlText(HTMLParser):
-    """Visible text of an HTML page (script, style, template and head left out) and its <title>."""
+    """Visible text of an HTML page (script, style and template left out) and its <title>."""
 
-    _SKIP = frozenset({"script", "style", "template", "noscript", "head"})
+    _SKIP = frozenset({"script", "style", "template", "noscript"})  # not "head": HTML5 lets pages leave out </head>
     _BREAK = frozenset({"p", "div", "br", "li", "tr", "td", "th", "h1", "h2", "h3", "h4", "h5", "h6", "section",
                         "article", "table", "ul", "ol", "dd", "dt", "blockquote", "pre"})
 
@@ -997,7 +1006,8 @@ class HybridIndex:
         meta = {
             "format": FORMAT_VERSION, "model": embedder.model_id, "model_fingerprint": embedder.fingerprint,
             "corpus_sha": corpus.sha(), "passages": len(corpus.passages), "units": len(corpus.units),
-            "dense_units": len(dense_units), "files": corpus.files, "build_s": None, **(extra_meta or {}),
+            "dense_units": len(dense_units), "files": corpus.files, "suffixes": list(TEXT_SUFFIXES), "build_s": None,
+            **(extra_meta or {}),
         }
         if corpus.root is not None:
             meta["corpus_root"] = corpus.root
@@ -1066,8 +1076,9 @@ class HybridIndex:
         if root is None or not root.exists():
             return None
         indexed = self.meta.get("files", {})
+        read = tuple(self.meta.get("suffixes", OLD_TEXT_SUFFIXES))  # the file types its build read
         found = {_printable(f.relative_to(root).as_posix() if root.is_dir() else f.name): f
-                 for f in corpus_files(root, allow_empty=True, warn=False)}
+                 for f in corpus_files(root, allow_empty=True, warn=False) if f.suffix.lower() in read}
         return {"new": len(found.keys() - indexed.keys()), "deleted": len(indexed.keys() - found.keys()),
                 "changed": sum(_file_sha256(f) != indexed[src] for src, f in found.items() if src in indexed)}
 
