@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -15,7 +16,7 @@ import transformers
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 from mmedagent.hub import is_hub_id, prefer_cache_when_unreachable
-from mmedagent.locks import FolderInUse, take_lock
+from mmedagent.locks import holding
 from mmedagent.model.llava_convert import converted_cache_dir, llava_image_processor
 from mmedagent.model.loading import (family_of, is_original_llava, load_config, load_model_and_processor,
                                      original_llava_snapshot)
@@ -314,29 +315,25 @@ LOCK_FILE = ".train.lock"
 
 
 @contextlib.contextmanager
-def output_dir_lock(output_dir: str):
-    """Hold ``--output_dir``'s lock while this job trains into it (the first rank takes it for the job): the
+def output_dir_lock(args) -> Iterator[None]:
+    """Hold ``--output_dir``'s lock while this job trains into it (its first process takes it for the job): the
     same command started again meanwhile (a requeued job, a second terminal) is refused instead of writing
-    the same checkpoints. The lock file is removed when the run ends."""
-    if os.environ.get("RANK", "0") != "0":
+    the same checkpoints. The lock file is removed when the run ends, and so is a folder the run made and
+    left empty (a run refused before writing anything)."""
+    if args.process_index != 0:
         yield
         return
-    path = Path(output_dir) / LOCK_FILE
-    made = not path.parent.exists()
-    path.parent.mkdir(parents=True, exist_ok=True)
+    out = Path(args.output_dir)
+    made = not out.exists()
     try:
-        lock = take_lock(path)
-    except FolderInUse as e:
-        raise FlagError(f"{output_dir} is in use by another training run ({e.holder}): wait for it to end, "
-                        "or use another --output_dir") from None
-    try:
-        yield
+        with holding(out / LOCK_FILE, lambda holder: FlagError(
+                f"{args.output_dir} is in use by another training run ({holder}): wait for it to end, or use "
+                "another --output_dir"), remove=True):
+            yield
     finally:
-        path.unlink(missing_ok=True)
-        lock.close()
-        if made:  # a run refused before writing anything leaves no empty folder
+        if made:
             with contextlib.suppress(OSError):
-                path.parent.rmdir()
+                out.rmdir()
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -346,7 +343,7 @@ def main(argv: list[str] | None = None) -> Path:
     outputs present nothing is done; otherwise they are written from that checkpoint."""
     parsed = parse_args(argv)
     _setup_logging(parsed[2])
-    with output_dir_lock(parsed[2].output_dir):
+    with output_dir_lock(parsed[2]):
         return _train(parsed)
 
 

@@ -15,13 +15,11 @@ import shutil
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from mmedagent.locks import FolderInUse, take_lock
+from mmedagent.locks import holding
 from mmedagent.recipes.config import RecipeConfig
 from mmedagent.recipes.data import Example
 
@@ -143,19 +141,12 @@ def check_train_argv(argv: list[str]) -> None:
 LOCK_FILE = ".recipe.lock"
 
 
-@contextmanager
-def run_lock(out: Path) -> Iterator[None]:
+def run_lock(out: Path):
     """Hold ``OUT/.recipe.lock`` while a recipe runs there: the same command started again while the first run
     still works (a second terminal, a requeued job) is refused instead of writing the same checkpoints."""
-    try:
-        lock = take_lock(out / LOCK_FILE)
-    except FolderInUse as e:
-        raise ValueError(f"{out} is in use by another recipe run ({e.holder}): wait for it to end or stop it, "
-                         "then rerun this command to resume; or use another --out") from None
-    try:
-        yield
-    finally:
-        lock.close()  # closing the file releases the lock
+    return holding(out / LOCK_FILE, lambda holder: ValueError(
+        f"{out} is in use by another recipe run ({holder}): wait for it to end or stop it, then rerun this command "
+        "to resume; or use another --out"))
 
 
 class Recipe:
