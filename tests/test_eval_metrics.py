@@ -318,3 +318,17 @@ def test_judge_grades_are_read_only_where_the_reply_gives_one():
     # the first digit anywhere is no grade: the 1 of the scale, a coordinate of a quoted box, 2 of 12/10
     for reply in ("On a scale of 1 to 10 this", "The tumor is at [0.41, 0.5", "12/10", "0", "Good answer."):
         assert parse_score(reply) is None, reply
+
+
+def test_tied_detections_on_one_image_are_matched_as_many_as_can_be_whatever_their_order():
+    """A overlaps both gold boxes, B only the first: greedy matching in data order gave A the first box
+    when A came first (then B missed: AP 0.25), both hits when B came first (AP 1.0)."""
+    from mmedagent.evaluation.metrics import average_precision
+
+    g1, g2 = (0, 0, 10, 10), (2, 0, 12, 10)
+    a, b = (0.5, 0, 10.5, 10), (-3, 0, 9, 10)
+    gold = {"img": [g1, g2]}
+    assert average_precision([("img", 1.0, a), ("img", 1.0, b)], gold) == 1.0
+    assert average_precision([("img", 1.0, b), ("img", 1.0, a)], gold) == 1.0
+    # a higher score still comes first: A at 0.9 takes g1 (its best), and B at 0.8 then misses
+    assert average_precision([("img", 0.8, b), ("img", 0.9, a)], gold) == 0.5

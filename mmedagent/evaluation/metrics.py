@@ -57,28 +57,32 @@ def average_precision(
     """AP of one class with all-point interpolation (VOC 2010+ / COCO-style envelope).
 
     ``detections`` are ``(image_id, score, box)``; ``gold`` maps image id to its gold boxes.
-    Detections are taken by descending score and matched greedily to the unmatched gold box of
-    highest IoU ≥ ``iou_threshold`` in the same image; a second hit on a matched box is a false
-    positive. Detections of equal score make one point of the precision–recall curve (a score
-    threshold takes all of them or none, as scikit-learn's curve has it): boxes quoted in answers,
-    which all score 1, give the same AP whatever the order of the data. AP = Σ (r_i − r_{i−1}) ·
-    max_{r ≥ r_i} precision.
+    Detections are taken by descending score and matched to unmatched gold boxes with IoU ≥
+    ``iou_threshold`` in the same image; a second hit on a matched box is a false positive.
+    Detections of equal score make one point of the precision–recall curve (a score threshold takes
+    all of them or none, as scikit-learn's curve has it) and are matched together, as many as can be
+    (a maximum matching, each trying its gold boxes by descending IoU, in the order of their boxes):
+    boxes quoted in answers, which all score 1, give the same AP whatever the order of the data.
+    AP = Σ (r_i − r_{i−1}) · max_{r ≥ r_i} precision.
     """
     n_gold = sum(len(v) for v in gold.values())
     if n_gold == 0:
         raise ValueError("average_precision needs at least one gold box")
-    dets = sorted(detections, key=lambda d: -float(d[1]))
+    # by descending score, then by image and box: the data's order never decides
+    dets = sorted(detections, key=lambda d: (-float(d[1]), repr(d[0]), tuple(float(x) for x in d[2])))
     used = {k: [False] * len(v) for k, v in gold.items()}
     tp = np.zeros(len(dets))
-    for i, (img, _, box) in enumerate(dets):
-        best, best_j = iou_threshold, -1
-        for j, g in enumerate(gold.get(img, ())):
-            iou = box_iou(box, g)
-            if iou >= best and not used[img][j]:
-                best, best_j = iou, j
-        if best_j >= 0:
-            used[img][best_j] = True
-            tp[i] = 1
+    start = 0
+    while start < len(dets):
+        end = start
+        while end < len(dets) and float(dets[end][1]) == float(dets[start][1]):
+            end += 1
+        for img in dict.fromkeys(d[0] for d in dets[start:end]):
+            group = [i for i in range(start, end) if dets[i][0] == img]
+            for i, j in _max_matching(group, dets, gold.get(img, ()), used.get(img, []), iou_threshold).items():
+                used[img][j] = True
+                tp[i] = 1
+        start = end
     scores = np.array([float(d[1]) for d in dets])
     ends = np.flatnonzero(np.append(scores[1:] != scores[:-1], True)) if dets else np.zeros(0, dtype=int)
     ctp = np.cumsum(tp)[ends]  # true positives at the last detection of each score
@@ -87,6 +91,29 @@ def average_precision(
     for i in range(len(precision) - 2, -1, -1):  # precision envelope
         precision[i] = max(precision[i], precision[i + 1])
     return float(np.sum((recall[1:] - recall[:-1]) * precision[1:]))
+
+
+def _max_matching(group: list[int], dets: Sequence[tuple[Hashable, float, Box]], gold: Sequence[Box],
+                  used: list[bool], iou_threshold: float) -> dict[int, int]:
+    """Detection index -> gold index for as many of ``group`` (detections of one score on one image) as
+    can hit a free gold box (augmenting paths; each detection tries its boxes by descending IoU)."""
+    options = {i: [j for _, j in sorted(((-box_iou(dets[i][2], g), j) for j, g in enumerate(gold)
+                                         if not used[j] and box_iou(dets[i][2], g) >= iou_threshold))]
+               for i in group}
+    owner: dict[int, int] = {}  # gold index -> detection index
+
+    def place(i: int, seen: set[int]) -> bool:
+        for j in options[i]:
+            if j not in seen:
+                seen.add(j)
+                if j not in owner or place(owner[j], seen):
+                    owner[j] = i
+                    return True
+        return False
+
+    for i in group:
+        place(i, set())
+    return {i: j for j, i in owner.items()}
 
 
 def mean_average_precision(
