@@ -184,6 +184,9 @@ def upload_box(**kwargs: Any):
     import gradio as gr
     from gradio.data_classes import ListFiles
 
+    ignored = sorted({"file_types", "file_count", "type"} & set(kwargs))
+    if ignored:  # the preprocess below takes one path as is: it would not apply them
+        raise TypeError(f"upload_box takes no {', '.join(ignored)}: it hands on one upload's path, checked by its reader")
     box = gr.File(**kwargs)
 
     def upload_path(payload: Any) -> str | None:

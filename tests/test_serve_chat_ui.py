@@ -325,3 +325,5 @@ def test_the_upload_box_is_a_plain_file_box_and_writes_nothing_beside_the_packag
     box = web.upload_box(label="Image")
     assert type(box) is gr.File  # a subclass would make Gradio write a .pyi stub beside serve/web.py
     assert not Path(web.__file__).with_suffix(".pyi").exists()
+    with pytest.raises(TypeError, match="takes no file_count, file_types"):  # it would not apply them
+        web.upload_box(label="Image", file_types=[".png"], file_count="multiple")
