@@ -6,6 +6,7 @@ import hmac
 import inspect
 import json
 import logging
+import os
 import re
 import sys
 import threading
@@ -34,13 +35,19 @@ def _is_ours(module: str | None) -> bool:
     return bool(module) and (module == "mmedagent" or module.startswith("mmedagent."))
 
 
+FULL_TRACEBACKS_ENV = "MMEDAGENT_LOG_TRACEBACKS"
+"""Set to 1 to log whole tracebacks (to debug a tool or plug-in): they may quote patient data."""
+
+
 class RedactFilter(logging.Filter):
     """Rewrites every record's message with secrets (the API key, bearer tokens, base64) removed and
-    an exception reduced to its type and place (and, for mmedagent's own exceptions, their text)."""
+    an exception reduced to its type and place (and, for mmedagent's own exceptions, their text);
+    ``full_tracebacks`` keeps exceptions whole."""
 
-    def __init__(self, secrets: Iterable[str] = ()):
+    def __init__(self, secrets: Iterable[str] = (), full_tracebacks: bool = False):
         super().__init__()
         self.secrets = [s for s in secrets if s]
+        self.full_tracebacks = full_tracebacks
 
     def scrub(self, text: str) -> str:
         for s in self.secrets:
@@ -56,7 +63,7 @@ class RedactFilter(logging.Filter):
             message = ""
             record.msg, record.args = f"unformattable log call at {Path(record.pathname).name}:{record.lineno}", ()
         clean = self.scrub(message or record.msg)
-        if record.exc_info and record.exc_info[1] is not None:
+        if record.exc_info and record.exc_info[1] is not None and not self.full_tracebacks:
             # A library's exception text and a traceback may quote request data (a DICOM header, a
             # question): keep the type, the last place in our code, and the text of our own exceptions.
             exc = record.exc_info[1]
@@ -127,8 +134,12 @@ def setup_logging(level: str = "INFO", secrets: Iterable[str] = ()) -> None:
 
     uvicorn's loggers also get the filter themselves: a later ``logging.config.dictConfig`` (Gradio's
     ``uvicorn.Config`` applies uvicorn's default one when the web UI starts) gives them handlers of
-    their own but keeps their filters, so "Exception in ASGI application" stays redacted."""
-    redact = RedactFilter(secrets)
+    their own but keeps their filters, so "Exception in ASGI application" stays redacted.
+
+    ``MMEDAGENT_LOG_TRACEBACKS=1`` logs whole tracebacks instead (secrets still removed from messages),
+    with a warning: for debugging a tool on test data, never with patients' data."""
+    full = os.environ.get(FULL_TRACEBACKS_ENV, "") not in ("", "0")
+    redact = RedactFilter(secrets, full_tracebacks=full)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.addFilter(redact)
@@ -142,7 +153,12 @@ def setup_logging(level: str = "INFO", secrets: Iterable[str] = ()) -> None:
         lg.propagate = True
         lg.filters[:] = [redact]
     logging.getLogger("uvicorn.access").addFilter(_QuietPolls())
-    route_tracebacks_to_log()
+    if full:
+        logging.getLogger("mmedagent.serve").warning(
+            "%s=1: whole tracebacks are logged; they may quote file names, questions and DICOM tags: use it "
+            "only to debug with test data", FULL_TRACEBACKS_ENV)
+    else:
+        route_tracebacks_to_log()
     for noisy in ("httpx", "httpcore", "urllib3", "PIL", "matplotlib", "multipart", "faiss", "bm25s"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

@@ -309,3 +309,22 @@ def test_a_serve_process_logs_no_traceback_from_a_stray_thread_a_library_or_its_
     assert "unformattable log call at <string>:" in proc.stderr, proc.stderr
     for secret in ("Traceback", "Doe_Jane", "998877", "Jane Doe"):
         assert secret not in proc.stderr, (secret, proc.stderr)
+
+
+def test_whole_tracebacks_are_logged_only_when_asked_for_with_a_warning(tmp_path):
+    """A tool author debugging on test data sets MMEDAGENT_LOG_TRACEBACKS=1; the key is still removed."""
+    import os
+    import subprocess
+    import sys
+
+    script = ("import logging\nfrom mmedagent.serve.security import setup_logging\nsetup_logging(secrets=['s3cr3t-key'])\n"
+              "try:\n    {}['lookup']\nexcept KeyError:\n    logging.getLogger('mmedagent.serve.x').exception('failed with s3cr3t-key')\n")
+    env = {**os.environ, "MMEDAGENT_LOG_TRACEBACKS": "1"}
+    full = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)
+    assert "MMEDAGENT_LOG_TRACEBACKS=1: whole tracebacks are logged" in full.stderr
+    assert "Traceback" in full.stderr and "KeyError: 'lookup'" in full.stderr and "s3cr3t-key" not in full.stderr
+    env["MMEDAGENT_LOG_TRACEBACKS"] = "0"
+    reduced = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=env,
+                             cwd=tmp_path)
+    assert "Traceback" not in reduced.stderr and "[KeyError at <string>" not in reduced.stderr
+    assert "failed with [redacted] [KeyError" in reduced.stderr, reduced.stderr
