@@ -964,3 +964,20 @@ def test_a_corpus_changed_after_the_build_is_flagged(tmp_path, embedder, monkeyp
     (out / "meta.json").write_text(json.dumps(meta))
     assert ri.HybridIndex.load(out, embedder).stale() == {"new": 0, "deleted": 0, "changed": 0}
     capsys.readouterr()
+
+
+def test_the_stale_check_hashes_only_files_whose_size_or_time_changed(tmp_path, embedder, monkeypatch):
+    """Every tool load checks the corpus: a large corpus must not be read in full each time."""
+    import os
+
+    monkeypatch.setenv(ri.CACHE_ENV, str(tmp_path / "cache"))
+    docs = _docs(tmp_path / "docs", **{"a.txt": "Asthma narrows the airways.", "b.txt": "Gout: uric acid."})
+    idx = ri.HybridIndex.build(ri.load_corpus(docs), tmp_path / "i.idx", embedder)
+    hashed, real = [], ri._file_sha256
+    monkeypatch.setattr(ri, "_file_sha256", lambda f: hashed.append(f.name) or real(f))
+    assert idx.stale() == {"new": 0, "deleted": 0, "changed": 0} and hashed == []
+    st = (docs / "a.txt").stat()
+    os.utime(docs / "a.txt", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched, same content
+    assert idx.stale() == {"new": 0, "deleted": 0, "changed": 0} and hashed == ["a.txt"]
+    (docs / "b.txt").write_text("Gout: urate crystals.", "utf-8")
+    assert idx.stale()["changed"] == 1

@@ -182,6 +182,9 @@ class Corpus:
     """The corpus file or folder (absolute) that sources are relative to; None for presets."""
     scanned: set[str] = field(default_factory=set)
     """Every source file found, including those skipped as unchanged."""
+    stats: dict[str, list[int]] = field(default_factory=dict)
+    """source file -> [size, mtime_ns] when read: a file whose stats are the same is not hashed again to
+    tell whether it changed."""
 
     def add(self, passage: dict[str, Any], unit_texts: Iterable[tuple[str, bool]] | None = None) -> None:
         pid = len(self.passages)
@@ -325,6 +328,8 @@ def load_corpus(path: str | Path, chunk_size: int = 128, overlap: int = 32, skip
         if skip and skip.get(source) == sha:
             continue
         corpus.files[source] = sha
+        st = file.stat()
+        corpus.stats[source] = [st.st_size, st.st_mtime_ns]
         suffix = file.suffix.lower()
         stem = _printable(file.stem)
         if suffix == ".pdf":
@@ -1006,8 +1011,8 @@ class HybridIndex:
         meta = {
             "format": FORMAT_VERSION, "model": embedder.model_id, "model_fingerprint": embedder.fingerprint,
             "corpus_sha": corpus.sha(), "passages": len(corpus.passages), "units": len(corpus.units),
-            "dense_units": len(dense_units), "files": corpus.files, "suffixes": list(TEXT_SUFFIXES), "build_s": None,
-            **(extra_meta or {}),
+            "dense_units": len(dense_units), "files": corpus.files, "file_stats": corpus.stats,
+            "suffixes": list(TEXT_SUFFIXES), "build_s": None, **(extra_meta or {}),
         }
         if corpus.root is not None:
             meta["corpus_root"] = corpus.root
@@ -1079,8 +1084,14 @@ class HybridIndex:
         read = tuple(self.meta.get("suffixes", OLD_TEXT_SUFFIXES))  # the file types its build read
         found = {_printable(f.relative_to(root).as_posix() if root.is_dir() else f.name): f
                  for f in corpus_files(root, allow_empty=True, warn=False) if f.suffix.lower() in read}
+        stats = self.meta.get("file_stats", {})
+
+        def changed(src: str, f: Path) -> bool:  # hashed only when its size or time differs from the build's
+            st = f.stat()
+            return stats.get(src) != [st.st_size, st.st_mtime_ns] and _file_sha256(f) != indexed[src]
+
         return {"new": len(found.keys() - indexed.keys()), "deleted": len(indexed.keys() - found.keys()),
-                "changed": sum(_file_sha256(f) != indexed[src] for src, f in found.items() if src in indexed)}
+                "changed": sum(changed(src, f) for src, f in found.items() if src in indexed)}
 
     def warn_if_stale(self) -> None:
         """Log a warning (counts and the command that updates the index, no file names) when the
@@ -1235,7 +1246,9 @@ def _add_locked(path: str | Path, corpus_path: str | Path, chunk_size: int, over
     old_units = old.units()
     dense_texts = [t for _, t, d in old_units if d]
     known = dict(zip(dense_texts, old.dense_vectors()))
-    merged = Corpus(files={k: v for k, v in {**files, **new.files}.items() if k not in removed}, root=str(root))
+    merged = Corpus(files={k: v for k, v in {**files, **new.files}.items() if k not in removed}, root=str(root),
+                    stats={k: v for k, v in {**old.meta.get("file_stats", {}), **new.stats}.items()
+                           if k not in removed})
     for part, units in ((old.passages, old_units), (new.passages, new.units)):
         by_pid: dict[int, list[tuple[str, bool]]] = {}  # one pass over the units, not one per passage
         for pid, text, dense in units:
