@@ -27,6 +27,7 @@ import shutil
 import signal
 import tempfile
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -133,43 +134,63 @@ def overlay_note(error: Exception) -> dict[str, Any]:
             "metadata": {"title": "⚠️ Note"}}
 
 
+UPLOAD_TTL_S = 15 * 60.0
+"""An upload no session read within this long (its tab was closed before it loaded) is deleted."""
+
+
 class Uploads(set):
     """Gradio's set of uploaded files (``Blocks.upload_file_set``: its upload route adds each path it
     hands out), counting the hand-outs of each path. Gradio names an upload by its content's hash and
     its file name, so sessions uploading the same file at the same moment get one path: each reads it,
     and the last one deletes it. A path no upload handed out is not read: a request cannot make the UI
-    read or delete another session's preview or any other file of its folder."""
+    read or delete another session's preview or any other file of its folder. An upload no session has
+    read within ``ttl_s`` (its tab was closed first) is deleted at the next upload or read."""
 
-    def __init__(self) -> None:
+    def __init__(self, ttl_s: float = UPLOAD_TTL_S) -> None:
         super().__init__()
         self.pending: collections.Counter[str] = collections.Counter()
+        self.handed_at: dict[str, float] = {}
+        self.ttl_s = ttl_s
         self.lock = threading.Lock()
 
     def update(self, *groups: Any) -> None:
         paths = [os.fspath(p) for group in groups for p in group]
         with self.lock:
+            self._expire()
             self.pending.update(paths)
+            self.handed_at.update(dict.fromkeys(paths, time.monotonic()))
             super().update(paths)
+
+    def _expire(self) -> None:
+        """Delete the uploads handed out longer than ``ttl_s`` ago and never read (under the lock)."""
+        now = time.monotonic()
+        for upload in [u for u, t in self.handed_at.items() if now - t > self.ttl_s]:
+            self._remove(upload)
+
+    def _remove(self, upload: str) -> None:
+        self.pending.pop(upload, None)
+        self.handed_at.pop(upload, None)
+        self.discard(upload)
+        path = Path(upload)
+        path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            path.parent.rmdir()
 
     def take(self, upload: str) -> bytes:
         """The bytes of a handed-out upload, whose file (and folder, when empty) its last reader deletes:
         an original DICOM carries the patient's name and IDs and must not stay on disk or be served
         again. An ``OSError`` if the upload is gone or was never handed out."""
         with self.lock:
+            self._expire()
             if self.pending[upload] <= 0:
                 raise FileNotFoundError("not a pending upload")
-        path = Path(upload)
         try:
-            return path.read_bytes()
+            return Path(upload).read_bytes()
         finally:
             with self.lock:
                 self.pending[upload] -= 1
                 if self.pending[upload] <= 0:
-                    del self.pending[upload]
-                    self.discard(upload)
-                    path.unlink(missing_ok=True)
-                    with contextlib.suppress(OSError):
-                        path.parent.rmdir()
+                    self._remove(upload)
 
     def install(self, ui: Any) -> None:
         """Be ``ui``'s set of uploaded files (and one of its temporary file sets, removed at exit)."""

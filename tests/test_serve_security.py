@@ -111,6 +111,26 @@ def test_the_web_ui_keeps_its_files_private(tmp_path, monkeypatch):
     assert uploads.take(str(upload)) == b"DICM" and not upload.parent.exists()
 
 
+def test_an_upload_never_read_is_deleted_once_its_time_is_up(tmp_path, monkeypatch):
+    """A tab closed before its upload loaded: the DICOM (a patient's name and IDs) must not wait for the UI to stop."""
+    from mmedagent.serve import web
+
+    clock = [1000.0]
+    monkeypatch.setattr(web.time, "monotonic", lambda: clock[0])
+    left, kept = tmp_path / "0f3a" / "Doe_John_MRN12345.dcm", tmp_path / "77b2" / "scan.dcm"
+    for f in (left, kept):
+        f.parent.mkdir()
+        f.write_bytes(b"DICM")
+    uploads = web.Uploads(ttl_s=60)
+    uploads.update([str(left)])
+    clock[0] += 61
+    uploads.update([str(kept)])  # the next upload sweeps the expired one
+    assert not left.parent.exists() and str(left) not in uploads
+    with pytest.raises(OSError):
+        uploads.take(str(left))
+    assert uploads.take(str(kept)) == b"DICM"  # within its time: read as ever
+
+
 def test_a_request_cannot_make_the_web_ui_read_or_delete_a_file_no_upload_handed_out(tmp_path):
     """Gradio lets a request name any file of the UI's folder (another session's preview, say)."""
     from mmedagent.serve.web import Uploads
