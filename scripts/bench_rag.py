@@ -8,6 +8,7 @@ often a code lookup (as people write codes) returns that code first.
 
     python scripts/bench_rag.py            # uses (or builds once) the cached index
     python scripts/bench_rag.py --cold     # also times a cold build in a temporary cache
+    python scripts/bench_rag.py --embed-batches 256 64 32   # only: embedding time and peak memory per batch size
 """
 
 from __future__ import annotations
@@ -195,11 +196,40 @@ def percentile(xs: list[float], p: float) -> float:
     return float(np.percentile(np.array(xs), p))
 
 
+def embed_once(batch_size: int) -> dict:
+    """Seconds to embed 512 chunks of 128 words (a corpus build's unit) and this process's peak memory."""
+    import resource
+
+    words = ("pulmonary nodule follow up with computed tomography growth spiculation malignancy risk " * 20).split()
+    texts = [" ".join(words[i % 7:i % 7 + 128]) for i in range(512)]
+    embedder = ri.Embedder(batch_size=batch_size)
+    embedder.encode(texts[:8])  # the model loaded before timing
+    t = time.perf_counter()
+    embedder.encode(texts)
+    return {"batch_size": batch_size, "embed_512_chunks_s": round(time.perf_counter() - t, 1),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            "load_avg_1m": round(os.getloadavg()[0], 2)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cold", action="store_true", help="time a cold build in a fresh temporary cache")
     ap.add_argument("--repeats", type=int, default=3, help="timed passes over the query set")
+    ap.add_argument("--embed-batches", type=int, nargs="+", default=None,
+                    help="only time embedding 512 chunks of 128 words at these batch sizes (one process each: peak memory)")
+    ap.add_argument("--embed-one", type=int, default=None, help=argparse.SUPPRESS)  # the child of --embed-batches
     args = ap.parse_args()
+    if args.embed_one is not None:
+        print(json.dumps(embed_once(args.embed_one)))
+        return
+    if args.embed_batches:
+        import subprocess
+
+        for b in args.embed_batches:
+            run = subprocess.run([sys.executable, __file__, "--embed-one", str(b)], capture_output=True, text=True,
+                                 check=True)
+            print(run.stdout.strip().splitlines()[-1])
+        return
     out: dict = {"cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2)}
     import torch
 

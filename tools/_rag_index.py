@@ -580,7 +580,7 @@ def _hub_snapshot(model_id: str) -> Path | None:
 class Embedder:
     """A sentence-transformers model (local path or hub id), loaded once, normalised embeddings."""
 
-    def __init__(self, model: str | os.PathLike | None = None, batch_size: int = 256, device: str = "cpu"):
+    def __init__(self, model: str | os.PathLike | None = None, batch_size: int = 64, device: str = "cpu"):
         if model is None:
             model = default_model()
         local = Path(model).expanduser()
