@@ -60,10 +60,14 @@ class RedactFilter(logging.Filter):
         try:
             message = record.getMessage()
         except Exception:  # a call whose arguments do not fit its format: they may be request data, never shown
-            message = ""
-            record.msg, record.args = f"unformattable log call at {Path(record.pathname).name}:{record.lineno}", ()
-        clean = self.scrub(message or record.msg)
-        if record.exc_info and record.exc_info[1] is not None and not self.full_tracebacks:
+            message = f"unformattable log call at {Path(record.pathname).name}:{record.lineno}"
+            record.msg, record.args = message, ()
+        clean = self.scrub(message)
+        if record.exc_info and record.exc_info[1] is not None and self.full_tracebacks:
+            # the whole traceback, formatted now and scrubbed (the formatter reuses a record's exc_text)
+            record.exc_text = self.scrub(logging.Formatter().formatException(record.exc_info))
+            record.exc_info = None
+        elif record.exc_info and record.exc_info[1] is not None:
             # A library's exception text and a traceback may quote request data (a DICOM header, a
             # question): keep the type, the last place in our code, and the text of our own exceptions.
             exc = record.exc_info[1]
@@ -157,8 +161,7 @@ def setup_logging(level: str = "INFO", secrets: Iterable[str] = ()) -> None:
         logging.getLogger("mmedagent.serve").warning(
             "%s=1: whole tracebacks are logged; they may quote file names, questions and DICOM tags: use it "
             "only to debug with test data", FULL_TRACEBACKS_ENV)
-    else:
-        route_tracebacks_to_log()
+    route_tracebacks_to_log()  # printed tracebacks become records too, reduced or whole (and scrubbed) as set
     for noisy in ("httpx", "httpcore", "urllib3", "PIL", "matplotlib", "multipart", "faiss", "bm25s"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

@@ -337,12 +337,17 @@ def test_whole_tracebacks_are_logged_only_when_asked_for_with_a_warning(tmp_path
     import subprocess
     import sys
 
-    script = ("import logging\nfrom mmedagent.serve.security import setup_logging\nsetup_logging(secrets=['s3cr3t-key'])\n"
-              "try:\n    {}['lookup']\nexcept KeyError:\n    logging.getLogger('mmedagent.serve.x').exception('failed with s3cr3t-key')\n")
+    script = ("import logging, traceback\nfrom mmedagent.serve.security import setup_logging\n"
+              "setup_logging(secrets=['s3cr3t-key'])\n"
+              "try:\n    {}['lookup with s3cr3t-key']\nexcept KeyError:\n"
+              "    logging.getLogger('mmedagent.serve.x').exception('failed with s3cr3t-key')\n"
+              "    traceback.print_exc()\n"
+              "logging.getLogger('mmedagent.serve.x').info('%s', '')\n")
     env = {**os.environ, "MMEDAGENT_LOG_TRACEBACKS": "1"}
     full = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)
     assert "MMEDAGENT_LOG_TRACEBACKS=1: whole tracebacks are logged" in full.stderr
-    assert "Traceback" in full.stderr and "KeyError: 'lookup'" in full.stderr and "s3cr3t-key" not in full.stderr
+    assert "Traceback" in full.stderr and "KeyError: 'lookup with [redacted]'" in full.stderr
+    assert "s3cr3t-key" not in full.stderr and "%s" not in full.stderr  # (an empty message stays empty)
     env["MMEDAGENT_LOG_TRACEBACKS"] = "0"
     reduced = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=env,
                              cwd=tmp_path)
