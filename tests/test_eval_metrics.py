@@ -332,3 +332,30 @@ def test_tied_detections_on_one_image_are_matched_as_many_as_can_be_whatever_the
     assert average_precision([("img", 1.0, b), ("img", 1.0, a)], gold) == 1.0
     # a higher score still comes first: A at 0.9 takes g1 (its best), and B at 0.8 then misses
     assert average_precision([("img", 0.8, b), ("img", 0.9, a)], gold) == 0.5
+
+
+def test_a_long_chain_of_competing_tied_boxes_needs_no_recursion():
+    """Each tied detection overlaps its gold box and the next one: the augmenting path is as long as the
+    chain (a recursive search hit Python's recursion limit at about 1,000 boxes)."""
+    import sys
+
+    from mmedagent.evaluation.metrics import average_precision
+
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(150)
+    try:
+        n = 300
+        gold = {"img": [(k, 0, k + 3, 1) for k in range(n)]}
+        dets = [("img", 1.0, (k + 0.6, 0, k + 3.6, 1)) for k in range(n)]
+        assert average_precision(dets, gold) == 1.0
+    finally:
+        sys.setrecursionlimit(limit)
+
+
+def test_gold_boxes_of_equal_iou_are_taken_by_their_coordinates_not_their_order():
+    from mmedagent.evaluation.metrics import average_precision
+
+    g0, g1 = (0, 0, 10, 10), (2, 0, 12, 10)
+    a, b = (1, 0, 11, 10), (-2, 0, 8, 10)  # a overlaps both equally; b (lower score) only g0 well
+    dets = [("i", 1.0, a), ("i", 0.5, b)]
+    assert average_precision(dets, {"i": [g0, g1]}) == average_precision(dets, {"i": [g1, g0]})

@@ -77,8 +77,10 @@ def average_precision(
         end = start
         while end < len(dets) and float(dets[end][1]) == float(dets[start][1]):
             end += 1
-        for img in dict.fromkeys(d[0] for d in dets[start:end]):
-            group = [i for i in range(start, end) if dets[i][0] == img]
+        by_image: dict[Hashable, list[int]] = {}
+        for i in range(start, end):
+            by_image.setdefault(dets[i][0], []).append(i)
+        for img, group in by_image.items():
             for i, j in _max_matching(group, dets, gold.get(img, ()), used.get(img, []), iou_threshold).items():
                 used[img][j] = True
                 tp[i] = 1
@@ -96,23 +98,30 @@ def average_precision(
 def _max_matching(group: list[int], dets: Sequence[tuple[Hashable, float, Box]], gold: Sequence[Box],
                   used: list[bool], iou_threshold: float) -> dict[int, int]:
     """Detection index -> gold index for as many of ``group`` (detections of one score on one image) as
-    can hit a free gold box (augmenting paths; each detection tries its boxes by descending IoU)."""
-    options = {i: [j for _, j in sorted(((-box_iou(dets[i][2], g), j) for j, g in enumerate(gold)
-                                         if not used[j] and box_iou(dets[i][2], g) >= iou_threshold))]
-               for i in group}
-    owner: dict[int, int] = {}  # gold index -> detection index
-
-    def place(i: int, seen: set[int]) -> bool:
-        for j in options[i]:
-            if j not in seen:
-                seen.add(j)
-                if j not in owner or place(owner[j], seen):
-                    owner[j] = i
-                    return True
-        return False
-
+    can hit a free gold box: augmenting paths, searched without recursion; each detection tries its boxes by
+    descending IoU, then by their coordinates (never by their place in the data)."""
+    options = {}
     for i in group:
-        place(i, set())
+        hits = [(box_iou(dets[i][2], g), j) for j, g in enumerate(gold) if not used[j]]
+        options[i] = [j for iou, j in sorted(hits, key=lambda h: (-h[0], tuple(float(x) for x in gold[h[1]])))
+                      if iou >= iou_threshold]
+    owner: dict[int, int] = {}  # gold index -> detection index
+    for root in group:
+        seen: set[int] = set()
+        path = [[root, iter(options[root]), None]]  # detection, its boxes left to try, the box it reached
+        while path:
+            level = path[-1]
+            j = next((j for j in level[1] if j not in seen), None)
+            if j is None:  # a dead end: back to the detection before it
+                path.pop()
+                continue
+            seen.add(j)
+            level[2] = j
+            if j not in owner:  # a free box: each detection on the path takes the box it reached
+                for det, _, box in path:
+                    owner[box] = det
+                break
+            path.append([owner[j], iter(options[owner[j]]), None])
     return {i: j for j, i in owner.items()}
 
 
