@@ -899,7 +899,10 @@ def test_html_and_json_are_read_and_other_types_are_named(tmp_path, caplog):
     assert got["nohead.html"] == ("Asthma", "Asthma is reversible airway narrowing.")
     assert not any(src.startswith(("labels.json", "bad.json")) for src in got)
     assert "2 .json file(s) left out: not corpus records" in caplog.text
-    assert "bad.json (not valid JSON" in caplog.text and "labels.json (each record must be" in caplog.text
+    assert "bad.json: not valid JSON" in caplog.text and "labels.json: each record must be" in caplog.text
+    (docs / "bad.json").write_text('[{"text": "ok"}, {"title": "no text"}]', "utf-8")  # records with a typo
+    with pytest.raises(ValueError, match=r"bad.json: item 2: .*'text'"):
+        ri.load_corpus(docs)
 
 
 def test_add_groups_new_units_in_one_pass(tmp_path, embedder, monkeypatch):
@@ -971,13 +974,23 @@ def test_the_stale_check_hashes_only_files_whose_size_or_time_changed(tmp_path, 
     import os
 
     monkeypatch.setenv(ri.CACHE_ENV, str(tmp_path / "cache"))
-    docs = _docs(tmp_path / "docs", **{"a.txt": "Asthma narrows the airways.", "b.txt": "Gout: uric acid."})
-    idx = ri.HybridIndex.build(ri.load_corpus(docs), tmp_path / "i.idx", embedder)
+    docs = _docs(tmp_path / "docs", **{"a.txt": "Asthma narrows the airways.", "b.txt": "Gout: uric acid.",
+                                       "new.txt": "Written just now."})
+    hour_ago = (os.stat(docs / "a.txt").st_mtime_ns - 3600 * 10**9,) * 2
+    for name in ("a.txt", "b.txt"):
+        os.utime(docs / name, ns=hour_ago)
+    out = tmp_path / "i.idx"
+    idx = ri.HybridIndex.build(ri.load_corpus(docs), out, embedder)
     hashed, real = [], ri._file_sha256
     monkeypatch.setattr(ri, "_file_sha256", lambda f: hashed.append(f.name) or real(f))
-    assert idx.stale() == {"new": 0, "deleted": 0, "changed": 0} and hashed == []
-    st = (docs / "a.txt").stat()
-    os.utime(docs / "a.txt", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched, same content
-    assert idx.stale() == {"new": 0, "deleted": 0, "changed": 0} and hashed == ["a.txt"]
+    # new.txt was written within the clock's grain of the build reading it: its time proves nothing
+    assert idx.stale() == {"new": 0, "deleted": 0, "changed": 0} and hashed == ["new.txt"]
+    os.utime(docs / "a.txt", ns=(hour_ago[0] + 10**9,) * 2)  # touched, same content
+    hashed.clear()
+    assert idx.stale() == {"new": 0, "deleted": 0, "changed": 0} and sorted(hashed) == ["a.txt", "new.txt"]
+    ri.add_to_index(out, docs, embedder=embedder)  # nothing to add: the touched file's new time is kept
+    hashed.clear()
+    assert ri.HybridIndex.load(out, embedder).stale() == {"new": 0, "deleted": 0, "changed": 0}
+    assert "a.txt" not in hashed
     (docs / "b.txt").write_text("Gout: urate crystals.", "utf-8")
     assert idx.stale()["changed"] == 1

@@ -183,8 +183,8 @@ class Corpus:
     scanned: set[str] = field(default_factory=set)
     """Every source file found, including those skipped as unchanged."""
     stats: dict[str, list[int]] = field(default_factory=dict)
-    """source file -> [size, mtime_ns] when read: a file whose stats are the same is not hashed again to
-    tell whether it changed."""
+    """source file -> [size, mtime_ns, read_ns] when read: a file whose size and time are the same, and whose
+    time was well before it was read, is not hashed again to tell whether it changed."""
 
     def add(self, passage: dict[str, Any], unit_texts: Iterable[tuple[str, bool]] | None = None) -> None:
         pid = len(self.passages)
@@ -324,12 +324,12 @@ def load_corpus(path: str | Path, chunk_size: int = 128, overlap: int = 32, skip
             rel = prefix / file.relative_to(given) if given.is_dir() else prefix
             source = _printable(rel.as_posix())
         corpus.scanned.add(source)
+        st = file.stat()  # before reading: a change while it is read shows as a change later
+        corpus.stats[source] = [st.st_size, st.st_mtime_ns, time.time_ns()]
         sha = _file_sha256(file)
         if skip and skip.get(source) == sha:
             continue
         corpus.files[source] = sha
-        st = file.stat()
-        corpus.stats[source] = [st.st_size, st.st_mtime_ns]
         suffix = file.suffix.lower()
         stem = _printable(file.stem)
         if suffix == ".pdf":
@@ -339,8 +339,10 @@ def load_corpus(path: str | Path, chunk_size: int = 128, overlap: int = 32, skip
         elif suffix == ".json":
             try:
                 sections = list(_json_sections(file, source))
-            except ValueError as e:  # a JSON file beside the documents (labels, a config) is not a record file
-                not_records.append(f"{source} ({str(e).rsplit(': ', 1)[-1]})")
+            except ValueError as e:  # a JSON file beside the documents (labels, a config) is not a record file ...
+                if _holds_records(file):  # ... but a list of records with a bad item is a typo to fix
+                    raise
+                not_records.append(str(e).replace(_printable(str(file)), source, 1))
                 continue
         elif suffix in (".html", ".htm"):
             title, text = _html_text(_read_text(file))
@@ -433,6 +435,15 @@ def _json_sections(file: Path, source: str) -> Iterator[tuple[str | None, str, d
             yield _record_section(rec, f"{where}: item {i}", source, f"{source}:{i}")
     else:
         yield _record_section(data, where, source, source)
+
+
+def _holds_records(file: Path) -> bool:
+    """Whether a .json file is a list holding at least one corpus record (an object with a string 'text')."""
+    try:
+        data = json.loads(file.read_bytes().decode("utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return False
+    return isinstance(data, list) and any(isinstance(r, dict) and isinstance(r.get("text"), str) for r in data)
 
 
 class _HtmlText(HTMLParser):
@@ -1086,9 +1097,12 @@ class HybridIndex:
                  for f in corpus_files(root, allow_empty=True, warn=False) if f.suffix.lower() in read}
         stats = self.meta.get("file_stats", {})
 
-        def changed(src: str, f: Path) -> bool:  # hashed only when its size or time differs from the build's
-            st = f.stat()
-            return stats.get(src) != [st.st_size, st.st_mtime_ns] and _file_sha256(f) != indexed[src]
+        def changed(src: str, f: Path) -> bool:
+            """Hashed unless its size and time are the build's and that time was over 2 s before the build
+            read it (a filesystem's coarse clock could hide an edit made just after it was read)."""
+            st, known = f.stat(), stats.get(src) or []
+            same = len(known) == 3 and known[:2] == [st.st_size, st.st_mtime_ns] and known[1] < known[2] - 2 * 10**9
+            return not same and _file_sha256(f) != indexed[src]
 
         return {"new": len(found.keys() - indexed.keys()), "deleted": len(indexed.keys() - found.keys()),
                 "changed": sum(changed(src, f) for src, f in found.items() if src in indexed)}
@@ -1241,6 +1255,13 @@ def _add_locked(path: str | Path, corpus_path: str | Path, chunk_size: int, over
     scope = "" if here == root else _printable(here.relative_to(root).as_posix())
     removed = {f for f in files if f not in new.scanned and (not scope or f == scope or f.startswith(scope + "/"))}
     if not new.files and not removed:
+        stats = {**old.meta.get("file_stats", {}), **new.stats}
+        if stats != old.meta.get("file_stats"):  # files touched, not changed: their new times, so they are not hashed again
+            meta = {**old.meta, "file_stats": stats}
+            tmp = Path(path) / ".meta.json.tmp"
+            tmp.write_text(json.dumps(meta, indent=1), "utf-8")
+            os.replace(tmp, Path(path) / "meta.json")
+            old.meta = meta
         return old, 0, 0
     drop = set(new.files) | removed
     old_units = old.units()
