@@ -25,7 +25,7 @@ def take_lock(path: Path) -> IO[str]:
     :class:`FolderInUse` if another process holds it. Closing the returned file releases the lock (as
     the process's end does, however it ends). A lock file removed by its holder as it let go is made
     anew, so the lock is always on the file at ``path``."""
-    while True:
+    for _ in range(100):
         lock = path.open("a+", encoding="utf-8")
         try:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -35,12 +35,14 @@ def take_lock(path: Path) -> IO[str]:
             lock.close()
             raise FolderInUse(holder) from None
         try:
-            same = os.fstat(lock.fileno()).st_ino == os.stat(path).st_ino
+            same = os.path.samestat(os.fstat(lock.fileno()), os.stat(path))
         except FileNotFoundError:
             same = False
         if same:
             break
         lock.close()  # locked a file its holder had just removed: lock the one at the path now
+    else:
+        raise FolderInUse("a process that keeps replacing the lock file")
     lock.seek(0)
     lock.truncate()
     lock.write(f"process {os.getpid()}")

@@ -10,8 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from mmedagent.protocol import name_key
 from mmedagent.serve.config import validation_problems
-from mmedagent.tools.base import name_key
 
 WorkerKind = Literal["model", "tool"]
 
@@ -69,7 +69,7 @@ class NoWorkerError(LookupError):
 
 
 class RegistrationConflict(ValueError):
-    """A tool worker whose tool name or an alias (as :func:`~mmedagent.tools.base.name_key` compares them) is
+    """A tool worker whose tool name or an alias (as :func:`~mmedagent.protocol.name_key` compares them) is
     another tool's name or alias:
     calls by that name could reach either tool."""
 

@@ -52,7 +52,7 @@ def _tools_in_module(module) -> list[type[Tool]]:
 
 def _clash(cls: type[Tool], known: Iterable[type[Tool]]) -> str | None:
     """Why ``cls`` cannot join ``known``: a different tool already answers to one of its names
-    (as :func:`~mmedagent.tools.base.name_key` compares names); None if it can (or is already there)."""
+    (as :func:`~mmedagent.protocol.name_key` compares names); None if it can (or is already there)."""
     for other in known:
         if other is cls or (other.__module__, other.__qualname__) == (cls.__module__, cls.__qualname__):
             continue  # the same class (re-exported, or its module reloaded)
@@ -219,7 +219,7 @@ def list_tools() -> list[type[Tool]]:
 
 def get_tool(name_or_alias: str) -> type[Tool]:
     """The tool class with this name or alias (case, separators and spaces around "+" do not count:
-    :func:`~mmedagent.tools.base.name_key`)."""
+    :func:`~mmedagent.protocol.name_key`)."""
     tools = _all()
     for cls in tools.values():
         if cls.answers_to(name_or_alias):

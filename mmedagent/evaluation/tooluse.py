@@ -15,8 +15,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from mmedagent.evaluation.metrics import box_iou, tokenize
-from mmedagent.protocol import ToolCall
-from mmedagent.tools.base import Tool, name_key
+from mmedagent.protocol import ToolCall, name_key
+from mmedagent.tools.base import Tool
 from mmedagent.tools.registry import UnknownToolError, get_tool
 
 
@@ -29,7 +29,7 @@ def tool_class(name: str) -> type[Tool] | None:
 
 def canonical_name(name: str) -> str:
     """The registered tool's name for ``name`` (an alias or the name); else ``name`` as
-    :func:`~mmedagent.tools.base.name_key` writes it."""
+    :func:`~mmedagent.protocol.name_key` writes it."""
     cls = tool_class(name)
     return cls.name if cls is not None else name_key(name)
 
