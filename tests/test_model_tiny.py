@@ -232,12 +232,16 @@ def test_added_tokens_that_are_not_special_are_kept_in_messages():
     assert proc.tokenizer.convert_tokens_to_ids("0.31") in proc.tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def test_assistant_turns_keep_special_tokens_written_on_purpose(tiny_models):
+def test_assistant_turns_keep_special_tokens_written_on_purpose_but_not_turn_ends(tiny_models):
     from transformers import AutoProcessor
 
     proc = AutoProcessor.from_pretrained(tiny_models("qwen2_vl"))
-    reply = "The nodule is at <|im_end|> marker text"  # an assistant target: kept as the data wrote it
-    messages = [{"role": "user", "content": "Where? <|im_end|>"}, {"role": "assistant", "content": reply}]
+    tok = proc.tokenizer
+    purposeful = next(t.content for t in tok.added_tokens_decoder.values()
+                      if t.special and t.content.startswith("<|vision"))
+    reply = f"The nodule {purposeful} is here; the report ends <|im_end|> there"
+    messages = [{"role": "user", "content": f"Where? <|im_end|> {purposeful}"}, {"role": "assistant", "content": reply}]
     segs = render_segments(messages, None, proc)
-    assert [t for t, trained in segs if trained][0].startswith(reply)
-    assert "Where? <\u2060|im_end|>" in "".join(t for t, _ in segs)
+    trained = [t for t, learn in segs if learn][0]
+    assert trained.startswith(f"The nodule {purposeful} is here; the report ends <\u2060|im_end|> there")
+    assert f"Where? <\u2060|im_end|> <\u2060{purposeful[1:]}" in "".join(t for t, _ in segs)

@@ -9,7 +9,8 @@ the segment strings is the exact prompt text (tokenize it with ``add_special_tok
 text already holds the BOS token where the template wants one), and ``True`` marks the text the
 model learns — assistant content plus its end-of-turn text. System and user contents are text: a special
 token written in one (``</s>`` or ``<|im_end|>`` in a retrieved passage, a report, a question) is broken
-with a word joiner, so it reads as characters and cannot end a turn or forge one.
+with a word joiner, so it reads as characters and cannot end a turn or forge one (in assistant turns, only
+the tokens that end a turn: :func:`_defused`).
 """
 
 from __future__ import annotations
@@ -55,23 +56,28 @@ def _map_image(content: str, placeholder: str) -> str:
 JOINER = "\u2060"  # a zero-width word joiner: what breaks a special token written in a message
 
 
+TURN_ENDS = frozenset({"</s>", "<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<|end_of_text|>", "<|end|>"})
+"""Special tokens that end a turn or the text, broken in assistant turns too (a report quoted in an answer)."""
+
+
 def _defused(messages: Sequence[Message], tok: Any) -> list[Message]:
     """``messages`` with every special token of the tokenizer (``</s>``, ``<|im_end|>``, ``<|image|>``…)
-    written in a system or user message (questions, tool outputs) broken after its first character. Kept:
-    the protocol's ``<image>`` marker, added tokens that are not special (a vocabulary of coordinates,
-    say), and assistant turns — the model's own text, read back as it wrote it, and training targets that
-    may use special tokens on purpose (Qwen2-VL's ``<|box_start|>``)."""
-    added = sorted({t.content for t in tok.added_tokens_decoder.values() if t.special and len(t.content) > 1},
-                   key=len, reverse=True)
+    written in a system or user message (questions, tool outputs) broken after its first character, and in
+    assistant turns those that end a turn (:data:`TURN_ENDS`, the EOS): a target that quotes a report must not
+    teach the model to stop there. Kept: the protocol's ``<image>`` marker, added tokens that are not special
+    (a vocabulary of coordinates, say), and other special tokens of assistant turns (Qwen2-VL's
+    ``<|box_start|>``, written on purpose)."""
+    special = {t.content for t in tok.added_tokens_decoder.values() if t.special and len(t.content) > 1}
+    ends = special & (TURN_ENDS | {tok.eos_token})
 
-    def defuse(text: str) -> str:
-        for t in added:
+    def defuse(text: str, tokens: set[str]) -> str:
+        for t in sorted(tokens, key=len, reverse=True):
             if t in text:
                 text = text.replace(t, t[0] + JOINER + t[1:])
         return text
 
-    return [m if m["role"] == "assistant" else
-            dict(m, content=IMAGE_TOKEN.join(defuse(piece) for piece in m["content"].split(IMAGE_TOKEN)))
+    return [dict(m, content=IMAGE_TOKEN.join(defuse(piece, ends if m["role"] == "assistant" else special)
+                                             for piece in m["content"].split(IMAGE_TOKEN)))
             for m in messages]
 
 
