@@ -178,7 +178,9 @@ class Dispatcher:
                 raise TypeError(f"{type(result).__name__}.overlay() returned {type(overlay).__name__}, "
                                 "expected Overlay or None")
         except Exception as e:  # any tool failure goes back to the model, not up the stack
-            log.warning("tool %s failed: %s", call.API_name, type(e).__name__)
+            # the traceback only when debugging (a serving process reduces it to its type and place)
+            log.warning("tool %s failed: %s", call.API_name, type(e).__name__,
+                        exc_info=e if log.isEnabledFor(logging.DEBUG) else None)
             return ToolOutcome(
                 tool=call.API_name, ok=False, error=f"{type(e).__name__}: {e}", elapsed_s=time.monotonic() - started
             )

@@ -311,7 +311,7 @@ class Controller:
             except (WorkerError, NoWorkerError) as e:
                 hand_over("error", str(e))
             except Exception as e:  # reported to the client; the server goes on
-                log.warning("chat failed: %s", type(e).__name__)
+                log.warning("chat failed", exc_info=e)  # reduced to its type and place by the log filter
                 hand_over("error", f"internal error: {type(e).__name__}")
             finally:
                 hand_over("end", None)

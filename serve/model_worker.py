@@ -173,7 +173,7 @@ def build_app(host: ModelHost) -> FastAPI:
             stats: dict[str, Any] = {}
             async for item in _pump(host.stream(as_dicts(req.messages), image, gen, stats)):
                 if isinstance(item, BaseException):
-                    log.warning("generation failed: %s", type(item).__name__)
+                    log.warning("generation failed", exc_info=item)  # reduced by the log filter
                     yield json.dumps({"error": f"generation failed: {type(item).__name__}: {item}"}) + "\n"
                     return
                 yield json.dumps({"text": item}, ensure_ascii=False) + "\n"

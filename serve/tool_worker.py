@@ -157,7 +157,7 @@ def build_app(tool: Tool, max_upload_bytes: int, max_concurrency: int = 4, timeo
             log.warning("%s", e)
             raise HTTPException(503, str(e)) from None
         except Exception as e:  # the tool's failure is the caller's answer, the worker stays up
-            log.warning("%s failed: %s", tool.name, type(e).__name__)
+            log.warning("%s failed", tool.name, exc_info=e)  # reduced to its type and place by the log filter
             raise HTTPException(500, f"{tool.name} failed: {type(e).__name__}: {e}") from None
 
     @app.get("/schema")

@@ -661,3 +661,21 @@ def test_the_planner_dtype_goes_from_the_controller_to_the_model_worker(tmp_path
 
     with pytest.raises(ConfigError, match="dtype"):
         load_config(None, dtype="float8")
+
+
+def test_a_tool_failure_is_logged_with_its_exception_for_the_filter_to_reduce_or_show(caplog):
+    """The log filter reduces a record's exception to its type and place, or shows it whole with
+    MMEDAGENT_LOG_TRACEBACKS=1: a record without one left a tool author nothing to debug."""
+    import logging
+
+    from doubles import CrashTool
+    from mmedagent.serve.security import RedactFilter
+
+    client = TestClient(tw.build_app(CrashTool(), 1 << 20))
+    with caplog.at_level(logging.WARNING, logger="mmedagent.serve.tool_worker"):
+        r = client.post("/call", json={"params": {}})
+    assert r.status_code == 500 and "weights corrupted" in r.json()["detail"]
+    (record,) = [r for r in caplog.records if r.getMessage() == "crash failed"]
+    assert isinstance(record.exc_info[1], RuntimeError)
+    RedactFilter().filter(record)
+    assert record.getMessage().startswith("crash failed [RuntimeError") and record.exc_info is None
