@@ -379,6 +379,7 @@ def test_a_run_folder_in_use_by_another_evaluation_is_refused(tmp_path, data):
     assert second.check({"model": "m"}, True, samples, data) == {}  # free again once the first has ended
     second.open()
     second.close()
+    assert not (tmp_path / "run" / ".lock").exists()  # no stale lock file naming a finished process
 
 
 def test_a_resumed_runs_total_time_counts_the_sessions_before_it(tmp_path, data, monkeypatch):

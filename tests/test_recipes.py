@@ -908,3 +908,4 @@ def test_a_second_run_on_the_same_out_is_refused(tmp_path, capsys):
         assert f"{out} is in use by another recipe run (process " in capsys.readouterr().err
         assert not (out / "tiny-base").exists()
     assert main(["dialogue-llama3", "--tiny", "--out", str(out), "--stop-after-data"]) == 0
+    assert not (out / ".recipe.lock").exists()  # no stale lock file naming a finished process

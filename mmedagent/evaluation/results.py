@@ -319,6 +319,7 @@ class RunFolder:
 
     def _release_lock(self) -> None:
         if self._lock is not None:
+            (self.path / LOCK_FILE).unlink(missing_ok=True)  # no stale file naming a finished process
             self._lock.close()  # closing the file releases the lock
             self._lock = None
 

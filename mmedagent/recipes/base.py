@@ -146,7 +146,7 @@ def run_lock(out: Path):
     still works (a second terminal, a requeued job) is refused instead of writing the same checkpoints."""
     return holding(out / LOCK_FILE, lambda holder: ValueError(
         f"{out} is in use by another recipe run ({holder}): wait for it to end or stop it, then rerun this command "
-        "to resume; or use another --out"))
+        "to resume; or use another --out"), remove=True)
 
 
 class Recipe:
