@@ -657,6 +657,12 @@ def main(argv: list[str] | None = None) -> None:
             load_plugin(module)
         except (ImportError, ValueError) as e:
             parser.error(f"--plugin {module}: {e}")
+    for name, spec in tool_specs(cfg).items():  # the tools started here (a head node's workers bring their own)
+        if spec.in_process or not cfg.no_workers:
+            try:
+                get_tool(name)
+            except UnknownToolError as e:
+                parser.error(f"--tools / the config's tools: {e}")
     Launcher(cfg, args.config).run()
 
 

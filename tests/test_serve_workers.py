@@ -679,3 +679,13 @@ def test_a_tool_failure_is_logged_with_its_exception_for_the_filter_to_reduce_or
     assert isinstance(record.exc_info[1], RuntimeError)
     RedactFilter().filter(record)
     assert record.getMessage().startswith("crash failed [RuntimeError") and record.exc_info is None
+
+
+def test_a_misspelt_tool_is_refused_before_anything_starts(tmp_path):
+    """``--tools nosuch`` started the stack with no tools and a worker's usage text on stderr."""
+    proc = subprocess.run([sys.executable, str(ROOT / "serve" / "controller.py"), "--tools", "grounding,nosuch",
+                           "--no-web", "--port", "0"], env=serve_env(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("controller.py: error: --tools / the config's tools: unknown tool 'nosuch'; available tools: ")
+    assert "grounding" in last and "Traceback" not in proc.stderr
