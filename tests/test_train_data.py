@@ -2,6 +2,7 @@
 
 import json
 import re
+import warnings
 
 import pytest
 import torch
@@ -297,7 +298,11 @@ def test_mmedagent_recipe_flags_parse(tmp_path, monkeypatch):
     from mmedagent.train.args import check_backbone_flags, parse_args, template_name
 
     monkeypatch.chdir(ROOT)  # the recipe names ./scripts/zero2.json
-    m, d, t = parse_args(["--model_name_or_path", "base", "--output_dir", str(tmp_path), *RECIPE])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # MMedAgent's --gradient_checkpointing is no deprecated name here
+        m, d, t = parse_args(["--model_name_or_path", "base", "--output_dir", str(tmp_path), *RECIPE])
+    assert t.activation_checkpointing is True and t.gradient_checkpointing is True
+    assert t.activation_checkpointing_kwargs == {"use_reentrant": False}
     assert (t.lora_r, t.lora_alpha, t.mm_projector_lr, t.warmup_steps, t.bf16) == (128, 256, 2e-5, 0.03, True)
     assert (m.mm_vision_select_layer, m.mm_use_im_start_end, d.image_aspect_ratio) == (-2, False, "pad")
     assert template_name(m.version) == "vicuna_v1" and t.use_cpu == (not torch.cuda.is_available())

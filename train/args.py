@@ -149,7 +149,13 @@ class TrainingArguments(transformers.TrainingArguments):
             raise FlagError("--lora_vision adds LoRA to the vision encoder; it needs --lora_enable True")
         if self.lora_bias not in ("none", "all", "lora_only"):
             raise FlagError(f"--lora_bias must be none, all or lora_only, got {self.lora_bias!r}")
-        if self.activation_checkpointing_kwargs is None and self.gradient_checkpointing_kwargs is None:
+        # MMedAgent's --gradient_checkpointing is this project's flag too: taken as transformers 5's new name
+        # (transformers would warn of the old one at every run)
+        for old, new in (("gradient_checkpointing", "activation_checkpointing"),
+                         ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")):
+            if getattr(self, new) is None and getattr(self, old) is not None:
+                setattr(self, new, getattr(self, old))
+        if self.activation_checkpointing_kwargs is None:
             # non-reentrant checkpointing works with frozen embeddings (LoRA) without extra hooks
             self.activation_checkpointing_kwargs = {"use_reentrant": False}
         super().__post_init__()
