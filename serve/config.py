@@ -51,6 +51,10 @@ MIN_API_KEY_LENGTH = 16
 """Shorter keys (the web UI's password too) are refused: the servers do not limit wrong attempts."""
 
 
+DTYPES = ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
+"""The planner dtypes a server takes (the short names as the recipes write them)."""
+
+
 class ServeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -71,7 +75,7 @@ class ServeConfig(BaseModel):
     model_backend_model: str | None = None
     model_backend_api_key: str | None = Field(default=None, repr=False, description="default: api_key")
     device: str | None = None
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = Field(
+    dtype: Literal[DTYPES] | None = Field(
         default=None, description="the planner's weights (default: bfloat16 on a CUDA GPU that has it, else float32)")
     prompt_lookup: int = Field(default=0, ge=0, description="draft tokens per step for the planner's greedy "
                                "prompt-lookup decoding (same output, faster answers that quote tool results); 0: off")

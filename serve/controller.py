@@ -37,7 +37,7 @@ from mmedagent.agent import Agent, AgentResult, AgentStep
 from mmedagent.dispatcher import Dispatcher
 from mmedagent.protocol import ToolCall, ToolOutcome, strip_image_token, system_message
 from mmedagent.serve import openai_api as oa
-from mmedagent.serve.config import API_KEY_ENV, ServeConfig, ToolSpec, add_common_args, config_or_exit, is_loopback
+from mmedagent.serve.config import API_KEY_ENV, DTYPES, ServeConfig, ToolSpec, add_common_args, config_or_exit, is_loopback
 from mmedagent.serve.httpclient import make_client
 from mmedagent.serve.messages import (
     MAX_NEW_TOKENS,
@@ -613,7 +613,7 @@ def main(argv: list[str] | None = None) -> None:
                         "(default: the base the adapter records)")
     parser.add_argument("--model-name", default=None)
     parser.add_argument("--conv-template", default=None)
-    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default=None,
+    parser.add_argument("--dtype", choices=DTYPES, default=None,
                         help="the planner's weights (default: bfloat16 on a CUDA GPU that has it, else float32)")
     parser.add_argument("--prompt-lookup", type=int, default=None,
                         help="planner drafts this many tokens per step from its context (greedy; same output); 0: off")

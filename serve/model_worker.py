@@ -36,7 +36,7 @@ from pydantic import BaseModel, Field
 
 from mmedagent.agent import openai_usage, token_counts
 from mmedagent.serve import openai_api as oa
-from mmedagent.serve.config import ServeConfig, add_common_args, config_or_exit
+from mmedagent.serve.config import DTYPES, ServeConfig, add_common_args, config_or_exit
 from mmedagent.serve.messages import DEFAULT_NEW_TOKENS, MAX_NEW_TOKENS, MAX_PROMPT_MESSAGES, TextMessage, as_dicts
 from mmedagent.serve.security import setup_logging, without_echoed_input
 from mmedagent import demo
@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model-name", default=None, help="name clients use (default: from the checkpoint)")
     parser.add_argument("--conv-template", default=None)
     parser.add_argument("--device", default=None)
-    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default=None,
+    parser.add_argument("--dtype", choices=DTYPES, default=None,
                         help="the planner's weights (default: bfloat16 on a CUDA GPU that has it, else float32)")
     parser.add_argument("--prompt-lookup", type=int, default=None, help="draft tokens for prompt-lookup decoding (0: off)")
     parser.add_argument("--constrain", action=argparse.BooleanOptionalAction, default=None,

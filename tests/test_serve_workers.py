@@ -661,6 +661,7 @@ def test_the_planner_dtype_goes_from_the_controller_to_the_model_worker(tmp_path
 
     with pytest.raises(ConfigError, match="dtype"):
         load_config(None, dtype="float8")
+    assert load_config(None, dtype="bf16").dtype == "bf16"  # the recipes' spelling, which the model layer reads
 
 
 def test_a_tool_failure_is_logged_with_its_exception_for_the_filter_to_reduce_or_show(caplog):
