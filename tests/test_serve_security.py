@@ -173,34 +173,16 @@ def test_the_web_ui_keeps_no_upload_on_disk_and_removes_its_files_when_stopped(t
     import os
     import shutil
     import signal
-    import socket
 
-    import httpx
-    from _serve_fixtures import ServeProcess, serve_env, wait_until
     from gradio_client import Client, handle_file
     from pydicom.data import get_testdata_file
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    temp = tmp_path / "gradio"
-    temp.mkdir()
-    proc = ServeProcess("web.py", ["--controller", "http://127.0.0.1:9", "--port", str(port)], tmp_path / "web.log",
-                        serve_env(GRADIO_TEMP_DIR=str(temp)))
-    def serving() -> bool:
-        try:
-            return httpx.get(f"http://127.0.0.1:{port}/", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            assert proc.proc.poll() is None, proc.output()
-            return False
-
+    proc, url, folder = _web_ui(tmp_path)
     try:
-        wait_until(serving, 90)
-        (folder,) = temp.iterdir()
         assert folder.name.startswith("mmedagent-web-")
         scan = tmp_path / "Doe_John_MRN12345.dcm"
         shutil.copy(get_testdata_file("CT_small.dcm"), scan)
-        shown = Client(f"http://127.0.0.1:{port}", verbose=False).predict(handle_file(str(scan)), api_name="/load")
+        shown = Client(url, verbose=False).predict(handle_file(str(scan)), api_name="/load")
         assert shown[2].startswith("Loaded dicom"), shown
         assert [p.name for p in folder.rglob("*") if p.is_file()] == ["image.png"]  # the preview only
         os.kill(proc.proc.pid, signal.SIGTERM)
