@@ -362,7 +362,12 @@ def _load_pil(data: bytes, fmt: str, window: WindowSpec, frame: int | None, max_
         meta["bit_depth"] = 16 if im.mode.startswith("I;16") else 32
         win = spec if spec is not None else _auto_window(values)
         meta.update(_window_meta(win, "explicit" if spec is not None else "min-max"))
-        return MedicalImage(_grey_to_rgb(_to_display(values, win)), meta, values)
+        grey = _to_display(values, win)
+        # TIFF WhiteIsZero (a radiograph's MONOCHROME1): Pillow inverts it for 8-bit images only
+        if fmt == "tiff" and getattr(im, "tag_v2", {}).get(262) == 0:
+            grey = 255 - grey
+            meta["inverted"] = True
+        return MedicalImage(_grey_to_rgb(grey), meta, values)
     if im.mode in ("L", "1") or (im.mode == "P" and _palette_is_grey(im)):
         grey = im.convert("L")
         values = np.asarray(grey, dtype=np.float32)
@@ -529,6 +534,19 @@ def _dicom_window(item: Any) -> Window | None:
     return Window(center, width) if center is not None and width is not None and width > 0 else None
 
 
+def _padding_mask(arr: np.ndarray, ds: Any) -> np.ndarray | None:
+    """The pixels outside the scanned area (stored values equal to PixelPaddingValue, or between it
+    and PixelPaddingRangeLimit), which PS3.3 C.7.5.1.1.2 keeps out of a window's computation: a CT's
+    -2000 / -3024 padding circle would otherwise stretch min-max to a flat grey. ``None`` if none."""
+    value = _num(ds.get("PixelPaddingValue"))
+    if value is None:
+        return None
+    limit = _num(ds.get("PixelPaddingRangeLimit"))
+    lo, hi = sorted((value, value if limit is None else limit))
+    mask = (arr >= lo) & (arr <= hi)
+    return mask if mask.any() and not mask.all() else None
+
+
 def _modality_values(arr: np.ndarray, ds: Any, frame: int) -> np.ndarray:
     """Stored values → modality values (HU for CT) for ``frame``. Enhanced CT/MR/PET keep Rescale
     Slope/Intercept in the frame's PixelValueTransformationSequence (per-frame, else shared), which
@@ -584,6 +602,22 @@ def _dicom_meta(ds: Any, frame: int = 0) -> dict[str, Any]:
     return meta
 
 
+def _no_pixels_message(ds: Any) -> str:
+    """Why a DICOM file without pixel data cannot be shown: what it is (its SOP class, a standard name,
+    and modality; never a header value that identifies anyone) and what to load instead."""
+    from pydicom.uid import UID, MediaStorageDirectoryStorage
+
+    sop = UID(str(ds.get("SOPClassUID") or getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", "")))
+    if sop == MediaStorageDirectoryStorage or "DirectoryRecordSequence" in ds:
+        return ("this is a DICOMDIR, the index of a DICOM disc or folder, not an image: "
+                "load one of the image files it lists (in the folders beside it)")
+    kind = [sop.name] if sop.name != str(sop) else []  # a standard SOP class's name; no private or made-up UID
+    if ds.get("Modality"):
+        kind.append(f"modality {ds.Modality}")
+    return (f"DICOM file has no pixel data ({', '.join(kind) or 'kind unknown'}), so it is not an image: "
+            "load an image file of the study")
+
+
 def _load_dicom(data: bytes, window: WindowSpec, frame: int | None, max_pixels: int) -> MedicalImage:
     import pydicom
     from pydicom.errors import InvalidDicomError
@@ -598,11 +632,13 @@ def _load_dicom(data: bytes, window: WindowSpec, frame: int | None, max_pixels: 
             raise ImageLoadError(f"cannot parse DICOM file ({type(e).__name__})") from None
 
         if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
-            kind = ds.get("Modality") or "unknown"
-            raise ImageLoadError(f"DICOM file has no pixel data (modality {kind}); it is not an image")
+            raise ImageLoadError(_no_pixels_message(ds))
         try:
             rows, cols = int(ds.Rows), int(ds.Columns)
-            n_frames = int(_num(ds.get("NumberOfFrames")) or 1)
+            frames = ds.get("NumberOfFrames")
+            if frames not in (None, "") and _num(frames) is None:  # pydicom's own error would quote it
+                raise ValueError
+            n_frames = int(_num(frames) or 1)
             spp = int(ds.get("SamplesPerPixel", 1) or 1)
         except (AttributeError, TypeError, ValueError):
             raise ImageLoadError("DICOM image lacks valid Rows / Columns / NumberOfFrames") from None
@@ -669,7 +705,8 @@ def _load_dicom(data: bytes, window: WindowSpec, frame: int | None, max_pixels: 
             grey = apply_window(values, win, sigmoid)
             meta.update(_window_meta(win, "dicom"))
         else:
-            win = _auto_window(values)
+            padding = _padding_mask(arr, ds)
+            win = _auto_window(values if padding is None else values[~padding])
             grey = _to_display(values, win)
             meta.update(_window_meta(win, "min-max"))
         if photometric == "MONOCHROME1":
@@ -700,24 +737,31 @@ def _nifti_class(head: bytes) -> Any:
 def _gunzip_nifti(data: bytes, max_pixels: int, volume: int = 0) -> bytes:
     """Inflate a gzipped NIfTI only as far as its header declares, and of a 4-D image only up to the
     volume read: trailing data (a decompression bomb's payload) is never inflated, and an oversized
-    declaration is refused before any of it is."""
-    d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    declaration is refused before any of it is. Streamed in pieces into one buffer, so a volume costs
+    its own size once; multi-member streams (bgzip) are read through, as nibabel reads them from a path."""
+    out = io.BytesIO()
     try:
-        out = d.decompress(data, 540)  # the longest header (NIfTI-2)
-        header = _nifti_class(out).header_class.from_fileobj(io.BytesIO(out))
-        shape = tuple(map(int, header.get_data_shape()))  # Python ints: no overflow
-        _check_pixels(math.prod(shape[:3]), max_pixels, "NIfTI volume")
-        volumes = min(volume + 1, shape[3]) if len(shape) == 4 else math.prod(shape[3:])
-        size = int(header.get_data_offset()) + math.prod(shape[:3]) * volumes * header.get_data_dtype().itemsize
-        limit = max_pixels * 8 + (1 << 20)
-        if size > limit:
-            raise ImageLoadError(f"NIfTI data declares {size:,} bytes, larger than {limit:,} (possible decompression bomb)")
-        out += d.decompress(d.unconsumed_tail, max(size - len(out), 1))
-    except zlib.error as e:
+        with gzip.GzipFile(fileobj=io.BytesIO(data)) as f:
+            head = f.read(540)  # the longest header (NIfTI-2)
+            header = _nifti_class(head).header_class.from_fileobj(io.BytesIO(head))
+            shape = tuple(map(int, header.get_data_shape()))  # Python ints: no overflow
+            _check_pixels(math.prod(shape[:3]), max_pixels, "NIfTI volume")
+            volumes = min(volume + 1, shape[3]) if len(shape) == 4 else math.prod(shape[3:])
+            size = int(header.get_data_offset()) + math.prod(shape[:3]) * volumes * header.get_data_dtype().itemsize
+            limit = max_pixels * 8 + (1 << 20)
+            if size > limit:
+                raise ImageLoadError(
+                    f"NIfTI data declares {size:,} bytes, larger than {limit:,} (possible decompression bomb)")
+            out.write(head)
+            while out.tell() < size and (chunk := f.read(min(size - out.tell(), 1 << 18))):
+                out.write(chunk)
+    except (zlib.error, gzip.BadGzipFile) as e:
         raise ImageLoadError(f"corrupt gzip stream: {e}") from None
-    if len(out) < size:
+    except EOFError:
+        raise ImageLoadError("gzip stream is truncated") from None
+    if out.tell() < size:
         raise ImageLoadError("gzip stream is truncated")
-    return out
+    return out.getvalue()  # the buffer itself, not a copy
 
 
 _PLANE_AXES = {"sagittal": 0, "coronal": 1, "axial": 2}  # of a RAS+ volume

@@ -65,6 +65,29 @@ def test_16bit_grey_kept_until_windowing(tmp_path):
     assert g[0, 0] == 0 and g[-1, -1] == 255 and 100 < g[16, 32] < 155
 
 
+def _white_is_zero_tiff(arr):
+    """``arr`` as a TIFF whose PhotometricInterpretation tag (262) says WhiteIsZero, as CR/DR exports write."""
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="TIFF")
+    raw = bytearray(buf.getvalue())
+    ifd = struct.unpack_from("<I", raw, 4)[0]
+    for i in range(struct.unpack_from("<H", raw, ifd)[0]):
+        entry = ifd + 2 + 12 * i
+        if struct.unpack_from("<H", raw, entry)[0] == 262:
+            struct.pack_into("<H", raw, entry + 8, 0)
+    return bytes(raw)
+
+
+def test_white_is_zero_tiff_is_inverted_at_every_bit_depth():
+    """16-bit WhiteIsZero (a radiograph's MONOCHROME1) shows dark where Pillow's own 8-bit inversion does."""
+    eight = load_image(_white_is_zero_tiff(np.array([[0, 255]], np.uint8)))
+    assert np.asarray(eight.image)[0, :, 0].tolist() == [255, 0]
+    sixteen = load_image(_white_is_zero_tiff(np.array([[0, 4095]], np.uint16)))
+    assert sixteen.array.tolist() == [[0, 4095]] and sixteen.metadata["inverted"] is True
+    assert np.asarray(sixteen.image)[0, :, 0].tolist() == [255, 0]
+    assert "inverted" not in load_image(png_bytes(np.array([[0, 4095]], np.uint16))).metadata
+
+
 @pytest.mark.parametrize("fmt", ["JPEG", "BMP", "TIFF"])
 def test_other_pillow_formats(fmt):
     arr = np.full((16, 24), 77, np.uint8)
@@ -215,6 +238,25 @@ def test_ct_modality_lut_and_presets(ct_path):
     assert lung.mean() > bone.mean()  # soft tissue is bright in a lung window, mid-grey in bone
     assert m.metadata["modality"] == "CT" and m.metadata["pixel_spacing"] == [0.661468, 0.661468]
     assert m.metadata["slice_thickness"] == 5.0
+
+
+def test_ct_without_a_window_leaves_the_padding_outside_the_scan_out_of_min_max(ct_path):
+    """CT_small declares PixelPaddingValue -2000 (-3024 HU), as scanners pad the corners outside the scanned circle."""
+    ds = pydicom.dcmread(ct_path)
+    assert int(ds.PixelPaddingValue) == -2000 and "WindowCenter" not in ds
+    hu = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    rows, cols = np.mgrid[:128, :128]
+    outside = (rows - 64) ** 2 + (cols - 64) ** 2 > 60**2
+    stored = ds.pixel_array.copy()
+    stored[outside] = -2000
+    ds.PixelData = stored.astype(np.int16).tobytes()
+    m = load_image(dicom_bytes(ds))
+    assert m.array[outside].max() == -3024 and m.metadata["window_source"] == "min-max"
+    inside = hu[~outside]
+    lo, hi = inside.min(), inside.max()
+    assert m.metadata["window"] == {"center": (lo + hi) / 2 + 0.5, "width": hi - lo + 1}
+    grey = np.asarray(m.image)[..., 0]
+    assert grey[outside].max() == 0 and grey[~outside].min() == 0 and grey[~outside].max() == 255
 
 
 def test_dicom_window_tags_first_of_multivalue():
@@ -417,6 +459,29 @@ def test_dicom_without_pixels_and_truncated():
     ct = Path(get_testdata_file("CT_small.dcm")).read_bytes()
     with pytest.raises(ImageLoadError):
         load_image(ct[:1000])
+
+
+@pytest.mark.parametrize("name, kind", [("test-SR.dcm", r"\(Comprehensive SR Storage, modality SR\)"),
+                                        ("waveform_ecg.dcm", r"\(12-lead ECG Waveform Storage, modality ECG\)")])
+def test_a_non_image_dicom_says_what_it_is_and_what_to_load(name, kind):
+    path = get_testdata_file(name)
+    with pytest.raises(ImageLoadError, match=rf"^DICOM file has no pixel data {kind}.*load an image file") as e:
+        load_image(path)
+    ds = pydicom.dcmread(path)
+    identifying = {str(ds.PatientName), str(ds.get("PatientID", ""))} - {""}
+    assert identifying and not any(v in str(e.value) for v in identifying)
+
+
+def test_an_unreadable_number_of_frames_is_named_not_quoted():
+    path = get_testdata_file("badVR.dcm")
+    assert pydicom.dcmread(path).NumberOfFrames == "1A"  # not an integer string
+    with pytest.raises(ImageLoadError, match="^DICOM image lacks valid Rows / Columns / NumberOfFrames$"):
+        load_image(path)
+
+
+def test_a_dicomdir_is_explained_as_the_index_of_the_images():
+    with pytest.raises(ImageLoadError, match=r"^this is a DICOMDIR, the index of .* load one of the image files"):
+        load_image(get_testdata_file("DICOMDIR"))
 
 
 def test_dicom_dimension_guard(ct_path):

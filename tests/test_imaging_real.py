@@ -110,6 +110,32 @@ def test_a_large_volume_costs_one_slice_of_memory(tmp_path):
     assert peak < volume.nbytes // 8  # the whole volume as float32 would be 32 MB
 
 
+def test_an_uploaded_gzipped_volume_costs_its_own_size_once():
+    """Uploads and the CLI hand load_image bytes: a .nii.gz is inflated into one buffer, not copied twice more."""
+    volume = np.random.default_rng(2).integers(-1024, 2000, (128, 128, 128)).astype(np.int16)  # 4 MB
+    raw = nib.Nifti1Image(volume, np.eye(4)).to_bytes()
+    gz, size = gzip.compress(raw, 1), len(raw)
+    load_image(gzip.compress(nib.Nifti1Image(volume[:4, :4, :4], np.eye(4)).to_bytes()))  # imports done before
+    tracemalloc.start()
+    try:
+        m = load_image(gz, slice_index=10)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert np.array_equal(m.array, volume[:, :, 10].astype(np.float32).T[::-1, ::-1])
+    assert peak < 1.5 * size  # it was three times the volume
+
+
+def test_a_multi_member_gzip_volume_loads_from_bytes_as_from_its_path(tmp_path):
+    """bgzip (and concatenated gzip files) write several gzip members; nibabel reads them through from a path."""
+    raw = (NIB_DATA / "anatomical.nii").read_bytes()
+    path = tmp_path / "t1.nii.gz"
+    path.write_bytes(gzip.compress(raw[:5000]) + gzip.compress(raw[5000:]))
+    expected = load_image(raw).array
+    assert np.array_equal(load_image(path).array, expected)
+    assert np.array_equal(load_image(path.read_bytes()).array, expected)
+
+
 def test_a_truncated_volume_is_refused_though_only_one_slice_is_read(tmp_path):
     raw = nib.Nifti1Image(np.arange(8 * 8 * 8, dtype=np.float32).reshape(8, 8, 8), np.eye(4)).to_bytes()
     cut = raw[:-100]  # the first slices are all there, the last is not
