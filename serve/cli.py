@@ -130,7 +130,7 @@ def chat(args: argparse.Namespace, cfg: ServeConfig) -> int:
         pass  # an unreachable controller is reported with the first question
     if image is not None:  # after the banner, as docs/serve.md shows
         print(f"image: {describe_view(med.metadata)} (--slice, --plane, --volume, --window choose another view)",
-              file=sys.stderr)
+              *(f"warning: {w}" for w in med.warnings), sep="\n", file=sys.stderr)
     body: dict[str, Any] = {"conversation_id": uuid.uuid4().hex, "history": [], "model": args.model,
                             "image": png_data_url(image) if image is not None else None}
     questions = [args.question] if args.question else None

@@ -277,7 +277,8 @@ class WebChat:
             gr.Warning(reason)
             return None, None, [], [], f"⚠️ {reason}"
         size = f"{med.image.size[0]}×{med.image.size[1]} px"
-        return for_display(med.image), med.image, [], [], f"Loaded {describe_view(med.metadata)}; {size}"
+        note = f"Loaded {describe_view(med.metadata)}; {size}" + "".join(f"\n⚠️ {w}" for w in med.warnings)
+        return for_display(med.image), med.image, [], [], note
 
     @staticmethod
     def shown_view(slice_index: float | None, volume: float | None) -> tuple[int, int]:

@@ -327,3 +327,22 @@ def test_the_upload_box_is_a_plain_file_box_and_writes_nothing_beside_the_packag
     assert not Path(web.__file__).with_suffix(".pyi").exists()
     with pytest.raises(TypeError, match="takes no file_count, file_types"):  # it would not apply them
         web.upload_box(label="Image", file_types=[".png"], file_count="multiple")
+
+
+def test_a_scan_flagged_as_showing_burned_in_text_is_shown_with_the_warning(scans, tmp_path, monkeypatch, capsys):
+    """A DICOM whose BurnedInAnnotation is YES may show the patient's name in its pixels: the web UI's
+    note and the terminal chat say so when the scan is loaded."""
+    import pydicom
+
+    ds = pydicom.dcmread(scans / "ct.dcm")
+    ds.BurnedInAnnotation = "YES"
+    ds.save_as(tmp_path / "burned.dcm")
+    page = Page(FakeController(), tmp_path)
+    page.upload(tmp_path / "burned.dcm")
+    assert page["image-note"].startswith("Loaded dicom, CT") and "patient-identifying text" in page["image-note"]
+    page.upload(scans / "ct.dcm")
+    assert "⚠️" not in page["image-note"]
+
+    assert run_cli(monkeypatch, FakeController(), ["--image", str(tmp_path / "burned.dcm"), "-q", "Where?"]) == 0
+    err = capsys.readouterr().err
+    assert "image: dicom, CT" in err and "warning: BurnedInAnnotation is YES" in err
