@@ -221,3 +221,41 @@ def test_the_demo_planner_answers_a_question_typed_with_its_image_marker_on_both
     finally:
         hook.remove()
     assert runs[True] == runs[False]
+
+
+def test_scores_that_overflow_the_dtype_are_an_error_not_an_empty_or_repeated_reply(tiny_models):
+    """A checkpoint trained in bfloat16 and served in float16 can overflow (Qwen2-VL's "!!!!" replies): the scores
+    become NaN, greedy decoding picked token 0 at every step (here an empty reply after the whole budget) and
+    sampling failed in torch. Set up as a real overflow: a float16 model whose first MLP's output exceeds 65504."""
+    import torch
+
+    planner = load_planner(tiny_models("llama"), dtype="float16", device="cpu")
+    msgs = [{"role": "user", "content": QUESTION}]
+    with torch.no_grad():
+        mlp = planner.model.model.layers[0].mlp
+        mlp.up_proj.weight.fill_(50.0)
+        mlp.down_proj.weight.fill_(6e4)
+    for temperature in (0.0, 0.7):
+        with pytest.raises(RuntimeError, match="NaN or infinite in float16: .* load it with dtype bfloat16"):
+            planner.generate(msgs, max_new_tokens=8, temperature=temperature)
+        assert not planner._lock.locked() and planner._state is None
+
+
+@pytest.mark.parametrize("arch", ["llava", "qwen2_vl", "mllama"])
+def test_a_new_prefill_does_not_hold_the_previous_calls_cache(planner_of, arch):
+    """When a call cannot continue the cached one (another image or conversation), the old cache is released
+    before the new prompt is prefilled: a GPU does not hold two prompts' caches at once."""
+    import weakref
+
+    planner = planner_of(arch)
+    planner.reset()
+    planner.generate([{"role": "user", "content": "<image>\n" + QUESTION}], test_image(), max_new_tokens=4)
+    old = weakref.ref(planner._state.cache)
+    alive = []
+    hook = planner.model.register_forward_pre_hook(lambda *a: alive.append(old() is not None))
+    try:
+        planner.generate([{"role": "user", "content": "<image>\nsegment the liver"}], test_image(48),
+                         max_new_tokens=4)
+    finally:
+        hook.remove()
+    assert alive and not any(alive)

@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from _model_fixtures import test_image
@@ -107,9 +108,34 @@ def test_device_and_dtype_spellings(tiny_models):
     with pytest.raises(ValueError, match="unknown device 'gpu'"):
         load_planner(tiny_models("llama"), device="gpu")
     assert resolve_device("auto") in ("cpu", "cuda") and resolve_device("cpu:0") == "cpu:0"
-    import torch
-
     assert resolve_dtype("bf16", "cpu") is resolve_dtype("torch.bfloat16", "cpu") is torch.bfloat16
     assert resolve_dtype("fp16", "cpu") is torch.float16
     with pytest.raises(ValueError, match="unknown dtype 'float17'"):
         resolve_dtype("float17", "cpu")
+
+
+def test_flash_attention_is_chosen_only_where_it_can_run(monkeypatch):
+    """With flash-attn installed on a GPU, the default was flash_attention_2 for every model and dtype: Mllama
+    (Llama-3.2-Vision), which transformers refuses to load with it, and float32 weights, which flash-attn refuses
+    at the first call. (flash-attn cannot be installed here: its presence is what is set.)"""
+    import transformers.utils
+    from transformers import LlamaForCausalLM, LlavaForConditionalGeneration, MllamaForConditionalGeneration
+
+    from mmedagent.model.loading import resolve_attn
+
+    monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available", lambda: True)
+    assert resolve_attn(None, "cuda", torch.bfloat16, LlavaForConditionalGeneration) == "flash_attention_2"
+    assert resolve_attn(None, "cuda:1", torch.float16, LlamaForCausalLM) == "flash_attention_2"
+    assert resolve_attn(None, "cuda", torch.bfloat16, MllamaForConditionalGeneration) == "sdpa"
+    assert resolve_attn(None, "cuda", torch.float32, LlavaForConditionalGeneration) == "sdpa"
+    assert resolve_attn(None, "cpu", torch.bfloat16, LlavaForConditionalGeneration) == "sdpa"
+    assert resolve_attn("eager", "cuda", torch.float32, MllamaForConditionalGeneration) == "eager"
+
+
+@pytest.mark.parametrize(("arch", "dtype", "error", "message"), [
+    ("mllama", "bfloat16", ValueError, "MllamaForConditionalGeneration does not support it; use 'sdpa'"),
+    ("llava", "float32", ValueError, "flash_attention_2 runs in float16 or bfloat16, not float32"),
+])
+def test_flash_attention_that_cannot_run_is_refused_before_the_weights_load(tiny_models, arch, dtype, error, message):
+    with pytest.raises(error, match=message):
+        load_planner(tiny_models(arch), attn_implementation="flash_attention_2", dtype=dtype)

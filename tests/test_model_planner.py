@@ -249,6 +249,27 @@ def test_quantized_loading_needs_cuda(tiny_models):
         load_planner(tiny_models("llava"), load_in_4bit=True)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("arch", ["llava", "qwen2_vl", "mllama", "llama"])
+def test_a_quantized_base_keeps_its_vision_encoder_projector_and_head_unquantized(tiny_models, arch, bits):
+    """Decided by transformers' own selection (what bitsandbytes would replace) on the loaded tiny model: the
+    vision encoder and projector stay 16-bit, as in LLaVA (a quantized projector cannot be trained under QLoRA nor
+    take MMedAgent's projector weights), and only the language model's layers are quantized."""
+    from transformers.quantizers.base import HfQuantizer
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    from mmedagent.model import load_model_and_processor
+    from mmedagent.model.loading import bnb_config
+
+    model, _, _ = load_model_and_processor(tiny_models(arch))
+    config = bnb_config(bits, torch.bfloat16)
+    keep = HfQuantizer.get_modules_to_not_convert(model, config.llm_int8_skip_modules, model._keep_in_fp32_modules)
+    linears = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    quantized = {name for name in linears if should_convert_module(name, keep)}
+    text = "model.language_model." if arch != "llama" else "model.layers."
+    assert quantized and quantized == {name for name in linears if name.startswith(text)}, sorted(set(linears) - quantized)
+
+
 def test_planner_drives_the_agent_loop(planners):
     from doubles import FakeGrounding
     from mmedagent.agent import Agent, Planner

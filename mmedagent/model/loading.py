@@ -119,18 +119,41 @@ def resolve_dtype(dtype: Any, device: str) -> Any:
     return dtype
 
 
-def resolve_attn(attn_implementation: str | None, device: str) -> str:
+def resolve_attn(attn_implementation: str | None, device: str, dtype: Any, model_class: Any) -> str:
+    """The attention kernel: by default ``flash_attention_2`` where it can run (CUDA, flash-attn installed,
+    float16 / bfloat16 weights, a model class that supports it: Mllama does not), else ``sdpa``. ``dtype``: the
+    dtype the layers compute in. An explicit ``flash_attention_2`` that cannot run is a clear error here rather
+    than transformers' (or flash-attn's, at the first call) own."""
+    import torch
     from transformers.utils import is_flash_attn_2_available
 
+    half = dtype in (torch.float16, torch.bfloat16)
+    supported = bool(getattr(model_class, "_supports_flash_attn", False))
     if attn_implementation is None:
-        return "flash_attention_2" if device.startswith("cuda") and is_flash_attn_2_available() else "sdpa"
-    if attn_implementation == "flash_attention_2" and not is_flash_attn_2_available():
-        raise RuntimeError("flash_attention_2 requested but flash-attn is not installed (needs CUDA); use 'sdpa'")
+        usable = device.startswith("cuda") and half and supported and is_flash_attn_2_available()
+        return "flash_attention_2" if usable else "sdpa"
+    if attn_implementation == "flash_attention_2":
+        if not supported:
+            raise ValueError(f"flash_attention_2 requested but {model_class.__name__} does not support it; use 'sdpa'")
+        if not half:
+            raise ValueError(f"flash_attention_2 runs in float16 or bfloat16, not {str(dtype).replace('torch.', '')}: "
+                             "load with dtype bfloat16 (or float16), or use 'sdpa'")
+        if not is_flash_attn_2_available():
+            raise RuntimeError("flash_attention_2 requested but flash-attn is not installed (needs CUDA); use 'sdpa'")
     return attn_implementation
 
 
+VISION_MODULES = ("vision_tower", "visual", "vision_model")
+"""Where each family keeps its vision encoder in the model (Llava, Qwen2-VL, Mllama), under ``model.``."""
+
+UNQUANTIZED = ("lm_head", "model.multi_modal_projector", *(f"model.{m}" for m in VISION_MODULES))
+"""Modules a 4-bit / 8-bit base keeps in its 16-bit dtype, as LLaVA does: the output head (transformers'
+default), the vision encoder and the projector (small next to the LM; a quantized projector cannot be trained
+or have MMedAgent's projector weights loaded into it)."""
+
+
 def quantization_config(load_in_4bit: bool, load_in_8bit: bool, compute_dtype: Any) -> Any:
-    """A BitsAndBytesConfig, or None; a clear error where bitsandbytes or a GPU is missing."""
+    """A BitsAndBytesConfig (:func:`bnb_config`), or None; a clear error where bitsandbytes or a GPU is missing."""
     if not (load_in_4bit or load_in_8bit):
         return None
     if load_in_4bit and load_in_8bit:
@@ -143,13 +166,21 @@ def quantization_config(load_in_4bit: bool, load_in_8bit: bool, compute_dtype: A
         import bitsandbytes  # noqa: F401
     except ImportError as e:
         raise RuntimeError("4-bit/8-bit loading needs bitsandbytes: pip install bitsandbytes") from e
+    return bnb_config(4 if load_in_4bit else 8, compute_dtype)
+
+
+def bnb_config(bits: int, compute_dtype: Any) -> Any:
+    """bitsandbytes' config for a ``bits``-bit (4 or 8) base: NF4 with double quantization computing in
+    ``compute_dtype`` (``"auto"``: bfloat16), or LLM.int8; :data:`UNQUANTIZED` kept as they are."""
+    import torch
     from transformers import BitsAndBytesConfig
 
-    if load_in_8bit:
-        return BitsAndBytesConfig(load_in_8bit=True)
+    if bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(UNQUANTIZED))
     return BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute_dtype if compute_dtype != "auto" else torch.bfloat16,
+        llm_int8_skip_modules=list(UNQUANTIZED),
     )
 
 
@@ -195,10 +226,16 @@ def load_processor(path_or_id: str | Path, family: str, declared_tokenizer: bool
     return processor
 
 
-def _load_base(path: str, family: str, kwargs: dict[str, Any]) -> Any:
+def model_class(config: Any, family: str) -> Any:
+    """The transformers class that loads ``config``'s checkpoint of ``family`` (as the auto class picks it)."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.models.auto.auto_factory import _get_model_class
 
-    cls = AutoModelForCausalLM if family == "causal_lm" else AutoModelForImageTextToText
+    auto = AutoModelForCausalLM if family == "causal_lm" else AutoModelForImageTextToText
+    return _get_model_class(config, auto._model_mapping)
+
+
+def _load_base(path: str, cls: Any, kwargs: dict[str, Any]) -> Any:
     model, info = cls.from_pretrained(path, output_loading_info=True, **kwargs)
     missing = sorted(info["missing_keys"])
     if missing:  # transformers would only warn and leave them random: a planner that cannot work
@@ -229,8 +266,8 @@ def load_model_and_processor(
     """
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
-    kwargs: dict[str, Any] = {"dtype": torch_dtype, "attn_implementation": resolve_attn(attn_implementation, device)}
     quant = quantization_config(load_in_4bit, load_in_8bit, torch_dtype)
+    kwargs: dict[str, Any] = {"dtype": torch_dtype}
     if quant is not None:
         kwargs.update(quantization_config=quant, device_map={"": device})
 
@@ -247,7 +284,8 @@ def load_model_and_processor(
 
     prefer_cache_when_unreachable(model_path, vision_tower)
     model_path = _ensure_hf_layout(model_path, vision_tower)
-    family = family_of(load_config(model_path))
+    config = load_config(model_path)
+    family = family_of(config)
     if adapter_dir is not None:
         from mmedagent.model.adapters import check_base_family
 
@@ -257,7 +295,12 @@ def load_model_and_processor(
     own = ("tokenizer_config.json",) if family == "causal_lm" else ("processor_config.json", "preprocessor_config.json")
     processor_dir = adapter_dir if adapter_dir and any((adapter_dir / f).is_file() for f in own) else model_path
     processor = load_processor(processor_dir, family)  # before the weights: a folder without one fails at once
-    model = _load_base(str(model_path), family, kwargs)
+    cls = model_class(config, family)
+    compute = quant.bnb_4bit_compute_dtype if load_in_4bit else torch_dtype  # the dtype the layers compute in
+    if compute == "auto":  # the checkpoint's own dtype
+        compute = resolve_dtype(str(getattr(config, "dtype", None) or "float32"), device)
+    kwargs["attn_implementation"] = resolve_attn(attn_implementation, device, compute, cls)
+    model = _load_base(str(model_path), cls, kwargs)
     if adapter_dir is not None:
         from mmedagent.model.adapters import apply_adapter
 

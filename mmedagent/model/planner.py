@@ -32,15 +32,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mmedagent.model.loading import VISION_MODULES
 from mmedagent.model.templates import (
     check_messages, check_template, has_vision, render_prompt, render_segments, tokenizer_of,
 )
 from mmedagent.protocol import IMAGE_TOKEN
 
 log = logging.getLogger(__name__)
-
-
-_VISION_ATTRS = ("vision_tower", "visual", "vision_model")
 
 
 def without_adapter_wrapper(model: Any) -> Any:
@@ -52,7 +50,7 @@ def vision_module(model: Any) -> Any | None:
     """The vision encoder of a loaded model (through peft wrappers), or None for text-only models."""
     inner = without_adapter_wrapper(model)
     for owner in (getattr(inner, "model", None), inner):
-        for attr in _VISION_ATTRS:
+        for attr in VISION_MODULES:
             module = getattr(owner, attr, None) if owner is not None else None
             if module is not None:
                 return module
@@ -426,7 +424,13 @@ class HFPlanner:
         if "cross_rows" in extras:  # Mllama: which text tokens see the image
             kwargs["cross_attention_mask"] = extras["cross_rows"](start, n)
         out = self.model(**kwargs)
-        return out.logits[:, -1, :] if keep == 1 else out.logits[0, -keep:, :]
+        logits = out.logits[:, -1, :] if keep == 1 else out.logits[0, -keep:, :]
+        if not torch.isfinite(logits).all():  # greedy would pick token 0 at every step (Qwen2-VL: "!!!!")
+            dtype = str(self.model.dtype).replace("torch.", "")
+            raise RuntimeError(f"the model's next-token scores are NaN or infinite in {dtype}: its activations "
+                               "overflow this dtype (float16 with a checkpoint trained in bfloat16) or its weights "
+                               "are broken; load it with dtype bfloat16, or float32")
+        return logits
 
     def _qwen_positions(self, start: int, n: int, extras: dict[str, Any]) -> Any:
         import torch
@@ -551,6 +555,7 @@ class HFPlanner:
                     logits = self._forward(ids[:, reuse:], cache, reuse, None, extras)
                 else:
                     reuse = 0
+                    self._state = None  # the old cache is freed before the new one fills: not two at once
                     cache = DynamicCache(config=self.model.config)
                     logits = self._forward(ids, cache, 0, inputs, extras)
                 self._state = _KVState(cache=cache, tokens=list(id_list), image=image_inputs)
