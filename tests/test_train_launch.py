@@ -7,7 +7,7 @@ import subprocess
 import pytest
 import torch
 from _train_fixtures import (ROOT, TEXT_RECORD, base_args, command, losses, run_training, run_until, tool_record,
-                             train_env, write_original_llava_of)
+                             train_env, write_images, write_original_llava_of)
 from safetensors.torch import load_file
 
 pytest_plugins = ("_train_fixtures",)  # session fixture: train_data
@@ -103,6 +103,41 @@ def test_zero3_two_ranks_mllama_image_and_text_only_records(tiny_models, train_d
     assert sorted(steps) == [1, 2] and all(v == v and v > 0 for v in steps.values()), steps
 
 
+def test_zero2_two_ranks_one_without_an_image_at_every_step(tiny_models, train_data, tmp_path):
+    """ZeRO-2 reduces the gradients of the same parameters on every rank: a rank whose batch has no image
+    (one record per rank: an image record here, a text-only one there) runs the vision encoder and the
+    projector on a masked-out blank too, or the ranks' collectives no longer match (gloo: "Received data
+    size doesn't match expected size"; NCCL: a hang)."""
+    out = tmp_path / "run"
+    data = tmp_path / "mixed.json"
+    data.write_text(json.dumps([tool_record(0, "img0.png"), TEXT_RECORD]))
+    run_training(base_args(tiny_models("llava"), data, out, "--image_folder", str(train_data["images"]),
+                           "--deepspeed", ZERO2, "--max_steps", "2", "--save_strategy", "no",
+                           "--per_device_train_batch_size", "1", *LLAVA_FLAGS), 2)
+    steps = losses(out)
+    assert sorted(steps) == [1, 2] and all(v == v and v > 0 for v in steps.values()), steps
+
+
+def test_zero3_run_killed_after_its_last_checkpoint_writes_its_outputs_from_it(tiny_models, train_data, tmp_path):
+    """A ZeRO-3 run killed after its last checkpoint, before the final save (e.g. at a job's time limit), is
+    finished when started again: the checkpoint is loaded through the DeepSpeed engine (its weights are
+    partitioned) and its adapter, projector included, becomes the output; no step is trained again."""
+    out = tmp_path / "run"
+    args = base_args(tiny_models("llava"), train_data["mmedagent"], out, "--image_folder", str(train_data["images"]),
+                     "--deepspeed", ZERO3, "--max_steps", "2", "--save_steps", "2", *LLAVA_FLAGS)
+    run_training(args)
+    final = load_file(out / "adapter_model.safetensors")
+    for name in ("adapter_model.safetensors", "mmedagent_train.json", "trainer_state.json"):
+        (out / name).unlink()
+    log = run_training(args)
+    assert "checkpoint-2 already reached the last step (2)" in log
+    again = load_file(out / "adapter_model.safetensors")
+    assert again.keys() == final.keys() and all(torch.equal(again[k], final[k]) for k in final)
+    assert any("multi_modal_projector" in k for k in again)
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 2
+    assert (out / "mmedagent_train.json").is_file() and not (out / "checkpoint-3").exists()
+
+
 def test_qwen2_vl_sharegpt_one_rank(tiny_models, train_data, tmp_path):
     """Qwen2-VL (its processor's chat template) on a sharegpt file; one rank to save CI time."""
     out = tmp_path / "run"
@@ -122,6 +157,21 @@ def _fails(args: list[str]) -> subprocess.CompletedProcess:
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-4000:]
     return proc
+
+
+def test_damaged_image_found_by_a_data_loader_worker_is_one_error_line(tiny_models, tmp_path):
+    """An image whose header is right but whose content is damaged is found only when a worker decodes it
+    (MMedAgent's recipe: 4 workers); the error names the record, not the worker's traceback."""
+    names = write_images(tmp_path / "images", 2)
+    whole = (tmp_path / "images" / names[1]).read_bytes()
+    (tmp_path / "images" / "damaged.png").write_bytes(whole[:len(whole) // 2])
+    data = tmp_path / "train.json"
+    data.write_text(json.dumps([tool_record(0, names[0]), tool_record(1, "damaged.png")]))
+    proc = _fails(base_args(tiny_models("llava"), data, tmp_path / "run", "--image_folder", str(tmp_path / "images"),
+                            "--version", "v1", "--max_steps", "2", "--per_device_train_batch_size", "1",
+                            "--save_strategy", "no", "--dataloader_num_workers", "1"))
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        f"error: {data}: record 2: cannot load image: cannot decode PNG image"), proc.stderr[-3000:]
 
 
 def test_resume_with_changed_projector_lr_says_why_not_a_traceback(tiny_models, train_data, tmp_path):

@@ -283,12 +283,14 @@ def _pad_to(t: torch.Tensor, shape: Sequence[int], value: float) -> torch.Tensor
 class Collator:
     """Right-pads per-token keys; concatenates image inputs (zero-padding mllama's batch-first ones).
 
-    ``blank_image`` (ZeRO-3 only, every vision family): appended, masked out, to a batch without any
-    image: its tokens join the first sample's sequence (attention 0, labels -100), its image inputs
+    ``blank_image`` (several ranks or ZeRO-3, every vision family): appended, masked out, to a batch without
+    any image: its tokens join the first sample's sequence (attention 0, labels -100), its image inputs
     become that sample's (Mllama: the first row of the batch-first tensors, with an all-zero
-    ``cross_attention_mask``). ZeRO-3 gathers each module's weights collectively, so every rank must
-    run the vision encoder, the projector (and Mllama's cross-attention layers) at every step, in the
-    same order, or the ranks deadlock. The loss is that of the batch without it.
+    ``cross_attention_mask``). Every rank must run the vision encoder, the projector (and Mllama's
+    cross-attention layers) at every step, in the same order: ZeRO-3 gathers each module's weights
+    collectively, and ZeRO-1/2 (like DDP) reduce the gradients of the same parameters on every rank, so a
+    rank whose batch has no image deadlocks or breaks the others' collectives. The loss is that of the
+    batch without it, and the gradient it gives the projector is zero.
     """
 
     pad_token_id: int

@@ -196,7 +196,9 @@ def build_trainer(argv: list[str] | None = None, parsed=None) -> tuple[MMedTrain
     eval_dataset = dataset_of(eval_samples) if eval_samples else None
     tok = tokenizer_of(processor)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    blank = dataset.blank_image_item() if family != "causal_lm" and is_deepspeed_zero3_enabled() else None
+    # every rank runs the vision modules at every step (see Collator)
+    vision_every_step = family != "causal_lm" and (args.world_size > 1 or is_deepspeed_zero3_enabled())
+    blank = dataset.blank_image_item() if vision_every_step else None
     info = {"base_model": model_args.model_name_or_path, "family": family, "template": template,
             "lora": args.lora_enable, "model_max_length": args.model_max_length,
             "image_aspect_ratio": data_args.image_aspect_ratio}
@@ -379,20 +381,18 @@ def _train(parsed) -> Path:
     if done_at is not None:
         log.info("%s already reached the last step (%d): not training again; writing the outputs from it",
                  resume, done_at)
-        from transformers.trainer_callback import TrainerState
-
-        trainer._load_from_checkpoint(resume)
-        trainer.state = TrainerState.load_from_json(str(Path(resume) / "trainer_state.json"))
-    else:
-        if resume:
-            log.info("resuming from %s", resume)
-        try:
+    elif resume:
+        log.info("resuming from %s", resume)
+    try:
+        if done_at is not None:
+            trainer.restore(resume)
+        else:
             trainer.train(resume_from_checkpoint=resume)
-        except Exception as e:
-            explained = resume_error(e, resume, explicit=explicit) if resume else None
-            if explained is None:
-                raise
-            raise explained from e
+    except Exception as e:
+        explained = resume_error(e, resume, explicit=explicit) if resume else None
+        if explained is None:
+            raise
+        raise explained from e
     if resume:
         save_fingerprint()  # (equal to the saved one, or the first for a run saved without one)
     if trainer.eval_dataset is not None:

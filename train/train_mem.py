@@ -48,6 +48,16 @@ def leave_when_done() -> None:
     os._exit(0)
 
 
+def error_line(e: Exception) -> str:
+    """The message of an error that ends the run. One raised in a data-loader worker (``--dataloader_num_workers``,
+    e.g. a damaged image found while decoding) is re-raised by PyTorch with the worker's whole traceback as its
+    message; its last line holds the worker's own message."""
+    text = str(e)
+    if text.startswith("Caught ") and "\nOriginal Traceback" in text:
+        text = text.rstrip().splitlines()[-1].split(": ", 1)[-1]
+    return text
+
+
 if __name__ == "__main__":
     single_rank_without_launcher(sys.argv[1:])
     try:
@@ -56,7 +66,7 @@ if __name__ == "__main__":
             dist.barrier()  # no rank leaves while a peer is still in a collective or saving
             leave_when_done()
     except (FlagError, DataError, ResumeError, ModelNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {error_line(e)}", file=sys.stderr)
         sys.exit(2)
     finally:
         if dist.is_available() and dist.is_initialized():

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from mmedagent.model import SETTINGS_FILE
 from mmedagent.model.adapters import TRAIN_MANIFEST
@@ -48,6 +48,18 @@ class ModalityGroupedSampler(torch.utils.data.Sampler):
         return iter(modality_grouped_indices(self.lengths, self.megabatch, g))
 
 
+class _Loaded(Exception):
+    """Raised by :class:`_StopAtTrainBegin`: the checkpoint is loaded."""
+
+
+class _StopAtTrainBegin(TrainerCallback):
+    """Ends ``train()`` where training would begin: after the model is prepared (the DeepSpeed engine made)
+    and the checkpoint loaded, before any step."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        raise _Loaded
+
+
 class MMedTrainer(Trainer):
     """``Trainer`` with a separate projector learning rate and ``group_by_modality_length``; ``manifest``
     (:func:`write_manifest`'s fields) is written with every saved model, each ``checkpoint-N`` included, so
@@ -67,6 +79,21 @@ class MMedTrainer(Trainer):
             write_manifest(out, **self.manifest)
         if self.serving and self.args.should_save and not (out / SETTINGS_FILE).is_file():
             (out / SETTINGS_FILE).write_text(json.dumps(self.serving, indent=1) + "\n")  # never over the user's own
+
+    def restore(self, checkpoint: str) -> None:
+        """Load ``checkpoint`` (weights, optimizer, scheduler, state) as ``train(resume_from_checkpoint=...)``
+        does and stop before the first step: for a checkpoint that already reached the last step, whose
+        outputs are then written with ``save_model``. Loading goes through ``train()`` because under DeepSpeed
+        only its engine can load a checkpoint (ZeRO-3: into partitioned weights) and save the model."""
+        self.callback_handler.callbacks.insert(0, _StopAtTrainBegin())  # before any logger or progress bar starts
+        try:
+            self.train(resume_from_checkpoint=checkpoint)
+        except _Loaded:
+            pass
+        finally:
+            self.callback_handler.callbacks = [c for c in self.callback_handler.callbacks
+                                               if not isinstance(c, _StopAtTrainBegin)]
+            self.is_in_train = False
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
