@@ -270,6 +270,26 @@ def test_a_quantized_base_keeps_its_vision_encoder_projector_and_head_unquantize
     assert quantized and quantized == {name for name in linears if name.startswith(text)}, sorted(set(linears) - quantized)
 
 
+def test_the_weights_load_straight_onto_the_device(tiny_models):
+    """``from_pretrained`` places the weights on the planner's device itself: a GPU server's host RAM need not
+    hold the whole model first (an 11B model in bf16: 22 GB) before it moves."""
+    from transformers import LlavaForConditionalGeneration
+
+    from mmedagent.model import load_model_and_processor
+
+    seen = []
+    load = LlavaForConditionalGeneration.from_pretrained.__func__
+
+    def recording(cls, *args, **kwargs):
+        seen.append(kwargs.get("device_map"))
+        return load(cls, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(LlavaForConditionalGeneration, "from_pretrained", classmethod(recording))
+        model, _, _ = load_model_and_processor(tiny_models("llava"), device="cpu")
+    assert seen == [{"": "cpu"}] and model.device.type == "cpu"
+
+
 def test_planner_drives_the_agent_loop(planners):
     from doubles import FakeGrounding
     from mmedagent.agent import Agent, Planner

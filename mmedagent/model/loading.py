@@ -264,12 +264,16 @@ def load_model_and_processor(
     the CLIP tower for an original LLaVA checkpoint when its ``mm_vision_tower`` is not reachable here.
     For a bare tokenizer-only model the "processor" is the tokenizer.
     """
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     quant = quantization_config(load_in_4bit, load_in_8bit, torch_dtype)
     kwargs: dict[str, Any] = {"dtype": torch_dtype}
     if quant is not None:
-        kwargs.update(quantization_config=quant, device_map={"": device})
+        kwargs["quantization_config"] = quant
+    if not is_deepspeed_zero3_enabled():  # ZeRO-3 places (partitions) the weights itself
+        kwargs["device_map"] = {"": device}  # straight there: host RAM need not hold the whole model first
 
     adapter_dir = None
     if is_adapter(path_or_id):
