@@ -397,6 +397,31 @@ def test_vision_select_layer_must_be_the_checkpoints(tiny_models, tmp_path):
     assert model.config.vision_feature_layer == -2
 
 
+def test_qlora_keeps_the_frozen_vision_encoder_in_the_training_dtype(tiny_models, train_data, tmp_path):
+    """peft's ``prepare_model_for_kbit_training`` makes every unquantized weight float32; the frozen vision encoder
+    (kept unquantized) goes back to the training dtype, as in LLaVA's QLoRA: CLIP-L in float32 costs 0.6 GB more
+    per GPU, Mllama's encoder 1.8 GB. (bitsandbytes needs a GPU: the base here is unquantized, ``bits`` set after
+    the flags' CPU check.)"""
+    from mmedagent.model.loading import load_model_and_processor
+    from mmedagent.train.args import parse_args
+    from mmedagent.train.dataset import Collator
+    from mmedagent.train.modeling import prepare_model
+
+    _, _, t = parse_args(["--model_name_or_path", "b", "--output_dir", str(tmp_path), "--data_path", "d",
+                          "--lora_enable", "True", "--lora_r", "4", "--bf16", "True"])
+    t.bits = 4
+    model, _, _ = load_model_and_processor(tiny_models("llava"), dtype="bfloat16", device="cpu")
+    model = prepare_model(model, "llava", t)
+    vision = {p.dtype for n, p in model.named_parameters() if ".vision_tower." in n}
+    assert vision == {torch.bfloat16}
+    ds = _dataset(tiny_models("llava"), train_data["mixed"], train_data["images"], template="vicuna_v1", family="llava")
+    batch = Collator(ds.tokenizer.pad_token_id, "llava")([ds[0], ds[1]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the Trainer's --bf16 mixed precision
+        loss = model(**batch).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
 def test_lora_targets_language_model_only_and_projector_trains_at_its_lr(tiny_models, tmp_path):
     from transformers import Trainer
 

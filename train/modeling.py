@@ -162,6 +162,8 @@ def prepare_model(model: nn.Module, family: str, args: TrainingArguments) -> nn.
             model = prepare_model_for_kbit_training(
                 model, use_gradient_checkpointing=args.activation_checkpointing,
                 gradient_checkpointing_kwargs=args.activation_checkpointing_kwargs)
+            if vision is not None:  # peft made every unquantized weight float32; the frozen encoder needs no more
+                model.get_submodule(vision).to(torch_dtype(args))  # than the training dtype (as LLaVA's QLoRA)
         config = LoraConfig(
             r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, bias=args.lora_bias,
             target_modules=lora_target_regex(model, family, args.lora_target_modules, args.lora_vision),
