@@ -82,6 +82,17 @@ def test_missing_local_weights_say_where(tmp_path):
     d = Dispatcher([tool], timeout_s=30)
     outcome = d.dispatch(ToolCall(API_name="ChatCAD-G", API_params={}), test_image())
     assert not outcome.ok and "report model folder not found" in outcome.error and "no-such-model" in outcome.error
+    assert "`hf download" in outcome.error
+    d.close()
+
+
+def test_a_missing_hub_model_says_how_to_get_it_with_a_command_that_exists():
+    """The hint was `huggingface-cli download`, which huggingface_hub 1.0 removed (it is `hf download`)."""
+    tool = ReportGeneration(model="nobody/no-such-report-model")
+    d = Dispatcher([tool], timeout_s=60)
+    outcome = d.dispatch(ToolCall(API_name="ChatCAD-G", API_params={}), test_image())
+    assert not outcome.ok and "hub id 'nobody/no-such-report-model'" in outcome.error
+    assert "`hf download" in outcome.error and "huggingface-cli" not in outcome.error
     d.close()
 
 

@@ -461,6 +461,54 @@ def test_segment_takes_arrays_and_refuses_pixel_boxes(medsam):
         medsam.segment(img, boxes=np.zeros((0, 4)))
 
 
+def test_segment_refuses_pixel_points_and_bad_point_labels(medsam):
+    """``segment()`` (the composite's and plug-ins' call) took pixel points as if they were normalised."""
+    img = scan_image(48, 40)
+    with pytest.raises(ValueError, match=r"point coordinates must be normalised to \[0, 1\]"):
+        medsam.segment(img, points=[[24, 20]])
+    with pytest.raises(ValueError, match="2 point_labels for 1 points"):
+        medsam.segment(img, points=[[0.5, 0.5]], point_labels=[1, 0])
+    with pytest.raises(ValueError, match=r"point_labels must be 1 \(inside the object\) or 0"):
+        medsam.segment(img, points=[[0.5, 0.5]], point_labels=[2])
+
+
+def test_many_boxes_are_decoded_a_few_at_a_time_each_with_its_own_mask(medsam, sam):
+    """A composite's detections (up to the detector's 900 queries) went through the mask decoder in one batch,
+    which copies the image embedding once per box (4 MB each at MedSAM's size) and, for SAM, upsamples every
+    mask to the image size at once."""
+    from mmedagent.tools.segmentation import DECODE_BATCH
+
+    img = Image.fromarray(np.random.default_rng(5).integers(0, 255, (50, 70, 3), dtype=np.uint8))
+    rng = np.random.default_rng(0)
+    corner = rng.uniform(0, 0.5, (2 * DECODE_BATCH + 3, 2))
+    boxes = np.concatenate([corner, corner + rng.uniform(0.1, 0.5, corner.shape)], axis=1).tolist()
+    for tool in (medsam, sam):
+        batches = []
+        hook = tool.model.mask_decoder.register_forward_pre_hook(
+            lambda m, args, kwargs: batches.append(len(kwargs["sparse_prompt_embeddings"])), with_kwargs=True
+        )
+        try:
+            out = tool.segment(img, boxes)
+        finally:
+            hook.remove()
+        assert batches == [DECODE_BATCH, DECODE_BATCH, 3]
+        assert out.masks == [tool.segment(img, [b]).masks[0] for b in boxes]
+        assert all(m["size"] == [50, 70] for m in out.masks)
+
+
+def test_a_huge_list_of_boxes_points_or_labels_is_a_param_error_naming_the_limit(dispatcher):
+    img = scan_image()
+    box, point = [0.1, 0.1, 0.5, 0.5], [0.3, 0.3]
+    err = dispatcher.dispatch(call("MedSAM", boxes=[box] * 101), img).error
+    assert "boxes" in err and "at most 100 items" in err
+    assert "at most 100 items" in dispatcher.dispatch(call("MedSAM", points=[point] * 101), img).error
+    assert dispatcher.dispatch(call("MedSAM", boxes=[box] * 100), img).ok
+    labels = [f"finding {i}" for i in range(101)]
+    err = dispatcher.dispatch(call("BiomedClip", labels=labels), img).error
+    assert "labels" in err and "at most 100 items" in err
+    assert dispatcher.dispatch(call("BiomedClip", labels=labels[:100]), img).ok
+
+
 def test_segmentation_param_errors(dispatcher):
     img = scan_image()
     err = dispatcher.dispatch(call("MedSAM"), img).error

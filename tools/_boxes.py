@@ -102,6 +102,16 @@ def check_boxes(boxes: Any) -> np.ndarray:
     return b
 
 
+def check_points(points: Any) -> np.ndarray:
+    """Validate normalised ``[x, y]`` points: two numbers each, inside [0, 1]."""
+    p = np.asarray(points, dtype=np.float64)
+    if p.ndim != 2 or p.shape[1] != 2:
+        raise ValueError(f"points must be a list of [x, y], got shape {p.shape}")
+    if not np.isfinite(p).all() or (p < 0).any() or (p > 1).any():
+        raise ValueError("point coordinates must be normalised to [0, 1] (MMedAgent's convention)")
+    return p
+
+
 def box_iou(a: Any, b: Any) -> np.ndarray:
     """Pairwise IoU of xyxy boxes, shape (len(a), len(b)); 0 where both boxes are empty."""
     a = np.asarray(a, dtype=np.float64).reshape(-1, 4)

@@ -31,11 +31,15 @@ MODALITY_LABELS = (
     "hematoxylin and eosin histopathology",
     "gross",
 )
+MAX_LABELS = 100
+"""Most candidate labels one call may give: every label is encoded at once (256 tokens each for BiomedCLIP), so a
+longer list (a planner looping) is refused as a param."""
 
 
 class ClassificationParams(ToolParams):
     labels: list[str] | None = Field(
-        None, min_length=2, description="Candidate labels; default: MMedAgent's 14 image-modality labels."
+        None, min_length=2, max_length=MAX_LABELS,
+        description=f"Candidate labels (2 to {MAX_LABELS}); default: MMedAgent's 14 image-modality labels.",
     )
     template: str = Field(
         DEFAULT_TEMPLATE, description="Prompt put before each label, or with '{}' where the label goes."

@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field
 
 from mmedagent.protocol import IMAGE_TOKEN
-from mmedagent.tools._boxes import as_pil_rgb
+from mmedagent.tools._boxes import as_pil_rgb, weights_error
 from mmedagent.tools.base import Tool, ToolParams, ToolResult
 
 # LLaVA-Med 1.0 fine-tuned on MIMIC-CXR findings (BioNLP 2024 RRG shared task); original LLaVA
@@ -106,19 +106,18 @@ class ReportGeneration(Tool):
         from mmedagent.model import load_planner
 
         model = str(self.options["model"])
+        how = (f"Download a report model (e.g. `hf download {DEFAULT_MODEL} --local-dir DIR`) and pass model=DIR, "
+               "or allow hub access.")
         local = Path(model).expanduser()
         if (local.is_absolute() or model.startswith(".")) and not local.is_dir():
-            raise FileNotFoundError(f"report model folder not found: {model}")
+            raise weights_error(self.name, model, how, FileNotFoundError("report model folder not found"))
         try:
             self._planner = load_planner(
                 model, conv_template=self.options["conv_template"], device=self.options["device"],
                 **{k: v for k, v in self.options.items() if k in LOAD_OPTIONS},
             )
         except OSError as e:
-            raise RuntimeError(
-                f"cannot load report model {model!r}: {e}. Download it first (huggingface-cli download {model}) "
-                "or pass a local folder: ReportGeneration(model='/path/to/checkpoint')"
-            ) from e
+            raise weights_error(self.name, model, how, e) from e
         self.weights_note = f"report model: {model}"
 
     def prompt(self, params: Params) -> str:

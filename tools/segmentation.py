@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Iterable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -34,6 +35,7 @@ from mmedagent.tools._boxes import (
     Point,
     as_pil_rgb,
     check_boxes,
+    check_points,
     denormalize_boxes,
     encode_rle,
     mask_to_box,
@@ -84,6 +86,14 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 ENCODER_WIDTH_TO_TYPE = {768: "vit_b", 1024: "vit_l", 1280: "vit_h"}
 CONFIG_ONLY_KEYS = {"variant", "model_type"}
+
+MAX_PROMPTS = 100
+"""Most boxes, and most points, one call may give: one mask per box, so a longer list (a planner looping) is
+refused as a param."""
+DECODE_BATCH = 16
+"""Prompts decoded together. The mask decoder copies the image embedding once per prompt (4 MB for SAM's
+256x64x64) and SAM upsamples every mask to the image size as floats, so many boxes (a composite's detections)
+go through in slices of this many, each mask encoded as RLE as soon as it is made."""
 
 
 def build_sam(arch: dict[str, Any]):
@@ -159,10 +169,13 @@ def medsam_preprocess(image: Any, size: int):
 
 class SegmentationParams(ToolParams):
     boxes: list[Box] | None = Field(
-        None, description="[[x1, y1, x2, y2], ...] normalised to [0, 1]; one mask per box."
+        None, max_length=MAX_PROMPTS,
+        description=f"[[x1, y1, x2, y2], ...] normalised to [0, 1]; one mask per box (at most {MAX_PROMPTS}).",
     )
     points: list[Point] | None = Field(
-        None, description="[[x, y], ...] normalised to [0, 1]; refine each box, or make one mask alone."
+        None, max_length=MAX_PROMPTS,
+        description=f"[[x, y], ...] normalised to [0, 1]; refine each box, or make one mask alone (at most "
+                    f"{MAX_PROMPTS}).",
     )
     point_labels: list[Literal[0, 1]] | None = Field(
         None, description="1 = inside the object, 0 = outside; one per point (default all 1)."
@@ -172,9 +185,20 @@ class SegmentationParams(ToolParams):
     def _prompts_make_sense(self):
         if not self.boxes and not self.points:
             raise ValueError("give boxes and/or points to segment")
-        if self.point_labels is not None and len(self.point_labels) != len(self.points or []):
-            raise ValueError(f"{len(self.point_labels)} point_labels for {len(self.points or [])} points")
+        point_labels_for(len(self.points or []), self.point_labels)
         return self
+
+
+def point_labels_for(n_points: int, point_labels: Any) -> np.ndarray:
+    """The labels of ``n_points`` points: ``point_labels`` (one 0 or 1 per point) or all 1."""
+    if point_labels is None:
+        return np.ones(n_points, dtype=np.int64)
+    labels = np.asarray(point_labels).reshape(-1)
+    if len(labels) != n_points:
+        raise ValueError(f"{len(labels)} point_labels for {n_points} points")
+    if not np.isin(labels, (0, 1)).all():
+        raise ValueError("point_labels must be 1 (inside the object) or 0 (outside)")
+    return labels.astype(np.int64)
 
 
 class SegmentationResult(ToolResult):
@@ -188,13 +212,14 @@ class SegmentationResult(ToolResult):
         return Overlay(boxes=self.boxes, masks=self.masks)
 
 
-def masks_result(masks: np.ndarray) -> SegmentationResult:
-    """Result fields for a stack of bool HxW masks."""
-    return SegmentationResult(
-        boxes=[mask_to_box(m) or [] for m in masks],
-        areas=[int(m.sum()) for m in masks],
-        masks=[encode_rle(m) for m in masks],
-    )
+def masks_result(masks: Iterable[np.ndarray]) -> SegmentationResult:
+    """Result fields for bool HxW masks, read once each (a generator keeps one full-size mask in memory)."""
+    boxes, areas, rles = [], [], []
+    for m in masks:
+        boxes.append(mask_to_box(m) or [])
+        areas.append(int(m.sum()))
+        rles.append(encode_rle(m))
+    return SegmentationResult(boxes=boxes, areas=areas, masks=rles)
 
 
 class SegmentationTool(Tool):
@@ -282,26 +307,24 @@ class SegmentationTool(Tool):
         return state, arch, source
 
     def segment(self, image: Any, boxes=None, points=None, point_labels=None) -> SegmentationResult:
-        """Masks for normalised boxes and/or points (lists or arrays) on an image."""
+        """Masks for normalised boxes and/or points (lists or arrays) on an image; any number of boxes
+        (they are decoded :data:`DECODE_BATCH` at a time)."""
         boxes = None if boxes is None or len(boxes) == 0 else check_boxes(boxes)
-        points = None if points is None or len(points) == 0 else np.asarray(points, dtype=np.float64).reshape(-1, 2)
+        points = None if points is None or len(points) == 0 else check_points(points)
         if boxes is None and points is None:
             raise ValueError("give boxes and/or points to segment")
+        labels = point_labels_for(0 if points is None else len(points), point_labels)
         img = as_pil_rgb(image)
         w, h = img.size
         boxes_px = None if boxes is None else denormalize_boxes(boxes, w, h)
         points_px = None if points is None else points * [w, h]
-        n_points = 0 if points is None else len(points)
-        labels = np.asarray([1] * n_points if point_labels is None else point_labels, dtype=np.int64)
+        decode = self._medsam if self.variant == "medsam" else self._sam
         with self._lock, self._torch.inference_mode():
-            if self.variant == "medsam":
-                masks = self._medsam(img, boxes_px, points_px, labels)
-            else:
-                masks = self._sam(img, boxes_px, points_px, labels)
-        return masks_result(masks)
+            return masks_result(decode(img, boxes_px, points_px, labels))
 
-    def _prompt_tensors(self, boxes, points, labels, scale):
-        """Batched prompt tensors: one prompt per box (points shared), or one from the points alone."""
+    def _prompt_batches(self, boxes, points, labels, scale) -> Iterator[tuple[Any, Any]]:
+        """(boxes, (point coords, point labels)) tensors of :data:`DECODE_BATCH` prompts at a time, scaled to
+        the encoder's grid: one prompt per box (points shared), or one from the points alone."""
         torch = self._torch
         n = len(boxes) if boxes is not None else 1
         box_t = (
@@ -313,46 +336,46 @@ class SegmentationTool(Tool):
         if points is not None:
             coords = torch.as_tensor(points * scale, dtype=torch.float, device=self.device)[None].expand(n, -1, -1)
             pts = (coords, torch.as_tensor(labels, device=self.device)[None].expand(n, -1))
-        return box_t, pts
+        for i in range(0, n, DECODE_BATCH):
+            part = slice(i, i + DECODE_BATCH)
+            yield (None if box_t is None else box_t[part]), (None if pts is None else (pts[0][part], pts[1][part]))
 
-    def _medsam(self, img, boxes, points, labels) -> np.ndarray:
+    def _medsam(self, img, boxes, points, labels) -> Iterator[np.ndarray]:
         torch = self._torch
         w, h = img.size
         s = self.input_size
         embedding = self.model.image_encoder(medsam_preprocess(img, s).to(self.device))
-        box_t, pts = self._prompt_tensors(boxes, points, labels, np.array([s / w, s / h]))
-        sparse, dense = self.model.prompt_encoder(
-            points=pts, boxes=None if box_t is None else box_t[:, None, :], masks=None
-        )
-        low_res, _ = self.model.mask_decoder(
-            image_embeddings=embedding,
-            image_pe=self.model.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=False,
-        )
-        # one mask at a time: a float map at full size is 4 bytes a pixel (≈ 200 MB for a 8000x6000 scan)
-        return np.stack([
-            (torch.nn.functional.interpolate(torch.sigmoid(m[None]), size=(h, w), mode="bilinear",
-                                             align_corners=False)[0, 0] > 0.5).cpu().numpy()
-            for m in low_res
-        ])
+        for box_t, pts in self._prompt_batches(boxes, points, labels, np.array([s / w, s / h])):
+            sparse, dense = self.model.prompt_encoder(
+                points=pts, boxes=None if box_t is None else box_t[:, None, :], masks=None
+            )
+            low_res, _ = self.model.mask_decoder(
+                image_embeddings=embedding,
+                image_pe=self.model.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=False,
+            )
+            # one mask at a time: a float map at full size is 4 bytes a pixel (≈ 200 MB for a 8000x6000 scan)
+            for m in low_res:
+                yield (torch.nn.functional.interpolate(torch.sigmoid(m[None]), size=(h, w), mode="bilinear",
+                                                       align_corners=False)[0, 0] > 0.5).cpu().numpy()
 
-    def _sam(self, img, boxes, points, labels) -> np.ndarray:
+    def _sam(self, img, boxes, points, labels) -> Iterator[np.ndarray]:
         torch = self._torch
         w, h = img.size
         self.predictor.set_image(np.asarray(img))
         new_h, new_w = self.predictor.input_size
-        box_t, pts = self._prompt_tensors(boxes, points, labels, np.array([new_w / w, new_h / h]))
-        multimask = box_t is None and len(points) == 1  # a single click is ambiguous: keep SAM's best of 3
-        masks, scores, _ = self.predictor.predict_torch(
-            point_coords=None if pts is None else pts[0],
-            point_labels=None if pts is None else pts[1],
-            boxes=box_t,
-            multimask_output=multimask,
-        )
-        best = scores.argmax(dim=1)
-        return masks[torch.arange(len(masks)), best].cpu().numpy()
+        multimask = boxes is None and len(points) == 1  # a single click is ambiguous: keep SAM's best of 3
+        for box_t, pts in self._prompt_batches(boxes, points, labels, np.array([new_w / w, new_h / h])):
+            masks, scores, _ = self.predictor.predict_torch(
+                point_coords=None if pts is None else pts[0],
+                point_labels=None if pts is None else pts[1],
+                boxes=box_t,
+                multimask_output=multimask,
+            )
+            best = scores.argmax(dim=1)
+            yield from masks[torch.arange(len(masks)), best].cpu().numpy()
 
     def __call__(self, image: Any, params: SegmentationParams) -> SegmentationResult:
         return self.segment(image, params.boxes, params.points, params.point_labels)
