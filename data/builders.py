@@ -270,12 +270,14 @@ def _image_of(row: dict[str, Any], where: str, required: bool = True) -> str | N
 def _image_size(root: Path, rel: str, where: str) -> tuple[int, int]:
     from PIL import Image, UnidentifiedImageError
 
+    from mmedagent.imaging import upright_size
+
     path = root / rel
     if not path.is_file():
         raise DataError(f"{where}: image not found: {rel}")
     try:
         with Image.open(path) as im:
-            return im.size
+            return upright_size(im)  # boxes are of the image as shown (and as the model sees it)
     except (UnidentifiedImageError, OSError):
         from mmedagent.imaging import ImageLoadError, load_image
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 __all__ = [
     "ImageLoadError",
@@ -50,6 +50,8 @@ MAX_PIXELS = int(os.environ.get("MMEDAGENT_MAX_PIXELS", 1 << 28))
 """Largest number of pixels (2-D) or voxels (volumes) a file may declare before it is refused
 (decompression-bomb guard). Override per call with ``max_pixels=`` or with the
 ``MMEDAGENT_MAX_PIXELS`` environment variable."""
+EXIF_ORIENTATION = 0x0112
+"""The EXIF tag of how a photo is to be turned to show upright; the decoded image is turned so."""
 
 Plane = Literal["axial", "coronal", "sagittal"]
 Format = Literal["png", "jpeg", "bmp", "tiff", "gif", "webp", "dicom", "nifti"]
@@ -353,7 +355,13 @@ def _load_pil(data: bytes, fmt: str, window: WindowSpec, frame: int | None, max_
     except (OSError, SyntaxError, ValueError) as e:  # truncated / corrupt data
         raise ImageLoadError(f"cannot decode {fmt.upper()} image (truncated or corrupt): {e}") from None
 
+    white_is_zero = fmt == "tiff" and getattr(im, "tag_v2", {}).get(262) == 0
+    orientation = im.getexif().get(EXIF_ORIENTATION, 1)
+    if orientation != 1:  # a phone's photo of a film: upright, as viewers and browsers show it
+        im = ImageOps.exif_transpose(im)
     meta: dict[str, Any] = {"format": fmt, "mode": im.mode, "width": im.size[0], "height": im.size[1]}
+    if orientation != 1:
+        meta["exif_orientation"] = orientation
     if n_frames > 1:
         meta.update(frame_index=index, n_frames=n_frames)
     spec = _resolve_window(window)
@@ -363,8 +371,7 @@ def _load_pil(data: bytes, fmt: str, window: WindowSpec, frame: int | None, max_
         win = spec if spec is not None else _auto_window(values)
         meta.update(_window_meta(win, "explicit" if spec is not None else "min-max"))
         grey = _to_display(values, win)
-        # TIFF WhiteIsZero (a radiograph's MONOCHROME1): Pillow inverts it for 8-bit images only
-        if fmt == "tiff" and getattr(im, "tag_v2", {}).get(262) == 0:
+        if white_is_zero:  # TIFF WhiteIsZero (a radiograph's MONOCHROME1): Pillow inverts it for 8-bit images only
             grey = 255 - grey
             meta["inverted"] = True
         return MedicalImage(_grey_to_rgb(grey), meta, values)
@@ -379,6 +386,13 @@ def _load_pil(data: bytes, fmt: str, window: WindowSpec, frame: int | None, max_
     rgb = im.convert("RGB")
     meta["bit_depth"] = 8
     return MedicalImage(rgb, meta, np.asarray(rgb, dtype=np.float32))
+
+
+def upright_size(im: Image.Image) -> tuple[int, int]:
+    """(width, height) of an opened PIL image as :func:`load_image` gives it: turned upright by its EXIF
+    orientation (5-8 turn it a quarter), read from the header alone."""
+    w, h = im.size
+    return (h, w) if im.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8) else (w, h)
 
 
 def _palette_is_grey(im: Image.Image) -> bool:

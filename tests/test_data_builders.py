@@ -70,6 +70,19 @@ def test_coco_to_grounding(coco):
 
 
 
+def test_coco_boxes_of_a_photo_with_an_exif_orientation_are_of_the_upright_image(coco):
+    """An image stored 40x20 with EXIF orientation 6 is 20x40 as shown, and as the model sees it: COCO boxes
+    (x, y, w, h in pixels) are normalised by the upright size when the annotations give none."""
+    from PIL import Image
+
+    root, ann = coco
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("L", (40, 20)).save(root / "imgs" / "b.png", exif=exif)
+    exs = builders.read_coco(write_json(root / "ann.json", ann), root / "imgs")
+    assert [t.box for t in next(e for e in exs if e.image == "b.png").targets] == [[0.0, 0.0, 0.8, 0.2]]
+
+
 def test_coco_crowd_annotations_are_not_grounding_boxes(coco, caplog):
     """An iscrowd region (many objects, an RLE mask) is not one object's box: skipped, with a warning."""
     root, ann = coco

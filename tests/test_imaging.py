@@ -655,3 +655,21 @@ def test_pydicom_log_messages_are_redacted(caplog):
             [e.value for e in pydicom.dcmread(path).iterall()]  # converting raw values warns about the UID
     assert caplog.records, "pydicom should have warned"
     assert uid not in caplog.text and "<redacted>" in caplog.text
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_a_photo_with_an_exif_orientation_loads_upright_as_viewers_show_it(fmt):
+    """A phone's photo of a film is stored sideways with EXIF orientation 6 (turn 90° clockwise to view): the
+    model, the tools and the overlay must see it as the user does, not lying on its side."""
+    stored = np.zeros((40, 60), np.uint8)  # 60 wide, 40 high as stored
+    stored[:10, :10] = 255  # top-left as stored → top-right once turned clockwise
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    Image.fromarray(stored).save(buf, fmt, exif=exif)
+    m = load_image(buf.getvalue())
+    assert m.image.size == (40, 60) and (m.metadata["width"], m.metadata["height"]) == (40, 60)
+    grey = np.asarray(m.image)[..., 0]
+    assert grey[:8, -8:].min() > 200 and grey[:8, :8].max() < 50
+    assert m.metadata["exif_orientation"] == 6
+    assert "exif_orientation" not in load_image(png_bytes(stored)).metadata
