@@ -994,3 +994,141 @@ def test_the_stale_check_hashes_only_files_whose_size_or_time_changed(tmp_path, 
     assert "a.txt" not in hashed
     (docs / "b.txt").write_text("Gout: urate crystals.", "utf-8")
     assert idx.stale()["changed"] == 1
+
+
+# ------------------------------------------------------------- ICD-10-CM and guidelines in one index
+GUIDELINES = {
+    "hypertension.md": (
+        "# Hypertension in adults\n\n## Diagnosis\nIf the clinic blood pressure is between 140/90 mmHg and 180/120 "
+        "mmHg, offer ambulatory blood pressure monitoring to confirm the diagnosis. Assess cardiovascular risk and "
+        "target organ damage: urine albumin:creatinine ratio, HbA1c, electrolytes, eGFR, lipids and a 12-lead ECG.\n\n"
+        "## Treatment\nOffer lifestyle advice: a healthy diet, regular exercise, less salt, alcohol and caffeine, and "
+        "stopping smoking. Offer an ACE inhibitor or an angiotensin II receptor blocker to adults under 55 and to "
+        "adults with type 2 diabetes; offer a calcium-channel blocker to adults aged 55 and over and to adults of "
+        "Black African or African-Caribbean family origin. If blood pressure is not controlled, add a thiazide-like "
+        "diuretic such as indapamide. Aim for a clinic blood pressure below 140/90 mmHg.\n"),
+    "gestational-diabetes.html": (
+        "<html><head><title>Diabetes in pregnancy</title></head><body><h1>Gestational diabetes</h1>"
+        "<p>Offer an oral glucose tolerance test at 24 to 28 weeks to women with risk factors.</p>"
+        "<h2>Management</h2><p>Offer advice on diet and exercise first. If blood glucose targets are not met within "
+        "1 to 2 weeks, offer metformin; offer insulin if metformin is not tolerated or targets are still not met, "
+        "or at diagnosis when the fasting plasma glucose is 7.0 mmol/L or above. Test capillary glucose before "
+        "breakfast and one hour after every meal. Offer a fasting glucose test 6 to 13 weeks after the birth.</p>"
+        "</body></html>"),
+    "stemi.txt": (
+        "Acute ST-elevation myocardial infarction. Give aspirin 300 mg at once, pain relief with intravenous opioids, "
+        "and oxygen only when oxygen saturation is below 94 percent. Offer primary percutaneous coronary "
+        "intervention if it can be delivered within 120 minutes of when fibrinolysis could have been given; "
+        "otherwise give fibrinolysis. Secondary prevention after the infarction: dual antiplatelet therapy for 12 "
+        "months, an ACE inhibitor, a beta blocker and a high-intensity statin, with cardiac rehabilitation and "
+        "advice to stop smoking."),
+    "type2-diabetes.md": (
+        "# Type 2 diabetes in adults\n\n## Blood glucose lowering therapy\nOffer standard-release metformin as the "
+        "first-line drug. Add an SGLT2 inhibitor if the person has heart failure or atherosclerotic cardiovascular "
+        "disease, or a high cardiovascular risk. Agree an HbA1c target of 48 mmol/mol for adults managed by "
+        "lifestyle and diet, or by lifestyle and a single drug not associated with hypoglycaemia.\n"),
+    "conjunctivitis.json": json.dumps({
+        "title": "Infective conjunctivitis", "code": "H10", "text": (
+            "Infective conjunctivitis, often called pink eye, is usually self-limiting and gets better within 7 to "
+            "14 days without treatment. It is contagious: advise washing hands often and not sharing towels or "
+            "pillows. Children do not need to be kept away from school or nursery. Consider topical chloramphenicol "
+            "if symptoms are severe or last longer than a week.")}),
+}
+WRIST_PDF = ["Distal radius fracture in adults.", "Immobilise a stable undisplaced fracture in a below-elbow cast "
+             "for 4 to 6 weeks.", "Offer closed reduction or surgical fixation with a volar locking plate for an "
+             "unstable or displaced broken wrist.", "Start hand and finger exercises early."]
+# questions on treatment -> the guideline that answers them
+TREATMENT_QUESTIONS = {
+    "How is high blood pressure treated?": "hypertension.md",
+    "What is the treatment for gestational diabetes?": "gestational-diabetes.html",
+    "How do you manage a patient after a myocardial infarction?": "stemi.txt",
+    "What is the first-line drug for type 2 diabetes?": "type2-diabetes.md",
+    "How is a broken wrist treated?": "wrist-fracture.pdf",
+    "Is pink eye contagious?": "conjunctivitis.json",
+}
+
+
+@pytest.fixture(scope="session")
+def guidelines_dir(tmp_path_factory):
+    d = _docs(tmp_path_factory.mktemp("guidelines"), **GUIDELINES)
+    make_pdf(d / "wrist-fracture.pdf", WRIST_PDF)
+    return d
+
+
+@pytest.fixture(scope="session")
+def combined_index(tmp_path_factory, icd_index, guidelines_dir, embedder):
+    """The ICD-10-CM test chapters and the guidelines in one index, built as a user does: the preset
+    copied to --out, then the guidelines added with --add."""
+    out = tmp_path_factory.mktemp("kb") / "kb.idx"
+    ri.build_preset(ri.ICD10CM_PRESET, out, embedder, chapters=ICD_TEST_CHAPTERS)  # (from the cache)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(ri.CACHE_ENV, str(tmp_path_factory.mktemp("cache")))
+        return ri.add_to_index(out, guidelines_dir, embedder=embedder)[0]
+
+
+def test_an_index_knows_its_collections(combined_index, icd_index, corpus_index):
+    assert combined_index.collections == [ri.DOCUMENTS, ri.ICD10CM_PRESET]
+    assert icd_index.collections == [ri.ICD10CM_PRESET] and corpus_index.collections == [ri.DOCUMENTS]
+    tool = Retrieval(index=str(combined_index.path))  # what the UI's banner says is loaded
+    tool.load()
+    assert tool.weights_note.startswith("kb.idx (documents + icd10cm): ")
+
+
+@pytest.mark.parametrize("question", TREATMENT_QUESTIONS)
+def test_treatment_guidance_is_not_buried_under_codes(combined_index, question):
+    """Short ICD-10-CM descriptions match a question more closely, word for word and by cosine, than a
+    long guideline chunk does; searched in one ranking, codes filled the top 5 and the guidance that
+    answers the question came after them."""
+    hits = combined_index.search(question, 3)
+    assert TREATMENT_QUESTIONS[question] in [h.passage["source"] for h in hits], [
+        (h.passage["source"], h.passage.get("code"), h.ranks) for h in hits]
+
+
+def test_guidelines_leave_codes_alone_where_they_have_nothing_to_say(combined_index, icd_index):
+    """Code lookups, clinical phrases and questions no guideline covers get the ICD-10-CM answers they
+    get from the ICD-10-CM index alone, with no guideline passage among them."""
+    for query in ("E11.9", "S52.501A", "HELLP syndrome", "sprained ankle", "crossed eyes", "blood clot in the lung",
+                  "morning sickness"):
+        hits = combined_index.search(query, 5)
+        assert [(h.passage.get("code") or h.passage["source"], h.score) for h in hits] == [
+            (h.passage["code"], h.score) for h in icd_index.search(query, 5)], query
+    # where a guideline has something to say, it joins the codes
+    hits = combined_index.search("sugar diabetes in pregnancy", 3)
+    assert hits[0].passage["code"] == "O24.4" and hits[1].passage["source"] == "gestational-diabetes.html"
+
+
+def test_the_model_sees_where_each_passage_comes_from(combined_index):
+    """The agent's retrieval call on the combined index: the model sees the guidance with what it needs
+    to cite it (file, section heading or page) next to the codes."""
+    tool = Retrieval(index=str(combined_index.path))
+    tool._index = combined_index  # loaded with the session's model (tool.load() would load it again)
+    d = Dispatcher([tool], timeout_s=120)
+    seen = {}
+    for question in ("How is high blood pressure treated?", "How is a broken wrist treated?"):
+        out = d.dispatch(ToolCall(API_name="ChatCAD-R", API_params={"question": question}), None)
+        assert out.ok, out.error
+        for p in out.output["passages"]:
+            seen.setdefault(p["source"], p)  # a source's best passage
+    d.close()
+    assert seen["hypertension.md"]["title"] == "Treatment" and seen["hypertension.md"]["text"].startswith("Offer")
+    assert seen["wrist-fracture.pdf"]["page"] == 1 and "title" not in seen["wrist-fracture.pdf"]  # its stem
+    codes = [p for p in seen.values() if p["source"] == ri.ICD10CM_SOURCE]
+    assert codes and all("code" in p and "title" not in p for p in codes)  # the description opens the text
+
+
+def test_text_past_the_embedding_window_is_reported(tmp_path, embedder, monkeypatch, caplog):
+    """MiniLM reads 256 word pieces; a 128-word chunk of dosing text is longer, and the dense search
+    would silently never see its end."""
+    monkeypatch.setenv(ri.CACHE_ENV, str(tmp_path / "cache"))
+    dosing = ("Give co-amoxiclav 1.2 g IV 8-hourly (or 625 mg PO 8-hourly) plus clarithromycin 500 mg BD; "
+              "if eGFR < 30 mL/min/1.73m2, halve the dose. ") * 8
+    docs = _docs(tmp_path / "docs", **{"dosing.txt": dosing, "short.txt": "Gout: colchicine 500 micrograms."})
+    with caplog.at_level(logging.WARNING, logger=ri.__name__):
+        ri.HybridIndex.build(ri.load_corpus(docs), tmp_path / "i.idx", embedder)
+    warning = [r.getMessage() for r in caplog.records if "token window" in r.getMessage()]
+    assert len(warning) == 1 and warning[0].startswith("1 of 3 texts are longer than the embedding model's 256-token")
+    fits = int(warning[0].rsplit("--chunk-words ", 1)[1].split()[0])
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=ri.__name__):
+        ri.HybridIndex.build(ri.load_corpus(docs, chunk_size=fits, overlap=16), tmp_path / "i.idx", embedder)
+    assert "token window" not in caplog.text  # the advice given is enough

