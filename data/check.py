@@ -14,7 +14,7 @@ from typing import Any
 from mmedagent.data.formats import (DataError, canonicalise_tool_results, chat_messages, image_not_found, iter_records,
                                     lies_outside)
 from mmedagent.imaging import image_file_problem
-from mmedagent.protocol import Record, TurnParseError, parse_tool_results, parse_turn, render_turn
+from mmedagent.protocol import Record, TurnParseError, parse_tool_results, parse_turn, render_turn, strip_image_token
 
 
 @dataclass
@@ -44,6 +44,7 @@ def _check_one(rec: Record, where: str, report: CheckReport, dispatcher: Any) ->
     except DataError as e:
         report.problems.append(str(e))
     pending: list[str] = []  # the names the last planning turn called
+    asked = ""  # the last question asked
     for k, m in enumerate(rec.conversations, 1):
         if m.role == "gpt" and m.is_tool_turn:
             turn = m.assistant_turn()
@@ -74,9 +75,11 @@ def _check_one(rec: Record, where: str, report: CheckReport, dispatcher: Any) ->
                 if len(results.outcomes) != len(pending):
                     report.problems.append(f"{where}: turn {k} has {len(results.outcomes)} tool output(s) "
                                            f"for {len(pending)} call(s)")
-                if results.question != rec.first_question():
-                    report.problems.append(f"{where}: turn {k} does not repeat the first question")
+                if results.question not in (asked, rec.first_question()):  # the agent repeats the one it answers
+                    report.problems.append(f"{where}: turn {k} repeats neither the question it answers nor the first")
             pending = []
+        elif m.role == "human":
+            asked = strip_image_token(m.value)
     if pending:  # trains the planning turn alone (e.g. the synthetic box drills)
         report.planning_only += 1
     copy = rec.model_copy(deep=True)

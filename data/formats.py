@@ -582,7 +582,7 @@ def _messages_from_chat(turns: list[Any], role_key: str, text_key: str) -> list[
     out: list[Message] = []
     pending: list[tuple[str | None, ToolCall]] = []
     results: dict[int, ToolOutcome] = {}
-    first_question = ""
+    question = ""  # the one being answered, which tool results repeat (as the agent does)
 
     def close_calls(k: int) -> None:  # the results of the last tool-calling turn, once all have come
         if pending and (results or k <= len(turns)):  # (a conversation may end at a call: planning-only)
@@ -590,7 +590,7 @@ def _messages_from_chat(turns: list[Any], role_key: str, text_key: str) -> list[
             if missing:
                 raise ValueError(f"turn {k}: no tool result for the call(s) to {', '.join(missing)}")
             out.append(Message(role="human", value=render_tool_results([results[i] for i in range(len(pending))],
-                                                                          first_question)))
+                                                                          question)))
         pending.clear()
         results.clear()
 
@@ -639,8 +639,8 @@ def _messages_from_chat(turns: list[Any], role_key: str, text_key: str) -> list[
         elif role == "gpt":
             out.append(_gpt_message(text))
         else:
-            if role == "human" and not first_question:
-                first_question = strip_image_token(text)
+            if role == "human":
+                question = strip_image_token(text)
             out.append(Message(role=role, value=text))
     close_calls(len(turns) + 1)
     return out

@@ -472,6 +472,31 @@ def _openai_log():
         "images": ["ct.png"]}
 
 
+def test_a_follow_up_questions_tool_results_repeat_that_question_as_the_agent_does(tmp_path):
+    """A chat log with a follow-up ("Segment it.") that calls a tool: its results repeat the follow-up, which
+    the agent repeats when serving it (training repeated the first question: another prompt than served);
+    ``check`` takes either wording and flags a question never asked."""
+    from mmedagent.data.check import check_file
+
+    log = _openai_log()
+    log["messages"] += [
+        {"role": "user", "content": "Segment it."},
+        {"role": "assistant", "content": "Segment the nodule.", "tool_calls": [
+            {"id": "call_c", "type": "function", "function": {"name": "segmentation", "arguments": json.dumps(
+                {"boxes": [[0.1, 0.2, 0.3, 0.4]]})}}]},
+        {"role": "tool", "tool_call_id": "call_c", "content": json.dumps({"areas": [120]})},
+        {"role": "assistant", "content": "The nodule covers 120 pixels."}]
+    (rec,) = read_records(write_json(tmp_path / "log.json", [log]))
+    assert parse_tool_results(rec.conversations[3].value).question == "Where is the nodule, and what is it?"
+    assert parse_tool_results(rec.conversations[7].value).question == "Segment it."
+    p = write_json(tmp_path / "rec.json", [rec.to_dict()])
+    assert check_file(p, validate_tools=False).problems == []
+    rec.conversations[3].value = rec.conversations[3].value.replace("Where is the nodule, and what is it?", "Hello?")
+    rec.conversations[7].value = rec.conversations[7].value.replace("Segment it.", "Where is the nodule, and what is it?")
+    problems = check_file(write_json(tmp_path / "bad.json", [rec.to_dict()]), validate_tools=False).problems
+    assert len(problems) == 1 and "turn 4 repeats neither the question it answers nor the first" in problems[0]
+
+
 def test_openai_tool_calls_log_becomes_a_tool_use_record(tmp_path):
     """OpenAI ``tool_calls`` + ``tool`` messages: one planning turn with both calls (its content the thought),
     one tool-result turn with the results in call order (JSON as output, plain text verbatim), the answer."""
