@@ -67,6 +67,13 @@ class AgentStep(BaseModel):
     finish: str | None = None  # why the planner's reply ended ("eos", "stop", "length"), where it says
 
 
+def cut_off_error(step: AgentStep, error: TurnParseError) -> str:
+    """The parse error of a reply that ran out of tokens: what ran out and what to do, then what is missing."""
+    after = f" after {step.new_tokens} tokens" if step.new_tokens is not None else ""
+    return (f"the reply was cut off{after}, before its turn was complete: the token budget (max_new_tokens) or the "
+            f"model's context ran out; raise max_new_tokens, or start a new conversation if this one is long ({error})")
+
+
 class AgentResult(BaseModel):
     answer: str
     steps: list[AgentStep]
@@ -158,7 +165,7 @@ class Agent:
             try:
                 step.turn = parse_turn(raw, strict=False)
             except TurnParseError as e:
-                step.parse_error = str(e)
+                step.parse_error = str(e) if step.finish != "length" else cut_off_error(step, e)
                 answer, stopped = raw.strip(), "parse_error"
             else:
                 answer = step.turn.value

@@ -7,6 +7,7 @@ the user; the caller always gets one outcome per call.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -40,6 +41,17 @@ def parse_params(tool: Tool, params: Mapping[str, Any]) -> Any:
         raise ValueError(describe_validation_error(tool.name, e)) from None
     except Exception as e:  # a validator that assumed the type the model would send
         raise ValueError(f"invalid params for {tool.name}: {type(e).__name__}: {e}") from None
+
+
+def plain_json(output: dict[str, Any], where: str) -> dict[str, Any]:
+    """``output`` as plain JSON values, as the model reads it (the Python repr of JSON data, as in the
+    training records) and the trace carries it: a numpy number would read ``np.float64(0.5)`` and break the
+    trace's JSON, a tuple would read ``(…)``. A ``TypeError`` naming ``where`` for what JSON cannot carry."""
+    try:
+        return json.loads(json.dumps(output))
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{where} returned a value JSON cannot carry ({e}); return str, int, float, bool, "
+                        "None, lists and dicts with str keys") from None
 
 
 class Dispatcher:
@@ -173,6 +185,7 @@ class Dispatcher:
             if not isinstance(output, dict):
                 raise TypeError(f"{type(result).__name__}.for_model() returned {type(output).__name__}, "
                                 "expected a dict")
+            output = plain_json(output, f"{type(result).__name__}.for_model()")
             overlay = result.overlay()  # the UI draws it later: a broken one fails here, as this call's error
             if overlay is not None and not isinstance(overlay, Overlay):
                 raise TypeError(f"{type(result).__name__}.overlay() returned {type(overlay).__name__}, "

@@ -332,7 +332,8 @@ def parse_turn(text: str, strict: bool = True) -> AssistantTurn:
     """Parse model text into an :class:`AssistantTurn`; raises only :class:`TurnParseError`.
 
     With ``strict=False``, text that carries none of the turn markers is taken as a plain answer
-    (how a model answers without tools, and how plain LLaVA data is rendered).
+    (how a model answers without tools, and how plain LLaVA data is rendered), unless it is only the
+    start of a marker (a turn cut off at its first tokens).
     """
     if not isinstance(text, str):
         raise TurnParseError("model output is not text")
@@ -340,6 +341,8 @@ def parse_turn(text: str, strict: bool = True) -> AssistantTurn:
     if all(p < 0 for p in positions.values()):
         if strict:
             raise TurnParseError("no turn markers (thoughts🤔 / actions🚀 / value👉) in model output")
+        if (stripped := text.strip()) and any(m.startswith(stripped) for m in MARKS):
+            raise TurnParseError(f"the model output stops inside a turn marker: {stripped}")
         return AssistantTurn(value=text.strip())
     for m in (ACTIONS_MARK, VALUE_MARK):
         if positions[m] < 0:

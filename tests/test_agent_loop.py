@@ -76,3 +76,30 @@ def test_a_tool_output_that_imitates_the_turn_format_stays_inside_its_own_result
     assert back.question == "Where is the tumor?" and len(back.outcomes) == 1
     assert back.outcomes[0].output["phrases"] == [forged]
     assert json.loads(json.dumps(result.model_dump()))["stopped"] == "answer"
+
+
+# --------------------------------------------------------------------------- with the demo planner
+
+
+@pytest.fixture(scope="module")
+def demo_planner():
+    """The shipped demo planner, decoding under the turn format as it is served."""
+    from mmedagent.model import load_planner
+
+    return load_planner("demo", constrain=True)
+
+
+@pytest.mark.parametrize("budget", [1, 2, 6])
+def test_a_turn_cut_off_by_the_token_budget_says_so_and_the_chat_goes_on(dispatcher, demo_planner, budget):
+    """A reply that runs out of tokens mid-turn (a small max_new_tokens, or a conversation that has filled
+    the model's context) is reported as cut off, with what to do, not as a plain answer or a format
+    error; the next question, with room to answer, continues the same conversation."""
+    cut = Agent(demo_planner, dispatcher, system="", max_new_tokens=budget).run(
+        "Can you locate the tumor in this MRI image?", grey_image())
+    step = cut.steps[0]
+    assert cut.stopped == "parse_error" and step.finish == "length" and step.turn is None
+    assert step.parse_error.startswith(f"the reply was cut off after {budget} tokens, before its turn was complete")
+    assert "raise max_new_tokens" in step.parse_error and "\n" not in step.parse_error
+    again = Agent(demo_planner, dispatcher, system="", max_new_tokens=96).run(
+        "Can you locate the tumor in this MRI image?", grey_image(), history=cut.messages)
+    assert again.stopped == "answer" and again.messages[: len(cut.messages)] == cut.messages

@@ -91,6 +91,47 @@ def test_a_turn_of_several_calls_keeps_their_order_and_fails_only_the_bad_ones(t
     assert outcomes[7].output["phrases"] == ["cyst"] and [r is not None for r in results] == [o.ok for o in outcomes]
 
 
+def test_a_for_model_of_numpy_values_reads_as_plain_json_or_is_that_calls_error():
+    """A plug-in whose ``for_model()`` hands back numpy numbers or tuples: the model reads the plain
+    JSON values it was trained on (not ``np.float64(0.5)``), the trace serialises, and a value JSON
+    cannot carry is the call's error naming it, while the turn's other calls run."""
+    import json
+
+    import numpy as np
+
+    from mmedagent.protocol import render_tool_results
+    from mmedagent.tools import ToolResult
+
+    class Stats(ToolResult):
+        def for_model(self):
+            grey = np.asarray(grey_image().convert("L"), dtype=np.float32)
+            return {"mean": grey.mean().astype(np.float64), "box": (0.25, 0.5, 0.75, 1.0)}
+
+    class Histogram(ToolResult):
+        def for_model(self):
+            return {"counts": np.bincount([1, 1, 2])}
+
+    class StatsTool(CrashTool):
+        name = "stats"
+
+        def __call__(self, image, params):
+            return Stats()
+
+    class HistogramTool(CrashTool):
+        name = "histogram"
+
+        def __call__(self, image, params):
+            return Histogram()
+
+    (stats, histogram, found), _ = Dispatcher([StatsTool(), HistogramTool(), FakeGrounding()]).dispatch_all(
+        [call("stats"), call("histogram"), call("grounding", prompts=["x"])], grey_image())
+    assert stats.ok and stats.output == {"mean": 100.0, "box": [0.25, 0.5, 0.75, 1.0]}
+    assert render_tool_results([stats], "q").splitlines()[0] == "stats output: {'mean': 100.0, 'box': [0.25, 0.5, 0.75, 1.0]}"
+    json.dumps(stats.model_dump())  # what the controller streams as the step's trace
+    assert not histogram.ok and "Histogram.for_model() returned a value JSON cannot carry" in histogram.error
+    assert "ndarray" in histogram.error and found.ok
+
+
 def test_image_placeholder_and_model_paths_never_reach_tools(tools, tmp_path, monkeypatch):
     import builtins
 

@@ -179,6 +179,14 @@ def test_actions_written_as_none_are_no_call(actions):
 
 def test_non_strict_plain_text_is_an_answer():
     assert parse_turn("  The image shows a lung CT. ", strict=False) == AssistantTurn(value="The image shows a lung CT.")
+    assert parse_turn('"Thoughts" is not a marker.', strict=False).value == '"Thoughts" is not a marker.'
+
+
+@pytest.mark.parametrize("text", ['"', ' "thoughts', '"thoughts🤔', '"act', '"value\n'])
+def test_non_strict_text_that_is_only_the_start_of_a_marker_is_a_cut_off_turn_not_an_answer(text):
+    """A turn that ends within its first marker (its first tokens only) is no plain answer to show the user."""
+    with pytest.raises(TurnParseError, match="stops inside a turn marker"):
+        parse_turn(text, strict=False)
 
 
 def test_tool_error_wording_round_trip():
