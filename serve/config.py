@@ -19,9 +19,9 @@ from __future__ import annotations
 import ipaddress
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mmedagent.cache import cache_root
 from mmedagent.serve.messages import MAX_STEPS
@@ -46,6 +46,8 @@ class ToolSpec(BaseModel):
         "(default: the tool's slow_load, true for retrieval, whose first load builds its index)",
     )
 
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 MIN_API_KEY_LENGTH = 16
 """Shorter keys (the web UI's password too) are refused: the servers do not limit wrong attempts."""
@@ -105,6 +107,13 @@ class ServeConfig(BaseModel):
     max_concurrent_chats: int = Field(default=64, ge=1)
     cache_dir: str | None = None
     log_level: str = "INFO"
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, level: str) -> str:
+        if level.upper() not in LOG_LEVELS:
+            raise ValueError(f"unknown log level; use one of {', '.join(LOG_LEVELS)}")
+        return level.upper()
 
     @model_validator(mode="after")
     def _check(self) -> "ServeConfig":
@@ -207,11 +216,18 @@ def validation_problems(error: ValidationError, whole: str) -> str:
 
 
 def config_or_exit(parser: Any, path: str | os.PathLike | None = None, **overrides: Any) -> ServeConfig:
-    """:func:`load_config` for a command line: a :class:`ConfigError` is one ``error:`` line (exit 2)."""
+    """:func:`load_config` for a command line: a :class:`ConfigError` is one ``error:`` line (exit 2),
+    without the usage text, which says nothing about a setting."""
     try:
         return load_config(path, **overrides)
     except ConfigError as e:
-        parser.error(str(e))
+        exit_error(parser, str(e))
+
+
+def exit_error(parser: Any, message: str) -> NoReturn:
+    """A setting that cannot be used, at start: one ``error:`` line and exit 2, without the usage text
+    (``parser.error`` prints), which says nothing about a setting."""
+    parser.exit(2, f"{parser.prog}: error: {message}\n")
 
 
 def add_common_args(parser) -> None:

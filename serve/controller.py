@@ -21,9 +21,11 @@ import contextlib
 import json
 import logging
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -37,7 +39,17 @@ from mmedagent.agent import Agent, AgentResult, AgentStep
 from mmedagent.dispatcher import Dispatcher
 from mmedagent.protocol import ToolCall, ToolOutcome, strip_image_token, system_message
 from mmedagent.serve import openai_api as oa
-from mmedagent.serve.config import API_KEY_ENV, DTYPES, ServeConfig, ToolSpec, add_common_args, config_or_exit, is_loopback
+from mmedagent.hub import is_hub_id
+from mmedagent.serve.config import (
+    API_KEY_ENV,
+    DTYPES,
+    ServeConfig,
+    ToolSpec,
+    add_common_args,
+    config_or_exit,
+    exit_error,
+    is_loopback,
+)
 from mmedagent.serve.httpclient import make_client
 from mmedagent.serve.messages import (
     MAX_NEW_TOKENS,
@@ -48,7 +60,15 @@ from mmedagent.serve.messages import (
     too_long_conversation,
 )
 from mmedagent.serve.registry import NoWorkerError, RegistrationConflict, WorkerInfo, WorkerRegistry
-from mmedagent.serve.remote import RemoteResult, RemoteTool, ToolInputError, WorkerError, WorkerPlanner, remote_tool_class
+from mmedagent.serve.remote import (
+    REQUEST_ID_HEADER,
+    RemoteResult,
+    RemoteTool,
+    ToolInputError,
+    WorkerError,
+    WorkerPlanner,
+    remote_tool_class,
+)
 from mmedagent.serve.security import setup_logging, without_echoed_input
 from mmedagent.serve.uploads import UploadError, image_from_data_url, sendable_png
 from mmedagent.tools import Tool, UnknownToolError, get_tool, list_tools, load_plugin
@@ -142,6 +162,27 @@ def openai_answer(result: AgentResult, stops: list[str], max_new_tokens: int) ->
     answer, cut = oa.cut_at_stop(result.answer, stops)
     last = result.steps[-1] if result.steps else None
     return answer, "stop" if cut else oa.finish_reason(last and last.new_tokens, max_new_tokens, last and last.finish)
+
+
+def chat_summary(result: AgentResult, model: str, address: str, resolve: Callable[[str], Tool | None]) -> str:
+    """One finished chat for the log, to debug with and never patient-identifying: the model worker,
+    each step's tools (their canonical names: the model's text is not repeated), tokens, times and how
+    it ended; not the question, the answer or any tool output."""
+    tools = []
+    for step in result.steps:
+        for outcome in step.outcomes:
+            tool = resolve(outcome.tool)
+            tools.append(f"{tool.name if tool else 'unknown tool'} {'ok' if outcome.ok else 'failed'} {outcome.elapsed_s:.2f} s")
+    usage = result.usage
+    tokens = f"; tokens {usage['prompt_tokens']} in, {usage['completion_tokens']} out" if usage else ""
+    model_s = sum(s.model_s for s in result.steps)
+    return (f"model {model} at {address}; {len(result.steps)} steps; tools: {', '.join(tools) or 'none'}{tokens}; "
+            f"model {model_s:.2f} s, total {result.wall_s:.2f} s; ended by {result.stopped}")
+
+
+def request_id() -> str:
+    """The id of one chat request: in its log line and the response's ``X-Request-ID`` header."""
+    return uuid.uuid4().hex[:16]
 
 
 def trace_view(result: AgentResult) -> dict[str, Any]:
@@ -253,16 +294,32 @@ class Controller:
         gen: dict[str, Any],
         max_steps: int,
         conversation_id: str,
+        request_id: str = "-",
         on_event: Callable[[str, Any], None] | None = None,
     ) -> AgentResult:
-        """One agent run (blocking; called in the chat thread pool)."""
-        live = self.live_tools()
-        self.dispatcher.tools = self.all_tools()
-        planner = WorkerPlanner(self.registry, self.client, model, conversation_id, self.cfg.model_timeout_s)
-        mode = self.registry.known.get(model, {}).get("system_prompt")
-        system = system_message(mode, (type(t) for t in live.values()))
-        agent = Agent(planner, self.dispatcher, max_steps=max_steps, system=system, **gen)
-        return agent.run(question, image, history=history, on_event=on_event)
+        """One agent run (blocking; called in the chat thread pool), logged as one line under
+        ``request_id`` (:func:`chat_summary`), or a line saying how it ended otherwise."""
+        t0, planner = time.monotonic(), None
+        try:
+            live = self.live_tools()
+            self.dispatcher.tools = self.all_tools()
+            planner = WorkerPlanner(self.registry, self.client, model, conversation_id, self.cfg.model_timeout_s, request_id)
+            mode = self.registry.known.get(model, {}).get("system_prompt")
+            system = system_message(mode, (type(t) for t in live.values()))
+            agent = Agent(planner, self.dispatcher, max_steps=max_steps, system=system, **gen)
+            result = agent.run(question, image, history=history, on_event=on_event)
+        except ChatCancelled:
+            log.info("chat %s: stopped after %.2f s: its client went away", request_id, time.monotonic() - t0)
+            raise
+        except (WorkerError, NoWorkerError) as e:  # their text may quote a library's message: the type only
+            log.warning("chat %s: failed after %.2f s: %s (model %s at %s)", request_id, time.monotonic() - t0,
+                        type(e).__name__, model, planner.address if planner else "none")
+            raise
+        except Exception as e:
+            log.warning("chat %s: failed after %.2f s", request_id, time.monotonic() - t0, exc_info=e)  # reduced by the log filter
+            raise
+        log.info("chat %s: %s", request_id, chat_summary(result, model, planner.address, self.dispatcher.resolve))
+        return result
 
     async def decode(self, data_url: str | None):
         if data_url is None:
@@ -303,15 +360,14 @@ class Controller:
                 raise ChatCancelled
             hand_over(kind, payload)
 
-        def work() -> None:
+        def work() -> None:  # run_agent logs how the run ended
             try:
                 self.run_agent(**kwargs, on_event=emit)
             except ChatCancelled:
-                log.info("chat stopped: its client went away")
+                pass
             except (WorkerError, NoWorkerError) as e:
                 hand_over("error", str(e))
             except Exception as e:  # reported to the client; the server goes on
-                log.warning("chat failed", exc_info=e)  # reduced to its type and place by the log filter
                 hand_over("error", f"internal error: {type(e).__name__}")
             finally:
                 hand_over("end", None)
@@ -441,7 +497,18 @@ def build_app(ctl: Controller) -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"ok": True, "models": len(ctl.registry.workers("model")), "tool_workers": len(ctl.registry.workers("tool"))}
+        """Liveness: 200 while the controller runs; ``ready`` says whether a chat can be answered now."""
+        return {"ok": True, "ready": bool(ctl.model_names()), "models": len(ctl.registry.workers("model")),
+                "tool_workers": len(ctl.registry.workers("tool")), "loading": list(ctl.loading)}
+
+    @app.get("/ready")
+    async def ready() -> dict[str, Any]:
+        """Readiness, for a monitor or load balancer: 200 once a model worker is registered, else 503 saying so."""
+        models = ctl.model_names()
+        if not models:
+            raise HTTPException(503, "not ready: no model worker is registered (still loading, or it failed: see the "
+                                     "controller's log)")
+        return {"ready": True, "models": models, "tools": ctl.available_tools(), "loading": list(ctl.loading)}
 
     @app.get("/v1/status")
     async def status() -> dict[str, Any]:
@@ -502,6 +569,7 @@ def build_app(ctl: Controller) -> FastAPI:
         kwargs = dict(
             model=model, question=req.question, image=image, history=as_dicts(req.history), gen=gen,
             max_steps=req.max_steps or ctl.cfg.max_steps, conversation_id=req.conversation_id or uuid.uuid4().hex,
+            request_id=request_id(),
         )
 
         async def events() -> AsyncIterator[str]:
@@ -517,7 +585,7 @@ def build_app(ctl: Controller) -> FastAPI:
                         event = {"type": "error", "error": payload}
                     yield json.dumps(event, ensure_ascii=False) + "\n"
 
-        return StreamingResponse(events(), media_type="application/x-ndjson")
+        return StreamingResponse(events(), media_type="application/x-ndjson", headers={REQUEST_ID_HEADER: kwargs["request_id"]})
 
     # ------------------------------------------------------------------ OpenAI API
 
@@ -547,18 +615,21 @@ def build_app(ctl: Controller) -> FastAPI:
             max_steps=ctl.cfg.max_steps, conversation_id=uuid.uuid4().hex,
         )
         stops, cid = req.stops(), oa.completion_id()
+        kwargs["request_id"] = cid  # the id the client reads is the one in the log
+        traced = {REQUEST_ID_HEADER: cid}
         if not req.stream:
             result: AgentResult | None = None
             async with contextlib.aclosing(ctl.stream_agent(kwargs, request)) as run:  # a disconnect stops the run
                 async for kind, payload in run:
                     if kind == "error":
-                        return JSONResponse(oa.error_body(payload, 502), status_code=502)
+                        return JSONResponse(oa.error_body(payload, 502), status_code=502, headers=traced)
                     if kind == "answer":
                         result = payload
             if result is None:  # stopped: the client went away, nobody reads this
                 return Response(status_code=499)
             answer, finish = openai_answer(result, stops, gen["max_new_tokens"])
-            return oa.completion(cid, model, answer, finish, **_usage(result), mmedagent_trace=trace_view(result))
+            body = oa.completion(cid, model, answer, finish, **_usage(result), mmedagent_trace=trace_view(result))
+            return JSONResponse(body, headers=traced)
 
         async def sse() -> AsyncIterator[str]:
             yield oa.chunk(cid, model, {"role": "assistant", "content": ""})
@@ -574,7 +645,7 @@ def build_app(ctl: Controller) -> FastAPI:
                         yield oa.error_event(payload)
             yield oa.SSE_DONE
 
-        return StreamingResponse(sse(), media_type="text/event-stream")
+        return StreamingResponse(sse(), media_type="text/event-stream", headers=traced)
 
     return app
 
@@ -652,17 +723,22 @@ def main(argv: list[str] | None = None) -> None:
     if args.no_web:
         cfg.web_port = None
     setup_logging(cfg.log_level, [cfg.api_key or "", cfg.model_backend_api_key or ""])
+    if not cfg.no_workers and not cfg.model_backend_url:  # a model worker that would start, fail and leave no model
+        for flag, ref in (("--model-path", cfg.model_path), ("--model-base", cfg.model_base)):
+            if ref and ref != "demo" and not is_hub_id(ref) and not Path(ref).expanduser().exists():
+                exit_error(parser, f"{flag} / the config's {flag[2:].replace('-', '_')}: {ref} does not exist (relative "
+                                   f"paths are read from {Path.cwd()}); give the model's folder")
     for module in cfg.plugins:  # tools that may run in-process
         try:
             load_plugin(module)
         except (ImportError, ValueError) as e:
-            parser.error(f"--plugin {module}: {e}")
+            exit_error(parser, f"--plugin {module}: {e}")
     for name, spec in tool_specs(cfg).items():  # the tools started here (a head node's workers bring their own)
         if spec.in_process or not cfg.no_workers:
             try:
                 get_tool(name)
             except UnknownToolError as e:
-                parser.error(f"--tools / the config's tools: {e}")
+                exit_error(parser, f"--tools / the config's tools: {e}")
     Launcher(cfg, args.config).run()
 
 

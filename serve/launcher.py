@@ -27,7 +27,7 @@ import uvicorn
 from mmedagent.serve.config import API_KEY_ENV, ServeConfig, ToolSpec, is_loopback
 from mmedagent.serve.controller import Controller, build_app, is_background, tool_specs
 from mmedagent.serve.security import GuardMiddleware
-from mmedagent.serve.worker_base import EXIT_CANNOT_LOAD, EXIT_REFUSED, bind_socket, url_for
+from mmedagent.serve.worker_base import EXIT_CANNOT_LOAD, EXIT_REFUSED, LAUNCHER_PID_ENV, bind_socket, interrupt, url_for
 from mmedagent.tools import Tool
 from mmedagent.tools.grounding_segmentation import share_composite_parts
 
@@ -48,6 +48,9 @@ def _demo_options(names: set[str], cache_dir: str | None) -> dict[str, dict]:
         return {n: {} for n in names & set(demo_tools.WEIGHTS_NOTES)}
     try:
         return demo_tools.demo_tool_options(Path(cache_dir) / "demo-tools" if cache_dir else None)
+    except OSError as e:  # an unwritable cache: the tools would fall back to published weights and fail, one by one
+        raise SystemExit(f"error: cannot build the demo tool weights in the cache ({e.strerror or type(e).__name__}: "
+                         f"{e.filename}); set cache_dir in the config, or MMEDAGENT_CACHE, to a writable folder") from None
     except Exception as e:  # e.g. a tools extra not installed: those tools then fail to start, visibly
         log.error("could not build the demo tool weights: %s: %s", type(e).__name__, e)
         return {}
@@ -112,10 +115,6 @@ def in_process_tools(classes: Sequence[type[Tool]], options: Mapping[str, dict[s
     return tools
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 RESTART_MIN_UPTIME_S = 10.0
 """A child that dies after running this long is restarted (a model worker killed for memory, say);
 one that dies sooner is failing to start, and is reported instead."""
@@ -151,14 +150,20 @@ class Child:
             return f"was restarted {count} times in {window / 60:.0f} minutes"
         return None
 
-    def stop(self, grace_s: float = 5.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+
+def stop_children(children: Sequence[Child], grace_s: float = 5.0) -> None:
+    """SIGTERM to every child at once, then SIGKILL to those still running after ``grace_s``."""
+    running = [c for c in children if c.proc.poll() is None]
+    for child in running:
+        child.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for child in running:
+        try:
+            child.proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not stop within %g s of SIGTERM; killing it", child.label, grace_s)
+            child.proc.kill()
+            child.proc.wait(5)
 
 
 class Launcher:
@@ -181,6 +186,7 @@ class Launcher:
         env.pop(API_KEY_ENV, None)
         if self.cfg.api_key:
             env[API_KEY_ENV] = self.cfg.api_key
+        env[LAUNCHER_PID_ENV] = str(os.getpid())  # they stop if this process dies without stopping them
         return env
 
     def _spawn(self, label: str, argv: list[str]) -> None:
@@ -279,12 +285,10 @@ class Launcher:
         sock = bind_socket(cfg.host, cfg.port)
         url = url_for(sock)
         web_port = None
-        if cfg.web_port is not None:
-            web_port = cfg.web_port
-            if web_port == 0:  # pick a free port now so the URL can be printed
-                probe = bind_socket(cfg.host, 0)
-                web_port = probe.getsockname()[1]
-                probe.close()
+        if cfg.web_port is not None:  # a port in use is one line now, not a failing web UI later; 0: pick one to print
+            probe = bind_socket(cfg.host, cfg.web_port, "--web-port")
+            web_port = probe.getsockname()[1]
+            probe.close()
         cfg.tools = resolve_tool_specs(cfg)  # may build the demo tool weights (once, ~10 s)
         in_process = {n: s for n, s in cfg.tools.items() if s.in_process}
         self.in_process = list(in_process)
@@ -310,7 +314,7 @@ class Launcher:
         if threading.current_thread() is threading.main_thread():
             # uvicorn shuts down gracefully on SIGTERM, then raises it again; by default that would end this
             # process before the workers are stopped. Handled like Ctrl-C instead.
-            signal.signal(signal.SIGTERM, _interrupt)
+            signal.signal(signal.SIGTERM, interrupt)
         try:
             server.run(sockets=[sock])
         except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C (and SIGTERM) after its graceful shutdown
@@ -318,7 +322,6 @@ class Launcher:
         finally:
             self.stopping.set()
             with self._children_lock:
-                for child in reversed(self.children):
-                    child.stop()
+                stop_children(self.children)
             ctl.close()
             print("stopped", flush=True)

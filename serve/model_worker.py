@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import mmedagent  # noqa: F401  - arms the torchvision shim first
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
@@ -37,11 +37,12 @@ from pydantic import BaseModel, Field
 from mmedagent.agent import openai_usage, token_counts
 from mmedagent.serve import openai_api as oa
 from mmedagent.serve.config import DTYPES, ServeConfig, add_common_args, config_or_exit
+from mmedagent.serve.remote import REQUEST_ID_HEADER
 from mmedagent.serve.messages import DEFAULT_NEW_TOKENS, MAX_NEW_TOKENS, MAX_PROMPT_MESSAGES, TextMessage, as_dicts
 from mmedagent.serve.security import setup_logging, without_echoed_input
 from mmedagent import demo
 from mmedagent.serve.uploads import UploadError, image_from_data_url
-from mmedagent.serve.worker_base import EXIT_CANNOT_LOAD, Heartbeat, bind_socket, serve_worker, url_for
+from mmedagent.serve.worker_base import EXIT_CANNOT_LOAD, Heartbeat, bind_socket, follow_launcher, serve_worker, url_for
 
 log = logging.getLogger("mmedagent.serve.model_worker")
 
@@ -66,6 +67,11 @@ def default_model(cache_dir: Path) -> tuple[str, str]:
         except OSError:
             shutil.rmtree(tmp, ignore_errors=True)  # another process won the race
     return str(target), TINY_NOTE
+
+
+def loggable_id(value: str | None) -> str | None:
+    """A request id as it may be logged: letters, digits and dashes, at most 64 (else none)."""
+    return value if value and len(value) <= 64 and value.replace("-", "").isalnum() and value.isascii() else None
 
 
 class GenerateRequest(BaseModel):
@@ -100,22 +106,35 @@ class ModelHost:
             raise HTTPException(e.status, e.reason) from None
 
     def stream(self, messages: list[dict[str, str]], image: Any, gen: dict[str, Any],
-               stats: dict[str, Any] | None = None) -> Iterator[str]:
+               stats: dict[str, Any] | None = None, request_id: str | None = None) -> Iterator[str]:
         """The reply in pieces; ``stats``, when given, receives the call's token counts
-        (``prompt_tokens``, ``new_tokens``) and why it ended (``finish``) where the planner reports them."""
+        (``prompt_tokens``, ``new_tokens``) and why it ended (``finish``) where the planner reports them.
+        Each call is one log line (``request_id``: the controller's chat): its tokens, how long it waited
+        for the model and how long it ran; never the text."""
         with self._count_lock:
             self.waiting += 1
+        queued, ended = time.monotonic(), "stopped by its client"
         try:
             with self.slots:
-                stream = getattr(self.planner, "stream", None)
-                if stream is None:
-                    yield self.planner.generate(messages, image, **gen)
-                else:
-                    yield from stream(messages, image, **gen)
-                if stats is not None and (counts := token_counts(self.planner)):
-                    stats.update(prompt_tokens=counts[0], new_tokens=counts[1])
-                    if (finish := getattr(self.planner, "last_stats", {}).get("finish")) is not None:
-                        stats["finish"] = finish
+                started = time.monotonic()
+                try:
+                    stream = getattr(self.planner, "stream", None)
+                    if stream is None:
+                        yield self.planner.generate(messages, image, **gen)
+                    else:
+                        yield from stream(messages, image, **gen)
+                    counts = token_counts(self.planner)
+                    if stats is not None and counts:
+                        stats.update(prompt_tokens=counts[0], new_tokens=counts[1])
+                        if (finish := getattr(self.planner, "last_stats", {}).get("finish")) is not None:
+                            stats["finish"] = finish
+                    ended = f"{counts[0]} prompt and {counts[1]} new tokens" if counts else "done"
+                except Exception as e:
+                    ended = f"failed ({type(e).__name__})"
+                    raise
+                finally:
+                    log.info("request %s: %s in %.2f s, after %.2f s waiting for the model", request_id or "-", ended,
+                             time.monotonic() - started, started - queued)
         finally:
             with self._count_lock:
                 self.waiting -= 1
@@ -165,13 +184,14 @@ def build_app(host: ModelHost) -> FastAPI:
     app = oa.openai_errors(without_echoed_input(FastAPI(title=f"mmedagent model worker: {host.name}")))
 
     @app.post("/worker_generate_stream")
-    async def generate_stream(req: GenerateRequest) -> StreamingResponse:
+    async def generate_stream(req: GenerateRequest, request: Request) -> StreamingResponse:
         image = await run_in_threadpool(host.image, req.image)
         gen = req.model_dump(include={"max_new_tokens", "temperature", "top_p", "stop"}, exclude_none=True)
 
         async def events() -> AsyncIterator[str]:
             stats: dict[str, Any] = {}
-            async for item in _pump(host.stream(as_dicts(req.messages), image, gen, stats)):
+            rid = loggable_id(request.headers.get(REQUEST_ID_HEADER))
+            async for item in _pump(host.stream(as_dicts(req.messages), image, gen, stats, rid)):
                 if isinstance(item, BaseException):
                     log.warning("generation failed", exc_info=item)  # reduced by the log filter
                     yield json.dumps({"error": f"generation failed: {type(item).__name__}: {item}"}) + "\n"
@@ -310,6 +330,7 @@ def main(argv: list[str] | None = None) -> None:
         heartbeat_interval_s=args.heartbeat_interval, prompt_lookup=args.prompt_lookup, constrain=args.constrain,
     )
     setup_logging(cfg.log_level, [cfg.api_key or ""])
+    follow_launcher()
     try:
         host = load_host(cfg)  # the model first: the worker registers only once it can serve
     except Exception as e:  # missing weights, no Hub access...: one clear line, not a restart loop

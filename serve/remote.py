@@ -22,6 +22,10 @@ from mmedagent.tools import Overlay, Tool, ToolParams, ToolResult, UnknownToolEr
 log = logging.getLogger(__name__)
 
 
+REQUEST_ID_HEADER = "X-Request-ID"
+"""The controller's id of a chat request: sent to the model worker, which logs it too, and to the client."""
+
+
 class WorkerError(RuntimeError):
     """A worker failed or went away during a call; the message says which and why."""
 
@@ -199,9 +203,11 @@ class WorkerPlanner:
     """The agent's planner in the controller: one model worker, chosen once per chat so that the
     planning and answer passes of a conversation reach the same model (and its KV cache)."""
 
-    def __init__(self, registry: WorkerRegistry, client: httpx.Client, model: str, conversation_id: str, timeout_s: float):
+    def __init__(self, registry: WorkerRegistry, client: httpx.Client, model: str, conversation_id: str, timeout_s: float,
+                 request_id: str | None = None):
         self.registry, self.client, self.model = registry, client, model
         self.conversation_id, self.timeout_s = conversation_id, timeout_s
+        self.headers = {REQUEST_ID_HEADER: request_id} if request_id else {}
         self.what = f"model worker for {model!r}"
         self.address = registry.pick("model", model)
         self.last_stats: dict[str, int] = {}  # the last call's token counts, as the worker reports them
@@ -228,7 +234,7 @@ class WorkerPlanner:
     def _stream(self, address: str, body: dict[str, Any]) -> Iterator[str]:
         what, self.address = self.what, address  # the chat's later passes go to this worker too
         try:
-            with self.client.stream("POST", f"{address}/worker_generate_stream", json=body,
+            with self.client.stream("POST", f"{address}/worker_generate_stream", json=body, headers=self.headers,
                                     timeout=timeout(self.timeout_s)) as r:
                 if r.status_code != 200:
                     r.read()

@@ -85,7 +85,7 @@ class _QuietPolls(logging.Filter):
     """Drops access-log lines of heartbeats and health polls (several per second per worker)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not any(isinstance(a, str) and a.startswith(("/receive_heartbeat", "/health")) for a in record.args or ())
+        return not any(isinstance(a, str) and a.startswith(("/receive_heartbeat", "/health", "/ready")) for a in record.args or ())
 
 
 _errors = logging.getLogger("mmedagent.serve.errors")

@@ -32,7 +32,7 @@ from mmedagent.serve.config import ServeConfig, add_common_args, config_or_exit
 from mmedagent.serve.remote import CallAnswer
 from mmedagent.serve.security import setup_logging, without_echoed_input
 from mmedagent.serve.uploads import UploadError, image_from_data_url
-from mmedagent.serve.worker_base import EXIT_CANNOT_LOAD, Heartbeat, bind_socket, serve_worker, url_for
+from mmedagent.serve.worker_base import EXIT_CANNOT_LOAD, Heartbeat, bind_socket, follow_launcher, serve_worker, url_for
 from mmedagent.tools import Tool, UnknownToolError, get_tool, load_plugin
 
 log = logging.getLogger("mmedagent.serve.tool_worker")
@@ -217,6 +217,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, 
 def main(argv: list[str] | None = None) -> None:
     parser, args, cfg = parse_args(argv)
     setup_logging(cfg.log_level, [cfg.api_key or ""])
+    follow_launcher()
     for module in [*cfg.plugins, *args.plugin]:
         try:
             load_plugin(module)

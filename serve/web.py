@@ -45,6 +45,7 @@ from mmedagent.imaging import WINDOW_PRESETS, describe_view
 from mmedagent.serve.messages import stop_note
 from mmedagent.serve.security import LoopbackHostOnly, setup_logging
 from mmedagent.serve.uploads import UploadError, decode_image, png_data_url, sendable_png
+from mmedagent.serve.worker_base import bind_socket, follow_launcher
 from mmedagent.tools import Overlay
 
 log = logging.getLogger("mmedagent.serve.web")
@@ -420,6 +421,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg = config_or_exit(parser, args.config, api_key=args.api_key, log_level=args.log_level, host=args.host, web_port=args.port,
                          max_upload_mb=args.max_upload_mb)
     setup_logging(cfg.log_level, [cfg.api_key or ""])
+    port = cfg.web_port or 7860
+    bind_socket(cfg.host, port).close()  # a port in use is one line, not Gradio's traceback
     uploads = private_upload_dir()
     os.environ["GRADIO_TEMP_DIR"] = str(uploads)
 
@@ -429,6 +432,7 @@ def main(argv: list[str] | None = None) -> None:
         os._exit(0)
 
     signal.signal(signal.SIGTERM, stop)
+    follow_launcher()
     web = WebChat(args.controller or cfg.controller_url, cfg.api_key, cfg.max_upload_bytes)
     ui = build_ui(web)
     key = cfg.api_key
@@ -436,7 +440,7 @@ def main(argv: list[str] | None = None) -> None:
     # without a key (loopback only), a page the user opens cannot reach the UI under a name of its own
     guard = {} if key else {"middleware": [Middleware(LoopbackHostOnly)]}
     ui.queue(default_concurrency_limit=16).launch(
-        server_name=cfg.host, server_port=cfg.web_port or 7860, auth=auth, app_kwargs=guard,
+        server_name=cfg.host, server_port=port, auth=auth, app_kwargs=guard,
         auth_message="Password: the server's API key." if key else None,
         max_file_size=cfg.max_upload_bytes, show_error=False, quiet=True,
     )

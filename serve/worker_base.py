@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
+import signal
 import socket
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -26,9 +29,38 @@ EXIT_REFUSED = 4
 another tool's): reported, not restarted, since a restart would be refused the same way."""
 
 
-def bind_socket(host: str, port: int) -> socket.socket:
+LAUNCHER_PID_ENV = "MMEDAGENT_LAUNCHER_PID"
+"""Set by ``python serve/controller.py`` for the children it starts: they stop when it is gone."""
+
+
+def interrupt(signum: int, frame: object) -> None:
+    """SIGTERM handled like Ctrl-C: uvicorn shuts down gracefully, then raises the signal again, which
+    by default would end the process before its ``finally`` blocks (a worker's unregistering, the
+    launcher's stopping of its children) run."""
+    raise KeyboardInterrupt
+
+
+def follow_launcher(poll_s: float = 1.0) -> None:
+    """In a child of the launcher (:data:`LAUNCHER_PID_ENV` set): stop this process (SIGTERM to itself)
+    once the launcher is gone, killed without stopping its children (SIGKILL, the OOM killer). Without
+    it they would live on, holding ports and memory, and register again with the next launcher's
+    controller beside the workers it starts."""
+    launcher = os.environ.pop(LAUNCHER_PID_ENV, "")  # not inherited any further
+    if not launcher.isdigit():
+        return
+
+    def watch() -> None:
+        while os.getppid() == int(launcher):
+            time.sleep(poll_s)
+        log.warning("the launcher (pid %s) is gone; stopping", launcher)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="follow-launcher", daemon=True).start()
+
+
+def bind_socket(host: str, port: int, flag: str = "--port") -> socket.socket:
     """Listen on ``host:port`` now (port 0: a free port), so the address is known before serving;
-    one ``error:`` line (exit 1) when that address cannot be had."""
+    one ``error:`` line (exit 1) when that address cannot be had, naming ``flag`` to choose another."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -36,7 +68,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as e:
         sock.close()
-        hint = ": another server is using it; stop it or pass --port" if e.errno == errno.EADDRINUSE else ""
+        hint = f": another server is using it; stop it or pass {flag}" if e.errno == errno.EADDRINUSE else ""
         raise SystemExit(f"error: cannot listen on {host}:{port} ({e.strerror or type(e).__name__}){hint}") from None
     sock.listen(2048)
     sock.set_inheritable(True)
@@ -150,9 +182,11 @@ def serve_worker(app, sock: socket.socket, heartbeat: Heartbeat | None, api_key:
         heartbeat.ready = lambda: server.started
         heartbeat.on_refused = lambda: setattr(server, "should_exit", True)
         heartbeat.start()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, interrupt)  # stopped by the launcher or systemd: unregister first
     try:
         server.run(sockets=[sock])
-    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C (and SIGTERM) after its graceful shutdown
         pass
     finally:
         if heartbeat is not None:

@@ -7,8 +7,12 @@ One stack per module; every request carries the bearer token except where its ab
 import base64
 import json
 import os
+import re
 import signal
+import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 import zlib
@@ -17,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from _serve_fixtures import ServeProcess, data_url, sample_png, serve_env, wait_until
+from _serve_fixtures import ROOT, ServeProcess, data_url, sample_png, serve_env, wait_until
 from doubles import dicom_quoting_a_name
 
 KEY = "sk-test-5b1f0c2e9d"
@@ -350,3 +354,73 @@ def test_a_killed_model_worker_is_restarted_and_the_chat_goes_on(stack):
     wait_until(replaced, 120)
     r = c.post("/v1/chat/completions", json=chat_body(data_url(sample_png())))
     assert r.status_code == 200, r.text
+
+
+def test_a_chat_is_one_log_line_under_the_request_id_the_client_gets(stack):
+    """An operator finds a clinician's failed or slow chat by its id: which model worker, which tools, how
+    long; the model worker logs the same id. Nothing of the question or the answer is in either line."""
+    c = stack["client"]
+    r = c.post("/v1/chat/completions", json=chat_body(data_url(sample_png()), "Where is Mrs Qwertyuiop's lesion?"))
+    assert r.status_code == 200, r.text
+    rid = r.json()["id"]
+    assert r.headers["x-request-id"] == rid
+    worker = next(w["address"] for w in c.get("/list_workers").json()["workers"] if w["kind"] == "model")
+    line = stack["ctl"].wait_for(rf"chat {rid}: .*", 10).group(0)
+    steps = len(r.json()["mmedagent_trace"]["steps"])
+    assert f"model tiny-llava at {worker}; {steps} steps; tools: " in line and " s; ended by " in line, line
+    stack["ctl"].wait_for(rf"request {rid}: \d+ prompt and \d+ new tokens in [\d.]+ s, after [\d.]+ s waiting for the model", 10)
+    with c.stream("POST", "/chat", json={"question": "And Mrs Qwertyuiop?", "image": data_url(sample_png()), "max_new_tokens": 8}) as s:
+        rid = s.headers["x-request-id"]
+        s.read()
+    stack["ctl"].wait_for(rf"chat {rid}: model tiny-llava at ", 10)
+    assert "Qwertyuiop" not in stack["ctl"].output()
+
+
+def test_a_worker_stopped_with_sigterm_unregisters_at_once_and_exits_cleanly(stack):
+    """systemd and the launcher stop a worker with SIGTERM: it used to die of the signal re-raised after
+    uvicorn's shutdown, before unregistering, and stayed listed until its heartbeats expired."""
+    proc, address = start_nap_worker(stack, "nap-worker-sigterm.log")
+    os.kill(proc.proc.pid, signal.SIGTERM)
+    assert proc.proc.wait(30) == 0
+    stack["ctl"].wait_for(rf"worker {re.escape(address)} left", 10)
+
+
+def _alive(pid):
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is gone too
+    except FileNotFoundError:
+        return False
+
+
+def test_the_children_stop_when_the_launcher_is_killed(tmp_path):
+    """A launcher killed without stopping its children (SIGKILL, the OOM killer) left them running: they held
+    their ports and memory, and registered again with the next launcher's controller beside its own workers."""
+    ctl = ServeProcess("controller.py", ["--no-web", "--port", "0", "--tools", "nap", "--plugin", "_serve_fixtures",
+                                         "--backend-url", "http://127.0.0.1:9/v1"], tmp_path / "controller.log", serve_env())
+    worker = None
+    try:
+        ctl.wait_for(r"^ready: .*tools: nap", 120)
+        children = Path(f"/proc/{ctl.proc.pid}/task/{ctl.proc.pid}/children").read_text().split()
+        worker = next(int(p) for p in children if b"tool_worker.py" in Path(f"/proc/{p}/cmdline").read_bytes())
+        os.kill(ctl.proc.pid, signal.SIGKILL)
+        wait_until(lambda: not _alive(worker), 30)
+        ctl.wait_for(r"the launcher \(pid \d+\) is gone; stopping", 5)
+    finally:
+        ctl.kill()
+        if worker is not None and _alive(worker):
+            os.kill(worker, signal.SIGKILL)
+
+
+def test_a_web_port_in_use_stops_the_launcher_at_start_in_one_line(tmp_path):
+    """The web UI used to fail in its own process with 'uncaught error [OSError]', be restarted and fail
+    again, while the rest of the stack ran on without it."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        proc = subprocess.run([sys.executable, str(ROOT / "serve" / "controller.py"), "--no-workers", "--port", "0",
+                               "--web-port", str(port)], env=serve_env(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == (f"error: cannot listen on 127.0.0.1:{port} (Address already in use): "
+                                                   "another server is using it; stop it or pass --web-port")
+    assert "web UI:" not in proc.stdout

@@ -89,6 +89,8 @@ def test_config_errors_are_one_line_and_never_show_the_api_key(tmp_path):
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("api_key: s3cr3t-file\nheartbeat_interval_s: 10\nheartbeat_expiry_s: 5\n")
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("api_key: s3cr3t-file0123456\nprot: 21001\n")
     broken = tmp_path / "broken.yaml"
     broken.write_text('api_key: "s3cr3t-yaml\nport: 1\n')
     controller = str(Path(__file__).resolve().parents[1] / "serve" / "controller.py")
@@ -98,12 +100,17 @@ def test_config_errors_are_one_line_and_never_show_the_api_key(tmp_path):
         (["--config", str(tmp_path / "nope.yaml")], "cannot read the config file"),
         (["--api-key", "s3cr3t-short"], "the API key has 12 characters; use at least 16"),
         (["--config", str(broken)], "not valid YAML at line"),
+        (["--config", str(typo)], "prot: Extra inputs are not permitted"),
+        (["--log-level", "verbose"], "unknown log level; use one of DEBUG, INFO, WARNING, ERROR, CRITICAL"),
+        # a model worker that would start, fail to load and leave the stack without a model
+        (["--model-path", str(tmp_path / "no-such-model"), "--no-web"], f"{tmp_path / 'no-such-model'} does not exist"),
     ]
     for argv, expected in cases:
         proc = subprocess.run([sys.executable, controller, *argv], capture_output=True, text=True, timeout=120)
         out = proc.stdout + proc.stderr
         assert proc.returncode == 2 and expected in out and "Traceback" not in out, out[-2000:]
         assert "s3cr3t" not in out, out[-2000:]
+        assert len(proc.stderr.strip().splitlines()) == 1 and "usage:" not in out, out[-2000:]  # not the flags' usage text
 
 
 @pytest.mark.parametrize(
@@ -269,6 +276,39 @@ def test_model_path_demo_serves_the_embedded_demo_model(tmp_path, monkeypatch):
     assert load_host(ServeConfig(model_path="demo", constrain=False)).info["constrain"] is False  # ... a flag overrides
     plain = load_host(ServeConfig(model_path=str(built)))
     assert plain.info["demo"] is False and plain.info["constrain"] is False
+
+
+def test_an_unwritable_cache_stops_the_launcher_in_one_line_instead_of_every_tool_failing(tmp_path):
+    """The demo tool weights could not be built, so every tool fell back to published weights an offline
+    server does not have, and failed in a line of its own that did not name the cache."""
+    from mmedagent.serve.launcher import resolve_tool_specs
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit, match=r"^error: cannot build the demo tool weights in the cache .*a-file.*set "
+                                         r"cache_dir in the config, or MMEDAGENT_CACHE, to a writable folder"):
+        resolve_tool_specs(ServeConfig(cache_dir=str(blocker / "cache"), tools={"segmentation": ToolSpec()}))
+
+
+def test_health_says_whether_a_chat_can_be_answered_and_ready_answers_503_until_then():
+    from fastapi.testclient import TestClient
+
+    from mmedagent.serve.controller import Controller, build_app
+
+    ctl = Controller(ServeConfig(tools={}))
+    ctl.loading = ["retrieval"]
+    try:
+        with TestClient(build_app(ctl)) as client:
+            assert client.get("/health").json() == {"ok": True, "ready": False, "models": 0, "tool_workers": 0,
+                                                    "loading": ["retrieval"]}
+            r = client.get("/ready")
+            assert r.status_code == 503 and "no model worker is registered" in r.json()["detail"]
+            ctl.registry.register(worker("http://127.0.0.1:9", kind="model", names=("demo",)))
+            assert client.get("/health").json()["ready"] is True
+            r = client.get("/ready")
+            assert r.status_code == 200 and r.json() == {"ready": True, "models": ["demo"], "tools": [], "loading": ["retrieval"]}
+    finally:
+        ctl.close()
 
 
 def test_a_tool_still_loading_is_a_503_not_unknown():
