@@ -132,7 +132,8 @@ class Lookup(BaseModel):
 
 
 def step_view(step: AgentStep) -> dict[str, Any]:
-    """One agent step as the trace shows it: thought, tool calls, tool results, overlays."""
+    """One agent step as the trace shows it: thought, tool calls, tool results, overlays, and why the reply
+    ended (``finish``: "length" for a reply cut off by the token budget)."""
     turn = step.turn
     return {
         "index": step.index,
@@ -147,6 +148,7 @@ def step_view(step: AgentStep) -> dict[str, Any]:
         "tools_s": round(step.tools_s, 4),
         "prompt_tokens": step.prompt_tokens,
         "new_tokens": step.new_tokens,
+        "finish": step.finish,
     }
 
 

@@ -452,6 +452,14 @@ def test_a_reply_cut_off_by_the_token_budget_finishes_with_length():
         check_finish(build_app(ModelHost(planner, "counting", {}, 1 << 20)), expected)
 
 
+def test_the_chat_trace_says_a_step_was_cut_off_by_the_token_budget():
+    from mmedagent.agent import AgentStep
+    from mmedagent.serve.controller import step_view
+
+    view = step_view(AgentStep(index=0, raw='"thoughts', new_tokens=2, finish="length"))
+    assert view["finish"] == "length" and view["new_tokens"] == 2
+
+
 def check_finish(app, cases):
     from fastapi.testclient import TestClient
 
