@@ -422,11 +422,24 @@ def read_mask_pngs(images: str | Path, masks: str | Path, label_names: dict[int,
                                 "single-channel (greyscale or palette) PNG")
             mask = mask[..., 0]
         size = _image_size(img_dir, by_stem[stem].name, where)
+        if (mask.shape[0], mask.shape[1]) == size != size[::-1]:  # drawn on a photo's stored pixels, not upright
+            mask = _turned_like(mask, img_dir / by_stem[stem].name)
         if (mask.shape[1], mask.shape[0]) != size:
             raise DataError(f"{where}: mask is {mask.shape[1]}x{mask.shape[0]} but the image is {size[0]}x{size[1]}; "
                             "save the mask at the image's size (nearest-neighbour resampling keeps its label values)")
         out += _mask_examples(mask, label_names, by_stem[stem].name, where, tasks)
     return out
+
+
+def _turned_like(mask: np.ndarray, image: Path) -> np.ndarray:
+    """``mask`` turned as ``image``'s EXIF orientation turns its stored pixels upright (as the model sees it)."""
+    from PIL import Image
+
+    from mmedagent.imaging import EXIF_ORIENTATION, EXIF_TURNS
+
+    with Image.open(image) as im:
+        turn = EXIF_TURNS.get(im.getexif().get(EXIF_ORIENTATION, 1))
+    return mask if turn is None else np.asarray(Image.fromarray(mask).transpose(turn))
 
 
 def _save_slice(image: Any, path: Path) -> None:

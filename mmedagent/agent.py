@@ -78,7 +78,7 @@ class AgentResult(BaseModel):
     answer: str
     steps: list[AgentStep]
     messages: list[ChatMessage]
-    stopped: Literal["answer", "max_steps", "parse_error"]
+    stopped: Literal["answer", "max_steps", "parse_error", "length"]  # length: a reply cut off before its turn ended
     wall_s: float = 0.0
 
     @property
@@ -165,8 +165,9 @@ class Agent:
             try:
                 step.turn = parse_turn(raw, strict=False)
             except TurnParseError as e:
-                step.parse_error = str(e) if step.finish != "length" else cut_off_error(step, e)
-                answer, stopped = raw.strip(), "parse_error"
+                cut = step.finish == "length"
+                step.parse_error = cut_off_error(step, e) if cut else str(e)
+                answer, stopped = raw.strip(), "length" if cut else "parse_error"
             else:
                 answer = step.turn.value
                 if not step.turn.actions:

@@ -7,14 +7,15 @@ the user; the caller always gets one outcome per call.
 
 from __future__ import annotations
 
-import json
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
+import numpy as np
 from pydantic import ValidationError
 
 from mmedagent.protocol import IMAGE_PLACEHOLDER, ToolCall, ToolOutcome
@@ -45,13 +46,26 @@ def parse_params(tool: Tool, params: Mapping[str, Any]) -> Any:
 
 def plain_json(output: dict[str, Any], where: str) -> dict[str, Any]:
     """``output`` as plain JSON values, as the model reads it (the Python repr of JSON data, as in the
-    training records) and the trace carries it: a numpy number would read ``np.float64(0.5)`` and break the
-    trace's JSON, a tuple would read ``(…)``. A ``TypeError`` naming ``where`` for what JSON cannot carry."""
-    try:
-        return json.loads(json.dumps(output))
-    except (TypeError, ValueError) as e:
-        raise TypeError(f"{where} returned a value JSON cannot carry ({e}); return str, int, float, bool, "
-                        "None, lists and dicts with str keys") from None
+    training records) and the trace carries it: numpy numbers as Python ones (``np.float32(0.5)`` would read
+    as such, and break the trace's JSON), tuples as lists, NaN and infinities as None (as
+    ``ToolResult.for_model`` gives them). A ``TypeError`` naming ``where`` for what JSON cannot carry."""
+
+    def plain(value: Any, at: str) -> Any:
+        if isinstance(value, np.generic) and value.ndim == 0:
+            value = value.item()
+        if value is None or isinstance(value, (str, bool, int)):
+            return value
+        if isinstance(value, float):
+            return value if math.isfinite(value) else None
+        if isinstance(value, (list, tuple)):
+            return [plain(v, f"{at}[{i}]") for i, v in enumerate(value)]
+        if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+            return {k: plain(v, f"{at}.{k}") for k, v in value.items()}
+        what = "a dict with keys other than str" if isinstance(value, dict) else type(value).__name__
+        raise TypeError(f"{where} returned {what} at {at}, which JSON cannot carry; return str, int, float, "
+                        "bool, None, lists and dicts with str keys")
+
+    return plain(output, "output")
 
 
 class Dispatcher:

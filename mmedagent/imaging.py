@@ -388,10 +388,18 @@ def _load_pil(data: bytes, fmt: str, window: WindowSpec, frame: int | None, max_
     return MedicalImage(rgb, meta, np.asarray(rgb, dtype=np.float32))
 
 
+EXIF_TURNS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+              5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+              8: Image.Transpose.ROTATE_90}
+"""What turns the stored pixels of an image of each EXIF orientation upright (as ``ImageOps.exif_transpose``)."""
+
+
 def upright_size(im: Image.Image) -> tuple[int, int]:
     """(width, height) of an opened PIL image as :func:`load_image` gives it: turned upright by its EXIF
     orientation (5-8 turn it a quarter), read from the header alone."""
     w, h = im.size
+    if im.format == "TIFF":  # Pillow reports a TIFF's size upright already (and turns it when loading)
+        return w, h
     return (h, w) if im.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8) else (w, h)
 
 

@@ -45,6 +45,9 @@ def stop_note(stopped: str) -> str | None:
                 "last tool call was not run, so its answer may be incomplete")
     if stopped == "parse_error":
         return "the model's reply was not in the turn format; it is shown as it came"
+    if stopped == "length":
+        return ("the model's reply was cut off before its turn was complete (the token budget, max_new_tokens, or the "
+                "model's context ran out); it is shown as it came: raise max_new_tokens, or start a new conversation")
     return None
 
 

@@ -7,6 +7,7 @@ import pytest
 from doubles import CrashTool, FakeGrounding, ScriptedPlanner, grey_image
 from mmedagent.agent import Agent
 from mmedagent.dispatcher import Dispatcher
+from mmedagent.serve.messages import stop_note
 from mmedagent.protocol import (
     AssistantTurn,
     Message,
@@ -97,7 +98,8 @@ def test_a_turn_cut_off_by_the_token_budget_says_so_and_the_chat_goes_on(dispatc
     cut = Agent(demo_planner, dispatcher, system="", max_new_tokens=budget).run(
         "Can you locate the tumor in this MRI image?", grey_image())
     step = cut.steps[0]
-    assert cut.stopped == "parse_error" and step.finish == "length" and step.turn is None
+    assert cut.stopped == "length" and step.finish == "length" and step.turn is None
+    assert "cut off" in stop_note(cut.stopped)  # what the web UI and the CLI show beside the answer
     assert step.parse_error.startswith(f"the reply was cut off after {budget} tokens, before its turn was complete")
     assert "raise max_new_tokens" in step.parse_error and "\n" not in step.parse_error
     again = Agent(demo_planner, dispatcher, system="", max_new_tokens=96).run(

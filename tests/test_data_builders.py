@@ -148,6 +148,21 @@ def test_masks_to_segmentation(tmp_path):
     assert_valid(out)
 
 
+def test_a_mask_drawn_on_a_photos_stored_pixels_is_turned_with_the_photo(tmp_path):
+    """A photo stored 40x20 with EXIF orientation 6 is seen upright, 20x40; its mask saved at the stored
+    40x20 is turned the same way, so its box is where the model sees the lesion (it was refused)."""
+    exif = Image.Exif()
+    exif[0x0112] = 6  # turn 90° clockwise to view
+    (tmp_path / "imgs").mkdir()
+    Image.new("L", (40, 20)).save(tmp_path / "imgs" / "p.jpg", exif=exif)
+    mask = np.zeros((20, 40), np.uint8)
+    mask[0:5, 0:10] = 1  # top-left of the stored pixels → top-right once upright
+    (tmp_path / "masks").mkdir()
+    Image.fromarray(mask).save(tmp_path / "masks" / "p.png")
+    exs = builders.read_mask_pngs(tmp_path / "imgs", tmp_path / "masks", {1: "lesion"}, tasks=("segmentation",))
+    assert [t.box for e in exs for t in e.targets] == [[0.75, 0.0, 1.0, 0.25]]
+
+
 def test_mask_errors(tmp_path):
     save_grey(tmp_path / "imgs" / "s1.png", (32, 32))
     (tmp_path / "masks").mkdir()

@@ -105,7 +105,8 @@ def test_a_for_model_of_numpy_values_reads_as_plain_json_or_is_that_calls_error(
     class Stats(ToolResult):
         def for_model(self):
             grey = np.asarray(grey_image().convert("L"), dtype=np.float32)
-            return {"mean": grey.mean().astype(np.float64), "box": (0.25, 0.5, 0.75, 1.0)}
+            return {"mean": grey.mean(), "n": np.int64(3), "bright": np.bool_(True), "box": (0.25, 0.5, 0.75, 1.0),
+                    "spread": np.float32("nan")}  # float32, int64, bool_: not float subclasses as float64 is
 
     class Histogram(ToolResult):
         def for_model(self):
@@ -125,11 +126,13 @@ def test_a_for_model_of_numpy_values_reads_as_plain_json_or_is_that_calls_error(
 
     (stats, histogram, found), _ = Dispatcher([StatsTool(), HistogramTool(), FakeGrounding()]).dispatch_all(
         [call("stats"), call("histogram"), call("grounding", prompts=["x"])], grey_image())
-    assert stats.ok and stats.output == {"mean": 100.0, "box": [0.25, 0.5, 0.75, 1.0]}
-    assert render_tool_results([stats], "q").splitlines()[0] == "stats output: {'mean': 100.0, 'box': [0.25, 0.5, 0.75, 1.0]}"
-    json.dumps(stats.model_dump())  # what the controller streams as the step's trace
-    assert not histogram.ok and "Histogram.for_model() returned a value JSON cannot carry" in histogram.error
-    assert "ndarray" in histogram.error and found.ok
+    assert stats.ok and stats.output == {"mean": 100.0, "n": 3, "bright": True, "box": [0.25, 0.5, 0.75, 1.0],
+                                         "spread": None}
+    assert render_tool_results([stats], "q").splitlines()[0] == (
+        "stats output: {'mean': 100.0, 'n': 3, 'bright': True, 'box': [0.25, 0.5, 0.75, 1.0], 'spread': None}")
+    json.dumps(stats.model_dump(), allow_nan=False)  # what the controller streams as the step's trace
+    assert not histogram.ok and "Histogram.for_model() returned ndarray at output.counts" in histogram.error
+    assert "JSON cannot carry" in histogram.error and found.ok
 
 
 def test_image_placeholder_and_model_paths_never_reach_tools(tools, tmp_path, monkeypatch):

@@ -673,3 +673,17 @@ def test_a_photo_with_an_exif_orientation_loads_upright_as_viewers_show_it(fmt):
     assert grey[:8, -8:].min() > 200 and grey[:8, :8].max() < 50
     assert m.metadata["exif_orientation"] == 6
     assert "exif_orientation" not in load_image(png_bytes(stored)).metadata
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "TIFF"])
+def test_the_upright_size_read_from_the_header_is_the_loaded_images(fmt):
+    """The data builders normalise boxes by :func:`upright_size` (header only); it must be the size of the
+    image :func:`load_image` serves (Pillow reports a TIFF's size turned already, a JPEG's not)."""
+    from mmedagent.imaging import upright_size
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    Image.new("L", (40, 20)).save(buf, fmt, exif=exif)
+    with Image.open(io.BytesIO(buf.getvalue())) as im:
+        assert upright_size(im) == load_image(buf.getvalue()).image.size == (20, 40)
