@@ -21,24 +21,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from mmedagent.model.loading import parts
 from mmedagent.train.args import FlagError, ModelArguments, TrainingArguments
 
 log = logging.getLogger(__name__)
-
-PARTS = {
-    "llava": ("model.vision_tower", "model.multi_modal_projector", "model.language_model"),
-    "qwen2_vl": ("model.visual", "model.visual.merger", "model.language_model"),
-    "mllama": ("model.vision_model", "model.multi_modal_projector", "model.language_model"),
-    "causal_lm": (None, None, "model"),
-}
-
-
-def parts(family: str) -> tuple[str | None, str | None, str]:
-    """(vision encoder, projector, language model) module names of ``family``."""
-    if family not in PARTS:
-        raise ValueError(f"unknown model family {family!r}; expected one of {sorted(PARTS)}")
-    return PARTS[family]
-
 
 def projector_name(family: str) -> str | None:
     return parts(family)[1]

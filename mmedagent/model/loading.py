@@ -143,13 +143,28 @@ def resolve_attn(attn_implementation: str | None, device: str, dtype: Any, model
     return attn_implementation
 
 
-VISION_MODULES = ("vision_tower", "visual", "vision_model")
-"""Where each family keeps its vision encoder in the model (Llava, Qwen2-VL, Mllama), under ``model.``."""
+PARTS = {
+    "llava": ("model.vision_tower", "model.multi_modal_projector", "model.language_model"),
+    "qwen2_vl": ("model.visual", "model.visual.merger", "model.language_model"),
+    "mllama": ("model.vision_model", "model.multi_modal_projector", "model.language_model"),
+    "causal_lm": (None, None, "model"),
+}
+"""Each family's (vision encoder, projector, language model) modules in transformers' layout."""
 
-UNQUANTIZED = ("lm_head", "model.multi_modal_projector", *(f"model.{m}" for m in VISION_MODULES))
+VISION_MODULES = tuple(vision.removeprefix("model.") for vision, _, _ in PARTS.values() if vision)
+"""Where each family keeps its vision encoder, under ``model.``."""
+
+UNQUANTIZED = ("lm_head", *dict.fromkeys(m for vision, projector, _ in PARTS.values() for m in (vision, projector) if m))
 """Modules a 4-bit / 8-bit base keeps in its 16-bit dtype, as LLaVA does: the output head (transformers'
 default), the vision encoder and the projector (small next to the LM; a quantized projector cannot be trained
 or have MMedAgent's projector weights loaded into it)."""
+
+
+def parts(family: str) -> tuple[str | None, str | None, str]:
+    """(vision encoder, projector, language model) module names of ``family``."""
+    if family not in PARTS:
+        raise ValueError(f"unknown model family {family!r}; expected one of {sorted(PARTS)}")
+    return PARTS[family]
 
 
 def quantization_config(load_in_4bit: bool, load_in_8bit: bool, compute_dtype: Any) -> Any:
@@ -227,12 +242,20 @@ def load_processor(path_or_id: str | Path, family: str, declared_tokenizer: bool
 
 
 def model_class(config: Any, family: str) -> Any:
-    """The transformers class that loads ``config``'s checkpoint of ``family`` (as the auto class picks it)."""
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
-    from transformers.models.auto.auto_factory import _get_model_class
+    """The transformers class that loads ``config``'s checkpoint of ``family``, as the auto class picks it: from
+    its mapping, and of several classes for one config the one its ``architectures`` names."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
 
-    auto = AutoModelForCausalLM if family == "causal_lm" else AutoModelForImageTextToText
-    return _get_model_class(config, auto._model_mapping)
+    mapping = MODEL_FOR_CAUSAL_LM_MAPPING if family == "causal_lm" else MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
+    try:
+        classes = mapping[type(config)]
+    except KeyError:
+        raise ValueError(f"transformers has no {'causal LM' if family == 'causal_lm' else 'image-text-to-text'} "
+                         f"model for a {type(config).__name__}") from None
+    if not isinstance(classes, (list, tuple)):
+        return classes
+    named = set(getattr(config, "architectures", None) or ())
+    return next((c for c in classes if c.__name__ in named), classes[0])
 
 
 def _load_base(path: str, cls: Any, kwargs: dict[str, Any]) -> Any:
