@@ -174,6 +174,22 @@ def test_damaged_image_found_by_a_data_loader_worker_is_one_error_line(tiny_mode
         f"error: {data}: record 2: cannot load image: cannot decode PNG image"), proc.stderr[-3000:]
 
 
+def test_a_workers_error_of_several_lines_is_given_whole_without_the_traceback():
+    from torch._utils import ExceptionWrapper
+
+    from mmedagent.data.formats import DataError
+    from mmedagent.train.train_mem import error_line
+
+    try:
+        raise DataError("train.json: record 2: cannot load image\nthe file is cut off: copy it again")
+    except DataError:
+        wrapped = ExceptionWrapper(where="in DataLoader worker process 0")
+    try:
+        wrapped.reraise()
+    except DataError as e:
+        assert error_line(e) == "train.json: record 2: cannot load image\nthe file is cut off: copy it again"
+
+
 def test_resume_with_changed_projector_lr_says_why_not_a_traceback(tiny_models, train_data, tmp_path):
     """checkpoint-2 saved with --mm_projector_lr (3 optimizer groups); resumed without it (2 groups)."""
     out = tmp_path / "run"

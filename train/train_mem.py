@@ -54,6 +54,9 @@ def error_line(e: Exception) -> str:
     message; its last line holds the worker's own message."""
     text = str(e)
     if text.startswith("Caught ") and "\nOriginal Traceback" in text:
+        for name in (f"{type(e).__module__}.{type(e).__qualname__}", type(e).__qualname__):  # the message's first line
+            if (at := text.rfind(f"\n{name}: ")) >= 0:
+                return text[at + len(name) + 3:].rstrip()
         text = text.rstrip().splitlines()[-1].split(": ", 1)[-1]
     return text
 
