@@ -92,7 +92,7 @@ def test_a_missing_hub_model_says_how_to_get_it_with_a_command_that_exists():
     d = Dispatcher([tool], timeout_s=60)
     outcome = d.dispatch(ToolCall(API_name="ChatCAD-G", API_params={}), test_image())
     assert not outcome.ok and "hub id 'nobody/no-such-report-model'" in outcome.error
-    assert "`hf download" in outcome.error and "huggingface-cli" not in outcome.error
+    assert "`hf download nobody/no-such-report-model --local-dir DIR`" in outcome.error and "huggingface-cli" not in outcome.error
     d.close()
 
 

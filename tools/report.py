@@ -103,12 +103,14 @@ class ReportGeneration(Tool):
     def load(self) -> None:
         from pathlib import Path
 
+        from mmedagent.hub import is_hub_id
         from mmedagent.model import load_planner
 
         model = str(self.options["model"])
-        how = (f"Download a report model (e.g. `hf download {DEFAULT_MODEL} --local-dir DIR`) and pass model=DIR, "
-               "or allow hub access.")
         local = Path(model).expanduser()
+        hub_id = model if is_hub_id(model) and not local.exists() else DEFAULT_MODEL
+        how = (f"Download a report model (e.g. `hf download {hub_id} --local-dir DIR`) and pass model=DIR, "
+               "or allow hub access.")
         if (local.is_absolute() or model.startswith(".")) and not local.is_dir():
             raise weights_error(self.name, model, how, FileNotFoundError("report model folder not found"))
         try:
