@@ -1015,7 +1015,7 @@ class HybridIndex:
     """In an index of several collections, the collection holding the unit most similar to the query
     is ranked as if it were alone; in the others, dense units whose cosine similarity is below this
     fraction of that unit's are no evidence, so a collection with nothing on the question adds no
-    passage (see docs/rag.md for the measurements)."""
+    passage from the dense search (keyword matches still count; see docs/rag.md for the measurements)."""
 
     def __init__(self, path: Path, meta: dict, passages: list[dict], bm25, bm25_pid: np.ndarray,
                  faiss_index, dense_pid: np.ndarray, embedder: Embedder):
