@@ -163,7 +163,10 @@ def stop_children(children: Sequence[Child], grace_s: float = 5.0) -> None:
         except subprocess.TimeoutExpired:
             log.warning("%s did not stop within %g s of SIGTERM; killing it", child.label, grace_s)
             child.proc.kill()
-            child.proc.wait(5)
+            try:
+                child.proc.wait(5)
+            except subprocess.TimeoutExpired:  # stuck in the kernel: the others are still stopped
+                log.error("%s (pid %d) did not die of SIGKILL within 5 s", child.label, child.proc.pid)
 
 
 class Launcher:

@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -174,8 +175,9 @@ class Heartbeat(threading.Thread):
 
 
 def serve_worker(app, sock: socket.socket, heartbeat: Heartbeat | None, api_key: str | None, max_body: int, log_level: str) -> None:
-    """Run ``app`` on ``sock`` until SIGINT/SIGTERM; register after the server listens. A worker the
-    controller refuses (409) stops and exits with :data:`EXIT_REFUSED`."""
+    """Run ``app`` on ``sock`` until SIGINT/SIGTERM, then unregister and end the process (exit 0) without
+    waiting for calls still running; register after the server listens. A worker the controller refuses (409)
+    stops and exits with :data:`EXIT_REFUSED`."""
     guarded = GuardMiddleware(app, api_key, max_body)
     server = uvicorn.Server(uvicorn.Config(guarded, log_config=None, log_level=log_level.lower(), timeout_graceful_shutdown=3))
     if heartbeat is not None:
@@ -191,6 +193,9 @@ def serve_worker(app, sock: socket.socket, heartbeat: Heartbeat | None, api_key:
     finally:
         if heartbeat is not None:
             heartbeat.unregister()
-    if heartbeat is not None and heartbeat.refused is not None:
-        raise SystemExit(EXIT_REFUSED)
+    # out now: a returning main would wait for the threads of calls still running (a hung tool: forever)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(EXIT_REFUSED if heartbeat is not None and heartbeat.refused is not None else 0)
 

@@ -138,6 +138,7 @@ class ServeProcess:
             cwd=ROOT, env=env or serve_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
         )
         self.lines: list[str] = []
+        self.ended = False  # the output's end: every process holding it (children too) has closed it
         self._cond = threading.Condition()
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -149,6 +150,7 @@ class ServeProcess:
                 self.lines.append(raw.decode("utf-8", "replace"))
                 self._cond.notify_all()
         with self._cond:
+            self.ended = True
             self._cond.notify_all()
 
     def wait_for(self, pattern: str, timeout: float = 120.0) -> re.Match:
@@ -164,7 +166,7 @@ class ServeProcess:
                         return m
                 seen = len(self.lines)
                 left = deadline - time.monotonic()
-                if left <= 0 or (self.proc.poll() is not None and seen == len(self.lines)):
+                if left <= 0 or (self.ended and seen == len(self.lines)):  # (a dead launcher's children still write)
                     tail = "".join(self.lines[-40:])
                     raise AssertionError(f"{pattern!r} not seen (exit code {self.proc.poll()}); output:\n{tail}")
                 self._cond.wait(min(left, 0.5))

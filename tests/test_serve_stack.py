@@ -385,6 +385,19 @@ def test_a_worker_stopped_with_sigterm_unregisters_at_once_and_exits_cleanly(sta
     stack["ctl"].wait_for(rf"worker {re.escape(address)} left", 10)
 
 
+def test_a_worker_stopped_mid_call_exits_without_waiting_for_the_call(stack):
+    """SIGTERM during a 40-second call: the worker unregisters and exits within uvicorn's 3-second grace,
+    rather than waiting for the call (a hung tool: forever), which the launcher then had to SIGKILL."""
+    proc, address = start_nap_worker(stack, "nap-worker-midcall.log")
+    worker = httpx.Client(base_url=address, headers={"Authorization": f"Bearer {KEY}"}, trust_env=False)
+    threading.Thread(target=lambda: worker.post("/call", json={"params": {"seconds": 40}}, timeout=60),
+                     daemon=True).start()  # to this worker itself: the controller might pick another nap worker
+    time.sleep(2)
+    os.kill(proc.proc.pid, signal.SIGTERM)
+    assert proc.proc.wait(20) == 0
+    stack["ctl"].wait_for(rf"worker {re.escape(address)} left", 10)
+
+
 def _alive(pid):
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is gone too
