@@ -120,6 +120,37 @@ def test_radiology_end_to_end(radiology):
     assert summary["export"] == str(out / "merged") and summary["loss_curve"]
 
 
+def test_radiology_vision_lora_trains_under_gradient_checkpointing(radiology, tmp_path):
+    """With a GPU the recipe turns gradient checkpointing on; the image must still reach the loss: the vision
+    encoder's LoRA, the projector and the cross-attention LoRA all move. The tiny checkpoint's cross-attention
+    gates are 0 (no image reaches the text, so nothing on the image side gets a gradient); a real one's are
+    not, so they are opened here."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    out, _ = radiology
+    base = tmp_path / "gated-base"
+    shutil.copytree(out / "tiny-base", base)
+    weights = load_file(str(base / "model.safetensors"))
+    gates = [k for k in weights if k.endswith(("cross_attn_attn_gate", "cross_attn_mlp_gate"))]
+    assert gates and all(float(weights[k].abs().max()) == 0 for k in gates)
+    weights.update({k: torch.full_like(weights[k], 0.5) for k in gates})
+    save_file(weights, str(base / "model.safetensors"), metadata={"format": "pt"})
+    data = next((out / "tiny-data").iterdir())
+    run = tmp_path / "run"
+    assert main(["radiology-llama32v", "--model", str(base), "--data", str(data), "--out", str(run),
+                 "--gradient-checkpointing", "true", "--max-steps", "2", "--warmup-steps", "0", "--lr", "1e-2",
+                 "--gradient-accumulation-steps", "1", "--weight-decay", "0", "--eval-samples", "0",
+                 "--max-seq-length", "512"]) == 0
+    trained = state_dict(run / "adapter")
+    moved = {part: max(float(v.abs().max()) for k, v in trained.items() if part in k and "lora_B" in k)
+             for part in (".vision_model.", ".cross_attn.")}
+    assert all(v > 0 for v in moved.values()), moved
+    projector = state_dict(base)["multi_modal_projector.weight"]  # trained in full (no weight decay: only its gradient)
+    assert not torch.equal(trained["base_model.model.model.multi_modal_projector.weight"], projector)
+
+
 # --------------------------------------------------------------------------- diagnosis-qwen2vl
 
 
@@ -333,6 +364,44 @@ def test_quantised_base_refused_on_cpu(tmp_path, capsys):
     assert main(["radiology-llama32v", "--tiny", "--out", str(tmp_path), "--bits", "4"]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
     assert not (tmp_path / "tiny-base").exists()
+
+
+def _has_bitsandbytes():
+    import importlib.util
+
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--optim", "adamw_8bit"], "--optim adamw_8bit is a bitsandbytes optimizer: it needs a CUDA GPU"),
+    (["--optim", "paged_adamw_32bit"], "--optim paged_adamw_32bit is a bitsandbytes optimizer"),
+    (["--bits", "5"], "--bits must be 4 or 8 (a quantised base, QLoRA) or 16 (off), got 5"),
+])
+def test_what_needs_bitsandbytes_refused_up_front(tmp_path, capsys, flags, message):
+    """A notebook's ``optim="adamw_8bit"`` where bitsandbytes cannot run (no CUDA GPU, or not installed) is one
+    error before any work, not an ImportError from the Trainer once the model is loaded; so is a --bits that
+    train_mem.py would refuse only after the data is converted."""
+    if flags[0] == "--optim" and torch.cuda.is_available() and _has_bitsandbytes():
+        pytest.skip("bitsandbytes runs here")
+    assert main(["dialogue-llama3", "--tiny", "--out", str(tmp_path), *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "tiny-base").exists()
+
+
+def test_gpu_without_bitsandbytes_trains_a_16_bit_base(monkeypatch):
+    """On a CUDA GPU without bitsandbytes the QLoRA recipe resolves to a 16-bit base and AdamW (it chose a 4-bit
+    base, and failed once the data was converted and the model loading began); an explicit --bits 4 names what
+    to install. Only the machine's description is replaced here: the settings are resolved as on such a GPU."""
+    if _has_bitsandbytes():
+        pytest.skip("bitsandbytes is installed here")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    cls = get_recipe("radiology-llama32v").Config
+    eff = config_from_args(cls, {}).resolved()
+    assert (eff["bits"], eff["optim"], eff["bf16"], eff["gradient_checkpointing"]) == (16, "adamw_torch", True, True)
+    with pytest.raises(ValueError, match=r"--bits 4 .* but bitsandbytes is not installed \(pip install bitsandbytes\)"):
+        config_from_args(cls, {"bits": 4}).resolved()
 
 
 def test_push_to_hub_arguments(tmp_path, capsys, monkeypatch):
@@ -893,7 +962,8 @@ def test_notebook_flag_names(tmp_path, capsys, monkeypatch):
         assert main(["dialogue-llama3", "--tiny", "--out", "rel", "--load_in_4bit"]) == 2
         assert "--bits 4 (a quantised base, QLoRA) needs a CUDA GPU" in capsys.readouterr().err
         assert main(["radiology-llama32v", "--tiny", "--out", "rad", "--stop-after-data"]) == 0
-        assert "no CUDA GPU: QLoRA's 4-bit base needs one, so LoRA trains on a 16-bit base" in capsys.readouterr().out
+        assert ("this machine has no CUDA GPU: QLoRA's 4-bit base needs a CUDA GPU with bitsandbytes, so LoRA trains "
+                "on a 16-bit base here") in capsys.readouterr().out
 
 
 def test_a_second_run_on_the_same_out_is_refused(tmp_path, capsys):

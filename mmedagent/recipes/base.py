@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from mmedagent.locks import holding
-from mmedagent.recipes.config import RecipeConfig
+from mmedagent.recipes.config import RecipeConfig, bitsandbytes_missing
 from mmedagent.recipes.data import Example
 
 
@@ -205,7 +205,8 @@ class Recipe:
         say(f"{self.name}: effective configuration")
         print(json.dumps(self.settings | {"out": str(self.out), "train_extra": self.train_extra}, indent=2), flush=True)
         if cfg.qlora and cfg.lora and cfg.bits is None and self.settings["bits"] == 16:
-            say("no CUDA GPU: QLoRA's 4-bit base needs one, so LoRA trains on a 16-bit base here (bits 16)")
+            say(f"{bitsandbytes_missing()}: QLoRA's 4-bit base needs a CUDA GPU with bitsandbytes, so LoRA trains on a "
+                "16-bit base here (bits 16)")
         if cfg.push_to_hub:
             check_hub_token()
 

@@ -2,7 +2,7 @@
 
 ``--lora-r 32`` (or ``--lora_r 32``) overrides ``lora_r``; booleans take ``--x`` / ``--no-x``.
 Fields left at ``None`` are resolved for the machine at run time (:meth:`RecipeConfig.resolved`):
-4-bit base and 8-bit AdamW only with a CUDA GPU, bf16 only where the GPU supports it.
+4-bit base and 8-bit AdamW only with a CUDA GPU and bitsandbytes, bf16 only where the GPU supports it.
 """
 
 from __future__ import annotations
@@ -57,7 +57,8 @@ class RecipeConfig:
     lora_vision: bool = False
     """LoRA on the vision encoder's attention and MLP layers too (``--lora_vision``)."""
     bits: int | None = None
-    """4 / 8: quantised frozen base (QLoRA); 16: off; None: 4 on a CUDA GPU when ``qlora``, else 16."""
+    """4 / 8: quantised frozen base (QLoRA); 16: off; None: 4 on a CUDA GPU with bitsandbytes when ``qlora``,
+    else 16."""
     qlora: bool = False
     """Prefer a 4-bit base where a GPU allows it."""
 
@@ -73,7 +74,7 @@ class RecipeConfig:
     num_train_epochs: float = 1.0
     weight_decay: float = 0.01
     optim: str | None = None
-    """None: adamw_8bit on a CUDA GPU with bitsandbytes, else adamw_torch."""
+    """None: adamw_8bit on a CUDA GPU with bitsandbytes, else adamw_torch (a bitsandbytes optimizer needs both)."""
     bf16: bool | None = None
     """None: where the GPU supports it."""
     gradient_checkpointing: bool | None = None
@@ -113,6 +114,8 @@ class RecipeConfig:
                              f"{self.lora_dropout}")
         if self.tiny_rows < 2:
             raise ValueError(f"--tiny-rows must be at least 2, got {self.tiny_rows}")
+        if self.bits not in (None, 4, 8, 16):
+            raise ValueError(f"--bits must be 4 or 8 (a quantised base, QLoRA) or 16 (off), got {self.bits}")
         if self.save_total_limit is not None and self.save_total_limit < 1:
             raise ValueError(f"--save-total-limit must be at least 1, got {self.save_total_limit}")
         export_dtype(self.export_dtype)
@@ -123,19 +126,23 @@ class RecipeConfig:
 
         self.validate()
         cuda = torch.cuda.is_available()
+        missing = bitsandbytes_missing()
         out = dataclasses.asdict(self)
         out["export_dtype"] = export_dtype(self.export_dtype)
         if self.bits is None:
-            out["bits"] = 4 if (cuda and self.qlora and self.lora) else 16
+            out["bits"] = 4 if (missing is None and self.qlora and self.lora) else 16
         if self.optim is None:
-            out["optim"] = "adamw_8bit" if cuda and _has_bitsandbytes() else "adamw_torch"
+            out["optim"] = "adamw_8bit" if missing is None else "adamw_torch"
         if self.bf16 is None:
             out["bf16"] = bool(cuda and torch.cuda.is_bf16_supported())
         if self.gradient_checkpointing is None:
             out["gradient_checkpointing"] = cuda
-        if out["bits"] in (4, 8) and not cuda:
-            raise ValueError(f"--bits {out['bits']} (a quantised base, QLoRA) needs a CUDA GPU with bitsandbytes; "
-                             "use --bits 16 on this machine (LoRA on a 16-bit base)")
+        if out["bits"] in (4, 8) and missing:
+            raise ValueError(f"--bits {out['bits']} (a quantised base, QLoRA) needs a CUDA GPU with bitsandbytes, but "
+                             f"{missing}; use --bits 16 on this machine (LoRA on a 16-bit base)")
+        if missing and out["optim"] in _bitsandbytes_optimizers():
+            raise ValueError(f"--optim {out['optim']} is a bitsandbytes optimizer: it needs a CUDA GPU with "
+                             f"bitsandbytes, but {missing}; use --optim adamw_torch on this machine")
         if out["bits"] in (4, 8) and not self.lora:
             raise ValueError("a quantised base (--bits 4/8) needs --lora")
         if self.push_to_hub is not None:
@@ -167,10 +174,25 @@ def _flag(name: str) -> str:
     return name.replace("_", "-")
 
 
-def _has_bitsandbytes() -> bool:
+def bitsandbytes_missing() -> str | None:
+    """What a quantised base or an 8-bit optimizer lacks on this machine (no CUDA GPU, no bitsandbytes), or None."""
     import importlib.util
 
-    return importlib.util.find_spec("bitsandbytes") is not None
+    import torch
+
+    if not torch.cuda.is_available():
+        return "this machine has no CUDA GPU"
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return "bitsandbytes is not installed (pip install bitsandbytes)"
+    return None
+
+
+def _bitsandbytes_optimizers() -> set[str]:
+    """The ``--optim`` names the Trainer builds from bitsandbytes (``adamw_8bit``, ``paged_adamw_32bit``, ...)."""
+    from transformers import trainer_optimizer
+
+    names = getattr(trainer_optimizer, "_BITSANDBYTES_OPTIMIZERS", ())  # transformers' own list (private: may move)
+    return {str(getattr(name, "value", name)) for name in names}
 
 
 def check_repo_id(repo: str) -> None:
@@ -243,7 +265,8 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type[RecipeConfig]) ->
                 help=doc,
             )
     group.add_argument("--load-in-4bit", "--load_in_4bit", dest="bits", action="store_const", const=4,
-                       default=argparse.SUPPRESS, help="the same as --bits 4 (QLoRA; needs a CUDA GPU)")
+                       default=argparse.SUPPRESS,
+                       help="the same as --bits 4 (QLoRA; needs a CUDA GPU with bitsandbytes)")
 
 
 def unknown_flag_error(unknown: list[str]) -> str:
@@ -292,6 +315,6 @@ class CaptionConfig(RecipeConfig):
             raise ValueError(f"--eval-samples must be 0 (hold nothing out) or more, got {self.eval_samples}")
 
 
-__all__ = ["CaptionConfig", "RecipeConfig", "add_config_args", "check_repo_id", "config_from_args", "export_dtype",
-           "held_out_share", "unknown_flag_error"]
+__all__ = ["CaptionConfig", "RecipeConfig", "add_config_args", "bitsandbytes_missing", "check_repo_id",
+           "config_from_args", "export_dtype", "held_out_share", "unknown_flag_error"]
 
