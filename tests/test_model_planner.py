@@ -245,7 +245,9 @@ def test_a_prompt_longer_than_the_context_is_refused_and_the_conversation_goes_o
 def test_quantized_loading_needs_cuda(tiny_models):
     if torch.cuda.is_available():
         pytest.skip("CUDA present")
-    with pytest.raises(RuntimeError, match="CUDA GPU and bitsandbytes"):
+    from mmedagent.model.loading import BackendUnavailable
+
+    with pytest.raises(BackendUnavailable, match="CUDA GPU and bitsandbytes"):
         load_planner(tiny_models("llava"), load_in_4bit=True)
 
 

@@ -174,6 +174,16 @@ def test_damaged_image_found_by_a_data_loader_worker_is_one_error_line(tiny_mode
         f"error: {data}: record 2: cannot load image: cannot decode PNG image"), proc.stderr[-3000:]
 
 
+def test_an_attention_kernel_that_cannot_run_here_is_one_error_line(tiny_models, train_data, tmp_path):
+    """flash-attn needs CUDA and fp16/bf16 weights: asked for on CPU in float32 it is refused in one line (it
+    was a traceback from the model loader)."""
+    proc = _fails(base_args(tiny_models("llava"), train_data["mmedagent"], tmp_path / "run", "--image_folder",
+                            str(train_data["images"]), "--version", "v1", "--max_steps", "1",
+                            "--attn_implementation", "flash_attention_2"))
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "error: flash_attention_2 runs in float16 or bfloat16, not float32"), proc.stderr[-2000:]
+
+
 def test_a_workers_error_of_several_lines_is_given_whole_without_the_traceback():
     from torch._utils import ExceptionWrapper
 

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 import mmedagent  # noqa: F401  - must come before transformers (arms the torchvision shim)
 from mmedagent.data.formats import DataError
-from mmedagent.model.loading import ModelNotFoundError
+from mmedagent.model.loading import BackendUnavailable, ModelNotFoundError
 from mmedagent.train.args import FlagError
 from mmedagent.train.run import main, release_deepspeed_shm
 from mmedagent.train.trainer import ResumeError
@@ -68,7 +68,7 @@ if __name__ == "__main__":
         if dist.is_available() and dist.is_initialized():
             dist.barrier()  # no rank leaves while a peer is still in a collective or saving
             leave_when_done()
-    except (FlagError, DataError, ResumeError, ModelNotFoundError) as e:
+    except (FlagError, DataError, ResumeError, ModelNotFoundError, BackendUnavailable) as e:
         print(f"error: {error_line(e)}", file=sys.stderr)
         sys.exit(2)
     finally:

@@ -27,6 +27,11 @@ def _local_json(path_or_id: str | Path, name: str) -> dict[str, Any] | None:
     return json.loads(f.read_text()) if f.is_file() else None
 
 
+class BackendUnavailable(ValueError):
+    """A device, attention kernel or quantization that this machine or model cannot run; the message says what
+    to use instead (one line for a command to print)."""
+
+
 class ModelNotFoundError(OSError):
     """A checkpoint that cannot be found or read: a local path that does not exist or holds no model
     config, or a hub id that is unknown, gated or unreachable. Entry points report it as one ``error:`` line."""
@@ -94,9 +99,9 @@ def resolve_device(device: str | None) -> str:
     except (RuntimeError, TypeError):
         raise ValueError(f"unknown device {device!r} (use cpu, cuda, cuda:N or auto)") from None
     if kind == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} requested but CUDA is not available")
+        raise BackendUnavailable(f"device {device!r} requested but CUDA is not available; use cpu")
     if kind == "mps" and not torch.backends.mps.is_available():
-        raise RuntimeError(f"device {device!r} requested but MPS (Apple GPU) is not available")
+        raise BackendUnavailable(f"device {device!r} requested but MPS (Apple GPU) is not available; use cpu")
     return str(device)
 
 
@@ -134,12 +139,12 @@ def resolve_attn(attn_implementation: str | None, device: str, dtype: Any, model
         return "flash_attention_2" if usable else "sdpa"
     if attn_implementation == "flash_attention_2":
         if not supported:
-            raise ValueError(f"flash_attention_2 requested but {model_class.__name__} does not support it; use 'sdpa'")
+            raise BackendUnavailable(f"flash_attention_2 requested but {model_class.__name__} does not support it; use 'sdpa'")
         if not half:
-            raise ValueError(f"flash_attention_2 runs in float16 or bfloat16, not {str(dtype).replace('torch.', '')}: "
+            raise BackendUnavailable(f"flash_attention_2 runs in float16 or bfloat16, not {str(dtype).replace('torch.', '')}: "
                              "load with dtype bfloat16 (or float16), or use 'sdpa'")
         if not is_flash_attn_2_available():
-            raise RuntimeError("flash_attention_2 requested but flash-attn is not installed (needs CUDA); use 'sdpa'")
+            raise BackendUnavailable("flash_attention_2 requested but flash-attn is not installed (needs CUDA); use 'sdpa'")
     return attn_implementation
 
 
@@ -176,11 +181,11 @@ def quantization_config(load_in_4bit: bool, load_in_8bit: bool, compute_dtype: A
     import torch
 
     if not torch.cuda.is_available():
-        raise RuntimeError("4-bit/8-bit loading needs a CUDA GPU and bitsandbytes; on CPU load without quantization")
+        raise BackendUnavailable("4-bit/8-bit loading needs a CUDA GPU and bitsandbytes; on CPU load without quantization")
     try:
         import bitsandbytes  # noqa: F401
     except ImportError as e:
-        raise RuntimeError("4-bit/8-bit loading needs bitsandbytes: pip install bitsandbytes") from e
+        raise BackendUnavailable("4-bit/8-bit loading needs bitsandbytes: pip install bitsandbytes") from e
     return bnb_config(4 if load_in_4bit else 8, compute_dtype)
 
 
