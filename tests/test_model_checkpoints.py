@@ -312,3 +312,15 @@ def test_an_original_checkpoint_with_only_a_sentencepiece_tokenizer_converts(lla
     prompt = "<s>USER: <image>\nWhere is the tumor? ASSISTANT:"
     inputs = processor(images=test_image(32), text=prompt, return_tensors="pt", add_special_tokens=False)
     assert model.generate(**inputs, max_new_tokens=3, do_sample=False).shape[1] == inputs["input_ids"].shape[1] + 3
+
+
+def test_a_folder_holding_checkpoints_rather_than_being_one_names_them(tiny_models, tmp_path):
+    """A recipe's or a run's output folder holds its checkpoints (``merged``, ``checkpoint-N``); loading the
+    folder itself said "Unrecognized model ... should have a `model_type` key in its config.json", of a
+    config.json that is not there."""
+    from mmedagent.model.loading import ModelNotFoundError
+
+    shutil.copytree(tiny_models("llama"), tmp_path / "merged")
+    (tmp_path / "train.log").write_text("")
+    with pytest.raises(ModelNotFoundError, match=r"not a checkpoint folder \(no config.json\); checkpoints inside it: merged$"):
+        load_model_and_processor(tmp_path)

@@ -50,6 +50,11 @@ def load_config(path_or_id: str | Path) -> Any:
     the checkpoint cannot be found or read (call :func:`mmedagent.hub.prefer_cache_when_unreachable` first)."""
     from transformers import AutoConfig
 
+    local = Path(str(path_or_id)).expanduser()
+    if local.is_dir() and not (local / "config.json").is_file():  # transformers: "should have a model_type key"
+        inside = sorted(p.parent.name for p in local.glob("*/config.json"))
+        hint = f"; checkpoints inside it: {', '.join(inside)}" if inside else ""
+        raise ModelNotFoundError(f"{path_or_id}: not a checkpoint folder (no config.json){hint}")
     try:
         return AutoConfig.from_pretrained(str(path_or_id))
     except ValueError as e:  # e.g. a model type this transformers does not know: its message runs to a paragraph
