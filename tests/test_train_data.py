@@ -544,11 +544,7 @@ def test_mllama_blank_image_leaves_the_loss_unchanged(tiny_models, train_data, t
     ds = _dataset(tiny_models("mllama"), train_data["mixed"], train_data["images"], template=None, family="mllama")
     model, _, _ = load_model_and_processor(tiny_models("mllama"), dtype="float32", device="cpu")
     gated = [m for m in model.modules() if type(m).__name__ == "MllamaCrossAttentionDecoderLayer"]
-    assert gated
-    with torch.no_grad():  # trained Llama-3.2-Vision gates are open; the tiny model's start at 0 and would hide a leak
-        for layer in gated:
-            layer.cross_attn_attn_gate.fill_(0.8)
-            layer.cross_attn_mlp_gate.fill_(-0.6)
+    assert gated and all(layer.cross_attn_attn_gate.abs().max() > 0 for layer in gated)  # open: shut ones hide a leak
     _, _, t = parse_args(["--model_name_or_path", "b", "--output_dir", str(tmp_path), "--data_path", "d",
                           "--lora_r", "4"])
     model = prepare_model(model, "mllama", t).eval()  # LoRA B starts at 0: the base model's outputs

@@ -215,6 +215,7 @@ def _qwen2_vl(tokenizer, p: dict[str, int]):
 
 
 def _mllama(tokenizer, p: dict[str, int]):
+    import torch
     from transformers import (
         MllamaConfig, MllamaForConditionalGeneration, MllamaImageProcessor, MllamaProcessor,
     )
@@ -234,7 +235,13 @@ def _mllama(tokenizer, p: dict[str, int]):
     config = MllamaConfig(vision_config=vision, text_config=text, image_token_index=image_id)
     image_processor = MllamaImageProcessor(size={"height": p["image_size"], "width": p["image_size"]}, max_image_tiles=4)
     processor = MllamaProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=_CHAT_TEMPLATES["mllama"])
-    return MllamaForConditionalGeneration(config), processor
+    model = MllamaForConditionalGeneration(config)
+    with torch.no_grad():  # open the cross-attention gates (0 at init, as in training from scratch): trained
+        for layer in model.modules():  # Llama-3.2-Vision's are, and with them shut no image reaches the text
+            if type(layer).__name__ == "MllamaCrossAttentionDecoderLayer":
+                layer.cross_attn_attn_gate.fill_(0.8)
+                layer.cross_attn_mlp_gate.fill_(-0.6)
+    return model, processor
 
 
 def _llama(tokenizer, p: dict[str, int]):
