@@ -247,7 +247,7 @@ def test_quantized_loading_needs_cuda(tiny_models):
         pytest.skip("CUDA present")
     from mmedagent.model.loading import BackendUnavailable
 
-    with pytest.raises(BackendUnavailable, match="CUDA GPU and bitsandbytes"):
+    with pytest.raises(BackendUnavailable, match="needs a CUDA GPU with bitsandbytes, but this machine has no CUDA GPU"):
         load_planner(tiny_models("llava"), load_in_4bit=True)
 
 

@@ -320,6 +320,8 @@ def test_mmedagent_recipe_flags_parse(tmp_path, monkeypatch):
 @pytest.mark.parametrize("flags, message", [
     (["--mm_use_im_start_end", "True"], "--mm_use_im_start_end True is not supported"),
     (["--bits", "4"], r"--bits 4 \(QLoRA\) needs a CUDA GPU"),
+    (["--optim", "adamw_8bit"], r"^--optim adamw_8bit is a bitsandbytes optimizer: it needs a CUDA GPU with "
+                                r"bitsandbytes, but this machine has no CUDA GPU. Use --optim adamw_torch here.$"),
     (["--warmup_ratio", "1.5"], "--warmup_ratio must be in"),
     (["--fp16", "True", "--deepspeed", str(ROOT / "scripts" / "zero2.json")], r"^--fp16 True needs a CUDA GPU"),
     (["--fp16", "True"], r"^--fp16 True needs a CUDA GPU: on CPU there is no fp16 mixed precision .* Use --bf16 True"),
@@ -333,7 +335,7 @@ def test_mmedagent_recipe_flags_parse(tmp_path, monkeypatch):
 def test_bad_flags_are_rejected(tmp_path, flags, message):
     from mmedagent.train.args import check_backbone_flags, parse_args
 
-    if ("--bits" in flags or "--fp16" in flags) and torch.cuda.is_available():
+    if ("--bits" in flags or "--fp16" in flags or "--optim" in flags) and torch.cuda.is_available():
         pytest.skip("QLoRA and fp16 are allowed on a GPU")
     with pytest.raises(ValueError, match=message):
         check_backbone_flags("llava", *parse_args(["--model_name_or_path", "b", "--output_dir", str(tmp_path),

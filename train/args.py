@@ -109,6 +109,8 @@ class TrainingArguments(transformers.TrainingArguments):
         import torch
         from transformers.utils import is_torch_tf32_available
 
+        from mmedagent.model.loading import bitsandbytes_missing
+
         # Without use_cpu every CPU rank believes it is alone (unsharded data) and bf16 is refused.
         if not torch.cuda.is_available():
             self.use_cpu = True
@@ -128,9 +130,14 @@ class TrainingArguments(transformers.TrainingArguments):
             raise FlagError(f"--model_max_length must be at least 1, got {self.model_max_length}")
         if self.bits not in (4, 8, 16):
             raise FlagError(f"--bits must be 4, 8 or 16, got {self.bits}")
-        if self.bits in (4, 8) and not torch.cuda.is_available():
-            raise FlagError(f"--bits {self.bits} (QLoRA) needs a CUDA GPU and bitsandbytes; this machine has no GPU. "
-                             "Use --bits 16 on CPU.")
+        missing = bitsandbytes_missing()
+        if self.bits in (4, 8) and missing:
+            raise FlagError(f"--bits {self.bits} (QLoRA) needs a CUDA GPU with bitsandbytes, but {missing}. "
+                            "Use --bits 16 here.")
+        optim = str(getattr(self.optim, "value", self.optim))
+        if missing and optim in bitsandbytes_optimizers():
+            raise FlagError(f"--optim {optim} is a bitsandbytes optimizer: it needs a CUDA GPU with bitsandbytes, "
+                            f"but {missing}. Use --optim adamw_torch here.")
         if self.tf32 and not is_torch_tf32_available():
             raise FlagError("--tf32 True needs a CUDA GPU of the Ampere generation or newer; "
                             f"{'this GPU is older' if torch.cuda.is_available() else 'this machine has no GPU'}. "
@@ -169,6 +176,14 @@ class _Parser(transformers.HfArgumentParser):
 
 DEEPSPEED_CONFIGS = Path(__file__).parent / "deepspeed"
 """The shipped ZeRO configs (``scripts/zero2.json`` etc. in a checkout link to them)."""
+
+
+def bitsandbytes_optimizers() -> set[str]:
+    """The ``--optim`` names the Trainer builds from bitsandbytes (``adamw_8bit``, ``paged_adamw_32bit``, ...)."""
+    from transformers import trainer_optimizer
+
+    names = getattr(trainer_optimizer, "_BITSANDBYTES_OPTIMIZERS", ())  # transformers' own list (private: may move)
+    return {str(getattr(name, "value", name)) for name in names}
 
 
 def shipped_deepspeed_config(argv: list[str]) -> list[str]:

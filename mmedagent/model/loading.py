@@ -177,20 +177,28 @@ def parts(family: str) -> tuple[str | None, str | None, str]:
     return PARTS[family]
 
 
+def bitsandbytes_missing() -> str | None:
+    """What a quantised base or an 8-bit optimizer lacks on this machine (no CUDA GPU, no bitsandbytes), or None."""
+    import importlib.util
+
+    import torch
+
+    if not torch.cuda.is_available():
+        return "this machine has no CUDA GPU"
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return "bitsandbytes is not installed (pip install bitsandbytes)"
+    return None
+
+
 def quantization_config(load_in_4bit: bool, load_in_8bit: bool, compute_dtype: Any) -> Any:
     """A BitsAndBytesConfig (:func:`bnb_config`), or None; a clear error where bitsandbytes or a GPU is missing."""
     if not (load_in_4bit or load_in_8bit):
         return None
     if load_in_4bit and load_in_8bit:
         raise ValueError("choose one of load_in_4bit / load_in_8bit")
-    import torch
-
-    if not torch.cuda.is_available():
-        raise BackendUnavailable("4-bit/8-bit loading needs a CUDA GPU and bitsandbytes; on CPU load without quantization")
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError as e:
-        raise BackendUnavailable("4-bit/8-bit loading needs bitsandbytes: pip install bitsandbytes") from e
+    if missing := bitsandbytes_missing():
+        raise BackendUnavailable(f"4-bit/8-bit loading needs a CUDA GPU with bitsandbytes, but {missing}; "
+                                 "load without quantization")
     return bnb_config(4 if load_in_4bit else 8, compute_dtype)
 
 

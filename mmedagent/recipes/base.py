@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from mmedagent.locks import holding
-from mmedagent.recipes.config import RecipeConfig, bitsandbytes_missing
+from mmedagent.model.loading import bitsandbytes_missing
+from mmedagent.recipes.config import RecipeConfig
 from mmedagent.recipes.data import Example
 
 

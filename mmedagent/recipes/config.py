@@ -124,6 +124,9 @@ class RecipeConfig:
         """The effective settings on this machine (auto values filled in); ValueError for nonsense settings."""
         import torch
 
+        from mmedagent.model.loading import bitsandbytes_missing
+        from mmedagent.train.args import bitsandbytes_optimizers
+
         self.validate()
         cuda = torch.cuda.is_available()
         missing = bitsandbytes_missing()
@@ -140,7 +143,7 @@ class RecipeConfig:
         if out["bits"] in (4, 8) and missing:
             raise ValueError(f"--bits {out['bits']} (a quantised base, QLoRA) needs a CUDA GPU with bitsandbytes, but "
                              f"{missing}; use --bits 16 on this machine (LoRA on a 16-bit base)")
-        if missing and out["optim"] in _bitsandbytes_optimizers():
+        if missing and out["optim"] in bitsandbytes_optimizers():
             raise ValueError(f"--optim {out['optim']} is a bitsandbytes optimizer: it needs a CUDA GPU with "
                              f"bitsandbytes, but {missing}; use --optim adamw_torch on this machine")
         if out["bits"] in (4, 8) and not self.lora:
@@ -172,27 +175,6 @@ def held_out_share(value: float, flag: str) -> None:
 
 def _flag(name: str) -> str:
     return name.replace("_", "-")
-
-
-def bitsandbytes_missing() -> str | None:
-    """What a quantised base or an 8-bit optimizer lacks on this machine (no CUDA GPU, no bitsandbytes), or None."""
-    import importlib.util
-
-    import torch
-
-    if not torch.cuda.is_available():
-        return "this machine has no CUDA GPU"
-    if importlib.util.find_spec("bitsandbytes") is None:
-        return "bitsandbytes is not installed (pip install bitsandbytes)"
-    return None
-
-
-def _bitsandbytes_optimizers() -> set[str]:
-    """The ``--optim`` names the Trainer builds from bitsandbytes (``adamw_8bit``, ``paged_adamw_32bit``, ...)."""
-    from transformers import trainer_optimizer
-
-    names = getattr(trainer_optimizer, "_BITSANDBYTES_OPTIMIZERS", ())  # transformers' own list (private: may move)
-    return {str(getattr(name, "value", name)) for name in names}
 
 
 def check_repo_id(repo: str) -> None:
@@ -315,6 +297,6 @@ class CaptionConfig(RecipeConfig):
             raise ValueError(f"--eval-samples must be 0 (hold nothing out) or more, got {self.eval_samples}")
 
 
-__all__ = ["CaptionConfig", "RecipeConfig", "add_config_args", "bitsandbytes_missing", "check_repo_id",
+__all__ = ["CaptionConfig", "RecipeConfig", "add_config_args", "check_repo_id",
            "config_from_args", "export_dtype", "held_out_share", "unknown_flag_error"]
 
