@@ -90,13 +90,19 @@ def denormalize_boxes(boxes: Any, width: int, height: int) -> np.ndarray:
     return b * np.array([width, height, width, height], dtype=np.float64)
 
 
+def _normalised(values: Any, size: int, noun: str, plural: str, form: str) -> np.ndarray:
+    """``values`` as an (N, ``size``) float array of coordinates inside [0, 1]; a ValueError naming them."""
+    a = np.asarray(values, dtype=np.float64)
+    if a.ndim != 2 or a.shape[1] != size:
+        raise ValueError(f"{plural} must be a list of {form}, got shape {a.shape}")
+    if not np.isfinite(a).all() or (a < 0).any() or (a > 1).any():
+        raise ValueError(f"{noun} coordinates must be normalised to [0, 1] (MMedAgent's convention)")
+    return a
+
+
 def check_boxes(boxes: Any) -> np.ndarray:
     """Validate normalised xyxy boxes: four numbers each, inside [0, 1], x1 <= x2 and y1 <= y2."""
-    b = np.asarray(boxes, dtype=np.float64)
-    if b.ndim != 2 or b.shape[1] != 4:
-        raise ValueError(f"boxes must be a list of [x1, y1, x2, y2], got shape {b.shape}")
-    if not np.isfinite(b).all() or (b < 0).any() or (b > 1).any():
-        raise ValueError("box coordinates must be normalised to [0, 1] (MMedAgent's convention)")
+    b = _normalised(boxes, 4, "box", "boxes", "[x1, y1, x2, y2]")
     if (b[:, 2] < b[:, 0]).any() or (b[:, 3] < b[:, 1]).any():
         raise ValueError("each box must satisfy x1 <= x2 and y1 <= y2")
     return b
@@ -104,12 +110,7 @@ def check_boxes(boxes: Any) -> np.ndarray:
 
 def check_points(points: Any) -> np.ndarray:
     """Validate normalised ``[x, y]`` points: two numbers each, inside [0, 1]."""
-    p = np.asarray(points, dtype=np.float64)
-    if p.ndim != 2 or p.shape[1] != 2:
-        raise ValueError(f"points must be a list of [x, y], got shape {p.shape}")
-    if not np.isfinite(p).all() or (p < 0).any() or (p > 1).any():
-        raise ValueError("point coordinates must be normalised to [0, 1] (MMedAgent's convention)")
-    return p
+    return _normalised(points, 2, "point", "points", "[x, y]")
 
 
 def box_iou(a: Any, b: Any) -> np.ndarray:
