@@ -186,16 +186,23 @@ def serve_worker(app, sock: socket.socket, heartbeat: Heartbeat | None, api_key:
         heartbeat.start()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, interrupt)  # stopped by the launcher or systemd: unregister first
+    main = threading.current_thread() is threading.main_thread()
+    code = 0
     try:
         server.run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C (and SIGTERM) after its graceful shutdown
         pass
     finally:
-        if heartbeat is not None:
-            heartbeat.unregister()
-    # out now: a returning main would wait for the threads of calls still running (a hung tool: forever)
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(EXIT_REFUSED if heartbeat is not None and heartbeat.refused is not None else 0)
+        try:
+            if heartbeat is not None:
+                heartbeat.unregister()
+                code = EXIT_REFUSED if heartbeat.refused is not None else 0
+        finally:
+            if main:  # out now: a returning main would wait for the threads of calls still running (a hung
+                logging.shutdown()  # tool: forever); a worker run in a thread leaves its host process alone
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+    if code:
+        raise SystemExit(code)
 

@@ -392,7 +392,7 @@ def test_a_worker_stopped_mid_call_exits_without_waiting_for_the_call(stack):
     worker = httpx.Client(base_url=address, headers={"Authorization": f"Bearer {KEY}"}, trust_env=False)
     threading.Thread(target=lambda: worker.post("/call", json={"params": {"seconds": 40}}, timeout=60),
                      daemon=True).start()  # to this worker itself: the controller might pick another nap worker
-    time.sleep(2)
+    wait_until(lambda: worker.get("/health").json()["running"] == 1, 20)  # the call is running
     os.kill(proc.proc.pid, signal.SIGTERM)
     assert proc.proc.wait(20) == 0
     stack["ctl"].wait_for(rf"worker {re.escape(address)} left", 10)

@@ -317,6 +317,19 @@ def test_mmedagent_recipe_flags_parse(tmp_path, monkeypatch):
         check_backbone_flags("causal_lm", *text_only)
 
 
+def test_a_bitsandbytes_optim_is_left_to_a_deepspeed_config_with_its_own_optimizer(tmp_path):
+    """A DeepSpeed config with an ``optimizer`` section chooses the optimizer itself (transformers ignores
+    ``--optim``): the flag is then no reason to refuse the run on a machine without bitsandbytes."""
+    from mmedagent.train.args import parse_args
+
+    config = tmp_path / "ds.json"
+    config.write_text(json.dumps({"optimizer": {"type": "AdamW", "params": {"lr": "auto"}},
+                                  "zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto"}))
+    _, _, t = parse_args(["--model_name_or_path", "b", "--output_dir", str(tmp_path / "o"), "--data_path", "d",
+                          "--deepspeed", str(config), "--optim", "adamw_8bit"])
+    assert str(getattr(t.optim, "value", t.optim)) == "adamw_8bit"
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--mm_use_im_start_end", "True"], "--mm_use_im_start_end True is not supported"),
     (["--bits", "4"], r"--bits 4 \(QLoRA\) needs a CUDA GPU"),

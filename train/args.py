@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import transformers
 
@@ -135,7 +137,7 @@ class TrainingArguments(transformers.TrainingArguments):
             raise FlagError(f"--bits {self.bits} (QLoRA) needs a CUDA GPU with bitsandbytes, but {missing}. "
                             "Use --bits 16 here.")
         optim = str(getattr(self.optim, "value", self.optim))
-        if missing and optim in bitsandbytes_optimizers():
+        if missing and optim in bitsandbytes_optimizers() and not _deepspeed_optimizer(self.deepspeed):
             raise FlagError(f"--optim {optim} is a bitsandbytes optimizer: it needs a CUDA GPU with bitsandbytes, "
                             f"but {missing}. Use --optim adamw_torch here.")
         if self.tf32 and not is_torch_tf32_available():
@@ -176,6 +178,17 @@ class _Parser(transformers.HfArgumentParser):
 
 DEEPSPEED_CONFIGS = Path(__file__).parent / "deepspeed"
 """The shipped ZeRO configs (``scripts/zero2.json`` etc. in a checkout link to them)."""
+
+
+def _deepspeed_optimizer(config: Any) -> bool:
+    """Whether a DeepSpeed config (a dict, or a JSON file's path) brings its own optimizer, which ``--optim`` then
+    does not choose."""
+    if isinstance(config, (str, Path)) and Path(config).is_file():
+        try:
+            config = json.loads(Path(config).read_text())
+        except (OSError, ValueError):
+            return False
+    return isinstance(config, dict) and "optimizer" in config
 
 
 def bitsandbytes_optimizers() -> set[str]:

@@ -178,15 +178,18 @@ def parts(family: str) -> tuple[str | None, str | None, str]:
 
 
 def bitsandbytes_missing() -> str | None:
-    """What a quantised base or an 8-bit optimizer lacks on this machine (no CUDA GPU, no bitsandbytes), or None."""
-    import importlib.util
-
+    """What a quantised base or an 8-bit optimizer lacks on this machine (no CUDA GPU, no working bitsandbytes),
+    or None."""
     import torch
 
     if not torch.cuda.is_available():
         return "this machine has no CUDA GPU"
-    if importlib.util.find_spec("bitsandbytes") is None:
+    try:
+        import bitsandbytes  # noqa: F401
+    except ModuleNotFoundError:
         return "bitsandbytes is not installed (pip install bitsandbytes)"
+    except Exception as e:  # noqa: BLE001 - installed but broken (e.g. built for another CUDA)
+        return f"bitsandbytes does not import ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
     return None
 
 
