@@ -324,3 +324,11 @@ def test_a_folder_holding_checkpoints_rather_than_being_one_names_them(tiny_mode
     (tmp_path / "train.log").write_text("")
     with pytest.raises(ModelNotFoundError, match=r"not a checkpoint folder \(no config.json\); checkpoints inside it: merged$"):
         load_model_and_processor(tmp_path)
+
+
+def test_a_checkpoint_path_under_the_home_folder_written_with_a_tilde_loads(tiny_models, tmp_path, monkeypatch):
+    """``~/ckpt`` from a config file or a quoted argument (no shell expands it) was read as a bad hub id."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    shutil.copytree(tiny_models("llama"), tmp_path / "ckpt")
+    model, _, family = load_model_and_processor("~/ckpt")
+    assert family == "causal_lm" and model is not None

@@ -45,12 +45,20 @@ def check_new_output_dir(out: str | Path) -> None:
         raise ValueError(f"{out} already exists and is not an empty directory: choose a new output directory")
 
 
+def home_expanded(path_or_id: Any) -> Any:
+    """``~/ckpt`` as the home folder's ``ckpt`` (a shell leaves ``~`` as it is in a quoted or config-file path);
+    anything else (a hub id, None) unchanged."""
+    return Path(path_or_id).expanduser() if isinstance(path_or_id, (str, Path)) and str(path_or_id).startswith("~") \
+        else path_or_id
+
+
 def load_config(path_or_id: str | Path) -> Any:
     """``AutoConfig.from_pretrained(path_or_id)``; :class:`ModelNotFoundError` with a one-line reason when
     the checkpoint cannot be found or read (call :func:`mmedagent.hub.prefer_cache_when_unreachable` first)."""
     from transformers import AutoConfig
 
-    local = Path(str(path_or_id)).expanduser()
+    path_or_id = home_expanded(path_or_id)
+    local = Path(str(path_or_id))
     if local.is_dir() and not (local / "config.json").is_file():  # transformers: "should have a model_type key"
         inside = sorted(p.parent.name for p in local.glob("*/config.json"))
         hint = f"; checkpoints inside it: {', '.join(inside)}" if inside else ""
@@ -310,6 +318,7 @@ def load_model_and_processor(
     """
     from transformers.integrations import is_deepspeed_zero3_enabled
 
+    path_or_id, base = home_expanded(path_or_id), home_expanded(base)
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     quant = quantization_config(load_in_4bit, load_in_8bit, torch_dtype)
