@@ -417,7 +417,8 @@ def test_the_children_stop_when_the_launcher_is_killed(tmp_path):
         worker = next(int(p) for p in children if b"tool_worker.py" in Path(f"/proc/{p}/cmdline").read_bytes())
         os.kill(ctl.proc.pid, signal.SIGKILL)
         wait_until(lambda: not _alive(worker), 30)
-        ctl.wait_for(r"the launcher \(pid \d+\) is gone; stopping", 5)
+        assert not _alive(worker)
+        assert ctl.wait_for(r"the launcher \(pid \d+\) is gone; stopping", 5)
     finally:
         ctl.kill()
         if worker is not None and _alive(worker):
