@@ -100,8 +100,8 @@ def in_process_tools(classes: Sequence[type[Tool]], options: Mapping[str, dict[s
                      weights: Literal["demo", "default"]) -> list[Tool]:
     """Instances of ``classes`` for an in-process run (evaluation, data building) with the server's
     option rule (:func:`resolve_tool_specs`): the given ``options`` (keyed by name or alias), else
-    ``weights``; the composite takes its parts' options. Unlike the server, a failed demo-weights
-    build raises: such a run must not go on with other weights."""
+    ``weights``; the composite takes its parts' options. A failed demo-weights build raises (the
+    server stops on an unwritable cache only): such a run must not go on with other weights."""
     if weights == "demo":
         from mmedagent.demo_tools import demo_tool_options
 
