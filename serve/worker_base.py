@@ -109,11 +109,16 @@ class Heartbeat(threading.Thread):
         self.client = make_client(api_key, timeout_s=max(2.0, interval_s))
         self.stop = threading.Event()
         self.registered = threading.Event()
+        self._registration = threading.Lock()  # a stop waits for a registration in flight, then unregisters it
         self.refused: str | None = None
         self.on_refused: Callable[[], None] = lambda: None
         self._last_refusal: str | None = None
 
     def _register(self) -> bool:
+        with self._registration:
+            return not self.stop.is_set() and self._post_registration()
+
+    def _post_registration(self) -> bool:
         try:
             r = self.client.post(f"{self.controller_url}/register_worker", json=self.payload())
         except httpx.HTTPError as e:
@@ -166,7 +171,11 @@ class Heartbeat(threading.Thread):
             self.stop.wait(self.interval_s)
 
     def unregister(self) -> None:
+        """Stop beating and leave the controller, also when stopped while a registration was on its way
+        (the controller lists the worker before the worker reads its answer)."""
         self.stop.set()
+        with self._registration:
+            pass
         if self.registered.is_set():
             try:
                 self.client.post(f"{self.controller_url}/unregister_worker", json={"address": self.payload()["address"]}, timeout=2.0)

@@ -308,6 +308,32 @@ def test_a_refused_registration_is_retried_and_logged_once_per_reason(caplog):
     assert len(refusals) == 1 and refusals[0].endswith("; retrying") and not beat.registered.is_set()
 
 
+def test_a_worker_stopped_while_its_registration_is_answered_still_leaves_the_controller():
+    """The controller lists a worker before the worker reads the answer; a SIGTERM in between left it listed
+    until its heartbeats expired (seen as a flaky stack test)."""
+    listed, answer = threading.Event(), threading.Event()
+    calls = []
+
+    def controller(request):
+        calls.append(request.url.path)
+        if request.url.path == "/register_worker":
+            listed.set()
+            answer.wait(5)
+        return httpx.Response(200, json={"ok": True, "exist": True})
+
+    beat = Heartbeat("http://controller", lambda: {"address": "http://127.0.0.1:9"}, lambda: 0, 0.02, None, ready=lambda: True)
+    beat.client = httpx.Client(transport=httpx.MockTransport(controller))
+    beat.start()
+    assert listed.wait(5)
+    stopping = threading.Thread(target=beat.unregister)
+    stopping.start()
+    time.sleep(0.1)
+    answer.set()
+    stopping.join(5)
+    beat.join(5)
+    assert calls == ["/register_worker", "/unregister_worker"]
+
+
 def test_a_call_waits_for_a_slot_at_most_the_timeout():
     slots = tw.CallSlots("hang", 1, 0.4)
     first = slots.acquire()
