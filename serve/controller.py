@@ -624,7 +624,8 @@ def build_app(ctl: Controller) -> FastAPI:
             async with contextlib.aclosing(ctl.stream_agent(kwargs, request)) as run:  # a disconnect stops the run
                 async for kind, payload in run:
                     if kind == "error":
-                        return JSONResponse(oa.error_body(payload, 502), status_code=502, headers=traced)
+                        status = 503 if " is busy: " in payload else 502
+                        return JSONResponse(oa.error_body(payload, status), status_code=status, headers=traced)
                     if kind == "answer":
                         result = payload
             if result is None:  # stopped: the client went away, nobody reads this

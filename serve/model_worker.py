@@ -82,6 +82,16 @@ class GenerateRequest(BaseModel):
     temperature: float = Field(default=0.0, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
     stop: list[str] | None = None
+    max_wait_s: float | None = Field(default=None, gt=0, description="how long to wait for a busy model (none: no limit)")
+
+
+KEEPALIVE_S = 5.0
+"""A request waiting for the model is sent an empty piece this often (at most a third of its wait limit),
+so that its caller's read timeout measures the model's silence, not the queue."""
+
+
+class Busy(RuntimeError):
+    """A request got no turn at the model within its wait limit."""
 
 
 class ModelHost:
@@ -105,37 +115,59 @@ class ModelHost:
         except UploadError as e:
             raise HTTPException(e.status, e.reason) from None
 
+    def _turn(self, ahead: int, max_wait_s: float | None) -> Iterator[str]:
+        """Take a turn at the model (a slot): "" every :data:`KEEPALIVE_S` while waiting, :class:`Busy`
+        after ``max_wait_s`` (None: no limit)."""
+        interval = KEEPALIVE_S if max_wait_s is None else min(KEEPALIVE_S, max_wait_s / 3)
+        deadline = None if max_wait_s is None else time.monotonic() + max_wait_s
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise Busy(f"model {self.name!r} is busy: no turn came within {max_wait_s:g} s ({ahead} request(s) "
+                           "were ahead of this one); try again later, or start another model worker for it")
+            if self.slots.acquire(timeout=interval if left is None else min(interval, left)):
+                return
+            yield ""
+
     def stream(self, messages: list[dict[str, str]], image: Any, gen: dict[str, Any],
-               stats: dict[str, Any] | None = None, request_id: str | None = None) -> Iterator[str]:
-        """The reply in pieces; ``stats``, when given, receives the call's token counts
+               stats: dict[str, Any] | None = None, request_id: str | None = None,
+               max_wait_s: float | None = None) -> Iterator[str]:
+        """The reply in pieces, after waiting for the model (empty pieces while waiting, :class:`Busy`
+        after ``max_wait_s``); ``stats``, when given, receives the call's token counts
         (``prompt_tokens``, ``new_tokens``) and why it ended (``finish``) where the planner reports them.
         Each call is one log line (``request_id``: the controller's chat): its tokens, how long it waited
         for the model and how long it ran; never the text."""
         with self._count_lock:
             self.waiting += 1
-        queued, ended = time.monotonic(), "stopped by its client"
+            ahead = self.waiting - 1
+        queued, started, ended = time.monotonic(), None, "stopped by its client"
         try:
-            with self.slots:
-                started = time.monotonic()
-                try:
-                    stream = getattr(self.planner, "stream", None)
-                    if stream is None:
-                        yield self.planner.generate(messages, image, **gen)
-                    else:
-                        yield from stream(messages, image, **gen)
-                    counts = token_counts(self.planner)
-                    if stats is not None and counts:
-                        stats.update(prompt_tokens=counts[0], new_tokens=counts[1])
-                        if (finish := getattr(self.planner, "last_stats", {}).get("finish")) is not None:
-                            stats["finish"] = finish
-                    ended = f"{counts[0]} prompt and {counts[1]} new tokens" if counts else "done"
-                except Exception as e:
-                    ended = f"failed ({type(e).__name__})"
-                    raise
-                finally:
-                    log.info("request %s: %s in %.2f s, after %.2f s waiting for the model", request_id or "-", ended,
-                             time.monotonic() - started, started - queued)
+            yield from self._turn(ahead, max_wait_s)
+            started = time.monotonic()
+            try:
+                stream = getattr(self.planner, "stream", None)
+                if stream is None:
+                    yield self.planner.generate(messages, image, **gen)
+                else:
+                    yield from stream(messages, image, **gen)
+                counts = token_counts(self.planner)
+                if stats is not None and counts:
+                    stats.update(prompt_tokens=counts[0], new_tokens=counts[1])
+                    if (finish := getattr(self.planner, "last_stats", {}).get("finish")) is not None:
+                        stats["finish"] = finish
+                ended = f"{counts[0]} prompt and {counts[1]} new tokens" if counts else "done"
+            finally:
+                self.slots.release()
+        except Busy:
+            ended = "not started (the model stayed busy)"
+            raise
+        except Exception as e:
+            ended = f"failed ({type(e).__name__})"
+            raise
         finally:
+            now = time.monotonic()
+            log.info("request %s: %s in %.2f s, after %.2f s waiting for the model", request_id or "-", ended,
+                     now - (started or now), (started or now) - queued)
             with self._count_lock:
                 self.waiting -= 1
 
@@ -191,7 +223,10 @@ def build_app(host: ModelHost) -> FastAPI:
         async def events() -> AsyncIterator[str]:
             stats: dict[str, Any] = {}
             rid = loggable_id(request.headers.get(REQUEST_ID_HEADER))
-            async for item in _pump(host.stream(as_dicts(req.messages), image, gen, stats, rid)):
+            async for item in _pump(host.stream(as_dicts(req.messages), image, gen, stats, rid, req.max_wait_s)):
+                if isinstance(item, Busy):
+                    yield json.dumps({"error": str(item), "busy": True}) + "\n"
+                    return
                 if isinstance(item, BaseException):
                     log.warning("generation failed", exc_info=item)  # reduced by the log filter
                     yield json.dumps({"error": f"generation failed: {type(item).__name__}: {item}"}) + "\n"
@@ -226,6 +261,8 @@ def build_app(host: ModelHost) -> FastAPI:
         if not req.stream:
             pieces = []
             async for item in _pump(host.stream(messages, image, gen, stats)):
+                if isinstance(item, Busy):
+                    raise HTTPException(503, str(item))
                 if isinstance(item, BaseException):
                     raise HTTPException(500, f"generation failed: {type(item).__name__}: {item}")
                 pieces.append(item)
@@ -234,6 +271,9 @@ def build_app(host: ModelHost) -> FastAPI:
         async def sse() -> AsyncIterator[str]:
             yield oa.chunk(cid, host.name, {"role": "assistant", "content": ""})
             async for item in _pump(host.stream(messages, image, gen, stats)):
+                if isinstance(item, Busy):
+                    yield oa.error_event(str(item))
+                    break
                 if isinstance(item, BaseException):
                     yield oa.error_event(f"generation failed: {type(item).__name__}: {item}")
                     break

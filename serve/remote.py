@@ -217,6 +217,7 @@ class WorkerPlanner:
             "messages": list(messages),
             "image": png_data_url(image) if image is not None else None,
             "conversation_id": self.conversation_id,
+            "max_wait_s": self.timeout_s,  # a busy model says so, before this client's read timeout
             **gen,
         }
 
@@ -240,6 +241,8 @@ class WorkerPlanner:
                     r.read()
                     raise WorkerError(f"{what}: {error_detail(r)}")
                 for event in _iter_ndjson(r):
+                    if event.get("busy"):  # no turn came: another worker of the model may have one
+                        raise _Unavailable(f"{what}: {event['error']}")
                     if "error" in event:
                         raise WorkerError(f"{what}: {event['error']}")
                     if event.get("text"):

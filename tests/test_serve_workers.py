@@ -334,6 +334,58 @@ def test_a_worker_stopped_while_its_registration_is_answered_still_leaves_the_co
     assert calls == ["/register_worker", "/unregister_worker"]
 
 
+class Held:
+    """A planner that answers "ok" once ``free`` is set (a long generation holding the model)."""
+
+    def __init__(self):
+        self.free = threading.Event()
+
+    def generate(self, messages, image, **gen):
+        self.free.wait(10)
+        return "ok"
+
+
+def test_a_chat_waiting_for_a_busy_model_is_told_it_is_busy_not_that_the_worker_died(monkeypatch):
+    """The queue for a model counted against the controller's read timeout: a chat behind a long one ended
+    with "did not answer in time". Now a waiting request is kept alive, told "busy" after the controller's
+    model timeout, and tried on another worker of the model when there is one."""
+    from mmedagent.serve import model_worker as mw
+    from mmedagent.serve.remote import WorkerError, WorkerPlanner
+
+    held = Held()
+    with serving(mw.build_app(mw.ModelHost(held, "m", {}, 1 << 20))) as url:
+        registry = WorkerRegistry(expiry_s=60)
+        registry.register(WorkerInfo(address=url, kind="model", names=["m"]))
+        first = threading.Thread(target=lambda: WorkerPlanner(registry, httpx.Client(), "m", "a", 30).generate(
+            [{"role": "user", "content": "hi"}], None))
+        first.start()
+        time.sleep(0.2)
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(WorkerError) as failure:
+                WorkerPlanner(registry, httpx.Client(), "m", "b", 0.9).generate([{"role": "user", "content": "hi"}], None)
+            assert 0.8 < time.monotonic() - t0 < 5
+            assert "model 'm' is busy: no turn came within 0.9 s (1 request(s) were ahead of this one)" in str(failure.value)
+
+            monkeypatch.setattr(mw, "KEEPALIVE_S", 0.1)
+            body = {"messages": [{"role": "user", "content": "hi"}], "max_wait_s": 10}  # a longer wait than the read timeout
+            answer = {}
+
+            def patient():
+                with httpx.Client(timeout=httpx.Timeout(0.5)) as client:
+                    with client.stream("POST", f"{url}/worker_generate_stream", json=body) as r:
+                        answer["text"] = "".join(json.loads(line).get("text", "") for line in r.iter_lines() if line)
+
+            waiting = threading.Thread(target=patient)
+            waiting.start()
+            time.sleep(1.5)  # three read timeouts
+        finally:
+            held.free.set()
+            first.join(10)
+        waiting.join(10)
+    assert answer == {"text": "ok"}
+
+
 def test_a_call_waits_for_a_slot_at_most_the_timeout():
     slots = tw.CallSlots("hang", 1, 0.4)
     first = slots.acquire()
