@@ -7,6 +7,7 @@ the user; the caller always gets one outcome per call.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import math
 import threading
@@ -171,7 +172,7 @@ class Dispatcher:
             pool = self._pools.get(tool.name)
             if pool is None:
                 pool = self._pools[tool.name] = ThreadPoolExecutor(self.max_workers, thread_name_prefix=f"tool-{tool.name}")
-        return pool.submit(tool.run, image, params)
+        return pool.submit(contextvars.copy_context().run, tool.run, image, params)  # the chat's context (its request id)
 
     def _abandon(self, name: str, fut: Future) -> None:
         """A timed-out call: dropped if it never started, else counted as overdue until it ends."""

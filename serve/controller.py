@@ -61,6 +61,7 @@ from mmedagent.serve.messages import (
 )
 from mmedagent.serve.registry import NoWorkerError, RegistrationConflict, WorkerInfo, WorkerRegistry
 from mmedagent.serve.remote import (
+    CHAT_REQUEST_ID,
     REQUEST_ID_HEADER,
     RemoteResult,
     RemoteTool,
@@ -302,6 +303,7 @@ class Controller:
         """One agent run (blocking; called in the chat thread pool), logged as one line under
         ``request_id`` (:func:`chat_summary`), or a line saying how it ended otherwise."""
         t0, planner = time.monotonic(), None
+        chat = CHAT_REQUEST_ID.set(request_id)  # its tool calls carry it to the workers' logs
         try:
             live = self.live_tools()
             self.dispatcher.tools = self.all_tools()
@@ -320,6 +322,8 @@ class Controller:
         except Exception as e:
             log.warning("chat %s: failed after %.2f s", request_id, time.monotonic() - t0, exc_info=e)  # reduced by the log filter
             raise
+        finally:
+            CHAT_REQUEST_ID.reset(chat)
         log.info("chat %s: %s", request_id, chat_summary(result, model, planner.address, self.dispatcher.resolve))
         return result
 

@@ -37,7 +37,7 @@ from pydantic import BaseModel, Field
 from mmedagent.agent import openai_usage, token_counts
 from mmedagent.serve import openai_api as oa
 from mmedagent.serve.config import DTYPES, ServeConfig, add_common_args, config_or_exit
-from mmedagent.serve.remote import REQUEST_ID_HEADER
+from mmedagent.serve.remote import REQUEST_ID_HEADER, loggable_id
 from mmedagent.serve.messages import DEFAULT_NEW_TOKENS, MAX_NEW_TOKENS, MAX_PROMPT_MESSAGES, TextMessage, as_dicts
 from mmedagent.serve.security import setup_logging, without_echoed_input
 from mmedagent import demo
@@ -67,11 +67,6 @@ def default_model(cache_dir: Path) -> tuple[str, str]:
         except OSError:
             shutil.rmtree(tmp, ignore_errors=True)  # another process won the race
     return str(target), TINY_NOTE
-
-
-def loggable_id(value: str | None) -> str | None:
-    """A request id as it may be logged: letters, digits and dashes, at most 64 (else none)."""
-    return value if value and len(value) <= 64 and value.replace("-", "").isalnum() and value.isascii() else None
 
 
 class GenerateRequest(BaseModel):

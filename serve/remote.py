@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from contextvars import ContextVar
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar
 
@@ -23,6 +24,14 @@ log = logging.getLogger(__name__)
 
 
 REQUEST_ID_HEADER = "X-Request-ID"
+CHAT_REQUEST_ID: ContextVar[str | None] = ContextVar("chat_request_id", default=None)
+"""The request id of the chat being run (set by the controller): its model and tool calls carry it to the
+workers, whose log lines name it."""
+
+
+def loggable_id(value: str | None) -> str | None:
+    """A request id as it may be logged: letters, digits and dashes, at most 64 (else none)."""
+    return value if value and len(value) <= 64 and value.replace("-", "").isalnum() and value.isascii() else None
 """The controller's id of a chat request: sent to the model worker, which logs it too, and to the client."""
 
 
@@ -134,7 +143,9 @@ class RemoteTool(Tool):
                             worker_elapsed_s=answer.elapsed_s)
 
     def _post(self, address: str, body: dict[str, Any]) -> Iterator[tuple[str, httpx.Response]]:
-        r = self.client.post(f"{address}/call", json=body, timeout=timeout(self.timeout_s))
+        rid = CHAT_REQUEST_ID.get()
+        r = self.client.post(f"{address}/call", json=body, timeout=timeout(self.timeout_s),
+                             headers={REQUEST_ID_HEADER: rid} if rid else None)
         if r.status_code == 503:  # this worker is hung or still loading; another one may serve the tool
             raise _Unavailable(f"{self.name}: {error_detail(r)}")
         yield address, r

@@ -23,13 +23,13 @@ import time
 from typing import Any
 
 import mmedagent  # noqa: F401  - arms the torchvision shim first
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel
 
 from mmedagent.dispatcher import parse_params
 from mmedagent.serve.config import ServeConfig, add_common_args, config_or_exit
-from mmedagent.serve.remote import CallAnswer
+from mmedagent.serve.remote import REQUEST_ID_HEADER, CallAnswer, loggable_id
 from mmedagent.serve.security import setup_logging, without_echoed_input
 from mmedagent.serve.uploads import UploadError, image_from_data_url
 from mmedagent.serve.worker_base import EXIT_CANNOT_LOAD, Heartbeat, bind_socket, follow_launcher, serve_worker, url_for
@@ -132,7 +132,25 @@ def build_app(tool: Tool, max_upload_bytes: int, max_concurrency: int = 4, timeo
                           overlay=result.overlay(), elapsed_s=elapsed)
 
     @app.post("/call")
-    async def call(req: CallRequest) -> CallAnswer:
+    async def call(req: CallRequest, request: Request) -> CallAnswer:
+        """One tool call, logged as one line under the chat's request id: how it ended and how long it
+        took, never its params, image or output."""
+        t0, ended = time.monotonic(), "stopped by its client"
+        try:
+            answer = await run_checked(req)
+            ended = "ok"
+            return answer
+        except HTTPException as e:
+            ended = f"refused ({e.status_code})" if e.status_code < 500 else f"failed ({e.status_code})"
+            raise
+        except Exception as e:
+            ended = f"failed ({type(e).__name__})"
+            raise
+        finally:
+            log.info("call %s: %s in %.2f s", loggable_id(request.headers.get(REQUEST_ID_HEADER)) or "-", ended,
+                     time.monotonic() - t0)
+
+    async def run_checked(req: CallRequest) -> CallAnswer:
         params = dict(req.params)
         params.pop("image", None)  # a path or placeholder from the model: never opened
         try:

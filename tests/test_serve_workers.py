@@ -524,8 +524,9 @@ class SlowPlanner:
 
 
 @contextlib.contextmanager
-def chat_stack(planner, tools=None):
-    """The controller with one model worker serving ``planner`` and ``tools`` in-process; yields its URL."""
+def chat_stack(planner, tools=None, workers=()):
+    """The controller with one model worker serving ``planner``, ``tools`` in-process and tool ``workers``
+    registered; yields its URL."""
     from mmedagent.serve import model_worker as mw
     from mmedagent.serve.registry import WorkerInfo as Info
 
@@ -535,6 +536,8 @@ def chat_stack(planner, tools=None):
     try:
         with serving(ctl_mod.build_app(ctl)) as ctl_url, serving(worker_app) as address:
             ctl.registry.register(Info(address=address, kind="model", names=["slow"], info={}))
+            for worker in workers:
+                ctl.registry.register(worker)
             yield ctl_url
     finally:
         ctl.close()
@@ -563,6 +566,26 @@ def test_a_client_that_leaves_mid_answer_stops_the_run_and_frees_the_model():
         events = [json.loads(line) for line in r.text.splitlines()]
         assert events[-1]["type"] == "answer" and events[-1]["answer"] == "It is in the left lobe."
         assert time.monotonic() - started < 3
+
+
+def test_a_tool_call_is_one_log_line_at_its_worker_under_the_chats_request_id(caplog):
+    """An operator follows a chat from the controller's line to its tool calls; nothing of the call's
+    params or output is in the line."""
+    from mmedagent.protocol import AssistantTurn, ToolCall, render_turn
+
+    hang = Hang()
+    hang.gate.set()
+    planner = SlowPlanner(render_turn(AssistantTurn(thoughts="Wait.", actions=[ToolCall(API_name="hang", API_params={})],
+                                                    value="")))
+    with serving(tw.build_app(hang, 1 << 20)) as address, \
+            chat_stack(planner, workers=[WorkerInfo(**tw.registration(hang, address, tw.described(hang)))]) as url:
+        with caplog.at_level("INFO", logger="mmedagent.serve.tool_worker"):
+            r = httpx.post(f"{url}/chat", json={"question": "Wait, then answer.", "max_steps": 2}, timeout=10, trust_env=False)
+    rid = r.headers["x-request-id"]
+    steps = [json.loads(line) for line in r.text.splitlines() if json.loads(line)["type"] == "step"]
+    assert steps, r.text
+    lines = [rec.getMessage() for rec in caplog.records if rec.name == "mmedagent.serve.tool_worker"]
+    assert any(line.startswith(f"call {rid}: ok in ") for line in lines), lines
 
 
 def test_a_client_that_leaves_during_a_tool_call_gets_no_further_planner_call():
