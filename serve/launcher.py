@@ -295,32 +295,32 @@ class Launcher:
         cfg.tools = resolve_tool_specs(cfg)  # may build the demo tool weights (once, ~10 s)
         in_process = {n: s for n, s in cfg.tools.items() if s.in_process}
         self.in_process = list(in_process)
-        expected = self.start_children(url, web_port)
-        web_url = f"http://{url.split('//')[1].rsplit(':', 1)[0]}:{web_port}" if web_port is not None else None
-        exposed = "" if is_loopback(cfg.host) else f"; listening on {cfg.host}, every request needs the API key"
-        print(f"controller: {url}  (OpenAI API: {url}/v1{exposed})", flush=True)
-        if web_url:
-            print(f"web UI: {web_url}", flush=True)
-        loaders: dict[str, threading.Thread] = {}
-        for background in (False, True):  # a slow background tool never delays the others
-            group = {n: s for n, s in in_process.items() if is_background(n, s) == background}
-            if group:
-                loader = threading.Thread(target=ctl.load_local_tools, args=(group,), daemon=True)
-                loader.start()
-                loaders.update(dict.fromkeys(group, loader))
-        watcher = threading.Thread(target=self._watch, args=(ctl, expected, web_url, loaders), daemon=True)
-        watcher.start()
-        server = self.server = uvicorn.Server(
-            uvicorn.Config(GuardMiddleware(app, cfg.api_key, cfg.max_upload_bytes * 4 // 3 + 65536), log_config=None,
-                           log_level=cfg.log_level.lower(), timeout_graceful_shutdown=3)
-        )
         if threading.current_thread() is threading.main_thread():
             # uvicorn shuts down gracefully on SIGTERM, then raises it again; by default that would end this
-            # process before the workers are stopped. Handled like Ctrl-C instead.
+            # process before the workers are stopped. Handled like Ctrl-C instead, from the first child on.
             signal.signal(signal.SIGTERM, interrupt)
         try:
+            expected = self.start_children(url, web_port)
+            web_url = f"http://{url.split('//')[1].rsplit(':', 1)[0]}:{web_port}" if web_port is not None else None
+            exposed = "" if is_loopback(cfg.host) else f"; listening on {cfg.host}, every request needs the API key"
+            print(f"controller: {url}  (OpenAI API: {url}/v1{exposed})", flush=True)
+            if web_url:
+                print(f"web UI: {web_url}", flush=True)
+            loaders: dict[str, threading.Thread] = {}
+            for background in (False, True):  # a slow background tool never delays the others
+                group = {n: s for n, s in in_process.items() if is_background(n, s) == background}
+                if group:
+                    loader = threading.Thread(target=ctl.load_local_tools, args=(group,), daemon=True)
+                    loader.start()
+                    loaders.update(dict.fromkeys(group, loader))
+            watcher = threading.Thread(target=self._watch, args=(ctl, expected, web_url, loaders), daemon=True)
+            watcher.start()
+            server = self.server = uvicorn.Server(
+                uvicorn.Config(GuardMiddleware(app, cfg.api_key, cfg.max_upload_bytes * 4 // 3 + 65536), log_config=None,
+                               log_level=cfg.log_level.lower(), timeout_graceful_shutdown=3)
+            )
             server.run(sockets=[sock])
-        except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C (and SIGTERM) after its graceful shutdown
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: during the start, or re-raised by uvicorn after its graceful shutdown
             pass
         finally:
             self.stopping.set()

@@ -24,15 +24,14 @@ log = logging.getLogger(__name__)
 
 
 REQUEST_ID_HEADER = "X-Request-ID"
+"""The controller's id of a chat request: sent to the model and tool workers, which log it too, and to the client."""
 CHAT_REQUEST_ID: ContextVar[str | None] = ContextVar("chat_request_id", default=None)
-"""The request id of the chat being run (set by the controller): its model and tool calls carry it to the
-workers, whose log lines name it."""
+"""The request id of the chat being run (set by the controller): its tool calls carry it to their workers."""
 
 
 def loggable_id(value: str | None) -> str | None:
     """A request id as it may be logged: letters, digits and dashes, at most 64 (else none)."""
     return value if value and len(value) <= 64 and value.replace("-", "").isalnum() and value.isascii() else None
-"""The controller's id of a chat request: sent to the model worker, which logs it too, and to the client."""
 
 
 class WorkerError(RuntimeError):

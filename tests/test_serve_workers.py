@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -744,6 +746,35 @@ def test_a_chat_goes_to_another_model_worker_when_its_own_is_gone():
     with pytest.raises(WorkerError, match=r"^model worker for 'demo' at http://10\.0\.0\.3:8000 answered with "
                                           r"malformed output; is it an mmedagent model worker\?$"):
         WorkerPlanner(reg, client, "demo", "c2", 5.0).generate([{"role": "user", "content": "Is it benign?"}], None)
+
+
+LAUNCHER_TERMINATED_WHILE_STARTING = """
+import os, signal, sys, time
+from mmedagent.serve import launcher as la
+from mmedagent.serve.config import load_config
+
+class Launcher(la.Launcher):
+    def start_children(self, controller_url, web_port):
+        self._spawn("sleeper", [sys.executable, "-c", "import time; time.sleep(60)"])
+        print("child", self.children[0].proc.pid, flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)  # systemd stops the service while it is starting
+        time.sleep(10)
+        return []
+
+Launcher(load_config(None, port=0, tools={}, no_workers=True), None).run()
+"""
+
+
+def test_a_launcher_stopped_while_starting_its_children_stops_them():
+    """A SIGTERM between the first child and uvicorn ended the launcher at once; a child that does not
+    watch it (any program) ran on."""
+    proc = subprocess.run([sys.executable, "-c", LAUNCHER_TERMINATED_WHILE_STARTING], env=serve_env(),
+                          capture_output=True, text=True, timeout=60)
+    child = int(proc.stdout.split("child ", 1)[1].split()[0])
+    alive = Path(f"/proc/{child}").exists() and "Z" not in Path(f"/proc/{child}/stat").read_text().split()[2]
+    if alive:
+        os.kill(child, 9)
+    assert not alive and proc.returncode == 0 and proc.stdout.rstrip().endswith("stopped"), (proc.stdout, proc.stderr[-2000:])
 
 
 def test_the_planner_dtype_goes_from_the_controller_to_the_model_worker(tmp_path, tiny_models):
