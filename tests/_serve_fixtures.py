@@ -185,10 +185,22 @@ class ServeProcess:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
+        self._drain()
         return self.proc.returncode
 
+    def _drain(self, timeout: float = 5.0) -> None:
+        """Once the process has exited, wait (bounded) for the reader to reach the output's end, so that the
+        last lines it wrote are in :attr:`lines` (a child still holding the output may keep it open)."""
+        if self.proc.poll() is None:
+            return
+        with self._cond:
+            self._cond.wait_for(lambda: self.ended, timeout)
+
     def output(self) -> str:
-        return "".join(self.lines)
+        """Everything read so far; after the process has exited, everything it wrote."""
+        self._drain()
+        with self._cond:
+            return "".join(self.lines)
 
 
 def wait_until(predicate, timeout: float = 30.0, interval: float = 0.1):

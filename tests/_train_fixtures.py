@@ -136,8 +136,27 @@ def run_training(args: list[str], ranks: int | None = None, timeout: float = 300
     return out
 
 
-def run_until(args: list[str], ranks: int | None, done: Path, timeout: float = 300) -> str:
-    """Start training and SIGKILL the whole process group as soon as ``done`` exists."""
+def checkpoint_saved(checkpoint: Path, ranks: int | None) -> bool:
+    """Whether every rank has finished writing ``checkpoint``. Rank 0 writes ``trainer_state.json`` last of
+    its files, after DeepSpeed's closing barrier; each rank writes its ``rng_state_<rank>.pth`` after that
+    barrier too, with no barrier after it: a rank may still be writing its own when ``trainer_state.json``
+    appears. A file ``torch.save`` has not finished does not load (its zip directory comes last)."""
+    import torch
+
+    if not (checkpoint / "trainer_state.json").is_file():
+        return False
+    names = ["rng_state.pth"] if not ranks or ranks == 1 else [f"rng_state_{r}.pth" for r in range(ranks)]
+    for name in names:
+        try:
+            torch.load(checkpoint / name, weights_only=False)
+        except Exception:  # not there yet, or cut short
+            return False
+    return True
+
+
+def run_until(args: list[str], ranks: int | None, checkpoint: Path, timeout: float = 300) -> str:
+    """Start training and SIGKILL the whole process group as soon as every rank has saved ``checkpoint``
+    (a ``checkpoint-N`` folder): killed mid-run, with that checkpoint whole."""
     fd, name = tempfile.mkstemp(suffix=".log")  # a file, not a pipe: a full pipe would stall the run
     os.close(fd)
     log = Path(name)
@@ -147,11 +166,11 @@ def run_until(args: list[str], ranks: int | None, done: Path, timeout: float = 3
                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
         deadline = time.monotonic() + timeout
         try:
-            while not done.exists():
+            while not checkpoint_saved(checkpoint, ranks):
                 if proc.poll() is not None:
-                    raise AssertionError(f"training ended ({proc.returncode}) before {done.name}:\n"
+                    raise AssertionError(f"training ended ({proc.returncode}) before {checkpoint.name} was saved:\n"
                                          f"{log.read_text()[-6000:]}")
-                assert time.monotonic() < deadline, f"no {done} after {timeout}s"
+                assert time.monotonic() < deadline, f"no complete {checkpoint} after {timeout}s"
                 time.sleep(0.05)
         finally:
             if proc.poll() is None:

@@ -25,7 +25,7 @@ from _serve_fixtures import ROOT, ServeProcess, data_url, sample_png, serve_env,
 from doubles import dicom_quoting_a_name
 
 KEY = "sk-test-5b1f0c2e9d"
-EXPIRY = 1.5
+EXPIRY = 5.0  # ten heartbeat intervals: a beat delayed by a loaded machine does not drop a worker mid-suite
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +60,19 @@ def start_nap_worker(stack, name="nap-worker.log"):
     )
     stack["extra"].append(proc)
     address = proc.wait_for(r"tool worker nap: (http://\S+)", 60).group(1)
-    wait_until(lambda: "nap" in tool_names(stack), 20)
+    wait_until(lambda: address in worker_addresses(stack), 20)  # this worker itself: another may serve "nap" already
     return proc, address
+
+
+def worker_addresses(stack):
+    return {w["address"] for w in stack["client"].get("/list_workers").json()["workers"]}
+
+
+CHAT_ACCESS_LINE = '"POST /v1/chat/completions HTTP/1.1"'  # uvicorn's access log: the controller's last line of a chat
+
+
+def chat_access_lines(stack):
+    return stack["ctl"].output().count(CHAT_ACCESS_LINE)
 
 
 def tool_names(stack):
@@ -207,10 +218,11 @@ def test_dicom_upload_and_logs_hold_no_secrets_images_or_patient_data(stack):
     from pydicom.data import get_testdata_file
 
     dicom = open(get_testdata_file("CT_small.dcm"), "rb").read()
+    seen = chat_access_lines(stack)
     r = stack["client"].post("/v1/chat/completions", json=chat_body(data_url(dicom, "application/dicom")))
     assert r.status_code == 200, r.text
     png = base64.b64encode(sample_png()).decode()
-    time.sleep(0.5)
+    wait_until(lambda: chat_access_lines(stack) > seen, 10)  # everything logged about this chat is in the logs
     for log in stack["logs"].glob("*.log"):
         text = log.read_text(errors="replace")
         assert "POST /v1/chat/completions" in text or log.name != "controller.log"
@@ -219,10 +231,11 @@ def test_dicom_upload_and_logs_hold_no_secrets_images_or_patient_data(stack):
 
 
 def test_a_corrupt_dicom_is_a_400_and_its_header_stays_out_of_the_logs(stack):
+    seen = chat_access_lines(stack)
     r = stack["client"].post("/v1/chat/completions", json=chat_body(data_url(dicom_quoting_a_name(b"Zzyzx^Quixote "),
                                                                              "application/dicom")))
     assert r.status_code == 400 and "could not read the image" in r.json()["error"]["message"] and "Zzyzx" not in r.text
-    time.sleep(0.5)
+    wait_until(lambda: chat_access_lines(stack) > seen, 10)  # everything logged about this request is in the logs
     assert not any("Zzyzx" in log.read_text(errors="replace") for log in stack["logs"].glob("*.log"))
 
 
@@ -274,13 +287,14 @@ def test_killed_tool_worker_errors_fast_is_dropped_and_comes_back(stack):
 
     t = threading.Thread(target=call)
     t.start()
-    time.sleep(1.0)
+    # killed while the call runs there (not before it arrived: that would be a refused connection)
+    wait_until(lambda: c.get(f"{address}/health").json()["running"] == 1, 20)
     proc.kill()
     t.join(15)
     assert not t.is_alive() and result["s"] < 6  # well inside the 6 s call timeout
     assert result["r"].status_code == 502
     assert "tool worker for 'nap'" in result["r"].json()["detail"] and "stopped responding" in result["r"].json()["detail"]
-    wait_until(lambda: address not in str(c.get("/list_workers").json()), EXPIRY + 3)
+    wait_until(lambda: address not in worker_addresses(stack), EXPIRY + 5)
     r = c.post("/v1/tools/nap", json={"params": {"seconds": 0}})
     assert r.status_code == 502
     assert "no worker is serving tool 'nap'" in r.json()["detail"] and "available tools: bright_region, pixel_stats" in r.json()["detail"]
@@ -315,11 +329,16 @@ def test_heartbeats_and_health_stay_responsive_under_load(stack):
     if "nap" not in tool_names(stack):
         start_nap_worker(stack, "nap-worker-3.log")
     address = next(w["address"] for w in c.get("/list_workers").json()["workers"] if w["names"] == ["nap"])
-    busy = [threading.Thread(target=c.post, args=("/v1/tools/nap",), kwargs={"json": {"params": {"seconds": 2}}}) for _ in range(3)]
+    nap_s = 5.0  # each health poll below is far shorter than one nap: one queued behind a nap would fail
+    busy = [threading.Thread(target=c.post, args=("/v1/tools/nap",), kwargs={"json": {"params": {"seconds": nap_s}}}) for _ in range(3)]
     busy += [threading.Thread(target=c.post, args=("/v1/chat/completions",), kwargs={"json": chat_body(data_url(sample_png()))}) for _ in range(3)]
     for t in busy:
         t.start()
-    time.sleep(0.3)
+
+    def nap_load_reported():  # the heartbeat carried the load (while the naps run)
+        return any(w["queue_length"] > 0 for w in c.get("/list_workers").json()["workers"] if w["names"] == ["nap"])
+
+    wait_until(nap_load_reported, 20)  # only true while the naps run: a later look fails as before
     worst = 0.0
     for _ in range(10):
         for url in (f"{stack['url']}/health", f"{address}/health"):
@@ -327,11 +346,9 @@ def test_heartbeats_and_health_stay_responsive_under_load(stack):
             assert c.get(url).status_code == 200
             worst = max(worst, time.monotonic() - t0)
         time.sleep(0.1)
-    queued = c.get("/list_workers").json()["workers"]
     for t in busy:
         t.join(60)
-    assert worst < 0.5, worst
-    assert any(w["queue_length"] > 0 for w in queued if w["names"] == ["nap"])  # the heartbeat carried the load
+    assert worst < 2.0, worst  # slow on a loaded machine, but not queued behind a 5 s nap
 
 
 def test_a_killed_model_worker_is_restarted_and_the_chat_goes_on(stack):
