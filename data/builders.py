@@ -134,11 +134,12 @@ def fmt_box(box: Sequence[float]) -> str:
 
 
 def parse_label_names(spec: str | Path | dict | None) -> dict[int, str]:
-    """``"1=liver,2=tumor"``, a JSON file ``{"1": "liver"}`` / list ``["background", "liver"]``, or a dict."""
+    """``"1=liver,2=tumor"``, a JSON file ``{"1": "liver"}`` / list ``["background", "liver"]``, or a dict;
+    each name non-empty text (it becomes the tool's prompt and the question's words)."""
     if spec is None:
         return {}
     if isinstance(spec, dict):
-        return {int(k): str(v) for k, v in spec.items()}
+        return {_label_value(k, "label names"): _label_name(v, k, "label names") for k, v in spec.items()}
     text = str(spec)
     if Path(text).is_file():
         try:
@@ -148,16 +149,10 @@ def parse_label_names(spec: str | Path | dict | None) -> dict[int, str]:
         except json.JSONDecodeError as e:
             raise DataError(f"{text}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
         if isinstance(data, list):
-            return {i: str(n) for i, n in enumerate(data) if i > 0}
+            return {i: _label_name(n, i, text) for i, n in enumerate(data) if i > 0}
         if not isinstance(data, dict):
             raise DataError(f"{text}: label names must be a JSON object {{\"1\": \"liver\"}} or a list of names")
-        out = {}
-        for k, v in data.items():
-            try:
-                out[int(k)] = str(v)
-            except ValueError:
-                raise DataError(f"{text}: label key {k!r} is not an integer mask value") from None
-        return out
+        return {_label_value(k, text): _label_name(v, k, text) for k, v in data.items()}
     out = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         key, sep, name = part.partition("=")
@@ -165,6 +160,19 @@ def parse_label_names(spec: str | Path | dict | None) -> dict[int, str]:
             raise DataError(f"label names: expected value=name pairs like 1=liver, got {part!r}")
         out[int(key)] = name.strip()
     return out
+
+
+def _label_value(key: Any, where: str) -> int:
+    try:
+        return int(key)
+    except (TypeError, ValueError):
+        raise DataError(f"{where}: label key {key!r} is not an integer mask value") from None
+
+
+def _label_name(name: Any, key: Any, where: str) -> str:
+    if isinstance(name, str) and name.strip():
+        return name.strip()
+    raise DataError(f"{where}: the name of label {key} must be non-empty text, found {name!r:.60}")
 
 
 def read_table(path: str | Path, image_root: str | Path | None = None,
@@ -267,38 +275,78 @@ def _image_of(row: dict[str, Any], where: str, required: bool = True) -> str | N
     return _require(row, (key or "image",), where)[0]
 
 
+def _file_format(path: Path) -> str | None:
+    """The image format of ``path``'s content (:func:`mmedagent.imaging.detect_format`), None for another file."""
+    from mmedagent.imaging import detect_format
+
+    try:
+        with open(path, "rb") as f:
+            return detect_format(f.read(1024))
+    except OSError:
+        return None
+
+
+_NOT_PIL = (None, "dicom", "nifti")
+"""Formats Pillow does not open (a NIfTI pair's ``.img`` has no signature): :func:`load_image` reads them."""
+
+
 def _image_size(root: Path, rel: str, where: str) -> tuple[int, int]:
     from PIL import Image, UnidentifiedImageError
 
-    from mmedagent.imaging import upright_size
+    from mmedagent.imaging import ImageLoadError, load_image, upright_size
 
     path = root / rel
     if not path.is_file():
         raise DataError(f"{where}: image not found: {rel}")
+    if _file_format(path) not in _NOT_PIL:  # from the header alone
+        try:
+            with Image.open(path) as im:
+                return upright_size(im)  # boxes are of the image as shown (and as the model sees it)
+        except (UnidentifiedImageError, OSError):
+            pass  # load_image names the problem
+    try:
+        return load_image(path).image.size
+    except ImageLoadError as e:
+        raise DataError(f"{where}: cannot read image {rel}: {e}") from None
+
+
+def _exif_turn(path: Path) -> Any:
+    """The transpose that turns ``path``'s stored pixels upright (its EXIF orientation); None when they are
+    upright or the file is no Pillow image (DICOM, NIfTI)."""
+    from PIL import Image
+
+    from mmedagent.imaging import EXIF_ORIENTATION, EXIF_TURNS
+
+    if _file_format(path) in _NOT_PIL:
+        return None
     try:
         with Image.open(path) as im:
-            return upright_size(im)  # boxes are of the image as shown (and as the model sees it)
-    except (UnidentifiedImageError, OSError):
-        from mmedagent.imaging import ImageLoadError, load_image
+            return EXIF_TURNS.get(im.getexif().get(EXIF_ORIENTATION, 1))
+    except OSError:
+        return None
 
-        try:
-            return load_image(path).image.size
-        except ImageLoadError as e:
-            raise DataError(f"{where}: cannot read image {rel}: {e}") from None
+
+def _quarter_turns() -> dict[Any, Callable[[float, float, float, float], tuple[float, float]]]:
+    """Where a point (x, y) of a ``w`` x ``h`` stored image lies once the image is turned upright, for the
+    EXIF turns that swap width and height (as ``Image.transpose`` moves pixels)."""
+    from PIL.Image import Transpose
+
+    return {Transpose.TRANSPOSE: lambda x, y, w, h: (y, x), Transpose.ROTATE_270: lambda x, y, w, h: (h - y, x),
+            Transpose.TRANSVERSE: lambda x, y, w, h: (h - y, w - x), Transpose.ROTATE_90: lambda x, y, w, h: (y, w - x)}
+
+
+def _stored_pixels_turn(root: Path, rel: str, width: int, height: int, where: str) -> Any:
+    """The turn of a photo whose EXIF orientation swaps width and height when ``width`` x ``height`` is the size
+    of its stored pixels, not the size shown (annotations drawn on the stored pixels); else None."""
+    turn = _exif_turn(root / rel)
+    if turn not in _quarter_turns() or width == height or (width, height) != _image_size(root, rel, where)[::-1]:
+        return None
+    return turn
 
 
 def _is_image_file(path: Path) -> bool:
     """A visible file whose content is an image format :func:`mmedagent.imaging.load_image` reads."""
-    from mmedagent.imaging import detect_format
-
-    if path.name.startswith(".") or not path.is_file():
-        return False
-    try:
-        with open(path, "rb") as f:
-            head = f.read(1024)
-    except OSError:
-        return False
-    return detect_format(head) is not None
+    return not path.name.startswith(".") and path.is_file() and _file_format(path) is not None
 
 
 # --------------------------------------------------------------------------- readers
@@ -323,6 +371,7 @@ def read_coco(annotations: str | Path, image_root: str | Path) -> list[Example]:
             raise DataError(f"{path}: categories[{i}]: needs id and name")
         cats[c["id"]] = c["name"]
     images = {}
+    quarter = _quarter_turns()
     for i, im in enumerate(coco["images"], 1):
         where = f"{path}: images[{i}]"
         if not isinstance(im, dict) or not isinstance(im.get("id"), (int, str)) or not isinstance(im.get("file_name"), str):
@@ -330,16 +379,20 @@ def read_coco(annotations: str | Path, image_root: str | Path) -> list[Example]:
         if lies_outside(root, im["file_name"]):
             log.warning("%s: image %s lies outside the image root %s", where, im["file_name"], root)
         w, h = (im.get("width"), im.get("height"))
+        turn = None
         if not (w and h):
             w, h = _image_size(root, im["file_name"], where)
-        elif not all(isinstance(v, (int, float)) and v > 0 for v in (w, h)):
+        elif not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 1 <= v < math.inf for v in (w, h)):
             raise DataError(f"{where}: width and height must be positive numbers")
         elif not (root / im["file_name"]).is_file():
             raise DataError(f"{where}: image not found: {im['file_name']}")
-        images[im["id"]] = (im["file_name"], int(w), int(h))
+        else:
+            turn = _stored_pixels_turn(root, im["file_name"], int(w), int(h), where)
+        images[im["id"]] = (im["file_name"], int(w), int(h), turn)
     groups: dict[tuple[Any, str], list[Target]] = defaultdict(list)
     within_unit = True  # every box inside [0, 1]: written normalised, not in pixels as COCO has them
     crowds = 0
+    turned: set[str] = set()
     for i, ann in enumerate(coco["annotations"], 1):
         where = f"{path}: annotations[{i}]"
         if not isinstance(ann, dict):
@@ -351,7 +404,7 @@ def read_coco(annotations: str | Path, image_root: str | Path) -> list[Example]:
             raise DataError(f"{where}: unknown image_id {ann.get('image_id')!r}")
         if not isinstance(ann.get("category_id"), (int, str)) or ann["category_id"] not in cats:
             raise DataError(f"{where}: unknown category_id {ann.get('category_id')!r}")
-        name, w, h = images[ann["image_id"]]
+        name, w, h, turn = images[ann["image_id"]]
         try:
             x, y, bw, bh = (float(v) for v in ann["bbox"])
         except (KeyError, TypeError, ValueError):
@@ -361,13 +414,22 @@ def read_coco(annotations: str | Path, image_root: str | Path) -> list[Example]:
             raise DataError(f"{where}: box {[x, y, bw, bh]} is empty or outside the {w}x{h} image {name}")
         within_unit &= x + bw <= 1 and y + bh <= 1 and max(w, h) > 2
         area = ann.get("area")
-        if area is not None and not isinstance(area, (int, float)):
+        if area is not None and not (isinstance(area, (int, float)) and math.isfinite(area)):
             raise DataError(f"{where}: area must be a number")
+        x1, y1, x2, y2 = x, y, x + bw, y + bh
+        if turn is not None:  # drawn on a photo's stored pixels (the size given is theirs): turned as the photo is
+            (x1, y1), (x2, y2) = (quarter[turn](px, py, w, h) for px, py in ((x1, y1), (x2, y2)))
+            x1, y1, x2, y2 = min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)
+            turned.add(name)
+        size = (h, w) if turn is not None else (w, h)
         groups[(ann["image_id"], cats[ann["category_id"]])].append(
-            Target(cats[ann["category_id"]], norm_box(x, y, x + bw, y + bh, w, h), int(area) if area else None))
+            Target(cats[ann["category_id"]], norm_box(x1, y1, x2, y2, *size), int(area) if area else None))
     if crowds:
         log.warning("%s: %d crowd annotation(s) (iscrowd 1: a region of many objects) skipped; a grounding box "
                     "stands for one object", path, crowds)
+    if turned:
+        log.warning("%s: %d image(s) with an EXIF orientation whose width and height are those of the stored pixels: "
+                    "their boxes were turned with the image, to where the model sees them upright", path, len(turned))
     if groups and within_unit:
         raise DataError(f"{path}: every bbox lies within [0, 1]: they look normalised, but COCO bboxes are "
                         "[x, y, width, height] in pixels; write them in pixels")
@@ -435,10 +497,7 @@ def _turned_like(mask: np.ndarray, image: Path) -> np.ndarray:
     """``mask`` turned as ``image``'s EXIF orientation turns its stored pixels upright (as the model sees it)."""
     from PIL import Image
 
-    from mmedagent.imaging import EXIF_ORIENTATION, EXIF_TURNS
-
-    with Image.open(image) as im:
-        turn = EXIF_TURNS.get(im.getexif().get(EXIF_ORIENTATION, 1))
+    turn = _exif_turn(image)
     return mask if turn is None else np.asarray(Image.fromarray(mask).transpose(turn))
 
 
@@ -481,6 +540,8 @@ def read_nifti_labels(volume: str | Path, labels: str | Path, label_names: dict[
 
     if not label_names:
         raise DataError("label names are required for a label volume (e.g. --labels 1=liver,2=tumor)")
+    if step < 1:
+        raise DataError(f"--step {step}: give 1 (every slice) or more")
     out_dir = Path(image_out)
     out_dir.mkdir(parents=True, exist_ok=True)
     image_src, label_src = _nifti_in_memory(Path(volume)), _nifti_in_memory(Path(labels))
@@ -495,7 +556,7 @@ def read_nifti_labels(volume: str | Path, labels: str | Path, label_names: dict[
         raise DataError(f"{labels}: label volume shape {lab0.metadata['shape']} differs from image {first.metadata['shape']}")
     stem = Path(volume).name.split(".")[0]
     out = []
-    for k in range(0, first.metadata["n_slices"], max(1, step)):
+    for k in range(0, first.metadata["n_slices"], step):
         lab = load_image(label_src, slice_index=k, plane=plane).array
         mask = np.rint(lab).astype(np.int64)
         if not mask.any():

@@ -14,7 +14,8 @@ from typing import Any
 from mmedagent.data.formats import (DataError, canonicalise_tool_results, chat_messages, image_not_found, iter_records,
                                     lies_outside)
 from mmedagent.imaging import image_file_problem
-from mmedagent.protocol import Record, TurnParseError, parse_tool_results, parse_turn, render_turn, strip_image_token
+from mmedagent.protocol import (IMAGE_PLACEHOLDER, Record, TurnParseError, is_tool_result_text, parse_tool_results,
+                                parse_turn, render_turn, strip_image_token)
 
 
 @dataclass
@@ -57,6 +58,11 @@ def _check_one(rec: Record, where: str, report: CheckReport, dispatcher: Any) ->
                 report.problems.append(f"{where}: turn {k} changes when rendered and parsed again")
             for call in turn.actions:
                 report.tool_calls[call.API_name] += 1
+                if call.API_params.get("image", IMAGE_PLACEHOLDER) != IMAGE_PLACEHOLDER:  # unquoted: may name a patient
+                    report.warnings.append(
+                        f"{where}: turn {k}: {call.API_name}'s image parameter is not {IMAGE_PLACEHOLDER!r}; the agent "
+                        f"never opens it (tools get the conversation's image) and constrained decoding writes only "
+                        f"{IMAGE_PLACEHOLDER!r} there, so the model would learn a call it is never served")
                 if dispatcher is None:
                     continue
                 if dispatcher.resolve(call.API_name) is None:
@@ -79,6 +85,8 @@ def _check_one(rec: Record, where: str, report: CheckReport, dispatcher: Any) ->
                     report.problems.append(f"{where}: turn {k} repeats neither the question it answers nor the first")
             pending = []
         elif m.role == "human":
+            if k > 1 and is_tool_result_text(m.value):
+                report.problems.append(f"{where}: turn {k} carries tool output, but the turn before calls no tool")
             asked = strip_image_token(m.value)
     if pending:  # trains the planning turn alone (e.g. the synthetic box drills)
         report.planning_only += 1
