@@ -237,6 +237,25 @@ def test_resume_error_explains_checkpoint_loads_only():
         assert isinstance(got, ResumeError) if explained else got is None
 
 
+def test_a_checkpoint_whose_last_rank_was_still_writing_is_not_resumed_from(tmp_path):
+    """Killed (OOM, Ctrl-C) after rank 0 wrote trainer_state.json but while rank 1 wrote its RNG state:
+    resuming from it failed on the cut-short file; the checkpoint before it is taken instead."""
+    import torch
+
+    from mmedagent.train.trainer import latest_checkpoint
+
+    for step in (2, 4):
+        ckpt = tmp_path / f"checkpoint-{step}"
+        ckpt.mkdir()
+        (ckpt / "trainer_state.json").write_text("{}")
+        for rank in (0, 1):
+            torch.save({"python": [rank]}, ckpt / f"rng_state_{rank}.pth")
+    assert latest_checkpoint(tmp_path) == str(tmp_path / "checkpoint-4")
+    whole = (tmp_path / "checkpoint-4" / "rng_state_1.pth").read_bytes()
+    (tmp_path / "checkpoint-4" / "rng_state_1.pth").write_bytes(whole[:-30])
+    assert latest_checkpoint(tmp_path) == str(tmp_path / "checkpoint-2")
+
+
 def test_deepspeed_without_a_launcher_runs_as_one_rank(tiny_models, tmp_path):
     """``python train/train_mem.py --deepspeed ...``: one rank, not DeepSpeed's MPI discovery (``mpi4py``) failing."""
     data = tmp_path / "text.json"

@@ -7,6 +7,7 @@ import json
 import logging
 import re
 import traceback
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -128,15 +129,22 @@ class MMedTrainer(Trainer):
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 
 
+def checkpoint_complete(path: Path) -> bool:
+    """Whether ``path`` was saved whole: rank 0 writes ``trainer_state.json`` last of its files, but the other
+    ranks write their ``rng_state_<rank>.pth`` without a barrier after it, so each of those must be whole
+    too (``torch.save`` writes a zip whose directory comes last)."""
+    return (path / "trainer_state.json").is_file() and all(zipfile.is_zipfile(f) for f in path.glob("rng_state*.pth"))
+
+
 def latest_checkpoint(output_dir: str | Path) -> str | None:
-    """The newest *complete* ``checkpoint-N`` (one with ``trainer_state.json``, written last), or None.
-    A checkpoint cut short by a kill is skipped."""
+    """The newest complete ``checkpoint-N`` (:func:`checkpoint_complete`), or None. A checkpoint cut short
+    by a kill is skipped."""
     out = Path(output_dir)
     if not out.is_dir():
         return None
     found = [(int(m[1]), p) for p in out.iterdir() if (m := _CKPT.match(p.name)) and p.is_dir()]
     for _, path in sorted(found, reverse=True):
-        if (path / "trainer_state.json").is_file():
+        if checkpoint_complete(path):
             return str(path)
         log.warning("skipping incomplete checkpoint %s", path)
     return None
