@@ -486,10 +486,15 @@ def _save_image(value: Any, folder: Path, stem: str) -> Path | str:
         ext = {"jpeg": ".jpg", "nifti": ".nii.gz" if data[:2] == b"\x1f\x8b" else ".nii", "dicom": ".dcm"}.get(fmt, f".{fmt}")
     elif isinstance(value, dict) and value.get("path"):
         return str(value["path"])
-    elif hasattr(value, "save"):  # PIL image
+    elif hasattr(value, "save"):  # PIL image: its pixel values kept (a CT's or MR's 16/32-bit values, not clipped to 8)
         buf = io.BytesIO()
-        (value.convert("RGB") if value.mode not in ("RGB", "L", "I;16") else value).save(buf, format="PNG")
-        data, ext = buf.getvalue(), ".png"
+        if value.mode in ("I", "F"):  # 32-bit integer (possibly negative) or float: TIFF holds them as they are
+            value.save(buf, format="TIFF")
+            ext = ".tiff"
+        else:
+            (value if value.mode in ("RGB", "L", "I;16", "I;16B") else value.convert("RGB")).save(buf, format="PNG")
+            ext = ".png"
+        data = buf.getvalue()
     else:
         raise DataError(f"cannot export an image of type {type(value).__name__}")
     write_new(folder / (stem + ext), data, "another data set's images were exported there: export into another folder")

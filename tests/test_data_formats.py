@@ -638,3 +638,18 @@ def test_check_warns_of_tool_outputs_not_in_the_agents_wording_and_convert_rewri
     assert fixed[1].conversations[2].value == fixed[0].conversations[2].value == render_tool_results(
         parse_tool_results(turns[2]["value"]).outcomes, question)
     assert check_file(tmp_path / "fixed.json", validate_tools=False).warnings == []
+
+
+@pytest.mark.parametrize("mode, values", [("I", [-1024, 0, 3071]), ("F", [-0.5, 0.25, 1.75]), ("I;16", [0, 1000, 4095])])
+def test_a_decoded_high_bit_depth_image_is_exported_with_its_values(tmp_path, mode, values):
+    """A data set whose image column decodes to 16/32-bit pixels (CT, MR) was exported as 8-bit RGB: every
+    value above 255 white, negative ones black."""
+    from mmedagent.data.formats import export_images
+    from mmedagent.imaging import load_image
+
+    pixels = np.array([values * 2] * 4, dtype=np.float32 if mode == "F" else np.int32)
+    image = Image.fromarray(pixels.astype(np.uint16) if mode == "I;16" else pixels, mode=None)
+    assert image.mode == mode
+    row = export_images({"image": image}, 1, tmp_path)
+    loaded = load_image(tmp_path / row["image"])
+    np.testing.assert_array_equal(loaded.array, pixels.astype(np.float32))
