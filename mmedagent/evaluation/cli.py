@@ -120,6 +120,7 @@ def make_runner(args: argparse.Namespace) -> Any:
             raise SystemExit("--tool-mode gold needs a planner: a local model or --endpoint planner (the controller runs its own tools)")
         return ControllerRunner(args.model, args.served_model_name, image_folder=args.image_folder,
                                 max_new_tokens=args.max_new_tokens)
+    classes = _tool_classes(args.tools)  # an unknown name is refused before the model loads
     if _is_url(args.model):
         planner = OpenAIPlanner(args.model, args.served_model_name)
     else:
@@ -139,7 +140,6 @@ def make_runner(args: argparse.Namespace) -> Any:
         planner = load_planner(path, **options)
         if args.system_prompt is None:
             args.system_prompt = settings.get("system_prompt")
-    classes = _tool_classes(args.tools)
     tools: list[Any] = classes
     if args.tool_mode == "live":
         from mmedagent.serve.launcher import in_process_tools
@@ -172,7 +172,11 @@ def _finish(args: argparse.Namespace, samples: list[Any], results: list[Any], me
     if args.judge_url and not meta.get("interrupted"):
         from mmedagent.evaluation.judge import judge
 
-        judge_scores = judge(samples, results, args.judge_url, args.judge_model)
+        try:
+            judge_scores = judge(samples, results, args.judge_url, args.judge_model)
+        except KeyboardInterrupt:  # the samples are scored: keep them, unjudged
+            meta["interrupted"] = "while judging"
+            print("interrupted while judging: the report has every sample, not judged", file=sys.stderr)
     return build_report(samples, results, tool_mode=args.tool_mode, k=args.k, meta=meta, judge=judge_scores)
 
 
@@ -182,9 +186,12 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
     if args.predictions:
         return score_predictions(args)
     from mmedagent.evaluation.results import SAMPLES_FILE, RunFolder, file_sha256
+    from mmedagent.evaluation.runner import check_mask_sizes
 
     samples = load_samples(args.data, args.limit)
     data_sha256 = file_sha256(args.data)
+    if args.tool_mode == "live":  # Dice is scored in live mode only
+        check_mask_sizes(samples, args.image_folder, args.data)
     folder = RunFolder(args.out) if args.out else None
     results = folder.check(run_settings(args), args.resume, samples, args.data) if folder else {}
     if folder and args.resume:
@@ -319,11 +326,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: --model and --data are required (or --predictions FILE and --data, or --compare A.json B.json)",
               file=sys.stderr)
         return 2
+    if args.image_folder and not Path(args.image_folder).is_dir():  # else every sample fails, after the model loads
+        print(f"error: --image-folder {args.image_folder} is not a folder", file=sys.stderr)
+        return 2
     try:
         report = run_evaluation(args)
     except (EvalFileError, OSError, json.JSONDecodeError, KeyError, ValueError) as e:  # bad data, model not found
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before the first sample finished: there is nothing to score
+        print("interrupted before any sample finished: nothing to report", file=sys.stderr)
+        return 130
     from mmedagent.evaluation.results import REPORT_FILE, write_json
     from mmedagent.evaluation.scoring import markdown_summary
 

@@ -3,11 +3,13 @@
 The judge sees the question, the reference (gold answer, else MMedAgent's ``fig_caption``, else
 the gold report of a report-generation sample) and the answer, and replies with a score from 1 to
 10; samples without a reference are not judged. A sample that ended in an error scores the lowest
-grade, 1, without a call (it scores as wrong in every metric).
+grade, 1, without a call (it scores as wrong in every metric); when every call fails (the judge is
+unreachable or refuses the key) nothing is judged. The key is ``OPENAI_API_KEY``, else ``MMEDAGENT_API_KEY``.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -42,10 +44,12 @@ def judge(samples: Sequence[EvalSample], results: Sequence[SampleResult], url: s
     """One 1–10 score per sample (1 for a sample that ended in an error; ``None`` where there is no
     reference, no score in the reply, or the judge endpoint failed: a failure is reported on stderr
     and never loses the evaluation)."""
+    if api_key is None:  # the judge is an LLM service: its key first, not the controller's (MMEDAGENT_API_KEY)
+        api_key = os.environ.get("OPENAI_API_KEY") or os.environ.get("MMEDAGENT_API_KEY")
     client = OpenAIPlanner(url, model, api_key)
     scores: list[float | None] = []
     failures: list[str] = []
-    unparsed = 0
+    unparsed = replies = 0
     try:
         for smp, r in zip(samples, results):
             reference = smp.gold_answer or smp.reference.get("fig_caption") or reference_answer(smp)
@@ -62,10 +66,15 @@ def judge(samples: Sequence[EvalSample], results: Sequence[SampleResult], url: s
                 failures.append(f"{type(e).__name__}: {e}")
                 scores.append(None)
                 continue
+            replies += 1
             scores.append(parse_score(reply))
             unparsed += scores[-1] is None
     finally:
         client.client.close()
+    if failures and not replies:  # never reached: the failed samples' lowest grades alone are no judge score
+        print(f"warning: the judge failed on all {len(failures)} samples it was asked about, so nothing is judged; "
+              f"first: {failures[0]}", file=sys.stderr)
+        return [None] * len(scores)
     if failures:
         print(f"warning: the judge failed on {len(failures)} samples (not judged); first: {failures[0]}", file=sys.stderr)
     if unparsed:

@@ -68,6 +68,15 @@ class EvalFileError(ValueError):
     """An evaluation file or record that cannot be read; names the file and record."""
 
 
+def error_message(e: Exception) -> str:
+    """One line saying what is wrong: a pydantic error's first field and message (its own first line
+    is only "1 validation error for Record"), else the error's text."""
+    if isinstance(e, ValidationError):
+        first = e.errors()[0]
+        return f"'{'.'.join(map(str, first['loc']))}': {first['msg']}" if first["loc"] else first["msg"]
+    return str(e)
+
+
 def _answer_type(value: Any) -> Literal["closed", "open"] | None:
     if value is None:
         return None
@@ -119,6 +128,14 @@ def _check_gold(sample: EvalSample) -> EvalSample:
         for o in turn:
             if o.output and "boxes" in o.output:
                 _check_boxes(o.output["boxes"], f"gold {o.tool} output boxes", allow_empty_entries=True)
+    from mmedagent.evaluation.tooluse import box_keys, is_box_list
+
+    for call in sample.gold_calls or []:  # the boxes a predicted call's arguments are matched against
+        single = box_keys(call.API_name)
+        for key, value in call.API_params.items():
+            boxes = [value] if key in single and isinstance(value, list) else value
+            if is_box_list(boxes):
+                _check_boxes(boxes, f"gold {call.API_name} call's {key!r}")
     return sample
 
 
@@ -270,7 +287,7 @@ def load_samples(path: str | Path, limit: int | None = None) -> list[EvalSample]
         try:
             s = sample_from_dict(d, i)
         except (ValueError, KeyError, TypeError, ValidationError, TurnParseError) as e:
-            what = f"missing field {e}" if isinstance(e, KeyError) else str(e).splitlines()[0]
+            what = f"missing field {e}" if isinstance(e, KeyError) else error_message(e).splitlines()[0]
             raise EvalFileError(f"{path}, record {i}: {what}") from None
         if s is not None:
             samples.append(s)

@@ -35,7 +35,7 @@ from typing import IO, Any
 from pydantic import ValidationError
 
 from mmedagent.agent import AgentStep
-from mmedagent.evaluation.readers import EvalFileError, EvalSample
+from mmedagent.evaluation.readers import EvalFileError, EvalSample, error_message
 from mmedagent.evaluation.runner import SampleResult
 from mmedagent.locks import FolderInUse, take_lock
 from mmedagent.protocol import AssistantTurn, ToolCall, TurnParseError, parse_turn
@@ -95,7 +95,7 @@ def _steps(d: dict[str, Any]) -> list[Any]:
                 calls.append(ToolCall.model_validate(call))
             except ValidationError as e:
                 expected = '{"API_name": ..., "API_params": {...}}'
-                raise ValueError(f"'calls' item {k}: {_why(e)} (expected {expected})") from None
+                raise ValueError(f"'calls' item {k}: {error_message(e)} (expected {expected})") from None
         return [AgentStep(index=0, raw="", turn=AssistantTurn(actions=calls))]
     return value
 
@@ -114,13 +114,6 @@ def result_from_line(d: dict[str, Any], sample: EvalSample) -> SampleResult:
         "tokens": d.get("tokens"), "wall_s": d.get("wall_s"), "stopped": d.get("stopped") or "",
         "planner_turns": d.get("steps") is not None or d.get("raw") is not None,
     })
-
-
-def _why(e: ValueError) -> str:
-    if isinstance(e, ValidationError):
-        first = e.errors()[0]
-        return f"'{'.'.join(map(str, first['loc']))}': {first['msg']}" if first["loc"] else first["msg"]
-    return str(e)
 
 
 def _read_jsonl(path: Path, text: str | None = None) -> list[tuple[int, dict[str, Any]]]:
@@ -186,7 +179,7 @@ def _results(path: Path, samples: Sequence[EvalSample], data: str | Path,
                                  f"the first is on line {found[pos][0]})")
             found[pos] = (n, result_from_line(d, samples[pos]))
         except ValueError as e:  # ValidationError included
-            raise EvalFileError(f"{path}, line {n}: {_why(e)}") from None
+            raise EvalFileError(f"{path}, line {n}: {error_message(e)}") from None
     return {pos: result for pos, (_, result) in found.items()}
 
 

@@ -25,8 +25,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, ValidationError
 
 from mmedagent.agent import Agent, AgentStep, token_counts
-from mmedagent.evaluation.metrics import tokenize
-from mmedagent.evaluation.readers import EvalSample
+from mmedagent.evaluation.metrics import as_mask, tokenize
+from mmedagent.evaluation.readers import EvalFileError, EvalSample
 from mmedagent.evaluation.tooluse import canonical_name
 from mmedagent.protocol import IMAGE_TOKEN, AssistantTurn, ToolCall, ToolOutcome, system_prompt
 from mmedagent.tools.base import Tool
@@ -108,6 +108,22 @@ def load_image(name: str | None, image_folder: str | Path | None) -> Any:
     from mmedagent.imaging import load_image as _load
 
     return _load(path).image
+
+
+def check_mask_sizes(samples: Sequence[EvalSample], image_folder: str | Path | None, data: str | Path) -> None:
+    """Refuse a sample whose ``gold.masks`` are not the size of its image (the tool's masks are; Dice needs
+    one size), naming the record, before any model runs. An image that cannot be read is left to the run."""
+    for smp in samples:
+        if not smp.reference.get("masks"):
+            continue
+        try:
+            image = load_image(smp.image, image_folder)
+        except (OSError, ValueError):
+            continue
+        shape = as_mask(smp.reference["masks"][0]).shape
+        if image is not None and shape != (image.height, image.width):
+            raise EvalFileError(f"{data}, record {smp.index}: gold.masks are {shape[1]}x{shape[0]} pixels but "
+                                f"its image is {image.width}x{image.height}: give masks of the image's size")
 
 
 def planner_tokenizer(planner: Any) -> Any:

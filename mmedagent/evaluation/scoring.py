@@ -162,7 +162,8 @@ def same_label(a: str | None, b: str | None) -> bool:
 
 def score_sample(sample: EvalSample, result: SampleResult, labels: Sequence[str], tool_mode: str, k: int) -> dict[str, Any]:
     """Per-sample scores (``None`` / absent where a metric does not apply)."""
-    turns = result.planner_turns  # else the step count and parse errors were not measured
+    # else the step count and parse errors were not measured (a sample that failed: not as a plan goes)
+    turns = result.planner_turns and result.error is None
     s: dict[str, Any] = {
         "steps": len(result.steps) if turns else None, "tool_s": result.tool_s, "model_s": result.model_s,
         "wall_s": result.wall_s, "tokens": result.tokens,
@@ -191,7 +192,10 @@ def score_sample(sample: EvalSample, result: SampleResult, labels: Sequence[str]
     if sample.reference.get("masks") and tool_mode == "live":
         gold_mask = M.union_mask(sample.reference["masks"])
         pred_masks = [m for st in result.steps for ov in st.overlays if ov is not None for m in ov.masks]
-        s["dice"] = M.dice(M.union_mask(pred_masks, gold_mask.shape), gold_mask)
+        try:  # a failed sample is wrong even where the gold mask is empty (two empty masks have Dice 1)
+            s["dice"] = 0.0 if result.error else M.dice(M.union_mask(pred_masks, gold_mask.shape), gold_mask)
+        except ValueError as e:  # masks of another size than the gold's
+            raise ValueError(f"sample {sample.id!r} (record {sample.index}): {e}") from None
 
     gold_labels = (_outcome_label(o) for o in _gold_outcomes(sample))
     gold_label = sample.reference.get("label") or next((lab for lab in gold_labels if lab), None)

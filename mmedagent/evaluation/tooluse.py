@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from mmedagent.evaluation.metrics import box_iou, tokenize
 from mmedagent.protocol import ToolCall, name_key
+from mmedagent.tools._boxes import COORDS_MARK
 from mmedagent.tools.base import Tool
 from mmedagent.tools.registry import UnknownToolError, get_tool
 
@@ -86,7 +87,17 @@ def _term_f1(pred: Any, gold: Any) -> float:
     return 2 * prec * rec / (prec + rec)
 
 
-def _is_box_list(v: Any) -> bool:
+def box_keys(name: str) -> frozenset[str]:
+    """The params of tool ``name`` typed ``Box`` (one ``[x1, y1, x2, y2]`` box); none for an unknown tool."""
+    cls = tool_class(name)
+    if cls is None:
+        return frozenset()
+    props = cls.Params.model_json_schema().get("properties", {})
+    return frozenset(k for k, v in props.items()
+                     if any(option.get(COORDS_MARK) == "xyxy" for option in v.get("anyOf", [v])))
+
+
+def is_box_list(v: Any) -> bool:
     return (
         isinstance(v, (list, tuple))
         and bool(v)
@@ -100,7 +111,7 @@ def ordered_box(box: Sequence[float]) -> bool:
 
 
 def _value_match(pred: Any, gold: Any) -> float:
-    if _is_box_list(gold) and _is_box_list(pred):
+    if is_box_list(gold) and is_box_list(pred):
         # a predicted box with x1 > x2 or y1 > y2 matches nothing (the model's error, not the scorer's)
         return sum(max(box_iou(p, g) if ordered_box(p) else 0.0 for p in pred) for g in gold) / len(gold)
     if isinstance(gold, str) or (isinstance(gold, (list, tuple)) and all(isinstance(x, str) for x in gold)):
@@ -111,15 +122,23 @@ def _value_match(pred: Any, gold: Any) -> float:
 def argument_match(pred: ToolCall, gold: ToolCall) -> float:
     """Similarity in [0, 1] of two calls' params, averaged over the union of their keys.
 
-    Text and prompt lists score the F1 of their word sets, box lists the mean best IoU per gold
-    box, anything else equality; a key on one side only scores 0. ``image`` is ignored.
+    Text and prompt lists score the F1 of their word sets, box lists (and a ``Box`` param: one box)
+    the mean best IoU per gold box, anything else equality; a key on one side only scores 0. ``image``
+    is ignored.
     """
     p = {k: v for k, v in pred.API_params.items() if k != "image"}
     g = {k: v for k, v in gold.API_params.items() if k != "image"}
     keys = set(p) | set(g)
     if not keys:
         return 1.0
-    return sum(_value_match(p[k], g[k]) if k in p and k in g else 0.0 for k in keys) / len(keys)
+    single = box_keys(gold.API_name)
+
+    def match(k: str) -> float:
+        if k not in p or k not in g:
+            return 0.0
+        return _value_match([p[k]], [g[k]]) if k in single else _value_match(p[k], g[k])
+
+    return sum(match(k) for k in keys) / len(keys)
 
 
 def paired_calls(pred: Sequence[ToolCall], gold: Sequence[ToolCall]) -> list[tuple[ToolCall, ToolCall]]:
