@@ -221,3 +221,12 @@ def test_the_judge_sends_the_openai_key_not_the_controllers(tmp_path, monkeypatc
     samples = load_samples(write_json(tmp_path / "r.json", [grounding_record()]))
     assert J.judge(samples, [SampleResult(id="g1", task="grounding", answer="There.")], "http://judge/v1") == [8.0]
     assert seen[0]["authorization"] == "Bearer judge-key"
+
+
+def test_an_unreadable_image_is_named_in_its_samples_error(tmp_path):
+    """Which of a thousand images was corrupt: the sample's error names its file."""
+    from mmedagent.evaluation.runner import load_image
+
+    (tmp_path / "case_017.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    with pytest.raises(ValueError, match=r"^case_017\.png: cannot read PNG image"):
+        load_image("case_017.png", tmp_path)

@@ -105,9 +105,12 @@ def load_image(name: str | None, image_folder: str | Path | None) -> Any:
     path = Path(image_folder) / name if image_folder else Path(name)
     if not path.is_file():
         raise FileNotFoundError(f"image not found: {path}")
-    from mmedagent.imaging import load_image as _load
+    from mmedagent.imaging import ImageLoadError, load_image as _load
 
-    return _load(path).image
+    try:
+        return _load(path).image
+    except ImageLoadError as e:  # the sample's own file, named in its error (the report is the researcher's)
+        raise ImageLoadError(f"{name}: {e}") from None
 
 
 def check_mask_sizes(samples: Sequence[EvalSample], image_folder: str | Path | None, data: str | Path) -> None:
