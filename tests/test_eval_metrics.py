@@ -185,6 +185,9 @@ def test_vqa_closed_and_open():
     assert not M.closed_correct("No.", "Yes")
     assert M.closed_correct("There is no fracture.", "no")
     assert not M.closed_correct("maybe", "no")
+    for hedge in ("Not sure.", "It is not possible to determine from this image.", "I can't tell.", "Uncertain"):
+        assert not M.closed_correct(hedge, "no") and not M.closed_correct(hedge, "yes"), hedge  # declined: wrong
+    assert M.closed_correct("Not present.", "no") and M.closed_correct("None seen.", "no")
     assert M.closed_correct("The left lung.", "left lung")
     assert not M.closed_correct("right", "left")
     assert M.token_f1("left lung", "the left lung") == 1.0

@@ -312,9 +312,18 @@ def normalize_answer(text: str) -> str:
     return " ".join(t for t in tokenize(text) if t not in _ARTICLES)
 
 
+_HEDGES = ("not sure", "not certain", "not clear", "not possible", "not able", "unable to", "unsure", "uncertain",
+           "unclear", "indeterminate", "unknown", "cannot tell", "cannot say", "cannot determine", "cannot be",
+           "can't tell", "can't say", "can't determine", "can't be", "don't know", "do not know")
+"""Answers that decline to answer: neither yes nor no ("Not sure" is no "no")."""
+
+
 def yes_no(text: str) -> str | None:
-    """'yes' / 'no' when the answer starts with (or is) a yes/no word, else ``None``."""
+    """'yes' / 'no' when the answer starts with (or is) a yes/no word and does not hedge, else ``None``."""
     tokens = tokenize(text)
+    opening = f" {' '.join(tokens[:6])} "
+    if any(f" {hedge} " in opening for hedge in _HEDGES):
+        return None
     for t in tokens[:3]:
         if t in _YES:
             return "yes"
