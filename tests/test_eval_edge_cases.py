@@ -230,3 +230,10 @@ def test_an_unreadable_image_is_named_in_its_samples_error(tmp_path):
     (tmp_path / "case_017.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
     with pytest.raises(ValueError, match=r"^case_017\.png: cannot read PNG image"):
         load_image("case_017.png", tmp_path)
+
+
+def test_tool_flags_with_a_controller_are_refused_not_ignored(tmp_path, capsys):
+    """A controller runs the tools it serves: --tools with it was silently ignored (a run over tools nobody chose)."""
+    data = write_json(tmp_path / "r.json", [direct_record()])
+    assert main(["--model", "http://127.0.0.1:9", "--data", str(data), "--tools", "grounding"]) == 2
+    assert "--tools, --tool-options, --tool-weights and --system-prompt apply to the local agent loop" in capsys.readouterr().err

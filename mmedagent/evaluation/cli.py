@@ -113,11 +113,14 @@ def make_runner(args: argparse.Namespace) -> Any:
     from mmedagent.evaluation.runner import AgentRunner, ControllerRunner, OpenAIPlanner
 
     if _is_url(args.model) and (args.constrain or args.model_base or args.conv_template):
-        raise SystemExit("--constrain, --model-base and --conv-template apply to a local model; a served one runs "
+        raise ValueError("--constrain, --model-base and --conv-template apply to a local model; a served one runs "
                          "as its server was started")
     if _is_url(args.model) and args.endpoint == "agent":
+        if args.tools or args.tool_options or args.tool_weights or args.system_prompt:
+            raise ValueError("--tools, --tool-options, --tool-weights and --system-prompt apply to the local agent loop; "
+                             "a controller offers the tools it was started with (or use --endpoint planner)")
         if args.tool_mode == "gold":
-            raise SystemExit("--tool-mode gold needs a planner: a local model or --endpoint planner (the controller runs its own tools)")
+            raise ValueError("--tool-mode gold needs a planner: a local model or --endpoint planner (the controller runs its own tools)")
         return ControllerRunner(args.model, args.served_model_name, image_folder=args.image_folder,
                                 max_new_tokens=args.max_new_tokens)
     classes = _tool_classes(args.tools)  # an unknown name is refused before the model loads
