@@ -7,6 +7,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+# The property tests draw the same examples on every run (a CI run cannot fail on a new draw);
+# HYPOTHESIS_PROFILE=explore draws new ones each run, to look for bugs.
+settings.register_profile("ci", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 import mmedagent  # noqa: E402,F401  - arms the torchvision shim before anything imports torchvision
 

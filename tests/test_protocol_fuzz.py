@@ -38,8 +38,11 @@ from mmedagent.tools import Tool
 
 SETTINGS = settings(max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 
-# printable text: what Python's repr keeps as is, so the single-quoted form of a call stays valid JSON once re-quoted
-printable = st.text(st.characters(categories=["L", "N", "P", "S"]) | st.just(" "), max_size=12)
+# printable text: what Python's repr keeps as is, so the single-quoted form of a call stays valid JSON once re-quoted;
+# never a marker's word (a param value "actions🚀" is written as the marker itself: such a turn is refused, by design)
+MARK_WORDS = tuple(m.strip('"') for m in (THOUGHTS_MARK, ACTIONS_MARK, VALUE_MARK))
+printable = st.text(st.characters(categories=["L", "N", "P", "S"]) | st.just(" "), max_size=12).filter(
+    lambda t: not any(w in t for w in MARK_WORDS))
 free_text = printable.map(str.strip).filter(
     lambda t: not any(m in t for m in (THOUGHTS_MARK, ACTIONS_MARK, VALUE_MARK)))
 leaf = (st.none() | st.booleans() | st.integers(-(10**30), 10**30)
@@ -143,7 +146,9 @@ json_outputs = st.dictionaries(printable, value, max_size=4)
 texts = st.text(max_size=60).filter(lambda t: "\n\nAnswer my first question: " not in t)
 outcomes = st.one_of(
     st.builds(lambda t, o: ToolOutcome(tool=t, output=o), tool_names.map(str.strip).filter(bool), json_outputs),
-    st.builds(lambda t, x: ToolOutcome(tool=t, text=x), tool_names.map(str.strip).filter(bool), texts),
+    # a text that is a dict literal reads back as an output, by design ("{ }" as {})
+    st.builds(lambda t, x: ToolOutcome(tool=t, text=x), tool_names.map(str.strip).filter(bool),
+              texts.filter(lambda t: not t.strip().startswith("{"))),
     st.builds(lambda t, e: ToolOutcome(tool=t, ok=False, error=e), tool_names.map(str.strip).filter(bool), texts),
 )
 
