@@ -7,8 +7,11 @@ the UI serve and draw its ``Result``.
 
 from __future__ import annotations
 
+import json
 import math
+import pathlib
 import threading
+import typing
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from typing import Any, ClassVar
@@ -33,6 +36,35 @@ class Overlay(BaseModel):
     masks: list[dict[str, Any]] = Field(default_factory=list)
 
 
+MAX_MODEL_CHARS = 100_000
+"""The most characters (as JSON) a result may show the model: more would flood the planner's prompt."""
+
+
+def _holds_path(annotation: Any, seen: set[int] | None = None) -> bool:
+    """Whether a type annotation is or holds a ``pathlib`` path (``Path``, ``FilePath``, ``list[Path]``,
+    a nested model with such a field)."""
+    seen = set() if seen is None else seen
+    if id(annotation) in seen:
+        return False
+    seen.add(id(annotation))
+    if isinstance(annotation, type):
+        if issubclass(annotation, pathlib.PurePath):
+            return True
+        if issubclass(annotation, BaseModel):
+            return any(_holds_path(f.annotation, seen) for f in annotation.model_fields.values())
+    return any(_holds_path(a, seen) for a in typing.get_args(annotation))
+
+
+def _as_json(value: Any) -> Any:
+    """JSON serialisation's fallback for values of ``Any`` fields: numpy arrays and scalars and torch
+    tensors as plain lists and numbers (the model and a tool worker's answer get the same values)."""
+    tolist = getattr(value, "tolist", None)
+    if callable(tolist):
+        return tolist()
+    raise TypeError(f"a {type(value).__qualname__} value cannot be carried as JSON; give the Result field a JSON "
+                    "type (a number, string, list or model of these)")
+
+
 def _round(value: Any, ndigits: int) -> Any:
     """Floats rounded; NaN and infinities as None, as JSON (and so a tool worker) carries them."""
     if isinstance(value, float):
@@ -54,6 +86,30 @@ class ToolResult(BaseModel):
 
     hidden_from_model: ClassVar[frozenset[str]] = frozenset()
     digits: ClassVar[int] = 2
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        """Refuse a ``hidden_from_model`` that would hide nothing: a string (``"masks"`` is its letters) or
+        a name that is no field (a typo), either of which would show the model what it should not see."""
+        super().__pydantic_init_subclass__(**kwargs)
+        hidden = cls.hidden_from_model
+        if isinstance(hidden, str) or not all(isinstance(h, str) for h in hidden):
+            raise TypeError(f"{cls.__qualname__}.hidden_from_model must be a set of field names, e.g. "
+                            f"frozenset({{'masks'}}), not {hidden!r}")
+        unknown = sorted(set(hidden) - set(cls.model_fields))
+        if unknown and cls.model_config.get("extra") != "allow":
+            raise TypeError(f"{cls.__qualname__}.hidden_from_model names {', '.join(map(repr, unknown))}, which "
+                            f"{'is' if len(unknown) == 1 else 'are'} not a field; its fields: "
+                            f"{', '.join(cls.model_fields) or '(none)'}")
+
+    def model_dump(self, **kwargs: Any) -> dict[str, Any]:
+        if kwargs.get("mode") == "json":
+            kwargs.setdefault("fallback", _as_json)
+        return super().model_dump(**kwargs)
+
+    def model_dump_json(self, **kwargs: Any) -> str:
+        kwargs.setdefault("fallback", _as_json)
+        return super().model_dump_json(**kwargs)
 
     def for_model(self) -> dict[str, Any]:
         return _round(self.model_dump(mode="json", exclude=set(self.hidden_from_model)), self.digits)
@@ -115,7 +171,9 @@ class Tool:
         """Refuse declarations that would misbehave at call time: ``aliases = ("volume")`` (a string,
         so every letter would be an alias), a ``Params`` that is not a :class:`ToolParams` (a plain
         pydantic model ignores a misspelt param, so the call runs on the default), a ``Params`` field
-        named ``image`` (the dispatcher drops it) and a ``Result`` that is not a :class:`ToolResult`."""
+        named ``image`` (the dispatcher drops it) or typed as a path (validating it would look the model's
+        path up on the server), a ``question_param`` that is no ``Params`` field (the question would be
+        dropped) and a ``Result`` that is not a :class:`ToolResult`."""
         super().__init_subclass__(**kwargs)
         if isinstance(cls.aliases, str) or not all(isinstance(a, str) and a.strip() for a in cls.aliases):
             raise TypeError(f"{cls.__qualname__}.aliases must be a tuple of non-empty strings, e.g. ('volume',), "
@@ -126,13 +184,28 @@ class Tool:
         if "image" in cls.Params.model_fields:
             raise TypeError(f"{cls.__qualname__}.Params must not have an 'image' field: the dispatcher drops the "
                             "model's image value and passes the conversation's image as __call__'s first argument")
+        if paths := [n for n, f in cls.Params.model_fields.items() if _holds_path(f.annotation)]:
+            raise TypeError(f"{cls.__qualname__}.Params field {paths[0]!r} is a file path: the model writes the params, "
+                            "and a path it names must not be looked up on the server; take the data as __call__'s "
+                            "image, or its location as a constructor option")
+        question = cls.question_param
+        if question is not None and question not in cls.Params.model_fields and cls.Params.model_config.get("extra") != "allow":
+            raise TypeError(f"{cls.__qualname__}.question_param {question!r} is not a field of its Params; its fields: "
+                            f"{', '.join(cls.Params.model_fields) or '(none)'}")
         if not (isinstance(cls.Result, type) and issubclass(cls.Result, ToolResult)):
             raise TypeError(f"{cls.__qualname__}.Result must subclass mmedagent.tools.ToolResult")
 
-    def __init__(self, **options: Any) -> None:
-        self.options = options
+    def __new__(cls, *args: Any, **kwargs: Any) -> Tool:
+        """The load-once state, set here so that a subclass ``__init__`` that does not call ``super().__init__()``
+        still loads and serves."""
+        self = super().__new__(cls)
+        self.options = {}
         self._loaded = False
         self._load_lock = threading.RLock()  # this tool's load-once guard; other tools never wait on it
+        return self
+
+    def __init__(self, **options: Any) -> None:
+        self.options = options
 
     def load(self) -> None:
         """Load weights; called once before the first call."""
@@ -162,11 +235,15 @@ class Tool:
         raise NotImplementedError
 
     def run(self, image: Any, params: ToolParams) -> ToolResult:
-        """Load if needed, call, and check the result type."""
+        """Load if needed, call, and check the result's type and the size of what the model sees."""
         self.ensure_loaded()
         result = self(image, params)
         if not isinstance(result, self.Result):
             raise TypeError(f"{self.name} returned {type(result).__name__}, expected {self.Result.__name__}")
+        size = len(json.dumps(result.for_model(), default=str))
+        if size > MAX_MODEL_CHARS:
+            raise ValueError(f"{self.name} returned {size:,} characters for the model, more than the {MAX_MODEL_CHARS:,} "
+                             "a prompt can take; return a summary, and list bulky fields in Result.hidden_from_model")
         return result
 
     @classmethod

@@ -12,6 +12,7 @@ from importlib.metadata import EntryPoint, entry_points
 
 from pydantic import create_model
 
+from mmedagent.protocol import actions_json_schema, render_tool_catalog
 from mmedagent.tools.base import Tool
 
 ENTRY_POINT_GROUP = "mmedagent.tools"
@@ -72,6 +73,8 @@ def schema_problem(cls: type[Tool]) -> str | None:
     schema for (a ``numpy.ndarray``, say); None if it can."""
     try:
         json.dumps(cls.schema())
+        render_tool_catalog([cls])  # the prompt's and the constrained decoder's forms (nested models inlined)
+        actions_json_schema([cls])
         return None
     except Exception as e:
         whole = f"{type(e).__name__}: {next(iter(str(e).splitlines()), '')}"  # pydantic adds a help link line
@@ -88,14 +91,39 @@ def schema_problem(cls: type[Tool]) -> str | None:
     return whole
 
 
+def call_problem(cls: type[Tool]) -> str | None:
+    """Why ``cls`` could not answer a call, whatever its params: no ``__call__`` of its own, an ``async`` one
+    (the dispatcher calls it in a thread and gets a coroutine) or one that does not take ``(image, params)``."""
+    call = cls.__call__
+    if call is Tool.__call__:
+        return "defines no __call__(self, image, params)"
+    if inspect.iscoroutinefunction(call):
+        return "has an async __call__; define it with plain def (each call runs in a thread of its own)"
+    try:
+        inspect.signature(call).bind(None, None, None)
+    except TypeError:
+        return (f"has __call__{inspect.signature(call)}, which must take (self, image, params) (image is None for a "
+                "tool that needs none)")
+    except ValueError:  # no signature to read (a builtin): let it be tried
+        pass
+    return None
+
+
+def _problem(cls: type[Tool]) -> str | None:
+    """Why ``cls`` cannot be offered as a tool (:func:`schema_problem`, :func:`call_problem`); None if it can."""
+    if problem := schema_problem(cls):
+        return f"cannot describe itself (its schema): {problem}"
+    return call_problem(cls)
+
+
 def _add(found: dict[str, type[Tool]], cls: type[Tool], source: str) -> None:
     """Add a discovered tool unless its name or an alias is taken (the first comes first: built-ins,
-    then plug-ins in entry-point order) or it has no JSON schema; such a tool is skipped with a warning,
-    so that it cannot break the system prompt of the others. Tools registered in this process
-    (``register``) are not discovered tools: they never push one out."""
-    broken = schema_problem(cls)
+    then plug-ins in entry-point order), it has no JSON schema or it cannot be called (:func:`_problem`);
+    such a tool is skipped with a warning, so that it cannot break the system prompt of the others. Tools
+    registered in this process (``register``) are not discovered tools: they never push one out."""
+    broken = _problem(cls)
     if broken:
-        log.warning("%s: %s cannot describe itself (its schema): %s; it is skipped", source, _where(cls), broken)
+        log.warning("%s: %s %s; it is skipped", source, _where(cls), broken)
         return
     why = _clash(cls, found.values())
     if why:
@@ -181,12 +209,12 @@ def refresh() -> None:
 
 def register(cls: type[Tool]) -> type[Tool]:
     """Register a tool class defined outside ``tools/`` and outside any entry point; a ``ValueError``
-    if it is not a Tool subclass with a name, has no JSON schema (:func:`schema_problem`), or another tool
-    already answers to its name or one of its aliases."""
+    if it is not a Tool subclass with a name, has no JSON schema (:func:`schema_problem`) or cannot be
+    called (:func:`call_problem`), or another tool already answers to its name or one of its aliases."""
     if not _is_tool(cls):
         raise ValueError(f"{cls!r} is {_kind(cls)}; register a Tool subclass that sets a name")
-    if problem := schema_problem(cls):
-        raise ValueError(f"tool {cls.name!r} cannot describe itself (its schema): {problem}")
+    if problem := _problem(cls):
+        raise ValueError(f"tool {cls.name!r} {problem}")
     why = _clash(cls, _all().values())
     if why:
         raise ValueError(f"{why}; rename it or drop the clashing alias")
