@@ -5,6 +5,8 @@
 
 Each step is printed as it happens: thought, tool calls, tool results, answer. In the interactive chat,
 Ctrl-C stops the answer being printed and keeps the conversation; at the prompt it (or /quit) exits.
+Exit status: 0 done, 1 the server refused or failed the question (or is unreachable), 2 the image or a flag
+cannot be used, 130 Ctrl-C.
 """
 
 if __name__ == "__main__":  # run as a script: serve/ must not shadow installed packages
@@ -24,7 +26,7 @@ from typing import Any, TextIO
 import mmedagent  # noqa: F401  - arms the torchvision shim first
 import httpx
 
-from mmedagent.serve.config import ServeConfig, add_common_args, config_or_exit
+from mmedagent.serve.config import API_KEY_ENV, ServeConfig, add_common_args, config_or_exit
 from mmedagent.serve.httpclient import error_detail, make_client
 from mmedagent.serve.messages import stop_note
 from mmedagent.imaging import describe_view, parse_window
@@ -87,16 +89,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image", help="PNG, JPEG, DICOM or NIfTI file (read here, sent as bytes)")
     parser.add_argument("-q", "--question", help="ask this one question and exit")
     parser.add_argument("--controller", default=None, help="controller URL (default from config)")
-    parser.add_argument("--model", default=None)
+    parser.add_argument("--model", default=None, help="model to ask, by name (default: the first one served)")
     view = parser.add_argument_group("scan view (DICOM, NIfTI)")
     view.add_argument("--window", default=None, help="display window: a preset (brain, lung, abdomen, bone, ...) "
                       "or CENTER,WIDTH in the scan's units (default: the file's own, else from the values)")
-    view.add_argument("--slice", type=int, default=None, help="NIfTI slice or multi-frame image frame (default: the middle "
-                      "one)")
+    view.add_argument("--slice", type=int, default=None, help="NIfTI slice or multi-frame image frame, counted from 0 "
+                      "(default or -1: the middle one)")
     view.add_argument("--plane", choices=("axial", "coronal", "sagittal"), default="axial", help="NIfTI slice plane")
     view.add_argument("--volume", type=int, default=0, help="volume of a 4-D NIfTI (default 0)")
     add_common_args(parser)
     args = parser.parse_args(argv)
+    if args.question is not None and not args.question.strip():
+        parser.error("the question (-q) is empty")
     cfg = config_or_exit(parser, args.config, api_key=args.api_key)
     try:
         return chat(args, cfg)
@@ -114,7 +118,8 @@ def chat(args: argparse.Namespace, cfg: ServeConfig) -> int:
             window = parse_window(args.window) if args.window else None
             # the file stays here (a whole CT series may be far over the servers' upload limit); only the
             # view's PNG is sent, and sendable_png holds that to the limit
-            med = decode_image(Path(args.image).read_bytes(), window=window, slice_index=args.slice, plane=args.plane,
+            slice_index = None if args.slice is None or args.slice < 0 else args.slice  # -1: the middle one
+            med = decode_image(Path(args.image).read_bytes(), window=window, slice_index=slice_index, plane=args.plane,
                                volume=args.volume)
             image = med.image
             sendable_png(image, cfg.max_upload_bytes)
@@ -126,6 +131,10 @@ def chat(args: argparse.Namespace, cfg: ServeConfig) -> int:
         status = client.get(f"{url}/v1/status", timeout=10)
         if status.status_code == 200:
             print(plain_banner(status.json()) + "\n", file=sys.stderr, flush=True)
+        elif status.status_code == 401:  # every question would be refused
+            print(f"error: {error_detail(status)}: the controller wants its API key (--api-key or {API_KEY_ENV})",
+                  file=sys.stderr)
+            return 1
     except httpx.HTTPError:
         pass  # an unreachable controller is reported with the first question
     if image is not None:  # after the banner, as docs/serve.md shows
@@ -152,7 +161,10 @@ def chat(args: argparse.Namespace, cfg: ServeConfig) -> int:
             history = ask(client, url, {**body, "question": question}, sys.stdout)
         except httpx.HTTPError as e:
             print(f"controller {url} unreachable: {type(e).__name__}", file=sys.stderr)
-            return 1
+            if questions is not None:
+                return 1
+            print("(the conversation goes on: ask again once it is back, or /quit)", file=sys.stderr)
+            continue
         except KeyboardInterrupt:  # interactive: Ctrl-C stops this answer, not the conversation
             if questions is not None:
                 raise

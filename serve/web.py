@@ -42,7 +42,8 @@ from starlette.middleware import Middleware
 from mmedagent.serve.config import add_common_args, config_or_exit
 from mmedagent.serve.httpclient import error_detail, make_client
 from mmedagent.imaging import WINDOW_PRESETS, describe_view
-from mmedagent.serve.messages import stop_note
+from mmedagent.protocol import ACTIONS_MARK, THOUGHTS_MARK, VALUE_MARK
+from mmedagent.serve.messages import MAX_QUESTION_CHARS, stop_note
 from mmedagent.serve.security import LoopbackHostOnly, setup_logging
 from mmedagent.serve.uploads import UploadError, decode_image, png_data_url, sendable_png
 from mmedagent.serve.worker_base import bind_socket, follow_launcher
@@ -123,6 +124,16 @@ def step_messages(step: dict[str, Any]) -> list[dict[str, Any]]:
             body, title = outcome["error"], f"❌ Tool error: {outcome['tool']}"
         out.append({"role": "assistant", "content": body, "metadata": {"title": title}})
     return out
+
+
+STREAMED_MARKS = {THOUGHTS_MARK: "💭", ACTIONS_MARK: "🛠️", VALUE_MARK: "👉"}
+
+
+def streamed_text(text: str) -> str:
+    """The model's turn as it streams, its format's keys (``"thoughts🤔"``, ...) shown as the step's icons."""
+    for mark, icon in STREAMED_MARKS.items():
+        text = text.replace(mark, icon)
+    return text
 
 
 def overlay_note(error: Exception) -> dict[str, Any]:
@@ -266,10 +277,10 @@ class WebChat:
         reset history, note): another view is another image, so the conversation starts again."""
         import gradio as gr
 
-        if data is None:
-            return None, None, [], [], ""
+        if data is None:  # no scan (a chat without an image): nothing to show again, the conversation goes on
+            return (gr.skip(),) * 5
         try:
-            index = None if slice_index is None or slice_index < 0 else int(slice_index)  # -1: the middle / first
+            index = None if slice_index is None or slice_index < 0 else int(slice_index)  # -1: the middle one
             med = decode_image(data, max_bytes=self.max_upload_bytes, window=None if window == AUTO else window,
                                slice_index=index, plane=plane, volume=int(volume or 0))
             sendable_png(med.image, self.max_upload_bytes)  # encoded once, sent with each question
@@ -281,19 +292,34 @@ class WebChat:
         note = f"Loaded {describe_view(med.metadata)}; {size}" + "".join(f"\n⚠️ {w}" for w in med.warnings)
         return for_display(med.image), med.image, [], [], note
 
-    @staticmethod
-    def shown_view(slice_index: float | None, volume: float | None) -> tuple[int, int]:
-        """The slice and volume boxes as the view they name (-1: the middle slice / first frame)."""
-        return (-1 if slice_index is None or slice_index < 0 else int(slice_index)), int(volume or 0)
-
-    def check_view(self, slice_index: float | None, volume: float | None, applied: tuple[int, int] | None,
-                   scan: bytes | None, image) -> None:
-        """Refuse a question about an upload that is not shown: its view failed (the note says why), or
-        the slice or volume box holds a number not applied yet (it applies on Enter). The answer would be
-        about no image, or another one than the boxes name."""
+    @classmethod
+    def new_view(cls, scan: bytes | None, slice_index: float | None, volume: float | None):
+        """After :meth:`view`: (conversation id, view applied) of the new conversation on that view; both
+        left as they are without a scan, as the chat is."""
         import gradio as gr
 
-        if scan is not None and image is None:
+        return (None, cls.shown_view(slice_index, volume)) if scan is not None else (gr.skip(), gr.skip())
+
+    @staticmethod
+    def shown_view(slice_index: float | None, volume: float | None) -> tuple[int, int]:
+        """The slice and volume boxes as the view they name (-1: the middle slice or frame)."""
+        return (-1 if slice_index is None or slice_index < 0 else int(slice_index)), int(volume or 0)
+
+    def check_view(self, question: str | None, slice_index: float | None, volume: float | None,
+                   applied: tuple[int, int] | None, scan: bytes | None, image) -> None:
+        """Refuse a question longer than the server takes, or about an upload that is not shown: its view
+        failed (the note says why), or the slice or volume box holds a number not applied yet (it applies on
+        Enter). The answer would be about no image, or another one than the boxes name. The question stays
+        in its box."""
+        import gradio as gr
+
+        length = len((question or "").strip())
+        if length > MAX_QUESTION_CHARS:
+            raise gr.Error(f"The question has {length:,} characters, more than the {MAX_QUESTION_CHARS:,} the server "
+                           "takes: shorten it; your question is kept.", print_exception=False)
+        if scan is None:  # no scan: the view boxes show nothing
+            return
+        if image is None:
             raise gr.Error("The uploaded file is not shown (the note above the image says why): choose another view "
                            "or upload another file; your question is kept.", print_exception=False)
         if applied is not None and self.shown_view(slice_index, volume) != tuple(applied):
@@ -332,7 +358,8 @@ class WebChat:
                     event = json.loads(line)
                     if event["type"] == "token":
                         pending += event["text"]
-                        yield chat + [{"role": "assistant", "content": pending}], history, keep, keep, conversation
+                        streaming = {"role": "assistant", "content": streamed_text(pending)}
+                        yield chat + [streaming], history, keep, keep, conversation
                     elif event["type"] == "step":
                         pending = ""
                         step = event["step"]
@@ -375,7 +402,7 @@ def build_ui(web: WebChat):
                 with gr.Row():  # the view of a scan: CT window, NIfTI slice / plane / volume, DICOM frame
                     window = gr.Dropdown([AUTO, *WINDOW_PRESETS], value=AUTO, label="Window", elem_id="window")
                     plane = gr.Dropdown(["axial", "coronal", "sagittal"], value="axial", label="Plane", elem_id="plane")
-                    slice_index = gr.Number(-1, precision=0, minimum=-1, label="Slice / frame (-1: middle / first)",
+                    slice_index = gr.Number(-1, precision=0, minimum=-1, label="Slice / frame (from 0; -1: middle)",
                                             elem_id="slice")
                     volume = gr.Number(0, precision=0, minimum=0, label="Volume", elem_id="volume")
                 note = gr.Markdown(elem_id="image-note")
@@ -391,19 +418,20 @@ def build_ui(web: WebChat):
         gr.Timer(15).tick(web.status_markdown, outputs=status, show_progress="hidden")  # tools that finish loading
         ask = dict(fn=web.respond, inputs=[question, chat, history_state, image_state, conversation_state],
                    outputs=[chat, history_state, preview, question, conversation_state])
-        check = dict(fn=web.check_view, inputs=[slice_index, volume, view_state, scan_state, image_state],
+        check = dict(fn=web.check_view, inputs=[question, slice_index, volume, view_state, scan_state, image_state],
                      show_progress="hidden")
         asking = [send.click(**check).success(**ask), question.submit(**check).success(**ask)]
         # a new image or conversation stops the answer being streamed: it must not write one patient's
         # conversation over the next one's
         shown = [preview, image_state, chat, history_state, note]
         view = [window, slice_index, plane, volume]
-        new_view = dict(fn=lambda s, v: (None, web.shown_view(s, v)), inputs=[slice_index, volume],
-                        outputs=[conversation_state, view_state])
+        new_image = dict(fn=lambda s, v: (None, web.shown_view(s, v)), inputs=[slice_index, volume],
+                         outputs=[conversation_state, view_state])
         upload.change(web.upload, [upload, window, plane], [*shown, scan_state, slice_index, volume], cancels=asking,
-                      api_name="load").then(**new_view)
+                      api_name="load").then(**new_image)
+        # without a scan (a chat without an image) another window or plane changes nothing
         gr.on([window.change, plane.change, slice_index.submit, volume.submit], web.view, [scan_state, *view], shown,
-              cancels=asking).then(**new_view)
+              cancels=asking).then(web.new_view, [scan_state, slice_index, volume], [conversation_state, view_state])
         clear.click(lambda img: ([], [], for_display(img) if img is not None else None, None), image_state,
                     [chat, history_state, preview, conversation_state], cancels=asking)
     web.uploads.install(ui)

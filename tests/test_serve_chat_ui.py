@@ -3,7 +3,9 @@ terminal chat (serve/cli.py) with a local scan, several questions and Ctrl-C."""
 
 import inspect
 import json
+import re
 import shutil
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -316,8 +318,6 @@ def test_an_overlay_that_cannot_be_drawn_is_a_note_and_the_answer_still_shows(sc
 
 
 def test_the_upload_box_is_a_plain_file_box_and_writes_nothing_beside_the_package():
-    from pathlib import Path
-
     import gradio as gr
 
     from mmedagent.serve import web
@@ -346,3 +346,116 @@ def test_a_scan_flagged_as_showing_burned_in_text_is_shown_with_the_warning(scan
     assert run_cli(monkeypatch, FakeController(), ["--image", str(tmp_path / "burned.dcm"), "-q", "Where?"]) == 0
     err = capsys.readouterr().err
     assert "image: dicom, CT" in err and "warning: BurnedInAnnotation is YES" in err
+
+
+def test_another_window_or_plane_without_a_scan_keeps_the_conversation(tmp_path):
+    """A chat without an image ("What is a glioma?"): touching the window or plane box shows nothing new,
+    so the conversation stays, on screen and for the next question."""
+    controller = FakeController()
+    page = Page(controller, tmp_path)
+    page["question"] = "What is a glioma?"
+    assert page.event("send", "click") is None and page["chat"][-1]["content"] == "answer 1"
+    chat = page["chat"]
+    page["window"] = "lung"
+    page.event("window", "change")
+    page["plane"], page["slice"] = "coronal", 3
+    page.event("plane", "change")
+    page.event("slice", "submit")
+    assert page["chat"] == chat
+    page["question"] = "How is it graded?"
+    assert page.event("send", "click") is None
+    assert [m["content"] for m in controller.bodies[1]["history"]] == ["What is a glioma?", "answer 1"]
+    assert controller.bodies[1]["conversation_id"] == controller.bodies[0]["conversation_id"]
+
+
+def test_the_slice_box_counts_frames_from_0_and_minus_1_is_the_middle_one(tmp_path, monkeypatch, capsys):
+    """A 30-frame ultrasound: -1 shows the middle frame, as the box's label says, on the page and in the CLI."""
+    scan = Path(get_testdata_file("examples_ybr_color.dcm"))
+    page = Page(FakeController(), tmp_path / "uploads")
+    (tmp_path / "uploads").mkdir()
+    label = page.ui.blocks[page.ids["slice"]].label
+    assert "-1: middle" in label and "first" not in label and "from 0" in label
+    page.upload(scan)
+    assert page["image-note"].startswith("Loaded dicom, US, frame 16 of 30")
+    page["slice"] = 0
+    page.event("slice", "submit")
+    assert page["image-note"].startswith("Loaded dicom, US, frame 1 of 30")
+    assert run_cli(monkeypatch, FakeController(), ["--image", str(scan), "--slice", "-1", "-q", "Where?"]) == 0
+    assert "image: dicom, US, frame 16 of 30" in capsys.readouterr().err
+
+
+def test_a_question_over_the_servers_limit_is_refused_and_kept_in_its_box(tmp_path):
+    from mmedagent.serve.messages import MAX_QUESTION_CHARS
+
+    controller = FakeController()
+    page = Page(controller, tmp_path)
+    page["question"] = pasted = "Findings: " + "x" * MAX_QUESTION_CHARS
+    error = page.event("question", "submit")
+    assert error is not None and f"{len(pasted):,} characters" in str(error) and not error.print_exception
+    assert page["question"] == pasted and page["chat"] == [] and not controller.bodies
+
+
+def test_the_streamed_turn_shows_the_steps_icons_not_the_formats_keys():
+    """The model's text as it streams is its turn format ("thoughts🤔" ...): a reader sees the icons of the
+    bubbles it becomes."""
+    from mmedagent.protocol import MARKS
+    from mmedagent.serve.web import WebChat
+
+    turn = '"thoughts🤔" I can answer.\n"actions🚀" []\n"value👉" It is a CT.'
+    events = [{"type": "token", "text": piece} for piece in re.split(r"(?= )", turn)]  # word by word
+    events.append({"type": "answer", "answer": "It is a CT.", "history": [], "stopped": "answer"})
+    web = WebChat("http://controller", None, 1 << 20)
+    web.client = httpx.Client(transport=httpx.MockTransport(
+        lambda request: httpx.Response(200, text="".join(json.dumps(e) + "\n" for e in events))))
+    shown = [update[0][-1]["content"] for update in web.respond("What is it?", [], [], None, None)]
+    assert "💭 I can answer.\n🛠️ []\n👉 It is a CT." in shown and shown[-1] == "It is a CT."
+    assert not any(mark in text for text in shown for mark in MARKS)
+
+
+class UnreachableController(FakeController):
+    """A controller whose ``/chat`` cannot be reached for the questions in ``down`` (restarting)."""
+
+    def __init__(self, down=()):
+        super().__init__()
+        self.down = set(down)
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/chat" and json.loads(request.content)["question"] in self.down:
+            raise httpx.ConnectError("connection refused", request=request)
+        return super().__call__(request)
+
+
+def test_cli_an_unreachable_controller_ends_a_one_shot_question_but_not_a_conversation(monkeypatch, capsys):
+    controller = UnreachableController(down={"Segment it."})
+    rc = run_cli(monkeypatch, controller, [], ["Where is the tumor?", "Segment it.", "How large is it?", "/quit"])
+    assert rc == 0
+    assert [b["question"] for b in controller.bodies] == ["Where is the tumor?", "How large is it?"]
+    assert [m["content"] for m in controller.bodies[1]["history"]] == ["Where is the tumor?", "answer 1"]
+    assert "unreachable: ConnectError" in capsys.readouterr().err
+    assert run_cli(monkeypatch, UnreachableController(down={"Q"}), ["-q", "Q"]) == 1
+
+
+def test_cli_an_empty_one_shot_question_is_refused_without_waiting_for_input(monkeypatch, capsys):
+    """``-q "$QUESTION"`` with an empty variable in a script: an error, not an interactive chat waiting on stdin."""
+    controller = FakeController()
+    with pytest.raises(SystemExit) as stop:
+        run_cli(monkeypatch, controller, ["-q", "  "], ["Where is the tumor?"])
+    assert stop.value.code == 2 and not controller.bodies
+    assert "the question (-q) is empty" in capsys.readouterr().err
+
+
+class KeyedController(FakeController):
+    """A controller started with an API key, asked without it."""
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/chat":
+            self.bodies.append(json.loads(request.content))
+        return httpx.Response(401, json={"detail": "missing or wrong bearer token"})
+
+
+def test_cli_without_the_controllers_api_key_says_how_to_give_it(monkeypatch, capsys):
+    controller = KeyedController()
+    assert run_cli(monkeypatch, controller, [], ["Where is the tumor?", "/quit"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "missing or wrong bearer token" in err[0] and "--api-key or MMEDAGENT_API_KEY" in err[0]
+    assert not controller.bodies  # said before the first question, not after each one
