@@ -45,6 +45,19 @@ def parse_params(tool: Tool, params: Mapping[str, Any]) -> Any:
         raise ValueError(f"invalid params for {tool.name}: {type(e).__name__}: {e}") from None
 
 
+def result_views(result: ToolResult) -> tuple[dict[str, Any], Overlay | None]:
+    """What ``result`` shows the model (plain JSON, :func:`plain_json`) and the UI (its overlay), checked
+    here, in-process and in a tool worker alike: a ``TypeError`` for a ``for_model()`` or ``overlay()``
+    of the wrong type, so that a broken one is its call's error, not the UI's later."""
+    output = result.for_model()
+    if not isinstance(output, dict):
+        raise TypeError(f"{type(result).__name__}.for_model() returned {type(output).__name__}, expected a dict")
+    overlay = result.overlay()
+    if overlay is not None and not isinstance(overlay, Overlay):
+        raise TypeError(f"{type(result).__name__}.overlay() returned {type(overlay).__name__}, expected Overlay or None")
+    return plain_json(output, f"{type(result).__name__}.for_model()"), overlay
+
+
 def plain_json(output: dict[str, Any], where: str) -> dict[str, Any]:
     """``output`` as plain JSON values, as the model reads it (the Python repr of JSON data, as in the
     training records) and the trace carries it: numpy numbers as Python ones (``np.float32(0.5)`` would read
@@ -195,16 +208,7 @@ class Dispatcher:
                 tool=call.API_name, ok=False, error=f"timed out after {self.timeout_s:g} s", elapsed_s=time.monotonic() - started
             )
         try:
-            result: ToolResult = fut.result()
-            output = result.for_model()
-            if not isinstance(output, dict):
-                raise TypeError(f"{type(result).__name__}.for_model() returned {type(output).__name__}, "
-                                "expected a dict")
-            output = plain_json(output, f"{type(result).__name__}.for_model()")
-            overlay = result.overlay()  # the UI draws it later: a broken one fails here, as this call's error
-            if overlay is not None and not isinstance(overlay, Overlay):
-                raise TypeError(f"{type(result).__name__}.overlay() returned {type(overlay).__name__}, "
-                                "expected Overlay or None")
+            output, _ = result_views(fut.result())
         except Exception as e:  # any tool failure goes back to the model, not up the stack
             # the traceback only when debugging (a serving process reduces it to its type and place)
             log.warning("tool %s failed: %s", call.API_name, type(e).__name__,

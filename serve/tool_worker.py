@@ -27,7 +27,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel
 
-from mmedagent.dispatcher import parse_params
+from mmedagent.dispatcher import parse_params, result_views
 from mmedagent.serve.config import ServeConfig, add_common_args, config_or_exit
 from mmedagent.serve.remote import REQUEST_ID_HEADER, CallAnswer, loggable_id
 from mmedagent.serve.security import setup_logging, without_echoed_input
@@ -128,8 +128,8 @@ def build_app(tool: Tool, max_upload_bytes: int, max_concurrency: int = 4, timeo
             elapsed = time.monotonic() - t0
         finally:
             slots.release(token)
-        return CallAnswer(result=result.model_dump(mode="json"), for_model=result.for_model(),
-                          overlay=result.overlay(), elapsed_s=elapsed)
+        for_model, overlay = result_views(result)
+        return CallAnswer(result=result.model_dump(mode="json"), for_model=for_model, overlay=overlay, elapsed_s=elapsed)
 
     @app.post("/call")
     async def call(req: CallRequest, request: Request) -> CallAnswer:
@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
         tool.ensure_loaded()  # weights first: the worker registers only once it can serve
         info = described(tool)
     except Exception as e:  # bad options, missing weights etc.: one clear line, not a traceback
-        log.error("tool %s could not load: %s: %s", cls.name, type(e).__name__, e)
+        log.error("tool %s could not load: %s: %s", cls.name, type(e).__name__, " ".join(str(e).split()))  # one line
         raise SystemExit(EXIT_CANNOT_LOAD) from None
     log.info("loaded tool %s in %.1f s", tool.name, time.monotonic() - t0)
     sock = bind_socket(cfg.host, args.port)

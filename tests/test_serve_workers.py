@@ -824,3 +824,44 @@ def test_a_misspelt_tool_is_refused_before_anything_starts(tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("controller.py: error: --tools / the config's tools: unknown tool 'nosuch'; available tools: ")
     assert "grounding" in last and "Traceback" not in proc.stderr
+
+
+def test_a_worker_checks_what_a_result_shows_the_model_and_the_ui_as_the_dispatcher_does():
+    """numpy numbers in for_model() came back from a worker as a bare 500 (in-process they reached the model);
+    an overlay() of the wrong type passed the worker and broke the UI later."""
+    import numpy as np
+
+    from mmedagent.tools import ToolParams
+
+    class Scored(ToolResult):
+        score: float
+
+        def for_model(self):
+            return {"score": np.float32(self.score), "n": np.int64(3)}
+
+    class Score(Tool):
+        name = "score_np"
+        description = "Scores the image."
+        Result = Scored
+        needs_image = False
+
+        def __call__(self, image, params):
+            return Scored(score=0.5)
+
+    class BadOverlay(Scored):
+        def overlay(self):
+            return {"boxes": []}
+
+    class Drawn(Score):
+        name = "drawn_np"
+        Result = BadOverlay
+
+        def __call__(self, image, params):
+            return BadOverlay(score=0.5)
+
+    assert Score.Params is ToolParams
+    r = TestClient(tw.build_app(Score(), 1 << 20)).post("/call", json={"params": {}})
+    assert r.status_code == 200 and r.json()["for_model"] == {"score": 0.5, "n": 3}, r.text
+    r = TestClient(tw.build_app(Drawn(), 1 << 20)).post("/call", json={"params": {}})
+    assert r.status_code == 500 and r.json()["detail"] == ("drawn_np failed: TypeError: BadOverlay.overlay() returned "
+                                                          "dict, expected Overlay or None"), r.text
