@@ -205,14 +205,18 @@ def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> Serv
         return ServeConfig.model_validate(data)
     except ValidationError as e:
         where = f" in {path}" if path else ""
-        raise ConfigError(f"invalid settings{where}: {validation_problems(e, 'settings')}") from None
+        raise ConfigError(f"invalid settings{where}: {validation_problems(e, None)}") from None
 
 
-def validation_problems(error: ValidationError, whole: str) -> str:
+def validation_problems(error: ValidationError, whole: str | None) -> str:
     """Each bad field of ``error`` and what is wrong with it (``whole`` names a problem with the whole
-    input), never the value given: it may be a secret or patient data."""
-    return "; ".join(f"{'.'.join(map(str, err['loc'])) or whole}: {err['msg']}"
-                     for err in error.errors(include_url=False, include_input=False))
+    input; None: such a problem stands alone), never the value given: it may be a secret or patient data."""
+    def problem(err: Any) -> str:
+        msg = err["msg"].removeprefix("Value error, ")  # pydantic's wording for a validator's own message
+        name = ".".join(map(str, err["loc"])) or whole
+        return f"{name}: {msg}" if name else msg
+
+    return "; ".join(problem(err) for err in error.errors(include_url=False, include_input=False))
 
 
 def config_or_exit(parser: Any, path: str | os.PathLike | None = None, **overrides: Any) -> ServeConfig:

@@ -98,7 +98,7 @@ def test_config_errors_are_one_line_and_never_show_the_api_key(tmp_path):
         (["--api-key", "s3cr3t-flag", "--heartbeat-interval", "10", "--heartbeat-expiry", "5"], "must exceed heartbeat_interval_s"),
         (["--config", str(bad)], "must exceed heartbeat_interval_s"),
         (["--config", str(tmp_path / "nope.yaml")], "cannot read the config file"),
-        (["--api-key", "s3cr3t-short"], "the API key has 12 characters; use at least 16"),
+        (["--api-key", "s3cr3t-short"], "error: invalid settings: the API key has 12 characters; use at least 16"),
         (["--config", str(broken)], "not valid YAML at line"),
         (["--config", str(typo)], "prot: Extra inputs are not permitted"),
         (["--log-level", "verbose"], "unknown log level; use one of DEBUG, INFO, WARNING, ERROR, CRITICAL"),
