@@ -274,6 +274,34 @@ def test_a_tool_with_one_box_gets_it_checked_too(tokenizer):
         rule.push(tok)
 
 
+def test_params_of_any_type_are_decoded_as_json_scalars(tokenizer):
+    """A plug-in's ``Any`` or ``dict[str, Any]`` param made lm-format-enforcer fail mid-turn ("Unsupported type
+    None", "'bool' object has no attribute 'anyOf'"): the chat broke as the model wrote that param."""
+    from typing import Any
+
+    from mmedagent.tools import Tool, ToolParams, ToolResult
+
+    class Note(Tool):
+        name, description = "note", "Keep a note."
+
+        class Params(ToolParams):
+            value: Any = None
+            tags: dict[str, Any] = {}
+            items: list[Any] = []
+
+        class Result(ToolResult):
+            pass
+
+    constraint = TurnConstraint(tokenizer, [Note], [tokenizer.eos_token_id])
+    turn = ('"thoughts🤔" x\n"actions🚀" [{"API_name": "note", "API_params": {"value": 3, "tags": {"a": "b", "n": null}, '
+            '"items": ["x", 1.5, true]}}]\n"value👉" ok')
+    rule = constraint.start()
+    for tok in tokenizer(turn, add_special_tokens=False).input_ids:
+        assert rule.allows(tok), tokenizer.decode([tok])
+        rule.push(tok)
+    assert parse_turn(turn).actions[0].API_params["tags"] == {"a": "b", "n": None}
+
+
 RETRIEVAL_PREFIX = '"thoughts🤔" x\n"actions🚀" [{"API_name": "retrieval", "API_params": {"query": "q", "k": '
 
 

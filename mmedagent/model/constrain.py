@@ -24,6 +24,35 @@ from mmedagent.protocol import ACTIONS_MARK, MARKS, THOUGHTS_MARK, VALUE_MARK, a
 from mmedagent.tools._boxes import COORDS_MARK
 
 
+JSON_SCALAR = {"anyOf": [{"type": "string"}, {"type": "number"}, {"type": "boolean"}, {"type": "null"}]}
+"""What a param of any type (``Any``) may be written as under constrained decoding."""
+_TYPED = {"type", "anyOf", "oneOf", "allOf", "enum", "const", "$ref"}
+
+
+def decodable(node: Any) -> Any:
+    """A JSON schema as lm-format-enforcer can follow it: a value of any type (a field typed ``Any``, the
+    items of ``list[Any]``, the values of ``dict[str, Any]``), which it cannot decode, is held to a JSON
+    scalar (:data:`JSON_SCALAR`); everything else is kept."""
+    if not isinstance(node, dict):
+        return node
+    if not _TYPED & node.keys() and "properties" not in node and "items" not in node:
+        return {**{k: v for k, v in node.items() if k in ("title", "description", "default")}, **JSON_SCALAR}
+    out = dict(node)
+    for key in ("anyOf", "oneOf", "allOf", "prefixItems"):
+        if isinstance(out.get(key), list):
+            out[key] = [decodable(v) for v in out[key]]
+    if isinstance(out.get("properties"), dict):
+        out["properties"] = {k: decodable(v) for k, v in out["properties"].items()}
+    if "items" in out:
+        out["items"] = decodable(out["items"])
+    extra = out.get("additionalProperties")
+    if extra is True or (out.get("type") == "object" and "properties" not in out and extra is None):
+        out["additionalProperties"] = JSON_SCALAR
+    elif isinstance(extra, dict):
+        out["additionalProperties"] = decodable(extra)
+    return out
+
+
 def _token_bytes(tokenizer: Any, ids: list[int]) -> dict[int, bytes]:
     """The bytes of the given tokens where the vocabulary spells them: ``<0xNN>`` byte tokens, or
     byte-level BPE's one character per byte."""
@@ -352,7 +381,7 @@ class TurnConstraint:
         self._tokenizer, self._eos = tokenizer, set(eos_ids)
         self._data, self._partial, self._silent = _tokenizer_data(tokenizer, sorted(self._eos))
         self._quoting = {i: text for i, text, _ in self._data.regular_tokens if '"' in text}
-        schema = actions_json_schema(tools)
+        schema = decodable(actions_json_schema(tools))
         self._numbers = NumberCheck(number_fields(schema))
         # Every part gets the tokenizer's alphabet (newlines, accents); only the root would by default.
         config = CharacterLevelParserConfig(alphabet=self._data.tokenizer_alphabet)
