@@ -345,7 +345,7 @@ def _load_pil(data: bytes, fmt: str, window: WindowSpec, frame: int | None, max_
     n_frames = getattr(im, "n_frames", 1)
     index = 0 if frame is None else frame
     if not 0 <= index < n_frames:
-        raise ImageLoadError(f"frame {index} out of range: the image has {n_frames} frame(s)")
+        raise ImageLoadError(f"frame {index} out of range: the image has {n_frames} frame(s), 0 to {n_frames - 1}")
     try:
         if index:
             im.seek(index)
@@ -677,7 +677,7 @@ def _load_dicom(data: bytes, window: WindowSpec, frame: int | None, max_pixels: 
 
         index = (n_frames // 2 if frame is None else frame)
         if not 0 <= index < n_frames:
-            raise ImageLoadError(f"frame {index} out of range: the DICOM image has {n_frames} frame(s)")
+            raise ImageLoadError(f"frame {index} out of range: the DICOM image has {n_frames} frame(s), 0 to {n_frames - 1}")
         meta = _dicom_meta(ds, index)
         try:
             arr = ds.pixel_array if n_frames == 1 else pydicom.pixels.pixel_array(ds, index=index)
@@ -807,7 +807,7 @@ def _ras_slice(
     n = shape3[normal]
     k = n // 2 if index is None else index
     if not 0 <= k < n:
-        raise ImageLoadError(f"slice {k} out of range: the {plane} plane has {n} slice(s)")
+        raise ImageLoadError(f"slice {k} out of range: the {plane} plane has {n} slice(s), 0 to {n - 1}")
     where: list[Any] = [slice(None)] * 3
     where[normal] = k if ornt[normal, 1] > 0 else n - 1 - k
     if len(shape) == 4:
@@ -886,7 +886,7 @@ def _load_nifti(
     if len(shape) > 4 or (len(shape) == 4 and not 0 <= volume < shape[3]):
         if len(shape) > 4:
             raise ImageLoadError(f"NIfTI images with {len(shape)} dimensions are not supported")
-        raise ImageLoadError(f"volume {volume} out of range: the image has {shape[3]} volume(s)")
+        raise ImageLoadError(f"volume {volume} out of range: the image has {shape[3]} volume(s), 0 to {shape[3] - 1}")
     # only one slice is read: make sure the file holds the whole volume shown, as a full read would
     end = int(img.dataobj.offset) + math.prod(shape[:3]) * (volume + 1) * img.get_data_dtype().itemsize
     if _available_bytes(img, data, end) < end:
