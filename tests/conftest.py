@@ -32,3 +32,24 @@ def tiny_models(tmp_path_factory):
         return built[arch]
 
     return get
+
+
+@pytest.fixture
+def plugin_dir(tmp_path, monkeypatch):
+    """A folder on sys.path for plug-in packages (``hosp_*``) and their dist-info (what ``pip install``
+    writes); the registry forgets them afterwards."""
+    import sys
+
+    import mmedagent.tools as tools_pkg
+    from mmedagent.tools import registry
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(registry, "_extra", {})
+    tools_pkg.refresh()
+    before = set(sys.modules)
+    yield tmp_path
+    for mod in set(sys.modules) - before:
+        if mod.startswith("hosp_") or mod in ("mmedagent.tools.organ_volume", "mmedagent.tools.dicom_meta"):
+            sys.modules.pop(mod)
+    monkeypatch.undo()
+    tools_pkg.refresh()

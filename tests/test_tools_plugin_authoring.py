@@ -2,8 +2,6 @@
 defined or discovered, or made to behave the same in-process and from a tool worker."""
 
 import logging
-import sys
-import textwrap
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -13,37 +11,13 @@ from fastapi.testclient import TestClient
 from pydantic import BaseModel, FilePath
 
 import mmedagent.tools as tools_pkg
+from _plugin_fixtures import install
 from doubles import grey_image
 from mmedagent.dispatcher import Dispatcher
 from mmedagent.protocol import ToolCall, system_prompt
 from mmedagent.serve.tool_worker import build_app
 from mmedagent.serve.uploads import png_data_url
-from mmedagent.tools import Overlay, Tool, ToolParams, ToolResult, registry
-
-
-@pytest.fixture
-def plugin_dir(tmp_path, monkeypatch):
-    """A folder on sys.path where a test "pip installs" a plug-in package (its files and dist-info)."""
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(registry, "_extra", {})
-    tools_pkg.refresh()
-    before = set(sys.modules)
-    yield tmp_path
-    for mod in set(sys.modules) - before:
-        if mod.startswith("hosp_authoring"):
-            sys.modules.pop(mod)
-    monkeypatch.undo()
-    tools_pkg.refresh()
-
-
-def install(root: Path, module: str, entry_points: str) -> None:
-    (root / "hosp_authoring").mkdir()
-    (root / "hosp_authoring" / "__init__.py").write_text("")
-    (root / "hosp_authoring" / "tools.py").write_text(textwrap.dedent(module))
-    dist = root / "hosp_authoring-1.0.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: hosp-authoring\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text("[mmedagent.tools]\n" + entry_points)
+from mmedagent.tools import Overlay, Tool, ToolParams, ToolResult
 
 
 def test_params_typed_as_paths_are_refused_where_defined():
@@ -198,13 +172,13 @@ class Fine(Tool):
 
 
 def test_plugins_that_could_never_answer_a_call_are_skipped_and_the_others_load(plugin_dir, caplog):
-    install(plugin_dir, UNCALLABLE, "tools = hosp_authoring.tools\n")
+    install(plugin_dir, "hosp_authoring", {"__init__.py": "", "tools.py": UNCALLABLE}, "tools = hosp_authoring.tools\n")
     with caplog.at_level(logging.WARNING, logger="mmedagent.tools.registry"):
         tools = tools_pkg.list_tools()
     names = [c.name for c in tools]
     assert "fine" in names and "segmentation" in names
     assert not {"ontology", "forgot", "awaits", "no_image"} & set(names)
-    source = "tool plug-in tools (hosp_authoring.tools, from hosp-authoring 1.0)"
+    source = "tool plug-in tools (hosp_authoring.tools, from hosp_authoring 1.0)"
     for message in [
         "tool 'ontology' (hosp_authoring.tools.Ontology) cannot describe itself (its schema): TypeError: ontology: "
         "Params model Node refers to itself; tool parameters cannot be recursive; it is skipped",

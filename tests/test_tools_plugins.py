@@ -4,7 +4,6 @@ import logging
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -13,12 +12,13 @@ from fastapi.testclient import TestClient
 from pydantic import field_validator
 
 import mmedagent.tools as tools_pkg
+from _plugin_fixtures import install
 from doubles import grey_image
 from mmedagent.dispatcher import Dispatcher
 from mmedagent.protocol import ToolCall, parse_tool_results, render_tool_results
 from mmedagent.serve.uploads import png_data_url
 from mmedagent.serve.tool_worker import build_app
-from mmedagent.tools import Overlay, Tool, ToolParams, ToolResult, registry
+from mmedagent.tools import Overlay, Tool, ToolParams, ToolResult
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,31 +65,6 @@ def test_aliases_as_a_string_or_a_plain_result_are_refused_where_the_tool_is_def
 
             class Result(BaseModel):
                 ml: float
-
-
-@pytest.fixture
-def plugin_dir(tmp_path, monkeypatch):
-    """A folder on sys.path for plug-in packages and their dist-info (what ``pip install`` writes)."""
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(registry, "_extra", {})
-    tools_pkg.refresh()
-    before = set(sys.modules)
-    yield tmp_path
-    for mod in set(sys.modules) - before:
-        if mod.startswith("hosp_") or mod in ("mmedagent.tools.organ_volume", "mmedagent.tools.dicom_meta"):
-            sys.modules.pop(mod)
-    monkeypatch.undo()
-    tools_pkg.refresh()
-
-
-def install(root: Path, package: str, files: dict[str, str], entry_points: str) -> None:
-    (root / package).mkdir()
-    for name, text in files.items():
-        (root / package / name).write_text(textwrap.dedent(text))
-    dist = root / f"{package}-1.0.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {package}\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text("[mmedagent.tools]\n" + entry_points)
 
 
 CLASHES = '''
