@@ -640,11 +640,47 @@ def _no_pixels_message(ds: Any) -> str:
             "load an image file of the study")
 
 
+DEFLATED_DICOM = "1.2.840.10008.1.2.1.99"
+"""Deflated Explicit VR Little Endian: the whole data set after the file meta is one deflate stream,
+which pydicom inflates at once, without a limit (1 MB can declare gigabytes of zeros)."""
+
+
+def _check_deflated_dicom(data: bytes, max_pixels: int) -> None:
+    """An :class:`ImageLoadError` for a deflated DICOM whose data set inflates past 16-bit pixels at
+    ``max_pixels`` plus 1 MiB of header, counted piece by piece before pydicom inflates it whole. Any other
+    transfer syntax, or file meta pydicom cannot read, is left to the decoder."""
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+
+    stream = io.BytesIO(data)
+    try:  # where and how dcmread finds them: the preamble (if any), then the group 0002 elements
+        read_preamble(stream, True)
+        syntax = str(_read_file_meta_info(stream).get("TransferSyntaxUID", "")).strip("\0 ")
+    except Exception:  # noqa: BLE001 - no readable file meta: dcmread reports the file
+        return
+    if syntax != DEFLATED_DICOM:
+        return
+    limit, size, piece = 2 * max_pixels + (1 << 20), 0, 1 << 20
+    inflater, pending = zlib.decompressobj(-zlib.MAX_WBITS), memoryview(data)[stream.tell():]
+    try:
+        while True:
+            out = len(inflater.decompress(pending, piece))
+            size += out
+            if size > limit:
+                raise ImageLoadError(f"the deflated DICOM data set inflates to more than {limit:,} bytes (possible "
+                                     "decompression bomb)")
+            pending = inflater.unconsumed_tail
+            if inflater.eof or (not pending and out < piece):
+                return
+    except zlib.error:
+        return  # a corrupt stream: dcmread says so
+
+
 def _load_dicom(data: bytes, window: WindowSpec, frame: int | None, max_pixels: int) -> MedicalImage:
     import pydicom
     from pydicom.errors import InvalidDicomError
     from pydicom.pixels import apply_color_lut, apply_voi, get_decoder
 
+    _check_deflated_dicom(data, max_pixels)
     # pydicom's warnings can quote header values; they must not reach logs.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

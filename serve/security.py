@@ -29,6 +29,13 @@ _SECRET_PATTERNS = [
     re.compile(r"data:[\w.+/-]*;base64,[A-Za-z0-9+/=]*"),
     re.compile(r"[A-Za-z0-9+/]{200,}={0,2}"),  # long base64 runs
 ]
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\x85\u2028\u2029]")
+"""Characters that would end a log line early or drive a terminal: a client's text (a worker address, a
+tool name) could forge whole log lines or hide others."""
+
+
+def _escaped(match: re.Match) -> str:
+    return match.group().encode("unicode_escape").decode("ascii")
 
 
 def _is_ours(module: str | None) -> bool:
@@ -40,9 +47,9 @@ FULL_TRACEBACKS_ENV = "MMEDAGENT_LOG_TRACEBACKS"
 
 
 class RedactFilter(logging.Filter):
-    """Rewrites every record's message with secrets (the API key, bearer tokens, base64) removed and
-    an exception reduced to its type and place (and, for mmedagent's own exceptions, their text);
-    ``full_tracebacks`` keeps exceptions whole."""
+    """Rewrites every record's message with secrets (the API key, bearer tokens, base64) removed, line
+    breaks escaped, and an exception reduced to its type and place (and, for mmedagent's own exceptions,
+    their text); ``full_tracebacks`` keeps exceptions whole."""
 
     def __init__(self, secrets: Iterable[str] = (), full_tracebacks: bool = False):
         super().__init__()
@@ -55,6 +62,10 @@ class RedactFilter(logging.Filter):
         for pat in _SECRET_PATTERNS:
             text = pat.sub("[redacted]", text)
         return text
+
+    def one_line(self, text: str) -> str:
+        """``text`` with line breaks and other control characters escaped (``\\n``): one record, one line."""
+        return _CONTROL.sub(_escaped, text)
 
     def filter(self, record: logging.LogRecord) -> bool:
         try:
@@ -76,6 +87,7 @@ class RedactFilter(logging.Filter):
             text = f": {self.scrub(str(exc))[:300]}" if _is_ours(type(exc).__module__) else ""
             clean = f"{clean.rstrip()} [{type(exc).__name__}{text}{where}]"
             record.exc_info, record.exc_text = None, None
+        clean = self.one_line(clean)
         if clean != message:
             record.msg, record.args = clean, ()
         return True
