@@ -471,6 +471,7 @@ def main(argv: list[str] | None = None) -> None:
         server_name=cfg.host, server_port=port, auth=auth, app_kwargs=guard,
         auth_message="Password: the server's API key." if key else None,
         max_file_size=cfg.max_upload_bytes, show_error=False, quiet=True,
+        run_history=False,  # Gradio's default keeps every question, answer and scan preview in the browser
     )
 
 

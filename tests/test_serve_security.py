@@ -168,12 +168,14 @@ def test_an_answer_that_did_not_end_normally_says_so_in_the_chat(stopped, title)
 
 
 def test_the_web_ui_keeps_no_upload_on_disk_and_removes_its_files_when_stopped(tmp_path):
-    """An upload leaves only its preview behind (no copy, no empty temp file); the launcher, docker and
-    systemd stop the UI with SIGTERM: its folder of previews goes too."""
+    """An upload leaves only its preview behind (no copy, no empty temp file, no run history in the browser:
+    the next user of a shared workstation would read it); the launcher, docker and systemd stop the UI
+    with SIGTERM: its folder of previews goes too."""
     import os
     import shutil
     import signal
 
+    import httpx
     from gradio_client import Client, handle_file
     from pydicom.data import get_testdata_file
 
@@ -185,6 +187,8 @@ def test_the_web_ui_keeps_no_upload_on_disk_and_removes_its_files_when_stopped(t
         shown = Client(url, verbose=False).predict(handle_file(str(scan)), api_name="/load")
         assert shown[2].startswith("Loaded dicom"), shown
         assert [p.name for p in folder.rglob("*") if p.is_file()] == ["image.png"]  # the preview only
+        # Gradio keeps each run (question, answer, scan preview) in the browser unless told not to
+        assert httpx.get(f"{url}/config", timeout=10).json()["run_history"] is False
         os.kill(proc.proc.pid, signal.SIGTERM)
         assert proc.proc.wait(30) == 0 and not folder.exists()
     finally:
