@@ -37,7 +37,7 @@ from pydantic import BaseModel, Field
 from mmedagent.agent import openai_usage, token_counts
 from mmedagent.serve import openai_api as oa
 from mmedagent.serve.config import DTYPES, ServeConfig, add_common_args, config_or_exit
-from mmedagent.serve.remote import REQUEST_ID_HEADER, loggable_id
+from mmedagent.serve.remote import REQUEST_ID_HEADER, loggable_id, shown_url
 from mmedagent.serve.messages import DEFAULT_NEW_TOKENS, MAX_NEW_TOKENS, MAX_PROMPT_MESSAGES, TextMessage, as_dicts
 from mmedagent.serve.security import setup_logging, without_echoed_input
 from mmedagent import demo
@@ -302,7 +302,7 @@ def load_host(cfg: ServeConfig) -> ModelHost:
 
         key = cfg.model_backend_api_key or cfg.api_key
         planner = OpenAIPlanner(cfg.model_backend_url, cfg.model_backend_model, key, cfg.model_timeout_s)
-        info, note = dict(planner.info()), f"forwarded to {cfg.model_backend_url}"
+        info, note = dict(planner.info()), f"forwarded to {shown_url(cfg.model_backend_url)}"
         info["system_prompt"] = cfg.system_prompt or "catalog"
     else:
         from mmedagent.model import load_planner, planner_settings
@@ -364,7 +364,7 @@ def main(argv: list[str] | None = None) -> None:
         model_backend_url=args.backend_url, model_backend_model=args.backend_model,
         heartbeat_interval_s=args.heartbeat_interval, prompt_lookup=args.prompt_lookup, constrain=args.constrain,
     )
-    setup_logging(cfg.log_level, [cfg.api_key or ""])
+    setup_logging(cfg.log_level, [cfg.api_key or "", cfg.model_backend_api_key or ""])
     follow_launcher()
     try:
         host = load_host(cfg)  # the model first: the worker registers only once it can serve

@@ -29,6 +29,17 @@ CHAT_REQUEST_ID: ContextVar[str | None] = ContextVar("chat_request_id", default=
 """The request id of the chat being run (set by the controller): its tool calls carry it to their workers."""
 
 
+def shown_url(url: str) -> str:
+    """``url`` as clients and logs may see it: without a user, password, query or fragment (a backend
+    URL may carry its credentials)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    return f"{parts.scheme}://{host}{f':{parts.port}' if parts.port else ''}{parts.path}"
+
+
 def loggable_id(value: str | None) -> str | None:
     """A request id as it may be logged: letters, digits and dashes, at most 64 (else none)."""
     return value if value and len(value) <= 64 and value.replace("-", "").isalnum() and value.isascii() else None
@@ -314,7 +325,7 @@ class OpenAIPlanner:
             raise WorkerError(f"cannot list models at {self.base_url}: {type(e).__name__}: {e}") from None
 
     def info(self) -> dict[str, Any]:
-        return {"name": self.model, "family": "openai-compatible", "backend": self.base_url}
+        return {"name": self.model, "family": "openai-compatible", "backend": shown_url(self.base_url)}
 
     def _count(self, response: dict[str, Any]) -> None:
         """The backend's token usage, where a response (or a stream's last chunk) carries it, as ``last_stats``."""

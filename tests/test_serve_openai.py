@@ -140,3 +140,16 @@ def test_the_model_workers_raw_turns_stop_at_the_requests_stop_sequences():
     for stop, given in (("\n", ["\n"]), (["Observation:", ""], ["Observation:"]), ([""], None), (None, None)):
         assert client.post("/v1/chat/completions", json={"messages": USER, "stop": stop}).status_code == 200
         assert planner.gens[-1].get("stop") == given, stop
+
+
+def test_a_backend_urls_credentials_are_shown_to_no_client():
+    """A backend URL may carry its credentials (user:password@, ?api-key=): they reached /v1/models, the
+    status banner and the web UI of every client."""
+    from mmedagent.serve.config import ServeConfig
+    from mmedagent.serve.model_worker import load_host
+
+    host = load_host(ServeConfig(model_backend_url="https://svc:hunter2@gpu-box:8443/v1?api-key=s3cr3t#x",
+                                 model_backend_model="med-llava"))
+    shown = json.dumps([host.info, host.name])
+    assert "hunter2" not in shown and "s3cr3t" not in shown and "svc" not in shown
+    assert host.info["backend"] == "https://gpu-box:8443/v1" and host.info["note"] == "forwarded to https://gpu-box:8443/v1"
