@@ -496,7 +496,7 @@ def test_many_boxes_are_decoded_a_few_at_a_time_each_with_its_own_mask(medsam, s
         assert all(m["size"] == [50, 70] for m in out.masks)
 
 
-def test_a_huge_list_of_boxes_points_or_labels_is_a_param_error_naming_the_limit(dispatcher):
+def test_a_huge_list_of_boxes_points_labels_or_prompts_is_a_param_error_naming_the_limit(dispatcher):
     img = scan_image()
     box, point = [0.1, 0.1, 0.5, 0.5], [0.3, 0.3]
     err = dispatcher.dispatch(call("MedSAM", boxes=[box] * 101), img).error
@@ -507,6 +507,8 @@ def test_a_huge_list_of_boxes_points_or_labels_is_a_param_error_naming_the_limit
     err = dispatcher.dispatch(call("BiomedClip", labels=labels), img).error
     assert "labels" in err and "at most 100 items" in err
     assert dispatcher.dispatch(call("BiomedClip", labels=labels[:100]), img).ok
+    err = dispatcher.dispatch(call("grounding dino", prompts=["tumor"] * 101), img).error
+    assert "prompts" in err and "at most 100 items" in err
 
 
 def test_segmentation_param_errors(dispatcher):

@@ -17,6 +17,10 @@ from pydantic import AfterValidator, Field
 
 from mmedagent.hub import is_hub_id
 
+MAX_PROMPTS = 100
+"""Most prompts (boxes, points, things to find) one call may give: a longer list (a planner looping) is
+refused as a param, not run prompt by prompt."""
+
 COORDS_MARK = "x-mmedagent-coords"
 """JSON-schema key on a normalised coordinate list: ``"xyxy"`` (a box: every number in [0, 1], x1 <= x2,
 y1 <= y2) or ``"xy"`` (a point). Constrained decoding (:mod:`mmedagent.model.constrain`) keeps the

@@ -7,7 +7,7 @@ from typing import Any
 from pydantic import Field, field_validator
 
 from mmedagent.hub import prefer_cache_when_unreachable
-from mmedagent.tools._boxes import as_pil_rgb, nms, pick_device, weights_error
+from mmedagent.tools._boxes import MAX_PROMPTS, as_pil_rgb, nms, pick_device, weights_error
 from mmedagent.tools.base import Overlay, Tool, ToolParams, ToolResult
 
 DEFAULT_MODEL = "IDEA-Research/grounding-dino-base"
@@ -23,7 +23,8 @@ def clean_prompts(prompts: list[str]) -> list[str]:
 
 
 class GroundingParams(ToolParams):
-    prompts: list[str] = Field(min_length=1, description="Things to find, e.g. ['tumor']; joined with ' . '.")
+    prompts: list[str] = Field(min_length=1, max_length=MAX_PROMPTS,
+                               description=f"Things to find, e.g. ['tumor']; joined with ' . ' (at most {MAX_PROMPTS}).")
     box_threshold: float = Field(0.3, ge=0.0, le=1.0, description="Minimum box confidence.")
     text_threshold: float = Field(0.25, ge=0.0, le=1.0, description="Minimum token score for a phrase.")
 

@@ -31,6 +31,7 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from mmedagent.tools._boxes import (
+    MAX_PROMPTS,
     Box,
     Point,
     as_pil_rgb,
@@ -87,9 +88,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 ENCODER_WIDTH_TO_TYPE = {768: "vit_b", 1024: "vit_l", 1280: "vit_h"}
 CONFIG_ONLY_KEYS = {"variant", "model_type"}
 
-MAX_PROMPTS = 100
-"""Most boxes, and most points, one call may give: one mask per box, so a longer list (a planner looping) is
-refused as a param."""
 DECODE_BATCH = 16
 """Prompts decoded together. The mask decoder copies the image embedding once per prompt (4 MB for SAM's
 256x64x64) and SAM upsamples every mask to the image size as floats, so many boxes (a composite's detections)
