@@ -95,10 +95,14 @@ def main() -> None:
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--workers", type=int, default=0, help="data loader workers of the framework run")
     a = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench_train_") as folder:  # the model, data and run: removed after
+        print(json.dumps(bench(a, Path(folder))))
 
+
+def bench(a: argparse.Namespace, tmp: Path) -> dict:
+    """The framework's and the bare loop's step times, built and run in ``tmp``."""
     from mmedagent.train.run import build_trainer
 
-    tmp = Path(tempfile.mkdtemp(prefix="bench_train_"))
     model_path = a.model
     if model_path is None:
         from mmedagent.model.tiny import make_tiny_model
@@ -142,7 +146,7 @@ def main() -> None:
         peak = matmul_peak_tflops()
         result.update(matmul_peak_tflops=round(peak, 1),
                       mfu=round(4 * n_params * tokens / framework_s / 1e12 / peak, 4))
-    print(json.dumps(result))
+    return result
 
 
 if __name__ == "__main__":

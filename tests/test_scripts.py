@@ -13,8 +13,8 @@ SCRIPTS = sorted((ROOT / "scripts").glob("*.py"))
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=ENV, capture_output=True, text=True,
+def run(*args: str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env={**ENV, **env}, capture_output=True, text=True,
                           timeout=timeout, check=False)
 
 
@@ -33,12 +33,13 @@ def test_bench_agent_runs_and_reuse_matches_naive():
     assert row.split()[-1] == "True"  # greedy tokens identical with and without KV reuse
 
 
-def test_bench_train_runs_on_a_given_checkpoint(tiny_models):
+def test_bench_train_runs_on_a_given_checkpoint_and_leaves_nothing_behind(tiny_models, tmp_path):
     proc = run("scripts/bench_train.py", "--model", str(tiny_models("llava")), "--batch", "1", "--steps", "1",
-               "--warmup", "1", "--lora_r", "4")
+               "--warmup", "1", "--lora_r", "4", TMPDIR=str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["framework_step_s"] > 0 and result["bare_step_s"] > 0 and result["ratio"] > 0
+    assert not list(tmp_path.glob("bench_train_*"))  # its model, data and run (95 MB with the default model) are gone
 
 
 def test_bench_box_copy_scores_the_demo_planner():
