@@ -307,7 +307,8 @@ class Controller:
         try:
             live = self.live_tools()
             self.dispatcher.tools = self.all_tools()
-            planner = WorkerPlanner(self.registry, self.client, model, conversation_id, self.cfg.model_timeout_s, request_id)
+            planner = WorkerPlanner(self.registry, self.client, model, conversation_id, self.cfg.model_timeout_s, request_id,
+                                    [type(t) for t in live.values()])
             mode = self.registry.known.get(model, {}).get("system_prompt")
             system = system_message(mode, (type(t) for t in live.values()))
             agent = Agent(planner, self.dispatcher, max_steps=max_steps, system=system, **gen)

@@ -37,7 +37,7 @@ from pydantic import BaseModel, Field
 from mmedagent.agent import openai_usage, token_counts
 from mmedagent.serve import openai_api as oa
 from mmedagent.serve.config import DTYPES, ServeConfig, add_common_args, config_or_exit
-from mmedagent.serve.remote import REQUEST_ID_HEADER, loggable_id, shown_url
+from mmedagent.serve.remote import REQUEST_ID_HEADER, loggable_id, remote_tool_class, shown_url
 from mmedagent.serve.messages import DEFAULT_NEW_TOKENS, MAX_NEW_TOKENS, MAX_PROMPT_MESSAGES, TextMessage, as_dicts
 from mmedagent.serve.security import setup_logging, without_echoed_input
 from mmedagent import demo
@@ -69,6 +69,18 @@ def default_model(cache_dir: Path) -> tuple[str, str]:
     return str(target), TINY_NOTE
 
 
+MAX_OFFERED_TOOLS = 200
+
+
+class OfferedTool(BaseModel):
+    """A tool the chat offers the model: what constrained decoding holds a call to (its name or an alias, and
+    params valid for its schema)."""
+
+    name: str = Field(min_length=1, max_length=200)
+    aliases: list[str] = Field(default_factory=list, max_length=50)
+    params: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+
+
 class GenerateRequest(BaseModel):
     messages: list[TextMessage] = Field(min_length=1, max_length=MAX_PROMPT_MESSAGES)
     image: str | None = None
@@ -78,6 +90,8 @@ class GenerateRequest(BaseModel):
     top_p: float = Field(default=1.0, gt=0, le=1)
     stop: list[str] | None = None
     max_wait_s: float | None = Field(default=None, gt=0, description="how long to wait for a busy model (none: no limit)")
+    tools: list[OfferedTool] | None = Field(default=None, max_length=MAX_OFFERED_TOOLS,
+                                            description="the tools the chat offers (none: every registered tool)")
 
 
 KEEPALIVE_S = 5.0
@@ -126,9 +140,10 @@ class ModelHost:
 
     def stream(self, messages: list[dict[str, str]], image: Any, gen: dict[str, Any],
                stats: dict[str, Any] | None = None, request_id: str | None = None,
-               max_wait_s: float | None = None) -> Iterator[str]:
+               max_wait_s: float | None = None, tools: list[OfferedTool] | None = None) -> Iterator[str]:
         """The reply in pieces, after waiting for the model (empty pieces while waiting, :class:`Busy`
-        after ``max_wait_s``); ``stats``, when given, receives the call's token counts
+        after ``max_wait_s``), a constrained planner held to ``tools`` (None: every registered tool);
+        ``stats``, when given, receives the call's token counts
         (``prompt_tokens``, ``new_tokens``) and why it ended (``finish``) where the planner reports them.
         Each call is one log line (``request_id``: the controller's chat): its tokens, how long it waited
         for the model and how long it ran; never the text."""
@@ -140,6 +155,8 @@ class ModelHost:
             yield from self._turn(ahead, max_wait_s)
             started = time.monotonic()
             try:
+                if hasattr(self.planner, "tools"):  # set while this call holds the model
+                    self.planner.tools = None if tools is None else [remote_tool_class(t.name, t.model_dump()) for t in tools]
                 stream = getattr(self.planner, "stream", None)
                 if stream is None:
                     yield self.planner.generate(messages, image, **gen)
@@ -218,7 +235,7 @@ def build_app(host: ModelHost) -> FastAPI:
         async def events() -> AsyncIterator[str]:
             stats: dict[str, Any] = {}
             rid = loggable_id(request.headers.get(REQUEST_ID_HEADER))
-            async for item in _pump(host.stream(as_dicts(req.messages), image, gen, stats, rid, req.max_wait_s)):
+            async for item in _pump(host.stream(as_dicts(req.messages), image, gen, stats, rid, req.max_wait_s, req.tools)):
                 if isinstance(item, Busy):
                     yield json.dumps({"error": str(item), "busy": True}) + "\n"
                     return

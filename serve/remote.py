@@ -225,8 +225,11 @@ class WorkerPlanner:
     planning and answer passes of a conversation reach the same model (and its KV cache)."""
 
     def __init__(self, registry: WorkerRegistry, client: httpx.Client, model: str, conversation_id: str, timeout_s: float,
-                 request_id: str | None = None):
+                 request_id: str | None = None, tools: Sequence[type[Tool]] | None = None):
         self.registry, self.client, self.model = registry, client, model
+        # what the chat offers: a constrained planner names only these (plug-ins the model worker never imported too)
+        self.tools = None if tools is None else [{"name": t.name, "aliases": list(t.aliases),
+                                                  "params": t.Params.model_json_schema()} for t in tools]
         self.conversation_id, self.timeout_s = conversation_id, timeout_s
         self.headers = {REQUEST_ID_HEADER: request_id} if request_id else {}
         self.what = f"model worker for {model!r}"
@@ -239,6 +242,7 @@ class WorkerPlanner:
             "image": png_data_url(image) if image is not None else None,
             "conversation_id": self.conversation_id,
             "max_wait_s": self.timeout_s,  # a busy model says so, before this client's read timeout
+            **({"tools": self.tools} if self.tools is not None else {}),
             **gen,
         }
 

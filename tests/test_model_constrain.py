@@ -1,6 +1,7 @@
 """Decoding constrained to the turn format and the tools' schemas."""
 
 import json
+import re
 
 import pytest
 
@@ -492,3 +493,28 @@ def test_nested_params_models_are_written_out_per_tool(tokenizer):
     rule = constraint.start()
     ids = tokenizer(wrong, add_special_tokens=False).input_ids
     assert not all(rule.allows(t) and rule.push(t) is None for t in ids)
+
+
+def test_a_served_constrained_planner_names_only_the_tools_the_chat_offers(demo_planners, image):
+    """The model worker held calls to the tools registered in its own process: a plug-in only the controller
+    imported could never be called, and a built-in tool that no worker serves could."""
+    from fastapi.testclient import TestClient
+
+    from mmedagent.serve.model_worker import ModelHost, build_app
+    from mmedagent.serve.uploads import png_data_url
+
+    _, constrained = demo_planners
+    client = TestClient(build_app(ModelHost(constrained, "demo", {}, 1 << 20)))
+    offered = [{"name": "region_stats", "aliases": ["regionstats"],
+                "params": {"type": "object", "properties": {"box": {"type": "array", "items": {"type": "number"},
+                                                                    "minItems": 4, "maxItems": 4}},
+                           "required": ["box"], "additionalProperties": False}}]
+    question = "<image>\nSegment the lesion in this scan."
+    body = {"messages": [{"role": "user", "content": question}], "image": png_data_url(image), "max_new_tokens": 160}
+    def called(extra):  # the tool names the turn writes (a tiny model may run on past its token budget)
+        lines = client.post("/worker_generate_stream", json={**body, **extra}).text.splitlines()
+        return set(re.findall(r'"API_name"\s*:\s*"([^"]*)"', "".join(json.loads(x).get("text", "") for x in lines)))
+
+    assert called({"tools": offered}) == {"region_stats"}
+    unrestricted = called({})  # every tool registered in the worker's process, as before
+    assert unrestricted and "region_stats" not in unrestricted

@@ -865,3 +865,21 @@ def test_a_worker_checks_what_a_result_shows_the_model_and_the_ui_as_the_dispatc
     r = TestClient(tw.build_app(Drawn(), 1 << 20)).post("/call", json={"params": {}})
     assert r.status_code == 500 and r.json()["detail"] == ("drawn_np failed: TypeError: BadOverlay.overlay() returned "
                                                           "dict, expected Overlay or None"), r.text
+
+
+def test_the_controller_tells_the_model_worker_which_tools_the_chat_offers():
+    """A constrained planner names only these: the model worker's own registry lacks the controller's plug-ins
+    and holds tools no worker serves."""
+    from mmedagent.serve.remote import WorkerPlanner
+
+    sent = []
+
+    def model_worker(request):
+        sent.append(json.loads(request.content))
+        return httpx.Response(200, text=json.dumps({"text": "hi"}) + "\n")
+
+    registry = WorkerRegistry(expiry_s=60)
+    registry.register(WorkerInfo(address="http://127.0.0.1:9", kind="model", names=["m"]))
+    client = httpx.Client(transport=httpx.MockTransport(model_worker))
+    assert WorkerPlanner(registry, client, "m", "c", 5.0, None, [Hang]).generate([{"role": "user", "content": "x"}], None) == "hi"
+    assert sent[0]["tools"] == [{"name": "hang", "aliases": [], "params": Hang.Params.model_json_schema()}]

@@ -141,6 +141,7 @@ def make_runner(args: argparse.Namespace) -> Any:
         if args.model_base:
             path, options["adapter"] = args.model_base, path
         planner = load_planner(path, **options)
+        planner.tools = classes  # a constrained plan names only the tools offered (--tools)
         if args.system_prompt is None:
             args.system_prompt = settings.get("system_prompt")
     tools: list[Any] = classes

@@ -22,6 +22,7 @@ pass; only those the model would have chosen itself are kept, so the output is t
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import operator
@@ -141,7 +142,8 @@ class HFPlanner:
             prompt_lookup = 0
         self.prompt_lookup = prompt_lookup
         self.constrain = constrain
-        self._constraint: Any = None
+        self.tools: list[Any] | None = None  # what a constrained turn may call (None: every registered tool)
+        self._constraints: dict[str, Any] = {}  # one per set of tools offered (built once: it reads the vocabulary)
         self.tokenizer = tokenizer_of(processor)
         check_template(template, processor)
         self.template, self.name, self.adapter = template, name, adapter
@@ -488,15 +490,18 @@ class HFPlanner:
         return []
 
     def _turn_rule(self) -> Any:
-        """The grammar state for a new turn (None when decoding is unconstrained)."""
+        """The grammar state for a new turn (None when decoding is unconstrained), under :attr:`tools`."""
         if not self.constrain:
             return None
-        if self._constraint is None:
-            from mmedagent.model.constrain import TurnConstraint
-            from mmedagent.tools.registry import list_tools
+        from mmedagent.model.constrain import TurnConstraint
+        from mmedagent.protocol import actions_json_schema
+        from mmedagent.tools.registry import list_tools
 
-            self._constraint = TurnConstraint(self.tokenizer, list_tools(), self.eos_ids)
-        return self._constraint.start()
+        tools = list_tools() if self.tools is None else list(self.tools)
+        key = json.dumps(actions_json_schema(tools), sort_keys=True)
+        if key not in self._constraints:
+            self._constraints[key] = TurnConstraint(self.tokenizer, tools, self.eos_ids)
+        return self._constraints[key].start()
 
     def _pick(self, logits: Any, temperature: float, top_p: float, rule: Any = None) -> int:
         import torch
