@@ -123,7 +123,8 @@ class Retrieval(Tool):
             embedder = embedder or Embedder()
             with loading_weights():
                 _ = embedder.model  # built here, under the lock; the index build (minutes) runs outside it
-            self._index = build_preset(self.options["preset"], embedder=embedder, progress=True,
+            # a progress bar on a terminal; a server's log gets no "Batches: ..." line per update
+            self._index = build_preset(self.options["preset"], embedder=embedder, progress=sys.stderr.isatty(),
                                        chapters=self.options["chapters"])
         meta, collections = self._index.meta, self._index.collections
         name = meta.get("preset") or self._index.path.name
