@@ -59,7 +59,7 @@ from mmedagent.serve.messages import (
     as_dicts,
     too_long_conversation,
 )
-from mmedagent.serve.registry import NoWorkerError, RegistrationConflict, WorkerInfo, WorkerRegistry
+from mmedagent.serve.registry import NoWorkerError, RegistrationConflict, WorkerAddress, WorkerInfo, WorkerRegistry
 from mmedagent.serve.remote import (
     CHAT_REQUEST_ID,
     REQUEST_ID_HEADER,
@@ -117,14 +117,13 @@ class ToolCallRequest(BaseModel):
     image: str | None = None
 
 
-class Heartbeat(BaseModel):
-    address: str
+class Address(BaseModel):
+    address: WorkerAddress  # as registered: nothing else reaches the registry or a log line
+
+
+class Heartbeat(Address):
     queue_length: int = 0
     stalled: bool = False  # a tool worker whose every call slot is held by a call past the timeout
-
-
-class Address(BaseModel):
-    address: str
 
 
 class Lookup(BaseModel):
@@ -485,8 +484,8 @@ def build_app(ctl: Controller) -> FastAPI:
 
     @app.post("/unregister_worker")
     async def unregister_worker(body: Address) -> dict[str, Any]:
-        ctl.registry.remove(body.address)
-        log.info("worker %s left", body.address)
+        if ctl.registry.remove(body.address):
+            log.info("worker %s left", body.address)
         return {"ok": True}
 
     @app.get("/list_workers")

@@ -6,7 +6,7 @@ import itertools
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -29,10 +29,14 @@ class ToolInfo(BaseModel):
     weights_note: str = ""
 
 
+WorkerAddress = Annotated[str, Field(pattern=r"^https?://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}$")]
+"""A worker's address: ``scheme://host:port``, nothing more."""
+
+
 class WorkerInfo(BaseModel):
     """What a worker tells the controller when it registers (after its model/tool has loaded)."""
 
-    address: str = Field(pattern=r"^https?://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}$")  # scheme://host:port, no more
+    address: WorkerAddress
     kind: WorkerKind
     names: list[str] = Field(min_length=1)
     info: dict[str, Any] = Field(default_factory=dict)
@@ -127,9 +131,10 @@ class WorkerRegistry:
             entry.worker.stalled = stalled
             return True
 
-    def remove(self, address: str) -> None:
+    def remove(self, address: str) -> bool:
+        """Forget the worker at ``address``; whether one was registered there."""
         with self._lock:
-            self._workers.pop(address, None)
+            return self._workers.pop(address, None) is not None
 
     def expire(self) -> list[str]:
         """Drop workers whose last heartbeat is older than the expiry; returns their addresses."""

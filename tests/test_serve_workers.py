@@ -883,3 +883,20 @@ def test_the_controller_tells_the_model_worker_which_tools_the_chat_offers():
     client = httpx.Client(transport=httpx.MockTransport(model_worker))
     assert WorkerPlanner(registry, client, "m", "c", 5.0, None, [Hang]).generate([{"role": "user", "content": "x"}], None) == "hi"
     assert sent[0]["tools"] == [{"name": "hang", "aliases": [], "params": Hang.Params.model_json_schema()}]
+
+
+def test_unregistering_and_heartbeats_take_a_worker_address_only():
+    """Any text was taken as an address: a line break in it forged a log line, and an unknown one was logged
+    as a worker that left."""
+    ctl = ctl_mod.Controller(ServeConfig())
+    try:
+        client = TestClient(ctl_mod.build_app(ctl))
+        for path in ("/unregister_worker", "/receive_heartbeat"):
+            r = client.post(path, json={"address": "http://127.0.0.1:9\n2031-01-01 ERROR forged"})
+            assert r.status_code == 422, (path, r.text)
+        ctl.registry.register(tool_worker("http://127.0.0.1:9", "hang"))
+        assert client.post("/receive_heartbeat", json={"address": "http://127.0.0.1:9"}).json() == {"exist": True}
+        assert client.post("/unregister_worker", json={"address": "http://127.0.0.1:9"}).status_code == 200
+        assert ctl.registry.names("tool") == []
+    finally:
+        ctl.close()
