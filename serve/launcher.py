@@ -27,7 +27,8 @@ import uvicorn
 from mmedagent.serve.config import API_KEY_ENV, ServeConfig, ToolSpec, is_loopback
 from mmedagent.serve.controller import Controller, build_app, is_background, tool_specs
 from mmedagent.serve.security import GuardMiddleware
-from mmedagent.serve.worker_base import EXIT_CANNOT_LOAD, EXIT_REFUSED, LAUNCHER_PID_ENV, bind_socket, interrupt, url_for
+from mmedagent.serve.worker_base import (EXIT_CANNOT_LOAD, EXIT_REFUSED, LAUNCHER_PID_ENV, TOOL_OPTIONS_ENV, bind_socket,
+                                         interrupt, url_for)
 from mmedagent.tools import Tool
 from mmedagent.tools.grounding_segmentation import share_composite_parts
 
@@ -192,8 +193,8 @@ class Launcher:
         env[LAUNCHER_PID_ENV] = str(os.getpid())  # they stop if this process dies without stopping them
         return env
 
-    def _spawn(self, label: str, argv: list[str]) -> None:
-        self.children.append(Child(label, argv, self._env()))
+    def _spawn(self, label: str, argv: list[str], **env: str) -> None:
+        self.children.append(Child(label, argv, {**self._env(), **env}))
 
     def start_children(self, controller_url: str, web_port: int | None) -> list[str]:
         """Start the workers and the UI; returns the tool names expected to register."""
@@ -221,9 +222,9 @@ class Launcher:
                     continue
                 for _ in range(spec.workers):
                     plugins = [a for p in cfg.plugins for a in ("--plugin", p)]
-                    argv = self._script("tool_worker.py", "--tool", name, "--options", json.dumps(spec.options), *plugins, *common,
-                                        *tool_settings)
-                    self._spawn(f"tool worker {name}", argv)
+                    argv = self._script("tool_worker.py", "--tool", name, *plugins, *common, *tool_settings)
+                    # options may hold a plug-in's credentials: in the environment, not on a command line (ps)
+                    self._spawn(f"tool worker {name}", argv, **{TOOL_OPTIONS_ENV: json.dumps(spec.options)})
                 expected.append(name)
         if web_port is not None:
             self._spawn("web UI", self._script("web.py", "--controller", controller_url, "--host", cfg.host, "--port", str(web_port),

@@ -18,6 +18,7 @@ import argparse
 import itertools
 import json
 import logging
+import os
 import threading
 import time
 from typing import Any
@@ -32,7 +33,8 @@ from mmedagent.serve.config import ServeConfig, add_common_args, config_or_exit
 from mmedagent.serve.remote import REQUEST_ID_HEADER, CallAnswer, loggable_id
 from mmedagent.serve.security import setup_logging, without_echoed_input
 from mmedagent.serve.uploads import UploadError, image_from_data_url
-from mmedagent.serve.worker_base import EXIT_CANNOT_LOAD, Heartbeat, bind_socket, follow_launcher, serve_worker, url_for
+from mmedagent.serve.worker_base import (EXIT_CANNOT_LOAD, TOOL_OPTIONS_ENV, Heartbeat, bind_socket, follow_launcher,
+                                         serve_worker, url_for)
 from mmedagent.tools import Tool, UnknownToolError, get_tool, load_plugin
 
 log = logging.getLogger("mmedagent.serve.tool_worker")
@@ -211,7 +213,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, 
     """The command line and the settings it makes: flags over the ``--config`` file over defaults."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tool", required=True, help="tool name or alias (see mmedagent.tools.list_tools())")
-    parser.add_argument("--options", default="{}", help="JSON object passed to the tool's constructor (weights, device)")
+    parser.add_argument("--options", default=None, help="JSON object passed to the tool's constructor (weights, device); "
+                        f"default: ${TOOL_OPTIONS_ENV} (how the launcher passes them, out of sight of ps), else {{}}")
     parser.add_argument("--plugin", action="append", default=[], help="module whose tool classes to register (repeatable)")
     parser.add_argument("--controller", default=None, help="controller URL (default from config)")
     parser.add_argument("--host", default=None)
@@ -241,6 +244,8 @@ def main(argv: list[str] | None = None) -> None:
             load_plugin(module)
         except (ImportError, ValueError) as e:
             parser.error(f"--plugin {module}: {e}")
+    if args.options is None:
+        args.options = os.environ.pop(TOOL_OPTIONS_ENV, "{}")  # not inherited any further
     try:
         options = json.loads(args.options)
     except json.JSONDecodeError as e:

@@ -32,6 +32,8 @@ another tool's): reported, not restarted, since a restart would be refused the s
 
 LAUNCHER_PID_ENV = "MMEDAGENT_LAUNCHER_PID"
 """Set by ``python serve/controller.py`` for the children it starts: they stop when it is gone."""
+TOOL_OPTIONS_ENV = "MMEDAGENT_TOOL_OPTIONS"
+"""A tool worker's constructor options (JSON) from the launcher: a plug-in's credentials stay off command lines."""
 
 
 def interrupt(signum: int, frame: object) -> None:

@@ -162,11 +162,23 @@ def test_the_launcher_gives_tool_workers_the_controllers_timeout_and_upload_limi
     cfg = load_config(config, tool_timeout_s=7.5, max_upload_mb=3, tools={"nap": {}})  # as the controller's flags do
     launcher = la.Launcher(cfg, str(config))
     spawned = []
-    launcher._spawn = lambda label, argv: spawned.append(argv)
+    launcher._spawn = lambda label, argv, **env: spawned.append(argv)
     launcher.start_children("http://127.0.0.1:9", None)
     argv = next(a for a in spawned if a[1].endswith("tool_worker.py"))
     _, _, worker_cfg = tw.parse_args(argv[2:])
     assert (worker_cfg.tool_timeout_s, worker_cfg.max_upload_mb) == (7.5, 3)
+
+
+def test_a_tool_workers_options_travel_in_its_environment_not_on_its_command_line():
+    """Options may hold a plug-in's credentials: on a command line every user of the machine reads them (ps)."""
+    cfg = load_config(None, tools={"nap": {"options": {"api_key": "s3cr3t-plugin"}}})
+    launcher = la.Launcher(cfg, None)
+    spawned = []
+    launcher._spawn = lambda label, argv, **env: spawned.append((argv, env))
+    launcher.start_children("http://127.0.0.1:9", None)
+    argv, env = next((a, e) for a, e in spawned if a[1].endswith("tool_worker.py"))
+    assert "s3cr3t-plugin" not in " ".join(argv)
+    assert json.loads(env["MMEDAGENT_TOOL_OPTIONS"]) == {"api_key": "s3cr3t-plugin"}
 
 
 def test_a_tool_whose_name_or_alias_is_another_tools_is_refused():
@@ -419,7 +431,7 @@ def test_the_launcher_gives_the_model_worker_and_web_ui_the_upload_limit_and_mod
     cfg = load_config(config, max_upload_mb=50, model_path="runs/lora", model_base="/models/llava-med", tools={})
     launcher = la.Launcher(cfg, str(config))
     spawned = []
-    launcher._spawn = lambda label, argv: spawned.append(argv)
+    launcher._spawn = lambda label, argv, **env: spawned.append(argv)
     launcher.start_children("http://127.0.0.1:9", 7861)
     model = next(a for a in spawned if a[1].endswith("model_worker.py"))
     web = next(a for a in spawned if a[1].endswith("web.py"))
@@ -786,7 +798,7 @@ def test_the_planner_dtype_goes_from_the_controller_to_the_model_worker(tmp_path
     cfg = load_config(None, model_path=str(tiny_models("llava")), dtype="bfloat16", tools={})
     launcher = la.Launcher(cfg, None)
     spawned = []
-    launcher._spawn = lambda label, argv: spawned.append(argv)
+    launcher._spawn = lambda label, argv, **env: spawned.append(argv)
     launcher.start_children("http://127.0.0.1:9", None)
     argv = next(a for a in spawned if a[1].endswith("model_worker.py"))
     assert argv[argv.index("--dtype") + 1] == "bfloat16"
