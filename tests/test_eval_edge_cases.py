@@ -212,15 +212,23 @@ def test_a_judge_that_cannot_be_reached_gives_no_judge_score(tmp_path, monkeypat
     assert "the judge failed on all 1 samples it was asked about, so nothing is judged" in capsys.readouterr().err
 
 
-def test_the_judge_sends_the_openai_key_not_the_controllers(tmp_path, monkeypatch):
+def test_the_judge_gets_the_key_of_the_variable_named_and_no_other(tmp_path, monkeypatch):
+    """The judge's server gets one key, the one --judge-key-env names (default OPENAI_API_KEY): with both set,
+    the controller's key went to OpenAI (a 401, and the key handed to a third party)."""
     seen = []
-    J = judge_at(monkeypatch, lambda request: httpx.Response(200, json={"choices": [{"message": {"content": "8"}}]}),
+    judge_at(monkeypatch, lambda request: httpx.Response(200, json={"choices": [{"message": {"content": "8"}}]}),
                  seen)
     monkeypatch.setenv("MMEDAGENT_API_KEY", "controller-key-0123456789")
     monkeypatch.setenv("OPENAI_API_KEY", "judge-key")
-    samples = load_samples(write_json(tmp_path / "r.json", [grounding_record()]))
-    assert J.judge(samples, [SampleResult(id="g1", task="grounding", answer="There.")], "http://judge/v1") == [8.0]
-    assert seen[0]["authorization"] == "Bearer judge-key"
+    monkeypatch.setenv("MY_JUDGE_KEY", "my-judge-key")
+    data = write_json(tmp_path / "r.json", [grounding_record()])
+    predictions = tmp_path / "p.jsonl"
+    predictions.write_text(json.dumps({"id": "g1", "answer": "There."}) + "\n")
+    for extra, key in (([], "judge-key"), (["--judge-key-env", "MY_JUDGE_KEY"], "my-judge-key"),
+                       (["--judge-key-env", "UNSET_JUDGE_KEY"], None)):
+        seen.clear()
+        assert main(["--predictions", str(predictions), "--data", str(data), "--judge-url", "http://judge/v1", *extra]) == 0
+        assert seen and seen[0].get("authorization") == (f"Bearer {key}" if key else None), extra
 
 
 def test_an_unreadable_image_is_named_in_its_samples_error(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -90,6 +91,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=_positive_int, help="evaluate only the first N samples")
     p.add_argument("--judge-url", help="optional LLM-as-judge: an OpenAI-compatible endpoint")
     p.add_argument("--judge-model", help="'model' field for the judge endpoint")
+    p.add_argument("--judge-key-env", default="OPENAI_API_KEY",
+                   help="environment variable holding the judge's API key (default OPENAI_API_KEY; none set: no key)")
     p.add_argument("--predictions", metavar="FILE",
                    help="score these predictions (JSON lines: {\"id\" or \"index\", \"answer\", optional \"raw\" turns, "
                         "\"calls\" or \"steps\"}; a run's OUT/samples.jsonl) against --data, without loading a model")
@@ -177,7 +180,7 @@ def _finish(args: argparse.Namespace, samples: list[Any], results: list[Any], me
         from mmedagent.evaluation.judge import judge
 
         try:
-            judge_scores = judge(samples, results, args.judge_url, args.judge_model)
+            judge_scores = judge(samples, results, args.judge_url, args.judge_model, os.environ.get(args.judge_key_env, ""))
         except KeyboardInterrupt:  # the samples are scored: keep them, unjudged
             meta["interrupted"] = "while judging"
             print("interrupted while judging: the report has every sample, not judged", file=sys.stderr)

@@ -4,12 +4,11 @@ The judge sees the question, the reference (gold answer, else MMedAgent's ``fig_
 the gold report of a report-generation sample) and the answer, and replies with a score from 1 to
 10; samples without a reference are not judged. A sample that ended in an error scores the lowest
 grade, 1, without a call (it scores as wrong in every metric); when every call fails (the judge is
-unreachable or refuses the key) nothing is judged. The key is ``OPENAI_API_KEY``, else ``MMEDAGENT_API_KEY``.
+unreachable or refuses the key) nothing is judged. The key is the caller's (the CLI's ``--judge-key-env``).
 """
 
 from __future__ import annotations
 
-import os
 import re
 import sys
 from collections.abc import Sequence
@@ -40,12 +39,10 @@ def parse_score(text: str) -> float | None:
 
 
 def judge(samples: Sequence[EvalSample], results: Sequence[SampleResult], url: str, model: str | None = None,
-          api_key: str | None = None) -> list[float | None]:
+          api_key: str = "") -> list[float | None]:
     """One 1–10 score per sample (1 for a sample that ended in an error; ``None`` where there is no
     reference, no score in the reply, or the judge endpoint failed: a failure is reported on stderr
     and never loses the evaluation)."""
-    if api_key is None:  # the judge is an LLM service: its key first, not the controller's (MMEDAGENT_API_KEY)
-        api_key = os.environ.get("OPENAI_API_KEY") or os.environ.get("MMEDAGENT_API_KEY")
     client = OpenAIPlanner(url, model, api_key)
     scores: list[float | None] = []
     failures: list[str] = []
