@@ -17,6 +17,7 @@ MMedAgent's report, RAG and classification outputs, plain text.
 from __future__ import annotations
 
 import ast
+import copy
 import json
 import math
 import re
@@ -485,7 +486,7 @@ def _without_extensions(node: Any) -> Any:
 def params_schema(tool: Any) -> dict[str, Any]:
     """The JSON schema of ``tool.Params`` with nested models written out in place: the prompt shows
     their fields, and two tools' nested models of the same name never share one definition."""
-    schema = tool.Params.model_json_schema()
+    schema = copy.deepcopy(tool.Params.model_json_schema())  # a copy: the class may hand out one dict every time
     defs = schema.pop("$defs", {})
 
     def inline(node: Any, seen: tuple[str, ...]) -> Any:
@@ -529,6 +530,8 @@ def actions_json_schema(tools: Iterable[Any]) -> dict[str, Any]:
             "required": ["API_name", "API_params"],
             "additionalProperties": False,
         })
+    if not calls:  # no tool offered: the action list stays empty
+        return {"type": "array", "maxItems": 0}
     return {"type": "array", "items": {"anyOf": calls}}
 
 

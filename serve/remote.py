@@ -3,6 +3,7 @@ worker), the model-worker planner, and a planner for any OpenAI-compatible serve
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import threading
@@ -178,7 +179,7 @@ def _schema_params(schema: dict[str, Any]) -> type[ToolParams]:
 
         @classmethod
         def model_json_schema(cls, *args: Any, **kwargs: Any) -> dict[str, Any]:
-            return schema
+            return copy.deepcopy(schema)  # as pydantic's: a dict of the caller's own
 
     return RemoteParams
 

@@ -518,3 +518,34 @@ def test_a_served_constrained_planner_names_only_the_tools_the_chat_offers(demo_
     assert called({"tools": offered}) == {"region_stats"}
     unrestricted = called({})  # every tool registered in the worker's process, as before
     assert unrestricted and "region_stats" not in unrestricted
+
+
+def test_no_tools_offered_leaves_the_action_list_empty(tokenizer):
+    """A chat with no tool live (workers still loading, or all gone) failed every constrained turn."""
+    constraint = TurnConstraint(tokenizer, [], [tokenizer.eos_token_id])
+    assert written_until_refused(constraint, tokenizer, '"thoughts🤔" x\n"actions🚀" [{"API_name"').rstrip(" [") == \
+        '"thoughts🤔" x\n"actions🚀"'  # no call may begin
+    rule = constraint.start()
+    for tok in tokenizer(' "thoughts🤔" x\n"actions🚀" []\n"value👉" ok', add_special_tokens=False).input_ids:
+        assert rule.allows(tok)
+        rule.push(tok)
+
+
+def test_a_plugin_known_by_its_schema_alone_describes_itself_every_time():
+    """Its schema's nested models ($defs) were popped from the one dict the class hands out: the second
+    prompt or constraint built from it failed with a KeyError (every chat after the first)."""
+    from pydantic import BaseModel
+
+    from mmedagent.serve.remote import remote_tool_class
+    from mmedagent.tools import ToolParams
+
+    class Region(BaseModel):
+        box: list[float]
+
+    class Params(ToolParams):
+        regions: list[Region]
+
+    remote = remote_tool_class("hosp_regions", {"params": Params.model_json_schema()})
+    assert actions_json_schema([remote]) == actions_json_schema([remote])
+    assert system_prompt([remote]) == system_prompt([remote])
+

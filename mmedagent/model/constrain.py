@@ -392,7 +392,7 @@ class TurnConstraint:
         self._grammar = lambda: SequenceParser([
             RegexParser(r"[ \n]?", config), StringParser(f"{THOUGHTS_MARK} "),
             RegexParser(r"[^\n]*\n", config),
-            StringParser(f"{ACTIONS_MARK} "), JsonSchemaParser(schema, json_config),
+            StringParser(f"{ACTIONS_MARK} "), JsonSchemaParser(schema, json_config) if "items" in schema else StringParser("[]"),
             StringParser(f"\n{VALUE_MARK} "), RegexParser(r"[\s\S]*", config),
         ])
 
