@@ -51,7 +51,7 @@ setup(
         "transformers==5.23.0",
         "peft==0.21.2",
         "accelerate==1.15.0",
-        "pydantic>=2.7,<3",
+        "pydantic>=2.11,<3",  # model_dump(fallback=...) (tools.base.ToolResult)
         "pillow>=10,<13",
         "numpy>=1.26",
         "pyyaml>=6",
