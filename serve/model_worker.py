@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import mmedagent  # noqa: F401  - arms the torchvision shim first
 from fastapi import FastAPI, HTTPException, Request
@@ -77,7 +77,8 @@ class OfferedTool(BaseModel):
     params valid for its schema)."""
 
     name: str = Field(min_length=1, max_length=200)
-    aliases: list[str] = Field(default_factory=list, max_length=50)
+    aliases: list[Annotated[str, Field(min_length=1, max_length=200, pattern=r"\S")]] = Field(default_factory=list,
+                                                                                          max_length=50)
     params: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
 
 
@@ -107,8 +108,10 @@ class ModelHost:
     """One planner, used by one request at a time (its KV cache belongs to the current conversation),
     or by up to ``planner.max_concurrency`` at once where the planner says it batches (a backend)."""
 
-    def __init__(self, planner: Any, name: str, info: dict[str, Any], max_upload_bytes: int):
+    def __init__(self, planner: Any, name: str, info: dict[str, Any], max_upload_bytes: int,
+                 max_wait_s: float | None = None):
         self.planner, self.name, self.info, self.max_upload_bytes = planner, name, info, max_upload_bytes
+        self.max_wait_s = max_wait_s  # a request's wait for the model when it names none (None: no limit)
         self.slots = threading.BoundedSemaphore(getattr(planner, "max_concurrency", 1))
         self.waiting = 0
         self._count_lock = threading.Lock()
@@ -142,7 +145,8 @@ class ModelHost:
                stats: dict[str, Any] | None = None, request_id: str | None = None,
                max_wait_s: float | None = None, tools: list[OfferedTool] | None = None) -> Iterator[str]:
         """The reply in pieces, after waiting for the model (empty pieces while waiting, :class:`Busy`
-        after ``max_wait_s``), a constrained planner held to ``tools`` (None: every registered tool);
+        after ``max_wait_s``, by default the host's), a constrained planner held to ``tools`` (None: every
+        registered tool);
         ``stats``, when given, receives the call's token counts
         (``prompt_tokens``, ``new_tokens``) and why it ended (``finish``) where the planner reports them.
         Each call is one log line (``request_id``: the controller's chat): its tokens, how long it waited
@@ -152,7 +156,7 @@ class ModelHost:
             ahead = self.waiting - 1
         queued, started, ended = time.monotonic(), None, "stopped by its client"
         try:
-            yield from self._turn(ahead, max_wait_s)
+            yield from self._turn(ahead, self.max_wait_s if max_wait_s is None else max_wait_s)
             started = time.monotonic()
             try:
                 if hasattr(self.planner, "tools"):  # set while this call holds the model
@@ -347,7 +351,7 @@ def load_host(cfg: ServeConfig) -> ModelHost:
     info["demo"] = note == demo.NOTE
     name = cfg.model_name or str(info.get("name") or "planner")
     log.info("loaded planner %s in %.1f s", name, time.monotonic() - t0)
-    return ModelHost(planner, name, info, cfg.max_upload_bytes)
+    return ModelHost(planner, name, info, cfg.max_upload_bytes, cfg.model_timeout_s)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -912,3 +912,28 @@ def test_unregistering_and_heartbeats_take_a_worker_address_only():
         assert ctl.registry.names("tool") == []
     finally:
         ctl.close()
+
+
+def test_a_request_naming_no_wait_limit_waits_the_workers_own(monkeypatch):
+    """An older controller (or an OpenAI client) names no wait: kept alive, its chat queued without end; it
+    waits the worker's model_timeout_s, then hears the model is busy. An offered tool's empty alias is a 422."""
+    from mmedagent.serve import model_worker as mw
+
+    held = Held()
+    monkeypatch.setattr(mw, "KEEPALIVE_S", 0.1)
+    client = TestClient(mw.build_app(mw.ModelHost(held, "m", {}, 1 << 20, max_wait_s=0.5)))
+    body = {"messages": [{"role": "user", "content": "hi"}]}
+    first = threading.Thread(target=lambda: client.post("/worker_generate_stream", json=body))
+    first.start()
+    try:
+        wait_until(lambda: client.get("/health").json()["queue_length"] == 1, 5, 0.01)
+        events = [json.loads(line) for line in client.post("/worker_generate_stream", json=body).text.splitlines()]
+        assert events[-1] == {"error": "model 'm' is busy: no turn came within 0.5 s (1 request(s) were ahead of this "
+                                       "one); try again later, or start another model worker for it", "busy": True}
+        r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 503 and "is busy" in r.text, r.text
+    finally:
+        held.free.set()
+        first.join(10)
+    bad = {**body, "tools": [{"name": "t", "aliases": [" "], "params": {"type": "object", "properties": {}}}]}
+    assert client.post("/worker_generate_stream", json=bad).status_code == 422
