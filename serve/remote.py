@@ -308,6 +308,7 @@ class OpenAIPlanner:
 
     def __init__(self, base_url: str, model: str | None = None, api_key: str | None = None, timeout_s: float = 300.0):
         self.base_url, self.timeout_s = base_url.rstrip("/"), timeout_s
+        self.shown = shown_url(self.base_url)  # in messages: the URL may carry credentials
         self.client = make_client(api_key, timeout_s)
         self.model = model or self._first_model()
         self._calls = threading.local()
@@ -327,10 +328,14 @@ class OpenAIPlanner:
             r.raise_for_status()
             return r.json()["data"][0]["id"]
         except (httpx.HTTPError, KeyError, IndexError, ValueError) as e:
-            raise WorkerError(f"cannot list models at {self.base_url}: {type(e).__name__}: {e}") from None
+            raise WorkerError(self._scrub(f"cannot list models at {self.shown}: {type(e).__name__}: {e}")) from None
 
     def info(self) -> dict[str, Any]:
-        return {"name": self.model, "family": "openai-compatible", "backend": shown_url(self.base_url)}
+        return {"name": self.model, "family": "openai-compatible", "backend": self.shown}
+
+    def _scrub(self, message: str) -> str:
+        """``message`` with the backend URL as it may be shown (an httpx error quotes the whole URL)."""
+        return message.replace(self.base_url, self.shown)
 
     def _count(self, response: dict[str, Any]) -> None:
         """The backend's token usage, where a response (or a stream's last chunk) carries it, as ``last_stats``."""
@@ -354,9 +359,9 @@ class OpenAIPlanner:
         try:
             r = self.client.post(f"{self.base_url}/chat/completions", json=self._body(messages, image, gen, False))
         except httpx.HTTPError as e:
-            raise WorkerError(_describe_http_error("model backend", self.base_url, e)) from None
+            raise WorkerError(self._scrub(_describe_http_error("model backend", self.shown, e))) from None
         if r.status_code != 200:
-            raise WorkerError(f"model backend {self.base_url}: {error_detail(r)}")
+            raise WorkerError(self._scrub(f"model backend {self.shown}: {error_detail(r)}"))
         data = r.json()
         self._count(data)
         return data["choices"][0]["message"]["content"] or ""
@@ -367,7 +372,7 @@ class OpenAIPlanner:
             with self.client.stream("POST", f"{self.base_url}/chat/completions", json=self._body(messages, image, gen, True)) as r:
                 if r.status_code != 200:
                     r.read()
-                    raise WorkerError(f"model backend {self.base_url}: {error_detail(r)}")
+                    raise WorkerError(self._scrub(f"model backend {self.shown}: {error_detail(r)}"))
                 for line in r.iter_lines():
                     if not line.startswith("data:"):
                         continue
@@ -377,11 +382,12 @@ class OpenAIPlanner:
                     chunk = json.loads(data)
                     if chunk.get("error"):  # a failure mid-stream (vLLM, our model worker): not a short answer
                         error = chunk["error"]
-                        raise WorkerError(f"model backend {self.base_url}: {error.get('message', error) if isinstance(error, dict) else error}")
+                        raise WorkerError(self._scrub(f"model backend {self.shown}: "
+                                                      f"{error.get('message', error) if isinstance(error, dict) else error}"))
                     self._count(chunk)
                     choices = chunk.get("choices") or [{}]
                     piece = (choices[0].get("delta") or {}).get("content")
                     if piece:
                         yield piece
         except httpx.HTTPError as e:
-            raise WorkerError(_describe_http_error("model backend", self.base_url, e)) from None
+            raise WorkerError(self._scrub(_describe_http_error("model backend", self.shown, e))) from None

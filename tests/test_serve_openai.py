@@ -153,3 +153,20 @@ def test_a_backend_urls_credentials_are_shown_to_no_client():
     shown = json.dumps([host.info, host.name])
     assert "hunter2" not in shown and "s3cr3t" not in shown and "svc" not in shown
     assert host.info["backend"] == "https://gpu-box:8443/v1" and host.info["note"] == "forwarded to https://gpu-box:8443/v1"
+
+
+def test_a_backend_failure_names_the_backend_without_its_credentials():
+    import httpx
+    import pytest
+
+    from mmedagent.serve.remote import OpenAIPlanner, WorkerError
+
+    planner = OpenAIPlanner("https://svc:hunter2@gpu-box:8443/v1?api-key=s3cr3t", "m")
+    planner.client = httpx.Client(transport=httpx.MockTransport(
+        lambda request: httpx.Response(500, json={"error": {"message": f"upstream failed for {request.url}"}})))
+    for call in (lambda: planner.generate([{"role": "user", "content": "x"}], None),
+                 lambda: "".join(planner.stream([{"role": "user", "content": "x"}], None))):
+        with pytest.raises(WorkerError) as failure:
+            call()
+        assert "gpu-box:8443/v1" in str(failure.value)
+        assert "hunter2" not in str(failure.value) and "s3cr3t" not in str(failure.value), str(failure.value)
