@@ -549,3 +549,24 @@ def test_a_plugin_known_by_its_schema_alone_describes_itself_every_time():
     assert actions_json_schema([remote]) == actions_json_schema([remote])
     assert system_prompt([remote]) == system_prompt([remote])
 
+
+
+def test_a_planner_keeps_the_grammars_of_its_last_few_tool_sets(demo_planners):
+    """Each set of tools offered builds a grammar from the whole vocabulary: kept for reuse, but not one per
+    set ever seen (tool workers come and go; any client may offer a set)."""
+    from itertools import combinations
+
+    from mmedagent.model.planner import CONSTRAINTS
+
+    _, constrained = demo_planners
+    sets = list(combinations(built_in_tools(), 2))[:CONSTRAINTS + 2]
+    try:
+        for tools in sets:
+            constrained.tools = list(tools)
+            constrained._turn_rule()
+        assert len(constrained._constraints) == CONSTRAINTS
+        constrained.tools = list(sets[-1])
+        constrained._turn_rule()  # the last set: reused, not built again
+        assert len(constrained._constraints) == CONSTRAINTS
+    finally:
+        constrained.tools = None

@@ -27,7 +27,7 @@ import logging
 import math
 import operator
 import threading
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,6 +112,9 @@ class _Transcript:
     history: list[int]
 
 
+CONSTRAINTS = 8
+"""Tool sets whose constrained-decoding grammars a planner keeps (a set changes as tool workers come and go)."""
+
 TRANSCRIPTS = 64
 """Finished calls remembered for :meth:`HFPlanner._continue`, across conversations: a conversation's
 answer call reads its plan as generated even when other conversations' calls came in between."""
@@ -143,7 +146,7 @@ class HFPlanner:
         self.prompt_lookup = prompt_lookup
         self.constrain = constrain
         self.tools: list[Any] | None = None  # what a constrained turn may call (None: every registered tool)
-        self._constraints: dict[str, Any] = {}  # one per set of tools offered (built once: it reads the vocabulary)
+        self._constraints: OrderedDict[str, Any] = OrderedDict()  # per set of tools offered, the last CONSTRAINTS
         self.tokenizer = tokenizer_of(processor)
         check_template(template, processor)
         self.template, self.name, self.adapter = template, name, adapter
@@ -499,8 +502,11 @@ class HFPlanner:
 
         tools = list_tools() if self.tools is None else list(self.tools)
         key = json.dumps(actions_json_schema(tools), sort_keys=True)
-        if key not in self._constraints:
+        if key not in self._constraints:  # built once per set: it reads the whole vocabulary
             self._constraints[key] = TurnConstraint(self.tokenizer, tools, self.eos_ids)
+            while len(self._constraints) > CONSTRAINTS:
+                self._constraints.popitem(last=False)
+        self._constraints.move_to_end(key)
         return self._constraints[key].start()
 
     def _pick(self, logits: Any, temperature: float, top_p: float, rule: Any = None) -> int:
