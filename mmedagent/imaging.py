@@ -646,8 +646,8 @@ which pydicom inflates at once, without a limit (1 MB can declare gigabytes of z
 
 
 def _check_deflated_dicom(data: bytes, max_pixels: int) -> None:
-    """An :class:`ImageLoadError` for a deflated DICOM whose data set inflates past 16-bit pixels at
-    ``max_pixels`` plus 1 MiB of header, counted piece by piece before pydicom inflates it whole. Any other
+    """An :class:`ImageLoadError` for a deflated DICOM whose data set inflates past 8 bytes a pixel at
+    ``max_pixels`` (a float64 one) plus 1 MiB of header, counted piece by piece before pydicom inflates it whole. Any other
     transfer syntax, or file meta pydicom cannot read, is left to the decoder."""
     from pydicom.filereader import _read_file_meta_info, read_preamble
 
@@ -659,17 +659,18 @@ def _check_deflated_dicom(data: bytes, max_pixels: int) -> None:
         return
     if syntax != DEFLATED_DICOM:
         return
-    limit, size, piece = 2 * max_pixels + (1 << 20), 0, 1 << 20
-    inflater, pending = zlib.decompressobj(-zlib.MAX_WBITS), memoryview(data)[stream.tell():]
+    limit, size, piece = 8 * max_pixels + (1 << 20), 0, 1 << 20
+    inflater, body = zlib.decompressobj(-zlib.MAX_WBITS), memoryview(data)[stream.tell():]
     try:
-        while True:
-            out = len(inflater.decompress(pending, piece))
-            size += out
-            if size > limit:
-                raise ImageLoadError(f"the deflated DICOM data set inflates to more than {limit:,} bytes (possible "
-                                     "decompression bomb)")
-            pending = inflater.unconsumed_tail
-            if inflater.eof or (not pending and out < piece):
+        for start in range(0, len(body), piece):  # the input a slice at a time: linear in its size
+            pending = body[start:start + piece]
+            while pending and not inflater.eof:
+                size += len(inflater.decompress(pending, piece))
+                if size > limit:
+                    raise ImageLoadError(f"the deflated DICOM data set inflates to more than {limit:,} bytes "
+                                         "(possible decompression bomb)")
+                pending = inflater.unconsumed_tail
+            if inflater.eof:
                 return
     except zlib.error:
         return  # a corrupt stream: dcmread says so

@@ -17,8 +17,8 @@ from mmedagent.serve.security import RedactFilter
 from mmedagent.serve.uploads import UploadError, decode_image, image_from_data_url
 
 
-def deflated_dicom(inflated: bytes) -> bytes:
-    """A DICOM file whose data set is ``inflated``, deflated (Deflated Explicit VR Little Endian)."""
+def deflated_dicom(zeros: int) -> bytes:
+    """A DICOM file whose data set is ``zeros`` zero bytes, deflated (Deflated Explicit VR Little Endian)."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = CTImageStorage
     meta.MediaStorageSOPInstanceUID = "1.2.3.4"
@@ -26,15 +26,17 @@ def deflated_dicom(inflated: bytes) -> bytes:
     out = io.BytesIO()
     out.write(b"\0" * 128 + b"DICM")
     write_file_meta_info(out, meta, enforce_standard=True)
-    deflate = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
-    out.write(deflate.compress(inflated) + deflate.flush())
+    deflate, chunk = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS), bytes(1 << 20)
+    for _ in range(zeros >> 20):
+        out.write(deflate.compress(chunk))
+    out.write(deflate.flush())
     return out.getvalue()
 
 
 def test_a_deflated_dicom_bomb_is_refused_before_pydicom_inflates_it():
     """pydicom inflates a deflated data set whole, unbounded: 1 MB of upload took 2 GB and minutes."""
-    bomb = deflated_dicom(bytes(80 << 20))
-    assert len(bomb) < 100_000  # may inflate to 2 bytes per pixel of its 32 M pixel limit, plus 1 MiB: 65 MiB
+    bomb = deflated_dicom(300 << 20)
+    assert len(bomb) < 400_000  # may inflate to 8 bytes a pixel of its 32 M pixel limit, plus 1 MiB: 257 MiB
     with pytest.raises(UploadError, match=r"deflated DICOM data set inflates to more than [\d,]+ bytes "
                                           r"\(possible decompression bomb\)") as caught:
         decode_image(bomb, "application/dicom")
