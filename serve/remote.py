@@ -191,6 +191,11 @@ def remote_tool_class(name: str, info: dict[str, Any]) -> type[RemoteTool]:
         params = get_tool(name).Params
     except UnknownToolError:
         params = _schema_params(info.get("params") or {"type": "object", "properties": {}})
+    question = info.get("question_param")
+    if question is not None and question not in params.model_fields and params.model_config.get("extra") != "allow":
+        log.warning("tool %s: the worker's question_param %r is no field of this version's Params; not filled", name,
+                    question)  # another version of the tool: the chat goes on without it
+        question = None
     return type(
         f"Remote{''.join(p.capitalize() for p in name.replace('-', '_').split('_'))}",
         (RemoteTool,),
@@ -200,7 +205,7 @@ def remote_tool_class(name: str, info: dict[str, Any]) -> type[RemoteTool]:
             "aliases": tuple(info.get("aliases", ())),
             "description": info.get("description", ""),
             "needs_image": bool(info.get("needs_image", True)),
-            "question_param": info.get("question_param"),
+            "question_param": question,
             "weights_note": info.get("weights_note", ""),
             "Params": params,
             "__module__": __name__,

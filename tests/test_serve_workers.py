@@ -27,7 +27,7 @@ from mmedagent.serve import tool_worker as tw
 from mmedagent.serve.config import ServeConfig, ToolSpec, load_config
 from mmedagent.serve.registry import RegistrationConflict, WorkerInfo, WorkerRegistry
 from mmedagent.serve.worker_base import EXIT_REFUSED, Heartbeat, bind_socket, url_for
-from mmedagent.tools import Tool, ToolResult
+from mmedagent.tools import Tool, ToolResult, get_tool
 
 
 class HangResult(ToolResult):
@@ -937,3 +937,12 @@ def test_a_request_naming_no_wait_limit_waits_the_workers_own(monkeypatch):
         first.join(10)
     bad = {**body, "tools": [{"name": "t", "aliases": [" "], "params": {"type": "object", "properties": {}}}]}
     assert client.post("/worker_generate_stream", json=bad).status_code == 422
+
+
+def test_a_worker_of_another_tool_version_with_an_unknown_question_param_breaks_no_chat():
+    """The controller pairs its own Params with the worker's question_param: a field its version lacks was
+    refused where the proxy class was made, and every chat, /v1/tools and /v1/models failed with it."""
+    from mmedagent.serve.remote import remote_tool_class
+
+    proxy = remote_tool_class("classification", {"question_param": "question_text", "params": {}})
+    assert proxy.question_param is None and proxy.Params is get_tool("classification").Params
