@@ -188,6 +188,9 @@ def test_vqa_closed_and_open():
     for hedge in ("Not sure.", "It is not possible to determine from this image.", "I can't tell.", "Uncertain"):
         assert not M.closed_correct(hedge, "no") and not M.closed_correct(hedge, "yes"), hedge  # declined: wrong
     assert M.closed_correct("Not present.", "no") and M.closed_correct("None seen.", "no")
+    for said, gold in (("No, a mass cannot be seen.", "no"), ("No, the lesion is not clear.", "no"),
+                       ("Yes, there is an unclear margin.", "yes"), ("Yes, of unknown origin.", "yes")):
+        assert M.closed_correct(said, gold), said  # an answer that opens with yes or no says so
     assert M.closed_correct("The left lung.", "left lung")
     assert not M.closed_correct("right", "left")
     assert M.token_f1("left lung", "the left lung") == 1.0

@@ -313,14 +313,19 @@ def normalize_answer(text: str) -> str:
 
 
 _HEDGES = ("not sure", "not certain", "not clear", "not possible", "not able", "unable to", "unsure", "uncertain",
-           "unclear", "indeterminate", "unknown", "cannot tell", "cannot say", "cannot determine", "cannot be",
-           "can't tell", "can't say", "can't determine", "can't be", "don't know", "do not know")
+           "cannot tell", "cannot say", "cannot determine", "can't tell", "can't say", "can't determine",
+           "don't know", "do not know")
 """Answers that decline to answer: neither yes nor no ("Not sure" is no "no")."""
 
 
 def yes_no(text: str) -> str | None:
-    """'yes' / 'no' when the answer starts with (or is) a yes/no word and does not hedge, else ``None``."""
+    """'yes' / 'no' when the answer opens with a yes/no word ("No, a mass cannot be seen"), else when one of
+    its first three words is one and it does not decline ("Not present" is no; "Not sure" is neither)."""
     tokens = tokenize(text)
+    if tokens and tokens[0] in _YES:
+        return "yes"
+    if tokens and tokens[0] in _NO - {"not"}:
+        return "no"
     opening = f" {' '.join(tokens[:6])} "
     if any(f" {hedge} " in opening for hedge in _HEDGES):
         return None
