@@ -302,7 +302,7 @@ def _image_size(root: Path, rel: str, where: str) -> tuple[int, int]:
         try:
             with Image.open(path) as im:
                 return upright_size(im)  # boxes are of the image as shown (and as the model sees it)
-        except (UnidentifiedImageError, OSError):
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
             pass  # load_image names the problem
     try:
         return load_image(path).image.size
@@ -322,7 +322,7 @@ def _exif_turn(path: Path) -> Any:
     try:
         with Image.open(path) as im:
             return EXIF_TURNS.get(im.getexif().get(EXIF_ORIENTATION, 1))
-    except OSError:
+    except (OSError, Image.DecompressionBombError):  # unreadable here: reading the image says why
         return None
 
 

@@ -158,3 +158,15 @@ def test_check_warns_of_a_real_path_in_a_calls_image_parameter(tmp_path):
     call["API_params"]["image"] = "<imagepath>"
     path = write_json(tmp_path / "d.json", [mmedagent_record([call], OUTPUT)])
     assert check_file(path).warnings == []
+
+
+def test_coco_over_an_image_past_pillows_bomb_limit_is_no_traceback(tmp_path, monkeypatch):
+    """The EXIF check opened every image with a given size: one past Pillow's decompression-bomb limit ended
+    the build in a DecompressionBombError traceback."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 2x that is Pillow's hard limit: 200 pixels
+    save_grey(tmp_path / "imgs" / "big.png", (40, 20))
+    ann = {"images": [{"id": 1, "file_name": "big.png", "width": 40, "height": 20}],
+           "categories": [{"id": 1, "name": "lesion"}],
+           "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [2, 2, 10, 8]}]}
+    coco = builders.read_coco(write_json(tmp_path / "ann.json", ann), tmp_path / "imgs")
+    assert coco[0].targets[0].box == [0.05, 0.1, 0.3, 0.5]
