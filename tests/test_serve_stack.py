@@ -281,17 +281,17 @@ def test_killed_tool_worker_errors_fast_is_dropped_and_comes_back(stack):
     result = {}
 
     def call():
-        t0 = time.monotonic()
         result["r"] = c.post("/v1/tools/nap", json={"params": {"seconds": 30}})
-        result["s"] = time.monotonic() - t0
+        result["end"] = time.monotonic()
 
     t = threading.Thread(target=call)
     t.start()
     # killed while the call runs there (not before it arrived: that would be a refused connection)
     wait_until(lambda: c.get(f"{address}/health").json()["running"] == 1, 20)
+    killed = time.monotonic()
     proc.kill()
     t.join(15)
-    assert not t.is_alive() and result["s"] < 6  # well inside the 6 s call timeout
+    assert not t.is_alive() and result["end"] - killed < 5  # at once, not at the 6 s call timeout
     assert result["r"].status_code == 502
     assert "tool worker for 'nap'" in result["r"].json()["detail"] and "stopped responding" in result["r"].json()["detail"]
     wait_until(lambda: address not in worker_addresses(stack), EXPIRY + 5)

@@ -354,9 +354,10 @@ class Held:
     """A planner that answers "ok" once ``free`` is set (a long generation holding the model)."""
 
     def __init__(self):
-        self.free = threading.Event()
+        self.free, self.holding = threading.Event(), threading.Event()
 
     def generate(self, messages, image, **gen):
+        self.holding.set()
         self.free.wait(10)
         return "ok"
 
@@ -375,7 +376,7 @@ def test_a_chat_waiting_for_a_busy_model_is_told_it_is_busy_not_that_the_worker_
         first = threading.Thread(target=lambda: WorkerPlanner(registry, httpx.Client(), "m", "a", 30).generate(
             [{"role": "user", "content": "hi"}], None))
         first.start()
-        time.sleep(0.2)
+        assert held.holding.wait(10)
         try:
             t0 = time.monotonic()
             with pytest.raises(WorkerError) as failure:
