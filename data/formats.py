@@ -488,6 +488,11 @@ def _save_image(value: Any, folder: Path, stem: str) -> Path | str:
         return str(value["path"])
     elif hasattr(value, "save"):  # PIL image: its pixel values kept (a CT's or MR's 16/32-bit values, not clipped to 8)
         buf = io.BytesIO()
+        if value.mode in ("I;16L", "I;16N"):  # 16-bit of another byte order: as PNG's 16-bit grey, values kept
+            import numpy as np
+            from PIL import Image
+
+            value = Image.fromarray(np.asarray(value).astype("<u2"))
         if value.mode in ("I", "F"):  # 32-bit integer (possibly negative) or float: TIFF holds them as they are
             value.save(buf, format="TIFF")
             ext = ".tiff"

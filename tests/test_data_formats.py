@@ -640,7 +640,8 @@ def test_check_warns_of_tool_outputs_not_in_the_agents_wording_and_convert_rewri
     assert check_file(tmp_path / "fixed.json", validate_tools=False).warnings == []
 
 
-@pytest.mark.parametrize("mode, values", [("I", [-1024, 0, 3071]), ("F", [-0.5, 0.25, 1.75]), ("I;16", [0, 1000, 4095])])
+@pytest.mark.parametrize("mode, values", [("I", [-1024, 0, 3071]), ("F", [-0.5, 0.25, 1.75]), ("I;16", [0, 1000, 4095]),
+                                          ("I;16L", [0, 1000, 4095]), ("I;16N", [0, 1000, 4095])])
 def test_a_decoded_high_bit_depth_image_is_exported_with_its_values(tmp_path, mode, values):
     """A data set whose image column decodes to 16/32-bit pixels (CT, MR) was exported as 8-bit RGB: every
     value above 255 white, negative ones black."""
@@ -648,7 +649,10 @@ def test_a_decoded_high_bit_depth_image_is_exported_with_its_values(tmp_path, mo
     from mmedagent.imaging import load_image
 
     pixels = np.array([values * 2] * 4, dtype=np.float32 if mode == "F" else np.int32)
-    image = Image.fromarray(pixels.astype(np.uint16) if mode == "I;16" else pixels, mode=None)
+    if mode.startswith("I;16"):
+        image = Image.frombytes(mode, pixels.shape[::-1], pixels.astype("<u2").tobytes())
+    else:
+        image = Image.fromarray(pixels)
     assert image.mode == mode
     row = export_images({"image": image}, 1, tmp_path)
     loaded = load_image(tmp_path / row["image"])
