@@ -49,6 +49,7 @@ def _check_one(rec: Record, where: str, report: CheckReport, dispatcher: Any) ->
     for k, m in enumerate(rec.conversations, 1):
         if m.role == "gpt" and m.is_tool_turn:
             turn = m.assistant_turn()
+            pending = [call.API_name for call in turn.actions]  # its tool output follows, whatever else is wrong
             try:
                 again = parse_turn(render_turn(turn))
             except TurnParseError as e:
@@ -71,7 +72,6 @@ def _check_one(rec: Record, where: str, report: CheckReport, dispatcher: Any) ->
                 prepared = dispatcher.prepare(call, image=object())
                 if not isinstance(prepared, tuple):
                     report.problems.append(f"{where}: turn {k}: {prepared.error}")
-            pending = [call.API_name for call in turn.actions]
         elif m.role == "human" and pending:
             try:
                 results = parse_tool_results(m.value, pending)

@@ -146,6 +146,16 @@ def test_check_flags_tool_output_after_a_turn_without_a_call(tmp_path):
         assert report.problems == [f"{path}: record 1: turn 3 carries tool output, but the turn before calls no tool"]
 
 
+def test_check_reports_a_turn_that_does_not_re_parse_once(tmp_path):
+    """Its tool output was reported too, as output after a turn that calls no tool."""
+    call = {"API_name": "MedSAM", "API_params": {"boxes": [[0.1, 0.1, 0.2, 0.2]]}}
+    record = mmedagent_record([call], OUTPUT)
+    record["conversations"][1]["thoughts"] = 'I write "value👉" early.'
+    path = write_json(tmp_path / "d.json", [record])
+    problems = check_file(path).problems
+    assert len(problems) == 1 and "turn 2 does not re-parse" in problems[0], problems
+
+
 def test_check_warns_of_a_real_path_in_a_calls_image_parameter(tmp_path):
     """A path in API_params.image teaches the model to write paths (the agent writes <imagepath>); the path itself,
     which may name a patient, is not quoted."""
