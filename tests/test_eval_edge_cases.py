@@ -157,7 +157,7 @@ def test_ctrl_c_before_the_first_sample_finishes_is_one_line(tmp_path, monkeypat
     data = write_json(tmp_path / "r.json", [direct_record()])
     monkeypatch.setattr(cli, "make_runner", lambda args: AgentRunner(CtrlC([]), "gold", [], image_folder=tmp_path))
     assert main_or_fail(["--model", "m", "--data", str(data), "--image-folder", str(tmp_path), "--quiet"]) == 130
-    assert capsys.readouterr().err.strip() == "interrupted before any sample finished: nothing to report"
+    assert capsys.readouterr().err.strip() == "interrupted: nothing scored this time"
 
 
 def test_ctrl_c_while_judging_keeps_the_scored_report(tmp_path, monkeypatch, capsys):

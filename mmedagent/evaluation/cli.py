@@ -342,7 +342,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # before the first sample finished: there is nothing to score
-        print("interrupted before any sample finished: nothing to report", file=sys.stderr)
+        again = f"; the same command with --resume continues the run in {args.out}" if args.out else ""
+        print(f"interrupted: nothing scored this time{again}", file=sys.stderr)
         return 130
     from mmedagent.evaluation.results import REPORT_FILE, write_json
     from mmedagent.evaluation.scoring import markdown_summary
