@@ -60,6 +60,9 @@ def test_a_gold_call_box_out_of_order_is_refused_when_read(tmp_path):
     with pytest.raises(EvalFileError, match=r"record 1: gold segmentation call's 'boxes': box \[0.5, 0.5, 0.1, 0.1\] "
                                             r"has x1 > x2 or y1 > y2"):
         load_samples(data)
+    other = segmentation_record([0.5, 0.5, 0.1, 0.1])  # a tool whose 4-number lists are no xyxy boxes (x, y, w, h)
+    other["conversations"][1]["actions"] = [{"API_name": "hosp_measure", "API_params": {"bbox": [[0.5, 0.5, 0.1, 0.1]]}}]
+    assert load_samples(write_json(tmp_path / "o.json", [other]))[0].gold_calls[0].API_name == "hosp_measure"
 
 
 class RegionStats(Tool):

@@ -128,14 +128,13 @@ def _check_gold(sample: EvalSample) -> EvalSample:
         for o in turn:
             if o.output and "boxes" in o.output:
                 _check_boxes(o.output["boxes"], f"gold {o.tool} output boxes", allow_empty_entries=True)
-    from mmedagent.evaluation.tooluse import box_keys, is_box_list
+    from mmedagent.evaluation.tooluse import box_keys
 
-    for call in sample.gold_calls or []:  # the boxes a predicted call's arguments are matched against
-        single = box_keys(call.API_name)
+    for call in sample.gold_calls or []:  # the boxes (as the tool's schema marks them) predicted ones are matched against
+        single, lists = box_keys(call.API_name), box_keys(call.API_name, lists=True)
         for key, value in call.API_params.items():
-            boxes = [value] if key in single and isinstance(value, list) else value
-            if is_box_list(boxes):
-                _check_boxes(boxes, f"gold {call.API_name} call's {key!r}")
+            if key in single | lists and isinstance(value, list):
+                _check_boxes([value] if key in single else value, f"gold {call.API_name} call's {key!r}")
     return sample
 
 

@@ -87,14 +87,19 @@ def _term_f1(pred: Any, gold: Any) -> float:
     return 2 * prec * rec / (prec + rec)
 
 
-def box_keys(name: str) -> frozenset[str]:
-    """The params of tool ``name`` typed ``Box`` (one ``[x1, y1, x2, y2]`` box); none for an unknown tool."""
+def box_keys(name: str, lists: bool = False) -> frozenset[str]:
+    """The params of tool ``name`` typed ``Box`` (one ``[x1, y1, x2, y2]`` box), or with ``lists`` a list of
+    them; none for an unknown tool."""
     cls = tool_class(name)
     if cls is None:
         return frozenset()
     props = cls.Params.model_json_schema().get("properties", {})
+
+    def is_box(node: Any) -> bool:
+        return isinstance(node, dict) and node.get(COORDS_MARK) == "xyxy"
+
     return frozenset(k for k, v in props.items()
-                     if any(option.get(COORDS_MARK) == "xyxy" for option in v.get("anyOf", [v])))
+                     if any(is_box(option.get("items") if lists else option) for option in v.get("anyOf", [v])))
 
 
 def is_box_list(v: Any) -> bool:
