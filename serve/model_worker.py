@@ -90,7 +90,8 @@ class GenerateRequest(BaseModel):
     temperature: float = Field(default=0.0, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
     stop: list[str] | None = None
-    max_wait_s: float | None = Field(default=None, gt=0, description="how long to wait for a busy model (none: no limit)")
+    max_wait_s: float | None = Field(default=None, gt=0,
+                                     description="how long to wait for a busy model (none: the worker's model_timeout_s)")
     tools: list[OfferedTool] | None = Field(default=None, max_length=MAX_OFFERED_TOOLS,
                                             description="the tools the chat offers (none: every registered tool)")
 
@@ -146,9 +147,8 @@ class ModelHost:
                max_wait_s: float | None = None, tools: list[OfferedTool] | None = None) -> Iterator[str]:
         """The reply in pieces, after waiting for the model (empty pieces while waiting, :class:`Busy`
         after ``max_wait_s``, by default the host's), a constrained planner held to ``tools`` (None: every
-        registered tool);
-        ``stats``, when given, receives the call's token counts
-        (``prompt_tokens``, ``new_tokens``) and why it ended (``finish``) where the planner reports them.
+        registered tool); ``stats``, when given, receives the call's token counts (``prompt_tokens``,
+        ``new_tokens``) and why it ended (``finish``) where the planner reports them.
         Each call is one log line (``request_id``: the controller's chat): its tokens, how long it waited
         for the model and how long it ran; never the text."""
         with self._count_lock:
