@@ -8,6 +8,7 @@ the user; the caller always gets one outcome per call.
 from __future__ import annotations
 
 import contextvars
+import json
 import logging
 import math
 import threading
@@ -20,7 +21,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from mmedagent.protocol import IMAGE_PLACEHOLDER, ToolCall, ToolOutcome
-from mmedagent.tools.base import Overlay, Tool, ToolResult
+from mmedagent.tools.base import MAX_MODEL_CHARS, Overlay, Tool, ToolResult
 
 log = logging.getLogger(__name__)
 
@@ -45,17 +46,22 @@ def parse_params(tool: Tool, params: Mapping[str, Any]) -> Any:
         raise ValueError(f"invalid params for {tool.name}: {type(e).__name__}: {e}") from None
 
 
-def result_views(result: ToolResult) -> tuple[dict[str, Any], Overlay | None]:
-    """What ``result`` shows the model (plain JSON, :func:`plain_json`) and the UI (its overlay), checked
-    here, in-process and in a tool worker alike: a ``TypeError`` for a ``for_model()`` or ``overlay()``
-    of the wrong type, so that a broken one is its call's error, not the UI's later."""
+def result_views(result: ToolResult, tool: str) -> tuple[dict[str, Any], Overlay | None]:
+    """What ``result`` of ``tool`` shows the model (plain JSON, :func:`plain_json`) and the UI (its overlay),
+    checked here, in-process and in a tool worker alike, so that a broken one is its call's error, not the
+    UI's later: a ``TypeError`` for a ``for_model()`` or ``overlay()`` of the wrong type, a ``ValueError``
+    for more than :data:`~mmedagent.tools.base.MAX_MODEL_CHARS` for the model (it would flood the prompt)."""
     output = result.for_model()
     if not isinstance(output, dict):
         raise TypeError(f"{type(result).__name__}.for_model() returned {type(output).__name__}, expected a dict")
     overlay = result.overlay()
     if overlay is not None and not isinstance(overlay, Overlay):
         raise TypeError(f"{type(result).__name__}.overlay() returned {type(overlay).__name__}, expected Overlay or None")
-    return plain_json(output, f"{type(result).__name__}.for_model()"), overlay
+    output = plain_json(output, f"{type(result).__name__}.for_model()")
+    if (size := len(json.dumps(output))) > MAX_MODEL_CHARS:
+        raise ValueError(f"{tool} returned {size:,} characters for the model, more than the {MAX_MODEL_CHARS:,} a prompt "
+                         "can take; return a summary, and list bulky fields in Result.hidden_from_model")
+    return output, overlay
 
 
 def plain_json(output: dict[str, Any], where: str) -> dict[str, Any]:
@@ -208,7 +214,7 @@ class Dispatcher:
                 tool=call.API_name, ok=False, error=f"timed out after {self.timeout_s:g} s", elapsed_s=time.monotonic() - started
             )
         try:
-            output, _ = result_views(fut.result())
+            output, _ = result_views(fut.result(), tool.name)
         except Exception as e:  # any tool failure goes back to the model, not up the stack
             # the traceback only when debugging (a serving process reduces it to its type and place)
             log.warning("tool %s failed: %s", call.API_name, type(e).__name__,

@@ -130,7 +130,7 @@ def build_app(tool: Tool, max_upload_bytes: int, max_concurrency: int = 4, timeo
             elapsed = time.monotonic() - t0
         finally:
             slots.release(token)
-        for_model, overlay = result_views(result)
+        for_model, overlay = result_views(result, tool.name)
         return CallAnswer(result=result.model_dump(mode="json"), for_model=for_model, overlay=overlay, elapsed_s=elapsed)
 
     @app.post("/call")

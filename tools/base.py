@@ -7,7 +7,6 @@ the UI serve and draw its ``Result``.
 
 from __future__ import annotations
 
-import json
 import math
 import pathlib
 import threading
@@ -235,15 +234,12 @@ class Tool:
         raise NotImplementedError
 
     def run(self, image: Any, params: ToolParams) -> ToolResult:
-        """Load if needed, call, and check the result's type and the size of what the model sees."""
+        """Load if needed, call, and check the result's type (what it shows the model and the UI:
+        :func:`mmedagent.dispatcher.result_views`)."""
         self.ensure_loaded()
         result = self(image, params)
         if not isinstance(result, self.Result):
             raise TypeError(f"{self.name} returned {type(result).__name__}, expected {self.Result.__name__}")
-        size = len(json.dumps(result.for_model(), default=str))
-        if size > MAX_MODEL_CHARS:
-            raise ValueError(f"{self.name} returned {size:,} characters for the model, more than the {MAX_MODEL_CHARS:,} "
-                             "a prompt can take; return a summary, and list bulky fields in Result.hidden_from_model")
         return result
 
     @classmethod
