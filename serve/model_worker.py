@@ -116,6 +116,7 @@ class ModelHost:
         self.slots = threading.BoundedSemaphore(getattr(planner, "max_concurrency", 1))
         self.waiting = 0
         self._count_lock = threading.Lock()
+        self._offered: tuple[tuple[str, ...], list[Any]] = ((), [])  # the last tool set offered, as classes
 
     def queue_length(self) -> int:
         return self.waiting
@@ -127,6 +128,13 @@ class ModelHost:
             return image_from_data_url(data_url, self.max_upload_bytes).image
         except UploadError as e:
             raise HTTPException(e.status, e.reason) from None
+
+    def _classes(self, tools: list[OfferedTool]) -> list[Any]:
+        """The offered tools as tool classes, made again only when the set changes (it rarely does)."""
+        key = tuple(t.model_dump_json() for t in tools)
+        if key != self._offered[0]:
+            self._offered = key, [remote_tool_class(t.name, t.model_dump()) for t in tools]
+        return self._offered[1]
 
     def _turn(self, ahead: int, max_wait_s: float | None) -> Iterator[str]:
         """Take a turn at the model (a slot): "" every :data:`KEEPALIVE_S` while waiting, :class:`Busy`
@@ -160,7 +168,7 @@ class ModelHost:
             started = time.monotonic()
             try:
                 if hasattr(self.planner, "tools"):  # set while this call holds the model
-                    self.planner.tools = None if tools is None else [remote_tool_class(t.name, t.model_dump()) for t in tools]
+                    self.planner.tools = None if tools is None else self._classes(tools)
                 stream = getattr(self.planner, "stream", None)
                 if stream is None:
                     yield self.planner.generate(messages, image, **gen)
