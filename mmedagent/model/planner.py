@@ -22,7 +22,6 @@ pass; only those the model would have chosen itself are kept, so the output is t
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import operator
@@ -146,7 +145,7 @@ class HFPlanner:
         self.prompt_lookup = prompt_lookup
         self.constrain = constrain
         self.tools: list[Any] | None = None  # what a constrained turn may call (None: every registered tool)
-        self._constraints: OrderedDict[str, Any] = OrderedDict()  # per set of tools offered, the last CONSTRAINTS
+        self._constraints: OrderedDict[tuple, Any] = OrderedDict()  # per set of tools offered, the last CONSTRAINTS
         self.tokenizer = tokenizer_of(processor)
         check_template(template, processor)
         self.template, self.name, self.adapter = template, name, adapter
@@ -497,11 +496,10 @@ class HFPlanner:
         if not self.constrain:
             return None
         from mmedagent.model.constrain import TurnConstraint
-        from mmedagent.protocol import actions_json_schema
         from mmedagent.tools.registry import list_tools
 
         tools = list_tools() if self.tools is None else list(self.tools)
-        key = json.dumps(actions_json_schema(tools), sort_keys=True)
+        key = tuple(tools)  # the classes themselves (held here, so never mistaken for later ones)
         if key not in self._constraints:  # built once per set: it reads the whole vocabulary
             self._constraints[key] = TurnConstraint(self.tokenizer, tools, self.eos_ids)
             while len(self._constraints) > CONSTRAINTS:
