@@ -291,22 +291,15 @@ _NOT_PIL = (None, "dicom", "nifti")
 
 
 def _image_size(root: Path, rel: str, where: str) -> tuple[int, int]:
-    from PIL import Image, UnidentifiedImageError
-
-    from mmedagent.imaging import ImageLoadError, load_image, upright_size
+    """The size of the image as shown (and as the model sees it): boxes are of that."""
+    from mmedagent.imaging import ImageLoadError, image_size
 
     path = root / rel
     if not path.is_file():
         raise DataError(f"{where}: image not found: {rel}")
-    if _file_format(path) not in _NOT_PIL:  # from the header alone
-        try:
-            with Image.open(path) as im:
-                return upright_size(im)  # boxes are of the image as shown (and as the model sees it)
-        except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
-            pass  # load_image names the problem
     try:
-        return load_image(path).image.size
-    except ImageLoadError as e:
+        return image_size(path)
+    except (ImageLoadError, OSError) as e:
         raise DataError(f"{where}: cannot read image {rel}: {e}") from None
 
 

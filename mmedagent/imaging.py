@@ -403,6 +403,21 @@ def upright_size(im: Image.Image) -> tuple[int, int]:
     return (h, w) if im.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8) else (w, h)
 
 
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) of the image file at ``path`` as :func:`load_image` gives it: from the header where
+    Pillow reads the format (upright by its EXIF orientation), else by loading it (DICOM, NIfTI); an
+    :class:`ImageLoadError` if it cannot be read."""
+    with open(path, "rb") as f:
+        fmt = detect_format(f.read(1024))
+    if fmt not in (None, "dicom", "nifti"):
+        try:
+            with Image.open(path) as im:
+                return upright_size(im)
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
+            pass  # load_image names the problem
+    return load_image(path).image.size
+
+
 def _palette_is_grey(im: Image.Image) -> bool:
     pal = np.asarray(im.getpalette() or [], dtype=np.int32).reshape(-1, 3)
     return bool(pal.size) and bool(np.all(pal[:, 0] == pal[:, 1]) and np.all(pal[:, 1] == pal[:, 2]))

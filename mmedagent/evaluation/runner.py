@@ -116,17 +116,19 @@ def load_image(name: str | None, image_folder: str | Path | None) -> Any:
 def check_mask_sizes(samples: Sequence[EvalSample], image_folder: str | Path | None, data: str | Path) -> None:
     """Refuse a sample whose ``gold.masks`` are not the size of its image (the tool's masks are; Dice needs
     one size), naming the record, before any model runs. An image that cannot be read is left to the run."""
+    from mmedagent.imaging import image_size
+
     for smp in samples:
-        if not smp.reference.get("masks"):
+        if not smp.reference.get("masks") or not smp.image:
             continue
-        try:
-            image = load_image(smp.image, image_folder)
+        try:  # from the header where it says: the run decodes the image
+            width, height = image_size(Path(image_folder) / smp.image if image_folder else smp.image)
         except (OSError, ValueError):
             continue
         shape = as_mask(smp.reference["masks"][0]).shape
-        if image is not None and shape != (image.height, image.width):
+        if shape != (height, width):
             raise EvalFileError(f"{data}, record {smp.index}: gold.masks are {shape[1]}x{shape[0]} pixels but "
-                                f"its image is {image.width}x{image.height}: give masks of the image's size")
+                                f"its image is {width}x{height}: give masks of the image's size")
 
 
 def planner_tokenizer(planner: Any) -> Any:
