@@ -1,8 +1,9 @@
 """Route tool calls to tools: validate params, inject the conversation's image, time out, never raise.
 
 Every failure (unknown tool, bad params, missing image, timeout, crash) becomes a
-:class:`~mmedagent.protocol.ToolOutcome` with ``ok=False`` and a message meant for the model and
-the user; the caller always gets one outcome per call.
+:class:`~mmedagent.protocol.ToolOutcome` with ``ok=False``, a message meant for the model and
+the user (``TypeName: message`` for an exception, the message alone for a
+:class:`~mmedagent.tools.base.ToolError`) and its ``failure`` kind; the caller always gets one outcome per call.
 """
 
 from __future__ import annotations
@@ -15,15 +16,17 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 from pydantic import ValidationError
 
-from mmedagent.protocol import IMAGE_PLACEHOLDER, ToolCall, ToolOutcome
-from mmedagent.tools.base import MAX_MODEL_CHARS, Overlay, Tool, ToolResult
+from mmedagent.protocol import IMAGE_PLACEHOLDER, Failure, ToolCall, ToolOutcome
+from mmedagent.tools.base import MAX_MODEL_CHARS, Overlay, Tool, ToolError, ToolResult
 
 log = logging.getLogger(__name__)
+
+FAILURES = frozenset(get_args(Failure))
 
 
 def describe_validation_error(tool: str, err: ValidationError) -> str:
@@ -62,6 +65,18 @@ def result_views(result: ToolResult, tool: str) -> tuple[dict[str, Any], Overlay
         raise ValueError(f"{tool} returned {size:,} characters for the model, more than the {MAX_MODEL_CHARS:,} a prompt "
                          "can take; return a summary, and list bulky fields in Result.hidden_from_model")
     return output, overlay
+
+
+def error_text(error: Exception) -> str:
+    """What the model and the user read for an exception a tool raised: a :class:`ToolError`'s message,
+    else ``TypeName: message``."""
+    return str(error) if isinstance(error, ToolError) else f"{type(error).__name__}: {error}"
+
+
+def failure_of(error: Exception) -> Failure:
+    """The :data:`~mmedagent.protocol.Failure` kind of an exception a tool raised."""
+    kind = getattr(error, "failure", "error") if isinstance(error, ToolError) else "error"
+    return kind if kind in FAILURES else "error"
 
 
 def plain_json(output: dict[str, Any], where: str) -> dict[str, Any]:
@@ -142,22 +157,22 @@ class Dispatcher:
         tool = self.resolve(call.API_name)
         if tool is None:
             known = ", ".join(sorted(self.tools)) or "(none)"
-            return ToolOutcome(tool=call.API_name, ok=False, error=f"unknown tool {call.API_name!r}; available tools: {known}")
+            return ToolOutcome(tool=call.API_name, ok=False, failure="unknown",
+                               error=f"unknown tool {call.API_name!r}; available tools: {known}")
         if tool.name in self.load_errors:
-            return ToolOutcome(
-                tool=call.API_name, ok=False, error=f"{tool.name} is unavailable: it failed to load ({self.load_errors[tool.name]})"
-            )
+            return ToolOutcome(tool=call.API_name, ok=False, failure="unavailable",
+                               error=f"{tool.name} is unavailable: it failed to load ({self.load_errors[tool.name]})")
         params = dict(call.API_params)
         supplied = params.pop("image", None)
         if supplied not in (None, IMAGE_PLACEHOLDER):
             # Paths from the model are never opened; the conversation's image is used instead.
             log.info("%s: ignoring model-supplied image value", tool.name)
         if tool.needs_image and image is None:
-            return ToolOutcome(tool=call.API_name, ok=False, error=f"{tool.name} needs an image, and none was given")
+            return ToolOutcome(tool=call.API_name, ok=False, failure="params", error=f"{tool.name} needs an image, and none was given")
         try:
             parsed = parse_params(tool, params)
         except ValueError as e:
-            return ToolOutcome(tool=call.API_name, ok=False, error=str(e))
+            return ToolOutcome(tool=call.API_name, ok=False, failure="params", error=str(e))
         if tool.question_param and question and not getattr(parsed, tool.question_param, None):
             parsed = parsed.model_copy(update={tool.question_param: question})
         return tool, parsed
@@ -184,7 +199,7 @@ class Dispatcher:
             overdue = self._overdue.get(tool.name, 0)
             if overdue >= self.max_workers:
                 return ToolOutcome(
-                    tool=call.API_name, ok=False,
+                    tool=call.API_name, ok=False, failure="unavailable",
                     error=f"{tool.name} is not responding: {overdue} earlier calls are still running past the "
                     f"{self.timeout_s:g} s timeout; not starting another until they finish",
                 )
@@ -210,18 +225,16 @@ class Dispatcher:
         # wait apart from reading the result: a TimeoutError the tool raises itself is that tool's error
         if not wait([fut], timeout=max(0.0, deadline - time.monotonic())).done:
             self._abandon(tool.name, fut)
-            return ToolOutcome(
-                tool=call.API_name, ok=False, error=f"timed out after {self.timeout_s:g} s", elapsed_s=time.monotonic() - started
-            )
+            return ToolOutcome(tool=call.API_name, ok=False, failure="timeout", error=f"timed out after {self.timeout_s:g} s",
+                               elapsed_s=time.monotonic() - started)
         try:
             output, _ = result_views(fut.result(), tool.name)
         except Exception as e:  # any tool failure goes back to the model, not up the stack
             # the traceback only when debugging (a serving process reduces it to its type and place)
             log.warning("tool %s failed: %s", call.API_name, type(e).__name__,
                         exc_info=e if log.isEnabledFor(logging.DEBUG) else None)
-            return ToolOutcome(
-                tool=call.API_name, ok=False, error=f"{type(e).__name__}: {e}", elapsed_s=time.monotonic() - started
-            )
+            return ToolOutcome(tool=call.API_name, ok=False, failure=failure_of(e), error=error_text(e),
+                               elapsed_s=time.monotonic() - started)
         return ToolOutcome(tool=call.API_name, output=output, elapsed_s=time.monotonic() - started)
 
     def dispatch_all(
@@ -235,7 +248,8 @@ class Dispatcher:
         prepared = [self.prepare(call, image, question) for call in calls]
         for i, (call, p) in enumerate(zip(calls, prepared)):
             if not isinstance(p, ToolOutcome) and (error := self._load(p[0])) is not None:
-                prepared[i] = ToolOutcome(tool=call.API_name, ok=False, error=f"{p[0].name} failed to load: {error}")
+                prepared[i] = ToolOutcome(tool=call.API_name, ok=False, failure="unavailable",
+                                          error=f"{p[0].name} failed to load: {error}")
         started = time.monotonic()
         deadline = started + self.timeout_s
         pending: list[ToolOutcome | tuple[Tool, Future]] = []

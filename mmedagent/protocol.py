@@ -68,6 +68,11 @@ class AssistantTurn(BaseModel):
     value: str = ""
 
 
+Failure = Literal["unknown", "params", "unavailable", "timeout", "error"]
+"""Why a tool call failed: an unknown tool, params or image it refused, a tool that cannot take calls now
+(not loaded, busy, no worker), no answer in time, or the tool failed while running."""
+
+
 class ToolOutcome(BaseModel):
     """What one tool call produced, as fed back to the model (and shown in traces)."""
 
@@ -78,6 +83,8 @@ class ToolOutcome(BaseModel):
     """An output that is plain text, not a mapping (MMedAgent's reports, RAG passages and labels); fed back verbatim."""
     error: str | None = None
     elapsed_s: float = 0.0
+    failure: Failure | None = Field(default=None, exclude=True)
+    """Why a call failed, for a server's status code; not part of the conversation or the trace."""
 
 
 class ToolResultTurn(BaseModel):

@@ -26,7 +26,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 import mmedagent  # noqa: F401  - arms the torchvision shim first
@@ -65,7 +65,7 @@ from mmedagent.serve.remote import (
     REQUEST_ID_HEADER,
     RemoteResult,
     RemoteTool,
-    ToolInputError,
+    WorkerBusy,
     WorkerError,
     WorkerPlanner,
     remote_tool_class,
@@ -106,6 +106,17 @@ def check_history_length(history: list[Any]) -> None:
     adds its answer and every tool round to the history)."""
     if (message := too_long_conversation(len(history))) is not None:
         raise HTTPException(422, message)
+
+
+FAILURE_STATUS: dict[str, int] = {"unknown": 404, "params": 422, "unavailable": 503, "timeout": 504, "error": 502}
+"""The HTTP status of a tool call that failed, by its :data:`~mmedagent.protocol.Failure` kind."""
+
+
+class ChatFailure(NamedTuple):
+    """How a chat run ended without an answer: what the client reads and the HTTP status (where one is sent)."""
+
+    message: str
+    status: int
 
 
 class ChatCancelled(Exception):
@@ -372,9 +383,9 @@ class Controller:
             except ChatCancelled:
                 pass
             except (WorkerError, NoWorkerError) as e:
-                hand_over("error", str(e))
+                hand_over("error", ChatFailure(str(e), 503 if isinstance(e, WorkerBusy) else 502))
             except Exception as e:  # reported to the client; the server goes on
-                hand_over("error", f"internal error: {type(e).__name__}")
+                hand_over("error", ChatFailure(f"internal error: {type(e).__name__}", 500))
             finally:
                 hand_over("end", None)
 
@@ -539,19 +550,12 @@ def build_app(ctl: Controller) -> FastAPI:
         call = ToolCall(API_name=name, API_params=body.params)
         prepared = ctl.dispatcher.prepare(call, image)
         if isinstance(prepared, ToolOutcome):
-            tool = ctl.dispatcher.resolve(name)
-            if tool is not None:  # a tool that failed to load is the server's problem, not the request's
-                raise HTTPException(503 if tool.name in ctl.dispatcher.load_errors else 422, prepared.error)
-            loading = ctl.loading_tool(name)
-            if loading:
+            if prepared.failure == "unknown" and (loading := ctl.loading_tool(name)):
                 raise HTTPException(503, f"tool {loading!r} is still loading; it registers when ready")
-            raise HTTPException(404, prepared.error)
+            raise HTTPException(FAILURE_STATUS[prepared.failure or "error"], prepared.error)
         (outcome,), (result,) = await run_in_threadpool(ctl.dispatcher.dispatch_all, [call], image)
         if not outcome.ok:
-            error = outcome.error or ""
-            status = (422 if error.startswith(ToolInputError.__name__) else 504 if error.startswith("timed out")
-                      else 503 if " is not responding: " in error or " is busy: " in error else 502)
-            raise HTTPException(status, error)
+            raise HTTPException(FAILURE_STATUS[outcome.failure or "error"], outcome.error)
         overlay = result.overlay() if result is not None else None
         return {
             "tool": outcome.tool,
@@ -588,7 +592,7 @@ def build_app(ctl: Controller) -> FastAPI:
                     elif kind == "answer":
                         event = {"type": "answer", "answer": payload.answer, "model": model, **trace_view(payload)}
                     else:
-                        event = {"type": "error", "error": payload}
+                        event = {"type": "error", "error": payload.message}
                     yield json.dumps(event, ensure_ascii=False) + "\n"
 
         return StreamingResponse(events(), media_type="application/x-ndjson", headers={REQUEST_ID_HEADER: kwargs["request_id"]})
@@ -628,8 +632,8 @@ def build_app(ctl: Controller) -> FastAPI:
             async with contextlib.aclosing(ctl.stream_agent(kwargs, request)) as run:  # a disconnect stops the run
                 async for kind, payload in run:
                     if kind == "error":
-                        status = 503 if " is busy: " in payload else 502
-                        return JSONResponse(oa.error_body(payload, status), status_code=status, headers=traced)
+                        return JSONResponse(oa.error_body(payload.message, payload.status), status_code=payload.status,
+                                            headers=traced)
                     if kind == "answer":
                         result = payload
             if result is None:  # stopped: the client went away, nobody reads this
@@ -649,7 +653,7 @@ def build_app(ctl: Controller) -> FastAPI:
                         yield oa.chunk(cid, model, {"content": answer})
                         yield oa.chunk(cid, model, {}, finish, **_usage(payload), mmedagent_trace=trace_view(payload))
                     elif kind == "error":
-                        yield oa.error_event(payload)
+                        yield oa.error_event(payload.message)
             yield oa.SSE_DONE
 
         return StreamingResponse(sse(), media_type="text/event-stream", headers=traced)

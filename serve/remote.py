@@ -19,7 +19,7 @@ from mmedagent.serve.config import validation_problems
 from mmedagent.serve.httpclient import error_detail, make_client, timeout
 from mmedagent.serve.registry import NoWorkerError, WorkerRegistry
 from mmedagent.serve.uploads import png_data_url
-from mmedagent.tools import Overlay, Tool, ToolParams, ToolResult, UnknownToolError, get_tool
+from mmedagent.tools import Overlay, Tool, ToolError, ToolParams, ToolResult, UnknownToolError, get_tool
 
 log = logging.getLogger(__name__)
 
@@ -46,20 +46,34 @@ def loggable_id(value: str | None) -> str | None:
     return value if value and len(value) <= 64 and value.replace("-", "").isalnum() and value.isascii() else None
 
 
-class WorkerError(RuntimeError):
-    """A worker failed or went away during a call; the message says which and why."""
+TOOL_FAILED = "{tool} failed: "
+"""How a tool worker's answer for a call the tool failed begins; the rest is what the model reads, as it
+reads an in-process tool's failure (:func:`~mmedagent.dispatcher.error_text`)."""
 
 
-class ToolInputError(ValueError):
+class WorkerError(ToolError, RuntimeError):
+    """A worker failed or went away during a call; the message says which and why, without the worker's
+    address (the controller's log has it): a tool's is what the model reads."""
+
+
+class WorkerBusy(WorkerError):
+    """No worker could take the call now (each was hung, still loading or busy)."""
+
+    failure = "unavailable"
+
+
+class ToolInputError(ToolError, ValueError):
     """The tool worker refused the call's params or image (a 4xx answer)."""
 
+    failure = "params"
 
-def _describe_http_error(what: str, address: str, err: httpx.HTTPError) -> str:
+
+def _describe_http_error(what: str, err: httpx.HTTPError) -> str:
     if isinstance(err, httpx.TimeoutException):
-        return f"{what} at {address} did not answer in time ({type(err).__name__})"
+        return f"{what} did not answer in time ({type(err).__name__})"
     if isinstance(err, httpx.ConnectError):
-        return f"{what} at {address} is not reachable (connection refused)"
-    return f"{what} at {address} stopped responding ({type(err).__name__}: {err})"
+        return f"{what} is not reachable (connection refused)"
+    return f"{what} stopped responding ({type(err).__name__}: {err})"
 
 
 class _Unavailable(Exception):
@@ -85,13 +99,16 @@ def _with_failover(registry: WorkerRegistry, kind: str, name: str, what: str, ad
             return
         except httpx.ConnectError as e:
             registry.remove(address)
-            failure = WorkerError(_describe_http_error(what, address, e))
+            failure: WorkerError = WorkerError(_describe_http_error(what, e))
         except _Unavailable as e:
-            failure = WorkerError(str(e))
+            failure = WorkerBusy(str(e))
         except httpx.HTTPError as e:
-            raise WorkerError(_describe_http_error(what, address, e)) from None
+            log.warning("%s at %s: %s", what, address, type(e).__name__)
+            raise WorkerError(_describe_http_error(what, e)) from None
         finally:
             registry.end(address)
+        log.warning("%s at %s: %s", what, address, type(failure).__name__ if isinstance(failure, WorkerBusy)
+                    else "not reachable")
         try:
             address = registry.pick(kind, name, exclude=tried)
         except NoWorkerError:
@@ -144,11 +161,14 @@ class RemoteTool(Tool):
         if 400 <= r.status_code < 500:
             raise ToolInputError(error_detail(r))
         if r.status_code != 200:
-            raise WorkerError(f"{self.name}: {error_detail(r)}")
+            detail = error_detail(r)
+            failed = TOOL_FAILED.format(tool=self.name)
+            raise WorkerError(detail.removeprefix(failed) if detail.startswith(failed) else f"{self.name}: {detail}")
         try:
             answer = CallAnswer.model_validate_json(r.content)
         except ValidationError as e:  # its values stay out: they may describe the patient's image
-            raise WorkerError(f"tool worker for {self.name!r} at {address} answered with a malformed result "
+            log.warning("tool worker for %r at %s answered with a malformed result", self.name, address)
+            raise WorkerError(f"tool worker for {self.name!r} answered with a malformed result "
                               f"({validation_problems(e, 'body')}); is it an mmedagent tool worker?") from None
         return RemoteResult(data=answer.result, model_view=answer.for_model, overlay_data=answer.overlay,
                             worker_elapsed_s=answer.elapsed_s)
@@ -158,14 +178,14 @@ class RemoteTool(Tool):
         r = self.client.post(f"{address}/call", json=body, timeout=timeout(self.timeout_s),
                              headers={REQUEST_ID_HEADER: rid} if rid else None)
         if r.status_code == 503:  # this worker is hung or still loading; another one may serve the tool
-            raise _Unavailable(f"{self.name}: {error_detail(r)}")
+            raise _Unavailable(error_detail(r))
         yield address, r
 
     def _pick(self) -> str:
         try:
             return self.registry.pick("tool", self.worker_name)
         except NoWorkerError:
-            raise WorkerError(
+            raise WorkerBusy(
                 f"no worker is serving tool {self.name!r} right now; available tools: {', '.join(self.available()) or '(none)'}"
             ) from None
 
@@ -281,8 +301,8 @@ class WorkerPlanner:
                     if "stats" in event:
                         self.last_stats = event["stats"]
         except ValueError:  # not NDJSON objects
-            raise WorkerError(f"{what} at {address} answered with malformed output; is it an mmedagent "
-                              "model worker?") from None
+            log.warning("%s at %s answered with malformed output", what, address)
+            raise WorkerError(f"{what} answered with malformed output; is it an mmedagent model worker?") from None
 
 
 def to_openai_messages(messages: Sequence[dict[str, str]], image: Any) -> list[dict[str, Any]]:
@@ -364,7 +384,7 @@ class OpenAIPlanner:
         try:
             r = self.client.post(f"{self.base_url}/chat/completions", json=self._body(messages, image, gen, False))
         except httpx.HTTPError as e:
-            raise WorkerError(self._scrub(_describe_http_error("model backend", self.shown, e))) from None
+            raise WorkerError(self._scrub(_describe_http_error(f"model backend {self.shown}", e))) from None
         if r.status_code != 200:
             raise WorkerError(self._scrub(f"model backend {self.shown}: {error_detail(r)}"))
         data = r.json()
@@ -395,4 +415,4 @@ class OpenAIPlanner:
                     if piece:
                         yield piece
         except httpx.HTTPError as e:
-            raise WorkerError(self._scrub(_describe_http_error("model backend", self.shown, e))) from None
+            raise WorkerError(self._scrub(_describe_http_error(f"model backend {self.shown}", e))) from None

@@ -28,9 +28,9 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel
 
-from mmedagent.dispatcher import parse_params, result_views
+from mmedagent.dispatcher import error_text, failure_of, parse_params, result_views
 from mmedagent.serve.config import ServeConfig, add_common_args, config_or_exit
-from mmedagent.serve.remote import REQUEST_ID_HEADER, CallAnswer, loggable_id
+from mmedagent.serve.remote import REQUEST_ID_HEADER, TOOL_FAILED, CallAnswer, loggable_id
 from mmedagent.serve.security import setup_logging, without_echoed_input
 from mmedagent.serve.uploads import UploadError, image_from_data_url
 from mmedagent.serve.worker_base import (EXIT_CANNOT_LOAD, TOOL_OPTIONS_ENV, Heartbeat, bind_socket, follow_launcher,
@@ -178,7 +178,9 @@ def build_app(tool: Tool, max_upload_bytes: int, max_concurrency: int = 4, timeo
             raise HTTPException(503, str(e)) from None
         except Exception as e:  # the tool's failure is the caller's answer, the worker stays up
             log.warning("%s failed", tool.name, exc_info=e)  # reduced to its type and place by the log filter
-            raise HTTPException(500, f"{tool.name} failed: {type(e).__name__}: {e}") from None
+            if failure_of(e) == "params":  # the tool refused these params (ToolError): as parse_params's refusal
+                raise HTTPException(422, error_text(e)) from None
+            raise HTTPException(500, f"{TOOL_FAILED.format(tool=tool.name)}{error_text(e)}") from None
 
     @app.get("/schema")
     async def get_schema() -> dict[str, Any]:

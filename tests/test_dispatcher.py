@@ -56,6 +56,40 @@ def test_crash_becomes_error_result(tools):
     assert not out.ok and out.error == "RuntimeError: weights corrupted"
 
 
+def test_a_tool_error_reads_as_its_message_and_every_failure_says_its_kind(tools):
+    """A ToolError is a message the model and the user read as is (no "ToolError: " before it); each failure
+    carries its kind for a server's status code, and the kind is no part of the trace."""
+    from mmedagent.tools import ToolError
+
+    class NoTissue(ToolError):
+        failure = "params"
+
+    class Bogus(ToolError):
+        failure = "weird"
+
+    class Picky(CrashTool):
+        name = "picky"
+
+        def __call__(self, image, params):
+            raise self.error
+
+    picky = Picky()
+    d = Dispatcher([*tools, picky], timeout_s=0.3)
+    for error, text, kind in [(ToolError("no slice holds tissue"), "no slice holds tissue", "error"),
+                              (NoTissue("slice 40 is out of range"), "slice 40 is out of range", "params"),
+                              (Bogus("odd"), "odd", "error"), (ValueError("bad"), "ValueError: bad", "error")]:
+        picky.error = error
+        out = d.dispatch(call("picky"), None)
+        assert (out.ok, out.error, out.failure) == (False, text, kind)
+        assert "failure" not in out.model_dump() and "failure" not in out.model_dump_json()
+    assert d.dispatch(call("nosuch"), None).failure == "unknown"
+    assert d.dispatch(call("grounding", prompts="tumor"), grey_image()).failure == "params"
+    assert d.dispatch(call("grounding", prompts=["tumor"]), None).failure == "params"  # no image
+    assert d.dispatch(call("slow", seconds=30), None).failure == "timeout"
+    tools[1].release.set()
+    assert d.dispatch(call("grounding", prompts=["tumor"]), grey_image()).failure is None
+
+
 def test_a_timeout_the_tool_raises_is_its_own_error_not_the_dispatch_timeout():
     class Pacs(CrashTool):
         name = "pacs"

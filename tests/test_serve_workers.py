@@ -119,7 +119,7 @@ def test_the_controller_turns_a_busy_worker_into_a_tool_error_at_once():
             wait_until(lambda: ctl.registry.workers("tool")[0].stalled, 5, 0.02)
             r = client.post("/v1/tools/hang", json={"params": {}})
             assert r.status_code == 503, r.text  # refused by the worker, not timed out
-            assert r.json()["detail"] == ("WorkerError: hang: tool 'hang' is busy: its call slot is held by a call that "
+            assert r.json()["detail"] == ("tool 'hang' is busy: its call slot is held by a call that "
                                           "has run past the 1.5 s timeout (the tool may be hung); try again later")
             ctl.dispatcher.tools = ctl.all_tools()
             outcome = ctl.dispatcher.dispatch(ToolCall(API_name="hang", API_params={}), None)  # what a chat gets
@@ -719,9 +719,10 @@ def test_an_answer_cut_off_by_max_tokens_finishes_with_length(agent_api):
     (httpx.Response(200, json={"result": {"slept": 1.0}}), "for_model: Field required"),
     (httpx.Response(200, json={"result": {}, "for_model": {}, "overlay": {"boxes": "Doe^John"}}), "overlay.boxes: "),
 ])
-def test_a_tool_worker_answering_garbage_is_a_clear_error_naming_it(answer, problem):
+def test_a_tool_worker_answering_garbage_is_a_clear_error_naming_it(answer, problem, caplog):
     """Not a bare "KeyError: 'for_model'" or a pydantic dump quoting what the worker sent (it may
-    describe the patient's image): the worker, the bad field, and what to check."""
+    describe the patient's image): the worker, the bad field, and what to check. What the model reads
+    holds neither the exception's type nor the worker's address; the controller's log has the address."""
     from mmedagent.dispatcher import Dispatcher
     from mmedagent.serve.remote import remote_tool_class
 
@@ -731,8 +732,9 @@ def test_a_tool_worker_answering_garbage_is_a_clear_error_naming_it(answer, prob
         reg, httpx.Client(transport=httpx.MockTransport(lambda request: answer)), 5.0, lambda: ["nap"])
     outcome = Dispatcher({"nap": tool}, timeout_s=5).dispatch(ToolCall(API_name="nap", API_params={}), None)
     assert not outcome.ok and outcome.error.startswith(
-        "WorkerError: tool worker for 'nap' at http://10.0.0.1:8000 answered with a malformed result ("), outcome.error
+        "tool worker for 'nap' answered with a malformed result ("), outcome.error
     assert problem in outcome.error and outcome.error.endswith("is it an mmedagent tool worker?")
+    assert "tool worker for 'nap' at http://10.0.0.1:8000 answered with a malformed result" in caplog.text
     assert "Doe" not in outcome.error and "proxy" not in outcome.error
 
 
@@ -758,7 +760,7 @@ def test_a_chat_goes_to_another_model_worker_when_its_own_is_gone():
     assert planner.address == "http://10.0.0.2:8000" and [w.address for w in reg.workers()] == [planner.address]
     reg.remove(planner.address)
     reg.register(WorkerInfo(address="http://10.0.0.3:8000", kind="model", names=["demo"]))
-    with pytest.raises(WorkerError, match=r"^model worker for 'demo' at http://10\.0\.0\.3:8000 answered with "
+    with pytest.raises(WorkerError, match=r"^model worker for 'demo' answered with "
                                           r"malformed output; is it an mmedagent model worker\?$"):
         WorkerPlanner(reg, client, "demo", "c2", 5.0).generate([{"role": "user", "content": "Is it benign?"}], None)
 
@@ -827,6 +829,35 @@ def test_a_tool_failure_is_logged_with_its_exception_for_the_filter_to_reduce_or
     assert isinstance(record.exc_info[1], RuntimeError)
     RedactFilter().filter(record)
     assert record.getMessage().startswith("crash failed [RuntimeError") and record.exc_info is None
+
+
+def test_a_tool_failing_in_its_worker_reads_to_the_model_as_it_does_in_process():
+    """Served and in-process, the model reads a failed call in the same words: neither "WorkerError: crash: crash
+    failed: " before the tool's error nor the worker's address; a ToolError of kind "params" is the call's 422."""
+    from doubles import CrashTool
+    from mmedagent.dispatcher import Dispatcher
+    from mmedagent.serve.remote import remote_tool_class
+    from mmedagent.tools import ToolError
+
+    class OutOfRange(ToolError):
+        failure = "params"
+
+    class Slicer(CrashTool):
+        name = "slicer"
+
+        def __call__(self, image, params):
+            raise OutOfRange("slice 40 is out of range 0..19")
+
+    for tool in (CrashTool(), Slicer()):
+        in_process = Dispatcher([tool]).dispatch(ToolCall(API_name=tool.name, API_params={}), None)
+        with serving(tw.build_app(tool, 1 << 20)) as address:
+            reg = WorkerRegistry(expiry_s=60)
+            reg.register(tool_worker(address, tool.name))
+            remote = remote_tool_class(tool.name, {"needs_image": False})(
+                reg, httpx.Client(trust_env=False), 5.0, lambda: [tool.name])
+            served = Dispatcher([remote]).dispatch(ToolCall(API_name=tool.name, API_params={}), None)
+        assert (served.ok, served.error, served.failure) == (False, in_process.error, in_process.failure), served
+    assert in_process.error == "slice 40 is out of range 0..19" and in_process.failure == "params"
 
 
 def test_a_misspelt_tool_is_refused_before_anything_starts(tmp_path):

@@ -2,7 +2,7 @@
 ``mmedagent.tools`` entry-point group."""
 
 from mmedagent.tools._boxes import Box, Point
-from mmedagent.tools.base import Overlay, Tool, ToolParams, ToolResult
+from mmedagent.tools.base import Overlay, Tool, ToolError, ToolParams, ToolResult
 from mmedagent.tools.registry import UnknownToolError, get_tool, list_tools, load_plugin, refresh, register
 
 __all__ = [
@@ -10,6 +10,7 @@ __all__ = [
     "Overlay",
     "Point",
     "Tool",
+    "ToolError",
     "ToolParams",
     "ToolResult",
     "UnknownToolError",

@@ -20,6 +20,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from mmedagent.protocol import name_key
 
 
+class ToolError(Exception):
+    """A failure the model and the user read as its message alone (any other exception a tool raises
+    reads ``TypeName: message``): raise it where the message says all, e.g. "no slice holds tissue"."""
+
+    failure: ClassVar[str] = "error"
+    """Its :data:`~mmedagent.protocol.Failure` kind."""
+
+
 class ToolParams(BaseModel):
     """Base for a tool's ``Params``: unknown fields are errors that name the field."""
 
