@@ -936,6 +936,41 @@ def test_medqa_answer_text_and_free_text_qa(tmp_path):
     assert rec.conversations[-1].value == "A form of arthritis."
 
 
+def test_hub_dialogue_layouts(tmp_path):
+    """The column names of the medical dialogue sets people bring are read as they are: MedQuAD's capitalised
+    Question / Answer, ai-medical-chatbot's Patient / Doctor, medical-o1's Question / Complex_CoT / Response (its
+    reasoning trained on too), and Alpaca rows without an instruction."""
+    path = _rows(tmp_path / "hub.jsonl", [
+        {"qtype": "information", "Question": "What is gout?", "Answer": "A form of arthritis."},
+        {"Description": "Q. Headache?", "Patient": "Hi doctor, my head aches.", "Doctor": "Hi. Rest and drink water."},
+        {"Question": "Chest pain on exertion?", "Complex_CoT": "Exertional pain suggests ischaemia.",
+         "Response": "Stable angina."},
+        {"input": "I cough at night.", "output": "Since when?"},
+    ])
+    medquad, chatbot, o1, alpaca = (e for _, e in read_dialogue(path))
+    assert (medquad.prompt, medquad.reference) == ("What is gout?", "A form of arthritis.")
+    assert (chatbot.prompt, chatbot.reference) == ("Hi doctor, my head aches.", "Hi. Rest and drink water.")
+    assert o1.prompt == "Chest pain on exertion?"
+    assert o1.reference == ("## Thinking\n\nExertional pain suggests ischaemia.\n\n## Final Response\n\n"
+                            "Stable angina.")
+    assert (alpaca.prompt, alpaca.reference) == ("I cough at night.", "Since when?")
+    empty = _rows(tmp_path / "empty.jsonl", [{"Question": "Q?", "Complex_CoT": "Thinking.", "Response": " "}])
+    with pytest.raises(DataError, match=r"empty.jsonl: record 1: empty answer \(the response column\)"):
+        read_dialogue(empty)
+    odd = _rows(tmp_path / "odd.jsonl", [{"Prompt": "Q?", "Reply": "A."}])
+    with pytest.raises(DataError, match=r"record 1: missing columns: .*patient\+doctor.*; it has Prompt, Reply$"):
+        read_dialogue(odd)
+
+
+def test_too_few_records_names_the_held_out_flags(tmp_path, capsys):
+    """Data too small for the held-out parts says which settings hold fewer out."""
+    assert main(["dialogue-llama3", "--tiny", "--tiny-rows", "4", "--out", str(tmp_path / "o"),
+                 "--stop-after-data"]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "4 records leave none for training after holding out 4; use more data or fewer held-out records "
+        "(--val-fraction, --test-fraction)")
+
+
 def test_notebook_flag_names(tmp_path, capsys, monkeypatch):
     """The names notebooks use (--lr, --epochs, --max-seq-length, --cutoff_len, --load-in-4bit) work; a
     train_mem.py flag given as a setting is shown after `--`; QLoRA on a CPU says it trains a 16-bit base;

@@ -461,7 +461,8 @@ class CaptionRecipe(Recipe):
         items = read_captions(data, cfg.image_folder, self.out / "data" / "images", self.data_split,
                               cfg.image_column, cfg.caption_column)
         key = caption_key(items)
-        train, heldout = split(items, [self.cfg.eval_samples], self.cfg.seed, key=key)
+        train, heldout = split(items, [self.cfg.eval_samples], self.cfg.seed, key=key,
+                               flags="--eval-samples")
         train_file = write_sharegpt([caption_record(i, self.prompt) for i in train], self.out / "data" / "train.json")
         examples = [Example(i.id, self.prompt, i.caption, image=i.image) for i in heldout]
         write_examples(examples, self.out / "data" / "heldout.jsonl")

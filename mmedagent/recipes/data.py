@@ -5,7 +5,8 @@
   CSV / TSV files, saved HF datasets or parquet data (stored images exported to files);
 * medical QA and dialogue (MedQA-style multiple choice: ``question``, ``options``, ``answer_idx`` or the
   answer's text in ``answer``; ChatDoctor / Alpaca: ``instruction``, ``input``, ``output``; free-text
-  ``question`` + ``answer``; chat ``messages`` / ``conversations``).
+  ``question`` + ``answer`` (MedQuAD), ``Patient`` + ``Doctor``, ``Question`` + ``Complex_CoT`` + ``Response``
+  (medical-o1); chat ``messages`` / ``conversations``).
 
 Every problem (missing columns, missing images, empty captions or answers) is a
 :class:`~mmedagent.data.formats.DataError` naming the file and the 1-based row, raised before any
@@ -331,10 +332,27 @@ def _options(raw: Any, where: str) -> dict[str, str]:
     return opts
 
 
+FREE_TEXT_COLUMNS = (("question", "answer"), ("question", "response"), ("patient", "doctor"))
+"""(question, answer) columns of free-text QA: MedQuAD, medical-o1-reasoning-SFT, ai-medical-chatbot."""
+
+
+def _lower_columns(row: dict[str, Any]) -> dict[str, Any]:
+    """The row with lower-case column names (MedQuAD's ``Question`` / ``Answer``, medical-o1's ``Response``); a
+    lower-case column wins over its capitalised twin."""
+    out: dict[str, Any] = {}
+    for k, v in row.items():
+        key = k.lower() if isinstance(k, str) else k
+        if key not in out or key == k:
+            out[key] = v
+    return out
+
+
 def dialogue_item(row: dict[str, Any], where: str, default_id: str) -> tuple[Record, Example]:
     """A QA / dialogue row as a training record and as a held-out example (last assistant turn = reference).
-    Null fields count as absent: a table mixing layouts pads each row's unused columns with null."""
-    row = {k: v for k, v in row.items() if v is not None}
+    Null fields count as absent: a table mixing layouts pads each row's unused columns with null. Column names
+    are read in any case."""
+    columns = [k for k, v in row.items() if v is not None]
+    row = _lower_columns({k: v for k, v in row.items() if v is not None})
     rid = str(row.get("id") or default_id)
     if "question" in row and "options" in row:
         opts = _options(row["options"], where)
@@ -356,14 +374,21 @@ def dialogue_item(row: dict[str, Any], where: str, default_id: str) -> tuple[Rec
             rid,
         )
         return record, Example(rid, prompt, reference, options=tuple(opts))
-    chat = {"instruction", "output"} <= set(row) or "messages" in row or "conversations" in row
-    if not chat and {"question", "answer"} <= set(row):  # free-text QA (MedQuAD, HealthSearchQA, PubMedQA's long answer)
-        row = {"id": rid, "messages": [{"role": "user", "content": str(row["question"])},
-                                       {"role": "assistant", "content": str(row["answer"])}]}
+    chat = ("output" in row and ("instruction" in row or "input" in row)) or "messages" in row or "conversations" in row
+    pair = next(((q, a) for q, a in FREE_TEXT_COLUMNS if q in row and a in row), None)
+    if not chat and pair:  # free-text QA (MedQuAD, medical-o1, Patient/Doctor dialogue, PubMedQA's long answer)
+        question, answer = (str(row[c]).strip() for c in pair)
+        if not answer:
+            raise DataError(f"{where}: empty answer (the {pair[1]} column)")
+        reasoning = str(row.get("complex_cot") or "").strip()
+        if reasoning:  # medical-o1-reasoning-SFT: the reasoning is trained on too, laid out as HuatuoGPT-o1 trains it
+            answer = f"## Thinking\n\n{reasoning}\n\n## Final Response\n\n{answer}"
+        row = {"id": rid, "messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
     elif not chat:
         raise DataError(
-            f"{where}: missing columns: expected question+options+answer_idx (multiple choice), "
-            f"instruction+output (ChatDoctor / Alpaca), question+answer or messages; it has {', '.join(row)}"
+            f"{where}: missing columns: expected question+options+answer_idx (multiple choice), instruction/input+"
+            f"output (ChatDoctor / Alpaca), question+answer, question+response (medical-o1), patient+doctor, or "
+            f"messages / conversations; it has {', '.join(columns)}"
         )
     try:
         record = record_from_any(row, rid)
@@ -396,11 +421,12 @@ def read_dialogue(path: Path, split: str | None = None) -> list[tuple[Record, Ex
 
 
 def split(items: list[Any], fractions: Sequence[int | float], seed: int,
-          key: Callable[[Any], Hashable] | None = None) -> list[list[Any]]:
+          key: Callable[[Any], Hashable] | None = None, flags: str = "") -> list[list[Any]]:
     """Shuffle deterministically; ``fractions`` (0: none, < 1: share, >= 1: count) of the held-out parts,
     the rest is the first part (training). A held-out part with a share above 0 gets at least one item.
     Items that share their ``key`` with another (exact duplicates) are never held out: a copy would be
-    trained on, so the held-out part would score memorisation."""
+    trained on, so the held-out part would score memorisation. ``flags`` name the settings of the held-out
+    sizes in the error when nothing is left to train on."""
     order = list(range(len(items)))
     random.Random(seed).shuffle(order)
     keys = [key(x) for x in items] if key else list(order)
@@ -418,7 +444,7 @@ def split(items: list[Any], fractions: Sequence[int | float], seed: int,
     if wanted >= len(order):
         raise DataError(
             f"{len(items)} records leave none for training after holding out {wanted}; "
-            "use more data or fewer held-out records"
+            "use more data or fewer held-out records" + (f" ({flags})" if flags else "")
         )
     return [[items[i] for i in order if i not in held], *parts]
 

@@ -1,7 +1,8 @@
 """``dialogue-llama3``: medical QA and doctor–patient dialogue with a text-only Llama-3.
 
 Rows are MedQA-style multiple choice (``question``, ``options``, ``answer_idx``) or free text
-(ChatDoctor / Alpaca ``instruction`` + ``input`` + ``output``, or chat ``messages``), in any mix.
+(ChatDoctor / Alpaca ``instruction`` + ``input`` + ``output``, MedQuAD ``question`` + ``answer``, ``Patient`` +
+``Doctor``, medical-o1 ``Question`` + ``Complex_CoT`` + ``Response``, or chat ``messages``), in any mix.
 They are split into train / val / test; the model is fine-tuned with LoRA (r 8, α 32, dropout
 0.1) or in full (``--no-lora``), and the val and test answers of the result are scored with BLEU-4,
 ROUGE-L and METEOR, plus accuracy on the multiple-choice questions.
@@ -101,7 +102,8 @@ class DialogueLlama3(Recipe):
         def key(pair: tuple[Record, Example]) -> tuple:
             return pair[1].context, pair[1].prompt, pair[1].reference
 
-        train, val, test = split(pairs, [self.cfg.val_fraction, self.cfg.test_fraction], self.cfg.seed, key=key)
+        train, val, test = split(pairs, [self.cfg.val_fraction, self.cfg.test_fraction], self.cfg.seed,
+                                  key=key, flags="--val-fraction, --test-fraction")
         folder = self.out / "data"
         train_file = write_sharegpt([r for r, _ in train], folder / "train.json")
         for name, part in (("val", val), ("test", test)):
