@@ -332,3 +332,85 @@ def test_a_checkpoint_path_under_the_home_folder_written_with_a_tilde_loads(tiny
     shutil.copytree(tiny_models("llama"), tmp_path / "ckpt")
     model, _, family = load_model_and_processor("~/ckpt")
     assert family == "causal_lm" and model is not None
+
+
+def test_cls_patch_features_keep_the_cls_token_as_the_transformers_full_strategy(llava, tmp_path):
+    """LLaVA-Med v1.5 style config with ``mm_vision_select_feature: cls_patch`` and no ``mm_hidden_size``: the
+    converted model keeps the CLS feature (one image token more) and equals transformers' ``full`` strategy."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    full = tmp_path / "hf-full"
+    shutil.copytree(llava["hf"], full)
+    for name in ("config.json", "processor_config.json"):
+        data = json.loads((full / name).read_text())
+        (full / name).write_text(json.dumps({**data, "vision_feature_select_strategy": "full"}))
+    reference = LlavaForConditionalGeneration.from_pretrained(full).eval()
+    processor = AutoProcessor.from_pretrained(full)
+    inputs = dict(processor(images=test_image(32), text="USER: <image>\nWhere? ASSISTANT:", return_tensors="pt"))
+    src = write_original_llava(reference, llava["hf"], tmp_path / "orig", llava["tower"],
+                               arch="LlavaMistralForCausalLM", model_type="llava_mistral")
+    cfg = json.loads((src / "config.json").read_text())
+    del cfg["mm_hidden_size"]
+    (src / "config.json").write_text(json.dumps({**cfg, "mm_vision_select_feature": "cls_patch"}))
+    model, converted, _ = load_model_and_processor(src)
+    ids = converted(images=test_image(32), text="<image>", return_tensors="pt")["input_ids"]
+    assert int((ids == model.config.image_token_id).sum()) == model.config.image_seq_length == 17
+    torch.testing.assert_close(logits(model, inputs), logits(reference, inputs))
+
+
+def test_anyres_and_projector_only_folders_are_refused_in_one_line(llava, tmp_path):
+    """LLaVA-1.6's ``image_aspect_ratio: anyres`` was converted as one square image (its tiles silently lost);
+    a pretraining-stage folder (``mm_projector.bin`` alone) said only that it has no weights."""
+    from mmedagent.model.llava_convert import convert_llava_checkpoint
+
+    anyres = write_original_llava(llava["model"], llava["hf"], tmp_path / "llava-v1.6", llava["tower"])
+    cfg = json.loads((anyres / "config.json").read_text())
+    (anyres / "config.json").write_text(json.dumps({**cfg, "image_aspect_ratio": "anyres"}))
+    with pytest.raises(ValueError, match=r"image_aspect_ratio 'anyres' \(LLaVA-NeXT / LLaVA-1.6 tiling\) is not "
+                                         "supported"):
+        convert_llava_checkpoint(anyres, tmp_path / "out")
+    pretrain = write_original_llava(llava["model"], llava["hf"], tmp_path / "pretrain", llava["tower"])
+    state = torch.load(pretrain / "pytorch_model.bin", weights_only=True)
+    torch.save({k: v for k, v in state.items() if ".mm_projector." in k}, pretrain / "mm_projector.bin")
+    (pretrain / "pytorch_model.bin").unlink()
+    run = subprocess.run([sys.executable, "scripts/convert_llava_checkpoint.py", "--src", str(pretrain), "--dst",
+                          str(tmp_path / "out")], capture_output=True, text=True)
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert run.stderr.strip().splitlines()[-1] == (
+        f"error: {pretrain} holds only mm_projector.bin (LLaVA's pretraining stage: the projector without the "
+        "language model), not a full checkpoint; use the checkpoint fine-tuned from it")
+
+
+def test_a_full_clip_checkpoint_is_a_tower(llava, tmp_path):
+    """``openai/clip-vit-large-patch14-336``, what ``mm_vision_tower`` names, is a full CLIP (text half too)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    vision = llava["model"].config.vision_config.to_dict()
+    clip = CLIPModel(CLIPConfig(vision_config=vision, projection_dim=16, text_config=dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=100,
+        bos_token_id=0, eos_token_id=1, pad_token_id=1)))
+    clip.vision_model.load_state_dict(llava["model"].model.vision_tower.state_dict())
+    clip.save_pretrained(tmp_path / "clip")
+    CLIPImageProcessor.from_pretrained(llava["tower"]).save_pretrained(tmp_path / "clip")
+    src = write_original_llava(llava["model"], llava["hf"], tmp_path / "orig", tmp_path / "clip")
+    model, _, _ = load_model_and_processor(src)
+    torch.testing.assert_close(logits(model, llava["inputs"]), logits(llava["model"], llava["inputs"]))
+
+
+def test_a_tower_that_is_not_a_clip_vision_checkpoint_is_one_error_line(llava, tmp_path):
+    """``--vision-tower`` at the llava-hf folder (whose tower is inside it, under other names) converted with a
+    randomly initialised tower, with only transformers' warning; a wrong ``--vision-tower`` path was blamed on
+    ``mm_vision_tower``."""
+    src = write_original_llava(llava["model"], llava["hf"], tmp_path / "orig", llava["tower"])
+    for tower, message in [
+        (llava["hf"], rf"error: vision tower '{llava['hf']}' \(given as --vision-tower\) is not a CLIP vision "
+                      r"checkpoint: \d+ of its weights are missing \(embeddings\..*\); pass the CLIP tower with "
+                      "--vision-tower$"),
+        (tmp_path / "no-such-tower", rf"error: vision tower '{tmp_path / 'no-such-tower'}' \(given as --vision-tower\) "
+                                     "could not be loaded; pass its local path with --vision-tower$"),
+    ]:
+        run = subprocess.run([sys.executable, "scripts/convert_llava_checkpoint.py", "--src", str(src), "--dst",
+                              str(tmp_path / "out"), "--vision-tower", str(tower)], capture_output=True, text=True)
+        assert run.returncode == 2, run.stderr[-2000:]
+        assert re.match(message, run.stderr.strip().splitlines()[-1]), run.stderr[-1000:]
+    assert not (tmp_path / "out").exists()

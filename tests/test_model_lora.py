@@ -418,3 +418,27 @@ def test_an_adapter_missing_weights_its_config_places_is_one_error_line(llava_se
     with pytest.raises(ValueError, match=r"trimmed does not fit the base model .*: \d+ LoRA weights its config "
                                          r"places in the base are not in it \(.*v_proj"):
         load_model_and_processor(adapter, base=llava_setup["hf"])
+
+
+def test_a_projector_saved_in_the_adapter_file_is_applied_not_dropped(llava_setup, tmp_path):
+    """A LLaVA-layout LoRA trained with ``modules_to_save=["mm_projector"]`` keeps its projector in the adapter
+    file (no non_lora_trainables.bin): it was skipped with a warning and the base's projector kept, silently."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    adapter = tmp_path / "lora-projector-in-adapter"
+    shutil.copytree(llava_setup["mmed"], adapter)
+    weights = torch.load(adapter / "adapter_model.bin", weights_only=True)
+    weights.update(torch.load(adapter / "non_lora_trainables.bin", weights_only=True))
+    (adapter / "adapter_model.bin").unlink()
+    (adapter / "non_lora_trainables.bin").unlink()
+    save_file(weights, str(adapter / "adapter_model.safetensors"))
+    planner = load_planner(llava_setup["orig"], adapter=adapter, conv_template="vicuna_v1")
+    torch.testing.assert_close(logits(planner.model, llava_setup["inputs"]),
+                               logits(llava_setup["lora_model"], llava_setup["inputs"]))
+    lora_on_projector = {**weights, "base_model.model.model.mm_projector.0.lora_A.weight": torch.zeros(4, 32)}
+    save_file(lora_on_projector, str(adapter / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match=r"LoRA on the projector \(base_model\.model\.model\.mm_projector\.0\.lora_A"
+                                         r"\.weight\) is not supported"):
+        load_model_and_processor(adapter, base=llava_setup["orig"])

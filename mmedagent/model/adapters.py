@@ -85,7 +85,7 @@ def apply_adapter(model: Any, adapter_dir: str | Path, *, merge: bool = False) -
                 except ValueError as e:
                     raise ValueError(f"{misfit}: {e}") from None
             else:
-                log.warning("%s has no non_lora_trainables.bin: keeping the base model's projector", adapter_dir.name)
+                log.warning("%s holds no projector weights: keeping the base model's projector", adapter_dir.name)
             adapter_dir = converted
         config = PeftConfig.from_pretrained(str(adapter_dir))
         config.inference_mode = True

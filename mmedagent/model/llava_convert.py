@@ -177,6 +177,29 @@ def llava_image_processor(source: Any, do_pad: bool) -> Any:
     )
 
 
+def _load_tower(tower_ref: str, origin: str, option: str) -> tuple[Any, Any]:
+    """The CLIP vision model and image processor at ``tower_ref`` (a CLIP vision or full CLIP checkpoint, as
+    ``openai/clip-vit-large-patch14-336``); one-line errors for a tower that cannot be read or whose weights do
+    not fit a CLIP vision model (transformers would initialise those at random, with a warning)."""
+    import torch
+    from transformers import CLIPImageProcessor, CLIPVisionModel
+
+    prefer_cache_when_unreachable(tower_ref)
+    try:
+        tower, info = CLIPVisionModel.from_pretrained(tower_ref, dtype=torch.float32, output_loading_info=True)
+        clip_proc = CLIPImageProcessor.from_pretrained(tower_ref)
+    except OSError as e:
+        raise FileNotFoundError(f"vision tower {tower_ref!r} ({origin}) could not be loaded; pass its local path "
+                                f"with {option}") from e
+    except RuntimeError as e:  # "size mismatch …": the weights are not of the model its config describes
+        raise ValueError(f"vision tower {tower_ref!r} ({origin}): its weights do not fit its config.json") from e
+    if info["missing_keys"]:
+        missing = sorted(info["missing_keys"])
+        raise ValueError(f"vision tower {tower_ref!r} ({origin}) is not a CLIP vision checkpoint: {len(missing)} of its "
+                         f"weights are missing ({', '.join(missing[:2])}, …); pass the CLIP tower with {option}")
+    return tower, clip_proc
+
+
 def convert_llava_checkpoint(
     src: str | Path, dst: str | Path, *, vision_tower: str | Path | None = None, dtype: Any = None,
     tower_option: str | None = None,
@@ -186,9 +209,7 @@ def convert_llava_checkpoint(
     ``tower_option``: how the caller's users pass ``vision_tower`` (e.g. ``--vision-tower`` for a
     command line), named in the errors that ask for it; default ``vision_tower=``."""
     import torch
-    from transformers import (
-        CLIPImageProcessor, CLIPVisionModel, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor,
-    )
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
     src, dst = Path(src), Path(dst)
     cfg = _read_config(src)
@@ -204,6 +225,10 @@ def convert_llava_checkpoint(
     check_new_output_dir(dst)  # --dst = --src overwrote the original's config.json
     if cfg.get("mm_use_im_start_end"):
         raise ValueError("mm_use_im_start_end=True checkpoints are not supported (MMedAgent/LLaVA-Med v1.5 use False)")
+    aspect = str(cfg.get("image_aspect_ratio") or "square")
+    if aspect.startswith("anyres"):  # its image tiles (and image_newline) have no place in transformers' Llava
+        raise ValueError(f"{src}: image_aspect_ratio {aspect!r} (LLaVA-NeXT / LLaVA-1.6 tiling) is not supported; "
+                         "supported are 'pad' and 'square' (LLaVA-1.5, LLaVA-Med, MMedAgent)")
     tower_ref = str(vision_tower or cfg.get("mm_vision_tower") or cfg.get("vision_tower") or "")
     if not tower_ref:
         raise ValueError(f"{src}/config.json names no vision tower (mm_vision_tower); pass "
@@ -212,16 +237,13 @@ def convert_llava_checkpoint(
     select = cfg.get("mm_vision_select_feature", "patch")
     if select not in ("patch", "cls_patch"):
         raise ValueError(f"unsupported mm_vision_select_feature {select!r}")
-    prefer_cache_when_unreachable(tower_ref)
-    try:
-        tower = CLIPVisionModel.from_pretrained(tower_ref, dtype=torch.float32)
-        clip_proc = CLIPImageProcessor.from_pretrained(tower_ref)
-    except OSError as e:
-        raise FileNotFoundError(
-            f"vision tower {tower_ref!r} (from mm_vision_tower) could not be loaded; pass its local path "
-            f"with {tower_option or '--vision-tower / vision_tower='}"
-        ) from e
+    option = tower_option or "--vision-tower / vision_tower="
+    tower, clip_proc = _load_tower(tower_ref, f"given as {option}" if vision_tower else "from mm_vision_tower", option)
 
+    if (src / "mm_projector.bin").is_file() and not any(src.glob("*.safetensors")) \
+            and not any(src.glob("pytorch_model*.bin")):
+        raise ValueError(f"{src} holds only mm_projector.bin (LLaVA's pretraining stage: the projector without the "
+                         "language model), not a full checkpoint; use the checkpoint fine-tuned from it")
     tokenizer = load_processor(src, "causal_lm", declared_tokenizer=True)  # before the weights: a folder without one fails at once
     state = load_state_dict(src)
     added = tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
@@ -283,7 +305,7 @@ def convert_llava_checkpoint(
         projector_hidden_act=PROJECTOR_ACT[kind],
         vision_feature_layer=cfg.get("mm_vision_select_layer", -2),
         vision_feature_select_strategy="default" if select == "patch" else "full",
-        image_seq_length=(vision_config.image_size // vision_config.patch_size) ** 2,
+        image_seq_length=(vision_config.image_size // vision_config.patch_size) ** 2 + (select == "cls_patch"),
         multimodal_projector_bias=True, tie_word_embeddings=tied,
     )
     with torch.device("meta"):
@@ -303,7 +325,7 @@ def convert_llava_checkpoint(
     model.generation_config.pad_token_id = tokenizer.pad_token_id
 
     # --- processor
-    image_processor = llava_image_processor(clip_proc, do_pad=cfg.get("image_aspect_ratio", "square") == "pad")
+    image_processor = llava_image_processor(clip_proc, do_pad=aspect == "pad")
     processor = LlavaProcessor(
         image_processor=image_processor, tokenizer=tokenizer, patch_size=vision_config.patch_size,
         vision_feature_select_strategy=config.vision_feature_select_strategy,
@@ -398,7 +420,8 @@ def convert_llava_lora(adapter_dir: str | Path, dst: str | Path,
                        hidden_size: int) -> tuple[Path, dict[str, Any], str | None]:
     """Rewrite an original-layout LoRA for transformers' Llava; return ``(adapter_dir, projector_state, kind)``.
 
-    The projector state (from ``non_lora_trainables.bin``, keys ``…mm_projector.*``) is returned
+    The projector state (full projector weights in the adapter file, as peft saves ``modules_to_save=["mm_projector"]``,
+    else ``non_lora_trainables.bin``'s, keys ``…mm_projector.*``) is returned
     in ``multi_modal_projector`` naming, with its :func:`projector_kind` (None: no projector), for
     :func:`load_projector` into the base model before the adapter.
     """
@@ -407,10 +430,14 @@ def convert_llava_lora(adapter_dir: str | Path, dst: str | Path,
     adapter_dir, dst = Path(adapter_dir), Path(dst)
     cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
     weights = _load_adapter_weights(adapter_dir)
-    renamed = {}
+    renamed, saved_projector = {}, {}
     for k, v in weights.items():
-        if k.startswith(_LORA_PREFIX + "mm_projector."):
-            continue  # projector LoRA is not a thing in MMedAgent; full weights come from non_lora_trainables
+        if ".mm_projector." in k:
+            if "lora_" in k:
+                raise ValueError(f"{adapter_dir}: LoRA on the projector ({k}) is not supported; train the projector "
+                                 "in full (LLaVA's non_lora_trainables.bin, or modules_to_save)")
+            saved_projector[k[k.index("mm_projector."):]] = v  # full weights (modules_to_save=["mm_projector"])
+            continue
         if k.startswith(_LORA_PREFIX) and not k.startswith(_LORA_PREFIX + "language_model."):
             k = _LORA_PREFIX + "language_model." + k[len(_LORA_PREFIX):]
         renamed[k] = v
@@ -426,20 +453,16 @@ def convert_llava_lora(adapter_dir: str | Path, dst: str | Path,
 
     save_file({k: v.contiguous() for k, v in renamed.items()}, str(dst / "adapter_model.safetensors"))
 
-    projector: dict[str, Any] = {}
-    kind = None
+    proj = {}
     extra = adapter_dir / "non_lora_trainables.bin"
     if extra.is_file():
         raw = torch.load(extra, map_location="cpu", weights_only=True)
-        proj = {}
-        for k, v in raw.items():
-            idx = k.find("mm_projector.")
-            if idx >= 0:
-                proj[k[idx:]] = v
-        if proj:
-            kind = projector_kind(proj, "mm_projector.")
-            projector = _projector_state(proj, "mm_projector.", kind, hidden_size)
         unknown = [k for k in raw if "mm_projector." not in k]
         if unknown:
             raise ValueError(f"non_lora_trainables.bin holds tensors other than the projector: {unknown[:5]}")
-    return dst, projector, kind
+        proj = {k[k.index("mm_projector."):]: v for k, v in raw.items()}
+    proj = saved_projector or proj  # LLaVA loads the adapter after non_lora_trainables.bin: the adapter's wins
+    if not proj:
+        return dst, {}, None
+    kind = projector_kind(proj, "mm_projector.")
+    return dst, _projector_state(proj, "mm_projector.", kind, hidden_size), kind
