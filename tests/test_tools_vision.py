@@ -308,9 +308,24 @@ def test_grounding_param_errors(dispatcher):
 def test_grounding_prompts_longer_than_the_text_encoder_are_a_clear_error(dispatcher):
     """The tiny model reads 32 text tokens; 12 four-word prompts make 62 (was a tensor-size crash)."""
     img = scan_image(130, 130)
-    err = dispatcher.dispatch(call("grounding dino", prompts=["tumor lesion cell nucleus"] * 12), img).error
+    words = ["tumor", "lesion", "cell", "nucleus", "liver", "kidney", "brain", "lung", "heart", "mass"]
+    prompts = [" ".join(words[i : i + 4] if i < 7 else words[i - 7 : i - 3][::-1]) for i in range(12)]
+    assert len(set(prompts)) == 12
+    err = dispatcher.dispatch(call("grounding dino", prompts=prompts), img).error
     assert "62 text tokens" in err and "at most 32" in err and "fewer or shorter prompts" in err
-    assert dispatcher.dispatch(call("grounding dino", prompts=["tumor lesion cell nucleus"] * 6), img).ok
+    assert dispatcher.dispatch(call("grounding dino", prompts=prompts[:6]), img).ok
+
+
+def test_repeated_prompts_are_read_once_and_separator_only_prompts_are_refused(dispatcher):
+    """A repeat (any case or spacing) spent the detector's text tokens for nothing: 12 copies of a prompt were
+    refused as too long; a prompt of '.' (Grounding DINO's phrase separator) named nothing and gave empty phrases."""
+    assert GroundingTool.Params(prompts=["tumor", " Tumor", "liver  mass", "LIVER mass"]).prompts == ["tumor",
+                                                                                                  "liver mass"]
+    img = scan_image(130, 130)
+    assert dispatcher.dispatch(call("grounding dino", prompts=["tumor lesion cell nucleus"] * 12), img).ok
+    for bad in (".", " . ", "?"):
+        err = dispatcher.dispatch(call("grounding dino", prompts=["tumor", bad]), img).error
+        assert "prompt 1" in err and "names nothing" in err
 
 
 def test_an_image_too_elongated_for_the_detector_is_a_clear_error_and_the_turn_goes_on(dispatcher):
@@ -558,6 +573,15 @@ def test_classification_param_errors(dispatcher):
     assert "top_k" in dispatcher.dispatch(call("BiomedClip", top_k=0), img).error
 
 
+def test_a_template_slot_other_than_empty_braces_is_a_param_error(dispatcher):
+    """'a photo of {label}' was taken as slot-less: the model read 'a photo of {label} brain MRI'."""
+    img = scan_image()
+    for template in ("a photo of {label}", "{0} scan", "a {} image }"):
+        err = dispatcher.dispatch(call("BiomedClip", template=template), img).error
+        assert "template" in err and "written {}" in err
+    assert dispatcher.dispatch(call("BiomedClip", template="a {} image"), img).ok
+
+
 def test_classification_template_with_or_without_trailing_space_or_slot(classifier):
     """``"a scan of"`` is not glued to the label ("a scan ofchest X-ray"); ``{}`` marks where the label goes."""
     img = scan_image()
@@ -661,6 +685,80 @@ def test_multi_call_turn_end_to_end(dispatcher):
     assert back.question == question
     overlays = [r.overlay() for r in results]
     assert overlays[1] is None and render(img, overlays).size == img.size
+
+
+def test_weights_errors_are_one_line():
+    from mmedagent.tools._boxes import weights_error
+
+    hub = OSError("We couldn't connect to 'https://huggingface.co' to load the files.\nCheck your connection.")
+    msg = str(weights_error("grounding", "org/model", "Download it.", hub))
+    assert "\n" not in msg and "load the files. Check your connection." in msg
+
+
+def test_weights_that_are_missing_or_of_another_kind_are_one_clear_line(tmp_path):
+    """A missing folder was read as a malformed hub id ("Repo id must be in the form ...") or an open_clip model
+    name (a list of every built-in model); a folder of another model type, a file that is no checkpoint and an
+    unreadable config raised the libraries' errors (a TypeError from the wrong modules, a 6-line unpickling
+    error, a bare FileNotFoundError)."""
+    from transformers import BertConfig
+
+    def error(make):
+        with pytest.raises((RuntimeError, ValueError)) as info:
+            make().ensure_loaded()
+        msg = str(info.value)
+        assert "\n" not in msg
+        return msg
+
+    missing = tmp_path / "nothing-here"
+    for make in (lambda: GroundingTool(model=str(missing)), lambda: ClassificationTool(model=str(missing))):
+        msg = error(make)
+        assert "nothing-here' (FileNotFoundError: no such folder)" in msg and "Repo id" not in msg
+        assert "Available" not in msg
+    BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8).save_pretrained(
+        tmp_path / "bert")
+    assert "holds a 'bert' model, not Grounding DINO" in error(lambda: GroundingTool(model=str(tmp_path / "bert")))
+    (tmp_path / "notes.pth").write_text('{"not": "weights"}')
+    assert "notes.pth' (ValueError: not a PyTorch checkpoint" in error(
+        lambda: SegmentationTool(checkpoint=str(tmp_path / "notes.pth")))
+    ckpt = save_tiny_sam(tmp_path / "sam", "tiny_medsam_vit")
+    assert "cannot read the SAM architecture config" in error(
+        lambda: SegmentationTool(checkpoint=str(ckpt), config=str(tmp_path / "none.json")))
+
+
+def test_weights_folders_under_the_home_folder_load(weights, monkeypatch):
+    """``~/...`` reached transformers and open_clip unexpanded: a folder that exists was 'not found'."""
+    monkeypatch.setenv("HOME", str(weights["grounding"].parent))
+    for tool in (GroundingTool(model=f"~/{weights['grounding'].name}"),
+                 ClassificationTool(model=f"~/{weights['clip'].name}")):
+        tool.ensure_loaded()
+        assert tool.loaded
+
+
+def test_an_mm_grounding_dino_checkpoint_runs_as_itself(weights, tmp_path):
+    """MM-Grounding-DINO loaded into GroundingDinoForObjectDetection dropped its class-embedding biases (a warning,
+    then other scores); it is its own model class in transformers, read through the same processor."""
+    import shutil
+
+    from transformers import GroundingDinoConfig, MMGroundingDinoConfig, MMGroundingDinoForObjectDetection
+
+    out = tmp_path / "mm-grounding-dino"
+    shutil.copytree(weights["grounding"], out)
+    fields = MMGroundingDinoConfig().to_dict()
+    config = {k: v for k, v in GroundingDinoConfig.from_pretrained(out).to_dict().items()
+              if k in fields and k not in ("model_type", "architectures", "transformers_version")}
+    torch.manual_seed(1)
+    model = MMGroundingDinoForObjectDetection(MMGroundingDinoConfig(**config)).eval()
+    model.save_pretrained(out)
+    tool = GroundingTool(model=str(out))
+    tool.ensure_loaded()
+    assert type(tool.model) is MMGroundingDinoForObjectDetection
+    img = scan_image(150, 130)
+    inputs = tool.processor(images=img, text="tumor .", return_tensors="pt")
+    with torch.inference_mode():
+        direct = tool.processor.post_process_grounded_object_detection(
+            model(**inputs), inputs["input_ids"], threshold=0.0, text_threshold=0.0)[0]
+    found = tool(img, GroundingTool.Params(prompts=["tumor"], box_threshold=0.0, text_threshold=0.0))
+    assert max(found.logits) == pytest.approx(float(direct["scores"].max()), abs=1e-5)
 
 
 def test_weights_errors_name_a_checkpoint_file_as_a_path_not_a_hub_id():

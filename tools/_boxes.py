@@ -9,6 +9,7 @@ with the COCO string codec — byte-compatible with ``pycocotools.mask.encode``,
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
@@ -70,9 +71,22 @@ def as_pil_rgb(image: Any) -> Image.Image:
 
 
 def weights_error(tool: str, ref: str, how: str, err: Exception) -> RuntimeError:
-    """A missing-weights error that names the path or hub id and how to get the weights."""
+    """A missing-weights error, on one line, that names the path or hub id and how to get the weights."""
     where = "hub id" if is_hub_id(ref) else "local path"
-    return RuntimeError(f"{tool}: could not load weights from {where} {ref!r} ({type(err).__name__}: {err}). {how}")
+    why = " ".join(str(err).split())  # the hub's messages run over several lines
+    return RuntimeError(f"{tool}: could not load weights from {where} {ref!r} ({type(err).__name__}: {why}). {how}")
+
+
+def missing_local_folder(ref: str) -> Exception | None:
+    """Why ``ref``, when it names a local folder (not a hub id or a ``scheme:`` reference), cannot be one; None
+    when it can or is no local path. Checked before loading: the loaders would read a missing path as a
+    malformed hub id (or a model name) and say so instead."""
+    if is_hub_id(ref) or ":" in ref:
+        return None
+    path = Path(ref).expanduser()
+    if not path.exists():
+        return FileNotFoundError("no such folder")
+    return None if path.is_dir() else NotADirectoryError("a file, not a model folder")
 
 
 def pick_device(requested: str | None) -> str:

@@ -9,7 +9,7 @@ from typing import Any
 from pydantic import Field, field_validator
 
 from mmedagent.hub import prefer_cache_when_unreachable
-from mmedagent.tools._boxes import as_pil_rgb, pick_device, weights_error
+from mmedagent.tools._boxes import as_pil_rgb, missing_local_folder, pick_device, weights_error
 from mmedagent.tools.base import Tool, ToolParams, ToolResult
 
 DEFAULT_MODEL = "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
@@ -59,6 +59,14 @@ class ClassificationParams(ToolParams):
             raise ValueError("labels must be distinct (ignoring case and spacing)")
         return cleaned
 
+    @field_validator("template")
+    @classmethod
+    def _template(cls, template: str) -> str:
+        if "{" in template.replace("{}", "") or "}" in template.replace("{}", ""):
+            raise ValueError(f"template {template!r}: the label's place is written {{}} (e.g. 'a {{}} image'); "
+                             "other braces are not allowed")
+        return template
+
 
 def label_prompt(template: str, label: str) -> str:
     """The text encoded for one label: ``template`` with ``{}`` replaced by the label, else the template
@@ -96,7 +104,12 @@ class ClassificationTool(Tool):
         import torch
 
         ref = str(self.options.get("model", DEFAULT_MODEL))
-        name = f"local-dir:{ref}" if ":" not in ref and Path(ref).expanduser().is_dir() else ref
+        how = (f"Download the open_clip repo (e.g. `hf download {DEFAULT_MODEL.removeprefix('hf-hub:')} "
+               "--local-dir DIR`) and pass model=DIR, give an open_clip model name with pretrained=TAG_OR_FILE, "
+               "or allow hub access.")
+        if (missing := missing_local_folder(ref)) is not None:
+            raise weights_error(self.name, ref, how, missing)
+        name = f"local-dir:{Path(ref).expanduser()}" if ":" not in ref and Path(ref).expanduser().is_dir() else ref
         self.device = pick_device(self.options.get("device"))
         prefer_cache_when_unreachable(name)
         try:
@@ -105,14 +118,7 @@ class ClassificationTool(Tool):
             )
             self.tokenizer = open_clip.get_tokenizer(name)
         except (OSError, RuntimeError, ValueError) as e:
-            raise weights_error(
-                self.name,
-                ref,
-                f"Download the open_clip repo (e.g. `hf download {DEFAULT_MODEL.removeprefix('hf-hub:')} "
-                "--local-dir DIR`) and pass model=DIR, give an open_clip model name with pretrained=TAG_OR_FILE, "
-                "or allow hub access.",
-                e,
-            ) from e
+            raise weights_error(self.name, ref, how, e) from e
         self.model = model.eval()
         self.preprocess = preprocess
         self._torch = torch

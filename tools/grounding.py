@@ -2,24 +2,32 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from pydantic import Field, field_validator
 
 from mmedagent.hub import prefer_cache_when_unreachable
-from mmedagent.tools._boxes import MAX_PROMPTS, as_pil_rgb, nms, pick_device, weights_error
+from mmedagent.tools._boxes import MAX_PROMPTS, as_pil_rgb, missing_local_folder, nms, pick_device, weights_error
 from mmedagent.tools.base import Overlay, Tool, ToolParams, ToolResult
 
 DEFAULT_MODEL = "IDEA-Research/grounding-dino-base"
+MODEL_TYPES = ("grounding-dino", "mm-grounding-dino")
+"""transformers model types read as Grounding DINO (MM-Grounding-DINO shares its processor and outputs)."""
 
 
 def clean_prompts(prompts: list[str]) -> list[str]:
-    """Strip every prompt; an empty one is an error that says which."""
-    cleaned = [p.strip() for p in prompts]
-    for i, p in enumerate(cleaned):
-        if not p:
-            raise ValueError(f"prompt {i} is empty; give the object to find, e.g. 'tumor'")
-    return cleaned
+    """Strip every prompt and drop repeats (ignoring case and spacing: the detector lowercases, and a repeat
+    spends text tokens on nothing); an empty one, or one of separators only (Grounding DINO splits phrases
+    at '.'), is an error that says which."""
+    cleaned: dict[str, str] = {}
+    for i, p in enumerate(prompts):
+        p = " ".join(p.split())
+        if not any(c.isalnum() for c in p):
+            raise ValueError(f"prompt {i} is {'empty' if not p else f'{p!r}, which names nothing'}; give the object "
+                             "to find, e.g. 'tumor'")
+        cleaned.setdefault(p.casefold(), p)
+    return list(cleaned.values())
 
 
 class GroundingParams(ToolParams):
@@ -41,11 +49,11 @@ class GroundingResult(ToolResult):
 
 
 class GroundingTool(Tool):
-    """Grounding DINO via ``GroundingDinoForObjectDetection``.
+    """Grounding DINO via transformers (``GroundingDinoForObjectDetection``, ``MMGroundingDinoForObjectDetection``).
 
     Options: ``model`` (hub id or local directory saved with ``save_pretrained``; default
-    ``IDEA-Research/grounding-dino-base``; any Grounding DINO fine-tune in transformers format
-    works), ``device`` (default cuda when available), ``nms_iou`` (0.8, as MMedAgent), ``max_boxes``
+    ``IDEA-Research/grounding-dino-base``; any Grounding DINO or MM-Grounding-DINO fine-tune in transformers
+    format works), ``device`` (default cuda when available), ``nms_iou`` (0.8, as MMedAgent), ``max_boxes``
     (keep at most this many boxes, best first; default all).
     """
 
@@ -60,7 +68,7 @@ class GroundingTool(Tool):
 
     def load(self) -> None:
         import torch
-        from transformers import AutoProcessor, GroundingDinoForObjectDetection
+        from transformers import AutoConfig, AutoModelForZeroShotObjectDetection, AutoProcessor
 
         ref = str(self.options.get("model", DEFAULT_MODEL))
         self.device = pick_device(self.options.get("device"))
@@ -69,18 +77,24 @@ class GroundingTool(Tool):
         self.max_boxes = int(max_boxes) if max_boxes is not None else None
         if self.max_boxes is not None and self.max_boxes < 1:
             raise ValueError(f"max_boxes must be at least 1, got {max_boxes}")
+        how = (f"Download a Grounding DINO checkpoint in transformers format (e.g. `hf download {DEFAULT_MODEL} "
+               "--local-dir DIR`) and pass model=DIR, or allow hub access.")
+        if (missing := missing_local_folder(ref)) is not None:
+            raise weights_error(self.name, ref, how, missing)
         prefer_cache_when_unreachable(ref)
+        source = os.path.expanduser(ref)
         try:
-            self.processor = AutoProcessor.from_pretrained(ref)
-            self.model = GroundingDinoForObjectDetection.from_pretrained(ref).to(self.device).eval()
+            model_type = AutoConfig.from_pretrained(source).model_type
+        except (OSError, ValueError) as e:  # ValueError: a config.json without model_type
+            raise weights_error(self.name, ref, how, e) from e
+        if model_type not in MODEL_TYPES:  # it would load, its weights dropped or the wrong modules built
+            raise ValueError(f"grounding: {ref!r} holds a {model_type!r} model, not Grounding DINO (model_type "
+                             f"{' or '.join(map(repr, MODEL_TYPES))}). {how}")
+        try:
+            self.processor = AutoProcessor.from_pretrained(source)
+            self.model = AutoModelForZeroShotObjectDetection.from_pretrained(source).to(self.device).eval()
         except OSError as e:
-            raise weights_error(
-                self.name,
-                ref,
-                f"Download a Grounding DINO checkpoint in transformers format (e.g. `hf download {DEFAULT_MODEL} "
-                "--local-dir DIR`) and pass model=DIR, or allow hub access.",
-                e,
-            ) from e
+            raise weights_error(self.name, ref, how, e) from e
         self._special = set(self.processor.tokenizer.all_special_tokens)
         self._torch = torch
         self.weights_note = f"Grounding DINO: {ref}"

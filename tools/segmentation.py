@@ -20,6 +20,7 @@ the keys of :data:`ARCH_DEFAULTS`; it is then built from segment-anything's modu
 from __future__ import annotations
 
 import json
+import pickle
 import threading
 from collections.abc import Iterable, Iterator
 from functools import partial
@@ -292,17 +293,38 @@ class SegmentationTool(Tool):
         else:
             path = Path(ref).expanduser()
             if not path.is_file():
-                raise weights_error(self.name, ref, HOW_TO_GET, FileNotFoundError("no such file"))
-            state = torch.load(path, map_location="cpu", weights_only=True)
+                why = "a folder, not a .pth file" if path.is_dir() else "no such file"
+                raise weights_error(self.name, ref, HOW_TO_GET, FileNotFoundError(why))
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+                raise weights_error(self.name, ref, HOW_TO_GET, ValueError(
+                    "not a PyTorch checkpoint (a state dict saved with torch.save), or a damaged one")) from e
             config_path = self.options.get("config") or (
                 path.with_suffix(".json") if path.with_suffix(".json").is_file() else None
             )
             source = path.name
+        if not isinstance(state, dict):
+            raise weights_error(self.name, ref, HOW_TO_GET, TypeError(f"holds a {type(state).__name__}, not a state dict"))
         for key in ("model", "state_dict"):  # training checkpoints wrap the weights
             if isinstance(state.get(key), dict):
                 state = state[key]
-        arch = json.loads(Path(config_path).read_text(encoding="utf-8")) if config_path else {}
-        return state, arch, source
+        return state, self._arch(config_path), source
+
+    def _arch(self, config_path: str | Path | None) -> dict:
+        """The JSON architecture config at ``config_path`` ({} for none)."""
+        if not config_path:
+            return {}
+        try:
+            arch = json.loads(Path(config_path).expanduser().read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"segmentation: cannot read the SAM architecture config {str(config_path)!r} "
+                             f"({type(e).__name__}: {' '.join(str(e).split())}); give a JSON file of the keys in "
+                             "ARCH_DEFAULTS, or leave the config option out for a standard vit_b/l/h checkpoint") from e
+        if not isinstance(arch, dict):
+            raise ValueError(f"segmentation: the SAM architecture config {str(config_path)!r} must be a JSON object, "
+                             f"not a {type(arch).__name__}")
+        return arch
 
     def segment(self, image: Any, boxes=None, points=None, point_labels=None) -> SegmentationResult:
         """Masks for normalised boxes and/or points (lists or arrays) on an image; any number of boxes
