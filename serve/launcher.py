@@ -27,8 +27,8 @@ import uvicorn
 from mmedagent.serve.config import API_KEY_ENV, ServeConfig, ToolSpec, is_loopback
 from mmedagent.serve.controller import Controller, build_app, is_background, tool_specs
 from mmedagent.serve.security import GuardMiddleware
-from mmedagent.serve.worker_base import (EXIT_CANNOT_LOAD, EXIT_REFUSED, LAUNCHER_PID_ENV, TOOL_OPTIONS_ENV, bind_socket,
-                                         interrupt, url_for)
+from mmedagent.serve.worker_base import (BACKEND_URL_ENV, EXIT_CANNOT_LOAD, EXIT_REFUSED, LAUNCHER_PID_ENV, TOOL_OPTIONS_ENV,
+                                         bind_socket, interrupt, url_for)
 from mmedagent.tools import Tool
 from mmedagent.tools.grounding_segmentation import share_composite_parts
 
@@ -207,15 +207,16 @@ class Launcher:
             model_args = []
             for flag, value in (("--model-path", cfg.model_path), ("--model-base", cfg.model_base), ("--model-name", cfg.model_name),
                                 ("--conv-template", cfg.conv_template), ("--device", cfg.device), ("--dtype", cfg.dtype),
-                                ("--system-prompt", cfg.system_prompt),
-                                ("--backend-url", cfg.model_backend_url), ("--backend-model", cfg.model_backend_model)):
+                                ("--system-prompt", cfg.system_prompt), ("--backend-model", cfg.model_backend_model)):
                 if value:
                     model_args += [flag, value]
             if cfg.prompt_lookup:
                 model_args += ["--prompt-lookup", str(cfg.prompt_lookup)]
             if cfg.constrain is not None:
                 model_args.append("--constrain" if cfg.constrain else "--no-constrain")
-            self._spawn("model worker", self._script("model_worker.py", *common, *model_args, *upload))
+            # the URL may hold credentials (user:password@host, a token in its query): not on a command line (ps)
+            backend = {BACKEND_URL_ENV: cfg.model_backend_url} if cfg.model_backend_url else {}
+            self._spawn("model worker", self._script("model_worker.py", *common, *model_args, *upload), **backend)
             tool_settings = ["--tool-timeout", str(cfg.tool_timeout_s), *upload]
             for name, spec in tool_specs(cfg).items():
                 if spec.in_process:

@@ -42,7 +42,8 @@ from mmedagent.serve.messages import DEFAULT_NEW_TOKENS, MAX_NEW_TOKENS, MAX_PRO
 from mmedagent.serve.security import setup_logging, without_echoed_input
 from mmedagent import demo
 from mmedagent.serve.uploads import UploadError, image_from_data_url
-from mmedagent.serve.worker_base import EXIT_CANNOT_LOAD, Heartbeat, bind_socket, follow_launcher, serve_worker, url_for
+from mmedagent.serve.worker_base import (BACKEND_URL_ENV, EXIT_CANNOT_LOAD, Heartbeat, bind_socket, follow_launcher,
+                                         serve_worker, url_for)
 
 log = logging.getLogger("mmedagent.serve.model_worker")
 
@@ -377,7 +378,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="decode turns under the turn format and tool schemas (default: mmedagent.json, else off)")
     parser.add_argument("--system-prompt", choices=("catalog", "plain", "none"), default=None,
                         help="what the model was trained with (default: mmedagent.json in the model dir, else catalog)")
-    parser.add_argument("--backend-url", default=None, help="forward to this OpenAI-compatible API root instead")
+    parser.add_argument("--backend-url", default=None, help="forward to this OpenAI-compatible API root instead "
+                        f"(default: ${BACKEND_URL_ENV}, how the launcher passes it, out of sight of ps)")
     parser.add_argument("--backend-model", default=None)
     parser.add_argument("--controller", default=None)
     parser.add_argument("--host", default=None)
@@ -387,6 +389,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-register", action="store_true", help="serve alone (OpenAI API), no controller")
     add_common_args(parser)
     args = parser.parse_args(argv)
+    args.backend_url = args.backend_url or os.environ.pop(BACKEND_URL_ENV, None)  # not inherited any further
     cfg = config_or_exit(
         parser, args.config, api_key=args.api_key, log_level=args.log_level, host=args.host, model_path=args.model_path,
         model_base=args.model_base, max_upload_mb=args.max_upload_mb, model_name=args.model_name, conv_template=args.conv_template, device=args.device, dtype=args.dtype, system_prompt=args.system_prompt,

@@ -34,6 +34,8 @@ LAUNCHER_PID_ENV = "MMEDAGENT_LAUNCHER_PID"
 """Set by ``python serve/controller.py`` for the children it starts: they stop when it is gone."""
 TOOL_OPTIONS_ENV = "MMEDAGENT_TOOL_OPTIONS"
 """A tool worker's constructor options (JSON) from the launcher: a plug-in's credentials stay off command lines."""
+BACKEND_URL_ENV = "MMEDAGENT_BACKEND_URL"
+"""The model worker's backend URL from the launcher: credentials in it stay off command lines."""
 
 
 def interrupt(signum: int, frame: object) -> None:

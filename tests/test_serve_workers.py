@@ -181,6 +181,25 @@ def test_a_tool_workers_options_travel_in_its_environment_not_on_its_command_lin
     assert json.loads(env["MMEDAGENT_TOOL_OPTIONS"]) == {"api_key": "s3cr3t-plugin"}
 
 
+def test_the_backend_url_travels_in_the_model_workers_environment_not_on_its_command_line(monkeypatch):
+    """A backend URL may hold credentials (user:password@host): on a command line every user of the machine reads it."""
+    from mmedagent.serve import model_worker as mw
+
+    url = "http://alice:s3cr3t@gpu-box:8000/v1"
+    launcher = la.Launcher(load_config(None, model_backend_url=url), None)
+    spawned = []
+    launcher._spawn = lambda label, argv, **env: spawned.append((argv, env))
+    launcher.start_children("http://127.0.0.1:9", None)
+    argv, env = next((a, e) for a, e in spawned if a[1].endswith("model_worker.py"))
+    assert "s3cr3t" not in " ".join(argv) and env == {"MMEDAGENT_BACKEND_URL": url}
+    monkeypatch.setenv("MMEDAGENT_BACKEND_URL", url)
+    seen = {}
+    monkeypatch.setattr(mw, "load_host", lambda cfg: seen.setdefault("url", cfg.model_backend_url) and sys.exit(7))
+    with pytest.raises(SystemExit):
+        mw.main(argv[2:])
+    assert seen["url"] == url and "MMEDAGENT_BACKEND_URL" not in os.environ  # not passed on to its own children
+
+
 def test_a_tool_whose_name_or_alias_is_another_tools_is_refused():
     reg = WorkerRegistry(expiry_s=10)
     reg.register(tool_worker("http://127.0.0.1:1", "grounding", ["Grounding DINO"]))
