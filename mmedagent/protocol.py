@@ -542,15 +542,22 @@ def actions_json_schema(tools: Iterable[Any]) -> dict[str, Any]:
     return {"type": "array", "items": {"anyOf": calls}}
 
 
-def system_message(choice: str | None, tools: Iterable[Any]) -> str:
+def system_message(choice: str | None, tools: Iterable[Any], text: str | None = None) -> str:
     """The system message a planner is served with: ``"plain"`` (:data:`DEFAULT_SYSTEM`), ``"none"``
-    (empty: no system message) or, for ``"catalog"`` / ``None``, the catalog of ``tools``."""
+    (empty: no system message), ``"text"`` (``text``: the one its training records had, as a model
+    directory's ``mmedagent.json`` records it in ``system_text``) or, for ``"catalog"`` / ``None``, the
+    catalog of ``tools``."""
     if choice == "plain":
         return DEFAULT_SYSTEM
     if choice == "none":
         return ""
+    if choice == "text":
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError("system prompt 'text' needs the text the model was trained with (mmedagent.json's "
+                             "system_text); none was given")
+        return text
     if choice not in (None, "catalog"):
-        raise ValueError(f"unknown system prompt {choice!r}; use catalog, plain or none")
+        raise ValueError(f"unknown system prompt {choice!r}; use catalog, plain, none or text")
     return system_prompt(tools)
 
 

@@ -46,7 +46,7 @@ def main() -> None:
     settings = planner_settings(path)
     constrain = a.constrain if a.constrain is not None else bool(settings.get("constrain"))
     planner = load_planner(path, constrain=constrain)
-    system = system_message(a.system_prompt or settings.get("system_prompt"), list_tools())
+    system = system_message(a.system_prompt or settings.get("system_prompt"), list_tools(), settings.get("system_text"))
     params = get_tool("segmentation").Params
     with tempfile.TemporaryDirectory() as tmp:
         manifest = synth(tmp, n=a.n + a.n // 4 + 1, seed=a.seed, size=64)  # a.n training images or more

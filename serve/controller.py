@@ -319,8 +319,8 @@ class Controller:
             self.dispatcher.tools = self.all_tools()
             planner = WorkerPlanner(self.registry, self.client, model, conversation_id, self.cfg.model_timeout_s, request_id,
                                     [type(t) for t in live.values()])
-            mode = self.registry.known.get(model, {}).get("system_prompt")
-            system = system_message(mode, (type(t) for t in live.values()))
+            served = self.registry.known.get(model, {})
+            system = system_message(served.get("system_prompt"), (type(t) for t in live.values()), served.get("system_text"))
             agent = Agent(planner, self.dispatcher, max_steps=max_steps, system=system, **gen)
             result = agent.run(question, image, history=history, on_event=on_event)
         except ChatCancelled:

@@ -35,6 +35,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
 from mmedagent.agent import openai_usage, token_counts
+from mmedagent.protocol import system_message
 from mmedagent.serve import openai_api as oa
 from mmedagent.serve.config import DTYPES, ServeConfig, add_common_args, config_or_exit
 from mmedagent.serve.remote import REQUEST_ID_HEADER, loggable_id, remote_tool_class, shown_url
@@ -356,6 +357,8 @@ def load_host(cfg: ServeConfig) -> ModelHost:
         planner = load_planner(path, **options)
         info = dict(planner.info())
         info["system_prompt"] = cfg.system_prompt or settings.get("system_prompt") or "catalog"
+        if info["system_prompt"] == "text":  # the trained text: checked here, not at every chat
+            info["system_text"] = system_message("text", (), settings.get("system_text"))
     info["note"] = note
     info["demo"] = note == demo.NOTE
     name = cfg.model_name or str(info.get("name") or "planner")

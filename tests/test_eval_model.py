@@ -59,6 +59,9 @@ def test_model_dir_settings_choose_the_plain_system_prompt(tmp_path, tiny_llava)
     runner = make_runner(parser().parse_args(["--model", str(model), "--data", "x", "--tool-mode", "gold",
                                               "--system-prompt", "catalog", "--no-constrain"]))
     assert runner.system == system_prompt(list_tools()) and runner.counter.planner.constrain is False
+    (model / "mmedagent.json").write_text(json.dumps({"system_prompt": "text", "system_text": "You are a radiologist."}))
+    runner = make_runner(parser().parse_args(["--model", str(model), "--data", "x", "--tool-mode", "gold"]))
+    assert runner.system == "You are a radiologist."  # the text the model was trained with
 
 
 def test_a_resumed_run_of_the_real_model_reports_as_an_uninterrupted_one(tmp_path, tiny_llava):

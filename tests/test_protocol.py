@@ -217,6 +217,9 @@ def test_system_prompt_lists_tools_with_schema():
     assert system_message("plain", [T]) == DEFAULT_SYSTEM and system_message("none", [T]) == ""
     with pytest.raises(ValueError, match="unknown system prompt"):
         system_message("verbose", [T])
+    assert system_message("text", [T], "You are a radiologist.") == "You are a radiologist."
+    with pytest.raises(ValueError, match="needs the text the model was trained with"):
+        system_message("text", [T])
 
 
 VALID = [render_turn(AssistantTurn(thoughts="look", actions=[ToolCall(API_name="grounding dino", API_params={"image": "<imagepath>", "prompts": ["tumor", "edema"]})], value="Please wait.")),

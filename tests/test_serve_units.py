@@ -278,6 +278,42 @@ def test_model_path_demo_serves_the_embedded_demo_model(tmp_path, monkeypatch):
     assert plain.info["demo"] is False and plain.info["constrain"] is False
 
 
+def test_a_model_trained_with_its_own_system_text_is_served_with_it(tmp_path):
+    """A model directory whose records all had one system text (mmedagent.json "text" + system_text) is served with
+    that text, not the tool catalog; the worker refuses to start without the text instead of failing every chat."""
+    from mmedagent.model.tiny import make_tiny_model
+    from mmedagent.serve.controller import Controller
+    from mmedagent.serve.model_worker import load_host
+    from mmedagent.serve.registry import WorkerInfo
+
+    built = make_tiny_model("llava", tmp_path / "m")
+    (built / "mmedagent.json").write_text(json.dumps({"system_prompt": "text", "system_text": "You are a radiologist."}))
+    host = load_host(ServeConfig(model_path=str(built)))
+    assert (host.info["system_prompt"], host.info["system_text"]) == ("text", "You are a radiologist.")
+    assert load_host(ServeConfig(model_path=str(built), system_prompt="none")).info.get("system_text") is None
+    ctl = Controller(ServeConfig())
+    ctl.registry.register(WorkerInfo(address="http://127.0.0.1:9", kind="model", names=["m"], info=host.info))
+    seen = []
+
+    class Recording:
+        address = "http://127.0.0.1:9"
+
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def generate(self, messages, image, **gen):
+            seen.append(messages[0])
+            return 'The answer.'
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("mmedagent.serve.controller.WorkerPlanner", Recording)
+        ctl.run_agent("m", "Is it benign?", None, [], {}, 1, "c1")
+    assert seen == [{"role": "system", "content": "You are a radiologist."}]
+    (built / "mmedagent.json").write_text(json.dumps({"system_prompt": "text"}))
+    with pytest.raises(ValueError, match="needs the text the model was trained with"):
+        load_host(ServeConfig(model_path=str(built)))
+
+
 def test_an_unwritable_cache_stops_the_launcher_in_one_line_instead_of_every_tool_failing(tmp_path):
     """The demo tool weights could not be built, so every tool fell back to published weights an offline
     server does not have, and failed in a line of its own that did not name the cache."""

@@ -127,6 +127,7 @@ def make_runner(args: argparse.Namespace) -> Any:
         return ControllerRunner(args.model, args.served_model_name, image_folder=args.image_folder,
                                 max_new_tokens=args.max_new_tokens)
     classes = _tool_classes(args.tools)  # an unknown name is refused before the model loads
+    system_text = None
     if _is_url(args.model):
         planner = OpenAIPlanner(args.model, args.served_model_name)
     else:
@@ -146,14 +147,14 @@ def make_runner(args: argparse.Namespace) -> Any:
         planner = load_planner(path, **options)
         planner.tools = classes  # a constrained plan names only the tools offered (--tools)
         if args.system_prompt is None:
-            args.system_prompt = settings.get("system_prompt")
+            args.system_prompt, system_text = settings.get("system_prompt"), settings.get("system_text")
     tools: list[Any] = classes
     if args.tool_mode == "live":
         from mmedagent.serve.launcher import in_process_tools
 
         weights = args.tool_weights or ("demo" if args.model == "demo" else "default")
         tools = in_process_tools(classes, args.tool_options, weights)
-    system = system_message(args.system_prompt, classes)
+    system = system_message(args.system_prompt, classes, system_text)
     return AgentRunner(planner, args.tool_mode, tools, image_folder=args.image_folder, max_steps=args.max_steps,
                        system=system, max_new_tokens=args.max_new_tokens)
 
