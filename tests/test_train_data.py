@@ -89,6 +89,26 @@ def test_records_cut_to_the_length_limit_are_named_then_counted(tiny_models, tra
     assert counts and counts[-1].startswith(f"{len(cut) - len(cut) % 2} records")
 
 
+def test_a_record_cut_before_its_answer_is_reported_once_not_every_epoch(tiny_models, tmp_path, caplog):
+    from mmedagent.train import dataset
+
+    names = write_images(tmp_path / "im", 1)
+    short = {"id": "s", "conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello."}]}
+    data = tmp_path / "train.json"
+    data.write_text(json.dumps([short] + [tool_record(k, names[0]) for k in range(dataset.CUT_NAMED)]))
+    full = _dataset(tiny_models("llava"), data, tmp_path / "im")
+    answer_at = min(int((full[i]["labels"] != -100).nonzero()[0]) for i in range(1, len(full)))
+    assert len(full[0]["input_ids"]) <= answer_at  # only the tool records are cut, before their first answer token
+    ds = _dataset(tiny_models("llava"), data, tmp_path / "im", max_len=answer_at)
+    with caplog.at_level("WARNING", logger=dataset.log.name):
+        for epoch in range(3):
+            for i in range(len(ds)):
+                ds[i]
+    warned = [r.getMessage() for r in caplog.records]
+    assert [m.split(":")[1] for m in warned] == [f" record {i}" for i in range(2, len(ds) + 1)], warned
+    assert all(f"to --model_max_length {answer_at} (" in m and "not trained: no answer token left)" in m for m in warned)
+
+
 @pytest.mark.parametrize("question", ["<image><image>\nCompare the two scans.", "Compare the two scans."])
 def test_adjacent_images_get_their_labels(tiny_models, tmp_path, question):
     """Two images whose markers touch (written so, or added for a record without markers): the processor's
@@ -198,6 +218,28 @@ def test_validation_data_is_checked_before_training(tiny_models, tmp_path):
         build_trainer([*base, "--eval_strategy", "steps"])
 
 
+def test_validation_images_default_to_the_training_folders_only_when_they_pair(tiny_models, tmp_path):
+    """One validation file beside two training files with their own image folders: the error names
+    --eval_image_folder, which is what to give, not a mismatch of the training data."""
+    from mmedagent.train.args import FlagError
+    from mmedagent.train.run import build_trainer
+
+    for name in ("a", "b"):
+        write_images(tmp_path / f"im_{name}", 1)
+        (tmp_path / f"{name}.json").write_text(json.dumps([tool_record(0, "img0.png")]))
+    base = ["--model_name_or_path", str(tiny_models("llava")), "--output_dir", str(tmp_path / "out"),
+            "--data_path", f"{tmp_path / 'a.json'},{tmp_path / 'b.json'}",
+            "--image_folder", f"{tmp_path / 'im_a'},{tmp_path / 'im_b'}", "--eval_data_path", str(tmp_path / "a.json"),
+            "--report_to", "none"]
+    with pytest.raises(FlagError, match=r"^--image_folder \(the default of --eval_image_folder\) lists 2 folders for "
+                                        r"1 --eval_data_path file\(s\)"):
+        build_trainer(base)
+    with pytest.raises(FlagError, match=r"^--eval_image_folder lists 3 folders for 1 --eval_data_path file\(s\)"):
+        build_trainer([*base, "--eval_image_folder", "x,y,z"])
+    trainer, _ = build_trainer([*base, "--eval_image_folder", str(tmp_path / "im_a")])
+    assert trainer.eval_dataset.samples[0].images == (str(tmp_path / "im_a" / "img0.png"),)
+
+
 def test_comma_separated_files_and_folders(tmp_path):
     from mmedagent.train.dataset import load_samples
 
@@ -208,7 +250,7 @@ def test_comma_separated_files_and_folders(tmp_path):
     samples = load_samples(paths, f"{tmp_path / 'im_a'},{tmp_path / 'im_b'}", vision=True)
     assert [s.images for s in samples] == [(str(tmp_path / "im_a/img0.png"),), (), (str(tmp_path / "im_b/img0.png"),), ()]
     assert samples[0].messages[0]["content"].startswith("<image>\n")
-    with pytest.raises(ValueError, match="lists 3 folders for 2 data files"):
+    with pytest.raises(ValueError, match=r"^--image_folder lists 3 folders for 2 --data_path file\(s\)"):
         load_samples(paths, "x,y,z", vision=True)
     with pytest.raises(DataError, match=r"a.json: record 1: has an image but the backbone is a text-only model"):
         load_samples(paths, f"{tmp_path / 'im_a'},{tmp_path / 'im_b'}", vision=False)

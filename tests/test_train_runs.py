@@ -116,18 +116,47 @@ def test_nonsense_train_flags_are_refused(tmp_path, flags, message):
         parse_args(_argv(tmp_path / "m", tmp_path / "d.json", tmp_path / "o", *flags))
 
 
-@pytest.mark.parametrize("flag, message", [
-    ("--tune_mm_mlp_adapter", r"LLaVA.s projector-only pretraining stage is not supported; the projector trains by default"),
-    ("--freeze_backbone", r"LoRA, the default, keeps the language model's weights frozen"),
-    ("--pretrain_mm_mlp_adapter", r"the projector comes from --model_name_or_path"),
-])
-def test_llava_flags_not_taken_are_explained_not_guessed(tmp_path, flag, message):
+def test_llava_flags_not_taken_are_explained_not_guessed(tmp_path):
     """LLaVA's own flags get the reason, not the nearest name (--tune_mm_mlp_adapter is not --freeze_mm_mlp_adapter)."""
     from mmedagent.train.args import FlagError, parse_args
 
-    with pytest.raises(FlagError, match=rf"^unknown flag\(s\): {flag} \({message}") as e:
-        parse_args(_argv(tmp_path / "m", tmp_path / "d.json", tmp_path / "o", flag, "True"))
+    with pytest.raises(FlagError, match=r"^unknown flag\(s\): --pretrain_mm_mlp_adapter \(the projector comes from "
+                                        r"--model_name_or_path") as e:
+        parse_args(_argv(tmp_path / "m", tmp_path / "d.json", tmp_path / "o", "--pretrain_mm_mlp_adapter", "p.bin"))
     assert "did you mean" not in str(e.value)
+    with pytest.raises(FlagError, match=r"^--tune_mm_mlp_adapter True \(LLaVA.s projector-only pretraining stage\) is "
+                                        r"not supported; the projector trains by default"):
+        parse_args(_argv(tmp_path / "m", tmp_path / "d.json", tmp_path / "o", "--tune_mm_mlp_adapter", "True"))
+    with pytest.raises(FlagError, match=r"^--freeze_backbone True with --lora_enable False would train the projector "
+                                        r"alone"):
+        parse_args(_argv(tmp_path / "m", tmp_path / "d.json", tmp_path / "o", "--freeze_backbone", "True",
+                         "--lora_enable", "False"))
+
+
+@pytest.mark.parametrize("flags", [["--tune_mm_mlp_adapter", "False", "--freeze_backbone", "False"],
+                                   ["--freeze_backbone", "True"]])
+def test_llava_fine_tuning_values_of_its_stage_flags_are_taken(tmp_path, flags):
+    """LLaVA fine-tuning scripts pass ``--tune_mm_mlp_adapter False`` / ``--freeze_backbone False`` (or True, which
+    LoRA makes a no-op in LLaVA too): values that train what this script trains anyway are not refused."""
+    from mmedagent.train.args import parse_args
+
+    _, _, args = parse_args(_argv(tmp_path / "m", tmp_path / "d.json", tmp_path / "o", *flags))
+    assert args.lora_enable
+
+
+def test_report_to_an_integration_that_cannot_run_is_refused_before_loading(tmp_path, monkeypatch):
+    """MMedAgent's ``--report_to wandb`` on a machine without wandb: one error line from the flags, not the
+    Trainer's traceback after the data was checked and the model loaded."""
+    from transformers.integrations import integration_utils
+
+    from mmedagent.train.args import FlagError, parse_args
+
+    monkeypatch.setattr(integration_utils, "is_wandb_available", lambda: False)
+    with pytest.raises(FlagError, match=r"^--report_to wandb: WandbCallback requires wandb to be installed\..* Or pass "
+                                        r"--report_to none\.$"):
+        parse_args(_argv(tmp_path / "m", tmp_path / "d.json", tmp_path / "o", "--report_to", "wandb"))
+    with pytest.raises(FlagError, match=r"^--report_to: wanb is not supported"):
+        parse_args(_argv(tmp_path / "m", tmp_path / "d.json", tmp_path / "o", "--report_to", "wanb"))
 
 
 def test_missing_model_is_one_error_line(tmp_path):

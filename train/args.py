@@ -58,6 +58,12 @@ class ModelArguments:
     mm_use_im_patch_token: bool | None = field(default=None, metadata={"help": "LLaVA only; only False is supported."})
     attn_implementation: str | None = field(default=None, metadata={
         "help": "sdpa / eager / flash_attention_2; default: the model layer's choice."})
+    tune_mm_mlp_adapter: bool | None = field(default=None, metadata={
+        "help": "LLaVA's; only False (its fine-tuning value) is taken: the projector-only pretraining stage is not "
+                "supported."})
+    freeze_backbone: bool | None = field(default=None, metadata={
+        "help": "LLaVA's; taken as a no-op under LoRA, which keeps the language model frozen anyway; True is refused "
+                "with --lora_enable False."})
 
 
 @dataclass
@@ -228,6 +234,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
         raise FlagError(str(e).strip().splitlines()[0]) from None
     if unknown:
         raise FlagError(unknown_flags(parser, unknown))
+    if model_args.tune_mm_mlp_adapter:
+        raise FlagError("--tune_mm_mlp_adapter True (LLaVA's projector-only pretraining stage) is not supported; the "
+                        "projector trains by default (--freeze_mm_mlp_adapter True keeps it frozen)")
+    if model_args.freeze_backbone and not training_args.lora_enable:
+        raise FlagError("--freeze_backbone True with --lora_enable False would train the projector alone, which is "
+                        "not supported: use --lora_enable True (the language model stays frozen under LoRA)")
+    check_report_to(training_args.report_to)
     if data_args.image_max_tokens is not None and data_args.image_max_tokens < 4:
         raise FlagError(f"--image_max_tokens must be at least 4, got {data_args.image_max_tokens}")
     if data_args.image_aspect_ratio not in (None, "pad", "square"):
@@ -236,16 +249,28 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
     return model_args, data_args, training_args
 
 
+def check_report_to(report_to: list[str]) -> None:
+    """FlagError for a ``--report_to`` integration that is unknown or not installed (e.g. MMedAgent's ``wandb``),
+    found here rather than by the Trainer once the data is checked and the model loaded."""
+    from transformers.integrations import get_reporting_integration_callbacks
+
+    try:
+        callbacks = get_reporting_integration_callbacks(report_to)
+    except ValueError as e:
+        raise FlagError(f"--report_to: {e}") from None
+    for name, callback in zip(report_to, callbacks):
+        try:
+            callback()  # what the Trainer does first; each one checks that its package is there
+        except (RuntimeError, ImportError) as e:
+            raise FlagError(f"--report_to {name}: {str(e).strip().splitlines()[0]} Or pass --report_to none.") from None
+
+
 NOT_TAKEN = {
     "--overwrite_output_dir": "gone from transformers 5; an --output_dir with checkpoints resumes the newest: use a "
                               "new --output_dir to start afresh",
-    "--tune_mm_mlp_adapter": "LLaVA's projector-only pretraining stage is not supported; the projector trains by "
-                             "default, --freeze_mm_mlp_adapter True keeps it frozen",
-    "--freeze_backbone": "LoRA, the default, keeps the language model's weights frozen; --lora_enable False trains them",
     "--pretrain_mm_mlp_adapter": "the projector comes from --model_name_or_path; use a checkpoint that contains it",
 }
-"""LLaVA / transformers 4 flags this script does not take, and why (instead of a nearest-name guess, which for
-``--tune_mm_mlp_adapter`` would be the opposite ``--freeze_mm_mlp_adapter``)."""
+"""LLaVA / transformers 4 flags this script does not take, and why (instead of a nearest-name guess)."""
 
 
 def unknown_flags(parser: transformers.HfArgumentParser, unknown: list[str]) -> str:

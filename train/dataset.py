@@ -52,14 +52,18 @@ def split_list(value: str | None) -> list[str]:
     return [v.strip() for v in (value or "").split(",") if v.strip()]
 
 
-def pair_folders(data_paths: list[str], folders: list[str]) -> list[str | None]:
+DATA_FLAGS = ("--data_path", "--image_folder")
+"""The flags a list of data files and its image folders came from, as errors name them."""
+
+
+def pair_folders(data_paths: list[str], folders: list[str], flags: tuple[str, str] = DATA_FLAGS) -> list[str | None]:
     """MMedAgent's comma-separated ``--image_folder``: one for all data files, or one per file."""
     if not folders:
         return [None] * len(data_paths)
     if len(folders) == 1:
         return folders * len(data_paths)
     if len(folders) != len(data_paths):
-        raise FlagError(f"--image_folder lists {len(folders)} folders for {len(data_paths)} data files; "
+        raise FlagError(f"{flags[1]} lists {len(folders)} folders for {len(data_paths)} {flags[0]} file(s); "
                          "give one folder, or one per data file")
     return list(folders)
 
@@ -84,19 +88,21 @@ def record_to_sample(record: Record, source: str, index: int, base: str | Path, 
     return Sample(source, index, tuple(messages), images)
 
 
-def load_samples(data_path: str, image_folder: str | None, vision: bool) -> list[Sample]:
+def load_samples(data_path: str, image_folder: str | None, vision: bool,
+                 flags: tuple[str, str] = DATA_FLAGS) -> list[Sample]:
     """Read and validate every record of every (comma-separated) data file, before training starts.
 
     Images are relative to the file's ``--image_folder`` (MMedAgent's), else to the data file's folder (as
     :func:`~mmedagent.data.formats.read_records` checks them). Each image file's first bytes are read once
-    (nothing is decoded) and all unusable images are reported together in one :class:`DataError`."""
+    (nothing is decoded) and all unusable images are reported together in one :class:`DataError`. ``flags``:
+    the flags ``data_path`` and ``image_folder`` came from, for the errors."""
     paths = split_list(data_path)
     if not paths:
-        raise FlagError("--data_path is empty")
+        raise FlagError(f"{flags[0]} is empty")
     samples: list[Sample] = []
     verdicts: dict[str, str | None] = {}  # resolved image path -> problem (records share images)
     bad: list[str] = []
-    for path, folder in zip(paths, pair_folders(paths, split_list(image_folder))):
+    for path, folder in zip(paths, pair_folders(paths, split_list(image_folder), flags)):
         records = read_records(path, image_folder=folder)
         if not records:
             raise DataError(f"{path}: no records")
@@ -216,21 +222,20 @@ class SupervisedDataset(torch.utils.data.Dataset):
                     out[k] = v[:, :limit]
             lost = sum(x != IGNORE_INDEX for x in labels[limit:])
             labels = labels[:limit]
-            self._note_cut(sample, len(ids), lost)
+            self._note_cut(sample, len(ids), lost, any(x != IGNORE_INDEX for x in labels))
         item = {k: (v[0] if k in SEQ_PAD else v) for k, v in out.items()}
         item["labels"] = torch.tensor(labels, dtype=torch.long)
-        if not any(x != IGNORE_INDEX for x in labels):
-            log.warning("%s: no assistant token left after truncation to %d tokens", sample.where, limit)
         return item
 
-    def _note_cut(self, sample: Sample, n_tokens: int, lost: int) -> None:
-        """Warn of a record cut to ``--model_max_length`` (the first ones by name, then their count)."""
+    def _note_cut(self, sample: Sample, n_tokens: int, lost: int, trained_left: bool) -> None:
+        """Warn of a record cut to ``--model_max_length``, once per record (the first ones by name, then their
+        count): only truncation leaves a record without an answer token, as every record has an assistant turn."""
         if sample.where in self._cut:
             return
         self._cut.add(sample.where)
         if len(self._cut) <= CUT_NAMED:
-            log.warning("%s: %d tokens, cut to --model_max_length %d (%d answer tokens not trained)%s", sample.where,
-                        n_tokens, self.model_max_length, lost,
+            log.warning("%s: %d tokens, cut to --model_max_length %d (%d answer tokens not trained%s)%s", sample.where,
+                        n_tokens, self.model_max_length, lost, "" if trained_left else ": no answer token left",
                         "; further cut records are counted, not named" if len(self._cut) == CUT_NAMED else "")
         elif len(self._cut) % CUT_COUNT_EVERY == 0:
             log.warning("%d records cut to --model_max_length %d so far", len(self._cut), self.model_max_length)

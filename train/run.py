@@ -124,8 +124,10 @@ def build_trainer(argv: list[str] | None = None, parsed=None) -> tuple[MMedTrain
     log.info("%d training records from %s", len(samples), data_args.data_path)
     eval_samples = []
     if data_args.eval_data_path:
-        eval_samples = load_samples(data_args.eval_data_path, data_args.eval_image_folder or data_args.image_folder,
-                                    vision=family != "causal_lm")
+        folder, folder_flag = ((data_args.eval_image_folder, "--eval_image_folder") if data_args.eval_image_folder else
+                               (data_args.image_folder, "--image_folder (the default of --eval_image_folder)"))
+        eval_samples = load_samples(data_args.eval_data_path, folder, vision=family != "causal_lm",
+                                    flags=("--eval_data_path", folder_flag))
         log.info("%d validation records from %s", len(eval_samples), data_args.eval_data_path)
     elif args.eval_strategy != "no":
         strategy = getattr(args.eval_strategy, "value", args.eval_strategy)
