@@ -561,13 +561,29 @@ def system_message(choice: str | None, tools: Iterable[Any], text: str | None = 
     return system_prompt(tools)
 
 
+def system_setting(text: str | None) -> dict[str, str] | None:
+    """The ``mmedagent.json`` setting that serves a model with the system message ``text`` its training records
+    had (None or empty: none), the inverse of :func:`system_message`; None for a tool catalog, which is served
+    as the live tools' (the default)."""
+    if not text:
+        return {"system_prompt": "none"}
+    if text == DEFAULT_SYSTEM:
+        return {"system_prompt": "plain"}
+    if text.startswith(DEFAULT_SYSTEM + _CATALOG_INTRO):
+        return None
+    return {"system_prompt": "text", "system_text": text}
+
+
+_CATALOG_INTRO = " The assistant can call tools. Each assistant turn is written as\n"
+
+
 def system_prompt(tools: Iterable[Any] | None = None, base: str = DEFAULT_SYSTEM) -> str:
     """The planner's system prompt; lists the tools and the turn format when tools are given."""
     tools = list(tools or [])
     if not tools:
         return base
     return (
-        f"{base} The assistant can call tools. Each assistant turn is written as\n"
+        f"{base}{_CATALOG_INTRO}"
         f"{THOUGHTS_MARK} reasoning\n{ACTIONS_MARK} a JSON list of "
         '{"API_name": tool, "API_params": {...}} (empty list to answer directly)\n'
         f"{VALUE_MARK} text for the human.\n"

@@ -220,6 +220,12 @@ def test_system_prompt_lists_tools_with_schema():
     assert system_message("text", [T], "You are a radiologist.") == "You are a radiologist."
     with pytest.raises(ValueError, match="needs the text the model was trained with"):
         system_message("text", [T])
+    from mmedagent.protocol import system_setting
+
+    for trained in (None, "", DEFAULT_SYSTEM, "You are a radiologist.", text):  # served as trained
+        setting = system_setting(trained) or {}
+        assert system_message(setting.get("system_prompt"), [T], setting.get("system_text")) == (trained or "")
+    assert system_setting(text) is None  # the catalog: served as the live tools' (the default)
 
 
 VALID = [render_turn(AssistantTurn(thoughts="look", actions=[ToolCall(API_name="grounding dino", API_params={"image": "<imagepath>", "prompts": ["tumor", "edema"]})], value="Please wait.")),

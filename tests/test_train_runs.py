@@ -286,10 +286,11 @@ def test_mid_run_checkpoint_loads_for_serving_with_its_template(tiny_models, tmp
     assert load_planner(out / "checkpoint-1", dtype="float32", device="cpu").template == "vicuna_v1"
 
 
-def test_a_model_trained_without_a_system_turn_is_served_and_merged_without_one(tiny_models, tmp_path):
+def test_a_model_is_served_with_the_system_message_it_was_trained_with(tiny_models, tmp_path):
     """Records without a system turn are rendered without one; the output says so (mmedagent.json), the
     merged model keeps it, so serving and evaluation do not put the tool catalog in front of a model that
-    never saw it. A run whose records carry a system turn leaves the serving default alone."""
+    never saw it. Records that share one system text are served with it; records with several texts leave the
+    serving default alone."""
     from mmedagent.model import planner_settings
     from mmedagent.model.adapters import merge_lora
     from mmedagent.train.run import main
@@ -304,4 +305,8 @@ def test_a_model_trained_without_a_system_turn_is_served_and_merged_without_one(
         r["conversations"].insert(0, {"from": "system", "value": "You are a radiologist."})
     (tmp_path / "sys.json").write_text(json.dumps(rows))
     main(_argv(tiny_models("llama"), tmp_path / "sys.json", tmp_path / "run_sys"))
-    assert planner_settings(tmp_path / "run_sys") == {}
+    assert planner_settings(tmp_path / "run_sys") == {"system_prompt": "text", "system_text": "You are a radiologist."}
+    rows[0]["conversations"][0]["value"] = "You are a pathologist."  # texts differ
+    (tmp_path / "sys.json").write_text(json.dumps(rows))
+    main(_argv(tiny_models("llama"), tmp_path / "sys.json", tmp_path / "run_mixed"))
+    assert planner_settings(tmp_path / "run_mixed") == {}  # the serving default

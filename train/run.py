@@ -17,6 +17,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 
 from mmedagent.hub import is_hub_id, prefer_cache_when_unreachable
 from mmedagent.locks import holding
+from mmedagent.protocol import system_setting
 from mmedagent.model.llava_convert import converted_cache_dir, llava_image_processor
 from mmedagent.model.loading import (family_of, is_original_llava, load_config, load_model_and_processor,
                                      original_llava_snapshot)
@@ -204,13 +205,13 @@ def build_trainer(argv: list[str] | None = None, parsed=None) -> tuple[MMedTrain
     info = {"base_model": model_args.model_name_or_path, "family": family, "template": template,
             "lora": args.lora_enable, "model_max_length": args.model_max_length,
             "image_aspect_ratio": data_args.image_aspect_ratio}
-    # served as trained: records without a system turn were rendered without one, so the model is served
-    # without one too (not with the tool catalog, the serving default for models that say nothing)
-    system_turns = any(m["role"] == "system" for s in samples for m in s.messages)
+    # served as trained: with no system message where the records had none (not with the tool catalog, the
+    # serving default for models that say nothing), with the records' one system text where they share one
+    systems = {s.messages[0]["content"] if s.messages[0]["role"] == "system" else None for s in samples}
     trainer = MMedTrainer(model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset,
                           data_collator=Collator(pad_id, family, blank), processing_class=processor,
                           projector=projector_name(family), manifest=info,
-                          serving=None if system_turns else {"system_prompt": "none"})
+                          serving=system_setting(systems.pop()) if len(systems) == 1 else None)
     return trainer, info
 
 
