@@ -742,16 +742,23 @@ def _jsonable(v: Any) -> bool:
 
 
 def _check_image_tags(record: Record) -> None:
-    """<image> tags: none (one is added to the first human turn) or exactly one per image."""
+    """<image> tags: none (one is added to the first human turn) or exactly one per image. A record's one tag
+    goes to the start of its turn, as LLaVA's training moves it and as serving places the image: a question
+    with the tag after it would be trained in a layout the model never sees when served."""
     n_images = len(record.images)
-    n_tags = sum(m.value.count(IMAGE_TOKEN) for m in record.conversations if m.role == "human")
+    humans = [m for m in record.conversations if m.role == "human"]
+    n_tags = sum(m.value.count(IMAGE_TOKEN) for m in humans)
     if n_images and n_tags == 0:
-        first = next((m for m in record.conversations if m.role == "human"), None)
-        if first is None:
+        if not humans:
             raise ValueError("record has an image but no human turn")
-        first.value = IMAGE_TOKEN * n_images + "\n" + first.value
+        humans[0].value = IMAGE_TOKEN * n_images + "\n" + humans[0].value
+    elif n_tags and not n_images:
+        raise ValueError(f"{n_tags} {IMAGE_TOKEN} tag(s) but no image: the record's image field is empty or missing")
     elif n_tags != n_images:
         raise ValueError(f"{n_tags} {IMAGE_TOKEN} tag(s) for {n_images} image(s)")
+    elif n_tags == 1:
+        tagged = next(m for m in humans if IMAGE_TOKEN in m.value)
+        tagged.value = f"{IMAGE_TOKEN}\n{strip_image_token(tagged.value)}"
 
 
 # --------------------------------------------------------------------------- public API

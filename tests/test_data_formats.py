@@ -71,6 +71,22 @@ def test_sharegpt_messages_with_parts_and_tags(tmp_path):
     assert recs[2].image == ["p.png", "q.png"] and recs[2].conversations[0].value.count(IMAGE_TOKEN) == 2
 
 
+def test_a_records_one_image_tag_goes_to_the_start_of_its_turn_as_llava_trains_and_serving_places_it(tmp_path):
+    """A question with the tag after it (or inside it) was trained in that layout, while serving puts the image
+    first; a tag without an image says the image field is empty."""
+    rows = [{"image": "x.png", "conversations": [{"from": "human", "value": "What modality is this? <image>"},
+                                                 {"from": "gpt", "value": "CT."}]},
+            {"image": "y.png", "conversations": [{"from": "human", "value": "Hi."}, {"from": "gpt", "value": "Hello."},
+                                                 {"from": "human", "value": "Look:\n<image>\nWhat is it?"},
+                                                 {"from": "gpt", "value": "An MRI."}]}]
+    first, later = read_records(write_json(tmp_path / "t.json", rows))
+    assert first.conversations[0].value == f"{IMAGE_TOKEN}\nWhat modality is this?"
+    assert later.conversations[2].value == f"{IMAGE_TOKEN}\nLook:\nWhat is it?"  # in its own turn still
+    rows[0]["image"] = ""
+    with pytest.raises(DataError, match=r"1 <image> tag\(s\) but no image: the record's image field is empty"):
+        read_records(write_json(tmp_path / "e.json", rows[:1]))
+
+
 def test_llamafactory_function_call_and_observation(tmp_path):
     row = {"conversations": [
         {"from": "human", "value": "<image>Where is the nodule?"},
