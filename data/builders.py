@@ -892,7 +892,7 @@ class DialogueBuilder:
                                   question=ex.question or "")
         if self.rewriter is not None and ex.task not in ("retrieval",):
             question = self.rewriter(question)
-        params, output = self._call(ex, target)
+        params, output = self._call(ex)
         call = ToolCall(API_name=tool, API_params=params)
         plan = AssistantTurn(thoughts=templates.pick(rng, templates.THOUGHTS[ex.task], target=target),
                              actions=[call], value=templates.pick(rng, templates.WAIT, tool=tool))
@@ -920,37 +920,42 @@ class DialogueBuilder:
         first = Message(role="human", value=(f"{IMAGE_TOKEN}\n" if ex.image else "") + question)
         return Record(id=record_id, image=ex.image, conversations=[first, assistant_message(turn)], **ex.extra)
 
-    def _call(self, ex: Example, target: str) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Tool params and the ground-truth output the tool would return (as the model sees it)."""
+    def _call(self, ex: Example) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Tool params and the ground-truth output the tool would return, as the model sees it: built as the
+        tool's own ``Result`` and shown through its ``for_model()``, so training reads what serving feeds back."""
+        from mmedagent.tools.classification import ClassificationResult
+        from mmedagent.tools.grounding import GroundingResult
+        from mmedagent.tools.grounding_segmentation import GroundingSegmentationResult
+        from mmedagent.tools.rag import Passage, Retrieval
+        from mmedagent.tools.report import ReportGeneration
+        from mmedagent.tools.segmentation import SegmentationResult
+
         rng = self.rng
         img = {"image": IMAGE_PLACEHOLDER}
         prompts = list(dict.fromkeys(t.label for t in ex.targets))
+        boxes, areas = [t.box for t in ex.targets], [t.area or 0 for t in ex.targets]
+        phrases = [t.label for t in ex.targets]
         if ex.task == "grounding":
-            scores = [round(rng.uniform(0.8, 0.99), 2) for _ in ex.targets]
-            return {**img, "prompts": prompts}, {"boxes": [t.box for t in ex.targets], "logits": scores,
-                                                 "phrases": [t.label for t in ex.targets]}
+            scores = [rng.uniform(0.8, 0.99) for _ in ex.targets]
+            return {**img, "prompts": prompts}, GroundingResult(boxes=boxes, logits=scores, phrases=phrases).for_model()
         if ex.task == "segmentation":
-            return {**img, "boxes": [t.box for t in ex.targets]}, {"boxes": [t.box for t in ex.targets],
-                                                                 "areas": [t.area or 0 for t in ex.targets]}
+            return {**img, "boxes": boxes}, SegmentationResult(boxes=boxes, areas=areas, masks=[]).for_model()
         if ex.task == "grounding_segmentation":
-            scores = [round(rng.uniform(0.8, 0.99), 2) for _ in ex.targets]
-            return {**img, "prompts": prompts}, {"boxes": [t.box for t in ex.targets], "logits": scores,
-                                                 "phrases": [t.label for t in ex.targets],
-                                                 "areas": [t.area or 0 for t in ex.targets]}
+            scores = [rng.uniform(0.8, 0.99) for _ in ex.targets]
+            return {**img, "prompts": prompts}, GroundingSegmentationResult(
+                boxes=boxes, logits=scores, phrases=phrases, areas=areas, masks=[]).for_model()
         if ex.task == "classification":
             others = [c for c in (ex.labels or []) if c != ex.label]
             rng.shuffle(others)
             ranked = [ex.label, *others[:2]]
             raw = sorted((rng.uniform(0.0, 1.0) for _ in ranked[1:]), reverse=True)
             top = rng.uniform(0.6, 0.95)
-            rest = [round((1 - top) * r / (sum(raw) or 1), 2) for r in raw]
+            rest = [(1 - top) * r / (sum(raw) or 1) for r in raw]
             params = {**img, "labels": list(ex.labels)} if ex.labels and len(ex.labels) >= 2 else img
-            return params, {"labels": ranked, "probabilities": [round(top, 2), *rest]}
+            return params, ClassificationResult(labels=ranked, probabilities=[top, *rest]).for_model()
         if ex.task == "report_generation":
-            return dict(img), {"report": ex.report}
+            return dict(img), ReportGeneration.Result(report=ex.report or "").for_model()
         if ex.task == "retrieval":  # the passages as the tool feeds them to the model (cut to its limits)
-            from mmedagent.tools.rag import Passage, Retrieval
-
             passages = [Passage(source=src, text=text, score=score)
                         for src, text, score in zip(ex.sources, ex.passages, ex.scores)]
             return {"query": ex.question}, Retrieval.Result(query=ex.question or "", passages=passages,
