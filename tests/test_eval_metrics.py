@@ -225,6 +225,40 @@ def test_argument_validity_against_params(fake_grounding):
     assert "unknown tool" in T.argument_error(ToolCall(API_name="nope", API_params={}))
 
 
+def test_a_plugin_validator_that_raises_its_own_error_is_an_argument_error_not_a_crash():
+    """A validator that assumes the type the model sends (``int`` has no ``lower``) raises past pydantic; the
+    dispatcher refuses such a call, and scoring counted it by crashing."""
+    from pydantic import field_validator
+
+    from mmedagent.tools import Tool, ToolParams, ToolResult, register
+    from mmedagent.tools.registry import refresh
+
+    class P(ToolParams):
+        organ: str | int
+
+        @field_validator("organ")
+        @classmethod
+        def _lower(cls, v):
+            return v.lower()
+
+    class Organ(Tool):
+        name = "organ_probe"
+        description = "Probe an organ."
+        Params = P
+        Result = ToolResult
+
+        def __call__(self, image, params):
+            return ToolResult()
+
+    register(Organ)
+    try:
+        error = T.argument_error(ToolCall(API_name="organ_probe", API_params={"organ": 3}))
+        assert error == "invalid params for organ_probe: AttributeError: 'int' object has no attribute 'lower'"
+        assert T.argument_error(ToolCall(API_name="organ_probe", API_params={"organ": "Liver"})) is None
+    finally:
+        refresh()
+
+
 def test_argument_match(fake_grounding):
     def call(**params):
         return ToolCall(API_name="grounding", API_params={"image": "<imagepath>", **params})

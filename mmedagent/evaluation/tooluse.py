@@ -12,8 +12,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from pydantic import ValidationError
-
+from mmedagent.dispatcher import parse_params
 from mmedagent.evaluation.metrics import box_iou, tokenize
 from mmedagent.protocol import ToolCall, name_key
 from mmedagent.tools._boxes import COORDS_MARK
@@ -62,11 +61,10 @@ def argument_error(call: ToolCall) -> str | None:
     cls = tool_class(call.API_name)
     if cls is None:
         return f"unknown tool {call.API_name!r}"
-    params = {k: v for k, v in call.API_params.items() if k != "image"}
     try:
-        cls.Params.model_validate(params)
-    except ValidationError as e:
-        return "; ".join(f"{'.'.join(map(str, x['loc'])) or '(params)'}: {x['msg']}" for x in e.errors())
+        parse_params(cls, {k: v for k, v in call.API_params.items() if k != "image"})
+    except ValueError as e:  # also a validator's own error (int has no lower): the dispatcher's refusal
+        return str(e)
     return None
 
 
