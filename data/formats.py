@@ -40,6 +40,7 @@ from pydantic import ValidationError
 from mmedagent.data.templates import THOUGHTS
 from mmedagent.protocol import (
     IMAGE_TOKEN,
+    MARKS,
     Message,
     Record,
     ToolCall,
@@ -539,7 +540,7 @@ def _gpt_message(text: str) -> Message:
     try:
         turn = parse_turn(text, strict=True)
     except TurnParseError as e:
-        if any(m in text for m in ('"thoughts🤔"', '"actions🚀"', '"value👉"')):
+        if any(m in text for m in MARKS):
             raise ValueError(f"assistant turn has turn markers but does not parse: {e}") from None
         return Message(role="gpt", value=text)
     return Message(role="gpt", thoughts=turn.thoughts, actions=list(turn.actions), value=turn.value)

@@ -182,8 +182,7 @@ class Agent:
             step.tools_s = time.monotonic() - t1
             if on_event:
                 on_event("step", step)
-            results_text = without_image_token(render_tool_results(step.outcomes, question))
-            messages.append({"role": "user", "content": results_text})
+            messages.append({"role": "user", "content": render_tool_results(step.outcomes, question)})
         result = AgentResult(answer=answer, steps=steps, messages=messages, stopped=stopped, wall_s=time.monotonic() - started)
         if on_event:
             on_event("answer", result)
