@@ -193,6 +193,7 @@ def test_the_backend_url_travels_in_the_model_workers_environment_not_on_its_com
     argv, env = next((a, e) for a, e in spawned if a[1].endswith("model_worker.py"))
     assert "s3cr3t" not in " ".join(argv) and env == {"MMEDAGENT_BACKEND_URL": url}
     monkeypatch.setenv("MMEDAGENT_BACKEND_URL", url)
+    monkeypatch.setattr(mw, "setup_logging", lambda *args: None)  # the process-wide log filters of a worker
     seen = {}
     monkeypatch.setattr(mw, "load_host", lambda cfg: seen.setdefault("url", cfg.model_backend_url) and sys.exit(7))
     with pytest.raises(SystemExit):
