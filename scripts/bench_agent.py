@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -91,19 +92,49 @@ def bench(path: Path, label: str, repeats: int, plan_tokens: int, answer_tokens:
     }
 
 
+def count(minimum: int):
+    """An argparse type: an integer of at least ``minimum``."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    parse.__name__ = "int"  # argparse's word for a value it cannot read
+    return parse
+
+
+def fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def main() -> None:
+    from mmedagent.model.tiny import PRESETS
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--presets", nargs="+", default=["tiny", "cpu"], help="model sizes (mmedagent.model.tiny.PRESETS)")
+    ap.add_argument("--presets", nargs="+", default=["tiny", "cpu"], choices=list(PRESETS),
+                    help="model sizes (mmedagent.model.tiny.PRESETS)")
     ap.add_argument("--model", action="append", default=[], help="an existing checkpoint to bench as well")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--plan-tokens", type=int, default=48)
-    ap.add_argument("--answer-tokens", type=int, default=48)
+    ap.add_argument("--repeats", type=count(1), default=3)
+    ap.add_argument("--plan-tokens", type=count(1), default=48)
+    ap.add_argument("--answer-tokens", type=count(1), default=48)
     ap.add_argument("--dtype", default=None, help="model dtype (float32, bfloat16, ...); default: the loader's choice")
-    ap.add_argument("--prompt-lookup", type=int, default=0,
+    ap.add_argument("--prompt-lookup", type=count(0), default=0,
                     help="draft tokens per step for prompt-lookup decoding on the reuse path (0: off)")
     ap.add_argument("--tool-ms", type=float, default=50.0, help="simulated tool latency")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--threads", type=count(1), default=None, help="torch CPU threads")
     a = ap.parse_args()
+    if a.tool_ms < 0:
+        ap.error("argument --tool-ms: must be at least 0")
+
+    from mmedagent.model.loading import ModelNotFoundError, load_config, resolve_dtype
+
+    try:  # before any model is built or loaded
+        resolve_dtype(a.dtype, "cpu")
+        for m in a.model:
+            load_config(m)
+    except (ModelNotFoundError, ValueError) as e:
+        fail(str(e))
 
     import torch
 
@@ -121,14 +152,15 @@ def main() -> None:
     print(f"\nplan {a.plan_tokens} tokens, answer {a.answer_tokens} tokens, tool {a.tool_ms:.0f} ms, "
           f"median of {a.repeats}, torch threads {torch.get_num_threads()}, reuse path: KV reuse"
           + (f" + prompt lookup {a.prompt_lookup}" if a.prompt_lookup else ""))
-    head = (f"{'model':<12} {'params':>7} {'prompt':>6} {'reused':>6} | {'naive turn':>10} {'reuse turn':>10} "
+    width = max(len("model"), *(len(r["label"]) for r in rows))
+    head = (f"{'model':<{width}} {'params':>7} {'prompt':>6} {'reused':>6} | {'naive turn':>10} {'reuse turn':>10} "
             f"{'bound':>7} {'reuse/bound':>11} | {'naive ans':>9} {'reuse ans':>9} {'ans speedup':>11} | "
             f"{'naive 1st':>9} {'reuse 1st':>9} | same")
     print(head)
     print("-" * len(head))
     for r in rows:
         n, k = r["naive"], r["reuse"]
-        print(f"{r['label']:<12} {r['params_M']:>6.1f}M {r['prompt_tokens']:>6} {r['reused_tokens']:>6} | "
+        print(f"{r['label']:<{width}} {r['params_M']:>6.1f}M {r['prompt_tokens']:>6} {r['reused_tokens']:>6} | "
               f"{n['turn_s']:>9.3f}s {k['turn_s']:>9.3f}s {r['bound_s']:>6.3f}s {k['turn_s'] / r['bound_s']:>10.2f}x | "
               f"{n['answer_s']:>8.3f}s {k['answer_s']:>8.3f}s {n['answer_s'] / k['answer_s']:>10.2f}x | "
               f"{n['answer_ttft_s']:>8.3f}s {k['answer_ttft_s']:>8.3f}s | {r['same_tokens']}")

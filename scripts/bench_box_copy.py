@@ -13,15 +13,27 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 
 import mmedagent  # noqa: F401  - arms the torchvision shim first
 
 
+def count(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+count.__name__ = "int"  # argparse's word for a value it cannot read
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="demo", help="planner directory or hub id ('demo': the demo planner)")
-    ap.add_argument("--n", type=int, default=20, help="questions per phrasing bank")
+    ap.add_argument("--n", type=count, default=20, help="questions per phrasing bank")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--phrasings", nargs="+", default=["train", "heldout"], choices=["train", "heldout"])
     ap.add_argument("--constrain", action=argparse.BooleanOptionalAction, default=None,
@@ -39,14 +51,21 @@ def main() -> None:
     from mmedagent.demo import resolve_model
     from mmedagent.evaluation.metrics import box_iou
     from mmedagent.model import load_planner, planner_settings
+    from mmedagent.model.loading import ModelNotFoundError, load_config
     from mmedagent.protocol import parse_turn, system_message
     from mmedagent.tools.registry import get_tool, list_tools
 
     path = resolve_model(a.model)
-    settings = planner_settings(path)
+    try:  # one line, before the model loads: a path that holds no checkpoint, a settings file it cannot serve
+        load_config(path)
+        settings = planner_settings(path)
+        system = system_message(a.system_prompt or settings.get("system_prompt"), list_tools(),
+                                settings.get("system_text"))
+    except (ModelNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
     constrain = a.constrain if a.constrain is not None else bool(settings.get("constrain"))
     planner = load_planner(path, constrain=constrain)
-    system = system_message(a.system_prompt or settings.get("system_prompt"), list_tools(), settings.get("system_text"))
     params = get_tool("segmentation").Params
     with tempfile.TemporaryDirectory() as tmp:
         manifest = synth(tmp, n=a.n + a.n // 4 + 1, seed=a.seed, size=64)  # a.n training images or more

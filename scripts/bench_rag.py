@@ -211,25 +211,39 @@ def embed_once(batch_size: int) -> dict:
             "load_avg_1m": round(os.getloadavg()[0], 2)}
 
 
-def main() -> None:
+def count(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+count.__name__ = "int"  # argparse's word for a value it cannot read
+
+
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cold", action="store_true", help="time a cold build in a fresh temporary cache")
-    ap.add_argument("--repeats", type=int, default=3, help="timed passes over the query set")
-    ap.add_argument("--embed-batches", type=int, nargs="+", default=None,
+    ap.add_argument("--repeats", type=count, default=3, help="timed passes over the query set")
+    ap.add_argument("--embed-batches", type=count, nargs="+", default=None,
                     help="only time embedding 512 chunks of 128 words at these batch sizes (one process each: peak memory)")
-    ap.add_argument("--embed-one", type=int, default=None, help=argparse.SUPPRESS)  # the child of --embed-batches
+    ap.add_argument("--embed-one", type=count, default=None, help=argparse.SUPPRESS)  # the child of --embed-batches
     args = ap.parse_args()
     if args.embed_one is not None:
         print(json.dumps(embed_once(args.embed_one)))
-        return
+        return 0
     if args.embed_batches:
         import subprocess
 
         for b in args.embed_batches:
-            run = subprocess.run([sys.executable, __file__, "--embed-one", str(b)], capture_output=True, text=True,
-                                 check=True)
+            run = subprocess.run([sys.executable, __file__, "--embed-one", str(b)], capture_output=True, text=True)
+            if run.returncode != 0:
+                last = (run.stderr.strip().splitlines() or [f"exit status {run.returncode}"])[-1]
+                print(f"error: embedding at batch size {b} failed: {last}", file=sys.stderr)
+                return 1
             print(run.stdout.strip().splitlines()[-1])
-        return
+        return 0
     out: dict = {"cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2)}
     import torch
 
@@ -307,6 +321,7 @@ def main() -> None:
         embed_t.append((time.perf_counter() - t) * 1000)
     out["embed_query_p50_ms"] = round(statistics.median(embed_t), 2)
     print(json.dumps(out, indent=1))
+    return 0
 
 
 if __name__ == "__main__":

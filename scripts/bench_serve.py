@@ -10,7 +10,7 @@ weightless tool from the test fixtures, so the figures measure serving rather th
    overhead per call = the dispatcher's round trip minus the worker's own time (PNG encode, HTTP hop,
    JSON, registry lookup); goal ≤ 5 ms p50.
 
-    python scripts/bench_serve.py            # prints a table and a JSON line
+    python scripts/bench_serve.py            # prints two summary lines and a JSON line
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -87,37 +88,70 @@ def run_tool_calls(client: httpx.Client, n: int, tool: str, image: str, deadline
             "overhead_p99_ms": pct(overhead, 99) * ms, "client_p50_ms": pct(total, 50) * ms, "client_p99_ms": pct(total, 99) * ms}
 
 
+def count(minimum: int):
+    """An argparse type: an integer of at least ``minimum``."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    parse.__name__ = "int"  # argparse's word for a value it cannot read
+    return parse
+
+
+def start_stack(tool: str) -> tuple[ServeProcess, str]:
+    """A controller with the tiny planner and one worker for ``tool``, and its URL; one ``error:`` line if it
+    does not come up."""
+    log = Path(tempfile.gettempdir()) / f"bench_serve_{int(time.time())}.log"
+    proc = ServeProcess("controller.py", ["--no-web", "--port", "0", "--tools", tool, "--plugin", "_serve_fixtures"],
+                        log, serve_env())
+    try:
+        url = proc.wait_for(r"controller: (http://\S+)", 60).group(1)
+        proc.wait_for(r"^ready: models: \S+", 300)
+    except AssertionError:
+        proc.stop()
+        last = next((line.strip() for line in reversed(proc.lines) if line.strip()), "no output")
+        print(f"error: the serving stack did not start: {last} (its log: {log})", file=sys.stderr)
+        raise SystemExit(1)
+    return proc, url
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--url", help="a running controller on loopback (default: start one)")
     p.add_argument("--api-key", default=None)
-    p.add_argument("--chats", type=int, default=32)
-    p.add_argument("--concurrency", type=int, default=None, help="chats at once (default: --chats, at most 256)")
-    p.add_argument("--max-tokens", type=int, default=16)
-    p.add_argument("--tool-calls", type=int, default=200)
+    p.add_argument("--chats", type=count(1), default=32)
+    p.add_argument("--concurrency", type=count(1), default=None, help="chats at once (default: --chats, at most 256)")
+    p.add_argument("--max-tokens", type=count(1), default=16)
+    p.add_argument("--tool-calls", type=count(0), default=200)
     p.add_argument("--tool", default="bright_region")
-    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--image-size", type=count(1), default=224)
     p.add_argument("--max-seconds", type=float, default=600, help="time budget for the whole run")
     args = p.parse_args()
-    if not 1 <= args.chats <= 1024 or not 1 <= (args.concurrency or 1) <= 256:
+    if args.chats > 1024 or (args.concurrency or 1) > 256:
         p.error("--chats must be 1..1024 and --concurrency 1..256")
+    if not args.max_seconds > 0:
+        p.error("--max-seconds must be more than 0")
+    if args.url is not None and urlparse(args.url).hostname not in ("127.0.0.1", "localhost", "::1"):
+        p.error("the benchmark runs against loopback only")
     args.concurrency = args.concurrency or min(args.chats, 256)
     deadline = time.monotonic() + args.max_seconds
-    proc = None
-    url = args.url
-    if url is None:
-        log = Path("/tmp") / f"bench_serve_{int(time.time())}.log"
-        proc = ServeProcess("controller.py", ["--no-web", "--port", "0", "--tools", args.tool, "--plugin", "_serve_fixtures"], log, serve_env())
-        url = proc.wait_for(r"controller: (http://\S+)", 60).group(1)
-        proc.wait_for(r"^ready: models: \S+", 300)
-    if urlparse(url).hostname not in ("127.0.0.1", "localhost", "::1"):
-        p.error("the benchmark runs against loopback only")
+    proc, url = start_stack(args.tool) if args.url is None else (None, args.url)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     client = httpx.Client(base_url=url, headers=headers, timeout=300, trust_env=False,
                           limits=httpx.Limits(max_connections=256, max_keepalive_connections=256))
     image = data_url(sample_png((args.image_size, args.image_size)))
     try:
-        client.post(f"/v1/tools/{args.tool}", json={"params": {}, "image": image}).raise_for_status()  # warm-up
+        try:  # warm-up: a controller that is not there, refuses the key or lacks the tool is one line
+            r = client.post(f"/v1/tools/{args.tool}", json={"params": {}, "image": image})
+        except httpx.HTTPError as e:
+            print(f"error: no controller answers at {url}: {e}", file=sys.stderr)
+            return 1
+        if r.status_code != 200:
+            body = " ".join(r.text.split())[:200]
+            print(f"error: the warm-up call to /v1/tools/{args.tool} at {url} failed: {r.status_code} {body}",
+                  file=sys.stderr)
+            return 1
         tools = run_tool_calls(client, args.tool_calls, args.tool, image, deadline)
         chats = run_chats(client, args.chats, args.concurrency, image, args.max_tokens, deadline)
     finally:
@@ -129,7 +163,12 @@ def main() -> int:
     print(f"tool calls: {tools['tool_calls']} ok, {tools['errors']} errors; controller overhead p50 {tools['overhead_p50_ms']:.2f} ms, "
           f"p99 {tools['overhead_p99_ms']:.2f} ms; client round trip p50 {tools['client_p50_ms']:.2f} ms")
     print(json.dumps({"chats": chats, "tools": tools}))
-    return 0 if chats["errors"] == 0 and tools["errors"] == 0 else 1
+    ok = chats["errors"] == 0 and tools["errors"] == 0
+    if proc is not None and ok:
+        proc.log_path.unlink(missing_ok=True)  # kept only when something went wrong
+    elif proc is not None:
+        print(f"the serving stack's log: {proc.log_path}", file=sys.stderr)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

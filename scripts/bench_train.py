@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -85,16 +86,48 @@ def matmul_peak_tflops(dtype=torch.bfloat16, n: int = 8192, reps: int = 20) -> f
     return 2 * n**3 * reps / (time.perf_counter() - t) / 1e12
 
 
+def count(minimum: int):
+    """An argparse type: an integer of at least ``minimum``."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    parse.__name__ = "int"  # argparse's word for a value it cannot read
+    return parse
+
+
+def fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def image_size(model: str) -> int:
+    """The vision tower's input size of a LLaVA checkpoint; one ``error:`` line (exit 2) if it cannot be read."""
+    from mmedagent.model.loading import ModelNotFoundError, load_config
+
+    try:
+        config = load_config(model)
+    except (ModelNotFoundError, ValueError) as e:
+        fail(str(e))
+    size = getattr(getattr(config, "vision_config", None), "image_size", None)
+    if not isinstance(size, int):
+        fail(f"{model}: not a LLaVA checkpoint (its config has no vision_config.image_size)")
+    return size
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", help="checkpoint (default: build a cpu-preset tiny LLaVA)")
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=12, help="timed steps (after --warmup)")
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--lora_r", type=int, default=16)
+    ap.add_argument("--model", help="LLaVA checkpoint (default: build a cpu-preset tiny LLaVA)")
+    ap.add_argument("--batch", type=count(1), default=4)
+    ap.add_argument("--steps", type=count(1), default=12, help="timed steps (after --warmup)")
+    ap.add_argument("--warmup", type=count(0), default=3)
+    ap.add_argument("--lora_r", type=count(1), default=16)
     ap.add_argument("--bf16", action="store_true")
-    ap.add_argument("--workers", type=int, default=0, help="data loader workers of the framework run")
+    ap.add_argument("--workers", type=count(0), default=0, help="data loader workers of the framework run")
     a = ap.parse_args()
+    if a.model is not None:
+        image_size(a.model)  # before anything is built
     with tempfile.TemporaryDirectory(prefix="bench_train_") as folder:  # the model, data and run: removed after
         print(json.dumps(bench(a, Path(folder))))
 
@@ -108,10 +141,7 @@ def bench(a: argparse.Namespace, tmp: Path) -> dict:
         from mmedagent.model.tiny import make_tiny_model
 
         model_path = str(make_tiny_model("llava", tmp / "model", preset="cpu"))
-    from transformers import AutoConfig
-
-    image_size = AutoConfig.from_pretrained(model_path).vision_config.image_size
-    data = write_data(tmp, a.batch * (a.steps + a.warmup), image_size)
+    data = write_data(tmp, a.batch * (a.steps + a.warmup), image_size(model_path))
     total = a.steps + a.warmup
     argv = ["--model_name_or_path", model_path, "--version", "v1", "--data_path", str(data),
             "--image_folder", str(tmp), "--output_dir", str(tmp / "out"), "--per_device_train_batch_size",

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -25,12 +26,83 @@ def test_script_starts(script):
     assert "usage:" in proc.stdout
 
 
-def test_bench_agent_runs_and_reuse_matches_naive():
-    proc = run("scripts/bench_agent.py", "--presets", "tiny", "--repeats", "1", "--plan-tokens", "3",
-               "--answer-tokens", "3", "--threads", "1")
+def test_bench_agent_runs_and_reuse_matches_naive(tiny_models, tmp_path):
+    given = tmp_path / "a-checkpoint-with-a-long-name"  # --model as in BENCHMARKS.md, a name wider than "llava-tiny"
+    given.symlink_to(tiny_models("llava"), target_is_directory=True)
+    proc = run("scripts/bench_agent.py", "--presets", "tiny", "--model", str(given), "--repeats", "1",
+               "--plan-tokens", "3", "--answer-tokens", "3", "--threads", "1", "--prompt-lookup", "2")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    row = next(line for line in proc.stdout.splitlines() if line.startswith("llava-tiny"))
-    assert row.split()[-1] == "True"  # greedy tokens identical with and without KV reuse
+    lines = proc.stdout.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("model"))
+    rows = lines[head + 2: head + 4]
+    assert [r.split()[0] for r in rows] == ["llava-tiny", given.name]
+    assert all(r.split()[-1] == "True" for r in rows)  # greedy tokens identical with and without KV reuse
+    columns = [i for i, c in enumerate(lines[head]) if c == "|"]
+    assert all([i for i, c in enumerate(r) if c == "|"] == columns for r in rows), proc.stdout  # one table
+
+
+def _one_line_error(*args: str, prefix: str = "error: ", code: int = 2) -> str:
+    proc = run(*args, timeout=300)
+    assert proc.returncode == code and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(prefix), last
+    return last
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--presets", "huge"], "argument --presets: invalid choice: 'huge'"),
+    (["--presets", "tiny", "--repeats", "0"], "argument --repeats: must be at least 1, got 0"),
+    (["--presets", "tiny", "--dtype", "float33"], "error: unknown dtype 'float33'"),
+    (["--presets", "tiny", "--model", "runs/no-such-model"], "error: runs/no-such-model: no such local directory"),
+])
+def test_bench_agent_refuses_bad_input_in_one_line_before_building_models(args, expected):
+    assert expected in _one_line_error("scripts/bench_agent.py", *args, prefix="")
+
+
+def test_bench_train_and_box_copy_refuse_bad_models_in_one_line(tiny_models):
+    for script in ("scripts/bench_train.py", "scripts/bench_box_copy.py"):
+        err = _one_line_error(script, "--model", "runs/no-such-model")
+        assert err.startswith("error: runs/no-such-model: no such local directory"), err
+    llama = tiny_models("llama")
+    assert _one_line_error("scripts/bench_train.py", "--model", str(llama)) == \
+        f"error: {llama}: not a LLaVA checkpoint (its config has no vision_config.image_size)"
+    assert _one_line_error("scripts/bench_train.py", "--steps", "0", prefix="").endswith(
+        "argument --steps: must be at least 1, got 0")
+    assert _one_line_error("scripts/bench_box_copy.py", "--n", "0", prefix="").endswith(
+        "argument --n: must be at least 1, got 0")
+
+
+def test_bench_rag_refuses_bad_counts_in_one_line():
+    assert _one_line_error("scripts/bench_rag.py", "--embed-batches", "64", "0", prefix="").endswith(
+        "argument --embed-batches: must be at least 1, got 0")
+
+
+def test_bench_serve_reports_a_missing_controller_and_a_stack_that_does_not_start_in_one_line(tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a loopback port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    err = _one_line_error("scripts/bench_serve.py", "--url", f"http://127.0.0.1:{port}", code=1)
+    assert err.startswith(f"error: no controller answers at http://127.0.0.1:{port}"), err
+    proc = run("scripts/bench_serve.py", "--tool", "no_such_tool", "--chats", "1", TMPDIR=str(tmp_path))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    err = proc.stderr.strip().splitlines()[-1]
+    assert err.startswith("error: the serving stack did not start: ") and "unknown tool 'no_such_tool'" in err, err
+    assert [str(log) in err for log in tmp_path.glob("bench_serve_*.log")] == [True]  # its log, named, kept
+
+
+def test_bench_serve_runs_on_its_own_stack_and_leaves_no_log_behind(tmp_path):
+    system_tmp = Path(tempfile.gettempdir())
+    before = set(system_tmp.glob("bench_serve_*.log"))
+    proc = run("scripts/bench_serve.py", "--chats", "2", "--tool-calls", "3", "--max-tokens", "2", "--image-size", "32",
+               TMPDIR=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["chats"]["ok"] == 2 and result["tools"]["tool_calls"] == 3
+    assert result["tools"]["overhead_p50_ms"] > 0
+    # the stack's log goes to $TMPDIR and is kept only when something went wrong
+    assert not list(tmp_path.glob("bench_serve_*.log")) and set(system_tmp.glob("bench_serve_*.log")) <= before
 
 
 def test_bench_train_runs_on_a_given_checkpoint_and_leaves_nothing_behind(tiny_models, tmp_path):
