@@ -14,12 +14,15 @@ def auth_headers(api_key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
-def make_client(api_key: str | None = None, timeout_s: float = 30.0, max_connections: int = 256) -> httpx.Client:
+def make_client(api_key: str | None = None, timeout_s: float = 30.0, max_connections: int = 256,
+                proxy_from_env: bool = False) -> httpx.Client:
+    """``proxy_from_env``: route through ``HTTPS_PROXY`` & co. (an outside endpoint behind a proxy); never for the
+    stack's own loopback services."""
     return httpx.Client(
         headers=auth_headers(api_key),
         timeout=timeout(timeout_s),
         limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=64),
-        trust_env=False,  # loopback services: never route through a proxy from the environment
+        trust_env=proxy_from_env,
     )
 
 

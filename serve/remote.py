@@ -10,12 +10,13 @@ import threading
 from contextvars import ContextVar
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar
+from urllib.parse import urlsplit
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mmedagent.protocol import IMAGE_TOKEN
-from mmedagent.serve.config import validation_problems
+from mmedagent.serve.config import is_loopback, validation_problems
 from mmedagent.serve.httpclient import error_detail, make_client, timeout
 from mmedagent.serve.registry import NoWorkerError, WorkerRegistry
 from mmedagent.serve.uploads import png_data_url
@@ -33,12 +34,19 @@ CHAT_REQUEST_ID: ContextVar[str | None] = ContextVar("chat_request_id", default=
 def shown_url(url: str) -> str:
     """``url`` as clients and logs may see it: without a user, password, query or fragment (a backend
     URL may carry its credentials)."""
-    from urllib.parse import urlsplit
-
     parts = urlsplit(url)
     host = parts.hostname or ""
     host = f"[{host}]" if ":" in host else host
     return f"{parts.scheme}://{host}{f':{parts.port}' if parts.port else ''}{parts.path}"
+
+
+def api_root(url: str) -> str:
+    """The API root (``.../v1``) of an OpenAI-compatible server named by its host root, its ``.../v1`` or a
+    ``.../chat/completions`` URL."""
+    url = url.rstrip("/")
+    if url.endswith("/chat/completions"):
+        return url.removesuffix("/chat/completions")
+    return url if url.endswith("/v1") else url + "/v1"
 
 
 def loggable_id(value: str | None) -> str | None:
@@ -325,17 +333,21 @@ def to_openai_messages(messages: Sequence[dict[str, str]], image: Any) -> list[d
 class OpenAIPlanner:
     """A planner served by any OpenAI-compatible endpoint (vLLM, another mmedagent model worker...).
 
-    ``base_url`` is the API root, e.g. ``http://gpu-box:8000/v1``. The backend batches requests, so
-    calls may run side by side (up to ``max_concurrency``); ``last_stats`` is per calling thread.
+    ``base_url`` is the API root, e.g. ``http://gpu-box:8000/v1`` (:func:`api_root` makes one of other forms).
+    Without ``model`` the backend's first listed model is used, or, with ``list_models=False``, requests name
+    no model (the server's default). The backend batches requests, so calls may run side by side (up to
+    ``max_concurrency``); ``last_stats`` is per calling thread.
     """
 
     max_concurrency = 32
 
-    def __init__(self, base_url: str, model: str | None = None, api_key: str | None = None, timeout_s: float = 300.0):
+    def __init__(self, base_url: str, model: str | None = None, api_key: str | None = None, timeout_s: float = 300.0,
+                 *, list_models: bool = True):
         self.base_url, self.timeout_s = base_url.rstrip("/"), timeout_s
         self.shown = shown_url(self.base_url)  # in messages: the URL may carry credentials
-        self.client = make_client(api_key, timeout_s)
-        self.model = model or self._first_model()
+        # an outside endpoint may be reached only through the environment's proxy; the stack's own never is
+        self.client = make_client(api_key, timeout_s, proxy_from_env=not is_loopback(urlsplit(self.base_url).hostname or ""))
+        self.model = model or (self._first_model() if list_models else None)
         self._calls = threading.local()
 
     @property
@@ -369,7 +381,8 @@ class OpenAIPlanner:
             self.last_stats = {"prompt_tokens": usage["prompt_tokens"], "new_tokens": usage["completion_tokens"]}
 
     def _body(self, messages, image, gen: dict[str, Any], stream: bool) -> dict[str, Any]:
-        body: dict[str, Any] = {"model": self.model, "messages": to_openai_messages(messages, image), "stream": stream}
+        body: dict[str, Any] = {**({"model": self.model} if self.model else {}),
+                                "messages": to_openai_messages(messages, image), "stream": stream}
         if stream:  # without it OpenAI and vLLM send no usage in a stream
             body["stream_options"] = {"include_usage": True}
         if "max_new_tokens" in gen:
@@ -380,6 +393,10 @@ class OpenAIPlanner:
         return body
 
     def generate(self, messages: Sequence[dict[str, str]], image: Any, **gen: Any) -> str:
+        return self.complete(messages, image, **gen)["choices"][0]["message"]["content"] or ""
+
+    def complete(self, messages: Sequence[dict[str, str]], image: Any, **gen: Any) -> Any:
+        """The backend's whole answer (parsed JSON), for a caller that reads more than the text."""
         self.last_stats = {}
         try:
             r = self.client.post(f"{self.base_url}/chat/completions", json=self._body(messages, image, gen, False))
@@ -389,7 +406,7 @@ class OpenAIPlanner:
             raise WorkerError(self._scrub(f"model backend {self.shown}: {error_detail(r)}"))
         data = r.json()
         self._count(data)
-        return data["choices"][0]["message"]["content"] or ""
+        return data
 
     def stream(self, messages: Sequence[dict[str, str]], image: Any, **gen: Any) -> Iterator[str]:
         self.last_stats = {}

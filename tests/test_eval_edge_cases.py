@@ -248,3 +248,80 @@ def test_tool_flags_with_a_controller_are_refused_not_ignored(tmp_path, capsys):
     data = write_json(tmp_path / "r.json", [direct_record()])
     assert main(["--model", "http://127.0.0.1:9", "--data", str(data), "--tools", "grounding"]) == 2
     assert "--tools, --tool-options, --tool-weights and --system-prompt apply to the local agent loop" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- endpoints: credentials and keys
+
+
+def served_at(monkeypatch, handler):
+    """Every HTTP request of the evaluation is answered by ``handler`` (no socket is opened)."""
+    monkeypatch.setattr(httpx.HTTPTransport, "handle_request", lambda transport, request: handler(request))
+
+
+ENDPOINT_FLAGS = {"agent": [], "planner": ["--endpoint", "planner", "--tool-mode", "gold"]}
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINT_FLAGS)
+def test_a_url_with_credentials_never_reaches_a_samples_error_or_stderr(tmp_path, monkeypatch, capsys, endpoint):
+    """httpx keeps user:password@ in a request's URL: the error named the endpoint by it, into stderr and samples.jsonl."""
+    served_at(monkeypatch, lambda request: httpx.Response(
+        503 if request.method == "POST" else 404, json={"error": {"message": f"overloaded ({request.url.path})"}}))
+    write_image(tmp_path)
+    data = write_json(tmp_path / "r.json", [direct_record()])
+    out = tmp_path / "run"
+    assert main(["--model", "http://evaluator:s3cr3t-pw@127.0.0.1:9/v1", "--data", str(data), "--image-folder",
+                 str(tmp_path), "--out", str(out), *ENDPOINT_FLAGS[endpoint]]) == 1
+    err = capsys.readouterr().err
+    written = "".join((out / name).read_text() for name in ("samples.jsonl", "run.json", "report.json"))
+    for secret in ("s3cr3t-pw", "evaluator"):
+        assert secret not in err and secret not in written, err
+    error = json.loads((out / "samples.jsonl").read_text())["error"]
+    assert "http://127.0.0.1:9/v1: overloaded (/v1/chat/completions)" in error  # the server's reason, where it was
+
+
+def test_a_judge_url_with_credentials_never_reaches_stderr(tmp_path, monkeypatch, capsys):
+    from mmedagent.evaluation.judge import judge
+
+    served_at(monkeypatch, lambda request: httpx.Response(429, json={"error": {"message": "rate limited"}}))
+    samples = load_samples(write_json(tmp_path / "r.json", [direct_record()]))
+    assert judge(samples, [SampleResult(id="d1", task="vqa", answer="Yes.")], "https://grader:s3cr3t-pw@judge.example/v1") == [None]
+    err = capsys.readouterr().err
+    assert "https://judge.example/v1: rate limited" in err and "s3cr3t-pw" not in err and "grader" not in err, err
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINT_FLAGS)
+def test_an_openai_key_goes_to_a_model_url_only_when_asked(tmp_path, monkeypatch, endpoint):
+    """With MMEDAGENT_API_KEY unset, OPENAI_API_KEY went to any --model URL (a local vLLM, someone else's server)."""
+    sent = []
+
+    def answer(request):
+        sent.append(request.headers.get("authorization"))
+        return httpx.Response(200, json={"choices": [{"message": {"content": "Yes."}}]})
+
+    served_at(monkeypatch, answer)
+    write_image(tmp_path)
+    data = write_json(tmp_path / "r.json", [direct_record()])
+    monkeypatch.delenv("MMEDAGENT_API_KEY", raising=False)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-openai-key")
+    for env, extra, key in ((None, [], None), (None, ["--api-key-env", "OPENAI_API_KEY"], "sk-openai-key"),
+                            ("mmedagent-key-0123", [], "mmedagent-key-0123")):  # the default: a controller's --api-key
+        if env:
+            monkeypatch.setenv("MMEDAGENT_API_KEY", env)
+        sent.clear()
+        main(["--model", "http://127.0.0.1:9", "--data", str(data), "--image-folder", str(tmp_path), "--quiet",
+              *ENDPOINT_FLAGS[endpoint], *extra])
+        assert sent and set(sent) == {f"Bearer {key}" if key else None}, (extra, sent)
+
+
+def test_api_key_env_with_a_local_model_is_refused_not_ignored(tmp_path, capsys):
+    data = write_json(tmp_path / "r.json", [direct_record()])
+    assert main(["--model", "demo", "--data", str(data), "--api-key-env", "OPENAI_API_KEY"]) == 2
+    assert "--api-key-env applies to a --model URL" in capsys.readouterr().err
+
+
+def test_an_endpoint_is_reached_from_each_url_form_the_evaluation_accepts():
+    from mmedagent.serve.remote import api_root
+
+    for url in ("http://gpu-box:8000", "http://gpu-box:8000/v1/", "http://gpu-box:8000/v1/chat/completions"):
+        assert api_root(url) == "http://gpu-box:8000/v1", url
+    assert api_root("https://proxy.example/openai/chat/completions") == "https://proxy.example/openai"

@@ -389,18 +389,22 @@ def _endpoint(*answers):
 
 
 def test_a_planner_failure_is_that_samples_error_and_the_run_goes_on(tmp_path, folder, fake_grounding):
-    from mmedagent.evaluation.runner import OpenAIPlanner
+    from mmedagent.serve.remote import OpenAIPlanner
 
-    samples = load_samples(write_json(tmp_path / "r.json", [direct_record("d1"), direct_record("d2")]))
+    samples = load_samples(write_json(tmp_path / "r.json", [direct_record(f"d{i}") for i in range(3)]))
     planner = OpenAIPlanner("http://127.0.0.1:9/v1", "m")
     planner.client = _endpoint(
         (500, {"error": {"message": "CUDA out of memory", "type": "server_error", "param": None, "code": None}}),
-        (200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": "Yes."}, "finish_reason": "stop"}]}),
+        (200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": "Yes."}, "finish_reason": "stop"}],
+               "usage": {"prompt_tokens": 30, "completion_tokens": 2}}),
+        (200, {"choices": [{"message": {"content": "Yes, it is."}}]}),
     )
     runner = AgentRunner(planner, "gold", [FakeGrounding], image_folder=folder)
-    first, second = [runner.run(s) for s in samples]
-    assert first.error.startswith("planner failed") and "answered 500: CUDA out of memory" in first.error
+    first, second = runner.run(samples[0]), runner.run(samples[1])
+    assert first.error == "planner failed: WorkerError: model backend http://127.0.0.1:9/v1: CUDA out of memory"
     assert second.error is None and second.answer == "Yes."
+    assert second.tokens == 2 and runner.tokens_counted_by == "usage"  # the endpoint's count, not a local model's
+    assert runner.run(samples[2]).tokens == 3 and runner.tokens_counted_by == "words"  # no usage sent
 
 
 def test_a_failed_sample_never_counts_as_a_right_tool_choice(tmp_path):
@@ -414,7 +418,7 @@ def test_controller_endpoint_failures_are_per_sample_with_the_servers_reason(tmp
     sample = load_samples(write_json(tmp_path / "r.json", [grounding_record()]))[0]
     runner = ControllerRunner("http://127.0.0.1:9/v1", image_folder=folder)
     runner.planner.client = _endpoint((404, {"detail": "no model worker is serving 'x'"}), (200, {"choices": []}))
-    assert runner.run(sample).error == "endpoint error: http://127.0.0.1:9/v1/chat/completions answered 404: no model worker is serving 'x'"
+    assert runner.run(sample).error == "endpoint error: model backend http://127.0.0.1:9/v1: no model worker is serving 'x'"
     assert runner.run(sample).error == "endpoint error: unreadable response (IndexError: list index out of range)"
 
 

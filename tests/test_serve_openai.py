@@ -32,6 +32,14 @@ def sse(*chunks):
     return "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
 
 
+def test_an_outside_backend_is_reached_through_the_environments_proxy_and_the_stacks_own_never():
+    """A judge or backend on the internet is often reachable only through a hospital's proxy (the evaluation's
+    own client honoured HTTPS_PROXY); a loopback service must never be routed through one."""
+    assert OpenAIPlanner("https://api.example.com/v1", "gpt-x").client.trust_env  # httpx reads HTTPS_PROXY & co.
+    for local in ("http://127.0.0.1:21001/v1", "http://localhost:8000/v1", "http://[::1]:8000/v1"):
+        assert not OpenAIPlanner(local, "m").client.trust_env
+
+
 def test_a_streamed_backend_is_asked_for_its_usage():
     """OpenAI and vLLM send a stream's usage only when asked (``stream_options.include_usage``),
     in a last chunk with no choices."""

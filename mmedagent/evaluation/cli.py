@@ -42,6 +42,15 @@ def _is_url(s: str) -> bool:
     return s.startswith(("http://", "https://"))
 
 
+def _recorded_model(model: str) -> str:
+    """``--model`` as reports, ``run.json`` and stderr show it: a URL without a user, password or query."""
+    if not _is_url(model):
+        return model
+    from mmedagent.serve.remote import shown_url
+
+    return shown_url(model)
+
+
 class _Given(argparse.Action):
     """Stores the value and notes that the flag was given (``<dest>_given``), so a recorded setting can
     stand in for a default."""
@@ -78,6 +87,9 @@ def parser() -> argparse.ArgumentParser:
                    help="for a URL: 'agent' = an mmedagent controller (runs tools, returns mmedagent_trace); "
                         "'planner' = any OpenAI-compatible model endpoint driven by the local agent loop")
     p.add_argument("--served-model-name", help="'model' field sent to an endpoint")
+    p.add_argument("--api-key-env", help="for a URL: environment variable holding the endpoint's bearer key (default "
+                   "MMEDAGENT_API_KEY, the key of a controller or model worker started with --api-key; e.g. "
+                   "OPENAI_API_KEY for OpenAI; none set: no key)")
     p.add_argument("--system-prompt", choices=("catalog", "plain", "none"), default=None,
                    help="catalog: the tool catalog as the controller sends it; plain: the Vicuna system text "
                         "(models trained without the catalog, as MMedAgent's); none: no system message (the demo "
@@ -113,23 +125,28 @@ def _tool_classes(names: Sequence[str] | None) -> list[Any]:
 
 def make_runner(args: argparse.Namespace) -> Any:
     """The runner for ``--model``: controller endpoint, planner endpoint, or local checkpoint."""
-    from mmedagent.evaluation.runner import AgentRunner, ControllerRunner, OpenAIPlanner
+    from mmedagent.evaluation.runner import AgentRunner, ControllerRunner
 
     if _is_url(args.model) and (args.constrain or args.model_base or args.conv_template):
         raise ValueError("--constrain, --model-base and --conv-template apply to a local model; a served one runs "
                          "as its server was started")
+    if not _is_url(args.model) and args.api_key_env:
+        raise ValueError("--api-key-env applies to a --model URL; a local model needs no key")
+    api_key = os.environ.get(args.api_key_env or "MMEDAGENT_API_KEY") or None  # only the variable named: no other key
     if _is_url(args.model) and args.endpoint == "agent":
         if args.tools or args.tool_options or args.tool_weights or args.system_prompt:
             raise ValueError("--tools, --tool-options, --tool-weights and --system-prompt apply to the local agent loop; "
                              "a controller offers the tools it was started with (or use --endpoint planner)")
         if args.tool_mode == "gold":
             raise ValueError("--tool-mode gold needs a planner: a local model or --endpoint planner (the controller runs its own tools)")
-        return ControllerRunner(args.model, args.served_model_name, image_folder=args.image_folder,
+        return ControllerRunner(args.model, args.served_model_name, api_key, image_folder=args.image_folder,
                                 max_new_tokens=args.max_new_tokens)
     classes = _tool_classes(args.tools)  # an unknown name is refused before the model loads
     system_text = None
     if _is_url(args.model):
-        planner = OpenAIPlanner(args.model, args.served_model_name)
+        from mmedagent.serve.remote import OpenAIPlanner, api_root
+
+        planner = OpenAIPlanner(api_root(args.model), args.served_model_name, api_key, list_models=False)
     else:
         from mmedagent.model import load_planner, planner_settings
 
@@ -169,7 +186,8 @@ def run_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The settings ``run.json`` records and ``--resume`` compares (as given, before defaults are resolved)."""
     from mmedagent.evaluation.results import file_sha256
 
-    return {**{key: getattr(args, key) for key in RUN_SETTINGS}, "data_sha256": file_sha256(args.data)}
+    return {**{key: getattr(args, key) for key in RUN_SETTINGS}, "model": _recorded_model(args.model),
+            "data_sha256": file_sha256(args.data)}
 
 
 def _finish(args: argparse.Namespace, samples: list[Any], results: list[Any], meta: dict[str, Any]) -> dict[str, Any]:
@@ -210,7 +228,8 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
                   "stopped): that sample runs again", file=sys.stderr)
     # a resumed run with every sample written only needs its report: no model is loaded
     runner = make_runner(args) if len(results) < len(samples) else None
-    run_name = args.name or Path(str(args.model)).name or str(args.model)
+    model = _recorded_model(args.model)
+    run_name = args.name or Path(model).name or model
     load_errors: dict[str, str] = {}
     interrupted = None
     started = time.monotonic()
@@ -223,7 +242,7 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
             print(f"warning: tool {tool} failed to load ({error}); its calls are tool errors", file=sys.stderr)
         if folder:
             folder.open()
-            folder.record(name=run_name, model=str(args.model),
+            folder.record(name=run_name, model=model,
                           **({"constrained_decoding": bool(args.constrain)} if runner is not None else {}))
         for i, smp in enumerate(samples):
             if i in results:
@@ -252,7 +271,7 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
     done = sorted(results)
     recorded = folder.meta if folder else {}
     meta = {
-        "name": run_name, "model": str(args.model), "data": str(args.data), "data_sha256": data_sha256,
+        "name": run_name, "model": model, "data": str(args.data), "data_sha256": data_sha256,
         "tokens_counted_by": (runner.tokens_counted_by if runner else "") or recorded.get("tokens_counted_by", ""),
         "constrained_decoding": bool(args.constrain) if runner else recorded.get("constrained_decoding"),
         **({"tool_load_errors": load_errors} if load_errors else {}),

@@ -4,7 +4,8 @@ The judge sees the question, the reference (gold answer, else MMedAgent's ``fig_
 the gold report of a report-generation sample) and the answer, and replies with a score from 1 to
 10; samples without a reference are not judged. A sample that ended in an error scores the lowest
 grade, 1, without a call (it scores as wrong in every metric); when every call fails (the judge is
-unreachable or refuses the key) nothing is judged. The key is the caller's (the CLI's ``--judge-key-env``).
+unreachable or refuses the key) nothing is judged. The endpoint is called through serving's
+:class:`mmedagent.serve.remote.OpenAIPlanner`; the key is the caller's (the CLI's ``--judge-key-env``).
 """
 
 from __future__ import annotations
@@ -13,11 +14,10 @@ import re
 import sys
 from collections.abc import Sequence
 
-import httpx
-
 from mmedagent.evaluation.readers import EvalSample
-from mmedagent.evaluation.runner import EndpointError, OpenAIPlanner, SampleResult
+from mmedagent.evaluation.runner import SampleResult
 from mmedagent.evaluation.scoring import reference_answer
+from mmedagent.serve.remote import OpenAIPlanner, WorkerError, api_root
 
 PROMPT = (
     "You grade answers of a medical imaging assistant. Compare the answer with the reference and "
@@ -42,8 +42,8 @@ def judge(samples: Sequence[EvalSample], results: Sequence[SampleResult], url: s
           api_key: str = "") -> list[float | None]:
     """One 1–10 score per sample (1 for a sample that ended in an error; ``None`` where there is no
     reference, no score in the reply, or the judge endpoint failed: a failure is reported on stderr
-    and never loses the evaluation)."""
-    client = OpenAIPlanner(url, model, api_key)
+    and never loses the evaluation). ``url``: the judge's host root, ``.../v1`` or ``.../v1/chat/completions``."""
+    client = OpenAIPlanner(api_root(url), model, api_key, list_models=False)
     scores: list[float | None] = []
     failures: list[str] = []
     unparsed = replies = 0
@@ -59,7 +59,7 @@ def judge(samples: Sequence[EvalSample], results: Sequence[SampleResult], url: s
             prompt = PROMPT.format(question=smp.question, reference=reference, answer=r.answer)
             try:
                 reply = client.generate([{"role": "user", "content": prompt}], None, temperature=0.0, max_new_tokens=8)
-            except (httpx.HTTPError, EndpointError, ValueError, LookupError) as e:
+            except (WorkerError, ValueError, LookupError, TypeError, AttributeError) as e:
                 failures.append(f"{type(e).__name__}: {e}")
                 scores.append(None)
                 continue

@@ -3,20 +3,18 @@
 Three ways to get a model's behaviour on a sample:
 
 * :class:`AgentRunner` — a planner (local model from ``mmedagent.model.load_planner`` or any
-  OpenAI-compatible chat endpoint through :class:`OpenAIPlanner`) inside the real
+  OpenAI-compatible chat endpoint through serving's :class:`mmedagent.serve.remote.OpenAIPlanner`) inside the real
   :class:`mmedagent.agent.Agent`, with either the real tools (``live``: the real
   :class:`~mmedagent.dispatcher.Dispatcher`) or the sample's gold tool outputs (``gold``:
   :class:`GoldToolOutputs`). Either way the planner reads the tool outputs, worded by
   ``mmedagent.protocol.render_tool_results`` — never the question in their place.
 * :class:`ControllerRunner` — the controller's ``/v1/chat/completions``, which runs the whole
-  agent server-side and returns its tool trace in the ``mmedagent_trace`` field.
+  agent server-side and returns its tool trace in the ``mmedagent_trace`` field (posted through
+  serving's client too).
 """
 
 from __future__ import annotations
 
-import base64
-import io
-import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -139,26 +137,33 @@ def planner_tokenizer(planner: Any) -> Any:
     return tok if callable(tok) else None
 
 
+def _is_endpoint(planner: Any) -> bool:
+    """Whether ``planner`` is serving's client of an OpenAI-compatible endpoint (its counts are the endpoint's usage)."""
+    try:
+        from mmedagent.serve.remote import OpenAIPlanner
+    except ImportError:  # no httpx (no serve or eval extra): no endpoint planner either
+        return False
+    return isinstance(planner, OpenAIPlanner)
+
+
 class TokenCounter:
     """Wraps a planner and counts the tokens it generates.
 
-    The count comes from the planner itself where it says (``last_stats["new_tokens"]`` of the
-    local model, ``completion_tokens`` of an endpoint's usage), else from re-tokenising the text
-    with the planner's tokenizer, else from counting words; ``counted_by`` says which.
+    The count comes from the planner itself where it says (``last_stats["new_tokens"]``: the local
+    model's count, ``"model"``, or an endpoint's ``usage``, ``"usage"``), else from re-tokenising the
+    text with the planner's tokenizer, else from counting words; ``counted_by`` says which.
     """
 
     def __init__(self, planner: Any):
         self.planner, self.tokens, self.counted_by = planner, 0, ""
         self._tokenizer = planner_tokenizer(planner)
+        self._reported_by = "usage" if _is_endpoint(planner) else "model"
 
     def generate(self, messages: Sequence[dict[str, str]], image: Any, **gen: Any) -> str:
-        before = getattr(self.planner, "completion_tokens", None)
         text = self.planner.generate(messages, image, **gen)
         counts = token_counts(self.planner)
         if counts:
-            n, self.counted_by = counts[1], "model"
-        elif before is not None:
-            n, self.counted_by = self.planner.completion_tokens - before, "usage"
+            n, self.counted_by = counts[1], self._reported_by
         elif self._tokenizer is not None:
             n, self.counted_by = len(self._tokenizer(text, add_special_tokens=False)["input_ids"]), "tokenizer"
         else:
@@ -238,84 +243,6 @@ class AgentRunner:
             self.dispatcher.close()
 
 
-def _image_data_url(image: Any) -> str:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def _openai_messages(messages: Sequence[dict[str, str]], image: Any) -> list[dict[str, Any]]:
-    """OpenAI chat messages; the image goes into the first user message as an image part."""
-    out: list[dict[str, Any]] = []
-    placed = image is None
-    for m in messages:
-        if m["role"] == "user" and not placed:
-            text = m["content"].replace(IMAGE_TOKEN, "").strip()
-            out.append({"role": "user", "content": [
-                {"type": "image_url", "image_url": {"url": _image_data_url(image)}},
-                {"type": "text", "text": text},
-            ]})
-            placed = True
-        else:
-            out.append({"role": m["role"], "content": m["content"]})
-    return out
-
-
-def _headers(api_key: str | None) -> dict[str, str]:
-    key = api_key if api_key is not None else os.environ.get("MMEDAGENT_API_KEY") or os.environ.get("OPENAI_API_KEY")
-    return {"Authorization": f"Bearer {key}"} if key else {}
-
-
-class EndpointError(RuntimeError):
-    """An OpenAI-compatible endpoint refused or failed a request; the message is the server's."""
-
-
-def _raise_for_error(r: Any) -> None:
-    """Raise :class:`EndpointError` for a non-2xx answer, with the server's own message (OpenAI's
-    ``{"error": {"message"}}``, FastAPI's ``{"detail"}``, else the start of the body)."""
-    if r.is_success:
-        return
-    try:
-        body = r.json()
-    except ValueError:
-        body = None
-    err = body.get("error", body.get("detail")) if isinstance(body, dict) else None
-    message = err.get("message", err) if isinstance(err, dict) else err
-    raise EndpointError(f"{r.url} answered {r.status_code}: {str(message or r.text or r.reason_phrase)[:300]}")
-
-
-def _chat_url(url: str) -> str:
-    url = url.rstrip("/")
-    if url.endswith("/chat/completions"):
-        return url
-    return url + ("/chat/completions" if url.endswith("/v1") else "/v1/chat/completions")
-
-
-class OpenAIPlanner:
-    """A planner behind any OpenAI-compatible chat endpoint (returns the raw turn text)."""
-
-    def __init__(self, url: str, model: str | None = None, api_key: str | None = None, timeout_s: float = 300.0):
-        import httpx
-
-        self.url, self.model = _chat_url(url), model
-        self.client = httpx.Client(timeout=timeout_s, headers=_headers(api_key))
-        self.completion_tokens = 0
-
-    def generate(self, messages: Sequence[dict[str, str]], image: Any, **gen: Any) -> str:
-        body: dict[str, Any] = {
-            "messages": _openai_messages(messages, image),
-            "temperature": gen.get("temperature", 0.0),
-            "max_tokens": gen.get("max_new_tokens", 256),
-        }
-        if self.model:
-            body["model"] = self.model
-        r = self.client.post(self.url, json=body)
-        _raise_for_error(r)
-        data = r.json()
-        self.completion_tokens += int((data.get("usage") or {}).get("completion_tokens", 0))
-        return data["choices"][0]["message"]["content"] or ""
-
-
 def _step_from_trace(index: int, d: dict[str, Any]) -> AgentStep:
     """An :class:`AgentStep` from a controller trace step (step view or ``AgentStep`` dump)."""
     if "turn" not in d and "actions" in d and not d.get("parse_error"):
@@ -338,7 +265,11 @@ class ControllerRunner:
 
     def __init__(self, url: str, model: str | None = None, api_key: str | None = None, *,
                  image_folder: str | Path | None = None, timeout_s: float = 600.0, max_new_tokens: int = 256):
-        self.planner = OpenAIPlanner(url, model, api_key, timeout_s)
+        """``url``: the controller's host root, ``.../v1`` or ``.../v1/chat/completions``; ``api_key``: its
+        bearer key (``--api-key``), or none."""
+        from mmedagent.serve.remote import OpenAIPlanner, api_root
+
+        self.planner = OpenAIPlanner(api_root(url), model, api_key, timeout_s, list_models=False)
         self.image_folder, self.max_new_tokens = image_folder, max_new_tokens
 
     def preload(self, progress: Callable[[str], None] | None = None, wait_s: float = 900.0,
@@ -348,7 +279,7 @@ class ControllerRunner:
         ``wait_s``; a controller without the status route is taken as it is."""
         import httpx
 
-        status_url = self.planner.url.rsplit("/chat/completions", 1)[0] + "/status"
+        status_url = f"{self.planner.base_url}/status"
         deadline, said = time.monotonic() + wait_s, None
         while True:
             try:
@@ -369,7 +300,7 @@ class ControllerRunner:
             time.sleep(poll_s)
 
     def run(self, sample: EvalSample) -> SampleResult:
-        import httpx
+        from mmedagent.serve.remote import WorkerError
 
         started = time.monotonic()
         try:
@@ -377,17 +308,12 @@ class ControllerRunner:
         except (OSError, ValueError) as e:
             return SampleResult(id=sample.id, task=sample.task, error=str(e))
         user = f"{IMAGE_TOKEN}\n{sample.question}" if image is not None else sample.question
-        body: dict[str, Any] = {"messages": _openai_messages([{"role": "user", "content": user}], image),
-                                "temperature": 0.0, "max_tokens": self.max_new_tokens}
-        if self.planner.model:
-            body["model"] = self.planner.model
         try:
-            r = self.planner.client.post(self.planner.url, json=body)
-            _raise_for_error(r)
-            data = r.json()
+            data = self.planner.complete([{"role": "user", "content": user}], image, temperature=0.0,
+                                         max_new_tokens=self.max_new_tokens)
             answer = data["choices"][0]["message"]["content"] or ""
-        except (httpx.HTTPError, EndpointError, ValueError, LookupError, TypeError, AttributeError) as e:
-            what = str(e) if isinstance(e, (httpx.HTTPError, EndpointError)) else f"unreadable response ({type(e).__name__}: {e})"
+        except (WorkerError, ValueError, LookupError, TypeError, AttributeError) as e:
+            what = str(e) if isinstance(e, WorkerError) else f"unreadable response ({type(e).__name__}: {e})"
             return SampleResult(id=sample.id, task=sample.task, error=f"endpoint error: {what}", wall_s=time.monotonic() - started)
         trace = data.get("mmedagent_trace")
         if trace is None:
