@@ -259,3 +259,70 @@ def test_a_new_prefill_does_not_hold_the_previous_calls_cache(planner_of, arch):
     finally:
         hook.remove()
     assert alive and not any(alive)
+
+
+def test_a_reply_cut_at_a_stop_string_is_read_back_as_generated(planner_of):
+    """A reply ended by a stop string (an OpenAI client's ``stop``) is returned cut before it; when the cut falls
+    between tokens, the next call reads the tokens the model wrote up to there (and the cache holds them),
+    not a re-encoding of the cut text, on both paths alike."""
+    image, question = test_image(), [{"role": "user", "content": "<image>\n" + QUESTION}]
+    tool = {"role": "user", "content": "grounding dino output: {'boxes': []}"}
+    naive = planner_of("llava", False)
+    naive.reset()
+    full = naive.generate(question, image, max_new_tokens=24)
+    prompt_len = naive.last_stats["prompt_tokens"]
+    prompt_ids, generated = naive._transcripts[-1].history[:prompt_len], naive._transcripts[-1].history[prompt_len:]
+    decode = lambda ids: naive.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    encode = lambda text: naive.tokenizer(" " + text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    # a stop string that starts between two tokens, after a part of the reply that does not re-encode as written
+    kept, stop = next((k, decode(generated[: k + 2])[len(decode(generated[:k])):]) for k in range(len(generated) - 2, 0, -1)
+                      if full.find(decode(generated[k: k + 2])) == len(decode(generated[:k]))
+                      and encode(decode(generated[:k]).strip()) != generated[:k])
+    answers = []
+    for kv_reuse in (False, True):
+        planner = planner_of("llava", kv_reuse)
+        planner.reset()
+        reply = planner.generate(question, image, max_new_tokens=24, stop=[stop])
+        assert planner.last_stats["finish"] == "stop" and reply == decode(generated[:kept]).strip()
+        answers.append(planner.generate([*question, {"role": "assistant", "content": reply}, tool], image,
+                                        max_new_tokens=6))
+        assert planner._state.tokens[: prompt_len + kept] == [*prompt_ids, *generated[:kept]]
+        assert planner.last_stats["reused_tokens"] == (prompt_len + kept if kv_reuse else 0)
+    assert answers[0] == answers[1]
+
+
+def test_a_chat_reads_its_own_plan_when_another_image_size_gave_the_same_plan_text(planner_of):
+    """Qwen2-VL gives an image as many tokens as its size asks: two chats asking the same question about images of
+    two sizes, whose plans read alike (a trained planner writes the same grounding call for both), each continue
+    from their own prompt and generated tokens, whichever was remembered first."""
+    planner = planner_of("qwen2_vl")
+    planner.reset()
+    vocab = planner.tokenizer.get_vocab()
+    # a word written as two tokens that would re-encode as one
+    pair = next([vocab[w[:1]], vocab[w[1:]]] for w, _ in sorted(vocab.items(), key=lambda item: item[1])
+                if len(w) > 2 and w.isalpha() and w[:1] in vocab and w[1:] in vocab)
+    forced, step = [*pair, *pair, min(planner.eos_ids)], [0]
+
+    def writes_the_same_plan(module, args, out):
+        out.logits[..., forced[min(step[0], len(forced) - 1)]] += 1e4
+        step[0] += 1
+        return out
+
+    question = [{"role": "user", "content": "<image>\nsegment the liver"}]
+    images, chats = (test_image(40), test_image(64)), []
+    hook = planner.model.register_forward_hook(writes_the_same_plan)
+    try:
+        for image in images:
+            step[0] = 0
+            reply = planner.generate(question, image, max_new_tokens=8)
+            chats.append((image, reply, list(planner._transcripts[-1].history)))
+    finally:
+        hook.remove()
+    assert chats[0][1] == chats[1][1] and len(chats[0][2]) != len(chats[1][2])  # the case in point
+    follow = [{"role": "assistant", "content": chats[0][1]}, {"role": "user", "content": "segmentation output: {}"}]
+    (first_image, _, first_history), (last_image, _, last_history) = chats
+    planner.generate([*question, *follow], last_image, max_new_tokens=2)  # the latest chat: its plan is cached
+    assert planner.last_stats["reused_tokens"] == len(last_history)
+    prompt, _ = planner._prepare([*question, *follow], first_image)
+    continued = planner._continue(prompt, planner._encode(prompt, first_image))["input_ids"][0].tolist()
+    assert continued[: len(first_history)] == first_history

@@ -71,6 +71,11 @@ def _same_image(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return a.keys() == b.keys() and all(a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in a)
 
 
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading ids ``a`` and ``b`` share."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
 def _rgb(image: Any) -> Any:
     """A PIL image as RGB, as the tools see it (16-bit / float pixels min-max scaled, not clipped to white or
     black: ``as_pil_rgb``); an array goes to the processor as it is. A clear error for an image with no pixels
@@ -335,20 +340,19 @@ class HFPlanner:
 
     def _continue(self, prompt: str, inputs: dict[str, Any]) -> dict[str, Any]:
         """``inputs`` with an earlier call's prompt ids and generated tokens in place of their re-encoding,
-        when ``prompt`` continues that call (the latest such call of any conversation remembered; see
-        :meth:`_continued_ids`), so a reply is read back exactly as the model wrote it."""
+        when ``prompt`` continues that call (the longest such prompt of any conversation remembered, the latest
+        first; see :meth:`_continued_ids`), so a reply is read back exactly as the model wrote it. A call whose
+        image tokens differ from this prompt's (another image size, as Qwen2-VL encodes it) is passed over."""
         import torch
 
-        turns = [t for t in self._transcripts if prompt.startswith(t.text)]
-        new = next((ids for t in sorted(turns, key=lambda t: len(t.text), reverse=True)
-                    if (ids := self._continued_ids(t, prompt)) is not None), None)
-        if new is None:
-            return inputs
         ids = inputs["input_ids"][0].tolist()
-        k = next((i for i, (a, b) in enumerate(zip(ids, new)) if a != b), min(len(ids), len(new)))
-        image_id = self._image_token_id()
-        if new == ids or (image_id is not None and (image_id in ids[k:] or image_id in new[k:])):
-            return inputs  # nothing to replace, or the image tokens differ: keep the processor's encoding
+        turns = sorted((t for t in reversed(self._transcripts) if prompt.startswith(t.text)),
+                       key=lambda t: len(t.text), reverse=True)
+        new = next((n for t in turns if (n := self._continued_ids(t, prompt)) is not None
+                    and self._same_image_tokens(ids, n)), None)
+        if new is None or new == ids:
+            return inputs
+        k = _common_prefix(ids, new)
         tail, device = len(new) - k, inputs["input_ids"].device
         out = dict(inputs, input_ids=torch.tensor([new], device=device))
         if "attention_mask" in out:
@@ -360,6 +364,13 @@ class HFPlanner:
             mask = out["cross_attention_mask"]
             out["cross_attention_mask"] = torch.cat([mask[:, :k], mask[:, -1:].expand(-1, tail, -1, -1)], dim=1)
         return out
+
+    def _same_image_tokens(self, a: list[int], b: list[int]) -> bool:
+        """Whether ids ``a`` and ``b`` agree up to their last image token (Qwen2-VL gives another image size
+        another count)."""
+        image_id = self._image_token_id()
+        k = _common_prefix(a, b)
+        return image_id is None or (image_id not in a[k:] and image_id not in b[k:])
 
     def _reusable_prefix(self, ids: list[int], image: dict[str, Any]) -> int:
         """How many leading tokens of ``ids`` the cached state already holds (0 = prefill everything);
@@ -377,6 +388,13 @@ class HFPlanner:
         if image_id is not None and image_id in ids[n:]:
             return 0  # image tokens not (all) in the cache: their features must be computed
         return n
+
+    def _spelling(self, tokens: list[int], text: str) -> int | None:
+        """How many leading ``tokens`` decode to exactly ``text``; None when ``text`` ends inside a token."""
+        n = len(tokens)
+        while len(decoded := self.tokenizer.decode(tokens[:n], skip_special_tokens=True)) > len(text):
+            n -= 1  # ends at n = 0 at the latest: ""
+        return n if decoded == text else None
 
     def _image_token_id(self) -> int | None:
         cfg = self.model.config
@@ -627,8 +645,12 @@ class HFPlanner:
             raise
         finally:
             if self._state is not None:  # the call went through: later calls may continue it
-                reply = self.tokenizer.decode(generated, skip_special_tokens=True)
-                self._transcripts.append(_Transcript(prompt, reply, [*id_list, *generated]))
+                kept = self._spelling(generated, text) if finish == "stop" else None
+                if kept is None:
+                    reply = self.tokenizer.decode(generated, skip_special_tokens=True)
+                    self._transcripts.append(_Transcript(prompt, reply, [*id_list, *generated]))
+                else:  # the reply as returned, cut before the stop string: the tokens that spell it
+                    self._transcripts.append(_Transcript(prompt, text, [*id_list, *generated[:kept]]))
             self.last_stats = {
                 "prompt_tokens": len(id_list),
                 "reused_tokens": reuse,
