@@ -37,6 +37,9 @@ ACTIONS_MARK = '"actions🚀"'
 VALUE_MARK = '"value👉"'
 MARKS = (THOUGHTS_MARK, ACTIONS_MARK, VALUE_MARK)
 """The turn markers; a turn holds each at most once."""
+THOUGHTS_OPEN, ACTIONS_OPEN, VALUE_OPEN = f"{THOUGHTS_MARK} ", f"\n{ACTIONS_MARK} ", f"\n{VALUE_MARK} "
+"""What a rendered turn writes before its thoughts (one line), its actions (JSON on one line) and its value:
+:func:`render_turn` writes them and constrained decoding (``mmedagent.model.constrain``) holds the model to them."""
 
 
 class TurnParseError(ValueError):
@@ -100,11 +103,7 @@ class ToolResultTurn(BaseModel):
 def render_turn(turn: AssistantTurn) -> str:
     """Render an assistant turn to the text the model emits."""
     actions = [a.model_dump() for a in turn.actions]
-    return (
-        f"{THOUGHTS_MARK} {turn.thoughts}\n"
-        f"{ACTIONS_MARK} {json.dumps(actions, ensure_ascii=False)}\n"
-        f"{VALUE_MARK} {turn.value}"
-    )
+    return f"{THOUGHTS_OPEN}{turn.thoughts}{ACTIONS_OPEN}{json.dumps(actions, ensure_ascii=False)}{VALUE_OPEN}{turn.value}"
 
 
 def _python_repr(value: Any) -> str:

@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from decimal import ROUND_CEILING, Decimal
 from typing import Any
 
-from mmedagent.protocol import ACTIONS_MARK, MARKS, THOUGHTS_MARK, VALUE_MARK, actions_json_schema
+from mmedagent.protocol import ACTIONS_OPEN, MARKS, THOUGHTS_OPEN, VALUE_OPEN, actions_json_schema
 from mmedagent.tools._boxes import COORDS_MARK
 
 
@@ -205,12 +205,11 @@ def _meets(lo: Decimal, lo_in: bool, hi: Decimal, hi_in: bool, f: Numbers) -> bo
 
 def _actions(turn: str) -> str:
     """The action list written so far in a turn's text ("" before it begins)."""
-    mark = f"\n{ACTIONS_MARK}"  # after the thoughts' one line
-    start = turn.find(mark)
+    start = turn.find(ACTIONS_OPEN)  # after the thoughts' one line
     if start < 0:
         return ""
-    end = turn.find(f"\n{VALUE_MARK}", start)  # JSON strings hold no raw newline
-    return turn[start + len(mark):end if end >= 0 else None]
+    end = turn.find(VALUE_OPEN, start)  # JSON strings hold no raw newline
+    return turn[start + len(ACTIONS_OPEN):end if end >= 0 else None]
 
 
 class NumberCheck:
@@ -390,10 +389,9 @@ class TurnConstraint:
             alphabet="".join(c for c in config.alphabet if c.isprintable()), max_consecutive_whitespaces=1)
         # Templates often leave the reply's first space to the model ("ASSISTANT:" + ' "thoughts...').
         self._grammar = lambda: SequenceParser([
-            RegexParser(r"[ \n]?", config), StringParser(f"{THOUGHTS_MARK} "),
-            RegexParser(r"[^\n]*\n", config),
-            StringParser(f"{ACTIONS_MARK} "), JsonSchemaParser(schema, json_config) if "items" in schema else StringParser("[]"),
-            StringParser(f"\n{VALUE_MARK} "), RegexParser(r"[\s\S]*", config),
+            RegexParser(r"[ \n]?", config), StringParser(THOUGHTS_OPEN), RegexParser(r"[^\n]*", config),
+            StringParser(ACTIONS_OPEN), JsonSchemaParser(schema, json_config) if "items" in schema else StringParser("[]"),
+            StringParser(VALUE_OPEN), RegexParser(r"[\s\S]*", config),
         ])
 
     def start(self) -> TurnRule:
