@@ -672,8 +672,9 @@ def test_tf32_without_a_gpu_is_refused_by_our_flag_check(tmp_path):
 
 def test_mmedagents_deepspeed_flag_finds_the_shipped_config_outside_a_checkout(tmp_path, monkeypatch):
     """``--deepspeed ./scripts/zero2.json`` as MMedAgent's recipe writes it, run where there is no scripts/ (an
-    installed package): the shipped config is used; a file that is there, or another name, is left alone."""
-    from mmedagent.train.args import DEEPSPEED_CONFIGS, parse_args, shipped_deepspeed_config
+    installed package): the shipped config is used; a file that is there is left alone, one that is nowhere named.
+    """
+    from mmedagent.train.args import DEEPSPEED_CONFIGS, FlagError, parse_args, shipped_deepspeed_config
 
     assert (ROOT / "scripts" / "zero2.json").resolve() == (DEEPSPEED_CONFIGS / "zero2.json").resolve()
     monkeypatch.chdir(tmp_path)
@@ -684,4 +685,10 @@ def test_mmedagents_deepspeed_flag_finds_the_shipped_config_outside_a_checkout(t
     (tmp_path / "scripts").mkdir()
     (tmp_path / "scripts" / "zero2.json").write_text("{}")
     assert shipped_deepspeed_config(["--deepspeed", "scripts/zero2.json"]) == ["--deepspeed", "scripts/zero2.json"]
+    (tmp_path / "mine.json").write_text("{}")
     assert shipped_deepspeed_config(["--deepspeed", "mine.json"]) == ["--deepspeed", "mine.json"]
+    text = '{"zero_optimization": {"stage": 2}}'  # DeepSpeed takes a config as JSON text too
+    assert shipped_deepspeed_config(["--deepspeed", text]) == ["--deepspeed", text]
+    with pytest.raises(FlagError, match=r"^--deepspeed zero4\.json: no such file; the shipped configs are zero2\.json, "
+                                        r"zero3\.json, zero3_offload\.json"):  # not transformers' "Expected a string path"
+        shipped_deepspeed_config(["--deepspeed", "zero4.json"])

@@ -218,6 +218,10 @@ def shipped_deepspeed_config(argv: list[str]) -> list[str]:
         if not Path(value).exists() and shipped.is_file():
             log.info("--deepspeed %s: not found here; using the shipped %s", value, shipped)
             out[i:i + (1 if eq else 2)] = [f"--deepspeed={shipped}"]
+        elif not Path(value).exists() and value.endswith(".json"):  # not JSON text or base64, which DeepSpeed takes too
+            names = ", ".join(sorted(p.name for p in DEEPSPEED_CONFIGS.glob("*.json")))
+            raise FlagError(f"--deepspeed {value}: no such file; the shipped configs are {names} "
+                            "(e.g. --deepspeed scripts/zero2.json)")
         break
     return out
 
