@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import mmedagent  # noqa: F401  - arms the torchvision shim first
+from mmedagent.argtypes import at_least
 
 
 def one_turn(planner, image, question, plan_tokens, answer_tokens, tool_s):
@@ -92,17 +93,6 @@ def bench(path: Path, label: str, repeats: int, plan_tokens: int, answer_tokens:
     }
 
 
-def count(minimum: int):
-    """An argparse type: an integer of at least ``minimum``."""
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-    parse.__name__ = "int"  # argparse's word for a value it cannot read
-    return parse
-
-
 def fail(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(2)
@@ -115,14 +105,14 @@ def main() -> None:
     ap.add_argument("--presets", nargs="+", default=["tiny", "cpu"], choices=list(PRESETS),
                     help="model sizes (mmedagent.model.tiny.PRESETS)")
     ap.add_argument("--model", action="append", default=[], help="an existing checkpoint to bench as well")
-    ap.add_argument("--repeats", type=count(1), default=3)
-    ap.add_argument("--plan-tokens", type=count(1), default=48)
-    ap.add_argument("--answer-tokens", type=count(1), default=48)
+    ap.add_argument("--repeats", type=at_least(1), default=3)
+    ap.add_argument("--plan-tokens", type=at_least(1), default=48)
+    ap.add_argument("--answer-tokens", type=at_least(1), default=48)
     ap.add_argument("--dtype", default=None, help="model dtype (float32, bfloat16, ...); default: the loader's choice")
-    ap.add_argument("--prompt-lookup", type=count(0), default=0,
+    ap.add_argument("--prompt-lookup", type=at_least(0), default=0,
                     help="draft tokens per step for prompt-lookup decoding on the reuse path (0: off)")
     ap.add_argument("--tool-ms", type=float, default=50.0, help="simulated tool latency")
-    ap.add_argument("--threads", type=count(1), default=None, help="torch CPU threads")
+    ap.add_argument("--threads", type=at_least(1), default=None, help="torch CPU threads")
     a = ap.parse_args()
     if a.tool_ms < 0:
         ap.error("argument --tool-ms: must be at least 0")

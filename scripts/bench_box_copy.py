@@ -17,23 +17,13 @@ import sys
 import tempfile
 
 import mmedagent  # noqa: F401  - arms the torchvision shim first
-
-
-def count(text: str) -> int:
-    """An argparse type: an integer of at least 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-count.__name__ = "int"  # argparse's word for a value it cannot read
+from mmedagent.argtypes import at_least
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="demo", help="planner directory or hub id ('demo': the demo planner)")
-    ap.add_argument("--n", type=count, default=20, help="questions per phrasing bank")
+    ap.add_argument("--n", type=at_least(1), default=20, help="questions per phrasing bank")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--phrasings", nargs="+", default=["train", "heldout"], choices=["train", "heldout"])
     ap.add_argument("--constrain", action=argparse.BooleanOptionalAction, default=None,

@@ -27,6 +27,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np
 
 import mmedagent  # noqa: F401  - torchvision shim before sentence-transformers
+from mmedagent.argtypes import at_least
 from mmedagent.tools import _rag_index as ri
 
 # Plain-language questions -> acceptable ICD-10-CM 3-character categories. Written from everyday
@@ -211,24 +212,13 @@ def embed_once(batch_size: int) -> dict:
             "load_avg_1m": round(os.getloadavg()[0], 2)}
 
 
-def count(text: str) -> int:
-    """An argparse type: an integer of at least 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-count.__name__ = "int"  # argparse's word for a value it cannot read
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cold", action="store_true", help="time a cold build in a fresh temporary cache")
-    ap.add_argument("--repeats", type=count, default=3, help="timed passes over the query set")
-    ap.add_argument("--embed-batches", type=count, nargs="+", default=None,
+    ap.add_argument("--repeats", type=at_least(1), default=3, help="timed passes over the query set")
+    ap.add_argument("--embed-batches", type=at_least(1), nargs="+", default=None,
                     help="only time embedding 512 chunks of 128 words at these batch sizes (one process each: peak memory)")
-    ap.add_argument("--embed-one", type=count, default=None, help=argparse.SUPPRESS)  # the child of --embed-batches
+    ap.add_argument("--embed-one", type=at_least(1), default=None, help=argparse.SUPPRESS)  # the child of --embed-batches
     args = ap.parse_args()
     if args.embed_one is not None:
         print(json.dumps(embed_once(args.embed_one)))

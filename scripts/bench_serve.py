@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 import httpx  # noqa: E402
 
 from _serve_fixtures import ServeProcess, data_url, sample_png, serve_env  # noqa: E402
+from mmedagent.argtypes import at_least  # noqa: E402
 
 
 def pct(values: list[float], q: float) -> float:
@@ -88,17 +89,6 @@ def run_tool_calls(client: httpx.Client, n: int, tool: str, image: str, deadline
             "overhead_p99_ms": pct(overhead, 99) * ms, "client_p50_ms": pct(total, 50) * ms, "client_p99_ms": pct(total, 99) * ms}
 
 
-def count(minimum: int):
-    """An argparse type: an integer of at least ``minimum``."""
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-    parse.__name__ = "int"  # argparse's word for a value it cannot read
-    return parse
-
-
 def start_stack(tool: str) -> tuple[ServeProcess, str]:
     """A controller with the tiny planner and one worker for ``tool``, and its URL; one ``error:`` line if it
     does not come up."""
@@ -120,12 +110,12 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--url", help="a running controller on loopback (default: start one)")
     p.add_argument("--api-key", default=None)
-    p.add_argument("--chats", type=count(1), default=32)
-    p.add_argument("--concurrency", type=count(1), default=None, help="chats at once (default: --chats, at most 256)")
-    p.add_argument("--max-tokens", type=count(1), default=16)
-    p.add_argument("--tool-calls", type=count(0), default=200)
+    p.add_argument("--chats", type=at_least(1), default=32)
+    p.add_argument("--concurrency", type=at_least(1), default=None, help="chats at once (default: --chats, at most 256)")
+    p.add_argument("--max-tokens", type=at_least(1), default=16)
+    p.add_argument("--tool-calls", type=at_least(0), default=200)
     p.add_argument("--tool", default="bright_region")
-    p.add_argument("--image-size", type=count(1), default=224)
+    p.add_argument("--image-size", type=at_least(1), default=224)
     p.add_argument("--max-seconds", type=float, default=600, help="time budget for the whole run")
     args = p.parse_args()
     if args.chats > 1024 or (args.concurrency or 1) > 256:

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import mmedagent  # noqa: F401, I001  - before transformers (arms the torchvision shim)
+from mmedagent.argtypes import at_least
 import torch
 from transformers import TrainerCallback
 
@@ -86,17 +87,6 @@ def matmul_peak_tflops(dtype=torch.bfloat16, n: int = 8192, reps: int = 20) -> f
     return 2 * n**3 * reps / (time.perf_counter() - t) / 1e12
 
 
-def count(minimum: int):
-    """An argparse type: an integer of at least ``minimum``."""
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-    parse.__name__ = "int"  # argparse's word for a value it cannot read
-    return parse
-
-
 def fail(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(2)
@@ -119,12 +109,12 @@ def image_size(model: str) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="LLaVA checkpoint (default: build a cpu-preset tiny LLaVA)")
-    ap.add_argument("--batch", type=count(1), default=4)
-    ap.add_argument("--steps", type=count(1), default=12, help="timed steps (after --warmup)")
-    ap.add_argument("--warmup", type=count(0), default=3)
-    ap.add_argument("--lora_r", type=count(1), default=16)
+    ap.add_argument("--batch", type=at_least(1), default=4)
+    ap.add_argument("--steps", type=at_least(1), default=12, help="timed steps (after --warmup)")
+    ap.add_argument("--warmup", type=at_least(0), default=3)
+    ap.add_argument("--lora_r", type=at_least(1), default=16)
     ap.add_argument("--bf16", action="store_true")
-    ap.add_argument("--workers", type=count(0), default=0, help="data loader workers of the framework run")
+    ap.add_argument("--workers", type=at_least(0), default=0, help="data loader workers of the framework run")
     a = ap.parse_args()
     if a.model is not None:
         image_size(a.model)  # before anything is built

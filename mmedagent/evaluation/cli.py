@@ -11,19 +11,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from mmedagent.argtypes import at_least
 from mmedagent.evaluation.readers import EvalFileError, load_samples
 from mmedagent.protocol import system_message
-
-
-def _positive_int(text: str) -> int:
-    """An argparse type: an integer of at least 1 (``--limit 0`` would otherwise mean one sample)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def _json_object(text: str) -> dict[str, Any]:
@@ -97,10 +87,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--constrain", action=argparse.BooleanOptionalAction, default=None,
                    help="local model: decode turns under the turn format and tool schemas (default: the model "
                    "dir's mmedagent.json, else off)")
-    p.add_argument("--max-steps", type=_positive_int, default=3)
-    p.add_argument("--max-new-tokens", type=_positive_int, default=256)
-    p.add_argument("--k", type=_positive_int, default=5, help="k of RAG recall@k")
-    p.add_argument("--limit", type=_positive_int, help="evaluate only the first N samples")
+    p.add_argument("--max-steps", type=at_least(1), default=3)
+    p.add_argument("--max-new-tokens", type=at_least(1), default=256)
+    p.add_argument("--k", type=at_least(1), default=5, help="k of RAG recall@k")
+    p.add_argument("--limit", type=at_least(1), help="evaluate only the first N samples")
     p.add_argument("--judge-url", help="optional LLM-as-judge: an OpenAI-compatible endpoint")
     p.add_argument("--judge-model", help="'model' field for the judge endpoint")
     p.add_argument("--judge-key-env", default="OPENAI_API_KEY",
