@@ -560,6 +560,10 @@ def system_message(choice: str | None, tools: Iterable[Any], text: str | None = 
     return system_prompt(tools)
 
 
+_CATALOG_INTRO = " The assistant can call tools. Each assistant turn is written as\n"
+"""What follows the base text in a system prompt that lists the tools."""
+
+
 def system_setting(text: str | None) -> dict[str, str] | None:
     """The ``mmedagent.json`` setting that serves a model with the system message ``text`` its training records
     had (None or empty: none), the inverse of :func:`system_message`; None for a tool catalog, which is served
@@ -572,8 +576,6 @@ def system_setting(text: str | None) -> dict[str, str] | None:
         return None
     return {"system_prompt": "text", "system_text": text}
 
-
-_CATALOG_INTRO = " The assistant can call tools. Each assistant turn is written as\n"
 
 
 def system_prompt(tools: Iterable[Any] | None = None, base: str = DEFAULT_SYSTEM) -> str:
