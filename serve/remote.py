@@ -115,8 +115,7 @@ def _with_failover(registry: WorkerRegistry, kind: str, name: str, what: str, ad
             raise WorkerError(_describe_http_error(what, e)) from None
         finally:
             registry.end(address)
-        log.warning("%s at %s: %s", what, address, type(failure).__name__ if isinstance(failure, WorkerBusy)
-                    else "not reachable")
+        log.warning("%s at %s: %s", what, address, "busy" if isinstance(failure, WorkerBusy) else "not reachable")
         try:
             address = registry.pick(kind, name, exclude=tried)
         except NoWorkerError:
