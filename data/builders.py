@@ -503,6 +503,10 @@ def _save_slice(image: Any, path: Path) -> None:
               "own --image-out, or remove the old slices")
 
 
+VOLUME_FORMATS = ("nifti", "analyze")
+"""The volume formats a label-volume data set is read from (SPM's Analyze 7.5 pairs read as NIfTI)."""
+
+
 def _nifti_in_memory(path: Path) -> bytes | Path:
     """A NIfTI file as :func:`mmedagent.imaging.load_image` reads it slice after slice without going back to
     the file: a single file (``.nii``, ``.nii.gz``) as its bytes, read and inflated once (each slice read of a
@@ -543,8 +547,8 @@ def read_nifti_labels(volume: str | Path, labels: str | Path, label_names: dict[
         lab0 = load_image(label_src, plane=plane)
     except ImageLoadError as e:
         raise DataError(f"{volume}: {e}") from None
-    if first.metadata.get("format") != "nifti" or lab0.metadata.get("format") != "nifti":
-        raise DataError(f"{volume}: image and labels must both be NIfTI volumes")
+    if first.metadata.get("format") not in VOLUME_FORMATS or lab0.metadata.get("format") not in VOLUME_FORMATS:
+        raise DataError(f"{volume}: image and labels must both be NIfTI (or Analyze .hdr/.img) volumes")
     if first.metadata["shape"][:3] != lab0.metadata["shape"][:3]:
         raise DataError(f"{labels}: label volume shape {lab0.metadata['shape']} differs from image {first.metadata['shape']}")
     stem = Path(volume).name.split(".")[0]

@@ -170,17 +170,68 @@ def detect_format(head: bytes) -> Format | None:
     return None
 
 
-def _nifti_pair_header(path: Path) -> bytes | None:
-    """The first bytes of the NIfTI header of ``path`` when it is the ``.img`` (voxel) half of a .hdr/.img pair."""
-    header = path.with_suffix(".hdr")
-    if path.suffix.lower() != ".img" or not header.is_file():
+def _is_analyze_header(head: bytes) -> bool:
+    """An Analyze 7.5 header (SPM's .hdr of a .hdr/.img pair): NIfTI-1's layout without its magic."""
+    if len(head) < 348 or _is_nifti_header(head):
+        return False
+    order = "little" if int.from_bytes(head[:4], "little") == 348 else "big"
+    return int.from_bytes(head[:4], order) == 348 and 1 <= int.from_bytes(head[40:42], order) <= 7  # dim[0]
+
+
+def _pair_header(path: Path) -> tuple[Path, bytes] | None:
+    """(header file, its first bytes) when ``path`` is the ``.img`` (voxel) half of a NIfTI or Analyze 7.5
+    .hdr/.img pair, or the ``.hdr`` of an Analyze one (either suffix case, as DOS-era scanners write them)."""
+    suffix = path.suffix
+    if suffix.lower() == ".hdr":
+        candidates = [path]
+    elif suffix.lower() == ".img":
+        candidates = [path.with_suffix(".hdr" if suffix.islower() else ".HDR"), path.with_suffix(".HDR" if suffix.islower() else ".hdr")]
+    else:
         return None
-    try:
-        with open(header, "rb") as f:
-            head = f.read(1024)
-    except OSError:
+    for header in candidates:
+        try:
+            with open(header, "rb") as f:
+                head = f.read(1024)
+        except OSError:
+            continue
+        if _is_analyze_header(head) or (header != path and _is_nifti_header(head)):
+            return header, head
+    return None
+
+
+_OTHER_FORMATS: tuple[tuple[bytes, str], ...] = (
+    (b"PK\x03\x04", "a ZIP archive (a study exported from a PACS?): extract it and load one of the image files in it"),
+    (b"CDF\x01", "a MINC-1 volume, which is not read here: convert it to NIfTI (e.g. `mnc2nii`)"),
+    (b"CDF\x02", "a MINC-1 volume, which is not read here: convert it to NIfTI (e.g. `mnc2nii`)"),
+    (b"\x89HDF\r\n\x1a\n", "an HDF5 file (a MINC-2 volume?), which is not read here: convert it to NIfTI (e.g. `mnc2nii`)"),
+    (b"MATRIX7", "an ECAT 7 PET file, which is not read here: convert it to NIfTI or DICOM"),
+    (b"# === DATA DESCRIPTION FILE", "a Philips PAR header, which is not read here: convert the PAR/REC pair to NIfTI "
+                                     "(e.g. nibabel's `parrec2nii`)"),
+    (b"\ntype = string-attribute", "an AFNI .HEAD header, which is not read here: convert it to NIfTI (e.g. `3dAFNItoNIFTI`)"),
+    (b"TRACK", "a TrackVis tractography file (streamlines), not an image"),
+    (b"mrtrix tracks", "an MRtrix tractography file (streamlines), not an image"),
+)
+
+
+def _other_format(head: bytes) -> str | None:
+    """What a file is that :func:`load_image` does not read, when its first bytes say (a ZIP archive, a
+    MINC/MGZ/ECAT/PAR/AFNI volume, a gzipped DICOM, an Analyze header without its path), else ``None``."""
+    for sig, what in _OTHER_FORMATS:
+        if head.startswith(sig):
+            return f"this is {what}"
+    if _is_analyze_header(head):
+        return ("this is the .hdr of an Analyze 7.5 .hdr/.img pair: its voxels are in the .img file; "
+                "load the .hdr by its path, with the .img beside it")
+    if head[:2] != b"\x1f\x8b":
         return None
-    return head if detect_format(head) == "nifti" else None
+    inner = _inflated_head(head)
+    if not inner:
+        return "the gzip stream is corrupt or cut off"
+    if detect_format(inner) == "dicom":
+        return "this is a gzip-compressed DICOM file: decompress it (gunzip) and load the file inside"
+    if inner[:4] == b"\x00\x00\x00\x01":  # MGH format version 1, big-endian
+        return "this is a FreeSurfer MGZ volume, which is not read here: convert it to NIfTI (e.g. `mri_convert`)"
+    return "this is gzip-compressed data but not a NIfTI volume: decompress it (gunzip) and load the file inside"
 
 
 def image_file_problem(path: str | Path) -> str | None:
@@ -195,10 +246,12 @@ def image_file_problem(path: str | Path) -> str | None:
         return "image not found"
     except OSError as e:
         return f"cannot read the image ({e.strerror or type(e).__name__})"
-    if detect_format(head) or _nifti_pair_header(path) is not None:
+    if detect_format(head) or _pair_header(path) is not None:
         return None
     if not head:
         return "empty file, not an image"
+    if other := _other_format(head):
+        return other
     if head.startswith(b"version https://git-lfs"):
         return "a Git LFS pointer, not the image (fetch it: git lfs pull)"
     if head.lstrip().lower().startswith((b"<!doctype html", b"<html")):
@@ -512,13 +565,45 @@ class _RedactQuotedValues(logging.Filter):
         return True
 
 
-logging.getLogger("pydicom").addFilter(_RedactQuotedValues())
+_REDACT = _RedactQuotedValues()
+
+
+def _redact_pydicom_logs() -> None:
+    """The filter on pydicom's logger and each of its sub-loggers (``pydicom.pixels.decoders.base`` logs a failed
+    decode): a logger's filter does not see its children's records."""
+    import pydicom  # noqa: F401  - creates its sub-loggers
+
+    for name in ["pydicom", *[n for n in logging.root.manager.loggerDict if n.startswith("pydicom.")]]:
+        logger = logging.getLogger(name)
+        if _REDACT not in logger.filters:
+            logger.addFilter(_REDACT)
 
 
 _DICOM_DECODER_HINT = (
     "install a decoder for it: `pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg` "
     "(JPEG, JPEG-LS, JPEG 2000), `pip install pyjpegls` (JPEG-LS) or `pip install python-gdcm`"
 )
+_PIP_NAMES = {"gdcm": "python-gdcm"}  # import name → PyPI name, where they differ
+
+
+def _decoder_hint(ts: Any) -> str:
+    """What to install to decode pixel data of transfer syntax ``ts``: the packages of each of pydicom's
+    plugins for it, e.g. ``pip install pylibjpeg pylibjpeg-openjpeg`` for JPEG 2000 (the generic hint
+    when pydicom names none)."""
+    from pydicom.pixels import get_decoder
+
+    try:
+        needs = get_decoder(ts).missing_dependencies  # "pylibjpeg - requires pylibjpeg>=2.0 and pylibjpeg-libjpeg>=2.1"
+    except Exception:  # noqa: BLE001 - no decoder class for it, or an uncompressed syntax
+        needs = []
+    commands = []
+    for need in needs:
+        packages = [_PIP_NAMES.get(n, n) for n in re.findall(r"([A-Za-z][\w.-]*)>=", need.partition(" requires ")[2])]
+        if packages:
+            commands.append(f"`pip install {' '.join(packages)}`")
+    if not commands:
+        return _DICOM_DECODER_HINT
+    return "install a decoder for it: " + (", ".join(commands[:-1]) + " or " if len(commands) > 1 else "") + commands[-1]
 
 
 def _num(v: Any) -> float | None:
@@ -588,7 +673,8 @@ def _modality_values(arr: np.ndarray, ds: Any, frame: int) -> np.ndarray:
     """Stored values → modality values (HU for CT) for ``frame``. Enhanced CT/MR/PET keep Rescale
     Slope/Intercept in the frame's PixelValueTransformationSequence (per-frame, else shared), which
     pydicom's ``apply_modality_lut`` (top-level attributes only) does not read; those win, else the
-    top-level Modality LUT Sequence or rescale through pydicom."""
+    top-level Modality LUT Sequence or rescale through pydicom. An RT dose is scaled by its
+    DoseGridScaling (stored integers → Gy), which pydicom leaves to the caller."""
     from pydicom.pixels import apply_modality_lut
 
     item = _frame_group(ds, frame, "PixelValueTransformationSequence")
@@ -596,7 +682,9 @@ def _modality_values(arr: np.ndarray, ds: Any, frame: int) -> np.ndarray:
         slope, intercept = _num(item.get("RescaleSlope")), _num(item.get("RescaleIntercept"))
         if slope is not None and intercept is not None:
             return arr.astype(np.float64) * slope + intercept
-    return apply_modality_lut(arr, ds)
+    values = apply_modality_lut(arr, ds)
+    dose_scaling = _num(ds.get("DoseGridScaling")) if ds.get("Modality") == "RTDOSE" else None
+    return values if dose_scaling is None else values * dose_scaling
 
 
 def _dicom_meta(ds: Any, frame: int = 0) -> dict[str, Any]:
@@ -611,6 +699,7 @@ def _dicom_meta(ds: Any, frame: int = 0) -> dict[str, Any]:
         ("patient_position", "PatientPosition"),
         ("view_position", "ViewPosition"),
         ("laterality", "ImageLaterality"),
+        ("dose_units", "DoseUnits"),
     ):
         val = ds.get(kw)
         if val not in (None, ""):
@@ -696,6 +785,7 @@ def _load_dicom(data: bytes, window: WindowSpec, frame: int | None, max_pixels: 
     from pydicom.errors import InvalidDicomError
     from pydicom.pixels import apply_color_lut, apply_voi, get_decoder
 
+    _redact_pydicom_logs()
     _check_deflated_dicom(data, max_pixels)
     # pydicom's warnings can quote header values; they must not reach logs.
     with warnings.catch_warnings():
@@ -725,7 +815,7 @@ def _load_dicom(data: bytes, window: WindowSpec, frame: int | None, max_pixels: 
             except NotImplementedError:
                 raise ImageLoadError(f"DICOM transfer syntax {ts.name!r} is not supported by pydicom") from None
             if not decoder.is_available:
-                raise ImageLoadError(f"DICOM pixel data is compressed with {ts.name!r} and no decoder is installed; {_DICOM_DECODER_HINT}")
+                raise ImageLoadError(f"DICOM pixel data is compressed with {ts.name!r} and no decoder is installed; {_decoder_hint(ts)}")
 
         index = (n_frames // 2 if frame is None else frame)
         if not 0 <= index < n_frames:
@@ -736,14 +826,14 @@ def _load_dicom(data: bytes, window: WindowSpec, frame: int | None, max_pixels: 
         except (ValueError, RuntimeError, NotImplementedError, AttributeError, KeyError, TypeError, OSError) as e:
             lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
             if isinstance(e, RuntimeError) and "missing dependencies" in str(e):
-                raise ImageLoadError(f"no decoder for this DICOM pixel data; {_DICOM_DECODER_HINT}") from None
+                raise ImageLoadError(f"no decoder for this DICOM pixel data; {_decoder_hint(ts)}") from None
             if isinstance(e, RuntimeError) and lines[0].startswith("Unable to decode") and len(lines) > 1:
                 # every installed plugin failed (e.g. Pillow and 12-bit JPEG): their reasons, not the header line
                 reasons = "; ".join(lines[1:])[:300]
                 ts_name = ts.name if ts is not None else "uncompressed"
                 raise ImageLoadError(
                     f"the installed decoders cannot decode this {ts_name} pixel data ({reasons}); "
-                    f"unless the file is corrupt, {_DICOM_DECODER_HINT}"
+                    f"unless the file is corrupt, {_decoder_hint(ts)}"
                 ) from None
             raise ImageLoadError(f"cannot decode DICOM pixel data (truncated or corrupt): {lines[0][:200]}") from None
         if n_frames > 1:
@@ -802,6 +892,8 @@ def _nifti_class(head: bytes) -> Any:
     """The nibabel class for an (inflated) NIfTI header: NIfTI-1 or -2, single file or .hdr/.img pair."""
     import nibabel as nib
 
+    if _is_analyze_header(head):
+        return nib.Spm2AnalyzeImage  # as nib.load reads it: SPM's scale factor and origin
     nifti2 = 540 in (int.from_bytes(head[:4], "little"), int.from_bytes(head[:4], "big"))  # sizeof_hdr
     pair = (head[4:8] if nifti2 else head[344:348]) == (b"ni2\x00" if nifti2 else b"ni1\x00")
     return {(False, False): nib.Nifti1Image, (True, False): nib.Nifti2Image,
@@ -913,7 +1005,8 @@ def _load_nifti(
                 cls = _nifti_class(_inflated_head(f.read(600)) or b"")
             img = cls.from_filename(str(path))  # the header's class, not nib.load's guess (CIFTI-2, ...)
             if not Path(img.file_map["image"].filename).is_file():
-                raise ImageLoadError("NIfTI header without its voxel data: the .img file of this .hdr/.img pair is missing")
+                kind = "Analyze" if cls is nib.Spm2AnalyzeImage else "NIfTI"
+                raise ImageLoadError(f"{kind} header without its voxel data: the .img file of this .hdr/.img pair is missing")
         else:
             assert data is not None
             if data[:2] == b"\x1f\x8b":
@@ -954,8 +1047,9 @@ def _load_nifti(
         except (OSError, ValueError, EOFError, zlib.error) as e:
             raise ImageLoadError(f"cannot read NIfTI voxel data (truncated or corrupt): {e}") from None
     in_plane = {"axial": (zooms[1], zooms[0]), "coronal": (zooms[2], zooms[0]), "sagittal": (zooms[2], zooms[1])}[plane]
+    analyze = isinstance(img, nib.Spm2AnalyzeImage)
     meta: dict[str, Any] = {
-        "format": "nifti",
+        "format": "analyze" if analyze else "nifti",
         "shape": list(shape),
         "orientation": "RAS",
         "original_orientation": original,
@@ -967,9 +1061,12 @@ def _load_nifti(
     }
     if len(shape) == 4:
         meta.update(volume=volume, n_volumes=shape[3])
-    units = img.header.get_xyzt_units()[0]
+    units = img.header.get_xyzt_units()[0] if not analyze else None  # Analyze 7.5 headers have no units
     if units and units != "unknown":
         meta["spatial_units"] = units
+    if analyze:
+        meta["warnings"] = ["Analyze 7.5 stores no orientation: left and right are as SPM assumes (stored "
+                            "radiologically); check them against a marker before relying on them"]
     spec = _resolve_window(window)
     if spec is not None:
         win, source = spec, "explicit"
@@ -1012,11 +1109,13 @@ def load_image(
         head = data[:1024]  # type: ignore[index]
     if not head:
         raise ImageLoadError("empty file: no bytes to decode")
-    fmt = detect_format(head)
-    if fmt is None and path is not None and (pair := _nifti_pair_header(path)) is not None:
-        path, head, fmt = path.with_suffix(".hdr"), pair, "nifti"  # the voxel half: read through its header
+    pair = _pair_header(path) if path is not None else None
+    if pair is not None:  # by its header, also when the first voxels happen to look like another format
+        path, head = pair
+    fmt = "nifti" if pair is not None else detect_format(head)
     if fmt is None:
-        raise ImageLoadError("not a recognised image: expected PNG, JPEG, BMP, TIFF, GIF, WebP, DICOM or NIfTI content")
+        raise ImageLoadError(_other_format(head) or
+                             "not a recognised image: expected PNG, JPEG, BMP, TIFF, GIF, WebP, DICOM or NIfTI content")
     if plane not in _PLANE_AXES:
         raise ValueError(f"plane must be axial, coronal or sagittal, not {plane!r}")
     try:  # NumPy integers too, as plain ints (they end up in JSON-able metadata)

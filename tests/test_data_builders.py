@@ -203,6 +203,20 @@ def test_nifti_label_volume(tmp_path):
     assert_valid(out)
 
 
+def test_an_analyze_pair_label_volume_builds_as_a_nifti_one_does(tmp_path):
+    """SPM's Analyze 7.5 .hdr/.img pairs load as volumes; the builder refused them as "not NIfTI"."""
+    vol = np.full((24, 20, 6), -1000.0, np.float32)
+    lab = np.zeros(vol.shape, np.int16)
+    vol[3:9, 10:16, 2:4], lab[3:9, 10:16, 2:4] = 60.0, 1
+    for name, data in (("ct", vol), ("seg", lab)):
+        nib.save(nib.AnalyzeImage(data, np.diag([1.5, 1.5, 3.0, 1.0])), str(tmp_path / f"{name}.hdr"))
+    out = tmp_path / "a.json"
+    assert run_cli("build", "nifti", "--volume", tmp_path / "ct.hdr", "--label-volume", tmp_path / "seg.hdr",
+                   "--labels", "1=lesion", "--image-out", tmp_path / "slices", "--window", "abdomen",
+                   "--tasks", "grounding_segmentation", "--out", out) == 0
+    assert [r.image for r in records_of(out)] == ["ct_axial0002.png", "ct_axial0003.png"]
+
+
 def test_classification_folder_and_csv(tmp_path):
     for cls in ("chest_X-ray", "brain MRI"):
         for k in range(2):

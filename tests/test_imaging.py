@@ -300,10 +300,10 @@ def test_voi_lut_sequence_is_applied(ct_path):
 def test_multiframe_selects_frame():
     path = get_testdata_file("rtdose.dcm")
     ds = pydicom.dcmread(path)
-    frames = ds.pixel_array * float(ds.get("DoseGridScaling", 1) or 1)
+    frames = ds.pixel_array * float(ds.DoseGridScaling)  # an RT dose's stored integers → Gy
     m = load_image(path, slice_index=3)
     assert m.metadata["frame_index"] == 3 and m.metadata["n_frames"] == 15
-    assert np.allclose(m.array, pydicom.pixels.apply_modality_lut(ds.pixel_array[3], ds))
+    assert np.allclose(m.array, frames[3]) and m.metadata["dose_units"] == ds.DoseUnits
     assert load_image(path).metadata["frame_index"] == 7  # middle by default
     assert frames.shape[0] == 15
     with pytest.raises(ImageLoadError, match="out of range"):
@@ -441,14 +441,18 @@ def test_compressed_transfer_syntaxes_decode_identically():
     assert rle.metadata["transfer_syntax"] == "RLE Lossless"
 
 
-def test_missing_decoder_names_the_package():
+def test_missing_decoder_names_the_packages_for_that_compression():
+    """JPEG-LS needs pyjpegls, pylibjpeg-libjpeg or python-gdcm, not a JPEG 2000 decoder: one line naming those."""
     from pydicom.pixels import get_decoder
     from pydicom.uid import JPEGLSLossless
 
     if get_decoder(JPEGLSLossless).is_available:
         pytest.skip("a JPEG-LS decoder is installed here")
-    with pytest.raises(ImageLoadError, match="pylibjpeg.*gdcm"):
+    with pytest.raises(ImageLoadError, match="^DICOM pixel data is compressed with 'JPEG-LS Lossless") as e:
         load_image(get_testdata_file("MR_small_jpeg_ls_lossless.dcm"))
+    message = str(e.value)
+    assert all(f"pip install {p}" in message for p in ("pyjpegls", "pylibjpeg pylibjpeg-libjpeg", "python-gdcm"))
+    assert "openjpeg" not in message and "\n" not in message
 
 
 def test_dicom_without_pixels_and_truncated():
@@ -655,6 +659,17 @@ def test_pydicom_log_messages_are_redacted(caplog):
             [e.value for e in pydicom.dcmread(path).iterall()]  # converting raw values warns about the UID
     assert caplog.records, "pydicom should have warned"
     assert uid not in caplog.text and "<redacted>" in caplog.text
+
+
+def test_a_pydicom_sub_loggers_records_are_redacted_too(caplog):
+    """A failed decode is logged by ``pydicom.pixels.decoders.base``, whose records the filter on ``pydicom``
+    never saw (a logger's filters apply to its own records only)."""
+    import logging
+
+    load_image(get_testdata_file("CT_small.dcm"))  # the filters go on once DICOM is read
+    with caplog.at_level("ERROR", logger="pydicom"):
+        logging.getLogger("pydicom.pixels.decoders.base").error("cannot decode the data of 'DOE^JANE'")
+    assert "DOE^JANE" not in caplog.text and "'<redacted>'" in caplog.text
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG"])

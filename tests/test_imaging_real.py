@@ -2,10 +2,13 @@
 2-D and colour NIfTI, large volumes, NumPy indices."""
 
 import gzip
+import io
 import itertools
 import json
+import re
 import shutil
 import tracemalloc
+import zipfile
 from pathlib import Path
 
 import nibabel as nib
@@ -155,3 +158,68 @@ def test_a_text_mode_file_object_is_a_clear_type_error(tmp_path):
     for encoding in ("latin-1", "utf-8"):  # read as text / not even decodable as text
         with open(path, encoding=encoding) as f, pytest.raises(TypeError, match="mode 'rb'"):
             load_image(f)
+
+
+@pytest.mark.parametrize("suffixes", [(".hdr", ".img"), (".HDR", ".IMG")])
+def test_analyze_pair_loads_through_either_file_in_canonical_view_with_an_orientation_warning(tmp_path, suffixes):
+    """SPM's Analyze 7.5 pairs (no NIfTI magic; DOS-era scanners write the suffixes in capitals)."""
+    volume = np.arange(5 * 6 * 7, dtype=np.int16).reshape(5, 6, 7)
+    nib.save(nib.Spm2AnalyzeImage(volume, np.diag([-2.0, 3, 4, 1])), str(tmp_path / "spm.img"))
+    header, voxels = (tmp_path / f"t1{s}" for s in suffixes)
+    (tmp_path / "spm.hdr").rename(header)
+    (tmp_path / "spm.img").rename(voxels)
+    canon = nib.as_closest_canonical(nib.load(str(tmp_path / f"t1{suffixes[0]}")))
+    for src in (header, voxels):
+        m = load_image(src, plane="coronal", slice_index=2)
+        assert np.array_equal(m.array, np.asarray(canon.dataobj)[:, 2, :].T[::-1, ::-1])
+        assert m.metadata["format"] == "analyze" and m.metadata["original_orientation"] == "LAS"
+        assert "no orientation" in m.warnings[0]
+    with pytest.raises(ImageLoadError, match=r"^this is the \.hdr of an Analyze 7\.5 .*by its path"):
+        load_image(header.read_bytes())
+    with pytest.raises(ImageLoadError, match=r"^Analyze header without its voxel data"):
+        load_image(NIB_DATA / "analyze.hdr")  # nibabel ships the header alone
+
+
+def test_nifti_pair_with_capital_suffixes_loads_through_its_img(tmp_path):
+    single = nib.load(str(NIB_DATA / "anatomical.nii"))
+    nib.save(nib.Nifti1Pair(np.asarray(single.dataobj), single.affine), str(tmp_path / "t1.img"))
+    (tmp_path / "t1.img").rename(tmp_path / "T1.IMG")
+    (tmp_path / "t1.hdr").rename(tmp_path / "T1.HDR")
+    assert np.array_equal(load_image(tmp_path / "T1.IMG").array, load_image(NIB_DATA / "anatomical.nii").array)
+
+
+def test_an_img_whose_first_voxels_look_like_another_format_is_read_through_its_header(tmp_path):
+    """Voxels 8, 0, 0, … begin like a DICOM data set without preamble; the .hdr beside the .img decides."""
+    labels = np.zeros((4, 4, 4), dtype=np.int16)
+    labels[0, 0, 0] = 8
+    nib.save(nib.Nifti1Pair(labels, np.eye(4)), str(tmp_path / "seg.img"))
+    m = load_image(tmp_path / "seg.img", slice_index=0)
+    assert m.metadata["format"] == "nifti" and m.array.max() == 8
+
+
+@pytest.mark.parametrize("path, what", [
+    (NIB_DATA / "tiny.mnc", "a MINC-1 volume"),
+    (NIB_DATA / "minc2_4d.mnc", "an HDF5 file (a MINC-2 volume?)"),
+    (NIB_DATA / "test.mgz", "a FreeSurfer MGZ volume"),
+    (NIB_DATA / "tinypet.v", "an ECAT 7 PET file"),
+    (NIB_DATA / "T1.PAR", "a Philips PAR header"),
+    (NIB_DATA / "example4d+orig.HEAD", "an AFNI .HEAD header"),
+    (NIB_DATA / "simple.trk", "a TrackVis tractography file"),
+    (get_testdata_file("zipMR.gz"), "a gzip-compressed DICOM file"),
+])
+def test_a_volume_format_that_is_not_read_is_named_in_one_line(path, what):
+    from mmedagent.imaging import image_file_problem
+
+    for src in (path, Path(path).read_bytes()):
+        with pytest.raises(ImageLoadError, match=rf"^this is {re.escape(what)}") as e:
+            load_image(src)
+        assert "\n" not in str(e.value)
+    assert image_file_problem(path).startswith(f"this is {what}")
+
+
+def test_a_zip_of_a_study_says_to_extract_it():
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.write(get_testdata_file("CT_small.dcm"), "DICOM/IM000001")
+    with pytest.raises(ImageLoadError, match="^this is a ZIP archive .*extract it"):
+        load_image(buffer.getvalue())
