@@ -277,16 +277,21 @@ def parse_window(spec: str) -> Window:
                          "CENTER,WIDTH in the scan's units, e.g. 40,400") from None
 
 
+def _of(index: int, count: Any) -> str:
+    """``index`` as the slice/frame/volume options count it, from 0, with their range: ``12 (of 0–23)``."""
+    return f"{index} (of 0–{count - 1})" if isinstance(count, int) else str(index)
+
+
 def describe_view(meta: dict[str, Any]) -> str:
     """What of an image a :class:`MedicalImage` shows, from its metadata: format, modality, plane and
-    slice, frame, volume, window."""
+    slice, frame, volume (counted from 0, as the options that choose them), window."""
     parts = [str(meta[k]) for k in ("format", "modality") if meta.get(k)]
     if "slice_index" in meta:
-        parts.append(f"{meta.get('plane', '')} slice {meta['slice_index'] + 1} of {meta.get('n_slices', '?')}".strip())
+        parts.append(f"{meta.get('plane', '')} slice {_of(meta['slice_index'], meta.get('n_slices'))}".strip())
     if "frame_index" in meta:
-        parts.append(f"frame {meta['frame_index'] + 1} of {meta.get('n_frames', '?')}")
+        parts.append(f"frame {_of(meta['frame_index'], meta.get('n_frames'))}")
     if "n_volumes" in meta:
-        parts.append(f"volume {meta.get('volume', 0) + 1} of {meta['n_volumes']}")
+        parts.append(f"volume {_of(meta.get('volume', 0), meta['n_volumes'])}")
     window = meta.get("window")
     if isinstance(window, dict) and "center" in window:
         parts.append(f"window {window['center']:g}/{window['width']:g} ({meta.get('window_source', '?')})")

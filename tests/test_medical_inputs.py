@@ -55,7 +55,7 @@ def test_web_upload_accepts_dicom_and_nifti(scans, name, fmt, tmp_path):
     if fmt == "dicom":
         assert "CT" in note  # modality from the de-identified metadata
     else:  # the middle slice by default (the page sends -1), then another view: slice, plane, volume, window
-        assert "axial slice 13 of 24, volume 1 of 2" in note
+        assert "axial slice 12 (of 0–23), volume 0 (of 0–1)" in note
         preview, image, chat, history, note = web.view(scan, "brain", 0, "coronal", 1)
-        assert image is not None and chat == [] and "coronal slice 1 of 96, volume 2 of 2, window 40/80 (explicit)" in note
+        assert image is not None and chat == [] and "coronal slice 0 (of 0–95), volume 1 (of 0–1), window 40/80 (explicit)" in note
         assert "slice 99 out of range: the axial plane has 24 slice(s), 0 to 23" in web.view(scan, "auto", 99, "axial", 0)[4]

@@ -125,10 +125,10 @@ def test_a_new_upload_opens_at_its_own_default_slice_and_volume(scans, tmp_path)
     scan's slice and volume to the new file (it refused it: "frame 20 out of range")."""
     page = Page(FakeController(), tmp_path)
     page.upload(scans / NIFTI_4D)
-    assert page["image-note"].startswith("Loaded nifti, axial slice 13 of 24, volume 1 of 2")
+    assert page["image-note"].startswith("Loaded nifti, axial slice 12 (of 0–23), volume 0 (of 0–1)")
     page["slice"], page["volume"] = 20, 1
     page.event("slice", "submit")
-    assert page["image-note"].startswith("Loaded nifti, axial slice 21 of 24, volume 2 of 2")
+    assert page["image-note"].startswith("Loaded nifti, axial slice 20 (of 0–23), volume 1 (of 0–1)")
     page.upload(scans / "ct.dcm")
     assert page["image-note"].startswith("Loaded dicom, CT") and page["preview"] is not None, page["image-note"]
     assert (page["slice"], page["volume"]) == (-1, 0)  # the boxes say which view is shown
@@ -165,7 +165,7 @@ def test_a_question_is_refused_while_the_slice_box_is_not_applied(scans, tmp_pat
     assert not error.print_exception  # a refusal, not a traceback in the server's log
     assert page["question"] == "Where is the lesion?" and page["chat"] == []
     page.event("slice", "submit")
-    assert "axial slice 21 of 24" in page["image-note"]
+    assert "axial slice 20 (of 0–23)" in page["image-note"]
     assert page.event("send", "click") is None and page["chat"][-1]["content"] == "answer 1"
     sent = image_from_data_url(controller.bodies[0]["image"], 20 << 20).image
     slice_20 = decode_image((scans / NIFTI_4D).read_bytes(), slice_index=20).image
@@ -270,7 +270,7 @@ def test_cli_sends_the_view_of_a_local_scan_over_the_upload_limit(monkeypatch, s
     rc = run_cli(monkeypatch, controller, ["--config", str(tmp_path / "serve.yaml"), "--image", str(scans / "ct.nii"),
                                            "--slice", "7", "-q", "Where is the tumor?"])
     assert rc == 0, capsys.readouterr().err
-    assert "axial slice 8 of 40" in capsys.readouterr().err
+    assert "axial slice 7 (of 0–39)" in capsys.readouterr().err
     sent = image_from_data_url(controller.bodies[0]["image"], 2**20).image
     slice_7 = decode_image((scans / "ct.nii").read_bytes(), slice_index=7).image
     assert np.array_equal(np.asarray(sent), np.asarray(slice_7))
@@ -376,12 +376,12 @@ def test_the_slice_box_counts_frames_from_0_and_minus_1_is_the_middle_one(tmp_pa
     label = page.ui.blocks[page.ids["slice"]].label
     assert "-1: middle" in label and "first" not in label and "from 0" in label
     page.upload(scan)
-    assert page["image-note"].startswith("Loaded dicom, US, frame 16 of 30")
+    assert page["image-note"].startswith("Loaded dicom, US, frame 15 (of 0–29)")
     page["slice"] = 0
     page.event("slice", "submit")
-    assert page["image-note"].startswith("Loaded dicom, US, frame 1 of 30")
+    assert page["image-note"].startswith("Loaded dicom, US, frame 0 (of 0–29)")
     assert run_cli(monkeypatch, FakeController(), ["--image", str(scan), "--slice", "-1", "-q", "Where?"]) == 0
-    assert "image: dicom, US, frame 16 of 30" in capsys.readouterr().err
+    assert "image: dicom, US, frame 15 (of 0–29)" in capsys.readouterr().err
 
 
 def test_a_question_over_the_servers_limit_is_refused_and_kept_in_its_box(tmp_path):

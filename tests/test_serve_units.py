@@ -581,10 +581,10 @@ def test_the_terminal_chat_says_which_view_of_a_scan_it_sends_and_takes_another(
     scan = str(Path(nibabel.__file__).parent / "tests" / "data" / "example4d.nii.gz")
     main(["--image", scan, "--controller", "http://127.0.0.1:9", "-q", "hi"])
     err = capsys.readouterr().err
-    assert "image: nifti, axial slice 13 of 24, volume 1 of 2, window " in err and "--slice" in err
+    assert "image: nifti, axial slice 12 (of 0–23), volume 0 (of 0–1), window " in err and "--slice" in err
     main(["--image", scan, "--controller", "http://127.0.0.1:9", "-q", "hi", "--slice", "0", "--volume", "1",
           "--plane", "coronal", "--window", "40,400"])
-    assert "image: nifti, coronal slice 1 of 96, volume 2 of 2, window 40/400 (explicit)" in capsys.readouterr().err
+    assert "image: nifti, coronal slice 0 (of 0–95), volume 1 (of 0–1), window 40/400 (explicit)" in capsys.readouterr().err
     assert main(["--image", scan, "--controller", "http://127.0.0.1:9", "-q", "hi", "--window", "lungish"]) == 2
     assert "unknown window preset 'lungish'" in capsys.readouterr().err
 
