@@ -318,6 +318,9 @@ def synth(out: str | Path, n: int = 40, seed: int = 0, size: int = 64, api_names
     if size < 32:
         raise DataError("size must be at least 32 pixels")
     out = Path(out)
+    if out.is_dir() and any(out.iterdir()):  # an earlier set's images and masks would stay beside this one's
+        raise DataError(f"{out} is not empty: synth writes a whole data set into a folder of its own; give a new --out "
+                        "or delete that folder first")
     out.mkdir(parents=True, exist_ok=True)
     items = make_images(out, n, seed, size)
     n_eval = max(1, n // 5)

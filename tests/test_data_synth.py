@@ -75,6 +75,15 @@ def test_deterministic_per_seed(tmp_path, synth_dir):
         synth(tmp_path / "c", n=1)
 
 
+def test_synth_into_a_used_folder_is_refused_not_mixed_with_the_old_set(tmp_path, capsys):
+    """A second synth into the same --out left the first set's images and masks beside the new manifest."""
+    assert main(["synth", "--out", str(tmp_path / "s"), "--n", "10", "--size", "48"]) == 0
+    before = sorted(p.name for p in (tmp_path / "s" / "images").iterdir())
+    assert main(["synth", "--out", str(tmp_path / "s"), "--n", "4", "--size", "48"]) == 2
+    assert "is not empty: synth writes a whole data set into a folder of its own" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "s" / "images").iterdir()) == before  # nothing touched
+
+
 def test_variants_rephrase_tool_examples_and_loosen_segmentation_boxes(tmp_path, synth_dir):
     from collections import Counter
 
