@@ -29,7 +29,8 @@ from typing import Any
 from mmedagent.cache import cache_root
 from mmedagent.model import SETTINGS_FILE
 
-NOTE = "demonstration model trained on synthetic images — not a medical device"
+NOTE = "demonstration model trained on synthetic images, one question per conversation — not a medical device"
+"""Shown beside its answers: it was trained on single questions, so follow-ups in a conversation go astray."""
 REPORT_FILE = "eval_report.json"
 
 # ~4M parameters; 64 px images in 16 px patches -> 16 image tokens. The tokenizer is trained on the
