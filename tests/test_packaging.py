@@ -171,3 +171,24 @@ def test_every_console_script_starts_from_the_installed_package(installed, tmp_p
     proc = run_installed(installed, tmp_path, str(installed / "bin" / "mmedagent-make-tiny-model"), "--arch", "llama",
                          "--out", "tiny")
     assert proc.returncode == 0 and (tmp_path / "tiny" / "config.json").is_file(), proc.stderr[-3000:]
+
+
+def test_deepspeed_is_told_a_machine_without_accelerators_is_cpu_only(tmp_path, monkeypatch):
+    """DeepSpeed printed "Setting accelerator to CPU ..." on stdout, where the serving scripts print only their
+    addresses and ready line; a machine with an accelerator device, or a value already set, is left alone."""
+    import mmedagent
+
+    monkeypatch.setattr(mmedagent, "ACCELERATOR_DEVICES", (str(tmp_path / "nvidia*"),))
+    env = {}
+    mmedagent.cpu_only_deepspeed(env, "linux")
+    assert env == {"DS_ACCELERATOR": "cpu"}
+    env = {"DS_ACCELERATOR": "xpu"}
+    mmedagent.cpu_only_deepspeed(env, "linux")
+    assert env == {"DS_ACCELERATOR": "xpu"}
+    (tmp_path / "nvidia0").touch()
+    env = {}
+    mmedagent.cpu_only_deepspeed(env, "linux")
+    assert env == {}
+    (tmp_path / "nvidia0").unlink()
+    mmedagent.cpu_only_deepspeed(env, "darwin")  # Apple's MPS has no device file
+    assert env == {}
