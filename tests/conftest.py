@@ -17,6 +17,8 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 import mmedagent  # noqa: E402,F401  - arms the torchvision shim before anything imports torchvision
 
+pytest_plugins = ("_train_fixtures",)  # its session fixtures (train_data), declared here as pytest wants it
+
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):

@@ -12,8 +12,6 @@ from PIL import Image
 from mmedagent.data.formats import DataError
 from mmedagent.protocol import Record
 
-pytest_plugins = ("_train_fixtures",)  # session fixture: train_data
-
 
 def _dataset(model_dir, data_path, folder, template="vicuna_v1", max_len=2048, family=None):
     from mmedagent.model.loading import load_processor

@@ -10,7 +10,6 @@ from _train_fixtures import (ROOT, TEXT_RECORD, base_args, command, losses, run_
                              train_env, write_images, write_original_llava_of)
 from safetensors.torch import load_file
 
-pytest_plugins = ("_train_fixtures",)  # session fixture: train_data
 ZERO2, ZERO3 = str(ROOT / "scripts" / "zero2.json"), str(ROOT / "scripts" / "zero3.json")
 LLAVA_FLAGS = ["--version", "v1", "--mm_projector_lr", "1e-3", "--mm_projector_type", "mlp2x_gelu",
                "--mm_vision_select_layer", "-2", "--mm_use_im_start_end", "False", "--mm_use_im_patch_token", "False",
