@@ -305,6 +305,25 @@ def test_scoring_takes_label_case_and_empty_masks_in_its_stride():
     assert report["overall"]["grounding_iou"] == 1.0
 
 
+def test_a_turn_that_did_not_parse_is_no_answer_not_its_raw_text_read_as_one():
+    """A reply cut off before its value: its raw text ("thoughts🤔 No tool is needed ...") was scored as the answer,
+    a correct "no" to a closed question and a box where the thoughts quoted one."""
+    from mmedagent.agent import AgentStep
+    from mmedagent.evaluation.readers import EvalSample
+    from mmedagent.evaluation.runner import SampleResult
+    from mmedagent.evaluation.scoring import score_sample
+
+    raw = '"thoughts🤔" No tool is needed for this question; the box [0.1, 0.1, 0.5, 0.5] shows it.\n"actions🚀" [{"API'
+    sample = EvalSample(id="q", task="vqa_closed", source="record", question="Is there a mass?", answer_type="closed",
+                        gold_answer="no", reference={"boxes": [[0.1, 0.1, 0.5, 0.5]]})
+    cut = SampleResult(id="q", task="vqa_closed", answer=raw, stopped="length",
+                       steps=[AgentStep(index=0, raw=raw, parse_error="the reply was cut off")])
+    s = score_sample(sample, cut, [], "gold", 5)
+    assert s["parse_error"] and s["vqa_closed"] is False and s["pred_boxes"] == [] and s["grounding_iou"] == 0.0
+    answered = cut.model_copy(update={"answer": "No.", "steps": [AgentStep(index=0, raw="No.")]})
+    assert score_sample(sample, answered, [], "gold", 5)["vqa_closed"] is True
+
+
 def test_text_metrics_read_any_script():
     """Non-ASCII answers are words, not nothing: two different Chinese answers used to score token F1
     1.0 (both normalised to no tokens) and two identical ones ROUGE-L 0.0; accented words were split."""

@@ -169,6 +169,9 @@ def score_sample(sample: EvalSample, result: SampleResult, labels: Sequence[str]
         "wall_s": result.wall_s, "tokens": result.tokens,
         "parse_error": any(st.parse_error for st in result.steps) if turns else None, "error": result.error,
     }
+    # a last turn that did not parse (malformed, or cut off before its value) gave no answer: its raw text, turn
+    # markers and thoughts included ("No tool is needed ..."), would be read as one
+    answer = "" if result.steps and result.steps[-1].parse_error else result.answer
     gold_calls = sample.gold_calls
     pred_calls = result.calls
     if gold_calls is not None:
@@ -182,7 +185,7 @@ def score_sample(sample: EvalSample, result: SampleResult, labels: Sequence[str]
 
     gold_boxes = sample.reference.get("boxes") or _boxes_of(gold_out)[0]
     if gold_boxes:
-        pred, scores = boxes_in_text(result.answer), None
+        pred, scores = boxes_in_text(answer), None
         if not pred:
             pred, scores = _boxes_of(live_out)
         s["gold_boxes"], s["pred_boxes"] = gold_boxes, pred
@@ -204,7 +207,7 @@ def score_sample(sample: EvalSample, result: SampleResult, labels: Sequence[str]
         for out in live_out:
             scores_by_label.update(_label_scores(out))
         s["gold_label"] = gold_label
-        s["pred_label"] = label_in_answer(result.answer, set(labels) | set(scores_by_label))
+        s["pred_label"] = label_in_answer(answer, set(labels) | set(scores_by_label))
         if scores_by_label:
             s["label_scores"] = scores_by_label
 
@@ -216,14 +219,14 @@ def score_sample(sample: EvalSample, result: SampleResult, labels: Sequence[str]
     reference = reference_answer(sample)
     if reference:
         if sample.answer_type == "closed":
-            s["vqa_closed"] = M.closed_correct(result.answer, reference)
+            s["vqa_closed"] = M.closed_correct(answer, reference)
         else:
-            s["answer_f1"] = M.token_f1(result.answer, reference)
-            s["rouge_l"] = M.rouge_l(result.answer, reference)
-            s["meteor"] = M.meteor_exact(result.answer, reference)
+            s["answer_f1"] = M.token_f1(answer, reference)
+            s["rouge_l"] = M.rouge_l(answer, reference)
+            s["meteor"] = M.meteor_exact(answer, reference)
             if sample.answer_type == "open":
                 s["vqa_open_f1"] = s["answer_f1"]
-                s["vqa_open_recall"] = M.token_recall(result.answer, reference)
+                s["vqa_open_recall"] = M.token_recall(answer, reference)
     return s
 
 
