@@ -191,6 +191,23 @@ def test_missing_image_is_a_per_sample_error(tmp_path, fake_grounding):
     assert "image not found" in result.error
 
 
+def test_without_image_folder_images_are_found_beside_the_data_file_as_training_finds_them(tmp_path, monkeypatch,
+                                                                                           fake_grounding):
+    """A data file next to its images, evaluated from another folder: every sample failed with "image not
+    found: img.png" (looked for from the working folder only), where training and data check found it."""
+    (tmp_path / "set").mkdir()
+    data = write_json(tmp_path / "set" / "r.json", [grounding_record()])
+    write_image(tmp_path / "set")
+    monkeypatch.chdir(tmp_path)
+    sample = load_samples(data)[0]
+    planner = ScriptedPlanner([turn("Locating.", ("grounding dino", {"prompts": ["tumor"]})), turn("Done.")])
+    runner = AgentRunner(planner, "gold", [FakeGrounding], data_folder=data.parent)
+    assert runner.run(sample).error is None
+    (tmp_path / "set" / "img.png").unlink()
+    error = AgentRunner(ScriptedPlanner([]), "gold", [FakeGrounding], data_folder=data.parent).run(sample).error
+    assert error == f"image not found: img.png (looked for {data.parent / 'img.png'} and img.png; give --image-folder)"
+
+
 # --------------------------------------------------------------------------- scoring
 
 

@@ -130,6 +130,7 @@ def make_runner(args: argparse.Namespace) -> Any:
         if args.tool_mode == "gold":
             raise ValueError("--tool-mode gold needs a planner: a local model or --endpoint planner (the controller runs its own tools)")
         return ControllerRunner(args.model, args.served_model_name, api_key, image_folder=args.image_folder,
+                                data_folder=Path(args.data).parent,
                                 max_new_tokens=args.max_new_tokens)
     classes = _tool_classes(args.tools)  # an unknown name is refused before the model loads
     system_text = None
@@ -162,7 +163,8 @@ def make_runner(args: argparse.Namespace) -> Any:
         weights = args.tool_weights or ("demo" if args.model == "demo" else "default")
         tools = in_process_tools(classes, args.tool_options, weights)
     system = system_message(args.system_prompt, classes, system_text)
-    return AgentRunner(planner, args.tool_mode, tools, image_folder=args.image_folder, max_steps=args.max_steps,
+    return AgentRunner(planner, args.tool_mode, tools, image_folder=args.image_folder, data_folder=Path(args.data).parent,
+                       max_steps=args.max_steps,
                        system=system, max_new_tokens=args.max_new_tokens)
 
 

@@ -96,13 +96,26 @@ class GoldToolOutputs:
         return outcomes, [None] * len(calls)
 
 
-def load_image(name: str | None, image_folder: str | Path | None) -> Any:
-    """The sample's image as PIL RGB (DICOM/NIfTI through ``mmedagent.imaging``), or ``None``."""
+def image_path(name: str, image_folder: str | Path | None, data_folder: str | Path | None = None) -> Path:
+    """Where a sample's image ``name`` is: in ``image_folder`` (``--image-folder``); without one, beside the data
+    file (``data_folder``, where training and ``mmedagent.data check`` look), else as written (from the working
+    folder). A ``FileNotFoundError`` naming the places looked in."""
+    places = [Path(image_folder) / name] if image_folder else [
+        *([Path(data_folder) / name] if data_folder is not None else []), Path(name)]
+    found = next((p for p in places if p.is_file()), None)
+    if found is None:
+        looked = " and ".join(str(p) for p in dict.fromkeys(places))
+        raise FileNotFoundError(f"image not found: {name} (looked for {looked}"
+                                f"{'' if image_folder else '; give --image-folder'})")
+    return found
+
+
+def load_image(name: str | None, image_folder: str | Path | None, data_folder: str | Path | None = None) -> Any:
+    """The sample's image (found by :func:`image_path`) as PIL RGB (DICOM/NIfTI through ``mmedagent.imaging``),
+    or ``None``."""
     if not name:
         return None
-    path = Path(image_folder) / name if image_folder else Path(name)
-    if not path.is_file():
-        raise FileNotFoundError(f"image not found: {path}")
+    path = image_path(name, image_folder, data_folder)
     from mmedagent.imaging import ImageLoadError, load_image as _load
 
     try:
@@ -120,7 +133,7 @@ def check_mask_sizes(samples: Sequence[EvalSample], image_folder: str | Path | N
         if not smp.reference.get("masks") or not smp.image:
             continue
         try:  # from the header where it says: the run decodes the image
-            width, height = image_size(Path(image_folder) / smp.image if image_folder else smp.image)
+            width, height = image_size(image_path(smp.image, image_folder, Path(data).parent))
         except (OSError, ValueError):
             continue
         shape = as_mask(smp.reference["masks"][0]).shape
@@ -182,12 +195,14 @@ class AgentRunner:
         tools: Sequence[Tool] | Sequence[type[Tool]],
         *,
         image_folder: str | Path | None = None,
+        data_folder: str | Path | None = None,
         max_steps: int = 3,
         timeout_s: float = 120.0,
         system: str | None = None,
         **gen: Any,
     ):
-        """``system``: the planner's system prompt; ``None`` = the tool catalog of ``tools`` (what the
+        """``data_folder``: the data file's, where images are looked for without ``image_folder`` (:func:`image_path`).
+        ``system``: the planner's system prompt; ``None`` = the tool catalog of ``tools`` (what the
         controller sends). A model trained without the catalog (MMedAgent's data, the demo model)
         is evaluated with the prompt it was trained on, e.g. ``mmedagent.protocol.DEFAULT_SYSTEM``.
 
@@ -195,6 +210,7 @@ class AgentRunner:
         if tool_mode not in ("live", "gold"):
             raise ValueError(f"tool_mode must be 'live' or 'gold', not {tool_mode!r}")
         self.planner, self.tool_mode, self.image_folder, self.max_steps = planner, tool_mode, image_folder, max_steps
+        self.data_folder = data_folder
         self.gen = {"temperature": 0.0, "max_new_tokens": 256, **gen}
         classes = [t if isinstance(t, type) else type(t) for t in tools]
         self.system = system if system is not None else system_prompt(classes)
@@ -221,7 +237,7 @@ class AgentRunner:
         self.preload()
         started = time.monotonic()
         try:
-            image = load_image(sample.image, self.image_folder)
+            image = load_image(sample.image, self.image_folder, self.data_folder)
         except (OSError, ValueError) as e:
             return SampleResult(id=sample.id, task=sample.task, error=str(e))
         dispatcher = self.dispatcher if self.tool_mode == "live" else GoldToolOutputs(sample.gold_results)
@@ -264,13 +280,14 @@ class ControllerRunner:
     tokens_counted_by = "usage"
 
     def __init__(self, url: str, model: str | None = None, api_key: str | None = None, *,
-                 image_folder: str | Path | None = None, timeout_s: float = 600.0, max_new_tokens: int = 256):
+                 image_folder: str | Path | None = None, data_folder: str | Path | None = None, timeout_s: float = 600.0,
+                 max_new_tokens: int = 256):
         """``url``: the controller's host root, ``.../v1`` or ``.../v1/chat/completions``; ``api_key``: its
-        bearer key (``--api-key``), or none."""
+        bearer key (``--api-key``), or none; ``data_folder`` as for :class:`AgentRunner`."""
         from mmedagent.serve.remote import OpenAIPlanner, api_root
 
         self.planner = OpenAIPlanner(api_root(url), model, api_key, timeout_s, list_models=False)
-        self.image_folder, self.max_new_tokens = image_folder, max_new_tokens
+        self.image_folder, self.data_folder, self.max_new_tokens = image_folder, data_folder, max_new_tokens
 
     def preload(self, progress: Callable[[str], None] | None = None, wait_s: float = 900.0,
                 poll_s: float = 2.0) -> dict[str, str]:
@@ -304,7 +321,7 @@ class ControllerRunner:
 
         started = time.monotonic()
         try:
-            image = load_image(sample.image, self.image_folder)
+            image = load_image(sample.image, self.image_folder, self.data_folder)
         except (OSError, ValueError) as e:
             return SampleResult(id=sample.id, task=sample.task, error=str(e))
         user = f"{IMAGE_TOKEN}\n{sample.question}" if image is not None else sample.question
