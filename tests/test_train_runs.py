@@ -286,7 +286,7 @@ def test_mid_run_checkpoint_loads_for_serving_with_its_template(tiny_models, tmp
     assert load_planner(out / "checkpoint-1", dtype="float32", device="cpu").template == "vicuna_v1"
 
 
-def test_a_model_is_served_with_the_system_message_it_was_trained_with(tiny_models, tmp_path):
+def test_a_model_is_served_with_the_system_message_it_was_trained_with(tiny_models, tmp_path, caplog):
     """Records without a system turn are rendered without one; the output says so (mmedagent.json), the
     merged model keeps it, so serving and evaluation do not put the tool catalog in front of a model that
     never saw it. Records that share one system text are served with it; records with several texts leave the
@@ -309,4 +309,5 @@ def test_a_model_is_served_with_the_system_message_it_was_trained_with(tiny_mode
     rows[0]["conversations"][0]["value"] = "You are a pathologist."  # texts differ
     (tmp_path / "sys.json").write_text(json.dumps(rows))
     main(_argv(tiny_models("llama"), tmp_path / "sys.json", tmp_path / "run_mixed"))
-    assert planner_settings(tmp_path / "run_mixed") == {}  # the serving default
+    assert planner_settings(tmp_path / "run_mixed") == {}  # the serving default, and a warning says so
+    assert "the records have 2 different system messages (or none): mmedagent.json records none" in caplog.text

@@ -208,6 +208,10 @@ def build_trainer(argv: list[str] | None = None, parsed=None) -> tuple[MMedTrain
     # served as trained: with no system message where the records had none (not with the tool catalog, the
     # serving default for models that say nothing), with the records' one system text where they share one
     systems = {s.messages[0]["content"] if s.messages[0]["role"] == "system" else None for s in samples}
+    if len(systems) > 1:  # no one setting serves the model as it was trained
+        log.warning("the records have %d different system messages (or none): mmedagent.json records none, so serving "
+                    "and evaluation send their default (the tool catalog); pass --system-prompt when serving, or give "
+                    "every record the same system message", len(systems))
     trainer = MMedTrainer(model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset,
                           data_collator=Collator(pad_id, family, blank), processing_class=processor,
                           projector=projector_name(family), manifest=info,
