@@ -62,6 +62,18 @@ def test_model_dir_settings_choose_the_plain_system_prompt(tmp_path, tiny_llava)
     (model / "mmedagent.json").write_text(json.dumps({"system_prompt": "text", "system_text": "You are a radiologist."}))
     runner = make_runner(parser().parse_args(["--model", str(model), "--data", "x", "--tool-mode", "gold"]))
     assert runner.system == "You are a radiologist."  # the text the model was trained with
+    assert runner.prompting == {"system_prompt": "text", "template": "chat_template"}  # recorded in the report
+
+
+def test_runs_prompted_otherwise_are_compared_with_a_warning():
+    """A base model with its own chat template and the tool catalog against the trained one with vicuna_v1 and no
+    system message: --compare printed their deltas as a before/after of one evaluation."""
+    from mmedagent.evaluation.compare import unlike
+
+    base = {"system_prompt": "catalog", "template": "chat_template", "overall": {}, "samples": []}
+    tuned = {"system_prompt": "none", "template": "vicuna_v1", "overall": {}, "samples": []}
+    assert unlike(base, tuned) == ["system_prompt: catalog vs none", "template: chat_template vs vicuna_v1"]
+    assert unlike(base, dict(base)) == []
 
 
 def test_a_resumed_run_of_the_real_model_reports_as_an_uninterrupted_one(tmp_path, tiny_llava):

@@ -32,6 +32,10 @@ def _is_url(s: str) -> bool:
     return s.startswith(("http://", "https://"))
 
 
+PROMPTING = ("system_prompt", "template")
+"""How a run's planner was prompted, as its report records it (a controller's runs: the server's, unrecorded)."""
+
+
 def _recorded_model(model: str) -> str:
     """``--model`` as reports, ``run.json`` and stderr show it: a URL without a user, password or query."""
     if not _is_url(model):
@@ -163,9 +167,14 @@ def make_runner(args: argparse.Namespace) -> Any:
         weights = args.tool_weights or ("demo" if args.model == "demo" else "default")
         tools = in_process_tools(classes, args.tool_options, weights)
     system = system_message(args.system_prompt, classes, system_text)
-    return AgentRunner(planner, args.tool_mode, tools, image_folder=args.image_folder, data_folder=Path(args.data).parent,
-                       max_steps=args.max_steps,
-                       system=system, max_new_tokens=args.max_new_tokens)
+    runner = AgentRunner(planner, args.tool_mode, tools, image_folder=args.image_folder,
+                         data_folder=Path(args.data).parent, max_steps=args.max_steps, system=system,
+                         max_new_tokens=args.max_new_tokens)
+    info = planner.info() if hasattr(planner, "info") else {}
+    # how the planner was prompted, in the report: two runs prompted otherwise are no before/after of one model
+    runner.prompting = {"system_prompt": args.system_prompt or "catalog",
+                        **({"template": info["template"]} if info.get("template") else {})}
+    return runner
 
 
 RUN_SETTINGS = ("model", "model_base", "conv_template", "tool_mode", "tools", "tool_options", "tool_weights",
@@ -235,7 +244,7 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
         if folder:
             folder.open()
             folder.record(name=run_name, model=model,
-                          **({"constrained_decoding": bool(args.constrain)} if runner is not None else {}))
+                          **({"constrained_decoding": bool(args.constrain), **runner.prompting} if runner is not None else {}))
         for i, smp in enumerate(samples):
             if i in results:
                 continue
@@ -264,6 +273,7 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
     recorded = folder.meta if folder else {}
     meta = {
         "name": run_name, "model": model, "data": str(args.data), "data_sha256": data_sha256,
+        **(runner.prompting if runner else {k: recorded[k] for k in PROMPTING if k in recorded}),
         "tokens_counted_by": (runner.tokens_counted_by if runner else "") or recorded.get("tokens_counted_by", ""),
         "constrained_decoding": bool(args.constrain) if runner else recorded.get("constrained_decoding"),
         **({"tool_load_errors": load_errors} if load_errors else {}),
@@ -312,6 +322,7 @@ def score_predictions(args: argparse.Namespace) -> dict[str, Any]:
     meta = {
         "name": args.name or recorded.get("name") or (Path(str(model)).name if model else Path(args.predictions).stem),
         "model": model, "data": str(args.data), "data_sha256": data_sha256, "predictions": str(args.predictions),
+        **{k: recorded[k] for k in PROMPTING if k in recorded},
         "tokens_counted_by": counted_by,
         "constrained_decoding": recorded.get("constrained_decoding"),
         **({"missing_predictions": len(missing)} if missing else {}),

@@ -99,15 +99,15 @@ def examples(a: dict[str, Any], b: dict[str, Any], names: tuple[str, str], n: in
 
 
 def unlike(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
-    """How two reports differ in what they measured (data file, samples, tool mode): their deltas are then
-    not a before/after of the same evaluation."""
+    """How two reports differ in what they measured (data file, samples, tool mode, the planner's system prompt
+    or chat template): their deltas are then not a before/after of the same evaluation."""
     # the data file's content decides where both reports record it: one file under two paths is the same
     # data, and a file changed between the runs (a corrected gold answer) is not
     by_content = bool(a.get("data_sha256") and b.get("data_sha256"))
     out = [f"data: {a.get('data')} vs {b.get('data')}{' (other content)' if by_content else ''}"
            for key in ("data_sha256" if by_content else "data",)
            if a.get(key) is not None and b.get(key) is not None and a.get(key) != b.get(key)]
-    out += [f"{key}: {a.get(key)} vs {b.get(key)}" for key in ("n_samples", "tool_mode")
+    out += [f"{key}: {a.get(key)} vs {b.get(key)}" for key in ("n_samples", "tool_mode", "system_prompt", "template")
             if a.get(key) is not None and b.get(key) is not None and a.get(key) != b.get(key)]
     ka, kb = (r["overall"].get("k") if r["overall"].get("rag_recall_at_k") is not None else None for r in (a, b))
     if ka is not None and kb is not None and ka != kb:

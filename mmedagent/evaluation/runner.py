@@ -188,6 +188,9 @@ class TokenCounter:
 class AgentRunner:
     """A planner inside the real agent loop, with live tools or gold tool outputs."""
 
+    prompting: dict[str, str] = {}
+    """How the planner is prompted (``system_prompt``, ``template``), for the report; set by the CLI."""
+
     def __init__(
         self,
         planner: Any,
@@ -278,6 +281,7 @@ class ControllerRunner:
 
     tool_mode: ToolMode = "live"
     tokens_counted_by = "usage"
+    prompting: dict[str, str] = {}  # the server prompts its planner
 
     def __init__(self, url: str, model: str | None = None, api_key: str | None = None, *,
                  image_folder: str | Path | None = None, data_folder: str | Path | None = None, timeout_s: float = 600.0,
