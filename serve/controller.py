@@ -223,6 +223,7 @@ class Controller:
         self.executor = ThreadPoolExecutor(cfg.max_concurrent_chats, thread_name_prefix="chat")
         self.gen_defaults = {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p}
         self.loading: list[str] = []  # tools whose workers are still loading (kept current by the launcher)
+        self.failed: set[str] = set()  # tools whose workers failed to start (kept by the launcher)
         self._demo_report: tuple[float, dict[str, Any] | None] | None = None
 
     # ------------------------------------------------------------------ tools
@@ -259,8 +260,9 @@ class Controller:
 
     def _proxy(self, name: str) -> RemoteTool:
         """The proxy of a worker's tool, made again when a worker registers it with other info
-        (a restarted worker with new aliases, description or parameters)."""
-        info = self.registry.known.get(name, {})
+        (a restarted worker with new aliases, description or parameters); for a tool no worker ever registered
+        (its worker failed to start), made from its class, so that a call by an alias is answered as its own."""
+        info = self.registry.known.get(name) or self._class_info(name)
         with self._proxy_lock:
             made = self._proxies.get(name)
             if made is None or made[0] != info:
@@ -275,10 +277,20 @@ class Controller:
         tools.update(self.local_tools)
         return tools
 
+    @staticmethod
+    def _class_info(name: str) -> dict[str, Any]:
+        try:
+            cls = get_tool(name)
+        except UnknownToolError:
+            return {}
+        return {"aliases": list(cls.aliases), "description": cls.description, "needs_image": cls.needs_image,
+                "question_param": cls.question_param}
+
     def all_tools(self) -> dict[str, Tool]:
-        """Live tools plus tools whose workers went away (a call then says so, listing the live ones)."""
-        known = {n: self._proxy(n) for n, i in list(self.registry.known.items()) if i.get("kind") == "tool"}
-        return {**known, **self.live_tools()}
+        """Live tools plus tools whose workers went away or failed to start (a call then says no worker serves
+        it, listing the live ones; it read as an unknown tool)."""
+        known = {n for n, i in list(self.registry.known.items()) if i.get("kind") == "tool"}
+        return {**{n: self._proxy(n) for n in sorted(known | self.failed)}, **self.live_tools()}
 
     def available_tools(self) -> list[str]:
         return sorted(self.live_tools())

@@ -253,6 +253,7 @@ class Launcher:
                     continue
                 ready = True
                 failed = [n for n in [*expected, *self.in_process] if n not in tools and n not in loading]
+                ctl.failed.update(n for n in failed if n not in self.in_process)
                 line = f"ready: models: {', '.join(models) or '(none)'}; tools: {', '.join(tools) or '(none)'}"
                 if loading:
                     line += f"; loading: {', '.join(sorted(loading))} (registers when ready)"
@@ -265,6 +266,8 @@ class Launcher:
                 continue
             for name in sorted(pending_bg - loading):
                 print(f"tool {name} {'ready' if name in tools else 'failed to start'}", flush=True)
+                if name not in tools and name not in self.in_process:
+                    ctl.failed.add(name)
                 pending_bg.discard(name)
 
     def _tend_children(self) -> None:

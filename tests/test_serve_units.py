@@ -641,3 +641,21 @@ def test_a_question_without_words_is_refused_before_the_agent_runs(question):
             assert r.status_code == 503 and "no model worker" in r.json()["detail"]  # a real question goes on
     finally:
         ctl.close()
+
+
+def test_a_call_to_a_tool_whose_worker_failed_to_start_says_so_not_unknown_tool():
+    """Published tool weights missing offline: the ready line said "failed to start: grounding", then every chat's
+    call read "unknown tool 'grounding dino'; available tools: (none)"."""
+    from mmedagent.protocol import ToolCall
+    from mmedagent.serve.controller import Controller
+
+    ctl = Controller(ServeConfig())
+    ctl.failed.add("grounding")  # as the launcher records it
+    ctl.dispatcher.tools = ctl.all_tools()
+    from doubles import grey_image
+
+    outcome = ctl.dispatcher.dispatch(ToolCall(API_name="grounding dino", API_params={"prompts": ["tumor"]}),
+                                      grey_image())
+    assert (outcome.error, outcome.failure) == (
+        "no worker is serving tool 'grounding' right now; available tools: (none)", "unavailable")
+    assert ctl.available_tools() == []  # not offered to the model
