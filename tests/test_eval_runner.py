@@ -81,6 +81,21 @@ def test_readers_all_three_layouts(tmp_path):
             {"id": "d", "prompt": "And now?", "reference": "Rest.", "context": [["user", "I cough."], ["assistant", "How long?"]]}]))
 
 
+def test_a_set_converted_to_chat_messages_reads_as_the_same_samples(tmp_path):
+    """`mmedagent.data convert --to sharegpt` output trains, but the evaluation refused it ("unknown record
+    layout"); read through the data tools' reader it is the same samples."""
+    from mmedagent.data.formats import convert
+
+    original = write_json(tmp_path / "r.json", [grounding_record("g1"), direct_record("d1")])
+    convert(original, tmp_path / "s.json", "sharegpt")
+    assert "messages" in json.loads((tmp_path / "s.json").read_text())[0]
+
+    def view(samples):
+        return [(s.id, s.task, s.image, s.question, s.gold_answer, s.gold_calls, s.gold_results) for s in samples]
+
+    assert view(load_samples(tmp_path / "s.json")) == view(load_samples(original))
+
+
 def test_reader_errors_name_file_and_record(tmp_path):
     bad = write_jsonl(tmp_path / "bad.jsonl", [direct_record(), {"foo": 1}])
     with pytest.raises(EvalFileError, match=r"bad.jsonl, record 1: unknown record layout"):

@@ -234,6 +234,10 @@ def sample_from_dict(d: dict[str, Any], index: int) -> EvalSample | None:
         raise ValueError("record is not a JSON object")
     if "conversations" in d:
         return from_record(d, index)
+    if "messages" in d:  # chat messages (LLaMA-Factory / OpenAI), as `mmedagent.data convert --to sharegpt` writes
+        from mmedagent.data.formats import record_from_any
+
+        return from_record(record_from_any(d, str(index)).to_dict(), index)
     if "pre_text" in d:
         return from_mmedagent(d, index)
     if "question" in d and "answer" in d:
@@ -246,7 +250,8 @@ def sample_from_dict(d: dict[str, Any], index: int) -> EvalSample | None:
         return from_qa({"id": d.get("id"), "question": d["prompt"], "answer": d["reference"], "image": d.get("image")},
                        index)
     raise ValueError(
-        "unknown record layout: expected 'conversations' (project records), 'pre_text'/'assist'/'text' "
+        "unknown record layout: expected 'conversations' (project records), 'messages' (chat messages), "
+        "'pre_text'/'assist'/'text' "
         "(MMedAgent eval), 'question'/'answer' (VQA-RAD/SLAKE) or 'prompt'/'reference' (a recipe's held-out split)"
     )
 
