@@ -36,6 +36,11 @@ PROMPTING = ("system_prompt", "template")
 """How a run's planner was prompted, as its report records it (a controller's runs: the server's, unrecorded)."""
 
 
+def _data_folder(args: argparse.Namespace) -> Path | None:
+    """The ``--data`` file's folder, where images are looked for without ``--image-folder``."""
+    return Path(args.data).parent if args.data else None
+
+
 def _recorded_model(model: str) -> str:
     """``--model`` as reports, ``run.json`` and stderr show it: a URL without a user, password or query."""
     if not _is_url(model):
@@ -134,7 +139,7 @@ def make_runner(args: argparse.Namespace) -> Any:
         if args.tool_mode == "gold":
             raise ValueError("--tool-mode gold needs a planner: a local model or --endpoint planner (the controller runs its own tools)")
         return ControllerRunner(args.model, args.served_model_name, api_key, image_folder=args.image_folder,
-                                data_folder=Path(args.data).parent,
+                                data_folder=_data_folder(args),
                                 max_new_tokens=args.max_new_tokens)
     classes = _tool_classes(args.tools)  # an unknown name is refused before the model loads
     system_text = None
@@ -168,7 +173,7 @@ def make_runner(args: argparse.Namespace) -> Any:
         tools = in_process_tools(classes, args.tool_options, weights)
     system = system_message(args.system_prompt, classes, system_text)
     runner = AgentRunner(planner, args.tool_mode, tools, image_folder=args.image_folder,
-                         data_folder=Path(args.data).parent, max_steps=args.max_steps, system=system,
+                         data_folder=_data_folder(args), max_steps=args.max_steps, system=system,
                          max_new_tokens=args.max_new_tokens)
     info = planner.info() if hasattr(planner, "info") else {}
     # how the planner was prompted, in the report: two runs prompted otherwise are no before/after of one model
