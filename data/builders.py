@@ -32,6 +32,7 @@ import numpy as np
 from mmedagent.data import templates
 from mmedagent.data.formats import (
     CAPTION_QUESTIONS,
+    ID_FIELDS,
     IMAGE_COLUMNS,
     DataError,
     export_images,
@@ -784,7 +785,7 @@ def read_vqa(table: str | Path, caption: bool = False, **table_options: Any) -> 
             out.append(Example("direct", where, image=image, question=None, answer=cap))
         else:
             question, answer = _require(row, ("question", "answer"), where)
-            qid = next((row[k] for k in ("qid", "question_id", "id") if row.get(k) not in (None, "")), None)
+            qid = next((row[k] for k in ID_FIELDS if row.get(k) not in (None, "")), None)
             kept = {k: row[k] for k in ("answer_type",) if row.get(k) not in (None, "")}  # evaluation splits by it
             out.append(Example("direct", where, image=_image_of(row, where, required=False), question=question,
                                answer=answer, extra=kept, record_id=None if qid is None else str(qid)))

@@ -152,6 +152,8 @@ IMAGE_COLUMNS = ("image", "image_name", "img_name")
 SLAKE's ``img_name`` (builders, records and evaluation readers alike)."""
 
 IMAGE_FIELDS = ("images", *IMAGE_COLUMNS, "image_id")
+ID_FIELDS = ("qid", "question_id", "id")
+"""A row's own id, first found first: a VQA table's question id (VQA-RAD, SLAKE), else its ``id``."""
 """Row fields naming a record's image(s), the first filled one taken."""
 
 DIRECT_THOUGHT = THOUGHTS["direct"][0]
@@ -720,9 +722,7 @@ def record_from_any(row: Any, default_id: str, caption_question: str | None = No
     if isinstance(system, str) and system.strip() and messages[0].role != "system":
         messages.insert(0, Message(role="system", value=system))
         consumed.add("system")
-    rec_id = row.get("id")
-    if rec_id is None or rec_id == "":
-        rec_id = default_id
+    rec_id = next((row[k] for k in ID_FIELDS if row.get(k) not in (None, "")), default_id)
     passthrough = {k: v for k, v in row.items() if k not in consumed and _jsonable(v)}
     record = Record.model_validate({"id": rec_id, "image": images, "conversations": messages, **passthrough})
     _check_image_tags(record)

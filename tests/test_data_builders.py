@@ -343,6 +343,8 @@ def test_vqa_rows_keep_their_qid_and_answer_type(tmp_path):
     recs = records_of(tmp_path / "vo.json")
     assert [r.id for r in recs] == ["7", "8"] and recs[0].model_extra["answer_type"] == "CLOSED"
     assert [(s.id, s.task) for s in load_samples(tmp_path / "vo.json")] == [("7", "vqa_closed"), ("8", "vqa_open")]
+    converted = read_records(vqa)  # `convert` of the raw table names the records by qid too (it wrote vqa-1, …)
+    assert [str(r.id) for r in converted] == [r.id for r in recs]
 
 
 def test_vqa_and_captions_are_direct_answers(tmp_path):
