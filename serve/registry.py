@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Annotated, Any, Literal
 
@@ -83,6 +84,10 @@ def _clash(names: Sequence[str], others: Sequence[str]) -> list[str]:
     return [n for n in names if name_key(n) in taken]
 
 
+CONVERSATIONS_KEPT = 4096
+"""How many conversations' model workers the registry remembers (the oldest forgotten first)."""
+
+
 class WorkerRegistry:
     """Thread-safe; the controller's HTTP handlers and its tool/model proxies share one instance."""
 
@@ -93,6 +98,7 @@ class WorkerRegistry:
         self._order = itertools.count()
         self.known: dict[str, dict[str, Any]] = {}  # name → last info, kept after a worker leaves
         self._inflight: dict[str, int] = {}  # address → calls under way (kept across a re-registration)
+        self._conversations: OrderedDict[str, str] = OrderedDict()  # conversation id → its model worker's address
 
     def register(self, worker: WorkerInfo, reserved: Mapping[str, Sequence[str]] = {}) -> None:
         """Add (or replace, same address) a worker. A tool worker whose name or an alias is already
@@ -152,21 +158,35 @@ class WorkerRegistry:
     def names(self, kind: WorkerKind) -> list[str]:
         return sorted({n for w in self.workers(kind) for n in w.names})
 
-    def pick(self, kind: WorkerKind, name: str, exclude: Iterable[str] = ()) -> str:
+    def pick(self, kind: WorkerKind, name: str, exclude: Iterable[str] = (), conversation: str | None = None) -> str:
         """Address of the least-loaded live worker serving ``name`` (stalled ones last, then shortest
-        queue; ties: oldest), other than those in ``exclude``."""
+        queue; ties: oldest), other than those in ``exclude``. A ``conversation`` whose last call
+        went to a live, unstalled worker of ``name`` (:meth:`remember`) goes there again: its model
+        worker holds the conversation's cache and reads its earlier replies as it wrote them."""
         with self._lock:
             candidates = [e for e in self._workers.values() if e.worker.kind == kind and name in e.worker.names
                           and e.worker.address not in exclude]
             if not candidates:
                 available = sorted({n for e in self._workers.values() if e.worker.kind == kind for n in e.worker.names})
                 raise NoWorkerError(kind, name, available)
+            last = self._conversations.get(conversation) if conversation is not None else None
+            for e in candidates:
+                if e.worker.address == last and not e.worker.stalled:
+                    return last
 
             def load(e: _Entry) -> tuple:
                 inflight = self._inflight.get(e.worker.address, 0)
                 return e.worker.stalled, max(inflight, e.worker.queue_length), inflight, e.order
 
             return min(candidates, key=load).worker.address
+
+    def remember(self, conversation: str, address: str) -> None:
+        """Note that ``conversation``'s last call went to ``address`` (see :meth:`pick`)."""
+        with self._lock:
+            self._conversations[conversation] = address
+            self._conversations.move_to_end(conversation)
+            while len(self._conversations) > CONVERSATIONS_KEPT:
+                self._conversations.popitem(last=False)
 
     def begin(self, address: str) -> None:
         with self._lock:

@@ -255,7 +255,8 @@ def _iter_ndjson(response: httpx.Response) -> Iterator[dict[str, Any]]:
 
 class WorkerPlanner:
     """The agent's planner in the controller: one model worker, chosen once per chat so that the
-    planning and answer passes of a conversation reach the same model (and its KV cache)."""
+    planning and answer passes of a conversation reach the same model (and its KV cache); a
+    follow-up question under the same ``conversation_id`` goes to that worker again while it serves."""
 
     def __init__(self, registry: WorkerRegistry, client: httpx.Client, model: str, conversation_id: str, timeout_s: float,
                  request_id: str | None = None, tools: Sequence[type[Tool]] | None = None):
@@ -266,7 +267,7 @@ class WorkerPlanner:
         self.conversation_id, self.timeout_s = conversation_id, timeout_s
         self.headers = {REQUEST_ID_HEADER: request_id} if request_id else {}
         self.what = f"model worker for {model!r}"
-        self.address = registry.pick("model", model)
+        self.address = registry.pick("model", model, conversation=conversation_id)
         self.last_stats: dict[str, int] = {}  # the last call's token counts, as the worker reports them
 
     def _body(self, messages: Sequence[dict[str, str]], image: Any, gen: dict[str, Any]) -> dict[str, Any]:
@@ -307,6 +308,7 @@ class WorkerPlanner:
                         yield event["text"]
                     if "stats" in event:
                         self.last_stats = event["stats"]
+            self.registry.remember(self.conversation_id, address)
         except ValueError:  # not NDJSON objects
             log.warning("%s at %s answered with malformed output", what, address)
             raise WorkerError(f"{what} answered with malformed output; is it an mmedagent model worker?") from None

@@ -785,6 +785,45 @@ def test_a_chat_goes_to_another_model_worker_when_its_own_is_gone():
         WorkerPlanner(reg, client, "demo", "c2", 5.0).generate([{"role": "user", "content": "Is it benign?"}], None)
 
 
+def test_a_conversations_follow_up_goes_to_the_model_worker_that_answered_it(monkeypatch):
+    """The worker that holds a chat's cache gets its next question, however busy, unless it stalls or
+    leaves; a new chat still goes to the least-loaded worker, and the oldest conversations are forgotten."""
+    from mmedagent.serve import registry as registry_module
+    from mmedagent.serve.remote import WorkerPlanner
+
+    served = []
+
+    def workers(request):
+        served.append(request.url.host)
+        return httpx.Response(200, text='{"text": "benign"}\n')
+
+    reg = WorkerRegistry(expiry_s=60)
+    a, b = "http://10.0.0.1:8000", "http://10.0.0.2:8000"
+    for address in (a, b):
+        reg.register(WorkerInfo(address=address, kind="model", names=["demo"]))
+    client = httpx.Client(transport=httpx.MockTransport(workers))
+    ask = [{"role": "user", "content": "Is it benign?"}]
+    assert WorkerPlanner(reg, client, "demo", "c1", 5.0).generate(ask, None) == "benign"
+    reg.begin(a)  # another chat's call is under way at the first worker
+    assert WorkerPlanner(reg, client, "demo", "c2", 5.0).address == b
+    assert WorkerPlanner(reg, client, "demo", "c1", 5.0).address == a
+    reg.heartbeat(a, queue_length=1, stalled=True)
+    assert WorkerPlanner(reg, client, "demo", "c1", 5.0).address == b
+    reg.heartbeat(a, queue_length=0, stalled=False)
+    reg.remove(a)
+    WorkerPlanner(reg, client, "demo", "c1", 5.0).generate(ask, None)
+    assert served == ["10.0.0.1", "10.0.0.2"]
+    reg.register(WorkerInfo(address=a, kind="model", names=["demo"]))
+    assert WorkerPlanner(reg, client, "demo", "c1", 5.0).address == b  # it answered the last question
+    reg.end(a)
+    reg.begin(b)
+    assert WorkerPlanner(reg, client, "demo", "c1", 5.0).address == b
+    monkeypatch.setattr(registry_module, "CONVERSATIONS_KEPT", 2)
+    reg.remember("c3", a)
+    reg.remember("c4", a)
+    assert WorkerPlanner(reg, client, "demo", "c1", 5.0).address == a  # forgotten: the least-loaded worker
+
+
 LAUNCHER_TERMINATED_WHILE_STARTING = """
 import os, signal, sys, time
 from mmedagent.serve import launcher as la
