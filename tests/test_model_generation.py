@@ -111,6 +111,25 @@ def test_a_call_from_the_thread_holding_an_unfinished_stream_is_refused_not_hung
     assert "unfinished stream" in outcome["error"] and outcome["after"]
 
 
+def test_a_reset_from_another_thread_waits_for_the_stream_under_way(tiny_models):
+    """A server thread resetting the planner while a chat streams in another: the reset waits for the
+    stream to end (it emptied the cache under it: prompt lookup then failed, the reply was not remembered)."""
+    planner, image = load_planner(tiny_models("llava"), prompt_lookup=3), test_image()
+    msgs = [{"role": "user", "content": "<image>\n" + QUESTION}]
+    full = planner.generate(msgs, image, max_new_tokens=12)
+    planner.reset()
+    it = planner.stream(msgs, image, max_new_tokens=12)
+    pieces = [next(it)]
+    resetting = threading.Thread(target=planner.reset, daemon=True)
+    resetting.start()
+    resetting.join(0.5)
+    assert resetting.is_alive(), "the reset ran during the stream"
+    pieces.extend(it)
+    assert "".join(pieces).rstrip() == full
+    resetting.join(60)
+    assert not resetting.is_alive() and planner._state is None
+
+
 def test_an_interrupt_during_the_prefill_leaves_no_stale_cache(planner_of):
     """Ctrl-C while another question's prompt is prefilled on top of the cut-back cache: the next call
     of the first conversation does not continue from a cache that no longer holds its tokens."""

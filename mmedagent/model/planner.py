@@ -256,9 +256,16 @@ class HFPlanner:
         }
 
     def reset(self) -> None:
-        """Forget the cached conversation state."""
-        self._state = None
-        self._transcripts.clear()
+        """Forget the cached conversation state (after a stream under way in another thread ends)."""
+        self._check_not_streaming()
+        with self._lock:
+            self._state = None
+            self._transcripts.clear()
+
+    def _check_not_streaming(self) -> None:
+        if self._holder == threading.get_ident():  # waiting for the lock would wait for ever
+            raise RuntimeError("this thread holds an unfinished stream of the planner: read it to the end or "
+                               "close() it before the next call")
 
     # ------------------------------------------------------------------ public generation API
 
@@ -291,9 +298,7 @@ class HFPlanner:
         if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) for s in stops):
             raise ValueError("stop must be a string or a list of strings")
         stops = [s for s in stops if s]  # "" stops nothing
-        if self._holder == threading.get_ident():  # waiting for the lock would wait for ever
-            raise RuntimeError("this thread holds an unfinished stream of the planner: read it to the end or "
-                               "close() it before the next call")
+        self._check_not_streaming()
         with self._lock:
             self._holder = threading.get_ident()
             try:
