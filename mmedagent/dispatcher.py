@@ -14,7 +14,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any, get_args
 
@@ -132,12 +132,14 @@ class Dispatcher:
         self._pools: dict[str, ThreadPoolExecutor] = {}
         self._overdue: dict[str, int] = {}  # per tool: calls still running past their timeout
 
-    def preload(self, progress: Callable[[str], None] | None = None) -> dict[str, str]:
-        """Load every tool now, one after another; returns ``{name: error}`` for those that failed.
+    def preload(self, progress: Callable[[str], None] | None = None,
+                tools: Iterable[Tool] | None = None) -> dict[str, str]:
+        """Load ``tools`` (default: every tool) now, one after another; returns ``{name: error}`` for
+        those that failed, so far.
 
         A tool that fails stays unavailable (not retried): its calls get an error naming the
         failure, and the others run as usual. ``progress`` gets a line per tool."""
-        for tool in self.tools.values():
+        for tool in self.tools.values() if tools is None else tools:
             if tool.loaded or tool.name in self.load_errors:
                 continue
             if progress:

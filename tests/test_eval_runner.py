@@ -167,7 +167,7 @@ def test_live_tools_load_before_the_first_sample_not_inside_its_timeout(tmp_path
     planner = ScriptedPlanner([turn("Locating.", CALL_G), turn("Found it.")])
     runner = AgentRunner(planner, "live", [tool], image_folder=folder, timeout_s=0.5)
     assert not tool.loaded  # building the runner loads nothing
-    result = runner.run(sample)  # loads first (run() preloads if the caller did not)
+    result = runner.run(sample)  # not preloaded: loads at its first call, before its timeout starts
     runner.close()
     assert tool.loads == 1 and result.outcomes[0].ok, result.outcomes[0].error
     assert result.wall_s < 1.0  # the load is not part of the sample

@@ -212,6 +212,14 @@ def _finish(args: argparse.Namespace, samples: list[Any], results: list[Any], me
     return build_report(samples, results, tool_mode=args.tool_mode, k=args.k, meta=meta, judge=judge_scores)
 
 
+def _warn_load_errors(errors: dict[str, str], warned: dict[str, str]) -> dict[str, str]:
+    """Warn once for each tool of ``errors`` that failed to load and is not in ``warned``; returns ``errors``."""
+    for tool, error in errors.items():
+        if tool not in warned:
+            print(f"warning: tool {tool} failed to load ({error}); its calls are tool errors", file=sys.stderr)
+    return errors
+
+
 def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
     """Run the model over the data (or score ``--predictions``) and return the report. With ``--out``
     each finished sample is written at once, and ``--resume`` runs only the samples not written yet."""
@@ -242,10 +250,11 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
     earlier_s = float((folder.meta.get("total_wall_s") if folder else None) or 0.0)  # sessions before a --resume
     try:
         if runner is not None:
-            # live tools load before the first sample, so no sample is charged a first load
-            load_errors = runner.preload(None if args.quiet else lambda line: print(line, file=sys.stderr, flush=True))
-        for tool, error in load_errors.items():
-            print(f"warning: tool {tool} failed to load ({error}); its calls are tool errors", file=sys.stderr)
+            # the live tools the data names load before the first sample, any other at its first call: no
+            # sample is charged a load, and a data set that needs one tool does not load them all
+            load_errors = runner.preload(None if args.quiet else lambda line: print(line, file=sys.stderr, flush=True),
+                                         samples=[s for i, s in enumerate(samples) if i not in results])
+        _warn_load_errors(load_errors, {})
         if folder:
             folder.open()
             folder.record(name=run_name, model=model,
@@ -263,6 +272,7 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
                       f"{'; --resume continues the run' if folder else ''}", file=sys.stderr)
                 break
             results[i] = result
+            load_errors = _warn_load_errors(runner.load_errors, load_errors)  # a tool that failed at its first call
             if folder:
                 folder.append(smp, result)
                 folder.record(total_wall_s=earlier_s + time.monotonic() - started,

@@ -16,9 +16,9 @@ Three ways to get a model's behaviour on a sample:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError
 
@@ -28,6 +28,9 @@ from mmedagent.evaluation.readers import EvalFileError, EvalSample
 from mmedagent.evaluation.tooluse import canonical_name
 from mmedagent.protocol import IMAGE_TOKEN, AssistantTurn, ToolCall, ToolOutcome, system_prompt
 from mmedagent.tools.base import Tool
+
+if TYPE_CHECKING:
+    from mmedagent.dispatcher import Dispatcher
 
 ToolMode = Literal["live", "gold"]
 
@@ -185,6 +188,45 @@ class TokenCounter:
         return text
 
 
+def tools_named(samples: Iterable[EvalSample]) -> set[str]:
+    """The tool names, as written, that ``samples`` give: their gold calls', their gold outputs' and their
+    tasks' (a task ``grounding+segmentation`` names both). Names of no tool (``vqa_open``) are left to the caller."""
+    names: set[str] = set()
+    for smp in samples:
+        names.update(c.API_name for c in smp.gold_calls or [])
+        names.update(o.tool for turn in smp.gold_results for o in turn)
+        names.update({smp.task, *smp.task.split("+")})
+    return names
+
+
+def unloaded(dispatcher: Dispatcher, tools: Iterable[Tool]) -> list[Tool]:
+    """The ``tools`` of ``dispatcher`` neither loaded nor failed to load (a failed one is not tried again)."""
+    return [t for t in tools if not t.loaded and t.name not in dispatcher.load_errors]
+
+
+class FirstCallLoads:
+    """The live dispatcher as the agent sees it for one sample: a tool not loaded yet is loaded at its first
+    call, before the dispatcher gets the call, and the seconds that took are kept (``loads_s``, one entry per
+    turn dispatched) for the runner to take out of the sample's timings."""
+
+    def __init__(self, dispatcher: Dispatcher, progress: Callable[[str], None] | None):
+        self.dispatcher, self.progress, self.tools = dispatcher, progress, dispatcher.tools
+        self.loads_s: list[float] = []
+
+    def dispatch_all(self, calls: Sequence[ToolCall], image: Any, question: str | None = None) -> Any:
+        called = {tool.name: tool for call in calls if (tool := self.dispatcher.resolve(call.API_name)) is not None}
+        first, load_s = unloaded(self.dispatcher, called.values()), 0.0
+        if first:
+            if self.progress:
+                self.progress(f"first call to {', '.join(t.name for t in first)} (not preloaded): loading now, "
+                              "not charged to the sample")
+            started = time.monotonic()
+            self.dispatcher.preload(self.progress, first)
+            load_s = time.monotonic() - started
+        self.loads_s.append(load_s)
+        return self.dispatcher.dispatch_all(calls, image, question)
+
+
 class AgentRunner:
     """A planner inside the real agent loop, with live tools or gold tool outputs."""
 
@@ -209,7 +251,7 @@ class AgentRunner:
         controller sends). A model trained without the catalog (MMedAgent's data, the demo model)
         is evaluated with the prompt it was trained on, e.g. ``mmedagent.protocol.DEFAULT_SYSTEM``.
 
-        Live tools are loaded by :meth:`preload`, before the first sample (see there)."""
+        Live tools are loaded by :meth:`preload`, before the first sample, or at their first call (see there)."""
         if tool_mode not in ("live", "gold"):
             raise ValueError(f"tool_mode must be 'live' or 'gold', not {tool_mode!r}")
         self.planner, self.tool_mode, self.image_folder, self.max_steps = planner, tool_mode, image_folder, max_steps
@@ -222,39 +264,68 @@ class AgentRunner:
             from mmedagent.dispatcher import Dispatcher
 
             self.dispatcher = Dispatcher([t() if isinstance(t, type) else t for t in tools], timeout_s=timeout_s)
+        self._progress: Callable[[str], None] | None = None  # lines for the tools loaded at a first call
         self.counter = TokenCounter(planner)
 
-    def preload(self, progress: Callable[[str], None] | None = None) -> dict[str, str]:
-        """Load every live tool now, one after another (as the controller loads its tools before
-        serving); ``run`` does it before the first sample if it was not done. A first load (weights,
-        retrieval's index build) is thus never charged to a sample. Returns ``{name: error}`` for the
-        tools that failed to load; their calls get an error naming the failure, and the run goes on.
-        ``progress`` gets a line per tool loaded now."""
-        return self.dispatcher.preload(progress) if self.dispatcher is not None else {}
+    def preload(self, progress: Callable[[str], None] | None = None, *,
+                samples: Iterable[EvalSample] | None = None) -> dict[str, str]:
+        """Load live tools now, one after another (as the controller loads its tools before serving): those
+        the ``samples``' gold calls, gold outputs and tasks name (:func:`tools_named`, aliases resolved; a
+        composite loads its parts), or every tool without ``samples``. The planner is still offered every
+        tool (its system prompt is unchanged); a tool not loaded here loads at its first call, and that load,
+        like this one, is never charged to a sample (its timeout, ``tools_s``, ``wall_s``). Returns
+        ``{name: error}`` for the tools that failed to load so far; their calls get an error naming the
+        failure, and the run goes on. ``progress`` gets a line per tool loaded, now or at a first call."""
+        if self.dispatcher is None:
+            return {}
+        self._progress = progress
+        tools = list(self.dispatcher.tools.values())
+        if samples is not None:
+            named = {tool.name for name in tools_named(samples) if (tool := self.dispatcher.resolve(name))}
+            tools = [t for t in tools if t.name in named]
+            if progress:
+                progress(f"preloading the {len(tools)} of {len(self.dispatcher.tools)} tools offered that the data "
+                         f"names: {', '.join(t.name for t in tools) or '(none)'}")
+        self.dispatcher.preload(progress, tools)
+        if progress and (later := unloaded(self.dispatcher, self.dispatcher.tools.values())):
+            progress(f"not preloaded, each loads at its first call (not charged to the sample): "
+                     f"{', '.join(t.name for t in later)}")
+        return self.load_errors
+
+    @property
+    def load_errors(self) -> dict[str, str]:
+        """``{name: error}`` for the live tools that failed to load so far (before the first sample or at a call)."""
+        return dict(self.dispatcher.load_errors) if self.dispatcher is not None else {}
 
     @property
     def tokens_counted_by(self) -> str:
         return self.counter.counted_by
 
     def run(self, sample: EvalSample) -> SampleResult:
-        self.preload()
+        """Run the agent on ``sample``; a live tool loaded at its first call is not part of its timings."""
         started = time.monotonic()
         try:
             image = load_image(sample.image, self.image_folder, self.data_folder)
         except (OSError, ValueError) as e:
             return SampleResult(id=sample.id, task=sample.task, error=str(e))
-        dispatcher = self.dispatcher if self.tool_mode == "live" else GoldToolOutputs(sample.gold_results)
+        if self.tool_mode == "live":
+            dispatcher: Any = FirstCallLoads(self.dispatcher, self._progress)  # type: ignore[arg-type]
+            loads_s = dispatcher.loads_s
+        else:
+            dispatcher, loads_s = GoldToolOutputs(sample.gold_results), []
         agent = Agent(self.counter, dispatcher, max_steps=self.max_steps, system=self.system, **self.gen)  # type: ignore[arg-type]
         before = self.counter.tokens
         try:
             res = agent.run(sample.question, image)
         except Exception as e:  # a planner or endpoint failure is this sample's error, not the run's
             return SampleResult(id=sample.id, task=sample.task, error=f"planner failed: {type(e).__name__}: {e}",
-                                wall_s=time.monotonic() - started)
+                                wall_s=time.monotonic() - started - sum(loads_s))
+        for step, load_s in zip([s for s in res.steps if s.outcomes], loads_s):  # one entry per turn dispatched
+            step.tools_s -= load_s
         tokens = self.counter.tokens - before
         return SampleResult(
             id=sample.id, task=sample.task, answer=res.answer, steps=res.steps, stopped=res.stopped,
-            wall_s=time.monotonic() - started, tokens=tokens,
+            wall_s=time.monotonic() - started - sum(loads_s), tokens=tokens,
         )
 
     def close(self) -> None:
@@ -282,6 +353,7 @@ class ControllerRunner:
     tool_mode: ToolMode = "live"
     tokens_counted_by = "usage"
     prompting: dict[str, str] = {}  # the server prompts its planner
+    load_errors: dict[str, str] = {}  # the server loads its tools (and reports their failures)
 
     def __init__(self, url: str, model: str | None = None, api_key: str | None = None, *,
                  image_folder: str | Path | None = None, data_folder: str | Path | None = None, timeout_s: float = 600.0,
@@ -294,10 +366,11 @@ class ControllerRunner:
         self.image_folder, self.data_folder, self.max_new_tokens = image_folder, data_folder, max_new_tokens
 
     def preload(self, progress: Callable[[str], None] | None = None, wait_s: float = 900.0,
-                poll_s: float = 2.0) -> dict[str, str]:
+                poll_s: float = 2.0, *, samples: Iterable[EvalSample] | None = None) -> dict[str, str]:
         """Wait until the controller has no tool still loading (``GET /v1/status``): samples asked before
         would be planned with a shorter tool catalog than the rest. Gives up (with a warning) after
-        ``wait_s``; a controller without the status route is taken as it is."""
+        ``wait_s``; a controller without the status route is taken as it is. ``samples`` (as for
+        :meth:`AgentRunner.preload`) change nothing: the controller loads all of its tools."""
         import httpx
 
         status_url = f"{self.planner.base_url}/status"
