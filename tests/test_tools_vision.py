@@ -766,7 +766,7 @@ def test_weights_errors_name_a_checkpoint_file_as_a_path_not_a_hub_id():
 
     missing = FileNotFoundError("no such file")
     assert "from local path 'medsam_vit_b.pth'" in str(weights_error("segmentation", "medsam_vit_b.pth", "", missing))
-    assert "from hub id 'IDEA-Research/grounding-dino-base'" in str(
+    assert "from hub id 'IDEA-Research/grounding-dino-base' (no local folder has that name; OSError: offline)" in str(
         weights_error("grounding", "IDEA-Research/grounding-dino-base", "", OSError("offline")))
 
 
