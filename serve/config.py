@@ -105,6 +105,14 @@ class ServeConfig(BaseModel):
     temperature: float = Field(default=0.0, ge=0)
     top_p: float = Field(default=1.0, gt=0, le=1)
     max_concurrent_chats: int = Field(default=64, ge=1)
+    max_connections: int = Field(
+        default=256, ge=2, description="connections each service (controller, model worker, tool worker) holds at once, "
+        "idle keep-alive ones included; a request over it gets 503. Above max_concurrent_chats, whose chats each hold one",
+    )
+    request_read_timeout_s: float = Field(
+        default=60.0, gt=0, description="seconds a client has to send a whole request, headers and body, from connecting "
+        "(or from its previous answer); a slower connection is closed, so slow senders cannot hold connections",
+    )
     cache_dir: str | None = None
     log_level: str = "INFO"
 
@@ -239,3 +247,11 @@ def add_common_args(parser) -> None:
     parser.add_argument("--config", help="YAML file with ServeConfig settings (flags override it)")
     parser.add_argument("--api-key", default=None, help=f"bearer token required on every endpoint (or env {API_KEY_ENV})")
     parser.add_argument("--log-level", default=None)
+
+
+def add_limit_args(parser) -> None:
+    """Flags for a service's connection limits (:func:`mmedagent.serve.worker_base.http_server`)."""
+    parser.add_argument("--max-connections", type=int, default=None,
+                        help="connections held at once, more get 503 (default from config, 256)")
+    parser.add_argument("--request-read-timeout", type=float, default=None,
+                        help="seconds a client has to send a whole request; slower connections are closed (default from config, 60)")

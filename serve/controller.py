@@ -46,6 +46,7 @@ from mmedagent.serve.config import (
     ServeConfig,
     ToolSpec,
     add_common_args,
+    add_limit_args,
     config_or_exit,
     exit_error,
     is_loopback,
@@ -729,6 +730,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tool-timeout", type=float, default=None)
     parser.add_argument("--max-upload-mb", type=float, default=None)
     parser.add_argument("--plugin", action="append", default=None, help="module whose tool classes to register (repeatable)")
+    add_limit_args(parser)
     add_common_args(parser)
     args = parser.parse_args(argv)
     tools = None
@@ -742,6 +744,7 @@ def main(argv: list[str] | None = None) -> None:
         constrain=args.constrain, tools=tools, no_workers=args.no_workers or None, api_key=args.api_key, log_level=args.log_level,
         heartbeat_interval_s=args.heartbeat_interval, heartbeat_expiry_s=args.heartbeat_expiry,
         tool_timeout_s=args.tool_timeout, max_upload_mb=args.max_upload_mb, plugins=args.plugin,
+        max_connections=args.max_connections, request_read_timeout_s=args.request_read_timeout,
     )
     if args.no_web:
         cfg.web_port = None

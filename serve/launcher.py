@@ -26,9 +26,8 @@ import uvicorn
 
 from mmedagent.serve.config import API_KEY_ENV, ServeConfig, ToolSpec, is_loopback
 from mmedagent.serve.controller import Controller, build_app, is_background, tool_specs
-from mmedagent.serve.security import GuardMiddleware
 from mmedagent.serve.worker_base import (BACKEND_URL_ENV, EXIT_CANNOT_LOAD, EXIT_REFUSED, LAUNCHER_PID_ENV, TOOL_OPTIONS_ENV,
-                                         bind_socket, interrupt, url_for)
+                                         bind_socket, http_server, interrupt, url_for)
 from mmedagent.tools import Tool
 from mmedagent.tools.grounding_segmentation import share_composite_parts
 
@@ -202,6 +201,7 @@ class Launcher:
         common = ["--controller", controller_url, "--heartbeat-interval", str(cfg.heartbeat_interval_s)]
         # flags win over the config file the children read: the controller's effective values go with them
         upload = ["--max-upload-mb", str(cfg.max_upload_mb)]
+        limits = ["--max-connections", str(cfg.max_connections), "--request-read-timeout", str(cfg.request_read_timeout_s)]
         expected: list[str] = []
         if not cfg.no_workers:
             model_args = []
@@ -216,8 +216,8 @@ class Launcher:
                 model_args.append("--constrain" if cfg.constrain else "--no-constrain")
             # the URL may hold credentials (user:password@host, a token in its query): not on a command line (ps)
             backend = {BACKEND_URL_ENV: cfg.model_backend_url} if cfg.model_backend_url else {}
-            self._spawn("model worker", self._script("model_worker.py", *common, *model_args, *upload), **backend)
-            tool_settings = ["--tool-timeout", str(cfg.tool_timeout_s), *upload]
+            self._spawn("model worker", self._script("model_worker.py", *common, *model_args, *upload, *limits), **backend)
+            tool_settings = ["--tool-timeout", str(cfg.tool_timeout_s), *upload, *limits]
             for name, spec in tool_specs(cfg).items():
                 if spec.in_process:
                     continue
@@ -320,10 +320,7 @@ class Launcher:
                     loaders.update(dict.fromkeys(group, loader))
             watcher = threading.Thread(target=self._watch, args=(ctl, expected, web_url, loaders), daemon=True)
             watcher.start()
-            server = self.server = uvicorn.Server(
-                uvicorn.Config(GuardMiddleware(app, cfg.api_key, cfg.max_upload_bytes * 4 // 3 + 65536), log_config=None,
-                               log_level=cfg.log_level.lower(), timeout_graceful_shutdown=3)
-            )
+            server = self.server = http_server(app, cfg, cfg.max_upload_bytes * 4 // 3 + 65536)
             server.run(sockets=[sock])
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: during the start, or re-raised by uvicorn after its graceful shutdown
             pass

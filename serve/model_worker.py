@@ -37,7 +37,7 @@ from pydantic import BaseModel, Field
 from mmedagent.agent import openai_usage, token_counts
 from mmedagent.protocol import system_message
 from mmedagent.serve import openai_api as oa
-from mmedagent.serve.config import DTYPES, ServeConfig, add_common_args, config_or_exit
+from mmedagent.serve.config import DTYPES, ServeConfig, add_common_args, add_limit_args, config_or_exit
 from mmedagent.serve.remote import REQUEST_ID_HEADER, loggable_id, remote_tool_class, shown_url
 from mmedagent.serve.messages import DEFAULT_NEW_TOKENS, MAX_NEW_TOKENS, MAX_PROMPT_MESSAGES, TextMessage, as_dicts
 from mmedagent.serve.security import setup_logging, without_echoed_input
@@ -390,6 +390,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--heartbeat-interval", type=float, default=None)
     parser.add_argument("--max-upload-mb", type=float, default=None, help="largest image (default from config)")
     parser.add_argument("--no-register", action="store_true", help="serve alone (OpenAI API), no controller")
+    add_limit_args(parser)
     add_common_args(parser)
     args = parser.parse_args(argv)
     args.backend_url = args.backend_url or os.environ.pop(BACKEND_URL_ENV, None)  # not inherited any further
@@ -398,6 +399,7 @@ def main(argv: list[str] | None = None) -> None:
         model_base=args.model_base, max_upload_mb=args.max_upload_mb, model_name=args.model_name, conv_template=args.conv_template, device=args.device, dtype=args.dtype, system_prompt=args.system_prompt,
         model_backend_url=args.backend_url, model_backend_model=args.backend_model,
         heartbeat_interval_s=args.heartbeat_interval, prompt_lookup=args.prompt_lookup, constrain=args.constrain,
+        max_connections=args.max_connections, request_read_timeout_s=args.request_read_timeout,
     )
     setup_logging(cfg.log_level, [cfg.api_key or "", cfg.model_backend_api_key or ""])
     follow_launcher()
@@ -420,7 +422,7 @@ def main(argv: list[str] | None = None) -> None:
             ready=lambda: False,
         )
     print(f"model worker {host.name}: {address}", flush=True)
-    serve_worker(build_app(host), sock, heartbeat, cfg.api_key, cfg.max_upload_bytes * 2, cfg.log_level)
+    serve_worker(build_app(host), sock, heartbeat, cfg, cfg.max_upload_bytes * 2)
 
 
 if __name__ == "__main__":

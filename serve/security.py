@@ -201,6 +201,46 @@ def check_token(header: str | None, api_key: str | None) -> bool:
     return hmac.compare_digest(header[7:].strip().encode(), api_key.encode())
 
 
+MAX_JSON_DEPTH = 64
+"""Deepest nesting of arrays and objects a request body may have: the parser recurses once per level, and a
+structure nested some hundreds deep parses but then fails wherever it is written out again (a worker's
+registration made the controller's listings fail)."""
+MAX_JSON_ITEMS = 100_000
+"""Most values (counted as strings, arrays, objects and commas) a request body may hold: each becomes a Python
+object of 30 to 100 bytes, so a 40 MB body of ``[],`` would take a gigabyte to parse."""
+
+_STRING = re.compile(rb'"[^"]*"')
+_BRACKETS = bytes.maketrans(b"{}", b"[]")
+_NOT_BRACKETS = bytes(set(range(256)) - set(b"[]{}"))
+
+
+def json_shape_problem(body: bytes) -> tuple[int, str] | None:
+    """Why the JSON text ``body`` is too costly to parse, as (HTTP status, reason), judged on its bytes before
+    parsing (:data:`MAX_JSON_DEPTH`, :data:`MAX_JSON_ITEMS`); None when it is not, or when it is no JSON at all
+    (the parser then says so). Only UTF-8 is judged, so other encodings, which JSON allows only in closed
+    systems, are refused."""
+    marks = body.count(b"[") + body.count(b"{") + body.count(b",") + body.count(b'"')
+    if marks <= MAX_JSON_DEPTH:  # too few to nest deeper or to count more items
+        return None
+    if json.detect_encoding(body) not in ("utf-8", "utf-8-sig"):
+        return 415, "request body must be JSON in UTF-8"
+    text = body.replace(b"\\\\", b"").replace(b'\\"', b"")  # escapes inside strings go, so every quote left is one
+    too_many = 413, f"request body holds more than {MAX_JSON_ITEMS} JSON values; send less at once"
+    strings = text.count(b'"') // 2
+    if strings > MAX_JSON_ITEMS:  # before the strings are cut out, each a piece of that work
+        return too_many
+    outside = _STRING.sub(b"", text)  # the text between strings: the only place of brackets and commas
+    brackets = outside.translate(_BRACKETS, _NOT_BRACKETS)
+    depth = 0
+    for bracket in brackets[:MAX_JSON_ITEMS]:  # all of them unless there are too many anyway
+        depth += 1 if bracket == ord("[") else -1
+        if depth > MAX_JSON_DEPTH:
+            return 422, f"request body nests JSON arrays and objects more than {MAX_JSON_DEPTH} levels deep"
+    if strings + outside.count(b",") + len(brackets) // 2 > MAX_JSON_ITEMS:
+        return too_many
+    return None
+
+
 async def _send_json(send: Send, status: int, body: bytes, extra: list[tuple[bytes, bytes]] = ()) -> None:
     await send(
         {
@@ -217,7 +257,8 @@ class GuardMiddleware:
     key, a loopback ``Host``: :func:`check_host`), JSON bodies only, and a hard cap on request bodies.
 
     The cap is enforced on ``Content-Length`` and again while the body streams in, so a client
-    cannot make the server buffer more than ``max_body`` bytes.
+    cannot make the server buffer more than ``max_body`` bytes; a JSON body nested too deep or holding
+    too many values is refused before it is parsed (:func:`json_shape_problem`).
     """
 
     def __init__(self, app: ASGIApp, api_key: str | None, max_body: int):
@@ -258,15 +299,15 @@ class GuardMiddleware:
                 return await refuse(413, too_large)
             if not message.get("more_body", False):
                 break
-        buffered = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+        body = b"".join(chunks)
+        if scope.get("method") in ("POST", "PUT", "PATCH") and (problem := json_shape_problem(body)) is not None:
+            return await refuse(*problem)
+        buffered = [{"type": "http.request", "body": body, "more_body": False}]
 
         async def replay():
             return buffered.pop() if buffered else await receive()
 
         await self.app(scope, replay, send)
-
-
-
 
 
 class LoopbackHostOnly:

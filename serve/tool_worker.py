@@ -29,7 +29,7 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel
 
 from mmedagent.dispatcher import error_text, failure_of, parse_params, result_views
-from mmedagent.serve.config import ServeConfig, add_common_args, config_or_exit
+from mmedagent.serve.config import ServeConfig, add_common_args, add_limit_args, config_or_exit
 from mmedagent.serve.remote import REQUEST_ID_HEADER, TOOL_FAILED, CallAnswer, loggable_id
 from mmedagent.serve.security import setup_logging, without_echoed_input
 from mmedagent.serve.uploads import UploadError, image_from_data_url
@@ -227,11 +227,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, 
                         help="the controller's tool timeout in seconds (default from config): calls are refused while "
                         "every slot is held by a call past it")
     parser.add_argument("--max-upload-mb", type=float, default=None, help="largest image (default from config)")
+    add_limit_args(parser)
     add_common_args(parser)
     args = parser.parse_args(argv)
     cfg = config_or_exit(parser, args.config, api_key=args.api_key, log_level=args.log_level, host=args.host,
                          heartbeat_interval_s=args.heartbeat_interval, tool_timeout_s=args.tool_timeout,
-                         max_upload_mb=args.max_upload_mb)
+                         max_upload_mb=args.max_upload_mb, max_connections=args.max_connections,
+                         request_read_timeout_s=args.request_read_timeout)
     if args.max_concurrency < 1:
         parser.error("--max-concurrency must be at least 1")
     return parser, args, cfg
@@ -281,7 +283,7 @@ def main(argv: list[str] | None = None) -> None:
         beat=lambda: {"stalled": slots.status()["stalled"]},
     )
     print(f"tool worker {tool.name}: {address}", flush=True)
-    serve_worker(app, sock, heartbeat, cfg.api_key, cfg.max_upload_bytes * 2, cfg.log_level)
+    serve_worker(app, sock, heartbeat, cfg, cfg.max_upload_bytes * 2)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,11 @@
-"""What model and tool workers share: a bound socket, registration after load, heartbeats, shutdown."""
+"""What the services share: the HTTP server with its limits (the controller's too); for model and tool workers a
+bound socket, registration after load, heartbeats, shutdown."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
+import functools
 import logging
 import os
 import signal
@@ -13,9 +16,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import h11
 import httpx
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from mmedagent.serve.config import ServeConfig
 from mmedagent.serve.httpclient import error_detail, make_client
 from mmedagent.serve.security import GuardMiddleware
 
@@ -187,12 +193,62 @@ class Heartbeat(threading.Thread):
                 pass
 
 
-def serve_worker(app, sock: socket.socket, heartbeat: Heartbeat | None, api_key: str | None, max_body: int, log_level: str) -> None:
+KEEP_ALIVE_S = 5
+"""An idle keep-alive connection is closed after this many seconds (uvicorn's default, as httpx's pool expiry)."""
+MAX_HEADER_BYTES = 16 * 1024
+"""Largest request line plus headers; larger ones get 400 (h11's default, stated here with the other limits)."""
+
+
+class ReadDeadlineH11(H11Protocol):
+    """uvicorn's h11 protocol with a deadline for reading each request: a connection that has not sent a whole
+    request (headers and body) within ``read_timeout_s`` of connecting, or of its previous answer, is closed.
+    uvicorn itself waits for a request's bytes forever, so clients sending them a byte at a time (slowloris)
+    would hold connections until ``limit_concurrency`` turned everyone else away."""
+
+    def __init__(self, *args: Any, read_timeout_s: float, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.read_timeout_s = read_timeout_s
+        self._deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_deadline()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._arm_deadline()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        super().connection_lost(exc)
+
+    def _arm_deadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        self._deadline = self.loop.call_later(self.read_timeout_s, self._read_overdue)
+
+    def _read_overdue(self) -> None:
+        if self.conn.their_state in (h11.IDLE, h11.SEND_BODY) and not self.transport.is_closing():
+            self.transport.close()  # a body being read: the app's receive() then reports a disconnect
+
+
+def http_server(app, cfg: ServeConfig, max_body: int) -> uvicorn.Server:
+    """The uvicorn server of every service (controller, model and tool workers): ``app`` behind
+    :class:`GuardMiddleware` (bodies up to ``max_body`` bytes), at most ``cfg.max_connections`` connections
+    (more get 503), each request read within ``cfg.request_read_timeout_s`` (:class:`ReadDeadlineH11`)."""
+    return uvicorn.Server(uvicorn.Config(
+        GuardMiddleware(app, cfg.api_key, max_body), log_config=None, log_level=cfg.log_level.lower(),
+        timeout_graceful_shutdown=3, http=functools.partial(ReadDeadlineH11, read_timeout_s=cfg.request_read_timeout_s),
+        limit_concurrency=cfg.max_connections, timeout_keep_alive=KEEP_ALIVE_S, h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+    ))
+
+
+def serve_worker(app, sock: socket.socket, heartbeat: Heartbeat | None, cfg: ServeConfig, max_body: int) -> None:
     """Run ``app`` on ``sock`` until SIGINT/SIGTERM, then unregister and end the process (exit 0) without
     waiting for calls still running; register after the server listens. A worker the controller refuses (409)
     stops and exits with :data:`EXIT_REFUSED`."""
-    guarded = GuardMiddleware(app, api_key, max_body)
-    server = uvicorn.Server(uvicorn.Config(guarded, log_config=None, log_level=log_level.lower(), timeout_graceful_shutdown=3))
+    server = http_server(app, cfg, max_body)
     if heartbeat is not None:
         heartbeat.ready = lambda: server.started
         heartbeat.on_refused = lambda: setattr(server, "should_exit", True)
