@@ -335,6 +335,48 @@ def test_stop_after_data_then_skip_training(dialogue, tmp_path, capsys, monkeypa
     _check_metrics(summary["metrics"]["test"]["after"])
 
 
+def _files(folder):
+    """{relative path: bytes} of every file under ``folder``."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_rerun_with_other_data_is_refused_before_out_changes(dialogue, tmp_path, capsys):
+    """A rerun on a trained OUT with other data (or another training setting) is refused in one line before
+    anything in OUT is written: OUT/data keeps the files its checkpoints were trained on. The same data and
+    settings still go through."""
+    out, _ = dialogue
+    before = _files(out)
+    other = _rows(tmp_path / "other.jsonl", [{"question": f"Is {k} even?", "answer": "yes"} for k in range(12)])
+    cases = [
+        (["--data", str(other), "--stop-after-data"], "was trained with other settings than this run: the training data"),
+        (["--tiny-rows", "14"], "was trained with other settings than this run: the training data"),
+        (["--learning-rate", "0.5", "--stop-after-data"], "--learning_rate (0.01 -> 0.5) changed"),
+        (["--data", str(other), "--skip-training"], "--skip-training: " + str(out / "adapter")
+         + " was trained on other data"),
+    ]
+    for flags, message in cases:
+        assert main(["dialogue-llama3", "--tiny", "--out", str(out), *flags]) == 2, flags
+        err = capsys.readouterr().err
+        assert message in err and "--out" in err and err.count("\n") == 1, err
+        assert _files(out) == before, flags  # byte for byte, no file added or left behind
+    assert main(["dialogue-llama3", "--tiny", "--out", str(out), "--stop-after-data"]) == 0
+    assert _files(out) == before
+
+
+def test_rerun_with_the_same_caption_data_keeps_its_image_paths(diagnosis, capsys):
+    """Images exported from the data are prepared aside and written as their OUT/data paths: the same data
+    prepared again holds the same bytes (so training resumes), other data is refused with OUT/data as it was."""
+    out, _ = diagnosis
+    before = _files(out / "data")
+    assert main(["diagnosis-qwen2vl", "--tiny", "--out", str(out), "--stop-after-data"]) == 0
+    assert _files(out / "data") == before
+    images = [Path(i) for r in read_json(out / "data" / "train.json") for i in r["images"]]
+    assert images and all(i.parent == out / "data" / "images" and i.is_file() for i in images)
+    assert main(["diagnosis-qwen2vl", "--tiny", "--out", str(out), "--eval-samples", "3"]) == 2
+    assert "the training data changed" in capsys.readouterr().err
+    assert _files(out / "data") == before and not (out / ".staging").exists()
+
+
 # --------------------------------------------------------------------------- arguments and data
 
 

@@ -8,6 +8,7 @@ exported model to answer the held-out questions, so what a recipe reports is wha
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import shlex
@@ -126,20 +127,44 @@ def push_to_hub(folder: Path, repo: str, private: bool) -> str:
     return str(url)
 
 
-def check_train_argv(argv: list[str]) -> None:
+def check_train_argv(argv: list[str], skip_training: bool = False) -> None:
     """Parse the ``train_mem.py`` command line as ``train_mem.py`` will (unknown flags, bad values, flags
-    that need hardware this machine lacks): a ValueError now instead of a failure after models load."""
+    that need hardware this machine lacks): a ValueError now instead of a failure after models load. Then
+    refuse what ``train_mem.py`` would refuse: resuming a checkpoint in its ``--output_dir`` started with
+    other data or settings (ResumeError); with ``skip_training`` (nothing trains), a training output made
+    from other data (ValueError)."""
     from mmedagent.train.args import parse_args
+    from mmedagent.train.run import RUN_FILE, check_fingerprint, run_fingerprint
+    from mmedagent.train.trainer import latest_checkpoint
 
     try:
         parsed = parse_args(argv)
     except ValueError as e:
         raise ValueError(f"train_mem.py flags: {e}") from None
+    fingerprint = run_fingerprint(*parsed)
+    output_dir, explicit = parsed[2].output_dir, parsed[2].resume_from_checkpoint
     del parsed  # (a --deepspeed config registers itself globally while its arguments live)
     gc.collect()
+    if skip_training:
+        try:
+            saved = json.loads((Path(output_dir) / RUN_FILE).read_text())
+        except (OSError, ValueError):  # a run from a version without the fingerprint: used as before
+            return
+        if saved.get("data_sha256") != fingerprint["data_sha256"]:
+            raise ValueError(f"--skip-training: {output_dir} was trained on other data than this run's (the data or "
+                             "the settings that split it changed); rerun with those it was trained with, or use "
+                             "another --out")
+        return
+    resume = explicit or latest_checkpoint(output_dir)
+    if resume:
+        check_fingerprint(output_dir, resume, fingerprint, bool(explicit))
 
 
 LOCK_FILE = ".recipe.lock"
+
+STAGING = ".staging"
+"""``OUT/.staging/NAME``: where the data step writes what becomes ``OUT/NAME`` (``data``, ``tiny-data``), moved
+into place only once the training command is checked: a refused rerun leaves ``OUT`` as it was."""
 
 
 def run_lock(out: Path):
@@ -171,6 +196,8 @@ class Recipe:
     # ------------------------------------------------------------------ hooks
 
     def prepare(self, data: Path) -> Prepared:
+        """Convert ``data`` into files in ``self.staged("data")``; paths written into them (and the held-out
+        examples' images) are the ones they will have in ``OUT/data`` (:meth:`placed`)."""
         raise NotImplementedError
 
     def tiny_data(self, folder: Path) -> Path:
@@ -210,29 +237,39 @@ class Recipe:
                 "16-bit base here (bits 16)")
         if cfg.push_to_hub:
             check_hub_token()
+        skip_training = cfg.skip_training and not cfg.stop_after_data  # (--stop-after-data goes first)
+        if skip_training and not (self.train_dir() / "mmedagent_train.json").is_file():
+            raise ValueError(f"--skip-training: {self.train_dir()} holds no finished training run")
 
-        base, data = self._inputs()
-        say(f"base model: {base}")
-        if not cfg.tiny:
-            from mmedagent.train.run import backbone_family
+        stage = self.out / STAGING
+        shutil.rmtree(stage, ignore_errors=True)  # left by a run killed in its data step
+        try:
+            base, data = self._inputs()
+            say(f"base model: {base}")
+            if not cfg.tiny:
+                from mmedagent.train.run import backbone_family
 
-            backbone_family(str(base))  # a missing path or unreachable hub id fails now, in one line
-        prepared = self.prepare(data)
-        say(f"data: {prepared.counts} -> {prepared.train_file}")
+                backbone_family(str(base))  # a missing path or unreachable hub id fails now, in one line
+            staged = self.prepare(data)
+            prepared = Prepared(self.placed(staged.train_file), staged.splits, staged.counts,
+                                staged.eval_file and self.placed(staged.eval_file))
+            say(f"data: {prepared.counts} -> {prepared.train_file}")
 
-        argv = self.train_argv(base, prepared.train_file, prepared.eval_file)
-        import mmedagent.train
+            argv = self.train_argv(base, prepared.train_file, prepared.eval_file)
+            import mmedagent.train
 
-        script = Path(mmedagent.train.__file__).with_name("train_mem.py")
-        say("train: " + shlex.join(["python", str(script), *argv]))  # paths absolute: it runs from anywhere
-        check_train_argv(argv)
+            script = Path(mmedagent.train.__file__).with_name("train_mem.py")
+            say("train: " + shlex.join(["python", str(script), *argv]))  # paths absolute: it runs from anywhere
+            # checked on the staged files, which hold the same bytes under the same names
+            check_train_argv(self.train_argv(base, staged.train_file, staged.eval_file), skip_training)
+            self._move_into_place(stage)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
         if cfg.stop_after_data:
             say(
                 "--stop-after-data: run the line above (e.g. under `deepspeed`), then this command with --skip-training"
             )
             return {"recipe": self.name, "train_file": str(prepared.train_file), "train_argv": argv}
-        if cfg.skip_training and not (self.train_dir() / "mmedagent_train.json").is_file():
-            raise ValueError(f"--skip-training: {self.train_dir()} holds no finished training run")
 
         heldout = [e for ex in prepared.splits.values() for e in ex]
         if not heldout:
@@ -272,7 +309,7 @@ class Recipe:
             if not (base / "config.json").is_file():
                 make_tiny_model(self.tiny_arch, base, seed=cfg.seed)
             say(f"--tiny: random {self.tiny_arch} checkpoint in {base}")
-            return base, self._materialise() if cfg.data else self.tiny_data(self.out / "tiny-data")
+            return base, self._materialise() if cfg.data else self.tiny_data(self.staged("tiny-data"))
         if not cfg.model:
             raise ValueError("--model is required (a hub id or a local checkpoint)")
         if not cfg.data:
@@ -290,6 +327,23 @@ class Recipe:
         if not Path(cfg.data).exists():
             self.data_split = None
         return materialise(cfg.data, cfg.data_split, self.out / "source-data", cfg.data_config)
+
+    def staged(self, name: str) -> Path:
+        """Where the data step writes ``OUT/<name>`` (see :data:`STAGING`)."""
+        return self.out / STAGING / name
+
+    def placed(self, path: str | Path) -> Path:
+        """``path`` as it will be once the staged folders are moved into place."""
+        stage = self.out / STAGING
+        return self.out / Path(path).relative_to(stage) if Path(path).is_relative_to(stage) else Path(path)
+
+    def _move_into_place(self, stage: Path) -> None:
+        """Each ``stage/NAME`` replaces ``OUT/NAME``."""
+        for staged in sorted(stage.iterdir()):  # (listed before any .NAME.old is made)
+            target = self.out / staged.name
+            if target.exists():
+                target.rename(stage / f".{staged.name}.old")
+            staged.rename(target)
 
     # ------------------------------------------------------------------ steps
 
@@ -448,6 +502,7 @@ class CaptionRecipe(Recipe):
 
     def prepare(self, data: Path) -> Prepared:
         from mmedagent.recipes.data import (
+            CaptionItem,
             caption_key,
             caption_record,
             duplicate_count,
@@ -458,13 +513,18 @@ class CaptionRecipe(Recipe):
         )
 
         cfg = self.cfg
-        items = read_captions(data, cfg.image_folder, self.out / "data" / "images", self.data_split,
+        folder = self.staged("data")
+        items = read_captions(data, cfg.image_folder, folder / "images", self.data_split,
                               cfg.image_column, cfg.caption_column)
         key = caption_key(items)
         train, heldout = split(items, [self.cfg.eval_samples], self.cfg.seed, key=key,
                                flags="--eval-samples")
-        train_file = write_sharegpt([caption_record(i, self.prompt) for i in train], self.out / "data" / "train.json")
-        examples = [Example(i.id, self.prompt, i.caption, image=i.image) for i in heldout]
-        write_examples(examples, self.out / "data" / "heldout.jsonl")
+
+        def final(item: CaptionItem) -> CaptionItem:  # an image exported to the staged folder: its OUT/data path
+            return dataclasses.replace(item, image=str(self.placed(item.image)))
+
+        train_file = write_sharegpt([caption_record(final(i), self.prompt) for i in train], folder / "train.json")
+        examples = [Example(i.id, self.prompt, i.caption, image=final(i).image) for i in heldout]
+        write_examples(examples, folder / "heldout.jsonl")
         counts = {"train": len(train), "heldout": len(heldout)} | duplicate_count(items, key)
         return Prepared(train_file, {"heldout": examples}, counts)

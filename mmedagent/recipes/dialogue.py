@@ -104,7 +104,7 @@ class DialogueLlama3(Recipe):
 
         train, val, test = split(pairs, [self.cfg.val_fraction, self.cfg.test_fraction], self.cfg.seed,
                                   key=key, flags="--val-fraction, --test-fraction")
-        folder = self.out / "data"
+        folder = self.staged("data")
         train_file = write_sharegpt([r for r, _ in train], folder / "train.json")
         for name, part in (("val", val), ("test", test)):
             write_sharegpt([r for r, _ in part], folder / f"{name}.json")
