@@ -27,6 +27,7 @@ from mmedagent.cache import cache_root
 from mmedagent.serve.messages import MAX_STEPS
 
 API_KEY_ENV = "MMEDAGENT_API_KEY"
+BACKEND_API_KEY_ENV = "MMEDAGENT_BACKEND_API_KEY"
 
 
 class ToolSpec(BaseModel):
@@ -75,7 +76,10 @@ class ServeConfig(BaseModel):
     )
     model_backend_url: str | None = Field(default=None, description="OpenAI-compatible server the model worker forwards to")
     model_backend_model: str | None = None
-    model_backend_api_key: str | None = Field(default=None, repr=False, description="default: api_key")
+    model_backend_api_key: str | None = Field(
+        default=None, repr=False, description=f"the backend's bearer token (or env {BACKEND_API_KEY_ENV}); without it a "
+        "backend on this machine (loopback) gets api_key, one elsewhere no token: the stack's key never leaves for a "
+        "server it was not given for")
     device: str | None = None
     dtype: Literal[DTYPES] | None = Field(
         default=None, description="the planner's weights (default: bfloat16 on a CUDA GPU that has it, else float32)")
@@ -132,6 +136,8 @@ class ServeConfig(BaseModel):
             )
         if self.api_key is None:
             self.api_key = os.environ.get(API_KEY_ENV) or None
+        if self.model_backend_api_key is None:
+            self.model_backend_api_key = os.environ.get(BACKEND_API_KEY_ENV) or None
         if self.model_base and (self.model_path in (None, "demo") or self.model_backend_url):
             raise ValueError("model_base is the base of a LoRA adapter given as model_path (a local planner, "
                              "not the demo model or a backend URL)")

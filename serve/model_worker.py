@@ -27,6 +27,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 import mmedagent  # noqa: F401  - arms the torchvision shim first
 from fastapi import FastAPI, HTTPException, Request
@@ -37,7 +38,7 @@ from pydantic import BaseModel, Field
 from mmedagent.agent import openai_usage, token_counts
 from mmedagent.protocol import system_message
 from mmedagent.serve import openai_api as oa
-from mmedagent.serve.config import DTYPES, ServeConfig, add_common_args, add_limit_args, config_or_exit
+from mmedagent.serve.config import DTYPES, ServeConfig, add_common_args, add_limit_args, config_or_exit, is_loopback
 from mmedagent.serve.remote import REQUEST_ID_HEADER, loggable_id, remote_tool_class, shown_url
 from mmedagent.serve.messages import DEFAULT_NEW_TOKENS, MAX_NEW_TOKENS, MAX_PROMPT_MESSAGES, TextMessage, as_dicts
 from mmedagent.serve.security import setup_logging, without_echoed_input
@@ -331,7 +332,8 @@ def load_host(cfg: ServeConfig) -> ModelHost:
     if cfg.model_backend_url:
         from mmedagent.serve.remote import OpenAIPlanner
 
-        key = cfg.model_backend_api_key or cfg.api_key
+        nearby = is_loopback(urlsplit(cfg.model_backend_url).hostname or "")
+        key = cfg.model_backend_api_key or (cfg.api_key if nearby else None)
         planner = OpenAIPlanner(cfg.model_backend_url, cfg.model_backend_model, key, cfg.model_timeout_s)
         info, note = dict(planner.info()), f"forwarded to {shown_url(cfg.model_backend_url)}"
         info["system_prompt"] = cfg.system_prompt or "catalog"

@@ -163,6 +163,27 @@ def test_a_backend_urls_credentials_are_shown_to_no_client():
     assert host.info["backend"] == "https://gpu-box:8443/v1" and host.info["note"] == "forwarded to https://gpu-box:8443/v1"
 
 
+def test_the_stacks_api_key_reaches_only_a_backend_on_this_machine(monkeypatch):
+    """The stack's own key went as the bearer token to any --backend-url (a hosted vLLM or API learnt it); a
+    backend elsewhere gets only its own key (model_backend_api_key or env MMEDAGENT_BACKEND_API_KEY)."""
+    from mmedagent.serve.config import BACKEND_API_KEY_ENV, ServeConfig
+    from mmedagent.serve.model_worker import load_host
+
+    stack_key, own_key = "stack-key-0123456789abcdef", "backend-key-0123456789"
+    monkeypatch.delenv(BACKEND_API_KEY_ENV, raising=False)
+
+    def token(url: str, **settings) -> str | None:
+        planner = load_host(ServeConfig(model_backend_url=url, model_backend_model="m", api_key=stack_key, **settings)).planner
+        return planner.client.headers.get("authorization")
+
+    assert token("https://gpu-box:8443/v1") is None
+    assert token("http://127.0.0.1:8000/v1") == f"Bearer {stack_key}"
+    assert token("https://gpu-box:8443/v1", model_backend_api_key=own_key) == f"Bearer {own_key}"
+    monkeypatch.setenv(BACKEND_API_KEY_ENV, own_key)
+    assert token("https://gpu-box:8443/v1") == f"Bearer {own_key}"
+    assert token("http://localhost:8000/v1") == f"Bearer {own_key}"
+
+
 def test_a_backend_failure_names_the_backend_without_its_credentials():
     import httpx
     import pytest
