@@ -57,6 +57,7 @@ from mmedagent.serve.messages import (
     MAX_QUESTION_CHARS,
     MAX_STEPS,
     ClientMessage,
+    ConversationId,
     as_dicts,
     too_long_conversation,
 )
@@ -88,7 +89,7 @@ class ChatRequest(BaseModel):
     image: str | None = None
     history: list[ClientMessage] = Field(default_factory=list)  # its length: checked by the route, with advice
     model: str | None = None
-    conversation_id: str | None = Field(default=None, max_length=128)
+    conversation_id: ConversationId | None = None
     max_steps: int | None = Field(default=None, ge=1, le=MAX_STEPS)
     max_new_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS)
     temperature: float | None = Field(default=None, ge=0, le=2)

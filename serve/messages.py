@@ -6,7 +6,7 @@ that still exceeds the model's context is refused by the planner itself.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -36,6 +36,11 @@ MAX_NEW_TOKENS = 8192
 """Tokens one model call may generate."""
 DEFAULT_NEW_TOKENS = 256
 """A model call's budget when the request names none."""
+MAX_STOPS = 16
+"""Stop strings in one model call (each is looked for after every token generated)."""
+MAX_STOP_CHARS = 1000
+StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+ConversationId = Annotated[str, Field(max_length=128)]
 
 
 def stop_note(stopped: str) -> str | None:

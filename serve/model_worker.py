@@ -40,7 +40,8 @@ from mmedagent.protocol import system_message
 from mmedagent.serve import openai_api as oa
 from mmedagent.serve.config import DTYPES, ServeConfig, add_common_args, add_limit_args, config_or_exit, is_loopback
 from mmedagent.serve.remote import REQUEST_ID_HEADER, loggable_id, remote_tool_class, shown_url
-from mmedagent.serve.messages import DEFAULT_NEW_TOKENS, MAX_NEW_TOKENS, MAX_PROMPT_MESSAGES, TextMessage, as_dicts
+from mmedagent.serve.messages import (DEFAULT_NEW_TOKENS, MAX_NEW_TOKENS, MAX_PROMPT_MESSAGES, MAX_STOPS, ConversationId,
+                                      StopString, TextMessage, as_dicts)
 from mmedagent.serve.security import setup_logging, without_echoed_input
 from mmedagent import demo
 from mmedagent.serve.uploads import UploadError, image_from_data_url
@@ -88,11 +89,11 @@ class OfferedTool(BaseModel):
 class GenerateRequest(BaseModel):
     messages: list[TextMessage] = Field(min_length=1, max_length=MAX_PROMPT_MESSAGES)
     image: str | None = None
-    conversation_id: str | None = None
+    conversation_id: ConversationId | None = None
     max_new_tokens: int = Field(default=DEFAULT_NEW_TOKENS, ge=1, le=MAX_NEW_TOKENS)
     temperature: float = Field(default=0.0, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
-    stop: list[str] | None = None
+    stop: list[StopString] | None = Field(default=None, max_length=MAX_STOPS)
     max_wait_s: float | None = Field(default=None, gt=0,
                                      description="how long to wait for a busy model (none: the worker's model_timeout_s)")
     tools: list[OfferedTool] | None = Field(default=None, max_length=MAX_OFFERED_TOOLS,

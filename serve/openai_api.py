@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException
 
 from mmedagent.protocol import IMAGE_TOKEN, without_image_token
-from mmedagent.serve.messages import MAX_MESSAGE_CHARS, MAX_NEW_TOKENS, too_long_conversation
+from mmedagent.serve.messages import MAX_MESSAGE_CHARS, MAX_NEW_TOKENS, MAX_STOP_CHARS, MAX_STOPS, too_long_conversation
 from mmedagent.serve.uploads import UploadError
 
 
@@ -51,6 +51,14 @@ class ChatCompletionRequest(BaseModel):
     functions: list[Any] | None = None
     tool_choice: Any = None
     function_call: Any = None
+
+    @field_validator("stop")
+    @classmethod
+    def _few_short_stops(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        stops = [stop] if isinstance(stop, str) else stop or []
+        if len(stops) > MAX_STOPS or any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"at most {MAX_STOPS} stop sequences of at most {MAX_STOP_CHARS} characters each")
+        return stop
 
     @field_validator("tools", "functions")
     @classmethod

@@ -106,6 +106,20 @@ def test_errors_of_the_openai_routes_have_openais_shape():
     assert r.status_code == 422 and "detail" in r.json()
 
 
+def test_stop_strings_and_conversation_ids_are_bounded():
+    """Every stop string is looked for after every token: 100,000 of them held the one model slot for hours."""
+    client = TestClient(build_app(ModelHost(ScriptedPlanner(["fine"] * 4), "tiny", {}, 1 << 20)))
+    for stop in (["x"] * 17, "x" * 1001, ["x" * 1001]):
+        r = client.post("/v1/chat/completions", json={"messages": USER, "stop": stop})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "stop", r.text
+    raw = {"messages": USER}
+    assert client.post("/worker_generate_stream", json={**raw, "stop": ["x"] * 17}).status_code == 422
+    assert client.post("/worker_generate_stream", json={**raw, "conversation_id": "c" * 129}).status_code == 422
+    assert client.post("/v1/chat/completions", json={"messages": USER, "stop": ["x"] * 16}).status_code == 200
+    assert client.post("/worker_generate_stream", json={**raw, "stop": ["x"] * 16, "conversation_id": "c" * 128}
+                       ).status_code == 200
+
+
 def test_a_body_that_is_not_json_or_is_empty_is_named_so():
     """Not "14: JSON decode error" with ``param`` "14": the body is named, and the parser's reason given."""
     client = worker(ScriptedPlanner([]))
