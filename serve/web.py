@@ -386,6 +386,17 @@ class WebChat:
             yield chat, history, keep, keep, conversation
 
 
+WEB_CONCURRENCY = 16
+"""Chats the web UI streams at once."""
+WEB_QUEUE_SIZE = 64
+"""Chats waiting for one of those; more are told the queue is full (Gradio's default queue has no bound)."""
+
+
+def queued(ui):
+    """``ui`` with its request queue bounded (:data:`WEB_CONCURRENCY`, :data:`WEB_QUEUE_SIZE`)."""
+    return ui.queue(default_concurrency_limit=WEB_CONCURRENCY, max_size=WEB_QUEUE_SIZE)
+
+
 def build_ui(web: WebChat):
     import gradio as gr
 
@@ -467,7 +478,7 @@ def main(argv: list[str] | None = None) -> None:
     auth = (lambda _user, password: hmac.compare_digest(password.encode(), key.encode())) if key else None
     # without a key (loopback only), a page the user opens cannot reach the UI under a name of its own
     guard = {} if key else {"middleware": [Middleware(LoopbackHostOnly)]}
-    ui.queue(default_concurrency_limit=16).launch(
+    queued(ui).launch(
         server_name=cfg.host, server_port=port, auth=auth, app_kwargs=guard,
         auth_message="Password: the server's API key." if key else None,
         max_file_size=cfg.max_upload_bytes, show_error=False, quiet=True,

@@ -95,6 +95,14 @@ def test_the_banner_follows_tools_that_finish_loading():
     assert any(t[1] == "tick" for d in deps if d["api_name"].startswith("status_markdown") for t in d["targets"])
 
 
+def test_the_web_uis_queue_is_bounded():
+    """Gradio's queue takes any number of waiting requests (each holding its upload) unless told otherwise."""
+    from mmedagent.serve.web import WEB_QUEUE_SIZE, WebChat, build_ui, queued
+
+    ui = queued(build_ui(WebChat("http://127.0.0.1:9", None, 1 << 20)))
+    assert ui._queue.max_size == WEB_QUEUE_SIZE and ui._queue.default_concurrency_limit == 16
+
+
 def test_the_web_ui_keeps_its_files_private(tmp_path, monkeypatch):
     import stat
 
