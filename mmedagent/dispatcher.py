@@ -113,8 +113,8 @@ class Dispatcher:
     new calls to that tool fail at once with an error saying so, instead of queueing behind them;
     the other tools are not affected.
 
-    Loading: the timeout covers the call, not the tool's first load. :meth:`preload` loads every
-    tool up front (the evaluation does; the controller loads its tools before offering them). A
+    Loading: the timeout covers the call, not the tool's first load. :meth:`preload` loads the
+    tools up front (the evaluation those its data names; the controller its tools before offering them). A
     tool still unloaded at its first call is loaded then, before the call's clock starts, however
     long the load takes. A tool that fails to load, either way, stays unavailable: its calls get an
     error naming the load failure.

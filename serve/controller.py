@@ -320,7 +320,7 @@ class Controller:
         history: list[dict[str, str]],
         gen: dict[str, Any],
         max_steps: int,
-        conversation_id: str,
+        conversation_id: str | None,
         request_id: str = "-",
         on_event: Callable[[str, Any], None] | None = None,
     ) -> AgentResult:
@@ -592,7 +592,7 @@ def build_app(ctl: Controller) -> FastAPI:
         gen = {**ctl.gen_defaults, **req.model_dump(include={"max_new_tokens", "temperature", "top_p"}, exclude_none=True)}
         kwargs = dict(
             model=model, question=req.question, image=image, history=as_dicts(req.history), gen=gen,
-            max_steps=req.max_steps or ctl.cfg.max_steps, conversation_id=req.conversation_id or uuid.uuid4().hex,
+            max_steps=req.max_steps or ctl.cfg.max_steps, conversation_id=req.conversation_id,
             request_id=request_id(),
         )
 
@@ -636,7 +636,7 @@ def build_app(ctl: Controller) -> FastAPI:
         gen = req.gen(ctl.gen_defaults)
         kwargs = dict(
             model=model, question=question, image=image, history=history, gen=gen,
-            max_steps=ctl.cfg.max_steps, conversation_id=uuid.uuid4().hex,
+            max_steps=ctl.cfg.max_steps, conversation_id=None,
         )
         stops, cid = req.stops(), oa.completion_id()
         kwargs["request_id"] = cid  # the id the client reads is the one in the log

@@ -161,24 +161,26 @@ class WorkerRegistry:
     def pick(self, kind: WorkerKind, name: str, exclude: Iterable[str] = (), conversation: str | None = None) -> str:
         """Address of the least-loaded live worker serving ``name`` (stalled ones last, then shortest
         queue; ties: oldest), other than those in ``exclude``. A ``conversation`` whose last call
-        went to a live, unstalled worker of ``name`` (:meth:`remember`) goes there again: its model
-        worker holds the conversation's cache and reads its earlier replies as it wrote them."""
+        went to a live, unstalled worker of ``name`` (:meth:`remember`) goes there again, unless it
+        has more than one call more under way than the least-loaded one: that worker holds the
+        conversation's cache and reads its earlier replies as it wrote them."""
         with self._lock:
             candidates = [e for e in self._workers.values() if e.worker.kind == kind and name in e.worker.names
                           and e.worker.address not in exclude]
             if not candidates:
                 available = sorted({n for e in self._workers.values() if e.worker.kind == kind for n in e.worker.names})
                 raise NoWorkerError(kind, name, available)
-            last = self._conversations.get(conversation) if conversation is not None else None
-            for e in candidates:
-                if e.worker.address == last and not e.worker.stalled:
-                    return last
 
             def load(e: _Entry) -> tuple:
                 inflight = self._inflight.get(e.worker.address, 0)
                 return e.worker.stalled, max(inflight, e.worker.queue_length), inflight, e.order
 
-            return min(candidates, key=load).worker.address
+            least = min(candidates, key=load)
+            last = self._conversations.get(conversation) if conversation is not None else None
+            for e in candidates:
+                if e.worker.address == last and not e.worker.stalled and load(e)[1] <= load(least)[1] + 1:
+                    return last
+            return least.worker.address
 
     def remember(self, conversation: str, address: str) -> None:
         """Note that ``conversation``'s last call went to ``address`` (see :meth:`pick`)."""

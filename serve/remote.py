@@ -258,7 +258,7 @@ class WorkerPlanner:
     planning and answer passes of a conversation reach the same model (and its KV cache); a
     follow-up question under the same ``conversation_id`` goes to that worker again while it serves."""
 
-    def __init__(self, registry: WorkerRegistry, client: httpx.Client, model: str, conversation_id: str, timeout_s: float,
+    def __init__(self, registry: WorkerRegistry, client: httpx.Client, model: str, conversation_id: str | None, timeout_s: float,
                  request_id: str | None = None, tools: Sequence[type[Tool]] | None = None):
         self.registry, self.client, self.model = registry, client, model
         # what the chat offers: a constrained planner names only these (plug-ins the model worker never imported too)
@@ -308,7 +308,8 @@ class WorkerPlanner:
                         yield event["text"]
                     if "stats" in event:
                         self.last_stats = event["stats"]
-            self.registry.remember(self.conversation_id, address)
+            if self.conversation_id is not None:  # a client's own id: its next question comes under it
+                self.registry.remember(self.conversation_id, address)
         except ValueError:  # not NDJSON objects
             log.warning("%s at %s answered with malformed output", what, address)
             raise WorkerError(f"{what} answered with malformed output; is it an mmedagent model worker?") from None

@@ -219,11 +219,11 @@ def json_shape_problem(body: bytes) -> tuple[int, str] | None:
     parsing (:data:`MAX_JSON_DEPTH`, :data:`MAX_JSON_ITEMS`); None when it is not, or when it is no JSON at all
     (the parser then says so). Only UTF-8 is judged, so other encodings, which JSON allows only in closed
     systems, are refused."""
+    if json.detect_encoding(body) not in ("utf-8", "utf-8-sig"):
+        return 415, "request body must be JSON in UTF-8"
     marks = body.count(b"[") + body.count(b"{") + body.count(b",") + body.count(b'"')
     if marks <= MAX_JSON_DEPTH:  # too few to nest deeper or to count more items
         return None
-    if json.detect_encoding(body) not in ("utf-8", "utf-8-sig"):
-        return 415, "request body must be JSON in UTF-8"
     text = body.replace(b"\\\\", b"").replace(b'\\"', b"")  # escapes inside strings go, so every quote left is one
     too_many = 413, f"request body holds more than {MAX_JSON_ITEMS} JSON values; send less at once"
     strings = text.count(b'"') // 2
@@ -232,7 +232,7 @@ def json_shape_problem(body: bytes) -> tuple[int, str] | None:
     outside = _STRING.sub(b"", text)  # the text between strings: the only place of brackets and commas
     brackets = outside.translate(_BRACKETS, _NOT_BRACKETS)
     depth = 0
-    for bracket in brackets[:MAX_JSON_ITEMS]:  # all of them unless there are too many anyway
+    for bracket in brackets[:2 * MAX_JSON_ITEMS]:  # all of them unless there are too many anyway (two per value)
         depth += 1 if bracket == ord("[") else -1
         if depth > MAX_JSON_DEPTH:
             return 422, f"request body nests JSON arrays and objects more than {MAX_JSON_DEPTH} levels deep"

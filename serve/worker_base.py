@@ -236,11 +236,11 @@ class ReadDeadlineH11(H11Protocol):
 def http_server(app, cfg: ServeConfig, max_body: int) -> uvicorn.Server:
     """The uvicorn server of every service (controller, model and tool workers): ``app`` behind
     :class:`GuardMiddleware` (bodies up to ``max_body`` bytes), at most ``cfg.max_connections`` connections
-    (more get 503), each request read within ``cfg.request_read_timeout_s`` (:class:`ReadDeadlineH11`)."""
+    (more get 503; uvicorn's limit counts the connection it refuses), each request read within ``cfg.request_read_timeout_s`` (:class:`ReadDeadlineH11`)."""
     return uvicorn.Server(uvicorn.Config(
         GuardMiddleware(app, cfg.api_key, max_body), log_config=None, log_level=cfg.log_level.lower(),
         timeout_graceful_shutdown=3, http=functools.partial(ReadDeadlineH11, read_timeout_s=cfg.request_read_timeout_s),
-        limit_concurrency=cfg.max_connections, timeout_keep_alive=KEEP_ALIVE_S, h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+        limit_concurrency=cfg.max_connections + 1, timeout_keep_alive=KEEP_ALIVE_S, h11_max_incomplete_event_size=MAX_HEADER_BYTES,
     ))
 
 

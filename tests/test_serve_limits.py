@@ -46,6 +46,9 @@ def test_json_nested_deeper_than_the_limit_is_refused_before_parsing():
     assert r.status_code == 422 and "invalid params for nap" in r.json()["detail"]
     brackets_in_text = json.dumps({"params": {"seconds": 0}, "note": '"[' * 5000 + "\\"})  # counted as text, not nesting
     assert client.post("/call", content=brackets_in_text, headers=JSON).status_code == 200
+    padding = ",".join(["[" * 60 + "]" * 60] * 834)  # 100,080 brackets but only ~51,000 values: within the count
+    r = client.post("/call", content=f'{{"params": {{"x": [{padding}, {nested(500)}]}}}}', headers=JSON)
+    assert r.status_code == 422 and "levels deep" in r.json()["detail"]  # the depth after them was not looked at
 
 
 def test_a_deeply_nested_registration_cannot_break_the_controllers_listings():
@@ -73,10 +76,11 @@ def test_a_body_of_many_small_values_is_refused_before_parsing():
 
 
 def test_json_in_another_encoding_than_utf8_is_refused():
-    """The limits are counted on UTF-8 bytes; a UTF-16 body could hide its brackets from them."""
-    body = json.dumps({"params": {"seconds": 0}, "x": [[0]] * MAX_JSON_DEPTH}).encode("utf-16")
-    r = tool_worker_client().post("/call", content=body, headers=JSON)
-    assert r.status_code == 415 and r.json() == {"detail": "request body must be JSON in UTF-8"}
+    """The limits are counted on UTF-8 bytes; a UTF-16 body could hide its brackets from them (a short one too)."""
+    for extra in ([[0]] * MAX_JSON_DEPTH, None):
+        body = json.dumps({"params": {"seconds": 0}, "x": extra}).encode("utf-16")
+        r = tool_worker_client().post("/call", content=body, headers=JSON)
+        assert r.status_code == 415 and r.json() == {"detail": "request body must be JSON in UTF-8"}
 
 
 def test_the_bodies_the_services_send_each_other_are_within_the_json_limits():
@@ -118,9 +122,9 @@ def slow_client(port: int, sent: bytes = b"GET /health HTTP/1.1\r\nHost: 127.0.0
 def test_connections_over_the_limit_get_503_and_the_service_stays_up():
     """Without a limit every connection was taken, up to the process's file limit, and then none could be accepted."""
     with serving(max_connections=3) as (server, port):
-        slow = [slow_client(port) for _ in range(2)]
+        slow = [slow_client(port) for _ in range(3)]
         try:
-            wait_until(lambda: len(server.server_state.connections) == 2, 30, 0.01)
+            wait_until(lambda: len(server.server_state.connections) == 3, 30, 0.01)
             assert httpx.get(f"http://127.0.0.1:{port}/health").status_code == 503
         finally:
             for sock in slow:
@@ -195,7 +199,7 @@ def test_a_tool_worker_started_with_a_connection_limit_answers_503_over_it(tmp_p
     try:
         url = worker.wait_for(r"tool worker nap: (http://\S+)").group(1)
         port = int(url.rsplit(":", 1)[1])
-        slow = [slow_client(port) for _ in range(2)]  # accepted before the request below: the server takes them in order
+        slow = [slow_client(port) for _ in range(3)]  # accepted before the request below: the server takes them in order
         try:
             r = httpx.get(f"{url}/health")
             assert r.status_code == 503, r.text

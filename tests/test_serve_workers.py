@@ -786,8 +786,9 @@ def test_a_chat_goes_to_another_model_worker_when_its_own_is_gone():
 
 
 def test_a_conversations_follow_up_goes_to_the_model_worker_that_answered_it(monkeypatch):
-    """The worker that holds a chat's cache gets its next question, however busy, unless it stalls or
-    leaves; a new chat still goes to the least-loaded worker, and the oldest conversations are forgotten."""
+    """The worker that holds a chat's cache gets its next question unless it stalls, leaves or has two calls
+    more under way than another; a new chat still goes to the least-loaded worker, the oldest conversations
+    are forgotten, and a call without a conversation id is not remembered."""
     from mmedagent.serve import registry as registry_module
     from mmedagent.serve.remote import WorkerPlanner
 
@@ -807,6 +808,9 @@ def test_a_conversations_follow_up_goes_to_the_model_worker_that_answered_it(mon
     reg.begin(a)  # another chat's call is under way at the first worker
     assert WorkerPlanner(reg, client, "demo", "c2", 5.0).address == b
     assert WorkerPlanner(reg, client, "demo", "c1", 5.0).address == a
+    reg.begin(a)  # two more than the idle worker: the follow-up waits no longer for its cache
+    assert WorkerPlanner(reg, client, "demo", "c1", 5.0).address == b
+    reg.end(a)
     reg.heartbeat(a, queue_length=1, stalled=True)
     assert WorkerPlanner(reg, client, "demo", "c1", 5.0).address == b
     reg.heartbeat(a, queue_length=0, stalled=False)
@@ -822,6 +826,9 @@ def test_a_conversations_follow_up_goes_to_the_model_worker_that_answered_it(mon
     reg.remember("c3", a)
     reg.remember("c4", a)
     assert WorkerPlanner(reg, client, "demo", "c1", 5.0).address == a  # forgotten: the least-loaded worker
+    reg.end(b)
+    WorkerPlanner(reg, client, "demo", None, 5.0).generate(ask, None)  # no id (the OpenAI route): nothing to remember
+    assert list(reg._conversations) == ["c3", "c4"]
 
 
 LAUNCHER_TERMINATED_WHILE_STARTING = """
