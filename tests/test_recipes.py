@@ -361,6 +361,11 @@ def test_rerun_with_other_data_is_refused_before_out_changes(dialogue, tmp_path,
         assert _files(out) == before, flags  # byte for byte, no file added or left behind
     assert main(["dialogue-llama3", "--tiny", "--out", str(out), "--stop-after-data"]) == 0
     assert _files(out) == before
+    (out / ".staging").mkdir()  # a run killed between moving OUT/data aside and the new data in
+    (out / "data").rename(out / ".staging" / ".data.old")
+    assert main(["dialogue-llama3", "--tiny", "--out", str(out), "--data", str(other), "--stop-after-data"]) == 2
+    capsys.readouterr()
+    assert _files(out) == before  # the old data was put back, not deleted with the staging folder
 
 
 def test_rerun_with_the_same_caption_data_keeps_its_image_paths(diagnosis, capsys):

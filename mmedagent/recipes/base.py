@@ -242,6 +242,7 @@ class Recipe:
             raise ValueError(f"--skip-training: {self.train_dir()} holds no finished training run")
 
         stage = self.out / STAGING
+        self._restore_from(stage)
         shutil.rmtree(stage, ignore_errors=True)  # left by a run killed in its data step
         try:
             base, data = self._inputs()
@@ -336,6 +337,13 @@ class Recipe:
         """``path`` as it will be once the staged folders are moved into place."""
         stage = self.out / STAGING
         return self.out / Path(path).relative_to(stage) if Path(path).is_relative_to(stage) else Path(path)
+
+    def _restore_from(self, stage: Path) -> None:
+        """Put back an ``OUT/NAME`` that a run killed inside :meth:`_move_into_place` left as ``stage/.NAME.old``."""
+        for old in sorted(stage.glob(".*.old")) if stage.is_dir() else []:
+            target = self.out / old.name[1:-len(".old")]
+            if not target.exists():
+                old.rename(target)
 
     def _move_into_place(self, stage: Path) -> None:
         """Each ``stage/NAME`` replaces ``OUT/NAME``."""
