@@ -761,13 +761,17 @@ def test_an_mm_grounding_dino_checkpoint_runs_as_itself(weights, tmp_path):
     assert max(found.logits) == pytest.approx(float(direct["scores"].max()), abs=1e-5)
 
 
-def test_weights_errors_name_a_checkpoint_file_as_a_path_not_a_hub_id():
+def test_weights_errors_name_a_checkpoint_file_as_a_path_not_a_hub_id(tmp_path, monkeypatch):
     from mmedagent.tools._boxes import weights_error
 
     missing = FileNotFoundError("no such file")
     assert "from local path 'medsam_vit_b.pth'" in str(weights_error("segmentation", "medsam_vit_b.pth", "", missing))
-    assert "from hub id 'IDEA-Research/grounding-dino-base' (no local folder has that name; OSError: offline)" in str(
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "weights").mkdir()
+    assert "from hub id 'IDEA-Research/grounding-dino-base' (OSError: offline)" in str(
         weights_error("grounding", "IDEA-Research/grounding-dino-base", "", OSError("offline")))
+    assert "from hub id 'weights/gdino' (no local folder has that name; OSError: offline)" in str(
+        weights_error("grounding", "weights/gdino", "", OSError("offline")))  # a mistyped folder, read as a hub id
 
 
 def test_medsam_masks_of_several_boxes_are_each_boxs_own_mask_at_full_size(medsam):

@@ -72,9 +72,11 @@ def as_pil_rgb(image: Any) -> Image.Image:
 
 def weights_error(tool: str, ref: str, how: str, err: Exception) -> RuntimeError:
     """A missing-weights error, on one line, that names the path or hub id and how to get the weights
-    (a hub-id-shaped ref such as ``weights/gdino`` may be a mistyped local folder: it says none exists)."""
+    (a hub-id-shaped ref inside a local folder, ``weights/gdino`` where ``weights/`` exists, is likely a
+    mistyped folder: it says none has that name)."""
     hub = is_hub_id(ref)
-    aside = "no local folder has that name; " if hub and not str(ref).startswith("hf-hub:") else ""
+    folder = Path(str(ref)).parent
+    aside = "no local folder has that name; " if hub and folder != Path(".") and folder.is_dir() else ""
     why = " ".join(str(err).split())  # the hub's messages run over several lines
     return RuntimeError(f"{tool}: could not load weights from {'hub id' if hub else 'local path'} {ref!r} "
                         f"({aside}{type(err).__name__}: {why}). {how}")
