@@ -89,12 +89,12 @@ def run_tool_calls(client: httpx.Client, n: int, tool: str, image: str, deadline
             "overhead_p99_ms": pct(overhead, 99) * ms, "client_p50_ms": pct(total, 50) * ms, "client_p99_ms": pct(total, 99) * ms}
 
 
-def start_stack(tool: str) -> tuple[ServeProcess, str]:
-    """A controller with the tiny planner and one worker for ``tool``, and its URL; one ``error:`` line if it
-    does not come up."""
+def start_stack(tool: str, connections: int) -> tuple[ServeProcess, str]:
+    """A controller with the tiny planner and one worker for ``tool``, taking ``connections`` client connections
+    besides its workers' heartbeats, and its URL; one ``error:`` line if it does not come up."""
     log = Path(tempfile.gettempdir()) / f"bench_serve_{int(time.time())}.log"
-    proc = ServeProcess("controller.py", ["--no-web", "--port", "0", "--tools", tool, "--plugin", "_serve_fixtures"],
-                        log, serve_env())
+    proc = ServeProcess("controller.py", ["--no-web", "--port", "0", "--tools", tool, "--plugin", "_serve_fixtures",
+                                          "--max-connections", str(connections + 64)], log, serve_env())
     try:
         url = proc.wait_for(r"controller: (http://\S+)", 60).group(1)
         proc.wait_for(r"^ready: models: \S+", 300)
@@ -126,7 +126,7 @@ def main() -> int:
         p.error("the benchmark runs against loopback only")
     args.concurrency = args.concurrency or min(args.chats, 256)
     deadline = time.monotonic() + args.max_seconds
-    proc, url = start_stack(args.tool) if args.url is None else (None, args.url)
+    proc, url = start_stack(args.tool, args.concurrency) if args.url is None else (None, args.url)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     client = httpx.Client(base_url=url, headers=headers, timeout=300, trust_env=False,
                           limits=httpx.Limits(max_connections=256, max_keepalive_connections=256))
