@@ -289,15 +289,19 @@ def test_converting_into_a_folder_holding_files_is_refused(llava, tmp_path):
 
 def test_an_original_checkpoint_with_only_a_sentencepiece_tokenizer_converts(llava, tmp_path):
     """LLaVA-Med and MMedAgent folders ship LLaMA's ``tokenizer.model`` (sentencepiece), often without a
-    ``tokenizer.json``: reading it needs sentencepiece and protobuf, which the project installs."""
+    ``tokenizer.json``: reading it needs sentencepiece and protobuf, which the project installs. The converted
+    tokenizer gives the ids LLaVA's code trained on (it gave ``US`` ``ER`` after ``</s>``, not ``▁USER``)."""
     import sentencepiece as spm
+    from transformers import AutoTokenizer
 
+    from mmedagent.model.llava_convert import converted_cache_dir
     from mmedagent.model.tiny import _MEDICAL
 
-    (tmp_path / "corpus.txt").write_text(_MEDICAL * 20, encoding="utf-8")
+    (tmp_path / "corpus.txt").write_text(_MEDICAL * 20 + "\nUSER: ASSISTANT: Where\n" * 50, encoding="utf-8")
     spm.SentencePieceTrainer.train(input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "m"),
                                    vocab_size=600, model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1, eos_id=2,
-                                   pad_id=-1, minloglevel=2)
+                                   pad_id=-1, minloglevel=2, normalization_rule_name="identity",
+                                   remove_extra_whitespaces=False)  # as LLaMA's: spaces and newlines kept
     src = write_original_llava(llava["model"], llava["hf"], tmp_path / "llava-med", llava["tower"])
     for f in src.glob("tokenizer*"):
         f.unlink()
@@ -312,6 +316,20 @@ def test_an_original_checkpoint_with_only_a_sentencepiece_tokenizer_converts(lla
     prompt = "<s>USER: <image>\nWhere is the tumor? ASSISTANT:"
     inputs = processor(images=test_image(32), text=prompt, return_tensors="pt", add_special_tokens=False)
     assert model.generate(**inputs, max_new_tokens=3, do_sample=False).shape[1] == inputs["input_ids"].shape[1] + 3
+
+    # the ids LLaVA trained on: its slow tokenizer (legacy) encodes each stretch between special tokens on its own,
+    # "▁" first, and tokenizer_image_token encodes the text on each side of <image> apart (a second "▁" after it)
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "m.model"))
+    conversation = "A chat. USER: <image>\nWhere is the tumor? ASSISTANT: The liver.</s>USER: Where? ASSISTANT:"
+    llava_ids = [1]
+    for k, chunk in enumerate(conversation.split("<image>")):
+        llava_ids += [-200] if k else []
+        for j, part in enumerate(chunk.split("</s>")):
+            llava_ids += ([2] if j else []) + (sp.encode(part) if part else [])
+    image_id = tok.convert_tokens_to_ids("<image>")
+    for tokenizer in (tok, AutoTokenizer.from_pretrained(converted_cache_dir(src))):  # as converted, as saved
+        ids = tokenizer("<s>" + conversation, add_special_tokens=False)["input_ids"]
+        assert [-200 if i == image_id else i for i in ids] == llava_ids
 
 
 def test_a_folder_holding_checkpoints_rather_than_being_one_names_them(tiny_models, tmp_path):

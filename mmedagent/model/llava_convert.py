@@ -245,6 +245,7 @@ def convert_llava_checkpoint(
         raise ValueError(f"{src} holds only mm_projector.bin (LLaVA's pretraining stage: the projector without the "
                          "language model), not a full checkpoint; use the checkpoint fine-tuned from it")
     tokenizer = load_processor(src, "causal_lm", declared_tokenizer=True)  # before the weights: a folder without one fails at once
+    legacy_spacing(tokenizer, src)
     state = load_state_dict(src)
     added = tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
     if tokenizer.pad_token is None:
@@ -338,8 +339,44 @@ def convert_llava_checkpoint(
     return dst
 
 
+def legacy_spacing(tokenizer: Any, src: Path) -> None:
+    """Tokenize as LLaVA trained: its code loads the slow sentencepiece tokenizer (``use_fast=False``), which in
+    its legacy mode (the default unless ``tokenizer_config.json`` sets ``"legacy": false``) starts every stretch
+    of text between special tokens with "▁" (``</s>USER`` → ``</s>`` ``▁USER``, and the text after the image).
+    transformers' fast tokenizer does that at the start of the input only (``prepend_scheme="first"``): the
+    model would read ids it was never trained on at every turn."""
+    try:
+        legacy = json.loads((src / "tokenizer_config.json").read_text()).get("legacy", True)
+    except (OSError, ValueError, AttributeError):
+        legacy = True
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if legacy is False or backend is None:
+        return
+    from tokenizers import pre_tokenizers
+
+    pre = backend.pre_tokenizer
+    parts = [pre] if not isinstance(pre, pre_tokenizers.Sequence) else _items(pre)
+    for part in parts:
+        if isinstance(part, pre_tokenizers.Metaspace) and part.prepend_scheme == "first":
+            part.prepend_scheme = "always"
+
+
+def _items(sequence: Any) -> list[Any]:
+    items, i = [], 0
+    while True:
+        try:
+            items.append(sequence[i])
+        except IndexError:
+            return items
+        i += 1
+
+
+CONVERSION = "2"
+"""Raised when conversion changes what it writes (2: legacy tokenizer spacing), so cached conversions are redone."""
+
+
 def _fingerprint(path: Path, *extra: str) -> str:
-    h = hashlib.sha1("\0".join([str(path.resolve()), *extra]).encode())
+    h = hashlib.sha1("\0".join([str(path.resolve()), CONVERSION, *extra]).encode())
     for f in sorted(path.iterdir()):
         if f.is_file():
             st = f.stat()
