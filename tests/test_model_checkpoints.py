@@ -2,6 +2,7 @@
 tokenizers, by hub id), incomplete or unknown checkpoints: same logits as the transformers model, or one clear line."""
 
 import json
+import logging
 import re
 import shutil
 import subprocess
@@ -51,6 +52,18 @@ def test_sharded_llava_med_v15_and_llava_llama_checkpoints_give_the_same_logits(
     model, _, _ = load_model_and_processor(v15)
     assert model.config.text_config.model_type == "llama"
     torch.testing.assert_close(logits(model, llava["inputs"]), expected)
+
+
+def test_a_base_trained_with_image_start_and_end_tokens_converts_with_a_warning(llava, caplog):
+    """LLaVA-Med v1.0, MMedAgent's base, says mm_use_im_start_end: true; MMedAgent trained its LoRA without those
+    tokens. Converting it was refused, so MMedAgent's adapter could not be stacked on its own base."""
+    src = write_original_llava(llava["model"], llava["hf"], llava["root"] / "llava-med-v1.0", llava["tower"])
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "mm_use_im_start_end": True}))
+    with caplog.at_level(logging.WARNING, logger="mmedagent.model.llava_convert"):
+        model, _, family = load_model_and_processor(src)
+    assert family == "llava" and "trained with image start/end tokens" in caplog.text
+    torch.testing.assert_close(logits(model, llava["inputs"]), logits(llava["model"], llava["inputs"]))
 
 
 def test_tied_word_embeddings_checkpoint_converts(llava):

@@ -223,8 +223,10 @@ def convert_llava_checkpoint(
     from mmedagent.model.loading import check_new_output_dir, load_processor
 
     check_new_output_dir(dst)  # --dst = --src overwrote the original's config.json
-    if cfg.get("mm_use_im_start_end"):
-        raise ValueError("mm_use_im_start_end=True checkpoints are not supported (MMedAgent/LLaVA-Med v1.5 use False)")
+    if cfg.get("mm_use_im_start_end"):  # LLaVA-Med v1.0 (MMedAgent's base; MMedAgent itself trained without them)
+        log.warning("%s was trained with image start/end tokens (mm_use_im_start_end), which transformers' LLaVA does "
+                    "not place around the image: converted without them, fine for a model fine-tuned from it with "
+                    "--mm_use_im_start_end False (MMedAgent); the checkpoint itself may answer worse", src.name)
     aspect = str(cfg.get("image_aspect_ratio") or "square")
     if aspect.startswith("anyres"):  # its image tiles (and image_newline) have no place in transformers' Llava
         raise ValueError(f"{src}: image_aspect_ratio {aspect!r} (LLaVA-NeXT / LLaVA-1.6 tiling) is not supported; "
