@@ -215,7 +215,9 @@ def is_tool_result_text(text: str) -> bool:
 
 
 def _normalise_json(text: str) -> str:
-    """Turn single-quoted / Python-literal JSON into strict JSON; strings are re-quoted only."""
+    """Turn single-quoted / Python-literal JSON into strict JSON; strings are re-quoted only, and a comma
+    before a closing bracket (``"top_k": 3, }``: Python allows it, and the constrained decoder lets it through)
+    is dropped."""
     out: list[str] = []
     i, n = 0, len(text)
     while i < n:
@@ -249,6 +251,9 @@ def _normalise_json(text: str) -> str:
             word = text[i:j]
             out.append({"True": "true", "False": "false", "None": "null"}.get(word, word))
             i = j
+            continue
+        if c == "," and text[i + 1:].lstrip()[:1] in ("}", "]"):
+            i += 1
             continue
         out.append(c)
         i += 1

@@ -137,6 +137,13 @@ def test_single_quoted_and_python_literals():
     assert turn.actions[0].API_params == {"prompts": ['it\'s "big"'], "nms": True, "k": None}
 
 
+def test_trailing_commas_are_dropped_outside_strings():
+    """``"top_k": 3, }`` (Python's habit, and what the constrained decoder let through) was "not valid JSON"."""
+    text = ('"thoughts🤔" x\n"actions🚀" [{"API_name": "grounding", "API_params": {"prompts": ["a, ]", "b",], '
+            '"note": "x, }", }, }, ]\n"value👉" ok')
+    assert parse_turn(text).actions[0].API_params == {"prompts": ["a, ]", "b"], "note": "x, }"}
+
+
 def test_multi_call_and_missing_thoughts():
     actions = [{"API_name": "a", "API_params": {}}, {"API_name": "b"}]
     turn = parse_turn(f'"actions🚀" {json.dumps(actions)}\n"value👉" wait')
