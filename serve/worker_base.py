@@ -93,6 +93,10 @@ def url_for(sock: socket.socket) -> str:
     return f"http://{host}:{port}"
 
 
+UNREACHABLE_WARNING_S = 10.0
+"""A worker that has not reached its controller for this long says so (once), and goes on trying."""
+
+
 class Heartbeat(threading.Thread):
     """Registers the worker once its server listens, then beats every ``interval_s``.
 
@@ -123,6 +127,8 @@ class Heartbeat(threading.Thread):
         self.refused: str | None = None
         self.on_refused: Callable[[], None] = lambda: None
         self._last_refusal: str | None = None
+        self._unreachable_since: float | None = None  # the first of the failed registrations in a row
+        self._said_unreachable = False
 
     def _register(self) -> bool:
         with self._registration:
@@ -133,7 +139,15 @@ class Heartbeat(threading.Thread):
             r = self.client.post(f"{self.controller_url}/register_worker", json=self.payload())
         except httpx.HTTPError as e:
             log.debug("controller not reachable yet: %s", type(e).__name__)
+            now = time.monotonic()
+            self._unreachable_since = self._unreachable_since or now
+            if not self._said_unreachable and now - self._unreachable_since >= UNREACHABLE_WARNING_S:
+                log.warning("controller %s not reachable for %.0f s (%s); still trying: is it running, and is "
+                            "--controller its address?", self.controller_url, now - self._unreachable_since,
+                            type(e).__name__)
+                self._said_unreachable = True
             return False
+        self._unreachable_since, self._said_unreachable = None, False
         if r.status_code == 409:
             self.refused = error_detail(r)
             log.error("controller refused registration (409): %s; this worker stops (exit status %d)",

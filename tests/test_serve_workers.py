@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -368,6 +369,34 @@ def test_a_worker_stopped_while_its_registration_is_answered_still_leaves_the_co
     stopping.join(5)
     beat.join(5)
     assert calls == ["/register_worker", "/unregister_worker"]
+
+
+def test_a_worker_that_cannot_reach_its_controller_says_so_once(monkeypatch, caplog):
+    """It printed its address and then nothing (the attempts were logged at DEBUG): a wrong --controller looked
+    like a hang."""
+    from mmedagent.serve import worker_base
+
+    up = False
+
+    def controller(request):
+        if not up:
+            raise httpx.ConnectError("connection refused", request=request)
+        return httpx.Response(200, json={"ok": True})
+
+    beat = Heartbeat("http://10.0.0.9:21001", lambda: {"address": "http://127.0.0.1:9"}, lambda: 0, 0.02, None,
+                     ready=lambda: True)
+    beat.client = httpx.Client(transport=httpx.MockTransport(controller))
+    with caplog.at_level(logging.WARNING, logger="mmedagent.serve.worker_base"):
+        assert not beat._register() and not caplog.records  # not yet: the controller may still be starting
+        monkeypatch.setattr(worker_base, "UNREACHABLE_WARNING_S", 0.0)
+        assert not beat._register() and not beat._register()
+        assert [r.getMessage().split(" not reachable")[0] for r in caplog.records] == ["controller http://10.0.0.9:21001"]
+        assert "still trying: is it running, and is --controller its address?" in caplog.text
+        up = True
+        assert beat._register()
+        up, beat.registered = False, threading.Event()
+        assert not beat._register()  # unreachable again after it was reached: said again
+        assert len(caplog.records) == 2
 
 
 class Held:
