@@ -5,6 +5,7 @@ import textwrap
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import mmedagent.tools as tools_pkg
@@ -34,6 +35,10 @@ def test_readme_example_tool_runs_through_dispatcher():
     bad = d.dispatch(ToolCall(API_name="region_stats", API_params={"box": [0, 0, 1]}), grey_image())
     assert not bad.ok and "box" in bad.error
     assert "region_stats (also: intensity stats)" in system_prompt([RegionStats])
+    scan = np.zeros((8, 8), dtype=np.uint16)
+    scan[:, 4:] = 4000  # a 16-bit array (a caller's own): it said "'numpy.ndarray' object has no attribute 'convert'"
+    whole = d.dispatch(ToolCall(API_name="region_stats", API_params={}), scan)
+    assert whole.ok and (whole.output["min"], whole.output["max"]) == (0.0, 255.0), whole.error
 
 
 def test_the_readme_example_file_loads_as_a_plugin(tmp_path, monkeypatch):
