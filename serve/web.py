@@ -69,11 +69,11 @@ def _pct(value: Any) -> str:
 
 
 def tool_line(tool: dict[str, Any]) -> str:
-    """``name`` — **label** (the tool's own weights note): tiny demo weights said plainly, in bold."""
-    weights = tool.get("weights") or "no weights note"
+    """``name`` — **label** (the tool's own weights note, where it has one): tiny demo weights said plainly, in bold."""
+    weights = f" ({tool['weights']})" if tool.get("weights") else ""  # a tool without weights has none
     if tool.get("label"):
-        return f"`{tool['name']}` — **{tool['label']}** ({weights})"
-    return f"`{tool['name']}` ({weights})"
+        return f"`{tool['name']}` — **{tool['label']}**{weights}"
+    return f"`{tool['name']}`{weights}"
 
 
 def banner(status: dict[str, Any]) -> str:

@@ -159,9 +159,10 @@ def test_banner_and_model_list_label_tiny_weights_and_show_the_demo_evaluation(t
         ctl.close()
     text = banner({"models": models, "demo": summary, "loading": ["retrieval"], "tools": [
         {"name": "grounding", "weights": "Grounding DINO: /c/grounding-dino", "label": TINY},
-        {"name": "bright_region", "weights": "no weights"}]})
+        {"name": "bright_region", "weights": "no weights"}, {"name": "ruler", "weights": ""}]})
     assert "tool selection accuracy 98%, argument validity 100%" in text and "4 questions" in text
     assert f"`grounding` — **{TINY}** (Grounding DINO: /c/grounding-dino)" in text and "`bright_region` (no weights)" in text
+    assert "- `ruler`\n" in text + "\n" and "no weights note" not in text  # a plug-in without a note: nothing to say
     assert text.count(demo.NOTE) == 1 and "**Still loading:** `retrieval`" in text
     listing = oa.model_list(["demo"], notes={"demo": demo.NOTE}, tools=[{"name": "grounding", "label": TINY}])
     assert listing["data"][0]["mmedagent_note"] == demo.NOTE and listing["mmedagent_tools"][0]["label"] == TINY
