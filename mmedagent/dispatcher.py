@@ -30,12 +30,24 @@ FAILURES = frozenset(get_args(Failure))
 
 
 def describe_validation_error(tool: str, err: ValidationError) -> str:
-    """One line per bad field: ``prompts: Field required``."""
-    parts = []
+    """One part per bad field: ``prompts: Field required``; items of one list failing alike are one part
+    (``boxes.0 (items 0, 1, 2, 3): Input should be less than or equal to 1``: a box given in pixels)."""
+    parts: dict[tuple[tuple, str, bool], list[str]] = {}
     for e in err.errors():
-        field = ".".join(str(p) for p in e["loc"]) or "(params)"
-        parts.append(f"{field}: {e['msg']}")
-    return f"invalid params for {tool}: " + "; ".join(parts)
+        loc = tuple(e["loc"])
+        listed = bool(loc) and isinstance(loc[-1], int)
+        parts.setdefault((loc[:-1] if listed else loc, e["msg"], listed), []).append(str(loc[-1]) if listed else "")
+
+    def field(loc: tuple, listed: bool, items: list[str]) -> str:
+        name = ".".join(map(str, loc))
+        if not listed:
+            return name or "(params)"
+        if len(items) == 1:
+            return ".".join(map(str, (*loc, *items)))
+        return f"{name} (items {', '.join(items)})" if name else f"items {', '.join(items)}"
+
+    return f"invalid params for {tool}: " + "; ".join(
+        f"{field(loc, listed, items)}: {msg}" for (loc, msg, listed), items in parts.items())
 
 
 def parse_params(tool: Tool, params: Mapping[str, Any]) -> Any:

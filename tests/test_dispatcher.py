@@ -476,3 +476,19 @@ def test_a_tool_with_nothing_to_load_never_waits_for_anothers_load():
     finally:
         blocker.gate.set()
         holder.join(2)
+
+
+def test_list_items_failing_alike_are_one_part_of_the_params_error():
+    """A box in pixels read "boxes.0.0: …; boxes.0.1: …; boxes.0.2: …; boxes.0.3: …", the same words four times."""
+    from mmedagent.dispatcher import parse_params
+    from mmedagent.tools import get_tool
+
+    segmentation = get_tool("segmentation")
+    with pytest.raises(ValueError) as pixels:
+        parse_params(segmentation, {"boxes": [[10, 20, 300, 400]]})
+    assert str(pixels.value) == ("invalid params for segmentation: boxes.0 (items 0, 1, 2, 3): "
+                                 "Input should be less than or equal to 1")
+    with pytest.raises(ValueError) as one:
+        parse_params(segmentation, {"boxes": [[0.1, 0.1, 0.5, 0.5], [0.2, 0.1, 0.5, 1.5]], "bogus": 1})
+    assert str(one.value) == ("invalid params for segmentation: boxes.1.3: Input should be less than or equal to 1; "
+                              "bogus: Extra inputs are not permitted")
