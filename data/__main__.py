@@ -55,6 +55,8 @@ def _common(p: argparse.ArgumentParser, table: bool = False) -> None:
 
 
 _SPLIT_HELP = "HF dataset / parquet data: the split to read (train, test, test[:100]; default train or the only one)"
+_PLUGIN_HELP = ("module whose tool classes to register, so that calls to them are validated, as the serve scripts "
+                "take it (repeatable)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -63,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--check", metavar="FILE", help="validate an existing data file and exit")
     ap.add_argument("--image-folder", default=None, help="with --check: also check that images exist")
     ap.add_argument("--data-split", default=None, help=_SPLIT_HELP)
+    ap.add_argument("--plugin", action="append", default=[], metavar="MODULE", help=_PLUGIN_HELP)
     sub = ap.add_subparsers(dest="cmd")
 
     build = sub.add_parser("build", help="annotations -> tool-use dialogues")
@@ -127,8 +130,10 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check", help="validate an existing data file")
     p.add_argument("file")
-    p.add_argument("--image-folder", default=None)
-    p.add_argument("--data-split", default=None, help=_SPLIT_HELP)
+    # SUPPRESS: the same flag given before 'check' is kept, not reset to the default
+    p.add_argument("--image-folder", default=argparse.SUPPRESS, help="also check that images exist")
+    p.add_argument("--data-split", default=argparse.SUPPRESS, help=_SPLIT_HELP)
+    p.add_argument("--plugin", action="append", default=[], dest="check_plugin", metavar="MODULE", help=_PLUGIN_HELP)
 
     p = sub.add_parser("synth", help="synthetic images, annotations and dialogues for every tool")
     p.add_argument("--out", required=True)
@@ -268,6 +273,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = _parser()
     a = ap.parse_args(argv)
     try:
+        from mmedagent.tools import load_plugins
+
+        try:
+            load_plugins([*a.plugin, *getattr(a, "check_plugin", [])])
+        except ValueError as e:
+            raise DataError(str(e)) from None
         if a.check or a.cmd == "check":
             path = a.check or a.file
             report = check_file(path, image_folder=a.image_folder, split=a.data_split)
@@ -285,7 +296,9 @@ def main(argv: list[str] | None = None) -> int:
             if report.planning_only:
                 print(f"{report.planning_only} planning-only record(s): they end with a tool call")
             if report.unregistered:
-                print(f"not validated (no such tool registered here): {', '.join(sorted(report.unregistered))}")
+                names = (f"{n} (did you mean {report.suggestions[n]!r}?)" if n in report.suggestions else n
+                         for n in sorted(report.unregistered))
+                print(f"not validated (no such tool registered here): {', '.join(names)}")
             if not a.image_folder and report.records:
                 print("images not checked: give --image-folder DIR (training's --image_folder, or the data file's "
                       "folder) to check them as training finds them")

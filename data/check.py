@@ -6,6 +6,7 @@ naming the file and the 1-based record (and, for JSON lines, the line)."""
 
 from __future__ import annotations
 
+import difflib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,16 +15,17 @@ from typing import Any
 from mmedagent.data.formats import (DataError, canonicalise_tool_results, chat_messages, image_not_found, iter_records,
                                     lies_outside)
 from mmedagent.imaging import image_file_problem
-from mmedagent.protocol import (IMAGE_PLACEHOLDER, Record, TurnParseError, is_tool_result_text, parse_tool_results,
-                                parse_turn, render_turn, strip_image_token)
+from mmedagent.protocol import (IMAGE_PLACEHOLDER, Record, TurnParseError, is_tool_result_text, name_key,
+                                parse_tool_results, parse_turn, render_turn, strip_image_token)
 
 
 @dataclass
 class CheckReport:
     records: int = 0  # records read, those with problems included
     problems: list[str] = field(default_factory=list)
-    tool_calls: Counter = field(default_factory=Counter)
+    tool_calls: Counter = field(default_factory=Counter)  # by the tool's name where the call's name resolves
     unregistered: Counter = field(default_factory=Counter)
+    suggestions: dict[str, str] = field(default_factory=dict)  # unregistered name -> a registered name or alias close to it
     planning_only: int = 0  # records that end with a tool call (no tool output, no answer)
     warnings: list[str] = field(default_factory=list)  # accepted by training, but probably not meant
 
@@ -37,6 +39,14 @@ def _dispatcher():
     from mmedagent.tools.registry import list_tools
 
     return Dispatcher([cls() for cls in list_tools()])
+
+
+def _close_name(name: str, dispatcher: Any) -> str | None:
+    """The registered tool name or alias closest to ``name`` (a typo of it), as :func:`name_key` writes names; None
+    if none is close."""
+    spellings = {name_key(n): n for tool in dispatcher.tools.values() for n in tool.names()}
+    close = difflib.get_close_matches(name_key(name), spellings, n=1, cutoff=0.8)
+    return spellings[close[0]] if close else None
 
 
 def _check_one(rec: Record, where: str, report: CheckReport, dispatcher: Any) -> None:
@@ -58,7 +68,8 @@ def _check_one(rec: Record, where: str, report: CheckReport, dispatcher: Any) ->
             if again != turn:
                 report.problems.append(f"{where}: turn {k} changes when rendered and parsed again")
             for call in turn.actions:
-                report.tool_calls[call.API_name] += 1
+                tool = dispatcher.resolve(call.API_name) if dispatcher is not None else None
+                report.tool_calls[tool.name if tool is not None else call.API_name] += 1
                 if call.API_params.get("image", IMAGE_PLACEHOLDER) != IMAGE_PLACEHOLDER:  # unquoted: may name a patient
                     report.warnings.append(
                         f"{where}: turn {k}: {call.API_name}'s image parameter is not {IMAGE_PLACEHOLDER!r}; the agent "
@@ -66,7 +77,7 @@ def _check_one(rec: Record, where: str, report: CheckReport, dispatcher: Any) ->
                         f"{IMAGE_PLACEHOLDER!r} there, so the model would learn a call it is never served")
                 if dispatcher is None:
                     continue
-                if dispatcher.resolve(call.API_name) is None:
+                if tool is None:
                     report.unregistered[call.API_name] += 1
                     continue
                 prepared = dispatcher.prepare(call, image=object())
@@ -140,6 +151,8 @@ def check_file(path: str | Path, image_folder: str | Path | None = None, validat
             _check_one(rec, where, report, dispatcher)
             if image_folder is not None:
                 _check_images(rec, where, Path(image_folder), report, seen)
+        if dispatcher is not None:
+            report.suggestions = {n: close for n in report.unregistered if (close := _close_name(n, dispatcher))}
     finally:
         if dispatcher is not None:
             dispatcher.close()

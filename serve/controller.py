@@ -74,7 +74,7 @@ from mmedagent.serve.remote import (
 )
 from mmedagent.serve.security import setup_logging, without_echoed_input
 from mmedagent.serve.uploads import UploadError, image_from_data_url, sendable_png
-from mmedagent.tools import Tool, UnknownToolError, get_tool, list_tools, load_plugin
+from mmedagent.tools import Tool, UnknownToolError, get_tool, list_tools, load_plugins
 from mmedagent.tools.grounding_segmentation import share_composite_parts
 
 # System prompts for models trained without the tool catalog ("catalog" derives it from the live tools).
@@ -755,11 +755,10 @@ def main(argv: list[str] | None = None) -> None:
             if ref and ref != "demo" and not is_hub_id(ref) and not Path(ref).expanduser().exists():
                 exit_error(parser, f"{flag} / the config's {flag[2:].replace('-', '_')}: {ref} does not exist (relative "
                                    f"paths are read from {Path.cwd()}); give the model's folder")
-    for module in cfg.plugins:  # tools that may run in-process
-        try:
-            load_plugin(module)
-        except (ImportError, ValueError) as e:
-            exit_error(parser, f"--plugin {module}: {e}")
+    try:
+        load_plugins(cfg.plugins)  # tools that may run in-process
+    except ValueError as e:
+        exit_error(parser, str(e))
     for name, spec in tool_specs(cfg).items():  # the tools started here (a head node's workers bring their own)
         if spec.in_process or not cfg.no_workers:
             try:

@@ -35,7 +35,7 @@ from mmedagent.serve.security import setup_logging, without_echoed_input
 from mmedagent.serve.uploads import UploadError, image_from_data_url
 from mmedagent.serve.worker_base import (EXIT_CANNOT_LOAD, TOOL_OPTIONS_ENV, Heartbeat, bind_socket, follow_launcher,
                                          serve_worker, url_for)
-from mmedagent.tools import Tool, UnknownToolError, get_tool, load_plugin
+from mmedagent.tools import Tool, UnknownToolError, get_tool, load_plugins
 
 log = logging.getLogger("mmedagent.serve.tool_worker")
 
@@ -243,11 +243,10 @@ def main(argv: list[str] | None = None) -> None:
     parser, args, cfg = parse_args(argv)
     setup_logging(cfg.log_level, [cfg.api_key or ""])
     follow_launcher()
-    for module in [*cfg.plugins, *args.plugin]:
-        try:
-            load_plugin(module)
-        except (ImportError, ValueError) as e:
-            parser.error(f"--plugin {module}: {e}")
+    try:
+        load_plugins([*cfg.plugins, *args.plugin])
+    except ValueError as e:
+        parser.error(str(e))
     if args.options is None:
         args.options = os.environ.pop(TOOL_OPTIONS_ENV, "{}")  # not inherited any further
     try:

@@ -180,3 +180,27 @@ def test_coco_over_an_image_past_pillows_bomb_limit_is_no_traceback(tmp_path, mo
            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [2, 2, 10, 8]}]}
     coco = builders.read_coco(write_json(tmp_path / "ann.json", ann), tmp_path / "imgs")
     assert coco[0].targets[0].box == [0.05, 0.1, 0.3, 0.5]
+
+
+def planning_record(*names):
+    return {"id": "r", "image": "a.png", "conversations": [
+        {"from": "human", "value": "<image>\nSegment the lesion."},
+        {"from": "gpt", "thoughts": "I use a tool.", "value": "Please wait.",
+         "actions": [{"API_name": n, "API_params": {"boxes": [[0.1, 0.1, 0.2, 0.2]]}} for n in names]}]}
+
+
+def test_check_counts_calls_by_tool_and_suggests_the_tool_an_unknown_name_is_a_typo_of(tmp_path, capsys):
+    """'segmentaton' was only 'not validated', and MedSAM / SAM / segmentation were three tools in the counts."""
+    path = write_json(tmp_path / "d.json", [planning_record("MedSAM", "segmentaton"), planning_record("SAM"),
+                                            planning_record("segmentation", "pizza_order")])
+    assert main(["--check", str(path)]) == 0  # still no problem: a tool of another installation
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"{path}: 3 records, 0 problem(s); tool calls: pizza_order: 1, segmentation: 3, segmentaton: 1"
+    assert "not validated (no such tool registered here): pizza_order, segmentaton (did you mean 'segmentation'?)" in out
+
+
+def test_check_keeps_an_image_folder_given_before_the_check_command(tmp_path, capsys):
+    """``--image-folder DIR check FILE`` dropped DIR: images went unchecked and a missing one passed."""
+    path = write_json(tmp_path / "d.json", [planning_record("segmentation")])
+    assert main(["--image-folder", str(tmp_path), "check", str(path)]) == 1
+    assert f"{path}: record 1: image not found" in capsys.readouterr().err

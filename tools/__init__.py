@@ -3,7 +3,7 @@
 
 from mmedagent.tools._boxes import Box, Point, as_pil_rgb
 from mmedagent.tools.base import Overlay, Tool, ToolError, ToolParams, ToolResult
-from mmedagent.tools.registry import UnknownToolError, get_tool, list_tools, load_plugin, refresh, register
+from mmedagent.tools.registry import UnknownToolError, get_tool, list_tools, load_plugin, load_plugins, refresh, register
 
 __all__ = [
     "Box",
@@ -18,6 +18,7 @@ __all__ = [
     "get_tool",
     "list_tools",
     "load_plugin",
+    "load_plugins",
     "refresh",
     "register",
 ]

@@ -240,6 +240,16 @@ def load_plugin(module_name: str) -> list[type[Tool]]:
     return classes
 
 
+def load_plugins(modules: Iterable[str]) -> None:
+    """:func:`load_plugin` each of ``modules`` (the scripts' repeatable ``--plugin``); a ``ValueError`` naming
+    the flag and the module that cannot be loaded."""
+    for module in modules:
+        try:
+            load_plugin(module)
+        except (ImportError, ValueError) as e:
+            raise ValueError(f"--plugin {module}: {e}") from None
+
+
 def list_tools() -> list[type[Tool]]:
     """All known tool classes, sorted by name."""
     return sorted(_all().values(), key=lambda c: c.name)

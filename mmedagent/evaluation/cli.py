@@ -76,6 +76,8 @@ def parser() -> argparse.ArgumentParser:
                    help="live: run the real tools; gold: feed the gold tool outputs from the data (default live; "
                         "scoring a run's samples.jsonl with --predictions: the run's)")
     p.add_argument("--tools", nargs="+", metavar="NAME", help="tools offered to the planner (default: all registered)")
+    p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                   help="module whose tool classes to register, as the serve scripts take it (repeatable)")
     p.add_argument("--tool-options", type=_json_object, default={},
                    help='JSON: {"tool name": {constructor options}} for live tools')
     p.add_argument("--tool-weights", choices=("demo", "default"), default=None,
@@ -193,7 +195,8 @@ def run_settings(args: argparse.Namespace) -> dict[str, Any]:
     from mmedagent.evaluation.results import file_sha256
 
     return {**{key: getattr(args, key) for key in RUN_SETTINGS}, "model": _recorded_model(args.model),
-            "data_sha256": file_sha256(args.data)}
+            "data_sha256": file_sha256(args.data),
+            **({"plugin": args.plugin} if args.plugin else {})}  # runs from before --plugin resume as they were
 
 
 def _finish(args: argparse.Namespace, samples: list[Any], results: list[Any], meta: dict[str, Any]) -> dict[str, Any]:
@@ -375,6 +378,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: --image-folder {args.image_folder} is not a folder", file=sys.stderr)
         return 2
     try:
+        from mmedagent.tools import load_plugins
+
+        load_plugins(args.plugin)  # before any tool name is resolved: the data's, --tools', the predictions'
         report = run_evaluation(args)
     except (EvalFileError, OSError, json.JSONDecodeError, KeyError, ValueError) as e:  # bad data, model not found
         print(f"error: {e}", file=sys.stderr)
