@@ -44,9 +44,15 @@ def _dispatcher():
 def _close_name(name: str, dispatcher: Any) -> str | None:
     """The registered tool name or alias closest to ``name`` (a typo of it), as :func:`name_key` writes names; None
     if none is close."""
-    spellings = {name_key(n): n for tool in dispatcher.tools.values() for n in tool.names()}
-    close = difflib.get_close_matches(name_key(name), spellings, n=1, cutoff=0.8)
-    return spellings[close[0]] if close else None
+    spellings = {name_key(n): (n, tool.name) for tool in dispatcher.tools.values() for n in tool.names()}
+    key = name_key(name)
+    close = difflib.get_close_matches(key, spellings, n=2, cutoff=0.8)
+    if not close:
+        return None
+    if len(close) == 2 and spellings[close[0]][1] != spellings[close[1]][1] and (
+            difflib.SequenceMatcher(None, key, close[0]).ratio() == difflib.SequenceMatcher(None, key, close[1]).ratio()):
+        return None  # as close to two tools ("ChatCAD": ChatCAD-G or ChatCAD-R): no guess
+    return spellings[close[0]][0]
 
 
 def _check_one(rec: Record, where: str, report: CheckReport, dispatcher: Any) -> None:

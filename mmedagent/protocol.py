@@ -214,6 +214,11 @@ def is_tool_result_text(text: str) -> bool:
 # --------------------------------------------------------------------------- parsing
 
 
+def _last_written(out: list[str]) -> str:
+    """The last character other than whitespace in the pieces written so far ("" for none)."""
+    return next((piece.rstrip()[-1] for piece in reversed(out) if piece.strip()), "")
+
+
 def _normalise_json(text: str) -> str:
     """Turn single-quoted / Python-literal JSON into strict JSON; strings are re-quoted only, and a comma
     before a closing bracket (``"top_k": 3, }``: Python allows it, and the constrained decoder lets it through)
@@ -252,8 +257,8 @@ def _normalise_json(text: str) -> str:
             out.append({"True": "true", "False": "false", "None": "null"}.get(word, word))
             i = j
             continue
-        if c == "," and text[i + 1:].lstrip()[:1] in ("}", "]"):
-            i += 1
+        if c == "," and text[i + 1:].lstrip()[:1] in ("}", "]") and _last_written(out) not in ("", "[", "{", ","):
+            i += 1  # a trailing comma after a value; "[,]" stays the error it is
             continue
         out.append(c)
         i += 1

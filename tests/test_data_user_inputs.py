@@ -197,6 +197,9 @@ def test_check_counts_calls_by_tool_and_suggests_the_tool_an_unknown_name_is_a_t
     out = capsys.readouterr().out.splitlines()
     assert out[0] == f"{path}: 3 records, 0 problem(s); tool calls: pizza_order: 1, segmentation: 3, segmentaton: 1"
     assert "not validated (no such tool registered here): pizza_order, segmentaton (did you mean 'segmentation'?)" in out
+    tie = write_json(tmp_path / "tie.json", [planning_record("ChatCAD")])  # as close to ChatCAD-G as to ChatCAD-R
+    assert main(["--check", str(tie)]) == 0
+    assert "not validated (no such tool registered here): ChatCAD" in capsys.readouterr().out.splitlines()
 
 
 def test_check_keeps_an_image_folder_given_before_the_check_command(tmp_path, capsys):

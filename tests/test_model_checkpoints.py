@@ -305,7 +305,7 @@ def test_an_original_checkpoint_with_only_a_sentencepiece_tokenizer_converts(lla
     ``tokenizer.json``: reading it needs sentencepiece and protobuf, which the project installs. The converted
     tokenizer gives the ids LLaVA's code trained on (it gave ``US`` ``ER`` after ``</s>``, not ``▁USER``)."""
     import sentencepiece as spm
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, LlamaTokenizer  # as converted, as saved, rebuilt from its config
 
     from mmedagent.model.llava_convert import converted_cache_dir
     from mmedagent.model.tiny import _MEDICAL
@@ -340,7 +340,8 @@ def test_an_original_checkpoint_with_only_a_sentencepiece_tokenizer_converts(lla
         for j, part in enumerate(chunk.split("</s>")):
             llava_ids += ([2] if j else []) + (sp.encode(part) if part else [])
     image_id = tok.convert_tokens_to_ids("<image>")
-    for tokenizer in (tok, AutoTokenizer.from_pretrained(converted_cache_dir(src))):  # as converted, as saved
+    converted = converted_cache_dir(src)
+    for tokenizer in (tok, AutoTokenizer.from_pretrained(converted), LlamaTokenizer.from_pretrained(converted)):
         ids = tokenizer("<s>" + conversation, add_special_tokens=False)["input_ids"]
         assert [-200 if i == image_id else i for i in ids] == llava_ids
 

@@ -115,7 +115,7 @@ def test_a_run_with_a_plugin_resumes_only_with_it(loose, monkeypatch, capsys):
     data = write_json(loose / "d.json", [probe_record()])
     argv = ["--model", str(loose), "--data", str(data), "--tool-mode", "gold", "--quiet", "--out", str(loose / "run")]
     assert eval_main([*argv, "--plugin", "hosp_loose"]) == 0
-    assert eval_main([*argv, "--resume", "--plugin", "hosp_loose"]) == 0
+    assert eval_main([*argv, "--resume", "--plugin", "hosp_loose", "--plugin", "hosp_loose"]) == 0  # the same set
     capsys.readouterr()
     assert eval_main([*argv, "--resume"]) == 2
     assert "--plugin: ['hosp_loose'] then, None now" in capsys.readouterr().err

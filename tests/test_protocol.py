@@ -142,6 +142,9 @@ def test_trailing_commas_are_dropped_outside_strings():
     text = ('"thoughts🤔" x\n"actions🚀" [{"API_name": "grounding", "API_params": {"prompts": ["a, ]", "b",], '
             '"note": "x, }", }, }, ]\n"value👉" ok')
     assert parse_turn(text).actions[0].API_params == {"prompts": ["a, ]", "b"], "note": "x, }"}
+    for empty in ('[,]', '[{"API_name": "grounding", "API_params": {,}}]'):  # no value before the comma: still wrong
+        with pytest.raises(TurnParseError, match="not valid JSON"):
+            parse_turn(f'"actions🚀" {empty}\n"value👉" ok')
 
 
 def test_multi_call_and_missing_thoughts():

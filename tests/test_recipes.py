@@ -340,7 +340,7 @@ def _files(folder):
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_rerun_with_other_data_is_refused_before_out_changes(dialogue, tmp_path, capsys):
+def test_rerun_with_other_data_is_refused_before_out_changes(dialogue, tmp_path, capsys, monkeypatch):
     """A rerun on a trained OUT with other data (or another training setting) is refused in one line before
     anything in OUT is written: OUT/data keeps the files its checkpoints were trained on. The same data and
     settings still go through."""
@@ -366,6 +366,18 @@ def test_rerun_with_other_data_is_refused_before_out_changes(dialogue, tmp_path,
     assert main(["dialogue-llama3", "--tiny", "--out", str(out), "--data", str(other), "--stop-after-data"]) == 2
     capsys.readouterr()
     assert _files(out) == before  # the old data was put back, not deleted with the staging folder
+
+    from mmedagent.recipes.base import Recipe
+
+    def interrupted(self, stage):  # Ctrl-C between moving OUT/data aside and the new data in
+        (out / "data").rename(stage / ".data.old")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Recipe, "_move_into_place", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        main(["dialogue-llama3", "--tiny", "--out", str(out), "--stop-after-data"])
+    capsys.readouterr()
+    assert _files(out) == before
 
 
 def test_rerun_with_the_same_caption_data_keeps_its_image_paths(diagnosis, capsys):

@@ -196,7 +196,7 @@ def run_settings(args: argparse.Namespace) -> dict[str, Any]:
 
     return {**{key: getattr(args, key) for key in RUN_SETTINGS}, "model": _recorded_model(args.model),
             "data_sha256": file_sha256(args.data),
-            **({"plugin": args.plugin} if args.plugin else {})}  # runs from before --plugin resume as they were
+            **({"plugin": sorted(set(args.plugin))} if args.plugin else {})}  # runs from before --plugin resume as they were
 
 
 def _finish(args: argparse.Namespace, samples: list[Any], results: list[Any], meta: dict[str, Any]) -> dict[str, Any]:

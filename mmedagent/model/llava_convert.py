@@ -361,6 +361,8 @@ def legacy_spacing(tokenizer: Any, src: Path) -> None:
     for part in parts:
         if isinstance(part, pre_tokenizers.Metaspace) and part.prepend_scheme == "first":
             part.prepend_scheme = "always"
+            tokenizer.init_kwargs["legacy"] = True  # saved: a LlamaTokenizer load of the folder rebuilds it so too
+            tokenizer.legacy = True
 
 
 def _items(sequence: Any) -> list[Any]:

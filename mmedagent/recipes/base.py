@@ -265,6 +265,7 @@ class Recipe:
             check_train_argv(self.train_argv(base, staged.train_file, staged.eval_file), skip_training)
             self._move_into_place(stage)
         finally:
+            self._restore_from(stage)  # interrupted between the two moves: the old data goes back, not away
             shutil.rmtree(stage, ignore_errors=True)
         if cfg.stop_after_data:
             say(
