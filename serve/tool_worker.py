@@ -29,7 +29,7 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel
 
 from mmedagent.dispatcher import error_text, failure_of, parse_params, result_views
-from mmedagent.serve.config import ServeConfig, add_common_args, add_limit_args, config_or_exit
+from mmedagent.serve.config import ServeConfig, ToolSpec, add_common_args, add_limit_args, config_or_exit
 from mmedagent.serve.remote import REQUEST_ID_HEADER, TOOL_FAILED, CallAnswer, loggable_id
 from mmedagent.serve.security import setup_logging, without_echoed_input
 from mmedagent.serve.uploads import UploadError, image_from_data_url
@@ -207,6 +207,27 @@ def described(tool: Tool) -> dict[str, Any]:
         raise ValueError(f"tool {tool.name} cannot describe itself (its schema): {type(e).__name__}: {e}") from None
 
 
+def configured_options(cfg: ServeConfig, name: str) -> dict[str, Any]:
+    """The options the serving config gives tool ``name`` where no ``--options`` are given (a worker started by
+    hand on another machine with the stack's YAML): its ``tools:`` entry, else the demo weights under
+    ``tool_weights: demo``, as the launcher resolves them (:func:`~mmedagent.serve.launcher.resolve_tool_specs`);
+    without ``tool_weights`` the tool's published defaults."""
+    from mmedagent.serve.launcher import resolve_tool_specs
+
+    tools = dict(cfg.tools or {})
+    if not any(_is_tool(key, name) for key in tools):
+        tools[name] = ToolSpec()
+    worker = cfg.model_copy(update={"tools": tools, "no_workers": False, "tool_weights": cfg.tool_weights or "default"})
+    return dict(resolve_tool_specs(worker)[name].options)
+
+
+def _is_tool(key: str, name: str) -> bool:
+    try:
+        return get_tool(key).name == name
+    except UnknownToolError:
+        return False
+
+
 def registration(tool: Tool, address: str, info: dict[str, Any]) -> dict[str, Any]:
     return {"address": address, "kind": "tool", "names": [tool.name], "info": info}
 
@@ -247,18 +268,18 @@ def main(argv: list[str] | None = None) -> None:
         load_plugins([*cfg.plugins, *args.plugin])
     except ValueError as e:
         parser.error(str(e))
-    if args.options is None:
-        args.options = os.environ.pop(TOOL_OPTIONS_ENV, "{}")  # not inherited any further
-    try:
-        options = json.loads(args.options)
-    except json.JSONDecodeError as e:
-        parser.error(f"--options is not valid JSON: {e}")
-    if not isinstance(options, dict):
-        parser.error("--options must be a JSON object")
     try:
         cls = get_tool(args.tool)
     except UnknownToolError as e:
         parser.error(str(e))
+    if args.options is None:
+        args.options = os.environ.pop(TOOL_OPTIONS_ENV, None)  # not inherited any further
+    try:
+        options = json.loads(args.options) if args.options is not None else configured_options(cfg, cls.name)
+    except json.JSONDecodeError as e:
+        parser.error(f"--options is not valid JSON: {e}")
+    if not isinstance(options, dict):
+        parser.error("--options must be a JSON object")
     t0 = time.monotonic()
     try:
         tool = cls(**options)

@@ -371,6 +371,18 @@ def test_a_worker_stopped_while_its_registration_is_answered_still_leaves_the_co
     assert calls == ["/register_worker", "/unregister_worker"]
 
 
+def test_a_tool_worker_started_by_hand_takes_its_options_from_the_stacks_config(tmp_path):
+    """A worker on another machine started with the stack's YAML ignored its tools: entry (and tried the Hub)."""
+    config = tmp_path / "stack.yaml"
+    config.write_text("tools:\n  BiomedClip: {options: {model: /models/biomedclip}}\n"
+                      "  grounding: {options: {model: /models/gdino}}\n  segmentation: {options: {checkpoint: /m/medsam.pth}}\n")
+    cfg = load_config(config)
+    assert tw.configured_options(cfg, "classification") == {"model": "/models/biomedclip"}
+    assert tw.configured_options(cfg, "grounding_segmentation") == {
+        "grounding": {"model": "/models/gdino"}, "segmentation": {"checkpoint": "/m/medsam.pth"}}
+    assert tw.configured_options(load_config(None), "classification") == {}  # no config: the published weights
+
+
 def test_a_worker_that_cannot_reach_its_controller_says_so_once(monkeypatch, caplog):
     """It printed its address and then nothing (the attempts were logged at DEBUG): a wrong --controller looked
     like a hang."""
