@@ -278,7 +278,7 @@ class GuardMiddleware:
             return await refuse(421, "this server answers only to a loopback host name (127.0.0.1, localhost) "
                                      "unless it has an API key")
         if not check_token(headers.get("authorization"), self.api_key):
-            return await refuse(401, "missing or wrong bearer token", [(b"www-authenticate", b"Bearer")])
+            return await refuse(401, "missing or wrong API key", [(b"www-authenticate", b"Bearer")])
         if scope.get("method") in ("POST", "PUT", "PATCH"):
             media = headers.get("content-type", "").split(";")[0].strip().lower()
             if media != "application/json":

@@ -450,12 +450,12 @@ class KeyedController(FakeController):
     def __call__(self, request: httpx.Request) -> httpx.Response:
         if request.url.path == "/chat":
             self.bodies.append(json.loads(request.content))
-        return httpx.Response(401, json={"detail": "missing or wrong bearer token"})
+        return httpx.Response(401, json={"detail": "missing or wrong API key"})
 
 
 def test_cli_without_the_controllers_api_key_says_how_to_give_it(monkeypatch, capsys):
     controller = KeyedController()
     assert run_cli(monkeypatch, controller, [], ["Where is the tumor?", "/quit"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "missing or wrong bearer token" in err[0] and "--api-key or MMEDAGENT_API_KEY" in err[0]
+    assert len(err) == 1 and "missing or wrong API key" in err[0] and "--api-key or MMEDAGENT_API_KEY" in err[0]
     assert not controller.bodies  # said before the first question, not after each one

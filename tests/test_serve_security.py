@@ -51,8 +51,14 @@ def test_without_a_key_only_loopback_host_names_are_answered(wrap):
 
 
 def test_with_a_key_any_host_name_is_answered_with_the_token():
+    from mmedagent.serve.security import RedactFilter
+
     client = TestClient(GuardMiddleware(_hello(), "s3cret", 1 << 20), base_url="http://gpu-box.lan:21001")
-    assert client.get("/hello").status_code == 401
+    refused = client.get("/hello")
+    assert refused.status_code == 401
+    # a worker logs the refusal: it read "missing or wrong [redacted]" (the words "bearer token" taken for one)
+    logged = RedactFilter(["s3cret"]).scrub(f"controller refused registration (401): {refused.json()['detail']}")
+    assert logged.endswith("missing or wrong API key")
     assert client.get("/hello", headers={"Authorization": "Bearer s3cret"}).status_code == 200
 
 
