@@ -96,20 +96,33 @@ def _with_failover(registry: WorkerRegistry, kind: str, name: str, what: str, ad
     A worker whose connection is refused (it is gone; the call never started) is dropped at once (it
     registers again when it comes back), and one whose ``call`` raises :class:`_Unavailable` is passed
     over, when another worker serves ``name``; else either is a :class:`WorkerError`, as is any other
-    transport failure, naming ``what`` and the worker.
+    transport failure, naming ``what`` and the worker. A connection that breaks before anything came
+    back (a kept-alive connection to a worker just killed, or one the worker had closed) is tried
+    once more on a new connection, where a gone worker refuses it.
     """
     tried: list[str] = []
+    fresh_try = True
     while True:
         tried.append(address)
         registry.begin(address)
+        answered = False
         try:
-            yield from call(address)
+            for item in call(address):
+                answered = True
+                yield item
             return
         except httpx.ConnectError as e:
             registry.remove(address)
             failure: WorkerError = WorkerError(_describe_http_error(what, e))
         except _Unavailable as e:
             failure = WorkerBusy(str(e))
+        except (httpx.ReadError, httpx.RemoteProtocolError) as e:
+            if answered or not fresh_try:
+                log.warning("%s at %s: %s", what, address, type(e).__name__)
+                raise WorkerError(_describe_http_error(what, e)) from None
+            fresh_try = False
+            tried.remove(address)
+            continue
         except httpx.HTTPError as e:
             log.warning("%s at %s: %s", what, address, type(e).__name__)
             raise WorkerError(_describe_http_error(what, e)) from None

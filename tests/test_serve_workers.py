@@ -826,6 +826,42 @@ def test_a_chat_goes_to_another_model_worker_when_its_own_is_gone():
         WorkerPlanner(reg, client, "demo", "c2", 5.0).generate([{"role": "user", "content": "Is it benign?"}], None)
 
 
+def test_a_connection_broken_before_any_answer_is_tried_again_then_fails_over():
+    """A follow-up sent right after its worker was killed met the pooled keep-alive connection (ReadError, not a
+    refused connection) and failed, where a refused one goes to another worker."""
+    from mmedagent.serve.remote import WorkerError, WorkerPlanner
+
+    class BreaksAfterOneLine(httpx.SyncByteStream):
+        def __iter__(self):
+            yield b'{"text": "It is "}\n'
+            raise httpx.ReadError("connection reset by peer")
+
+    calls = []
+
+    def workers(request):
+        calls.append(request.url.host)
+        if request.url.host == "10.0.0.1":  # killed: the pooled connection breaks, a new one is refused
+            if calls.count("10.0.0.1") == 1:
+                raise httpx.ReadError("connection reset by peer", request=request)
+            raise httpx.ConnectError("connection refused", request=request)
+        if request.url.host == "10.0.0.3":
+            return httpx.Response(200, stream=BreaksAfterOneLine())
+        return httpx.Response(200, text='{"text": "benign."}\n')
+
+    reg = WorkerRegistry(expiry_s=60)
+    for i in (1, 2):
+        reg.register(WorkerInfo(address=f"http://10.0.0.{i}:8000", kind="model", names=["demo"]))
+    client = httpx.Client(transport=httpx.MockTransport(workers))
+    ask = [{"role": "user", "content": "Is it benign?"}]
+    assert WorkerPlanner(reg, client, "demo", "c1", 5.0).generate(ask, None) == "benign."
+    assert calls == ["10.0.0.1", "10.0.0.1", "10.0.0.2"] and [w.address for w in reg.workers()] == ["http://10.0.0.2:8000"]
+    reg.remove("http://10.0.0.2:8000")
+    reg.register(WorkerInfo(address="http://10.0.0.3:8000", kind="model", names=["demo"]))
+    with pytest.raises(WorkerError, match="stopped responding"):  # part of an answer came: not asked again
+        WorkerPlanner(reg, client, "demo", "c2", 5.0).generate(ask, None)
+    assert calls.count("10.0.0.3") == 1
+
+
 def test_a_conversations_follow_up_goes_to_the_model_worker_that_answered_it(monkeypatch):
     """The worker that holds a chat's cache gets its next question unless it stalls, leaves or has two calls
     more under way than another; a new chat still goes to the least-loaded worker, the oldest conversations
