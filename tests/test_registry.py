@@ -179,3 +179,13 @@ def test_a_plugin_alias_differing_only_in_separators_clashes_with_a_built_in():
         Result = ToolResult
 
     assert "already taken by tool 'grounding'" in _clash(Detector, [get_tool("grounding")])
+
+
+def test_a_plugin_module_that_is_not_found_says_where_python_looks():
+    """``serve/controller.py --plugin my_pkg.tools`` with my_pkg in the current folder: a script run by path does not
+    search that folder (``python -m`` does), which "No module named 'my_pkg'" alone did not tell."""
+    from mmedagent.tools import load_plugins
+
+    with pytest.raises(ValueError, match=r"^--plugin nowhere_pkg\.tools: No module named 'nowhere_pkg'; a module in the "
+                                         r"current folder needs PYTHONPATH=\."):
+        load_plugins(["nowhere_pkg.tools"])

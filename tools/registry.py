@@ -246,6 +246,11 @@ def load_plugins(modules: Iterable[str]) -> None:
     for module in modules:
         try:
             load_plugin(module)
+        except ModuleNotFoundError as e:
+            missing = e.name is not None and module.split(".")[0] == e.name.split(".")[0]
+            hint = ("; a module in the current folder needs PYTHONPATH=. (only `python -m` adds that folder), a package "
+                    "needs installing") if missing else ""
+            raise ValueError(f"--plugin {module}: {e}{hint}") from None
         except (ImportError, ValueError) as e:
             raise ValueError(f"--plugin {module}: {e}") from None
 
