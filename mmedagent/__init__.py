@@ -3,6 +3,7 @@
 import glob
 import os
 import sys
+import warnings
 
 from mmedagent import _torchvision_compat
 
@@ -24,3 +25,7 @@ def cpu_only_deepspeed(environ=os.environ, platform: str = sys.platform) -> None
 
 
 cpu_only_deepspeed()
+
+# peft reads transformers' deprecated ``is_gradient_checkpointing`` whenever it wraps a model: the
+# warning reached every merge, recipe and adapter load, where the user can do nothing about it
+warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)

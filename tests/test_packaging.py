@@ -192,3 +192,17 @@ def test_deepspeed_is_told_a_machine_without_accelerators_is_cpu_only(tmp_path, 
     (tmp_path / "nvidia0").unlink()
     mmedagent.cpu_only_deepspeed(env, "darwin")  # Apple's MPS has no device file
     assert env == {}
+
+
+def test_wrapping_a_model_in_lora_prints_no_library_deprecation_warning():
+    """peft read transformers' deprecated ``is_gradient_checkpointing`` on every wrap: a FutureWarning after every
+    merge, recipe and adapter load."""
+    script = ("import mmedagent\n"
+              "from peft import LoraConfig, get_peft_model\n"
+              "from transformers import LlamaConfig, LlamaForCausalLM\n"
+              "model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,\n"
+              "    num_attention_heads=2, num_key_value_heads=2, vocab_size=64))\n"
+              "get_peft_model(model, LoraConfig(target_modules=['q_proj']))\n")
+    proc = subprocess.run([sys.executable, "-c", script], env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "is_gradient_checkpointing" not in proc.stderr
