@@ -460,7 +460,10 @@ class Controller:
 
     def status(self) -> dict[str, Any]:
         """What the banner shows: models and tools with their weights, loading tools, the demo's evaluation."""
-        models = [{**w.info, "name": w.names[0]} for w in self.registry.workers("model")]
+        by_name: dict[str, dict[str, Any]] = {}
+        for w in self.registry.workers("model"):  # several workers of one model: one entry
+            by_name.setdefault(w.names[0], {**w.info, "name": w.names[0]})
+        models = list(by_name.values())
         return {"models": models, "tools": self.tool_weights(), "loading": list(self.loading),
                 "demo": self.demo_summary(models)}
 

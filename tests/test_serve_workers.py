@@ -826,6 +826,19 @@ def test_a_chat_goes_to_another_model_worker_when_its_own_is_gone():
         WorkerPlanner(reg, client, "demo", "c2", 5.0).generate([{"role": "user", "content": "Is it benign?"}], None)
 
 
+def test_two_workers_of_one_model_are_one_model_in_the_status():
+    """The banner showed the model, and its warning note, once per worker."""
+    ctl = ctl_mod.Controller(ServeConfig(tools={}))
+    try:
+        for port in (8000, 8001):
+            ctl.registry.register(WorkerInfo(address=f"http://127.0.0.1:{port}", kind="model", names=["demo"],
+                                             info={"note": "demo only"}))
+        ctl.registry.register(WorkerInfo(address="http://127.0.0.1:8002", kind="model", names=["other"]))
+        assert [m["name"] for m in ctl.status()["models"]] == ["demo", "other"]
+    finally:
+        ctl.close()
+
+
 def test_a_connection_broken_before_any_answer_is_tried_again_then_fails_over():
     """A follow-up sent right after its worker was killed met the pooled keep-alive connection (ReadError, not a
     refused connection) and failed, where a refused one goes to another worker."""
