@@ -16,7 +16,7 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mmedagent.protocol import IMAGE_TOKEN
-from mmedagent.serve.config import is_loopback, validation_problems
+from mmedagent.serve.config import BACKEND_API_KEY_ENV, is_loopback, validation_problems
 from mmedagent.serve.httpclient import error_detail, make_client, timeout
 from mmedagent.serve.registry import NoWorkerError, WorkerRegistry
 from mmedagent.serve.uploads import png_data_url
@@ -377,9 +377,16 @@ class OpenAIPlanner:
     def _first_model(self) -> str:
         try:
             r = self.client.get(f"{self.base_url}/models")
-            r.raise_for_status()
+        except httpx.HTTPError as e:
+            raise WorkerError(self._scrub(f"cannot list models at {self.shown}: {type(e).__name__}: {e}")) from None
+        if r.status_code in (401, 403):
+            raise WorkerError(f"{self.shown} refused this server's key ({r.status_code}) to list its models: give the "
+                              f"backend's own key (model_backend_api_key, or env {BACKEND_API_KEY_ENV})")
+        if r.status_code != 200:
+            raise WorkerError(self._scrub(f"cannot list models at {self.shown} ({r.status_code}): {error_detail(r)}"))
+        try:
             return r.json()["data"][0]["id"]
-        except (httpx.HTTPError, KeyError, IndexError, ValueError) as e:
+        except (KeyError, IndexError, TypeError, ValueError) as e:
             raise WorkerError(self._scrub(f"cannot list models at {self.shown}: {type(e).__name__}: {e}")) from None
 
     def info(self) -> dict[str, Any]:

@@ -198,6 +198,32 @@ def test_the_stacks_api_key_reaches_only_a_backend_on_this_machine(monkeypatch):
     assert token("http://localhost:8000/v1") == f"Bearer {own_key}"
 
 
+def test_a_backend_that_refuses_the_key_when_asked_for_its_models_names_the_setting(monkeypatch):
+    """It read "HTTPStatusError: Client error '401 Unauthorized' … For more information check: https://developer.mozilla…"."""
+    import httpx
+    import pytest
+
+    from mmedagent.serve import remote
+    from mmedagent.serve.remote import OpenAIPlanner, WorkerError
+
+    answers = {"/v1/models": httpx.Response(401, json={"detail": "missing or wrong API key"})}
+    real = remote.make_client
+
+    def client(*args, **kwargs):
+        made = real(*args, **kwargs)
+        made._transport = httpx.MockTransport(lambda request: answers[request.url.path])
+        return made
+
+    monkeypatch.setattr(remote, "make_client", client)
+    with pytest.raises(WorkerError, match=r"^https://gpu-box:8443/v1 refused this server's key \(401\) to list its "
+                                          r"models: give the backend's own key \(model_backend_api_key, or env "
+                                          r"MMEDAGENT_BACKEND_API_KEY\)$"):
+        OpenAIPlanner("https://svc:hunter2@gpu-box:8443/v1", None, "stack-key")
+    answers["/v1/models"] = httpx.Response(500, text="upstream down")
+    with pytest.raises(WorkerError, match=r"^cannot list models at https://gpu-box:8443/v1 \(500\): upstream down$"):
+        OpenAIPlanner("https://gpu-box:8443/v1", None, None)
+
+
 def test_a_backend_failure_names_the_backend_without_its_credentials():
     import httpx
     import pytest
