@@ -210,7 +210,8 @@ class Heartbeat(threading.Thread):
 KEEP_ALIVE_S = 5
 """An idle keep-alive connection is closed after this many seconds (uvicorn's default, as httpx's pool expiry)."""
 MAX_HEADER_BYTES = 16 * 1024
-"""Largest request line plus headers; larger ones get 400 (h11's default, stated here with the other limits)."""
+"""Largest part of a request line plus headers h11 buffers while they are still arriving (more gets 400; h11's
+default, stated here with the other limits); a header block that arrives whole is parsed whatever its size."""
 
 
 class ReadDeadlineH11(H11Protocol):
