@@ -84,6 +84,15 @@ def _describe_http_error(what: str, err: httpx.HTTPError) -> str:
     return f"{what} stopped responding ({type(err).__name__}: {err})"
 
 
+AT_LIMIT = "is busy: it holds as many connections as it takes (max_connections); try again shortly"
+
+
+def _is_json(response: httpx.Response) -> bool:
+    """Whether the answer is the service's own (JSON), not its HTTP server's (uvicorn's plain-text 503 over its
+    connection limit)."""
+    return response.headers.get("content-type", "").startswith("application/json")
+
+
 class _Unavailable(Exception):
     """A worker answered that it cannot take the call now (hung or still loading): try another one."""
 
@@ -198,7 +207,7 @@ class RemoteTool(Tool):
         r = self.client.post(f"{address}/call", json=body, timeout=timeout(self.timeout_s),
                              headers={REQUEST_ID_HEADER: rid} if rid else None)
         if r.status_code == 503:  # this worker is hung or still loading; another one may serve the tool
-            raise _Unavailable(error_detail(r))
+            raise _Unavailable(error_detail(r) if _is_json(r) else f"tool worker for {self.name!r} {AT_LIMIT}")
         yield address, r
 
     def _pick(self) -> str:
@@ -311,6 +320,8 @@ class WorkerPlanner:
                                     timeout=timeout(self.timeout_s)) as r:
                 if r.status_code != 200:
                     r.read()
+                    if r.status_code == 503 and not _is_json(r):  # its server's connection limit: another may take it
+                        raise _Unavailable(f"{what} {AT_LIMIT}")
                     raise WorkerError(f"{what}: {error_detail(r)}")
                 for event in _iter_ndjson(r):
                     if event.get("busy"):  # no turn came: another worker of the model may have one

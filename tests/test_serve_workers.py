@@ -826,6 +826,32 @@ def test_a_chat_goes_to_another_model_worker_when_its_own_is_gone():
         WorkerPlanner(reg, client, "demo", "c2", 5.0).generate([{"role": "user", "content": "Is it benign?"}], None)
 
 
+def test_a_worker_at_its_connection_limit_is_passed_over_with_a_reason():
+    """uvicorn's plain-text 503 over max_connections reached the chat as a bare "Service Unavailable" (a model
+    worker's even ended the chat, where another worker of the model was free)."""
+    from mmedagent.dispatcher import Dispatcher
+    from mmedagent.serve.remote import WorkerBusy, WorkerPlanner, remote_tool_class
+
+    def workers(request):
+        if request.url.host == "10.0.0.1":
+            return httpx.Response(503, text="Service Unavailable", headers={"content-type": "text/plain"})
+        return httpx.Response(200, text='{"text": "benign."}\n')
+
+    reg = WorkerRegistry(expiry_s=60)
+    client = httpx.Client(transport=httpx.MockTransport(workers))
+    reg.register(WorkerInfo(address="http://10.0.0.1:8000", kind="model", names=["demo"]))
+    ask = [{"role": "user", "content": "Is it benign?"}]
+    with pytest.raises(WorkerBusy, match=r"^model worker for 'demo' is busy: it holds as many connections as it "
+                                         r"takes \(max_connections\); try again shortly$"):
+        WorkerPlanner(reg, client, "demo", None, 5.0).generate(ask, None)
+    reg.register(WorkerInfo(address="http://10.0.0.2:8000", kind="model", names=["demo"]))
+    assert WorkerPlanner(reg, client, "demo", None, 5.0).generate(ask, None) == "benign."
+    reg.register(tool_worker("http://10.0.0.1:8001", "nap"))
+    tool = remote_tool_class("nap", {"needs_image": False})(reg, client, 5.0, lambda: ["nap"])
+    outcome = Dispatcher({"nap": tool}, timeout_s=5).dispatch(ToolCall(API_name="nap", API_params={}), None)
+    assert not outcome.ok and "tool worker for 'nap' is busy: it holds as many connections" in outcome.error
+
+
 def test_two_workers_of_one_model_are_one_model_in_the_status():
     """The banner showed the model, and its warning note, once per worker."""
     ctl = ctl_mod.Controller(ServeConfig(tools={}))
