@@ -137,7 +137,8 @@ def _with_failover(registry: WorkerRegistry, kind: str, name: str, what: str, ad
             raise WorkerError(_describe_http_error(what, e)) from None
         finally:
             registry.end(address)
-        log.warning("%s at %s: %s", what, address, "busy" if isinstance(failure, WorkerBusy) else "not reachable")
+        log.warning("%s at %s: %s", what, address, "busy" if isinstance(failure, WorkerBusy)
+                    else "not reachable; dropped until it registers again")
         try:
             address = registry.pick(kind, name, exclude=tried)
         except NoWorkerError:

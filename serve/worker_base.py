@@ -156,7 +156,8 @@ class Heartbeat(threading.Thread):
             self.on_refused()
             return False
         if r.status_code != 200:
-            refusal = f"controller refused registration ({r.status_code}): {error_detail(r)}"
+            wrong_place = " (is --controller the controller's address?)" if r.status_code in (404, 405) else ""
+            refusal = f"controller refused registration ({r.status_code}): {error_detail(r)}{wrong_place}"
             if refusal != self._last_refusal:  # retried every second: said once, not every time
                 log.error("%s; retrying", refusal)
                 self._last_refusal = refusal

@@ -410,6 +410,15 @@ def test_a_worker_that_cannot_reach_its_controller_says_so_once(monkeypatch, cap
         assert not beat._register()  # unreachable again after it was reached: said again
         assert len(caplog.records) == 2
 
+    def model_worker_port(request):  # --controller pointed at another service
+        return httpx.Response(404, json={"detail": "Not Found"})
+
+    beat.client = httpx.Client(transport=httpx.MockTransport(model_worker_port))
+    with caplog.at_level(logging.ERROR, logger="mmedagent.serve.worker_base"):
+        assert not beat._register()
+    assert caplog.records[-1].getMessage() == ("controller refused registration (404): Not Found (is --controller the "
+                                               "controller's address?); retrying")
+
 
 class Held:
     """A planner that answers "ok" once ``free`` is set (a long generation holding the model)."""
@@ -865,7 +874,7 @@ def test_two_workers_of_one_model_are_one_model_in_the_status():
         ctl.close()
 
 
-def test_a_connection_broken_before_any_answer_is_tried_again_then_fails_over():
+def test_a_connection_broken_before_any_answer_is_tried_again_then_fails_over(caplog):
     """A follow-up sent right after its worker was killed met the pooled keep-alive connection (ReadError, not a
     refused connection) and failed, where a refused one goes to another worker."""
     from mmedagent.serve.remote import WorkerError, WorkerPlanner
@@ -892,8 +901,10 @@ def test_a_connection_broken_before_any_answer_is_tried_again_then_fails_over():
         reg.register(WorkerInfo(address=f"http://10.0.0.{i}:8000", kind="model", names=["demo"]))
     client = httpx.Client(transport=httpx.MockTransport(workers))
     ask = [{"role": "user", "content": "Is it benign?"}]
-    assert WorkerPlanner(reg, client, "demo", "c1", 5.0).generate(ask, None) == "benign."
+    with caplog.at_level(logging.WARNING, logger="mmedagent.serve.remote"):
+        assert WorkerPlanner(reg, client, "demo", "c1", 5.0).generate(ask, None) == "benign."
     assert calls == ["10.0.0.1", "10.0.0.1", "10.0.0.2"] and [w.address for w in reg.workers()] == ["http://10.0.0.2:8000"]
+    assert "model worker for 'demo' at http://10.0.0.1:8000: not reachable; dropped until it registers again" in caplog.text
     reg.remove("http://10.0.0.2:8000")
     reg.register(WorkerInfo(address="http://10.0.0.3:8000", kind="model", names=["demo"]))
     with pytest.raises(WorkerError, match="stopped responding"):  # part of an answer came: not asked again
