@@ -176,6 +176,21 @@ def setup_logging(level: str = "INFO", secrets: Iterable[str] = ()) -> None:
     route_tracebacks_to_log()  # printed tracebacks become records too, reduced or whole (and scrubbed) as set
     for noisy in ("httpx", "httpcore", "urllib3", "PIL", "matplotlib", "multipart", "faiss", "bm25s"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if root.level > logging.INFO:
+        quiet_progress_bars()
+
+
+def quiet_progress_bars() -> None:
+    """No "Loading weights" / download progress bars (transformers', the Hub client's), in this process and the
+    ones it starts: a log level above INFO asks for fewer lines, and they are many."""
+    from huggingface_hub.utils import disable_progress_bars
+
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read at import: the children the launcher starts
+    disable_progress_bars()
+    if "transformers" in sys.modules:  # imported already: its own switch was read from the Hub's at import
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
 
 
 def host_name(header: str) -> str:

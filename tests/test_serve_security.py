@@ -353,3 +353,23 @@ def test_whole_tracebacks_are_logged_only_when_asked_for_with_a_warning(tmp_path
                              cwd=tmp_path)
     assert "Traceback" not in reduced.stderr and "[KeyError at <string>" not in reduced.stderr
     assert "failed with [redacted] [KeyError" in reduced.stderr, reduced.stderr
+
+
+def test_a_log_level_above_info_quiets_the_loading_progress_bars():
+    """``--log-level WARNING`` ("for fewer lines") still printed transformers' "Loading weights" bars. (In a process
+    of its own: setup_logging changes the process's loggers.)"""
+    import os
+    import subprocess
+    import sys
+
+    script = ("import os, mmedagent, transformers\n"
+              "from huggingface_hub.utils import are_progress_bars_disabled\n"
+              "from transformers.utils.logging import is_progress_bar_enabled\n"
+              "from mmedagent.serve.security import setup_logging\n"
+              "setup_logging('INFO'); print(is_progress_bar_enabled(), are_progress_bars_disabled())\n"
+              "setup_logging('WARNING'); print(is_progress_bar_enabled(), are_progress_bars_disabled(),\n"
+              "                                os.environ['HF_HUB_DISABLE_PROGRESS_BARS'])\n")
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_PROGRESS_BARS"}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.splitlines() == ["True False", "False True 1"]
