@@ -110,7 +110,7 @@ def _with_failover(registry: WorkerRegistry, kind: str, name: str, what: str, ad
     once more on a new connection, where a gone worker refuses it.
     """
     tried: list[str] = []
-    fresh_try = True
+    broken: httpx.HTTPError | None = None  # the connection that broke before any answer, tried again once
     while True:
         tried.append(address)
         registry.begin(address)
@@ -122,14 +122,14 @@ def _with_failover(registry: WorkerRegistry, kind: str, name: str, what: str, ad
             return
         except httpx.ConnectError as e:
             registry.remove(address)
-            failure: WorkerError = WorkerError(_describe_http_error(what, e))
+            failure: WorkerError = WorkerError(_describe_http_error(what, broken or e))  # died mid-call, or was gone
         except _Unavailable as e:
             failure = WorkerBusy(str(e))
         except (httpx.ReadError, httpx.RemoteProtocolError) as e:
-            if answered or not fresh_try:
+            if answered or broken is not None:
                 log.warning("%s at %s: %s", what, address, type(e).__name__)
                 raise WorkerError(_describe_http_error(what, e)) from None
-            fresh_try = False
+            broken = e
             tried.remove(address)
             continue
         except httpx.HTTPError as e:

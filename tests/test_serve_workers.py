@@ -905,7 +905,12 @@ def test_a_connection_broken_before_any_answer_is_tried_again_then_fails_over(ca
         assert WorkerPlanner(reg, client, "demo", "c1", 5.0).generate(ask, None) == "benign."
     assert calls == ["10.0.0.1", "10.0.0.1", "10.0.0.2"] and [w.address for w in reg.workers()] == ["http://10.0.0.2:8000"]
     assert "model worker for 'demo' at http://10.0.0.1:8000: not reachable; dropped until it registers again" in caplog.text
-    reg.remove("http://10.0.0.2:8000")
+    calls.clear()
+    reg.register(WorkerInfo(address="http://10.0.0.1:8000", kind="model", names=["demo"]))
+    reg.remove("http://10.0.0.2:8000")  # the one worker died mid-call: said so, and dropped
+    with pytest.raises(WorkerError, match=r"^model worker for 'demo' stopped responding \(ReadError"):
+        WorkerPlanner(reg, client, "demo", "c3", 5.0).generate(ask, None)
+    assert calls == ["10.0.0.1", "10.0.0.1"] and not reg.workers()
     reg.register(WorkerInfo(address="http://10.0.0.3:8000", kind="model", names=["demo"]))
     with pytest.raises(WorkerError, match="stopped responding"):  # part of an answer came: not asked again
         WorkerPlanner(reg, client, "demo", "c2", 5.0).generate(ask, None)
