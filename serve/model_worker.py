@@ -39,7 +39,7 @@ from mmedagent.agent import openai_usage, token_counts
 from mmedagent.protocol import system_message
 from mmedagent.serve import openai_api as oa
 from mmedagent.serve.config import DTYPES, ServeConfig, add_common_args, add_limit_args, config_or_exit, is_loopback
-from mmedagent.serve.remote import REQUEST_ID_HEADER, loggable_id, remote_tool_class, shown_url
+from mmedagent.serve.remote import CHAT_REQUEST_ID, REQUEST_ID_HEADER, loggable_id, remote_tool_class, shown_url
 from mmedagent.serve.messages import (DEFAULT_NEW_TOKENS, MAX_NEW_TOKENS, MAX_PROMPT_MESSAGES, MAX_STOPS, ConversationId,
                                       StopString, TextMessage, as_dicts)
 from mmedagent.serve.security import setup_logging, without_echoed_input
@@ -173,6 +173,7 @@ class ModelHost:
             try:
                 if hasattr(self.planner, "tools"):  # set while this call holds the model
                     self.planner.tools = None if tools is None else self._classes(tools)
+                CHAT_REQUEST_ID.set(request_id)  # a backend's log names the chat too (each call sets its own)
                 stream = getattr(self.planner, "stream", None)
                 if stream is None:
                     yield self.planner.generate(messages, image, **gen)

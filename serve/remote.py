@@ -84,6 +84,12 @@ def _describe_http_error(what: str, err: httpx.HTTPError) -> str:
     return f"{what} stopped responding ({type(err).__name__}: {err})"
 
 
+def _request_id_header() -> dict[str, str] | None:
+    """The chat's request id (:data:`CHAT_REQUEST_ID`) for the service called, whose log then names it too."""
+    rid = CHAT_REQUEST_ID.get()
+    return {REQUEST_ID_HEADER: rid} if rid else None
+
+
 AT_LIMIT = "is busy: it holds as many connections as it takes (max_connections); try again shortly"
 
 
@@ -204,9 +210,7 @@ class RemoteTool(Tool):
                             worker_elapsed_s=answer.elapsed_s)
 
     def _post(self, address: str, body: dict[str, Any]) -> Iterator[tuple[str, httpx.Response]]:
-        rid = CHAT_REQUEST_ID.get()
-        r = self.client.post(f"{address}/call", json=body, timeout=timeout(self.timeout_s),
-                             headers={REQUEST_ID_HEADER: rid} if rid else None)
+        r = self.client.post(f"{address}/call", json=body, timeout=timeout(self.timeout_s), headers=_request_id_header())
         if r.status_code == 503:  # this worker is hung or still loading; another one may serve the tool
             raise _Unavailable(error_detail(r) if _is_json(r) else f"tool worker for {self.name!r} {AT_LIMIT}")
         yield address, r
@@ -433,7 +437,8 @@ class OpenAIPlanner:
         """The backend's whole answer (parsed JSON), for a caller that reads more than the text."""
         self.last_stats = {}
         try:
-            r = self.client.post(f"{self.base_url}/chat/completions", json=self._body(messages, image, gen, False))
+            r = self.client.post(f"{self.base_url}/chat/completions", json=self._body(messages, image, gen, False),
+                                 headers=_request_id_header())
         except httpx.HTTPError as e:
             raise WorkerError(self._scrub(_describe_http_error(f"model backend {self.shown}", e))) from None
         if r.status_code != 200:
@@ -445,7 +450,8 @@ class OpenAIPlanner:
     def stream(self, messages: Sequence[dict[str, str]], image: Any, **gen: Any) -> Iterator[str]:
         self.last_stats = {}
         try:
-            with self.client.stream("POST", f"{self.base_url}/chat/completions", json=self._body(messages, image, gen, True)) as r:
+            with self.client.stream("POST", f"{self.base_url}/chat/completions", json=self._body(messages, image, gen, True),
+                                    headers=_request_id_header()) as r:
                 if r.status_code != 200:
                     r.read()
                     raise WorkerError(self._scrub(f"model backend {self.shown}: {error_detail(r)}"))

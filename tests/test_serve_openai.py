@@ -224,6 +224,22 @@ def test_a_backend_that_refuses_the_key_when_asked_for_its_models_names_the_sett
         OpenAIPlanner("https://gpu-box:8443/v1", None, None)
 
 
+def test_a_forwarding_worker_passes_the_chats_request_id_to_its_backend():
+    """The backend's log said "request -": a chat could not be followed from the controller to the backend."""
+    seen = []
+
+    def backend(request):  # the host streams: an SSE answer
+        seen.append(request.headers.get("x-request-id"))
+        return httpx.Response(200, text='data: {"choices": [{"delta": {"content": "fine"}}]}\n\ndata: [DONE]\n\n')
+
+    planner = OpenAIPlanner("http://127.0.0.1:9/v1", "m")
+    planner.client = httpx.Client(transport=httpx.MockTransport(backend))
+    host = ModelHost(planner, "m", {}, 1 << 20)
+    assert "".join(host.stream(USER, None, {}, request_id="chat-7f3a")) == "fine"
+    assert "".join(host.stream(USER, None, {})) == "fine"
+    assert seen == ["chat-7f3a", None]
+
+
 def test_a_backend_failure_names_the_backend_without_its_credentials():
     import httpx
     import pytest
