@@ -66,6 +66,16 @@ def test_a_base_trained_with_image_start_and_end_tokens_converts_with_a_warning(
     torch.testing.assert_close(logits(model, llava["inputs"]), logits(llava["model"], llava["inputs"]))
 
 
+def test_a_converted_checkpoint_reports_the_vicuna_template_it_carries(llava):
+    """info() said "chat_template", so an evaluation with --conv-template vicuna_v1 and one without (the same
+    prompt) were reported as prompted differently."""
+    from mmedagent.model import load_planner
+
+    src = write_original_llava(llava["model"], llava["hf"], llava["root"] / "llava-med-template", llava["tower"])
+    assert load_planner(src).info()["template"] == "vicuna_v1"
+    assert load_planner(llava["hf"]).info()["template"] == "chat_template"  # llava-hf's own template
+
+
 def test_tied_word_embeddings_checkpoint_converts(llava):
     """``tie_word_embeddings: true`` and no ``lm_head.weight``: the output layer is the embeddings."""
     from transformers import LlavaForConditionalGeneration

@@ -240,13 +240,20 @@ class HFPlanner:
             prompt_lookup=prompt_lookup, constrain=constrain,
         )
 
+    def _chat_template_name(self) -> str:
+        """``vicuna_v1`` for the Vicuna template a converted LLaVA checkpoint carries (the prompt is the same as with
+        ``conv_template="vicuna_v1"``, and reports comparing the two runs should say so), else ``chat_template``."""
+        from mmedagent.model.llava_convert import VICUNA_V1_CHAT_TEMPLATE
+
+        return "vicuna_v1" if getattr(self.processor, "chat_template", None) == VICUNA_V1_CHAT_TEMPLATE else "chat_template"
+
     def info(self) -> dict[str, Any]:
         """Name, family, size, template and adapter, for UI banners and logs."""
         return {
             "name": self.name,
             "family": self.family,
             "parameters": sum(p.numel() for p in self.model.parameters()),
-            "template": self.template or "chat_template",
+            "template": self.template or self._chat_template_name(),
             "adapter": self.adapter,
             "kv_reuse": self.kv_reuse,
             "prompt_lookup": self.prompt_lookup,
