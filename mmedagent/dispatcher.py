@@ -140,6 +140,10 @@ class Dispatcher:
         self.max_workers = max_workers
         self.load_errors: dict[str, str] = {}
         """Tools that failed to load: name -> error (their calls are refused with it)."""
+        self.load_s: dict[str, float] = {}
+        """Seconds each tool's load here took (loaded or failed), up front or at its first call."""
+        self.progress: Callable[[str], None] | None = None
+        """Gets a line per tool loaded here, up front (unless :meth:`preload` is given its own) or at a first call."""
         self._lock = threading.Lock()
         self._pools: dict[str, ThreadPoolExecutor] = {}
         self._overdue: dict[str, int] = {}  # per tool: calls still running past their timeout
@@ -150,17 +154,9 @@ class Dispatcher:
         those that failed, so far.
 
         A tool that fails stays unavailable (not retried): its calls get an error naming the
-        failure, and the others run as usual. ``progress`` gets a line per tool."""
+        failure, and the others run as usual. ``progress`` (default :attr:`progress`) gets a line per tool."""
         for tool in self.tools.values() if tools is None else tools:
-            if tool.loaded or tool.name in self.load_errors:
-                continue
-            if progress:
-                progress(f"loading tool {tool.name}" + (" (the first load can take minutes)" if tool.slow_load else ""))
-            started = time.monotonic()
-            error = self._load(tool)
-            if progress:
-                progress(f"tool {tool.name} failed to load: {error}" if error
-                         else f"tool {tool.name} loaded in {time.monotonic() - started:.1f} s")
+            self._load(tool, progress or self.progress)
         return dict(self.load_errors)
 
     def resolve(self, name: str) -> Tool | None:
@@ -191,20 +187,29 @@ class Dispatcher:
             parsed = parsed.model_copy(update={tool.question_param: question})
         return tool, parsed
 
-    def _load(self, tool: Tool) -> str | None:
-        """Load ``tool`` if needed (untimed); the error if it fails, kept in ``load_errors`` (the tool
-        stays unavailable: a failing load is not retried on every call)."""
+    def _load(self, tool: Tool, progress: Callable[[str], None] | None, when: str = "") -> str | None:
+        """Load ``tool`` if needed (outside any call's timeout; its seconds in :attr:`load_s`), said to
+        ``progress``; the error if it fails, kept in ``load_errors`` (the tool stays unavailable: a failing
+        load is not retried on every call)."""
         if tool.name in self.load_errors:
             return self.load_errors[tool.name]
         if tool.loaded:
             return None
+        if progress:
+            progress(f"loading tool {tool.name}{when}" + (" (the first load can take minutes)" if tool.slow_load else ""))
+        started = time.monotonic()
         try:
             tool.ensure_loaded()
         except Exception as e:  # reported to the caller and the model; the other tools still serve
             self.load_errors[tool.name] = f"{type(e).__name__}: {e}"
             log.error("tool %s failed to load: %s", tool.name, type(e).__name__)
-            return self.load_errors[tool.name]
-        return None
+        finally:
+            self.load_s[tool.name] = time.monotonic() - started
+        error = self.load_errors.get(tool.name)
+        if progress:
+            progress(f"tool {tool.name} failed to load: {error}" if error
+                     else f"tool {tool.name} loaded in {self.load_s[tool.name]:.1f} s")
+        return error
 
     def _submit(self, call: ToolCall, tool: Tool, image: Any, params: Any) -> Future | ToolOutcome:
         """Start the call on the tool's own pool, or refuse it if the tool's threads are all held by
@@ -261,7 +266,7 @@ class Dispatcher:
         """
         prepared = [self.prepare(call, image, question) for call in calls]
         for i, (call, p) in enumerate(zip(calls, prepared)):
-            if not isinstance(p, ToolOutcome) and (error := self._load(p[0])) is not None:
+            if not isinstance(p, ToolOutcome) and (error := self._load(p[0], self.progress, " at its first call")) is not None:
                 prepared[i] = ToolOutcome(tool=call.API_name, ok=False, failure="unavailable",
                                           error=f"{p[0].name} failed to load: {error}")
         started = time.monotonic()

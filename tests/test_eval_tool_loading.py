@@ -84,7 +84,7 @@ def test_only_the_tools_the_data_names_load_before_the_first_sample(tmp_path, fo
     err = capsys.readouterr().err
     assert "preloading the 1 of 2 tools offered that the data names: grounding\nloading tool grounding\n" in err
     assert "not preloaded, each loads at its first call (not charged to the sample): ruler" in err
-    assert "first call to ruler (not preloaded): loading now, not charged to the sample\nloading tool ruler\n" in err
+    assert "loading tool ruler at its first call\ntool ruler loaded in " in err
     assert json.loads((tmp_path / "report.json").read_text())["overall"]["error_rate"] == 0.0
 
 
@@ -108,7 +108,7 @@ def test_a_tool_loaded_at_its_first_call_is_not_charged_to_the_sample(tmp_path, 
     runner.close()
     assert ruler.loads == 1 and [o.ok for o in result.outcomes] == [True, True], result.outcomes
     assert result.wall_s == 0.0 and [s.tools_s for s in result.steps] == [0.0, 0.0, 0.0]
-    assert lines[-2:] == ["loading tool ruler", "tool ruler loaded in 600.0 s"]
+    assert lines[-2:] == ["loading tool ruler at its first call", "tool ruler loaded in 600.0 s"]
 
 
 def test_a_tool_failing_at_its_first_call_fails_that_call_only(tmp_path, folder, monkeypatch, capsys):
@@ -123,10 +123,10 @@ def test_a_tool_failing_at_its_first_call_fails_that_call_only(tmp_path, folder,
     monkeypatch.setattr(cli, "make_runner", lambda args: runner)
     out = tmp_path / "report.json"
     assert cli.main(["--model", "x", "--data", str(data), "--json-out", str(out), "--quiet"]) == 0
-    failed = "ruler is unavailable: it failed to load (RuntimeError: weights not found at /nowhere)"
-    assert failed in planner.calls[1][-1]["content"]
+    assert "ruler error: ruler failed to load: RuntimeError: weights not found at /nowhere" in planner.calls[1][-1]["content"]
     second = planner.calls[3][-1]["content"]  # the second sample: ruler still refused (not retried), grounding ran
-    assert failed in second and "grounding dino output: {'boxes'" in second
+    assert "ruler is unavailable: it failed to load (RuntimeError: weights not found at /nowhere)" in second
+    assert "grounding dino output: {'boxes'" in second
     report = json.loads(out.read_text())
     assert report["n_samples"] == 2 and report["overall"]["error_rate"] == 0.0
     assert report["tool_load_errors"] == {"ruler": "RuntimeError: weights not found at /nowhere"}

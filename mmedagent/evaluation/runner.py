@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError
 
@@ -28,9 +28,6 @@ from mmedagent.evaluation.readers import EvalFileError, EvalSample
 from mmedagent.evaluation.tooluse import canonical_name
 from mmedagent.protocol import IMAGE_TOKEN, AssistantTurn, ToolCall, ToolOutcome, system_prompt
 from mmedagent.tools.base import Tool
-
-if TYPE_CHECKING:
-    from mmedagent.dispatcher import Dispatcher
 
 ToolMode = Literal["live", "gold"]
 
@@ -199,34 +196,6 @@ def tools_named(samples: Iterable[EvalSample]) -> set[str]:
     return names
 
 
-def unloaded(dispatcher: Dispatcher, tools: Iterable[Tool]) -> list[Tool]:
-    """The ``tools`` of ``dispatcher`` neither loaded nor failed to load (a failed one is not tried again)."""
-    return [t for t in tools if not t.loaded and t.name not in dispatcher.load_errors]
-
-
-class FirstCallLoads:
-    """The live dispatcher as the agent sees it for one sample: a tool not loaded yet is loaded at its first
-    call, before the dispatcher gets the call, and the seconds that took are kept (``loads_s``, one entry per
-    turn dispatched) for the runner to take out of the sample's timings."""
-
-    def __init__(self, dispatcher: Dispatcher, progress: Callable[[str], None] | None):
-        self.dispatcher, self.progress, self.tools = dispatcher, progress, dispatcher.tools
-        self.loads_s: list[float] = []
-
-    def dispatch_all(self, calls: Sequence[ToolCall], image: Any, question: str | None = None) -> Any:
-        called = {tool.name: tool for call in calls if (tool := self.dispatcher.resolve(call.API_name)) is not None}
-        first, load_s = unloaded(self.dispatcher, called.values()), 0.0
-        if first:
-            if self.progress:
-                self.progress(f"first call to {', '.join(t.name for t in first)} (not preloaded): loading now, "
-                              "not charged to the sample")
-            started = time.monotonic()
-            self.dispatcher.preload(self.progress, first)
-            load_s = time.monotonic() - started
-        self.loads_s.append(load_s)
-        return self.dispatcher.dispatch_all(calls, image, question)
-
-
 class AgentRunner:
     """A planner inside the real agent loop, with live tools or gold tool outputs."""
 
@@ -264,7 +233,6 @@ class AgentRunner:
             from mmedagent.dispatcher import Dispatcher
 
             self.dispatcher = Dispatcher([t() if isinstance(t, type) else t for t in tools], timeout_s=timeout_s)
-        self._progress: Callable[[str], None] | None = None  # lines for the tools loaded at a first call
         self.counter = TokenCounter(planner)
 
     def preload(self, progress: Callable[[str], None] | None = None, *,
@@ -278,7 +246,7 @@ class AgentRunner:
         failure, and the run goes on. ``progress`` gets a line per tool loaded, now or at a first call."""
         if self.dispatcher is None:
             return {}
-        self._progress = progress
+        self.dispatcher.progress = progress  # and at a tool's first call
         tools = list(self.dispatcher.tools.values())
         if samples is not None:
             named = {tool.name for name in tools_named(samples) if (tool := self.dispatcher.resolve(name))}
@@ -287,9 +255,9 @@ class AgentRunner:
                 progress(f"preloading the {len(tools)} of {len(self.dispatcher.tools)} tools offered that the data "
                          f"names: {', '.join(t.name for t in tools) or '(none)'}")
         self.dispatcher.preload(progress, tools)
-        if progress and (later := unloaded(self.dispatcher, self.dispatcher.tools.values())):
-            progress(f"not preloaded, each loads at its first call (not charged to the sample): "
-                     f"{', '.join(t.name for t in later)}")
+        later = [t.name for t in self.dispatcher.tools.values() if not t.loaded and t.name not in self.load_errors]
+        if progress and later:
+            progress(f"not preloaded, each loads at its first call (not charged to the sample): {', '.join(later)}")
         return self.load_errors
 
     @property
@@ -308,25 +276,32 @@ class AgentRunner:
             image = load_image(sample.image, self.image_folder, self.data_folder)
         except (OSError, ValueError) as e:
             return SampleResult(id=sample.id, task=sample.task, error=str(e))
-        if self.tool_mode == "live":
-            dispatcher: Any = FirstCallLoads(self.dispatcher, self._progress)  # type: ignore[arg-type]
-            loads_s = dispatcher.loads_s
-        else:
-            dispatcher, loads_s = GoldToolOutputs(sample.gold_results), []
-        agent = Agent(self.counter, dispatcher, max_steps=self.max_steps, system=self.system, **self.gen)  # type: ignore[arg-type]
+        dispatcher: Any = self.dispatcher if self.tool_mode == "live" else GoldToolOutputs(sample.gold_results)
+        loaded_before = set(self.dispatcher.load_s) if self.dispatcher is not None else set()
+        agent = Agent(self.counter, dispatcher, max_steps=self.max_steps, system=self.system, **self.gen)
         before = self.counter.tokens
         try:
             res = agent.run(sample.question, image)
         except Exception as e:  # a planner or endpoint failure is this sample's error, not the run's
             return SampleResult(id=sample.id, task=sample.task, error=f"planner failed: {type(e).__name__}: {e}",
-                                wall_s=time.monotonic() - started - sum(loads_s))
-        for step, load_s in zip([s for s in res.steps if s.outcomes], loads_s):  # one entry per turn dispatched
-            step.tools_s -= load_s
+                                wall_s=time.monotonic() - started - self._first_loads_s(loaded_before, []))
         tokens = self.counter.tokens - before
         return SampleResult(
             id=sample.id, task=sample.task, answer=res.answer, steps=res.steps, stopped=res.stopped,
-            wall_s=time.monotonic() - started - sum(loads_s), tokens=tokens,
+            wall_s=time.monotonic() - started - self._first_loads_s(loaded_before, res.steps), tokens=tokens,
         )
+
+    def _first_loads_s(self, loaded_before: set[str], steps: list[AgentStep]) -> float:
+        """Seconds the live tools first called in this sample took to load, each taken out of the ``tools_s`` of
+        the step that called it (the dispatcher loads before a call's clock starts; the step's clock runs on)."""
+        if self.dispatcher is None:
+            return 0.0
+        loads = {n: s for n, s in self.dispatcher.load_s.items() if n not in loaded_before}
+        pending = dict(loads)
+        for step in steps:
+            for name in {t.name for o in step.outcomes if (t := self.dispatcher.resolve(o.tool))} & pending.keys():
+                step.tools_s -= pending.pop(name)
+        return sum(loads.values())
 
     def close(self) -> None:
         if self.dispatcher is not None:
